@@ -1,0 +1,130 @@
+/* `structc._runtime`: the runtime as an importable extension (so pip builds
+ * and installs it), plus `invoke`, the fast path from Python into a compiled
+ * entry point. It takes data pointers through the buffer protocol and
+ * releases the GIL for the duration of the native call. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#include "structc_rt.h"
+
+typedef int32_t (*entry_fn)(void *params, void *grads, void *state, void *workspace, void **inputs,
+                            void **outputs, const int64_t *dims, const float *hyper, int64_t mode);
+
+#define MAX_ARGS 256
+
+static int collect(PyObject *seq, const char *what, Py_buffer *views, void **ptrs, Py_ssize_t *count) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > MAX_ARGS) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "too many %s (%zd)", what, n);
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int writable = what[0] == 'o';
+        if (PyObject_GetBuffer(items[k], &views[k], PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+            for (Py_ssize_t j = 0; j < k; j++) PyBuffer_Release(&views[j]);
+            Py_DECREF(fast);
+            return -1;
+        }
+        ptrs[k] = views[k].buf;
+    }
+    Py_DECREF(fast);
+    *count = n;
+    return 0;
+}
+
+/* invoke(fn, params, grads, state, workspace, inputs, outputs, dims, hyper, mode) -> status
+ * fn, params, grads, state, workspace, hyper: addresses (int); inputs, outputs:
+ * sequences of C-contiguous buffers; dims: sequence of int. */
+static PyObject *invoke(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "invoke takes 10 arguments");
+        return NULL;
+    }
+    void *addr[5];
+    const int addr_args[5] = {0, 1, 2, 3, 4};
+    for (int k = 0; k < 5; k++) {
+        addr[k] = PyLong_AsVoidPtr(args[addr_args[k]]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    void *hyper = PyLong_AsVoidPtr(args[8]);
+    long long mode = PyLong_AsLongLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+
+    int64_t dims[MAX_ARGS];
+    PyObject *dseq = PySequence_Fast(args[7], "dims");
+    if (!dseq) return NULL;
+    Py_ssize_t nd = PySequence_Fast_GET_SIZE(dseq);
+    if (nd > MAX_ARGS) { Py_DECREF(dseq); PyErr_SetString(PyExc_ValueError, "too many dims"); return NULL; }
+    for (Py_ssize_t k = 0; k < nd; k++) {
+        dims[k] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dseq, k));
+    }
+    Py_DECREF(dseq);
+    if (PyErr_Occurred()) return NULL;
+
+    Py_buffer in_views[MAX_ARGS], out_views[MAX_ARGS];
+    void *in_ptrs[MAX_ARGS], *out_ptrs[MAX_ARGS];
+    Py_ssize_t n_in = 0, n_out = 0;
+    if (collect(args[5], "inputs", in_views, in_ptrs, &n_in) < 0) return NULL;
+    if (collect(args[6], "outputs", out_views, out_ptrs, &n_out) < 0) {
+        for (Py_ssize_t j = 0; j < n_in; j++) PyBuffer_Release(&in_views[j]);
+        return NULL;
+    }
+    int32_t status;
+    entry_fn fn = (entry_fn)addr[0];
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(addr[1], addr[2], addr[3], addr[4], in_ptrs, out_ptrs, dims, (const float *)hyper, mode);
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < n_in; j++) PyBuffer_Release(&in_views[j]);
+    for (Py_ssize_t j = 0; j < n_out; j++) PyBuffer_Release(&out_views[j]);
+    return PyLong_FromLong(status);
+}
+
+/* first_out_of_range(buffer, lo, hi) -> index of the first element outside
+ * [lo, hi), or -1. The buffer holds int32 or int64 (format 'i'/'l'/'q'). */
+static PyObject *first_out_of_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "first_out_of_range takes 3 arguments");
+        return NULL;
+    }
+    long long lo = PyLong_AsLongLong(args[1]), hi = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[0], &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    Py_ssize_t bad = -1;
+    if (v.itemsize == 4) {
+        const int32_t *p = (const int32_t *)v.buf;
+        Py_ssize_t n = v.len / 4;
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (p[k] < lo || p[k] >= hi) { bad = k; break; }
+    } else if (v.itemsize == 8) {
+        const int64_t *p = (const int64_t *)v.buf;
+        Py_ssize_t n = v.len / 8;
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (p[k] < lo || p[k] >= hi) { bad = k; break; }
+    } else {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_TypeError, "expected int32 or int64 data");
+        return NULL;
+    }
+    PyBuffer_Release(&v);
+    return PyLong_FromSsize_t(bad);
+}
+
+static PyMethodDef methods[] = {
+    {"first_out_of_range", (PyCFunction)(void (*)(void))first_out_of_range, METH_FASTCALL,
+     "first_out_of_range(buffer, lo, hi) -> index of the first element outside [lo, hi), or -1"},
+    {"invoke", (PyCFunction)(void (*)(void))invoke, METH_FASTCALL,
+     "invoke(fn, params, grads, state, workspace, inputs, outputs, dims, hyper, mode) -> status"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef runtime_module = {
+    PyModuleDef_HEAD_INIT, "_runtime", "structc's native runtime: thread pool and the call path.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__runtime(void) { return PyModule_Create(&runtime_module); }

@@ -1,0 +1,27 @@
+/* structc runtime: support code linked into every compiled model.
+ *
+ * Kernels are functions over a range of tasks; sc_parallel_for splits the
+ * range across a pool of threads that is created once and kept spinning
+ * briefly between calls, so a training step pays no thread start-up. */
+#ifndef STRUCTC_RT_H
+#define STRUCTC_RT_H
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef void (*sc_task_fn)(void *frame, int64_t lo, int64_t hi);
+
+/* Run fn(frame, lo, hi) over [0, n) split across threads; `cost` is the
+ * work per task (roughly flops), used to run small jobs on one thread. */
+void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost);
+
+/* Threads used by sc_parallel_for (1 = the caller only). Returns the count set. */
+int sc_set_num_threads(int n);
+int sc_get_num_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

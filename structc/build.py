@@ -1,0 +1,423 @@
+"""Check a parsed model and build its forward graph.
+
+Input: a `syntax.Model`. Output: a `ModelDef`: the forward graph (outputs by
+name, plus `loss`), the declared inputs and parameters, and the symbolic
+dimensions. Names are resolved, argument kinds checked and every op's shape
+rule run here, so each mistake is reported at its own span.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import syntax as S
+from .errors import (ShapeMismatch, SnetError, SnetNameError, SnetShapeError, SnetSyntaxError,
+                     SnetTypeError, Span)
+from .graph import Builder, Graph, Value
+from .init import INITIALIZERS, parse_init
+from .ops import REGISTRY, SURFACE
+from .types import TensorType
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    kind: str                 # "input" | "target"
+    type: TensorType
+    classes: int = 0          # for class labels: labels lie in [0, classes)
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: TensorType
+    init: tuple               # (initialiser name, args)
+    span: Span | None = None
+
+
+@dataclass
+class ModelDef:
+    name: str
+    graph: Graph
+    inputs: dict[str, InputSpec]
+    params: dict[str, ParamSpec]
+    symbols: list[str]
+    has_loss: bool
+    source: str = ""
+    file: str = ""
+
+
+@dataclass
+class Word:
+    """A bare word used as an option value (`init=he`, `bias=false`)."""
+    text: str
+    span: Span
+
+
+# The prediction each loss implies, for models that declare no output.
+PREDICTIONS = {"cross_entropy": ("probs", "softmax"), "binary_cross_entropy": ("probs", "sigmoid"),
+               "mse": ("pred", None)}
+
+
+class Context:
+    """What a surface function sees: the builder and checked helpers."""
+
+    def __init__(self, builder: "ModelBuilder", span: Span, fname: str):
+        self.mb = builder
+        self.span = span
+        self.fname = fname
+        self.b = Builder(builder.graph, span)
+
+    def fail(self, message: str):
+        raise SnetShapeError(message, self.span)
+
+    def checked(self, fn):
+        try:
+            return fn()
+        except ShapeMismatch as e:
+            raise SnetShapeError(f"{self.fname}: {e}", self.span) from None
+
+    def expect_tensor(self, v, what: str) -> Value:
+        if isinstance(v, Word):
+            raise self.mb.unknown_name(v)
+        if not isinstance(v, Value):
+            raise SnetTypeError(f"{what} expects a tensor here, got the number {v}", self.span)
+        return v
+
+    def expect_int(self, v, what: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise SnetTypeError(f"{self.fname}: {what} must be a positive integer, got {_show(v)}", self.span)
+        return v
+
+    def expect_bool(self, v, what: str) -> bool:
+        if isinstance(v, bool):
+            return v
+        raise SnetTypeError(f"{self.fname}: {what} must be true or false, got {_show(v)}", self.span)
+
+    def expect_dim(self, v):
+        if isinstance(v, Word) and v.text in self.mb.symbols:
+            return v.text
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+        raise SnetTypeError(f"{self.fname}: a dimension must be a positive integer or one of the "
+                            f"model's symbols ({', '.join(sorted(self.mb.symbols)) or 'none'}), got {_show(v)}",
+                            self.span)
+
+    def layer_name(self, kind: str, explicit) -> str:
+        if explicit is not None:
+            if isinstance(explicit, Word):
+                explicit = explicit.text
+            if not isinstance(explicit, str) or not explicit.isidentifier():
+                raise SnetTypeError(f"{self.fname}: name must be an identifier, got {_show(explicit)}", self.span)
+            if explicit in self.mb.layer_names:
+                raise SnetNameError(f"a layer named '{explicit}' already exists", self.span)
+            self.mb.layer_names.add(explicit)
+            return explicit
+        k = 1
+        while f"{kind}{k}" in self.mb.layer_names:
+            k += 1
+        name = f"{kind}{k}"
+        self.mb.layer_names.add(name)
+        return name
+
+    def param(self, name: str, type: TensorType, init) -> Value:
+        return self.b.value(self.mb.add_param(name, type, init, self.span))
+
+    def predicts(self, value: Value, name: str) -> None:
+        """Record the prediction a loss implies (the default forward output)."""
+        self.mb.implied_outputs.setdefault(name, value.id)
+
+
+def _show(v) -> str:
+    if isinstance(v, Word):
+        return v.text
+    if isinstance(v, Value):
+        return f"a tensor {v.type}"
+    return repr(v)
+
+
+class ModelBuilder:
+    def __init__(self, model: S.Model, program: S.Program):
+        self.model = model
+        self.program = program
+        self.graph = Graph(model.name)
+        self.env: dict[str, Any] = {}
+        self.defined_at: dict[str, Span] = {}
+        self.inputs: dict[str, InputSpec] = {}
+        self.params: dict[str, ParamSpec] = {}
+        self.symbols: set[str] = set()
+        self.layer_names: set[str] = set()
+        self.losses: list[Value] = []
+        self.outputs: dict[str, int] = {}
+        self.implied_outputs: dict[str, int] = {}
+        self.b = Builder(self.graph)
+
+    # -- statements ------------------------------------------------------
+    def build(self) -> ModelDef:
+        for stmt in self.model.body:
+            getattr(self, "stmt_" + type(stmt).__name__)(stmt)
+        g = self.graph
+        if self.losses:
+            total = self.losses[0]
+            for extra in self.losses[1:]:
+                total = total + extra
+            g.outputs["loss"] = total.id
+        named = self.outputs or self.implied_outputs
+        if not named and not self.losses:
+            raise SnetError(f"model '{self.model.name}' has no output and no loss: add "
+                            "`output name = expr` or `loss ...`", self.model.name_span)
+        for name, nid in named.items():
+            g.outputs[name] = nid
+        return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
+                        bool(self.losses), self.program.source, self.program.file)
+
+    def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
+        if name in self.env and (not rebind or name in self.inputs or name in self.params):
+            first = self.defined_at[name]
+            raise SnetNameError(f"'{name}' is already defined (line {first.line})", span)
+        self.env[name] = value
+        self.defined_at.setdefault(name, span)
+
+    def stmt_InputDecl(self, s: S.InputDecl) -> None:
+        t, classes = self.resolve_type(s.type, allow_symbols=True)
+        nid = self.graph.add(REGISTRY["input"], (), {"name": s.name, "kind": s.kind, "type": t, "classes": classes},
+                             s.span, type=t)
+        self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
+        self.graph.inputs[s.name] = nid
+        self.inputs[s.name] = InputSpec(s.name, s.kind, t, classes, s.span)
+
+    def stmt_ParamDecl(self, s: S.ParamDecl) -> None:
+        t, classes = self.resolve_type(s.type, allow_symbols=False)
+        if classes:
+            raise SnetTypeError("a parameter must be a float tensor, not class labels", s.type.span)
+        init = self.resolve_init(s.init) if s.init is not None else ("glorot" if t.rank >= 2 else "zeros", ())
+        nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
+        self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
+
+    def stmt_Assign(self, s: S.Assign) -> None:
+        value = self.eval(s.value)
+        if isinstance(value, Word):
+            raise self.unknown_name(value)
+        if s.name in self.inputs or s.name in self.params:
+            raise SnetNameError(f"cannot assign to '{s.name}': it is a declared "
+                                f"{'input' if s.name in self.inputs else 'parameter'}", s.name_span)
+        self.env[s.name] = value
+        self.defined_at.setdefault(s.name, s.name_span)
+
+    def stmt_LossStmt(self, s: S.LossStmt) -> None:
+        value = self.eval(s.value)
+        if not isinstance(value, Value):
+            raise SnetTypeError("a loss must be a tensor expression", s.value.span)
+        if value.type.rank != 0:
+            raise SnetShapeError(f"a loss must be a scalar, got {value.type}; reduce it with mean(...) or sum(...)",
+                                 s.value.span)
+        self.losses.append(value)
+
+    def stmt_OutputStmt(self, s: S.OutputStmt) -> None:
+        if s.name in self.outputs:
+            raise SnetNameError(f"output '{s.name}' is declared twice", s.name_span)
+        if s.value is None:
+            value = self.eval(S.Name(s.name, s.name_span))
+        else:
+            value = self.eval(s.value)
+            if s.name not in self.env:
+                self.env[s.name] = value
+                self.defined_at[s.name] = s.name_span
+        if not isinstance(value, Value):
+            raise SnetTypeError("an output must be a tensor", s.span)
+        self.outputs[s.name] = value.id
+
+    # -- types and params -------------------------------------------------
+    def resolve_type(self, t, allow_symbols: bool) -> tuple[TensorType, int]:
+        dims = []
+        for d in t.dims:
+            if isinstance(d.value, str):
+                if not allow_symbols:
+                    raise SnetShapeError(f"parameter shapes must be static; '{d.value}' is a symbol", d.span)
+                self.symbols.add(d.value)
+            elif d.value <= 0:
+                raise SnetShapeError("dimensions must be positive", d.span)
+            dims.append(d.value)
+        if isinstance(t, S.ClassTypeExpr):
+            if t.classes < 2:
+                raise SnetShapeError("a class target needs at least 2 classes", t.span)
+            return TensorType(tuple(dims), "i32"), t.classes
+        return TensorType(tuple(dims), t.dtype), 0
+
+    def resolve_init(self, e) -> tuple:
+        if isinstance(e, S.Name):
+            name, args, span = e.id, (), e.span
+        elif isinstance(e, S.Call):
+            name, span = e.func, e.func_span
+            args = tuple(self.eval(a) for a in e.args)
+            if e.kwargs or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                raise SnetTypeError(f"initialiser {name} takes numbers only, e.g. normal(0.01)", e.span)
+        else:
+            raise SnetTypeError("an initialiser is a name such as glorot, or a call such as normal(0.01)", e.span)
+        return self.check_init(name, args, span)
+
+    def check_init(self, name, args, span) -> tuple:
+        try:
+            return parse_init(name, args)
+        except ValueError as err:
+            raise SnetNameError(str(err), span, notes=(f"initialisers: {', '.join(sorted(INITIALIZERS))}",)) from None
+
+    def add_param(self, name: str, t: TensorType, init, span: Span, name_span: Span | None = None) -> int:
+        if name in self.params:
+            raise SnetNameError(f"parameter '{name}' is defined twice (first at line {self.params[name].span.line})",
+                                name_span or span)
+        if not all(isinstance(d, int) for d in t.shape):
+            raise SnetShapeError(f"parameter '{name}' would have a symbolic shape {t}", span)
+        if isinstance(init, Word):
+            init = init.text
+        if isinstance(init, str):
+            init = self.check_init(init, (), span)
+        nid = self.graph.add(REGISTRY["param"], (), {"name": name, "type": t, "init": init}, span, type=t)
+        self.graph.params[name] = nid
+        self.params[name] = ParamSpec(name, t, init, span)
+        return nid
+
+    # -- expressions -------------------------------------------------------
+    def unknown_name(self, w: Word) -> SnetError:
+        known = [n for n in self.env]
+        close = difflib.get_close_matches(w.text, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return SnetNameError(f"unknown name '{w.text}'{hint}", w.span)
+
+    def eval(self, e) -> Any:
+        return getattr(self, "eval_" + type(e).__name__)(e)
+
+    def eval_Number(self, e: S.Number):
+        return e.value
+
+    def eval_String(self, e: S.String):
+        return e.value
+
+    def eval_Name(self, e: S.Name):
+        if e.id in self.env:
+            return self.env[e.id]
+        if e.id in ("true", "false"):
+            return e.id == "true"
+        return Word(e.id, e.span)
+
+    def tensor(self, e) -> Value | float:
+        v = self.eval(e)
+        if isinstance(v, Word):
+            raise self.unknown_name(v)
+        if isinstance(v, str) or isinstance(v, bool):
+            raise SnetTypeError(f"expected a tensor or a number, got {_show(v)}", e.span)
+        return v
+
+    def eval_BinOp(self, e: S.BinOp):
+        left, right = self.tensor(e.left), self.tensor(e.right)
+        if not isinstance(left, Value) and not isinstance(right, Value):
+            return _fold(e.op, left, right, e.span)
+        if e.op == "matmul" and not (isinstance(left, Value) and isinstance(right, Value)):
+            raise SnetTypeError("@ multiplies two matrices", e.span)
+        b = Builder(self.graph, e.span)
+        return b.apply(e.op, left, right)
+
+    def eval_Neg(self, e: S.Neg):
+        v = self.tensor(e.operand)
+        if not isinstance(v, Value):
+            return -v
+        return Builder(self.graph, e.span).neg(v)
+
+    def eval_Index(self, e: S.Index):
+        raise SnetTypeError("indexing is not supported in this model", e.span)
+
+    def eval_Attr(self, e: S.Attr):
+        raise SnetTypeError("attribute access is not supported in this model", e.span)
+
+    def eval_Call(self, e: S.Call):
+        args = [self.eval(a) for a in e.args]
+        kwargs = {}
+        for kw in e.kwargs:
+            if kw.name in kwargs:
+                raise SnetSyntaxError(f"argument '{kw.name}' given twice", kw.span)
+            kwargs[kw.name] = self.eval(kw.value)
+        ctx = Context(self, e.span, e.func)
+        if e.func in SURFACE:
+            fn = SURFACE[e.func]
+            try:
+                result = fn(ctx, *args, **kwargs)
+            except TypeError as err:
+                raise SnetTypeError(f"{e.func}: {_call_problem(err)}", e.span,
+                                    notes=(f"usage: {(fn.__doc__ or '').strip().splitlines()[0]}",)) from None
+            except ShapeMismatch as err:
+                raise SnetShapeError(f"{e.func}: {err}", e.span) from None
+        elif e.func in REGISTRY and REGISTRY[e.func].surface:
+            result = self.call_op(ctx, REGISTRY[e.func], args, kwargs, e)
+        else:
+            names = sorted(set(SURFACE) | {n for n, op in REGISTRY.items() if op.surface})
+            close = difflib.get_close_matches(e.func, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SnetNameError(f"unknown function '{e.func}'{hint}", e.func_span)
+        if e.func in PREDICTIONS and isinstance(result, Value) and args and isinstance(args[0], Value):
+            out_name, act = PREDICTIONS[e.func]
+            pred = args[0] if act is None else Builder(self.graph, e.span).apply(act, args[0])
+            ctx.predicts(pred, out_name)
+        return result
+
+    def call_op(self, ctx: Context, op, args, kwargs, e: S.Call) -> Value:
+        tensor_params, attr_defaults = op.signature()
+        variadic = any(p.startswith("*") for p in tensor_params)
+        if not variadic and len(args) != len(tensor_params):
+            raise SnetTypeError(
+                f"{op.name} takes {len(tensor_params)} tensor argument{'s' if len(tensor_params) != 1 else ''} "
+                f"({', '.join(tensor_params)}), got {len(args)}", e.span)
+        for a, pos in zip(args, e.args):
+            if isinstance(a, Word):
+                raise self.unknown_name(a)
+            if not isinstance(a, Value):
+                if isinstance(a, (int, float)) and not isinstance(a, bool):
+                    continue
+                raise SnetTypeError(f"{op.name} expects tensors as positional arguments, got {_show(a)}", pos.span)
+        attrs = {}
+        for k, v in kwargs.items():
+            if k not in attr_defaults:
+                known = ", ".join(attr_defaults) or "none"
+                raise SnetTypeError(f"{op.name} has no option '{k}' (options: {known})", e.span)
+            attrs[k] = v.text if isinstance(v, Word) else v
+        return ctx.b.apply(op.name, *args, **attrs)
+
+
+def _fold(op: str, a, b, span: Span):
+    if op == "add":
+        return a + b
+    if op == "sub":
+        return a - b
+    if op == "mul":
+        return a * b
+    if op == "div":
+        if b == 0:
+            raise SnetTypeError("division by zero", span)
+        return a / b
+    raise SnetTypeError("@ multiplies two matrices, not numbers", span)
+
+
+def _call_problem(err: TypeError) -> str:
+    text = str(err)
+    # "dense() missing 1 required positional argument: 'units'" -> the useful part
+    return text.split(") ", 1)[1] if ") " in text else text
+
+
+def build_model(program: S.Program, name: str | None = None) -> ModelDef:
+    """Check and build one model of a program (the only one, or `name`)."""
+    if not program.models:
+        raise SnetError("no model in the source: expected `model Name { ... }`",
+                        Span(program.file, 1, 1, 1, 2))
+    if name is None:
+        if len(program.models) > 1:
+            raise SnetError(f"{program.file} defines several models ({', '.join(program.model_names)}); "
+                            "choose one by name")
+        model = program.models[0]
+    else:
+        matches = [m for m in program.models if m.name == name]
+        if not matches:
+            raise SnetNameError(f"no model named '{name}' in {program.file} "
+                                f"(it defines {', '.join(program.model_names)})")
+        model = matches[0]
+    return ModelBuilder(model, program).build()

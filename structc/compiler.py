@@ -1,0 +1,177 @@
+"""The pipeline from source to machine code, top to bottom.
+
+    .snet --parse--> AST --build--> forward graph --differentiate--> train graph
+          --passes--> fused graphs --plan--> memory plans --lower--> LLVM IR
+          --native--> object code + metadata
+
+`compile_source` returns an `Artifact`: the object code and the metadata
+(inputs, outputs, parameters, entry points) that `model.Net` needs to call
+it. Any stage can be printed with `dump`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llvmlite import ir
+
+from . import __version__
+from .autodiff import differentiate
+from .build import ModelDef, build_model
+from .graph import Builder, Graph
+from .lower.module import Target, lower_entry
+from .native import compile_object, host_target
+from .ops.optim import N_HYPER
+from .passes import PIPELINE, run_pipeline
+from .passes.plan import Plan, param_layout, plan_memory
+from .syntax import parse
+
+STAGES = ["ast", "graph", "train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
+         [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
+
+
+@dataclass
+class Artifact:
+    meta: dict
+    object: bytes
+    llvm_ir: str = ""
+    timings: dict = field(default_factory=dict)
+
+
+def compiler_fingerprint() -> str:
+    """Version plus a hash of the compiler's own sources, so a changed
+    compiler never reuses another's cached code."""
+    return _fingerprint()
+
+
+def _fingerprint_uncached() -> str:
+    from pathlib import Path
+    h = hashlib.sha256(__version__.encode())
+    root = Path(__file__).resolve().parent
+    files = sorted(root.rglob("*.py"))
+    for extra in ("grammar", "runtime"):
+        try:
+            from importlib.resources import files as res
+            d = Path(str(res(f"structc.{extra}")))
+        except (ModuleNotFoundError, TypeError):
+            d = root.parent / extra
+        files += sorted(p for p in d.glob("*") if p.suffix in (".lark", ".c", ".h"))
+    for p in files:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:16]}"
+
+
+_FP: list[str] = []
+
+
+def _fingerprint() -> str:
+    if not _FP:
+        _FP.append(_fingerprint_uncached())
+    return _FP[0]
+
+
+def forward_graph(mdef: ModelDef) -> Graph:
+    g = mdef.graph.copy()
+    named = {k: v for k, v in g.outputs.items() if k != "loss"}
+    g.outputs = named or {"loss": g.outputs["loss"]}
+    return g
+
+
+def train_graph(mdef: ModelDef, param_size: int) -> Graph:
+    g = mdef.graph.copy()
+    g.outputs = {"loss": g.outputs["loss"]}
+    g = differentiate(g)
+    grads = [g.outputs[f"grad:{p}"] for p in mdef.params]
+    b = Builder(g)
+    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=param_size).id
+    return g
+
+
+def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
+    outputs = []
+    for name in plan.output_names:
+        t = g.nodes[g.outputs[name]].type
+        outputs.append({"name": name, "shape": list(t.shape), "dtype": t.dtype})
+    return {"symbol": symbol, "workspace": f"{symbol}_workspace",
+            "inputs": plan.input_names, "outputs": outputs}
+
+
+def compile_model(mdef: ModelDef, target: Target | None = None,
+                  dump: Callable[[str, str], None] | None = None) -> Artifact:
+    target = target or host_target()
+    times = {}
+    t0 = time.perf_counter()
+    shapes = {name: p.type.shape for name, p in mdef.params.items()}
+    offsets, param_size = param_layout(shapes)
+
+    def dumper(prefix):
+        return (lambda name, graph: dump(f"{prefix}.{name}", str(graph))) if dump else None
+
+    graphs = {"forward": forward_graph(mdef)}
+    if mdef.has_loss:
+        graphs["train"] = train_graph(mdef, param_size)
+        if dump:
+            dump("train", str(graphs["train"]))
+    module = ir.Module(name=mdef.name)
+    module.triple = target.triple
+    entries, plans, shared = {}, {}, {}
+    for kind, g in graphs.items():
+        g = run_pipeline(g, dumper(kind))
+        plan = plan_memory(g, offsets)
+        plans[kind] = (g, plan)
+        symbol = f"sc_{kind}"
+        lower_entry(module, g, plan, mdef.symbols, symbol, target, shared)
+        entries[kind] = _entry_meta(g, plan, symbol)
+    if dump:
+        dump("plan", "\n".join(f"# {k}\n{p.describe(g)}" for k, (g, p) in plans.items()))
+    times["lower"] = time.perf_counter() - t0
+    llvm_ir = str(module)
+    if dump:
+        dump("llvm", llvm_ir)
+    t1 = time.perf_counter()
+    obj = compile_object(llvm_ir, target)
+    times["llvm"] = time.perf_counter() - t1
+    if dump:
+        from .native import assembly, optimized_ir
+        dump("opt", optimized_ir(llvm_ir, target))
+        dump("asm", assembly(llvm_ir, target))
+
+    meta = {
+        "structc": compiler_fingerprint(),
+        "model": mdef.name,
+        "file": mdef.file,
+        "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
+        "symbols": mdef.symbols,
+        "inputs": [{"name": s.name, "kind": s.kind, "dtype": s.type.dtype, "shape": list(s.type.shape),
+                    "classes": s.classes} for s in mdef.inputs.values()],
+        "params": [{"name": p.name, "shape": list(p.type.shape), "offset": offsets[p.name],
+                    "init": [p.init[0], list(p.init[1])]} for p in mdef.params.values()],
+        "param_size": param_size,
+        "n_hyper": N_HYPER,
+        "entries": entries,
+    }
+    return Artifact(meta, obj, llvm_ir, times)
+
+
+def compile_source(source: str, file: str = "<source>", model: str | None = None,
+                   target: Target | None = None, dump=None) -> Artifact:
+    program = parse(source, file)
+    if dump:
+        dump("ast", "\n".join(repr(m) for m in program.models))
+    mdef = build_model(program, model)
+    if dump:
+        dump("graph", str(mdef.graph))
+    return compile_model(mdef, target, dump)
+
+
+def cache_key(source: str, model: str | None, target: Target, options: dict | None = None) -> str:
+    h = hashlib.sha256()
+    for part in (compiler_fingerprint(), source, model or "", target.triple, target.cpu, target.features,
+                 json.dumps(options or {}, sort_keys=True)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]

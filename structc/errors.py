@@ -1,0 +1,76 @@
+"""Source spans and the one error hierarchy every user-facing failure uses.
+
+Library code raises `SnetError` subclasses carrying a `Span`; only the CLI
+prints them (with `render`) and exits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of a source file; lines and columns are 1-based."""
+    file: str
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class SnetError(Exception):
+    """Base of every error structc reports about a user's model or input."""
+
+    def __init__(self, message: str, span: Span | None = None, notes: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.message = message
+        self.span = span
+        self.notes = notes
+
+    def __str__(self) -> str:
+        where = f"{self.span}: " if self.span else ""
+        return f"{where}{self.message}"
+
+
+class SnetSyntaxError(SnetError):
+    """The source does not follow the grammar."""
+
+
+class SnetNameError(SnetError):
+    """A name is unknown, defined twice, or used before it is defined."""
+
+
+class SnetShapeError(SnetError):
+    """Shapes or types of operands do not fit an operation."""
+
+
+class SnetTypeError(SnetError):
+    """An argument has the wrong kind (tensor vs. number vs. option)."""
+
+
+class ShapeMismatch(Exception):
+    """Raised by op shape rules, which know no spans; the graph builder
+    re-raises it as `SnetShapeError` at the offending node's span."""
+
+
+def render(err: SnetError, source: str | None) -> str:
+    """`file:line:col: error: message`, the source line and a caret under the span."""
+    if err.span is None:
+        head = f"error: {err.message}"
+        return "\n".join([head, *(f"note: {n}" for n in err.notes)])
+    span = err.span
+    lines = [f"{span}: error: {err.message}"]
+    if source is not None:
+        src_lines = source.splitlines()
+        if 1 <= span.line <= len(src_lines):
+            text = src_lines[span.line - 1].expandtabs(1)
+            width = 1
+            if span.end_line == span.line and span.end_col > span.col:
+                width = span.end_col - span.col
+            lines.append(f"    {text}")
+            lines.append("    " + " " * (span.col - 1) + "^" + "~" * (width - 1))
+    lines.extend(f"note: {n}" for n in err.notes)
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""The graph IR: op nodes in a `networkx.DiGraph`, printed like a jaxpr.
+
+Each node's ordered `inputs` tuple is the truth; networkx edges are derived
+from it (a DiGraph holds one edge per pair, so `mul(x, x)` would otherwise
+lose an operand). Walks are deterministic (`lexicographical_topological_sort`)
+so dumps and cache keys are stable.
+
+`Builder` is how graphs are grown: by the front end, by autodiff and by VJP
+rules, which read like maths thanks to `Value`'s operators.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import networkx as nx
+
+from .errors import ShapeMismatch, SnetShapeError, Span
+from .types import TensorType
+
+
+@dataclass
+class Node:
+    id: int
+    op: "Op"  # noqa: F821 (structc.ops.base.Op; imported lazily to keep layers one-way)
+    inputs: tuple[int, ...]
+    attrs: dict[str, Any]
+    type: TensorType
+    span: Span | None = None
+
+    @property
+    def shape(self):
+        return self.type.shape
+
+
+@dataclass
+class Group:
+    """Nodes lowered together as one kernel (set by the `fuse` pass).
+
+    `anchor` is the node whose loop nest the others ride in (a matmul, a
+    reduction, or the first elementwise node); `outputs` are the members
+    whose values must be stored because something outside the group reads them.
+    """
+    id: int
+    kind: str
+    members: list[int]
+    anchor: int
+    outputs: list[int] = field(default_factory=list)
+
+
+class Graph:
+    def __init__(self, name: str = "model"):
+        self.name = name
+        self.nx = nx.DiGraph()
+        self.nodes: dict[int, Node] = {}
+        self.inputs: dict[str, int] = {}    # inputs and targets, by name
+        self.params: dict[str, int] = {}
+        self.outputs: dict[str, int] = {}   # ordered: what an entry point returns
+        self.groups: list[Group] = []
+        self._ids = itertools.count()
+
+    # -- growing ---------------------------------------------------------
+    def add(self, op, inputs: Iterable[int] = (), attrs: dict | None = None,
+            span: Span | None = None, type: TensorType | None = None) -> int:
+        inputs = tuple(inputs)
+        attrs = dict(attrs or {})
+        if type is None:
+            try:
+                type = op.infer(*(self.nodes[i].type for i in inputs), **attrs)
+            except ShapeMismatch as e:
+                raise SnetShapeError(f"{op.name}: {e}", span) from None
+        nid = next(self._ids)
+        self.nodes[nid] = Node(nid, op, inputs, attrs, type, span)
+        self.nx.add_node(nid)
+        for i in inputs:
+            self.nx.add_edge(i, nid)
+        return nid
+
+    def set_inputs(self, nid: int, inputs: tuple[int, ...]) -> None:
+        node = self.nodes[nid]
+        for i in set(node.inputs) - set(inputs):
+            self.nx.remove_edge(i, nid)
+        node.inputs = tuple(inputs)
+        for i in inputs:
+            self.nx.add_edge(i, nid)
+
+    def replace_uses(self, old: int, new: int) -> None:
+        for u in list(self.nx.successors(old)):
+            node = self.nodes[u]
+            self.set_inputs(u, tuple(new if i == old else i for i in node.inputs))
+        for k, v in self.outputs.items():
+            if v == old:
+                self.outputs[k] = new
+
+    def remove(self, nid: int) -> None:
+        self.nx.remove_node(nid)
+        del self.nodes[nid]
+
+    # -- reading ---------------------------------------------------------
+    def topo(self) -> list[int]:
+        return list(nx.lexicographical_topological_sort(self.nx))
+
+    def users(self, nid: int) -> list[int]:
+        return sorted(self.nx.successors(nid))
+
+    def live_roots(self) -> set[int]:
+        """Nodes that must survive DCE: outputs and the model's interface."""
+        return set(self.outputs.values()) | set(self.params.values()) | set(self.inputs.values())
+
+    def copy(self) -> "Graph":
+        g = Graph(self.name)
+        g.nx = self.nx.copy()
+        g.nodes = {k: replace(n, attrs=dict(n.attrs)) for k, n in self.nodes.items()}
+        g.inputs, g.params, g.outputs = dict(self.inputs), dict(self.params), dict(self.outputs)
+        g.groups = [replace(gr, members=list(gr.members), outputs=list(gr.outputs)) for gr in self.groups]
+        g._ids = itertools.count(max(self.nodes, default=-1) + 1)
+        return g
+
+    def group_of(self) -> dict[int, Group]:
+        return {m: gr for gr in self.groups for m in gr.members}
+
+    def verify(self) -> None:
+        """Structural invariants every pass must keep."""
+        assert nx.is_directed_acyclic_graph(self.nx), "graph has a cycle"
+        for nid, node in self.nodes.items():
+            for i in node.inputs:
+                assert i in self.nodes, f"%{nid} reads missing %{i}"
+                assert self.nx.has_edge(i, nid), f"edge %{i}->%{nid} missing"
+        for name, nid in {**self.outputs, **self.params, **self.inputs}.items():
+            assert nid in self.nodes, f"{name} points at missing %{nid}"
+
+    def __str__(self) -> str:
+        return format_graph(self)
+
+
+def format_attr(v: Any) -> str:
+    if isinstance(v, Graph):
+        return f"<graph {v.name}>"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def format_node(node: Node) -> str:
+    attrs = node.op.describe(node.attrs)
+    args = ", ".join(f"%{i}" for i in node.inputs)
+    text = f"%{node.id} = {node.op.name}{f'[{attrs}]' if attrs else ''}({args}) : {node.type}"
+    if node.span is not None:
+        text = f"{text:<72}  # {node.span.file.rsplit('/', 1)[-1]}:{node.span.line}:{node.span.col}"
+    return text
+
+
+def format_graph(g: Graph) -> str:
+    group = g.group_of()
+    lines = [f"graph {g.name} {{"]
+    current = None
+    for nid in g.topo():
+        gr = group.get(nid)
+        if gr is not None and len(gr.members) > 1 and gr is not current:
+            lines.append(f"  # group {gr.id} ({gr.kind}): "
+                         + " ".join(f"%{m}" for m in gr.members))
+        current = gr
+        lines.append("  " + format_node(g.nodes[nid]))
+    for name, nid in g.outputs.items():
+        lines.append(f"  return {name} = %{nid}")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+class Value:
+    """A handle on a node while building, with operators that add op nodes."""
+    __slots__ = ("b", "id")
+
+    def __init__(self, b: "Builder", nid: int):
+        self.b, self.id = b, nid
+
+    @property
+    def node(self) -> Node:
+        return self.b.graph.nodes[self.id]
+
+    @property
+    def type(self) -> TensorType:
+        return self.node.type
+
+    @property
+    def shape(self):
+        return self.node.type.shape
+
+    def __add__(self, o): return self.b.add(self, o)
+    def __radd__(self, o): return self.b.add(o, self)
+    def __sub__(self, o): return self.b.sub(self, o)
+    def __rsub__(self, o): return self.b.sub(o, self)
+    def __mul__(self, o): return self.b.mul(self, o)
+    def __rmul__(self, o): return self.b.mul(o, self)
+    def __truediv__(self, o): return self.b.div(self, o)
+    def __rtruediv__(self, o): return self.b.div(o, self)
+    def __neg__(self): return self.b.neg(self)
+    def __matmul__(self, o): return self.b.matmul(self, o)
+
+    def __repr__(self) -> str:
+        return f"Value(%{self.id}: {self.type})"
+
+
+class Builder:
+    """Adds nodes to a graph; `b.relu(x)`, `b.matmul(a, w, tb=True)`, `x * y`.
+
+    Every node added gets the builder's current `span`, so nodes made while
+    differentiating a source expression still point at that expression.
+    """
+
+    def __init__(self, graph: Graph, span: Span | None = None):
+        self.graph = graph
+        self.span = span
+
+    def value(self, nid: int) -> Value:
+        return Value(self, nid)
+
+    def const(self, v: float, dtype: str = "f32") -> Value:
+        from .ops import REGISTRY
+        return Value(self, self.graph.add(REGISTRY["const"], (), {"value": float(v), "dtype": dtype},
+                                          self.span))
+
+    def _as_value(self, x) -> Value:
+        if isinstance(x, Value):
+            return x
+        if isinstance(x, (int, float)):
+            return self.const(x)
+        raise TypeError(f"not a graph value: {x!r}")
+
+    def apply(self, opname: str, *args, **attrs) -> Value:
+        from .ops import REGISTRY
+        op = REGISTRY[opname]
+        ids = [self._as_value(a).id for a in args]
+        return Value(self, self.graph.add(op, ids, attrs, self.span))
+
+    def __getattr__(self, opname: str):
+        from .ops import REGISTRY
+        if opname not in REGISTRY:
+            raise AttributeError(opname)
+        return lambda *args, **attrs: self.apply(opname, *args, **attrs)

@@ -1,0 +1,353 @@
+"""Helpers over llvmlite's IRBuilder for one LLVM function (`CG`).
+
+They hide phi/branch plumbing (`with cg.loop(n) as i:`) and make element
+code generic over scalars and vectors: `cg.exp(x)` works on `float` and on
+`<16 x float>` alike, so an op's `emit` is written once and used both in
+plain loops and inside vectorised matmul epilogues. Transcendentals are
+polynomials (Cephes) rather than libm calls so they vectorise.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from llvmlite import ir
+
+F32 = ir.FloatType()
+F64 = ir.DoubleType()
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+DTYPE_IR = {"f32": F32, "f64": F64, "i32": I32, "i64": I64}
+FAST = ("contract",)    # allow FMA contraction, keep IEEE semantics otherwise
+
+
+def vec(t: ir.Type, n: int) -> ir.Type:
+    return t if n == 1 else ir.VectorType(t, n)
+
+
+def lanes(t: ir.Type) -> int:
+    return t.count if isinstance(t, ir.VectorType) else 1
+
+
+def elem(t: ir.Type) -> ir.Type:
+    return t.element if isinstance(t, ir.VectorType) else t
+
+
+def mangle(t: ir.Type) -> str:
+    e = elem(t)
+    base = {F32: "f32", F64: "f64", I32: "i32", I64: "i64", I1: "i1"}[e]
+    return f"v{t.count}{base}" if isinstance(t, ir.VectorType) else base
+
+
+class CG:
+    """Code generation for one function: a builder plus a cache of values
+    loaded once in the entry block (frame slots, dims)."""
+
+    def __init__(self, module: ir.Module, fn: ir.Function, frame_layout=None, frame=None):
+        self.module = module
+        self.fn = fn
+        self.entry = fn.append_basic_block("entry")
+        self.body = fn.append_basic_block("body")
+        self.b = ir.IRBuilder(self.body)
+        self.eb = ir.IRBuilder(self.entry)   # the one builder that appends to the entry block
+        self.layout = frame_layout
+        self.frame = frame
+        self._cache: dict = {}
+
+    def finish(self) -> None:
+        """Close the entry block (allocas and hoisted loads) into the body."""
+        self.eb.branch(self.body)
+
+    # -- constants and conversions -------------------------------------
+    def const(self, v: float, like) -> ir.Value:
+        t = like if isinstance(like, ir.Type) else like.type
+        e = elem(t)
+        c = ir.Constant(e, float(v) if e in (F32, F64) else int(v))
+        return c if lanes(t) == 1 else ir.Constant(t, [c] * lanes(t))
+
+    def i64(self, v: int) -> ir.Constant:
+        return ir.Constant(I64, v)
+
+    def splat(self, x: ir.Value, n: int) -> ir.Value:
+        if n == 1:
+            return x
+        vt = ir.VectorType(x.type, n)
+        if isinstance(x, ir.Constant):
+            return ir.Constant(vt, [x] * n)
+        one = self.b.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
+                                     ir.Constant(ir.VectorType(I32, n), [0] * n))
+
+    def to_float(self, x: ir.Value, t=F32) -> ir.Value:
+        if elem(x.type) in (F32, F64):
+            return x if elem(x.type) == t else self.b.fpext(x, vec(t, lanes(x.type)))
+        return self.b.sitofp(x, vec(t, lanes(x.type)))
+
+    # -- intrinsics ----------------------------------------------------
+    def intrinsic(self, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
+        full = f"llvm.{name}.{mangle(ret)}"
+        fn = self.module.globals.get(full)
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ret, [a.type for a in args]), full)
+        return self.b.call(fn, args)
+
+    def declare(self, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+        fn = self.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ret, args), name)
+        return fn
+
+    # -- float arithmetic (scalar or vector) ---------------------------
+    def add(self, a, b): return self.b.fadd(a, b, flags=FAST)
+    def sub(self, a, b): return self.b.fsub(a, b, flags=FAST)
+    def mul(self, a, b): return self.b.fmul(a, b, flags=FAST)
+    def div(self, a, b): return self.b.fdiv(a, b, flags=FAST)
+    def neg(self, a): return self.b.fneg(a)
+    def fma(self, a, b, c): return self.intrinsic("fma", a.type, [a, b, c])
+    def sqrt(self, a): return self.intrinsic("sqrt", a.type, [a])
+    def abs(self, a): return self.intrinsic("fabs", a.type, [a])
+
+    def gt(self, a, b): return self.b.fcmp_ordered(">", a, b)
+    def ge(self, a, b): return self.b.fcmp_ordered(">=", a, b)
+    def lt(self, a, b): return self.b.fcmp_ordered("<", a, b)
+
+    def select(self, c, a, b): return self.b.select(c, a, b)
+
+    def max(self, a, b):
+        return self.select(self.gt(a, b), a, b)
+
+    def min(self, a, b):
+        return self.select(self.lt(a, b), a, b)
+
+    def bool_to_float(self, c, like) -> ir.Value:
+        return self.b.uitofp(c, like.type if isinstance(like, ir.Value) else like)
+
+    def _bits(self, x):
+        return self.b.bitcast(x, vec(I32, lanes(x.type)))
+
+    def _from_bits(self, x):
+        return self.b.bitcast(x, vec(F32, lanes(x.type)))
+
+    def exp(self, x):
+        """e^x: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial."""
+        x = self.max(self.min(x, self.const(88.72283, x)), self.const(-87.33654, x))
+        n = self.intrinsic("roundeven", x.type, [self.mul(x, self.const(1.44269504088896341, x))])
+        r = self.fma(n, self.const(-0.693359375, x), x)
+        r = self.fma(n, self.const(2.12194440e-4, x), r)
+        p = self.const(1.9875691500e-4, x)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = self.fma(p, r, self.const(c, x))
+        r2 = self.mul(r, r)
+        y = self.add(self.fma(p, r2, r), self.const(1.0, x))
+        ni = self.b.fptosi(n, vec(I32, lanes(x.type)))
+        scale = self.b.shl(self.b.add(ni, self.const(127, ni)), self.const(23, ni))
+        return self.mul(y, self._from_bits(scale))
+
+    def log(self, x):
+        """ln x for x > 0 (0 gives -inf, negatives NaN), Cephes logf."""
+        bits = self._bits(x)
+        e = self.b.sub(self.b.lshr(bits, self.const(23, bits)), self.const(127, bits))
+        m = self._from_bits(self.b.or_(self.b.and_(bits, self.const(0x7FFFFF, bits)),
+                                       self.const(0x3F800000, bits)))
+        big = self.gt(m, self.const(1.41421356, m))
+        m = self.select(big, self.mul(m, self.const(0.5, m)), m)
+        e = self.to_float(self.b.add(e, self.b.zext(big, e.type)))
+        f = self.sub(m, self.const(1.0, m))
+        z = self.mul(f, f)
+        p = self.const(7.0376836292e-2, f)
+        for c in (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+                  -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1):
+            p = self.fma(p, f, self.const(c, f))
+        y = self.mul(self.mul(p, f), z)
+        y = self.fma(e, self.const(-2.12194440e-4, e), y)
+        y = self.fma(z, self.const(-0.5, z), y)
+        r = self.fma(e, self.const(0.693359375, e), self.add(f, y))
+        r = self.select(self.b.fcmp_ordered("==", x, self.const(0.0, x)), self.const(float("-inf"), x), r)
+        r = self.select(self.lt(x, self.const(0.0, x)), self.const(float("nan"), x), r)
+        return self.select(self.b.fcmp_ordered("==", x, self.const(float("inf"), x)), x, r)
+
+    def tanh(self, x):
+        """Odd polynomial near 0 (keeps relative accuracy), 1 - 2/(e^2x + 1) elsewhere."""
+        a = self.abs(x)
+        z = self.mul(x, x)
+        p = self.const(-5.70498872745e-3, x)
+        for c in (2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1):
+            p = self.fma(p, z, self.const(c, x))
+        small = self.fma(self.mul(p, z), x, x)
+        e = self.exp(self.mul(a, self.const(2.0, x)))
+        large = self.sub(self.const(1.0, x), self.div(self.const(2.0, x), self.add(e, self.const(1.0, x))))
+        large = self.b.bitcast(self.b.or_(self._bits(large), self.b.and_(self._bits(x), self.const(-0x80000000, self._bits(x)))), x.type)
+        return self.select(self.lt(a, self.const(0.625, x)), small, large)
+
+    def sigmoid(self, x):
+        one = self.const(1.0, x)
+        return self.div(one, self.add(one, self.exp(self.neg(x))))
+
+    # -- integers ------------------------------------------------------
+    def imul(self, a, b):
+        if isinstance(a, int):
+            a = self.i64(a)
+        if isinstance(b, int):
+            b = self.i64(b)
+        if isinstance(a, ir.Constant) and a.constant == 1:
+            return b
+        if isinstance(b, ir.Constant) and b.constant == 1:
+            return a
+        return self.b.mul(a, b)
+
+    def iadd(self, a, b):
+        if isinstance(a, int):
+            a = self.i64(a)
+        if isinstance(b, int):
+            b = self.i64(b)
+        if isinstance(a, ir.Constant) and a.constant == 0:
+            return b
+        if isinstance(b, ir.Constant) and b.constant == 0:
+            return a
+        return self.b.add(a, b)
+
+    def imin(self, a, b):
+        return self.b.select(self.b.icmp_signed("<", a, b), a, b)
+
+    def ceil_div(self, a, k: int):
+        return self.b.sdiv(self.b.add(a, self.i64(k - 1)), self.i64(k))
+
+    # -- memory --------------------------------------------------------
+    def var(self, t: ir.Type, init=None) -> ir.Value:
+        """A stack slot in the entry block; SROA turns it into registers."""
+        slot = self.eb.alloca(t)
+        if init is not None:
+            self.b.store(init, slot)
+        return slot
+
+    def gep(self, base, idx, t=F32):
+        return self.b.gep(base, [idx], source_etype=t)
+
+    def load(self, base, idx, t=F32, n: int = 1, mask=None):
+        """Load n consecutive elements at base[idx] (masked lanes read as 0)."""
+        p = self.gep(base, idx, t)
+        if n == 1:
+            return self.b.load(p, typ=t)
+        vt = ir.VectorType(t, n)
+        if mask is None:
+            return self.b.load(p, typ=vt, align=4)
+        return self.intrinsic_masked_load(p, vt, mask)
+
+    def store(self, value, base, idx, t=F32, mask=None):
+        p = self.gep(base, idx, t)
+        if mask is None or lanes(value.type) == 1:
+            self.b.store(value, p, align=4)
+        else:
+            name = f"llvm.masked.store.{mangle(value.type)}.p0"
+            fn = self.declare(name, VOID, [value.type, PTR, I32, mask.type])
+            self.b.call(fn, [value, p, ir.Constant(I32, 4), mask])
+
+    def intrinsic_masked_load(self, p, vt, mask):
+        name = f"llvm.masked.load.{mangle(vt)}.p0"
+        fn = self.declare(name, vt, [PTR, I32, mask.type, vt])
+        return self.b.call(fn, [p, ir.Constant(I32, 4), mask, ir.Constant(vt, [ir.Constant(vt.element, 0)] * vt.count)])
+
+    def lane_mask(self, remaining, n: int):
+        """<n x i1> with lanes [0, remaining) set."""
+        lane_ids = ir.Constant(ir.VectorType(I64, n), [ir.Constant(I64, k) for k in range(n)])
+        return self.b.icmp_signed("<", lane_ids, self.splat(remaining, n))
+
+    def hsum(self, v):
+        """Sum of the lanes of a float vector."""
+        if lanes(v.type) == 1:
+            return v
+        fn = self.declare(f"llvm.vector.reduce.fadd.{mangle(v.type)}", elem(v.type), [elem(v.type), v.type])
+        return self.b.call(fn, [self.const(0.0, elem(v.type)), v], fastmath=("reassoc",))
+
+    def hmax(self, v):
+        if lanes(v.type) == 1:
+            return v
+        fn = self.declare(f"llvm.vector.reduce.fmax.{mangle(v.type)}", elem(v.type), [v.type])
+        return self.b.call(fn, [v])
+
+    # -- control flow --------------------------------------------------
+    @contextmanager
+    def loop(self, stop, start=0, step: int = 1, name: str = "i"):
+        """for (iv = start; iv < stop; iv += step) — yields iv."""
+        b = self.b
+        start = self.i64(start) if isinstance(start, int) else start
+        stop = self.i64(stop) if isinstance(stop, int) else stop
+        pre = b.block
+        head = self.fn.append_basic_block(f"{name}.head")
+        body = self.fn.append_basic_block(f"{name}.body")
+        done = self.fn.append_basic_block(f"{name}.done")
+        b.branch(head)
+        b.position_at_end(head)
+        iv = b.phi(I64, name=name)
+        iv.add_incoming(start, pre)
+        b.cbranch(b.icmp_signed("<", iv, stop), body, done)
+        b.position_at_end(body)
+        yield iv
+        nxt = b.add(iv, self.i64(step))
+        iv.add_incoming(nxt, b.block)
+        b.branch(head)
+        b.position_at_end(done)
+
+    @contextmanager
+    def while_(self, cond):
+        """while (cond()) { body } — `cond` is called to emit the test."""
+        b = self.b
+        head = self.fn.append_basic_block("while.head")
+        body = self.fn.append_basic_block("while.body")
+        done = self.fn.append_basic_block("while.done")
+        b.branch(head)
+        b.position_at_end(head)
+        b.cbranch(cond(), body, done)
+        b.position_at_end(body)
+        yield
+        b.branch(head)
+        b.position_at_end(done)
+
+    @contextmanager
+    def if_(self, cond):
+        with self.b.if_then(cond):
+            yield
+
+    # -- the frame -----------------------------------------------------
+    def slot(self, index: int, t: ir.Type):
+        """Load frame slot `index` once, in the entry block."""
+        key = ("slot", index, str(t))
+        if key not in self._cache:
+            p = self.eb.gep(self.frame, [ir.Constant(I64, index)], source_etype=I64)
+            self._cache[key] = self.eb.load(p, typ=t)
+        return self._cache[key]
+
+    def dim(self, d) -> ir.Value:
+        """Runtime value of a dimension: a constant or a symbol from the frame."""
+        if isinstance(d, int):
+            return self.i64(d)
+        return self.slot(self.layout.dim_slot(d), I64)
+
+    def dims(self, shape) -> list[ir.Value]:
+        return [self.dim(d) for d in shape]
+
+    def numel(self, shape) -> ir.Value:
+        n = self.i64(1)
+        for d in shape:
+            n = self.imul(n, self.dim(d))
+        return n
+
+    def ptr(self, buf) -> ir.Value:
+        return self.slot(self.layout.buffer_slot(buf), PTR)
+
+    def hyper(self, index: int) -> ir.Value:
+        base = self.slot(self.layout.hyper_slot, PTR)
+        key = ("hyper", index)
+        if key not in self._cache:
+            self._cache[key] = self.eb.load(self.eb.gep(base, [ir.Constant(I64, index)], source_etype=F32), typ=F32)
+        return self._cache[key]
+
+    def arena(self, kind: str) -> ir.Value:
+        return self.slot(self.layout.arenas[kind], PTR)
+
+    def mode(self) -> ir.Value:
+        return self.slot(self.layout.mode_slot, I64)

@@ -1,0 +1,206 @@
+"""Lower planned graphs into one LLVM module with a C entry point per graph.
+
+Every entry point has the same C signature:
+
+    int32_t f(float *params, float *grads, float *state, void *workspace,
+              void **inputs, void **outputs, const int64_t *dims,
+              const float *hyper, int64_t mode);
+
+and a companion `int64_t f_workspace(const int64_t *dims)` giving the bytes
+of workspace a call needs for those dims. The entry point lays out a
+*frame* (buffer pointers, dims, hyper-parameters) on its stack and runs the
+groups' kernels in order; each kernel is a function `void k(frame, lo, hi)`
+over a range of its tasks, called directly or through the runtime's
+`sc_parallel_for`, which splits the range across threads.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from llvmlite import ir
+
+from ..graph import Graph
+from ..passes.plan import ALIGN, Plan
+from .codegen import CG, I32, I64, PTR, VOID
+from .fused import FusedExpr, emit_elementwise_kernel
+
+KERNEL_TYPE = ir.FunctionType(VOID, [PTR, I64, I64])
+ENTRY_ARGS = [PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64]
+ARENAS = ("params", "grads", "state")
+
+
+@dataclass(frozen=True)
+class Target:
+    triple: str
+    cpu: str
+    features: str
+
+    @property
+    def vector_width(self) -> int:
+        feats = set(self.features.split(","))
+        if "+avx512f" in feats:
+            return 16
+        if "+avx2" in feats or "+avx" in feats:
+            return 8
+        return 4
+
+
+class FrameLayout:
+    """Slot numbers in an entry point's frame (8 bytes each).
+
+    Dims, arenas and hyper-parameters come first; a buffer's slot is a fixed
+    offset plus its node id. Graphs derived from one model share node ids, so
+    a kernel that the forward and the training entry points both need is the
+    same function, emitted once."""
+
+    def __init__(self, plan: Plan, symbols: list[str]):
+        self.plan = plan
+        self.dims = {s: k for k, s in enumerate(symbols)}
+        base = len(symbols)
+        self.arenas = {a: base + k for k, a in enumerate(ARENAS)}
+        self.hyper_slot = base + len(ARENAS)
+        self.mode_slot = self.hyper_slot + 1
+        first = self.mode_slot + 1
+        self.buffers = {nid: first + nid for nid in plan.storage}
+        self.size = first + max(plan.storage, default=0) + 1
+
+    def buffer_slot(self, nid: int) -> int:
+        root = self.plan.root(nid)
+        if root not in self.buffers:
+            raise KeyError(f"%{nid} has no storage (is it fused away?)")
+        return self.buffers[root]
+
+    def dim_slot(self, name: str) -> int:
+        return self.dims[name]
+
+
+class KernelBuilder:
+    """What an op's `lower` gets: the graph, the target, and `kernel()`."""
+
+    def __init__(self, module: ir.Module, graph: Graph, layout: FrameLayout, entry: CG,
+                 target: Target, prefix: str, shared: dict):
+        self.module = module
+        self.graph = graph
+        self.layout = layout
+        self.entry = entry
+        self.target = target
+        self.vector_width = target.vector_width
+        self.prefix = prefix
+        self.shared = shared        # kernel body text -> function, across entry points
+        self._names: set[str] = set()
+
+    @contextmanager
+    def kernel(self, name: str, tasks, cost=1):
+        """Define `void name(frame, lo, hi)`; the body handles tasks [lo, hi).
+        `tasks` and `cost` (work per task, for the threading decision) are ints
+        or functions of the entry point's CG."""
+        full = f"{self.prefix}_{name}"
+        assert full not in self._names, full
+        self._names.add(full)
+        fn = ir.Function(self.module, KERNEL_TYPE, name=full)
+        fn.linkage = "internal"
+        cg = CG(self.module, fn, self.layout, frame=fn.args[0])
+        yield cg, fn.args[1], fn.args[2]
+        cg.b.ret_void()
+        cg.finish()
+        body = str(fn).replace(f'"{full}"', '"@kernel"', 1)
+        if body in self.shared:
+            del self.module.globals[full]
+            fn = self.shared[body]
+        else:
+            self.shared[body] = fn
+
+        e = self.entry
+        n = tasks(e) if callable(tasks) else e.i64(tasks)
+        c = cost(e) if callable(cost) else e.i64(cost)
+        par = e.declare("sc_parallel_for", VOID, [PTR, PTR, I64, I64])
+        e.b.call(par, [fn, e.frame, n, c])
+
+
+def _slot_offsets(cg: CG, plan: Plan):
+    """Byte offset of each workspace slot and the total, for this call's dims."""
+    offsets, at = [], cg.i64(0)
+    for sizes in plan.slots:
+        offsets.append(at)
+        biggest = None
+        for s in sizes:
+            n = cg.i64(s.coef)
+            for sym in s.symbols:
+                n = cg.imul(n, cg.dim(sym))
+            biggest = n if biggest is None else cg.b.select(cg.b.icmp_signed(">", n, biggest), n, biggest)
+        padded = cg.imul(cg.ceil_div(biggest, ALIGN), ALIGN * 4)
+        at = cg.iadd(at, padded)
+    return offsets, at
+
+
+def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
+                name: str, target: Target, shared: dict) -> None:
+    layout = FrameLayout(plan, symbols)
+    fn = ir.Function(module, ir.FunctionType(I32, ENTRY_ARGS), name=name)
+    params, grads, state, workspace, inputs, outputs, dims, hyper, mode = fn.args
+    cg = CG(module, fn, layout)
+    eb = cg.eb
+    frame = eb.alloca(ir.ArrayType(I64, layout.size))
+    frame.type = PTR     # slots hold pointers and integers alike
+    cg.frame = frame
+
+    def put(slot: int, value) -> None:
+        eb.store(value, eb.gep(frame, [ir.Constant(I64, slot)], source_etype=I64))
+
+    for k, sym in enumerate(symbols):
+        put(layout.dims[sym], eb.load(eb.gep(dims, [ir.Constant(I64, k)], source_etype=I64), typ=I64))
+    for arena, value in zip(ARENAS, (params, grads, state)):
+        put(layout.arenas[arena], value)
+    put(layout.hyper_slot, hyper)
+    put(layout.mode_slot, mode)
+
+    # Dims are in the frame now; the slot offsets read them from there.
+    setup = CG.__new__(CG)
+    setup.__dict__.update(cg.__dict__)
+    setup.b = eb
+    offsets, _ = _slot_offsets(setup, plan)
+    for nid, slot in layout.buffers.items():
+        st = plan.storage[nid]
+        if st.kind in ("input", "output"):
+            table = inputs if st.kind == "input" else outputs
+            ptr = eb.load(eb.gep(table, [ir.Constant(I64, st.index)], source_etype=PTR), typ=PTR)
+        elif st.kind in ("param", "grad"):
+            base = params if st.kind == "param" else grads
+            ptr = eb.gep(base, [ir.Constant(I64, st.index * 4)], source_etype=ir.IntType(8))
+        else:
+            ptr = eb.gep(workspace, [offsets[st.index]], source_etype=ir.IntType(8))
+        put(slot, ptr)
+
+    kb = KernelBuilder(module, graph, layout, cg, target, name, shared)
+    for group in graph.groups:
+        lower_group(kb, graph, group)
+    cg.b.ret(ir.Constant(I32, 0))
+    cg.finish()
+
+    # The workspace size for given dims.
+    wfn = ir.Function(module, ir.FunctionType(I64, [PTR]), name=f"{name}_workspace")
+    wcg = CG(module, wfn, _DimsFromArray(symbols), frame=wfn.args[0])
+    _, total = _slot_offsets(wcg, plan)
+    wcg.b.ret(total)
+    wcg.finish()
+
+
+class _DimsFromArray:
+    """Layout for `*_workspace`, whose frame is just the dims array."""
+
+    def __init__(self, symbols):
+        self.dims = {s: k for k, s in enumerate(symbols)}
+
+    def dim_slot(self, name):
+        return self.dims[name]
+
+
+def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
+    anchor = graph.nodes[group.anchor]
+    if group.kind == "elementwise":
+        emit_elementwise_kernel(kb, graph, group)
+    elif group.kind == "epilogue":
+        anchor.op.lower(kb, anchor, FusedExpr(graph, group, coalesce=False))
+    else:
+        anchor.op.lower(kb, anchor, None)

@@ -1,0 +1,124 @@
+"""LLVM IR text -> optimised machine code for the host, and the JIT that runs it.
+
+Optimisation is the New Pass Manager at O3 for the host CPU and its
+features. Machine code is kept as an object file: that is what the on-disk
+cache stores, and what a later process loads without running LLVM at all.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import llvmlite.binding as llvm
+
+from .lower.module import Target
+
+
+@functools.lru_cache(maxsize=1)
+def _init() -> None:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    _register_runtime()
+
+
+def host_target() -> Target:
+    _init()
+    return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(),
+                  llvm.get_host_cpu_features().flatten())
+
+
+@functools.lru_cache(maxsize=8)
+def target_machine(target: Target, jit: bool = True):
+    return new_target_machine(target, jit)
+
+
+def new_target_machine(target: Target, jit: bool = True):
+    _init()
+    t = llvm.Target.from_triple(target.triple)
+    return t.create_target_machine(cpu=target.cpu, features=target.features, opt=3,
+                                   reloc="pic" if not jit else "default",
+                                   codemodel="jitdefault" if jit else "small")
+
+
+def optimize(ir_text: str, target: Target, jit: bool = True):
+    """Parse, verify and run the O3 pipeline; returns (module, target machine)."""
+    _init()
+    mod = llvm.parse_assembly(ir_text)
+    mod.triple = target.triple
+    tm = target_machine(target, jit)
+    mod.data_layout = str(tm.target_data)
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return mod, tm
+
+
+def compile_object(ir_text: str, target: Target, jit: bool = True) -> bytes:
+    mod, tm = optimize(ir_text, target, jit)
+    return tm.emit_object(mod)
+
+
+def assembly(ir_text: str, target: Target) -> str:
+    mod, tm = optimize(ir_text, target)
+    return tm.emit_assembly(mod)
+
+
+def optimized_ir(ir_text: str, target: Target) -> str:
+    mod, _ = optimize(ir_text, target)
+    return str(mod)
+
+
+class JitModule:
+    """Machine code loaded into this process; addresses by symbol name."""
+
+    def __init__(self, obj: bytes, target: Target):
+        # The engine owns (and frees) its target machine: never hand it a shared one.
+        tm = new_target_machine(target)
+        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self.engine.finalize_object()
+
+    def address(self, name: str) -> int:
+        addr = self.engine.get_function_address(name)
+        if not addr:
+            raise RuntimeError(f"symbol {name} missing from compiled module")
+        return addr
+
+
+# -- the runtime ---------------------------------------------------------
+
+RUNTIME_SYMBOLS = ("sc_parallel_for", "sc_set_num_threads", "sc_get_num_threads")
+
+
+@functools.lru_cache(maxsize=1)
+def runtime_library() -> ctypes.CDLL:
+    from . import _runtime
+    lib = ctypes.CDLL(_runtime.__file__)
+    lib.sc_set_num_threads.argtypes = [ctypes.c_int]
+    lib.sc_set_num_threads.restype = ctypes.c_int
+    lib.sc_get_num_threads.restype = ctypes.c_int
+    return lib
+
+
+def _register_runtime() -> None:
+    lib = runtime_library()
+    for name in RUNTIME_SYMBOLS:
+        llvm.add_symbol(name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+    env = os.environ.get("STRUCTC_NUM_THREADS")
+    if env:
+        set_num_threads(int(env))
+
+
+def set_num_threads(n: int) -> int:
+    """Threads the compiled kernels may use (the calling thread included)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
+    return runtime_library().sc_set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return runtime_library().sc_get_num_threads()

@@ -1,0 +1,136 @@
+"""The op registry: one subclass of `Op` per op, registered by defining it.
+
+An op holds, in one place:
+  * `shape(*types, **attrs)`   its shape rule (raise `ShapeMismatch`);
+  * `vjp(b, g, out, *xs, **attrs)`  its gradient, written with other ops;
+  * `reference(*arrays, **attrs)`  a plain numpy definition (tests, interpreter);
+  * its lowering: `emit` (elementwise ops: one element, scalar or vector) or
+    `lower` (ops with loop nests of their own).
+Autodiff, passes and codegen ask `traits`, never op names.
+
+Layers of the language that are compositions of ops (`dense`, `mean`,
+`flatten`) register with `@surface` next to the ops they build on.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ShapeMismatch
+from ..types import TensorType, broadcast_shapes
+
+REGISTRY: dict[str, "Op"] = {}
+SURFACE: dict[str, Callable] = {}   # language-level functions that are not single ops
+
+
+class Op:
+    name: str = ""
+    traits: frozenset = frozenset()
+    #: exposed to `.snet` sources under `name`
+    surface: bool = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__ and cls.name:
+            assert cls.name not in REGISTRY, f"op {cls.name} defined twice"
+            REGISTRY[cls.name] = cls()
+
+    # -- rules every op provides ---------------------------------------
+    def shape(self, *types: TensorType, **attrs) -> TensorType:
+        raise NotImplementedError
+
+    def vjp(self, b, g, out, *xs, **attrs) -> list:
+        raise NotImplementedError(f"{self.name} has no gradient")
+
+    def reference(self, *xs: np.ndarray, **attrs) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- derived ---------------------------------------------------------
+    def infer(self, *types: TensorType, **attrs) -> TensorType:
+        tensors, _ = self.signature()
+        if not any(t.startswith("*") for t in tensors) and len(types) != len(tensors):
+            raise ShapeMismatch(f"takes {len(tensors)} operand(s), got {len(types)}")
+        return self.shape(*types, **attrs)
+
+    def signature(self) -> tuple[list[str], dict[str, Any]]:
+        """Tensor parameter names (from `shape`, or from `reference` when the
+        shape rule is variadic) and attribute defaults (from `shape`)."""
+        cached = self.__dict__.get("_signature")
+        if cached is not None:
+            return cached
+        tensors, attrs = _params(self.shape)
+        if any(t.startswith("*") for t in tensors) and type(self).reference is not Op.reference:
+            fixed, _ = _params(self.reference)
+            if not any(t.startswith("*") for t in fixed):
+                tensors = fixed
+        self._signature = (tensors, attrs)
+        return self._signature
+
+    def describe(self, attrs: dict) -> str:
+        """The attributes as printed in a graph dump."""
+        from ..graph import format_attr
+        return ", ".join(f"{k}={format_attr(v)}" for k, v in sorted(attrs.items()))
+
+    def __repr__(self) -> str:
+        return f"<op {self.name}>"
+
+
+def _params(fn) -> tuple[list[str], dict[str, Any]]:
+    tensors, attrs = [], {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind == p.KEYWORD_ONLY:
+            if p.name != "dims":
+                attrs[p.name] = None if p.default is p.empty else p.default
+        elif p.kind == p.POSITIONAL_OR_KEYWORD:
+            tensors.append(p.name)
+        elif p.kind == p.VAR_POSITIONAL:
+            tensors.append("*" + p.name)
+    return tensors, attrs
+
+
+class Elementwise(Op):
+    """out[i] = f(x[i], y[i], ...) with numpy broadcasting; lowered by `emit`,
+    which must work on scalars and on vectors alike (see `lower.codegen`)."""
+    traits = frozenset({"elementwise"})
+    #: dtype of the result; None means that of the first input
+    out_dtype: str | None = None
+
+    def shape(self, *xs: TensorType) -> TensorType:
+        dtype = self.out_dtype or (xs[0].dtype if xs else "f32")
+        return TensorType(broadcast_shapes(*(x.shape for x in xs)), dtype)
+
+    def emit(self, cg, *xs, **attrs):
+        raise NotImplementedError
+
+
+def unbroadcast(b, g, like):
+    """Sum `g` down to the shape of `like` (the VJP of implicit broadcasting)."""
+    if g.shape == like.shape:
+        return g
+    lead = len(g.shape) - len(like.shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + k for k, d in enumerate(like.shape) if d == 1 and g.shape[lead + k] != 1)
+    s = b.sum(g, axes=axes, keepdims=False)
+    if s.shape != like.shape:
+        s = b.reshape(s, shape=like.shape)
+    return s
+
+
+def surface(name: str):
+    """Register a language-level function built from ops: f(ctx, *args, **kw)."""
+    def deco(fn):
+        assert name not in SURFACE, f"surface function {name} defined twice"
+        SURFACE[name] = fn
+        return fn
+    return deco
+
+
+def expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise ShapeMismatch(message)
+
+
+def fmt_shape(t: TensorType) -> str:
+    return str(t)

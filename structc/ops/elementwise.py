@@ -1,0 +1,314 @@
+"""Elementwise ops: arithmetic, activations, comparisons, constants.
+
+Each `emit` computes one element (or one vector of elements) from already
+loaded operands; the fused-loop emitter in `lower.fused` supplies loads,
+stores and broadcasting, so these stay one line each.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .base import Elementwise, unbroadcast
+
+
+class Const(Elementwise):
+    """A scalar constant, inlined wherever it is used."""
+    name = "const"
+    traits = frozenset({"elementwise", "inline"})
+
+    def shape(self, *, value: float, dtype: str = "f32") -> TensorType:
+        return TensorType((), dtype)
+
+    def vjp(self, b, g, out, **attrs):
+        return []
+
+    def reference(self, *, value, dtype="f32"):
+        return np.array(value, dtype=np.float64)
+
+    def emit(self, cg, *, value, dtype="f32"):
+        from ..lower.codegen import F32
+        return cg.const(value, F32)
+
+
+class DimValue(Elementwise):
+    """The runtime value of a symbolic dimension, as a float scalar.
+
+    Means and averaged losses divide by it, so `N` stays symbolic."""
+    name = "dim"
+    traits = frozenset({"elementwise", "inline", "needs_dims"})
+
+    def shape(self, *, dim: str) -> TensorType:
+        return TensorType((), "f32")
+
+    def vjp(self, b, g, out, **attrs):
+        return []
+
+    def reference(self, *, dim, dims):
+        return np.array(float(dims[dim]))
+
+    def emit(self, cg, *, dim):
+        from ..lower.codegen import F32
+        return cg.b.sitofp(cg.dim(dim), F32)
+
+
+class Add(Elementwise):
+    """x + y"""
+    name = "add"
+    traits = frozenset({"elementwise", "commutative"})
+
+    def vjp(self, b, g, out, x, y):
+        return [unbroadcast(b, g, x), unbroadcast(b, g, y)]
+
+    def reference(self, x, y):
+        return x + y
+
+    def emit(self, cg, x, y):
+        return cg.add(x, y)
+
+
+class Sub(Elementwise):
+    """x - y"""
+    name = "sub"
+
+    def vjp(self, b, g, out, x, y):
+        return [unbroadcast(b, g, x), unbroadcast(b, b.neg(g), y)]
+
+    def reference(self, x, y):
+        return x - y
+
+    def emit(self, cg, x, y):
+        return cg.sub(x, y)
+
+
+class Mul(Elementwise):
+    """x * y"""
+    name = "mul"
+    traits = frozenset({"elementwise", "commutative"})
+
+    def vjp(self, b, g, out, x, y):
+        return [unbroadcast(b, g * y, x), unbroadcast(b, g * x, y)]
+
+    def reference(self, x, y):
+        return x * y
+
+    def emit(self, cg, x, y):
+        return cg.mul(x, y)
+
+
+class Div(Elementwise):
+    """x / y"""
+    name = "div"
+
+    def vjp(self, b, g, out, x, y):
+        return [unbroadcast(b, g / y, x), unbroadcast(b, b.neg(g * out / y), y)]
+
+    def reference(self, x, y):
+        return x / y
+
+    def emit(self, cg, x, y):
+        return cg.div(x, y)
+
+
+class Neg(Elementwise):
+    """-x"""
+    name = "neg"
+
+    def vjp(self, b, g, out, x):
+        return [b.neg(g)]
+
+    def reference(self, x):
+        return -x
+
+    def emit(self, cg, x):
+        return cg.neg(x)
+
+
+class Square(Elementwise):
+    """x²"""
+    name = "square"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g * x * 2.0]
+
+    def reference(self, x):
+        return x * x
+
+    def emit(self, cg, x):
+        return cg.mul(x, x)
+
+
+class Exp(Elementwise):
+    """e^x"""
+    name = "exp"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g * out]
+
+    def reference(self, x):
+        return np.exp(x)
+
+    def emit(self, cg, x):
+        return cg.exp(x)
+
+
+class Log(Elementwise):
+    """ln x"""
+    name = "log"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g / x]
+
+    def reference(self, x):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(x)
+
+    def emit(self, cg, x):
+        return cg.log(x)
+
+
+class Sqrt(Elementwise):
+    """√x"""
+    name = "sqrt"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g / (out * 2.0)]
+
+    def reference(self, x):
+        return np.sqrt(x)
+
+    def emit(self, cg, x):
+        return cg.sqrt(x)
+
+
+class Relu(Elementwise):
+    """max(0, x); the derivative 1(x > 0) is read off the output, so the
+    pre-activation need not be kept for the backward pass."""
+    name = "relu"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g * b.greater(out, 0.0)]
+
+    def reference(self, x):
+        return np.maximum(x, 0)
+
+    def emit(self, cg, x):
+        return cg.max(x, cg.const(0.0, x))
+
+
+class Sigmoid(Elementwise):
+    """1 / (1 + e^-x); σ' = σ(1 - σ)"""
+    name = "sigmoid"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g * out * (1.0 - out)]
+
+    def reference(self, x):
+        return 1.0 / (1.0 + np.exp(-x))
+
+    def emit(self, cg, x):
+        return cg.sigmoid(x)
+
+
+class Tanh(Elementwise):
+    """tanh x; tanh' = 1 - tanh²"""
+    name = "tanh"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g * (1.0 - out * out)]
+
+    def reference(self, x):
+        return np.tanh(x)
+
+    def emit(self, cg, x):
+        return cg.tanh(x)
+
+
+class Threshold(Elementwise):
+    """1(x ≥ 0), the seed's threshold unit; its derivative is 0 almost everywhere."""
+    name = "threshold"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [None]
+
+    def reference(self, x):
+        return (x >= 0).astype(x.dtype)
+
+    def emit(self, cg, x):
+        return cg.bool_to_float(cg.ge(x, cg.const(0.0, x)), x)
+
+
+class Greater(Elementwise):
+    """1(x > y) as a float mask (the derivative of relu)."""
+    name = "greater"
+
+    def vjp(self, b, g, out, x, y):
+        return [None, None]
+
+    def reference(self, x, y):
+        return (x > y).astype(np.result_type(x, y))
+
+    def emit(self, cg, x, y):
+        return cg.bool_to_float(cg.gt(x, y), x)
+
+
+class Maximum(Elementwise):
+    """max(x, y); the gradient goes to the larger operand."""
+    name = "maximum"
+    surface = True
+
+    def vjp(self, b, g, out, x, y):
+        mask = b.greater(x, y)
+        return [unbroadcast(b, g * mask, x), unbroadcast(b, g * (1.0 - mask), y)]
+
+    def reference(self, x, y):
+        return np.maximum(x, y)
+
+    def emit(self, cg, x, y):
+        return cg.max(x, y)
+
+
+class BroadcastTo(Elementwise):
+    """x stretched to `shape` (the VJP of a sum)."""
+    name = "broadcast_to"
+    traits = frozenset({"elementwise", "needs_dims"})
+
+    def shape(self, x, *, shape) -> TensorType:
+        from ..types import broadcast_shapes
+        from .base import expect
+        expect(broadcast_shapes(x.shape, tuple(shape)) == tuple(shape),
+               f"cannot broadcast {x} to [{', '.join(map(str, shape))}]")
+        return TensorType(tuple(shape), x.dtype)
+
+    def vjp(self, b, g, out, x, *, shape):
+        return [unbroadcast(b, g, x)]
+
+    def reference(self, x, *, shape, dims=None):
+        target = tuple(d if isinstance(d, int) else dims[d] for d in shape)
+        return np.broadcast_to(x, target).copy()
+
+    def emit(self, cg, x, *, shape):
+        return x
+
+
+class Abs(Elementwise):
+    """|x|; the gradient is sign(x) (0 at 0)."""
+    name = "abs"
+    surface = True
+
+    def vjp(self, b, g, out, x):
+        return [g * (b.greater(x, 0.0) - b.greater(0.0, x))]
+
+    def reference(self, x):
+        return np.abs(x)
+
+    def emit(self, cg, x):
+        return cg.abs(x)

@@ -1,0 +1,219 @@
+"""softmax and the losses.
+
+cross_entropy takes logits and integer classes, with the softmax fused and
+computed stably (log-sum-exp around the row maximum):
+
+    loss = mean_n( log Σ_c e^{z_nc} - z_{n,y_n} ),   ∂loss/∂z = (softmax(z) - onehot(y)) / N
+
+binary_cross_entropy takes logits too (the sigmoid fused), mse predictions.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+
+from ..types import TensorType
+from .base import Op, expect, surface
+from .reduce import count
+
+
+def _row_stats(cg, src, off, n, vw):
+    """max_c x[off + c] and Σ_c e^{x - max} over one row of n floats."""
+    from ..lower.codegen import F32
+    b = cg.b
+    vt = ir.VectorType(F32, vw)
+    ninf = cg.const(float("-inf"), vt)
+    full = b.sdiv(n, cg.i64(vw))
+    tail = b.sub(n, cg.imul(full, vw))
+    mask = cg.lane_mask(tail, vw)
+
+    mx = cg.var(vt, ninf)
+    with cg.loop(full, name="mx") as v:
+        b.store(cg.max(b.load(mx), cg.load(src, cg.iadd(off, cg.imul(v, vw)), n=vw)), mx)
+    last = cg.select(mask, cg.load(src, cg.iadd(off, cg.imul(full, vw)), n=vw, mask=mask), ninf)
+    m = cg.hmax(cg.max(b.load(mx), last))
+    msplat = cg.splat(m, vw)
+
+    sm = cg.var(vt, cg.const(0.0, vt))
+    with cg.loop(full, name="se") as v:
+        e = cg.exp(cg.sub(cg.load(src, cg.iadd(off, cg.imul(v, vw)), n=vw), msplat))
+        b.store(cg.add(b.load(sm), e), sm)
+    e = cg.exp(cg.sub(cg.load(src, cg.iadd(off, cg.imul(full, vw)), n=vw, mask=mask), msplat))
+    s = cg.hsum(cg.add(b.load(sm), cg.select(mask, e, cg.const(0.0, vt))))
+    return m, s, full, tail, mask
+
+
+def _each_vector(cg, n, vw, body):
+    """body(j, mask) over [0, n) in vectors, the last one masked."""
+    b = cg.b
+    full = b.sdiv(n, cg.i64(vw))
+    with cg.loop(full, name="ev") as v:
+        body(cg.imul(v, vw), None)
+    tail = b.sub(n, cg.imul(full, vw))
+    with cg.if_(b.icmp_signed(">", tail, cg.i64(0))):
+        body(cg.imul(full, vw), cg.lane_mask(tail, vw))
+
+
+def _rows_and_classes(kb, z):
+    shape = kb.graph.nodes[z].shape
+    return shape[:-1], shape[-1]
+
+
+class Softmax(Op):
+    """e^{x_i} / Σ_j e^{x_j} along the last axis."""
+    name = "softmax"
+    surface = True
+
+    def shape(self, x) -> TensorType:
+        expect(x.rank >= 1, "softmax needs at least one dimension")
+        return x
+
+    def vjp(self, b, g, out, x):
+        s = b.sum(g * out, axes=(len(x.shape) - 1,), keepdims=True)
+        return [out * (g - s)]
+
+    def reference(self, x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def lower(self, kb, node, epilogue):
+        rows_d, c_d = _rows_and_classes(kb, node.inputs[0])
+        vw = kb.vector_width
+        with kb.kernel(f"softmax{node.id}", lambda cg: cg.numel(rows_d),
+                       cost=lambda cg: cg.imul(cg.dim(c_d), 20)) as (cg, lo, hi):
+            c = cg.dim(c_d)
+            src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+            with cg.loop(hi, start=lo, name="row") as r:
+                off = cg.imul(r, c)
+                m, s, *_ = _row_stats(cg, src, off, c, vw)
+                inv = cg.splat(cg.div(cg.const(1.0, s), s), vw)
+                ms = cg.splat(m, vw)
+
+                def body(j, mask):
+                    x = cg.load(src, cg.iadd(off, j), n=vw, mask=mask)
+                    cg.store(cg.mul(cg.exp(cg.sub(x, ms)), inv), dst, cg.iadd(off, j), mask=mask)
+                _each_vector(cg, c, vw, body)
+
+
+def _check_classes(z, y):
+    expect(z.rank >= 2, f"cross_entropy needs logits [batch, classes], got {z}")
+    expect(y.dtype in ("i32", "i64"), f"cross_entropy needs integer class labels, got {y}")
+    expect(tuple(y.shape) == tuple(z.shape[:-1]),
+           f"labels {y} do not match logits {z}: expected one class per row")
+
+
+class CrossEntropy(Op):
+    """mean over rows of -log softmax(z)[y]; z are logits, y integer classes."""
+    name = "cross_entropy"
+    surface = True
+
+    def shape(self, z, y) -> TensorType:
+        _check_classes(z, y)
+        return TensorType((), "f32")
+
+    def vjp(self, b, g, out, z, y):
+        return [b.softmax_ce_grad(z, y, g), None]
+
+    def reference(self, z, y):
+        m = z.max(axis=-1, keepdims=True)
+        lse = np.log(np.exp(z - m).sum(axis=-1)) + m[..., 0]
+        picked = np.take_along_axis(z, y[..., None].astype(np.int64), axis=-1)[..., 0]
+        return np.mean(lse - picked)
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.codegen import F32, I64
+        z, y = node.inputs
+        rows_d, c_d = _rows_and_classes(kb, z)
+        ydt = kb.graph.nodes[y].type.dtype
+        vw = kb.vector_width
+        with kb.kernel(f"xent{node.id}", 1, cost=1) as (cg, lo, hi):
+            b = cg.b
+            rows, c = cg.numel(rows_d), cg.dim(c_d)
+            src, lab, dst = cg.ptr(z), cg.ptr(y), cg.ptr(node.id)
+            total = cg.var(F32, cg.const(0.0, F32))
+            with cg.loop(rows, name="row") as r:
+                off = cg.imul(r, c)
+                m, s, *_ = _row_stats(cg, src, off, c, vw)
+                label = cg.load(lab, r, t=ir.IntType(32 if ydt == "i32" else 64))
+                if ydt == "i32":
+                    label = b.sext(label, I64)
+                picked = cg.load(src, cg.iadd(off, label))
+                b.store(cg.add(b.load(total), cg.sub(cg.add(m, cg.log(s)), picked)), total)
+            cg.store(cg.div(b.load(total), b.sitofp(rows, F32)), dst, cg.i64(0))
+
+
+class SoftmaxCrossEntropyGrad(Op):
+    """(softmax(z) - onehot(y)) * g / rows: the delta of cross_entropy."""
+    name = "softmax_ce_grad"
+
+    def shape(self, z, y, g) -> TensorType:
+        _check_classes(z, y)
+        expect(g.rank == 0, f"the incoming gradient of a loss is a scalar, got {g}")
+        return z
+
+    def reference(self, z, y, g):
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        p = e / e.sum(axis=-1, keepdims=True)
+        onehot = np.zeros_like(p)
+        np.put_along_axis(onehot, y[..., None].astype(np.int64), 1.0, axis=-1)
+        rows = int(np.prod(z.shape[:-1]))
+        return (p - onehot) * g / rows
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.codegen import F32, I64
+        z, y, g = node.inputs
+        rows_d, c_d = _rows_and_classes(kb, z)
+        ydt = kb.graph.nodes[y].type.dtype
+        gnode = kb.graph.nodes[g]
+        vw = kb.vector_width
+        with kb.kernel(f"xentgrad{node.id}", lambda cg: cg.numel(rows_d),
+                       cost=lambda cg: cg.imul(cg.dim(c_d), 20)) as (cg, lo, hi):
+            b = cg.b
+            rows, c = cg.numel(rows_d), cg.dim(c_d)
+            src, lab, dst = cg.ptr(z), cg.ptr(y), cg.ptr(node.id)
+            if "inline" in gnode.op.traits:
+                gval = gnode.op.emit(cg, **gnode.attrs)
+            else:
+                gval = cg.load(cg.ptr(g), cg.i64(0))
+            scale = cg.div(gval, b.sitofp(rows, F32))
+            with cg.loop(hi, start=lo, name="row") as r:
+                off = cg.imul(r, c)
+                m, s, *_ = _row_stats(cg, src, off, c, vw)
+                k = cg.splat(cg.div(scale, s), vw)
+                ms = cg.splat(m, vw)
+
+                def body(j, mask):
+                    x = cg.load(src, cg.iadd(off, j), n=vw, mask=mask)
+                    cg.store(cg.mul(cg.exp(cg.sub(x, ms)), k), dst, cg.iadd(off, j), mask=mask)
+                _each_vector(cg, c, vw, body)
+                label = cg.load(lab, r, t=ir.IntType(32 if ydt == "i32" else 64))
+                if ydt == "i32":
+                    label = b.sext(label, I64)
+                at = cg.iadd(off, label)
+                cg.store(cg.sub(cg.load(dst, at), scale), dst, at)
+
+
+@surface("mse")
+def mse(ctx, pred, target):
+    """mse(pred, target): mean of the squared differences."""
+    ctx.expect_tensor(pred, "mse")
+    ctx.expect_tensor(target, "mse")
+    if pred.shape != target.shape:
+        ctx.fail(f"mse: prediction {pred.type} and target {target.type} differ in shape")
+    d = pred - target
+    axes = tuple(range(len(pred.shape)))
+    return ctx.b.sum(ctx.b.square(d), axes=axes) / count(ctx.b, pred.shape, axes)
+
+
+@surface("binary_cross_entropy")
+def binary_cross_entropy(ctx, logits, target):
+    """binary_cross_entropy(z, t): mean of -t log σ(z) - (1-t) log(1-σ(z)), from logits z,
+    computed as max(z, 0) - z t + log(1 + e^{-|z|}) so it never overflows."""
+    ctx.expect_tensor(logits, "binary_cross_entropy")
+    ctx.expect_tensor(target, "binary_cross_entropy")
+    if logits.shape != target.shape:
+        ctx.fail(f"binary_cross_entropy: logits {logits.type} and target {target.type} differ in shape")
+    b = ctx.b
+    per = b.relu(logits) - logits * target + b.log(b.exp(b.neg(b.abs(logits))) + 1.0)
+    axes = tuple(range(len(logits.shape)))
+    return b.sum(per, axes=axes) / count(b, logits.shape, axes)

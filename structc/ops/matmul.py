@@ -1,0 +1,114 @@
+"""matmul and transpose, and the `dense` layer built on them.
+
+    C = op(A) @ op(B),  op(X) = X^T when the `ta` / `tb` flag is set.
+
+The gradients are matmuls again, with transposes expressed through the
+flags so the weight gradient `A^T @ G` reads A in place.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .base import Op, expect, surface
+
+
+class MatMul(Op):
+    name = "matmul"
+    traits = frozenset({"epilogue"})
+
+    def shape(self, a, b, *, ta: bool = False, tb: bool = False) -> TensorType:
+        expect(a.rank == 2 and b.rank == 2,
+               f"matmul needs two matrices, got {a} and {b}")
+        m, k = (a.shape[1], a.shape[0]) if ta else a.shape
+        k2, n = (b.shape[1], b.shape[0]) if tb else b.shape
+        expect(k == k2, f"inner dimensions differ: {a} @ {b} ({k} vs {k2})")
+        return TensorType((m, n), "f32")
+
+    def vjp(self, b, g, out, x, w, *, ta=False, tb=False):
+        if not ta and not tb:
+            return [b.matmul(g, w, tb=True), b.matmul(x, g, ta=True)]
+        if not ta and tb:
+            return [b.matmul(g, w), b.matmul(g, x, ta=True)]
+        if ta and not tb:
+            return [b.matmul(w, g, tb=True), b.matmul(x, g)]
+        return [b.matmul(w, g, ta=True, tb=True), b.matmul(g, x, ta=True, tb=True)]
+
+    def reference(self, a, b, *, ta=False, tb=False):
+        return (a.T if ta else a) @ (b.T if tb else b)
+
+    def legalize(self, b, node):
+        """The kernel reads B row-major: transpose a `tb` operand first."""
+        if not node.attrs.get("tb"):
+            return None
+        x, w = (b.value(i) for i in node.inputs)
+        return b.matmul(x, b.transpose(w), ta=node.attrs.get("ta", False))
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.gemm import emit_gemm
+        ta = node.attrs.get("ta", False)
+        a_id, b_id = node.inputs
+        a_shape = kb.graph.nodes[a_id].shape
+        m_dim, k_dim = (a_shape[1], a_shape[0]) if ta else a_shape
+        n_dim = node.shape[1]
+        one = lambda cg: cg.i64(1)
+        m_of = lambda cg: cg.dim(m_dim)
+        emit_gemm(
+            kb, M=m_of, N=lambda cg: cg.dim(n_dim), K=lambda cg: cg.dim(k_dim),
+            a_buf=a_id,
+            a_row_stride=one if ta else (lambda cg: cg.dim(k_dim)),
+            a_k_stride=m_of if ta else one,
+            b_buf=b_id, epilogue=epilogue, scratch=epilogue.outputs[0],
+            name=f"matmul{node.id}")
+
+
+class Transpose(Op):
+    """x^T for a matrix."""
+    name = "transpose"
+    surface = True
+
+    def shape(self, x) -> TensorType:
+        expect(x.rank == 2, f"transpose needs a matrix, got {x}")
+        return TensorType((x.shape[1], x.shape[0]), x.dtype)
+
+    def vjp(self, b, g, out, x):
+        return [b.transpose(g)]
+
+    def reference(self, x):
+        return np.ascontiguousarray(x.T)
+
+    def lower(self, kb, node, epilogue):
+        rows_d, cols_d = kb.graph.nodes[node.inputs[0]].shape
+        block = 16
+
+        def tasks(cg):
+            return cg.ceil_div(cg.dim(rows_d), block)
+
+        with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), block)) as (cg, lo, hi):
+            rows, cols = cg.dim(rows_d), cg.dim(cols_d)
+            src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+            with cg.loop(hi, start=lo, name="rb") as rb:
+                r0 = cg.imul(rb, block)
+                r1 = cg.imin(cg.iadd(r0, block), rows)
+                with cg.loop(cols, step=block, name="cb") as c0:
+                    c1 = cg.imin(cg.iadd(c0, block), cols)
+                    with cg.loop(r1, start=r0, name="r") as r:
+                        with cg.loop(c1, start=c0, name="c") as c:
+                            v = cg.load(src, cg.iadd(cg.imul(r, cols), c))
+                            cg.store(v, dst, cg.iadd(cg.imul(c, rows), r))
+
+
+@surface("dense")
+def dense(ctx, x, units, *, bias=True, init="glorot", name=None):
+    """dense(x, units): x @ W + b with W: [in, units] and b: [units]."""
+    from ..types import TensorType as T
+    ctx.expect_tensor(x, "dense")
+    if x.type.rank != 2:
+        ctx.fail(f"dense expects a [batch, features] input, got {x.type}; use flatten(x) first")
+    units = ctx.expect_int(units, "units")
+    layer = ctx.layer_name("dense", name)
+    w = ctx.param(f"{layer}.w", T((x.shape[1], units)), init)
+    y = ctx.b.matmul(x, w)
+    if ctx.expect_bool(bias, "bias"):
+        y = y + ctx.param(f"{layer}.b", T((units,)), "zeros")
+    return y

@@ -1,0 +1,146 @@
+"""Sums over axes, and `mean` built from a sum and the axis sizes."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .base import Op, expect, surface
+
+
+def normalize_axes(axes, rank: int) -> tuple[int, ...]:
+    if axes is None:
+        return tuple(range(rank))
+    if isinstance(axes, int):
+        axes = (axes,)
+    out = []
+    for a in axes:
+        expect(-rank <= a < rank, f"axis {a} is out of range for rank {rank}")
+        out.append(a % rank)
+    expect(len(set(out)) == len(out), f"repeated axis in {tuple(axes)}")
+    return tuple(sorted(out))
+
+
+class Sum(Op):
+    """Σ of x over `axes` (all when omitted)."""
+    name = "sum"
+    surface = True
+
+    def shape(self, x, *, axes=None, keepdims: bool = False) -> TensorType:
+        ax = normalize_axes(axes, x.rank)
+        shape = tuple(1 if k in ax else d for k, d in enumerate(x.shape) if keepdims or k not in ax)
+        return TensorType(shape, x.dtype)
+
+    def vjp(self, b, g, out, x, *, axes=None, keepdims=False):
+        ax = normalize_axes(axes, len(x.shape))
+        kept = tuple(1 if k in ax else d for k, d in enumerate(x.shape))
+        if g.shape != kept:
+            g = b.reshape(g, shape=kept)
+        return [b.broadcast_to(g, shape=x.shape)]
+
+    def reference(self, x, *, axes=None, keepdims=False):
+        ax = normalize_axes(axes, x.ndim)
+        return np.sum(x, axis=ax, keepdims=keepdims)
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.codegen import F32
+        x = node.inputs[0]
+        shape = kb.graph.nodes[x].shape
+        reduced = normalize_axes(node.attrs.get("axes"), len(shape))
+        groups: list[tuple[bool, list]] = []
+        for k, d in enumerate(shape):
+            r = k in reduced
+            if groups and groups[-1][0] == r:
+                groups[-1][1].append(d)
+            else:
+                groups.append((r, [d]))
+        out_dims = [d for k, d in enumerate(shape) if k not in reduced]
+        # The outermost kept axis splits across threads: each task owns its outputs.
+        split = bool(groups) and not groups[0][0]
+        vw = kb.vector_width
+
+        def tasks(cg):
+            return cg.numel(groups[0][1]) if split else cg.i64(1)
+
+        with kb.kernel(f"sum{node.id}", tasks, cost=lambda cg: cg.numel(shape)) as (cg, lo, hi):
+            src, dst = cg.ptr(x), cg.ptr(node.id)
+            ext = [cg.numel(ds) for _, ds in groups]
+            istride, ostride = [cg.i64(1)] * len(groups), [cg.i64(1)] * len(groups)
+            acc_i, acc_o = cg.i64(1), cg.i64(1)
+            for g in reversed(range(len(groups))):
+                istride[g] = acc_i
+                acc_i = cg.imul(acc_i, ext[g])
+                if not groups[g][0]:
+                    ostride[g] = acc_o
+                    acc_o = cg.imul(acc_o, ext[g])
+            out_inner = cg.numel(out_dims[len(groups[0][1]):]) if split else cg.numel(out_dims)
+            zstart = cg.imul(lo, out_inner) if split else cg.i64(0)
+            zstop = cg.imul(hi, out_inner) if split else out_inner
+            with cg.loop(zstop, start=zstart, name="z") as z:
+                cg.store(cg.const(0.0, F32), dst, z)
+            if not groups:
+                cg.store(cg.load(src, cg.i64(0)), dst, cg.i64(0))
+                return
+
+            def level(g, ioff, ooff):
+                is_red, _ = groups[g]
+                if g == len(groups) - 1:
+                    _inner(cg, src, dst, ioff, ooff, ext[g], is_red, vw)
+                    return
+                start, stop = (lo, hi) if g == 0 and split else (cg.i64(0), ext[g])
+                with cg.loop(stop, start=start, name=f"a{g}") as i:
+                    level(g + 1, cg.iadd(ioff, cg.imul(i, istride[g])),
+                          ooff if is_red else cg.iadd(ooff, cg.imul(i, ostride[g])))
+
+            if len(groups) == 1 and split:
+                # Nothing reduced: a plain copy of this task's part.
+                with cg.loop(hi, start=lo, name="c") as i:
+                    cg.store(cg.load(src, i), dst, i)
+            else:
+                level(0, cg.i64(0), cg.i64(0))
+
+
+def _inner(cg, src, dst, ioff, ooff, n, reduced: bool, vw: int):
+    from llvmlite import ir
+    from ..lower.codegen import F32
+    b = cg.b
+    full = b.sdiv(n, cg.i64(vw))
+    if reduced:
+        acc = cg.var(ir.VectorType(F32, vw), cg.const(0.0, ir.VectorType(F32, vw)))
+        with cg.loop(full, name="rv") as v:
+            b.store(cg.add(b.load(acc), cg.load(src, cg.iadd(ioff, cg.imul(v, vw)), n=vw)), acc)
+        total = cg.var(F32, cg.hsum(b.load(acc)))
+        with cg.loop(n, start=cg.imul(full, vw), name="rt") as j:
+            b.store(cg.add(b.load(total), cg.load(src, cg.iadd(ioff, j))), total)
+        cg.store(cg.add(cg.load(dst, ooff), b.load(total)), dst, ooff)
+    else:
+        with cg.loop(full, name="kv") as v:
+            j = cg.imul(v, vw)
+            cur = cg.load(dst, cg.iadd(ooff, j), n=vw)
+            cg.store(cg.add(cur, cg.load(src, cg.iadd(ioff, j), n=vw)), dst, cg.iadd(ooff, j))
+        with cg.loop(n, start=cg.imul(full, vw), name="kt") as j:
+            cur = cg.load(dst, cg.iadd(ooff, j))
+            cg.store(cg.add(cur, cg.load(src, cg.iadd(ioff, j))), dst, cg.iadd(ooff, j))
+
+
+def count(b, shape, axes) -> object:
+    """The number of elements over `axes` of `shape`, as a float scalar value."""
+    n = None
+    static = 1
+    for k in axes:
+        d = shape[k]
+        if isinstance(d, int):
+            static *= d
+        else:
+            v = b.dim(dim=d)
+            n = v if n is None else n * v
+    if n is None:
+        return b.const(float(static))
+    return n * float(static) if static != 1 else n
+
+
+@surface("mean")
+def mean(ctx, x, *, axes=None, keepdims=False):
+    """mean(x, axes=...): the sum divided by the number of elements summed."""
+    ctx.expect_tensor(x, "mean")
+    ax = ctx.checked(lambda: normalize_axes(axes, x.type.rank))
+    return ctx.b.sum(x, axes=ax, keepdims=keepdims) / count(ctx.b, x.shape, ax)

@@ -1,0 +1,128 @@
+"""fuse: partition the graph into groups, each lowered as one loop nest.
+
+  1. An elementwise node whose only user is an elementwise node of the same
+     shape joins that user's group: chains like bias + activation, or the
+     backward `g * (y > 0)`, run in registers.
+  2. A matmul absorbs an elementwise group that consumes its result at the
+     same shape, as its epilogue: bias, activation and the activation's
+     derivative mask are applied to the tile before it is stored.
+Nodes that are constants are inlined wherever used; views and sources get
+no group. Groups are kept in execution order, effects (the optimiser) last.
+"""
+from __future__ import annotations
+
+import networkx as nx
+
+from ..graph import Graph, Group
+
+NO_GROUP = {"source", "inline", "view"}
+
+
+def fuse(g: Graph) -> Graph:
+    order = g.topo()
+    outputs = set(g.outputs.values())
+    group: dict[int, Group] = {}
+    counter = iter(range(10 ** 9))
+
+    def kind_of(nid):
+        traits = g.nodes[nid].op.traits
+        if "elementwise" in traits:
+            return "elementwise"
+        if "epilogue" in traits:
+            return "epilogue"
+        return "effect" if "effect" in traits else "kernel"
+
+    for nid in order:
+        if not g.nodes[nid].op.traits & NO_GROUP:
+            group[nid] = Group(next(counter), kind_of(nid), [nid], nid)
+
+    def merge(into: Group, other: Group) -> None:
+        into.members.extend(other.members)
+        for m in other.members:
+            group[m] = into
+
+    # 1. elementwise producers into their single elementwise consumer
+    for nid in reversed(order):
+        gr = group.get(nid)
+        if gr is None or gr.kind != "elementwise" or nid in outputs:
+            continue
+        users = g.users(nid)
+        if len(users) != 1:
+            continue
+        u = users[0]
+        ug = group.get(u)
+        if ug is None or ug is gr or ug.kind != "elementwise" or g.nodes[u].shape != g.nodes[nid].shape:
+            continue
+        merge(ug, gr)
+        ug.anchor = nid if order.index(nid) < order.index(ug.anchor) else ug.anchor
+
+    # 2. elementwise consumers of a matmul into its epilogue
+    for nid in order:
+        gr = group.get(nid)
+        if gr is None or gr.kind != "epilogue" or gr.anchor != nid:
+            continue
+        for u in g.users(nid):
+            ug = group.get(u)
+            if ug is None or ug.kind != "elementwise" or g.nodes[u].shape != g.nodes[nid].shape:
+                continue
+            if any(g.nodes[m].shape != g.nodes[nid].shape for m in ug.members):
+                continue
+            if _would_cycle(g, nid, ug, group):
+                continue
+            merge(gr, ug)
+            break
+
+    groups = {id(gr): gr for gr in group.values()}.values()
+    pos = {nid: k for k, nid in enumerate(order)}
+    for gr in groups:
+        gr.members.sort(key=pos.get)
+        members = set(gr.members)
+        gr.outputs = [m for m in gr.members
+                      if m in outputs or any(u not in members for u in g.users(m))]
+    g.groups = _schedule(g, list(groups), group, pos)
+    return g
+
+
+def _would_cycle(g: Graph, anchor: int, other: Group, group) -> bool:
+    """Merging `other` into the anchor's group is illegal if one of its
+    leaves is computed from the anchor outside both groups."""
+    members = set(other.members)
+    for m in other.members:
+        for i in g.nodes[m].inputs:
+            if i == anchor or i in members:
+                continue
+            if nx.has_path(g.nx, anchor, i):
+                return True
+    return False
+
+
+def _schedule(g: Graph, groups: list[Group], group: dict, pos: dict) -> list[Group]:
+    dag = nx.DiGraph()
+    for gr in groups:
+        dag.add_node(gr.id)
+    by_id = {gr.id: gr for gr in groups}
+    for gr in groups:
+        for m in gr.members:
+            for i in _producers(g, m, group):
+                src = group[i]
+                if src is not gr:
+                    dag.add_edge(src.id, gr.id)
+    # Effects run after everything else: they overwrite the parameters.
+    effects = [gr for gr in groups if gr.kind == "effect"]
+    for e in effects:
+        for gr in groups:
+            if gr.kind != "effect":
+                dag.add_edge(gr.id, e.id)
+    assert nx.is_directed_acyclic_graph(dag), "fusion produced a cycle"
+    first = {gr.id: min(pos[m] for m in gr.members) for gr in groups}
+    order = nx.lexicographical_topological_sort(dag, key=lambda k: first[k])
+    return [by_id[k] for k in order]
+
+
+def _producers(g: Graph, nid: int, group: dict):
+    """Grouped nodes whose values `nid` reads, looking through views."""
+    for i in g.nodes[nid].inputs:
+        while i not in group and "view" in g.nodes[i].op.traits:
+            i = g.nodes[i].inputs[0]
+        if i in group:
+            yield i

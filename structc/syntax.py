@@ -1,0 +1,388 @@
+"""Parse `.snet` source into AST dataclasses, each with a source span.
+
+Input: source text and a file name. Output: a `Program` (list of `Model`).
+Syntax errors become `SnetSyntaxError` in the language's own terms
+("expected ')' or ','"), never lark's token names.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+
+from .errors import SnetSyntaxError, Span
+
+# -- AST ----------------------------------------------------------------
+
+
+@dataclass
+class Number:
+    value: Union[int, float]
+    span: Span
+
+
+@dataclass
+class String:
+    value: str
+    span: Span
+
+
+@dataclass
+class Name:
+    id: str
+    span: Span
+
+
+@dataclass
+class Keyword:
+    name: str
+    value: "Expr"
+    span: Span
+
+
+@dataclass
+class Call:
+    func: str
+    args: list["Expr"]
+    kwargs: list[Keyword]
+    span: Span
+    func_span: Span
+
+
+@dataclass
+class BinOp:
+    op: str          # add sub mul div matmul
+    left: "Expr"
+    right: "Expr"
+    span: Span
+
+
+@dataclass
+class Neg:
+    operand: "Expr"
+    span: Span
+
+
+@dataclass
+class Index:
+    base: "Expr"
+    index: "Expr"
+    span: Span
+
+
+@dataclass
+class Attr:
+    base: "Expr"
+    name: str
+    span: Span
+
+
+Expr = Union[Number, String, Name, Call, BinOp, Neg, Index, Attr]
+
+
+@dataclass
+class Dim:
+    value: Union[int, str]
+    span: Span
+
+
+@dataclass
+class TensorTypeExpr:
+    dtype: str
+    dims: list[Dim]
+    span: Span
+
+
+@dataclass
+class ClassTypeExpr:
+    dims: list[Dim]
+    classes: int
+    span: Span
+
+
+TypeExpr = Union[TensorTypeExpr, ClassTypeExpr]
+
+
+@dataclass
+class InputDecl:
+    name: str
+    type: TypeExpr
+    kind: str        # "input" or "target"
+    span: Span
+    name_span: Span
+
+
+@dataclass
+class ParamDecl:
+    name: str
+    type: TypeExpr
+    init: Expr | None
+    span: Span
+    name_span: Span
+
+
+@dataclass
+class Assign:
+    name: str
+    value: Expr
+    span: Span
+    name_span: Span
+
+
+@dataclass
+class LossStmt:
+    value: Expr
+    span: Span
+
+
+@dataclass
+class OutputStmt:
+    name: str
+    value: Expr | None
+    span: Span
+    name_span: Span
+
+
+Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt]
+
+
+@dataclass
+class Model:
+    name: str
+    body: list[Stmt]
+    span: Span
+    name_span: Span
+
+
+@dataclass
+class Program:
+    models: list[Model]
+    source: str
+    file: str
+    model_names: list[str] = field(default_factory=list)
+
+
+# -- the parser ---------------------------------------------------------
+
+
+def grammar_text() -> str:
+    try:
+        from importlib.resources import files
+        return (files("structc.grammar") / "snet.lark").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return (Path(__file__).resolve().parent.parent / "grammar" / "snet.lark").read_text()
+
+
+@functools.lru_cache(maxsize=1)
+def parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+class _ToAst(Transformer):
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def _span(self, meta) -> Span:
+        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, tok: Token) -> Span:
+        return Span(self.file, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    @v_args(meta=True)
+    def start(self, meta, models):
+        return list(models)
+
+    @v_args(meta=True)
+    def model(self, meta, children):
+        name, *body = children
+        return Model(str(name), [s for s in body if s is not None], self._span(meta), self._tok(name))
+
+    def empty(self, _):
+        return None
+
+    @v_args(meta=True)
+    def input_decl(self, meta, c):
+        return InputDecl(str(c[0]), c[1], "input", self._span(meta), self._tok(c[0]))
+
+    @v_args(meta=True)
+    def target_decl(self, meta, c):
+        return InputDecl(str(c[0]), c[1], "target", self._span(meta), self._tok(c[0]))
+
+    @v_args(meta=True)
+    def param_decl(self, meta, c):
+        return ParamDecl(str(c[0]), c[1], c[2], self._span(meta), self._tok(c[0]))
+
+    @v_args(meta=True)
+    def assign(self, meta, c):
+        return Assign(str(c[0]), c[1], self._span(meta), self._tok(c[0]))
+
+    @v_args(meta=True)
+    def loss_stmt(self, meta, c):
+        return LossStmt(c[0], self._span(meta))
+
+    @v_args(meta=True)
+    def output_stmt(self, meta, c):
+        return OutputStmt(str(c[0]), c[1], self._span(meta), self._tok(c[0]))
+
+    @v_args(meta=True)
+    def tensor_type(self, meta, c):
+        dtype, *dims = c
+        return TensorTypeExpr(str(dtype), [d for d in dims if d is not None], self._span(meta))
+
+    @v_args(meta=True)
+    def class_type(self, meta, c):
+        *dims, classes = c
+        return ClassTypeExpr([d for d in dims if d is not None], int(classes), self._span(meta))
+
+    def dim(self, c):
+        tok = c[0]
+        value = int(tok) if tok.type == "INT" else str(tok)
+        return Dim(value, self._tok(tok))
+
+    def number(self, c):
+        text = str(c[0])
+        value = float(text) if any(ch in text for ch in ".eE") else int(text)
+        return Number(value, self._tok(c[0]))
+
+    def string(self, c):
+        return String(str(c[0])[1:-1], self._tok(c[0]))
+
+    def name(self, c):
+        return Name(str(c[0]), self._tok(c[0]))
+
+    @v_args(meta=True)
+    def call(self, meta, c):
+        func, *args = c
+        args = [a for a in args if a is not None]
+        pos = [a for a in args if not isinstance(a, Keyword)]
+        kws = [a for a in args if isinstance(a, Keyword)]
+        if any(isinstance(a, Keyword) for a in args[:len(args) - len(kws)]):
+            bad = next(a for a in args[len(pos):] if not isinstance(a, Keyword))
+            raise SnetSyntaxError("a positional argument cannot follow keyword arguments", bad.span)
+        return Call(str(func), pos, kws, self._span(meta), self._tok(func))
+
+    @v_args(meta=True)
+    def kwarg(self, meta, c):
+        return Keyword(str(c[0]), c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def pipe(self, meta, c):
+        value, target = c
+        if isinstance(target, Name):
+            return Call(target.id, [value], [], target.span, target.span)
+        return Call(target.func, [value, *target.args], target.kwargs, target.span, target.func_span)
+
+    @v_args(meta=True)
+    def add(self, meta, c):
+        return BinOp("add", c[0], c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def sub(self, meta, c):
+        return BinOp("sub", c[0], c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def mul(self, meta, c):
+        return BinOp("mul", c[0], c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def div(self, meta, c):
+        return BinOp("div", c[0], c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def matmul(self, meta, c):
+        return BinOp("matmul", c[0], c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def neg(self, meta, c):
+        return Neg(c[0], self._span(meta))
+
+    @v_args(meta=True)
+    def index(self, meta, c):
+        return Index(c[0], c[1], self._span(meta))
+
+    @v_args(meta=True)
+    def attr(self, meta, c):
+        return Attr(c[0], str(c[1]), self._span(meta))
+
+
+# How terminals read in messages.
+_TERMINAL_WORDS = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
+    "DTYPE": "a tensor type such as f32", "$END": "end of file",
+}
+
+
+def _describe_terminal(name: str) -> str:
+    if name in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[name]
+    for t in parser().terminals:
+        if t.name == name:
+            if t.pattern.type == "str":
+                return f"'{t.pattern.value}'"
+            return name.lower()
+    return name.lower()
+
+
+def _describe_token(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of file"
+    kind = {"NAME": "name", "NUMBER": "number", "INT": "integer", "STRING": "string"}.get(tok.type)
+    return f"{kind} '{tok}'" if kind else f"'{tok}'"
+
+
+_STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'"}
+
+
+def _expected_list(expected) -> str:
+    words = {_describe_terminal(e) for e in expected}
+    if _STATEMENT_STARTS <= words:
+        words = (words - _STATEMENT_STARTS - {"a name", "';'"}) | {"a statement"}
+    words = sorted(words)
+    if len(words) > 6:
+        return ", ".join(words[:6]) + ", ..."
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def parse(source: str, file: str = "<source>") -> Program:
+    """Parse a whole `.snet` file."""
+    try:
+        tree = parser().parse(source)
+    except lark.exceptions.UnexpectedToken as e:
+        tok = e.token
+        line, col = (tok.line, tok.column) if tok.line is not None else _end(source)
+        end_col = col + max(1, len(str(tok))) if tok.type != "$END" else col + 1
+        raise SnetSyntaxError(
+            f"unexpected {_describe_token(tok)}; expected {_expected_list(e.expected)}",
+            Span(file, line, col, line, end_col)) from None
+    except lark.exceptions.UnexpectedCharacters as e:
+        raise SnetSyntaxError(f"unexpected character {source[e.pos_in_stream]!r}",
+                              Span(file, e.line, e.column, e.line, e.column + 1)) from None
+    except lark.exceptions.UnexpectedEOF as e:
+        line, col = _end(source)
+        raise SnetSyntaxError(f"unexpected end of file; expected {_expected_list(e.expected)}",
+                              Span(file, line, col, line, col + 1)) from None
+    try:
+        models = _ToAst(file).transform(tree)
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, SnetSyntaxError):
+            raise e.orig_exc from None
+        raise
+    seen: dict[str, Model] = {}
+    for m in models:
+        if m.name in seen:
+            raise SnetSyntaxError(f"model '{m.name}' is defined twice (first at line {seen[m.name].span.line})",
+                                  m.name_span)
+        seen[m.name] = m
+    return Program(models, source, file, [m.name for m in models])
+
+
+def _end(source: str) -> tuple[int, int]:
+    lines = source.split("\n")
+    return len(lines), len(lines[-1]) + 1
