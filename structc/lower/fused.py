@@ -36,8 +36,14 @@ class FusedExpr:
         self.varying = {leaf: [all(v[a] for a in ax) if ax else False for ax in self.axes]
                         for leaf, v in varying.items()}
 
+    def _source(self, nid: int) -> int:
+        """The node a value is read from, looking through views."""
+        while "view" in self.graph.nodes[nid].op.traits:
+            nid = self.graph.nodes[nid].inputs[0]
+        return nid
+
     def _inline(self, nid: int) -> bool:
-        return "inline" in self.graph.nodes[nid].op.traits
+        return "inline" in self.graph.nodes[self._source(nid)].op.traits
 
     def _coalesce(self, varying) -> list[list[int]]:
         axes: list[list[int]] = []
@@ -92,7 +98,7 @@ class FusedExpr:
                     if i in vals:
                         args.append(vals[i])
                     elif self._inline(i):
-                        inl = self.graph.nodes[i]
+                        inl = self.graph.nodes[self._source(i)]
                         args.append(cg.splat(inl.op.emit(cg, **inl.attrs), n))
                     else:
                         if i not in leaves:

@@ -14,6 +14,7 @@ Layers of the language that are compositions of ops (`dense`, `mean`,
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -23,6 +24,38 @@ from ..types import TensorType, broadcast_shapes
 
 REGISTRY: dict[str, "Op"] = {}
 SURFACE: dict[str, Callable] = {}   # language-level functions that are not single ops
+
+
+@dataclass
+class Sample:
+    """Operands for testing an op: each is a shape, or (shape, kind) with kind
+    one of "float" (standard normal), "away" (normal, |x| >= 0.2, clear of
+    kinks), "positive" (in [0.5, 2]), "fixed" (normal, but an input the
+    gradient is not taken for) or ("classes", C) (integers in [0, C))."""
+    inputs: tuple
+    attrs: dict = field(default_factory=dict)
+
+    def arrays(self, rng: np.random.Generator) -> list[np.ndarray]:
+        out = []
+        for spec in self.inputs:
+            shape, kind = (spec, "float") if not spec or isinstance(spec[0], int) else spec
+            if kind in ("float", "fixed"):
+                out.append(rng.normal(size=shape))
+            elif kind == "away":
+                x = rng.normal(size=shape)
+                out.append(np.where(np.abs(x) < 0.2, np.sign(x + 1e-9) * (0.2 + np.abs(x)), x))
+            elif kind == "positive":
+                out.append(rng.uniform(0.5, 2.0, size=shape))
+            elif isinstance(kind, tuple) and kind[0] == "classes":
+                out.append(rng.integers(0, kind[1], size=shape).astype(np.int32))
+            else:
+                raise ValueError(f"unknown sample kind {kind!r}")
+        return out
+
+    def fixed(self) -> set[int]:
+        """Positions of float operands passed as inputs rather than parameters."""
+        return {k for k, spec in enumerate(self.inputs)
+                if spec and not isinstance(spec[0], int) and spec[1] == "fixed"}
 
 
 class Op:
@@ -46,6 +79,10 @@ class Op:
 
     def reference(self, *xs: np.ndarray, **attrs) -> np.ndarray:
         raise NotImplementedError
+
+    def samples(self) -> list[Sample]:
+        """Operands the test suite runs this op on (forward, gradient, native)."""
+        return []
 
     # -- derived ---------------------------------------------------------
     def infer(self, *types: TensorType, **attrs) -> TensorType:
@@ -103,6 +140,20 @@ class Elementwise(Op):
 
     def emit(self, cg, *xs, **attrs):
         raise NotImplementedError
+
+    def samples(self) -> list[Sample]:
+        """Same shapes, broadcasting both ways, a rank-0 operand, odd sizes."""
+        arity = len(self.signature()[0])
+        kind = getattr(self, "sample_kind", "away")
+        if arity == 1:
+            return [Sample((((3, 5), kind),)), Sample((((37,), kind),)), Sample(((((), kind)),))]
+        if arity == 2:
+            second = getattr(self, "sample_kind_rhs", kind)
+            return [Sample((((3, 5), kind), ((3, 5), second))),
+                    Sample((((4, 19), kind), ((19,), second))),
+                    Sample((((4, 1), kind), ((1, 6), second))),
+                    Sample((((2, 3), kind), ((), second)))]
+        return []
 
 
 def unbroadcast(b, g, like):

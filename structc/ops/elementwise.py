@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .base import Elementwise, unbroadcast
+from .base import Elementwise, Sample, unbroadcast
 
 
 class Const(Elementwise):
@@ -25,6 +25,9 @@ class Const(Elementwise):
 
     def reference(self, *, value, dtype="f32"):
         return np.array(value, dtype=np.float64)
+
+    def samples(self):
+        return [Sample((), {"value": 2.5})]
 
     def emit(self, cg, *, value, dtype="f32"):
         from ..lower.codegen import F32
@@ -46,6 +49,9 @@ class DimValue(Elementwise):
 
     def reference(self, *, dim, dims):
         return np.array(float(dims[dim]))
+
+    def samples(self):
+        return []   # needs a symbolic dimension: covered by the mean and loss tests
 
     def emit(self, cg, *, dim):
         from ..lower.codegen import F32
@@ -99,6 +105,7 @@ class Mul(Elementwise):
 class Div(Elementwise):
     """x / y"""
     name = "div"
+    sample_kind_rhs = "positive"
 
     def vjp(self, b, g, out, x, y):
         return [unbroadcast(b, g / y, x), unbroadcast(b, b.neg(g * out / y), y)]
@@ -158,6 +165,7 @@ class Log(Elementwise):
     """ln x"""
     name = "log"
     surface = True
+    sample_kind = "positive"
 
     def vjp(self, b, g, out, x):
         return [g / x]
@@ -174,6 +182,7 @@ class Sqrt(Elementwise):
     """√x"""
     name = "sqrt"
     surface = True
+    sample_kind = "positive"
 
     def vjp(self, b, g, out, x):
         return [g / (out * 2.0)]
@@ -294,6 +303,10 @@ class BroadcastTo(Elementwise):
     def reference(self, x, *, shape, dims=None):
         target = tuple(d if isinstance(d, int) else dims[d] for d in shape)
         return np.broadcast_to(x, target).copy()
+
+    def samples(self):
+        return [Sample(((4,),), {"shape": (3, 4)}), Sample(((3, 1),), {"shape": (3, 17)}),
+                Sample(((),), {"shape": (2, 3)})]
 
     def emit(self, cg, x, *, shape):
         return x

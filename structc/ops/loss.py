@@ -13,7 +13,7 @@ import numpy as np
 from llvmlite import ir
 
 from ..types import TensorType
-from .base import Op, expect, surface
+from .base import Op, Sample, expect, surface
 from .reduce import count
 
 
@@ -76,6 +76,9 @@ class Softmax(Op):
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
 
+    def samples(self):
+        return [Sample(((4, 7),)), Sample(((3, 37),)), Sample(((2, 3, 5),))]
+
     def lower(self, kb, node, epilogue):
         rows_d, c_d = _rows_and_classes(kb, node.inputs[0])
         vw = kb.vector_width
@@ -120,6 +123,9 @@ class CrossEntropy(Op):
         picked = np.take_along_axis(z, y[..., None].astype(np.int64), axis=-1)[..., 0]
         return np.mean(lse - picked)
 
+    def samples(self):
+        return [Sample(((5, 7), ((5,), ("classes", 7)))), Sample(((3, 40), ((3,), ("classes", 40))))]
+
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32, I64
         z, y = node.inputs
@@ -151,6 +157,13 @@ class SoftmaxCrossEntropyGrad(Op):
         expect(g.rank == 0, f"the incoming gradient of a loss is a scalar, got {g}")
         return z
 
+    def vjp(self, b, u, out, z, y, g):
+        """Second order, through z only: (g/rows) * J_softmax(z)^T u."""
+        s = b.softmax(z)
+        rows = count(b, z.shape, range(len(z.shape) - 1))
+        w = u * (g / rows)
+        return [s * (w - b.sum(w * s, axes=(len(z.shape) - 1,), keepdims=True)), None, None]
+
     def reference(self, z, y, g):
         e = np.exp(z - z.max(axis=-1, keepdims=True))
         p = e / e.sum(axis=-1, keepdims=True)
@@ -158,6 +171,9 @@ class SoftmaxCrossEntropyGrad(Op):
         np.put_along_axis(onehot, y[..., None].astype(np.int64), 1.0, axis=-1)
         rows = int(np.prod(z.shape[:-1]))
         return (p - onehot) * g / rows
+
+    def samples(self):
+        return [Sample(((5, 7), ((5,), ("classes", 7)), ((), "fixed")))]
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32, I64

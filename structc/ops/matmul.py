@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, expect, surface
+from .base import Op, Sample, expect, surface
 
 
 class MatMul(Op):
@@ -36,6 +36,12 @@ class MatMul(Op):
 
     def reference(self, a, b, *, ta=False, tb=False):
         return (a.T if ta else a) @ (b.T if tb else b)
+
+    def samples(self):
+        # tails in both tile directions, every transpose flag, a k-blocked K
+        return [Sample(((13, 7), (7, 35))), Sample(((5, 13), (5, 35)), {"ta": True}),
+                Sample(((13, 7), (35, 7)), {"tb": True}), Sample(((7, 13), (35, 7)), {"ta": True, "tb": True}),
+                Sample(((3, 400), (400, 20))), Sample(((1, 4), (4, 1)))]
 
     def legalize(self, b, node):
         """The kernel reads B row-major: transpose a `tb` operand first."""
@@ -76,6 +82,9 @@ class Transpose(Op):
 
     def reference(self, x):
         return np.ascontiguousarray(x.T)
+
+    def samples(self):
+        return [Sample(((5, 7),)), Sample(((17, 33),))]
 
     def lower(self, kb, node, epilogue):
         rows_d, cols_d = kb.graph.nodes[node.inputs[0]].shape

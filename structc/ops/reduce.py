@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, expect, surface
+from .base import Op, Sample, expect, surface
 
 
 def normalize_axes(axes, rank: int) -> tuple[int, ...]:
@@ -33,13 +33,19 @@ class Sum(Op):
     def vjp(self, b, g, out, x, *, axes=None, keepdims=False):
         ax = normalize_axes(axes, len(x.shape))
         kept = tuple(1 if k in ax else d for k, d in enumerate(x.shape))
-        if g.shape != kept:
+        if g.shape != kept and len(g.shape) > 0:
             g = b.reshape(g, shape=kept)
         return [b.broadcast_to(g, shape=x.shape)]
 
     def reference(self, x, *, axes=None, keepdims=False):
         ax = normalize_axes(axes, x.ndim)
         return np.sum(x, axis=ax, keepdims=keepdims)
+
+    def samples(self):
+        x = (3, 4, 21)
+        return [Sample((x,), {"axes": a, "keepdims": k})
+                for a, k in [((0,), False), ((1,), False), ((2,), False), ((0, 2), False),
+                             (None, False), ((1,), True), ((0, 1), True)]] + [Sample(((40,),), {"axes": (0,)})]
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32

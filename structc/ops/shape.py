@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Size, TensorType
-from .base import Elementwise, Op, expect, surface
+from .base import Elementwise, Op, Sample, expect, surface
 
 
 class Reshape(Op):
@@ -23,6 +23,9 @@ class Reshape(Op):
 
     def reference(self, x, *, shape, dims=None):
         return x.reshape(tuple(d if isinstance(d, int) else dims[d] for d in shape))
+
+    def samples(self):
+        return [Sample(((3, 4),), {"shape": (4, 3)}), Sample(((2, 3, 4),), {"shape": (24,)})]
 
 
 class Copy(Elementwise):
@@ -76,6 +79,10 @@ class Concat(Op):
     def reference(self, *xs, axis=-1):
         return np.concatenate(xs, axis=axis)
 
+    def samples(self):
+        return [Sample(((3, 2), (3, 19)), {"axis": 1}), Sample(((2, 3), (4, 3), (1, 3)), {"axis": 0}),
+                Sample(((2, 3, 2), (2, 1, 2)), {"axis": 1})]
+
     def lower(self, kb, node, epilogue):
         ax = _axis(node.attrs.get("axis", -1), node.type.rank)
         start = 0
@@ -113,6 +120,11 @@ class Slice(Op):
         idx = [slice(None)] * x.ndim
         idx[axis] = slice(start, stop)
         return x[tuple(idx)].copy()
+
+    def samples(self):
+        return [Sample(((3, 8),), {"axis": 1, "start": 2, "stop": 5}),
+                Sample(((6, 3),), {"axis": 0, "start": 0, "stop": 4}),
+                Sample(((2, 5, 3),), {"axis": 1, "start": 1, "stop": 5})]
 
     def lower(self, kb, node, epilogue):
         ax = _axis(node.attrs["axis"], node.type.rank)

@@ -1,0 +1,151 @@
+"""Checks for ops and models: what the test suite runs, usable when adding an op.
+
+    check_vjp(op, sample)          VJP vs float64 central differences
+    check_forward(op, sample)      native forward vs the numpy reference
+    check_native_grads(op, sample) native gradients vs the interpreter's
+    check_model_grads(mdef)        whole-model gradient vs finite differences
+
+Gradients are compared along random directions, as JAX's `check_grads`
+does: with f(x) = <u, op(x)>, the directional derivative <∇f, v> must match
+(f(x + hv) - f(x - hv)) / 2h.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .autodiff import differentiate
+from .build import InputSpec, ModelDef, ParamSpec
+from .graph import Builder, Graph
+from .interp import evaluate
+from .ops import REGISTRY
+from .ops.base import Op, Sample
+from .types import TensorType
+
+
+def op_graph(op: Op, sample: Sample, arrays: list[np.ndarray]) -> ModelDef:
+    """A model computing `op` on parameters (float operands) and inputs
+    (integer operands), with output `out` and loss sum(out * u) for an input u."""
+    g = Graph(f"test_{op.name}")
+    b = Builder(g)
+    inputs, params, operands = {}, {}, []
+    fixed = sample.fixed()
+    for k, a in enumerate(arrays):
+        if a.dtype.kind == "f" and k in fixed:
+            t = TensorType(a.shape, "f32")
+            nid = g.add(REGISTRY["input"], (), {"name": f"i{k}", "kind": "input", "type": t, "classes": 0}, type=t)
+            g.inputs[f"i{k}"] = nid
+            inputs[f"i{k}"] = InputSpec(f"i{k}", "input", t)
+        elif a.dtype.kind == "f":
+            t = TensorType(a.shape, "f32")
+            nid = g.add(REGISTRY["param"], (), {"name": f"p{k}", "type": t, "init": ("zeros", ())}, type=t)
+            g.params[f"p{k}"] = nid
+            params[f"p{k}"] = ParamSpec(f"p{k}", t, ("zeros", ()))
+        else:
+            classes = int(a.max()) + 2 if a.size else 2
+            for spec in sample.inputs:
+                if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], tuple):
+                    classes = spec[1][1]
+            t = TensorType(a.shape, "i32")
+            nid = g.add(REGISTRY["input"], (), {"name": f"i{k}", "kind": "input", "type": t, "classes": classes},
+                        type=t)
+            g.inputs[f"i{k}"] = nid
+            inputs[f"i{k}"] = InputSpec(f"i{k}", "input", t, classes)
+        operands.append(b.value(nid))
+    out = b.apply(op.name, *operands, **sample.attrs)
+    ut = out.type if out.type.is_float else TensorType(out.type.shape, "f32")
+    u = g.add(REGISTRY["input"], (), {"name": "u", "kind": "target", "type": ut, "classes": 0}, type=ut)
+    g.inputs["u"] = u
+    inputs["u"] = InputSpec("u", "target", ut)
+    loss = b.sum(out * b.value(u), axes=tuple(range(len(out.shape))))
+    g.outputs = {"out": out.id, "loss": loss.id}
+    return ModelDef(g.name, g, inputs, params, [], True)
+
+
+def _feeds(mdef: ModelDef, arrays, u):
+    params = {f"p{k}": a for k, a in enumerate(arrays) if f"p{k}" in mdef.params}
+    inputs = {f"i{k}": a for k, a in enumerate(arrays) if f"i{k}" in mdef.inputs}
+    inputs["u"] = u
+    return inputs, params
+
+
+def directional_check(f, grad: dict, point: dict, rng, h: float = 1e-6, rtol: float = 1e-5,
+                      atol: float = 1e-7, what: str = "") -> None:
+    """Compare <grad, v> with central differences of f along a random v."""
+    v = {k: rng.normal(size=np.shape(x)) for k, x in point.items()}
+    plus = {k: point[k] + h * v[k] for k in point}
+    minus = {k: point[k] - h * v[k] for k in point}
+    numeric = (f(plus) - f(minus)) / (2 * h)
+    analytic = sum(float(np.sum(grad[k] * v[k])) for k in point)
+    if not np.isclose(analytic, numeric, rtol=rtol, atol=atol):
+        raise AssertionError(f"{what}: gradient mismatch: autodiff <g, v> = {analytic!r}, "
+                             f"finite differences = {numeric!r}")
+
+
+def check_vjp(op: Op, sample: Sample, seed: int = 0) -> None:
+    """The op's VJP (through the interpreter, float64) against central differences."""
+    rng = np.random.default_rng(seed)
+    arrays = sample.arrays(rng)
+    mdef = op_graph(op, sample, arrays)
+    out_t = mdef.graph.nodes[mdef.graph.outputs["out"]].type
+    u = rng.normal(size=tuple(out_t.shape))
+    inputs, params = _feeds(mdef, arrays, u)
+    if not params:
+        return
+    train = differentiate(mdef.graph)
+    grads = evaluate(train, inputs, params, outputs=[f"grad:{k}" for k in params])
+    grads = {k: grads[f"grad:{k}"] for k in params}
+
+    def f(p):
+        return float(evaluate(mdef.graph, inputs, p, outputs=["loss"])["loss"])
+    directional_check(f, grads, params, rng, what=f"{op.name}{sample.attrs or ''}")
+
+
+def op_net(op: Op, sample: Sample, arrays):
+    from .compiler import compile_model
+    from .model import Net
+    from .native import JitModule, host_target
+    mdef = op_graph(op, sample, arrays)
+    art = compile_model(mdef)
+    net = Net(art.meta, JitModule(art.object, host_target()))
+    return mdef, net
+
+
+def check_native(op: Op, sample: Sample, seed: int = 0, rtol: float = 2e-4, atol: float = 2e-5) -> None:
+    """Native forward equals the numpy reference; native gradients equal the interpreter's."""
+    rng = np.random.default_rng(seed)
+    arrays = sample.arrays(rng)
+    arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+    mdef, net = op_net(op, sample, arrays)
+    out_t = mdef.graph.nodes[mdef.graph.outputs["out"]].type
+    u = rng.normal(size=tuple(out_t.shape)).astype(np.float32)
+    inputs, params = _feeds(mdef, arrays, u)
+    for k, a in params.items():
+        net.params[k][...] = a
+    expected = op.reference(*arrays, **sample.attrs)
+    fwd_inputs = {k: v for k, v in inputs.items() if k != "u"}
+    got = net.forward(**fwd_inputs)["out"]
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol,
+                               err_msg=f"{op.name}{sample.attrs or ''}: native forward")
+    if not params:
+        return
+    loss, grads = net.grad(**inputs)
+    train = differentiate(mdef.graph)
+    ref = evaluate(train, inputs, params, outputs=["loss"] + [f"grad:{k}" for k in params])
+    np.testing.assert_allclose(loss, ref["loss"], rtol=rtol, atol=atol * max(1, out_t.size().coef),
+                               err_msg=f"{op.name}: native loss")
+    for k in params:
+        np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=rtol, atol=atol,
+                                   err_msg=f"{op.name}{sample.attrs or ''}: native gradient of operand {k}")
+
+
+def check_model_grads(mdef: ModelDef, inputs: dict, params: dict, seed: int = 0, h: float = 1e-6) -> None:
+    """The whole model's gradient (interpreter, float64) against central differences."""
+    rng = np.random.default_rng(seed)
+    train = differentiate(mdef.graph)
+    p64 = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    grads = evaluate(train, inputs, p64, outputs=[f"grad:{k}" for k in p64])
+    grads = {k: grads[f"grad:{k}"] for k in p64}
+
+    def f(p):
+        return float(evaluate(mdef.graph, inputs, p, outputs=["loss"])["loss"])
+    directional_check(f, grads, p64, rng, h=h, what=mdef.name)
