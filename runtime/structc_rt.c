@@ -1,14 +1,19 @@
 /* structc runtime: the thread pool behind sc_parallel_for.
  *
- * Static partitioning: with T threads, thread t runs tasks
- * [t*n/T, (t+1)*n/T). Kernels are built so tasks cost about the same, and a
- * static split keeps each thread on the same rows of a matrix from one call
- * to the next (warm caches). Workers spin for a short while after a job,
- * then sleep on a condition variable. A call made while the pool is busy
- * (another Python thread, or a nested call) runs on the caller alone. */
+ * A job's tasks [0, n) are claimed in chunks from one atomic ticket by
+ * whichever threads show up, the caller included. On a loaded machine a
+ * worker may not be scheduled for milliseconds: the caller then simply
+ * claims every chunk itself instead of waiting, and a late worker finds
+ * nothing left. The ticket packs the job's generation with the next task
+ * index, so a claim can only ever take a task of the current job.
+ *
+ * Workers spin briefly after a job (training steps come back to back), then
+ * sleep on a condition variable. A call made while the pool is busy (from
+ * another Python thread, or nested inside a kernel) runs on its caller. */
 #include "structc_rt.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -20,55 +25,68 @@
 #endif
 
 #define MAX_THREADS 256
-#define SPIN_ROUNDS 200000        /* ~ tens of microseconds of spinning */
+#define SPIN_ROUNDS 4000          /* ~100 us of polling before a worker sleeps */
 #define SERIAL_WORK 32768         /* jobs below this much work run on the caller */
+#define CHUNKS_PER_THREAD 4       /* claim granularity: balance vs. atomic traffic */
+#define CLOSED 0xFFFFFFFFu        /* task index of a finished job: nothing left to claim */
 
 typedef struct {
     sc_task_fn fn;
     void *frame;
     int64_t n;
-    int nthreads;
+    int64_t chunk;
 } job_t;
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
 static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static pthread_t workers[MAX_THREADS];
-static int started = 0;              /* workers running */
-static int wanted = 0;               /* threads requested (0 = not yet decided) */
+static int started = 0;                    /* workers running */
+static int wanted = 0;                     /* threads requested (0 = not yet decided) */
 static job_t job;
-static atomic_long generation = 0;   /* bumped for every job */
-static atomic_int pending = 0;       /* workers still busy with the current job */
+static _Atomic uint64_t ticket = 0;        /* generation << 32 | next task index */
+static _Atomic int64_t done = 0;           /* tasks finished in the current job */
 static atomic_int sleepers = 0;
 
 static _Thread_local int in_parallel = 0;
 
-static void run_share(const job_t *j, int t) {
-    int64_t lo = j->n * t / j->nthreads, hi = j->n * (t + 1) / j->nthreads;
-    if (lo < hi) j->fn(j->frame, lo, hi);
+/* Claim and run chunks of the job of generation `gen` until none are left. */
+static void work(uint32_t gen) {
+    for (;;) {
+        uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
+        if ((uint32_t)(t >> 32) != gen) return;
+        int64_t lo = (int64_t)(uint32_t)t;
+        if (lo >= job.n) return;
+        int64_t hi = lo + job.chunk < job.n ? lo + job.chunk : job.n;
+        uint64_t next = ((uint64_t)gen << 32) | (uint64_t)hi;
+        if (!atomic_compare_exchange_weak_explicit(&ticket, &t, next, memory_order_acq_rel,
+                                                   memory_order_relaxed))
+            continue;
+        /* Holding [lo, hi) keeps the job alive: the caller waits for `done`. */
+        job.fn(job.frame, lo, hi);
+        atomic_fetch_add_explicit(&done, hi - lo, memory_order_release);
+    }
 }
 
 static void *worker_main(void *arg) {
-    int id = (int)(intptr_t)arg;
-    long seen = 0;
+    (void)arg;
+    uint32_t seen = 0;
     in_parallel = 1;
     for (;;) {
-        long g;
+        uint32_t gen;
         int spins = 0;
-        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+        while ((gen = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen) {
             if (++spins < SPIN_ROUNDS) { CPU_RELAX(); continue; }
             pthread_mutex_lock(&sleep_lock);
             atomic_fetch_add(&sleepers, 1);
-            while ((g = atomic_load(&generation)) == seen)
+            while ((gen = (uint32_t)(atomic_load(&ticket) >> 32)) == seen)
                 pthread_cond_wait(&wake, &sleep_lock);
             atomic_fetch_sub(&sleepers, 1);
             pthread_mutex_unlock(&sleep_lock);
             break;
         }
-        seen = g;
-        job_t j = job;
-        if (id < j.nthreads) run_share(&j, id);
-        atomic_fetch_sub_explicit(&pending, 1, memory_order_acq_rel);
+        seen = gen;
+        work(gen);
     }
     return NULL;
 }
@@ -94,16 +112,10 @@ int sc_get_num_threads(void) {
     return wanted;
 }
 
-/* Start workers up to `want - 1` (the caller is thread 0). Holds pool_lock. */
+/* Start workers up to `want - 1` (the caller is the last thread). Holds pool_lock. */
 static int ensure_workers(int want) {
     while (started < want - 1) {
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        if (pthread_create(&workers[started], &attr, worker_main, (void *)(intptr_t)(started + 1)) != 0) {
-            pthread_attr_destroy(&attr);
-            break;
-        }
-        pthread_attr_destroy(&attr);
+        if (pthread_create(&workers[started], NULL, worker_main, NULL) != 0) break;
         started++;
     }
     return started + 1 < want ? started + 1 : want;
@@ -112,32 +124,40 @@ static int ensure_workers(int want) {
 void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     if (n <= 0) return;
     int want = sc_get_num_threads();
-    if (want <= 1 || n == 1 || in_parallel || n * (cost > 0 ? cost : 1) < SERIAL_WORK
+    if (want <= 1 || n == 1 || n >= (int64_t)CLOSED || in_parallel || n * (cost > 0 ? cost : 1) < SERIAL_WORK
         || pthread_mutex_trylock(&pool_lock) != 0) {
         fn(frame, 0, n);
         return;
     }
-    int t = ensure_workers(want);
-    if ((int64_t)t > n) t = (int)n;
-    if (t <= 1) {
+    int threads = ensure_workers(want);
+    if (threads <= 1) {
         pthread_mutex_unlock(&pool_lock);
         fn(frame, 0, n);
         return;
     }
+    int64_t chunk = n / ((int64_t)threads * CHUNKS_PER_THREAD);
     job.fn = fn;
     job.frame = frame;
     job.n = n;
-    job.nthreads = t;
-    atomic_store_explicit(&pending, started, memory_order_release);
-    atomic_fetch_add(&generation, 1);   /* seq_cst: pairs with the sleepers count */
+    job.chunk = chunk > 0 ? chunk : 1;
+    atomic_store_explicit(&done, 0, memory_order_relaxed);
+    uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
+    atomic_store(&ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
     if (atomic_load(&sleepers) > 0) {
         pthread_mutex_lock(&sleep_lock);
         pthread_cond_broadcast(&wake);
         pthread_mutex_unlock(&sleep_lock);
     }
     in_parallel = 1;
-    run_share(&job, 0);
+    work(gen);
     in_parallel = 0;
-    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) CPU_RELAX();
+    /* Only chunks a worker is still running remain: wait for them. */
+    for (int spins = 0; atomic_load_explicit(&done, memory_order_acquire) < n; spins++) {
+        if (spins < SPIN_ROUNDS) CPU_RELAX();
+        else sched_yield();
+    }
+    /* Close the job before its fields are reused: a worker that read this
+     * generation's ticket can no longer claim anything with it. */
+    atomic_store(&ticket, ((uint64_t)gen << 32) | CLOSED);
     pthread_mutex_unlock(&pool_lock);
 }

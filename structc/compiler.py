@@ -27,7 +27,7 @@ from .native import compile_object, host_target
 from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
 from .passes.plan import Plan, param_layout, plan_memory
-from .syntax import parse
+from .syntax import format_program, parse
 
 STAGES = ["ast", "graph", "train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
@@ -161,7 +161,7 @@ def compile_source(source: str, file: str = "<source>", model: str | None = None
                    target: Target | None = None, dump=None) -> Artifact:
     program = parse(source, file)
     if dump:
-        dump("ast", "\n".join(repr(m) for m in program.models))
+        dump("ast", format_program(program))
     mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))

@@ -152,16 +152,19 @@ def format_node(node: Node) -> str:
 
 
 def format_graph(g: Graph) -> str:
-    group = g.group_of()
+    """One node a line; after fusion, each group as a block in execution
+    order, its stored outputs listed in the header."""
     lines = [f"graph {g.name} {{"]
-    current = None
-    for nid in g.topo():
-        gr = group.get(nid)
-        if gr is not None and len(gr.members) > 1 and gr is not current:
-            lines.append(f"  # group {gr.id} ({gr.kind}): "
-                         + " ".join(f"%{m}" for m in gr.members))
-        current = gr
-        lines.append("  " + format_node(g.nodes[nid]))
+    if not g.groups:
+        lines += ["  " + format_node(g.nodes[nid]) for nid in g.topo()]
+    else:
+        grouped = g.group_of()
+        lines += ["  " + format_node(g.nodes[nid]) for nid in g.topo() if nid not in grouped]
+        for gr in g.groups:
+            outs = ", ".join(f"%{m}" for m in gr.outputs)
+            lines.append(f"  group {gr.id} ({gr.kind}) -> {outs} {{")
+            lines += ["    " + format_node(g.nodes[m]) for m in gr.members]
+            lines.append("  }")
     for name, nid in g.outputs.items():
         lines.append(f"  return {name} = %{nid}")
     lines.append("}")

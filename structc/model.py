@@ -16,8 +16,8 @@ import numpy as np
 
 from . import _runtime
 from .init import initialize
-from .ops.optim import (ADAM_STEP_SIZE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM, N_HYPER,
-                        WEIGHT_DECAY)
+from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
+                        N_HYPER, WEIGHT_DECAY)
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
 _WORKSPACE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
@@ -150,8 +150,9 @@ class Net:
             if spec.classes:
                 bad = _runtime.first_out_of_range(arr, 0, spec.classes)
                 if bad >= 0:
+                    where = tuple(int(i) for i in np.unravel_index(bad, shape))
                     raise ValueError(f"input '{spec.name}': class {arr.reshape(-1)[bad]} at position "
-                                     f"{np.unravel_index(bad, shape)} is out of range [0, {spec.classes})")
+                                     f"{where} is out of range [0, {spec.classes})")
             arrays.append(arr)
         return arrays, dims
 
@@ -219,7 +220,8 @@ class Net:
         h, o = self._hyper, self._opt
         h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
         h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
-        h[ADAM_STEP_SIZE] = lr * np.sqrt(1 - o["beta2"] ** self._step) / (1 - o["beta1"] ** self._step)
+        h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** self._step)
+        h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** self._step)
         outs = self._run("train", inputs, MODES[self.optimizer])
         return float(outs["loss"])
 

@@ -336,12 +336,18 @@ def _describe_token(tok: Token) -> str:
 
 
 _STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'"}
+# Tokens that could continue an expression; listing them rarely helps.
+_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['"}
 
 
 def _expected_list(expected) -> str:
     words = {_describe_terminal(e) for e in expected}
     if _STATEMENT_STARTS <= words:
         words = (words - _STATEMENT_STARTS - {"a name", "';'"}) | {"a statement"}
+    if words - _CONTINUATIONS:
+        words -= _CONTINUATIONS
+    if "')'" in words:   # inside an argument list: a call or `name=` is not the likely fix
+        words -= {"'('", "'='"}
     words = sorted(words)
     if len(words) > 6:
         return ", ".join(words[:6]) + ", ..."
@@ -356,10 +362,18 @@ def parse(source: str, file: str = "<source>") -> Program:
         tree = parser().parse(source)
     except lark.exceptions.UnexpectedToken as e:
         tok = e.token
-        line, col = (tok.line, tok.column) if tok.line is not None else _end(source)
-        end_col = col + max(1, len(str(tok))) if tok.type != "$END" else col + 1
+        if tok.type == "$END" or tok.line is None:
+            line, col = _end(source)
+            end_col = col + 1
+        else:
+            line, col = tok.line, tok.column
+            end_col = col + max(1, len(str(tok)))
+        try:    # the tokens really acceptable here, after any pending reductions
+            expected = e.interactive_parser.accepts() - {"$END"} or e.expected
+        except Exception:  # noqa: BLE001 - fall back to the state's raw expectation
+            expected = e.expected
         raise SnetSyntaxError(
-            f"unexpected {_describe_token(tok)}; expected {_expected_list(e.expected)}",
+            f"unexpected {_describe_token(tok)}; expected {_expected_list(expected)}",
             Span(file, line, col, line, end_col)) from None
     except lark.exceptions.UnexpectedCharacters as e:
         raise SnetSyntaxError(f"unexpected character {source[e.pos_in_stream]!r}",
@@ -384,5 +398,66 @@ def parse(source: str, file: str = "<source>") -> Program:
 
 
 def _end(source: str) -> tuple[int, int]:
+    """The position just after the last code (not comment, not space) in the source."""
     lines = source.split("\n")
-    return len(lines), len(lines[-1]) + 1
+    for k in range(len(lines) - 1, -1, -1):
+        code = lines[k].split("#", 1)[0].rstrip()
+        if code:
+            return k + 1, len(code) + 1
+    return 1, 1
+
+
+# -- printing (for `--dump=ast`) -------------------------------------------
+
+
+def unparse(e) -> str:
+    """An expression back as source text, fully parenthesised, pipes desugared."""
+    if isinstance(e, Number):
+        return repr(e.value)
+    if isinstance(e, String):
+        return f'"{e.value}"'
+    if isinstance(e, Name):
+        return e.id
+    if isinstance(e, Call):
+        args = [unparse(a) for a in e.args] + [f"{k.name}={unparse(k.value)}" for k in e.kwargs]
+        return f"{e.func}({', '.join(args)})"
+    if isinstance(e, BinOp):
+        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}[e.op]
+        return f"({unparse(e.left)} {sym} {unparse(e.right)})"
+    if isinstance(e, Neg):
+        return f"-{unparse(e.operand)}"
+    if isinstance(e, Index):
+        return f"{unparse(e.base)}[{unparse(e.index)}]"
+    if isinstance(e, Attr):
+        return f"{unparse(e.base)}.{e.name}"
+    return f"<{type(e).__name__}>"
+
+
+def _type_text(t) -> str:
+    dims = ", ".join(str(d.value) for d in t.dims)
+    if isinstance(t, ClassTypeExpr):
+        return f"class[{dims}] of {t.classes}"
+    return f"{t.dtype}[{dims}]"
+
+
+def format_program(program: Program) -> str:
+    lines = []
+    for m in program.models:
+        lines.append(f"Model {m.name}  @{m.span.line}:{m.span.col}")
+        for s in m.body:
+            at = f"@{s.span.line}:{s.span.col}"
+            if isinstance(s, InputDecl):
+                text = f"InputDecl {s.kind} {s.name}: {_type_text(s.type)}"
+            elif isinstance(s, ParamDecl):
+                init = f" = {unparse(s.init)}" if s.init is not None else ""
+                text = f"ParamDecl {s.name}: {_type_text(s.type)}{init}"
+            elif isinstance(s, Assign):
+                text = f"Assign {s.name} = {unparse(s.value)}"
+            elif isinstance(s, LossStmt):
+                text = f"Loss {unparse(s.value)}"
+            elif isinstance(s, OutputStmt):
+                text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
+            else:
+                text = type(s).__name__
+            lines.append(f"  {text}  {at}")
+    return "\n".join(lines)

@@ -14,8 +14,8 @@ from .base import Op
 
 MODES = {"none": 0, "sgd": 1, "momentum": 2, "adam": 3}
 # hyper-parameter slots passed with every call
-LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, WEIGHT_DECAY = range(7)
-N_HYPER = 7
+LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, ADAM_V_SCALE, WEIGHT_DECAY = range(8)
+N_HYPER = 8
 CHUNK = 1 << 14
 
 
@@ -40,7 +40,7 @@ class Update(Op):
             mode = cg.mode()
             start = cg.imul(lo, CHUNK)
             stop = cg.imin(cg.imul(hi, CHUNK), cg.i64(size))
-            h = {k: cg.splat(cg.hyper(k), vw) for k in (LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, WEIGHT_DECAY)}
+            h = {k: cg.splat(cg.hyper(k), vw) for k in range(N_HYPER)}
             one = cg.const(1.0, h[LR])
 
             def step(rule):
@@ -71,5 +71,6 @@ def _apply(cg, rule, j, n, params, grads, state, h, one, size):
         v = cg.fma(h[BETA2], cg.load(state, j2, n=n), cg.mul(cg.sub(one, h[BETA2]), cg.mul(g, g)))
         cg.store(m, state, j)
         cg.store(v, state, j2)
-        p = cg.sub(p, cg.div(cg.mul(h[ADAM_STEP_SIZE], m), cg.add(cg.sqrt(v), h[EPS])))
+        # PyTorch's form: lr / (1 - β1^t) · m / (√v / √(1 - β2^t) + ε)
+        p = cg.sub(p, cg.div(cg.mul(h[ADAM_STEP_SIZE], m), cg.fma(cg.sqrt(v), h[ADAM_V_SCALE], h[EPS])))
     cg.store(p, params, j)

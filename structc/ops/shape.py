@@ -50,6 +50,7 @@ def _axis(axis: int, rank: int) -> int:
 class Concat(Op):
     """Tensors joined along `axis`."""
     name = "concat"
+    surface = True
 
     def shape(self, *xs, axis: int = -1) -> TensorType:
         expect(len(xs) >= 1, "concat needs at least one tensor")

@@ -1,0 +1,137 @@
+"""Data sets for `structc train`: real data shipped with the package, or `.npz` files.
+
+A data set knows how to feed a compiled model: `bind(net)` matches its
+arrays to the model's input and target (reshaping images to the declared
+input shape, e.g. 64 pixels to [1, 8, 8]), `batches` yields feed dicts,
+`evaluate` reports held-out accuracy and loss. Structured data sets (trees,
+graphs) register loaders in `DATASETS` too.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+from importlib.resources import files
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+
+
+class ArrayDataset:
+    """Inputs and integer labels, split into a training and a held-out part."""
+
+    def __init__(self, name: str, x_train, y_train, x_test, y_test, description: str = ""):
+        self.name = name
+        self.x_train, self.y_train = np.asarray(x_train, np.float32), np.asarray(y_train)
+        self.x_test, self.y_test = np.asarray(x_test, np.float32), np.asarray(y_test)
+        self.description = description
+        self.input = self.target = None
+
+    def __len__(self) -> int:
+        return len(self.x_train)
+
+    def bind(self, net) -> "ArrayDataset":
+        """Match the arrays to the model's single input and single target."""
+        specs = net.meta["inputs"]
+        inputs = [s for s in specs if s["kind"] == "input"]
+        targets = [s for s in specs if s["kind"] == "target"]
+        if len(inputs) != 1 or len(targets) != 1:
+            raise ValueError(f"data set '{self.name}' has one input and one target; model {net.name} "
+                             f"declares inputs {[s['name'] for s in inputs]} and targets "
+                             f"{[s['name'] for s in targets]}")
+        self.input, self.target = inputs[0], targets[0]
+        shape = self.input["shape"]
+        per_example = shape[1:]
+        if not all(isinstance(d, int) for d in per_example):
+            raise ValueError(f"input '{self.input['name']}' must have a static shape after the batch axis")
+        want = int(np.prod(per_example, dtype=np.int64))
+        have = int(np.prod(self.x_train.shape[1:], dtype=np.int64))
+        if want != have:
+            raise ValueError(f"data set '{self.name}' has {have} values per example, but input "
+                             f"'{self.input['name']}' is {shape}: {want} per example")
+        self.x_train = self.x_train.reshape(-1, *per_example)
+        self.x_test = self.x_test.reshape(-1, *per_example)
+        classes = self.target.get("classes") or 0
+        if classes and max(self.y_train.max(), self.y_test.max()) >= classes:
+            raise ValueError(f"data set '{self.name}' has labels up to {int(self.y_train.max())}, but "
+                             f"target '{self.target['name']}' declares {classes} classes")
+        dtype = np.int32 if classes else np.float32
+        self.y_train, self.y_test = self.y_train.astype(dtype), self.y_test.astype(dtype)
+        return self
+
+    def batches(self, batch: int, rng: np.random.Generator) -> Iterator[dict]:
+        order = rng.permutation(len(self.x_train))
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            yield {self.input["name"]: self.x_train[idx], self.target["name"]: self.y_train[idx]}
+
+    def batch_count(self, batch: int) -> int:
+        return (len(self.x_train) + batch - 1) // batch
+
+    def evaluate(self, net, batch: int = 512) -> dict:
+        """Held-out accuracy (for class targets) and mean loss."""
+        name, tname = self.input["name"], self.target["name"]
+        correct, loss, n = 0, 0.0, len(self.x_test)
+        for start in range(0, n, batch):
+            xb, yb = self.x_test[start:start + batch], self.y_test[start:start + batch]
+            outs = net.forward(**{name: xb})
+            probs = outs.get("probs")
+            if probs is not None and self.target.get("classes"):
+                correct += int(np.sum(np.argmax(probs, axis=-1) == yb))
+            batch_loss, _ = net.grad(**{name: xb, tname: yb})
+            loss += batch_loss * len(xb)
+        result = {"loss": loss / n}
+        if self.target.get("classes"):
+            result["accuracy"] = correct / n
+        return result
+
+
+def _split(x, y, test_fraction: float, seed: int = 0):
+    """A seeded split that keeps every class's share in both parts."""
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        test_idx.extend(idx[: int(round(len(idx) * test_fraction))])
+    test = np.zeros(len(y), bool)
+    test[test_idx] = True
+    return x[~test], y[~test], x[test], y[test]
+
+
+def load_digits(test_fraction: float = 0.2) -> ArrayDataset:
+    """The 8x8 handwritten digits (1,797 images, UCI via scikit-learn; see data/README.md).
+    Pixels are scaled to [0, 1]; 20% of each class is held out."""
+    raw = files("structc.data").joinpath("digits.csv.gz").read_bytes()
+    if hashlib.sha256(raw).hexdigest() != DIGITS_SHA256:
+        raise RuntimeError("structc's copy of the digits data is damaged (checksum mismatch); reinstall structc")
+    table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.float32)
+    x, y = table[:, :64] / 16.0, table[:, 64].astype(np.int32)
+    return ArrayDataset("digits", *_split(x, y, test_fraction),
+                        description="8x8 handwritten digits, 1,437 training / 360 held-out images")
+
+
+def load_npz(path: str) -> ArrayDataset:
+    """An .npz file with x_train, y_train, x_test, y_test."""
+    with np.load(path) as data:
+        need = ["x_train", "y_train", "x_test", "y_test"]
+        missing = [k for k in need if k not in data.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing} (expected {need}, found {data.files})")
+        return ArrayDataset(Path(path).stem, *(data[k] for k in need), description=str(path))
+
+
+DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits}
+
+
+def load(name: str):
+    """A registered data set by name, or an .npz file by path."""
+    if name in DATASETS:
+        return DATASETS[name]()
+    if name.endswith(".npz"):
+        if not Path(name).exists():
+            raise FileNotFoundError(f"no such data file: {name}")
+        return load_npz(name)
+    raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a .npz file)")

@@ -1,0 +1,44 @@
+"""Golden diagnostics: each file in golden/ has a comment `# error: COL: message`
+on the line the error must point at; `structc check` must print exactly
+`file:LINE:COL: error: message`, then the line and a caret."""
+import re
+from pathlib import Path
+
+import pytest
+
+from structc.cli import main
+
+GOLDEN = sorted((Path(__file__).parent / "golden").glob("*.snet"))
+EXPECT = re.compile(r"#\s*error:\s*(\d+):\s*(.*)$")
+
+
+def expected(path: Path):
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        m = EXPECT.search(line)
+        if m:
+            return lineno, int(m.group(1)), m.group(2).strip()
+    raise AssertionError(f"{path.name} has no `# error: COL: message` comment")
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
+def test_golden_diagnostic(path, capsys):
+    line, col, message = expected(path)
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{path}:{line}:{col}: error: {message}"
+    source_line = path.read_text().splitlines()[line - 1].expandtabs(1)
+    assert err[1] == f"    {source_line}"
+    assert err[2].index("^") == 4 + col - 1
+
+
+def test_check_accepts_a_good_model(capsys, tmp_path):
+    f = tmp_path / "ok.snet"
+    f.write_text("model Ok { input x: f32[N, 4]  target y: class[N] of 3\n"
+                 "  loss cross_entropy(dense(x, 3), y) }")
+    assert main(["check", str(f)]) == 0
+    assert "model Ok" in capsys.readouterr().out
+
+
+def test_missing_file_is_a_clean_error(capsys):
+    assert main(["check", "/nonexistent/model.snet"]) == 1
+    assert "cannot read /nonexistent/model.snet" in capsys.readouterr().err

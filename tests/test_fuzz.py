@@ -1,0 +1,60 @@
+"""Fuzzed sources: the parser and the checker raise SnetError, never anything else."""
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from structc.build import build_model
+from structc.errors import SnetError
+from structc.syntax import parse
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.snet"))
+SEEDS = [p.read_text() for p in EXAMPLES] + [
+    "model M { input x: f32[N, 4]  target y: class[N] of 3\n"
+    "  param W: f32[4, 3] = normal(0.1)\n"
+    "  h = x @ W + 1.5 |> relu\n  output p = softmax(h)\n"
+    "  loss cross_entropy(h, y) + 0.1 * mean(square(W)) }",
+]
+TOKENS = ["model", "input", "target", "param", "loss", "output", "class", "of", "f32", "i32", "N", "M",
+          "x", "y", "h", "W", "dense", "relu", "softmax", "cross_entropy", "mse", "concat", "flatten",
+          "mean", "sum", "reshape", "transpose", "@", "|>", "+", "-", "*", "/", "(", ")", "[", "]", "{", "}",
+          ",", ":", "=", ";", ".", "0", "1", "3", "64", "1.5", "1e3", '"s"', "#c\n", "\n", "axes", "keepdims",
+          "true", "false", "init", "glorot", "name", "bias"]
+
+
+def check(source: str) -> None:
+    try:
+        program = parse(source, "fuzz.snet")
+        for name in program.model_names:
+            build_model(program, name)
+    except SnetError:
+        pass
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(TOKENS), max_size=60))
+def test_token_soup(tokens):
+    check(" ".join(tokens))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(["del", "ins", "dup"]),
+                                                   st.sampled_from(TOKENS + list("(){}[],:=@|>+-*/.#\n 0129"))),
+                                         min_size=1, max_size=6))
+def test_mutated_examples(seed, edits):
+    text = seed
+    for pos, kind, tok in edits:
+        pos %= len(text) + 1
+        if kind == "del":
+            text = text[:pos] + text[pos + len(tok):]
+        elif kind == "ins":
+            text = text[:pos] + tok + text[pos:]
+        else:
+            text = text[:pos] + text[pos:pos + 20] + text[pos:]
+    check(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_text(text):
+    check(text)

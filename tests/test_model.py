@@ -1,0 +1,198 @@
+"""The compiled model through its Python API: results, optimisers, checks at the boundary."""
+import numpy as np
+import pytest
+
+import structc
+from structc import api
+from structc.autodiff import differentiate
+from structc.build import build_model
+from structc.interp import evaluate
+from structc.syntax import parse
+
+MLP = """
+model MLP {
+  input  x: f32[N, 12]
+  target y: class[N] of 5
+  h = dense(x, 33) |> tanh
+  h = dense(h, 17) |> sigmoid
+  h = concat(h, dense(x, 4) |> relu, axis=1)
+  loss cross_entropy(dense(h, 5), y)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return structc.compile(MLP), build_model(parse(MLP))
+
+
+def batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 12)).astype(np.float32), rng.integers(0, 5, n).astype(np.int32)
+
+
+@pytest.mark.parametrize("n", [1, 7, 12, 13, 64, 100])
+def test_forward_and_gradients_match_the_interpreter(mlp, n):
+    net, mdef = mlp
+    x, y = batch(n, seed=n)
+    params = {k: v.copy() for k, v in net.params.items()}
+    ref = evaluate(differentiate(mdef.graph), {"x": x, "y": y}, params)
+    probs = net(x=x)
+    np.testing.assert_allclose(probs, evaluate(mdef.graph, {"x": x}, params, outputs=["probs"])["probs"],
+                               rtol=1e-4, atol=1e-6)
+    loss, grads = net.grad(x=x, y=y)
+    assert loss == pytest.approx(ref["loss"], rel=1e-5)
+    for k in params:
+        np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_batch_size_changes_without_recompiling(mlp):
+    before = api.COMPILE_COUNT
+    net = structc.compile(MLP)          # cached on disk: loads, does not compile
+    for n in (3, 50, 9):
+        x, y = batch(n)
+        assert net(x=x).shape == (n, 5)
+        net.train_step(x=x, y=y, lr=0.01)
+    assert api.COMPILE_COUNT == before
+
+
+def _numpy_step(net, mdef, x, y, rule, state, lr, opt, step):
+    params = {k: v.astype(np.float64) for k, v in net.params.items()}
+    ref = evaluate(differentiate(mdef.graph), {"x": x, "y": y}, params)
+    out = {}
+    for k, p in params.items():
+        g = ref[f"grad:{k}"]
+        if rule == "sgd":
+            p = p - lr * g
+        elif rule == "momentum":
+            state[k] = opt["momentum"] * state.get(k, 0) + g
+            p = p - lr * state[k]
+        else:
+            m = opt["beta1"] * state.get(("m", k), 0) + (1 - opt["beta1"]) * g
+            v = opt["beta2"] * state.get(("v", k), 0) + (1 - opt["beta2"]) * g * g
+            state[("m", k)], state[("v", k)] = m, v
+            mhat, vhat = m / (1 - opt["beta1"] ** step), v / (1 - opt["beta2"] ** step)
+            p = p - lr * mhat / (np.sqrt(vhat) + opt["eps"])
+        out[k] = p
+    return out
+
+
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam"])
+def test_train_step_applies_the_optimiser(rule):
+    net = structc.compile(MLP, seed=3)
+    mdef = build_model(parse(MLP))
+    net.set_optimizer(rule)
+    state, opt = {}, {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    for step in range(1, 4):
+        x, y = batch(16, seed=step)
+        expected = _numpy_step(net, mdef, x, y, rule, state, 0.05, opt, step)
+        net.train_step(x=x, y=y, lr=0.05)
+        for k, p in expected.items():
+            np.testing.assert_allclose(net.params[k], p, rtol=2e-4, atol=2e-6, err_msg=f"{rule} step {step} {k}")
+
+
+def test_training_reduces_the_loss():
+    net = structc.compile(MLP, seed=1)
+    x, y = batch(64, seed=5)
+    first = net.train_step(x=x, y=y, lr=0.5)
+    for _ in range(100):
+        last = net.train_step(x=x, y=y, lr=0.5)
+    assert last < 0.5 * first
+
+
+def test_params_are_views_of_native_memory_and_round_trip(tmp_path, mlp):
+    net, _ = mlp
+    x, _ = batch(4)
+    before = net(x=x)
+    w = net.params["dense1.w"]
+    saved = w.copy()
+    w[...] = 0                                  # writes reach the native arena
+    assert not np.allclose(net(x=x), before)
+    w[...] = saved
+    np.testing.assert_allclose(net(x=x), before)
+    path = tmp_path / "p.npz"
+    net.save_params(path)
+    other = structc.compile(MLP, seed=99)
+    other.load_params(path)
+    np.testing.assert_allclose(other(x=x), before)
+
+
+def test_load_params_rejects_a_mismatch(tmp_path, mlp):
+    net, _ = mlp
+    np.savez(tmp_path / "bad.npz", **{"dense1.w": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="do not match"):
+        net.load_params(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("feed, error, message", [
+    ({}, TypeError, "missing input 'x'"),
+    ({"x": np.zeros((3, 11), np.float32)}, ValueError, r"input 'x'.*axis 1 should be 12"),
+    ({"x": np.zeros((3,), np.float32)}, ValueError, "input 'x': expected shape"),
+    ({"x": np.zeros((0, 12), np.float32)}, ValueError, "N must be at least 1"),
+    ({"x": np.zeros((3, 12), bool)}, TypeError, "input 'x': expected a float array"),
+    ({"x": np.zeros((3, 12), np.float32), "z": 1}, TypeError, "has no input 'z'"),
+    ({"x": "abc"}, TypeError, "input 'x'"),
+])
+def test_forward_rejects_bad_inputs(mlp, feed, error, message):
+    net, _ = mlp
+    with pytest.raises(error, match=message):
+        net(**feed)
+
+
+@pytest.mark.parametrize("y, error, message", [
+    (np.array([0, 1, 5]), ValueError, r"class 5 at position \(2,\) is out of range \[0, 5\)"),
+    (np.array([0, -1, 2]), ValueError, "class -1"),
+    (np.array([0.0, 1.0, 2.0]), TypeError, "expected integer"),
+    (np.array([0, 1]), ValueError, "N = 3 from the other inputs, got 2"),
+])
+def test_training_rejects_bad_labels(mlp, y, error, message):
+    net, _ = mlp
+    x, _ = batch(3)
+    with pytest.raises(error, match=message):
+        net.train_step(x=x, y=y, lr=0.1)
+
+
+def test_inputs_are_converted_when_lossless(mlp):
+    net, _ = mlp
+    x, y = batch(6)
+    a = net(x=x)
+    np.testing.assert_allclose(net(x=x.astype(np.float64)), a)
+    np.testing.assert_allclose(net(x=np.asfortranarray(x)), a)
+    np.testing.assert_allclose(net(x=x.tolist()), a)
+    net.grad(x=x, y=y.astype(np.int64))
+
+
+def test_bad_hyper_parameters(mlp):
+    net, _ = mlp
+    x, y = batch(3)
+    with pytest.raises(ValueError, match="lr must be"):
+        net.train_step(x=x, y=y, lr=float("nan"))
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        net.set_optimizer("rmsprop")
+
+
+def test_model_without_loss_cannot_train():
+    net = structc.compile("model F { input x: f32[N, 3]\n output y = relu(x) }")
+    assert net(x=np.array([[-1, 0, 2]], np.float32)).tolist() == [[0, 0, 2]]
+    with pytest.raises(TypeError, match="declares no loss"):
+        net.train_step(x=np.zeros((1, 3), np.float32), lr=0.1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_results_do_not_depend_on_thread_count(threads):
+    src = "model W { input x: f32[N, 300]\n target y: class[N] of 7\n loss cross_entropy(dense(dense(x, 200) |> relu, 7), y) }"
+    x = np.random.default_rng(0).normal(size=(256, 300)).astype(np.float32)
+    y = np.arange(256) % 7
+    structc.set_num_threads(1)
+    ref = structc.compile(src).grad(x=x, y=y)
+    structc.set_num_threads(threads)
+    got = structc.compile(src).grad(x=x, y=y)
+    structc.set_num_threads(2)
+    assert got[0] == pytest.approx(ref[0], rel=1e-6)
+    for k in ref[1]:
+        np.testing.assert_allclose(got[1][k], ref[1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_set_num_threads_validates():
+    with pytest.raises(ValueError):
+        structc.set_num_threads(0)

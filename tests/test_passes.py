@@ -1,0 +1,69 @@
+"""Passes on small graphs: the printed result compared with text written here."""
+import re
+
+from structc.graph import Builder, Graph
+from structc.ops import REGISTRY
+from structc.passes import cse, dce, fuse, simplify
+from structc.types import TensorType
+
+
+def strip(text):
+    """The printed graph without source comments and padding."""
+    return "\n".join(re.sub(r"\s+#.*$", "", line).rstrip() for line in text.splitlines())
+
+
+def small_graph():
+    g = Graph("t")
+    b = Builder(g)
+    t = TensorType(("N", 4))
+    x = b.value(g.add(REGISTRY["input"], (), {"name": "x", "kind": "input", "type": t, "classes": 0}, type=t))
+    g.inputs["x"] = x.id
+    return g, b, x
+
+
+def test_cse_merges_repeated_work():
+    g, b, x = small_graph()
+    a, c = b.tanh(x), b.tanh(x)
+    g.outputs["y"] = (a * c).id
+    assert strip(str(cse(g))) == strip("""graph t {
+  %0 = input[x, input]() : f32[N, 4]
+  %1 = tanh(%0) : f32[N, 4]
+  %3 = mul(%1, %1) : f32[N, 4]
+  return y = %3
+}""")
+
+
+def test_dce_removes_what_no_output_needs():
+    g, b, x = small_graph()
+    b.exp(x)
+    g.outputs["y"] = b.relu(x).id
+    assert strip(str(dce(g))) == strip("""graph t {
+  %0 = input[x, input]() : f32[N, 4]
+  %2 = relu(%0) : f32[N, 4]
+  return y = %2
+}""")
+
+
+def test_simplify_drops_identities():
+    g, b, x = small_graph()
+    g.outputs["y"] = b.relu(x * 1.0 + 0.0).id
+    assert strip(str(dce(simplify(g)))) == strip("""graph t {
+  %0 = input[x, input]() : f32[N, 4]
+  %5 = relu(%0) : f32[N, 4]
+  return y = %5
+}""")
+
+
+def test_fuse_puts_bias_and_activation_in_the_matmul_epilogue():
+    g, b, x = small_graph()
+    w = TensorType((4, 3))
+    wv = b.value(g.add(REGISTRY["param"], (), {"name": "w", "type": w, "init": ("zeros", ())}, type=w))
+    bias = TensorType((3,))
+    bv = b.value(g.add(REGISTRY["param"], (), {"name": "b", "type": bias, "init": ("zeros", ())}, type=bias))
+    g.params.update(w=wv.id, b=bv.id)
+    y = b.relu(b.matmul(x, wv) + bv)
+    g.outputs["y"] = b.exp(y).id
+    fuse(g)
+    kinds = [(gr.kind, [g.nodes[m].op.name for m in gr.members], [g.nodes[m].op.name for m in gr.outputs])
+             for gr in g.groups]
+    assert kinds == [("epilogue", ["matmul", "add", "relu", "exp"], ["exp"])]
