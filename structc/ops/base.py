@@ -135,7 +135,8 @@ class Elementwise(Op):
     out_dtype: str | None = None
 
     def shape(self, *xs: TensorType) -> TensorType:
-        dtype = self.out_dtype or (xs[0].dtype if xs else "f32")
+        # numpy's promotion between kinds: an integer operand meeting a float one gives the float
+        dtype = self.out_dtype or next((x.dtype for x in xs if x.is_float), xs[0].dtype if xs else "f32")
         return TensorType(broadcast_shapes(*(x.shape for x in xs)), dtype)
 
     def emit(self, cg, *xs, **attrs):
