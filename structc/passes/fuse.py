@@ -6,6 +6,9 @@
   2. A matmul absorbs an elementwise group that consumes its result at the
      same shape, as its epilogue: bias, activation and the activation's
      derivative mask are applied to the tile before it is stored.
+  3. A node whose op has the `sibling` trait joins the group of the node its
+     op names (`op.sibling(graph, nid)`): the same loop nest over the same
+     input stores both (max-pooling's arg-max rides in the forward max-pool).
 Nodes that are constants are inlined wherever used; views and sources get
 no group. Groups are kept in execution order, effects (the optimiser) last.
 """
@@ -71,6 +74,17 @@ def fuse(g: Graph) -> Graph:
                 continue
             merge(gr, ug)
             break
+
+    # 3. siblings into their host's loop nest
+    for nid in order:
+        if "sibling" not in g.nodes[nid].op.traits or nid not in group:
+            continue
+        host = g.nodes[nid].op.sibling(g, nid)
+        if host is None or host not in group or group[host] is group[nid]:
+            continue
+        if nx.has_path(g.nx, host, nid) or nx.has_path(g.nx, nid, host):
+            continue
+        merge(group[host], group[nid])
 
     groups = {id(gr): gr for gr in group.values()}.values()
     pos = {nid: k for k, nid in enumerate(order)}

@@ -1,0 +1,375 @@
+"""Convolution as the seed defines it: a sum over input channels of 2-D
+cross-correlations, and the layers `conv2d` (alias `conv`) and `conv1d`.
+
+    z[n, o] = Σ_c  w[o, c] ⋆ x[n, c]          (⋆: 2-D cross-correlation)
+    z[n, o, i, j] = Σ_c Σ_kh Σ_kw w[o, c, kh, kw] · X[n, c, i·sh + kh, j·sw + kw]
+
+where X is x with `input_dilation - 1` zeros between its elements and
+`padding` (top, bottom, left, right; negative values crop) around them.
+Only the batch axis may be symbolic. The layer's bias and activation are
+ordinary elementwise ops; `conv2d` has the `epilogue` trait, so the fuse
+pass runs them in the convolution's store loop.
+
+The backward pass is made of the same kind of ops, as the seed derives it:
+
+  * the input gradient is a *full* cross-correlation of the delta with the
+    flipped kernel: `conv2d(g, flip_kernel(w), padding = k - 1 - p)` (for a
+    strided convolution the delta is dilated by the stride first, which is
+    the `input_dilation` attribute, and the result read with stride
+    `input_dilation`);
+  * the kernel gradient is a cross-correlation of the input with the delta:
+    `conv2d_kernel_grad(x, g)`, summed over the batch.
+
+Both are ordinary graph nodes, so `--dump=train` shows them, CSE shares the
+flipped kernel and the fuse pass gives the input-gradient convolution the
+activation's derivative mask of the layer below as its epilogue.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .base import Op, Sample, expect, surface
+
+
+# -- attributes ---------------------------------------------------------------
+
+def pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1]))
+    return (int(v), int(v))
+
+
+def quad(v) -> tuple[int, int, int, int]:
+    """Padding as (top, bottom, left, right)."""
+    if isinstance(v, (tuple, list)):
+        if len(v) == 2:
+            return (int(v[0]), int(v[0]), int(v[1]), int(v[1]))
+        return tuple(int(p) for p in v)
+    return (int(v),) * 4
+
+
+def out_size(n: int, k: int, s: int, lo: int, hi: int, d: int = 1) -> int:
+    """Outputs of a cross-correlation of a length-n signal (dilated by d,
+    padded by lo/hi) with a length-k kernel at stride s; < 1 if none fit."""
+    span = (n - 1) * d + 1 + lo + hi - k
+    return span // s + 1 if span >= 0 else 0
+
+
+def _hw(t: TensorType, what: str) -> tuple[int, int]:
+    expect(t.rank == 4, f"{what} must be [batch, channels, height, width], got {t}")
+    expect(all(isinstance(d, int) for d in t.shape[1:]),
+           f"{what} needs static channels, height and width, got {t}")
+    return t.shape[2], t.shape[3]
+
+
+def _fmt_pad(p) -> str:
+    t, b, l, r = p
+    if t == b == l == r:
+        return str(t)
+    return f"{t},{b},{l},{r}"
+
+
+def conv_shape(x: TensorType, kernel, stride, padding, dilation) -> tuple[int, int]:
+    H, W = _hw(x, "the input")
+    kh, kw = kernel
+    sh, sw = stride
+    pt, pb, pl, pr = padding
+    dh, dw = dilation
+    expect(sh >= 1 and sw >= 1, f"strides must be positive, got {sh}x{sw}")
+    expect(dh >= 1 and dw >= 1, f"input dilation must be positive, got {dh}x{dw}")
+    Hd, Wd = (H - 1) * dh + 1 + pt + pb, (W - 1) * dw + 1 + pl + pr
+    expect(kh <= Hd and kw <= Wd,
+           f"kernel {kh}x{kw} is larger than the {'padded ' if any(padding) else ''}input "
+           f"{Hd}x{Wd} ({x}" + (f", padding {_fmt_pad(padding)})" if any(padding) else ")"))
+    return out_size(H, kh, sh, pt, pb, dh), out_size(W, kw, sw, pl, pr, dw)
+
+
+# -- numpy references (float64 in tests) ---------------------------------------
+
+def prepare(x: np.ndarray, padding, dilation) -> np.ndarray:
+    """X: x dilated (zeros between elements) and padded (negative: cropped)."""
+    dh, dw = dilation
+    if dh > 1 or dw > 1:
+        n, c, h, w = x.shape
+        xd = np.zeros((n, c, (h - 1) * dh + 1, (w - 1) * dw + 1), x.dtype)
+        xd[:, :, ::dh, ::dw] = x
+        x = xd
+    pt, pb, pl, pr = padding
+    h, w = x.shape[2:]
+    x = x[:, :, max(0, -pt):h - max(0, -pb), max(0, -pl):w - max(0, -pr)]
+    return np.pad(x, ((0, 0), (0, 0), (max(0, pt), max(0, pb)), (max(0, pl), max(0, pr))))
+
+
+def _patches(X, kh, kw, oh, ow, stride):
+    sh, sw = stride
+    return X[:, :, kh:kh + (oh - 1) * sh + 1:sh, kw:kw + (ow - 1) * sw + 1:sw]
+
+
+def conv2d_reference(x, w, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)):
+    X = prepare(x, quad(padding), pair(input_dilation))
+    O, C, KH, KW = w.shape
+    sh, sw = pair(stride)
+    oh, ow = (X.shape[2] - KH) // sh + 1, (X.shape[3] - KW) // sw + 1
+    out = np.zeros((x.shape[0], O, oh, ow), np.result_type(x, w))
+    for kh in range(KH):
+        for kw in range(KW):
+            out += np.einsum("nchw,oc->nohw", _patches(X, kh, kw, oh, ow, (sh, sw)), w[:, :, kh, kw])
+    return out
+
+
+# -- ops ------------------------------------------------------------------------
+
+class Conv2d(Op):
+    """z[n, o, i, j] = Σ_c Σ_kh Σ_kw w[o, c, kh, kw] · X[n, c, i·sh + kh, j·sw + kw]."""
+    name = "conv2d"
+    traits = frozenset({"epilogue"})
+
+    def shape(self, x, w, *, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)) -> TensorType:
+        expect(w.rank == 4 and all(isinstance(d, int) for d in w.shape),
+               f"the kernel must be a static [out, in, height, width] tensor, got {w}")
+        _hw(x, "the input")
+        expect(x.shape[1] == w.shape[1],
+               f"the input has {x.shape[1]} channels but the kernel expects {w.shape[1]} ({x} vs kernel {w})")
+        oh, ow = conv_shape(x, w.shape[2:], pair(stride), quad(padding), pair(input_dilation))
+        return TensorType((x.shape[0], w.shape[0], oh, ow), "f32")
+
+    def vjp(self, b, g, out, x, w, *, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)):
+        attrs = dict(stride=pair(stride), padding=quad(padding), input_dilation=pair(input_dilation))
+        return [conv_input_grad(b, g, w, x.shape[2:], **attrs),
+                b.conv2d_kernel_grad(x, g, kernel=tuple(w.shape[2:]), **attrs)]
+
+    def reference(self, x, w, *, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)):
+        return conv2d_reference(x, w, stride, padding, input_dilation)
+
+    def samples(self):
+        return [
+            Sample(((2, 3, 7, 9), (4, 3, 3, 3))),                                 # valid, odd sizes
+            Sample(((2, 2, 6, 19), (5, 2, 3, 2)), {"padding": (1, 1, 0, 1)}),       # explicit, asymmetric
+            Sample(((1, 3, 5, 5), (2, 3, 5, 5))),                                 # kernel as large as the input
+            Sample(((3, 4, 4, 6), (7, 4, 1, 1))),                                 # 1x1
+            Sample(((2, 2, 9, 8), (3, 2, 3, 3)), {"stride": (2, 2), "padding": (1, 1, 1, 1)}),
+            Sample(((1, 2, 4, 5), (3, 2, 3, 2)), {"input_dilation": (2, 2), "stride": (1, 2),
+                                                  "padding": (2, 1, 1, -1)}),
+        ]
+
+    def describe(self, attrs: dict) -> str:
+        parts = []
+        if pair(attrs.get("stride", 1)) != (1, 1):
+            parts.append("stride=%dx%d" % pair(attrs["stride"]))
+        if any(quad(attrs.get("padding", 0))):
+            parts.append(f"padding={_fmt_pad(quad(attrs['padding']))}")
+        if pair(attrs.get("input_dilation", 1)) != (1, 1):
+            parts.append("input_dilation=%dx%d" % pair(attrs["input_dilation"]))
+        return ", ".join(parts)
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.conv import emit_conv2d
+        emit_conv2d(kb, node, epilogue)
+
+
+def conv_input_grad(b, g, w, hw, *, stride, padding, input_dilation):
+    """∂E/∂x: the full cross-correlation of the (stride-dilated) delta with
+    the flipped kernel, read at stride `input_dilation`."""
+    KH, KW = w.shape[2:]
+    OH, OW = g.shape[2:]
+    pads = []
+    for n, k, s, lo, d, on in ((hw[0], KH, stride[0], padding[0], input_dilation[0], OH),
+                               (hw[1], KW, stride[1], padding[2], input_dilation[1], OW)):
+        pads.append((k - 1 - lo, (n - 1) * d - (on - 1) * s + lo))
+    return b.conv2d(g, b.flip_kernel(w), stride=tuple(input_dilation),
+                    padding=(pads[0][0], pads[0][1], pads[1][0], pads[1][1]), input_dilation=tuple(stride))
+
+
+class FlipKernel(Op):
+    """w[o, c, kh, kw] -> w[c, o, KH-1-kh, KW-1-kw]: the kernel of the input
+    gradient (in and out channels swapped, rotated by 180°)."""
+    name = "flip_kernel"
+
+    def shape(self, w) -> TensorType:
+        expect(w.rank == 4, f"flip_kernel needs an [out, in, height, width] kernel, got {w}")
+        o, c, kh, kw = w.shape
+        return TensorType((c, o, kh, kw), w.dtype)
+
+    def vjp(self, b, g, out, w):
+        return [b.flip_kernel(g)]
+
+    def reference(self, w):
+        return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+
+    def samples(self):
+        return [Sample(((3, 2, 3, 4),))]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.conv import emit_flip
+        emit_flip(kb, node)
+
+
+class Conv2dKernelGrad(Op):
+    """∂E/∂w[o, c, kh, kw] = Σ_n Σ_i Σ_j g[n, o, i, j] · X[n, c, i·sh + kh, j·sw + kw]:
+    the cross-correlation of the input with the delta."""
+    name = "conv2d_kernel_grad"
+
+    def shape(self, x, g, *, kernel, stride=(1, 1), padding=(0, 0, 0, 0),
+              input_dilation=(1, 1)) -> TensorType:
+        oh, ow = conv_shape(x, pair(kernel), pair(stride), quad(padding), pair(input_dilation))
+        expect(g.rank == 4 and tuple(g.shape[2:]) == (oh, ow) and g.shape[0] == x.shape[0],
+               f"the delta {g} does not match the convolution of {x} (expected [{x.shape[0]}, _, {oh}, {ow}])")
+        expect(isinstance(g.shape[1], int), f"the delta needs static channels, got {g}")
+        return TensorType((g.shape[1], x.shape[1], *pair(kernel)), "f32")
+
+    def vjp(self, b, h, out, x, g, *, kernel, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)):
+        # bilinear in (x, g): the cotangent h plays the kernel
+        attrs = dict(stride=pair(stride), padding=quad(padding), input_dilation=pair(input_dilation))
+        return [conv_input_grad(b, g, h, x.shape[2:], **attrs), b.conv2d(x, h, **attrs)]
+
+    def reference(self, x, g, *, kernel, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)):
+        X = prepare(x, quad(padding), pair(input_dilation))
+        KH, KW = pair(kernel)
+        oh, ow = g.shape[2:]
+        out = np.zeros((g.shape[1], x.shape[1], KH, KW), np.result_type(x, g))
+        for kh in range(KH):
+            for kw in range(KW):
+                out[:, :, kh, kw] = np.einsum("nohw,nchw->oc", g, _patches(X, kh, kw, oh, ow, pair(stride)))
+        return out
+
+    def samples(self):
+        return [
+            Sample(((2, 3, 7, 9), (2, 4, 5, 7)), {"kernel": (3, 3)}),
+            Sample(((2, 2, 6, 19), (2, 5, 6, 19)), {"kernel": (3, 2), "padding": (1, 1, 0, 1)}),
+            Sample(((2, 2, 9, 8), (2, 3, 5, 4)), {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1, 1, 1)}),
+            Sample(((1, 2, 4, 5), (1, 3, 8, 4)), {"kernel": (3, 2), "input_dilation": (2, 2), "stride": (1, 2),
+                                                  "padding": (2, 1, 1, -1)}),
+        ]
+
+    def describe(self, attrs: dict) -> str:
+        rest = Conv2d.describe(self, attrs)
+        return "kernel=%dx%d" % pair(attrs["kernel"]) + (f", {rest}" if rest else "")
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.conv import emit_kernel_grad
+        emit_kernel_grad(kb, node)
+
+
+# -- the language ------------------------------------------------------------------
+
+def _ints(ctx, v, what: str, count: int, allow_zero: bool = False) -> tuple[int, ...]:
+    """An option given as a number, or as a string "3x5" / "1,2,1,2"."""
+    from ..build import Word
+    text = v.text if isinstance(v, Word) else v
+    if isinstance(text, bool):
+        text = None
+    if isinstance(text, int):
+        vals = (text,) * count
+    elif isinstance(text, str):
+        sep = "x" if "x" in text else ","
+        try:
+            vals = tuple(int(p) for p in text.split(sep))
+        except ValueError:
+            vals = ()
+        if len(vals) == 1:
+            vals = vals * count
+    else:
+        vals = ()
+    low = 0 if allow_zero else 1
+    if len(vals) != count or any(p < low for p in vals):
+        from ..errors import SnetTypeError
+        shape = "x".join(["a"] * min(count, 2)) if count <= 2 else ",".join("tblr")
+        raise SnetTypeError(f"{ctx.fname}: {what} must be a{' non-negative' if allow_zero else ' positive'} "
+                            f"integer or a string like \"{shape}\", got {_show(v)}", ctx.span)
+    return vals
+
+
+def _show(v) -> str:
+    from ..build import _show as show
+    return show(v)
+
+
+def _padding(ctx, v, kernel, stride, hw) -> tuple[int, int, int, int]:
+    """valid | same | n | "hxw" | "top,bottom,left,right"."""
+    from ..build import Word
+    text = v.text if isinstance(v, Word) else v
+    if text == "valid":
+        return (0, 0, 0, 0)
+    if text == "same":
+        pads = []
+        for n, k, s in zip(hw, kernel, stride):
+            total = max((-(-n // s) - 1) * s + k - n, 0)     # output ceil(n / s), as TensorFlow
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    if isinstance(text, str) and text.count(",") == 3:
+        return _ints(ctx, text, "padding", 4, allow_zero=True)
+    if isinstance(text, str) and not any(ch.isdigit() for ch in text):
+        from ..errors import SnetTypeError
+        raise SnetTypeError(f"{ctx.fname}: padding must be valid, same, a number, \"hxw\" or "
+                            f"\"top,bottom,left,right\", got {_show(v)}", ctx.span)
+    ph, pw = _ints(ctx, text, "padding", 2, allow_zero=True)
+    return (ph, ph, pw, pw)
+
+
+def _conv_layer(ctx, x, channels, kernel, stride, padding, bias, init, name):
+    from ..types import TensorType as T
+    ctx.expect_tensor(x, ctx.fname)
+    if x.type.rank != 4:
+        ctx.fail(f"{ctx.fname} expects a [batch, channels, height, width] input, got {x.type}")
+    if not all(isinstance(d, int) for d in x.shape[1:]):
+        ctx.fail(f"{ctx.fname} needs static channels, height and width, got {x.type}")
+    channels = ctx.expect_int(channels, "channels")
+    k = _ints(ctx, kernel, "kernel", 2)
+    s = _ints(ctx, stride, "stride", 2)
+    p = _padding(ctx, padding, k, s, x.shape[2:])
+    layer = ctx.layer_name("conv", name)
+    w = ctx.param(f"{layer}.w", T((channels, x.shape[1], *k)), init)
+    y = ctx.b.conv2d(x, w, stride=s, padding=p)
+    if ctx.expect_bool(bias, "bias"):
+        bv = ctx.param(f"{layer}.b", T((channels,)), "zeros")
+        y = y + ctx.b.reshape(bv, shape=(channels, 1, 1))
+    return y
+
+
+@surface("conv2d")
+def conv2d(ctx, x, channels, *, kernel=3, stride=1, padding="valid", bias=True, init="he", name=None):
+    """conv2d(x, channels, kernel=3, stride=1, padding=valid|same|n|"hxw"|"t,b,l,r", bias=true, init=he)"""
+    return _conv_layer(ctx, x, channels, kernel, stride, padding, bias, init, name)
+
+
+@surface("conv")
+def conv(ctx, x, channels, *, kernel=3, stride=1, padding="valid", bias=True, init="he", name=None):
+    """conv(x, channels, kernel=3, ...): the same as conv2d"""
+    return _conv_layer(ctx, x, channels, kernel, stride, padding, bias, init, name)
+
+
+@surface("conv1d")
+def conv1d(ctx, x, channels, *, kernel=3, stride=1, padding="valid", bias=True, init="he", name=None):
+    """conv1d(x, channels, kernel=3, stride=1, padding=valid|same|n|"l,r", bias=true, init=he) on [N, C, L]"""
+    from ..build import Word
+    from ..types import TensorType as T
+    ctx.expect_tensor(x, "conv1d")
+    if x.type.rank != 3:
+        ctx.fail(f"conv1d expects a [batch, channels, length] input, got {x.type}")
+    if not all(isinstance(d, int) for d in x.shape[1:]):
+        ctx.fail(f"conv1d needs static channels and length, got {x.type}")
+    n, c, length = x.shape
+    channels = ctx.expect_int(channels, "channels")
+    (k,) = _ints(ctx, kernel, "kernel", 1)
+    (s,) = _ints(ctx, stride, "stride", 1)
+    text = padding.text if isinstance(padding, Word) else padding
+    if isinstance(text, str) and "," in text:
+        lo, hi = _ints(ctx, text, "padding", 2, allow_zero=True)
+    elif text in ("valid", "same"):
+        _, _, lo, hi = _padding(ctx, text, (1, k), (1, s), (1, length))
+    else:
+        (lo,) = _ints(ctx, text, "padding", 1, allow_zero=True)
+        hi = lo
+    if k > length + lo + hi:
+        ctx.fail(f"conv1d: kernel {k} is larger than the {'padded ' if lo or hi else ''}input length "
+                 f"{length + lo + hi} ({x.type})")
+    layer = ctx.layer_name("conv", name)
+    w = ctx.param(f"{layer}.w", T((channels, c, k)), init)
+    x4 = ctx.b.reshape(x, shape=(n, c, 1, length))
+    w4 = ctx.b.reshape(w, shape=(channels, c, 1, k))
+    y = ctx.b.conv2d(x4, w4, stride=(1, s), padding=(0, 0, lo, hi))
+    if ctx.expect_bool(bias, "bias"):
+        bv = ctx.param(f"{layer}.b", T((channels,)), "zeros")
+        y = y + ctx.b.reshape(bv, shape=(channels, 1, 1))
+    return ctx.b.reshape(y, shape=(n, channels, y.shape[3]))
