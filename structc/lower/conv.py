@@ -39,11 +39,32 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split(total: int, most: int) -> tuple[int, int, int]:
-    """Split `total` into tiles of at most `most`: (tile, count, last tile)."""
-    count = _ceil(total, max(1, most))
-    tile = _ceil(total, count)
-    return tile, count, total - (count - 1) * tile
+class Tiles:
+    """`total` split into `count` tiles of at most `most`, as evenly as can
+    be: the first `r` tiles have q + 1 elements, the others q."""
+
+    def __init__(self, total: int, most: int):
+        self.count = _ceil(total, max(1, most))
+        self.q, self.r = divmod(total, self.count)
+        self.most = self.q + (self.r > 0)
+
+    def start(self, cg, index):
+        if self.r == 0:
+            return cg.imul(index, self.q)
+        b = cg.b
+        extra = b.select(b.icmp_signed("<", index, cg.i64(self.r)), index, cg.i64(self.r))
+        return cg.iadd(cg.imul(index, self.q), extra)
+
+    def each_size(self, cg, index, body):
+        """body(size) for tile `index`, one variant per tile size."""
+        if self.r == 0:
+            body(self.q)
+            return
+        with cg.b.if_else(cg.b.icmp_signed("<", index, cg.i64(self.r))) as (then, otherwise):
+            with then:
+                body(self.q + 1)
+            with otherwise:
+                body(self.q)
 
 
 class _Geometry:
@@ -152,18 +173,6 @@ def _rows(cg, geo: _Geometry, o_row, k_extent: int, each):
                 each(k, b.sdiv(j, cg.i64(geo.dh)))
 
 
-def _tile_variants(cg, index, count: int, tile: int, last: int, body):
-    """body(size) for tile `index` of `count`: the last tile may be smaller."""
-    if last == tile:
-        body(tile)
-        return
-    with cg.b.if_else(cg.b.icmp_signed("==", index, cg.i64(count - 1))) as (then, otherwise):
-        with then:
-            body(last)
-        with otherwise:
-            body(tile)
-
-
 # -- conv2d ------------------------------------------------------------------------
 
 def emit_conv2d(kb, node, epilogue) -> None:
@@ -173,13 +182,14 @@ def emit_conv2d(kb, node, epilogue) -> None:
     geo = _Geometry(graph.nodes[x_id].shape, (KH, KW), node.shape[2:], node.attrs)
     vw = kb.vector_width
     V, chunks = geo.row_chunks(vw)
-    OT, n_ot, last = _split(O, max(1, min(16, ACC // V)))
+    ot_tiles = Tiles(O, min(16, ACC // V))
+    n_ot = ot_tiles.count
     N = geo.N
 
     def tasks(cg):
         return cg.imul(cg.dim(N), n_ot * geo.OH)
 
-    cost = OT * V * chunks * C * KH * KW
+    cost = ot_tiles.most * V * chunks * C * KH * KW
 
     with kb.kernel(f"conv{node.id}", tasks, cost=cost) as (cg, lo, hi):
         b = cg.b
@@ -191,14 +201,14 @@ def emit_conv2d(kb, node, epilogue) -> None:
             rest = b.sdiv(t, cg.i64(geo.OH))
             ot = b.srem(rest, cg.i64(n_ot))
             n = b.sdiv(rest, cg.i64(n_ot))
-            o0 = cg.imul(ot, OT)
+            o0 = ot_tiles.start(cg, ot)
 
             def chunk(ow0, ot_size):
                 rd = _RowReader(cg, geo, vw, ow0, V, range(KW))
                 acc = [[cg.var(vt, zero) for _ in range(V)] for _ in range(ot_size)]
 
                 def kernel_row(kh, ih):
-                    def per_channel(c):
+                    with cg.loop(C, name="c") as c:
                         row = cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(n, C), c), geo.H), ih), geo.W)
                         wbase = cg.iadd(cg.imul(cg.iadd(cg.imul(o0, C), c), KH * KW), cg.imul(kh, KW))
                         for kw in range(KW):
@@ -207,8 +217,6 @@ def emit_conv2d(kb, node, epilogue) -> None:
                                 wv = cg.splat(cg.load(Wt, cg.iadd(wbase, o * C * KH * KW + kw)), vw)
                                 for v in range(V):
                                     b.store(cg.fma(wv, xv[v], b.load(acc[o][v])), acc[o][v])
-                    with cg.loop(C, name="c") as c:
-                        per_channel(c)
 
                 _rows(cg, geo, oh, KH, kernel_row)
                 lanes = _lanes(cg, vw)
@@ -227,10 +235,22 @@ def emit_conv2d(kb, node, epilogue) -> None:
                     with cg.loop(chunks, name="chunk") as ch:
                         chunk(cg.imul(ch, V * vw), ot_size)
 
-            _tile_variants(cg, ot, n_ot, OT, last, body)
+            ot_tiles.each_size(cg, ot, body)
 
 
 # -- conv2d_kernel_grad ----------------------------------------------------------------
+
+def bias_sibling(graph, nid):
+    """A `sum(delta, axes=(0, 2, 3))` (the bias gradient) the kernel-gradient
+    node `nid` can compute while it reads the delta anyway."""
+    g_id = graph.nodes[nid].inputs[1]
+    for u in graph.users(g_id):
+        node = graph.nodes[u]
+        if node.op.name == "sum" and not node.attrs.get("keepdims") and \
+                tuple(sorted(a % 4 for a in node.attrs.get("axes") or ())) == (0, 2, 3):
+            return u
+    return None
+
 
 def emit_kernel_grad(kb, node) -> None:
     graph = kb.graph
@@ -240,108 +260,148 @@ def emit_kernel_grad(kb, node) -> None:
     geo = _Geometry(graph.nodes[x_id].shape, (KH, KW), gshape[2:], node.attrs)
     vw = kb.vector_width
     V, chunks = geo.row_chunks(vw)
-    KWT, n_kwt, last_kw = _split(KW, 5 if KW % 5 == 0 or KW > 4 else KW)
+    kw_tiles = Tiles(KW, 5)
+    KWT = kw_tiles.most
     # OT delta vectors + KWT input vectors + OT*KWT accumulators in 31 registers
-    most = max(1, min(16, (31 - KWT) // (KWT + 1)))
-    OT, n_ot, last = _split(O, most)
-    kh_blocks = KH if n_ot * C < 8 else 1
+    ot_tiles = Tiles(O, min(16, (31 - KWT) // (KWT + 1)))
+    OT, n_ot = ot_tiles.most, ot_tiles.count
+    # Input channels per task: per-lane partial sums of a task stay within 32 KiB,
+    # and the delta tile of an image is read once per block of channels.
+    CB = max(1, min(C, (32 * 1024) // (OT * KH * KW * vw * 4)))
+    n_cb = _ceil(C, CB)
+    CB = _ceil(C, n_cb)
+    kh_blocks = KH if n_ot * n_cb < 8 else 1
     KHB = KH // kh_blocks
-    partial = OT * KHB * KW * vw * 4 <= PARTIAL_LIMIT
+    partial = OT * CB * KHB * KW * vw * 4 <= PARTIAL_LIMIT
     N = geo.N
+    group = next((gr for gr in graph.groups if node.id in gr.members), None)
+    bias = next((m for m in (group.members if group else []) if m != node.id), None)
 
-    tasks = n_ot * C * kh_blocks
+    tasks = n_ot * n_cb * kh_blocks
 
     def cost(cg):
-        return cg.imul(cg.dim(N), geo.OH * V * chunks * OT * KHB * KW)
+        return cg.imul(cg.dim(N), geo.OH * V * chunks * OT * CB * KHB * KW)
 
     with kb.kernel(f"convk{node.id}", tasks, cost=cost) as (cg, lo, hi):
         b = cg.b
         X, G, D = cg.ptr(x_id), cg.ptr(g_id), cg.ptr(node.id)
         vt = ir.VectorType(F32, vw)
         zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
+        lanes = _lanes(cg, vw)
         if partial:
-            part = cg.var(ir.ArrayType(F32, OT * KHB * KW * vw))
+            part = cg.var(ir.ArrayType(F32, OT * CB * KHB * KW * vw))
             part.type = PTR
         with cg.loop(hi, start=lo, name="task") as t:
             khb = b.srem(t, cg.i64(kh_blocks))
             rest = b.sdiv(t, cg.i64(kh_blocks))
-            c = b.srem(rest, cg.i64(C))
-            ot = b.sdiv(rest, cg.i64(C))
-            o0 = cg.imul(ot, OT)
+            cb = b.srem(rest, cg.i64(n_cb))
+            ot = b.sdiv(rest, cg.i64(n_cb))
+            o0 = ot_tiles.start(cg, ot)
             kh0 = cg.imul(khb, KHB)
+            c0 = cg.imul(cb, CB)
+            c1 = cg.imin(cg.iadd(c0, CB), cg.i64(C))
 
-            def dw_index(o, kh, kw):
+            def dw_index(o, c, kh, kw):
                 # dw[o0 + o, c, kh0 + kh, kw]
                 return cg.iadd(cg.imul(cg.iadd(cg.imul(cg.iadd(o0, o), C), c), KH * KW),
                                cg.iadd(cg.imul(cg.iadd(kh0, kh), KW), kw))
 
+            def part_index(o, cl, khl, kw):
+                return cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.i64(o), CB), cl), KHB), khl),
+                                               KW), kw), vw)
+
             def body(ot_size):
-                # zero what this task accumulates into
                 if partial:
-                    with cg.loop(ot_size * KHB * KW, name="pz") as p:
+                    with cg.loop(ot_size * CB * KHB * KW, name="pz") as p:
                         cg.store(zero, part, cg.imul(p, vw))
                 else:
                     for o in range(ot_size):
-                        with cg.loop(KHB * KW, name="dz") as p:
-                            cg.store(cg.const(0.0, F32), D, cg.iadd(dw_index(o, 0, 0), p))
+                        with cg.loop(c1, start=c0, name="dzc") as c:
+                            with cg.loop(KHB * KW, name="dz") as p:
+                                cg.store(cg.const(0.0, F32), D, cg.iadd(dw_index(o, c, 0, 0), p))
+                if bias is not None:
+                    bacc = [cg.var(vt, zero) for _ in range(ot_size)]
+                    first = b.and_(b.icmp_signed("==", cb, cg.i64(0)), b.icmp_signed("==", khb, cg.i64(0)))
 
                 def image(n):
-                    def kernel_row(khl):
-                        kh = cg.iadd(kh0, khl)
-                        # output rows whose input row kh lands inside the input
-                        for kwb in range(n_kwt):
-                            kw0 = kwb * KWT
-                            kws = list(range(kw0, min(KW, kw0 + KWT)))
-                            acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
+                    gplane = cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
+                    if bias is not None:
+                        # the bias gradient: Σ of the delta, read while it is hot
+                        with cg.if_(first):
+                            with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
+                                j = cg.imul(bv, vw)
+                                m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes),
+                                                  cg.splat(cg.i64(geo.OH * geo.OW), vw))
+                                for o in range(ot_size):
+                                    gv = cg.load(G, cg.iadd(gplane, cg.iadd(j, o * geo.OH * geo.OW)), F32, vw, m)
+                                    b.store(cg.add(b.load(bacc[o]), gv), bacc[o])
 
-                            def out_row(oh, ih):
-                                grow = cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH), oh), geo.OW)
-                                xrow = cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(n, C), c), geo.H), ih), geo.W)
+                    def channel(c):
+                        cl = b.sub(c, c0)
+                        xplane = cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
 
-                                def chunk(ow0):
-                                    rd = _RowReader(cg, geo, vw, ow0, V, kws)
-                                    lanes = _lanes(cg, vw)
-                                    for v in range(V):
-                                        col = cg.iadd(ow0, v * vw)
-                                        gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
-                                                              cg.splat(cg.i64(geo.OW), vw))
-                                        gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col),
-                                                      F32, vw, gmask) for o in range(ot_size)]
-                                        for i, kw in enumerate(kws):
-                                            xv = rd.load(X, xrow, v, kw)
-                                            for o in range(ot_size):
-                                                b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
+                        def kernel_row(khl):
+                            kh = cg.iadd(kh0, khl)
+                            for kwb in range(kw_tiles.count):
+                                kw0 = kwb * kw_tiles.q + min(kwb, kw_tiles.r)
+                                kws = list(range(kw0, kw0 + kw_tiles.q + (kwb < kw_tiles.r)))
+                                acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
 
-                                if chunks == 1:
-                                    chunk(cg.i64(0))
-                                else:
-                                    with cg.loop(chunks, name="chunk") as ch:
-                                        chunk(cg.imul(ch, V * vw))
+                                def out_row(oh, ih):
+                                    grow = cg.iadd(gplane, cg.imul(oh, geo.OW))
+                                    xrow = cg.iadd(xplane, cg.imul(ih, geo.W))
 
-                            _out_rows(cg, geo, kh, out_row)
-                            for o in range(ot_size):
-                                for i, kw in enumerate(kws):
-                                    a = b.load(acc[o][i])
-                                    if partial:
-                                        p = cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.i64(o), KHB), khl), KW), kw), vw)
-                                        cg.store(cg.add(cg.load(part, p, F32, vw), a), part, p)
+                                    def chunk(ow0):
+                                        rd = _RowReader(cg, geo, vw, ow0, V, kws)
+                                        for v in range(V):
+                                            col = cg.iadd(ow0, v * vw)
+                                            gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
+                                                                  cg.splat(cg.i64(geo.OW), vw))
+                                            gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col),
+                                                          F32, vw, gmask) for o in range(ot_size)]
+                                            for i, kw in enumerate(kws):
+                                                xv = rd.load(X, xrow, v, kw)
+                                                for o in range(ot_size):
+                                                    b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
+
+                                    if chunks == 1:
+                                        chunk(cg.i64(0))
                                     else:
-                                        at = dw_index(o, khl, kw)
-                                        cg.store(cg.add(cg.load(D, at), cg.hsum(a)), D, at)
+                                        with cg.loop(chunks, name="chunk") as ch:
+                                            chunk(cg.imul(ch, V * vw))
 
-                    with cg.loop(KHB, name="khl") as khl:
-                        kernel_row(khl)
+                                _out_rows(cg, geo, kh, out_row)
+                                for o in range(ot_size):
+                                    for i, kw in enumerate(kws):
+                                        a = b.load(acc[o][i])
+                                        if partial:
+                                            p = part_index(o, cl, khl, kw)
+                                            cg.store(cg.add(cg.load(part, p, F32, vw), a), part, p)
+                                        else:
+                                            at = dw_index(o, c, khl, kw)
+                                            cg.store(cg.add(cg.load(D, at), cg.hsum(a)), D, at)
+
+                        with cg.loop(KHB, name="khl") as khl:
+                            kernel_row(khl)
+
+                    with cg.loop(c1, start=c0, name="c") as c:
+                        channel(c)
 
                 with cg.loop(cg.dim(N), name="n") as n:
                     image(n)
 
                 if partial:
                     for o in range(ot_size):
-                        with cg.loop(KHB * KW, name="ps") as p:
-                            s = cg.hsum(cg.load(part, cg.imul(cg.iadd(cg.i64(o * KHB * KW), p), vw), F32, vw))
-                            cg.store(s, D, cg.iadd(dw_index(o, 0, 0), p))
+                        with cg.loop(c1, start=c0, name="psc") as c:
+                            with cg.loop(KHB * KW, name="ps") as p:
+                                at = cg.iadd(part_index(o, b.sub(c, c0), 0, 0), cg.imul(p, vw))
+                                cg.store(cg.hsum(cg.load(part, at, F32, vw)), D, cg.iadd(dw_index(o, c, 0, 0), p))
+                if bias is not None:
+                    with cg.if_(first):
+                        for o in range(ot_size):
+                            cg.store(cg.hsum(b.load(bacc[o])), cg.ptr(bias), cg.iadd(o0, o))
 
-            _tile_variants(cg, ot, n_ot, OT, last, body)
+            ot_tiles.each_size(cg, ot, body)
 
 
 def _out_rows(cg, geo: _Geometry, kh, each):

@@ -209,6 +209,7 @@ class Conv2dKernelGrad(Op):
     """∂E/∂w[o, c, kh, kw] = Σ_n Σ_i Σ_j g[n, o, i, j] · X[n, c, i·sh + kh, j·sw + kw]:
     the cross-correlation of the input with the delta."""
     name = "conv2d_kernel_grad"
+    traits = frozenset({"siblings"})
 
     def shape(self, x, g, *, kernel, stride=(1, 1), padding=(0, 0, 0, 0),
               input_dilation=(1, 1)) -> TensorType:
@@ -245,6 +246,12 @@ class Conv2dKernelGrad(Op):
     def describe(self, attrs: dict) -> str:
         rest = Conv2d.describe(self, attrs)
         return "kernel=%dx%d" % pair(attrs["kernel"]) + (f", {rest}" if rest else "")
+
+    def siblings(self, graph, nid):
+        """The bias gradient Σ_{n,i,j} g[n, o, i, j], summed while the delta is read."""
+        from ..lower.conv import bias_sibling
+        s = bias_sibling(graph, nid)
+        return [] if s is None else [s]
 
     def lower(self, kb, node, epilogue):
         from ..lower.conv import emit_kernel_grad

@@ -57,6 +57,7 @@ def _argmax_positions(x, size, stride):
 class MaxPool2d(Op):
     """The maximum of each window."""
     name = "maxpool2d"
+    traits = frozenset({"siblings"})
 
     def shape(self, x, *, size=(2, 2), stride=(2, 2)) -> TensorType:
         oh, ow = pool_shape(x, size, stride)
@@ -76,6 +77,14 @@ class MaxPool2d(Op):
     def describe(self, attrs):
         return "size=%dx%d, stride=%dx%d" % (pair(attrs.get("size", 2)) + pair(attrs.get("stride", 2)))
 
+    def siblings(self, graph, nid):
+        """The arg-max of the same input and window (the backward pass reads
+        it): stored by this loop nest, during the forward pass."""
+        node = graph.nodes[nid]
+        key = (pair(node.attrs.get("size", 2)), pair(node.attrs.get("stride", 2)))
+        return [u for u in graph.users(node.inputs[0]) if graph.nodes[u].op.name == "maxpool2d_argmax"
+                and (pair(graph.nodes[u].attrs.get("size", 2)), pair(graph.nodes[u].attrs.get("stride", 2))) == key]
+
     def lower(self, kb, node, epilogue):
         from ..lower.pool import emit_pool
         emit_pool(kb, node, "max")
@@ -84,7 +93,6 @@ class MaxPool2d(Op):
 class MaxPool2dArgmax(Op):
     """Where each window's (first) maximum is: row * W + col within its plane."""
     name = "maxpool2d_argmax"
-    traits = frozenset({"sibling"})
 
     def shape(self, x, *, size=(2, 2), stride=(2, 2)) -> TensorType:
         oh, ow = pool_shape(x, size, stride)
@@ -100,17 +108,6 @@ class MaxPool2dArgmax(Op):
         return [Sample(((2, 3, 8, 8),)), Sample(((1, 2, 7, 9),), {"size": (3, 2), "stride": (2, 3)})]
 
     describe = MaxPool2d.describe
-
-    def sibling(self, graph, nid):
-        """The forward `maxpool2d` of the same input and window, if any: the
-        fuse pass lowers both in one loop nest."""
-        node = graph.nodes[nid]
-        for u in graph.users(node.inputs[0]):
-            other = graph.nodes[u]
-            if other.op.name == "maxpool2d" and pair(other.attrs.get("size", 2)) == pair(node.attrs.get("size", 2)) \
-                    and pair(other.attrs.get("stride", 2)) == pair(node.attrs.get("stride", 2)):
-                return u
-        return None
 
     def lower(self, kb, node, epilogue):
         from ..lower.pool import emit_pool

@@ -6,9 +6,10 @@
   2. A matmul absorbs an elementwise group that consumes its result at the
      same shape, as its epilogue: bias, activation and the activation's
      derivative mask are applied to the tile before it is stored.
-  3. A node whose op has the `sibling` trait joins the group of the node its
-     op names (`op.sibling(graph, nid)`): the same loop nest over the same
-     input stores both (max-pooling's arg-max rides in the forward max-pool).
+  3. An op with the `siblings` trait names nodes that read its operands in
+     the same loop nest (`op.siblings(graph, nid)`); they join its group and
+     its kernel stores them too: max-pooling's arg-max rides in the forward
+     max-pool, the bias gradient in the kernel gradient's read of the delta.
 Nodes that are constants are inlined wherever used; views and sources get
 no group. Groups are kept in execution order, effects (the optimiser) last.
 """
@@ -77,14 +78,16 @@ def fuse(g: Graph) -> Graph:
 
     # 3. siblings into their host's loop nest
     for nid in order:
-        if "sibling" not in g.nodes[nid].op.traits or nid not in group:
+        gr = group.get(nid)
+        if gr is None or "siblings" not in g.nodes[nid].op.traits or gr.kind != "kernel" or gr.anchor != nid:
             continue
-        host = g.nodes[nid].op.sibling(g, nid)
-        if host is None or host not in group or group[host] is group[nid]:
-            continue
-        if nx.has_path(g.nx, host, nid) or nx.has_path(g.nx, nid, host):
-            continue
-        merge(group[host], group[nid])
+        for s in g.nodes[nid].op.siblings(g, nid):
+            sg = group.get(s)
+            if sg is None or sg is gr or len(sg.members) != 1:
+                continue
+            if nx.has_path(g.nx, nid, s) or nx.has_path(g.nx, s, nid):
+                continue
+            merge(gr, sg)
 
     groups = {id(gr): gr for gr in group.values()}.values()
     pos = {nid: k for k, nid in enumerate(order)}
