@@ -325,6 +325,7 @@ def _conv_layer(ctx, x, channels, kernel, stride, padding, bias, init, name):
     k = _ints(ctx, kernel, "kernel", 2)
     s = _ints(ctx, stride, "stride", 2)
     p = _padding(ctx, padding, k, s, x.shape[2:])
+    ctx.checked(lambda: conv_shape(x.type, k, s, p, (1, 1)))     # reported in the caller's words
     layer = ctx.layer_name("conv", name)
     w = ctx.param(f"{layer}.w", T((channels, x.shape[1], *k)), init)
     y = ctx.b.conv2d(x, w, stride=s, padding=p)

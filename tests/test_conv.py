@@ -1,0 +1,244 @@
+"""Convolution and pooling: hypothesis-drawn shapes, strides, paddings and
+channel counts (1x1 kernels, kernels as large as the input, odd sizes, rows
+longer than one register tile), native code against the numpy references,
+VJPs against float64 central differences; the layers of the language; the
+fused groups; errors for impossible shapes."""
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import structc
+from structc.autodiff import differentiate
+from structc.build import build_model
+from structc.compiler import compile_source
+from structc.errors import SnetError
+from structc.interp import evaluate
+from structc.ops import REGISTRY
+from structc.ops.base import Sample
+from structc.ops.conv import conv2d_reference, out_size
+from structc.syntax import parse
+from structc.testing import check_native, check_vjp
+
+FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SOME = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def conv_cases(draw, dilation=True):
+    """(x shape, w shape, attrs) of a convolution with at least one output."""
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 7))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if dilation else (1, 1)
+    pad = tuple(draw(st.integers(0, k - 1)) for k in (kh, kh, kw, kw))
+    h = draw(st.integers(max(1, -(-(kh - pad[0] - pad[1] - 1) // dh) + 1), 9))
+    w = draw(st.integers(max(1, -(-(kw - pad[2] - pad[3] - 1) // dw) + 1), 40))
+    attrs = {"stride": (sh, sw), "padding": pad}
+    if (dh, dw) != (1, 1):
+        attrs["input_dilation"] = (dh, dw)
+    return (n, c, h, w), (o, c, kh, kw), attrs
+
+
+def test_reference_is_the_seeds_sum_of_cross_correlations(rng):
+    """z_j = Σ_i w_ij ⋆ a_i, with ⋆ the 2-D cross-correlation, written out by hand."""
+    x, w = rng.normal(size=(2, 3, 6, 7)), rng.normal(size=(4, 3, 3, 2))
+    z = conv2d_reference(x, w)
+    for n in range(2):
+        for j in range(4):
+            want = np.zeros((4, 6))
+            for i in range(3):
+                for r in range(4):
+                    for s in range(6):
+                        want[r, s] += np.sum(w[j, i] * x[n, i, r:r + 3, s:s + 2])
+            np.testing.assert_allclose(z[n, j], want, rtol=1e-12)
+
+
+@SOME
+@given(conv_cases())
+def test_conv_vjp_matches_finite_differences(case):
+    xs, ws, attrs = case
+    check_vjp(REGISTRY["conv2d"], Sample((xs, ws), attrs))
+
+
+@SOME
+@given(conv_cases())
+def test_kernel_grad_vjp_matches_finite_differences(case):
+    xs, ws, attrs = case
+    ref = conv2d_reference(np.zeros(xs), np.zeros(ws), **attrs)
+    gs = (xs[0], ws[0], *ref.shape[2:])
+    check_vjp(REGISTRY["conv2d_kernel_grad"], Sample((xs, gs), {**attrs, "kernel": ws[2:]}))
+
+
+@FEW
+@given(conv_cases())
+def test_native_conv_forward_and_gradients(case):
+    xs, ws, attrs = case
+    check_native(REGISTRY["conv2d"], Sample((xs, ws), attrs))
+
+
+@FEW
+@given(conv_cases(dilation=False))
+def test_native_kernel_grad(case):
+    xs, ws, attrs = case
+    ref = conv2d_reference(np.zeros(xs), np.zeros(ws), **attrs)
+    gs = (xs[0], ws[0], *ref.shape[2:])
+    check_native(REGISTRY["conv2d_kernel_grad"], Sample((xs, gs), {**attrs, "kernel": ws[2:]}))
+
+
+@pytest.mark.parametrize("xs, ws, attrs", [
+    ((2, 3, 5, 150), (5, 3, 3, 4), {"padding": (1, 1, 2, 1)}),           # a row of 10 vectors: chunked
+    ((1, 2, 3, 70), (3, 2, 3, 3), {"stride": (1, 2), "padding": (1, 1, 1, 1)}),
+    ((2, 1, 28, 28), (3, 1, 28, 28), {}),                                 # kernel as large as the input
+    ((2, 20, 4, 4), (33, 20, 1, 1), {}),                                  # 1x1, many channels (tiles)
+    ((1, 2, 6, 6), (3, 2, 3, 3), {"padding": (3, 3, 3, 3)}),              # padding = kernel
+])
+def test_native_conv_edge_shapes(xs, ws, attrs):
+    check_native(REGISTRY["conv2d"], Sample((xs, ws), attrs))
+
+
+@FEW
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 3), st.integers(1, 3), st.integers(0, 6), st.integers(0, 20))
+def test_pools(n, c, kh, kw, sh, sw, extra_h, extra_w):
+    shape = (n, c, kh + extra_h, kw + extra_w)
+    for op in ("maxpool2d", "avgpool2d"):
+        sample = Sample((shape,), {"size": (kh, kw), "stride": (sh, sw)})
+        check_vjp(REGISTRY[op], sample)
+        check_native(REGISTRY[op], sample)
+    check_native(REGISTRY["maxpool2d_argmax"], Sample((shape,), {"size": (kh, kw), "stride": (sh, sw)}))
+
+
+def test_maxpool_routes_the_delta_to_the_first_maximum():
+    x = np.array([[[[1., 3., 3., 0.],
+                    [2., 0., 3., 1.]]]])
+    idx = REGISTRY["maxpool2d_argmax"].reference(x, size=(2, 2), stride=(2, 2))
+    assert idx.tolist() == [[[[1, 2]]]]          # (0,1) and (0,2): ties go to the first
+    g = np.array([[[[10., 20.]]]])
+    dx = REGISTRY["scatter_argmax"].reference(g, idx, plane=(2, 4))
+    assert dx.tolist() == [[[[0., 10., 20., 0.], [0., 0., 0., 0.]]]]
+
+
+# -- the language ---------------------------------------------------------------------
+
+def _model(body, inp="f32[N, 2, 9, 11]"):
+    return f"model M {{ input x: {inp}\n  {body}\n}}"
+
+
+@pytest.mark.parametrize("options, shape", [
+    ("kernel=3", (5, 7, 9)), ("kernel=3, padding=same", (5, 9, 11)), ('kernel="3x5", padding=same', (5, 9, 11)),
+    ('kernel="3x5"', (5, 7, 7)), ("kernel=3, stride=2", (5, 4, 5)), ("kernel=3, stride=2, padding=same", (5, 5, 6)),
+    ('kernel=2, padding="1x0"', (5, 10, 10)), ('kernel=3, padding="0,2,1,0"', (5, 9, 10)), ("kernel=1", (5, 9, 11)),
+    ('kernel=3, padding="same"', (5, 9, 11)), ("kernel=4, padding=same", (5, 9, 11)),
+])
+def test_conv_layer_options(options, shape):
+    mdef = build_model(parse(_model(f"output y = conv2d(x, 5, {options})")))
+    assert mdef.graph.nodes[mdef.graph.outputs["y"]].shape == ("N", *shape)
+    assert mdef.params["conv1.w"].type.shape[:2] == (5, 2)
+
+
+def test_conv_layer_matches_numpy_and_padding_same_keeps_the_size(rng):
+    net = structc.compile(_model("output y = conv(x, 4, kernel=\"3x4\", padding=same) |> relu"))
+    x = rng.normal(size=(3, 2, 9, 11)).astype(np.float32)
+    w, bias = net.params["conv1.w"], rng.normal(size=4).astype(np.float32)
+    net.params["conv1.b"][...] = bias
+    # "same": total padding k - 1, the extra row/column at the bottom/right
+    want = np.maximum(conv2d_reference(x.astype(np.float64), w, padding=(1, 1, 1, 2)) + bias[:, None, None], 0)
+    np.testing.assert_allclose(net(x=x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv1d(rng):
+    net = structc.compile("model M { input x: f32[N, 3, 20]\n output y = conv1d(x, 4, kernel=5, stride=2, "
+                          "padding=same) }")
+    x = rng.normal(size=(2, 3, 20)).astype(np.float32)
+    w = net.params["conv1.w"]
+    assert w.shape == (4, 3, 5)
+    want = conv2d_reference(x[:, :, None, :].astype(np.float64), w[:, :, None, :], stride=(1, 2),
+                            padding=(0, 0, 1, 2))[:, :, 0, :]
+    got = net(x=x)
+    assert got.shape == (2, 4, 10) == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_pooling_layers_and_global_average(rng):
+    net = structc.compile(_model("output a = maxpool2d(x, 3, stride=2)\n output b = avgpool2d(x)\n"
+                                 "  output c = global_avg_pool(x)\n output d = flatten(maxpool2d(x, \"2x3\"))"))
+    x = rng.normal(size=(2, 2, 9, 11)).astype(np.float32)
+    out = net.forward(x=x)
+    np.testing.assert_allclose(out["a"], REGISTRY["maxpool2d"].reference(x, size=(3, 3), stride=(2, 2)))
+    np.testing.assert_allclose(out["b"], REGISTRY["avgpool2d"].reference(x, size=(2, 2), stride=(2, 2)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(out["c"], x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    assert out["d"].shape == (2, 2 * 4 * 3)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("output y = conv2d(x, 5, kernel=10)", "conv2d: kernel 10x10 is larger than the input 9x11"),
+    ("output y = conv2d(x, 5, kernel=0)", "conv2d: kernel must be a positive integer"),
+    ("output y = conv2d(x, 5, padding=sideways)", "conv2d: padding must be valid, same"),
+    ("output y = conv2d(x, 5, stride=\"2x\")", "conv2d: stride must be a positive integer"),
+    ("output y = maxpool2d(x, 12)", "maxpool2d: window 12x12 is larger than the input 9x11"),
+    ("output y = conv2d(flatten(x), 5)", "conv2d expects a [batch, channels, height, width] input"),
+])
+def test_impossible_layers_are_errors(body, message):
+    with pytest.raises(SnetError, match=re.escape(message)):
+        build_model(parse(_model(body)))
+
+
+# -- fusion -----------------------------------------------------------------------------
+
+def _groups(source, stage="train.fuse"):
+    dumps = {}
+    compile_source(source, dump=lambda s, t: dumps.__setitem__(s, t))
+    groups = []
+    for block in re.findall(r"group \d+ \((\w+)\) -> [^{]*\{\n(.*?)\n  \}", dumps[stage], re.S):
+        kind, body = block
+        groups.append((kind, re.findall(r"= (\w+)[\[(]", body)))
+    return groups
+
+
+CNN = """model C { input x: f32[N, 2, 10, 10]  target y: class[N] of 3
+  h = conv(x, 4, kernel=3, padding=same) |> relu
+  h = conv(h, 5, kernel=3) |> relu |> maxpool2d(2)
+  loss cross_entropy(dense(flatten(h), 3), y) }"""
+
+
+def test_conv_bias_and_activation_run_in_one_loop_nest():
+    groups = _groups(CNN, "forward.fuse")
+    assert ("epilogue", ["conv2d", "add", "relu"]) in groups
+
+
+def test_backward_is_cross_correlations_with_fused_masks():
+    groups = _groups(CNN)
+    # forward: the arg-max is stored by the max-pool's own loop nest
+    assert ("kernel", ["maxpool2d", "maxpool2d_argmax"]) in groups
+    # the delta routed to the arg-max, times relu's derivative, in one loop nest
+    assert ("epilogue", ["greater", "scatter_argmax", "mul"]) in groups
+    # the input gradient: a conv2d of the delta with the flipped kernel, the
+    # derivative mask of the layer below fused into its store loop
+    assert ("epilogue", ["greater", "conv2d", "mul"]) in groups
+    assert ("kernel", ["flip_kernel"]) in groups
+    # the kernel gradient reads the delta once for the bias gradient as well
+    assert sum(kind == "kernel" and sorted(ops) == ["conv2d_kernel_grad", "sum"] for kind, ops in groups) == 2
+
+
+def test_cnn_gradients_match_the_interpreter(rng):
+    net = structc.compile(CNN)
+    mdef = build_model(parse(CNN))
+    x = rng.normal(size=(5, 2, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 3, 5).astype(np.int32)
+    params = {k: v.copy() for k, v in net.params.items()}
+    ref = evaluate(differentiate(mdef.graph), {"x": x, "y": y}, params)
+    loss, grads = net.grad(x=x, y=y)
+    assert loss == pytest.approx(float(ref["loss"]), rel=1e-4)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
+
+
+def test_out_size():
+    assert out_size(28, 5, 1, 0, 0) == 24
+    assert out_size(9, 3, 2, 1, 1) == 5
+    assert out_size(4, 3, 1, 2, 2, d=2) == 9
+    assert out_size(2, 5, 1, 0, 0) == 0
