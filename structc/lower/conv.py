@@ -175,6 +175,38 @@ def _rows(cg, geo: _Geometry, o_row, k_extent: int, each):
 
 # -- conv2d ------------------------------------------------------------------------
 
+def _pack_rows(geo: _Geometry, vw: int, epilogue) -> int:
+    """How many output rows a task covers, packed end to end into its vectors.
+
+    Rows narrower than the vectors would leave lanes idle (LeNet's 8x8 planes
+    fill half a 16-lane vector); P consecutive rows are contiguous in NCHW, so
+    they can share vectors, lanes [p*OW, (p+1)*OW) holding row p. The group's
+    other operands must then vary along rows and columns alike."""
+    if not geo.contiguous or geo.dh != 1 or geo.OW > VMAX * vw:
+        return 1
+    if epilogue is not None and any(v[2] != v[3] for v in epilogue.varying.values()):
+        return 1
+
+    def waste(P):
+        return _ceil(geo.OH, P) * _ceil(P * geo.OW, vw) * vw - geo.OH * geo.OW
+
+    best = 1
+    for P in range(2, geo.OH + 1):
+        if P * geo.OW > VMAX * vw:
+            break
+        if waste(P) < waste(best):
+            best = P
+    return best
+
+
+def _masked_load(cg, base, off, vw, mask, passthru):
+    """base[off + lane] where mask is set, passthru elsewhere."""
+    vt = ir.VectorType(F32, vw)
+    name = f"llvm.masked.load.v{vw}f32.p0"
+    fn = cg.declare(name, vt, [PTR, ir.IntType(32), mask.type, vt])
+    return cg.b.call(fn, [cg.gep(base, off), ir.Constant(ir.IntType(32), 4), mask, passthru])
+
+
 def emit_conv2d(kb, node, epilogue) -> None:
     graph = kb.graph
     x_id, w_id = node.inputs
@@ -182,12 +214,16 @@ def emit_conv2d(kb, node, epilogue) -> None:
     geo = _Geometry(graph.nodes[x_id].shape, (KH, KW), node.shape[2:], node.attrs)
     vw = kb.vector_width
     V, chunks = geo.row_chunks(vw)
+    P = _pack_rows(geo, vw, epilogue) if chunks == 1 else 1
+    if P > 1:
+        V = _ceil(P * geo.OW, vw)
+    groups = _ceil(geo.OH, P)
     ot_tiles = Tiles(O, min(16, ACC // V))
     n_ot = ot_tiles.count
     N = geo.N
 
     def tasks(cg):
-        return cg.imul(cg.dim(N), n_ot * geo.OH)
+        return cg.imul(cg.dim(N), n_ot * groups)
 
     cost = ot_tiles.most * V * chunks * C * KH * KW
 
@@ -196,30 +232,98 @@ def emit_conv2d(kb, node, epilogue) -> None:
         X, Wt = cg.ptr(x_id), cg.ptr(w_id)
         vt = ir.VectorType(F32, vw)
         zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
+        lanes = _lanes(cg, vw)
         with cg.loop(hi, start=lo, name="task") as t:
-            oh = b.srem(t, cg.i64(geo.OH))
-            rest = b.sdiv(t, cg.i64(geo.OH))
+            oh = cg.imul(b.srem(t, cg.i64(groups)), P)
+            rest = b.sdiv(t, cg.i64(groups))
             ot = b.srem(rest, cg.i64(n_ot))
             n = b.sdiv(rest, cg.i64(n_ot))
             o0 = ot_tiles.start(cg, ot)
 
-            def chunk(ow0, ot_size):
+            def accumulate(ot_size, acc, kernel_row):
+                """Σ over kernel rows and input channels: kernel_row(kh, c, ...) adds one row's worth."""
+                def per_kh(kh, valid):
+                    with cg.loop(C, name="c") as c:
+                        kernel_row(kh, c, valid)
+                if P == 1:
+                    _rows(cg, geo, oh, KH, lambda kh, ih: per_kh(kh, None))
+                    return
+                # the union of the packed rows' kernel-row ranges; rows outside are masked lanes
+                top = cg.iadd(cg.imul(oh, geo.sh), -geo.pt)
+                klo = b.sub(cg.i64(0), cg.iadd(top, (P - 1) * geo.sh))
+                klo = b.select(b.icmp_signed(">", klo, cg.i64(0)), klo, cg.i64(0))
+                khi = b.sub(cg.i64(geo.H), top)
+                khi = b.select(b.icmp_signed("<", khi, cg.i64(KH)), khi, cg.i64(KH))
+                with cg.loop(khi, start=klo, name="kh") as kh:
+                    valid = []
+                    for p in range(P):
+                        ih = cg.iadd(cg.iadd(top, p * geo.sh), kh)
+                        ok = _and(cg, b.icmp_signed(">=", ih, cg.i64(0)), b.icmp_signed("<", ih, cg.i64(geo.H)),
+                                  b.icmp_signed("<", cg.iadd(oh, p), cg.i64(geo.OH)))
+                        valid.append(cg.splat(ok, vw))
+                    per_kh(kh, valid)
+
+            def packed(ot_size):
+                """One chunk covering P whole rows (P = 1: one row): masks are constants."""
+                acc = [[cg.var(vt, zero) for _ in range(V)] for _ in range(ot_size)]
+                # segments: (vector, packed row, first lane, end lane)
+                segs = [(v, p, max(v * vw, p * geo.OW) - v * vw, min((v + 1) * vw, (p + 1) * geo.OW) - v * vw)
+                        for v in range(V) for p in range(P)]
+                segs = [s for s in segs if s[2] < s[3]]
+
+                def kernel_row(kh, c, valid):
+                    top = cg.iadd(cg.imul(oh, geo.sh), -geo.pt)
+                    plane = cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
+                    wbase = cg.iadd(cg.imul(cg.iadd(cg.imul(o0, C), c), KH * KW), cg.imul(kh, KW))
+                    for kw in range(KW):
+                        xv = [zero] * V
+                        for v, p, a, e in segs:
+                            shift = v * vw - p * geo.OW + kw - geo.pl      # input column of lane 0
+                            bits = [a <= j < e and 0 <= j + shift < geo.W for j in range(vw)]
+                            if not any(bits):
+                                continue
+                            row = cg.iadd(plane, cg.imul(cg.iadd(cg.iadd(top, p * geo.sh), kh), geo.W))
+                            off = cg.iadd(row, shift)
+                            mask = ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(x)) for x in bits])
+                            if valid is not None:
+                                mask = b.and_(mask, valid[p])
+                            if all(bits) and valid is None:
+                                xv[v] = cg.load(X, off, F32, vw)
+                            else:
+                                xv[v] = _masked_load(cg, X, off, vw, mask, xv[v])
+                        for o in range(ot_size):
+                            wv = cg.splat(cg.load(Wt, cg.iadd(wbase, o * C * KH * KW + kw)), vw)
+                            for v in range(V):
+                                b.store(cg.fma(wv, xv[v], b.load(acc[o][v])), acc[o][v])
+
+                accumulate(ot_size, acc, kernel_row)
+                rows_here = cg.imin(cg.i64(P), b.sub(cg.i64(geo.OH), oh)) if geo.OH % P else cg.i64(P)
+                limit = cg.imul(rows_here, geo.OW)
+                for o in range(ot_size):
+                    for v in range(V):
+                        mask = b.icmp_signed("<", b.add(cg.splat(cg.i64(v * vw), vw), lanes), cg.splat(limit, vw))
+                        epilogue.emit(cg, [n, cg.iadd(o0, o), oh, cg.i64(v * vw)], vw, mask,
+                                      given={epilogue.anchor: b.load(acc[o][v])})
+
+            def chunked(ow0, ot_size):
+                """A chunk of V vectors of one long (or strided) row."""
                 rd = _RowReader(cg, geo, vw, ow0, V, range(KW))
                 acc = [[cg.var(vt, zero) for _ in range(V)] for _ in range(ot_size)]
 
-                def kernel_row(kh, ih):
-                    with cg.loop(C, name="c") as c:
-                        row = cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(n, C), c), geo.H), ih), geo.W)
-                        wbase = cg.iadd(cg.imul(cg.iadd(cg.imul(o0, C), c), KH * KW), cg.imul(kh, KW))
-                        for kw in range(KW):
-                            xv = [rd.load(X, row, v, kw) for v in range(V)]
-                            for o in range(ot_size):
-                                wv = cg.splat(cg.load(Wt, cg.iadd(wbase, o * C * KH * KW + kw)), vw)
-                                for v in range(V):
-                                    b.store(cg.fma(wv, xv[v], b.load(acc[o][v])), acc[o][v])
+                def kernel_row(kh, c, valid):
+                    ih = cg.iadd(cg.iadd(cg.imul(oh, geo.sh), -geo.pt), kh)
+                    if geo.dh != 1:
+                        ih = b.sdiv(ih, cg.i64(geo.dh))
+                    row = cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(n, C), c), geo.H), ih), geo.W)
+                    wbase = cg.iadd(cg.imul(cg.iadd(cg.imul(o0, C), c), KH * KW), cg.imul(kh, KW))
+                    for kw in range(KW):
+                        xv = [rd.load(X, row, v, kw) for v in range(V)]
+                        for o in range(ot_size):
+                            wv = cg.splat(cg.load(Wt, cg.iadd(wbase, o * C * KH * KW + kw)), vw)
+                            for v in range(V):
+                                b.store(cg.fma(wv, xv[v], b.load(acc[o][v])), acc[o][v])
 
-                _rows(cg, geo, oh, KH, kernel_row)
-                lanes = _lanes(cg, vw)
+                accumulate(ot_size, acc, kernel_row)
                 for o in range(ot_size):
                     for v in range(V):
                         col = cg.iadd(ow0, v * vw)
@@ -229,11 +333,13 @@ def emit_conv2d(kb, node, epilogue) -> None:
                                       given={epilogue.anchor: b.load(acc[o][v])})
 
             def body(ot_size):
-                if chunks == 1:
-                    chunk(cg.i64(0), ot_size)
+                if geo.contiguous and geo.dh == 1 and chunks == 1:
+                    packed(ot_size)
+                elif chunks == 1:
+                    chunked(cg.i64(0), ot_size)
                 else:
                     with cg.loop(chunks, name="chunk") as ch:
-                        chunk(cg.imul(ch, V * vw), ot_size)
+                        chunked(cg.imul(ch, V * vw), ot_size)
 
             ot_tiles.each_size(cg, ot, body)
 
@@ -260,6 +366,10 @@ def emit_kernel_grad(kb, node) -> None:
     geo = _Geometry(graph.nodes[x_id].shape, (KH, KW), gshape[2:], node.attrs)
     vw = kb.vector_width
     V, chunks = geo.row_chunks(vw)
+    P = 1
+    if geo.contiguous and geo.dh == 1 and geo.sh == 1 and chunks == 1:
+        P = _pack_rows(geo, vw, None)
+        V = _ceil(P * geo.OW, vw)
     kw_tiles = Tiles(KW, 5)
     KWT = kw_tiles.most
     # OT delta vectors + KWT input vectors + OT*KWT accumulators in 31 registers
@@ -309,6 +419,42 @@ def emit_kernel_grad(kb, node) -> None:
             def part_index(o, cl, khl, kw):
                 return cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.i64(o), CB), cl), KHB), khl),
                                                KW), kw), vw)
+
+            def packed_rows(kh, xplane, gplane, kws, acc, ot_size):
+                """P delta rows at a time, end to end in V vectors (rows narrower than a vector)."""
+                # output rows oh with input row oh + kh - pt inside the input
+                rlo = b.sub(cg.i64(geo.pt), kh)
+                rlo = b.select(b.icmp_signed(">", rlo, cg.i64(0)), rlo, cg.i64(0))
+                rhi = b.sub(cg.i64(geo.H + geo.pt), kh)
+                rhi = b.select(b.icmp_signed("<", rhi, cg.i64(geo.OH)), rhi, cg.i64(geo.OH))
+                count = b.sdiv(cg.iadd(b.sub(rhi, rlo), P - 1), cg.i64(P))
+                segs = [(v, p, max(v * vw, p * geo.OW) - v * vw, min((v + 1) * vw, (p + 1) * geo.OW) - v * vw)
+                        for v in range(V) for p in range(P)]
+                segs = [sg for sg in segs if sg[2] < sg[3]]
+                with cg.loop(count, name="ohp") as k:
+                    oh = cg.iadd(rlo, cg.imul(k, P))
+                    rows_here = cg.imin(cg.i64(P), b.sub(rhi, oh))
+                    limit = cg.splat(cg.imul(rows_here, geo.OW), vw)
+                    live = [cg.splat(b.icmp_signed("<", cg.i64(p), rows_here), vw) for p in range(P)]
+                    top = cg.iadd(xplane, cg.imul(b.sub(cg.iadd(oh, kh), cg.i64(geo.pt)), geo.W))
+                    for v in range(V):
+                        gmask = b.icmp_signed("<", b.add(cg.splat(cg.i64(v * vw), vw), lanes), limit)
+                        at = cg.iadd(gplane, cg.iadd(cg.imul(oh, geo.OW), v * vw))
+                        gv = [cg.load(G, cg.iadd(at, o * geo.OH * geo.OW), F32, vw, gmask) for o in range(ot_size)]
+                        for i, kw in enumerate(kws):
+                            xv = zero
+                            for sv, p, a, e in segs:
+                                if sv != v:
+                                    continue
+                                shift = v * vw - p * geo.OW + kw - geo.pl
+                                bits = [a <= j < e and 0 <= j + shift < geo.W for j in range(vw)]
+                                if not any(bits):
+                                    continue
+                                mask = b.and_(ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(x)) for x in bits]),
+                                              live[p])
+                                xv = _masked_load(cg, X, cg.iadd(cg.iadd(top, p * geo.W), shift), vw, mask, xv)
+                            for o in range(ot_size):
+                                b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
 
             def body(ot_size):
                 if partial:
@@ -370,7 +516,10 @@ def emit_kernel_grad(kb, node) -> None:
                                         with cg.loop(chunks, name="chunk") as ch:
                                             chunk(cg.imul(ch, V * vw))
 
-                                _out_rows(cg, geo, kh, out_row)
+                                if P == 1:
+                                    _out_rows(cg, geo, kh, out_row)
+                                else:
+                                    packed_rows(kh, xplane, gplane, kws, acc, ot_size)
                                 for o in range(ot_size):
                                     for i, kw in enumerate(kws):
                                         a = b.load(acc[o][i])
