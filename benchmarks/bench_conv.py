@@ -1,0 +1,306 @@
+"""Convolutional networks: structc against PyTorch CPU eager, 1 and 2 threads.
+
+    python benchmarks/bench_conv.py                 # everything, 5 rounds
+    python benchmarks/bench_conv.py --rounds 3 --threads 1 --cases lenet_train
+
+Cases (the issue's benchmarks):
+  lenet_train   LeNet-5 training step (forward, backward, SGD update), batch 64, 1x28x28
+  lenet_infer   LeNet-5 inference, batch 1 (the whole Python call)
+  conv_step     conv 32->64 3x3 pad 1 on [32, 32, 32, 32] + ReLU + global average pool
+                + dense 10 + cross-entropy, one training step
+  conv_fwd      that convolution alone (bias and ReLU fused), forward
+  conv_wgrad    its kernel gradient alone (cross-correlation of the input with the delta)
+and `fma_peak`: the machine's FMA throughput per core (24 independent AVX-512 FMA chains,
+compiled with llvmlite), so achieved GFLOP/s can be read as a fraction of peak.
+
+Every (framework, threads) configuration runs in a fresh process (so one framework's
+spinning worker threads never steal the other's cores), rounds interleave the
+frameworks, and each number is the median over rounds of per-round medians. PyTorch
+runs with MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 (its
+best case, as in the issue); structc gets the same environment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LENET = ROOT / "examples" / "lenet5.snet"
+CONV_STEP = """model ConvStep {
+  input  x: f32[N, 32, 32, 32]
+  target y: class[N] of 10
+  h = conv(x, 64, kernel=3, padding=1) |> relu
+  loss cross_entropy(dense(global_avg_pool(h), 10), y)
+}"""
+CONV_FLOP = 2 * 32 * 64 * 32 * 32 * 32 * 9          # one 32->64 3x3 convolution over the batch
+CASES = ["lenet_train", "lenet_infer", "conv_step", "conv_fwd", "conv_wgrad"]
+REPS = {"lenet_train": 200, "lenet_infer": 3000, "conv_step": 20, "conv_fwd": 20, "conv_wgrad": 20}
+
+
+def timed(fn, reps: int, warm: int = None) -> float:
+    """Median seconds per call."""
+    for _ in range(warm if warm is not None else max(3, reps // 10)):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+# -- structc -------------------------------------------------------------------------
+
+def structc_cases(cases):
+    import numpy as np
+
+    import structc
+    rng = np.random.default_rng(0)
+    out = {}
+    if "lenet_train" in cases or "lenet_infer" in cases:
+        net = structc.compile(LENET)
+        x = rng.random((64, 1, 28, 28), dtype=np.float32)
+        y = rng.integers(0, 10, 64).astype(np.int32)
+        if "lenet_train" in cases:
+            out["lenet_train"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["lenet_train"])
+        if "lenet_infer" in cases:
+            x1 = x[:1].copy()
+            out["lenet_infer"] = timed(lambda: net(x=x1), REPS["lenet_infer"])
+    if "conv_step" in cases:
+        net = structc.compile(CONV_STEP)
+        x = rng.normal(size=(32, 32, 32, 32)).astype(np.float32)
+        y = rng.integers(0, 10, 32).astype(np.int32)
+        out["conv_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["conv_step"])
+    if "conv_fwd" in cases:
+        net = _op_net("conv2d", [(32, 32, 32, 32), (64, 32, 3, 3), (64, 1, 1)], {"padding": (1, 1, 1, 1)},
+                      post=lambda b, z, bias: b.relu(z + bias))
+        out["conv_fwd"] = timed(net.forward, REPS["conv_fwd"])
+    if "conv_wgrad" in cases:
+        net = _op_net("conv2d_kernel_grad", [(32, 32, 32, 32), (32, 64, 32, 32)],
+                      {"kernel": (3, 3), "padding": (1, 1, 1, 1)})
+        out["conv_wgrad"] = timed(net.forward, REPS["conv_wgrad"])
+    return out
+
+
+def _op_net(opname, shapes, attrs, post=None):
+    """A compiled model computing one op on random parameters (the op's operands)."""
+    from structc.build import ModelDef, ParamSpec
+    from structc.compiler import compile_model
+    from structc.graph import Builder, Graph
+    from structc.model import Net
+    from structc.native import JitModule, host_target
+    from structc.ops import REGISTRY
+    from structc.types import TensorType
+    g = Graph("bench")
+    b = Builder(g)
+    params, operands = {}, []
+    for k, shape in enumerate(shapes):
+        t = TensorType(shape, "f32")
+        init = ("normal", (1.0,))
+        nid = g.add(REGISTRY["param"], (), {"name": f"p{k}", "type": t, "init": init}, type=t)
+        g.params[f"p{k}"] = nid
+        params[f"p{k}"] = ParamSpec(f"p{k}", t, init)
+        operands.append(b.value(nid))
+    n_op = len(REGISTRY[opname].signature()[0])
+    out = b.apply(opname, *operands[:n_op], **attrs)
+    if post is not None:
+        out = post(b, out, *operands[n_op:])
+    g.outputs = {"out": out.id}
+    art = compile_model(ModelDef("bench", g, {}, params, [], False))
+    return Net(art.meta, JitModule(art.object, host_target()))
+
+
+# -- PyTorch ---------------------------------------------------------------------------
+
+def torch_cases(cases, threads):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    out = {}
+    if "lenet_train" in cases or "lenet_infer" in cases:
+        m = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84),
+                          nn.ReLU(), nn.Linear(84, 10))
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        if "lenet_train" in cases:
+            out["lenet_train"] = timed(step, REPS["lenet_train"])
+        if "lenet_infer" in cases:
+            x1 = x[:1].clone()
+
+            def infer():
+                with torch.inference_mode():
+                    m(x1)
+            out["lenet_infer"] = timed(infer, REPS["lenet_infer"])
+    if "conv_step" in cases:
+        m = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10))
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        x, y = torch.randn(32, 32, 32, 32), torch.randint(0, 10, (32,))
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        out["conv_step"] = timed(step, REPS["conv_step"])
+    if "conv_fwd" in cases or "conv_wgrad" in cases:
+        x, w, bias = torch.randn(32, 32, 32, 32), torch.randn(64, 32, 3, 3), torch.randn(64)
+        g = torch.randn(32, 64, 32, 32)
+        if "conv_fwd" in cases:
+            def fwd():
+                with torch.inference_mode():
+                    F.relu(F.conv2d(x, w, bias, padding=1))
+            out["conv_fwd"] = timed(fwd, REPS["conv_fwd"])
+        if "conv_wgrad" in cases:
+            def wgrad():
+                torch.ops.aten.convolution_backward(g, x, w, [64], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                    [False, True, False])
+            out["conv_wgrad"] = timed(wgrad, REPS["conv_wgrad"])
+    return out
+
+
+# -- the FMA peak ------------------------------------------------------------------------
+
+def fma_peak() -> float:
+    """GFLOP/s of one core running 24 independent chains of 16-lane FMAs."""
+    import ctypes
+
+    import llvmlite.binding as llvm
+    from llvmlite import ir
+
+    from structc.native import host_target, optimize
+    target = host_target()
+    vw = target.vector_width
+    f32 = ir.FloatType()
+    vt = ir.VectorType(f32, vw)
+    i64 = ir.IntType(64)
+    mod = ir.Module("peak")
+    mod.triple = target.triple
+    fma = ir.Function(mod, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{vw}f32")
+    fn = ir.Function(mod, ir.FunctionType(f32, [i64]), "peak")
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    mul = ir.Constant(vt, [ir.Constant(f32, 0.999999)] * vw)
+    add = ir.Constant(vt, [ir.Constant(f32, 1e-7)] * vw)
+    b.branch(loop)
+    b.position_at_end(loop)
+    i = b.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    accs = []
+    for k in range(24):
+        phi = b.phi(vt)
+        phi.add_incoming(ir.Constant(vt, [ir.Constant(f32, k * 0.01)] * vw), entry)
+        accs.append(phi)
+    new = [b.call(fma, [a, mul, add]) for a in accs]
+    for phi, v in zip(accs, new):
+        phi.add_incoming(v, loop)
+    nxt = b.add(i, ir.Constant(i64, 1))
+    i.add_incoming(nxt, loop)
+    b.cbranch(b.icmp_signed("<", nxt, fn.args[0]), loop, done)
+    b.position_at_end(done)
+    total = new[0]
+    for v in new[1:]:
+        total = b.fadd(total, v)
+    b.ret(b.extract_element(total, ir.Constant(ir.IntType(32), 0)))
+    m, tm = optimize(str(mod), target)
+    engine = llvm.create_mcjit_compiler(m, tm)
+    engine.finalize_object()
+    call = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_int64)(engine.get_function_address("peak"))
+    iters = 20_000_000
+    best = min(timed(lambda: call(iters), 1, warm=1) for _ in range(5))
+    return iters * 24 * vw * 2 / best / 1e9
+
+
+# -- driver --------------------------------------------------------------------------------
+
+def worker(args) -> None:
+    cases = args.cases.split(",")
+    if args.framework == "structc":
+        import structc
+        structc.set_num_threads(args.threads)
+        result = structc_cases(cases)
+    elif args.framework == "torch":
+        result = torch_cases(cases, args.threads)
+    else:
+        result = {"fma_peak": fma_peak()}
+    print(json.dumps(result))
+
+
+def run(framework: str, threads: int, cases: list[str]) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="1073741824",
+               STRUCTC_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--worker", framework, "--threads", str(threads), "--cases", ",".join(cases)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{framework} ({threads} threads) failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--worker", choices=["structc", "torch", "peak"], dest="framework")
+    args, _ = ap.parse_known_args(argv)
+    if args.framework:
+        args.threads = args.threads[0]
+        worker(args)
+        return 0
+    cases = args.cases.split(",")
+    frameworks = ["structc"] + (["torch"] if have_torch() else [])
+    samples: dict = {}
+    peaks = []
+    for r in range(args.rounds):
+        peaks.append(run("peak", 1, [])["fma_peak"])
+        for threads in args.threads:
+            for fw in frameworks:
+                for case, sec in run(fw, threads, cases).items():
+                    samples.setdefault((case, threads, fw), []).append(sec)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    peak = statistics.median(peaks)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"FMA peak, one core: {peak:.0f} GFLOP/s (median of {len(peaks)})\n")
+    print("| case | threads | structc | PyTorch | structc / PyTorch | structc conv GFLOP/s (% of peak) |")
+    print("|---|---|---|---|---|---|")
+    for case in cases:
+        for threads in args.threads:
+            s = med.get((case, threads, "structc"))
+            t = med.get((case, threads, "torch"))
+            unit, scale = ("µs", 1e6) if case == "lenet_infer" else ("ms", 1e3)
+            ratio = f"{s / t:.2f}" if t else "–"
+            rate = ""
+            if case in ("conv_fwd", "conv_wgrad"):
+                g = CONV_FLOP / s / 1e9
+                rate = f"{g:.0f} ({100 * g / (peak * threads):.0f}%)"
+            elif case == "conv_step":
+                g = 2 * CONV_FLOP / s / 1e9
+                rate = f"{g:.0f} (fwd + kernel grad over the step)"
+            tt = f"{t * scale:.3g} {unit}" if t else "–"
+            print(f"| {case} | {threads} | {s * scale:.3g} {unit} | {tt} | {ratio} | {rate} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
