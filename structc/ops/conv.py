@@ -58,6 +58,7 @@ def out_size(n: int, k: int, s: int, lo: int, hi: int, d: int = 1) -> int:
 
 def _hw(t: TensorType, what: str) -> tuple[int, int]:
     expect(t.rank == 4, f"{what} must be [batch, channels, height, width], got {t}")
+    expect(t.dtype == "f32", f"{what} must be f32, got {t}")
     expect(all(isinstance(d, int) for d in t.shape[1:]),
            f"{what} needs static channels, height and width, got {t}")
     return t.shape[2], t.shape[3]
@@ -281,9 +282,10 @@ def _ints(ctx, v, what: str, count: int, allow_zero: bool = False) -> tuple[int,
     low = 0 if allow_zero else 1
     if len(vals) != count or any(p < low for p in vals):
         from ..errors import SnetTypeError
-        shape = "x".join(["a"] * min(count, 2)) if count <= 2 else ",".join("tblr")
+        like = {1: "", 2: ' or a string like "3x5" (height x width)',
+                4: ' or a string "top,bottom,left,right"'}[count]
         raise SnetTypeError(f"{ctx.fname}: {what} must be a{' non-negative' if allow_zero else ' positive'} "
-                            f"integer or a string like \"{shape}\", got {_show(v)}", ctx.span)
+                            f"integer{like}, got {_show(v)}", ctx.span)
     return vals
 
 
