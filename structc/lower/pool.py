@@ -115,6 +115,11 @@ def emit_scatter(kb, node, epilogue) -> None:
     g_id, i_id = node.inputs
     N, C, OH, OW = graph.nodes[g_id].shape
     H, W = node.attrs["plane"]
+    if node.attrs.get("size") is not None:
+        (kh, kw), (sh, sw) = pair(node.attrs["size"]), pair(node.attrs["stride"])
+        if sh >= kh and sw >= kw and W <= 16 * kb.vector_width:
+            _route_disjoint(kb, node, epilogue, (kh, kw), (sh, sw))
+            return
     scratch_id = epilogue.outputs[0]
 
     def tasks(cg):
@@ -190,3 +195,61 @@ def emit_gather(kb, node) -> None:
             with cg.loop(OH * OW, name="k") as k:
                 at = cg.iadd(cg.imul(p, H * W), b.sext(cg.load(I, cg.iadd(src, k), I32), I64))
                 cg.store(cg.load(X, at), D, cg.iadd(src, k))
+
+
+def _window_lanes(v: int, vw: int, sw: int, OW: int, W: int):
+    """For the vector of plane columns [v*vw, v*vw + vw): the first window
+    column j0, each lane's window relative to j0, and which lanes have one."""
+    j0 = v * vw // sw
+    rel = [(v * vw + l) // sw - j0 for l in range(vw)]
+    ok = [v * vw + l < W and (v * vw + l) // sw < OW for l in range(vw)]
+    return j0, rel, ok
+
+
+def _route_disjoint(kb, node, epilogue, size, stride) -> None:
+    """Disjoint windows: dx[h, w] = g[i, j] where idx[i, j] == (h, w), with
+    (i, j) = (h // sh, w // sw), the one window that can cover (h, w). Each
+    output row is computed in registers: a window row loaded once, its lanes
+    spread by a shuffle, and the group's epilogue applied as it is stored."""
+    graph = kb.graph
+    g_id, i_id = node.inputs
+    N, C, OH, OW = graph.nodes[g_id].shape
+    H, W = node.attrs["plane"]
+    sh, sw = stride
+    vw = kb.vector_width
+    nvec = -(-W // vw)
+    I1 = ir.IntType(1)
+
+    def tasks(cg):
+        return cg.imul(cg.dim(N), C * H)
+
+    with kb.kernel(f"route{node.id}", tasks, cost=4 * W) as (cg, lo, hi):
+        b = cg.b
+        G, I = cg.ptr(g_id), cg.ptr(i_id)
+        vt_i32 = ir.VectorType(I32, vw)
+        lanes = ir.Constant(vt_i32, [ir.Constant(I32, k) for k in range(vw)])
+        with cg.loop(hi, start=lo, name="row") as r:
+            h = b.srem(r, cg.i64(H))
+            plane = b.sdiv(r, cg.i64(H))
+            i = b.sdiv(h, cg.i64(sh))
+            has_window = b.icmp_signed("<", i, cg.i64(OH))
+            src = cg.iadd(cg.imul(plane, OH * OW), cg.imul(i, OW))
+            n, c = b.sdiv(plane, cg.i64(C)), b.srem(plane, cg.i64(C))
+            pos0 = cg.splat(b.trunc(cg.imul(h, W), I32), vw)
+            for v in range(nvec):
+                j0, rel, ok = _window_lanes(v, vw, sw, OW, W)
+                count = min(vw, OW - j0)
+                load_mask = b.and_(ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(k < count)) for k in range(vw)]),
+                                   cg.splat(has_window, vw))
+                spread = ir.Constant(ir.VectorType(I32, vw), [ir.Constant(I32, x) for x in rel])
+                gv = b.shuffle_vector(cg.load(G, cg.iadd(src, j0), F32, vw, load_mask),
+                                      ir.Constant(ir.VectorType(F32, vw), ir.Undefined), spread)
+                iv = b.shuffle_vector(cg.load(I, cg.iadd(src, j0), I32, vw, load_mask),
+                                      ir.Constant(vt_i32, ir.Undefined), spread)
+                here = b.add(pos0, b.add(lanes, ir.Constant(vt_i32, [ir.Constant(I32, v * vw)] * vw)))
+                hit = b.and_(b.icmp_signed("==", iv, here), cg.splat(has_window, vw))
+                hit = b.and_(hit, ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(x)) for x in ok]))
+                value = cg.select(hit, gv, cg.const(0.0, gv))
+                store_mask = ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(v * vw + l < W))
+                                                                  for l in range(vw)])
+                epilogue.emit(cg, [n, c, h, cg.i64(v * vw)], vw, store_mask, given={epilogue.anchor: value})

@@ -65,7 +65,7 @@ class MaxPool2d(Op):
 
     def vjp(self, b, g, out, x, *, size=(2, 2), stride=(2, 2)):
         idx = b.maxpool2d_argmax(x, size=pair(size), stride=pair(stride))
-        return [b.scatter_argmax(g, idx, plane=tuple(x.shape[2:]))]
+        return [b.scatter_argmax(g, idx, plane=tuple(x.shape[2:]), size=pair(size), stride=pair(stride))]
 
     def reference(self, x, *, size=(2, 2), stride=(2, 2)):
         return _windows(x, size, stride).max(axis=-1)
@@ -116,20 +116,25 @@ class MaxPool2dArgmax(Op):
 
 class ScatterArgmax(Op):
     """dx[n, c, p] = Σ of g[n, c, i, j] over the windows whose arg-max is p:
-    max-pooling's delta, routed to where each maximum came from."""
+    max-pooling's delta, routed to where each maximum came from.
+
+    `size` and `stride`, when given, say the indices come from those windows
+    (each lies in its own); if the windows do not overlap, every element of
+    dx has at most one window to read from, and the kernel gathers instead of
+    scattering."""
     name = "scatter_argmax"
     traits = frozenset({"epilogue"})
 
-    def shape(self, g, idx, *, plane) -> TensorType:
+    def shape(self, g, idx, *, plane, size=None, stride=None) -> TensorType:
         expect(g.rank == 4 and idx.rank == 4 and tuple(g.shape) == tuple(idx.shape),
                f"scatter_argmax needs a delta and indices of one shape, got {g} and {idx}")
         expect(idx.dtype == "i32", f"indices must be i32, got {idx}")
         return TensorType((g.shape[0], g.shape[1], *plane), g.dtype)
 
-    def vjp(self, b, h, out, g, idx, *, plane):
+    def vjp(self, b, h, out, g, idx, *, plane, size=None, stride=None):
         return [b.gather_argmax(h, idx), None]
 
-    def reference(self, g, idx, *, plane):
+    def reference(self, g, idx, *, plane, size=None, stride=None):
         n, c = g.shape[:2]
         out = np.zeros((n * c, plane[0] * plane[1]), g.dtype)
         flat_i = idx.reshape(n * c, -1).astype(np.int64)
@@ -141,6 +146,13 @@ class ScatterArgmax(Op):
         # random positions: several windows land on one element, as with overlapping windows
         return [Sample(((2, 3, 3, 3), ((2, 3, 3, 3), ("classes", 56))), {"plane": (7, 8)}),
                 Sample(((1, 2, 4, 4), ((1, 2, 4, 4), ("classes", 64))), {"plane": (8, 8)})]
+
+    def describe(self, attrs):
+        h, w = attrs["plane"]
+        text = f"plane={h}x{w}"
+        if attrs.get("size") is not None:
+            text += ", size=%dx%d, stride=%dx%d" % (pair(attrs["size"]) + pair(attrs["stride"]))
+        return text
 
     def lower(self, kb, node, epilogue):
         from ..lower.pool import emit_scatter
