@@ -19,9 +19,12 @@ contiguous axis) and register-tiled over output channels:
                       adding into per-lane partial sums; one horizontal sum per
                       weight at the end.
 
-Strided or input-dilated rows (strided convolutions and their input
-gradients) read their lanes with a masked gather. Every shape is static
-except the batch, so masks and offsets are mostly constants LLVM folds.
+Output rows narrower than the vectors are packed end to end (P rows per
+task, lanes [p*OW, (p+1)*OW) holding row p): LeNet's 8x8 and 24x24 planes
+fill every lane instead of half or three quarters. Strided or
+input-dilated rows (strided convolutions and their input gradients) read
+their lanes with a masked gather. Every shape is static except the batch,
+so masks and offsets are mostly constants LLVM folds.
 """
 from __future__ import annotations
 
