@@ -99,6 +99,16 @@ def test_native_conv_edge_shapes(xs, ws, attrs):
     check_native(REGISTRY["conv2d"], Sample((xs, ws), attrs))
 
 
+@pytest.mark.parametrize("xs, gs, attrs", [
+    ((2, 3, 4, 150), (2, 5, 4, 150), {"kernel": (3, 3), "padding": (1, 1, 1, 1)}),    # chunked rows
+    ((1, 8, 28, 28), (1, 32, 1, 1), {"kernel": (28, 28)}),     # partial sums too big: straight into dw
+    ((3, 2, 5, 5), (3, 40, 5, 5), {"kernel": (1, 1)}),          # many output-channel tiles
+    ((2, 3, 7, 20), (2, 4, 4, 7), {"kernel": (4, 5), "stride": (1, 3), "padding": (0, 0, 1, 2)}),
+])
+def test_native_kernel_grad_edge_shapes(xs, gs, attrs):
+    check_native(REGISTRY["conv2d_kernel_grad"], Sample((xs, gs), attrs))
+
+
 @FEW
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4),
        st.integers(1, 3), st.integers(1, 3), st.integers(0, 6), st.integers(0, 20))
