@@ -252,3 +252,14 @@ def test_out_size():
     assert out_size(9, 3, 2, 1, 1) == 5
     assert out_size(4, 3, 1, 2, 2, d=2) == 9
     assert out_size(2, 5, 1, 0, 0) == 0
+
+
+def test_digits_cnn_trains_to_97_percent(tmp_path, capsys):
+    from pathlib import Path
+
+    from structc.cli import main
+    example = Path(__file__).parent.parent / "examples" / "digits_cnn.snet"
+    assert main(["train", str(example), "--data", "digits", "--no-progress", "--out", str(tmp_path / "p.npz")]) == 0
+    text = capsys.readouterr().out
+    accuracy = float(text.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%"))
+    assert accuracy >= 97.0, text
