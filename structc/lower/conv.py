@@ -3,8 +3,8 @@
 Layout is NCHW throughout, vectorised along the output row (the widest
 contiguous axis) and register-tiled over output channels:
 
-  conv2d              a task is one output row of one image for a tile of OT
-                      output channels. OT x V vector accumulators (V vectors
+  conv2d              a task is one output row (or P packed rows, below) of one
+                      image for a tile of OT output channels. OT x V vector accumulators (V vectors
                       cover the row, or a chunk of it) sum over input channels
                       and kernel rows; per kernel column, V input vectors are
                       loaded once and each meets OT broadcast weights. Zero

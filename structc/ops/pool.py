@@ -28,7 +28,7 @@ def pool_shape(x: TensorType, size, stride) -> tuple[int, int]:
     H, W = _hw(x, "the input")
     kh, kw = pair(size)
     sh, sw = pair(stride)
-    expect(kh >= 1 and kw >= 1 and sh >= 1 and sw >= 1, f"pool size and stride must be positive")
+    expect(kh >= 1 and kw >= 1 and sh >= 1 and sw >= 1, "pool size and stride must be positive")
     expect(kh <= H and kw <= W, f"window {kh}x{kw} is larger than the input {H}x{W} ({x})")
     return (H - kh) // sh + 1, (W - kw) // sw + 1
 
