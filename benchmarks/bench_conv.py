@@ -43,8 +43,8 @@ CASES = ["lenet_train", "lenet_infer", "conv_step", "conv_fwd", "conv_wgrad"]
 REPS = {"lenet_train": 200, "lenet_infer": 3000, "conv_step": 20, "conv_fwd": 20, "conv_wgrad": 20}
 
 
-def timed(fn, reps: int, warm: int = None) -> float:
-    """Median seconds per call."""
+def timed(fn, reps: int, warm: int = None) -> list:
+    """[median, best] seconds per call."""
     for _ in range(warm if warm is not None else max(3, reps // 10)):
         fn()
     ts = []
@@ -52,7 +52,7 @@ def timed(fn, reps: int, warm: int = None) -> float:
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return [statistics.median(ts), min(ts)]
 
 
 # -- structc -------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def fma_peak() -> float:
     engine.finalize_object()
     call = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_int64)(engine.get_function_address("peak"))
     iters = 20_000_000
-    best = min(timed(lambda: call(iters), 1, warm=1) for _ in range(5))
+    best = min(timed(lambda: call(iters), 1, warm=1)[1] for _ in range(5))
     return iters * 24 * vw * 2 / best / 1e9
 
 
@@ -272,33 +272,40 @@ def main(argv=None) -> int:
     frameworks = ["structc"] + (["torch"] if have_torch() else [])
     samples: dict = {}
     peaks = []
+    load_before = os.getloadavg()[0]
     for r in range(args.rounds):
         peaks.append(run("peak", 1, [])["fma_peak"])
         for threads in args.threads:
             for fw in frameworks:
-                for case, sec in run(fw, threads, cases).items():
-                    samples.setdefault((case, threads, fw), []).append(sec)
+                for case, (median, best) in run(fw, threads, cases).items():
+                    samples.setdefault((case, threads, fw), []).append((median, best))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     peak = statistics.median(peaks)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"FMA peak, one core: {peak:.0f} GFLOP/s (median of {len(peaks)})\n")
-    print("| case | threads | structc | PyTorch | structc / PyTorch | structc conv GFLOP/s (% of peak) |")
+    med = {k: statistics.median(m for m, _ in v) for k, v in samples.items()}
+    best = {k: min(b for _, b in v) for k, v in samples.items()}
+    print(f"FMA peak, one core: {peak:.0f} GFLOP/s (median of {len(peaks)}); load average "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds\n")
+    print("Times: median over rounds of each round's median call (best single call in brackets).\n")
+    print("| case | threads | structc | PyTorch | structc / PyTorch | structc GFLOP/s, median (best), % of peak |")
     print("|---|---|---|---|---|---|")
     for case in cases:
         for threads in args.threads:
-            s = med.get((case, threads, "structc"))
-            t = med.get((case, threads, "torch"))
+            key_s, key_t = (case, threads, "structc"), (case, threads, "torch")
             unit, scale = ("µs", 1e6) if case == "lenet_infer" else ("ms", 1e3)
-            ratio = f"{s / t:.2f}" if t else "–"
+
+            def show(key):
+                if key not in med:
+                    return "–"
+                return f"{med[key] * scale:.3g} ({best[key] * scale:.3g}) {unit}"
+            ratio = f"{med[key_s] / med[key_t]:.2f}" if key_t in med else "–"
             rate = ""
-            if case in ("conv_fwd", "conv_wgrad"):
-                g = CONV_FLOP / s / 1e9
-                rate = f"{g:.0f} ({100 * g / (peak * threads):.0f}%)"
-            elif case == "conv_step":
-                g = 2 * CONV_FLOP / s / 1e9
-                rate = f"{g:.0f} (fwd + kernel grad over the step)"
-            tt = f"{t * scale:.3g} {unit}" if t else "–"
-            print(f"| {case} | {threads} | {s * scale:.3g} {unit} | {tt} | {ratio} | {rate} |")
+            flop = {"conv_fwd": CONV_FLOP, "conv_wgrad": CONV_FLOP, "conv_step": 2 * CONV_FLOP}.get(case)
+            if flop:
+                g, gb = flop / med[key_s] / 1e9, flop / best[key_s] / 1e9
+                rate = f"{g:.0f} ({gb:.0f}), {100 * g / (peak * threads):.0f}% ({100 * gb / (peak * threads):.0f}%)"
+                if case == "conv_step":
+                    rate += " of the two convolutions"
+            print(f"| {case} | {threads} | {show(key_s)} | {show(key_t)} | {ratio} | {rate} |")
     return 0
 
 
