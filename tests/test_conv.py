@@ -116,9 +116,21 @@ def test_pools(n, c, kh, kw, sh, sw, extra_h, extra_w):
     shape = (n, c, kh + extra_h, kw + extra_w)
     for op in ("maxpool2d", "avgpool2d"):
         sample = Sample((shape,), {"size": (kh, kw), "stride": (sh, sw)})
-        check_vjp(REGISTRY[op], sample)
+        check_vjp(REGISTRY[op], sample, seed=_clear_of_ties(sample))
         check_native(REGISTRY[op], sample)
     check_native(REGISTRY["maxpool2d_argmax"], Sample((shape,), {"size": (kh, kw), "stride": (sh, sw)}))
+
+
+def _clear_of_ties(sample):
+    """A seed whose data has no window with its two largest values within 1e-4
+    (finite differences across max-pooling's kink would not be a derivative)."""
+    from structc.ops.pool import _windows
+    for seed in range(100):
+        x = sample.arrays(np.random.default_rng(seed))[0]
+        top = np.sort(_windows(x, **sample.attrs), axis=-1)
+        if top.shape[-1] == 1 or np.min(top[..., -1] - top[..., -2]) > 1e-4:
+            return seed
+    raise AssertionError("no seed without near ties")
 
 
 def test_maxpool_routes_the_delta_to_the_first_maximum():
@@ -263,3 +275,4 @@ def test_digits_cnn_trains_to_97_percent(tmp_path, capsys):
     text = capsys.readouterr().out
     accuracy = float(text.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%"))
     assert accuracy >= 97.0, text
+
