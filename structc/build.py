@@ -47,6 +47,7 @@ class ModelDef:
     has_loss: bool
     source: str = ""
     file: str = ""
+    graphs: dict = field(default_factory=dict)     # graph inputs: name -> gnn.GraphSpec
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Word:
 # The prediction each loss implies, for models that declare no output.
 PREDICTIONS = {"cross_entropy": ("probs", "softmax"), "binary_cross_entropy": ("probs", "sigmoid"),
                "mse": ("pred", None)}
+PREDICTIONS["masked_cross_entropy"] = ("probs", "softmax")
 
 
 class Context:
@@ -111,6 +113,8 @@ class Context:
                 explicit = explicit.text
             if not isinstance(explicit, str) or not explicit.isidentifier():
                 raise SnetTypeError(f"{self.fname}: name must be an identifier, got {_show(explicit)}", self.span)
+            if self.mb.repeat_path:     # inside `repeat`: one layer per iteration
+                explicit = explicit + "".join(f"_{k}" for k in self.mb.repeat_path)
             if explicit in self.mb.layer_names:
                 raise SnetNameError(f"a layer named '{explicit}' already exists", self.span)
             self.mb.layer_names.add(explicit)
@@ -153,6 +157,8 @@ class ModelBuilder:
         self.outputs: dict[str, int] = {}
         self.implied_outputs: dict[str, int] = {}
         self.b = Builder(self.graph)
+        self.graphs: dict = {}              # graph inputs (structc.gnn)
+        self.repeat_path: tuple[int, ...] = ()
 
     # -- statements ------------------------------------------------------
     def build(self) -> ModelDef:
@@ -171,7 +177,7 @@ class ModelBuilder:
         for name, nid in named.items():
             g.outputs[name] = nid
         return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
-                        bool(self.losses), self.program.source, self.program.file)
+                        bool(self.losses), self.program.source, self.program.file, self.graphs)
 
     def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
         if name in self.env and (not rebind or name in self.inputs or name in self.params):
@@ -181,6 +187,9 @@ class ModelBuilder:
         self.defined_at.setdefault(name, span)
 
     def stmt_InputDecl(self, s: S.InputDecl) -> None:
+        if isinstance(s.type, S.GraphTypeExpr):
+            from .gnn import declare_graph
+            return declare_graph(self, s)
         t, classes = self.resolve_type(s.type, allow_symbols=True)
         nid = self.graph.add(REGISTRY["input"], (), {"name": s.name, "kind": s.kind, "type": t, "classes": classes},
                              s.span, type=t)
@@ -189,6 +198,8 @@ class ModelBuilder:
         self.inputs[s.name] = InputSpec(s.name, s.kind, t, classes, s.span)
 
     def stmt_ParamDecl(self, s: S.ParamDecl) -> None:
+        if isinstance(s.type, S.GraphTypeExpr):
+            raise SnetTypeError("a parameter must be a float tensor, not a graph", s.type.span)
         t, classes = self.resolve_type(s.type, allow_symbols=False)
         if classes:
             raise SnetTypeError("a parameter must be a float tensor, not class labels", s.type.span)
@@ -215,6 +226,20 @@ class ModelBuilder:
                                  s.value.span)
         self.losses.append(value)
 
+    def stmt_Repeat(self, s: S.Repeat) -> None:
+        if s.count < 1:
+            raise SnetSyntaxError("repeat needs a positive count", s.count_span)
+        for k in range(1, s.count + 1):
+            self.repeat_path = self.repeat_path + (k,)
+            try:
+                for stmt in s.body:
+                    if not isinstance(stmt, (S.Assign, S.LossStmt, S.Repeat)):
+                        raise SnetSyntaxError("only assignments, losses and repeats can be repeated; "
+                                              "declare inputs, parameters and outputs outside", stmt.span)
+                    getattr(self, "stmt_" + type(stmt).__name__)(stmt)
+            finally:
+                self.repeat_path = self.repeat_path[:-1]
+
     def stmt_OutputStmt(self, s: S.OutputStmt) -> None:
         if s.name in self.outputs:
             raise SnetNameError(f"output '{s.name}' is declared twice", s.name_span)
@@ -236,6 +261,9 @@ class ModelBuilder:
             if isinstance(d.value, str):
                 if not allow_symbols:
                     raise SnetShapeError(f"parameter shapes must be static; '{d.value}' is a symbol", d.span)
+                if "." in d.value:      # g.nodes: a size of a graph input
+                    from .gnn import check_size
+                    check_size(self, d)
                 self.symbols.add(d.value)
             elif d.value <= 0:
                 raise SnetShapeError("dimensions must be positive", d.span)
@@ -326,10 +354,24 @@ class ModelBuilder:
         return Builder(self.graph, e.span).neg(v)
 
     def eval_Index(self, e: S.Index):
+        index = self.eval(e.index)
+        hook = getattr(index, "snet_index", None)      # structured values: h[g.src]
+        if hook is not None:
+            return hook(self, self.eval(e.base), e)
         raise SnetTypeError("indexing is not supported in this model", e.span)
 
     def eval_Attr(self, e: S.Attr):
+        base = self.eval(e.base)
+        if isinstance(base, Word):
+            raise self.unknown_name(base)
+        hook = getattr(base, "snet_attr", None)        # structured inputs: g.x, g.edges
+        if hook is not None:
+            return hook(self, e)
         raise SnetTypeError("attribute access is not supported in this model", e.span)
+
+    def eval_Over(self, e: S.Over):
+        from .gnn import OverArg
+        return OverArg(self.eval(e.value), self.eval(e.domain), e.span)
 
     def eval_Call(self, e: S.Call):
         args = [self.eval(a) for a in e.args]
@@ -339,6 +381,9 @@ class ModelBuilder:
                 raise SnetSyntaxError(f"argument '{kw.name}' given twice", kw.span)
             kwargs[kw.name] = self.eval(kw.value)
         ctx = Context(self, e.span, e.func)
+        if any(type(a).__name__ == "OverArg" for a in args):     # sum(m over g.edges)
+            from .gnn import aggregate
+            return aggregate(ctx, e.func, args, kwargs, e)
         if e.func in SURFACE:
             fn = SURFACE[e.func]
             try:

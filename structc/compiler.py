@@ -10,6 +10,7 @@ it. Any stage can be printed with `dump`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -26,10 +27,11 @@ from .lower.module import Target, lower_entry
 from .native import compile_object, host_target
 from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
+from .passes.message import PREPARE, prepare
 from .passes.plan import Plan, param_layout, plan_memory
 from .syntax import format_program, parse
 
-STAGES = ["ast", "graph", "train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
+STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
 
 
@@ -105,6 +107,9 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     target = target or host_target()
     times = {}
     t0 = time.perf_counter()
+    # Rewrites that must precede differentiation (message passing: aggregate first).
+    forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
+    mdef = dataclasses.replace(mdef, graph=forward)
     shapes = {name: p.type.shape for name, p in mdef.params.items()}
     offsets, param_size = param_layout(shapes)
 
@@ -151,6 +156,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "params": [{"name": p.name, "shape": list(p.type.shape), "offset": offsets[p.name],
                     "init": [p.init[0], list(p.init[1])]} for p in mdef.params.values()],
         "param_size": param_size,
+        "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "entries": entries,
     }

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from . import _runtime
+from .graphs import Binder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
                         N_HYPER, WEIGHT_DECAY)
@@ -82,6 +83,7 @@ class Net:
         self._hyper = _aligned_zeros(N_HYPER)
         self._hyper_addr = self._hyper.ctypes.data
         self._local = threading.local()
+        self._graph_inputs = Binder.from_meta(meta)      # None unless the model takes graphs
         self.optimizer = "sgd"
         self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
         self._step = 0
@@ -115,12 +117,14 @@ class Net:
     # -- calling -------------------------------------------------------------
     def _bind(self, entry: _Entry, given: Mapping[str, object]) -> tuple[list, dict]:
         """Check inputs; return the arrays (converted where lossless) and the dims."""
+        dims: dict[str, int] = {}
+        if self._graph_inputs is not None:      # a graph becomes its arrays and sizes
+            given = self._graph_inputs.expand(given, dims)
         if len(given) != len(entry.inputs) or any(name not in self._inputs for name in given):
             for name in given:
                 if name not in self._inputs:
                     known = ", ".join(self._inputs) or "none"
                     raise TypeError(f"{self.name} has no input '{name}' (inputs: {known})")
-        dims: dict[str, int] = {}
         arrays = []
         for spec in entry.inputs:
             value = given.get(spec.name)

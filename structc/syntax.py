@@ -81,6 +81,14 @@ class Attr:
     span: Span
 
 
+@dataclass
+class Over:
+    """`value over domain` as a call's argument: `sum(dense(h, 64) over g.edges)`."""
+    value: "Expr"
+    domain: "Expr"
+    span: Span
+
+
 Expr = Union[Number, String, Name, Call, BinOp, Neg, Index, Attr]
 
 
@@ -104,7 +112,15 @@ class ClassTypeExpr:
     span: Span
 
 
-TypeExpr = Union[TensorTypeExpr, ClassTypeExpr]
+@dataclass
+class GraphTypeExpr:
+    """`graph(features=32, edge_features=4, edge_types=3)`."""
+    options: list[Keyword]
+    span: Span
+    dims: list[Dim] = field(default_factory=list)
+
+
+TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr]
 
 
 @dataclass
@@ -147,7 +163,16 @@ class OutputStmt:
     name_span: Span
 
 
-Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt]
+@dataclass
+class Repeat:
+    """`repeat k { ... }`: the body k times, each time with layers of its own."""
+    count: int
+    body: list["Stmt"]
+    span: Span
+    count_span: Span
+
+
+Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat]
 
 
 @dataclass
@@ -238,6 +263,27 @@ class _ToAst(Transformer):
     def class_type(self, meta, c):
         *dims, classes = c
         return ClassTypeExpr([d for d in dims if d is not None], int(classes), self._span(meta))
+
+    @v_args(meta=True)
+    def repeat_stmt(self, meta, c):
+        count, *body = c
+        return Repeat(int(count), [s for s in body if s is not None], self._span(meta), self._tok(count))
+
+    @v_args(meta=True)
+    def graph_type(self, meta, c):
+        options = [a for a in c if a is not None]
+        for a in options:
+            if not isinstance(a, Keyword):
+                raise SnetSyntaxError("graph(...) takes options such as features=32", a.span)
+        return GraphTypeExpr(options, self._span(meta))
+
+    def dotted_dim(self, c):
+        base, attr = c
+        return Dim(f"{base}.{attr}", Span(self.file, base.line, base.column, attr.end_line, attr.end_column))
+
+    @v_args(meta=True)
+    def over(self, meta, c):
+        return Over(c[0], c[1], self._span(meta))
 
     def dim(self, c):
         tok = c[0]
@@ -338,6 +384,8 @@ def _describe_token(tok: Token) -> str:
 _STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'"}
 # Tokens that could continue an expression; listing them rarely helps.
 _CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['"}
+_STATEMENT_STARTS |= {"'repeat'"}
+_CONTINUATIONS |= {"'over'"}
 
 
 def _expected_list(expected) -> str:
@@ -430,10 +478,14 @@ def unparse(e) -> str:
         return f"{unparse(e.base)}[{unparse(e.index)}]"
     if isinstance(e, Attr):
         return f"{unparse(e.base)}.{e.name}"
+    if isinstance(e, Over):
+        return f"{unparse(e.value)} over {unparse(e.domain)}"
     return f"<{type(e).__name__}>"
 
 
 def _type_text(t) -> str:
+    if isinstance(t, GraphTypeExpr):
+        return f"graph({', '.join(f'{k.name}={unparse(k.value)}' for k in t.options)})"
     dims = ", ".join(str(d.value) for d in t.dims)
     if isinstance(t, ClassTypeExpr):
         return f"class[{dims}] of {t.classes}"
@@ -442,10 +494,14 @@ def _type_text(t) -> str:
 
 def format_program(program: Program) -> str:
     lines = []
-    for m in program.models:
-        lines.append(f"Model {m.name}  @{m.span.line}:{m.span.col}")
-        for s in m.body:
+
+    def statements(body, indent):
+        for s in body:
             at = f"@{s.span.line}:{s.span.col}"
+            if isinstance(s, Repeat):
+                lines.append(f"{indent}Repeat {s.count}  {at}")
+                statements(s.body, indent + "  ")
+                continue
             if isinstance(s, InputDecl):
                 text = f"InputDecl {s.kind} {s.name}: {_type_text(s.type)}"
             elif isinstance(s, ParamDecl):
@@ -459,5 +515,9 @@ def format_program(program: Program) -> str:
                 text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
             else:
                 text = type(s).__name__
-            lines.append(f"  {text}  {at}")
+            lines.append(f"{indent}{text}  {at}")
+
+    for m in program.models:
+        lines.append(f"Model {m.name}  @{m.span.line}:{m.span.col}")
+        statements(m.body, "  ")
     return "\n".join(lines)

@@ -108,9 +108,12 @@ class Transpose(Op):
 
 
 @surface("dense")
-def dense(ctx, x, units, *, bias=True, init="glorot", name=None):
-    """dense(x, units): x @ W + b with W: [in, units] and b: [units]."""
+def dense(ctx, x, units, *, bias=True, init="glorot", name=None, per=None):
+    """dense(x, units): x @ W + b with W: [in, units] and b: [units]; per=g.type: one W, b per edge type."""
     from ..types import TensorType as T
+    if per is not None:
+        from ..gnn import typed_dense
+        return typed_dense(ctx, x, units, per, bias=bias, init=init, name=name)
     ctx.expect_tensor(x, "dense")
     if x.type.rank != 2:
         ctx.fail(f"dense expects a [batch, features] input, got {x.type}; use flatten(x) first")
