@@ -135,3 +135,13 @@ def load(name: str):
             raise FileNotFoundError(f"no such data file: {name}")
         return load_npz(name)
     raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a .npz file)")
+
+
+def _graph_data(loader: str) -> Callable[[], object]:
+    def load():
+        from . import graph_datasets
+        return getattr(graph_datasets, loader)()
+    return load
+
+
+DATASETS.update(karate=_graph_data("load_karate"), graph_families=_graph_data("load_graph_families"))

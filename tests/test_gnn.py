@@ -2,6 +2,8 @@
 float64 finite differences on drawn graphs (empty edge sets, isolated nodes,
 self loops, multi-edges, one node, batches, thousands of nodes), graph input
 checks, networkx input, and a CNN as message passing on a 2-D lattice."""
+from pathlib import Path
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -398,3 +400,38 @@ def _compare_with_conv2d(op, h_img, w_conv, z_img, u_img, dw):
     np.testing.assert_allclose(net(x=xp.astype(np.float32)), z_img, rtol=1e-4, atol=1e-4)
     _, grads = net.grad(x=xp.astype(np.float32), u=u_img.astype(np.float32))
     np.testing.assert_allclose(grads["w"], dw, rtol=1e-4, atol=1e-4)
+
+
+# -- the examples ----------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize("example, data, args, accuracy", [
+    ("karate_gcn.snet", "karate", ["--epochs", "100", "--optimizer", "adam", "--lr", "0.01"], 90.0),
+    ("graph_families.snet", "graph_families", ["--epochs", "30", "--optimizer", "adam", "--lr", "0.01"], 95.0),
+])
+def test_examples_train_to_their_stated_accuracy(example, data, args, accuracy, tmp_path, capsys):
+    from structc.cli import main
+    assert main(["train", str(EXAMPLES / example), "--data", data, *args, "--no-progress",
+                 "--out", str(tmp_path / "p.npz")]) == 0
+    text = capsys.readouterr().out
+    assert float(text.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%")) >= accuracy, text
+
+
+@pytest.mark.parametrize("example, data", [("karate_gcn.snet", "karate"), ("graph_families.snet", "graph_families")])
+def test_example_gradients_on_real_graphs(example, data):
+    from structc import graph_datasets
+    source = (EXAMPLES / example).read_text()
+    net, mdef = structc.compile(source), build_model(parse(source))
+    rng = np.random.default_rng(0)
+    if data == "karate":
+        ds = graph_datasets.load_karate().bind(net)
+        user = ds.feed(ds.train_mask)
+    else:
+        ds = graph_datasets.load_graph_families().bind(net)
+        user = {"g": batch(ds.graphs[:5]), "y": ds.labels[:5]}
+    arrays = Binder(net.meta["graphs"]).expand(user, {})
+    compare(net, mdef, user, arrays)
+    params = {k: rng.normal(scale=0.3, size=v.shape) for k, v in net.params.items()}
+    check_model_grads(mdef, arrays, params)
