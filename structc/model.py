@@ -231,11 +231,14 @@ class Net:
 
     @property
     def input_names(self) -> list[str]:
-        return list(self._inputs)
+        graphs = [g["name"] for g in self.meta.get("graphs", [])]
+        return graphs + [name for name, s in self._inputs.items() if s.kind != "graph"]
 
     def __repr__(self) -> str:
         n = sum(p.size for p in self.params.values())
-        ins = ", ".join(f"{s.name}: {s.describe()}" for s in self._inputs.values())
+        graphs = [f"{g['name']}: graph(features={g['features']}, edge_features={g['edge_features']}, "
+                  f"edge_types={g['edge_types']})" for g in self.meta.get("graphs", [])]
+        ins = ", ".join(graphs + [f"{s.name}: {s.describe()}" for s in self._inputs.values() if s.kind != "graph"])
         return f"<structc.Net {self.name}({ins}); {n} parameters>"
 
 
