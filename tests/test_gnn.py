@@ -169,6 +169,22 @@ def test_aggregate_first_rewrite_is_visible_and_exact(gnn, capsys, tmp_path):
     compare(net, mdef, user, Binder(net.meta["graphs"]).expand(user, {}))   # interpreter: not rewritten
 
 
+def test_linear_messages_read_per_edge_are_aggregated_per_node(capsys, tmp_path):
+    """dense(h[g.src]) is dense(h)[g.src]: no per-edge message survives the rewrites."""
+    from structc.cli import main
+    source = GNN.replace("sum(dense(h, 16) over g.edges)", "sum(dense(h[g.src], 16) |> tanh over g.edges)")
+    f = tmp_path / "src.snet"
+    f.write_text(source)
+    assert main(["compile", str(f), "--dump=graph", "--dump=graph.aggregate_first"]) == 0
+    before, after = capsys.readouterr().out.split(";; ---- graph.aggregate_first ----")
+    assert "gather_edges" in before and "gather_edges" not in after and "sum_edges" not in after
+    net, mdef = structc.compile(source, seed=4), build_model(parse(source))
+    rng = np.random.default_rng(10)
+    graph = random_graph(rng, 40, 160, features=6, edge_features=0, edge_types=0)
+    user = {"g": graph, "y": rng.integers(0, 3, 40).astype(np.int32)}
+    compare(net, mdef, user, Binder(net.meta["graphs"]).expand(user, {}))
+
+
 def test_new_graphs_need_no_recompilation(gnn):
     net, _ = gnn
     before = api.COMPILE_COUNT
