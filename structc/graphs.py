@@ -23,6 +23,7 @@ every call, so convert those once with `Graph(...)` / `batch(...)` yourself.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Iterable, Mapping
 
@@ -287,14 +288,23 @@ def as_graph(value) -> Graph:
 class Binder:
     """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
 
-    def __init__(self, specs: list[dict]):
+    def __init__(self, specs: list[dict], inputs: list[dict] = (), outputs: dict | None = None):
         self.specs = specs
         self.internal = {name for s in specs for name in s["arrays"].values()}
+        # Per-edge inputs and outputs are in the order the edges were given; native
+        # code keeps edges in CSR order, so their rows are permuted on the way in and out.
+        edges = {s["sizes"]["edges"]: s["name"] for s in specs}
+        self.edge_inputs = {i["name"]: edges[i["shape"][0]] for i in inputs
+                            if i["kind"] != "graph" and i["shape"] and i["shape"][0] in edges}
+        self.edge_outputs = {o["name"]: edges[o["shape"][0]] for o in (outputs or [])
+                             if o["shape"] and o["shape"][0] in edges}
+        self._local = threading.local()     # the graphs of this thread's current call
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Binder | None":
         specs = meta.get("graphs") or []
-        return cls(specs) if specs else None
+        outputs = [o for e in meta.get("entries", {}).values() for o in e["outputs"]]
+        return cls(specs, meta.get("inputs", []), outputs) if specs else None
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         for name in given:
@@ -302,6 +312,7 @@ class Binder:
                 graph = name.split(".", 1)[0]
                 raise TypeError(f"'{name}' is built by structc: pass the whole graph as {graph}=...")
         out = dict(given)
+        last = self._local.graphs = {}
         for spec in self.specs:
             name = spec["name"]
             if name not in out:
@@ -324,7 +335,26 @@ class Binder:
             dims[sizes["nodes"]], dims[sizes["edges"]], dims[sizes["graphs"]] = \
                 g.num_nodes, g.num_edges, g.num_graphs
             dims[sizes["nodes"] + "+1"], dims[sizes["graphs"] + "+1"] = g.num_nodes + 1, g.num_graphs + 1
+            last[name] = g
+        for name, graph in self.edge_inputs.items():
+            if name in out and out[name] is not None:
+                order = last[graph].order
+                arr = np.asarray(out[name])
+                if arr.ndim == 0 or arr.shape[0] != len(order):
+                    raise ValueError(f"input '{name}': expected one row per edge of '{graph}' ({len(order)}), "
+                                     f"got shape {arr.shape}")
+                out[name] = arr[order]
         return out
+
+    def restore(self, outputs: dict) -> dict:
+        """Per-edge outputs back in the order the edges were given."""
+        for name, graph in self.edge_outputs.items():
+            if name in outputs:
+                order = self._local.graphs[graph].order
+                back = np.empty_like(outputs[name])
+                back[order] = outputs[name]
+                outputs[name] = back
+        return outputs
 
     @staticmethod
     def _check(spec: dict, g: Graph) -> None:

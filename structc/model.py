@@ -187,6 +187,8 @@ class Net:
                                  self._hyper_addr, mode)
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
+        if self._graph_inputs is not None and self._graph_inputs.edge_outputs:
+            outs = self._graph_inputs.restore(outs)     # per-edge rows back in the given edge order
         return outs
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:

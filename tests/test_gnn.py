@@ -242,6 +242,25 @@ def test_networkx_graphs(gnn):
     assert d.num_edges == 4 and sorted(map(tuple, d.edge_index.T.tolist())) == [(0, 1), (0, 1), (1, 1), (2, 0)]
 
 
+def test_per_edge_inputs_and_outputs_keep_the_given_edge_order():
+    source = """model E {
+      input  g: graph(features=2, edge_features=3)
+      target t: f32[g.edges, 1]
+      output p = dense(concat(g.x[g.src], g.x[g.dst], g.e, axis=1), 1)
+      loss mse(p, t)
+    }"""
+    net = structc.compile(source)
+    rng = np.random.default_rng(11)
+    ei = rng.integers(0, 6, (2, 20))
+    x, ex, t = rng.normal(size=(6, 2)), rng.normal(size=(20, 3)), rng.normal(size=(20, 1))
+    g = Graph(ei, num_nodes=6, x=x, edge_x=ex)
+    assert g.order.tolist() != list(range(20))              # CSR order differs from the given one
+    want = np.concatenate([x[ei[0]], x[ei[1]], ex], axis=1) @ net.params["dense1.w"] + net.params["dense1.b"]
+    np.testing.assert_allclose(net(g=g), want, rtol=1e-5, atol=1e-6)
+    loss, _ = net.grad(g=g, t=t.astype(np.float32))
+    assert loss == pytest.approx(float(np.mean((want - t) ** 2)), rel=1e-5)
+
+
 def test_edge_features_follow_their_edges():
     ei = np.array([[0, 1, 2], [2, 0, 1]])
     g = Graph(ei, num_nodes=3, edge_x=[[10.0], [20.0], [30.0]])
