@@ -47,14 +47,14 @@ def _ints(value, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _floats(value, what: str, rows: int) -> np.ndarray:
+def _floats(value, what: str, rows: int, per: str = "node") -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{what} must be numbers, got dtype {arr.dtype}")
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[0] != rows:
-        raise ValueError(f"{what} must have shape [{rows}, features], got {arr.shape}")
+        raise ValueError(f"{what} must have shape [{rows}, features] (one row per {per}), got {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{what} contain NaN or infinity")
     return _readonly(arr.astype(np.float32))
@@ -95,8 +95,7 @@ class Graph:
              "eid_t": order_t}
         self.order = _readonly(order)
         self.x = None if x is None else _floats(x, "node features x", n)
-        self.edge_x = None if edge_x is None else _floats(np.asarray(edge_x)[order] if m else edge_x,
-                                                          "edge features edge_x", m)
+        self.edge_x = None if edge_x is None else _readonly(_floats(edge_x, "edge features edge_x", m, "edge")[order])
         self.max_type = -1
         if edge_type is not None:
             t = _ints(edge_type, "edge_type").reshape(-1)
@@ -148,7 +147,7 @@ class Graph:
             src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
             pick = np.concatenate([pick, back])
 
-        def attribute(spec, table, what, required=False):
+        def attribute(spec, table):
             if spec is None:
                 return None
             if isinstance(spec, str):
@@ -157,9 +156,9 @@ class Graph:
                 return None
             return np.asarray(spec)
 
-        xv = attribute(x, [G.nodes[v] for v in nodes], "x")
-        ex = attribute(edge_x, data, "edge_x")
-        et = attribute(edge_type, data, "edge_type")
+        xv = attribute(x, [G.nodes[v] for v in nodes])
+        ex = attribute(edge_x, data)
+        et = attribute(edge_type, data)
         if ex is not None and len(ex) == len(edges):
             ex = np.asarray(ex)[pick]
         if et is not None and len(et) == len(edges):
@@ -173,8 +172,7 @@ class Graph:
         if x is not None:
             other.x = _floats(x, "node features x", self.num_nodes)
         if edge_x is not None:
-            ex = np.asarray(edge_x)
-            other.edge_x = _floats(ex[self.order] if self.num_edges else ex, "edge features edge_x", self.num_edges)
+            other.edge_x = _readonly(_floats(edge_x, "edge features edge_x", self.num_edges, "edge")[self.order])
         return other
 
     @property
