@@ -425,7 +425,9 @@ def _compare_with_conv2d(op, h_img, w_conv, z_img, u_img, dw):
         g.params["b"] = g.add(REGISTRY["param"], (), {"name": "b", "type": tb, "init": ("zeros", ())}, type=tb)
         operands.append(b.value(g.params["b"]))
         params["b"] = ParamSpec("b", tb, ("zeros", ()))
-    y = b.apply("conv2d", *operands)
+    _, options = op.signature()     # the input is padded already: no padding, stride 1
+    attrs = {k: v for k, v in (("padding", 0), ("pad", 0), ("stride", 1)) if k in options and options[k] is None}
+    y = b.apply("conv2d", *operands, **attrs)
     assert tuple(y.shape) == z_img.shape, f"conv2d defaults are not stride 1 / no padding: {y.type}"
     g.outputs = {"y": y.id, "loss": b.sum(y * b.value(u), axes=(0, 1, 2, 3)).id}
     mdef = ModelDef("conv", g, {"x": InputSpec("x", "input", tx), "u": InputSpec("u", "target", tu)}, params, [], True)
