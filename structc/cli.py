@@ -33,7 +33,8 @@ def cmd_check(args) -> int:
     for name in names:
         mdef = build_model(program, name)
         n = sum(p.type.size().coef for p in mdef.params.values())
-        ins = ", ".join(f"{s.name}: {s.type}" for s in mdef.inputs.values())
+        ins = ", ".join([f"{name}: {spec}" for name, spec in mdef.graphs.items()] +
+                        [f"{s.name}: {s.type}" for s in mdef.inputs.values() if s.kind != "graph"])
         outs = ", ".join(k for k in mdef.graph.outputs)
         print(f"{file}: model {mdef.name}({ins}) -> {outs}: ok, {len(mdef.params)} parameter tensors, {n} values")
     return 0

@@ -75,6 +75,10 @@ class GraphSpec:
                 ("nptr", TensorType((f"{n}+1",), "i32")), ("graph", TensorType((n,), "i32"))]
         return out
 
+    def __str__(self) -> str:
+        opts = [f"{k}={getattr(self, k)}" for k in OPTIONS if getattr(self, k)]
+        return f"graph({', '.join(opts)})"
+
     def meta(self) -> dict:
         return {"name": self.name, "features": self.features, "edge_features": self.edge_features,
                 "edge_types": self.edge_types, "arrays": {role: f"{self.name}.{role}" for role, _ in self.arrays()},

@@ -238,8 +238,8 @@ class Net:
 
     def __repr__(self) -> str:
         n = sum(p.size for p in self.params.values())
-        graphs = [f"{g['name']}: graph(features={g['features']}, edge_features={g['edge_features']}, "
-                  f"edge_types={g['edge_types']})" for g in self.meta.get("graphs", [])]
+        graphs = [f"{g['name']}: graph(" + ", ".join(f"{k}={g[k]}" for k in ("features", "edge_features", "edge_types")
+                                                   if g[k]) + ")" for g in self.meta.get("graphs", [])]
         ins = ", ".join(graphs + [f"{s.name}: {s.describe()}" for s in self._inputs.values() if s.kind != "graph"])
         return f"<structc.Net {self.name}({ins}); {n} parameters>"
 
