@@ -11,3 +11,4 @@ __version__ = "0.1.0"
 from .api import compile  # noqa: E402,F401,A001
 from .model import Net  # noqa: E402,F401
 from .native import get_num_threads, set_num_threads  # noqa: E402,F401
+from .ship import load  # noqa: E402,F401
