@@ -352,6 +352,9 @@ class CG:
             self._cache[key] = self.eb.load(self.eb.gep(base, [ir.Constant(I64, index)], source_etype=F32), typ=F32)
         return self._cache[key]
 
+    def partials(self, nid: int) -> ir.Value:
+        return self.slot(self.layout.partials[nid], PTR)
+
     def arena(self, kind: str) -> ir.Value:
         return self.slot(self.layout.arenas[kind], PTR)
 
