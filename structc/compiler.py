@@ -31,6 +31,9 @@ from .passes.message import PREPARE, prepare
 from .passes.plan import Plan, param_layout, plan_memory
 from .syntax import format_program, parse
 
+#: bumped whenever the calling convention or the metadata of compiled code changes
+ABI_VERSION = 1
+
 STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
 
@@ -41,6 +44,7 @@ class Artifact:
     object: bytes
     llvm_ir: str = ""
     timings: dict = field(default_factory=dict)
+    jit: bool = True     # False: position-independent, for a shared library
 
 
 def compiler_fingerprint() -> str:
@@ -103,7 +107,8 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
 
 
 def compile_model(mdef: ModelDef, target: Target | None = None,
-                  dump: Callable[[str, str], None] | None = None) -> Artifact:
+                  dump: Callable[[str, str], None] | None = None, jit: bool = True) -> Artifact:
+    """`jit=False` makes position-independent code for a shared library."""
     target = target or host_target()
     times = {}
     t0 = time.perf_counter()
@@ -138,7 +143,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     if dump:
         dump("llvm", llvm_ir)
     t1 = time.perf_counter()
-    obj = compile_object(llvm_ir, target)
+    obj = compile_object(llvm_ir, target, jit)
     times["llvm"] = time.perf_counter() - t1
     if dump:
         from .native import assembly, optimized_ir
@@ -147,6 +152,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
 
     meta = {
         "structc": compiler_fingerprint(),
+        "abi": ABI_VERSION,
         "model": mdef.name,
         "file": mdef.file,
         "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
@@ -160,18 +166,18 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "n_hyper": N_HYPER,
         "entries": entries,
     }
-    return Artifact(meta, obj, llvm_ir, times)
+    return Artifact(meta, obj, llvm_ir, times, jit)
 
 
 def compile_source(source: str, file: str = "<source>", model: str | None = None,
-                   target: Target | None = None, dump=None) -> Artifact:
+                   target: Target | None = None, dump=None, jit: bool = True) -> Artifact:
     program = parse(source, file)
     if dump:
         dump("ast", format_program(program))
     mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump)
+    return compile_model(mdef, target, dump, jit)
 
 
 def cache_key(source: str, model: str | None, target: Target, options: dict | None = None) -> str:

@@ -3,7 +3,10 @@
   1. An elementwise node whose only user is an elementwise node of the same
      shape joins that user's group: chains like bias + activation, or the
      backward `g * (y > 0)`, run in registers.
-  2. A matmul absorbs an elementwise group that consumes its result at the
+  2. A sum over everything (a loss) joins the elementwise group computing
+     its operand: the loop accumulates as it goes, so the summed values are
+     never stored. (Such a group is not also put into a matmul epilogue.)
+  3. A matmul absorbs the elementwise groups that consume its result at the
      same shape, as its epilogue: bias, activation and the activation's
      derivative mask are applied to the tile before it is stored.
 Nodes that are constants are inlined wherever used; views and sources get
@@ -56,7 +59,21 @@ def fuse(g: Graph) -> Graph:
         merge(ug, gr)
         ug.anchor = nid if order.index(nid) < order.index(ug.anchor) else ug.anchor
 
-    # 2. elementwise consumers of a matmul into its epilogue
+    # 2. full reductions into the elementwise group producing their operand
+    for nid in order:
+        node = g.nodes[nid]
+        if "reduction" not in node.op.traits or nid not in group or node.type.rank != 0:
+            continue
+        src = node.inputs[0]
+        sg = group.get(src)
+        if sg is None or sg.kind != "elementwise" or group[nid] is sg:
+            continue
+        if g.nodes[src].shape != g.nodes[sg.anchor].shape or len(g.nodes[src].shape) == 0:
+            continue
+        merge(sg, group[nid])
+        sg.reductions.append(nid)
+
+    # 3. elementwise consumers of a matmul into its epilogue
     for nid in order:
         gr = group.get(nid)
         if gr is None or gr.kind != "epilogue" or gr.anchor != nid:
@@ -67,10 +84,9 @@ def fuse(g: Graph) -> Graph:
                 continue
             if any(g.nodes[m].shape != g.nodes[nid].shape for m in ug.members):
                 continue
-            if _would_cycle(g, nid, ug, group):
+            if ug.reductions or _would_cycle(g, nid, ug, group):
                 continue
             merge(gr, ug)
-            break
 
     groups = {id(gr): gr for gr in group.values()}.values()
     pos = {nid: k for k, nid in enumerate(order)}
