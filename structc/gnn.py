@@ -239,6 +239,7 @@ def declare_graph(mb, s: S.InputDecl) -> None:
         mb.graph.inputs[name] = ids[role]
         mb.inputs[name] = InputSpec(name, "graph", t, 0, s.span)
         mb.symbols.update(d for d in t.shape if isinstance(d, str))
+    mb.symbols.update(spec.sizes.values())     # g.graphs too: readouts have a row per graph
     mb.define(s.name, s.name_span, GraphInput(mb, spec, ids), rebind=False)
     mb.graphs[s.name] = spec
 

@@ -40,7 +40,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _ints(value, what: str) -> np.ndarray:
     arr = np.asarray(value)
-    if arr.size == 0:
+    if arr.size == 0 and arr.dtype.kind in "iufb":      # an empty list is fine whatever numpy made of it
         return arr.astype(np.int64).reshape(arr.shape)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")

@@ -2,6 +2,7 @@
 float64 finite differences on drawn graphs (empty edge sets, isolated nodes,
 self loops, multi-edges, one node, batches, thousands of nodes), graph input
 checks, networkx input, and a CNN as message passing on a 2-D lattice."""
+import shutil
 from pathlib import Path
 
 import networkx as nx
@@ -183,6 +184,13 @@ def test_linear_messages_read_per_edge_are_aggregated_per_node(capsys, tmp_path)
     graph = random_graph(rng, 40, 160, features=6, edge_features=0, edge_types=0)
     user = {"g": graph, "y": rng.integers(0, 3, 40).astype(np.int32)}
     compare(net, mdef, user, Binder(net.meta["graphs"]).expand(user, {}))
+
+
+def test_graph_level_output_without_a_graph_level_target():
+    net = structc.compile("model R { input g: graph(features=2)\n output r = concat(sum(g.x over g.nodes), "
+                          "max(g.x over g.nodes), axis=1) }")
+    parts = [Graph([[0], [1]], num_nodes=2, x=[[1, 2], [3, -4]]), Graph([[0], [0]], num_nodes=1, x=[[5, 6]])]
+    np.testing.assert_allclose(net(g=batch(parts)), [[4, -2, 3, 2], [5, 6, 5, 6]])
 
 
 def test_new_graphs_need_no_recompilation(gnn):
@@ -472,3 +480,29 @@ def test_example_gradients_on_real_graphs(example, data):
     compare(net, mdef, user, arrays)
     params = {k: rng.normal(scale=0.3, size=v.shape) for k, v in net.params.items()}
     check_model_grads(mdef, arrays, params)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None,
+                    reason="no C compiler to link a shared library")
+def test_a_shipped_graph_model_takes_graphs(tmp_path):
+    from structc.cli import main
+    assert main(["compile", str(EXAMPLES / "karate_gcn.snet"), "-o", str(tmp_path / "k.so")]) == 0
+    shipped, jit = structc.load(tmp_path / "k.so", seed=5), structc.compile(EXAMPLES / "karate_gcn.snet", seed=5)
+    G = nx.karate_club_graph()
+    g = Graph.from_networkx(G, x=np.eye(34))
+    np.testing.assert_array_equal(shipped(g=g), jit(g=g))
+    mask, y = np.ones(34, np.float32), np.array([G.nodes[v]["club"] == "Officer" for v in G], np.int32)
+    assert shipped.train_step(g=g, y=y, train=mask, lr=0.1) == jit.train_step(g=g, y=y, train=mask, lr=0.1)
+
+
+def test_invalid_graphs_raise_only_value_or_type_errors():
+    """Thousands of malformed graphs (a subprocess, so a crash fails the test)."""
+    import ast
+    import subprocess
+    import sys
+    script = Path(__file__).parent / "fuzz" / "graph_boundary.py"
+    result = subprocess.run([sys.executable, str(script), "4000", "0"], capture_output=True, text=True)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    outcomes = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert sum(outcomes.values()) == 4000
+    assert outcomes["ValueError"] > 500 and outcomes["TypeError"] > 500 and outcomes["ok"] > 100
