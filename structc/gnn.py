@@ -158,7 +158,7 @@ class Endpoint:
         g = self.graph.spec
         if not isinstance(base, Value):
             raise SnetTypeError(f"only a node tensor can be read at {g.name}.{self.end}, got {_show(base)}", e.span)
-        _node_tensor(base, g, e.span, f"{unparse_short(e)}")
+        _node_tensor(base, g, e.span, S.unparse(e))
         b = Builder(mb.graph, e.span)
         return b.gather_edges(*self.graph.edges(b), base, end=self.end)
 
@@ -198,10 +198,6 @@ class OverArg:
 
 def _show(v) -> str:
     return f"a tensor {v.type}" if isinstance(v, Value) else repr(v)
-
-
-def unparse_short(e) -> str:
-    return S.unparse(e)
 
 
 def _node_tensor(v: Value, spec: GraphSpec, span: Span, what: str) -> int:

@@ -585,7 +585,7 @@ class SpmmTypedT(_Relational):
 # message). Storing the entry rather than the node routes the gradient of a
 # multi-edge to one of its copies, once.
 
-def _max_operands(xs, source, self_loops, what):
+def _max_operands(xs, source, self_loops):
     expect(source in ("node", "edge"), f"source must be node or edge, got {source!r}")
     rows, cols, nnz = _relation(xs[:5])
     if self_loops:
@@ -632,7 +632,7 @@ class MaxIndex(_Relational):
 
     def shape(self, ptr, idx, ptr_t, idx_t, eid_t, x, *, source: str = "node",
               self_loops: bool = False) -> TensorType:
-        rows, cols, nnz = _max_operands((ptr, idx, ptr_t, idx_t, eid_t), source, self_loops, "max_index")
+        rows, cols, nnz = _max_operands((ptr, idx, ptr_t, idx_t, eid_t), source, self_loops)
         width = _matrix(x, _value_rows(source, cols, nnz), "the aggregated tensor")
         return TensorType((rows, width), "i32")
 
@@ -698,7 +698,7 @@ class TakeIndex(_Relational):
 
     def shape(self, ptr, idx, ptr_t, idx_t, eid_t, a, x, *, source: str = "node",
               self_loops: bool = False) -> TensorType:
-        rows, cols, nnz = _max_operands((ptr, idx, ptr_t, idx_t, eid_t), source, self_loops, "take_index")
+        rows, cols, nnz = _max_operands((ptr, idx, ptr_t, idx_t, eid_t), source, self_loops)
         width = _matrix(x, _value_rows(source, cols, nnz), "the aggregated tensor")
         expect(a.dtype == "i32" and tuple(a.shape) == (rows, width), f"expected an index i32[{rows}, {width}], got {a}")
         return TensorType((rows, width), "f32")
@@ -755,7 +755,7 @@ class PutIndex(_Relational):
 
     def shape(self, ptr, idx, ptr_t, idx_t, eid_t, a, g, *, source: str = "node",
               self_loops: bool = False) -> TensorType:
-        rows, cols, nnz = _max_operands((ptr, idx, ptr_t, idx_t, eid_t), source, self_loops, "put_index")
+        rows, cols, nnz = _max_operands((ptr, idx, ptr_t, idx_t, eid_t), source, self_loops)
         width = _matrix(g, rows, "the incoming gradient")
         expect(a.dtype == "i32" and tuple(a.shape) == (rows, width), f"expected an index i32[{rows}, {width}], got {a}")
         return TensorType((_value_rows(source, cols, nnz), width), "f32")
