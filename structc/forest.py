@@ -1,0 +1,520 @@
+"""Forests at run time: trees in, validated integer arrays and a level schedule out.
+
+A `Forest` is a batch of trees (binary or n-ary, up to an arity) whose
+leaves carry a word id or a feature row, and whose nodes may carry labels.
+It is built from nested tuples, from bracketed treebank strings such as
+`(3 (2 good) (2 movie))`, or from arrays, and validated once, when it is
+built: indices in range, every node at most one parent, children before
+parents (hence no cycles), the arity respected. Anything else raises
+`ValueError`, long before native code runs.
+
+Its nodes are kept in *schedule order*: by height (leaves, height 0, first),
+then by tree, then by position in the tree. Each level is then a contiguous
+range of rows, so the compiled code runs one batched dense per level over
+`level_end[l-1]:level_end[l]`, and the leaves are rows `[0, leaves)`.
+Per-node outputs and labels are in this order (`Forest.index` maps the
+node numbers a forest was built from to it).
+
+    children   i32[nodes, arity]  child positions, -1 for none
+    words      i32[leaves]        word id of each leaf (or `features` f32[leaves, F])
+    roots      i32[trees]         position of each tree's root, in tree order
+    level_end  i32[levels]        end of each level's rows; level 0 is the leaves
+    labels     i32[nodes]         per-node labels (-1 where a tree gave none), or None
+
+Merging forests (`Forest.concat`) is vectorised numpy, so a data set parses
+each tree once and forms batches cheaply.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+_I32 = np.int32
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+class Forest:
+    """A validated batch of trees in schedule order (see the module docstring)."""
+
+    __slots__ = ("children", "words", "features", "roots", "level_end", "labels", "height", "index",
+                 "tree_of", "max_word")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
+                        "Forest.from_arrays or Forest.concat")
+
+    # -- properties --------------------------------------------------------
+    @property
+    def arity(self) -> int:
+        return self.children.shape[1]
+
+    @property
+    def nodes(self) -> int:
+        return self.children.shape[0]
+
+    @property
+    def leaves(self) -> int:
+        return int(self.level_end[0])
+
+    @property
+    def trees(self) -> int:
+        return self.roots.shape[0]
+
+    @property
+    def levels(self) -> int:
+        return self.level_end.shape[0]
+
+    @property
+    def root_labels(self) -> np.ndarray:
+        """The label of each tree's root, in tree order."""
+        if self.labels is None:
+            raise ValueError("this forest carries no labels")
+        return self.labels[self.roots]
+
+    def __len__(self) -> int:
+        return self.trees
+
+    def __repr__(self) -> str:
+        leaf = f"features f32[{self.features.shape[1]}]" if self.features is not None else "words"
+        return (f"<Forest {self.trees} trees, {self.nodes} nodes ({self.leaves} leaves), {self.levels} levels, "
+                f"arity {self.arity}, {leaf}{', labelled' if self.labels is not None else ''}>")
+
+    # -- construction ------------------------------------------------------
+    @classmethod
+    def _make(cls, children, height, words, features, labels, tree_of, index) -> "Forest":
+        """Put nodes given children-before-parents, with their heights, in schedule order."""
+        n = children.shape[0]
+        order = np.lexsort((np.arange(n), tree_of, height))      # by height, then tree, then node
+        pos = np.empty(n, np.int64)
+        pos[order] = np.arange(n)
+        ch = children[order]
+        f = object.__new__(cls)
+        f.children = _frozen(np.where(ch >= 0, pos[np.maximum(ch, 0)], -1).astype(_I32))
+        f.height = _frozen(height[order].astype(_I32))
+        counts = np.bincount(f.height)
+        f.level_end = _frozen(np.cumsum(counts).astype(_I32))
+        has_parent = np.zeros(n, bool)
+        has_parent[children[children >= 0]] = True
+        root_nodes = np.flatnonzero(~has_parent)
+        root_nodes = root_nodes[np.argsort(tree_of[root_nodes], kind="stable")]   # tree order
+        f.roots = _frozen(pos[root_nodes].astype(_I32))
+        f.tree_of = _frozen(tree_of[order].astype(_I32))
+        leaves = order[: int(counts[0])]
+        f.words = _frozen(words[leaves].astype(_I32)) if words is not None else None
+        f.features = _frozen(features[leaves].astype(np.float32)) if features is not None else None
+        f.labels = _frozen(labels[order].astype(_I32)) if labels is not None else None
+        f.index = _frozen(pos[index].astype(_I32)) if index is not None else _frozen(pos.astype(_I32))
+        f.max_word = int(f.words.max()) if f.words is not None and f.words.size else -1
+        return f
+
+    @classmethod
+    def from_arrays(cls, children, words=None, *, features=None, labels=None, arity: int | None = None) -> "Forest":
+        """Trees given as arrays over nodes numbered children-before-parents:
+        `children[i]` lists node i's children (-1 for none, a 1-D array for
+        chains), `words[i]` (or `features[i]`) is leaf i's payload (ignored at
+        inner nodes), `labels[i]` optional. The roots are the nodes without a
+        parent, in order; `forest.index[i]` is node i's position."""
+        ch = np.asarray(children)
+        if ch.dtype.kind not in "iu":
+            raise ValueError(f"forest children must be integers, got dtype {ch.dtype}")
+        if ch.ndim == 1:
+            ch = ch[:, None]
+        if ch.ndim != 2:
+            raise ValueError(f"forest children must be a [nodes, arity] array, got shape {ch.shape}")
+        n = ch.shape[0]
+        if n == 0:
+            raise ValueError("a forest needs at least one node")
+        if arity is not None and ch.shape[1] > arity:
+            raise ValueError(f"forest children has {ch.shape[1]} columns, more than the arity {arity}")
+        ch = ch.astype(np.int64)
+        bad = (ch < -1) | (ch >= n)
+        if bad.any():
+            i, k = np.argwhere(bad)[0]
+            raise ValueError(f"node {i}: child {ch[i, k]} is out of range [0, {n}) (use -1 for none)")
+        rows = np.broadcast_to(np.arange(n)[:, None], ch.shape)
+        later = (ch >= 0) & (ch >= rows)
+        if later.any():
+            i, k = np.argwhere(later)[0]
+            raise ValueError(f"node {i}: child {ch[i, k]} does not come before its parent; nodes must be "
+                             "numbered children before parents (which also rules out cycles)")
+        kids = ch[ch >= 0]
+        seen = np.bincount(kids, minlength=n)
+        if (seen > 1).any():
+            c = int(np.flatnonzero(seen > 1)[0])
+            parents = sorted(set(np.flatnonzero((ch == c).any(axis=1)).tolist()))
+            raise ValueError(f"node {c} has more than one parent ({', '.join(map(str, parents))}); "
+                             "each node has at most one")
+        is_leaf = (ch < 0).all(axis=1)
+        if (words is None) == (features is None):
+            raise ValueError("give the leaves' payload: words= (word ids) or features= (feature rows)")
+        w = f = None
+        if words is not None:
+            w = np.asarray(words)
+            if w.dtype.kind not in "iu" or w.shape != (n,):
+                raise ValueError(f"words must be {n} integers (one per node), got {w.dtype} {w.shape}")
+            w = w.astype(np.int64)
+            neg = is_leaf & (w < 0)
+            if neg.any():
+                raise ValueError(f"leaf {int(np.flatnonzero(neg)[0])} has word id {int(w[neg][0])}; "
+                                 "word ids are non-negative")
+        else:
+            f = np.asarray(features, dtype=np.float32)
+            if f.ndim != 2 or f.shape[0] != n:
+                raise ValueError(f"features must be a [nodes, F] array with {n} rows, got shape {f.shape}")
+            if not np.isfinite(f[is_leaf]).all():
+                raise ValueError("leaf features must be finite")
+        lab = None
+        if labels is not None:
+            lab = np.asarray(labels)
+            if lab.dtype.kind not in "iu" or lab.shape != (n,):
+                raise ValueError(f"labels must be {n} integers (one per node), got {lab.dtype} {lab.shape}")
+        height = _heights(ch)
+        tree_of = _tree_of(ch)
+        return cls._make(ch, height, w, f, lab, tree_of, np.arange(n))
+
+    @classmethod
+    def from_tuples(cls, trees, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
+        """Nested tuples: a leaf is a word (a string looked up in `vocab`, or
+        an int id) or a feature vector (a numpy array); an inner node is a
+        tuple or list of its children. One tree, or a list of trees."""
+        if not isinstance(trees, list) or (trees and _is_leaf(trees)):
+            trees = [trees]
+        if not trees:
+            raise ValueError("a forest needs at least one tree")
+        parts = [_Tree.from_tuple(t, vocab) for t in trees]
+        return cls._concat_raw(parts, arity)
+
+    @classmethod
+    def from_brackets(cls, text, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
+        """Treebank strings such as `(3 (2 good) (2 movie))`: `(label child ...)`
+        with the label optional, a leaf written `(label word)` or as a bare
+        word. One string (it may hold several trees) or a list of strings."""
+        texts = [text] if isinstance(text, str) else list(text)
+        parts = []
+        for k, s in enumerate(texts):
+            if not isinstance(s, str):
+                raise ValueError(f"tree {k}: expected a bracketed string, got {type(s).__name__}")
+            parts.extend(_parse_brackets(s, vocab, k))
+        if not parts:
+            raise ValueError("a forest needs at least one tree")
+        return cls._concat_raw(parts, arity)
+
+    @classmethod
+    def _concat_raw(cls, parts: list["_Tree"], arity) -> "Forest":
+        a = max(p.children.shape[1] for p in parts)
+        if arity is not None and a > arity:
+            k = next(i for i, p in enumerate(parts) if p.children.shape[1] > arity)
+            raise ValueError(f"tree {k} has a node with {parts[k].children.shape[1]} children; the arity is {arity}")
+        sizes = np.array([p.children.shape[0] for p in parts])
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        ch = np.full((int(sizes.sum()), a), -1, np.int64)
+        at = 0
+        for p, off in zip(parts, offsets):
+            c = p.children
+            ch[at:at + c.shape[0], :c.shape[1]] = np.where(c >= 0, c + off, -1)
+            at += c.shape[0]
+        height = np.concatenate([p.height for p in parts])
+        tree_of = np.repeat(np.arange(len(parts)), sizes)
+        words = features = labels = None
+        if all(p.words is not None for p in parts):
+            words = np.concatenate([p.words for p in parts])
+        elif all(p.features is not None for p in parts):
+            features = np.concatenate([p.features for p in parts])
+        else:
+            raise ValueError("every tree's leaves must carry the same kind of payload (words or features)")
+        if any(p.labels is not None for p in parts):
+            labels = np.concatenate([p.labels if p.labels is not None else np.full(len(p.height), -1)
+                                     for p in parts])
+        return cls._make(ch, height, words, features, labels, tree_of, None)
+
+    @classmethod
+    def concat(cls, forests: Sequence["Forest"]) -> "Forest":
+        """One forest holding the trees of several, in order (vectorised)."""
+        forests = list(forests)
+        if not forests:
+            raise ValueError("a forest needs at least one tree")
+        if any(not isinstance(f, Forest) for f in forests):
+            raise TypeError("Forest.concat takes Forest objects")
+        if len(forests) == 1:
+            return forests[0]
+        kinds = {f.words is not None for f in forests}
+        if len(kinds) != 1:
+            raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
+        a = max(f.arity for f in forests)
+        sizes = np.array([f.nodes for f in forests])
+        offsets = np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        ch = np.full((int(sizes.sum()), a), -1, np.int64)
+        cat = np.concatenate([np.pad(f.children, ((0, 0), (0, a - f.arity)), constant_values=-1)
+                              if f.arity < a else f.children for f in forests]).astype(np.int64)
+        ch = np.where(cat >= 0, cat + offsets[:, None], -1)
+        height = np.concatenate([f.height for f in forests])
+        tree_off = np.repeat(np.concatenate([[0], np.cumsum([f.trees for f in forests])[:-1]]), sizes)
+        tree_of = np.concatenate([f.tree_of for f in forests]) + tree_off
+        leaf_rows = height == 0
+        words = features = None
+        if forests[0].words is not None:
+            words = np.zeros(len(height), np.int64)
+            words[leaf_rows] = np.concatenate([f.words for f in forests])
+        else:
+            features = np.zeros((len(height), forests[0].features.shape[1]), np.float32)
+            features[leaf_rows] = np.concatenate([f.features for f in forests])
+        labels = None
+        if any(f.labels is not None for f in forests):
+            labels = np.concatenate([f.labels if f.labels is not None else np.full(f.nodes, -1, _I32)
+                                     for f in forests])
+        return cls._make_merged(ch, height, words, features, labels, tree_of)
+
+    @classmethod
+    def _make_merged(cls, ch, height, words, features, labels, tree_of) -> "Forest":
+        # Each part is in schedule order, so parents may precede children here;
+        # `_make` only needs heights and tree numbers, not the input order.
+        return cls._make(ch, height, words, features, labels, tree_of, None)
+
+    # -- as compiled code wants it ------------------------------------------
+    def check(self, name: str, arity: int, vocab: int | None, features: int | None) -> None:
+        """Does this forest fit an input declared with this arity and leaf kind?"""
+        if self.arity > arity:
+            raise ValueError(f"input '{name}': a node has up to {self.arity} children, but the model "
+                             f"declares arity {arity}")
+        if vocab is not None:
+            if self.words is None:
+                raise ValueError(f"input '{name}': the model expects word ids at the leaves, the forest has "
+                                 "feature vectors")
+            if self.max_word >= vocab:
+                k = int(np.argmax(self.words >= vocab))
+                raise ValueError(f"input '{name}': leaf {k} has word id {int(self.words[k])}, out of range "
+                                 f"[0, {vocab})")
+        if features is not None:
+            if self.features is None:
+                raise ValueError(f"input '{name}': the model expects feature vectors at the leaves, the forest "
+                                 "has word ids")
+            if self.features.shape[1] != features:
+                raise ValueError(f"input '{name}': leaves carry {self.features.shape[1]} features, the model "
+                                 f"expects {features}")
+
+    def arrays(self, arity: int) -> dict[str, np.ndarray]:
+        """The arrays a compiled model reads, children padded to `arity` columns."""
+        ch = self.children
+        if ch.shape[1] < arity:
+            ch = np.pad(ch, ((0, 0), (0, arity - ch.shape[1])), constant_values=-1)
+        out = {"children": ch, "roots": self.roots, "level_end": self.level_end}
+        out["words" if self.words is not None else "features"] = \
+            self.words if self.words is not None else self.features
+        return out
+
+
+def as_forest(value, arity: int | None = None, vocab=None) -> Forest:
+    """A Forest from what a user may pass: a Forest, bracketed strings, nested tuples."""
+    if isinstance(value, Forest):
+        return value
+    if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and
+                                  all(isinstance(v, str) and v.lstrip().startswith("(") for v in value)):
+        return Forest.from_brackets(value, vocab, arity=arity)
+    if isinstance(value, (list, tuple)):
+        return Forest.from_tuples(list(value) if isinstance(value, list) else value, vocab, arity=arity)
+    raise TypeError(f"expected a Forest, bracketed tree strings or nested tuples, got {type(value).__name__}")
+
+
+# -- one tree at a time (parsing) ----------------------------------------------
+
+class _Tree:
+    """One tree in post order (children before parents), with heights."""
+    __slots__ = ("children", "height", "words", "features", "labels")
+
+    @classmethod
+    def build(cls, kids: list[list[int]], payload: list, labels: list[int] | None, feats: bool) -> "_Tree":
+        t = object.__new__(cls)
+        n = len(kids)
+        a = max(1, max((len(k) for k in kids), default=1))
+        ch = np.full((n, a), -1, np.int64)
+        h = np.zeros(n, np.int64)
+        for i, k in enumerate(kids):
+            if k:
+                ch[i, :len(k)] = k
+                h[i] = 1 + max(h[j] for j in k)
+        t.children, t.height = ch, h
+        if feats:
+            width = {len(p) for p in payload if p is not None}
+            if len(width) != 1:
+                raise ValueError("every leaf's feature vector must have the same length")
+            d = width.pop()
+            t.features = np.array([p if p is not None else np.zeros(d) for p in payload], np.float32)
+            t.words = None
+        else:
+            t.words = np.array([p if p is not None else 0 for p in payload], np.int64)
+            t.features = None
+        t.labels = np.array(labels, np.int64) if labels is not None else None
+        return t
+
+    @classmethod
+    def from_tuple(cls, tree, vocab) -> "_Tree":
+        kids: list[list[int]] = []
+        payload: list = []
+        feats = [False]
+        stack = [(tree, False)]
+        out: list[int] = []          # node ids of finished subtrees, as a stack
+        counts: list[int] = []
+        while stack:
+            item, done = stack.pop()
+            if done:
+                k = counts.pop()
+                ids = out[len(out) - k:] if k else []
+                del out[len(out) - k:]
+                kids.append(ids)
+                payload.append(None)
+                out.append(len(kids) - 1)
+                continue
+            if _is_leaf(item):
+                kids.append([])
+                if isinstance(item, np.ndarray):
+                    feats[0] = True
+                    payload.append(np.asarray(item, np.float32).ravel())
+                else:
+                    payload.append(_word_id(item, vocab))
+                out.append(len(kids) - 1)
+                continue
+            if not isinstance(item, (tuple, list)) or len(item) == 0:
+                raise ValueError(f"a tree node must be a non-empty tuple of children or a leaf, got {item!r}")
+            counts.append(len(item))
+            stack.append((item, True))
+            for child in reversed(item):
+                stack.append((child, False))
+        return cls.build(kids, payload, None, feats[0])
+
+
+def _is_leaf(x) -> bool:
+    return isinstance(x, (str, int, np.integer, np.ndarray)) and not isinstance(x, bool)
+
+
+def _word_id(w, vocab) -> int:
+    if isinstance(w, (int, np.integer)):
+        if w < 0:
+            raise ValueError(f"word ids are non-negative, got {w}")
+        return int(w)
+    if vocab is None:
+        if w.isdigit():
+            return int(w)
+        raise ValueError(f"word {w!r} is not a number and no vocabulary was given")
+    try:
+        return int(vocab[w])
+    except KeyError:
+        raise ValueError(f"word {w!r} is not in the vocabulary") from None
+
+
+_TOKEN = re.compile(r"\(|\)|[^\s()]+")
+
+
+def _parse_brackets(text: str, vocab, tree_no: int) -> list[_Tree]:
+    """Every tree in one string, each as a post-order _Tree."""
+    tokens = _TOKEN.findall(text)
+    trees = []
+    k = 0
+    while k < len(tokens):
+        if tokens[k] != "(":
+            raise ValueError(f"tree {tree_no}: expected '(' at {tokens[k]!r}")
+        kids: list[list[int]] = []
+        payload: list = []
+        labels: list[int] = []
+        frames: list[tuple[int | None, list[int]]] = []   # (label, child ids) of open nodes
+        while True:
+            tok = tokens[k] if k < len(tokens) else None
+            if tok is None:
+                raise ValueError(f"tree {tree_no}: unbalanced brackets (a '(' is never closed)")
+            k += 1
+            if tok == "(":
+                label = None
+                if k + 1 < len(tokens) and _is_int(tokens[k]) and tokens[k + 1] != ")":
+                    label = int(tokens[k])
+                    k += 1
+                frames.append((label, []))
+                continue
+            if tok == ")":
+                if not frames:
+                    raise ValueError(f"tree {tree_no}: unbalanced brackets (an extra ')')")
+                label, ids = frames.pop()
+                if not ids:
+                    raise ValueError(f"tree {tree_no}: empty brackets '()'")
+                if len(ids) == 1 and ids[0] < 0:        # (label word): a labelled leaf
+                    leaf = -ids[0] - 1
+                    labels[leaf] = -1 if label is None else label
+                    node = leaf
+                else:
+                    ids = [i if i >= 0 else -i - 1 for i in ids]
+                    kids.append(ids)
+                    payload.append(None)
+                    labels.append(-1 if label is None else label)
+                    node = len(kids) - 1
+                if not frames:
+                    break
+                frames[-1][1].append(node)
+                continue
+            if not frames:
+                raise ValueError(f"tree {tree_no}: word {tok!r} outside brackets")
+            kids.append([])
+            payload.append(_word_id(tok, vocab))
+            labels.append(-1)
+            frames[-1][1].append(-(len(kids) - 1) - 1)     # a bare word: marked until its node closes
+        trees.append(_Tree.build(kids, payload, labels, False))
+    return trees
+
+
+def _is_int(tok: str) -> bool:
+    return tok.lstrip("-").isdigit()
+
+
+def _heights(ch: np.ndarray) -> np.ndarray:
+    """Height of every node (leaves 0), children-before-parents arrays, by
+    sweeps over all nodes (as many as the deepest tree is high)."""
+    h = np.zeros(ch.shape[0], np.int64)
+    inner = (ch >= 0).any(axis=1)
+    safe = np.maximum(ch, 0)
+    for _ in range(ch.shape[0]):
+        kid_h = np.where(ch >= 0, h[safe], -1).max(axis=1) + 1
+        new = np.where(inner, kid_h, 0)
+        if np.array_equal(new, h):
+            break
+        h = new
+    return h
+
+
+def _tree_of(ch: np.ndarray) -> np.ndarray:
+    """The tree number (the rank of its root among the roots) of every node."""
+    n = ch.shape[0]
+    up = np.arange(n)
+    rows = np.broadcast_to(np.arange(n)[:, None], ch.shape)
+    up[ch[ch >= 0]] = rows[ch >= 0]          # parent, or itself at a root
+    while True:                              # pointer jumping: log2(depth) sweeps
+        nxt = up[up]
+        if np.array_equal(nxt, up):
+            break
+        up = nxt
+    rank = np.cumsum(up == np.arange(n)) - 1
+    return rank[up]
+
+
+class Vocab(dict):
+    """word -> id, built from tokens in order of first appearance."""
+
+    @classmethod
+    def build(cls, tokens: Iterable[str]) -> "Vocab":
+        v = cls()
+        for t in tokens:
+            if t not in v:
+                v[t] = len(v)
+        return v
+
+
+def bind_forest(name: str, value, spec: dict) -> dict[str, np.ndarray]:
+    """The arrays of forest input `name` (as `Net` passes them to native code)
+    from a Forest, bracketed strings or nested tuples, checked against the
+    model's declaration `spec` (arity, vocab or features)."""
+    f = as_forest(value, arity=spec["arity"])
+    f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"))
+    return {f"{name}.{k}": v for k, v in f.arrays(spec["arity"]).items()}
