@@ -47,6 +47,7 @@ class ModelDef:
     has_loss: bool
     source: str = ""
     file: str = ""
+    forests: list = field(default_factory=list)     # forest inputs (recursion.ForestDecl.meta())
 
 
 @dataclass
@@ -171,7 +172,8 @@ class ModelBuilder:
         for name, nid in named.items():
             g.outputs[name] = nid
         return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
-                        bool(self.losses), self.program.source, self.program.file)
+                        bool(self.losses), self.program.source, self.program.file,
+                        [f.meta() for f in getattr(self, "forests", {}).values()])
 
     def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
         if name in self.env and (not rebind or name in self.inputs or name in self.params):
@@ -181,6 +183,9 @@ class ModelBuilder:
         self.defined_at.setdefault(name, span)
 
     def stmt_InputDecl(self, s: S.InputDecl) -> None:
+        if isinstance(s.type, S.ForestTypeExpr):
+            from .recursion import declare_forest
+            return declare_forest(self, s)
         t, classes = self.resolve_type(s.type, allow_symbols=True)
         nid = self.graph.add(REGISTRY["input"], (), {"name": s.name, "kind": s.kind, "type": t, "classes": classes},
                              s.span, type=t)
@@ -189,6 +194,13 @@ class ModelBuilder:
         self.inputs[s.name] = InputSpec(s.name, s.kind, t, classes, s.span)
 
     def stmt_ParamDecl(self, s: S.ParamDecl) -> None:
+        if isinstance(s.type, S.Call) and s.type.func == "embedding":
+            from .ops.embedding import embedding_param_type
+            t, init = embedding_param_type(s.type, lambda msg, span: _raise(SnetTypeError(msg, span)))
+            init = self.resolve_init(s.init) if s.init is not None else init
+            nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
+            self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
+            return
         t, classes = self.resolve_type(s.type, allow_symbols=False)
         if classes:
             raise SnetTypeError("a parameter must be a float tensor, not class labels", s.type.span)
@@ -215,6 +227,10 @@ class ModelBuilder:
                                  s.value.span)
         self.losses.append(value)
 
+    def stmt_RecDecl(self, s: S.RecDecl) -> None:
+        from .recursion import build_rec
+        build_rec(self, s)
+
     def stmt_OutputStmt(self, s: S.OutputStmt) -> None:
         if s.name in self.outputs:
             raise SnetNameError(f"output '{s.name}' is declared twice", s.name_span)
@@ -231,11 +247,20 @@ class ModelBuilder:
 
     # -- types and params -------------------------------------------------
     def resolve_type(self, t, allow_symbols: bool) -> tuple[TensorType, int]:
+        if isinstance(t, S.ForestTypeExpr):
+            raise SnetTypeError("a forest is an input type: `input t: forest of word(vocab=V)`", t.span)
+        if isinstance(t, S.Call):
+            what = "a parameter type: `param E: embedding(V, d)`" if t.func == "embedding" else \
+                "not a type (types: f32[...], class[...] of C, forest of ..., embedding(V, d))"
+            raise SnetTypeError(f"{t.func}(...) is {what}", t.span)
         dims = []
         for d in t.dims:
             if isinstance(d.value, str):
                 if not allow_symbols:
                     raise SnetShapeError(f"parameter shapes must be static; '{d.value}' is a symbol", d.span)
+                if "." in d.value:
+                    from .recursion import check_dim
+                    check_dim(self, d)
                 self.symbols.add(d.value)
             elif d.value <= 0:
                 raise SnetShapeError("dimensions must be positive", d.span)
@@ -326,12 +351,24 @@ class ModelBuilder:
         return Builder(self.graph, e.span).neg(v)
 
     def eval_Index(self, e: S.Index):
+        base = self.eval(e.base)
+        if hasattr(base, "index_with"):
+            return base.index_with(self, e)
+        if isinstance(base, Value):
+            from .ops.embedding import index
+            return index(Context(self, e.span, "index"), base, self.tensor(e.index))
         raise SnetTypeError("indexing is not supported in this model", e.span)
 
     def eval_Attr(self, e: S.Attr):
+        base = self.eval(e.base)
+        if hasattr(base, "attr"):
+            return base.attr(e.name, e.span)
         raise SnetTypeError("attribute access is not supported in this model", e.span)
 
     def eval_Call(self, e: S.Call):
+        fn = self.env.get(e.func)
+        if hasattr(fn, "call_from"):
+            return fn.call_from(self, e)
         args = [self.eval(a) for a in e.args]
         kwargs = {}
         for kw in e.kwargs:
@@ -382,6 +419,10 @@ class ModelBuilder:
                 raise SnetTypeError(f"{op.name} has no option '{k}' (options: {known})", e.span)
             attrs[k] = v.text if isinstance(v, Word) else v
         return ctx.b.apply(op.name, *args, **attrs)
+
+
+def _raise(err: Exception):
+    raise err
 
 
 def _fold(op: str, a, b, span: Span):

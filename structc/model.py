@@ -64,6 +64,7 @@ class Net:
         self._module = module            # keeps the machine code alive
         self._symbols = list(meta["symbols"])
         self._inputs = {s["name"]: _Input(s) for s in meta["inputs"]}
+        self._forests = {f["name"]: f for f in meta.get("forests", ())}
         size = max(1, meta["param_size"])
         self._param_arena = _aligned_zeros(size)
         self._grad_arena = _aligned_zeros(size)
@@ -156,6 +157,18 @@ class Net:
             arrays.append(arr)
         return arrays, dims
 
+    def _expand_forests(self, given: Mapping[str, object]) -> dict:
+        """A forest input (a `Forest`, bracketed strings, nested tuples) as the
+        validated arrays its declaration stands for (see `structc.forest`)."""
+        from .forest import bind_forest
+        out = dict(given)
+        for name, spec in self._forests.items():
+            if name not in out:
+                raise TypeError(f"missing input '{name}': expected a forest (structc.forest.Forest, "
+                                "bracketed tree strings or nested tuples)")
+            out.update(bind_forest(name, out.pop(name), spec))
+        return out
+
     def _workspace(self, entry: _Entry, dims: tuple) -> int:
         need = entry.workspace_sizes.get(dims)
         if need is None:
@@ -172,6 +185,8 @@ class Net:
         entry = self._entries.get(kind)
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
+        if self._forests:
+            given = self._expand_forests(given)
         arrays, dims = self._bind(entry, given)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
         outs = {}

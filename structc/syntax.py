@@ -104,7 +104,15 @@ class ClassTypeExpr:
     span: Span
 
 
-TypeExpr = Union[TensorTypeExpr, ClassTypeExpr]
+@dataclass
+class ForestTypeExpr:
+    """`forest(arity=3) of word(vocab=1000)` or `forest of f32[16]`."""
+    options: list[Keyword]
+    leaf: Union["Call", TensorTypeExpr]
+    span: Span
+
+
+TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, ForestTypeExpr]
 
 
 @dataclass
@@ -147,7 +155,19 @@ class OutputStmt:
     name_span: Span
 
 
-Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt]
+@dataclass
+class RecDecl:
+    """`rec h(n) = leaf: expr node: expr`, a function over the nodes of a forest."""
+    name: str
+    param: str
+    leaf: Expr
+    node: Expr
+    span: Span
+    name_span: Span
+    param_span: Span
+
+
+Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, RecDecl]
 
 
 @dataclass
@@ -244,6 +264,27 @@ class _ToAst(Transformer):
         value = int(tok) if tok.type == "INT" else str(tok)
         return Dim(value, self._tok(tok))
 
+    def dotted_dim(self, c):
+        base, attr = c
+        return Dim(f"{base}.{attr}", Span(self.file, base.line, base.column, attr.end_line, attr.end_column))
+
+    @v_args(meta=True)
+    def forest_type(self, meta, c):
+        *opts, leaf = c
+        opts = [o for o in opts if o is not None]
+        bad = next((o for o in opts if not isinstance(o, Keyword)), None)
+        if bad is not None:
+            raise SnetSyntaxError("forest options are written name=value, e.g. forest(arity=3)", bad.span)
+        return ForestTypeExpr(opts, leaf, self._span(meta))
+
+    @v_args(meta=True)
+    def rec_decl(self, meta, c):
+        name, param, w1, leaf, w2, node = c
+        for word, want in ((w1, "leaf"), (w2, "node")):
+            if str(word) != want:
+                raise SnetSyntaxError(f"expected '{want}:' here, got '{word}'", self._tok(word))
+        return RecDecl(str(name), str(param), leaf, node, self._span(meta), self._tok(name), self._tok(param))
+
     def number(self, c):
         text = str(c[0])
         value = float(text) if any(ch in text for ch in ".eE") else int(text)
@@ -335,7 +376,7 @@ def _describe_token(tok: Token) -> str:
     return f"{kind} '{tok}'" if kind else f"'{tok}'"
 
 
-_STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'"}
+_STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'", "'rec'"}
 # Tokens that could continue an expression; listing them rarely helps.
 _CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['"}
 
@@ -434,7 +475,11 @@ def unparse(e) -> str:
 
 
 def _type_text(t) -> str:
-    dims = ", ".join(str(d.value) for d in t.dims)
+    dims = ", ".join(str(d.value) for d in getattr(t, "dims", ()))
+    if isinstance(t, ForestTypeExpr):
+        opts = ", ".join(f"{k.name}={unparse(k.value)}" for k in t.options)
+        leaf = unparse(t.leaf) if isinstance(t.leaf, Call) else _type_text(t.leaf)
+        return f"forest{f'({opts})' if opts else ''} of {leaf}"
     if isinstance(t, ClassTypeExpr):
         return f"class[{dims}] of {t.classes}"
     return f"{t.dtype}[{dims}]"
@@ -457,6 +502,8 @@ def format_program(program: Program) -> str:
                 text = f"Loss {unparse(s.value)}"
             elif isinstance(s, OutputStmt):
                 text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
+            elif isinstance(s, RecDecl):
+                text = f"Rec {s.name}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
             else:
                 text = type(s).__name__
             lines.append(f"  {text}  {at}")

@@ -1,0 +1,244 @@
+"""Lower `tree_map` and `tree_map_grad`: loops over levels, one batched body call per level.
+
+Nodes are in schedule order, so level l is the rows [level_end[l-1],
+level_end[l]) of H and the leaves are its first rows. Forward:
+
+    H[0:leaves] = leaf states
+    for l = 1 .. levels-1:                    (dynamic batching)
+        C = gather of the children's rows of H     [B, A*d], zero for a missing child
+        H[level] = body(C)                    one call of the body's own entry point:
+                                              its matmul is the tiled gemm with bias and
+                                              activation in the epilogue, over all B rows
+Backward (levels in reverse; dH is stored once per node and reused):
+
+    dH = gH
+    for l = levels-1 .. 1:
+        dC = body_vjp_children(dH[level], H[level])   [B, A*d]
+        dH[child rows] += dC
+    dθ = body_vjp_params(C_all, dH[inner], H[inner])  once, over all inner nodes
+
+The bodies are compiled by the ordinary pipeline into entry points of their
+own (`sc_<rec>_...`, symbol `rows` = B) and called from these kernels with
+pointers into H, dH and the scratch buffers, so they run with the same
+fusion, tiled matmul and threads as any model. Every index read from a
+forest array is also range-checked here, so native code never leaves its
+buffers even if an array were altered after validation.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from ..ops.tree import BODY_ROWS, _block, body_plan
+from ..passes.plan import param_layout
+from .codegen import CG, F32, I32, I64, PTR
+
+
+# -- row helpers (also used by the embedding ops) -------------------------------
+
+def load_index(cg: CG, ptr, i, dtype: str, last):
+    """An integer element as i64, clamped to [0, last] when `last` is given."""
+    v = cg.load(ptr, i, t=I32 if dtype == "i32" else I64)
+    if dtype == "i32":
+        v = cg.b.sext(v, I64)
+    if last is not None:
+        b = cg.b
+        v = b.select(b.icmp_signed("<", v, cg.i64(0)), cg.i64(0), v)
+        v = b.select(b.icmp_signed(">", v, last), last, v)
+    return v
+
+
+def _row_op(cg: CG, n, vw: int, body) -> None:
+    """body(j, lanes, mask) over [0, n) in vectors; n a Python int (unrolled) or a value."""
+    if isinstance(n, int):
+        full = n - n % vw
+        for j in range(0, full, vw):
+            body(cg.i64(j), vw, None)
+        if n % vw:
+            body(cg.i64(full), vw, cg.lane_mask(cg.i64(n % vw), vw))
+        return
+    b = cg.b
+    nfull = b.sdiv(n, cg.i64(vw))
+    with cg.loop(nfull, name="rv") as v:
+        body(cg.imul(v, vw), vw, None)
+    tail = b.sub(n, cg.imul(nfull, vw))
+    with cg.if_(b.icmp_signed(">", tail, cg.i64(0))):
+        body(cg.imul(nfull, vw), vw, cg.lane_mask(tail, vw))
+
+
+def copy_row(cg: CG, src, s_off, dst, d_off, n, vw: int) -> None:
+    """dst[d_off : d_off+n] = src[s_off : s_off+n]"""
+    _row_op(cg, n, vw, lambda j, w, m: cg.store(cg.load(src, cg.iadd(s_off, j), n=w, mask=m), dst,
+                                                   cg.iadd(d_off, j), mask=m))
+
+
+def add_row(cg: CG, src, s_off, dst, d_off, n, vw: int) -> None:
+    """dst[d_off : d_off+n] += src[s_off : s_off+n]"""
+    def body(j, w, m):
+        at = cg.iadd(d_off, j)
+        cg.store(cg.add(cg.load(dst, at, n=w, mask=m), cg.load(src, cg.iadd(s_off, j), n=w, mask=m)), dst, at,
+                 mask=m)
+    _row_op(cg, n, vw, body)
+
+
+def zero_row(cg: CG, dst, d_off, n, vw: int) -> None:
+    zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
+    _row_op(cg, n, vw, lambda j, w, m: cg.store(zero, dst, cg.iadd(d_off, j), mask=m))
+
+
+def zero_rows(cg: CG, dst, lo, hi, width, vw: int) -> None:
+    with cg.loop(hi, start=lo, name="z") as r:
+        zero_row(cg, dst, cg.imul(r, width), width, vw)
+
+
+def copy_flat(cg: CG, src, dst, count, vw: int) -> None:
+    """dst[0:count] = src[0:count], count a runtime value."""
+    _row_op(cg, count, vw, lambda j, w, m: cg.store(cg.load(src, j, n=w, mask=m), dst, j, mask=m))
+
+
+# -- bodies as entry points ------------------------------------------------------
+
+def body_entry(kb, program):
+    """The body's entry point (emitted once per module) and its memory plan."""
+    from .module import lower_entry
+    key = ("tree-body", id(program))
+    if key not in kb.shared:
+        g = kb.graph
+        offsets, _ = param_layout({name: g.nodes[nid].shape for name, nid in g.params.items()})
+        plan = body_plan(program, offsets)
+        name = "sc_" + program.name.replace(".", "_").replace("@", "") + f"_{len(kb.shared)}"
+        lower_entry(kb.module, program.graph, plan, [BODY_ROWS], name, kb.target, kb.shared)
+        fn = kb.module.globals[name]
+        kb.shared[key] = (fn, plan, program)
+    return kb.shared[key]
+
+
+def call_body(cg: CG, entry, inputs: dict, outputs: dict, fixed_base, rows, workspace) -> None:
+    """Call a body entry point on `rows` rows: inputs and outputs by name."""
+    fn, plan, program = entry
+    b = cg.b
+    ins = cg.var(ir.ArrayType(PTR, max(1, len(plan.input_names))))
+    ins.type = PTR      # opaque pointers: slots are addressed with gep over ptr
+    for k, name in enumerate(plan.input_names):
+        b.store(inputs[name], b.gep(ins, [cg.i64(k)], source_etype=PTR))
+    n_out = len(plan.output_names)
+    outs = cg.var(ir.ArrayType(PTR, max(1, n_out + len(program.fixed))))
+    outs.type = PTR
+    for k, name in enumerate(plan.output_names):
+        b.store(outputs[name], b.gep(outs, [cg.i64(k)], source_etype=PTR))
+    for k, nid in enumerate(sorted(program.fixed)):
+        b.store(cg.gep(fixed_base, cg.i64(program.fixed[nid])), b.gep(outs, [cg.i64(n_out + k)], source_etype=PTR))
+    dims = cg.var(I64)
+    dims.type = PTR
+    b.store(rows, dims)
+    hyper = cg.slot(cg.layout.hyper_slot, PTR)
+    b.call(fn, [cg.arena("params"), cg.arena("grads"), cg.arena("state"), workspace, ins, outs, dims, hyper,
+                cg.mode()])
+
+
+def _gather(cg: CG, children, H, C, start, stop, arity, width, cw, nodes, vw) -> None:
+    """C[r - start] = [H[child_0(r)], ..., H[child_A-1(r)]] for r in [start, stop)."""
+    b = cg.b
+    with cg.loop(stop, start=start, name="gr") as r:
+        row = cg.imul(b.sub(r, start), cw)
+        for a in range(arity):
+            k = load_index(cg, children, cg.iadd(cg.imul(r, arity), a), "i32", None)
+            ok = b.and_(b.icmp_signed(">=", k, cg.i64(0)), b.icmp_signed("<", k, nodes))
+            dst = cg.iadd(row, a * width)
+            with b.if_else(ok) as (then, otherwise):
+                with then:
+                    copy_row(cg, H, cg.imul(k, width), C, dst, width, vw)
+                with otherwise:
+                    zero_row(cg, C, dst, width, vw)
+
+
+def _level_bounds(cg: CG, level_end, l):
+    b = cg.b
+    start = load_index(cg, level_end, b.sub(l, cg.i64(1)), "i32", None)
+    stop = load_index(cg, level_end, l, "i32", None)
+    return start, stop
+
+
+def lower_tree_map(kb, node) -> None:
+    g = kb.graph
+    children, level_end, leaves, s_rows, s_fixed = node.inputs[:5]
+    arity, width = node.attrs["arity"], node.attrs["width"]
+    cw = _block(arity * width)
+    entry = body_entry(kb, node.attrs["fwd"])
+    vw = kb.vector_width
+    nodes_d = node.shape[0]
+    leaves_d = g.nodes[leaves].shape[0]
+    levels_d = g.nodes[level_end].shape[0]
+    with kb.kernel(f"treemap{node.id}", 1, cost=1) as (cg, lo, hi):
+        b = cg.b
+        nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
+        H, ch, le = cg.ptr(node.id), cg.ptr(children), cg.ptr(level_end)
+        C = cg.ptr(s_rows)
+        ws = cg.gep(C, cg.imul(nodes, cw))
+        fixed = cg.ptr(s_fixed)
+        copy_flat(cg, cg.ptr(leaves), H, cg.imul(nleaves, width), vw)
+        with cg.loop(levels, start=1, name="level") as l:
+            start, stop = _level_bounds(cg, le, l)
+            _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
+            call_body(cg, entry, {"children": C}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
+                      b.sub(stop, start), ws)
+
+
+def lower_tree_map_grad(kb, node) -> None:
+    g = kb.graph
+    children, level_end, Hn, gH, s_rows, s_fixed = node.inputs[:6]
+    params = node.inputs[6:]
+    arity, width = node.attrs["arity"], node.attrs["width"]
+    cw = _block(arity * width)
+    e_in = body_entry(kb, node.attrs["bwd_in"])
+    e_par = body_entry(kb, node.attrs["bwd_par"])
+    names = [k[2:] for k in node.attrs["bwd"].outputs if k.startswith("d:")]
+    parts = {g.nodes[u].attrs["param"]: u for u in g.users(node.id) if g.nodes[u].op.name == "tree_grad_part"}
+    vw = kb.vector_width
+    nodes_d = node.shape[0]
+    levels_d = g.nodes[level_end].shape[0]
+    par_fixed = e_par[2].fixed_floats
+    with kb.kernel(f"treemapgrad{node.id}", 1, cost=1) as (cg, lo, hi):
+        b = cg.b
+        nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
+        dH, H, G, ch, le = cg.ptr(node.id), cg.ptr(Hn), cg.ptr(gH), cg.ptr(children), cg.ptr(level_end)
+        C = cg.ptr(s_rows)
+        dC = cg.gep(C, cg.imul(nodes, cw))
+        ws = cg.gep(C, cg.imul(nodes, 2 * cw))
+        fixed = cg.ptr(s_fixed)
+        copy_flat(cg, G, dH, cg.imul(nodes, width), vw)
+        needs_c = "@C" in e_in[1].input_names
+        with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
+            l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
+            start, stop = _level_bounds(cg, le, l)
+            if needs_c:
+                _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
+            at = cg.imul(start, width)
+            call_body(cg, e_in, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at)}, {"dC": dC}, fixed,
+                      b.sub(stop, start), ws)
+            with cg.loop(stop, start=start, name="sc") as r:
+                row = cg.imul(b.sub(r, start), cw)
+                for a in range(arity):
+                    kid = load_index(cg, ch, cg.iadd(cg.imul(r, arity), a), "i32", None)
+                    ok = b.and_(b.icmp_signed(">=", kid, cg.i64(0)), b.icmp_signed("<", kid, nodes))
+                    with cg.if_(ok):
+                        add_row(cg, dC, cg.iadd(row, a * width), dH, cg.imul(kid, width), width, vw)
+        # Parameter gradients: one call over every inner node.
+        first = load_index(cg, le, cg.i64(0), "i32", None)
+        inner = b.sub(nodes, first)
+        outs, spare = {}, par_fixed
+        for name, p in zip(names, params):
+            if name in parts:
+                outs[f"d:{name}"] = cg.ptr(parts[name])
+            else:                                          # nothing reads it: a spare buffer
+                outs[f"d:{name}"] = cg.gep(fixed, cg.i64(spare))
+                spare += _block(g.nodes[p].type.size().coef)
+        with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
+            with then:
+                if "@C" in e_par[1].input_names:
+                    _gather(cg, ch, H, C, first, nodes, arity, width, cw, nodes, vw)
+                at = cg.imul(first, width)
+                call_body(cg, e_par, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at)}, outs, fixed, inner, ws)
+            with otherwise:                                # no inner node: nothing to differentiate
+                for name, p in zip(names, params):
+                    n = g.nodes[p].type.size().coef
+                    zero_rows(cg, outs[f"d:{name}"], cg.i64(0), cg.i64(1), n, vw)
