@@ -135,6 +135,17 @@ def call_body(cg: CG, entry, inputs: dict, outputs: dict, fixed_base, rows, work
                 cg.mode()])
 
 
+def hoisted(kb, cg: CG, program, fixed) -> dict:
+    """Run a body's hoisted part (what depends on parameters only) once;
+    returns its values, by input name, for the per-level calls."""
+    if program.pre is None:
+        return {}
+    base = cg.gep(fixed, cg.i64(program.pre_base))
+    values = {name: cg.gep(fixed, cg.i64(off)) for name, off in program.inv.items()}
+    call_body(cg, body_entry(kb, program.pre), {}, values, base, cg.i64(1), base)
+    return values
+
+
 def _gather(cg: CG, children, H, C, start, stop, arity, width, cw, nodes, vw) -> None:
     """C[r - start] = [H[child_0(r)], ..., H[child_A-1(r)]] for r in [start, stop)."""
     b = cg.b
@@ -176,10 +187,11 @@ def lower_tree_map(kb, node) -> None:
         ws = cg.gep(C, cg.imul(nodes, cw))
         fixed = cg.ptr(s_fixed)
         copy_flat(cg, cg.ptr(leaves), H, cg.imul(nleaves, width), vw)
+        inv = hoisted(kb, cg, node.attrs["fwd"], fixed)
         with cg.loop(levels, start=1, name="level") as l:
             start, stop = _level_bounds(cg, le, l)
             _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
-            call_body(cg, entry, {"children": C}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
+            call_body(cg, entry, {"children": C, **inv}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
                       b.sub(stop, start), ws)
 
 
@@ -207,13 +219,14 @@ def lower_tree_map_grad(kb, node) -> None:
         fixed = cg.ptr(s_fixed)
         copy_flat(cg, G, dH, cg.imul(nodes, width), vw)
         needs_c = "@C" in e_in[1].input_names
+        inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
             start, stop = _level_bounds(cg, le, l)
             if needs_c:
                 _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
             at = cg.imul(start, width)
-            call_body(cg, e_in, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at)}, {"dC": dC}, fixed,
+            call_body(cg, e_in, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, {"dC": dC}, fixed,
                       b.sub(stop, start), ws)
             with cg.loop(stop, start=start, name="sc") as r:
                 row = cg.imul(b.sub(r, start), cw)
@@ -237,7 +250,9 @@ def lower_tree_map_grad(kb, node) -> None:
                 if "@C" in e_par[1].input_names:
                     _gather(cg, ch, H, C, first, nodes, arity, width, cw, nodes, vw)
                 at = cg.imul(first, width)
-                call_body(cg, e_par, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at)}, outs, fixed, inner, ws)
+                inv = hoisted(kb, cg, node.attrs["bwd_par"], fixed)
+                call_body(cg, e_par, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, outs, fixed,
+                          inner, ws)
             with otherwise:                                # no inner node: nothing to differentiate
                 for name, p in zip(names, params):
                     n = g.nodes[p].type.size().coef

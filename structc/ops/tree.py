@@ -43,26 +43,49 @@ _tags = itertools.count(1)
 
 @dataclass(eq=False)
 class BodyProgram:
-    """A body sub-graph after the pass pipeline, with its memory plan.
+    """A body sub-graph after the pass pipeline, with its memory plan's bounds.
 
-    The workspace of a per-level call is bounded by `rows_floats` per row
-    plus `fixed_floats`; buffers whose size does not grow with the rows
-    (a transposed weight) live at `fixed` offsets of their own."""
+    The workspace of a per-level call is bounded by `rows_floats` per row;
+    buffers whose size does not grow with the rows live in a fixed scratch:
+    its own at `fixed` offsets, the values of `pre` at `inv` offsets, and
+    `pre`'s own buffers from `pre_base` on. `pre` computes, once per call
+    of the tree kernel, what depends on parameters only (a transposed
+    weight): loop-invariant code hoisted out of the loop over levels."""
     name: str
     graph: object
     rows_floats: int
-    fixed: dict            # node id -> offset (floats) in the fixed scratch
-    fixed_floats: int
+    fixed: dict                 # node id -> offset (floats) in the fixed scratch
+    fixed_floats: int           # the whole fixed scratch, `pre` included
+    pre: "BodyProgram | None" = None
+    inv: dict | None = None     # input name of a hoisted value -> offset in the fixed scratch
+    pre_base: int = 0
 
     def __str__(self) -> str:
-        return f"<{self.name}: {len(self.graph.nodes)} nodes>"
+        hoisted = f", {len(self.pre.graph.groups)} hoisted" if self.pre is not None else ""
+        return f"<{self.name}: {len(self.graph.groups)} kernels{hoisted}>"
 
 
 def prepare(g, name: str) -> BodyProgram:
-    """Run the pass pipeline on a body (copy) and bound its workspace."""
+    """Run the pass pipeline on a body (copy), hoist what depends on
+    parameters only, and bound the workspace of a call."""
     from ..passes import run_pipeline
-    from ..passes.plan import ALIGN, aligned, plan_memory
     g = run_pipeline(g.copy())
+    pre = _hoist(g)
+    program = _bounded(g, name)
+    if pre is not None:
+        pre_graph, hoisted = pre
+        inv, at = {}, program.fixed_floats
+        for nid, inp in hoisted.items():
+            inv[inp] = at
+            at += _aligned(pre_graph.nodes[nid].type.size().coef)
+        program.pre = _bounded(pre_graph, name + ".pre")
+        program.inv, program.pre_base = inv, at
+        program.fixed_floats = at + program.pre.fixed_floats
+    return program
+
+
+def _bounded(g, name: str) -> BodyProgram:
+    from ..passes.plan import ALIGN, aligned, plan_memory
     plan = plan_memory(g, {p: 0 for p in g.params})
     rows_floats, fixed, at = 0, {}, 0
     for nid, st in plan.storage.items():
@@ -80,6 +103,56 @@ def prepare(g, name: str) -> BodyProgram:
         if per_row:
             rows_floats += per_row + ALIGN
     return BodyProgram(name, g, rows_floats, fixed, at)
+
+
+def _hoist(g):
+    """Split off the groups of a fused body that read no input (only
+    parameters and constants): returns (their graph, {node: input name}),
+    and turns each of their values that the rest reads into an input of `g`."""
+    from . import REGISTRY
+    from ..graph import Graph
+    pure = set()
+    for nid in g.topo():
+        node = g.nodes[nid]
+        if node.op.name == "input":
+            continue
+        if all(i in pure for i in node.inputs):
+            pure.add(nid)
+    outputs = set(g.outputs.values())
+    hoist = [gr for gr in g.groups if all(m in pure and m not in outputs for m in gr.members)]
+    if not hoist:
+        return None
+    moved = {m for gr in hoist for m in gr.members}
+    boundary = [m for gr in hoist for m in gr.outputs if any(u not in moved for u in g.users(m))]
+    pre = g.copy()
+    keep = moved | {a for m in moved for a in _ancestors(g, m)}
+    for nid in [n for n in pre.nodes if n not in keep]:
+        pre.remove(nid)
+    pre.inputs = {}
+    pre.params = {k: v for k, v in pre.params.items() if v in keep}
+    pre.outputs = {f"@inv{m}": m for m in boundary}
+    pre.groups = [gr for gr in pre.groups if gr.members[0] in moved]
+    pre.name = g.name + ".pre"
+    hoisted = {}
+    for m in boundary:
+        name = f"@inv{m}"
+        node = g.nodes[m]
+        g.set_inputs(m, ())
+        node.op = REGISTRY["input"]
+        node.attrs = {"name": name, "kind": "input", "type": node.type, "classes": 0}
+        g.inputs[name] = m
+        hoisted[m] = name
+    for nid in moved - set(boundary):
+        g.remove(nid)
+    g.groups = [gr for gr in g.groups if gr not in hoist]
+    for gr in pre.groups:
+        gr.outputs = [m for m in gr.outputs if m in boundary or any(u in moved for u in pre.users(m))]
+    return pre, hoisted
+
+
+def _ancestors(g, nid):
+    import networkx as nx
+    return nx.ancestors(g.nx, nid)
 
 
 def body_plan(program: BodyProgram, param_offsets: dict[str, int]):
