@@ -417,6 +417,8 @@ def _parse_brackets(text: str, vocab, tree_no: int) -> list[_Tree]:
     trees = []
     k = 0
     while k < len(tokens):
+        if tokens[k] == ")":
+            raise ValueError(f"tree {tree_no}: unbalanced brackets (an extra ')')")
         if tokens[k] != "(":
             raise ValueError(f"tree {tree_no}: expected '(' at {tokens[k]!r}")
         kids: list[list[int]] = []

@@ -476,6 +476,8 @@ def unparse(e) -> str:
 
 def _type_text(t) -> str:
     dims = ", ".join(str(d.value) for d in getattr(t, "dims", ()))
+    if isinstance(t, Call):
+        return unparse(t)
     if isinstance(t, ForestTypeExpr):
         opts = ", ".join(f"{k.name}={unparse(k.value)}" for k in t.options)
         leaf = unparse(t.leaf) if isinstance(t.leaf, Call) else _type_text(t.leaf)

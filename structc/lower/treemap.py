@@ -212,10 +212,14 @@ def lower_tree_map_grad(kb, node) -> None:
     with kb.kernel(f"treemapgrad{node.id}", 1, cost=1) as (cg, lo, hi):
         b = cg.b
         nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
-        dH, H, G, ch, le = cg.ptr(node.id), cg.ptr(Hn), cg.ptr(gH), cg.ptr(children), cg.ptr(level_end)
+        H, G, ch, le = cg.ptr(Hn), cg.ptr(gH), cg.ptr(children), cg.ptr(level_end)
         C = cg.ptr(s_rows)
         dC = cg.gep(C, cg.imul(nodes, cw))
-        ws = cg.gep(C, cg.imul(nodes, 2 * cw))
+        ws = cg.gep(C, cg.imul(nodes, 2 * cw + width))
+        if node.id in kb.layout.buffers:
+            dH = cg.ptr(node.id)
+        else:       # no one reads the leaves' cotangent: dH is working memory only
+            dH = cg.gep(C, cg.imul(nodes, 2 * cw))
         fixed = cg.ptr(s_fixed)
         copy_flat(cg, G, dH, cg.imul(nodes, width), vw)
         needs_c = "@C" in e_in[1].input_names

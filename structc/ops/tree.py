@@ -116,8 +116,8 @@ def _hoist(g):
         node = g.nodes[nid]
         if node.op.name == "input":
             continue
-        if all(i in pure for i in node.inputs):
-            pure.add(nid)
+        if all(i in pure for i in node.inputs) and not node.type.size().symbols:
+            pure.add(nid)      # reads parameters and constants only, and its size is fixed
     outputs = set(g.outputs.values())
     hoist = [gr for gr in g.groups if all(m in pure and m not in outputs for m in gr.members)]
     if not hoist:
@@ -305,7 +305,9 @@ class TreeMap(Op):
         bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
                           f"{rec}.node.vjp_params")
         nodes = children.shape[0]
-        rows = 2 * _block(arity * width) + max(bwd_in.rows_floats, bwd_par.rows_floats)
+        # per node: the gathered children, their cotangents, dH when nothing
+        # else needs it (leaves without parameters upstream), the bodies' workspace
+        rows = 2 * _block(arity * width) + width + max(bwd_in.rows_floats, bwd_par.rows_floats)
         spare = sum(_aligned(p.type.size().coef) for p in params)   # for gradients nothing reads
         fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
         sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
@@ -399,5 +401,6 @@ def _aligned(n: int) -> int:
 
 
 def _block(n: int) -> int:
-    """Floats per row of a gathered children block (rows start 64-byte aligned)."""
-    return _aligned(n)
+    """Floats per row of a gathered children block: the body reads it as a
+    dense [rows, A*d] matrix, so rows are not padded."""
+    return n
