@@ -366,3 +366,28 @@ def test_pca_embedding_initialises_a_learned_table():
     f = Forest.from_tuples([(1, 2)])
     assert np.isfinite(net(t=f)).all()
     assert isinstance(Vocab.build("abca"), dict) and Vocab.build("abca") == {"a": 0, "b": 1, "c": 2}
+
+
+# -- the example: structc train on the shipped tree data -----------------------
+
+def test_logic_example_trains_well_above_chance(tmp_path, capsys):
+    from pathlib import Path
+
+    from structc.cli import main
+    example = Path(__file__).parent.parent / "examples" / "logic_tree.snet"
+    out = tmp_path / "logic.npz"
+    assert main(["train", str(example), "--data", "logic", "--optimizer", "adam", "--lr", "0.003",
+                 "--epochs", "3", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    accuracy = float(text.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%"))
+    assert accuracy >= 95.0, text          # chance: 50%
+
+
+def test_logic_data_set_is_balanced_and_disjoint():
+    from structc.treedata import load_logic
+    d = load_logic()
+    assert len(d.train) == 6000 and len(d.test) == 2000
+    roots = np.array([int(f.root_labels[0]) for f in d.test])
+    assert abs(roots.mean() - 0.5) < 0.03
+    key = lambda f: (f.children.tobytes(), f.words.tobytes())   # noqa: E731
+    assert not {key(f) for f in d.train} & {key(f) for f in d.test}
