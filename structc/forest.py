@@ -520,3 +520,10 @@ def bind_forest(name: str, value, spec: dict) -> dict[str, np.ndarray]:
     f = as_forest(value, arity=spec["arity"])
     f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"))
     return {f"{name}.{k}": v for k, v in f.arrays(spec["arity"]).items()}
+
+
+def forest_dims(name: str, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """The symbols of forest input `name`, from its arrays."""
+    leaves = arrays.get(f"{name}.words", arrays.get(f"{name}.features"))
+    return {f"{name}.nodes": arrays[f"{name}.children"].shape[0], f"{name}.leaves": leaves.shape[0],
+            f"{name}.trees": arrays[f"{name}.roots"].shape[0], f"{name}.levels": arrays[f"{name}.level_end"].shape[0]}

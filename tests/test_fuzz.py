@@ -19,7 +19,9 @@ TOKENS = ["model", "input", "target", "param", "loss", "output", "class", "of", 
           "x", "y", "h", "W", "dense", "relu", "softmax", "cross_entropy", "mse", "concat", "flatten",
           "mean", "sum", "reshape", "transpose", "@", "|>", "+", "-", "*", "/", "(", ")", "[", "]", "{", "}",
           ",", ":", "=", ";", ".", "0", "1", "3", "64", "1.5", "1e3", '"s"', "#c\n", "\n", "axes", "keepdims",
-          "true", "false", "init", "glorot", "name", "bias"]
+          "true", "false", "init", "glorot", "name", "bias",
+          "rec", "leaf", "node", "leaf:", "node:", "forest", "word", "vocab", "arity", "embedding", "onehot",
+          "t", "n", "n.left", "n.right", "n.children", "n.word", "n.x", "t.root", "t.nodes", "t.trees", "E"]
 
 
 def check(source: str) -> None:

@@ -200,6 +200,38 @@ def _features(t, rng):
     return tuple(_features(c, rng) for c in t)
 
 
+VARIANT = """
+model V {
+  input  t: forest(arity=3) of word(vocab=10)
+  target y: class[t.trees] of 2
+  param  E: embedding(10, 5)
+  param  v: f32[5]
+  rec h(n) = leaf: LEAF
+             node: NODE
+  MORE
+  loss cross_entropy(dense(OUT, 2), y)
+}"""
+
+
+@pytest.mark.parametrize("leaf, node, more, out", [
+    ("E[n.word]", "relu(dense(mean(h(n.children)), 5)) + v", "", "h(t.root)"),
+    ("E[n.word]", "softmax(dense(h(n.left), 5)) * sigmoid(h(n.children[2]))", "", "h(t.root)"),
+    ("E[n.word] * 2.0 - 1.0", "maximum(h(n.left), h(n.right)) / (1.0 + square(h(n.children[2])))", "", "h(t.root)"),
+    # a leaf case that reads no forest array: t.leaves must still be bound
+    ("v", "tanh(dense(concat(h(n.right), h(n.left), h(n.children[2])), 5))", "", "h(t.root)"),
+    # two recursions over one forest
+    ("E[n.word]", "tanh(dense(concat(h(n.children)), 5))",
+     "rec g(m) = leaf: E[m.word] |> sigmoid  node: g(m.left) * 0.5 + g(m.right) * v",
+     "concat(h(t.root), g(t.root), axis=1)"),
+], ids=["mean-relu", "softmax-sigmoid", "maximum-div", "param-leaf", "two-recs"])
+def test_node_case_variants_match_interpreter(leaf, node, more, out):
+    src = VARIANT.replace("LEAF", leaf).replace("NODE", node).replace("MORE", more).replace("OUT", out)
+    net, mdef = compiled(src)
+    rng = np.random.default_rng(9)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 12)), 10, arity=3) for _ in range(9)])
+    check_native(net, mdef, f, {"y": (np.arange(9) % 2).astype(np.int32)})
+
+
 @pytest.mark.parametrize("src", [BINARY, NARY], ids=["binary", "nary"])
 def test_gradients_match_finite_differences(src):
     mdef = build_model(parse(src))
