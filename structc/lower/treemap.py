@@ -162,11 +162,12 @@ def _gather(cg: CG, children, H, C, start, stop, arity, width, cw, nodes, vw) ->
                     zero_row(cg, C, dst, width, vw)
 
 
-def _level_bounds(cg: CG, level_end, l):
+def _level_bounds(cg: CG, level_end, l, nodes):
+    """[start, stop) of level l's rows, clamped to [0, nodes]."""
     b = cg.b
-    start = load_index(cg, level_end, b.sub(l, cg.i64(1)), "i32", None)
-    stop = load_index(cg, level_end, l, "i32", None)
-    return start, stop
+    start = load_index(cg, level_end, b.sub(l, cg.i64(1)), "i32", nodes)
+    stop = load_index(cg, level_end, l, "i32", nodes)
+    return start, b.select(b.icmp_signed("<", stop, start), start, stop)
 
 
 def lower_tree_map(kb, node) -> None:
@@ -186,10 +187,11 @@ def lower_tree_map(kb, node) -> None:
         C = cg.ptr(s_rows)
         ws = cg.gep(C, cg.imul(nodes, cw))
         fixed = cg.ptr(s_fixed)
+        nleaves = cg.imin(nleaves, nodes)
         copy_flat(cg, cg.ptr(leaves), H, cg.imul(nleaves, width), vw)
         inv = hoisted(kb, cg, node.attrs["fwd"], fixed)
         with cg.loop(levels, start=1, name="level") as l:
-            start, stop = _level_bounds(cg, le, l)
+            start, stop = _level_bounds(cg, le, l, nodes)
             _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
             call_body(cg, entry, {"children": C, **inv}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
                       b.sub(stop, start), ws)
@@ -226,7 +228,7 @@ def lower_tree_map_grad(kb, node) -> None:
         inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
-            start, stop = _level_bounds(cg, le, l)
+            start, stop = _level_bounds(cg, le, l, nodes)
             if needs_c:
                 _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
             at = cg.imul(start, width)
@@ -240,7 +242,7 @@ def lower_tree_map_grad(kb, node) -> None:
                     with cg.if_(ok):
                         add_row(cg, dC, cg.iadd(row, a * width), dH, cg.imul(kid, width), width, vw)
         # Parameter gradients: one call over every inner node.
-        first = load_index(cg, le, cg.i64(0), "i32", None)
+        first = load_index(cg, le, cg.i64(0), "i32", nodes)
         inner = b.sub(nodes, first)
         outs, spare = {}, par_fixed
         for name, p in zip(names, params):
