@@ -188,8 +188,21 @@ class Forest:
             trees = [trees]
         if not trees:
             raise ValueError("a forest needs at least one tree")
-        parts = [_Tree.from_tuple(t, vocab) for t in trees]
-        return cls._concat_raw(parts, arity)
+        ch, height, tree_of, items, leaf = _walk(trees)
+        if arity is not None and ch.shape[1] > arity:
+            k = int(tree_of[np.argmax((ch >= 0).sum(axis=1) > arity)])
+            raise ValueError(f"tree {k} has a node with more than {arity} children; the arity is {arity}")
+        words = features = None
+        if any(isinstance(it, np.ndarray) for it in items):
+            vecs = [np.asarray(it, np.float32).ravel() if lf else None for it, lf in zip(items, leaf)]
+            widths = {len(v) for v in vecs if v is not None}
+            if len(widths) != 1 or not all(isinstance(it, np.ndarray) for it, lf in zip(items, leaf) if lf):
+                raise ValueError("every leaf must carry a feature vector of the same length")
+            d = widths.pop()
+            features = np.stack([v if v is not None else np.zeros(d, np.float32) for v in vecs])
+        else:
+            words = np.array([_word_id(it, vocab) if lf else 0 for it, lf in zip(items, leaf)], np.int64)
+        return cls._make(ch, height, words, features, None, tree_of, None)
 
     @classmethod
     def from_brackets(cls, text, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
@@ -353,40 +366,46 @@ class _Tree:
         t.labels = np.array(labels, np.int64) if labels is not None else None
         return t
 
-    @classmethod
-    def from_tuple(cls, tree, vocab) -> "_Tree":
-        kids: list[list[int]] = []
-        payload: list = []
-        feats = [False]
-        stack = [(tree, False)]
-        out: list[int] = []          # node ids of finished subtrees, as a stack
-        counts: list[int] = []
-        while stack:
-            item, done = stack.pop()
-            if done:
-                k = counts.pop()
-                ids = out[len(out) - k:] if k else []
-                del out[len(out) - k:]
-                kids.append(ids)
-                payload.append(None)
-                out.append(len(kids) - 1)
-                continue
-            if _is_leaf(item):
-                kids.append([])
-                if isinstance(item, np.ndarray):
-                    feats[0] = True
-                    payload.append(np.asarray(item, np.float32).ravel())
-                else:
-                    payload.append(_word_id(item, vocab))
-                out.append(len(kids) - 1)
-                continue
+
+
+def _walk(trees: list):
+    """One pre-order walk over every tree: (children, height, tree number,
+    items, is-leaf), nodes numbered children before parents."""
+    items, parent, slot, leaf, tree_of = [], [], [], [], []
+    lists: set[int] = set()
+    stack = [(t, -1, 0, k) for k, t in reversed(list(enumerate(trees)))]
+    while stack:
+        item, up, j, k = stack.pop()
+        idx = len(items)
+        is_leaf = _is_leaf(item)
+        items.append(item)
+        parent.append(up)
+        slot.append(j)
+        leaf.append(is_leaf)
+        tree_of.append(k)
+        if not is_leaf:
             if not isinstance(item, (tuple, list)) or len(item) == 0:
-                raise ValueError(f"a tree node must be a non-empty tuple of children or a leaf, got {item!r}")
-            counts.append(len(item))
-            stack.append((item, True))
-            for child in reversed(item):
-                stack.append((child, False))
-        return cls.build(kids, payload, None, feats[0])
+                raise ValueError(f"tree {k}: a node must be a non-empty tuple of children or a leaf, got {item!r}")
+            if isinstance(item, list):        # a list can hold itself: one list, one node
+                if id(item) in lists:
+                    raise ValueError(f"tree {k}: the same list is a node twice (a cycle, or a shared subtree)")
+                lists.add(id(item))
+            stack.extend([(child, idx, i, k) for i, child in enumerate(item)])
+    n = len(items)
+    h = [0] * n                               # by pre-order index: children come after parents
+    for i in range(n - 1, -1, -1):
+        p = parent[i]
+        if p >= 0 and h[p] <= h[i]:
+            h[p] = h[i] + 1
+    arity = max([len(it) for it, lf in zip(items, leaf) if not lf], default=1)
+    up = np.array(parent, np.int64)
+    inner = up >= 0
+    new = n - 1 - np.arange(n)                # reversed pre-order: children before parents
+    ch = np.full((n, arity), -1, np.int64)
+    ch[new[up[inner]], np.array(slot, np.int64)[inner]] = new[inner]
+    items.reverse()
+    leaf.reverse()
+    return ch, np.array(h[::-1], np.int64), np.array(tree_of[::-1], np.int64), items, leaf
 
 
 def _is_leaf(x) -> bool:

@@ -147,10 +147,17 @@ def test_schedule_invariants():
     (lambda: Forest.from_brackets("(1 ())", {"a": 0}), "empty brackets"),
     (lambda: Forest.from_tuples([(0, 1, 2)], arity=2), "the arity is 2"),
     (lambda: Forest.from_tuples([()]), "non-empty tuple"),
+    (lambda: _cyclic(), "a cycle"),
 ])
 def test_bad_forests_raise_value_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def _cyclic():
+    node = [1, 2]
+    node.append(node)
+    return Forest.from_tuples([node])
 
 
 def test_forest_arrays_are_read_only():
