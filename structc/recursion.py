@@ -305,7 +305,8 @@ def build_rec(mb, s: S.RecDecl) -> None:
     sr = b.scratch(shape=(nodes, _block(decl.arity * width) + fwd.rows_floats), tag=next(_tags))
     sf = b.scratch(shape=(max(fwd.fixed_floats, 16),), tag=next(_tags))
     params = [b.value(mb.graph.params[p]) for p in body.params]
-    H = b.tree_map(forest_array(mb, decl, "children"), forest_array(mb, decl, "level_end"), leaf, sr, sf, *params,
+    H = b.tree_map(forest_array(mb, decl, "children"), forest_array(mb, decl, "level_end"),
+                   forest_array(mb, decl, "roots"), leaf, sr, sf, *params,
                    body=body, fwd=fwd, arity=decl.arity, width=width, rec=s.name)
     mb.env[s.name] = RecFn(s.name, H, decl)
     mb.defined_at[s.name] = s.name_span

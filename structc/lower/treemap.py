@@ -80,6 +80,13 @@ def add_row(cg: CG, src, s_off, dst, d_off, n, vw: int) -> None:
     _row_op(cg, n, vw, body)
 
 
+def sum_rows(cg: CG, a, a_off, b_, b_off, dst, d_off, n, vw: int) -> None:
+    """dst[d_off : d_off+n] = a[a_off : a_off+n] + b[b_off : b_off+n]"""
+    _row_op(cg, n, vw, lambda j, w, m: cg.store(cg.add(cg.load(a, cg.iadd(a_off, j), n=w, mask=m),
+                                                       cg.load(b_, cg.iadd(b_off, j), n=w, mask=m)),
+                                                dst, cg.iadd(d_off, j), mask=m))
+
+
 def zero_row(cg: CG, dst, d_off, n, vw: int) -> None:
     zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
     _row_op(cg, n, vw, lambda j, w, m: cg.store(zero, dst, cg.iadd(d_off, j), mask=m))
@@ -172,7 +179,7 @@ def _level_bounds(cg: CG, level_end, l, nodes):
 
 def lower_tree_map(kb, node) -> None:
     g = kb.graph
-    children, level_end, leaves, s_rows, s_fixed = node.inputs[:5]
+    children, level_end, _roots, leaves, s_rows, s_fixed = node.inputs[:6]
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = _block(arity * width)
     entry = body_entry(kb, node.attrs["fwd"])
@@ -199,8 +206,9 @@ def lower_tree_map(kb, node) -> None:
 
 def lower_tree_map_grad(kb, node) -> None:
     g = kb.graph
-    children, level_end, Hn, gH, s_rows, s_fixed = node.inputs[:6]
-    params = node.inputs[6:]
+    children, level_end, roots, Hn, seed, s_rows, s_fixed = node.inputs[:7]
+    params = node.inputs[7:]
+    from_roots = node.attrs.get("from_roots", False)
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = _block(arity * width)
     e_in = body_entry(kb, node.attrs["bwd_in"])
@@ -210,11 +218,12 @@ def lower_tree_map_grad(kb, node) -> None:
     vw = kb.vector_width
     nodes_d = node.shape[0]
     levels_d = g.nodes[level_end].shape[0]
+    trees_d = g.nodes[roots].shape[0]
     par_fixed = e_par[2].fixed_floats
     with kb.kernel(f"treemapgrad{node.id}", 1, cost=1) as (cg, lo, hi):
         b = cg.b
         nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
-        H, G, ch, le = cg.ptr(Hn), cg.ptr(gH), cg.ptr(children), cg.ptr(level_end)
+        H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
         C = cg.ptr(s_rows)
         dC = cg.gep(C, cg.imul(nodes, cw))
         ws = cg.gep(C, cg.imul(nodes, 2 * cw + width))
@@ -223,7 +232,12 @@ def lower_tree_map_grad(kb, node) -> None:
         else:       # no one reads the leaves' cotangent: dH is working memory only
             dH = cg.gep(C, cg.imul(nodes, 2 * cw))
         fixed = cg.ptr(s_fixed)
-        copy_flat(cg, G, dH, cg.imul(nodes, width), vw)
+        # dH is written once per node: at a root from the seed, elsewhere when
+        # its (only) parent's level sends it its part of dC.
+        last = b.sub(nodes, cg.i64(1))
+        with cg.loop(cg.dim(trees_d), name="root") as k:
+            r = load_index(cg, R, k, "i32", last)
+            copy_row(cg, G, cg.imul(k if from_roots else r, width), dH, cg.imul(r, width), width, vw)
         needs_c = "@C" in e_in[1].input_names
         inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
@@ -240,7 +254,11 @@ def lower_tree_map_grad(kb, node) -> None:
                     kid = load_index(cg, ch, cg.iadd(cg.imul(r, arity), a), "i32", None)
                     ok = b.and_(b.icmp_signed(">=", kid, cg.i64(0)), b.icmp_signed("<", kid, nodes))
                     with cg.if_(ok):
-                        add_row(cg, dC, cg.iadd(row, a * width), dH, cg.imul(kid, width), width, vw)
+                        at_kid = cg.imul(kid, width)
+                        if from_roots:
+                            copy_row(cg, dC, cg.iadd(row, a * width), dH, at_kid, width, vw)
+                        else:
+                            sum_rows(cg, dC, cg.iadd(row, a * width), G, at_kid, dH, at_kid, width, vw)
         # Parameter gradients: one call over every inner node.
         first = load_index(cg, le, cg.i64(0), "i32", nodes)
         inner = b.sub(nodes, first)

@@ -256,6 +256,15 @@ def _forward_reference(children, leaves, params, body, width):
     return H
 
 
+def _seed(seed, roots, nodes, from_roots):
+    """The cotangent of H: given whole, or only at the roots (`h(t.root)`)."""
+    if not from_roots:
+        return np.array(seed, dtype=np.float64)
+    gH = np.zeros((nodes, seed.shape[1]))
+    np.add.at(gH, roots, seed)
+    return gH
+
+
 def _backward_reference(children, H, gH, params, bwd, width, leaves):
     from ..interp import evaluate
     n = children.shape[0]
@@ -285,7 +294,7 @@ class TreeMap(Op):
     name = "tree_map"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, children, level_end, leaves, scratch_rows, scratch_fixed, *params,
+    def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
               body, fwd, arity: int, width: int, rec: str = "h") -> TensorType:
         expect(leaves.rank == 2 and leaves.shape[1] == width, f"leaf states {leaves} are not [leaves, {width}]")
         return TensorType((children.shape[0], width), "f32")
@@ -293,11 +302,11 @@ class TreeMap(Op):
     def describe(self, attrs: dict) -> str:
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, body={attrs['fwd']}"
 
-    def reference(self, children, level_end, leaves, scratch_rows, scratch_fixed, *params,
+    def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
                   body, fwd, arity, width, rec="h", dims=None):
         return _forward_reference(children, leaves, params, body, width)
 
-    def vjp(self, b, g, out, children, level_end, leaves, scratch_rows, scratch_fixed, *params,
+    def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
             body, fwd, arity, width, rec="h"):
         bwd = derive_backward(body)
         names = list(body.params)
@@ -312,12 +321,18 @@ class TreeMap(Op):
         fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
         sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
         sf = b.scratch(shape=(fixed,), tag=next(_tags))
-        attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec)
-        dH = b.tree_map_grad(children, level_end, out, g, sr, sf, *params, **attrs)
+        # Only the roots' states reach the loss (`h(t.root)`): seed dH from
+        # their cotangent, without forming the mostly-zero [nodes, d] one.
+        gn = g.node
+        from_roots = gn.op.name == "scatter_rows" and gn.inputs[1] == roots.id and gn.attrs["rows"] == nodes
+        seed = b.value(gn.inputs[0]) if from_roots else g
+        attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
+                     from_roots=from_roots)
+        dH = b.tree_map_grad(children, level_end, roots, out, seed, sr, sf, *params, **attrs)
         d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
-        parts = [b.tree_grad_part(dH, children, level_end, out, g, *params, param=name, index=k, bwd=bwd,
-                                  width=width) for k, name in enumerate(names)]
-        return [None, None, d_leaves, None, None, *parts]
+        parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *params, param=name, index=k, bwd=bwd,
+                                  width=width, from_roots=from_roots) for k, name in enumerate(names)]
+        return [None, None, None, d_leaves, None, None, *parts]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map
@@ -325,20 +340,24 @@ class TreeMap(Op):
 
 
 class TreeMapGrad(Op):
-    """dH: the total cotangent of every node's state (see the module docstring)."""
+    """dH: the total cotangent of every node's state (see the module docstring),
+    from the cotangent of H (`seed`), or of the roots' states only when
+    `from_roots` (then seed is [trees, d])."""
     name = "tree_map_grad"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, children, level_end, H, gH, scratch_rows, scratch_fixed, *params,
-              body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h") -> TensorType:
+    def shape(self, children, level_end, roots, H, seed, scratch_rows, scratch_fixed, *params,
+              body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
+              from_roots: bool = False) -> TensorType:
         return H
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, " \
                f"vjp={attrs['bwd_in']}, {attrs['bwd_par']}"
 
-    def reference(self, children, level_end, H, gH, scratch_rows, scratch_fixed, *params,
-                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", dims=None):
+    def reference(self, children, level_end, roots, H, seed, scratch_rows, scratch_fixed, *params,
+                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, dims=None):
+        gH = _seed(seed, roots, H.shape[0], from_roots)
         return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[0]
 
     def lower(self, kb, node, epilogue):
@@ -353,13 +372,16 @@ class TreeGradPart(Op):
     name = "tree_grad_part"
     traits = frozenset({"part"})
 
-    def shape(self, dH, children, level_end, H, gH, *params, param: str, index: int, bwd, width: int) -> TensorType:
+    def shape(self, dH, children, level_end, roots, H, seed, *params, param: str, index: int, bwd, width: int,
+              from_roots: bool = False) -> TensorType:
         return params[index]
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['param']}"
 
-    def reference(self, dH, children, level_end, H, gH, *params, param, index, bwd, width):
+    def reference(self, dH, children, level_end, roots, H, seed, *params, param, index, bwd, width,
+                  from_roots=False):
+        gH = _seed(seed, roots, H.shape[0], from_roots)
         return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[1][index]
 
     def lower(self, kb, node, epilogue):
