@@ -187,6 +187,8 @@ def lower_tree_map(kb, node) -> None:
     nodes_d = node.shape[0]
     leaves_d = g.nodes[leaves].shape[0]
     levels_d = g.nodes[level_end].shape[0]
+    # Training keeps every level's gathered block for the backward pass.
+    kept = [u for u in g.users(node.id) if g.nodes[u].op.name == "tree_children" and u in kb.layout.buffers]
     with kb.kernel(f"treemap{node.id}", 1, cost=1) as (cg, lo, hi):
         b = cg.b
         nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
@@ -194,20 +196,22 @@ def lower_tree_map(kb, node) -> None:
         C = cg.ptr(s_rows)
         ws = cg.gep(C, cg.imul(nodes, cw))
         fixed = cg.ptr(s_fixed)
+        C_all = cg.ptr(kept[0]) if kept else None
         nleaves = cg.imin(nleaves, nodes)
         copy_flat(cg, cg.ptr(leaves), H, cg.imul(nleaves, width), vw)
         inv = hoisted(kb, cg, node.attrs["fwd"], fixed)
         with cg.loop(levels, start=1, name="level") as l:
             start, stop = _level_bounds(cg, le, l, nodes)
-            _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
-            call_body(cg, entry, {"children": C, **inv}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
+            block = C if C_all is None else cg.gep(C_all, cg.imul(start, cw))
+            _gather(cg, ch, H, block, start, stop, arity, width, cw, nodes, vw)
+            call_body(cg, entry, {"children": block, **inv}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
                       b.sub(stop, start), ws)
 
 
 def lower_tree_map_grad(kb, node) -> None:
     g = kb.graph
-    children, level_end, roots, Hn, seed, s_rows, s_fixed = node.inputs[:7]
-    params = node.inputs[7:]
+    children, level_end, roots, Hn, seed, c_all, s_rows, s_fixed = node.inputs[:8]
+    params = node.inputs[8:]
     from_roots = node.attrs.get("from_roots", False)
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = _block(arity * width)
@@ -224,13 +228,13 @@ def lower_tree_map_grad(kb, node) -> None:
         b = cg.b
         nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
         H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
-        C = cg.ptr(s_rows)
-        dC = cg.gep(C, cg.imul(nodes, cw))
-        ws = cg.gep(C, cg.imul(nodes, 2 * cw + width))
+        C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
+        dC = cg.ptr(s_rows)
+        ws = cg.gep(dC, cg.imul(nodes, cw + width))
         if node.id in kb.layout.buffers:
             dH = cg.ptr(node.id)
         else:       # no one reads the leaves' cotangent: dH is working memory only
-            dH = cg.gep(C, cg.imul(nodes, 2 * cw))
+            dH = cg.gep(dC, cg.imul(nodes, cw))
         fixed = cg.ptr(s_fixed)
         # dH is written once per node: at a root from the seed, elsewhere when
         # its (only) parent's level sends it its part of dC.
@@ -238,15 +242,12 @@ def lower_tree_map_grad(kb, node) -> None:
         with cg.loop(cg.dim(trees_d), name="root") as k:
             r = load_index(cg, R, k, "i32", last)
             copy_row(cg, G, cg.imul(k if from_roots else r, width), dH, cg.imul(r, width), width, vw)
-        needs_c = "@C" in e_in[1].input_names
         inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
             start, stop = _level_bounds(cg, le, l, nodes)
-            if needs_c:
-                _gather(cg, ch, H, C, start, stop, arity, width, cw, nodes, vw)
             at = cg.imul(start, width)
-            call_body(cg, e_in, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, {"dC": dC}, fixed,
+            call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, {"dC": dC}, fixed,
                       b.sub(stop, start), ws)
             with cg.loop(stop, start=start, name="sc") as r:
                 row = cg.imul(b.sub(r, start), cw)
@@ -271,11 +272,9 @@ def lower_tree_map_grad(kb, node) -> None:
                 spare += _block(g.nodes[p].type.size().coef)
         with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
             with then:
-                if "@C" in e_par[1].input_names:
-                    _gather(cg, ch, H, C, first, nodes, arity, width, cw, nodes, vw)
                 at = cg.imul(first, width)
                 inv = hoisted(kb, cg, node.attrs["bwd_par"], fixed)
-                call_body(cg, e_par, {"@C": C, "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, outs, fixed,
+                call_body(cg, e_par, {"@C": cg.gep(C, cg.imul(first, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, outs, fixed,
                           inner, ws)
             with otherwise:                                # no inner node: nothing to differentiate
                 for name, p in zip(names, params):

@@ -314,9 +314,9 @@ class TreeMap(Op):
         bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
                           f"{rec}.node.vjp_params")
         nodes = children.shape[0]
-        # per node: the gathered children, their cotangents, dH when nothing
-        # else needs it (leaves without parameters upstream), the bodies' workspace
-        rows = 2 * _block(arity * width) + width + max(bwd_in.rows_floats, bwd_par.rows_floats)
+        # per node: the children's cotangents, dH when nothing else needs it
+        # (leaves without parameters upstream), the bodies' workspace
+        rows = _block(arity * width) + width + max(bwd_in.rows_floats, bwd_par.rows_floats)
         spare = sum(_aligned(p.type.size().coef) for p in params)   # for gradients nothing reads
         fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
         sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
@@ -328,7 +328,9 @@ class TreeMap(Op):
         seed = b.value(gn.inputs[0]) if from_roots else g
         attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
                      from_roots=from_roots)
-        dH = b.tree_map_grad(children, level_end, roots, out, seed, sr, sf, *params, **attrs)
+        # the children's states, as the forward pass gathered them level by level
+        C = b.tree_children(out, children, arity=arity, width=width)
+        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *params, **attrs)
         d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
         parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *params, param=name, index=k, bwd=bwd,
                                   width=width, from_roots=from_roots) for k, name in enumerate(names)]
@@ -346,7 +348,7 @@ class TreeMapGrad(Op):
     name = "tree_map_grad"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, children, level_end, roots, H, seed, scratch_rows, scratch_fixed, *params,
+    def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
               body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
               from_roots: bool = False) -> TensorType:
         return H
@@ -355,7 +357,7 @@ class TreeMapGrad(Op):
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, " \
                f"vjp={attrs['bwd_in']}, {attrs['bwd_par']}"
 
-    def reference(self, children, level_end, roots, H, seed, scratch_rows, scratch_fixed, *params,
+    def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
                   body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, dims=None):
         gH = _seed(seed, roots, H.shape[0], from_roots)
         return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[0]
@@ -386,6 +388,23 @@ class TreeGradPart(Op):
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map_grad kernel of its group
+
+
+class TreeChildren(Op):
+    """C[i] = [H[child_0(i)], ..., H[child_A-1(i)]] (zero for a missing child):
+    every node's input to the node case, written by the `tree_map` kernel
+    while it gathers each level (the `part` trait puts it in that group)."""
+    name = "tree_children"
+    traits = frozenset({"part"})
+
+    def shape(self, H, children, *, arity: int, width: int) -> TensorType:
+        return TensorType((H.shape[0], arity * width), "f32")
+
+    def reference(self, H, children, *, arity, width):
+        return np.concatenate([_child_states(H, kids, width) for kids in children])
+
+    def lower(self, kb, node, epilogue):
+        pass    # written by the tree_map kernel of its group
 
 
 class TreeLeafRows(Op):
