@@ -153,6 +153,7 @@ class ModelBuilder:
         self.losses: list[Value] = []
         self.outputs: dict[str, int] = {}
         self.implied_outputs: dict[str, int] = {}
+        self.forests: dict = {}             # forest inputs by name (recursion.ForestDecl)
         self.b = Builder(self.graph)
 
     # -- statements ------------------------------------------------------
@@ -173,7 +174,7 @@ class ModelBuilder:
             g.outputs[name] = nid
         return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
                         bool(self.losses), self.program.source, self.program.file,
-                        [f.meta() for f in getattr(self, "forests", {}).values()])
+                        [f.meta() for f in self.forests.values()])
 
     def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
         if name in self.env and (not rebind or name in self.inputs or name in self.params):
@@ -196,7 +197,7 @@ class ModelBuilder:
     def stmt_ParamDecl(self, s: S.ParamDecl) -> None:
         if isinstance(s.type, S.Call) and s.type.func == "embedding":
             from .ops.embedding import embedding_param_type
-            t, init = embedding_param_type(s.type, lambda msg, span: _raise(SnetTypeError(msg, span)))
+            t, init = embedding_param_type(s.type)
             init = self.resolve_init(s.init) if s.init is not None else init
             nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
             self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
@@ -419,10 +420,6 @@ class ModelBuilder:
                 raise SnetTypeError(f"{op.name} has no option '{k}' (options: {known})", e.span)
             attrs[k] = v.text if isinstance(v, Word) else v
         return ctx.b.apply(op.name, *args, **attrs)
-
-
-def _raise(err: Exception):
-    raise err
 
 
 def _fold(op: str, a, b, span: Span):

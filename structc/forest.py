@@ -282,12 +282,8 @@ class Forest:
         if any(f.labels is not None for f in forests):
             labels = np.concatenate([f.labels if f.labels is not None else np.full(f.nodes, -1, _I32)
                                      for f in forests])
-        return cls._make_merged(ch, height, words, features, labels, tree_of)
-
-    @classmethod
-    def _make_merged(cls, ch, height, words, features, labels, tree_of) -> "Forest":
         # Each part is in schedule order, so parents may precede children here;
-        # `_make` only needs heights and tree numbers, not the input order.
+        # `_make` needs only heights and tree numbers, not the input order.
         return cls._make(ch, height, words, features, labels, tree_of, None)
 
     # -- as compiled code wants it ------------------------------------------

@@ -44,12 +44,6 @@ class ForestDecl:
         return {"name": self.name, "arity": self.arity, "vocab": self.vocab, "features": self.features}
 
 
-def _forests(mb) -> dict[str, ForestDecl]:
-    if not hasattr(mb, "forests"):
-        mb.forests = {}
-    return mb.forests
-
-
 # -- declarations ---------------------------------------------------------------
 
 def declare_forest(mb, s: S.InputDecl) -> None:
@@ -81,7 +75,7 @@ def declare_forest(mb, s: S.InputDecl) -> None:
         features = leaf.dims[0].value
     else:
         raise SnetTypeError("a forest's leaves carry words, word(vocab=V), or feature vectors, f32[F]", leaf.span)
-    forests = _forests(mb)
+    forests = mb.forests
     decl = ForestDecl(s.name, arity, vocab, features, s.span)
     mb.define(s.name, s.name_span, ForestRef(decl), rebind=False)
     forests[s.name] = decl
@@ -110,7 +104,7 @@ def forest_array(mb, decl: ForestDecl, what: str) -> Value:
 def check_dim(mb, d: S.Dim) -> None:
     """A dimension written `t.nodes`: a forest's, declared before."""
     base, attr = d.value.split(".", 1)
-    if base not in _forests(mb):
+    if base not in mb.forests:
         raise SnetNameError(f"'{base}' is not a forest input declared above, so '{d.value}' is not a dimension", d.span)
     if attr not in ("nodes", "trees", "leaves"):
         raise SnetNameError(f"a forest's dimensions are {base}.nodes, {base}.trees and {base}.leaves, "
@@ -245,8 +239,8 @@ class RecSelf:
 # -- rec h(n) = leaf: ... node: ... ------------------------------------------------
 
 def build_rec(mb, s: S.RecDecl) -> None:
-    from .ops.tree import _block, fold_concat_of_slices, prepare, _tags
-    forests = _forests(mb)
+    from .ops.tree import fold_concat_of_slices, prepare, _tags
+    forests = mb.forests
     if len(forests) != 1:
         raise SnetTypeError("a recursive definition needs exactly one forest input declared before it "
                             f"(found {len(forests)})", s.name_span)
@@ -302,7 +296,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
 
     b = Builder(mb.graph, s.span)
     nodes = decl.sym("nodes")
-    sr = b.scratch(shape=(nodes, _block(decl.arity * width) + fwd.rows_floats), tag=next(_tags))
+    sr = b.scratch(shape=(nodes, decl.arity * width + fwd.rows_floats), tag=next(_tags))
     sf = b.scratch(shape=(max(fwd.fixed_floats, 16),), tag=next(_tags))
     params = [b.value(mb.graph.params[p]) for p in body.params]
     H = b.tree_map(forest_array(mb, decl, "children"), forest_array(mb, decl, "level_end"),

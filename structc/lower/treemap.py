@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from ..ops.tree import BODY_ROWS, _block, body_plan
-from ..passes.plan import param_layout
+from ..ops.tree import BODY_ROWS, body_plan
+from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
 
 
@@ -95,11 +95,6 @@ def zero_row(cg: CG, dst, d_off, n, vw: int) -> None:
 def zero_rows(cg: CG, dst, lo, hi, width, vw: int) -> None:
     with cg.loop(hi, start=lo, name="z") as r:
         zero_row(cg, dst, cg.imul(r, width), width, vw)
-
-
-def copy_flat(cg: CG, src, dst, count, vw: int) -> None:
-    """dst[0:count] = src[0:count], count a runtime value."""
-    _row_op(cg, count, vw, lambda j, w, m: cg.store(cg.load(src, j, n=w, mask=m), dst, j, mask=m))
 
 
 # -- bodies as entry points ------------------------------------------------------
@@ -181,7 +176,7 @@ def lower_tree_map(kb, node) -> None:
     g = kb.graph
     children, level_end, _roots, leaves, s_rows, s_fixed = node.inputs[:6]
     arity, width = node.attrs["arity"], node.attrs["width"]
-    cw = _block(arity * width)
+    cw = arity * width          # a gathered row: the children side by side
     entry = body_entry(kb, node.attrs["fwd"])
     vw = kb.vector_width
     nodes_d = node.shape[0]
@@ -198,7 +193,7 @@ def lower_tree_map(kb, node) -> None:
         fixed = cg.ptr(s_fixed)
         C_all = cg.ptr(kept[0]) if kept else None
         nleaves = cg.imin(nleaves, nodes)
-        copy_flat(cg, cg.ptr(leaves), H, cg.imul(nleaves, width), vw)
+        copy_row(cg, cg.ptr(leaves), cg.i64(0), H, cg.i64(0), cg.imul(nleaves, width), vw)
         inv = hoisted(kb, cg, node.attrs["fwd"], fixed)
         with cg.loop(levels, start=1, name="level") as l:
             start, stop = _level_bounds(cg, le, l, nodes)
@@ -214,7 +209,7 @@ def lower_tree_map_grad(kb, node) -> None:
     params = node.inputs[8:]
     from_roots = node.attrs.get("from_roots", False)
     arity, width = node.attrs["arity"], node.attrs["width"]
-    cw = _block(arity * width)
+    cw = arity * width          # a gathered row: the children side by side
     e_in = body_entry(kb, node.attrs["bwd_in"])
     e_par = body_entry(kb, node.attrs["bwd_par"])
     names = [k[2:] for k in node.attrs["bwd"].outputs if k.startswith("d:")]
@@ -269,7 +264,7 @@ def lower_tree_map_grad(kb, node) -> None:
                 outs[f"d:{name}"] = cg.ptr(parts[name])
             else:                                          # nothing reads it: a spare buffer
                 outs[f"d:{name}"] = cg.gep(fixed, cg.i64(spare))
-                spare += _block(g.nodes[p].type.size().coef)
+                spare += aligned(g.nodes[p].type.size().coef)
         with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
             with then:
                 at = cg.imul(first, width)

@@ -150,9 +150,10 @@ def index(ctx, base, idx):
     return ctx.b.gather_rows(base, idx)
 
 
-def embedding_param_type(call, fail) -> tuple[TensorType, tuple]:
+def embedding_param_type(call) -> tuple[TensorType, tuple]:
     """`param E: embedding(V, d)`: a learned f32[V, d] table, N(0, 1) like PyTorch's."""
+    from ..errors import SnetTypeError
     args = [getattr(a, "value", None) for a in call.args]
     if call.kwargs or len(args) != 2 or not all(isinstance(a, int) and a > 0 for a in args):
-        fail("embedding takes the vocabulary size and the dimension: embedding(V, d)", call.span)
+        raise SnetTypeError("embedding takes the vocabulary size and the dimension: embedding(V, d)", call.span)
     return TensorType((args[0], args[1]), "f32"), ("normal", (1.0,))

@@ -316,7 +316,7 @@ class TreeMap(Op):
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
         # (leaves without parameters upstream), the bodies' workspace
-        rows = _block(arity * width) + width + max(bwd_in.rows_floats, bwd_par.rows_floats)
+        rows = arity * width + width + max(bwd_in.rows_floats, bwd_par.rows_floats)
         spare = sum(_aligned(p.type.size().coef) for p in params)   # for gradients nothing reads
         fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
         sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
@@ -439,9 +439,3 @@ class Scratch(Op):
 def _aligned(n: int) -> int:
     from ..passes.plan import aligned
     return aligned(n)
-
-
-def _block(n: int) -> int:
-    """Floats per row of a gathered children block: the body reads it as a
-    dense [rows, A*d] matrix, so rows are not padded."""
-    return n
