@@ -44,7 +44,7 @@ class Forest:
     """A validated batch of trees in schedule order (see the module docstring)."""
 
     __slots__ = ("children", "words", "features", "roots", "level_end", "labels", "height", "index",
-                 "tree_of", "max_word")
+                 "tree_of", "max_word", "_bound")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
@@ -112,6 +112,7 @@ class Forest:
         f.labels = _frozen(labels[order].astype(_I32)) if labels is not None else None
         f.index = _frozen(pos[index].astype(_I32)) if index is not None else _frozen(pos.astype(_I32))
         f.max_word = int(f.words.max()) if f.words is not None and f.words.size else -1
+        f._bound = {}
         return f
 
     @classmethod
@@ -528,13 +529,19 @@ class Vocab(dict):
         return v
 
 
-def bind_forest(name: str, value, spec: dict) -> dict[str, np.ndarray]:
+def bind_forest(name: str, value, spec: dict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The arrays of forest input `name` (as `Net` passes them to native code)
-    from a Forest, bracketed strings or nested tuples, checked against the
-    model's declaration `spec` (arity, vocab or features)."""
+    and its dimensions, from a Forest, bracketed strings or nested tuples,
+    checked against the model's declaration `spec` (arity, vocab or
+    features). A Forest remembers the result: its arrays are read-only."""
     f = as_forest(value, arity=spec["arity"])
-    f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"))
-    return {f"{name}.{k}": v for k, v in f.arrays(spec["arity"]).items()}
+    key = (name, spec["arity"], spec.get("vocab"), spec.get("features"))
+    bound = f._bound.get(key)
+    if bound is None:
+        f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"))
+        arrays = {f"{name}.{k}": v for k, v in f.arrays(spec["arity"]).items()}
+        bound = f._bound[key] = (arrays, forest_dims(name, arrays))
+    return bound
 
 
 def forest_dims(name: str, arrays: dict[str, np.ndarray]) -> dict[str, int]:

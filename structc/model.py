@@ -161,15 +161,15 @@ class Net:
         """A forest input (a `Forest`, bracketed strings, nested tuples) as the
         validated arrays its declaration stands for (see `structc.forest`),
         and its dimensions (t.nodes, t.leaves, t.trees, t.levels)."""
-        from .forest import bind_forest, forest_dims
+        from .forest import bind_forest
         out, dims = dict(given), {}
         for name, spec in self._forests.items():
             if name not in out:
                 raise TypeError(f"missing input '{name}': expected a forest (structc.forest.Forest, "
                                 "bracketed tree strings or nested tuples)")
-            arrays = bind_forest(name, out.pop(name), spec)
+            arrays, forest_dims = bind_forest(name, out.pop(name), spec)
             out.update(arrays)
-            dims.update(forest_dims(name, arrays))
+            dims.update(forest_dims)
         return out, dims
 
     def _workspace(self, entry: _Entry, dims: tuple) -> int:

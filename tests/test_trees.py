@@ -79,7 +79,7 @@ def compiled(src):
 
 
 def feed_for(mdef, forest, **targets):
-    feed = bind_forest("t", forest, mdef.forests[0])
+    feed = dict(bind_forest("t", forest, mdef.forests[0])[0])
     feed.update(targets)
     return feed
 
