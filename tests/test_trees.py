@@ -88,7 +88,7 @@ def check_native(net, mdef, forest, targets, rtol=2e-3, atol=2e-5):
     """Native forward, loss and gradients against the interpreter (node by node, float64)."""
     params = {k: v.copy() for k, v in net.params.items()}
     feed = feed_for(mdef, forest, **targets)
-    got = net.forward(t=forest)
+    got = net.forward(t=forest, **{k: v for k, v in targets.items() if mdef.inputs[k].kind == "input"})
     want = evaluate(mdef.graph, feed, params, outputs=list(got))
     for k in got:
         np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, err_msg=k)
@@ -430,3 +430,27 @@ def test_logic_data_set_is_balanced_and_disjoint():
     assert abs(roots.mean() - 0.5) < 0.03
     key = lambda f: (f.children.tobytes(), f.words.tobytes())   # noqa: E731
     assert not {key(f) for f in d.train} & {key(f) for f in d.test}
+
+
+def test_fixed_embedding_is_an_input_table():
+    """A fixed (say PCA) embedding: declared an input, passed with every call, never trained."""
+    src = """
+    model Fixed {
+      input  t: forest of word(vocab=20)
+      input  E: f32[20, 8]
+      target y: class[t.trees] of 2
+      rec h(n) = leaf: E[n.word]
+                 node: tanh(dense(concat(h(n.left), h(n.right)), 8))
+      loss cross_entropy(dense(h(t.root), 2), y)
+    }"""
+    corpus = [[str(k), str((k + 1) % 20), str((k + 3) % 20)] for k in range(20)] * 3
+    E, _ = pca_embedding(corpus, d=8, vocab={str(k): k for k in range(20)})
+    net, mdef = compiled(src)
+    rng = np.random.default_rng(10)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 8)), 20) for _ in range(6)])
+    y = (np.arange(6) % 2).astype(np.int32)
+    check_native(net, mdef, f, {"E": E, "y": y})
+    assert "E" not in net.params
+    before = E.copy()
+    net.train_step(t=f, E=E, y=y, lr=0.5)
+    assert np.array_equal(E, before)
