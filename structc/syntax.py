@@ -354,7 +354,7 @@ class _ToAst(Transformer):
 # How terminals read in messages.
 _TERMINAL_WORDS = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
-    "DTYPE": "a tensor type such as f32", "$END": "end of file",
+    "DTYPE": "a tensor type such as f32", "$END": "end of file", "CASE": "'leaf:' or 'node:'",
 }
 
 
