@@ -240,6 +240,7 @@ class RecSelf:
 
 def build_rec(mb, s: S.RecDecl) -> None:
     from .ops.tree import fold_concat_of_slices, prepare, _tags
+    from .passes.dce import dce
     forests = mb.forests
     if len(forests) != 1:
         raise SnetTypeError("a recursive definition needs exactly one forest input declared before it "
@@ -289,6 +290,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
                                  f"{node.op.name} here mixes nodes ({node.type})", node.span or s.node.span)
     body.outputs["h"] = out.id
     fold_concat_of_slices(body)
+    dce(body)
     try:
         fwd = prepare(body, f"{s.name}.node")
     except ShapeMismatch as err:

@@ -201,6 +201,7 @@ def derive_backward(body):
     recomputed); outputs `dC` and `d:<param>` for each parameter."""
     from ..autodiff import differentiate
     from ..graph import Builder
+    from ..passes.dce import dce
     from . import REGISTRY
     g = body.copy()
     b = Builder(g)
@@ -229,7 +230,7 @@ def derive_backward(body):
         outputs[f"d:{p}"] = d.outputs[f"grad:{p}"]
     d.outputs = outputs
     d.name = f"{body.name}.vjp"
-    return d
+    return dce(d)
 
 
 def _subset(g, names, name):
