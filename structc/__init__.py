@@ -10,4 +10,5 @@ __version__ = "0.1.0"
 
 from .api import compile  # noqa: E402,F401,A001
 from .model import Net  # noqa: E402,F401
+from .forest import Forest  # noqa: E402,F401
 from .native import get_num_threads, set_num_threads  # noqa: E402,F401
