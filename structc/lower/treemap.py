@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
+from ..ops.loss import _each_vector
 from ..ops.tree import BODY_ROWS, body_plan
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
@@ -48,48 +49,39 @@ def load_index(cg: CG, ptr, i, dtype: str, last):
 
 
 def _row_op(cg: CG, n, vw: int, body) -> None:
-    """body(j, lanes, mask) over [0, n) in vectors; n a Python int (unrolled) or a value."""
-    if isinstance(n, int):
-        full = n - n % vw
-        for j in range(0, full, vw):
-            body(cg.i64(j), vw, None)
-        if n % vw:
-            body(cg.i64(full), vw, cg.lane_mask(cg.i64(n % vw), vw))
+    """body(j, mask) over [0, n) in vectors, the last one masked; n a Python
+    int (unrolled: rows of a known width) or a runtime value."""
+    if not isinstance(n, int):
+        _each_vector(cg, n, vw, body)
         return
-    b = cg.b
-    nfull = b.sdiv(n, cg.i64(vw))
-    with cg.loop(nfull, name="rv") as v:
-        body(cg.imul(v, vw), vw, None)
-    tail = b.sub(n, cg.imul(nfull, vw))
-    with cg.if_(b.icmp_signed(">", tail, cg.i64(0))):
-        body(cg.imul(nfull, vw), vw, cg.lane_mask(tail, vw))
+    full = n - n % vw
+    for j in range(0, full, vw):
+        body(cg.i64(j), None)
+    if n % vw:
+        body(cg.i64(full), cg.lane_mask(cg.i64(n % vw), vw))
 
 
 def copy_row(cg: CG, src, s_off, dst, d_off, n, vw: int) -> None:
     """dst[d_off : d_off+n] = src[s_off : s_off+n]"""
-    _row_op(cg, n, vw, lambda j, w, m: cg.store(cg.load(src, cg.iadd(s_off, j), n=w, mask=m), dst,
-                                                   cg.iadd(d_off, j), mask=m))
+    _row_op(cg, n, vw, lambda j, m: cg.store(cg.load(src, cg.iadd(s_off, j), n=vw, mask=m), dst,
+                                             cg.iadd(d_off, j), mask=m))
 
 
 def add_row(cg: CG, src, s_off, dst, d_off, n, vw: int) -> None:
     """dst[d_off : d_off+n] += src[s_off : s_off+n]"""
-    def body(j, w, m):
-        at = cg.iadd(d_off, j)
-        cg.store(cg.add(cg.load(dst, at, n=w, mask=m), cg.load(src, cg.iadd(s_off, j), n=w, mask=m)), dst, at,
-                 mask=m)
-    _row_op(cg, n, vw, body)
+    sum_rows(cg, src, s_off, dst, d_off, dst, d_off, n, vw)
 
 
-def sum_rows(cg: CG, a, a_off, b_, b_off, dst, d_off, n, vw: int) -> None:
+def sum_rows(cg: CG, a, a_off, b, b_off, dst, d_off, n, vw: int) -> None:
     """dst[d_off : d_off+n] = a[a_off : a_off+n] + b[b_off : b_off+n]"""
-    _row_op(cg, n, vw, lambda j, w, m: cg.store(cg.add(cg.load(a, cg.iadd(a_off, j), n=w, mask=m),
-                                                       cg.load(b_, cg.iadd(b_off, j), n=w, mask=m)),
-                                                dst, cg.iadd(d_off, j), mask=m))
+    _row_op(cg, n, vw, lambda j, m: cg.store(cg.add(cg.load(a, cg.iadd(a_off, j), n=vw, mask=m),
+                                                    cg.load(b, cg.iadd(b_off, j), n=vw, mask=m)),
+                                             dst, cg.iadd(d_off, j), mask=m))
 
 
 def zero_row(cg: CG, dst, d_off, n, vw: int) -> None:
     zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
-    _row_op(cg, n, vw, lambda j, w, m: cg.store(zero, dst, cg.iadd(d_off, j), mask=m))
+    _row_op(cg, n, vw, lambda j, m: cg.store(zero, dst, cg.iadd(d_off, j), mask=m))
 
 
 def zero_rows(cg: CG, dst, lo, hi, width, vw: int) -> None:
