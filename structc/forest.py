@@ -211,42 +211,24 @@ class Forest:
         with the label optional, a leaf written `(label word)` or as a bare
         word. One string (it may hold several trees) or a list of strings."""
         texts = [text] if isinstance(text, str) else list(text)
-        parts = []
-        for k, s in enumerate(texts):
-            if not isinstance(s, str):
-                raise ValueError(f"tree {k}: expected a bracketed string, got {type(s).__name__}")
-            parts.extend(_parse_brackets(s, vocab, k))
-        if not parts:
+        acc = _Parsed()
+        for k, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"tree {k}: expected a bracketed string, got {type(t).__name__}")
+            _parse_brackets(t, vocab, k, acc)
+        if not acc.words:
             raise ValueError("a forest needs at least one tree")
-        return cls._concat_raw(parts, arity)
-
-    @classmethod
-    def _concat_raw(cls, parts: list["_Tree"], arity) -> "Forest":
-        a = max(p.children.shape[1] for p in parts)
+        n = len(acc.words)
+        kids = np.array(acc.kids, np.int64).reshape(-1, 3)          # (parent, slot, child) rows
+        a = int(kids[:, 1].max()) + 1 if len(kids) else 1
         if arity is not None and a > arity:
-            k = next(i for i, p in enumerate(parts) if p.children.shape[1] > arity)
-            raise ValueError(f"tree {k} has a node with {parts[k].children.shape[1]} children; the arity is {arity}")
-        sizes = np.array([p.children.shape[0] for p in parts])
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        ch = np.full((int(sizes.sum()), a), -1, np.int64)
-        at = 0
-        for p, off in zip(parts, offsets):
-            c = p.children
-            ch[at:at + c.shape[0], :c.shape[1]] = np.where(c >= 0, c + off, -1)
-            at += c.shape[0]
-        height = np.concatenate([p.height for p in parts])
-        tree_of = np.repeat(np.arange(len(parts)), sizes)
-        words = features = labels = None
-        if all(p.words is not None for p in parts):
-            words = np.concatenate([p.words for p in parts])
-        elif all(p.features is not None for p in parts):
-            features = np.concatenate([p.features for p in parts])
-        else:
-            raise ValueError("every tree's leaves must carry the same kind of payload (words or features)")
-        if any(p.labels is not None for p in parts):
-            labels = np.concatenate([p.labels if p.labels is not None else np.full(len(p.height), -1)
-                                     for p in parts])
-        return cls._make(ch, height, words, features, labels, tree_of, None)
+            bad = int(kids[kids[:, 1] >= arity][0, 0])
+            raise ValueError(f"tree {acc.tree_of[bad]} has a node with more than {arity} children; "
+                             f"the arity is {arity}")
+        ch = np.full((n, a), -1, np.int64)
+        ch[kids[:, 0], kids[:, 1]] = kids[:, 2]
+        return cls._make(ch, np.array(acc.height, np.int64), np.array(acc.words, np.int64), None,
+                         np.array(acc.labels, np.int64), np.array(acc.tree_of, np.int64), None)
 
     @classmethod
     def concat(cls, forests: Sequence["Forest"]) -> "Forest":
@@ -334,37 +316,6 @@ def as_forest(value, arity: int | None = None, vocab=None) -> Forest:
 
 # -- one tree at a time (parsing) ----------------------------------------------
 
-class _Tree:
-    """One tree in post order (children before parents), with heights."""
-    __slots__ = ("children", "height", "words", "features", "labels")
-
-    @classmethod
-    def build(cls, kids: list[list[int]], payload: list, labels: list[int] | None, feats: bool) -> "_Tree":
-        t = object.__new__(cls)
-        n = len(kids)
-        a = max(1, max((len(k) for k in kids), default=1))
-        ch = np.full((n, a), -1, np.int64)
-        h = np.zeros(n, np.int64)
-        for i, k in enumerate(kids):
-            if k:
-                ch[i, :len(k)] = k
-                h[i] = 1 + max(h[j] for j in k)
-        t.children, t.height = ch, h
-        if feats:
-            width = {len(p) for p in payload if p is not None}
-            if len(width) != 1:
-                raise ValueError("every leaf's feature vector must have the same length")
-            d = width.pop()
-            t.features = np.array([p if p is not None else np.zeros(d) for p in payload], np.float32)
-            t.words = None
-        else:
-            t.words = np.array([p if p is not None else 0 for p in payload], np.int64)
-            t.features = None
-        t.labels = np.array(labels, np.int64) if labels is not None else None
-        return t
-
-
-
 def _walk(trees: list):
     """One pre-order walk over every tree: (children, height, tree number,
     items, is-leaf), nodes numbered children before parents."""
@@ -427,19 +378,35 @@ def _word_id(w, vocab) -> int:
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 
 
-def _parse_brackets(text: str, vocab, tree_no: int) -> list[_Tree]:
-    """Every tree in one string, each as a post-order _Tree."""
+class _Parsed:
+    """Nodes parsed so far, numbered children before parents across trees."""
+
+    def __init__(self):
+        self.kids: list[int] = []       # flat (parent, slot, child) triples
+        self.words: list[int] = []      # per node (0 at inner nodes)
+        self.labels: list[int] = []     # per node, -1 where none was given
+        self.height: list[int] = []
+        self.tree_of: list[int] = []
+        self.trees = 0
+
+    def node(self, word: int, height: int) -> int:
+        self.words.append(word)
+        self.labels.append(-1)
+        self.height.append(height)
+        self.tree_of.append(self.trees)
+        return len(self.words) - 1
+
+
+def _parse_brackets(text: str, vocab, tree_no: int, acc: _Parsed) -> None:
+    """Every tree in one string, into `acc`. A node is `(label child ...)`;
+    `(label word)` is a labelled leaf, a bare word an unlabelled one."""
     tokens = _TOKEN.findall(text)
-    trees = []
     k = 0
     while k < len(tokens):
         if tokens[k] == ")":
             raise ValueError(f"tree {tree_no}: unbalanced brackets (an extra ')')")
         if tokens[k] != "(":
             raise ValueError(f"tree {tree_no}: expected '(' at {tokens[k]!r}")
-        kids: list[list[int]] = []
-        payload: list = []
-        labels: list[int] = []
         frames: list[tuple[int | None, list[int]]] = []   # (label, child ids) of open nodes
         while True:
             tok = tokens[k] if k < len(tokens) else None
@@ -460,27 +427,22 @@ def _parse_brackets(text: str, vocab, tree_no: int) -> list[_Tree]:
                 if not ids:
                     raise ValueError(f"tree {tree_no}: empty brackets '()'")
                 if len(ids) == 1 and ids[0] < 0:        # (label word): a labelled leaf
-                    leaf = -ids[0] - 1
-                    labels[leaf] = -1 if label is None else label
-                    node = leaf
+                    node = -ids[0] - 1
                 else:
                     ids = [i if i >= 0 else -i - 1 for i in ids]
-                    kids.append(ids)
-                    payload.append(None)
-                    labels.append(-1 if label is None else label)
-                    node = len(kids) - 1
+                    node = acc.node(0, 1 + max(acc.height[i] for i in ids))
+                    for slot, c in enumerate(ids):
+                        acc.kids += (node, slot, c)
+                acc.labels[node] = -1 if label is None else label
                 if not frames:
                     break
                 frames[-1][1].append(node)
                 continue
             if not frames:
                 raise ValueError(f"tree {tree_no}: word {tok!r} outside brackets")
-            kids.append([])
-            payload.append(_word_id(tok, vocab))
-            labels.append(-1)
-            frames[-1][1].append(-(len(kids) - 1) - 1)     # a bare word: marked until its node closes
-        trees.append(_Tree.build(kids, payload, labels, False))
-    return trees
+            leaf = acc.node(_word_id(tok, vocab), 0)
+            frames[-1][1].append(-leaf - 1)                # a bare word: marked until its node closes
+        acc.trees += 1
 
 
 def _is_int(tok: str) -> bool:
