@@ -12,7 +12,7 @@ A forest input is four integer arrays (`t.children`, `t.level_end`,
 is built over the leaves like any expression; the node case is built into a
 sub-graph, one row per node, whose input is the children's states side by
 side. Inside it: `n.left`, `n.right`, `n.children[k]` name one child,
-`sum(h(n.children))`, `mean(...)` and `concat(...)` all of them (a missing
+`sum(h(n.children))` and `concat(h(n.children))` all of them (a missing
 child's state is zero). The two become one `tree_map` node (`ops.tree`).
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ class Child:
 
 
 class Children:
-    """`n.children`: one child with `[k]`, all of them inside sum/mean/concat."""
+    """`n.children`: one child with `[k]`, all of them inside sum or concat."""
 
     def __init__(self, arity: int):
         self.arity = arity
@@ -228,7 +228,7 @@ class RecSelf:
             raise SnetTypeError(f"{self.name} takes one child, e.g. {self.name}(n.left)", e.span)
         child = mb.eval(e.args[0])
         if isinstance(child, Children):
-            raise SnetTypeError(f"{self.name}(n.children) is every child's state: use it in sum(...), mean(...) "
+            raise SnetTypeError(f"{self.name}(n.children) is every child's state: use it in sum(...) "
                                 "or concat(...)", e.span)
         if not isinstance(child, Child):
             raise SnetTypeError(f"inside the node case, {self.name} takes a child: {self.name}(n.left), "
@@ -363,7 +363,10 @@ def _body_builder_class():
             return v
 
         def eval_Call(self, e: S.Call):
-            if e.func in ("sum", "mean", "concat") and any(self._all_children(a) for a in e.args):
+            if e.func == "mean" and any(self._all_children(a) for a in e.args):
+                raise SnetTypeError(f"mean({self.rec.name}(n.children)) is not defined: a node may have fewer "
+                                    "children than the arity (missing ones are zero); use sum(...)", e.span)
+            if e.func in ("sum", "concat") and any(self._all_children(a) for a in e.args):
                 if len(e.args) != 1:
                     raise SnetTypeError(f"{e.func}({self.rec.name}(n.children)) takes no other tensor", e.span)
                 kw = {k.name for k in e.kwargs}
@@ -376,7 +379,7 @@ def _body_builder_class():
                 total = states[0]
                 for st in states[1:]:
                     total = total + st
-                return total * (1.0 / self.rec.arity) if e.func == "mean" else total
+                return total
             return super().eval_Call(e)
 
         def _all_children(self, a) -> bool:

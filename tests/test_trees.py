@@ -221,7 +221,7 @@ model V {
 
 
 @pytest.mark.parametrize("leaf, node, more, out", [
-    ("E[n.word]", "relu(dense(mean(h(n.children)), 5)) + v", "", "h(t.root)"),
+    ("E[n.word]", "relu(dense(sum(h(n.children)), 5)) + v", "", "h(t.root)"),
     ("E[n.word]", "softmax(dense(h(n.left), 5)) * sigmoid(h(n.children[2]))", "", "h(t.root)"),
     ("E[n.word] * 2.0 - 1.0", "maximum(h(n.left), h(n.right)) / (1.0 + square(h(n.children[2])))", "", "h(t.root)"),
     # a leaf case that reads no forest array: t.leaves must still be bound
@@ -230,7 +230,7 @@ model V {
     ("E[n.word]", "tanh(dense(concat(h(n.children)), 5))",
      "rec g(m) = leaf: E[m.word] |> sigmoid  node: g(m.left) * 0.5 + g(m.right) * v",
      "concat(h(t.root), g(t.root), axis=1)"),
-], ids=["mean-relu", "softmax-sigmoid", "maximum-div", "param-leaf", "two-recs"])
+], ids=["sum-relu", "softmax-sigmoid", "maximum-div", "param-leaf", "two-recs"])
 def test_node_case_variants_match_interpreter(leaf, node, more, out):
     src = VARIANT.replace("LEAF", leaf).replace("NODE", node).replace("MORE", more).replace("OUT", out)
     net, mdef = compiled(src)
