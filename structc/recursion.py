@@ -322,7 +322,7 @@ def _what(v) -> str:
 
 
 def _body_builder_class():
-    from .build import Context, ModelBuilder
+    from .build import ModelBuilder
 
     class BodyBuilder(ModelBuilder):
         """Builds a node case into its own graph; parameters it creates or uses

@@ -110,7 +110,7 @@ class OneHot(Op):
         return [Sample((((6,), ("classes", 5)),), {"classes": 5}), Sample((((3,), ("classes", 40)),), {"classes": 40})]
 
     def lower(self, kb, node, epilogue):
-        from ..lower.codegen import F32, I64
+        from ..lower.codegen import F32
         from ..lower.treemap import load_index, zero_rows
         ids = node.inputs[0]
         classes = node.attrs["classes"]

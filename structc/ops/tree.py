@@ -2,7 +2,7 @@
 
 A recursive definition `rec h(n) = leaf: ... node: ...` becomes one node
 
-    H = tree_map[body](children, level_end, leaf_states, scratch..., *params)
+    H = tree_map[body](children, level_end, roots, leaf_states, scratch..., *params)
 
 whose `body` attribute is a sub-graph: the node case, a function of one row
 per node, `h = body(C)`, where C = [h(child 0), ..., h(child A-1)] (a
@@ -22,7 +22,8 @@ node (gH plus what its parent sends down, stored once per node),
 both obtained by running `autodiff.differentiate` on the body sub-graph
 (`derive_backward`). `tree_map_grad` yields dH, whose first rows are the
 leaf states' cotangent (`tree_leaf_rows`, a view), and one `tree_grad_part`
-per parameter, computed by the same kernel. The references evaluate the
+per parameter, computed by the same kernel; the forward kernel keeps the
+gathered children (`tree_children`) for it. The references evaluate the
 recursion node by node with the interpreter: they are the meaning that the
 level-batched native code (`lower/treemap.py`) is tested against.
 """
@@ -110,7 +111,6 @@ def _hoist(g):
     parameters and constants): returns (their graph, {node: input name}),
     and turns each of their values that the rest reads into an input of `g`."""
     from . import REGISTRY
-    from ..graph import Graph
     pure = set()
     for nid in g.topo():
         node = g.nodes[nid]
