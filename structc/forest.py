@@ -450,18 +450,13 @@ def _is_int(tok: str) -> bool:
 
 
 def _heights(ch: np.ndarray) -> np.ndarray:
-    """Height of every node (leaves 0), children-before-parents arrays, by
-    sweeps over all nodes (as many as the deepest tree is high)."""
-    h = np.zeros(ch.shape[0], np.int64)
-    inner = (ch >= 0).any(axis=1)
-    safe = np.maximum(ch, 0)
-    for _ in range(ch.shape[0]):
-        kid_h = np.where(ch >= 0, h[safe], -1).max(axis=1) + 1
-        new = np.where(inner, kid_h, 0)
-        if np.array_equal(new, h):
-            break
-        h = new
-    return h
+    """Height of every node (leaves 0), in one pass: children come before parents."""
+    h = [0] * ch.shape[0]
+    for i, kids in enumerate(ch.tolist()):
+        for k in kids:
+            if k >= 0 and h[k] >= h[i]:
+                h[i] = h[k] + 1
+    return np.array(h, np.int64)
 
 
 def _tree_of(ch: np.ndarray) -> np.ndarray:

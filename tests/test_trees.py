@@ -454,3 +454,11 @@ def test_fixed_embedding_is_an_input_table():
     before = E.copy()
     net.train_step(t=f, E=E, y=y, lr=0.5)
     assert np.array_equal(E, before)
+
+
+def test_a_long_chain_from_arrays_is_linear_time():
+    n = 20000
+    ch = np.full((n, 1), -1)
+    ch[1:, 0] = np.arange(n - 1)
+    f = Forest.from_arrays(ch, words=np.zeros(n, int))
+    assert (f.trees, f.leaves, f.levels) == (1, 1, n)
