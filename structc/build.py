@@ -48,6 +48,7 @@ class ModelDef:
     source: str = ""
     file: str = ""
     graphs: dict = field(default_factory=dict)     # graph inputs: name -> gnn.GraphSpec
+    forests: list = field(default_factory=list)     # forest inputs (recursion.ForestDecl.meta())
 
 
 @dataclass
@@ -156,6 +157,7 @@ class ModelBuilder:
         self.losses: list[Value] = []
         self.outputs: dict[str, int] = {}
         self.implied_outputs: dict[str, int] = {}
+        self.forests: dict = {}             # forest inputs by name (recursion.ForestDecl)
         self.b = Builder(self.graph)
         self.graphs: dict = {}              # graph inputs (structc.gnn)
         self.repeat_path: tuple[int, ...] = ()
@@ -177,7 +179,8 @@ class ModelBuilder:
         for name, nid in named.items():
             g.outputs[name] = nid
         return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
-                        bool(self.losses), self.program.source, self.program.file, self.graphs)
+                        bool(self.losses), self.program.source, self.program.file, self.graphs,
+                        [f.meta() for f in self.forests.values()])
 
     def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
         if name in self.env and (not rebind or name in self.inputs or name in self.params):
@@ -190,6 +193,9 @@ class ModelBuilder:
         if isinstance(s.type, S.GraphTypeExpr):
             from .gnn import declare_graph
             return declare_graph(self, s)
+        if isinstance(s.type, S.ForestTypeExpr):
+            from .recursion import declare_forest
+            return declare_forest(self, s)
         t, classes = self.resolve_type(s.type, allow_symbols=True)
         nid = self.graph.add(REGISTRY["input"], (), {"name": s.name, "kind": s.kind, "type": t, "classes": classes},
                              s.span, type=t)
@@ -198,8 +204,15 @@ class ModelBuilder:
         self.inputs[s.name] = InputSpec(s.name, s.kind, t, classes, s.span)
 
     def stmt_ParamDecl(self, s: S.ParamDecl) -> None:
-        if isinstance(s.type, S.GraphTypeExpr):
-            raise SnetTypeError("a parameter must be a float tensor, not a graph", s.type.span)
+        if isinstance(s.type, (S.GraphTypeExpr, S.ForestTypeExpr)):
+            raise SnetTypeError("a parameter must be a float tensor, not a graph or a forest", s.type.span)
+        if isinstance(s.type, S.Call) and s.type.func == "embedding":
+            from .ops.embedding import embedding_param_type
+            t, init = embedding_param_type(s.type)
+            init = self.resolve_init(s.init) if s.init is not None else init
+            nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
+            self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
+            return
         t, classes = self.resolve_type(s.type, allow_symbols=False)
         if classes:
             raise SnetTypeError("a parameter must be a float tensor, not class labels", s.type.span)
@@ -240,6 +253,10 @@ class ModelBuilder:
             finally:
                 self.repeat_path = self.repeat_path[:-1]
 
+    def stmt_RecDecl(self, s: S.RecDecl) -> None:
+        from .recursion import build_rec
+        build_rec(self, s)
+
     def stmt_OutputStmt(self, s: S.OutputStmt) -> None:
         if s.name in self.outputs:
             raise SnetNameError(f"output '{s.name}' is declared twice", s.name_span)
@@ -256,14 +273,25 @@ class ModelBuilder:
 
     # -- types and params -------------------------------------------------
     def resolve_type(self, t, allow_symbols: bool) -> tuple[TensorType, int]:
+        if isinstance(t, S.ForestTypeExpr):
+            raise SnetTypeError("a forest is an input type: `input t: forest of word(vocab=V)`", t.span)
+        if isinstance(t, S.Call):
+            what = "a parameter type: `param E: embedding(V, d)`" if t.func == "embedding" else \
+                "not a type (types: f32[...], class[...] of C, forest of ..., embedding(V, d))"
+            raise SnetTypeError(f"{t.func}(...) is {what}", t.span)
         dims = []
         for d in t.dims:
             if isinstance(d.value, str):
                 if not allow_symbols:
                     raise SnetShapeError(f"parameter shapes must be static; '{d.value}' is a symbol", d.span)
-                if "." in d.value:      # g.nodes: a size of a graph input
-                    from .gnn import check_size
-                    check_size(self, d)
+                if "." in d.value:      # g.nodes, t.trees: a size of a structured input
+                    base = d.value.split(".", 1)[0]
+                    if base in self.forests:
+                        from .recursion import check_dim
+                        check_dim(self, d)
+                    else:
+                        from .gnn import check_size
+                        check_size(self, d)
                 self.symbols.add(d.value)
             elif d.value <= 0:
                 raise SnetShapeError("dimensions must be positive", d.span)
@@ -354,17 +382,26 @@ class ModelBuilder:
         return Builder(self.graph, e.span).neg(v)
 
     def eval_Index(self, e: S.Index):
+        base = self.eval(e.base)
+        subscript = getattr(base, "snet_subscript", None)    # n.children[k]
+        if subscript is not None:
+            return subscript(self, e)
         index = self.eval(e.index)
-        hook = getattr(index, "snet_index", None)      # structured values: h[g.src]
+        hook = getattr(index, "snet_index", None)            # h[g.src]
         if hook is not None:
-            return hook(self, self.eval(e.base), e)
+            return hook(self, base, e)
+        if isinstance(base, Value):                          # E[n.word]: rows of a table
+            from .ops.embedding import index as gather
+            if isinstance(index, Word):
+                raise self.unknown_name(index)
+            return gather(Context(self, e.span, "index"), base, index)
         raise SnetTypeError("indexing is not supported in this model", e.span)
 
     def eval_Attr(self, e: S.Attr):
         base = self.eval(e.base)
         if isinstance(base, Word):
             raise self.unknown_name(base)
-        hook = getattr(base, "snet_attr", None)        # structured inputs: g.x, g.edges
+        hook = getattr(base, "snet_attr", None)        # structured inputs: g.x, g.edges, n.left
         if hook is not None:
             return hook(self, e)
         raise SnetTypeError("attribute access is not supported in this model", e.span)
@@ -374,6 +411,9 @@ class ModelBuilder:
         return OverArg(self.eval(e.value), self.eval(e.domain), e.span)
 
     def eval_Call(self, e: S.Call):
+        fn = self.env.get(e.func)
+        if hasattr(fn, "snet_call"):                 # a recursion: h(n.left)
+            return fn.snet_call(self, e)
         args = [self.eval(a) for a in e.args]
         kwargs = {}
         for kw in e.kwargs:

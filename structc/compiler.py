@@ -166,6 +166,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "n_hyper": N_HYPER,
         "entries": entries,
     }
+    if mdef.forests:
+        meta["forests"] = mdef.forests
     return Artifact(meta, obj, llvm_ir, times, jit)
 
 

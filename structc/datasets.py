@@ -123,7 +123,13 @@ def load_npz(path: str) -> ArrayDataset:
         return ArrayDataset(Path(path).stem, *(data[k] for k in need), description=str(path))
 
 
-DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits}
+def load_logic():
+    """Boolean formulas as labelled trees (structc/data/make_logic.py)."""
+    from .treedata import load_logic as load
+    return load()
+
+
+DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": load_logic}
 
 
 def load(name: str):

@@ -171,6 +171,14 @@ def format_graph(g: Graph) -> str:
             lines.append("  }")
     for name, nid in g.outputs.items():
         lines.append(f"  return {name} = %{nid}")
+    # sub-graphs held by nodes (a recursion's node case, its VJP), each once
+    seen: set[int] = set()
+    for nid in g.topo():
+        for key, v in sorted(g.nodes[nid].attrs.items()):
+            if isinstance(v, Graph) and id(v) not in seen:
+                seen.add(id(v))
+                lines.append(f"  where %{nid}.{key} =")
+                lines += ["    " + line for line in format_graph(v).splitlines()]
     lines.append("}")
     return "\n".join(lines)
 

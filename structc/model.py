@@ -65,6 +65,7 @@ class Net:
         self._module = module            # keeps the machine code alive
         self._symbols = list(meta["symbols"])
         self._inputs = {s["name"]: _Input(s) for s in meta["inputs"]}
+        self._forests = {f["name"]: f for f in meta.get("forests", ())}
         size = max(1, meta["param_size"])
         self._param_arena = _aligned_zeros(size)
         self._grad_arena = _aligned_zeros(size)
@@ -160,6 +161,21 @@ class Net:
             arrays.append(arr)
         return arrays, dims
 
+    def _expand_forests(self, given: Mapping[str, object]) -> tuple[dict, dict]:
+        """A forest input (a `Forest`, bracketed strings, nested tuples) as the
+        validated arrays its declaration stands for (see `structc.forest`),
+        and its dimensions (t.nodes, t.leaves, t.trees, t.levels)."""
+        from .forest import bind_forest
+        out, dims = dict(given), {}
+        for name, spec in self._forests.items():
+            if name not in out:
+                raise TypeError(f"missing input '{name}': expected a forest (structc.forest.Forest, "
+                                "bracketed tree strings or nested tuples)")
+            arrays, forest_dims = bind_forest(name, out.pop(name), spec)
+            out.update(arrays)
+            dims.update(forest_dims)
+        return out, dims
+
     def _workspace(self, entry: _Entry, dims: tuple) -> int:
         need = entry.workspace_sizes.get(dims)
         if need is None:
@@ -176,7 +192,14 @@ class Net:
         entry = self._entries.get(kind)
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
+        forest_dims = None
+        if self._forests:
+            given, forest_dims = self._expand_forests(given)
         arrays, dims = self._bind(entry, given)
+        if forest_dims:     # bound even when this entry point reads none of the arrays that show them
+            for d, n in forest_dims.items():
+                if dims.setdefault(d, n) != n:
+                    raise ValueError(f"an input has {d} = {dims[d]}, but the forest has {n}")
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
         outs = {}
         for name, shape, dtype in entry.outputs:

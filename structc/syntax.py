@@ -120,7 +120,15 @@ class GraphTypeExpr:
     dims: list[Dim] = field(default_factory=list)
 
 
-TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr]
+@dataclass
+class ForestTypeExpr:
+    """`forest(arity=3) of word(vocab=1000)` or `forest of f32[16]`."""
+    options: list[Keyword]
+    leaf: Union["Call", TensorTypeExpr]
+    span: Span
+
+
+TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr, ForestTypeExpr]
 
 
 @dataclass
@@ -172,7 +180,19 @@ class Repeat:
     count_span: Span
 
 
-Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat]
+@dataclass
+class RecDecl:
+    """`rec h(n) = leaf: expr node: expr`, a function over the nodes of a forest."""
+    name: str
+    param: str
+    leaf: Expr
+    node: Expr
+    span: Span
+    name_span: Span
+    param_span: Span
+
+
+Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl]
 
 
 @dataclass
@@ -290,6 +310,23 @@ class _ToAst(Transformer):
         value = int(tok) if tok.type == "INT" else str(tok)
         return Dim(value, self._tok(tok))
 
+    @v_args(meta=True)
+    def forest_type(self, meta, c):
+        *opts, leaf = c
+        opts = [o for o in opts if o is not None]
+        bad = next((o for o in opts if not isinstance(o, Keyword)), None)
+        if bad is not None:
+            raise SnetSyntaxError("forest options are written name=value, e.g. forest(arity=3)", bad.span)
+        return ForestTypeExpr(opts, leaf, self._span(meta))
+
+    @v_args(meta=True)
+    def rec_decl(self, meta, c):
+        name, param, w1, leaf, w2, node = c
+        for word, want in ((w1, "leaf"), (w2, "node")):
+            if str(word) != want:
+                raise SnetSyntaxError(f"expected '{want}:' here, got '{word}'", self._tok(word))
+        return RecDecl(str(name), str(param), leaf, node, self._span(meta), self._tok(name), self._tok(param))
+
     def number(self, c):
         text = str(c[0])
         value = float(text) if any(ch in text for ch in ".eE") else int(text)
@@ -359,7 +396,7 @@ class _ToAst(Transformer):
 # How terminals read in messages.
 _TERMINAL_WORDS = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
-    "DTYPE": "a tensor type such as f32", "$END": "end of file",
+    "DTYPE": "a tensor type such as f32", "$END": "end of file", "CASE": "'leaf:' or 'node:'",
 }
 
 
@@ -381,11 +418,9 @@ def _describe_token(tok: Token) -> str:
     return f"{kind} '{tok}'" if kind else f"'{tok}'"
 
 
-_STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'"}
+_STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'", "'rec'", "'repeat'"}
 # Tokens that could continue an expression; listing them rarely helps.
-_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['"}
-_STATEMENT_STARTS |= {"'repeat'"}
-_CONTINUATIONS |= {"'over'"}
+_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['", "'over'"}
 
 
 def _expected_list(expected) -> str:
@@ -486,7 +521,13 @@ def unparse(e) -> str:
 def _type_text(t) -> str:
     if isinstance(t, GraphTypeExpr):
         return f"graph({', '.join(f'{k.name}={unparse(k.value)}' for k in t.options)})"
-    dims = ", ".join(str(d.value) for d in t.dims)
+    dims = ", ".join(str(d.value) for d in getattr(t, "dims", ()))
+    if isinstance(t, Call):
+        return unparse(t)
+    if isinstance(t, ForestTypeExpr):
+        opts = ", ".join(f"{k.name}={unparse(k.value)}" for k in t.options)
+        leaf = unparse(t.leaf) if isinstance(t.leaf, Call) else _type_text(t.leaf)
+        return f"forest{f'({opts})' if opts else ''} of {leaf}"
     if isinstance(t, ClassTypeExpr):
         return f"class[{dims}] of {t.classes}"
     return f"{t.dtype}[{dims}]"
@@ -513,6 +554,8 @@ def format_program(program: Program) -> str:
                 text = f"Loss {unparse(s.value)}"
             elif isinstance(s, OutputStmt):
                 text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
+            elif isinstance(s, RecDecl):
+                text = f"Rec {s.name}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
             else:
                 text = type(s).__name__
             lines.append(f"{indent}{text}  {at}")

@@ -2,3 +2,4 @@
 from .base import REGISTRY, SURFACE, Elementwise, Op, surface, unbroadcast  # noqa: F401
 from . import source, elementwise, matmul, shape, reduce, loss, optim  # noqa: F401,E402
 from . import message, node_loss  # noqa: F401,E402
+from . import embedding, tree  # noqa: F401,E402

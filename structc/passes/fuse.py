@@ -9,6 +9,8 @@
   3. A matmul absorbs the elementwise groups that consume its result at the
      same shape, as its epilogue: bias, activation and the activation's
      derivative mask are applied to the tile before it is stored.
+  3. A `part` (another result of a kernel with several) joins the group of
+     the kernel that computes it.
 Nodes that are constants are inlined wherever used; views and sources get
 no group. Groups are kept in execution order, effects (the optimiser) last.
 """
@@ -87,6 +89,15 @@ def fuse(g: Graph) -> Graph:
             if ug.reductions or _would_cycle(g, nid, ug, group):
                 continue
             merge(gr, ug)
+
+    # 3. extra results of a kernel (ops with the `part` trait) are written by
+    #    the kernel of their first operand: they join its group
+    for nid in order:
+        gr = group.get(nid)
+        if gr is not None and "part" in g.nodes[nid].op.traits:
+            owner = group.get(g.nodes[nid].inputs[0])
+            if owner is not None and owner is not gr:
+                merge(owner, gr)
 
     groups = {id(gr): gr for gr in group.values()}.values()
     pos = {nid: k for k, nid in enumerate(order)}
