@@ -4,6 +4,14 @@ Input: a `syntax.Model`. Output: a `ModelDef`: the forward graph (outputs by
 name, plus `loss`), the declared inputs and parameters, and the symbolic
 dimensions. Names are resolved, argument kinds checked and every op's shape
 rule run here, so each mistake is reported at its own span.
+
+Structured values (a graph input, a forest, a recursion `h`, `n.children`)
+join expressions through four optional methods, so the language core never
+names them:
+    snet_attr(mb, e)            `value.name`
+    snet_subscript(mb, e)       `value[index]` (the value reads the index itself)
+    snet_index(mb, base, e)     `base[value]` (the value is the index: h[g.src])
+    snet_call(mb, e)            `value(args)` (a recursion: h(n.left))
 """
 from __future__ import annotations
 

@@ -501,6 +501,31 @@ def bind_forest(name: str, value, spec: dict) -> tuple[dict[str, np.ndarray], di
     return bound
 
 
+class ForestBinder:
+    """Expands forest inputs in a call's keyword arguments (a `Net` binder):
+    each forest becomes its validated arrays, and its dimensions are bound."""
+
+    def __init__(self, specs: list[dict]):
+        self.specs = specs
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "ForestBinder | None":
+        specs = meta.get("forests") or []
+        return cls(specs) if specs else None
+
+    def expand(self, given: Mapping[str, object], dims: dict) -> dict:
+        out = dict(given)
+        for spec in self.specs:
+            name = spec["name"]
+            if name not in out:
+                raise TypeError(f"missing input '{name}': expected a forest (structc.Forest, "
+                                "bracketed tree strings or nested tuples)")
+            arrays, sizes = bind_forest(name, out.pop(name), spec)
+            out.update(arrays)
+            dims.update(sizes)      # bound even where no array of this entry point shows them
+        return out
+
+
 def forest_dims(name: str, arrays: dict[str, np.ndarray]) -> dict[str, int]:
     """The symbols of forest input `name`, from its arrays."""
     leaves = arrays.get(f"{name}.words", arrays.get(f"{name}.features"))

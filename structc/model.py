@@ -15,7 +15,8 @@ from typing import Mapping
 import numpy as np
 
 from . import _runtime
-from .graphs import Binder
+from .forest import ForestBinder
+from .graphs import Binder as GraphBinder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
                         N_HYPER, WEIGHT_DECAY)
@@ -65,7 +66,6 @@ class Net:
         self._module = module            # keeps the machine code alive
         self._symbols = list(meta["symbols"])
         self._inputs = {s["name"]: _Input(s) for s in meta["inputs"]}
-        self._forests = {f["name"]: f for f in meta.get("forests", ())}
         size = max(1, meta["param_size"])
         self._param_arena = _aligned_zeros(size)
         self._grad_arena = _aligned_zeros(size)
@@ -84,7 +84,8 @@ class Net:
         self._hyper = _aligned_zeros(N_HYPER)
         self._hyper_addr = self._hyper.ctypes.data
         self._local = threading.local()
-        self._graph_inputs = Binder.from_meta(meta)      # None unless the model takes graphs
+        # Structured inputs (forests, graphs) become arrays and dims before the checks.
+        self._binders = [b for b in (ForestBinder.from_meta(meta), GraphBinder.from_meta(meta)) if b is not None]
         self.optimizer = "sgd"
         self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
         self._step = 0
@@ -119,8 +120,8 @@ class Net:
     def _bind(self, entry: _Entry, given: Mapping[str, object]) -> tuple[list, dict]:
         """Check inputs; return the arrays (converted where lossless) and the dims."""
         dims: dict[str, int] = {}
-        if self._graph_inputs is not None:      # a graph becomes its arrays and sizes
-            given = self._graph_inputs.expand(given, dims)
+        for binder in self._binders:            # a forest or a graph becomes its arrays and sizes
+            given = binder.expand(given, dims)
         if len(given) != len(entry.inputs) or any(name not in self._inputs for name in given):
             for name in given:
                 if name not in self._inputs:
@@ -161,21 +162,6 @@ class Net:
             arrays.append(arr)
         return arrays, dims
 
-    def _expand_forests(self, given: Mapping[str, object]) -> tuple[dict, dict]:
-        """A forest input (a `Forest`, bracketed strings, nested tuples) as the
-        validated arrays its declaration stands for (see `structc.forest`),
-        and its dimensions (t.nodes, t.leaves, t.trees, t.levels)."""
-        from .forest import bind_forest
-        out, dims = dict(given), {}
-        for name, spec in self._forests.items():
-            if name not in out:
-                raise TypeError(f"missing input '{name}': expected a forest (structc.forest.Forest, "
-                                "bracketed tree strings or nested tuples)")
-            arrays, forest_dims = bind_forest(name, out.pop(name), spec)
-            out.update(arrays)
-            dims.update(forest_dims)
-        return out, dims
-
     def _workspace(self, entry: _Entry, dims: tuple) -> int:
         need = entry.workspace_sizes.get(dims)
         if need is None:
@@ -192,14 +178,7 @@ class Net:
         entry = self._entries.get(kind)
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
-        forest_dims = None
-        if self._forests:
-            given, forest_dims = self._expand_forests(given)
         arrays, dims = self._bind(entry, given)
-        if forest_dims:     # bound even when this entry point reads none of the arrays that show them
-            for d, n in forest_dims.items():
-                if dims.setdefault(d, n) != n:
-                    raise ValueError(f"an input has {d} = {dims[d]}, but the forest has {n}")
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
         outs = {}
         for name, shape, dtype in entry.outputs:
@@ -210,8 +189,10 @@ class Net:
                                  self._hyper_addr, mode)
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
-        if self._graph_inputs is not None and self._graph_inputs.edge_outputs:
-            outs = self._graph_inputs.restore(outs)     # per-edge rows back in the given edge order
+        for binder in self._binders:
+            restore = getattr(binder, "restore", None)  # per-edge rows back in the given edge order
+            if restore is not None:
+                outs = restore(outs)
         return outs
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
