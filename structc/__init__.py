@@ -9,5 +9,8 @@ from .errors import SnetError, SnetNameError, SnetShapeError, SnetSyntaxError, S
 __version__ = "0.1.0"
 
 from .api import compile  # noqa: E402,F401,A001
+from .graphs import Graph, batch  # noqa: E402,F401
 from .model import Net  # noqa: E402,F401
+from .forest import Forest  # noqa: E402,F401
 from .native import get_num_threads, set_num_threads  # noqa: E402,F401
+from .ship import load  # noqa: E402,F401

@@ -4,6 +4,14 @@ Input: a `syntax.Model`. Output: a `ModelDef`: the forward graph (outputs by
 name, plus `loss`), the declared inputs and parameters, and the symbolic
 dimensions. Names are resolved, argument kinds checked and every op's shape
 rule run here, so each mistake is reported at its own span.
+
+Structured values (a graph input, a forest, a recursion `h`, `n.children`)
+join expressions through four optional methods, so the language core never
+names them:
+    snet_attr(mb, e)            `value.name`
+    snet_subscript(mb, e)       `value[index]` (the value reads the index itself)
+    snet_index(mb, base, e)     `base[value]` (the value is the index: h[g.src])
+    snet_call(mb, e)            `value(args)` (a recursion: h(n.left))
 """
 from __future__ import annotations
 
@@ -47,6 +55,8 @@ class ModelDef:
     has_loss: bool
     source: str = ""
     file: str = ""
+    graphs: dict = field(default_factory=dict)     # graph inputs: name -> gnn.GraphSpec
+    forests: list = field(default_factory=list)     # forest inputs (recursion.ForestDecl.meta())
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Word:
 # The prediction each loss implies, for models that declare no output.
 PREDICTIONS = {"cross_entropy": ("probs", "softmax"), "binary_cross_entropy": ("probs", "sigmoid"),
                "mse": ("pred", None)}
+PREDICTIONS["masked_cross_entropy"] = ("probs", "softmax")
 
 
 class Context:
@@ -111,6 +122,8 @@ class Context:
                 explicit = explicit.text
             if not isinstance(explicit, str) or not explicit.isidentifier():
                 raise SnetTypeError(f"{self.fname}: name must be an identifier, got {_show(explicit)}", self.span)
+            if self.mb.repeat_path:     # inside `repeat`: one layer per iteration
+                explicit = explicit + "".join(f"_{k}" for k in self.mb.repeat_path)
             if explicit in self.mb.layer_names:
                 raise SnetNameError(f"a layer named '{explicit}' already exists", self.span)
             self.mb.layer_names.add(explicit)
@@ -152,7 +165,10 @@ class ModelBuilder:
         self.losses: list[Value] = []
         self.outputs: dict[str, int] = {}
         self.implied_outputs: dict[str, int] = {}
+        self.forests: dict = {}             # forest inputs by name (recursion.ForestDecl)
         self.b = Builder(self.graph)
+        self.graphs: dict = {}              # graph inputs (structc.gnn)
+        self.repeat_path: tuple[int, ...] = ()
 
     # -- statements ------------------------------------------------------
     def build(self) -> ModelDef:
@@ -171,7 +187,8 @@ class ModelBuilder:
         for name, nid in named.items():
             g.outputs[name] = nid
         return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
-                        bool(self.losses), self.program.source, self.program.file)
+                        bool(self.losses), self.program.source, self.program.file, self.graphs,
+                        [f.meta() for f in self.forests.values()])
 
     def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
         if name in self.env and (not rebind or name in self.inputs or name in self.params):
@@ -181,6 +198,12 @@ class ModelBuilder:
         self.defined_at.setdefault(name, span)
 
     def stmt_InputDecl(self, s: S.InputDecl) -> None:
+        if isinstance(s.type, S.GraphTypeExpr):
+            from .gnn import declare_graph
+            return declare_graph(self, s)
+        if isinstance(s.type, S.ForestTypeExpr):
+            from .recursion import declare_forest
+            return declare_forest(self, s)
         t, classes = self.resolve_type(s.type, allow_symbols=True)
         nid = self.graph.add(REGISTRY["input"], (), {"name": s.name, "kind": s.kind, "type": t, "classes": classes},
                              s.span, type=t)
@@ -189,6 +212,15 @@ class ModelBuilder:
         self.inputs[s.name] = InputSpec(s.name, s.kind, t, classes, s.span)
 
     def stmt_ParamDecl(self, s: S.ParamDecl) -> None:
+        if isinstance(s.type, (S.GraphTypeExpr, S.ForestTypeExpr)):
+            raise SnetTypeError("a parameter must be a float tensor, not a graph or a forest", s.type.span)
+        if isinstance(s.type, S.Call) and s.type.func == "embedding":
+            from .ops.embedding import embedding_param_type
+            t, init = embedding_param_type(s.type)
+            init = self.resolve_init(s.init) if s.init is not None else init
+            nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
+            self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
+            return
         t, classes = self.resolve_type(s.type, allow_symbols=False)
         if classes:
             raise SnetTypeError("a parameter must be a float tensor, not class labels", s.type.span)
@@ -215,6 +247,24 @@ class ModelBuilder:
                                  s.value.span)
         self.losses.append(value)
 
+    def stmt_Repeat(self, s: S.Repeat) -> None:
+        if s.count < 1:
+            raise SnetSyntaxError("repeat needs a positive count", s.count_span)
+        for k in range(1, s.count + 1):
+            self.repeat_path = self.repeat_path + (k,)
+            try:
+                for stmt in s.body:
+                    if not isinstance(stmt, (S.Assign, S.LossStmt, S.Repeat)):
+                        raise SnetSyntaxError("only assignments, losses and repeats can be repeated; "
+                                              "declare inputs, parameters and outputs outside", stmt.span)
+                    getattr(self, "stmt_" + type(stmt).__name__)(stmt)
+            finally:
+                self.repeat_path = self.repeat_path[:-1]
+
+    def stmt_RecDecl(self, s: S.RecDecl) -> None:
+        from .recursion import build_rec
+        build_rec(self, s)
+
     def stmt_OutputStmt(self, s: S.OutputStmt) -> None:
         if s.name in self.outputs:
             raise SnetNameError(f"output '{s.name}' is declared twice", s.name_span)
@@ -231,11 +281,25 @@ class ModelBuilder:
 
     # -- types and params -------------------------------------------------
     def resolve_type(self, t, allow_symbols: bool) -> tuple[TensorType, int]:
+        if isinstance(t, S.ForestTypeExpr):
+            raise SnetTypeError("a forest is an input type: `input t: forest of word(vocab=V)`", t.span)
+        if isinstance(t, S.Call):
+            what = "a parameter type: `param E: embedding(V, d)`" if t.func == "embedding" else \
+                "not a type (types: f32[...], class[...] of C, forest of ..., embedding(V, d))"
+            raise SnetTypeError(f"{t.func}(...) is {what}", t.span)
         dims = []
         for d in t.dims:
             if isinstance(d.value, str):
                 if not allow_symbols:
                     raise SnetShapeError(f"parameter shapes must be static; '{d.value}' is a symbol", d.span)
+                if "." in d.value:      # g.nodes, t.trees: a size of a structured input
+                    base = d.value.split(".", 1)[0]
+                    if base in self.forests:
+                        from .recursion import check_dim
+                        check_dim(self, d)
+                    else:
+                        from .gnn import check_size
+                        check_size(self, d)
                 self.symbols.add(d.value)
             elif d.value <= 0:
                 raise SnetShapeError("dimensions must be positive", d.span)
@@ -326,12 +390,38 @@ class ModelBuilder:
         return Builder(self.graph, e.span).neg(v)
 
     def eval_Index(self, e: S.Index):
+        base = self.eval(e.base)
+        subscript = getattr(base, "snet_subscript", None)    # n.children[k]
+        if subscript is not None:
+            return subscript(self, e)
+        index = self.eval(e.index)
+        hook = getattr(index, "snet_index", None)            # h[g.src]
+        if hook is not None:
+            return hook(self, base, e)
+        if isinstance(base, Value):                          # E[n.word]: rows of a table
+            from .ops.embedding import index as gather
+            if isinstance(index, Word):
+                raise self.unknown_name(index)
+            return gather(Context(self, e.span, "index"), base, index)
         raise SnetTypeError("indexing is not supported in this model", e.span)
 
     def eval_Attr(self, e: S.Attr):
+        base = self.eval(e.base)
+        if isinstance(base, Word):
+            raise self.unknown_name(base)
+        hook = getattr(base, "snet_attr", None)        # structured inputs: g.x, g.edges, n.left
+        if hook is not None:
+            return hook(self, e)
         raise SnetTypeError("attribute access is not supported in this model", e.span)
 
+    def eval_Over(self, e: S.Over):
+        from .gnn import OverArg
+        return OverArg(self.eval(e.value), self.eval(e.domain), e.span)
+
     def eval_Call(self, e: S.Call):
+        fn = self.env.get(e.func)
+        if hasattr(fn, "snet_call"):                 # a recursion: h(n.left)
+            return fn.snet_call(self, e)
         args = [self.eval(a) for a in e.args]
         kwargs = {}
         for kw in e.kwargs:
@@ -339,6 +429,9 @@ class ModelBuilder:
                 raise SnetSyntaxError(f"argument '{kw.name}' given twice", kw.span)
             kwargs[kw.name] = self.eval(kw.value)
         ctx = Context(self, e.span, e.func)
+        if any(type(a).__name__ == "OverArg" for a in args):     # sum(m over g.edges)
+            from .gnn import aggregate
+            return aggregate(ctx, e.func, args, kwargs, e)
         if e.func in SURFACE:
             fn = SURFACE[e.func]
             try:

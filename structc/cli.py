@@ -33,7 +33,8 @@ def cmd_check(args) -> int:
     for name in names:
         mdef = build_model(program, name)
         n = sum(p.type.size().coef for p in mdef.params.values())
-        ins = ", ".join(f"{s.name}: {s.type}" for s in mdef.inputs.values())
+        ins = ", ".join([f"{name}: {spec}" for name, spec in mdef.graphs.items()] +
+                        [f"{s.name}: {s.type}" for s in mdef.inputs.values() if s.kind != "graph"])
         outs = ", ".join(k for k in mdef.graph.outputs)
         print(f"{file}: model {mdef.name}({ins}) -> {outs}: ok, {len(mdef.params)} parameter tensors, {n} values")
     return 0
@@ -52,16 +53,60 @@ def cmd_compile(args) -> int:
             print(f";; ---- {stage} ----")
             print(text)
 
+    from .native import named_target
+    try:
+        target = named_target(args.target_cpu)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.header and not args.output:
+        raise UserError("-H/--header needs -o/--output (the header describes that library)")
     t0 = time.perf_counter()
-    art = compile_source(source, file, args.model, dump=dump if wanted else None)
+    art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
+                         jit=not args.output)
     if args.output:
-        from .ship import write_shared_library
-        write_shared_library(art, args.output, header=args.header)
-        print(f"wrote {args.output}", file=sys.stderr)
+        from .ship import ShipError, write_shared_library
+        params = None
+        if args.params:
+            import numpy as np
+            try:
+                with np.load(args.params) as data:
+                    params = {k: data[k] for k in data.files}
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read parameters from {args.params}: {e}") from None
+        try:
+            write_shared_library(art, args.output, header=args.header, params=params)
+        except ShipError as e:
+            raise UserError(str(e)) from None
+        print(f"wrote {args.output}" + (f" and {args.header}" if args.header else ""), file=sys.stderr)
     if not wanted:
         entries = ", ".join(art.meta["entries"])
         print(f"{file}: model {art.meta['model']} compiled ({entries}) in {time.perf_counter() - t0:.2f} s, "
               f"{len(art.object)} bytes of machine code")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from . import draw
+    from .build import build_model
+    from .compiler import forward_graph, train_graph
+    from .passes import run_pipeline
+    from .passes.plan import param_layout
+    from .syntax import parse
+    source, file = _source(args.file)
+    mdef = build_model(parse(source, file), args.model)
+    forward = set(mdef.graph.nodes)
+    if args.which == "train" and mdef.has_loss:
+        _, size = param_layout({n: p.type.shape for n, p in mdef.params.items()})
+        g = train_graph(mdef, size)
+    else:
+        g = forward_graph(mdef)
+    if not args.unfused:
+        g = run_pipeline(g)
+    try:
+        draw.write(g, forward, args.output)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 
@@ -119,7 +164,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dump", action="append", metavar="STAGE", help="print a stage (repeatable)")
     c.add_argument("-o", "--output", help="write a shared library (.so)")
     c.add_argument("-H", "--header", help="also write a C header")
+    c.add_argument("--params", help="build these parameters (.npz from `structc train`) into the library")
+    c.add_argument("--target-cpu", default="native",
+                   help="native (default: this machine), generic, x86-64-v2, x86-64-v3 or x86-64-v4")
     c.set_defaults(run=cmd_compile)
+
+    c = sub.add_parser("graph", help="draw the forward and backward graphs (.svg, .png, .pdf, .dot)")
+    c.add_argument("file")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--model")
+    c.add_argument("--which", choices=["train", "forward"], default="train",
+                   help="train: forward and backward (default); forward: inference only")
+    c.add_argument("--unfused", action="store_true", help="before the passes (no fused groups)")
+    c.set_defaults(run=cmd_graph)
 
     c = sub.add_parser("train", help="train a model on a data set")
     c.add_argument("file")

@@ -10,6 +10,7 @@ it. Any stage can be printed with `dump`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -26,10 +27,14 @@ from .lower.module import Target, lower_entry
 from .native import compile_object, host_target
 from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
+from .passes.message import PREPARE, prepare
 from .passes.plan import Plan, param_layout, plan_memory
 from .syntax import format_program, parse
 
-STAGES = ["ast", "graph", "train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
+#: bumped whenever the calling convention or the metadata of compiled code changes
+ABI_VERSION = 1
+
+STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
 
 
@@ -39,6 +44,7 @@ class Artifact:
     object: bytes
     llvm_ir: str = ""
     timings: dict = field(default_factory=dict)
+    jit: bool = True     # False: position-independent, for a shared library
 
 
 def compiler_fingerprint() -> str:
@@ -101,10 +107,14 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
 
 
 def compile_model(mdef: ModelDef, target: Target | None = None,
-                  dump: Callable[[str, str], None] | None = None) -> Artifact:
+                  dump: Callable[[str, str], None] | None = None, jit: bool = True) -> Artifact:
+    """`jit=False` makes position-independent code for a shared library."""
     target = target or host_target()
     times = {}
     t0 = time.perf_counter()
+    # Rewrites that must precede differentiation (message passing: aggregate first).
+    forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
+    mdef = dataclasses.replace(mdef, graph=forward)
     shapes = {name: p.type.shape for name, p in mdef.params.items()}
     offsets, param_size = param_layout(shapes)
 
@@ -133,7 +143,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     if dump:
         dump("llvm", llvm_ir)
     t1 = time.perf_counter()
-    obj = compile_object(llvm_ir, target)
+    obj = compile_object(llvm_ir, target, jit)
     times["llvm"] = time.perf_counter() - t1
     if dump:
         from .native import assembly, optimized_ir
@@ -142,6 +152,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
 
     meta = {
         "structc": compiler_fingerprint(),
+        "abi": ABI_VERSION,
         "model": mdef.name,
         "file": mdef.file,
         "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
@@ -151,21 +162,24 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "params": [{"name": p.name, "shape": list(p.type.shape), "offset": offsets[p.name],
                     "init": [p.init[0], list(p.init[1])]} for p in mdef.params.values()],
         "param_size": param_size,
+        "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "entries": entries,
     }
-    return Artifact(meta, obj, llvm_ir, times)
+    if mdef.forests:
+        meta["forests"] = mdef.forests
+    return Artifact(meta, obj, llvm_ir, times, jit)
 
 
 def compile_source(source: str, file: str = "<source>", model: str | None = None,
-                   target: Target | None = None, dump=None) -> Artifact:
+                   target: Target | None = None, dump=None, jit: bool = True) -> Artifact:
     program = parse(source, file)
     if dump:
         dump("ast", format_program(program))
     mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump)
+    return compile_model(mdef, target, dump, jit)
 
 
 def cache_key(source: str, model: str | None, target: Target, options: dict | None = None) -> str:

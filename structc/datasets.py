@@ -123,7 +123,13 @@ def load_npz(path: str) -> ArrayDataset:
         return ArrayDataset(Path(path).stem, *(data[k] for k in need), description=str(path))
 
 
-DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits}
+def load_logic():
+    """Boolean formulas as labelled trees (structc/data/make_logic.py)."""
+    from .treedata import load_logic as load
+    return load()
+
+
+DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": load_logic}
 
 
 def load(name: str):
@@ -135,3 +141,13 @@ def load(name: str):
             raise FileNotFoundError(f"no such data file: {name}")
         return load_npz(name)
     raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a .npz file)")
+
+
+def _graph_data(loader: str) -> Callable[[], object]:
+    def load():
+        from . import graph_datasets
+        return getattr(graph_datasets, loader)()
+    return load
+
+
+DATASETS.update(karate=_graph_data("load_karate"), graph_families=_graph_data("load_graph_families"))

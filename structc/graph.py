@@ -47,6 +47,8 @@ class Group:
     members: list[int]
     anchor: int
     outputs: list[int] = field(default_factory=list)
+    #: members that sum a member over the whole iteration space (a loss)
+    reductions: list[int] = field(default_factory=list)
 
 
 class Graph:
@@ -113,7 +115,8 @@ class Graph:
         g.nx = self.nx.copy()
         g.nodes = {k: replace(n, attrs=dict(n.attrs)) for k, n in self.nodes.items()}
         g.inputs, g.params, g.outputs = dict(self.inputs), dict(self.params), dict(self.outputs)
-        g.groups = [replace(gr, members=list(gr.members), outputs=list(gr.outputs)) for gr in self.groups]
+        g.groups = [replace(gr, members=list(gr.members), outputs=list(gr.outputs), reductions=list(gr.reductions))
+                    for gr in self.groups]
         g._ids = itertools.count(max(self.nodes, default=-1) + 1)
         return g
 
@@ -162,11 +165,20 @@ def format_graph(g: Graph) -> str:
         lines += ["  " + format_node(g.nodes[nid]) for nid in g.topo() if nid not in grouped]
         for gr in g.groups:
             outs = ", ".join(f"%{m}" for m in gr.outputs)
-            lines.append(f"  group {gr.id} ({gr.kind}) -> {outs} {{")
+            sums = f", reduces to {', '.join(f'%{m}' for m in gr.reductions)}" if gr.reductions else ""
+            lines.append(f"  group {gr.id} ({gr.kind}{sums}) -> {outs} {{")
             lines += ["    " + format_node(g.nodes[m]) for m in gr.members]
             lines.append("  }")
     for name, nid in g.outputs.items():
         lines.append(f"  return {name} = %{nid}")
+    # sub-graphs held by nodes (a recursion's node case, its VJP), each once
+    seen: set[int] = set()
+    for nid in g.topo():
+        for key, v in sorted(g.nodes[nid].attrs.items()):
+            if isinstance(v, Graph) and id(v) not in seen:
+                seen.add(id(v))
+                lines.append(f"  where %{nid}.{key} =")
+                lines += ["    " + line for line in format_graph(v).splitlines()]
     lines.append("}")
     return "\n".join(lines)
 

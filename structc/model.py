@@ -15,6 +15,8 @@ from typing import Mapping
 import numpy as np
 
 from . import _runtime
+from .forest import ForestBinder
+from .graphs import Binder as GraphBinder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
                         N_HYPER, WEIGHT_DECAY)
@@ -82,6 +84,8 @@ class Net:
         self._hyper = _aligned_zeros(N_HYPER)
         self._hyper_addr = self._hyper.ctypes.data
         self._local = threading.local()
+        # Structured inputs (forests, graphs) become arrays and dims before the checks.
+        self._binders = [b for b in (ForestBinder.from_meta(meta), GraphBinder.from_meta(meta)) if b is not None]
         self.optimizer = "sgd"
         self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
         self._step = 0
@@ -115,12 +119,14 @@ class Net:
     # -- calling -------------------------------------------------------------
     def _bind(self, entry: _Entry, given: Mapping[str, object]) -> tuple[list, dict]:
         """Check inputs; return the arrays (converted where lossless) and the dims."""
+        dims: dict[str, int] = {}
+        for binder in self._binders:            # a forest or a graph becomes its arrays and sizes
+            given = binder.expand(given, dims)
         if len(given) != len(entry.inputs) or any(name not in self._inputs for name in given):
             for name in given:
                 if name not in self._inputs:
                     known = ", ".join(self._inputs) or "none"
                     raise TypeError(f"{self.name} has no input '{name}' (inputs: {known})")
-        dims: dict[str, int] = {}
         arrays = []
         for spec in entry.inputs:
             value = given.get(spec.name)
@@ -183,6 +189,10 @@ class Net:
                                  self._hyper_addr, mode)
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
+        for binder in self._binders:
+            restore = getattr(binder, "restore", None)  # per-edge rows back in the given edge order
+            if restore is not None:
+                outs = restore(outs)
         return outs
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
@@ -227,11 +237,14 @@ class Net:
 
     @property
     def input_names(self) -> list[str]:
-        return list(self._inputs)
+        graphs = [g["name"] for g in self.meta.get("graphs", [])]
+        return graphs + [name for name, s in self._inputs.items() if s.kind != "graph"]
 
     def __repr__(self) -> str:
         n = sum(p.size for p in self.params.values())
-        ins = ", ".join(f"{s.name}: {s.describe()}" for s in self._inputs.values())
+        graphs = [f"{g['name']}: graph(" + ", ".join(f"{k}={g[k]}" for k in ("features", "edge_features", "edge_types")
+                                                   if g[k]) + ")" for g in self.meta.get("graphs", [])]
+        ins = ", ".join(graphs + [f"{s.name}: {s.describe()}" for s in self._inputs.values() if s.kind != "graph"])
         return f"<structc.Net {self.name}({ins}); {n} parameters>"
 
 

@@ -28,6 +28,33 @@ def host_target() -> Target:
                   llvm.get_host_cpu_features().flatten())
 
 
+_V2 = ["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "cx16", "sahf"]
+_V3 = _V2 + ["avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe", "xsave"]
+_V4 = _V3 + ["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"]
+NAMED_TARGETS = {"generic": ("x86-64", []), "x86-64-v2": ("x86-64-v2", _V2),
+                 "x86-64-v3": ("x86-64-v3", _V3), "x86-64-v4": ("x86-64-v4", _V4)}
+
+
+def named_target(name: str | None) -> Target:
+    """`native` (or None): this machine; `generic`, `x86-64-v2/v3/v4`: those
+    feature levels, for modules that must run on other machines."""
+    if name in (None, "native", "host"):
+        return host_target()
+    if name not in NAMED_TARGETS:
+        raise ValueError(f"unknown target CPU '{name}' (choose native, {', '.join(NAMED_TARGETS)})")
+    _init()
+    cpu, feats = NAMED_TARGETS[name]
+    return Target(llvm.get_process_triple(), cpu, ",".join(f"+{f}" for f in feats))
+
+
+def missing_features(target: Target) -> list[str]:
+    """CPU features `target` requires that this machine lacks."""
+    _init()
+    have = {f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
+    need = {f[1:] for f in target.features.split(",") if f.startswith("+")}
+    return sorted(need - have)
+
+
 @functools.lru_cache(maxsize=8)
 def target_machine(target: Target, jit: bool = True):
     return new_target_machine(target, jit)
@@ -117,6 +144,8 @@ def set_num_threads(n: int) -> int:
     """Threads the compiled kernels may use (the calling thread included)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
+    from .ship import propagate_num_threads
+    propagate_num_threads(n)
     return runtime_library().sc_set_num_threads(n)
 
 

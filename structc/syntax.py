@@ -81,6 +81,14 @@ class Attr:
     span: Span
 
 
+@dataclass
+class Over:
+    """`value over domain` as a call's argument: `sum(dense(h, 64) over g.edges)`."""
+    value: "Expr"
+    domain: "Expr"
+    span: Span
+
+
 Expr = Union[Number, String, Name, Call, BinOp, Neg, Index, Attr]
 
 
@@ -104,7 +112,23 @@ class ClassTypeExpr:
     span: Span
 
 
-TypeExpr = Union[TensorTypeExpr, ClassTypeExpr]
+@dataclass
+class GraphTypeExpr:
+    """`graph(features=32, edge_features=4, edge_types=3)`."""
+    options: list[Keyword]
+    span: Span
+    dims: list[Dim] = field(default_factory=list)
+
+
+@dataclass
+class ForestTypeExpr:
+    """`forest(arity=3) of word(vocab=1000)` or `forest of f32[16]`."""
+    options: list[Keyword]
+    leaf: Union["Call", TensorTypeExpr]
+    span: Span
+
+
+TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr, ForestTypeExpr]
 
 
 @dataclass
@@ -147,7 +171,28 @@ class OutputStmt:
     name_span: Span
 
 
-Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt]
+@dataclass
+class Repeat:
+    """`repeat k { ... }`: the body k times, each time with layers of its own."""
+    count: int
+    body: list["Stmt"]
+    span: Span
+    count_span: Span
+
+
+@dataclass
+class RecDecl:
+    """`rec h(n) = leaf: expr node: expr`, a function over the nodes of a forest."""
+    name: str
+    param: str
+    leaf: Expr
+    node: Expr
+    span: Span
+    name_span: Span
+    param_span: Span
+
+
+Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl]
 
 
 @dataclass
@@ -239,10 +284,48 @@ class _ToAst(Transformer):
         *dims, classes = c
         return ClassTypeExpr([d for d in dims if d is not None], int(classes), self._span(meta))
 
+    @v_args(meta=True)
+    def repeat_stmt(self, meta, c):
+        count, *body = c
+        return Repeat(int(count), [s for s in body if s is not None], self._span(meta), self._tok(count))
+
+    @v_args(meta=True)
+    def graph_type(self, meta, c):
+        options = [a for a in c if a is not None]
+        for a in options:
+            if not isinstance(a, Keyword):
+                raise SnetSyntaxError("graph(...) takes options such as features=32", a.span)
+        return GraphTypeExpr(options, self._span(meta))
+
+    def dotted_dim(self, c):
+        base, attr = c
+        return Dim(f"{base}.{attr}", Span(self.file, base.line, base.column, attr.end_line, attr.end_column))
+
+    @v_args(meta=True)
+    def over(self, meta, c):
+        return Over(c[0], c[1], self._span(meta))
+
     def dim(self, c):
         tok = c[0]
         value = int(tok) if tok.type == "INT" else str(tok)
         return Dim(value, self._tok(tok))
+
+    @v_args(meta=True)
+    def forest_type(self, meta, c):
+        *opts, leaf = c
+        opts = [o for o in opts if o is not None]
+        bad = next((o for o in opts if not isinstance(o, Keyword)), None)
+        if bad is not None:
+            raise SnetSyntaxError("forest options are written name=value, e.g. forest(arity=3)", bad.span)
+        return ForestTypeExpr(opts, leaf, self._span(meta))
+
+    @v_args(meta=True)
+    def rec_decl(self, meta, c):
+        name, param, w1, leaf, w2, node = c
+        for word, want in ((w1, "leaf"), (w2, "node")):
+            if str(word) != want:
+                raise SnetSyntaxError(f"expected '{want}:' here, got '{word}'", self._tok(word))
+        return RecDecl(str(name), str(param), leaf, node, self._span(meta), self._tok(name), self._tok(param))
 
     def number(self, c):
         text = str(c[0])
@@ -313,7 +396,7 @@ class _ToAst(Transformer):
 # How terminals read in messages.
 _TERMINAL_WORDS = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
-    "DTYPE": "a tensor type such as f32", "$END": "end of file",
+    "DTYPE": "a tensor type such as f32", "$END": "end of file", "CASE": "'leaf:' or 'node:'",
 }
 
 
@@ -335,9 +418,9 @@ def _describe_token(tok: Token) -> str:
     return f"{kind} '{tok}'" if kind else f"'{tok}'"
 
 
-_STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'"}
+_STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'", "'rec'", "'repeat'"}
 # Tokens that could continue an expression; listing them rarely helps.
-_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['"}
+_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['", "'over'"}
 
 
 def _expected_list(expected) -> str:
@@ -430,11 +513,21 @@ def unparse(e) -> str:
         return f"{unparse(e.base)}[{unparse(e.index)}]"
     if isinstance(e, Attr):
         return f"{unparse(e.base)}.{e.name}"
+    if isinstance(e, Over):
+        return f"{unparse(e.value)} over {unparse(e.domain)}"
     return f"<{type(e).__name__}>"
 
 
 def _type_text(t) -> str:
-    dims = ", ".join(str(d.value) for d in t.dims)
+    if isinstance(t, GraphTypeExpr):
+        return f"graph({', '.join(f'{k.name}={unparse(k.value)}' for k in t.options)})"
+    dims = ", ".join(str(d.value) for d in getattr(t, "dims", ()))
+    if isinstance(t, Call):
+        return unparse(t)
+    if isinstance(t, ForestTypeExpr):
+        opts = ", ".join(f"{k.name}={unparse(k.value)}" for k in t.options)
+        leaf = unparse(t.leaf) if isinstance(t.leaf, Call) else _type_text(t.leaf)
+        return f"forest{f'({opts})' if opts else ''} of {leaf}"
     if isinstance(t, ClassTypeExpr):
         return f"class[{dims}] of {t.classes}"
     return f"{t.dtype}[{dims}]"
@@ -442,10 +535,14 @@ def _type_text(t) -> str:
 
 def format_program(program: Program) -> str:
     lines = []
-    for m in program.models:
-        lines.append(f"Model {m.name}  @{m.span.line}:{m.span.col}")
-        for s in m.body:
+
+    def statements(body, indent):
+        for s in body:
             at = f"@{s.span.line}:{s.span.col}"
+            if isinstance(s, Repeat):
+                lines.append(f"{indent}Repeat {s.count}  {at}")
+                statements(s.body, indent + "  ")
+                continue
             if isinstance(s, InputDecl):
                 text = f"InputDecl {s.kind} {s.name}: {_type_text(s.type)}"
             elif isinstance(s, ParamDecl):
@@ -457,7 +554,13 @@ def format_program(program: Program) -> str:
                 text = f"Loss {unparse(s.value)}"
             elif isinstance(s, OutputStmt):
                 text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
+            elif isinstance(s, RecDecl):
+                text = f"Rec {s.name}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
             else:
                 text = type(s).__name__
-            lines.append(f"  {text}  {at}")
+            lines.append(f"{indent}{text}  {at}")
+
+    for m in program.models:
+        lines.append(f"Model {m.name}  @{m.span.line}:{m.span.col}")
+        statements(m.body, "  ")
     return "\n".join(lines)

@@ -68,3 +68,23 @@ def test_npz_data(tmp_path, capsys):
     assert main(["train", str(f), "--data", str(tmp_path / "d.npz"), "--epochs", "30", "--no-progress",
                  "--out", str(tmp_path / "p.npz")]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_graph_writes_dot_with_fused_groups(tmp_path):
+    out = tmp_path / "g.dot"
+    assert main(["graph", str(MLP), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith('digraph "DigitsMLP"') and "subgraph cluster_" in text
+    assert "matmul" in text and "softmax_ce_grad" in text and "line 7" in text
+
+
+def test_graph_draws_svg(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "g.svg"
+    assert main(["graph", str(MLP), "-o", str(out), "--which", "forward"]) == 0
+    assert out.read_text().lstrip().startswith("<?xml") and "<svg" in out.read_text()
+
+
+def test_graph_rejects_unknown_format(tmp_path, capsys):
+    assert main(["graph", str(MLP), "-o", str(tmp_path / "g.bmp")]) == 1
+    assert "unknown picture format '.bmp'" in capsys.readouterr().err

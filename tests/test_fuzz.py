@@ -19,7 +19,15 @@ TOKENS = ["model", "input", "target", "param", "loss", "output", "class", "of", 
           "x", "y", "h", "W", "dense", "relu", "softmax", "cross_entropy", "mse", "concat", "flatten",
           "mean", "sum", "reshape", "transpose", "@", "|>", "+", "-", "*", "/", "(", ")", "[", "]", "{", "}",
           ",", ":", "=", ";", ".", "0", "1", "3", "64", "1.5", "1e3", '"s"', "#c\n", "\n", "axes", "keepdims",
-          "true", "false", "init", "glorot", "name", "bias"]
+          "true", "false", "init", "glorot", "name", "bias",
+          "rec", "leaf", "node", "leaf:", "node:", "forest", "word", "vocab", "arity", "embedding", "onehot",
+          "t", "n", "n.left", "n.right", "n.children", "n.word", "n.x", "t.root", "t.nodes", "t.trees", "E"]
+TOKENS += ["graph", "over", "repeat", "g", "g.x", "g.e", "g.edges", "g.nodes", "g.src", "g.type", "features",
+           "edge_types", "per", "self_loops", "norm", "gcn", "max", "masked_cross_entropy"]
+SEEDS.append("model G { input g: graph(features=4, edge_features=2, edge_types=3)\n target y: class[g.nodes] of 3\n"
+             "  h = g.x\n  repeat 2 { h = relu(sum(dense(h, 4, per=g.type) over g.edges) + max(h over g.edges)) }\n"
+             "  m = mean(dense(concat(h[g.src], g.e, axis=1), 4) over g.edges, norm=gcn)\n"
+             "  output r = sum(h over g.nodes)\n  loss cross_entropy(dense(m, 3), y) }")
 
 
 def check(source: str) -> None:

@@ -67,3 +67,27 @@ def test_fuse_puts_bias_and_activation_in_the_matmul_epilogue():
     kinds = [(gr.kind, [g.nodes[m].op.name for m in gr.members], [g.nodes[m].op.name for m in gr.outputs])
              for gr in g.groups]
     assert kinds == [("epilogue", ["matmul", "add", "relu", "exp"], ["exp"])]
+
+
+def test_fuse_sums_a_loss_inside_the_loop_that_computes_it():
+    import numpy as np
+
+    import structc
+    from structc.compiler import train_graph
+    from structc.passes import run_pipeline
+    from structc.passes.plan import param_layout
+    from structc.build import build_model
+    from structc.syntax import parse
+    src = "model R { input x: f32[N, 7]\n target t: f32[N, 2]\n loss mse(dense(x, 2), t) }"
+    mdef = build_model(parse(src))
+    g = run_pipeline(train_graph(mdef, param_layout({n: p.type.shape for n, p in mdef.params.items()})[1]))
+    fused = [gr for gr in g.groups if gr.reductions]
+    assert len(fused) == 1 and [g.nodes[m].op.name for m in fused[0].members] == ["square", "sum"]
+    # deterministic: the same sum whatever the thread count
+    net = structc.compile(src)
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(5000, 7)).astype(np.float32), rng.normal(size=(5000, 2)).astype(np.float32)
+    structc.set_num_threads(1)
+    one = net.grad(x=x, t=t)[0]
+    structc.set_num_threads(2)
+    assert all(net.grad(x=x, t=t)[0] == one for _ in range(5))

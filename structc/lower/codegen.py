@@ -107,7 +107,10 @@ class CG:
     def mul(self, a, b): return self.b.fmul(a, b, flags=FAST)
     def div(self, a, b): return self.b.fdiv(a, b, flags=FAST)
     def neg(self, a): return self.b.fneg(a)
-    def fma(self, a, b, c): return self.intrinsic("fma", a.type, [a, b, c])
+    def fma(self, a, b, c):
+        # fmuladd: one fused instruction where the CPU has FMA, mul + add where it has not
+        # (llvm.fma would become a slow libm call on such targets)
+        return self.intrinsic("fmuladd", a.type, [a, b, c])
     def sqrt(self, a): return self.intrinsic("sqrt", a.type, [a])
     def abs(self, a): return self.intrinsic("fabs", a.type, [a])
 
@@ -135,7 +138,10 @@ class CG:
     def exp(self, x):
         """e^x: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial."""
         x = self.max(self.min(x, self.const(88.72283, x)), self.const(-87.33654, x))
-        n = self.intrinsic("roundeven", x.type, [self.mul(x, self.const(1.44269504088896341, x))])
+        # round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22 here);
+        # no rounding instruction needed, so this also runs on plain SSE2
+        magic = self.const(12582912.0, x)
+        n = self.sub(self.add(self.mul(x, self.const(1.44269504088896341, x)), magic), magic)
         r = self.fma(n, self.const(-0.693359375, x), x)
         r = self.fma(n, self.const(2.12194440e-4, x), r)
         p = self.const(1.9875691500e-4, x)
@@ -345,6 +351,9 @@ class CG:
         if key not in self._cache:
             self._cache[key] = self.eb.load(self.eb.gep(base, [ir.Constant(I64, index)], source_etype=F32), typ=F32)
         return self._cache[key]
+
+    def partials(self, nid: int) -> ir.Value:
+        return self.slot(self.layout.partials[nid], PTR)
 
     def arena(self, kind: str) -> ir.Value:
         return self.slot(self.layout.arenas[kind], PTR)

@@ -16,13 +16,21 @@ from ..types import broadcast_strides
 from .codegen import CG, DTYPE_IR, F32, lanes
 
 
+#: upper bound on the tasks of a kernel that fuses a reduction: each task
+#: writes its partial sum to its own slot, summed in order afterwards, so
+#: the result is the same whatever thread ran which task
+MAX_REDUCTION_TASKS = 64
+
+
 class FusedExpr:
     def __init__(self, graph, group, coalesce: bool = True):
         self.graph = graph
-        self.members = list(group.members)
+        self.reductions = list(group.reductions)
+        self.members = [m for m in group.members if m not in self.reductions]
         self.member_set = set(self.members)
-        self.outputs = list(group.outputs)
+        self.outputs = [m for m in group.outputs if m not in self.reductions]
         self.anchor = group.anchor
+        self._acc: dict[int, object] = {}
         self.shape = tuple(graph.nodes[group.anchor].shape)
         self.leaves = []
         for m in self.members:
@@ -110,13 +118,43 @@ class FusedExpr:
                 vals[m] = v
             if m in self.outputs:
                 self.store(cg, m, vals[m], idx, n, mask)
+        for r in self.reductions:
+            v = vals[self.graph.nodes[r].inputs[0]]
+            if mask is not None:
+                v = cg.select(mask, v, cg.const(0.0, v))
+            acc = self._acc[r]
+            cg.b.store(cg.add(cg.b.load(acc), v), acc)
         return vals
+
+    # -- fused reductions: per-task partial sums --------------------------
+    def begin_task(self, cg: CG, n: int) -> None:
+        from llvmlite import ir
+        for r in self.reductions:
+            vt = ir.VectorType(F32, n)
+            self._acc[r] = cg.var(vt, cg.const(0.0, vt))
+
+    def end_task(self, cg: CG, task) -> None:
+        for r in self.reductions:
+            total = cg.hsum(cg.b.load(self._acc[r]))
+            cg.store(total, cg.partials(r), task)
+
+    def finalize(self, cg: CG, tasks) -> None:
+        """In the entry function, after the kernel: each sum in task order."""
+        from llvmlite import ir
+        for r in self.reductions:
+            total = cg.var(F32, cg.const(0.0, F32))
+            with cg.loop(tasks, name="partial") as t:
+                cg.b.store(cg.add(cg.b.load(total), cg.load(cg.partials(r), t)), total)
+            cg.store(cg.b.load(total), cg.ptr(r), cg.i64(0))
 
 
 def emit_elementwise_kernel(kb, graph, group) -> None:
     """A loop over the coalesced space: outer axes as rows split across
     threads, the innermost axis in vectors with a masked tail."""
     expr = FusedExpr(graph, group)
+    if expr.reductions:
+        _reducing_kernel(kb, expr)
+        return
     vw = kb.vector_width
     inner_chunk = 1 << 14
 
@@ -167,3 +205,41 @@ def _vector_row(cg: CG, expr: FusedExpr, outer, start, stop, vw: int) -> None:
     with cg.if_(b.icmp_signed(">", tail, cg.i64(0))):
         j = cg.iadd(start, cg.imul(full, vw))
         expr.emit(cg, outer + [j], vw, mask=cg.lane_mask(tail, vw))
+
+
+def _reducing_kernel(kb, expr: FusedExpr) -> None:
+    """The elementwise loop with fused sums: the space, flattened to rows of
+    its innermost axis, is cut into at most MAX_REDUCTION_TASKS tasks of
+    whole rows; each task leaves its partial sums in its own slot."""
+    vw = kb.vector_width
+
+    def rows_and_tasks(cg):
+        ext = expr.extents(cg)
+        rows = cg.i64(1)
+        for e in ext[:-1]:
+            rows = cg.imul(rows, e)
+        return ext, rows, cg.imin(rows, cg.i64(MAX_REDUCTION_TASKS))
+
+    def tasks(cg):
+        return rows_and_tasks(cg)[2]
+
+    def cost(cg):
+        ext, rows, t = rows_and_tasks(cg)
+        return cg.b.sdiv(cg.imul(rows, ext[-1]), t)
+
+    with kb.kernel(f"ewsum{expr.anchor}", tasks, cost=cost) as (cg, lo, hi):
+        b = cg.b
+        ext, rows, ntasks = rows_and_tasks(cg)
+        with cg.loop(hi, start=lo, name="task") as t:
+            expr.begin_task(cg, vw)
+            first = b.sdiv(cg.imul(t, rows), ntasks)
+            last = b.sdiv(cg.imul(cg.iadd(t, 1), rows), ntasks)
+            with cg.loop(last, start=first, name="row") as r:
+                outer, rem = [], r
+                for e in reversed(ext[:-1]):
+                    outer.append(b.srem(rem, e))
+                    rem = b.sdiv(rem, e)
+                outer.reverse()
+                _vector_row(cg, expr, outer, cg.i64(0), ext[-1], vw)
+            expr.end_task(cg, t)
+    kb.after_kernel(lambda e: expr.finalize(e, rows_and_tasks(e)[2]))

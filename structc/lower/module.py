@@ -23,7 +23,7 @@ from llvmlite import ir
 from ..graph import Graph
 from ..passes.plan import ALIGN, Plan
 from .codegen import CG, I32, I64, PTR, VOID
-from .fused import FusedExpr, emit_elementwise_kernel
+from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 
 KERNEL_TYPE = ir.FunctionType(VOID, [PTR, I64, I64])
 ENTRY_ARGS = [PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64]
@@ -54,7 +54,7 @@ class FrameLayout:
     a kernel that the forward and the training entry points both need is the
     same function, emitted once."""
 
-    def __init__(self, plan: Plan, symbols: list[str]):
+    def __init__(self, plan: Plan, symbols: list[str], reductions: list[int] = ()):
         self.plan = plan
         self.dims = {s: k for k, s in enumerate(symbols)}
         base = len(symbols)
@@ -63,7 +63,10 @@ class FrameLayout:
         self.mode_slot = self.hyper_slot + 1
         first = self.mode_slot + 1
         self.buffers = {nid: first + nid for nid in plan.storage}
-        self.size = first + max(plan.storage, default=0) + 1
+        after = first + max(plan.storage, default=0) + 1
+        # where each fused reduction keeps its per-task partial sums
+        self.partials = {nid: after + k for k, nid in enumerate(sorted(reductions))}
+        self.size = after + len(self.partials)
 
     def buffer_slot(self, nid: int) -> int:
         root = self.plan.root(nid)
@@ -89,6 +92,10 @@ class KernelBuilder:
         self.prefix = prefix
         self.shared = shared        # kernel body text -> function, across entry points
         self._names: set[str] = set()
+
+    def after_kernel(self, action) -> None:
+        """Run `action(entry_cg)` in the entry function once the last kernel returned."""
+        action(self.entry)
 
     @contextmanager
     def kernel(self, name: str, tasks, cost=1):
@@ -136,7 +143,8 @@ def _slot_offsets(cg: CG, plan: Plan):
 
 def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
                 name: str, target: Target, shared: dict) -> None:
-    layout = FrameLayout(plan, symbols)
+    reductions = [r for gr in graph.groups for r in gr.reductions]
+    layout = FrameLayout(plan, symbols, reductions)
     fn = ir.Function(module, ir.FunctionType(I32, ENTRY_ARGS), name=name)
     params, grads, state, workspace, inputs, outputs, dims, hyper, mode = fn.args
     cg = CG(module, fn, layout)
@@ -154,6 +162,8 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
         put(layout.arenas[arena], value)
     put(layout.hyper_slot, hyper)
     put(layout.mode_slot, mode)
+    for r, slot in layout.partials.items():
+        put(slot, eb.alloca(ir.ArrayType(ir.FloatType(), MAX_REDUCTION_TASKS)))
 
     # Dims are in the frame now; the slot offsets read them from there.
     setup = CG.__new__(CG)

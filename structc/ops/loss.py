@@ -124,7 +124,8 @@ class CrossEntropy(Op):
         return np.mean(lse - picked)
 
     def samples(self):
-        return [Sample(((5, 7), ((5,), ("classes", 7)))), Sample(((3, 40), ((3,), ("classes", 40))))]
+        return [Sample(((5, 7), ((5,), ("classes", 7)))), Sample(((3, 40), ((3,), ("classes", 40)))),
+                Sample(((37, 4), ((37,), ("classes", 4))))]
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32, I64
@@ -132,6 +133,9 @@ class CrossEntropy(Op):
         rows_d, c_d = _rows_and_classes(kb, z)
         ydt = kb.graph.nodes[y].type.dtype
         vw = kb.vector_width
+        from .node_loss import emit_xent_rows_blocked, small_classes
+        if small_classes(kb.graph.nodes[z].shape):     # a few classes: vw rows at a time
+            return emit_xent_rows_blocked(kb, f"xent{node.id}", z, y, None, rows_d[0], c_d, ydt, mean_into=node.id)
         with kb.kernel(f"xent{node.id}", 1, cost=1) as (cg, lo, hi):
             b = cg.b
             rows, c = cg.numel(rows_d), cg.dim(c_d)
@@ -173,7 +177,8 @@ class SoftmaxCrossEntropyGrad(Op):
         return (p - onehot) * g / rows
 
     def samples(self):
-        return [Sample(((5, 7), ((5,), ("classes", 7)), ((), "fixed")))]
+        return [Sample(((5, 7), ((5,), ("classes", 7)), ((), "fixed"))),
+                Sample(((37, 4), ((37,), ("classes", 4)), ((), "fixed")))]
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32, I64
@@ -182,6 +187,13 @@ class SoftmaxCrossEntropyGrad(Op):
         ydt = kb.graph.nodes[y].type.dtype
         gnode = kb.graph.nodes[g]
         vw = kb.vector_width
+        from .node_loss import emit_xent_grad_blocked, small_classes
+        if small_classes(kb.graph.nodes[z].shape):     # a few classes: vw rows at a time
+            def scale_of(cg, r0, rem):
+                gval = gnode.op.emit(cg, **gnode.attrs) if "inline" in gnode.op.traits else cg.load(cg.ptr(g), cg.i64(0))
+                rows = cg.b.sitofp(cg.dim(rows_d[0]), F32)
+                return cg.splat(cg.div(gval, rows), vw)
+            return emit_xent_grad_blocked(kb, f"xentgrad{node.id}", z, y, node.id, rows_d[0], c_d, ydt, scale_of)
         with kb.kernel(f"xentgrad{node.id}", lambda cg: cg.numel(rows_d),
                        cost=lambda cg: cg.imul(cg.dim(c_d), 20)) as (cg, lo, hi):
             b = cg.b

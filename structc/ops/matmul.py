@@ -66,6 +66,38 @@ class MatMul(Op):
             a_k_stride=m_of if ta else one,
             b_buf=b_id, epilogue=epilogue, scratch=epilogue.outputs[0],
             name=f"matmul{node.id}")
+        if not isinstance(k_dim, int):
+            _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim)
+
+
+def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
+    """C = 0 when a symbolic K is 0 at run time (a graph with no edges makes a
+    per-edge weight gradient one): the tiled kernel then runs no k-block and
+    stores nothing, so this kernel, with no tasks otherwise, runs the epilogue
+    on zeros."""
+    from llvmlite import ir
+
+    from ..lower.codegen import F32
+    from ..ops.message import _columns
+    vw = kb.vector_width
+    n_static = n_dim if isinstance(n_dim, int) else None
+
+    def tasks(cg):
+        empty = cg.b.icmp_signed("==", cg.dim(k_dim), cg.i64(0))
+        return cg.b.select(empty, cg.dim(m_dim), cg.i64(0))
+
+    with kb.kernel(f"matmul{node.id}_k0", tasks, cost=lambda cg: cg.dim(n_dim)) as (cg, lo, hi):
+        zero = cg.const(0.0, ir.VectorType(F32, vw))
+        with cg.loop(hi, start=lo, name="row") as r:
+            if n_static is not None:
+                for col, mask in _columns(n_static, vw):
+                    epilogue.emit(cg, [r, cg.i64(col)], vw, mask, given={epilogue.anchor: zero})
+            else:
+                n = cg.dim(n_dim)
+                with cg.loop(cg.ceil_div(n, vw), name="v") as v:
+                    col = cg.imul(v, vw)
+                    mask = cg.lane_mask(cg.b.sub(n, col), vw)
+                    epilogue.emit(cg, [r, col], vw, mask, given={epilogue.anchor: zero})
 
 
 class Transpose(Op):
@@ -108,9 +140,12 @@ class Transpose(Op):
 
 
 @surface("dense")
-def dense(ctx, x, units, *, bias=True, init="glorot", name=None):
-    """dense(x, units): x @ W + b with W: [in, units] and b: [units]."""
+def dense(ctx, x, units, *, bias=True, init="glorot", name=None, per=None):
+    """dense(x, units): x @ W + b with W: [in, units] and b: [units]; per=g.type: one W, b per edge type."""
     from ..types import TensorType as T
+    if per is not None:
+        from ..gnn import typed_dense
+        return typed_dense(ctx, x, units, per, bias=bias, init=init, name=name)
     ctx.expect_tensor(x, "dense")
     if x.type.rank != 2:
         ctx.fail(f"dense expects a [batch, features] input, got {x.type}; use flatten(x) first")

@@ -24,6 +24,7 @@ class Sum(Op):
     """Σ of x over `axes` (all when omitted)."""
     name = "sum"
     surface = True
+    traits = frozenset({"reduction"})
 
     def shape(self, x, *, axes=None, keepdims: bool = False) -> TensorType:
         ax = normalize_axes(axes, x.rank)

@@ -87,9 +87,9 @@ class Concat(Op):
     def lower(self, kb, node, epilogue):
         ax = _axis(node.attrs.get("axis", -1), node.type.rank)
         start = 0
-        for i in node.inputs:
+        for k, i in enumerate(node.inputs):      # by position: an operand may repeat
             width = kb.graph.nodes[i].shape[ax]
-            _copy_block(kb, f"concat{node.id}_{i}", src=i, dst=node.id, shape=node.shape, axis=ax,
+            _copy_block(kb, f"concat{node.id}_{k}", src=i, dst=node.id, shape=node.shape, axis=ax,
                         src_start=0, dst_start=start, width=width, src_axis_len=width,
                         dst_axis_len=node.shape[ax])
             start += width

@@ -3,10 +3,15 @@
   1. An elementwise node whose only user is an elementwise node of the same
      shape joins that user's group: chains like bias + activation, or the
      backward `g * (y > 0)`, run in registers.
-  2. A matmul absorbs an elementwise group that consumes its result at the
+  2. A sum over everything (a loss) joins the elementwise group computing
+     its operand: the loop accumulates as it goes, so the summed values are
+     never stored. (Such a group is not also put into a matmul epilogue.)
+  3. A matmul absorbs the elementwise groups that consume its result at the
      same shape, as its epilogue: bias, activation and the activation's
      derivative mask are applied to the tile before it is stored.
-  3. An op with the `siblings` trait names nodes that read its operands in
+  4. A `part` (another result of a kernel with several) joins the group of
+     the kernel that computes it.
+  5. An op with the `siblings` trait names nodes that read its operands in
      the same loop nest (`op.siblings(graph, nid)`); they join its group and
      its kernel stores them too: max-pooling's arg-max rides in the forward
      max-pool, the bias gradient in the kernel gradient's read of the delta.
@@ -60,7 +65,21 @@ def fuse(g: Graph) -> Graph:
         merge(ug, gr)
         ug.anchor = nid if order.index(nid) < order.index(ug.anchor) else ug.anchor
 
-    # 2. elementwise consumers of a matmul into its epilogue
+    # 2. full reductions into the elementwise group producing their operand
+    for nid in order:
+        node = g.nodes[nid]
+        if "reduction" not in node.op.traits or nid not in group or node.type.rank != 0:
+            continue
+        src = node.inputs[0]
+        sg = group.get(src)
+        if sg is None or sg.kind != "elementwise" or group[nid] is sg:
+            continue
+        if g.nodes[src].shape != g.nodes[sg.anchor].shape or len(g.nodes[src].shape) == 0:
+            continue
+        merge(sg, group[nid])
+        sg.reductions.append(nid)
+
+    # 3. elementwise consumers of a matmul into its epilogue
     for nid in order:
         gr = group.get(nid)
         if gr is None or gr.kind != "epilogue" or gr.anchor != nid:
@@ -71,12 +90,20 @@ def fuse(g: Graph) -> Graph:
                 continue
             if any(g.nodes[m].shape != g.nodes[nid].shape for m in ug.members):
                 continue
-            if _would_cycle(g, nid, ug, group):
+            if ug.reductions or _would_cycle(g, nid, ug, group):
                 continue
             merge(gr, ug)
-            break
 
-    # 3. siblings into their host's loop nest
+    # 4. extra results of a kernel (ops with the `part` trait) are written by
+    #    the kernel of their first operand: they join its group
+    for nid in order:
+        gr = group.get(nid)
+        if gr is not None and "part" in g.nodes[nid].op.traits:
+            owner = group.get(g.nodes[nid].inputs[0])
+            if owner is not None and owner is not gr:
+                merge(owner, gr)
+
+    # 5. siblings into their host's loop nest
     for nid in order:
         gr = group.get(nid)
         if gr is None or "siblings" not in g.nodes[nid].op.traits or gr.kind != "kernel" or gr.anchor != nid:

@@ -1,0 +1,533 @@
+"""Forests at run time: trees in, validated integer arrays and a level schedule out.
+
+A `Forest` is a batch of trees (binary or n-ary, up to an arity) whose
+leaves carry a word id or a feature row, and whose nodes may carry labels.
+It is built from nested tuples, from bracketed treebank strings such as
+`(3 (2 good) (2 movie))`, or from arrays, and validated once, when it is
+built: indices in range, every node at most one parent, children before
+parents (hence no cycles), the arity respected. Anything else raises
+`ValueError`, long before native code runs.
+
+Its nodes are kept in *schedule order*: by height (leaves, height 0, first),
+then by tree, then by position in the tree. Each level is then a contiguous
+range of rows, so the compiled code runs one batched dense per level over
+`level_end[l-1]:level_end[l]`, and the leaves are rows `[0, leaves)`.
+Per-node outputs and labels are in this order (`Forest.index` maps the
+node numbers a forest was built from to it).
+
+    children   i32[nodes, arity]  child positions, -1 for none
+    words      i32[leaves]        word id of each leaf (or `features` f32[leaves, F])
+    roots      i32[trees]         position of each tree's root, in tree order
+    level_end  i32[levels]        end of each level's rows; level 0 is the leaves
+    labels     i32[nodes]         per-node labels (-1 where a tree gave none), or None
+
+Merging forests (`Forest.concat`) is vectorised numpy, so a data set parses
+each tree once and forms batches cheaply.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+_I32 = np.int32
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+class Forest:
+    """A validated batch of trees in schedule order (see the module docstring)."""
+
+    __slots__ = ("children", "words", "features", "roots", "level_end", "labels", "height", "index",
+                 "tree_of", "max_word", "_bound")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
+                        "Forest.from_arrays or Forest.concat")
+
+    # -- properties --------------------------------------------------------
+    @property
+    def arity(self) -> int:
+        return self.children.shape[1]
+
+    @property
+    def nodes(self) -> int:
+        return self.children.shape[0]
+
+    @property
+    def leaves(self) -> int:
+        return int(self.level_end[0])
+
+    @property
+    def trees(self) -> int:
+        return self.roots.shape[0]
+
+    @property
+    def levels(self) -> int:
+        return self.level_end.shape[0]
+
+    @property
+    def root_labels(self) -> np.ndarray:
+        """The label of each tree's root, in tree order."""
+        if self.labels is None:
+            raise ValueError("this forest carries no labels")
+        return self.labels[self.roots]
+
+    def __len__(self) -> int:
+        return self.trees
+
+    def __repr__(self) -> str:
+        leaf = f"features f32[{self.features.shape[1]}]" if self.features is not None else "words"
+        return (f"<Forest {self.trees} trees, {self.nodes} nodes ({self.leaves} leaves), {self.levels} levels, "
+                f"arity {self.arity}, {leaf}{', labelled' if self.labels is not None else ''}>")
+
+    # -- construction ------------------------------------------------------
+    @classmethod
+    def _make(cls, children, height, words, features, labels, tree_of, index) -> "Forest":
+        """Put nodes given children-before-parents, with their heights, in schedule order."""
+        n = children.shape[0]
+        order = np.lexsort((np.arange(n), tree_of, height))      # by height, then tree, then node
+        pos = np.empty(n, np.int64)
+        pos[order] = np.arange(n)
+        ch = children[order]
+        f = object.__new__(cls)
+        f.children = _frozen(np.where(ch >= 0, pos[np.maximum(ch, 0)], -1).astype(_I32))
+        f.height = _frozen(height[order].astype(_I32))
+        counts = np.bincount(f.height)
+        f.level_end = _frozen(np.cumsum(counts).astype(_I32))
+        has_parent = np.zeros(n, bool)
+        has_parent[children[children >= 0]] = True
+        root_nodes = np.flatnonzero(~has_parent)
+        root_nodes = root_nodes[np.argsort(tree_of[root_nodes], kind="stable")]   # tree order
+        f.roots = _frozen(pos[root_nodes].astype(_I32))
+        f.tree_of = _frozen(tree_of[order].astype(_I32))
+        leaves = order[: int(counts[0])]
+        f.words = _frozen(words[leaves].astype(_I32)) if words is not None else None
+        f.features = _frozen(features[leaves].astype(np.float32)) if features is not None else None
+        f.labels = _frozen(labels[order].astype(_I32)) if labels is not None else None
+        f.index = _frozen(pos[index].astype(_I32)) if index is not None else _frozen(pos.astype(_I32))
+        f.max_word = int(f.words.max()) if f.words is not None and f.words.size else -1
+        f._bound = {}
+        return f
+
+    @classmethod
+    def from_arrays(cls, children, words=None, *, features=None, labels=None, arity: int | None = None) -> "Forest":
+        """Trees given as arrays over nodes numbered children-before-parents:
+        `children[i]` lists node i's children (-1 for none, a 1-D array for
+        chains), `words[i]` (or `features[i]`) is leaf i's payload (ignored at
+        inner nodes), `labels[i]` optional. The roots are the nodes without a
+        parent, in order; `forest.index[i]` is node i's position."""
+        ch = np.asarray(children)
+        if ch.dtype.kind not in "iu":
+            raise ValueError(f"forest children must be integers, got dtype {ch.dtype}")
+        if ch.ndim == 1:
+            ch = ch[:, None]
+        if ch.ndim != 2:
+            raise ValueError(f"forest children must be a [nodes, arity] array, got shape {ch.shape}")
+        n = ch.shape[0]
+        if n == 0:
+            raise ValueError("a forest needs at least one node")
+        if arity is not None and ch.shape[1] > arity:
+            raise ValueError(f"forest children has {ch.shape[1]} columns, more than the arity {arity}")
+        ch = ch.astype(np.int64)
+        bad = (ch < -1) | (ch >= n)
+        if bad.any():
+            i, k = np.argwhere(bad)[0]
+            raise ValueError(f"node {i}: child {ch[i, k]} is out of range [0, {n}) (use -1 for none)")
+        rows = np.broadcast_to(np.arange(n)[:, None], ch.shape)
+        later = (ch >= 0) & (ch >= rows)
+        if later.any():
+            i, k = np.argwhere(later)[0]
+            raise ValueError(f"node {i}: child {ch[i, k]} does not come before its parent; nodes must be "
+                             "numbered children before parents (which also rules out cycles)")
+        kids = ch[ch >= 0]
+        seen = np.bincount(kids, minlength=n)
+        if (seen > 1).any():
+            c = int(np.flatnonzero(seen > 1)[0])
+            parents = sorted(set(np.flatnonzero((ch == c).any(axis=1)).tolist()))
+            raise ValueError(f"node {c} has more than one parent ({', '.join(map(str, parents))}); "
+                             "each node has at most one")
+        is_leaf = (ch < 0).all(axis=1)
+        if (words is None) == (features is None):
+            raise ValueError("give the leaves' payload: words= (word ids) or features= (feature rows)")
+        w = f = None
+        if words is not None:
+            w = np.asarray(words)
+            if w.dtype.kind not in "iu" or w.shape != (n,):
+                raise ValueError(f"words must be {n} integers (one per node), got {w.dtype} {w.shape}")
+            w = w.astype(np.int64)
+            neg = is_leaf & (w < 0)
+            if neg.any():
+                raise ValueError(f"leaf {int(np.flatnonzero(neg)[0])} has word id {int(w[neg][0])}; "
+                                 "word ids are non-negative")
+        else:
+            f = np.asarray(features, dtype=np.float32)
+            if f.ndim != 2 or f.shape[0] != n:
+                raise ValueError(f"features must be a [nodes, F] array with {n} rows, got shape {f.shape}")
+            if not np.isfinite(f[is_leaf]).all():
+                raise ValueError("leaf features must be finite")
+        lab = None
+        if labels is not None:
+            lab = np.asarray(labels)
+            if lab.dtype.kind not in "iu" or lab.shape != (n,):
+                raise ValueError(f"labels must be {n} integers (one per node), got {lab.dtype} {lab.shape}")
+        height = _heights(ch)
+        tree_of = _tree_of(ch)
+        return cls._make(ch, height, w, f, lab, tree_of, np.arange(n))
+
+    @classmethod
+    def from_tuples(cls, trees, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
+        """Nested tuples: a leaf is a word (a string looked up in `vocab`, or
+        an int id) or a feature vector (a numpy array); an inner node is a
+        tuple or list of its children. One tree, or a list of trees."""
+        if not isinstance(trees, list) or (trees and _is_leaf(trees)):
+            trees = [trees]
+        if not trees:
+            raise ValueError("a forest needs at least one tree")
+        ch, height, tree_of, items, leaf = _walk(trees)
+        if arity is not None and ch.shape[1] > arity:
+            k = int(tree_of[np.argmax((ch >= 0).sum(axis=1) > arity)])
+            raise ValueError(f"tree {k} has a node with more than {arity} children; the arity is {arity}")
+        words = features = None
+        if any(isinstance(it, np.ndarray) for it in items):
+            vecs = [np.asarray(it, np.float32).ravel() if lf else None for it, lf in zip(items, leaf)]
+            widths = {len(v) for v in vecs if v is not None}
+            if len(widths) != 1 or not all(isinstance(it, np.ndarray) for it, lf in zip(items, leaf) if lf):
+                raise ValueError("every leaf must carry a feature vector of the same length")
+            d = widths.pop()
+            features = np.stack([v if v is not None else np.zeros(d, np.float32) for v in vecs])
+        else:
+            words = np.array([_word_id(it, vocab) if lf else 0 for it, lf in zip(items, leaf)], np.int64)
+        return cls._make(ch, height, words, features, None, tree_of, None)
+
+    @classmethod
+    def from_brackets(cls, text, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
+        """Treebank strings such as `(3 (2 good) (2 movie))`: `(label child ...)`
+        with the label optional, a leaf written `(label word)` or as a bare
+        word. One string (it may hold several trees) or a list of strings."""
+        texts = [text] if isinstance(text, str) else list(text)
+        acc = _Parsed()
+        for k, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"tree {k}: expected a bracketed string, got {type(t).__name__}")
+            _parse_brackets(t, vocab, k, acc)
+        if not acc.words:
+            raise ValueError("a forest needs at least one tree")
+        n = len(acc.words)
+        kids = np.array(acc.kids, np.int64).reshape(-1, 3)          # (parent, slot, child) rows
+        a = int(kids[:, 1].max()) + 1 if len(kids) else 1
+        if arity is not None and a > arity:
+            bad = int(kids[kids[:, 1] >= arity][0, 0])
+            raise ValueError(f"tree {acc.tree_of[bad]} has a node with more than {arity} children; "
+                             f"the arity is {arity}")
+        ch = np.full((n, a), -1, np.int64)
+        ch[kids[:, 0], kids[:, 1]] = kids[:, 2]
+        return cls._make(ch, np.array(acc.height, np.int64), np.array(acc.words, np.int64), None,
+                         np.array(acc.labels, np.int64), np.array(acc.tree_of, np.int64), None)
+
+    @classmethod
+    def concat(cls, forests: Sequence["Forest"]) -> "Forest":
+        """One forest holding the trees of several, in order (vectorised)."""
+        forests = list(forests)
+        if not forests:
+            raise ValueError("a forest needs at least one tree")
+        if any(not isinstance(f, Forest) for f in forests):
+            raise TypeError("Forest.concat takes Forest objects")
+        if len(forests) == 1:
+            return forests[0]
+        kinds = {f.words is not None for f in forests}
+        if len(kinds) != 1:
+            raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
+        a = max(f.arity for f in forests)
+        sizes = np.array([f.nodes for f in forests])
+        offsets = np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        ch = np.full((int(sizes.sum()), a), -1, np.int64)
+        cat = np.concatenate([np.pad(f.children, ((0, 0), (0, a - f.arity)), constant_values=-1)
+                              if f.arity < a else f.children for f in forests]).astype(np.int64)
+        ch = np.where(cat >= 0, cat + offsets[:, None], -1)
+        height = np.concatenate([f.height for f in forests])
+        tree_off = np.repeat(np.concatenate([[0], np.cumsum([f.trees for f in forests])[:-1]]), sizes)
+        tree_of = np.concatenate([f.tree_of for f in forests]) + tree_off
+        leaf_rows = height == 0
+        words = features = None
+        if forests[0].words is not None:
+            words = np.zeros(len(height), np.int64)
+            words[leaf_rows] = np.concatenate([f.words for f in forests])
+        else:
+            features = np.zeros((len(height), forests[0].features.shape[1]), np.float32)
+            features[leaf_rows] = np.concatenate([f.features for f in forests])
+        labels = None
+        if any(f.labels is not None for f in forests):
+            labels = np.concatenate([f.labels if f.labels is not None else np.full(f.nodes, -1, _I32)
+                                     for f in forests])
+        # Each part is in schedule order, so parents may precede children here;
+        # `_make` needs only heights and tree numbers, not the input order.
+        return cls._make(ch, height, words, features, labels, tree_of, None)
+
+    # -- as compiled code wants it ------------------------------------------
+    def check(self, name: str, arity: int, vocab: int | None, features: int | None) -> None:
+        """Does this forest fit an input declared with this arity and leaf kind?"""
+        if self.arity > arity:
+            raise ValueError(f"input '{name}': a node has up to {self.arity} children, but the model "
+                             f"declares arity {arity}")
+        if vocab is not None:
+            if self.words is None:
+                raise ValueError(f"input '{name}': the model expects word ids at the leaves, the forest has "
+                                 "feature vectors")
+            if self.max_word >= vocab:
+                k = int(np.argmax(self.words >= vocab))
+                raise ValueError(f"input '{name}': leaf {k} has word id {int(self.words[k])}, out of range "
+                                 f"[0, {vocab})")
+        if features is not None:
+            if self.features is None:
+                raise ValueError(f"input '{name}': the model expects feature vectors at the leaves, the forest "
+                                 "has word ids")
+            if self.features.shape[1] != features:
+                raise ValueError(f"input '{name}': leaves carry {self.features.shape[1]} features, the model "
+                                 f"expects {features}")
+
+    def arrays(self, arity: int) -> dict[str, np.ndarray]:
+        """The arrays a compiled model reads, children padded to `arity` columns."""
+        ch = self.children
+        if ch.shape[1] < arity:
+            ch = np.pad(ch, ((0, 0), (0, arity - ch.shape[1])), constant_values=-1)
+        out = {"children": ch, "roots": self.roots, "level_end": self.level_end}
+        out["words" if self.words is not None else "features"] = \
+            self.words if self.words is not None else self.features
+        return out
+
+
+def as_forest(value, arity: int | None = None, vocab=None) -> Forest:
+    """A Forest from what a user may pass: a Forest, bracketed strings, nested tuples."""
+    if isinstance(value, Forest):
+        return value
+    if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and
+                                  all(isinstance(v, str) and v.lstrip().startswith("(") for v in value)):
+        return Forest.from_brackets(value, vocab, arity=arity)
+    if isinstance(value, (list, tuple)):
+        return Forest.from_tuples(list(value) if isinstance(value, list) else value, vocab, arity=arity)
+    raise TypeError(f"expected a Forest, bracketed tree strings or nested tuples, got {type(value).__name__}")
+
+
+# -- one tree at a time (parsing) ----------------------------------------------
+
+def _walk(trees: list):
+    """One pre-order walk over every tree: (children, height, tree number,
+    items, is-leaf), nodes numbered children before parents."""
+    items, parent, slot, leaf, tree_of = [], [], [], [], []
+    lists: set[int] = set()
+    stack = [(t, -1, 0, k) for k, t in reversed(list(enumerate(trees)))]
+    while stack:
+        item, up, j, k = stack.pop()
+        idx = len(items)
+        is_leaf = _is_leaf(item)
+        items.append(item)
+        parent.append(up)
+        slot.append(j)
+        leaf.append(is_leaf)
+        tree_of.append(k)
+        if not is_leaf:
+            if not isinstance(item, (tuple, list)) or len(item) == 0:
+                raise ValueError(f"tree {k}: a node must be a non-empty tuple of children or a leaf, got {item!r}")
+            if isinstance(item, list):        # a list can hold itself: one list, one node
+                if id(item) in lists:
+                    raise ValueError(f"tree {k}: the same list is a node twice (a cycle, or a shared subtree)")
+                lists.add(id(item))
+            stack.extend([(child, idx, i, k) for i, child in enumerate(item)])
+    n = len(items)
+    h = [0] * n                               # by pre-order index: children come after parents
+    for i in range(n - 1, -1, -1):
+        p = parent[i]
+        if p >= 0 and h[p] <= h[i]:
+            h[p] = h[i] + 1
+    arity = max([len(it) for it, lf in zip(items, leaf) if not lf], default=1)
+    up = np.array(parent, np.int64)
+    inner = up >= 0
+    new = n - 1 - np.arange(n)                # reversed pre-order: children before parents
+    ch = np.full((n, arity), -1, np.int64)
+    ch[new[up[inner]], np.array(slot, np.int64)[inner]] = new[inner]
+    items.reverse()
+    leaf.reverse()
+    return ch, np.array(h[::-1], np.int64), np.array(tree_of[::-1], np.int64), items, leaf
+
+
+def _is_leaf(x) -> bool:
+    return isinstance(x, (str, int, np.integer, np.ndarray)) and not isinstance(x, bool)
+
+
+def _word_id(w, vocab) -> int:
+    if isinstance(w, (int, np.integer)):
+        if w < 0:
+            raise ValueError(f"word ids are non-negative, got {w}")
+        return int(w)
+    if vocab is None:
+        if w.isdigit():
+            return int(w)
+        raise ValueError(f"word {w!r} is not a number and no vocabulary was given")
+    try:
+        return int(vocab[w])
+    except KeyError:
+        raise ValueError(f"word {w!r} is not in the vocabulary") from None
+
+
+_TOKEN = re.compile(r"\(|\)|[^\s()]+")
+
+
+class _Parsed:
+    """Nodes parsed so far, numbered children before parents across trees."""
+
+    def __init__(self):
+        self.kids: list[int] = []       # flat (parent, slot, child) triples
+        self.words: list[int] = []      # per node (0 at inner nodes)
+        self.labels: list[int] = []     # per node, -1 where none was given
+        self.height: list[int] = []
+        self.tree_of: list[int] = []
+        self.trees = 0
+
+    def node(self, word: int, height: int) -> int:
+        self.words.append(word)
+        self.labels.append(-1)
+        self.height.append(height)
+        self.tree_of.append(self.trees)
+        return len(self.words) - 1
+
+
+def _parse_brackets(text: str, vocab, tree_no: int, acc: _Parsed) -> None:
+    """Every tree in one string, into `acc`. A node is `(label child ...)`;
+    `(label word)` is a labelled leaf, a bare word an unlabelled one."""
+    tokens = _TOKEN.findall(text)
+    k = 0
+    while k < len(tokens):
+        if tokens[k] == ")":
+            raise ValueError(f"tree {tree_no}: unbalanced brackets (an extra ')')")
+        if tokens[k] != "(":
+            raise ValueError(f"tree {tree_no}: expected '(' at {tokens[k]!r}")
+        frames: list[tuple[int | None, list[int]]] = []   # (label, child ids) of open nodes
+        while True:
+            tok = tokens[k] if k < len(tokens) else None
+            if tok is None:
+                raise ValueError(f"tree {tree_no}: unbalanced brackets (a '(' is never closed)")
+            k += 1
+            if tok == "(":
+                label = None
+                if k + 1 < len(tokens) and _is_int(tokens[k]) and tokens[k + 1] != ")":
+                    label = int(tokens[k])
+                    k += 1
+                frames.append((label, []))
+                continue
+            if tok == ")":
+                if not frames:
+                    raise ValueError(f"tree {tree_no}: unbalanced brackets (an extra ')')")
+                label, ids = frames.pop()
+                if not ids:
+                    raise ValueError(f"tree {tree_no}: empty brackets '()'")
+                if len(ids) == 1 and ids[0] < 0:        # (label word): a labelled leaf
+                    node = -ids[0] - 1
+                else:
+                    ids = [i if i >= 0 else -i - 1 for i in ids]
+                    node = acc.node(0, 1 + max(acc.height[i] for i in ids))
+                    for slot, c in enumerate(ids):
+                        acc.kids += (node, slot, c)
+                acc.labels[node] = -1 if label is None else label
+                if not frames:
+                    break
+                frames[-1][1].append(node)
+                continue
+            if not frames:
+                raise ValueError(f"tree {tree_no}: word {tok!r} outside brackets")
+            leaf = acc.node(_word_id(tok, vocab), 0)
+            frames[-1][1].append(-leaf - 1)                # a bare word: marked until its node closes
+        acc.trees += 1
+
+
+def _is_int(tok: str) -> bool:
+    return tok.lstrip("-").isdigit()
+
+
+def _heights(ch: np.ndarray) -> np.ndarray:
+    """Height of every node (leaves 0), in one pass: children come before parents."""
+    h = [0] * ch.shape[0]
+    for i, kids in enumerate(ch.tolist()):
+        for k in kids:
+            if k >= 0 and h[k] >= h[i]:
+                h[i] = h[k] + 1
+    return np.array(h, np.int64)
+
+
+def _tree_of(ch: np.ndarray) -> np.ndarray:
+    """The tree number (the rank of its root among the roots) of every node."""
+    n = ch.shape[0]
+    up = np.arange(n)
+    rows = np.broadcast_to(np.arange(n)[:, None], ch.shape)
+    up[ch[ch >= 0]] = rows[ch >= 0]          # parent, or itself at a root
+    while True:                              # pointer jumping: log2(depth) sweeps
+        nxt = up[up]
+        if np.array_equal(nxt, up):
+            break
+        up = nxt
+    rank = np.cumsum(up == np.arange(n)) - 1
+    return rank[up]
+
+
+class Vocab(dict):
+    """word -> id, built from tokens in order of first appearance."""
+
+    @classmethod
+    def build(cls, tokens: Iterable[str]) -> "Vocab":
+        v = cls()
+        for t in tokens:
+            if t not in v:
+                v[t] = len(v)
+        return v
+
+
+def bind_forest(name: str, value, spec: dict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The arrays of forest input `name` (as `Net` passes them to native code)
+    and its dimensions, from a Forest, bracketed strings or nested tuples,
+    checked against the model's declaration `spec` (arity, vocab or
+    features). A Forest remembers the result: its arrays are read-only."""
+    f = as_forest(value, arity=spec["arity"])
+    key = (name, spec["arity"], spec.get("vocab"), spec.get("features"))
+    bound = f._bound.get(key)
+    if bound is None:
+        f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"))
+        arrays = {f"{name}.{k}": v for k, v in f.arrays(spec["arity"]).items()}
+        bound = f._bound[key] = (arrays, forest_dims(name, arrays))
+    return bound
+
+
+class ForestBinder:
+    """Expands forest inputs in a call's keyword arguments (a `Net` binder):
+    each forest becomes its validated arrays, and its dimensions are bound."""
+
+    def __init__(self, specs: list[dict]):
+        self.specs = specs
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "ForestBinder | None":
+        specs = meta.get("forests") or []
+        return cls(specs) if specs else None
+
+    def expand(self, given: Mapping[str, object], dims: dict) -> dict:
+        out = dict(given)
+        for spec in self.specs:
+            name = spec["name"]
+            if name not in out:
+                raise TypeError(f"missing input '{name}': expected a forest (structc.Forest, "
+                                "bracketed tree strings or nested tuples)")
+            arrays, sizes = bind_forest(name, out.pop(name), spec)
+            out.update(arrays)
+            dims.update(sizes)      # bound even where no array of this entry point shows them
+        return out
+
+
+def forest_dims(name: str, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """The symbols of forest input `name`, from its arrays."""
+    leaves = arrays.get(f"{name}.words", arrays.get(f"{name}.features"))
+    return {f"{name}.nodes": arrays[f"{name}.children"].shape[0], f"{name}.leaves": leaves.shape[0],
+            f"{name}.trees": arrays[f"{name}.roots"].shape[0], f"{name}.levels": arrays[f"{name}.level_end"].shape[0]}

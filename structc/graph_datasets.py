@@ -1,0 +1,183 @@
+"""Graph data sets for `structc train`: node classification on one graph,
+graph classification on many.
+
+    karate           Zachary's karate club (networkx ships it): which club each of the
+                     34 members joined after the split; half the members labelled
+    graph_families   600 generated graphs: Erdős–Rényi, Barabási–Albert or Watts–Strogatz?
+
+Both follow the `ArrayDataset` protocol of `structc.datasets`: `bind(net)`
+matches the model's graph input, target (and, for nodes, the mask input that
+says which labels to train on), `batches` yields feed dicts, `evaluate`
+reports held-out accuracy and loss. Graphs are converted (CSR and its
+transpose) once, when the data set is made; a batch of graphs is a disjoint
+union of those, assembled per step without re-sorting.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import networkx as nx
+import numpy as np
+
+from .graphs import Graph, batch
+
+
+def _graph_input(net, data: str) -> dict:
+    graphs = net.meta.get("graphs") or []
+    if len(graphs) != 1:
+        raise ValueError(f"data set '{data}' feeds one graph input; model {net.name} declares "
+                         f"{len(graphs) or 'no'} graph inputs")
+    return graphs[0]
+
+
+def _target(net, data: str, size: str) -> dict:
+    targets = [s for s in net.meta["inputs"] if s["kind"] == "target"]
+    if len(targets) != 1 or tuple(targets[0]["shape"]) != (size,) or not targets[0]["classes"]:
+        raise ValueError(f"data set '{data}' has one class label per {size.split('.')[-1][:-1]}: the model needs "
+                         f"one target `class[{size}] of C`, it declares "
+                         f"{[(s['name'], s['shape']) for s in targets]}")
+    return targets[0]
+
+
+def _check_features(spec: dict, have: int, data: str) -> None:
+    if spec["features"] != have:
+        raise ValueError(f"data set '{data}' has {have} features per node, but graph input '{spec['name']}' "
+                         f"declares graph(features={spec['features']})")
+
+
+class NodeDataset:
+    """One graph; every node has a label, some are used for training."""
+
+    def __init__(self, name: str, graph: Graph, labels, train, test, description: str = ""):
+        self.name, self.graph, self.description = name, graph, description
+        self.labels = np.asarray(labels, np.int32)
+        self.train_mask = np.zeros(graph.num_nodes, np.float32)
+        self.train_mask[train] = 1.0
+        self.test_mask = np.zeros(graph.num_nodes, np.float32)
+        self.test_mask[test] = 1.0
+        self.test = np.asarray(test)
+
+    def __len__(self) -> int:
+        return int(self.train_mask.sum())
+
+    def bind(self, net) -> "NodeDataset":
+        spec = _graph_input(net, self.name)
+        _check_features(spec, self.graph.x.shape[1], self.name)
+        nodes = spec["sizes"]["nodes"]
+        self.target = _target(net, self.name, nodes)
+        if self.labels.max() >= self.target["classes"]:
+            raise ValueError(f"data set '{self.name}' has {self.labels.max() + 1} classes, target "
+                             f"'{self.target['name']}' declares {self.target['classes']}")
+        masks = [s for s in net.meta["inputs"] if s["kind"] == "input" and tuple(s["shape"]) == (nodes,)
+                 and s["dtype"] == "f32"]
+        if len(masks) != 1:
+            raise ValueError(f"data set '{self.name}' labels some nodes for training: declare one input "
+                             f"`input train: f32[{nodes}]` (1 for a training node) and a loss such as "
+                             f"masked_cross_entropy(logits, y, train)")
+        self.graph_name, self.mask_name = spec["name"], masks[0]["name"]
+        return self
+
+    def feed(self, mask) -> dict:
+        return {self.graph_name: self.graph, self.target["name"]: self.labels, self.mask_name: mask}
+
+    def batches(self, batch: int, rng: np.random.Generator) -> Iterator[dict]:
+        yield self.feed(self.train_mask)            # the whole graph is one step
+
+    def batch_count(self, batch: int) -> int:
+        return 1
+
+    def evaluate(self, net, batch: int = 0) -> dict:
+        probs = net.forward(**{self.graph_name: self.graph, self.mask_name: self.test_mask})["probs"]
+        correct = int(np.sum(np.argmax(probs[self.test], axis=-1) == self.labels[self.test]))
+        loss, _ = net.grad(**self.feed(self.test_mask))
+        return {"loss": loss, "accuracy": correct / len(self.test)}
+
+
+class GraphDataset:
+    """Many graphs, one label each, split into training and held-out graphs."""
+
+    def __init__(self, name: str, graphs: list[Graph], labels, train, test, description: str = ""):
+        self.name, self.graphs, self.description = name, graphs, description
+        self.labels = np.asarray(labels, np.int32)
+        self.train, self.test = np.asarray(train), np.asarray(test)
+        self._held_out = batch([graphs[i] for i in self.test])
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def bind(self, net) -> "GraphDataset":
+        spec = _graph_input(net, self.name)
+        _check_features(spec, self.graphs[0].x.shape[1], self.name)
+        self.target = _target(net, self.name, spec["sizes"]["graphs"])
+        self.graph_name = spec["name"]
+        return self
+
+    def batches(self, size: int, rng: np.random.Generator) -> Iterator[dict]:
+        order = rng.permutation(self.train)
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            yield {self.graph_name: batch([self.graphs[i] for i in idx]), self.target["name"]: self.labels[idx]}
+
+    def batch_count(self, size: int) -> int:
+        return (len(self.train) + size - 1) // size
+
+    def evaluate(self, net, batch: int = 0) -> dict:
+        probs = net.forward(**{self.graph_name: self._held_out})["probs"]
+        y = self.labels[self.test]
+        loss, _ = net.grad(**{self.graph_name: self._held_out, self.target["name"]: y})
+        return {"loss": loss, "accuracy": float(np.mean(np.argmax(probs, axis=-1) == y))}
+
+
+def _stratified(labels: np.ndarray, test_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        test.extend(idx[: int(round(len(idx) * test_fraction))])
+    test = np.sort(np.array(test))
+    return np.setdiff1d(np.arange(len(labels)), test), test
+
+
+def load_karate(test_fraction: float = 0.5, seed: int = 0) -> NodeDataset:
+    """Zachary's karate club: 34 members (nodes), 78 friendships (both directions), the club
+    each member joined (Mr. Hi's: 0, the officer's: 1). Features: one-hot member ids.
+    Half of each club (seed 0) is held out."""
+    G = nx.karate_club_graph()
+    labels = np.array([0 if G.nodes[v]["club"] == "Mr. Hi" else 1 for v in G])
+    graph = Graph.from_networkx(G, x=np.eye(G.number_of_nodes(), dtype=np.float32))
+    train, test = _stratified(labels, test_fraction, seed)
+    return NodeDataset("karate", graph, labels, train, test,
+                       description=f"Zachary's karate club, {len(train)} labelled / {len(test)} held-out members")
+
+
+FAMILIES = ("Erdős–Rényi", "Barabási–Albert", "Watts–Strogatz")
+
+
+def make_graph_families(count: int = 600, seed: int = 0) -> tuple[list[Graph], np.ndarray]:
+    """`count` graphs of 20-40 nodes, a third of each family, all with about 4 edges
+    per node: G(n, 4/n), preferential attachment (m=2), small world (k=4, p=0.2).
+    Node features: a constant 1 (the model sees structure only)."""
+    rng = np.random.default_rng(seed)
+    graphs, labels = [], []
+    for k in range(count):
+        family = k % 3
+        n = int(rng.integers(20, 41))
+        s = int(rng.integers(2 ** 31))
+        if family == 0:
+            G = nx.gnp_random_graph(n, 4.0 / (n - 1), seed=s)
+        elif family == 1:
+            G = nx.barabasi_albert_graph(n, 2, seed=s)
+        else:
+            G = nx.watts_strogatz_graph(n, 4, 0.2, seed=s)
+        graphs.append(Graph.from_networkx(G, x=np.ones((n, 1), np.float32)))
+        labels.append(family)
+    return graphs, np.array(labels)
+
+
+def load_graph_families(test_fraction: float = 0.25, seed: int = 0) -> GraphDataset:
+    graphs, labels = make_graph_families(seed=seed)
+    train, test = _stratified(labels, test_fraction, seed)
+    return GraphDataset("graph_families", graphs, labels, train, test,
+                        description=f"generated graphs ({', '.join(FAMILIES)}), {len(train)} training / "
+                                    f"{len(test)} held-out graphs")

@@ -1,0 +1,376 @@
+"""Graphs as inputs: from networkx or edge-index arrays to the arrays native code reads.
+
+    g = structc.Graph(edge_index, x=features)            # edge_index: int [2, edges], source row first
+    g = structc.Graph.from_networkx(G, x="x")            # node features from an attribute or an array
+    b = structc.batch([g1, g2, g3])                      # a disjoint union; graph ids per node
+    net.train_step(g=b, y=labels, lr=0.1)
+
+A `Graph` is built (and checked) once: indices in range, dtypes, feature
+shapes. It holds CSR by destination (`ptr`, `src`), the transposed CSR
+(`ptr_t`, `dst_t`, `eid_t`: edges grouped by source), edge types in both
+orders, and the node ranges of the graphs of a batch, all int32 and
+read-only, so every later call just passes them on. Edges are kept in CSR
+order internally; `Graph.order` maps those positions back to the edges as
+given (edge features are permuted along with them).
+
+`Binder` is the hook `structc.model.Net` calls per call: it turns the value
+given for a graph input (a `Graph`, a networkx graph, a dict of arrays, or a
+list of those to batch) into the model's arrays and size symbols, checking it
+against the declared `graph(features=..., edge_features=..., edge_types=...)`.
+A networkx graph is converted once and cached (weakly, by identity, and
+rebuilt if its node or edge count changes); a dict or a list is converted on
+every call, so convert those once with `Graph(...)` / `batch(...)` yourself.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Iterable, Mapping
+
+import numpy as np
+
+_I32_MAX = np.iinfo(np.int32).max
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+def _ints(value, what: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.size == 0 and arr.dtype.kind in "iufb":      # an empty list is fine whatever numpy made of it
+        return arr.astype(np.int64).reshape(arr.shape)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _floats(value, what: str, rows: int, per: str = "node") -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{what} must be numbers, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] != rows:
+        raise ValueError(f"{what} must have shape [{rows}, features] (one row per {per}), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contain NaN or infinity")
+    return _readonly(arr.astype(np.float32))
+
+
+class Graph:
+    """A graph, or a batch of graphs, ready to be passed to a compiled model."""
+
+    def __init__(self, edge_index, *, num_nodes: int | None = None, x=None, edge_x=None, edge_type=None,
+                 graph_id=None, num_graphs: int | None = None):
+        ei = _ints(edge_index, "edge_index")
+        if ei.size == 0:
+            ei = np.zeros((2, 0), np.int64)
+        if ei.ndim != 2 or ei.shape[0] != 2:
+            raise ValueError(f"edge_index must have shape [2, edges] (sources, then destinations), got {ei.shape}")
+        src, dst = ei
+        if num_nodes is None:
+            if x is not None:
+                num_nodes = len(np.asarray(x))
+            elif graph_id is not None:
+                num_nodes = len(np.asarray(graph_id))
+            else:
+                num_nodes = int(ei.max()) + 1 if ei.size else 0
+        n, m = _count(num_nodes, "num_nodes"), ei.shape[1]
+        if n < 1:
+            raise ValueError("a graph needs at least one node")
+        if n >= _I32_MAX or m >= _I32_MAX:
+            raise ValueError(f"graph too large for 32-bit indices: {n} nodes, {m} edges")
+        if m and (ei.min() < 0 or ei.max() >= n):
+            bad = int(np.flatnonzero((ei < 0).any(axis=0) | (ei >= n).any(axis=0))[0])
+            raise ValueError(f"edge {bad} ({int(src[bad])} -> {int(dst[bad])}) has a node index outside "
+                             f"[0, {n})")
+        self.num_nodes, self.num_edges = n, m
+        order = np.argsort(dst, kind="stable")
+        src_c, dst_c = src[order], dst[order]
+        order_t = np.argsort(src_c, kind="stable")
+        a = {"ptr": _pointers(dst, n), "src": src_c, "ptr_t": _pointers(src, n), "dst_t": dst_c[order_t],
+             "eid_t": order_t}
+        self.order = _readonly(order)
+        self.x = None if x is None else _floats(x, "node features x", n)
+        self.edge_x = None if edge_x is None else _readonly(_floats(edge_x, "edge features edge_x", m, "edge")[order])
+        self.max_type = -1
+        if edge_type is not None:
+            t = _ints(edge_type, "edge_type").reshape(-1)
+            if t.shape != (m,):
+                raise ValueError(f"edge_type must have one entry per edge ({m}), got shape {t.shape}")
+            if m and t.min() < 0:
+                raise ValueError(f"edge types must be non-negative, got {int(t.min())}")
+            self.max_type = int(t.max()) if m else -1
+            a["type"] = t[order]
+            a["type_t"] = a["type"][order_t]
+        if graph_id is None:
+            gid = np.zeros(n, np.int64)
+        else:
+            gid = _ints(graph_id, "graph_id").reshape(-1)
+            if gid.shape != (n,):
+                raise ValueError(f"graph_id must have one entry per node ({n}), got shape {gid.shape}")
+            if n and (gid.min() < 0 or np.any(np.diff(gid) < 0)):
+                raise ValueError("graph_id must be non-negative and sorted: each graph's nodes together, "
+                                 "graphs in order (structc.batch builds such a union)")
+        k = int(gid.max()) + 1 if n else 0
+        if num_graphs is not None:
+            if _count(num_graphs, "num_graphs") < k:
+                raise ValueError(f"num_graphs is {num_graphs}, but graph_id goes up to {k - 1}")
+            k = num_graphs
+        self.num_graphs = max(k, 1)
+        a["gptr"] = _pointers(gid, self.num_graphs)
+        a["gnode"] = np.arange(n)
+        a["nptr"] = np.arange(n + 1)
+        a["graph"] = gid
+        self.arrays = {role: _readonly(v.astype(np.int32)) for role, v in a.items()}
+
+    # -- other constructors ------------------------------------------------------
+    @classmethod
+    def from_networkx(cls, G, *, x="x", edge_x="edge_attr", edge_type="edge_type") -> "Graph":
+        """Nodes in `G.nodes` order; an undirected edge becomes two directed ones
+        (a self loop stays one). `x`, `edge_x`, `edge_type` are attribute names
+        (used when every node / edge has it) or arrays (in `G.nodes` / `G.edges` order)."""
+        nodes = list(G.nodes)
+        if not nodes:
+            raise ValueError("a graph needs at least one node")
+        index = {v: k for k, v in enumerate(nodes)}
+        edges = list(G.edges(keys=True, data=True)) if G.is_multigraph() else list(G.edges(data=True))
+        data = [e[-1] for e in edges]
+        src = np.array([index[e[0]] for e in edges], np.int64)
+        dst = np.array([index[e[1]] for e in edges], np.int64)
+        pick = np.arange(len(edges))
+        if not G.is_directed():
+            back = np.flatnonzero(src != dst)
+            src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
+            pick = np.concatenate([pick, back])
+
+        def attribute(spec, table):
+            if spec is None:
+                return None
+            if isinstance(spec, str):
+                if all(spec in d for d in table) and table:
+                    return np.array([d[spec] for d in table])
+                return None
+            return np.asarray(spec)
+
+        xv = attribute(x, [G.nodes[v] for v in nodes])
+        ex = attribute(edge_x, data)
+        et = attribute(edge_type, data)
+        if ex is not None and len(ex) == len(edges):
+            ex = np.asarray(ex)[pick]
+        if et is not None and len(et) == len(edges):
+            et = np.asarray(et)[pick]
+        return cls(np.stack([src, dst]), num_nodes=len(nodes), x=xv, edge_x=ex, edge_type=et)
+
+    def with_features(self, x=None, edge_x=None) -> "Graph":
+        """The same structure with other features (edge features in the order given)."""
+        other = object.__new__(Graph)
+        other.__dict__.update(self.__dict__)
+        if x is not None:
+            other.x = _floats(x, "node features x", self.num_nodes)
+        if edge_x is not None:
+            other.edge_x = _readonly(_floats(edge_x, "edge features edge_x", self.num_edges, "edge")[self.order])
+        return other
+
+    @property
+    def edge_index(self) -> np.ndarray:
+        """[2, edges] in CSR order (by destination)."""
+        return np.stack([self.arrays["src"], np.repeat(np.arange(self.num_nodes), np.diff(self.arrays["ptr"]))])
+
+    def __repr__(self) -> str:
+        feats = f", x: {self.x.shape[1]} features" if self.x is not None else ""
+        return (f"<structc.Graph {self.num_graphs} graph{'s' if self.num_graphs != 1 else ''}, "
+                f"{self.num_nodes} nodes, {self.num_edges} edges{feats}>")
+
+
+def _count(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
+    return int(v)
+
+
+def _pointers(rows: np.ndarray, n: int) -> np.ndarray:
+    ptr = np.zeros(n + 1, np.int64)
+    if len(rows):
+        np.cumsum(np.bincount(rows, minlength=n), out=ptr[1:])
+    return ptr
+
+
+def batch(graphs: Iterable) -> Graph:
+    """The disjoint union of graphs (Graph or networkx), node ids offset in
+    order; graph k's nodes get graph id k (a batch inside counts as its graphs)."""
+    parts = [as_graph(g) for g in graphs]
+    if not parts:
+        raise ValueError("cannot batch an empty list of graphs")
+    if len(parts) == 1:
+        return parts[0]
+    for what in ("x", "edge_x"):
+        have = [getattr(p, what) is not None for p in parts]
+        if any(have) and not all(have):
+            raise ValueError(f"cannot batch graphs where only some have {what}")
+        if all(have) and len({getattr(p, what).shape[1] for p in parts}) > 1:
+            raise ValueError(f"cannot batch graphs whose {what} differ in width")
+    typed = [p.max_type >= 0 or "type" in p.arrays for p in parts]
+    if any(typed) and not all(typed):
+        raise ValueError("cannot batch graphs where only some have edge types")
+    node_off = np.cumsum([0] + [p.num_nodes for p in parts])
+    edge_off = np.cumsum([0] + [p.num_edges for p in parts])
+    graph_off = np.cumsum([0] + [p.num_graphs for p in parts])
+    n, m = int(node_off[-1]), int(edge_off[-1])
+    if n >= _I32_MAX or m >= _I32_MAX:
+        raise ValueError(f"batch too large for 32-bit indices: {n} nodes, {m} edges")
+
+    def cat(role, offsets=None, pointer=False):
+        arrs = []
+        for k, p in enumerate(parts):
+            a = p.arrays[role].astype(np.int64)
+            if pointer:
+                a = a[:-1]
+            arrs.append(a + offsets[k] if offsets is not None else a)
+        if pointer:
+            total = {"ptr": m, "ptr_t": m, "gptr": n, "nptr": n}[role]
+            arrs.append(np.array([total]))
+        return np.concatenate(arrs).astype(np.int32)
+
+    out = object.__new__(Graph)
+    out.num_nodes, out.num_edges, out.num_graphs = n, m, int(graph_off[-1])
+    a = {"ptr": cat("ptr", edge_off, True), "src": cat("src", node_off), "ptr_t": cat("ptr_t", edge_off, True),
+         "dst_t": cat("dst_t", node_off), "eid_t": cat("eid_t", edge_off),
+         "gptr": cat("gptr", node_off, True), "gnode": np.arange(n, dtype=np.int32),
+         "nptr": np.arange(n + 1, dtype=np.int32), "graph": cat("graph", graph_off)}
+    if all(typed):
+        a["type"], a["type_t"] = cat("type"), cat("type_t")
+    out.arrays = {k: _readonly(v) for k, v in a.items()}
+    out.order = _readonly(np.concatenate([p.order + edge_off[k] for k, p in enumerate(parts)]))
+    out.max_type = max(p.max_type for p in parts)
+    out.x = _readonly(np.concatenate([p.x for p in parts])) if parts[0].x is not None else None
+    out.edge_x = _readonly(np.concatenate([p.edge_x for p in parts])) if parts[0].edge_x is not None else None
+    return out
+
+
+# -- from what a user passes to what native code reads -----------------------------
+
+_NX_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def as_graph(value) -> Graph:
+    """A Graph from a Graph, a networkx graph (cached), a dict of Graph's
+    arguments, or a list of graphs (batched)."""
+    if isinstance(value, Graph):
+        return value
+    if hasattr(value, "is_directed") and hasattr(value, "nodes"):
+        counts = (value.number_of_nodes(), value.number_of_edges())
+        try:
+            hit = _NX_CACHE.get(value)
+        except TypeError:
+            hit = None
+        if hit is not None and hit[0] == counts:
+            return hit[1]
+        g = Graph.from_networkx(value)
+        try:
+            _NX_CACHE[value] = (counts, g)
+        except TypeError:
+            pass
+        return g
+    if isinstance(value, Mapping):
+        return Graph(**value)
+    if isinstance(value, (list, tuple)):
+        return batch(value)
+    raise TypeError(f"expected a graph: a structc.Graph, a networkx graph, a dict of Graph's arguments "
+                    f"or a list of graphs, got {type(value).__name__}")
+
+
+class Binder:
+    """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
+
+    def __init__(self, specs: list[dict], inputs: list[dict] = (), outputs: dict | None = None):
+        self.specs = specs
+        self.internal = {name for s in specs for name in s["arrays"].values()}
+        # Per-edge inputs and outputs are in the order the edges were given; native
+        # code keeps edges in CSR order, so their rows are permuted on the way in and out.
+        edges = {s["sizes"]["edges"]: s["name"] for s in specs}
+        self.edge_inputs = {i["name"]: edges[i["shape"][0]] for i in inputs
+                            if i["kind"] != "graph" and i["shape"] and i["shape"][0] in edges}
+        self.edge_outputs = {o["name"]: edges[o["shape"][0]] for o in (outputs or [])
+                             if o["shape"] and o["shape"][0] in edges}
+        self._local = threading.local()     # the graphs of this thread's current call
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Binder | None":
+        specs = meta.get("graphs") or []
+        outputs = [o for e in meta.get("entries", {}).values() for o in e["outputs"]]
+        return cls(specs, meta.get("inputs", []), outputs) if specs else None
+
+    def expand(self, given: Mapping[str, object], dims: dict) -> dict:
+        for name in given:
+            if name in self.internal:
+                graph = name.split(".", 1)[0]
+                raise TypeError(f"'{name}' is built by structc: pass the whole graph as {graph}=...")
+        out = dict(given)
+        last = self._local.graphs = {}
+        for spec in self.specs:
+            name = spec["name"]
+            if name not in out:
+                raise TypeError(f"missing input '{name}': expected a graph (structc.Graph, a networkx graph, "
+                                "or a list of graphs)")
+            try:
+                g = as_graph(out.pop(name))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"input '{name}': {e}") from None
+            self._check(spec, g)
+            arrays = spec["arrays"]
+            for role, array in g.arrays.items():
+                if role in arrays:
+                    out[arrays[role]] = array
+            if "x" in arrays:
+                out[arrays["x"]] = g.x
+            if "e" in arrays:
+                out[arrays["e"]] = g.edge_x
+            sizes = spec["sizes"]
+            dims[sizes["nodes"]], dims[sizes["edges"]], dims[sizes["graphs"]] = \
+                g.num_nodes, g.num_edges, g.num_graphs
+            dims[sizes["nodes"] + "+1"], dims[sizes["graphs"] + "+1"] = g.num_nodes + 1, g.num_graphs + 1
+            last[name] = g
+        for name, graph in self.edge_inputs.items():
+            if name in out and out[name] is not None:
+                order = last[graph].order
+                arr = np.asarray(out[name])
+                if arr.ndim == 0 or arr.shape[0] != len(order):
+                    raise ValueError(f"input '{name}': expected one row per edge of '{graph}' ({len(order)}), "
+                                     f"got shape {arr.shape}")
+                out[name] = arr[order]
+        return out
+
+    def restore(self, outputs: dict) -> dict:
+        """Per-edge outputs back in the order the edges were given."""
+        for name, graph in self.edge_outputs.items():
+            if name in outputs:
+                order = self._local.graphs[graph].order
+                back = np.empty_like(outputs[name])
+                back[order] = outputs[name]
+                outputs[name] = back
+        return outputs
+
+    @staticmethod
+    def _check(spec: dict, g: Graph) -> None:
+        name = spec["name"]
+        for what, want, have, attr in (("node features", spec["features"], g.x, "x"),
+                                       ("edge features", spec["edge_features"], g.edge_x, "edge_x")):
+            if not want:
+                continue
+            if have is None:
+                raise ValueError(f"input '{name}': the model declares {what} ({want} per "
+                                 f"{'node' if attr == 'x' else 'edge'}), the graph has none "
+                                 f"(give {attr}=... when building it)")
+            if have.shape[1] != want:
+                raise ValueError(f"input '{name}': the model declares {want} {what}, the graph has {have.shape[1]}")
+        types = spec["edge_types"]
+        if types:
+            if "type" not in g.arrays:
+                raise ValueError(f"input '{name}': the model declares {types} edge types, the graph has none "
+                                 "(give edge_type=... when building it)")
+            if g.max_type >= types:
+                raise ValueError(f"input '{name}': edge type {g.max_type} is out of range [0, {types})")

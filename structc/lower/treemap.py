@@ -1,0 +1,269 @@
+"""Lower `tree_map` and `tree_map_grad`: loops over levels, one batched body call per level.
+
+Nodes are in schedule order, so level l is the rows [level_end[l-1],
+level_end[l]) of H and the leaves are its first rows. Forward:
+
+    H[0:leaves] = leaf states
+    for l = 1 .. levels-1:                    (dynamic batching)
+        C = gather of the children's rows of H     [B, A*d], zero for a missing child
+        H[level] = body(C)                    one call of the body's own entry point:
+                                              its matmul is the tiled gemm with bias and
+                                              activation in the epilogue, over all B rows
+Backward (levels in reverse; dH is stored once per node and reused):
+
+    dH = gH
+    for l = levels-1 .. 1:
+        dC = body_vjp_children(dH[level], H[level])   [B, A*d]
+        dH[child rows] += dC
+    dθ = body_vjp_params(C_all, dH[inner], H[inner])  once, over all inner nodes
+
+The bodies are compiled by the ordinary pipeline into entry points of their
+own (`sc_<rec>_...`, symbol `rows` = B) and called from these kernels with
+pointers into H, dH and the scratch buffers, so they run with the same
+fusion, tiled matmul and threads as any model. Every index read from a
+forest array is also range-checked here, so native code never leaves its
+buffers even if an array were altered after validation.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from ..ops.loss import _each_vector
+from ..ops.tree import BODY_ROWS, body_plan
+from ..passes.plan import aligned, param_layout
+from .codegen import CG, F32, I32, I64, PTR
+
+
+# -- row helpers (also used by the embedding ops) -------------------------------
+
+def load_index(cg: CG, ptr, i, dtype: str, last):
+    """An integer element as i64, clamped to [0, last] when `last` is given."""
+    v = cg.load(ptr, i, t=I32 if dtype == "i32" else I64)
+    if dtype == "i32":
+        v = cg.b.sext(v, I64)
+    if last is not None:
+        b = cg.b
+        v = b.select(b.icmp_signed("<", v, cg.i64(0)), cg.i64(0), v)
+        v = b.select(b.icmp_signed(">", v, last), last, v)
+    return v
+
+
+def _row_op(cg: CG, n, vw: int, body) -> None:
+    """body(j, mask) over [0, n) in vectors, the last one masked; n a Python
+    int (unrolled: rows of a known width) or a runtime value."""
+    if not isinstance(n, int):
+        _each_vector(cg, n, vw, body)
+        return
+    full = n - n % vw
+    for j in range(0, full, vw):
+        body(cg.i64(j), None)
+    if n % vw:
+        body(cg.i64(full), cg.lane_mask(cg.i64(n % vw), vw))
+
+
+def copy_row(cg: CG, src, s_off, dst, d_off, n, vw: int) -> None:
+    """dst[d_off : d_off+n] = src[s_off : s_off+n]"""
+    _row_op(cg, n, vw, lambda j, m: cg.store(cg.load(src, cg.iadd(s_off, j), n=vw, mask=m), dst,
+                                             cg.iadd(d_off, j), mask=m))
+
+
+def add_row(cg: CG, src, s_off, dst, d_off, n, vw: int) -> None:
+    """dst[d_off : d_off+n] += src[s_off : s_off+n]"""
+    sum_rows(cg, src, s_off, dst, d_off, dst, d_off, n, vw)
+
+
+def sum_rows(cg: CG, a, a_off, b, b_off, dst, d_off, n, vw: int) -> None:
+    """dst[d_off : d_off+n] = a[a_off : a_off+n] + b[b_off : b_off+n]"""
+    _row_op(cg, n, vw, lambda j, m: cg.store(cg.add(cg.load(a, cg.iadd(a_off, j), n=vw, mask=m),
+                                                    cg.load(b, cg.iadd(b_off, j), n=vw, mask=m)),
+                                             dst, cg.iadd(d_off, j), mask=m))
+
+
+def zero_row(cg: CG, dst, d_off, n, vw: int) -> None:
+    zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
+    _row_op(cg, n, vw, lambda j, m: cg.store(zero, dst, cg.iadd(d_off, j), mask=m))
+
+
+def zero_rows(cg: CG, dst, lo, hi, width, vw: int) -> None:
+    with cg.loop(hi, start=lo, name="z") as r:
+        zero_row(cg, dst, cg.imul(r, width), width, vw)
+
+
+# -- bodies as entry points ------------------------------------------------------
+
+def body_entry(kb, program):
+    """The body's entry point (emitted once per module) and its memory plan."""
+    from .module import lower_entry
+    key = ("tree-body", id(program))
+    if key not in kb.shared:
+        g = kb.graph
+        offsets, _ = param_layout({name: g.nodes[nid].shape for name, nid in g.params.items()})
+        plan = body_plan(program, offsets)
+        name = "sc_" + program.name.replace(".", "_").replace("@", "") + f"_{len(kb.shared)}"
+        lower_entry(kb.module, program.graph, plan, [BODY_ROWS], name, kb.target, kb.shared)
+        fn = kb.module.globals[name]
+        kb.shared[key] = (fn, plan, program)
+    return kb.shared[key]
+
+
+def call_body(cg: CG, entry, inputs: dict, outputs: dict, fixed_base, rows, workspace) -> None:
+    """Call a body entry point on `rows` rows: inputs and outputs by name."""
+    fn, plan, program = entry
+    b = cg.b
+    ins = cg.var(ir.ArrayType(PTR, max(1, len(plan.input_names))))
+    ins.type = PTR      # opaque pointers: slots are addressed with gep over ptr
+    for k, name in enumerate(plan.input_names):
+        b.store(inputs[name], b.gep(ins, [cg.i64(k)], source_etype=PTR))
+    n_out = len(plan.output_names)
+    outs = cg.var(ir.ArrayType(PTR, max(1, n_out + len(program.fixed))))
+    outs.type = PTR
+    for k, name in enumerate(plan.output_names):
+        b.store(outputs[name], b.gep(outs, [cg.i64(k)], source_etype=PTR))
+    for k, nid in enumerate(sorted(program.fixed)):
+        b.store(cg.gep(fixed_base, cg.i64(program.fixed[nid])), b.gep(outs, [cg.i64(n_out + k)], source_etype=PTR))
+    dims = cg.var(I64)
+    dims.type = PTR
+    b.store(rows, dims)
+    hyper = cg.slot(cg.layout.hyper_slot, PTR)
+    b.call(fn, [cg.arena("params"), cg.arena("grads"), cg.arena("state"), workspace, ins, outs, dims, hyper,
+                cg.mode()])
+
+
+def hoisted(kb, cg: CG, program, fixed) -> dict:
+    """Run a body's hoisted part (what depends on parameters only) once;
+    returns its values, by input name, for the per-level calls."""
+    if program.pre is None:
+        return {}
+    base = cg.gep(fixed, cg.i64(program.pre_base))
+    values = {name: cg.gep(fixed, cg.i64(off)) for name, off in program.inv.items()}
+    call_body(cg, body_entry(kb, program.pre), {}, values, base, cg.i64(1), base)
+    return values
+
+
+def _gather(cg: CG, children, H, C, start, stop, arity, width, cw, nodes, vw) -> None:
+    """C[r - start] = [H[child_0(r)], ..., H[child_A-1(r)]] for r in [start, stop)."""
+    b = cg.b
+    with cg.loop(stop, start=start, name="gr") as r:
+        row = cg.imul(b.sub(r, start), cw)
+        for a in range(arity):
+            k = load_index(cg, children, cg.iadd(cg.imul(r, arity), a), "i32", None)
+            ok = b.and_(b.icmp_signed(">=", k, cg.i64(0)), b.icmp_signed("<", k, nodes))
+            dst = cg.iadd(row, a * width)
+            with b.if_else(ok) as (then, otherwise):
+                with then:
+                    copy_row(cg, H, cg.imul(k, width), C, dst, width, vw)
+                with otherwise:
+                    zero_row(cg, C, dst, width, vw)
+
+
+def _level_bounds(cg: CG, level_end, l, nodes):
+    """[start, stop) of level l's rows, clamped to [0, nodes]."""
+    b = cg.b
+    start = load_index(cg, level_end, b.sub(l, cg.i64(1)), "i32", nodes)
+    stop = load_index(cg, level_end, l, "i32", nodes)
+    return start, b.select(b.icmp_signed("<", stop, start), start, stop)
+
+
+def lower_tree_map(kb, node) -> None:
+    g = kb.graph
+    children, level_end, _roots, leaves, s_rows, s_fixed = node.inputs[:6]
+    arity, width = node.attrs["arity"], node.attrs["width"]
+    cw = arity * width          # a gathered row: the children side by side
+    entry = body_entry(kb, node.attrs["fwd"])
+    vw = kb.vector_width
+    nodes_d = node.shape[0]
+    leaves_d = g.nodes[leaves].shape[0]
+    levels_d = g.nodes[level_end].shape[0]
+    # Training keeps every level's gathered block for the backward pass.
+    kept = [u for u in g.users(node.id) if g.nodes[u].op.name == "tree_children" and u in kb.layout.buffers]
+    with kb.kernel(f"treemap{node.id}", 1, cost=1) as (cg, lo, hi):
+        b = cg.b
+        nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
+        H, ch, le = cg.ptr(node.id), cg.ptr(children), cg.ptr(level_end)
+        C = cg.ptr(s_rows)
+        ws = cg.gep(C, cg.imul(nodes, cw))
+        fixed = cg.ptr(s_fixed)
+        C_all = cg.ptr(kept[0]) if kept else None
+        nleaves = cg.imin(nleaves, nodes)
+        copy_row(cg, cg.ptr(leaves), cg.i64(0), H, cg.i64(0), cg.imul(nleaves, width), vw)
+        inv = hoisted(kb, cg, node.attrs["fwd"], fixed)
+        with cg.loop(levels, start=1, name="level") as l:
+            start, stop = _level_bounds(cg, le, l, nodes)
+            block = C if C_all is None else cg.gep(C_all, cg.imul(start, cw))
+            _gather(cg, ch, H, block, start, stop, arity, width, cw, nodes, vw)
+            call_body(cg, entry, {"children": block, **inv}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
+                      b.sub(stop, start), ws)
+
+
+def lower_tree_map_grad(kb, node) -> None:
+    g = kb.graph
+    children, level_end, roots, Hn, seed, c_all, s_rows, s_fixed = node.inputs[:8]
+    params = node.inputs[8:]
+    from_roots = node.attrs.get("from_roots", False)
+    arity, width = node.attrs["arity"], node.attrs["width"]
+    cw = arity * width          # a gathered row: the children side by side
+    e_in = body_entry(kb, node.attrs["bwd_in"])
+    e_par = body_entry(kb, node.attrs["bwd_par"])
+    names = [k[2:] for k in node.attrs["bwd"].outputs if k.startswith("d:")]
+    parts = {g.nodes[u].attrs["param"]: u for u in g.users(node.id) if g.nodes[u].op.name == "tree_grad_part"}
+    vw = kb.vector_width
+    nodes_d = node.shape[0]
+    levels_d = g.nodes[level_end].shape[0]
+    trees_d = g.nodes[roots].shape[0]
+    par_fixed = e_par[2].fixed_floats
+    with kb.kernel(f"treemapgrad{node.id}", 1, cost=1) as (cg, lo, hi):
+        b = cg.b
+        nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
+        H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
+        C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
+        dC = cg.ptr(s_rows)
+        ws = cg.gep(dC, cg.imul(nodes, cw + width))
+        if node.id in kb.layout.buffers:
+            dH = cg.ptr(node.id)
+        else:       # no one reads the leaves' cotangent: dH is working memory only
+            dH = cg.gep(dC, cg.imul(nodes, cw))
+        fixed = cg.ptr(s_fixed)
+        # dH is written once per node: at a root from the seed, elsewhere when
+        # its (only) parent's level sends it its part of dC.
+        last = b.sub(nodes, cg.i64(1))
+        with cg.loop(cg.dim(trees_d), name="root") as k:
+            r = load_index(cg, R, k, "i32", last)
+            copy_row(cg, G, cg.imul(k if from_roots else r, width), dH, cg.imul(r, width), width, vw)
+        inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
+        with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
+            l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
+            start, stop = _level_bounds(cg, le, l, nodes)
+            at = cg.imul(start, width)
+            call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, {"dC": dC}, fixed,
+                      b.sub(stop, start), ws)
+            with cg.loop(stop, start=start, name="sc") as r:
+                row = cg.imul(b.sub(r, start), cw)
+                for a in range(arity):
+                    kid = load_index(cg, ch, cg.iadd(cg.imul(r, arity), a), "i32", None)
+                    ok = b.and_(b.icmp_signed(">=", kid, cg.i64(0)), b.icmp_signed("<", kid, nodes))
+                    with cg.if_(ok):
+                        at_kid = cg.imul(kid, width)
+                        if from_roots:
+                            copy_row(cg, dC, cg.iadd(row, a * width), dH, at_kid, width, vw)
+                        else:
+                            sum_rows(cg, dC, cg.iadd(row, a * width), G, at_kid, dH, at_kid, width, vw)
+        # Parameter gradients: one call over every inner node.
+        first = load_index(cg, le, cg.i64(0), "i32", nodes)
+        inner = b.sub(nodes, first)
+        outs, spare = {}, par_fixed
+        for name, p in zip(names, params):
+            if name in parts:
+                outs[f"d:{name}"] = cg.ptr(parts[name])
+            else:                                          # nothing reads it: a spare buffer
+                outs[f"d:{name}"] = cg.gep(fixed, cg.i64(spare))
+                spare += aligned(g.nodes[p].type.size().coef)
+        with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
+            with then:
+                at = cg.imul(first, width)
+                inv = hoisted(kb, cg, node.attrs["bwd_par"], fixed)
+                call_body(cg, e_par, {"@C": cg.gep(C, cg.imul(first, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, outs, fixed,
+                          inner, ws)
+            with otherwise:                                # no inner node: nothing to differentiate
+                for name, p in zip(names, params):
+                    n = g.nodes[p].type.size().coef
+                    zero_rows(cg, outs[f"d:{name}"], cg.i64(0), cg.i64(1), n, vw)

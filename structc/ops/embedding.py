@@ -1,0 +1,159 @@
+"""Word embeddings: row gathers, their scatter-add gradient, one-hot codes.
+
+    gather_rows(E, ids)[i] = E[ids[i]]                      (`E[n.word]`, `h(t.root)`)
+    scatter_rows(G, ids)[r] = Σ_{i: ids[i] = r} G[i]        (its VJP: only looked-up rows move)
+    onehot(ids, C)[i, c] = 1(ids[i] = c)                    (the seed's indicator embedding)
+
+Indices are checked in Python before native code runs (class labels, forest
+word ids and roots); the kernels also clamp them, so a stray index can never
+read or write outside a buffer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .base import Op, Sample, expect, surface
+
+
+def _check_ids(ids: TensorType) -> None:
+    expect(ids.rank == 1 and ids.dtype in ("i32", "i64"), f"indices must be a vector of integers, got {ids}")
+
+
+class GatherRows(Op):
+    """out[i, :] = table[ids[i], :]"""
+    name = "gather_rows"
+
+    def shape(self, table, ids) -> TensorType:
+        expect(table.rank == 2 and table.is_float, f"can only index the rows of a float matrix, got {table}")
+        _check_ids(ids)
+        return TensorType((ids.shape[0], table.shape[1]), table.dtype)
+
+    def vjp(self, b, g, out, table, ids):
+        return [b.scatter_rows(g, ids, rows=table.shape[0]), None]
+
+    def reference(self, table, ids):
+        return table[np.clip(ids, 0, table.shape[0] - 1)]
+
+    def samples(self):
+        return [Sample(((7, 5), ((11,), ("classes", 7)))), Sample(((3, 40), ((2,), ("classes", 3))))]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.treemap import copy_row, load_index
+        table, ids = node.inputs
+        rows_d, width = kb.graph.nodes[table].shape
+        idt = kb.graph.nodes[ids].type.dtype
+        with kb.kernel(f"gather{node.id}", lambda cg: cg.dim(node.shape[0]), cost=width) as (cg, lo, hi):
+            src, dst, idx = cg.ptr(table), cg.ptr(node.id), cg.ptr(ids)
+            last = cg.b.sub(cg.dim(rows_d), cg.i64(1))
+            with cg.loop(hi, start=lo, name="r") as r:
+                k = load_index(cg, idx, r, idt, last)
+                copy_row(cg, src, cg.imul(k, width), dst, cg.imul(r, width), width, kb.vector_width)
+
+
+class ScatterRows(Op):
+    """out[r, :] = Σ_{i: ids[i] = r} g[i, :], out having `rows` rows."""
+    name = "scatter_rows"
+    traits = frozenset({"needs_dims"})
+
+    def shape(self, g, ids, *, rows) -> TensorType:
+        expect(g.rank == 2, f"scatter_rows needs a matrix, got {g}")
+        _check_ids(ids)
+        expect(ids.shape[0] == g.shape[0], f"{ids} does not index the rows of {g}")
+        return TensorType((rows, g.shape[1]), g.dtype)
+
+    def vjp(self, b, u, out, g, ids, *, rows):
+        return [b.gather_rows(u, ids), None]
+
+    def reference(self, g, ids, *, rows, dims=None):
+        n = rows if isinstance(rows, int) else dims[rows]
+        out = np.zeros((n, g.shape[1]), dtype=g.dtype)
+        np.add.at(out, np.clip(ids, 0, n - 1), g)
+        return out
+
+    def samples(self):
+        return [Sample(((9, 5), ((9,), ("classes", 4))), {"rows": 4}),
+                Sample(((3, 33), ((3,), ("classes", 6))), {"rows": 6})]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.treemap import add_row, load_index, zero_rows
+        g, ids = node.inputs
+        n_d, width = kb.graph.nodes[g].shape
+        rows_d = node.shape[0]
+        idt = kb.graph.nodes[ids].type.dtype
+        # One task: rows may repeat, so the adds are serial.
+        with kb.kernel(f"scatter{node.id}", 1, cost=1) as (cg, lo, hi):
+            src, dst, idx = cg.ptr(g), cg.ptr(node.id), cg.ptr(ids)
+            zero_rows(cg, dst, cg.i64(0), cg.dim(rows_d), width, kb.vector_width)
+            last = cg.b.sub(cg.dim(rows_d), cg.i64(1))
+            with cg.loop(cg.dim(n_d), name="r") as r:
+                k = load_index(cg, idx, r, idt, last)
+                add_row(cg, src, cg.imul(r, width), dst, cg.imul(k, width), width, kb.vector_width)
+
+
+class OneHot(Op):
+    """out[i, c] = 1 if ids[i] = c else 0: the one-hot word embedding."""
+    name = "onehot"
+
+    def shape(self, ids, *, classes: int) -> TensorType:
+        _check_ids(ids)
+        expect(isinstance(classes, int) and classes > 0, f"onehot needs a positive number of classes, got {classes}")
+        return TensorType((ids.shape[0], classes), "f32")
+
+    def vjp(self, b, g, out, ids, *, classes):
+        return [None]
+
+    def reference(self, ids, *, classes):
+        return (ids[:, None] == np.arange(classes)[None, :]).astype(np.float64)
+
+    def samples(self):
+        return [Sample((((6,), ("classes", 5)),), {"classes": 5}), Sample((((3,), ("classes", 40)),), {"classes": 40})]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.codegen import F32
+        from ..lower.treemap import load_index, zero_rows
+        ids = node.inputs[0]
+        classes = node.attrs["classes"]
+        idt = kb.graph.nodes[ids].type.dtype
+        with kb.kernel(f"onehot{node.id}", lambda cg: cg.dim(node.shape[0]), cost=classes) as (cg, lo, hi):
+            b = cg.b
+            dst, idx = cg.ptr(node.id), cg.ptr(ids)
+            zero_rows(cg, dst, lo, hi, classes, kb.vector_width)
+            with cg.loop(hi, start=lo, name="r") as r:
+                k = load_index(cg, idx, r, idt, None)
+                inside = b.and_(b.icmp_signed(">=", k, cg.i64(0)), b.icmp_signed("<", k, cg.i64(classes)))
+                with cg.if_(inside):
+                    cg.store(cg.const(1.0, F32), dst, cg.iadd(cg.imul(r, classes), k))
+
+
+@surface("onehot")
+def onehot(ctx, ids, classes=None):
+    """onehot(ids, classes): one row per id, 1 in column ids[i] (classes defaults to a forest's vocabulary)."""
+    ids = ctx.expect_tensor(ids, "onehot")
+    if classes is None:
+        classes = ids.node.attrs.get("classes") if ids.node.op.name == "input" else None
+        if not classes:
+            ctx.fail("onehot needs the number of classes: onehot(ids, classes)")
+    classes = ctx.expect_int(classes, "classes")
+    return ctx.checked(lambda: ctx.b.onehot(ids, classes=classes))
+
+
+def index(ctx, base, idx):
+    """`E[ids]`: the rows of a matrix picked by a vector of integer ids."""
+    from ..graph import Value
+    if not isinstance(base, Value) or not isinstance(idx, Value):
+        ctx.fail("indexing picks rows of a matrix with a vector of integer ids, e.g. E[n.word]")
+    if base.type.rank != 2 or not base.type.is_float:
+        ctx.fail(f"only the rows of a float matrix can be picked, got {base.type}")
+    if idx.type.rank != 1 or idx.type.dtype not in ("i32", "i64"):
+        ctx.fail(f"rows are picked with a vector of integer ids, got {idx.type}")
+    return ctx.b.gather_rows(base, idx)
+
+
+def embedding_param_type(call) -> tuple[TensorType, tuple]:
+    """`param E: embedding(V, d)`: a learned f32[V, d] table, N(0, 1) like PyTorch's."""
+    from ..errors import SnetTypeError
+    args = [getattr(a, "value", None) for a in call.args]
+    if call.kwargs or len(args) != 2 or not all(isinstance(a, int) and a > 0 for a in args):
+        raise SnetTypeError("embedding takes the vocabulary size and the dimension: embedding(V, d)", call.span)
+    return TensorType((args[0], args[1]), "f32"), ("normal", (1.0,))

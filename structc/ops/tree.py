@@ -1,0 +1,442 @@
+"""Recursion over the trees of a forest: `tree_map` and its gradient.
+
+A recursive definition `rec h(n) = leaf: ... node: ...` becomes one node
+
+    H = tree_map[body](children, level_end, roots, leaf_states, scratch..., *params)
+
+whose `body` attribute is a sub-graph: the node case, a function of one row
+per node, `h = body(C)`, where C = [h(child 0), ..., h(child A-1)] (a
+missing child's state is zero) is the body's input `children`:
+f32[rows, A*d]. The leaf case is ordinary graph work over the leaves, whose
+states are H's first rows (nodes are in schedule order, see `forest`):
+
+    H[i] = leaf_states[i]                             i < leaves
+    H[i] = body(H[child_0(i)], ..., H[child_A-1(i)])  otherwise, in order of height
+
+The VJP walks the heights in reverse: with dH the total cotangent of each
+node (gH plus what its parent sends down, stored once per node),
+
+    dC = ∂body/∂C^T dH[level]  scattered to the children's rows of dH,
+    dθ = Σ_nodes ∂body/∂θ^T dH[node],
+
+both obtained by running `autodiff.differentiate` on the body sub-graph
+(`derive_backward`). `tree_map_grad` yields dH, whose first rows are the
+leaf states' cotangent (`tree_leaf_rows`, a view), and one `tree_grad_part`
+per parameter, computed by the same kernel; the forward kernel keeps the
+gathered children (`tree_children`) for it. The references evaluate the
+recursion node by node with the interpreter: they are the meaning that the
+level-batched native code (`lower/treemap.py`) is tested against.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ShapeMismatch
+from ..types import TensorType
+from .base import Op, expect
+
+BODY_ROWS = "rows"          # the body's batch dimension: one row per node
+_tags = itertools.count(1)
+
+
+@dataclass(eq=False)
+class BodyProgram:
+    """A body sub-graph after the pass pipeline, with its memory plan's bounds.
+
+    The workspace of a per-level call is bounded by `rows_floats` per row;
+    buffers whose size does not grow with the rows live in a fixed scratch:
+    its own at `fixed` offsets, the values of `pre` at `inv` offsets, and
+    `pre`'s own buffers from `pre_base` on. `pre` computes, once per call
+    of the tree kernel, what depends on parameters only (a transposed
+    weight): loop-invariant code hoisted out of the loop over levels."""
+    name: str
+    graph: object
+    rows_floats: int
+    fixed: dict                 # node id -> offset (floats) in the fixed scratch
+    fixed_floats: int           # the whole fixed scratch, `pre` included
+    pre: "BodyProgram | None" = None
+    inv: dict | None = None     # input name of a hoisted value -> offset in the fixed scratch
+    pre_base: int = 0
+
+    def __str__(self) -> str:
+        hoisted = f", {len(self.pre.graph.groups)} hoisted" if self.pre is not None else ""
+        return f"<{self.name}: {len(self.graph.groups)} kernels{hoisted}>"
+
+
+def prepare(g, name: str) -> BodyProgram:
+    """Run the pass pipeline on a body (copy), hoist what depends on
+    parameters only, and bound the workspace of a call."""
+    from ..passes import run_pipeline
+    g = run_pipeline(g.copy())
+    pre = _hoist(g)
+    program = _bounded(g, name)
+    if pre is not None:
+        pre_graph, hoisted = pre
+        inv, at = {}, program.fixed_floats
+        for nid, inp in hoisted.items():
+            inv[inp] = at
+            at += _aligned(pre_graph.nodes[nid].type.size().coef)
+        program.pre = _bounded(pre_graph, name + ".pre")
+        program.inv, program.pre_base = inv, at
+        program.fixed_floats = at + program.pre.fixed_floats
+    return program
+
+
+def _bounded(g, name: str) -> BodyProgram:
+    from ..passes.plan import ALIGN, aligned, plan_memory
+    plan = plan_memory(g, {p: 0 for p in g.params})
+    rows_floats, fixed, at = 0, {}, 0
+    for nid, st in plan.storage.items():
+        if st.kind == "workspace" and not g.nodes[nid].type.size().symbols:
+            fixed[nid] = at
+            at += aligned(g.nodes[nid].type.size().coef)
+    for sizes in plan.slots:
+        per_row = 0
+        for s in sizes:
+            if s.symbols and s.symbols != (BODY_ROWS,):
+                raise ShapeMismatch(f"the node case needs a buffer of {s} floats; it must compute one row "
+                                    "per node")
+            if s.symbols:
+                per_row = max(per_row, s.coef)
+        if per_row:
+            rows_floats += per_row + ALIGN
+    return BodyProgram(name, g, rows_floats, fixed, at)
+
+
+def _hoist(g):
+    """Split off the groups of a fused body that read no input (only
+    parameters and constants): returns (their graph, {node: input name}),
+    and turns each of their values that the rest reads into an input of `g`."""
+    from . import REGISTRY
+    pure = set()
+    for nid in g.topo():
+        node = g.nodes[nid]
+        if node.op.name == "input":
+            continue
+        if all(i in pure for i in node.inputs) and not node.type.size().symbols:
+            pure.add(nid)      # reads parameters and constants only, and its size is fixed
+    outputs = set(g.outputs.values())
+    hoist = [gr for gr in g.groups if all(m in pure and m not in outputs for m in gr.members)]
+    if not hoist:
+        return None
+    moved = {m for gr in hoist for m in gr.members}
+    boundary = [m for gr in hoist for m in gr.outputs if any(u not in moved for u in g.users(m))]
+    pre = g.copy()
+    keep = moved | {a for m in moved for a in _ancestors(g, m)}
+    for nid in [n for n in pre.nodes if n not in keep]:
+        pre.remove(nid)
+    pre.inputs = {}
+    pre.params = {k: v for k, v in pre.params.items() if v in keep}
+    pre.outputs = {f"@inv{m}": m for m in boundary}
+    pre.groups = [gr for gr in pre.groups if gr.members[0] in moved]
+    pre.name = g.name + ".pre"
+    hoisted = {}
+    for m in boundary:
+        name = f"@inv{m}"
+        node = g.nodes[m]
+        g.set_inputs(m, ())
+        node.op = REGISTRY["input"]
+        node.attrs = {"name": name, "kind": "input", "type": node.type, "classes": 0}
+        g.inputs[name] = m
+        hoisted[m] = name
+    for nid in moved - set(boundary):
+        g.remove(nid)
+    g.groups = [gr for gr in g.groups if gr not in hoist]
+    for gr in pre.groups:
+        gr.outputs = [m for m in gr.outputs if m in boundary or any(u in moved for u in pre.users(m))]
+    return pre, hoisted
+
+
+def _ancestors(g, nid):
+    import networkx as nx
+    return nx.ancestors(g.nx, nid)
+
+
+def body_plan(program: BodyProgram, param_offsets: dict[str, int]):
+    """The body's memory plan with the model's parameter offsets, its
+    fixed-size buffers moved out of the workspace into extra outputs."""
+    from ..passes.plan import Storage, plan_memory
+    g = program.graph
+    plan = plan_memory(g, {p: param_offsets[p] for p in g.params})
+    n_out = len(plan.output_names)
+    for k, nid in enumerate(sorted(program.fixed)):
+        plan.storage[nid] = Storage("output", n_out + k)
+    keep = sorted({st.index for st in plan.storage.values() if st.kind == "workspace"})
+    renumber = {old: new for new, old in enumerate(keep)}
+    for nid, st in list(plan.storage.items()):
+        if st.kind == "workspace":
+            plan.storage[nid] = Storage("workspace", renumber[st.index], st.dtype)
+    plan.slots = [[s for s in plan.slots[k] if s.symbols] for k in keep]
+    return plan
+
+
+def fold_concat_of_slices(g) -> None:
+    """concat(x[:, 0:a], x[:, a:b], ..., x[:, y:end]) -> x, so a node case that
+    joins its children's states reads the gathered block as it is."""
+    for nid in g.topo():
+        node = g.nodes.get(nid)
+        if node is None or node.op.name != "concat" or not node.inputs:
+            continue
+        parts = [g.nodes[i] for i in node.inputs]
+        if not all(p.op.name == "slice" for p in parts):
+            continue
+        src = parts[0].inputs[0]
+        axis = parts[0].attrs["axis"] % len(node.shape)
+        if node.attrs.get("axis", -1) % len(node.shape) != axis:
+            continue
+        at, ok = 0, True
+        for p in parts:
+            ok = ok and p.inputs[0] == src and p.attrs["axis"] % len(node.shape) == axis and p.attrs["start"] == at
+            at = p.attrs["stop"]
+        if ok and g.nodes[src].type == node.type:
+            g.replace_uses(nid, src)
+
+
+def derive_backward(body):
+    """The body's VJP as a graph: inputs `@C` (children's states), `@g` (the
+    cotangent of its output) and `@h` (its output, read from H rather than
+    recomputed); outputs `dC` and `d:<param>` for each parameter."""
+    from ..autodiff import differentiate
+    from ..graph import Builder
+    from ..passes.dce import dce
+    from . import REGISTRY
+    g = body.copy()
+    b = Builder(g)
+    cin = g.inputs.pop("children")
+    ct = g.nodes[cin].type
+    g.nodes[cin].op = REGISTRY["param"]            # so that differentiate returns its gradient
+    g.nodes[cin].attrs = {"name": "@C", "type": ct, "init": ("zeros", ())}
+    g.params["@C"] = cin
+    out = g.outputs["h"]
+    ht = g.nodes[out].type
+    gin = g.add(REGISTRY["input"], (), {"name": "@g", "kind": "input", "type": ht, "classes": 0}, type=ht)
+    g.inputs["@g"] = gin
+    g.outputs = {"loss": b.sum(b.value(out) * b.value(gin), axes=(0, 1)).id}
+    d = differentiate(g)
+    hin = d.add(REGISTRY["input"], (), {"name": "@h", "kind": "input", "type": ht, "classes": 0}, type=ht)
+    d.inputs["@h"] = hin
+    if "source" not in d.nodes[out].op.traits:
+        d.replace_uses(out, hin)
+    node = d.nodes[cin]
+    node.op = REGISTRY["input"]
+    node.attrs = {"name": "@C", "kind": "input", "type": ct, "classes": 0}
+    del d.params["@C"]
+    d.inputs["@C"] = cin
+    outputs = {"dC": d.outputs["grad:@C"]}
+    for p in body.params:
+        outputs[f"d:{p}"] = d.outputs[f"grad:{p}"]
+    d.outputs = outputs
+    d.name = f"{body.name}.vjp"
+    return dce(d)
+
+
+def _subset(g, names, name):
+    h = g.copy()
+    h.outputs = {k: v for k, v in g.outputs.items() if k in names}
+    h.name = name
+    return h
+
+
+# -- numpy meaning: node by node ------------------------------------------------
+
+def _child_states(H, kids, width):
+    return np.concatenate([H[k] if k >= 0 else np.zeros(width, H.dtype) for k in kids])[None, :]
+
+
+def _forward_reference(children, leaves, params, body, width):
+    from ..interp import evaluate
+    n, nl = children.shape[0], leaves.shape[0]
+    H = np.zeros((n, width), dtype=np.float64)
+    H[:nl] = leaves
+    pvals = dict(zip(body.params, params))
+    for i in range(nl, n):
+        H[i] = evaluate(body, {"children": _child_states(H, children[i], width)}, pvals)["h"][0]
+    return H
+
+
+def _seed(seed, roots, nodes, from_roots):
+    """The cotangent of H: given whole, or only at the roots (`h(t.root)`)."""
+    if not from_roots:
+        return np.array(seed, dtype=np.float64)
+    gH = np.zeros((nodes, seed.shape[1]))
+    np.add.at(gH, roots, seed)
+    return gH
+
+
+def _backward_reference(children, H, gH, params, bwd, width, leaves):
+    from ..interp import evaluate
+    n = children.shape[0]
+    dH = np.array(gH, dtype=np.float64)
+    names = [k[2:] for k in bwd.outputs if k.startswith("d:")]
+    pvals = dict(zip(names, params))
+    dparams = [np.zeros(np.shape(p)) for p in params]
+    for i in reversed(range(leaves, n)):        # parents before their children
+        r = evaluate(bwd, {"@C": _child_states(H, children[i], width), "@g": dH[i:i + 1], "@h": H[i:i + 1]},
+                     pvals)
+        for k, name in enumerate(names):
+            dparams[k] += r[f"d:{name}"]
+        for a, c in enumerate(children[i]):
+            if c >= 0:
+                dH[c] += r["dC"][0, a * width:(a + 1) * width]
+    return dH, dparams
+
+
+def _leaf_count(level_end) -> int:
+    return int(level_end[0])
+
+
+# -- the ops ------------------------------------------------------------------
+
+class TreeMap(Op):
+    """H over all nodes of a forest, leaves from `leaves`, inner nodes by `body`."""
+    name = "tree_map"
+    traits = frozenset({"needs_dims"})
+
+    def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
+              body, fwd, arity: int, width: int, rec: str = "h") -> TensorType:
+        expect(leaves.rank == 2 and leaves.shape[1] == width, f"leaf states {leaves} are not [leaves, {width}]")
+        return TensorType((children.shape[0], width), "f32")
+
+    def describe(self, attrs: dict) -> str:
+        return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, body={attrs['fwd']}"
+
+    def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
+                  body, fwd, arity, width, rec="h", dims=None):
+        return _forward_reference(children, leaves, params, body, width)
+
+    def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
+            body, fwd, arity, width, rec="h"):
+        bwd = derive_backward(body)
+        names = list(body.params)
+        bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children")
+        bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
+                          f"{rec}.node.vjp_params")
+        nodes = children.shape[0]
+        # per node: the children's cotangents, dH when nothing else needs it
+        # (leaves without parameters upstream), the bodies' workspace
+        rows = arity * width + width + max(bwd_in.rows_floats, bwd_par.rows_floats)
+        spare = sum(_aligned(p.type.size().coef) for p in params)   # for gradients nothing reads
+        fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
+        sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
+        sf = b.scratch(shape=(fixed,), tag=next(_tags))
+        # Only the roots' states reach the loss (`h(t.root)`): seed dH from
+        # their cotangent, without forming the mostly-zero [nodes, d] one.
+        gn = g.node
+        from_roots = gn.op.name == "scatter_rows" and gn.inputs[1] == roots.id and gn.attrs["rows"] == nodes
+        seed = b.value(gn.inputs[0]) if from_roots else g
+        attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
+                     from_roots=from_roots)
+        # the children's states, as the forward pass gathered them level by level
+        C = b.tree_children(out, children, arity=arity, width=width)
+        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *params, **attrs)
+        d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
+        parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *params, param=name, index=k, bwd=bwd,
+                                  width=width, from_roots=from_roots) for k, name in enumerate(names)]
+        return [None, None, None, d_leaves, None, None, *parts]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.treemap import lower_tree_map
+        lower_tree_map(kb, node)
+
+
+class TreeMapGrad(Op):
+    """dH: the total cotangent of every node's state (see the module docstring),
+    from the cotangent of H (`seed`), or of the roots' states only when
+    `from_roots` (then seed is [trees, d])."""
+    name = "tree_map_grad"
+    traits = frozenset({"needs_dims"})
+
+    def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
+              body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
+              from_roots: bool = False) -> TensorType:
+        return H
+
+    def describe(self, attrs: dict) -> str:
+        return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, " \
+               f"vjp={attrs['bwd_in']}, {attrs['bwd_par']}"
+
+    def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
+                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, dims=None):
+        gH = _seed(seed, roots, H.shape[0], from_roots)
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[0]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.treemap import lower_tree_map_grad
+        lower_tree_map_grad(kb, node)
+
+
+class TreeGradPart(Op):
+    """The gradient of one parameter of a tree_map body; computed by the
+    kernel of the `tree_map_grad` it reads (the `part` trait puts it in that
+    kernel's group)."""
+    name = "tree_grad_part"
+    traits = frozenset({"part"})
+
+    def shape(self, dH, children, level_end, roots, H, seed, *params, param: str, index: int, bwd, width: int,
+              from_roots: bool = False) -> TensorType:
+        return params[index]
+
+    def describe(self, attrs: dict) -> str:
+        return f"{attrs['param']}"
+
+    def reference(self, dH, children, level_end, roots, H, seed, *params, param, index, bwd, width,
+                  from_roots=False):
+        gH = _seed(seed, roots, H.shape[0], from_roots)
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[1][index]
+
+    def lower(self, kb, node, epilogue):
+        pass    # written by the tree_map_grad kernel of its group
+
+
+class TreeChildren(Op):
+    """C[i] = [H[child_0(i)], ..., H[child_A-1(i)]] (zero for a missing child):
+    every node's input to the node case, written by the `tree_map` kernel
+    while it gathers each level (the `part` trait puts it in that group)."""
+    name = "tree_children"
+    traits = frozenset({"part"})
+
+    def shape(self, H, children, *, arity: int, width: int) -> TensorType:
+        return TensorType((H.shape[0], arity * width), "f32")
+
+    def reference(self, H, children, *, arity, width):
+        return np.concatenate([_child_states(H, kids, width) for kids in children])
+
+    def lower(self, kb, node, epilogue):
+        pass    # written by the tree_map kernel of its group
+
+
+class TreeLeafRows(Op):
+    """The first `rows` rows of a node-indexed matrix: the leaves' (a view)."""
+    name = "tree_leaf_rows"
+    traits = frozenset({"view", "needs_dims"})
+
+    def shape(self, x, *, rows) -> TensorType:
+        return TensorType((rows, x.shape[1]), x.dtype)
+
+    def reference(self, x, *, rows, dims=None):
+        n = rows if isinstance(rows, int) else dims[rows]
+        return x[:n].copy()
+
+
+class Scratch(Op):
+    """Working memory of a kernel that needs more than its result; its
+    contents mean nothing (the `tag` keeps two scratches from merging)."""
+    name = "scratch"
+    traits = frozenset({"needs_dims"})
+
+    def shape(self, *, shape, tag: int = 0) -> TensorType:
+        return TensorType(tuple(shape), "f32")
+
+    def reference(self, *, shape, tag=0, dims=None):
+        return np.zeros(tuple(d if isinstance(d, int) else dims[d] for d in shape))
+
+    def lower(self, kb, node, epilogue):
+        pass    # memory only: the plan gives it a workspace slot
+
+
+def _aligned(n: int) -> int:
+    from ..passes.plan import aligned
+    return aligned(n)

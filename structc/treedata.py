@@ -1,0 +1,106 @@
+"""Tree-structured data sets for `structc train`: labelled trees in treebank form.
+
+A `TreeDataset` feeds a model with one forest input: each batch is one
+`Forest` (the trees parsed once, merged per batch), a target declared
+`class[t.trees]` gets the roots' labels, one declared `class[t.nodes]` every
+node's. Held-out accuracy is measured on the roots, from the forward output
+of shape [t.trees, C].
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+from importlib.resources import files
+from typing import Iterator
+
+import numpy as np
+
+from .forest import Forest, Vocab
+
+LOGIC_SHA256 = "6cb7350105b54f40403d9808915069a982caaf8d23caed0e402e7e7b36c107d1"
+LOGIC_WORDS = ["T", "F", "and", "or", "xor", "not"]
+
+
+class TreeDataset:
+    def __init__(self, name: str, train: list[str], test: list[str], vocab: dict, description: str = ""):
+        self.name, self.vocab, self.description = name, vocab, description
+        self.train = [Forest.from_brackets(s, vocab) for s in train]
+        self.test = [Forest.from_brackets(s, vocab) for s in test]
+        self.forest = self.root_target = self.node_target = self.output = None
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def bind(self, net) -> "TreeDataset":
+        forests = net.meta.get("forests", [])
+        if len(forests) != 1:
+            raise ValueError(f"data set '{self.name}' holds trees: model {net.name} must declare one forest input")
+        spec = forests[0]
+        self.forest = spec["name"]
+        arity = max(f.arity for f in self.train)
+        if spec["arity"] < arity or spec.get("vocab") is None or spec["vocab"] < len(self.vocab):
+            raise ValueError(f"data set '{self.name}' has trees of arity {arity} over {len(self.vocab)} words: "
+                             f"declare `input {self.forest}: forest(arity={arity}) of word(vocab={len(self.vocab)})`")
+        top = max(int(f.labels.max()) for f in self.train + self.test)
+        for s in net.meta["inputs"]:
+            if s["kind"] != "target":
+                continue
+            if s["shape"] == [f"{self.forest}.trees"]:
+                self.root_target = s
+            elif s["shape"] == [f"{self.forest}.nodes"]:
+                self.node_target = s
+            else:
+                raise ValueError(f"data set '{self.name}': target '{s['name']}' must be class[{self.forest}.trees] "
+                                 f"or class[{self.forest}.nodes]")
+            if s["classes"] <= (top if s is self.node_target else 1):
+                raise ValueError(f"data set '{self.name}': target '{s['name']}' needs more than "
+                                 f"{s['classes']} classes")
+        if self.root_target is None and self.node_target is None:
+            raise ValueError(f"data set '{self.name}': the model declares no target")
+        outs = net.meta["entries"]["forward"]["outputs"]
+        roots = [o for o in outs if o["shape"][:1] == [f"{self.forest}.trees"] and len(o["shape"]) == 2]
+        self.output = roots[0]["name"] if roots else None
+        return self
+
+    def feed(self, forest: Forest) -> dict:
+        feed = {self.forest: forest}
+        if self.root_target is not None:
+            feed[self.root_target["name"]] = forest.root_labels
+        if self.node_target is not None:
+            feed[self.node_target["name"]] = forest.labels
+        return feed
+
+    def batches(self, batch: int, rng: np.random.Generator) -> Iterator[dict]:
+        order = rng.permutation(len(self.train))
+        for start in range(0, len(order), batch):
+            yield self.feed(Forest.concat([self.train[k] for k in order[start:start + batch]]))
+
+    def batch_count(self, batch: int) -> int:
+        return (len(self.train) + batch - 1) // batch
+
+    def evaluate(self, net, batch: int = 512) -> dict:
+        """Held-out accuracy on the roots (when the model outputs [trees, C]) and mean loss."""
+        loss, correct, n = 0.0, 0, len(self.test)
+        for start in range(0, n, batch):
+            part = Forest.concat(self.test[start:start + batch])
+            if self.output is not None:
+                probs = net.forward(**{self.forest: part})[self.output]
+                correct += int(np.sum(np.argmax(probs, axis=-1) == part.root_labels))
+            batch_loss, _ = net.grad(**self.feed(part))
+            loss += batch_loss * part.trees
+        result = {"loss": loss / n}
+        if self.output is not None:
+            result["accuracy"] = correct / n
+        return result
+
+
+def load_logic() -> TreeDataset:
+    """Boolean formulas with their truth at every node (see data/make_logic.py)."""
+    raw = files("structc.data").joinpath("logic.txt.gz").read_bytes()
+    if hashlib.sha256(raw).hexdigest() != LOGIC_SHA256:
+        raise RuntimeError("structc's copy of the logic data is damaged (checksum mismatch); reinstall structc")
+    lines = gzip.decompress(raw).decode().split("\n")[:-1]
+    vocab = Vocab.build(LOGIC_WORDS)
+    return TreeDataset("logic", lines[:6000], lines[6000:], vocab,
+                       description="boolean formulas (T, F, and, or, xor, not), truth at every node; "
+                                   "6,000 training / 2,000 held-out trees")

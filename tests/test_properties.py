@@ -1,0 +1,75 @@
+"""Property tests over random shapes: native kernels against numpy."""
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from structc.ops import REGISTRY
+from structc.ops.base import Sample
+from structc.testing import check_native
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+dim = st.integers(1, 40)
+
+
+@SETTINGS
+@given(m=dim, k=st.one_of(dim, st.integers(380, 420)), n=st.integers(1, 70), ta=st.booleans(), tb=st.booleans())
+def test_matmul_any_shape(m, k, n, ta, tb):
+    a = (k, m) if ta else (m, k)
+    b = (n, k) if tb else (k, n)
+    check_native(REGISTRY["matmul"], Sample((a, b), {"ta": ta, "tb": tb}), rtol=1e-3, atol=1e-4)
+
+
+@st.composite
+def broadcast_pair(draw):
+    rank = draw(st.integers(1, 4))
+    shape = tuple(draw(st.integers(1, 9)) for _ in range(rank))
+    other = tuple(1 if draw(st.booleans()) else d for d in shape)
+    other = other[draw(st.integers(0, rank)):]
+    return (shape, other) if draw(st.booleans()) else (other, shape)
+
+
+@SETTINGS
+@given(broadcast_pair(), st.sampled_from(["add", "sub", "mul", "maximum"]))
+def test_binary_ops_broadcast(shapes, op):
+    a, b = shapes
+    check_native(REGISTRY[op], Sample(((a, "away"), (b, "away"))))
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=4), st.data())
+def test_sum_over_any_axes(shape, data):
+    axes = tuple(sorted(data.draw(st.sets(st.integers(0, len(shape) - 1)))))
+    keep = data.draw(st.booleans())
+    check_native(REGISTRY["sum"], Sample((tuple(shape),), {"axes": axes or None, "keepdims": keep}))
+
+
+@SETTINGS
+@given(rows=st.integers(1, 30), classes=st.integers(2, 70))
+def test_softmax_and_cross_entropy_any_size(rows, classes):
+    check_native(REGISTRY["softmax"], Sample(((rows, classes),)))
+    check_native(REGISTRY["cross_entropy"], Sample(((rows, classes), ((rows,), ("classes", classes)))))
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 8), min_size=2, max_size=3), st.sampled_from(["tanh", "sigmoid", "exp", "relu"]))
+def test_activations_any_shape(shape, op):
+    check_native(REGISTRY[op], Sample(((tuple(shape), "away"),)))
+
+
+def test_transcendentals_are_accurate_over_their_range():
+    """exp, log, tanh, sigmoid are polynomials in the generated code: check
+    them across the float range that matters, not just near 0."""
+    x = np.concatenate([np.linspace(-90, 90, 2001), np.linspace(-1e-3, 1e-3, 201)]).astype(np.float32)
+    for op, ref, tol in (("tanh", np.tanh, 2e-6), ("sigmoid", lambda v: 1 / (1 + np.exp(-v)), 2e-6)):
+        check = Sample(((x.shape, "float"),))
+        import structc.testing as t
+        mdef, net = t.op_net(REGISTRY[op], check, [x])
+        net.params["p0"][...] = x
+        got = net.forward()["out"]
+        np.testing.assert_allclose(got, ref(x.astype(np.float64)), rtol=tol, atol=1e-7, err_msg=op)
+    pos = np.geomspace(1e-30, 1e30, 3001).astype(np.float32)
+    import structc.testing as t
+    for op, vals, ref in (("log", pos, np.log), ("exp", x[np.abs(x) < 85], np.exp)):
+        mdef, net = t.op_net(REGISTRY[op], Sample(((vals.shape, "float"),)), [vals])
+        net.params["p0"][...] = vals
+        np.testing.assert_allclose(net.forward()["out"], ref(vals.astype(np.float64)), rtol=3e-6, atol=0, err_msg=op)

@@ -1,0 +1,193 @@
+"""Compiled models as shipped artefacts: shared libraries, C use, loading
+checks, the on-disk cache, threads and memory."""
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import structc
+from structc import api, cache, ship
+from structc.cli import main
+from structc.datasets import load_digits
+
+ROOT = Path(__file__).parent.parent
+MLP = ROOT / "examples" / "digits_mlp.snet"
+CC = shutil.which("cc") or shutil.which("gcc")
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler to link a shared library")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """The digits MLP as a shared library (AVX2 level, so valgrind can run it),
+    with its header and parameters built in."""
+    if CC is None:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("ship")
+    net = structc.compile(MLP, seed=7)
+    net.save_params(d / "p.npz")
+    assert main(["compile", str(MLP), "-o", str(d / "digits.so"), "-H", str(d / "digits.h"),
+                 "--params", str(d / "p.npz"), "--target-cpu", "x86-64-v3"]) == 0
+    return d, net
+
+
+@needs_cc
+def test_load_in_a_fresh_process_without_source_or_compiler(library, tmp_path):
+    d, net = library
+    x = load_digits().x_test[:5]
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import numpy as np, structc, structc.api as api\n"
+        f"net = structc.load({str(d / 'digits.so')!r})\n"
+        f"np.save({str(tmp_path / 'p.npy')!r}, net(x=np.load({str(tmp_path / 'x.npy')!r})))\n"
+        "assert api.COMPILE_COUNT == 0\n"
+        "loss = net.train_step(x=np.load(" + repr(str(tmp_path / 'x.npy')) + "), y=np.arange(5), lr=0.1)\n"
+        "assert np.isfinite(loss)\n")
+    env = dict(os.environ, STRUCTC_CACHE_DIR=str(tmp_path / "empty-cache"))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), net(x=x), rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").iterdir())
+
+
+@needs_cc
+def test_c_program_links_the_library_and_agrees_with_python(library, tmp_path):
+    d, net = library
+    exe = tmp_path / "infer"
+    subprocess.run([CC, "-O2", "-std=c11", f"-I{d}", str(ROOT / "examples" / "c" / "digits_infer.c"),
+                    str(d / "digits.so"), "-o", str(exe), f"-Wl,-rpath,{d}"], check=True)
+    x = load_digits().x_test[3]
+    out = subprocess.run([str(exe)], input=" ".join(map(str, x)), capture_output=True, text=True, check=True)
+    probs = np.array(out.stdout.split("\n")[0].split(), dtype=np.float64)
+    np.testing.assert_allclose(probs, net(x=x[None])[0], rtol=1e-4, atol=1e-6)
+    assert out.stdout.split("\n")[1] == f"digit {int(np.argmax(probs))}"
+
+
+@needs_cc
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
+def test_native_code_is_clean_under_valgrind(library, tmp_path):
+    d, _ = library
+    exe = tmp_path / "driver"
+    subprocess.run([CC, "-O1", "-std=c11", "-include", str(d / "digits.h"), str(ROOT / "tests" / "c" / "train_driver.c"),
+                    str(d / "digits.so"), "-o", str(exe), f"-Wl,-rpath,{d}"], check=True)
+    result = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--track-origins=yes", str(exe)],
+                            capture_output=True, text=True, env=dict(os.environ, STRUCTC_NUM_THREADS="2"))
+    assert result.returncode == 0, result.stderr
+    assert "mode 3 loss" in result.stdout
+
+
+@needs_cc
+def test_header_declares_what_the_library_exports(library):
+    d, _ = library
+    header = (d / "digits.h").read_text()
+    for symbol in ("sc_forward", "sc_forward_workspace", "sc_train", "sc_train_workspace", "sc_metadata",
+                   "SC_PARAM_DENSE1_W", "SC_PARAM_SIZE"):
+        assert symbol in header
+
+
+@needs_cc
+def test_incompatible_library_is_refused(library, monkeypatch):
+    d, _ = library
+    monkeypatch.setattr(ship, "ABI_VERSION", 99)
+    with pytest.raises(ship.ShipError, match=r"built by structc .* \(ABI 1\); this is structc .* \(ABI 99\)"):
+        structc.load(d / "digits.so")
+
+
+@needs_cc
+def test_library_for_missing_cpu_features_is_refused(library, monkeypatch):
+    d, _ = library
+    monkeypatch.setattr(ship, "missing_features", lambda target: ["avx512fp16"])
+    with pytest.raises(ship.ShipError, match="needs features this machine lacks: avx512fp16"):
+        structc.load(d / "digits.so")
+
+
+@needs_cc
+def test_generic_target_runs_everywhere(tmp_path):
+    assert main(["compile", str(MLP), "-o", str(tmp_path / "g.so"), "--target-cpu", "generic"]) == 0
+    net = structc.load(tmp_path / "g.so", seed=3)
+    ref = structc.compile(MLP, seed=3)
+    x = load_digits().x_test[:7]
+    np.testing.assert_allclose(net(x=x), ref(x=x), rtol=1e-4, atol=1e-6)
+
+
+def test_not_a_model_library(tmp_path):
+    (tmp_path / "junk.so").write_bytes(b"\x7fELF garbage")
+    with pytest.raises(ship.ShipError, match="not a structc model library"):
+        structc.load(tmp_path / "junk.so")
+
+
+def test_unknown_target_cpu(capsys):
+    assert main(["compile", str(MLP), "--target-cpu", "pentium2"]) == 1
+    assert "unknown target CPU 'pentium2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete_meta"])
+def test_damaged_cache_entry_is_rebuilt(damage, tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
+    src = "model C { input x: f32[N, 3]\n output y = tanh(x) * 2 }"
+    structc.compile(src)
+    obj = next(tmp_path.glob("*.o"))
+    if damage == "truncate":
+        obj.write_bytes(obj.read_bytes()[:100])
+    elif damage == "garbage":
+        obj.write_bytes(os.urandom(obj.stat().st_size))
+    else:
+        next(tmp_path.glob("*.json")).unlink()
+    before = api.COMPILE_COUNT
+    net = structc.compile(src)
+    assert api.COMPILE_COUNT == before + 1
+    np.testing.assert_allclose(net(x=np.ones((1, 3), np.float32)), 2 * np.tanh(np.ones((1, 3))), rtol=1e-6)
+    assert cache.load(obj.stem) is not None
+
+
+def test_two_processes_compiling_at_once_both_succeed(tmp_path):
+    code = ("import numpy as np, structc\n"
+            "net = structc.compile('model P { input x: f32[N, 5]\\n output y = sigmoid(x) + 1 }')\n"
+            "assert abs(float(net(x=np.zeros((2, 5), np.float32))[0, 0]) - 1.5) < 1e-6\n")
+    env = dict(os.environ, STRUCTC_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(3)]
+    assert [p.wait() for p in procs] == [0, 0, 0]
+    assert len(list(tmp_path.glob("*.o"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_threads_calling_two_instances_get_correct_results():
+    src = ("model T { input x: f32[N, 50]\n target y: class[N] of 4\n"
+           " loss cross_entropy(dense(dense(x, 64) |> relu, 4), y) }")
+    nets = [structc.compile(src, seed=s) for s in (1, 2)]
+    x = np.random.default_rng(0).normal(size=(200, 50)).astype(np.float32)
+    expected = [n(x=x) for n in nets]
+    errors = []
+
+    def hammer(k):
+        for _ in range(200):
+            if not np.allclose(nets[k](x=x), expected[k], rtol=1e-6):
+                errors.append(k)
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in (0, 1, 0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_many_calls_do_not_grow_memory():
+    net = structc.compile("model M { input x: f32[N, 8]\n target y: class[N] of 3\n"
+                          " loss cross_entropy(dense(x, 3), y) }")
+    x, y = np.ones((4, 8), np.float32), np.array([0, 1, 2, 0])
+    for _ in range(2000):
+        net(x=x)
+        net.train_step(x=x, y=y, lr=0.01)
+    before = rss_kib()
+    for _ in range(50_000):
+        net(x=x)
+        net.train_step(x=x, y=y, lr=0.01)
+    assert rss_kib() - before < 2048, "resident memory grew by more than 2 MiB over 100,000 calls"
