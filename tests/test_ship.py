@@ -148,7 +148,9 @@ def test_two_processes_compiling_at_once_both_succeed(tmp_path):
             "net = structc.compile('model P { input x: f32[N, 5]\\n output y = sigmoid(x) + 1 }')\n"
             "assert abs(float(net(x=np.zeros((2, 5), np.float32))[0, 0]) - 1.5) < 1e-6\n")
     env = dict(os.environ, STRUCTC_CACHE_DIR=str(tmp_path))
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(3)]
+    # cwd away from the checkout: `python -c` puts the cwd first on sys.path, and the
+    # source tree's structc/ has no built _runtime (the installed package does).
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path) for _ in range(3)]
     assert [p.wait() for p in procs] == [0, 0, 0]
     assert len(list(tmp_path.glob("*.o"))) == 1 and not list(tmp_path.glob("*.tmp"))
 
