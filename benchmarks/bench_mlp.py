@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 
+from bench_conv import timed   # [median, best] seconds per call; the same timer as the conv benchmarks
+
 MLP = """model MLP {
   input  x: f32[N, 784]
   target y: class[N] of 10
@@ -48,18 +50,6 @@ BATCH, SIZES = 64, (784, 256, 128, 10)
 CASES = ["mlp_step", "matmul256", "matmul1024", "compile_cold", "call_overhead"]
 REPS = {"mlp_step": 2000, "matmul256": 400, "matmul1024": 20, "call_overhead": 20000}
 FRAMEWORKS = ["structc", "numpy", "torch", "jax"]
-
-
-def timed(fn, reps: int, warm: int = None) -> list:
-    """[median, best] seconds per call."""
-    for _ in range(warm if warm is not None else max(3, reps // 10)):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return [statistics.median(ts), min(ts)]
 
 
 def data(seed: int = 0):

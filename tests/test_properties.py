@@ -19,6 +19,42 @@ def test_matmul_any_shape(m, k, n, ta, tb):
     check_native(REGISTRY["matmul"], Sample((a, b), {"ta": ta, "tb": tb}), rtol=1e-3, atol=1e-4)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 60), k=st.sampled_from([1, 5, 31, 64, 383, 500, 800]),
+       n=st.sampled_from([1, 16, 17, 32, 40, 64, 96]), seed=st.integers(0, 2 ** 16))
+def test_dense_relu_layer_forward_and_gradients(batch, k, n, seed):
+    """A dense layer with its bias and ReLU fused into the matmul's tiles
+    (full tiles inline, remainders through the shared micro-kernels, k-blocked
+    partial sums), over a symbolic batch: outputs and all three gradients
+    (the input's through the masked delta, the weight's over the batch)
+    against numpy."""
+    import structc
+    src = (f"model D {{ input x: f32[N, {k}]\n target t: f32[N, {n}]\n param W: f32[{k}, {n}] = normal(0.5)\n"
+           f" param b: f32[{n}] = normal(0.5)\n param V: f32[{n}, 3] = normal(0.5)\n"
+           f" h = relu(x @ W + b)\n output y = h\n loss mse(relu(h @ V) @ transpose(V), t) }}")
+    net = structc.compile(src, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, k)).astype(np.float32)
+    t = rng.normal(size=(batch, n)).astype(np.float32)
+    W, b, V = (net.params[p].astype(np.float64) for p in ("W", "b", "V"))
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    z = x64 @ W + b
+    h = np.maximum(z, 0)
+    np.testing.assert_allclose(net(x=x), h, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    u = h @ V
+    r = np.maximum(u, 0)
+    diff = r @ V.T - t64
+    loss, grads = net.grad(x=x, t=t)
+    np.testing.assert_allclose(loss, np.mean(diff ** 2), rtol=1e-3)
+    d_out = 2 * diff / diff.size
+    d_u = (d_out @ V) * (u > 0)
+    d_h = d_u @ V.T
+    d_z = d_h * (z > 0)
+    np.testing.assert_allclose(grads["W"], x64.T @ d_z, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(grads["b"], d_z.sum(axis=0), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(grads["V"], h.T @ d_u + d_out.T @ r, rtol=1e-3, atol=1e-5)
+
+
 @st.composite
 def broadcast_pair(draw):
     rank = draw(st.integers(1, 4))

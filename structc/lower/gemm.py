@@ -10,11 +10,16 @@ A is read in place through two strides, so `A^T @ B` (a weight gradient)
 needs no copy. B must be row-major [K, N]; the `legalize` pass puts a
 `transpose` node before a matmul whose right operand is transposed.
 
-The finished tile goes to a small stack buffer, and one masked loop applies
-the group's epilogue (bias, activation, derivative mask...) and stores the
-group's outputs, so the epilogue is emitted once per kernel, not per tile
-shape. When K exceeds KC, the k loop is blocked so a B panel block stays in
-L1; partial sums then go through the group's first output buffer.
+The tile most of C is made of (MR rows, two full vectors) is emitted inline
+in each kernel, and its accumulators go through the group's epilogue (bias,
+activation, derivative mask...) straight from the registers. The remainder
+tiles (fewer rows, partial vectors) call micro-kernels shared by every
+matmul of the module; a finished remainder tile goes to a small stack
+buffer and one masked loop applies the epilogue, so that code exists once
+per kernel, not once per tile shape. When N is known at compile time, only
+the panel shapes it has are emitted. When K exceeds KC, the k loop is
+blocked so a B panel block stays near the core; partial sums then go
+through the group's first output buffer, straight from the registers.
 """
 from __future__ import annotations
 
@@ -31,11 +36,14 @@ def tile_rows(vw: int) -> tuple[int, ...]:
     return (12, 4, 1) if vw == 16 else (6, 2, 1)
 
 
-def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name):
+def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
+              static_m=None, static_n=None):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
-    `scratch` is an [M, N] f32 buffer the group writes (for partial sums)."""
+    `scratch` is an [M, N] f32 buffer the group writes (for partial sums);
+    `static_m`, `static_n` are M and N as the graph has them (ints when known
+    at compile time, symbols otherwise)."""
     vw = kb.vector_width
     nr = 2 * vw
     rows = tile_rows(vw)
@@ -45,6 +53,9 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
     def cost(cg):
         return cg.imul(K(cg), 2 * MB * nr)
+
+    # Only if C has such tiles.
+    inline_main = _column_kinds(static_n, vw)[0] and (not isinstance(static_m, int) or static_m >= rows[0])
 
     with kb.kernel(name, tasks, cost=cost) as (cg, lo, hi):
         b = cg.b
@@ -63,13 +74,17 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             # column shape of this panel: two full vectors, two with a partial one, or one partial
             full = b.icmp_signed("==", t.width, cg.i64(nr))
             wide = b.icmp_signed(">", t.width, cg.i64(vw))
-            col_kinds = [(full, 2, False), (b.and_(b.not_(full), wide), 2, True),
-                         (b.not_(wide), 1, True)]
+            col_kinds = [kind for kind, possible in zip(
+                [(full, 2, False), (b.and_(b.not_(full), wide), 2, True), (b.not_(wide), 1, True)],
+                _column_kinds(static_n, vw)) if possible]
             with cg.loop(t.k, name="k0", step=KC) as k0:
                 t.k0 = k0
                 t.k_end = cg.imin(cg.iadd(k0, KC), t.k)
                 t.first = b.icmp_signed("==", k0, cg.i64(0))
                 t.last = b.icmp_signed("==", t.k_end, t.k)
+                # partial sums, and a finished tile nothing is fused into, go
+                # from the registers straight to C; others through the epilogue
+                t.direct = b.not_(t.last) if t.epilogue_work else ir.Constant(ir.IntType(1), 1)
                 i = cg.var(I64, i_begin)
                 with cg.while_(lambda: b.icmp_signed("<", b.load(i), i_end)):
                     i0 = b.load(i)
@@ -78,12 +93,39 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                     mr = cg.i64(rows[-1])
                     for r in reversed(rows[:-1]):
                         mr = b.select(b.icmp_signed(">=", rem, cg.i64(r)), cg.i64(r), mr)
-                    for r in rows:
-                        for cond, nv, masked in col_kinds:
-                            with cg.if_(b.and_(b.icmp_signed("==", mr, cg.i64(r)), cond)):
-                                _tile(t, i0, r, nv, masked)
-                    _finish(t, i0, mr)
+                    if inline_main:
+                        main = b.and_(b.icmp_signed("==", mr, cg.i64(rows[0])), full)
+                        with b.if_else(main) as (inline, shared):
+                            with inline:
+                                _main_tile(t, i0, rows[0])
+                            with shared:
+                                _shared_tiles(t, i0, mr, rows, col_kinds, skip_main=True)
+                    else:
+                        _shared_tiles(t, i0, mr, rows, col_kinds, skip_main=False)
                     b.store(cg.iadd(i0, mr), i)
+
+
+def _column_kinds(n, vw: int) -> tuple[bool, bool, bool]:
+    """Which panel shapes occur: two full vectors, two with the second
+    partial, one partial. All three when N is only known at run time; code
+    for the others is not emitted."""
+    if not isinstance(n, int):
+        return True, True, True
+    tail = n % (2 * vw)
+    return n >= 2 * vw, tail > vw, 0 < tail <= vw
+
+
+def _shared_tiles(t, i0, mr, rows, col_kinds, skip_main: bool) -> None:
+    """The tile of `mr` rows at i0 through the shared micro-kernels."""
+    b = t.cg.b
+    for r in rows:
+        for cond, nv, masked in col_kinds:
+            if skip_main and r == rows[0] and not masked:
+                continue
+            with t.cg.if_(b.and_(b.icmp_signed("==", mr, t.cg.i64(r)), cond)):
+                _tile(t, i0, r, nv, masked)
+    with t.cg.if_(b.not_(t.direct)):
+        _finish(t, i0, mr)
 
 
 class _Ctx:
@@ -91,6 +133,46 @@ class _Ctx:
         self.cg, self.vw, self.m, self.n, self.k = cg, vw, m, n, k
         self.a_si, self.a_sk, self.A, self.B, self.C = a_si, a_sk, A, B, C
         self.epilogue = epilogue
+        self.epilogue_work = epilogue_work(epilogue)
+
+
+def epilogue_work(epilogue) -> bool:
+    """Whether the epilogue does anything beyond storing the product itself."""
+    return epilogue.members != [epilogue.anchor] or epilogue.outputs != [epilogue.anchor]
+
+
+def _main_tile(t: _Ctx, i0, mr: int) -> None:
+    """The tile most of C is made of (MR rows, two full vectors), inline in
+    the kernel: its accumulators go through the epilogue straight from the
+    registers. With a short K (a weight gradient over a batch, a layer of 32
+    or 64 features) the round trip through the tile buffer would cost a
+    sixth of the tile's time."""
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    vt = ir.VectorType(F32, vw)
+    zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
+    cols = [cg.iadd(t.j0, v * vw) for v in range(2)]
+    row_offs = [cg.imul(cg.iadd(i0, r), t.n) for r in range(mr)]
+    acc = [[cg.var(vt) for _ in range(2)] for _ in range(mr)]
+    with b.if_else(t.first) as (fresh, resume):
+        with fresh:
+            for r in range(mr):
+                for v in range(2):
+                    b.store(zero, acc[r][v])
+        with resume:
+            for r in range(mr):
+                for v in range(2):
+                    b.store(cg.load(t.C, cg.iadd(row_offs[r], cols[v]), F32, vw), acc[r][v])
+    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end)
+    with b.if_else(t.last) as (done, partial):
+        with done:
+            for r in range(mr):
+                for v in range(2):
+                    t.epilogue.emit(cg, [cg.iadd(i0, r), cols[v]], vw, None,
+                                    given={t.epilogue.anchor: b.load(acc[r][v])})
+        with partial:
+            for r in range(mr):
+                for v in range(2):
+                    cg.store(b.load(acc[r][v]), t.C, cg.iadd(row_offs[r], cols[v]))
 
 
 def _tile(t: _Ctx, i0, mr: int, nv: int, masked: bool) -> None:
@@ -98,23 +180,25 @@ def _tile(t: _Ctx, i0, mr: int, nv: int, masked: bool) -> None:
     cg = t.cg
     fn = microkernel(cg.module, t.vw, mr, nv, masked)
     cg.b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first,
-                   t.masks[nv - 1], t.tile])
+                   t.masks[nv - 1], t.tile, t.direct])
 
 
 def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> ir.Function:
-    """`void mk(A, a_si, a_sk, B, ldb, C, i0, j0, k0, k_end, first, mask, tile)`:
+    """`void mk(A, a_si, a_sk, B, ldb, C, i0, j0, k0, k_end, first, mask, tile, direct)`:
     one tile shape, shared by every matmul of the module (noinline, so each
-    call site costs a call, not a copy of the unrolled loop)."""
+    call site costs a call, not a copy of the unrolled loop). The sums go to
+    C when `direct` (partial sums, or a product nothing is fused into), to
+    the tile buffer for the epilogue otherwise."""
     name = f"sc_mk{mr}x{nv}{'m' if masked else ''}_v{vw}"
     fn = module.globals.get(name)
     if fn is not None:
         return fn
     mask_t = ir.VectorType(ir.IntType(1), vw)
-    args = [PTR, I64, I64, PTR, I64, PTR, I64, I64, I64, I64, ir.IntType(1), mask_t, PTR]
+    args = [PTR, I64, I64, PTR, I64, PTR, I64, I64, I64, I64, ir.IntType(1), mask_t, PTR, ir.IntType(1)]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name=name)
     fn.linkage = "internal"
     fn.attributes.add("noinline")
-    A, a_si, a_sk, B, n, C, i0, j0, k0, k_end, first, mask, tile = fn.args
+    A, a_si, a_sk, B, n, C, i0, j0, k0, k_end, first, mask, tile, direct = fn.args
     for p in (A, B, C, tile):
         p.add_attribute("noalias")
     cg = CG(module, fn)
@@ -131,25 +215,39 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> i
         row_off = cg.imul(cg.iadd(i0, r), n)
         acc.append([cg.var(vt, cg.load(C, cg.iadd(row_off, cols[v]), F32, vw, init_masks[v]))
                     for v in range(nv)])
-    a_rows = [cg.imul(cg.iadd(i0, r), a_si) for r in range(mr)]
-    with cg.loop(k_end, start=k0, name="k") as k:
-        b_row = cg.imul(k, n)
-        bv = [cg.load(B, cg.iadd(b_row, cols[v]), F32, vw, col_masks[v]) for v in range(nv)]
-        a_k = cg.imul(k, a_sk)
-        for r in range(mr):
-            a = cg.splat(cg.load(A, cg.iadd(a_rows[r], a_k)), vw)
-            for v in range(nv):
-                b.store(cg.fma(a, bv[v], b.load(acc[r][v])), acc[r][v])
-    for r in range(mr):
-        for v in range(nv):
-            cg.store(b.load(acc[r][v]), tile, cg.i64((r * 2 + v) * vw))
+    _accumulate(cg, vw, acc, A, i0, a_si, a_sk, B, n, cols, col_masks, k0, k_end)
+    with b.if_else(direct) as (to_c, to_tile):
+        with to_c:
+            for r in range(mr):
+                row_off = cg.imul(cg.iadd(i0, r), n)
+                for v in range(nv):
+                    cg.store(b.load(acc[r][v]), C, cg.iadd(row_off, cols[v]), mask=col_masks[v])
+        with to_tile:
+            for r in range(mr):
+                for v in range(nv):
+                    cg.store(b.load(acc[r][v]), tile, cg.i64((r * 2 + v) * vw))
     b.ret_void()
     cg.finish()
     return fn
 
 
+def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0, k_end) -> None:
+    """acc[r][v] += A[i0 + r, k] * B[k, cols[v]:+vw] for k in [k0, k_end): per
+    step, one vector of B per column vector, one broadcast of A per row."""
+    b = cg.b
+    a_rows = [cg.imul(cg.iadd(i0, r), a_si) for r in range(len(acc))]
+    with cg.loop(k_end, start=k0, name="k") as k:
+        b_row = cg.imul(k, ldb)
+        bv = [cg.load(B, cg.iadd(b_row, col), F32, vw, m) for col, m in zip(cols, masks)]
+        a_k = cg.imul(k, a_sk)
+        for a_row, row in zip(a_rows, acc):
+            a = cg.splat(cg.load(A, cg.iadd(a_row, a_k)), vw)
+            for bvec, slot in zip(bv, row):
+                b.store(cg.fma(a, bvec, b.load(slot)), slot)
+
+
 def _finish(t: _Ctx, i0, rows) -> None:
-    """Tile buffer -> partial sums (not the last k-block) or the epilogue."""
+    """The finished tile, from its buffer, through the epilogue."""
     cg, b, vw = t.cg, t.cg.b, t.vw
     nvec = cg.ceil_div(t.width, vw)
     with cg.loop(rows, name="er") as r:
@@ -157,8 +255,4 @@ def _finish(t: _Ctx, i0, rows) -> None:
             mask = b.select(b.icmp_signed("==", v, cg.i64(0)), t.masks[0], t.masks[1])
             value = cg.load(t.tile, cg.iadd(cg.imul(r, 2 * vw), cg.imul(v, vw)), F32, vw)
             row, col = cg.iadd(i0, r), cg.iadd(t.j0, cg.imul(v, vw))
-            with b.if_else(t.last) as (then, otherwise):
-                with then:
-                    t.epilogue.emit(cg, [row, col], vw, mask, given={t.epilogue.anchor: value})
-                with otherwise:
-                    cg.store(value, t.C, cg.iadd(cg.imul(row, t.n), col), mask=mask)
+            t.epilogue.emit(cg, [row, col], vw, mask, given={t.epilogue.anchor: value})
