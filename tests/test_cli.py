@@ -79,7 +79,7 @@ def test_graph_writes_dot_with_fused_groups(tmp_path):
 
 
 def test_graph_draws_svg(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib")   # in the test extra; skipped only where it is not installed
     out = tmp_path / "g.svg"
     assert main(["graph", str(MLP), "-o", str(out), "--which", "forward"]) == 0
     assert out.read_text().lstrip().startswith("<?xml") and "<svg" in out.read_text()
