@@ -116,27 +116,59 @@ class Transpose(Op):
         return np.ascontiguousarray(x.T)
 
     def samples(self):
-        return [Sample(((5, 7),)), Sample(((17, 33),))]
+        return [Sample(((5, 7),)), Sample(((17, 33),)), Sample(((32, 48),))]
 
     def lower(self, kb, node, epilogue):
+        from ..lower.codegen import F32
         rows_d, cols_d = kb.graph.nodes[node.inputs[0]].shape
-        block = 16
+        vw = kb.vector_width
 
         def tasks(cg):
-            return cg.ceil_div(cg.dim(rows_d), block)
+            return cg.ceil_div(cg.dim(rows_d), vw)
 
-        with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), block)) as (cg, lo, hi):
+        with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), vw)) as (cg, lo, hi):
+            b = cg.b
             rows, cols = cg.dim(rows_d), cg.dim(cols_d)
             src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
             with cg.loop(hi, start=lo, name="rb") as rb:
-                r0 = cg.imul(rb, block)
-                r1 = cg.imin(cg.iadd(r0, block), rows)
-                with cg.loop(cols, step=block, name="cb") as c0:
-                    c1 = cg.imin(cg.iadd(c0, block), cols)
-                    with cg.loop(r1, start=r0, name="r") as r:
-                        with cg.loop(c1, start=c0, name="c") as c:
-                            v = cg.load(src, cg.iadd(cg.imul(r, cols), c))
-                            cg.store(v, dst, cg.iadd(cg.imul(c, rows), r))
+                r0 = cg.imul(rb, vw)
+                r1 = cg.imin(cg.iadd(r0, vw), rows)
+                full_rows = b.icmp_signed("==", b.sub(r1, r0), cg.i64(vw))
+                with cg.loop(cols, step=vw, name="cb") as c0:
+                    c1 = cg.imin(cg.iadd(c0, vw), cols)
+                    full = b.and_(full_rows, b.icmp_signed("==", b.sub(c1, c0), cg.i64(vw)))
+                    with b.if_else(full) as (block, edge):
+                        with block:     # a whole vw x vw block, transposed in registers
+                            vecs = [cg.load(src, cg.iadd(cg.imul(cg.iadd(r0, i), cols), c0), F32, vw)
+                                    for i in range(vw)]
+                            for j, v in enumerate(transpose_block(cg, vecs)):
+                                cg.store(v, dst, cg.iadd(cg.imul(cg.iadd(c0, j), rows), r0))
+                        with edge:      # the ragged right and bottom edges, element by element
+                            with cg.loop(r1, start=r0, name="r") as r:
+                                with cg.loop(c1, start=c0, name="c") as c:
+                                    v = cg.load(src, cg.iadd(cg.imul(r, cols), c))
+                                    cg.store(v, dst, cg.iadd(cg.imul(c, rows), r))
+
+
+def transpose_block(cg, rows: list) -> list:
+    """The columns of a square block held as one vector per row. Each stage
+    swaps one bit of the row index with the same bit of the lane index
+    (two-source shuffles); log2(n) stages swap them all."""
+    from llvmlite import ir
+    n = len(rows)
+    v = list(rows)
+    bit = 1
+    while bit < n:
+        lo = [j if not j & bit else n + (j ^ bit) for j in range(n)]
+        hi = [j | bit if not j & bit else n + j for j in range(n)]
+        masks = [ir.Constant(ir.VectorType(ir.IntType(32), n), m) for m in (lo, hi)]
+        for i in range(n):
+            if not i & bit:
+                p = i | bit
+                v[i], v[p] = (cg.b.shuffle_vector(v[i], v[p], masks[0]),
+                              cg.b.shuffle_vector(v[i], v[p], masks[1]))
+        bit <<= 1
+    return v
 
 
 @surface("dense")
