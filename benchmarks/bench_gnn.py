@@ -4,8 +4,8 @@
     h' = relu(h W_self + b + (Σ_{u→v} h_u) W_msg), hidden 64, dense 64 -> 4,
     cross-entropy over all nodes, one SGD step (forward, backward, update).
 
-structc at 1 and 2 threads, beside PyTorch CPU eager (index_add_) when torch
-is installed. Each timing is the median of --repeats runs of --steps steps.
+structc at 1 and 2 threads, beside PyTorch CPU eager (index_add_) and JAX jit
+(segment_sum, in a fresh process per thread count) when they are installed. Each timing is the median of --repeats runs of --steps steps.
 On a shared machine, each run also records how much CPU other processes took
 meanwhile (from /proc/stat); runs where they took more than --max-others of
 the machine are discarded and redone (up to --tries runs per timing), and the
@@ -133,6 +133,60 @@ def bench_torch(edge_index, x, y, threads: int, steps: int, repeats: int):
     return per_step(step, steps, repeats)
 
 
+def bench_jax(edge_index, x, y, threads: int, steps: int, repeats: int):
+    """JAX jit with `segment_sum`, in a fresh process per thread count (XLA
+    reads its threading flags once, at import)."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+                                     f"intra_op_parallelism_threads={threads}")
+    cmd = [sys.executable, __file__, "--jax-worker", str(threads), "--steps", str(steps), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"JAX ({threads} threads) failed:\n{done.stderr}")
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def jax_worker(steps: int, repeats: int) -> None:
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    edge_index, x, y = problem()
+    rng = np.random.default_rng(0)
+
+    def glorot(i, o):
+        a = (6 / (i + o)) ** 0.5
+        return jnp.asarray(rng.uniform(-a, a, (i, o)), jnp.float32)
+    layers, width = [], FEATURES
+    for _ in range(3):
+        layers.append((glorot(width, 64), jnp.zeros(64, jnp.float32), glorot(width, 64)))
+        width = 64
+    params = {"layers": layers, "wo": glorot(64, 4), "bo": jnp.zeros(4, jnp.float32)}
+    src, dst = jnp.asarray(edge_index[0], jnp.int32), jnp.asarray(edge_index[1], jnp.int32)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+
+    def loss(p):
+        h = xj
+        for w_self, b, w_msg in p["layers"]:
+            agg = jax.ops.segment_sum(h[src], dst, num_segments=NODES)
+            h = jax.nn.relu(h @ w_self + b + agg @ w_msg)
+        logp = jax.nn.log_softmax(h @ p["wo"] + p["bo"])
+        return -jnp.mean(jnp.take_along_axis(logp, yj[:, None], axis=1))
+
+    def sgd(p):
+        value, grads = jax.value_and_grad(loss)(p)
+        return value, jax.tree_util.tree_map(lambda a, g: a - 0.01 * g, p, grads)
+    sgd = jax.jit(sgd, donate_argnums=0)
+    state = [params]
+
+    def step():
+        value, state[0] = sgd(state[0])
+        value.block_until_ready()
+    print(json.dumps(per_step(step, steps, repeats)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
@@ -142,8 +196,13 @@ def main() -> None:
                    help="discard runs where other processes used more of the machine than this")
     p.add_argument("--tries", type=int, default=20, help="runs at most per timing")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-jax", action="store_true")
+    p.add_argument("--jax-worker", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     Timer.max_others, Timer.tries = args.max_others, args.tries
+    if args.jax_worker:
+        jax_worker(args.steps, args.repeats)
+        return
     edge_index, x, y = problem()
     print(f"{NODES} nodes, {EDGES} edges, {FEATURES} features, 3 layers of 64, one SGD step; "
           f"median of {args.repeats} x {args.steps} steps")
@@ -152,10 +211,14 @@ def main() -> None:
         have_torch, missing = not args.no_torch, False
     except ImportError:
         have_torch, missing = False, True
+    import importlib.util
+    have_jax = not args.no_jax and importlib.util.find_spec("jax") is not None
     for t in args.threads:
         line = f"threads={t}  structc {fmt(bench_structc(edge_index, x, y, t, args.steps, args.repeats))}"
         if have_torch:
             line += f"   pytorch eager (index_add_) {fmt(bench_torch(edge_index, x, y, t, args.steps, args.repeats))}"
+        if have_jax:
+            line += f"   jax jit (segment_sum) {fmt(bench_jax(edge_index, x, y, t, args.steps, args.repeats))}"
         print(line, flush=True)
     if missing:
         print("(PyTorch not installed: pip install torch to compare)")
