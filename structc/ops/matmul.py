@@ -130,24 +130,33 @@ class Transpose(Op):
             b = cg.b
             rows, cols = cg.dim(rows_d), cg.dim(cols_d)
             src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+
+            def block(r0, c0):      # a whole vw x vw block, transposed in registers
+                vecs = [cg.load(src, cg.iadd(cg.imul(cg.iadd(r0, i), cols), c0), F32, vw) for i in range(vw)]
+                for j, v in enumerate(transpose_block(cg, vecs)):
+                    cg.store(v, dst, cg.iadd(cg.imul(cg.iadd(c0, j), rows), r0))
+
+            def edge(r0, r1, c0, c1):   # the ragged right and bottom edges, element by element
+                with cg.loop(r1, start=r0, name="r") as r:
+                    with cg.loop(c1, start=c0, name="c") as c:
+                        cg.store(cg.load(src, cg.iadd(cg.imul(r, cols), c)), dst, cg.iadd(cg.imul(c, rows), r))
+
+            no_edges = all(isinstance(d, int) and d % vw == 0 for d in (rows_d, cols_d))
             with cg.loop(hi, start=lo, name="rb") as rb:
                 r0 = cg.imul(rb, vw)
                 r1 = cg.imin(cg.iadd(r0, vw), rows)
-                full_rows = b.icmp_signed("==", b.sub(r1, r0), cg.i64(vw))
                 with cg.loop(cols, step=vw, name="cb") as c0:
-                    c1 = cg.imin(cg.iadd(c0, vw), cols)
-                    full = b.and_(full_rows, b.icmp_signed("==", b.sub(c1, c0), cg.i64(vw)))
-                    with b.if_else(full) as (block, edge):
-                        with block:     # a whole vw x vw block, transposed in registers
-                            vecs = [cg.load(src, cg.iadd(cg.imul(cg.iadd(r0, i), cols), c0), F32, vw)
-                                    for i in range(vw)]
-                            for j, v in enumerate(transpose_block(cg, vecs)):
-                                cg.store(v, dst, cg.iadd(cg.imul(cg.iadd(c0, j), rows), r0))
-                        with edge:      # the ragged right and bottom edges, element by element
-                            with cg.loop(r1, start=r0, name="r") as r:
-                                with cg.loop(c1, start=c0, name="c") as c:
-                                    v = cg.load(src, cg.iadd(cg.imul(r, cols), c))
-                                    cg.store(v, dst, cg.iadd(cg.imul(c, rows), r))
+                    if no_edges:
+                        block(r0, c0)
+                    else:
+                        c1 = cg.imin(cg.iadd(c0, vw), cols)
+                        full = b.and_(b.icmp_signed("==", b.sub(r1, r0), cg.i64(vw)),
+                                      b.icmp_signed("==", b.sub(c1, c0), cg.i64(vw)))
+                        with b.if_else(full) as (whole, ragged):
+                            with whole:
+                                block(r0, c0)
+                            with ragged:
+                                edge(r0, r1, c0, c1)
 
 
 def transpose_block(cg, rows: list) -> list:
