@@ -9,6 +9,8 @@ it, timing each call, and points the JIT's symbol at the shim before the
 model is compiled, so the machine code measured is exactly the code that
 runs (the cache is bypassed so the shim is linked in). Kernels run directly
 by the entry point (tiny ones) are not seen; the remainder is printed.
+Kernels run from inside another (each level of a recursion over trees) are
+listed too, marked, and counted only once, in the kernel that runs them.
 """
 from __future__ import annotations
 
@@ -29,20 +31,24 @@ typedef void (*task_fn)(void *, int64_t, int64_t);
 typedef void (*pf_t)(task_fn, void *, int64_t, int64_t);
 #define MAXK 4096
 static pf_t real;
-void *fns[MAXK]; double secs[MAXK]; int64_t calls[MAXK], tasks[MAXK]; int nk;
+void *fns[MAXK]; double secs[MAXK]; int64_t calls[MAXK], tasks[MAXK]; int nested[MAXK]; int nk;
+static _Thread_local int depth;
 void shim_init(void *r) { real = (pf_t)r; nk = 0; }
 void shim_reset(void) { for (int i = 0; i < nk; i++) { secs[i] = 0; calls[i] = 0; } }
 void shim_pf(task_fn fn, void *frame, int64_t n, int64_t cost) {
     struct timespec a, b;
+    int inner = depth++;
     clock_gettime(CLOCK_MONOTONIC, &a);
     real(fn, frame, n, cost);
     clock_gettime(CLOCK_MONOTONIC, &b);
+    depth--;
     int i = 0;
     while (i < nk && fns[i] != (void *)fn) i++;
     if (i == nk) { if (nk == MAXK) return; fns[nk++] = (void *)fn; }
     secs[i] += (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
     calls[i]++;
     tasks[i] = n;
+    nested[i] |= inner > 0;
 }
 """
 
@@ -142,16 +148,20 @@ def main(argv=None) -> int:
         secs = (ctypes.c_double * 4096).in_dll(shim, "secs")
         calls = (ctypes.c_int64 * 4096).in_dll(shim, "calls")
         tasks = (ctypes.c_int64 * 4096).in_dll(shim, "tasks")
-        rows = [(secs[i] / steps, calls[i] / steps, tasks[i], names.get(fns[i], hex(fns[i] or 0)))
+        nested = (ctypes.c_int * 4096).in_dll(shim, "nested")
+        rows = [(secs[i] / steps, calls[i] / steps, tasks[i], names.get(fns[i], hex(fns[i] or 0)), nested[i])
                 for i in range(n) if calls[i]]
     rows.sort(reverse=True)
-    seen = sum(r[0] for r in rows)
+    seen = sum(r[0] for r in rows if not r[4])
     print(f"{args.workload}: {steps} steps at {args.threads} thread(s), {per_step * 1e6:.1f} us per step; "
           f"kernels {seen * 1e6:.1f} us, the rest (Python, input checks, kernels run inline) "
           f"{(per_step - seen) * 1e6:.1f} us\n")
-    print(f"{'kernel':40s} {'us/step':>9s} {'share':>6s} {'calls':>6s} {'tasks':>6s}")
-    for sec, ncalls, ntasks, name in rows:
-        print(f"{name:40s} {sec * 1e6:9.1f} {100 * sec / per_step:5.1f}% {ncalls:6.0f} {ntasks:6d}")
+    print(f"{'kernel':50s} {'us/step':>9s} {'share':>6s} {'calls':>6s} {'tasks':>6s}")
+    for sec, ncalls, ntasks, name, inner in rows:
+        name = ("  (inside) " if inner else "") + name
+        print(f"{name:50s} {sec * 1e6:9.1f} {100 * sec / per_step:5.1f}% {ncalls:6.0f} {ntasks:6d}")
+    if any(r[4] for r in rows):
+        print("\n(inside): run by another kernel (a recursion's levels); its time is part of that kernel's")
     return 0
 
 

@@ -13,6 +13,10 @@ from ..types import TensorType
 from .base import Op, Sample, expect, surface
 
 
+#: at most this many columns make a weight gradient narrow (see `MatMul.legalize`)
+NARROW = 8
+
+
 class MatMul(Op):
     name = "matmul"
     traits = frozenset({"epilogue"})
@@ -41,14 +45,23 @@ class MatMul(Op):
         # tails in both tile directions, every transpose flag, a k-blocked K
         return [Sample(((13, 7), (7, 35))), Sample(((5, 13), (5, 35)), {"ta": True}),
                 Sample(((13, 7), (35, 7)), {"tb": True}), Sample(((7, 13), (35, 7)), {"ta": True, "tb": True}),
-                Sample(((3, 400), (400, 20))), Sample(((1, 4), (4, 1)))]
+                Sample(((3, 400), (400, 20))), Sample(((1, 4), (4, 1))),
+                Sample(((70, 40), (70, 3)), {"ta": True})]     # narrow: computed as (B^T A)^T
 
     def legalize(self, b, node):
-        """The kernel reads B row-major: transpose a `tb` operand first."""
-        if not node.attrs.get("tb"):
-            return None
+        """The kernel reads B row-major: transpose a `tb` operand first. A
+        weight gradient with only a few columns (A^T G, G of a handful of
+        classes) is computed as (G^T A)^T instead: the kernel vectorises
+        along C's columns, and a few of them would fill a fraction of each
+        vector, while M of them fill every lane."""
         x, w = (b.value(i) for i in node.inputs)
-        return b.matmul(x, b.transpose(w), ta=node.attrs.get("ta", False))
+        ta = node.attrs.get("ta", False)
+        if node.attrs.get("tb"):
+            return b.matmul(x, b.transpose(w), ta=ta)
+        m, n = node.shape
+        if ta and isinstance(n, int) and n <= NARROW and isinstance(m, int) and m >= 4 * NARROW:
+            return b.transpose(b.matmul(w, x, ta=True))
+        return None
 
     def lower(self, kb, node, epilogue):
         from ..lower.gemm import emit_gemm
