@@ -109,3 +109,17 @@ def test_transcendentals_are_accurate_over_their_range():
         mdef, net = t.op_net(REGISTRY[op], Sample(((vals.shape, "float"),)), [vals])
         net.params["p0"][...] = vals
         np.testing.assert_allclose(net.forward()["out"], ref(vals.astype(np.float64)), rtol=3e-6, atol=0, err_msg=op)
+
+
+def test_transcendentals_at_infinities_and_nan():
+    """±inf saturate, NaN comes out as NaN (a diverging model must show it)."""
+    import structc.testing as t
+    x = np.array([-np.inf, np.inf, np.nan, -100.0, 100.0], np.float32)
+    want = {"tanh": [-1, 1, np.nan, -1, 1], "sigmoid": [0, 1, np.nan, 0, 1],
+            "exp": [0, np.inf, np.nan, 0, np.inf]}
+    for op, expected in want.items():
+        mdef, net = t.op_net(REGISTRY[op], Sample(((x.shape, "float"),)), [x])
+        net.params["p0"][...] = x
+        got = net.forward()["out"]
+        np.testing.assert_allclose(got, np.array(expected, np.float32), rtol=1e-6, atol=1e-30, err_msg=op)
+

@@ -137,7 +137,8 @@ class CG:
 
     def exp(self, x):
         """e^x: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial."""
-        x = self.max(self.min(x, self.const(88.72283, x)), self.const(-87.33654, x))
+        # constants first: a NaN fails the comparison and passes through
+        x = self.max(self.const(-87.33654, x), self.min(self.const(88.72283, x), x))
         # round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22 here);
         # no rounding instruction needed, so this also runs on plain SSE2
         magic = self.const(12582912.0, x)
