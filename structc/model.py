@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np

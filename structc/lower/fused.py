@@ -140,7 +140,6 @@ class FusedExpr:
 
     def finalize(self, cg: CG, tasks) -> None:
         """In the entry function, after the kernel: each sum in task order."""
-        from llvmlite import ir
         for r in self.reductions:
             total = cg.var(F32, cg.const(0.0, F32))
             with cg.loop(tasks, name="partial") as t:

@@ -717,7 +717,7 @@ class TakeIndex(_Relational):
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32, I32
-        ptr, idx, a, x = node.inputs[0], node.inputs[1], node.inputs[5], node.inputs[6]
+        idx, a, x = node.inputs[1], node.inputs[5], node.inputs[6]
         source, self_loops = node.attrs.get("source", "node"), node.attrs.get("self_loops", False)
         width = node.shape[1]
         nnz_dim = kb.graph.nodes[idx].shape[0]
@@ -778,7 +778,7 @@ class PutIndex(_Relational):
         ptr, idx, ptr_t, idx_t, eid_t, a, g = node.inputs
         source, self_loops = node.attrs.get("source", "node"), node.attrs.get("self_loops", False)
         width, vw = node.shape[1], kb.vector_width
-        vt, it = _f32_vec(vw), ir.VectorType(I32, vw)
+        vt = _f32_vec(vw)
         nnz_dim = kb.graph.nodes[idx].shape[0]
         zero = ir.Constant(vt, [ir.Constant(vt.element, 0.0)] * vw)
         if source == "edge":

@@ -31,7 +31,7 @@ class Update(Op):
         return np.zeros(())
 
     def lower(self, kb, node, epilogue):
-        from ..lower.codegen import F32, I64
+        from ..lower.codegen import F32
         size = node.attrs["size"]
         vw = kb.vector_width
         with kb.kernel(f"update{node.id}", (size + CHUNK - 1) // CHUNK, cost=CHUNK * 4) as (cg, lo, hi):

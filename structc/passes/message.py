@@ -95,7 +95,6 @@ def _row_constant(g: Graph, nid: int, rows) -> bool:
 
 def sink_gathers(g: Graph) -> Graph:
     changed = True
-    any_change = False
     while changed:
         changed = False
         for nid in g.topo():
@@ -125,7 +124,7 @@ def sink_gathers(g: Graph) -> Graph:
                     new = b.spmm(*(b.value(i) for i in node.inputs[:-1]), b.value(gather.inputs[-1]))
             if new is not None:
                 g.replace_uses(nid, new.id)
-                changed = any_change = True
+                changed = True
                 break       # the graph changed under the walk: start again
         if changed:
             g = dce(g)
