@@ -21,18 +21,22 @@ CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler to link a shared library")
 
 
-@pytest.fixture(scope="module")
-def library(tmp_path_factory):
-    """The digits MLP as a shared library (AVX2 level, so valgrind can run it),
-    with its header and parameters built in."""
-    if CC is None:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("ship")
-    net = structc.compile(MLP, seed=7)
+def _build_library(d: Path, model: Path):
+    """`model` as d/digits.so and d/digits.h (AVX2 level, so valgrind can run
+    it), with its parameters built in."""
+    net = structc.compile(model, seed=7)
     net.save_params(d / "p.npz")
-    assert main(["compile", str(MLP), "-o", str(d / "digits.so"), "-H", str(d / "digits.h"),
+    assert main(["compile", str(model), "-o", str(d / "digits.so"), "-H", str(d / "digits.h"),
                  "--params", str(d / "p.npz"), "--target-cpu", "x86-64-v3"]) == 0
     return d, net
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """The digits MLP as a shared library, with its header."""
+    if CC is None:
+        pytest.skip("no C compiler")
+    return _build_library(tmp_path_factory.mktemp("ship"), MLP)
 
 
 @needs_cc
@@ -68,8 +72,11 @@ def test_c_program_links_the_library_and_agrees_with_python(library, tmp_path):
 
 @needs_cc
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
-def test_native_code_is_clean_under_valgrind(library, tmp_path):
-    d, _ = library
+@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
+def test_native_code_is_clean_under_valgrind(model, tmp_path):
+    """Every mode of the training entry and the forward pass on an odd batch
+    (tails of every tile, convolution and pooling loop), under memcheck."""
+    d, _ = _build_library(tmp_path, ROOT / "examples" / f"{model}.snet")
     exe = tmp_path / "driver"
     subprocess.run([CC, "-O1", "-std=c11", "-include", str(d / "digits.h"), str(ROOT / "tests" / "c" / "train_driver.c"),
                     str(d / "digits.so"), "-o", str(exe), f"-Wl,-rpath,{d}"], check=True)

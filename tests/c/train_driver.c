@@ -1,6 +1,7 @@
 /* Test driver: a few training steps and a forward pass through a compiled
  * model library, so the whole native path can run under valgrind. Needs the
- * digits MLP's header (-include) and an odd batch to exercise every tail. */
+ * header (-include) of a digits model (the MLP or the CNN: both read 64
+ * floats an image and predict 10 classes); an odd batch exercises every tail. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
