@@ -5,7 +5,8 @@
     cross-entropy over all nodes, one SGD step (forward, backward, update).
 
 structc at 1 and 2 threads, beside PyTorch CPU eager (index_add_) and JAX jit
-(segment_sum, in a fresh process per thread count) when they are installed. Each timing is the median of --repeats runs of --steps steps.
+(segment_sum, in a fresh process per thread count) when they are installed.
+Each timing is the median of --repeats runs of --steps steps.
 On a shared machine, each run also records how much CPU other processes took
 meanwhile (from /proc/stat); runs where they took more than --max-others of
 the machine are discarded and redone (up to --tries runs per timing), and the

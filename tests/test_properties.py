@@ -122,4 +122,3 @@ def test_transcendentals_at_infinities_and_nan():
         net.params["p0"][...] = x
         got = net.forward()["out"]
         np.testing.assert_allclose(got, np.array(expected, np.float32), rtol=1e-6, atol=1e-30, err_msg=op)
-

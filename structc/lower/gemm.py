@@ -54,8 +54,9 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     def cost(cg):
         return cg.imul(K(cg), 2 * MB * nr)
 
-    # Only if C has such tiles.
-    inline_main = _column_kinds(static_n, vw)[0] and (not isinstance(static_m, int) or static_m >= rows[0])
+    kinds = _column_kinds(static_n, vw)
+    # the inline main tile, only if C has such tiles
+    inline_main = kinds[0] and (not isinstance(static_m, int) or static_m >= rows[0])
 
     with kb.kernel(name, tasks, cost=cost) as (cg, lo, hi):
         b = cg.b
@@ -76,7 +77,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             wide = b.icmp_signed(">", t.width, cg.i64(vw))
             col_kinds = [kind for kind, possible in zip(
                 [(full, 2, False), (b.and_(b.not_(full), wide), 2, True), (b.not_(wide), 1, True)],
-                _column_kinds(static_n, vw)) if possible]
+                kinds) if possible]
             with cg.loop(t.k, name="k0", step=KC) as k0:
                 t.k0 = k0
                 t.k_end = cg.imin(cg.iadd(k0, KC), t.k)
