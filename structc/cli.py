@@ -1,12 +1,16 @@
-"""The `structc` command: check, compile, train.
+"""The `structc` command: check, compile, graph, train, eval, predict.
 
 Library code raises; this module alone prints errors (`file:line:col:
-error: ...`, the line and a caret) and chooses exit codes.
+error: ...`, the line and a caret) and chooses exit codes: 1 for an error in
+the model or the data, 2 for a command line that cannot be carried out (an
+output path that cannot be written), checked before any work is done.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +27,81 @@ def _source(path: str) -> tuple[str, str]:
 class UserError(Exception):
     """A mistake on the command line (not in the model)."""
 
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def warn(message: str) -> None:
+    print(f"structc: warning: {message}", file=sys.stderr)
+
+
+# -- files -----------------------------------------------------------------------
+
+def with_suffix(path: str, suffix: str, allowed: tuple[str, ...] = ()) -> Path:
+    """`path` ending in `suffix` (or one of `allowed`): numpy appends `.npz`/`.npy` to
+    a name without it, so the name we report must be the one written."""
+    p = Path(path)
+    return p if p.name.endswith((suffix, *allowed)) else p.with_name(p.name + suffix)
+
+
+def writable_output(path: str | Path, what: str) -> Path:
+    """`path` if a file can be written there; otherwise a UserError (exit code 2),
+    raised before any compiling or training is done."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"cannot write {what} to {p}: folder {folder} does not exist", code=2)
+    if p.is_dir():
+        raise UserError(f"cannot write {what} to {p}: it is a folder", code=2)
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UserError(f"cannot write {what} to {p}: permission denied", code=2)
+    return p
+
+
+def existing_params(path: str) -> Path:
+    """A parameter file by the name given, or by that name with `.npz` added
+    (what `np.savez` writes for a name without it)."""
+    for p in (Path(path), with_suffix(path, ".npz")):
+        if p.is_file():
+            return p
+    raise UserError(f"no parameter file {path}" + ("" if path.endswith(".npz") else f" (nor {path}.npz)"))
+
+
+def load_params(net, path: str) -> Path:
+    p = existing_params(path)
+    try:
+        net.load_params(str(p))
+    except (OSError, KeyError, EOFError) as e:
+        raise UserError(f"cannot read parameters from {p}: {e}") from None
+    return p
+
+
+def save_run(net, out: Path, save_extra=None) -> tuple[Path, str | None]:
+    """Save the parameters to `out`; if that fails now (the folder went away, the disk
+    filled), save them in the working directory or a temporary file instead so that
+    a finished run is never lost. Returns (where they are, why not `out` or None).
+    `save_extra(path)` writes files that go next to them (the training state)."""
+    problem = None
+    candidates = [out, Path.cwd() / out.name]
+    for target in candidates:
+        try:
+            written = net.save_params(str(target))
+            written = Path(written) if written else target
+            if save_extra is not None:
+                save_extra(written)
+            return written, problem
+        except OSError as e:
+            problem = problem or f"cannot write {target}: {e.strerror or e}"
+    fd, tmp = tempfile.mkstemp(prefix=f"{out.stem}-", suffix=".npz")
+    os.close(fd)
+    net.save_params(tmp)
+    if save_extra is not None:
+        save_extra(Path(tmp))
+    return Path(tmp), problem
+
+
+# -- commands --------------------------------------------------------------------
 
 def cmd_check(args) -> int:
     from .build import build_model
@@ -38,6 +117,22 @@ def cmd_check(args) -> int:
         outs = ", ".join(k for k in mdef.graph.outputs)
         print(f"{file}: model {mdef.name}({ins}) -> {outs}: ok, {len(mdef.params)} parameter tensors, {n} values")
     return 0
+
+
+def compile_into_cache(source: str, file: str, model: str | None, target) -> tuple[dict, bytes, bool]:
+    """Compile through the cache `structc.compile` uses: (meta, object, already cached).
+    The one place to switch to api's compile-through-the-cache function once it exists."""
+    from . import api
+    from .compiler import cache_key, compile_source
+    key = cache_key(source, model, target)
+    use_cache = os.environ.get("STRUCTC_NO_CACHE") is None
+    hit = api._cache_load(key) if use_cache else None
+    if hit is not None:
+        return hit[0], hit[1], True
+    art = compile_source(source, file, model, target)
+    if use_cache:
+        api._cache_store(key, art.meta, art.object)
+    return art.meta, art.object, False
 
 
 def cmd_compile(args) -> int:
@@ -60,6 +155,12 @@ def cmd_compile(args) -> int:
         raise UserError(str(e)) from None
     if args.header and not args.output:
         raise UserError("-H/--header needs -o/--output (the header describes that library)")
+    if not args.output and not wanted:
+        return _compile_to_cache(source, file, args.model, target)
+    if args.output:
+        writable_output(args.output, "the library")
+    if args.header:
+        writable_output(args.header, "the header")
     t0 = time.perf_counter()
     art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
                          jit=not args.output)
@@ -68,20 +169,35 @@ def cmd_compile(args) -> int:
         params = None
         if args.params:
             import numpy as np
+            p = existing_params(args.params)
             try:
-                with np.load(args.params) as data:
+                with np.load(p) as data:
                     params = {k: data[k] for k in data.files}
             except (OSError, ValueError) as e:
-                raise UserError(f"cannot read parameters from {args.params}: {e}") from None
+                raise UserError(f"cannot read parameters from {p}: {e}") from None
         try:
             write_shared_library(art, args.output, header=args.header, params=params)
         except ShipError as e:
             raise UserError(str(e)) from None
         print(f"wrote {args.output}" + (f" and {args.header}" if args.header else ""), file=sys.stderr)
-    if not wanted:
-        entries = ", ".join(art.meta["entries"])
-        print(f"{file}: model {art.meta['model']} compiled ({entries}) in {time.perf_counter() - t0:.2f} s, "
+        print(f"{file}: model {art.meta['model']} compiled in {time.perf_counter() - t0:.2f} s, "
               f"{len(art.object)} bytes of machine code")
+    return 0
+
+
+def _compile_to_cache(source: str, file: str, model: str | None, target) -> int:
+    """`structc compile m.snet` alone: compile into the cache `structc.compile` reads,
+    so the next `structc.compile`, `train` or `eval` of this model loads instead."""
+    from .cache import cache_dir
+    t0 = time.perf_counter()
+    meta, obj, cached = compile_into_cache(source, file, model, target)
+    where = "not cached: STRUCTC_NO_CACHE is set" if os.environ.get("STRUCTC_NO_CACHE") is not None \
+        else f"cached in {cache_dir()}"
+    if cached:
+        print(f"{file}: model {meta['model']} is already compiled ({where}); nothing to do")
+    else:
+        print(f"{file}: compiled {meta['model']} ({', '.join(meta['entries'])}) in "
+              f"{time.perf_counter() - t0:.2f} s, {len(obj)} bytes of machine code ({where})")
     return 0
 
 
@@ -110,87 +226,290 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def _compile_net(args):
+    from .api import compile as compile_net
+    source, file = _source(args.file)
+    t0 = time.perf_counter()
+    net = compile_net(source if file == "<source>" else Path(file), args.model, seed=getattr(args, "seed", 0) or 0)
+    return net, time.perf_counter() - t0
+
+
+def _load_bound_data(name: str, net):
+    """The data set `name`, checked against the model's kind of input, bound to `net`."""
+    from . import datasets
+    try:
+        data = datasets.load(name)
+        datasets.check_fits(data, net)
+        data.bind(net)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    return data
+
+
+TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0}
+
+
+def _train_settings(args, saved: dict | None) -> dict:
+    """lr, batch, optimizer, seed: as given, else the resumed run's, else the defaults.
+    A resumed run told to change one says so (the run then differs from the original)."""
+    settings = {}
+    for key, default in TRAIN_DEFAULTS.items():
+        given = getattr(args, key)
+        before = saved.get(key) if saved else None
+        if given is not None and before is not None and given != before:
+            warn(f"--{key} {given} differs from the resumed run's {before}")
+        settings[key] = given if given is not None else before if before is not None else default
+    return settings
+
+
+def _resume(args, net) -> tuple[dict, object]:
+    """Load a checkpoint into `net`: its parameters, and from the state file next to them
+    the epochs done, the optimizer moments and the shuffling generator."""
+    import numpy as np
+
+    from .train import load_state, params_digest, state_path
+    params = load_params(net, args.resume)
+    spath = state_path(params)
+    if not spath.is_file():
+        raise UserError(f"cannot resume from {params}: its training state {spath} is missing (structc train "
+                        f"writes it next to the parameters); without it the epoch count and the optimizer "
+                        f"state are unknown")
+    try:
+        state = load_state(spath)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if state["config"].get("model") != net.name or state["digest"] != params_digest(net):
+        raise UserError(f"{spath} is the training state of other parameters than {params} "
+                        f"(model {state['config'].get('model')}); cannot resume")
+    return state, np.random.default_rng()
+
+
 def cmd_train(args) -> int:
     import numpy as np
 
-    from . import datasets
-    from .api import compile as compile_net
     from .native import set_num_threads
-    from .train import TrainConfig, train
+    from .train import TrainConfig, restore_optimizer, save_state, train
+    out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
     if args.threads is not None:
         set_num_threads(args.threads)
-    source, file = _source(args.file)
-    try:
-        data = datasets.load(args.data)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
-    t0 = time.perf_counter()
-    net = compile_net(source if file == "<source>" else Path(file), args.model, seed=args.seed)
-    print(f"compiled {net.name} in {time.perf_counter() - t0:.2f} s; "
-          f"{sum(p.size for p in net.params.values())} parameters; "
-          f"data: {data.description or data.name}", file=sys.stderr)
-    try:
-        data.bind(net)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, lr=args.lr, optimizer=args.optimizer,
-                      seed=args.seed, progress=not args.no_progress)
-    history = train(net, data, cfg)
-    out = args.out or f"{net.name.lower()}.npz"
-    net.save_params(out)
+    net, seconds = _compile_net(args)
+    out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
+    data = _load_bound_data(args.data, net)
+    state = rng = None
+    first_epoch = 1
+    if args.resume:
+        state, rng = _resume(args, net)
+        first_epoch = state["epoch"] + 1
+        if first_epoch > args.epochs:
+            raise UserError(f"{args.resume} has already been trained for {state['epoch']} epochs; "
+                            f"--epochs is the total to reach: pass more than {state['epoch']}")
+        if state["config"].get("data") != args.data:
+            warn(f"the resumed run was trained on {state['config'].get('data')}, this one on {args.data}")
+    saved = state["config"] if state else None
+    settings = _train_settings(args, saved)
+    cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
+                      optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
+                      first_epoch=first_epoch)
+    if state is not None:
+        rng.bit_generator.state = state["config"]["rng"]
+        if settings["optimizer"] != saved["optimizer"] or not restore_optimizer(net, state):
+            if cfg.optimizer != "sgd":
+                warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
+                     f"it starts from zero, so this run differs from an uninterrupted one")
+    print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
+          f"data: {data.description or data.name}"
+          + (f"; resuming after epoch {first_epoch - 1}" if state else ""), file=sys.stderr)
+    history = train(net, data, cfg, rng=rng)
+
+    def save_training_state(params_path: Path) -> None:
+        from .train import state_path
+        save_state(net, state_path(params_path), cfg.epochs, cfg, history.rng_state, args.data)
+
+    written, problem = save_run(net, out, save_training_state)
     final = history.final
     acc = final.get("heldout_accuracy")
-    print(f"saved parameters to {out}"
-          + (f"; held-out accuracy {100 * acc:.2f}%" if acc is not None else
-             f"; held-out loss {final['heldout_loss']:.4f}"))
+    result = (f"; held-out accuracy {100 * acc:.2f}%" if acc is not None else
+              f"; held-out loss {final['heldout_loss']:.4f}")
     np.seterr(all="ignore")
+    if problem:
+        print(f"structc: error: {problem}; saved the parameters to {written} instead{result}", file=sys.stderr)
+        return 1
+    print(f"saved parameters to {written}{result}")
     return 0
+
+
+def cmd_eval(args) -> int:
+    net, _ = _compile_net(args)
+    data = _load_bound_data(args.data, net)
+    params = load_params(net, args.params)
+    metrics = data.evaluate(net)
+    acc = metrics.get("accuracy")
+    print(f"{net.name} with {params} on {args.data} (held-out split): loss {metrics['loss']:.4f}"
+          + (f", accuracy {100 * acc:.2f}%" if acc is not None else ""))
+    return 0
+
+
+def _read_inputs(path: str, net) -> dict:
+    """The arrays of an .npy (the model's one input) or .npz (by input name) file,
+    reshaped to the declared per-example shape where only the layout differs."""
+    import numpy as np
+    names = [s["name"] for s in net.meta["inputs"] if s["kind"] == "input"]
+    structured = [s["name"] for s in (net.meta.get("graphs") or []) + (net.meta.get("forests") or [])]
+    if structured:
+        raise UserError(f"structc predict reads tensors; model {net.name} takes {', '.join(structured)} "
+                        f"(a graph or forest): call it from Python instead")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+            if len(arrays) == 1 and len(names) == 1 and names[0] not in arrays:
+                arrays = {names[0]: next(iter(arrays.values()))}
+        else:
+            arrays = {names[0]: np.load(path)} if len(names) == 1 else None
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read inputs from {path}: {e}") from None
+    if arrays is None:
+        raise UserError(f"model {net.name} has inputs {names}: give an .npz file with one array per name")
+    if sorted(arrays) != sorted(names):
+        raise UserError(f"{path} holds {sorted(arrays)}; model {net.name} takes inputs {names}")
+    for spec in net.meta["inputs"]:
+        arr, per_example = arrays.get(spec["name"]), spec["shape"][1:]
+        if (arr is not None and arr.ndim >= 1 and all(isinstance(d, int) for d in per_example)
+                and arr[:1].size == int(np.prod(per_example, dtype=np.int64)) and arr.shape[1:] != tuple(per_example)):
+            arrays[spec["name"]] = arr.reshape(-1, *per_example)
+    return arrays
+
+
+def _class_count(net, output: dict) -> int:
+    """C when `output` is [N, C] scores for a target `class[N] of C`, else 0."""
+    shape = output["shape"]
+    for s in net.meta["inputs"]:
+        if s["kind"] == "target" and s["classes"] and len(shape) == 2 and shape[1] == s["classes"] \
+                and s["shape"] == shape[:1]:
+            return s["classes"]
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+    out = writable_output(with_suffix(args.out, ".npy", (".npz",)), "the predictions")
+    net, _ = _compile_net(args)
+    load_params(net, args.params)
+    feed = _read_inputs(args.input, net)
+    outputs = {o["name"]: o for o in net.meta["entries"]["forward"]["outputs"]}
+    if out.name.endswith(".npz"):
+        chosen = list(outputs) if args.output is None else [args.output]
+    elif args.output is None and len(outputs) > 1:
+        raise UserError(f"model {net.name} has outputs {list(outputs)}: choose one with --output, "
+                        f"or write them all with --out NAME.npz")
+    else:
+        chosen = [args.output or next(iter(outputs))]
+    for name in chosen:
+        if name not in outputs:
+            raise UserError(f"model {net.name} has no output '{name}' (outputs: {', '.join(outputs)})")
+    values = net.forward(**feed)
+    result, said = {}, []
+    for name in chosen:
+        if _class_count(net, outputs[name]) and not args.raw:
+            result[name] = np.argmax(values[name], axis=-1).astype(np.int32)
+            said.append(f"class ids from '{name}' ({len(result[name])} rows; --raw for the scores)")
+        else:
+            result[name] = values[name]
+            said.append(f"'{name}' {list(values[name].shape)}")
+    with open(out, "wb") as f:           # an open file: numpy adds no second suffix
+        if out.name.endswith(".npz"):
+            np.savez(f, **result)
+        else:
+            np.save(f, result[chosen[0]])
+    print(f"wrote {', '.join(said)} to {out}")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to options whose help does not state its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
     from .compiler import STAGES
+    from .datasets import DATASETS
+    data_sets = ", ".join(sorted(DATASETS))
     p = argparse.ArgumentParser(prog="structc", description="Compile and train structured neural networks.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("check", help="parse and shape-check a .snet file")
-    c.add_argument("file")
-    c.add_argument("--model", help="check only this model")
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, formatter_class=_Help, **kw)
+        c.add_argument("file", help="a .snet file")
+        c.add_argument("--model", help="the model to use when the file defines several (default: its only model)")
+        return c
+
+    c = command("check", help="parse and shape-check a .snet file")
     c.set_defaults(run=cmd_check)
 
-    c = sub.add_parser("compile", help="compile a model to native code",
-                       description=f"Stages for --dump: {', '.join(STAGES)}, all.")
-    c.add_argument("file")
-    c.add_argument("--model")
-    c.add_argument("--dump", action="append", metavar="STAGE", help="print a stage (repeatable)")
-    c.add_argument("-o", "--output", help="write a shared library (.so)")
-    c.add_argument("-H", "--header", help="also write a C header")
-    c.add_argument("--params", help="build these parameters (.npz from `structc train`) into the library")
+    c = command("compile", help="compile a model to native code (into the cache, a library or a dump)",
+                description=f"Without -o or --dump, compiles into the cache that structc.compile, train and "
+                            f"eval load from. Stages for --dump: {', '.join(STAGES)}, all.")
+    c.add_argument("--dump", action="append", metavar="STAGE", help="print a stage (repeatable; default: none)")
+    c.add_argument("-o", "--output", help="write a shared library (.so) (default: none: compile into the cache)")
+    c.add_argument("-H", "--header", help="also write a C header (default: none)")
+    c.add_argument("--params", help="build these parameters (.npz from `structc train`) into the library "
+                                    "(default: none)")
     c.add_argument("--target-cpu", default="native",
-                   help="native (default: this machine), generic, x86-64-v2, x86-64-v3 or x86-64-v4")
+                   help="native (this machine), generic, x86-64-v2, x86-64-v3 or x86-64-v4")
     c.set_defaults(run=cmd_compile)
 
-    c = sub.add_parser("graph", help="draw the forward and backward graphs (.svg, .png, .pdf, .dot)")
-    c.add_argument("file")
-    c.add_argument("-o", "--output", required=True)
-    c.add_argument("--model")
+    c = command("graph", help="draw the forward and backward graphs (.svg, .png, .pdf, .dot)")
+    c.add_argument("-o", "--output", required=True, help="the picture to write")
     c.add_argument("--which", choices=["train", "forward"], default="train",
-                   help="train: forward and backward (default); forward: inference only")
+                   help="train: forward and backward; forward: inference only")
     c.add_argument("--unfused", action="store_true", help="before the passes (no fused groups)")
     c.set_defaults(run=cmd_graph)
 
-    c = sub.add_parser("train", help="train a model on a data set")
-    c.add_argument("file")
-    c.add_argument("--data", required=True, help="a built-in data set (digits) or an .npz file")
-    c.add_argument("--model")
-    c.add_argument("--epochs", type=int, default=20)
-    c.add_argument("--batch", type=int, default=32)
-    c.add_argument("--lr", type=float, default=0.1)
-    c.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd")
+    c = command("train", help="train a model on a data set",
+                description=f"Built-in data sets: {data_sets}; or an .npz file with x_train, y_train, "
+                            f"x_test, y_test. Bars are shown on a terminal only; otherwise one line per epoch.")
+    c.add_argument("--data", required=True, metavar="DATA",
+                   help=f"a built-in data set ({data_sets}) or an .npz file")
+    c.add_argument("--epochs", type=int, default=20, help="epochs to train (with --resume: the total to reach)")
+    c.add_argument("--batch", type=int, help=f"examples per step (default: {TRAIN_DEFAULTS['batch']}; "
+                                             f"with --resume: the run's)")
+    c.add_argument("--lr", type=float, help=f"learning rate (default: {TRAIN_DEFAULTS['lr']}; "
+                                            f"with --resume: the run's)")
+    c.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
+                   help=f"the update rule (default: {TRAIN_DEFAULTS['optimizer']}; with --resume: the run's)")
     c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", help="where to save the parameters (default: <model>.npz)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--seed", type=int, help="initialisation and shuffling seed (default: 0; with --resume: "
+                                            "the run's generator continues)")
+    c.add_argument("--out", help="where to save the parameters; `.npz` is added if missing, and the training "
+                                 "state goes next to them as NAME.train.npz (default: <model>.npz)")
+    c.add_argument("--resume", metavar="PARAMS",
+                   help="continue the run that saved PARAMS: its parameters, and from PARAMS.train.npz the "
+                        "epochs done, the optimizer state (momentum / Adam moments) and the shuffling, so "
+                        "that it ends as an uninterrupted run would (default: none: a new run)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     c.set_defaults(run=cmd_train)
+
+    c = command("eval", help="report held-out accuracy and loss of trained parameters")
+    c.add_argument("--data", required=True, metavar="DATA",
+                   help=f"a built-in data set ({data_sets}) or an .npz file; its test split is used")
+    c.add_argument("--params", required=True, help="parameters saved by `structc train` (.npz optional)")
+    c.set_defaults(run=cmd_eval)
+
+    c = command("predict", help="run a trained model on inputs and write its predictions")
+    c.add_argument("--params", required=True, help="parameters saved by `structc train` (.npz optional)")
+    c.add_argument("--input", required=True, help="an .npy (the model's one input) or .npz (one array per "
+                                                  "input name) file")
+    c.add_argument("--out", required=True, help="an .npy file (one output) or .npz (every output by name)")
+    c.add_argument("--output", help="the output to write (default: the model's only output)")
+    c.add_argument("--raw", action="store_true", help="write class scores as they are, not class ids")
+    c.set_defaults(run=cmd_predict)
     return p
 
 
@@ -207,7 +526,10 @@ def main(argv=None) -> int:
                 source = None
         print(render(e, source), file=sys.stderr)
         return 1
-    except (UserError, ValueError, TypeError, FloatingPointError) as e:
+    except UserError as e:
+        print(f"structc: error: {e}", file=sys.stderr)
+        return e.code
+    except (ValueError, TypeError, FloatingPointError) as e:
         print(f"structc: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -38,9 +38,8 @@ class ArrayDataset:
         inputs = [s for s in specs if s["kind"] == "input"]
         targets = [s for s in specs if s["kind"] == "target"]
         if len(inputs) != 1 or len(targets) != 1:
-            raise ValueError(f"data set '{self.name}' has one input and one target; model {net.name} "
-                             f"declares inputs {[s['name'] for s in inputs]} and targets "
-                             f"{[s['name'] for s in targets]}")
+            raise ValueError(f"data set '{self.name}' feeds one tensor input and one target; model {net.name} "
+                             f"declares {describe_model(net)}")
         self.input, self.target = inputs[0], targets[0]
         shape = self.input["shape"]
         per_example = shape[1:]
@@ -151,3 +150,80 @@ def _graph_data(loader: str) -> Callable[[], object]:
 
 
 DATASETS.update(karate=_graph_data("load_karate"), graph_families=_graph_data("load_graph_families"))
+
+
+# -- does a data set fit a model? -----------------------------------------------
+# Checked before `bind`, so that a tree model on digits or a dense model on
+# `logic` is told what it declares, what the data set holds, and which
+# built-in data set would fit, instead of a message about its tensor inputs.
+
+def model_kind(net) -> str:
+    """"forest", "graph nodes" (a label per node), "graphs" (a label per graph) or "dense"."""
+    if net.meta.get("forests"):
+        return "forest"
+    graphs = net.meta.get("graphs")
+    if graphs:
+        per_graph = [graphs[0]["sizes"]["graphs"]]
+        targets = [s["shape"] for s in net.meta["inputs"] if s["kind"] == "target"]
+        return "graphs" if per_graph in targets else "graph nodes"
+    return "dense"
+
+
+def data_kind(data) -> str:
+    from .graph_datasets import GraphDataset, NodeDataset
+    from .treedata import TreeDataset
+    if isinstance(data, TreeDataset):
+        return "forest"
+    if isinstance(data, NodeDataset):
+        return "graph nodes"
+    if isinstance(data, GraphDataset):
+        return "graphs"
+    return "dense"
+
+
+def describe_model(net) -> str:
+    """The model's inputs and targets by name and kind, as the source declares them."""
+    parts = []
+    for f in net.meta.get("forests") or []:
+        leaves = f"word(vocab={f['vocab']})" if f.get("vocab") else f"features({f.get('features')})"
+        parts.append(f"forest input '{f['name']}' (arity {f['arity']}, leaves {leaves})")
+    for g in net.meta.get("graphs") or []:
+        n = g["features"]
+        parts.append(f"graph input '{g['name']}' ({n} feature{'' if n == 1 else 's'} per node)")
+    for s in net.meta["inputs"]:
+        if s["kind"] in ("input", "target"):
+            what = f"class[{', '.join(map(str, s['shape']))}] of {s['classes']}" if s["classes"] else \
+                f"{s['dtype']}[{', '.join(map(str, s['shape']))}]"
+            parts.append(f"{'target' if s['kind'] == 'target' else 'tensor input'} '{s['name']}': {what}")
+    return ", ".join(parts) or "no inputs"
+
+
+def describe_data(data) -> str:
+    kind = data_kind(data)
+    if kind == "forest":
+        return "labelled trees (for a forest input)"
+    if kind == "graph nodes":
+        return "one graph with a class label per node (for a graph input and a node mask)"
+    if kind == "graphs":
+        return "many graphs with one class label each (for a graph input)"
+    per_example = int(np.prod(data.x_train.shape[1:], dtype=np.int64))
+    return f"dense examples of {per_example} values with a class label each (for a tensor input)"
+
+
+SUGGESTIONS = {"forest": "try --data logic (labelled trees)",
+               "graph nodes": "try --data karate (a label per node)",
+               "graphs": "try --data graph_families (a label per graph)",
+               "dense": "try --data digits (64 values per example) or an .npz file with x_train, y_train, "
+                        "x_test, y_test"}
+
+
+def suggest_data(net) -> str:
+    """A built-in data set whose kind fits the model, in words."""
+    return SUGGESTIONS[model_kind(net)]
+
+
+def check_fits(data, net) -> None:
+    """A clear error when the data set's kind is not the model's, before any binding."""
+    if data_kind(data) != model_kind(net):
+        raise ValueError(f"data set '{data.name}' holds {describe_data(data)}, but model {net.name} declares "
+                         f"{describe_model(net)}; {suggest_data(net)}")

@@ -1,10 +1,14 @@
 """The training loop behind `structc train`: epochs of native train steps,
-a progress bar, held-out metrics per epoch, parameters saved at the end."""
+a progress bar on a terminal (one line per epoch otherwise), held-out
+metrics per epoch, and the training state a run needs to be resumed."""
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -17,33 +21,44 @@ class TrainConfig:
     lr: float = 0.1
     optimizer: str = "sgd"
     seed: int = 0
-    progress: bool = True
+    progress: bool = True        # bars when stderr is a terminal; never in a log file
+    first_epoch: int = 1         # > 1 when a run is resumed
 
 
 @dataclass
 class History:
     epochs: list[dict] = field(default_factory=list)
+    rng_state: dict | None = None     # the shuffling generator after the last epoch
 
     @property
     def final(self) -> dict:
         return self.epochs[-1] if self.epochs else {}
 
 
-def train(net, data, cfg: TrainConfig, log=print) -> History:
-    """Train `net` on `data` (a bound data set); returns per-epoch metrics."""
-    for name, value in (("epochs", cfg.epochs), ("batch", cfg.batch)):
+def show_bars(cfg: TrainConfig, stream=None) -> bool:
+    """Bars only on a terminal: in a file or a CI log a bar is a line stuck at `0/45`."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(cfg.progress and isatty is not None and isatty())
+
+
+def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | None = None) -> History:
+    """Train `net` on `data` (a bound data set) for epochs `cfg.first_epoch`..`cfg.epochs`;
+    returns per-epoch metrics. `rng` (shuffling) continues a resumed run's generator."""
+    for name, value in (("epochs", cfg.epochs), ("batch", cfg.batch), ("first_epoch", cfg.first_epoch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not np.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ValueError(f"the learning rate must be positive, got {cfg.lr!r}")
     net.set_optimizer(cfg.optimizer)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed) if rng is None else rng
     history = History()
+    bars = show_bars(cfg)
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         total, count = 0.0, 0
         bar = tqdm(data.batches(cfg.batch, rng), total=data.batch_count(cfg.batch), leave=False,
-                   disable=not cfg.progress, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                   disable=not bars, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    file=sys.stderr, dynamic_ncols=True)
         for feed in bar:
             loss = net.train_step(lr=cfg.lr, **feed)
@@ -63,4 +78,69 @@ def train(net, data, cfg: TrainConfig, log=print) -> History:
             f"held-out loss {metrics['heldout_loss']:.4f}"
             + (f"  accuracy {100 * acc:.2f}%" if acc is not None else "")
             + f"  ({metrics['seconds']:.1f} s)")
+    history.rng_state = rng.bit_generator.state
     return history
+
+
+# -- resuming ------------------------------------------------------------------
+# A run saved to `p.npz` (parameters only, loadable by `Net.load_params`) also
+# writes `p.train.npz`: the epochs done, the optimizer and its moments, the
+# shuffling generator, and a digest of the parameters it belongs to, so that
+# resuming continues the same run instead of silently starting a different one.
+
+def state_path(params_path: str | Path) -> Path:
+    """`run.npz` -> `run.train.npz`."""
+    p = Path(params_path)
+    return p.with_name(p.name[:-len(".npz")] + ".train.npz" if p.name.endswith(".npz") else p.name + ".train.npz")
+
+
+def params_digest(net) -> str:
+    h = hashlib.sha256()
+    for name in sorted(net.params):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(net.params[name], np.float32).tobytes())
+    return h.hexdigest()
+
+
+def optimizer_state_restorable(net) -> bool:
+    """Whether this `Net` exposes its optimizer arena (momentum / Adam moments and step)."""
+    return isinstance(getattr(net, "_state_arena", None), np.ndarray) and hasattr(net, "_step")
+
+
+def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str) -> None:
+    """Write what `load_state` needs to continue after `epoch`."""
+    arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
+              "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
+                                             "seed": cfg.seed, "data": data, "model": net.name,
+                                             "rng": rng_state}))}
+    if optimizer_state_restorable(net):
+        # Net has no public accessor for its optimizer arena yet; read it directly.
+        arrays["optimizer_state"] = np.array(net._state_arena)
+        arrays["optimizer_step"] = np.int64(net._step)
+        arrays["optimizer_options"] = np.array(json.dumps(getattr(net, "_opt", {})))
+    with open(path, "wb") as f:          # an open file: numpy adds no second `.npz`
+        np.savez(f, **arrays)
+
+
+def load_state(path: str | Path) -> dict:
+    """The saved training state as a dict (`epoch`, `digest`, `config`, optional optimizer arrays)."""
+    try:
+        with np.load(path) as data:
+            state = {k: data[k] for k in data.files}
+        state["epoch"] = int(state["epoch"])
+        state["digest"] = str(state["digest"])
+        state["config"] = json.loads(str(state["config"]))
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"cannot read the training state {path}: {e}") from None
+    return state
+
+
+def restore_optimizer(net, state: dict) -> bool:
+    """Put the saved optimizer moments and step back; False when they cannot be restored."""
+    saved = state.get("optimizer_state")
+    if saved is None or not optimizer_state_restorable(net) or saved.shape != net._state_arena.shape:
+        return False
+    net.set_optimizer(state["config"]["optimizer"], **json.loads(str(state.get("optimizer_options", "{}"))))
+    net._state_arena[...] = saved
+    net._step = int(state["optimizer_step"])
+    return True

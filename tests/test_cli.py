@@ -1,4 +1,6 @@
 """The command line: the quick start's training run, dumps, errors."""
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +90,110 @@ def test_graph_draws_svg(tmp_path):
 def test_graph_rejects_unknown_format(tmp_path, capsys):
     assert main(["graph", str(MLP), "-o", str(tmp_path / "g.bmp")]) == 1
     assert "unknown picture format '.bmp'" in capsys.readouterr().err
+
+
+# -- shared: a small model on a small .npz data set, fast to compile and train ------
+
+TINY = """model Tiny {
+  input x: f32[N, 5]  target y: class[N] of 2
+  logits = dense(x, 2)
+  output probs = softmax(logits)
+  loss cross_entropy(logits, y)
+}"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(model file, data file) for a 5-feature, 2-class problem: 200 training examples (7 batches of 32)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(260, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    model = tmp_path / "tiny.snet"
+    model.write_text(TINY)
+    return str(model), str(data)
+
+
+def train_tiny(tiny, out, *extra):
+    model, data = tiny
+    return main(["train", model, "--data", data, "--epochs", "2", "--out", str(out), *extra])
+
+
+# -- item 1: where the parameters go ------------------------------------------------
+
+def test_out_in_a_missing_folder_fails_before_training(tiny, tmp_path, capsys):
+    out = tmp_path / "missing" / "p.npz"
+    assert train_tiny(tiny, out) == 2
+    captured = capsys.readouterr()
+    assert f"cannot write the parameters to {out}: folder {out.parent} does not exist" in captured.err
+    assert "epoch" not in captured.out + captured.err and "compiled" not in captured.err
+
+
+def test_out_that_is_a_folder_fails_before_training(tiny, tmp_path, capsys):
+    (tmp_path / "p.npz").mkdir()
+    assert train_tiny(tiny, tmp_path / "p.npz") == 2
+    captured = capsys.readouterr()
+    assert "it is a folder" in captured.err and "epoch" not in captured.out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+def test_out_in_a_read_only_folder_fails_before_training(tiny, tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
+    try:
+        assert train_tiny(tiny, folder / "p.npz") == 2
+    finally:
+        folder.chmod(0o700)
+    assert "permission denied" in capsys.readouterr().err
+
+
+def test_out_without_npz_reports_the_file_written_and_params_accepts_both_names(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "weights") == 0
+    assert f"saved parameters to {tmp_path / 'weights.npz'};" in capsys.readouterr().out
+    assert (tmp_path / "weights.npz").is_file() and not (tmp_path / "weights").exists()
+    for name in ("weights", "weights.npz"):
+        assert main(["eval", tiny[0], "--data", tiny[1], "--params", str(tmp_path / name)]) == 0
+        assert "accuracy" in capsys.readouterr().out
+
+
+def _remove_folder_after_training(monkeypatch, folder):
+    """Make the output folder vanish while the run trains (a write error after training)."""
+    import shutil
+
+    import structc.train
+    real = structc.train.train
+
+    def train_then_remove(*args, **kwargs):
+        history = real(*args, **kwargs)
+        shutil.rmtree(folder)
+        return history
+    monkeypatch.setattr(structc.train, "train", train_then_remove)
+
+
+def test_a_finished_run_is_saved_in_the_working_directory_when_out_fails(tiny, tmp_path, monkeypatch, capsys):
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    _remove_folder_after_training(monkeypatch, tmp_path / "gone")
+    assert train_tiny(tiny, tmp_path / "gone" / "p.npz") == 1
+    err = capsys.readouterr().err
+    saved = tmp_path / "cwd" / "p.npz"
+    assert f"cannot write {tmp_path / 'gone' / 'p.npz'}" in err and f"saved the parameters to {saved} instead" in err
+    with np.load(saved) as params:
+        assert "dense1.w" in params.files
+    assert (tmp_path / "cwd" / "p.train.npz").is_file()
+
+
+def test_a_finished_run_falls_back_to_a_temporary_file(tiny, tmp_path, monkeypatch, capsys):
+    (tmp_path / "gone").mkdir()
+    _remove_folder_after_training(monkeypatch, tmp_path / "gone")
+    monkeypatch.setattr(Path, "cwd", classmethod(lambda cls: tmp_path / "also-gone"))
+    assert train_tiny(tiny, tmp_path / "gone" / "p.npz") == 1
+    err = capsys.readouterr().err
+    saved = Path(err.split("saved the parameters to ")[1].split(" instead")[0])
+    assert saved.parent == Path(tempfile.gettempdir()) and saved.name.startswith("p-")
+    with np.load(saved) as params:
+        assert "dense1.w" in params.files
+    saved.unlink()
+    saved.with_name(saved.name[:-4] + ".train.npz").unlink()
