@@ -1,5 +1,9 @@
 """The command line: the quick start's training run, dumps, errors."""
+import io
 import os
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -197,3 +201,44 @@ def test_a_finished_run_falls_back_to_a_temporary_file(tiny, tmp_path, monkeypat
         assert "dense1.w" in params.files
     saved.unlink()
     saved.with_name(saved.name[:-4] + ".train.npz").unlink()
+
+
+# -- item 2: progress bars on a terminal only ----------------------------------------
+
+def test_no_bars_in_a_log_one_line_per_epoch(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "p.npz") == 0         # capsys: stderr is not a terminal
+    captured = capsys.readouterr()
+    assert "batch" not in captured.err and "\r" not in captured.err and "0/7" not in captured.err
+    epochs = [line for line in captured.out.splitlines() if line.startswith("epoch")]
+    assert len(epochs) == 2
+    assert re.fullmatch(r"epoch   2/2  loss \d\.\d{4}  held-out loss \d\.\d{4}  accuracy \d+\.\d\d%  "
+                        r"\(\d+\.\d s\)", epochs[1])
+
+
+def test_no_bars_when_stderr_is_a_pipe(tiny, tmp_path):
+    model, data = tiny
+    run = subprocess.run([sys.executable, "-m", "structc.cli", "train", model, "--data", data, "--epochs", "2",
+                          "--out", str(tmp_path / "p.npz")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "batch" not in run.stderr and "\r" not in run.stderr
+    assert run.stderr.count("\n") == 1                          # only the "compiled ..." line
+    assert run.stdout.count("epoch ") == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bars_on_a_terminal(tiny, tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert train_tiny(tiny, tmp_path / "p.npz") == 0
+    assert "epoch 2/2" in terminal.getvalue() and "batch/s" in terminal.getvalue()
+
+
+def test_no_progress_hides_bars_on_a_terminal_too(tiny, tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert train_tiny(tiny, tmp_path / "p.npz", "--no-progress") == 0
+    assert "batch" not in terminal.getvalue()
