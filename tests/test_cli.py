@@ -242,3 +242,160 @@ def test_no_progress_hides_bars_on_a_terminal_too(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert train_tiny(tiny, tmp_path / "p.npz", "--no-progress") == 0
     assert "batch" not in terminal.getvalue()
+
+
+# -- item 3: help, compile into the cache, eval, predict, resume, --model ------------
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_train_help_lists_every_data_set_and_every_default(capsys):
+    from structc.cli import parser
+    from structc.datasets import DATASETS
+    text = " ".join(_help("train", capsys).split())
+    assert f"built-in data set ({', '.join(sorted(DATASETS))}) or an .npz file" in text
+    train = parser()._subparsers._group_actions[0].choices["train"]
+    help_of = train._get_formatter()._expand_help
+    options = [a for a in train._actions if a.option_strings and not a.required
+               and a.dest not in ("help", "no_progress")]
+    assert len(options) == 9
+    for option in options:
+        assert "default" in help_of(option), option.option_strings
+    for shown in ("(default: 20)", "(default: 32;", "(default: 0.1;", "(default: sgd;", "(default: <model>.npz)"):
+        assert shown in text
+
+
+def test_compile_without_output_fills_the_cache_structc_compile_reads(tmp_path, monkeypatch, capsys):
+    import structc
+    from structc import api
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "m.snet"
+    model.write_text("model CachedOne { input x: f32[N, 7]  output o = dense(x, 3) }")
+    assert main(["compile", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "compiled CachedOne (forward) in" in out and f"(cached in {tmp_path / 'cache'})" in out
+    before = api.COMPILE_COUNT
+    structc.compile(model)
+    assert api.COMPILE_COUNT == before                       # loaded from what the CLI compiled
+    assert main(["compile", str(model)]) == 0
+    assert f"model CachedOne is already compiled (cached in {tmp_path / 'cache'})" in capsys.readouterr().out
+
+
+def test_eval_reports_the_held_out_accuracy_of_saved_parameters(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "p.npz") == 0
+    trained = capsys.readouterr().out.strip().splitlines()[-1].rsplit(" ", 1)[-1]
+    assert main(["eval", tiny[0], "--data", tiny[1], "--params", str(tmp_path / "p.npz")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Tiny with {tmp_path / 'p.npz'} on {tiny[1]} (held-out split): loss ")
+    assert out.strip().endswith(f"accuracy {trained}")
+
+
+def test_eval_with_missing_parameters(tiny, tmp_path, capsys):
+    assert main(["eval", tiny[0], "--data", tiny[1], "--params", str(tmp_path / "nope")]) == 1
+    assert f"no parameter file {tmp_path / 'nope'} (nor {tmp_path / 'nope'}.npz)" in capsys.readouterr().err
+
+
+def _forward(tiny, params, x):
+    import structc
+    net = structc.compile(Path(tiny[0]))
+    net.load_params(str(params))
+    return net.forward(x=x)["probs"]
+
+
+def test_predict_writes_class_ids_scores_and_every_output(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "p.npz") == 0
+    x = np.random.default_rng(1).normal(size=(9, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    probs = _forward(tiny, tmp_path / "p.npz", x)
+    capsys.readouterr()
+    args = ["predict", tiny[0], "--params", str(tmp_path / "p"), "--input", str(tmp_path / "x.npy")]
+    assert main(args + ["--out", str(tmp_path / "ids")]) == 0
+    assert f"to {tmp_path / 'ids.npy'}" in capsys.readouterr().out    # the name numpy would have written
+    ids = np.load(tmp_path / "ids.npy")
+    assert ids.dtype == np.int32 and np.array_equal(ids, np.argmax(probs, axis=-1))
+    assert main(args + ["--out", str(tmp_path / "scores.npy"), "--raw"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), probs)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert main(["predict", tiny[0], "--params", str(tmp_path / "p.npz"), "--input", str(tmp_path / "x.npz"),
+                 "--out", str(tmp_path / "all.npz")]) == 0
+    with np.load(tmp_path / "all.npz") as saved:
+        assert saved.files == ["probs"] and np.array_equal(saved["probs"], ids)
+
+
+def test_predict_refuses_inputs_that_do_not_fit(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "p.npz") == 0
+    np.savez(tmp_path / "wrong.npz", a=np.zeros((3, 5), np.float32), b=np.zeros(3, np.float32))
+    np.save(tmp_path / "narrow.npy", np.zeros((3, 4), np.float32))
+    capsys.readouterr()
+    args = ["predict", tiny[0], "--params", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o.npy"), "--input"]
+    assert main(args + [str(tmp_path / "wrong.npz")]) == 1
+    assert "holds ['a', 'b']; model Tiny takes inputs ['x']" in capsys.readouterr().err
+    assert main(args + [str(tmp_path / "narrow.npy")]) == 1
+    assert "input 'x'" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+    assert main(args[:-3] + ["--out", str(tmp_path / "no" / "o.npy"), "--input", str(tmp_path / "narrow.npy")]) == 2
+
+
+def test_resume_ends_as_an_uninterrupted_run(tiny, tmp_path):
+    model, data = tiny
+    common = ["train", model, "--data", data, "--optimizer", "adam", "--lr", "0.05", "--batch", "16"]
+    assert main(common + ["--epochs", "3", "--out", str(tmp_path / "straight.npz")]) == 0
+    assert main(common + ["--epochs", "1", "--out", str(tmp_path / "first.npz")]) == 0
+    # the resumed run takes optimizer, lr and batch from the checkpoint
+    assert main(["train", model, "--data", data, "--epochs", "3", "--resume", str(tmp_path / "first"),
+                 "--out", str(tmp_path / "resumed.npz")]) == 0
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_resume_says_what_it_cannot_continue(tiny, tmp_path, capsys):
+    model, data = tiny
+    assert train_tiny(tiny, tmp_path / "p.npz", "--optimizer", "momentum") == 0
+    capsys.readouterr()
+    resume = ["train", model, "--data", data, "--resume", str(tmp_path / "p.npz"), "--out", str(tmp_path / "q")]
+    assert main(resume + ["--epochs", "2"]) == 1
+    assert "has already been trained for 2 epochs; --epochs is the total to reach" in capsys.readouterr().err
+    assert main(resume + ["--epochs", "3", "--optimizer", "adam"]) == 0
+    err = capsys.readouterr().err
+    assert "--optimizer adam differs from the resumed run's momentum" in err
+    assert "the adam optimizer's state (moments, step count) could not be restored" in err
+    (tmp_path / "p.train.npz").unlink()
+    assert main(resume + ["--epochs", "3"]) == 1
+    assert f"its training state {tmp_path / 'p.train.npz'} is missing" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_state_file_of_other_parameters(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "a.npz") == 0
+    assert train_tiny(tiny, tmp_path / "b.npz", "--seed", "1") == 0
+    (tmp_path / "b.train.npz").replace(tmp_path / "a.train.npz")
+    capsys.readouterr()
+    assert main(["train", tiny[0], "--data", tiny[1], "--epochs", "3", "--resume", str(tmp_path / "a.npz"),
+                 "--out", str(tmp_path / "c")]) == 1
+    assert "is the training state of other parameters" in capsys.readouterr().err
+
+
+TWO_MODELS = """model A { input x: f32[N, 5]  target y: class[N] of 2
+  loss cross_entropy(dense(x, 2), y) }
+model B { input x: f32[N, 5]  target y: class[N] of 2
+  logits = dense(dense(x, 4) |> relu, 2)
+  loss cross_entropy(logits, y) }
+"""
+
+
+def test_model_chooses_among_several(tiny, tmp_path, capsys):
+    two = tmp_path / "two.snet"
+    two.write_text(TWO_MODELS)
+    args = ["train", str(two), "--data", tiny[1], "--epochs", "1", "--out", str(tmp_path / "p")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "several models (A, B)" in err
+    assert main(args + ["--model", "B"]) == 0
+    with np.load(tmp_path / "p.npz") as params:
+        assert len(params.files) == 4                          # B's two layers, not A's one
+    assert main(args + ["--model", "C"]) == 1
+    assert "C" in capsys.readouterr().err
