@@ -238,6 +238,7 @@ def _load_bound_data(name: str, net):
     """The data set `name`, checked against the model's kind of input, bound to `net`."""
     from . import datasets
     try:
+        datasets.check_name_fits(name, net)
         data = datasets.load(name)
         datasets.check_fits(data, net)
         data.bind(net)

@@ -169,6 +169,12 @@ def model_kind(net) -> str:
     return "dense"
 
 
+#: what each built-in data set holds (and, for dense ones, the values per example),
+#: so that a model of another kind is told before the data set is loaded
+DATA_KINDS = {"digits": ("dense", 64), "logic": ("forest", None), "karate": ("graph nodes", None),
+              "graph_families": ("graphs", None)}
+
+
 def data_kind(data) -> str:
     from .graph_datasets import GraphDataset, NodeDataset
     from .treedata import TreeDataset
@@ -198,16 +204,10 @@ def describe_model(net) -> str:
     return ", ".join(parts) or "no inputs"
 
 
-def describe_data(data) -> str:
-    kind = data_kind(data)
-    if kind == "forest":
-        return "labelled trees (for a forest input)"
-    if kind == "graph nodes":
-        return "one graph with a class label per node (for a graph input and a node mask)"
-    if kind == "graphs":
-        return "many graphs with one class label each (for a graph input)"
-    per_example = int(np.prod(data.x_train.shape[1:], dtype=np.int64))
-    return f"dense examples of {per_example} values with a class label each (for a tensor input)"
+HOLDS = {"forest": "labelled trees (for a forest input)",
+         "graph nodes": "one graph with a class label per node (for a graph input and a node mask)",
+         "graphs": "many graphs with one class label each (for a graph input)",
+         "dense": "dense examples{values} with a class label each (for a tensor input)"}
 
 
 SUGGESTIONS = {"forest": "try --data logic (labelled trees)",
@@ -222,8 +222,22 @@ def suggest_data(net) -> str:
     return SUGGESTIONS[model_kind(net)]
 
 
-def check_fits(data, net) -> None:
-    """A clear error when the data set's kind is not the model's, before any binding."""
-    if data_kind(data) != model_kind(net):
-        raise ValueError(f"data set '{data.name}' holds {describe_data(data)}, but model {net.name} declares "
+def check_kind(name: str, kind: str, net, values: int | None = None) -> None:
+    """A clear error when a data set of `kind` cannot feed the model: what the model
+    declares, what the data set holds, and a built-in data set that would fit."""
+    if kind != model_kind(net):
+        holds = HOLDS[kind].format(values=f" of {values} values" if values else "")
+        raise ValueError(f"data set '{name}' holds {holds}, but model {net.name} declares "
                          f"{describe_model(net)}; {suggest_data(net)}")
+
+
+def check_fits(data, net) -> None:
+    values = int(np.prod(data.x_train.shape[1:], dtype=np.int64)) if isinstance(data, ArrayDataset) else None
+    check_kind(data.name, data_kind(data), net, values)
+
+
+def check_name_fits(name: str, net) -> None:
+    """`check_kind` for a built-in data set by name, before loading it."""
+    if name in DATA_KINDS:
+        kind, values = DATA_KINDS[name]
+        check_kind(name, kind, net, values)

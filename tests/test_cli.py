@@ -399,3 +399,74 @@ def test_model_chooses_among_several(tiny, tmp_path, capsys):
         assert len(params.files) == 4                          # B's two layers, not A's one
     assert main(args + ["--model", "C"]) == 1
     assert "C" in capsys.readouterr().err
+
+
+# -- item 4: a data set of the wrong kind for the model (golden messages) -------------
+
+# One small model of each kind (fast to compile), each given a data set of another kind.
+KINDS = {
+    "tree": """model SmallTree { input t: forest(arity=2) of word(vocab=6)  target y: class[t.trees] of 2
+  param E: embedding(6, 4) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: sum(h(n.children))
+  loss cross_entropy(dense(h(t.root), 2), y) }""",
+    "dense": TINY,
+    "nodes": """model SmallNodes { input g: graph(features=3)  input train: f32[g.nodes]  target y: class[g.nodes] of 2
+  loss masked_cross_entropy(dense(g.x, 2), y, train) }""",
+    "graphs": """model SmallGraphs { input g: graph(features=1)  target y: class[g.graphs] of 3
+  loss cross_entropy(dense(mean(g.x over g.nodes), 3), y) }""",
+}
+WRONG_KIND = [
+    ("tree", "digits",
+     "data set 'digits' holds dense examples of 64 values with a class label each (for a tensor input), but "
+     "model SmallTree declares forest input 't' (arity 2, leaves word(vocab=6)), target 'y': class[t.trees] of 2; "
+     "try --data logic (labelled trees)"),
+    ("dense", "logic",
+     "data set 'logic' holds labelled trees (for a forest input), but model Tiny declares tensor input 'x': "
+     "f32[N, 5], target 'y': class[N] of 2; try --data digits (64 values per example) or an .npz file with "
+     "x_train, y_train, x_test, y_test"),
+    ("nodes", "digits",
+     "data set 'digits' holds dense examples of 64 values with a class label each (for a tensor input), but "
+     "model SmallNodes declares graph input 'g' (3 features per node), tensor input 'train': f32[g.nodes], "
+     "target 'y': class[g.nodes] of 2; try --data karate (a label per node)"),
+    ("nodes", "graph_families",
+     "data set 'graph_families' holds many graphs with one class label each (for a graph input), but model "
+     "SmallNodes declares graph input 'g' (3 features per node), tensor input 'train': f32[g.nodes], target 'y': "
+     "class[g.nodes] of 2; try --data karate (a label per node)"),
+    ("graphs", "logic",
+     "data set 'logic' holds labelled trees (for a forest input), but model SmallGraphs declares graph input "
+     "'g' (1 feature per node), target 'y': class[g.graphs] of 3; try --data graph_families (a label per graph)"),
+    ("graphs", "karate",
+     "data set 'karate' holds one graph with a class label per node (for a graph input and a node mask), but "
+     "model SmallGraphs declares graph input 'g' (1 feature per node), target 'y': class[g.graphs] of 3; "
+     "try --data graph_families (a label per graph)"),
+]
+
+
+@pytest.mark.parametrize("kind, data, message", WRONG_KIND, ids=[f"{k}-on-{d}" for k, d, _ in WRONG_KIND])
+def test_data_of_the_wrong_kind_says_what_the_model_declares(kind, data, message, tmp_path, capsys):
+    model = tmp_path / f"{kind}.snet"
+    model.write_text(KINDS[kind])
+    assert main(["train", str(model), "--data", data, "--out", str(tmp_path / "p")]) == 1
+    assert capsys.readouterr().err == f"structc: error: {message}\n"
+    assert main(["eval", str(model), "--data", data, "--params", "unused"]) == 1
+    assert capsys.readouterr().err == f"structc: error: {message}\n"
+
+
+def test_dense_data_of_another_kind_from_a_file(tmp_path, capsys):
+    model = tmp_path / "tree.snet"
+    model.write_text(KINDS["tree"])
+    np.savez(tmp_path / "flat.npz", x_train=np.zeros((4, 7)), y_train=np.zeros(4, np.int32),
+             x_test=np.zeros((2, 7)), y_test=np.zeros(2, np.int32))
+    assert main(["train", str(model), "--data", str(tmp_path / "flat.npz"), "--out", str(tmp_path / "p")]) == 1
+    assert "data set 'flat' holds dense examples of 7 values with a class label each" in capsys.readouterr().err
+
+
+def test_dense_data_for_a_model_with_two_inputs(tmp_path, capsys):
+    model = tmp_path / "two.snet"
+    model.write_text("model TwoIn { input a: f32[N, 32]  input b: f32[N, 32]  target y: class[N] of 10\n"
+                     "  loss cross_entropy(dense(concat(a, b, axis=1), 10), y) }")
+    assert main(["train", str(model), "--data", "digits", "--out", str(tmp_path / "p")]) == 1
+    assert capsys.readouterr().err == (
+        "structc: error: data set 'digits' feeds one tensor input and one target; model TwoIn declares "
+        "tensor input 'a': f32[N, 32], tensor input 'b': f32[N, 32], target 'y': class[N] of 10\n")
