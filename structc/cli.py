@@ -290,6 +290,8 @@ def cmd_train(args) -> int:
 
     from .native import set_num_threads
     from .train import TrainConfig, restore_optimizer, save_state, train
+    if args.out is None and args.resume:
+        args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
     if args.threads is not None:
         set_num_threads(args.threads)
@@ -489,7 +491,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, help="initialisation and shuffling seed (default: 0; with --resume: "
                                             "the run's generator continues)")
     c.add_argument("--out", help="where to save the parameters; `.npz` is added if missing, and the training "
-                                 "state goes next to them as NAME.train.npz (default: <model>.npz)")
+                                 "state goes next to them as NAME.train.npz (default: <model>.npz; with "
+                                 "--resume: the resumed file)")
     c.add_argument("--resume", metavar="PARAMS",
                    help="continue the run that saved PARAMS: its parameters, and from PARAMS.train.npz the "
                         "epochs done, the optimizer state (momentum / Adam moments) and the shuffling, so "

@@ -265,7 +265,7 @@ def test_train_help_lists_every_data_set_and_every_default(capsys):
     assert len(options) == 9
     for option in options:
         assert "default" in help_of(option), option.option_strings
-    for shown in ("(default: 20)", "(default: 32;", "(default: 0.1;", "(default: sgd;", "(default: <model>.npz)"):
+    for shown in ("(default: 20)", "(default: 32;", "(default: 0.1;", "(default: sgd;", "(default: <model>.npz;"):
         assert shown in text
 
 
@@ -351,6 +351,21 @@ def test_resume_ends_as_an_uninterrupted_run(tiny, tmp_path):
     with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "resumed.npz") as b:
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_resume_updates_the_checkpoint_unless_told_otherwise(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "run") == 0
+    assert main(["train", tiny[0], "--data", tiny[1], "--epochs", "3", "--resume", str(tmp_path / "run")]) == 0
+    assert f"saved parameters to {tmp_path / 'run.npz'};" in capsys.readouterr().out
+    from structc.train import load_state
+    assert load_state(tmp_path / "run.train.npz")["epoch"] == 3
+
+
+def test_compile_checks_the_library_path_first(tmp_path, capsys):
+    assert main(["compile", str(MLP), "-o", str(tmp_path / "missing" / "m.so")]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot write the library to {tmp_path / 'missing' / 'm.so'}: folder" in captured.err
+    assert captured.out == ""
 
 
 def test_resume_says_what_it_cannot_continue(tiny, tmp_path, capsys):
