@@ -358,9 +358,9 @@ def _read_inputs(path: str, net) -> dict:
     import numpy as np
     names = [s["name"] for s in net.meta["inputs"] if s["kind"] == "input"]
     structured = [s["name"] for s in (net.meta.get("graphs") or []) + (net.meta.get("forests") or [])]
-    if structured:
-        raise UserError(f"structc predict reads tensors; model {net.name} takes {', '.join(structured)} "
-                        f"(a graph or forest): call it from Python instead")
+    if structured or not names:
+        raise UserError(f"structc predict reads tensors; model {net.name} takes "
+                        f"{', '.join(structured) or 'no tensor input'} (a graph or forest): call it from Python")
     try:
         if path.endswith(".npz"):
             with np.load(path) as f:
