@@ -282,7 +282,9 @@ def _resume(args, net) -> tuple[dict, object]:
     if state["config"].get("model") != net.name or state["digest"] != params_digest(net):
         raise UserError(f"{spath} is the training state of other parameters than {params} "
                         f"(model {state['config'].get('model')}); cannot resume")
-    return state, np.random.default_rng()
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["config"]["rng"]          # the shuffling continues where it stopped
+    return state, rng
 
 
 def cmd_train(args) -> int:
@@ -314,7 +316,6 @@ def cmd_train(args) -> int:
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
                       first_epoch=first_epoch)
     if state is not None:
-        rng.bit_generator.state = state["config"]["rng"]
         if settings["optimizer"] != saved["optimizer"] or not restore_optimizer(net, state):
             if cfg.optimizer != "sgd":
                 warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
