@@ -1,5 +1,6 @@
 """Compiled models as shipped artefacts: shared libraries, C use, loading
 checks, the on-disk cache, threads and memory."""
+import contextlib
 import os
 import shutil
 import subprocess
@@ -131,23 +132,26 @@ def test_unknown_target_cpu(capsys):
     assert "unknown target CPU 'pentium2'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete_meta"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete_key"])
 def test_damaged_cache_entry_is_rebuilt(damage, tmp_path, monkeypatch):
     monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
     src = "model C { input x: f32[N, 3]\n output y = tanh(x) * 2 }"
     structc.compile(src)
-    obj = next(tmp_path.glob("*.o"))
+    entry = next(tmp_path.glob("*.entry"))
+    expect = pytest.warns(cache.CacheWarning, match="failed its integrity check")
     if damage == "truncate":
-        obj.write_bytes(obj.read_bytes()[:100])
+        entry.write_bytes(entry.read_bytes()[:100])
     elif damage == "garbage":
-        obj.write_bytes(os.urandom(obj.stat().st_size))
+        entry.write_bytes(os.urandom(entry.stat().st_size))
     else:
-        next(tmp_path.glob("*.json")).unlink()
+        (tmp_path / "key").unlink()     # a new secret: every old entry is rebuilt
+        expect = contextlib.nullcontext()
     before = api.COMPILE_COUNT
-    net = structc.compile(src)
+    with expect:
+        net = structc.compile(src)
     assert api.COMPILE_COUNT == before + 1
     np.testing.assert_allclose(net(x=np.ones((1, 3), np.float32)), 2 * np.tanh(np.ones((1, 3))), rtol=1e-6)
-    assert cache.load(obj.stem) is not None
+    assert cache.load(entry.stem) is not None
 
 
 def test_two_processes_compiling_at_once_both_succeed(tmp_path):
@@ -159,7 +163,7 @@ def test_two_processes_compiling_at_once_both_succeed(tmp_path):
     # source tree's structc/ has no built _runtime (the installed package does).
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path) for _ in range(3)]
     assert [p.wait() for p in procs] == [0, 0, 0]
-    assert len(list(tmp_path.glob("*.o"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(list(tmp_path.glob("*.entry"))) == 1 and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_threads_calling_two_instances_get_correct_results():
