@@ -30,6 +30,7 @@ import re
 import secrets
 import stat
 import struct
+import sys
 import warnings
 from pathlib import Path
 
@@ -63,7 +64,17 @@ _WARNED: set[str] = set()
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(message, CacheWarning, stacklevel=4)
+        warnings.warn(message, CacheWarning, stacklevel=_user_level())
+
+
+def _user_level() -> int:
+    """The stack level of the first caller outside structc, so that a
+    warning names the user's line, whichever entry point they used."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2     # level 1 is _warn_once, 2 its caller
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check(st: os.stat_result, path, what: str, forbidden: int) -> None:
@@ -106,7 +117,7 @@ def _read(dir_fd: int, name: str, what: str, forbidden: int) -> bytes:
     """The contents of `name` in the folder, after the owner and mode checks."""
     path = cache_dir() / name
     try:
-        fd = os.open(name, os.O_RDONLY | _NO_FOLLOW, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NO_FOLLOW, dir_fd=dir_fd)   # a FIFO cannot block
     except OSError as e:
         if os.path.islink(path):
             raise _Refused(f"{what} {path} is a symbolic link") from None
@@ -136,20 +147,23 @@ def _write_new(dir_fd: int, name: str, data: bytes) -> str:
 def _secret(dir_fd: int, create: bool) -> bytes | None:
     """This user's MAC key, made on first use when `create`."""
     try:
-        secret = _read(dir_fd, _SECRET_NAME, "cache key", 0o077)
-    except FileNotFoundError:
-        if not create:
-            return None
-        tmp = _write_new(dir_fd, _SECRET_NAME, secrets.token_bytes(_SECRET_SIZE))
-        try:   # link, unlike rename, fails when another process made the key first
-            os.link(tmp, _SECRET_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp, dir_fd=dir_fd)
-        secret = _read(dir_fd, _SECRET_NAME, "cache key", 0o077)
-    if len(secret) != _SECRET_SIZE:
-        raise _Refused(f"cache key {cache_dir() / _SECRET_NAME} is not {_SECRET_SIZE} bytes long")
+        try:
+            secret = _read(dir_fd, _SECRET_NAME, "cache key", 0o077)
+        except FileNotFoundError:
+            if not create:
+                return None
+            tmp = _write_new(dir_fd, _SECRET_NAME, secrets.token_bytes(_SECRET_SIZE))
+            try:   # link, unlike rename, fails when another process made the key first
+                os.link(tmp, _SECRET_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp, dir_fd=dir_fd)
+            secret = _read(dir_fd, _SECRET_NAME, "cache key", 0o077)
+        if len(secret) != _SECRET_SIZE:
+            raise _Refused(f"cache key {cache_dir() / _SECRET_NAME} is not {_SECRET_SIZE} bytes long")
+    except _Refused as e:
+        raise _Refused(f"{e} (delete it: a new key is made on the next compile, and the entries are rebuilt)") from None
     return secret
 
 

@@ -192,8 +192,18 @@ def test_entry_of_another_user_or_writable_by_others_is_refused(change, cache_in
 def test_secret_readable_by_others_is_refused(cache_in):
     _compiles(SRC)
     (cache_in / "key").chmod(0o644)
-    with pytest.warns(cache.CacheWarning, match=r"cache key .* can be read or written by group or others"):
+    with pytest.warns(cache.CacheWarning, match=r"cache key .* can be read or written by group or others .*delete it"):
         assert _compiles(SRC) == 1
+
+
+def test_entry_that_is_not_a_regular_file_is_refused(cache_in):
+    _compiles(SRC)
+    entry = _entry(cache_in)
+    entry.unlink()
+    os.mkfifo(entry, 0o600)         # would block a plain open() for ever
+    with pytest.warns(cache.CacheWarning, match="is not a regular file"):
+        assert _compiles(SRC) == 1
+    assert entry.is_file()
 
 
 def test_symlinked_entry_is_refused(cache_in, tmp_path):
