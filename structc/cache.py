@@ -22,6 +22,7 @@ the checked folder, never through a symbolic link.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -119,9 +120,9 @@ def _read(dir_fd: int, name: str, what: str, forbidden: int) -> bytes:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NO_FOLLOW, dir_fd=dir_fd)   # a FIFO cannot block
     except OSError as e:
-        if os.path.islink(path):
+        if e.errno == errno.ELOOP:     # what O_NOFOLLOW says of a link
             raise _Refused(f"{what} {path} is a symbolic link") from None
-        raise e
+        raise
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
