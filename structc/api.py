@@ -46,7 +46,8 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
     `target` (default: this machine), through the disk cache unless `cache`
     is False or `$STRUCTC_NO_CACHE` is set. `jit=False` gives position-
     independent code for a shared library. A cache hit carries no LLVM IR
-    and no timings. `structc.compile` and `structc compile` both use this."""
+    and no timings. `structc.compile` uses it; so can the CLI's `structc
+    compile` (without `--dump`, which needs every stage), to share the cache."""
     global COMPILE_COUNT
     target = target or host_target()
     program = parse(source, file)
