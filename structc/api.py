@@ -5,9 +5,11 @@ import os
 from pathlib import Path
 
 from . import cache
-from .compiler import cache_key, compile_source
+from .compiler import Artifact, cache_key, compile_program
+from .lower.module import Target
 from .model import Net
 from .native import JitModule, host_target
+from .syntax import parse
 
 #: how many models this process has compiled with LLVM (cache hits do not count)
 COMPILE_COUNT = 0
@@ -29,26 +31,42 @@ def read_source(path_or_source) -> tuple[str, str]:
 def compile(path_or_source, model: str | None = None, *, cache: bool = True, seed: int = 0) -> Net:  # noqa: A001
     """Compile a `.snet` model (a path or the source itself) to native code.
 
-    Compiled code is cached on disk by a hash of the source, the model name,
-    the compiler and the target CPU: compiling it again loads it instead."""
-    global COMPILE_COUNT
+    Compiled code is cached on disk, keyed by the parsed program (comments and
+    layout do not count), the model name, the compiler, LLVM and the target
+    CPU: compiling it again loads it instead."""
     source, file = read_source(path_or_source)
     target = host_target()
-    key = cache_key(source, model, target)
-    hit = _cache_load(key) if cache and os.environ.get("STRUCTC_NO_CACHE") is None else None
+    art = compile_artifact(source, file, model, target=target, cache=cache)
+    return Net(art.meta, JitModule(art.object, target), seed=seed)
+
+
+def compile_artifact(source: str, file: str = "<source>", model: str | None = None, *,
+                     target: Target | None = None, jit: bool = True, cache: bool = True) -> Artifact:
+    """The `Artifact` (metadata and object code) of `model` in `source`, for
+    `target` (default: this machine), through the disk cache unless `cache`
+    is False or `$STRUCTC_NO_CACHE` is set. `jit=False` gives position-
+    independent code for a shared library. A cache hit carries no LLVM IR
+    and no timings. `structc.compile` uses it; so can the CLI's `structc
+    compile` (without `--dump`, which needs every stage), to share the cache."""
+    global COMPILE_COUNT
+    target = target or host_target()
+    program = parse(source, file)
+    use_cache = cache and os.environ.get("STRUCTC_NO_CACHE") is None
+    key = cache_key(program, model, target, {"jit": jit}) if use_cache else None
+    hit = _cache_load(key, model) if use_cache else None
     if hit is not None:
         meta, obj = hit
-    else:
-        art = compile_source(source, file, model, target)
-        COMPILE_COUNT += 1
-        meta, obj = art.meta, art.object
-        if cache:
-            _cache_store(key, meta, obj)
-    return Net(meta, JitModule(obj, target), seed=seed)
+        # The key ignores the file name: report this file, not the one first compiled.
+        return Artifact(dict(meta, file=file), obj, jit=jit)
+    art = compile_program(program, model, target, jit=jit)
+    COMPILE_COUNT += 1
+    if use_cache:
+        _cache_store(key, art.meta, art.object)
+    return art
 
 
-def _cache_load(key):
-    return cache.load(key)
+def _cache_load(key, model):
+    return cache.load(key, model)
 
 
 def _cache_store(key, meta, obj):

@@ -1,17 +1,54 @@
 """The on-disk cache of compiled models: object code plus metadata, by key.
 
-Entries are written to a temporary file and renamed into place, so two
-processes compiling the same model both succeed and a reader never sees a
-half-written entry. Each entry records the SHA-256 of its object code; an
-entry that fails the check (truncated, corrupted) is ignored and rebuilt.
+An entry is one file, `<key>.entry`: a header, an HMAC-SHA256, then the
+metadata (JSON) and the object code. The MAC covers the key, the metadata
+and the object together, under a secret made on first use and kept in the
+cache folder (`key`, mode 0600): an entry this user did not write, a
+damaged one, or one renamed from another key fails the check, and is
+rebuilt, never run.
+
+Threat model. Protected: other local users and files planted or edited in
+the cache folder. The folder must belong to this user and not be writable
+by group or others (as ssh and pip require); it is created 0700, entries
+and the secret 0600. A folder, entry or secret that fails these checks is
+refused with a `CacheWarning` naming it and why, and the model is compiled
+without the cache. Not protected: someone who can already write files as
+this user (they could change the compiler itself).
+
+Entries are written to a fresh file (exclusive creation) and renamed into
+place, so two processes compiling the same model both succeed and a
+reader never sees a half-written entry. Every file is opened relative to
+the checked folder, never through a symbolic link.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import hmac
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
+import struct
+import sys
+import warnings
 from pathlib import Path
+
+MAGIC = b"structc cache entry 2\n"
+_MAC_SIZE = hashlib.sha256().digest_size
+_SECRET_NAME = "key"
+_SECRET_SIZE = 32
+_KEY_PATTERN = re.compile(r"[0-9a-f]{16,64}")
+_NO_FOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class CacheWarning(UserWarning):
+    """The cache was not used for a model (a folder, entry or secret was refused)."""
+
+
+class _Refused(Exception):
+    pass
 
 
 def cache_dir() -> Path:
@@ -22,39 +59,202 @@ def cache_dir() -> Path:
     return Path(base) / "structc"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, CacheWarning, stacklevel=_user_level())
+
+
+def _user_level() -> int:
+    """The stack level of the first caller outside structc, so that a
+    warning names the user's line, whichever entry point they used."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2     # level 1 is _warn_once, 2 its caller
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check(st: os.stat_result, path, what: str, forbidden: int) -> None:
+    """Refuse `path` unless this user owns it and no one else may write
+    it (`forbidden`: the mode bits group and others must not have)."""
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise _Refused(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {uid})")
+    if st.st_mode & forbidden:
+        who = "read or written" if forbidden & 0o044 else "written"
+        raise _Refused(f"{what} {path} can be {who} by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def _open_dir(create: bool) -> int | None:
+    """A descriptor of the checked cache folder, or None when there is none yet."""
+    d = cache_dir()
+    if create:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        _check(os.stat(d), d, "cache folder", 0o022)    # another user's, most likely: say so
+        raise
+    try:
+        st = os.fstat(fd)
+        _check(st, d, "cache folder", 0o022)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read(dir_fd: int, name: str, what: str, forbidden: int) -> bytes:
+    """The contents of `name` in the folder, after the owner and mode checks."""
+    path = cache_dir() / name
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NO_FOLLOW, dir_fd=dir_fd)   # a FIFO cannot block
+    except OSError as e:
+        if e.errno == errno.ELOOP:     # what O_NOFOLLOW says of a link
+            raise _Refused(f"{what} {path} is a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused(f"{what} {path} is not a regular file")
+        _check(st, path, what, forbidden)
+        return f.read()
+
+
+def _write_new(dir_fd: int, name: str, data: bytes) -> str:
+    """Write `data` to a new file (mode 0600, exclusive creation: never
+    through an existing file or link) next to `name`; its name."""
+    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o600, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        os.unlink(tmp, dir_fd=dir_fd)
         raise
+    return tmp
 
 
-def load(key: str) -> tuple[dict, bytes] | None:
-    d = cache_dir()
+def _secret(dir_fd: int, create: bool) -> bytes | None:
+    """This user's MAC key, made on first use when `create`."""
     try:
-        meta = json.loads((d / f"{key}.json").read_text())
-        obj = (d / f"{key}.o").read_bytes()
-    except (OSError, ValueError):
+        try:
+            secret = _read(dir_fd, _SECRET_NAME, "cache key", 0o077)
+        except FileNotFoundError:
+            if not create:
+                return None
+            tmp = _write_new(dir_fd, _SECRET_NAME, secrets.token_bytes(_SECRET_SIZE))
+            try:   # link, unlike rename, fails when another process made the key first
+                os.link(tmp, _SECRET_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp, dir_fd=dir_fd)
+            secret = _read(dir_fd, _SECRET_NAME, "cache key", 0o077)
+        if len(secret) != _SECRET_SIZE:
+            raise _Refused(f"cache key {cache_dir() / _SECRET_NAME} is not {_SECRET_SIZE} bytes long")
+    except _Refused as e:
+        raise _Refused(f"{e} (delete it: a new key is made on the next compile, and the entries are rebuilt)") from None
+    return secret
+
+
+def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
+    return hmac.new(secret, MAGIC + key.encode() + b"\0" + payload, hashlib.sha256).digest()
+
+
+def _entry_name(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"not a cache key: {key!r}")
+    return f"{key}.entry"
+
+
+def _unpack(data: bytes, key: str, secret: bytes) -> tuple[dict, bytes] | None:
+    head = len(MAGIC) + _MAC_SIZE + 8
+    if len(data) < head or not data.startswith(MAGIC):
         return None
-    if not isinstance(meta, dict) or meta.get("object_sha256") != hashlib.sha256(obj).hexdigest():
+    mac, payload = data[len(MAGIC):len(MAGIC) + _MAC_SIZE], data[len(MAGIC) + _MAC_SIZE:]
+    if not hmac.compare_digest(mac, _mac(secret, key, payload)):
         return None
-    return meta, obj
+    (meta_size,) = struct.unpack("<Q", payload[:8])
+    try:
+        meta = json.loads(payload[8:8 + meta_size])
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or meta.pop("cache_key", None) != key:
+        return None
+    return meta, payload[8 + meta_size:]
+
+
+def load(key: str, model: str | None = None) -> tuple[dict, bytes] | None:
+    """(metadata, object code) of the entry `key`, or None when there is no
+    entry, or it fails a check (a refused one also warns). `model`, when
+    given, must be the model the entry holds."""
+    name = _entry_name(key)
+    try:
+        dir_fd = _open_dir(create=False)
+    except _Refused as e:
+        _warn_once(f"not using the structc cache: {e}; compiling without it "
+                   f"(make the folder yours and private, or set STRUCTC_CACHE_DIR)")
+        return None
+    except OSError:
+        return None
+    if dir_fd is None:
+        return None
+    try:
+        secret = _secret(dir_fd, create=False)
+        if secret is None:
+            return None
+        entry = _unpack(_read(dir_fd, name, "cache entry", 0o022), key, secret)
+    except _Refused as e:
+        _warn_once(f"not using a structc cache file: {e}; compiling without it")
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
+    if entry is None:
+        _warn_once(f"structc cache entry {cache_dir() / name} failed its integrity check "
+                   "(damaged, or not written by structc as you); recompiling")
+        return None
+    if model is not None and entry[0].get("model") != model:
+        return None
+    return entry
 
 
 def store(key: str, meta: dict, obj: bytes) -> None:
     """Best effort: a read-only or full disk only costs a recompile next time."""
-    meta = dict(meta, object_sha256=hashlib.sha256(obj).hexdigest())
-    d = cache_dir()
+    name = _entry_name(key)
+    meta_bytes = json.dumps(dict(meta, cache_key=key)).encode()
+    payload = struct.pack("<Q", len(meta_bytes)) + meta_bytes + obj
     try:
-        _atomic_write(d / f"{key}.o", obj)
-        _atomic_write(d / f"{key}.json", json.dumps(meta).encode())
+        dir_fd = _open_dir(create=True)
+    except _Refused as e:
+        _warn_once(f"not using the structc cache: {e}; compiling without it "
+                   f"(make the folder yours and private, or set STRUCTC_CACHE_DIR)")
+        return
+    except OSError:
+        return
+    try:
+        secret = _secret(dir_fd, create=True)
+        tmp = _write_new(dir_fd, name, MAGIC + _mac(secret, key, payload) + payload)
+        try:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    except _Refused as e:
+        _warn_once(f"not using the structc cache: {e}; compiling without it")
     except OSError:
         pass
+    finally:
+        os.close(dir_fd)

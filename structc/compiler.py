@@ -22,6 +22,7 @@ from llvmlite import ir
 from . import __version__
 from .autodiff import differentiate
 from .build import ModelDef, build_model
+from .errors import Span
 from .graph import Builder, Graph
 from .lower.module import Target, lower_entry
 from .native import compile_object, host_target
@@ -29,7 +30,7 @@ from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
 from .passes.message import PREPARE, prepare
 from .passes.plan import Plan, param_layout, plan_memory
-from .syntax import format_program, parse
+from .syntax import Program, format_program, parse
 
 #: bumped whenever the calling convention or the metadata of compiled code changes
 ABI_VERSION = 1
@@ -173,7 +174,11 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
 
 def compile_source(source: str, file: str = "<source>", model: str | None = None,
                    target: Target | None = None, dump=None, jit: bool = True) -> Artifact:
-    program = parse(source, file)
+    return compile_program(parse(source, file), model, target, dump, jit)
+
+
+def compile_program(program: Program, model: str | None = None, target: Target | None = None,
+                    dump=None, jit: bool = True) -> Artifact:
     if dump:
         dump("ast", format_program(program))
     mdef = build_model(program, model)
@@ -182,10 +187,59 @@ def compile_source(source: str, file: str = "<source>", model: str | None = None
     return compile_model(mdef, target, dump, jit)
 
 
-def cache_key(source: str, model: str | None, target: Target, options: dict | None = None) -> str:
+# Fields that hold the program's layout, not its meaning: the key ignores them.
+_LAYOUT_FIELDS = {(Program, "source"), (Program, "file")}
+
+
+class _Mark(str):
+    """Structure text in the canonical form, as opposed to a value to quote."""
+
+
+def canonical_program(program: Program) -> str:
+    """The parsed program with every field but source positions, as text: a
+    comment or a change of layout leaves it unchanged, any change of a name,
+    number or option changes it. Walked with an explicit stack, so deep
+    expressions cannot exhaust Python's recursion limit."""
+    out: list[str] = []
+    stack: list = [program]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Mark):
+            out.append(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            parts: list = [_Mark(f"({type(item).__name__}")]
+            for f in dataclasses.fields(item):
+                value = getattr(item, f.name)
+                if isinstance(value, Span) or (type(item), f.name) in _LAYOUT_FIELDS:
+                    continue
+                parts += [_Mark(f" {f.name}="), value]
+            stack.extend(reversed(parts + [_Mark(")")]))
+        elif isinstance(item, (list, tuple)):
+            parts = [_Mark("[")]
+            for element in item:
+                parts += [element, _Mark(",")]
+            stack.extend(reversed(parts + [_Mark("]")]))
+        elif item is None or isinstance(item, (str, int, float)):
+            out.append(f"{type(item).__name__}:{item!r}")    # 1 and 1.0 differ; strings are quoted
+        else:   # a new kind of AST value: extend this walk rather than key on its repr
+            raise TypeError(f"canonical_program cannot key on a {type(item).__name__}")
+    return "".join(out)
+
+
+def _toolchain() -> str:
+    """llvmlite and LLVM versions: another LLVM may generate other code."""
+    import llvmlite
+    from llvmlite import binding
+    return f"llvmlite {llvmlite.__version__}, LLVM {'.'.join(map(str, binding.llvm_version_info))}"
+
+
+def cache_key(program: Program, model: str | None, target: Target, options: dict | None = None) -> str:
+    """The cache key of `model` of `program` compiled for `target`: the
+    canonical program (not its bytes), the compiler (version and sources),
+    llvmlite and LLVM, the target CPU and the options (such as `jit`)."""
     h = hashlib.sha256()
-    for part in (compiler_fingerprint(), source, model or "", target.triple, target.cpu, target.features,
-                 json.dumps(options or {}, sort_keys=True)):
+    for part in (compiler_fingerprint(), _toolchain(), canonical_program(program), model or "",
+                 target.triple, target.cpu, target.features, json.dumps(options or {}, sort_keys=True)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]

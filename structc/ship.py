@@ -7,14 +7,21 @@ The library holds the generated code (position-independent, for the chosen
 target CPU), the runtime (`runtime/structc_rt.c`), and a small C file with
 the metadata JSON and, optionally, trained parameters. Linking needs a C
 compiler (`cc`, or `$CC`).
+
+Code and metadata are one file, linked together, so they cannot disagree
+unless the library itself is edited. `load` opens the library, which runs
+its code as importing a Python module does: load only libraries you built
+or trust.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import weakref
@@ -124,6 +131,8 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
             if value.shape != tuple(p["shape"]):
                 raise ShipError(f"--params: '{p['name']}' has shape {value.shape}, the model expects {tuple(p['shape'])}")
             arena[p["offset"]:p["offset"] + value.size] = value.reshape(-1)
+    if art.jit and not art.llvm_ir:
+        raise ShipError("a shared library needs position-independent code: compile it with jit=False")
     obj = art.object if not art.jit else compile_object(art.llvm_ir, target, jit=False)
     cc = _c_compiler()
     rt = _runtime_dir()
@@ -137,11 +146,32 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise ShipError(f"linking failed ({' '.join(cmd)}):\n{result.stderr.strip()}")
-        tmp_out = Path(str(path) + ".tmp")
-        shutil.copyfile(out, tmp_out)
-        os.replace(tmp_out, path)
+        mode = stat.S_IMODE(out.stat().st_mode)      # as the linker made it, under the user's umask
+        _write_atomically(path, out.read_bytes(), mode)
     if header:
-        Path(header).write_text(header_text(meta))
+        _write_atomically(header, header_text(meta).encode(), mode & 0o666)
+
+
+def _write_atomically(path, data: bytes, mode: int) -> None:
+    """Write `path` through a new file in its folder (exclusive creation:
+    never through a file or link planted at a predictable name), then
+    rename it into place, so a reader never sees half a library."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ShipError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ShipError(f"cannot write {path}: {e.strerror}") from None
+        raise
 
 
 # -- loading ---------------------------------------------------------------
@@ -178,7 +208,9 @@ class SharedModule:
 def load(path, seed: int = 0):
     """A `Net` from a shared library written by `structc compile -o`, without
     its source and without compiling. Parameters built in with `--params`
-    are loaded; otherwise they are initialised as declared."""
+    are loaded; otherwise they are initialised as declared. Opening the
+    library runs its code, as importing a Python module does: load only
+    libraries you built or trust."""
     from .model import Net
     from .native import get_num_threads
     path = os.path.abspath(str(path))

@@ -1,5 +1,6 @@
 """Compiled models as shipped artefacts: shared libraries, C use, loading
 checks, the on-disk cache, threads and memory."""
+import contextlib
 import os
 import shutil
 import subprocess
@@ -120,6 +121,41 @@ def test_generic_target_runs_everywhere(tmp_path):
     np.testing.assert_allclose(net(x=x), ref(x=x), rtol=1e-4, atol=1e-6)
 
 
+@needs_cc
+def test_output_never_writes_through_a_planted_temporary_name(tmp_path):
+    """Issue 15: `-o DIR/model.so` wrote through a symlink at DIR/model.so.tmp."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for name in ("g.so.tmp", "g.h.tmp"):
+        (tmp_path / name).symlink_to(victim)
+    assert main(["compile", str(MLP), "-o", str(tmp_path / "g.so"), "-H", str(tmp_path / "g.h"),
+                 "--target-cpu", "generic"]) == 0
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "g.so").is_symlink() and not (tmp_path / "g.h").is_symlink()
+    assert (tmp_path / "g.so").stat().st_mode & 0o111, "a library keeps the linker's mode"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h", "g.h.tmp", "g.so", "g.so.tmp", "victim"]
+    assert structc.load(tmp_path / "g.so").name == "DigitsMLP"
+
+
+@needs_cc
+def test_library_from_a_cached_artifact(tmp_path, monkeypatch):
+    """`compile_artifact(jit=False)` (what `structc compile -o` can use) hits
+    the cache the second time and still links a working library."""
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / "cache"))
+    src = "model C { input x: f32[N, 3]\n output y = tanh(x) * 2 }"
+    api.compile_artifact(src, jit=False)
+    before = api.COMPILE_COUNT
+    art = api.compile_artifact(src, jit=False)
+    assert api.COMPILE_COUNT == before and not art.llvm_ir
+    ship.write_shared_library(art, tmp_path / "c.so")
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(structc.load(tmp_path / "c.so")(x=x), 2 * np.tanh(x), rtol=1e-6)
+    api.compile_artifact(src)
+    jit_hit = api.compile_artifact(src)          # in-process code, without its LLVM IR
+    with pytest.raises(ship.ShipError, match="position-independent"):
+        ship.write_shared_library(jit_hit, tmp_path / "d.so")
+
+
 def test_not_a_model_library(tmp_path):
     (tmp_path / "junk.so").write_bytes(b"\x7fELF garbage")
     with pytest.raises(ship.ShipError, match="not a structc model library"):
@@ -131,23 +167,26 @@ def test_unknown_target_cpu(capsys):
     assert "unknown target CPU 'pentium2'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete_meta"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete_key"])
 def test_damaged_cache_entry_is_rebuilt(damage, tmp_path, monkeypatch):
     monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
     src = "model C { input x: f32[N, 3]\n output y = tanh(x) * 2 }"
     structc.compile(src)
-    obj = next(tmp_path.glob("*.o"))
+    entry = next(tmp_path.glob("*.entry"))
+    expect = pytest.warns(cache.CacheWarning, match="failed its integrity check")
     if damage == "truncate":
-        obj.write_bytes(obj.read_bytes()[:100])
+        entry.write_bytes(entry.read_bytes()[:100])
     elif damage == "garbage":
-        obj.write_bytes(os.urandom(obj.stat().st_size))
+        entry.write_bytes(os.urandom(entry.stat().st_size))
     else:
-        next(tmp_path.glob("*.json")).unlink()
+        (tmp_path / "key").unlink()     # a new secret: every old entry is rebuilt
+        expect = contextlib.nullcontext()
     before = api.COMPILE_COUNT
-    net = structc.compile(src)
+    with expect:
+        net = structc.compile(src)
     assert api.COMPILE_COUNT == before + 1
     np.testing.assert_allclose(net(x=np.ones((1, 3), np.float32)), 2 * np.tanh(np.ones((1, 3))), rtol=1e-6)
-    assert cache.load(obj.stem) is not None
+    assert cache.load(entry.stem) is not None
 
 
 def test_two_processes_compiling_at_once_both_succeed(tmp_path):
@@ -159,7 +198,7 @@ def test_two_processes_compiling_at_once_both_succeed(tmp_path):
     # source tree's structc/ has no built _runtime (the installed package does).
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path) for _ in range(3)]
     assert [p.wait() for p in procs] == [0, 0, 0]
-    assert len(list(tmp_path.glob("*.o"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(list(tmp_path.glob("*.entry"))) == 1 and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_threads_calling_two_instances_get_correct_results():
