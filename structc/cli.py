@@ -120,19 +120,11 @@ def cmd_check(args) -> int:
 
 
 def compile_into_cache(source: str, file: str, model: str | None, target) -> tuple[dict, bytes, bool]:
-    """Compile through the cache `structc.compile` uses: (meta, object, already cached).
-    The one place to switch to api's compile-through-the-cache function once it exists."""
+    """Compile through the cache `structc.compile` uses: (meta, object, already cached)."""
     from . import api
-    from .compiler import cache_key, compile_source
-    key = cache_key(source, model, target)
-    use_cache = os.environ.get("STRUCTC_NO_CACHE") is None
-    hit = api._cache_load(key) if use_cache else None
-    if hit is not None:
-        return hit[0], hit[1], True
-    art = compile_source(source, file, model, target)
-    if use_cache:
-        api._cache_store(key, art.meta, art.object)
-    return art.meta, art.object, False
+    before = api.COMPILE_COUNT
+    art = api.compile_artifact(source, file, model, target=target)
+    return art.meta, art.object, api.COMPILE_COUNT == before
 
 
 def cmd_compile(args) -> int:
