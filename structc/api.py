@@ -26,8 +26,10 @@ def read_source(path_or_source) -> tuple[str, str]:
     return path_or_source, "<source>"
 
 
-def compile(path_or_source, model: str | None = None, *, cache: bool = True, seed: int = 0) -> Net:  # noqa: A001
+def compile(path_or_source, model: str | None = None, *, cache: bool = True, seed: int = 0,  # noqa: A001
+            vocab=None) -> Net:
     """Compile a `.snet` model (a path or the source itself) to native code.
+    `vocab` (word -> id) lets forests be passed as bracketed strings of words.
 
     Compiled code is cached on disk by a hash of the source, the model name,
     the compiler and the target CPU: compiling it again loads it instead."""
@@ -44,7 +46,10 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
         meta, obj = art.meta, art.object
         if cache:
             _cache_store(key, meta, obj)
-    return Net(meta, JitModule(obj, target), seed=seed)
+    net = Net(meta, JitModule(obj, target), seed=seed)
+    if vocab is not None:
+        net.vocab = vocab
+    return net
 
 
 def _cache_load(key):
