@@ -351,10 +351,11 @@ class Net:
         """The hyper-parameters of the next step (called holding the lock)."""
         h, o = self._hyper, self._opt
         step = self._step + 1
-        h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
-        h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
-        h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
-        h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
+        with np.errstate(over="ignore"):      # an overflow is reported below
+            h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
+            h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
+            h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
+            h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
         if not np.isfinite(h).all():        # float32: lr=1e39 is finite in float64 only
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
@@ -385,7 +386,9 @@ def _hyper_value(name: str, value) -> float:
         raise TypeError(f"{name} must be a number, got {value!r}")
     v = float(value)
     low, high = _HYPER_RANGES[name]
-    if not np.isfinite(np.float32(v)) or v < low or (high is not None and v >= high):
+    with np.errstate(over="ignore"):
+        finite = bool(np.isfinite(np.float32(v)))
+    if not finite or v < low or (high is not None and v >= high):
         where = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
         raise ValueError(f"{name} must be a finite float32 number {where}, got {value!r}")
     return v
