@@ -201,7 +201,10 @@ class Forest:
                                  f"word ids are in [0, {_I32_MAX}]")
             w = np.where(is_leaf, w, 0)             # inner nodes' entries are ignored
         else:
-            f = np.asarray(features, dtype=np.float32)
+            f = np.asarray(features)
+            if f.dtype.kind not in "fiu":
+                raise ValueError(f"features must be real numbers, got dtype {f.dtype}")
+            f = f.astype(np.float32)
             if f.ndim != 2 or f.shape[0] != n:
                 raise ValueError(f"features must be a [nodes, F] array with {n} rows, got shape {f.shape}")
             if not np.isfinite(f[is_leaf]).all():
