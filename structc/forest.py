@@ -75,6 +75,10 @@ class Forest:
         # A forest is checked once, when it is built: it must stay as checked.
         raise AttributeError(f"a Forest is immutable (cannot set '{name}'); build a new one")
 
+    def __reduce__(self):
+        # pickle and copy rebuild through _restore, which seals the arrays again
+        return (_restore, ({k: getattr(self, k) for k in Forest.__slots__ if k != "_bound"},))
+
     # -- properties --------------------------------------------------------
     @property
     def arity(self) -> int:
@@ -340,6 +344,15 @@ class Forest:
         out["words" if self.words is not None else "features"] = \
             self.words if self.words is not None else self.features
         return out
+
+
+def _restore(fields: dict) -> Forest:
+    """A Forest from the fields `__reduce__` gave (unpickling, copying)."""
+    f = object.__new__(Forest)
+    for k, v in fields.items():
+        object.__setattr__(f, k, _frozen(v) if isinstance(v, np.ndarray) else v)
+    object.__setattr__(f, "_bound", {})
+    return f
 
 
 def as_forest(value, arity: int | None = None, vocab=None) -> Forest:

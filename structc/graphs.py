@@ -83,6 +83,10 @@ class Graph:
             fields["arrays"] = MappingProxyType(dict(fields["arrays"]))
         self.__dict__.update(fields)
 
+    def __reduce__(self):
+        # pickle and copy rebuild through _restore, which seals the arrays again
+        return (_restore, ({**self.__dict__, "arrays": dict(self.arrays)},))
+
     def __init__(self, edge_index, *, num_nodes: int | None = None, x=None, edge_x=None, edge_type=None,
                  graph_id=None, num_graphs: int | None = None):
         ei = _ints(edge_index, "edge_index")
@@ -178,6 +182,14 @@ class Graph:
         feats = f", x: {self.x.shape[1]} features" if self.x is not None else ""
         return (f"<structc.Graph {self.num_graphs} graph{'s' if self.num_graphs != 1 else ''}, "
                 f"{self.num_nodes} nodes, {self.num_edges} edges{feats}>")
+
+
+def _restore(fields: dict) -> Graph:
+    """A Graph from the fields `__reduce__` gave (unpickling, copying)."""
+    g = object.__new__(Graph)
+    sealed = {k: _readonly(v) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+    g._set(**{**sealed, "arrays": {k: _readonly(v) for k, v in fields["arrays"].items()}})
+    return g
 
 
 def _networkx_parts(G, x="x", edge_x="edge_attr", edge_type="edge_type") -> dict:

@@ -562,3 +562,20 @@ def test_a_checked_graph_cannot_be_changed(gnn):
 def test_graph_integers_are_never_truncated(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_graphs_and_forests_pickle_and_stay_sealed(gnn):
+    import copy
+    import pickle
+    net, _ = gnn
+    g = Graph([[0, 1, 2], [1, 2, 0]], num_nodes=3, x=np.ones((3, 6)))
+    f = structc.Forest.from_tuples([(1, 2), 3])
+    for clone in (lambda o: pickle.loads(pickle.dumps(o)), copy.copy, copy.deepcopy):
+        g2, f2 = clone(g), clone(f)
+        np.testing.assert_array_equal(net(g=g2), net(g=g))
+        assert f2.children.tolist() == f.children.tolist() and f2.words.tolist() == f.words.tolist()
+        for arr in (g2.arrays["src"], f2.children):
+            with pytest.raises(ValueError):
+                arr.flags.writeable = True
+        with pytest.raises(AttributeError):
+            g2.num_nodes = 7
