@@ -66,7 +66,7 @@ def _checked_param(name: str, value, shape: tuple, where: str = "") -> np.ndarra
     if bad.size:
         at = tuple(int(i) for i in np.unravel_index(bad[0], shape)) if shape else ()
         raise ValueError(f"{where}parameter '{name}' has {bad.size} value(s) that are not finite in float32 "
-                         f"(the first at {at}: {np.asarray(value).reshape(-1)[bad[0]]!r})")
+                         f"(the first at {at}: {np.asarray(value).reshape(-1)[bad[0]].item()!r})")
     return arr
 
 
@@ -276,9 +276,10 @@ class Net:
             local.address = ws.ctypes.data
         return local.address
 
-    def _run(self, kind: str, given: Mapping[str, object], mode: int, before=None, after=None):
+    def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None):
         """Check the inputs, then (holding the lock) `before()`, the native
-        call and `after()`; returns the outputs and what `after` returned."""
+        call and `after()`; returns the outputs and what `after` returned.
+        `mode` may be a function, read under the lock too."""
         entry = self._entries.get(kind)
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
@@ -292,6 +293,8 @@ class Net:
         with self._lock:
             if before is not None:
                 before()
+            if callable(mode):
+                mode = mode()
             status = _runtime.invoke(entry.address, pa, ga, sa, ws, arrays, list(outs.values()), dvals,
                                      self._hyper_addr, mode)
             extra = after() if after is not None and status == 0 else None
@@ -339,7 +342,7 @@ class Net:
         With `check_finite` (default: `net.check_finite`, off) a loss that is
         NaN or infinite raises FloatingPointError instead of being returned."""
         lr = _hyper_value("lr", lr)
-        outs, step = self._run("train", inputs, MODES[self.optimizer], before=lambda: self._set_hyper(lr),
+        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=lambda: self._set_hyper(lr),
                                after=lambda: self._step)
         loss = float(outs["loss"])
         if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
