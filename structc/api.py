@@ -28,8 +28,10 @@ def read_source(path_or_source) -> tuple[str, str]:
     return path_or_source, "<source>"
 
 
-def compile(path_or_source, model: str | None = None, *, cache: bool = True, seed: int = 0) -> Net:  # noqa: A001
+def compile(path_or_source, model: str | None = None, *, cache: bool = True, seed: int = 0,  # noqa: A001
+            vocab=None) -> Net:
     """Compile a `.snet` model (a path or the source itself) to native code.
+    `vocab` (word -> id) lets forests be passed as bracketed strings of words.
 
     Compiled code is cached on disk, keyed by the parsed program (comments and
     layout do not count), the model name, the compiler, LLVM and the target
@@ -37,7 +39,10 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
     source, file = read_source(path_or_source)
     target = host_target()
     art = compile_artifact(source, file, model, target=target, cache=cache)
-    return Net(art.meta, JitModule(art.object, target), seed=seed)
+    net = Net(art.meta, JitModule(art.object, target), seed=seed)
+    if vocab is not None:
+        net.vocab = vocab
+    return net
 
 
 def compile_artifact(source: str, file: str = "<source>", model: str | None = None, *,

@@ -26,18 +26,39 @@ each tree once and forms batches cheaply.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 _I32 = np.int32
+_I32_MAX = int(np.iinfo(np.int32).max)
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
+    """A read-only copy that user code cannot make writeable again: a view of
+    an immutable bytes object (an array owning its data could be)."""
     a = np.ascontiguousarray(a)
-    a.flags.writeable = False
-    return a
+    return np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)
+
+
+def _int64(value, what: str) -> np.ndarray:
+    """Integers as int64, refusing what int64 cannot hold (uint64 above 2**63
+    would wrap to negative numbers)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{what}: {int(arr.max())} is out of range (at most {_I32_MAX})")
+    return arr.astype(np.int64)
+
+
+def _check_int32(arr: np.ndarray, low: int, what: str) -> None:
+    """Every value in [low, 2**31 - 1], so that narrowing to int32 is exact."""
+    bad = (arr < low) | (arr > _I32_MAX)
+    if bad.any():
+        k = int(np.flatnonzero(bad.reshape(-1))[0])
+        raise ValueError(f"{what}: {int(arr.reshape(-1)[k])} at position {k} is out of range "
+                         f"[{low}, {_I32_MAX}]")
 
 
 class Forest:
@@ -49,6 +70,14 @@ class Forest:
     def __init__(self, *args, **kwargs):
         raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
                         "Forest.from_arrays or Forest.concat")
+
+    def __setattr__(self, name, value):
+        # A forest is checked once, when it is built: it must stay as checked.
+        raise AttributeError(f"a Forest is immutable (cannot set '{name}'); build a new one")
+
+    def __reduce__(self):
+        # pickle and copy rebuild through _restore, which seals the arrays again
+        return (_restore, ({k: getattr(self, k) for k in Forest.__slots__ if k != "_bound"},))
 
     # -- properties --------------------------------------------------------
     @property
@@ -95,24 +124,33 @@ class Forest:
         pos = np.empty(n, np.int64)
         pos[order] = np.arange(n)
         ch = children[order]
-        f = object.__new__(cls)
-        f.children = _frozen(np.where(ch >= 0, pos[np.maximum(ch, 0)], -1).astype(_I32))
-        f.height = _frozen(height[order].astype(_I32))
-        counts = np.bincount(f.height)
-        f.level_end = _frozen(np.cumsum(counts).astype(_I32))
+        if n > _I32_MAX:
+            raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
+        if words is not None:
+            _check_int32(words, 0, "word ids")
+        if labels is not None:
+            _check_int32(labels, -1, "labels (-1 for none)")
+        a = {}
+        a["children"] = _frozen(np.where(ch >= 0, pos[np.maximum(ch, 0)], -1).astype(_I32))
+        a["height"] = _frozen(height[order].astype(_I32))
+        counts = np.bincount(a["height"])
+        a["level_end"] = _frozen(np.cumsum(counts).astype(_I32))
         has_parent = np.zeros(n, bool)
         has_parent[children[children >= 0]] = True
         root_nodes = np.flatnonzero(~has_parent)
         root_nodes = root_nodes[np.argsort(tree_of[root_nodes], kind="stable")]   # tree order
-        f.roots = _frozen(pos[root_nodes].astype(_I32))
-        f.tree_of = _frozen(tree_of[order].astype(_I32))
+        a["roots"] = _frozen(pos[root_nodes].astype(_I32))
+        a["tree_of"] = _frozen(tree_of[order].astype(_I32))
         leaves = order[: int(counts[0])]
-        f.words = _frozen(words[leaves].astype(_I32)) if words is not None else None
-        f.features = _frozen(features[leaves].astype(np.float32)) if features is not None else None
-        f.labels = _frozen(labels[order].astype(_I32)) if labels is not None else None
-        f.index = _frozen(pos[index].astype(_I32)) if index is not None else _frozen(pos.astype(_I32))
-        f.max_word = int(f.words.max()) if f.words is not None and f.words.size else -1
-        f._bound = {}
+        a["words"] = _frozen(words[leaves].astype(_I32)) if words is not None else None
+        a["features"] = _frozen(features[leaves].astype(np.float32)) if features is not None else None
+        a["labels"] = _frozen(labels[order].astype(_I32)) if labels is not None else None
+        a["index"] = _frozen(pos[index].astype(_I32)) if index is not None else _frozen(pos.astype(_I32))
+        a["max_word"] = int(a["words"].max()) if a["words"] is not None and a["words"].size else -1
+        a["_bound"] = {}
+        f = object.__new__(cls)
+        for k, v in a.items():
+            object.__setattr__(f, k, v)
         return f
 
     @classmethod
@@ -134,7 +172,7 @@ class Forest:
             raise ValueError("a forest needs at least one node")
         if arity is not None and ch.shape[1] > arity:
             raise ValueError(f"forest children has {ch.shape[1]} columns, more than the arity {arity}")
-        ch = ch.astype(np.int64)
+        ch = _int64(ch, "forest children")
         bad = (ch < -1) | (ch >= n)
         if bad.any():
             i, k = np.argwhere(bad)[0]
@@ -160,13 +198,17 @@ class Forest:
             w = np.asarray(words)
             if w.dtype.kind not in "iu" or w.shape != (n,):
                 raise ValueError(f"words must be {n} integers (one per node), got {w.dtype} {w.shape}")
-            w = w.astype(np.int64)
-            neg = is_leaf & (w < 0)
-            if neg.any():
-                raise ValueError(f"leaf {int(np.flatnonzero(neg)[0])} has word id {int(w[neg][0])}; "
-                                 "word ids are non-negative")
+            w = _int64(w, "word ids")
+            bad = is_leaf & ((w < 0) | (w > _I32_MAX))
+            if bad.any():
+                raise ValueError(f"leaf {int(np.flatnonzero(bad)[0])} has word id {int(w[bad][0])}; "
+                                 f"word ids are in [0, {_I32_MAX}]")
+            w = np.where(is_leaf, w, 0)             # inner nodes' entries are ignored
         else:
-            f = np.asarray(features, dtype=np.float32)
+            f = np.asarray(features)
+            if f.dtype.kind not in "fiu":
+                raise ValueError(f"features must be real numbers, got dtype {f.dtype}")
+            f = f.astype(np.float32)
             if f.ndim != 2 or f.shape[0] != n:
                 raise ValueError(f"features must be a [nodes, F] array with {n} rows, got shape {f.shape}")
             if not np.isfinite(f[is_leaf]).all():
@@ -176,6 +218,7 @@ class Forest:
             lab = np.asarray(labels)
             if lab.dtype.kind not in "iu" or lab.shape != (n,):
                 raise ValueError(f"labels must be {n} integers (one per node), got {lab.dtype} {lab.shape}")
+            lab = _int64(lab, "labels")
         height = _heights(ch)
         tree_of = _tree_of(ch)
         return cls._make(ch, height, w, f, lab, tree_of, np.arange(n))
@@ -296,10 +339,20 @@ class Forest:
         ch = self.children
         if ch.shape[1] < arity:
             ch = np.pad(ch, ((0, 0), (0, arity - ch.shape[1])), constant_values=-1)
+            ch = _frozen(ch)        # handed to native code: nobody may write it
         out = {"children": ch, "roots": self.roots, "level_end": self.level_end}
         out["words" if self.words is not None else "features"] = \
             self.words if self.words is not None else self.features
         return out
+
+
+def _restore(fields: dict) -> Forest:
+    """A Forest from the fields `__reduce__` gave (unpickling, copying)."""
+    f = object.__new__(Forest)
+    for k, v in fields.items():
+        object.__setattr__(f, k, _frozen(v) if isinstance(v, np.ndarray) else v)
+    object.__setattr__(f, "_bound", {})
+    return f
 
 
 def as_forest(value, arity: int | None = None, vocab=None) -> Forest:
@@ -361,18 +414,31 @@ def _is_leaf(x) -> bool:
 
 
 def _word_id(w, vocab) -> int:
+    """The id of a leaf's word: an int as it is, a string looked up in `vocab`
+    (unknown words map to `vocab.unk` when the vocabulary has one)."""
     if isinstance(w, (int, np.integer)):
-        if w < 0:
-            raise ValueError(f"word ids are non-negative, got {w}")
-        return int(w)
+        return _checked_id(int(w), w)
     if vocab is None:
         if w.isdigit():
-            return int(w)
-        raise ValueError(f"word {w!r} is not a number and no vocabulary was given")
+            return _checked_id(int(w), w)
+        raise ValueError(f"word {w!r} is not a number and no vocabulary was given: pass one to "
+                         "Forest.from_brackets(text, vocab) / from_tuples, or set net.vocab")
     try:
-        return int(vocab[w])
+        return _checked_id(int(vocab[w]), w)
     except KeyError:
-        raise ValueError(f"word {w!r} is not in the vocabulary") from None
+        unk = getattr(vocab, "unk", None)
+        if unk is not None:
+            return _checked_id(int(unk), w)
+        close = difflib.get_close_matches(w, [k for k in vocab if isinstance(k, str)], n=3)
+        hint = f" (close: {', '.join(map(repr, close))})" if close else ""
+        raise ValueError(f"word {w!r} is not in the vocabulary{hint}; give the vocabulary an unknown-word "
+                         "id (Vocab.build(words, unk='<unk>')) to map such words to it") from None
+
+
+def _checked_id(i: int, word) -> int:
+    if not 0 <= i <= _I32_MAX:
+        raise ValueError(f"word {word!r}: id {i} is out of range [0, {_I32_MAX}]")
+    return i
 
 
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
@@ -417,6 +483,8 @@ def _parse_brackets(text: str, vocab, tree_no: int, acc: _Parsed) -> None:
                 label = None
                 if k + 1 < len(tokens) and _is_int(tokens[k]) and tokens[k + 1] != ")":
                     label = int(tokens[k])
+                    if not 0 <= label <= _I32_MAX:
+                        raise ValueError(f"tree {tree_no}: label {tokens[k]} is out of range [0, {_I32_MAX}]")
                     k += 1
                 frames.append((label, []))
                 continue
@@ -475,23 +543,52 @@ def _tree_of(ch: np.ndarray) -> np.ndarray:
 
 
 class Vocab(dict):
-    """word -> id, built from tokens in order of first appearance."""
+    """word -> id, built from tokens in order of first appearance. `unk`, when
+    not None, is the id unknown words get (otherwise they are an error)."""
+
+    unk: int | None = None
 
     @classmethod
-    def build(cls, tokens: Iterable[str]) -> "Vocab":
+    def build(cls, tokens: Iterable[str], unk: str | None = None) -> "Vocab":
+        """The vocabulary of `tokens`; with `unk` (e.g. "<unk>"), that token
+        (added last if absent) stands for every unknown word."""
         v = cls()
         for t in tokens:
             if t not in v:
                 v[t] = len(v)
+        if unk is not None:
+            v.setdefault(unk, len(v))
+            v.unk = v[unk]
         return v
 
 
-def bind_forest(name: str, value, spec: dict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def checked_vocab(vocab, size: int | None):
+    """`vocab` if it maps strings to ids in [0, size), else a clear error."""
+    if vocab is None:
+        return None
+    if not isinstance(vocab, Mapping):
+        raise TypeError(f"a vocabulary maps words to ids (a dict or structc.forest.Vocab), "
+                        f"got {type(vocab).__name__}")
+    limit = _I32_MAX + 1 if size is None else size
+    for word, i in vocab.items():
+        if not isinstance(word, str):
+            raise TypeError(f"vocabulary keys are words (strings), got {word!r}")
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < limit:
+            raise ValueError(f"vocabulary: word {word!r} has id {i!r}, outside [0, {limit})"
+                             + (" (the model's vocab)" if size is not None else ""))
+    unk = getattr(vocab, "unk", None)
+    if unk is not None and not 0 <= unk < limit:
+        raise ValueError(f"vocabulary: the unknown-word id {unk} is outside [0, {limit})")
+    return vocab
+
+
+def bind_forest(name: str, value, spec: dict, vocab=None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The arrays of forest input `name` (as `Net` passes them to native code)
-    and its dimensions, from a Forest, bracketed strings or nested tuples,
-    checked against the model's declaration `spec` (arity, vocab or
-    features). A Forest remembers the result: its arrays are read-only."""
-    f = as_forest(value, arity=spec["arity"])
+    and its dimensions, from a Forest, bracketed strings or nested tuples
+    (words looked up in `vocab`), checked against the model's declaration
+    `spec` (arity, vocab or features). A Forest remembers the result: its
+    arrays are read-only."""
+    f = as_forest(value, arity=spec["arity"], vocab=vocab)
     key = (name, spec["arity"], spec.get("vocab"), spec.get("features"))
     bound = f._bound.get(key)
     if bound is None:
@@ -507,11 +604,18 @@ class ForestBinder:
 
     def __init__(self, specs: list[dict]):
         self.specs = specs
+        self.vocab = None       # word -> id for forests given as strings or tuples of words
 
     @classmethod
     def from_meta(cls, meta: dict) -> "ForestBinder | None":
         specs = meta.get("forests") or []
         return cls(specs) if specs else None
+
+    def set_vocab(self, vocab) -> None:
+        sizes = [s.get("vocab") for s in self.specs]
+        if vocab is not None and all(v is None for v in sizes):
+            raise TypeError("this model's forests carry feature vectors, not words: it takes no vocabulary")
+        self.vocab = checked_vocab(vocab, min(v for v in sizes if v is not None) if vocab is not None else None)
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         out = dict(given)
@@ -520,7 +624,7 @@ class ForestBinder:
             if name not in out:
                 raise TypeError(f"missing input '{name}': expected a forest (structc.Forest, "
                                 "bracketed tree strings or nested tuples)")
-            arrays, sizes = bind_forest(name, out.pop(name), spec)
+            arrays, sizes = bind_forest(name, out.pop(name), spec, self.vocab)
             out.update(arrays)
             dims.update(sizes)      # bound even where no array of this entry point shows them
         return out

@@ -17,14 +17,22 @@ given (edge features are permuted along with them).
 given for a graph input (a `Graph`, a networkx graph, a dict of arrays, or a
 list of those to batch) into the model's arrays and size symbols, checking it
 against the declared `graph(features=..., edge_features=..., edge_types=...)`.
-A networkx graph is converted once and cached (weakly, by identity, and
-rebuilt if its node or edge count changes); a dict or a list is converted on
-every call, so convert those once with `Graph(...)` / `batch(...)` yourself.
+A networkx graph is read on every call: its edges and attributes are
+fingerprinted, and only when they differ from the last call's is it
+converted again (so changing a feature or rewiring an edge is seen). A dict
+or a list is converted on every call, so convert those once with
+`Graph(...)` / `batch(...)` yourself.
+
+A `Graph` cannot be changed once checked: its attributes cannot be set and
+its index arrays are read-only views of immutable bytes (numpy refuses to
+make them writeable), so what native code reads is what was checked.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
+from types import MappingProxyType
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -33,9 +41,10 @@ _I32_MAX = np.iinfo(np.int32).max
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only copy that cannot be made writeable again: a view of an
+    immutable bytes object (numpy lets the owner of data flip the flag back)."""
     a = np.ascontiguousarray(a)
-    a.flags.writeable = False
-    return a
+    return np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)
 
 
 def _ints(value, what: str) -> np.ndarray:
@@ -44,6 +53,8 @@ def _ints(value, what: str) -> np.ndarray:
         return arr.astype(np.int64).reshape(arr.shape)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > _I32_MAX:      # uint64 above 2**63 would wrap to negative
+        raise ValueError(f"{what}: {int(arr.max())} is out of range (at most {_I32_MAX})")
     return arr.astype(np.int64, copy=False)
 
 
@@ -62,6 +73,19 @@ def _floats(value, what: str, rows: int, per: str = "node") -> np.ndarray:
 
 class Graph:
     """A graph, or a batch of graphs, ready to be passed to a compiled model."""
+
+    def __setattr__(self, name, value):
+        # Checked once, when built: it must stay as checked (build another, or use with_features).
+        raise AttributeError(f"a Graph is immutable (cannot set '{name}'); build a new one")
+
+    def _set(self, **fields) -> None:
+        if "arrays" in fields:
+            fields["arrays"] = MappingProxyType(dict(fields["arrays"]))
+        self.__dict__.update(fields)
+
+    def __reduce__(self):
+        # pickle and copy rebuild through _restore, which seals the arrays again
+        return (_restore, ({**self.__dict__, "arrays": dict(self.arrays)},))
 
     def __init__(self, edge_index, *, num_nodes: int | None = None, x=None, edge_x=None, edge_type=None,
                  graph_id=None, num_graphs: int | None = None):
@@ -87,23 +111,22 @@ class Graph:
             bad = int(np.flatnonzero((ei < 0).any(axis=0) | (ei >= n).any(axis=0))[0])
             raise ValueError(f"edge {bad} ({int(src[bad])} -> {int(dst[bad])}) has a node index outside "
                              f"[0, {n})")
-        self.num_nodes, self.num_edges = n, m
         order = np.argsort(dst, kind="stable")
         src_c, dst_c = src[order], dst[order]
         order_t = np.argsort(src_c, kind="stable")
         a = {"ptr": _pointers(dst, n), "src": src_c, "ptr_t": _pointers(src, n), "dst_t": dst_c[order_t],
              "eid_t": order_t}
-        self.order = _readonly(order)
-        self.x = None if x is None else _floats(x, "node features x", n)
-        self.edge_x = None if edge_x is None else _readonly(_floats(edge_x, "edge features edge_x", m, "edge")[order])
-        self.max_type = -1
+        xv = None if x is None else _floats(x, "node features x", n)
+        ex = None if edge_x is None else _readonly(_floats(edge_x, "edge features edge_x", m, "edge")[order])
+        max_type = -1
         if edge_type is not None:
             t = _ints(edge_type, "edge_type").reshape(-1)
             if t.shape != (m,):
                 raise ValueError(f"edge_type must have one entry per edge ({m}), got shape {t.shape}")
-            if m and t.min() < 0:
-                raise ValueError(f"edge types must be non-negative, got {int(t.min())}")
-            self.max_type = int(t.max()) if m else -1
+            if m and (t.min() < 0 or t.max() >= _I32_MAX):
+                bad = int(t.min()) if t.min() < 0 else int(t.max())
+                raise ValueError(f"edge type {bad} is out of range [0, {_I32_MAX})")
+            max_type = int(t.max()) if m else -1
             a["type"] = t[order]
             a["type_t"] = a["type"][order_t]
         if graph_id is None:
@@ -115,17 +138,22 @@ class Graph:
             if n and (gid.min() < 0 or np.any(np.diff(gid) < 0)):
                 raise ValueError("graph_id must be non-negative and sorted: each graph's nodes together, "
                                  "graphs in order (structc.batch builds such a union)")
+            if n and gid.max() >= _I32_MAX:
+                raise ValueError(f"graph_id {int(gid.max())} is too large for 32-bit indices")
         k = int(gid.max()) + 1 if n else 0
         if num_graphs is not None:
             if _count(num_graphs, "num_graphs") < k:
                 raise ValueError(f"num_graphs is {num_graphs}, but graph_id goes up to {k - 1}")
+            if num_graphs >= _I32_MAX:
+                raise ValueError(f"num_graphs {num_graphs} is too large for 32-bit indices")
             k = num_graphs
-        self.num_graphs = max(k, 1)
-        a["gptr"] = _pointers(gid, self.num_graphs)
+        k = max(k, 1)
+        a["gptr"] = _pointers(gid, k)
         a["gnode"] = np.arange(n)
         a["nptr"] = np.arange(n + 1)
         a["graph"] = gid
-        self.arrays = {role: _readonly(v.astype(np.int32)) for role, v in a.items()}
+        self._set(num_nodes=n, num_edges=m, num_graphs=k, order=_readonly(order), x=xv, edge_x=ex,
+                  max_type=max_type, arrays={role: _readonly(v.astype(np.int32)) for role, v in a.items()})
 
     # -- other constructors ------------------------------------------------------
     @classmethod
@@ -133,46 +161,16 @@ class Graph:
         """Nodes in `G.nodes` order; an undirected edge becomes two directed ones
         (a self loop stays one). `x`, `edge_x`, `edge_type` are attribute names
         (used when every node / edge has it) or arrays (in `G.nodes` / `G.edges` order)."""
-        nodes = list(G.nodes)
-        if not nodes:
-            raise ValueError("a graph needs at least one node")
-        index = {v: k for k, v in enumerate(nodes)}
-        edges = list(G.edges(keys=True, data=True)) if G.is_multigraph() else list(G.edges(data=True))
-        data = [e[-1] for e in edges]
-        src = np.array([index[e[0]] for e in edges], np.int64)
-        dst = np.array([index[e[1]] for e in edges], np.int64)
-        pick = np.arange(len(edges))
-        if not G.is_directed():
-            back = np.flatnonzero(src != dst)
-            src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
-            pick = np.concatenate([pick, back])
-
-        def attribute(spec, table):
-            if spec is None:
-                return None
-            if isinstance(spec, str):
-                if all(spec in d for d in table) and table:
-                    return np.array([d[spec] for d in table])
-                return None
-            return np.asarray(spec)
-
-        xv = attribute(x, [G.nodes[v] for v in nodes])
-        ex = attribute(edge_x, data)
-        et = attribute(edge_type, data)
-        if ex is not None and len(ex) == len(edges):
-            ex = np.asarray(ex)[pick]
-        if et is not None and len(et) == len(edges):
-            et = np.asarray(et)[pick]
-        return cls(np.stack([src, dst]), num_nodes=len(nodes), x=xv, edge_x=ex, edge_type=et)
+        return cls(**_networkx_parts(G, x, edge_x, edge_type))
 
     def with_features(self, x=None, edge_x=None) -> "Graph":
         """The same structure with other features (edge features in the order given)."""
         other = object.__new__(Graph)
         other.__dict__.update(self.__dict__)
         if x is not None:
-            other.x = _floats(x, "node features x", self.num_nodes)
+            other._set(x=_floats(x, "node features x", self.num_nodes))
         if edge_x is not None:
-            other.edge_x = _readonly(_floats(edge_x, "edge features edge_x", self.num_edges, "edge")[self.order])
+            other._set(edge_x=_readonly(_floats(edge_x, "edge features edge_x", self.num_edges, "edge")[self.order]))
         return other
 
     @property
@@ -184,6 +182,49 @@ class Graph:
         feats = f", x: {self.x.shape[1]} features" if self.x is not None else ""
         return (f"<structc.Graph {self.num_graphs} graph{'s' if self.num_graphs != 1 else ''}, "
                 f"{self.num_nodes} nodes, {self.num_edges} edges{feats}>")
+
+
+def _restore(fields: dict) -> Graph:
+    """A Graph from the fields `__reduce__` gave (unpickling, copying)."""
+    g = object.__new__(Graph)
+    sealed = {k: _readonly(v) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+    g._set(**{**sealed, "arrays": {k: _readonly(v) for k, v in fields["arrays"].items()}})
+    return g
+
+
+def _networkx_parts(G, x="x", edge_x="edge_attr", edge_type="edge_type") -> dict:
+    """Graph's arguments, read from a networkx graph (see Graph.from_networkx)."""
+    nodes = list(G.nodes)
+    if not nodes:
+        raise ValueError("a graph needs at least one node")
+    index = {v: k for k, v in enumerate(nodes)}
+    edges = list(G.edges(keys=True, data=True)) if G.is_multigraph() else list(G.edges(data=True))
+    data = [e[-1] for e in edges]
+    src = np.array([index[e[0]] for e in edges], np.int64)
+    dst = np.array([index[e[1]] for e in edges], np.int64)
+    pick = np.arange(len(edges))
+    if not G.is_directed():
+        back = np.flatnonzero(src != dst)
+        src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
+        pick = np.concatenate([pick, back])
+
+    def attribute(spec, table):
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if all(spec in d for d in table) and table:
+                return np.array([d[spec] for d in table])
+            return None
+        return np.asarray(spec)
+
+    xv = attribute(x, [G.nodes[v] for v in nodes])
+    ex = attribute(edge_x, data)
+    et = attribute(edge_type, data)
+    if ex is not None and len(ex) == len(edges):
+        ex = np.asarray(ex)[pick]
+    if et is not None and len(et) == len(edges):
+        et = np.asarray(et)[pick]
+    return {"edge_index": np.stack([src, dst]), "num_nodes": len(nodes), "x": xv, "edge_x": ex, "edge_type": et}
 
 
 def _count(v, what: str) -> int:
@@ -220,8 +261,8 @@ def batch(graphs: Iterable) -> Graph:
     edge_off = np.cumsum([0] + [p.num_edges for p in parts])
     graph_off = np.cumsum([0] + [p.num_graphs for p in parts])
     n, m = int(node_off[-1]), int(edge_off[-1])
-    if n >= _I32_MAX or m >= _I32_MAX:
-        raise ValueError(f"batch too large for 32-bit indices: {n} nodes, {m} edges")
+    if n >= _I32_MAX or m >= _I32_MAX or graph_off[-1] >= _I32_MAX:
+        raise ValueError(f"batch too large for 32-bit indices: {n} nodes, {m} edges, {int(graph_off[-1])} graphs")
 
     def cat(role, offsets=None, pointer=False):
         arrs = []
@@ -236,18 +277,17 @@ def batch(graphs: Iterable) -> Graph:
         return np.concatenate(arrs).astype(np.int32)
 
     out = object.__new__(Graph)
-    out.num_nodes, out.num_edges, out.num_graphs = n, m, int(graph_off[-1])
     a = {"ptr": cat("ptr", edge_off, True), "src": cat("src", node_off), "ptr_t": cat("ptr_t", edge_off, True),
          "dst_t": cat("dst_t", node_off), "eid_t": cat("eid_t", edge_off),
          "gptr": cat("gptr", node_off, True), "gnode": np.arange(n, dtype=np.int32),
          "nptr": np.arange(n + 1, dtype=np.int32), "graph": cat("graph", graph_off)}
     if all(typed):
         a["type"], a["type_t"] = cat("type"), cat("type_t")
-    out.arrays = {k: _readonly(v) for k, v in a.items()}
-    out.order = _readonly(np.concatenate([p.order + edge_off[k] for k, p in enumerate(parts)]))
-    out.max_type = max(p.max_type for p in parts)
-    out.x = _readonly(np.concatenate([p.x for p in parts])) if parts[0].x is not None else None
-    out.edge_x = _readonly(np.concatenate([p.edge_x for p in parts])) if parts[0].edge_x is not None else None
+    out._set(num_nodes=n, num_edges=m, num_graphs=int(graph_off[-1]), arrays={k: _readonly(v) for k, v in a.items()},
+             order=_readonly(np.concatenate([p.order + edge_off[k] for k, p in enumerate(parts)])),
+             max_type=max(p.max_type for p in parts),
+             x=_readonly(np.concatenate([p.x for p in parts])) if parts[0].x is not None else None,
+             edge_x=_readonly(np.concatenate([p.edge_x for p in parts])) if parts[0].edge_x is not None else None)
     return out
 
 
@@ -256,25 +296,44 @@ def batch(graphs: Iterable) -> Graph:
 _NX_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _fingerprint(parts: dict) -> bytes | None:
+    """A digest of everything a Graph is built from (None when some part is not
+    plain numbers, e.g. objects, which cannot be hashed by their bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for key, value in parts.items():
+        arr = None if value is None else np.asarray(value)
+        if arr is not None and arr.dtype.kind not in "biuf":
+            return None
+        h.update(repr((key, None if arr is None else (arr.dtype.str, arr.shape))).encode())
+        if arr is not None:
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.digest()
+
+
+def _from_networkx_cached(G) -> Graph:
+    """G converted, reusing the last conversion when G still reads the same:
+    edges, node order and attributes are read and fingerprinted on every call,
+    so a change made in place (a feature, a rewired edge) is never missed."""
+    parts = _networkx_parts(G)
+    key = _fingerprint(parts)
+    try:
+        hit = _NX_CACHE.get(G)
+    except TypeError:                       # not weakly referenceable: no cache
+        return Graph(**parts)
+    if hit is not None and key is not None and hit[0] == key:
+        return hit[1]
+    g = Graph(**parts)
+    _NX_CACHE[G] = (key, g)
+    return g
+
+
 def as_graph(value) -> Graph:
-    """A Graph from a Graph, a networkx graph (cached), a dict of Graph's
-    arguments, or a list of graphs (batched)."""
+    """A Graph from a Graph, a networkx graph (cached while unchanged), a dict
+    of Graph's arguments, or a list of graphs (batched)."""
     if isinstance(value, Graph):
         return value
     if hasattr(value, "is_directed") and hasattr(value, "nodes"):
-        counts = (value.number_of_nodes(), value.number_of_edges())
-        try:
-            hit = _NX_CACHE.get(value)
-        except TypeError:
-            hit = None
-        if hit is not None and hit[0] == counts:
-            return hit[1]
-        g = Graph.from_networkx(value)
-        try:
-            _NX_CACHE[value] = (counts, g)
-        except TypeError:
-            pass
-        return g
+        return _from_networkx_cached(value)
     if isinstance(value, Mapping):
         return Graph(**value)
     if isinstance(value, (list, tuple)):
@@ -330,9 +389,10 @@ class Binder:
             if "e" in arrays:
                 out[arrays["e"]] = g.edge_x
             sizes = spec["sizes"]
-            dims[sizes["nodes"]], dims[sizes["edges"]], dims[sizes["graphs"]] = \
-                g.num_nodes, g.num_edges, g.num_graphs
-            dims[sizes["nodes"] + "+1"], dims[sizes["graphs"] + "+1"] = g.num_nodes + 1, g.num_graphs + 1
+            # Sizes from the checked arrays themselves, which nothing can change.
+            nodes, edges, graphs = (len(g.arrays["gnode"]), len(g.arrays["src"]), len(g.arrays["gptr"]) - 1)
+            dims[sizes["nodes"]], dims[sizes["edges"]], dims[sizes["graphs"]] = nodes, edges, graphs
+            dims[sizes["nodes"] + "+1"], dims[sizes["graphs"] + "+1"] = nodes + 1, graphs + 1
             last[name] = g
         for name, graph in self.edge_inputs.items():
             if name in out and out[name] is not None:

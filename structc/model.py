@@ -4,12 +4,23 @@ It owns the parameter, gradient and optimiser-state arenas (numpy arrays
 whose memory the native code reads and writes), checks every input before
 native code runs, and calls the entry points through ctypes, which releases
 the GIL for the duration of the call.
+
+Calls on one `Net` are serialised by a lock (the arenas and the
+hyper-parameters are shared state); inputs are checked before it is taken,
+so threads overlap their checking, and calls on different `Net`s run in
+parallel.
 """
 from __future__ import annotations
 
 import ctypes
+import difflib
+import os
 import threading
-from typing import Mapping
+import zipfile
+import zlib
+from collections.abc import Mapping
+from numbers import Real
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +40,70 @@ def _aligned_zeros(n: int, dtype=np.float32, align: int = 64) -> np.ndarray:
     raw = np.zeros(n * itemsize + align, dtype=np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start:start + n * itemsize].view(dtype)
+
+
+def _suggest(name, known, what: str) -> str:
+    """`no <what> 'nme'` with the closest known names, for a KeyError or TypeError."""
+    close = difflib.get_close_matches(str(name), list(known), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"no {what} {name!r}{hint} ({what}s: {', '.join(known) or 'none'})"
+
+
+def _checked_param(name: str, value, shape: tuple, where: str = "") -> np.ndarray:
+    """`value` as float32 of `shape`, or a clear error: complex and non-numeric
+    values are refused, and so are values that are not finite in float32
+    (NaN, infinity, or a float64 beyond float32's range)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind == "c":
+        raise TypeError(f"{where}parameter '{name}' is complex ({arr.dtype}); parameters are real float32")
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{where}parameter '{name}' must be numbers, got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{where}parameter '{name}' has shape {arr.shape}, the model expects {shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = arr.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        at = tuple(int(i) for i in np.unravel_index(bad[0], shape)) if shape else ()
+        raise ValueError(f"{where}parameter '{name}' has {bad.size} value(s) that are not finite in float32 "
+                         f"(the first at {at}: {np.asarray(value).reshape(-1)[bad[0]].item()!r})")
+    return arr
+
+
+class Params(Mapping):
+    """`net.params`: numpy views of the native parameter arena, by name.
+
+    Writing into a view (`net.params["w"][...] = v`) changes the running
+    model; so does `net.params["w"] = v`, which copies `v` into the arena
+    after checking its shape and values. The set of names is the model's:
+    a parameter cannot be added or deleted."""
+
+    def __init__(self, net: "Net", views: dict[str, np.ndarray]):
+        self._net, self._views = net, views
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self._views[name]
+        except (KeyError, TypeError):
+            raise KeyError(_suggest(name, self._views, "parameter")) from None
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __setitem__(self, name: str, value) -> None:
+        view = self[name]
+        arr = _checked_param(name, value, view.shape)
+        with self._net._lock:
+            view[...] = arr
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"cannot delete parameter {name!r}: a model's parameters are fixed by its source")
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: <f32{list(v.shape)}>" for k, v in self._views.items()) + "}"
 
 
 class _Input:
@@ -69,13 +144,15 @@ class Net:
         self._param_arena = _aligned_zeros(size)
         self._grad_arena = _aligned_zeros(size)
         self._state_arena = _aligned_zeros(2 * size)
-        self.params: dict[str, np.ndarray] = {}
+        self._lock = threading.RLock()   # one native call (or parameter write) at a time
+        views: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         for p in meta["params"]:
             n = int(np.prod(p["shape"], dtype=np.int64))
             shape = tuple(p["shape"])
-            self.params[p["name"]] = self._param_arena[p["offset"]:p["offset"] + n].reshape(shape)
+            views[p["name"]] = self._param_arena[p["offset"]:p["offset"] + n].reshape(shape)
             self.grads[p["name"]] = self._grad_arena[p["offset"]:p["offset"] + n].reshape(shape)
+        self.params = Params(self, views)
         self.init_params(seed)
         self._entries = {kind: _Entry(self, e, module.address(e["symbol"]), module.address(e["workspace"]))
                          for kind, e in meta["entries"].items()}
@@ -84,7 +161,10 @@ class Net:
         self._hyper_addr = self._hyper.ctypes.data
         self._local = threading.local()
         # Structured inputs (forests, graphs) become arrays and dims before the checks.
-        self._binders = [b for b in (ForestBinder.from_meta(meta), GraphBinder.from_meta(meta)) if b is not None]
+        self._forests = ForestBinder.from_meta(meta)
+        self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta)) if b is not None]
+        #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
+        self.check_finite = False
         self.optimizer = "sgd"
         self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
         self._step = 0
@@ -93,27 +173,50 @@ class Net:
     def init_params(self, seed: int = 0) -> None:
         """(Re)initialise every parameter with its declared initialiser."""
         rng = np.random.default_rng(seed)
-        for p in self.meta["params"]:
-            self.params[p["name"]][...] = initialize((p["init"][0], tuple(p["init"][1])), tuple(p["shape"]), rng)
-        self._state_arena[:] = 0
-        self._step = 0
+        with self._lock:
+            for p in self.meta["params"]:
+                self.params[p["name"]][...] = initialize((p["init"][0], tuple(p["init"][1])), tuple(p["shape"]), rng)
+            self._state_arena[:] = 0
+            self._step = 0
 
-    def save_params(self, path) -> None:
-        np.savez(path, **{name: np.array(v) for name, v in self.params.items()})
+    def save_params(self, path):
+        """Write every parameter to an `.npz` archive; returns the path written
+        (numpy adds `.npz` to a name without it)."""
+        with self._lock:
+            arrays = {name: np.array(v) for name, v in self.params.items()}
+        np.savez(path, **arrays)
+        if not isinstance(path, (str, os.PathLike)) or os.fspath(path).endswith(".npz"):
+            return path                       # a file object, or a name numpy kept as it is
+        return os.fspath(path) + ".npz" if isinstance(path, str) else Path(os.fspath(path) + ".npz")
 
     def load_params(self, path) -> None:
-        with np.load(path) as data:
-            missing = [n for n in self.params if n not in data.files]
-            extra = [n for n in data.files if n not in self.params]
-            if missing or extra:
-                raise ValueError(f"{path}: parameters do not match model {self.name}: "
-                                 f"missing {missing or 'none'}, unexpected {extra or 'none'}")
-            for name, arr in self.params.items():
-                if data[name].shape != arr.shape:
-                    raise ValueError(f"{path}: parameter {name} has shape {data[name].shape}, "
-                                     f"the model expects {arr.shape}")
-            for name, arr in self.params.items():
-                arr[...] = data[name]
+        """Replace every parameter with those saved in `path` (`.npz` may be
+        left out). Everything is checked before anything is copied: the names,
+        shapes, and values (complex or non-finite values are refused)."""
+        path = _params_path(path)
+        data = _read_params(path)
+        missing = [n for n in self.params if n not in data]
+        extra = [n for n in data if n not in self.params]
+        if missing or extra:
+            raise ValueError(f"{path}: parameters do not match model {self.name}: "
+                             f"missing {missing or 'none'}, unexpected {extra or 'none'}")
+        checked = {name: _checked_param(name, data[name], view.shape, f"{path}: ")
+                   for name, view in self.params.items()}
+        with self._lock:
+            for name, view in self.params.items():
+                view[...] = checked[name]
+
+    # -- vocabulary ----------------------------------------------------------
+    @property
+    def vocab(self):
+        """word -> id for forests given as bracketed strings or tuples of words (None: ids only)."""
+        return self._forests.vocab if self._forests is not None else None
+
+    @vocab.setter
+    def vocab(self, vocab) -> None:
+        if self._forests is None:
+            raise TypeError(f"model {self.name} has no forest input, so it takes no vocabulary")
+        self._forests.set_vocab(vocab)
 
     # -- calling -------------------------------------------------------------
     def _bind(self, entry: _Entry, given: Mapping[str, object]) -> tuple[list, dict]:
@@ -173,7 +276,10 @@ class Net:
             local.address = ws.ctypes.data
         return local.address
 
-    def _run(self, kind: str, given: Mapping[str, object], mode: int) -> dict[str, np.ndarray]:
+    def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None):
+        """Check the inputs, then (holding the lock) `before()`, the native
+        call and `after()`; returns the outputs and what `after` returned.
+        `mode` may be a function, read under the lock too."""
         entry = self._entries.get(kind)
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
@@ -184,19 +290,25 @@ class Net:
             outs[name] = np.empty(tuple([d if d.__class__ is int else dims[d] for d in shape]), dtype)
         ws = self._workspace(entry, dvals)
         pa, ga, sa = self._arena_addrs
-        status = _runtime.invoke(entry.address, pa, ga, sa, ws, arrays, list(outs.values()), dvals,
-                                 self._hyper_addr, mode)
+        with self._lock:
+            if before is not None:
+                before()
+            if callable(mode):
+                mode = mode()
+            status = _runtime.invoke(entry.address, pa, ga, sa, ws, arrays, list(outs.values()), dvals,
+                                     self._hyper_addr, mode)
+            extra = after() if after is not None and status == 0 else None
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
         for binder in self._binders:
             restore = getattr(binder, "restore", None)  # per-edge rows back in the given edge order
             if restore is not None:
                 outs = restore(outs)
-        return outs
+        return outs, extra
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         """All declared outputs, by name."""
-        return self._run("forward", inputs, 0)
+        return self._run("forward", inputs, 0)[0]
 
     def __call__(self, **inputs):
         """The forward pass: the output array (a dict when there are several)."""
@@ -205,8 +317,9 @@ class Net:
 
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and a copy of every parameter's gradient, in one native call."""
-        outs = self._run("train", inputs, MODES["none"])
-        return float(outs["loss"]), {name: g.copy() for name, g in self.grads.items()}
+        outs, grads = self._run("train", inputs, MODES["none"],
+                                after=lambda: {name: g.copy() for name, g in self.grads.items()})
+        return float(outs["loss"]), grads
 
     def set_optimizer(self, name: str = "sgd", **options) -> None:
         """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay."""
@@ -215,24 +328,41 @@ class Net:
         for k in options:
             if k not in self._opt:
                 raise TypeError(f"unknown optimizer option '{k}' (options: {', '.join(self._opt)})")
-        if name != self.optimizer:
-            self._state_arena[:] = 0
-            self._step = 0
-        self.optimizer = name
-        self._opt.update({k: float(v) for k, v in options.items()})
+        checked = {k: _hyper_value(k, v) for k, v in options.items()}
+        with self._lock:
+            if name != self.optimizer:
+                self._state_arena[:] = 0
+                self._step = 0
+            self.optimizer = name
+            self._opt.update(checked)
 
-    def train_step(self, lr: float = 0.01, **inputs) -> float:
-        """Forward, backward and parameter update in one native call; returns the loss."""
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not np.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
-        self._step += 1
+    def train_step(self, lr: float = 0.01, *, check_finite: bool | None = None, **inputs) -> float:
+        """Forward, backward and parameter update in one native call; returns the loss.
+
+        With `check_finite` (default: `net.check_finite`, off) a loss that is
+        NaN or infinite raises FloatingPointError instead of being returned."""
+        lr = _hyper_value("lr", lr)
+        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=lambda: self._set_hyper(lr),
+                               after=lambda: self._step)
+        loss = float(outs["loss"])
+        if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: the loss is {loss} at step {step} (lr={lr}); this step's "
+                                     "update has been applied, so reload or re-initialise the parameters")
+        return loss
+
+    def _set_hyper(self, lr: float) -> None:
+        """The hyper-parameters of the next step (called holding the lock)."""
         h, o = self._hyper, self._opt
-        h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
-        h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
-        h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** self._step)
-        h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** self._step)
-        outs = self._run("train", inputs, MODES[self.optimizer])
-        return float(outs["loss"])
+        step = self._step + 1
+        with np.errstate(over="ignore"):      # an overflow is reported below
+            h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
+            h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
+            h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
+            h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
+        if not np.isfinite(h).all():        # float32: lr=1e39 is finite in float64 only
+            raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
+                             + ", ".join(f"{k}={v}" for k, v in o.items()))
+        self._step = step
 
     @property
     def input_names(self) -> list[str]:
@@ -245,6 +375,53 @@ class Net:
                                                    if g[k]) + ")" for g in self.meta.get("graphs", [])]
         ins = ", ".join(graphs + [f"{s.name}: {s.describe()}" for s in self._inputs.values() if s.kind != "graph"])
         return f"<structc.Net {self.name}({ins}); {n} parameters>"
+
+
+_HYPER_RANGES = {"lr": (0.0, None), "momentum": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0),
+                 "eps": (0.0, None), "weight_decay": (0.0, None)}
+
+
+def _hyper_value(name: str, value) -> float:
+    """A hyper-parameter as a float that is finite in float32 (what native code
+    reads) and within its range: lr, eps, weight_decay >= 0; momentum and
+    betas in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    low, high = _HYPER_RANGES[name]
+    with np.errstate(over="ignore"):
+        finite = bool(np.isfinite(np.float32(v)))
+    if not finite or v < low or (high is not None and v >= high):
+        where = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
+        raise ValueError(f"{name} must be a finite float32 number {where}, got {value!r}")
+    return v
+
+
+def _params_path(path):
+    """`path`, or `path.npz` when only that exists (numpy's `savez` adds the suffix)."""
+    if isinstance(path, (str, os.PathLike)):
+        name = os.fspath(path)
+        if not os.path.exists(name) and os.path.exists(name + ".npz"):
+            return name + ".npz"
+    return path
+
+
+def _read_params(path) -> dict[str, np.ndarray]:
+    """Every array of an `.npz` archive, or one ValueError naming the file and the problem."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such parameter file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a parameter file written by save_params (an .npz archive): {e}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds one bare array (.npy), not an .npz archive of named parameters "
+                         "as save_params writes")
+    with data:
+        try:
+            return {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path}: damaged parameter file (truncated or corrupt): {e}") from None
 
 
 def _as_array(spec: _Input, value) -> np.ndarray:

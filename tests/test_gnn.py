@@ -506,3 +506,76 @@ def test_invalid_graphs_raise_only_value_or_type_errors():
     outcomes = ast.literal_eval(result.stdout.strip().splitlines()[-1])
     assert sum(outcomes.values()) == 4000
     assert outcomes["ValueError"] > 500 and outcomes["TypeError"] > 500 and outcomes["ok"] > 100
+
+
+# -- inputs that change behind structc's back, integers never truncated ----------------
+
+def test_a_networkx_graph_changed_in_place_is_seen(gnn):
+    net, _ = gnn
+    rng = np.random.default_rng(11)
+    G = nx.karate_club_graph()
+    for v in G:
+        G.nodes[v]["x"] = rng.normal(size=6)
+    first = net(g=G)
+    assert structc.graphs.as_graph(G) is structc.graphs.as_graph(G)     # unchanged: the conversion is reused
+    G.nodes[3]["x"][:] = 10.0                                              # a feature, in place
+    np.testing.assert_array_equal(net(g=G), net(g=Graph.from_networkx(G)))
+    assert not np.array_equal(net(g=G), first)
+    counts = (G.number_of_nodes(), G.number_of_edges())
+    u, v = next(iter(G.edges(0)))
+    w = next(k for k in G if k not in G[u] and k != u)
+    G.remove_edge(u, v)
+    G.add_edge(u, w)                                                       # rewired, same counts
+    assert (G.number_of_nodes(), G.number_of_edges()) == counts
+    np.testing.assert_array_equal(net(g=G), net(g=Graph.from_networkx(G)))
+
+
+def test_a_checked_graph_cannot_be_changed(gnn):
+    net, _ = gnn
+    g = Graph([[0, 1, 2], [1, 2, 0]], num_nodes=3, x=np.zeros((3, 6)))
+    for role, arr in g.arrays.items():
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True                  # used to work, and a write of 1e8 into src crashed
+        with pytest.raises(ValueError):
+            arr.base.flags.writeable = True
+    with pytest.raises(TypeError):
+        g.arrays["src"] = np.array([10**8, 0, 0], np.int32)
+    for name, value in (("num_nodes", 10**6), ("arrays", {}), ("max_type", -1), ("x", None)):
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(g, name, value)
+    with pytest.raises(ValueError):
+        g.x.flags.writeable = True
+    assert net(g=g).shape == (3, 3)
+    b = batch([g, g.with_features(x=np.ones((3, 6)))])
+    with pytest.raises(ValueError):
+        b.arrays["src"].flags.writeable = True
+    assert net(g=b).shape == (6, 3)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Graph(np.array([[0, 2**63 + 1], [1, 0]], np.uint64), num_nodes=3), "out of range"),
+    (lambda: Graph([[0], [1]], num_nodes=2, edge_type=[2**32 + 1]), "edge type 4294967297 is out of range"),
+    (lambda: Graph([[0], [1]], num_nodes=2, edge_type=np.array([2**64 - 1], np.uint64)), "out of range"),
+    (lambda: Graph([[0], [1]], num_nodes=2, graph_id=[0, 2**32]), "too large for 32-bit"),
+    (lambda: Graph([[0], [1]], num_nodes=2, num_graphs=2**40), "too large for 32-bit"),
+])
+def test_graph_integers_are_never_truncated(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_graphs_and_forests_pickle_and_stay_sealed(gnn):
+    import copy
+    import pickle
+    net, _ = gnn
+    g = Graph([[0, 1, 2], [1, 2, 0]], num_nodes=3, x=np.ones((3, 6)))
+    f = structc.Forest.from_tuples([(1, 2), 3])
+    for clone in (lambda o: pickle.loads(pickle.dumps(o)), copy.copy, copy.deepcopy):
+        g2, f2 = clone(g), clone(f)
+        np.testing.assert_array_equal(net(g=g2), net(g=g))
+        assert f2.children.tolist() == f.children.tolist() and f2.words.tolist() == f.words.tolist()
+        for arr in (g2.arrays["src"], f2.children):
+            with pytest.raises(ValueError):
+                arr.flags.writeable = True
+        with pytest.raises(AttributeError):
+            g2.num_nodes = 7

@@ -462,3 +462,76 @@ def test_a_long_chain_from_arrays_is_linear_time():
     ch[1:, 0] = np.arange(n - 1)
     f = Forest.from_arrays(ch, words=np.zeros(n, int))
     assert (f.trees, f.leaves, f.levels) == (1, 1, n)
+
+
+# -- vocabularies, integer ranges, forests that stay checked ---------------------------
+
+def test_a_net_carries_its_vocabulary(binary):
+    net, _ = binary
+    vocab = Vocab.build(["good", "movie", "bad", "plot"])
+    text = ["(1 (2 good) (2 movie))", "(0 (0 bad) plot)"]
+    by_ids = net(t=Forest.from_brackets(text, vocab))
+    with pytest.raises(ValueError, match="set net.vocab"):
+        net(t=text)
+    net.vocab = vocab
+    try:
+        np.testing.assert_array_equal(net(t=text), by_ids)
+        np.testing.assert_array_equal(net(t=[("good", "movie"), ("bad", "plot")]), by_ids)
+        with pytest.raises(ValueError, match="'zebra' is not in the vocabulary"):
+            net(t="(1 good zebra)")
+    finally:
+        net.vocab = None
+    with pytest.raises(ValueError, match="outside \\[0, 20\\)"):
+        net.vocab = {"good": 25}
+    with pytest.raises(TypeError, match="keys are words"):
+        net.vocab = {3: 1}
+    same = structc.compile(BINARY, vocab=vocab)
+    net_params = {k: v.copy() for k, v in net.params.items()}
+    for k, v in net_params.items():
+        same.params[k] = v
+    np.testing.assert_array_equal(same(t=text), by_ids)
+
+
+def test_unknown_words_map_to_an_explicit_unk_id():
+    vocab = Vocab.build(["a", "b"], unk="<unk>")
+    assert vocab == {"a": 0, "b": 1, "<unk>": 2} and vocab.unk == 2
+    f = Forest.from_brackets("(1 a zzz)", vocab)
+    assert sorted(f.words.tolist()) == [0, 2]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        Forest.from_brackets("(1 a zzz)", Vocab.build(["a"]))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Forest.from_arrays([[-1], [-1], [0]], words=[2**32 + 3, 1, 0]), "word id 4294967299"),
+    (lambda: Forest.from_arrays([[-1], [-1], [0]], words=np.array([2**63 + 1, 1, 0], np.uint64)),
+     "out of range"),
+    (lambda: Forest.from_arrays([[-1], [0]], words=[1, 0], labels=[2**32 + 1, 0]), "out of range"),
+    (lambda: Forest.from_arrays(np.array([[2**64 - 1], [0]], np.uint64), words=[1, 0]), "out of range"),
+    (lambda: Forest.from_tuples([(2**32 + 3, 1)]), "out of range"),
+    (lambda: Forest.from_tuples([(2**70, 1)]), "out of range"),
+    (lambda: Forest.from_brackets("(1 4294967299 2)"), "out of range"),
+    (lambda: Forest.from_brackets("(4294967297 (2 a) (1 b))", {"a": 0, "b": 1}), "label 4294967297"),
+    (lambda: Forest.from_brackets("(1 a b)", {"a": 2**40, "b": 1}), "out of range"),
+])
+def test_integers_are_never_truncated(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_forest_stays_as_checked(binary):
+    net, _ = binary
+    f = Forest.from_tuples([(1, 2), (3, (4, 5))])
+    for name in ("children", "words", "roots", "level_end"):
+        arr = getattr(f, name)
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True
+        with pytest.raises(ValueError):
+            arr.base.flags.writeable = True
+    with pytest.raises(AttributeError, match="immutable"):
+        f.children = np.full((5, 2), 10**6, np.int32)
+    with pytest.raises(AttributeError, match="immutable"):
+        f.max_word = 0
+    padded = bind_forest("t", Forest.from_tuples([1, 2]), {"arity": 2, "vocab": 20})[0]["t.children"]
+    with pytest.raises(ValueError):
+        padded.flags.writeable = True
+    assert net(t=f).shape == (2, 3)
