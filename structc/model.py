@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import difflib
 import os
+import tempfile
 import threading
 import zipfile
 import zlib
@@ -184,10 +185,12 @@ class Net:
         (numpy adds `.npz` to a name without it)."""
         with self._lock:
             arrays = {name: np.array(v) for name, v in self.params.items()}
-        np.savez(path, **arrays)
-        if not isinstance(path, (str, os.PathLike)) or os.fspath(path).endswith(".npz"):
-            return path                       # a file object, or a name numpy kept as it is
-        return os.fspath(path) + ".npz" if isinstance(path, str) else Path(os.fspath(path) + ".npz")
+        if not isinstance(path, (str, os.PathLike)):
+            np.savez(path, **arrays)          # a file object: the caller owns it
+            return path
+        written = os.fspath(path) if os.fspath(path).endswith(".npz") else os.fspath(path) + ".npz"
+        _write_atomically(written, lambda f: np.savez(f, **arrays))
+        return written if isinstance(path, str) else Path(written)
 
     def load_params(self, path) -> None:
         """Replace every parameter with those saved in `path` (`.npz` may be
@@ -446,3 +449,35 @@ def _as_array(spec: _Input, value) -> np.ndarray:
     if not arr.flags.c_contiguous or not arr.flags.aligned:
         arr = np.ascontiguousarray(arr)
     return arr
+
+
+def _write_atomically(path: str, write) -> None:
+    """`write(file)` into a fresh temporary file beside `path`, then rename it
+    over `path`: a crash leaves the old file whole, and a link planted at a
+    predictable temporary name is never followed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".structc-", suffix=".npz.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for
+    an instant, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022

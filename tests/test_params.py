@@ -82,6 +82,18 @@ def test_save_params_returns_the_path_numpy_wrote_and_load_accepts_both(net, tmp
     assert net.save_params(tmp_path / "w.npz") == tmp_path / "w.npz"
 
 
+def test_save_params_replaces_the_file_whole_and_follows_no_planted_link(net, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (tmp_path / "w.npz").symlink_to(victim)               # a link planted where the checkpoint goes
+    net.save_params(tmp_path / "w.npz")
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "w.npz").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim", "w.npz"]   # no temporary left behind
+    with np.load(tmp_path / "w.npz") as data:
+        assert sorted(data.files) == sorted(net.params)
+
+
 def test_load_params_is_all_or_nothing(net, tmp_path):
     good = {k: np.ones_like(v) for k, v in net.params.items()}
     before = {k: v.copy() for k, v in net.params.items()}
