@@ -384,8 +384,8 @@ def test_pca_embedding_against_an_eigendecomposition():
     rng = np.random.default_rng(8)
     words = [f"w{k}" for k in range(30)]
     corpus = [[words[int(j)] for j in rng.zipf(1.5, size=40) % 30] for _ in range(200)]
-    E, vocab = pca_embedding(corpus, d=5, window=3)
-    K, _ = cooccurrence(corpus, vocab, window=3)
+    K, vocab = cooccurrence(corpus, window=3)
+    E = pca_embedding(corpus, vocab, d=5, window=3)
     lam, U = np.linalg.eig(K)                       # the general solver, not the helper's eigh
     top = np.argsort(lam.real)[::-1][:5]
     lam, U = lam.real[top], U.real[:, top]
@@ -399,7 +399,7 @@ def test_pca_embedding_against_an_eigendecomposition():
 
 def test_pca_embedding_initialises_a_learned_table():
     corpus = [["0", "1", "2"], ["1", "2", "3"], ["2", "3", "4"]] * 5
-    E, vocab = pca_embedding(corpus, d=8, vocab={str(k): k for k in range(20)})
+    E = pca_embedding(corpus, {str(k): k for k in range(20)}, d=8)
     net = structc.compile(BINARY)
     net.params["E"][...] = E
     f = Forest.from_tuples([(1, 2)])
@@ -444,7 +444,7 @@ def test_fixed_embedding_is_an_input_table():
       loss cross_entropy(dense(h(t.root), 2), y)
     }"""
     corpus = [[str(k), str((k + 1) % 20), str((k + 3) % 20)] for k in range(20)] * 3
-    E, _ = pca_embedding(corpus, d=8, vocab={str(k): k for k in range(20)})
+    E = pca_embedding(corpus, {str(k): k for k in range(20)}, d=8)
     net, mdef = compiled(src)
     rng = np.random.default_rng(10)
     f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 8)), 20) for _ in range(6)])
