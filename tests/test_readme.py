@@ -114,6 +114,7 @@ def readme_models() -> dict[str, str]:
             for name in parse(b.text, "README.md").model_names}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", blocks_of("model"))
 def test_model_block_compiles(block):
     for name in parse(block.text, str(block)).model_names:
@@ -173,6 +174,7 @@ def threads_restored():
     structc.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", blocks_of("python"))
 def test_python_block_runs(block, tmp_path, monkeypatch, threads_restored):
     (tmp_path / "examples").symlink_to(ROOT / "examples")
@@ -295,6 +297,7 @@ def test_claimed_accuracy_is_reached(claim, tmp_path, capsys):
     assert final_accuracy(claim.command, tmp_path, capsys) >= claimed - slack
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("claim", [c for c in CLAIMS if c.check], ids=lambda c: c.check.__name__)
 def test_claimed_fact_holds(claim):
     claim.check()
