@@ -141,7 +141,8 @@ def test_diagnostic_block_is_what_structc_check_prints(block, tmp_path, monkeypa
 def setup_digits(ns: dict) -> None:
     from structc.datasets import load_digits
     d = load_digits()
-    ns.update(images=d.x_test[:32], labels=d.y_test[:32].astype(np.int32))
+    w = structc.compile(ROOT / "examples" / "digits_mlp.snet").params["dense1.w"] * 0.5   # weights to set
+    ns.update(images=d.x_test[:32], labels=d.y_test[:32].astype(np.int32), w=w)
 
 
 def setup_trees(ns: dict) -> None:
@@ -189,9 +190,14 @@ def test_python_block_runs(block, tmp_path, monkeypatch, threads_restored):
 
 # -- commands ---------------------------------------------------------------------
 
-def structc_commands() -> list[tuple[str, str, str]]:
-    """(where, command, its comment) for every `structc ...` in sh blocks and in the prose."""
+def structc_commands(prose: bool) -> list[tuple[str, str, str]]:
+    """(where, command, its comment) for every command line in sh blocks, or
+    every `structc ...` in backticks in the prose."""
     found = []
+    if prose:
+        for m in re.finditer(r"`(structc [^`]+)`", PROSE):
+            found.append((f"README.md:{PROSE.count(chr(10), 0, m.start()) + 1}", m.group(1), ""))
+        return found
     for b in BLOCKS:
         if kind(b) != "sh":
             continue
@@ -199,17 +205,27 @@ def structc_commands() -> list[tuple[str, str, str]]:
             command, _, comment = line.partition("#")
             for part in command.split("&&"):
                 part = part.strip()
-                if part.startswith("structc "):
+                if part and not re.match(r"(pip|pytest)\b", part):     # the quick start: tests/test_cli.py
                     found.append((f"README.md:{b.line + 1 + k}", part, comment))
-                elif part and not re.match(r"(pip|pytest)\b", part):
-                    found.append((f"README.md:{b.line + 1 + k}", part, comment))
-    for m in re.finditer(r"`(structc [^`]+)`", PROSE):
-        found.append((f"README.md:{PROSE.count(chr(10), 0, m.start()) + 1}", m.group(1), ""))
     return found
 
 
-@pytest.mark.parametrize("where, command, comment", structc_commands(), ids=lambda v: v[:60])
-def test_command_parses_with_the_real_options(where, command, comment):
+def subcommands() -> dict:
+    return parser()._subparsers._group_actions[0].choices
+
+
+def options_of(sub: str) -> set[str]:
+    return {o for action in subcommands()[sub]._actions for o in action.option_strings}
+
+
+def check_flags(where: str, sub: str, words: list[str]) -> None:
+    for flag in words:
+        flag = flag.split("=")[0]
+        assert flag in options_of(sub), f"{where}: `structc {sub}` has no option {flag} (see --help)"
+
+
+@pytest.mark.parametrize("where, command, comment", structc_commands(prose=False), ids=lambda v: v[:60])
+def test_command_line_parses_with_the_real_options(where, command, comment):
     words = shlex.split(command)
     assert words[0] == "structc", f"{where}: only structc, pip and pytest commands are checked: {command}"
     try:
@@ -220,11 +236,22 @@ def test_command_parses_with_the_real_options(where, command, comment):
         assert stage in STAGES or stage == "all", f"{where}: no stage {stage!r}"
     if getattr(args, "data", None) and not args.data.endswith(".npz"):
         assert args.data in DATASETS, f"{where}: no data set {args.data!r}"
-    if args.file.startswith("examples/"):
+    if getattr(args, "file", "").startswith("examples/"):
         assert (ROOT / args.file).exists(), f"{where}: no file {args.file}"
-    helps = parser()._subparsers._group_actions[0].choices[words[1]].format_help()
-    for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", comment):
-        assert flag in helps, f"{where}: the comment names {flag}, which `structc {words[1]}` lacks"
+    check_flags(where, words[1], re.findall(r"(?<![\w-])--[a-z][\w-]*", comment))
+
+
+@pytest.mark.parametrize("where, command, comment", structc_commands(prose=True), ids=lambda v: v[:60])
+def test_command_named_in_the_prose_exists(where, command, comment):
+    """The prose may name a command or an option alone (`structc compile -o`)."""
+    words = shlex.split(command)
+    if len(words) < 2 or words[1].startswith("<"):           # `structc <command> --help`
+        assert set(words[2:]) <= {"--help", "-h"}, f"{where}: {command}"
+        return
+    assert words[1] in subcommands(), f"{where}: there is no `structc {words[1]}`"
+    check_flags(where, words[1], [w for w in words[2:] if w.startswith("-")])
+    if len(words) > 3 and all(not w.startswith("<") for w in words):    # a whole command: it must parse
+        test_command_line_parses_with_the_real_options(where, command, comment)
 
 
 # -- numbers ------------------------------------------------------------------------
