@@ -92,43 +92,35 @@ def _unit_key(g: Graph, nid: int, grouped: dict) -> str | None:
     return f"n{nid}"
 
 
+def _links(g: Graph, members: dict[str, list[int]]) -> nx.DiGraph:
+    """Box -> box edges: one wherever a node of one reads a node of the other."""
+    key_of = {nid: k for k, ms in members.items() for nid in ms}
+    links = nx.DiGraph()
+    links.add_nodes_from(members)
+    links.add_edges_from((key_of[a], key_of[b]) for a, b in g.nx.edges
+                         if a in key_of and b in key_of and key_of[a] != key_of[b])
+    return links
+
+
 def _boxes(g: Graph, forward: set[int]) -> tuple[dict[str, Box], nx.DiGraph]:
-    grouped = g.group_of()
+    grouped, order = g.group_of(), g.topo()
     members: dict[str, list[int]] = {}
-    for nid in g.topo():
+    for nid in order:
         key = _unit_key(g, nid, grouped)
         if key is not None:
             members.setdefault(key, []).append(nid)
-    links = nx.DiGraph()
-    links.add_nodes_from(members)
-    key_of = {nid: k for k, ms in members.items() for nid in ms}
-    for a, b in g.nx.edges:
-        if a in key_of and b in key_of and key_of[a] != key_of[b]:
-            links.add_edge(key_of[a], key_of[b])
-    if not nx.is_directed_acyclic_graph(links):          # never for fused groups; merge to be safe
+    links = _links(g, members)
+    if not nx.is_directed_acyclic_graph(links):          # never for fused groups; merge cycles to be safe
         scc = nx.condensation(links)
-        merged = {}
-        for c, data in scc.nodes(data=True):
-            keys = sorted(data["members"])
-            merged[keys[0]] = sorted((n for k in keys for n in members[k]), key=g.topo().index)
-        members = merged
-        return _boxes_from(g, forward, members)
-    return _boxes_from(g, forward, members, links)
-
-
-def _boxes_from(g, forward, members, links=None):
-    key_of = {nid: k for k, ms in members.items() for nid in ms}
-    if links is None:
-        links = nx.DiGraph()
-        links.add_nodes_from(members)
-        links.add_edges_from((key_of[a], key_of[b]) for a, b in g.nx.edges
-                             if a in key_of and b in key_of and key_of[a] != key_of[b])
+        members = {min(keys): sorted((n for k in keys for n in members[k]), key=order.index)
+                   for keys in (data["members"] for _, data in scc.nodes(data=True))}
+        links = _links(g, members)
     for key in [k for k in members if k.startswith("in:") and not links.out_degree(k)]:
         del members[key]                 # a target has no reader in the forward graph
         links.remove_node(key)
     boxes = {}
     for key, ms in members.items():
-        source = all("source" in g.nodes[m].op.traits for m in ms)
+        source = key.startswith("in:")
         # A kernel that computes anything of the forward pass is drawn with it (max-pooling
         # also stores its arg-max for training; the loss kernel may start the gradient).
         boxes[key] = Box(key, ms, backward=not source and all(m not in forward for m in ms), source=source)
@@ -198,9 +190,9 @@ def _ops_text(g: Graph, ms: list[int]) -> str:
 def _box_text(g: Graph, box: Box, group_kind: dict, params_of: dict, outputs_of: dict) -> str:
     ms = box.members
     if box.source:
-        name = box.key[3:]
-        node = g.nodes[ms[0]]
-        return f"input {name}\n" + (str(node.type) if len(ms) == 1 else f"{len(ms)} arrays")
+        arrays = [m for m in ms if "source" in g.nodes[m].op.traits]      # not the views of them
+        return f"input {box.key[3:]}\n" + (str(g.nodes[arrays[0]].type) if len(arrays) == 1
+                                             else f"{len(arrays)} arrays")
     head = f"kernel {box.key[1:]} ({group_kind[box.key]})" if box.key in group_kind else f"%{ms[0]}"
     last = g.nodes[ms[-1]]
     lines = sorted({g.nodes[m].span.line for m in ms if g.nodes[m].span})
