@@ -8,6 +8,10 @@ from .errors import SnetError, SnetNameError, SnetShapeError, SnetSyntaxError, S
 
 __version__ = "0.1.0"
 
+from ._bootstrap import ensure_runtime as _ensure_runtime  # noqa: E402
+
+_ensure_runtime()           # a source checkout without the built runtime builds it (or says what to do)
+
 from .api import compile  # noqa: E402,F401,A001
 from .graphs import Graph, batch  # noqa: E402,F401
 from .model import Net  # noqa: E402,F401

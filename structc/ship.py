@@ -141,7 +141,10 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
         (tmp / "model.o").write_bytes(obj)
         (tmp / "data.c").write_text(_data_source(meta, arena))
         out = tmp / "lib.so"
-        cmd = [cc, "-shared", "-fPIC", "-O2", "-std=c11", "-pthread", "-Wl,-Bsymbolic", f"-I{rt}",
+        # The soname is the file's name, so programs linked against it look it up through
+        # their rpath (e.g. $ORIGIN) rather than by the path given on their link line.
+        cmd = [cc, "-shared", "-fPIC", "-O2", "-std=c11", "-pthread", "-Wl,-Bsymbolic",
+               "-Xlinker", "-soname", "-Xlinker", Path(path).name, f"-I{rt}",
                "-o", str(out), str(tmp / "model.o"), str(rt / "structc_rt.c"), str(tmp / "data.c")]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:

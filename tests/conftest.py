@@ -1,10 +1,21 @@
 import os
+import shutil
 import tempfile
 
 import pytest
 
-# Tests compile into a private cache so they never depend on (or pollute) the user's.
-os.environ.setdefault("STRUCTC_CACHE_DIR", tempfile.mkdtemp(prefix="structc-test-cache-"))
+# Tests compile into a private cache so they never depend on (or pollute) the
+# user's; subprocesses inherit it through the environment. A cache this session
+# made is removed when it ends, so runs do not pile folders up in the temp dir.
+if "STRUCTC_CACHE_DIR" in os.environ:
+    _SESSION_CACHE = None
+else:
+    _SESSION_CACHE = os.environ["STRUCTC_CACHE_DIR"] = tempfile.mkdtemp(prefix="structc-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

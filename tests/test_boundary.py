@@ -4,10 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FUZZ = Path(__file__).parent / "fuzz" / "boundary.py"
 CALLS = 10_000
 
 
+@pytest.mark.slow
 def test_ten_thousand_invalid_calls_raise_only_value_or_type_errors():
     """Dense tensors, forests and graphs, drawn by hypothesis in a subprocess
     (a crash in native code would kill it: the exit status tells)."""

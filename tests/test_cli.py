@@ -28,6 +28,7 @@ def test_quick_start_trains_digits_to_95_percent(tmp_path, capsys):
         assert "dense1.w" in params.files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ast", "graph", "train", "train.fuse", "plan", "llvm", "asm"])
 def test_dump_prints_each_stage(stage, capsys):
     assert main(["compile", str(MLP), f"--dump={stage}"]) == 0
@@ -41,6 +42,7 @@ def test_dump_names_every_stage():
         assert required in STAGES
 
 
+@pytest.mark.slow
 def test_fused_groups_are_shown(capsys):
     main(["compile", str(MLP), "--dump=train.fuse"])
     out = capsys.readouterr().out

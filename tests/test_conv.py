@@ -72,6 +72,7 @@ def test_kernel_grad_vjp_matches_finite_differences(case):
     check_vjp(REGISTRY["conv2d_kernel_grad"], Sample((xs, gs), {**attrs, "kernel": ws[2:]}))
 
 
+@pytest.mark.slow
 @FEW
 @given(conv_cases())
 def test_native_conv_forward_and_gradients(case):
@@ -79,6 +80,7 @@ def test_native_conv_forward_and_gradients(case):
     check_native(REGISTRY["conv2d"], Sample((xs, ws), attrs))
 
 
+@pytest.mark.slow
 @FEW
 @given(conv_cases(dilation=False))
 def test_native_kernel_grad(case):
@@ -112,6 +114,7 @@ def test_native_kernel_grad_edge_shapes(xs, gs, attrs):
 @FEW
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4),
        st.integers(1, 3), st.integers(1, 3), st.integers(0, 6), st.integers(0, 20))
+@pytest.mark.slow
 def test_pools(n, c, kh, kw, sh, sw, extra_h, extra_w):
     shape = (n, c, kh + extra_h, kw + extra_w)
     for op in ("maxpool2d", "avgpool2d"):
@@ -227,11 +230,13 @@ CNN = """model C { input x: f32[N, 2, 10, 10]  target y: class[N] of 3
   loss cross_entropy(dense(flatten(h), 3), y) }"""
 
 
+@pytest.mark.slow
 def test_conv_bias_and_activation_run_in_one_loop_nest():
     groups = _groups(CNN, "forward.fuse")
     assert ("epilogue", ["conv2d", "add", "relu"]) in groups
 
 
+@pytest.mark.slow
 def test_backward_is_cross_correlations_with_fused_masks():
     groups = _groups(CNN)
     # forward: the arg-max is stored by the max-pool's own loop nest
@@ -246,6 +251,7 @@ def test_backward_is_cross_correlations_with_fused_masks():
     assert sum(kind == "kernel" and sorted(ops) == ["conv2d_kernel_grad", "sum"] for kind, ops in groups) == 2
 
 
+@pytest.mark.slow
 def test_cnn_gradients_match_the_interpreter(rng):
     net = structc.compile(CNN)
     mdef = build_model(parse(CNN))
@@ -266,6 +272,7 @@ def test_out_size():
     assert out_size(2, 5, 1, 0, 0) == 0
 
 
+@pytest.mark.slow
 def test_digits_cnn_trains_to_97_percent(tmp_path, capsys):
     from pathlib import Path
 

@@ -33,6 +33,7 @@ def dense_only(mdef):
     return all(s.type.dtype in ("f32", "i32") and s.kind in ("input", "target") for s in mdef.inputs.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, name", MODELS, ids=lambda v: v if isinstance(v, str) else v.stem)
 def test_example_gradient_matches_finite_differences(path, name):
     mdef = build_model(parse(path.read_text(), str(path)), name)
@@ -44,6 +45,7 @@ def test_example_gradient_matches_finite_differences(path, name):
     check_model_grads(mdef, feed, {k: v.copy() for k, v in net.params.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, name", MODELS, ids=lambda v: v if isinstance(v, str) else v.stem)
 def test_example_native_matches_interpreter(path, name):
     mdef = build_model(parse(path.read_text(), str(path)), name)

@@ -122,6 +122,7 @@ def drawn_graphs(draw, max_nodes=9, max_graphs=3):
     return batch(parts), seed
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(drawn_graphs())
 def test_native_matches_interpreter_on_drawn_graphs(sink, drawn):
@@ -131,6 +132,7 @@ def test_native_matches_interpreter_on_drawn_graphs(sink, drawn):
     compare(net, mdef, user, arrays)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(drawn_graphs(max_nodes=6, max_graphs=2))
 def test_gradients_match_finite_differences_on_drawn_graphs(sink, drawn):
@@ -154,6 +156,7 @@ def test_edge_cases_and_a_large_graph(sink, n, m):
     compare(net, mdef, user, arrays)
 
 
+@pytest.mark.slow
 def test_aggregate_first_rewrite_is_visible_and_exact(gnn, capsys, tmp_path):
     from structc.cli import main
     f = tmp_path / "gnn.snet"
@@ -170,6 +173,7 @@ def test_aggregate_first_rewrite_is_visible_and_exact(gnn, capsys, tmp_path):
     compare(net, mdef, user, Binder(net.meta["graphs"]).expand(user, {}))   # interpreter: not rewritten
 
 
+@pytest.mark.slow
 def test_linear_messages_read_per_edge_are_aggregated_per_node(capsys, tmp_path):
     """dense(h[g.src]) is dense(h)[g.src]: no per-edge message survives the rewrites."""
     from structc.cli import main
@@ -250,6 +254,7 @@ def test_networkx_graphs(gnn):
     assert d.num_edges == 4 and sorted(map(tuple, d.edge_index.T.tolist())) == [(0, 1), (0, 1), (1, 1), (2, 0)]
 
 
+@pytest.mark.slow
 def test_per_edge_inputs_and_outputs_keep_the_given_edge_order():
     source = """model E {
       input  g: graph(features=2, edge_features=3)
@@ -369,6 +374,7 @@ def xcorr(x, w, pad):
     return out
 
 
+@pytest.mark.slow
 def test_message_passing_on_a_lattice_is_a_convolution():
     rng = np.random.default_rng(9)
     images, height, width = 2, 5, 6
@@ -456,6 +462,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
     ("karate_gcn.snet", "karate", ["--epochs", "100", "--optimizer", "adam", "--lr", "0.01"], 90.0),
     ("graph_families.snet", "graph_families", ["--epochs", "30", "--optimizer", "adam", "--lr", "0.01"], 95.0),
 ])
+@pytest.mark.slow
 def test_examples_train_to_their_stated_accuracy(example, data, args, accuracy, tmp_path, capsys):
     from structc.cli import main
     assert main(["train", str(EXAMPLES / example), "--data", data, *args, "--no-progress",
@@ -464,6 +471,7 @@ def test_examples_train_to_their_stated_accuracy(example, data, args, accuracy, 
     assert float(text.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%")) >= accuracy, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example, data", [("karate_gcn.snet", "karate"), ("graph_families.snet", "graph_families")])
 def test_example_gradients_on_real_graphs(example, data):
     from structc import graph_datasets
@@ -484,6 +492,7 @@ def test_example_gradients_on_real_graphs(example, data):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None,
                     reason="no C compiler to link a shared library")
+@pytest.mark.slow
 def test_a_shipped_graph_model_takes_graphs(tmp_path):
     from structc.cli import main
     assert main(["compile", str(EXAMPLES / "karate_gcn.snet"), "-o", str(tmp_path / "k.so")]) == 0
@@ -495,6 +504,7 @@ def test_a_shipped_graph_model_takes_graphs(tmp_path):
     assert shipped.train_step(g=g, y=y, train=mask, lr=0.1) == jit.train_step(g=g, y=y, train=mask, lr=0.1)
 
 
+@pytest.mark.slow
 def test_invalid_graphs_raise_only_value_or_type_errors():
     """Thousands of malformed graphs (a subprocess, so a crash fails the test)."""
     import ast

@@ -178,6 +178,7 @@ def test_model_without_loss_cannot_train():
         net.train_step(x=np.zeros((1, 3), np.float32), lr=0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_results_do_not_depend_on_thread_count(threads):
     src = "model W { input x: f32[N, 300]\n target y: class[N] of 7\n loss cross_entropy(dense(dense(x, 200) |> relu, 7), y) }"

@@ -1,5 +1,6 @@
 """Property tests over random shapes: native kernels against numpy."""
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 dim = st.integers(1, 40)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(m=dim, k=st.one_of(dim, st.integers(380, 420)), n=st.integers(1, 70), ta=st.booleans(), tb=st.booleans())
 def test_matmul_any_shape(m, k, n, ta, tb):
@@ -22,6 +24,7 @@ def test_matmul_any_shape(m, k, n, ta, tb):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 60), k=st.sampled_from([1, 5, 31, 64, 383, 500, 800]),
        n=st.sampled_from([1, 16, 17, 32, 40, 64, 96]), seed=st.integers(0, 2 ** 16))
+@pytest.mark.slow
 def test_dense_relu_layer_forward_and_gradients(batch, k, n, seed):
     """A dense layer with its bias and ReLU fused into the matmul's tiles
     (full tiles inline, remainders through the shared micro-kernels, k-blocked
@@ -64,6 +67,7 @@ def broadcast_pair(draw):
     return (shape, other) if draw(st.booleans()) else (other, shape)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(broadcast_pair(), st.sampled_from(["add", "sub", "mul", "maximum"]))
 def test_binary_ops_broadcast(shapes, op):
@@ -71,6 +75,7 @@ def test_binary_ops_broadcast(shapes, op):
     check_native(REGISTRY[op], Sample(((a, "away"), (b, "away"))))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=4), st.data())
 def test_sum_over_any_axes(shape, data):
@@ -79,6 +84,7 @@ def test_sum_over_any_axes(shape, data):
     check_native(REGISTRY["sum"], Sample((tuple(shape),), {"axes": axes or None, "keepdims": keep}))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(rows=st.integers(1, 30), classes=st.integers(2, 70))
 def test_softmax_and_cross_entropy_any_size(rows, classes):
@@ -86,6 +92,7 @@ def test_softmax_and_cross_entropy_any_size(rows, classes):
     check_native(REGISTRY["cross_entropy"], Sample(((rows, classes), ((rows,), ("classes", classes)))))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(st.integers(1, 8), min_size=2, max_size=3), st.sampled_from(["tanh", "sigmoid", "exp", "relu"]))
 def test_activations_any_shape(shape, op):

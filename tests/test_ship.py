@@ -2,6 +2,7 @@
 checks, the on-disk cache, threads and memory."""
 import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def library(tmp_path_factory):
     return _build_library(tmp_path_factory.mktemp("ship"), MLP)
 
 
+@pytest.mark.slow
 @needs_cc
 def test_load_in_a_fresh_process_without_source_or_compiler(library, tmp_path):
     d, net = library
@@ -58,19 +60,26 @@ def test_load_in_a_fresh_process_without_source_or_compiler(library, tmp_path):
     assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").iterdir())
 
 
+@pytest.mark.slow
 @needs_cc
 def test_c_program_links_the_library_and_agrees_with_python(library, tmp_path):
     d, net = library
-    exe = tmp_path / "infer"
-    subprocess.run([CC, "-O2", "-std=c11", f"-I{d}", str(ROOT / "examples" / "c" / "digits_infer.c"),
-                    str(d / "digits.so"), "-o", str(exe), f"-Wl,-rpath,{d}"], check=True)
+    exe = d / "digits_infer"
+    # Linked with the example's own documented command, in the library's folder, ...
+    source = ROOT / "examples" / "c" / "digits_infer.c"
+    line = next(ln.lstrip(" *") for ln in source.read_text().splitlines() if ln.lstrip(" *").startswith("cc "))
+    command = [CC] + [str(source) if w == "examples/c/digits_infer.c" else w for w in shlex.split(line)[1:]]
+    subprocess.run(command + ["-std=c11"], check=True, cwd=d)
     x = load_digits().x_test[3]
-    out = subprocess.run([str(exe)], input=" ".join(map(str, x)), capture_output=True, text=True, check=True)
+    # ... and run from another folder: the program finds digits.so through its rpath.
+    out = subprocess.run([str(exe)], input=" ".join(map(str, x)), capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     probs = np.array(out.stdout.split("\n")[0].split(), dtype=np.float64)
     np.testing.assert_allclose(probs, net(x=x[None])[0], rtol=1e-4, atol=1e-6)
     assert out.stdout.split("\n")[1] == f"digit {int(np.argmax(probs))}"
 
 
+@pytest.mark.slow
 @needs_cc
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
 @pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
@@ -87,6 +96,7 @@ def test_native_code_is_clean_under_valgrind(model, tmp_path):
     assert "mode 3 loss" in result.stdout
 
 
+@pytest.mark.slow
 @needs_cc
 def test_header_declares_what_the_library_exports(library):
     d, _ = library
@@ -96,6 +106,7 @@ def test_header_declares_what_the_library_exports(library):
         assert symbol in header
 
 
+@pytest.mark.slow
 @needs_cc
 def test_incompatible_library_is_refused(library, monkeypatch):
     d, _ = library
@@ -104,6 +115,7 @@ def test_incompatible_library_is_refused(library, monkeypatch):
         structc.load(d / "digits.so")
 
 
+@pytest.mark.slow
 @needs_cc
 def test_library_for_missing_cpu_features_is_refused(library, monkeypatch):
     d, _ = library
@@ -112,6 +124,7 @@ def test_library_for_missing_cpu_features_is_refused(library, monkeypatch):
         structc.load(d / "digits.so")
 
 
+@pytest.mark.slow
 @needs_cc
 def test_generic_target_runs_everywhere(tmp_path):
     assert main(["compile", str(MLP), "-o", str(tmp_path / "g.so"), "--target-cpu", "generic"]) == 0
@@ -189,6 +202,7 @@ def test_damaged_cache_entry_is_rebuilt(damage, tmp_path, monkeypatch):
     assert cache.load(entry.stem) is not None
 
 
+@pytest.mark.slow
 def test_two_processes_compiling_at_once_both_succeed(tmp_path):
     code = ("import numpy as np, structc\n"
             "net = structc.compile('model P { input x: f32[N, 5]\\n output y = sigmoid(x) + 1 }')\n"
@@ -201,6 +215,7 @@ def test_two_processes_compiling_at_once_both_succeed(tmp_path):
     assert len(list(tmp_path.glob("*.entry"))) == 1 and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_threads_calling_two_instances_get_correct_results():
     src = ("model T { input x: f32[N, 50]\n target y: class[N] of 4\n"
            " loss cross_entropy(dense(dense(x, 64) |> relu, 4), y) }")
@@ -226,6 +241,7 @@ def rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 def test_many_calls_do_not_grow_memory():
     net = structc.compile("model M { input x: f32[N, 8]\n target y: class[N] of 3\n"

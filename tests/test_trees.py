@@ -180,6 +180,7 @@ def test_binary_matches_interpreter(binary):
     check_native(net, mdef, Forest.from_tuples(trees), {"y": rng.integers(0, 3, 9).astype(np.int32)})
 
 
+@pytest.mark.slow
 def test_nary_per_node_matches_interpreter():
     net, mdef = compiled(NARY)
     rng = np.random.default_rng(3)
@@ -189,6 +190,7 @@ def test_nary_per_node_matches_interpreter():
     check_native(net, mdef, f, {"s": rng.integers(0, 4, f.nodes).astype(np.int32)})
 
 
+@pytest.mark.slow
 def test_features_and_onehot_match_interpreter():
     src = FEATURES.replace("h2(m)", "g(m.left)")
     net, mdef = compiled(src)
@@ -231,6 +233,7 @@ model V {
      "rec g(m) = leaf: E[m.word] |> sigmoid  node: g(m.left) * 0.5 + g(m.right) * v",
      "concat(h(t.root), g(t.root), axis=1)"),
 ], ids=["sum-relu", "softmax-sigmoid", "maximum-div", "param-leaf", "two-recs"])
+@pytest.mark.slow
 def test_node_case_variants_match_interpreter(leaf, node, more, out):
     src = VARIANT.replace("LEAF", leaf).replace("NODE", node).replace("MORE", more).replace("OUT", out)
     net, mdef = compiled(src)
@@ -308,6 +311,7 @@ def hyp():
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
+@pytest.mark.slow
 @given(forests())
 def test_hypothesis_forests_match_interpreter(hyp, forest):
     net, mdef = hyp
@@ -317,6 +321,7 @@ def test_hypothesis_forests_match_interpreter(hyp, forest):
 
 # -- one compilation for every shape; checks at the boundary --------------------
 
+@pytest.mark.slow
 def test_no_recompilation_across_shapes():
     before = api.COMPILE_COUNT
     net = structc.compile(BINARY.replace("Binary", "Once"), cache=False)
@@ -384,8 +389,8 @@ def test_pca_embedding_against_an_eigendecomposition():
     rng = np.random.default_rng(8)
     words = [f"w{k}" for k in range(30)]
     corpus = [[words[int(j)] for j in rng.zipf(1.5, size=40) % 30] for _ in range(200)]
-    E, vocab = pca_embedding(corpus, d=5, window=3)
-    K, _ = cooccurrence(corpus, vocab, window=3)
+    K, vocab = cooccurrence(corpus, window=3)
+    E = pca_embedding(corpus, vocab, d=5, window=3)
     lam, U = np.linalg.eig(K)                       # the general solver, not the helper's eigh
     top = np.argsort(lam.real)[::-1][:5]
     lam, U = lam.real[top], U.real[:, top]
@@ -399,7 +404,7 @@ def test_pca_embedding_against_an_eigendecomposition():
 
 def test_pca_embedding_initialises_a_learned_table():
     corpus = [["0", "1", "2"], ["1", "2", "3"], ["2", "3", "4"]] * 5
-    E, vocab = pca_embedding(corpus, d=8, vocab={str(k): k for k in range(20)})
+    E = pca_embedding(corpus, {str(k): k for k in range(20)}, d=8)
     net = structc.compile(BINARY)
     net.params["E"][...] = E
     f = Forest.from_tuples([(1, 2)])
@@ -409,6 +414,7 @@ def test_pca_embedding_initialises_a_learned_table():
 
 # -- the example: structc train on the shipped tree data -----------------------
 
+@pytest.mark.slow
 def test_logic_example_trains_well_above_chance(tmp_path, capsys):
     from pathlib import Path
 
@@ -422,6 +428,7 @@ def test_logic_example_trains_well_above_chance(tmp_path, capsys):
     assert accuracy >= 95.0, text          # chance: 50%
 
 
+@pytest.mark.slow
 def test_logic_data_set_is_balanced_and_disjoint():
     from structc.treedata import load_logic
     d = load_logic()
@@ -432,6 +439,7 @@ def test_logic_data_set_is_balanced_and_disjoint():
     assert not {key(f) for f in d.train} & {key(f) for f in d.test}
 
 
+@pytest.mark.slow
 def test_fixed_embedding_is_an_input_table():
     """A fixed (say PCA) embedding: declared an input, passed with every call, never trained."""
     src = """
@@ -444,7 +452,7 @@ def test_fixed_embedding_is_an_input_table():
       loss cross_entropy(dense(h(t.root), 2), y)
     }"""
     corpus = [[str(k), str((k + 1) % 20), str((k + 3) % 20)] for k in range(20)] * 3
-    E, _ = pca_embedding(corpus, d=8, vocab={str(k): k for k in range(20)})
+    E = pca_embedding(corpus, {str(k): k for k in range(20)}, d=8)
     net, mdef = compiled(src)
     rng = np.random.default_rng(10)
     f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 8)), 20) for _ in range(6)])

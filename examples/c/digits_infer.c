@@ -2,8 +2,13 @@
  *
  *   structc train examples/digits_mlp.snet --data digits --out digits.npz
  *   structc compile examples/digits_mlp.snet -o digits.so -H digits.h --params digits.npz
- *   cc -O2 -I. examples/c/digits_infer.c ./digits.so -o digits_infer
+ *   cc -O2 -I. examples/c/digits_infer.c digits.so -Wl,-rpath,'$ORIGIN' -o digits_infer
  *   ./digits_infer < image.txt      (64 pixel values in [0, 1]; without input, a built-in "0")
+ *
+ * The library records its own file name (its soname), and the rpath $ORIGIN makes the
+ * program look for it in the program's folder, so it runs from any working directory as
+ * long as the two stay together (or link with -Wl,-rpath,/folder/of/the/library).
+ * The generated digits.so, digits.h, digits.npz and digits_infer are ignored by git.
  */
 #include <stdio.h>
 #include <stdlib.h>
