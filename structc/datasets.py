@@ -131,15 +131,22 @@ def load_logic():
 DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": load_logic}
 
 
-def load(name: str):
-    """A registered data set by name, or an .npz file by path."""
+def load(name: str, split: float | None = None):
+    """A registered data set by name, or the user's data by path: a file or folder that
+    `structc.readers.read` recognises by its form. `split`: the held-out fraction for data
+    that comes as one set (None: 0.2); built-in data sets keep their own split."""
+    from . import readers
     if name in DATASETS:
+        if split is not None:
+            raise ValueError(f"--split applies to your own data that comes as one set; the built-in data set "
+                             f"'{name}' has its own split")
         return DATASETS[name]()
-    if name.endswith(".npz"):
-        if not Path(name).exists():
-            raise FileNotFoundError(f"no such data file: {name}")
-        return load_npz(name)
-    raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a .npz file)")
+    if Path(name).exists():
+        return readers.read(name, split)
+    if Path(name).suffix or "/" in name or "\\" in name:
+        raise FileNotFoundError(f"no such data file or folder: {name}")
+    raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a path: a treebank, "
+                     f"a TU folder, a node classification folder, a .csv/.npy/.npz table)")
 
 
 def _graph_data(loader: str) -> Callable[[], object]:
