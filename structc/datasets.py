@@ -156,7 +156,8 @@ def _graph_data(loader: str) -> Callable[[], object]:
     return load
 
 
-DATASETS.update(karate=_graph_data("load_karate"), graph_families=_graph_data("load_graph_families"))
+DATASETS.update(karate=_graph_data("load_karate"), graph_families=_graph_data("load_graph_families"),
+                atlas=_graph_data("load_atlas"))
 
 
 # -- does a data set fit a model? -----------------------------------------------
@@ -179,7 +180,7 @@ def model_kind(net) -> str:
 #: what each built-in data set holds (and, for dense ones, the values per example),
 #: so that a model of another kind is told before the data set is loaded
 DATA_KINDS = {"digits": ("dense", 64), "logic": ("forest", None), "karate": ("graph nodes", None),
-              "graph_families": ("graphs", None)}
+              "graph_families": ("graphs", None), "atlas": ("graphs", None)}
 
 
 def data_kind(data) -> str:
