@@ -53,6 +53,9 @@ class ArrayDataset:
         self.x_train = self.x_train.reshape(-1, *per_example)
         self.x_test = self.x_test.reshape(-1, *per_example)
         classes = self.target.get("classes") or 0
+        if classes and not all(np.all(np.mod(y, 1) == 0) for y in (self.y_train, self.y_test)):
+            raise ValueError(f"data set '{self.name}' has labels that are not whole numbers, but target "
+                             f"'{self.target['name']}' declares {classes} classes")
         if classes and max(self.y_train.max(), self.y_test.max()) >= classes:
             raise ValueError(f"data set '{self.name}' has labels up to {int(self.y_train.max())}, but "
                              f"target '{self.target['name']}' declares {classes} classes")

@@ -128,10 +128,14 @@ def read_numbers(path: Path, *, columns: int | None = None, integer: bool = Fals
             since = f"line {width_line} has {width}" if width_line else f"expected {width}"
             raise ReadError(path, f"{len(fields)} values on this line, {since}", number)
         try:
-            values.append([kind(t) for t in fields])
+            row = [kind(t) for t in fields]
         except ValueError:
             bad = next(t for t in fields if not _parses(t, kind))
             raise ReadError(path, f"{bad!r} is not {'an integer' if integer else 'a number'}", number) from None
+        if not integer and not all(np.isfinite(row)):
+            bad = next(t for t, v in zip(fields, row) if not np.isfinite(v))
+            raise ReadError(path, f"{bad!r}: missing or infinite values cannot be trained on", number)
+        values.append(row)
     if not values:
         raise ReadError(path, "no data in the file")
     return np.array(values, np.int64 if integer else np.float64)
@@ -328,10 +332,11 @@ def _tu_edges(path: Path, graph_of: np.ndarray) -> np.ndarray:
 def _tu_features(files: dict, nodes: int) -> np.ndarray:
     parts = []
     if files["node_labels"].is_file():
-        lab = read_numbers(files["node_labels"], integer=True)[:, 0]
-        _check_rows(files["node_labels"], len(lab), nodes)
-        kinds = np.unique(lab)
-        parts.append(np.eye(len(kinds), dtype=np.float32)[np.searchsorted(kinds, lab)])
+        table = read_numbers(files["node_labels"], integer=True)
+        _check_rows(files["node_labels"], len(table), nodes)
+        for lab in table.T:                      # each column one-hot, side by side
+            kinds = np.unique(lab)
+            parts.append(np.eye(len(kinds), dtype=np.float32)[np.searchsorted(kinds, lab)])
     if files["node_attributes"].is_file():
         att = read_numbers(files["node_attributes"])
         _check_rows(files["node_attributes"], len(att), nodes)

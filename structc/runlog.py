@@ -18,6 +18,7 @@ against the epoch, one colour per run, with matplotlib (an optional extra:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self._start = self._last = time.perf_counter()
         self._elapsed_before = keep[-1].get("elapsed", 0.0) if keep else 0.0
+        self.failed = False
 
     def callback(self, metrics: dict) -> None:
         now = time.perf_counter()
@@ -65,8 +67,15 @@ class MetricsLog:
         record.update(seconds=round(now - self._last, 4),
                       elapsed=round(self._elapsed_before + now - self._start, 4), lr=self.lr)
         self._last = now
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        if self.failed:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        except OSError as e:          # the run matters more than its log: say so once, keep training
+            self.failed = True
+            print(f"structc: warning: cannot write the metrics log {self.path} ({e.strerror or e}); "
+                  f"training goes on without it", file=sys.stderr)
 
 
 def _plain(value):

@@ -100,6 +100,13 @@ def test_tu_edge_outside_the_nodes_or_between_graphs(tmp_path):
         readers.read(_tu(tmp_path / "e", "1, 2\n", indicator="1\n1\n3\n3\n", labels="0\n1\n1\n"))
 
 
+def test_tu_node_label_columns_are_each_one_hot(tmp_path):
+    data = readers.read(_tu(tmp_path / "a", "1, 2\n", labels="0\n0\n", node_labels="7 0\n9 1\n7 2\n7 0\n"),
+                        split=0.5)
+    x = np.concatenate([g.x for g in data.graphs])
+    assert np.array_equal(x, [[1, 0, 1, 0, 0], [0, 1, 0, 1, 0], [1, 0, 0, 0, 1], [1, 0, 1, 0, 0]])
+
+
 def test_tu_attributes_are_node_features(tmp_path):
     data = readers.read(_tu(tmp_path / "a", "1, 2\n2, 1\n3, 4\n", labels="0\n0\n",
                             node_attributes="1,2\n3,4\n5,6\n7,8\n"), split=0.5)
@@ -182,6 +189,9 @@ def test_table_errors(tmp_path):
         readers.read(bad)
     bad.write_text("a,b,y\n1,2,0\n3,4,-1\n")
     with pytest.raises(ReadError, match=r"t\.csv:3: class label -1 is negative"):
+        readers.read(bad)
+    bad.write_text("a,b,y\n1,2,0\n3,nan,1\n")
+    with pytest.raises(ReadError, match=r"t\.csv:3: 'nan': missing or infinite values"):
         readers.read(bad)
     bad.write_text("# nothing\n")
     with pytest.raises(ReadError, match=r"t\.csv: no data"):
@@ -317,6 +327,16 @@ def test_train_and_eval_see_the_same_split(models, tmp_path, capsys):
     assert main(["eval", models, "--model", "Table", "--data", str(DATA / "table.csv"), "--split", "0.25",
                  "--params", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"accuracy {trained}")
+
+
+def test_real_valued_labels_for_a_class_target_are_refused(models, tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    rows = np.random.default_rng(0).normal(size=(40, 5)).round(2)
+    table.write_text("".join(",".join(map(str, r)) + "\n" for r in rows))    # last column: 0.13, -1.2, ...
+    code = main(["train", models, "--model", "Table", "--data", str(table), "--epochs", "1",
+                 "--out", str(tmp_path / "p.npz"), "--no-progress"])
+    assert code == 1
+    assert "has labels that are not whole numbers, but target 'y' declares 2 classes" in capsys.readouterr().err
 
 
 def test_train_on_a_bad_file_reports_file_and_line(models, tmp_path, capsys):

@@ -97,6 +97,19 @@ def test_a_log_that_cannot_be_written_stops_before_training(tiny, tmp_path, caps
     assert not (tmp_path / "run.npz").exists()
 
 
+def test_a_log_that_becomes_unwritable_warns_once_and_training_goes_on(tmp_path, capsys):
+    from structc.runlog import MetricsLog
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    log = MetricsLog(folder / "r.metrics.jsonl", lr=0.1)
+    log.callback({"epoch": 1, "train_loss": 1.0, "heldout_loss": 1.1})
+    (folder / "r.metrics.jsonl").unlink()
+    folder.rmdir()
+    for epoch in (2, 3):
+        log.callback({"epoch": epoch, "train_loss": 1.0, "heldout_loss": 1.1})
+    assert capsys.readouterr().err.count("cannot write the metrics log") == 1
+
+
 def test_read_metrics_names_a_bad_line(tmp_path):
     path = tmp_path / "r.metrics.jsonl"
     path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "loss": \n')
