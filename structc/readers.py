@@ -86,25 +86,41 @@ def _first_of(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None
 _SEP = re.compile(r"[,\s]+")
 
 
+def _text_lines(path: Path):
+    for number, line in _lines(path):
+        if line.strip():
+            yield number, line.strip()
+
+
+def _lines(path: Path):
+    """(line number, text) of every line, read as bytes and decoded one line at a time
+    so that bytes that are not UTF-8 are reported at their line."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ReadError(path, f"cannot read: {e.strerror}") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ReadError(path, "not UTF-8 text (a binary file?)", number) from None
+
+
 def _rows(path: Path, *, header_allowed: bool = False):
     """(line number, fields) of every non-blank line that is not a `#` comment;
     a first line with a non-numeric field is skipped as a header where allowed."""
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise ReadError(path, f"cannot read: {e.strerror}") from None
     first = True
-    with f:
-        for number, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            fields = [t for t in _SEP.split(text) if t]
-            if first and header_allowed and not all(_is_number(t) for t in fields):
-                first = False
-                continue
+    for number, line in _lines(path):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = [t for t in _SEP.split(text) if t]
+        if first and header_allowed and not all(_is_number(t) for t in fields):
             first = False
-            yield number, fields
+            continue
+        first = False
+        yield number, fields
 
 
 def _is_number(text: str) -> bool:
@@ -228,8 +244,8 @@ def read_treebank(path: str | Path, split: float | None = None):
         if forest.trees != 1:
             raise ReadError(path, f"{forest.trees} trees on one line; a treebank has one tree per line", number)
         if forest.labels.min() < 0:
-            raise ReadError(path, "a node without a label; every node needs one, as in (3 (2 good) (2 movie))",
-                            number)
+            raise ReadError(path, "a node without a label (or with a negative one); every node needs a class "
+                                  "0, 1, ..., as in (3 (2 good) (2 movie))", number)
         lines.append(text)
         roots.append(int(forest.root_labels[0]))
     if not lines:
@@ -240,17 +256,6 @@ def read_treebank(path: str | Path, split: float | None = None):
     data.description = (f"{path}: {len(lines)} trees ({_split_words(len(train), len(test), 'trees', split)}), "
                         f"{len(vocab)} words, {class_counts(roots)} at the roots")
     return data
-
-
-def _text_lines(path: Path):
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise ReadError(path, f"cannot read: {e.strerror}") from None
-    with f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, line.strip()
 
 
 # -- TU graph classification ------------------------------------------------------------

@@ -193,6 +193,9 @@ def test_table_errors(tmp_path):
     bad.write_text("a,b,y\n1,2,0\n3,nan,1\n")
     with pytest.raises(ReadError, match=r"t\.csv:3: 'nan': missing or infinite values"):
         readers.read(bad)
+    bad.write_bytes(b"a,b,y\n1,2,0\n\xff\xfe,1,1\n")
+    with pytest.raises(ReadError, match=r"t\.csv:3: not UTF-8 text"):
+        readers.read(bad)
     bad.write_text("# nothing\n")
     with pytest.raises(ReadError, match=r"t\.csv: no data"):
         readers.read(bad)
