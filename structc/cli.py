@@ -1,4 +1,4 @@
-"""The `structc` command: check, compile, graph, train, eval, predict.
+"""The `structc` command: check, compile, graph, train, eval, predict, plot.
 
 Library code raises; this module alone prints errors (`file:line:col:
 error: ...`, the line and a caret) and chooses exit codes: 1 for an error in
@@ -226,12 +226,13 @@ def _compile_net(args):
     return net, time.perf_counter() - t0
 
 
-def _load_bound_data(name: str, net):
-    """The data set `name`, checked against the model's kind of input, bound to `net`."""
+def _load_bound_data(name: str, net, split: float | None = None):
+    """The data set `name`, checked against the model's kind of input, bound to `net`.
+    `split`: the held-out fraction for the user's data that comes as one set."""
     from . import datasets
     try:
         datasets.check_name_fits(name, net)
-        data = datasets.load(name)
+        data = datasets.load(name, split)
         datasets.check_fits(data, net)
         data.bind(net)
     except (ValueError, FileNotFoundError) as e:
@@ -291,7 +292,8 @@ def cmd_train(args) -> int:
         set_num_threads(args.threads)
     net, seconds = _compile_net(args)
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
-    data = _load_bound_data(args.data, net)
+    data = _load_bound_data(args.data, net, args.split)
+    data_id = _data_id(args)
     state = rng = None
     first_epoch = 1
     if args.resume:
@@ -300,8 +302,8 @@ def cmd_train(args) -> int:
         if first_epoch > args.epochs:
             raise UserError(f"{args.resume} has already been trained for {state['epoch']} epochs; "
                             f"--epochs is the total to reach: pass more than {state['epoch']}")
-        if state["config"].get("data") != args.data:
-            warn(f"the resumed run was trained on {state['config'].get('data')}, this one on {args.data}")
+        if state["config"].get("data") != data_id:
+            warn(f"the resumed run was trained on {state['config'].get('data')}, this one on {data_id}")
     saved = state["config"] if state else None
     settings = _train_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
@@ -312,14 +314,16 @@ def cmd_train(args) -> int:
             if cfg.optimizer != "sgd":
                 warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
                      f"it starts from zero, so this run differs from an uninterrupted one")
+    metrics = _start_metrics_log(out, cfg, args.resume)
     print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
           f"data: {data.description or data.name}"
-          + (f"; resuming after epoch {first_epoch - 1}" if state else ""), file=sys.stderr)
-    history = train(net, data, cfg, rng=rng)
+          + (f"; resuming after epoch {first_epoch - 1}" if state else "")
+          + f"; per-epoch metrics in {metrics.path}", file=sys.stderr)
+    history = train(net, data, cfg, rng=rng, on_epoch=metrics.callback)
 
     def save_training_state(params_path: Path) -> None:
         from .train import state_path
-        save_state(net, state_path(params_path), cfg.epochs, cfg, history.rng_state, args.data)
+        save_state(net, state_path(params_path), cfg.epochs, cfg, history.rng_state, data_id)
 
     written, problem = save_run(net, out, save_training_state)
     final = history.final
@@ -334,9 +338,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _data_id(args) -> str:
+    """--data as a resumed run compares it: with --split when one was given."""
+    return args.data if args.split is None else f"{args.data} --split {args.split}"
+
+
+def _start_metrics_log(out: Path, cfg, resume: str | None):
+    """The per-epoch metrics log beside the checkpoint (NAME.metrics.jsonl); a resumed run's
+    log starts with the epochs of the run it continues."""
+    from .runlog import metrics_path, start_log
+    try:
+        return start_log(out, cfg.lr, existing_params(resume) if resume else None, cfg.first_epoch)
+    except OSError as e:
+        raise UserError(f"cannot write the metrics log {metrics_path(out)}: {e.strerror or e}", code=2) from None
+
+
 def cmd_eval(args) -> int:
     net, _ = _compile_net(args)
-    data = _load_bound_data(args.data, net)
+    data = _load_bound_data(args.data, net, args.split)
     params = load_params(net, args.params)
     metrics = data.evaluate(net)
     acc = metrics.get("accuracy")
@@ -383,6 +402,24 @@ def _class_count(net, output: dict) -> int:
         if s["kind"] == "target" and s["classes"] and len(shape) == 2 and shape[1] == s["classes"] \
                 and s["shape"] == shape[:1]:
             return s["classes"]
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .runlog import plot
+    out = writable_output(args.output, "the picture")
+    try:
+        width, height = (float(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size takes WIDTHxHEIGHT in inches, such as 10x4; got {args.size!r}", code=2) from None
+    if not (width > 0 and height > 0 and args.dpi > 0):
+        raise UserError(f"--size and --dpi must be positive; got {args.size} at {args.dpi} dpi", code=2)
+    try:
+        plot(args.runs, out, size=(width, height), dpi=args.dpi)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out} ({round(width * args.dpi)}x{round(height * args.dpi)} pixels, {len(args.runs)} "
+          f"run{'' if len(args.runs) == 1 else 's'})", file=sys.stderr)
     return 0
 
 
@@ -469,10 +506,15 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=cmd_graph)
 
     c = command("train", help="train a model on a data set",
-                description=f"Built-in data sets: {data_sets}; or an .npz file with x_train, y_train, "
-                            f"x_test, y_test. Bars are shown on a terminal only; otherwise one line per epoch.")
+                description=f"Built-in data sets: {data_sets}; or your data by path: a treebank (one "
+                            f"bracketed tree per line), a TU graph folder, a node classification folder "
+                            f"(edges, labels, features), a .csv/.npy table (label last) or an .npz (x_train, "
+                            f"y_train, x_test, y_test; or x, y). Bars are shown on a terminal only; otherwise "
+                            f"one line per epoch. Per-epoch metrics go to NAME.metrics.jsonl beside the "
+                            f"parameters NAME.npz (see `structc plot`).")
     c.add_argument("--data", required=True, metavar="DATA",
-                   help=f"a built-in data set ({data_sets}) or an .npz file")
+                   help=f"a built-in data set ({data_sets}) or a file or folder of your data")
+    _split_option(c)
     c.add_argument("--epochs", type=int, default=20, help="epochs to train (with --resume: the total to reach)")
     c.add_argument("--batch", type=int, help=f"examples per step (default: {TRAIN_DEFAULTS['batch']}; "
                                              f"with --resume: the run's)")
@@ -495,7 +537,9 @@ def parser() -> argparse.ArgumentParser:
 
     c = command("eval", help="report held-out accuracy and loss of trained parameters")
     c.add_argument("--data", required=True, metavar="DATA",
-                   help=f"a built-in data set ({data_sets}) or an .npz file; its test split is used")
+                   help=f"a built-in data set ({data_sets}) or a file or folder of your data; its held-out "
+                        f"part is used")
+    _split_option(c)
     c.add_argument("--params", required=True, help="parameters saved by `structc train` (.npz optional)")
     c.set_defaults(run=cmd_eval)
 
@@ -507,7 +551,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--output", help="the output to write (default: the model's only output)")
     c.add_argument("--raw", action="store_true", help="write class scores as they are, not class ids")
     c.set_defaults(run=cmd_predict)
+
+    c = sub.add_parser("plot", formatter_class=_Help, help="draw loss and accuracy curves of training runs",
+                       description="Reads each run's NAME.metrics.jsonl (written by structc train) and draws "
+                                   "training and held-out loss, and held-out accuracy, against the epoch. "
+                                   "Needs matplotlib (pip install 'structc[plot]').")
+    c.add_argument("runs", nargs="+", metavar="RUN",
+                   help="a run: its metrics file, its parameters NAME.npz, or NAME")
+    c.add_argument("-o", "--output", default="curves.png", help="the picture to write (.png, .svg, .pdf)")
+    c.add_argument("--size", default="10x4", help="WIDTHxHEIGHT in inches")
+    c.add_argument("--dpi", type=int, default=100, help="pixels per inch")
+    c.set_defaults(run=cmd_plot)
     return p
+
+
+def _split_option(c) -> None:
+    c.add_argument("--split", type=float, metavar="FRACTION",
+                   help="for your data that comes as one set: the held-out fraction of each class, drawn "
+                        "with seed 0 so that train and eval see the same parts (default: 0.2; built-in data "
+                        "sets and files that give both parts keep theirs)")
 
 
 def main(argv=None) -> int:

@@ -53,6 +53,9 @@ class ArrayDataset:
         self.x_train = self.x_train.reshape(-1, *per_example)
         self.x_test = self.x_test.reshape(-1, *per_example)
         classes = self.target.get("classes") or 0
+        if classes and not all(np.all(np.mod(y, 1) == 0) for y in (self.y_train, self.y_test)):
+            raise ValueError(f"data set '{self.name}' has labels that are not whole numbers, but target "
+                             f"'{self.target['name']}' declares {classes} classes")
         if classes and max(self.y_train.max(), self.y_test.max()) >= classes:
             raise ValueError(f"data set '{self.name}' has labels up to {int(self.y_train.max())}, but "
                              f"target '{self.target['name']}' declares {classes} classes")
@@ -131,15 +134,22 @@ def load_logic():
 DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": load_logic}
 
 
-def load(name: str):
-    """A registered data set by name, or an .npz file by path."""
+def load(name: str, split: float | None = None):
+    """A registered data set by name, or the user's data by path: a file or folder that
+    `structc.readers.read` recognises by its form. `split`: the held-out fraction for data
+    that comes as one set (None: 0.2); built-in data sets keep their own split."""
+    from . import readers
     if name in DATASETS:
+        if split is not None:
+            raise ValueError(f"--split applies to your own data that comes as one set; the built-in data set "
+                             f"'{name}' has its own split")
         return DATASETS[name]()
-    if name.endswith(".npz"):
-        if not Path(name).exists():
-            raise FileNotFoundError(f"no such data file: {name}")
-        return load_npz(name)
-    raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a .npz file)")
+    if Path(name).exists():
+        return readers.read(name, split)
+    if Path(name).suffix or "/" in name or "\\" in name:
+        raise FileNotFoundError(f"no such data file or folder: {name}")
+    raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a path: a treebank, "
+                     f"a TU folder, a node classification folder, a .csv/.npy/.npz table)")
 
 
 def _graph_data(loader: str) -> Callable[[], object]:
@@ -149,7 +159,8 @@ def _graph_data(loader: str) -> Callable[[], object]:
     return load
 
 
-DATASETS.update(karate=_graph_data("load_karate"), graph_families=_graph_data("load_graph_families"))
+DATASETS.update(karate=_graph_data("load_karate"), graph_families=_graph_data("load_graph_families"),
+                atlas=_graph_data("load_atlas"))
 
 
 # -- does a data set fit a model? -----------------------------------------------
@@ -172,7 +183,7 @@ def model_kind(net) -> str:
 #: what each built-in data set holds (and, for dense ones, the values per example),
 #: so that a model of another kind is told before the data set is loaded
 DATA_KINDS = {"digits": ("dense", 64), "logic": ("forest", None), "karate": ("graph nodes", None),
-              "graph_families": ("graphs", None)}
+              "graph_families": ("graphs", None), "atlas": ("graphs", None)}
 
 
 def data_kind(data) -> str:

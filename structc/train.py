@@ -42,9 +42,11 @@ def show_bars(cfg: TrainConfig, stream=None) -> bool:
     return bool(cfg.progress and isatty is not None and isatty())
 
 
-def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | None = None) -> History:
+def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | None = None,
+          on_epoch=None) -> History:
     """Train `net` on `data` (a bound data set) for epochs `cfg.first_epoch`..`cfg.epochs`;
-    returns per-epoch metrics. `rng` (shuffling) continues a resumed run's generator."""
+    returns per-epoch metrics. `rng` (shuffling) continues a resumed run's generator;
+    `on_epoch(metrics)` is called as each epoch ends (the metrics log)."""
     for name, value in (("epochs", cfg.epochs), ("batch", cfg.batch), ("first_epoch", cfg.first_epoch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -73,6 +75,8 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
                                                                           data.evaluate(net).items()},
                    "seconds": time.perf_counter() - start}
         history.epochs.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
         acc = metrics.get("heldout_accuracy")
         log(f"epoch {epoch:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
             f"held-out loss {metrics['heldout_loss']:.4f}"

@@ -259,12 +259,12 @@ def test_train_help_lists_every_data_set_and_every_default(capsys):
     from structc.cli import parser
     from structc.datasets import DATASETS
     text = " ".join(_help("train", capsys).split())
-    assert f"built-in data set ({', '.join(sorted(DATASETS))}) or an .npz file" in text
+    assert f"built-in data set ({', '.join(sorted(DATASETS))}) or a file or folder of your data" in text
     train = parser()._subparsers._group_actions[0].choices["train"]
     help_of = train._get_formatter()._expand_help
     options = [a for a in train._actions if a.option_strings and not a.required
                and a.dest not in ("help", "no_progress")]
-    assert len(options) == 9
+    assert len(options) == 10
     for option in options:
         assert "default" in help_of(option), option.option_strings
     for shown in ("(default: 20)", "(default: 32;", "(default: 0.1;", "(default: sgd;", "(default: <model>.npz;"):

@@ -88,6 +88,8 @@ def kind(block: Block) -> str:
         return "python"
     if block.lang in ("sh", "bash", "console"):
         return "sh"
+    if block.lang == "json":
+        return "json"
     if block.lang in ("", "snet", "text"):
         if DIAGNOSTIC.match(block.text.lstrip()):
             return "diagnostic"
@@ -103,7 +105,7 @@ def blocks_of(k: str) -> list:
 def test_every_block_is_of_a_kind_this_file_checks():
     unknown = [str(b) for b in BLOCKS if kind(b) == "unknown"]
     assert not unknown, f"blocks this test does not know how to check: {unknown} (see the module docstring)"
-    assert {kind(b) for b in BLOCKS} >= {"model", "python", "sh", "diagnostic"}
+    assert {kind(b) for b in BLOCKS} >= {"model", "python", "sh", "diagnostic", "json"}
 
 
 # -- models ---------------------------------------------------------------------
@@ -120,6 +122,18 @@ def test_model_block_compiles(block):
     for name in parse(block.text, str(block)).model_names:
         net = structc.compile(block.text, name)
         assert net.params, f"{block}: model {name} has no parameters"
+
+
+# -- metrics records -----------------------------------------------------------------
+
+@pytest.mark.parametrize("block", blocks_of("json"))
+def test_json_block_has_the_fields_a_training_run_writes(block, tmp_path, capsys):
+    import json
+    shown = json.loads(block.text)
+    assert main(["train", str(ROOT / "examples/digits_mlp.snet"), "--data", "digits", "--epochs", "1",
+                 "--no-progress", "--out", str(tmp_path / "run.npz")]) == 0
+    written = json.loads((tmp_path / "run.metrics.jsonl").read_text().splitlines()[0])
+    assert sorted(shown) == sorted(written), f"{block}: a record has the fields {sorted(written)}"
 
 
 # -- diagnostics ------------------------------------------------------------------
@@ -234,7 +248,7 @@ def test_command_line_parses_with_the_real_options(where, command, comment):
         pytest.fail(f"{where}: `{command}` does not parse (see `structc {words[1]} --help`)")
     for stage in getattr(args, "dump", None) or []:
         assert stage in STAGES or stage == "all", f"{where}: no stage {stage!r}"
-    if getattr(args, "data", None) and not args.data.endswith(".npz"):
+    if getattr(args, "data", None) and not Path(args.data).suffix and "/" not in args.data:   # not a path
         assert args.data in DATASETS, f"{where}: no data set {args.data!r}"
     if getattr(args, "file", "").startswith("examples/"):
         assert (ROOT / args.file).exists(), f"{where}: no file {args.file}"
@@ -270,6 +284,13 @@ def logic_is_balanced():
     assert abs(roots.mean() - 0.5) < 0.03
 
 
+def atlas_majority_is_79_6():
+    from structc.graph_datasets import load_atlas
+    d = load_atlas()
+    held_out = d.labels[d.test]
+    assert round(100 * np.bincount(held_out).max() / len(held_out), 1) == 79.6
+
+
 def digits_has_1797_images():
     from structc.datasets import load_digits
     d = load_digits()
@@ -288,6 +309,9 @@ CLAIMS = [
     Claim(r"--data graph_families .*# (99\.3)% held out",
           "structc train examples/graph_families.snet --data graph_families --epochs 40 --optimizer adam "
           "--lr 0.005"),
+    Claim(r"--data atlas .*# (98\.4)% held out",
+          "structc train examples/atlas_gnn.snet --data atlas --epochs 40 --optimizer adam --lr 0.01"),
+    Claim(r"\"connected\" scores (79\.6)%", check=atlas_majority_is_79_6),
     Claim(r"\((1,797) images", check=digits_has_1797_images),
 ]
 

@@ -1,0 +1,564 @@
+"""Readers for users' own data: files in the formats the field uses -> data sets for `structc train`.
+
+    treebank file     one bracketed tree per line, a label on every node: `(3 (2 good) (2 movie))`
+    TU folder         graph classification: NAME_A.txt, NAME_graph_indicator.txt, NAME_graph_labels.txt,
+                      optional NAME_node_labels.txt (one-hot features) / NAME_node_attributes.txt
+    node folder       node classification on one graph: edges.txt|.csv, labels.txt|.csv,
+                      optional features.csv|.npy, optional train_mask.txt|.csv
+    table             .csv / .tsv / .txt numbers, the label in the last column, an optional header;
+                      .npy (the same as one 2-D array); .npz with x and y (or x_train, y_train, x_test, y_test)
+
+`read(path, split)` picks the reader by the path's form. A file that gives one set
+(everything above but an .npz holding both halves, or a node folder with a train mask)
+is split by a seeded, stratified draw: `split` of each class held out, seed 0, so that
+`structc eval` sees the same held-out part as `structc train`. A malformed line
+raises `ReadError` naming the file and the line.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SPLIT = 0.2
+SPLIT_SEED = 0
+
+
+class ReadError(ValueError):
+    """A data file that cannot be read, with where: `file:line: message`."""
+
+    def __init__(self, path, message: str, line: int | None = None):
+        self.path, self.line = str(path), line
+        super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
+
+
+# -- the dispatcher ------------------------------------------------------------------
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def read(path: str | Path, split: float | None = None):
+    """The data set in the file or folder `path`, by its form (see the module docstring).
+    `split`: the held-out fraction for data that comes as one set (None: 0.2); data that
+    comes split (an .npz with both parts, a node folder with a train mask) refuses one."""
+    p = Path(path)
+    if split is not None and not 0.0 < split < 1.0:
+        raise ValueError(f"the held-out fraction (--split) must be between 0 and 1, got {split}")
+    if p.is_dir():
+        if _tu_prefix(p) is not None:
+            return read_tu(p, split)
+        if _first_of(p, "edges", (".txt", ".csv")) is not None:
+            return read_node_folder(p, split)
+        raise ReadError(p, "a folder of data must hold a TU data set (NAME_A.txt, NAME_graph_indicator.txt, "
+                           "NAME_graph_labels.txt) or a graph for node classification (edges.txt or edges.csv, "
+                           "labels.txt or labels.csv)")
+    if not p.is_file():
+        raise FileNotFoundError(f"no such data file or folder: {p}")
+    if p.suffix == ".npz":
+        return read_npz(p, split)
+    if p.suffix == ".npy":
+        return read_npy(p, split)
+    if p.suffix in TABLE_SUFFIXES or p.suffix in (".trees", ".ptb"):
+        return read_treebank(p, split) if _looks_bracketed(p) else read_table(p, split)
+    raise ReadError(p, f"unknown kind of data file '{p.suffix}' (readers: a treebank or table .txt/.csv/.tsv, "
+                       f".npy, .npz, or a folder)")
+
+
+def _looks_bracketed(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith("(")
+    return False
+
+
+def _first_of(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    for s in suffixes:
+        if (folder / f"{stem}{s}").is_file():
+            return folder / f"{stem}{s}"
+    return None
+
+
+# -- numbers from text, with line numbers -------------------------------------------------
+
+_SEP = re.compile(r"[,\s]+")
+
+
+def _text_lines(path: Path):
+    for number, line in _lines(path):
+        if line.strip():
+            yield number, line.strip()
+
+
+def _lines(path: Path):
+    """(line number, text) of every line, read as bytes and decoded one line at a time
+    so that bytes that are not UTF-8 are reported at their line."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ReadError(path, f"cannot read: {e.strerror}") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ReadError(path, "not UTF-8 text (a binary file?)", number) from None
+
+
+def _rows(path: Path, *, header_allowed: bool = False):
+    """(line number, fields) of every non-blank line that is not a `#` comment;
+    a first line with a non-numeric field is skipped as a header where allowed."""
+    first = True
+    for number, line in _lines(path):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = [t for t in _SEP.split(text) if t]
+        if first and header_allowed and not all(_is_number(t) for t in fields):
+            first = False
+            continue
+        first = False
+        yield number, fields
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_numbers(path: Path, *, columns: int | None = None, integer: bool = False,
+                 header_allowed: bool = False) -> np.ndarray:
+    """A [rows, columns] array from a text table; a ragged or non-numeric line is a
+    `ReadError` with its line number. `columns` fixes the width."""
+    values, width, width_line = [], columns, None
+    kind = int if integer else float
+    for number, fields in _rows(path, header_allowed=header_allowed):
+        if width is None:
+            width, width_line = len(fields), number
+        if len(fields) != width:
+            since = f"line {width_line} has {width}" if width_line else f"expected {width}"
+            raise ReadError(path, f"{len(fields)} values on this line, {since}", number)
+        try:
+            row = [kind(t) for t in fields]
+        except ValueError:
+            bad = next(t for t in fields if not _parses(t, kind))
+            raise ReadError(path, f"{bad!r} is not {'an integer' if integer else 'a number'}", number) from None
+        if not integer and not all(np.isfinite(row)):
+            bad = next(t for t, v in zip(fields, row) if not np.isfinite(v))
+            raise ReadError(path, f"{bad!r}: missing or infinite values cannot be trained on", number)
+        values.append(row)
+    if not values:
+        raise ReadError(path, "no data in the file")
+    return np.array(values, np.int64 if integer else np.float64)
+
+
+def _parses(text: str, kind) -> bool:
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _column(path: Path, *, integer: bool = True) -> np.ndarray:
+    return read_numbers(path, columns=1, integer=integer, header_allowed=path.suffix == ".csv")[:, 0]
+
+
+# -- splits and reports ------------------------------------------------------------------
+
+def _fraction(split: float | None) -> float:
+    return DEFAULT_SPLIT if split is None else split
+
+
+def checked_split(path: Path, labels: np.ndarray, split: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """`split_indices`, refusing a split that leaves either part empty."""
+    train, test = split_indices(labels, split)
+    if len(train) == 0 or len(test) == 0:
+        raise ReadError(path, f"{len(labels)} {what} are too few to hold {round(100 * split)}% of each class out "
+                              f"and train on the rest")
+    return train, test
+
+
+def split_indices(labels: np.ndarray, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) indices: `fraction` of each class held out (at least one
+    where a class has two or more), drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        if k == 0 and len(idx) > 1:
+            k = 1
+        test.extend(idx[:k])
+    test = np.sort(np.array(test, np.int64))
+    return np.setdiff1d(np.arange(len(labels)), test), test
+
+
+def class_counts(labels) -> str:
+    """`3 classes (0: 40, 1: 35, 2: 25)`."""
+    counts = sorted(Counter(int(v) for v in np.asarray(labels).ravel()).items())
+    return f"{len(counts)} classes ({', '.join(f'{c}: {n}' for c, n in counts)})"
+
+
+def _split_words(train: int, test: int, what: str, split: float | None) -> str:
+    how = f", seeded {round(100 * (1 - split))}/{round(100 * split)} split" if split is not None else ""
+    return f"{train} training / {test} held-out {what}{how}"
+
+
+def _class_ids(labels: np.ndarray, path: Path) -> np.ndarray:
+    """Class labels as given; negative ones are an error (a class target reads 0..C-1)."""
+    if labels.size and labels.min() < 0:
+        k = int(np.argmax(labels < 0))
+        raise ReadError(path, f"class label {int(labels[k])} (example {k}) is negative; class labels are 0, 1, ...")
+    return labels
+
+
+# -- treebanks ---------------------------------------------------------------------------
+
+class _GrowingVocab(dict):
+    """A vocabulary that gives every new word the next id, as the trees are read."""
+
+    def __missing__(self, word):
+        self[word] = len(self)
+        return self[word]
+
+
+def read_treebank(path: str | Path, split: float | None = None):
+    """One bracketed tree per line, every node labelled (Penn Treebank / SST style):
+    `(3 (2 good) (2 movie))`. Words get ids in order of first appearance."""
+    from .forest import Forest, Vocab
+    from .treedata import TreeDataset
+    path = Path(path)
+    vocab, lines, roots = _GrowingVocab(), [], []
+    for number, text in _text_lines(path):
+        try:
+            forest = Forest.from_brackets(text, vocab)
+        except ValueError as e:
+            raise ReadError(path, str(e).removeprefix("tree 0: "), number) from None
+        if forest.trees != 1:
+            raise ReadError(path, f"{forest.trees} trees on one line; a treebank has one tree per line", number)
+        if forest.labels.min() < 0:
+            raise ReadError(path, "a node without a label (or with a negative one); every node needs a class "
+                                  "0, 1, ..., as in (3 (2 good) (2 movie))", number)
+        lines.append(text)
+        roots.append(int(forest.root_labels[0]))
+    if not lines:
+        raise ReadError(path, "no trees in the file")
+    roots, split = np.array(roots), _fraction(split)
+    train, test = checked_split(path, roots, split, "trees")
+    data = TreeDataset(path.stem, [lines[i] for i in train], [lines[i] for i in test], Vocab(vocab))
+    data.description = (f"{path}: {len(lines)} trees ({_split_words(len(train), len(test), 'trees', split)}), "
+                        f"{len(vocab)} words, {class_counts(roots)} at the roots")
+    return data
+
+
+# -- TU graph classification ------------------------------------------------------------
+
+def _tu_prefix(folder: Path) -> str | None:
+    found = sorted(folder.glob("*_A.txt"))
+    return found[0].name[:-len("_A.txt")] if found else None
+
+
+def read_tu(folder: str | Path, split: float | None = None):
+    """A TU-format graph classification set (https://chrsmrrs.github.io/datasets/): nodes are
+    numbered from 1 across all graphs; NAME_A.txt holds one edge `i, j` per line (as given:
+    an undirected graph lists both directions), NAME_graph_indicator.txt each node's graph
+    (1..graphs), NAME_graph_labels.txt each graph's label. Node features: NAME_node_labels.txt
+    one-hot, then NAME_node_attributes.txt, side by side; neither: a constant 1.
+    Graph labels are renumbered 0..C-1 in sorted order (TU sets use -1/1 or 1..C)."""
+    from .graph_datasets import GraphDataset
+    folder = Path(folder)
+    name = _tu_prefix(folder)
+    files = {part: folder / f"{name}_{part}.txt" for part in
+             ("A", "graph_indicator", "graph_labels", "node_labels", "node_attributes")}
+    for part in ("graph_indicator", "graph_labels"):
+        if not files[part].is_file():
+            raise ReadError(folder, f"a TU data set needs {files[part].name} next to {files['A'].name}")
+    raw_labels = _column(files["graph_labels"])
+    classes = np.unique(raw_labels)
+    labels = np.searchsorted(classes, raw_labels)
+    graph_of = _graph_indicator(files["graph_indicator"], len(raw_labels))
+    x = _tu_features(files, len(graph_of))
+    edges = _tu_edges(files["A"], graph_of)
+    graphs = _split_graphs(graph_of, edges, x, len(raw_labels), files["graph_indicator"])
+    split = _fraction(split)
+    train, test = checked_split(folder, labels, split, "graphs")
+    renamed = "" if np.array_equal(classes, np.arange(len(classes))) else \
+        f"; labels {', '.join(str(int(c)) for c in classes)} read as 0..{len(classes) - 1}"
+    data = GraphDataset(name, graphs, labels, train, test)
+    data.description = (f"{folder}: {len(graphs)} graphs ({_split_words(len(train), len(test), 'graphs', split)}), "
+                        f"{len(graph_of)} nodes, {len(edges)} edges, {x.shape[1]} features per node, "
+                        f"{class_counts(labels)}{renamed}")
+    return data
+
+
+def _graph_indicator(path: Path, graphs: int) -> np.ndarray:
+    """Each node's graph, 0-based; every value must name one of the `graphs` labelled graphs."""
+    ind = read_numbers(path, columns=1, integer=True)[:, 0]
+    bad = np.flatnonzero((ind < 1) | (ind > graphs))
+    if len(bad):
+        raise ReadError(path, f"graph {int(ind[bad[0]])} is out of range: the graph labels file lists {graphs} "
+                              f"graphs, numbered from 1", _line_of(path, int(bad[0])))
+    return ind - 1
+
+
+def _line_of(path: Path, row: int, header_allowed: bool | None = None) -> int:
+    """The line number of the `row`-th data row (0-based) of a text table (read again:
+    only when reporting an error)."""
+    header_allowed = path.suffix == ".csv" if header_allowed is None else header_allowed
+    for k, (number, _) in enumerate(_rows(path, header_allowed=header_allowed)):
+        if k == row:
+            return number
+    return -1
+
+
+def _tu_edges(path: Path, graph_of: np.ndarray) -> np.ndarray:
+    """[edges, 2] 0-based node pairs, each in range and inside one graph."""
+    edges = read_numbers(path, columns=2, integer=True) - 1
+    n = len(graph_of)
+    bad = np.flatnonzero((edges < 0).any(axis=1) | (edges >= n).any(axis=1))
+    if len(bad):
+        raise ReadError(path, f"edge ({', '.join(str(int(v) + 1) for v in edges[bad[0]])}) names a node outside "
+                              f"1..{n} (the graph indicator lists {n} nodes)", _line_of(path, int(bad[0])))
+    across = np.flatnonzero(graph_of[edges[:, 0]] != graph_of[edges[:, 1]])
+    if len(across):
+        u, v = (int(t) for t in edges[across[0]])
+        raise ReadError(path, f"edge ({u + 1}, {v + 1}) joins graph {graph_of[u] + 1} to graph {graph_of[v] + 1}",
+                        _line_of(path, int(across[0])))
+    return edges
+
+
+def _tu_features(files: dict, nodes: int) -> np.ndarray:
+    parts = []
+    if files["node_labels"].is_file():
+        table = read_numbers(files["node_labels"], integer=True)
+        _check_rows(files["node_labels"], len(table), nodes)
+        for lab in table.T:                      # each column one-hot, side by side
+            kinds = np.unique(lab)
+            parts.append(np.eye(len(kinds), dtype=np.float32)[np.searchsorted(kinds, lab)])
+    if files["node_attributes"].is_file():
+        att = read_numbers(files["node_attributes"])
+        _check_rows(files["node_attributes"], len(att), nodes)
+        parts.append(att.astype(np.float32))
+    return np.concatenate(parts, axis=1) if parts else np.ones((nodes, 1), np.float32)
+
+
+def _check_rows(path: Path, have: int, nodes: int) -> None:
+    if have != nodes:
+        raise ReadError(path, f"{have} rows, but the graph indicator lists {nodes} nodes (one row per node)")
+
+
+def _split_graphs(graph_of, edges, x, graphs: int, indicator: Path) -> list:
+    """One `structc.Graph` per graph, its nodes renumbered from 0 in file order."""
+    from .graphs import Graph
+    order = np.argsort(graph_of, kind="stable")
+    sizes = np.bincount(graph_of, minlength=graphs)
+    if sizes.min() == 0:
+        raise ReadError(indicator, f"graph {int(np.argmin(sizes)) + 1} has no nodes")
+    start = np.concatenate([[0], np.cumsum(sizes)])
+    local = np.empty(len(graph_of), np.int64)
+    local[order] = np.arange(len(graph_of)) - start[graph_of[order]]
+    edge_graph = graph_of[edges[:, 0]] if len(edges) else np.zeros(0, np.int64)
+    by_graph = np.argsort(edge_graph, kind="stable")
+    edge_start = np.concatenate([[0], np.cumsum(np.bincount(edge_graph, minlength=graphs))])
+    result = []
+    for g in range(graphs):
+        mine = edges[by_graph[edge_start[g]:edge_start[g + 1]]]
+        result.append(Graph(local[mine].T, num_nodes=int(sizes[g]), x=x[order[start[g]:start[g + 1]]]))
+    return result
+
+
+# -- node classification on one graph ------------------------------------------------------
+
+def read_node_folder(folder: str | Path, split: float | None = None):
+    """One graph for node classification, nodes numbered from 0:
+        edges.txt|.csv        `u v` (or `u,v`) per line; each edge is used in both directions,
+                              duplicates and the reverse of an edge already listed are dropped
+        labels.txt|.csv       one class per node (-1: unlabelled, in neither part)
+        features.csv|.txt|.npy  one row per node (default: one-hot node ids)
+        train_mask.txt|.csv   optional, 1 for a training node; the other labelled nodes are held
+                              out. Without it, a seeded stratified split of the labelled nodes.
+    `.csv` files may start with a header line."""
+    from .graph_datasets import NodeDataset
+    from .graphs import Graph
+    folder = Path(folder)
+    labels_file = _first_of(folder, "labels", (".txt", ".csv"))
+    if labels_file is None:
+        raise ReadError(folder, "a node classification folder needs labels.txt or labels.csv (one class per node)")
+    labels = _column(labels_file)
+    n = len(labels)
+    if labels.min() < -1:
+        raise ReadError(labels_file, f"class label {int(labels.min())}: labels are 0, 1, ... or -1 (unlabelled)",
+                        _line_of(labels_file, int(np.argmax(labels < -1))))
+    edges_file = _first_of(folder, "edges", (".txt", ".csv"))
+    edges = _undirected(_node_edges(edges_file, n))
+    x = _node_features(folder, n)
+    train, test, how = _node_split(folder, labels, split)
+    graph = Graph(edges.T, num_nodes=n, x=x)
+    data = NodeDataset(folder.name, graph, np.maximum(labels, 0), train, test)
+    data.description = (f"{folder}: {n} nodes, {len(edges)} directed edges, {x.shape[1]} features per node, "
+                        f"{_split_words(len(train), len(test), 'nodes', how)}, {class_counts(labels[labels >= 0])}"
+                        + (f", {int(np.sum(labels < 0))} unlabelled" if np.any(labels < 0) else ""))
+    return data
+
+
+def _node_edges(path: Path, n: int) -> np.ndarray:
+    edges = read_numbers(path, columns=2, integer=True, header_allowed=path.suffix == ".csv")
+    bad = np.flatnonzero((edges < 0).any(axis=1) | (edges >= n).any(axis=1))
+    if len(bad):
+        raise ReadError(path, f"edge ({', '.join(str(int(v)) for v in edges[bad[0]])}) names a node outside "
+                              f"0..{n - 1} (the labels file lists {n} nodes)",
+                        _line_of(path, int(bad[0])))
+    return edges
+
+
+def _undirected(edges: np.ndarray) -> np.ndarray:
+    """Each distinct edge in both directions (a self loop once)."""
+    pairs = np.unique(np.sort(edges, axis=1), axis=0)
+    loops = pairs[:, 0] == pairs[:, 1]
+    return np.concatenate([pairs, pairs[~loops][:, ::-1]])
+
+
+def _node_features(folder: Path, n: int) -> np.ndarray:
+    path = _first_of(folder, "features", (".npy", ".csv", ".txt"))
+    if path is None:
+        return np.eye(n, dtype=np.float32)
+    if path.suffix == ".npy":
+        x = _load_npy(path)
+        if x.ndim != 2:
+            raise ReadError(path, f"node features must be a 2-D array [nodes, features], got shape {x.shape}")
+    else:
+        x = read_numbers(path, header_allowed=path.suffix == ".csv")
+    if len(x) != n:
+        raise ReadError(path, f"{len(x)} rows, but the labels file lists {n} nodes (one row per node)")
+    return x.astype(np.float32)
+
+
+def _node_split(folder: Path, labels: np.ndarray, split: float | None):
+    """(training nodes, held-out nodes, the split fraction or None when a mask gave it)."""
+    labelled = np.flatnonzero(labels >= 0)
+    if len(labelled) == 0:
+        raise ReadError(folder, "no node has a label")
+    mask_file = _first_of(folder, "train_mask", (".txt", ".csv"))
+    if mask_file is None:
+        train, test = checked_split(folder, labels[labelled], _fraction(split), "labelled nodes")
+        return labelled[train], labelled[test], _fraction(split)
+    if split is not None:
+        raise ReadError(mask_file, "the train mask gives the split; --split applies to data that comes as one set")
+    mask = _column(mask_file)
+    if len(mask) != len(labels):
+        raise ReadError(mask_file, f"{len(mask)} rows, but the labels file lists {len(labels)} nodes")
+    if not np.isin(mask, (0, 1)).all():
+        k = int(np.argmax(~np.isin(mask, (0, 1))))
+        raise ReadError(mask_file, f"{int(mask[k])}: the mask holds 1 (training) or 0", _line_of(mask_file, k))
+    unlabelled = np.flatnonzero((mask == 1) & (labels < 0))
+    if len(unlabelled):
+        raise ReadError(mask_file, f"node {int(unlabelled[0])} is a training node without a label",
+                        _line_of(mask_file, int(unlabelled[0])))
+    train = np.flatnonzero(mask == 1)
+    test = np.flatnonzero((mask == 0) & (labels >= 0))
+    if len(train) == 0 or len(test) == 0:
+        raise ReadError(mask_file, "the mask leaves no " + ("training" if len(train) == 0 else "held-out") + " node")
+    return train, test, None
+
+
+# -- tables ------------------------------------------------------------------------------
+
+def read_table(path: str | Path, split: float | None = None):
+    """A text table of numbers, one example per line, its label in the last column;
+    a first line with a non-numeric field is a header."""
+    path = Path(path)
+    table = read_numbers(path, header_allowed=True)
+    if table.shape[1] < 2:
+        raise ReadError(path, "a table needs at least one feature column and the label (last) column")
+    labels = table[:, -1]
+    if _integral(labels) and labels.min() < 0:
+        k = int(np.argmax(labels < 0))
+        raise ReadError(path, f"class label {int(labels[k])} is negative; class labels are 0, 1, ...",
+                        _line_of(path, k, header_allowed=True))
+    return _examples(path, table[:, :-1], table[:, -1], split)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ReadError(path, f"cannot read: {e}") from None
+
+
+def read_npy(path: str | Path, split: float | None = None):
+    """A 2-D array, one example per row, its label in the last column."""
+    path = Path(path)
+    table = _load_npy(path)
+    if table.ndim != 2 or table.shape[1] < 2:
+        raise ReadError(path, f"an .npy table is a 2-D array [examples, features + label], got shape {table.shape} "
+                              f"(for images, use an .npz with arrays x and y)")
+    return _examples(path, table[:, :-1], table[:, -1], split)
+
+
+NPZ_SPLIT = ["x_train", "y_train", "x_test", "y_test"]
+
+
+def read_npz(path: str | Path, split: float | None = None):
+    """An .npz with x_train, y_train, x_test, y_test (used as they are), or with x and y
+    (any example shape, e.g. images [N, 1, 28, 28]; split here)."""
+    from .datasets import ArrayDataset
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ReadError(path, f"cannot read: {e}") from None
+    if all(k in arrays for k in NPZ_SPLIT):
+        if split is not None:
+            raise ReadError(path, "the file holds its own split (x_train ... y_test); --split applies to data "
+                                  "that comes as one set (x and y)")
+        _same_length(path, arrays, "x_train", "y_train")
+        _same_length(path, arrays, "x_test", "y_test")
+        data = ArrayDataset(path.stem, *(arrays[k] for k in NPZ_SPLIT))
+        data.description = (f"{path}: {len(data.x_train)} training / {len(data.x_test)} held-out examples "
+                            f"(as the file splits them), {np.prod(data.x_train.shape[1:], dtype=int)} values each"
+                            + _label_words(data.y_train))
+        return data
+    if "x" in arrays and "y" in arrays:
+        _same_length(path, arrays, "x", "y")
+        return _examples(path, arrays["x"], arrays["y"], split)
+    raise ReadError(path, f"an .npz data file holds x_train, y_train, x_test, y_test (or x and y to be split); "
+                          f"found {sorted(arrays)}")
+
+
+def _same_length(path: Path, arrays: dict, x: str, y: str) -> None:
+    if arrays[x].ndim == 0 or len(arrays[x]) != len(arrays[y]):
+        raise ReadError(path, f"{x} has {len(np.atleast_1d(arrays[x]))} examples, {y} has "
+                              f"{len(np.atleast_1d(arrays[y]))}")
+
+
+def _label_words(y: np.ndarray) -> str:
+    return f", {class_counts(y)}" if _integral(y) else ", real-valued targets"
+
+
+def _integral(y: np.ndarray) -> bool:
+    return np.issubdtype(y.dtype, np.integer) or bool(np.all(np.isfinite(y)) and np.all(y == np.round(y)))
+
+
+def _examples(path: Path, x: np.ndarray, y: np.ndarray, split: float):
+    """An ArrayDataset from one set of examples: integer labels split per class, real-valued
+    targets split at random."""
+    from .datasets import ArrayDataset
+    split = _fraction(split)
+    y = np.asarray(y).reshape(len(y), -1)
+    y = y[:, 0] if y.shape[1] == 1 else y
+    if _integral(y):
+        y = _class_ids(y.astype(np.int64), path)
+    strata = y if y.ndim == 1 and np.issubdtype(y.dtype, np.integer) else np.zeros(len(y))
+    train, test = checked_split(path, strata, split, "examples")
+    data = ArrayDataset(path.stem, x[train], y[train], x[test], y[test])
+    data.description = (f"{path}: {len(y)} examples ({_split_words(len(train), len(test), 'examples', split)}), "
+                        f"{np.prod(x.shape[1:], dtype=int)} values each{_label_words(y)}")
+    return data

@@ -1,0 +1,184 @@
+"""Training runs you can watch and compare: a per-epoch metrics log, and curves drawn from it.
+
+`structc train --out run.npz` writes `run.metrics.jsonl` next to the checkpoint (without
+`--out`, next to `<model>.npz`), one JSON object per epoch, written and flushed as the
+epoch ends, so `tail -f` or `structc plot` shows a run in progress:
+
+    {"epoch": 3, "loss": 0.41, "heldout_loss": 0.45, "heldout_accuracy": 0.87,
+     "seconds": 0.8, "elapsed": 2.5, "lr": 0.1}
+
+`loss` is the mean training loss over the epoch's steps; `heldout_accuracy` is absent for
+models without class outputs; `seconds` is the epoch's wall time (with its evaluation),
+`elapsed` the run's so far. A resumed run keeps the lines of the epochs it continues from.
+
+`plot(runs, out)` draws loss (training solid, held-out dashed) and held-out accuracy
+against the epoch, one colour per run, with matplotlib (an optional extra:
+`pip install 'structc[plot]'`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+METRICS_SUFFIX = ".metrics.jsonl"
+
+
+def metrics_path(params_path: str | Path) -> Path:
+    """`run.npz` -> `run.metrics.jsonl` (beside the checkpoint)."""
+    p = Path(params_path)
+    stem = p.name[:-len(".npz")] if p.name.endswith(".npz") else p.name
+    return p.with_name(stem + METRICS_SUFFIX)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The epoch records of a metrics file, in order; a line that is not a JSON object
+    with an epoch is an error naming the file and line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError(f"{path}:{number}: not an epoch record (no integer 'epoch')")
+            records.append(record)
+    return records
+
+
+class MetricsLog:
+    """Appends one record per epoch to a JSONL file; `callback` goes to `train(on_epoch=...)`."""
+
+    def __init__(self, path: str | Path, lr: float, keep: list[dict] = ()):
+        self.path, self.lr = Path(path), lr
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self._start = self._last = time.perf_counter()
+        self._elapsed_before = keep[-1].get("elapsed", 0.0) if keep else 0.0
+        self.failed = False
+
+    def callback(self, metrics: dict) -> None:
+        now = time.perf_counter()
+        record = {"epoch": metrics["epoch"], "loss": metrics["train_loss"]}
+        record.update({k: v for k, v in metrics.items() if k.startswith("heldout_")})
+        record.update(seconds=round(now - self._last, 4),
+                      elapsed=round(self._elapsed_before + now - self._start, 4), lr=self.lr)
+        self._last = now
+        if self.failed:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        except OSError as e:          # the run matters more than its log: say so once, keep training
+            self.failed = True
+            print(f"structc: warning: cannot write the metrics log {self.path} ({e.strerror or e}); "
+                  f"training goes on without it", file=sys.stderr)
+
+
+def _plain(value):
+    """numpy scalars as Python numbers, so that json can write them."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def start_log(params_path: Path, lr: float, resumed_from: Path | None = None, first_epoch: int = 1) -> MetricsLog:
+    """A fresh log beside `params_path`; a resumed run first copies the epochs before
+    `first_epoch` from the log of the checkpoint it resumes (when there is one)."""
+    keep = []
+    if resumed_from is not None and metrics_path(resumed_from).is_file():
+        try:
+            keep = [r for r in read_metrics(metrics_path(resumed_from)) if r["epoch"] < first_epoch]
+        except ValueError:
+            keep = []
+    return MetricsLog(metrics_path(params_path), lr, keep)
+
+
+# -- curves --------------------------------------------------------------------------
+
+def run_file(run: str) -> Path:
+    """A run given as its metrics file, its checkpoint (`run.npz`) or its name (`run`)."""
+    p = Path(run)
+    if p.name.endswith(METRICS_SUFFIX) or p.suffix == ".jsonl":
+        candidates = [p]
+    else:
+        candidates = [metrics_path(p), metrics_path(p.with_name(p.name + ".npz"))]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no metrics for run {run}: looked for {candidates[0]} (structc train writes "
+                            f"NAME{METRICS_SUFFIX} next to NAME.npz)")
+
+
+def run_label(path: Path) -> str:
+    return path.name[:-len(METRICS_SUFFIX)] if path.name.endswith(METRICS_SUFFIX) else path.stem
+
+
+def plot(runs: list[str], out: str | Path, size: tuple[float, float] = (10.0, 4.0), dpi: int = 100) -> Path:
+    """Loss and accuracy curves of `runs` side by side in one picture of `size` inches at `dpi`."""
+    files = [run_file(r) for r in runs]
+    runs_read = {}
+    for f in files:
+        records = read_metrics(f)
+        if not records:
+            raise ValueError(f"{f}: no epochs recorded yet")
+        runs_read[_unique(run_label(f), runs_read)] = records
+    fig = figure(runs_read, size, dpi)
+    fig.savefig(out, dpi=dpi)
+    return Path(out)
+
+
+def figure(runs: dict[str, list[dict]], size: tuple[float, float] = (10.0, 4.0), dpi: int = 100):
+    """A matplotlib Figure: loss (left) and held-out accuracy (right) of each run by name."""
+    fig = _figure_class()(figsize=size, dpi=dpi)
+    left, right = fig.subplots(1, 2)
+    for k, (label, records) in enumerate(runs.items()):
+        _draw_run(left, right, label, records, f"C{k % 10}")
+    _finish_axes(left, "loss", "training (solid), held-out (dashed)")
+    _finish_axes(right, "held-out accuracy", "")
+    fig.tight_layout()
+    return fig
+
+
+def _unique(label: str, taken) -> str:
+    """`run`, or `run (2)` when two runs in different folders share a name."""
+    k, name = 1, label
+    while name in taken:
+        k += 1
+        name = f"{label} ({k})"
+    return name
+
+
+def _draw_run(left, right, label: str, recs: list[dict], colour: str) -> None:
+    epochs = [r["epoch"] for r in recs]
+    left.plot(epochs, [r["loss"] for r in recs], color=colour, label=label)
+    held = [(r["epoch"], r["heldout_loss"]) for r in recs if "heldout_loss" in r]
+    if held:
+        left.plot(*zip(*held), color=colour, linestyle="--")
+    acc = [(r["epoch"], r["heldout_accuracy"]) for r in recs if "heldout_accuracy" in r]
+    if acc:
+        right.plot(*zip(*acc), color=colour, label=label, marker="o" if len(acc) < 20 else None)
+
+
+def _finish_axes(ax, ylabel: str, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # epochs are whole numbers
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize="small")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _figure_class():
+    """matplotlib's Figure (drawn to a file without pyplot, so no backend is switched
+    under a user's feet), or a clear error naming the extra."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RuntimeError("structc plot needs matplotlib: pip install 'structc[plot]' "
+                           "(or pip install matplotlib)") from None
+    return Figure

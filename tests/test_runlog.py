@@ -1,0 +1,207 @@
+"""Training you can watch (structc/runlog.py): the per-epoch metrics log every `structc
+train` writes beside its checkpoint, and `structc plot` drawing curves from it."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from structc.cli import main
+from structc.runlog import metrics_path, read_metrics
+
+TINY = """model Tiny {
+  input x: f32[N, 5]  target y: class[N] of 2
+  logits = dense(x, 2)
+  output probs = softmax(logits)
+  loss cross_entropy(logits, y)
+}"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(260, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    model = tmp_path / "tiny.snet"
+    model.write_text(TINY)
+    return str(model), str(data)
+
+
+def train(tiny, *extra):
+    model, data = tiny
+    return main(["train", model, "--data", data, "--no-progress", *extra])
+
+
+def epoch_lines(text: str) -> list[list[float]]:
+    """The numbers of `epoch  2/3  loss 0.1234  held-out loss 0.2345  accuracy 91.67%` lines."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("epoch"):
+            words = line.split()
+            rows.append([float(words[3]), float(words[6]), float(words[8].rstrip("%")) / 100])
+    return rows
+
+
+# -- the log ---------------------------------------------------------------------------
+
+def test_train_writes_one_record_per_epoch_beside_the_checkpoint(tiny, tmp_path, capsys):
+    assert train(tiny, "--epochs", "3", "--lr", "0.05", "--out", str(tmp_path / "run.npz")) == 0
+    captured = capsys.readouterr()
+    log = tmp_path / "run.metrics.jsonl"
+    assert f"per-epoch metrics in {log}" in captured.err
+    records = read_metrics(log)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert set(records[0]) == {"epoch", "loss", "heldout_loss", "heldout_accuracy", "seconds", "elapsed", "lr"}
+    assert all(r["lr"] == 0.05 for r in records)
+    printed = epoch_lines(captured.out)
+    for r, (loss, heldout, acc) in zip(records, printed):
+        assert r["loss"] == pytest.approx(loss, abs=6e-5) and r["heldout_loss"] == pytest.approx(heldout, abs=6e-5)
+        assert r["heldout_accuracy"] == pytest.approx(acc, abs=6e-5)
+    assert all(r["seconds"] >= 0 for r in records)
+    assert records[2]["elapsed"] >= records[1]["elapsed"] >= records[0]["elapsed"]
+
+
+def test_without_out_the_log_is_beside_the_default_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train(tiny, "--epochs", "1") == 0
+    assert (tmp_path / "tiny.npz").is_file()
+    assert len(read_metrics(tmp_path / "tiny.metrics.jsonl")) == 1
+
+
+def test_a_new_run_replaces_an_old_log(tiny, tmp_path, capsys):
+    out = str(tmp_path / "run.npz")
+    assert train(tiny, "--epochs", "3", "--out", out) == 0
+    assert train(tiny, "--epochs", "2", "--out", out) == 0
+    assert [r["epoch"] for r in read_metrics(metrics_path(out))] == [1, 2]
+
+
+def test_a_resumed_run_continues_its_log(tiny, tmp_path, capsys):
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert train(tiny, "--epochs", "2", "--out", str(first)) == 0
+    before = read_metrics(metrics_path(first))
+    assert train(tiny, "--epochs", "4", "--resume", str(first), "--out", str(second)) == 0
+    after = read_metrics(metrics_path(second))
+    assert [r["epoch"] for r in after] == [1, 2, 3, 4]
+    assert after[:2] == before                                  # the resumed epochs, as they were
+    assert after[2]["elapsed"] >= before[1]["elapsed"]
+    assert train(tiny, "--epochs", "5", "--resume", str(second)) == 0          # in place: appended
+    assert [r["epoch"] for r in read_metrics(metrics_path(second))] == [1, 2, 3, 4, 5]
+
+
+def test_a_log_that_cannot_be_written_stops_before_training(tiny, tmp_path, capsys):
+    (tmp_path / "run.metrics.jsonl").mkdir()                   # a folder in the log's place
+    assert train(tiny, "--epochs", "1", "--out", str(tmp_path / "run.npz")) == 2
+    assert "cannot write the metrics log" in capsys.readouterr().err
+    assert not (tmp_path / "run.npz").exists()
+
+
+def test_a_log_that_becomes_unwritable_warns_once_and_training_goes_on(tmp_path, capsys):
+    from structc.runlog import MetricsLog
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    log = MetricsLog(folder / "r.metrics.jsonl", lr=0.1)
+    log.callback({"epoch": 1, "train_loss": 1.0, "heldout_loss": 1.1})
+    (folder / "r.metrics.jsonl").unlink()
+    folder.rmdir()
+    for epoch in (2, 3):
+        log.callback({"epoch": epoch, "train_loss": 1.0, "heldout_loss": 1.1})
+    assert capsys.readouterr().err.count("cannot write the metrics log") == 1
+
+
+def test_read_metrics_names_a_bad_line(tmp_path):
+    path = tmp_path / "r.metrics.jsonl"
+    path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "loss": \n')
+    with pytest.raises(ValueError, match=r"r\.metrics\.jsonl:2: not a JSON line"):
+        read_metrics(path)
+    path.write_text('{"epoch": 1, "loss": 1.0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"r\.metrics\.jsonl:2: not an epoch record"):
+        read_metrics(path)
+
+
+# -- the plot -----------------------------------------------------------------------------
+
+def _write_run(path, losses, accuracies):
+    path.write_text("".join(json.dumps({"epoch": k + 1, "loss": l, "heldout_loss": l + 0.1,
+                                        "heldout_accuracy": a, "seconds": 0.1, "elapsed": 0.1 * (k + 1),
+                                        "lr": 0.1}) + "\n"
+                            for k, (l, a) in enumerate(zip(losses, accuracies))))
+    return path
+
+
+def _colour_pixels(image: np.ndarray, rgb: tuple[float, float, float]) -> np.ndarray:
+    """Where `image` shows the colour `rgb` (within antialiasing)."""
+    return np.all(np.abs(image[..., :3] - np.array(rgb)) < 0.08, axis=-1)
+
+
+C0, C1 = (0x1F / 255, 0x77 / 255, 0xB4 / 255), (0xFF / 255, 0x7F / 255, 0x0E / 255)   # matplotlib's first two
+
+
+def test_plot_draws_loss_and_accuracy_of_each_run_at_the_size_asked(tmp_path, capsys):
+    image_module = pytest.importorskip("matplotlib.image")
+    a = _write_run(tmp_path / "a.metrics.jsonl", [1.0, 0.6, 0.4, 0.3], [0.5, 0.7, 0.8, 0.9])
+    _write_run(tmp_path / "b.metrics.jsonl", [1.2, 0.9, 0.7, 0.6], [0.4, 0.5, 0.6, 0.65])
+    out = tmp_path / "curves.png"
+    # a run by its metrics file, or by its checkpoint's name
+    assert main(["plot", str(a), str(tmp_path / "b.npz"), "-o", str(out), "--size", "8x3", "--dpi", "100"]) == 0
+    assert "800x300 pixels, 2 runs" in capsys.readouterr().err
+    image = image_module.imread(out)
+    assert image.shape[:2] == (300, 800)
+    left, right = image[:, :400], image[:, 400:]
+    for panel in (left, right):                 # loss on the left, accuracy on the right, both runs in each
+        assert _colour_pixels(panel, C0).sum() > 100
+        assert _colour_pixels(panel, C1).sum() > 100
+
+
+def test_the_figure_holds_training_and_held_out_loss_and_accuracy_per_run():
+    pytest.importorskip("matplotlib")
+    from structc.runlog import figure
+    records = [{"epoch": k, "loss": 1.0 / k, "heldout_loss": 1.5 / k, "heldout_accuracy": 0.5 + k / 10}
+               for k in (1, 2, 3)]
+    fig = figure({"a": records, "b": records[:2]})
+    left, right = fig.axes
+    lines = {(line.get_label(), line.get_linestyle()): line for line in left.get_lines()}
+    assert list(lines["a", "-"].get_ydata()) == [1.0, 0.5, 1 / 3]          # training loss, solid
+    dashed = [line for line in left.get_lines() if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in dashed] == [[1.5, 0.75, 0.5], [1.5, 0.75]]   # held-out, dashed
+    assert [list(line.get_ydata()) for line in right.get_lines()] == [[0.6, 0.7, 0.8], [0.6, 0.7]]
+    assert [line.get_label() for line in right.get_lines()] == ["a", "b"]
+    assert left.get_ylabel() == "loss" and right.get_ylabel() == "held-out accuracy"
+
+
+def test_plot_of_a_run_without_accuracy_leaves_the_accuracy_panel_empty(tmp_path, capsys):
+    image_module = pytest.importorskip("matplotlib.image")
+    run = tmp_path / "r.metrics.jsonl"
+    run.write_text("".join(json.dumps({"epoch": k, "loss": 1.0 / k, "heldout_loss": 1.2 / k}) + "\n"
+                           for k in (1, 2, 3)))
+    out = tmp_path / "c.png"
+    assert main(["plot", str(run), "-o", str(out)]) == 0
+    image = image_module.imread(out)
+    assert image.shape[:2] == (400, 1000)
+    assert _colour_pixels(image[:, :500], C0).sum() > 100
+    assert _colour_pixels(image[:, 500:], C0).sum() == 0
+
+
+def test_plot_errors(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nothing"), "-o", str(tmp_path / "c.png")]) == 1
+    assert "no metrics for run" in capsys.readouterr().err
+    run = _write_run(tmp_path / "a.metrics.jsonl", [1.0], [0.5])
+    assert main(["plot", str(run), "-o", str(tmp_path / "c.png"), "--size", "big"]) == 2
+    assert "--size takes WIDTHxHEIGHT" in capsys.readouterr().err
+    assert main(["plot", str(run), "-o", str(tmp_path / "missing" / "c.png")]) == 2
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    run = _write_run(tmp_path / "a.metrics.jsonl", [1.0], [0.5])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)      # import fails as if not installed
+    assert main(["plot", str(run), "-o", str(tmp_path / "c.png")]) == 1
+    assert "structc plot needs matplotlib: pip install 'structc[plot]'" in capsys.readouterr().err
+
+
+def test_plot_of_a_trained_run(tiny, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert train(tiny, "--epochs", "2", "--out", str(tmp_path / "run.npz")) == 0
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
