@@ -40,6 +40,7 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
     target = host_target()
     art = compile_artifact(source, file, model, target=target, cache=cache)
     net = Net(art.meta, JitModule(art.object, target), seed=seed)
+    net.source = source          # what it was compiled from (ONNX export rebuilds its graph from it)
     if vocab is not None:
         net.vocab = vocab
     return net
