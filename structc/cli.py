@@ -1,4 +1,4 @@
-"""The `structc` command: check, compile, graph, train, eval, predict, plot.
+"""The `structc` command: check, compile, export, graph, train, eval, predict, plot.
 
 Library code raises; this module alone prints errors (`file:line:col:
 error: ...`, the line and a caret) and chooses exit codes: 1 for an error in
@@ -190,6 +190,25 @@ def _compile_to_cache(source: str, file: str, model: str | None, target) -> int:
     else:
         print(f"{file}: compiled {meta['model']} ({', '.join(meta['entries'])}) in "
               f"{time.perf_counter() - t0:.2f} s, {len(obj)} bytes of machine code ({where})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """The forward pass as an ONNX file (structc.onnx.export)."""
+    import warnings
+
+    from . import onnx as snet_onnx
+    out = writable_output(args.onnx, "the ONNX model")
+    params = str(existing_params(args.params)) if args.params else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # the untrained-weights warning: said below instead
+            snet_onnx.export(args.file, out, model=args.model, params=params)
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    if not args.params:
+        warn("no --params: the exported weights are the initial (untrained) ones")
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -497,6 +516,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target-cpu", default="native",
                    help="native (this machine), generic, x86-64-v2, x86-64-v3 or x86-64-v4")
     c.set_defaults(run=cmd_compile)
+
+    c = command("export", help="write the forward pass as an ONNX model (needs pip install 'structc[onnx]')",
+                description="Dense, convolution, pooling, activations, reshapes and reductions; the batch "
+                            "dimension N stays dynamic. Recursion over trees and message passing over graphs "
+                            "have no ONNX form and are refused.")
+    c.add_argument("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
+    c.add_argument("--params", help="parameters saved by `structc train` (.npz optional) (default: none: the "
+                                    "initial weights)")
+    c.set_defaults(run=cmd_export)
 
     c = command("graph", help="draw the forward and backward graphs (.svg, .png, .pdf, .dot)")
     c.add_argument("-o", "--output", required=True, help="the picture to write")
