@@ -368,7 +368,7 @@ def _gather_rows(em, node, params):
 
 
 def _onehot(em, node, params):
-    (ids,) = em.ins(node)
+    ids = em.add("Cast", em.ins(node), to=em.onnx.TensorProto.INT64)     # onnxruntime's OneHot: int64 ids
     depth = em.constant(node.attrs["classes"])
     off_on = em.constant([0.0, 1.0], dtype=np.float32)
     return em.add("OneHot", [ids, depth, off_on], axis=-1)

@@ -188,3 +188,12 @@ def test_matmul_transpose_flags(ta, tb, tmp_path):
     onnx.save(translate(g, {"w": wv}), tmp_path / "t.onnx")
     np.testing.assert_allclose(run_onnx(tmp_path / "t.onnx", x=xv)["y"], (xv.T if ta else xv) @ (wv.T if tb else wv),
                                rtol=1e-5)
+
+
+def test_embedding_and_onehot_of_integer_inputs(tmp_path):
+    net = structc.compile("model E { input w: class[N] of 6\n param E: embedding(6, 4)\n"
+                          " output o = concat(E[w], onehot(w), axis=1) |> tanh }")
+    randomize(net)
+    export(net, tmp_path / "e.onnx")
+    for w in ([3], [0, 5, 2, 2, 1, 4, 0]):
+        assert_same_outputs(net, tmp_path / "e.onnx", w=np.array(w, np.int32))
