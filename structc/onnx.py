@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SnetError
+from .interop import forward_graph_of
 
 #: ONNX operator set written (every op used here has had its current form since 13-17)
 OPSET = 17
@@ -54,7 +55,7 @@ def export(net_or_path, path, *, model: str | None = None, params=None, source: 
     `Net` that does not carry it (one loaded with `structc.load`)."""
     onnx = _require_onnx()
     net = _as_net(net_or_path, model, params)
-    graph = _forward_graph(net, source)
+    graph = forward_graph_of(net, source)
     values = {name: np.array(v, dtype=np.float32) for name, v in net.params.items()}
     proto = translate(graph, values, onnx)
     onnx.checker.check_model(proto)
@@ -101,35 +102,6 @@ def _assign_all(net, params: Mapping) -> None:
                                                  f"not in the model {extra}" if extra else "") if p))
     for name in net.params:
         net.params[name] = params[name]
-
-
-def _forward_graph(net, source):
-    """The forward graph `net` was compiled from, rebuilt from its source."""
-    from .build import build_model
-    from .compiler import forward_graph
-    from .syntax import parse
-    source = source if source is not None else getattr(net, "source", None)
-    if source is None:
-        raise ValueError(f"model {net.name} carries no source (it was loaded from a library?): "
-                         f"pass source=<the .snet text it was compiled from>")
-    mdef = build_model(parse(source, net.meta.get("file", "<source>")), net.name)
-    _check_same_interface(net, mdef)
-    return forward_graph(mdef)
-
-
-def _check_same_interface(net, mdef) -> None:
-    """A source that is not the Net's would export other weights' meaning."""
-    theirs = {p["name"]: tuple(p["shape"]) for p in net.meta["params"]}
-    ours = {name: tuple(p.type.shape) for name, p in mdef.params.items()}
-    if theirs != ours:
-        raise ValueError(f"the source given is not the one model {net.name} was compiled from: its "
-                         f"parameters differ ({_differences(theirs, ours)})")
-
-
-def _differences(theirs: dict, ours: dict) -> str:
-    parts = [f"{k}: {theirs.get(k)} in the Net, {ours.get(k)} in the source"
-             for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-    return "; ".join(parts[:3]) + ("; ..." if len(parts) > 3 else "")
 
 
 def _save(onnx, proto, path) -> None:
