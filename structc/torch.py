@@ -157,11 +157,16 @@ def _checked(ours, theirs, arr, shape, problems):
 
 def _transposed_params(net) -> set[str]:
     """Parameters used as the right operand of a matrix product (`x @ W`,
-    `dense`): [in, out] here, [out, in] in `nn.Linear`."""
-    g = forward_graph_of(net)
-    by_node = {nid: name for name, nid in g.params.items()}
-    out = set()
-    for node in g.nodes.values():
-        if node.op.name == "matmul" and not node.attrs.get("tb") and node.inputs[1] in by_node:
-            out.add(by_node[node.inputs[1]])
+    `dense`): [in, out] here, [out, in] in `nn.Linear`. Sub-graphs count (a
+    recursion's node case holds its own `dense`)."""
+    out: set[str] = set()
+    pending = [forward_graph_of(net)]
+    while pending:
+        g = pending.pop()
+        for node in g.nodes.values():
+            if node.op.name == "matmul" and not node.attrs.get("tb"):
+                w = g.nodes[node.inputs[1]]
+                if w.op.name == "param":
+                    out.add(w.attrs["name"])
+            pending += [v for v in node.attrs.values() if isinstance(v, type(g))]
     return out

@@ -131,3 +131,14 @@ def test_integer_tensors_are_refused():
     sd["0.bias"] = torch.zeros(128, dtype=torch.int64)
     with pytest.raises(TypeError, match="'0.bias' is torch.int64"):
         st.load_state_dict(net, sd, mapping=MLP_LAYERS)
+
+
+def test_dense_inside_a_recursion_gets_linears_layout():
+    """The node case's `dense` lives in a sub-graph of the model's graph."""
+    net = structc.compile(EXAMPLES / "logic_tree.snet")
+    sd = st.state_dict(net)
+    cell = nn.Linear(3 * 48, 48)
+    cell.load_state_dict({"weight": sd["dense1.weight"], "bias": sd["dense1.bias"]})
+    np.testing.assert_array_equal(cell.weight.detach().numpy().T, net.params["dense1.w"])
+    st.load_state_dict(net, sd)                          # and back: the same values
+    np.testing.assert_array_equal(st.state_dict(net)["dense1.weight"].numpy(), sd["dense1.weight"].numpy())
