@@ -56,10 +56,11 @@ def export(net_or_path, path, *, model: str | None = None, params=None, source: 
     onnx = _require_onnx()
     net = _as_net(net_or_path, model, params)
     graph = forward_graph_of(net, source)
-    values = {name: np.array(v, dtype=np.float32) for name, v in net.params.items()}
+    with net._lock:                      # a consistent copy, even while another thread trains
+        values = {name: np.array(v, dtype=np.float32) for name, v in net.params.items()}
     proto = translate(graph, values, onnx)
     onnx.checker.check_model(proto)
-    _save(onnx, proto, path)
+    _save(proto, path)
     return proto
 
 
@@ -104,7 +105,7 @@ def _assign_all(net, params: Mapping) -> None:
         net.params[name] = params[name]
 
 
-def _save(onnx, proto, path) -> None:
+def _save(proto, path) -> None:
     """Write through a fresh temporary file renamed into place, so a failed
     export never leaves half a model (nor writes through a planted link)."""
     path = Path(path)
