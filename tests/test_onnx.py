@@ -197,3 +197,23 @@ def test_embedding_and_onehot_of_integer_inputs(tmp_path):
     export(net, tmp_path / "e.onnx")
     for w in ([3], [0, 5, 2, 2, 1, 4, 0]):
         assert_same_outputs(net, tmp_path / "e.onnx", w=np.array(w, np.int32))
+
+
+def test_ops_only_rewrites_make(tmp_path):
+    """slice, broadcast_to (to a symbolic shape), greater and copy: not written in
+    .snet, but translated, so checked against their numpy references."""
+    from structc.graph import Builder, Graph
+    from structc.onnx import translate
+    from structc.types import TensorType
+    g = Graph("t")
+    b = Builder(g)
+    x = b.input(name="x", kind="input", type=TensorType(("N", 5)))
+    g.inputs["x"] = x.id
+    s = b.slice(x, axis=1, start=1, stop=4)
+    wide = b.broadcast_to(b.sum(s, axes=(0,)), shape=("N", 3))
+    g.outputs["y"] = b.copy(b.greater(s, wide * 0.3) + b.neg(wide)).id
+    xv = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    onnx.save(translate(g, {}), tmp_path / "t.onnx")
+    sv = xv[:, 1:4]
+    wv = np.broadcast_to(sv.sum(0), (6, 3))
+    np.testing.assert_allclose(run_onnx(tmp_path / "t.onnx", x=xv)["y"], (sv > wv * 0.3) - wv, rtol=1e-5)
