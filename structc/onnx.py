@@ -153,7 +153,7 @@ def _refuse_inexpressible(graph, live: set[int]) -> None:
     bad = [graph.nodes[n] for n in sorted(live) if graph.nodes[n].op.name not in _TRANSLATE]
     if not bad:
         return
-    notes = tuple(f"{n.span or '<no source position>'}: {n.op.name}: {_why(n)}" for n in bad)
+    notes = tuple(dict.fromkeys(f"{n.span or '<no source position>'}: {n.op.name}: {_why(n)}" for n in bad))
     first = bad[0]
     names = sorted({n.op.name for n in bad})
     raise OnnxExportError(f"cannot export to ONNX: the model uses {', '.join(names)} ({_why(first)})",
