@@ -142,3 +142,20 @@ def test_dense_inside_a_recursion_gets_linears_layout():
     np.testing.assert_array_equal(cell.weight.detach().numpy().T, net.params["dense1.w"])
     st.load_state_dict(net, sd)                          # and back: the same values
     np.testing.assert_array_equal(st.state_dict(net)["dense1.weight"].numpy(), sd["dense1.weight"].numpy())
+
+
+def test_karate_gcn_from_linear_layers_gives_a_dense_gcns_outputs():
+    """A GCN written in plain PyTorch: D^-1/2 (A + I) D^-1/2 (h W^T + b)."""
+    import networkx as nx
+    net = structc.compile(EXAMPLES / "karate_gcn.snet")
+    torch.manual_seed(3)
+    layers = nn.ModuleDict({"gcn1": nn.Linear(34, 16), "gcn2": nn.Linear(16, 16), "out": nn.Linear(16, 2)})
+    st.load_state_dict(net, layers, mapping={"dense1": "gcn1", "dense2": "gcn2", "dense3": "out"})
+    G = nx.karate_club_graph()
+    a = nx.to_numpy_array(G, nodelist=list(G), weight=None) + np.eye(34)
+    norm = torch.tensor(a / np.sqrt(np.outer(a.sum(1), a.sum(1))), dtype=torch.float32)
+    with torch.no_grad():
+        h = torch.relu(norm @ layers["gcn1"](torch.eye(34)))
+        h = torch.relu(norm @ layers["gcn2"](h))
+        want = torch.softmax(layers["out"](h), -1).numpy()
+    np.testing.assert_allclose(net(g=structc.Graph.from_networkx(G, x=np.eye(34))), want, rtol=1e-4, atol=1e-6)
