@@ -30,11 +30,13 @@ from .interop import forward_graph_of
 _SUFFIXES = {"w": "weight", "b": "bias"}
 
 
-def load_state_dict(net, state_dict_or_module, mapping: Mapping[str, str] | None = None) -> None:
-    """Copy PyTorch weights into `net` (layouts converted, everything checked first)."""
+def load_state_dict(net, state_dict_or_module, mapping: Mapping[str, str] | None = None, *,
+                    source: str | None = None) -> None:
+    """Copy PyTorch weights into `net` (layouts converted, everything checked first).
+    `source`: the `.snet` text, for a `Net` that does not carry it (`structc.load`)."""
     torch_values = {name: _to_numpy(name, v) for name, v in _as_state_dict(state_dict_or_module).items()}
     names = _resolve(net, mapping)
-    transposed = _transposed_params(net)
+    transposed = _transposed_params(net, source)
     problems, values = [], {}
     _check_one_to_one(net, names, torch_values, problems)
     for ours, theirs in names.items():
@@ -56,7 +58,8 @@ def load_state_dict(net, state_dict_or_module, mapping: Mapping[str, str] | None
             net.params[ours] = arr
 
 
-def state_dict(net, mapping: Mapping[str, str] | None = None) -> "OrderedDict[str, object]":
+def state_dict(net, mapping: Mapping[str, str] | None = None, *,
+               source: str | None = None) -> "OrderedDict[str, object]":
     """`net`'s parameters as a PyTorch state dict (copies, PyTorch layouts)."""
     import torch
     names = _resolve(net, mapping)
@@ -64,7 +67,7 @@ def state_dict(net, mapping: Mapping[str, str] | None = None) -> "OrderedDict[st
     _check_one_to_one(net, names, None, problems)
     if problems:
         raise ValueError(f"cannot name model {net.name}'s parameters for PyTorch: " + "; ".join(problems))
-    transposed = _transposed_params(net)
+    transposed = _transposed_params(net, source)
     out = OrderedDict()
     with net._lock:
         for ours, theirs in names.items():
@@ -155,12 +158,12 @@ def _checked(ours, theirs, arr, shape, problems):
         return None
 
 
-def _transposed_params(net) -> set[str]:
+def _transposed_params(net, source: str | None = None) -> set[str]:
     """Parameters used as the right operand of a matrix product (`x @ W`,
     `dense`): [in, out] here, [out, in] in `nn.Linear`. Sub-graphs count (a
     recursion's node case holds its own `dense`)."""
     out: set[str] = set()
-    pending = [forward_graph_of(net)]
+    pending = [forward_graph_of(net, source)]
     while pending:
         g = pending.pop()
         for node in g.nodes.values():

@@ -159,3 +159,13 @@ def test_karate_gcn_from_linear_layers_gives_a_dense_gcns_outputs():
         h = torch.relu(norm @ layers["gcn2"](h))
         want = torch.softmax(layers["out"](h), -1).numpy()
     np.testing.assert_allclose(net(g=structc.Graph.from_networkx(G, x=np.eye(34))), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_net_without_its_source_needs_it_given():
+    net = structc.compile(EXAMPLES / "digits_mlp.snet")
+    text = net.source
+    del net.source                                       # as a Net from structc.load
+    with pytest.raises(ValueError, match="carries no source"):
+        st.state_dict(net)
+    st.load_state_dict(net, mlp(), mapping=MLP_LAYERS, source=text)
+    assert tuple(st.state_dict(net, MLP_LAYERS, source=text)["0.weight"].shape) == (128, 64)
