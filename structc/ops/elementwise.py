@@ -241,7 +241,9 @@ class Tanh(Elementwise):
 
 
 class Threshold(Elementwise):
-    """1(x ≥ 0), the seed's threshold unit; its derivative is 0 almost everywhere."""
+    """1(x ≥ 0), the seed's threshold unit (NaN stays NaN, as numpy's heaviside).
+
+    Its derivative is 0 wherever it exists, so no gradient flows through it."""
     name = "threshold"
     surface = True
 
@@ -249,24 +251,27 @@ class Threshold(Elementwise):
         return [None]
 
     def reference(self, x):
-        return (x >= 0).astype(x.dtype)
+        return np.where(np.isnan(x), np.nan, x >= 0).astype(x.dtype)
 
     def emit(self, cg, x):
-        return cg.bool_to_float(cg.ge(x, cg.const(0.0, x)), x)
+        return cg.select(cg.isnan(x), x, cg.bool_to_float(cg.ge(x, cg.const(0.0, x)), x))
 
 
 class Greater(Elementwise):
-    """1(x > y) as a float mask (the derivative of relu)."""
+    """1(x > y) as a float mask, NaN where x or y is NaN: the derivative mask of
+    relu, maximum and abs, which must not turn a NaN into a zero gradient."""
     name = "greater"
 
     def vjp(self, b, g, out, x, y):
         return [None, None]
 
     def reference(self, x, y):
-        return (x > y).astype(np.result_type(x, y))
+        mask = (x > y).astype(np.result_type(x, y))
+        return np.where(np.isnan(x) | np.isnan(y), np.nan, mask).astype(mask.dtype)
 
     def emit(self, cg, x, y):
-        return cg.bool_to_float(cg.gt(x, y), x)
+        unordered = cg.b.fcmp_unordered("uno", x, y)
+        return cg.select(unordered, cg.const(float("nan"), x), cg.bool_to_float(cg.gt(x, y), x))
 
 
 class Maximum(Elementwise):
