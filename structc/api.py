@@ -38,6 +38,8 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
     hit = _cache_load(key) if cache and os.environ.get("STRUCTC_NO_CACHE") is None else None
     if hit is not None:
         meta, obj = hit
+        from .autodiff import warn_gradient_flow
+        warn_gradient_flow(meta.get("gradient_warnings", []))   # as a fresh compile does
     else:
         art = compile_source(source, file, model, target)
         COMPILE_COUNT += 1
