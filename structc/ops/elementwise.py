@@ -243,17 +243,28 @@ class Tanh(Elementwise):
 class Threshold(Elementwise):
     """1(x ≥ 0), the seed's threshold unit (NaN stays NaN, as numpy's heaviside).
 
-    Its derivative is 0 wherever it exists, so no gradient flows through it."""
+    Its derivative is 0 wherever it exists, so by default no gradient flows
+    through it (`structc check` warns about the parameters this cuts off).
+    With `grad=ste` the backward pass is the identity (the straight-through
+    estimator): behind a threshold unit trained with mse, that is the classic
+    perceptron rule, w += lr·(t - y)·x."""
     name = "threshold"
     surface = True
+    no_gradient_hint = "threshold(x, grad=ste) passes the gradient straight through (a perceptron's rule)"
+    GRADS = ("none", "ste")
 
-    def vjp(self, b, g, out, x):
-        return [None]
+    def shape(self, x, *, grad: str = "none") -> TensorType:
+        from .base import expect
+        expect(grad in self.GRADS, f"grad must be one of {', '.join(self.GRADS)}, got {grad!r}")
+        return TensorType(x.shape, x.dtype)
 
-    def reference(self, x):
+    def vjp(self, b, g, out, x, *, grad="none"):
+        return [g if grad == "ste" else None]
+
+    def reference(self, x, *, grad="none"):
         return np.where(np.isnan(x), np.nan, x >= 0).astype(x.dtype)
 
-    def emit(self, cg, x):
+    def emit(self, cg, x, *, grad="none"):
         return cg.select(cg.isnan(x), x, cg.bool_to_float(cg.ge(x, cg.const(0.0, x)), x))
 
 
