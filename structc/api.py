@@ -61,6 +61,8 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
     hit = _cache_load(key, model) if use_cache else None
     if hit is not None:
         meta, obj = hit
+        from .autodiff import warn_gradient_flow
+        warn_gradient_flow(meta.get("gradient_warnings", []))   # as a fresh compile does
         # The key ignores the file name: report this file, not the one first compiled.
         return Artifact(dict(meta, file=file), obj, jit=jit)
     art = compile_program(program, model, target, jit=jit)

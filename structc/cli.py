@@ -109,8 +109,11 @@ def cmd_check(args) -> int:
     source, file = _source(args.file)
     program = parse(source, file)
     names = [args.model] if args.model else program.model_names
+    from .autodiff import gradient_warnings, warn_gradient_flow
     for name in names:
         mdef = build_model(program, name)
+        if mdef.has_loss:
+            warn_gradient_flow(gradient_warnings(mdef.graph))   # parameters training cannot change
         n = sum(p.type.size().coef for p in mdef.params.values())
         ins = ", ".join([f"{name}: {spec}" for name, spec in mdef.graphs.items()] +
                         [f"{s.name}: {s.type}" for s in mdef.inputs.values() if s.kind != "graph"])

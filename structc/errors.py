@@ -74,3 +74,8 @@ def render(err: SnetError, source: str | None) -> str:
             lines.append("    " + " " * (span.col - 1) + "^" + "~" * (width - 1))
     lines.extend(f"note: {n}" for n in err.notes)
     return "\n".join(lines)
+
+
+class GradientWarning(UserWarning):
+    """A parameter can never be trained: no gradient reaches it from the loss
+    (it is not used, or every path passes an op with no derivative, like threshold)."""
