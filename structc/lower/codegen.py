@@ -149,7 +149,11 @@ class CG:
         Above ln(FLT_MAX) the result is +inf, below ln(FLT_MIN) it is 0 (results
         that would be subnormal are flushed); NaN propagates."""
         arg = x
-        x = self.max(self.const(-87.33654, x), self.min(self.const(88.72283, x), x))
+        # a compare-and-select clamp (constants first: a NaN fails both comparisons
+        # and passes through) costs less than llvm.maximum/minimum
+        hi, lo = self.const(88.72283, x), self.const(-87.33654, x)
+        x = self.select(self.lt(hi, x), hi, x)
+        x = self.select(self.gt(lo, x), lo, x)
         # round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22 here);
         # no rounding instruction needed, so this also runs on plain SSE2
         magic = self.const(12582912.0, x)

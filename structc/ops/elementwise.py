@@ -207,7 +207,10 @@ class Relu(Elementwise):
         return np.maximum(x, 0)
 
     def emit(self, cg, x):
-        return cg.max(x, cg.const(0.0, x))
+        # ordered x <= 0 is false for NaN, so NaN passes through: one compare and
+        # one blend, cheaper than llvm.maximum's signed-zero handling
+        zero = cg.const(0.0, x)
+        return cg.select(cg.b.fcmp_ordered("<=", x, zero), zero, x)
 
 
 class Sigmoid(Elementwise):
