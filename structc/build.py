@@ -146,6 +146,8 @@ class Context:
 def _show(v) -> str:
     if isinstance(v, Word):
         return v.text
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_show(x) for x in v) + (",)" if len(v) == 1 else ")")
     if isinstance(v, Value):
         return f"a tensor {v.type}"
     return repr(v)
@@ -366,11 +368,23 @@ class ModelBuilder:
             return e.id == "true"
         return Word(e.id, e.span)
 
+    def eval_Tuple(self, e: S.Tuple) -> tuple:
+        """A tuple holds numbers (and the model's symbols, for shapes): `(3, 3)`, `(N, 784)`."""
+        items = []
+        for item in e.items:
+            v = self.eval(item)
+            if isinstance(v, Word) and v.text not in self.symbols:
+                raise self.unknown_name(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float, Word)):
+                raise SnetTypeError(f"a tuple holds numbers, e.g. (3, 3); got {_show(v)}", item.span)
+            items.append(v)
+        return tuple(items)
+
     def tensor(self, e) -> Value | float:
         v = self.eval(e)
         if isinstance(v, Word):
             raise self.unknown_name(v)
-        if isinstance(v, str) or isinstance(v, bool):
+        if isinstance(v, (str, bool, tuple)):
             raise SnetTypeError(f"expected a tensor or a number, got {_show(v)}", e.span)
         return v
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Union
 
 import lark
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, v_args
 
 from .errors import SnetSyntaxError, Span
 
@@ -89,7 +89,14 @@ class Over:
     span: Span
 
 
-Expr = Union[Number, String, Name, Call, BinOp, Neg, Index, Attr]
+@dataclass
+class Tuple:
+    """`(0,)`, `(3, 3)`: a list of numbers written in place (axes, kernel, stride, padding)."""
+    items: list["Expr"]
+    span: Span
+
+
+Expr = Union[Number, String, Name, Call, BinOp, Neg, Index, Attr, Tuple]
 
 
 @dataclass
@@ -227,7 +234,9 @@ def parser() -> Lark:
     return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
+    # Non-recursive: `x + x + ... + x` with 10,000 terms is a tree 10,000 deep.
+
     def __init__(self, file: str):
         super().__init__()
         self.file = file
@@ -331,6 +340,10 @@ class _ToAst(Transformer):
         text = str(c[0])
         value = float(text) if any(ch in text for ch in ".eE") else int(text)
         return Number(value, self._tok(c[0]))
+
+    @v_args(meta=True)
+    def tuple(self, meta, c):
+        return Tuple([x for x in c if x is not None], self._span(meta))
 
     def string(self, c):
         return String(str(c[0])[1:-1], self._tok(c[0]))
@@ -493,6 +506,9 @@ def _end(source: str) -> tuple[int, int]:
 # -- printing (for `--dump=ast`) -------------------------------------------
 
 
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
+
+
 def unparse(e) -> str:
     """An expression back as source text, fully parenthesised, pipes desugared."""
     if isinstance(e, Number):
@@ -504,9 +520,18 @@ def unparse(e) -> str:
     if isinstance(e, Call):
         args = [unparse(a) for a in e.args] + [f"{k.name}={unparse(k.value)}" for k in e.kwargs]
         return f"{e.func}({', '.join(args)})"
-    if isinstance(e, BinOp):
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}[e.op]
-        return f"({unparse(e.left)} {sym} {unparse(e.right)})"
+    if isinstance(e, BinOp):     # walk the left spine in a loop: `x + x + ... + x` may be very long
+        rights = []
+        while isinstance(e, BinOp):
+            rights.append(e)
+            e = e.left
+        text = unparse(e)
+        for op in reversed(rights):
+            text = f"({text} {_SYMBOLS[op.op]} {unparse(op.right)})"
+        return text
+    if isinstance(e, Tuple):
+        items = [unparse(x) for x in e.items]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
     if isinstance(e, Neg):
         return f"-{unparse(e.operand)}"
     if isinstance(e, Index):
