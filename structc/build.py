@@ -389,7 +389,17 @@ class ModelBuilder:
         return v
 
     def eval_BinOp(self, e: S.BinOp):
-        left, right = self.tensor(e.left), self.tensor(e.right)
+        # `x + x + ... + x` nests to the left as deep as it is long: walk that spine in a loop
+        chain = []
+        while isinstance(e, S.BinOp):
+            chain.append(e)
+            e = e.left
+        value = self.tensor(e)
+        for op in reversed(chain):
+            value = self.binop(op, value, self.tensor(op.right))
+        return value
+
+    def binop(self, e: S.BinOp, left, right):
         if not isinstance(left, Value) and not isinstance(right, Value):
             return _fold(e.op, left, right, e.span)
         if e.op == "matmul" and not (isinstance(left, Value) and isinstance(right, Value)):

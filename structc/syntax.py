@@ -6,7 +6,9 @@ Syntax errors become `SnetSyntaxError` in the language's own terms
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -220,6 +222,15 @@ class Program:
 
 # -- the parser ---------------------------------------------------------
 
+# An integer literal longer than this is refused (Python will not even print one
+# past 4,300 digits); every real size, count or constant is far below it.
+MAX_DIGITS = 4300
+# How deeply expressions and blocks may nest. The checker walks the AST
+# recursively, so this bounds its stack; real models nest ten levels or so.
+# The left operand of a binary operator does not count: `x + x + ... + x` of any
+# length is a chain, walked in a loop.
+MAX_NESTING = 150
+
 
 def grammar_text() -> str:
     try:
@@ -288,15 +299,20 @@ class _ToAst(Transformer_NonRecursive):
         dtype, *dims = c
         return TensorTypeExpr(str(dtype), [d for d in dims if d is not None], self._span(meta))
 
+    def _int(self, tok: Token) -> int:
+        if len(tok) > MAX_DIGITS:
+            raise SnetSyntaxError(f"number too large ({len(tok)} digits; at most {MAX_DIGITS})", self._tok(tok))
+        return int(tok)
+
     @v_args(meta=True)
     def class_type(self, meta, c):
         *dims, classes = c
-        return ClassTypeExpr([d for d in dims if d is not None], int(classes), self._span(meta))
+        return ClassTypeExpr([d for d in dims if d is not None], self._int(classes), self._span(meta))
 
     @v_args(meta=True)
     def repeat_stmt(self, meta, c):
         count, *body = c
-        return Repeat(int(count), [s for s in body if s is not None], self._span(meta), self._tok(count))
+        return Repeat(self._int(count), [s for s in body if s is not None], self._span(meta), self._tok(count))
 
     @v_args(meta=True)
     def graph_type(self, meta, c):
@@ -316,7 +332,7 @@ class _ToAst(Transformer_NonRecursive):
 
     def dim(self, c):
         tok = c[0]
-        value = int(tok) if tok.type == "INT" else str(tok)
+        value = self._int(tok) if tok.type == "INT" else str(tok)
         return Dim(value, self._tok(tok))
 
     @v_args(meta=True)
@@ -337,9 +353,13 @@ class _ToAst(Transformer_NonRecursive):
         return RecDecl(str(name), str(param), leaf, node, self._span(meta), self._tok(name), self._tok(param))
 
     def number(self, c):
-        text = str(c[0])
-        value = float(text) if any(ch in text for ch in ".eE") else int(text)
-        return Number(value, self._tok(c[0]))
+        tok = c[0]
+        if not any(ch in tok for ch in ".eE"):
+            return Number(self._int(tok), self._tok(tok))
+        value = float(tok)
+        if not math.isfinite(value):        # 1e999 would silently be inf
+            raise SnetSyntaxError(f"number too large ({tok} is beyond the range of a float)", self._tok(tok))
+        return Number(value, self._tok(tok))
 
     @v_args(meta=True)
     def tuple(self, meta, c):
@@ -484,6 +504,7 @@ def parse(source: str, file: str = "<source>") -> Program:
         if isinstance(e.orig_exc, SnetSyntaxError):
             raise e.orig_exc from None
         raise
+    check_nesting(models)
     seen: dict[str, Model] = {}
     for m in models:
         if m.name in seen:
@@ -491,6 +512,33 @@ def parse(source: str, file: str = "<source>") -> Program:
                                   m.name_span)
         seen[m.name] = m
     return Program(models, source, file, [m.name for m in models])
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if "span" not in f.name)
+
+
+def _children(node):
+    """The AST nodes directly inside `node` (spans are not nodes)."""
+    for name in _field_names(type(node)):
+        value = getattr(node, name)
+        for item in value if isinstance(value, list) else (value,):
+            if dataclasses.is_dataclass(item) and not isinstance(item, Span):
+                yield item
+
+
+def check_nesting(models: list[Model]) -> None:
+    """Refuse nesting deeper than MAX_NESTING, so that checking cannot overflow the stack."""
+    stack = [(m, 1) for m in models]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise SnetSyntaxError(f"nested too deeply (more than {MAX_NESTING} levels of calls, operators or "
+                                  "blocks); split the expression into named steps", node.span)
+        for child in _children(node):
+            chained = isinstance(node, BinOp) and child is node.left
+            stack.append((child, depth if chained else depth + 1))
 
 
 def _end(source: str) -> tuple[int, int]:

@@ -80,3 +80,84 @@ def test_reduction_over_several_axes_matches_numpy():
     out = net.forward(x=x)
     np.testing.assert_allclose(out["s"], x.sum(axis=(1, 3)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["m"], x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
+# -- deep expressions and huge numbers (issue 15) ------------------------------
+
+def deep_stack(depth: int, fn):
+    """Run fn with `depth` frames already on the stack, as under pytest, a CLI or a notebook."""
+    return fn() if depth == 0 else deep_stack(depth - 1, fn)
+
+
+def check(source: str):
+    program = parse(source, "deep.snet")
+    return [build_model(program, name) for name in program.model_names]
+
+
+@pytest.mark.parametrize("terms", [332, 1000, 10_000])
+def test_long_sums_build(terms):
+    source = "model M { input x: f32[N, 4]\n output o = " + " + ".join(["x"] * terms) + " }"
+    (mdef,) = deep_stack(100, lambda: check(source))
+    assert sum(1 for n in mdef.graph.nodes.values() if n.op.name == "add") == terms - 1
+
+
+def test_long_sum_of_mixed_operators_keeps_left_to_right_order():
+    (mdef,) = check("model M { input x: f32[N, 4]\n output o = " + "x * 2 - x / 2 + " * 500 + "x }")
+    assert output_type(mdef).shape == ("N", 4)
+    assert unparse(parse("model M { output o = a - b + c * d }").models[0].body[0].value) == "((a - b) + (c * d))"
+
+
+NESTED = {
+    "calls": lambda n: "relu(" * n + "x" + ")" * n,
+    "minus": lambda n: "-" * n + "x",
+    "pipes": lambda n: "x" + " |> relu" * n,
+    "right operands": lambda n: "x - (" * n + "x" + ")" * n,
+}
+
+
+@pytest.mark.parametrize("form", NESTED)
+def test_nesting_within_the_limit_builds(form):
+    source = f"model M {{ input x: f32[N, 4]\n output o = {NESTED[form](100)} }}"
+    deep_stack(150, lambda: check(source))
+
+
+@pytest.mark.parametrize("form", NESTED)
+@pytest.mark.parametrize("depth", [332, 10_000])
+def test_nesting_past_the_limit_is_a_clean_error(form, depth):
+    source = f"model M {{ input x: f32[N, 4]\n output o = {NESTED[form](depth)} }}"
+    with pytest.raises(SnetSyntaxError, match=r"nested too deeply \(more than 150 levels"):
+        deep_stack(150, lambda: check(source))
+
+
+def test_nested_repeats_past_the_limit_are_a_clean_error():
+    source = "model M { input x: f32[N, 4]\n" + "repeat 1 { " * 400 + "x = relu(x)" + " }" * 400 + " output o = x }"
+    with pytest.raises(SnetSyntaxError, match="nested too deeply"):
+        check(source)
+
+
+def test_parentheses_alone_nest_freely():
+    check("model M { input x: f32[N, 4]\n output o = " + "(" * 10_000 + "x" + ")" * 10_000 + " }")
+
+
+BIG = "9" * 5000
+
+
+@pytest.mark.parametrize("source, col", [
+    (f"model M {{ input x: f32[N, 4]\n output o = x * {BIG} }}", 17),
+    (f"model M {{ input x: f32[N, {BIG}]\n output o = x }}", 0),
+    (f"model M {{ input x: f32[N, 4]  target y: class[N] of {BIG}\n output o = x }}", 0),
+    (f"model M {{ input x: f32[N, 4]\n repeat {BIG} {{ x = relu(x) }}\n output o = x }}", 9),
+    (f"model M {{ input x: f32[N, 4]\n output o = dense(x, {BIG}) }}", 22),
+])
+def test_huge_integer_literals_are_a_clean_error(source, col):
+    with pytest.raises(SnetSyntaxError, match=r"number too large \(5000 digits") as info:
+        check(source)
+    span = info.value.span
+    assert source.splitlines()[span.line - 1][span.col - 1:span.end_col - 1] == BIG
+    if col:
+        assert span.col == col
+
+
+def test_float_literal_beyond_the_float_range_is_a_clean_error():
+    with pytest.raises(SnetSyntaxError, match="number too large"):
+        check("model M { input x: f32[N, 4]\n output o = x * 1e999 }")
