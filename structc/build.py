@@ -528,8 +528,10 @@ def build_model(program: S.Program, name: str | None = None) -> ModelDef:
                         Span(program.file, 1, 1, 1, 2))
     if name is None:
         if len(program.models) > 1:
-            raise SnetError(f"{program.file} defines several models ({', '.join(program.model_names)}); "
-                            "choose one by name")
+            first = program.model_names[0]
+            raise SnetError(f"this file defines several models ({', '.join(program.model_names)}); "
+                            f"choose one with model=\"{first}\" in Python or --model {first} on the command line",
+                            program.models[1].name_span)
         model = program.models[0]
     else:
         matches = [m for m in program.models if m.name == name]

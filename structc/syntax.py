@@ -7,8 +7,10 @@ Syntax errors become `SnetSyntaxError` in the language's own terms
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -472,6 +474,79 @@ def _expected_list(expected) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
+# -- explaining a syntax error ----------------------------------------------
+# Lark knows the token it could not take; the likely mistake is often earlier
+# (a misspelt keyword, a block or parenthesis left open), so look back at the
+# tokens before it.
+
+_KEYWORDS = ("input", "target", "param", "loss", "output", "repeat", "rec", "model")
+_SCAN = re.compile(r'(#[^\n]*|\s+)|"[^"\n]*"|[A-Za-z_][A-Za-z0-9_]*|[0-9.]+(?:[eE][+-]?[0-9]+)?|\|>|.', re.S)
+_CLOSER = {"(": ")", "[": "]", "{": "}"}
+
+
+@dataclass
+class _Lexeme:
+    text: str
+    span: Span
+
+
+def _lexemes_before(source: str, end: int, file: str) -> list[_Lexeme]:
+    """The code tokens of source[:end] (no comments, no space), with spans."""
+    out, line, line_start = [], 1, 0
+    for m in _SCAN.finditer(source, 0, end):
+        start = m.start()
+        if not m.group(1):
+            col = start - line_start + 1
+            out.append(_Lexeme(m.group(), Span(file, line, col, line, col + len(m.group()))))
+        newlines = m.group().count("\n")
+        if newlines:
+            line += newlines
+            line_start = start + m.group().rindex("\n") + 1
+    return out
+
+
+def _open_brackets(lexemes: list[_Lexeme]) -> list[tuple[_Lexeme, str]]:
+    """The brackets still open at the end of `lexemes`, innermost last, each with
+    what it opens: "model 'A'", "the repeat block", or "'('"."""
+    stack = []
+    for k, lx in enumerate(lexemes):
+        if lx.text in _CLOSER:
+            what = f"'{lx.text}'"
+            if lx.text == "{" and k >= 2 and lexemes[k - 2].text == "model":
+                what = f"model '{lexemes[k - 1].text}'"
+            elif lx.text == "{" and k >= 2 and lexemes[k - 2].text == "repeat":
+                what = "the repeat block"
+            stack.append((lx, what))
+        elif stack and lx.text == _CLOSER[stack[-1][0].text]:
+            stack.pop()
+    return stack
+
+
+def _unexpected_token(source: str, file: str, tok: Token, expected, span: Span) -> SnetSyntaxError:
+    words = {_describe_terminal(e) for e in expected}
+    message = f"unexpected {_describe_token(tok)}; expected {_expected_list(expected)}"
+    at_end = tok.type == "$END" or tok.start_pos is None
+    before = _lexemes_before(source, len(source) if at_end else tok.start_pos, file)
+    prev = before[-1] if before else None
+    still_open = _open_brackets(before)
+    innermost, what = still_open[-1] if still_open else (None, "")
+    if innermost is not None and innermost.text == "{" and (at_end or (prev is not None and prev.text == "model")):
+        where = "end of file" if at_end else "the next model"
+        return SnetSyntaxError(f"{what} (opened at line {innermost.span.line}) is not closed: "
+                               f"'}}' is missing before {where}",
+                               span if at_end else prev.span, related=((f"{what} opens here", innermost.span),))
+    if prev is not None and tok.type == "NAME" and "'='" in words and prev.text not in _KEYWORDS:
+        close = difflib.get_close_matches(prev.text, _KEYWORDS, n=1, cutoff=0.6)
+        if close:       # `imput x: f32[N, 4]`: a statement keyword misspelt
+            return SnetSyntaxError(f"unknown statement '{prev.text}'; did you mean '{close[0]}'?", prev.span)
+    if innermost is not None and innermost.text in "([" and f"'{_CLOSER[innermost.text]}'" in words \
+            and (at_end or tok.type == "RBRACE" or tok.line > innermost.span.line):
+        return SnetSyntaxError(message, span, related=((f"this '{innermost.text}' is not closed", innermost.span),))
+    if at_end and innermost is not None:
+        return SnetSyntaxError(message, span, related=((f"this '{innermost.text}' is not closed", innermost.span),))
+    return SnetSyntaxError(message, span)
+
+
 def parse(source: str, file: str = "<source>") -> Program:
     """Parse a whole `.snet` file."""
     try:
@@ -488,9 +563,7 @@ def parse(source: str, file: str = "<source>") -> Program:
             expected = e.interactive_parser.accepts() - {"$END"} or e.expected
         except Exception:  # noqa: BLE001 - fall back to the state's raw expectation
             expected = e.expected
-        raise SnetSyntaxError(
-            f"unexpected {_describe_token(tok)}; expected {_expected_list(expected)}",
-            Span(file, line, col, line, end_col)) from None
+        raise _unexpected_token(source, file, tok, expected, Span(file, line, col, line, end_col)) from None
     except lark.exceptions.UnexpectedCharacters as e:
         raise SnetSyntaxError(f"unexpected character {source[e.pos_in_stream]!r}",
                               Span(file, e.line, e.column, e.line, e.column + 1)) from None
