@@ -16,6 +16,8 @@ names them:
 from __future__ import annotations
 
 import difflib
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -502,17 +504,18 @@ class ModelBuilder:
 
 
 def _fold(op: str, a, b, span: Span):
-    if op == "add":
-        return a + b
-    if op == "sub":
-        return a - b
-    if op == "mul":
-        return a * b
-    if op == "div":
-        if b == 0:
-            raise SnetTypeError("division by zero", span)
-        return a / b
-    raise SnetTypeError("@ multiplies two matrices, not numbers", span)
+    if op == "div" and b == 0:
+        raise SnetTypeError("division by zero", span)
+    if op == "matmul":
+        raise SnetTypeError("@ multiplies two matrices, not numbers", span)
+    try:
+        value = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[op](a, b)
+    except OverflowError:       # 1e308 / 1e-10; a huge int divided
+        value = math.inf
+    # as for literals (syntax.MAX_INT): a product of huge numbers is no size and no f32 constant
+    if (isinstance(value, int) and abs(value) >= S.MAX_INT) or (isinstance(value, float) and not math.isfinite(value)):
+        raise SnetTypeError("number too large (numbers stop at about 1.8e308)", span)
+    return value
 
 
 def _call_problem(err: TypeError) -> str:

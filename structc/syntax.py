@@ -224,9 +224,10 @@ class Program:
 
 # -- the parser ---------------------------------------------------------
 
-# An integer literal longer than this is refused (Python will not even print one
-# past 4,300 digits); every real size, count or constant is far below it.
-MAX_DIGITS = 4300
+# Numbers stop where float64 does (about 1.8e308): every real size, count or
+# constant is far below, any such integer still converts to a float, and
+# Python still prints it (it refuses past 4,300 digits).
+MAX_INT = 2 ** 1024
 # How deeply expressions and blocks may nest. The checker walks the AST
 # recursively, so this bounds its stack; real models nest ten levels or so.
 # The left operand of a binary operator does not count: `x + x + ... + x` of any
@@ -302,8 +303,9 @@ class _ToAst(Transformer_NonRecursive):
         return TensorTypeExpr(str(dtype), [d for d in dims if d is not None], self._span(meta))
 
     def _int(self, tok: Token) -> int:
-        if len(tok) > MAX_DIGITS:
-            raise SnetSyntaxError(f"number too large ({len(tok)} digits; at most {MAX_DIGITS})", self._tok(tok))
+        digits = len(tok.lstrip("0"))
+        if digits > 400 or int(tok) >= MAX_INT:
+            raise SnetSyntaxError(f"number too large ({digits} digits; numbers stop at about 1.8e308)", self._tok(tok))
         return int(tok)
 
     @v_args(meta=True)
@@ -360,7 +362,7 @@ class _ToAst(Transformer_NonRecursive):
             return Number(self._int(tok), self._tok(tok))
         value = float(tok)
         if not math.isfinite(value):        # 1e999 would silently be inf
-            raise SnetSyntaxError(f"number too large ({tok} is beyond the range of a float)", self._tok(tok))
+            raise SnetSyntaxError(f"number too large ({tok}; numbers stop at about 1.8e308)", self._tok(tok))
         return Number(value, self._tok(tok))
 
     @v_args(meta=True)

@@ -161,3 +161,25 @@ def test_huge_integer_literals_are_a_clean_error(source, col):
 def test_float_literal_beyond_the_float_range_is_a_clean_error():
     with pytest.raises(SnetSyntaxError, match="number too large"):
         check("model M { input x: f32[N, 4]\n output o = x * 1e999 }")
+
+
+B300 = "9" * 300
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("x * " + "9" * 400, r"number too large \(400 digits"),                 # was an OverflowError
+    (f"x * ({B300} * {B300})", "number too large"),                        # folded: past float64
+    ("x * (1e300 * 1e300)", "number too large"),                           # folded: was inf, silently
+    ("x * (1e308 / 1e-10)", "number too large"),
+    (f"x * {B300}", r"number too large for f32"),                          # fits float64, not f32
+    ("x * 1e39", r"number too large for f32"),                             # was inf in f32, silently
+    ("maximum(x, -1e39)", r"number too large for f32"),
+])
+def test_numbers_beyond_the_float_ranges_are_clean_errors(expr, message):
+    with pytest.raises(SnetError, match=message) as info:
+        check(f"model M {{ input x: f32[N, 4]\n output o = {expr} }}")
+    assert info.value.span.line == 2
+
+
+def test_numbers_within_the_f32_range_build():
+    check("model M { input x: f32[N, 4]\n output o = x * 3e38 + 1e-30 - 1e38 }")
