@@ -342,6 +342,9 @@ class ModelBuilder:
             init = init.text
         if isinstance(init, str):
             init = self.check_init(init, (), span)
+        elif not (isinstance(init, tuple) and len(init) == 2 and isinstance(init[0], str)):   # init=3, init=(2, 3)
+            raise SnetTypeError(f"init must be an initialiser such as glorot or he, got {_show(init)}", span,
+                                notes=(f"initialisers: {', '.join(sorted(INITIALIZERS))}",))
         nid = self.graph.add(REGISTRY["param"], (), {"name": name, "type": t, "init": init}, span, type=t)
         self.graph.params[name] = nid
         self.params[name] = ParamSpec(name, t, init, span)

@@ -183,3 +183,15 @@ def test_numbers_beyond_the_float_ranges_are_clean_errors(expr, message):
 
 def test_numbers_within_the_f32_range_build():
     check("model M { input x: f32[N, 4]\n output o = x * 3e38 + 1e-30 - 1e38 }")
+
+
+@pytest.mark.parametrize("init", ["(2, 3)", "(0,)", "3", "true"])
+def test_layer_init_must_name_an_initialiser(init):
+    # init=(2, 3) was stored as the initialiser ("2" with arguments 3), silently
+    with pytest.raises(SnetError, match="init must be an initialiser such as glorot or he"):
+        check(f"model M {{ input x: f32[N, 4]\n output o = dense(x, 3, init={init}) }}")
+
+
+def test_layer_init_by_name_still_works():
+    (mdef,) = check('model M { input x: f32[N, 4]\n output o = dense(x, 3, init=he) + dense(x, 3, init="he") }')
+    assert mdef.params["dense1.w"].init == mdef.params["dense2.w"].init == ("he", ())
