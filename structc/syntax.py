@@ -541,10 +541,10 @@ def _unexpected_token(source: str, file: str, tok: Token, expected, span: Span) 
         close = difflib.get_close_matches(prev.text, _KEYWORDS, n=1, cutoff=0.6)
         if close:       # `imput x: f32[N, 4]`: a statement keyword misspelt
             return SnetSyntaxError(f"unknown statement '{prev.text}'; did you mean '{close[0]}'?", prev.span)
-    if innermost is not None and innermost.text in "([" and f"'{_CLOSER[innermost.text]}'" in words \
-            and (at_end or tok.type == "RBRACE" or tok.line > innermost.span.line):
-        return SnetSyntaxError(message, span, related=((f"this '{innermost.text}' is not closed", innermost.span),))
-    if at_end and innermost is not None:
+    # a '(' or '[' still open, and the statement clearly went on without closing it
+    left_open = innermost is not None and (at_end or (innermost.text in "([" and f"'{_CLOSER[innermost.text]}'" in words
+                                                      and (tok.type == "RBRACE" or tok.line > innermost.span.line)))
+    if left_open:
         return SnetSyntaxError(message, span, related=((f"this '{innermost.text}' is not closed", innermost.span),))
     return SnetSyntaxError(message, span)
 
