@@ -7,6 +7,10 @@ import pytest
 os.environ.setdefault("STRUCTC_CACHE_DIR", tempfile.mkdtemp(prefix="structc-test-cache-"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+
+
 @pytest.fixture
 def rng():
     import numpy as np
