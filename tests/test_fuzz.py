@@ -29,6 +29,7 @@ TOKENS = ["model", "input", "target", "param", "loss", "output", "class", "of", 
           "t", "n", "n.left", "n.right", "n.children", "n.word", "n.x", "t.root", "t.nodes", "t.trees", "E"]
 TOKENS += ["graph", "over", "repeat", "g", "g.x", "g.e", "g.edges", "g.nodes", "g.src", "g.type", "features",
            "edge_types", "per", "self_loops", "norm", "gcn", "max", "masked_cross_entropy"]
+TOKENS += ["(0,)", "(2, 3)", "(1, 1, 0, 0)", "kernel", "stride", "padding", "conv", "maxpool2d", "9" * 400, "1e39"]
 SEEDS.append("model G { input g: graph(features=4, edge_features=2, edge_types=3)\n target y: class[g.nodes] of 3\n"
              "  h = g.x\n  repeat 2 { h = relu(sum(dense(h, 4, per=g.type) over g.edges) + max(h over g.edges)) }\n"
              "  m = mean(dense(concat(h[g.src], g.e, axis=1), 4) over g.edges, norm=gcn)\n"
