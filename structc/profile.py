@@ -234,7 +234,7 @@ def fma_peak() -> float:
     call = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_int64)(engine.get_function_address("peak"))
     iters = 2_000_000
     best = float("inf")
-    for _ in range(4):       # the best of a few: another process may take the core for a while
+    for _ in range(10):      # the best of several: another process may take the core for a while
         t = time.perf_counter()
         call(iters)
         best = min(best, time.perf_counter() - t)
@@ -251,6 +251,11 @@ class Row:
     tasks: int              # of its last call
     nested: bool
     gflops: float | None
+    threads: int            # threads that ran some of its tasks
+
+    def percent_of(self, peak: float) -> float:
+        """GFLOP/s as a percentage of the peak of the cores that ran the kernel."""
+        return 100 * self.gflops / (peak * self.threads) if self.gflops else 0.0
 
 
 @dataclass
@@ -287,12 +292,11 @@ class Report:
         return sorted(lines.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
 
     def table(self) -> str:
-        peak_all = self.peak * self.threads
         out = [f"{self.model} {self.kind} step: {self.steps} steps at {self.threads} thread(s), "
                f"{self.step_seconds * 1e6:.1f} us per step; peak {self.peak:.1f} GFLOP/s per core "
-               f"(% of peak: of {self.threads} core(s))", "",
+               f"(%peak: of the threads that ran the kernel)", "",
                f"{'line / kernel':54s} {'us/step':>9s} {'share':>6s} {'calls':>6s} {'tasks':>6s} "
-               f"{'GFLOP/s':>8s} {'%peak':>6s}"]
+               f"{'thr':>3s} {'GFLOP/s':>8s} {'%peak':>6s}"]
         for line, rows in self.by_line():
             text = self.source_lines[line - 1].strip() if line and line <= len(self.source_lines) else ""
             head = f"{line:4d}  {text}" if line else "   -  (no source line: the optimizer update, copies)"
@@ -302,11 +306,13 @@ class Report:
                 others = [s.line for s in r.kernel.spans[1:]]
                 if others:
                     name += f" (+ line{'s' if len(others) > 1 else ''} {','.join(map(str, others))})"
-                rate = f"{r.gflops:8.2f} {100 * r.gflops / peak_all:5.1f}%" if r.gflops else f"{'':8s} {'':6s}"
+                rate = f"{r.gflops:8.2f} {r.percent_of(self.peak):5.1f}%" if r.gflops else ""
                 out.append(f"      {name:48s} {r.seconds * 1e6:9.1f} {self.share(r.seconds):5.1f}% "
-                           f"{r.calls:6.0f} {r.tasks:6d} {rate}")
+                           f"{r.calls:6.0f} {r.tasks:6d} {r.threads:3d} {rate}".rstrip())
         out.append(f"{'      outside kernels (Python, input checks)':54s} {self.outside_seconds * 1e6:9.1f} "
                    f"{self.share(self.outside_seconds):5.1f}%")
+        if any(r.percent_of(self.peak) > 100 for r in self.rows):
+            out.append("\nabove 100% of peak: the peak was measured while the machine was busy; give it (--peak)")
         if any(r.nested for r in self.rows):
             out.append("\n(inside): run by another kernel (a recursion's levels); its time is part of that kernel's")
         return "\n".join(out)
@@ -418,6 +424,7 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
 
 def _rows(events: np.ndarray, by_address: dict, dims: dict, steps: int) -> list[Row]:
     calls = events[events["kind"] == CALL]
+    chunks = events[events["kind"] == CHUNK]
     rows = []
     for fn in np.unique(calls["fn"]):
         mine = calls[calls["fn"] == fn]
@@ -427,6 +434,7 @@ def _rows(events: np.ndarray, by_address: dict, dims: dict, steps: int) -> list[
         seconds = float((mine["end"] - mine["start"]).sum()) / 1e9
         flops = kernel.flop_count(dims)
         gflops = flops * len(mine) / seconds / 1e9 if flops and seconds > 0 else None
+        lanes = len(np.unique(chunks["lane"][chunks["fn"] == fn]))
         rows.append(Row(kernel, seconds / steps, len(mine) / steps, int(mine["hi"][-1]),
-                        bool((mine["depth"] > 0).all()), gflops))
+                        bool((mine["depth"] > 0).all()), gflops, max(lanes, 1)))
     return rows
