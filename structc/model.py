@@ -373,8 +373,8 @@ class Net:
         inputs, in a copy of this model (its parameters are left as they are);
         returns a `structc.profile.Report` (`.table()`, `.write_trace(path)`).
         `trace`: also write a Chrome/Perfetto trace there."""
-        from .profile import profile, profile_copy
-        report = profile(profile_copy(self), inputs, steps=steps, forward=forward, lr=lr, peak=peak)
+        from .profile import profile_model
+        report = profile_model(self, inputs, steps=steps, forward=forward, lr=lr, peak=peak)
         if trace is not None:
             report.write_trace(trace)
         return report

@@ -352,6 +352,27 @@ def _forward_inputs(net, inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if any(n == k or n.startswith(k + ".") for n in names)}
 
 
+def _checked(net, inputs: dict, steps, forward: bool, peak) -> tuple[dict, dict]:
+    """The inputs of the step and its dims, or a ValueError/TypeError for a bad argument."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
+                             or not np.isfinite(peak) or peak <= 0):
+        raise ValueError(f"peak must be a positive number of GFLOP/s, got {peak!r}")
+    if not forward and "train" not in net.meta["entries"]:
+        raise ValueError(f"model {net.name} declares no loss, so it has no training step (use forward=True)")
+    given = _forward_inputs(net, inputs) if forward else dict(inputs)
+    _, dims = net._bind(net._entries["forward" if forward else "train"], given)
+    return given, dims
+
+
+def profile_model(net, inputs: dict, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
+                  peak: float | None = None) -> Report:
+    """`net.profile`: the arguments checked on `net`, then a profiled copy timed."""
+    _checked(net, inputs, steps, forward, peak)     # before the copy is compiled
+    return profile(profile_copy(net), inputs, steps=steps, forward=forward, lr=lr, peak=peak)
+
+
 def _record(net, step, steps: int, capacity: int):
     """Run `steps` steps recording; returns (events, step spans in ns)."""
     shim = _shim()
@@ -382,16 +403,8 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
     if by_address is None:
         raise ValueError("profile() needs a net from structc.profile.profiled_net or profile_copy "
                          "(use net.profile(...) on a compiled model)")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if peak is not None and not (isinstance(peak, (int, float)) and np.isfinite(peak) and peak > 0):
-        raise ValueError(f"peak must be a positive number of GFLOP/s, got {peak!r}")
+    given, dims = _checked(net, inputs, steps, forward, peak)
     kind = "forward" if forward else "train"
-    if not forward and "train" not in net.meta["entries"]:
-        raise ValueError(f"model {net.name} declares no loss, so it has no training step (use forward=True)")
-    given = _forward_inputs(net, inputs) if forward else dict(inputs)
-    entry = net._entries[kind]
-    _, dims = net._bind(entry, given)        # checks the inputs before anything runs
     if forward:
         def step():
             net.forward(**given)
