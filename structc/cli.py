@@ -469,6 +469,8 @@ def cmd_profile(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be positive, got {value}", code=2)
+    if args.peak is not None and not args.peak > 0:
+        raise UserError(f"--peak must be a positive number of GFLOP/s, got {args.peak}", code=2)
     if args.threads is not None:
         set_num_threads(args.threads)
     source, file = read_source(Path(args.file))

@@ -32,7 +32,10 @@ EVENT = np.dtype([("fn", "<i8"), ("start", "<i8"), ("end", "<i8"), ("lo", "<i8")
 CALL, CHUNK = 0, 1
 #: the trace keeps the events of this many steps (a long run would make a file too big to open)
 TRACE_STEPS = 20
+#: room for the events of the first step recorded (more is made if it does not fit)
+PROBE_EVENTS = 1 << 16
 _LOAD_LOCK = threading.Lock()     # the shim's symbol is process-wide while a copy loads
+_RECORD_LOCK = threading.Lock()   # and so is its event buffer
 
 
 @dataclass
@@ -360,7 +363,8 @@ def _checked(net, inputs: dict, steps, forward: bool, peak) -> tuple[dict, dict]
                              or not np.isfinite(peak) or peak <= 0):
         raise ValueError(f"peak must be a positive number of GFLOP/s, got {peak!r}")
     if not forward and "train" not in net.meta["entries"]:
-        raise ValueError(f"model {net.name} declares no loss, so it has no training step (use forward=True)")
+        raise ValueError(f"model {net.name} declares no loss, so it has no training step to profile; "
+                         f"profile its forward pass (--forward, forward=True)")
     given = _forward_inputs(net, inputs) if forward else dict(inputs)
     _, dims = net._bind(net._entries["forward" if forward else "train"], given)
     return given, dims
@@ -373,24 +377,30 @@ def profile_model(net, inputs: dict, *, steps: int | None = None, forward: bool 
     return profile(profile_copy(net), inputs, steps=steps, forward=forward, lr=lr, peak=peak)
 
 
-def _record(net, step, steps: int, capacity: int):
-    """Run `steps` steps recording; returns (events, step spans in ns)."""
+def _record(step, steps: int, capacity: int):
+    """Run `steps` steps recording; returns (events, step spans in ns, events lost).
+    One recording at a time: the shim has one buffer."""
     shim = _shim()
     buffer = np.zeros(capacity, EVENT)
     spans = []
     lost = ctypes.c_int64(0)
-    shim.sc_prof_start(buffer.ctypes.data, capacity)
-    try:
-        for _ in range(steps):
-            a = shim.sc_prof_now_ns()
-            step()
-            spans.append((a, shim.sc_prof_now_ns()))
-    finally:
-        n = shim.sc_prof_stop(ctypes.byref(lost))
-    if lost.value:
-        raise RuntimeError(f"the profiler lost {lost.value} events (buffer of {capacity}); "
-                           "this is a bug in structc.profile's sizing")
-    return buffer[:n], spans
+    with _RECORD_LOCK:
+        shim.sc_prof_start(buffer.ctypes.data, capacity)
+        try:
+            for _ in range(steps):
+                a = shim.sc_prof_now_ns()
+                step()
+                spans.append((a, shim.sc_prof_now_ns()))
+        finally:
+            n = shim.sc_prof_stop(ctypes.byref(lost))
+    return buffer[:n], spans, lost.value
+
+
+def _events_bound(probe: np.ndarray, threads: int) -> int:
+    """At most how many events a step like `probe` makes: a call, and a chunk per
+    task up to the runtime's split (chunks of n // (4 threads) tasks: < 8 threads + 1)."""
+    calls = probe[probe["kind"] == CALL]
+    return int(np.minimum(calls["hi"], 8 * threads + 1).sum()) + len(calls) + 64
 
 
 def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
@@ -413,16 +423,17 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
             net.train_step(lr=lr, **given)
     for _ in range(warmup):
         step()
-    # one step sizes the buffer: a call makes at most a chunk per task, and a
-    # parallel call at most 4 chunks per thread plus one
-    probe, _ = _record(net, step, 1, 1 << 16)
+    probe, spans, lost = _record(step, 1, PROBE_EVENTS)      # one step sizes the buffer
+    while lost:
+        probe, spans, lost = _record(step, 1, 2 * (len(probe) + lost))
     threads = get_num_threads()
-    per_step = len(probe) * 2 + int((probe["kind"] == CALL).sum()) * (4 * threads + 2) + 64
     if steps is None:
-        t = time.perf_counter()
-        step()
-        steps = max(5, min(2000, int(1.0 / max(time.perf_counter() - t, 1e-6))))
-    events, spans = _record(net, step, steps, per_step * steps)
+        steps = max(5, min(2000, int(1.0 / max((spans[0][1] - spans[0][0]) / 1e9, 1e-6))))
+    capacity = _events_bound(probe, threads) * steps
+    events, spans, lost = _record(step, steps, capacity)
+    if lost:
+        raise RuntimeError(f"the profiler lost {lost} of {capacity + lost} events: steps differ from the first "
+                           f"in the kernels they run; profile fewer steps")
     step_seconds = sum(b - a for a, b in spans) / steps / 1e9
     rows = _rows(events, by_address, dims, steps)
     traced_end = spans[min(steps, TRACE_STEPS) - 1][1]

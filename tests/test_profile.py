@@ -163,3 +163,17 @@ def test_version_names_the_compiler_and_llvm(capsys):
     assert compiler_fingerprint() in out
     assert re.search(r"llvmlite \d+\.\d+.*LLVM \d+\.\d+", out)
     assert "CPU" in out
+
+
+def test_a_first_step_too_big_for_the_probe_buffer_is_recorded_again(batch, monkeypatch):
+    monkeypatch.setattr("structc.profile.PROBE_EVENTS", 4)
+    report = profile(profiled_net(MLP.read_text(), str(MLP)), batch, steps=2, peak=PEAK)
+    assert {r.kernel.name for r in report.rows} == kernels_called("sc_train")
+
+
+def test_kernels_run_inside_a_recursion_are_marked_and_counted_once(capsys):
+    assert main(["profile", str(ROOT / "examples" / "logic_tree.snet"), "--data", "logic", "--steps", "2",
+                 "--batch", "4", "--peak", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "(inside) sc_h_node" in out and "sc_train_treemap" in out
+    assert "rec h(n) = leaf" in out
