@@ -104,14 +104,18 @@ def _noting_kernels(kernels: dict[str, Kernel]):
     from .lower import module as lowering
     real_group, real_kernel = lowering.lower_group, lowering.KernelBuilder.kernel
     defined: list[str] = []
+    mine = threading.get_ident()        # another thread compiling meanwhile is not noted
 
     def kernel(self, name, tasks, cost=1):
-        defined.append(f"{self.prefix}_{name}")
+        if threading.get_ident() == mine:
+            defined.append(f"{self.prefix}_{name}")
         return real_kernel(self, name, tasks, cost)
 
     def lower_group(kb, graph, group):
         start = len(defined)
         real_group(kb, graph, group)
+        if threading.get_ident() != mine:
+            return
         anchor = graph.nodes[group.anchor]
         members = [group.anchor] + [m for m in group.members if m != group.anchor]
         spans = []
