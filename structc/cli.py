@@ -622,7 +622,7 @@ def parser() -> argparse.ArgumentParser:
 
     c = command("profile", help="time every kernel of a training step (or the forward pass)",
                 description="Runs steps on the first batch of the data and prints each kernel's time, "
-                            "share of the step, and GFLOP/s with the %% of the measured FMA peak (matrix "
+                            "share of the step, and GFLOP/s as a fraction of the measured FMA peak (matrix "
                             "products and convolutions), grouped by the .snet line that produced it.")
     c.add_argument("--data", required=True, metavar="DATA",
                    help=f"a built-in data set ({data_sets}) or a file or folder of your data")
