@@ -40,7 +40,7 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
     target = host_target()
     art = compile_artifact(source, file, model, target=target, cache=cache)
     net = Net(art.meta, JitModule(art.object, target), seed=seed)
-    net.source = source          # what it was compiled from (ONNX export rebuilds its graph from it)
+    net._compiled_from = (source, file, model)     # what `net.profile` and the exporters rebuild it from
     if vocab is not None:
         net.vocab = vocab
     return net
@@ -62,6 +62,8 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
     hit = _cache_load(key, model) if use_cache else None
     if hit is not None:
         meta, obj = hit
+        from .autodiff import warn_gradient_flow
+        warn_gradient_flow(meta.get("gradient_warnings", []))   # as a fresh compile does
         # The key ignores the file name: report this file, not the one first compiled.
         return Artifact(dict(meta, file=file), obj, jit=jit)
     art = compile_program(program, model, target, jit=jit)

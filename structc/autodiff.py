@@ -9,12 +9,23 @@ ops, so the backward graph is optimised like the forward one.
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import networkx as nx
 
+from .errors import GradientWarning, Span
 from .graph import Builder, Graph, Value
 
 
 def differentiate(forward: Graph, loss: str = "loss") -> Graph:
+    return _differentiate(forward, loss)[0]
+
+
+def _differentiate(forward: Graph, loss: str) -> tuple[Graph, list[tuple[int, int]], list[str]]:
+    """The train graph; the (node, input) pairs whose VJP gives no gradient
+    although the input lies between a parameter and the loss (where gradients
+    stop); and the parameters no cotangent reached (their gradient is zero)."""
     g = forward.copy()
     loss_id = g.outputs[loss]
     order = g.topo()
@@ -28,6 +39,7 @@ def differentiate(forward: Graph, loss: str = "loss") -> Graph:
     b = Builder(g)
     contributions: dict[int, list[Value]] = {loss_id: [b.const(1.0)]}
     cotangent: dict[int, Value] = {}
+    stops: list[tuple[int, int]] = []
     for nid in reversed(order):
         parts = contributions.pop(nid, None)
         if parts is None or nid not in active:
@@ -43,6 +55,8 @@ def differentiate(forward: Graph, loss: str = "loss") -> Graph:
         grads = node.op.vjp(b, total, b.value(nid), *(b.value(i) for i in node.inputs), **node.attrs)
         assert len(grads) == len(node.inputs), f"{node.op.name}: vjp returned {len(grads)} for {len(node.inputs)} inputs"
         for i, gi in zip(node.inputs, grads):
+            if gi is None and i in active:
+                stops.append((nid, i))
             if gi is None or i not in active:
                 continue
             if gi.shape != g.nodes[i].shape:
@@ -51,11 +65,83 @@ def differentiate(forward: Graph, loss: str = "loss") -> Graph:
             contributions.setdefault(i, []).append(gi)
 
     outputs = {loss: loss_id}
+    unreached = []
     for name, pid in g.params.items():
         grad = cotangent.get(pid)
         if grad is None:
+            unreached.append(name)
             b.span = g.nodes[pid].span
             grad = b.broadcast_to(b.const(0.0), shape=g.nodes[pid].shape)
         outputs[f"grad:{name}"] = grad.id
     g.outputs = outputs
-    return g
+    return g, stops, unreached
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Parameters no gradient reaches, and why: the ops on every path from
+    them to the loss that pass no gradient (`stops`, as (op name, span)), or
+    none when the loss does not read them at all."""
+    params: tuple[str, ...]
+    span: Span | None
+    stops: tuple[tuple[str, Span | None], ...]
+    hint: str = ""
+
+    def message(self) -> str:
+        one = len(self.params) == 1
+        what = f"parameter{'' if one else 's'} {', '.join(self.params)}"
+        it = "it" if one else "them"
+        where = f"{self.span}: " if self.span else ""
+        if not self.stops:
+            return (f"{where}{what} {'does' if one else 'do'} not affect the loss: the gradient is "
+                    f"always zero, so training will not change {it}")
+        ops = ", ".join(f"{op} at {span}" if span else op for op, span in self.stops)
+        text = (f"{where}no gradient reaches {what}: every path from {it} to the loss passes an op "
+                f"whose derivative is zero wherever it exists ({ops}), so training will not change {it}")
+        return text + (f"; {self.hint}" if self.hint else "")
+
+
+def blocked_params(forward: Graph, loss: str = "loss") -> list[Blocked]:
+    """Parameters whose gradient is structurally zero: the loss does not read
+    them, or every path to it passes an op whose VJP gives no gradient (a
+    threshold, a comparison). Such a model trains forever with zero gradients."""
+    if loss not in forward.outputs:
+        return []
+    g = forward.copy()
+    g.outputs = {loss: forward.outputs[loss]}
+    _, stops, unreached = _differentiate(g, loss)
+    upstream = nx.ancestors(g.nx, g.outputs[loss])
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in unreached:
+        pid = g.params[name]
+        if pid not in upstream:
+            groups.setdefault((), []).append(name)
+            continue
+        below = nx.descendants(g.nx, pid) | {pid}
+        key = tuple(sorted({nid for nid, i in stops if i in below}))
+        groups.setdefault(key, []).append(name)
+    found = []
+    for key, names in groups.items():
+        if not key:
+            for name in names:
+                found.append(Blocked((name,), g.nodes[g.params[name]].span, ()))
+            continue
+        nodes = [g.nodes[nid] for nid in key]
+        hints = sorted({getattr(n.op, "no_gradient_hint", "") for n in nodes} - {""})
+        found.append(Blocked(tuple(names), nodes[-1].span, tuple((n.op.name, n.span) for n in nodes),
+                             "; ".join(hints)))
+    return found
+
+
+def gradient_warnings(forward: Graph, loss: str = "loss") -> list[dict]:
+    """`blocked_params` as plain data (message, file, line), kept in an
+    artifact's metadata so a cached model warns as a fresh compile does."""
+    return [{"message": item.message(), "file": item.span.file if item.span else "<model>",
+             "line": item.span.line if item.span else 0} for item in blocked_params(forward, loss)]
+
+
+def warn_gradient_flow(entries: list[dict]) -> None:
+    """One `GradientWarning` per entry, attributed to its .snet line (Python
+    prints that line of the source under the message)."""
+    for entry in entries:
+        warnings.warn_explicit(entry["message"], GradientWarning, entry["file"], entry["line"])

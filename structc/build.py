@@ -16,6 +16,8 @@ names them:
 from __future__ import annotations
 
 import difflib
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +148,8 @@ class Context:
 def _show(v) -> str:
     if isinstance(v, Word):
         return v.text
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_show(x) for x in v) + (",)" if len(v) == 1 else ")")
     if isinstance(v, Value):
         return f"a tensor {v.type}"
     return repr(v)
@@ -338,6 +342,9 @@ class ModelBuilder:
             init = init.text
         if isinstance(init, str):
             init = self.check_init(init, (), span)
+        elif not (isinstance(init, tuple) and len(init) == 2 and isinstance(init[0], str)):   # init=3, init=(2, 3)
+            raise SnetTypeError(f"init must be an initialiser such as glorot or he, got {_show(init)}", span,
+                                notes=(f"initialisers: {', '.join(sorted(INITIALIZERS))}",))
         nid = self.graph.add(REGISTRY["param"], (), {"name": name, "type": t, "init": init}, span, type=t)
         self.graph.params[name] = nid
         self.params[name] = ParamSpec(name, t, init, span)
@@ -366,16 +373,38 @@ class ModelBuilder:
             return e.id == "true"
         return Word(e.id, e.span)
 
+    def eval_Tuple(self, e: S.Tuple) -> tuple:
+        """A tuple holds numbers (and the model's symbols, for shapes): `(3, 3)`, `(N, 784)`."""
+        items = []
+        for item in e.items:
+            v = self.eval(item)
+            if isinstance(v, Word) and v.text not in self.symbols:
+                raise self.unknown_name(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float, Word)):
+                raise SnetTypeError(f"a tuple holds numbers, e.g. (3, 3); got {_show(v)}", item.span)
+            items.append(v)
+        return tuple(items)
+
     def tensor(self, e) -> Value | float:
         v = self.eval(e)
         if isinstance(v, Word):
             raise self.unknown_name(v)
-        if isinstance(v, str) or isinstance(v, bool):
+        if isinstance(v, (str, bool, tuple)):
             raise SnetTypeError(f"expected a tensor or a number, got {_show(v)}", e.span)
         return v
 
     def eval_BinOp(self, e: S.BinOp):
-        left, right = self.tensor(e.left), self.tensor(e.right)
+        # `x + x + ... + x` nests to the left as deep as it is long: walk that spine in a loop
+        chain = []
+        while isinstance(e, S.BinOp):
+            chain.append(e)
+            e = e.left
+        value = self.tensor(e)
+        for op in reversed(chain):
+            value = self.binop(op, value, self.tensor(op.right))
+        return value
+
+    def binop(self, e: S.BinOp, left, right):
         if not isinstance(left, Value) and not isinstance(right, Value):
             return _fold(e.op, left, right, e.span)
         if e.op == "matmul" and not (isinstance(left, Value) and isinstance(right, Value)):
@@ -478,17 +507,18 @@ class ModelBuilder:
 
 
 def _fold(op: str, a, b, span: Span):
-    if op == "add":
-        return a + b
-    if op == "sub":
-        return a - b
-    if op == "mul":
-        return a * b
-    if op == "div":
-        if b == 0:
-            raise SnetTypeError("division by zero", span)
-        return a / b
-    raise SnetTypeError("@ multiplies two matrices, not numbers", span)
+    if op == "div" and b == 0:
+        raise SnetTypeError("division by zero", span)
+    if op == "matmul":
+        raise SnetTypeError("@ multiplies two matrices, not numbers", span)
+    try:
+        value = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[op](a, b)
+    except OverflowError:       # 1e308 / 1e-10; a huge int divided
+        value = math.inf
+    # as for literals (syntax.MAX_INT): a product of huge numbers is no size and no f32 constant
+    if (isinstance(value, int) and abs(value) >= S.MAX_INT) or (isinstance(value, float) and not math.isfinite(value)):
+        raise SnetTypeError("number too large (numbers stop at about 1.8e308)", span)
+    return value
 
 
 def _call_problem(err: TypeError) -> str:
@@ -504,8 +534,10 @@ def build_model(program: S.Program, name: str | None = None) -> ModelDef:
                         Span(program.file, 1, 1, 1, 2))
     if name is None:
         if len(program.models) > 1:
-            raise SnetError(f"{program.file} defines several models ({', '.join(program.model_names)}); "
-                            "choose one by name")
+            first = program.model_names[0]
+            raise SnetError(f"this file defines several models ({', '.join(program.model_names)}); "
+                            f"choose one with model=\"{first}\" in Python or --model {first} on the command line",
+                            program.models[1].name_span)
         model = program.models[0]
     else:
         matches = [m for m in program.models if m.name == name]

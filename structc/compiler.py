@@ -20,7 +20,7 @@ from typing import Callable
 from llvmlite import ir
 
 from . import __version__
-from .autodiff import differentiate
+from .autodiff import differentiate, gradient_warnings, warn_gradient_flow
 from .build import ModelDef, build_model
 from .errors import Span
 from .graph import Builder, Graph
@@ -123,6 +123,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         return (lambda name, graph: dump(f"{prefix}.{name}", str(graph))) if dump else None
 
     graphs = {"forward": forward_graph(mdef)}
+    blocked = gradient_warnings(mdef.graph) if mdef.has_loss else []
+    warn_gradient_flow(blocked)
     if mdef.has_loss:
         graphs["train"] = train_graph(mdef, param_size)
         if dump:
@@ -166,6 +168,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "entries": entries,
+        "gradient_warnings": blocked,   # re-issued when the model is loaded from the cache
     }
     if mdef.forests:
         meta["forests"] = mdef.forests

@@ -24,11 +24,13 @@ class Span:
 class SnetError(Exception):
     """Base of every error structc reports about a user's model or input."""
 
-    def __init__(self, message: str, span: Span | None = None, notes: tuple[str, ...] = ()):
+    def __init__(self, message: str, span: Span | None = None, notes: tuple[str, ...] = (),
+                 related: tuple[tuple[str, Span], ...] = ()):
         super().__init__(message)
         self.message = message
         self.span = span
         self.notes = notes
+        self.related = related      # (message, span): other places the reader needs, shown with a caret
 
     def __str__(self) -> str:
         where = f"{self.span}: " if self.span else ""
@@ -57,20 +59,32 @@ class ShapeMismatch(Exception):
 
 
 def render(err: SnetError, source: str | None) -> str:
-    """`file:line:col: error: message`, the source line and a caret under the span."""
+    """`file:line:col: error: message`, the source line and a caret under the span;
+    then each related place the same way (`file:line:col: note: ...`), then plain notes."""
     if err.span is None:
-        head = f"error: {err.message}"
-        return "\n".join([head, *(f"note: {n}" for n in err.notes)])
-    span = err.span
-    lines = [f"{span}: error: {err.message}"]
-    if source is not None:
-        src_lines = source.splitlines()
-        if 1 <= span.line <= len(src_lines):
-            text = src_lines[span.line - 1].expandtabs(1)
-            width = 1
-            if span.end_line == span.line and span.end_col > span.col:
-                width = span.end_col - span.col
-            lines.append(f"    {text}")
-            lines.append("    " + " " * (span.col - 1) + "^" + "~" * (width - 1))
+        lines = [f"error: {err.message}"]
+    else:
+        lines = [f"{err.span}: error: {err.message}", *_excerpt(err.span, source)]
+    for message, span in getattr(err, "related", ()):
+        lines += [f"{span}: note: {message}", *_excerpt(span, source)]
     lines.extend(f"note: {n}" for n in err.notes)
     return "\n".join(lines)
+
+
+def _excerpt(span: Span, source: str | None) -> list[str]:
+    """The span's source line and a caret (with tildes) under it."""
+    if source is None:
+        return []
+    src_lines = source.splitlines()
+    if not 1 <= span.line <= len(src_lines):
+        return []
+    text = src_lines[span.line - 1].expandtabs(1)
+    width = 1
+    if span.end_line == span.line and span.end_col > span.col:
+        width = span.end_col - span.col
+    return [f"    {text}", "    " + " " * (span.col - 1) + "^" + "~" * (width - 1)]
+
+
+class GradientWarning(UserWarning):
+    """A parameter can never be trained: no gradient reaches it from the loss
+    (it is not used, or every path passes an op with no derivative, like threshold)."""

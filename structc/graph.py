@@ -16,8 +16,10 @@ from typing import Any, Iterable
 
 import networkx as nx
 
-from .errors import ShapeMismatch, SnetShapeError, Span
+from .errors import ShapeMismatch, SnetShapeError, SnetTypeError, Span
 from .types import TensorType
+
+F32_MAX = 3.4028234663852886e38     # the largest finite float32
 
 
 @dataclass
@@ -233,6 +235,8 @@ class Builder:
 
     def const(self, v: float, dtype: str = "f32") -> Value:
         from .ops import REGISTRY
+        if dtype == "f32" and not abs(v) <= F32_MAX:     # it would be inf (or NaN) in the native code
+            raise SnetTypeError("number too large for f32 (the largest is about 3.4e38)", self.span)
         return Value(self, self.graph.add(REGISTRY["const"], (), {"value": float(v), "dtype": dtype},
                                           self.span))
 

@@ -1,6 +1,6 @@
 """What exporters need from a compiled `Net`: the forward graph it was
-compiled from, rebuilt from the source it keeps (`net.source`, set by
-`structc.compile`), and checked to be that `Net`'s (same parameters)."""
+compiled from, rebuilt from the source it keeps (`net._compiled_from`, set
+by `structc.compile`), and checked to be that `Net`'s (same parameters)."""
 from __future__ import annotations
 
 
@@ -9,7 +9,8 @@ def forward_graph_of(net, source: str | None = None):
     from .build import build_model
     from .compiler import forward_graph
     from .syntax import parse
-    source = source if source is not None else getattr(net, "source", None)
+    if source is None:
+        source = (getattr(net, "_compiled_from", None) or (None,))[0]
     if source is None:
         raise ValueError(f"model {net.name} carries no source (it was loaded from a library?): "
                          f"pass source=<the .snet text it was compiled from>")

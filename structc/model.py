@@ -367,6 +367,18 @@ class Net:
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         self._step = step
 
+    def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
+                peak: float | None = None, trace=None, **inputs):
+        """Time every kernel of a training step (or the forward pass) on these
+        inputs, in a copy of this model (its parameters are left as they are);
+        returns a `structc.profile.Report` (`.table()`, `.write_trace(path)`).
+        `trace`: also write a Chrome/Perfetto trace there."""
+        from .profile import profile_model
+        report = profile_model(self, inputs, steps=steps, forward=forward, lr=lr, peak=peak)
+        if trace is not None:
+            report.write_trace(trace)
+        return report
+
     @property
     def input_names(self) -> list[str]:
         graphs = [g["name"] for g in self.meta.get("graphs", [])]

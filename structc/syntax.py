@@ -6,13 +6,17 @@ Syntax errors become `SnetSyntaxError` in the language's own terms
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
 import lark
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, v_args
 
 from .errors import SnetSyntaxError, Span
 
@@ -89,7 +93,14 @@ class Over:
     span: Span
 
 
-Expr = Union[Number, String, Name, Call, BinOp, Neg, Index, Attr]
+@dataclass
+class Tuple:
+    """`(0,)`, `(3, 3)`: a list of numbers written in place (axes, kernel, stride, padding)."""
+    items: list["Expr"]
+    span: Span
+
+
+Expr = Union[Number, String, Name, Call, BinOp, Neg, Index, Attr, Tuple]
 
 
 @dataclass
@@ -213,6 +224,16 @@ class Program:
 
 # -- the parser ---------------------------------------------------------
 
+# Numbers stop where float64 does (about 1.8e308): every real size, count or
+# constant is far below, any such integer still converts to a float, and
+# Python still prints it (it refuses past 4,300 digits).
+MAX_INT = 2 ** 1024
+# How deeply expressions and blocks may nest. The checker walks the AST
+# recursively, so this bounds its stack; real models nest ten levels or so.
+# The left operand of a binary operator does not count: `x + x + ... + x` of any
+# length is a chain, walked in a loop.
+MAX_NESTING = 150
+
 
 def grammar_text() -> str:
     try:
@@ -227,7 +248,9 @@ def parser() -> Lark:
     return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
+    # Non-recursive: `x + x + ... + x` with 10,000 terms is a tree 10,000 deep.
+
     def __init__(self, file: str):
         super().__init__()
         self.file = file
@@ -279,15 +302,21 @@ class _ToAst(Transformer):
         dtype, *dims = c
         return TensorTypeExpr(str(dtype), [d for d in dims if d is not None], self._span(meta))
 
+    def _int(self, tok: Token) -> int:
+        digits = len(tok.lstrip("0"))
+        if digits > 400 or int(tok) >= MAX_INT:
+            raise SnetSyntaxError(f"number too large ({digits} digits; numbers stop at about 1.8e308)", self._tok(tok))
+        return int(tok)
+
     @v_args(meta=True)
     def class_type(self, meta, c):
         *dims, classes = c
-        return ClassTypeExpr([d for d in dims if d is not None], int(classes), self._span(meta))
+        return ClassTypeExpr([d for d in dims if d is not None], self._int(classes), self._span(meta))
 
     @v_args(meta=True)
     def repeat_stmt(self, meta, c):
         count, *body = c
-        return Repeat(int(count), [s for s in body if s is not None], self._span(meta), self._tok(count))
+        return Repeat(self._int(count), [s for s in body if s is not None], self._span(meta), self._tok(count))
 
     @v_args(meta=True)
     def graph_type(self, meta, c):
@@ -307,7 +336,7 @@ class _ToAst(Transformer):
 
     def dim(self, c):
         tok = c[0]
-        value = int(tok) if tok.type == "INT" else str(tok)
+        value = self._int(tok) if tok.type == "INT" else str(tok)
         return Dim(value, self._tok(tok))
 
     @v_args(meta=True)
@@ -328,9 +357,17 @@ class _ToAst(Transformer):
         return RecDecl(str(name), str(param), leaf, node, self._span(meta), self._tok(name), self._tok(param))
 
     def number(self, c):
-        text = str(c[0])
-        value = float(text) if any(ch in text for ch in ".eE") else int(text)
-        return Number(value, self._tok(c[0]))
+        tok = c[0]
+        if not any(ch in tok for ch in ".eE"):
+            return Number(self._int(tok), self._tok(tok))
+        value = float(tok)
+        if not math.isfinite(value):        # 1e999 would silently be inf
+            raise SnetSyntaxError(f"number too large ({tok}; numbers stop at about 1.8e308)", self._tok(tok))
+        return Number(value, self._tok(tok))
+
+    @v_args(meta=True)
+    def tuple(self, meta, c):
+        return Tuple([x for x in c if x is not None], self._span(meta))
 
     def string(self, c):
         return String(str(c[0])[1:-1], self._tok(c[0]))
@@ -439,6 +476,79 @@ def _expected_list(expected) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
+# -- explaining a syntax error ----------------------------------------------
+# Lark knows the token it could not take; the likely mistake is often earlier
+# (a misspelt keyword, a block or parenthesis left open), so look back at the
+# tokens before it.
+
+_KEYWORDS = ("input", "target", "param", "loss", "output", "repeat", "rec", "model")
+_SCAN = re.compile(r'(#[^\n]*|\s+)|"[^"\n]*"|[A-Za-z_][A-Za-z0-9_]*|[0-9.]+(?:[eE][+-]?[0-9]+)?|\|>|.', re.S)
+_CLOSER = {"(": ")", "[": "]", "{": "}"}
+
+
+@dataclass
+class _Lexeme:
+    text: str
+    span: Span
+
+
+def _lexemes_before(source: str, end: int, file: str) -> list[_Lexeme]:
+    """The code tokens of source[:end] (no comments, no space), with spans."""
+    out, line, line_start = [], 1, 0
+    for m in _SCAN.finditer(source, 0, end):
+        start = m.start()
+        if not m.group(1):
+            col = start - line_start + 1
+            out.append(_Lexeme(m.group(), Span(file, line, col, line, col + len(m.group()))))
+        newlines = m.group().count("\n")
+        if newlines:
+            line += newlines
+            line_start = start + m.group().rindex("\n") + 1
+    return out
+
+
+def _open_brackets(lexemes: list[_Lexeme]) -> list[tuple[_Lexeme, str]]:
+    """The brackets still open at the end of `lexemes`, innermost last, each with
+    what it opens: "model 'A'", "the repeat block", or "'('"."""
+    stack = []
+    for k, lx in enumerate(lexemes):
+        if lx.text in _CLOSER:
+            what = f"'{lx.text}'"
+            if lx.text == "{" and k >= 2 and lexemes[k - 2].text == "model":
+                what = f"model '{lexemes[k - 1].text}'"
+            elif lx.text == "{" and k >= 2 and lexemes[k - 2].text == "repeat":
+                what = "the repeat block"
+            stack.append((lx, what))
+        elif stack and lx.text == _CLOSER[stack[-1][0].text]:
+            stack.pop()
+    return stack
+
+
+def _unexpected_token(source: str, file: str, tok: Token, expected, span: Span) -> SnetSyntaxError:
+    words = {_describe_terminal(e) for e in expected}
+    message = f"unexpected {_describe_token(tok)}; expected {_expected_list(expected)}"
+    at_end = tok.type == "$END" or tok.start_pos is None
+    before = _lexemes_before(source, len(source) if at_end else tok.start_pos, file)
+    prev = before[-1] if before else None
+    still_open = _open_brackets(before)
+    innermost, what = still_open[-1] if still_open else (None, "")
+    if innermost is not None and innermost.text == "{" and (at_end or (prev is not None and prev.text == "model")):
+        where = "end of file" if at_end else "the next model"
+        return SnetSyntaxError(f"{what} (opened at line {innermost.span.line}) is not closed: "
+                               f"'}}' is missing before {where}",
+                               span if at_end else prev.span, related=((f"{what} opens here", innermost.span),))
+    if prev is not None and tok.type == "NAME" and "'='" in words and prev.text not in _KEYWORDS:
+        close = difflib.get_close_matches(prev.text, _KEYWORDS, n=1, cutoff=0.6)
+        if close:       # `imput x: f32[N, 4]`: a statement keyword misspelt
+            return SnetSyntaxError(f"unknown statement '{prev.text}'; did you mean '{close[0]}'?", prev.span)
+    # a '(' or '[' still open, and the statement clearly went on without closing it
+    left_open = innermost is not None and (at_end or (innermost.text in "([" and f"'{_CLOSER[innermost.text]}'" in words
+                                                      and (tok.type == "RBRACE" or tok.line > innermost.span.line)))
+    if left_open:
+        return SnetSyntaxError(message, span, related=((f"this '{innermost.text}' is not closed", innermost.span),))
+    return SnetSyntaxError(message, span)
+
+
 def parse(source: str, file: str = "<source>") -> Program:
     """Parse a whole `.snet` file."""
     try:
@@ -455,9 +565,7 @@ def parse(source: str, file: str = "<source>") -> Program:
             expected = e.interactive_parser.accepts() - {"$END"} or e.expected
         except Exception:  # noqa: BLE001 - fall back to the state's raw expectation
             expected = e.expected
-        raise SnetSyntaxError(
-            f"unexpected {_describe_token(tok)}; expected {_expected_list(expected)}",
-            Span(file, line, col, line, end_col)) from None
+        raise _unexpected_token(source, file, tok, expected, Span(file, line, col, line, end_col)) from None
     except lark.exceptions.UnexpectedCharacters as e:
         raise SnetSyntaxError(f"unexpected character {source[e.pos_in_stream]!r}",
                               Span(file, e.line, e.column, e.line, e.column + 1)) from None
@@ -471,6 +579,7 @@ def parse(source: str, file: str = "<source>") -> Program:
         if isinstance(e.orig_exc, SnetSyntaxError):
             raise e.orig_exc from None
         raise
+    check_nesting(models)
     seen: dict[str, Model] = {}
     for m in models:
         if m.name in seen:
@@ -478,6 +587,33 @@ def parse(source: str, file: str = "<source>") -> Program:
                                   m.name_span)
         seen[m.name] = m
     return Program(models, source, file, [m.name for m in models])
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if "span" not in f.name)
+
+
+def _children(node):
+    """The AST nodes directly inside `node` (spans are not nodes)."""
+    for name in _field_names(type(node)):
+        value = getattr(node, name)
+        for item in value if isinstance(value, list) else (value,):
+            if dataclasses.is_dataclass(item) and not isinstance(item, Span):
+                yield item
+
+
+def check_nesting(models: list[Model]) -> None:
+    """Refuse nesting deeper than MAX_NESTING, so that checking cannot overflow the stack."""
+    stack = [(m, 1) for m in models]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise SnetSyntaxError(f"nested too deeply (more than {MAX_NESTING} levels of calls, operators or "
+                                  "blocks); split the expression into named steps", node.span)
+        for child in _children(node):
+            chained = isinstance(node, BinOp) and child is node.left
+            stack.append((child, depth if chained else depth + 1))
 
 
 def _end(source: str) -> tuple[int, int]:
@@ -493,6 +629,9 @@ def _end(source: str) -> tuple[int, int]:
 # -- printing (for `--dump=ast`) -------------------------------------------
 
 
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
+
+
 def unparse(e) -> str:
     """An expression back as source text, fully parenthesised, pipes desugared."""
     if isinstance(e, Number):
@@ -504,9 +643,18 @@ def unparse(e) -> str:
     if isinstance(e, Call):
         args = [unparse(a) for a in e.args] + [f"{k.name}={unparse(k.value)}" for k in e.kwargs]
         return f"{e.func}({', '.join(args)})"
-    if isinstance(e, BinOp):
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}[e.op]
-        return f"({unparse(e.left)} {sym} {unparse(e.right)})"
+    if isinstance(e, BinOp):     # walk the left spine in a loop: `x + x + ... + x` may be very long
+        rights = []
+        while isinstance(e, BinOp):
+            rights.append(e)
+            e = e.left
+        text = unparse(e)
+        for op in reversed(rights):
+            text = f"({text} {_SYMBOLS[op.op]} {unparse(op.right)})"
+        return text
+    if isinstance(e, Tuple):
+        items = [unparse(x) for x in e.items]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
     if isinstance(e, Neg):
         return f"-{unparse(e.operand)}"
     if isinstance(e, Index):

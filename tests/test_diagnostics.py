@@ -1,6 +1,9 @@
 """Golden diagnostics: each file in golden/ has a comment `# error: COL: message`
 on the line the error must point at; `structc check` must print exactly
-`file:LINE:COL: error: message`, then the line and a caret."""
+`file:LINE:COL: error: message`, then the line and a caret. A comment
+`# note: COL: message` marks a related place the error must also show the same
+way (`file:LINE:COL: note: message`, line, caret). `# command: compile` on the
+first line runs that command instead of `check`."""
 import re
 from pathlib import Path
 
@@ -10,6 +13,8 @@ from structc.cli import main
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("*.snet"))
 EXPECT = re.compile(r"#\s*error:\s*(\d+):\s*(.*)$")
+NOTE = re.compile(r"#\s*note:\s*(\d+):\s*(.*)$")
+COMMAND = re.compile(r"^#\s*command:\s*(\w+)")
 
 
 def expected(path: Path):
@@ -20,15 +25,34 @@ def expected(path: Path):
     raise AssertionError(f"{path.name} has no `# error: COL: message` comment")
 
 
+def expected_notes(path: Path):
+    return [(lineno, int(m.group(1)), m.group(2).strip())
+            for lineno, line in enumerate(path.read_text().splitlines(), 1) if (m := NOTE.search(line))]
+
+
+def command(path: Path) -> str:
+    m = COMMAND.match(path.read_text())
+    return m.group(1) if m else "check"
+
+
+def assert_shown(err: list[str], k: int, path: Path, line: int, col: int):
+    """err[k + 1], err[k + 2]: the source line and a caret at `col`."""
+    source_line = path.read_text().splitlines()[line - 1].expandtabs(1)
+    assert err[k + 1] == f"    {source_line}"
+    assert err[k + 2].index("^") == 4 + col - 1
+
+
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
 def test_golden_diagnostic(path, capsys):
     line, col, message = expected(path)
-    assert main(["check", str(path)]) == 1
+    assert main([command(path), str(path)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"{path}:{line}:{col}: error: {message}"
-    source_line = path.read_text().splitlines()[line - 1].expandtabs(1)
-    assert err[1] == f"    {source_line}"
-    assert err[2].index("^") == 4 + col - 1
+    assert_shown(err, 0, path, line, col)
+    for note_line, note_col, note in expected_notes(path):
+        head = f"{path}:{note_line}:{note_col}: note: {note}"
+        assert head in err, f"missing {head!r} in {err}"
+        assert_shown(err, err.index(head), path, note_line, note_col)
 
 
 def test_check_accepts_a_good_model(capsys, tmp_path):

@@ -1,5 +1,10 @@
 """Fuzzed sources: the parser and the checker raise SnetError, never anything else."""
+import importlib.util
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +29,7 @@ TOKENS = ["model", "input", "target", "param", "loss", "output", "class", "of", 
           "t", "n", "n.left", "n.right", "n.children", "n.word", "n.x", "t.root", "t.nodes", "t.trees", "E"]
 TOKENS += ["graph", "over", "repeat", "g", "g.x", "g.e", "g.edges", "g.nodes", "g.src", "g.type", "features",
            "edge_types", "per", "self_loops", "norm", "gcn", "max", "masked_cross_entropy"]
+TOKENS += ["(0,)", "(2, 3)", "(1, 1, 0, 0)", "kernel", "stride", "padding", "conv", "maxpool2d", "9" * 400, "1e39"]
 SEEDS.append("model G { input g: graph(features=4, edge_features=2, edge_types=3)\n target y: class[g.nodes] of 3\n"
              "  h = g.x\n  repeat 2 { h = relu(sum(dense(h, 4, per=g.type) over g.edges) + max(h over g.edges)) }\n"
              "  m = mean(dense(concat(h[g.src], g.e, axis=1), 4) over g.edges, norm=gcn)\n"
@@ -66,3 +72,24 @@ def test_mutated_examples(seed, edits):
 @given(st.text(max_size=200))
 def test_arbitrary_text(text):
     check(text)
+
+
+def _fuzz_sources():
+    spec = importlib.util.spec_from_file_location("fuzz_sources", Path(__file__).parent / "fuzz" / "fuzz_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module         # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_mutation_fuzz_fixed_seed():
+    """5,000 mutants (the full run: `python tests/fuzz/fuzz_sources.py --count 100000`).
+    Slowness is CPU time, so a loaded machine does not fail the test; about 6 CPU seconds
+    when nothing hangs (an input is stopped after 4)."""
+    fuzz = _fuzz_sources()
+    t0 = time.process_time()
+    report = fuzz.run(5000, seed=0, slow=2.0, hang=4.0)
+    if not report.ok():
+        pytest.fail(report.summary(), pytrace=False)
+    assert time.process_time() - t0 < 60

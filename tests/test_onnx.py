@@ -99,9 +99,10 @@ def test_every_translated_op_matches_structc(tmp_path):
 
 def test_losses_as_outputs_match_structc(tmp_path):
     net = structc.compile("model L { input x: f32[N, 4]\n target y: class[N] of 3\n target t: f32[N, 1]\n"
-                          " output c = cross_entropy(dense(x, 3), y)\n"
-                          " output m = mse(dense(x, 1), t) + mean(x @ transpose(x))\n"
-                          " loss binary_cross_entropy(dense(x, 1), t) }")
+                          " z = dense(x, 3)\n p = dense(x, 1)\n"
+                          " output c = cross_entropy(z, y)\n"
+                          " output m = mse(p, t) + mean(x @ transpose(x))\n"
+                          " loss cross_entropy(z, y) + binary_cross_entropy(p, t) }")
     randomize(net)
     export(net, tmp_path / "l.onnx")
     rng = np.random.default_rng(2)
@@ -144,7 +145,7 @@ def test_params_mapping_must_name_every_parameter(tmp_path):
 
 def test_net_without_source_is_refused_and_a_foreign_source_detected(tmp_path):
     net = structc.compile(EXAMPLES / "digits_mlp.snet")
-    del net.source
+    del net._compiled_from                                # as a Net from structc.load
     with pytest.raises(ValueError, match="carries no source"):
         export(net, tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="not the one model"):

@@ -301,6 +301,8 @@ CLAIMS = [
     Claim(r"reaches about (96)% held-out accuracy", "structc train examples/digits_mlp.snet --data digits"),
     Claim(r"about (97\.5)% held-out\s+accuracy on the digits",
           "structc train examples/digits_cnn.snet --data digits"),
+    Claim(r"perceptron.snet --data digits` reaches about (93)% held out",
+          "structc train examples/perceptron.snet --data digits"),
     Claim(r"\((100)% held out; chance 50%\)",
           "structc train examples/logic_tree.snet --data logic --optimizer adam --lr 0.003"),
     Claim(r"chance (50)%", check=logic_is_balanced),

@@ -163,8 +163,8 @@ def test_karate_gcn_from_linear_layers_gives_a_dense_gcns_outputs():
 
 def test_a_net_without_its_source_needs_it_given():
     net = structc.compile(EXAMPLES / "digits_mlp.snet")
-    text = net.source
-    del net.source                                       # as a Net from structc.load
+    text = net._compiled_from[0]
+    del net._compiled_from                               # as a Net from structc.load
     with pytest.raises(ValueError, match="carries no source"):
         st.state_dict(net)
     st.load_state_dict(net, mlp(), mapping=MLP_LAYERS, source=text)

@@ -120,11 +120,19 @@ class CG:
 
     def select(self, c, a, b): return self.b.select(c, a, b)
 
-    def max(self, a, b):
-        return self.select(self.gt(a, b), a, b)
+    def beats(self, v, best):
+        """Does v replace the running maximum `best` of an arg-max scan? When it
+        is larger, or when it is the first NaN: as numpy's max and argmax,
+        a NaN wins and stays (ugt is true if either is NaN; a NaN best is kept)."""
+        return self.b.and_(self.b.fcmp_unordered(">", v, best), self.b.fcmp_ordered("ord", best, best))
 
-    def min(self, a, b):
-        return self.select(self.lt(a, b), a, b)
+    def isnan(self, a): return self.b.fcmp_unordered("uno", a, a)
+
+    # llvm.maximum/minimum propagate NaN as numpy's maximum/minimum do (a
+    # compare-and-select would drop a NaN in one operand); on AVX-512 they
+    # lower to a few instructions
+    def max(self, a, b): return self.intrinsic("maximum", a.type, [a, b])
+    def min(self, a, b): return self.intrinsic("minimum", a.type, [a, b])
 
     def bool_to_float(self, c, like) -> ir.Value:
         return self.b.uitofp(c, like.type if isinstance(like, ir.Value) else like)
@@ -136,9 +144,16 @@ class CG:
         return self.b.bitcast(x, vec(F32, lanes(x.type)))
 
     def exp(self, x):
-        """e^x: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial."""
-        # constants first: a NaN fails the comparison and passes through
-        x = self.max(self.const(-87.33654, x), self.min(self.const(88.72283, x), x))
+        """e^x: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial.
+
+        Above ln(FLT_MAX) the result is +inf, below ln(FLT_MIN) it is 0 (results
+        that would be subnormal are flushed); NaN propagates."""
+        arg = x
+        # a compare-and-select clamp (constants first: a NaN fails both comparisons
+        # and passes through) costs less than llvm.maximum/minimum
+        hi, lo = self.const(88.72283, x), self.const(-87.33654, x)
+        x = self.select(self.lt(hi, x), hi, x)
+        x = self.select(self.gt(lo, x), lo, x)
         # round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22 here);
         # no rounding instruction needed, so this also runs on plain SSE2
         magic = self.const(12582912.0, x)
@@ -152,12 +167,22 @@ class CG:
         y = self.add(self.fma(p, r2, r), self.const(1.0, x))
         ni = self.b.fptosi(n, vec(I32, lanes(x.type)))
         scale = self.b.shl(self.b.add(ni, self.const(127, ni)), self.const(23, ni))
-        return self.mul(y, self._from_bits(scale))
+        y = self.mul(y, self._from_bits(scale))
+        # the clamp above keeps the polynomial in range; out of it the answer is known
+        y = self.select(self.gt(arg, self.const(88.72283, x)), self.const(float("inf"), x), y)
+        return self.select(self.lt(arg, self.const(-87.33654, x)), self.const(0.0, x), y)
 
     def log(self, x):
-        """ln x for x > 0 (0 gives -inf, negatives NaN), Cephes logf."""
+        """ln x for x > 0 (0 gives -inf, negatives and NaN give NaN), Cephes logf.
+
+        A subnormal x is scaled by 2^23 first, so its exponent field is right
+        (log(1e-45) is -103.3, not the -88.0 of the smallest normal float)."""
+        arg = x
+        tiny = self.lt(x, self.const(1.17549435e-38, x))    # subnormal (or <= 0: fixed below)
+        x = self.select(tiny, self.mul(x, self.const(8388608.0, x)), x)
         bits = self._bits(x)
         e = self.b.sub(self.b.lshr(bits, self.const(23, bits)), self.const(127, bits))
+        e = self.b.sub(e, self.b.select(tiny, self.const(23, bits), self.const(0, bits)))
         m = self._from_bits(self.b.or_(self.b.and_(bits, self.const(0x7FFFFF, bits)),
                                        self.const(0x3F800000, bits)))
         big = self.gt(m, self.const(1.41421356, m))
@@ -173,8 +198,10 @@ class CG:
         y = self.fma(e, self.const(-2.12194440e-4, e), y)
         y = self.fma(z, self.const(-0.5, z), y)
         r = self.fma(e, self.const(0.693359375, e), self.add(f, y))
+        x = arg
         r = self.select(self.b.fcmp_ordered("==", x, self.const(0.0, x)), self.const(float("-inf"), x), r)
-        r = self.select(self.lt(x, self.const(0.0, x)), self.const(float("nan"), x), r)
+        # unordered: a NaN operand also gives NaN (its bits would otherwise read as a number)
+        r = self.select(self.b.fcmp_unordered("<", x, self.const(0.0, x)), self.const(float("nan"), x), r)
         return self.select(self.b.fcmp_ordered("==", x, self.const(float("inf"), x)), x, r)
 
     def tanh(self, x):
@@ -271,9 +298,10 @@ class CG:
         return self.b.call(fn, [self.const(0.0, elem(v.type)), v], fastmath=("reassoc",))
 
     def hmax(self, v):
+        """Largest lane; NaN if any lane is NaN (fmaximum, not fmax, which skips NaNs)."""
         if lanes(v.type) == 1:
             return v
-        fn = self.declare(f"llvm.vector.reduce.fmax.{mangle(v.type)}", elem(v.type), [v.type])
+        fn = self.declare(f"llvm.vector.reduce.fmaximum.{mangle(v.type)}", elem(v.type), [v.type])
         return self.b.call(fn, [v])
 
     # -- control flow --------------------------------------------------

@@ -76,7 +76,7 @@ def emit_pool(kb, node, kind: str) -> None:
                         elif kind == "avg":
                             best = cg.add(best, val)
                         else:
-                            take = cg.gt(val, best)
+                            take = cg.beats(val, best)   # a NaN in the window wins, as in numpy
                             best = cg.select(take, val, best)
                             if index_out is not None:
                                 bidx = cg.select(take, _position(cg, ih, ow, sw, c, W, vw), bidx)

@@ -262,13 +262,16 @@ class Conv2dKernelGrad(Op):
 # -- the language ------------------------------------------------------------------
 
 def _ints(ctx, v, what: str, count: int, allow_zero: bool = False) -> tuple[int, ...]:
-    """An option given as a number, or as a string "3x5" / "1,2,1,2"."""
+    """An option given as a number, a tuple (3, 5), or a string "3x5" / "1,2,1,2"."""
     from ..build import Word
     text = v.text if isinstance(v, Word) else v
     if isinstance(text, bool):
         text = None
     if isinstance(text, int):
         vals = (text,) * count
+    elif isinstance(text, tuple):
+        ok = all(isinstance(p, int) and not isinstance(p, bool) for p in text)
+        vals = (text * count if len(text) == 1 else text) if ok else ()
     elif isinstance(text, str):
         sep = "x" if "x" in text else ","
         try:
@@ -282,8 +285,8 @@ def _ints(ctx, v, what: str, count: int, allow_zero: bool = False) -> tuple[int,
     low = 0 if allow_zero else 1
     if len(vals) != count or any(p < low for p in vals):
         from ..errors import SnetTypeError
-        like = {1: "", 2: ' or a string like "3x5" (height x width)',
-                4: ' or a string "top,bottom,left,right"'}[count]
+        like = {1: "", 2: " or a pair (height, width) such as (3, 5)",
+                4: " or (top, bottom, left, right)"}[count]
         raise SnetTypeError(f"{ctx.fname}: {what} must be a{' non-negative' if allow_zero else ' positive'} "
                             f"integer{like}, got {_show(v)}", ctx.span)
     return vals
@@ -295,7 +298,7 @@ def _show(v) -> str:
 
 
 def _padding(ctx, v, kernel, stride, hw) -> tuple[int, int, int, int]:
-    """valid | same | n | "hxw" | "top,bottom,left,right"."""
+    """valid | same | n | (h, w) | (top, bottom, left, right), or the strings "hxw" / "t,b,l,r"."""
     from ..build import Word
     text = v.text if isinstance(v, Word) else v
     if text == "valid":
@@ -306,12 +309,12 @@ def _padding(ctx, v, kernel, stride, hw) -> tuple[int, int, int, int]:
             total = max((-(-n // s) - 1) * s + k - n, 0)     # output ceil(n / s), as TensorFlow
             pads += [total // 2, total - total // 2]
         return tuple(pads)
-    if isinstance(text, str) and text.count(",") == 3:
+    if (isinstance(text, str) and text.count(",") == 3) or (isinstance(text, tuple) and len(text) == 4):
         return _ints(ctx, text, "padding", 4, allow_zero=True)
     if isinstance(text, str) and not any(ch.isdigit() for ch in text):
         from ..errors import SnetTypeError
-        raise SnetTypeError(f"{ctx.fname}: padding must be valid, same, a number, \"hxw\" or "
-                            f"\"top,bottom,left,right\", got {_show(v)}", ctx.span)
+        raise SnetTypeError(f"{ctx.fname}: padding must be valid, same, a number, (h, w) or "
+                            f"(top, bottom, left, right), got {_show(v)}", ctx.span)
     ph, pw = _ints(ctx, text, "padding", 2, allow_zero=True)
     return (ph, ph, pw, pw)
 
@@ -339,7 +342,7 @@ def _conv_layer(ctx, x, channels, kernel, stride, padding, bias, init, name):
 
 @surface("conv2d")
 def conv2d(ctx, x, channels, *, kernel=3, stride=1, padding="valid", bias=True, init="he", name=None):
-    """conv2d(x, channels, kernel=3, stride=1, padding=valid|same|n|"hxw"|"t,b,l,r", bias=true, init=he)"""
+    """conv2d(x, channels, kernel=3, stride=1, padding=valid|same|n|(h, w)|(t, b, l, r), bias=true, init=he)"""
     return _conv_layer(ctx, x, channels, kernel, stride, padding, bias, init, name)
 
 
@@ -351,7 +354,7 @@ def conv(ctx, x, channels, *, kernel=3, stride=1, padding="valid", bias=True, in
 
 @surface("conv1d")
 def conv1d(ctx, x, channels, *, kernel=3, stride=1, padding="valid", bias=True, init="he", name=None):
-    """conv1d(x, channels, kernel=3, stride=1, padding=valid|same|n|"l,r", bias=true, init=he) on [N, C, L]"""
+    """conv1d(x, channels, kernel=3, stride=1, padding=valid|same|n|(l, r), bias=true, init=he) on [N, C, L]"""
     from ..build import Word
     from ..types import TensorType as T
     ctx.expect_tensor(x, "conv1d")
@@ -364,7 +367,7 @@ def conv1d(ctx, x, channels, *, kernel=3, stride=1, padding="valid", bias=True, 
     (k,) = _ints(ctx, kernel, "kernel", 1)
     (s,) = _ints(ctx, stride, "stride", 1)
     text = padding.text if isinstance(padding, Word) else padding
-    if isinstance(text, str) and "," in text:
+    if (isinstance(text, str) and "," in text) or (isinstance(text, tuple) and len(text) == 2):
         lo, hi = _ints(ctx, text, "padding", 2, allow_zero=True)
     elif text in ("valid", "same"):
         _, _, lo, hi = _padding(ctx, text, (1, k), (1, s), (1, length))

@@ -207,7 +207,10 @@ class Relu(Elementwise):
         return np.maximum(x, 0)
 
     def emit(self, cg, x):
-        return cg.max(x, cg.const(0.0, x))
+        # ordered x <= 0 is false for NaN, so NaN passes through: one compare and
+        # one blend, cheaper than llvm.maximum's signed-zero handling
+        zero = cg.const(0.0, x)
+        return cg.select(cg.b.fcmp_ordered("<=", x, zero), zero, x)
 
 
 class Sigmoid(Elementwise):
@@ -241,32 +244,48 @@ class Tanh(Elementwise):
 
 
 class Threshold(Elementwise):
-    """1(x ≥ 0), the seed's threshold unit; its derivative is 0 almost everywhere."""
+    """1(x ≥ 0), the seed's threshold unit (NaN stays NaN, as numpy's heaviside).
+
+    Its derivative is 0 wherever it exists, so by default no gradient flows
+    through it (`structc check` warns about the parameters this cuts off).
+    With `grad=ste` the backward pass is the identity (the straight-through
+    estimator): behind a threshold unit trained with mse, that is the classic
+    perceptron rule, w += lr·(t - y)·x."""
     name = "threshold"
     surface = True
+    no_gradient_hint = "threshold(x, grad=ste) passes the gradient straight through (a perceptron's rule)"
+    GRADS = ("none", "ste")
 
-    def vjp(self, b, g, out, x):
-        return [None]
+    def shape(self, x, *, grad: str = "none") -> TensorType:
+        from .base import expect
+        expect(grad in self.GRADS, f"grad must be one of {', '.join(self.GRADS)}, got {grad!r}")
+        return TensorType(x.shape, x.dtype)
 
-    def reference(self, x):
-        return (x >= 0).astype(x.dtype)
+    def vjp(self, b, g, out, x, *, grad="none"):
+        return [g if grad == "ste" else None]
 
-    def emit(self, cg, x):
-        return cg.bool_to_float(cg.ge(x, cg.const(0.0, x)), x)
+    def reference(self, x, *, grad="none"):
+        return np.where(np.isnan(x), np.nan, x >= 0).astype(x.dtype)
+
+    def emit(self, cg, x, *, grad="none"):
+        return cg.select(cg.isnan(x), x, cg.bool_to_float(cg.ge(x, cg.const(0.0, x)), x))
 
 
 class Greater(Elementwise):
-    """1(x > y) as a float mask (the derivative of relu)."""
+    """1(x > y) as a float mask, NaN where x or y is NaN: the derivative mask of
+    relu, maximum and abs, which must not turn a NaN into a zero gradient."""
     name = "greater"
 
     def vjp(self, b, g, out, x, y):
         return [None, None]
 
     def reference(self, x, y):
-        return (x > y).astype(np.result_type(x, y))
+        mask = (x > y).astype(np.result_type(x, y))
+        return np.where(np.isnan(x) | np.isnan(y), np.nan, mask).astype(mask.dtype)
 
     def emit(self, cg, x, y):
-        return cg.bool_to_float(cg.gt(x, y), x)
+        unordered = cg.b.fcmp_unordered("uno", x, y)
+        return cg.select(unordered, cg.const(float("nan"), x), cg.bool_to_float(cg.gt(x, y), x))
 
 
 class Maximum(Elementwise):

@@ -605,7 +605,8 @@ def _max_reference(ptr, idx, x, source, self_loops):
         cands = ([(nnz + r, x[r])] if self_loops else []) + \
                 [(k, x[idx[k]] if source == "node" else x[k]) for k in range(ptr[r], ptr[r + 1])]
         for code, v in cands:
-            take = (v > best[r]) | (arg[r] == -1)
+            # as numpy's argmax: the first NaN wins and stays
+            take = (v > best[r]) | (np.isnan(v) & ~np.isnan(best[r])) | (arg[r] == -1)
             best[r] = np.where(take, v, best[r])
             arg[r] = np.where(take, code, arg[r])
     return arg
@@ -674,7 +675,7 @@ class MaxIndex(_Relational):
                         at = _load_index(cg, N, k) if source == "node" else k
                         v = cg.load(X, cg.iadd(cg.imul(at, width), col), n=vw, mask=mask)
                         old = b.load(arg)
-                        win = b.or_(cg.gt(v, b.load(best)), b.icmp_signed("==", old, none))
+                        win = b.or_(cg.beats(v, b.load(best)), b.icmp_signed("==", old, none))
                         b.store(cg.select(win, v, b.load(best)), best)
                         b.store(cg.select(win, cg.splat(b.trunc(k, I32), vw), old), arg)
                     cg.store(b.load(arg), out, cg.iadd(cg.imul(r, width), col), t=I32, mask=mask)

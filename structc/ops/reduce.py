@@ -12,6 +12,8 @@ def normalize_axes(axes, rank: int) -> tuple[int, ...]:
         return tuple(range(rank))
     if isinstance(axes, int):
         axes = (axes,)
+    expect(isinstance(axes, (tuple, list)) and all(isinstance(a, int) and not isinstance(a, bool) for a in axes),
+           f"axes must be an integer or a tuple of integers such as (2, 3), got {axes!r}")
     out = []
     for a in axes:
         expect(-rank <= a < rank, f"axis {a} is out of range for rank {rank}")

@@ -178,6 +178,8 @@ def flatten(ctx, x):
 
 @surface("reshape")
 def reshape(ctx, x, *dims):
-    """reshape(x, d1, d2, ...): dims are numbers or the model's symbols."""
+    """reshape(x, d1, d2, ...) or reshape(x, (d1, d2, ...)): dims are numbers or the model's symbols."""
     ctx.expect_tensor(x, "reshape")
+    if len(dims) == 1 and isinstance(dims[0], tuple):
+        dims = dims[0]
     return ctx.b.reshape(x, shape=tuple(ctx.expect_dim(d) for d in dims))
