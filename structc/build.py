@@ -503,7 +503,11 @@ class ModelBuilder:
                 known = ", ".join(attr_defaults) or "none"
                 raise SnetTypeError(f"{op.name} has no option '{k}' (options: {known})", e.span)
             attrs[k] = v.text if isinstance(v, Word) else v
-        return ctx.b.apply(op.name, *args, **attrs)
+        result = ctx.b.apply(op.name, *args, **attrs)
+        check_values = getattr(op, "check_values", None)     # rules that need more than types
+        if check_values is not None:
+            check_values(ctx, *args, **attrs)
+        return result
 
 
 def _fold(op: str, a, b, span: Span):

@@ -1,0 +1,86 @@
+"""The checker's semantic rules: what must be a compile-time error (at the
+right span, naming the numbers involved) rather than a model that runs and is
+silently wrong, or an exception that is not a `SnetError`."""
+import pytest
+
+from structc.build import build_model
+from structc.errors import SnetError, SnetShapeError
+from structc.syntax import parse
+
+
+def build(src):
+    return build_model(parse(src, "m.snet"))
+
+
+def error_of(src) -> SnetError:
+    with pytest.raises(SnetError) as info:
+        build(src)
+    return info.value
+
+
+# -- issue 9 item 1: class labels against logits ----------------------------------------
+
+DENSE = "input x: f32[N, 4]\n"
+GRAPH = "input g: graph(features=3)\n  input m: f32[g.nodes]\n"
+TREE = ("input t: forest of word(vocab=5)\n  param E: embedding(5, 6)\n"
+        "  rec h(n) = leaf: E[n.word]\n             node: tanh(dense(concat(h(n.left), h(n.right)), 6))\n")
+
+
+@pytest.mark.parametrize("decls, target, loss", [
+    (DENSE, "class[N] of 5", "cross_entropy(dense(x, 3), y)"),
+    (DENSE, "class[N] of 5", "cross_entropy(dense(x, 7), y)"),
+    (GRAPH, "class[g.nodes] of 5", "cross_entropy(dense(g.x, 3), y)"),
+    (GRAPH, "class[g.nodes] of 5", "masked_cross_entropy(dense(g.x, 3), y, m)"),
+    (TREE, "class[t.nodes] of 5", "cross_entropy(dense(h(t.nodes), 3), y)"),
+    (TREE, "class[t.trees] of 5", "cross_entropy(dense(h(t.root), 3), y)"),
+], ids=["fewer-logits", "more-logits", "graph-nodes", "masked", "tree-nodes", "tree-roots"])
+def test_class_count_must_match_the_logits(decls, target, loss):
+    src = f"model M {{\n  {decls}  target y: {target}\n  loss {loss}\n}}"
+    err = error_of(src)
+    assert isinstance(err, SnetShapeError)
+    assert "logits per row but 5 classes" in err.message
+    assert err.span.line == src.splitlines().index(f"  loss {loss}") + 1
+    assert err.span.col == 8
+
+
+def test_matching_class_counts_build():
+    for decls, target, loss in [(DENSE, "class[N] of 5", "cross_entropy(dense(x, 5), y)"),
+                                (GRAPH, "class[g.nodes] of 5", "masked_cross_entropy(dense(g.x, 5), y, m)"),
+                                (TREE, "class[t.nodes] of 5", "cross_entropy(dense(h(t.nodes), 5), y)")]:
+        build(f"model M {{\n  {decls}  target y: {target}\n  loss {loss}\n}}")
+
+
+def test_labels_without_a_class_count_are_refused():
+    # i32 labels carry no bound, so nothing would stop a label from reading past its row
+    err = error_of("model M { input x: f32[N, 4]\n target y: i32[N]\n loss cross_entropy(dense(x, 3), y) }")
+    assert "do not say how many classes" in err.message and "class[...] of 3" in err.message
+
+
+def test_a_symbolic_class_axis_is_refused():
+    err = error_of("model M { input x: f32[N, C]\n target y: class[N] of 4\n loss cross_entropy(x, y) }")
+    assert "symbolic class axis 'C'" in err.message and "4 classes" in err.message
+
+
+@pytest.mark.parametrize("target, loss, message", [
+    ("class[M] of 5", "cross_entropy(dense(x, 5), y)", "labels i32[M] do not match logits f32[N, 5]"),
+    ("f32[N, 2]", "binary_cross_entropy(dense(x, 3), y)", "logits f32[N, 3] and target f32[N, 2] differ"),
+    ("f32[N, 1]", "mse(dense(x, 3), y)", "prediction f32[N, 3] and target f32[N, 1] differ"),
+    ("class[N, 1] of 7", "binary_cross_entropy(dense(x, 1), y)", "labels of 7 classes; it needs 0/1 targets"),
+])
+def test_loss_operands_that_disagree_are_refused(target, loss, message):
+    err = error_of(f"model M {{ input x: f32[N, 4]\n target y: {target}\n loss {loss} }}")
+    assert message in err.message and err.span.line == 3
+
+
+def test_binary_labels_are_binary_cross_entropy_targets():
+    build("model M { input x: f32[N, 4]\n target y: class[N, 1] of 2\n loss binary_cross_entropy(dense(x, 1), y) }")
+
+
+def test_embedding_rows_must_cover_the_ids():
+    # the gather clamps ids past the table: id 6 of a 5-row table would silently read row 4
+    err = error_of("model M { target y: class[N] of 7\n param E: embedding(5, 3)\n output o = E[y] }")
+    assert "[0, 7)" in err.message and "only 5 rows" in err.message
+    err = error_of("model M { input t: forest of word(vocab=9)\n target y: class[t.trees] of 2\n"
+                   " param E: embedding(5, 3)\n rec h(n) = leaf: E[n.word]\n node: h(n.left) + h(n.right)\n"
+                   " loss cross_entropy(dense(h(t.root), 2), y) }")
+    assert "[0, 9)" in err.message and err.span.line == 4
