@@ -285,12 +285,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
         got = ", ".join(map(str, out.shape[1:])) if out.shape[:1] == ("rows",) else str(out.type)
         raise SnetShapeError(f"the node case gives states of shape [{got}], the leaf case [{width}]: "
                              "a node's state must have one shape", s.node.span)
-    for nid, node in body.nodes.items():
-        if node.op.name in ("param", "const") or node.type.rank == 0 and "elementwise" in node.op.traits:
-            continue
-        if not node.shape or node.shape[0] != "rows":
-            raise SnetShapeError(f"the node case must compute each node's state from its own children; "
-                                 f"{node.op.name} here mixes nodes ({node.type})", node.span or s.node.span)
+    _check_rows_stay_apart(body, cin, s.node.span)
     body.outputs["h"] = out.id
     fold_concat_of_slices(body)
     dce(body)
@@ -309,6 +304,23 @@ def build_rec(mb, s: S.RecDecl) -> None:
                    body=body, fwd=fwd, arity=decl.arity, width=width, rec=s.name)
     mb.env[s.name] = RecFn(s.name, H, decl)
     mb.defined_at[s.name] = s.name_span
+
+
+def _check_rows_stay_apart(body: Graph, children: int, span: Span) -> None:
+    """Every value computed from the children must keep one row per node. A
+    value of parameters and constants alone (transpose(W)) is the same for
+    every node: it is allowed, and lowering hoists it out of the recursion."""
+    per_node = {children}
+    for nid in sorted(body.nodes):          # ids grow with building: inputs come first
+        node = body.nodes[nid]
+        if not any(i in per_node for i in node.inputs):
+            continue
+        per_node.add(nid)
+        if node.type.rank == 0 and "elementwise" in node.op.traits:
+            continue
+        if not node.shape or node.shape[0] != "rows":
+            raise SnetShapeError(f"the node case must compute each node's state from its own children; "
+                                 f"{node.op.name} here mixes nodes ({node.type})", node.span or span)
 
 
 def _restore(env, key, saved):
