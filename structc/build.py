@@ -96,7 +96,7 @@ class Context:
         if isinstance(v, Word):
             raise self.mb.unknown_name(v)
         if not isinstance(v, Value):
-            raise SnetTypeError(f"{what} expects a tensor here, got the number {v}", self.span)
+            raise SnetTypeError(f"{what} expects a tensor here, got {_show(v)}", self.span)
         return v
 
     def expect_int(self, v, what: str) -> int:
@@ -152,7 +152,9 @@ def _show(v) -> str:
         return "(" + ", ".join(_show(x) for x in v) + (",)" if len(v) == 1 else ")")
     if isinstance(v, Value):
         return f"a tensor {v.type}"
-    return repr(v)
+    if isinstance(v, (int, float, str, bool)) or type(v).__repr__ is not object.__repr__:
+        return repr(v)
+    return f"a {type(v).__name__}"      # no address in a message
 
 
 class ModelBuilder:
@@ -389,9 +391,10 @@ class ModelBuilder:
         v = self.eval(e)
         if isinstance(v, Word):
             raise self.unknown_name(v)
-        if isinstance(v, (str, bool, tuple)):
-            raise SnetTypeError(f"expected a tensor or a number, got {_show(v)}", e.span)
-        return v
+        if isinstance(v, Value) or isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+        # strings, booleans, and structured values (g.edges, t.root, h) are no operands
+        raise SnetTypeError(f"expected a tensor or a number, got {_show(v)}", e.span)
 
     def eval_BinOp(self, e: S.BinOp):
         # `x + x + ... + x` nests to the left as deep as it is long: walk that spine in a loop
@@ -502,12 +505,28 @@ class ModelBuilder:
             if k not in attr_defaults:
                 known = ", ".join(attr_defaults) or "none"
                 raise SnetTypeError(f"{op.name} has no option '{k}' (options: {known})", e.span)
-            attrs[k] = v.text if isinstance(v, Word) else v
-        result = ctx.b.apply(op.name, *args, **attrs)
+            attrs[k] = _option_value(op.name, k, v, attr_defaults[k], e.span)
+        try:
+            result = ctx.b.apply(op.name, *args, **attrs)
+        except (TypeError, ValueError) as err:      # a shape rule met an option of the wrong kind
+            given = ", ".join(f"{k}={_show(v)}" for k, v in kwargs.items())
+            raise SnetTypeError(f"{op.name}: these options do not fit: {given} ({err})", e.span) from None
         check_values = getattr(op, "check_values", None)     # rules that need more than types
         if check_values is not None:
             check_values(ctx, *args, **attrs)
         return result
+
+
+def _option_value(fname: str, key: str, v, default, span: Span):
+    """An option's value as a shape rule takes it: a word, a number, or (for a
+    list of axes) a tuple of them; never a tensor or a graph's domain."""
+    if isinstance(v, Word):
+        return v.text
+    if isinstance(default, int) and not isinstance(default, bool) and (isinstance(v, bool) or not isinstance(v, int)):
+        raise SnetTypeError(f"{fname}: option '{key}' takes an integer, got {_show(v)}", span)
+    if not isinstance(v, (int, float, str, bool, tuple)):
+        raise SnetTypeError(f"{fname}: option '{key}' takes a number or a word, got {_show(v)}", span)
+    return v
 
 
 def _fold(op: str, a, b, span: Span):

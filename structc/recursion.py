@@ -119,6 +119,9 @@ class ForestRef:
     def __init__(self, decl: ForestDecl):
         self.decl = decl
 
+    def __repr__(self) -> str:
+        return f"the forest {self.decl.name} (use h({self.decl.name}.root) or h({self.decl.name}.nodes))"
+
     def snet_attr(self, mb, e: S.Attr):
         name, span = e.name, e.span
         if name in ("root", "roots", "nodes"):
@@ -136,12 +139,18 @@ class Select:
     which: str                # "roots" | "nodes"
     span: Span
 
+    def __repr__(self) -> str:
+        return f"{self.decl.name}.{'root' if self.which == 'roots' else 'nodes'} (an argument of a recursion: h(...))"
+
 
 class LeafRef:
     """`n` in the leaf case: `n.word`, `n.x`."""
 
     def __init__(self, decl: ForestDecl, mb):
         self.decl, self.mb = decl, mb
+
+    def __repr__(self) -> str:
+        return "a leaf n (use n.word or n.x)"
 
     def snet_attr(self, mb, e: S.Attr):
         name, span = e.name, e.span
@@ -162,12 +171,18 @@ class LeafRef:
 class Child:
     k: int
 
+    def __repr__(self) -> str:
+        return "a child of n (an argument of the recursion: h(n.left))"
+
 
 class Children:
     """`n.children`: one child with `[k]`, all of them inside sum or concat."""
 
     def __init__(self, arity: int):
         self.arity = arity
+
+    def __repr__(self) -> str:
+        return "n.children (use h(n.children) in sum(...) or concat(...))"
 
     def snet_subscript(self, mb, e: S.Index):
         k = mb.eval(e.index)
@@ -182,6 +197,9 @@ class NodeRef:
 
     def __init__(self, decl: ForestDecl):
         self.decl = decl
+
+    def __repr__(self) -> str:
+        return "a node n (use h(n.left), h(n.right), h(n.children))"
 
     def snet_attr(self, mb, e: S.Attr):
         name, span = e.name, e.span
@@ -203,6 +221,9 @@ class RecFn:
     def __init__(self, name: str, states: Value, decl: ForestDecl):
         self.name, self.states, self.decl = name, states, decl
 
+    def __repr__(self) -> str:
+        return f"the recursion {self.name} (call it: {self.name}({self.decl.name}.root))"
+
     def snet_call(self, mb, e: S.Call):
         if len(e.args) != 1 or e.kwargs:
             raise SnetTypeError(f"{self.name} takes one argument, e.g. {self.name}({self.decl.name}.root)", e.span)
@@ -222,6 +243,9 @@ class RecSelf:
 
     def __init__(self, name: str, block: Value, width: int, arity: int):
         self.name, self.block, self.width, self.arity = name, block, width, arity
+
+    def __repr__(self) -> str:
+        return f"the recursion {self.name} (call it on a child: {self.name}(n.left))"
 
     def state(self, b: Builder, k: int) -> Value:
         return b.slice(self.block, axis=1, start=k * self.width, stop=(k + 1) * self.width)
@@ -387,6 +411,11 @@ def _body_builder_class():
                 kw = {k.name for k in e.kwargs}
                 if kw - ({"axis"} if e.func == "concat" else set()):
                     raise SnetTypeError(f"{e.func}({self.rec.name}(n.children)) takes no options", e.span)
+                for k in e.kwargs:      # the states are joined along the feature axis, nothing else
+                    axis = self.eval(k.value)
+                    if type(axis) is not int or axis not in (1, -1):
+                        raise SnetTypeError(f"concat({self.rec.name}(n.children)) joins the children's states "
+                                            f"along axis 1 (or -1), got axis={S.unparse(k.value)}", k.span)
                 b = Builder(self.graph, e.span)
                 states = [self.rec.state(b, k) for k in range(self.rec.arity)]
                 if e.func == "concat":

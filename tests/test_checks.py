@@ -84,3 +84,61 @@ def test_embedding_rows_must_cover_the_ids():
                    " param E: embedding(5, 3)\n rec h(n) = leaf: E[n.word]\n node: h(n.left) + h(n.right)\n"
                    " loss cross_entropy(dense(h(t.root), 2), y) }")
     assert "[0, 9)" in err.message and err.span.line == 4
+
+
+# -- issue 15: operators and calls on values that are not tensors --------------------
+
+HEAD = """model M {
+  input x: f32[N, 4]
+  input g: graph(features=3, edge_types=2)
+  input t: forest of word(vocab=5)
+  param E: embedding(5, 4)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.left), h(n.right)), 4))
+"""
+
+
+@pytest.mark.parametrize("expr, col, message", [
+    ("sum(g.x over -g.edges)", 28, "got g.edges (something to aggregate over"),
+    ("g.x + g.edges", 20, "got g.edges"),
+    ("-g.src", 15, "got g.src (an index"),
+    ("x * t.root", 18, "got t.root (an argument of a recursion"),
+    ("h + 1.0", 14, "got the recursion h"),
+    ("relu(t)", 19, "got the forest t"),
+    ("concat(x, x, axis=1.0)", 14, "option 'axis' takes an integer, got 1.0"),
+    ("concat(x, x, axis=g.edges)", 14, "option 'axis' takes an integer, got g.edges"),
+    ("sum(x, axes=g.nodes)", 14, "option 'axes' takes a number or a word, got g.nodes"),
+    ("sum(x, axes=x)", 14, "option 'axes' takes a number or a word, got a tensor f32[N, 4]"),
+])
+def test_non_tensor_operands_are_snet_errors(expr, col, message):
+    err = error_of(HEAD + f"  output o = {expr}\n}}")
+    assert message in err.message
+    assert (err.span.line, err.span.col) == (8, col)
+
+
+def test_children_and_child_are_not_operands():
+    tree = ("model M { input t: forest of word(vocab=5)\n target y: class[t.trees] of 2\n param E: embedding(5, 6)\n"
+            " rec h(n) = leaf: E[n.word]\n node: NODE\n loss cross_entropy(dense(h(t.root), 2), y) }")
+    for node, message in [("-n.children", "got n.children"), ("h(n.left) * n", "got a node n"),
+                          ("-n.left", "got a child of n"), ("h(n.left) + h", "got the recursion h"),
+                          ("dense(concat(h(n.children), axis=0), 6)", "along axis 1 (or -1), got axis=0")]:
+        assert message in error_of(tree.replace("NODE", node)).message, node
+
+
+def test_every_language_function_meets_odd_arguments_with_snet_errors():
+    """Each function and operator, given graph domains, forests, strings, tensors of
+    the wrong kind as operands and options: only SnetError, never a Python error."""
+    from structc.ops import REGISTRY, SURFACE
+    names = sorted(set(SURFACE) | {n for n, op in REGISTRY.items() if op.surface})
+    odd = ["g.edges", "g.src", "g", "t", "t.root", "h", "g.type", '"s"', "1.5", "true", "x"]
+    exprs = []
+    for f in names:
+        for a in odd:
+            exprs += [f"{f}({a})", f"{f}(x, {a})", f"{f}(x, axis={a})"]
+    for a in odd:
+        exprs += [f"{a} + {b}" for b in odd] + [f"-{a}", f"{a} @ x", f"sum({a} over g.edges)", f"max(g.x over {a})"]
+    for expr in exprs:
+        try:
+            build(HEAD + f"  output o = {expr}\n}}")
+        except SnetError:
+            pass
