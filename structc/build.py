@@ -27,7 +27,7 @@ from .errors import (ShapeMismatch, SnetError, SnetNameError, SnetShapeError, Sn
 from .graph import Builder, Graph, Value
 from .init import INITIALIZERS, parse_init
 from .ops import REGISTRY, SURFACE
-from .types import TensorType
+from .types import MAX_ELEMENTS, MAX_PARAMS, TensorType
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ class Word:
     text: str
     span: Span
 
+
+#: labels and word ids are int32
+MAX_CLASSES = 2 ** 31 - 1
+#: the most copies `repeat` makes of its statements, nested repeats multiplied
+MAX_REPEAT = 1000
 
 # The prediction each loss implies, for models that declare no output.
 PREDICTIONS = {"cross_entropy": ("probs", "softmax"), "binary_cross_entropy": ("probs", "sigmoid"),
@@ -130,10 +135,11 @@ class Context:
                 raise SnetNameError(f"a layer named '{explicit}' already exists", self.span)
             self.mb.layer_names.add(explicit)
             return explicit
-        k = 1
+        k = self.mb.layer_counts.get(kind, 1)      # where the last search for this kind stopped: linear
         while f"{kind}{k}" in self.mb.layer_names:
             k += 1
         name = f"{kind}{k}"
+        self.mb.layer_counts[kind] = k + 1
         self.mb.layer_names.add(name)
         return name
 
@@ -166,8 +172,10 @@ class ModelBuilder:
         self.defined_at: dict[str, Span] = {}
         self.inputs: dict[str, InputSpec] = {}
         self.params: dict[str, ParamSpec] = {}
+        self.param_count = 0                        # elements of all parameters so far
         self.symbols: set[str] = set()
         self.layer_names: set[str] = set()
+        self.layer_counts: dict[str, int] = {}     # next number to try for an unnamed layer of each kind
         self.losses: list[Value] = []
         self.outputs: dict[str, int] = {}
         self.implied_outputs: dict[str, int] = {}
@@ -175,6 +183,7 @@ class ModelBuilder:
         self.b = Builder(self.graph)
         self.graphs: dict = {}              # graph inputs (structc.gnn)
         self.repeat_path: tuple[int, ...] = ()
+        self.repeat_counts: tuple[int, ...] = ()   # counts of the repeats being built, outermost first
 
     # -- statements ------------------------------------------------------
     def build(self) -> ModelDef:
@@ -186,6 +195,7 @@ class ModelBuilder:
             for extra in self.losses[1:]:
                 total = total + extra
             g.outputs["loss"] = total.id
+        check_sizes(g, self.model.span)
         named = self.outputs or self.implied_outputs
         if not named and not self.losses:
             raise SnetError(f"model '{self.model.name}' has no output and no loss: add "
@@ -256,6 +266,18 @@ class ModelBuilder:
     def stmt_Repeat(self, s: S.Repeat) -> None:
         if s.count < 1:
             raise SnetSyntaxError("repeat needs a positive count", s.count_span)
+        copies = s.count * math.prod(self.repeat_counts)
+        if copies > MAX_REPEAT:      # every copy is built and compiled: keep the work near what is written
+            nested = " (with the repeats around it)" if self.repeat_counts else ""
+            raise SnetSyntaxError(f"repeat {s.count} would make {copies} copies of its statements{nested}; "
+                                  f"the limit is {MAX_REPEAT}", s.count_span)
+        self.repeat_counts = self.repeat_counts + (s.count,)
+        try:
+            self.repeat_body(s)
+        finally:
+            self.repeat_counts = self.repeat_counts[:-1]
+
+    def repeat_body(self, s: S.Repeat) -> None:
         for k in range(1, s.count + 1):
             self.repeat_path = self.repeat_path + (k,)
             try:
@@ -309,10 +331,14 @@ class ModelBuilder:
                 self.symbols.add(d.value)
             elif d.value <= 0:
                 raise SnetShapeError("dimensions must be positive", d.span)
+            elif d.value > MAX_ELEMENTS:
+                raise SnetShapeError(f"dimension {d.value} is too large (at most 2**40)", d.span)
             dims.append(d.value)
         if isinstance(t, S.ClassTypeExpr):
             if t.classes < 2:
                 raise SnetShapeError("a class target needs at least 2 classes", t.span)
+            if t.classes > MAX_CLASSES:     # labels are int32
+                raise SnetShapeError(f"{t.classes} classes do not fit int32 labels (at most 2**31 - 1)", t.span)
             return TensorType(tuple(dims), "i32"), t.classes
         return TensorType(tuple(dims), t.dtype), 0
 
@@ -340,6 +366,10 @@ class ModelBuilder:
                                 name_span or span)
         if not all(isinstance(d, int) for d in t.shape):
             raise SnetShapeError(f"parameter '{name}' would have a symbolic shape {t}", span)
+        total = self.param_count + t.static_elements()
+        if total > MAX_PARAMS:      # the arena is allocated when the model is loaded
+            raise SnetShapeError(f"parameter '{name}' {t} brings the model to {total} parameters; "
+                                 f"the limit is {MAX_PARAMS} (2**31)", span)
         if isinstance(init, Word):
             init = init.text
         if isinstance(init, str):
@@ -348,6 +378,7 @@ class ModelBuilder:
             raise SnetTypeError(f"init must be an initialiser such as glorot or he, got {_show(init)}", span,
                                 notes=(f"initialisers: {', '.join(sorted(INITIALIZERS))}",))
         nid = self.graph.add(REGISTRY["param"], (), {"name": name, "type": t, "init": init}, span, type=t)
+        self.param_count = total
         self.graph.params[name] = nid
         self.params[name] = ParamSpec(name, t, init, span)
         return nid
@@ -515,6 +546,19 @@ class ModelBuilder:
         if check_values is not None:
             check_values(ctx, *args, **attrs)
         return result
+
+
+def check_sizes(graph: Graph, span: Span | None) -> None:
+    """Every value's static size within MAX_ELEMENTS, so sizes and offsets
+    computed from it (times the symbols bound per call, checked then) fit
+    int64 and code generation never meets an absurd constant."""
+    for node in graph.nodes.values():
+        if node.type.static_elements() > MAX_ELEMENTS:
+            raise SnetShapeError(f"{node.op.name} here makes {node.type}, {node.type.static_elements()} elements "
+                                 "before any symbol; the limit is 2**40", node.span or span)
+        body = node.attrs.get("body")
+        if isinstance(body, Graph):
+            check_sizes(body, node.span or span)
 
 
 def _option_value(fname: str, key: str, v, default, span: Span):

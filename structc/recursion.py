@@ -25,6 +25,8 @@ from .graph import Builder, Graph, Value
 from .ops import REGISTRY
 from .types import TensorType
 
+#: the most children a node can have: the node case gets arity x width inputs per node
+MAX_ARITY = 64
 ARRAYS = ("children", "level_end", "roots", "words", "features")
 DIMS = ("nodes", "leaves", "trees", "levels")
 
@@ -60,6 +62,8 @@ def declare_forest(mb, s: S.InputDecl) -> None:
         v = opt.value.value if isinstance(opt.value, S.Number) else None
         if not isinstance(v, int) or v < 1:
             raise SnetTypeError("arity must be a positive integer, e.g. forest(arity=3)", opt.span)
+        if v > MAX_ARITY:       # the node case is built, and its children gathered, per child slot
+            raise SnetTypeError(f"arity {v} is more children than a forest can have (at most {MAX_ARITY})", opt.span)
         arity = v
     vocab = features = None
     leaf = t.leaf
@@ -69,6 +73,10 @@ def declare_forest(mb, s: S.InputDecl) -> None:
         v = v.value if isinstance(v, S.Number) else None
         if not isinstance(v, int) or v < 1 or set(kw) - {"vocab"} or len(leaf.args) + len(kw) != 1:
             raise SnetTypeError("leaves carrying words are declared word(vocab=V), V a positive integer", leaf.span)
+        from .build import MAX_CLASSES
+        if v > MAX_CLASSES:     # word ids are int32
+            raise SnetTypeError(f"a vocabulary of {v} words does not fit int32 word ids (at most 2**31 - 1)",
+                                leaf.span)
         vocab = v
     elif isinstance(leaf, S.TensorTypeExpr) and leaf.dtype == "f32" and len(leaf.dims) == 1 \
             and isinstance(leaf.dims[0].value, int) and leaf.dims[0].value > 0:

@@ -142,3 +142,58 @@ def test_every_language_function_meets_odd_arguments_with_snet_errors():
             build(HEAD + f"  output o = {expr}\n}}")
         except SnetError:
             pass
+
+
+# -- issue 15: work linear in what is written, sizes that fit the ABI -----------------
+
+def timed_error(src, seconds=2.0) -> SnetError:
+    import time
+    start = time.perf_counter()
+    err = error_of(src)
+    assert time.perf_counter() - start < seconds, "the checker must answer at once"
+    return err
+
+
+@pytest.mark.parametrize("arity", [65, 10000, 99999999999])
+def test_forest_arity_is_bounded(arity):
+    err = timed_error(f"model M {{ input t: forest(arity={arity}) of word(vocab=5)\n output o = 1 }}")
+    assert f"arity {arity} is more children than a forest can have (at most 64)" in err.message
+
+
+def test_arity_64_is_allowed():
+    build("model M { input t: forest(arity=64) of word(vocab=5)\n target y: class[t.trees] of 2\n"
+          " param E: embedding(5, 3)\n rec h(n) = leaf: E[n.word]\n node: tanh(dense(sum(h(n.children)), 3))\n"
+          " loss cross_entropy(dense(h(t.root), 2), y) }")
+
+
+@pytest.mark.parametrize("counts, copies", [((2 ** 63,), 2 ** 63), ((1001,), 1001), ((100, 100), 10000),
+                                            ((10, 10, 11), 1100)])
+def test_repeat_is_bounded_including_nested_repeats(counts, copies):
+    body = "h = relu(h)"
+    for c in reversed(counts):
+        body = f"repeat {c} {{ {body} }}"
+    err = timed_error(f"model M {{ input x: f32[N, 4]\n h = x\n {body}\n output o = h }}")
+    assert f"would make {copies} copies" in err.message and "the limit is 1000" in err.message
+
+
+def test_a_thousand_repeated_layers_build_with_their_own_names():
+    mdef = build("model M { input x: f32[N, 4]\n h = x\n repeat 10 { repeat 100 { h = relu(dense(h, 4)) } }\n"
+                 " output o = h }")
+    assert {f"dense{k}.w" for k in (1, 500, 1000)} <= set(mdef.params) and len(mdef.params) == 2000
+
+
+@pytest.mark.parametrize("decl, expr, message", [
+    ("input x: f32[N, 9223372036854775808]", "relu(x)", "dimension 9223372036854775808 is too large"),
+    ("input x: f32[N, 9223372036854775807]", "dense(x, 3)", "dimension 9223372036854775807 is too large"),
+    ("input x: f32[N, 1048576, 1048576, 4]", "relu(x)", "4398046511104 elements before any symbol"),
+    ("input x: f32[N, 1073741824]", "dense(x, 3)", "brings the model to 3221225472 parameters"),
+    ("input x: f32[N, 4]", "dense(x, 100000000000)", "brings the model to 400000000000 parameters"),
+    ("param E: embedding(100000000000, 4)", "1", "brings the model to 400000000000 parameters"),
+    ("input g: graph(features=100000000000000)", "sum(g.x over g.edges)", "elements before any symbol"),
+    ("input x: f32[N, 1, 8, 8]", "conv(x, 2, kernel=3, padding=100000000000)", "conv2d here makes"),
+    ("target y: class[N] of 99999999999999999", "1", "do not fit int32 labels"),
+    ("input t: forest of word(vocab=4294967296)", "1", "does not fit int32 word ids"),
+])
+def test_static_sizes_are_bounded(decl, expr, message):
+    err = timed_error(f"model M {{ {decl}\n output o = {expr} }}")
+    assert message in err.message and err.span is not None
