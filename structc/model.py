@@ -31,6 +31,7 @@ from .graphs import Binder as GraphBinder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
                         N_HYPER, WEIGHT_DECAY)
+from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
 _WORKSPACE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
@@ -271,7 +272,9 @@ class Net:
         need = entry.workspace_sizes.get(dims)
         if need is None:
             arr = (ctypes.c_int64 * max(1, len(dims)))(*dims)
-            need = entry.workspace_sizes[dims] = entry.workspace_fn(ctypes.addressof(arr))
+            need = entry.workspace_fn(ctypes.addressof(arr))
+            check_workspace(need, dict(zip(self._symbols, dims)))     # overflow (-1) or absurd: refuse
+            entry.workspace_sizes[dims] = need
         local = self._local
         ws = getattr(local, "workspace", None)
         if ws is None or ws.size < need:
