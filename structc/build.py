@@ -68,6 +68,8 @@ class Word:
     span: Span
 
 
+#: the largest finite float32: numbers in a model become float32 constants
+F32_MAX = 3.4028234663852886e38
 #: labels and word ids are int32
 MAX_CLASSES = 2 ** 31 - 1
 #: the most copies `repeat` makes of its statements, nested repeats multiplied
@@ -350,6 +352,8 @@ class ModelBuilder:
             args = tuple(self.eval(a) for a in e.args)
             if e.kwargs or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
                 raise SnetTypeError(f"initialiser {name} takes numbers only, e.g. normal(0.01)", e.span)
+            for a, x in zip(args, e.args):
+                f32_number(a, x.span)
         else:
             raise SnetTypeError("an initialiser is a name such as glorot, or a call such as normal(0.01)", e.span)
         return self.check_init(name, args, span)
@@ -443,6 +447,7 @@ class ModelBuilder:
             return _fold(e.op, left, right, e.span)
         if e.op == "matmul" and not (isinstance(left, Value) and isinstance(right, Value)):
             raise SnetTypeError("@ multiplies two matrices", e.span)
+        left, right = (v if isinstance(v, Value) else f32_number(v, x.span) for v, x in ((left, e.left), (right, e.right)))
         b = Builder(self.graph, e.span)
         return b.apply(e.op, left, right)
 
@@ -529,6 +534,7 @@ class ModelBuilder:
                 raise self.unknown_name(a)
             if not isinstance(a, Value):
                 if isinstance(a, (int, float)) and not isinstance(a, bool):
+                    f32_number(a, pos.span)
                     continue
                 raise SnetTypeError(f"{op.name} expects tensors as positional arguments, got {_show(a)}", pos.span)
         attrs = {}
@@ -571,6 +577,22 @@ def _option_value(fname: str, key: str, v, default, span: Span):
     if not isinstance(v, (int, float, str, bool, tuple)):
         raise SnetTypeError(f"{fname}: option '{key}' takes a number or a word, got {_show(v)}", span)
     return v
+
+
+def f32_number(v, span: Span) -> float:
+    """A number that becomes a float32 constant: it must be one (3.4e38 at most)."""
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not abs(x) <= F32_MAX:
+        raise SnetTypeError(f"the number {_short(v)} does not fit a float32 (at most about 3.4e38)", span)
+    return v
+
+
+def _short(v) -> str:
+    text = repr(v) if not isinstance(v, int) or v.bit_length() < 200 else f"{str(v)[:8]}... ({len(str(v))} digits)"
+    return text
 
 
 def _fold(op: str, a, b, span: Span):
