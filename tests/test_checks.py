@@ -76,6 +76,12 @@ def test_binary_labels_are_binary_cross_entropy_targets():
     build("model M { input x: f32[N, 4]\n target y: class[N, 1] of 2\n loss binary_cross_entropy(dense(x, 1), y) }")
 
 
+def test_onehot_columns_must_cover_the_ids():
+    err = error_of("model M { input x: f32[N, 4]\n target y: class[N] of 7\n loss mse(onehot(y, 3), dense(x, 3)) }")
+    assert "the ids lie in [0, 7) but there are only 3 columns" in err.message
+    build("model M { input x: f32[N, 4]\n target y: class[N] of 3\n loss mse(onehot(y, 4), dense(x, 4)) }")
+
+
 def test_embedding_rows_must_cover_the_ids():
     # the gather clamps ids past the table: id 6 of a 5-row table would silently read row 4
     err = error_of("model M { target y: class[N] of 7\n param E: embedding(5, 3)\n output o = E[y] }")

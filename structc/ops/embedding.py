@@ -135,6 +135,9 @@ def onehot(ctx, ids, classes=None):
         if not classes:
             ctx.fail("onehot needs the number of classes: onehot(ids, classes)")
     classes = ctx.expect_int(classes, "classes")
+    declared = ids.node.attrs.get("classes", 0) if ids.node.op.name == "input" else 0
+    if declared > classes:      # the ids past the columns would give rows of zeros
+        ctx.fail(f"onehot: the ids lie in [0, {declared}) but there are only {classes} columns")
     return ctx.checked(lambda: ctx.b.onehot(ids, classes=classes))
 
 
