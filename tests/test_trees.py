@@ -11,9 +11,9 @@ from structc import api
 from structc.autodiff import differentiate
 from structc.build import build_model
 from structc.embeddings import cooccurrence, pca_embedding, pca_embedding_of
+from structc.errors import SnetShapeError
 from structc.forest import Forest, Vocab, bind_forest
 from structc.interp import evaluate
-from structc.errors import SnetShapeError
 from structc.syntax import parse
 from structc.testing import check_model_grads
 
