@@ -447,7 +447,6 @@ class ModelBuilder:
             return _fold(e.op, left, right, e.span)
         if e.op == "matmul" and not (isinstance(left, Value) and isinstance(right, Value)):
             raise SnetTypeError("@ multiplies two matrices", e.span)
-        left, right = (v if isinstance(v, Value) else f32_number(v, x.span) for v, x in ((left, e.left), (right, e.right)))
         b = Builder(self.graph, e.span)
         return b.apply(e.op, left, right)
 
@@ -534,7 +533,6 @@ class ModelBuilder:
                 raise self.unknown_name(a)
             if not isinstance(a, Value):
                 if isinstance(a, (int, float)) and not isinstance(a, bool):
-                    f32_number(a, pos.span)
                     continue
                 raise SnetTypeError(f"{op.name} expects tensors as positional arguments, got {_show(a)}", pos.span)
         attrs = {}
@@ -580,19 +578,15 @@ def _option_value(fname: str, key: str, v, default, span: Span):
 
 
 def f32_number(v, span: Span) -> float:
-    """A number that becomes a float32 constant: it must be one (3.4e38 at most)."""
+    """A number used as a float32 (an initialiser's argument): it must fit one.
+    (Operands of ops are checked where they become constants, `Builder`.)"""
     try:
         x = float(v)
     except OverflowError:
         x = math.inf
     if not abs(x) <= F32_MAX:
-        raise SnetTypeError(f"the number {_short(v)} does not fit a float32 (at most about 3.4e38)", span)
+        raise SnetTypeError("number too large for f32 (the largest is about 3.4e38)", span)
     return v
-
-
-def _short(v) -> str:
-    text = repr(v) if not isinstance(v, int) or v.bit_length() < 200 else f"{str(v)[:8]}... ({len(str(v))} digits)"
-    return text
 
 
 def _fold(op: str, a, b, span: Span):
