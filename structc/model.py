@@ -291,10 +291,10 @@ class Net:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
         arrays, dims = self._bind(entry, given)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
+        ws = self._workspace(entry, dvals)      # first: it refuses sizes that overflow or cannot fit
         outs = {}
         for name, shape, dtype in entry.outputs:
             outs[name] = np.empty(tuple([d if d.__class__ is int else dims[d] for d in shape]), dtype)
-        ws = self._workspace(entry, dvals)
         pa, ga, sa = self._arena_addrs
         with self._lock:
             if before is not None:
