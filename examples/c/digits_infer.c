@@ -41,7 +41,16 @@ int main(void) {
     memcpy(params, trained, SC_PARAM_SIZE * sizeof(float));
 
     int64_t dims[SC_N_DIMS] = {1};                 /* N = 1 image */
-    void *workspace = aligned((size_t)sc_forward_workspace(dims));
+    int64_t bytes = sc_forward_workspace(dims);   /* -1: these dims overflow the size computation */
+    if (bytes < 0) {
+        fprintf(stderr, "workspace size overflows for these dims\n");
+        return 1;
+    }
+    void *workspace = aligned((size_t)bytes);
+    if (workspace == NULL) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
     float probs[10];
     void *inputs[] = {x};
     void *outputs[] = {probs};
