@@ -568,6 +568,8 @@ def check_sizes(graph: Graph, span: Span | None) -> None:
 def _option_value(fname: str, key: str, v, default, span: Span):
     """An option's value as a shape rule takes it: a word, a number, or (for a
     list of axes) a tuple of them; never a tensor or a graph's domain."""
+    if isinstance(default, bool) and not isinstance(v, bool):   # keepdims="no" is not false
+        raise SnetTypeError(f"{fname}: option '{key}' takes true or false, got {_show(v)}", span)
     if isinstance(v, Word):
         return v.text
     if isinstance(default, int) and not isinstance(default, bool) and (isinstance(v, bool) or not isinstance(v, int)):

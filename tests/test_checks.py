@@ -115,6 +115,8 @@ HEAD = """model M {
     ("concat(x, x, axis=g.edges)", 14, "option 'axis' takes an integer, got g.edges"),
     ("sum(x, axes=g.nodes)", 14, "option 'axes' takes a number or a word, got g.nodes"),
     ("sum(x, axes=x)", 14, "option 'axes' takes a number or a word, got a tensor f32[N, 4]"),
+    ('sum(x, axes=1, keepdims="no")', 14, "option 'keepdims' takes true or false, got 'no'"),   # was truthy
+    ("sum(x, axes=1, keepdims=0)", 14, "option 'keepdims' takes true or false, got 0"),
 ])
 def test_non_tensor_operands_are_snet_errors(expr, col, message):
     err = error_of(HEAD + f"  output o = {expr}\n}}")
