@@ -222,6 +222,16 @@ def install_abort_hook(comm) -> None:
     sys.excepthook = hook
 
 
+def rank0_first(comm, make):
+    """`make()` on rank 0, then on the others (a compile: they find it in the cache)."""
+    if comm.Get_rank() == 0:
+        result = make()
+        comm.Barrier()
+        return result
+    comm.Barrier()
+    return make()
+
+
 def abort_job(code: int, message: str = "") -> None:
     """End every rank (the CLI, after it printed an error on this one)."""
     from mpi4py import MPI

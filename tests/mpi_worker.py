@@ -15,7 +15,7 @@ import numpy as np
 warnings.simplefilter("ignore")
 
 import structc  # noqa: E402
-from structc.distributed import DataParallel  # noqa: E402
+from structc.distributed import DataParallel, rank0_first  # noqa: E402
 from structc.forest import Forest  # noqa: E402
 from structc.graphs import Graph, batch  # noqa: E402
 
@@ -118,7 +118,7 @@ def main():
     rank = comm.Get_rank()
     out_dir = sys.argv[1]
     if len(sys.argv) > 2 and sys.argv[2] == "crash":
-        net = structc.compile(MLP)
+        net = rank0_first(comm, lambda: structc.compile(MLP))
         dp = DataParallel(net)
         if rank == 1:
             raise RuntimeError("deliberate failure on rank 1")
@@ -126,11 +126,8 @@ def main():
         return
     results = {}
     for name, (source, mine0, mine1, whole) in cases().items():
-        if rank == 0:       # compile into the cache first, so the other rank finds it there
-            net = structc.compile(source, seed=rank)
-        comm.Barrier()
-        if rank != 0:
-            net = structc.compile(source, seed=rank)     # other initial parameters: the broadcast fixes them
+        # rank 0 compiles into the cache first; the other rank's initial parameters differ: the broadcast fixes them
+        net = rank0_first(comm, lambda: structc.compile(source, seed=rank))
         mine = mine0 if rank == 0 else mine1
         dp = DataParallel(net)
         start = {k: v.copy() for k, v in net.params.items()}
