@@ -81,6 +81,45 @@ def graph_cost(graph) -> int:
     return graph.num_nodes + graph.num_edges
 
 
+def halo_subgraph(graph, owned, hops: int):
+    """The piece of one big `graph` that a rank needs to compute, exactly, `hops` layers
+    of message passing at its `owned` nodes: every edge into a node within `hops`
+    in-hops of them (so those nodes' in-degrees, which normalised aggregations read,
+    are the whole graph's), and the nodes those edges touch. Returns the subgraph and
+    the global id of each of its nodes, the owned ones first (in the order given).
+
+    A loss on the owned nodes only (a mask that is zero on the halo) then has the
+    whole graph's value and gradient on those nodes; see docs/DISTRIBUTED.md."""
+    from .graphs import Graph
+    if graph.num_graphs != 1:
+        raise ValueError(f"halo_subgraph takes one graph, got a batch of {graph.num_graphs}")
+    if not isinstance(hops, int) or hops < 0:
+        raise ValueError(f"hops must be a non-negative integer (the message-passing layers), got {hops!r}")
+    owned = np.asarray(owned, np.int64).reshape(-1)
+    if not owned.size:
+        raise ValueError("owned is empty: a rank that owns no nodes has no examples (call train_step with none)")
+    if owned.size and (owned.min() < 0 or owned.max() >= graph.num_nodes or len(np.unique(owned)) != len(owned)):
+        raise ValueError(f"owned must be distinct node ids in [0, {graph.num_nodes})")
+    src, dst = graph.edge_index                    # in the graph's stored (CSR) edge order
+    near = np.zeros(graph.num_nodes, bool)
+    near[owned] = True
+    for _ in range(hops):                          # nodes within `hops` in-hops
+        near[src[near[dst]]] = True
+    keep = near[dst]
+    touched = np.zeros(graph.num_nodes, bool)
+    touched[src[keep]] = touched[dst[keep]] = True
+    touched[owned] = False
+    nodes = np.concatenate([owned, np.flatnonzero(touched)])
+    local = np.full(graph.num_nodes, -1, np.int64)
+    local[nodes] = np.arange(len(nodes))
+    types = graph.arrays.get("type")
+    sub = Graph(np.stack([local[src[keep]], local[dst[keep]]]), num_nodes=len(nodes),
+                x=None if graph.x is None else graph.x[nodes],
+                edge_x=None if graph.edge_x is None else graph.edge_x[keep],
+                edge_type=None if types is None else types[keep])
+    return sub, nodes
+
+
 # -- training ----------------------------------------------------------------------
 
 class DataParallel:

@@ -15,7 +15,7 @@ import numpy as np
 warnings.simplefilter("ignore")
 
 import structc  # noqa: E402
-from structc.distributed import DataParallel, rank0_first  # noqa: E402
+from structc.distributed import DataParallel, halo_subgraph, rank0_first  # noqa: E402
 from structc.forest import Forest  # noqa: E402
 from structc.graphs import Graph, batch  # noqa: E402
 
@@ -46,6 +46,18 @@ model Nodes {
   input  m: f32[g.nodes]
   target y: class[g.nodes] of 2
   h = relu(sum(dense(g.x, 8) over g.edges, self_loops=true, norm=gcn))
+  loss masked_cross_entropy(dense(h, 2), y, m)
+}
+"""
+
+HALO = """
+model Halo {
+  input  g: graph(features=3)
+  input  m: f32[g.nodes]
+  target y: class[g.nodes] of 2
+  h = g.x
+  repeat 2 { h = relu(sum(dense(h, 8) over g.edges, self_loops=true, norm=gcn)) }
+  h = relu(dense(h, 8) + mean(dense(h, 8) over g.edges))
   loss masked_cross_entropy(dense(h, 2), y, m)
 }
 """
@@ -106,6 +118,23 @@ def cases():
                 "y": np.concatenate([f["y"] for f in feeds])}
         return (*feeds, both)
     out["nodes"] = (NODES, *map(list, zip(*[node_step() for _ in range(3)])))
+
+    # one graph of 120 nodes (a ring and 3 chords), 3 layers: rank 0 owns 50 nodes, rank 1 70, each with its
+    # 3-hop halo
+    ring = np.arange(120)
+    chords = rng.integers(0, 120, (2, 3))
+    g = Graph(np.concatenate([np.stack([ring, (ring + 1) % 120]), np.stack([(ring + 1) % 120, ring]), chords],
+                             axis=1), num_nodes=120, x=rng.normal(size=(120, 3)))
+    labels = rng.integers(0, 2, 120).astype(np.int32)
+    train = np.zeros(120, np.float32)
+    train[rng.choice(120, 60, replace=False)] = 1
+    parts = []
+    for owned in (np.arange(50), np.arange(50, 120)):
+        sub, nodes = halo_subgraph(g, owned, hops=3)
+        assert sub.num_nodes < 100, sub        # not the whole graph
+        mask = np.where(np.arange(len(nodes)) < len(owned), train[nodes], 0).astype(np.float32)
+        parts.append({"g": sub, "m": mask, "y": labels[nodes]})
+    out["halo"] = (HALO, [parts[0]] * 3, [parts[1]] * 3, [{"g": g, "m": train, "y": labels}] * 3)
     return out
 
 

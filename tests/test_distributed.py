@@ -15,7 +15,7 @@ from structc.distributed import balance, split_dense
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
-FAMILIES = ["mlp", "trees", "graphs", "nodes", "empty"]
+FAMILIES = ["mlp", "trees", "graphs", "nodes", "halo", "empty"]
 OPTIMIZERS = ["sgd", "momentum", "adam"]
 TIMEOUT = 300
 
