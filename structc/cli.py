@@ -312,9 +312,12 @@ def cmd_train(args) -> int:
     if args.out is None and args.resume:
         args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
+    comm = _distributed_comm(args)
+    if args.threads is None and comm is not None:
+        from .distributed import threads_per_rank
+        args.threads = threads_per_rank(comm)
     if args.threads is not None:
         set_num_threads(args.threads)
-    comm = _distributed_comm(args)
     net, seconds = _compile_net(args, comm)
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
     data = _load_bound_data(args.data, net, args.split)
@@ -570,7 +573,8 @@ def parser() -> argparse.ArgumentParser:
                                             f"with --resume: the run's)")
     c.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
                    help=f"the update rule (default: {TRAIN_DEFAULTS['optimizer']}; with --resume: the run's)")
-    c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores)")
+    c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores; with "
+                                               "--distributed: the cores shared among the ranks on a machine)")
     c.add_argument("--seed", type=int, help="initialisation and shuffling seed (default: 0; with --resume: "
                                             "the run's generator continues)")
     c.add_argument("--out", help="where to save the parameters; `.npz` is added if missing, and the training "

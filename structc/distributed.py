@@ -261,6 +261,14 @@ def install_abort_hook(comm) -> None:
     sys.excepthook = hook
 
 
+def threads_per_rank(comm) -> int:
+    """This machine's cores shared among the ranks on it (at least 1), so that ranks
+    do not each start a thread per core."""
+    import os
+    local = comm.Split_type(mpi().COMM_TYPE_SHARED).Get_size()
+    return max(1, (os.cpu_count() or 1) // local)
+
+
 def rank0_first(comm, make):
     """`make()` on rank 0, then on the others (a compile: they find it in the cache)."""
     if comm.Get_rank() == 0:

@@ -101,6 +101,21 @@ def test_cli_train_distributed(tmp_path):
     assert evaluated.stdout.count("accuracy") == 1 and f"accuracy {accuracy:.2f}%" in evaluated.stdout
 
 
+def test_cli_without_mpi4py_says_what_to_install(monkeypatch, capsys):
+    from structc.cli import main
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    code = main(["train", str(ROOT / "examples" / "digits_mlp.snet"), "--data", "digits", "--distributed"])
+    assert code == 1 and "pip install 'structc[mpi]'" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_split_one_graph(tmp_path, capsys):
+    pytest.importorskip("mpi4py")
+    from structc.cli import main
+    code = main(["train", str(ROOT / "examples" / "karate_gcn.snet"), "--data", "karate", "--distributed",
+                 "--out", str(tmp_path / "k.npz")])
+    assert code == 1 and "docs/DISTRIBUTED.md" in capsys.readouterr().err
+
+
 # -- without MPI -------------------------------------------------------------------
 
 def test_split_dense_is_a_shared_seeded_partition():
