@@ -101,6 +101,45 @@ def test_cli_train_distributed(tmp_path):
     assert evaluated.stdout.count("accuracy") == 1 and f"accuracy {accuracy:.2f}%" in evaluated.stdout
 
 
+LOGIC_ROOTS = """
+model LogicRoots {
+  input  t: forest(arity=3) of word(vocab=6)
+  target y: class[t.trees] of 2
+  param  E: embedding(6, 16) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 16))
+  logits = dense(h(t.root), 2)
+  output truth = softmax(logits)
+  loss cross_entropy(logits, y)
+}
+"""
+
+
+@pytest.mark.parametrize("family", ["graphs", "trees"])
+def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path, capsys):
+    """Sharding by cost and the held-out metrics reduced over the ranks: `eval --distributed`
+    reports what one process reports."""
+    _need_mpi()
+    from structc.cli import main
+    if family == "graphs":
+        model, data = ROOT / "examples" / "graph_families.snet", "graph_families"
+    else:
+        model, data = tmp_path / "roots.snet", "logic"
+        model.write_text(LOGIC_ROOTS)
+    out = tmp_path / "run.npz"
+    run = mpiexec("-m", "mpi4py", "-m", "structc", "train", model, "--data", data, "--epochs", "1",
+                  "--optimizer", "adam", "--lr", "0.005", "--distributed", "--out", out, "--no-progress")
+    assert run.returncode == 0, run.stderr[-3000:]
+    evaluated = mpiexec("-m", "mpi4py", "-m", "structc", "eval", model, "--data", data, "--params", out,
+                        "--distributed")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert main(["eval", str(model), "--data", data, "--params", str(out)]) == 0
+    alone = capsys.readouterr().out
+    loss = [float(text.split("loss ")[1].split(",")[0]) for text in (evaluated.stdout, alone)]
+    accuracy = [text.split("accuracy ")[1].strip() for text in (evaluated.stdout, alone)]
+    assert accuracy[0] == accuracy[1] and loss[0] == pytest.approx(loss[1], abs=2e-4), (evaluated.stdout, alone)
+
+
 def test_cli_without_mpi4py_says_what_to_install(monkeypatch, capsys):
     from structc.cli import main
     monkeypatch.setitem(sys.modules, "mpi4py", None)
