@@ -339,7 +339,8 @@ def shard(dp: DataParallel, data, items) -> list:
 
 
 def held_out_part(dp: DataParallel, data):
-    """A copy of `data` whose held-out part is this rank's share of it (None: no share)."""
+    """A copy of `data` whose held-out part is this rank's share of it, and the size of
+    that share (None, 0: no share)."""
     from .graph_datasets import GraphDataset
     from .graphs import batch
     from .treedata import TreeDataset
@@ -354,26 +355,16 @@ def held_out_part(dp: DataParallel, data):
     else:
         mine = split_dense(len(data.x_test), dp.rank, dp.size)
         part.x_test, part.y_test = data.x_test[mine], data.y_test[mine]
-    return part if len(mine) else None
+    return (part, len(mine)) if len(mine) else (None, 0)
 
 
 def evaluate(dp: DataParallel, data) -> dict:
-    """The data set's held-out metrics, each rank evaluating its share, reduced over the ranks."""
-    part = held_out_part(dp, data)
-    n = _held_out_size(part) if part is not None else 0
+    """The data set's held-out metrics (means over examples), each rank evaluating its
+    share, combined over the ranks weighted by the shares' sizes."""
+    part, n = held_out_part(dp, data)
     metrics = part.evaluate(dp.net) if part is not None else {}
     keys = dp.comm.bcast(sorted(metrics) if dp.is_root else None, root=0)   # rank 0 always has a share
     return dp.weighted_mean({k: metrics.get(k, 0.0) for k in keys}, n)
-
-
-def _held_out_size(part) -> int:
-    from .graph_datasets import GraphDataset
-    from .treedata import TreeDataset
-    if isinstance(part, TreeDataset):
-        return len(part.test)
-    if isinstance(part, GraphDataset):
-        return len(part.test)
-    return len(part.x_test)
 
 
 def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | None = None, on_epoch=None):
