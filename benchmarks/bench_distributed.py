@@ -50,12 +50,13 @@ class TimedComm:
     """A communicator that adds up the time spent in Allreduce."""
 
     def __init__(self, comm):
-        self.comm, self.seconds = comm, 0.0
+        self.comm, self.seconds, self.cpu_seconds = comm, 0.0, 0.0
 
     def Allreduce(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.comm.Allreduce(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
 
     def __getattr__(self, name):
         return getattr(self.comm, name)
@@ -89,26 +90,32 @@ def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
         dp = dist.DataParallel(net, comm)
     mpi_s = (t1 - t0) + (time.perf_counter() - t3)      # MPI's start and the broadcast
     items = dist._train_items(data)
+    costs = dist.item_costs(data)
     rng = np.random.default_rng(0)
-    times, allreduce, first_step = [], [], None
+    times, cpu, allreduce, first_step = [], [], [], None
     for _ in range(epochs):
         order = rng.permutation(items)
         if comm is not None:
             comm.Barrier()
-            comm.seconds = 0.0
-        start = time.perf_counter()
+            comm.seconds = comm.cpu_seconds = 0.0
+        start, start_cpu = time.perf_counter(), time.process_time()
         for at in range(0, len(order), batch):
             chunk = order[at:at + batch]
             if dp is None:
                 net.train_step(lr=lr, **dist._feed(data, chunk))
             else:
-                dp.train_step(lr=lr, **dist._feed(data, dist.shard(dp, data, chunk)))
+                dp.train_step(lr=lr, **dist._feed(data, dist.shard(dp, chunk, costs)))
             if first_step is None:
                 first_step = time.perf_counter() - STARTED - compile_s - data_s
         times.append(time.perf_counter() - start)
         allreduce.append(comm.seconds if comm is not None else 0.0)
+        # CPU time outside the Allreduce (MPICH busy-polls in it): the rank's own work,
+        # which does not depend on what else the machine runs
+        cpu.append(time.process_time() - start_cpu - (comm.cpu_seconds if comm is not None else 0.0))
+    if comm is not None:
+        cpu = [max(per_rank) for per_rank in zip(*comm.comm.allgather(cpu))]     # the slower rank's
     if comm is None or comm.Get_rank() == 0:
-        print(json.dumps({"epoch_s": times, "allreduce_s": allreduce, "compile_s": compile_s, "data_s": data_s,
+        print(json.dumps({"epoch_s": times, "cpu_s": cpu, "allreduce_s": allreduce, "compile_s": compile_s, "data_s": data_s,
                           "mpi_s": mpi_s,
                           "startup_s": first_step, "steps": -(-len(items) // batch),
                           "params": int(net.meta["param_size"])}))
@@ -148,24 +155,32 @@ def main() -> None:
                 results[label].append(run(name, threads, dist, args.epochs))
         epoch = {label: statistics.median(t for r in rs for t in r["epoch_s"][1:] or r["epoch_s"])
                  for label, rs in results.items()}
+        work = {label: statistics.median(t for r in rs for t in r["cpu_s"][1:] or r["cpu_s"])
+                for label, rs in results.items()}
         two = results["2 ranks x 1"]
         share = statistics.median(a / e for r in two for a, e in zip(r["allreduce_s"], r["epoch_s"]))
         startup = {k: statistics.median(r[k] for r in two) for k in ("startup_s", "compile_s", "data_s", "mpi_s")}
-        rows.append((name, epoch, share, startup, two[0]["steps"], two[0]["params"]))
+        rows.append((name, epoch, share, startup, two[0]["steps"], two[0]["params"], work))
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
     print("| workload | steps/epoch | 1 x 1 | 1 x 2 | 2 ranks x 1 | 2 ranks vs 1 x 1 | 1 x 2 vs 1 x 1 | "
           "Allreduce share (2 ranks) | 2 ranks: start-up to the first step beyond compile and data (MPI's share) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, e, share, st, steps, _ in rows:
+    for name, e, share, st, steps, _, _ in rows:
         print(f"| {name} | {steps} | {e['1 x 1']:.3f} s | {e['1 x 2']:.3f} s | {e['2 ranks x 1']:.3f} s | "
               f"**{e['1 x 1'] / e['2 ranks x 1']:.2f}x** | {e['1 x 1'] / e['1 x 2']:.2f}x | {100 * share:.1f}% | "
               f"{st['startup_s']:.2f} s ({st['mpi_s']:.2f} s; compile {st['compile_s']:.2f} s, "
               f"data {st['data_s']:.2f} s) |")
+    print("\nCPU time per epoch outside the Allreduce (the slower rank's for 2 ranks), and the speed-up it "
+          "implies on an idle machine (1 x 1's over 2 ranks'):\n")
+    print("| workload | 1 x 1 | 2 ranks x 1 (slower rank) | implied speed-up |")
+    print("|---|---|---|---|")
+    for name, *_, w in rows:
+        print(f"| {name} | {w['1 x 1']:.3f} s | {w['2 ranks x 1']:.3f} s | {w['1 x 1'] / w['2 ranks x 1']:.2f}x |")
     print("\nModel at N hosts (ring Allreduce: 2(N-1)/N x arena bytes / bandwidth + 2(N-1) x 5 us latency),"
           " against the 1 x 1 step time divided by N (the batch split N ways):\n")
     print("| workload | arena | step at 1 x 1 | N | Allreduce at 10 Gb/s | at 100 Gb/s | compute per step |")
     print("|---|---|---|---|---|---|---|")
-    for name, e, _, _, steps, params in rows:
+    for name, e, _, _, steps, params, _ in rows:
         step = e["1 x 1"] / steps
         arena = 4 * (params + 2)
         for n in (2, 8, 64):

@@ -291,14 +291,15 @@ def abort_job(code: int, message: str = "") -> None:
 
 # -- the data sets of `structc train` ------------------------------------------------
 
-def _costs(data, items) -> list[float] | None:
-    """Cost per item for balanced sharding (None: dense data, split by index)."""
+def item_costs(data) -> np.ndarray | None:
+    """The cost of every training item, by item id, computed once (None: dense data,
+    split by index)."""
     from .graph_datasets import GraphDataset
     from .treedata import TreeDataset
     if isinstance(data, TreeDataset):
-        return [forest_cost(data.train[k]) for k in items]
+        return np.array([forest_cost(f) for f in data.train], np.float64)
     if isinstance(data, GraphDataset):
-        return [graph_cost(data.graphs[k]) for k in items]
+        return np.array([graph_cost(g) for g in data.graphs], np.float64)
     return None
 
 
@@ -330,12 +331,12 @@ def check_splittable(data) -> None:
                          "process")
 
 
-def shard(dp: DataParallel, data, items) -> list:
-    """This rank's share of `items` of `data`: by cost for trees and graphs, by index otherwise."""
-    costs = _costs(data, items)
+def shard(dp: DataParallel, items, costs: np.ndarray | None) -> list:
+    """This rank's share of `items` (ids): by `costs[id]` (`item_costs`) for trees and
+    graphs, by position when `costs` is None."""
     if costs is None:
         return list(np.array_split(np.asarray(items), dp.size)[dp.rank])
-    return [items[k] for k in dp.shard_items(costs)]
+    return [items[k] for k in dp.shard_items(costs[np.asarray(items)].tolist())]
 
 
 def held_out_part(dp: DataParallel, data):
@@ -380,12 +381,13 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     log = log if dp.is_root else (lambda *a, **k: None)
     history = History()
     items = _train_items(data)
+    costs = item_costs(data)
     start = time.perf_counter()
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         order = rng.permutation(items)
         total, steps = 0.0, 0
         for at in range(0, len(order), cfg.batch):
-            loss = dp.train_step(lr=cfg.lr, **_feed(data, shard(dp, data, order[at:at + cfg.batch])))
+            loss = dp.train_step(lr=cfg.lr, **_feed(data, shard(dp, order[at:at + cfg.batch], costs)))
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss
