@@ -40,6 +40,7 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
     target = host_target()
     art = compile_artifact(source, file, model, target=target, cache=cache)
     net = Net(art.meta, JitModule(art.object, target), seed=seed)
+    net._compiled_from = (source, file, model)     # what `net.profile` and the exporters rebuild it from
     if vocab is not None:
         net.vocab = vocab
     return net

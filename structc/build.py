@@ -27,7 +27,7 @@ from .errors import (ShapeMismatch, SnetError, SnetNameError, SnetShapeError, Sn
 from .graph import Builder, Graph, Value
 from .init import INITIALIZERS, parse_init
 from .ops import REGISTRY, SURFACE
-from .types import TensorType
+from .types import MAX_ELEMENTS, MAX_PARAMS, TensorType
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,13 @@ class Word:
     span: Span
 
 
+#: the largest finite float32: numbers in a model become float32 constants
+F32_MAX = 3.4028234663852886e38
+#: labels and word ids are int32
+MAX_CLASSES = 2 ** 31 - 1
+#: the most copies `repeat` makes of its statements, nested repeats multiplied
+MAX_REPEAT = 1000
+
 # The prediction each loss implies, for models that declare no output.
 PREDICTIONS = {"cross_entropy": ("probs", "softmax"), "binary_cross_entropy": ("probs", "sigmoid"),
                "mse": ("pred", None)}
@@ -96,7 +103,7 @@ class Context:
         if isinstance(v, Word):
             raise self.mb.unknown_name(v)
         if not isinstance(v, Value):
-            raise SnetTypeError(f"{what} expects a tensor here, got the number {v}", self.span)
+            raise SnetTypeError(f"{what} expects a tensor here, got {_show(v)}", self.span)
         return v
 
     def expect_int(self, v, what: str) -> int:
@@ -130,10 +137,11 @@ class Context:
                 raise SnetNameError(f"a layer named '{explicit}' already exists", self.span)
             self.mb.layer_names.add(explicit)
             return explicit
-        k = 1
+        k = self.mb.layer_counts.get(kind, 1)      # where the last search for this kind stopped: linear
         while f"{kind}{k}" in self.mb.layer_names:
             k += 1
         name = f"{kind}{k}"
+        self.mb.layer_counts[kind] = k + 1
         self.mb.layer_names.add(name)
         return name
 
@@ -152,7 +160,9 @@ def _show(v) -> str:
         return "(" + ", ".join(_show(x) for x in v) + (",)" if len(v) == 1 else ")")
     if isinstance(v, Value):
         return f"a tensor {v.type}"
-    return repr(v)
+    if isinstance(v, (int, float, str, bool)) or type(v).__repr__ is not object.__repr__:
+        return repr(v)
+    return f"a {type(v).__name__}"      # no address in a message
 
 
 class ModelBuilder:
@@ -164,8 +174,10 @@ class ModelBuilder:
         self.defined_at: dict[str, Span] = {}
         self.inputs: dict[str, InputSpec] = {}
         self.params: dict[str, ParamSpec] = {}
+        self.param_count = 0                        # elements of all parameters so far
         self.symbols: set[str] = set()
         self.layer_names: set[str] = set()
+        self.layer_counts: dict[str, int] = {}     # next number to try for an unnamed layer of each kind
         self.losses: list[Value] = []
         self.outputs: dict[str, int] = {}
         self.implied_outputs: dict[str, int] = {}
@@ -173,6 +185,7 @@ class ModelBuilder:
         self.b = Builder(self.graph)
         self.graphs: dict = {}              # graph inputs (structc.gnn)
         self.repeat_path: tuple[int, ...] = ()
+        self.repeat_counts: tuple[int, ...] = ()   # counts of the repeats being built, outermost first
 
     # -- statements ------------------------------------------------------
     def build(self) -> ModelDef:
@@ -184,6 +197,7 @@ class ModelBuilder:
             for extra in self.losses[1:]:
                 total = total + extra
             g.outputs["loss"] = total.id
+        check_sizes(g, self.model.span)
         named = self.outputs or self.implied_outputs
         if not named and not self.losses:
             raise SnetError(f"model '{self.model.name}' has no output and no loss: add "
@@ -254,6 +268,18 @@ class ModelBuilder:
     def stmt_Repeat(self, s: S.Repeat) -> None:
         if s.count < 1:
             raise SnetSyntaxError("repeat needs a positive count", s.count_span)
+        copies = s.count * math.prod(self.repeat_counts)
+        if copies > MAX_REPEAT:      # every copy is built and compiled: keep the work near what is written
+            nested = " (with the repeats around it)" if self.repeat_counts else ""
+            raise SnetSyntaxError(f"repeat {s.count} would make {copies} copies of its statements{nested}; "
+                                  f"the limit is {MAX_REPEAT}", s.count_span)
+        self.repeat_counts = self.repeat_counts + (s.count,)
+        try:
+            self.repeat_body(s)
+        finally:
+            self.repeat_counts = self.repeat_counts[:-1]
+
+    def repeat_body(self, s: S.Repeat) -> None:
         for k in range(1, s.count + 1):
             self.repeat_path = self.repeat_path + (k,)
             try:
@@ -307,10 +333,14 @@ class ModelBuilder:
                 self.symbols.add(d.value)
             elif d.value <= 0:
                 raise SnetShapeError("dimensions must be positive", d.span)
+            elif d.value > MAX_ELEMENTS:
+                raise SnetShapeError(f"dimension {d.value} is too large (at most 2**40)", d.span)
             dims.append(d.value)
         if isinstance(t, S.ClassTypeExpr):
             if t.classes < 2:
                 raise SnetShapeError("a class target needs at least 2 classes", t.span)
+            if t.classes > MAX_CLASSES:     # labels are int32
+                raise SnetShapeError(f"{t.classes} classes do not fit int32 labels (at most 2**31 - 1)", t.span)
             return TensorType(tuple(dims), "i32"), t.classes
         return TensorType(tuple(dims), t.dtype), 0
 
@@ -322,6 +352,8 @@ class ModelBuilder:
             args = tuple(self.eval(a) for a in e.args)
             if e.kwargs or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
                 raise SnetTypeError(f"initialiser {name} takes numbers only, e.g. normal(0.01)", e.span)
+            for a, x in zip(args, e.args):
+                f32_number(a, x.span)
         else:
             raise SnetTypeError("an initialiser is a name such as glorot, or a call such as normal(0.01)", e.span)
         return self.check_init(name, args, span)
@@ -338,6 +370,10 @@ class ModelBuilder:
                                 name_span or span)
         if not all(isinstance(d, int) for d in t.shape):
             raise SnetShapeError(f"parameter '{name}' would have a symbolic shape {t}", span)
+        total = self.param_count + t.static_elements()
+        if total > MAX_PARAMS:      # the arena is allocated when the model is loaded
+            raise SnetShapeError(f"parameter '{name}' {t} brings the model to {total} parameters; "
+                                 f"the limit is {MAX_PARAMS} (2**31)", span)
         if isinstance(init, Word):
             init = init.text
         if isinstance(init, str):
@@ -346,6 +382,7 @@ class ModelBuilder:
             raise SnetTypeError(f"init must be an initialiser such as glorot or he, got {_show(init)}", span,
                                 notes=(f"initialisers: {', '.join(sorted(INITIALIZERS))}",))
         nid = self.graph.add(REGISTRY["param"], (), {"name": name, "type": t, "init": init}, span, type=t)
+        self.param_count = total
         self.graph.params[name] = nid
         self.params[name] = ParamSpec(name, t, init, span)
         return nid
@@ -389,9 +426,10 @@ class ModelBuilder:
         v = self.eval(e)
         if isinstance(v, Word):
             raise self.unknown_name(v)
-        if isinstance(v, (str, bool, tuple)):
-            raise SnetTypeError(f"expected a tensor or a number, got {_show(v)}", e.span)
-        return v
+        if isinstance(v, Value) or isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+        # strings, booleans, and structured values (g.edges, t.root, h) are no operands
+        raise SnetTypeError(f"expected a tensor or a number, got {_show(v)}", e.span)
 
     def eval_BinOp(self, e: S.BinOp):
         # `x + x + ... + x` nests to the left as deep as it is long: walk that spine in a loop
@@ -502,8 +540,53 @@ class ModelBuilder:
             if k not in attr_defaults:
                 known = ", ".join(attr_defaults) or "none"
                 raise SnetTypeError(f"{op.name} has no option '{k}' (options: {known})", e.span)
-            attrs[k] = v.text if isinstance(v, Word) else v
-        return ctx.b.apply(op.name, *args, **attrs)
+            attrs[k] = _option_value(op.name, k, v, attr_defaults[k], e.span)
+        try:
+            result = ctx.b.apply(op.name, *args, **attrs)
+        except (TypeError, ValueError) as err:      # a shape rule met an option of the wrong kind
+            given = ", ".join(f"{k}={_show(v)}" for k, v in kwargs.items())
+            raise SnetTypeError(f"{op.name}: these options do not fit: {given} ({err})", e.span) from None
+        check_values = getattr(op, "check_values", None)     # rules that need more than types
+        if check_values is not None:
+            check_values(ctx, *args, **attrs)
+        return result
+
+
+def check_sizes(graph: Graph, span: Span | None) -> None:
+    """Every value's static size within MAX_ELEMENTS, so sizes and offsets
+    computed from it (times the symbols bound per call, checked then) fit
+    int64 and code generation never meets an absurd constant."""
+    for node in graph.nodes.values():
+        if node.type.static_elements() > MAX_ELEMENTS:
+            raise SnetShapeError(f"{node.op.name} here makes {node.type}, {node.type.static_elements()} elements "
+                                 "before any symbol; the limit is 2**40", node.span or span)
+        body = node.attrs.get("body")
+        if isinstance(body, Graph):
+            check_sizes(body, node.span or span)
+
+
+def _option_value(fname: str, key: str, v, default, span: Span):
+    """An option's value as a shape rule takes it: a word, a number, or (for a
+    list of axes) a tuple of them; never a tensor or a graph's domain."""
+    if isinstance(v, Word):
+        return v.text
+    if isinstance(default, int) and not isinstance(default, bool) and (isinstance(v, bool) or not isinstance(v, int)):
+        raise SnetTypeError(f"{fname}: option '{key}' takes an integer, got {_show(v)}", span)
+    if not isinstance(v, (int, float, str, bool, tuple)):
+        raise SnetTypeError(f"{fname}: option '{key}' takes a number or a word, got {_show(v)}", span)
+    return v
+
+
+def f32_number(v, span: Span) -> float:
+    """A number used as a float32 (an initialiser's argument): it must fit one.
+    (Operands of ops are checked where they become constants, `Builder`.)"""
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not abs(x) <= F32_MAX:
+        raise SnetTypeError("number too large for f32 (the largest is about 3.4e38)", span)
+    return v
 
 
 def _fold(op: str, a, b, span: Span):

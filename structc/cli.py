@@ -1,4 +1,4 @@
-"""The `structc` command: check, compile, graph, train, eval, predict, plot.
+"""The `structc` command: check, compile, export, graph, train, eval, predict, plot, profile.
 
 Library code raises; this module alone prints errors (`file:line:col:
 error: ...`, the line and a caret) and chooses exit codes: 1 for an error in
@@ -193,6 +193,25 @@ def _compile_to_cache(source: str, file: str, model: str | None, target) -> int:
     else:
         print(f"{file}: compiled {meta['model']} ({', '.join(meta['entries'])}) in "
               f"{time.perf_counter() - t0:.2f} s, {len(obj)} bytes of machine code ({where})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """The forward pass as an ONNX file (structc.onnx.export)."""
+    import warnings
+
+    from . import onnx as snet_onnx
+    out = writable_output(args.onnx, "the ONNX model")
+    params = str(existing_params(args.params)) if args.params else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # the untrained-weights warning: said below instead
+            snet_onnx.export(args.file, out, model=args.model, params=params)
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    if not args.params:
+        warn("no --params: the exported weights are the initial (untrained) ones")
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -509,6 +528,61 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import numpy as np
+
+    from .api import read_source
+    from .native import set_num_threads
+    from .profile import profile, profiled_net
+    trace = writable_output(args.trace, "the trace") if args.trace else None
+    for name in ("steps", "batch", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be positive, got {value}", code=2)
+    if args.peak is not None and not args.peak > 0:
+        raise UserError(f"--peak must be a positive number of GFLOP/s, got {args.peak}", code=2)
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    source, file = read_source(Path(args.file))
+    net = profiled_net(source, file, args.model)
+    data = _load_bound_data(args.data, net, args.split)
+    feed = next(iter(data.batches(args.batch, np.random.default_rng(0))))
+    report = profile(net, feed, steps=args.steps, forward=args.forward, lr=args.lr, peak=args.peak)
+    print(report.table())
+    if trace is not None:
+        report.write_trace(trace)
+        print(f"\ntrace of {len(report.step_spans)} step(s) in {trace} (open in ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+def version_text() -> str:
+    """`structc --version`: what decides the machine code this installation makes."""
+    import llvmlite
+    from llvmlite import binding as llvm
+
+    from .compiler import compiler_fingerprint
+    from .native import host_target
+    target = host_target()
+    feats = [f[1:] for f in target.features.split(",") if f.startswith("+")]
+    simd = [f for f in ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
+                        "amx-tile", "neon", "sve") if f in feats]
+    return (f"structc {compiler_fingerprint()} (compiler fingerprint)\n"
+            f"llvmlite {llvmlite.__version__}, LLVM {'.'.join(map(str, llvm.llvm_version_info))}\n"
+            f"host {target.triple}, CPU {target.cpu}: {len(feats)} features"
+            + (f" (vectors: {', '.join(simd)})" if simd else ""))
+
+
+class _Version(argparse.Action):
+    """Prints `version_text()` only when asked: it initialises LLVM."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 # -- the parser ------------------------------------------------------------------
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -526,6 +600,8 @@ def parser() -> argparse.ArgumentParser:
     from .datasets import DATASETS
     data_sets = ", ".join(sorted(DATASETS))
     p = argparse.ArgumentParser(prog="structc", description="Compile and train structured neural networks.")
+    p.add_argument("--version", action=_Version, help="the version, the compiler fingerprint, llvmlite, LLVM "
+                                                      "and the host CPU; then exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, **kw) -> argparse.ArgumentParser:
@@ -548,6 +624,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target-cpu", default="native",
                    help="native (this machine), generic, x86-64-v2, x86-64-v3 or x86-64-v4")
     c.set_defaults(run=cmd_compile)
+
+    c = command("export", help="write the forward pass as an ONNX model (needs pip install 'structc[onnx]')",
+                description="Dense, convolution, pooling, activations, reshapes and reductions; the batch "
+                            "dimension N stays dynamic. Recursion over trees and message passing over graphs "
+                            "have no ONNX form and are refused.")
+    c.add_argument("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
+    c.add_argument("--params", help="parameters saved by `structc train` (.npz optional) (default: none: the "
+                                    "initial weights)")
+    c.set_defaults(run=cmd_export)
 
     c = command("graph", help="draw the forward and backward graphs (.svg, .png, .pdf, .dot)")
     c.add_argument("-o", "--output", required=True, help="the picture to write")
@@ -616,6 +701,24 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--size", default="10x4", help="WIDTHxHEIGHT in inches")
     c.add_argument("--dpi", type=int, default=100, help="pixels per inch")
     c.set_defaults(run=cmd_plot)
+
+    c = command("profile", help="time every kernel of a training step (or the forward pass)",
+                description="Runs steps on the first batch of the data and prints each kernel's time, "
+                            "share of the step, and GFLOP/s as a fraction of the measured FMA peak (matrix "
+                            "products and convolutions), grouped by the .snet line that produced it.")
+    c.add_argument("--data", required=True, metavar="DATA",
+                   help=f"a built-in data set ({data_sets}) or a file or folder of your data")
+    _split_option(c)
+    c.add_argument("--batch", type=int, default=TRAIN_DEFAULTS["batch"], help="examples per step")
+    c.add_argument("--steps", type=int, help="timed steps (default: about a second's worth)")
+    c.add_argument("--forward", action="store_true", help="the forward pass instead of a training step")
+    c.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="learning rate of the steps")
+    c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores)")
+    c.add_argument("--peak", type=float, metavar="GFLOPS",
+                   help="one core's peak GFLOP/s (default: measured with a loop of FMAs)")
+    c.add_argument("--trace", metavar="FILE", help="also write a Chrome/Perfetto trace (JSON), a lane per thread "
+                                                   "(default: none)")
+    c.set_defaults(run=cmd_profile)
     return p
 
 
@@ -671,6 +774,11 @@ def _main(args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`structc compile --dump=llvm | head`): stop quietly, and
+        # point stdout at /dev/null so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -195,6 +195,9 @@ class OverArg:
     def __init__(self, value, domain, span: Span):
         self.value, self.domain, self.span = value, domain, span
 
+    def __repr__(self) -> str:
+        return "`value over domain` (an argument of sum, mean or max)"
+
 
 def _show(v) -> str:
     return f"a tensor {v.type}" if isinstance(v, Value) else repr(v)

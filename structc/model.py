@@ -31,6 +31,7 @@ from .graphs import Binder as GraphBinder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
                         N_HYPER, WEIGHT_DECAY)
+from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
 _WORKSPACE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
@@ -273,7 +274,9 @@ class Net:
         need = entry.workspace_sizes.get(dims)
         if need is None:
             arr = (ctypes.c_int64 * max(1, len(dims)))(*dims)
-            need = entry.workspace_sizes[dims] = entry.workspace_fn(ctypes.addressof(arr))
+            need = entry.workspace_fn(ctypes.addressof(arr))
+            check_workspace(need, dict(zip(self._symbols, dims)))     # overflow (-1) or absurd: refuse
+            entry.workspace_sizes[dims] = need
         local = self._local
         ws = getattr(local, "workspace", None)
         if ws is None or ws.size < need:
@@ -293,10 +296,10 @@ class Net:
         if dims_out is not None:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
+        ws = self._workspace(entry, dvals)      # first: it refuses sizes that overflow or cannot fit
         outs = {}
         for name, shape, dtype in entry.outputs:
             outs[name] = np.empty(tuple([d if d.__class__ is int else dims[d] for d in shape]), dtype)
-        ws = self._workspace(entry, dvals)
         pa, ga, sa = self._arena_addrs
         with self._lock:
             if before is not None:
@@ -407,6 +410,18 @@ class Net:
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         self._step = step
+
+    def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
+                peak: float | None = None, trace=None, **inputs):
+        """Time every kernel of a training step (or the forward pass) on these
+        inputs, in a copy of this model (its parameters are left as they are);
+        returns a `structc.profile.Report` (`.table()`, `.write_trace(path)`).
+        `trace`: also write a Chrome/Perfetto trace there."""
+        from .profile import profile_model
+        report = profile_model(self, inputs, steps=steps, forward=forward, lr=lr, peak=peak)
+        if trace is not None:
+            report.write_trace(trace)
+        return report
 
     @property
     def input_names(self) -> list[str]:

@@ -25,6 +25,8 @@ from .graph import Builder, Graph, Value
 from .ops import REGISTRY
 from .types import TensorType
 
+#: the most children a node can have: the node case gets arity x width inputs per node
+MAX_ARITY = 64
 ARRAYS = ("children", "level_end", "roots", "words", "features")
 DIMS = ("nodes", "leaves", "trees", "levels")
 
@@ -60,6 +62,8 @@ def declare_forest(mb, s: S.InputDecl) -> None:
         v = opt.value.value if isinstance(opt.value, S.Number) else None
         if not isinstance(v, int) or v < 1:
             raise SnetTypeError("arity must be a positive integer, e.g. forest(arity=3)", opt.span)
+        if v > MAX_ARITY:       # the node case is built, and its children gathered, per child slot
+            raise SnetTypeError(f"arity {v} is more children than a forest can have (at most {MAX_ARITY})", opt.span)
         arity = v
     vocab = features = None
     leaf = t.leaf
@@ -69,6 +73,10 @@ def declare_forest(mb, s: S.InputDecl) -> None:
         v = v.value if isinstance(v, S.Number) else None
         if not isinstance(v, int) or v < 1 or set(kw) - {"vocab"} or len(leaf.args) + len(kw) != 1:
             raise SnetTypeError("leaves carrying words are declared word(vocab=V), V a positive integer", leaf.span)
+        from .build import MAX_CLASSES
+        if v > MAX_CLASSES:     # word ids are int32
+            raise SnetTypeError(f"a vocabulary of {v} words does not fit int32 word ids (at most 2**31 - 1)",
+                                leaf.span)
         vocab = v
     elif isinstance(leaf, S.TensorTypeExpr) and leaf.dtype == "f32" and len(leaf.dims) == 1 \
             and isinstance(leaf.dims[0].value, int) and leaf.dims[0].value > 0:
@@ -119,6 +127,9 @@ class ForestRef:
     def __init__(self, decl: ForestDecl):
         self.decl = decl
 
+    def __repr__(self) -> str:
+        return f"the forest {self.decl.name} (use h({self.decl.name}.root) or h({self.decl.name}.nodes))"
+
     def snet_attr(self, mb, e: S.Attr):
         name, span = e.name, e.span
         if name in ("root", "roots", "nodes"):
@@ -136,12 +147,18 @@ class Select:
     which: str                # "roots" | "nodes"
     span: Span
 
+    def __repr__(self) -> str:
+        return f"{self.decl.name}.{'root' if self.which == 'roots' else 'nodes'} (an argument of a recursion: h(...))"
+
 
 class LeafRef:
     """`n` in the leaf case: `n.word`, `n.x`."""
 
     def __init__(self, decl: ForestDecl, mb):
         self.decl, self.mb = decl, mb
+
+    def __repr__(self) -> str:
+        return "a leaf n (use n.word or n.x)"
 
     def snet_attr(self, mb, e: S.Attr):
         name, span = e.name, e.span
@@ -162,12 +179,18 @@ class LeafRef:
 class Child:
     k: int
 
+    def __repr__(self) -> str:
+        return "a child of n (an argument of the recursion: h(n.left))"
+
 
 class Children:
     """`n.children`: one child with `[k]`, all of them inside sum or concat."""
 
     def __init__(self, arity: int):
         self.arity = arity
+
+    def __repr__(self) -> str:
+        return "n.children (use h(n.children) in sum(...) or concat(...))"
 
     def snet_subscript(self, mb, e: S.Index):
         k = mb.eval(e.index)
@@ -182,6 +205,9 @@ class NodeRef:
 
     def __init__(self, decl: ForestDecl):
         self.decl = decl
+
+    def __repr__(self) -> str:
+        return "a node n (use h(n.left), h(n.right), h(n.children))"
 
     def snet_attr(self, mb, e: S.Attr):
         name, span = e.name, e.span
@@ -203,6 +229,9 @@ class RecFn:
     def __init__(self, name: str, states: Value, decl: ForestDecl):
         self.name, self.states, self.decl = name, states, decl
 
+    def __repr__(self) -> str:
+        return f"the recursion {self.name} (call it: {self.name}({self.decl.name}.root))"
+
     def snet_call(self, mb, e: S.Call):
         if len(e.args) != 1 or e.kwargs:
             raise SnetTypeError(f"{self.name} takes one argument, e.g. {self.name}({self.decl.name}.root)", e.span)
@@ -222,6 +251,9 @@ class RecSelf:
 
     def __init__(self, name: str, block: Value, width: int, arity: int):
         self.name, self.block, self.width, self.arity = name, block, width, arity
+
+    def __repr__(self) -> str:
+        return f"the recursion {self.name} (call it on a child: {self.name}(n.left))"
 
     def state(self, b: Builder, k: int) -> Value:
         return b.slice(self.block, axis=1, start=k * self.width, stop=(k + 1) * self.width)
@@ -285,12 +317,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
         got = ", ".join(map(str, out.shape[1:])) if out.shape[:1] == ("rows",) else str(out.type)
         raise SnetShapeError(f"the node case gives states of shape [{got}], the leaf case [{width}]: "
                              "a node's state must have one shape", s.node.span)
-    for nid, node in body.nodes.items():
-        if node.op.name in ("param", "const") or node.type.rank == 0 and "elementwise" in node.op.traits:
-            continue
-        if not node.shape or node.shape[0] != "rows":
-            raise SnetShapeError(f"the node case must compute each node's state from its own children; "
-                                 f"{node.op.name} here mixes nodes ({node.type})", node.span or s.node.span)
+    _check_rows_stay_apart(body, cin, s.node.span)
     body.outputs["h"] = out.id
     fold_concat_of_slices(body)
     dce(body)
@@ -309,6 +336,23 @@ def build_rec(mb, s: S.RecDecl) -> None:
                    body=body, fwd=fwd, arity=decl.arity, width=width, rec=s.name)
     mb.env[s.name] = RecFn(s.name, H, decl)
     mb.defined_at[s.name] = s.name_span
+
+
+def _check_rows_stay_apart(body: Graph, children: int, span: Span) -> None:
+    """Every value computed from the children must keep one row per node. A
+    value of parameters and constants alone (transpose(W)) is the same for
+    every node: it is allowed, and lowering hoists it out of the recursion."""
+    per_node = {children}
+    for nid in sorted(body.nodes):          # ids grow with building: inputs come first
+        node = body.nodes[nid]
+        if not any(i in per_node for i in node.inputs):
+            continue
+        per_node.add(nid)
+        if node.type.rank == 0 and "elementwise" in node.op.traits:
+            continue
+        if not node.shape or node.shape[0] != "rows":
+            raise SnetShapeError(f"the node case must compute each node's state from its own children; "
+                                 f"{node.op.name} here mixes nodes ({node.type})", node.span or span)
 
 
 def _restore(env, key, saved):
@@ -375,6 +419,11 @@ def _body_builder_class():
                 kw = {k.name for k in e.kwargs}
                 if kw - ({"axis"} if e.func == "concat" else set()):
                     raise SnetTypeError(f"{e.func}({self.rec.name}(n.children)) takes no options", e.span)
+                for k in e.kwargs:      # the states are joined along the feature axis, nothing else
+                    axis = self.eval(k.value)
+                    if type(axis) is not int or axis not in (1, -1):
+                        raise SnetTypeError(f"concat({self.rec.name}(n.children)) joins the children's states "
+                                            f"along axis 1 (or -1), got axis={S.unparse(k.value)}", k.span)
                 b = Builder(self.graph, e.span)
                 states = [self.rec.state(b, k) for k in range(self.rec.arity)]
                 if e.func == "concat":

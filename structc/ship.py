@@ -108,7 +108,7 @@ def header_text(meta: dict) -> str:
                      + ". Returns 0 on success. */")
         lines.append(f"int32_t {entry['symbol']}(float *params, float *grads, float *state, void *workspace,\n"
                      f"        void **inputs, void **outputs, const int64_t *dims, const float *hyper, int64_t mode);")
-        lines.append(f"int64_t {entry['workspace']}(const int64_t *dims);   /* bytes of workspace for these dims */")
+        lines.append(f"int64_t {entry['workspace']}(const int64_t *dims);   /* bytes of workspace for these dims; -1: overflows int64 */")
         lines.append("")
     lines += ["const char *sc_metadata(void);          /* JSON: inputs, outputs, parameters, target */",
               "const float *sc_default_params(void);   /* parameters built in with --params, or NULL */",

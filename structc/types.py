@@ -14,6 +14,13 @@ from .errors import ShapeMismatch
 
 Dim = Union[int, str]
 
+#: the most elements a tensor may have from its static dims alone (2**40 floats
+#: are 4 TiB); far below what the int64 sizes and offsets of the ABI hold, so
+#: a product with a few symbols bound at call time is checked there, not wrapped
+MAX_ELEMENTS = 2 ** 40
+#: the most parameters a model may have in all (an 8 GiB arena, allocated up front)
+MAX_PARAMS = 2 ** 31
+
 DTYPES = {"f32": "float32", "f64": "float64", "i32": "int32", "i64": "int64"}
 
 
@@ -32,6 +39,10 @@ class TensorType:
 
     def size(self) -> "Size":
         return Size.of(self.shape)
+
+    def static_elements(self) -> int:
+        """The product of the static dims (what a symbol multiplies)."""
+        return math.prod(d for d in self.shape if isinstance(d, int))
 
     def concrete(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(bind_dim(d, dims) for d in self.shape)

@@ -498,3 +498,14 @@ def test_dense_data_for_a_model_with_two_inputs(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "structc: error: data set 'digits' feeds one tensor input and one target; model TwoIn declares "
         "tensor input 'a': f32[N, 32], tensor input 'b': f32[N, 32], target 'y': class[N] of 10\n")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`structc compile --dump=llvm | head -1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    cmd = (f"{sys.executable} -c 'import sys; from structc.cli import main; sys.exit(main())' "
+           f"compile {ROOT / 'examples/digits_mlp.snet'} --dump=llvm | head -1")
+    done = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd="/tmp", timeout=120)
+    assert done.stdout.strip()
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

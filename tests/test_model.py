@@ -197,3 +197,44 @@ def test_results_do_not_depend_on_thread_count(threads):
 def test_set_num_threads_validates():
     with pytest.raises(ValueError):
         structc.set_num_threads(0)
+
+
+# -- issue 15: the workspace size never wraps -------------------------------------------
+
+def workspace_bytes(net, kind, dims):
+    import ctypes
+    arr = (ctypes.c_int64 * len(dims))(*dims)
+    return net._entries[kind].workspace_fn(ctypes.addressof(arr))
+
+
+@pytest.mark.parametrize("kind", ["forward", "train"])
+def test_workspace_size_function_reports_overflow(mlp, kind):
+    net, _ = mlp
+    small, big = workspace_bytes(net, kind, (100,)), workspace_bytes(net, kind, (2 ** 40,))
+    assert 0 < small < big
+    for n in (2 ** 57, 2 ** 61, 2 ** 62, 2 ** 63 - 1):      # these wrapped, some to negative sizes
+        assert workspace_bytes(net, kind, (n,)) == -1, n
+
+
+def test_a_call_whose_workspace_overflows_is_refused(mlp):
+    net, _ = mlp
+    with pytest.raises(ValueError, match="more workspace than int64 can count .N=2305843009213693952"):
+        net._workspace(net._entries["train"], (2 ** 61,))
+    with pytest.raises(ValueError, match="more than this machine's memory"):
+        net._workspace(net._entries["forward"], (2 ** 50,))
+
+
+def test_reachable_huge_workspaces_are_refused_before_native_code():
+    """Small inputs whose symbols multiply: an [N, N] buffer of 4 TiB, and an
+    [N, M, K] one of 2**62 bytes next to others (the total wrapped in int64)."""
+    square = structc.compile("model Q { input x: f32[N, 1]\n output s = sum(relu(x @ transpose(x))) }")
+    assert float(square(x=np.ones((3, 1), np.float32))) == pytest.approx(9.0)
+    with pytest.raises(ValueError, match="bytes of workspace .N=1048576., more than this machine's memory"):
+        square(x=np.ones((2 ** 20, 1), np.float32))
+    cube = structc.compile("model C { input a: f32[N, 1]\n input b: f32[M, 1]\n input c: f32[K, 1]\n"
+                           " output s = sum(softmax(reshape(a @ transpose(b), N, M, 1) * reshape(c, 1, 1, K))) }")
+    ones = {k: np.ones((n, 1), np.float32) for k, n in zip("abc", (2, 3, 4))}
+    assert float(cube(**ones)) == pytest.approx(6.0)
+    ones = {k: np.ones((2 ** 20, 1), np.float32) for k in "abc"}
+    with pytest.raises(ValueError, match="more workspace than int64 can count"):
+        cube(**ones)

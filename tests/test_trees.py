@@ -11,6 +11,7 @@ from structc import api
 from structc.autodiff import differentiate
 from structc.build import build_model
 from structc.embeddings import cooccurrence, pca_embedding, pca_embedding_of
+from structc.errors import SnetShapeError
 from structc.forest import Forest, Vocab, bind_forest
 from structc.interp import evaluate
 from structc.syntax import parse
@@ -543,3 +544,51 @@ def test_a_forest_stays_as_checked(binary):
     with pytest.raises(ValueError):
         padded.flags.writeable = True
     assert net(t=f).shape == (2, 3)
+
+
+# -- issue 9 item 8: values of parameters alone inside the node case ------------------
+
+TRANSPOSED = """
+model T {
+  input  t: forest of word(vocab=7)
+  target y: class[t.trees] of 2
+  param  E: embedding(7, 4) = normal(0.5)
+  param  W: f32[4, 8]
+  param  b: f32[4]
+  rec h(n) = leaf: E[n.word]
+             node: tanh(concat(h(n.left), h(n.right)) @ WEIGHT + b)
+  loss cross_entropy(dense(h(t.root), 2), y)
+}
+"""
+
+
+def test_node_case_may_compute_on_parameters_alone():
+    """transpose(W) touches no node: it is computed once, and the model is the
+    one with the transposed weight declared as a parameter."""
+    hoisted, mdef = compiled(TRANSPOSED.replace("WEIGHT", "transpose(W) * 1.5"))
+    plain, _ = compiled(TRANSPOSED.replace("WEIGHT", "W").replace("f32[4, 8]", "f32[8, 4]"))
+    rng = np.random.default_rng(3)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 10)), 7) for _ in range(6)])
+    y = (np.arange(6) % 2).astype(np.int32)
+    check_native(hoisted, mdef, f, {"y": y})
+    w = rng.normal(size=(4, 8)).astype(np.float32) * 0.5
+    for name in ("E", "b", "dense1.w", "dense1.b"):
+        plain.params[name][...] = hoisted.params[name]
+    hoisted.params["W"][...] = w
+    plain.params["W"][...] = 1.5 * w.T
+    loss_h, grads_h = hoisted.grad(t=f, y=y)
+    loss_p, grads_p = plain.grad(t=f, y=y)
+    assert loss_h == pytest.approx(loss_p, rel=1e-5)
+    np.testing.assert_allclose(grads_h["W"], 1.5 * grads_p["W"].T, rtol=1e-4, atol=1e-6)
+    for name in ("E", "b", "dense1.w"):
+        np.testing.assert_allclose(grads_h[name], grads_p[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("node, what", [
+    ("h(n.left) @ (transpose(h(n.right)) @ h(n.left))", "transpose"),
+    ("h(n.left) * sum(h(n.right))", "sum"),
+])
+def test_node_case_that_mixes_nodes_is_still_refused(node, what):
+    src = TRANSPOSED.replace("tanh(concat(h(n.left), h(n.right)) @ WEIGHT + b)", node)
+    with pytest.raises(SnetShapeError, match=f"{what} here mixes nodes"):
+        build_model(parse(src))

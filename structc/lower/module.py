@@ -7,7 +7,7 @@ Every entry point has the same C signature:
               const float *hyper, int64_t mode);
 
 and a companion `int64_t f_workspace(const int64_t *dims)` giving the bytes
-of workspace a call needs for those dims. The entry point lays out a
+of workspace a call needs for those dims (-1 when that overflows int64). The entry point lays out a
 *frame* (buffer pointers, dims, hyper-parameters) on its stack and runs the
 groups' kernels in order; each kernel is a function `void k(frame, lo, hi)`
 over a range of its tasks, called directly or through the runtime's
@@ -25,6 +25,8 @@ from ..passes.plan import ALIGN, Plan
 from .codegen import CG, I32, I64, PTR, VOID
 from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 
+#: what `*_workspace` returns when the size for the given dims overflows int64
+WORKSPACE_OVERFLOW = -1
 KERNEL_TYPE = ir.FunctionType(VOID, [PTR, I64, I64])
 ENTRY_ARGS = [PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64]
 ARENAS = ("params", "grads", "state")
@@ -125,8 +127,47 @@ class KernelBuilder:
         e.b.call(par, [fn, e.frame, n, c])
 
 
-def _slot_offsets(cg: CG, plan: Plan):
+class _Wrapping:
+    """Plain int64 arithmetic: the entry point's offsets, computed only for
+    dims the size function has accepted."""
+
+    def __init__(self, cg: CG):
+        self.cg = cg
+
+    def mul(self, a, b):
+        return self.cg.imul(a, b)
+
+    def add(self, a, b):
+        return self.cg.iadd(a, b)
+
+
+class _Checked:
+    """int64 arithmetic through llvm's *.with.overflow intrinsics; `overflow`
+    (an i1) is set once any step wrapped."""
+
+    def __init__(self, cg: CG):
+        self.cg = cg
+        self.overflow = ir.Constant(ir.IntType(1), 0)
+
+    def _op(self, name, a, b):
+        a, b = (self.cg.i64(v) if isinstance(v, int) else v for v in (a, b))
+        full = f"llvm.{name}.with.overflow.i64"
+        fn = self.cg.module.globals.get(full) or ir.Function(
+            self.cg.module, ir.FunctionType(ir.LiteralStructType([I64, ir.IntType(1)]), [I64, I64]), name=full)
+        pair = self.cg.b.call(fn, [a, b])
+        self.overflow = self.cg.b.or_(self.overflow, self.cg.b.extract_value(pair, 1))
+        return self.cg.b.extract_value(pair, 0)
+
+    def mul(self, a, b):
+        return self._op("smul", a, b)
+
+    def add(self, a, b):
+        return self._op("sadd", a, b)
+
+
+def _slot_offsets(cg: CG, plan: Plan, arith=None):
     """Byte offset of each workspace slot and the total, for this call's dims."""
+    arith = arith or _Wrapping(cg)
     offsets, at = [], cg.i64(0)
     for sizes in plan.slots:
         offsets.append(at)
@@ -134,10 +175,10 @@ def _slot_offsets(cg: CG, plan: Plan):
         for s in sizes:
             n = cg.i64(s.coef)
             for sym in s.symbols:
-                n = cg.imul(n, cg.dim(sym))
+                n = arith.mul(n, cg.dim(sym))
             biggest = n if biggest is None else cg.b.select(cg.b.icmp_signed(">", n, biggest), n, biggest)
-        padded = cg.imul(cg.ceil_div(biggest, ALIGN), ALIGN * 4)
-        at = cg.iadd(at, padded)
+        rounded = cg.b.sdiv(arith.add(biggest, ALIGN - 1), cg.i64(ALIGN))      # whole 64-byte lines
+        at = arith.add(at, arith.mul(rounded, ALIGN * 4))
     return offsets, at
 
 
@@ -188,11 +229,13 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
     cg.b.ret(ir.Constant(I32, 0))
     cg.finish()
 
-    # The workspace size for given dims.
+    # The workspace size for given dims, or WORKSPACE_OVERFLOW when it does
+    # not fit int64: the caller refuses the call then, before the entry runs.
     wfn = ir.Function(module, ir.FunctionType(I64, [PTR]), name=f"{name}_workspace")
     wcg = CG(module, wfn, _DimsFromArray(symbols), frame=wfn.args[0])
-    _, total = _slot_offsets(wcg, plan)
-    wcg.b.ret(total)
+    checked = _Checked(wcg)
+    _, total = _slot_offsets(wcg, plan, checked)
+    wcg.b.ret(wcg.b.select(checked.overflow, wcg.i64(WORKSPACE_OVERFLOW), total))
     wcg.finish()
 
 

@@ -135,6 +135,9 @@ def onehot(ctx, ids, classes=None):
         if not classes:
             ctx.fail("onehot needs the number of classes: onehot(ids, classes)")
     classes = ctx.expect_int(classes, "classes")
+    declared = ids.node.attrs.get("classes", 0) if ids.node.op.name == "input" else 0
+    if declared > classes:      # the ids past the columns would give rows of zeros
+        ctx.fail(f"onehot: the ids lie in [0, {declared}) but there are only {classes} columns")
     return ctx.checked(lambda: ctx.b.onehot(ids, classes=classes))
 
 
@@ -147,6 +150,10 @@ def index(ctx, base, idx):
         ctx.fail(f"only the rows of a float matrix can be picked, got {base.type}")
     if idx.type.rank != 1 or idx.type.dtype not in ("i32", "i64"):
         ctx.fail(f"rows are picked with a vector of integer ids, got {idx.type}")
+    ids = idx.node.attrs.get("classes", 0) if idx.node.op.name == "input" else 0
+    rows = base.shape[0]
+    if ids and isinstance(rows, int) and ids > rows:     # the kernel would clamp the extra ids: wrong rows
+        ctx.fail(f"the ids lie in [0, {ids}) but the matrix {base.type} has only {rows} rows")
     return ctx.b.gather_rows(base, idx)
 
 

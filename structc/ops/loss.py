@@ -105,6 +105,29 @@ def _check_classes(z, y):
            f"labels {y} do not match logits {z}: expected one class per row")
 
 
+def declared_classes(labels) -> int:
+    """The class count labels were declared with (`class[N] of C`, a forest's
+    `word(vocab=C)`), or 0 when they come from anywhere else."""
+    node = labels.node
+    return node.attrs.get("classes", 0) if node.op.name == "input" else 0
+
+
+def check_labels(ctx, logits, labels) -> None:
+    """Labels index the logits' last axis, so their declared count must be that
+    axis's length: a label past it would read another row's logit (or past the
+    buffer), one short of it would leave logits that no label can pick."""
+    classes, width = declared_classes(labels), logits.shape[-1]
+    if not classes:
+        ctx.fail(f"{ctx.fname}: the labels {labels.type} do not say how many classes there are; "
+                 f"declare them as `target y: class[...] of {width}` so every label is checked")
+    if not isinstance(width, int):
+        ctx.fail(f"{ctx.fname}: the logits {logits.type} have a symbolic class axis '{width}', but the labels "
+                 f"have {classes} classes: the logits need {classes} columns, a number")
+    if width != classes:
+        ctx.fail(f"{ctx.fname}: {width} logits per row but {classes} classes in the labels "
+                 f"(class[...] of {classes}); the layer that makes the logits needs {classes} outputs")
+
+
 class CrossEntropy(Op):
     """mean over rows of -log softmax(z)[y]; z are logits, y integer classes."""
     name = "cross_entropy"
@@ -113,6 +136,9 @@ class CrossEntropy(Op):
     def shape(self, z, y) -> TensorType:
         _check_classes(z, y)
         return TensorType((), "f32")
+
+    def check_values(self, ctx, z, y) -> None:
+        check_labels(ctx, z, y)
 
     def vjp(self, b, g, out, z, y):
         return [b.softmax_ce_grad(z, y, g), None]
@@ -241,6 +267,10 @@ def binary_cross_entropy(ctx, logits, target):
     ctx.expect_tensor(target, "binary_cross_entropy")
     if logits.shape != target.shape:
         ctx.fail(f"binary_cross_entropy: logits {logits.type} and target {target.type} differ in shape")
+    classes = declared_classes(target)
+    if classes > 2:     # class labels as targets: only 0 and 1 mean anything here
+        ctx.fail(f"binary_cross_entropy: the targets are labels of {classes} classes; it needs 0/1 targets "
+                 "(class[...] of 2 or floats in [0, 1]); use cross_entropy for more classes")
     b = ctx.b
     per = b.relu(logits) - logits * target + b.log(b.exp(b.neg(b.abs(logits))) + 1.0)
     axes = tuple(range(len(logits.shape)))

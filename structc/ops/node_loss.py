@@ -13,7 +13,7 @@ from llvmlite import ir
 
 from ..types import TensorType
 from .base import Op, Sample, surface
-from .loss import _check_classes, _each_vector, _row_stats
+from .loss import _check_classes, _each_vector, _row_stats, check_labels
 
 
 def _softmax(z):
@@ -135,6 +135,7 @@ def masked_cross_entropy(ctx, logits, labels, mask):
     ctx.expect_tensor(labels, "masked_cross_entropy")
     ctx.expect_tensor(mask, "masked_cross_entropy")
     per_row = ctx.checked(lambda: ctx.b.cross_entropy_rows(logits, labels))
+    check_labels(ctx, logits, labels)
     if tuple(mask.shape) != tuple(per_row.shape) or not mask.type.is_float:
         ctx.fail(f"masked_cross_entropy: the mask must be f32[{', '.join(map(str, per_row.shape))}] "
                  f"(one weight per row), got {mask.type}")

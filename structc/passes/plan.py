@@ -12,6 +12,7 @@ need not care about aliasing.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..graph import Graph
@@ -51,6 +52,25 @@ class Plan:
             lines.append(f"  slot {k}: max({', '.join(map(str, sizes))}) floats")
         lines.append("}")
         return "\n".join(lines)
+
+
+def check_workspace(need: int, binding: dict) -> None:
+    """Refuse a call, before any native code runs, whose workspace (bytes, from
+    the generated size function) overflows int64 (it returns -1 then) or
+    exceeds this machine's memory: allocating it could only fail or thrash."""
+    dims = ", ".join(f"{k}={v}" for k, v in binding.items())
+    if need < 0:
+        raise ValueError(f"this call needs more workspace than int64 can count ({dims}); use smaller inputs")
+    if need > physical_memory():
+        raise ValueError(f"this call needs {need} bytes of workspace ({dims}), more than this machine's "
+                         f"memory ({physical_memory()} bytes); use smaller inputs")
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):      # not a POSIX system: assume 64 TiB
+        return 2 ** 46
 
 
 def aligned(n: int) -> int:

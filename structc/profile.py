@@ -1,0 +1,468 @@
+"""Where a step's time goes: every kernel of a model, timed, by `.snet` line.
+
+    report = profile(net, {"x": x, "y": y}, steps=100)     # net from profiled_net()
+    print(report.table()); report.write_trace("out.json")
+
+Compiled code runs each kernel through the runtime's `sc_parallel_for`. A
+profiled copy of the model is loaded while that symbol resolves to the
+runtime's timing shim (`runtime/sc_profile.c`), so the machine code timed is
+the code that runs, and no C compiler is needed. The shim records every call
+(on the calling thread) and every chunk of tasks (on the thread that ran it):
+calls give the table, chunks the trace's lanes. Which kernel came from which
+fused group, hence which source lines, is noted while the copy is lowered.
+Kernels run from inside another (each level of a recursion over trees) are
+listed, marked, and counted once, in the kernel that runs them.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: one record of the shim (`sc_prof_event` in runtime/sc_profile.c)
+EVENT = np.dtype([("fn", "<i8"), ("start", "<i8"), ("end", "<i8"), ("lo", "<i8"), ("hi", "<i8"),
+                  ("lane", "<i4"), ("kind", "<i4"), ("depth", "<i4"), ("pad", "<i4")])
+CALL, CHUNK = 0, 1
+#: the trace keeps the events of this many steps (a long run would make a file too big to open)
+TRACE_STEPS = 20
+#: room for the events of the first step recorded (more is made if it does not fit)
+PROBE_EVENTS = 1 << 16
+_LOAD_LOCK = threading.Lock()     # the shim's symbol is process-wide while a copy loads
+_RECORD_LOCK = threading.Lock()   # and so is its event buffer
+
+
+@dataclass
+class Kernel:
+    """What the compiler knows of one kernel function."""
+    name: str
+    op: str                                  # the op of its group's anchor
+    spans: list = field(default_factory=list)   # its group's source spans, the anchor's first
+    flops: tuple | None = None               # factors (ints, symbols) of its flops per call
+
+    @property
+    def line(self) -> int | None:
+        return self.spans[0].line if self.spans else None
+
+    def flop_count(self, dims: dict) -> int | None:
+        if self.flops is None:
+            return None
+        total = 1
+        for f in self.flops:
+            f = dims.get(f) if isinstance(f, str) else f
+            if not isinstance(f, int):
+                return None      # a symbol bound inside the kernel (a recursion's rows)
+            total *= f
+        return total
+
+
+# -- flop counts of the kernels the compiler knows the shapes of ---------------------------
+
+def _matmul_flops(graph, node):
+    a = graph.nodes[node.inputs[0]].shape
+    k = a[0] if node.attrs.get("ta") else a[1]
+    return (2, node.shape[0], node.shape[1], k)
+
+
+def _conv_flops(graph, node):
+    w = graph.nodes[node.inputs[1]].shape               # [out, in, kh, kw]
+    return (2, *node.shape, *w[1:])                     # out: [N, out, oh, ow]
+
+
+def _conv_kernel_grad_flops(graph, node):
+    g = graph.nodes[node.inputs[1]].shape               # the delta [N, out, oh, ow]
+    return (2, *g, *node.shape[1:])                     # out: [out, in, kh, kw]
+
+
+FLOPS = {"matmul": _matmul_flops, "conv2d": _conv_flops, "conv2d_kernel_grad": _conv_kernel_grad_flops}
+
+
+# -- the copy of the model that runs through the shim --------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _shim() -> ctypes.CDLL:
+    from .native import runtime_library
+    lib = runtime_library()
+    lib.sc_prof_start.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.sc_prof_stop.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    lib.sc_prof_stop.restype = ctypes.c_int64
+    lib.sc_prof_now_ns.restype = ctypes.c_int64
+    return lib
+
+
+@contextlib.contextmanager
+def _noting_kernels(kernels: dict[str, Kernel]):
+    """While lowering, note each kernel function's group. The lowering has no
+    hook for this, so its `lower_group` and `KernelBuilder.kernel` are wrapped
+    for the duration (under _LOAD_LOCK: one profiled compile at a time)."""
+    from .lower import module as lowering
+    real_group, real_kernel = lowering.lower_group, lowering.KernelBuilder.kernel
+    defined: list[str] = []
+    mine = threading.get_ident()        # another thread compiling meanwhile is not noted
+
+    def kernel(self, name, tasks, cost=1):
+        if threading.get_ident() == mine:
+            defined.append(f"{self.prefix}_{name}")
+        return real_kernel(self, name, tasks, cost)
+
+    def lower_group(kb, graph, group):
+        start = len(defined)
+        real_group(kb, graph, group)
+        if threading.get_ident() != mine:
+            return
+        anchor = graph.nodes[group.anchor]
+        members = [group.anchor] + [m for m in group.members if m != group.anchor]
+        spans = []
+        for m in members:
+            span = graph.nodes[m].span
+            if span is not None and all(s.line != span.line for s in spans):
+                spans.append(span)
+        count = FLOPS.get(anchor.op.name)
+        for k, name in enumerate(defined[start:]):
+            if name.startswith(f"{kb.prefix}_") and name not in kernels:
+                # the first kernel of a matmul or convolution group is its loop nest
+                flops = count(graph, anchor) if count and k == 0 else None
+                kernels[name] = Kernel(name, anchor.op.name, spans, flops)
+
+    lowering.lower_group, lowering.KernelBuilder.kernel = lower_group, kernel
+    try:
+        yield
+    finally:
+        lowering.lower_group, lowering.KernelBuilder.kernel = real_group, real_kernel
+
+
+def profiled_net(source: str, file: str = "<source>", model: str | None = None, seed: int = 0):
+    """A fresh `Net` of `model` whose kernels run through the timing shim
+    (never from the cache: lowering it is how its kernels are named)."""
+    import llvmlite.binding as llvm
+
+    from .compiler import compile_program
+    from .model import Net
+    from .native import JitModule, _init, host_target, runtime_library
+    from .syntax import parse
+    program = parse(source, file)
+    target = host_target()
+    _init()
+    kernels: dict[str, Kernel] = {}
+    real = ctypes.cast(runtime_library().sc_parallel_for, ctypes.c_void_p).value
+    with _LOAD_LOCK:
+        with _noting_kernels(kernels):
+            art = compile_program(program, model, target)
+        # MCJIT resolves symbols as it loads: only this copy is bound to the shim.
+        llvm.add_symbol("sc_parallel_for", ctypes.cast(_shim().sc_prof_parallel_for, ctypes.c_void_p).value)
+        try:
+            module = JitModule(art.object, target)
+        finally:
+            llvm.add_symbol("sc_parallel_for", real)
+    net = Net(art.meta, module, seed=seed)
+    by_address = {}
+    for name, kernel in kernels.items():
+        try:
+            addr = module.engine.get_function_address(name)
+        except Exception:  # noqa: BLE001 - a body shared with another entry point: not in the object
+            addr = 0
+        if addr:
+            by_address[addr] = kernel
+    net._profile_kernels = by_address
+    net._profile_source = source
+    return net
+
+
+def profile_copy(net, seed: int = 0):
+    """A profiled copy of `net` (compiled by `structc.compile`) with its
+    parameters, optimizer and vocabulary: profiling trains the copy, never `net`."""
+    origin = getattr(net, "_compiled_from", None)
+    if origin is None:
+        raise ValueError(f"{net.name}: only a model compiled by structc.compile in this process can be "
+                         f"profiled (its source is needed); compile it from its .snet file")
+    copy = profiled_net(*origin, seed=seed)
+    with net._lock:
+        for name, value in net.params.items():
+            copy.params[name][...] = value
+        copy._state_arena[...] = net._state_arena
+        copy.optimizer, copy._opt, copy._step = net.optimizer, dict(net._opt), net._step
+    if net.vocab is not None:
+        copy.vocab = net.vocab
+    return copy
+
+
+# -- the peak ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def fma_peak() -> float:
+    """GFLOP/s of one core running 24 independent chains of vector FMAs (as
+    benchmarks/bench_conv.py measures it): the most a kernel could reach."""
+    import llvmlite.binding as llvm
+    from llvmlite import ir
+
+    from .native import host_target, new_target_machine, optimize
+    target = host_target()
+    vw = target.vector_width
+    f32, i64 = ir.FloatType(), ir.IntType(64)
+    vt = ir.VectorType(f32, vw)
+    mod = ir.Module("peak")
+    mod.triple = target.triple
+    fma = ir.Function(mod, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{vw}f32")
+    fn = ir.Function(mod, ir.FunctionType(f32, [i64]), "peak")
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    mul = ir.Constant(vt, [ir.Constant(f32, 0.999999)] * vw)
+    add = ir.Constant(vt, [ir.Constant(f32, 1e-7)] * vw)
+    b.branch(loop)
+    b.position_at_end(loop)
+    i = b.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    accs = []
+    for k in range(24):
+        phi = b.phi(vt)
+        phi.add_incoming(ir.Constant(vt, [ir.Constant(f32, k * 0.01)] * vw), entry)
+        accs.append(phi)
+    new = [b.call(fma, [a, mul, add]) for a in accs]
+    for phi, v in zip(accs, new):
+        phi.add_incoming(v, loop)
+    nxt = b.add(i, ir.Constant(i64, 1))
+    i.add_incoming(nxt, loop)
+    b.cbranch(b.icmp_signed("<", nxt, fn.args[0]), loop, done)
+    b.position_at_end(done)
+    total = new[0]
+    for v in new[1:]:
+        total = b.fadd(total, v)
+    b.ret(b.extract_element(total, ir.Constant(ir.IntType(32), 0)))
+    m, _ = optimize(str(mod), target)
+    # the engine frees its target machine: never hand it optimize's shared one
+    engine = llvm.create_mcjit_compiler(m, new_target_machine(target))
+    engine.finalize_object()
+    call = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_int64)(engine.get_function_address("peak"))
+    iters = 2_000_000
+    best = float("inf")
+    for _ in range(10):      # the best of several: another process may take the core for a while
+        t = time.perf_counter()
+        call(iters)
+        best = min(best, time.perf_counter() - t)
+    return iters * 24 * vw * 2 / best / 1e9
+
+
+# -- running and recording -----------------------------------------------------------------
+
+@dataclass
+class Row:
+    kernel: Kernel
+    seconds: float          # per step
+    calls: float            # per step
+    tasks: int              # of its last call
+    nested: bool
+    gflops: float | None
+    threads: int            # threads that ran some of its tasks
+
+    def percent_of(self, peak: float) -> float:
+        """GFLOP/s as a percentage of the peak of the cores that ran the kernel."""
+        return 100 * self.gflops / (peak * self.threads) if self.gflops else 0.0
+
+
+@dataclass
+class Report:
+    model: str
+    kind: str               # "train" or "forward"
+    steps: int
+    threads: int
+    step_seconds: float
+    peak: float             # GFLOP/s of one core
+    rows: list[Row]
+    source_lines: list[str]
+    events: np.ndarray      # the recorded events of the traced steps
+    step_spans: list        # (start, end) ns of each traced step
+    caller_lane: int
+
+    @property
+    def kernel_seconds(self) -> float:
+        return sum(r.seconds for r in self.rows if not r.nested)
+
+    @property
+    def outside_seconds(self) -> float:
+        """Python, input checks: the step's time spent in no kernel."""
+        return max(self.step_seconds - self.kernel_seconds, 0.0)
+
+    def share(self, seconds: float) -> float:
+        return 100 * seconds / self.step_seconds if self.step_seconds > 0 else 0.0
+
+    def by_line(self) -> list[tuple[int | None, list[Row]]]:
+        """The rows under the source line of their group's anchor, lines in order."""
+        lines: dict[int | None, list[Row]] = {}
+        for r in sorted(self.rows, key=lambda r: -r.seconds):
+            lines.setdefault(r.kernel.line, []).append(r)
+        return sorted(lines.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+
+    def table(self) -> str:
+        out = [f"{self.model} {self.kind} step: {self.steps} steps at {self.threads} thread(s), "
+               f"{self.step_seconds * 1e6:.1f} us per step; peak {self.peak:.1f} GFLOP/s per core "
+               f"(%peak: of the threads that ran the kernel)", "",
+               f"{'line / kernel':54s} {'us/step':>9s} {'share':>6s} {'calls':>6s} {'tasks':>6s} "
+               f"{'thr':>3s} {'GFLOP/s':>8s} {'%peak':>6s}"]
+        for line, rows in self.by_line():
+            text = self.source_lines[line - 1].strip() if line and line <= len(self.source_lines) else ""
+            head = f"{line:4d}  {text}" if line else "   -  (no source line: the optimizer update, copies)"
+            out.append(head[:100])
+            for r in rows:
+                name = ("(inside) " if r.nested else "") + r.kernel.name
+                others = [s.line for s in r.kernel.spans[1:]]
+                if others:
+                    name += f" (+ line{'s' if len(others) > 1 else ''} {','.join(map(str, others))})"
+                rate = f"{r.gflops:8.2f} {r.percent_of(self.peak):5.1f}%" if r.gflops else ""
+                out.append(f"      {name:48s} {r.seconds * 1e6:9.1f} {self.share(r.seconds):5.1f}% "
+                           f"{r.calls:6.0f} {r.tasks:6d} {r.threads:3d} {rate}".rstrip())
+        out.append(f"{'      outside kernels (Python, input checks)':54s} {self.outside_seconds * 1e6:9.1f} "
+                   f"{self.share(self.outside_seconds):5.1f}%")
+        if any(r.percent_of(self.peak) > 100 for r in self.rows):
+            out.append("\nabove 100% of peak: the peak was measured while the machine was busy; give it (--peak)")
+        if any(r.nested for r in self.rows):
+            out.append("\n(inside): run by another kernel (a recursion's levels); its time is part of that kernel's")
+        return "\n".join(out)
+
+    def trace(self) -> dict:
+        """The traced steps in the Chrome trace event format (chrome://tracing, ui.perfetto.dev):
+        one lane (tid) per thread, the calling thread first; steps, kernel calls and chunks as
+        complete ("X") events, times in microseconds."""
+        names = {addr: k.name for addr, k in self._kernels.items()}
+        lanes = {self.caller_lane: 0}
+        for lane in self.events["lane"]:
+            lanes.setdefault(int(lane), len(lanes))
+        t0 = self.step_spans[0][0] if self.step_spans else 0
+        events = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid,
+                   "args": {"name": "caller" if tid == 0 else f"worker {tid}"}} for tid in lanes.values()]
+        for k, (a, b) in enumerate(self.step_spans):
+            events.append({"name": f"{self.kind} step {k}", "cat": "step", "ph": "X", "ts": (a - t0) / 1e3,
+                           "dur": (b - a) / 1e3, "pid": 1, "tid": 0})
+        for e in self.events:
+            name = names.get(int(e["fn"]), hex(int(e["fn"])))
+            chunk = e["kind"] == CHUNK
+            events.append({"name": name, "cat": "chunk" if chunk else "kernel", "ph": "X",
+                           "ts": (int(e["start"]) - t0) / 1e3, "dur": (int(e["end"]) - int(e["start"])) / 1e3,
+                           "pid": 1, "tid": lanes[int(e["lane"])],
+                           "args": {"tasks": [int(e["lo"]), int(e["hi"])]} if chunk else {"tasks": int(e["hi"])}})
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def write_trace(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.trace()))
+        return path
+
+
+def _forward_inputs(net, inputs: dict) -> dict:
+    """The inputs the forward pass takes (a training batch also carries targets)."""
+    names = net.meta["entries"]["forward"]["inputs"]
+    return {k: v for k, v in inputs.items() if any(n == k or n.startswith(k + ".") for n in names)}
+
+
+def _checked(net, inputs: dict, steps, forward: bool, peak) -> tuple[dict, dict]:
+    """The inputs of the step and its dims, or a ValueError/TypeError for a bad argument."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
+                             or not np.isfinite(peak) or peak <= 0):
+        raise ValueError(f"peak must be a positive number of GFLOP/s, got {peak!r}")
+    if not forward and "train" not in net.meta["entries"]:
+        raise ValueError(f"model {net.name} declares no loss, so it has no training step to profile; "
+                         f"profile its forward pass (--forward, forward=True)")
+    given = _forward_inputs(net, inputs) if forward else dict(inputs)
+    _, dims = net._bind(net._entries["forward" if forward else "train"], given)
+    return given, dims
+
+
+def profile_model(net, inputs: dict, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
+                  peak: float | None = None) -> Report:
+    """`net.profile`: the arguments checked on `net`, then a profiled copy timed."""
+    _checked(net, inputs, steps, forward, peak)     # before the copy is compiled
+    return profile(profile_copy(net), inputs, steps=steps, forward=forward, lr=lr, peak=peak)
+
+
+def _record(step, steps: int, capacity: int):
+    """Run `steps` steps recording; returns (events, step spans in ns, events lost).
+    One recording at a time: the shim has one buffer."""
+    shim = _shim()
+    buffer = np.zeros(capacity, EVENT)
+    spans = []
+    lost = ctypes.c_int64(0)
+    with _RECORD_LOCK:
+        shim.sc_prof_start(buffer.ctypes.data, capacity)
+        try:
+            for _ in range(steps):
+                a = shim.sc_prof_now_ns()
+                step()
+                spans.append((a, shim.sc_prof_now_ns()))
+        finally:
+            n = shim.sc_prof_stop(ctypes.byref(lost))
+    return buffer[:n], spans, lost.value
+
+
+def _events_bound(probe: np.ndarray, threads: int) -> int:
+    """At most how many events a step like `probe` makes: a call, and a chunk per
+    task up to the runtime's split (chunks of n // (4 threads) tasks: < 8 threads + 1)."""
+    calls = probe[probe["kind"] == CALL]
+    return int(np.minimum(calls["hi"], 8 * threads + 1).sum()) + len(calls) + 64
+
+
+def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
+            peak: float | None = None, warmup: int = 3) -> Report:
+    """Time every kernel of `net`'s training step (or forward pass) on `inputs`.
+    `net` comes from `profiled_net` or `profile_copy`; `steps` defaults to
+    about a second's worth; `peak` (GFLOP/s of one core) is measured if not given."""
+    from .native import get_num_threads
+    by_address = getattr(net, "_profile_kernels", None)
+    if by_address is None:
+        raise ValueError("profile() needs a net from structc.profile.profiled_net or profile_copy "
+                         "(use net.profile(...) on a compiled model)")
+    given, dims = _checked(net, inputs, steps, forward, peak)
+    kind = "forward" if forward else "train"
+    if forward:
+        def step():
+            net.forward(**given)
+    else:
+        def step():
+            net.train_step(lr=lr, **given)
+    for _ in range(warmup):
+        step()
+    probe, spans, lost = _record(step, 1, PROBE_EVENTS)      # one step sizes the buffer
+    while lost:
+        probe, spans, lost = _record(step, 1, 2 * (len(probe) + lost))
+    threads = get_num_threads()
+    if steps is None:
+        steps = max(5, min(2000, int(1.0 / max((spans[0][1] - spans[0][0]) / 1e9, 1e-6))))
+    capacity = _events_bound(probe, threads) * steps
+    events, spans, lost = _record(step, steps, capacity)
+    if lost:
+        raise RuntimeError(f"the profiler lost {lost} of {capacity + lost} events: steps differ from the first "
+                           f"in the kernels they run; profile fewer steps")
+    step_seconds = sum(b - a for a, b in spans) / steps / 1e9
+    rows = _rows(events, by_address, dims, steps)
+    traced_end = spans[min(steps, TRACE_STEPS) - 1][1]
+    outer = events[(events["kind"] == CALL) & (events["depth"] == 0)]
+    caller = int(outer["lane"][-1]) if len(outer) else 0
+    report = Report(net.name, kind, steps, threads, step_seconds, peak or fma_peak(), rows,
+                    net._profile_source.splitlines(), events[events["start"] <= traced_end],
+                    spans[:TRACE_STEPS], caller)
+    report._kernels = by_address
+    return report
+
+
+def _rows(events: np.ndarray, by_address: dict, dims: dict, steps: int) -> list[Row]:
+    calls = events[events["kind"] == CALL]
+    chunks = events[events["kind"] == CHUNK]
+    rows = []
+    for fn in np.unique(calls["fn"]):
+        mine = calls[calls["fn"] == fn]
+        if not (mine["hi"] > 0).any():
+            continue             # a kernel with no tasks for these shapes (an empty contraction's)
+        kernel = by_address.get(int(fn)) or Kernel(hex(int(fn)), "?")
+        seconds = float((mine["end"] - mine["start"]).sum()) / 1e9
+        flops = kernel.flop_count(dims)
+        gflops = flops * len(mine) / seconds / 1e9 if flops and seconds > 0 else None
+        lanes = len(np.unique(chunks["lane"][chunks["fn"] == fn]))
+        rows.append(Row(kernel, seconds / steps, len(mine) / steps, int(mine["hi"][-1]),
+                        bool((mine["depth"] > 0).all()), gflops, max(lanes, 1)))
+    return rows

@@ -1,0 +1,179 @@
+"""The kernel profiler: `net.profile`, `structc profile`, its table and its trace."""
+import ctypes
+import functools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import structc
+from structc.cli import main
+from structc.compiler import compile_source
+from structc.profile import EVENT, _shim, fma_peak, profile, profiled_net
+
+ROOT = Path(__file__).parent.parent
+MLP = ROOT / "examples" / "digits_mlp.snet"
+PEAK = 100.0      # GFLOP/s: given, so that most tests do not measure it
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return {"x": rng.random((64, 64), dtype=np.float32), "y": rng.integers(0, 10, 64).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def report(batch):
+    return structc.compile(MLP).profile(steps=3, peak=PEAK, **batch)
+
+
+@functools.lru_cache(maxsize=1)
+def mlp_llvm_ir() -> str:
+    dumps = {}
+    compile_source(MLP.read_text(), str(MLP), dump=lambda stage, text: dumps.__setitem__(stage, text))
+    return dumps["llvm"]
+
+
+def kernels_called(entry: str) -> set[str]:
+    """The kernels the entry point `entry` runs, read from the LLVM IR, but for
+    the `_k0` ones, which have tasks only when a contraction is empty (no rows)."""
+    body = re.search(rf'define i32 @"{entry}"\(.*?\n}}', mlp_llvm_ir(), re.S).group(0)
+    return {k for k in re.findall(r'call void @"sc_parallel_for"\([^@]*@"([^"]+)"', body) if not k.endswith("_k0")}
+
+
+def test_the_table_has_every_kernel_of_the_step(report):
+    expected = kernels_called("sc_train")
+    assert len(expected) > 10
+    assert {r.kernel.name for r in report.rows} == expected
+    table = report.table()
+    for name in expected:
+        assert name in table
+
+
+def test_the_forward_pass_has_its_own_kernels(batch):
+    net = structc.compile(MLP)
+    report = net.profile(steps=2, forward=True, peak=PEAK, **batch)     # the targets are left out
+    assert {r.kernel.name for r in report.rows} == kernels_called("sc_forward")
+    assert report.kind == "forward"
+
+
+def test_shares_sum_to_the_whole_step(report):
+    total = sum(report.share(r.seconds) for r in report.rows if not r.nested) + report.share(report.outside_seconds)
+    assert total == pytest.approx(100, abs=0.5)
+    assert report.kernel_seconds <= report.step_seconds
+
+
+def test_kernels_are_grouped_under_the_snet_line_of_their_layer(report):
+    lines = dict(report.by_line())
+    first_dense = MLP.read_text().splitlines().index("  h = dense(x, 128) |> relu") + 1
+    names = [r.kernel.name for r in lines[first_dense]]
+    assert any("matmul" in n for n in names), names
+    table = report.table()
+    assert f"{first_dense:4d}  h = dense(x, 128) |> relu" in table
+    # the forward matmul of that layer: 2 * 64 rows * 128 columns * 64 inputs flops a call
+    forward = next(r for r in lines[first_dense] if r.kernel.name.startswith("sc_forward_matmul"))
+    assert forward.kernel.flop_count({"N": 64}) == 2 * 64 * 128 * 64
+    assert forward.gflops > 0 and forward.percent_of(PEAK) > 0
+
+
+def test_the_trace_is_chrome_trace_json_with_a_lane_per_thread(report, tmp_path):
+    path = report.write_trace(tmp_path / "trace.json")
+    trace = json.loads(path.read_text())
+    complete = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for e in complete:
+        assert {"name", "ph", "ts", "dur", "pid", "tid"} <= set(e)
+        assert isinstance(e["tid"], int) and e["dur"] >= 0
+    named = {e["name"] for e in complete}
+    assert {r.kernel.name for r in report.rows} <= named          # >= 1 event per kernel
+    lanes = {e["tid"] for e in complete}
+    assert 0 in lanes and lanes == set(range(len(lanes)))        # the caller first, then workers
+    threads = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"]
+    assert {e["tid"] for e in threads} == lanes
+    steps = [e for e in complete if e.get("cat") == "step"]
+    assert len(steps) == 3 and all(e["tid"] == 0 for e in steps)
+
+
+def test_profiling_leaves_the_model_as_it_was(batch):
+    net = structc.compile(MLP)
+    net.train_step(lr=0.1, **batch)
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.profile(steps=3, peak=PEAK, lr=0.5, **batch)
+    for name, value in net.params.items():
+        np.testing.assert_array_equal(value, before[name])
+    assert net._step == 1
+
+
+def test_models_loaded_after_profiling_do_not_run_through_the_shim(batch):
+    profiled_net(MLP.read_text(), str(MLP))
+    net = structc.compile(MLP, cache=False)
+    buffer = np.zeros(1024, EVENT)
+    lost = ctypes.c_int64(0)
+    _shim().sc_prof_start(buffer.ctypes.data, len(buffer))
+    try:
+        net.train_step(**batch)
+    finally:
+        written = _shim().sc_prof_stop(ctypes.byref(lost))
+    assert written == 0 and lost.value == 0
+
+
+def test_bad_arguments_are_refused_before_anything_is_compiled(batch, monkeypatch):
+    net = structc.compile(MLP)
+    monkeypatch.setattr("structc.profile.profile_copy", lambda net: pytest.fail("compiled a copy"))
+    with pytest.raises(ValueError, match="steps"):
+        net.profile(steps=0, peak=PEAK, **batch)
+    with pytest.raises(ValueError, match="peak"):
+        net.profile(steps=1, peak=-1.0, **batch)
+    with pytest.raises(ValueError, match="input 'x'"):
+        net.profile(steps=1, peak=PEAK, x=batch["x"][:, :10], y=batch["y"])
+    with pytest.raises(ValueError, match="peak"):
+        net.profile(steps=1, peak=True, **batch)
+    with pytest.raises(ValueError, match="profiled_net"):
+        profile(net, batch, steps=1, peak=PEAK)
+
+
+def test_the_measured_peak_is_a_positive_rate_and_leaves_llvm_usable(batch):
+    assert fma_peak() > 1.0
+    # the peak's engine must not free the target machine later compiles share
+    net = structc.compile(MLP, cache=False)
+    assert np.isfinite(net.train_step(**batch))
+
+
+def test_cli_profile_prints_the_table_and_writes_the_trace(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    assert main(["profile", str(MLP), "--data", "digits", "--steps", "2", "--batch", "16", "--peak", "50",
+                 "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "h = dense(x, 128) |> relu" in out and "sc_train_matmul" in out
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_cli_profile_refuses_a_trace_it_cannot_write(tmp_path, capsys):
+    assert main(["profile", str(MLP), "--data", "digits", "--trace", str(tmp_path / "no" / "t.json")]) == 2
+    assert "cannot write the trace" in capsys.readouterr().err
+
+
+def test_version_names_the_compiler_and_llvm(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    from structc.compiler import compiler_fingerprint
+    assert compiler_fingerprint() in out
+    assert re.search(r"llvmlite \d+\.\d+.*LLVM \d+\.\d+", out)
+    assert "CPU" in out
+
+
+def test_a_first_step_too_big_for_the_probe_buffer_is_recorded_again(batch, monkeypatch):
+    monkeypatch.setattr("structc.profile.PROBE_EVENTS", 4)
+    report = profile(profiled_net(MLP.read_text(), str(MLP)), batch, steps=2, peak=PEAK)
+    assert {r.kernel.name for r in report.rows} == kernels_called("sc_train")
+
+
+def test_kernels_run_inside_a_recursion_are_marked_and_counted_once(capsys):
+    assert main(["profile", str(ROOT / "examples" / "logic_tree.snet"), "--data", "logic", "--steps", "2",
+                 "--batch", "4", "--peak", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "(inside) sc_h_node" in out and "sc_train_treemap" in out
+    assert "rec h(n) = leaf" in out

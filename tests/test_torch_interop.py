@@ -1,0 +1,171 @@
+"""PyTorch interop (`structc.torch`): the same weights give the same outputs in
+both; layouts are converted, and every mapping mistake is named before any
+parameter changes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import structc
+
+torch = pytest.importorskip("torch", reason="PyTorch interop needs torch (CPU build: pip install torch==2.13.0)")
+st = pytest.importorskip("structc.torch")
+nn = torch.nn
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MLP_LAYERS = {"dense1": "0", "dense2": "2", "dense3": "4"}
+
+
+def mlp() -> "nn.Sequential":
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+class LeNet5(nn.Module):
+    """examples/lenet5.snet, with the same layer names."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+        self.dense1, self.dense2, self.dense3 = nn.Linear(256, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        f = nn.functional
+        h = f.max_pool2d(f.relu(self.conv1(x)), 2)
+        h = f.max_pool2d(f.relu(self.conv2(h)), 2)
+        h = f.relu(self.dense2(f.relu(self.dense1(h.flatten(1)))))
+        return self.dense3(h)
+
+
+def torch_probs(module, x: np.ndarray) -> np.ndarray:
+    """The module's logits as probabilities, as structc's classifiers return them."""
+    with torch.no_grad():
+        return torch.softmax(module(torch.from_numpy(x)), -1).numpy()
+
+
+def test_digits_mlp_from_a_sequential_gives_its_outputs():
+    net, seq = structc.compile(EXAMPLES / "digits_mlp.snet"), mlp()
+    st.load_state_dict(net, seq, mapping=MLP_LAYERS)
+    np.testing.assert_allclose(net.params["dense1.w"], seq[0].weight.detach().numpy().T)   # [out, in] -> [in, out]
+    x = np.random.default_rng(0).random((7, 64), dtype=np.float32)
+    np.testing.assert_allclose(net(x=x), torch_probs(seq, x), rtol=1e-4, atol=1e-6)
+
+
+def test_lenet5_by_matching_names_gives_its_outputs():
+    net, module = structc.compile(EXAMPLES / "lenet5.snet"), LeNet5()
+    st.load_state_dict(net, module.state_dict())       # conv1.weight -> conv1.w, ...: no mapping needed
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(net(x=x), torch_probs(module, x), rtol=1e-4, atol=1e-6)
+
+
+def test_state_dict_round_trips_into_pytorch():
+    net = structc.compile(EXAMPLES / "lenet5.snet", seed=4)
+    module = LeNet5()
+    module.load_state_dict(st.state_dict(net))          # strict: every name and shape as PyTorch expects
+    x = np.random.default_rng(1).random((3, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(torch_probs(module, x), net(x=x), rtol=1e-4, atol=1e-6)
+    sd = st.state_dict(net, mapping={"dense1.w": "fc.weight"} | {k: k for k in ("conv1", "conv2", "dense2", "dense3")}
+                       | {"dense1.b": "fc.bias"})
+    assert tuple(sd["fc.weight"].shape) == (120, 256) and "dense2.weight" in sd
+
+
+def test_conv1d_and_embedding_layouts_are_unchanged():
+    net = structc.compile("model M { input s: f32[N, 3, 10]\n input w: class[N] of 7\n param E: embedding(7, 4)\n"
+                          " output o = concat(flatten(conv1d(s, 2, kernel=3, stride=2)), E[w], axis=1) }")
+    torch.manual_seed(2)
+    conv, emb = nn.Conv1d(3, 2, 3, stride=2), nn.Embedding(7, 4)
+    st.load_state_dict(net, {"conv1.weight": conv.weight, "conv1.bias": conv.bias, "E": emb.weight})
+    rng = np.random.default_rng(0)
+    s, w = rng.normal(size=(4, 3, 10)).astype(np.float32), np.array([0, 6, 2, 2], np.int32)
+    with torch.no_grad():
+        want = torch.cat([conv(torch.from_numpy(s)).flatten(1), emb(torch.from_numpy(w).long())], 1).numpy()
+    np.testing.assert_allclose(net(s=s, w=w), want, rtol=1e-5, atol=1e-6)
+
+
+def snapshot(net) -> dict:
+    return {k: np.array(v) for k, v in net.params.items()}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop("4.bias"), r"the state dict has no '4.bias' \(for 'dense3.b'\)"),
+    (lambda sd: sd.__setitem__("5.weight", torch.zeros(3)), r"PyTorch tensors \['5.weight'\] are not mapped"),
+    (lambda sd: sd.__setitem__("0.weight", torch.zeros(100, 64)),
+     r"'0.weight' has shape \(100, 64\) \(transposed.*\), but 'dense1.w' is \(64, 128\)"),
+    (lambda sd: sd.__setitem__("2.bias", torch.full((64,), float("nan"))), r"not finite"),
+])
+def test_mistakes_are_named_and_nothing_changes(change, message):
+    net = structc.compile(EXAMPLES / "digits_mlp.snet")
+    before = snapshot(net)
+    sd = dict(mlp().state_dict())
+    change(sd)
+    with pytest.raises(ValueError, match=message):
+        st.load_state_dict(net, sd, mapping=MLP_LAYERS)
+    assert all(np.array_equal(before[k], v) for k, v in net.params.items())
+
+
+def test_mapping_must_cover_every_parameter_once():
+    net = structc.compile(EXAMPLES / "digits_mlp.snet")
+    with pytest.raises(ValueError, match=r"no PyTorch tensor mapped to \['dense3.w', 'dense3.b'\]"):
+        st.load_state_dict(net, mlp(), mapping={"dense1": "0", "dense2": "2"})
+    with pytest.raises(ValueError, match=r"'2.weight' is mapped to both 'dense2.w' and 'dense3.w'"):
+        st.load_state_dict(net, mlp(), mapping={"dense1": "0", "dense2": "2", "dense3.w": "2.weight",
+                                                "dense3.b": "4.bias"})
+    with pytest.raises(ValueError, match=r"mapping names \['dense4'\], which are neither parameters nor layers"):
+        st.load_state_dict(net, mlp(), mapping={**MLP_LAYERS, "dense4": "6"})
+    with pytest.raises(ValueError, match=r"names structc parameter 'dense1.w' twice"):
+        st.load_state_dict(net, mlp(), mapping={**MLP_LAYERS, "dense1.w": "0.weight"})
+
+
+def test_without_a_mapping_a_sequential_is_refused_with_a_hint():
+    net = structc.compile(EXAMPLES / "digits_mlp.snet")
+    with pytest.raises(ValueError, match=r"e.g. \{'dense1': '0'\}"):
+        st.load_state_dict(net, mlp())
+
+
+def test_integer_tensors_are_refused():
+    net = structc.compile(EXAMPLES / "digits_mlp.snet")
+    sd = dict(mlp().state_dict())
+    sd["0.bias"] = torch.zeros(128, dtype=torch.int64)
+    with pytest.raises(TypeError, match="'0.bias' is torch.int64"):
+        st.load_state_dict(net, sd, mapping=MLP_LAYERS)
+
+
+def test_dense_inside_a_recursion_gets_linears_layout():
+    """The node case's `dense` lives in a sub-graph of the model's graph."""
+    net = structc.compile(EXAMPLES / "logic_tree.snet")
+    sd = st.state_dict(net)
+    cell = nn.Linear(3 * 48, 48)
+    cell.load_state_dict({"weight": sd["dense1.weight"], "bias": sd["dense1.bias"]})
+    np.testing.assert_array_equal(cell.weight.detach().numpy().T, net.params["dense1.w"])
+    st.load_state_dict(net, sd)                          # and back: the same values
+    np.testing.assert_array_equal(st.state_dict(net)["dense1.weight"].numpy(), sd["dense1.weight"].numpy())
+
+
+def test_karate_gcn_from_linear_layers_gives_a_dense_gcns_outputs():
+    """A GCN written in plain PyTorch: D^-1/2 (A + I) D^-1/2 (h W^T + b)."""
+    import networkx as nx
+    net = structc.compile(EXAMPLES / "karate_gcn.snet")
+    torch.manual_seed(3)
+    layers = nn.ModuleDict({"gcn1": nn.Linear(34, 16), "gcn2": nn.Linear(16, 16), "out": nn.Linear(16, 2)})
+    st.load_state_dict(net, layers, mapping={"dense1": "gcn1", "dense2": "gcn2", "dense3": "out"})
+    G = nx.karate_club_graph()
+    a = nx.to_numpy_array(G, nodelist=list(G), weight=None) + np.eye(34)
+    norm = torch.tensor(a / np.sqrt(np.outer(a.sum(1), a.sum(1))), dtype=torch.float32)
+    with torch.no_grad():
+        h = torch.relu(norm @ layers["gcn1"](torch.eye(34)))
+        h = torch.relu(norm @ layers["gcn2"](h))
+        want = torch.softmax(layers["out"](h), -1).numpy()
+    np.testing.assert_allclose(net(g=structc.Graph.from_networkx(G, x=np.eye(34))), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_net_without_its_source_needs_it_given():
+    net = structc.compile(EXAMPLES / "digits_mlp.snet")
+    text = net._compiled_from[0]
+    del net._compiled_from                               # as a Net from structc.load
+    with pytest.raises(ValueError, match="carries no source"):
+        st.state_dict(net)
+    st.load_state_dict(net, mlp(), mapping=MLP_LAYERS, source=text)
+    assert tuple(st.state_dict(net, MLP_LAYERS, source=text)["0.weight"].shape) == (128, 64)
