@@ -86,19 +86,30 @@ def test_a_failing_rank_ends_the_job_and_is_named(tmp_path):
     assert "rank 1 of 2 failed" in run.stderr and "deliberate failure on rank 1" in run.stderr, run.stderr[-3000:]
 
 
-def test_cli_train_distributed(tmp_path):
+def _epoch_numbers(text: str) -> list[float]:
+    """The losses and accuracies of the `epoch ...` lines of `structc train`."""
+    import re
+    return [float(v) for line in text.splitlines() if line.startswith("epoch")
+            for v in re.findall(r"(?:loss|accuracy) (\d+\.\d+)", line)]
+
+
+def test_cli_train_distributed_is_the_one_process_run(tmp_path, capsys):
     _need_mpi()
-    out = tmp_path / "mlp.npz"
-    run = mpiexec("-m", "mpi4py", "-m", "structc", "train", ROOT / "examples" / "digits_mlp.snet", "--data",
-                  "digits", "--epochs", "2", "--distributed", "--out", out, "--no-progress")
+    from structc.cli import main
+    args = ["train", ROOT / "examples" / "digits_mlp.snet", "--data", "digits", "--epochs", "2", "--optimizer",
+            "adam", "--lr", "0.01", "--no-progress"]
+    run = mpiexec("-m", "mpi4py", "-m", "structc", *args, "--distributed", "--out", tmp_path / "two.npz")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved parameters") == 1 and run.stdout.count("epoch   2/2") == 1, run.stdout
-    accuracy = float(run.stdout.split("held-out accuracy ")[1].rstrip("%\n"))
-    assert accuracy > 80
+    assert main([str(a) for a in args] + ["--out", str(tmp_path / "one.npz")]) == 0
+    alone = capsys.readouterr().out
+    assert _epoch_numbers(run.stdout) == pytest.approx(_epoch_numbers(alone), abs=2e-4), (run.stdout, alone)
+    assert len(_epoch_numbers(alone)) == 6
     evaluated = mpiexec("-m", "mpi4py", "-m", "structc", "eval", ROOT / "examples" / "digits_mlp.snet", "--data",
-                        "digits", "--params", out, "--distributed")
+                        "digits", "--params", tmp_path / "two.npz", "--distributed")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert evaluated.stdout.count("accuracy") == 1 and f"accuracy {accuracy:.2f}%" in evaluated.stdout
+    accuracy = run.stdout.split("held-out accuracy ")[1].strip()
+    assert evaluated.stdout.count("accuracy") == 1 and f"accuracy {accuracy}" in evaluated.stdout
 
 
 LOGIC_ROOTS = """
