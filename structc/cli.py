@@ -416,6 +416,10 @@ def _start_metrics_log(out: Path, cfg, resume: str | None):
 
 def cmd_eval(args) -> int:
     comm = _distributed_comm(args)
+    if comm is not None:                 # the machine's cores shared among its ranks
+        from .distributed import threads_per_rank
+        from .native import set_num_threads
+        set_num_threads(threads_per_rank(comm))
     net, _ = _compile_net(args, comm)
     data = _load_bound_data(args.data, net, args.split)
     params = load_params(net, args.params)
