@@ -240,12 +240,33 @@ def cmd_graph(args) -> int:
     return 0
 
 
-def _compile_net(args):
+def _compile_net(args, dp_comm=None):
+    """The model, compiled (or loaded from the cache); with `dp_comm`, rank 0 compiles
+    first and the other ranks load what it put in the cache."""
     from .api import compile as compile_net
     source, file = _source(args.file)
     t0 = time.perf_counter()
-    net = compile_net(source if file == "<source>" else Path(file), args.model, seed=getattr(args, "seed", 0) or 0)
+
+    def compile_it():
+        return compile_net(source if file == "<source>" else Path(file), args.model,
+                           seed=getattr(args, "seed", 0) or 0)
+    if dp_comm is None:
+        net = compile_it()
+    else:
+        from .distributed import rank0_first
+        net = rank0_first(dp_comm, compile_it)
     return net, time.perf_counter() - t0
+
+
+def _distributed_comm(args):
+    """MPI.COMM_WORLD for --distributed (None without it), or a UserError saying what to install."""
+    if not getattr(args, "distributed", False):
+        return None
+    from .distributed import mpi
+    try:
+        return mpi().COMM_WORLD
+    except ImportError as e:
+        raise UserError(str(e)) from None
 
 
 def _load_bound_data(name: str, net, split: float | None = None):
@@ -310,11 +331,21 @@ def cmd_train(args) -> int:
     if args.out is None and args.resume:
         args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
+    comm = _distributed_comm(args)
+    if args.threads is None and comm is not None:
+        from .distributed import threads_per_rank
+        args.threads = threads_per_rank(comm)
     if args.threads is not None:
         set_num_threads(args.threads)
-    net, seconds = _compile_net(args)
+    net, seconds = _compile_net(args, comm)
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
     data = _load_bound_data(args.data, net, args.split)
+    dp = None
+    if comm is not None:
+        from .distributed import DataParallel, check_splittable
+        check_splittable(data)
+        dp = DataParallel(net, comm)
+    root = dp is None or dp.is_root        # only rank 0 prints and writes
     data_id = _data_id(args)
     state = rng = None
     first_epoch = 1
@@ -336,12 +367,20 @@ def cmd_train(args) -> int:
             if cfg.optimizer != "sgd":
                 warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
                      f"it starts from zero, so this run differs from an uninterrupted one")
-    metrics = _start_metrics_log(out, cfg, args.resume)
-    print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
-          f"data: {data.description or data.name}"
-          + (f"; resuming after epoch {first_epoch - 1}" if state else "")
-          + f"; per-epoch metrics in {metrics.path}", file=sys.stderr)
-    history = train(net, data, cfg, rng=rng, on_epoch=metrics.callback)
+    metrics = _start_metrics_log(out, cfg, args.resume) if root else None
+    if root:
+        print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
+              f"data: {data.description or data.name}"
+              + (f"; resuming after epoch {first_epoch - 1}" if state else "")
+              + (f"; {dp.size} ranks" if dp else "")
+              + f"; per-epoch metrics in {metrics.path}", file=sys.stderr)
+    if dp is None:
+        history = train(net, data, cfg, rng=rng, on_epoch=metrics.callback)
+    else:
+        from .distributed import train as train_data_parallel
+        history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=metrics.callback if root else None)
+        if not root:
+            return 0
 
     def save_training_state(params_path: Path) -> None:
         from .train import state_path
@@ -376,10 +415,23 @@ def _start_metrics_log(out: Path, cfg, resume: str | None):
 
 
 def cmd_eval(args) -> int:
-    net, _ = _compile_net(args)
+    comm = _distributed_comm(args)
+    if comm is not None:                 # the machine's cores shared among its ranks
+        from .distributed import threads_per_rank
+        from .native import set_num_threads
+        set_num_threads(threads_per_rank(comm))
+    net, _ = _compile_net(args, comm)
     data = _load_bound_data(args.data, net, args.split)
     params = load_params(net, args.params)
-    metrics = data.evaluate(net)
+    if comm is None:
+        metrics = data.evaluate(net)
+    else:               # each rank its share of the held-out part; rank 0 reports
+        from .distributed import DataParallel, check_splittable, evaluate
+        check_splittable(data)
+        dp = DataParallel(net, comm)
+        metrics = evaluate(dp, data)
+        if not dp.is_root:
+            return 0
     acc = metrics.get("accuracy")
     print(f"{net.name} with {params} on {args.data} (held-out split): loss {metrics['loss']:.4f}"
           + (f", accuracy {100 * acc:.2f}%" if acc is not None else ""))
@@ -610,7 +662,8 @@ def parser() -> argparse.ArgumentParser:
                                             f"with --resume: the run's)")
     c.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
                    help=f"the update rule (default: {TRAIN_DEFAULTS['optimizer']}; with --resume: the run's)")
-    c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores)")
+    c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores; with "
+                                               "--distributed: the cores shared among the ranks on a machine)")
     c.add_argument("--seed", type=int, help="initialisation and shuffling seed (default: 0; with --resume: "
                                             "the run's generator continues)")
     c.add_argument("--out", help="where to save the parameters; `.npz` is added if missing, and the training "
@@ -621,6 +674,7 @@ def parser() -> argparse.ArgumentParser:
                         "epochs done, the optimizer state (momentum / Adam moments) and the shuffling, so "
                         "that it ends as an uninterrupted run would (default: none: a new run)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    _distributed_option(c)
     c.set_defaults(run=cmd_train)
 
     c = command("eval", help="report held-out accuracy and loss of trained parameters")
@@ -629,6 +683,7 @@ def parser() -> argparse.ArgumentParser:
                         f"part is used")
     _split_option(c)
     c.add_argument("--params", required=True, help="parameters saved by `structc train` (.npz optional)")
+    _distributed_option(c)
     c.set_defaults(run=cmd_eval)
 
     c = command("predict", help="run a trained model on inputs and write its predictions")
@@ -678,8 +733,31 @@ def _split_option(c) -> None:
                         "sets and files that give both parts keep theirs)")
 
 
+def _distributed_option(c) -> None:
+    c.add_argument("--distributed", action="store_true",
+                   help="data-parallel across MPI ranks: run as `mpiexec -n 2 python -m mpi4py -m structc ... "
+                        "--distributed` (needs pip install 'structc[mpi]'); each global batch is split among "
+                        "the ranks, gradients are exact; rank 0 prints and writes")
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    code = _main(args)
+    if code not in (0, None) and getattr(args, "distributed", False):
+        _end_other_ranks(code)
+    return code
+
+
+def _end_other_ranks(code: int) -> None:
+    """A rank that failed ends the job, so that the others do not wait for it forever."""
+    try:
+        from .distributed import abort_job
+        abort_job(code)
+    except ImportError:         # no mpi4py: there are no other ranks
+        pass
+
+
+def _main(args) -> int:
     try:
         return args.run(args)
     except SnetError as e:

@@ -22,6 +22,7 @@ from llvmlite import ir
 from . import __version__
 from .autodiff import differentiate, gradient_warnings, warn_gradient_flow
 from .build import ModelDef, build_model
+from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
 from .lower.module import Target, lower_entry
@@ -98,6 +99,14 @@ def train_graph(mdef: ModelDef, param_size: int) -> Graph:
     return g
 
 
+def update_graph(mdef: ModelDef, param_size: int) -> Graph:
+    """The optimiser step alone, reading the gradient arena as it is: data-parallel
+    training sums the ranks' gradients between `sc_train` (mode none) and this."""
+    g = Graph(f"{mdef.name}.update")
+    g.outputs["update"] = Builder(g).update(size=param_size).id
+    return g
+
+
 def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
     outputs = []
     for name in plan.output_names:
@@ -127,6 +136,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     warn_gradient_flow(blocked)
     if mdef.has_loss:
         graphs["train"] = train_graph(mdef, param_size)
+        graphs["update"] = update_graph(mdef, param_size)
         if dump:
             dump("train", str(graphs["train"]))
     module = ir.Module(name=mdef.name)
@@ -169,6 +179,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "n_hyper": N_HYPER,
         "entries": entries,
         "gradient_warnings": blocked,   # re-issued when the model is loaded from the cache
+        "loss_denominator": loss_denominator(forward) if mdef.has_loss else None,
     }
     if mdef.forests:
         meta["forests"] = mdef.forests

@@ -144,7 +144,9 @@ class Net:
         self._inputs = {s["name"]: _Input(s) for s in meta["inputs"]}
         size = max(1, meta["param_size"])
         self._param_arena = _aligned_zeros(size)
-        self._grad_arena = _aligned_zeros(size)
+        # two floats past the gradients: the loss denominator and the loss, which
+        # data-parallel training sums in the same Allreduce (structc.distributed)
+        self._grad_arena = _aligned_zeros(size + 2)
         self._state_arena = _aligned_zeros(2 * size)
         self._lock = threading.RLock()   # one native call (or parameter write) at a time
         views: dict[str, np.ndarray] = {}
@@ -282,14 +284,17 @@ class Net:
             local.address = ws.ctypes.data
         return local.address
 
-    def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None):
+    def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None):
         """Check the inputs, then (holding the lock) `before()`, the native
         call and `after()`; returns the outputs and what `after` returned.
-        `mode` may be a function, read under the lock too."""
+        `mode` may be a function, read under the lock too; `dims_out`, a dict,
+        receives the bound dims."""
         entry = self._entries.get(kind)
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
         arrays, dims = self._bind(entry, given)
+        if dims_out is not None:
+            dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
         ws = self._workspace(entry, dvals)      # first: it refuses sizes that overflow or cannot fit
         outs = {}
@@ -326,6 +331,42 @@ class Net:
         outs, grads = self._run("train", inputs, MODES["none"],
                                 after=lambda: {name: g.copy() for name, g in self.grads.items()})
         return float(outs["loss"]), grads
+
+    def grad_into_arena(self, **inputs) -> tuple[float, float]:
+        """The first half of `train_step`: the loss, with its gradient left in the
+        gradient arena (`net.grads`) and no update; `apply_update` is the second
+        half. Also returns the loss's denominator for these inputs (what its mean
+        divides by: examples, roots, graphs, the mask's sum; `structc.denominator`),
+        which data-parallel training weights each rank's gradient with."""
+        dims: dict[str, int] = {}
+        outs, _ = self._run("train", inputs, MODES["none"], dims_out=dims)
+        return float(outs["loss"]), self.loss_denominator(dims, inputs)
+
+    def loss_denominator(self, dims: Mapping[str, int], inputs: Mapping[str, object]) -> float:
+        """What the loss's mean divides by for a call with these bound dims and inputs."""
+        from .denominator import evaluate
+        found = self.meta.get("loss_denominator")
+        if found is None:
+            raise TypeError(f"model {self.name} declares no loss, so it has no loss denominator")
+        return evaluate(found, dims, inputs)
+
+    def apply_update(self, lr: float = 0.01) -> None:
+        """The second half of `train_step`: one step of the optimizer from the
+        gradient arena as it is now (SGD, momentum or Adam, with weight decay)."""
+        lr = _hyper_value("lr", lr)
+        entry = self._entries.get("update")
+        if entry is None:
+            raise TypeError(f"model {self.name} has no update entry: it declares no loss, or it was "
+                            "compiled by an older structc (compile it again)")
+        dvals = (1,) * len(self._symbols)        # the update reads no dims
+        ws = self._workspace(entry, dvals)
+        pa, ga, sa = self._arena_addrs
+        with self._lock:
+            self._set_hyper(lr)
+            status = _runtime.invoke(entry.address, pa, ga, sa, ws, [], [], dvals, self._hyper_addr,
+                                     MODES[self.optimizer])
+        if status != 0:
+            raise RuntimeError(f"{self.name}: native code reported error {status}")
 
     def set_optimizer(self, name: str = "sgd", **options) -> None:
         """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay."""

@@ -103,8 +103,11 @@ def header_text(meta: dict) -> str:
     for kind, entry in meta["entries"].items():
         lines.append(f"/* {entry['symbol']}: inputs, in order: "
                      + (", ".join(entry["inputs"]) or "none") + "; outputs: "
-                     + ", ".join(f"{o['name']} {o['dtype']}[{', '.join(map(str, o['shape']))}]" for o in entry["outputs"])
+                     + (", ".join(f"{o['name']} {o['dtype']}[{', '.join(map(str, o['shape']))}]"
+                                  for o in entry["outputs"]) or "none")
                      + (" (mode: 0 gradients only, 1 sgd, 2 momentum, 3 adam)" if kind == "train" else "")
+                     + (" (the optimizer step alone, from grads; mode: 1 sgd, 2 momentum, 3 adam)"
+                        if kind == "update" else "")
                      + ". Returns 0 on success. */")
         lines.append(f"int32_t {entry['symbol']}(float *params, float *grads, float *state, void *workspace,\n"
                      f"        void **inputs, void **outputs, const int64_t *dims, const float *hyper, int64_t mode);")

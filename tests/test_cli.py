@@ -263,7 +263,7 @@ def test_train_help_lists_every_data_set_and_every_default(capsys):
     train = parser()._subparsers._group_actions[0].choices["train"]
     help_of = train._get_formatter()._expand_help
     options = [a for a in train._actions if a.option_strings and not a.required
-               and a.dest not in ("help", "no_progress")]
+               and a.dest not in ("help", "no_progress", "distributed")]
     assert len(options) == 10
     for option in options:
         assert "default" in help_of(option), option.option_strings

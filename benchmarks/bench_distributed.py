@@ -1,0 +1,193 @@
+"""Data-parallel training on MPI against one process: time per epoch over the same data.
+
+    python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3]
+
+For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
+(graph_families), runs the same epochs of the same global batches as
+
+    1 process x 1 thread, 1 process x 2 threads, 2 ranks x 1 thread (mpiexec -n 2)
+
+each in fresh processes, `--repeats` times interleaved, and prints the median
+epoch time of each, the speed-ups, the share of the 2-rank step spent in the
+Allreduce (including waiting for the slower rank), the start-up of a 2-rank
+run to its first step beyond the compile, and a model of the Allreduce at N
+hosts. One run of a configuration: `--worker NAME --threads T [--distributed]`
+(prints JSON on rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+ROOT = Path(__file__).resolve().parent.parent
+
+TREE = """
+model LogicRoots {
+  input  t: forest(arity=3) of word(vocab=6)
+  target y: class[t.trees] of 2
+  param  E: embedding(6, 48) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 48))
+  loss cross_entropy(dense(h(t.root), 2), y)
+}
+"""
+
+WORKLOADS = {   # name: (source or path, data set, global batch, optimizer, lr)
+    "mlp": (ROOT / "examples" / "digits_mlp.snet", "digits", 64, "sgd", 0.1),
+    "trees": (TREE, "logic", 64, "adam", 0.003),
+    "gnn": (ROOT / "examples" / "graph_families.snet", "graph_families", 32, "adam", 0.005),
+}
+
+
+class TimedComm:
+    """A communicator that adds up the time spent in Allreduce."""
+
+    def __init__(self, comm):
+        self.comm, self.seconds, self.cpu_seconds = comm, 0.0, 0.0
+
+    def Allreduce(self, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.comm.Allreduce(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+
+def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
+    import warnings
+
+    import numpy as np
+
+    import structc
+    from structc import datasets, distributed as dist
+    from structc.native import set_num_threads
+    warnings.simplefilter("ignore")
+    set_num_threads(threads)
+    source, data_name, batch, optimizer, lr = WORKLOADS[name]
+    comm = dp = None
+    t0 = time.perf_counter()
+    if distributed:
+        comm = TimedComm(dist.mpi().COMM_WORLD)
+    t1 = time.perf_counter()
+    net = structc.compile(source) if comm is None else dist.rank0_first(comm, lambda: structc.compile(source))
+    compile_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    data = datasets.load(data_name)
+    data.bind(net)
+    data_s = time.perf_counter() - t2
+    net.set_optimizer(optimizer)
+    t3 = time.perf_counter()
+    if comm is not None:
+        dp = dist.DataParallel(net, comm)
+    mpi_s = (t1 - t0) + (time.perf_counter() - t3)      # MPI's start and the broadcast
+    items = dist._train_items(data)
+    costs = dist.item_costs(data)
+    rng = np.random.default_rng(0)
+    times, cpu, allreduce, first_step = [], [], [], None
+    for _ in range(epochs):
+        order = rng.permutation(items)
+        if comm is not None:
+            comm.Barrier()
+            comm.seconds = comm.cpu_seconds = 0.0
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for at in range(0, len(order), batch):
+            chunk = order[at:at + batch]
+            if dp is None:
+                net.train_step(lr=lr, **dist._feed(data, chunk))
+            else:
+                dp.train_step(lr=lr, **dist._feed(data, dist.shard(dp, chunk, costs)))
+            if first_step is None:
+                first_step = time.perf_counter() - STARTED - compile_s - data_s
+        times.append(time.perf_counter() - start)
+        allreduce.append(comm.seconds if comm is not None else 0.0)
+        # CPU time outside the Allreduce (MPICH busy-polls in it): the rank's own work,
+        # which does not depend on what else the machine runs
+        cpu.append(time.process_time() - start_cpu - (comm.cpu_seconds if comm is not None else 0.0))
+    if comm is not None:
+        cpu = [max(per_rank) for per_rank in zip(*comm.comm.allgather(cpu))]     # the slower rank's
+    if comm is None or comm.Get_rank() == 0:
+        print(json.dumps({"epoch_s": times, "cpu_s": cpu, "allreduce_s": allreduce, "compile_s": compile_s, "data_s": data_s,
+                          "mpi_s": mpi_s,
+                          "startup_s": first_step, "steps": -(-len(items) // batch),
+                          "params": int(net.meta["param_size"])}))
+
+
+def run(name: str, threads: int, distributed: bool, epochs: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--threads", str(threads), "--epochs", str(epochs)]
+    if distributed:
+        cmd = ["mpiexec", "-n", "2", *cmd, "--distributed"]
+    env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+CONFIGS = [("1 x 1", 1, False), ("1 x 2", 2, False), ("2 ranks x 1", 1, True)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=list(WORKLOADS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--distributed", action="store_true")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args.threads, args.distributed, args.epochs)
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    rows = []
+    for name in args.only:
+        results = {label: [] for label, *_ in CONFIGS}
+        for _ in range(args.repeats):               # interleaved, so load changes hit every configuration
+            for label, threads, dist in CONFIGS:
+                results[label].append(run(name, threads, dist, args.epochs))
+        epoch = {label: statistics.median(t for r in rs for t in r["epoch_s"][1:] or r["epoch_s"])
+                 for label, rs in results.items()}
+        work = {label: statistics.median(t for r in rs for t in r["cpu_s"][1:] or r["cpu_s"])
+                for label, rs in results.items()}
+        two = results["2 ranks x 1"]
+        share = statistics.median(a / e for r in two for a, e in zip(r["allreduce_s"], r["epoch_s"]))
+        startup = {k: statistics.median(r[k] for r in two) for k in ("startup_s", "compile_s", "data_s", "mpi_s")}
+        rows.append((name, epoch, share, startup, two[0]["steps"], two[0]["params"], work))
+    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+    print("| workload | steps/epoch | 1 x 1 | 1 x 2 | 2 ranks x 1 | 2 ranks vs 1 x 1 | 1 x 2 vs 1 x 1 | "
+          "Allreduce share (2 ranks) | 2 ranks: start-up to the first step beyond compile and data (MPI's share) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, e, share, st, steps, _, _ in rows:
+        print(f"| {name} | {steps} | {e['1 x 1']:.3f} s | {e['1 x 2']:.3f} s | {e['2 ranks x 1']:.3f} s | "
+              f"**{e['1 x 1'] / e['2 ranks x 1']:.2f}x** | {e['1 x 1'] / e['1 x 2']:.2f}x | {100 * share:.1f}% | "
+              f"{st['startup_s']:.2f} s ({st['mpi_s']:.2f} s; compile {st['compile_s']:.2f} s, "
+              f"data {st['data_s']:.2f} s) |")
+    print("\nCPU time per epoch outside the Allreduce (the slower rank's for 2 ranks), and the speed-up it "
+          "implies on an idle machine (1 x 1's over 2 ranks'):\n")
+    print("| workload | 1 x 1 | 2 ranks x 1 (slower rank) | implied speed-up |")
+    print("|---|---|---|---|")
+    for name, *_, w in rows:
+        print(f"| {name} | {w['1 x 1']:.3f} s | {w['2 ranks x 1']:.3f} s | {w['1 x 1'] / w['2 ranks x 1']:.2f}x |")
+    print("\nModel at N hosts (ring Allreduce: 2(N-1)/N x arena bytes / bandwidth + 2(N-1) x 5 us latency),"
+          " against the 1 x 1 step time divided by N (the batch split N ways):\n")
+    print("| workload | arena | step at 1 x 1 | N | Allreduce at 10 Gb/s | at 100 Gb/s | compute per step |")
+    print("|---|---|---|---|---|---|---|")
+    for name, e, _, _, steps, params, _ in rows:
+        step = e["1 x 1"] / steps
+        arena = 4 * (params + 2)
+        for n in (2, 8, 64):
+            ring = lambda bw: 2 * (n - 1) / n * arena / bw + 2 * (n - 1) * 5e-6   # noqa: E731
+            print(f"| {name} | {arena / 1e3:.0f} KB | {1e3 * step:.2f} ms | {n} | {1e3 * ring(1.25e9):.2f} ms | "
+                  f"{1e3 * ring(12.5e9):.2f} ms | {1e3 * step / n:.3f} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Data-parallel training on MPI: the same model on every rank, a shard of each batch per rank.
+
+    from structc.distributed import DataParallel
+    dp = DataParallel(net)                       # parameters broadcast from rank 0
+    for batch in batches:                        # the same global batches on every rank
+        mine = dp.shard_dense(batch)             # or shard_forests / shard_graphs
+        loss = dp.train_step(lr=0.1, **mine)     # the whole batch's loss, on every rank
+
+Run with `mpiexec -n 2 python -m mpi4py script.py` (or `srun`). One step is:
+
+1. `net.grad_into_arena(**shard)`: the shard's loss and gradient, g_r, left in
+   the gradient arena, and D_r, what the loss's mean divided by (examples,
+   roots, graphs, the mask's sum: `structc.denominator`, recorded by the
+   compiler in the artifact).
+2. The arena becomes [D_r g_r, D_r, D_r loss_r] (the last two floats sit past
+   the gradients) and one in-place `Allreduce` sums it over the ranks.
+3. Divided by D = Σ D_r it is the gradient of the whole batch, exactly (up to
+   float32 rounding): Σ_r D_r g_r / D = (1/D) Σ_i ∇l_i, however uneven the
+   shards. A rank with no examples sends zeros and takes part all the same.
+4. `net.apply_update(lr)`: every rank runs the same optimizer step (SGD,
+   momentum, Adam, weight decay) on the same arena, so parameters and
+   optimizer state stay bitwise equal.
+
+mpi4py is optional (`pip install 'structc[mpi]'`); nothing here imports it
+until a `DataParallel` is made.
+"""
+from __future__ import annotations
+
+import copy
+import heapq
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+INSTALL = "pip install 'structc[mpi]'"
+#: float32 counts are exact up to here
+MAX_COUNT = 2 ** 24
+
+
+def mpi():
+    """mpi4py's MPI module, or an ImportError that says what to install."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError(f"distributed training needs mpi4py ({e}): {INSTALL} (on a cluster, install mpi4py "
+                          "against the site's MPI), then run with `mpiexec -n 2 python -m mpi4py ...`") from None
+    return MPI
+
+
+# -- sharding ----------------------------------------------------------------------
+
+def split_dense(n: int, rank: int, size: int, seed: int | None = None) -> np.ndarray:
+    """This rank's indices of n examples: a permutation drawn from `seed` (the same on
+    every rank; None: in order), cut into `size` contiguous parts of near-equal length."""
+    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+    return np.array_split(order, size)[rank]
+
+
+def balance(costs: Sequence[float], size: int) -> list[list[int]]:
+    """Items to ranks by cost: the largest first, each to the least-loaded rank (ties
+    to the lowest rank), so every rank computes the same assignment. Each rank's
+    items are returned in their original order."""
+    loads = [(0.0, r) for r in range(size)]
+    parts: list[list[int]] = [[] for _ in range(size)]
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        load, r = heapq.heappop(loads)
+        parts[r].append(k)
+        heapq.heappush(loads, (load + float(costs[k]), r))
+    return [sorted(p) for p in parts]
+
+
+def forest_cost(forest) -> int:
+    """Work of a forest: its node count (each node is one body evaluation)."""
+    return forest.nodes
+
+
+def graph_cost(graph) -> int:
+    """Work of a graph: nodes + edges (dense layers per node, messages per edge)."""
+    return graph.num_nodes + graph.num_edges
+
+
+def halo_subgraph(graph, owned, hops: int):
+    """The piece of one big `graph` that a rank needs to compute, exactly, `hops` layers
+    of message passing at its `owned` nodes: every edge into a node within `hops`
+    in-hops of them (so those nodes' in-degrees, which normalised aggregations read,
+    are the whole graph's), and the nodes those edges touch. Returns the subgraph and
+    the global id of each of its nodes, the owned ones first (in the order given).
+
+    A loss on the owned nodes only (a mask that is zero on the halo) then has the
+    whole graph's value and gradient on those nodes; see docs/DISTRIBUTED.md."""
+    from .graphs import Graph
+    if graph.num_graphs != 1:
+        raise ValueError(f"halo_subgraph takes one graph, got a batch of {graph.num_graphs}")
+    if not isinstance(hops, int) or hops < 0:
+        raise ValueError(f"hops must be a non-negative integer (the message-passing layers), got {hops!r}")
+    owned = np.asarray(owned, np.int64).reshape(-1)
+    if not owned.size:
+        raise ValueError("owned is empty: a rank that owns no nodes has no examples (call train_step with none)")
+    if owned.size and (owned.min() < 0 or owned.max() >= graph.num_nodes or len(np.unique(owned)) != len(owned)):
+        raise ValueError(f"owned must be distinct node ids in [0, {graph.num_nodes})")
+    src, dst = graph.edge_index                    # in the graph's stored (CSR) edge order
+    near = np.zeros(graph.num_nodes, bool)
+    near[owned] = True
+    for _ in range(hops):                          # nodes within `hops` in-hops
+        near[src[near[dst]]] = True
+    keep = near[dst]
+    touched = np.zeros(graph.num_nodes, bool)
+    touched[src[keep]] = touched[dst[keep]] = True
+    touched[owned] = False
+    nodes = np.concatenate([owned, np.flatnonzero(touched)])
+    local = np.full(graph.num_nodes, -1, np.int64)
+    local[nodes] = np.arange(len(nodes))
+    types = graph.arrays.get("type")
+    sub = Graph(np.stack([local[src[keep]], local[dst[keep]]]), num_nodes=len(nodes),
+                x=None if graph.x is None else graph.x[nodes],
+                edge_x=None if graph.edge_x is None else graph.edge_x[keep],
+                edge_type=None if types is None else types[keep])
+    return sub, nodes
+
+
+# -- training ----------------------------------------------------------------------
+
+class DataParallel:
+    """`net` trained across the ranks of `comm` (default: MPI.COMM_WORLD).
+
+    Every rank makes one (collectively: each call below is collective, so every
+    rank must make it, in the same order). Rank 0's parameters and optimizer
+    state are broadcast at start."""
+
+    def __init__(self, net, comm=None, *, abort_on_error: bool = True):
+        MPI = mpi()
+        self._MPI = MPI
+        self.net = net
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        found = net.meta.get("loss_denominator")
+        if found is None:
+            raise TypeError(f"model {net.name} declares no loss, so it cannot be trained")
+        if found["kind"] == "unsupported":
+            raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: "
+                             f"{found['why']}")
+        self._normalise = found["kind"] != "sum"     # a plain sum: the ranks' gradients just add up
+        arena = net._grad_arena
+        self._n = len(arena) - 2                     # gradients, then the count and the loss
+        if abort_on_error:
+            install_abort_hook(self.comm)
+        self.broadcast_state()
+
+    @property
+    def is_root(self) -> bool:
+        """Rank 0: the one that prints and writes files."""
+        return self.rank == 0
+
+    def broadcast_state(self) -> None:
+        """Rank 0's parameters, optimizer choice, moments and step count, on every rank."""
+        net = self.net
+        with net._lock:
+            self.comm.Bcast(net._param_arena, root=0)
+            self.comm.Bcast(net._state_arena, root=0)
+            optimizer, options, step = self.comm.bcast((net.optimizer, dict(net._opt), net._step), root=0)
+            net.optimizer, net._step = optimizer, step
+            net._opt.update(options)
+
+    def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
+        """The whole batch's loss and gradient (copies), from this rank's shard `inputs`
+        (none: this rank has no examples); no update."""
+        loss = self._reduce_gradient(inputs)
+        return loss, {name: g.copy() for name, g in self.net.grads.items()}
+
+    def train_step(self, lr: float = 0.01, **inputs) -> float:
+        """One optimizer step on the whole batch (the union of every rank's shard);
+        returns its loss. A rank with no examples calls it with none."""
+        loss = self._reduce_gradient(inputs)
+        self.net.apply_update(lr)
+        return loss
+
+    def _reduce_gradient(self, inputs: Mapping) -> float:
+        """Leave the whole batch's gradient in the arena; return its loss."""
+        net, n = self.net, self._n
+        arena = net._grad_arena
+        if inputs:
+            loss, count = net.grad_into_arena(**inputs)
+            if not 0 <= count < MAX_COUNT:
+                raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
+                                 f"(float32 counts are exact up to there), got {count}")
+            with net._lock:
+                arena[:n] *= np.float32(count)
+                arena[n], arena[n + 1] = count, loss * count
+        else:
+            with net._lock:
+                arena[:] = 0.0
+        with net._lock:
+            self.comm.Allreduce(self._MPI.IN_PLACE, arena, op=self._MPI.SUM)
+            total = float(arena[n])
+            if total == 0:
+                raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
+            divisor = np.float32(total if self._normalise else 1.0)
+            arena[:n] /= divisor
+            return float(arena[n + 1] / divisor)
+
+    # -- sharding a global batch ---------------------------------------------------
+    def shard_dense(self, batch: Mapping[str, np.ndarray], seed: int | None = None) -> dict:
+        """This rank's rows of a batch of arrays (all split along axis 0, the same rows;
+        `seed`: shuffle first, the same way on every rank). Empty: {} (no examples)."""
+        sizes = {len(v) for v in batch.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"shard_dense splits arrays along their first axis, which must agree; got {sizes}")
+        idx = split_dense(sizes.pop(), self.rank, self.size, seed)
+        return {k: np.asarray(v)[idx] for k, v in batch.items()} if len(idx) else {}
+
+    def shard_items(self, costs: Sequence[float]) -> list[int]:
+        """This rank's share of items with these costs (`balance`)."""
+        return balance(costs, self.size)[self.rank]
+
+    def shard_forests(self, forests: Sequence) -> list[int]:
+        """Indices of this rank's forests (trees), balanced by node count."""
+        return self.shard_items([forest_cost(f) for f in forests])
+
+    def shard_graphs(self, graphs: Sequence) -> list[int]:
+        """Indices of this rank's graphs, balanced by nodes + edges."""
+        return self.shard_items([graph_cost(g) for g in graphs])
+
+    # -- metrics ---------------------------------------------------------------------
+    def sum(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Each value summed over the ranks (float64)."""
+        keys = sorted(values)
+        buf = np.array([float(values[k]) for k in keys], np.float64)
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return dict(zip(keys, buf.tolist()))
+
+    def weighted_mean(self, metrics: Mapping[str, float], weight: float) -> dict[str, float]:
+        """Metrics that are means over `weight` examples on each rank, as means over all."""
+        sums = self.sum({**{k: v * weight for k, v in metrics.items()}, "\0weight": weight})
+        total = sums.pop("\0weight")
+        return {k: v / total for k, v in sums.items()} if total else {k: float("nan") for k in sums}
+
+    def in_sync(self) -> bool:
+        """Whether every rank's parameters and optimizer state are bitwise equal to rank 0's."""
+        import zlib
+        net = self.net
+        mine = zlib.crc32(net._param_arena.tobytes() + net._state_arena.tobytes())
+        return all(c == mine for c in self.comm.allgather(mine))
+
+
+def install_abort_hook(comm) -> None:
+    """An uncaught exception on one rank ends the whole job (MPI_Abort) after saying
+    which rank failed, instead of leaving the others waiting in a collective."""
+    if getattr(sys.excepthook, "_structc_abort", False) or comm.Get_size() == 1:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        print(f"structc: rank {comm.Get_rank()} of {comm.Get_size()} failed ({kind.__name__}: {value}); "
+              "ending the job", file=sys.stderr, flush=True)
+        comm.Abort(1)
+
+    hook._structc_abort = True
+    sys.excepthook = hook
+
+
+def threads_per_rank(comm) -> int:
+    """This machine's cores shared among the ranks on it (at least 1), so that ranks
+    do not each start a thread per core."""
+    import os
+    local = comm.Split_type(mpi().COMM_TYPE_SHARED).Get_size()
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+def rank0_first(comm, make):
+    """`make()` on rank 0, then on the others (a compile: they find it in the cache)."""
+    if comm.Get_rank() == 0:
+        result = make()
+        comm.Barrier()
+        return result
+    comm.Barrier()
+    return make()
+
+
+def abort_job(code: int, message: str = "") -> None:
+    """End every rank (the CLI, after it printed an error on this one)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() > 1:
+        print(f"structc: rank {comm.Get_rank()} of {comm.Get_size()} failed{': ' + message if message else ''}; "
+              "ending the job", file=sys.stderr, flush=True)
+        comm.Abort(code or 1)
+
+
+# -- the data sets of `structc train` ------------------------------------------------
+
+def item_costs(data) -> np.ndarray | None:
+    """The cost of every training item, by item id, computed once (None: dense data,
+    split by index)."""
+    from .graph_datasets import GraphDataset
+    from .treedata import TreeDataset
+    if isinstance(data, TreeDataset):
+        return np.array([forest_cost(f) for f in data.train], np.float64)
+    if isinstance(data, GraphDataset):
+        return np.array([graph_cost(g) for g in data.graphs], np.float64)
+    return None
+
+
+def _feed(data, items) -> dict:
+    """The feed of these training items of a data set (as its `batches` makes them)."""
+    from .forest import Forest
+    from .graph_datasets import GraphDataset
+    from .graphs import batch
+    from .treedata import TreeDataset
+    if not len(items):
+        return {}
+    if isinstance(data, TreeDataset):
+        return data.feed(Forest.concat([data.train[k] for k in items]))
+    if isinstance(data, GraphDataset):
+        return {data.graph_name: batch([data.graphs[k] for k in items]), data.target["name"]: data.labels[items]}
+    return {data.input["name"]: data.x_train[items], data.target["name"]: data.y_train[items]}
+
+
+def _train_items(data) -> np.ndarray:
+    from .graph_datasets import GraphDataset
+    return np.asarray(data.train) if isinstance(data, GraphDataset) else np.arange(len(data))
+
+
+def check_splittable(data) -> None:
+    from .graph_datasets import NodeDataset
+    if isinstance(data, NodeDataset):
+        raise ValueError(f"data set '{data.name}' is one graph, which data-parallel training cannot split by "
+                         "examples (it needs a partition with halos: see docs/DISTRIBUTED.md); train it on one "
+                         "process")
+
+
+def shard(dp: DataParallel, items, costs: np.ndarray | None) -> list:
+    """This rank's share of `items` (ids): by `costs[id]` (`item_costs`) for trees and
+    graphs, by position when `costs` is None."""
+    if costs is None:
+        return list(np.array_split(np.asarray(items), dp.size)[dp.rank])
+    return [items[k] for k in dp.shard_items(costs[np.asarray(items)].tolist())]
+
+
+def held_out_part(dp: DataParallel, data):
+    """A copy of `data` whose held-out part is this rank's share of it, and the size of
+    that share (None, 0: no share)."""
+    from .graph_datasets import GraphDataset
+    from .graphs import batch
+    from .treedata import TreeDataset
+    part = copy.copy(data)
+    if isinstance(data, TreeDataset):
+        mine = dp.shard_items([forest_cost(f) for f in data.test])
+        part.test = [data.test[k] for k in mine]
+    elif isinstance(data, GraphDataset):
+        mine = dp.shard_items([graph_cost(data.graphs[k]) for k in data.test])
+        part.test = data.test[mine]
+        part._held_out = batch([data.graphs[k] for k in part.test]) if mine else None
+    else:
+        mine = split_dense(len(data.x_test), dp.rank, dp.size)
+        part.x_test, part.y_test = data.x_test[mine], data.y_test[mine]
+    return (part, len(mine)) if len(mine) else (None, 0)
+
+
+def evaluate(dp: DataParallel, data) -> dict:
+    """The data set's held-out metrics (means over examples), each rank evaluating its
+    share, combined over the ranks weighted by the shares' sizes."""
+    part, n = held_out_part(dp, data)
+    metrics = part.evaluate(dp.net) if part is not None else {}
+    keys = dp.comm.bcast(sorted(metrics) if dp.is_root else None, root=0)   # rank 0 always has a share
+    return dp.weighted_mean({k: metrics.get(k, 0.0) for k in keys}, n)
+
+
+def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | None = None, on_epoch=None):
+    """`structc.train.train` across ranks: the same seeded order and global batches of
+    `cfg.batch` on every rank, each split among them; held-out metrics reduced over the
+    ranks; only rank 0 logs and calls `on_epoch`."""
+    from .train import History
+    check_splittable(data)
+    net = dp.net
+    net.set_optimizer(cfg.optimizer)
+    dp.broadcast_state()
+    rng = np.random.default_rng(cfg.seed) if rng is None else rng
+    log = log if dp.is_root else (lambda *a, **k: None)
+    history = History()
+    items = _train_items(data)
+    costs = item_costs(data)
+    start = time.perf_counter()
+    for epoch in range(cfg.first_epoch, cfg.epochs + 1):
+        order = rng.permutation(items)
+        total, steps = 0.0, 0
+        for at in range(0, len(order), cfg.batch):
+            loss = dp.train_step(lr=cfg.lr, **_feed(data, shard(dp, order[at:at + cfg.batch], costs)))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
+            total += loss
+            steps += 1
+        metrics = {"epoch": epoch, "train_loss": total / max(steps, 1),
+                   **{f"heldout_{k}": v for k, v in evaluate(dp, data).items()},
+                   "seconds": time.perf_counter() - start}
+        history.epochs.append(metrics)
+        if on_epoch is not None and dp.is_root:
+            on_epoch(metrics)
+        acc = metrics.get("heldout_accuracy")
+        log(f"epoch {epoch:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"held-out loss {metrics['heldout_loss']:.4f}"
+            + (f"  accuracy {100 * acc:.2f}%" if acc is not None else "")
+            + f"  ({metrics['seconds']:.1f} s, {dp.size} ranks)")
+    history.rng_state = rng.bit_generator.state
+    return history

@@ -1,0 +1,200 @@
+"""Run under `mpiexec -n 2` by tests/test_distributed.py: data-parallel gradients and
+optimizer steps for each family, written to OUT/rank<r>.npz for the test to compare.
+
+    python tests/mpi_worker.py OUT [crash]
+
+Rank 0 also writes the single-process gradient of the concatenated batch (a Net of
+its own, the same initial parameters) and the single-process parameters after the
+same three steps, under `ref:` keys.
+"""
+import sys
+import warnings
+
+import numpy as np
+
+warnings.simplefilter("ignore")
+
+import structc  # noqa: E402
+from structc.distributed import DataParallel, halo_subgraph, rank0_first  # noqa: E402
+from structc.forest import Forest  # noqa: E402
+from structc.graphs import Graph, batch  # noqa: E402
+
+TREES = """
+model Trees {
+  input  t: forest of word(vocab=5)
+  target y: class[t.trees] of 2
+  param  E: embedding(5, 8) = normal(0.5)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.left), h(n.right)), 8))
+  loss cross_entropy(dense(h(t.root), 2), y)
+}
+"""
+
+GRAPHS = """
+model Graphs {
+  input  g: graph(features=3)
+  target y: class[g.graphs] of 3
+  h = g.x
+  repeat 2 { h = relu(dense(h, 16) + mean(dense(h, 16) over g.edges)) }
+  loss cross_entropy(dense(concat(mean(h over g.nodes), max(h over g.nodes), axis=1), 3), y)
+}
+"""
+
+NODES = """
+model Nodes {
+  input  g: graph(features=3)
+  input  m: f32[g.nodes]
+  target y: class[g.nodes] of 2
+  h = relu(sum(dense(g.x, 8) over g.edges, self_loops=true, norm=gcn))
+  loss masked_cross_entropy(dense(h, 2), y, m)
+}
+"""
+
+HALO = """
+model Halo {
+  input  g: graph(features=3)
+  input  m: f32[g.nodes]
+  target y: class[g.nodes] of 2
+  h = g.x
+  repeat 2 { h = relu(sum(dense(h, 8) over g.edges, self_loops=true, norm=gcn)) }
+  h = relu(dense(h, 8) + mean(dense(h, 8) over g.edges))
+  loss masked_cross_entropy(dense(h, 2), y, m)
+}
+"""
+
+MLP = open(__file__.replace("tests/mpi_worker.py", "examples/digits_mlp.snet")).read()
+
+
+def tree(rng, leaves):
+    if leaves == 1:
+        return int(rng.integers(5))
+    k = int(rng.integers(1, leaves))
+    return (tree(rng, k), tree(rng, leaves - k))
+
+
+def random_graph(rng, n):
+    m = 3 * n
+    return Graph(np.stack([rng.integers(0, n, m), rng.integers(0, n, m)]), num_nodes=n, x=rng.normal(size=(n, 3)))
+
+
+def cases():
+    """name -> (source, [rank 0's feeds per step], [rank 1's feeds per step], concatenated feeds)."""
+    rng = np.random.default_rng(0)
+    out = {}
+
+    x = rng.random((200, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 200).astype(np.int32)
+    steps = [(slice(s, s + 13), slice(s + 13, s + 60)) for s in (0, 60, 120)]      # 13 against 47
+    out["mlp"] = (MLP, [{"x": x[a], "y": y[a]} for a, _ in steps], [{"x": x[b], "y": y[b]} for _, b in steps],
+                  [{"x": np.concatenate([x[a], x[b]]), "y": np.concatenate([y[a], y[b]])} for a, b in steps])
+    out["empty"] = (MLP, [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)], [{}, {}, {}],
+                    [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)])
+
+    def forest_step():   # 2 small trees against 5 large ones
+        small = [tree(rng, int(rng.integers(1, 4))) for _ in range(2)]
+        large = [tree(rng, int(rng.integers(12, 30))) for _ in range(5)]
+        ys, yl = rng.integers(0, 2, 2).astype(np.int32), rng.integers(0, 2, 5).astype(np.int32)
+        fs, fl = Forest.from_tuples(small), Forest.from_tuples(large)
+        return ({"t": fs, "y": ys}, {"t": fl, "y": yl},
+                {"t": Forest.concat([fs, fl]), "y": np.concatenate([ys, yl])})
+    out["trees"] = (TREES, *map(list, zip(*[forest_step() for _ in range(3)])))
+
+    def graph_step():    # 3 graphs of 4-9 nodes against 6 of 15-40
+        parts = [[random_graph(rng, int(rng.integers(4, 10))) for _ in range(3)],
+                 [random_graph(rng, int(rng.integers(15, 41))) for _ in range(6)]]
+        labels = [rng.integers(0, 3, len(p)).astype(np.int32) for p in parts]
+        feeds = [{"g": batch(p), "y": lab} for p, lab in zip(parts, labels)]
+        return (*feeds, {"g": batch(parts[0] + parts[1]), "y": np.concatenate(labels)})
+    out["graphs"] = (GRAPHS, *map(list, zip(*[graph_step() for _ in range(3)])))
+
+    def node_step():     # labelled nodes: 3 on one rank, 20 on the other
+        feeds = []
+        for n, labelled in ((10, 3), (30, 20)):
+            g = random_graph(rng, n)
+            m = np.zeros(n, np.float32)
+            m[rng.choice(n, labelled, replace=False)] = 1
+            feeds.append({"g": g, "m": m, "y": rng.integers(0, 2, n).astype(np.int32)})
+        both = {"g": batch([feeds[0]["g"], feeds[1]["g"]]), "m": np.concatenate([f["m"] for f in feeds]),
+                "y": np.concatenate([f["y"] for f in feeds])}
+        return (*feeds, both)
+    out["nodes"] = (NODES, *map(list, zip(*[node_step() for _ in range(3)])))
+
+    # one graph of 120 nodes (a ring and 3 chords), 3 layers: rank 0 owns 50 nodes, rank 1 70, each with its
+    # 3-hop halo
+    ring = np.arange(120)
+    chords = rng.integers(0, 120, (2, 3))
+    g = Graph(np.concatenate([np.stack([ring, (ring + 1) % 120]), np.stack([(ring + 1) % 120, ring]), chords],
+                             axis=1), num_nodes=120, x=rng.normal(size=(120, 3)))
+    labels = rng.integers(0, 2, 120).astype(np.int32)
+    train = np.zeros(120, np.float32)
+    train[rng.choice(120, 60, replace=False)] = 1
+    parts = []
+    for owned in (np.arange(50), np.arange(50, 120)):
+        sub, nodes = halo_subgraph(g, owned, hops=3)
+        assert sub.num_nodes < 100, sub        # not the whole graph
+        mask = np.where(np.arange(len(nodes)) < len(owned), train[nodes], 0).astype(np.float32)
+        parts.append({"g": sub, "m": mask, "y": labels[nodes]})
+    out["halo"] = (HALO, [parts[0]] * 3, [parts[1]] * 3, [{"g": g, "m": train, "y": labels}] * 3)
+    return out
+
+
+OPTIMIZERS = [("sgd", {}), ("momentum", {"momentum": 0.9}), ("adam", {"weight_decay": 0.01})]
+
+
+def main():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    out_dir = sys.argv[1]
+    if len(sys.argv) > 2 and sys.argv[2] == "crash":
+        net = rank0_first(comm, lambda: structc.compile(MLP))
+        dp = DataParallel(net)
+        if rank == 1:
+            raise RuntimeError("deliberate failure on rank 1")
+        dp.train_step(lr=0.1, x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int32))   # waits for rank 1
+        return
+    results = {}
+    for name, (source, mine0, mine1, whole) in cases().items():
+        # rank 0 compiles into the cache first; the other rank's initial parameters differ: the broadcast fixes them
+        net = rank0_first(comm, lambda: structc.compile(source, seed=rank))
+        mine = mine0 if rank == 0 else mine1
+        dp = DataParallel(net)
+        start = {k: v.copy() for k, v in net.params.items()}
+        loss, grads = dp.grad(**mine[0])
+        results[f"{name}:loss"] = loss
+        for k, g in grads.items():
+            results[f"{name}:grad:{k}"] = g
+        ref = structc.compile(source) if rank == 0 else None
+        if rank == 0:
+            for k, v in start.items():
+                ref.params[k] = v
+            ref_loss, ref_grads = ref.grad(**whole[0])
+            results[f"ref:{name}:loss"] = ref_loss
+            for k, g in ref_grads.items():
+                results[f"ref:{name}:grad:{k}"] = g
+        for opt, options in OPTIMIZERS:
+            for k, v in start.items():
+                net.params[k] = v
+            net.set_optimizer("sgd")       # resets the moments, then the optimizer under test
+            net.set_optimizer(opt, **options)
+            dp.broadcast_state()
+            for feed in mine:
+                dp.train_step(lr=0.05, **feed)
+            results[f"{name}:{opt}:in_sync"] = dp.in_sync()
+            for k, v in net.params.items():
+                results[f"{name}:{opt}:param:{k}"] = v.copy()
+            results[f"{name}:{opt}:state"] = net._state_arena.copy()
+            if rank == 0:
+                for k, v in start.items():
+                    ref.params[k] = v
+                ref.set_optimizer("sgd")
+                ref.set_optimizer(opt, **options)
+                for feed in whole:
+                    ref.train_step(lr=0.05, **feed)
+                for k, v in ref.params.items():
+                    results[f"ref:{name}:{opt}:param:{k}"] = v.copy()
+    np.savez(f"{out_dir}/rank{rank}.npz", **results)
+
+
+if __name__ == "__main__":
+    main()

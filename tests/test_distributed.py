@@ -1,0 +1,242 @@
+"""Data-parallel training on MPI: exact gradients with uneven shards, ranks bitwise
+equal after optimizer steps, a failing rank ending the job; sharding and the loss
+denominator without MPI. The MPI tests launch `mpiexec -n 2` (one thread per rank)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import structc
+from structc.distributed import balance, split_dense
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "mpi_worker.py"
+FAMILIES = ["mlp", "trees", "graphs", "nodes", "halo", "empty"]
+OPTIMIZERS = ["sgd", "momentum", "adam"]
+TIMEOUT = 300
+
+
+def _mpi_missing() -> str | None:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install 'structc[mpi]' mpich)"
+    if shutil.which("mpiexec") is None:
+        return "no mpiexec on PATH (pip install mpich)"
+    return None
+
+
+def _need_mpi():
+    why = _mpi_missing()
+    if why is not None:
+        if os.environ.get("STRUCTC_REQUIRE_MPI"):
+            pytest.fail(f"{why}: .ci/run installs them (and sets STRUCTC_REQUIRE_MPI), so CI must not skip")
+        pytest.skip(why)
+
+
+def mpiexec(*args, timeout=TIMEOUT):
+    env = dict(os.environ, STRUCTC_NUM_THREADS="1")
+    return subprocess.run(["mpiexec", "-n", "2", sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    _need_mpi()
+    out = tmp_path_factory.mktemp("mpi")
+    run = mpiexec(WORKER, out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [dict(np.load(out / f"rank{r}.npz")) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_equals_one_process_on_the_whole_batch(ranks, family):
+    r0, r1 = ranks
+    keys = [k for k in r0 if k.startswith(f"{family}:grad:")]
+    assert keys
+    assert float(r0[f"{family}:loss"]) == pytest.approx(float(r0[f"ref:{family}:loss"]), rel=1e-5)
+    for k in keys:
+        want = r0[f"ref:{k}"]
+        np.testing.assert_allclose(r0[k], want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=k)
+        assert np.array_equal(r0[k], r1[k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_ranks_stay_bitwise_equal(ranks, family, optimizer):
+    r0, r1 = ranks
+    prefix = f"{family}:{optimizer}:"
+    keys = [k for k in r0 if k.startswith(prefix + "param:")] + [prefix + "state"]
+    for k in keys:
+        assert np.array_equal(r0[k], r1[k]), k
+    assert r0[prefix + "in_sync"] and r1[prefix + "in_sync"]
+    for k in keys[:-1]:     # and they are the one-process steps on the whole batches
+        want = r0[f"ref:{k}"]
+        np.testing.assert_allclose(r0[k], want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=k)
+
+
+def test_a_failing_rank_ends_the_job_and_is_named(tmp_path):
+    _need_mpi()
+    run = mpiexec(WORKER, tmp_path, "crash", timeout=120)
+    assert run.returncode != 0, run.stderr[-3000:]
+    assert "rank 1 of 2 failed" in run.stderr and "deliberate failure on rank 1" in run.stderr, run.stderr[-3000:]
+
+
+def _epoch_numbers(text: str) -> list[float]:
+    """The losses and accuracies of the `epoch ...` lines of `structc train`."""
+    import re
+    return [float(v) for line in text.splitlines() if line.startswith("epoch")
+            for v in re.findall(r"(?:loss|accuracy) (\d+\.\d+)", line)]
+
+
+def test_cli_train_distributed_is_the_one_process_run(tmp_path, capsys):
+    _need_mpi()
+    from structc.cli import main
+    args = ["train", ROOT / "examples" / "digits_mlp.snet", "--data", "digits", "--epochs", "2", "--optimizer",
+            "adam", "--lr", "0.01", "--no-progress"]
+    run = mpiexec("-m", "mpi4py", "-m", "structc", *args, "--distributed", "--out", tmp_path / "two.npz")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("saved parameters") == 1 and run.stdout.count("epoch   2/2") == 1, run.stdout
+    assert main([str(a) for a in args] + ["--out", str(tmp_path / "one.npz")]) == 0
+    alone = capsys.readouterr().out
+    assert _epoch_numbers(run.stdout) == pytest.approx(_epoch_numbers(alone), abs=2e-4), (run.stdout, alone)
+    assert len(_epoch_numbers(alone)) == 6
+    evaluated = mpiexec("-m", "mpi4py", "-m", "structc", "eval", ROOT / "examples" / "digits_mlp.snet", "--data",
+                        "digits", "--params", tmp_path / "two.npz", "--distributed")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    accuracy = run.stdout.split("held-out accuracy ")[1].strip()
+    assert evaluated.stdout.count("accuracy") == 1 and f"accuracy {accuracy}" in evaluated.stdout
+
+
+LOGIC_ROOTS = """
+model LogicRoots {
+  input  t: forest(arity=3) of word(vocab=6)
+  target y: class[t.trees] of 2
+  param  E: embedding(6, 16) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 16))
+  logits = dense(h(t.root), 2)
+  output truth = softmax(logits)
+  loss cross_entropy(logits, y)
+}
+"""
+
+
+@pytest.mark.parametrize("family", ["graphs", "trees"])
+def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path, capsys):
+    """Sharding by cost and the held-out metrics reduced over the ranks: `eval --distributed`
+    reports what one process reports."""
+    _need_mpi()
+    from structc.cli import main
+    if family == "graphs":
+        model, data = ROOT / "examples" / "graph_families.snet", "graph_families"
+    else:
+        model, data = tmp_path / "roots.snet", "logic"
+        model.write_text(LOGIC_ROOTS)
+    out = tmp_path / "run.npz"
+    run = mpiexec("-m", "mpi4py", "-m", "structc", "train", model, "--data", data, "--epochs", "1",
+                  "--optimizer", "adam", "--lr", "0.005", "--distributed", "--out", out, "--no-progress")
+    assert run.returncode == 0, run.stderr[-3000:]
+    evaluated = mpiexec("-m", "mpi4py", "-m", "structc", "eval", model, "--data", data, "--params", out,
+                        "--distributed")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert main(["eval", str(model), "--data", data, "--params", str(out)]) == 0
+    alone = capsys.readouterr().out
+    loss = [float(text.split("loss ")[1].split(",")[0]) for text in (evaluated.stdout, alone)]
+    accuracy = [text.split("accuracy ")[1].strip() for text in (evaluated.stdout, alone)]
+    assert accuracy[0] == accuracy[1] and loss[0] == pytest.approx(loss[1], abs=2e-4), (evaluated.stdout, alone)
+
+
+def test_cli_without_mpi4py_says_what_to_install(monkeypatch, capsys):
+    from structc.cli import main
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    code = main(["train", str(ROOT / "examples" / "digits_mlp.snet"), "--data", "digits", "--distributed"])
+    assert code == 1 and "pip install 'structc[mpi]'" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_split_one_graph(tmp_path, capsys):
+    pytest.importorskip("mpi4py")
+    from structc.cli import main
+    code = main(["train", str(ROOT / "examples" / "karate_gcn.snet"), "--data", "karate", "--distributed",
+                 "--out", str(tmp_path / "k.npz")])
+    assert code == 1 and "docs/DISTRIBUTED.md" in capsys.readouterr().err
+
+
+# -- without MPI -------------------------------------------------------------------
+
+def test_split_dense_is_a_shared_seeded_partition():
+    parts = [split_dense(11, r, 3, seed=5) for r in range(3)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(11))
+    assert [len(p) for p in parts] == [4, 4, 3]
+    assert np.array_equal(parts[1], split_dense(11, 1, 3, seed=5))
+    assert not np.array_equal(np.concatenate(parts), np.arange(11))
+
+
+def test_balance_gives_the_largest_first_to_the_least_loaded():
+    costs = [3, 50, 2, 40, 45, 41, 44]       # 2 small items, 5 large
+    parts = balance(costs, 2)
+    loads = [sum(costs[k] for k in p) for p in parts]
+    assert sorted(sum(parts, [])) == list(range(7))
+    # 50 -> 0, 45 -> 1, 44 -> 1 (45 < 50), 41 -> 0, 40 -> 1, 3 -> 0, 2 -> 0
+    assert parts == [[0, 1, 2, 5], [3, 4, 6]] and loads == [96, 129]
+    assert balance([], 2) == [[], []] and balance([1], 3) == [[0], [], []]
+
+
+@pytest.mark.parametrize("example, want", [
+    ("digits_mlp", {"kind": "mean", "dims": ["N"], "factor": 1.0}),
+    ("perceptron", {"kind": "mean", "dims": ["N"], "factor": 10.0}),
+    ("graph_families", {"kind": "mean", "dims": ["g.graphs"], "factor": 1.0}),
+    ("karate_gcn", {"kind": "weights", "input": "train"}),
+])
+def test_the_compiler_records_the_loss_denominator(example, want):
+    net = structc.compile(ROOT / "examples" / f"{example}.snet")
+    assert net.meta["loss_denominator"] == want
+
+
+def test_terms_with_different_denominators_are_refused():
+    pytest.importorskip("mpi4py")
+    from structc.distributed import DataParallel
+    net = structc.compile(ROOT / "examples" / "logic_tree.snet")
+    assert net.meta["loss_denominator"]["kind"] == "unsupported"
+    with pytest.raises(ValueError, match="different denominators.*t.trees.*t.nodes"):
+        DataParallel(net)
+
+
+def test_a_penalty_on_parameters_keeps_the_mean_s_denominator():
+    net = structc.compile("""
+model Penalised {
+  input x: f32[N, 4]
+  target y: class[N] of 3
+  param w: f32[4, 3]
+  loss cross_entropy(x @ w, y) + 0.01 * sum(w * w)
+}""")
+    assert net.meta["loss_denominator"] == {"kind": "mean", "dims": ["N"], "factor": 1.0}
+
+
+@pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("momentum", {"momentum": 0.8}),
+                                                ("adam", {"weight_decay": 0.01})])
+def test_grad_into_arena_then_apply_update_is_train_step(optimizer, options, rng):
+    a = structc.compile(ROOT / "examples" / "digits_mlp.snet")
+    b = structc.compile(ROOT / "examples" / "digits_mlp.snet")
+    for net in (a, b):
+        net.set_optimizer(optimizer, **options)
+    for _ in range(3):
+        x, y = rng.random((17, 64)).astype(np.float32), rng.integers(0, 10, 17).astype(np.int32)
+        loss = a.train_step(lr=0.05, x=x, y=y)
+        got, denominator = b.grad_into_arena(x=x, y=y)
+        b.apply_update(lr=0.05)
+        assert got == loss and denominator == 17
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+    assert np.array_equal(a._state_arena, b._state_arena)
+
+
+def test_without_mpi4py_the_message_says_what_to_install(monkeypatch):
+    from structc import distributed
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r"pip install 'structc\[mpi\]'"):
+        distributed.mpi()
