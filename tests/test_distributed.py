@@ -13,6 +13,8 @@ import pytest
 import structc
 from structc.distributed import balance, split_dense
 
+pytestmark = pytest.mark.slow   # launches processes or compiles many models: not in the fast subset
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
 FAMILIES = ["mlp", "trees", "graphs", "nodes", "halo", "empty"]

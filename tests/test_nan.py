@@ -110,6 +110,7 @@ def check_specials(op, sample: Sample, special: str, seed: int = 0):
         assert_same_specials(grads[k], expected, f"{what}: gradient of {k}", loose=loose)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("special", sorted(SPECIALS))
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_specials_propagate_as_in_numpy(case, special):

@@ -12,6 +12,8 @@ import structc
 from structc.cli import main
 from structc.onnx import OnnxExportError, export
 
+pytestmark = pytest.mark.slow   # launches processes or compiles many models: not in the fast subset
+
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx extra: pip install 'structc[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="checking exported models needs onnxruntime (the onnx extra)")
 

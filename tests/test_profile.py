@@ -13,6 +13,8 @@ from structc.cli import main
 from structc.compiler import compile_source
 from structc.profile import EVENT, _shim, fma_peak, profile, profiled_net
 
+pytestmark = pytest.mark.slow   # launches processes or compiles many models: not in the fast subset
+
 ROOT = Path(__file__).parent.parent
 MLP = ROOT / "examples" / "digits_mlp.snet"
 PEAK = 100.0      # GFLOP/s: given, so that most tests do not measure it

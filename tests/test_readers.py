@@ -371,6 +371,7 @@ def test_atlas_is_every_small_graph_labelled_connected_or_not():
         assert labels[k - 1] == nx.is_connected(atlas[k])
 
 
+@pytest.mark.slow
 def test_atlas_example_reaches_the_accuracy_the_readme_states(tmp_path, capsys):
     example = Path(__file__).parent.parent / "examples" / "atlas_gnn.snet"
     assert main(["train", str(example), "--data", "atlas", "--epochs", "40", "--optimizer", "adam",

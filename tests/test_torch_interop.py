@@ -10,6 +10,8 @@ import pytest
 
 import structc
 
+pytestmark = pytest.mark.slow   # launches processes or compiles many models: not in the fast subset
+
 torch = pytest.importorskip("torch", reason="PyTorch interop needs torch (CPU build: pip install torch==2.13.0)")
 st = pytest.importorskip("structc.torch")
 nn = torch.nn
