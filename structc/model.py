@@ -163,7 +163,7 @@ class Net:
         self._arena_addrs = tuple(a.ctypes.data for a in (self._param_arena, self._grad_arena, self._state_arena))
         self._hyper = _aligned_zeros(N_HYPER)
         self._hyper_addr = self._hyper.ctypes.data
-        self._local = threading.local()
+        self._workspace_buf, self._workspace_addr = None, 0   # grown under the lock, shared by calls
         # Structured inputs (forests, graphs) become arrays and dims before the checks.
         self._forests = ForestBinder.from_meta(meta)
         self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta)) if b is not None]
@@ -270,19 +270,23 @@ class Net:
             arrays.append(arr)
         return arrays, dims
 
-    def _workspace(self, entry: _Entry, dims: tuple) -> int:
+    def _workspace_size(self, entry: _Entry, dims: tuple) -> int:
         need = entry.workspace_sizes.get(dims)
         if need is None:
             arr = (ctypes.c_int64 * max(1, len(dims)))(*dims)
             need = entry.workspace_fn(ctypes.addressof(arr))
             check_workspace(need, dict(zip(self._symbols, dims)))     # overflow (-1) or absurd: refuse
             entry.workspace_sizes[dims] = need
-        local = self._local
-        ws = getattr(local, "workspace", None)
+        return need
+
+    def _workspace(self, need: int) -> int:
+        """The workspace's address, grown to `need` bytes; call holding the lock
+        (a call still running in it keeps it until it returns)."""
+        ws = self._workspace_buf
         if ws is None or ws.size < need:
-            ws = local.workspace = _aligned_zeros(max(need, 64), np.uint8)
-            local.address = ws.ctypes.data
-        return local.address
+            ws = self._workspace_buf = _aligned_zeros(max(need, 64), np.uint8)
+            self._workspace_addr = ws.ctypes.data
+        return self._workspace_addr
 
     def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None):
         """Check the inputs, then (holding the lock) `before()`, the native
@@ -296,19 +300,23 @@ class Net:
         if dims_out is not None:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
-        ws = self._workspace(entry, dvals)      # first: it refuses sizes that overflow or cannot fit
+        need = self._workspace_size(entry, dvals)      # first: it refuses sizes that overflow or cannot fit
         outs = {}
         for name, shape, dtype in entry.outputs:
             outs[name] = np.empty(tuple([d if d.__class__ is int else dims[d] for d in shape]), dtype)
         pa, ga, sa = self._arena_addrs
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if before is not None:
                 before()
             if callable(mode):
                 mode = mode()
-            status = _runtime.invoke(entry.address, pa, ga, sa, ws, arrays, list(outs.values()), dvals,
-                                     self._hyper_addr, mode)
+            status = _runtime.invoke(entry.address, pa, ga, sa, self._workspace(need), arrays, list(outs.values()),
+                                     dvals, self._hyper_addr, mode)
             extra = after() if after is not None and status == 0 else None
+        finally:
+            lock.release()
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
         for binder in self._binders:
@@ -359,12 +367,12 @@ class Net:
             raise TypeError(f"model {self.name} has no update entry: it declares no loss, or it was "
                             "compiled by an older structc (compile it again)")
         dvals = (1,) * len(self._symbols)        # the update reads no dims
-        ws = self._workspace(entry, dvals)
+        need = self._workspace_size(entry, dvals)
         pa, ga, sa = self._arena_addrs
         with self._lock:
             self._set_hyper(lr)
-            status = _runtime.invoke(entry.address, pa, ga, sa, ws, [], [], dvals, self._hyper_addr,
-                                     MODES[self.optimizer])
+            status = _runtime.invoke(entry.address, pa, ga, sa, self._workspace(need), [], [], dvals,
+                                     self._hyper_addr, MODES[self.optimizer])
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
 

@@ -219,9 +219,9 @@ def test_workspace_size_function_reports_overflow(mlp, kind):
 def test_a_call_whose_workspace_overflows_is_refused(mlp):
     net, _ = mlp
     with pytest.raises(ValueError, match="more workspace than int64 can count .N=2305843009213693952"):
-        net._workspace(net._entries["train"], (2 ** 61,))
+        net._workspace_size(net._entries["train"], (2 ** 61,))
     with pytest.raises(ValueError, match="more than this machine's memory"):
-        net._workspace(net._entries["forward"], (2 ** 50,))
+        net._workspace_size(net._entries["forward"], (2 ** 50,))
 
 
 def test_reachable_huge_workspaces_are_refused_before_native_code():
