@@ -90,8 +90,7 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
     on zeros."""
     from llvmlite import ir
 
-    from ..lower.codegen import F32
-    from ..ops.message import _columns
+    from ..lower.codegen import F32, row_columns
     vw = kb.vector_width
     n_static = n_dim if isinstance(n_dim, int) else None
 
@@ -103,7 +102,7 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
         zero = cg.const(0.0, ir.VectorType(F32, vw))
         with cg.loop(hi, start=lo, name="row") as r:
             if n_static is not None:
-                for col, mask in _columns(n_static, vw):
+                for col, mask in row_columns(n_static, vw):
                     epilogue.emit(cg, [r, cg.i64(col)], vw, mask, given={epilogue.anchor: zero})
             else:
                 n = cg.dim(n_dim)
