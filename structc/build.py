@@ -28,6 +28,8 @@ from .graph import Builder, Graph, Value
 from .init import INITIALIZERS, parse_init
 from .layers import SURFACE, Context, Word
 from .layers import show as _show
+from .layers.embedding import embedding_param_type
+from .layers.embedding import index as gather
 from .ops import REGISTRY
 from .types import MAX_ELEMENTS, MAX_PARAMS, TensorType
 
@@ -144,7 +146,6 @@ class ModelBuilder:
         if isinstance(s.type, (S.GraphTypeExpr, S.ForestTypeExpr)):
             raise SnetTypeError("a parameter must be a float tensor, not a graph or a forest", s.type.span)
         if isinstance(s.type, S.Call) and s.type.func == "embedding":
-            from .layers.embedding import embedding_param_type
             t, init = embedding_param_type(s.type)
             init = self.resolve_init(s.init) if s.init is not None else init
             nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
@@ -377,7 +378,6 @@ class ModelBuilder:
         if hook is not None:
             return hook(self, base, e)
         if isinstance(base, Value):                          # E[n.word]: rows of a table
-            from .layers.embedding import index as gather
             if isinstance(index, Word):
                 raise self.unknown_name(index)
             return gather(Context(self, e.span, "index"), base, index)
