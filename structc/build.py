@@ -26,7 +26,11 @@ from .errors import (ShapeMismatch, SnetError, SnetNameError, SnetShapeError, Sn
                      SnetTypeError, Span)
 from .graph import Builder, Graph, Value
 from .init import INITIALIZERS, parse_init
-from .ops import REGISTRY, SURFACE
+from .layers import SURFACE, Context, Word
+from .layers import show as _show
+from .layers.embedding import embedding_param_type
+from .layers.embedding import index as gather
+from .ops import REGISTRY
 from .types import MAX_ELEMENTS, MAX_PARAMS, TensorType
 
 
@@ -61,13 +65,6 @@ class ModelDef:
     forests: list = field(default_factory=list)     # forest inputs (recursion.ForestDecl.meta())
 
 
-@dataclass
-class Word:
-    """A bare word used as an option value (`init=he`, `bias=false`)."""
-    text: str
-    span: Span
-
-
 #: the largest finite float32: numbers in a model become float32 constants
 F32_MAX = 3.4028234663852886e38
 #: labels and word ids are int32
@@ -79,90 +76,6 @@ MAX_REPEAT = 1000
 PREDICTIONS = {"cross_entropy": ("probs", "softmax"), "binary_cross_entropy": ("probs", "sigmoid"),
                "mse": ("pred", None)}
 PREDICTIONS["masked_cross_entropy"] = ("probs", "softmax")
-
-
-class Context:
-    """What a surface function sees: the builder and checked helpers."""
-
-    def __init__(self, builder: "ModelBuilder", span: Span, fname: str):
-        self.mb = builder
-        self.span = span
-        self.fname = fname
-        self.b = Builder(builder.graph, span)
-
-    def fail(self, message: str):
-        raise SnetShapeError(message, self.span)
-
-    def checked(self, fn):
-        try:
-            return fn()
-        except ShapeMismatch as e:
-            raise SnetShapeError(f"{self.fname}: {e}", self.span) from None
-
-    def expect_tensor(self, v, what: str) -> Value:
-        if isinstance(v, Word):
-            raise self.mb.unknown_name(v)
-        if not isinstance(v, Value):
-            raise SnetTypeError(f"{what} expects a tensor here, got {_show(v)}", self.span)
-        return v
-
-    def expect_int(self, v, what: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise SnetTypeError(f"{self.fname}: {what} must be a positive integer, got {_show(v)}", self.span)
-        return v
-
-    def expect_bool(self, v, what: str) -> bool:
-        if isinstance(v, bool):
-            return v
-        raise SnetTypeError(f"{self.fname}: {what} must be true or false, got {_show(v)}", self.span)
-
-    def expect_dim(self, v):
-        if isinstance(v, Word) and v.text in self.mb.symbols:
-            return v.text
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-        raise SnetTypeError(f"{self.fname}: a dimension must be a positive integer or one of the "
-                            f"model's symbols ({', '.join(sorted(self.mb.symbols)) or 'none'}), got {_show(v)}",
-                            self.span)
-
-    def layer_name(self, kind: str, explicit) -> str:
-        if explicit is not None:
-            if isinstance(explicit, Word):
-                explicit = explicit.text
-            if not isinstance(explicit, str) or not explicit.isidentifier():
-                raise SnetTypeError(f"{self.fname}: name must be an identifier, got {_show(explicit)}", self.span)
-            if self.mb.repeat_path:     # inside `repeat`: one layer per iteration
-                explicit = explicit + "".join(f"_{k}" for k in self.mb.repeat_path)
-            if explicit in self.mb.layer_names:
-                raise SnetNameError(f"a layer named '{explicit}' already exists", self.span)
-            self.mb.layer_names.add(explicit)
-            return explicit
-        k = self.mb.layer_counts.get(kind, 1)      # where the last search for this kind stopped: linear
-        while f"{kind}{k}" in self.mb.layer_names:
-            k += 1
-        name = f"{kind}{k}"
-        self.mb.layer_counts[kind] = k + 1
-        self.mb.layer_names.add(name)
-        return name
-
-    def param(self, name: str, type: TensorType, init) -> Value:
-        return self.b.value(self.mb.add_param(name, type, init, self.span))
-
-    def predicts(self, value: Value, name: str) -> None:
-        """Record the prediction a loss implies (the default forward output)."""
-        self.mb.implied_outputs.setdefault(name, value.id)
-
-
-def _show(v) -> str:
-    if isinstance(v, Word):
-        return v.text
-    if isinstance(v, tuple):
-        return "(" + ", ".join(_show(x) for x in v) + (",)" if len(v) == 1 else ")")
-    if isinstance(v, Value):
-        return f"a tensor {v.type}"
-    if isinstance(v, (int, float, str, bool)) or type(v).__repr__ is not object.__repr__:
-        return repr(v)
-    return f"a {type(v).__name__}"      # no address in a message
 
 
 class ModelBuilder:
@@ -233,7 +146,6 @@ class ModelBuilder:
         if isinstance(s.type, (S.GraphTypeExpr, S.ForestTypeExpr)):
             raise SnetTypeError("a parameter must be a float tensor, not a graph or a forest", s.type.span)
         if isinstance(s.type, S.Call) and s.type.func == "embedding":
-            from .ops.embedding import embedding_param_type
             t, init = embedding_param_type(s.type)
             init = self.resolve_init(s.init) if s.init is not None else init
             nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
@@ -466,7 +378,6 @@ class ModelBuilder:
         if hook is not None:
             return hook(self, base, e)
         if isinstance(base, Value):                          # E[n.word]: rows of a table
-            from .ops.embedding import index as gather
             if isinstance(index, Word):
                 raise self.unknown_name(index)
             return gather(Context(self, e.span, "index"), base, index)

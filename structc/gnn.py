@@ -172,6 +172,10 @@ class EdgeTypes:
     def __repr__(self) -> str:
         return f"{self.graph.spec.name}.type (edge types: use as dense(h, units, per={self.graph.spec.name}.type))"
 
+    def snet_dense(self, ctx, x, units, *, bias, init, name) -> "TypedMessage":
+        """dense(x, units, per=g.type), called by the layer library's `dense`."""
+        return typed_dense(ctx, x, units, self, bias=bias, init=init, name=name)
+
 
 @dataclass
 class TypedMessage:

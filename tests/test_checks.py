@@ -136,7 +136,8 @@ def test_children_and_child_are_not_operands():
 def test_every_language_function_meets_odd_arguments_with_snet_errors():
     """Each function and operator, given graph domains, forests, strings, tensors of
     the wrong kind as operands and options: only SnetError, never a Python error."""
-    from structc.ops import REGISTRY, SURFACE
+    from structc.layers import SURFACE
+    from structc.ops import REGISTRY
     names = sorted(set(SURFACE) | {n for n, op in REGISTRY.items() if op.surface})
     odd = ["g.edges", "g.src", "g", "t", "t.root", "h", "g.type", '"s"', "1.5", "true", "x"]
     exprs = []

@@ -389,3 +389,14 @@ class CG:
 
     def mode(self) -> ir.Value:
         return self.slot(self.layout.mode_slot, I64)
+
+
+def row_columns(width: int, vw: int) -> list:
+    """(offset, mask) per vector of a row of static `width` floats; the last
+    vector is masked by a constant when the width is not a multiple."""
+    out = []
+    for col in range(0, width, vw):
+        rest = width - col
+        mask = None if rest >= vw else ir.Constant(ir.VectorType(I1, vw), [k < rest for k in range(vw)])
+        out.append((col, mask))
+    return out

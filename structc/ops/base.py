@@ -9,13 +9,14 @@ An op holds, in one place:
 Autodiff, passes and codegen ask `traits`, never op names.
 
 Layers of the language that are compositions of ops (`dense`, `mean`,
-`flatten`) register with `@surface` next to the ops they build on.
+`flatten`) live in `structc.layers`; an op module imports no layer and no
+part of the front end.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,6 @@ from ..errors import ShapeMismatch
 from ..types import TensorType, broadcast_shapes
 
 REGISTRY: dict[str, "Op"] = {}
-SURFACE: dict[str, Callable] = {}   # language-level functions that are not single ops
 
 
 @dataclass
@@ -168,15 +168,6 @@ def unbroadcast(b, g, like):
     if s.shape != like.shape:
         s = b.reshape(s, shape=like.shape)
     return s
-
-
-def surface(name: str):
-    """Register a language-level function built from ops: f(ctx, *args, **kw)."""
-    def deco(fn):
-        assert name not in SURFACE, f"surface function {name} defined twice"
-        SURFACE[name] = fn
-        return fn
-    return deco
 
 
 def expect(cond: bool, message: str) -> None:

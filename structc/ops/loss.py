@@ -13,7 +13,7 @@ import numpy as np
 from llvmlite import ir
 
 from ..types import TensorType
-from .base import Op, Sample, expect, surface
+from .base import Op, Sample, expect
 from .reduce import count
 
 
@@ -245,33 +245,3 @@ class SoftmaxCrossEntropyGrad(Op):
                     label = b.sext(label, I64)
                 at = cg.iadd(off, label)
                 cg.store(cg.sub(cg.load(dst, at), scale), dst, at)
-
-
-@surface("mse")
-def mse(ctx, pred, target):
-    """mse(pred, target): mean of the squared differences."""
-    ctx.expect_tensor(pred, "mse")
-    ctx.expect_tensor(target, "mse")
-    if pred.shape != target.shape:
-        ctx.fail(f"mse: prediction {pred.type} and target {target.type} differ in shape")
-    d = pred - target
-    axes = tuple(range(len(pred.shape)))
-    return ctx.b.sum(ctx.b.square(d), axes=axes) / count(ctx.b, pred.shape, axes)
-
-
-@surface("binary_cross_entropy")
-def binary_cross_entropy(ctx, logits, target):
-    """binary_cross_entropy(z, t): mean of -t log σ(z) - (1-t) log(1-σ(z)), from logits z,
-    computed as max(z, 0) - z t + log(1 + e^{-|z|}) so it never overflows."""
-    ctx.expect_tensor(logits, "binary_cross_entropy")
-    ctx.expect_tensor(target, "binary_cross_entropy")
-    if logits.shape != target.shape:
-        ctx.fail(f"binary_cross_entropy: logits {logits.type} and target {target.type} differ in shape")
-    classes = declared_classes(target)
-    if classes > 2:     # class labels as targets: only 0 and 1 mean anything here
-        ctx.fail(f"binary_cross_entropy: the targets are labels of {classes} classes; it needs 0/1 targets "
-                 "(class[...] of 2 or floats in [0, 1]); use cross_entropy for more classes")
-    b = ctx.b
-    per = b.relu(logits) - logits * target + b.log(b.exp(b.neg(b.abs(logits))) + 1.0)
-    axes = tuple(range(len(logits.shape)))
-    return b.sum(per, axes=axes) / count(b, logits.shape, axes)

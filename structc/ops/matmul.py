@@ -1,4 +1,4 @@
-"""matmul and transpose, and the `dense` layer built on them.
+"""matmul and transpose (the `dense` layer built on them: `layers/dense.py`).
 
     C = op(A) @ op(B),  op(X) = X^T when the `ta` / `tb` flag is set.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, Sample, expect, surface
+from .base import Op, Sample, expect
 
 
 #: at most this many columns make a weight gradient narrow (see `MatMul.legalize`)
@@ -90,8 +90,7 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
     on zeros."""
     from llvmlite import ir
 
-    from ..lower.codegen import F32
-    from ..ops.message import _columns
+    from ..lower.codegen import F32, row_columns
     vw = kb.vector_width
     n_static = n_dim if isinstance(n_dim, int) else None
 
@@ -103,7 +102,7 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
         zero = cg.const(0.0, ir.VectorType(F32, vw))
         with cg.loop(hi, start=lo, name="row") as r:
             if n_static is not None:
-                for col, mask in _columns(n_static, vw):
+                for col, mask in row_columns(n_static, vw):
                     epilogue.emit(cg, [r, cg.i64(col)], vw, mask, given={epilogue.anchor: zero})
             else:
                 n = cg.dim(n_dim)
@@ -191,22 +190,3 @@ def transpose_block(cg, rows: list) -> list:
                               cg.b.shuffle_vector(v[i], v[p], masks[1]))
         bit <<= 1
     return v
-
-
-@surface("dense")
-def dense(ctx, x, units, *, bias=True, init="glorot", name=None, per=None):
-    """dense(x, units): x @ W + b with W: [in, units] and b: [units]; per=g.type: one W, b per edge type."""
-    from ..types import TensorType as T
-    if per is not None:
-        from ..gnn import typed_dense
-        return typed_dense(ctx, x, units, per, bias=bias, init=init, name=name)
-    ctx.expect_tensor(x, "dense")
-    if x.type.rank != 2:
-        ctx.fail(f"dense expects a [batch, features] input, got {x.type}; use flatten(x) first")
-    units = ctx.expect_int(units, "units")
-    layer = ctx.layer_name("dense", name)
-    w = ctx.param(f"{layer}.w", T((x.shape[1], units)), init)
-    y = ctx.b.matmul(x, w)
-    if ctx.expect_bool(bias, "bias"):
-        y = y + ctx.param(f"{layer}.b", T((units,)), "zeros")
-    return y

@@ -129,15 +129,8 @@ def _f32_vec(vw):
 
 
 def _columns(width: int, vw: int):
-    """(offset, mask) per vector of a row of static `width` floats; the last
-    vector is masked by a constant when the width is not a multiple."""
-    from ..lower.codegen import I1
-    out = []
-    for col in range(0, width, vw):
-        rest = width - col
-        mask = None if rest >= vw else ir.Constant(ir.VectorType(I1, vw), [k < rest for k in range(vw)])
-        out.append((col, mask))
-    return out
+    from ..lower.codegen import row_columns
+    return row_columns(width, vw)
 
 
 def _row_kernel(kb, name, rows_dim, nnz_dim, width):

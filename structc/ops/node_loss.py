@@ -12,8 +12,8 @@ import numpy as np
 from llvmlite import ir
 
 from ..types import TensorType
-from .base import Op, Sample, surface
-from .loss import _check_classes, _each_vector, _row_stats, check_labels
+from .base import Op, Sample
+from .loss import _check_classes, _each_vector, _row_stats
 
 
 def _softmax(z):
@@ -125,24 +125,6 @@ class CrossEntropyRowsGrad(Op):
                 _each_vector(cg, c, vw, body)
                 at = cg.iadd(off, _label(cg, lab, r, ydt))
                 cg.store(cg.sub(cg.load(dst, at), gr), dst, at)
-
-
-@surface("masked_cross_entropy")
-def masked_cross_entropy(ctx, logits, labels, mask):
-    """masked_cross_entropy(z, y, mask): mean cross-entropy over the rows where mask is 1
-    (mask: f32[rows], weights in general: Σ mask·loss / Σ mask)."""
-    ctx.expect_tensor(logits, "masked_cross_entropy")
-    ctx.expect_tensor(labels, "masked_cross_entropy")
-    ctx.expect_tensor(mask, "masked_cross_entropy")
-    per_row = ctx.checked(lambda: ctx.b.cross_entropy_rows(logits, labels))
-    check_labels(ctx, logits, labels)
-    if tuple(mask.shape) != tuple(per_row.shape) or not mask.type.is_float:
-        ctx.fail(f"masked_cross_entropy: the mask must be f32[{', '.join(map(str, per_row.shape))}] "
-                 f"(one weight per row), got {mask.type}")
-    b = ctx.b
-    axes = tuple(range(len(per_row.shape)))
-    total = b.sum(per_row * mask, axes=axes)
-    return total / b.maximum(b.sum(mask, axes=axes), 1e-12)
 
 
 # -- many rows at a time, for a few classes -----------------------------------------------

@@ -12,15 +12,15 @@ arg-max is stored during the forward pass rather than recomputed.
 
 `scatter_argmax` and `avgpool2d_grad` have the `epilogue` trait: the
 derivative mask of the activation below a pooling layer is applied as
-their planes are stored. Global average pooling is `mean` over the
-spatial axes; `flatten` is a view (see `shape.py`).
+their planes are stored. The layers `maxpool2d`, `avgpool2d` and
+`global_avg_pool` (a mean over the spatial axes) are in `layers/pool.py`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, Sample, expect, surface
+from .base import Op, Sample, expect
 from .conv import _hw, pair
 
 
@@ -240,37 +240,3 @@ class AvgPool2dGrad(Op):
     def lower(self, kb, node, epilogue):
         from ..lower.pool import emit_avg_grad
         emit_avg_grad(kb, node, epilogue)
-
-
-# -- the language ------------------------------------------------------------------
-
-def _pool_layer(ctx, op, x, size, stride):
-    from .conv import _ints
-    ctx.expect_tensor(x, ctx.fname)
-    if x.type.rank != 4:
-        ctx.fail(f"{ctx.fname} expects a [batch, channels, height, width] input, got {x.type}")
-    s = _ints(ctx, size, "size", 2)
-    st = s if stride is None else _ints(ctx, stride, "stride", 2)
-    return ctx.b.apply(op, x, size=s, stride=st)
-
-
-@surface("maxpool2d")
-def maxpool2d(ctx, x, size=2, *, stride=None):
-    """maxpool2d(x, size=2, stride=size): the maximum of each size x size window"""
-    return _pool_layer(ctx, "maxpool2d", x, size, stride)
-
-
-@surface("avgpool2d")
-def avgpool2d(ctx, x, size=2, *, stride=None):
-    """avgpool2d(x, size=2, stride=size): the mean of each size x size window"""
-    return _pool_layer(ctx, "avgpool2d", x, size, stride)
-
-
-@surface("global_avg_pool")
-def global_avg_pool(ctx, x):
-    """global_avg_pool(x): [N, C, H, W] -> [N, C], the mean over each channel's plane"""
-    from .reduce import count
-    ctx.expect_tensor(x, "global_avg_pool")
-    if x.type.rank != 4:
-        ctx.fail(f"global_avg_pool expects a [batch, channels, height, width] input, got {x.type}")
-    return ctx.b.sum(x, axes=(2, 3)) / count(ctx.b, x.shape, (2, 3))

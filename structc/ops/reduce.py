@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, Sample, expect, surface
+from .base import Op, Sample, expect
 
 
 def normalize_axes(axes, rank: int) -> tuple[int, ...]:
@@ -145,11 +145,3 @@ def count(b, shape, axes) -> object:
     if n is None:
         return b.const(float(static))
     return n * float(static) if static != 1 else n
-
-
-@surface("mean")
-def mean(ctx, x, *, axes=None, keepdims=False):
-    """mean(x, axes=...): the sum divided by the number of elements summed."""
-    ctx.expect_tensor(x, "mean")
-    ax = ctx.checked(lambda: normalize_axes(axes, x.type.rank))
-    return ctx.b.sum(x, axes=ax, keepdims=keepdims) / count(ctx.b, x.shape, ax)

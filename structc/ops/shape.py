@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Size, TensorType
-from .base import Elementwise, Op, Sample, expect, surface
+from .base import Elementwise, Op, Sample, expect
 
 
 class Reshape(Op):
@@ -162,24 +162,3 @@ def _copy_block(kb, name, *, src, dst, shape, axis, src_start, dst_start, width,
                 cg.store(cg.load(s, cg.iadd(s0, j), n=vw), d, cg.iadd(d0, j))
             with cg.loop(row, start=cg.imul(full, vw), name="t") as j:
                 cg.store(cg.load(s, cg.iadd(s0, j)), d, cg.iadd(d0, j))
-
-
-@surface("flatten")
-def flatten(ctx, x):
-    """flatten(x): [N, a, b, ...] -> [N, a*b*...]."""
-    ctx.expect_tensor(x, "flatten")
-    if x.type.rank < 2:
-        ctx.fail(f"flatten expects at least 2 dimensions, got {x.type}")
-    rest = x.shape[1:]
-    if not all(isinstance(d, int) for d in rest):
-        ctx.fail(f"flatten needs static dimensions after the first, got {x.type}")
-    return ctx.b.reshape(x, shape=(x.shape[0], int(np.prod(rest))))
-
-
-@surface("reshape")
-def reshape(ctx, x, *dims):
-    """reshape(x, d1, d2, ...) or reshape(x, (d1, d2, ...)): dims are numbers or the model's symbols."""
-    ctx.expect_tensor(x, "reshape")
-    if len(dims) == 1 and isinstance(dims[0], tuple):
-        dims = dims[0]
-    return ctx.b.reshape(x, shape=tuple(ctx.expect_dim(d) for d in dims))

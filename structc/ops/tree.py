@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import ShapeMismatch
 from ..types import TensorType
-from .base import Op, expect
+from .base import REGISTRY, Op, expect
 
 BODY_ROWS = "rows"          # the body's batch dimension: one row per node
 _tags = itertools.count(1)
@@ -110,7 +110,6 @@ def _hoist(g):
     """Split off the groups of a fused body that read no input (only
     parameters and constants): returns (their graph, {node: input name}),
     and turns each of their values that the rest reads into an input of `g`."""
-    from . import REGISTRY
     pure = set()
     for nid in g.topo():
         node = g.nodes[nid]
@@ -202,7 +201,6 @@ def derive_backward(body):
     from ..autodiff import differentiate
     from ..graph import Builder
     from ..passes.dce import dce
-    from . import REGISTRY
     g = body.copy()
     b = Builder(g)
     cin = g.inputs.pop("children")
