@@ -194,8 +194,8 @@ def profile_copy(net, seed: int = 0):
 
 # -- the peak ------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def fma_peak() -> float:
+@functools.lru_cache(maxsize=4)
+def fma_peak(iters: int = 2_000_000, tries: int = 10) -> float:
     """GFLOP/s of one core running 24 independent chains of vector FMAs (as
     benchmarks/bench_conv.py measures it): the most a kernel could reach."""
     import llvmlite.binding as llvm
@@ -239,9 +239,8 @@ def fma_peak() -> float:
     engine = llvm.create_mcjit_compiler(m, new_target_machine(target))
     engine.finalize_object()
     call = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_int64)(engine.get_function_address("peak"))
-    iters = 2_000_000
     best = float("inf")
-    for _ in range(10):      # the best of several: another process may take the core for a while
+    for _ in range(tries):   # the best of several: another process may take the core for a while
         t = time.perf_counter()
         call(iters)
         best = min(best, time.perf_counter() - t)
