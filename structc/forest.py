@@ -65,7 +65,7 @@ class Forest:
     """A validated batch of trees in schedule order (see the module docstring)."""
 
     __slots__ = ("children", "words", "features", "roots", "level_end", "labels", "height", "index",
-                 "tree_of", "max_word", "_bound", "_shape")
+                 "tree_of", "max_word", "_bound", "_shape", "_flat")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
@@ -274,39 +274,41 @@ class Forest:
             raise TypeError("Forest.concat takes Forest objects")
         if len(forests) == 1:
             return forests[0]
-        if len({f.words is not None for f in forests}) != 1:
-            raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
         shapes = np.array([f._shape for f in forests], np.int64)
-        nodes, trees, levels, arity = shapes.T
+        nodes, trees, levels, arity, _, has_words, labelled, max_word = shapes.T
+        if has_words.min() != has_words.max():
+            raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
         n = int(nodes.sum())
         if n > _I32_MAX:
             raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
         first = (np.cumsum(shapes, axis=0) - shapes)[:, :2]       # each part's first node and tree in the union
-        height = np.concatenate([f.height for f in forests])
+        got = _gather(forests, shapes)
+        height = got["height"]
         # Each part is in schedule order (by height, then tree, then position), so a
         # stable sort by height alone merges them level by level into the union's.
         order = np.argsort(height.astype(np.int16) if levels.max() <= 2**15 else height, kind="stable")
         pos = np.empty(n, _I32)                                   # a part's node -> its position in the union
         pos[order] = np.arange(n, dtype=_I32)
-        children = _padded([f.children for f in forests], int(arity.max()), arity.min() == arity.max())
+        a = int(arity.max())
+        children = got["children"].reshape(n, a) if arity.min() == a else _widened(got["children"], nodes, arity, a)
         children = np.where(children >= 0, pos[children + np.repeat(first[:, 0], nodes)[:, None]], -1)
-        tree_of = np.concatenate([f.tree_of for f in forests])
+        tree_of = got["tree_of"]
         tree_of += np.repeat(first[:, 1].astype(_I32), nodes)
-        roots = np.concatenate([f.roots for f in forests])
+        roots = got["roots"]
         roots += np.repeat(first[:, 0].astype(_I32), trees)
         labels = None
-        if any(f.labels is not None for f in forests):
-            labels = np.concatenate([f.labels if f.labels is not None else np.full(f.nodes, -1, _I32)
-                                     for f in forests])[order]
-        words = features = None
+        if labelled.any():
+            labels = got["labels"]
+            if not labelled.all():                               # -1 (none) on the nodes of unlabelled parts
+                labels = np.full(n, -1, _I32)
+                labels[np.repeat(labelled.astype(bool), nodes)] = got["labels"]
+            labels = labels[order]
         # The leaves (height 0) come first, part after part: the parts' payloads in order.
-        if forests[0].words is not None:
-            words = np.concatenate([f.words for f in forests])
-        else:
-            features = np.concatenate([f.features for f in forests])
+        words = got["words"] if has_words[0] else None
+        features = None if has_words[0] else np.concatenate([f.features for f in forests])
         return _assemble(children=children[order], height=height[order], level_end=np.cumsum(np.bincount(height)),
                          roots=pos[roots], tree_of=tree_of[order], words=words, features=features, labels=labels,
-                         index=pos, max_word=max(f.max_word for f in forests))
+                         index=pos, max_word=int(max_word.max()))
 
     # -- as compiled code wants it ------------------------------------------
     def check(self, name: str, arity: int, vocab: int | None, features: int | None) -> None:
@@ -343,7 +345,7 @@ class Forest:
 
 
 _INT_FIELDS = ("children", "height", "level_end", "roots", "tree_of", "words", "labels", "index")
-_DERIVED = ("_bound", "_shape")         # rebuilt by _assemble, not pickled
+_DERIVED = ("_bound", "_shape", "_flat")         # rebuilt by _assemble, not pickled
 
 
 def _assemble(**fields) -> Forest:
@@ -359,19 +361,43 @@ def _assemble(**fields) -> Forest:
             fields[k], at = sealed[at:at + v.size].reshape(v.shape), at + v.size
     if fields["features"] is not None:
         fields["features"] = _frozen(np.asarray(fields["features"], np.float32))
-    ch = fields["children"]
-    fields.update(_bound={}, _shape=(ch.shape[0], len(fields["roots"]), len(fields["level_end"]), ch.shape[1]))
+    ch, words, labels = fields["children"], fields["words"], fields["labels"]
+    # what Forest.concat reads of each part, in one tuple: the sizes of its fields in `_flat`, and more
+    shape = (ch.shape[0], len(fields["roots"]), len(fields["level_end"]), ch.shape[1], int(fields["level_end"][0]),
+             int(words is not None), int(labels is not None), fields["max_word"])
+    fields.update(_bound={}, _shape=shape, _flat=sealed)
     f = object.__new__(Forest)
     for k, v in fields.items():
         object.__setattr__(f, k, v)
     return f
 
 
-def _padded(children: list[np.ndarray], a: int, same: bool) -> np.ndarray:
-    """The parts' children tables one below the other, padded with -1 to `a` columns."""
-    if same:
-        return np.concatenate(children)
-    return np.concatenate([np.pad(c, ((0, 0), (0, a - c.shape[1])), constant_values=-1) for c in children])
+def _gather(forests: list[Forest], shapes: np.ndarray) -> dict[str, np.ndarray]:
+    """The parts' children (flat), height, roots, tree_of, words and labels, each
+    concatenated over the parts: one gather from the parts' sealed buffers."""
+    nodes, trees, levels, arity, leaves, has_words, labelled, _ = shapes.T
+    # the lengths of each part's fields in its buffer, in _INT_FIELDS order
+    lengths = np.stack([nodes * arity, nodes, levels, trees, nodes, leaves * has_words, nodes * labelled, nodes], axis=1)
+    starts = np.cumsum(lengths, axis=1) - lengths
+    starts += (np.cumsum(lengths.sum(axis=1)) - lengths.sum(axis=1))[:, None]
+    wanted = [0, 1, 3, 4, 5, 6]
+    take, at = lengths[:, wanted].T.ravel(), starts[:, wanted].T.ravel()        # field by field, part by part
+    lands = np.cumsum(take) - take
+    flat = np.concatenate([f._flat for f in forests])[np.repeat(at - lands, take) + np.arange(int(take.sum()))]
+    ends = np.cumsum(take.reshape(len(wanted), -1).sum(axis=1)).tolist()
+    names = ("children", "height", "roots", "tree_of", "words", "labels")
+    return {name: flat[lo:hi] for name, lo, hi in zip(names, [0] + ends[:-1], ends)}
+
+
+def _widened(flat: np.ndarray, nodes: np.ndarray, arity: np.ndarray, a: int) -> np.ndarray:
+    """Children tables of several widths (flat, part after part) as one table of
+    `a` columns, padded with -1."""
+    width = np.repeat(arity, nodes)                           # of each node's row
+    rows = np.repeat(np.arange(len(width)), width)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(width) - width, width)
+    out = np.full((len(width), a), -1, _I32)
+    out[rows, cols] = flat
+    return out
 
 
 def _restore(fields: dict) -> Forest:
