@@ -65,7 +65,7 @@ class Forest:
     """A validated batch of trees in schedule order (see the module docstring)."""
 
     __slots__ = ("children", "words", "features", "roots", "level_end", "labels", "height", "index",
-                 "tree_of", "max_word", "_bound", "_shape", "_flat")
+                 "tree_of", "max_word", "_bound", "_sizes", "_flat")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
@@ -274,15 +274,16 @@ class Forest:
             raise TypeError("Forest.concat takes Forest objects")
         if len(forests) == 1:
             return forests[0]
-        shapes = np.array([f._shape for f in forests], np.int64)
-        nodes, trees, levels, arity, _, has_words, labelled, max_word = shapes.T
+        sizes = np.frombuffer(b"".join([f._sizes for f in forests]), np.int64).reshape(len(forests), -1)
+        lengths, (nodes, levels, trees) = sizes[:, :8], sizes.T[1:4]
+        arity, max_word, has_words, labelled = sizes[:, 8], sizes[:, 9], sizes[:, 5] > 0, sizes[:, 6] > 0
         if has_words.min() != has_words.max():
             raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
         n = int(nodes.sum())
         if n > _I32_MAX:
             raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
-        first = (np.cumsum(shapes, axis=0) - shapes)[:, :2]       # each part's first node and tree in the union
-        got = _gather(forests, shapes)
+        first_node, first_tree = np.cumsum(nodes) - nodes, np.cumsum(trees) - trees     # each part's in the union
+        got = _gather(forests, lengths)
         height = got["height"]
         # Each part is in schedule order (by height, then tree, then position), so a
         # stable sort by height alone merges them level by level into the union's.
@@ -291,17 +292,17 @@ class Forest:
         pos[order] = np.arange(n, dtype=_I32)
         a = int(arity.max())
         children = got["children"].reshape(n, a) if arity.min() == a else _widened(got["children"], nodes, arity, a)
-        children = np.where(children >= 0, pos[children + np.repeat(first[:, 0], nodes)[:, None]], -1)
+        children = np.where(children >= 0, pos[children + np.repeat(first_node, nodes)[:, None]], -1)
         tree_of = got["tree_of"]
-        tree_of += np.repeat(first[:, 1].astype(_I32), nodes)
+        tree_of += np.repeat(first_tree.astype(_I32), nodes)
         roots = got["roots"]
-        roots += np.repeat(first[:, 0].astype(_I32), trees)
+        roots += np.repeat(first_node.astype(_I32), trees)
         labels = None
         if labelled.any():
             labels = got["labels"]
             if not labelled.all():                               # -1 (none) on the nodes of unlabelled parts
                 labels = np.full(n, -1, _I32)
-                labels[np.repeat(labelled.astype(bool), nodes)] = got["labels"]
+                labels[np.repeat(labelled, nodes)] = got["labels"]
             labels = labels[order]
         # The leaves (height 0) come first, part after part: the parts' payloads in order.
         words = got["words"] if has_words[0] else None
@@ -345,7 +346,7 @@ class Forest:
 
 
 _INT_FIELDS = ("children", "height", "level_end", "roots", "tree_of", "words", "labels", "index")
-_DERIVED = ("_bound", "_shape", "_flat")         # rebuilt by _assemble, not pickled
+_DERIVED = ("_bound", "_sizes", "_flat")         # rebuilt by _assemble, not pickled
 
 
 def _assemble(**fields) -> Forest:
@@ -361,25 +362,21 @@ def _assemble(**fields) -> Forest:
             fields[k], at = sealed[at:at + v.size].reshape(v.shape), at + v.size
     if fields["features"] is not None:
         fields["features"] = _frozen(np.asarray(fields["features"], np.float32))
-    ch, words, labels = fields["children"], fields["words"], fields["labels"]
-    # what Forest.concat reads of each part, in one tuple: the sizes of its fields in `_flat`, and more
-    shape = (ch.shape[0], len(fields["roots"]), len(fields["level_end"]), ch.shape[1], int(fields["level_end"][0]),
-             int(words is not None), int(labels is not None), fields["max_word"])
-    fields.update(_bound={}, _shape=shape, _flat=sealed)
+    # What Forest.concat reads of a part: the lengths of its fields in `_flat` (0
+    # where absent), its arity and largest word id, as int64 bytes (it joins them).
+    sizes = [0 if v is None else v.size for v in ints] + [fields["children"].shape[1], fields["max_word"]]
+    fields.update(_bound={}, _sizes=np.array(sizes, np.int64).tobytes(), _flat=sealed)
     f = object.__new__(Forest)
     for k, v in fields.items():
         object.__setattr__(f, k, v)
     return f
 
 
-def _gather(forests: list[Forest], shapes: np.ndarray) -> dict[str, np.ndarray]:
+def _gather(forests: list[Forest], lengths: np.ndarray) -> dict[str, np.ndarray]:
     """The parts' children (flat), height, roots, tree_of, words and labels, each
-    concatenated over the parts: one gather from the parts' sealed buffers."""
-    nodes, trees, levels, arity, leaves, has_words, labelled, _ = shapes.T
-    # the lengths of each part's fields in its buffer, in _INT_FIELDS order
-    lengths = np.stack([nodes * arity, nodes, levels, trees, nodes, leaves * has_words, nodes * labelled, nodes], axis=1)
-    starts = np.cumsum(lengths, axis=1) - lengths
-    starts += (np.cumsum(lengths.sum(axis=1)) - lengths.sum(axis=1))[:, None]
+    concatenated over the parts: one gather from the parts' sealed buffers, whose
+    fields have these lengths ([parts, _INT_FIELDS])."""
+    starts = (np.cumsum(lengths) - lengths.ravel()).reshape(lengths.shape)     # in the buffers, concatenated
     wanted = [0, 1, 3, 4, 5, 6]
     take, at = lengths[:, wanted].T.ravel(), starts[:, wanted].T.ravel()        # field by field, part by part
     lands = np.cumsum(take) - take
