@@ -47,13 +47,14 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)
 
 
-# A Graph keeps its int32 index arrays as rows of sealed blocks, so that a batch
-# joins them with one concatenation per block: [rows, edges] (`order` too, which
-# `Graph.order` holds as int64; the types only where they were given) and
-# [rows, nodes + 1] (the pointers, and `graph` padded with the graph count;
-# `gnode` is `nptr` without its last entry). `gptr` is on its own. `_edges` is
-# the first block, `_nodes` the second without its last column (in a batch, a
-# part's last pointers are the next part's first ones).
+# A Graph keeps its int32 index arrays as the rows of two sealed blocks, so that
+# a batch joins each block with one concatenation:
+#   per edge  [_EDGE_ROWS, edges]: `order` is there too (`Graph.order` is an int64
+#             copy); the types only where they were given;
+#   per node  [_NODE_ROWS, nodes + 1]: the pointers, and `graph` padded with the
+#             graph count; `gnode` is `nptr` without its last entry.
+# `gptr` is on its own. Field `_edges` is the first block, `_nodes` the second
+# without its last column (in a batch a part's last pointers are the next's first).
 _EDGE_ROWS = ("src", "dst_t", "eid_t", "order", "type", "type_t")
 _NODE_ROWS = ("ptr", "ptr_t", "nptr", "graph")
 
@@ -61,7 +62,7 @@ _NODE_ROWS = ("ptr", "ptr_t", "nptr", "graph")
 def _sealed_arrays(a: Mapping[str, np.ndarray], order: np.ndarray, num_graphs: int) -> dict:
     """The fields `_edges`, `_nodes`, `arrays` and `order` of a Graph from its
     index arrays and edge order (values already checked to fit int32)."""
-    rows = [a[r] if r != "order" else order for r in _EDGE_ROWS if r in a or r == "order"]
+    rows = [a["src"], a["dst_t"], a["eid_t"], order] + [a[r] for r in ("type", "type_t") if r in a]
     edges = np.array(rows, np.int32).reshape(len(rows), -1)
     nodes = np.array([a["ptr"], a["ptr_t"], a["nptr"], np.append(a["graph"], num_graphs)], np.int32)
     return _fields(edges, nodes, np.asarray(a["gptr"], np.int32))
