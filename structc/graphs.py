@@ -115,10 +115,15 @@ class Graph:
         if "arrays" in fields:
             fields["arrays"] = MappingProxyType(dict(fields["arrays"]))
         self.__dict__.update(fields)
+        # What batch() reads of a part, as int64 bytes (it joins those of all parts):
+        # nodes, edges, graphs, feature widths (-1 for none), edge rows, largest edge type.
+        widths = [-1 if v is None else v.shape[1] for v in (self.x, self.edge_x)]
+        sizes = [self.num_nodes, self.num_edges, self.num_graphs, *widths, len(self._edges), self.max_type]
+        self.__dict__["_sizes"] = np.array(sizes, np.int64).tobytes()
 
     def __reduce__(self):
         # pickle and copy rebuild through _restore, which seals the arrays again (in new blocks)
-        fields = {k: v for k, v in self.__dict__.items() if k not in ("_edges", "_nodes")}
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("_edges", "_nodes", "_sizes")}
         return (_restore, ({**fields, "arrays": dict(self.arrays)},))
 
     def __init__(self, edge_index, *, num_nodes: int | None = None, x=None, edge_x=None, edge_type=None,
@@ -291,8 +296,9 @@ def batch(graphs: Iterable) -> Graph:
         raise ValueError("cannot batch an empty list of graphs")
     if len(parts) == 1:
         return parts[0]
-    _check_batchable(parts)
-    counts = np.array([(p.num_nodes, p.num_edges, p.num_graphs) for p in parts], np.int64)
+    sizes = np.frombuffer(b"".join([p._sizes for p in parts]), np.int64).reshape(len(parts), -1)
+    _check_batchable(sizes)
+    counts = sizes[:, :3]
     n, m, k = (int(t) for t in counts.sum(axis=0))
     if n >= _I32_MAX or m >= _I32_MAX or k >= _I32_MAX:
         raise ValueError(f"batch too large for 32-bit indices: {n} nodes, {m} edges, {k} graphs")
@@ -310,21 +316,20 @@ def batch(graphs: Iterable) -> Graph:
     x = _readonly(np.concatenate([p.x for p in parts])) if parts[0].x is not None else None
     edge_x = _readonly(np.concatenate([p.edge_x for p in parts])) if parts[0].edge_x is not None else None
     union = object.__new__(Graph)
-    union._set(num_nodes=n, num_edges=m, num_graphs=k, x=x, edge_x=edge_x, max_type=max(p.max_type for p in parts),
+    union._set(num_nodes=n, num_edges=m, num_graphs=k, x=x, edge_x=edge_x, max_type=int(sizes[:, 6].max()),
                **_fields(edges, nodes, gptr))
     return union
 
 
-def _check_batchable(parts: list[Graph]) -> None:
+def _check_batchable(sizes: np.ndarray) -> None:
     """Do the parts carry the same kinds of data (features of one width, edge
-    types or not)?"""
-    for what in ("x", "edge_x"):
-        widths = {None if getattr(p, what) is None else getattr(p, what).shape[1] for p in parts}
-        if None in widths and len(widths) > 1:
+    types or not)? `sizes`: the parts' `_sizes`, one row each."""
+    for what, widths in (("x", sizes[:, 3]), ("edge_x", sizes[:, 4])):
+        if widths.min() < 0 <= widths.max():
             raise ValueError(f"cannot batch graphs where only some have {what}")
-        if len(widths) > 1:
+        if widths.min() != widths.max():
             raise ValueError(f"cannot batch graphs whose {what} differ in width")
-    if len({len(p._edges) for p in parts}) > 1:
+    if sizes[:, 5].min() != sizes[:, 5].max():
         raise ValueError("cannot batch graphs where only some have edge types")
 
 
