@@ -65,7 +65,7 @@ class Forest:
     """A validated batch of trees in schedule order (see the module docstring)."""
 
     __slots__ = ("children", "words", "features", "roots", "level_end", "labels", "height", "index",
-                 "tree_of", "max_word", "_bound")
+                 "tree_of", "max_word", "_bound", "_sizes", "_flat")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
@@ -77,7 +77,7 @@ class Forest:
 
     def __reduce__(self):
         # pickle and copy rebuild through _restore, which seals the arrays again
-        return (_restore, ({k: getattr(self, k) for k in Forest.__slots__ if k != "_bound"},))
+        return (_restore, ({k: getattr(self, k) for k in Forest.__slots__ if k not in _DERIVED},))
 
     # -- properties --------------------------------------------------------
     @property
@@ -130,28 +130,19 @@ class Forest:
             _check_int32(words, 0, "word ids")
         if labels is not None:
             _check_int32(labels, -1, "labels (-1 for none)")
-        a = {}
-        a["children"] = _frozen(np.where(ch >= 0, pos[np.maximum(ch, 0)], -1).astype(_I32))
-        a["height"] = _frozen(height[order].astype(_I32))
-        counts = np.bincount(a["height"])
-        a["level_end"] = _frozen(np.cumsum(counts).astype(_I32))
+        counts = np.bincount(height)
         has_parent = np.zeros(n, bool)
         has_parent[children[children >= 0]] = True
         root_nodes = np.flatnonzero(~has_parent)
         root_nodes = root_nodes[np.argsort(tree_of[root_nodes], kind="stable")]   # tree order
-        a["roots"] = _frozen(pos[root_nodes].astype(_I32))
-        a["tree_of"] = _frozen(tree_of[order].astype(_I32))
         leaves = order[: int(counts[0])]
-        a["words"] = _frozen(words[leaves].astype(_I32)) if words is not None else None
-        a["features"] = _frozen(features[leaves].astype(np.float32)) if features is not None else None
-        a["labels"] = _frozen(labels[order].astype(_I32)) if labels is not None else None
-        a["index"] = _frozen(pos[index].astype(_I32)) if index is not None else _frozen(pos.astype(_I32))
-        a["max_word"] = int(a["words"].max()) if a["words"] is not None and a["words"].size else -1
-        a["_bound"] = {}
-        f = object.__new__(cls)
-        for k, v in a.items():
-            object.__setattr__(f, k, v)
-        return f
+        words = words[leaves] if words is not None else None
+        return _assemble(children=np.where(ch >= 0, pos[np.maximum(ch, 0)], -1), height=height[order],
+                         level_end=np.cumsum(counts), roots=pos[root_nodes], tree_of=tree_of[order], words=words,
+                         features=features[leaves] if features is not None else None,
+                         labels=labels[order] if labels is not None else None,
+                         index=pos[index] if index is not None else pos,
+                         max_word=int(words.max()) if words is not None and words.size else -1)
 
     @classmethod
     def from_arrays(cls, children, words=None, *, features=None, labels=None, arity: int | None = None) -> "Forest":
@@ -283,34 +274,42 @@ class Forest:
             raise TypeError("Forest.concat takes Forest objects")
         if len(forests) == 1:
             return forests[0]
-        kinds = {f.words is not None for f in forests}
-        if len(kinds) != 1:
+        sizes = np.frombuffer(b"".join([f._sizes for f in forests]), np.int64).reshape(len(forests), -1)
+        lengths, (nodes, levels, trees) = sizes[:, :8], sizes.T[1:4]
+        arity, max_word, has_words, labelled = sizes[:, 8], sizes[:, 9], sizes[:, 5] > 0, sizes[:, 6] > 0
+        if has_words.min() != has_words.max():
             raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
-        a = max(f.arity for f in forests)
-        sizes = np.array([f.nodes for f in forests])
-        offsets = np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
-        ch = np.full((int(sizes.sum()), a), -1, np.int64)
-        cat = np.concatenate([np.pad(f.children, ((0, 0), (0, a - f.arity)), constant_values=-1)
-                              if f.arity < a else f.children for f in forests]).astype(np.int64)
-        ch = np.where(cat >= 0, cat + offsets[:, None], -1)
-        height = np.concatenate([f.height for f in forests])
-        tree_off = np.repeat(np.concatenate([[0], np.cumsum([f.trees for f in forests])[:-1]]), sizes)
-        tree_of = np.concatenate([f.tree_of for f in forests]) + tree_off
-        leaf_rows = height == 0
-        words = features = None
-        if forests[0].words is not None:
-            words = np.zeros(len(height), np.int64)
-            words[leaf_rows] = np.concatenate([f.words for f in forests])
-        else:
-            features = np.zeros((len(height), forests[0].features.shape[1]), np.float32)
-            features[leaf_rows] = np.concatenate([f.features for f in forests])
+        n = int(nodes.sum())
+        if n > _I32_MAX:
+            raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
+        first_node, first_tree = np.cumsum(nodes) - nodes, np.cumsum(trees) - trees     # each part's in the union
+        got = _gather(forests, lengths)
+        height = got["height"]
+        # Each part is in schedule order (by height, then tree, then position), so a
+        # stable sort by height alone merges them level by level into the union's.
+        order = np.argsort(height.astype(np.int16) if levels.max() <= 2**15 else height, kind="stable")
+        pos = np.empty(n, _I32)                                   # a part's node -> its position in the union
+        pos[order] = np.arange(n, dtype=_I32)
+        a = int(arity.max())
+        children = got["children"].reshape(n, a) if arity.min() == a else _widened(got["children"], nodes, arity, a)
+        children = np.where(children >= 0, pos[children + np.repeat(first_node, nodes)[:, None]], -1)
+        tree_of = got["tree_of"]
+        tree_of += np.repeat(first_tree.astype(_I32), nodes)
+        roots = got["roots"]
+        roots += np.repeat(first_node.astype(_I32), trees)
         labels = None
-        if any(f.labels is not None for f in forests):
-            labels = np.concatenate([f.labels if f.labels is not None else np.full(f.nodes, -1, _I32)
-                                     for f in forests])
-        # Each part is in schedule order, so parents may precede children here;
-        # `_make` needs only heights and tree numbers, not the input order.
-        return cls._make(ch, height, words, features, labels, tree_of, None)
+        if labelled.any():
+            labels = got["labels"]
+            if not labelled.all():                               # -1 (none) on the nodes of unlabelled parts
+                labels = np.full(n, -1, _I32)
+                labels[np.repeat(labelled, nodes)] = got["labels"]
+            labels = labels[order]
+        # The leaves (height 0) come first, part after part: the parts' payloads in order.
+        words = got["words"] if has_words[0] else None
+        features = None if has_words[0] else np.concatenate([f.features for f in forests])
+        return _assemble(children=children[order], height=height[order], level_end=np.cumsum(np.bincount(height)),
+                         roots=pos[roots], tree_of=tree_of[order], words=words, features=features, labels=labels,
+                         index=pos, max_word=int(max_word.max()))
 
     # -- as compiled code wants it ------------------------------------------
     def check(self, name: str, arity: int, vocab: int | None, features: int | None) -> None:
@@ -346,13 +345,63 @@ class Forest:
         return out
 
 
-def _restore(fields: dict) -> Forest:
-    """A Forest from the fields `__reduce__` gave (unpickling, copying)."""
+_INT_FIELDS = ("children", "height", "level_end", "roots", "tree_of", "words", "labels", "index")
+_DERIVED = ("_bound", "_sizes", "_flat")         # rebuilt by _assemble, not pickled
+
+
+def _assemble(**fields) -> Forest:
+    """A Forest from its fields (integers already checked to fit int32): the
+    integer arrays sealed as views of one immutable bytes object (one copy for
+    all: a seal per array cost more than the arrays in a batch), the features
+    on their own."""
+    ints = [np.asarray(fields[k], _I32) if fields[k] is not None else None for k in _INT_FIELDS]
+    flat = np.concatenate([v.reshape(-1) for v in ints if v is not None])
+    sealed, at = np.frombuffer(flat.tobytes(), _I32), 0
+    for k, v in zip(_INT_FIELDS, ints):
+        if v is not None:
+            fields[k], at = sealed[at:at + v.size].reshape(v.shape), at + v.size
+    if fields["features"] is not None:
+        fields["features"] = _frozen(np.asarray(fields["features"], np.float32))
+    # What Forest.concat reads of a part: the lengths of its fields in `_flat` (0
+    # where absent), its arity and largest word id, as int64 bytes (it joins them).
+    sizes = [0 if v is None else v.size for v in ints] + [fields["children"].shape[1], fields["max_word"]]
+    fields.update(_bound={}, _sizes=np.array(sizes, np.int64).tobytes(), _flat=sealed)
     f = object.__new__(Forest)
     for k, v in fields.items():
-        object.__setattr__(f, k, _frozen(v) if isinstance(v, np.ndarray) else v)
-    object.__setattr__(f, "_bound", {})
+        object.__setattr__(f, k, v)
     return f
+
+
+def _gather(forests: list[Forest], lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """The parts' children (flat), height, roots, tree_of, words and labels, each
+    concatenated over the parts: one gather from the parts' sealed buffers, whose
+    fields have these lengths ([parts, _INT_FIELDS])."""
+    starts = (np.cumsum(lengths) - lengths.ravel()).reshape(lengths.shape)     # in the buffers, concatenated
+    wanted = [0, 1, 3, 4, 5, 6]
+    take, at = lengths[:, wanted].T.ravel(), starts[:, wanted].T.ravel()        # field by field, part by part
+    lands = np.cumsum(take) - take
+    flat = np.concatenate([f._flat for f in forests])[np.repeat(at - lands, take) + np.arange(int(take.sum()))]
+    ends = np.cumsum(take.reshape(len(wanted), -1).sum(axis=1)).tolist()
+    names = ("children", "height", "roots", "tree_of", "words", "labels")
+    return {name: flat[lo:hi] for name, lo, hi in zip(names, [0] + ends[:-1], ends)}
+
+
+def _widened(flat: np.ndarray, nodes: np.ndarray, arity: np.ndarray, a: int) -> np.ndarray:
+    """Children tables of several widths (flat, part after part) as one table of
+    `a` columns, padded with -1."""
+    width = np.repeat(arity, nodes)                           # of each node's row
+    rows = np.repeat(np.arange(len(width)), width)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(width) - width, width)
+    out = np.full((len(width), a), -1, _I32)
+    out[rows, cols] = flat
+    return out
+
+
+def _restore(fields: dict) -> Forest:
+    """A Forest from the fields `__reduce__` gave (unpickling, copying)."""
+    if any(fields[k] is not None and np.asarray(fields[k]).dtype != _I32 for k in _INT_FIELDS):
+        raise ValueError("a pickled Forest's index arrays must be int32")
+    return _assemble(**fields)         # sealed again
 
 
 def as_forest(value, arity: int | None = None, vocab=None) -> Forest:

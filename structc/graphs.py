@@ -47,6 +47,39 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)
 
 
+# A Graph keeps its int32 index arrays as the rows of two sealed blocks, so that
+# a batch joins each block with one concatenation:
+#   per edge  [_EDGE_ROWS, edges]: `order` is there too (`Graph.order` is an int64
+#             copy); the types only where they were given;
+#   per node  [_NODE_ROWS, nodes + 1]: the pointers, and `graph` padded with the
+#             graph count; `gnode` is `nptr` without its last entry.
+# `gptr` is on its own. Field `_edges` is the first block, `_nodes` the second
+# without its last column (in a batch a part's last pointers are the next's first).
+_EDGE_ROWS = ("src", "dst_t", "eid_t", "order", "type", "type_t")
+_NODE_ROWS = ("ptr", "ptr_t", "nptr", "graph")
+
+
+def _sealed_arrays(a: Mapping[str, np.ndarray], order: np.ndarray, num_graphs: int) -> dict:
+    """The fields `_edges`, `_nodes`, `arrays` and `order` of a Graph from its
+    index arrays and edge order (values already checked to fit int32)."""
+    rows = [a["src"], a["dst_t"], a["eid_t"], order] + [a[r] for r in ("type", "type_t") if r in a]
+    edges = np.array(rows, np.int32).reshape(len(rows), -1)
+    nodes = np.array([a["ptr"], a["ptr_t"], a["nptr"], np.append(a["graph"], num_graphs)], np.int32)
+    return _fields(edges, nodes, np.asarray(a["gptr"], np.int32))
+
+
+def _fields(edges: np.ndarray, nodes: np.ndarray, gptr: np.ndarray) -> dict:
+    """The blocks sealed (immutable bytes underneath: numpy refuses to make a view
+    of them writeable), `arrays`, read-only views of their rows, and `order`."""
+    edges, nodes = _readonly(edges), _readonly(nodes)
+    n = nodes.shape[1] - 1
+    arrays = dict(zip(_EDGE_ROWS, edges))
+    arrays.update(zip(_NODE_ROWS, nodes))
+    arrays.update(graph=nodes[3, :n], gnode=nodes[2, :n], gptr=_readonly(gptr))
+    order = _readonly(arrays.pop("order").astype(np.int64))
+    return {"_edges": edges, "_nodes": nodes[:, :n], "arrays": arrays, "order": order}
+
+
 def _ints(value, what: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.size == 0 and arr.dtype.kind in "iufb":      # an empty list is fine whatever numpy made of it
@@ -82,10 +115,16 @@ class Graph:
         if "arrays" in fields:
             fields["arrays"] = MappingProxyType(dict(fields["arrays"]))
         self.__dict__.update(fields)
+        # What batch() reads of a part, as int64 bytes (it joins those of all parts):
+        # nodes, edges, graphs, feature widths (-1 for none), edge rows, largest edge type.
+        widths = [-1 if v is None else v.shape[1] for v in (self.x, self.edge_x)]
+        sizes = [self.num_nodes, self.num_edges, self.num_graphs, *widths, len(self._edges), self.max_type]
+        self.__dict__["_sizes"] = np.array(sizes, np.int64).tobytes()
 
     def __reduce__(self):
-        # pickle and copy rebuild through _restore, which seals the arrays again
-        return (_restore, ({**self.__dict__, "arrays": dict(self.arrays)},))
+        # pickle and copy rebuild through _restore, which seals the arrays again (in new blocks)
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("_edges", "_nodes", "_sizes")}
+        return (_restore, ({**fields, "arrays": dict(self.arrays)},))
 
     def __init__(self, edge_index, *, num_nodes: int | None = None, x=None, edge_x=None, edge_type=None,
                  graph_id=None, num_graphs: int | None = None):
@@ -152,8 +191,8 @@ class Graph:
         a["gnode"] = np.arange(n)
         a["nptr"] = np.arange(n + 1)
         a["graph"] = gid
-        self._set(num_nodes=n, num_edges=m, num_graphs=k, order=_readonly(order), x=xv, edge_x=ex,
-                  max_type=max_type, arrays={role: _readonly(v.astype(np.int32)) for role, v in a.items()})
+        self._set(num_nodes=n, num_edges=m, num_graphs=k, x=xv, edge_x=ex, max_type=max_type,
+                  **_sealed_arrays(a, order, k))
 
     # -- other constructors ------------------------------------------------------
     @classmethod
@@ -187,8 +226,12 @@ class Graph:
 def _restore(fields: dict) -> Graph:
     """A Graph from the fields `__reduce__` gave (unpickling, copying)."""
     g = object.__new__(Graph)
-    sealed = {k: _readonly(v) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
-    g._set(**{**sealed, "arrays": {k: _readonly(v) for k, v in fields["arrays"].items()}})
+    arrays = fields["arrays"]
+    if any(np.asarray(v).dtype != np.int32 for v in arrays.values()):
+        raise ValueError("a pickled Graph's index arrays must be int32")
+    blocks = _sealed_arrays(arrays, fields["order"], len(arrays["gptr"]) - 1)
+    sealed = {k: _readonly(v) if isinstance(v, np.ndarray) else v for k, v in fields.items() if k not in blocks}
+    g._set(**sealed, **blocks)
     return g
 
 
@@ -242,53 +285,52 @@ def _pointers(rows: np.ndarray, n: int) -> np.ndarray:
 
 def batch(graphs: Iterable) -> Graph:
     """The disjoint union of graphs (Graph or networkx), node ids offset in
-    order; graph k's nodes get graph id k (a batch inside counts as its graphs)."""
+    order; graph k's nodes get graph id k (a batch inside counts as its graphs).
+
+    The result is the Graph the union's edges would build, CSR order included.
+    The parts are checked Graphs (or become ones here), so their entries need no
+    second look, only the totals: each block of the union's index arrays is one
+    concatenation of the parts' blocks plus their offsets, sealed once."""
     parts = [as_graph(g) for g in graphs]
     if not parts:
         raise ValueError("cannot batch an empty list of graphs")
     if len(parts) == 1:
         return parts[0]
-    for what in ("x", "edge_x"):
-        have = [getattr(p, what) is not None for p in parts]
-        if any(have) and not all(have):
+    sizes = np.frombuffer(b"".join([p._sizes for p in parts]), np.int64).reshape(len(parts), -1)
+    _check_batchable(sizes)
+    counts = sizes[:, :3]
+    n, m, k = (int(t) for t in counts.sum(axis=0))
+    if n >= _I32_MAX or m >= _I32_MAX or k >= _I32_MAX:
+        raise ValueError(f"batch too large for 32-bit indices: {n} nodes, {m} edges, {k} graphs")
+    first = (np.cumsum(counts, axis=0) - counts).astype(np.int32)     # each part's first node, edge, graph
+    edges = np.concatenate([p._edges for p in parts], axis=1)
+    # src and dst_t count nodes, eid_t and order edges; the types stay as they are
+    edges[:4] += np.repeat(first[:, [0, 0, 1, 1]].T, counts[:, 1], axis=1)
+    nodes = np.empty((4, n + 1), np.int32)
+    np.concatenate([p._nodes for p in parts], axis=1, out=nodes[:, :n])
+    # ptr and ptr_t count edges, nptr nodes, graph graphs
+    nodes[:, :n] += np.repeat(first[:, [1, 1, 0, 2]].T, counts[:, 0], axis=1)
+    nodes[:, n] = (m, m, n, k)
+    gptr = np.zeros(k + 1, np.int32)
+    np.cumsum(np.bincount(nodes[3, :n], minlength=k), out=gptr[1:])     # the nodes of each graph
+    x = _readonly(np.concatenate([p.x for p in parts])) if parts[0].x is not None else None
+    edge_x = _readonly(np.concatenate([p.edge_x for p in parts])) if parts[0].edge_x is not None else None
+    union = object.__new__(Graph)
+    union._set(num_nodes=n, num_edges=m, num_graphs=k, x=x, edge_x=edge_x, max_type=int(sizes[:, 6].max()),
+               **_fields(edges, nodes, gptr))
+    return union
+
+
+def _check_batchable(sizes: np.ndarray) -> None:
+    """Do the parts carry the same kinds of data (features of one width, edge
+    types or not)? `sizes`: the parts' `_sizes`, one row each."""
+    for what, widths in (("x", sizes[:, 3]), ("edge_x", sizes[:, 4])):
+        if widths.min() < 0 <= widths.max():
             raise ValueError(f"cannot batch graphs where only some have {what}")
-        if all(have) and len({getattr(p, what).shape[1] for p in parts}) > 1:
+        if widths.min() != widths.max():
             raise ValueError(f"cannot batch graphs whose {what} differ in width")
-    typed = [p.max_type >= 0 or "type" in p.arrays for p in parts]
-    if any(typed) and not all(typed):
+    if sizes[:, 5].min() != sizes[:, 5].max():
         raise ValueError("cannot batch graphs where only some have edge types")
-    node_off = np.cumsum([0] + [p.num_nodes for p in parts])
-    edge_off = np.cumsum([0] + [p.num_edges for p in parts])
-    graph_off = np.cumsum([0] + [p.num_graphs for p in parts])
-    n, m = int(node_off[-1]), int(edge_off[-1])
-    if n >= _I32_MAX or m >= _I32_MAX or graph_off[-1] >= _I32_MAX:
-        raise ValueError(f"batch too large for 32-bit indices: {n} nodes, {m} edges, {int(graph_off[-1])} graphs")
-
-    def cat(role, offsets=None, pointer=False):
-        arrs = []
-        for k, p in enumerate(parts):
-            a = p.arrays[role].astype(np.int64)
-            if pointer:
-                a = a[:-1]
-            arrs.append(a + offsets[k] if offsets is not None else a)
-        if pointer:
-            total = {"ptr": m, "ptr_t": m, "gptr": n, "nptr": n}[role]
-            arrs.append(np.array([total]))
-        return np.concatenate(arrs).astype(np.int32)
-
-    out = object.__new__(Graph)
-    a = {"ptr": cat("ptr", edge_off, True), "src": cat("src", node_off), "ptr_t": cat("ptr_t", edge_off, True),
-         "dst_t": cat("dst_t", node_off), "eid_t": cat("eid_t", edge_off),
-         "gptr": cat("gptr", node_off, True), "gnode": np.arange(n, dtype=np.int32),
-         "nptr": np.arange(n + 1, dtype=np.int32), "graph": cat("graph", graph_off)}
-    if all(typed):
-        a["type"], a["type_t"] = cat("type"), cat("type_t")
-    out._set(num_nodes=n, num_edges=m, num_graphs=int(graph_off[-1]), arrays={k: _readonly(v) for k, v in a.items()},
-             order=_readonly(np.concatenate([p.order + edge_off[k] for k, p in enumerate(parts)])),
-             max_type=max(p.max_type for p in parts),
-             x=_readonly(np.concatenate([p.x for p in parts])) if parts[0].x is not None else None,
-             edge_x=_readonly(np.concatenate([p.edge_x for p in parts])) if parts[0].edge_x is not None else None)
-    return out
 
 
 # -- from what a user passes to what native code reads -----------------------------
