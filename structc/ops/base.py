@@ -44,6 +44,8 @@ class Sample:
             elif kind == "away":
                 x = rng.normal(size=shape)
                 out.append(np.where(np.abs(x) < 0.2, np.sign(x + 1e-9) * (0.2 + np.abs(x)), x))
+            elif kind == "mask":
+                out.append((rng.random(size=shape) < 0.5).astype(np.float64))
             elif kind == "positive":
                 out.append(rng.uniform(0.5, 2.0, size=shape))
             elif isinstance(kind, tuple) and kind[0] == "classes":
@@ -55,7 +57,7 @@ class Sample:
     def fixed(self) -> set[int]:
         """Positions of float operands passed as inputs rather than parameters."""
         return {k for k, spec in enumerate(self.inputs)
-                if spec and not isinstance(spec[0], int) and spec[1] == "fixed"}
+                if spec and not isinstance(spec[0], int) and spec[1] in ("fixed", "mask")}
 
 
 class Op:
