@@ -69,8 +69,7 @@ class Op:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "name" in cls.__dict__ and cls.name:
-            assert cls.name not in REGISTRY, f"op {cls.name} defined twice"
-            REGISTRY[cls.name] = cls()
+            register_op(cls)
 
     # -- rules every op provides ---------------------------------------
     def shape(self, *types: TensorType, **attrs) -> TensorType:
@@ -114,6 +113,59 @@ class Op:
 
     def __repr__(self) -> str:
         return f"<op {self.name}>"
+
+
+def register_op(cls: type) -> type:
+    """Add the op class `cls` to the registry under `cls.name` (defining a
+    subclass of `Op` with a `name` does this; an extension may call it too).
+    A name already taken by another op is refused; the same class defined
+    again (a module reloaded) replaces its earlier version."""
+    if not (isinstance(cls, type) and issubclass(cls, Op)) or not isinstance(cls.name, str) or not cls.name:
+        raise TypeError(f"register_op takes a subclass of structc.ops.Op with a `name`, got {cls!r}")
+    old = REGISTRY.get(cls.name)
+    if old is not None and type(old) is not cls:
+        same = (type(old).__module__, type(old).__qualname__) == (cls.__module__, cls.__qualname__)
+        if not same:
+            raise ValueError(f"op {cls.name!r} is already defined by {type(old).__module__}."
+                             f"{type(old).__qualname__}: choose another name")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def extension_fingerprint() -> str:
+    """A hash of the definitions of the registered ops defined outside
+    structc (users' ops): part of the cache key, so a changed user op is
+    compiled afresh instead of loading code compiled from its old version.
+    Structc's own ops are covered by the compiler's fingerprint."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(REGISTRY):
+        cls = type(REGISTRY[name])
+        if cls.__module__.split(".")[0] == "structc":
+            continue
+        h.update(name.encode() + b"\0" + _definition(cls) + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _definition(cls: type) -> bytes:
+    """The source of the module defining `cls` (its helpers count too), else
+    the class's source, else its methods' compiled code (a class typed into
+    `python -c` has no source to read)."""
+    import sys
+    module = sys.modules.get(cls.__module__)
+    for obj in (module, cls):
+        try:
+            return inspect.getsource(obj).encode()
+        except (OSError, TypeError):
+            pass
+    parts = []
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] == "structc":
+            break
+        for key, v in sorted(vars(klass).items()):
+            code = getattr(v, "__code__", None)
+            parts.append(f"{klass.__qualname__}.{key}={code.co_code.hex() + repr(code.co_consts) if code else repr(v)}")
+    return "\n".join(parts).encode()
 
 
 def _params(fn) -> tuple[list[str], dict[str, Any]]:
