@@ -464,8 +464,18 @@ class Softplus(Elementwise):
         return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
     def emit(self, cg, x):
-        tail = cg.log(cg.add(cg.const(1.0, x), cg.exp(cg.neg(cg.abs(x)))))
+        tail = _log1p(cg, cg.exp(cg.neg(cg.abs(x))))
         return cg.add(cg.max(x, cg.const(0.0, x)), tail)
+
+
+def _log1p(cg, u):
+    """log(1 + u) accurate for tiny u (Goldberg's trick: log(w)·u/(w - 1) with
+    w = 1 + u rounded): softplus(-30) is 9.4e-14, not 0."""
+    one = cg.const(1.0, u)
+    w = cg.add(u, one)
+    # a plain fsub: the fast-math flags could fold (u + 1) - 1 back to u
+    scaled = cg.div(cg.mul(cg.log(w), u), cg.b.fsub(w, one))
+    return cg.select(cg.b.fcmp_ordered("==", w, one), u, scaled)
 
 
 class Clip(Elementwise):
