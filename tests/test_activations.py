@@ -35,6 +35,7 @@ def x46():
     ("output y = x |> gelu", lambda x: x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))),
     ("output y = softplus(x * 30.0)", lambda x: np.logaddexp(0, x.astype(np.float64) * 30)),
     ("output y = clip(x, lo=-0.5, hi=0.25)", lambda x: np.clip(x, -0.5, 0.25)),
+    ("output y = clip(x, -1, 0.5)", lambda x: np.clip(x, -1, 0.5)),
     ("output y = where(greater(x, 0.0), x, 0.0)", lambda x: np.where(x > 0, x, 0)),
     ("output y = where(greater_equal(x, 0.1), 1.0, x)", lambda x: np.where(x >= 0.1, 1, x)),
     ("output y = less(x, 0.0) + equal(x, x) + not_equal(x, 0.0) + less_equal(x, 0.0)",
@@ -144,6 +145,7 @@ def test_comparisons_with_nan_are_false_as_numpy():
 @pytest.mark.parametrize("body, message", [
     ("output y = clip(x, lo=1.0, hi=0.0)", "clip needs lo <= hi"),
     ("output y = clip(x, lo=nope, hi=1.0)", "number"),
+    ("output y = clip(x, 1.0)", "hi must be a number, got nothing"),
     ("output y = max(x, axes=(2,))", "axis 2 is out of range"),
     ("output y = argmax(x, axis=3)", "out of range"),
     ("output y = log_softmax(x, axis=5)", "out of range"),

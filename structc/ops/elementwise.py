@@ -480,9 +480,9 @@ def _log1p(cg, u):
 
 class Clip(Elementwise):
     """x limited to [lo, hi] (numpy's clip: NaN stays NaN); the gradient
-    passes where lo < x < hi."""
+    passes where lo < x < hi. The language's `clip` is `layers/activation.py`
+    (lo and hi given by position or by name)."""
     name = "clip"
-    surface = True
 
     def shape(self, x, *, lo: float, hi: float) -> TensorType:
         from .base import expect
