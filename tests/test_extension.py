@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,55 @@ def test_check_op_names_an_unknown_op():
 def test_check_op_checks_a_builtin_op_by_name_and_class():
     check_op("softplus")
     check_op(type(REGISTRY["leaky_relu"]))
+
+
+EDIT_WITHOUT_REIMPORT = """
+    import numpy as np
+    from pathlib import Path
+    import structc, swish
+    def y():
+        net = structc.compile("model Tiny {\\n  input x: f32[4]\\n  output y = swish(x)\\n}")
+        return float(np.ravel(net(x=np.full(4, 2.0, np.float32)))[0])
+    before = y()
+    source = Path("swish.py").read_text()
+    Path("swish.py").write_text(source.replace("return cg.mul(x, cg.sigmoid(x))",
+                                               "return cg.mul(cg.mul(x, cg.sigmoid(x)), cg.const(2.0, x))"))
+    print(before, y())      # the loaded op is still the old one
+"""
+
+
+def test_a_file_edited_without_reimport_does_not_poison_the_cache(tmp_path):
+    # The key follows the code that is compiled (the loaded class), not the
+    # file: else the old code would be stored under the new file's key and
+    # the next process, running the new op, would load it.
+    folder = user_folder(tmp_path)
+    cache = tmp_path / "cache"
+    done = run_outside(folder, EDIT_WITHOUT_REIMPORT, cache)
+    assert done.returncode == 0, done.stderr
+    before, after = map(float, done.stdout.split())
+    assert after == before
+    fresh = run_outside(folder, FORWARD.format(tag="v2"), cache)
+    assert fresh.returncode == 0, fresh.stderr
+    assert float(fresh.stdout.split()[2]) == pytest.approx(2 * before, rel=1e-6)
+
+
+def test_the_key_follows_a_module_function_the_op_calls(tmp_path):
+    from structc.ops.base import _definition
+    code = textwrap.dedent("""
+        from structc.ops import Elementwise
+        def factor():
+            return {k}
+        class Probe(Elementwise):
+            def emit(self, cg, x):
+                return cg.mul(x, cg.const(factor(), x))
+    """)
+    seen = []
+    for k in (2.0, 3.0):
+        module = types.ModuleType("user_ext_probe")
+        sys.modules["user_ext_probe"] = module
+        try:
+            exec(code.format(k=k), module.__dict__)
+            seen.append(_definition(module.Probe))
+        finally:
+            del sys.modules["user_ext_probe"]
+    assert seen[0] != seen[1]

@@ -136,36 +136,54 @@ def extension_fingerprint() -> str:
     """A hash of the definitions of the registered ops defined outside
     structc (users' ops): part of the cache key, so a changed user op is
     compiled afresh instead of loading code compiled from its old version.
+    It hashes the code as loaded (methods, and the module's functions they
+    call), not the file: a file edited but not re-imported still compiles
+    the old code, and must not store it under the new source's key.
     Structc's own ops are covered by the compiler's fingerprint."""
     import hashlib
     h = hashlib.sha256()
     for name in sorted(REGISTRY):
         cls = type(REGISTRY[name])
-        if cls.__module__.split(".")[0] == "structc":
-            continue
-        h.update(name.encode() + b"\0" + _definition(cls) + b"\0")
+        if not _ours(cls):
+            h.update(name.encode() + b"\0" + _definition(cls).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
-def _definition(cls: type) -> bytes:
-    """The source of the module defining `cls` (its helpers count too), else
-    the class's source, else its methods' compiled code (a class typed into
-    `python -c` has no source to read)."""
+def _ours(obj) -> bool:
+    return (getattr(obj, "__module__", None) or "").split(".")[0] == "structc"
+
+
+def _definition(cls: type) -> str:
+    """The class attributes of `cls` and its bases outside structc: functions
+    by their code, other values by repr."""
     import sys
-    module = sys.modules.get(cls.__module__)
-    for obj in (module, cls):
-        try:
-            return inspect.getsource(obj).encode()
-        except (OSError, TypeError):
-            pass
-    parts = []
+    parts, seen = [], set()
     for klass in cls.__mro__:
-        if klass.__module__.split(".")[0] == "structc":
-            break
-        for key, v in sorted(vars(klass).items()):
-            code = getattr(v, "__code__", None)
-            parts.append(f"{klass.__qualname__}.{key}={code.co_code.hex() + repr(code.co_consts) if code else repr(v)}")
-    return "\n".join(parts).encode()
+        if _ours(klass) or klass is object:
+            continue
+        helpers = vars(sys.modules.get(klass.__module__)) if klass.__module__ in sys.modules else {}
+        for key, value in sorted(vars(klass).items()):
+            if key in ("__dict__", "__weakref__", "__module__", "__doc__"):
+                continue
+            fn = getattr(value, "__func__", value)      # staticmethod, classmethod
+            code = getattr(fn, "__code__", None)
+            parts.append(f"{klass.__qualname__}.{key}=" + (_code(code, helpers, seen) if code else repr(value)))
+    return "\n".join(parts)
+
+
+def _code(code, helpers: dict, seen: set) -> str:
+    """A code object's instructions, constants and names, with nested code
+    and the module's own functions it names, recursively."""
+    out = [code.co_code.hex(), repr(code.co_names)]
+    for c in code.co_consts:
+        out.append(_code(c, helpers, seen) if hasattr(c, "co_code") else repr(c))
+    for name in code.co_names:
+        fn = helpers.get(name)
+        inner = getattr(fn, "__code__", None)
+        if inner is not None and not _ours(fn) and name not in seen:
+            seen.add(name)
+            out.append(f"{name}:" + _code(inner, helpers, seen))
+    return "|".join(out)
 
 
 def _params(fn) -> tuple[list[str], dict[str, Any]]:
