@@ -163,12 +163,24 @@ def check_op(op, samples=None, seed: int = 0) -> None:
     if not samples:
         raise AssertionError(f"op {op.name!r} has no samples to check: define samples() or pass samples=[Sample(...)]")
     for k, sample in enumerate(samples):
-        for what, check in (("VJP vs finite differences", check_vjp), ("native vs reference and interpreter", check_native)):
+        for what, check in (("shape rule vs reference", check_shape), ("VJP vs finite differences", check_vjp),
+                            ("native vs reference and interpreter", check_native)):
             try:
                 check(op, sample, seed=seed)
             except AssertionError as e:
                 raise AssertionError(f"check_op({op.name!r}), sample {k} {sample.inputs} {sample.attrs or ''}: "
                                      f"{what} failed: {e}") from None
+
+
+def check_shape(op: Op, sample: Sample, seed: int = 0) -> None:
+    """The shape rule's result is the shape of the numpy reference's (a
+    broadcasting comparison would hide a reference of the wrong shape)."""
+    arrays = sample.arrays(np.random.default_rng(seed))
+    types = [TensorType(a.shape, "f32" if a.dtype.kind == "f" else "i32") for a in arrays]
+    want = tuple(op.infer(*types, **sample.attrs).shape)
+    got = np.shape(op.reference(*arrays, **sample.attrs))
+    if got != want:
+        raise AssertionError(f"the shape rule gives {list(want)}, the reference returns {list(got)}")
 
 
 def _resolve_op(op) -> Op:

@@ -9,6 +9,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from structc.ops import REGISTRY, Elementwise
@@ -169,3 +170,11 @@ def test_the_key_follows_a_module_function_the_op_calls(tmp_path):
         finally:
             del sys.modules["user_ext_probe"]
     assert seen[0] != seen[1]
+
+
+def test_check_op_fails_a_reference_of_the_wrong_shape(monkeypatch):
+    op = REGISTRY["softplus"]
+    monkeypatch.setattr(type(op), "reference", lambda self, x: np.sum(np.logaddexp(0, x)))
+    with pytest.raises(AssertionError, match=r"check_op\('softplus'\), sample 0 .*shape rule gives \[3, 5\], "
+                                             r"the reference returns \[\]"):
+        check_op("softplus")
