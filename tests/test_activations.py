@@ -154,3 +154,10 @@ def test_comparisons_with_nan_are_false_as_numpy():
 def test_bad_options_are_language_errors(body, message):
     with pytest.raises(SnetError, match=message):
         structc.compile(f"model M {{\n  input x: f32[4, 6]\n  {body}\n}}\n", cache=False)
+
+
+def test_gelu_keeps_relative_accuracy_in_its_negative_tail():
+    x = np.array([[-5.0, -4.0, -3.0, -1.0, 0.5, 3.0]], np.float32)
+    got = run("output y = gelu(x)", x, inputs="input x: f32[1, 6]")
+    expected = [v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x[0].astype(np.float64)]
+    np.testing.assert_allclose(got[0], expected, rtol=2e-3)
