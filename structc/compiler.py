@@ -252,7 +252,8 @@ def cache_key(program: Program, model: str | None, target: Target, options: dict
     canonical program (not its bytes), the compiler (version and sources),
     llvmlite and LLVM, the target CPU and the options (such as `jit`)."""
     h = hashlib.sha256()
-    for part in (compiler_fingerprint(), _toolchain(), canonical_program(program), model or "",
+    from .ops.base import extension_fingerprint      # users' ops: their definitions, not just their names
+    for part in (compiler_fingerprint(), extension_fingerprint(), _toolchain(), canonical_program(program), model or "",
                  target.triple, target.cpu, target.features, json.dumps(options or {}, sort_keys=True)):
         h.update(part.encode())
         h.update(b"\0")

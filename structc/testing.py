@@ -4,6 +4,7 @@
     check_forward(op, sample)      native forward vs the numpy reference
     check_native_grads(op, sample) native gradients vs the interpreter's
     check_model_grads(mdef)        whole-model gradient vs finite differences
+    check_op(op_or_name)           all three over the op's samples (for users' ops)
 
 Gradients are compared along random directions, as JAX's `check_grads`
 does: with f(x) = <u, op(x)>, the directional derivative <∇f, v> must match
@@ -149,3 +150,52 @@ def check_model_grads(mdef: ModelDef, inputs: dict, params: dict, seed: int = 0,
     def f(p):
         return float(evaluate(mdef.graph, inputs, p, outputs=["loss"])["loss"])
     directional_check(f, grads, p64, rng, h=h, what=mdef.name)
+
+
+def check_op(op, samples=None, seed: int = 0) -> None:
+    """Run an op (a registered name, an `Op` subclass or instance) through the
+    checks structc's own ops pass, on `samples` (default: `op.samples()`):
+    its VJP (float64, interpreted) against central differences, the native
+    forward against its numpy `reference`, the native gradients against the
+    interpreter's. Raises AssertionError naming the op, the sample and the check."""
+    op = _resolve_op(op)
+    samples = list(op.samples() if samples is None else samples)
+    if not samples:
+        raise AssertionError(f"op {op.name!r} has no samples to check: define samples() or pass samples=[Sample(...)]")
+    for k, sample in enumerate(samples):
+        for what, check in (("shape rule vs reference", check_shape), ("VJP vs finite differences", check_vjp),
+                            ("native vs reference and interpreter", check_native)):
+            try:
+                check(op, sample, seed=seed)
+            except AssertionError as e:
+                raise AssertionError(f"check_op({op.name!r}), sample {k} {sample.inputs} {sample.attrs or ''}: "
+                                     f"{what} failed: {e}") from None
+
+
+def check_shape(op: Op, sample: Sample, seed: int = 0) -> None:
+    """The shape rule's result is the shape of the numpy reference's (a
+    broadcasting comparison would hide a reference of the wrong shape)."""
+    arrays = sample.arrays(np.random.default_rng(seed))
+    types = [TensorType(a.shape, "f32" if a.dtype.kind == "f" else "i32") for a in arrays]
+    want = tuple(op.infer(*types, **sample.attrs).shape)
+    got = np.shape(op.reference(*arrays, **sample.attrs))
+    if got != want:
+        raise AssertionError(f"the shape rule gives {list(want)}, the reference returns {list(got)}")
+
+
+def _resolve_op(op) -> Op:
+    if isinstance(op, str):
+        if op not in REGISTRY:
+            raise ValueError(f"no op named {op!r} is registered (import the module that defines it first)")
+        return REGISTRY[op]
+    if isinstance(op, type) and issubclass(op, Op):
+        registered = REGISTRY.get(op.name)
+        if type(registered) is not op:
+            raise ValueError(f"op class {op.__qualname__} is not registered: give it a `name` "
+                             f"(or call structc.ops.register_op) before checking it")
+        return registered
+    if isinstance(op, Op):
+        if REGISTRY.get(op.name) is not op and type(REGISTRY.get(op.name)) is not type(op):
+            raise ValueError(f"op {op!r} is not the registered {op.name!r}: register it first")
+        return op
+    raise TypeError(f"check_op takes an op name, an Op subclass or an Op instance, got {op!r}")

@@ -44,6 +44,8 @@ class Sample:
             elif kind == "away":
                 x = rng.normal(size=shape)
                 out.append(np.where(np.abs(x) < 0.2, np.sign(x + 1e-9) * (0.2 + np.abs(x)), x))
+            elif kind == "mask":
+                out.append((rng.random(size=shape) < 0.5).astype(np.float64))
             elif kind == "positive":
                 out.append(rng.uniform(0.5, 2.0, size=shape))
             elif isinstance(kind, tuple) and kind[0] == "classes":
@@ -55,7 +57,7 @@ class Sample:
     def fixed(self) -> set[int]:
         """Positions of float operands passed as inputs rather than parameters."""
         return {k for k, spec in enumerate(self.inputs)
-                if spec and not isinstance(spec[0], int) and spec[1] == "fixed"}
+                if spec and not isinstance(spec[0], int) and spec[1] in ("fixed", "mask")}
 
 
 class Op:
@@ -67,8 +69,7 @@ class Op:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "name" in cls.__dict__ and cls.name:
-            assert cls.name not in REGISTRY, f"op {cls.name} defined twice"
-            REGISTRY[cls.name] = cls()
+            register_op(cls)
 
     # -- rules every op provides ---------------------------------------
     def shape(self, *types: TensorType, **attrs) -> TensorType:
@@ -112,6 +113,77 @@ class Op:
 
     def __repr__(self) -> str:
         return f"<op {self.name}>"
+
+
+def register_op(cls: type) -> type:
+    """Add the op class `cls` to the registry under `cls.name` (defining a
+    subclass of `Op` with a `name` does this; an extension may call it too).
+    A name already taken by another op is refused; the same class defined
+    again (a module reloaded) replaces its earlier version."""
+    if not (isinstance(cls, type) and issubclass(cls, Op)) or not isinstance(cls.name, str) or not cls.name:
+        raise TypeError(f"register_op takes a subclass of structc.ops.Op with a `name`, got {cls!r}")
+    old = REGISTRY.get(cls.name)
+    if old is not None and type(old) is not cls:
+        same = (type(old).__module__, type(old).__qualname__) == (cls.__module__, cls.__qualname__)
+        if not same:
+            raise ValueError(f"op {cls.name!r} is already defined by {type(old).__module__}."
+                             f"{type(old).__qualname__}: choose another name")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def extension_fingerprint() -> str:
+    """A hash of the definitions of the registered ops defined outside
+    structc (users' ops): part of the cache key, so a changed user op is
+    compiled afresh instead of loading code compiled from its old version.
+    It hashes the code as loaded (methods, and the module's functions they
+    call), not the file: a file edited but not re-imported still compiles
+    the old code, and must not store it under the new source's key.
+    Structc's own ops are covered by the compiler's fingerprint."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(REGISTRY):
+        cls = type(REGISTRY[name])
+        if not _ours(cls):
+            h.update(name.encode() + b"\0" + _definition(cls).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _ours(obj) -> bool:
+    return (getattr(obj, "__module__", None) or "").split(".")[0] == "structc"
+
+
+def _definition(cls: type) -> str:
+    """The class attributes of `cls` and its bases outside structc: functions
+    by their code, other values by repr."""
+    import sys
+    parts, seen = [], set()
+    for klass in cls.__mro__:
+        if _ours(klass) or klass is object:
+            continue
+        helpers = vars(sys.modules.get(klass.__module__)) if klass.__module__ in sys.modules else {}
+        for key, value in sorted(vars(klass).items()):
+            if key in ("__dict__", "__weakref__", "__module__", "__doc__"):
+                continue
+            fn = getattr(value, "__func__", value)      # staticmethod, classmethod
+            code = getattr(fn, "__code__", None)
+            parts.append(f"{klass.__qualname__}.{key}=" + (_code(code, helpers, seen) if code else repr(value)))
+    return "\n".join(parts)
+
+
+def _code(code, helpers: dict, seen: set) -> str:
+    """A code object's instructions, constants and names, with nested code
+    and the module's own functions it names, recursively."""
+    out = [code.co_code.hex(), repr(code.co_names)]
+    for c in code.co_consts:
+        out.append(_code(c, helpers, seen) if hasattr(c, "co_code") else repr(c))
+    for name in code.co_names:
+        fn = helpers.get(name)
+        inner = getattr(fn, "__code__", None)
+        if inner is not None and not _ours(fn) and name not in seen:
+            seen.add(name)
+            out.append(f"{name}:" + _code(inner, helpers, seen))
+    return "|".join(out)
 
 
 def _params(fn) -> tuple[list[str], dict[str, Any]]:

@@ -51,84 +51,185 @@ class Sum(Op):
                              (None, False), ((1,), True), ((0, 1), True)]] + [Sample(((40,),), {"axes": (0,)})]
 
     def lower(self, kb, node, epilogue):
-        from ..lower.codegen import F32
+        lower_reduction(kb, node, "sum", _Combine(0.0, lambda cg, a, b: cg.add(a, b), lambda cg, v: cg.hsum(v)))
+
+
+class Max(Op):
+    """The largest entry of x over `axes` (all when omitted), as numpy's max: a
+    NaN wins. The gradient is shared evenly among the entries equal to the
+    maximum (as PyTorch's amax). `max(h over g.edges)` is graph aggregation
+    (`gnn.py`), not this op."""
+    name = "max"
+    surface = True
+    traits = frozenset({"reduction"})
+    pick = staticmethod(np.max)
+
+    def shape(self, x, *, axes=None, keepdims: bool = False) -> TensorType:
+        return Sum.shape(self, x, axes=axes, keepdims=keepdims)
+
+    def vjp(self, b, g, out, x, *, axes=None, keepdims=False):
+        ax = normalize_axes(axes, len(x.shape))
+        kept = tuple(1 if k in ax else d for k, d in enumerate(x.shape))
+        if out.shape != kept and len(out.shape) > 0:
+            out, g = b.reshape(out, shape=kept), b.reshape(g, shape=kept)
+        winners = b.equal(x, out)           # 0 everywhere in a slice whose maximum is NaN: 0/0 keeps it NaN
+        share = g / b.sum(winners, axes=ax, keepdims=True)
+        return [b.broadcast_to(share, shape=x.shape) * winners]
+
+    def reference(self, x, *, axes=None, keepdims=False):
+        return type(self).pick(x, axis=normalize_axes(axes, x.ndim), keepdims=keepdims)
+
+    def samples(self):
+        return Sum.samples(self)
+
+    def lower(self, kb, node, epilogue):
+        lower_reduction(kb, node, self.name, _Combine(float("-inf"), lambda cg, a, b: cg.max(a, b),
+                                                      lambda cg, v: cg.hmax(v)))
+
+
+class Min(Max):
+    """The smallest entry of x over `axes`, as numpy's min (a NaN wins)."""
+    name = "min"
+    pick = staticmethod(np.min)
+
+    def lower(self, kb, node, epilogue):
+        lower_reduction(kb, node, self.name, _Combine(float("inf"), lambda cg, a, b: cg.min(a, b),
+                                                      lambda cg, v: cg.neg(cg.hmax(cg.neg(v)))))
+
+
+class Argmax(Op):
+    """The position (int32) of the largest entry along `axis`, the first one
+    on ties, a NaN's if there is one (numpy's argmax). Forward only: an index
+    has no gradient."""
+    name = "argmax"
+    surface = True
+
+    def shape(self, x, *, axis: int = -1) -> TensorType:
+        expect(x.rank >= 1, f"argmax needs at least one dimension, got {x}")
+        (a,) = normalize_axes(axis, x.rank)
+        expect(x.shape[a] != 0, "argmax of an empty axis")
+        return TensorType(tuple(d for k, d in enumerate(x.shape) if k != a), "i32")
+
+    def vjp(self, b, g, out, x, *, axis=-1):
+        return [None]
+
+    def reference(self, x, *, axis=-1):
+        return np.argmax(x, axis=normalize_axes(axis, x.ndim)[0]).astype(np.int32)
+
+    def samples(self):
+        return [Sample((((3, 4, 21), "fixed"),), {"axis": a}) for a in (0, 1, -1)] + [Sample((((40,), "fixed"),))]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.codegen import F32, I32
         x = node.inputs[0]
         shape = kb.graph.nodes[x].shape
-        reduced = normalize_axes(node.attrs.get("axes"), len(shape))
-        groups: list[tuple[bool, list]] = []
-        for k, d in enumerate(shape):
-            r = k in reduced
-            if groups and groups[-1][0] == r:
-                groups[-1][1].append(d)
-            else:
-                groups.append((r, [d]))
-        out_dims = [d for k, d in enumerate(shape) if k not in reduced]
-        # The outermost kept axis splits across threads: each task owns its outputs.
-        split = bool(groups) and not groups[0][0]
-        vw = kb.vector_width
-
-        def tasks(cg):
-            return cg.numel(groups[0][1]) if split else cg.i64(1)
-
-        with kb.kernel(f"sum{node.id}", tasks, cost=lambda cg: cg.numel(shape)) as (cg, lo, hi):
+        (a,) = normalize_axes(node.attrs.get("axis", -1), len(shape))
+        outer, along, inner = shape[:a], shape[a], shape[a + 1:]
+        with kb.kernel(f"argmax{node.id}", lambda cg: cg.numel(outer),
+                       cost=lambda cg: cg.numel(shape[a:])) as (cg, lo, hi):
             src, dst = cg.ptr(x), cg.ptr(node.id)
-            ext = [cg.numel(ds) for _, ds in groups]
-            istride, ostride = [cg.i64(1)] * len(groups), [cg.i64(1)] * len(groups)
-            acc_i, acc_o = cg.i64(1), cg.i64(1)
-            for g in reversed(range(len(groups))):
-                istride[g] = acc_i
-                acc_i = cg.imul(acc_i, ext[g])
-                if not groups[g][0]:
-                    ostride[g] = acc_o
-                    acc_o = cg.imul(acc_o, ext[g])
-            out_inner = cg.numel(out_dims[len(groups[0][1]):]) if split else cg.numel(out_dims)
-            zstart = cg.imul(lo, out_inner) if split else cg.i64(0)
-            zstop = cg.imul(hi, out_inner) if split else out_inner
-            with cg.loop(zstop, start=zstart, name="z") as z:
-                cg.store(cg.const(0.0, F32), dst, z)
-            if not groups:
-                cg.store(cg.load(src, cg.i64(0)), dst, cg.i64(0))
+            n, m = cg.dim(along), cg.numel(inner)
+            best, arg = cg.var(F32), cg.var(cg.i64(0).type)
+            with cg.loop(hi, start=lo, name="o") as o:
+                with cg.loop(m, name="i") as i:
+                    base = cg.iadd(cg.imul(cg.imul(o, n), m), i)
+                    cg.b.store(cg.load(src, base), best)
+                    cg.b.store(cg.i64(0), arg)
+                    with cg.loop(n, start=cg.i64(1), name="k") as k:
+                        v = cg.load(src, cg.iadd(base, cg.imul(k, m)))
+                        win = cg.beats(v, cg.b.load(best))
+                        cg.b.store(cg.select(win, v, cg.b.load(best)), best)
+                        cg.b.store(cg.select(win, k, cg.b.load(arg)), arg)
+                    cg.store(cg.b.trunc(cg.b.load(arg), I32), dst, cg.iadd(cg.imul(o, m), i), t=I32)
+
+
+class _Combine:
+    """How a reduction folds values: its identity, the binary operation (on
+    scalars and vectors alike) and the fold of a vector's lanes."""
+    def __init__(self, identity: float, op, lanes):
+        self.identity, self.op, self.lanes = identity, op, lanes
+
+
+def lower_reduction(kb, node, kind: str, comb: _Combine):
+    """The loop nest of a reduction of node.inputs[0] over node's `axes`."""
+    from ..lower.codegen import F32
+    x = node.inputs[0]
+    shape = kb.graph.nodes[x].shape
+    reduced = normalize_axes(node.attrs.get("axes"), len(shape))
+    groups: list[tuple[bool, list]] = []
+    for k, d in enumerate(shape):
+        r = k in reduced
+        if groups and groups[-1][0] == r:
+            groups[-1][1].append(d)
+        else:
+            groups.append((r, [d]))
+    out_dims = [d for k, d in enumerate(shape) if k not in reduced]
+    # The outermost kept axis splits across threads: each task owns its outputs.
+    split = bool(groups) and not groups[0][0]
+    vw = kb.vector_width
+
+    def tasks(cg):
+        return cg.numel(groups[0][1]) if split else cg.i64(1)
+
+    with kb.kernel(f"{kind}{node.id}", tasks, cost=lambda cg: cg.numel(shape)) as (cg, lo, hi):
+        src, dst = cg.ptr(x), cg.ptr(node.id)
+        ext = [cg.numel(ds) for _, ds in groups]
+        istride, ostride = [cg.i64(1)] * len(groups), [cg.i64(1)] * len(groups)
+        acc_i, acc_o = cg.i64(1), cg.i64(1)
+        for g in reversed(range(len(groups))):
+            istride[g] = acc_i
+            acc_i = cg.imul(acc_i, ext[g])
+            if not groups[g][0]:
+                ostride[g] = acc_o
+                acc_o = cg.imul(acc_o, ext[g])
+        out_inner = cg.numel(out_dims[len(groups[0][1]):]) if split else cg.numel(out_dims)
+        zstart = cg.imul(lo, out_inner) if split else cg.i64(0)
+        zstop = cg.imul(hi, out_inner) if split else out_inner
+        with cg.loop(zstop, start=zstart, name="z") as z:
+            cg.store(cg.const(comb.identity, F32), dst, z)
+        if not groups:
+            cg.store(cg.load(src, cg.i64(0)), dst, cg.i64(0))
+            return
+
+        def level(g, ioff, ooff):
+            is_red, _ = groups[g]
+            if g == len(groups) - 1:
+                _inner(cg, src, dst, ioff, ooff, ext[g], is_red, vw, comb)
                 return
+            start, stop = (lo, hi) if g == 0 and split else (cg.i64(0), ext[g])
+            with cg.loop(stop, start=start, name=f"a{g}") as i:
+                level(g + 1, cg.iadd(ioff, cg.imul(i, istride[g])),
+                      ooff if is_red else cg.iadd(ooff, cg.imul(i, ostride[g])))
 
-            def level(g, ioff, ooff):
-                is_red, _ = groups[g]
-                if g == len(groups) - 1:
-                    _inner(cg, src, dst, ioff, ooff, ext[g], is_red, vw)
-                    return
-                start, stop = (lo, hi) if g == 0 and split else (cg.i64(0), ext[g])
-                with cg.loop(stop, start=start, name=f"a{g}") as i:
-                    level(g + 1, cg.iadd(ioff, cg.imul(i, istride[g])),
-                          ooff if is_red else cg.iadd(ooff, cg.imul(i, ostride[g])))
-
-            if len(groups) == 1 and split:
-                # Nothing reduced: a plain copy of this task's part.
-                with cg.loop(hi, start=lo, name="c") as i:
-                    cg.store(cg.load(src, i), dst, i)
-            else:
-                level(0, cg.i64(0), cg.i64(0))
+        if len(groups) == 1 and split:
+            # Nothing reduced: a plain copy of this task's part.
+            with cg.loop(hi, start=lo, name="c") as i:
+                cg.store(cg.load(src, i), dst, i)
+        else:
+            level(0, cg.i64(0), cg.i64(0))
 
 
-def _inner(cg, src, dst, ioff, ooff, n, reduced: bool, vw: int):
+def _inner(cg, src, dst, ioff, ooff, n, reduced: bool, vw: int, comb: _Combine):
     from llvmlite import ir
     from ..lower.codegen import F32
     b = cg.b
     full = b.sdiv(n, cg.i64(vw))
     if reduced:
-        acc = cg.var(ir.VectorType(F32, vw), cg.const(0.0, ir.VectorType(F32, vw)))
+        acc = cg.var(ir.VectorType(F32, vw), cg.const(comb.identity, ir.VectorType(F32, vw)))
         with cg.loop(full, name="rv") as v:
-            b.store(cg.add(b.load(acc), cg.load(src, cg.iadd(ioff, cg.imul(v, vw)), n=vw)), acc)
-        total = cg.var(F32, cg.hsum(b.load(acc)))
+            b.store(comb.op(cg, b.load(acc), cg.load(src, cg.iadd(ioff, cg.imul(v, vw)), n=vw)), acc)
+        total = cg.var(F32, comb.lanes(cg, b.load(acc)))
         with cg.loop(n, start=cg.imul(full, vw), name="rt") as j:
-            b.store(cg.add(b.load(total), cg.load(src, cg.iadd(ioff, j))), total)
-        cg.store(cg.add(cg.load(dst, ooff), b.load(total)), dst, ooff)
+            b.store(comb.op(cg, b.load(total), cg.load(src, cg.iadd(ioff, j))), total)
+        cg.store(comb.op(cg, cg.load(dst, ooff), b.load(total)), dst, ooff)
     else:
         with cg.loop(full, name="kv") as v:
             j = cg.imul(v, vw)
             cur = cg.load(dst, cg.iadd(ooff, j), n=vw)
-            cg.store(cg.add(cur, cg.load(src, cg.iadd(ioff, j), n=vw)), dst, cg.iadd(ooff, j))
+            cg.store(comb.op(cg, cur, cg.load(src, cg.iadd(ioff, j), n=vw)), dst, cg.iadd(ooff, j))
         with cg.loop(n, start=cg.imul(full, vw), name="kt") as j:
             cur = cg.load(dst, cg.iadd(ooff, j))
-            cg.store(cg.add(cur, cg.load(src, cg.iadd(ioff, j))), dst, cg.iadd(ooff, j))
+            cg.store(comb.op(cg, cur, cg.load(src, cg.iadd(ioff, j))), dst, cg.iadd(ooff, j))
 
 
 def count(b, shape, axes) -> object:

@@ -1,0 +1,163 @@
+"""The activations and elementwise ops of issue 11 item 5, from the language:
+options, numpy's meaning, gradients, and the names they share with graph
+aggregation (`max(... over g.edges)`). The registry sweep (test_ops.py,
+test_nan.py) checks each op alone."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import structc
+from structc.autodiff import blocked_params
+from structc.build import build_model
+from structc.errors import GradientWarning, SnetError
+from structc.syntax import parse
+from structc.testing import check_model_grads
+
+RNG = np.random.default_rng(7)
+
+
+def run(body: str, x: np.ndarray, inputs: str = "input x: f32[4, 6]") -> np.ndarray:
+    net = structc.compile(f"model M {{\n  {inputs}\n  {body}\n}}\n", cache=False)
+    out = net(x=x)
+    return out if not isinstance(out, dict) else out
+
+
+def x46():
+    return RNG.normal(size=(4, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("output y = leaky_relu(x)", lambda x: np.where(x > 0, x, 0.01 * x)),
+    ("output y = leaky_relu(x, alpha=0.2)", lambda x: np.where(x > 0, x, 0.2 * x)),
+    ("output y = elu(x, alpha=0.5)", lambda x: np.where(x > 0, x, 0.5 * np.expm1(x))),
+    ("output y = x |> gelu", lambda x: x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))),
+    ("output y = softplus(x * 30.0)", lambda x: np.logaddexp(0, x.astype(np.float64) * 30)),
+    ("output y = clip(x, lo=-0.5, hi=0.25)", lambda x: np.clip(x, -0.5, 0.25)),
+    ("output y = clip(x, -1, 0.5)", lambda x: np.clip(x, -1, 0.5)),
+    ("output y = where(greater(x, 0.0), x, 0.0)", lambda x: np.where(x > 0, x, 0)),
+    ("output y = where(greater_equal(x, 0.1), 1.0, x)", lambda x: np.where(x >= 0.1, 1, x)),
+    ("output y = less(x, 0.0) + equal(x, x) + not_equal(x, 0.0) + less_equal(x, 0.0)",
+     lambda x: (x < 0) * 1.0 + (x == x) + (x != 0) + (x <= 0)),
+    ("output y = max(x, axes=(1,))", lambda x: x.max(axis=1)),
+    ("output y = min(x, axes=(0,), keepdims=true)", lambda x: x.min(axis=0, keepdims=True)),
+    ("output y = max(x)", lambda x: x.max()),
+    ("output y = log_softmax(x)", lambda x: x - np.log(np.exp(x).sum(1, keepdims=True))),
+    ("output y = log_softmax(x * 100.0, axis=0)",
+     lambda x: 100 * x - np.max(100 * x, 0) - np.log(np.exp(100 * x - np.max(100 * x, 0)).sum(0))),
+])
+def test_language_ops_match_numpy(body, expected):
+    x = x46()
+    got = run(body, x)
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), expected(x.astype(np.float64)),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_argmax_gives_int32_positions_as_numpy():
+    x = x46()
+    x[1, 2] = x[1, 4] = 9.0                      # a tie: the first one
+    x[3, 5] = np.nan                             # a NaN wins
+    got = run("output y = argmax(x)", x)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(run("output y = argmax(x, axis=0)", x), np.argmax(x, axis=0))
+
+
+def test_argmax_feeding_only_an_output_does_not_warn():
+    source = """model C {
+  input  x: f32[N, 4]
+  target y: class[N] of 3
+  z = dense(x, 3)
+  output guess = argmax(z)
+  loss cross_entropy(z, y)
+}
+"""
+    assert not blocked_params(build_model(parse(source, "c.snet")).graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        net = structc.compile(source, cache=False)
+    x = RNG.normal(size=(5, 4)).astype(np.float32)
+    out = net(x=x)
+    guess = out["guess"] if isinstance(out, dict) else out
+    assert guess.dtype == np.int32 and guess.shape == (5,)
+
+
+def test_max_over_edges_is_still_graph_aggregation():
+    from structc.graphs import Graph
+    source = """model G {
+  input g: graph(features=2)
+  output y = max(g.x[g.src] over g.edges) + max(g.x, axes=(0,))
+}
+"""
+    net = structc.compile(source, cache=False)
+    x = np.array([[1, 2], [3, -1], [0, 5]], np.float32)
+    g = Graph(np.array([[0, 1, 2], [2, 2, 0]]), num_nodes=3, x=x)
+    y = np.asarray(net(g=g)) - x.max(axis=0)          # the per-feature maximum over all nodes
+    np.testing.assert_array_equal(y[2], [3, 2])
+    np.testing.assert_array_equal(y[0], [0, 5])
+
+
+def test_max_reduction_shares_the_gradient_among_ties():
+    source = """model T {
+  input x: f32[2, 3]
+  param w: f32[2, 3] = zeros
+  loss sum(max(x + w, axes=(1,)))
+}
+"""
+    net = structc.compile(source, cache=False)
+    x = np.array([[1, 5, 5], [2, 0, 1]], np.float32)
+    _, grads = net.grad(x=x)
+    np.testing.assert_allclose(grads["w"], [[0, 0.5, 0.5], [1, 0, 0]])
+
+
+LAYER_GRADS = """model L {
+  input x: f32[3, 5]
+  param w: f32[3, 5] = zeros
+  loss sum(log_softmax(x + w) * x) + sum(where(greater(x, 0.0), elu(x + w), gelu(x + w)))
+    + sum(min(x * w, axes=(0,))) + sum(clip(x + w, lo=-0.5, hi=0.5) * x)
+}
+"""
+
+
+def test_layer_gradients_match_finite_differences():
+    mdef = build_model(parse(LAYER_GRADS, "l.snet"))
+    x = RNG.normal(size=(3, 5))
+    x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, x + 0.2, x)      # clear of clip's kinks
+    w = RNG.normal(size=(3, 5)) * 0.1
+    check_model_grads(mdef, {"x": x}, {"w": w})
+
+
+def test_softplus_does_not_overflow():
+    x = np.array([[-200, -30, 0, 30, 200, 88.8]], np.float32)
+    got = run("output y = softplus(x)", x, inputs="input x: f32[1, 6]")
+    np.testing.assert_allclose(got, np.logaddexp(0, x.astype(np.float64)), rtol=1e-6, atol=1e-30)
+
+
+def test_comparisons_with_nan_are_false_as_numpy():
+    x = np.array([[np.nan, 1.0]], np.float32)
+    body = "output y = greater(x, 0.0) + less(x, 2.0) * 10.0 + not_equal(x, 0.0) * 100.0"
+    got = run(body, x, inputs="input x: f32[1, 2]")
+    np.testing.assert_array_equal(got, [[100, 111]])
+    np.testing.assert_array_equal(run("output y = where(x, 1.0, 2.0)", x, inputs="input x: f32[1, 2]"), [[1, 1]])
+
+
+@pytest.mark.parametrize("body, message", [
+    ("output y = clip(x, lo=1.0, hi=0.0)", "clip needs lo <= hi"),
+    ("output y = clip(x, lo=nope, hi=1.0)", "number"),
+    ("output y = clip(x, 1.0)", "hi must be a number, got nothing"),
+    ("output y = max(x, axes=(2,))", "axis 2 is out of range"),
+    ("output y = argmax(x, axis=3)", "out of range"),
+    ("output y = log_softmax(x, axis=5)", "out of range"),
+    ("output y = greater(1.0, 2.0)", "tensor"),
+])
+def test_bad_options_are_language_errors(body, message):
+    with pytest.raises(SnetError, match=message):
+        structc.compile(f"model M {{\n  input x: f32[4, 6]\n  {body}\n}}\n", cache=False)
+
+
+def test_gelu_keeps_relative_accuracy_in_its_negative_tail():
+    x = np.array([[-5.0, -4.0, -3.0, -1.0, 0.5, 3.0]], np.float32)
+    got = run("output y = gelu(x)", x, inputs="input x: f32[1, 6]")
+    expected = [v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x[0].astype(np.float64)]
+    np.testing.assert_allclose(got[0], expected, rtol=2e-3)

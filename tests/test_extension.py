@@ -1,0 +1,180 @@
+"""Ops that users add themselves (issue 11 item 6): a module outside the
+package defines an op, importing it registers it, `.snet` files use it,
+`structc.testing.check_op` checks it, and the cache key follows its definition."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from structc.ops import REGISTRY, Elementwise
+from structc.testing import check_op
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "extension"
+
+
+def run_outside(folder: Path, code: str, cache: Path) -> subprocess.CompletedProcess:
+    """`python -c code` in `folder` (which holds only the user's files), with
+    its own structc cache, so nothing of the package's tests is on the path."""
+    env = dict(os.environ, STRUCTC_CACHE_DIR=str(cache), PYTHONPATH=str(folder))
+    env.pop("STRUCTC_NO_CACHE", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def user_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "user"
+    folder.mkdir()
+    for name in ("swish.py", "swish_mlp.snet"):
+        shutil.copy(EXAMPLE / name, folder / name)
+    return folder
+
+
+TRAIN = """
+    import numpy as np
+    import structc, structc.testing
+    import swish                                   # registers the op
+    structc.testing.check_op("swish")
+    net = structc.compile("swish_mlp.snet")
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 64), dtype=np.float32)
+    y = rng.integers(0, 10, 32).astype(np.int32)
+    losses = [float(net.train_step(x=x, y=y, lr=0.1)) for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.1, losses
+    print("trained", losses[0], losses[-1])
+"""
+
+
+def test_a_user_op_from_outside_the_package_checks_and_trains(tmp_path):
+    folder = user_folder(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["swish.py", "swish_mlp.snet"]
+    done = run_outside(folder, TRAIN, tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert "trained" in done.stdout
+
+
+def test_check_op_fails_a_wrong_vjp_from_outside(tmp_path):
+    folder = user_folder(tmp_path)
+    source = (folder / "swish.py").read_text()
+    wrong = source.replace("return [g * (out + s * (1.0 - out))]", "return [g * s]")
+    assert wrong != source
+    (folder / "swish.py").write_text(wrong)
+    done = run_outside(folder, """
+        import structc.testing, swish
+        try:
+            structc.testing.check_op(swish.Swish)
+        except AssertionError as e:
+            print("FAILED:", e)
+        else:
+            print("PASSED")
+    """, tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert "FAILED: check_op('swish')" in done.stdout and "gradient mismatch" in done.stdout, done.stdout
+
+
+FORWARD = """
+    import numpy as np
+    import structc, swish
+    net = structc.compile("model Tiny {{ input x: f32[4]\\n  output y = swish(x) }}")
+    y = net(x=np.full(4, 2.0, np.float32))        # the one output
+    print("{tag}", structc.api.COMPILE_COUNT, float(np.ravel(y)[0]))
+"""
+
+
+def test_a_changed_user_op_is_compiled_again_not_loaded_stale_from_the_cache(tmp_path):
+    folder = user_folder(tmp_path)
+    cache = tmp_path / "cache"
+    first = run_outside(folder, FORWARD.format(tag="v1"), cache)
+    assert first.returncode == 0, first.stderr
+    again = run_outside(folder, FORWARD.format(tag="v1"), cache)
+    assert again.stdout.split()[1] == "0", again.stdout       # the unchanged op: a cache hit
+    source = (folder / "swish.py").read_text()
+    (folder / "swish.py").write_text(source.replace("return cg.mul(x, cg.sigmoid(x))",
+                                                    "return cg.mul(cg.mul(x, cg.sigmoid(x)), cg.const(2.0, x))"))
+    changed = run_outside(folder, FORWARD.format(tag="v2"), cache)
+    assert changed.returncode == 0, changed.stderr
+    tag, compiles, y = changed.stdout.split()
+    assert compiles == "1", changed.stdout
+    assert float(y) == pytest.approx(2 * float(first.stdout.split()[2]), rel=1e-6)
+
+
+def test_a_name_taken_by_another_op_is_refused():
+    with pytest.raises(ValueError, match="'relu' is already defined by structc.ops.elementwise.Relu"):
+        class MyRelu(Elementwise):
+            name = "relu"
+    assert type(REGISTRY["relu"]).__name__ == "Relu"
+
+
+def test_check_op_names_an_unknown_op():
+    with pytest.raises(ValueError, match="no op named 'nope'"):
+        check_op("nope")
+
+
+def test_check_op_checks_a_builtin_op_by_name_and_class():
+    check_op("softplus")
+    check_op(type(REGISTRY["leaky_relu"]))
+
+
+EDIT_WITHOUT_REIMPORT = """
+    import numpy as np
+    from pathlib import Path
+    import structc, swish
+    def y():
+        net = structc.compile("model Tiny {\\n  input x: f32[4]\\n  output y = swish(x)\\n}")
+        return float(np.ravel(net(x=np.full(4, 2.0, np.float32)))[0])
+    before = y()
+    source = Path("swish.py").read_text()
+    Path("swish.py").write_text(source.replace("return cg.mul(x, cg.sigmoid(x))",
+                                               "return cg.mul(cg.mul(x, cg.sigmoid(x)), cg.const(2.0, x))"))
+    print(before, y())      # the loaded op is still the old one
+"""
+
+
+def test_a_file_edited_without_reimport_does_not_poison_the_cache(tmp_path):
+    # The key follows the code that is compiled (the loaded class), not the
+    # file: else the old code would be stored under the new file's key and
+    # the next process, running the new op, would load it.
+    folder = user_folder(tmp_path)
+    cache = tmp_path / "cache"
+    done = run_outside(folder, EDIT_WITHOUT_REIMPORT, cache)
+    assert done.returncode == 0, done.stderr
+    before, after = map(float, done.stdout.split())
+    assert after == before
+    fresh = run_outside(folder, FORWARD.format(tag="v2"), cache)
+    assert fresh.returncode == 0, fresh.stderr
+    assert float(fresh.stdout.split()[2]) == pytest.approx(2 * before, rel=1e-6)
+
+
+def test_the_key_follows_a_module_function_the_op_calls(tmp_path):
+    from structc.ops.base import _definition
+    code = textwrap.dedent("""
+        from structc.ops import Elementwise
+        def factor():
+            return {k}
+        class Probe(Elementwise):
+            def emit(self, cg, x):
+                return cg.mul(x, cg.const(factor(), x))
+    """)
+    seen = []
+    for k in (2.0, 3.0):
+        module = types.ModuleType("user_ext_probe")
+        sys.modules["user_ext_probe"] = module
+        try:
+            exec(code.format(k=k), module.__dict__)
+            seen.append(_definition(module.Probe))
+        finally:
+            del sys.modules["user_ext_probe"]
+    assert seen[0] != seen[1]
+
+
+def test_check_op_fails_a_reference_of_the_wrong_shape(monkeypatch):
+    op = REGISTRY["softplus"]
+    monkeypatch.setattr(type(op), "reference", lambda self, x: np.sum(np.logaddexp(0, x)))
+    with pytest.raises(AssertionError, match=r"check_op\('softplus'\), sample 0 .*shape rule gives \[3, 5\], "
+                                             r"the reference returns \[\]"):
+        check_op("softplus")
