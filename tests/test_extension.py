@@ -50,6 +50,7 @@ TRAIN = """
 """
 
 
+@pytest.mark.slow   # subprocesses
 def test_a_user_op_from_outside_the_package_checks_and_trains(tmp_path):
     folder = user_folder(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["swish.py", "swish_mlp.snet"]
@@ -58,6 +59,7 @@ def test_a_user_op_from_outside_the_package_checks_and_trains(tmp_path):
     assert "trained" in done.stdout
 
 
+@pytest.mark.slow   # subprocesses
 def test_check_op_fails_a_wrong_vjp_from_outside(tmp_path):
     folder = user_folder(tmp_path)
     source = (folder / "swish.py").read_text()
@@ -86,6 +88,7 @@ FORWARD = """
 """
 
 
+@pytest.mark.slow   # subprocesses
 def test_a_changed_user_op_is_compiled_again_not_loaded_stale_from_the_cache(tmp_path):
     folder = user_folder(tmp_path)
     cache = tmp_path / "cache"
@@ -135,6 +138,7 @@ EDIT_WITHOUT_REIMPORT = """
 """
 
 
+@pytest.mark.slow   # subprocesses
 def test_a_file_edited_without_reimport_does_not_poison_the_cache(tmp_path):
     # The key follows the code that is compiled (the loaded class), not the
     # file: else the old code would be stored under the new file's key and
@@ -150,6 +154,7 @@ def test_a_file_edited_without_reimport_does_not_poison_the_cache(tmp_path):
     assert float(fresh.stdout.split()[2]) == pytest.approx(2 * before, rel=1e-6)
 
 
+@pytest.mark.slow   # subprocesses
 def test_the_key_follows_a_module_function_the_op_calls(tmp_path):
     from structc.ops.base import _definition
     code = textwrap.dedent("""
