@@ -89,22 +89,53 @@ def forward_graph(mdef: ModelDef) -> Graph:
     return g
 
 
-def train_graph(mdef: ModelDef, param_size: int) -> Graph:
+def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset()) -> Graph:
+    """Forward, backward and update. `update_size`: the floats the update
+    covers, the trainable parameters laid out first (`frozen_layout`)."""
     g = mdef.graph.copy()
     g.outputs = {"loss": g.outputs["loss"]}
-    g = differentiate(g)
-    grads = [g.outputs[f"grad:{p}"] for p in mdef.params]
+    g = differentiate(g, frozen=frozen)
+    grads = [g.outputs[f"grad:{p}"] for p in mdef.params if p not in frozen]
     b = Builder(g)
-    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=param_size).id
+    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=update_size).id
     return g
 
 
-def update_graph(mdef: ModelDef, param_size: int) -> Graph:
+def update_graph(mdef: ModelDef, update_size: int) -> Graph:
     """The optimiser step alone, reading the gradient arena as it is: data-parallel
     training sums the ranks' gradients between `sc_train` (mode none) and this."""
     g = Graph(f"{mdef.name}.update")
-    g.outputs["update"] = Builder(g).update(size=param_size).id
+    g.outputs["update"] = Builder(g).update(size=update_size).id
     return g
+
+
+def resolve_frozen(params, freeze) -> frozenset[str]:
+    """The parameter names `freeze` selects: each entry is a parameter's name
+    (`conv2.w`) or a layer's prefix (`conv1` selects `conv1.w` and `conv1.b`).
+    An entry that selects nothing is an error naming the parameters."""
+    if isinstance(freeze, str):
+        raise TypeError(f"freeze must be a list of names, got the string {freeze!r} (write [{freeze!r}])")
+    names = list(params)
+    chosen: set[str] = set()
+    for entry in freeze or ():
+        if not isinstance(entry, str):
+            raise TypeError(f"freeze: expected parameter names, got {type(entry).__name__} {entry!r}")
+        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
+        if not hits:
+            raise ValueError(f"freeze: no parameter or layer {entry!r} (parameters: {', '.join(names) or 'none'})")
+        chosen.update(hits)
+    return frozenset(chosen)
+
+
+def frozen_layout(mdef: ModelDef, frozen: frozenset[str]) -> tuple[dict[str, int], int, int]:
+    """Arena offsets with the trainable parameters first, so that the update
+    is one pass over a prefix and never touches a frozen one (not even by
+    weight decay); (offsets, arena size, update size)."""
+    shapes = {name: p.type.shape for name, p in mdef.params.items()}
+    ordered = {n: s for n, s in shapes.items() if n not in frozen} | {n: s for n, s in shapes.items() if n in frozen}
+    offsets, param_size = param_layout(ordered)
+    first_frozen = [offsets[n] for n in ordered if n in frozen]
+    return offsets, param_size, (first_frozen[0] if first_frozen else param_size)
 
 
 def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
@@ -117,26 +148,27 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
 
 
 def compile_model(mdef: ModelDef, target: Target | None = None,
-                  dump: Callable[[str, str], None] | None = None, jit: bool = True) -> Artifact:
-    """`jit=False` makes position-independent code for a shared library."""
+                  dump: Callable[[str, str], None] | None = None, jit: bool = True, freeze=()) -> Artifact:
+    """`jit=False` makes position-independent code for a shared library;
+    `freeze`: parameter names or layer prefixes that training leaves alone."""
+    frozen = resolve_frozen(mdef.params, freeze)
     target = target or host_target()
     times = {}
     t0 = time.perf_counter()
     # Rewrites that must precede differentiation (message passing: aggregate first).
     forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
     mdef = dataclasses.replace(mdef, graph=forward)
-    shapes = {name: p.type.shape for name, p in mdef.params.items()}
-    offsets, param_size = param_layout(shapes)
+    offsets, param_size, update_size = frozen_layout(mdef, frozen)
 
     def dumper(prefix):
         return (lambda name, graph: dump(f"{prefix}.{name}", str(graph))) if dump else None
 
     graphs = {"forward": forward_graph(mdef)}
-    blocked = gradient_warnings(mdef.graph) if mdef.has_loss else []
+    blocked = gradient_warnings(mdef.graph, frozen=frozen) if mdef.has_loss else []
     warn_gradient_flow(blocked)
     if mdef.has_loss:
-        graphs["train"] = train_graph(mdef, param_size)
-        graphs["update"] = update_graph(mdef, param_size)
+        graphs["train"] = train_graph(mdef, update_size, frozen)
+        graphs["update"] = update_graph(mdef, update_size)
         if dump:
             dump("train", str(graphs["train"]))
     module = ir.Module(name=mdef.name)
@@ -175,6 +207,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "params": [{"name": p.name, "shape": list(p.type.shape), "offset": offsets[p.name],
                     "init": [p.init[0], list(p.init[1])]} for p in mdef.params.values()],
         "param_size": param_size,
+        "frozen": sorted(frozen),
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "entries": entries,
@@ -187,18 +220,18 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
 
 
 def compile_source(source: str, file: str = "<source>", model: str | None = None,
-                   target: Target | None = None, dump=None, jit: bool = True) -> Artifact:
-    return compile_program(parse(source, file), model, target, dump, jit)
+                   target: Target | None = None, dump=None, jit: bool = True, freeze=()) -> Artifact:
+    return compile_program(parse(source, file), model, target, dump, jit, freeze)
 
 
 def compile_program(program: Program, model: str | None = None, target: Target | None = None,
-                    dump=None, jit: bool = True) -> Artifact:
+                    dump=None, jit: bool = True, freeze=()) -> Artifact:
     if dump:
         dump("ast", format_program(program))
     mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump, jit)
+    return compile_model(mdef, target, dump, jit, freeze)
 
 
 # Fields that hold the program's layout, not its meaning: the key ignores them.

@@ -1,0 +1,111 @@
+"""Training controls: frozen parameters (no gradient computed, never updated),
+fine-tuning from a checkpoint."""
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import structc
+from structc.build import build_model
+from structc.compiler import frozen_layout, resolve_frozen, train_graph
+from structc.errors import GradientWarning
+from structc.passes import dce
+from structc.syntax import parse
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CNN = EXAMPLES / "digits_cnn.snet"
+
+
+def _train_ops(path, freeze):
+    """The ops of the train graph (dead code removed) and its outputs."""
+    mdef = build_model(parse(path.read_text(), str(path)), None)
+    frozen = resolve_frozen(mdef.params, freeze)
+    g = dce(train_graph(mdef, frozen_layout(mdef, frozen)[2], frozen))
+    return Counter(n.op.name for n in g.nodes.values()), set(g.outputs)
+
+
+def _batch(rng, n=8):
+    return (rng.standard_normal((n, 1, 8, 8)).astype(np.float32),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+def test_frozen_layers_get_no_gradient_and_no_backward_work():
+    ops, outputs = _train_ops(CNN, ())
+    assert {"grad:conv1.w", "grad:conv2.w"} <= outputs
+    assert ops["conv2d_kernel_grad"] == 2
+    ops1, outputs1 = _train_ops(CNN, ["conv1"])
+    assert not {"grad:conv1.w", "grad:conv1.b"} & outputs1 and "grad:conv2.w" in outputs1
+    # conv1's kernel gradient, and conv2's input gradient (only conv1 needed it), are gone
+    assert ops1["conv2d_kernel_grad"] == 1 and ops1["conv2d"] == ops["conv2d"] - 1
+    ops2, outputs2 = _train_ops(CNN, ["conv1", "conv2"])
+    assert not any(o.startswith("grad:conv") for o in outputs2)
+    # no convolution backward at all, no pooling backward, and dense1's input-gradient matmul is gone
+    assert ops2["conv2d_kernel_grad"] == 0 and ops2["conv2d"] == 2 and ops2["scatter_argmax"] == 0
+    assert ops2["matmul"] == ops["matmul"] - 1
+
+
+def test_frozen_parameters_keep_their_values_under_every_optimizer(rng):
+    x, y = _batch(rng)
+    net = structc.compile(CNN, freeze=["conv1", "conv2.w"])
+    assert net.meta["frozen"] == ["conv1.b", "conv1.w", "conv2.w"]
+    before = {k: v.copy() for k, v in net.params.items()}
+    for optimizer in ("sgd", "momentum", "adam"):
+        # weight decay must not reach a frozen parameter either
+        net.set_optimizer(optimizer, weight_decay=0.1)
+        for _ in range(2):
+            assert np.isfinite(net.train_step(0.05, x=x, y=y))
+        for name in ("conv1.w", "conv1.b", "conv2.w"):
+            np.testing.assert_array_equal(net.params[name], before[name])
+        assert not np.array_equal(net.params["conv2.b"], before["conv2.b"])
+        assert not np.array_equal(net.params["dense2.w"], before["dense2.w"])
+
+
+def test_the_head_trains_exactly_as_it_does_without_freezing(rng):
+    """Freezing changes nothing for the trainable parameters' first SGD step."""
+    x, y = _batch(rng)
+    full = structc.compile(CNN)
+    net = structc.compile(CNN, freeze=["conv1", "conv2"])
+    for name, value in full.params.items():
+        net.params[name] = value
+    assert net.train_step(0.1, x=x, y=y) == full.train_step(0.1, x=x, y=y)
+    for name in ("dense1.w", "dense1.b", "dense2.w", "dense2.b"):
+        np.testing.assert_allclose(net.params[name], full.params[name], rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(net.params["conv1.w"], full.params["conv1.w"])
+
+
+def test_an_unknown_name_is_an_error_listing_the_parameters():
+    with pytest.raises(ValueError, match=r"no parameter or layer 'conv3' \(parameters: conv1\.w, conv1\.b, "):
+        structc.compile(CNN, freeze=["conv3"])
+    with pytest.raises(ValueError, match="'conv'"):      # a prefix is a whole layer name, not any prefix
+        structc.compile(CNN, freeze=["conv"])
+    with pytest.raises(TypeError, match="list of names"):
+        structc.compile(CNN, freeze="conv1")
+
+
+def test_freezing_is_part_of_the_cache_key():
+    a = structc.compile(CNN, freeze=["conv1"])
+    b = structc.compile(CNN)
+    c = structc.compile(CNN, freeze=["conv1.w", "conv1.b"])
+    assert a.meta["frozen"] == ["conv1.b", "conv1.w"] and b.meta["frozen"] == []
+    assert c.meta["frozen"] == a.meta["frozen"]
+
+
+def test_a_frozen_parameter_no_gradient_reaches_does_not_warn():
+    source = ("model P { input x: f32[N, 4]\n target y: f32[N, 3]\n param spare: f32[2] = zeros\n"
+              " loss mse(dense(x, 3), y) }")
+    with pytest.warns(GradientWarning):
+        structc.compile(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        structc.compile(source, freeze=["spare"])
+
+
+def test_everything_frozen_still_computes_the_loss_and_changes_nothing(rng):
+    x, y = _batch(rng)
+    net = structc.compile(CNN, freeze=["conv1", "conv2", "dense1", "dense2"])
+    before = {k: v.copy() for k, v in net.params.items()}
+    assert np.isfinite(net.train_step(0.1, x=x, y=y))
+    for name, value in before.items():
+        np.testing.assert_array_equal(net.params[name], value)
