@@ -247,9 +247,16 @@ def _compile_net(args, dp_comm=None):
     source, file = _source(args.file)
     t0 = time.perf_counter()
 
+    freeze = getattr(args, "freeze_names", ())
+
     def compile_it():
-        return compile_net(source if file == "<source>" else Path(file), args.model,
-                           seed=getattr(args, "seed", 0) or 0)
+        try:
+            return compile_net(source if file == "<source>" else Path(file), args.model,
+                               seed=getattr(args, "seed", 0) or 0, freeze=freeze)
+        except ValueError as e:
+            if freeze and str(e).startswith("freeze:"):
+                raise UserError(f"--{e}") from None
+            raise
     if dp_comm is None:
         net = compile_it()
     else:
@@ -323,13 +330,31 @@ def _resume(args, net) -> tuple[dict, object]:
     return state, rng
 
 
+def _freeze_names(args) -> list[str]:
+    """--freeze as a list of names; a resumed run keeps the run's unless told otherwise."""
+    given = [n.strip() for n in args.freeze.split(",") if n.strip()] if args.freeze is not None else None
+    saved = None
+    if args.resume:
+        from .train import load_state, state_path
+        try:
+            saved = load_state(state_path(existing_params(args.resume)))["config"].get("freeze", [])
+        except ValueError:
+            saved = None      # `_resume` reports a missing or unreadable state
+    if given is not None and saved is not None and sorted(given) != sorted(saved):
+        warn(f"--freeze {','.join(given) or '(none)'} differs from the resumed run's {','.join(saved) or '(none)'}")
+    return given if given is not None else saved or []
+
+
 def cmd_train(args) -> int:
     import numpy as np
 
     from .native import set_num_threads
     from .train import TrainConfig, restore_optimizer, save_state, train
+    if args.init and args.resume:
+        raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
     if args.out is None and args.resume:
         args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
+    args.freeze_names = _freeze_names(args)
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
     comm = _distributed_comm(args)
     if args.threads is None and comm is not None:
@@ -338,6 +363,8 @@ def cmd_train(args) -> int:
     if args.threads is not None:
         set_num_threads(args.threads)
     net, seconds = _compile_net(args, comm)
+    if args.init:
+        load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
     data = _load_bound_data(args.data, net, args.split)
     dp = None
@@ -361,9 +388,11 @@ def cmd_train(args) -> int:
     settings = _train_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
-                      first_epoch=first_epoch)
+                      first_epoch=first_epoch, freeze=list(args.freeze_names))
     if state is not None:
-        if settings["optimizer"] != saved["optimizer"] or not restore_optimizer(net, state):
+        # another set of frozen parameters is another arena layout: the saved moments would not line up
+        same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
+        if settings["optimizer"] != saved["optimizer"] or not same_layout or not restore_optimizer(net, state):
             if cfg.optimizer != "sgd":
                 warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
                      f"it starts from zero, so this run differs from an uninterrupted one")
@@ -372,6 +401,8 @@ def cmd_train(args) -> int:
         print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
               f"data: {data.description or data.name}"
               + (f"; resuming after epoch {first_epoch - 1}" if state else "")
+              + (f"; starting from {args.init}" if args.init else "")
+              + (f"; frozen: {', '.join(net.meta['frozen'])}" if net.meta.get("frozen") else "")
               + (f"; {dp.size} ranks" if dp else "")
               + f"; per-epoch metrics in {metrics.path}", file=sys.stderr)
     if dp is None:
@@ -673,6 +704,12 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the run that saved PARAMS: its parameters, and from PARAMS.train.npz the "
                         "epochs done, the optimizer state (momentum / Adam moments) and the shuffling, so "
                         "that it ends as an uninterrupted run would (default: none: a new run)")
+    c.add_argument("--init", metavar="PARAMS",
+                   help="start a new run from these parameters (.npz, e.g. a trained model to fine-tune) "
+                        "instead of the initialisers (default: none)")
+    c.add_argument("--freeze", metavar="NAMES",
+                   help="comma-separated parameters or layers (conv1,conv2.w) that training leaves unchanged: "
+                        "no gradient is computed for them (default: none; with --resume: the run's)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     _distributed_option(c)
     c.set_defaults(run=cmd_train)

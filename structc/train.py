@@ -23,6 +23,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True        # bars when stderr is a terminal; never in a log file
     first_epoch: int = 1         # > 1 when a run is resumed
+    freeze: list = field(default_factory=list)   # --freeze as given (the compiled Net applies it)
 
 
 @dataclass
@@ -116,6 +117,7 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
     arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
+                                             "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
                                              "rng": rng_state}))}
     if optimizer_state_restorable(net):
         # Net has no public accessor for its optimizer arena yet; read it directly.

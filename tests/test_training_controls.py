@@ -109,3 +109,47 @@ def test_everything_frozen_still_computes_the_loss_and_changes_nothing(rng):
     assert np.isfinite(net.train_step(0.1, x=x, y=y))
     for name, value in before.items():
         np.testing.assert_array_equal(net.params[name], value)
+
+
+# -- the command line: --init and --freeze ----------------------------------------
+
+def _cli_train(tmp_path, out, *extra, epochs=1):
+    from structc.cli import main
+    return main(["train", str(CNN), "--data", "digits", "--epochs", str(epochs), "--batch", "64",
+                 "--no-progress", "--out", str(tmp_path / out), *extra])
+
+
+def test_cli_fine_tunes_from_a_checkpoint_with_layers_frozen(tmp_path, capsys):
+    assert _cli_train(tmp_path, "base.npz") == 0
+    assert _cli_train(tmp_path, "tuned.npz", "--init", str(tmp_path / "base"), "--freeze", "conv1,conv2") == 0
+    assert "starting from" in capsys.readouterr().err
+    with np.load(tmp_path / "base.npz") as a, np.load(tmp_path / "tuned.npz") as b:
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]) == name.startswith("conv"), name
+
+
+def test_cli_freeze_errors(tmp_path, capsys):
+    assert _cli_train(tmp_path, "a.npz", "--freeze", "conv1,conv3") == 1
+    assert "--freeze: no parameter or layer 'conv3' (parameters: conv1.w" in capsys.readouterr().err
+    assert _cli_train(tmp_path, "b.npz", "--init", "x.npz", "--resume", "y.npz") == 1
+    assert "pass one" in capsys.readouterr().err
+
+
+def test_cli_resume_keeps_the_frozen_set_and_the_moments(tmp_path, capsys):
+    adam = ("--optimizer", "adam", "--lr", "0.01", "--freeze", "conv1")
+    assert _cli_train(tmp_path, "straight.npz", *adam, epochs=2) == 0
+    assert _cli_train(tmp_path, "run.npz", *adam) == 0
+    from structc.cli import main
+    # no --freeze: the run's is kept, and Adam's moments line up with its layout
+    assert main(["train", str(CNN), "--data", "digits", "--epochs", "2", "--no-progress",
+                 "--resume", str(tmp_path / "run.npz")]) == 0
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "run.npz") as b:
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+    capsys.readouterr()
+    # another frozen set is another layout: the moments are not restored, and it says so
+    assert main(["train", str(CNN), "--data", "digits", "--epochs", "3", "--no-progress", "--freeze", "conv2",
+                 "--resume", str(tmp_path / "run.npz"), "--out", str(tmp_path / "other.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "--freeze conv2 differs from the resumed run's conv1" in err
+    assert "could not be restored" in err
