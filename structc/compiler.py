@@ -151,7 +151,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                   dump: Callable[[str, str], None] | None = None, jit: bool = True, freeze=()) -> Artifact:
     """`jit=False` makes position-independent code for a shared library;
     `freeze`: parameter names or layer prefixes that training leaves alone."""
-    frozen = resolve_frozen(mdef.params, freeze)
+    frozen = resolve_frozen(mdef.params, freeze) | {name for name, p in mdef.params.items() if p.frozen}
     target = target or host_target()
     times = {}
     t0 = time.perf_counter()

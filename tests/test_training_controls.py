@@ -153,3 +153,41 @@ def test_cli_resume_keeps_the_frozen_set_and_the_moments(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--freeze conv2 differs from the resumed run's conv1" in err
     assert "could not be restored" in err
+
+
+# -- the language: `param ... frozen` and a layer's `frozen=true` ------------------
+
+MARKED = """model F {
+  input x: f32[N, 4]
+  target y: class[N] of 3
+  param w: f32[4, 5] = glorot%s
+  param b: f32[5]%s
+  h = relu(x @ w + b)
+  h = dense(h, 6%s) |> relu
+  loss cross_entropy(dense(h, 3), y)
+}"""
+
+
+def test_frozen_in_the_language_marks_parameters_and_layers(rng):
+    plain = structc.compile(MARKED % ("", "", ""))      # compiled first: the marker must change the cache key
+    net = structc.compile(MARKED % (" frozen", " frozen", ", frozen=true"))
+    assert plain.meta["frozen"] == []
+    assert net.meta["frozen"] == ["b", "dense1.b", "dense1.w", "w"]
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 5).astype(np.int32)
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(0.5, x=x, y=y)
+    for name in ("w", "b", "dense1.w", "dense1.b"):
+        np.testing.assert_array_equal(net.params[name], before[name])
+    assert not np.array_equal(net.params["dense2.w"], before["dense2.w"])
+    # the language's marks and the API's switch add up
+    both = structc.compile(MARKED % (" frozen", "", ""), freeze=["dense2"])
+    assert both.meta["frozen"] == ["dense2.b", "dense2.w", "w"]
+
+
+def test_frozen_in_the_language_errors():
+    base = "model G {{ input x: f32[N, 4]\n target y: f32[N, 3]\n loss mse({}, y) }}"
+    with pytest.raises(structc.SnetError, match=r"3:11: dense: frozen must be true or false, got 1"):
+        structc.compile(base.format("dense(x, 3, frozen=1)"))
+    with pytest.raises(structc.SnetError, match=r"flatten\(\.\.\., frozen=true\): this call creates no parameters"):
+        structc.compile(base.format("dense(flatten(x, frozen=true), 3)"))
