@@ -290,18 +290,18 @@ def _load_bound_data(name: str, net, split: float | None = None):
     return data
 
 
-TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0}
+TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0}
 
 
 def _train_settings(args, saved: dict | None) -> dict:
-    """lr, batch, optimizer, seed: as given, else the resumed run's, else the defaults.
+    """lr, batch, optimizer, seed, clip_norm: as given, else the resumed run's, else the defaults.
     A resumed run told to change one says so (the run then differs from the original)."""
     settings = {}
     for key, default in TRAIN_DEFAULTS.items():
         given = getattr(args, key)
         before = saved.get(key) if saved else None
         if given is not None and before is not None and given != before:
-            warn(f"--{key} {given} differs from the resumed run's {before}")
+            warn(f"--{key.replace('_', '-')} {given} differs from the resumed run's {before}")
         settings[key] = given if given is not None else before if before is not None else default
     return settings
 
@@ -388,7 +388,7 @@ def cmd_train(args) -> int:
     settings = _train_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
-                      first_epoch=first_epoch, freeze=list(args.freeze_names))
+                      first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"])
     if state is not None:
         # another set of frozen parameters is another arena layout: the saved moments would not line up
         same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
@@ -704,6 +704,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the run that saved PARAMS: its parameters, and from PARAMS.train.npz the "
                         "epochs done, the optimizer state (momentum / Adam moments) and the shuffling, so "
                         "that it ends as an uninterrupted run would (default: none: a new run)")
+    c.add_argument("--clip-norm", type=float, metavar="C",
+                   help="clip gradients by global norm: scale them all by min(1, C / their L2 norm) before "
+                        "each update (default: 0: no clipping; with --resume: the run's)")
     c.add_argument("--init", metavar="PARAMS",
                    help="start a new run from these parameters (.npz, e.g. a trained model to fine-tune) "
                         "instead of the initialisers (default: none)")

@@ -29,8 +29,8 @@ from . import _runtime
 from .forest import ForestBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
-from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
-                        N_HYPER, WEIGHT_DECAY)
+from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, CLIP_SCALE, EPS, LR, MODES,
+                        MOMENTUM, N_HYPER, WEIGHT_DECAY)
 from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
@@ -170,7 +170,8 @@ class Net:
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
-        self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+        self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+                     "clip_norm": 0.0}
         self._step = 0
 
     # -- parameters --------------------------------------------------------
@@ -377,7 +378,9 @@ class Net:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
 
     def set_optimizer(self, name: str = "sgd", **options) -> None:
-        """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay."""
+        """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay, and
+        clip_norm: when > 0, every gradient is scaled by min(1, clip_norm / global L2 norm of all
+        gradients) before the update, inside the compiled step (0: no clipping)."""
         if name not in ("sgd", "momentum", "adam"):
             raise ValueError(f"unknown optimizer '{name}' (choose sgd, momentum or adam)")
         for k in options:
@@ -412,6 +415,7 @@ class Net:
         with np.errstate(over="ignore"):      # an overflow is reported below
             h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
             h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
+            h[CLIP_NORM], h[CLIP_SCALE] = o["clip_norm"], 1.0    # the step writes the scale when it clips
             h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
             h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
         if not np.isfinite(h).all():        # float32: lr=1e39 is finite in float64 only
@@ -445,7 +449,7 @@ class Net:
 
 
 _HYPER_RANGES = {"lr": (0.0, None), "momentum": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0),
-                 "eps": (0.0, None), "weight_decay": (0.0, None)}
+                 "eps": (0.0, None), "weight_decay": (0.0, None), "clip_norm": (0.0, None)}
 
 
 def _hyper_value(name: str, value) -> float:

@@ -24,6 +24,7 @@ class TrainConfig:
     progress: bool = True        # bars when stderr is a terminal; never in a log file
     first_epoch: int = 1         # > 1 when a run is resumed
     freeze: list = field(default_factory=list)   # --freeze as given (the compiled Net applies it)
+    clip_norm: float = 0.0       # > 0: gradients clipped by global norm inside the step
 
 
 @dataclass
@@ -53,7 +54,7 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not np.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ValueError(f"the learning rate must be positive, got {cfg.lr!r}")
-    net.set_optimizer(cfg.optimizer)
+    net.set_optimizer(cfg.optimizer, clip_norm=cfg.clip_norm)
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     history = History()
     bars = show_bars(cfg)
@@ -118,6 +119,7 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
                                              "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
+                                             "clip_norm": cfg.clip_norm,
                                              "rng": rng_state}))}
     if optimizer_state_restorable(net):
         # Net has no public accessor for its optimizer arena yet; read it directly.

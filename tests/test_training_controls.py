@@ -191,3 +191,63 @@ def test_frozen_in_the_language_errors():
         structc.compile(base.format("dense(x, 3, frozen=1)"))
     with pytest.raises(structc.SnetError, match=r"flatten\(\.\.\., frozen=true\): this call creates no parameters"):
         structc.compile(base.format("dense(flatten(x, frozen=true), 3)"))
+
+
+# -- gradient clipping by global norm, inside the compiled step --------------------
+
+def _global_norm(grads):
+    return np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+
+
+@pytest.mark.parametrize("clip", [0.5, 1e6, 0.0], ids=["above", "below", "off"])
+def test_clipping_scales_every_gradient_by_min_1_c_over_the_global_norm(rng, clip):
+    x, y = _batch(rng, 16)
+    net = structc.compile(CNN)
+    loss, grads = net.grad(x=x, y=y)
+    norm = _global_norm(grads)
+    assert norm > 0.5                       # so that 0.5 clips
+    scale = min(1.0, clip / norm) if clip > 0 else 1.0
+    net.set_optimizer("sgd", clip_norm=clip, weight_decay=0.01)
+    before = {k: v.copy() for k, v in net.params.items()}
+    assert net.train_step(0.1, x=x, y=y) == loss
+    for name, g in grads.items():
+        expected = before[name] - 0.1 * (scale * g + 0.01 * before[name])   # decay is not clipped
+        np.testing.assert_allclose(net.params[name], expected, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_clipping_with_adam_and_only_over_trainable_parameters(rng):
+    x, y = _batch(rng, 16)
+    net = structc.compile(CNN, freeze=["conv1"])
+    full = structc.compile(CNN)
+    for name, value in full.params.items():
+        net.params[name] = value
+    _, grads = full.grad(x=x, y=y)
+    trainable = {k: v for k, v in grads.items() if not k.startswith("conv1")}
+    scale = 0.5 / _global_norm(trainable)
+    assert scale < 1
+    net.set_optimizer("adam", clip_norm=0.5)
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(0.01, x=x, y=y)
+    for name, g in trainable.items():
+        g = scale * g
+        m, v = 0.1 * g, 0.001 * g * g
+        expected = before[name] - 0.01 / 0.1 * m / (np.sqrt(v) / np.sqrt(0.001) + 1e-8)
+        np.testing.assert_allclose(net.params[name], expected, rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+def test_clip_norm_is_checked():
+    net = structc.compile(CNN)
+    with pytest.raises(ValueError, match="clip_norm must be a finite float32 number >= 0"):
+        net.set_optimizer("sgd", clip_norm=-1.0)
+
+
+def test_cli_clip_norm_bounds_every_step_and_is_kept_on_resume(tmp_path):
+    assert _cli_train(tmp_path, "base.npz") == 0
+    assert _cli_train(tmp_path, "clipped.npz", "--init", str(tmp_path / "base"), "--clip-norm", "1e-4",
+                      "--lr", "0.1") == 0
+    steps = -(-1437 // 64)           # the digits' training split in batches of 64
+    with np.load(tmp_path / "base.npz") as a, np.load(tmp_path / "clipped.npz") as b:
+        moved = np.sqrt(sum(float(((a[k] - b[k]).astype(np.float64) ** 2).sum()) for k in a.files))
+    assert 0 < moved <= 0.1 * 1e-4 * steps * (1 + 1e-3)
+    from structc.train import load_state
+    assert load_state(tmp_path / "clipped.train.npz")["config"]["clip_norm"] == 1e-4

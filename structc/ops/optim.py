@@ -3,7 +3,9 @@
 Parameters and their gradients live in two arenas of one layout, so SGD,
 momentum and Adam are each a single pass over three (or four) flat arrays.
 The rule is chosen per call (`mode`), so `grad` and `train_step` share one
-compiled function.
+compiled function. Clipping by global norm is a first, one-task kernel that
+sums the squared gradients and writes the scale min(1, c / norm) into the
+hyper-parameters, which the update then reads: still one native call.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from .base import Op
 
 MODES = {"none": 0, "sgd": 1, "momentum": 2, "adam": 3}
 # hyper-parameter slots passed with every call
-LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, ADAM_V_SCALE, WEIGHT_DECAY = range(8)
-N_HYPER = 8
+LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, ADAM_V_SCALE, WEIGHT_DECAY, CLIP_NORM, CLIP_SCALE = range(10)
+N_HYPER = 10     # CLIP_SCALE is written by native code (1 when CLIP_NORM is 0: no clipping)
 CHUNK = 1 << 14
 
 
@@ -34,6 +36,7 @@ class Update(Op):
         from ..lower.codegen import F32
         size = node.attrs["size"]
         vw = kb.vector_width
+        _clip_scale_kernel(kb, node, size)
         with kb.kernel(f"update{node.id}", (size + CHUNK - 1) // CHUNK, cost=CHUNK * 4) as (cg, lo, hi):
             b = cg.b
             params, grads, state = (cg.arena(k) for k in ("params", "grads", "state"))
@@ -56,9 +59,44 @@ class Update(Op):
                     step(rule)
 
 
+def _clip_scale_kernel(kb, node, size):
+    """hyper[CLIP_SCALE] = min(1, c / ||grads||) when clipping (c = hyper[CLIP_NORM] > 0) in a
+    training mode, else 1. One task: the update's tasks all need the global norm."""
+    from ..lower.codegen import F32, F64, PTR
+    vw = kb.vector_width
+    with kb.kernel(f"update{node.id}_clip", 1, cost=1) as (cg, lo, hi):
+        b = cg.b
+        hyper = cg.slot(cg.layout.hyper_slot, PTR)
+        clip = cg.hyper(CLIP_NORM)
+        scale = cg.var(F32, cg.const(1.0, F32))
+        training = b.icmp_signed("!=", cg.mode(), cg.i64(MODES["none"]))
+        wanted = b.and_(training, b.fcmp_ordered(">", clip, cg.const(0.0, F32)))
+        with cg.if_(wanted):
+            grads = cg.arena("grads")
+            # f64 partial sums: a million squares summed in f32 would lose digits
+            acc = cg.var(_vec(F64, vw), cg.const(0.0, _vec(F64, vw)))
+            with cg.loop(size // vw, name="n") as v:
+                g = b.fpext(cg.load(grads, cg.imul(v, vw), n=vw), _vec(F64, vw))
+                b.store(cg.fma(g, g, b.load(acc)), acc)
+            tail = cg.var(F64, cg.hsum(b.load(acc)))
+            with cg.loop(size, start=size - size % vw, name="nt") as j:
+                g = b.fpext(cg.load(grads, j), F64)
+                b.store(cg.fma(g, g, b.load(tail)), tail)
+            norm = cg.sqrt(b.load(tail))
+            c64 = b.fpext(clip, F64)
+            with cg.if_(b.fcmp_ordered(">", norm, c64)):
+                b.store(b.fptrunc(cg.div(c64, norm), F32), scale)
+        cg.store(b.load(scale), hyper, cg.i64(CLIP_SCALE))
+
+
+def _vec(t, n):
+    from llvmlite import ir
+    return ir.VectorType(t, n) if n > 1 else t
+
+
 def _apply(cg, rule, j, n, params, grads, state, h, one, size):
     p = cg.load(params, j, n=n)
-    g = cg.add(cg.load(grads, j, n=n), cg.mul(h[WEIGHT_DECAY], p))
+    g = cg.fma(h[CLIP_SCALE], cg.load(grads, j, n=n), cg.mul(h[WEIGHT_DECAY], p))
     if rule == "sgd":
         p = cg.sub(p, cg.mul(h[LR], g))
     elif rule == "momentum":
