@@ -345,6 +345,19 @@ def _freeze_names(args) -> list[str]:
     return given if given is not None else saved or []
 
 
+def _schedule(args, saved: dict | None) -> dict | None:
+    """--schedule and its options, checked; a resumed run keeps the run's unless given."""
+    from .schedules import check_schedule
+    if args.schedule is None and args.warmup is None:
+        return saved.get("schedule") if saved else None
+    kind = args.schedule or "constant"
+    try:
+        return check_schedule(kind, warmup=args.warmup or 0, gamma=args.gamma, floor=args.floor,
+                              decay_steps=args.decay_steps if kind != "constant" else None)
+    except ValueError as e:
+        raise UserError(f"--schedule: {e}") from None
+
+
 def cmd_train(args) -> int:
     import numpy as np
 
@@ -388,7 +401,10 @@ def cmd_train(args) -> int:
     settings = _train_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
-                      first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"])
+                      first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"],
+                      schedule=_schedule(args, saved))
+    if cfg.schedule is not None:
+        net.set_schedule(**cfg.schedule)           # data-parallel training too
     if state is not None:
         # another set of frozen parameters is another arena layout: the saved moments would not line up
         same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
@@ -707,6 +723,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--clip-norm", type=float, metavar="C",
                    help="clip gradients by global norm: scale them all by min(1, C / their L2 norm) before "
                         "each update (default: 0: no clipping; with --resume: the run's)")
+    c.add_argument("--schedule", choices=["constant", "step", "cosine"],
+                   help="scale the lr per step: step (times --gamma every --decay-steps steps) or cosine (to "
+                        "lr * --floor over --decay-steps steps), after --warmup (default: constant; with "
+                        "--resume: the run's)")
+    c.add_argument("--warmup", type=int, metavar="W", help="linear warm-up: the lr grows to its value over W steps "
+                                                           "(default: 0)")
+    c.add_argument("--decay-steps", type=int, metavar="T", help="the step schedule's period or the cosine's "
+                                                                 "length, in steps (default: none: required)")
+    c.add_argument("--gamma", type=float, default=0.1, help="the step schedule's factor")
+    c.add_argument("--floor", type=float, default=0.0, help="where the cosine ends, as a fraction of the lr (default: 0)")
     c.add_argument("--init", metavar="PARAMS",
                    help="start a new run from these parameters (.npz, e.g. a trained model to fine-tune) "
                         "instead of the initialisers (default: none)")

@@ -173,6 +173,9 @@ class Net:
         self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
                      "clip_norm": 0.0}
         self._step = 0
+        self.schedule: dict | None = None    # see set_schedule
+        #: the learning rate of the last update (the schedule applied)
+        self.last_lr: float | None = None
 
     # -- parameters --------------------------------------------------------
     def init_params(self, seed: int = 0) -> None:
@@ -394,6 +397,22 @@ class Net:
             self.optimizer = name
             self._opt.update(checked)
 
+    def set_schedule(self, kind: str | None = "constant", *, warmup: int = 0, decay_steps: int | None = None,
+                     gamma: float = 0.1, floor: float = 0.0) -> None:
+        """Scale the lr given to each step by a schedule of the step counter
+        (`structc.schedules`): `step` (times gamma every decay_steps steps),
+        `cosine` (to lr * floor over decay_steps steps) or `constant`, after a
+        linear warm-up of `warmup` steps. `None` (or constant without warm-up)
+        turns it off. The counter is the optimizer's: `init_params` and a
+        change of optimizer restart it, a resumed run continues it."""
+        from .schedules import check_schedule
+        spec = None if kind is None else check_schedule(kind, warmup=warmup, decay_steps=decay_steps,
+                                                         gamma=gamma, floor=floor)
+        if spec is not None and spec["kind"] == "constant" and spec["warmup"] == 0:
+            spec = None
+        with self._lock:
+            self.schedule = spec
+
     def train_step(self, lr: float = 0.01, *, check_finite: bool | None = None, **inputs) -> float:
         """Forward, backward and parameter update in one native call; returns the loss.
 
@@ -412,6 +431,9 @@ class Net:
         """The hyper-parameters of the next step (called holding the lock)."""
         h, o = self._hyper, self._opt
         step = self._step + 1
+        if self.schedule is not None:
+            from .schedules import lr_factor
+            lr = lr * lr_factor(self.schedule, self._step)
         with np.errstate(over="ignore"):      # an overflow is reported below
             h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
             h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
@@ -422,6 +444,7 @@ class Net:
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         self._step = step
+        self.last_lr = lr        # as computed; native code reads it rounded to float32
 
     def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
                 peak: float | None = None, trace=None, **inputs):

@@ -251,3 +251,71 @@ def test_cli_clip_norm_bounds_every_step_and_is_kept_on_resume(tmp_path):
     assert 0 < moved <= 0.1 * 1e-4 * steps * (1 + 1e-3)
     from structc.train import load_state
     assert load_state(tmp_path / "clipped.train.npz")["config"]["clip_norm"] == 1e-4
+
+
+# -- learning-rate schedules --------------------------------------------------------
+
+def _lrs(net, rng, steps, lr=0.5):
+    x, y = _batch(rng, 4)
+    used = []
+    for _ in range(steps):
+        net.train_step(lr, x=x, y=y)
+        used.append(net.last_lr)
+    return used
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    (dict(kind="step", decay_steps=2, gamma=0.5), [0.5, 0.5, 0.25, 0.25, 0.125]),
+    (dict(kind="constant", warmup=4), [0.125, 0.25, 0.375, 0.5, 0.5]),
+    # cos(pi/4) = 0.70710678: 0.1 + 0.9 * (1 + 0.70710678) / 2 = 0.86819805
+    (dict(kind="cosine", warmup=2, decay_steps=4, floor=0.1),
+     [0.25, 0.5, 0.5, 0.5 * 0.86819805, 0.5 * 0.55, 0.5 * 0.23180195, 0.05, 0.05]),
+    (dict(kind="step", warmup=1, decay_steps=1, gamma=0.1), [0.5, 0.5, 0.05, 0.005]),
+], ids=["step", "warmup", "warmup+cosine", "warmup+step"])
+def test_schedules_give_the_hand_computed_rates(rng, schedule, expected):
+    net = structc.compile(CNN)
+    net.set_schedule(**schedule)
+    assert _lrs(net, rng, len(expected)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_native_step_uses_the_scheduled_rate(rng):
+    x, y = _batch(rng)
+    net = structc.compile(CNN)
+    net.set_schedule("constant", warmup=4)
+    _, grads = net.grad(x=x, y=y)
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(0.4, x=x, y=y)                  # the first of 4 warm-up steps: lr 0.1
+    for name, g in grads.items():
+        np.testing.assert_allclose(net.params[name], before[name] - 0.1 * g, rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_arguments_are_checked():
+    net = structc.compile(CNN)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        net.set_schedule("linear")
+    with pytest.raises(ValueError, match="the cosine schedule needs decay_steps"):
+        net.set_schedule("cosine")
+    with pytest.raises(ValueError, match="warmup must be a whole number"):
+        net.set_schedule("constant", warmup=-1)
+    with pytest.raises(ValueError, match=r"gamma must be a number in \[0, 1\]"):
+        net.set_schedule("step", decay_steps=3, gamma=2)
+
+
+def test_cli_schedule_is_logged_per_epoch_and_resumes_bit_identically(tmp_path):
+    import json
+    from structc.cli import main
+    sched = ("--optimizer", "momentum", "--schedule", "cosine", "--warmup", "5", "--decay-steps", "40")
+    assert _cli_train(tmp_path, "straight.npz", *sched, epochs=2) == 0
+    assert _cli_train(tmp_path, "run.npz", *sched) == 0
+    assert main(["train", str(CNN), "--data", "digits", "--epochs", "2", "--no-progress",
+                 "--resume", str(tmp_path / "run.npz")]) == 0
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "run.npz") as b:
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+    from structc.schedules import lr_factor
+    steps = -(-1437 // 64)
+    spec = {"kind": "cosine", "warmup": 5, "decay_steps": 40, "gamma": 0.1, "floor": 0.0}
+    for run in ("straight", "run"):
+        logged = [json.loads(line)["lr"] for line in (tmp_path / f"{run}.metrics.jsonl").read_text().splitlines()]
+        expected = [0.1 * lr_factor(spec, e * steps - 1) for e in (1, 2)]   # each epoch's last step
+        assert logged == pytest.approx(expected, rel=1e-6), run
