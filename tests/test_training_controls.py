@@ -319,3 +319,22 @@ def test_cli_schedule_is_logged_per_epoch_and_resumes_bit_identically(tmp_path):
         logged = [json.loads(line)["lr"] for line in (tmp_path / f"{run}.metrics.jsonl").read_text().splitlines()]
         expected = [0.1 * lr_factor(spec, e * steps - 1) for e in (1, 2)]   # each epoch's last step
         assert logged == pytest.approx(expected, rel=1e-6), run
+
+
+def test_freezing_in_a_tree_model_keeps_the_recursion_reading_the_right_parameters():
+    """Recursion bodies are separate entry points: they must use the frozen layout too."""
+    from structc import datasets
+    path = EXAMPLES / "logic_tree.snet"
+    data = datasets.load("logic")
+    full = structc.compile(path)
+    net = structc.compile(path, freeze=["E"])       # declared first: every other offset moves
+    for name, value in full.params.items():
+        net.params[name] = value
+    data.bind(full)
+    feed = next(iter(data.batches(8, np.random.default_rng(0))))
+    assert net.train_step(0.1, **feed) == pytest.approx(full.train_step(0.1, **feed), rel=1e-6)
+    for name in full.params:
+        if name == "E":
+            assert not np.array_equal(net.params[name], full.params[name])
+        else:
+            np.testing.assert_allclose(net.params[name], full.params[name], rtol=1e-5, atol=1e-6, err_msg=name)
