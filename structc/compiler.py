@@ -89,23 +89,25 @@ def forward_graph(mdef: ModelDef) -> Graph:
     return g
 
 
-def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset()) -> Graph:
+def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset(),
+                decay_end: int | None = None) -> Graph:
     """Forward, backward and update. `update_size`: the floats the update
-    covers, the trainable parameters laid out first (`frozen_layout`)."""
+    covers, the trainable parameters laid out first; `decay_end`: where the
+    vectors (biases, norms) start among them (`arena_layout`)."""
     g = mdef.graph.copy()
     g.outputs = {"loss": g.outputs["loss"]}
     g = differentiate(g, frozen=frozen)
     grads = [g.outputs[f"grad:{p}"] for p in mdef.params if p not in frozen]
     b = Builder(g)
-    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=update_size).id
+    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=update_size, decay_end=decay_end).id
     return g
 
 
-def update_graph(mdef: ModelDef, update_size: int) -> Graph:
+def update_graph(mdef: ModelDef, update_size: int, decay_end: int | None = None) -> Graph:
     """The optimiser step alone, reading the gradient arena as it is: data-parallel
     training sums the ranks' gradients between `sc_train` (mode none) and this."""
     g = Graph(f"{mdef.name}.update")
-    g.outputs["update"] = Builder(g).update(size=update_size).id
+    g.outputs["update"] = Builder(g).update(size=update_size, decay_end=decay_end).id
     return g
 
 
@@ -127,15 +129,20 @@ def resolve_frozen(params, freeze) -> frozenset[str]:
     return frozenset(chosen)
 
 
-def frozen_layout(mdef: ModelDef, frozen: frozenset[str]) -> tuple[dict[str, int], int, int]:
-    """Arena offsets with the trainable parameters first, so that the update
-    is one pass over a prefix and never touches a frozen one (not even by
-    weight decay); (offsets, arena size, update size)."""
+def arena_layout(mdef: ModelDef, frozen: frozenset[str]) -> tuple[dict[str, int], int, int, int]:
+    """Arena offsets in three groups: trainable matrices (rank >= 2), trainable
+    vectors (biases, normalisations' scales and shifts), frozen parameters.
+    The update is one pass over the first two, so it never touches a frozen
+    one (not even by weight decay), and `decay_biases=False` is a second decay
+    for a range. (offsets, arena size, update size, where the vectors start)."""
     shapes = {name: p.type.shape for name, p in mdef.params.items()}
-    ordered = {n: s for n, s in shapes.items() if n not in frozen} | {n: s for n, s in shapes.items() if n in frozen}
-    offsets, param_size = param_layout(ordered)
-    first_frozen = [offsets[n] for n in ordered if n in frozen]
-    return offsets, param_size, (first_frozen[0] if first_frozen else param_size)
+    groups = ([n for n, s in shapes.items() if n not in frozen and len(s) >= 2],
+              [n for n, s in shapes.items() if n not in frozen and len(s) < 2],
+              [n for n in shapes if n in frozen])
+    offsets, param_size = param_layout({n: shapes[n] for group in groups for n in group})
+    update_size = offsets[groups[2][0]] if groups[2] else param_size
+    decay_end = offsets[groups[1][0]] if groups[1] else update_size
+    return offsets, param_size, update_size, decay_end
 
 
 def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
@@ -158,7 +165,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     # Rewrites that must precede differentiation (message passing: aggregate first).
     forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
     mdef = dataclasses.replace(mdef, graph=forward)
-    offsets, param_size, update_size = frozen_layout(mdef, frozen)
+    offsets, param_size, update_size, decay_end = arena_layout(mdef, frozen)
 
     def dumper(prefix):
         return (lambda name, graph: dump(f"{prefix}.{name}", str(graph))) if dump else None
@@ -167,8 +174,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     blocked = gradient_warnings(mdef.graph, frozen=frozen) if mdef.has_loss else []
     warn_gradient_flow(blocked)
     if mdef.has_loss:
-        graphs["train"] = train_graph(mdef, update_size, frozen)
-        graphs["update"] = update_graph(mdef, update_size)
+        graphs["train"] = train_graph(mdef, update_size, frozen, decay_end)
+        graphs["update"] = update_graph(mdef, update_size, decay_end)
         if dump:
             dump("train", str(graphs["train"]))
     module = ir.Module(name=mdef.name)

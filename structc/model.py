@@ -30,7 +30,7 @@ from .forest import ForestBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, CLIP_SCALE, EPS, LR, MODES,
-                        MOMENTUM, N_HYPER, WEIGHT_DECAY)
+                        MOMENTUM, N_HYPER, VECTOR_DECAY, WEIGHT_DECAY)
 from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
@@ -171,7 +171,7 @@ class Net:
         self.check_finite = False
         self.optimizer = "sgd"
         self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
-                     "clip_norm": 0.0}
+                     "clip_norm": 0.0, "decay_biases": True}
         self._step = 0
         self.schedule: dict | None = None    # see set_schedule
         #: the learning rate of the last update (the schedule applied)
@@ -383,13 +383,15 @@ class Net:
     def set_optimizer(self, name: str = "sgd", **options) -> None:
         """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay, and
         clip_norm: when > 0, every gradient is scaled by min(1, clip_norm / global L2 norm of all
-        gradients) before the update, inside the compiled step (0: no clipping)."""
+        gradients) before the update, inside the compiled step (0: no clipping); decay_biases: False
+        applies weight_decay to the matrices only, not to parameters of rank <= 1 (biases,
+        normalisations' scales and shifts) (default: True, every parameter decays)."""
         if name not in ("sgd", "momentum", "adam"):
             raise ValueError(f"unknown optimizer '{name}' (choose sgd, momentum or adam)")
         for k in options:
             if k not in self._opt:
                 raise TypeError(f"unknown optimizer option '{k}' (options: {', '.join(self._opt)})")
-        checked = {k: _hyper_value(k, v) for k, v in options.items()}
+        checked = {k: _option_value(k, v) for k, v in options.items()}
         with self._lock:
             if name != self.optimizer:
                 self._state_arena[:] = 0
@@ -438,6 +440,7 @@ class Net:
             h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
             h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
             h[CLIP_NORM], h[CLIP_SCALE] = o["clip_norm"], 1.0    # the step writes the scale when it clips
+            h[VECTOR_DECAY] = o["weight_decay"] if o["decay_biases"] else 0.0
             h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
             h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
         if not np.isfinite(h).all():        # float32: lr=1e39 is finite in float64 only
@@ -473,6 +476,15 @@ class Net:
 
 _HYPER_RANGES = {"lr": (0.0, None), "momentum": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0),
                  "eps": (0.0, None), "weight_decay": (0.0, None), "clip_norm": (0.0, None)}
+
+
+def _option_value(name: str, value):
+    """An optimizer option, checked: a flag or a hyper-parameter."""
+    if name == "decay_biases":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"decay_biases must be True or False, got {value!r}")
+        return bool(value)
+    return _hyper_value(name, value)
 
 
 def _hyper_value(name: str, value) -> float:

@@ -9,7 +9,7 @@ import pytest
 
 import structc
 from structc.build import build_model
-from structc.compiler import frozen_layout, resolve_frozen, train_graph
+from structc.compiler import arena_layout, resolve_frozen, train_graph
 from structc.errors import GradientWarning
 from structc.passes import dce
 from structc.syntax import parse
@@ -22,7 +22,7 @@ def _train_ops(path, freeze):
     """The ops of the train graph (dead code removed) and its outputs."""
     mdef = build_model(parse(path.read_text(), str(path)), None)
     frozen = resolve_frozen(mdef.params, freeze)
-    g = dce(train_graph(mdef, frozen_layout(mdef, frozen)[2], frozen))
+    g = dce(train_graph(mdef, arena_layout(mdef, frozen)[2], frozen))
     return Counter(n.op.name for n in g.nodes.values()), set(g.outputs)
 
 
@@ -338,3 +338,29 @@ def test_freezing_in_a_tree_model_keeps_the_recursion_reading_the_right_paramete
             assert not np.array_equal(net.params[name], full.params[name])
         else:
             np.testing.assert_allclose(net.params[name], full.params[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# -- per-parameter-group options: no weight decay on biases and norms ---------------
+
+@pytest.mark.parametrize("decay_biases", [True, False])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_decay_biases_false_decays_only_the_matrices(rng, decay_biases, optimizer):
+    x, y = _batch(rng)
+    net = structc.compile(CNN, freeze=["dense1.b"])     # a frozen vector too: it must not decay either
+    _, grads = net.grad(x=x, y=y)
+    net.set_optimizer(optimizer, weight_decay=0.5, decay_biases=decay_biases)
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(0.1, x=x, y=y)
+    for name, g in grads.items():
+        if name == "dense1.b":
+            np.testing.assert_array_equal(net.params[name], before[name])
+            continue
+        decays = before[name].ndim >= 2 or decay_biases
+        expected = before[name] - 0.1 * (g + (0.5 * before[name] if decays else 0))   # momentum's first step: v = g
+        np.testing.assert_allclose(net.params[name], expected, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_decay_biases_is_checked():
+    net = structc.compile(CNN)
+    with pytest.raises(TypeError, match="decay_biases must be True or False"):
+        net.set_optimizer("sgd", decay_biases=0)
