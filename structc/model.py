@@ -29,8 +29,7 @@ from . import _runtime
 from .forest import ForestBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
-from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, CLIP_SCALE, EPS, LR, MODES,
-                        MOMENTUM, N_HYPER, VECTOR_DECAY, WEIGHT_DECAY)
+from .ops.optim import ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM, N_HYPER, VECTOR_DECAY
 from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
@@ -438,9 +437,9 @@ class Net:
             lr = lr * lr_factor(self.schedule, self._step)
         with np.errstate(over="ignore"):      # an overflow is reported below
             h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
-            h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
-            h[CLIP_NORM], h[CLIP_SCALE] = o["clip_norm"], 1.0    # the step writes the scale when it clips
-            h[VECTOR_DECAY] = o["weight_decay"] if o["decay_biases"] else 0.0
+            # one assignment for the consecutive slots; the step writes CLIP_SCALE when it clips
+            h[EPS:VECTOR_DECAY + 1] = (o["eps"], 0.0, 0.0, o["weight_decay"], o["clip_norm"], 1.0,
+                                       o["weight_decay"] if o["decay_biases"] else 0.0)
             h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
             h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
         if not np.isfinite(h).all():        # float32: lr=1e39 is finite in float64 only
