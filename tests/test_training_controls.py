@@ -364,3 +364,16 @@ def test_decay_biases_is_checked():
     net = structc.compile(CNN)
     with pytest.raises(TypeError, match="decay_biases must be True or False"):
         net.set_optimizer("sgd", decay_biases=0)
+
+
+def test_the_fine_tuning_example_trains_the_head_only_and_saves_time(tmp_path):
+    import sys
+    sys.path.insert(0, str(EXAMPLES))
+    from finetune_digits import run
+    r = run(tmp_path, epochs=3)
+    assert r["base"] > 0.9 and r["base_on_rotated"] < 0.3        # the new task is new
+    assert r["head_only"] > 0.8
+    assert r["step_frozen"] < 0.7 * r["step_full"]
+    with np.load(tmp_path / "base.npz") as a, np.load(tmp_path / "tuned.npz") as b:
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]) == name.startswith("conv"), name
