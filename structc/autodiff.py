@@ -18,21 +18,25 @@ from .errors import GradientWarning, Span
 from .graph import Builder, Graph, Value
 
 
-def differentiate(forward: Graph, loss: str = "loss") -> Graph:
-    return _differentiate(forward, loss)[0]
+def differentiate(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset()) -> Graph:
+    """`frozen` parameters get no `grad:<name>` output, and no node is
+    differentiated only for their sake."""
+    return _differentiate(forward, loss, frozen)[0]
 
 
-def _differentiate(forward: Graph, loss: str) -> tuple[Graph, list[tuple[int, int]], list[str]]:
+def _differentiate(forward: Graph, loss: str,
+                   frozen: frozenset[str] = frozenset()) -> tuple[Graph, list[tuple[int, int]], list[str]]:
     """The train graph; the (node, input) pairs whose VJP gives no gradient
     although the input lies between a parameter and the loss (where gradients
     stop); and the parameters no cotangent reached (their gradient is zero)."""
     g = forward.copy()
     loss_id = g.outputs[loss]
     order = g.topo()
-    # Only nodes between a parameter and the loss carry a gradient.
+    # Only nodes between a trainable parameter and the loss carry a gradient.
     upstream = nx.ancestors(g.nx, loss_id) | {loss_id}
-    from_params = set(g.params.values())
-    for p in g.params.values():
+    trainable = [pid for name, pid in g.params.items() if name not in frozen]
+    from_params = set(trainable)
+    for p in trainable:
         from_params |= nx.descendants(g.nx, p)
     active = upstream & from_params
 
@@ -67,6 +71,8 @@ def _differentiate(forward: Graph, loss: str) -> tuple[Graph, list[tuple[int, in
     outputs = {loss: loss_id}
     unreached = []
     for name, pid in g.params.items():
+        if name in frozen:
+            continue
         grad = cotangent.get(pid)
         if grad is None:
             unreached.append(name)
@@ -101,7 +107,7 @@ class Blocked:
         return text + (f"; {self.hint}" if self.hint else "")
 
 
-def blocked_params(forward: Graph, loss: str = "loss") -> list[Blocked]:
+def blocked_params(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset()) -> list[Blocked]:
     """Parameters whose gradient is structurally zero: the loss does not read
     them, or every path to it passes an op whose VJP gives no gradient (a
     threshold, a comparison). Such a model trains forever with zero gradients."""
@@ -109,7 +115,7 @@ def blocked_params(forward: Graph, loss: str = "loss") -> list[Blocked]:
         return []
     g = forward.copy()
     g.outputs = {loss: forward.outputs[loss]}
-    _, stops, unreached = _differentiate(g, loss)
+    _, stops, unreached = _differentiate(g, loss, frozen)   # frozen ones are meant not to change
     upstream = nx.ancestors(g.nx, g.outputs[loss])
     groups: dict[tuple[int, ...], list[str]] = {}
     for name in unreached:
@@ -133,11 +139,11 @@ def blocked_params(forward: Graph, loss: str = "loss") -> list[Blocked]:
     return found
 
 
-def gradient_warnings(forward: Graph, loss: str = "loss") -> list[dict]:
+def gradient_warnings(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset()) -> list[dict]:
     """`blocked_params` as plain data (message, file, line), kept in an
     artifact's metadata so a cached model warns as a fresh compile does."""
     return [{"message": item.message(), "file": item.span.file if item.span else "<model>",
-             "line": item.span.line if item.span else 0} for item in blocked_params(forward, loss)]
+             "line": item.span.line if item.span else 0} for item in blocked_params(forward, loss, frozen)]
 
 
 def warn_gradient_flow(entries: list[dict]) -> None:

@@ -15,6 +15,7 @@ names them:
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import operator
@@ -49,6 +50,7 @@ class ParamSpec:
     type: TensorType
     init: tuple               # (initialiser name, args)
     span: Span | None = None
+    frozen: bool = False      # `param ... frozen` or a layer's `frozen=true`: training leaves it alone
 
 
 @dataclass
@@ -148,14 +150,14 @@ class ModelBuilder:
         if isinstance(s.type, S.Call) and s.type.func == "embedding":
             t, init = embedding_param_type(s.type)
             init = self.resolve_init(s.init) if s.init is not None else init
-            nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
+            nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span, frozen=s.frozen)
             self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
             return
         t, classes = self.resolve_type(s.type, allow_symbols=False)
         if classes:
             raise SnetTypeError("a parameter must be a float tensor, not class labels", s.type.span)
         init = self.resolve_init(s.init) if s.init is not None else ("glorot" if t.rank >= 2 else "zeros", ())
-        nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span)
+        nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span, frozen=s.frozen)
         self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
 
     def stmt_Assign(self, s: S.Assign) -> None:
@@ -276,7 +278,8 @@ class ModelBuilder:
         except ValueError as err:
             raise SnetNameError(str(err), span, notes=(f"initialisers: {', '.join(sorted(INITIALIZERS))}",)) from None
 
-    def add_param(self, name: str, t: TensorType, init, span: Span, name_span: Span | None = None) -> int:
+    def add_param(self, name: str, t: TensorType, init, span: Span, name_span: Span | None = None,
+                  frozen: bool = False) -> int:
         if name in self.params:
             raise SnetNameError(f"parameter '{name}' is defined twice (first at line {self.params[name].span.line})",
                                 name_span or span)
@@ -296,7 +299,7 @@ class ModelBuilder:
         nid = self.graph.add(REGISTRY["param"], (), {"name": name, "type": t, "init": init}, span, type=t)
         self.param_count = total
         self.graph.params[name] = nid
-        self.params[name] = ParamSpec(name, t, init, span)
+        self.params[name] = ParamSpec(name, t, init, span, frozen)
         return nid
 
     # -- expressions -------------------------------------------------------
@@ -412,6 +415,8 @@ class ModelBuilder:
             return aggregate(ctx, e.func, args, kwargs, e)
         if e.func in SURFACE:
             fn = SURFACE[e.func]
+            frozen = self.frozen_option(ctx, kwargs)
+            before = set(self.params)
             try:
                 result = fn(ctx, *args, **kwargs)
             except TypeError as err:
@@ -419,6 +424,8 @@ class ModelBuilder:
                                     notes=(f"usage: {(fn.__doc__ or '').strip().splitlines()[0]}",)) from None
             except ShapeMismatch as err:
                 raise SnetShapeError(f"{e.func}: {err}", e.span) from None
+            if frozen:
+                self.freeze_new_params(before, e)
         elif e.func in REGISTRY and REGISTRY[e.func].surface:
             result = self.call_op(ctx, REGISTRY[e.func], args, kwargs, e)
         else:
@@ -431,6 +438,20 @@ class ModelBuilder:
             pred = args[0] if act is None else Builder(self.graph, e.span).apply(act, args[0])
             ctx.predicts(pred, out_name)
         return result
+
+    def frozen_option(self, ctx: Context, kwargs: dict) -> bool:
+        """A layer's `frozen=true`, taken out of the options the layer itself sees."""
+        if "frozen" not in kwargs:
+            return False
+        return ctx.expect_bool(kwargs.pop("frozen"), "frozen")
+
+    def freeze_new_params(self, before: set, e: S.Call) -> None:
+        """Mark the parameters the call just created as frozen."""
+        created = [name for name in self.params if name not in before]
+        if not created:
+            raise SnetTypeError(f"{e.func}(..., frozen=true): this call creates no parameters to freeze", e.span)
+        for name in created:
+            self.params[name] = dataclasses.replace(self.params[name], frozen=True)
 
     def call_op(self, ctx: Context, op, args, kwargs, e: S.Call) -> Value:
         tensor_params, attr_defaults = op.signature()

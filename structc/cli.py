@@ -247,9 +247,16 @@ def _compile_net(args, dp_comm=None):
     source, file = _source(args.file)
     t0 = time.perf_counter()
 
+    freeze = getattr(args, "freeze_names", ())
+
     def compile_it():
-        return compile_net(source if file == "<source>" else Path(file), args.model,
-                           seed=getattr(args, "seed", 0) or 0)
+        try:
+            return compile_net(source if file == "<source>" else Path(file), args.model,
+                               seed=getattr(args, "seed", 0) or 0, freeze=freeze)
+        except ValueError as e:
+            if freeze and str(e).startswith("freeze:"):
+                raise UserError(f"--{e}") from None
+            raise
     if dp_comm is None:
         net = compile_it()
     else:
@@ -283,18 +290,18 @@ def _load_bound_data(name: str, net, split: float | None = None):
     return data
 
 
-TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0}
+TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0}
 
 
 def _train_settings(args, saved: dict | None) -> dict:
-    """lr, batch, optimizer, seed: as given, else the resumed run's, else the defaults.
+    """lr, batch, optimizer, seed, clip_norm: as given, else the resumed run's, else the defaults.
     A resumed run told to change one says so (the run then differs from the original)."""
     settings = {}
     for key, default in TRAIN_DEFAULTS.items():
         given = getattr(args, key)
         before = saved.get(key) if saved else None
         if given is not None and before is not None and given != before:
-            warn(f"--{key} {given} differs from the resumed run's {before}")
+            warn(f"--{key.replace('_', '-')} {given} differs from the resumed run's {before}")
         settings[key] = given if given is not None else before if before is not None else default
     return settings
 
@@ -323,13 +330,44 @@ def _resume(args, net) -> tuple[dict, object]:
     return state, rng
 
 
+def _freeze_names(args) -> list[str]:
+    """--freeze as a list of names; a resumed run keeps the run's unless told otherwise."""
+    given = [n.strip() for n in args.freeze.split(",") if n.strip()] if args.freeze is not None else None
+    saved = None
+    if args.resume:
+        from .train import load_state, state_path
+        try:
+            saved = load_state(state_path(existing_params(args.resume)))["config"].get("freeze", [])
+        except ValueError:
+            saved = None      # `_resume` reports a missing or unreadable state
+    if given is not None and saved is not None and sorted(given) != sorted(saved):
+        warn(f"--freeze {','.join(given) or '(none)'} differs from the resumed run's {','.join(saved) or '(none)'}")
+    return given if given is not None else saved or []
+
+
+def _schedule(args, saved: dict | None) -> dict | None:
+    """--schedule and its options, checked; a resumed run keeps the run's unless given."""
+    from .schedules import check_schedule
+    if args.schedule is None and args.warmup is None:
+        return saved.get("schedule") if saved else None
+    kind = args.schedule or "constant"
+    try:
+        return check_schedule(kind, warmup=args.warmup or 0, gamma=args.gamma, floor=args.floor,
+                              decay_steps=args.decay_steps if kind != "constant" else None)
+    except ValueError as e:
+        raise UserError(f"--schedule: {e}") from None
+
+
 def cmd_train(args) -> int:
     import numpy as np
 
     from .native import set_num_threads
     from .train import TrainConfig, restore_optimizer, save_state, train
+    if args.init and args.resume:
+        raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
     if args.out is None and args.resume:
         args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
+    args.freeze_names = _freeze_names(args)
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
     comm = _distributed_comm(args)
     if args.threads is None and comm is not None:
@@ -338,6 +376,8 @@ def cmd_train(args) -> int:
     if args.threads is not None:
         set_num_threads(args.threads)
     net, seconds = _compile_net(args, comm)
+    if args.init:
+        load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
     data = _load_bound_data(args.data, net, args.split)
     dp = None
@@ -361,9 +401,14 @@ def cmd_train(args) -> int:
     settings = _train_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
-                      first_epoch=first_epoch)
+                      first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"],
+                      schedule=_schedule(args, saved))
+    if cfg.schedule is not None:
+        net.set_schedule(**cfg.schedule)           # data-parallel training too
     if state is not None:
-        if settings["optimizer"] != saved["optimizer"] or not restore_optimizer(net, state):
+        # another set of frozen parameters is another arena layout: the saved moments would not line up
+        same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
+        if settings["optimizer"] != saved["optimizer"] or not same_layout or not restore_optimizer(net, state):
             if cfg.optimizer != "sgd":
                 warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
                      f"it starts from zero, so this run differs from an uninterrupted one")
@@ -372,6 +417,8 @@ def cmd_train(args) -> int:
         print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
               f"data: {data.description or data.name}"
               + (f"; resuming after epoch {first_epoch - 1}" if state else "")
+              + (f"; starting from {args.init}" if args.init else "")
+              + (f"; frozen: {', '.join(net.meta['frozen'])}" if net.meta.get("frozen") else "")
               + (f"; {dp.size} ranks" if dp else "")
               + f"; per-epoch metrics in {metrics.path}", file=sys.stderr)
     if dp is None:
@@ -673,6 +720,25 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the run that saved PARAMS: its parameters, and from PARAMS.train.npz the "
                         "epochs done, the optimizer state (momentum / Adam moments) and the shuffling, so "
                         "that it ends as an uninterrupted run would (default: none: a new run)")
+    c.add_argument("--clip-norm", type=float, metavar="C",
+                   help="clip gradients by global norm: scale them all by min(1, C / their L2 norm) before "
+                        "each update (default: 0: no clipping; with --resume: the run's)")
+    c.add_argument("--schedule", choices=["constant", "step", "cosine"],
+                   help="scale the lr per step: step (times --gamma every --decay-steps steps) or cosine (to "
+                        "lr * --floor over --decay-steps steps), after --warmup (default: constant; with "
+                        "--resume: the run's)")
+    c.add_argument("--warmup", type=int, metavar="W", help="linear warm-up: the lr grows to its value over W steps "
+                                                           "(default: 0)")
+    c.add_argument("--decay-steps", type=int, metavar="T", help="the step schedule's period or the cosine's "
+                                                                 "length, in steps (default: none: required)")
+    c.add_argument("--gamma", type=float, default=0.1, help="the step schedule's factor")
+    c.add_argument("--floor", type=float, default=0.0, help="where the cosine ends, as a fraction of the lr (default: 0)")
+    c.add_argument("--init", metavar="PARAMS",
+                   help="start a new run from these parameters (.npz, e.g. a trained model to fine-tune) "
+                        "instead of the initialisers (default: none)")
+    c.add_argument("--freeze", metavar="NAMES",
+                   help="comma-separated parameters or layers (conv1,conv2.w) that training leaves unchanged: "
+                        "no gradient is computed for them (default: none; with --resume: the run's)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     _distributed_option(c)
     c.set_defaults(run=cmd_train)

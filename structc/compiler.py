@@ -34,7 +34,7 @@ from .passes.plan import Plan, param_layout, plan_memory
 from .syntax import Program, format_program, parse
 
 #: bumped whenever the calling convention or the metadata of compiled code changes
-ABI_VERSION = 1
+ABI_VERSION = 2     # 2: 11 hyper-parameter slots (clipping, vectors' decay), the step writes slot 9
 
 STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
@@ -89,22 +89,60 @@ def forward_graph(mdef: ModelDef) -> Graph:
     return g
 
 
-def train_graph(mdef: ModelDef, param_size: int) -> Graph:
+def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset(),
+                decay_end: int | None = None) -> Graph:
+    """Forward, backward and update. `update_size`: the floats the update
+    covers, the trainable parameters laid out first; `decay_end`: where the
+    vectors (biases, norms) start among them (`arena_layout`)."""
     g = mdef.graph.copy()
     g.outputs = {"loss": g.outputs["loss"]}
-    g = differentiate(g)
-    grads = [g.outputs[f"grad:{p}"] for p in mdef.params]
+    g = differentiate(g, frozen=frozen)
+    grads = [g.outputs[f"grad:{p}"] for p in mdef.params if p not in frozen]
     b = Builder(g)
-    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=param_size).id
+    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=update_size, decay_end=decay_end).id
     return g
 
 
-def update_graph(mdef: ModelDef, param_size: int) -> Graph:
+def update_graph(mdef: ModelDef, update_size: int, decay_end: int | None = None) -> Graph:
     """The optimiser step alone, reading the gradient arena as it is: data-parallel
     training sums the ranks' gradients between `sc_train` (mode none) and this."""
     g = Graph(f"{mdef.name}.update")
-    g.outputs["update"] = Builder(g).update(size=param_size).id
+    g.outputs["update"] = Builder(g).update(size=update_size, decay_end=decay_end).id
     return g
+
+
+def resolve_frozen(params, freeze) -> frozenset[str]:
+    """The parameter names `freeze` selects: each entry is a parameter's name
+    (`conv2.w`) or a layer's prefix (`conv1` selects `conv1.w` and `conv1.b`).
+    An entry that selects nothing is an error naming the parameters."""
+    if isinstance(freeze, str):
+        raise TypeError(f"freeze must be a list of names, got the string {freeze!r} (write [{freeze!r}])")
+    names = list(params)
+    chosen: set[str] = set()
+    for entry in freeze or ():
+        if not isinstance(entry, str):
+            raise TypeError(f"freeze: expected parameter names, got {type(entry).__name__} {entry!r}")
+        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
+        if not hits:
+            raise ValueError(f"freeze: no parameter or layer {entry!r} (parameters: {', '.join(names) or 'none'})")
+        chosen.update(hits)
+    return frozenset(chosen)
+
+
+def arena_layout(mdef: ModelDef, frozen: frozenset[str]) -> tuple[dict[str, int], int, int, int]:
+    """Arena offsets in three groups: trainable matrices (rank >= 2), trainable
+    vectors (biases, normalisations' scales and shifts), frozen parameters.
+    The update is one pass over the first two, so it never touches a frozen
+    one (not even by weight decay), and `decay_biases=False` is a second decay
+    for a range. (offsets, arena size, update size, where the vectors start)."""
+    shapes = {name: p.type.shape for name, p in mdef.params.items()}
+    groups = ([n for n, s in shapes.items() if n not in frozen and len(s) >= 2],
+              [n for n, s in shapes.items() if n not in frozen and len(s) < 2],
+              [n for n in shapes if n in frozen])
+    offsets, param_size = param_layout({n: shapes[n] for group in groups for n in group})
+    update_size = offsets[groups[2][0]] if groups[2] else param_size
+    decay_end = offsets[groups[1][0]] if groups[1] else update_size
+    return offsets, param_size, update_size, decay_end
 
 
 def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
@@ -117,26 +155,27 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
 
 
 def compile_model(mdef: ModelDef, target: Target | None = None,
-                  dump: Callable[[str, str], None] | None = None, jit: bool = True) -> Artifact:
-    """`jit=False` makes position-independent code for a shared library."""
+                  dump: Callable[[str, str], None] | None = None, jit: bool = True, freeze=()) -> Artifact:
+    """`jit=False` makes position-independent code for a shared library;
+    `freeze`: parameter names or layer prefixes that training leaves alone."""
+    frozen = resolve_frozen(mdef.params, freeze) | {name for name, p in mdef.params.items() if p.frozen}
     target = target or host_target()
     times = {}
     t0 = time.perf_counter()
     # Rewrites that must precede differentiation (message passing: aggregate first).
     forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
     mdef = dataclasses.replace(mdef, graph=forward)
-    shapes = {name: p.type.shape for name, p in mdef.params.items()}
-    offsets, param_size = param_layout(shapes)
+    offsets, param_size, update_size, decay_end = arena_layout(mdef, frozen)
 
     def dumper(prefix):
         return (lambda name, graph: dump(f"{prefix}.{name}", str(graph))) if dump else None
 
     graphs = {"forward": forward_graph(mdef)}
-    blocked = gradient_warnings(mdef.graph) if mdef.has_loss else []
+    blocked = gradient_warnings(mdef.graph, frozen=frozen) if mdef.has_loss else []
     warn_gradient_flow(blocked)
     if mdef.has_loss:
-        graphs["train"] = train_graph(mdef, param_size)
-        graphs["update"] = update_graph(mdef, param_size)
+        graphs["train"] = train_graph(mdef, update_size, frozen, decay_end)
+        graphs["update"] = update_graph(mdef, update_size, decay_end)
         if dump:
             dump("train", str(graphs["train"]))
     module = ir.Module(name=mdef.name)
@@ -175,6 +214,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "params": [{"name": p.name, "shape": list(p.type.shape), "offset": offsets[p.name],
                     "init": [p.init[0], list(p.init[1])]} for p in mdef.params.values()],
         "param_size": param_size,
+        "frozen": sorted(frozen),
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "entries": entries,
@@ -187,18 +227,18 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
 
 
 def compile_source(source: str, file: str = "<source>", model: str | None = None,
-                   target: Target | None = None, dump=None, jit: bool = True) -> Artifact:
-    return compile_program(parse(source, file), model, target, dump, jit)
+                   target: Target | None = None, dump=None, jit: bool = True, freeze=()) -> Artifact:
+    return compile_program(parse(source, file), model, target, dump, jit, freeze)
 
 
 def compile_program(program: Program, model: str | None = None, target: Target | None = None,
-                    dump=None, jit: bool = True) -> Artifact:
+                    dump=None, jit: bool = True, freeze=()) -> Artifact:
     if dump:
         dump("ast", format_program(program))
     mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump, jit)
+    return compile_model(mdef, target, dump, jit, freeze)
 
 
 # Fields that hold the program's layout, not its meaning: the key ignores them.

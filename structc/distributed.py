@@ -375,7 +375,7 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     from .train import History
     check_splittable(data)
     net = dp.net
-    net.set_optimizer(cfg.optimizer)
+    net.set_optimizer(cfg.optimizer, clip_norm=cfg.clip_norm)
     dp.broadcast_state()
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     log = log if dp.is_root else (lambda *a, **k: None)

@@ -29,8 +29,7 @@ from . import _runtime
 from .forest import ForestBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
-from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM,
-                        N_HYPER, WEIGHT_DECAY)
+from .ops.optim import ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM, N_HYPER, VECTOR_DECAY
 from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
@@ -170,8 +169,12 @@ class Net:
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
-        self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+        self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+                     "clip_norm": 0.0, "decay_biases": True}
         self._step = 0
+        self.schedule: dict | None = None    # see set_schedule
+        #: the learning rate of the last update (the schedule applied)
+        self.last_lr: float | None = None
 
     # -- parameters --------------------------------------------------------
     def init_params(self, seed: int = 0) -> None:
@@ -377,19 +380,39 @@ class Net:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
 
     def set_optimizer(self, name: str = "sgd", **options) -> None:
-        """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay."""
+        """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay, and
+        clip_norm: when > 0, every gradient is scaled by min(1, clip_norm / global L2 norm of all
+        gradients) before the update, inside the compiled step (0: no clipping); decay_biases: False
+        applies weight_decay to the matrices only, not to parameters of rank <= 1 (biases,
+        normalisations' scales and shifts) (default: True, every parameter decays)."""
         if name not in ("sgd", "momentum", "adam"):
             raise ValueError(f"unknown optimizer '{name}' (choose sgd, momentum or adam)")
         for k in options:
             if k not in self._opt:
                 raise TypeError(f"unknown optimizer option '{k}' (options: {', '.join(self._opt)})")
-        checked = {k: _hyper_value(k, v) for k, v in options.items()}
+        checked = {k: _option_value(k, v) for k, v in options.items()}
         with self._lock:
             if name != self.optimizer:
                 self._state_arena[:] = 0
                 self._step = 0
             self.optimizer = name
             self._opt.update(checked)
+
+    def set_schedule(self, kind: str | None = "constant", *, warmup: int = 0, decay_steps: int | None = None,
+                     gamma: float = 0.1, floor: float = 0.0) -> None:
+        """Scale the lr given to each step by a schedule of the step counter
+        (`structc.schedules`): `step` (times gamma every decay_steps steps),
+        `cosine` (to lr * floor over decay_steps steps) or `constant`, after a
+        linear warm-up of `warmup` steps. `None` (or constant without warm-up)
+        turns it off. The counter is the optimizer's: `init_params` and a
+        change of optimizer restart it, a resumed run continues it."""
+        from .schedules import check_schedule
+        spec = None if kind is None else check_schedule(kind, warmup=warmup, decay_steps=decay_steps,
+                                                         gamma=gamma, floor=floor)
+        if spec is not None and spec["kind"] == "constant" and spec["warmup"] == 0:
+            spec = None
+        with self._lock:
+            self.schedule = spec
 
     def train_step(self, lr: float = 0.01, *, check_finite: bool | None = None, **inputs) -> float:
         """Forward, backward and parameter update in one native call; returns the loss.
@@ -409,15 +432,21 @@ class Net:
         """The hyper-parameters of the next step (called holding the lock)."""
         h, o = self._hyper, self._opt
         step = self._step + 1
+        if self.schedule is not None:
+            from .schedules import lr_factor
+            lr = lr * lr_factor(self.schedule, self._step)
         with np.errstate(over="ignore"):      # an overflow is reported below
             h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
-            h[EPS], h[WEIGHT_DECAY] = o["eps"], o["weight_decay"]
+            # one assignment for the consecutive slots; the step writes CLIP_SCALE when it clips
+            h[EPS:VECTOR_DECAY + 1] = (o["eps"], 0.0, 0.0, o["weight_decay"], o["clip_norm"], 1.0,
+                                       o["weight_decay"] if o["decay_biases"] else 0.0)
             h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
             h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
         if not np.isfinite(h).all():        # float32: lr=1e39 is finite in float64 only
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         self._step = step
+        self.last_lr = lr        # as computed; native code reads it rounded to float32
 
     def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
                 peak: float | None = None, trace=None, **inputs):
@@ -445,7 +474,16 @@ class Net:
 
 
 _HYPER_RANGES = {"lr": (0.0, None), "momentum": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0),
-                 "eps": (0.0, None), "weight_decay": (0.0, None)}
+                 "eps": (0.0, None), "weight_decay": (0.0, None), "clip_norm": (0.0, None)}
+
+
+def _option_value(name: str, value):
+    """An optimizer option, checked: a flag or a hyper-parameter."""
+    if name == "decay_biases":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"decay_biases must be True or False, got {value!r}")
+        return bool(value)
+    return _hyper_value(name, value)
 
 
 def _hyper_value(name: str, value) -> float:

@@ -158,6 +158,7 @@ class ParamDecl:
     init: Expr | None
     span: Span
     name_span: Span
+    frozen: bool = False       # `param w: ... frozen`: no gradient, never updated
 
 
 @dataclass
@@ -283,7 +284,7 @@ class _ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def param_decl(self, meta, c):
-        return ParamDecl(str(c[0]), c[1], c[2], self._span(meta), self._tok(c[0]))
+        return ParamDecl(str(c[0]), c[1], c[2], self._span(meta), self._tok(c[0]), frozen=c[3] is not None)
 
     @v_args(meta=True)
     def assign(self, meta, c):
@@ -695,7 +696,7 @@ def format_program(program: Program) -> str:
                 text = f"InputDecl {s.kind} {s.name}: {_type_text(s.type)}"
             elif isinstance(s, ParamDecl):
                 init = f" = {unparse(s.init)}" if s.init is not None else ""
-                text = f"ParamDecl {s.name}: {_type_text(s.type)}{init}"
+                text = f"ParamDecl {s.name}: {_type_text(s.type)}{init}{' frozen' if s.frozen else ''}"
             elif isinstance(s, Assign):
                 text = f"Assign {s.name} = {unparse(s.value)}"
             elif isinstance(s, LossStmt):

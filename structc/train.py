@@ -23,6 +23,9 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True        # bars when stderr is a terminal; never in a log file
     first_epoch: int = 1         # > 1 when a run is resumed
+    freeze: list = field(default_factory=list)   # --freeze as given (the compiled Net applies it)
+    clip_norm: float = 0.0       # > 0: gradients clipped by global norm inside the step
+    schedule: dict | None = None  # set_schedule's arguments (kind, warmup, decay_steps, gamma, floor)
 
 
 @dataclass
@@ -52,7 +55,9 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not np.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ValueError(f"the learning rate must be positive, got {cfg.lr!r}")
-    net.set_optimizer(cfg.optimizer)
+    net.set_optimizer(cfg.optimizer, clip_norm=cfg.clip_norm)
+    if cfg.schedule is not None:
+        net.set_schedule(**cfg.schedule)
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     history = History()
     bars = show_bars(cfg)
@@ -73,7 +78,7 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
         bar.close()
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **{f"heldout_{k}": v for k, v in
                                                                           data.evaluate(net).items()},
-                   "seconds": time.perf_counter() - start}
+                   "seconds": time.perf_counter() - start, "lr": net.last_lr}
         history.epochs.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
@@ -116,6 +121,8 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
     arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
+                                             "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
+                                             "clip_norm": cfg.clip_norm, "schedule": cfg.schedule,
                                              "rng": rng_state}))}
     if optimizer_state_restorable(net):
         # Net has no public accessor for its optimizer arena yet; read it directly.

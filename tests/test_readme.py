@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,6 +298,14 @@ def digits_has_1797_images():
     assert len(d.x_train) + len(d.x_test) == 1797
 
 
+def finetuned_head_reaches_92():
+    import tempfile
+    sys.path.insert(0, str(ROOT / "examples"))
+    from finetune_digits import run
+    with tempfile.TemporaryDirectory() as d:
+        assert abs(100 * run(Path(d))["head_only"] - 92) <= 1.5
+
+
 CLAIMS = [
     Claim(r"reaches about (96)% held-out accuracy", "structc train examples/digits_mlp.snet --data digits"),
     Claim(r"about (97\.5)% held-out\s+accuracy on the digits",
@@ -315,6 +324,7 @@ CLAIMS = [
           "structc train examples/atlas_gnn.snet --data atlas --epochs 40 --optimizer adam --lr 0.01"),
     Claim(r"\"connected\" scores (79\.6)%", check=atlas_majority_is_79_6),
     Claim(r"\((1,797) images", check=digits_has_1797_images),
+    Claim(r"convolutions frozen it\s+reaches about (92)% held out", check=finetuned_head_reaches_92),
 ]
 
 

@@ -111,7 +111,7 @@ def test_header_declares_what_the_library_exports(library):
 def test_incompatible_library_is_refused(library, monkeypatch):
     d, _ = library
     monkeypatch.setattr(ship, "ABI_VERSION", 99)
-    with pytest.raises(ship.ShipError, match=r"built by structc .* \(ABI 1\); this is structc .* \(ABI 99\)"):
+    with pytest.raises(ship.ShipError, match=r"built by structc .* \(ABI 2\); this is structc .* \(ABI 99\)"):
         structc.load(d / "digits.so")
 
 

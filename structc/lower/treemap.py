@@ -97,7 +97,9 @@ def body_entry(kb, program):
     key = ("tree-body", id(program))
     if key not in kb.shared:
         g = kb.graph
-        offsets, _ = param_layout({name: g.nodes[nid].shape for name, nid in g.params.items()})
+        # the model's layout (frozen parameters come last), not declaration order
+        offsets = kb.layout.plan.param_offsets or \
+            param_layout({name: g.nodes[nid].shape for name, nid in g.params.items()})[0]
         plan = body_plan(program, offsets)
         name = "sc_" + program.name.replace(".", "_").replace("@", "") + f"_{len(kb.shared)}"
         lower_entry(kb.module, program.graph, plan, [BODY_ROWS], name, kb.target, kb.shared)

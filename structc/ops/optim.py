@@ -3,7 +3,9 @@
 Parameters and their gradients live in two arenas of one layout, so SGD,
 momentum and Adam are each a single pass over three (or four) flat arrays.
 The rule is chosen per call (`mode`), so `grad` and `train_step` share one
-compiled function.
+compiled function. Clipping by global norm is a first, one-task kernel that
+sums the squared gradients and writes the scale min(1, c / norm) into the
+hyper-parameters, which the update then reads: still one native call.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from .base import Op
 
 MODES = {"none": 0, "sgd": 1, "momentum": 2, "adam": 3}
 # hyper-parameter slots passed with every call
-LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, ADAM_V_SCALE, WEIGHT_DECAY = range(8)
-N_HYPER = 8
+(LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, ADAM_V_SCALE, WEIGHT_DECAY, CLIP_NORM, CLIP_SCALE,
+ VECTOR_DECAY) = range(11)
+N_HYPER = 11     # CLIP_SCALE is written by native code (1 when CLIP_NORM is 0: no clipping)
+# VECTOR_DECAY: the weight decay of the parameters from `decay_end` on (rank <= 1: biases and
+# normalisations' scales and shifts, laid out after the matrices), 0 for `decay_biases=False`
 CHUNK = 1 << 14
 
 
@@ -24,16 +29,19 @@ class Update(Op):
     name = "update"
     traits = frozenset({"effect"})
 
-    def shape(self, *grads, size: int) -> TensorType:
+    def shape(self, *grads, size: int, decay_end: int | None = None) -> TensorType:
         return TensorType((), "f32")
 
-    def reference(self, *grads, size):
+    def reference(self, *grads, size, decay_end=None):
         return np.zeros(())
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32
         size = node.attrs["size"]
+        decay_end = node.attrs.get("decay_end")
+        decay_end = size if decay_end is None else decay_end
         vw = kb.vector_width
+        _clip_scale_kernel(kb, node, size)
         with kb.kernel(f"update{node.id}", (size + CHUNK - 1) // CHUNK, cost=CHUNK * 4) as (cg, lo, hi):
             b = cg.b
             params, grads, state = (cg.arena(k) for k in ("params", "grads", "state"))
@@ -43,22 +51,68 @@ class Update(Op):
             h = {k: cg.splat(cg.hyper(k), vw) for k in range(N_HYPER)}
             one = cg.const(1.0, h[LR])
 
-            def step(rule):
-                with cg.loop(b.sdiv(b.sub(stop, start), cg.i64(vw)), name="u") as v:
-                    j = cg.iadd(start, cg.imul(v, vw))
-                    _apply(cg, rule, j, vw, params, grads, state, h, one, size)
-                with cg.loop(stop, start=b.sub(stop, b.srem(b.sub(stop, start), cg.i64(vw))), name="ut") as j:
+            def step(rule, lo_j, hi_j, decay):
+                with cg.loop(b.sdiv(b.sub(hi_j, lo_j), cg.i64(vw)), name="u") as v:
+                    j = cg.iadd(lo_j, cg.imul(v, vw))
+                    _apply(cg, rule, j, vw, params, grads, state, h, one, size, decay)
+                with cg.loop(hi_j, start=b.sub(hi_j, b.srem(b.sub(hi_j, lo_j), cg.i64(vw))), name="ut") as j:
                     hs = {k: cg.hyper(k) for k in h}
-                    _apply(cg, rule, j, 1, params, grads, state, hs, cg.const(1.0, F32), size)
+                    _apply(cg, rule, j, 1, params, grads, state, hs, cg.const(1.0, F32), size, decay)
 
+            # matrices, then vectors (each range empty in chunks that lie on the other side)
+            ranges = []
+            if decay_end > 0:
+                ranges.append((start, cg.imin(stop, cg.i64(decay_end)), WEIGHT_DECAY))
+            if decay_end < size:
+                ranges.append((_imax(cg, start, cg.i64(decay_end)), stop, VECTOR_DECAY))
             for rule in ("sgd", "momentum", "adam"):
                 with cg.if_(b.icmp_signed("==", mode, cg.i64(MODES[rule]))):
-                    step(rule)
+                    for lo_j, hi_j, decay in ranges:
+                        step(rule, lo_j, hi_j, decay)
 
 
-def _apply(cg, rule, j, n, params, grads, state, h, one, size):
+def _clip_scale_kernel(kb, node, size):
+    """hyper[CLIP_SCALE] = min(1, c / ||grads||) when clipping (c = hyper[CLIP_NORM] > 0) in a
+    training mode, else 1. One task: the update's tasks all need the global norm."""
+    from ..lower.codegen import F32, F64, PTR
+    vw = kb.vector_width
+    with kb.kernel(f"update{node.id}_clip", 1, cost=1) as (cg, lo, hi):
+        b = cg.b
+        hyper = cg.slot(cg.layout.hyper_slot, PTR)
+        clip = cg.hyper(CLIP_NORM)
+        scale = cg.var(F32, cg.const(1.0, F32))
+        training = b.icmp_signed("!=", cg.mode(), cg.i64(MODES["none"]))
+        wanted = b.and_(training, b.fcmp_ordered(">", clip, cg.const(0.0, F32)))
+        with cg.if_(wanted):
+            grads = cg.arena("grads")
+            # f64 partial sums: a million squares summed in f32 would lose digits
+            acc = cg.var(_vec(F64, vw), cg.const(0.0, _vec(F64, vw)))
+            with cg.loop(size // vw, name="n") as v:
+                g = b.fpext(cg.load(grads, cg.imul(v, vw), n=vw), _vec(F64, vw))
+                b.store(cg.fma(g, g, b.load(acc)), acc)
+            tail = cg.var(F64, cg.hsum(b.load(acc)))
+            with cg.loop(size, start=size - size % vw, name="nt") as j:
+                g = b.fpext(cg.load(grads, j), F64)
+                b.store(cg.fma(g, g, b.load(tail)), tail)
+            norm = cg.sqrt(b.load(tail))
+            c64 = b.fpext(clip, F64)
+            with cg.if_(b.fcmp_ordered(">", norm, c64)):
+                b.store(b.fptrunc(cg.div(c64, norm), F32), scale)
+        cg.store(b.load(scale), hyper, cg.i64(CLIP_SCALE))
+
+
+def _vec(t, n):
+    from llvmlite import ir
+    return ir.VectorType(t, n) if n > 1 else t
+
+
+def _imax(cg, a, b):
+    return cg.b.select(cg.b.icmp_signed(">", a, b), a, b)
+
+
+def _apply(cg, rule, j, n, params, grads, state, h, one, size, decay=WEIGHT_DECAY):
     p = cg.load(params, j, n=n)
-    g = cg.add(cg.load(grads, j, n=n), cg.mul(h[WEIGHT_DECAY], p))
+    g = cg.fma(h[CLIP_SCALE], cg.load(grads, j, n=n), cg.mul(h[decay], p))
     if rule == "sgd":
         p = cg.sub(p, cg.mul(h[LR], g))
     elif rule == "momentum":

@@ -36,6 +36,7 @@ class Plan:
     slots: list[list[Size]] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    param_offsets: dict[str, int] = field(default_factory=dict)   # the model's arena layout
 
     def root(self, nid: int) -> int:
         while nid in self.alias:
@@ -90,7 +91,7 @@ def param_layout(params: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], in
 
 
 def plan_memory(g: Graph, param_offsets: dict[str, int]) -> Plan:
-    plan = Plan()
+    plan = Plan(param_offsets=dict(param_offsets))
     plan.input_names = [name for name, nid in g.inputs.items() if nid in g.nodes and g.users(nid)]
     for k, name in enumerate(plan.input_names):
         plan.storage[g.inputs[name]] = Storage("input", k, g.nodes[g.inputs[name]].type.dtype)
