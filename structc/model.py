@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import difflib
+import math
 import os
 import tempfile
 import threading
@@ -29,7 +30,8 @@ from . import _runtime
 from .forest import ForestBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
-from .ops.optim import ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, EPS, LR, MODES, MOMENTUM, N_HYPER, VECTOR_DECAY
+from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, EPS, LR, MODES, MOMENTUM, N_HYPER,
+                        VECTOR_DECAY, WEIGHT_DECAY)
 from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
@@ -429,22 +431,29 @@ class Net:
         return loss
 
     def _set_hyper(self, lr: float) -> None:
-        """The hyper-parameters of the next step (called holding the lock)."""
-        h, o = self._hyper, self._opt
+        """The hyper-parameters of the next step (called holding the lock).
+        Plain Python floats, checked against float32's range, then one store:
+        this runs before every step, so it stays a few microseconds."""
+        o = self._opt
         step = self._step + 1
         if self.schedule is not None:
             from .schedules import lr_factor
             lr = lr * lr_factor(self.schedule, self._step)
-        with np.errstate(over="ignore"):      # an overflow is reported below
-            h[LR], h[MOMENTUM], h[BETA1], h[BETA2] = lr, o["momentum"], o["beta1"], o["beta2"]
-            # one assignment for the consecutive slots; the step writes CLIP_SCALE when it clips
-            h[EPS:VECTOR_DECAY + 1] = (o["eps"], 0.0, 0.0, o["weight_decay"], o["clip_norm"], 1.0,
-                                       o["weight_decay"] if o["decay_biases"] else 0.0)
-            h[ADAM_STEP_SIZE] = lr / (1 - o["beta1"] ** step)
-            h[ADAM_V_SCALE] = 1 / np.sqrt(1 - o["beta2"] ** step)
-        if not np.isfinite(h).all():        # float32: lr=1e39 is finite in float64 only
+        beta1, beta2, decay = o["beta1"], o["beta2"], o["weight_decay"]
+        try:
+            step_size = lr / (1 - beta1 ** step)
+            v_scale = 1 / math.sqrt(1 - beta2 ** step)
+        except (OverflowError, ZeroDivisionError):
+            step_size = v_scale = math.inf
+        values = [1.0] * N_HYPER                 # CLIP_SCALE stays 1 unless the step clips
+        values[LR], values[MOMENTUM], values[BETA1], values[BETA2] = lr, o["momentum"], beta1, beta2
+        values[EPS] = o["eps"]
+        values[ADAM_STEP_SIZE], values[ADAM_V_SCALE], values[WEIGHT_DECAY] = step_size, v_scale, decay
+        values[CLIP_NORM], values[VECTOR_DECAY] = o["clip_norm"], decay if o["decay_biases"] else 0.0
+        if not all(abs(v) < _F32_OVERFLOW for v in values):     # lr=1e39 is finite in float64 only
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
+        self._hyper[:] = values
         self._step = step
         self.last_lr = lr        # as computed; native code reads it rounded to float32
 
@@ -486,6 +495,10 @@ def _option_value(name: str, value):
     return _hyper_value(name, value)
 
 
+#: the smallest magnitude that rounds to infinity in float32 (half an ulp above its largest finite value)
+_F32_OVERFLOW = 3.4028235677973366e38
+
+
 def _hyper_value(name: str, value) -> float:
     """A hyper-parameter as a float that is finite in float32 (what native code
     reads) and within its range: lr, eps, weight_decay >= 0; momentum and
@@ -494,8 +507,7 @@ def _hyper_value(name: str, value) -> float:
         raise TypeError(f"{name} must be a number, got {value!r}")
     v = float(value)
     low, high = _HYPER_RANGES[name]
-    with np.errstate(over="ignore"):
-        finite = bool(np.isfinite(np.float32(v)))
+    finite = abs(v) < _F32_OVERFLOW
     if not finite or v < low or (high is not None and v >= high):
         where = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
         raise ValueError(f"{name} must be a finite float32 number {where}, got {value!r}")
