@@ -9,9 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from structc.build import build_model
-from structc.errors import SnetError
-from structc.syntax import parse
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.snet"))
 SEEDS = [p.read_text() for p in EXAMPLES] + [
@@ -36,13 +33,16 @@ SEEDS.append("model G { input g: graph(features=4, edge_features=2, edge_types=3
              "  output r = sum(h over g.nodes)\n  loss cross_entropy(dense(m, 3), y) }")
 
 
-def check(source: str) -> None:
-    try:
-        program = parse(source, "fuzz.snet")
-        for name in program.model_names:
-            build_model(program, name)
-    except SnetError:
-        pass
+def _fuzz_sources():
+    spec = importlib.util.spec_from_file_location("fuzz_sources", Path(__file__).parent / "fuzz" / "fuzz_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module         # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+FUZZ = _fuzz_sources()
+check = FUZZ.check      # parse, then build every model; only SnetError may come out
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -74,20 +74,12 @@ def test_arbitrary_text(text):
     check(text)
 
 
-def _fuzz_sources():
-    spec = importlib.util.spec_from_file_location("fuzz_sources", Path(__file__).parent / "fuzz" / "fuzz_sources.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module         # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_mutation_fuzz_fixed_seed():
     """5,000 mutants (the full run: `python tests/fuzz/fuzz_sources.py --count 100000`).
     Slowness is CPU time, so a loaded machine does not fail the test; about 6 CPU seconds
     when nothing hangs (an input is stopped after 4)."""
-    fuzz = _fuzz_sources()
+    fuzz = FUZZ
     t0 = time.process_time()
     report = fuzz.run(5000, seed=0, slow=2.0, hang=4.0)
     if not report.ok():
