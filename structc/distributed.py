@@ -372,10 +372,10 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     """`structc.train.train` across ranks: the same seeded order and global batches of
     `cfg.batch` on every rank, each split among them; held-out metrics reduced over the
     ranks; only rank 0 logs and calls `on_epoch`."""
-    from .train import History
+    from .train import History, configure, epoch_line
     check_splittable(data)
     net = dp.net
-    net.set_optimizer(cfg.optimizer, clip_norm=cfg.clip_norm)
+    configure(net, cfg)              # the same checks, optimizer and schedule as one process
     dp.broadcast_state()
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     log = log if dp.is_root else (lambda *a, **k: None)
@@ -394,14 +394,10 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
             steps += 1
         metrics = {"epoch": epoch, "train_loss": total / max(steps, 1),
                    **{f"heldout_{k}": v for k, v in evaluate(dp, data).items()},
-                   "seconds": time.perf_counter() - start}
+                   "seconds": time.perf_counter() - start, "lr": net.last_lr}
         history.epochs.append(metrics)
         if on_epoch is not None and dp.is_root:
             on_epoch(metrics)
-        acc = metrics.get("heldout_accuracy")
-        log(f"epoch {epoch:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
-            f"held-out loss {metrics['heldout_loss']:.4f}"
-            + (f"  accuracy {100 * acc:.2f}%" if acc is not None else "")
-            + f"  ({metrics['seconds']:.1f} s, {dp.size} ranks)")
+        log(epoch_line(metrics, cfg, f", {dp.size} ranks"))
     history.rng_state = rng.bit_generator.state
     return history

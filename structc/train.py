@@ -45,11 +45,9 @@ def show_bars(cfg: TrainConfig, stream=None) -> bool:
     return bool(cfg.progress and isatty is not None and isatty())
 
 
-def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | None = None,
-          on_epoch=None) -> History:
-    """Train `net` on `data` (a bound data set) for epochs `cfg.first_epoch`..`cfg.epochs`;
-    returns per-epoch metrics. `rng` (shuffling) continues a resumed run's generator;
-    `on_epoch(metrics)` is called as each epoch ends (the metrics log)."""
+def configure(net, cfg: TrainConfig) -> None:
+    """Check `cfg`, then set `net`'s optimizer and schedule from it (one place for
+    every training loop, so none of them drops an option)."""
     for name, value in (("epochs", cfg.epochs), ("batch", cfg.batch), ("first_epoch", cfg.first_epoch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -58,6 +56,23 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
     net.set_optimizer(cfg.optimizer, clip_norm=cfg.clip_norm)
     if cfg.schedule is not None:
         net.set_schedule(**cfg.schedule)
+
+
+def epoch_line(metrics: dict, cfg: TrainConfig, where: str = "") -> str:
+    """One epoch's log line: loss, held-out loss and accuracy, time (and `where`)."""
+    acc = metrics.get("heldout_accuracy")
+    return (f"epoch {metrics['epoch']:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"held-out loss {metrics['heldout_loss']:.4f}"
+            + (f"  accuracy {100 * acc:.2f}%" if acc is not None else "")
+            + f"  ({metrics['seconds']:.1f} s{where})")
+
+
+def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | None = None,
+          on_epoch=None) -> History:
+    """Train `net` on `data` (a bound data set) for epochs `cfg.first_epoch`..`cfg.epochs`;
+    returns per-epoch metrics. `rng` (shuffling) continues a resumed run's generator;
+    `on_epoch(metrics)` is called as each epoch ends (the metrics log)."""
+    configure(net, cfg)
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     history = History()
     bars = show_bars(cfg)
@@ -82,11 +97,7 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
         history.epochs.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
-        acc = metrics.get("heldout_accuracy")
-        log(f"epoch {epoch:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
-            f"held-out loss {metrics['heldout_loss']:.4f}"
-            + (f"  accuracy {100 * acc:.2f}%" if acc is not None else "")
-            + f"  ({metrics['seconds']:.1f} s)")
+        log(epoch_line(metrics, cfg))
     history.rng_state = rng.bit_generator.state
     return history
 

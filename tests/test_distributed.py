@@ -1,6 +1,7 @@
 """Data-parallel training on MPI: exact gradients with uneven shards, ranks bitwise
 equal after optimizer steps, a failing rank ending the job; sharding and the loss
 denominator without MPI. The MPI tests launch `mpiexec -n 2` (one thread per rank)."""
+import json
 import os
 import shutil
 import subprocess
@@ -99,7 +100,7 @@ def test_cli_train_distributed_is_the_one_process_run(tmp_path, capsys):
     _need_mpi()
     from structc.cli import main
     args = ["train", ROOT / "examples" / "digits_mlp.snet", "--data", "digits", "--epochs", "2", "--optimizer",
-            "adam", "--lr", "0.01", "--no-progress"]
+            "adam", "--lr", "0.01", "--no-progress", "--schedule", "cosine", "--decay-steps", "30"]  # both must apply it
     run = mpiexec("-m", "mpi4py", "-m", "structc", *args, "--distributed", "--out", tmp_path / "two.npz")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved parameters") == 1 and run.stdout.count("epoch   2/2") == 1, run.stdout
@@ -107,6 +108,10 @@ def test_cli_train_distributed_is_the_one_process_run(tmp_path, capsys):
     alone = capsys.readouterr().out
     assert _epoch_numbers(run.stdout) == pytest.approx(_epoch_numbers(alone), abs=2e-4), (run.stdout, alone)
     assert len(_epoch_numbers(alone)) == 6
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "two.metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([json.loads(line)["lr"]
+                                    for line in (tmp_path / "one.metrics.jsonl").read_text().splitlines()])
+    assert logged[-1] < 0.01                              # the schedule's lr, not the base rate
     evaluated = mpiexec("-m", "mpi4py", "-m", "structc", "eval", ROOT / "examples" / "digits_mlp.snet", "--data",
                         "digits", "--params", tmp_path / "two.npz", "--distributed")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
