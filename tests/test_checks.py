@@ -133,6 +133,7 @@ def test_children_and_child_are_not_operands():
         assert message in error_of(tree.replace("NODE", node)).message, node
 
 
+@pytest.mark.slow
 def test_every_language_function_meets_odd_arguments_with_snet_errors():
     """Each function and operator, given graph domains, forests, strings, tensors of
     the wrong kind as operands and options: only SnetError, never a Python error."""

@@ -62,6 +62,7 @@ def test_frozen_parameters_keep_their_values_under_every_optimizer(rng):
         assert not np.array_equal(net.params["dense2.w"], before["dense2.w"])
 
 
+@pytest.mark.slow
 def test_the_head_trains_exactly_as_it_does_without_freezing(rng):
     """Freezing changes nothing for the trainable parameters' first SGD step."""
     x, y = _batch(rng)
@@ -84,6 +85,7 @@ def test_an_unknown_name_is_an_error_listing_the_parameters():
         structc.compile(CNN, freeze="conv1")
 
 
+@pytest.mark.slow
 def test_freezing_is_part_of_the_cache_key():
     a = structc.compile(CNN, freeze=["conv1"])
     b = structc.compile(CNN)
@@ -321,6 +323,7 @@ def test_cli_schedule_is_logged_per_epoch_and_resumes_bit_identically(tmp_path):
         assert logged == pytest.approx(expected, rel=1e-6), run
 
 
+@pytest.mark.slow
 def test_freezing_in_a_tree_model_keeps_the_recursion_reading_the_right_parameters():
     """Recursion bodies are separate entry points: they must use the frozen layout too."""
     from structc import datasets
