@@ -30,6 +30,7 @@ from .native import compile_object, host_target
 from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
 from .passes.message import PREPARE, prepare
+from .passes.mode import inference
 from .passes.plan import Plan, param_layout, plan_memory
 from .syntax import Program, format_program, parse
 
@@ -83,10 +84,12 @@ def _fingerprint() -> str:
 
 
 def forward_graph(mdef: ModelDef) -> Graph:
+    """The model as used: its named outputs (the loss if it has none), each
+    op in its inference form (`passes.mode`: dropout off, running statistics)."""
     g = mdef.graph.copy()
     named = {k: v for k, v in g.outputs.items() if k != "loss"}
     g.outputs = named or {"loss": g.outputs["loss"]}
-    return g
+    return inference(g)
 
 
 def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset(),

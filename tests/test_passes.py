@@ -91,3 +91,26 @@ def test_fuse_sums_a_loss_inside_the_loop_that_computes_it():
     one = net.grad(x=x, t=t)[0]
     structc.set_num_threads(2)
     assert all(net.grad(x=x, t=t)[0] == one for _ in range(5))
+
+
+def test_forward_entry_uses_each_ops_inference_form(monkeypatch):
+    """An op's `inference(b, node)` replaces it in the forward entry only: here
+    tanh made the identity at inference, while training still sees tanh."""
+    import numpy as np
+
+    import structc
+
+    def identity(self, b, node):
+        return b.value(node.inputs[0])
+    monkeypatch.setattr(type(REGISTRY["tanh"]), "inference", identity, raising=False)
+    src = """model M {
+      input x: f32[N, 2]
+      target y: f32[N, 2]
+      output z = tanh(x)
+      loss mse(tanh(x), y)
+    }"""
+    net = structc.compile(src, cache=False)
+    x = np.array([[0.5, -2.0]], np.float32)
+    np.testing.assert_array_equal(net(x=x), x)
+    loss, _ = net.grad(x=x, y=np.zeros_like(x))
+    np.testing.assert_allclose(loss, np.mean(np.tanh(x.astype(np.float64)) ** 2), rtol=1e-5)
