@@ -89,6 +89,13 @@ class FusedExpr:
             v = cg.splat(cg.load(base, off, t), n)
         return cg.to_float(v) if t != F32 else v
 
+    def position(self, cg: CG, nid: int, idx):
+        """The flat position in `nid`'s own tensor of the element at `idx` (the
+        first lane; the others follow along the last axis). Members share the
+        anchor's shape (`fuse` groups only such), so it is the anchor's offset."""
+        assert tuple(self.graph.nodes[nid].shape) == self.shape, "an indexed op fused at another shape"
+        return self._offset(cg, idx, [True] * len(self.axes))
+
     def store(self, cg: CG, nid: int, value, idx, n: int, mask):
         off = self._offset(cg, idx, [True] * len(self.axes))
         cg.store(value, cg.ptr(nid), off, mask=mask)
@@ -112,7 +119,10 @@ class FusedExpr:
                         if i not in leaves:
                             leaves[i] = self.load_leaf(cg, i, idx, n, mask)
                         args.append(leaves[i])
-                v = node.op.emit(cg, *args, **node.attrs)
+                if "indexed" in node.op.traits:     # its values depend on where they are (dropout)
+                    v = node.op.emit(cg, *args, index=self.position(cg, m, idx), **node.attrs)
+                else:
+                    v = node.op.emit(cg, *args, **node.attrs)
                 if lanes(v.type) != n:
                     v = cg.splat(v, n)
                 vals[m] = v

@@ -1,0 +1,105 @@
+"""Random ops: dropout, drawn from a counter-based generator (Philox-4x32-10).
+
+    dropout(x)[e] = x[e] · keep[e] / (1 - p),   keep[e] = [bits(e) >= ⌊p · 2^32⌋]
+
+where bits(e) is the first word of Philox-4x32-10 (`lower/philox.py`) at
+counter (e mod 2^32, e div 2^32, step, stream) under a 64-bit key: e is the
+element's flat position, `step` the training step, `stream` which dropout of
+the model this is. A mask is therefore a pure function of (seed, step,
+stream, e): the same at any thread count and whichever kernel computes it,
+a new one each step, and recomputable in the backward pass instead of being
+stored. Dropout is linear in x, so its VJP is the same op, with the same
+counters, applied to the cotangent: the backward pass regenerates the mask
+inside the kernel that produces the cotangent (a matmul's store loop).
+
+Key and step come from the hyper-parameters (`optim.DROPOUT_KEY0`..
+`DROPOUT_STEP`, written by `Net` before each training call), or, for tests
+and gradient checks, from the op's `counters` attribute: fixed there, the
+op is a deterministic function that every entry computes. Without them
+the forward entry (`passes.mode.inference`) replaces it by its input:
+dropout is off outside training.
+
+The mask multiplies (rather than selects), so NaN and ±inf propagate as in
+numpy (and PyTorch): a dropped NaN stays NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .base import Elementwise, Sample, expect
+
+#: an example counter triple (key word 0, key word 1, step) for the samples
+SAMPLE_COUNTERS = (0x12345678, 0x9ABCDEF0, 7)
+
+
+def threshold(p: float) -> int:
+    """An element is kept when its 32 random bits are at least this: P(keep) = 1 - p
+    to within 2^-32 (p * 2^32 is exact in float64, and below 2^32 for p < 1)."""
+    return int(p * 2.0 ** 32)
+
+
+def scale(p: float) -> float:
+    """What kept elements are multiplied by: 1/(1-p), rounded to float32 as native code reads it."""
+    return float(np.float32(1.0 / (1.0 - p)))
+
+
+def keep_mask(size: int, p: float, key, step: int, stream: int) -> np.ndarray:
+    """The reference mask of elements 0 .. size-1 (bool), from the numpy Philox."""
+    from ..lower.philox import element_bits_numpy
+    return element_bits_numpy(size, key, step, stream) >= threshold(p)
+
+
+class Dropout(Elementwise):
+    """x · keep / (1 - p) with keep drawn per element (see the module docstring)."""
+    name = "dropout"
+    #: `indexed`: `emit` gets `index=`, the flat position of its first lane (`lower.fused`)
+    traits = frozenset({"elementwise", "indexed"})
+
+    def shape(self, x: TensorType, *, p: float, stream: int = 0, counters: tuple | None = None) -> TensorType:
+        expect(x.is_float, f"dropout takes a float tensor, got {x}")
+        expect(isinstance(p, float) and 0.0 <= p < 1.0, f"p must be a number in [0, 1), got {p!r}")
+        expect(isinstance(stream, int) and 0 <= stream < 2 ** 32, f"stream must be a uint32, got {stream!r}")
+        expect(counters is None or (len(counters) == 3 and all(isinstance(c, int) and 0 <= c < 2 ** 32
+                                                                 for c in counters)),
+               f"counters must be None or three uint32 (key0, key1, step), got {counters!r}")
+        return TensorType(x.shape, x.dtype)
+
+    def vjp(self, b, g, out, x, *, p, stream=0, counters=None):
+        return [b.dropout(g, p=p, stream=stream, counters=counters)]
+
+    def inference(self, b, node):
+        """Off outside training: the input itself (unless the counters are fixed: a test's pure function)."""
+        if node.attrs.get("counters") is None:
+            return b.value(node.inputs[0])
+        return None
+
+    def reference(self, x, *, p, stream=0, counters=None):
+        if counters is None:
+            raise ValueError("dropout's mask depends on the run's seed and step, which only the compiled "
+                             "training entry knows: evaluate it with fixed counters=(key0, key1, step)")
+        x = np.asarray(x)
+        keep = keep_mask(x.size, p, counters[:2], counters[2], stream).reshape(x.shape)
+        return x * np.where(keep, scale(p), 0.0).astype(x.dtype if x.dtype.kind == "f" else np.float64)
+
+    def samples(self):
+        c = SAMPLE_COUNTERS
+        return [Sample((((3, 5), "float"),), {"p": 0.5, "stream": 1, "counters": c}),
+                Sample((((37,), "float"),), {"p": 0.1, "stream": 0, "counters": c}),
+                Sample((((4, 19), "float"),), {"p": 0.9, "stream": 2 ** 32 - 1, "counters": (1, 2, 2 ** 32 - 1)}),
+                Sample(((((), "float")),), {"p": 0.3, "stream": 3, "counters": c})]
+
+    def emit(self, cg, x, *, index, p, stream=0, counters=None):
+        from ..lower.codegen import I32, I64, lanes
+        from ..lower.philox import counter_words, philox4x32
+        from .optim import DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP
+        b = cg.b
+        if counters is None:    # the run's key and step: uint32 bits in float slots
+            key0, key1, step = (b.zext(b.bitcast(cg.hyper(k), I32), I64)
+                                for k in (DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP))
+        else:
+            key0, key1, step = (cg.i64(c) for c in counters)
+        n = lanes(x.type)
+        first = philox4x32(cg, counter_words(cg, index, step, cg.i64(stream), n), (key0, key1))[0]
+        keep = b.icmp_unsigned(">=", first, cg.splat(cg.i64(threshold(p)), n))
+        return cg.mul(x, cg.select(keep, cg.const(scale(p), x), cg.const(0.0, x)))
