@@ -1,5 +1,5 @@
-"""`dropout(x, p)` in the language: the `dropout` op (`ops/random.py`) with
-this call's stream, checked. Training zeroes each element with probability p
+"""`dropout(x, p)` in the language: x times the `dropout_mask` op
+(`ops/random.py`) drawn from this call's stream, checked. Training zeroes each element with probability p
 and scales the rest by 1/(1-p); outside training (`net(...)`, `forward`, the
 shipped library) it is the identity."""
 from __future__ import annotations
@@ -21,5 +21,5 @@ def dropout(ctx, x, p=None):
     if p == 0:
         return x
     # which dropout of the model this is: its masks are drawn from a stream of their own
-    stream = sum(1 for node in ctx.mb.graph.nodes.values() if node.op.name == "dropout")
-    return ctx.checked(lambda: ctx.b.dropout(x, p=float(p), stream=stream))
+    stream = sum(1 for node in ctx.mb.graph.nodes.values() if node.op.name == "dropout_mask")
+    return x * ctx.checked(lambda: ctx.b.dropout_mask(x, p=float(p), stream=stream))

@@ -1,26 +1,31 @@
-"""Random ops: dropout, drawn from a counter-based generator (Philox-4x32-10).
+"""Random ops: dropout's mask, drawn from a counter-based generator (Philox-4x32-10).
 
-    dropout(x)[e] = x[e] · keep[e] / (1 - p),   keep[e] = [bits(e) >= ⌊p · 2^32⌋]
+    dropout_mask(x)[e] = keep[e] / (1 - p),   keep[e] = [bits(e) >= ⌊p · 2^32⌋]
 
 where bits(e) is the first word of Philox-4x32-10 (`lower/philox.py`) at
 counter (e mod 2^32, e div 2^32, step, stream) under a 64-bit key: e is the
-element's flat position, `step` the training step, `stream` which dropout of
-the model this is. A mask is therefore a pure function of (seed, step,
-stream, e): the same at any thread count and whichever kernel computes it,
-a new one each step, and recomputable in the backward pass instead of being
-stored. Dropout is linear in x, so its VJP is the same op, with the same
-counters, applied to the cotangent: the backward pass regenerates the mask
-inside the kernel that produces the cotangent (a matmul's store loop).
+element's flat position in x (whose values are not read: x gives the
+shape), `step` the training step, `stream` which dropout of the model this
+is. A mask is therefore a pure function of (seed, step, stream, e): the same
+at any thread count and whichever kernel computes it, and a new one each step.
+
+The language's `dropout(x, p)` is `x * dropout_mask(x)` (`layers/dropout.py`):
+the mask is computed in the store loop of the kernel producing x (a matmul's
+epilogue), stored beside it, and read again by the backward pass's
+`g * mask`. Regenerating it there instead (the mask is a pure function, and
+dropout is linear, so its VJP could be the same op on the cotangent) was
+measured slower on the MLP benchmark: two Philox evaluations per element
+cost more than one store and one load (benchmarks/RESULTS.md, "Dropout").
 
 Key and step come from the hyper-parameters (`optim.DROPOUT_KEY0`..
-`DROPOUT_STEP`, written by `Net` before each training call), or, for tests
-and gradient checks, from the op's `counters` attribute: fixed there, the
-op is a deterministic function that every entry computes. Without them
-the forward entry (`passes.mode.inference`) replaces it by its input:
-dropout is off outside training.
+`DROPOUT_STEP`, written by `Net` before each training call), or, for tests,
+from the op's `counters` attribute: fixed there, the mask is a
+deterministic function that every entry computes. Without them the forward
+entry (`passes.mode.inference`) replaces the mask by 1: dropout is off
+outside training.
 
-The mask multiplies (rather than selects), so NaN and ±inf propagate as in
-numpy (and PyTorch): a dropped NaN stays NaN.
+The mask multiplies x (rather than selecting), so NaN and ±inf propagate as
+in numpy and PyTorch: a dropped NaN stays NaN.
 """
 from __future__ import annotations
 
@@ -50,9 +55,9 @@ def keep_mask(size: int, p: float, key, step: int, stream: int) -> np.ndarray:
     return element_bits_numpy(size, key, step, stream) >= threshold(p)
 
 
-class Dropout(Elementwise):
-    """x · keep / (1 - p) with keep drawn per element (see the module docstring)."""
-    name = "dropout"
+class DropoutMask(Elementwise):
+    """keep / (1 - p) for each element of x's shape (see the module docstring)."""
+    name = "dropout_mask"
     #: `indexed`: `emit` gets `index=`, the flat position of its first lane (`lower.fused`)
     traits = frozenset({"elementwise", "indexed"})
 
@@ -63,31 +68,33 @@ class Dropout(Elementwise):
         expect(counters is None or (len(counters) == 3 and all(isinstance(c, int) and 0 <= c < 2 ** 32
                                                                  for c in counters)),
                f"counters must be None or three uint32 (key0, key1, step), got {counters!r}")
-        return TensorType(x.shape, x.dtype)
+        return TensorType(x.shape, "f32")
 
     def vjp(self, b, g, out, x, *, p, stream=0, counters=None):
-        return [b.dropout(g, p=p, stream=stream, counters=counters)]
+        return [None]       # the mask does not depend on x's values
 
     def inference(self, b, node):
-        """Off outside training: the input itself (unless the counters are fixed: a test's pure function)."""
+        """Off outside training: a mask of ones (simplify then drops x * 1).
+        Fixed counters make it a test's pure function, computed in every entry."""
         if node.attrs.get("counters") is None:
-            return b.value(node.inputs[0])
+            return b.const(1.0)
         return None
 
     def reference(self, x, *, p, stream=0, counters=None):
         if counters is None:
             raise ValueError("dropout's mask depends on the run's seed and step, which only the compiled "
                              "training entry knows: evaluate it with fixed counters=(key0, key1, step)")
-        x = np.asarray(x)
-        keep = keep_mask(x.size, p, counters[:2], counters[2], stream).reshape(x.shape)
-        return x * np.where(keep, scale(p), 0.0).astype(x.dtype if x.dtype.kind == "f" else np.float64)
+        shape = np.shape(x)
+        keep = keep_mask(int(np.prod(shape, dtype=np.int64)), p, counters[:2], counters[2], stream)
+        return np.where(keep, scale(p), 0.0).reshape(shape)
 
     def samples(self):
+        # fixed counters make the mask a function; x is an input ("fixed"), as it has no gradient
         c = SAMPLE_COUNTERS
-        return [Sample((((3, 5), "float"),), {"p": 0.5, "stream": 1, "counters": c}),
-                Sample((((37,), "float"),), {"p": 0.1, "stream": 0, "counters": c}),
-                Sample((((4, 19), "float"),), {"p": 0.9, "stream": 2 ** 32 - 1, "counters": (1, 2, 2 ** 32 - 1)}),
-                Sample(((((), "float")),), {"p": 0.3, "stream": 3, "counters": c})]
+        return [Sample((((3, 5), "fixed"),), {"p": 0.5, "stream": 1, "counters": c}),
+                Sample((((37,), "fixed"),), {"p": 0.1, "stream": 0, "counters": c}),
+                Sample((((4, 19), "fixed"),), {"p": 0.9, "stream": 2 ** 32 - 1, "counters": (1, 2, 2 ** 32 - 1)}),
+                Sample(((((), "fixed")),), {"p": 0.3, "stream": 3, "counters": c})]
 
     def emit(self, cg, x, *, index, p, stream=0, counters=None):
         from ..lower.codegen import I32, I64, lanes
@@ -102,4 +109,4 @@ class Dropout(Elementwise):
         n = lanes(x.type)
         first = philox4x32(cg, counter_words(cg, index, step, cg.i64(stream), n), (key0, key1))[0]
         keep = b.icmp_unsigned(">=", first, cg.splat(cg.i64(threshold(p)), n))
-        return cg.mul(x, cg.select(keep, cg.const(scale(p), x), cg.const(0.0, x)))
+        return cg.select(keep, cg.const(scale(p), x), cg.const(0.0, x))
