@@ -67,6 +67,31 @@ def counter_words(cg, index, step, stream, n: int) -> list:
     return [b.and_(e, _const(LOW32, t)), b.lshr(e, _const(32, t)), cg.splat(step, n), cg.splat(stream, n)]
 
 
+def first_word(cg, index, step, stream, key, n: int):
+    """Word 0 of the Philox output (i64 lanes) for elements index .. index + n - 1,
+    by a call to one function per module and width: the ten rounds are about a
+    hundred instructions, and a matmul inlines its epilogue two dozen times, so
+    inlining them would triple a model's code and its compile time."""
+    name = f"sc_philox_first_{n}"
+    fn = cg.module.globals.get(name)
+    if fn is None:
+        fn = _define_first_word(cg, name, n)
+    return cg.b.call(fn, [index, step, stream, key[0], key[1]])
+
+
+def _define_first_word(cg, name: str, n: int):
+    from .codegen import CG
+    ret = vec(I64, n)
+    fn = ir.Function(cg.module, ir.FunctionType(ret, [I64] * 5), name=name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    body = CG(cg.module, fn)
+    index, step, stream, k0, k1 = fn.args
+    body.b.ret(philox4x32(body, counter_words(body, index, step, stream, n), (k0, k1))[0])
+    body.finish()
+    return fn
+
+
 def _const(v: int, t):
     return ir.Constant(t, [ir.Constant(t.element, v)] * t.count) if isinstance(t, ir.VectorType) else ir.Constant(t, v)
 

@@ -98,7 +98,6 @@ class DropoutMask(Elementwise):
 
     def emit(self, cg, x, *, index, p, stream=0, counters=None):
         from ..lower.codegen import I32, I64, lanes
-        from ..lower.philox import counter_words, philox4x32
         from .optim import DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP
         b = cg.b
         if counters is None:    # the run's key and step: uint32 bits in float slots
@@ -107,6 +106,6 @@ class DropoutMask(Elementwise):
         else:
             key0, key1, step = (cg.i64(c) for c in counters)
         n = lanes(x.type)
-        first = philox4x32(cg, counter_words(cg, index, step, cg.i64(stream), n), (key0, key1))[0]
+        first = cg.random_bits(index, step, cg.i64(stream), (key0, key1), n)
         keep = b.icmp_unsigned(">=", first, cg.splat(cg.i64(threshold(p)), n))
         return cg.select(keep, cg.const(scale(p), x), cg.const(0.0, x))
