@@ -233,3 +233,32 @@ def test_element_bits_depend_on_position_step_and_stream_only():
     np.testing.assert_array_equal(element_bits_numpy(1000, key, 9, 2), element_bits_numpy(5000, key, 9, 2)[:1000])
     assert (element_bits_numpy(1000, key, 9, 2) != element_bits_numpy(1000, key, 10, 2)).mean() > 0.99
     assert (element_bits_numpy(1000, key, 9, 2) != element_bits_numpy(1000, key, 9, 3)).mean() > 0.99
+
+
+@pytest.mark.slow    # four short training runs from the command line
+def test_cli_seed_gives_the_run_and_resume_keeps_it(tmp_path):
+    """structc train --seed: the same seed, the same parameters; another seed, others;
+    a run resumed without --seed continues with the run's seed (its dropout masks too)."""
+    from structc.cli import main
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    model = tmp_path / "m.snet"
+    model.write_text("model M { input x: f32[N, 5]\n target y: class[N] of 2\n"
+                     " loss cross_entropy(dense(dropout(dense(x, 16) |> relu, 0.5), 2), y) }")
+
+    def run(name, *extra):
+        args = ["train", str(model), "--data", str(data), "--batch", "20", "--no-progress", *extra]
+        assert main(args + (["--out", str(tmp_path / name)] if "--resume" not in extra else [])) == 0
+        with np.load(tmp_path / f"{name}.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    a, b = run("a", "--seed", "3", "--epochs", "3"), run("b", "--seed", "3", "--epochs", "3")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    run("c", "--seed", "3", "--epochs", "1")
+    resumed = run("c", "--epochs", "3", "--resume", str(tmp_path / "c.npz"))
+    assert all(np.array_equal(a[k], resumed[k]) for k in a)
+    other = run("d", "--seed", "4", "--epochs", "3")
+    assert not all(np.array_equal(a[k], other[k]) for k in a)
