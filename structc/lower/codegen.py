@@ -218,10 +218,10 @@ class CG:
         return self.select(self.lt(a, self.const(0.625, x)), small, large)
 
     def random_bits(self, index, step, stream, key, n: int):
-        """32 random bits (in i64 lanes) for each of elements index .. index + n - 1:
-        Philox-4x32-10 at counter (element, step, stream) under `key` (`lower.philox`)."""
-        from .philox import first_word
-        return first_word(self, index, step, stream, key, n)
+        """32 random bits (i32 lanes) for each of elements index .. index + n - 1:
+        Philox-4x32-10 over (element, step, stream) under `key` (`lower.philox`)."""
+        from .philox import element_bits
+        return element_bits(self, index, step, stream, key, n)
 
     def sigmoid(self, x):
         one = self.const(1.0, x)

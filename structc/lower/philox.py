@@ -3,10 +3,10 @@ random generator, in native code and in numpy.
 
 A counter-based generator is a keyed bijection: 128 random bits are a pure
 function of a 128-bit counter and a 64-bit key, with no state carried from
-one draw to the next. Element e of a dropout mask is drawn at counter
-(e mod 2^32, e div 2^32, step, stream) under the run's key, so its bit
-depends on what the element is, never on which thread computed it or in
-which order (`random.Dropout`).
+one draw to the next. Element e of a dropout mask gets 32 of them: word
+e mod 4 of the block at counter (b mod 2^32, b div 2^32, step, stream),
+b = e div 4, under the run's key, so its bits depend on what the element
+is, never on which thread computed it or in which order (`ops/random.py`).
 
 Ten rounds of
 
@@ -14,10 +14,11 @@ Ten rounds of
     c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
     k += (W0, W1)                                   (between rounds)
 
-`philox4x32` emits them for one element or one vector of lanes (each lane
+`philox4x32` emits them for one block or one vector of lanes (each lane
 its own counter). The words are held in 64-bit lanes so that each product
 is one unsigned 32 x 32 multiply (`vpmuludq` on x86): only the low 32 bits
 of a word are meaningful until the end, where they are masked.
+`element_bits` gives a vector of consecutive elements their bits.
 `philox4x32_numpy` is the reference (and Random123's known answers test it).
 """
 from __future__ import annotations
@@ -54,42 +55,66 @@ def philox4x32(cg, counter, key, rounds: int = ROUNDS) -> list:
     return [b.and_(w, low) for w in c]
 
 
-def counter_words(cg, index, step, stream, n: int) -> list:
-    """The counter of elements index, index + 1, ..., index + n - 1 (one per
-    lane): (index low word, index high word, step, stream), as i64 lanes."""
+def block_counter(cg, block, step, stream, m: int) -> list:
+    """The counters of blocks block, block + 1, ..., block + m - 1 (one per
+    lane): (block low word, block high word, step, stream), as i64 lanes."""
     b = cg.b
-    t = vec(I64, n)
-    if n > 1:
-        iota = ir.Constant(t, [ir.Constant(I64, k) for k in range(n)])
-        e = b.add(cg.splat(index, n), iota)
-    else:
-        e = index
-    return [b.and_(e, _const(LOW32, t)), b.lshr(e, _const(32, t)), cg.splat(step, n), cg.splat(stream, n)]
+    t = vec(I64, m)
+    if m > 1:
+        iota = ir.Constant(t, [ir.Constant(I64, k) for k in range(m)])
+        block = b.add(cg.splat(block, m), iota)
+    return [b.and_(block, _const(LOW32, t)), b.lshr(block, _const(32, t)), cg.splat(step, m), cg.splat(stream, m)]
 
 
-def first_word(cg, index, step, stream, key, n: int):
-    """Word 0 of the Philox output (i64 lanes) for elements index .. index + n - 1,
-    by a call to one function per module and width: the ten rounds are about a
-    hundred instructions, and a matmul inlines its epilogue two dozen times, so
-    inlining them would triple a model's code and its compile time."""
-    name = f"sc_philox_first_{n}"
+def element_bits(cg, index, step, stream, key, n: int):
+    """32 random bits (i32 lanes) for each of elements index .. index + n - 1:
+    element e gets word e mod 4 of block e div 4. One call of a function
+    defined once per module and width: the ten rounds are about a hundred
+    instructions, and a matmul inlines its epilogue two dozen times."""
+    name = f"sc_philox_bits_{n}"
     fn = cg.module.globals.get(name)
     if fn is None:
-        fn = _define_first_word(cg, name, n)
+        fn = _define_element_bits(cg, name, n)
     return cg.b.call(fn, [index, step, stream, key[0], key[1]])
 
 
-def _define_first_word(cg, name: str, n: int):
+def _define_element_bits(cg, name: str, n: int):
+    """n consecutive elements from element `index` on lie in n/4 + 1 blocks at
+    most: Philox runs on n/2 lanes of i64 (one vector register for n = 16 with
+    AVX-512; the spare lanes cost nothing), the 2n words are put in element
+    order, and the n from `index mod 4` on are returned."""
     from .codegen import CG
-    ret = vec(I64, n)
-    fn = ir.Function(cg.module, ir.FunctionType(ret, [I64] * 5), name=name)
+    fn = ir.Function(cg.module, ir.FunctionType(vec(I32, n), [I64] * 5), name=name)
     fn.linkage = "internal"
     fn.attributes.add("noinline")
     body = CG(cg.module, fn)
+    b = body.b
     index, step, stream, k0, k1 = fn.args
-    body.b.ret(philox4x32(body, counter_words(body, index, step, stream, n), (k0, k1))[0])
+    m = 1 if n == 1 else max(2, n // 2)
+    words = philox4x32(body, block_counter(body, b.lshr(index, ir.Constant(I64, 2)), step, stream, m), (k0, k1))
+    words = [b.trunc(w, vec(I32, m)) for w in words]
+    shift = b.trunc(b.and_(index, ir.Constant(I64, 3)), I32)
+    if n == 1:      # one element: word `index mod 4` of its block
+        table = ir.Constant(ir.VectorType(I32, 4), ir.Undefined)
+        for w, word in enumerate(words):
+            table = b.insert_element(table, word, ir.Constant(I32, w))
+        b.ret(b.extract_element(table, shift))
+    else:
+        pairs = _gather(b, words[0], words[1], range(2 * m)), _gather(b, words[2], words[3], range(2 * m))
+        # in element order: element 4j + w is word w of block j (word w sits at w*m + j of the pairs)
+        ordered = _gather(b, *pairs, [w * m + j for j in range(m) for w in range(4)])
+        windows = [_gather(b, ordered, ordered, [s + k for k in range(n)]) for s in range(4)]
+        out = windows[3]
+        for s in (2, 1, 0):
+            out = b.select(b.icmp_unsigned("==", shift, ir.Constant(I32, s)), windows[s], out)
+        b.ret(out)
     body.finish()
     return fn
+
+
+def _gather(b, x, y, picks):
+    """shufflevector(x, y, picks): lanes of x then y, numbered on."""
+    return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, len(list(picks))), list(picks)))
 
 
 def _const(v: int, t):
@@ -118,9 +143,10 @@ def philox4x32_numpy(counter, key, rounds: int = ROUNDS) -> np.ndarray:
 
 
 def element_bits_numpy(size: int, key, step: int, stream: int) -> np.ndarray:
-    """The first output word of elements 0 .. size-1's counters: what
-    `random.Dropout` compares with its threshold."""
-    e = np.arange(size, dtype=np.uint64)
-    counter = np.stack([e & np.uint64(LOW32), e >> np.uint64(32),
-                        np.full(size, step & LOW32, np.uint64), np.full(size, stream & LOW32, np.uint64)], axis=-1)
-    return philox4x32_numpy(counter, key)[..., 0]
+    """Elements 0 .. size-1's 32 bits, as `element_bits` draws them: element e
+    gets word e mod 4 of Philox at counter (e div 4 low and high words, step, stream)."""
+    blocks = np.arange((size + 3) // 4, dtype=np.uint64)
+    counter = np.stack([blocks & np.uint64(LOW32), blocks >> np.uint64(32),
+                        np.full(blocks.size, step & LOW32, np.uint64),
+                        np.full(blocks.size, stream & LOW32, np.uint64)], axis=-1)
+    return philox4x32_numpy(counter, key).reshape(-1)[:size]

@@ -2,8 +2,8 @@
 
     dropout_mask(x)[e] = keep[e] / (1 - p),   keep[e] = [bits(e) >= ⌊p · 2^32⌋]
 
-where bits(e) is the first word of Philox-4x32-10 (`lower/philox.py`) at
-counter (e mod 2^32, e div 2^32, step, stream) under a 64-bit key: e is the
+where bits(e) is word e mod 4 of Philox-4x32-10 (`lower/philox.py`) at
+counter (e div 4 as two words, step, stream) under a 64-bit key: e is the
 element's flat position in x (whose values are not read: x gives the
 shape), `step` the training step, `stream` which dropout of the model this
 is. A mask is therefore a pure function of (seed, step, stream, e): the same
@@ -97,6 +97,8 @@ class DropoutMask(Elementwise):
                 Sample(((((), "fixed")),), {"p": 0.3, "stream": 3, "counters": c})]
 
     def emit(self, cg, x, *, index, p, stream=0, counters=None):
+        from llvmlite import ir
+
         from ..lower.codegen import I32, I64, lanes
         from .optim import DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP
         b = cg.b
@@ -106,6 +108,7 @@ class DropoutMask(Elementwise):
         else:
             key0, key1, step = (cg.i64(c) for c in counters)
         n = lanes(x.type)
-        first = cg.random_bits(index, step, cg.i64(stream), (key0, key1), n)
-        keep = b.icmp_unsigned(">=", first, cg.splat(cg.i64(threshold(p)), n))
+        bits = cg.random_bits(index, step, cg.i64(stream), (key0, key1), n)
+        t = threshold(p)
+        keep = b.icmp_unsigned(">=", bits, cg.splat(ir.Constant(I32, t - (t >> 31 << 32)), n))  # as a signed i32
         return cg.select(keep, cg.const(scale(p), x), cg.const(0.0, x))
