@@ -221,6 +221,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "frozen": sorted(frozen),
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
+        "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step
         "entries": entries,
         "gradient_warnings": blocked,   # re-issued when the model is loaded from the cache
         "loss_denominator": loss_denominator(forward) if mdef.has_loss else None,

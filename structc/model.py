@@ -161,6 +161,7 @@ class Net:
         self._hyper = _aligned_zeros(N_HYPER)
         self._hyper_addr = self._hyper.ctypes.data
         self._hyper_bits = self._hyper.view(np.uint32)     # dropout's key and step slots hold bits
+        self._random = bool(meta.get("random"))             # only then is the step written (each write costs)
         self.init_params(seed)
         self._entries = {kind: _Entry(self, e, module.address(e["symbol"]), module.address(e["workspace"]))
                          for kind, e in meta["entries"].items()}
@@ -471,13 +472,15 @@ class Net:
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         self._hyper[:N_FLOAT_HYPER] = values
-        self._hyper_bits[DROPOUT_STEP] = step & 0xFFFFFFFF
+        if self._random:
+            self._hyper_bits[DROPOUT_STEP] = step & 0xFFFFFFFF
         self._step = step
         self.last_lr = lr        # as computed; native code reads it rounded to float32
 
     def _next_dropout_step(self) -> None:
         """A gradient without an update draws the masks of the step to come (held lock)."""
-        self._hyper_bits[DROPOUT_STEP] = (self._step + 1) & 0xFFFFFFFF
+        if self._random:
+            self._hyper_bits[DROPOUT_STEP] = (self._step + 1) & 0xFFFFFFFF
 
     def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
                 peak: float | None = None, trace=None, **inputs):

@@ -262,3 +262,28 @@ def test_cli_seed_gives_the_run_and_resume_keeps_it(tmp_path):
     assert all(np.array_equal(a[k], resumed[k]) for k in a)
     other = run("d", "--seed", "4", "--epochs", "3")
     assert not all(np.array_equal(a[k], other[k]) for k in a)
+
+
+@pytest.mark.slow    # links a shared library
+@pytest.mark.skipif(__import__("shutil").which("cc") is None and __import__("shutil").which("gcc") is None,
+                    reason="no C compiler to link a shared library")
+def test_the_shipped_library_has_no_dropout(tmp_path):
+    """`structc compile -o m.so`: its forward entry is the identity through dropout,
+    as the JIT's is (the rate is large, so a mask would change every output)."""
+    from pathlib import Path
+
+    from structc.cli import main
+    example = Path(__file__).parent.parent / "examples" / "digits_dropout.snet"
+    net = structc.compile(example, seed=7)
+    net.save_params(tmp_path / "p.npz")
+    assert main(["compile", str(example), "-o", str(tmp_path / "m.so"), "--params", str(tmp_path / "p.npz")]) == 0
+    shipped = structc.load(tmp_path / "m.so")
+    x = np.random.default_rng(0).random((9, 64)).astype(np.float32)
+    h = x
+    for layer in ("dense1", "dense2"):
+        h = np.maximum(h @ net.params[f"{layer}.w"] + net.params[f"{layer}.b"], 0)
+    z = h @ net.params["dense3.w"] + net.params["dense3.b"]
+    expected = np.exp(z - z.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(shipped(x=x), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(net(x=x), expected, rtol=1e-4, atol=1e-6)

@@ -59,7 +59,8 @@ class DropoutMask(Elementwise):
     """keep / (1 - p) for each element of x's shape (see the module docstring)."""
     name = "dropout_mask"
     #: `indexed`: `emit` gets `index=`, the flat position of its first lane (`lower.fused`)
-    traits = frozenset({"elementwise", "indexed"})
+    #: `random`: reads the run's key and step (`Net` writes the step before each training call)
+    traits = frozenset({"elementwise", "indexed", "random"})
 
     def shape(self, x: TensorType, *, p: float, stream: int = 0, counters: tuple | None = None) -> TensorType:
         expect(x.is_float, f"dropout takes a float tensor, got {x}")
