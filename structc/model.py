@@ -200,7 +200,9 @@ class Net:
         counter: `train_step` k uses step k, and `grad` the step the next
         `train_step` will use) and each element's position, so it does not
         depend on the thread count, and a resumed run (which restores the
-        counter) continues the sequence."""
+        counter) continues the sequence. The counter restarts with
+        `init_params` and a change of optimizer (masks then repeat those of
+        the first steps), and the step is taken mod 2^32."""
         key = _dropout_key(seed)
         with self._lock:
             self._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2] = key
