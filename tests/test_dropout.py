@@ -287,3 +287,45 @@ def test_the_shipped_library_has_no_dropout(tmp_path):
     expected /= expected.sum(1, keepdims=True)
     np.testing.assert_allclose(shipped(x=x), expected, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(net(x=x), expected, rtol=1e-4, atol=1e-6)
+
+
+KERNELS = {
+    "convolution": "model C { input x: f32[N, 2, 9, 11]\n target y: class[N] of 3\n"
+                   " h = dropout(relu(conv2d(x, 5, kernel=3)), 0.4)\n loss cross_entropy(dense(flatten(h), 3), y) }",
+    "pooling": "model P { input x: f32[N, 2, 10, 14]\n target y: class[N] of 3\n"
+               " h = dropout(maxpool2d(relu(conv2d(x, 3, kernel=3)), 2), 0.3)\n"
+               " loss cross_entropy(dense(flatten(h), 3), y) }",
+    "elementwise": "model E { input x: f32[N, 19]\n target y: class[N] of 3\n h = dropout(tanh(x) * 2.0, 0.5)\n"
+                   " loss cross_entropy(dense(h, 3), y) }",
+}
+
+
+@pytest.mark.slow    # compiles three small models
+@pytest.mark.parametrize("kind", sorted(KERNELS))
+def test_native_gradients_equal_the_interpreters_at_the_same_counters(kind):
+    """Dropout after a convolution's, a pooling's or an elementwise kernel's store loop:
+    the native gradient equals the interpreter's with the mask fixed at the counters
+    the model draws at (seed 0's key, step 1)."""
+    from structc.autodiff import differentiate
+    from structc.build import build_model
+    from structc.interp import evaluate
+    from structc.syntax import parse
+    src = KERNELS[kind]
+    mdef = build_model(parse(src), None)
+    net = structc.compile(src)
+    key = key_of(0)
+    for node in mdef.graph.nodes.values():
+        if node.op.name == "dropout_mask":
+            node.attrs["counters"] = (int(key[0]), int(key[1]), 1)
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in mdef.inputs.values():
+        shape = tuple(5 if isinstance(d, str) else d for d in spec.type.shape)
+        feed[spec.name] = (rng.integers(0, spec.classes, shape).astype(np.int32) if spec.classes
+                           else rng.normal(size=shape).astype(np.float32))
+    params = {name: v.copy() for name, v in net.params.items()}
+    loss, grads = net.grad(**feed)
+    ref = evaluate(differentiate(mdef.graph), feed, params)
+    assert loss == pytest.approx(float(ref["loss"]), rel=1e-5)
+    for name in grads:
+        np.testing.assert_allclose(grads[name], ref[f"grad:{name}"], rtol=1e-3, atol=1e-5, err_msg=name)
