@@ -329,3 +329,21 @@ def test_native_gradients_equal_the_interpreters_at_the_same_counters(kind):
     assert loss == pytest.approx(float(ref["loss"]), rel=1e-5)
     for name in grads:
         np.testing.assert_allclose(grads[name], ref[f"grad:{name}"], rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_a_mask_per_edge_stays_per_edge():
+    """sink_gathers computes f(h[g.src]) as f(h)[g.src] for elementwise f: for the
+    mask that would give every edge from a node the same mask. (The layer's own
+    x * mask keeps the gather used twice; the rewrite must refuse regardless.)"""
+    from structc.build import build_model
+    from structc.passes.message import sink_gathers
+    from structc.syntax import parse
+    mdef = build_model(parse("model G { input g: graph(features=4)\n output o = dropout(g.x[g.src], 0.5) }"), None)
+    g = mdef.graph
+    mask = next(n for n in g.nodes.values() if n.op.name == "dropout_mask")
+    product = next(u for u in g.users(mask.id) if g.nodes[u].op.name == "mul")
+    g.replace_uses(product, mask.id)       # the mask alone: its gather now has one use
+    g.remove(product)
+    g = sink_gathers(g)
+    mask = next(n for n in g.nodes.values() if n.op.name == "dropout_mask")
+    assert g.nodes[mask.inputs[0]].op.name == "gather_edges" and tuple(mask.type.shape) == ("g.edges", 4)
