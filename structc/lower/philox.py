@@ -121,11 +121,6 @@ def _const(v: int, t):
     return ir.Constant(t, [ir.Constant(t.element, v)] * t.count) if isinstance(t, ir.VectorType) else ir.Constant(t, v)
 
 
-def word32(cg, w):
-    """An output word (i64 lanes) as i32 lanes."""
-    return cg.b.trunc(w, vec(I32, lanes(w.type)))
-
-
 # -- the numpy reference --------------------------------------------------------
 
 def philox4x32_numpy(counter, key, rounds: int = ROUNDS) -> np.ndarray:
