@@ -30,6 +30,12 @@ MASKED = """model Masked {{
   loss sum(dropout(w, {p}) * u)
 }}"""
 
+TINY = """model Tiny {
+  input  x: f32[N, 8]
+  target y: class[N] of 3
+  loss cross_entropy(dense(dropout(dense(x, 16) |> relu, 0.5), 3), y)
+}"""
+
 MLP = """model Drop {
   input  x: f32[N, 32]
   target y: class[N] of 10
@@ -121,12 +127,17 @@ def test_gradient_is_zero_exactly_where_dropped_and_scaled_elsewhere():
 
 
 def test_inference_is_the_identity_and_has_no_mask():
+    from structc.build import build_model
+    from structc.compiler import forward_graph
+    from structc.syntax import parse
     src = "model I { input x: f32[N, 30]\n param w: f32[30] = normal(1)\n output y = dropout(x * w, 0.6)\n" \
           " loss sum(y) }"
-    net, dumps = compiled(src)
+    net = structc.compile(src)
     x = np.random.default_rng(0).normal(size=(7, 30)).astype(np.float32)
     np.testing.assert_array_equal(net(x=x), x * net.params["w"])
-    assert "dropout_mask" not in dumps["forward.fuse"] and "dropout_mask" in dumps["train.fuse"]
+    mdef = build_model(parse(src), None)
+    ops = lambda g: {n.op.name for n in g.nodes.values()}     # noqa: E731
+    assert "dropout_mask" in ops(mdef.graph) and "dropout_mask" not in ops(forward_graph(mdef))
 
 
 def test_each_step_draws_a_new_mask_and_grad_repeats_the_coming_one():
@@ -186,16 +197,16 @@ def test_a_resumed_run_continues_the_masks(tmp_path):
     then two more: bit-identical to four uninterrupted steps."""
     from structc.train import TrainConfig, load_state, restore_optimizer, save_state
     rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(32, 32)).astype(np.float32), rng.integers(0, 10, 32)
-    whole = structc.compile(MLP, seed=4)
+    x, y = rng.normal(size=(32, 8)).astype(np.float32), rng.integers(0, 3, 32)
+    whole = structc.compile(TINY, seed=4)
     for _ in range(4):
         whole.train_step(x=x, y=y, lr=0.1)
-    first = structc.compile(MLP, seed=4)
+    first = structc.compile(TINY, seed=4)
     for _ in range(2):
         first.train_step(x=x, y=y, lr=0.1)
     first.save_params(tmp_path / "p.npz")
     save_state(first, tmp_path / "p.train.npz", 1, TrainConfig(seed=4), {}, "data")
-    resumed = structc.compile(MLP, seed=0)         # as the CLI compiles a resumed run without --seed
+    resumed = structc.compile(TINY, seed=0)        # as the CLI compiles a resumed run without --seed
     resumed.load_params(tmp_path / "p.npz")
     assert restore_optimizer(resumed, load_state(tmp_path / "p.train.npz"))
     resumed.set_seed(4)                            # cmd_train: the run's seed
@@ -217,10 +228,11 @@ def test_bad_rates_are_language_errors(call, message):
 
 
 def test_p_zero_is_no_op_and_recursion_bodies_refuse_dropout():
-    dumps = {}
-    compile_source("model Z { input x: f32[N, 4]\n param w: f32[4] = ones\n loss sum(dropout(x * w, 0)) }",
-                   dump=lambda stage, text: dumps.setdefault(stage, text))
-    assert "dropout_mask" not in dumps["train"]
+    from structc.build import build_model
+    from structc.syntax import parse
+    mdef = build_model(parse("model Z { input x: f32[N, 4]\n param w: f32[4] = ones\n loss sum(dropout(x * w, 0)) }"),
+                       None)
+    assert all(n.op.name != "dropout_mask" for n in mdef.graph.nodes.values())
     with pytest.raises(SnetError, match="not available inside a recursion body"):
         structc.compile("model R { input t: forest(arity=2) of word(vocab=5)\n param E: embedding(5, 4) = normal(1)\n"
                         " rec h(n) = leaf: E[n.word]\n node: dropout(sum(h(n.children)), 0.5)\n"
