@@ -206,46 +206,113 @@ class SegmentSoftmax(_Relational):
 
     def samples(self):
         rel = sample_relation()
-        return [FixedSample((*rel, (9, 3))), FixedSample((*rel, (9, 20))),
+        # 4 and 1 heads divide the vector width (one run of floats per row), 3 and 20 do not
+        return [FixedSample((*rel, (9, 3))), FixedSample((*rel, (9, 20))), FixedSample((*rel, (9, 4))),
                 FixedSample((*rel, (9, 3), (7, 3)), {"part": "edges"}),
                 FixedSample((*rel, (9, 3), (7, 3)), {"part": "self"}),
+                FixedSample((*rel, (9, 4), (7, 4)), {"part": "edges"}),
+                FixedSample((*rel, (9, 4), (7, 4)), {"part": "self"}),
                 FixedSample((*rel, (9, 1), (7, 1)), {"part": "self"})]
 
     def lower(self, kb, node, epilogue):
         ptr, e = node.inputs[0], node.inputs[5]
         own = node.inputs[6] if len(node.inputs) == 7 else None
-        part = node.attrs.get("part", "edges")
         heads, vw = node.shape[1], kb.vector_width
-        vt = _f32_vec(vw)
         rows_dim = less_one(kb.graph.nodes[ptr].shape[0])
         nnz_dim = kb.graph.nodes[e].shape[0]
         with _row_kernel(kb, f"segsoftmax{node.id}", rows_dim, nnz_dim, 3 * heads) as (cg, lo, hi):
-            b = cg.b
-            P, E, out = cg.ptr(ptr), cg.ptr(e), cg.ptr(node.id)
-            S = cg.ptr(own) if own is not None else None
-            best, total = cg.var(vt), cg.var(vt)
             start, stop = _row_range(cg, lo, hi, rows_dim)
-            with cg.loop(stop, start=start, name="row") as r:
-                k0, k1 = _entries(cg, P, r)
-                for col, mask in _columns(heads, vw):
-                    def score(k):
-                        return cg.load(E, cg.iadd(cg.imul(k, heads), col), n=vw, mask=mask)
-                    mine = cg.load(S, cg.iadd(cg.imul(r, heads), col), n=vw, mask=mask) if S else None
-                    b.store(mine if S else cg.const(float("-inf"), vt), best)
-                    with cg.loop(k1, start=k0, name="k") as k:     # llvm.maximum: a NaN wins
-                        b.store(cg.max(b.load(best), score(k)), best)
-                    m = b.load(best)
-                    b.store(cg.exp(cg.sub(mine, m)) if S else cg.const(0.0, vt), total)
-                    with cg.loop(k1, start=k0, name="k") as k:
-                        b.store(cg.add(b.load(total), cg.exp(cg.sub(score(k), m))), total)
-                    inv = cg.div(cg.const(1.0, vt), b.load(total))
-                    if part == "self":
-                        cg.store(cg.mul(cg.exp(cg.sub(mine, m)), inv), out, cg.iadd(cg.imul(r, heads), col),
-                                 mask=mask)
-                        continue
-                    with cg.loop(k1, start=k0, name="k") as k:
-                        cg.store(cg.mul(cg.exp(cg.sub(score(k), m)), inv), out,
-                                 cg.iadd(cg.imul(k, heads), col), mask=mask)
+            refs = (cg.ptr(ptr), cg.ptr(e), cg.ptr(own) if own is not None else None, cg.ptr(node.id))
+            emit = _softmax_flat if vw % heads == 0 else _softmax_per_entry
+            emit(cg, refs, start, stop, heads, vw, node.attrs.get("part", "edges"))
+
+
+def _softmax_flat(cg, refs, start, stop, heads, vw, part):
+    """Heads dividing the vector width: a row's scores are one contiguous run
+    of (entries x heads) floats, read vw at a time (lane j holds head j mod H);
+    the lanes of one head are combined by rotations at the end."""
+    b = cg.b
+    P, E, S, out = refs
+    vt = _f32_vec(vw)
+    first = None if heads == vw else ir.Constant(ir.VectorType(ir.IntType(1), vw), [j < heads for j in range(vw)])
+    best, total = cg.var(vt), cg.var(vt)
+    minus_inf, zero = cg.const(float("-inf"), vt), cg.const(0.0, vt)
+    with cg.loop(stop, start=start, name="row") as r:
+        k0, k1 = _entries(cg, P, r)
+        lo, hi = cg.imul(k0, heads), cg.imul(k1, heads)
+
+        def flat():
+            return cg.loop(hi, start=lo, step=vw, name="at")
+
+        def scores(at):
+            mask = cg.lane_mask(b.sub(hi, at), vw)
+            return cg.load(E, at, n=vw, mask=mask), mask
+        mine = cg.load(S, cg.imul(r, heads), n=vw, mask=first) if S else None
+        b.store(_lanes(cg, mine, [j % heads for j in range(vw)]) if S else minus_inf, best)
+        with flat() as at:                              # llvm.maximum: a NaN wins
+            v, mask = scores(at)
+            b.store(cg.max(b.load(best), cg.select(mask, v, minus_inf)), best)
+        m = _fold_heads(cg, b.load(best), heads, cg.max)
+        own = cg.exp(cg.sub(mine, m)) if S else None
+        b.store(cg.select(first, own, zero) if S and first is not None else (own if S else zero), total)
+        with flat() as at:
+            v, mask = scores(at)
+            ex = cg.select(mask, cg.exp(cg.sub(v, m)), zero)
+            if part == "edges":
+                cg.store(ex, out, at, mask=mask)
+            b.store(cg.add(b.load(total), ex), total)
+        inv = cg.div(cg.const(1.0, vt), _fold_heads(cg, b.load(total), heads, cg.add))
+        if part == "self":
+            cg.store(cg.mul(own, inv), out, cg.imul(r, heads), mask=first)
+        else:
+            with flat() as at:
+                mask = cg.lane_mask(b.sub(hi, at), vw)
+                cg.store(cg.mul(cg.load(out, at, n=vw, mask=mask), inv), out, at, mask=mask)
+
+
+def _lanes(cg, v, lanes):
+    """The vector whose lane j is v's lane lanes[j]."""
+    from ..lower.codegen import I32
+    return cg.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                               ir.Constant(ir.VectorType(I32, len(lanes)), [ir.Constant(I32, k) for k in lanes]))
+
+
+def _fold_heads(cg, v, heads, combine):
+    """Lane j combines every lane of v congruent to j mod heads (vw / heads a
+    power of two): rotations by vw/2, vw/4, ..., heads."""
+    vw = v.type.count
+    step = vw // 2
+    while step >= heads:
+        v = combine(v, _lanes(cg, v, [(j + step) % vw for j in range(vw)]))
+        step //= 2
+    return v
+
+
+def _softmax_per_entry(cg, refs, start, stop, heads, vw, part):
+    """Any number of heads: each entry's heads as one (masked) vector."""
+    b = cg.b
+    P, E, S, out = refs
+    vt = _f32_vec(vw)
+    best, total = cg.var(vt), cg.var(vt)
+    with cg.loop(stop, start=start, name="row") as r:
+        k0, k1 = _entries(cg, P, r)
+        for col, mask in _columns(heads, vw):
+            def score(k):
+                return cg.load(E, cg.iadd(cg.imul(k, heads), col), n=vw, mask=mask)
+            mine = cg.load(S, cg.iadd(cg.imul(r, heads), col), n=vw, mask=mask) if S else None
+            b.store(mine if S else cg.const(float("-inf"), vt), best)
+            with cg.loop(k1, start=k0, name="k") as k:     # llvm.maximum: a NaN wins
+                b.store(cg.max(b.load(best), score(k)), best)
+            m = b.load(best)
+            b.store(cg.exp(cg.sub(mine, m)) if S else cg.const(0.0, vt), total)
+            with cg.loop(k1, start=k0, name="k") as k:
+                b.store(cg.add(b.load(total), cg.exp(cg.sub(score(k), m))), total)
+            inv = cg.div(cg.const(1.0, vt), b.load(total))
+            if part == "self":
+                cg.store(cg.mul(cg.exp(cg.sub(mine, m)), inv), out, cg.iadd(cg.imul(r, heads), col), mask=mask)
+                continue
+            with cg.loop(k1, start=k0, name="k") as k:
+                cg.store(cg.mul(cg.exp(cg.sub(score(k), m)), inv), out, cg.iadd(cg.imul(k, heads), col), mask=mask)
 
 
 class Attend(_Relational):
