@@ -7,7 +7,8 @@ Per head, with Wh = h W split into heads of `width` features:
     e_ij = leaky_relu(a_src · Wh_j + a_dst · Wh_i, slope)     for each edge j -> i (and i -> i with self loops)
     α_ij = softmax of e_ij over i's incoming edges
     out_i = Σ_j α_ij Wh_j  (+ b), heads side by side (concat) or averaged
-The scores a·Wh are computed once per node, then per edge (`edge_score`);
+The scores a·Wh are computed once per node (as h·(W a), a matmul), then per
+edge (`edge_score`);
 the softmax and the weighted sum are the ops of `ops/attention.py`.
 
 The graph's relation comes from the `over` argument through its
@@ -39,12 +40,16 @@ def gat(ctx, over=None, width=None, *, heads=1, concat=True, self_loops=True, sl
     layer = ctx.layer_name("gat", name)
     b = ctx.b
     n = h.shape[0]
-    wh = b.matmul(h, ctx.param(f"{layer}.w", TensorType((h.shape[1], heads * width)), init))
-    heads_of_wh = b.reshape(wh, shape=(n, heads, width))
+    fan_in = h.shape[1]
+    w = ctx.param(f"{layer}.w", TensorType((fan_in, heads * width)), init)
+    wh = b.matmul(h, w)
+    heads_of_w = b.reshape(w, shape=(fan_in, heads, width))
 
     def node_scores(which):
+        """a_h · (W_h^T h) = (W_h a_h) · h: fold a into W (fan_in x heads numbers,
+        not nodes x heads x width), then one narrow matmul per node."""
         a = ctx.param(f"{layer}.{which}", TensorType((heads, width)), init)
-        return b.sum(heads_of_wh * a, axes=(2,))                       # [n, heads]: a_h · Wh_h per node
+        return b.matmul(h, b.sum(heads_of_w * a, axes=(2,)))           # [n, heads]
     s_src, s_dst = node_scores("a_src"), node_scores("a_dst")
     e = b.leaky_relu(b.edge_score(*rel, s_src, s_dst), alpha=slope)
     if self_loops:
