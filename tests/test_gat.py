@@ -187,3 +187,26 @@ def test_gat_output_can_be_read_out_per_graph():
     parts = [Graph(rng.integers(0, 5, (2, 8)), num_nodes=5, x=rng.normal(size=(5, 3))) for _ in range(3)]
     loss, grads = net.grad(g=batch(parts), y=np.array([0, 1, 1], np.int32))
     assert np.isfinite(loss) and all(np.isfinite(v).all() for v in grads.values())
+
+
+@pytest.mark.slow
+def test_the_example_on_the_karate_club():
+    """examples/karate_gat.snet on the real graph: native = interpreter, and
+    the interpreter's gradient = finite differences."""
+    from pathlib import Path
+
+    from structc import graph_datasets
+    from structc.testing import check_model_grads
+    source = (Path(__file__).parent.parent / "examples" / "karate_gat.snet").read_text()
+    net, mdef = structc.compile(source), build_model(parse(source))
+    ds = graph_datasets.load_karate().bind(net)
+    user = ds.feed(ds.train_mask)
+    arrays = Binder(net.meta["graphs"]).expand(user, {})
+    params = {k: v.copy() for k, v in net.params.items()}
+    loss, grads = net.grad(**user)
+    ref = evaluate(differentiate(mdef.graph), arrays, params)
+    assert loss == pytest.approx(float(ref["loss"]), rel=1e-4, abs=1e-5)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
+    rng = np.random.default_rng(0)
+    check_model_grads(mdef, arrays, {k: rng.normal(scale=0.3, size=v.shape) for k, v in net.params.items()})
