@@ -11,7 +11,9 @@ The softmax subtracts each node's largest score (not differentiated through,
 as PyTorch Geometric does; the result does not depend on it). Before timing,
 the three are checked to compute the same loss and step from the same weights.
 Each timing is the median of --repeats runs of --steps steps; the share of the
-machine other processes took meanwhile is printed beside it (see bench_gnn.py).
+machine other processes took meanwhile is printed beside it (see bench_gnn.py),
+and the process's CPU time per step after it (all its threads: on a loaded
+machine the work done is inflated less than the wall clock).
 
     python benchmarks/bench_gat.py [--steps 100] [--repeats 5] [--threads 1 2]
 """
@@ -21,8 +23,10 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -155,12 +159,25 @@ def check(names, threads: int = 1) -> None:
           + ", ".join(f"{k} {v[0]:.6f} -> {v[1]:.6f}" for k, v in losses.items()), flush=True)
 
 
+def cpu_per_step(step, steps: int, repeats: int) -> float:
+    """Median over repeats of the process's CPU time (all its threads) per step,
+    in ms: the work done, which a loaded machine inflates less than the wall clock."""
+    runs = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for _ in range(steps):
+            step()
+        runs.append((time.process_time() - t0) / steps * 1e3)
+    return statistics.median(runs)
+
+
 def worker(name: str, threads: int, steps: int, repeats: int) -> None:
     _, step = STEPS[name](threads)
-    print(json.dumps(per_step(step, steps, repeats)))
+    wall, others = per_step(step, steps, repeats)
+    print(json.dumps((wall, others, cpu_per_step(step, steps, repeats))))
 
 
-def run(name: str, threads: int, args) -> tuple[float, float]:
+def run(name: str, threads: int, args) -> tuple[float, float, float]:
     """A fresh process per framework and thread count (XLA reads its threading
     flags once, at import; every framework keeps its thread pool)."""
     env = dict(os.environ)
@@ -201,9 +218,11 @@ def main() -> None:
     for t in args.threads:
         times = {n: run(n, t, args) for n in names}
         fastest = min((times[n][0], n) for n in names if n != "structc") if len(names) > 1 else None
-        line = f"threads={t}  " + "   ".join(f"{n} {fmt(times[n])}" for n in names)
+        line = f"threads={t}  " + "   ".join(f"{n} {fmt(times[n][:2])} cpu {times[n][2]:7.3f} ms" for n in names)
         if fastest:
-            line += f"   structc / fastest other ({fastest[1]}) = {times['structc'][0] / fastest[0]:.2f}x"
+            cpu = min((times[n][2], n) for n in names if n != "structc")
+            line += (f"\n    structc / fastest other: wall {times['structc'][0] / fastest[0]:.2f}x ({fastest[1]}), "
+                     f"cpu {times['structc'][2] / cpu[0]:.2f}x ({cpu[1]})")
         print(line, flush=True)
 
 

@@ -26,6 +26,8 @@ through the transposed arrays): no atomics, forward or backward.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 
@@ -98,6 +100,31 @@ def _head_lanes(cg, base, entry, heads: int, per: int, col: int, vw: int):
     lanes = [min((col + j) // per, last) - first for j in range(vw)]
     return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
                             ir.Constant(ir.VectorType(I32, vw), [ir.Constant(I32, k) for k in lanes]))
+
+
+def _sums_side_by_side(cg, vectors: list, vw: int):
+    """One vector holding, in lanes [0, n), the lane sums of n vectors (n a
+    power of two <= vw): pairs are folded into one vector half by half (each
+    keeps its lanes in a group of vw/2, then vw/4, ...), then each group is
+    summed by rotations within it: log2(vw) shuffle-add steps in all, not n."""
+    from ..lower.codegen import I32
+
+    def pick(x, y, lanes):
+        mask = ir.Constant(ir.VectorType(I32, vw), [ir.Constant(I32, k) for k in lanes])
+        return cg.b.shuffle_vector(x, y, mask)
+    group = vw
+    while len(vectors) > 1:
+        half, groups = group // 2, vw // group
+        lo = [v * vw + q * group + i for v in (0, 1) for q in range(groups) for i in range(half)]
+        hi = [j + half for j in lo]
+        vectors = [cg.add(pick(x, y, lo), pick(x, y, hi)) for x, y in zip(vectors[::2], vectors[1::2])]
+        group = half
+    v = vectors[0]
+    step = group // 2
+    while step >= 1:
+        v = cg.add(v, pick(v, v, [j - j % group + (j % group + step) % group for j in range(vw)]))
+        step //= 2
+    return pick(v, v, [min(j, vw // group - 1) * group for j in range(vw)])
 
 
 def _head_sums(cg, products, heads: int, per: int, vw: int) -> list:
@@ -423,14 +450,18 @@ class EdgeDot(_Relational):
 
     def samples(self):
         rel = sample_relation()
+        # heads of whole vectors (16 or 32 features: sums side by side, 3 heads padded to 4) and not
         return [FixedSample((*rel, (7, 21), (7, 21)), {"heads": 3}), FixedSample((*rel, (7, 5), (7, 5))),
-                FixedSample((*rel, (7, 64), (7, 64)), {"heads": 4})]
+                FixedSample((*rel, (7, 64), (7, 64)), {"heads": 4}), FixedSample((*rel, (7, 48), (7, 48)), {"heads": 3}),
+                FixedSample((*rel, (7, 64), (7, 64)), {"heads": 2})]
 
     def lower(self, kb, node, epilogue):
         ptr, idx, a, c = node.inputs[0], node.inputs[1], node.inputs[5], node.inputs[6]
         heads, vw = node.attrs.get("heads", 1), kb.vector_width
         width = kb.graph.nodes[a].shape[1]
         per = width // heads
+        tree = 1 << (heads - 1).bit_length() if per % vw == 0 and heads > 1 and heads <= vw else 0
+        first = ir.Constant(ir.VectorType(ir.IntType(1), vw), [j < heads for j in range(vw)])
         rows_dim = less_one(kb.graph.nodes[ptr].shape[0])
         with _row_kernel(kb, f"edgedot{node.id}", rows_dim, node.shape[0], width) as (cg, lo, hi):
             P, N, A, C, out = (cg.ptr(i) for i in (ptr, idx, a, c, node.id))
@@ -443,6 +474,13 @@ class EdgeDot(_Relational):
                     row = cg.imul(_load_index(cg, N, k), width)
                     products = [cg.mul(m, cg.load(C, cg.iadd(row, col), n=vw, mask=mask))
                                 for m, (col, mask) in zip(mine, _columns(width, vw))]
-                    for h, s in enumerate(_head_sums(cg, products, heads, per, vw)):
-                        cg.store(s, out, cg.iadd(cg.imul(k, heads), h))
+                    if tree:                    # each head whole vectors: their sums side by side
+                        per_head = [functools.reduce(cg.add, products[h * (per // vw):(h + 1) * (per // vw)])
+                                    for h in range(heads)]
+                        per_head += [cg.const(0.0, per_head[0])] * (tree - heads)
+                        sums = _sums_side_by_side(cg, per_head, vw)
+                        cg.store(sums, out, cg.imul(k, heads), mask=first)
+                    else:
+                        for h, s in enumerate(_head_sums(cg, products, heads, per, vw)):
+                            cg.store(s, out, cg.iadd(cg.imul(k, heads), h))
 
