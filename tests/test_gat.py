@@ -133,6 +133,26 @@ def test_a_batch_is_each_graph_on_its_own(gat):
     np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-5, atol=1e-6)
 
 
+def test_results_do_not_depend_on_thread_count(gat):
+    """Every kernel owns the rows it writes (no atomics): bitwise equal at 1 and 2 threads."""
+    (width, heads, concat, loops), net, _ = gat
+    rng = np.random.default_rng(7)
+    n = 3000
+    graph = Graph(rng.integers(0, n, (2, 15000)), num_nodes=n, x=rng.normal(size=(n, FEATURES)))
+    u = rng.normal(size=(n, width * heads if concat else width)).astype(np.float32)
+    before = structc.get_num_threads()
+    try:
+        structc.set_num_threads(1)
+        ref = net.grad(g=graph, u=u)
+        structc.set_num_threads(2)
+        got = net.grad(g=graph, u=u)
+    finally:
+        structc.set_num_threads(before)
+    assert got[0] == ref[0]
+    for k in ref[1]:
+        np.testing.assert_array_equal(got[1][k], ref[1][k])
+
+
 @pytest.mark.slow
 def test_a_high_in_degree_node_and_extreme_scores():
     """600 edges into node 0 (a softmax over many entries), scores in the
