@@ -230,3 +230,17 @@ def test_the_example_on_the_karate_club():
         np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
     rng = np.random.default_rng(0)
     check_model_grads(mdef, arrays, {k: rng.normal(scale=0.3, size=v.shape) for k, v in net.params.items()})
+
+
+def test_gat_takes_the_options_every_layer_takes():
+    """frozen=true freezes its four parameters; inside repeat each copy has its own."""
+    src = """model Opts {
+  input  g: graph(features=3)
+  target y: class[g.nodes] of 2
+  h = g.x
+  repeat 2 { h = elu(gat(h over g.edges, 4, heads=2, frozen=true) + dense(h, 8)) }
+  loss cross_entropy(dense(h, 2), y)
+}"""
+    mdef = build_model(parse(src))
+    frozen = sorted(k for k, p in mdef.params.items() if p.frozen)
+    assert frozen == [f"gat{i}.{p}" for i in (1, 2) for p in ("a_dst", "a_src", "b", "w")]
