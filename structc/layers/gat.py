@@ -18,6 +18,8 @@ weights (`per=g.type`), attention over `g.nodes` (a readout: use sum/mean/max).
 """
 from __future__ import annotations
 
+import math
+
 from ..types import TensorType
 from .context import show, surface
 
@@ -47,7 +49,7 @@ def gat(ctx, over=None, width=None, *, heads=1, concat=True, self_loops=True, sl
 
     def node_scores(which):
         """a_h · (W_h^T h) = (W_h a_h) · h: fold a into W (fan_in x heads numbers,
-        not nodes x heads x width), then one narrow matmul per node."""
+        not nodes x heads x width), then one narrow matmul."""
         a = ctx.param(f"{layer}.{which}", TensorType((heads, width)), init)
         return b.matmul(h, b.sum(heads_of_w * a, axes=(2,)))           # [n, heads]
     s_src, s_dst = node_scores("a_src"), node_scores("a_dst")
@@ -69,6 +71,6 @@ gat.over_edges = True      # build passes `h over g.edges` to it instead of aggr
 
 
 def _slope(ctx, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-        ctx.fail(f"gat: slope (LeakyReLU's for negative scores) must be a number >= 0, got {show(v)}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        ctx.fail(f"gat: slope (LeakyReLU's for negative scores) must be a finite number >= 0, got {show(v)}")
     return float(v)
