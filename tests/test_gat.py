@@ -244,3 +244,16 @@ def test_gat_takes_the_options_every_layer_takes():
     mdef = build_model(parse(src))
     frozen = sorted(k for k, p in mdef.params.items() if p.frozen)
     assert frozen == [f"gat{i}.{p}" for i in (1, 2) for p in ("a_dst", "a_src", "b", "w")]
+
+
+def test_the_defaults_the_readme_states():
+    """slope 0.2, self loops on, heads side by side (README's gat bullet)."""
+    src = """model Defaults {
+  input  g: graph(features=3)
+  output o = gat(g.x over g.edges, 4, heads=3)
+}"""
+    graph = build_model(parse(src)).graph
+    nodes = list(graph.nodes.values())
+    assert {n.attrs["alpha"] for n in nodes if n.op.name == "leaky_relu"} == {0.2}
+    assert {len(n.inputs) for n in nodes if n.op.name == "segment_softmax"} == {7}      # with the self-loop scores
+    assert graph.nodes[graph.outputs["o"]].shape == ("g.nodes", 12)
