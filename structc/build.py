@@ -410,7 +410,8 @@ class ModelBuilder:
                 raise SnetSyntaxError(f"argument '{kw.name}' given twice", kw.span)
             kwargs[kw.name] = self.eval(kw.value)
         ctx = Context(self, e.span, e.func)
-        if any(type(a).__name__ == "OverArg" for a in args):     # sum(m over g.edges)
+        over_layer = getattr(SURFACE.get(e.func), "over_edges", False)      # gat(h over g.edges, 16)
+        if not over_layer and any(type(a).__name__ == "OverArg" for a in args):     # sum(m over g.edges)
             from .gnn import aggregate
             return aggregate(ctx, e.func, args, kwargs, e)
         if e.func in SURFACE:

@@ -317,6 +317,8 @@ CLAIMS = [
     Claim(r"chance (50)%", check=logic_is_balanced),
     Claim(r"--data karate .*# (93\.75)% held out",
           "structc train examples/karate_gcn.snet --data karate --epochs 100 --optimizer adam --lr 0.01"),
+    Claim(r"karate_gat\.snet --data karate .*# (93\.75)% held out",
+          "structc train examples/karate_gat.snet --data karate --epochs 100 --optimizer adam --lr 0.01"),
     Claim(r"--data graph_families .*# (99\.3)% held out",
           "structc train examples/graph_families.snet --data graph_families --epochs 40 --optimizer adam "
           "--lr 0.005"),
