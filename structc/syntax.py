@@ -139,7 +139,14 @@ class ForestTypeExpr:
     span: Span
 
 
-TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr, ForestTypeExpr]
+@dataclass
+class SequenceTypeExpr:
+    """`sequence of word(vocab=1000)` or `sequence of f32[16]`."""
+    item: Union["Call", TensorTypeExpr]
+    span: Span
+
+
+TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr, ForestTypeExpr, SequenceTypeExpr]
 
 
 @dataclass
@@ -204,7 +211,22 @@ class RecDecl:
     param_span: Span
 
 
-Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl]
+@dataclass
+class SeqRecDecl:
+    """`rec h(t) = first: expr next: expr` (forward, reads h(t.prev)) or
+    `rec b(t) = last: expr prev: expr` (backward, reads b(t.next)): a function
+    over the positions of a sequence input."""
+    name: str
+    param: str
+    start: str         # "first" (forward) or "last" (backward)
+    init: Expr
+    step: Expr
+    span: Span
+    name_span: Span
+    param_span: Span
+
+
+Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl, SeqRecDecl]
 
 
 @dataclass
@@ -348,6 +370,22 @@ class _ToAst(Transformer_NonRecursive):
         if bad is not None:
             raise SnetSyntaxError("forest options are written name=value, e.g. forest(arity=3)", bad.span)
         return ForestTypeExpr(opts, leaf, self._span(meta))
+
+    @v_args(meta=True)
+    def sequence_type(self, meta, c):
+        return SequenceTypeExpr(c[0], self._span(meta))
+
+    @v_args(meta=True)
+    def seq_rec_decl(self, meta, c):
+        name, param, w1, init, w2, step = c
+        want = {"first": "next", "last": "prev"}
+        if str(w1) not in want:
+            raise SnetSyntaxError(f"a recursion over a sequence starts with 'first:' (forward) or 'last:' "
+                                  f"(backward), got '{w1}:'", self._tok(w1))
+        if str(w2) != want[str(w1)]:
+            raise SnetSyntaxError(f"expected '{want[str(w1)]}:' after '{w1}:', got '{w2}:'", self._tok(w2))
+        return SeqRecDecl(str(name), str(param), str(w1), init, step, self._span(meta), self._tok(name),
+                          self._tok(param))
 
     @v_args(meta=True)
     def rec_decl(self, meta, c):
@@ -677,6 +715,8 @@ def _type_text(t) -> str:
         opts = ", ".join(f"{k.name}={unparse(k.value)}" for k in t.options)
         leaf = unparse(t.leaf) if isinstance(t.leaf, Call) else _type_text(t.leaf)
         return f"forest{f'({opts})' if opts else ''} of {leaf}"
+    if isinstance(t, SequenceTypeExpr):
+        return f"sequence of {unparse(t.item) if isinstance(t.item, Call) else _type_text(t.item)}"
     if isinstance(t, ClassTypeExpr):
         return f"class[{dims}] of {t.classes}"
     return f"{t.dtype}[{dims}]"
@@ -705,6 +745,9 @@ def format_program(program: Program) -> str:
                 text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
             elif isinstance(s, RecDecl):
                 text = f"Rec {s.name}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
+            elif isinstance(s, SeqRecDecl):
+                then = "next" if s.start == "first" else "prev"
+                text = f"Rec {s.name}({s.param}) {s.start}: {unparse(s.init)} {then}: {unparse(s.step)}"
             else:
                 text = type(s).__name__
             lines.append(f"{indent}{text}  {at}")
