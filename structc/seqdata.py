@@ -158,20 +158,24 @@ class Sequences:
         raise ValueError(f"input '{name}': sequence {i}, position {flat - int(self.offsets[i])}: "
                          + what.format(int(self.words[flat])))
 
-    def arrays(self, reverse: bool = False, *, member: bool = False) -> dict[str, np.ndarray]:
+    def arrays(self, reverse: bool = False, *, member: bool = False, init: bool = False) -> dict[str, np.ndarray]:
         """The chain-shaped forest of these sequences (see the module
-        docstring), run from the last position to the first when `reverse`;
-        the membership relation too when `member`. Cached: the arrays are read-only."""
-        key = (reverse, member)
+        docstring), run from the last position to the first when `reverse`,
+        with a start leaf per sequence when `init`; the membership relation
+        too when `member`. Cached: the arrays are read-only."""
+        key = (reverse, member, init)
         if key not in self._cache:
             self._cache[key] = {k: _frozen(v) for k, v in chain_arrays(self.offsets, self.data, reverse,
-                                                                        member).items()}
+                                                                        member, init).items()}
         return self._cache[key]
 
 
-def chain_arrays(offsets: np.ndarray, data: np.ndarray, reverse: bool, member: bool) -> dict[str, np.ndarray]:
+def chain_arrays(offsets: np.ndarray, data: np.ndarray, reverse: bool, member: bool,
+                 init: bool = False) -> dict[str, np.ndarray]:
     """Vectorised: schedule order is by step (position, or position from the
-    end when `reverse`), then by sequence."""
+    end when `reverse`), then by sequence. With `init`, each sequence starts
+    with a leaf of its own (the state before its first step), so every
+    position is a node: [positions + sequences] rows, one level more."""
     from .ops.message import relation_arrays
     lengths = np.diff(offsets)
     count, n = lengths.shape[0], int(offsets[-1])
@@ -179,18 +183,29 @@ def chain_arrays(offsets: np.ndarray, data: np.ndarray, reverse: bool, member: b
     t = np.arange(n) - offsets[seq]                       # its position in that sequence
     if reverse:
         t = lengths[seq] - 1 - t
-    order = np.lexsort((seq, t))                          # schedule row -> flat position
-    row = np.empty(n, np.int64)
-    row[order] = np.arange(n)                             # flat position -> schedule row
-    prev = np.arange(n) + (1 if reverse else -1)          # the chain's child, where t > 0
-    children = np.where(t > 0, row[np.clip(prev, 0, n - 1)], -1)[order]
+    if init:                                              # the start leaves come after the positions
+        seq = np.concatenate([seq, np.arange(count)])
+        t = np.concatenate([t + 1, np.zeros(count, np.int64)])
+    total = t.shape[0]
+    order = np.lexsort((seq, t))                          # schedule row -> flat node
+    row = np.empty(total, np.int64)
+    row[order] = np.arange(total)                         # flat node -> schedule row
+    prev = np.arange(n) + (1 if reverse else -1)          # the chain's child of a position
+    if init:
+        first = offsets[1:] - 1 if reverse else offsets[:-1]
+        prev[first] = n + np.arange(count)                # a first step's child: its sequence's start
+    kids = np.full(total, -1, np.int64)
+    inner = t > 0
+    kids[inner] = row[prev[inner[:n]]]                 # inner nodes are positions, the first n
+    children = kids[order]
     last = offsets[:-1] if reverse else offsets[1:] - 1   # the position a recursion ends at
-    first = order[:count]                                 # level 0: each sequence's first step, in order
     out = {"children": children[:, None], "level_end": np.cumsum(np.bincount(t)), "roots": row[last],
-           "rows": row, "words" if data.ndim == 1 else "features": data[first]}
+           "rows": row[:n]}
+    if not init:                                          # the first steps' payload, read by `first:`
+        out["words" if data.ndim == 1 else "features"] = data[order[:count]]
     out = {k: v.astype(_I32) if v.dtype.kind in "iu" else v for k, v in out.items()}
     if member:
-        rel = relation_arrays(count, n, seq[order], np.arange(n))
+        rel = relation_arrays(count, total, seq[:n], row[:n])     # sequence -> its positions' rows
         out.update({f"member_{k}": v for k, v in zip(("ptr", "idx", "ptr_t", "idx_t", "eid_t"), rel)})
     return out
 
@@ -237,6 +252,11 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)
 
 
+#: the chains a model may read: (reverse, init, the arrays' names after the input's); see `sequence.CHAINS`
+CHAINS = {"fwd": (False, False, ""), "rev": (True, False, ".rev"), "fwd_init": (False, True, ".init"),
+          "rev_init": (True, True, ".rev.init")}
+
+
 class SequenceBinder:
     """Expands sequence inputs in a call's keyword arguments (a `Net` binder):
     each becomes the arrays its recursions read, and its sizes are bound."""
@@ -258,12 +278,14 @@ class SequenceBinder:
                                 "arrays, one per sequence)")
             seqs = as_sequences(out.pop(name), name)
             seqs.check(name, spec.get("vocab"), spec.get("features"))
-            for direction, prefix in (("fwd", name), ("rev", f"{name}.rev")):
-                wanted = spec["arrays"][direction]
+            for chain, wanted in spec["arrays"].items():
                 if wanted:
-                    arrays = seqs.arrays(direction == "rev", member=any(w.startswith("member_") for w in wanted))
-                    out.update({f"{prefix}.{w}": arrays[w] for w in wanted})
-            n, count = seqs.positions, seqs.count
-            dims.update({f"{name}.sequences": count, f"{name}.positions": n, f"{name}.longest": seqs.longest,
-                         f"{name}.sequences+1": count + 1, f"{name}.positions+1": n + 1})
+                    reverse, init, suffix = CHAINS[chain]
+                    arrays = seqs.arrays(reverse, member=any(w.startswith("member_") for w in wanted), init=init)
+                    out.update({f"{name}{suffix}.{w}": arrays[w] for w in wanted})
+            n, count, longest = seqs.positions, seqs.count, seqs.longest
+            dims.update({f"{name}.sequences": count, f"{name}.positions": n, f"{name}.longest": longest,
+                         f"{name}.sequences+1": count + 1, f"{name}.positions+1": n + 1,
+                         f"{name}.positions+sequences": n + count, f"{name}.positions+sequences+1": n + count + 1,
+                         f"{name}.longest+1": longest + 1})
         return out

@@ -19,7 +19,11 @@ child is position t-1 (t+1 backward), the first position (last backward) a
 leaf. The two directions are two forests over the same positions: the
 arrays of `s` (`s.children`, `s.level_end`, `s.roots`, `s.words` or
 `s.features`) and of `s.rev`, made at run time by `seqdata.chain_arrays`.
-The sizes are the symbols `s.sequences`, `s.positions` and `s.longest`.
+With `init:` in place of `first:` / `last:`, each sequence's chain starts
+with a leaf of its own holding that state, so the step case runs at every
+position (one cell, one set of weights, as torch.nn.LSTM does from h0 = 0):
+the chains `s.init` and `s.rev.init`. The sizes are the symbols
+`s.sequences`, `s.positions` and `s.longest`.
 """
 from __future__ import annotations
 
@@ -31,15 +35,17 @@ from .errors import SnetNameError, SnetTypeError, Span
 from .graph import Builder, Value
 from .ops import REGISTRY
 from .recursion import ForestDecl
+from .seqdata import CHAINS
 from .types import TensorType
 
-#: the sizes of a sequence input, and the forest sizes each stands for
+#: the sizes of a sequence input
 DIMS = ("sequences", "positions", "longest")
-_AS_FOREST = {"nodes": "positions", "leaves": "sequences", "trees": "sequences", "levels": "longest"}
-#: the direction each recursion's first case selects, and the neighbour its second case reads
-DIRECTIONS = {"first": ("fwd", "prev"), "last": ("rev", "next")}
-#: what `h(s.<which>)` may select, by direction
-ENDS = {"fwd": "last", "rev": "first"}
+#: the forest sizes of a chain: without a start leaf, and with one (`init:`) per sequence
+_AS_FOREST = {False: {"nodes": "positions", "leaves": "sequences", "trees": "sequences", "levels": "longest"},
+              True: {"nodes": "positions+sequences", "leaves": "sequences", "trees": "sequences",
+                     "levels": "longest+1"}}
+#: the neighbour a recursion's step case reads, by the word opening it
+NEIGHBOURS = {"next": "prev", "prev": "next"}
 
 
 @dataclass
@@ -48,13 +54,13 @@ class SequenceDecl:
     vocab: int | None         # word ids in [0, vocab) at every position, or
     features: int | None      # feature vectors of this length
     span: Span
-    arrays: dict = field(default_factory=lambda: {"fwd": [], "rev": []})     # declared, by direction
+    arrays: dict = field(default_factory=lambda: {k: [] for k in CHAINS})     # declared, by chain
 
     def sym(self, dim: str) -> str:
         return f"{self.name}.{dim}"
 
-    def prefix(self, direction: str) -> str:
-        return self.name if direction == "fwd" else f"{self.name}.rev"
+    def prefix(self, chain: str) -> str:
+        return self.name + CHAINS[chain][2]
 
     def meta(self) -> dict:
         return {"name": self.name, "vocab": self.vocab, "features": self.features,
@@ -63,13 +69,17 @@ class SequenceDecl:
 
 @dataclass
 class ChainDecl(ForestDecl):
-    """One direction of a sequence, as `recursion.build_rec` sees a forest:
-    arity 1, its arrays under `name` (`s` or `s.rev`), the sequence's sizes."""
+    """One chain of a sequence, as `recursion.build_rec` sees a forest:
+    arity 1, its arrays under `name` (`s`, `s.rev`, ...), the sequence's sizes."""
     seq: SequenceDecl = None
-    direction: str = "fwd"
+    chain: str = "fwd"
 
     def sym(self, dim: str) -> str:
-        return self.seq.sym(_AS_FOREST[dim])
+        return self.seq.sym(_AS_FOREST[CHAINS[self.chain][1]][dim])
+
+    @property
+    def direction(self) -> str:
+        return "rev" if CHAINS[self.chain][0] else "fwd"
 
 
 # -- declarations ---------------------------------------------------------------
@@ -114,23 +124,24 @@ def sequences(mb) -> dict:
     return mb.sequences
 
 
-def array(mb, decl: SequenceDecl, direction: str, what: str) -> Value:
-    """An input array of one direction of `decl`, declared on first use."""
+def array(mb, decl: SequenceDecl, chain: str, what: str) -> Value:
+    """An input array of one chain of `decl`, declared on first use."""
     from .build import InputSpec
-    name = f"{decl.prefix(direction)}.{what}"
+    name = f"{decl.prefix(chain)}.{what}"
     if name not in mb.graph.inputs:
-        n, sq, lv = (decl.sym(d) for d in ("positions", "sequences", "longest"))
-        types = {"children": TensorType((n, 1), "i32"), "level_end": TensorType((lv,), "i32"),
+        forest = ChainDecl(name, 1, None, None, decl.span, seq=decl, chain=chain)
+        nodes, n, sq, lv = forest.sym("nodes"), decl.sym("positions"), decl.sym("sequences"), forest.sym("levels")
+        types = {"children": TensorType((nodes, 1), "i32"), "level_end": TensorType((lv,), "i32"),
                  "roots": TensorType((sq,), "i32"), "rows": TensorType((n,), "i32"),
                  "words": TensorType((sq,), "i32"), "features": TensorType((sq, decl.features or 1), "f32"),
-                 "member_ptr": TensorType((f"{sq}+1",), "i32"), "member_ptr_t": TensorType((f"{n}+1",), "i32")}
+                 "member_ptr": TensorType((f"{sq}+1",), "i32"), "member_ptr_t": TensorType((f"{nodes}+1",), "i32")}
         ty = types.get(what, TensorType((n,), "i32"))        # member_idx, _idx_t, _eid_t: one per position
         classes = decl.vocab if what == "words" else 0
         nid = mb.graph.add(REGISTRY["input"], (), {"name": name, "kind": "sequence", "type": ty,
                                                    "classes": classes}, decl.span, type=ty)
         mb.graph.inputs[name] = nid
         mb.inputs[name] = InputSpec(name, "sequence", ty, classes, decl.span)
-        decl.arrays[direction].append(what)
+        decl.arrays[chain].append(what)
         for sym in ty.shape:
             if isinstance(sym, str):
                 mb.symbols.add(sym)
@@ -187,8 +198,8 @@ class SeqRecFn:
         return f"the recursion {self.name} (call it: {self.name}({self.chain.seq.name}.steps))"
 
     def snet_call(self, mb, e: S.Call):
-        seq, direction = self.chain.seq, self.chain.direction
-        end = ENDS[direction]
+        seq, chain, direction = self.chain.seq, self.chain.chain, self.chain.direction
+        end = "last" if direction == "fwd" else "first"
         if len(e.args) != 1 or e.kwargs:
             raise SnetTypeError(f"{self.name} takes one argument, e.g. {self.name}({seq.name}.{end})", e.span)
         sel = mb.eval(e.args[0])
@@ -198,11 +209,11 @@ class SeqRecFn:
                                 f"{self.name}({seq.name}.mean)", e.args[0].span)
         b = Builder(mb.graph, e.span)
         if sel.which == end:        # where the recursion ends: its roots
-            return b.gather_rows(self.states, array(mb, seq, direction, "roots"))
+            return b.gather_rows(self.states, array(mb, seq, chain, "roots"))
         if sel.which == "steps":
-            return b.gather_rows(self.states, array(mb, seq, direction, "rows"))
+            return b.gather_rows(self.states, array(mb, seq, chain, "rows"))
         if sel.which == "mean":
-            rel = [array(mb, seq, direction, f"member_{k}") for k in ("ptr", "idx", "ptr_t", "idx_t", "eid_t")]
+            rel = [array(mb, seq, chain, f"member_{k}") for k in ("ptr", "idx", "ptr_t", "idx_t", "eid_t")]
             return b.spmm(*rel, b.degree(rel[0], power=-1.0), self.states, norm="mean")
         where = "forward" if direction == "fwd" else "backward"
         raise SnetTypeError(f"{self.name} runs {where}, so it ends at {seq.name}.{end}: "
@@ -221,13 +232,13 @@ def build_seq_rec(mb, s: S.SeqRecDecl) -> None:
         raise SnetTypeError("a recursion over positions needs exactly one sequence input declared before it "
                             f"(found {len(seqs)})", s.name_span)
     decl = next(iter(seqs.values()))
-    direction, neighbour = DIRECTIONS[s.start]
-    other = "next" if neighbour == "prev" else "prev"
-    _check_cases(s, decl, neighbour, other)
-    chain = ChainDecl(decl.prefix(direction), 1, decl.vocab, decl.features, decl.span, seq=decl,
-                      direction=direction)
-    for what in ("children", "level_end", "roots", "words" if decl.vocab is not None else "features"):
-        array(mb, decl, direction, what)
+    neighbour = NEIGHBOURS[s.then]
+    _check_cases(s, decl, neighbour, NEIGHBOURS[neighbour])
+    key = ("rev" if s.then == "prev" else "fwd") + ("_init" if s.start == "init" else "")
+    chain = ChainDecl(decl.prefix(key), 1, decl.vocab, decl.features, decl.span, seq=decl, chain=key)
+    payload = () if s.start == "init" else ("words" if decl.vocab is not None else "features",)
+    for what in ("children", "level_end", "roots", *payload):
+        array(mb, decl, key, what)
     rec = S.RecDecl(s.name, s.param, s.init, _to_child(s.step, s.param, neighbour), s.span, s.name_span,
                     s.param_span)
     saved = mb.forests
@@ -241,8 +252,11 @@ def build_seq_rec(mb, s: S.SeqRecDecl) -> None:
 
 def _check_cases(s: S.SeqRecDecl, decl: SequenceDecl, neighbour: str, other: str) -> None:
     """What the translation would report in a forest's words, said in a sequence's."""
-    then = "next" if s.start == "first" else "prev"
+    then = s.then
     for e in _walk(s.init):
+        if s.start == "init" and isinstance(e, S.Name) and e.id == s.param:
+            raise SnetTypeError(f"'init:' is the state before the first step, the same for every sequence: "
+                                f"it reads no position (use {s.param} in the '{then}:' case)", e.span)
         if _is_param_attr(e, s.param, ("prev", "next")):
             raise SnetTypeError(f"the {s.start} position has no {s.param}.{e.name}: it belongs in the "
                                 f"'{then}:' case", e.span)
@@ -251,8 +265,7 @@ def _check_cases(s: S.SeqRecDecl, decl: SequenceDecl, neighbour: str, other: str
                                 f"{s.name}: call {s.name} in the '{then}:' case", e.span)
     for e in _walk(s.step):
         if _is_param_attr(e, s.param, (other,)):
-            where = "forward (first: ... next: ...) reads" if s.start == "first" else \
-                "backward (last: ... prev: ...) reads"
+            where = "forward (... next: ...) reads" if then == "next" else "backward (... prev: ...) reads"
             raise SnetTypeError(f"this recursion runs {where} {s.param}.{neighbour}, not {s.param}.{other}",
                                 e.span)
         if _is_param_attr(e, s.param, ("x", "word")) and s.step is not None:

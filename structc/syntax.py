@@ -214,11 +214,13 @@ class RecDecl:
 @dataclass
 class SeqRecDecl:
     """`rec h(t) = first: expr next: expr` (forward, reads h(t.prev)) or
-    `rec b(t) = last: expr prev: expr` (backward, reads b(t.next)): a function
-    over the positions of a sequence input."""
+    `rec b(t) = last: expr prev: expr` (backward, reads b(t.next)), or with
+    `init: expr` (the state before the first step) in place of `first:` /
+    `last:`: a function over the positions of a sequence input."""
     name: str
     param: str
-    start: str         # "first" (forward) or "last" (backward)
+    start: str         # "first", "last" or "init"
+    then: str          # "next" (forward) or "prev" (backward)
     init: Expr
     step: Expr
     span: Span
@@ -378,13 +380,15 @@ class _ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def seq_rec_decl(self, meta, c):
         name, param, w1, init, w2, step = c
-        want = {"first": "next", "last": "prev"}
-        if str(w1) not in want:
-            raise SnetSyntaxError(f"a recursion over a sequence starts with 'first:' (forward) or 'last:' "
-                                  f"(backward), got '{w1}:'", self._tok(w1))
-        if str(w2) != want[str(w1)]:
-            raise SnetSyntaxError(f"expected '{want[str(w1)]}:' after '{w1}:', got '{w2}:'", self._tok(w2))
-        return SeqRecDecl(str(name), str(param), str(w1), init, step, self._span(meta), self._tok(name),
+        then = {"first": ("next",), "last": ("prev",), "init": ("next", "prev")}
+        if str(w1) not in then:
+            raise SnetSyntaxError(f"a recursion over a sequence starts with 'first:' (forward), 'last:' "
+                                  f"(backward) or 'init:' (the state before the first step), got '{w1}:'",
+                                  self._tok(w1))
+        if str(w2) not in then[str(w1)]:
+            raise SnetSyntaxError(f"expected {' or '.join(repr(w + ':') for w in then[str(w1)])} after "
+                                  f"'{w1}:', got '{w2}:'", self._tok(w2))
+        return SeqRecDecl(str(name), str(param), str(w1), str(w2), init, step, self._span(meta), self._tok(name),
                           self._tok(param))
 
     @v_args(meta=True)
@@ -746,8 +750,7 @@ def format_program(program: Program) -> str:
             elif isinstance(s, RecDecl):
                 text = f"Rec {s.name}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
             elif isinstance(s, SeqRecDecl):
-                then = "next" if s.start == "first" else "prev"
-                text = f"Rec {s.name}({s.param}) {s.start}: {unparse(s.init)} {then}: {unparse(s.step)}"
+                text = f"Rec {s.name}({s.param}) {s.start}: {unparse(s.init)} {s.then}: {unparse(s.step)}"
             else:
                 text = type(s).__name__
             lines.append(f"{indent}{text}  {at}")
