@@ -490,10 +490,12 @@ def _read_inputs(path: str, net) -> dict:
     reshaped to the declared per-example shape where only the layout differs."""
     import numpy as np
     names = [s["name"] for s in net.meta["inputs"] if s["kind"] == "input"]
-    structured = [s["name"] for s in (net.meta.get("graphs") or []) + (net.meta.get("forests") or [])]
+    structured = [s["name"] for s in (net.meta.get("graphs") or []) + (net.meta.get("forests") or [])
+                  + (net.meta.get("sequences") or [])]
     if structured or not names:
         raise UserError(f"structc predict reads tensors; model {net.name} takes "
-                        f"{', '.join(structured) or 'no tensor input'} (a graph or forest): call it from Python")
+                        f"{', '.join(structured) or 'no tensor input'} (a graph, forest or sequence): "
+                        "call it from Python")
     try:
         if path.endswith(".npz"):
             with np.load(path) as f:

@@ -289,3 +289,83 @@ class SequenceBinder:
                          f"{name}.positions+sequences": n + count, f"{name}.positions+sequences+1": n + count + 1,
                          f"{name}.longest+1": longest + 1})
         return out
+
+
+class SequenceDataset:
+    """Labelled sequences for `structc train`: a model with one sequence input
+    and a target `class[s.sequences] of C`; held-out accuracy from the
+    forward output of shape [s.sequences, C]."""
+
+    def __init__(self, name: str, train: Sequences, y_train, test: Sequences, y_test, description: str = ""):
+        self.name, self.description = name, description
+        self.train, self.test = train, test
+        self.y_train, self.y_test = np.asarray(y_train, np.int32), np.asarray(y_test, np.int32)
+        self.input = self.target = self.output = None
+
+    def __len__(self) -> int:
+        return self.train.count
+
+    def bind(self, net) -> "SequenceDataset":
+        seqs = net.meta.get("sequences") or []
+        if len(seqs) != 1:
+            raise ValueError(f"data set '{self.name}' holds sequences: model {net.name} must declare one "
+                             "sequence input")
+        spec = seqs[0]
+        self.input = spec["name"]
+        self.train.check(self.input, spec.get("vocab"), spec.get("features"))
+        targets = [s for s in net.meta["inputs"] if s["kind"] == "target"]
+        if len(targets) != 1 or targets[0]["shape"] != [f"{self.input}.sequences"]:
+            raise ValueError(f"data set '{self.name}' labels each sequence: declare one target "
+                             f"`target y: class[{self.input}.sequences] of C`")
+        self.target = targets[0]
+        top = int(max(self.y_train.max(), self.y_test.max()))
+        if self.target["classes"] <= top:
+            raise ValueError(f"data set '{self.name}' has labels up to {top}, but target "
+                             f"'{self.target['name']}' declares {self.target['classes']} classes")
+        outs = net.meta["entries"]["forward"]["outputs"]
+        per_seq = [o for o in outs if o["shape"][:1] == [f"{self.input}.sequences"] and len(o["shape"]) == 2]
+        self.output = per_seq[0]["name"] if per_seq else None
+        return self
+
+    def _subset(self, seqs: Sequences, idx: np.ndarray) -> Sequences:
+        """The sequences `idx` of `seqs`, as one batch (vectorised)."""
+        off = seqs.offsets
+        lengths = off[idx + 1] - off[idx]
+        starts = np.repeat(off[idx] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        flat = starts + np.arange(int(lengths.sum()))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return Sequences._make(offsets, seqs.data[flat])
+
+    def batches(self, batch: int, rng: np.random.Generator):
+        order = rng.permutation(self.train.count)
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            yield {self.input: self._subset(self.train, idx), self.target["name"]: self.y_train[idx]}
+
+    def batch_count(self, batch: int) -> int:
+        return (self.train.count + batch - 1) // batch
+
+    def evaluate(self, net, batch: int = 512) -> dict:
+        loss, correct, n = 0.0, 0, self.test.count
+        for start in range(0, n, batch):
+            idx = np.arange(start, min(n, start + batch))
+            part, y = self._subset(self.test, idx), self.y_test[idx]
+            if self.output is not None:
+                probs = net.forward(**{self.input: part})[self.output]
+                correct += int(np.sum(np.argmax(probs, axis=-1) == y))
+            batch_loss, _ = net.grad(**{self.input: part, self.target["name"]: y})
+            loss += batch_loss * len(idx)
+        result = {"loss": loss / n}
+        if self.output is not None:
+            result["accuracy"] = correct / n
+        return result
+
+
+def load_digits_rows() -> SequenceDataset:
+    """The shipped 8x8 digits, each a sequence of its 8 rows of 8 pixels (the same split as `digits`)."""
+    from .datasets import load_digits
+    d = load_digits()
+    rows = lambda x: Sequences.from_flat(x.reshape(-1, 8), np.arange(0, 8 * len(x) + 1, 8))  # noqa: E731
+    return SequenceDataset("digits_rows", rows(d.x_train), d.y_train, rows(d.x_test), d.y_test,
+                           description="8x8 handwritten digits as sequences of 8 rows of 8 pixels, "
+                                       "1,437 training / 360 held-out")

@@ -68,3 +68,10 @@ def lstm_cell(ctx, x, h, c, units, *, init="glorot", name=None):
     i, f, u, o = (_part(ctx, g, k, units) for k in range(4))
     c2 = b.sigmoid(f) * c + b.sigmoid(i) * b.tanh(u)
     return b.sigmoid(o) * b.tanh(c2), c2
+
+
+@surface("zeros")
+def zeros(ctx, units):
+    """zeros(units): a vector of zeros, e.g. a recurrence's initial state (init: zeros(64))"""
+    units = ctx.expect_int(units, "units")
+    return ctx.b.broadcast_to(ctx.b.const(0.0), shape=(units,))
