@@ -20,6 +20,7 @@ direction, `arrays` gives (names relative to the input, e.g. `s.children`):
     level_end  i32[longest]       end of each step's rows
     roots      i32[sequences]     the row of each sequence's last position
     words      i32[sequences]     the first positions' word ids (or `features` f32[sequences, F])
+    node_words i32[positions]     every position's word id (or `node_features` f32[positions, F])
     rows       i32[positions]     the row of each position, in the order given (h(s.steps))
     member_*   the five arrays of the sequence -> rows relation (h(s.mean), `ops.message`)
 """
@@ -203,6 +204,9 @@ def chain_arrays(offsets: np.ndarray, data: np.ndarray, reverse: bool, member: b
            "rows": row[:n]}
     if not init:                                          # the first steps' payload, read by `first:`
         out["words" if data.ndim == 1 else "features"] = data[order[:count]]
+    every = np.zeros((total,) + data.shape[1:], data.dtype)      # every node's payload (start leaves: 0)
+    every[row[:n]] = data
+    out["node_words" if data.ndim == 1 else "node_features"] = every
     out = {k: v.astype(_I32) if v.dtype.kind in "iu" else v for k, v in out.items()}
     if member:
         rel = relation_arrays(count, total, seq[:n], row[:n])     # sequence -> its positions' rows
