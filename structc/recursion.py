@@ -23,12 +23,15 @@ from . import syntax as S
 from .errors import ShapeMismatch, SnetNameError, SnetShapeError, SnetTypeError, Span
 from .graph import Builder, Graph, Value
 from .ops import REGISTRY
+from .ops.tree import BODY_ROWS
 from .types import TensorType
 
 #: the most children a node can have: the node case gets arity x width inputs per node
 MAX_ARITY = 64
-ARRAYS = ("children", "level_end", "roots", "words", "features")
+ARRAYS = ("children", "level_end", "roots", "words", "features", "node_words", "node_features", "child_mask")
 DIMS = ("nodes", "leaves", "trees", "levels")
+#: a node case's row-aligned inputs -> the forest array holding them, one row per node
+NODE_ARRAYS = {"word": "node_words", "x": "node_features", "@mask": "child_mask"}
 
 
 @dataclass
@@ -38,27 +41,33 @@ class ForestDecl:
     vocab: int | None         # word ids in [0, vocab) at the leaves, or
     features: int | None      # feature vectors of this length
     span: Span
+    inner: bool = False       # inner nodes carry a word / feature vector too (`forest(inner=true)`)
+    mask: bool = False        # the model reads `t.child_mask` (per-child terms: which slots hold a child)
 
     def sym(self, dim: str) -> str:
         return f"{self.name}.{dim}"
 
     def meta(self) -> dict:
-        return {"name": self.name, "arity": self.arity, "vocab": self.vocab, "features": self.features}
+        return {"name": self.name, "arity": self.arity, "vocab": self.vocab, "features": self.features,
+                "inner": self.inner, "mask": self.mask}
 
 
 # -- declarations ---------------------------------------------------------------
 
 def declare_forest(mb, s: S.InputDecl) -> None:
-    """`input t: forest(arity=A) of word(vocab=V)` or `... of f32[F]`."""
-    from .build import InputSpec
+    """`input t: forest(arity=A) of word(vocab=V)` or `... of f32[F]`; `inner=true`:
+    every node carries one (read as n.word / n.x in the node case too)."""
     t = s.type
     if s.kind != "input":
         raise SnetTypeError("a forest is an input, not a target; label its trees with "
                             f"`target y: class[{s.name}.trees] of C`", t.span)
-    arity = 2
+    arity, inner = 2, False
     for opt in t.options:
+        if opt.name == "inner":
+            inner = _bool_option(opt)
+            continue
         if opt.name != "arity":
-            raise SnetTypeError(f"forest has no option '{opt.name}' (options: arity)", opt.span)
+            raise SnetTypeError(f"forest has no option '{opt.name}' (options: arity, inner)", opt.span)
         v = opt.value.value if isinstance(opt.value, S.Number) else None
         if not isinstance(v, int) or v < 1:
             raise SnetTypeError("arity must be a positive integer, e.g. forest(arity=3)", opt.span)
@@ -84,7 +93,7 @@ def declare_forest(mb, s: S.InputDecl) -> None:
     else:
         raise SnetTypeError("a forest's leaves carry words, word(vocab=V), or feature vectors, f32[F]", leaf.span)
     forests = mb.forests
-    decl = ForestDecl(s.name, arity, vocab, features, s.span)
+    decl = ForestDecl(s.name, arity, vocab, features, s.span, inner)
     mb.define(s.name, s.name_span, ForestRef(decl), rebind=False)
     forests[s.name] = decl
     for d in DIMS:
@@ -96,13 +105,32 @@ def declare_forest(mb, s: S.InputDecl) -> None:
         arrays["words"] = TensorType((l,), "i32")
     else:
         arrays["features"] = TensorType((l, features), "f32")
+    if inner:       # every node's payload, in schedule order: the node case reads its level's rows
+        arrays["node_words" if vocab is not None else "node_features"] = \
+            TensorType((n,), "i32") if vocab is not None else TensorType((n, features), "f32")
     for k, ty in arrays.items():
-        name = f"{s.name}.{k}"
-        classes = vocab if k == "words" else 0
-        nid = mb.graph.add(REGISTRY["input"], (), {"name": name, "kind": "forest", "type": ty, "classes": classes},
-                           s.span, type=ty)
-        mb.graph.inputs[name] = nid
-        mb.inputs[name] = InputSpec(name, "forest", ty, classes, s.span)
+        add_forest_array(mb, decl, k, ty, s.span)
+
+
+def add_forest_array(mb, decl: ForestDecl, k: str, ty: TensorType, span: Span) -> None:
+    """One of a forest's arrays as an input of the model (kind `forest`: `Net` binds it)."""
+    from .build import InputSpec
+    name = f"{decl.name}.{k}"
+    if name in mb.graph.inputs:
+        return
+    classes = decl.vocab if k in ("words", "node_words") else 0
+    nid = mb.graph.add(REGISTRY["input"], (), {"name": name, "kind": "forest", "type": ty, "classes": classes},
+                       span, type=ty)
+    mb.graph.inputs[name] = nid
+    mb.inputs[name] = InputSpec(name, "forest", ty, classes, span)
+
+
+def _bool_option(opt) -> bool:
+    v = opt.value
+    word = v.id if isinstance(v, S.Name) else None
+    if word not in ("true", "false"):
+        raise SnetTypeError(f"forest option {opt.name} is true or false, got {S.unparse(v)}", opt.span)
+    return word == "true"
 
 
 def forest_array(mb, decl: ForestDecl, what: str) -> Value:
@@ -201,7 +229,8 @@ class Children:
 
 
 class NodeRef:
-    """`n` in the node case: `n.left`, `n.right`, `n.children`."""
+    """`n` in the node case: `n.left`, `n.right`, `n.children`; `n.word` or
+    `n.x` (this node's own, when the forest is declared `inner=true`)."""
 
     def __init__(self, decl: ForestDecl):
         self.decl = decl
@@ -219,7 +248,14 @@ class NodeRef:
         if name == "children":
             return Children(a)
         if name in ("word", "x", "features"):
-            raise SnetTypeError(f"only leaves carry n.{name}: use it in the leaf case", span)
+            if not self.decl.inner:
+                raise SnetTypeError(f"only leaves carry n.{name}: use it in the leaf case, or declare "
+                                    f"`forest(inner=true)` for a word or vector at every node", span)
+            if name == "word" and self.decl.vocab is None:
+                raise SnetTypeError(f"the nodes of '{self.decl.name}' carry feature vectors: use n.x", span)
+            if name != "word" and self.decl.features is None:
+                raise SnetTypeError(f"the nodes of '{self.decl.name}' carry words: use n.word", span)
+            return mb.node_input("word" if name == "word" else "x")
         raise SnetNameError(f"a node has no '{name}' (it has n.left, n.right, n.children)", span)
 
 
@@ -274,7 +310,7 @@ class RecSelf:
 # -- rec h(n) = leaf: ... node: ... ------------------------------------------------
 
 def build_rec(mb, s: S.RecDecl) -> None:
-    from .ops.tree import fold_concat_of_slices, prepare, _tags
+    from .ops.tree import _tags, fold_concat_of_slices, prepare
     from .passes.dce import dce
     forests = mb.forests
     if len(forests) != 1:
@@ -317,7 +353,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
         got = ", ".join(map(str, out.shape[1:])) if out.shape[:1] == ("rows",) else str(out.type)
         raise SnetShapeError(f"the node case gives states of shape [{got}], the leaf case [{width}]: "
                              "a node's state must have one shape", s.node.span)
-    _check_rows_stay_apart(body, cin, s.node.span)
+    _check_rows_stay_apart(body, set(body.inputs.values()), s.node.span)
     body.outputs["h"] = out.id
     fold_concat_of_slices(body)
     dce(body)
@@ -331,18 +367,21 @@ def build_rec(mb, s: S.RecDecl) -> None:
     sr = b.scratch(shape=(nodes, decl.arity * width + fwd.rows_floats), tag=next(_tags))
     sf = b.scratch(shape=(max(fwd.fixed_floats, 16),), tag=next(_tags))
     params = [b.value(mb.graph.params[p]) for p in body.params]
+    node_inputs = tuple(k for k in body.inputs if k != "children")
+    rows = [forest_array(mb, decl, NODE_ARRAYS[k]) for k in node_inputs]
     H = b.tree_map(forest_array(mb, decl, "children"), forest_array(mb, decl, "level_end"),
-                   forest_array(mb, decl, "roots"), leaf, sr, sf, *params,
-                   body=body, fwd=fwd, arity=decl.arity, width=width, rec=s.name)
+                   forest_array(mb, decl, "roots"), leaf, sr, sf, *rows, *params,
+                   body=body, fwd=fwd, arity=decl.arity, width=width, rec=s.name, node_inputs=node_inputs)
     mb.env[s.name] = RecFn(s.name, H, decl)
     mb.defined_at[s.name] = s.name_span
 
 
-def _check_rows_stay_apart(body: Graph, children: int, span: Span) -> None:
-    """Every value computed from the children must keep one row per node. A
-    value of parameters and constants alone (transpose(W)) is the same for
-    every node: it is allowed, and lowering hoists it out of the recursion."""
-    per_node = {children}
+def _check_rows_stay_apart(body: Graph, inputs: set, span: Span) -> None:
+    """Every value computed from the children (or the node's own inputs) must
+    keep one row per node. A value of parameters and constants alone
+    (transpose(W)) is the same for every node: it is allowed, and lowering
+    hoists it out of the recursion."""
+    per_node = set(inputs)
     for nid in sorted(body.nodes):          # ids grow with building: inputs come first
         node = body.nodes[nid]
         if not any(i in per_node for i in node.inputs):
@@ -385,6 +424,18 @@ def _body_builder_class():
             self.env[s.name] = rec
             self.implied_outputs = {}
             self.rec = rec
+            self.decl = decl
+
+        def node_input(self, name: str) -> Value:
+            """This node's row of a [nodes, ...] array of the forest: a body input."""
+            if name not in self.graph.inputs:
+                d = self.decl
+                t = TensorType((BODY_ROWS,), "i32") if name == "word" else TensorType((BODY_ROWS, d.features))
+                classes = d.vocab if name == "word" else 0
+                self.graph.inputs[name] = self.graph.add(
+                    REGISTRY["input"], (), {"name": name, "kind": "input", "type": t, "classes": classes},
+                    self.decl.span, type=t)
+            return self.b.value(self.graph.inputs[name])
 
         def add_param(self, name, t, init, span, name_span=None) -> int:
             self.parent.add_param(name, t, init, span, name_span)

@@ -13,6 +13,12 @@ states are H's first rows (nodes are in schedule order, see `forest`):
     H[i] = leaf_states[i]                             i < leaves
     H[i] = body(H[child_0(i)], ..., H[child_A-1(i)])  otherwise, in order of height
 
+A body may read more row-aligned inputs: node i's row of a [nodes, ...]
+array given after the scratch operands (`node_inputs` names them in the
+body: a word or feature vector at every node, `forest(inner=true)`, and the
+child-presence mask of per-child terms). They are data: no cotangent flows
+to them (a parameter they index, an embedding, gets its gradient as usual).
+
 The VJP walks the heights in reverse: with dH the total cotangent of each
 node (gH plus what its parent sends down, stored once per node),
 
@@ -244,14 +250,20 @@ def _child_states(H, kids, width):
     return np.concatenate([H[k] if k >= 0 else np.zeros(width, H.dtype) for k in kids])[None, :]
 
 
-def _forward_reference(children, leaves, params, body, width):
+def _rows(extras: dict, i: int) -> dict:
+    """Node i's rows of the body's row-aligned inputs."""
+    return {name: a[i:i + 1] for name, a in extras.items()}
+
+
+def _forward_reference(children, leaves, params, body, width, extras=None):
     from ..interp import evaluate
     n, nl = children.shape[0], leaves.shape[0]
     H = np.zeros((n, width), dtype=np.float64)
     H[:nl] = leaves
     pvals = dict(zip(body.params, params))
     for i in range(nl, n):
-        H[i] = evaluate(body, {"children": _child_states(H, children[i], width)}, pvals)["h"][0]
+        feed = {"children": _child_states(H, children[i], width), **_rows(extras or {}, i)}
+        H[i] = evaluate(body, feed, pvals)["h"][0]
     return H
 
 
@@ -264,7 +276,7 @@ def _seed(seed, roots, nodes, from_roots):
     return gH
 
 
-def _backward_reference(children, H, gH, params, bwd, width, leaves):
+def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None):
     from ..interp import evaluate
     n = children.shape[0]
     dH = np.array(gH, dtype=np.float64)
@@ -272,8 +284,8 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves):
     pvals = dict(zip(names, params))
     dparams = [np.zeros(np.shape(p)) for p in params]
     for i in reversed(range(leaves, n)):        # parents before their children
-        r = evaluate(bwd, {"@C": _child_states(H, children[i], width), "@g": dH[i:i + 1], "@h": H[i:i + 1]},
-                     pvals)
+        r = evaluate(bwd, {"@C": _child_states(H, children[i], width), "@g": dH[i:i + 1], "@h": H[i:i + 1],
+                           **_rows(extras or {}, i)}, pvals)
         for k, name in enumerate(names):
             dparams[k] += r[f"d:{name}"]
         for a, c in enumerate(children[i]):
@@ -286,6 +298,12 @@ def _leaf_count(level_end) -> int:
     return int(level_end[0])
 
 
+def _split(rest, node_inputs):
+    """(row-aligned inputs by body name, parameters) from the operands after the scratch ones."""
+    k = len(node_inputs)
+    return dict(zip(node_inputs, rest[:k])), rest[k:]
+
+
 # -- the ops ------------------------------------------------------------------
 
 class TreeMap(Op):
@@ -293,20 +311,24 @@ class TreeMap(Op):
     name = "tree_map"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
-              body, fwd, arity: int, width: int, rec: str = "h") -> TensorType:
+    def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
+              body, fwd, arity: int, width: int, rec: str = "h", node_inputs: tuple = ()) -> TensorType:
         expect(leaves.rank == 2 and leaves.shape[1] == width, f"leaf states {leaves} are not [leaves, {width}]")
+        for x in rest[:len(node_inputs)]:
+            expect(x.shape[0] == children.shape[0], f"a row-aligned input {x} is not one row per node")
         return TensorType((children.shape[0], width), "f32")
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, body={attrs['fwd']}"
 
-    def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
-                  body, fwd, arity, width, rec="h", dims=None):
-        return _forward_reference(children, leaves, params, body, width)
+    def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
+                  body, fwd, arity, width, rec="h", node_inputs=(), dims=None):
+        extras, params = _split(rest, node_inputs)
+        return _forward_reference(children, leaves, params, body, width, extras)
 
-    def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
-            body, fwd, arity, width, rec="h"):
+    def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
+            body, fwd, arity, width, rec="h", node_inputs=()):
+        ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
         bwd = derive_backward(body)
         names = list(body.params)
         bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children")
@@ -326,14 +348,15 @@ class TreeMap(Op):
         from_roots = gn.op.name == "scatter_rows" and gn.inputs[1] == roots.id and gn.attrs["rows"] == nodes
         seed = b.value(gn.inputs[0]) if from_roots else g
         attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
-                     from_roots=from_roots)
+                     from_roots=from_roots, node_inputs=node_inputs)
         # the children's states, as the forward pass gathered them level by level
         C = b.tree_children(out, children, arity=arity, width=width)
-        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *params, **attrs)
+        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *ins, *params, **attrs)
         d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
-        parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *params, param=name, index=k, bwd=bwd,
-                                  width=width, from_roots=from_roots) for k, name in enumerate(names)]
-        return [None, None, None, d_leaves, None, None, *parts]
+        parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *ins, *params, param=name, index=k,
+                                  bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs)
+                 for k, name in enumerate(names)]
+        return [None, None, None, d_leaves, None, None, *[None] * len(ins), *parts]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map
@@ -347,19 +370,20 @@ class TreeMapGrad(Op):
     name = "tree_map_grad"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
+    def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
               body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
-              from_roots: bool = False) -> TensorType:
+              from_roots: bool = False, node_inputs: tuple = ()) -> TensorType:
         return H
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, " \
                f"vjp={attrs['bwd_in']}, {attrs['bwd_par']}"
 
-    def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
-                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, dims=None):
+    def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
+                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, node_inputs=(), dims=None):
+        extras, params = _split(rest, node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[0]
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras)[0]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map_grad
@@ -373,17 +397,18 @@ class TreeGradPart(Op):
     name = "tree_grad_part"
     traits = frozenset({"part"})
 
-    def shape(self, dH, children, level_end, roots, H, seed, *params, param: str, index: int, bwd, width: int,
-              from_roots: bool = False) -> TensorType:
-        return params[index]
+    def shape(self, dH, children, level_end, roots, H, seed, *rest, param: str, index: int, bwd, width: int,
+              from_roots: bool = False, node_inputs: tuple = ()) -> TensorType:
+        return rest[len(node_inputs) + index]
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['param']}"
 
-    def reference(self, dH, children, level_end, roots, H, seed, *params, param, index, bwd, width,
-                  from_roots=False):
+    def reference(self, dH, children, level_end, roots, H, seed, *rest, param, index, bwd, width,
+                  from_roots=False, node_inputs=()):
+        extras, params = _split(rest, node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[1][index]
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras)[1][index]
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map_grad kernel of its group
