@@ -134,9 +134,11 @@ def array(mb, decl: SequenceDecl, chain: str, what: str) -> Value:
         types = {"children": TensorType((nodes, 1), "i32"), "level_end": TensorType((lv,), "i32"),
                  "roots": TensorType((sq,), "i32"), "rows": TensorType((n,), "i32"),
                  "words": TensorType((sq,), "i32"), "features": TensorType((sq, decl.features or 1), "f32"),
+                 "node_words": TensorType((nodes,), "i32"),
+                 "node_features": TensorType((nodes, decl.features or 1), "f32"),
                  "member_ptr": TensorType((f"{sq}+1",), "i32"), "member_ptr_t": TensorType((f"{nodes}+1",), "i32")}
         ty = types.get(what, TensorType((n,), "i32"))        # member_idx, _idx_t, _eid_t: one per position
-        classes = decl.vocab if what == "words" else 0
+        classes = decl.vocab if what in ("words", "node_words") else 0
         nid = mb.graph.add(REGISTRY["input"], (), {"name": name, "kind": "sequence", "type": ty,
                                                    "classes": classes}, decl.span, type=ty)
         mb.graph.inputs[name] = nid
@@ -235,8 +237,11 @@ def build_seq_rec(mb, s: S.SeqRecDecl) -> None:
     neighbour = NEIGHBOURS[s.then]
     _check_cases(s, decl, neighbour, NEIGHBOURS[neighbour])
     key = ("rev" if s.then == "prev" else "fwd") + ("_init" if s.start == "init" else "")
-    chain = ChainDecl(decl.prefix(key), 1, decl.vocab, decl.features, decl.span, seq=decl, chain=key)
-    payload = () if s.start == "init" else ("words" if decl.vocab is not None else "features",)
+    chain = ChainDecl(decl.prefix(key), 1, decl.vocab, decl.features, decl.span, inner=True, seq=decl, chain=key)
+    word = decl.vocab is not None
+    payload = () if s.start == "init" else ("words" if word else "features",)
+    if any(_is_param_attr(e, s.param, ("x", "word")) for e in _walk(s.step)):     # x_t in the step case
+        payload += ("node_words" if word else "node_features",)
     for what in ("children", "level_end", "roots", *payload):
         array(mb, decl, key, what)
     rec = S.RecDecl(s.name, s.param, s.init, _to_child(s.step, s.param, neighbour), s.span, s.name_span,
