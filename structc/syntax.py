@@ -94,6 +94,24 @@ class Over:
 
 
 @dataclass
+class CaseBlock:
+    """`{ a = expr; ...; value }`: a recursion case's local names, then its value."""
+    bindings: list
+    value: "Expr"
+    span: Span
+
+
+@dataclass
+class PerChild:
+    """`value for k in domain` as a call's argument: `sum(f(h(k)) for k in n.children)`."""
+    value: "Expr"
+    var: str
+    domain: "Expr"
+    span: Span
+    var_span: Span
+
+
+@dataclass
 class Tuple:
     """`(0,)`, `(3, 3)`: a list of numbers written in place (axes, kernel, stride, padding)."""
     items: list["Expr"]
@@ -194,7 +212,9 @@ class Repeat:
 
 @dataclass
 class RecDecl:
-    """`rec h(n) = leaf: expr node: expr`, a function over the nodes of a forest."""
+    """`rec h(n) = leaf: expr node: expr`, a function over the nodes of a forest;
+    `rec (h, c)(n) = ...` gives each node several states (`names`), each case a
+    tuple of as many values."""
     name: str
     param: str
     leaf: Expr
@@ -202,6 +222,8 @@ class RecDecl:
     span: Span
     name_span: Span
     param_span: Span
+    names: tuple = ()           # every state's name (one: (name,))
+    name_spans: tuple = ()
 
 
 Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl]
@@ -349,13 +371,28 @@ class _ToAst(Transformer_NonRecursive):
             raise SnetSyntaxError("forest options are written name=value, e.g. forest(arity=3)", bad.span)
         return ForestTypeExpr(opts, leaf, self._span(meta))
 
+    def rec_names(self, c):
+        return list(c)
+
     @v_args(meta=True)
     def rec_decl(self, meta, c):
-        name, param, w1, leaf, w2, node = c
+        names, param, w1, leaf, w2, node = c
         for word, want in ((w1, "leaf"), (w2, "node")):
             if str(word) != want:
                 raise SnetSyntaxError(f"expected '{want}:' here, got '{word}'", self._tok(word))
-        return RecDecl(str(name), str(param), leaf, node, self._span(meta), self._tok(name), self._tok(param))
+        spans = tuple(self._tok(n) for n in names)
+        return RecDecl(str(names[0]), str(param), leaf, node, self._span(meta), spans[0], self._tok(param),
+                       tuple(map(str, names)), spans)
+
+    @v_args(meta=True)
+    def case_block(self, meta, c):
+        items = [x for x in c if x is not None]
+        return CaseBlock(items[:-1], items[-1], self._span(meta))
+
+    @v_args(meta=True)
+    def per_child(self, meta, c):
+        value, var, domain = c
+        return PerChild(value, str(var), domain, self._span(meta), self._tok(var))
 
     def number(self, c):
         tok = c[0]
@@ -664,6 +701,10 @@ def unparse(e) -> str:
         return f"{unparse(e.base)}.{e.name}"
     if isinstance(e, Over):
         return f"{unparse(e.value)} over {unparse(e.domain)}"
+    if isinstance(e, CaseBlock):
+        return "{ " + "; ".join([f"{a.name} = {unparse(a.value)}" for a in e.bindings] + [unparse(e.value)]) + " }"
+    if isinstance(e, PerChild):
+        return f"{unparse(e.value)} for {e.var} in {unparse(e.domain)}"
     return f"<{type(e).__name__}>"
 
 
@@ -704,7 +745,8 @@ def format_program(program: Program) -> str:
             elif isinstance(s, OutputStmt):
                 text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
             elif isinstance(s, RecDecl):
-                text = f"Rec {s.name}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
+                names = s.name if len(s.names) < 2 else f"({', '.join(s.names)})"
+                text = f"Rec {names}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
             else:
                 text = type(s).__name__
             lines.append(f"{indent}{text}  {at}")
