@@ -193,8 +193,8 @@ class SequenceRef:
 class SeqRecFn:
     """`h` after `rec h(t) = ...`: h(s.last), h(s.first), h(s.steps), h(s.mean)."""
 
-    def __init__(self, name: str, states: Value, chain: ChainDecl):
-        self.name, self.states, self.chain = name, states, chain
+    def __init__(self, name: str, states: Value, chain: ChainDecl, state):
+        self.name, self.states, self.chain, self.state = name, states, chain, state
 
     def __repr__(self) -> str:
         return f"the recursion {self.name} (call it: {self.name}({self.chain.seq.name}.steps))"
@@ -210,13 +210,14 @@ class SeqRecFn:
                                 f"{self.name}({seq.name}.{end}), {self.name}({seq.name}.steps) or "
                                 f"{self.name}({seq.name}.mean)", e.args[0].span)
         b = Builder(mb.graph, e.span)
+        states = self.state.columns(b, self.states)       # this state's columns (one of several)
         if sel.which == end:        # where the recursion ends: its roots
-            return b.gather_rows(self.states, array(mb, seq, chain, "roots"))
+            return b.gather_rows(states, array(mb, seq, chain, "roots"))
         if sel.which == "steps":
-            return b.gather_rows(self.states, array(mb, seq, chain, "rows"))
+            return b.gather_rows(states, array(mb, seq, chain, "rows"))
         if sel.which == "mean":
             rel = [array(mb, seq, chain, f"member_{k}") for k in ("ptr", "idx", "ptr_t", "idx_t", "eid_t")]
-            return b.spmm(*rel, b.degree(rel[0], power=-1.0), self.states, norm="mean")
+            return b.spmm(*rel, b.degree(rel[0], power=-1.0), states, norm="mean")
         where = "forward" if direction == "fwd" else "backward"
         raise SnetTypeError(f"{self.name} runs {where}, so it ends at {seq.name}.{end}: "
                             f"{self.name}({seq.name}.{sel.which}) is its first case; use "
@@ -245,14 +246,16 @@ def build_seq_rec(mb, s: S.SeqRecDecl) -> None:
     for what in ("children", "level_end", "roots", *payload):
         array(mb, decl, key, what)
     rec = S.RecDecl(s.name, s.param, s.init, _to_child(s.step, s.param, neighbour), s.span, s.name_span,
-                    s.param_span)
+                    s.param_span, s.names, s.name_spans)
     saved = mb.forests
     mb.forests = {chain.name: chain}        # build_rec reads the one forest of the model
     try:
         build_rec(mb, rec)
     finally:
         mb.forests = saved
-    mb.env[s.name] = SeqRecFn(s.name, mb.env[s.name].states, chain)
+    for name in s.names or (s.name,):       # each state: its columns of the one tree_map
+        fn = mb.env[name]
+        mb.env[name] = SeqRecFn(name, fn.states, chain, fn.state)
 
 
 def _check_cases(s: S.SeqRecDecl, decl: SequenceDecl, neighbour: str, other: str) -> None:
@@ -265,9 +268,9 @@ def _check_cases(s: S.SeqRecDecl, decl: SequenceDecl, neighbour: str, other: str
         if _is_param_attr(e, s.param, ("prev", "next")):
             raise SnetTypeError(f"the {s.start} position has no {s.param}.{e.name}: it belongs in the "
                                 f"'{then}:' case", e.span)
-        if isinstance(e, S.Call) and e.func == s.name:
+        if isinstance(e, S.Call) and e.func in (s.names or (s.name,)):
             raise SnetTypeError(f"'{s.start}:' gives the state at the {s.start} position, before any "
-                                f"{s.name}: call {s.name} in the '{then}:' case", e.span)
+                                f"{e.func}: call {e.func} in the '{then}:' case", e.span)
     for e in _walk(s.step):
         if _is_param_attr(e, s.param, (other,)):
             where = "forward (... next: ...) reads" if then == "next" else "backward (... prev: ...) reads"

@@ -29,7 +29,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ..ops.loss import _each_vector
-from ..ops.tree import BODY_ROWS, body_plan
+from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
 
@@ -102,7 +102,7 @@ def body_entry(kb, program):
             param_layout({name: g.nodes[nid].shape for name, nid in g.params.items()})[0]
         plan = body_plan(program, offsets)
         name = "sc_" + program.name.replace(".", "_").replace("@", "") + f"_{len(kb.shared)}"
-        lower_entry(kb.module, program.graph, plan, [BODY_ROWS], name, kb.target, kb.shared)
+        lower_entry(kb.module, program.graph, plan, [BODY_ROWS, BODY_KIDS], name, kb.target, kb.shared)
         fn = kb.module.globals[name]
         kb.shared[key] = (fn, plan, program)
     return kb.shared[key]
@@ -123,9 +123,10 @@ def call_body(cg: CG, entry, inputs: dict, outputs: dict, fixed_base, rows, work
         b.store(outputs[name], b.gep(outs, [cg.i64(k)], source_etype=PTR))
     for k, nid in enumerate(sorted(program.fixed)):
         b.store(cg.gep(fixed_base, cg.i64(program.fixed[nid])), b.gep(outs, [cg.i64(n_out + k)], source_etype=PTR))
-    dims = cg.var(I64)
+    dims = cg.var(ir.ArrayType(I64, 2))
     dims.type = PTR
     b.store(rows, dims)
+    b.store(cg.imul(rows, program.arity), b.gep(dims, [cg.i64(1)], source_etype=I64))
     hyper = cg.slot(cg.layout.hyper_slot, PTR)
     b.call(fn, [cg.arena("params"), cg.arena("grads"), cg.arena("state"), workspace, ins, outs, dims, hyper,
                 cg.mode()])

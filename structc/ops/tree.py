@@ -42,9 +42,10 @@ import numpy as np
 
 from ..errors import ShapeMismatch
 from ..types import TensorType
-from .base import REGISTRY, Op, expect
+from .base import REGISTRY, Op, Sample, expect
 
 BODY_ROWS = "rows"          # the body's batch dimension: one row per node
+BODY_KIDS = "kids"          # rows x arity: one row per child slot (per-child terms)
 _tags = itertools.count(1)
 
 
@@ -66,19 +67,20 @@ class BodyProgram:
     pre: "BodyProgram | None" = None
     inv: dict | None = None     # input name of a hoisted value -> offset in the fixed scratch
     pre_base: int = 0
+    arity: int = 1              # child slots per node: the entry's `kids` dimension is rows x arity
 
     def __str__(self) -> str:
         hoisted = f", {len(self.pre.graph.groups)} hoisted" if self.pre is not None else ""
         return f"<{self.name}: {len(self.graph.groups)} kernels{hoisted}>"
 
 
-def prepare(g, name: str) -> BodyProgram:
+def prepare(g, name: str, arity: int = 1) -> BodyProgram:
     """Run the pass pipeline on a body (copy), hoist what depends on
     parameters only, and bound the workspace of a call."""
     from ..passes import run_pipeline
     g = run_pipeline(g.copy())
     pre = _hoist(g)
-    program = _bounded(g, name)
+    program = _bounded(g, name, arity)
     if pre is not None:
         pre_graph, hoisted = pre
         inv, at = {}, program.fixed_floats
@@ -91,7 +93,7 @@ def prepare(g, name: str) -> BodyProgram:
     return program
 
 
-def _bounded(g, name: str) -> BodyProgram:
+def _bounded(g, name: str, arity: int = 1) -> BodyProgram:
     from ..passes.plan import ALIGN, aligned, plan_memory
     plan = plan_memory(g, {p: 0 for p in g.params})
     rows_floats, fixed, at = 0, {}, 0
@@ -102,14 +104,14 @@ def _bounded(g, name: str) -> BodyProgram:
     for sizes in plan.slots:
         per_row = 0
         for s in sizes:
-            if s.symbols and s.symbols != (BODY_ROWS,):
+            if s.symbols and s.symbols not in ((BODY_ROWS,), (BODY_KIDS,)):
                 raise ShapeMismatch(f"the node case needs a buffer of {s} floats; it must compute one row "
                                     "per node")
             if s.symbols:
-                per_row = max(per_row, s.coef)
+                per_row = max(per_row, s.coef * (arity if s.symbols == (BODY_KIDS,) else 1))
         if per_row:
             rows_floats += per_row + ALIGN
-    return BodyProgram(name, g, rows_floats, fixed, at)
+    return BodyProgram(name, g, rows_floats, fixed, at, arity=arity)
 
 
 def _hoist(g):
@@ -250,6 +252,11 @@ def _child_states(H, kids, width):
     return np.concatenate([H[k] if k >= 0 else np.zeros(width, H.dtype) for k in kids])[None, :]
 
 
+def _one_row(children) -> dict:
+    """The body's dimensions when it runs on one node."""
+    return {BODY_ROWS: 1, BODY_KIDS: children.shape[1]}
+
+
 def _rows(extras: dict, i: int) -> dict:
     """Node i's rows of the body's row-aligned inputs."""
     return {name: a[i:i + 1] for name, a in extras.items()}
@@ -263,7 +270,7 @@ def _forward_reference(children, leaves, params, body, width, extras=None):
     pvals = dict(zip(body.params, params))
     for i in range(nl, n):
         feed = {"children": _child_states(H, children[i], width), **_rows(extras or {}, i)}
-        H[i] = evaluate(body, feed, pvals)["h"][0]
+        H[i] = evaluate(body, feed, pvals, dims=_one_row(children))["h"][0]
     return H
 
 
@@ -285,7 +292,7 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None
     dparams = [np.zeros(np.shape(p)) for p in params]
     for i in reversed(range(leaves, n)):        # parents before their children
         r = evaluate(bwd, {"@C": _child_states(H, children[i], width), "@g": dH[i:i + 1], "@h": H[i:i + 1],
-                           **_rows(extras or {}, i)}, pvals)
+                           **_rows(extras or {}, i)}, pvals, dims=_one_row(children))
         for k, name in enumerate(names):
             dparams[k] += r[f"d:{name}"]
         for a, c in enumerate(children[i]):
@@ -331,9 +338,9 @@ class TreeMap(Op):
         ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
         bwd = derive_backward(body)
         names = list(body.params)
-        bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children")
+        bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children", arity)
         bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
-                          f"{rec}.node.vjp_params")
+                          f"{rec}.node.vjp_params", arity)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
         # (leaves without parameters upstream), the bodies' workspace
@@ -463,3 +470,125 @@ class Scratch(Op):
 def _aligned(n: int) -> int:
     from ..passes.plan import aligned
     return aligned(n)
+
+
+# -- per-child terms: one row per child slot -------------------------------------
+#
+# A node case's `sum(f(h(k)) for k in n.children)` is computed over one row per
+# child slot, [kids, .] with kids = rows x arity: the gathered children block
+# [rows, A*d] read as [kids, d] (a view), a node's own values repeated for each
+# of its slots, and the slots' results summed back to one row per node.
+
+def _kid_rows(rows, arity: int):
+    return rows * arity if isinstance(rows, int) else BODY_KIDS
+
+
+def _node_rows(kids, arity: int):
+    if isinstance(kids, int):
+        expect(kids % arity == 0, f"{kids} child rows are not a whole number of nodes of arity {arity}")
+        return kids // arity
+    expect(kids == BODY_KIDS, f"per-child rows must be [{BODY_KIDS}, ...], got [{kids}, ...]")
+    return BODY_ROWS
+
+
+class TreeKids(Op):
+    """[rows, A*d] -> [rows*A, d]: row r*A + a is slot a of node r (a view)."""
+    name = "tree_kids"
+    traits = frozenset({"view"})
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2 and isinstance(x.shape[1], int) and x.shape[1] % arity == 0,
+               f"{x} does not hold {arity} children's rows side by side")
+        return TensorType((_kid_rows(x.shape[0], arity), x.shape[1] // arity), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_unkids(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return x.reshape(-1, x.shape[1] // arity).copy()
+
+    def samples(self):
+        return [Sample(((3, 8),), {"arity": 2}), Sample(((2, 3),), {"arity": 3})]
+
+
+class TreeUnkids(Op):
+    """[rows*A, d] -> [rows, A*d], the inverse of `tree_kids` (a view)."""
+    name = "tree_unkids"
+    traits = frozenset({"view"})
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2 and isinstance(x.shape[1], int), f"{x} is not [kids, d]")
+        return TensorType((_node_rows(x.shape[0], arity), x.shape[1] * arity), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_kids(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return x.reshape(-1, x.shape[1] * arity).copy()
+
+    def samples(self):
+        return [Sample(((6, 4),), {"arity": 2}), Sample(((3, 1),), {"arity": 3})]
+
+
+class TreeRepeat(Op):
+    """[rows, d] -> [rows*A, d]: each node's row for each of its A child slots."""
+    name = "tree_repeat"
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2, f"{x} is not one row per node")
+        return TensorType((_kid_rows(x.shape[0], arity), x.shape[1]), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_sum_kids(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return np.repeat(x, arity, axis=0)
+
+    def samples(self):
+        return [Sample(((3, 5),), {"arity": 2}), Sample(((2, 17),), {"arity": 3})]
+
+    def lower(self, kb, node, epilogue):
+        _lower_kid_rows(kb, node, repeat=True)
+
+
+class TreeSumKids(Op):
+    """[rows*A, d] -> [rows, d]: the sum of each node's A child-slot rows."""
+    name = "tree_sum_kids"
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2, f"{x} is not one row per child slot")
+        return TensorType((_node_rows(x.shape[0], arity), x.shape[1]), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_repeat(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return x.reshape(-1, arity, x.shape[1]).sum(axis=1)
+
+    def samples(self):
+        return [Sample(((6, 5),), {"arity": 2}), Sample(((6, 17),), {"arity": 3})]
+
+    def lower(self, kb, node, epilogue):
+        _lower_kid_rows(kb, node, repeat=False)
+
+
+def _lower_kid_rows(kb, node, repeat: bool) -> None:
+    """One task per node: copy its row to its A slots, or add its A slots' rows."""
+    from ..lower.treemap import add_row, copy_row
+    g = kb.graph
+    arity = node.attrs["arity"]
+    d = node.shape[1]
+    rows = node.shape[0] if not repeat else g.nodes[node.inputs[0]].shape[0]
+    vw = kb.vector_width
+    with kb.kernel(f"kidrows{node.id}", tasks=lambda cg: cg.dim(rows), cost=arity * d) as (cg, lo, hi):
+        src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+        with cg.loop(hi, start=lo) as r:
+            node_at = cg.imul(r, d)
+            kid_at = cg.imul(r, arity * d)
+            if repeat:
+                for a in range(arity):
+                    copy_row(cg, src, node_at, dst, cg.iadd(kid_at, a * d), d, vw)
+            else:
+                copy_row(cg, src, kid_at, dst, node_at, d, vw)
+                for a in range(1, arity):
+                    add_row(cg, src, cg.iadd(kid_at, a * d), dst, node_at, d, vw)
