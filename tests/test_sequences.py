@@ -262,3 +262,59 @@ def test_gru_matches_a_per_step_reference(gru, lengths):
     y = rng.integers(0, 3, len(lengths)).astype(np.int32)
     check_against_reference(net, seqs, y, gru_step, 1, rng)
     check_native(net, mdef, seqs, {"y": y})
+
+
+LSTM = """
+model Lstm {
+  input  s: sequence of f32[5]
+  target y: class[s.sequences] of 3
+  rec (h, c)(t) = init: (zeros(6), zeros(6))
+                  next: lstm_cell(t.x, h(t.prev), c(t.prev), 6, name="cell")
+  loss cross_entropy(dense(h(s.last), 3, name="out"), y)
+}
+"""
+
+
+def lstm_step(p, x, state):
+    h, c = state
+    i, f, u, o = np.split(np.concatenate([x, h]) @ p["cell.w"] + p["cell.b"], 4)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(u)
+    return sigmoid(o) * np.tanh(c), c
+
+
+@pytest.fixture(scope="module")
+def lstm():
+    return structc.compile(LSTM), build_model(parse(LSTM))
+
+
+@pytest.mark.parametrize("lengths", [pytest.param([1, 60, 13, 2, 37], marks=pytest.mark.slow), [23]],
+                         ids=["ragged", "one"])
+def test_lstm_matches_a_per_step_reference(lstm, lengths):
+    net, mdef = lstm
+    rng = np.random.default_rng(5)
+    net.params["cell.b"][...] = rng.normal(size=24) * 0.5
+    seqs = ragged(rng, lengths, features=5)
+    y = rng.integers(0, 3, len(lengths)).astype(np.int32)
+    check_against_reference(net, seqs, y, lstm_step, 2, rng)
+    check_native(net, mdef, seqs, {"y": y})
+
+
+@pytest.mark.slow
+def test_lstm_matches_torch_nn_lstm(lstm):
+    """The same weights in torch.nn.LSTM (gates i, f, g, o; W = [W_ih; W_hh]^T, b = b_ih + b_hh) give the same loss."""
+    torch = pytest.importorskip("torch")
+    net, _ = lstm
+    rng = np.random.default_rng(6)
+    seqs = ragged(rng, [4, 9, 1], features=5)
+    y = np.array([0, 2, 1], np.int32)
+    cell = torch.nn.LSTM(5, 6)
+    w = net.params["cell.w"]
+    with torch.no_grad():
+        cell.weight_ih_l0.copy_(torch.tensor(w[:5].T))
+        cell.weight_hh_l0.copy_(torch.tensor(w[5:].T))
+        cell.bias_ih_l0.copy_(torch.tensor(net.params["cell.b"]))
+        cell.bias_hh_l0.zero_()
+    last = [cell(torch.tensor(seqs[i][:, None, :]))[0][-1, 0] for i in range(3)]
+    logits = torch.stack(last) @ torch.tensor(net.params["out.w"]) + torch.tensor(net.params["out.b"])
+    want = torch.nn.functional.cross_entropy(logits, torch.tensor(y, dtype=torch.long)).item()
+    assert net.grad(s=seqs, y=y)[0] == pytest.approx(want, rel=1e-5)
