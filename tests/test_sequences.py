@@ -318,3 +318,18 @@ def test_lstm_matches_torch_nn_lstm(lstm):
     logits = torch.stack(last) @ torch.tensor(net.params["out.w"]) + torch.tensor(net.params["out.b"])
     want = torch.nn.functional.cross_entropy(logits, torch.tensor(y, dtype=torch.long)).item()
     assert net.grad(s=seqs, y=y)[0] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_digits_lstm_example_gradients_and_native():
+    """The example (structured input, so not in test_examples): float64 finite
+    differences of the whole model, and native against the interpreter."""
+    from pathlib import Path
+    from structc.testing import check_model_grads
+    path = Path(__file__).resolve().parent.parent / "examples" / "digits_lstm.snet"
+    mdef, net = build_model(parse(path.read_text(), str(path))), structc.compile(path)
+    rng = np.random.default_rng(7)
+    seqs = ragged(rng, [8, 8, 3], features=8)
+    y = np.array([1, 7, 4], np.int32)
+    check_model_grads(mdef, feed_for(net, seqs, y=y), {k: v.copy() for k, v in net.params.items()})
+    check_native(net, mdef, seqs, {"y": y})
