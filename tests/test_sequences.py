@@ -333,3 +333,17 @@ def test_digits_lstm_example_gradients_and_native():
     y = np.array([1, 7, 4], np.int32)
     check_model_grads(mdef, feed_for(net, seqs, y=y), {k: v.copy() for k, v in net.params.items()})
     check_native(net, mdef, seqs, {"y": y})
+
+
+def test_data_sets_are_matched_to_sequence_models(both_ways):
+    from structc import datasets
+    net, _ = both_ways
+    with pytest.raises(ValueError, match=r"declares sequence input 's' \(of f32\[3\]\).*try --data digits_rows"):
+        datasets.check_name_fits("digits", net)
+    dense = structc.compile("model D { input x: f32[N, 64]\n target y: class[N] of 10\n"
+                            " loss cross_entropy(dense(x, 10), y) }")
+    with pytest.raises(ValueError, match="holds labelled sequences"):
+        datasets.check_name_fits("digits_rows", dense)
+    rows = datasets.load("digits_rows")
+    assert rows.train.count + rows.test.count == 1797 and rows.train.longest == 8
+    np.testing.assert_array_equal(rows.train[0].reshape(-1), datasets.load("digits").x_train[0])
