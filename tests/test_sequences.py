@@ -347,3 +347,31 @@ def test_data_sets_are_matched_to_sequence_models(both_ways):
     rows = datasets.load("digits_rows")
     assert rows.train.count + rows.test.count == 1797 and rows.train.longest == 8
     np.testing.assert_array_equal(rows.train[0].reshape(-1), datasets.load("digits").x_train[0])
+
+
+@pytest.mark.slow
+def test_cells_work_in_a_tree_node_case():
+    src = """
+model TreeCells {
+  input  t: forest of f32[3]
+  target y: class[t.trees] of 2
+  rec (h, c)(n) = leaf: (tanh(dense(n.x, 4)), zeros(4))
+                  node: lstm_cell(h(n.left), h(n.right), c(n.left) + c(n.right), 4)
+  rec g(n) = leaf: tanh(dense(n.x, 4, name="gl"))
+             node: gru_cell(g(n.left), g(n.right), 4)
+  loss cross_entropy(dense(concat(h(t.root), g(t.root)), 2), y)
+}
+"""
+    net, mdef = structc.compile(src), build_model(parse(src))
+    rng = np.random.default_rng(8)
+    leaf = lambda: rng.normal(size=3)      # noqa: E731
+    forest = Forest.from_tuples([((leaf(), leaf()), leaf()), leaf(), (leaf(), (leaf(), leaf()))])
+    y = np.array([0, 1, 1], np.int32)
+    from structc.forest import bind_forest
+    feed = {**bind_forest("t", forest, net.meta["forests"][0])[0], "y": y}
+    params = {k: v.astype(np.float64) for k, v in net.params.items()}
+    loss, grads = net.grad(t=forest, y=y)
+    ref = evaluate(differentiate(mdef.graph), feed, params)
+    assert loss == pytest.approx(float(ref["loss"]), rel=1e-4)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
