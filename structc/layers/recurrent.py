@@ -4,7 +4,9 @@ Each is built from ops, so it works wherever its operands are rows of
 states: the next case of a recursion over a sequence (`gru_cell(t.x,
 h(t.prev), 64)`), a tree's node case, or plain tensors. All gates come from
 one matmul over concat(x, h); the gate math after it is elementwise, which
-the fuse pass joins to the matmul's epilogue where it can.
+the fuse pass joins to the matmul's epilogue where it can (the LSTM's is
+one op, `lstm_gates`: one row kernel instead of a dozen small ones; as a
+recursion's states (h, c) its two halves are read in place).
 
     lstm_cell(x, h, c, H) -> (h', c')    g = [x, h] @ W + b, W: [F+H, 4H], gates i, f, u, o
         c' = σ(f) c + σ(i) tanh(u),   h' = σ(o) tanh(c')          (torch.nn.LSTM's gates and order)
@@ -65,9 +67,8 @@ def lstm_cell(ctx, x, h, c, units, *, init="glorot", name=None):
     layer = ctx.layer_name("lstm", name)
     b = ctx.b
     g = _gates(ctx, ctx.checked(lambda: b.concat(x, h, axis=1)), 4 * units, layer, "", init)
-    i, f, u, o = (_part(ctx, g, k, units) for k in range(4))
-    c2 = b.sigmoid(f) * c + b.sigmoid(i) * b.tanh(u)
-    return b.sigmoid(o) * b.tanh(c2), c2
+    hc = b.lstm_gates(g, c)         # one row kernel for the gate math (ops/recurrent.py), [h', c']
+    return _part(ctx, hc, 0, units), _part(ctx, hc, 1, units)
 
 
 @surface("zeros")
