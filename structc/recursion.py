@@ -348,7 +348,7 @@ class Unborn:
     def snet_call(self, mb, e: S.Call):
         raise SnetNameError(f"{self.name} is used before it is defined: the leaf case defines a leaf's "
                             f"{self.name}, so it cannot read it (only the node case reads its children's)",
-                            e.func_span)
+                            e.span)
 
 
 # -- rec h(n) = leaf: ... node: ... ------------------------------------------------
