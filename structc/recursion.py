@@ -381,7 +381,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
     widths = [v.shape[1] for v in leaf]
     total = sum(widths)
     states = [State(n, sum(widths[:k]), w, total) for k, (n, w) in enumerate(zip(names, widths))]
-    leaf = leaf[0] if len(leaf) == 1 else Builder(mb.graph, s.leaf.span).concat(*leaf, axis=1)
+    leaf = _joined(mb.graph, leaf) or Builder(mb.graph, s.leaf.span).concat(*leaf, axis=1)
 
     # The node case: a sub-graph over one row per node.
     body = Graph(f"{s.name}.node")
@@ -458,6 +458,24 @@ def _case_values(mb, e, names, case: str) -> list:
                             + (f": write them as a tuple, ({', '.join(names)})" if len(names) > 1 else
                                ": declare as many states, rec (h, c)(n) = ..."), e.span)
     return values
+
+
+def _joined(graph: Graph, values: list) -> Value | None:
+    """The one tensor `values` are (one value, or the column blocks of a tensor
+    in order: chunk(s, 0, 2), chunk(s, 1, 2)), so that no copy joins them."""
+    if len(values) == 1:
+        return values[0]
+    nodes = [graph.nodes[v.id] for v in values]
+    if not all(n.op.name == "slice" and n.attrs["axis"] % 2 == 1 for n in nodes):
+        return None
+    src = nodes[0].inputs[0]
+    at = 0
+    for n in nodes:
+        if n.inputs[0] != src or n.attrs["start"] != at:
+            return None
+        at = n.attrs["stop"]
+    whole = Builder(graph).value(src)
+    return whole if whole.shape[1] == at else None
 
 
 def _leaf_value(mb, v, e) -> Value:

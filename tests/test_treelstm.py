@@ -144,9 +144,25 @@ def child_sum_reference(p, f, y):
     return H, C, -logp[np.arange(len(y)), y].mean()
 
 
-@pytest.fixture(scope="module")
-def child_sum():
-    return compiled(CHILD_SUM)
+# the same model with the gate math fused: lstm_state(iou, kept) = [h, c]
+CHILD_SUM_FUSED = CHILD_SUM.replace("ChildSum", "ChildSumFused").replace(
+    """    leaf: { iou = dense(E[n.word], 3 * 8, name="leaf");
+            c0 = sigmoid(chunk(iou, 0, 3)) * tanh(chunk(iou, 2, 3));
+            (sigmoid(chunk(iou, 1, 3)) * tanh(c0), c0) }
+    node: { iou = dense(sum(h(n.children)), 3 * 8, name="iou");
+            c1 = sigmoid(chunk(iou, 0, 3)) * tanh(chunk(iou, 2, 3))
+                 + sum(sigmoid(dense(h(k), 8, name="f")) * c(k) for k in n.children);
+            (sigmoid(chunk(iou, 1, 3)) * tanh(c1), c1) }""",
+    """    leaf: { s = lstm_state(dense(E[n.word], 3 * 8, name="leaf"), 0); (chunk(s, 0, 2), chunk(s, 1, 2)) }
+    node: { s = lstm_state(dense(sum(h(n.children)), 3 * 8, name="iou"),
+                           sum(sigmoid(dense(h(k), 8, name="f")) * c(k) for k in n.children));
+            (chunk(s, 0, 2), chunk(s, 1, 2)) }""")
+assert CHILD_SUM_FUSED.count("lstm_state") == 2
+
+
+@pytest.fixture(scope="module", params=["ops", "fused"])
+def child_sum(request):
+    return compiled(CHILD_SUM if request.param == "ops" else CHILD_SUM_FUSED)
 
 
 FORESTS = {
