@@ -14,6 +14,16 @@ sub-graph, one row per node, whose input is the children's states side by
 side. Inside it: `n.left`, `n.right`, `n.children[k]` name one child,
 `sum(h(n.children))` and `concat(h(n.children))` all of them (a missing
 child's state is zero). The two become one `tree_map` node (`ops.tree`).
+
+    rec (h, c)(n) = leaf: { s = lstm_state(dense(E[n.word], 96), 0); (chunk(s, 0, 2), chunk(s, 1, 2)) }
+                    node: { s = lstm_state(dense(sum(h(n.children)), 96),
+                                           sum(sigmoid(dense(h(k), 32)) * c(k) for k in n.children));
+                            (chunk(s, 0, 2), chunk(s, 1, 2)) }
+
+Several states are one state per node, side by side (`State`: each name's
+columns); `{ a = ...; value }` binds names in a case; a per-child term runs
+over one row per child slot (`kids`), a missing child's row masked out.
+With `forest(inner=true)` the node case reads its own `n.word` / `n.x`.
 """
 from __future__ import annotations
 
@@ -351,7 +361,7 @@ class Unborn:
                             e.span)
 
 
-# -- rec h(n) = leaf: ... node: ... ------------------------------------------------
+# -- rec h(n) = leaf: ... node: ...  (or rec (h, c)(n)) ---------------------------
 
 def build_rec(mb, s: S.RecDecl) -> None:
     from .ops.tree import _tags, fold_concat_of_slices, prepare
