@@ -14,6 +14,16 @@ sub-graph, one row per node, whose input is the children's states side by
 side. Inside it: `n.left`, `n.right`, `n.children[k]` name one child,
 `sum(h(n.children))` and `concat(h(n.children))` all of them (a missing
 child's state is zero). The two become one `tree_map` node (`ops.tree`).
+
+    rec (h, c)(n) = leaf: { s = lstm_state(dense(E[n.word], 96), 0); (chunk(s, 0, 2), chunk(s, 1, 2)) }
+                    node: { s = lstm_state(dense(sum(h(n.children)), 96),
+                                           sum(sigmoid(dense(h(k), 32)) * c(k) for k in n.children));
+                            (chunk(s, 0, 2), chunk(s, 1, 2)) }
+
+Several states are one state per node, side by side (`State`: each name's
+columns); `{ a = ...; value }` binds names in a case; a per-child term runs
+over one row per child slot (`kids`), a missing child's row masked out.
+With `forest(inner=true)` the node case reads its own `n.word` / `n.x`.
 """
 from __future__ import annotations
 
@@ -348,10 +358,10 @@ class Unborn:
     def snet_call(self, mb, e: S.Call):
         raise SnetNameError(f"{self.name} is used before it is defined: the leaf case defines a leaf's "
                             f"{self.name}, so it cannot read it (only the node case reads its children's)",
-                            e.func_span)
+                            e.span)
 
 
-# -- rec h(n) = leaf: ... node: ... ------------------------------------------------
+# -- rec h(n) = leaf: ... node: ...  (or rec (h, c)(n)) ---------------------------
 
 def build_rec(mb, s: S.RecDecl) -> None:
     from .ops.tree import _tags, fold_concat_of_slices, prepare
@@ -381,7 +391,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
     widths = [v.shape[1] for v in leaf]
     total = sum(widths)
     states = [State(n, sum(widths[:k]), w, total) for k, (n, w) in enumerate(zip(names, widths))]
-    leaf = leaf[0] if len(leaf) == 1 else Builder(mb.graph, s.leaf.span).concat(*leaf, axis=1)
+    leaf = _joined(mb.graph, leaf) or Builder(mb.graph, s.leaf.span).concat(*leaf, axis=1)
 
     # The node case: a sub-graph over one row per node.
     body = Graph(f"{s.name}.node")
@@ -458,6 +468,24 @@ def _case_values(mb, e, names, case: str) -> list:
                             + (f": write them as a tuple, ({', '.join(names)})" if len(names) > 1 else
                                ": declare as many states, rec (h, c)(n) = ..."), e.span)
     return values
+
+
+def _joined(graph: Graph, values: list) -> Value | None:
+    """The one tensor `values` are (one value, or the column blocks of a tensor
+    in order: chunk(s, 0, 2), chunk(s, 1, 2)), so that no copy joins them."""
+    if len(values) == 1:
+        return values[0]
+    nodes = [graph.nodes[v.id] for v in values]
+    if not all(n.op.name == "slice" and n.attrs["axis"] % 2 == 1 for n in nodes):
+        return None
+    src = nodes[0].inputs[0]
+    at = 0
+    for n in nodes:
+        if n.inputs[0] != src or n.attrs["start"] != at:
+            return None
+        at = n.attrs["stop"]
+    whole = Builder(graph).value(src)
+    return whole if whole.shape[1] == at else None
 
 
 def _leaf_value(mb, v, e) -> Value:

@@ -315,6 +315,8 @@ CLAIMS = [
     Claim(r"\((100)% held out; chance 50%\)",
           "structc train examples/logic_tree.snet --data logic --optimizer adam --lr 0.003"),
     Claim(r"chance (50)%", check=logic_is_balanced),
+    Claim(r"Tree-LSTM[^%]*?to\s+(100)% held out in two epochs",
+          "structc train examples/logic_treelstm.snet --data logic --optimizer adam --lr 0.003 --epochs 2"),
     Claim(r"--data karate .*# (93\.75)% held out",
           "structc train examples/karate_gcn.snet --data karate --epochs 100 --optimizer adam --lr 0.01"),
     Claim(r"--data graph_families .*# (99\.3)% held out",

@@ -592,3 +592,138 @@ def _lower_kid_rows(kb, node, repeat: bool) -> None:
                 copy_row(cg, src, kid_at, dst, node_at, d, vw)
                 for a in range(1, arity):
                     add_row(cg, src, cg.iadd(kid_at, a * d), dst, node_at, d, vw)
+
+
+# -- the LSTM cell's gate math, fused -----------------------------------------------
+
+def _lstm_forward(g, kept):
+    d = g.shape[1] // 3
+    i, o, u = g[:, :d], g[:, d:2 * d], g[:, 2 * d:]
+    si, so, tu = 1 / (1 + np.exp(-i)), 1 / (1 + np.exp(-o)), np.tanh(u)
+    c = si * tu + kept
+    return si, so, tu, c, np.tanh(c)
+
+
+def _lstm_backward(g, kept, dS):
+    """(dg, dc): the cotangents of the gates and of the kept memory."""
+    si, so, tu, c, tc = _lstm_forward(g, kept)
+    d = tc.shape[1]
+    dh, dc_out = dS[:, :d], dS[:, d:]
+    dc = dc_out + dh * so * (1 - tc * tc)
+    dg = np.concatenate([dc * tu * si * (1 - si), dh * tc * so * (1 - so), dc * si * (1 - tu * tu)], axis=1)
+    return dg, dc
+
+
+class LstmState(Op):
+    """[h, c] from gates g = [i, o, u] (one matmul's [rows, 3H]) and the memory
+    kept from before (Σ_k f_k c_k, c_prev f, or 0):
+    c = σ(i) tanh(u) + kept, h = σ(o) tanh(c). One kernel for all the gate math."""
+    name = "lstm_state"
+    surface = True
+
+    def shape(self, g, kept) -> TensorType:
+        expect(g.rank == 2 and isinstance(g.shape[1], int) and g.shape[1] % 3 == 0,
+               f"lstm_state: the gates {g} are not [rows, 3H] (i, o, u side by side)")
+        d = g.shape[1] // 3
+        expect(kept.rank == 0 or kept.shape == (g.shape[0], d),
+               f"lstm_state: the kept memory {kept} is not [{g.shape[0]}, {d}] (or a number)")
+        return TensorType((g.shape[0], 2 * d), "f32")
+
+    def vjp(self, b, g, out, gates, kept):
+        dg = b.lstm_state_grad(gates, kept, g)
+        dc = b.lstm_state_dc(gates, kept, g)
+        return [dg, dc if kept.type.rank else b.sum(dc, axes=(0, 1))]
+
+    def reference(self, g, kept):
+        _, so, _, c, tc = _lstm_forward(g, kept)
+        return np.concatenate([so * tc, c], axis=1)
+
+    def samples(self):
+        return [Sample(((5, 12), (5, 4))), Sample(((3, 48), ())), Sample(((2, 51), (2, 17)))]
+
+    def lower(self, kb, node, epilogue):
+        _lower_lstm(kb, node, "state")
+
+
+class LstmStateGrad(Op):
+    """dg, the gates' cotangent, from dS = [dh, dc] (see `lstm_state`)."""
+    name = "lstm_state_grad"
+
+    def shape(self, g, kept, dS) -> TensorType:
+        return g
+
+    def reference(self, g, kept, dS):
+        return _lstm_backward(g, kept, dS)[0]
+
+    def samples(self):
+        return [Sample((((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
+                Sample((((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
+
+    def lower(self, kb, node, epilogue):
+        _lower_lstm(kb, node, "dg")
+
+
+class LstmStateDc(Op):
+    """dc, the cotangent of the kept memory, from dS = [dh, dc] (see `lstm_state`)."""
+    name = "lstm_state_dc"
+
+    def shape(self, g, kept, dS) -> TensorType:
+        return TensorType((g.shape[0], g.shape[1] // 3), "f32")
+
+    def reference(self, g, kept, dS):
+        return _lstm_backward(g, kept, dS)[1]
+
+    def samples(self):
+        return [Sample((((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
+                Sample((((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
+
+    def lower(self, kb, node, epilogue):
+        _lower_lstm(kb, node, "dc")
+
+
+def _lower_lstm(kb, node, what: str) -> None:
+    """One task per row, vectors along the H columns of each gate."""
+    from ..lower.treemap import _row_op
+    g = kb.graph
+    gt = g.nodes[node.inputs[0]].type
+    d = gt.shape[1] // 3
+    kept_node = g.nodes[node.inputs[1]]
+    scalar_kept = kept_node.type.rank == 0
+    number = kept_node.attrs["value"] if kept_node.op.name == "const" else None    # inline: no buffer
+    vw = kb.vector_width
+    with kb.kernel(f"lstm_{what}{node.id}", tasks=lambda cg: cg.dim(gt.shape[0]), cost=40 * d) as (cg, lo, hi):
+        G, out = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+        K = cg.ptr(node.inputs[1]) if number is None else None
+        dS = cg.ptr(node.inputs[2]) if what != "state" else None
+        with cg.loop(hi, start=lo) as r:
+            g_at, h_at = cg.imul(r, 3 * d), cg.imul(r, d)
+
+            def column(j, m):
+                def load(p, at):
+                    return cg.load(p, cg.iadd(at, j), n=vw, mask=m)
+                i, o, u = load(G, g_at), load(G, cg.iadd(g_at, d)), load(G, cg.iadd(g_at, 2 * d))
+                if number is not None:
+                    kept = cg.const(float(number), i)
+                else:
+                    kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
+                si, so, tu = cg.sigmoid(i), cg.sigmoid(o), cg.tanh(u)
+                c = cg.fma(si, tu, kept)
+                tc = cg.tanh(c)
+                one = cg.const(1.0, c)
+                if what == "state":
+                    s_at = cg.imul(r, 2 * d)
+                    cg.store(cg.mul(so, tc), out, cg.iadd(s_at, j), mask=m)
+                    cg.store(c, out, cg.iadd(cg.iadd(s_at, d), j), mask=m)
+                    return
+                s_at = cg.imul(r, 2 * d)
+                dh, dco = load(dS, s_at), load(dS, cg.iadd(s_at, d))
+                dc = cg.fma(cg.mul(dh, so), cg.sub(one, cg.mul(tc, tc)), dco)
+                if what == "dc":
+                    cg.store(dc, out, cg.iadd(h_at, j), mask=m)
+                    return
+                di = cg.mul(cg.mul(dc, tu), cg.mul(si, cg.sub(one, si)))
+                do = cg.mul(cg.mul(dh, tc), cg.mul(so, cg.sub(one, so)))
+                du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
+                for k, v in enumerate((di, do, du)):
+                    cg.store(v, out, cg.iadd(cg.iadd(g_at, k * d), j), mask=m)
+            _row_op(cg, d, vw, column)
