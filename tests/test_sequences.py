@@ -375,3 +375,25 @@ model TreeCells {
     assert loss == pytest.approx(float(ref["loss"]), rel=1e-4)
     for k in grads:
         np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_word_sequences_reach_their_embedding_from_every_position():
+    """sequence of word(vocab=V): E[t.word] in the step case; the embedding's gradient
+    comes from every position (native against the interpreter)."""
+    src = """
+model Words {
+  input  s: sequence of word(vocab=7)
+  target y: class[s.sequences] of 2
+  param  E: embedding(7, 4) = normal(0.5)
+  rec (h, c)(t) = init: (zeros(5), zeros(5))
+                  next: lstm_cell(E[t.word], h(t.prev), c(t.prev), 5)
+  loss cross_entropy(dense(h(s.mean), 2), y)
+}
+"""
+    net, mdef = structc.compile(src), build_model(parse(src))
+    seqs = Sequences.from_list([np.array([1, 2, 3]), np.array([6]), np.array([0, 5, 5, 4])])
+    y = np.array([1, 0, 1], np.int32)
+    check_native(net, mdef, seqs, {"y": y})
+    grads = net.grad(s=seqs, y=y)[1]["E"]
+    assert np.all(np.abs(grads).sum(axis=1) > 0)      # every word of the batch has a gradient
