@@ -397,3 +397,12 @@ model Words {
     check_native(net, mdef, seqs, {"y": y})
     grads = net.grad(s=seqs, y=y)[1]["E"]
     assert np.all(np.abs(grads).sum(axis=1) > 0)      # every word of the batch has a gradient
+
+
+def test_structc_check_shows_the_sequence_input_not_its_arrays(capsys):
+    from pathlib import Path
+    from structc.cli import main
+    path = Path(__file__).resolve().parent.parent / "examples" / "digits_lstm.snet"
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "model DigitsLSTM(s: sequence of f32[8], y: i32[s.sequences])" in out and "children" not in out
