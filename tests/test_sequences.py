@@ -406,3 +406,10 @@ def test_structc_check_shows_the_sequence_input_not_its_arrays(capsys):
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "model DigitsLSTM(s: sequence of f32[8], y: i32[s.sequences])" in out and "children" not in out
+
+
+def test_distributed_training_refuses_sequence_data_clearly():
+    from structc import datasets
+    from structc.distributed import check_splittable
+    with pytest.raises(ValueError, match="holds sequences, which data-parallel training does not split yet"):
+        check_splittable(datasets.load("digits_rows"))
