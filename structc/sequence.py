@@ -276,7 +276,7 @@ def _check_cases(s: S.SeqRecDecl, decl: SequenceDecl, neighbour: str, other: str
             where = "forward (... next: ...) reads" if then == "next" else "backward (... prev: ...) reads"
             raise SnetTypeError(f"this recursion runs {where} {s.param}.{neighbour}, not {s.param}.{other}",
                                 e.span)
-        if _is_param_attr(e, s.param, ("x", "word")) and s.step is not None:
+        if _is_param_attr(e, s.param, ("x", "word")):
             kind = "x" if decl.features is not None else "word"
             if e.name != kind:
                 raise SnetTypeError(f"the positions of '{decl.name}' carry "
