@@ -408,7 +408,8 @@ def build_rec(mb, s: S.RecDecl) -> None:
             out = Builder(body, e.span).broadcast_to(out, shape=(BODY_ROWS, out.shape[0]))
         if out.shape != (BODY_ROWS, st.width):
             got = ", ".join(map(str, out.shape[1:])) if out.shape[:1] == (BODY_ROWS,) else str(out.type)
-            raise SnetShapeError(f"the node case gives {st.name} of shape [{got}], the leaf case [{st.width}]: "
+            what = "states" if len(states) == 1 else st.name
+            raise SnetShapeError(f"the node case gives {what} of shape [{got}], the leaf case [{st.width}]: "
                                  "a node's state must have one shape", e.span)
         outs.append(out)
     out = outs[0] if len(outs) == 1 else Builder(body, s.node.span).concat(*outs, axis=1)

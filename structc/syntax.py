@@ -540,7 +540,7 @@ def _describe_token(tok: Token) -> str:
 
 _STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'", "'rec'", "'repeat'"}
 # Tokens that could continue an expression; listing them rarely helps.
-_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['", "'over'"}
+_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['", "'over'", "'for'"}
 
 
 def _expected_list(expected) -> str:

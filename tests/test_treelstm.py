@@ -313,3 +313,37 @@ def test_tree_lstm_example_needs_fewer_epochs_than_the_tree_rnn(tmp_path, capsys
     lstm = epoch_accuracies("logic_treelstm.snet", 2, tmp_path, capsys)
     assert lstm[1] == 100.0 and rnn[2] == 100.0, (lstm, rnn)
     assert rnn[1] < 100.0 and lstm[0] > rnn[0], (lstm, rnn)
+
+
+def test_per_child_term_sees_the_nodes_own_values():
+    """f_k = sigmoid(W_f x + U_f h_k + b_f) with x the node's own word (inner=true):
+    the node's value is repeated for each of its children (tree_repeat)."""
+    src = """
+model Gated {
+  input  t: forest(arity=3, inner=true) of word(vocab=9)
+  target y: class[t.trees] of 2
+  param  E: embedding(9, 4) = normal(0.5)
+  rec (h, c)(n) =
+    leaf: (tanh(E[n.word]), E[n.word])
+    node: { fx = dense(E[n.word], 4, name="fx");
+            c1 = sum(sigmoid(dense(h(k), 4, name="f") + fx) * c(k) for k in n.children);
+            (tanh(c1), c1) }
+  output states = concat(h(t.nodes), c(t.nodes), axis=1)
+  loss cross_entropy(dense(h(t.root), 2, name="out"), y)
+}
+"""
+    net, mdef = compiled(src)
+    rng = np.random.default_rng(11)
+    f = inner_forest(rng, 5, vocab=9)
+    check_native(net, mdef, f, {"y": rng.integers(0, 2, f.trees).astype(np.int32)})
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    H, C = np.zeros((f.nodes, 4)), np.zeros((f.nodes, 4))
+    for v in range(f.nodes):
+        x = p["E"][f.node_words[v]]
+        if v < f.leaves:
+            H[v], C[v] = np.tanh(x), x
+            continue
+        fx = x @ p["fx.w"] + p["fx.b"]
+        C[v] = sum(sigmoid(H[k] @ p["f.w"] + p["f.b"] + fx) * C[k] for k in f.children[v] if k >= 0)
+        H[v] = np.tanh(C[v])
+    np.testing.assert_allclose(net.forward(t=f)["states"], np.concatenate([H, C], axis=1), rtol=1e-4, atol=1e-5)

@@ -726,4 +726,5 @@ def _lower_lstm(kb, node, what: str) -> None:
                 du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
                 for k, v in enumerate((di, do, du)):
                     cg.store(v, out, cg.iadd(cg.iadd(g_at, k * d), j), mask=m)
-            _row_op(cg, d, vw, column)
+            # a runtime loop over the vectors past two (the gate math is long: unrolled, it is compile time)
+            _row_op(cg, d if d <= 2 * vw else cg.i64(d), vw, column)
