@@ -126,7 +126,8 @@ def _lower_rows(kb, node, name: str, emit) -> None:
                 def store(block, value):
                     cg.store(value, ptrs[-1], cg.iadd(offs[-1], cg.iadd(j, cg.i64(block * h))), mask=mask)
                 emit(cg, load, store)
-            _row_op(cg, h, vw, vector)
+            # a loop at run time past two vectors: unrolled, the gate math's code is long to compile
+            _row_op(cg, h if h <= 2 * vw else cg.i64(h), vw, vector)
 
 
 def _gates(cg, load):
@@ -145,7 +146,9 @@ def _delta(cg, load, so, k):
 
 
 def _samples():
-    return [Sample(((5, 12), (5, 3))), Sample(((2, 64), (2, 16))), Sample(((3, 4 * 19), (3, 19)))]
+    # 3, 16, 19 columns: part of a vector, one, two (unrolled); 40: past two vectors (a loop at run time)
+    return [Sample(((5, 12), (5, 3))), Sample(((2, 64), (2, 16))), Sample(((3, 4 * 19), (3, 19))),
+            Sample(((2, 4 * 40), (2, 40)))]
 
 
 class LstmGates(Op):
