@@ -45,6 +45,10 @@ class Sequences:
     def __setattr__(self, name, value):
         raise AttributeError(f"Sequences are immutable (cannot set '{name}'); build new ones")
 
+    def __reduce__(self):
+        # pickle and copy rebuild through _make, which seals the arrays again
+        return (_rebuild, (np.array(self.offsets), np.array(self.data)))
+
     # -- properties --------------------------------------------------------
     @property
     def lengths(self) -> np.ndarray:
@@ -169,6 +173,10 @@ class Sequences:
             self._cache[key] = {k: _frozen(v) for k, v in chain_arrays(self.offsets, self.data, reverse,
                                                                         member, init).items()}
         return self._cache[key]
+
+
+def _rebuild(offsets: np.ndarray, data: np.ndarray) -> Sequences:
+    return Sequences._make(offsets, data)
 
 
 def chain_arrays(offsets: np.ndarray, data: np.ndarray, reverse: bool, member: bool,

@@ -413,3 +413,13 @@ def test_distributed_training_refuses_sequence_data_clearly():
     from structc.distributed import check_splittable
     with pytest.raises(ValueError, match="holds sequences, which data-parallel training does not split yet"):
         check_splittable(datasets.load("digits_rows"))
+
+
+def test_sequences_pickle_and_copy_as_they_were_checked():
+    import copy
+    import pickle
+    seqs = Sequences.from_list([np.array([1, 2]), np.array([3])])
+    for again in (pickle.loads(pickle.dumps(seqs)), copy.deepcopy(seqs)):
+        np.testing.assert_array_equal(again.words, seqs.words)
+        np.testing.assert_array_equal(again.offsets, seqs.offsets)
+        assert not again.words.flags.writeable
