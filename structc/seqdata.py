@@ -380,4 +380,4 @@ def load_digits_rows() -> SequenceDataset:
     rows = lambda x: Sequences.from_flat(x.reshape(-1, 8), np.arange(0, 8 * len(x) + 1, 8))  # noqa: E731
     return SequenceDataset("digits_rows", rows(d.x_train), d.y_train, rows(d.x_test), d.y_test,
                            description="8x8 handwritten digits as sequences of 8 rows of 8 pixels, "
-                                       "1,437 training / 360 held-out")
+                                       f"{len(d.x_train):,} training / {len(d.x_test):,} held-out")
