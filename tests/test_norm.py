@@ -2,12 +2,15 @@
 numpy and finite differences; batch_norm's training form, running statistics
 (PyTorch's rule, k steps) and inference form; its buffers through checkpoints,
 shipping, freezing; conv + batch norm + ReLU in one epilogue."""
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 
 import structc
+from structc import ship
+from structc.cli import main
 from structc.build import build_model
 from structc.compiler import forward_graph
 from structc.errors import GradientWarning, SnetError
@@ -268,3 +271,37 @@ def test_conv_batch_norm_relu_run_in_one_epilogue():
     (conv,) = [gr for gr in g.groups if any(ops[m] == "conv2d" for m in gr.members)]
     assert conv.kind == "epilogue"
     assert [ops[m] for m in conv.members] == ["conv2d", "add", "mul", "add", "relu"]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_shipped_library_keeps_running_statistics(rng, tmp_path):
+    """`structc compile -o` with `--params`: the library's forward entry reads the
+    running statistics it was built with."""
+    src = tmp_path / "bc.snet"
+    src.write_text(BN_CONV)
+    net = structc.compile(BN_CONV)
+    x = rng.normal(size=(4, 3, 6, 6)).astype(np.float32)
+    net.train_step(lr=0.01, x=x, y=rng.integers(0, 5, 4).astype(np.int32))
+    params = net.save_params(tmp_path / "p.npz")
+    assert main(["compile", str(src), "-o", str(tmp_path / "bc.so"), "--params", str(params)]) == 0
+    shipped = ship.load(tmp_path / "bc.so")
+    np.testing.assert_array_equal(shipped.params["bn1.var"], net.params["bn1.var"])
+    np.testing.assert_array_equal(shipped(x=x), net(x=x))
+
+
+def test_onnx_export_of_the_inference_forms(rng, tmp_path):
+    """The forward graph's batch norm is x·s + t and layer_norm ordinary ops:
+    both export as they are, running statistics as initializers."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from structc.onnx import export
+    src = BN_CONV.replace("loss cross_entropy(dense(flatten(h), 5), y)",
+                          "loss cross_entropy(dense(layer_norm(flatten(h)), 5), y)")
+    net = structc.compile(src)
+    for name, p in net.params.items():
+        net.params[name] = rng.uniform(0.5, 1.5, p.shape)      # positive: var is one of them
+    export(net, tmp_path / "m.onnx")
+    x = rng.normal(size=(3, 3, 6, 6)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (theirs,) = sess.run(None, {"x": x})
+    np.testing.assert_allclose(theirs, net(x=x), rtol=1e-4, atol=1e-6)
