@@ -305,3 +305,24 @@ def test_onnx_export_of_the_inference_forms(rng, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (theirs,) = sess.run(None, {"x": x})
     np.testing.assert_allclose(theirs, net(x=x), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resumed_training_keeps_the_running_statistics(rng, tmp_path):
+    """`structc train --resume` continues from the checkpoint's running statistics:
+    one epoch and a resumed second end exactly where two epochs in a row do."""
+    model, data = tmp_path / "bd.snet", tmp_path / "d.npz"
+    model.write_text(BN_DENSE)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 1)
+    np.savez(data, x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    common = ["train", str(model), "--data", str(data), "--batch", "16", "--no-progress"]
+    assert main(common + ["--epochs", "2", "--out", str(tmp_path / "straight.npz")]) == 0
+    assert main(common + ["--epochs", "1", "--out", str(tmp_path / "first.npz")]) == 0
+    assert main(["train", str(model), "--data", str(data), "--epochs", "2", "--no-progress",
+                 "--resume", str(tmp_path / "first.npz"), "--out", str(tmp_path / "resumed.npz")]) == 0
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "resumed.npz") as b, \
+            np.load(tmp_path / "first.npz") as first:
+        assert not np.array_equal(a["bn1.var"], first["bn1.var"])
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
