@@ -113,7 +113,8 @@ def cmd_check(args) -> int:
     for name in names:
         mdef = build_model(program, name)
         if mdef.has_loss:
-            warn_gradient_flow(gradient_warnings(mdef.graph))   # parameters training cannot change
+            meant = frozenset(n for n, p in mdef.params.items() if p.frozen)   # frozen, buffers: as compile does
+            warn_gradient_flow(gradient_warnings(mdef.graph, frozen=meant))   # parameters training cannot change
         n = sum(p.type.size().coef for p in mdef.params.values())
         ins = ", ".join([f"{name}: {spec}" for name, spec in mdef.graphs.items()] +
                         [f"{s.name}: {s.type}" for s in mdef.inputs.values() if s.kind != "graph"])

@@ -232,6 +232,15 @@ def test_batch_norm_options_are_checked():
 
 # -- buffers: no gradient, no warning, freezing, checkpoints, shipping ----------------
 
+def test_structc_check_gives_no_gradient_warning_for_buffers(tmp_path, capsys):
+    path = tmp_path / "bc.snet"
+    path.write_text(BN_CONV)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        assert main(["check", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
 def test_buffers_raise_no_gradient_warning_and_freezing_keeps_working(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientWarning)
