@@ -283,6 +283,7 @@ def test_conv_batch_norm_relu_run_in_one_epilogue():
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.slow
 def test_shipped_library_keeps_running_statistics(rng, tmp_path):
     """`structc compile -o` with `--params`: the library's forward entry reads the
     running statistics it was built with."""
@@ -298,6 +299,7 @@ def test_shipped_library_keeps_running_statistics(rng, tmp_path):
     np.testing.assert_array_equal(shipped(x=x), net(x=x))
 
 
+@pytest.mark.slow
 def test_onnx_export_of_the_inference_forms(rng, tmp_path):
     """The forward graph's batch norm is x·s + t and layer_norm ordinary ops:
     both export as they are, running statistics as initializers."""
@@ -335,3 +337,26 @@ def test_resumed_training_keeps_the_running_statistics(rng, tmp_path):
         assert not np.array_equal(a["bn1.var"], first["bn1.var"])
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+TREE = """model T {
+  input  t: forest of word(vocab=9)
+  target y: class[t.trees] of 2
+  param  E: embedding(9, 8)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(NORM(dense(concat(h(n.left), h(n.right)), 8)))
+  loss cross_entropy(dense(h(t.root), 2), y)
+}"""
+
+
+def test_batch_norm_is_refused_in_a_node_case():
+    with pytest.raises(SnetError, match=r"a node case cannot keep running statistics \('bn1.mean'"):
+        build_model(parse(TREE.replace("NORM", "batch_norm")))
+
+
+@pytest.mark.slow
+def test_layer_norm_trains_in_a_node_case():
+    net = structc.compile(TREE.replace("NORM", "layer_norm"))
+    trees, y = ["(1 (2 3))", "((4 5) 6)", "(7 8)"], np.array([0, 1, 1], np.int32)
+    losses = [net.train_step(t=trees, y=y, lr=0.1) for _ in range(20)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
