@@ -75,4 +75,4 @@ def batch_norm(ctx, x, *, eps=1e-5, momentum=0.1, name=None):
     counted = tuple(x.shape[k] for k in axes)
     effects = [b.running_average(running_mean, mean, momentum=momentum),
                b.running_average(running_var, var, momentum=momentum, count=counted)]
-    return b.batch_norm_mode(y, x, gamma, beta, running_mean, running_var, *effects, eps=eps)
+    return b.batch_norm_mode(y, x, gamma, beta, running_mean, running_var, mean, var, *effects, eps=eps)
