@@ -11,6 +11,7 @@ Cases:
                and shift in the convolution's epilogue (structc); PyTorch in eval mode
   plain_infer  examples/lenet5.snet, inference batch 1, timed in the same process as bn_infer,
                alternating blocks (the issue's target: bn_infer <= 1.1x plain_infer)
+  plain_train  examples/lenet5.snet, training step batch 64 (structc only): what batch norm adds
 
 Each (framework, threads) pair runs in a fresh process (as bench_conv.py), rounds
 interleave the frameworks, numbers are medians over rounds of per-round medians.
@@ -32,7 +33,7 @@ LENET_BN = (LENET.read_text()
             .replace("model LeNet5", "model LeNet5BN")
             .replace("conv(x, 6, kernel=5) |> relu", "conv(x, 6, kernel=5, bias=false) |> batch_norm |> relu")
             .replace("conv(h, 16, kernel=5) |> relu", "conv(h, 16, kernel=5, bias=false) |> batch_norm |> relu"))
-CASES = ["bn_train", "bn_infer", "plain_infer"]
+CASES = ["bn_train", "bn_infer", "plain_infer", "plain_train"]
 REPS = {"bn_train": 200, "infer": 3000}
 
 
@@ -48,8 +49,10 @@ def structc_cases(cases):
     y = rng.integers(0, 10, 64).astype(np.int32)
     if "bn_train" in cases:
         out["bn_train"] = timed(lambda: bn.train_step(x=x, y=y, lr=0.01), REPS["bn_train"])
+    plain = structc.compile(LENET)
+    if "plain_train" in cases:
+        out["plain_train"] = timed(lambda: plain.train_step(x=x, y=y, lr=0.01), REPS["bn_train"])
     if "bn_infer" in cases or "plain_infer" in cases:
-        plain = structc.compile(LENET)
         x1 = x[:1].copy()
         runs = {"bn_infer": [], "plain_infer": []}
         for _ in range(10):       # alternating blocks: a load change hits both
@@ -139,13 +142,14 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for case in cases:
         for threads in args.threads:
-            unit, scale = ("ms", 1e3) if case == "bn_train" else ("µs", 1e6)
+            unit, scale = ("ms", 1e3) if case.endswith("train") else ("µs", 1e6)
 
             def show(key):
                 return f"{med[key] * scale:.3g} ({best[key] * scale:.3g}) {unit}" if key in med else "–"
-            s, t, p = (case, threads, "structc"), (case, threads, "torch"), ("plain_infer", threads, "structc")
+            s, t = (case, threads, "structc"), (case, threads, "torch")
+            p = ("plain_" + case[3:], threads, "structc")
             ratio = f"{med[s] / med[t]:.2f}" if t in med else "–"
-            own = f"{med[s] / med[p]:.3f}" if case == "bn_infer" and p in med else "–"
+            own = f"{med[s] / med[p]:.3f}" if case.startswith("bn_") and p in med else "–"
             print(f"| {case} | {threads} | {show(s)} | {show(t)} | {ratio} | {own} |")
     return 0
 
