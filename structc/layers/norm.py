@@ -12,7 +12,7 @@ running ones (`ops/norm.py` has the two forms and the update).
 """
 from __future__ import annotations
 
-from ..ops.norm import channel_shape
+from ..ops.norm import channel_shape, channel_sum
 from ..ops.reduce import count
 from ..types import TensorType
 from .context import surface
@@ -68,9 +68,9 @@ def batch_norm(ctx, x, *, eps=1e-5, momentum=0.1, name=None):
         return v if x.type.rank == 2 else b.reshape(v, shape=channel_shape(x.type.rank, channels))
 
     n = count(b, x.shape, axes)
-    mean = b.sum(x, axes=axes) / n
+    mean = channel_sum(b, x) / n
     centred = x - per_channel(mean)
-    var = b.sum(centred * centred, axes=axes) / n           # biased: what normalises
+    var = channel_sum(b, centred * centred) / n           # biased: what normalises
     y = centred * per_channel(gamma / b.sqrt(var + eps)) + per_channel(beta)
     counted = tuple(x.shape[k] for k in axes)
     effects = [b.running_average(running_mean, mean, momentum=momentum),

@@ -58,8 +58,8 @@ class BatchNorm(Op):
         axes = tuple(k for k in range(len(x.shape)) if k != 1)
         r = 1.0 / b.sqrt(batch_var + eps)
         xhat = (x - _per_channel(b, batch_mean, x)) * _per_channel(b, r, x)
-        dbeta = b.sum(g, axes=axes)
-        dgamma = b.sum(g * xhat, axes=axes)
+        dbeta = channel_sum(b, g)
+        dgamma = channel_sum(b, g * xhat)
         n = count(b, x.shape, axes)
         dx = (g - _per_channel(b, dbeta / n, x) - xhat * _per_channel(b, dgamma / n, x)) * _per_channel(b, gamma * r, x)
         return [None, dx, dgamma, dbeta] + [None] * (4 + len(effects))
@@ -72,6 +72,14 @@ class BatchNorm(Op):
         s = gamma / b.sqrt(var + node.attrs["eps"])
         t = beta - mean * s
         return x * _per_channel(b, s, x) + _per_channel(b, t, x)
+
+
+def channel_sum(b, v):
+    """Σ over every axis but 1, as [C]. With spatial axes, in two steps: over
+    them first ([N, C] rows, split across threads), then over the batch."""
+    if v.type.rank == 2:
+        return b.sum(v, axes=(0,))
+    return b.sum(b.sum(v, axes=tuple(range(2, v.type.rank))), axes=(0,))
 
 
 def _per_channel(b, v, like):
