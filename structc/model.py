@@ -355,7 +355,8 @@ class Net:
         return next(iter(outs.values())) if len(outs) == 1 else outs
 
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
-        """The loss and a copy of every parameter's gradient, in one native call."""
+        """The loss and a copy of every parameter's gradient, in one native call.
+        Like every training call, it updates batch norm's running statistics."""
         outs, grads = self._run("train", inputs, MODES["none"],
                                 after=lambda: {name: g.copy() for name, g in self.grads.items()})
         return float(outs["loss"]), grads
