@@ -108,9 +108,12 @@ def test_layer_norm_nan_stays_in_its_row(rng):
     assert np.isfinite(np.delete(y.reshape(6, 7), 5, axis=0)).all()
 
 
-def test_layer_norm_rejects_bad_eps():
+def test_layer_norm_rejects_bad_eps_and_integers():
     with pytest.raises(SnetError, match="eps must be a number greater than 0"):
-        structc.compile(LN.replace("eps=0.001", "eps=0"))
+        build_model(parse(LN.replace("eps=0.001", "eps=0")))
+    for layer in ("layer_norm", "batch_norm"):
+        with pytest.raises(SnetError, match=f"{layer} expects f32 values, got i32"):
+            build_model(parse(f"model M {{ input k: i32[N, 4]\n output o = {layer}(k) }}"))
 
 
 # -- batch_norm: training, running statistics, inference ---------------------------

@@ -26,10 +26,16 @@ def _float(ctx, v, what: str, low: float, high: float | None = None) -> float:
     return float(v)
 
 
+def _expect_float(ctx, x) -> None:
+    if x.type.dtype != "f32":     # statistics of integers: convert them first, on purpose
+        ctx.fail(f"{ctx.fname} expects f32 values, got {x.type}")
+
+
 @surface("layer_norm")
 def layer_norm(ctx, x, *, eps=1e-5, name=None):
     """layer_norm(x, eps=1e-5): x normalised over its last axis, times g plus b (learned)"""
     ctx.expect_tensor(x, "layer_norm")
+    _expect_float(ctx, x)
     eps = _float(ctx, eps, "eps", 0.0)
     if x.type.rank < 1 or not isinstance(x.shape[-1], int):
         ctx.fail(f"layer_norm needs a static last axis, got {x.type}")
@@ -48,6 +54,7 @@ def layer_norm(ctx, x, *, eps=1e-5, name=None):
 def batch_norm(ctx, x, *, eps=1e-5, momentum=0.1, name=None):
     """batch_norm(x, eps=1e-5, momentum=0.1): per channel (axis 1), batch statistics in training, running ones after"""
     ctx.expect_tensor(x, "batch_norm")
+    _expect_float(ctx, x)
     eps = _float(ctx, eps, "eps", 0.0)
     momentum = _float(ctx, momentum, "momentum", 0.0, 1.0)
     if x.type.rank < 2 or not isinstance(x.shape[1], int):
