@@ -363,3 +363,12 @@ def test_layer_norm_trains_in_a_node_case():
     trees, y = ["(1 (2 3))", "((4 5) 6)", "(7 8)"], np.array([0, 1, 1], np.int32)
     losses = [net.train_step(t=trees, y=y, lr=0.1) for _ in range(20)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_layer_norm_default_eps_is_1e_5(rng):
+    """Rows of variance 1e-5, where ε is half the denominator (the README's default)."""
+    net = structc.compile(LN.replace("layer_norm(x, eps=0.001)", "layer_norm(x)"))
+    x = (rng.normal(size=(2, 3, 7)) * np.sqrt(1e-5) + 1).astype(np.float32)
+    want = _ln_numpy(x.astype(np.float64), 1.0, 0.0, 1e-5)
+    np.testing.assert_allclose(net(x=x), want, rtol=2e-3, atol=2e-3)
+    assert not np.allclose(net(x=x), _ln_numpy(x.astype(np.float64), 1.0, 0.0, 1e-4), rtol=2e-3, atol=2e-3)
