@@ -37,7 +37,7 @@ def channel_shape(rank: int, channels: int) -> tuple[int, ...]:
     return (channels,) + (1,) * (rank - 2)
 
 
-class BatchNorm(Op):
+class BatchNormMode(Op):
     """y in training (a view: no data moves); x·s + t with the running statistics in inference.
     Operands: y, x, γ, β, running mean and variance, batch mean and variance, the effects."""
     name = "batch_norm_mode"
@@ -61,7 +61,8 @@ class BatchNorm(Op):
         dbeta = channel_sum(b, g)
         dgamma = channel_sum(b, g * xhat)
         n = count(b, x.shape, axes)
-        dx = (g - _per_channel(b, dbeta / n, x) - xhat * _per_channel(b, dgamma / n, x)) * _per_channel(b, gamma * r, x)
+        centred_g = g - _per_channel(b, dbeta / n, x) - xhat * _per_channel(b, dgamma / n, x)
+        dx = centred_g * _per_channel(b, gamma * r, x)
         return [None, dx, dgamma, dbeta] + [None] * (4 + len(effects))
 
     def reference(self, y, *rest, eps):
