@@ -13,7 +13,7 @@ every leaf broadcasts them alike, so `[N, 256] + [256]` runs as two loops and
 from __future__ import annotations
 
 from ..types import broadcast_strides
-from .codegen import CG, DTYPE_IR, F32, lanes
+from .codegen import CG, DTYPE_IR, F32, elem, lanes
 
 
 #: upper bound on the tasks of a kernel that fuses a reduction: each task
@@ -78,16 +78,15 @@ class FusedExpr:
         return off
 
     def load_leaf(self, cg: CG, leaf: int, idx, n: int, mask):
+        """The leaf's elements as they are stored (integers stay integers)."""
         node = self.graph.nodes[leaf]
         t = DTYPE_IR[node.type.dtype]
         vary = self.varying[leaf]
         base = cg.ptr(leaf)
         off = self._offset(cg, idx, vary)
         if vary[-1]:
-            v = cg.load(base, off, t, n, mask)
-        else:
-            v = cg.splat(cg.load(base, off, t), n)
-        return cg.to_float(v) if t != F32 else v
+            return cg.load(base, off, t, n, mask)
+        return cg.splat(cg.load(base, off, t), n)
 
     def position(self, cg: CG, nid: int, idx):
         """The flat position in `nid`'s own tensor of the element at `idx` (the
@@ -111,14 +110,18 @@ class FusedExpr:
                 args = []
                 for i in node.inputs:
                     if i in vals:
-                        args.append(vals[i])
+                        a = vals[i]
                     elif self._inline(i):
                         inl = self.graph.nodes[self._source(i)]
-                        args.append(cg.splat(inl.op.emit(cg, **inl.attrs), n))
+                        a = cg.splat(inl.op.emit(cg, **inl.attrs), n)
                     else:
                         if i not in leaves:
                             leaves[i] = self.load_leaf(cg, i, idx, n, mask)
-                        args.append(leaves[i])
+                        a = leaves[i]
+                    # Arithmetic is in float32; data movement of integers (a copy,
+                    # a broadcast) keeps their bits, exact beyond 2**24.
+                    moves_ints = "moves_data" in node.op.traits and not node.type.is_float
+                    args.append(a if moves_ints or elem(a.type) == F32 else cg.to_float(a))
                 if "indexed" in node.op.traits:     # its values depend on where they are (dropout)
                     v = node.op.emit(cg, *args, index=self.position(cg, m, idx), **node.attrs)
                 else:
