@@ -387,12 +387,15 @@ class Net:
     def loss(self, **inputs) -> float:
         """The loss of a batch, changing nothing: no update, and batch norm's
         running statistics left as they were (its normalisation still uses the
-        batch's own statistics, as in training; a batch of one is allowed).
+        batch's own statistics, as in training; a batch of one is allowed);
+        dropout is off (it would make a held-out loss random and too high).
         What held-out evaluation reports; the gradient arena is overwritten."""
         saved: dict[str, np.ndarray] = {}
 
         def keep():
             saved.update((name, self.params[name].copy()) for name in self.meta.get("buffers", ()))
+            if self._random:      # step 0: dropout off (each training call writes its own step)
+                self._hyper_bits[DROPOUT_STEP] = 0
 
         def restore():
             for name, value in saved.items():
@@ -510,14 +513,14 @@ class Net:
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         self._hyper[:N_FLOAT_HYPER] = values
         if self._random:
-            self._hyper_bits[DROPOUT_STEP] = step & 0xFFFFFFFF
+            self._hyper_bits[DROPOUT_STEP] = step & 0xFFFFFFFF or 1     # 0 is dropout off (`loss`)
         self._step = step
         self.last_lr = lr        # as computed; native code reads it rounded to float32
 
     def _next_dropout_step(self) -> None:
         """A gradient without an update draws the masks of the step to come (held lock)."""
         if self._random:
-            self._hyper_bits[DROPOUT_STEP] = (self._step + 1) & 0xFFFFFFFF
+            self._hyper_bits[DROPOUT_STEP] = (self._step + 1) & 0xFFFFFFFF or 1
 
     def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
                 peak: float | None = None, trace=None, **inputs):

@@ -359,3 +359,19 @@ def test_a_mask_per_edge_stays_per_edge():
     g = sink_gathers(g)
     mask = next(n for n in g.nodes.values() if n.op.name == "dropout_mask")
     assert g.nodes[mask.inputs[0]].op.name == "gather_edges" and tuple(mask.type.shape) == ("g.edges", 4)
+
+
+def test_the_held_out_loss_has_no_dropout():
+    """Net.loss (what held-out evaluation reports) is the loss without dropout:
+    the same model's forward probabilities, scored in numpy; training calls
+    before and after it still draw their own masks."""
+    net = structc.compile(TINY, seed=1)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 8)).astype(np.float32), rng.integers(0, 3, 40)
+    net.train_step(x=x, y=y, lr=0.1)
+    probs = net(x=x)
+    expected = -np.mean(np.log(probs[np.arange(40), y]))
+    assert net.loss(x=x, y=y) == pytest.approx(expected, rel=1e-5)
+    with_dropout, _ = net.grad(x=x, y=y)
+    assert with_dropout != pytest.approx(expected, rel=1e-3)
+    assert net.grad(x=x, y=y)[0] == with_dropout

@@ -34,6 +34,8 @@ import numpy as np
 from ..types import TensorType
 from .base import Elementwise, Sample, expect
 
+#: the step that draws no mask: every element kept and unscaled (training steps count from 1)
+OFF = 0
 #: an example counter triple (key word 0, key word 1, step) for the samples
 SAMPLE_COUNTERS = (0x12345678, 0x9ABCDEF0, 7)
 
@@ -86,6 +88,8 @@ class DropoutMask(Elementwise):
             raise ValueError("dropout's mask depends on the run's seed and step, which only the compiled "
                              "training entry knows: evaluate it with fixed counters=(key0, key1, step)")
         shape = np.shape(x)
+        if counters[2] == OFF:
+            return np.ones(shape)
         keep = keep_mask(int(np.prod(shape, dtype=np.int64)), p, counters[:2], counters[2], stream)
         return np.where(keep, scale(p), 0.0).reshape(shape)
 
@@ -93,6 +97,7 @@ class DropoutMask(Elementwise):
         # fixed counters make the mask a function; x is an input ("fixed"), as it has no gradient
         c = SAMPLE_COUNTERS
         return [Sample((((3, 5), "fixed"),), {"p": 0.5, "stream": 1, "counters": c}),
+                Sample((((2, 7), "fixed"),), {"p": 0.5, "stream": 1, "counters": (1, 2, OFF)}),
                 Sample((((37,), "fixed"),), {"p": 0.1, "stream": 0, "counters": c}),
                 Sample((((4, 19), "fixed"),), {"p": 0.9, "stream": 2 ** 32 - 1, "counters": (1, 2, 2 ** 32 - 1)}),
                 Sample(((((), "fixed")),), {"p": 0.3, "stream": 3, "counters": c})]
@@ -109,7 +114,12 @@ class DropoutMask(Elementwise):
         else:
             key0, key1, step = (cg.i64(c) for c in counters)
         n = lanes(x.type)
+        if counters is not None and counters[2] == OFF:
+            return cg.const(1.0, x)
         bits = cg.random_bits(index, step, cg.i64(stream), (key0, key1), n)
         t = threshold(p)
         keep = b.icmp_unsigned(">=", bits, cg.splat(ir.Constant(I32, t - (t >> 31 << 32)), n))  # as a signed i32
-        return cg.select(keep, cg.const(scale(p), x), cg.const(0.0, x))
+        mask = cg.select(keep, cg.const(scale(p), x), cg.const(0.0, x))
+        if counters is None:    # step 0: a loss without dropout (`Net.loss`, held-out evaluation)
+            mask = cg.select(b.icmp_unsigned("==", step, cg.i64(OFF)), cg.const(1.0, x), mask)
+        return mask
