@@ -206,18 +206,18 @@ class Net:
                 self.params[p["name"]][...] = initialize((p["init"][0], tuple(p["init"][1])), tuple(p["shape"]), rng)
             self._state_arena[:] = 0
             self._step = 0
+            self._draws = 0      # training calls so far: dropout's step counter
             self.set_seed(seed)
 
     def set_seed(self, seed) -> None:
         """Seed dropout's generator (Philox-4x32-10, keyed by 64 bits drawn from
         `np.random.SeedSequence(seed)`), leaving the parameters alone. The mask of
-        a training call is a function of this key, the step (the optimizer's
-        counter: `train_step` k uses step k, and `grad` the step the next
-        `train_step` will use) and each element's position, so it does not
-        depend on the thread count, and a resumed run (which restores the
-        counter) continues the sequence. The counter restarts with
-        `init_params` and a change of optimizer (masks then repeat those of
-        the first steps), and the step is taken mod 2^32."""
+        a training call is a function of this key, the call's number (every
+        `train_step`, `grad` and `grad_into_arena` draws the next one; `loss`
+        draws none) and each element's position, so it does not depend on the
+        thread count, and a resumed run (which restores the count with the
+        optimizer's state) continues the sequence. `init_params` restarts the
+        count; it is taken mod 2^32."""
         key = _dropout_key(seed)
         with self._lock:
             self._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2] = key
@@ -480,7 +480,8 @@ class Net:
         With `check_finite` (default: `net.check_finite`, off) a loss that is
         NaN or infinite raises FloatingPointError instead of being returned."""
         lr = _hyper_value("lr", lr)
-        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=lambda: self._set_hyper(lr),
+        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer],
+                               before=lambda: (self._set_hyper(lr), self._next_dropout_step()),
                                after=lambda: self._step)
         loss = float(outs["loss"])
         if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
@@ -512,15 +513,15 @@ class Net:
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         self._hyper[:N_FLOAT_HYPER] = values
-        if self._random:
-            self._hyper_bits[DROPOUT_STEP] = step & 0xFFFFFFFF or 1     # 0 is dropout off (`loss`)
         self._step = step
         self.last_lr = lr        # as computed; native code reads it rounded to float32
 
     def _next_dropout_step(self) -> None:
-        """A gradient without an update draws the masks of the step to come (held lock)."""
+        """A training call draws new masks (called holding the lock). Not in
+        `_set_hyper`: `apply_update` runs no forward pass, so it draws none."""
         if self._random:
-            self._hyper_bits[DROPOUT_STEP] = (self._step + 1) & 0xFFFFFFFF or 1
+            self._draws += 1
+            self._hyper_bits[DROPOUT_STEP] = self._draws & 0xFFFFFFFF or 1     # 0 is dropout off (`loss`)
 
     def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
                 peak: float | None = None, trace=None, **inputs):
