@@ -480,8 +480,9 @@ class Net:
         With `check_finite` (default: `net.check_finite`, off) a loss that is
         NaN or infinite raises FloatingPointError instead of being returned."""
         lr = _hyper_value("lr", lr)
-        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer],
-                               before=lambda: (self._set_hyper(lr), self._next_dropout_step()),
+        before = (lambda: (self._set_hyper(lr), self._next_dropout_step())) if self._random else \
+            (lambda: self._set_hyper(lr))       # a model without dropout pays nothing for it
+        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=before,
                                after=lambda: self._step)
         loss = float(outs["loss"])
         if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
