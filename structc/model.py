@@ -544,6 +544,8 @@ def _read_params(path) -> dict[str, np.ndarray]:
 def _as_array(spec: _Input, value) -> np.ndarray:
     """The input as a C-contiguous array of the declared dtype, converting
     only within a kind (float64 -> float32, int64 -> int32)."""
+    if not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
+        return _from_dlpack(spec, value)
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     kind = arr.dtype.kind
     if spec.classes or np.dtype(spec.dtype).kind == "i":
@@ -560,6 +562,38 @@ def _as_array(spec: _Input, value) -> np.ndarray:
                             f"got dtype {arr.dtype}")
         if arr.dtype != spec.dtype:
             arr = arr.astype(spec.dtype)
+    if not arr.flags.c_contiguous or not arr.flags.aligned:
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+_DLPACK_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "metal", 10: "rocm",
+                   13: "cuda_managed", 14: "oneapi"}
+
+
+def _from_dlpack(spec: _Input, tensor) -> np.ndarray:
+    """Another library's tensor (torch, jax, ...) shared through DLPack: no copy when it is
+    on the CPU, of the declared dtype and C-contiguous. Otherwise a copy only where the
+    values stay the same (a strided view; integer labels that fit int32); a tensor on
+    another device or of another dtype is refused: casting floats would change values."""
+    what = f"{type(tensor).__module__}.{type(tensor).__qualname__}"
+    device = tensor.__dlpack_device__()[0] if hasattr(tensor, "__dlpack_device__") else 1
+    if device != 1:
+        raise TypeError(f"input '{spec.name}': the {what} is on device "
+                        f"{_DLPACK_DEVICES.get(int(device), f'type {device}')}; structc runs on the CPU: "
+                        f"move it there first (e.g. tensor.cpu())")
+    try:
+        arr = np.from_dlpack(tensor)
+    except (BufferError, RuntimeError, TypeError, ValueError) as e:
+        raise TypeError(f"input '{spec.name}': cannot share the {what} (dtype "
+                        f"{getattr(tensor, 'dtype', '?')}) with numpy through DLPack: {e}") from None
+    want = np.dtype(spec.dtype)
+    if arr.dtype != want:
+        if not (want.kind == "i" and arr.dtype.kind in "iu"):
+            raise TypeError(f"input '{spec.name}': the {what} has dtype {getattr(tensor, 'dtype', arr.dtype)}, "
+                            f"the model expects {spec.describe()} ({want.name}); convert it yourself "
+                            f"(structc does not cast a tensor's values)")
+        return _as_array(spec, arr)          # integers: a copy, checked to fit, values unchanged
     if not arr.flags.c_contiguous or not arr.flags.aligned:
         arr = np.ascontiguousarray(arr)
     return arr

@@ -16,6 +16,11 @@ does) is `[in, out]` in structc and `[out, in]` in `nn.Linear`, so it is
 transposed both ways; convolution kernels (`[out, in, kh, kw]`, conv1d's
 `[out, in, k]`), biases and embedding tables are the same in both. Which
 weights are transposed is read off the model's graph (its source).
+
+Tensors: every `Net` takes any DLPack tensor as an input (a CPU `torch.Tensor`
+of the declared dtype is used in place, no copy) and returns numpy arrays,
+which PyTorch reads in place (`torch.from_dlpack(out)`). `wrap(net)` does that
+for every output: it calls `net` and returns torch tensors on the outputs' memory.
 """
 from __future__ import annotations
 
@@ -173,3 +178,34 @@ def _transposed_params(net, source: str | None = None) -> set[str]:
                     out.add(w.attrs["name"])
             pending += [v for v in node.attrs.values() if isinstance(v, type(g))]
     return out
+
+
+def wrap(net) -> "TorchNet":
+    """`net` returning torch tensors: `wrap(net)(x=t)` is `net(x=t)` with each output
+    array given to PyTorch in place (`torch.from_dlpack`, no copy)."""
+    return TorchNet(net)
+
+
+class TorchNet:
+    """A `Net` whose outputs and gradients are torch tensors (its other attributes are the Net's)."""
+
+    def __init__(self, net):
+        import torch
+        self.net, self._torch = net, torch
+
+    def forward(self, **inputs) -> dict:
+        return {name: self._torch.from_dlpack(arr) for name, arr in self.net.forward(**inputs).items()}
+
+    def __call__(self, **inputs):
+        outs = self.forward(**inputs)
+        return next(iter(outs.values())) if len(outs) == 1 else outs
+
+    def grad(self, **inputs) -> tuple:
+        loss, grads = self.net.grad(**inputs)
+        return loss, {name: self._torch.from_dlpack(g) for name, g in grads.items()}
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __repr__(self) -> str:
+        return f"structc.torch.wrap({self.net!r})"
