@@ -370,6 +370,7 @@ def cmd_train(args) -> int:
     args.freeze_names = _freeze_names(args)
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
     comm = _distributed_comm(args)
+    board = _tensorboard(args.tensorboard) if args.tensorboard and (comm is None or comm.Get_rank() == 0) else None
     if args.threads is None and comm is not None:
         from .distributed import threads_per_rank
         args.threads = threads_per_rank(comm)
@@ -420,14 +421,20 @@ def cmd_train(args) -> int:
               + (f"; starting from {args.init}" if args.init else "")
               + (f"; frozen: {', '.join(net.meta['frozen'])}" if net.meta.get("frozen") else "")
               + (f"; {dp.size} ranks" if dp else "")
-              + f"; per-epoch metrics in {metrics.path}", file=sys.stderr)
-    if dp is None:
-        history = train(net, data, cfg, rng=rng, on_epoch=metrics.callback)
-    else:
-        from .distributed import train as train_data_parallel
-        history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=metrics.callback if root else None)
-        if not root:
-            return 0
+              + f"; per-epoch metrics in {metrics.path}"
+              + (f"; TensorBoard scalars in {board.folder}" if board else ""), file=sys.stderr)
+    on_epoch = _epoch_logger(metrics, board) if root else None
+    try:
+        if dp is None:
+            history = train(net, data, cfg, rng=rng, on_epoch=on_epoch)
+        else:
+            from .distributed import train as train_data_parallel
+            history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=on_epoch)
+            if not root:
+                return 0
+    finally:
+        if board is not None:
+            board.close()
 
     def save_training_state(params_path: Path) -> None:
         from .train import state_path
@@ -444,6 +451,24 @@ def cmd_train(args) -> int:
         return 1
     print(f"saved parameters to {written}{result}")
     return 0
+
+
+def _tensorboard(folder: str):
+    """The TensorBoard writer of --tensorboard, made before any work (tensorboardX missing: say what to install)."""
+    from .runlog import TensorBoardLog
+    try:
+        return TensorBoardLog(folder)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"cannot write TensorBoard logs to {folder}: {e.strerror or e}", code=2) from None
+
+
+def _epoch_logger(metrics, board):
+    """on_epoch: the JSONL record, then the same record as TensorBoard scalars."""
+    if board is None:
+        return metrics.callback
+    return lambda m: board.write(metrics.callback(m))
 
 
 def _data_id(args) -> str:
@@ -739,6 +764,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--freeze", metavar="NAMES",
                    help="comma-separated parameters or layers (conv1,conv2.w) that training leaves unchanged: "
                         "no gradient is computed for them (default: none; with --resume: the run's)")
+    c.add_argument("--tensorboard", metavar="DIR",
+                   help="also write each epoch's loss, accuracy, learning rate and time as TensorBoard scalars "
+                        "to DIR (needs pip install 'structc[tensorboard]': tensorboardX, no TensorFlow) "
+                        "(default: none)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     _distributed_option(c)
     c.set_defaults(run=cmd_train)

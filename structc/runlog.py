@@ -11,6 +11,10 @@ epoch ends, so `tail -f` or `structc plot` shows a run in progress:
 models without class outputs; `seconds` is the epoch's wall time (with its evaluation),
 `elapsed` the run's so far. A resumed run keeps the lines of the epochs it continues from.
 
+`structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
+in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
+`pip install 'structc[tensorboard]'`; no TensorFlow needed): `tensorboard --logdir DIR`.
+
 `plot(runs, out)` draws loss (training solid, held-out dashed) and held-out accuracy
 against the epoch, one colour per run, with matplotlib (an optional extra:
 `pip install 'structc[plot]'`).
@@ -60,7 +64,8 @@ class MetricsLog:
         self._elapsed_before = keep[-1].get("elapsed", 0.0) if keep else 0.0
         self.failed = False
 
-    def callback(self, metrics: dict) -> None:
+    def callback(self, metrics: dict) -> dict:
+        """Append the epoch's record (and return it, for `TensorBoardLog.write`)."""
         now = time.perf_counter()
         record = {"epoch": metrics["epoch"], "loss": metrics["train_loss"]}
         record.update({k: v for k, v in metrics.items() if k.startswith("heldout_")})
@@ -69,7 +74,7 @@ class MetricsLog:
                       lr=self.lr if metrics.get("lr") is None else metrics["lr"])      # the lr the epoch's last step used (a schedule's)
         self._last = now
         if self.failed:
-            return
+            return record
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
@@ -77,6 +82,36 @@ class MetricsLog:
             self.failed = True
             print(f"structc: warning: cannot write the metrics log {self.path} ({e.strerror or e}); "
                   f"training goes on without it", file=sys.stderr)
+        return record
+
+
+#: a record's field -> the TensorBoard tag it is written under
+TENSORBOARD_TAGS = {"loss": "loss/train", "heldout_loss": "loss/heldout", "val_loss": "loss/validation",
+                    "heldout_accuracy": "accuracy/heldout", "val_accuracy": "accuracy/validation",
+                    "lr": "learning_rate", "elapsed": "time/elapsed_seconds", "seconds": "time/epoch_seconds"}
+
+
+class TensorBoardLog:
+    """`structc train --tensorboard DIR`: each epoch's record as TensorBoard scalars
+    (step = the epoch), through tensorboardX (no TensorFlow)."""
+
+    def __init__(self, folder: str | Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise RuntimeError("--tensorboard needs tensorboardX: pip install 'structc[tensorboard]' "
+                               "(or pip install tensorboardX)") from None
+        self.folder = Path(folder)
+        self._writer = SummaryWriter(logdir=str(self.folder))
+
+    def write(self, record: dict) -> None:
+        for key, tag in TENSORBOARD_TAGS.items():
+            if record.get(key) is not None:
+                self._writer.add_scalar(tag, float(record[key]), global_step=int(record["epoch"]))
+        self._writer.flush()             # as the epoch ends, as the JSONL log: a run in progress shows
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _plain(value):

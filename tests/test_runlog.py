@@ -205,3 +205,45 @@ def test_plot_of_a_trained_run(tiny, tmp_path, capsys):
     assert train(tiny, "--epochs", "2", "--out", str(tmp_path / "run.npz")) == 0
     assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+# -- TensorBoard -----------------------------------------------------------------------
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the event files in `folder`: TFRecords (length, its
+    CRC, an Event protobuf, its CRC), parsed with tensorboardX's own protobuf classes."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    scalars: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        at = 0
+        while at < len(raw):
+            (length,) = struct.unpack_from("<Q", raw, at)
+            event = Event.FromString(raw[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+@pytest.mark.slow      # importing tensorboardX imports torch where it is installed: seconds
+def test_tensorboard_gets_the_logs_scalars(tiny, tmp_path, capsys):
+    pytest.importorskip("tensorboardX", reason="--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'")
+    board = tmp_path / "tb"
+    assert train(tiny, "--epochs", "3", "--lr", "0.05", "--out", str(tmp_path / "run.npz"),
+                 "--tensorboard", str(board)) == 0
+    assert f"TensorBoard scalars in {board}" in capsys.readouterr().err
+    records, scalars = read_metrics(tmp_path / "run.metrics.jsonl"), tensorboard_scalars(board)
+    for field, tag in [("loss", "loss/train"), ("heldout_loss", "loss/heldout"), ("heldout_accuracy",
+                       "accuracy/heldout"), ("lr", "learning_rate"), ("elapsed", "time/elapsed_seconds")]:
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3]
+        assert [v for _, v in scalars[tag]] == pytest.approx([r[field] for r in records], rel=1e-6)
+
+
+def test_tensorboard_without_tensorboardx_says_what_to_install(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)          # as if not installed
+    assert train(tiny, "--epochs", "1", "--out", str(tmp_path / "run.npz"), "--tensorboard", str(tmp_path)) == 1
+    assert "--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "run.npz").exists()                      # refused before training
