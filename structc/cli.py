@@ -290,11 +290,11 @@ def _load_bound_data(name: str, net, split: float | None = None):
     return data
 
 
-TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0}
+TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0, "val_split": 0.0}
 
 
 def _train_settings(args, saved: dict | None) -> dict:
-    """lr, batch, optimizer, seed, clip_norm: as given, else the resumed run's, else the defaults.
+    """lr, batch, optimizer, seed, clip_norm, val_split: as given, else the resumed run's, else the defaults.
     A resumed run told to change one says so (the run then differs from the original)."""
     settings = {}
     for key, default in TRAIN_DEFAULTS.items():
@@ -365,6 +365,7 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, restore_optimizer, save_state, train
     if args.init and args.resume:
         raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
+    _check_validation_options(args)
     if args.out is None and args.resume:
         args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
     args.freeze_names = _freeze_names(args)
@@ -403,7 +404,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
                       first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"],
-                      schedule=_schedule(args, saved))
+                      schedule=_schedule(args, saved), val_split=settings["val_split"],
+                      early_stop=args.early_stop or 0, monitor=args.monitor)
     if cfg.schedule is not None:
         net.set_schedule(**cfg.schedule)           # data-parallel training too
     if state is not None:
@@ -438,7 +440,7 @@ def cmd_train(args) -> int:
 
     def save_training_state(params_path: Path) -> None:
         from .train import state_path
-        save_state(net, state_path(params_path), cfg.epochs, cfg, history.rng_state, data_id)
+        save_state(net, state_path(params_path), history.last_epoch, cfg, history.rng_state, data_id)
 
     written, problem = save_run(net, out, save_training_state)
     final = history.final
@@ -451,6 +453,20 @@ def cmd_train(args) -> int:
         return 1
     print(f"saved parameters to {written}{result}")
     return 0
+
+
+def _check_validation_options(args) -> None:
+    """--val-split, --early-stop, --monitor: checked before any work."""
+    if args.val_split is not None and not 0.0 < args.val_split < 1.0:
+        raise UserError(f"--val-split is the fraction of the training examples to validate on: between 0 and 1, "
+                        f"got {args.val_split}")
+    if args.early_stop is not None and args.early_stop < 1:
+        raise UserError(f"--early-stop is a number of epochs without improvement: at least 1, got {args.early_stop}")
+    if args.early_stop and not args.val_split and not args.resume:
+        raise UserError("--early-stop needs --val-split: choosing the epoch on the held-out part would leave "
+                        "no held-out measure")
+    if args.distributed and (args.val_split or args.early_stop):
+        raise UserError("--val-split and --early-stop are not supported with --distributed yet")
 
 
 def _tensorboard(folder: str):
@@ -764,6 +780,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--freeze", metavar="NAMES",
                    help="comma-separated parameters or layers (conv1,conv2.w) that training leaves unchanged: "
                         "no gradient is computed for them (default: none; with --resume: the run's)")
+    c.add_argument("--val-split", type=float, metavar="FRACTION",
+                   help="validate on this fraction of each class of the training examples (seeded with --seed, "
+                        "disjoint from training; val_loss and val_accuracy each epoch) (default: none; with "
+                        "--resume: the run's)")
+    c.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                   help="stop when --monitor has not improved for PATIENCE epochs and keep (and save) the best "
+                        "epoch's parameters; needs --val-split (default: none: train all --epochs)")
+    c.add_argument("--monitor", choices=["val_loss", "val_acc"], default="val_loss",
+                   help="what --early-stop watches: validation loss (lower is better) or accuracy (higher)")
     c.add_argument("--tensorboard", metavar="DIR",
                    help="also write each epoch's loss, accuracy, learning rate and time as TensorBoard scalars "
                         "to DIR (needs pip install 'structc[tensorboard]': tensorboardX, no TensorFlow) "

@@ -8,7 +8,8 @@ epoch ends, so `tail -f` or `structc plot` shows a run in progress:
      "seconds": 0.8, "elapsed": 2.5, "lr": 0.1}
 
 `loss` is the mean training loss over the epoch's steps; `heldout_accuracy` is absent for
-models without class outputs; `seconds` is the epoch's wall time (with its evaluation),
+models without class outputs; with `--val-split`, `val_loss` and `val_accuracy` measure the
+validation part; `seconds` is the epoch's wall time (with its evaluation),
 `elapsed` the run's so far. A resumed run keeps the lines of the epochs it continues from.
 
 `structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
@@ -68,7 +69,7 @@ class MetricsLog:
         """Append the epoch's record (and return it, for `TensorBoardLog.write`)."""
         now = time.perf_counter()
         record = {"epoch": metrics["epoch"], "loss": metrics["train_loss"]}
-        record.update({k: v for k, v in metrics.items() if k.startswith("heldout_")})
+        record.update({k: v for k, v in metrics.items() if k.startswith(("heldout_", "val_"))})
         record.update(seconds=round(now - self._last, 4),
                       elapsed=round(self._elapsed_before + now - self._start, 4),
                       lr=self.lr if metrics.get("lr") is None else metrics["lr"])      # the lr the epoch's last step used (a schedule's)
