@@ -276,13 +276,17 @@ def _distributed_comm(args):
         raise UserError(str(e)) from None
 
 
-def _load_bound_data(name: str, net, split: float | None = None):
+def _load_bound_data(name: str, net, split: float | None = None, stream: bool = False):
     """The data set `name`, checked against the model's kind of input, bound to `net`.
-    `split`: the held-out fraction for the user's data that comes as one set."""
-    from . import datasets
+    `split`: the held-out fraction for the user's data that comes as one set; `stream`:
+    read the user's treebank or table file a chunk at a time (`structc.streams`)."""
+    from . import datasets, readers
     try:
         datasets.check_name_fits(name, net)
-        data = datasets.load(name, split)
+        if stream and name in datasets.DATASETS:
+            raise ValueError(f"--stream reads your own treebank or table file; the built-in data set '{name}' "
+                             f"is read whole")
+        data = readers.read(name, split, stream=True) if stream else datasets.load(name, split)
         datasets.check_fits(data, net)
         data.bind(net)
     except (ValueError, FileNotFoundError) as e:
@@ -381,10 +385,14 @@ def cmd_train(args) -> int:
     if args.init:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
-    data = _load_bound_data(args.data, net, args.split)
+    data = _load_bound_data(args.data, net, args.split, args.stream)
     dp = None
     if comm is not None:
         from .distributed import DataParallel, check_splittable
+        from .streams import is_streamed
+        if is_streamed(data):
+            raise UserError(f"{args.data} is streamed (--stream, or larger than the streaming threshold), which "
+                            f"--distributed does not support yet: train it on one process")
         check_splittable(data)
         dp = DataParallel(net, comm)
     root = dp is None or dp.is_root        # only rank 0 prints and writes
@@ -509,7 +517,10 @@ def cmd_eval(args) -> int:
         from .native import set_num_threads
         set_num_threads(threads_per_rank(comm))
     net, _ = _compile_net(args, comm)
-    data = _load_bound_data(args.data, net, args.split)
+    data = _load_bound_data(args.data, net, args.split, args.stream)
+    from .streams import is_streamed
+    if comm is not None and is_streamed(data):
+        raise UserError(f"{args.data} is streamed, which --distributed does not support yet: evaluate on one process")
     params = load_params(net, args.params)
     if comm is None:
         metrics = data.evaluate(net)
@@ -743,6 +754,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, metavar="DATA",
                    help=f"a built-in data set ({data_sets}) or a file or folder of your data")
     _split_option(c)
+    _stream_option(c)
     c.add_argument("--epochs", type=int, default=20, help="epochs to train (with --resume: the total to reach)")
     c.add_argument("--batch", type=int, help=f"examples per step (default: {TRAIN_DEFAULTS['batch']}; "
                                              f"with --resume: the run's)")
@@ -802,6 +814,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"a built-in data set ({data_sets}) or a file or folder of your data; its held-out "
                         f"part is used")
     _split_option(c)
+    _stream_option(c)
     c.add_argument("--params", required=True, help="parameters saved by `structc train` (.npz optional)")
     _distributed_option(c)
     c.set_defaults(run=cmd_eval)
@@ -851,6 +864,13 @@ def _split_option(c) -> None:
                    help="for your data that comes as one set: the held-out fraction of each class, drawn "
                         "with seed 0 so that train and eval see the same parts (default: 0.2; built-in data "
                         "sets and files that give both parts keep theirs)")
+
+
+def _stream_option(c) -> None:
+    c.add_argument("--stream", action="store_true",
+                   help="read a treebank or table file a chunk of 4096 examples at a time, for files larger than "
+                        "memory: the same checks and split, shuffled within chunks (default: only files over "
+                        "256 MiB)")
 
 
 def _distributed_option(c) -> None:

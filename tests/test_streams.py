@@ -1,0 +1,160 @@
+"""Streamed treebank and table files (structc/streams.py): the eager readers' split, checks
+and results, read a chunk at a time with memory that does not grow with the file."""
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import structc
+from structc import readers, streams
+from structc.cli import main
+from structc.readers import ReadError
+from structc.train import validation_split
+
+DATA = Path(__file__).parent / "data"
+
+MODELS = """
+model Tree {
+  input  t: forest(arity=2) of word(vocab=10)
+  target y: class[t.trees] of 5
+  param  E: embedding(10, 8) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 8))
+  logits = dense(h(t.root), 5)
+  output probs = softmax(logits)
+  loss cross_entropy(logits, y)
+}
+model Table {
+  input x: f32[N, 4]  target y: class[N] of 2
+  logits = dense(x, 2)
+  output probs = softmax(logits)
+  loss cross_entropy(logits, y)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "models.snet"
+    path.write_text(MODELS)
+    return path
+
+
+def streamed(path: Path, chunk: int):
+    return (streams.stream_treebank if readers._looks_bracketed(path) else streams.stream_table)(path, chunk=chunk)
+
+
+def epoch_examples(data, kind: str) -> list:
+    """The training examples one epoch yields, as comparable items."""
+    rng = np.random.default_rng(0)
+    if kind == "Table":
+        return sorted(row.tobytes() for b in data.batches(8, rng) for row in b[data.input["name"]])
+    return sorted(int(v) for b in data.batches(8, rng) for v in b[data.root_target["name"]])
+
+
+@pytest.mark.parametrize("model, file", [pytest.param("Tree", "treebank.txt", marks=pytest.mark.slow),  # a compile
+                                         ("Table", "table.csv")])
+def test_a_stream_has_the_eager_readers_split_and_results(models, model, file):
+    net = structc.compile(models, model)
+    eager = readers.read(DATA / file).bind(net)
+    stream = streamed(DATA / file, chunk=7).bind(net)          # several chunks, the last one short
+    assert len(stream) == len(eager)
+    for got, want in [(stream, eager), (validation_split(stream, 0.25, 1)[1], validation_split(eager, 0.25, 1)[1])]:
+        g, w = got.evaluate(net, batch=5), want.evaluate(net)
+        assert g.keys() == w.keys() and all(g[k] == pytest.approx(w[k], rel=1e-5) for k in w)
+    eager_items = (sorted(row.tobytes() for row in eager.x_train) if model == "Table"
+                   else sorted(int(f.root_labels[0]) for f in eager.train))
+    assert epoch_examples(stream, model) == eager_items
+    assert stream.batch_count(8) == sum(1 for _ in stream.batches(8, np.random.default_rng(1)))
+
+
+def test_a_stream_shuffles_across_chunks(models):
+    stream = streamed(DATA / "table.csv", chunk=10).bind(structc.compile(models, "Table"))
+    first = [b["x"][0].tobytes() for b in stream.batches(4, np.random.default_rng(0))]
+    again = [b["x"][0].tobytes() for b in stream.batches(4, np.random.default_rng(0))]
+    other = [b["x"][0].tobytes() for b in stream.batches(4, np.random.default_rng(1))]
+    assert first == again and first != other
+
+
+@pytest.mark.parametrize("file", ["bad_bracket.txt", "ragged.csv"])
+def test_a_bad_line_is_the_same_error_as_when_read_whole(file):
+    with pytest.raises(ReadError) as eager:
+        readers.read(DATA / file)
+    with pytest.raises(ReadError) as stream:
+        streamed(DATA / file, chunk=1)
+    assert str(stream.value) == str(eager.value) and stream.value.line is not None
+
+
+def test_a_bad_line_far_into_a_large_file_names_its_line(tmp_path):
+    path = tmp_path / "big.txt"
+    lines = ["(1 (1 good) (1 film))"] * 3000
+    lines[2345] = "(1 (1 good) (1 film)"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ReadError, match=r"big\.txt:2346: unbalanced brackets"):
+        streamed(path, chunk=100)
+
+
+@pytest.fixture(scope="module")
+def big_table(tmp_path_factory) -> Path:
+    """8,000 examples, label = [x0 + x1 > 0]."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8000, 4)).round(4)
+    path = tmp_path_factory.mktemp("big") / "big.csv"
+    np.savetxt(path, np.column_stack([x, x[:, 0] + x[:, 1] > 0]), fmt="%g", delimiter=",", header="a,b,c,d,y",
+               comments="")
+    return path
+
+
+def peak_bytes(net, read) -> int:
+    """The most memory Python held while reading, training an epoch on and evaluating `read()`."""
+    tracemalloc.start()
+    try:
+        data = read().bind(net)
+        steps = sum(1 for _ in data.batches(64, np.random.default_rng(0)))
+        data.evaluate(net)
+        assert steps == data.batch_count(64)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.slow        # the file is read a few times under tracemalloc: seconds
+def test_memory_is_a_chunk_and_a_few_bytes_per_example(models, big_table):
+    net = structc.compile(models, "Table")
+    streams.stream_table(DATA / "table.csv").bind(net).evaluate(net)     # imports and first calls, not measured
+    readers.read(DATA / "table.csv").bind(net).evaluate(net)
+    streamed_peak = peak_bytes(net, lambda: streams.stream_table(big_table, chunk=200))
+    eager_peak = peak_bytes(net, lambda: readers.read(big_table))
+    assert streamed_peak < 100 * 8000 < eager_peak / 3            # the split's index arrays: ~60 bytes an example
+
+
+def test_train_streams_with_the_option_and_above_the_threshold(models, big_table, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run.npz"
+    args = ["train", str(models), "--model", "Table", "--data", str(big_table), "--epochs", "2", "--optimizer",
+            "adam", "--lr", "0.05", "--val-split", "0.1", "--out", str(out), "--no-progress"]
+    assert main([*args, "--stream"]) == 0
+    captured = capsys.readouterr()
+    assert "8000 examples, streamed 4096 at a time (6400 training / 1600 held-out examples" in captured.err
+    assert float(captured.out.strip().rsplit(" ", 1)[-1].rstrip("%")) > 90
+    monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(big_table) - 1)
+    assert isinstance(readers.read(big_table), streams.StreamedTable)
+    monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(big_table))
+    assert not isinstance(readers.read(big_table), streams.StreamedTable)
+
+
+def test_only_text_files_stream(tmp_path, capsys):
+    with pytest.raises(ReadError, match="only treebank and table text files"):
+        readers.read(DATA / "tu_tiny", stream=True)
+    assert main(["train", str(tmp_path / "none.snet"), "--data", "digits", "--stream"]) == 1
+
+
+def test_a_file_that_changes_while_streamed_is_an_error(models, tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text((DATA / "table.csv").read_text())
+    data = streams.stream_table(path, chunk=10).bind(structc.compile(models, "Table"))
+    with open(path, "a") as f:
+        f.write("0.1,0.2,0.3,0.4,1\n")
+    with pytest.raises(ReadError, match="the file changed while it was streamed"):
+        data.evaluate(structc.compile(models, "Table"))
