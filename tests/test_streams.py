@@ -158,3 +158,10 @@ def test_a_file_that_changes_while_streamed_is_an_error(models, tmp_path):
         f.write("0.1,0.2,0.3,0.4,1\n")
     with pytest.raises(ReadError, match="the file changed while it was streamed"):
         data.evaluate(structc.compile(models, "Table"))
+
+
+def test_the_readme_states_the_chunk_and_the_threshold():
+    text = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert f"over {streams.STREAM_ABOVE // 2**20} MiB" in text and f"reads {streams.CHUNK} examples at a time" in text
+    kept = streams.stream_table(DATA / "table.csv")
+    assert f"about {kept.labels.itemsize + kept.chunks.parts.itemsize} bytes an example" in text
