@@ -576,27 +576,37 @@ def _from_dlpack(spec: _Input, tensor) -> np.ndarray:
     on the CPU, of the declared dtype and C-contiguous. Otherwise a copy only where the
     values stay the same (a strided view; integer labels that fit int32); a tensor on
     another device or of another dtype is refused: casting floats would change values."""
-    what = f"{type(tensor).__module__}.{type(tensor).__qualname__}"
-    device = tensor.__dlpack_device__()[0] if hasattr(tensor, "__dlpack_device__") else 1
-    if device != 1:
-        raise TypeError(f"input '{spec.name}': the {what} is on device "
-                        f"{_DLPACK_DEVICES.get(int(device), f'type {device}')}; structc runs on the CPU: "
-                        f"move it there first (e.g. tensor.cpu())")
     try:
-        arr = np.from_dlpack(tensor)
+        arr = np.from_dlpack(tensor)     # refuses memory the CPU cannot read (asking the device first costs µs)
     except (BufferError, RuntimeError, TypeError, ValueError) as e:
-        raise TypeError(f"input '{spec.name}': cannot share the {what} (dtype "
-                        f"{getattr(tensor, 'dtype', '?')}) with numpy through DLPack: {e}") from None
+        raise TypeError(_dlpack_refusal(spec, tensor, e)) from None
     want = np.dtype(spec.dtype)
     if arr.dtype != want:
         if not (want.kind == "i" and arr.dtype.kind in "iu"):
-            raise TypeError(f"input '{spec.name}': the {what} has dtype {getattr(tensor, 'dtype', arr.dtype)}, "
-                            f"the model expects {spec.describe()} ({want.name}); convert it yourself "
-                            f"(structc does not cast a tensor's values)")
+            raise TypeError(f"input '{spec.name}': the {_kind_of(tensor)} has dtype "
+                            f"{getattr(tensor, 'dtype', arr.dtype)}, the model expects {spec.describe()} "
+                            f"({want.name}); convert it yourself (structc does not cast a tensor's values)")
         return _as_array(spec, arr)          # integers: a copy, checked to fit, values unchanged
     if not arr.flags.c_contiguous or not arr.flags.aligned:
         arr = np.ascontiguousarray(arr)
     return arr
+
+
+def _kind_of(tensor) -> str:
+    return f"{type(tensor).__module__}.{type(tensor).__qualname__}"
+
+
+def _dlpack_refusal(spec: _Input, tensor, error: Exception) -> str:
+    """Why numpy cannot read `tensor`: its device when it is not the CPU, else numpy's reason."""
+    try:
+        device = int(tensor.__dlpack_device__()[0])
+    except Exception:            # noqa: BLE001 - an exporter without a device: numpy's reason is all there is
+        device = 1
+    if device != 1:
+        return (f"input '{spec.name}': the {_kind_of(tensor)} is on device {_DLPACK_DEVICES.get(device, device)}; "
+                f"structc runs on the CPU: move it there first (e.g. tensor.cpu())")
+    return (f"input '{spec.name}': cannot share the {_kind_of(tensor)} (dtype {getattr(tensor, 'dtype', '?')}) "
+            f"with numpy through DLPack: {error}")
 
 
 def _write_atomically(path: str, write) -> None:

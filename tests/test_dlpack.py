@@ -43,12 +43,15 @@ def native_inputs(monkeypatch):
 
 
 class Exporter:
-    """A tensor of no known library: only the DLPack protocol (as a jax.Array has it)."""
+    """A tensor of no known library: only the DLPack protocol (as a jax.Array has it).
+    On another device numpy refuses its capsule, as it would a CUDA tensor's."""
 
     def __init__(self, arr, device=(1, 0)):
         self.arr, self.device = arr, device
 
     def __dlpack__(self, **kw):
+        if self.device[0] != 1:
+            raise BufferError("Unsupported device in DLTensor.")
         return self.arr.__dlpack__(**kw)
 
     def __dlpack_device__(self):
