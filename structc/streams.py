@@ -136,9 +136,8 @@ class StreamedTrees(_Streamed, TreeDataset):
     def batches(self, batch: int, rng: np.random.Generator):
         from .forest import Forest
         for lines, order in self._training_chunks(rng):
-            forests = self._forests(lines)
-            for start in range(0, len(order), batch):
-                yield self.feed(Forest.concat([forests[k] for k in order[start:start + batch]]))
+            for start in range(0, len(order), batch):      # checked when first read: one parse per batch
+                yield self.feed(Forest.from_brackets([lines[k][1] for k in order[start:start + batch]], self.vocab))
 
     def evaluate(self, net, batch: int = 512) -> dict:
         def measure(lines, batch):
@@ -208,7 +207,7 @@ class StreamedTable(_Streamed, ArrayDataset):
         return self
 
     def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
-        table = np.array([r for _, r in number_rows(self.chunks.path, columns=self.width, rows=rows)])
+        table = np.array([fields for _, fields in rows], np.float64)     # checked when first read
         return table[:, :-1].astype(np.float32).reshape(-1, *self._shape), table[:, -1].astype(self._dtype)
 
     def batches(self, batch: int, rng: np.random.Generator):
