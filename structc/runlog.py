@@ -16,8 +16,8 @@ validation part; `seconds` is the epoch's wall time (with its evaluation),
 in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
 `pip install 'structc[tensorboard]'`; no TensorFlow needed): `tensorboard --logdir DIR`.
 
-`plot(runs, out)` draws loss (training solid, held-out dashed) and held-out accuracy
-against the epoch, one colour per run, with matplotlib (an optional extra:
+`plot(runs, out)` draws loss (training solid, held-out dashed, validation dotted) and
+held-out (and validation) accuracy against the epoch, one colour per run, with matplotlib (an optional extra:
 `pip install 'structc[plot]'`).
 """
 from __future__ import annotations
@@ -172,8 +172,9 @@ def figure(runs: dict[str, list[dict]], size: tuple[float, float] = (10.0, 4.0),
     left, right = fig.subplots(1, 2)
     for k, (label, records) in enumerate(runs.items()):
         _draw_run(left, right, label, records, f"C{k % 10}")
-    _finish_axes(left, "loss", "training (solid), held-out (dashed)")
-    _finish_axes(right, "held-out accuracy", "")
+    validated = any("val_loss" in r for records in runs.values() for r in records)
+    _finish_axes(left, "loss", "training (solid), held-out (dashed)" + (", validation (dotted)" if validated else ""))
+    _finish_axes(right, "held-out accuracy", "held-out (solid), validation (dotted)" if validated else "")
     fig.tight_layout()
     return fig
 
@@ -196,6 +197,10 @@ def _draw_run(left, right, label: str, recs: list[dict], colour: str) -> None:
     acc = [(r["epoch"], r["heldout_accuracy"]) for r in recs if "heldout_accuracy" in r]
     if acc:
         right.plot(*zip(*acc), color=colour, label=label, marker="o" if len(acc) < 20 else None)
+    for axes, key in ((left, "val_loss"), (right, "val_accuracy")):      # --val-split runs
+        val = [(r["epoch"], r[key]) for r in recs if key in r]
+        if val:
+            axes.plot(*zip(*val), color=colour, linestyle=":")
 
 
 def _finish_axes(ax, ylabel: str, title: str) -> None:
