@@ -147,7 +147,10 @@ def test_train_streams_with_the_option_and_above_the_threshold(models, big_table
 def test_only_text_files_stream(tmp_path, capsys):
     with pytest.raises(ReadError, match="only treebank and table text files"):
         readers.read(DATA / "tu_tiny", stream=True)
-    assert main(["train", str(tmp_path / "none.snet"), "--data", "digits", "--stream"]) == 1
+    model = tmp_path / "digits.snet"
+    model.write_text("model D { input x: f32[N, 64]  target y: class[N] of 10\n loss cross_entropy(dense(x, 10), y) }")
+    assert main(["train", str(model), "--data", "digits", "--stream", "--out", str(tmp_path / "d.npz")]) == 1
+    assert "--stream reads your own treebank or table file; the built-in data set 'digits'" in capsys.readouterr().err
 
 
 def test_a_file_that_changes_while_streamed_is_an_error(models, tmp_path):
