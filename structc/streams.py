@@ -41,12 +41,27 @@ class Chunks:
 
     def read(self, chunk: int, part: int) -> list:
         """The examples of `chunk` that are in `part`, as `examples` yields them."""
+        self._check_unchanged()
+        mine = self.mine(chunk)
+        items = itertools.islice(self._examples(*self.starts[chunk]), len(mine))
+        return [item for item, p in zip(items, mine) if p == part]
+
+    def raw_lines(self, chunk: int) -> list[bytes]:
+        """The lines of `chunk` as bytes, read in one go (blank and other lines included)."""
+        self._check_unchanged()
+        end = self.starts[chunk + 1][0] if chunk + 1 < len(self.starts) else self._stamp[0]
+        with open(self.path, "rb") as f:
+            f.seek(self.starts[chunk][0])
+            return f.read(end - self.starts[chunk][0]).split(b"\n")
+
+    def mine(self, chunk: int) -> np.ndarray:
+        """The parts of `chunk`'s examples."""
+        return self.parts[chunk * self.size:(chunk + 1) * self.size]
+
+    def _check_unchanged(self) -> None:
         if _stamp(self.path) != self._stamp:
             raise ReadError(self.path, "the file changed while it was streamed; it must stay as it was when "
                                        "first read")
-        mine = self.parts[chunk * self.size:(chunk + 1) * self.size]
-        items = itertools.islice(self._examples(*self.starts[chunk]), len(mine))
-        return [item for item, p in zip(items, mine) if p == part]
 
     def counts(self, part: int) -> np.ndarray:
         """How many examples of `part` each chunk holds."""
@@ -206,23 +221,45 @@ class StreamedTable(_Streamed, ArrayDataset):
             self.labels = self.labels.astype(np.float64)
         return self
 
-    def _arrays(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
-        table = np.array([fields for _, fields in rows], np.float64)     # checked when first read
+    def _table(self, chunk: int, part: int) -> np.ndarray:
+        """[examples, width] numbers of `chunk`'s examples in `part` (checked when first read):
+        the chunk's bytes split by numpy in one go; line by line where that does not apply."""
+        rows = [line for line in self.chunks.raw_lines(chunk) if (t := line.strip()) and not t.startswith(b"#")]
+        picked = [r for r, p in zip(rows, self.chunks.mine(chunk)) if p == part]
+        try:
+            values = np.array(b" ".join(picked).replace(b",", b" ").split()).astype(np.float64)
+            if values.size == len(picked) * self.width:
+                return values.reshape(len(picked), self.width)
+        except ValueError:          # a number numpy does not read as Python does ("1_000")
+            pass
+        return np.array([fields for _, fields in self.chunks.read(chunk, part)], np.float64)
+
+    def _arrays(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return table[:, :-1].astype(np.float32).reshape(-1, *self._shape), table[:, -1].astype(self._dtype)
 
     def batches(self, batch: int, rng: np.random.Generator):
         x_name, y_name = self.input["name"], self.target["name"]
-        for rows, order in self._training_chunks(rng):
-            x, y = self._arrays(rows)
+        for chunk in rng.permutation(len(self.chunks.starts)):
+            table = self._table(int(chunk), TRAIN)
+            if not len(table):
+                continue
+            x, y = self._arrays(table)
+            order = rng.permutation(len(table))
             for start in range(0, len(order), batch):
                 idx = order[start:start + batch]
                 yield {x_name: x[idx], y_name: y[idx]}
 
     def evaluate(self, net, batch: int = 512) -> dict:
-        def measure(rows, batch):
-            self._probe.x_test, self._probe.y_test = self._arrays(rows)
-            return ArrayDataset.evaluate(self._probe, net, batch)
-        return self._evaluate(net, batch, measure)
+        totals, n = {}, 0
+        for chunk in range(len(self.chunks.starts)):
+            table = self._table(chunk, self.evaluated)
+            if not len(table):
+                continue
+            self._probe.x_test, self._probe.y_test = self._arrays(table)
+            for key, value in ArrayDataset.evaluate(self._probe, net, batch).items():
+                totals[key] = totals.get(key, 0.0) + value * len(table)
+            n += len(table)
+        return {key: value / n for key, value in totals.items()}
 
 
 def stream_table(path: str | Path, split: float | None = None, chunk: int = CHUNK) -> StreamedTable:
