@@ -168,3 +168,17 @@ def test_the_readme_states_the_chunk_and_the_threshold():
     assert f"over {streams.STREAM_ABOVE // 2**20} MiB" in text and f"reads {streams.CHUNK} examples at a time" in text
     kept = streams.stream_table(DATA / "table.csv")
     assert f"about {kept.labels.itemsize + kept.chunks.parts.itemsize} bytes an example" in text
+
+
+def test_numbers_numpy_reads_differently_are_read_as_python_reads_them(models, tmp_path):
+    """Python's float takes Arabic-Indic digits and splits on a no-break space; numpy's
+    byte-level reading does neither, so that chunk is read line by line: the same values."""
+    path = tmp_path / "odd.csv"
+    rows = [f"{k % 7}.5,{k % 3},{k}\u00a01,{k % 2}" for k in range(40)]
+    rows[5] = "\u0661.5,2,3 1,1"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    net = structc.compile(models, "Table")
+    eager, stream = readers.read(path).bind(net), streams.stream_table(path, chunk=16).bind(net)
+    assert stream.evaluate(net) == pytest.approx(eager.evaluate(net), rel=1e-6)
+    got = np.concatenate([b["x"] for b in stream.batches(64, np.random.default_rng(0))])
+    assert sorted(map(bytes, got)) == sorted(map(bytes, eager.x_train))
