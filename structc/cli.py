@@ -375,7 +375,8 @@ def cmd_train(args) -> int:
     args.freeze_names = _freeze_names(args)
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
     comm = _distributed_comm(args)
-    board = _tensorboard(args.tensorboard) if args.tensorboard and (comm is None or comm.Get_rank() == 0) else None
+    if args.tensorboard:
+        _check_tensorboard()
     if args.threads is None and comm is not None:
         from .distributed import threads_per_rank
         args.threads = threads_per_rank(comm)
@@ -424,6 +425,7 @@ def cmd_train(args) -> int:
                 warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
                      f"it starts from zero, so this run differs from an uninterrupted one")
     metrics = _start_metrics_log(out, cfg, args.resume) if root else None
+    board = _tensorboard(args.tensorboard) if root and args.tensorboard else None
     if root:
         print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
               f"data: {data.description or data.name}"
@@ -477,13 +479,20 @@ def _check_validation_options(args) -> None:
         raise UserError("--val-split and --early-stop are not supported with --distributed yet")
 
 
+def _check_tensorboard() -> None:
+    """--tensorboard without tensorboardX: say what to install, before any work."""
+    from .runlog import TensorBoardLog
+    try:
+        TensorBoardLog.writer_class()
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+
+
 def _tensorboard(folder: str):
-    """The TensorBoard writer of --tensorboard, made before any work (tensorboardX missing: say what to install)."""
+    """The TensorBoard writer of --tensorboard, made as training starts (no event file for a run that never ran)."""
     from .runlog import TensorBoardLog
     try:
         return TensorBoardLog(folder)
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"cannot write TensorBoard logs to {folder}: {e.strerror or e}", code=2) from None
 

@@ -97,13 +97,18 @@ class TensorBoardLog:
     (step = the epoch), through tensorboardX (no TensorFlow)."""
 
     def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._writer = self.writer_class()(logdir=str(self.folder))
+
+    @staticmethod
+    def writer_class():
+        """tensorboardX's SummaryWriter, or a clear error naming the extra."""
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             raise RuntimeError("--tensorboard needs tensorboardX: pip install 'structc[tensorboard]' "
                                "(or pip install tensorboardX)") from None
-        self.folder = Path(folder)
-        self._writer = SummaryWriter(logdir=str(self.folder))
+        return SummaryWriter
 
     def write(self, record: dict) -> None:
         for key, tag in TENSORBOARD_TAGS.items():

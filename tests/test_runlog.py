@@ -258,3 +258,12 @@ def test_tensorboard_without_tensorboardx_says_what_to_install(tiny, tmp_path, m
     assert train(tiny, "--epochs", "1", "--out", str(tmp_path / "run.npz"), "--tensorboard", str(tmp_path)) == 1
     assert "--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'" in capsys.readouterr().err
     assert not (tmp_path / "run.npz").exists()                      # refused before training
+
+
+@pytest.mark.slow      # importing tensorboardX imports torch where it is installed: seconds
+def test_a_run_that_never_trains_leaves_no_tensorboard_file(tiny, tmp_path, capsys):
+    pytest.importorskip("tensorboardX", reason="--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'")
+    model, _ = tiny
+    assert main(["train", model, "--data", str(tmp_path / "missing.csv"), "--tensorboard", str(tmp_path / "tb"),
+                 "--out", str(tmp_path / "run.npz")]) == 1
+    assert "no such data file" in capsys.readouterr().err and not (tmp_path / "tb").exists()
