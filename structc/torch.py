@@ -205,6 +205,8 @@ class TorchNet:
         return loss, {name: self._torch.from_dlpack(g) for name, g in grads.items()}
 
     def __getattr__(self, name):
+        if name == "net":              # not set yet (a copy being made): no endless recursion
+            raise AttributeError(name)
         return getattr(self.net, name)
 
     def __repr__(self) -> str:
