@@ -125,6 +125,8 @@ def test_outputs_go_to_pytorch_in_place(net, torch, monkeypatch):
     np.testing.assert_array_equal(probs.numpy(), out)
     loss, grads = st.wrap(net).grad(x=X, y=Y)
     assert isinstance(loss, float) and isinstance(grads["dense1.w"], torch.Tensor)
+    import copy
+    assert copy.copy(st.wrap(net)).name == net.name            # other attributes are the Net's
 
 
 @pytest.mark.slow     # importing jax: seconds
