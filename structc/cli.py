@@ -408,6 +408,10 @@ def cmd_train(args) -> int:
                             f"--epochs is the total to reach: pass more than {state['epoch']}")
         if state["config"].get("data") != data_id:
             warn(f"the resumed run was trained on {state['config'].get('data')}, this one on {data_id}")
+        kept = state["config"].get("kept_epoch")
+        if kept is not None and kept != state["epoch"]:
+            warn(f"the resumed run stopped early after epoch {state['epoch']} and kept epoch {kept}'s parameters: "
+                 f"training continues from those, with the optimizer state and shuffling of epoch {state['epoch']}")
     saved = state["config"] if state else None
     settings = _train_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
@@ -450,7 +454,8 @@ def cmd_train(args) -> int:
 
     def save_training_state(params_path: Path) -> None:
         from .train import state_path
-        save_state(net, state_path(params_path), history.last_epoch, cfg, history.rng_state, data_id)
+        save_state(net, state_path(params_path), history.last_epoch, cfg, history.rng_state, data_id,
+                   history.best_epoch)
 
     written, problem = save_run(net, out, save_training_state)
     final = history.final

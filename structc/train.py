@@ -296,14 +296,16 @@ def optimizer_state_restorable(net) -> bool:
     return isinstance(getattr(net, "_state_arena", None), np.ndarray) and hasattr(net, "_step")
 
 
-def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str) -> None:
-    """Write what `load_state` needs to continue after `epoch`."""
+def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str,
+               kept_epoch: int | None = None) -> None:
+    """Write what `load_state` needs to continue after `epoch`; `kept_epoch`: the epoch whose
+    parameters were kept instead of the last's (early stopping)."""
     arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
                                              "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
                                              "clip_norm": cfg.clip_norm, "schedule": cfg.schedule,
-                                             "val_split": cfg.val_split,
+                                             "val_split": cfg.val_split, "kept_epoch": kept_epoch,
                                              "rng": rng_state}))}
     if optimizer_state_restorable(net):
         # Net has no public accessor for its optimizer arena yet; read it directly.

@@ -90,6 +90,11 @@ def test_a_run_stops_early_and_saves_the_best_epoch(noise, capsys):
     assert kept["loss"] == pytest.approx(losses[best - 1], rel=1e-5)
     assert kept["loss"] != pytest.approx(losses[-1], rel=1e-5)
     assert printed.strip().endswith(f"held-out accuracy {100 * records[best - 1]['heldout_accuracy']:.2f}%")
+    # resuming continues from the kept parameters, and says so
+    assert main(["train", str(noise / "noise.snet"), "--data", str(noise / "noise.npz"), "--epochs", str(best + 3),
+                 "--resume", str(out), "--no-progress"]) == 0
+    assert (f"stopped early after epoch {best + 2} and kept epoch {best}'s parameters: training continues from "
+            f"those") in capsys.readouterr().err
 
 
 def test_the_python_loop_monitors_validation_accuracy(noise):
