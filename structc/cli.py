@@ -276,17 +276,21 @@ def _distributed_comm(args):
         raise UserError(str(e)) from None
 
 
-def _load_bound_data(name: str, net, split: float | None = None, stream: bool = False):
+def _load_bound_data(name: str, net, split: float | None = None, stream: bool | None = None):
     """The data set `name`, checked against the model's kind of input, bound to `net`.
     `split`: the held-out fraction for the user's data that comes as one set; `stream`:
-    read the user's treebank or table file a chunk at a time (`structc.streams`)."""
+    read the user's treebank or table file a chunk at a time (`structc.streams`), or
+    whole (False), or by its size (None)."""
     from . import datasets, readers
     try:
         datasets.check_name_fits(name, net)
         if stream and name in datasets.DATASETS:
             raise ValueError(f"--stream reads your own treebank or table file; the built-in data set '{name}' "
                              f"is read whole")
-        data = readers.read(name, split, stream=True) if stream else datasets.load(name, split)
+        if stream is not None and name not in datasets.DATASETS and Path(name).exists():
+            data = readers.read(name, split, stream=stream)
+        else:
+            data = datasets.load(name, split)
         datasets.check_fits(data, net)
         data.bind(net)
     except (ValueError, FileNotFoundError) as e:
@@ -386,14 +390,10 @@ def cmd_train(args) -> int:
     if args.init:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
-    data = _load_bound_data(args.data, net, args.split, args.stream)
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
     dp = None
     if comm is not None:
         from .distributed import DataParallel, check_splittable
-        from .streams import is_streamed
-        if is_streamed(data):
-            raise UserError(f"{args.data} is streamed (--stream, or larger than the streaming threshold), which "
-                            f"--distributed does not support yet: train it on one process")
         check_splittable(data)
         dp = DataParallel(net, comm)
     root = dp is None or dp.is_root        # only rank 0 prints and writes
@@ -470,8 +470,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _stream_choice(args, comm) -> bool | None:
+    """--stream: True; --distributed, which does not stream yet: read whole (refusing --stream);
+    otherwise None: by the file's size."""
+    if comm is None:
+        return True if args.stream else None
+    if args.stream:
+        raise UserError("--stream is not supported with --distributed yet: train on one process, or without "
+                        "--stream (the file is then read whole)")
+    return False
+
+
 def _check_validation_options(args) -> None:
-    """--val-split, --early-stop, --monitor: checked before any work."""
+    """--val-split, --early-stop, --monitor (and --stream with --distributed): checked before any work."""
     if args.val_split is not None and not 0.0 < args.val_split < 1.0:
         raise UserError(f"--val-split is the fraction of the training examples to validate on: between 0 and 1, "
                         f"got {args.val_split}")
@@ -482,6 +493,8 @@ def _check_validation_options(args) -> None:
                         "no held-out measure")
     if args.distributed and (args.val_split or args.early_stop):
         raise UserError("--val-split and --early-stop are not supported with --distributed yet")
+    if args.distributed and args.stream:
+        _stream_choice(args, True)
 
 
 def _check_tensorboard() -> None:
@@ -531,10 +544,7 @@ def cmd_eval(args) -> int:
         from .native import set_num_threads
         set_num_threads(threads_per_rank(comm))
     net, _ = _compile_net(args, comm)
-    data = _load_bound_data(args.data, net, args.split, args.stream)
-    from .streams import is_streamed
-    if comm is not None and is_streamed(data):
-        raise UserError(f"{args.data} is streamed, which --distributed does not support yet: evaluate on one process")
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
     params = load_params(net, args.params)
     if comm is None:
         metrics = data.evaluate(net)

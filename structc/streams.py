@@ -78,10 +78,6 @@ class Chunks:
         return moved
 
 
-def is_streamed(data) -> bool:
-    return isinstance(data, _Streamed)
-
-
 def _stamp(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns

@@ -153,6 +153,15 @@ def test_only_text_files_stream(tmp_path, capsys):
     assert "--stream reads your own treebank or table file; the built-in data set 'digits'" in capsys.readouterr().err
 
 
+def test_distributed_training_reads_whole_and_refuses_stream(models, big_table, tmp_path, capsys):
+    from structc.cli import _stream_choice, parser
+    args = parser().parse_args(["train", str(models), "--data", str(big_table)])
+    assert _stream_choice(args, comm=None) is None and _stream_choice(args, comm=object()) is False
+    assert main(["train", str(models), "--model", "Table", "--data", str(big_table), "--stream", "--distributed",
+                 "--out", str(tmp_path / "r.npz")]) == 1
+    assert "--stream is not supported with --distributed yet" in capsys.readouterr().err
+
+
 def test_a_file_that_changes_while_streamed_is_an_error(models, tmp_path):
     path = tmp_path / "t.csv"
     path.write_text((DATA / "table.csv").read_text())
