@@ -130,6 +130,7 @@ def test_memory_is_a_chunk_and_a_few_bytes_per_example(models, big_table):
     assert streamed_peak < 100 * 8000 < eager_peak / 3            # the split's index arrays: ~60 bytes an example
 
 
+@pytest.mark.slow      # trains and evaluates on 8,000 streamed rows: seconds
 def test_train_streams_with_the_option_and_above_the_threshold(models, big_table, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run.npz"
     args = ["train", str(models), "--model", "Table", "--data", str(big_table), "--epochs", "2", "--optimizer",
@@ -138,6 +139,12 @@ def test_train_streams_with_the_option_and_above_the_threshold(models, big_table
     captured = capsys.readouterr()
     assert "8000 examples, streamed 4096 at a time (6400 training / 1600 held-out examples" in captured.err
     assert float(captured.out.strip().rsplit(" ", 1)[-1].rstrip("%")) > 90
+    evaluated = []
+    for extra in (["--stream"], []):          # the same held-out part, streamed or read whole
+        assert main(["eval", str(models), "--model", "Table", "--data", str(big_table), "--params", str(out),
+                     *extra]) == 0
+        evaluated.append(capsys.readouterr().out.split(": ", 1)[1])
+    assert evaluated[0] == evaluated[1] and evaluated[0].strip().endswith(captured.out.strip().rsplit(" ", 1)[-1])
     monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(big_table) - 1)
     assert isinstance(readers.read(big_table), streams.StreamedTable)
     monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(big_table))
