@@ -131,7 +131,7 @@ def test_memory_is_a_chunk_and_a_few_bytes_per_example(models, big_table):
 
 
 @pytest.mark.slow      # trains and evaluates on 8,000 streamed rows: seconds
-def test_train_streams_with_the_option_and_above_the_threshold(models, big_table, tmp_path, monkeypatch, capsys):
+def test_train_and_eval_stream_with_the_option(models, big_table, tmp_path, capsys):
     out = tmp_path / "run.npz"
     args = ["train", str(models), "--model", "Table", "--data", str(big_table), "--epochs", "2", "--optimizer",
             "adam", "--lr", "0.05", "--val-split", "0.1", "--out", str(out), "--no-progress"]
@@ -145,10 +145,15 @@ def test_train_streams_with_the_option_and_above_the_threshold(models, big_table
                      *extra]) == 0
         evaluated.append(capsys.readouterr().out.split(": ", 1)[1])
     assert evaluated[0] == evaluated[1] and evaluated[0].strip().endswith(captured.out.strip().rsplit(" ", 1)[-1])
-    monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(big_table) - 1)
-    assert isinstance(readers.read(big_table), streams.StreamedTable)
-    monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(big_table))
-    assert not isinstance(readers.read(big_table), streams.StreamedTable)
+
+
+def test_files_above_the_threshold_stream_by_themselves(monkeypatch):
+    path = DATA / "table.csv"
+    monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(path) - 1)
+    assert isinstance(readers.read(path), streams.StreamedTable)
+    assert not isinstance(readers.read(path, stream=False), streams.StreamedTable)
+    monkeypatch.setattr(streams, "STREAM_ABOVE", os.path.getsize(path))
+    assert not isinstance(readers.read(path), streams.StreamedTable)
 
 
 def test_only_text_files_stream(tmp_path, capsys):
