@@ -1,6 +1,6 @@
 """Where a training step's time goes: every kernel of the entry point, timed.
 
-    python benchmarks/profile_kernels.py mlp            # or gnn, trees, lenet, conv
+    python benchmarks/profile_kernels.py mlp            # or gnn, gat, trees, lenet, conv
     python benchmarks/profile_kernels.py gnn --threads 2 --steps 400 --trace gnn.json
 
 The benchmarks' models on their inputs, through the package's profiler
@@ -30,6 +30,10 @@ def workload(name: str):
         edge_index, x, y = m.problem()
         g = structc.Graph(edge_index, x=x)
         return m.MODEL, {"g": g, "y": y}
+    if name == "gat":
+        import bench_gat as m
+        edge_index, x, y = m.problem()
+        return m.MODEL, {"g": structc.Graph(edge_index, x=x), "y": y}
     if name == "trees":
         import bench_trees as m
         trees, labels = m.batch(0)
@@ -46,12 +50,12 @@ def workload(name: str):
         x = rng.normal(size=(32, 32, 32, 32)).astype(np.float32)
         y = rng.integers(0, 10, 32).astype(np.int32)
         return m.CONV_STEP, {"x": x, "y": y}
-    raise SystemExit(f"unknown workload {name!r} (mlp, gnn, trees, lenet, conv)")
+    raise SystemExit(f"unknown workload {name!r} (mlp, gnn, gat, trees, lenet, conv)")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["mlp", "gnn", "trees", "lenet", "conv"])
+    ap.add_argument("workload", choices=["mlp", "gnn", "gat", "trees", "lenet", "conv"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: about a second's worth)")
     ap.add_argument("--trace", help="also write a Chrome/Perfetto trace (JSON)")

@@ -16,5 +16,6 @@ from .api import compile  # noqa: E402,F401,A001
 from .graphs import Graph, batch  # noqa: E402,F401
 from .model import Net  # noqa: E402,F401
 from .forest import Forest  # noqa: E402,F401
+from .seqdata import Sequences  # noqa: E402,F401
 from .native import get_num_threads, set_num_threads  # noqa: E402,F401
 from .ship import load  # noqa: E402,F401

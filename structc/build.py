@@ -65,6 +65,7 @@ class ModelDef:
     file: str = ""
     graphs: dict = field(default_factory=dict)     # graph inputs: name -> gnn.GraphSpec
     forests: list = field(default_factory=list)     # forest inputs (recursion.ForestDecl.meta())
+    sequences: list = field(default_factory=list)   # sequence inputs (sequence.SequenceDecl.meta())
 
 
 #: the largest finite float32: numbers in a model become float32 constants
@@ -97,6 +98,7 @@ class ModelBuilder:
         self.outputs: dict[str, int] = {}
         self.implied_outputs: dict[str, int] = {}
         self.forests: dict = {}             # forest inputs by name (recursion.ForestDecl)
+        self.sequences: dict = {}           # sequence inputs by name (sequence.SequenceDecl)
         self.b = Builder(self.graph)
         self.graphs: dict = {}              # graph inputs (structc.gnn)
         self.repeat_path: tuple[int, ...] = ()
@@ -121,7 +123,7 @@ class ModelBuilder:
             g.outputs[name] = nid
         return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
                         bool(self.losses), self.program.source, self.program.file, self.graphs,
-                        [f.meta() for f in self.forests.values()])
+                        [f.meta() for f in self.forests.values()], [q.meta() for q in self.sequences.values()])
 
     def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
         if name in self.env and (not rebind or name in self.inputs or name in self.params):
@@ -137,6 +139,9 @@ class ModelBuilder:
         if isinstance(s.type, S.ForestTypeExpr):
             from .recursion import declare_forest
             return declare_forest(self, s)
+        if isinstance(s.type, S.SequenceTypeExpr):
+            from .sequence import declare_sequence
+            return declare_sequence(self, s)
         t, classes = self.resolve_type(s.type, allow_symbols=True)
         nid = self.graph.add(REGISTRY["input"], (), {"name": s.name, "kind": s.kind, "type": t, "classes": classes},
                              s.span, type=t)
@@ -145,8 +150,9 @@ class ModelBuilder:
         self.inputs[s.name] = InputSpec(s.name, s.kind, t, classes, s.span)
 
     def stmt_ParamDecl(self, s: S.ParamDecl) -> None:
-        if isinstance(s.type, (S.GraphTypeExpr, S.ForestTypeExpr)):
-            raise SnetTypeError("a parameter must be a float tensor, not a graph or a forest", s.type.span)
+        if isinstance(s.type, (S.GraphTypeExpr, S.ForestTypeExpr, S.SequenceTypeExpr)):
+            raise SnetTypeError("a parameter must be a float tensor, not a graph, a forest or a sequence",
+                                s.type.span)
         if isinstance(s.type, S.Call) and s.type.func == "embedding":
             t, init = embedding_param_type(s.type)
             init = self.resolve_init(s.init) if s.init is not None else init
@@ -209,6 +215,10 @@ class ModelBuilder:
         from .recursion import build_rec
         build_rec(self, s)
 
+    def stmt_SeqRecDecl(self, s: S.SeqRecDecl) -> None:
+        from .sequence import build_seq_rec
+        build_seq_rec(self, s)
+
     def stmt_OutputStmt(self, s: S.OutputStmt) -> None:
         if s.name in self.outputs:
             raise SnetNameError(f"output '{s.name}' is declared twice", s.name_span)
@@ -227,6 +237,8 @@ class ModelBuilder:
     def resolve_type(self, t, allow_symbols: bool) -> tuple[TensorType, int]:
         if isinstance(t, S.ForestTypeExpr):
             raise SnetTypeError("a forest is an input type: `input t: forest of word(vocab=V)`", t.span)
+        if isinstance(t, S.SequenceTypeExpr):
+            raise SnetTypeError("a sequence is an input type: `input s: sequence of f32[F]`", t.span)
         if isinstance(t, S.Call):
             what = "a parameter type: `param E: embedding(V, d)`" if t.func == "embedding" else \
                 "not a type (types: f32[...], class[...] of C, forest of ..., embedding(V, d))"
@@ -241,6 +253,9 @@ class ModelBuilder:
                     if base in self.forests:
                         from .recursion import check_dim
                         check_dim(self, d)
+                    elif base in self.sequences:
+                        from .sequence import check_dim as check_sequence_dim
+                        check_sequence_dim(self, d)
                     else:
                         from .gnn import check_size
                         check_size(self, d)
@@ -410,7 +425,8 @@ class ModelBuilder:
                 raise SnetSyntaxError(f"argument '{kw.name}' given twice", kw.span)
             kwargs[kw.name] = self.eval(kw.value)
         ctx = Context(self, e.span, e.func)
-        if any(type(a).__name__ == "OverArg" for a in args):     # sum(m over g.edges)
+        over_layer = getattr(SURFACE.get(e.func), "over_edges", False)      # gat(h over g.edges, 16)
+        if not over_layer and any(type(a).__name__ == "OverArg" for a in args):     # sum(m over g.edges)
             from .gnn import aggregate
             return aggregate(ctx, e.func, args, kwargs, e)
         if e.func in SURFACE:

@@ -115,8 +115,10 @@ def cmd_check(args) -> int:
         if mdef.has_loss:
             warn_gradient_flow(gradient_warnings(mdef.graph))   # parameters training cannot change
         n = sum(p.type.size().coef for p in mdef.params.values())
-        ins = ", ".join([f"{name}: {spec}" for name, spec in mdef.graphs.items()] +
-                        [f"{s.name}: {s.type}" for s in mdef.inputs.values() if s.kind != "graph"])
+        seqs = [f"{q['name']}: sequence of " + (f"word(vocab={q['vocab']})" if q["vocab"] else f"f32[{q['features']}]")
+                for q in mdef.sequences]
+        ins = ", ".join([f"{name}: {spec}" for name, spec in mdef.graphs.items()] + seqs +
+                        [f"{s.name}: {s.type}" for s in mdef.inputs.values() if s.kind not in ("graph", "sequence")])
         outs = ", ".join(k for k in mdef.graph.outputs)
         print(f"{file}: model {mdef.name}({ins}) -> {outs}: ok, {len(mdef.params)} parameter tensors, {n} values")
     return 0
@@ -566,10 +568,12 @@ def _read_inputs(path: str, net) -> dict:
     reshaped to the declared per-example shape where only the layout differs."""
     import numpy as np
     names = [s["name"] for s in net.meta["inputs"] if s["kind"] == "input"]
-    structured = [s["name"] for s in (net.meta.get("graphs") or []) + (net.meta.get("forests") or [])]
+    structured = [s["name"] for s in (net.meta.get("graphs") or []) + (net.meta.get("forests") or [])
+                  + (net.meta.get("sequences") or [])]
     if structured or not names:
         raise UserError(f"structc predict reads tensors; model {net.name} takes "
-                        f"{', '.join(structured) or 'no tensor input'} (a graph or forest): call it from Python")
+                        f"{', '.join(structured) or 'no tensor input'} (a graph, forest or sequence): "
+                        "call it from Python")
     try:
         if path.endswith(".npz"):
             with np.load(path) as f:

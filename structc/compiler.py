@@ -226,6 +226,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     }
     if mdef.forests:
         meta["forests"] = mdef.forests
+    if mdef.sequences:
+        meta["sequences"] = mdef.sequences
     return Artifact(meta, obj, llvm_ir, times, jit)
 
 

@@ -131,7 +131,14 @@ def load_logic():
     return load()
 
 
-DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": load_logic}
+def load_digits_rows():
+    """The digits as sequences of 8 rows of 8 pixels (structc/seqdata.py)."""
+    from .seqdata import load_digits_rows as load
+    return load()
+
+
+DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": load_logic,
+                                             "digits_rows": load_digits_rows}
 
 
 def load(name: str, split: float | None = None):
@@ -172,6 +179,8 @@ def model_kind(net) -> str:
     """"forest", "graph nodes" (a label per node), "graphs" (a label per graph) or "dense"."""
     if net.meta.get("forests"):
         return "forest"
+    if net.meta.get("sequences"):
+        return "sequence"
     graphs = net.meta.get("graphs")
     if graphs:
         per_graph = [graphs[0]["sizes"]["graphs"]]
@@ -183,14 +192,17 @@ def model_kind(net) -> str:
 #: what each built-in data set holds (and, for dense ones, the values per example),
 #: so that a model of another kind is told before the data set is loaded
 DATA_KINDS = {"digits": ("dense", 64), "logic": ("forest", None), "karate": ("graph nodes", None),
-              "graph_families": ("graphs", None), "atlas": ("graphs", None)}
+              "graph_families": ("graphs", None), "atlas": ("graphs", None), "digits_rows": ("sequence", None)}
 
 
 def data_kind(data) -> str:
     from .graph_datasets import GraphDataset, NodeDataset
+    from .seqdata import SequenceDataset
     from .treedata import TreeDataset
     if isinstance(data, TreeDataset):
         return "forest"
+    if isinstance(data, SequenceDataset):
+        return "sequence"
     if isinstance(data, NodeDataset):
         return "graph nodes"
     if isinstance(data, GraphDataset):
@@ -204,6 +216,9 @@ def describe_model(net) -> str:
     for f in net.meta.get("forests") or []:
         leaves = f"word(vocab={f['vocab']})" if f.get("vocab") else f"features({f.get('features')})"
         parts.append(f"forest input '{f['name']}' (arity {f['arity']}, leaves {leaves})")
+    for q in net.meta.get("sequences") or []:
+        item = f"word(vocab={q['vocab']})" if q.get("vocab") else f"f32[{q.get('features')}]"
+        parts.append(f"sequence input '{q['name']}' (of {item})")
     for g in net.meta.get("graphs") or []:
         n = g["features"]
         parts.append(f"graph input '{g['name']}' ({n} feature{'' if n == 1 else 's'} per node)")
@@ -216,12 +231,14 @@ def describe_model(net) -> str:
 
 
 HOLDS = {"forest": "labelled trees (for a forest input)",
+         "sequence": "labelled sequences (for a sequence input)",
          "graph nodes": "one graph with a class label per node (for a graph input and a node mask)",
          "graphs": "many graphs with one class label each (for a graph input)",
          "dense": "dense examples{values} with a class label each (for a tensor input)"}
 
 
 SUGGESTIONS = {"forest": "try --data logic (labelled trees)",
+               "sequence": "try --data digits_rows (the digits as sequences of 8 rows)",
                "graph nodes": "try --data karate (a label per node)",
                "graphs": "try --data graph_families (a label per graph)",
                "dense": "try --data digits (64 values per example) or an .npz file with x_train, y_train, "

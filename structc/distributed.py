@@ -329,6 +329,10 @@ def check_splittable(data) -> None:
         raise ValueError(f"data set '{data.name}' is one graph, which data-parallel training cannot split by "
                          "examples (it needs a partition with halos: see docs/DISTRIBUTED.md); train it on one "
                          "process")
+    from .seqdata import SequenceDataset
+    if isinstance(data, SequenceDataset):      # its sharding and loss denominator are not written yet
+        raise ValueError(f"data set '{data.name}' holds sequences, which data-parallel training does not "
+                         "split yet; train it on one process")
 
 
 def shard(dp: DataParallel, items, costs: np.ndarray | None) -> list:

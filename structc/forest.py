@@ -20,6 +20,8 @@ node numbers a forest was built from to it).
     roots      i32[trees]         position of each tree's root, in tree order
     level_end  i32[levels]        end of each level's rows; level 0 is the leaves
     labels     i32[nodes]         per-node labels (-1 where a tree gave none), or None
+    node_words i32[nodes]         a word at every node, inner ones too (`from_arrays(..., inner=True)`),
+                                  or `node_features` f32[nodes, F]; None when only leaves carry one
 
 Merging forests (`Forest.concat`) is vectorised numpy, so a data set parses
 each tree once and forms batches cheaply.
@@ -65,7 +67,7 @@ class Forest:
     """A validated batch of trees in schedule order (see the module docstring)."""
 
     __slots__ = ("children", "words", "features", "roots", "level_end", "labels", "height", "index",
-                 "tree_of", "max_word", "_bound", "_sizes", "_flat")
+                 "tree_of", "max_word", "node_words", "node_features", "_bound", "_sizes", "_flat")
 
     def __init__(self, *args, **kwargs):
         raise TypeError("build a Forest with Forest.from_tuples, Forest.from_brackets, "
@@ -117,7 +119,8 @@ class Forest:
 
     # -- construction ------------------------------------------------------
     @classmethod
-    def _make(cls, children, height, words, features, labels, tree_of, index) -> "Forest":
+    def _make(cls, children, height, words, features, labels, tree_of, index,
+              node_words=None, node_features=None) -> "Forest":
         """Put nodes given children-before-parents, with their heights, in schedule order."""
         n = children.shape[0]
         order = np.lexsort((np.arange(n), tree_of, height))      # by height, then tree, then node
@@ -136,21 +139,27 @@ class Forest:
         root_nodes = np.flatnonzero(~has_parent)
         root_nodes = root_nodes[np.argsort(tree_of[root_nodes], kind="stable")]   # tree order
         leaves = order[: int(counts[0])]
+        if node_words is not None:
+            _check_int32(node_words, 0, "word ids")
         words = words[leaves] if words is not None else None
         return _assemble(children=np.where(ch >= 0, pos[np.maximum(ch, 0)], -1), height=height[order],
                          level_end=np.cumsum(counts), roots=pos[root_nodes], tree_of=tree_of[order], words=words,
                          features=features[leaves] if features is not None else None,
                          labels=labels[order] if labels is not None else None,
                          index=pos[index] if index is not None else pos,
-                         max_word=int(words.max()) if words is not None and words.size else -1)
+                         max_word=_max_word(words, node_words),
+                         node_words=node_words[order] if node_words is not None else None,
+                         node_features=node_features[order] if node_features is not None else None)
 
     @classmethod
-    def from_arrays(cls, children, words=None, *, features=None, labels=None, arity: int | None = None) -> "Forest":
+    def from_arrays(cls, children, words=None, *, features=None, labels=None, arity: int | None = None,
+                    inner: bool = False) -> "Forest":
         """Trees given as arrays over nodes numbered children-before-parents:
         `children[i]` lists node i's children (-1 for none, a 1-D array for
         chains), `words[i]` (or `features[i]`) is leaf i's payload (ignored at
-        inner nodes), `labels[i]` optional. The roots are the nodes without a
-        parent, in order; `forest.index[i]` is node i's position."""
+        inner nodes unless `inner`: then every node carries its own, for a model
+        that declares `forest(inner=true)`), `labels[i]` optional. The roots are
+        the nodes without a parent, in order; `forest.index[i]` is node i's position."""
         ch = np.asarray(children)
         if ch.dtype.kind not in "iu":
             raise ValueError(f"forest children must be integers, got dtype {ch.dtype}")
@@ -184,16 +193,18 @@ class Forest:
         is_leaf = (ch < 0).all(axis=1)
         if (words is None) == (features is None):
             raise ValueError("give the leaves' payload: words= (word ids) or features= (feature rows)")
-        w = f = None
+        w = f = node_w = None
         if words is not None:
             w = np.asarray(words)
             if w.dtype.kind not in "iu" or w.shape != (n,):
                 raise ValueError(f"words must be {n} integers (one per node), got {w.dtype} {w.shape}")
             w = _int64(w, "word ids")
-            bad = is_leaf & ((w < 0) | (w > _I32_MAX))
+            carries = np.ones(n, bool) if inner else is_leaf
+            bad = carries & ((w < 0) | (w > _I32_MAX))
             if bad.any():
-                raise ValueError(f"leaf {int(np.flatnonzero(bad)[0])} has word id {int(w[bad][0])}; "
-                                 f"word ids are in [0, {_I32_MAX}]")
+                raise ValueError(f"{'node' if inner else 'leaf'} {int(np.flatnonzero(bad)[0])} has word id "
+                                 f"{int(w[bad][0])}; word ids are in [0, {_I32_MAX}]")
+            node_w = w if inner else None
             w = np.where(is_leaf, w, 0)             # inner nodes' entries are ignored
         else:
             f = np.asarray(features)
@@ -202,8 +213,8 @@ class Forest:
             f = f.astype(np.float32)
             if f.ndim != 2 or f.shape[0] != n:
                 raise ValueError(f"features must be a [nodes, F] array with {n} rows, got shape {f.shape}")
-            if not np.isfinite(f[is_leaf]).all():
-                raise ValueError("leaf features must be finite")
+            if not np.isfinite(f if inner else f[is_leaf]).all():
+                raise ValueError(f"{'node' if inner else 'leaf'} features must be finite")
         lab = None
         if labels is not None:
             lab = np.asarray(labels)
@@ -212,7 +223,8 @@ class Forest:
             lab = _int64(lab, "labels")
         height = _heights(ch)
         tree_of = _tree_of(ch)
-        return cls._make(ch, height, w, f, lab, tree_of, np.arange(n))
+        return cls._make(ch, height, w, f, lab, tree_of, np.arange(n), node_words=node_w,
+                         node_features=f if inner else None)
 
     @classmethod
     def from_tuples(cls, trees, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
@@ -307,13 +319,23 @@ class Forest:
         # The leaves (height 0) come first, part after part: the parts' payloads in order.
         words = got["words"] if has_words[0] else None
         features = None if has_words[0] else np.concatenate([f.features for f in forests])
-        return _assemble(children=children[order], height=height[order], level_end=np.cumsum(np.bincount(height)),
+        node_words = node_features = None
+        if all(f.node_words is not None for f in forests):       # every node's payload: in the union's order
+            node_words = np.concatenate([f.node_words for f in forests])[order]
+        if all(f.node_features is not None for f in forests):
+            node_features = np.concatenate([f.node_features for f in forests])[order]
+        return _assemble(node_words=node_words, node_features=node_features, children=children[order], height=height[order], level_end=np.cumsum(np.bincount(height)),
                          roots=pos[roots], tree_of=tree_of[order], words=words, features=features, labels=labels,
                          index=pos, max_word=int(max_word.max()))
 
     # -- as compiled code wants it ------------------------------------------
-    def check(self, name: str, arity: int, vocab: int | None, features: int | None) -> None:
-        """Does this forest fit an input declared with this arity and leaf kind?"""
+    def check(self, name: str, arity: int, vocab: int | None, features: int | None, inner: bool = False) -> None:
+        """Does this forest fit an input declared with this arity and leaf kind
+        (and, with `inner`, a payload at every node)?"""
+        if inner and self.node_words is None and self.node_features is None:
+            raise ValueError(f"input '{name}': the model reads a word or feature vector at every node "
+                             "(forest(inner=true)); this forest has them at its leaves only: build it with "
+                             "Forest.from_arrays(..., inner=True)")
         if self.arity > arity:
             raise ValueError(f"input '{name}': a node has up to {self.arity} children, but the model "
                              f"declares arity {arity}")
@@ -322,19 +344,24 @@ class Forest:
                 raise ValueError(f"input '{name}': the model expects word ids at the leaves, the forest has "
                                  "feature vectors")
             if self.max_word >= vocab:
-                k = int(np.argmax(self.words >= vocab))
-                raise ValueError(f"input '{name}': leaf {k} has word id {int(self.words[k])}, out of range "
+                words, what = (self.node_words, "node") if self.node_words is not None else (self.words, "leaf")
+                k = int(np.argmax(words >= vocab))
+                raise ValueError(f"input '{name}': {what} {k} has word id {int(words[k])}, out of range "
                                  f"[0, {vocab})")
         if features is not None:
             if self.features is None:
                 raise ValueError(f"input '{name}': the model expects feature vectors at the leaves, the forest "
                                  "has word ids")
+            if inner and self.node_features is None:
+                raise ValueError(f"input '{name}': the model expects feature vectors at every node, the forest "
+                                 "has word ids")
             if self.features.shape[1] != features:
                 raise ValueError(f"input '{name}': leaves carry {self.features.shape[1]} features, the model "
                                  f"expects {features}")
 
-    def arrays(self, arity: int) -> dict[str, np.ndarray]:
-        """The arrays a compiled model reads, children padded to `arity` columns."""
+    def arrays(self, arity: int, inner: bool = False, mask: bool = False) -> dict[str, np.ndarray]:
+        """The arrays a compiled model reads, children padded to `arity` columns;
+        with `inner` every node's payload, with `mask` which child slots hold a child."""
         ch = self.children
         if ch.shape[1] < arity:
             ch = np.pad(ch, ((0, 0), (0, arity - ch.shape[1])), constant_values=-1)
@@ -342,6 +369,13 @@ class Forest:
         out = {"children": ch, "roots": self.roots, "level_end": self.level_end}
         out["words" if self.words is not None else "features"] = \
             self.words if self.words is not None else self.features
+        if inner:
+            if self.node_words is not None:
+                out["node_words"] = self.node_words
+            else:
+                out["node_features"] = self.node_features
+        if mask:
+            out["child_mask"] = _frozen((ch >= 0).astype(np.float32))
         return out
 
 
@@ -362,6 +396,12 @@ def _assemble(**fields) -> Forest:
             fields[k], at = sealed[at:at + v.size].reshape(v.shape), at + v.size
     if fields["features"] is not None:
         fields["features"] = _frozen(np.asarray(fields["features"], np.float32))
+    fields.setdefault("node_words", None)
+    fields.setdefault("node_features", None)
+    if fields["node_words"] is not None:       # own buffers: _flat's layout is what concat reads of a part
+        fields["node_words"] = _frozen(np.asarray(fields["node_words"], _I32))
+    if fields["node_features"] is not None:
+        fields["node_features"] = _frozen(np.asarray(fields["node_features"], np.float32))
     # What Forest.concat reads of a part: the lengths of its fields in `_flat` (0
     # where absent), its arity and largest word id, as int64 bytes (it joins them).
     sizes = [0 if v is None else v.size for v in ints] + [fields["children"].shape[1], fields["max_word"]]
@@ -370,6 +410,11 @@ def _assemble(**fields) -> Forest:
     for k, v in fields.items():
         object.__setattr__(f, k, v)
     return f
+
+
+def _max_word(words, node_words) -> int:
+    top = [int(w.max()) for w in (words, node_words) if w is not None and w.size]
+    return max(top, default=-1)
 
 
 def _gather(forests: list[Forest], lengths: np.ndarray) -> dict[str, np.ndarray]:
@@ -638,11 +683,12 @@ def bind_forest(name: str, value, spec: dict, vocab=None) -> tuple[dict[str, np.
     `spec` (arity, vocab or features). A Forest remembers the result: its
     arrays are read-only."""
     f = as_forest(value, arity=spec["arity"], vocab=vocab)
-    key = (name, spec["arity"], spec.get("vocab"), spec.get("features"))
+    inner, mask = spec.get("inner", False), spec.get("mask", False)
+    key = (name, spec["arity"], spec.get("vocab"), spec.get("features"), inner, mask)
     bound = f._bound.get(key)
     if bound is None:
-        f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"))
-        arrays = {f"{name}.{k}": v for k, v in f.arrays(spec["arity"]).items()}
+        f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"), inner)
+        arrays = {f"{name}.{k}": v for k, v in f.arrays(spec["arity"], inner, mask).items()}
         bound = f._bound[key] = (arrays, forest_dims(name, arrays))
     return bound
 

@@ -200,7 +200,28 @@ class OverArg:
         self.value, self.domain, self.span = value, domain, span
 
     def __repr__(self) -> str:
-        return "`value over domain` (an argument of sum, mean or max)"
+        return "`value over domain` (an argument of sum, mean, max or gat)"
+
+    def snet_edges(self, ctx, layer: str) -> tuple[Value, list[Value]]:
+        """For a layer over a graph's edges (`gat(h over g.edges, ...)`): the
+        node tensor and the edge relation; what the layer cannot attend over is
+        refused here, at the argument's span."""
+        domain, value = self.domain, self.value
+        if not isinstance(domain, Domain) or domain.kind != "edges":
+            raise SnetTypeError(f"{layer} attends over a graph's edges (h over g.edges), got over {_show(domain)}"
+                                + ("; for a readout use sum, mean or max over g.nodes"
+                                   if isinstance(domain, Domain) else ""), self.span)
+        spec = domain.graph.spec
+        if isinstance(value, TypedMessage):
+            raise SnetTypeError(f"{layer}: per-edge-type weights (dense(..., per=g.type)) are not supported; "
+                                f"attend over a node tensor", self.span)
+        if isinstance(value, Value) and value.type.rank == 2 and value.shape[0] == spec.sizes["edges"]:
+            raise SnetTypeError(f"{layer}: edge tensors (edge features) are not supported; attend over a node "
+                                f"tensor f32[{spec.sizes['nodes']}, F]", self.span)
+        if not isinstance(value, Value):
+            raise SnetTypeError(f"{layer}: attends over a node tensor, got {_show(value)}", self.span)
+        _node_tensor(value, spec, self.span, layer)
+        return value, domain.graph.edges(ctx.b)
 
 
 def _show(v) -> str:

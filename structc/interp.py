@@ -24,10 +24,12 @@ def infer_dims(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[str, int]
 
 
 def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
-             dtype=np.float64, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+             dtype=np.float64, outputs: list[str] | None = None,
+             dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Values of the graph's outputs (all, or those named). Float inputs and
-    parameters are cast to `dtype`; integer inputs are kept."""
-    dims = infer_dims(graph, inputs)
+    parameters are cast to `dtype`; integer inputs are kept. `dims` binds
+    symbols no input shows (a tree body's per-child `kids`)."""
+    dims = {**infer_dims(graph, inputs), **(dims or {})}
     wanted = outputs if outputs is not None else list(graph.outputs)
     needed: set[int] = set()
     for name in wanted:

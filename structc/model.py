@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _runtime
 from .forest import ForestBinder
+from .seqdata import SequenceBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, EPS, LR, MODES, MOMENTUM, N_HYPER,
@@ -167,7 +168,8 @@ class Net:
         self._workspace_buf, self._workspace_addr = None, 0   # grown under the lock, shared by calls
         # Structured inputs (forests, graphs) become arrays and dims before the checks.
         self._forests = ForestBinder.from_meta(meta)
-        self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta)) if b is not None]
+        self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
+                         if b is not None]
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"

@@ -94,6 +94,24 @@ class Over:
 
 
 @dataclass
+class CaseBlock:
+    """`{ a = expr; ...; value }`: a recursion case's local names, then its value."""
+    bindings: list
+    value: "Expr"
+    span: Span
+
+
+@dataclass
+class PerChild:
+    """`value for k in domain` as a call's argument: `sum(f(h(k)) for k in n.children)`."""
+    value: "Expr"
+    var: str
+    domain: "Expr"
+    span: Span
+    var_span: Span
+
+
+@dataclass
 class Tuple:
     """`(0,)`, `(3, 3)`: a list of numbers written in place (axes, kernel, stride, padding)."""
     items: list["Expr"]
@@ -139,7 +157,14 @@ class ForestTypeExpr:
     span: Span
 
 
-TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr, ForestTypeExpr]
+@dataclass
+class SequenceTypeExpr:
+    """`sequence of word(vocab=1000)` or `sequence of f32[16]`."""
+    item: Union["Call", TensorTypeExpr]
+    span: Span
+
+
+TypeExpr = Union[TensorTypeExpr, ClassTypeExpr, GraphTypeExpr, ForestTypeExpr, SequenceTypeExpr]
 
 
 @dataclass
@@ -194,7 +219,9 @@ class Repeat:
 
 @dataclass
 class RecDecl:
-    """`rec h(n) = leaf: expr node: expr`, a function over the nodes of a forest."""
+    """`rec h(n) = leaf: expr node: expr`, a function over the nodes of a forest;
+    `rec (h, c)(n) = ...` gives each node several states (`names`), each case a
+    tuple of as many values."""
     name: str
     param: str
     leaf: Expr
@@ -202,9 +229,30 @@ class RecDecl:
     span: Span
     name_span: Span
     param_span: Span
+    names: tuple = ()           # every state's name (one: (name,))
+    name_spans: tuple = ()
 
 
-Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl]
+@dataclass
+class SeqRecDecl:
+    """`rec h(t) = first: expr next: expr` (forward, reads h(t.prev)) or
+    `rec b(t) = last: expr prev: expr` (backward, reads b(t.next)), or with
+    `init: expr` (the state before the first step) in place of `first:` /
+    `last:`: a function over the positions of a sequence input."""
+    name: str
+    param: str
+    start: str         # "first", "last" or "init"
+    then: str          # "next" (forward) or "prev" (backward)
+    init: Expr
+    step: Expr
+    span: Span
+    name_span: Span
+    param_span: Span
+    names: tuple = ()           # every state's name (one: (name,)), as RecDecl
+    name_spans: tuple = ()
+
+
+Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl, SeqRecDecl]
 
 
 @dataclass
@@ -349,13 +397,47 @@ class _ToAst(Transformer_NonRecursive):
             raise SnetSyntaxError("forest options are written name=value, e.g. forest(arity=3)", bad.span)
         return ForestTypeExpr(opts, leaf, self._span(meta))
 
+    def rec_names(self, c):
+        return list(c)
+
+    @v_args(meta=True)
+    def sequence_type(self, meta, c):
+        return SequenceTypeExpr(c[0], self._span(meta))
+
+    @v_args(meta=True)
+    def seq_rec_decl(self, meta, c):
+        names, param, w1, init, w2, step = c
+        then = {"first": ("next",), "last": ("prev",), "init": ("next", "prev")}
+        if str(w1) not in then:
+            raise SnetSyntaxError(f"a recursion over a sequence starts with 'first:' (forward), 'last:' "
+                                  f"(backward) or 'init:' (the state before the first step), got '{w1}:'",
+                                  self._tok(w1))
+        if str(w2) not in then[str(w1)]:
+            raise SnetSyntaxError(f"expected {' or '.join(repr(w + ':') for w in then[str(w1)])} after "
+                                  f"'{w1}:', got '{w2}:'", self._tok(w2))
+        spans = tuple(self._tok(n) for n in names)
+        return SeqRecDecl(str(names[0]), str(param), str(w1), str(w2), init, step, self._span(meta), spans[0],
+                          self._tok(param), tuple(map(str, names)), spans)
+
     @v_args(meta=True)
     def rec_decl(self, meta, c):
-        name, param, w1, leaf, w2, node = c
+        names, param, w1, leaf, w2, node = c
         for word, want in ((w1, "leaf"), (w2, "node")):
             if str(word) != want:
                 raise SnetSyntaxError(f"expected '{want}:' here, got '{word}'", self._tok(word))
-        return RecDecl(str(name), str(param), leaf, node, self._span(meta), self._tok(name), self._tok(param))
+        spans = tuple(self._tok(n) for n in names)
+        return RecDecl(str(names[0]), str(param), leaf, node, self._span(meta), spans[0], self._tok(param),
+                       tuple(map(str, names)), spans)
+
+    @v_args(meta=True)
+    def case_block(self, meta, c):
+        items = [x for x in c if x is not None]
+        return CaseBlock(items[:-1], items[-1], self._span(meta))
+
+    @v_args(meta=True)
+    def per_child(self, meta, c):
+        value, var, domain = c
+        return PerChild(value, str(var), domain, self._span(meta), self._tok(var))
 
     def number(self, c):
         tok = c[0]
@@ -458,7 +540,7 @@ def _describe_token(tok: Token) -> str:
 
 _STATEMENT_STARTS = {"'input'", "'target'", "'param'", "'loss'", "'output'", "'rec'", "'repeat'"}
 # Tokens that could continue an expression; listing them rarely helps.
-_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['", "'over'"}
+_CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['", "'over'", "'for'"}
 
 
 def _expected_list(expected) -> str:
@@ -664,6 +746,10 @@ def unparse(e) -> str:
         return f"{unparse(e.base)}.{e.name}"
     if isinstance(e, Over):
         return f"{unparse(e.value)} over {unparse(e.domain)}"
+    if isinstance(e, CaseBlock):
+        return "{ " + "; ".join([f"{a.name} = {unparse(a.value)}" for a in e.bindings] + [unparse(e.value)]) + " }"
+    if isinstance(e, PerChild):
+        return f"{unparse(e.value)} for {e.var} in {unparse(e.domain)}"
     return f"<{type(e).__name__}>"
 
 
@@ -677,6 +763,8 @@ def _type_text(t) -> str:
         opts = ", ".join(f"{k.name}={unparse(k.value)}" for k in t.options)
         leaf = unparse(t.leaf) if isinstance(t.leaf, Call) else _type_text(t.leaf)
         return f"forest{f'({opts})' if opts else ''} of {leaf}"
+    if isinstance(t, SequenceTypeExpr):
+        return f"sequence of {unparse(t.item) if isinstance(t.item, Call) else _type_text(t.item)}"
     if isinstance(t, ClassTypeExpr):
         return f"class[{dims}] of {t.classes}"
     return f"{t.dtype}[{dims}]"
@@ -704,7 +792,11 @@ def format_program(program: Program) -> str:
             elif isinstance(s, OutputStmt):
                 text = f"Output {s.name}" + (f" = {unparse(s.value)}" if s.value is not None else "")
             elif isinstance(s, RecDecl):
-                text = f"Rec {s.name}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
+                names = s.name if len(s.names) < 2 else f"({', '.join(s.names)})"
+                text = f"Rec {names}({s.param}) leaf: {unparse(s.leaf)} node: {unparse(s.node)}"
+            elif isinstance(s, SeqRecDecl):
+                names = s.name if len(s.names) < 2 else f"({', '.join(s.names)})"
+                text = f"Rec {names}({s.param}) {s.start}: {unparse(s.init)} {s.then}: {unparse(s.step)}"
             else:
                 text = type(s).__name__
             lines.append(f"{indent}{text}  {at}")

@@ -350,7 +350,7 @@ def test_predict_refuses_a_graph_model_clearly(tmp_path, capsys):
     structc.compile(model).save_params(str(tmp_path / "p.npz"))
     assert main(["predict", str(model), "--params", str(tmp_path / "p.npz"), "--input", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "o.npy")]) == 1
-    assert "structc predict reads tensors; model SmallGraphs takes g (a graph or forest)" in capsys.readouterr().err
+    assert "structc predict reads tensors; model SmallGraphs takes g (a graph, forest or sequence)" in capsys.readouterr().err
 
 
 def test_resume_ends_as_an_uninterrupted_run(tiny, tmp_path):

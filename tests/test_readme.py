@@ -315,8 +315,12 @@ CLAIMS = [
     Claim(r"\((100)% held out; chance 50%\)",
           "structc train examples/logic_tree.snet --data logic --optimizer adam --lr 0.003"),
     Claim(r"chance (50)%", check=logic_is_balanced),
+    Claim(r"Tree-LSTM[^%]*?to\s+(100)% held out in two epochs",
+          "structc train examples/logic_treelstm.snet --data logic --optimizer adam --lr 0.003 --epochs 2"),
     Claim(r"--data karate .*# (93\.75)% held out",
           "structc train examples/karate_gcn.snet --data karate --epochs 100 --optimizer adam --lr 0.01"),
+    Claim(r"karate_gat\.snet --data karate .*# (93\.75)% held out",
+          "structc train examples/karate_gat.snet --data karate --epochs 100 --optimizer adam --lr 0.01"),
     Claim(r"--data graph_families .*# (99\.3)% held out",
           "structc train examples/graph_families.snet --data graph_families --epochs 40 --optimizer adam "
           "--lr 0.005"),
@@ -324,6 +328,8 @@ CLAIMS = [
           "structc train examples/atlas_gnn.snet --data atlas --epochs 40 --optimizer adam --lr 0.01"),
     Claim(r"\"connected\" scores (79\.6)%", check=atlas_majority_is_79_6),
     Claim(r"\((1,797) images", check=digits_has_1797_images),
+    Claim(r"8 rows of 8 pixels \(about (98)% held out\)",
+          "structc train examples/digits_lstm.snet --data digits_rows --epochs 15 --optimizer adam --lr 0.01"),
     Claim(r"convolutions frozen it\s+reaches about (92)% held out", check=finetuned_head_reaches_92),
 ]
 

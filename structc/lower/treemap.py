@@ -29,7 +29,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ..ops.loss import _each_vector
-from ..ops.tree import BODY_ROWS, body_plan
+from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
 
@@ -102,7 +102,7 @@ def body_entry(kb, program):
             param_layout({name: g.nodes[nid].shape for name, nid in g.params.items()})[0]
         plan = body_plan(program, offsets)
         name = "sc_" + program.name.replace(".", "_").replace("@", "") + f"_{len(kb.shared)}"
-        lower_entry(kb.module, program.graph, plan, [BODY_ROWS], name, kb.target, kb.shared)
+        lower_entry(kb.module, program.graph, plan, [BODY_ROWS, BODY_KIDS], name, kb.target, kb.shared)
         fn = kb.module.globals[name]
         kb.shared[key] = (fn, plan, program)
     return kb.shared[key]
@@ -123,9 +123,10 @@ def call_body(cg: CG, entry, inputs: dict, outputs: dict, fixed_base, rows, work
         b.store(outputs[name], b.gep(outs, [cg.i64(k)], source_etype=PTR))
     for k, nid in enumerate(sorted(program.fixed)):
         b.store(cg.gep(fixed_base, cg.i64(program.fixed[nid])), b.gep(outs, [cg.i64(n_out + k)], source_etype=PTR))
-    dims = cg.var(I64)
+    dims = cg.var(ir.ArrayType(I64, 2))
     dims.type = PTR
     b.store(rows, dims)
+    b.store(cg.imul(rows, program.arity), b.gep(dims, [cg.i64(1)], source_etype=I64))
     hyper = cg.slot(cg.layout.hyper_slot, PTR)
     b.call(fn, [cg.arena("params"), cg.arena("grads"), cg.arena("state"), workspace, ins, outs, dims, hyper,
                 cg.mode()])
@@ -166,6 +167,19 @@ def _level_bounds(cg: CG, level_end, l, nodes):
     return start, b.select(b.icmp_signed("<", stop, start), start, stop)
 
 
+def _row_inputs(kb, cg: CG, node, first: int):
+    """The body's row-aligned inputs (operands from `first` on, named by
+    `node_inputs`): a function of a start row giving {name: pointer to that row}."""
+    g = kb.graph
+    names = node.attrs.get("node_inputs", ())
+    found = []
+    for name, nid in zip(names, node.inputs[first:first + len(names)]):
+        t = g.nodes[nid].type
+        width = 1 if t.rank == 1 else t.shape[1]
+        found.append((name, cg.ptr(nid), width, I32 if t.dtype == "i32" else F32))
+    return lambda start: {name: cg.gep(p, cg.imul(start, w), et) for name, p, w, et in found}
+
+
 def lower_tree_map(kb, node) -> None:
     g = kb.graph
     children, level_end, _roots, leaves, s_rows, s_fixed = node.inputs[:6]
@@ -189,18 +203,19 @@ def lower_tree_map(kb, node) -> None:
         nleaves = cg.imin(nleaves, nodes)
         copy_row(cg, cg.ptr(leaves), cg.i64(0), H, cg.i64(0), cg.imul(nleaves, width), vw)
         inv = hoisted(kb, cg, node.attrs["fwd"], fixed)
+        rows_of = _row_inputs(kb, cg, node, 6)
         with cg.loop(levels, start=1, name="level") as l:
             start, stop = _level_bounds(cg, le, l, nodes)
             block = C if C_all is None else cg.gep(C_all, cg.imul(start, cw))
             _gather(cg, ch, H, block, start, stop, arity, width, cw, nodes, vw)
-            call_body(cg, entry, {"children": block, **inv}, {"h": cg.gep(H, cg.imul(start, width))}, fixed,
-                      b.sub(stop, start), ws)
+            call_body(cg, entry, {"children": block, **rows_of(start), **inv},
+                      {"h": cg.gep(H, cg.imul(start, width))}, fixed, b.sub(stop, start), ws)
 
 
 def lower_tree_map_grad(kb, node) -> None:
     g = kb.graph
     children, level_end, roots, Hn, seed, c_all, s_rows, s_fixed = node.inputs[:8]
-    params = node.inputs[8:]
+    params = node.inputs[8 + len(node.attrs.get("node_inputs", ())):]
     from_roots = node.attrs.get("from_roots", False)
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = arity * width          # a gathered row: the children side by side
@@ -232,12 +247,13 @@ def lower_tree_map_grad(kb, node) -> None:
             r = load_index(cg, R, k, "i32", last)
             copy_row(cg, G, cg.imul(k if from_roots else r, width), dH, cg.imul(r, width), width, vw)
         inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
+        rows_of = _row_inputs(kb, cg, node, 8)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
             start, stop = _level_bounds(cg, le, l, nodes)
             at = cg.imul(start, width)
-            call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, {"dC": dC}, fixed,
-                      b.sub(stop, start), ws)
+            call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
+                                 **rows_of(start), **inv}, {"dC": dC}, fixed, b.sub(stop, start), ws)
             with cg.loop(stop, start=start, name="sc") as r:
                 row = cg.imul(b.sub(r, start), cw)
                 for a in range(arity):
@@ -263,8 +279,8 @@ def lower_tree_map_grad(kb, node) -> None:
             with then:
                 at = cg.imul(first, width)
                 inv = hoisted(kb, cg, node.attrs["bwd_par"], fixed)
-                call_body(cg, e_par, {"@C": cg.gep(C, cg.imul(first, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at), **inv}, outs, fixed,
-                          inner, ws)
+                call_body(cg, e_par, {"@C": cg.gep(C, cg.imul(first, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
+                                      **rows_of(first), **inv}, outs, fixed, inner, ws)
             with otherwise:                                # no inner node: nothing to differentiate
                 for name, p in zip(names, params):
                     n = g.nodes[p].type.size().coef

@@ -13,6 +13,12 @@ states are H's first rows (nodes are in schedule order, see `forest`):
     H[i] = leaf_states[i]                             i < leaves
     H[i] = body(H[child_0(i)], ..., H[child_A-1(i)])  otherwise, in order of height
 
+A body may read more row-aligned inputs: node i's row of a [nodes, ...]
+array given after the scratch operands (`node_inputs` names them in the
+body: a word or feature vector at every node, `forest(inner=true)`, and the
+child-presence mask of per-child terms). They are data: no cotangent flows
+to them (a parameter they index, an embedding, gets its gradient as usual).
+
 The VJP walks the heights in reverse: with dH the total cotangent of each
 node (gH plus what its parent sends down, stored once per node),
 
@@ -36,9 +42,10 @@ import numpy as np
 
 from ..errors import ShapeMismatch
 from ..types import TensorType
-from .base import REGISTRY, Op, expect
+from .base import REGISTRY, Op, Sample, expect
 
 BODY_ROWS = "rows"          # the body's batch dimension: one row per node
+BODY_KIDS = "kids"          # rows x arity: one row per child slot (per-child terms)
 _tags = itertools.count(1)
 
 
@@ -60,19 +67,20 @@ class BodyProgram:
     pre: "BodyProgram | None" = None
     inv: dict | None = None     # input name of a hoisted value -> offset in the fixed scratch
     pre_base: int = 0
+    arity: int = 1              # child slots per node: the entry's `kids` dimension is rows x arity
 
     def __str__(self) -> str:
         hoisted = f", {len(self.pre.graph.groups)} hoisted" if self.pre is not None else ""
         return f"<{self.name}: {len(self.graph.groups)} kernels{hoisted}>"
 
 
-def prepare(g, name: str) -> BodyProgram:
+def prepare(g, name: str, arity: int = 1) -> BodyProgram:
     """Run the pass pipeline on a body (copy), hoist what depends on
     parameters only, and bound the workspace of a call."""
     from ..passes import run_pipeline
     g = run_pipeline(g.copy())
     pre = _hoist(g)
-    program = _bounded(g, name)
+    program = _bounded(g, name, arity)
     if pre is not None:
         pre_graph, hoisted = pre
         inv, at = {}, program.fixed_floats
@@ -85,7 +93,7 @@ def prepare(g, name: str) -> BodyProgram:
     return program
 
 
-def _bounded(g, name: str) -> BodyProgram:
+def _bounded(g, name: str, arity: int = 1) -> BodyProgram:
     from ..passes.plan import ALIGN, aligned, plan_memory
     plan = plan_memory(g, {p: 0 for p in g.params})
     rows_floats, fixed, at = 0, {}, 0
@@ -96,14 +104,14 @@ def _bounded(g, name: str) -> BodyProgram:
     for sizes in plan.slots:
         per_row = 0
         for s in sizes:
-            if s.symbols and s.symbols != (BODY_ROWS,):
+            if s.symbols and s.symbols not in ((BODY_ROWS,), (BODY_KIDS,)):
                 raise ShapeMismatch(f"the node case needs a buffer of {s} floats; it must compute one row "
                                     "per node")
             if s.symbols:
-                per_row = max(per_row, s.coef)
+                per_row = max(per_row, s.coef * (arity if s.symbols == (BODY_KIDS,) else 1))
         if per_row:
             rows_floats += per_row + ALIGN
-    return BodyProgram(name, g, rows_floats, fixed, at)
+    return BodyProgram(name, g, rows_floats, fixed, at, arity=arity)
 
 
 def _hoist(g):
@@ -244,14 +252,25 @@ def _child_states(H, kids, width):
     return np.concatenate([H[k] if k >= 0 else np.zeros(width, H.dtype) for k in kids])[None, :]
 
 
-def _forward_reference(children, leaves, params, body, width):
+def _one_row(children) -> dict:
+    """The body's dimensions when it runs on one node."""
+    return {BODY_ROWS: 1, BODY_KIDS: children.shape[1]}
+
+
+def _rows(extras: dict, i: int) -> dict:
+    """Node i's rows of the body's row-aligned inputs."""
+    return {name: a[i:i + 1] for name, a in extras.items()}
+
+
+def _forward_reference(children, leaves, params, body, width, extras=None):
     from ..interp import evaluate
     n, nl = children.shape[0], leaves.shape[0]
     H = np.zeros((n, width), dtype=np.float64)
     H[:nl] = leaves
     pvals = dict(zip(body.params, params))
     for i in range(nl, n):
-        H[i] = evaluate(body, {"children": _child_states(H, children[i], width)}, pvals)["h"][0]
+        feed = {"children": _child_states(H, children[i], width), **_rows(extras or {}, i)}
+        H[i] = evaluate(body, feed, pvals, dims=_one_row(children))["h"][0]
     return H
 
 
@@ -264,7 +283,7 @@ def _seed(seed, roots, nodes, from_roots):
     return gH
 
 
-def _backward_reference(children, H, gH, params, bwd, width, leaves):
+def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None):
     from ..interp import evaluate
     n = children.shape[0]
     dH = np.array(gH, dtype=np.float64)
@@ -272,8 +291,8 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves):
     pvals = dict(zip(names, params))
     dparams = [np.zeros(np.shape(p)) for p in params]
     for i in reversed(range(leaves, n)):        # parents before their children
-        r = evaluate(bwd, {"@C": _child_states(H, children[i], width), "@g": dH[i:i + 1], "@h": H[i:i + 1]},
-                     pvals)
+        r = evaluate(bwd, {"@C": _child_states(H, children[i], width), "@g": dH[i:i + 1], "@h": H[i:i + 1],
+                           **_rows(extras or {}, i)}, pvals, dims=_one_row(children))
         for k, name in enumerate(names):
             dparams[k] += r[f"d:{name}"]
         for a, c in enumerate(children[i]):
@@ -286,6 +305,12 @@ def _leaf_count(level_end) -> int:
     return int(level_end[0])
 
 
+def _split(rest, node_inputs):
+    """(row-aligned inputs by body name, parameters) from the operands after the scratch ones."""
+    k = len(node_inputs)
+    return dict(zip(node_inputs, rest[:k])), rest[k:]
+
+
 # -- the ops ------------------------------------------------------------------
 
 class TreeMap(Op):
@@ -293,25 +318,29 @@ class TreeMap(Op):
     name = "tree_map"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
-              body, fwd, arity: int, width: int, rec: str = "h") -> TensorType:
+    def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
+              body, fwd, arity: int, width: int, rec: str = "h", node_inputs: tuple = ()) -> TensorType:
         expect(leaves.rank == 2 and leaves.shape[1] == width, f"leaf states {leaves} are not [leaves, {width}]")
+        for x in rest[:len(node_inputs)]:
+            expect(x.shape[0] == children.shape[0], f"a row-aligned input {x} is not one row per node")
         return TensorType((children.shape[0], width), "f32")
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, body={attrs['fwd']}"
 
-    def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
-                  body, fwd, arity, width, rec="h", dims=None):
-        return _forward_reference(children, leaves, params, body, width)
+    def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
+                  body, fwd, arity, width, rec="h", node_inputs=(), dims=None):
+        extras, params = _split(rest, node_inputs)
+        return _forward_reference(children, leaves, params, body, width, extras)
 
-    def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *params,
-            body, fwd, arity, width, rec="h"):
+    def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
+            body, fwd, arity, width, rec="h", node_inputs=()):
+        ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
         bwd = derive_backward(body)
         names = list(body.params)
-        bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children")
+        bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children", arity)
         bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
-                          f"{rec}.node.vjp_params")
+                          f"{rec}.node.vjp_params", arity)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
         # (leaves without parameters upstream), the bodies' workspace
@@ -326,14 +355,15 @@ class TreeMap(Op):
         from_roots = gn.op.name == "scatter_rows" and gn.inputs[1] == roots.id and gn.attrs["rows"] == nodes
         seed = b.value(gn.inputs[0]) if from_roots else g
         attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
-                     from_roots=from_roots)
+                     from_roots=from_roots, node_inputs=node_inputs)
         # the children's states, as the forward pass gathered them level by level
         C = b.tree_children(out, children, arity=arity, width=width)
-        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *params, **attrs)
+        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *ins, *params, **attrs)
         d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
-        parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *params, param=name, index=k, bwd=bwd,
-                                  width=width, from_roots=from_roots) for k, name in enumerate(names)]
-        return [None, None, None, d_leaves, None, None, *parts]
+        parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *ins, *params, param=name, index=k,
+                                  bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs)
+                 for k, name in enumerate(names)]
+        return [None, None, None, d_leaves, None, None, *[None] * len(ins), *parts]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map
@@ -347,19 +377,20 @@ class TreeMapGrad(Op):
     name = "tree_map_grad"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
+    def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
               body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
-              from_roots: bool = False) -> TensorType:
+              from_roots: bool = False, node_inputs: tuple = ()) -> TensorType:
         return H
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, " \
                f"vjp={attrs['bwd_in']}, {attrs['bwd_par']}"
 
-    def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *params,
-                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, dims=None):
+    def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
+                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, node_inputs=(), dims=None):
+        extras, params = _split(rest, node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[0]
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras)[0]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map_grad
@@ -373,17 +404,18 @@ class TreeGradPart(Op):
     name = "tree_grad_part"
     traits = frozenset({"part"})
 
-    def shape(self, dH, children, level_end, roots, H, seed, *params, param: str, index: int, bwd, width: int,
-              from_roots: bool = False) -> TensorType:
-        return params[index]
+    def shape(self, dH, children, level_end, roots, H, seed, *rest, param: str, index: int, bwd, width: int,
+              from_roots: bool = False, node_inputs: tuple = ()) -> TensorType:
+        return rest[len(node_inputs) + index]
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['param']}"
 
-    def reference(self, dH, children, level_end, roots, H, seed, *params, param, index, bwd, width,
-                  from_roots=False):
+    def reference(self, dH, children, level_end, roots, H, seed, *rest, param, index, bwd, width,
+                  from_roots=False, node_inputs=()):
+        extras, params = _split(rest, node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end))[1][index]
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras)[1][index]
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map_grad kernel of its group
@@ -438,3 +470,261 @@ class Scratch(Op):
 def _aligned(n: int) -> int:
     from ..passes.plan import aligned
     return aligned(n)
+
+
+# -- per-child terms: one row per child slot -------------------------------------
+#
+# A node case's `sum(f(h(k)) for k in n.children)` is computed over one row per
+# child slot, [kids, .] with kids = rows x arity: the gathered children block
+# [rows, A*d] read as [kids, d] (a view), a node's own values repeated for each
+# of its slots, and the slots' results summed back to one row per node.
+
+def _kid_rows(rows, arity: int):
+    return rows * arity if isinstance(rows, int) else BODY_KIDS
+
+
+def _node_rows(kids, arity: int):
+    if isinstance(kids, int):
+        expect(kids % arity == 0, f"{kids} child rows are not a whole number of nodes of arity {arity}")
+        return kids // arity
+    expect(kids == BODY_KIDS, f"per-child rows must be [{BODY_KIDS}, ...], got [{kids}, ...]")
+    return BODY_ROWS
+
+
+class TreeKids(Op):
+    """[rows, A*d] -> [rows*A, d]: row r*A + a is slot a of node r (a view)."""
+    name = "tree_kids"
+    traits = frozenset({"view"})
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2 and isinstance(x.shape[1], int) and x.shape[1] % arity == 0,
+               f"{x} does not hold {arity} children's rows side by side")
+        return TensorType((_kid_rows(x.shape[0], arity), x.shape[1] // arity), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_unkids(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return x.reshape(-1, x.shape[1] // arity).copy()
+
+    def samples(self):
+        return [Sample(((3, 8),), {"arity": 2}), Sample(((2, 3),), {"arity": 3})]
+
+
+class TreeUnkids(Op):
+    """[rows*A, d] -> [rows, A*d], the inverse of `tree_kids` (a view)."""
+    name = "tree_unkids"
+    traits = frozenset({"view"})
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2 and isinstance(x.shape[1], int), f"{x} is not [kids, d]")
+        return TensorType((_node_rows(x.shape[0], arity), x.shape[1] * arity), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_kids(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return x.reshape(-1, x.shape[1] * arity).copy()
+
+    def samples(self):
+        return [Sample(((6, 4),), {"arity": 2}), Sample(((3, 1),), {"arity": 3})]
+
+
+class TreeRepeat(Op):
+    """[rows, d] -> [rows*A, d]: each node's row for each of its A child slots."""
+    name = "tree_repeat"
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2, f"{x} is not one row per node")
+        return TensorType((_kid_rows(x.shape[0], arity), x.shape[1]), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_sum_kids(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return np.repeat(x, arity, axis=0)
+
+    def samples(self):
+        return [Sample(((3, 5),), {"arity": 2}), Sample(((2, 17),), {"arity": 3})]
+
+    def lower(self, kb, node, epilogue):
+        _lower_kid_rows(kb, node, repeat=True)
+
+
+class TreeSumKids(Op):
+    """[rows*A, d] -> [rows, d]: the sum of each node's A child-slot rows."""
+    name = "tree_sum_kids"
+
+    def shape(self, x, *, arity: int) -> TensorType:
+        expect(x.rank == 2, f"{x} is not one row per child slot")
+        return TensorType((_node_rows(x.shape[0], arity), x.shape[1]), x.dtype)
+
+    def vjp(self, b, g, out, x, *, arity):
+        return [b.tree_repeat(g, arity=arity)]
+
+    def reference(self, x, *, arity):
+        return x.reshape(-1, arity, x.shape[1]).sum(axis=1)
+
+    def samples(self):
+        return [Sample(((6, 5),), {"arity": 2}), Sample(((6, 17),), {"arity": 3})]
+
+    def lower(self, kb, node, epilogue):
+        _lower_kid_rows(kb, node, repeat=False)
+
+
+def _lower_kid_rows(kb, node, repeat: bool) -> None:
+    """One task per node: copy its row to its A slots, or add its A slots' rows."""
+    from ..lower.treemap import add_row, copy_row
+    g = kb.graph
+    arity = node.attrs["arity"]
+    d = node.shape[1]
+    rows = node.shape[0] if not repeat else g.nodes[node.inputs[0]].shape[0]
+    vw = kb.vector_width
+    with kb.kernel(f"kidrows{node.id}", tasks=lambda cg: cg.dim(rows), cost=arity * d) as (cg, lo, hi):
+        src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+        with cg.loop(hi, start=lo) as r:
+            node_at = cg.imul(r, d)
+            kid_at = cg.imul(r, arity * d)
+            if repeat:
+                for a in range(arity):
+                    copy_row(cg, src, node_at, dst, cg.iadd(kid_at, a * d), d, vw)
+            else:
+                copy_row(cg, src, kid_at, dst, node_at, d, vw)
+                for a in range(1, arity):
+                    add_row(cg, src, cg.iadd(kid_at, a * d), dst, node_at, d, vw)
+
+
+# -- the LSTM cell's gate math, fused -----------------------------------------------
+
+def _lstm_forward(g, kept):
+    d = g.shape[1] // 3
+    i, o, u = g[:, :d], g[:, d:2 * d], g[:, 2 * d:]
+    si, so, tu = 1 / (1 + np.exp(-i)), 1 / (1 + np.exp(-o)), np.tanh(u)
+    c = si * tu + kept
+    return si, so, tu, c, np.tanh(c)
+
+
+def _lstm_backward(g, kept, dS):
+    """(dg, dc): the cotangents of the gates and of the kept memory."""
+    si, so, tu, c, tc = _lstm_forward(g, kept)
+    d = tc.shape[1]
+    dh, dc_out = dS[:, :d], dS[:, d:]
+    dc = dc_out + dh * so * (1 - tc * tc)
+    dg = np.concatenate([dc * tu * si * (1 - si), dh * tc * so * (1 - so), dc * si * (1 - tu * tu)], axis=1)
+    return dg, dc
+
+
+class LstmState(Op):
+    """[h, c] from gates g = [i, o, u] (one matmul's [rows, 3H]) and the memory
+    kept from before (Σ_k f_k c_k, c_prev f, or 0):
+    c = σ(i) tanh(u) + kept, h = σ(o) tanh(c). One kernel for all the gate math."""
+    name = "lstm_state"
+    surface = True
+
+    def shape(self, g, kept) -> TensorType:
+        expect(g.rank == 2 and isinstance(g.shape[1], int) and g.shape[1] % 3 == 0,
+               f"lstm_state: the gates {g} are not [rows, 3H] (i, o, u side by side)")
+        d = g.shape[1] // 3
+        expect(kept.rank == 0 or kept.shape == (g.shape[0], d),
+               f"lstm_state: the kept memory {kept} is not [{g.shape[0]}, {d}] (or a number)")
+        return TensorType((g.shape[0], 2 * d), "f32")
+
+    def vjp(self, b, g, out, gates, kept):
+        dg = b.lstm_state_grad(gates, kept, g)
+        dc = b.lstm_state_dc(gates, kept, g)
+        return [dg, dc if kept.type.rank else b.sum(dc, axes=(0, 1))]
+
+    def reference(self, g, kept):
+        _, so, _, c, tc = _lstm_forward(g, kept)
+        return np.concatenate([so * tc, c], axis=1)
+
+    def samples(self):
+        return [Sample(((5, 12), (5, 4))), Sample(((3, 48), ())), Sample(((2, 51), (2, 17)))]
+
+    def lower(self, kb, node, epilogue):
+        _lower_lstm(kb, node, "state")
+
+
+class LstmStateGrad(Op):
+    """dg, the gates' cotangent, from dS = [dh, dc] (see `lstm_state`)."""
+    name = "lstm_state_grad"
+
+    def shape(self, g, kept, dS) -> TensorType:
+        return g
+
+    def reference(self, g, kept, dS):
+        return _lstm_backward(g, kept, dS)[0]
+
+    def samples(self):
+        return [Sample((((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
+                Sample((((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
+
+    def lower(self, kb, node, epilogue):
+        _lower_lstm(kb, node, "dg")
+
+
+class LstmStateDc(Op):
+    """dc, the cotangent of the kept memory, from dS = [dh, dc] (see `lstm_state`)."""
+    name = "lstm_state_dc"
+
+    def shape(self, g, kept, dS) -> TensorType:
+        return TensorType((g.shape[0], g.shape[1] // 3), "f32")
+
+    def reference(self, g, kept, dS):
+        return _lstm_backward(g, kept, dS)[1]
+
+    def samples(self):
+        return [Sample((((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
+                Sample((((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
+
+    def lower(self, kb, node, epilogue):
+        _lower_lstm(kb, node, "dc")
+
+
+def _lower_lstm(kb, node, what: str) -> None:
+    """One task per row, vectors along the H columns of each gate."""
+    from ..lower.treemap import _row_op
+    g = kb.graph
+    gt = g.nodes[node.inputs[0]].type
+    d = gt.shape[1] // 3
+    kept_node = g.nodes[node.inputs[1]]
+    scalar_kept = kept_node.type.rank == 0
+    number = kept_node.attrs["value"] if kept_node.op.name == "const" else None    # inline: no buffer
+    vw = kb.vector_width
+    with kb.kernel(f"lstm_{what}{node.id}", tasks=lambda cg: cg.dim(gt.shape[0]), cost=40 * d) as (cg, lo, hi):
+        G, out = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+        K = cg.ptr(node.inputs[1]) if number is None else None
+        dS = cg.ptr(node.inputs[2]) if what != "state" else None
+        with cg.loop(hi, start=lo) as r:
+            g_at, h_at = cg.imul(r, 3 * d), cg.imul(r, d)
+
+            def column(j, m):
+                def load(p, at):
+                    return cg.load(p, cg.iadd(at, j), n=vw, mask=m)
+                i, o, u = load(G, g_at), load(G, cg.iadd(g_at, d)), load(G, cg.iadd(g_at, 2 * d))
+                if number is not None:
+                    kept = cg.const(float(number), i)
+                else:
+                    kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
+                si, so, tu = cg.sigmoid(i), cg.sigmoid(o), cg.tanh(u)
+                c = cg.fma(si, tu, kept)
+                tc = cg.tanh(c)
+                one = cg.const(1.0, c)
+                if what == "state":
+                    s_at = cg.imul(r, 2 * d)
+                    cg.store(cg.mul(so, tc), out, cg.iadd(s_at, j), mask=m)
+                    cg.store(c, out, cg.iadd(cg.iadd(s_at, d), j), mask=m)
+                    return
+                s_at = cg.imul(r, 2 * d)
+                dh, dco = load(dS, s_at), load(dS, cg.iadd(s_at, d))
+                dc = cg.fma(cg.mul(dh, so), cg.sub(one, cg.mul(tc, tc)), dco)
+                if what == "dc":
+                    cg.store(dc, out, cg.iadd(h_at, j), mask=m)
+                    return
+                di = cg.mul(cg.mul(dc, tu), cg.mul(si, cg.sub(one, si)))
+                do = cg.mul(cg.mul(dh, tc), cg.mul(so, cg.sub(one, so)))
+                du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
+                for k, v in enumerate((di, do, du)):
+                    cg.store(v, out, cg.iadd(cg.iadd(g_at, k * d), j), mask=m)
+            # a runtime loop over the vectors past two (the gate math is long: unrolled, it is compile time)
+            _row_op(cg, d if d <= 2 * vw else cg.i64(d), vw, column)

@@ -1,0 +1,280 @@
+"""LSTM over sequences (`lstm_seq_train`): one SGD step, structc vs PyTorch and JAX on the CPU.
+
+The issue's workload: a batch of 64 sequences of 50 positions, 64 features
+each; one LSTM layer of 128; the last state -> dense 10 -> mean
+cross-entropy; one SGD step (forward, backward, update). `ragged`: the same
+with lengths drawn uniformly from 10..90 (mean 50). structc takes the ragged
+batch as it is (no padding: step t runs the sequences still that long);
+PyTorch and JAX pad it to the longest and read each sequence's state at its
+last position.
+
+    python benchmarks/bench_lstm.py [--rounds 3] [--threads 1 2] [--cases uniform,ragged]
+
+Contenders, each in a fresh process per thread count:
+  structc           `rec (h, c)(t) = init: ... next: lstm_cell(t.x, h(t.prev), c(t.prev), 128)`
+  torch.nn.LSTM     PyTorch's fused LSTM (oneDNN on the CPU)
+  torch cell loop   `torch.nn.LSTMCell` called once per step, the way a hand-written loop runs
+  JAX lax.scan      the cell under `lax.scan`, `jax.jit` of value_and_grad plus the update
+
+The arithmetic floor of a step: the gates' matmul, 2·rows·(F+H)·4H flop per
+position forward and twice that backward (the inputs' and the weights'
+gradients), over 64·50 positions (uniform) or the batch's positions (ragged;
+the padded peers do 64·90). It is stated in GFLOP and in ms at the measured
+FMA peak (`structc.profile.fma_peak`, one core).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BATCH, LENGTH, F, H, CLASSES, LR = 64, 50, 64, 128, 10, 0.01
+RAGGED = (10, 90)
+CASES = ("uniform", "ragged")
+FRAMEWORKS = ("structc", "torch_lstm", "torch_loop", "jax_scan")
+NAMES = {"structc": "structc", "torch_lstm": "torch.nn.LSTM", "torch_loop": "torch cell loop",
+         "jax_scan": "JAX lax.scan"}
+
+SRC = f"""
+model LstmSeq {{
+  input  s: sequence of f32[{F}]
+  target y: class[s.sequences] of {CLASSES}
+  rec (h, c)(t) = init: (zeros({H}), zeros({H}))
+                  next: lstm_cell(t.x, h(t.prev), c(t.prev), {H})
+  loss cross_entropy(dense(h(s.last), {CLASSES}), y)
+}}
+"""
+
+
+def lengths_of(case: str) -> np.ndarray:
+    if case == "uniform":
+        return np.full(BATCH, LENGTH)
+    return np.random.default_rng(1).integers(RAGGED[0], RAGGED[1] + 1, BATCH)
+
+
+def batch(case: str):
+    """[positions, F] features (flat, sequence after sequence), lengths, labels."""
+    lengths = lengths_of(case)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(int(lengths.sum()), F)).astype(np.float32)
+    y = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+    return x, lengths, y
+
+
+def padded(x, lengths):
+    """[T, B, F] zero-padded to the longest sequence, time first."""
+    out = np.zeros((int(lengths.max()), len(lengths), F), np.float32)
+    at = 0
+    for b, n in enumerate(lengths):
+        out[:n, b] = x[at:at + n]
+        at += n
+    return out
+
+
+def flop(lengths, padded_to: int | None = None) -> float:
+    """The gates' matmuls of a training step: forward, and twice that backward."""
+    positions = len(lengths) * padded_to if padded_to else int(np.sum(lengths))
+    return 3 * 2 * positions * (F + H) * 4 * H
+
+
+def median_s(fn, repeat: int, warmup: int = 3) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+# -- the contenders ---------------------------------------------------------------
+
+def run_structc(case, threads, repeat):
+    import structc
+    from structc import api
+    from structc.seqdata import Sequences
+    structc.set_num_threads(threads)
+    t0 = time.perf_counter()
+    net = structc.compile(SRC, cache=False)
+    compile_s = time.perf_counter() - t0
+    x, lengths, y = batch(case)
+    seqs = Sequences.from_flat(x, np.concatenate([[0], np.cumsum(lengths)]))
+    before = api.COMPILE_COUNT
+    result = median_s(lambda: net.train_step(s=seqs, y=y, lr=LR), repeat)
+    other = Sequences.from_flat(x[:100], [0, 1, 37, 100])        # new lengths: no recompilation
+    net.train_step(s=other, y=y[:3], lr=LR)
+    assert api.COMPILE_COUNT == before
+    return {"median": result[0], "best": result[1], "compile": compile_s}
+
+
+def run_torch(case, threads, repeat, loop: bool):
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x, lengths, y = batch(case)
+    xp = torch.tensor(padded(x, lengths))
+    last = torch.tensor(lengths - 1, dtype=torch.long)
+    rows = torch.arange(BATCH)
+    target = torch.tensor(y, dtype=torch.long)
+    out = torch.nn.Linear(H, CLASSES)
+    if loop:
+        cell = torch.nn.LSTMCell(F, H)
+        params = [*cell.parameters(), *out.parameters()]
+
+        def states():
+            h = c = torch.zeros(BATCH, H)
+            hs = []
+            for t in range(xp.shape[0]):
+                h, c = cell(xp[t], (h, c))
+                hs.append(h)
+            return torch.stack(hs)
+    else:
+        lstm = torch.nn.LSTM(F, H)
+        params = [*lstm.parameters(), *out.parameters()]
+
+        def states():
+            return lstm(xp)[0]
+    opt = torch.optim.SGD(params, lr=LR)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(out(states()[last, rows]), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    result = median_s(step, repeat)
+    return {"median": result[0], "best": result[1], "onednn": bool(torch.backends.mkldnn.is_available())}
+
+
+def run_jax(case, threads, repeat):
+    os.environ["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+                               f"intra_op_parallelism_threads={threads}")
+    import jax
+    import jax.numpy as jnp
+    x, lengths, y = batch(case)
+    rng = np.random.default_rng(0)
+    p = {"W": rng.normal(size=(F + H, 4 * H)) * 0.05, "b": np.zeros(4 * H),
+         "U": rng.normal(size=(H, CLASSES)) * 0.1, "c": np.zeros(CLASSES)}
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+    xp, last, labels = jnp.asarray(padded(x, lengths)), jnp.asarray(lengths - 1), jnp.asarray(y)
+
+    def loss(p, xp, last, labels):
+        def cell(carry, xt):
+            h, c = carry
+            g = jnp.concatenate([xt, h], axis=1) @ p["W"] + p["b"]
+            i, f, u, o = jnp.split(g, 4, axis=1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(u)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+        zero = jnp.zeros((xp.shape[1], H), jnp.float32)
+        _, hs = jax.lax.scan(cell, (zero, zero), xp)
+        z = hs[last, jnp.arange(xp.shape[1])] @ p["U"] + p["c"]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], axis=1))
+
+    @jax.jit
+    def step(p, xp, last, labels):
+        value, grads = jax.value_and_grad(loss)(p, xp, last, labels)
+        return jax.tree.map(lambda a, g: a - LR * g, p, grads), value
+
+    state = {"p": p}
+    t0 = time.perf_counter()
+    step(p, xp, last, labels)[1].block_until_ready()
+    compile_s = time.perf_counter() - t0
+
+    def run():
+        state["p"], value = step(state["p"], xp, last, labels)
+        value.block_until_ready()
+    result = median_s(run, repeat)
+    return {"median": result[0], "best": result[1], "compile": compile_s}
+
+
+def worker(framework: str, case: str, threads: int, repeat: int) -> dict:
+    if framework == "structc":
+        return run_structc(case, threads, repeat)
+    if framework in ("torch_lstm", "torch_loop"):
+        return run_torch(case, threads, repeat, loop=framework == "torch_loop")
+    if framework == "jax_scan":
+        return run_jax(case, threads, repeat)
+    from structc.profile import fma_peak
+    return {"fma_peak": fma_peak(iters=20_000_000, tries=3)}
+
+
+# -- driver ---------------------------------------------------------------------------
+
+def run(framework: str, case: str, threads: int, repeat: int) -> dict | None:
+    env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--worker", framework, "--case", case, "--threads", str(threads),
+           "--repeat", str(repeat)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  {framework} ({case}, {threads} threads) failed: {last}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    ap.add_argument("--worker", choices=[*FRAMEWORKS, "peak"])
+    ap.add_argument("--case", default="uniform")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.case, args.threads[0], args.repeat)))
+        return 0
+    cases, frameworks = args.cases.split(","), args.frameworks.split(",")
+    load_before = os.getloadavg()
+    samples: dict = {}
+    peaks = []
+    for r in range(args.rounds):
+        peaks.append(run("peak", "uniform", 1, 1)["fma_peak"])
+        for case in cases:
+            for threads in args.threads:
+                for fw in frameworks:
+                    got = run(fw, case, threads, args.repeat)
+                    if got is not None:
+                        samples.setdefault((case, threads, fw), []).append(got)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    peak = statistics.median(peaks)
+    print(f"lstm_seq_train: batch {BATCH}, input {F}, LSTM {H}, dense {CLASSES}, one SGD step; "
+          f"uniform: length {LENGTH}; ragged: lengths {RAGGED[0]}..{RAGGED[1]} (seed 1, "
+          f"{int(lengths_of('ragged').sum())} positions, longest {int(lengths_of('ragged').max())})")
+    print(f"FMA peak, one core: {peak:.0f} GFLOP/s (median of {len(peaks)}); load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds of "
+          f"{args.repeat} steps, fresh process per framework, case and thread count\n")
+    print("Median over rounds of each round's median step (best step in brackets), ms.\n")
+    print("| case | threads | floor | " + " | ".join(NAMES[f] for f in frameworks) +
+          " | structc / " + " | structc / ".join(NAMES[f] for f in frameworks if f != "structc") + " |")
+    print("|---" * (3 + 2 * len(frameworks) - 1) + "|")
+    for case in cases:
+        lengths = lengths_of(case)
+        gflop = flop(lengths) / 1e9
+        for threads in args.threads:
+            med = {fw: statistics.median(s["median"] for s in samples[(case, threads, fw)])
+                   for fw in frameworks if (case, threads, fw) in samples}
+            best = {fw: min(s["best"] for s in samples[(case, threads, fw)]) for fw in med}
+            floor = f"{gflop:.2f} GFLOP, {1e3 * gflop / (peak * threads):.1f} ms"
+            cells = [f"{1e3 * med[f]:.2f} ({1e3 * best[f]:.2f})" if f in med else "–" for f in frameworks]
+            ratios = [f"{med['structc'] / med[f]:.2f}" if f in med and "structc" in med else "–"
+                      for f in frameworks if f != "structc"]
+            print(f"| {case} | {threads} | {floor} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    comp = [s["compile"] for k, v in samples.items() if k[2] == "structc" for s in v]
+    jcomp = [s["compile"] for k, v in samples.items() if k[2] == "jax_scan" for s in v]
+    if comp:
+        print(f"\nstructc cold compile (no cache): median {statistics.median(comp):.2f} s; "
+              + (f"JAX jit trace + compile: median {statistics.median(jcomp):.2f} s" if jcomp else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

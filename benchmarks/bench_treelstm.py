@@ -1,0 +1,216 @@
+"""Child-Sum Tree-LSTM (`treelstm_train`): one SGD step, structc vs PyTorch and JAX, level-batched.
+
+The issue's workload: the trees benchmark's forest (32 random binary trees x
+25 leaves, 1,568 nodes), embedding [1000, 64], hidden 128; a leaf's gates
+from its word, an inner node's from the sum of its children's h, a forget
+gate per child (Tai, Socher and Manning 2015):
+
+    i, o, u = split(W x + U sum_k h_k + b),  f_k = sigmoid(U_f h_k + b_f)
+    c = sigmoid(i) tanh(u) + sum_k f_k c_k,   h = sigmoid(o) tanh(c)
+
+root h -> dense 5 -> mean cross-entropy; one SGD step (forward, backward,
+update). Every contender runs one matmul of width 3H for i, o, u per level
+and one matmul over all children's rows for the forget gates.
+
+    python benchmarks/bench_treelstm.py [--threads 1 2] [--repeat 100]
+
+Each framework and thread count runs in a fresh process (`--only`), and the
+medians are printed side by side. JAX's level sizes are static shapes, so
+each new tree shape compiles again: that time is reported too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_trees import CLASSES, VOCAB, batch, median_ms  # noqa: E402  (the trees benchmark's forest)
+
+D, HID = 64, 128
+SRC = f"""
+model TreeLSTM {{
+  input  t: forest of word(vocab={VOCAB})
+  target y: class[t.trees] of {CLASSES}
+  param  E: embedding({VOCAB}, {D})
+  rec (h, c)(n) =
+    leaf: {{ s = lstm_state(dense(E[n.word], {3 * HID}, name="leaf"), 0);     # [h, c] from i, o, u
+            (chunk(s, 0, 2), chunk(s, 1, 2)) }}
+    node: {{ s = lstm_state(dense(sum(h(n.children)), {3 * HID}, name="iou"),
+                           sum(sigmoid(dense(h(k), {HID}, name="f")) * c(k) for k in n.children));
+            (chunk(s, 0, 2), chunk(s, 1, 2)) }}
+  loss cross_entropy(dense(h(t.root), {CLASSES}, name="out"), y)
+}}
+"""
+
+
+def bench_structc(repeat, threads):
+    import structc
+    from structc import api
+    from structc.forest import Forest
+    structc.set_num_threads(threads)
+    t0 = time.perf_counter()
+    net = structc.compile(SRC, cache=False)
+    compile_s = time.perf_counter() - t0
+    trees, labels = batch(0)
+    forest = Forest.from_tuples(trees)
+    step = median_ms(lambda: net.train_step(t=forest, y=labels, lr=0.01), repeat)
+    before = api.COMPILE_COUNT          # new shapes and batch sizes: no recompilation
+    for seed in range(1, 4):
+        tr, lb = batch(seed)
+        net.train_step(t=Forest.from_tuples(tr[: 8 * seed]), y=lb[: 8 * seed], lr=0.01)
+    assert api.COMPILE_COUNT == before
+    return {"step_ms": step, "compile_s": compile_s}
+
+
+def _schedule(trees):
+    from structc.forest import Forest
+    f = Forest.from_tuples(trees)
+    return f, [0] + f.level_end.tolist()
+
+
+def bench_torch(repeat, threads):
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    E = torch.nn.Parameter(torch.randn(VOCAB, D) * 0.1)
+    leaf, iou, forget = torch.nn.Linear(D, 3 * HID), torch.nn.Linear(HID, 3 * HID), torch.nn.Linear(HID, HID)
+    out = torch.nn.Linear(HID, CLASSES)
+    params = [E, *leaf.parameters(), *iou.parameters(), *forget.parameters(), *out.parameters()]
+    opt = torch.optim.SGD(params, lr=0.01)
+    trees, labels = batch(0)
+    f, ends = _schedule(trees)
+    ch = torch.tensor(f.children, dtype=torch.long)
+    words = torch.tensor(f.words, dtype=torch.long)
+    roots = torch.tensor(f.roots, dtype=torch.long)
+    y = torch.tensor(labels, dtype=torch.long)
+
+    def cell(g, c_kept):
+        i, o, u = g.chunk(3, dim=1)
+        c = torch.sigmoid(i) * torch.tanh(u) + c_kept
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def step():
+        h, c = cell(leaf(E[words]), 0.0)
+        hs, cs = [h], [c]
+        for lo, hi in zip(ends[1:-1], ends[2:]):
+            H, C = torch.cat(hs), torch.cat(cs)
+            kids = ch[lo:hi]                            # binary trees: every inner node has both children
+            hk = H[kids.reshape(-1)]                    # [2B, H]: one row per child
+            fk = torch.sigmoid(forget(hk)).view(-1, 2, HID)
+            kept = (fk * C[kids.reshape(-1)].view(-1, 2, HID)).sum(dim=1)
+            h, c = cell(iou(hk.view(-1, 2, HID).sum(dim=1)), kept)
+            hs.append(h)
+            cs.append(c)
+        loss = torch.nn.functional.cross_entropy(out(torch.cat(hs)[roots]), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return {"step_ms": median_ms(step, repeat)}
+
+
+def bench_jax(repeat, threads):
+    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+                                       f"intra_op_parallelism_threads={threads}")
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    shapes = {"E": (VOCAB, D), "Wl": (D, 3 * HID), "bl": (3 * HID,), "Wi": (HID, 3 * HID), "bi": (3 * HID,),
+              "Wf": (HID, HID), "bf": (HID,), "U": (HID, CLASSES), "c": (CLASSES,)}
+    p = {k: jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32) for k, s in shapes.items()}
+
+    def cell(g, kept):
+        i, o, u = jnp.split(g, 3, axis=1)
+        c = jax.nn.sigmoid(i) * jnp.tanh(u) + kept
+        return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+    def make_step(ends):
+        def loss(p, words, ch, roots, y):
+            h, c = cell(p["E"][words] @ p["Wl"] + p["bl"], 0.0)
+            H = jnp.zeros((ends[-1], HID), jnp.float32).at[: ends[1]].set(h)
+            C = jnp.zeros((ends[-1], HID), jnp.float32).at[: ends[1]].set(c)
+            for lo, hi in zip(ends[1:-1], ends[2:]):    # static bounds: one update in place per level
+                kids = ch[lo:hi].reshape(-1)
+                hk = H[kids]
+                fk = jax.nn.sigmoid(hk @ p["Wf"] + p["bf"]).reshape(-1, 2, HID)
+                kept = (fk * C[kids].reshape(-1, 2, HID)).sum(axis=1)
+                h, c = cell(hk.reshape(-1, 2, HID).sum(axis=1) @ p["Wi"] + p["bi"], kept)
+                H, C = H.at[lo:hi].set(h), C.at[lo:hi].set(c)
+            z = H[roots] @ p["U"] + p["c"]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
+
+        @jax.jit
+        def step(p, words, ch, roots, y):
+            value, grads = jax.value_and_grad(loss)(p, words, ch, roots, y)
+            return jax.tree.map(lambda a, g: a - 0.01 * g, p, grads), value
+        return step
+
+    def prepared(seed):
+        trees, labels = batch(seed)
+        f, ends = _schedule(trees)
+        args = tuple(jnp.asarray(a) for a in (f.words, f.children, f.roots, labels))
+        return make_step(tuple(ends)), args
+
+    step, args = prepared(0)
+    state = {"p": p}
+
+    def run():
+        state["p"], value = step(state["p"], *args)
+        value.block_until_ready()
+    run_ms = median_ms(run, repeat)
+    compiles = []
+    for seed in range(1, 4):     # new tree shapes: trace and compile again
+        new_step, new_args = prepared(seed)
+        t0 = time.perf_counter()
+        new_step(p, *new_args)[1].block_until_ready()
+        compiles.append(time.perf_counter() - t0)
+    return {"step_ms": run_ms, "compile_ms": 1e3 * float(np.median(compiles))}
+
+
+BENCHES = {"structc": bench_structc, "torch": bench_torch, "jax": bench_jax}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=100)
+    ap.add_argument("--only", choices=BENCHES, help="run one framework in this process (a JSON line out)")
+    args = ap.parse_args()
+    if args.only:
+        print(json.dumps(BENCHES[args.only](args.repeat, args.threads[0])))
+        return
+    print(f"treelstm_train: 32 binary trees x 25 leaves (1568 nodes), embedding [{VOCAB}, {D}], hidden {HID}; "
+          "median ms of one SGD step, a fresh process per framework and thread count")
+    print(f"load average {os.getloadavg()[0]:.1f} at the start")
+    for threads in args.threads:
+        got = {}
+        for name in BENCHES:
+            run = subprocess.run([sys.executable, __file__, "--only", name, "--threads", str(threads),
+                                  "--repeat", str(args.repeat)], capture_output=True, text=True)
+            if run.returncode:
+                print(f"  {name}: failed\n{run.stderr[-2000:]}")
+                continue
+            got[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        peers = [got[k]["step_ms"] for k in ("torch", "jax") if k in got]
+        mine = got.get("structc", {}).get("step_ms")
+        print(f"{threads} thread(s):")
+        for name, r in got.items():
+            extra = ""
+            if name == "structc":
+                extra = f"   (cold compile {r['compile_s']:.2f} s; new shapes: no recompilation)"
+            if name == "jax":
+                extra = f"   (each new tree shape compiles again: {r['compile_ms']:.0f} ms)"
+            print(f"  {name:8s} {r['step_ms']:8.3f} ms{extra}")
+        if mine is not None and peers:
+            print(f"  structc / fastest peer: {mine / min(peers):.2f}x")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""An LSTM's gate math in one pass over the gates: `lstm_gates` and its two gradients.
+
+    lstm_gates(g [R, 4H], c [R, H]) -> [R, 2H] = [h', c']
+        i, f, u, o = the four H-column blocks of g (torch.nn.LSTM's order)
+        c' = σ(f) c + σ(i) tanh(u),   h' = σ(o) tanh(c')
+
+Written with slices and elementwise ops, this is four slice kernels and a
+dozen elementwise ones per step, and its gradient assembles dg from four
+zero-padded concatenations; here it is one row kernel forward and two
+backward (the gradients recompute the gates from g, which the matmul wrote):
+
+    D   = Gc + Gh σ(o) (1 - tanh²(c'))            G = [Gh, Gc], the cotangent of [h', c']
+    dg  = [D tanh(u) σ'(i), D c σ'(f), D σ(i) (1 - tanh²(u)), Gh tanh(c') σ'(o)]
+    dc  = D σ(f)
+
+The gradients' own VJPs (second derivatives, for the registry's checks and
+higher-order use) are built from primitive ops and differentiated by their
+rules (`_composite_vjp`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import TensorType
+from .base import Op, Sample, expect
+
+
+def _units(g, c) -> int:
+    expect(g.rank == 2 and c.rank == 2 and g.dtype == "f32" and c.dtype == "f32",
+           f"lstm gates are float matrices [rows, 4H] and [rows, H], got {g} and {c}")
+    h = c.shape[1]
+    expect(isinstance(h, int) and g.shape[1] == 4 * h, f"gates {g} must have 4 x {h} columns for a state {c}")
+    expect(g.shape[0] == c.shape[0], f"gates {g} and state {c} have different rows")
+    return h
+
+
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _parts(g, c):
+    i, f, u, o = np.split(g, 4, axis=1)
+    si, sf, tu, so = _sig(i), _sig(f), np.tanh(u), _sig(o)
+    c2 = sf * c + si * tu
+    return si, sf, tu, so, c2, np.tanh(c2)
+
+
+def _grads(g, c, G):
+    si, sf, tu, so, c2, k = _parts(g, c)
+    h = c.shape[1]
+    gh, gc = G[:, :h], G[:, h:]
+    d = gc + gh * so * (1 - k * k)
+    dg = np.concatenate([d * tu * si * (1 - si), d * c * sf * (1 - sf), d * si * (1 - tu * tu),
+                         gh * k * so * (1 - so)], axis=1)
+    return dg, d * sf
+
+
+# -- building the same maths from primitive ops (for the gradients' VJPs) ---------------
+
+def _blocks(b, x, h: int, k: int):
+    return [b.slice(x, axis=1, start=j * h, stop=(j + 1) * h) for j in range(k)]
+
+
+def _composite_grads(b, g, c, G):
+    """(dg, dc) written with primitive ops."""
+    h = c.shape[1]
+    i, f, u, o = _blocks(b, g, h, 4)
+    gh, gc = _blocks(b, G, h, 2)
+    si, sf, tu, so = b.sigmoid(i), b.sigmoid(f), b.tanh(u), b.sigmoid(o)
+    k = b.tanh(sf * c + si * tu)
+    d = gc + gh * so * (1.0 - k * k)
+    dg = b.concat(d * tu * si * (1.0 - si), d * c * sf * (1.0 - sf), d * si * (1.0 - tu * tu),
+                  gh * k * so * (1.0 - so), axis=1)
+    return dg, d * sf
+
+
+def _composite_vjp(b, cot, which: int, g, c, G):
+    """The VJP of output `which` of `_composite_grads`: build it, then run
+    each new node's own VJP rule in reverse (a local reverse sweep)."""
+    graph = b.graph
+    first = max(graph.nodes) + 1
+    out = _composite_grads(b, g, c, G)[which]
+    parts = {out.id: [cot]}
+    for nid in sorted((n for n in graph.nodes if n >= first), reverse=True):
+        got = parts.pop(nid, None)
+        if got is None:
+            continue
+        total = got[0]
+        for extra in got[1:]:
+            total = total + extra
+        node = graph.nodes[nid]
+        grads = node.op.vjp(b, total, b.value(nid), *(b.value(i) for i in node.inputs), **node.attrs)
+        for i, gi in zip(node.inputs, grads):
+            if gi is not None:
+                parts.setdefault(i, []).append(gi)
+
+    def summed(v):
+        got = parts.get(v.id)
+        if not got:
+            return None
+        total = got[0]
+        for extra in got[1:]:
+            total = total + extra
+        return total
+    return [summed(g), summed(c), summed(G)]
+
+
+# -- lowering: one row kernel, H columns in vectors -------------------------------------
+
+def _lower_rows(kb, node, name: str, emit) -> None:
+    """emit(cg, load(k, block, j, mask), store(block, value, j, mask), j, mask) per vector of a row."""
+    from ..lower.treemap import _row_op
+    h = kb.graph.nodes[node.inputs[1]].shape[1]
+    rows = kb.graph.nodes[node.id].shape[0]
+    widths = [kb.graph.nodes[i].shape[1] for i in node.inputs] + [kb.graph.nodes[node.id].shape[1]]
+    vw = kb.vector_width
+    with kb.kernel(f"{name}{node.id}", tasks=lambda cg: cg.numel((rows,)), cost=40 * h) as (cg, lo, hi):
+        ptrs = [cg.ptr(i) for i in node.inputs] + [cg.ptr(node.id)]
+        with cg.loop(hi, start=lo, name="row") as r:
+            offs = [cg.imul(r, w) for w in widths]
+
+            def vector(j, mask):
+                def load(k, block):
+                    return cg.load(ptrs[k], cg.iadd(offs[k], cg.iadd(j, cg.i64(block * h))), n=vw, mask=mask)
+
+                def store(block, value):
+                    cg.store(value, ptrs[-1], cg.iadd(offs[-1], cg.iadd(j, cg.i64(block * h))), mask=mask)
+                emit(cg, load, store)
+            # a loop at run time past two vectors: unrolled, the gate math's code is long to compile
+            _row_op(cg, h if h <= 2 * vw else cg.i64(h), vw, vector)
+
+
+def _gates(cg, load):
+    si, sf = cg.sigmoid(load(0, 0)), cg.sigmoid(load(0, 1))
+    tu, so = cg.tanh(load(0, 2)), cg.sigmoid(load(0, 3))
+    c = load(1, 0)
+    c2 = cg.fma(sf, c, cg.mul(si, tu))
+    return si, sf, tu, so, c, c2, cg.tanh(c2)
+
+
+def _delta(cg, load, so, k):
+    """D = Gc + Gh σ(o) (1 - k²), and Gh."""
+    one = cg.const(1.0, k)
+    gh = load(2, 0)
+    return cg.add(load(2, 1), cg.mul(cg.mul(gh, so), cg.sub(one, cg.mul(k, k)))), gh
+
+
+def _samples():
+    # 3, 16, 19 columns: part of a vector, one, two (unrolled); 40: past two vectors (a loop at run time)
+    return [Sample(((5, 12), (5, 3))), Sample(((2, 64), (2, 16))), Sample(((3, 4 * 19), (3, 19))),
+            Sample(((2, 4 * 40), (2, 40)))]
+
+
+class LstmGates(Op):
+    """[h', c'] from an LSTM's gates g = [i, f, u, o] and state c (see the module docstring)."""
+    name = "lstm_gates"
+
+    def shape(self, g, c) -> TensorType:
+        h = _units(g, c)
+        return TensorType((g.shape[0], 2 * h), "f32")
+
+    def vjp(self, b, G, out, g, c):
+        return [b.lstm_gates_dg(g, c, G), b.lstm_gates_dc(g, c, G)]
+
+    def reference(self, g, c):
+        *_, so, c2, k = _parts(g, c)
+        return np.concatenate([so * k, c2], axis=1)
+
+    def samples(self):
+        return _samples()
+
+    def lower(self, kb, node, epilogue):
+        def emit(cg, load, store):
+            *_, so, _c, c2, k = _gates(cg, load)
+            store(0, cg.mul(so, k))
+            store(1, c2)
+        _lower_rows(kb, node, "lstmgates", emit)
+
+
+class _LstmGatesGrad(Op):
+    def shape(self, g, c, G) -> TensorType:
+        h = _units(g, c)
+        expect(G.shape == (g.shape[0], 2 * h), f"the cotangent {G} must be [rows, {2 * h}]")
+        return self.result(g, c)
+
+    def reference(self, g, c, G):
+        return _grads(g, c, G)[self.which]
+
+    def vjp(self, b, cot, out, g, c, G):
+        return _composite_vjp(b, cot, self.which, g, c, G)
+
+    def samples(self):
+        return [Sample((*s.inputs, (s.inputs[0][0], 2 * s.inputs[1][1]))) for s in _samples()]
+
+
+class LstmGatesDg(_LstmGatesGrad):
+    """dg, the gradient of lstm_gates with respect to its gates (see the module docstring)."""
+    name = "lstm_gates_dg"
+    which = 0
+
+    def result(self, g, c):
+        return g
+
+    def lower(self, kb, node, epilogue):
+        def emit(cg, load, store):
+            si, sf, tu, so, c, _c2, k = _gates(cg, load)
+            d, gh = _delta(cg, load, so, k)
+            one = cg.const(1.0, k)
+            store(0, cg.mul(cg.mul(d, tu), cg.mul(si, cg.sub(one, si))))
+            store(1, cg.mul(cg.mul(d, c), cg.mul(sf, cg.sub(one, sf))))
+            store(2, cg.mul(cg.mul(d, si), cg.sub(one, cg.mul(tu, tu))))
+            store(3, cg.mul(cg.mul(gh, k), cg.mul(so, cg.sub(one, so))))
+        _lower_rows(kb, node, "lstmdg", emit)
+
+
+class LstmGatesDc(_LstmGatesGrad):
+    """dc, the gradient of lstm_gates with respect to the state c: D σ(f)."""
+    name = "lstm_gates_dc"
+    which = 1
+
+    def result(self, g, c):
+        return c
+
+    def lower(self, kb, node, epilogue):
+        def emit(cg, load, store):
+            _si, sf, _tu, so, _c, _c2, k = _gates(cg, load)
+            store(0, cg.mul(_delta(cg, load, so, k)[0], sf))
+        _lower_rows(kb, node, "lstmdc", emit)

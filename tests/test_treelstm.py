@@ -1,0 +1,349 @@
+"""Gated recursion over trees: a word or vector at every node, several states
+per node, per-child terms, the Child-Sum Tree-LSTM against a per-node numpy
+reference, native code against the interpreter, no recompilation."""
+import numpy as np
+import pytest
+
+import structc
+from structc.errors import SnetTypeError
+from structc.forest import Forest
+from tests.test_trees import check_native, compiled, random_tree
+
+# inner nodes carry words: the node case reads its own (n.word), the embedding's
+# gradient gets the inner nodes' rows too
+INNER_WORDS = """
+model InnerWords {
+  input  t: forest(arity=3, inner=true) of word(vocab=7)
+  target y: class[t.trees] of 2
+  param  E: embedding(7, 5) = normal(0.5)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 5) + E[n.word] * 0.7)
+  loss cross_entropy(dense(h(t.root), 2), y)
+}
+"""
+
+INNER_FEATURES = """
+model InnerFeatures {
+  input  t: forest(arity=2, inner=true) of f32[4]
+  target s: class[t.nodes] of 3
+  rec h(n) = leaf: dense(n.x, 6, name="in") |> tanh
+             node: tanh(dense(sum(h(n.children)), 6, name="rec") + dense(n.x, 6, name="own") * sigmoid(n.x |> dense(6, name="gate")))
+  loss cross_entropy(dense(h(t.nodes), 3), s)
+}
+"""
+
+
+def inner_forest(rng, trees, vocab=7, arity=3, features=None):
+    """Random trees (mixed arity) with a payload at every node, via from_arrays."""
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 9)), vocab, arity) for _ in range(trees)])
+    n = f.nodes
+    if features:
+        return Forest.from_arrays(f.children, features=rng.normal(size=(n, features)), inner=True)
+    return Forest.from_arrays(f.children, words=rng.integers(0, vocab, n), inner=True)
+
+
+def test_inner_words_reach_the_node_case_and_the_embedding_gradient():
+    rng = np.random.default_rng(0)
+    net, mdef = compiled(INNER_WORDS)
+    f = inner_forest(rng, 6)
+    check_native(net, mdef, f, {"y": rng.integers(0, 2, f.trees).astype(np.int32)})
+    # an inner node's word changes the result: it is read, not ignored
+    words = np.array(f.node_words)
+    inner = np.arange(f.leaves, f.nodes)
+    words[inner] = (words[inner] + 1) % 7
+    g = Forest.from_arrays(f.children, words=words, inner=True)
+    assert not np.allclose(net(t=f), net(t=g))
+
+
+def test_inner_words_by_hand():
+    """One tree (a (b c)), every node a word: the state computed by hand in numpy."""
+    net, _ = compiled(INNER_WORDS)
+    f = Forest.from_arrays(np.array([[-1, -1, -1], [-1, -1, -1], [0, 1, -1]]), words=[3, 4, 5], inner=True)
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    E = p["E"]
+    h = np.tanh(np.concatenate([E[3], E[4], np.zeros(5)]) @ p["dense1.w"] + p["dense1.b"] + 0.7 * E[5])
+    probs = np.exp(h @ p["dense2.w"] + p["dense2.b"])
+    np.testing.assert_allclose(net(t=f)[0], probs / probs.sum(), rtol=1e-5)
+
+
+def test_inner_features_and_concat():
+    rng = np.random.default_rng(1)
+    net, mdef = compiled(INNER_FEATURES)
+    parts = [inner_forest(rng, k, arity=2, features=4) for k in (3, 1, 4)]
+    f = Forest.concat(parts)
+    assert f.node_features.shape == (f.nodes, 4)
+    check_native(net, mdef, f, {"s": rng.integers(0, 3, f.nodes).astype(np.int32)})
+    # the union's rows are the parts' rows, moved with their nodes
+    at = 0
+    for p in parts:
+        np.testing.assert_array_equal(f.node_features[f.index[at:at + p.nodes]], p.node_features)
+        at += p.nodes
+
+
+def test_inner_payload_is_required_and_checked():
+    net, _ = compiled(INNER_WORDS)
+    with pytest.raises(ValueError, match="inner=True"):
+        net(t=Forest.from_tuples([(1, (2, 3))]))
+    with pytest.raises(ValueError, match="node 2 has word id -1"):
+        Forest.from_arrays([[-1, -1], [-1, -1], [0, 1]], words=[0, 1, -1], inner=True)
+    with pytest.raises(ValueError, match="out of range"):
+        net(t=Forest.from_arrays([[-1, -1], [-1, -1], [0, 1]], words=[0, 1, 7], inner=True))
+
+
+def test_inner_word_needs_the_declaration():
+    src = INNER_WORDS.replace(", inner=true", "")
+    with pytest.raises(SnetTypeError, match="inner=true"):
+        structc.compile(src)
+
+
+# -- the Child-Sum Tree-LSTM (Tai, Socher and Manning 2015) -----------------------
+
+CHILD_SUM = """
+model ChildSum {
+  input  t: forest(arity=3) of word(vocab=12)
+  target y: class[t.trees] of 3
+  param  E: embedding(12, 6) = normal(0.5)
+  rec (h, c)(n) =
+    leaf: { iou = dense(E[n.word], 3 * 8, name="leaf");
+            c0 = sigmoid(chunk(iou, 0, 3)) * tanh(chunk(iou, 2, 3));
+            (sigmoid(chunk(iou, 1, 3)) * tanh(c0), c0) }
+    node: { iou = dense(sum(h(n.children)), 3 * 8, name="iou");
+            c1 = sigmoid(chunk(iou, 0, 3)) * tanh(chunk(iou, 2, 3))
+                 + sum(sigmoid(dense(h(k), 8, name="f")) * c(k) for k in n.children);
+            (sigmoid(chunk(iou, 1, 3)) * tanh(c1), c1) }
+  output states = concat(h(t.nodes), c(t.nodes), axis=1)
+  loss cross_entropy(dense(h(t.root), 3, name="out"), y)
+}
+"""
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def child_sum_reference(p, f, y):
+    """Node by node in float64: every node's (h, c) and the mean cross-entropy."""
+    d = p["f.w"].shape[0]
+    H, C = np.zeros((f.nodes, d)), np.zeros((f.nodes, d))
+
+    def gates(iou):
+        i, o, u = iou[:d], iou[d:2 * d], iou[2 * d:]
+        return sigmoid(i) * np.tanh(u), sigmoid(o)
+
+    for v in range(f.nodes):
+        kids = [k for k in f.children[v] if k >= 0]
+        if v < f.leaves:
+            c, o = gates(p["E"][f.words[v]] @ p["leaf.w"] + p["leaf.b"])
+        else:
+            c, o = gates(H[kids].sum(axis=0) @ p["iou.w"] + p["iou.b"])
+            c = c + sum(sigmoid(H[k] @ p["f.w"] + p["f.b"]) * C[k] for k in kids)
+        H[v], C[v] = o * np.tanh(c), c
+    logits = H[f.roots] @ p["out.w"] + p["out.b"]
+    logits = logits - logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return H, C, -logp[np.arange(len(y)), y].mean()
+
+
+# the same model with the gate math fused: lstm_state(iou, kept) = [h, c]
+CHILD_SUM_FUSED = CHILD_SUM.replace("ChildSum", "ChildSumFused").replace(
+    """    leaf: { iou = dense(E[n.word], 3 * 8, name="leaf");
+            c0 = sigmoid(chunk(iou, 0, 3)) * tanh(chunk(iou, 2, 3));
+            (sigmoid(chunk(iou, 1, 3)) * tanh(c0), c0) }
+    node: { iou = dense(sum(h(n.children)), 3 * 8, name="iou");
+            c1 = sigmoid(chunk(iou, 0, 3)) * tanh(chunk(iou, 2, 3))
+                 + sum(sigmoid(dense(h(k), 8, name="f")) * c(k) for k in n.children);
+            (sigmoid(chunk(iou, 1, 3)) * tanh(c1), c1) }""",
+    """    leaf: { s = lstm_state(dense(E[n.word], 3 * 8, name="leaf"), 0); (chunk(s, 0, 2), chunk(s, 1, 2)) }
+    node: { s = lstm_state(dense(sum(h(n.children)), 3 * 8, name="iou"),
+                           sum(sigmoid(dense(h(k), 8, name="f")) * c(k) for k in n.children));
+            (chunk(s, 0, 2), chunk(s, 1, 2)) }""")
+assert CHILD_SUM_FUSED.count("lstm_state") == 2
+
+
+@pytest.fixture(scope="module", params=["ops", "fused"])
+def child_sum(request):
+    return compiled(CHILD_SUM if request.param == "ops" else CHILD_SUM_FUSED)
+
+
+FORESTS = {
+    "mixed": lambda rng: Forest.from_tuples([random_tree(rng, int(rng.integers(1, 12)), 12, 3) for _ in range(7)]),
+    "one_node": lambda rng: Forest.from_tuples([5]),
+    "batch_of_one": lambda rng: Forest.from_tuples([random_tree(rng, 9, 12, 3)]),
+    "unary_chain": lambda rng: Forest.from_tuples([(((3,),),), (1, 2, 3)]),
+}
+
+
+@pytest.mark.parametrize("kind", FORESTS)
+def test_child_sum_against_numpy(child_sum, kind):
+    """States, loss and every parameter's gradient (float64 central differences
+    of the numpy reference along random directions) on forests of mixed arity."""
+    net, mdef = child_sum
+    rng = np.random.default_rng(len(kind))
+    f = FORESTS[kind](rng)
+    y = rng.integers(0, 3, f.trees).astype(np.int32)
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    H, C, want = child_sum_reference(p, f, y)
+    states = net.forward(t=f)["states"]
+    np.testing.assert_allclose(states, np.concatenate([H, C], axis=1), rtol=1e-4, atol=1e-5)
+    loss, grads = net.grad(t=f, y=y)
+    assert loss == pytest.approx(want, rel=1e-5)
+    for name, g in grads.items():
+        for _ in range(2):
+            v = rng.normal(size=g.shape)
+            eps = 1e-5
+            up = child_sum_reference({**p, name: p[name] + eps * v}, f, y)[2]
+            down = child_sum_reference({**p, name: p[name] - eps * v}, f, y)[2]
+            fd = (up - down) / (2 * eps)
+            assert np.sum(g * v) == pytest.approx(fd, rel=2e-3, abs=1e-6), name
+
+
+def test_child_sum_native_equals_interpreter(child_sum):
+    net, mdef = child_sum
+    rng = np.random.default_rng(3)
+    f = FORESTS["mixed"](rng)
+    check_native(net, mdef, f, {"y": rng.integers(0, 3, f.trees).astype(np.int32)})
+
+
+def test_a_missing_child_contributes_nothing():
+    """sigmoid(.) of a missing child's zero state is 0.5, not 0: the mask drops it."""
+    src = """
+model Count {
+  input  t: forest(arity=3) of word(vocab=4)
+  target y: class[t.trees] of 2
+  param  E: embedding(4, 3) = normal(0.5)
+  rec h(n) = leaf: E[n.word]
+             node: sum(sigmoid(dense(h(k), 3, name="g")) for k in n.children)
+  output s = h(t.root)
+  loss cross_entropy(dense(h(t.root), 2), y)
+}
+"""
+    net, mdef = compiled(src)
+    f = Forest.from_tuples([(1,), (1, 2), (1, 2, 3)])
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    want = [sum(sigmoid(p["E"][w] @ p["g.w"] + p["g.b"]) for w in kids) for kids in ([1], [1, 2], [1, 2, 3])]
+    np.testing.assert_allclose(net(t=f), np.array(want), rtol=1e-5)
+    check_native(net, mdef, f, {"y": np.array([0, 1, 0], np.int32)})
+
+
+@pytest.mark.slow
+def test_no_recompilation_across_forest_shapes():
+    from structc import api
+    before = api.COMPILE_COUNT
+    net = structc.compile(CHILD_SUM.replace("ChildSum", "ChildSumOnce"), cache=False)
+    assert api.COMPILE_COUNT == before + 1
+    rng = np.random.default_rng(7)
+    for trees, leaves in [(1, 1), (4, 30), (32, 25), (3, 2)]:
+        f = Forest.from_tuples([random_tree(rng, leaves, 12, 3) for _ in range(trees)])
+        y = rng.integers(0, 3, trees).astype(np.int32)
+        assert np.isfinite(net.train_step(t=f, y=y, lr=0.1))
+        assert net.forward(t=f)["states"].shape == (f.nodes, 16)
+    assert api.COMPILE_COUNT == before + 1
+
+
+# -- errors, at the place they happen -----------------------------------------------
+
+def error_of(src):
+    with pytest.raises(structc.SnetError) as e:
+        structc.compile(src)
+    return e.value
+
+
+@pytest.mark.parametrize("case, message, where", [
+    # a leaf reads the state it defines
+    ("leaf: (E[n.word], h(n) * 2) node: (h(n.left), c(n.left))", "h is used before it is defined", "h(n)"),
+    # a tuple of three values for two states
+    ("leaf: (E[n.word], E[n.word], E[n.word]) node: (h(n.left), c(n.left))", "gives 3 values for 2 states",
+     "(E[n.word], E[n.word], E[n.word])"),
+    # one value for two states
+    ("leaf: (E[n.word], E[n.word]) node: h(n.left)", "gives 1 value for 2 states", "h(n.left)"),
+    # the node case's second state has another width than the leaf case's
+    ("leaf: (E[n.word], E[n.word]) node: (h(n.left), dense(c(n.left), 2))", "gives c of shape [2]",
+     "dense(c(n.left), 2)"),
+    # a per-child term outside sum, and over something else than the children
+    ("leaf: (E[n.word], E[n.word]) node: (h(n.left), mean(c(k) for k in n.children))", "summed",
+     "mean(c(k) for k in n.children)"),
+    ("leaf: (E[n.word], E[n.word]) node: (h(n.left), sum(c(k) for k in n.left))", "runs over the node's children",
+     "n.left"),
+])
+def test_errors_have_spans(case, message, where):
+    src = f"""model Bad {{
+  input  t: forest of word(vocab=5)
+  target y: class[t.trees] of 2
+  param  E: embedding(5, 4)
+  rec (h, c)(n) = {case}
+  loss cross_entropy(dense(h(t.root), 2), y)
+}}"""
+    err = error_of(src)
+    assert message in str(err), str(err)
+    line = src.splitlines()[err.span.line - 1]
+    assert line[err.span.col - 1:err.span.end_col - 1] == where, (line, err.span)
+
+
+def test_a_state_used_before_its_recursion_is_an_error_with_a_span():
+    src = """model Early {
+  input  t: forest of word(vocab=5)
+  target y: class[t.trees] of 2
+  param  E: embedding(5, 4)
+  z = c(t.root)
+  rec (h, c)(n) = leaf: (E[n.word], E[n.word]) node: (h(n.left), c(n.right))
+  loss cross_entropy(dense(h(t.root) + z, 2), y)
+}"""
+    err = error_of(src)
+    assert err.span.line == 5 and "c" in str(err), str(err)
+
+
+# -- the example: fewer epochs than the tree-RNN ---------------------------------------
+
+def epoch_accuracies(example: str, epochs: int, tmp_path, capsys) -> list[float]:
+    from pathlib import Path
+
+    from structc.cli import main
+    path = Path(__file__).parent.parent / "examples" / example
+    assert main(["train", str(path), "--data", "logic", "--optimizer", "adam", "--lr", "0.003",
+                 "--epochs", str(epochs), "--no-progress", "--out", str(tmp_path / "p.npz")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
+    return [float(ln.split("accuracy")[1].split("%")[0]) for ln in lines]
+
+
+@pytest.mark.slow
+def test_tree_lstm_example_needs_fewer_epochs_than_the_tree_rnn(tmp_path, capsys):
+    """The README: the Tree-LSTM reaches 100% held out in two epochs, the tree-RNN
+    at the same settings in three (and is behind after each epoch before)."""
+    rnn = epoch_accuracies("logic_tree.snet", 3, tmp_path, capsys)
+    lstm = epoch_accuracies("logic_treelstm.snet", 2, tmp_path, capsys)
+    assert lstm[1] == 100.0 and rnn[2] == 100.0, (lstm, rnn)
+    assert rnn[1] < 100.0 and lstm[0] > rnn[0], (lstm, rnn)
+
+
+def test_per_child_term_sees_the_nodes_own_values():
+    """f_k = sigmoid(W_f x + U_f h_k + b_f) with x the node's own word (inner=true):
+    the node's value is repeated for each of its children (tree_repeat)."""
+    src = """
+model Gated {
+  input  t: forest(arity=3, inner=true) of word(vocab=9)
+  target y: class[t.trees] of 2
+  param  E: embedding(9, 4) = normal(0.5)
+  rec (h, c)(n) =
+    leaf: (tanh(E[n.word]), E[n.word])
+    node: { fx = dense(E[n.word], 4, name="fx");
+            c1 = sum(sigmoid(dense(h(k), 4, name="f") + fx) * c(k) for k in n.children);
+            (tanh(c1), c1) }
+  output states = concat(h(t.nodes), c(t.nodes), axis=1)
+  loss cross_entropy(dense(h(t.root), 2, name="out"), y)
+}
+"""
+    net, mdef = compiled(src)
+    rng = np.random.default_rng(11)
+    f = inner_forest(rng, 5, vocab=9)
+    check_native(net, mdef, f, {"y": rng.integers(0, 2, f.trees).astype(np.int32)})
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    H, C = np.zeros((f.nodes, 4)), np.zeros((f.nodes, 4))
+    for v in range(f.nodes):
+        x = p["E"][f.node_words[v]]
+        if v < f.leaves:
+            H[v], C[v] = np.tanh(x), x
+            continue
+        fx = x @ p["fx.w"] + p["fx.b"]
+        C[v] = sum(sigmoid(H[k] @ p["f.w"] + p["f.b"] + fx) * C[k] for k in f.children[v] if k >= 0)
+        H[v] = np.tanh(C[v])
+    np.testing.assert_allclose(net.forward(t=f)["states"], np.concatenate([H, C], axis=1), rtol=1e-4, atol=1e-5)
