@@ -143,6 +143,14 @@ def _split_trees(data, fraction, seed):
     return train, check
 
 
+def _split_sequences(data, fraction, seed):
+    keep, val = _parts(data.y_train, fraction, seed, "sequences")
+    train, check = copy.copy(data), copy.copy(data)
+    train.train, train.y_train = data._subset(data.train, keep), data.y_train[keep]
+    check.test, check.y_test = data._subset(data.train, val), data.y_train[val]
+    return train, check
+
+
 def _split_graphs(data, fraction, seed):
     from .graphs import batch
     keep, val = _parts(data.labels[data.train], fraction, seed, "graphs")
@@ -164,10 +172,11 @@ def _split_nodes(data, fraction, seed):
     return train, check
 
 
-# (attributes that tell the kind of data set, how to split it): ArrayDataset, TreeDataset,
-# GraphDataset, NodeDataset
-_SPLITTERS = [(("x_train", "y_train"), _split_arrays), (("train", "test", "vocab"), _split_trees),
-              (("graphs", "labels", "train"), _split_graphs), (("train_mask", "labels"), _split_nodes)]
+# (attributes that tell the kind of data set, how to split it): ArrayDataset, SequenceDataset,
+# TreeDataset, GraphDataset, NodeDataset
+_SPLITTERS = [(("x_train", "y_train"), _split_arrays), (("train", "y_train", "_subset"), _split_sequences),
+              (("train", "test", "vocab"), _split_trees), (("graphs", "labels", "train"), _split_graphs),
+              (("train_mask", "labels"), _split_nodes)]
 
 
 class EarlyStopping:

@@ -23,13 +23,16 @@ def members(data, kind: str) -> list:
         return [id(f) for f in data.train], [id(f) for f in data.test]
     if kind == "graphs":
         return list(data.train), list(data.test)
+    if kind == "sequences":
+        return [data.train[i].tobytes() for i in range(data.train.count)], \
+               [data.test[i].tobytes() for i in range(data.test.count)]
     return list(np.flatnonzero(data.train_mask)), list(np.flatnonzero(data.test_mask))
 
 
 @pytest.mark.parametrize("path, kind", [("table.csv", "table"), ("treebank.txt", "trees"), ("tu_tiny", "graphs"),
-                                        ("nodes_tiny", "nodes")])
+                                        ("nodes_tiny", "nodes"), ("digits_rows", "sequences")])
 def test_the_validation_part_is_seeded_disjoint_and_taken_from_training_only(path, kind):
-    data = readers.read(DATA / path)
+    data = structc.datasets.load(path) if kind == "sequences" else readers.read(DATA / path)
     before, held_out = members(data, kind)
     fit, check = validation_split(data, 0.25, seed=3)
     trained, _ = members(fit, kind)
