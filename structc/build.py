@@ -51,6 +51,7 @@ class ParamSpec:
     init: tuple               # (initialiser name, args)
     span: Span | None = None
     frozen: bool = False      # `param ... frozen` or a layer's `frozen=true`: training leaves it alone
+    buffer: bool = False      # state the training entry writes (batch norm's running statistics): never trained
 
 
 @dataclass
@@ -294,7 +295,7 @@ class ModelBuilder:
             raise SnetNameError(str(err), span, notes=(f"initialisers: {', '.join(sorted(INITIALIZERS))}",)) from None
 
     def add_param(self, name: str, t: TensorType, init, span: Span, name_span: Span | None = None,
-                  frozen: bool = False) -> int:
+                  frozen: bool = False, buffer: bool = False) -> int:
         if name in self.params:
             raise SnetNameError(f"parameter '{name}' is defined twice (first at line {self.params[name].span.line})",
                                 name_span or span)
@@ -314,7 +315,7 @@ class ModelBuilder:
         nid = self.graph.add(REGISTRY["param"], (), {"name": name, "type": t, "init": init}, span, type=t)
         self.param_count = total
         self.graph.params[name] = nid
-        self.params[name] = ParamSpec(name, t, init, span, frozen)
+        self.params[name] = ParamSpec(name, t, init, span, frozen or buffer, buffer)
         return nid
 
     # -- expressions -------------------------------------------------------

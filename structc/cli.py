@@ -113,7 +113,8 @@ def cmd_check(args) -> int:
     for name in names:
         mdef = build_model(program, name)
         if mdef.has_loss:
-            warn_gradient_flow(gradient_warnings(mdef.graph))   # parameters training cannot change
+            meant = frozenset(n for n, p in mdef.params.items() if p.frozen)   # frozen, buffers: as compile does
+            warn_gradient_flow(gradient_warnings(mdef.graph, frozen=meant))   # parameters training cannot change
         n = sum(p.type.size().coef for p in mdef.params.values())
         seqs = [f"{q['name']}: sequence of " + (f"word(vocab={q['vocab']})" if q["vocab"] else f"f32[{q['features']}]")
                 for q in mdef.sequences]

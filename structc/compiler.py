@@ -27,6 +27,7 @@ from .errors import Span
 from .graph import Builder, Graph
 from .lower.module import Target, lower_entry
 from .native import compile_object, host_target
+from .ops.norm import batch_counts
 from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
 from .passes.message import PREPARE, prepare
@@ -217,7 +218,9 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "params": [{"name": p.name, "shape": list(p.type.shape), "offset": offsets[p.name],
                     "init": [p.init[0], list(p.init[1])]} for p in mdef.params.values()],
         "param_size": param_size,
-        "frozen": sorted(frozen),
+        "frozen": sorted(n for n in frozen if not mdef.params[n].buffer),
+        "buffers": sorted(n for n, p in mdef.params.items() if p.buffer),   # written by the training entry
+        "batch_counts": batch_counts(forward),      # `Net` refuses to train with one value per channel
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "entries": entries,

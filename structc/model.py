@@ -135,6 +135,18 @@ class _Entry:
         self.workspace_sizes: dict[tuple, int] = {}
 
 
+def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
+    """Batch normalisation's unbiased running variance divides by n - 1: refuse
+    a training call with one value per channel (PyTorch refuses it too)."""
+    for item in counts:
+        n = 1
+        for d in item["count"]:
+            n *= d if isinstance(d, int) else dims[d]
+        if n < 2:
+            raise ValueError(f"{item['buffer']}: batch normalisation in training needs more than one value per "
+                             f"channel, got {n} (a batch of one); train on larger batches")
+
+
 class Net:
     """A compiled model. Build one with `structc.compile` or `structc.load`."""
 
@@ -170,6 +182,7 @@ class Net:
         self._forests = ForestBinder.from_meta(meta)
         self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
                          if b is not None]
+        self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
@@ -304,6 +317,8 @@ class Net:
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
         arrays, dims = self._bind(entry, given)
+        if kind == "train" and self._batch_counts:
+            _check_batch_counts(self._batch_counts, dims)
         if dims_out is not None:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
@@ -342,7 +357,8 @@ class Net:
         return next(iter(outs.values())) if len(outs) == 1 else outs
 
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
-        """The loss and a copy of every parameter's gradient, in one native call."""
+        """The loss and a copy of every parameter's gradient, in one native call.
+        Like every training call, it updates batch norm's running statistics."""
         outs, grads = self._run("train", inputs, MODES["none"],
                                 after=lambda: {name: g.copy() for name, g in self.grads.items()})
         return float(outs["loss"]), grads

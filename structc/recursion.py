@@ -587,7 +587,10 @@ def _body_builder_class():
                 self._repeated[v.id] = Builder(self.graph, v.node.span).tree_repeat(v, arity=self.decl.arity)
             return self._repeated[v.id]
 
-        def add_param(self, name, t, init, span, name_span=None) -> int:
+        def add_param(self, name, t, init, span, name_span=None, buffer=False) -> int:
+            if buffer:      # a body has no training/inference switch, and each level would be a batch
+                raise SnetTypeError(f"a node case cannot keep running statistics ('{name}', as batch_norm "
+                                    f"does): each tree level would be a batch of its own; use layer_norm", span)
             self.parent.add_param(name, t, init, span, name_span)
             return self.body_param(name)
 

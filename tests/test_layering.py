@@ -152,7 +152,7 @@ def test_the_language_functions_are_the_layers():
     from structc.ops import REGISTRY
     assert {"dense", "conv2d", "conv", "conv1d", "maxpool2d", "avgpool2d", "global_avg_pool", "mean", "mse",
             "binary_cross_entropy", "masked_cross_entropy", "onehot", "flatten", "reshape",
-            "greater", "greater_equal", "log_softmax", "clip",
+            "greater", "greater_equal", "log_softmax", "clip", "layer_norm", "batch_norm",
             "lstm_cell", "gru_cell", "zeros", "chunk", "gat"} == set(SURFACE)
     for name, fn in SURFACE.items():
         assert fn.__module__.startswith("structc.layers."), name

@@ -310,6 +310,8 @@ CLAIMS = [
     Claim(r"reaches about (96)% held-out accuracy", "structc train examples/digits_mlp.snet --data digits"),
     Claim(r"about (97\.5)% held-out\s+accuracy on the digits",
           "structc train examples/digits_cnn.snet --data digits"),
+    Claim(r"reaches about (97)%\s+held out with `structc train examples/lenet5_bn.snet",
+          "structc train examples/lenet5_bn.snet --data digits"),
     Claim(r"perceptron.snet --data digits` reaches about (93)% held out",
           "structc train examples/perceptron.snet --data digits"),
     Claim(r"\((100)% held out; chance 50%\)",

@@ -106,6 +106,11 @@ class Context:
     def param(self, name: str, type: TensorType, init) -> Value:
         return self.b.value(self.mb.add_param(name, type, init, self.span))
 
+    def buffer(self, name: str, type: TensorType, init) -> Value:
+        """A parameter no gradient or update touches, written by an effect of the
+        training entry (running statistics); saved and loaded with the others."""
+        return self.b.value(self.mb.add_param(name, type, init, self.span, buffer=True))
+
     def predicts(self, value: Value, name: str) -> None:
         """Record the prediction a loss implies (the default forward output)."""
         self.mb.implied_outputs.setdefault(name, value.id)

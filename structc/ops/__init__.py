@@ -5,3 +5,4 @@ from . import message, attention, node_loss  # noqa: F401,E402
 from . import embedding, tree  # noqa: F401,E402
 from . import conv, pool  # noqa: F401,E402
 from . import recurrent  # noqa: F401,E402
+from . import norm  # noqa: F401,E402
