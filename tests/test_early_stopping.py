@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import structc
-from structc import readers
+from structc import datasets, readers
 from structc.cli import main
 from structc.runlog import read_metrics
 from structc.train import TrainConfig, train, validation_split
@@ -32,7 +32,7 @@ def members(data, kind: str) -> list:
 @pytest.mark.parametrize("path, kind", [("table.csv", "table"), ("treebank.txt", "trees"), ("tu_tiny", "graphs"),
                                         ("nodes_tiny", "nodes"), ("digits_rows", "sequences")])
 def test_the_validation_part_is_seeded_disjoint_and_taken_from_training_only(path, kind):
-    data = structc.datasets.load(path) if kind == "sequences" else readers.read(DATA / path)
+    data = datasets.load(path) if kind == "sequences" else readers.read(DATA / path)
     before, held_out = members(data, kind)
     fit, check = validation_split(data, 0.25, seed=3)
     trained, _ = members(fit, kind)
@@ -71,7 +71,7 @@ def noise(tmp_path_factory):
 def validation_metrics(model: Path, data: Path, params: Path, fraction: float) -> dict:
     net = structc.compile(model)
     net.load_params(str(params))
-    bound = structc.datasets.load(str(data)).bind(net)
+    bound = datasets.load(str(data)).bind(net)
     return validation_split(bound, fraction, seed=0)[1].evaluate(net)
 
 
@@ -102,7 +102,7 @@ def test_a_run_stops_early_and_saves_the_best_epoch(noise, capsys):
 
 def test_the_python_loop_monitors_validation_accuracy(noise):
     net = structc.compile(noise / "noise.snet")
-    data = structc.datasets.load(str(noise / "noise.npz")).bind(net)
+    data = datasets.load(str(noise / "noise.npz")).bind(net)
     lines = []
     history = train(net, data, TrainConfig(epochs=30, lr=0.5, progress=False, val_split=0.2, early_stop=3,
                                            monitor="val_acc"), log=lines.append)
@@ -130,7 +130,31 @@ def test_monitoring_accuracy_without_classes_is_refused():
     net = structc.compile("model R { input x: f32[N, 2]  target t: f32[N, 1]\n loss mse(dense(x, 1), t) }")
     rng = np.random.default_rng(0)
     x, t = rng.normal(size=(40, 2)), rng.normal(size=(40, 1))
-    data = structc.datasets.ArrayDataset("r", x, t, x[:8], t[:8]).bind(net)
+    data = datasets.ArrayDataset("r", x, t, x[:8], t[:8]).bind(net)
     with pytest.raises(ValueError, match="cannot monitor val_acc: model R reports no val_accuracy"):
         train(net, data, TrainConfig(epochs=3, progress=False, val_split=0.2, early_stop=1, monitor="val_acc"),
               log=lambda line: None)
+
+
+def test_measuring_does_not_change_batch_norms_running_statistics():
+    """Held-out and validation losses come from training calls, which update the running
+    statistics: the loop puts them back, so they are fitted to the training batches only."""
+    net = structc.compile("model B { input x: f32[N, 4]  target y: class[N] of 2\n"
+                          " h = relu(batch_norm(dense(x, 8)))\n loss cross_entropy(dense(h, 2), y) }")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    data = datasets.ArrayDataset("t", x[:80], y[:80], x[80:] + 3, y[80:]).bind(net)   # shifted held out
+    start = {k: np.array(v) for k, v in net.params.items()}
+    train(net, data, TrainConfig(epochs=2, batch=16, progress=False, val_split=0.25), log=lambda line: None)
+    trained = {k: np.array(net.params[k]) for k in ("bn1.mean", "bn1.var")}
+    for k, v in start.items():                        # the same run with no measuring at all
+        net.params[k] = v
+    fit, _ = validation_split(data, 0.25, seed=0)
+    net.set_optimizer("sgd")
+    shuffle = np.random.default_rng(0)
+    for _ in range(2):
+        for feed in fit.batches(16, shuffle):
+            net.train_step(lr=0.1, **feed)
+    for k, v in trained.items():
+        np.testing.assert_array_equal(net.params[k], v)
