@@ -4,7 +4,10 @@
     sd = structc.torch.state_dict(net)        # {"dense1.weight": tensor, ...}
 
 Names: without a mapping, structc's `L.w` / `L.b` are PyTorch's `L.weight`
-/ `L.bias` (other names are the same in both). A mapping gives structc name
+/ `L.bias`, a norm's `L.g` its `L.weight`, batch norm's running statistics
+`L.mean` / `L.var` its `L.running_mean` / `L.running_var` (its
+`num_batches_tracked` is not needed: structc's momentum is fixed; exported as 0);
+other names are the same in both. A mapping gives structc name
 -> PyTorch name, for a parameter (`"dense1.w": "0.weight"`) or for a whole
 layer (`"dense1": "0"`: its `.w` and `.b`). Every parameter of the model
 must be mapped exactly once and every PyTorch tensor used exactly once;
@@ -43,17 +46,20 @@ import numpy as np
 
 from .interop import forward_graph_of
 
-#: structc's parameter suffix -> PyTorch's
-_SUFFIXES = {"w": "weight", "b": "bias"}
+#: structc's parameter suffix -> PyTorch's (g, mean, var: a norm's scale and batch norm's running statistics)
+_SUFFIXES = {"w": "weight", "b": "bias", "g": "weight", "mean": "running_mean", "var": "running_var"}
+_COUNTER = "num_batches_tracked"    # BatchNorm's step counter: structc has none (its momentum is fixed)
 
 
 def load_state_dict(net, state_dict_or_module, mapping: Mapping[str, str] | None = None, *,
                     source: str | None = None) -> None:
     """Copy PyTorch weights into `net` (layouts converted, everything checked first).
     `source`: the `.snet` text, for a `Net` that does not carry it (`structc.load`)."""
-    torch_values = {name: _to_numpy(name, v) for name, v in _as_state_dict(state_dict_or_module).items()}
+    given = _as_state_dict(state_dict_or_module)
     layouts = _layouts(net, source)
-    names = _torch_names(_resolve(net, mapping), layouts, torch_values)
+    names = _torch_names(_resolve(net, mapping), layouts, given)
+    mapped = {t for ts in names.values() for t in ts}
+    torch_values = {name: _to_numpy(name, v) for name, v in given.items() if not _unused_counter(name, mapped)}
     problems, values = [], {}
     _check_one_to_one(net, names, torch_values, problems)
     for ours, theirs in names.items():
@@ -88,7 +94,14 @@ def state_dict(net, mapping: Mapping[str, str] | None = None, *, source: str | N
         for ours, theirs in names.items():
             for name, arr in zip(theirs, _exported(layouts.get(ours), np.array(net.params[ours]))):
                 out[name] = torch.from_numpy(np.ascontiguousarray(arr))
+                if name.endswith("running_mean"):        # so that BatchNorm loads it strictly
+                    out[name[:-len("running_mean")] + _COUNTER] = torch.tensor(0)
     return out
+
+
+def _unused_counter(name: str, mapped: set) -> bool:
+    """A BatchNorm's `num_batches_tracked` beside a running mean that is mapped: nothing to load."""
+    return name.endswith(_COUNTER) and name[:-len(_COUNTER)] + "running_mean" in mapped
 
 
 # -- layouts ------------------------------------------------------------------------------

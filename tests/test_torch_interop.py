@@ -224,3 +224,42 @@ def test_an_lstm_cell_by_layer_mapping_and_lstm_mistakes():
     with pytest.raises(ValueError, match=r"'weight_ih_l0' has shape \(32, 5\) and 'weight_hh_l0' has shape "
                                          r"\(32, 8\) \(\[W_ih; W_hh\]\^T.*but 'lstm1.w' is \(12, 28\)"):
         st.load_state_dict(net, nn.LSTM(5, 8), mapping={"lstm1": ""})
+
+
+# -- normalisation -----------------------------------------------------------------------
+
+class LeNet5BN(nn.Module):
+    """examples/lenet5_bn.snet, with the same layer names."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 3, padding="same", bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 16, 3, padding="same", bias=False), nn.BatchNorm2d(16)
+        self.dense1, self.dense2, self.dense3 = nn.Linear(64, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+        with torch.no_grad():                  # running statistics and scales that matter
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        f = nn.functional
+        h = f.max_pool2d(f.relu(self.bn1(self.conv1(x))), 2)
+        h = f.max_pool2d(f.relu(self.bn2(self.conv2(h))), 2)
+        return self.dense3(f.relu(self.dense2(f.relu(self.dense1(h.flatten(1))))))
+
+
+def test_batch_norm_weights_and_running_statistics_in_and_out():
+    net, module = structc.compile(EXAMPLES / "lenet5_bn.snet"), LeNet5BN()
+    st.load_state_dict(net, module)          # bn1.weight -> bn1.g, running_mean -> bn1.mean; the counter unused
+    np.testing.assert_array_equal(net.params["bn2.var"], module.bn2.running_var.numpy())
+    x = np.random.default_rng(2).random((5, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(net(x=x), torch_probs(module, x), rtol=1e-4, atol=1e-6)   # inference: running ones
+    again = LeNet5BN()
+    with torch.no_grad():
+        again.bn1.running_mean.zero_()
+    again.load_state_dict(st.state_dict(net))          # strict: with a num_batches_tracked per BatchNorm
+    np.testing.assert_allclose(torch_probs(again, x), net(x=x), rtol=1e-4, atol=1e-6)
