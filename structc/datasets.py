@@ -82,7 +82,7 @@ class ArrayDataset:
             probs = outs.get("probs")
             if probs is not None and self.target.get("classes"):
                 correct += int(np.sum(np.argmax(probs, axis=-1) == yb))
-            batch_loss, _ = net.grad(**{name: xb, tname: yb})
+            batch_loss = net.loss(**{name: xb, tname: yb})
             loss += batch_loss * len(xb)
         result = {"loss": loss / n}
         if self.target.get("classes"):

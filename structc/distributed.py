@@ -141,6 +141,12 @@ class DataParallel:
         if found["kind"] == "unsupported":
             raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: "
                              f"{found['why']}")
+        if net.meta.get("buffers"):
+            # Each rank would normalise with its own shard's statistics (the gradient
+            # is then not the big batch's) and keep running statistics of its own.
+            raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: batch_norm "
+                             "normalises with each rank's own batch statistics (buffers "
+                             f"{', '.join(net.meta['buffers'])}); use layer_norm, or train in one process")
         self._normalise = found["kind"] != "sum"     # a plain sum: the ranks' gradients just add up
         arena = net._grad_arena
         self._n = len(arena) - 2                     # gradients, then the count and the loss

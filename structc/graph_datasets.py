@@ -90,7 +90,7 @@ class NodeDataset:
     def evaluate(self, net, batch: int = 0) -> dict:
         probs = net.forward(**{self.graph_name: self.graph, self.mask_name: self.test_mask})["probs"]
         correct = int(np.sum(np.argmax(probs[self.test], axis=-1) == self.labels[self.test]))
-        loss, _ = net.grad(**self.feed(self.test_mask))
+        loss = net.loss(**self.feed(self.test_mask))
         return {"loss": loss, "accuracy": correct / len(self.test)}
 
 
@@ -125,7 +125,7 @@ class GraphDataset:
     def evaluate(self, net, batch: int = 0) -> dict:
         probs = net.forward(**{self.graph_name: self._held_out})["probs"]
         y = self.labels[self.test]
-        loss, _ = net.grad(**{self.graph_name: self._held_out, self.target["name"]: y})
+        loss = net.loss(**{self.graph_name: self._held_out, self.target["name"]: y})
         return {"loss": loss, "accuracy": float(np.mean(np.argmax(probs, axis=-1) == y))}
 
 

@@ -308,7 +308,8 @@ class Net:
             self._workspace_addr = ws.ctypes.data
         return self._workspace_addr
 
-    def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None):
+    def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None,
+             check_batch: bool = True):
         """Check the inputs, then (holding the lock) `before()`, the native
         call and `after()`; returns the outputs and what `after` returned.
         `mode` may be a function, read under the lock too; `dims_out`, a dict,
@@ -317,7 +318,7 @@ class Net:
         if entry is None:
             raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
         arrays, dims = self._bind(entry, given)
-        if kind == "train" and self._batch_counts:
+        if kind == "train" and self._batch_counts and check_batch:
             _check_batch_counts(self._batch_counts, dims)
         if dims_out is not None:
             dims_out.update(dims)
@@ -362,6 +363,22 @@ class Net:
         outs, grads = self._run("train", inputs, MODES["none"],
                                 after=lambda: {name: g.copy() for name, g in self.grads.items()})
         return float(outs["loss"]), grads
+
+    def loss(self, **inputs) -> float:
+        """The loss of a batch, changing nothing: no update, and batch norm's
+        running statistics left as they were (its normalisation still uses the
+        batch's own statistics, as in training; a batch of one is allowed).
+        What held-out evaluation reports; the gradient arena is overwritten."""
+        saved: dict[str, np.ndarray] = {}
+
+        def keep():
+            saved.update((name, self.params[name].copy()) for name in self.meta.get("buffers", ()))
+
+        def restore():
+            for name, value in saved.items():
+                self.params[name][...] = value
+        outs, _ = self._run("train", inputs, MODES["none"], before=keep, after=restore, check_batch=False)
+        return float(outs["loss"])
 
     def grad_into_arena(self, **inputs) -> tuple[float, float]:
         """The first half of `train_step`: the loss, with its gradient left in the

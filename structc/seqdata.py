@@ -365,7 +365,7 @@ class SequenceDataset:
             if self.output is not None:
                 probs = net.forward(**{self.input: part})[self.output]
                 correct += int(np.sum(np.argmax(probs, axis=-1) == y))
-            batch_loss, _ = net.grad(**{self.input: part, self.target["name"]: y})
+            batch_loss = net.loss(**{self.input: part, self.target["name"]: y})
             loss += batch_loss * len(idx)
         result = {"loss": loss / n}
         if self.output is not None:

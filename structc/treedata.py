@@ -86,7 +86,7 @@ class TreeDataset:
             if self.output is not None:
                 probs = net.forward(**{self.forest: part})[self.output]
                 correct += int(np.sum(np.argmax(probs, axis=-1) == part.root_labels))
-            batch_loss, _ = net.grad(**self.feed(part))
+            batch_loss = net.loss(**self.feed(part))
             loss += batch_loss * part.trees
         result = {"loss": loss / n}
         if self.output is not None:

@@ -213,6 +213,19 @@ def test_terms_with_different_denominators_are_refused():
         DataParallel(net)
 
 
+def test_batch_norm_is_refused_rather_than_normalised_per_rank():
+    pytest.importorskip("mpi4py")
+    from structc.distributed import DataParallel
+    net = structc.compile("""
+model Normed {
+  input x: f32[N, 4]
+  target y: class[N] of 3
+  loss cross_entropy(dense(batch_norm(x), 3), y)
+}""")
+    with pytest.raises(ValueError, match="batch_norm normalises with each rank's own batch statistics"):
+        DataParallel(net)
+
+
 def test_a_penalty_on_parameters_keeps_the_mean_s_denominator():
     net = structc.compile("""
 model Penalised {

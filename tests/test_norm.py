@@ -226,6 +226,24 @@ def test_batch_norm_refuses_training_on_one_value_per_channel(rng):
     assert net(x=x).shape == (1, 3)      # inference on one example is fine
 
 
+def test_evaluation_leaves_the_running_statistics_alone(rng):
+    """Held-out evaluation (`Net.loss`, which every data set's `evaluate` uses)
+    once ran the training call: it moved the running statistics towards the
+    test data, and a last test batch of one stopped the run."""
+    net = structc.compile(BN_DENSE)
+    x, y = rng.normal(size=(8, 6)).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32)
+    net.train_step(x=x, y=y)
+    before = {n: net.params[n].copy() for n in ("bn1.mean", "bn1.var")}
+    loss = net.loss(x=x[:1] + 5, y=y[:1])
+    assert np.isfinite(loss)
+    assert net.loss(x=x, y=y) == net.grad(x=x, y=y)[0]      # the same loss as a training call ...
+    for name in before:                                     # ... which moved the statistics; put them back
+        net.params[name][...] = before[name]
+    net.loss(x=x + 5, y=y)
+    for name, value in before.items():
+        np.testing.assert_array_equal(net.params[name], value)
+
+
 def test_batch_norm_options_are_checked():
     with pytest.raises(SnetError, match=r"momentum must be a number in \(0, 1\]"):
         structc.compile(BN_DENSE.replace("batch_norm", "batch_norm(momentum=1.5)"))

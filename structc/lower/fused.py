@@ -13,7 +13,7 @@ every leaf broadcasts them alike, so `[N, 256] + [256]` runs as two loops and
 from __future__ import annotations
 
 from ..types import broadcast_strides
-from .codegen import CG, DTYPE_IR, F32, lanes
+from .codegen import CG, DTYPE_IR, F32, elem, lanes
 
 
 #: upper bound on the tasks of a kernel that fuses a reduction: each task
@@ -78,16 +78,15 @@ class FusedExpr:
         return off
 
     def load_leaf(self, cg: CG, leaf: int, idx, n: int, mask):
+        """The leaf's elements as they are stored (integers stay integers)."""
         node = self.graph.nodes[leaf]
         t = DTYPE_IR[node.type.dtype]
         vary = self.varying[leaf]
         base = cg.ptr(leaf)
         off = self._offset(cg, idx, vary)
         if vary[-1]:
-            v = cg.load(base, off, t, n, mask)
-        else:
-            v = cg.splat(cg.load(base, off, t), n)
-        return cg.to_float(v) if t != F32 else v
+            return cg.load(base, off, t, n, mask)
+        return cg.splat(cg.load(base, off, t), n)
 
     def store(self, cg: CG, nid: int, value, idx, n: int, mask):
         off = self._offset(cg, idx, [True] * len(self.axes))
@@ -104,14 +103,18 @@ class FusedExpr:
                 args = []
                 for i in node.inputs:
                     if i in vals:
-                        args.append(vals[i])
+                        a = vals[i]
                     elif self._inline(i):
                         inl = self.graph.nodes[self._source(i)]
-                        args.append(cg.splat(inl.op.emit(cg, **inl.attrs), n))
+                        a = cg.splat(inl.op.emit(cg, **inl.attrs), n)
                     else:
                         if i not in leaves:
                             leaves[i] = self.load_leaf(cg, i, idx, n, mask)
-                        args.append(leaves[i])
+                        a = leaves[i]
+                    # Arithmetic is in float32; data movement of integers (a copy,
+                    # a broadcast) keeps their bits, exact beyond 2**24.
+                    moves_ints = "moves_data" in node.op.traits and not node.type.is_float
+                    args.append(a if moves_ints or elem(a.type) == F32 else cg.to_float(a))
                 v = node.op.emit(cg, *args, **node.attrs)
                 if lanes(v.type) != n:
                     v = cg.splat(v, n)

@@ -65,6 +65,9 @@ class Op:
     traits: frozenset = frozenset()
     #: exposed to `.snet` sources under `name`
     surface: bool = False
+    #: a kernel that reads its operands as float32: an integer operand is refused
+    #: (elementwise ops convert integers instead, see `infer`)
+    floats_only: bool = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -90,7 +93,16 @@ class Op:
         tensors, _ = self.signature()
         if not any(t.startswith("*") for t in tensors) and len(types) != len(tensors):
             raise ShapeMismatch(f"takes {len(tensors)} operand(s), got {len(types)}")
-        return self.shape(*types, **attrs)
+        if self.floats_only:
+            for name, t in zip(tensors, types):
+                if not t.is_float:
+                    raise ShapeMismatch(f"needs float operands, and {name} is {fmt_shape(t)} (integer tensors "
+                                        "are indices, labels and words; declare the input f32 to compute with "
+                                        "its values)")
+        out = self.shape(*types, **attrs)
+        if isinstance(self, Elementwise) and "moves_data" not in self.traits and not out.is_float:
+            out = TensorType(out.shape, "f32")      # integers are computed with in float32, and so stored
+        return out
 
     def signature(self) -> tuple[list[str], dict[str, Any]]:
         """Tensor parameter names (from `shape`, or from `reference` when the

@@ -124,6 +124,7 @@ def conv2d_reference(x, w, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(
 class Conv2d(Op):
     """z[n, o, i, j] = Σ_c Σ_kh Σ_kw w[o, c, kh, kw] · X[n, c, i·sh + kh, j·sw + kw]."""
     name = "conv2d"
+    floats_only = True
     traits = frozenset({"epilogue"})
 
     def shape(self, x, w, *, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)) -> TensorType:

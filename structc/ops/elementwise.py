@@ -307,7 +307,7 @@ class Maximum(Elementwise):
 class BroadcastTo(Elementwise):
     """x stretched to `shape` (the VJP of a sum)."""
     name = "broadcast_to"
-    traits = frozenset({"elementwise", "needs_dims"})
+    traits = frozenset({"elementwise", "needs_dims", "moves_data"})
 
     def shape(self, x, *, shape) -> TensorType:
         from ..types import broadcast_shapes

@@ -62,6 +62,7 @@ def _rows_and_classes(kb, z):
 class Softmax(Op):
     """e^{x_i} / Σ_j e^{x_j} along the last axis."""
     name = "softmax"
+    floats_only = True
     surface = True
 
     def shape(self, x) -> TensorType:

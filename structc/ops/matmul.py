@@ -19,6 +19,7 @@ NARROW = 8
 
 class MatMul(Op):
     name = "matmul"
+    floats_only = True
     traits = frozenset({"epilogue"})
 
     def shape(self, a, b, *, ta: bool = False, tb: bool = False) -> TensorType:

@@ -57,6 +57,7 @@ def _argmax_positions(x, size, stride):
 class MaxPool2d(Op):
     """The maximum of each window."""
     name = "maxpool2d"
+    floats_only = True
     traits = frozenset({"siblings"})
 
     def shape(self, x, *, size=(2, 2), stride=(2, 2)) -> TensorType:
@@ -93,6 +94,7 @@ class MaxPool2d(Op):
 class MaxPool2dArgmax(Op):
     """Where each window's (first) maximum is: row * W + col within its plane."""
     name = "maxpool2d_argmax"
+    floats_only = True
 
     def shape(self, x, *, size=(2, 2), stride=(2, 2)) -> TensorType:
         oh, ow = pool_shape(x, size, stride)
@@ -187,6 +189,7 @@ class GatherArgmax(Op):
 class AvgPool2d(Op):
     """The mean of each window."""
     name = "avgpool2d"
+    floats_only = True
 
     def shape(self, x, *, size=(2, 2), stride=(2, 2)) -> TensorType:
         oh, ow = pool_shape(x, size, stride)

@@ -25,6 +25,7 @@ def normalize_axes(axes, rank: int) -> tuple[int, ...]:
 class Sum(Op):
     """Σ of x over `axes` (all when omitted)."""
     name = "sum"
+    floats_only = True
     surface = True
     traits = frozenset({"reduction"})
 
@@ -60,6 +61,7 @@ class Max(Op):
     maximum (as PyTorch's amax). `max(h over g.edges)` is graph aggregation
     (`gnn.py`), not this op."""
     name = "max"
+    floats_only = True
     surface = True
     traits = frozenset({"reduction"})
     pick = staticmethod(np.max)
@@ -102,6 +104,7 @@ class Argmax(Op):
     on ties, a NaN's if there is one (numpy's argmax). Forward only: an index
     has no gradient."""
     name = "argmax"
+    floats_only = True
     surface = True
 
     def shape(self, x, *, axis: int = -1) -> TensorType:

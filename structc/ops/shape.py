@@ -31,6 +31,7 @@ class Reshape(Op):
 class Copy(Elementwise):
     """x, stored again (outputs that would otherwise alias another buffer)."""
     name = "copy"
+    traits = frozenset({"elementwise", "moves_data"})
 
     def vjp(self, b, g, out, x):
         return [g]
