@@ -550,8 +550,7 @@ def cmd_eval(args) -> int:
     data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
     params = load_params(net, args.params)
     if comm is None:
-        from .train import evaluate
-        metrics = evaluate(data, net)
+        metrics = data.evaluate(net)
     else:               # each rank its share of the held-out part; rank 0 reports
         from .distributed import DataParallel, check_splittable, evaluate
         check_splittable(data)

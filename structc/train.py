@@ -98,32 +98,6 @@ def epoch_line(metrics: dict, cfg: TrainConfig, where: str = "") -> str:
             + f"  ({metrics['seconds']:.1f} s{where})")
 
 
-def evaluate(data, net) -> dict:
-    """`data.evaluate(net)` (held-out or validation metrics) leaving the model as it was:
-    the loss comes from a training call (`net.grad`), which also updates batch norm's
-    running statistics, so those are put back after each one (measuring must not fit them
-    to the data measured on)."""
-    return data.evaluate(_Measuring(net) if net.meta.get("buffers") else net)
-
-
-class _Measuring:
-    """`net` as the data sets' `evaluate` uses it, whose `grad` keeps the buffers as they were."""
-
-    def __init__(self, net):
-        self._net, self._buffers = net, list(net.meta["buffers"])
-
-    def grad(self, **inputs):
-        kept = {name: np.array(self._net.params[name]) for name in self._buffers}
-        try:
-            return self._net.grad(**inputs)
-        finally:
-            for name, value in kept.items():
-                self._net.params[name] = value
-
-    def __getattr__(self, name):
-        return getattr(self._net, name)
-
-
 # -- validation and early stopping ---------------------------------------------------
 
 #: monitor -> (the metric's key, whether higher is better)
@@ -265,9 +239,9 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
                 bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **{f"heldout_{k}": v for k, v in
-                                                                          evaluate(data, net).items()}}
+                                                                          data.evaluate(net).items()}}
         if check is not None:
-            metrics.update({f"val_{k}": v for k, v in evaluate(check, net).items()})
+            metrics.update({f"val_{k}": v for k, v in check.evaluate(net).items()})
         metrics.update(seconds=time.perf_counter() - start, lr=net.last_lr)
         history.epochs.append(metrics)
         if on_epoch is not None:

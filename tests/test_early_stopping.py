@@ -137,8 +137,8 @@ def test_monitoring_accuracy_without_classes_is_refused():
 
 
 def test_measuring_does_not_change_batch_norms_running_statistics():
-    """Held-out and validation losses come from training calls, which update the running
-    statistics: the loop puts them back, so they are fitted to the training batches only."""
+    """Held-out and validation losses (`Net.loss`) leave the running statistics as they
+    were, so they are fitted to the training batches only."""
     net = structc.compile("model B { input x: f32[N, 4]  target y: class[N] of 2\n"
                           " h = relu(batch_norm(dense(x, 8)))\n loss cross_entropy(dense(h, 2), y) }")
     rng = np.random.default_rng(0)
