@@ -579,6 +579,8 @@ def _read_params(path) -> dict[str, np.ndarray]:
 def _as_array(spec: _Input, value) -> np.ndarray:
     """The input as a C-contiguous array of the declared dtype, converting
     only within a kind (float64 -> float32, int64 -> int32)."""
+    if not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
+        return _from_dlpack(spec, value)
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     kind = arr.dtype.kind
     if spec.classes or np.dtype(spec.dtype).kind == "i":
@@ -598,6 +600,48 @@ def _as_array(spec: _Input, value) -> np.ndarray:
     if not arr.flags.c_contiguous or not arr.flags.aligned:
         arr = np.ascontiguousarray(arr)
     return arr
+
+
+_DLPACK_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "metal", 10: "rocm",
+                   13: "cuda_managed", 14: "oneapi"}
+
+
+def _from_dlpack(spec: _Input, tensor) -> np.ndarray:
+    """Another library's tensor (torch, jax, ...) shared through DLPack: no copy when it is
+    on the CPU, of the declared dtype and C-contiguous. Otherwise a copy only where the
+    values stay the same (a strided view; integer labels that fit int32); a tensor on
+    another device or of another dtype is refused: casting floats would change values."""
+    try:
+        arr = np.from_dlpack(tensor)     # refuses memory the CPU cannot read (asking the device first costs µs)
+    except (BufferError, RuntimeError, TypeError, ValueError) as e:
+        raise TypeError(_dlpack_refusal(spec, tensor, e)) from None
+    want = np.dtype(spec.dtype)
+    if arr.dtype != want:
+        if not (want.kind == "i" and arr.dtype.kind in "iu"):
+            raise TypeError(f"input '{spec.name}': the {_kind_of(tensor)} has dtype "
+                            f"{getattr(tensor, 'dtype', arr.dtype)}, the model expects {spec.describe()} "
+                            f"({want.name}); convert it yourself (structc does not cast a tensor's values)")
+        return _as_array(spec, arr)          # integers: a copy, checked to fit, values unchanged
+    if not arr.flags.c_contiguous or not arr.flags.aligned:
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def _kind_of(tensor) -> str:
+    return f"{type(tensor).__module__}.{type(tensor).__qualname__}"
+
+
+def _dlpack_refusal(spec: _Input, tensor, error: Exception) -> str:
+    """Why numpy cannot read `tensor`: its device when it is not the CPU, else numpy's reason."""
+    try:
+        device = int(tensor.__dlpack_device__()[0])
+    except Exception:            # noqa: BLE001 - an exporter without a device: numpy's reason is all there is
+        device = 1
+    if device != 1:
+        return (f"input '{spec.name}': the {_kind_of(tensor)} is on device {_DLPACK_DEVICES.get(device, device)}; "
+                f"structc runs on the CPU: move it there first (e.g. tensor.cpu())")
+    return (f"input '{spec.name}': cannot share the {_kind_of(tensor)} (dtype {getattr(tensor, 'dtype', '?')}) "
+            f"with numpy through DLPack: {error}")
 
 
 def _write_atomically(path: str, write) -> None:
