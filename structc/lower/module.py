@@ -15,6 +15,7 @@ over a range of its tasks, called directly or through the runtime's
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -257,3 +258,79 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
         anchor.op.lower(kb, anchor, FusedExpr(graph, group, coalesce=False))
     else:
         anchor.op.lower(kb, anchor, None)
+
+
+# -- several modules from one, to compile in parallel -----------------------
+
+_REFERENCE = re.compile(r'@"([^"]+)"')
+#: below this much IR text a part stays one module (each module costs a parse and a target machine)
+SPLIT_MIN_CHARS = 150_000
+
+
+def split_module(module: ir.Module, chunks: int) -> list[str]:
+    """The module as the LLVM IR text of up to `chunks` modules that, compiled
+    separately and loaded (or linked) together, are the same program, so that
+    LLVM can work on them in parallel. The units are the functions an entry
+    point calls (kernels) and the entry points; a kernel another chunk calls is
+    exported (hidden: never visible outside the model), and a helper that
+    kernels call directly (the matmul micro-kernels) is copied into each chunk
+    that calls it, so its name stays private to that chunk."""
+    defined = [f for f in module.functions if f.blocks]
+    texts = {f.name: str(f) for f in defined}
+    if chunks < 2 or sum(map(len, texts.values())) < SPLIT_MIN_CHARS or module.get_identified_types() or \
+            any(not isinstance(g, ir.Function) for g in module.globals.values()):
+        return [str(module)]
+    calls = {name: set(_REFERENCE.findall(text)) - {name} for name, text in texts.items()}
+    entries = [f.name for f in defined if f.linkage != "internal"]
+    kernels = sorted({c for e in entries for c in calls[e] if c in texts})
+    units = entries + [k for k in kernels if k not in entries]
+    helpers = [name for name in texts if name not in units]
+
+    def closure(name):      # the helpers a unit needs, copied into its chunk
+        seen, todo = set(), [name]
+        while todo:
+            for callee in calls[todo.pop()]:
+                if callee in helpers and callee not in seen:
+                    seen.add(callee)
+                    todo.append(callee)
+        return seen
+    # Longest first, each to the lightest chunk: the chunks come out about even.
+    bins = [[0, [], set()] for _ in range(chunks)]
+    for name in sorted(units, key=lambda n: -len(texts[n])):
+        lightest = min(bins, key=lambda b: b[0])
+        need = closure(name) - lightest[2]
+        lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
+        lightest[1].append(name)
+        lightest[2] |= need
+    home = {name: k for k, b in enumerate(bins) for name in b[1]}
+    exported = {k for k in kernels if any(home[caller] != home[k] for caller in entries if k in calls[caller])}
+    declared = [str(f) for f in module.functions if not f.blocks]
+    out = []
+    for k, (_, names, needed) in enumerate(bins):
+        if not names:
+            continue
+        text = [f'target triple = "{module.triple}"', *declared]
+        mine = set(names) | needed
+        for other in sorted({c for n in mine for c in calls[n] if c in texts and c not in mine}):
+            text.append(_prototype(texts[other]))
+        for name in names:
+            body = texts[name]
+            text.append(_exported(body) if name in exported else body)
+        text += [texts[h] for h in sorted(needed)]
+        out.append("\n".join(text))
+    return out
+
+
+def _exported(definition: str) -> str:
+    """An internal function's definition, made hidden (visible to the model's other chunks only)."""
+    assert definition.startswith("define internal "), definition[:60]
+    return "define hidden " + definition[len("define internal "):]
+
+
+def _prototype(definition: str) -> str:
+    """The declaration of a function another chunk defines (hidden if it was internal)."""
+    head = definition.split("\n", 1)[0].rstrip().removesuffix("{").rstrip()
+    if head.startswith("define internal "):
+        return "declare hidden " + head[len("define internal "):]
+    assert head.startswith("define "), head
+    return "declare " + head[len("define "):]
