@@ -227,6 +227,12 @@ class Net:
                 self.meta["parts"] = self.meta.get("parts", []) + [part]
             return True
 
+    def _missing_entry(self) -> str:
+        if self.meta["deferred"]:
+            return (f"model {self.name} was compiled for inference only (its training entries are not in "
+                    "this library): compile it without --inference to train it")
+        return f"model {self.name} declares no loss, so it cannot be trained"
+
     # -- parameters --------------------------------------------------------
     def init_params(self, seed: int = 0) -> None:
         """(Re)initialise every parameter with its declared initialiser."""
@@ -349,7 +355,7 @@ class Net:
         receives the bound dims."""
         entry = self._entries.get(kind)
         if entry is None:
-            raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
+            raise TypeError(self._missing_entry())
         arrays, dims = self._bind(entry, given)
         if dims_out is not None:
             dims_out.update(dims)

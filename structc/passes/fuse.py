@@ -130,12 +130,13 @@ def fuse(g: Graph) -> Graph:
 def _would_cycle(g: Graph, anchor: int, other: Group, pos: dict) -> bool:
     """Merging `other` into the anchor's group is illegal if one of its
     leaves is computed from the anchor outside both groups. (`pos`: places in
-    a topological order; a leaf placed before the anchor cannot depend on it,
-    which spares most path searches, each a walk of the graph.)"""
+    a topological order; a leaf placed before the anchor, or one that reads
+    nothing (a parameter), cannot depend on it: that spares most path
+    searches, each a walk of the graph.)"""
     members = set(other.members)
     for m in other.members:
         for i in g.nodes[m].inputs:
-            if i == anchor or i in members or pos[i] < pos[anchor]:
+            if i == anchor or i in members or pos[i] < pos[anchor] or not g.nodes[i].inputs:
                 continue
             if nx.has_path(g.nx, anchor, i):
                 return True
