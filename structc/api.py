@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from . import cache
-from .compiler import PARTS, Artifact, Timings, cache_key, compile_program
+from .compiler import PARTS, Artifact, Timings, canonical_key, canonical_program, compile_program, source_key
 from .lower.module import Target
 from .model import Net
 from .native import JitModule, host_target
@@ -77,15 +77,21 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
     global COMPILE_COUNT
     target = target or host_target()
     times = Timings()
-    with times.stage("parse"):
-        program = parse(source, file)
     use_cache = cache and os.environ.get("STRUCTC_NO_CACHE") is None
     if isinstance(freeze, str):
         raise TypeError(f"freeze must be a list of names, got the string {freeze!r} (write [{freeze!r}])")
     options = {"jit": jit, "freeze": sorted(set(freeze))} if freeze else {"jit": jit}
+    # The canonical program from the cache's alias of this very text, or by parsing it.
+    program = None
+    alias = _cache_load(source_key(source, model, target, options), model, "alias") if use_cache else None
+    canonical = alias[0].get("canonical") if alias is not None else None
+    if not isinstance(canonical, str):
+        with times.stage("parse"):
+            program = parse(source, file)
+        canonical = canonical_program(program)
 
     def key(part):      # the forward part keeps the options alone; any other part adds its name
-        return cache_key(program, model, target, options if part == "forward" else dict(options, part=part))
+        return canonical_key(canonical, model, target, options if part == "forward" else dict(options, part=part))
     found = {}
     if use_cache:
         with times.stage("cache.load"):
@@ -97,6 +103,9 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
     missing = None if wanted is None else [p for p in wanted if p not in found]
     llvm_ir, part_ir = "", ()
     if missing != []:
+        if program is None:
+            with times.stage("parse"):
+                program = parse(source, file)
         art = compile_program(program, model, target, jit=jit, freeze=freeze, parts=missing, timings=times)
         COMPILE_COUNT += 1
         objects = iter(art.objects)
@@ -110,6 +119,9 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
         if art.meta["parts"] == wanted:
             llvm_ir, part_ir = art.llvm_ir, art.part_ir
     meta = _joined_meta([found[p][0] for p in wanted])
+    if use_cache and alias is None:
+        _cache_store(source_key(source, model, target, options), {"model": meta["model"], "canonical": canonical}, b"",
+                     "alias")
     # The key ignores the file name: report this file, not the one first compiled.
     meta["file"] = file
     times.finish()
@@ -178,9 +190,9 @@ def _joined_meta(metas: list[dict]) -> dict:
     return meta
 
 
-def _cache_load(key, model):
-    return cache.load(key, model)
+def _cache_load(key, model, kind="entry"):
+    return cache.load(key, model, kind)
 
 
-def _cache_store(key, meta, obj):
-    cache.store(key, meta, obj)
+def _cache_store(key, meta, obj, kind="entry"):
+    cache.store(key, meta, obj, kind)

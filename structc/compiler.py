@@ -389,9 +389,21 @@ def cache_key(program: Program, model: str | None, target: Target, options: dict
     """The cache key of `model` of `program` compiled for `target`: the
     canonical program (not its bytes), the compiler (version and sources),
     llvmlite and LLVM, the target CPU and the options (such as `jit`)."""
+    return canonical_key(canonical_program(program), model, target, options)
+
+
+def source_key(source: str, model: str | None, target: Target, options: dict | None = None) -> str:
+    """The key of the source text itself, bytes and all: the cache keeps under
+    it the canonical program the text parses to, so that a warm load need not
+    build the parser (most of its time) to find the entry."""
+    return canonical_key("source text\0" + source, model, target, options)
+
+
+def canonical_key(canonical: str, model: str | None, target: Target, options: dict | None = None) -> str:
+    """`cache_key` of a program already in its canonical form (`canonical_program`)."""
     h = hashlib.sha256()
     from .ops.base import extension_fingerprint      # users' ops: their definitions, not just their names
-    for part in (compiler_fingerprint(), extension_fingerprint(), _toolchain(), canonical_program(program), model or "",
+    for part in (compiler_fingerprint(), extension_fingerprint(), _toolchain(), canonical, model or "",
                  target.triple, target.cpu, target.features, json.dumps(options or {}, sort_keys=True)):
         h.update(part.encode())
         h.update(b"\0")

@@ -198,3 +198,20 @@ def test_deep_model_and_many_rounds_of_message_passing_go_through_the_passes():
            "  repeat 10 { h = relu(sum(dense(h, 16) over g.edges, self_loops=true, norm=gcn)) }\n"
            "  loss cross_entropy(dense(h, 3), y)\n}\n")
     assert len(_through_the_passes(gnn).groups) > 40
+
+
+def test_a_warm_load_does_not_parse(cache_in, monkeypatch):
+    """The cache's alias of the source text gives its canonical program: building
+    the parser (most of a warm load) is skipped. Another text (a comment) parses
+    and finds the same code."""
+    assert _compiles(lambda: api.compile_artifact(MLP)) == 1
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed on a warm load")
+    with monkeypatch.context() as m:
+        m.setattr(api, "parse", no_parse)
+        art = api.compile_artifact(MLP, "m.snet")
+        assert art.meta["parts"] == ["forward", "training"] and art.meta["file"] == "m.snet"
+        with pytest.raises(AssertionError, match="parsed"):
+            api.compile_artifact("# a comment\n" + MLP)
+    assert _compiles(lambda: api.compile_artifact("# a comment\n" + MLP)) == 0
