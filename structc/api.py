@@ -50,9 +50,9 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
                            parts=None if training else ["forward"])
 
     def compile_deferred(part: str):
-        """The metadata and loaded code of a part left for later."""
+        """The metadata and object files of a part left for later."""
         more = compile_artifact(source, file, model, target=target, cache=cache, freeze=freeze, parts=[part])
-        return more.meta, JitModule(more.object, target)
+        return more.meta, more.objects
     net = Net(art.meta, JitModule(art.object, target), seed=seed, deferred=compile_deferred)
     net._compiled_from = (source, file, model)     # what `net.profile` and the exporters rebuild it from
     if vocab is not None:

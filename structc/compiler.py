@@ -244,21 +244,26 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         if dump:
             dump("train", str(graphs["train"]))
     entries, plans, texts = {}, {}, {}
-    for part in wanted:
+    # Kernel text -> function, across entries and parts: the training part calls the
+    # kernels it shares with the forward part (which exports them) instead of
+    # emitting them again, so the forward part is lowered even when not compiled.
+    shared: dict = {}
+    for part in ["forward"] + [p for p in wanted if p != "forward"]:
         module = ir.Module(name=f"{mdef.name}.{part}")
         module.triple = target.triple
-        shared: dict = {}    # kernel text -> function: the entries of one part share kernels
         for kind in PARTS[part]:
-            g = run_pipeline(graphs[kind], _pass_timer(times, kind, dump))
+            g = run_pipeline(graphs[kind], _pass_timer(times, kind, dump if part in wanted else None))
             with times.stage(f"{kind}.plan"):
                 plan = plan_memory(g, offsets)
-            plans[kind] = (g, plan)
             symbol = f"sc_{kind}"
             with times.stage(f"{kind}.lower"):
-                lower_entry(module, g, plan, mdef.symbols, symbol, target, shared)
-            entries[kind] = _entry_meta(g, plan, symbol)
-        with times.stage(f"{part}.ir_text"):
-            texts[part] = split_module(module, compile_threads())
+                lower_entry(module, g, plan, mdef.symbols, symbol, target, shared, export=part == "forward")
+            if part in wanted:
+                plans[kind] = (g, plan)
+                entries[kind] = _entry_meta(g, plan, symbol)
+        if part in wanted:
+            with times.stage(f"{part}.ir_text"):
+                texts[part] = split_module(module, compile_threads())
     # Every part's modules at once, one per core (LLVM runs outside the GIL and llvmlite's lock).
     flat = [text for part in wanted for text in texts[part]]
     with times.stage("llvm"):

@@ -158,13 +158,13 @@ class Net:
     """A compiled model. Build one with `structc.compile` or `structc.load`."""
 
     def __init__(self, meta: dict, module, seed: int = 0, deferred=None):
-        """`deferred(part)`: the (metadata, module) of a part listed in
+        """`deferred(part)`: the (metadata, object files) of a part listed in
         `meta["deferred"]` (the training entries of a model compiled for
-        inference first), called on the first call that needs one of its entries."""
+        inference first), called on the first call that needs one of its
+        entries; they are loaded into `module` (they call its kernels)."""
         self.meta = meta = dict(meta, entries=dict(meta["entries"]), deferred=list(meta.get("deferred", ())))
         self.name = meta["model"]
         self._module = module            # keeps the machine code alive
-        self._modules = [module]         # and the deferred parts' code, once loaded
         self._compile_deferred = deferred
         self._deferred_lock = threading.Lock()
         self._symbols = list(meta["symbols"])
@@ -219,9 +219,9 @@ class Net:
             if kind in self._entries or not self.meta["deferred"]:
                 return kind in self._entries
             for part in list(self.meta["deferred"]):
-                meta, module = self._compile_deferred(part)
-                self._modules.append(module)
-                self._add_entries(meta["entries"], module)
+                meta, objects = self._compile_deferred(part)
+                self._module.add(objects)
+                self._add_entries(meta["entries"], self._module)
                 self.meta["entries"].update(meta["entries"])
                 self.meta["deferred"].remove(part)
                 self.meta["parts"] = self.meta.get("parts", []) + [part]

@@ -200,6 +200,11 @@ class JitModule:
         # The engine owns (and frees) its target machine: never hand it a shared one.
         tm = new_target_machine(target)
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+        self.add(obj)
+
+    def add(self, obj: bytes | tuple[bytes, ...]) -> None:
+        """Load more object files into this engine: they may call functions of
+        those loaded before (a training part calls the forward part's kernels)."""
         for one in (obj,) if isinstance(obj, bytes) else obj:
             self.engine.add_object_file(llvm.ObjectFileRef.from_data(one))
         self.engine.finalize_object()

@@ -85,7 +85,7 @@ class KernelBuilder:
     """What an op's `lower` gets: the graph, the target, and `kernel()`."""
 
     def __init__(self, module: ir.Module, graph: Graph, layout: FrameLayout, entry: CG,
-                 target: Target, prefix: str, shared: dict):
+                 target: Target, prefix: str, shared: dict, export: bool = False):
         self.module = module
         self.graph = graph
         self.layout = layout
@@ -94,7 +94,19 @@ class KernelBuilder:
         self.vector_width = target.vector_width
         self.prefix = prefix
         self.shared = shared        # kernel body text -> function, across entry points
+        self.export = export        # kernels visible to other modules of the model (hidden), not internal
         self._names: set[str] = set()
+
+    def _here(self, fn: ir.Function) -> ir.Function:
+        """`fn`, or when another module defines it (the forward part's, which
+        exports its kernels), its declaration in this one."""
+        if fn.module is self.module:
+            return fn
+        declared = self.module.globals.get(fn.name)
+        if declared is None:
+            declared = ir.Function(self.module, KERNEL_TYPE, name=fn.name)
+            declared.linkage = "hidden"
+        return declared
 
     def after_kernel(self, action) -> None:
         """Run `action(entry_cg)` in the entry function once the last kernel returned."""
@@ -109,15 +121,15 @@ class KernelBuilder:
         assert full not in self._names, full
         self._names.add(full)
         fn = ir.Function(self.module, KERNEL_TYPE, name=full)
-        fn.linkage = "internal"
+        fn.linkage = "hidden" if self.export else "internal"
         cg = CG(self.module, fn, self.layout, frame=fn.args[0])
         yield cg, fn.args[1], fn.args[2]
         cg.b.ret_void()
         cg.finish()
-        body = str(fn).replace(f'"{full}"', '"@kernel"', 1)
+        body = str(fn).replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
         if body in self.shared:
             del self.module.globals[full]
-            fn = self.shared[body]
+            fn = self._here(self.shared[body])
         else:
             self.shared[body] = fn
 
@@ -184,7 +196,11 @@ def _slot_offsets(cg: CG, plan: Plan, arith=None):
 
 
 def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
-                name: str, target: Target, shared: dict) -> None:
+                name: str, target: Target, shared: dict, export: bool = False) -> None:
+    """`shared`: kernel text -> function, across entry points (and modules: a
+    kernel found there in another module is declared and called, not emitted
+    again); `export`: make this entry's kernels visible to the model's other
+    modules (hidden) rather than internal."""
     reductions = [r for gr in graph.groups for r in gr.reductions]
     layout = FrameLayout(plan, symbols, reductions)
     fn = ir.Function(module, ir.FunctionType(I32, ENTRY_ARGS), name=name)
@@ -224,7 +240,7 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
             ptr = eb.gep(workspace, [offsets[st.index]], source_etype=ir.IntType(8))
         put(slot, ptr)
 
-    kb = KernelBuilder(module, graph, layout, cg, target, name, shared)
+    kb = KernelBuilder(module, graph, layout, cg, target, name, shared, export)
     for group in graph.groups:
         lower_group(kb, graph, group)
     cg.b.ret(ir.Constant(I32, 0))
@@ -281,7 +297,7 @@ def split_module(module: ir.Module, chunks: int) -> list[str]:
             any(not isinstance(g, ir.Function) for g in module.globals.values()):
         return [str(module)]
     calls = {name: set(_REFERENCE.findall(text)) - {name} for name, text in texts.items()}
-    entries = [f.name for f in defined if f.linkage != "internal"]
+    entries = [f.name for f in defined if f.linkage not in ("internal", "hidden")]
     kernels = sorted({c for e in entries for c in calls[e] if c in texts})
     units = entries + [k for k in kernels if k not in entries]
     helpers = [name for name in texts if name not in units]
@@ -323,6 +339,8 @@ def split_module(module: ir.Module, chunks: int) -> list[str]:
 
 def _exported(definition: str) -> str:
     """An internal function's definition, made hidden (visible to the model's other chunks only)."""
+    if definition.startswith("define hidden "):
+        return definition
     assert definition.startswith("define internal "), definition[:60]
     return "define hidden " + definition[len("define internal "):]
 
