@@ -152,7 +152,7 @@ def cmd_compile(args) -> int:
         raise UserError(str(e)) from None
     if args.header and not args.output:
         raise UserError("-H/--header needs -o/--output (the header describes that library)")
-    if not args.output and not wanted:
+    if not args.output and not wanted and not args.kernel_timings:
         return _compile_to_cache(source, file, args.model, target, args.timings)
     if args.output:
         writable_output(args.output, "the library")
@@ -160,8 +160,9 @@ def cmd_compile(args) -> int:
         writable_output(args.header, "the header")
     t0 = time.perf_counter()
     art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
-                         jit=not args.output, parts=["forward"] if args.inference else None)
-    if args.timings:
+                         jit=not args.output, parts=["forward"] if args.inference else None,
+                         kernel_timings=args.kernel_timings)
+    if args.timings or args.kernel_timings:
         print(art.timings.table())
     if args.output:
         from .ship import ShipError, write_shared_library
@@ -684,6 +685,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--timings", action="store_true",
                    help="print where the compile's time went: parse, build, autodiff, each pass, lowering, "
                         "LLVM optimisation and code generation, per entry point and part")
+    c.add_argument("--kernel-timings", action="store_true",
+                   help="--timings, and LLVM's time per kernel (each kernel compiled as a module of its own, "
+                        "one at a time, not cached: a slower compile)")
     c.add_argument("--inference", action="store_true",
                    help="with -o or --dump: the forward entry only (no training code in the library)")
     c.set_defaults(run=cmd_compile)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -214,12 +215,14 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
 
 def compile_model(mdef: ModelDef, target: Target | None = None,
                   dump: Callable[[str, str], None] | None = None, jit: bool = True, freeze=(),
-                  parts=None, timings: Timings | None = None) -> Artifact:
+                  parts=None, timings: Timings | None = None, kernel_timings: bool = False) -> Artifact:
     """`jit=False` makes position-independent code for a shared library;
     `freeze`: parameter names or layer prefixes that training leaves alone;
     `parts`: which of `PARTS` to compile (default: every part the model has),
     the others are listed in `meta["deferred"]` and can be compiled later with
-    the same arguments; `timings` receives the seconds of each stage."""
+    the same arguments; `timings` receives the seconds of each stage, and
+    with `kernel_timings` LLVM's per kernel too (each kernel is then a module
+    of its own, compiled one at a time: a slower compile, to read)."""
     frozen = resolve_frozen(mdef.params, freeze) | {name for name, p in mdef.params.items() if p.frozen}
     target = target or host_target()
     times = timings if timings is not None else Timings()
@@ -263,17 +266,21 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 entries[kind] = _entry_meta(g, plan, symbol)
         if part in wanted:
             with times.stage(f"{part}.ir_text"):
-                texts[part] = split_module(module, compile_threads())
+                texts[part] = split_module(module, 10 ** 6, 0) if kernel_timings else \
+                    split_module(module, compile_threads())
     # Every part's modules at once, one per core (LLVM runs outside the GIL and llvmlite's lock).
     flat = [text for part in wanted for text in texts[part]]
     with times.stage("llvm"):
-        compiled = compile_objects(flat, target, jit)
+        compiled = compile_objects(flat, target, jit, threads=1 if kernel_timings else None)
     objects, sizes = [], {}
     for (part, text), (obj, llvm_times) in zip([(p, t) for p in wanted for t in texts[p]], compiled):
         objects.append(obj)
         sizes.setdefault(part, []).append(len(obj))
         for stage, (seconds, cpu) in llvm_times.items():
             times.add(f"{part}.llvm.{stage}", seconds, cpu)
+        if kernel_timings:       # named after the module's first function: the kernel, or the entry point
+            first = re.search(r'^define [^@]*@"([^"]+)"', text, re.M).group(1)
+            times.add(f"{part}.llvm.kernel {first}", *map(sum, zip(*llvm_times.values())))
     times.finish()
     llvm_ir = "\n".join(f"; ---- part {part}, module {k} ----\n{text}"
                         for part in wanted for k, text in enumerate(texts[part]))
@@ -325,15 +332,17 @@ def _pass_timer(times: Timings, kind: str, dump):
 
 
 def compile_source(source: str, file: str = "<source>", model: str | None = None,
-                   target: Target | None = None, dump=None, jit: bool = True, freeze=(), parts=None) -> Artifact:
+                   target: Target | None = None, dump=None, jit: bool = True, freeze=(), parts=None,
+                   kernel_timings: bool = False) -> Artifact:
     times = Timings()
     with times.stage("parse"):
         program = parse(source, file)
-    return compile_program(program, model, target, dump, jit, freeze, parts, times)
+    return compile_program(program, model, target, dump, jit, freeze, parts, times, kernel_timings)
 
 
 def compile_program(program: Program, model: str | None = None, target: Target | None = None,
-                    dump=None, jit: bool = True, freeze=(), parts=None, timings: Timings | None = None) -> Artifact:
+                    dump=None, jit: bool = True, freeze=(), parts=None, timings: Timings | None = None,
+                    kernel_timings: bool = False) -> Artifact:
     times = timings if timings is not None else Timings()
     if dump:
         dump("ast", format_program(program))
@@ -341,7 +350,7 @@ def compile_program(program: Program, model: str | None = None, target: Target |
         mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump, jit, freeze, parts, times)
+    return compile_model(mdef, target, dump, jit, freeze, parts, times, kernel_timings)
 
 
 # Fields that hold the program's layout, not its meaning: the key ignores them.

@@ -124,9 +124,10 @@ def compile_threads() -> int:
         return os.cpu_count() or 1
 
 
-def compile_objects(texts: list[str], target: Target, jit: bool = True) -> list[tuple[bytes, dict]]:
-    """`compile_object_timed` of each module, on `compile_threads()` threads."""
-    threads = min(len(texts), compile_threads())
+def compile_objects(texts: list[str], target: Target, jit: bool = True,
+                    threads: int | None = None) -> list[tuple[bytes, dict]]:
+    """`compile_object_timed` of each module, on `threads` (default `compile_threads()`) threads."""
+    threads = min(len(texts), threads or compile_threads())
     if threads == 1:
         return [compile_object_timed(text, target, jit) for text in texts]
     _init()

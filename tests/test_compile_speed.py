@@ -215,3 +215,13 @@ def test_a_warm_load_does_not_parse(cache_in, monkeypatch):
         with pytest.raises(AssertionError, match="parsed"):
             api.compile_artifact("# a comment\n" + MLP)
     assert _compiles(lambda: api.compile_artifact("# a comment\n" + MLP)) == 0
+
+
+@pytest.mark.slow
+def test_kernel_timings_time_each_kernel_apart():
+    art = compile_source(MLP, kernel_timings=True)
+    kernels = [k for k in art.timings if ".llvm.kernel " in k]
+    assert any("sc_train_matmul" in k for k in kernels) and any(k.endswith(" sc_forward") for k in kernels)
+    assert len(art.objects) == len(kernels)          # one module per kernel or entry point
+    net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
+    np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))

@@ -283,17 +283,19 @@ _REFERENCE = re.compile(r'@"([^"]+)"')
 SPLIT_MIN_CHARS = 150_000
 
 
-def split_module(module: ir.Module, chunks: int) -> list[str]:
+def split_module(module: ir.Module, chunks: int, min_chars: int | None = None) -> list[str]:
     """The module as the LLVM IR text of up to `chunks` modules that, compiled
     separately and loaded (or linked) together, are the same program, so that
     LLVM can work on them in parallel. The units are the functions an entry
     point calls (kernels) and the entry points; a kernel another chunk calls is
     exported (hidden: never visible outside the model), and a helper that
     kernels call directly (the matmul micro-kernels) is copied into each chunk
-    that calls it, so its name stays private to that chunk."""
+    that calls it, so its name stays private to that chunk. A module of less
+    than `min_chars` (default `SPLIT_MIN_CHARS`) of text stays whole."""
     defined = [f for f in module.functions if f.blocks]
     texts = {f.name: str(f) for f in defined}
-    if chunks < 2 or sum(map(len, texts.values())) < SPLIT_MIN_CHARS or module.get_identified_types() or \
+    min_chars = SPLIT_MIN_CHARS if min_chars is None else min_chars
+    if chunks < 2 or sum(map(len, texts.values())) < min_chars or module.get_identified_types() or \
             any(not isinstance(g, ir.Function) for g in module.globals.values()):
         return [str(module)]
     calls = {name: set(_REFERENCE.findall(text)) - {name} for name, text in texts.items()}
