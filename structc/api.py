@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from . import cache
@@ -29,7 +30,7 @@ def read_source(path_or_source) -> tuple[str, str]:
 
 
 def compile(path_or_source, model: str | None = None, *, cache: bool = True, seed: int = 0,  # noqa: A001
-            vocab=None, freeze=(), training: bool = False) -> Net:
+            vocab=None, freeze=(), training: bool | str = False) -> Net:
     """Compile a `.snet` model (a path or the source itself) to native code.
     `vocab` (word -> id) lets forests be passed as bracketed strings of words.
     `freeze` (parameter names or layer prefixes, e.g. `["conv1", "dense1.w"]`)
@@ -39,15 +40,19 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
     Only the forward entry is compiled at first; the training entries (of a
     model with a loss) are compiled on the first call that needs them
     (`train_step`, `grad`, ...), unless `training` is True: then both are
-    compiled now, in parallel, as `structc train` does.
+    compiled now, in parallel, as `structc train` does; `"background"`:
+    the training entries are compiled in a thread started once the forward
+    one is ready (a training call waits for it).
 
     Compiled code is cached on disk, keyed by the parsed program (comments and
     layout do not count), the model name, the compiler, LLVM and the target
     CPU: compiling it again loads it instead."""
+    if training not in (True, False, "background"):
+        raise ValueError(f"training must be True, False or 'background', got {training!r}")
     source, file = read_source(path_or_source)
     target = host_target()
     art = compile_artifact(source, file, model, target=target, cache=cache, freeze=freeze,
-                           parts=None if training else ["forward"])
+                           parts=None if training is True else ["forward"])
 
     def compile_deferred(part: str):
         """The metadata and object files of a part left for later."""
@@ -57,7 +62,18 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
     net._compiled_from = (source, file, model)     # what `net.profile` and the exporters rebuild it from
     if vocab is not None:
         net.vocab = vocab
+    if training == "background" and net.meta["deferred"]:
+        threading.Thread(target=_compile_quietly, args=(net,), name="structc-compile-training", daemon=True).start()
     return net
+
+
+def _compile_quietly(net: Net) -> None:
+    """The deferred parts of `net`, compiled now; a failure is left for the
+    training call that needs them to meet (it compiles again and raises)."""
+    try:
+        net._entries.get("train")
+    except Exception:       # noqa: BLE001 - reported by the call that needs the entry
+        pass
 
 
 def compile_artifact(source: str, file: str = "<source>", model: str | None = None, *,

@@ -225,3 +225,15 @@ def test_kernel_timings_time_each_kernel_apart():
     assert len(art.objects) == len(kernels)          # one module per kernel or entry point
     net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
     np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))
+
+
+def test_training_entries_compiled_in_the_background():
+    net = structc.compile(MLP, cache=False, training="background")
+    out = net(x=X)                  # the forward entry is ready at once
+    assert np.isfinite(net.train_step(0.1, x=X, y=Y))    # waits for the thread if still compiling
+    assert net.meta["deferred"] == [] and out.shape == (4, 3)
+    worker = [t for t in threading.enumerate() if t.name == "structc-compile-training"]
+    for t in worker:
+        t.join()
+    with pytest.raises(ValueError, match="training must be"):
+        structc.compile(MLP, training="later")
