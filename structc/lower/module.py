@@ -98,8 +98,8 @@ class KernelBuilder:
         self._names: set[str] = set()
 
     def _here(self, fn: ir.Function) -> ir.Function:
-        """`fn`, or when another module defines it (the forward part's, which
-        exports its kernels), its declaration in this one."""
+        """`fn`, or when another module defines it (and exports it: the forward
+        part's kernels), its declaration in this one."""
         if fn.module is self.module:
             return fn
         declared = self.module.globals.get(fn.name)
@@ -127,10 +127,11 @@ class KernelBuilder:
         cg.b.ret_void()
         cg.finish()
         body = str(fn).replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
-        if body in self.shared:
+        found = self.shared.get(body)
+        if found is not None and (found.module is self.module or found.linkage == "hidden"):
             del self.module.globals[full]
-            fn = self._here(self.shared[body])
-        else:
+            fn = self._here(found)
+        elif found is None:
             self.shared[body] = fn
 
         e = self.entry
