@@ -237,3 +237,15 @@ def test_training_entries_compiled_in_the_background():
         t.join()
     with pytest.raises(ValueError, match="training must be"):
         structc.compile(MLP, training="later")
+
+
+def test_recursion_over_trees_compiled_in_both_parts_at_once():
+    """A tree body is an entry point of its own in each part's module (the kernel
+    table spans the parts: one part must not call the other's body)."""
+    src = ("model T {\n  input t: forest of word(vocab=20)\n  target y: class[t.trees] of 3\n"
+           "  param E: embedding(20, 8)\n  rec h(n) = leaf: E[n.word]\n"
+           "             node: tanh(dense(concat(h(n.left), h(n.right)), 8))\n"
+           "  loss cross_entropy(dense(h(t.root), 3), y)\n}\n")
+    net = structc.compile(src, cache=False, training=True)
+    trees = ["(1 (2 3))", "(4 5)"]
+    assert net(t=trees).shape == (2, 3) and np.isfinite(net.train_step(0.1, t=trees, y=np.array([0, 2])))
