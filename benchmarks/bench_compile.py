@@ -134,6 +134,10 @@ def run_jax(model: str) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.2f}" if t >= 0.1 else f"{t * 1000:.0f} ms"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=1)
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
             return "–"
         wall = statistics.median(r["wall"] for r in found[key])
         cpu = statistics.median(r["cpu"] for r in found[key])
-        return f"{wall:.2f} ({cpu:.2f})" if wall >= 0.1 else f"{wall * 1000:.0f} ms ({cpu * 1000:.0f} ms)"
+        return f"{_seconds(wall)} ({_seconds(cpu)})"
     print(f"load average {' '.join(f'{v:.2f}' for v in load_before)} before, "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} after; {args.rounds} round(s); "
           f"{os.cpu_count()} cores; seconds, wall (CPU)\n")
