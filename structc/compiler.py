@@ -27,7 +27,7 @@ from .build import ModelDef, build_model
 from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
-from .lower.module import Target, lower_entry, split_module
+from .lower.module import Target, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, host_target
 from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
@@ -251,6 +251,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     # kernels it shares with the forward part (which exports them) instead of
     # emitting them again, so the forward part is lowered even when not compiled.
     shared: dict = {}
+    provided: dict = {}      # the forward part's helpers (matmul micro-kernels), which it exports
     for part in ["forward"] + [p for p in wanted if p != "forward"]:
         module = ir.Module(name=f"{mdef.name}.{part}")
         module.triple = target.triple
@@ -266,8 +267,11 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 entries[kind] = _entry_meta(g, plan, symbol)
         if part in wanted:
             with times.stage(f"{part}.ir_text"):
-                texts[part] = split_module(module, 10 ** 6, 0) if kernel_timings else \
-                    split_module(module, compile_threads())
+                chunks, least = (10 ** 6, 0) if kernel_timings else (compile_threads(), None)
+                texts[part] = split_module(module, chunks, least, export_helpers=part == "forward",
+                                           provided=provided)
+        if part == "forward":
+            provided = helpers(module)
     # Every part's modules at once, one per core (LLVM runs outside the GIL and llvmlite's lock).
     flat = [text for part in wanted for text in texts[part]]
     with times.stage("llvm"):

@@ -284,7 +284,8 @@ _REFERENCE = re.compile(r'@"([^"]+)"')
 SPLIT_MIN_CHARS = 150_000
 
 
-def split_module(module: ir.Module, chunks: int, min_chars: int | None = None) -> list[str]:
+def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *,
+                 export_helpers: bool = False, provided: dict | None = None) -> list[str]:
     """The module as the LLVM IR text of up to `chunks` modules that, compiled
     separately and loaded (or linked) together, are the same program, so that
     LLVM can work on them in parallel. The units are the functions an entry
@@ -292,18 +293,28 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None) -
     exported (hidden: never visible outside the model), and a helper that
     kernels call directly (the matmul micro-kernels) is copied into each chunk
     that calls it, so its name stays private to that chunk. A module of less
-    than `min_chars` (default `SPLIT_MIN_CHARS`) of text stays whole."""
+    than `min_chars` (default `SPLIT_MIN_CHARS`) of text stays one chunk.
+
+    Across parts: `export_helpers` places each helper in one chunk and exports
+    it (the forward part, whose helpers the training part may call);
+    `provided` (name -> text of another part's exported helpers, `helpers()`)
+    drops the helpers defined there with the same text and calls those."""
     defined = [f for f in module.functions if f.blocks]
     texts = {f.name: str(f) for f in defined}
     min_chars = SPLIT_MIN_CHARS if min_chars is None else min_chars
-    if chunks < 2 or sum(map(len, texts.values())) < min_chars or module.get_identified_types() or \
-            any(not isinstance(g, ir.Function) for g in module.globals.values()):
-        return [str(module)]
+    assert not module.get_identified_types() and all(isinstance(g, ir.Function) for g in module.globals.values())
+    outside = {name: text for name, text in (provided or {}).items() if texts.get(name) == text}
+    for name in outside:
+        del texts[name]
+    if sum(map(len, texts.values())) < min_chars:
+        chunks = 1
     calls = {name: set(_REFERENCE.findall(text)) - {name} for name, text in texts.items()}
-    entries = [f.name for f in defined if f.linkage not in ("internal", "hidden")]
+    entries = [f.name for f in defined if f.linkage not in ("internal", "hidden") and f.name in texts]
     kernels = sorted({c for e in entries for c in calls[e] if c in texts})
     units = entries + [k for k in kernels if k not in entries]
     helpers = [name for name in texts if name not in units]
+    if export_helpers:
+        units, helpers = units + helpers, []
 
     def closure(name):      # the helpers a unit needs, copied into its chunk
         seen, todo = set(), [name]
@@ -314,7 +325,7 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None) -
                     todo.append(callee)
         return seen
     # Longest first, each to the lightest chunk: the chunks come out about even.
-    bins = [[0, [], set()] for _ in range(chunks)]
+    bins = [[0, [], set()] for _ in range(max(1, chunks))]
     for name in sorted(units, key=lambda n: -len(texts[n])):
         lightest = min(bins, key=lambda b: b[0])
         need = closure(name) - lightest[2]
@@ -322,22 +333,29 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None) -
         lightest[1].append(name)
         lightest[2] |= need
     home = {name: k for k, b in enumerate(bins) for name in b[1]}
-    exported = {k for k in kernels if any(home[caller] != home[k] for caller in entries if k in calls[caller])}
+    exported = {n for n in units if n not in entries and
+                (export_helpers or any(n in calls[c] and home[c] != home[n] for c in units))}
     declared = [str(f) for f in module.functions if not f.blocks]
     out = []
-    for k, (_, names, needed) in enumerate(bins):
+    for _, names, needed in bins:
         if not names:
             continue
         text = [f'target triple = "{module.triple}"', *declared]
         mine = set(names) | needed
-        for other in sorted({c for n in mine for c in calls[n] if c in texts and c not in mine}):
-            text.append(_prototype(texts[other]))
+        for other in sorted({c for n in mine for c in calls[n] if c not in mine and (c in texts or c in outside)}):
+            text.append(_prototype(texts.get(other) or outside[other]))
         for name in names:
             body = texts[name]
             text.append(_exported(body) if name in exported else body)
         text += [texts[h] for h in sorted(needed)]
         out.append("\n".join(text))
     return out
+
+
+def helpers(module: ir.Module) -> dict[str, str]:
+    """name -> text of the module's internal functions that are not kernels
+    (the matmul micro-kernels): what `split_module(export_helpers=True)` exports."""
+    return {f.name: str(f) for f in module.functions if f.blocks and f.linkage == "internal"}
 
 
 def _exported(definition: str) -> str:
