@@ -249,3 +249,18 @@ def test_recursion_over_trees_compiled_in_both_parts_at_once():
     net = structc.compile(src, cache=False, training=True)
     trees = ["(1 (2 3))", "(4 5)"]
     assert net(t=trees).shape == (2, 3) and np.isfinite(net.train_step(0.1, t=trees, y=np.array([0, 2])))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.environ.get("CC") or __import__("shutil").which("cc")), reason="needs a C compiler")
+def test_cli_library_for_inference_only(tmp_path):
+    src = tmp_path / "m.snet"
+    src.write_text(MLP)
+    done = subprocess.run([sys.executable, "-m", "structc", "compile", str(src), "-o", str(tmp_path / "m.so"),
+                           "-H", str(tmp_path / "m.h"), "--inference"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "(forward) compiled" in done.stdout and "sc_train" not in (tmp_path / "m.h").read_text()
+    net = structc.load(tmp_path / "m.so")
+    np.testing.assert_allclose(net(x=X), structc.compile(MLP, cache=False)(x=X), rtol=1e-6)
+    with pytest.raises(TypeError, match="inference only"):
+        net.train_step(0.1, x=X, y=Y)
