@@ -124,6 +124,9 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
                 program = parse(source, file)
         art = compile_program(program, model, target, jit=jit, freeze=freeze, parts=missing, timings=times)
         COMPILE_COUNT += 1
+        absent = [p for p in missing or () if p not in art.meta["parts"]]
+        if absent:
+            raise ValueError(f"model {art.meta['model']} has no {absent[0]} part (it declares no loss)")
         objects = iter(art.objects)
         for part in art.meta["parts"]:
             found[part] = (_part_meta(art.meta, part),

@@ -51,8 +51,10 @@ PARTS = {"forward": ("forward",), "training": ("train", "update")}
 
 @dataclass
 class Artifact:
-    """Metadata and object code: `objects` holds one object file per part
-    compiled (`PARTS`); `meta["deferred"]` lists the parts left for later."""
+    """Metadata and object code: `objects` holds the object files of the parts
+    compiled (`PARTS`; `meta["objects"]` gives each part's sizes, in order: a
+    part is one object per module it was split into); `meta["deferred"]` lists
+    the parts left for later."""
     meta: dict
     objects: tuple[bytes, ...]
     llvm_ir: str = ""
@@ -71,8 +73,8 @@ class Timings(dict):
     """Seconds per stage, in the order the stages ran (`structc compile --timings`);
     `cpu` holds the CPU seconds of the thread that ran each stage (on a loaded
     machine the steadier figure). `total` is the wall time since it was made:
-    the LLVM stages of the parts overlap each other and the lowering of the
-    next part, so the stages add up to more."""
+    the LLVM stages of the modules overlap each other (threads), so the stages
+    can add up to more; `llvm` is their wall time together."""
 
     def __init__(self):
         super().__init__()

@@ -128,7 +128,7 @@ def compile_objects(texts: list[str], target: Target, jit: bool = True,
                     threads: int | None = None) -> list[tuple[bytes, dict]]:
     """`compile_object_timed` of each module, on `threads` (default `compile_threads()`) threads."""
     threads = min(len(texts), threads or compile_threads())
-    if threads == 1:
+    if threads <= 1:
         return [compile_object_timed(text, target, jit) for text in texts]
     _init()
     with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -264,3 +264,13 @@ def test_cli_library_for_inference_only(tmp_path):
     np.testing.assert_allclose(net(x=X), structc.compile(MLP, cache=False)(x=X), rtol=1e-6)
     with pytest.raises(TypeError, match="inference only"):
         net.train_step(0.1, x=X, y=Y)
+
+
+def test_no_training_part_without_a_loss():
+    src = "model F { input x: f32[N, 3]\n output y = tanh(x) }"
+    with pytest.raises(ValueError, match="has no training part"):
+        api.compile_artifact(src, cache=False, parts=["training"])
+    net = structc.compile(src, cache=False)
+    assert net.meta["deferred"] == []
+    with pytest.raises(TypeError, match="declares no loss"):
+        net.train_step(0.1, x=np.ones((2, 3), np.float32))
