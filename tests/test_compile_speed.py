@@ -62,6 +62,7 @@ def test_grad_and_update_compile_the_training_part_too():
     assert net.meta["deferred"] == []
 
 
+@pytest.mark.slow
 def test_a_forward_only_entry_is_not_taken_for_the_whole_model(cache_in):
     assert _compiles(lambda: structc.compile(MLP)) == 1                    # the forward part, cached
     art = None
@@ -200,6 +201,7 @@ def test_deep_model_and_many_rounds_of_message_passing_go_through_the_passes():
     assert len(_through_the_passes(gnn).groups) > 40
 
 
+@pytest.mark.slow
 def test_a_warm_load_does_not_parse(cache_in, monkeypatch):
     """The cache's alias of the source text gives its canonical program: building
     the parser (most of a warm load) is skipped. Another text (a comment) parses
@@ -227,6 +229,7 @@ def test_kernel_timings_time_each_kernel_apart():
     np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))
 
 
+@pytest.mark.slow
 def test_training_entries_compiled_in_the_background():
     net = structc.compile(MLP, cache=False, training="background")
     out = net(x=X)                  # the forward entry is ready at once
@@ -239,6 +242,7 @@ def test_training_entries_compiled_in_the_background():
         structc.compile(MLP, training="later")
 
 
+@pytest.mark.slow
 def test_recursion_over_trees_compiled_in_both_parts_at_once():
     """A tree body is an entry point of its own in each part's module (the kernel
     table spans the parts: one part must not call the other's body)."""
