@@ -125,12 +125,14 @@ def cmd_check(args) -> int:
     return 0
 
 
-def compile_into_cache(source: str, file: str, model: str | None, target) -> tuple[dict, bytes, bool]:
-    """Compile through the cache `structc.compile` uses: (meta, object, already cached)."""
+def compile_into_cache(source: str, file: str, model: str | None, target, timings: bool = False):
+    """Compile through the cache `structc.compile` uses: (meta, objects, already cached),
+    and with `timings` the artifact's `Timings` last."""
     from . import api
     before = api.COMPILE_COUNT
     art = api.compile_artifact(source, file, model, target=target)
-    return art.meta, art.object, api.COMPILE_COUNT == before
+    found = (art.meta, art.objects, api.COMPILE_COUNT == before)
+    return found + (art.timings,) if timings else found
 
 
 def cmd_compile(args) -> int:
@@ -153,15 +155,18 @@ def cmd_compile(args) -> int:
         raise UserError(str(e)) from None
     if args.header and not args.output:
         raise UserError("-H/--header needs -o/--output (the header describes that library)")
-    if not args.output and not wanted:
-        return _compile_to_cache(source, file, args.model, target)
+    if not args.output and not wanted and not args.kernel_timings:
+        return _compile_to_cache(source, file, args.model, target, args.timings)
     if args.output:
         writable_output(args.output, "the library")
     if args.header:
         writable_output(args.header, "the header")
     t0 = time.perf_counter()
     art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
-                         jit=not args.output)
+                         jit=not args.output, parts=["forward"] if args.inference else None,
+                         kernel_timings=args.kernel_timings)
+    if args.timings or args.kernel_timings:
+        print(art.timings.table())
     if args.output:
         from .ship import ShipError, write_shared_library
         params = None
@@ -178,24 +183,26 @@ def cmd_compile(args) -> int:
         except ShipError as e:
             raise UserError(str(e)) from None
         print(f"wrote {args.output}" + (f" and {args.header}" if args.header else ""), file=sys.stderr)
-        print(f"{file}: model {art.meta['model']} compiled in {time.perf_counter() - t0:.2f} s, "
-              f"{len(art.object)} bytes of machine code")
+        print(f"{file}: model {art.meta['model']} ({', '.join(art.meta['entries'])}) compiled in "
+              f"{time.perf_counter() - t0:.2f} s, {sum(map(len, art.objects))} bytes of machine code")
     return 0
 
 
-def _compile_to_cache(source: str, file: str, model: str | None, target) -> int:
+def _compile_to_cache(source: str, file: str, model: str | None, target, timings: bool = False) -> int:
     """`structc compile m.snet` alone: compile into the cache `structc.compile` reads,
     so the next `structc.compile`, `train` or `eval` of this model loads instead."""
     from .cache import cache_dir
     t0 = time.perf_counter()
-    meta, obj, cached = compile_into_cache(source, file, model, target)
+    meta, objects, cached, times = compile_into_cache(source, file, model, target, timings=True)
+    if timings:
+        print(times.table())
     where = "not cached: STRUCTC_NO_CACHE is set" if os.environ.get("STRUCTC_NO_CACHE") is not None \
         else f"cached in {cache_dir()}"
     if cached:
         print(f"{file}: model {meta['model']} is already compiled ({where}); nothing to do")
     else:
         print(f"{file}: compiled {meta['model']} ({', '.join(meta['entries'])}) in "
-              f"{time.perf_counter() - t0:.2f} s, {len(obj)} bytes of machine code ({where})")
+              f"{time.perf_counter() - t0:.2f} s, {sum(map(len, objects))} bytes of machine code ({where})")
     return 0
 
 
@@ -243,9 +250,10 @@ def cmd_graph(args) -> int:
     return 0
 
 
-def _compile_net(args, dp_comm=None):
+def _compile_net(args, dp_comm=None, training: bool = False):
     """The model, compiled (or loaded from the cache); with `dp_comm`, rank 0 compiles
-    first and the other ranks load what it put in the cache."""
+    first and the other ranks load what it put in the cache. `training`: its training
+    entries too, now (train, and eval, which reads the loss through them)."""
     from .api import compile as compile_net
     source, file = _source(args.file)
     t0 = time.perf_counter()
@@ -255,7 +263,7 @@ def _compile_net(args, dp_comm=None):
     def compile_it():
         try:
             return compile_net(source if file == "<source>" else Path(file), args.model,
-                               seed=getattr(args, "seed", 0) or 0, freeze=freeze)
+                               seed=getattr(args, "seed", 0) or 0, freeze=freeze, training=training)
         except ValueError as e:
             if freeze and str(e).startswith("freeze:"):
                 raise UserError(f"--{e}") from None
@@ -389,7 +397,7 @@ def cmd_train(args) -> int:
         args.threads = threads_per_rank(comm)
     if args.threads is not None:
         set_num_threads(args.threads)
-    net, seconds = _compile_net(args, comm)
+    net, seconds = _compile_net(args, comm, training=True)
     if args.init:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
@@ -546,7 +554,7 @@ def cmd_eval(args) -> int:
         from .distributed import threads_per_rank
         from .native import set_num_threads
         set_num_threads(threads_per_rank(comm))
-    net, _ = _compile_net(args, comm)
+    net, _ = _compile_net(args, comm, training=True)
     data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
     params = load_params(net, args.params)
     if comm is None:
@@ -755,6 +763,14 @@ def parser() -> argparse.ArgumentParser:
                                     "(default: none)")
     c.add_argument("--target-cpu", default="native",
                    help="native (this machine), generic, x86-64-v2, x86-64-v3 or x86-64-v4")
+    c.add_argument("--timings", action="store_true",
+                   help="print where the compile's time went: parse, build, autodiff, each pass, lowering, "
+                        "LLVM optimisation and code generation, per entry point and part")
+    c.add_argument("--kernel-timings", action="store_true",
+                   help="--timings, and LLVM's time per kernel (each kernel compiled as a module of its own, "
+                        "one at a time, not cached: a slower compile)")
+    c.add_argument("--inference", action="store_true",
+                   help="with -o or --dump: the forward entry only (no training code in the library)")
     c.set_defaults(run=cmd_compile)
 
     c = command("export", help="write the forward pass as an ONNX model (needs pip install 'structc[onnx]')",

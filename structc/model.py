@@ -147,13 +147,39 @@ def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
                              f"channel, got {n} (a batch of one); train on larger batches")
 
 
+class _Entries(dict):
+    """The entry points by kind. Asking for one that is not there yet (`get`
+    or `[]`) first compiles the parts the model deferred."""
+
+    def __init__(self, load_deferred):
+        super().__init__()
+        self._load_deferred = load_deferred
+
+    def __missing__(self, kind):
+        if self._load_deferred(kind) and dict.__contains__(self, kind):
+            return dict.__getitem__(self, kind)
+        raise KeyError(kind)
+
+    def get(self, kind, default=None):
+        try:
+            return self[kind]
+        except KeyError:
+            return default
+
+
 class Net:
     """A compiled model. Build one with `structc.compile` or `structc.load`."""
 
-    def __init__(self, meta: dict, module, seed: int = 0):
-        self.meta = meta
+    def __init__(self, meta: dict, module, seed: int = 0, deferred=None):
+        """`deferred(part)`: the (metadata, object files) of a part listed in
+        `meta["deferred"]` (the training entries of a model compiled for
+        inference first), called on the first call that needs one of its
+        entries; they are loaded into `module` (they call its kernels)."""
+        self.meta = meta = dict(meta, entries=dict(meta["entries"]), deferred=list(meta.get("deferred", ())))
         self.name = meta["model"]
         self._module = module            # keeps the machine code alive
+        self._compile_deferred = deferred
+        self._deferred_lock = threading.Lock()
         self._symbols = list(meta["symbols"])
         self._inputs = {s["name"]: _Input(s) for s in meta["inputs"]}
         size = max(1, meta["param_size"])
@@ -172,8 +198,8 @@ class Net:
             self.grads[p["name"]] = self._grad_arena[p["offset"]:p["offset"] + n].reshape(shape)
         self.params = Params(self, views)
         self.init_params(seed)
-        self._entries = {kind: _Entry(self, e, module.address(e["symbol"]), module.address(e["workspace"]))
-                         for kind, e in meta["entries"].items()}
+        self._entries = _Entries(self._load_deferred)
+        self._add_entries(meta["entries"], module)
         self._arena_addrs = tuple(a.ctypes.data for a in (self._param_arena, self._grad_arena, self._state_arena))
         self._hyper = _aligned_zeros(N_HYPER)
         self._hyper_addr = self._hyper.ctypes.data
@@ -192,6 +218,35 @@ class Net:
         self.schedule: dict | None = None    # see set_schedule
         #: the learning rate of the last update (the schedule applied)
         self.last_lr: float | None = None
+
+    # -- deferred entries ----------------------------------------------------
+    def _add_entries(self, entries: dict, module) -> None:
+        for kind, e in entries.items():
+            dict.__setitem__(self._entries, kind, _Entry(self, e, module.address(e["symbol"]),
+                                                         module.address(e["workspace"])))
+
+    def _load_deferred(self, kind: str) -> bool:
+        """Compile (or load from the cache) the deferred parts, the first time
+        an entry they hold is asked for; whether there were any."""
+        if self._compile_deferred is None:
+            return False
+        with self._deferred_lock:
+            if kind in self._entries or not self.meta["deferred"]:
+                return kind in self._entries
+            for part in list(self.meta["deferred"]):
+                meta, objects = self._compile_deferred(part)
+                self._module.add(objects)
+                self._add_entries(meta["entries"], self._module)
+                self.meta["entries"].update(meta["entries"])
+                self.meta["deferred"].remove(part)
+                self.meta["parts"] = self.meta.get("parts", []) + [part]
+            return True
+
+    def _missing_entry(self) -> str:
+        if self.meta["deferred"]:
+            return (f"model {self.name} was compiled for inference only (its training entries are not in "
+                    "this library): compile it without --inference to train it")
+        return f"model {self.name} declares no loss, so it cannot be trained"
 
     # -- parameters --------------------------------------------------------
     def init_params(self, seed: int = 0) -> None:
@@ -316,7 +371,7 @@ class Net:
         receives the bound dims."""
         entry = self._entries.get(kind)
         if entry is None:
-            raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
+            raise TypeError(self._missing_entry())
         arrays, dims = self._bind(entry, given)
         if kind == "train" and self._batch_counts and check_batch:
             _check_batch_counts(self._batch_counts, dims)
