@@ -24,6 +24,17 @@ def differentiate(forward: Graph, loss: str = "loss", frozen: frozenset[str] = f
     return _differentiate(forward, loss, frozen)[0]
 
 
+def _reachable(graph: nx.DiGraph, sources) -> set:
+    """The sources and every node reachable from them."""
+    seen, todo = set(sources), list(sources)
+    while todo:
+        for u in graph.successors(todo.pop()):
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
 def _differentiate(forward: Graph, loss: str,
                    frozen: frozenset[str] = frozenset()) -> tuple[Graph, list[tuple[int, int]], list[str]]:
     """The train graph; the (node, input) pairs whose VJP gives no gradient
@@ -35,9 +46,7 @@ def _differentiate(forward: Graph, loss: str,
     # Only nodes between a trainable parameter and the loss carry a gradient.
     upstream = nx.ancestors(g.nx, loss_id) | {loss_id}
     trainable = [pid for name, pid in g.params.items() if name not in frozen]
-    from_params = set(trainable)
-    for p in trainable:
-        from_params |= nx.descendants(g.nx, p)
+    from_params = _reachable(g.nx, trainable)      # one walk: not one per parameter
     active = upstream & from_params
 
     b = Builder(g)

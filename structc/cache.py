@@ -172,10 +172,16 @@ def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
     return hmac.new(secret, MAGIC + key.encode() + b"\0" + payload, hashlib.sha256).digest()
 
 
-def _entry_name(key: str) -> str:
+#: what a file holds, by its suffix: compiled code, or a source text's canonical program (api's alias)
+KINDS = ("entry", "alias")
+
+
+def _entry_name(key: str, kind: str = "entry") -> str:
     if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
         raise ValueError(f"not a cache key: {key!r}")
-    return f"{key}.entry"
+    if kind not in KINDS:
+        raise ValueError(f"not a kind of cache file: {kind!r}")
+    return f"{key}.{kind}"
 
 
 def _unpack(data: bytes, key: str, secret: bytes) -> tuple[dict, bytes] | None:
@@ -195,11 +201,11 @@ def _unpack(data: bytes, key: str, secret: bytes) -> tuple[dict, bytes] | None:
     return meta, payload[8 + meta_size:]
 
 
-def load(key: str, model: str | None = None) -> tuple[dict, bytes] | None:
+def load(key: str, model: str | None = None, kind: str = "entry") -> tuple[dict, bytes] | None:
     """(metadata, object code) of the entry `key`, or None when there is no
     entry, or it fails a check (a refused one also warns). `model`, when
     given, must be the model the entry holds."""
-    name = _entry_name(key)
+    name = _entry_name(key, kind)
     try:
         dir_fd = _open_dir(create=False)
     except _Refused as e:
@@ -231,9 +237,9 @@ def load(key: str, model: str | None = None) -> tuple[dict, bytes] | None:
     return entry
 
 
-def store(key: str, meta: dict, obj: bytes) -> None:
+def store(key: str, meta: dict, obj: bytes, kind: str = "entry") -> None:
     """Best effort: a read-only or full disk only costs a recompile next time."""
-    name = _entry_name(key)
+    name = _entry_name(key, kind)
     meta_bytes = json.dumps(dict(meta, cache_key=key)).encode()
     payload = struct.pack("<Q", len(meta_bytes)) + meta_bytes + obj
     try:

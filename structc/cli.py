@@ -125,12 +125,14 @@ def cmd_check(args) -> int:
     return 0
 
 
-def compile_into_cache(source: str, file: str, model: str | None, target) -> tuple[dict, bytes, bool]:
-    """Compile through the cache `structc.compile` uses: (meta, object, already cached)."""
+def compile_into_cache(source: str, file: str, model: str | None, target, timings: bool = False):
+    """Compile through the cache `structc.compile` uses: (meta, objects, already cached),
+    and with `timings` the artifact's `Timings` last."""
     from . import api
     before = api.COMPILE_COUNT
     art = api.compile_artifact(source, file, model, target=target)
-    return art.meta, art.object, api.COMPILE_COUNT == before
+    found = (art.meta, art.objects, api.COMPILE_COUNT == before)
+    return found + (art.timings,) if timings else found
 
 
 def cmd_compile(args) -> int:
@@ -153,15 +155,18 @@ def cmd_compile(args) -> int:
         raise UserError(str(e)) from None
     if args.header and not args.output:
         raise UserError("-H/--header needs -o/--output (the header describes that library)")
-    if not args.output and not wanted:
-        return _compile_to_cache(source, file, args.model, target)
+    if not args.output and not wanted and not args.kernel_timings:
+        return _compile_to_cache(source, file, args.model, target, args.timings)
     if args.output:
         writable_output(args.output, "the library")
     if args.header:
         writable_output(args.header, "the header")
     t0 = time.perf_counter()
     art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
-                         jit=not args.output)
+                         jit=not args.output, parts=["forward"] if args.inference else None,
+                         kernel_timings=args.kernel_timings)
+    if args.timings or args.kernel_timings:
+        print(art.timings.table())
     if args.output:
         from .ship import ShipError, write_shared_library
         params = None
@@ -178,24 +183,26 @@ def cmd_compile(args) -> int:
         except ShipError as e:
             raise UserError(str(e)) from None
         print(f"wrote {args.output}" + (f" and {args.header}" if args.header else ""), file=sys.stderr)
-        print(f"{file}: model {art.meta['model']} compiled in {time.perf_counter() - t0:.2f} s, "
-              f"{len(art.object)} bytes of machine code")
+        print(f"{file}: model {art.meta['model']} ({', '.join(art.meta['entries'])}) compiled in "
+              f"{time.perf_counter() - t0:.2f} s, {sum(map(len, art.objects))} bytes of machine code")
     return 0
 
 
-def _compile_to_cache(source: str, file: str, model: str | None, target) -> int:
+def _compile_to_cache(source: str, file: str, model: str | None, target, timings: bool = False) -> int:
     """`structc compile m.snet` alone: compile into the cache `structc.compile` reads,
     so the next `structc.compile`, `train` or `eval` of this model loads instead."""
     from .cache import cache_dir
     t0 = time.perf_counter()
-    meta, obj, cached = compile_into_cache(source, file, model, target)
+    meta, objects, cached, times = compile_into_cache(source, file, model, target, timings=True)
+    if timings:
+        print(times.table())
     where = "not cached: STRUCTC_NO_CACHE is set" if os.environ.get("STRUCTC_NO_CACHE") is not None \
         else f"cached in {cache_dir()}"
     if cached:
         print(f"{file}: model {meta['model']} is already compiled ({where}); nothing to do")
     else:
         print(f"{file}: compiled {meta['model']} ({', '.join(meta['entries'])}) in "
-              f"{time.perf_counter() - t0:.2f} s, {len(obj)} bytes of machine code ({where})")
+              f"{time.perf_counter() - t0:.2f} s, {sum(map(len, objects))} bytes of machine code ({where})")
     return 0
 
 
@@ -243,9 +250,10 @@ def cmd_graph(args) -> int:
     return 0
 
 
-def _compile_net(args, dp_comm=None):
+def _compile_net(args, dp_comm=None, training: bool = False):
     """The model, compiled (or loaded from the cache); with `dp_comm`, rank 0 compiles
-    first and the other ranks load what it put in the cache."""
+    first and the other ranks load what it put in the cache. `training`: its training
+    entries too, now (train, and eval, which reads the loss through them)."""
     from .api import compile as compile_net
     source, file = _source(args.file)
     t0 = time.perf_counter()
@@ -255,7 +263,7 @@ def _compile_net(args, dp_comm=None):
     def compile_it():
         try:
             return compile_net(source if file == "<source>" else Path(file), args.model,
-                               seed=getattr(args, "seed", 0) or 0, freeze=freeze)
+                               seed=getattr(args, "seed", 0) or 0, freeze=freeze, training=training)
         except ValueError as e:
             if freeze and str(e).startswith("freeze:"):
                 raise UserError(f"--{e}") from None
@@ -279,13 +287,21 @@ def _distributed_comm(args):
         raise UserError(str(e)) from None
 
 
-def _load_bound_data(name: str, net, split: float | None = None):
+def _load_bound_data(name: str, net, split: float | None = None, stream: bool | None = None):
     """The data set `name`, checked against the model's kind of input, bound to `net`.
-    `split`: the held-out fraction for the user's data that comes as one set."""
-    from . import datasets
+    `split`: the held-out fraction for the user's data that comes as one set; `stream`:
+    read the user's treebank or table file a chunk at a time (`structc.streams`), or
+    whole (False), or by its size (None)."""
+    from . import datasets, readers
     try:
         datasets.check_name_fits(name, net)
-        data = datasets.load(name, split)
+        if stream and name in datasets.DATASETS:
+            raise ValueError(f"--stream reads your own treebank or table file; the built-in data set '{name}' "
+                             f"is read whole")
+        if stream is not None and name not in datasets.DATASETS and Path(name).exists():
+            data = readers.read(name, split, stream=stream)
+        else:
+            data = datasets.load(name, split)
         datasets.check_fits(data, net)
         data.bind(net)
     except (ValueError, FileNotFoundError) as e:
@@ -293,11 +309,11 @@ def _load_bound_data(name: str, net, split: float | None = None):
     return data
 
 
-TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0}
+TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0, "val_split": 0.0}
 
 
 def _train_settings(args, saved: dict | None) -> dict:
-    """lr, batch, optimizer, seed, clip_norm: as given, else the resumed run's, else the defaults.
+    """lr, batch, optimizer, seed, clip_norm, val_split: as given, else the resumed run's, else the defaults.
     A resumed run told to change one says so (the run then differs from the original)."""
     settings = {}
     for key, default in TRAIN_DEFAULTS.items():
@@ -368,21 +384,24 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, restore_optimizer, save_state, train
     if args.init and args.resume:
         raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
+    _check_validation_options(args)
     if args.out is None and args.resume:
         args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
     args.freeze_names = _freeze_names(args)
     out = writable_output(with_suffix(args.out, ".npz"), "the parameters") if args.out else None
     comm = _distributed_comm(args)
+    if args.tensorboard:
+        _check_tensorboard()
     if args.threads is None and comm is not None:
         from .distributed import threads_per_rank
         args.threads = threads_per_rank(comm)
     if args.threads is not None:
         set_num_threads(args.threads)
-    net, seconds = _compile_net(args, comm)
+    net, seconds = _compile_net(args, comm, training=True)
     if args.init:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
-    data = _load_bound_data(args.data, net, args.split)
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
     dp = None
     if comm is not None:
         from .distributed import DataParallel, check_splittable
@@ -400,12 +419,17 @@ def cmd_train(args) -> int:
                             f"--epochs is the total to reach: pass more than {state['epoch']}")
         if state["config"].get("data") != data_id:
             warn(f"the resumed run was trained on {state['config'].get('data')}, this one on {data_id}")
+        kept = state["config"].get("kept_epoch")
+        if kept is not None and kept != state["epoch"]:
+            warn(f"the resumed run stopped early after epoch {state['epoch']} and kept epoch {kept}'s parameters: "
+                 f"training continues from those, with the optimizer state and shuffling of epoch {state['epoch']}")
     saved = state["config"] if state else None
     settings = _train_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
                       first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"],
-                      schedule=_schedule(args, saved))
+                      schedule=_schedule(args, saved), val_split=settings["val_split"],
+                      early_stop=args.early_stop or 0, monitor=args.monitor)
     if cfg.schedule is not None:
         net.set_schedule(**cfg.schedule)           # data-parallel training too
     net.set_seed(cfg.seed)      # dropout's masks: the run's seed, a resumed run's too (compiled with --seed or 0)
@@ -417,6 +441,7 @@ def cmd_train(args) -> int:
                 warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
                      f"it starts from zero, so this run differs from an uninterrupted one")
     metrics = _start_metrics_log(out, cfg, args.resume) if root else None
+    board = _tensorboard(args.tensorboard) if root and args.tensorboard else None
     if root:
         print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
               f"data: {data.description or data.name}"
@@ -424,18 +449,25 @@ def cmd_train(args) -> int:
               + (f"; starting from {args.init}" if args.init else "")
               + (f"; frozen: {', '.join(net.meta['frozen'])}" if net.meta.get("frozen") else "")
               + (f"; {dp.size} ranks" if dp else "")
-              + f"; per-epoch metrics in {metrics.path}", file=sys.stderr)
-    if dp is None:
-        history = train(net, data, cfg, rng=rng, on_epoch=metrics.callback)
-    else:
-        from .distributed import train as train_data_parallel
-        history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=metrics.callback if root else None)
-        if not root:
-            return 0
+              + f"; per-epoch metrics in {metrics.path}"
+              + (f"; TensorBoard scalars in {board.folder}" if board else ""), file=sys.stderr)
+    on_epoch = _epoch_logger(metrics, board) if root else None
+    try:
+        if dp is None:
+            history = train(net, data, cfg, rng=rng, on_epoch=on_epoch)
+        else:
+            from .distributed import train as train_data_parallel
+            history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=on_epoch)
+            if not root:
+                return 0
+    finally:
+        if board is not None:
+            board.close()
 
     def save_training_state(params_path: Path) -> None:
         from .train import state_path
-        save_state(net, state_path(params_path), cfg.epochs, cfg, history.rng_state, data_id)
+        save_state(net, state_path(params_path), history.last_epoch, cfg, history.rng_state, data_id,
+                   history.best_epoch)
 
     written, problem = save_run(net, out, save_training_state)
     final = history.final
@@ -448,6 +480,58 @@ def cmd_train(args) -> int:
         return 1
     print(f"saved parameters to {written}{result}")
     return 0
+
+
+def _stream_choice(args, comm) -> bool | None:
+    """--stream: True; --distributed, which does not stream yet: read whole (refusing --stream);
+    otherwise None: by the file's size."""
+    if comm is None:
+        return True if args.stream else None
+    if args.stream:
+        raise UserError("--stream is not supported with --distributed yet: train on one process, or without "
+                        "--stream (the file is then read whole)")
+    return False
+
+
+def _check_validation_options(args) -> None:
+    """--val-split, --early-stop, --monitor (and --stream with --distributed): checked before any work."""
+    if args.val_split is not None and not 0.0 < args.val_split < 1.0:
+        raise UserError(f"--val-split is the fraction of the training examples to validate on: between 0 and 1, "
+                        f"got {args.val_split}")
+    if args.early_stop is not None and args.early_stop < 1:
+        raise UserError(f"--early-stop is a number of epochs without improvement: at least 1, got {args.early_stop}")
+    if args.early_stop and not args.val_split and not args.resume:
+        raise UserError("--early-stop needs --val-split: choosing the epoch on the held-out part would leave "
+                        "no held-out measure")
+    if args.distributed and (args.val_split or args.early_stop):
+        raise UserError("--val-split and --early-stop are not supported with --distributed yet")
+    if args.distributed and args.stream:
+        _stream_choice(args, True)
+
+
+def _check_tensorboard() -> None:
+    """--tensorboard without tensorboardX: say what to install, before any work."""
+    from .runlog import TensorBoardLog
+    try:
+        TensorBoardLog.writer_class()
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+
+
+def _tensorboard(folder: str):
+    """The TensorBoard writer of --tensorboard, made as training starts (no event file for a run that never ran)."""
+    from .runlog import TensorBoardLog
+    try:
+        return TensorBoardLog(folder)
+    except OSError as e:
+        raise UserError(f"cannot write TensorBoard logs to {folder}: {e.strerror or e}", code=2) from None
+
+
+def _epoch_logger(metrics, board):
+    """on_epoch: the JSONL record, then the same record as TensorBoard scalars."""
+    if board is None:
+        return metrics.callback
+    return lambda m: board.write(metrics.callback(m))
 
 
 def _data_id(args) -> str:
@@ -471,8 +555,8 @@ def cmd_eval(args) -> int:
         from .distributed import threads_per_rank
         from .native import set_num_threads
         set_num_threads(threads_per_rank(comm))
-    net, _ = _compile_net(args, comm)
-    data = _load_bound_data(args.data, net, args.split)
+    net, _ = _compile_net(args, comm, training=True)
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
     params = load_params(net, args.params)
     if comm is None:
         metrics = data.evaluate(net)
@@ -680,6 +764,14 @@ def parser() -> argparse.ArgumentParser:
                                     "(default: none)")
     c.add_argument("--target-cpu", default="native",
                    help="native (this machine), generic, x86-64-v2, x86-64-v3 or x86-64-v4")
+    c.add_argument("--timings", action="store_true",
+                   help="print where the compile's time went: parse, build, autodiff, each pass, lowering, "
+                        "LLVM optimisation and code generation, per entry point and part")
+    c.add_argument("--kernel-timings", action="store_true",
+                   help="--timings, and LLVM's time per kernel (each kernel compiled as a module of its own, "
+                        "one at a time, not cached: a slower compile)")
+    c.add_argument("--inference", action="store_true",
+                   help="with -o or --dump: the forward entry only (no training code in the library)")
     c.set_defaults(run=cmd_compile)
 
     c = command("export", help="write the forward pass as an ONNX model (needs pip install 'structc[onnx]')",
@@ -708,6 +800,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, metavar="DATA",
                    help=f"a built-in data set ({data_sets}) or a file or folder of your data")
     _split_option(c)
+    _stream_option(c)
     c.add_argument("--epochs", type=int, default=20, help="epochs to train (with --resume: the total to reach)")
     c.add_argument("--batch", type=int, help=f"examples per step (default: {TRAIN_DEFAULTS['batch']}; "
                                              f"with --resume: the run's)")
@@ -745,6 +838,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--freeze", metavar="NAMES",
                    help="comma-separated parameters or layers (conv1,conv2.w) that training leaves unchanged: "
                         "no gradient is computed for them (default: none; with --resume: the run's)")
+    c.add_argument("--val-split", type=float, metavar="FRACTION",
+                   help="validate on this fraction of each class of the training examples (seeded with --seed, "
+                        "disjoint from training; val_loss and val_accuracy each epoch) (default: none; with "
+                        "--resume: the run's)")
+    c.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                   help="stop when --monitor has not improved for PATIENCE epochs and keep (and save) the best "
+                        "epoch's parameters; needs --val-split (default: none: train all --epochs)")
+    c.add_argument("--monitor", choices=["val_loss", "val_acc"], default="val_loss",
+                   help="what --early-stop watches: validation loss (lower is better) or accuracy (higher)")
+    c.add_argument("--tensorboard", metavar="DIR",
+                   help="also write each epoch's loss, accuracy, learning rate and time as TensorBoard scalars "
+                        "to DIR (needs pip install 'structc[tensorboard]': tensorboardX, no TensorFlow) "
+                        "(default: none)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     _distributed_option(c)
     c.set_defaults(run=cmd_train)
@@ -754,6 +860,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"a built-in data set ({data_sets}) or a file or folder of your data; its held-out "
                         f"part is used")
     _split_option(c)
+    _stream_option(c)
     c.add_argument("--params", required=True, help="parameters saved by `structc train` (.npz optional)")
     _distributed_option(c)
     c.set_defaults(run=cmd_eval)
@@ -803,6 +910,13 @@ def _split_option(c) -> None:
                    help="for your data that comes as one set: the held-out fraction of each class, drawn "
                         "with seed 0 so that train and eval see the same parts (default: 0.2; built-in data "
                         "sets and files that give both parts keep theirs)")
+
+
+def _stream_option(c) -> None:
+    c.add_argument("--stream", action="store_true",
+                   help="read a treebank or table file a chunk of 4096 examples at a time, for files larger than "
+                        "memory: the same checks and split, shuffled within chunks (default: only files over "
+                        "256 MiB)")
 
 
 def _distributed_option(c) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,8 +27,8 @@ from .build import ModelDef, build_model
 from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
-from .lower.module import Target, lower_entry
-from .native import compile_object, host_target
+from .lower.module import Target, helpers, lower_entry, split_module
+from .native import compile_objects, compile_threads, host_target
 from .ops.norm import batch_counts
 from .ops.optim import N_HYPER
 from .passes import PIPELINE, run_pipeline
@@ -43,13 +45,69 @@ STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
 
 
+#: entry points compiled together as one LLVM module (one object file). The
+#: forward entry is a part of its own, so inference never waits for training
+#: code, and the parts are optimised and code-generated in parallel threads.
+PARTS = {"forward": ("forward",), "training": ("train", "update")}
+
+
 @dataclass
 class Artifact:
+    """Metadata and object code: `objects` holds the object files of the parts
+    compiled (`PARTS`; `meta["objects"]` gives each part's sizes, in order: a
+    part is one object per module it was split into); `meta["deferred"]` lists
+    the parts left for later."""
     meta: dict
-    object: bytes
+    objects: tuple[bytes, ...]
     llvm_ir: str = ""
     timings: dict = field(default_factory=dict)
     jit: bool = True     # False: position-independent, for a shared library
+    part_ir: tuple[str, ...] = ()   # each object's LLVM IR (`llvm_ir` is them together, to read)
+
+    @property
+    def object(self) -> bytes | tuple[bytes, ...]:
+        """The object file, or the tuple of them when several parts were compiled
+        (what `native.JitModule` and `ship` take either way)."""
+        return self.objects[0] if len(self.objects) == 1 else self.objects
+
+
+class Timings(dict):
+    """Seconds per stage, in the order the stages ran (`structc compile --timings`);
+    `cpu` holds the CPU seconds of the thread that ran each stage (on a loaded
+    machine the steadier figure). `total` is the wall time since it was made:
+    the LLVM stages of the modules overlap each other (threads), so the stages
+    can add up to more; `llvm` is their wall time together."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.started_cpu = time.process_time()
+
+    @contextmanager
+    def stage(self, name: str):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0, time.thread_time() - c0)
+
+    def add(self, name: str, seconds: float, cpu: float) -> None:
+        self[name] = self.get(name, 0.0) + seconds
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu
+
+    def finish(self) -> None:
+        """Record `total`: the wall time and the process's CPU time since the start."""
+        self.pop("total", None)
+        self.add("total", time.perf_counter() - self.started, time.process_time() - self.started_cpu)
+        self.cpu["total"] = time.process_time() - self.started_cpu
+
+    def table(self) -> str:
+        width = max(map(len, self), default=0)
+        rows = [f"{'stage':<{width}}  {'wall ms':>9}  {'cpu ms':>9}"]
+        rows += [f"{name:<{width}}  {seconds * 1000:9.1f}  {self.cpu.get(name, 0.0) * 1000:9.1f}"
+                 for name, seconds in self.items()]
+        return "\n".join(rows)
 
 
 def compiler_fingerprint() -> str:
@@ -160,52 +218,86 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
 
 
 def compile_model(mdef: ModelDef, target: Target | None = None,
-                  dump: Callable[[str, str], None] | None = None, jit: bool = True, freeze=()) -> Artifact:
+                  dump: Callable[[str, str], None] | None = None, jit: bool = True, freeze=(),
+                  parts=None, timings: Timings | None = None, kernel_timings: bool = False) -> Artifact:
     """`jit=False` makes position-independent code for a shared library;
-    `freeze`: parameter names or layer prefixes that training leaves alone."""
+    `freeze`: parameter names or layer prefixes that training leaves alone;
+    `parts`: which of `PARTS` to compile (default: every part the model has),
+    the others are listed in `meta["deferred"]` and can be compiled later with
+    the same arguments; `timings` receives the seconds of each stage, and
+    with `kernel_timings` LLVM's per kernel too (each kernel is then a module
+    of its own, compiled one at a time: a slower compile, to read)."""
     frozen = resolve_frozen(mdef.params, freeze) | {name for name, p in mdef.params.items() if p.frozen}
     target = target or host_target()
-    times = {}
-    t0 = time.perf_counter()
+    times = timings if timings is not None else Timings()
     # Rewrites that must precede differentiation (message passing: aggregate first).
-    forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
+    with times.stage("prepare"):
+        forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
     mdef = dataclasses.replace(mdef, graph=forward)
     offsets, param_size, update_size, decay_end = arena_layout(mdef, frozen)
+    available = ["forward", "training"] if mdef.has_loss else ["forward"]
+    wanted = [p for p in available if parts is None or p in parts]
 
-    def dumper(prefix):
-        return (lambda name, graph: dump(f"{prefix}.{name}", str(graph))) if dump else None
-
-    graphs = {"forward": forward_graph(mdef)}
-    blocked = gradient_warnings(mdef.graph, frozen=frozen) if mdef.has_loss else []
-    warn_gradient_flow(blocked)
-    if mdef.has_loss:
-        graphs["train"] = train_graph(mdef, update_size, frozen, decay_end)
-        graphs["update"] = update_graph(mdef, update_size, decay_end)
+    with times.stage("forward.inference"):
+        graphs = {"forward": forward_graph(mdef)}
+    with times.stage("gradient_warnings"):
+        blocked = gradient_warnings(mdef.graph, frozen=frozen) if mdef.has_loss else []
+    if "forward" in wanted:     # once per model: not again when its training part is compiled later
+        warn_gradient_flow(blocked)
+    if "training" in wanted:
+        with times.stage("train.autodiff"):
+            graphs["train"] = train_graph(mdef, update_size, frozen, decay_end)
+            graphs["update"] = update_graph(mdef, update_size, decay_end)
         if dump:
             dump("train", str(graphs["train"]))
-    module = ir.Module(name=mdef.name)
-    module.triple = target.triple
-    entries, plans, shared = {}, {}, {}
-    for kind, g in graphs.items():
-        g = run_pipeline(g, dumper(kind))
-        plan = plan_memory(g, offsets)
-        plans[kind] = (g, plan)
-        symbol = f"sc_{kind}"
-        lower_entry(module, g, plan, mdef.symbols, symbol, target, shared)
-        entries[kind] = _entry_meta(g, plan, symbol)
+    entries, plans, texts = {}, {}, {}
+    # Kernel text -> function, across entries and parts: the training part calls the
+    # kernels it shares with the forward part (which exports them) instead of
+    # emitting them again, so the forward part is lowered even when not compiled.
+    shared: dict = {}
+    provided: dict = {}      # the forward part's helpers (matmul micro-kernels), which it exports
+    for part in ["forward"] + [p for p in wanted if p != "forward"]:
+        module = ir.Module(name=f"{mdef.name}.{part}")
+        module.triple = target.triple
+        for kind in PARTS[part]:
+            g = run_pipeline(graphs[kind], _pass_timer(times, kind, dump if part in wanted else None))
+            with times.stage(f"{kind}.plan"):
+                plan = plan_memory(g, offsets)
+            symbol = f"sc_{kind}"
+            with times.stage(f"{kind}.lower"):
+                lower_entry(module, g, plan, mdef.symbols, symbol, target, shared, export=part == "forward")
+            if part in wanted:
+                plans[kind] = (g, plan)
+                entries[kind] = _entry_meta(g, plan, symbol)
+        if part in wanted:
+            with times.stage(f"{part}.ir_text"):
+                chunks, least = (10 ** 6, 0) if kernel_timings else (compile_threads(), None)
+                texts[part] = split_module(module, chunks, least, export_helpers=part == "forward",
+                                           provided=provided)
+        if part == "forward":
+            provided = helpers(module)
+    # Every part's modules at once, one per core (LLVM runs outside the GIL and llvmlite's lock).
+    flat = [text for part in wanted for text in texts[part]]
+    with times.stage("llvm"):
+        compiled = compile_objects(flat, target, jit, threads=1 if kernel_timings else None)
+    objects, sizes = [], {}
+    for (part, text), (obj, llvm_times) in zip([(p, t) for p in wanted for t in texts[p]], compiled):
+        objects.append(obj)
+        sizes.setdefault(part, []).append(len(obj))
+        for stage, (seconds, cpu) in llvm_times.items():
+            times.add(f"{part}.llvm.{stage}", seconds, cpu)
+        if kernel_timings:       # named after the module's first function: the kernel, or the entry point
+            first = re.search(r'^define [^@]*@"([^"]+)"', text, re.M).group(1)
+            times.add(f"{part}.llvm.kernel {first}", *map(sum, zip(*llvm_times.values())))
+    times.finish()
+    llvm_ir = "\n".join(f"; ---- part {part}, module {k} ----\n{text}"
+                        for part in wanted for k, text in enumerate(texts[part]))
     if dump:
         dump("plan", "\n".join(f"# {k}\n{p.describe(g)}" for k, (g, p) in plans.items()))
-    times["lower"] = time.perf_counter() - t0
-    llvm_ir = str(module)
-    if dump:
         dump("llvm", llvm_ir)
-    t1 = time.perf_counter()
-    obj = compile_object(llvm_ir, target, jit)
-    times["llvm"] = time.perf_counter() - t1
-    if dump:
         from .native import assembly, optimized_ir
-        dump("opt", optimized_ir(llvm_ir, target))
-        dump("asm", assembly(llvm_ir, target))
+        dump("opt", "\n".join(optimized_ir(text, target) for text in flat))
+        dump("asm", "\n".join(assembly(text, target) for text in flat))
 
     meta = {
         "structc": compiler_fingerprint(),
@@ -226,6 +318,9 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "n_hyper": N_HYPER,
         "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step
         "entries": entries,
+        "parts": wanted,
+        "objects": sizes,      # part -> the sizes of its object files, in order
+        "deferred": [p for p in available if p not in wanted],
         "gradient_warnings": blocked,   # re-issued when the model is loaded from the cache
         "loss_denominator": loss_denominator(forward) if mdef.has_loss else None,
     }
@@ -233,22 +328,42 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         meta["forests"] = mdef.forests
     if mdef.sequences:
         meta["sequences"] = mdef.sequences
-    return Artifact(meta, obj, llvm_ir, times, jit)
+    return Artifact(meta, tuple(objects), llvm_ir, times, jit, tuple(flat))
+
+
+def _pass_timer(times: Timings, kind: str, dump):
+    """The pipeline's after-each-pass hook: times each pass (with its check of
+    the graph) as the time since the previous call, and dumps the graph."""
+    last = [time.perf_counter(), time.thread_time()]
+
+    def after(name, graph):
+        times.add(f"{kind}.{name}", time.perf_counter() - last[0], time.thread_time() - last[1])
+        if dump:
+            dump(f"{kind}.{name}", str(graph))
+        last[:] = time.perf_counter(), time.thread_time()
+    return after
 
 
 def compile_source(source: str, file: str = "<source>", model: str | None = None,
-                   target: Target | None = None, dump=None, jit: bool = True, freeze=()) -> Artifact:
-    return compile_program(parse(source, file), model, target, dump, jit, freeze)
+                   target: Target | None = None, dump=None, jit: bool = True, freeze=(), parts=None,
+                   kernel_timings: bool = False) -> Artifact:
+    times = Timings()
+    with times.stage("parse"):
+        program = parse(source, file)
+    return compile_program(program, model, target, dump, jit, freeze, parts, times, kernel_timings)
 
 
 def compile_program(program: Program, model: str | None = None, target: Target | None = None,
-                    dump=None, jit: bool = True, freeze=()) -> Artifact:
+                    dump=None, jit: bool = True, freeze=(), parts=None, timings: Timings | None = None,
+                    kernel_timings: bool = False) -> Artifact:
+    times = timings if timings is not None else Timings()
     if dump:
         dump("ast", format_program(program))
-    mdef = build_model(program, model)
+    with times.stage("build"):
+        mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump, jit, freeze)
+    return compile_model(mdef, target, dump, jit, freeze, parts, times, kernel_timings)
 
 
 # Fields that hold the program's layout, not its meaning: the key ignores them.
@@ -301,9 +416,21 @@ def cache_key(program: Program, model: str | None, target: Target, options: dict
     """The cache key of `model` of `program` compiled for `target`: the
     canonical program (not its bytes), the compiler (version and sources),
     llvmlite and LLVM, the target CPU and the options (such as `jit`)."""
+    return canonical_key(canonical_program(program), model, target, options)
+
+
+def source_key(source: str, model: str | None, target: Target, options: dict | None = None) -> str:
+    """The key of the source text itself, bytes and all: the cache keeps under
+    it the canonical program the text parses to, so that a warm load need not
+    build the parser (most of its time) to find the entry."""
+    return canonical_key("source text\0" + source, model, target, options)
+
+
+def canonical_key(canonical: str, model: str | None, target: Target, options: dict | None = None) -> str:
+    """`cache_key` of a program already in its canonical form (`canonical_program`)."""
     h = hashlib.sha256()
     from .ops.base import extension_fingerprint      # users' ops: their definitions, not just their names
-    for part in (compiler_fingerprint(), extension_fingerprint(), _toolchain(), canonical_program(program), model or "",
+    for part in (compiler_fingerprint(), extension_fingerprint(), _toolchain(), canonical, model or "",
                  target.triple, target.cpu, target.features, json.dumps(options or {}, sort_keys=True)):
         h.update(part.encode())
         h.update(b"\0")

@@ -147,13 +147,39 @@ def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
                              f"channel, got {n} (a batch of one); train on larger batches")
 
 
+class _Entries(dict):
+    """The entry points by kind. Asking for one that is not there yet (`get`
+    or `[]`) first compiles the parts the model deferred."""
+
+    def __init__(self, load_deferred):
+        super().__init__()
+        self._load_deferred = load_deferred
+
+    def __missing__(self, kind):
+        if self._load_deferred(kind) and dict.__contains__(self, kind):
+            return dict.__getitem__(self, kind)
+        raise KeyError(kind)
+
+    def get(self, kind, default=None):
+        try:
+            return self[kind]
+        except KeyError:
+            return default
+
+
 class Net:
     """A compiled model. Build one with `structc.compile` or `structc.load`."""
 
-    def __init__(self, meta: dict, module, seed: int = 0):
-        self.meta = meta
+    def __init__(self, meta: dict, module, seed: int = 0, deferred=None):
+        """`deferred(part)`: the (metadata, object files) of a part listed in
+        `meta["deferred"]` (the training entries of a model compiled for
+        inference first), called on the first call that needs one of its
+        entries; they are loaded into `module` (they call its kernels)."""
+        self.meta = meta = dict(meta, entries=dict(meta["entries"]), deferred=list(meta.get("deferred", ())))
         self.name = meta["model"]
         self._module = module            # keeps the machine code alive
+        self._compile_deferred = deferred
+        self._deferred_lock = threading.Lock()
         self._symbols = list(meta["symbols"])
         self._inputs = {s["name"]: _Input(s) for s in meta["inputs"]}
         size = max(1, meta["param_size"])
@@ -176,8 +202,8 @@ class Net:
         self._hyper_bits = self._hyper.view(np.uint32)     # dropout's key and step slots hold bits
         self._random = bool(meta.get("random"))             # only then is the step written (each write costs)
         self.init_params(seed)
-        self._entries = {kind: _Entry(self, e, module.address(e["symbol"]), module.address(e["workspace"]))
-                         for kind, e in meta["entries"].items()}
+        self._entries = _Entries(self._load_deferred)
+        self._add_entries(meta["entries"], module)
         self._arena_addrs = tuple(a.ctypes.data for a in (self._param_arena, self._grad_arena, self._state_arena))
         self._workspace_buf, self._workspace_addr = None, 0   # grown under the lock, shared by calls
         # Structured inputs (forests, graphs) become arrays and dims before the checks.
@@ -194,6 +220,35 @@ class Net:
         self.schedule: dict | None = None    # see set_schedule
         #: the learning rate of the last update (the schedule applied)
         self.last_lr: float | None = None
+
+    # -- deferred entries ----------------------------------------------------
+    def _add_entries(self, entries: dict, module) -> None:
+        for kind, e in entries.items():
+            dict.__setitem__(self._entries, kind, _Entry(self, e, module.address(e["symbol"]),
+                                                         module.address(e["workspace"])))
+
+    def _load_deferred(self, kind: str) -> bool:
+        """Compile (or load from the cache) the deferred parts, the first time
+        an entry they hold is asked for; whether there were any."""
+        if self._compile_deferred is None:
+            return False
+        with self._deferred_lock:
+            if kind in self._entries or not self.meta["deferred"]:
+                return kind in self._entries
+            for part in list(self.meta["deferred"]):
+                meta, objects = self._compile_deferred(part)
+                self._module.add(objects)
+                self._add_entries(meta["entries"], self._module)
+                self.meta["entries"].update(meta["entries"])
+                self.meta["deferred"].remove(part)
+                self.meta["parts"] = self.meta.get("parts", []) + [part]
+            return True
+
+    def _missing_entry(self) -> str:
+        if self.meta["deferred"]:
+            return (f"model {self.name} was compiled for inference only (its training entries are not in "
+                    "this library): compile it without --inference to train it")
+        return f"model {self.name} declares no loss, so it cannot be trained"
 
     # -- parameters --------------------------------------------------------
     def init_params(self, seed: int = 0) -> None:
@@ -336,7 +391,7 @@ class Net:
         receives the bound dims."""
         entry = self._entries.get(kind)
         if entry is None:
-            raise TypeError(f"model {self.name} declares no loss, so it cannot be trained")
+            raise TypeError(self._missing_entry())
         arrays, dims = self._bind(entry, given)
         if kind == "train" and self._batch_counts and check_batch:
             _check_batch_counts(self._batch_counts, dims)
@@ -621,6 +676,8 @@ def _read_params(path) -> dict[str, np.ndarray]:
 def _as_array(spec: _Input, value) -> np.ndarray:
     """The input as a C-contiguous array of the declared dtype, converting
     only within a kind (float64 -> float32, int64 -> int32)."""
+    if not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
+        return _from_dlpack(spec, value)
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     kind = arr.dtype.kind
     if spec.classes or np.dtype(spec.dtype).kind == "i":
@@ -640,6 +697,48 @@ def _as_array(spec: _Input, value) -> np.ndarray:
     if not arr.flags.c_contiguous or not arr.flags.aligned:
         arr = np.ascontiguousarray(arr)
     return arr
+
+
+_DLPACK_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "metal", 10: "rocm",
+                   13: "cuda_managed", 14: "oneapi"}
+
+
+def _from_dlpack(spec: _Input, tensor) -> np.ndarray:
+    """Another library's tensor (torch, jax, ...) shared through DLPack: no copy when it is
+    on the CPU, of the declared dtype and C-contiguous. Otherwise a copy only where the
+    values stay the same (a strided view; integer labels that fit int32); a tensor on
+    another device or of another dtype is refused: casting floats would change values."""
+    try:
+        arr = np.from_dlpack(tensor)     # refuses memory the CPU cannot read (asking the device first costs µs)
+    except (BufferError, RuntimeError, TypeError, ValueError) as e:
+        raise TypeError(_dlpack_refusal(spec, tensor, e)) from None
+    want = np.dtype(spec.dtype)
+    if arr.dtype != want:
+        if not (want.kind == "i" and arr.dtype.kind in "iu"):
+            raise TypeError(f"input '{spec.name}': the {_kind_of(tensor)} has dtype "
+                            f"{getattr(tensor, 'dtype', arr.dtype)}, the model expects {spec.describe()} "
+                            f"({want.name}); convert it yourself (structc does not cast a tensor's values)")
+        return _as_array(spec, arr)          # integers: a copy, checked to fit, values unchanged
+    if not arr.flags.c_contiguous or not arr.flags.aligned:
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def _kind_of(tensor) -> str:
+    return f"{type(tensor).__module__}.{type(tensor).__qualname__}"
+
+
+def _dlpack_refusal(spec: _Input, tensor, error: Exception) -> str:
+    """Why numpy cannot read `tensor`: its device when it is not the CPU, else numpy's reason."""
+    try:
+        device = int(tensor.__dlpack_device__()[0])
+    except Exception:            # noqa: BLE001 - an exporter without a device: numpy's reason is all there is
+        device = 1
+    if device != 1:
+        return (f"input '{spec.name}': the {_kind_of(tensor)} is on device {_DLPACK_DEVICES.get(device, device)}; "
+                f"structc runs on the CPU: move it there first (e.g. tensor.cpu())")
+    return (f"input '{spec.name}': cannot share the {_kind_of(tensor)} (dtype {getattr(tensor, 'dtype', '?')}) "
+            f"with numpy through DLPack: {error}")
 
 
 def _write_atomically(path: str, write) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import llvmlite.binding as llvm
 
@@ -68,12 +72,14 @@ def new_target_machine(target: Target, jit: bool = True):
                                    codemodel="jitdefault" if jit else "small")
 
 
-def optimize(ir_text: str, target: Target, jit: bool = True):
-    """Parse, verify and run the O3 pipeline; returns (module, target machine)."""
+def optimize(ir_text: str, target: Target, jit: bool = True, tm=None, context=None):
+    """Parse, verify and run the O3 pipeline; returns (module, target machine).
+    Threads compiling at once each pass their own `tm` and `context` (LLVM's
+    contexts and target machines are not shared between threads)."""
     _init()
-    mod = llvm.parse_assembly(ir_text)
+    mod = llvm.parse_assembly(ir_text, context)
     mod.triple = target.triple
-    tm = target_machine(target, jit)
+    tm = tm or target_machine(target, jit)
     mod.data_layout = str(tm.target_data)
     mod.verify()
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
@@ -85,8 +91,96 @@ def optimize(ir_text: str, target: Target, jit: bool = True):
 
 
 def compile_object(ir_text: str, target: Target, jit: bool = True) -> bytes:
-    mod, tm = optimize(ir_text, target, jit)
-    return tm.emit_object(mod)
+    return compile_object_timed(ir_text, target, jit)[0]
+
+
+def compile_object_timed(ir_text: str, target: Target, jit: bool = True) -> tuple[bytes, dict]:
+    """The object code and the (wall, CPU) seconds spent optimising and generating it.
+    Safe to call from several threads at once: each call has its own LLVM
+    context and target machine, and runs past llvmlite's global lock
+    (`_own_context`), so the calls of several threads run in parallel."""
+    _init()
+    with _own_context():
+        t0, c0 = time.perf_counter(), time.thread_time()
+        context = llvm.create_context()
+        mod, tm = optimize(ir_text, target, jit, new_target_machine(target, jit), context)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        obj = tm.emit_object(mod)
+        del mod, tm       # disposed here, before their context
+    return obj, {"opt": (t1 - t0, c1 - c0), "codegen": (time.perf_counter() - t1, time.thread_time() - c1)}
+
+
+def compile_threads() -> int:
+    """Threads LLVM may use for one model: the cores this process may run on
+    (`$STRUCTC_COMPILE_THREADS` overrides; 1 compiles every module in turn)."""
+    env = os.environ.get("STRUCTC_COMPILE_THREADS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"STRUCTC_COMPILE_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def compile_objects(texts: list[str], target: Target, jit: bool = True,
+                    threads: int | None = None) -> list[tuple[bytes, dict]]:
+    """`compile_object_timed` of each module, on `threads` (default `compile_threads()`) threads."""
+    threads = min(len(texts), threads or compile_threads())
+    if threads <= 1:
+        return [compile_object_timed(text, target, jit) for text in texts]
+    _init()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda text: compile_object_timed(text, target, jit), texts))
+
+
+# -- compiling in parallel ------------------------------------------------
+# llvmlite wraps every call into LLVM in one process-wide lock, because LLVM
+# objects (contexts, modules, target machines) must not be used by two threads
+# at once. A thread that creates and uses only objects of its own (a context,
+# the module parsed into it, a target machine) shares none of them, which is
+# how LLVM itself compiles in parallel; such a thread goes past the lock.
+_OWN = threading.local()
+
+
+class _UnlessOwnContext:
+    """Stands in for llvmlite's lock: taken by every thread but one compiling in its own context."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def acquire(self, *args, **kwargs):
+        return True if getattr(_OWN, "active", False) else self.lock.acquire(*args, **kwargs)
+
+    def release(self):
+        if not getattr(_OWN, "active", False):
+            self.lock.release()
+
+
+@functools.lru_cache(maxsize=1)
+def _install_lock() -> bool:
+    """Whether llvmlite's lock is the one this module knows how to stand in for
+    (otherwise every call keeps taking it: correct, just serial)."""
+    from llvmlite.binding import ffi
+    outer = getattr(getattr(ffi, "lib", None), "_lock", None)
+    inner = getattr(outer, "_lock", None)
+    if inner is None or not (hasattr(inner, "acquire") and hasattr(inner, "release")):
+        return False
+    outer._lock = _UnlessOwnContext(inner)
+    return True
+
+
+@contextmanager
+def _own_context():
+    if not _install_lock():
+        yield
+        return
+    _OWN.active = True
+    try:
+        yield
+    finally:
+        _OWN.active = False
 
 
 def assembly(ir_text: str, target: Target) -> str:
@@ -102,11 +196,18 @@ def optimized_ir(ir_text: str, target: Target) -> str:
 class JitModule:
     """Machine code loaded into this process; addresses by symbol name."""
 
-    def __init__(self, obj: bytes, target: Target):
+    def __init__(self, obj: bytes | tuple[bytes, ...], target: Target):
+        """`obj`: an object file, or several (an `Artifact`'s parts)."""
         # The engine owns (and frees) its target machine: never hand it a shared one.
         tm = new_target_machine(target)
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
-        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self.add(obj)
+
+    def add(self, obj: bytes | tuple[bytes, ...]) -> None:
+        """Load more object files into this engine: they may call functions of
+        those loaded before (a training part calls the forward part's kernels)."""
+        for one in (obj,) if isinstance(obj, bytes) else obj:
+            self.engine.add_object_file(llvm.ObjectFileRef.from_data(one))
         self.engine.finalize_object()
 
     def address(self, name: str) -> int:

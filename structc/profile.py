@@ -365,7 +365,7 @@ def _checked(net, inputs: dict, steps, forward: bool, peak) -> tuple[dict, dict]
     if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
                              or not np.isfinite(peak) or peak <= 0):
         raise ValueError(f"peak must be a positive number of GFLOP/s, got {peak!r}")
-    if not forward and "train" not in net.meta["entries"]:
+    if not forward and net._entries.get("train") is None:      # compiles the training part if it was deferred
         raise ValueError(f"model {net.name} declares no loss, so it has no training step to profile; "
                          f"profile its forward pass (--forward, forward=True)")
     given = _forward_inputs(net, inputs) if forward else dict(inputs)

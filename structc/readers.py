@@ -39,13 +39,22 @@ class ReadError(ValueError):
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 
 
-def read(path: str | Path, split: float | None = None):
+def read(path: str | Path, split: float | None = None, stream: bool | None = None):
     """The data set in the file or folder `path`, by its form (see the module docstring).
     `split`: the held-out fraction for data that comes as one set (None: 0.2); data that
-    comes split (an .npz with both parts, a node folder with a train mask) refuses one."""
+    comes split (an .npz with both parts, a node folder with a train mask) refuses one.
+    `stream`: read a treebank or table file a chunk at a time (`structc.streams`); None:
+    when the file is larger than `streams.STREAM_ABOVE`."""
     p = Path(path)
     if split is not None and not 0.0 < split < 1.0:
         raise ValueError(f"the held-out fraction (--split) must be between 0 and 1, got {split}")
+    if stream or stream is None and p.is_file() and p.suffix in TABLE_SUFFIXES + (".trees", ".ptb"):
+        from . import streams
+        if stream or p.stat().st_size > streams.STREAM_ABOVE:
+            if not p.is_file() or p.suffix not in TABLE_SUFFIXES + (".trees", ".ptb"):
+                raise ReadError(p, "only treebank and table text files (.txt, .csv, .tsv, .trees, .ptb) are "
+                                   "streamed; this data is read whole")
+            return streams.stream_treebank(p, split) if _looks_bracketed(p) else streams.stream_table(p, split)
     if p.is_dir():
         if _tu_prefix(p) is not None:
             return read_tu(p, split)
@@ -86,32 +95,39 @@ def _first_of(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None
 _SEP = re.compile(r"[,\s]+")
 
 
-def _text_lines(path: Path):
-    for number, line in _lines(path):
+def _text_lines(path: Path, lines=None):
+    for number, line in _lines(path) if lines is None else lines:
         if line.strip():
             yield number, line.strip()
 
 
-def _lines(path: Path):
+def _lines(path: Path, start: int = 0, first: int = 1, where: list | None = None):
     """(line number, text) of every line, read as bytes and decoded one line at a time
-    so that bytes that are not UTF-8 are reported at their line."""
+    so that bytes that are not UTF-8 are reported at their line. From byte `start`
+    (line number `first`) on; `where[0]` is kept at the byte offset of the line yielded."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise ReadError(path, f"cannot read: {e.strerror}") from None
     with f:
-        for number, raw in enumerate(f, 1):
+        f.seek(start)
+        offset = start
+        for number, raw in enumerate(f, first):
+            if where is not None:
+                where[0] = offset
+            offset += len(raw)
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise ReadError(path, "not UTF-8 text (a binary file?)", number) from None
 
 
-def _rows(path: Path, *, header_allowed: bool = False):
+def _rows(path: Path, *, header_allowed: bool = False, lines=None):
     """(line number, fields) of every non-blank line that is not a `#` comment;
-    a first line with a non-numeric field is skipped as a header where allowed."""
+    a first line with a non-numeric field is skipped as a header where allowed.
+    `lines`: the (line number, text) to read (default: `_lines(path)`)."""
     first = True
-    for number, line in _lines(path):
+    for number, line in _lines(path) if lines is None else lines:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -135,9 +151,20 @@ def read_numbers(path: Path, *, columns: int | None = None, integer: bool = Fals
                  header_allowed: bool = False) -> np.ndarray:
     """A [rows, columns] array from a text table; a ragged or non-numeric line is a
     `ReadError` with its line number. `columns` fixes the width."""
-    values, width, width_line = [], columns, None
+    values = [row for _, row in number_rows(path, columns=columns, integer=integer, header_allowed=header_allowed)]
+    if not values:
+        raise ReadError(path, "no data in the file")
+    return np.array(values, np.int64 if integer else np.float64)
+
+
+def number_rows(path: Path, *, columns: int | None = None, integer: bool = False, header_allowed: bool = False,
+                rows=None):
+    """(line number, row of numbers) of a text table, one line at a time (the streams read
+    tables with it too); a ragged or non-numeric line is a `ReadError` with its line number.
+    `rows`: the (line number, fields) to check (default: `_rows(path)`)."""
+    width, width_line = columns, None
     kind = int if integer else float
-    for number, fields in _rows(path, header_allowed=header_allowed):
+    for number, fields in _rows(path, header_allowed=header_allowed) if rows is None else rows:
         if width is None:
             width, width_line = len(fields), number
         if len(fields) != width:
@@ -151,10 +178,7 @@ def read_numbers(path: Path, *, columns: int | None = None, integer: bool = Fals
         if not integer and not all(np.isfinite(row)):
             bad = next(t for t, v in zip(fields, row) if not np.isfinite(v))
             raise ReadError(path, f"{bad!r}: missing or infinite values cannot be trained on", number)
-        values.append(row)
-    if not values:
-        raise ReadError(path, "no data in the file")
-    return np.array(values, np.int64 if integer else np.float64)
+        yield number, row
 
 
 def _parses(text: str, kind) -> bool:
@@ -232,20 +256,11 @@ class _GrowingVocab(dict):
 def read_treebank(path: str | Path, split: float | None = None):
     """One bracketed tree per line, every node labelled (Penn Treebank / SST style):
     `(3 (2 good) (2 movie))`. Words get ids in order of first appearance."""
-    from .forest import Forest, Vocab
+    from .forest import Vocab
     from .treedata import TreeDataset
     path = Path(path)
     vocab, lines, roots = _GrowingVocab(), [], []
-    for number, text in _text_lines(path):
-        try:
-            forest = Forest.from_brackets(text, vocab)
-        except ValueError as e:
-            raise ReadError(path, str(e).removeprefix("tree 0: "), number) from None
-        if forest.trees != 1:
-            raise ReadError(path, f"{forest.trees} trees on one line; a treebank has one tree per line", number)
-        if forest.labels.min() < 0:
-            raise ReadError(path, "a node without a label (or with a negative one); every node needs a class "
-                                  "0, 1, ..., as in (3 (2 good) (2 movie))", number)
+    for _, text, forest in checked_trees(path, vocab):
         lines.append(text)
         roots.append(int(forest.root_labels[0]))
     if not lines:
@@ -256,6 +271,24 @@ def read_treebank(path: str | Path, split: float | None = None):
     data.description = (f"{path}: {len(lines)} trees ({_split_words(len(train), len(test), 'trees', split)}), "
                         f"{len(vocab)} words, {class_counts(roots)} at the roots")
     return data
+
+
+def checked_trees(path: Path, vocab, lines=None):
+    """(line number, text, Forest) of each tree of a treebank, one line at a time (the streams
+    read treebanks with it too); a line that is not one fully labelled tree is a `ReadError`.
+    `lines`: the (line number, text) to parse (default: every non-blank line of `path`)."""
+    from .forest import Forest
+    for number, text in _text_lines(path) if lines is None else lines:
+        try:
+            forest = Forest.from_brackets(text, vocab)
+        except ValueError as e:
+            raise ReadError(path, str(e).removeprefix("tree 0: "), number) from None
+        if forest.trees != 1:
+            raise ReadError(path, f"{forest.trees} trees on one line; a treebank has one tree per line", number)
+        if forest.labels.min() < 0:
+            raise ReadError(path, "a node without a label (or with a negative one); every node needs a class "
+                                  "0, 1, ..., as in (3 (2 good) (2 movie))", number)
+        yield number, text, forest
 
 
 # -- TU graph classification ------------------------------------------------------------

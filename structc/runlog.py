@@ -8,11 +8,16 @@ epoch ends, so `tail -f` or `structc plot` shows a run in progress:
      "seconds": 0.8, "elapsed": 2.5, "lr": 0.1}
 
 `loss` is the mean training loss over the epoch's steps; `heldout_accuracy` is absent for
-models without class outputs; `seconds` is the epoch's wall time (with its evaluation),
+models without class outputs; with `--val-split`, `val_loss` and `val_accuracy` measure the
+validation part; `seconds` is the epoch's wall time (with its evaluation),
 `elapsed` the run's so far. A resumed run keeps the lines of the epochs it continues from.
 
-`plot(runs, out)` draws loss (training solid, held-out dashed) and held-out accuracy
-against the epoch, one colour per run, with matplotlib (an optional extra:
+`structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
+in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
+`pip install 'structc[tensorboard]'`; no TensorFlow needed): `tensorboard --logdir DIR`.
+
+`plot(runs, out)` draws loss (training solid, held-out dashed, validation dotted) and
+held-out (and validation) accuracy against the epoch, one colour per run, with matplotlib (an optional extra:
 `pip install 'structc[plot]'`).
 """
 from __future__ import annotations
@@ -60,16 +65,17 @@ class MetricsLog:
         self._elapsed_before = keep[-1].get("elapsed", 0.0) if keep else 0.0
         self.failed = False
 
-    def callback(self, metrics: dict) -> None:
+    def callback(self, metrics: dict) -> dict:
+        """Append the epoch's record (and return it, for `TensorBoardLog.write`)."""
         now = time.perf_counter()
         record = {"epoch": metrics["epoch"], "loss": metrics["train_loss"]}
-        record.update({k: v for k, v in metrics.items() if k.startswith("heldout_")})
+        record.update({k: v for k, v in metrics.items() if k.startswith(("heldout_", "val_"))})
         record.update(seconds=round(now - self._last, 4),
                       elapsed=round(self._elapsed_before + now - self._start, 4),
                       lr=self.lr if metrics.get("lr") is None else metrics["lr"])      # the lr the epoch's last step used (a schedule's)
         self._last = now
         if self.failed:
-            return
+            return record
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
@@ -77,6 +83,41 @@ class MetricsLog:
             self.failed = True
             print(f"structc: warning: cannot write the metrics log {self.path} ({e.strerror or e}); "
                   f"training goes on without it", file=sys.stderr)
+        return record
+
+
+#: a record's field -> the TensorBoard tag it is written under
+TENSORBOARD_TAGS = {"loss": "loss/train", "heldout_loss": "loss/heldout", "val_loss": "loss/validation",
+                    "heldout_accuracy": "accuracy/heldout", "val_accuracy": "accuracy/validation",
+                    "lr": "learning_rate", "elapsed": "time/elapsed_seconds", "seconds": "time/epoch_seconds"}
+
+
+class TensorBoardLog:
+    """`structc train --tensorboard DIR`: each epoch's record as TensorBoard scalars
+    (step = the epoch), through tensorboardX (no TensorFlow)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._writer = self.writer_class()(logdir=str(self.folder))
+
+    @staticmethod
+    def writer_class():
+        """tensorboardX's SummaryWriter, or a clear error naming the extra."""
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise RuntimeError("--tensorboard needs tensorboardX: pip install 'structc[tensorboard]' "
+                               "(or pip install tensorboardX)") from None
+        return SummaryWriter
+
+    def write(self, record: dict) -> None:
+        for key, tag in TENSORBOARD_TAGS.items():
+            if record.get(key) is not None:
+                self._writer.add_scalar(tag, float(record[key]), global_step=int(record["epoch"]))
+        self._writer.flush()             # as the epoch ends, as the JSONL log: a run in progress shows
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _plain(value):
@@ -136,8 +177,9 @@ def figure(runs: dict[str, list[dict]], size: tuple[float, float] = (10.0, 4.0),
     left, right = fig.subplots(1, 2)
     for k, (label, records) in enumerate(runs.items()):
         _draw_run(left, right, label, records, f"C{k % 10}")
-    _finish_axes(left, "loss", "training (solid), held-out (dashed)")
-    _finish_axes(right, "held-out accuracy", "")
+    validated = any("val_loss" in r for records in runs.values() for r in records)
+    _finish_axes(left, "loss", "training (solid), held-out (dashed)" + (", validation (dotted)" if validated else ""))
+    _finish_axes(right, "held-out accuracy", "held-out (solid), validation (dotted)" if validated else "")
     fig.tight_layout()
     return fig
 
@@ -160,6 +202,10 @@ def _draw_run(left, right, label: str, recs: list[dict], colour: str) -> None:
     acc = [(r["epoch"], r["heldout_accuracy"]) for r in recs if "heldout_accuracy" in r]
     if acc:
         right.plot(*zip(*acc), color=colour, label=label, marker="o" if len(acc) < 20 else None)
+    for axes, key in ((left, "val_loss"), (right, "val_accuracy")):      # --val-split runs
+        val = [(r["epoch"], r[key]) for r in recs if key in r]
+        if val:
+            axes.plot(*zip(*val), color=colour, linestyle=":")
 
 
 def _finish_axes(ax, ylabel: str, title: str) -> None:

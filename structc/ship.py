@@ -136,19 +136,21 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
             arena[p["offset"]:p["offset"] + value.size] = value.reshape(-1)
     if art.jit and not art.llvm_ir:
         raise ShipError("a shared library needs position-independent code: compile it with jit=False")
-    obj = art.object if not art.jit else compile_object(art.llvm_ir, target, jit=False)
+    objects = art.objects if not art.jit else [compile_object(text, target, jit=False) for text in art.part_ir]
     cc = _c_compiler()
     rt = _runtime_dir()
     with tempfile.TemporaryDirectory(prefix="structc-link-") as tmp:
         tmp = Path(tmp)
-        (tmp / "model.o").write_bytes(obj)
+        parts = [tmp / f"model{k}.o" for k in range(len(objects))]     # one per compiled part
+        for path_k, obj in zip(parts, objects):
+            path_k.write_bytes(obj)
         (tmp / "data.c").write_text(_data_source(meta, arena))
         out = tmp / "lib.so"
         # The soname is the file's name, so programs linked against it look it up through
         # their rpath (e.g. $ORIGIN) rather than by the path given on their link line.
         cmd = [cc, "-shared", "-fPIC", "-O2", "-std=c11", "-pthread", "-Wl,-Bsymbolic",
                "-Xlinker", "-soname", "-Xlinker", Path(path).name, f"-I{rt}",
-               "-o", str(out), str(tmp / "model.o"), str(rt / "structc_rt.c"), str(tmp / "data.c")]
+               "-o", str(out), *map(str, parts), str(rt / "structc_rt.c"), str(tmp / "data.c")]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise ShipError(f"linking failed ({' '.join(cmd)}):\n{result.stderr.strip()}")

@@ -1,8 +1,16 @@
 """The training loop behind `structc train`: epochs of native train steps,
 a progress bar on a terminal (one line per epoch otherwise), held-out
-metrics per epoch, and the training state a run needs to be resumed."""
+metrics per epoch, and the training state a run needs to be resumed.
+
+Validation and early stopping: `TrainConfig(val_split=0.1)` holds a seeded,
+stratified tenth of the training examples out of training (`validation_split`)
+and reports `val_loss` / `val_accuracy` each epoch; `early_stop=P` stops when
+the monitored one (`monitor="val_loss"` or `"val_acc"`) has not improved for P
+epochs, and leaves the best epoch's parameters in the model. The data set's
+held-out part is never used to choose: its accuracy stays a held-out one."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
@@ -26,16 +34,28 @@ class TrainConfig:
     freeze: list = field(default_factory=list)   # --freeze as given (the compiled Net applies it)
     clip_norm: float = 0.0       # > 0: gradients clipped by global norm inside the step
     schedule: dict | None = None  # set_schedule's arguments (kind, warmup, decay_steps, gamma, floor)
+    val_split: float = 0.0       # > 0: this fraction of the training examples validates instead
+    early_stop: int = 0          # > 0: stop after this many epochs without a better `monitor`
+    monitor: str = "val_loss"    # val_loss (lower is better) or val_acc (higher is better)
 
 
 @dataclass
 class History:
     epochs: list[dict] = field(default_factory=list)
     rng_state: dict | None = None     # the shuffling generator after the last epoch
+    best_epoch: int | None = None     # with early stopping: the epoch whose parameters the model keeps
+    stop_reason: str = ""             # why training ended before cfg.epochs ("" when it did not)
 
     @property
     def final(self) -> dict:
+        """The metrics of the parameters the model ends with: the best epoch's with early stopping."""
+        if self.best_epoch is not None:
+            return next(m for m in self.epochs if m["epoch"] == self.best_epoch)
         return self.epochs[-1] if self.epochs else {}
+
+    @property
+    def last_epoch(self) -> int:
+        return self.epochs[-1]["epoch"] if self.epochs else 0
 
 
 def show_bars(cfg: TrainConfig, stream=None) -> bool:
@@ -53,18 +73,143 @@ def configure(net, cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not np.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ValueError(f"the learning rate must be positive, got {cfg.lr!r}")
+    if not 0.0 <= cfg.val_split < 1.0:
+        raise ValueError(f"the validation fraction must be at least 0 and below 1, got {cfg.val_split!r}")
+    if not isinstance(cfg.early_stop, int) or cfg.early_stop < 0:
+        raise ValueError(f"early stopping's patience must be a whole number of epochs, got {cfg.early_stop!r}")
+    if cfg.early_stop and not cfg.val_split:
+        raise ValueError("early stopping needs a validation split (val_split, --val-split): choosing the epoch "
+                         "on the held-out part would leave no held-out measure")
+    if cfg.monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {cfg.monitor!r}")
     net.set_optimizer(cfg.optimizer, clip_norm=cfg.clip_norm)
     if cfg.schedule is not None:
         net.set_schedule(**cfg.schedule)
 
 
 def epoch_line(metrics: dict, cfg: TrainConfig, where: str = "") -> str:
-    """One epoch's log line: loss, held-out loss and accuracy, time (and `where`)."""
-    acc = metrics.get("heldout_accuracy")
+    """One epoch's log line: loss, held-out loss and accuracy, validation, time (and `where`)."""
+    acc, val_acc = metrics.get("heldout_accuracy"), metrics.get("val_accuracy")
     return (f"epoch {metrics['epoch']:3d}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
             f"held-out loss {metrics['heldout_loss']:.4f}"
             + (f"  accuracy {100 * acc:.2f}%" if acc is not None else "")
+            + (f"  val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
+            + (f"  val accuracy {100 * val_acc:.2f}%" if val_acc is not None else "")
             + f"  ({metrics['seconds']:.1f} s{where})")
+
+
+# -- validation and early stopping ---------------------------------------------------
+
+#: monitor -> (the metric's key, whether higher is better)
+MONITORS = {"val_loss": ("val_loss", False), "val_acc": ("val_accuracy", True)}
+
+
+def validation_split(data, fraction: float, seed: int = 0) -> tuple[object, object]:
+    """(training part, validation part) of a bound data set's training examples: `fraction`
+    of each class (examples with real-valued targets: of all), drawn with `seed`, disjoint.
+    The validation part's `evaluate(net)` measures it; the held-out part is untouched."""
+    own = getattr(data, "validation_split", None)
+    if own is not None:                     # a data set that knows how to split itself (streams)
+        return own(fraction, seed)
+    for kind, split in _SPLITTERS:
+        if all(hasattr(data, a) for a in kind):
+            return split(data, fraction, seed)
+    raise TypeError(f"cannot hold a validation part out of a {type(data).__name__}")
+
+
+def _parts(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    from .readers import split_indices
+    strata = labels if labels.ndim == 1 and labels.dtype.kind in "iu" else np.zeros(len(labels), np.int64)
+    keep, val = split_indices(strata, fraction, seed)
+    if len(keep) == 0 or len(val) == 0:
+        raise ValueError(f"{len(labels)} training {what} are too few to hold {fraction:g} of them out for "
+                         f"validation and train on the rest")
+    return keep, val
+
+
+def _split_arrays(data, fraction, seed):
+    keep, val = _parts(np.asarray(data.y_train), fraction, seed, "examples")
+    train, check = copy.copy(data), copy.copy(data)
+    train.x_train, train.y_train = data.x_train[keep], data.y_train[keep]
+    check.x_test, check.y_test = data.x_train[val], data.y_train[val]
+    return train, check
+
+
+def _split_trees(data, fraction, seed):
+    roots = np.array([int(f.root_labels[0]) for f in data.train], np.int64)
+    keep, val = _parts(roots, fraction, seed, "trees")
+    train, check = copy.copy(data), copy.copy(data)
+    train.train, check.test = [data.train[i] for i in keep], [data.train[i] for i in val]
+    return train, check
+
+
+def _split_sequences(data, fraction, seed):
+    keep, val = _parts(data.y_train, fraction, seed, "sequences")
+    train, check = copy.copy(data), copy.copy(data)
+    train.train, train.y_train = data._subset(data.train, keep), data.y_train[keep]
+    check.test, check.y_test = data._subset(data.train, val), data.y_train[val]
+    return train, check
+
+
+def _split_graphs(data, fraction, seed):
+    from .graphs import batch
+    keep, val = _parts(data.labels[data.train], fraction, seed, "graphs")
+    train, check = copy.copy(data), copy.copy(data)
+    train.train, check.test = data.train[keep], data.train[val]
+    check._held_out = batch([data.graphs[i] for i in check.test])
+    return train, check
+
+
+def _split_nodes(data, fraction, seed):
+    nodes = np.flatnonzero(data.train_mask)
+    keep, val = _parts(data.labels[nodes], fraction, seed, "nodes")
+    train, check = copy.copy(data), copy.copy(data)
+    train.train_mask = np.zeros_like(data.train_mask)
+    train.train_mask[nodes[keep]] = 1.0
+    check.test_mask = np.zeros_like(data.test_mask)
+    check.test_mask[nodes[val]] = 1.0
+    check.test = nodes[val]
+    return train, check
+
+
+# (attributes that tell the kind of data set, how to split it): ArrayDataset, SequenceDataset,
+# TreeDataset, GraphDataset, NodeDataset
+_SPLITTERS = [(("x_train", "y_train"), _split_arrays), (("train", "y_train", "_subset"), _split_sequences),
+              (("train", "test", "vocab"), _split_trees), (("graphs", "labels", "train"), _split_graphs),
+              (("train_mask", "labels"), _split_nodes)]
+
+
+class EarlyStopping:
+    """Watches one validation metric; keeps a copy of the parameters of its best epoch."""
+
+    def __init__(self, patience: int, monitor: str):
+        self.patience, self.monitor = patience, monitor
+        self.key, self.higher = MONITORS[monitor]
+        self.best_epoch, self.best_value, self.best_params = None, None, None
+        self.waited = 0                     # epochs since the best one
+
+    def should_stop(self, net, metrics: dict) -> bool:
+        """Record `metrics`' epoch (a copy of the parameters if it is the best yet); True when
+        `patience` epochs have passed without a better value."""
+        if self.key not in metrics:
+            raise ValueError(f"cannot monitor {self.monitor}: model {net.name} reports no {self.key} "
+                             f"(no class output); monitor val_loss")
+        value, epoch = metrics[self.key], metrics["epoch"]
+        better = self.best_value is None or (value > self.best_value if self.higher else value < self.best_value)
+        if better and np.isfinite(value):
+            self.best_epoch, self.best_value, self.waited = epoch, value, 0
+            with net._lock:
+                self.best_params = {name: np.array(v) for name, v in net.params.items()}
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self, net) -> None:
+        """Put the best epoch's parameters back into `net`."""
+        if self.best_params is not None:
+            with net._lock:
+                for name, value in self.best_params.items():
+                    net.params[name] = value
 
 
 def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | None = None,
@@ -75,6 +220,8 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
     configure(net, cfg)
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     history = History()
+    data, check = _with_validation(data, cfg, log)
+    stopper = EarlyStopping(cfg.early_stop, cfg.monitor) if cfg.early_stop else None
     bars = show_bars(cfg)
     start = time.perf_counter()
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
@@ -92,14 +239,45 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
                 bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **{f"heldout_{k}": v for k, v in
-                                                                          data.evaluate(net).items()},
-                   "seconds": time.perf_counter() - start, "lr": net.last_lr}
+                                                                          data.evaluate(net).items()}}
+        if check is not None:
+            metrics.update({f"val_{k}": v for k, v in check.evaluate(net).items()})
+        metrics.update(seconds=time.perf_counter() - start, lr=net.last_lr)
         history.epochs.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
         log(epoch_line(metrics, cfg))
+        if stopper is not None and stopper.should_stop(net, metrics):
+            history.stop_reason = (f"{cfg.monitor} has not improved for {cfg.early_stop} epochs since epoch "
+                                   f"{stopper.best_epoch}")
+            break
     history.rng_state = rng.bit_generator.state
+    if stopper is not None:
+        _keep_best(net, stopper, history, cfg, log)
     return history
+
+
+def _with_validation(data, cfg: TrainConfig, log):
+    """(what to train on, what to validate on or None), saying how it was split."""
+    if not cfg.val_split:
+        return data, None
+    train_part, check = validation_split(data, cfg.val_split, cfg.seed)
+    log(f"validation: {len(data) - len(train_part)} of the {len(data)} training examples ({cfg.val_split:g} "
+        f"of each class, seed {cfg.seed}) held out of training; training on {len(train_part)}")
+    return train_part, check
+
+
+def _keep_best(net, stopper: EarlyStopping, history: History, cfg: TrainConfig, log) -> None:
+    """Leave the best epoch's parameters in `net` and say when and why training stopped."""
+    if stopper.best_epoch is None:
+        log(f"early stopping: {cfg.monitor} was never finite; the last epoch's parameters are kept")
+        return
+    stopper.restore(net)
+    history.best_epoch = stopper.best_epoch
+    how = (f"stopped after epoch {history.last_epoch}: {history.stop_reason}" if history.stop_reason
+           else f"ran all {history.last_epoch} epochs")
+    log(f"early stopping: {how}; keeping epoch {stopper.best_epoch}'s parameters "
+        f"({cfg.monitor} {stopper.best_value:.4f})")
 
 
 # -- resuming ------------------------------------------------------------------
@@ -127,13 +305,16 @@ def optimizer_state_restorable(net) -> bool:
     return isinstance(getattr(net, "_state_arena", None), np.ndarray) and hasattr(net, "_step")
 
 
-def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str) -> None:
-    """Write what `load_state` needs to continue after `epoch`."""
+def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str,
+               kept_epoch: int | None = None) -> None:
+    """Write what `load_state` needs to continue after `epoch`; `kept_epoch`: the epoch whose
+    parameters were kept instead of the last's (early stopping)."""
     arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
                                              "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
                                              "clip_norm": cfg.clip_norm, "schedule": cfg.schedule,
+                                             "val_split": cfg.val_split, "kept_epoch": kept_epoch,
                                              "rng": rng_state}))}
     if optimizer_state_restorable(net):
         # Net has no public accessor for its optimizer arena yet; read it directly.

@@ -264,7 +264,7 @@ def test_train_help_lists_every_data_set_and_every_default(capsys):
     help_of = train._get_formatter()._expand_help
     options = [a for a in train._actions if a.option_strings and not a.required
                and a.dest not in ("help", "no_progress", "distributed")]
-    assert len(options) == 18     # with --init, --freeze, --clip-norm and the schedule's 5
+    assert len(options) == 23     # with --init, --freeze, --clip-norm, the schedule's 5, --val-split, --early-stop, --monitor, --tensorboard, --stream
     for option in options:
         assert "default" in help_of(option), option.option_strings
     for shown in ("(default: 20)", "(default: 32;", "(default: 0.1;", "(default: sgd;", "(default: <model>.npz;"):

@@ -170,6 +170,17 @@ def test_the_figure_holds_training_and_held_out_loss_and_accuracy_per_run():
     assert left.get_ylabel() == "loss" and right.get_ylabel() == "held-out accuracy"
 
 
+def test_the_figure_draws_validation_curves_dotted():
+    pytest.importorskip("matplotlib")
+    from structc.runlog import figure
+    records = [{"epoch": k, "loss": 1.0 / k, "heldout_loss": 1.5 / k, "heldout_accuracy": 0.5,
+                "val_loss": 2.0 / k, "val_accuracy": k / 4} for k in (1, 2)]
+    left, right = figure({"a": records}).axes
+    dotted = [[list(line.get_ydata()) for line in ax.get_lines() if line.get_linestyle() == ":"] for ax in (left, right)]
+    assert dotted == [[[2.0, 1.0]], [[0.25, 0.5]]]
+    assert "validation (dotted)" in left.get_title() and "validation (dotted)" in right.get_title()
+
+
 def test_plot_of_a_run_without_accuracy_leaves_the_accuracy_panel_empty(tmp_path, capsys):
     image_module = pytest.importorskip("matplotlib.image")
     run = tmp_path / "r.metrics.jsonl"
@@ -205,3 +216,54 @@ def test_plot_of_a_trained_run(tiny, tmp_path, capsys):
     assert train(tiny, "--epochs", "2", "--out", str(tmp_path / "run.npz")) == 0
     assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+# -- TensorBoard -----------------------------------------------------------------------
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the event files in `folder`: TFRecords (length, its
+    CRC, an Event protobuf, its CRC), parsed with tensorboardX's own protobuf classes."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    scalars: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        at = 0
+        while at < len(raw):
+            (length,) = struct.unpack_from("<Q", raw, at)
+            event = Event.FromString(raw[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+@pytest.mark.slow      # importing tensorboardX imports torch where it is installed: seconds
+def test_tensorboard_gets_the_logs_scalars(tiny, tmp_path, capsys):
+    pytest.importorskip("tensorboardX", reason="--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'")
+    board = tmp_path / "tb"
+    assert train(tiny, "--epochs", "3", "--lr", "0.05", "--out", str(tmp_path / "run.npz"),
+                 "--tensorboard", str(board)) == 0
+    assert f"TensorBoard scalars in {board}" in capsys.readouterr().err
+    records, scalars = read_metrics(tmp_path / "run.metrics.jsonl"), tensorboard_scalars(board)
+    for field, tag in [("loss", "loss/train"), ("heldout_loss", "loss/heldout"), ("heldout_accuracy",
+                       "accuracy/heldout"), ("lr", "learning_rate"), ("elapsed", "time/elapsed_seconds")]:
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3]
+        assert [v for _, v in scalars[tag]] == pytest.approx([r[field] for r in records], rel=1e-6)
+
+
+def test_tensorboard_without_tensorboardx_says_what_to_install(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)          # as if not installed
+    assert train(tiny, "--epochs", "1", "--out", str(tmp_path / "run.npz"), "--tensorboard", str(tmp_path)) == 1
+    assert "--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "run.npz").exists()                      # refused before training
+
+
+@pytest.mark.slow      # importing tensorboardX imports torch where it is installed: seconds
+def test_a_run_that_never_trains_leaves_no_tensorboard_file(tiny, tmp_path, capsys):
+    pytest.importorskip("tensorboardX", reason="--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'")
+    model, _ = tiny
+    assert main(["train", model, "--data", str(tmp_path / "missing.csv"), "--tensorboard", str(tmp_path / "tb"),
+                 "--out", str(tmp_path / "run.npz")]) == 1
+    assert "no such data file" in capsys.readouterr().err and not (tmp_path / "tb").exists()

@@ -171,3 +171,95 @@ def test_a_net_without_its_source_needs_it_given():
         st.state_dict(net)
     st.load_state_dict(net, mlp(), mapping=MLP_LAYERS, source=text)
     assert tuple(st.state_dict(net, MLP_LAYERS, source=text)["0.weight"].shape) == (128, 64)
+
+
+# -- LSTM cells --------------------------------------------------------------------------
+
+class DigitsLSTM(nn.Module):
+    """examples/digits_lstm.snet, with the same layer names."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.lstm1, self.dense1 = nn.LSTM(8, 64, batch_first=True), nn.Linear(64, 10)
+
+    def forward(self, rows):
+        _, (h, _) = self.lstm1(rows)
+        return self.dense1(h[-1])
+
+
+def test_digits_lstm_from_an_nn_lstm_gives_its_outputs_and_goes_back():
+    net, module = structc.compile(EXAMPLES / "digits_lstm.snet"), DigitsLSTM()
+    st.load_state_dict(net, module)        # lstm1.weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0 -> lstm1.w, .b
+    images = np.random.default_rng(0).random((6, 8, 8), dtype=np.float32)   # 6 sequences of 8 rows
+    np.testing.assert_allclose(net(s=list(images)), torch_probs(module, images), rtol=1e-4, atol=1e-6)
+    w = net.params["lstm1.w"]                               # [8 + 64, 4 * 64], gates i, f, g, o
+    np.testing.assert_array_equal(w[:8], module.lstm1.weight_ih_l0.detach().numpy().T)
+    np.testing.assert_array_equal(w[8:], module.lstm1.weight_hh_l0.detach().numpy().T)
+    again = DigitsLSTM()
+    torch.manual_seed(9)
+    again.lstm1.reset_parameters()
+    again.load_state_dict(st.state_dict(net))               # strict: nn.LSTM's names and shapes
+    np.testing.assert_allclose(torch_probs(again, images), net(s=list(images)), rtol=1e-4, atol=1e-6)
+
+
+def test_an_lstm_cell_by_layer_mapping_and_lstm_mistakes():
+    net = structc.compile("model Seq { input s: sequence of f32[5]\n"
+                          " rec (h, c)(t) = init: (zeros(7), zeros(7))\n"
+                          "                 next: lstm_cell(t.x, h(t.prev), c(t.prev), 7)\n"
+                          " output last = h(s.last) }")
+    torch.manual_seed(6)
+    cell = nn.LSTMCell(5, 7)
+    st.load_state_dict(net, {f"rnn.{k}": v for k, v in cell.state_dict().items()}, mapping={"lstm1": "rnn"})
+    rows = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    h = c = torch.zeros(1, 7)
+    with torch.no_grad():
+        for row in rows:
+            h, c = cell(torch.from_numpy(row)[None], (h, c))
+    np.testing.assert_allclose(net(s=[rows])[0], h[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert sorted(st.state_dict(net, lstm_cell=True)) == ["lstm1.bias_hh", "lstm1.bias_ih", "lstm1.weight_hh",
+                                                         "lstm1.weight_ih"]
+    with pytest.raises(ValueError, match=r"PyTorch tensors \['weight_ih_l1', .*\] are not mapped"):
+        st.load_state_dict(net, nn.LSTM(5, 7, num_layers=2), mapping={"lstm1": ""})
+    with pytest.raises(ValueError, match=r"'weight_ih_l0' has shape \(32, 5\) and 'weight_hh_l0' has shape "
+                                         r"\(32, 8\) \(\[W_ih; W_hh\]\^T.*but 'lstm1.w' is \(12, 28\)"):
+        st.load_state_dict(net, nn.LSTM(5, 8), mapping={"lstm1": ""})
+
+
+# -- normalisation -----------------------------------------------------------------------
+
+class LeNet5BN(nn.Module):
+    """examples/lenet5_bn.snet, with the same layer names."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 3, padding="same", bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 16, 3, padding="same", bias=False), nn.BatchNorm2d(16)
+        self.dense1, self.dense2, self.dense3 = nn.Linear(64, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+        with torch.no_grad():                  # running statistics and scales that matter
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        f = nn.functional
+        h = f.max_pool2d(f.relu(self.bn1(self.conv1(x))), 2)
+        h = f.max_pool2d(f.relu(self.bn2(self.conv2(h))), 2)
+        return self.dense3(f.relu(self.dense2(f.relu(self.dense1(h.flatten(1))))))
+
+
+def test_batch_norm_weights_and_running_statistics_in_and_out():
+    net, module = structc.compile(EXAMPLES / "lenet5_bn.snet"), LeNet5BN()
+    st.load_state_dict(net, module)          # bn1.weight -> bn1.g, running_mean -> bn1.mean; the counter unused
+    np.testing.assert_array_equal(net.params["bn2.var"], module.bn2.running_var.numpy())
+    x = np.random.default_rng(2).random((5, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(net(x=x), torch_probs(module, x), rtol=1e-4, atol=1e-6)   # inference: running ones
+    again = LeNet5BN()
+    with torch.no_grad():
+        again.bn1.running_mean.zero_()
+    again.load_state_dict(st.state_dict(net))          # strict: with a num_batches_tracked per BatchNorm
+    np.testing.assert_allclose(torch_probs(again, x), net(x=x), rtol=1e-4, atol=1e-6)

@@ -15,6 +15,7 @@ over a range of its tasks, called directly or through the runtime's
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class KernelBuilder:
     """What an op's `lower` gets: the graph, the target, and `kernel()`."""
 
     def __init__(self, module: ir.Module, graph: Graph, layout: FrameLayout, entry: CG,
-                 target: Target, prefix: str, shared: dict):
+                 target: Target, prefix: str, shared: dict, export: bool = False):
         self.module = module
         self.graph = graph
         self.layout = layout
@@ -93,7 +94,19 @@ class KernelBuilder:
         self.vector_width = target.vector_width
         self.prefix = prefix
         self.shared = shared        # kernel body text -> function, across entry points
+        self.export = export        # kernels visible to other modules of the model (hidden), not internal
         self._names: set[str] = set()
+
+    def _here(self, fn: ir.Function) -> ir.Function:
+        """`fn`, or when another module defines it (and exports it: the forward
+        part's kernels), its declaration in this one."""
+        if fn.module is self.module:
+            return fn
+        declared = self.module.globals.get(fn.name)
+        if declared is None:
+            declared = ir.Function(self.module, KERNEL_TYPE, name=fn.name)
+            declared.linkage = "hidden"
+        return declared
 
     def after_kernel(self, action) -> None:
         """Run `action(entry_cg)` in the entry function once the last kernel returned."""
@@ -108,16 +121,17 @@ class KernelBuilder:
         assert full not in self._names, full
         self._names.add(full)
         fn = ir.Function(self.module, KERNEL_TYPE, name=full)
-        fn.linkage = "internal"
+        fn.linkage = "hidden" if self.export else "internal"
         cg = CG(self.module, fn, self.layout, frame=fn.args[0])
         yield cg, fn.args[1], fn.args[2]
         cg.b.ret_void()
         cg.finish()
-        body = str(fn).replace(f'"{full}"', '"@kernel"', 1)
-        if body in self.shared:
+        body = str(fn).replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
+        found = self.shared.get(body)
+        if found is not None and (found.module is self.module or found.linkage == "hidden"):
             del self.module.globals[full]
-            fn = self.shared[body]
-        else:
+            fn = self._here(found)
+        elif found is None:
             self.shared[body] = fn
 
         e = self.entry
@@ -183,7 +197,11 @@ def _slot_offsets(cg: CG, plan: Plan, arith=None):
 
 
 def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
-                name: str, target: Target, shared: dict) -> None:
+                name: str, target: Target, shared: dict, export: bool = False) -> None:
+    """`shared`: kernel text -> function, across entry points (and modules: a
+    kernel found there in another module is declared and called, not emitted
+    again); `export`: make this entry's kernels visible to the model's other
+    modules (hidden) rather than internal."""
     reductions = [r for gr in graph.groups for r in gr.reductions]
     layout = FrameLayout(plan, symbols, reductions)
     fn = ir.Function(module, ir.FunctionType(I32, ENTRY_ARGS), name=name)
@@ -223,7 +241,7 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
             ptr = eb.gep(workspace, [offsets[st.index]], source_etype=ir.IntType(8))
         put(slot, ptr)
 
-    kb = KernelBuilder(module, graph, layout, cg, target, name, shared)
+    kb = KernelBuilder(module, graph, layout, cg, target, name, shared, export)
     for group in graph.groups:
         lower_group(kb, graph, group)
     cg.b.ret(ir.Constant(I32, 0))
@@ -257,3 +275,101 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
         anchor.op.lower(kb, anchor, FusedExpr(graph, group, coalesce=False))
     else:
         anchor.op.lower(kb, anchor, None)
+
+
+# -- several modules from one, to compile in parallel -----------------------
+
+_REFERENCE = re.compile(r'@"([^"]+)"')
+#: below this much IR text a part stays one module (each module costs a parse and a target machine)
+SPLIT_MIN_CHARS = 150_000
+
+
+def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *,
+                 export_helpers: bool = False, provided: dict | None = None) -> list[str]:
+    """The module as the LLVM IR text of up to `chunks` modules that, compiled
+    separately and loaded (or linked) together, are the same program, so that
+    LLVM can work on them in parallel. The units are the functions an entry
+    point calls (kernels) and the entry points; a kernel another chunk calls is
+    exported (hidden: never visible outside the model), and a helper that
+    kernels call directly (the matmul micro-kernels) is copied into each chunk
+    that calls it, so its name stays private to that chunk. A module of less
+    than `min_chars` (default `SPLIT_MIN_CHARS`) of text stays one chunk.
+
+    Across parts: `export_helpers` places each helper in one chunk and exports
+    it (the forward part, whose helpers the training part may call);
+    `provided` (name -> text of another part's exported helpers, `helpers()`)
+    drops the helpers defined there with the same text and calls those."""
+    defined = [f for f in module.functions if f.blocks]
+    texts = {f.name: str(f) for f in defined}
+    min_chars = SPLIT_MIN_CHARS if min_chars is None else min_chars
+    assert not module.get_identified_types() and all(isinstance(g, ir.Function) for g in module.globals.values())
+    outside = {name: text for name, text in (provided or {}).items() if texts.get(name) == text}
+    for name in outside:
+        del texts[name]
+    if sum(map(len, texts.values())) < min_chars:
+        chunks = 1
+    calls = {name: set(_REFERENCE.findall(text)) - {name} for name, text in texts.items()}
+    entries = [f.name for f in defined if f.linkage not in ("internal", "hidden") and f.name in texts]
+    kernels = sorted({c for e in entries for c in calls[e] if c in texts})
+    units = entries + [k for k in kernels if k not in entries]
+    helpers = [name for name in texts if name not in units]
+    if export_helpers:
+        units, helpers = units + helpers, []
+
+    def closure(name):      # the helpers a unit needs, copied into its chunk
+        seen, todo = set(), [name]
+        while todo:
+            for callee in calls[todo.pop()]:
+                if callee in helpers and callee not in seen:
+                    seen.add(callee)
+                    todo.append(callee)
+        return seen
+    # Longest first, each to the lightest chunk: the chunks come out about even.
+    bins = [[0, [], set()] for _ in range(max(1, chunks))]
+    for name in sorted(units, key=lambda n: -len(texts[n])):
+        lightest = min(bins, key=lambda b: b[0])
+        need = closure(name) - lightest[2]
+        lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
+        lightest[1].append(name)
+        lightest[2] |= need
+    home = {name: k for k, b in enumerate(bins) for name in b[1]}
+    exported = {n for n in units if n not in entries and
+                (export_helpers or any(n in calls[c] and home[c] != home[n] for c in units))}
+    declared = [str(f) for f in module.functions if not f.blocks]
+    out = []
+    for _, names, needed in bins:
+        if not names:
+            continue
+        text = [f'target triple = "{module.triple}"', *declared]
+        mine = set(names) | needed
+        for other in sorted({c for n in mine for c in calls[n] if c not in mine and (c in texts or c in outside)}):
+            text.append(_prototype(texts.get(other) or outside[other]))
+        for name in names:
+            body = texts[name]
+            text.append(_exported(body) if name in exported else body)
+        text += [texts[h] for h in sorted(needed)]
+        out.append("\n".join(text))
+    return out
+
+
+def helpers(module: ir.Module) -> dict[str, str]:
+    """name -> text of the module's internal functions that are not kernels
+    (the matmul micro-kernels): what `split_module(export_helpers=True)` exports."""
+    return {f.name: str(f) for f in module.functions if f.blocks and f.linkage == "internal"}
+
+
+def _exported(definition: str) -> str:
+    """An internal function's definition, made hidden (visible to the model's other chunks only)."""
+    if definition.startswith("define hidden "):
+        return definition
+    assert definition.startswith("define internal "), definition[:60]
+    return "define hidden " + definition[len("define internal "):]
+
+
+def _prototype(definition: str) -> str:
+    """The declaration of a function another chunk defines (hidden if it was internal)."""
+    head = definition.split("\n", 1)[0].rstrip().removesuffix("{").rstrip()
+    if head.startswith("define internal "):
+        return "declare hidden " + head[len("define internal "):]
+    assert head.startswith("define "), head
+    return "declare " + head[len("define "):]

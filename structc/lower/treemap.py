@@ -94,7 +94,7 @@ def zero_rows(cg: CG, dst, lo, hi, width, vw: int) -> None:
 def body_entry(kb, program):
     """The body's entry point (emitted once per module) and its memory plan."""
     from .module import lower_entry
-    key = ("tree-body", id(program))
+    key = ("tree-body", id(program), id(kb.module))     # `shared` spans the model's modules: one body per module
     if key not in kb.shared:
         g = kb.graph
         # the model's layout (frozen parameters come last), not declaration order

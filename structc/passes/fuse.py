@@ -31,6 +31,7 @@ NO_GROUP = {"source", "inline", "view"}
 
 def fuse(g: Graph) -> Graph:
     order = g.topo()
+    pos = {nid: k for k, nid in enumerate(order)}
     outputs = set(g.outputs.values())
     group: dict[int, Group] = {}
     counter = iter(range(10 ** 9))
@@ -65,7 +66,7 @@ def fuse(g: Graph) -> Graph:
         if ug is None or ug is gr or ug.kind != "elementwise" or g.nodes[u].shape != g.nodes[nid].shape:
             continue
         merge(ug, gr)
-        ug.anchor = nid if order.index(nid) < order.index(ug.anchor) else ug.anchor
+        ug.anchor = nid if pos[nid] < pos[ug.anchor] else ug.anchor
 
     # 2. full reductions into the elementwise group producing their operand
     for nid in order:
@@ -92,7 +93,7 @@ def fuse(g: Graph) -> Graph:
                 continue
             if any(g.nodes[m].shape != g.nodes[nid].shape for m in ug.members):
                 continue
-            if ug.reductions or _would_cycle(g, nid, ug, group):
+            if ug.reductions or _would_cycle(g, nid, ug, pos):
                 continue
             merge(gr, ug)
         _absorb_readers(g, nid, gr, group, merge)
@@ -120,7 +121,6 @@ def fuse(g: Graph) -> Graph:
             merge(gr, sg)
 
     groups = {id(gr): gr for gr in group.values()}.values()
-    pos = {nid: k for k, nid in enumerate(order)}
     for gr in groups:
         gr.members.sort(key=pos.get)
         members = set(gr.members)
@@ -162,13 +162,16 @@ def _absorb_readers(g: Graph, anchor: int, gr: Group, group: dict, merge) -> Non
                 grew = True
 
 
-def _would_cycle(g: Graph, anchor: int, other: Group, group) -> bool:
+def _would_cycle(g: Graph, anchor: int, other: Group, pos: dict) -> bool:
     """Merging `other` into the anchor's group is illegal if one of its
-    leaves is computed from the anchor outside both groups."""
+    leaves is computed from the anchor outside both groups. (`pos`: places in
+    a topological order; a leaf placed before the anchor, or one that reads
+    nothing (a parameter), cannot depend on it: that spares most path
+    searches, each a walk of the graph.)"""
     members = set(other.members)
     for m in other.members:
         for i in g.nodes[m].inputs:
-            if i == anchor or i in members:
+            if i == anchor or i in members or pos[i] < pos[anchor] or not g.nodes[i].inputs:
                 continue
             if nx.has_path(g.nx, anchor, i):
                 return True

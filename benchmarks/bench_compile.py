@@ -1,0 +1,189 @@
+"""Cold and warm compile times of every example and benchmark model (issue 14).
+
+    python benchmarks/bench_compile.py                     # everything, 1 round
+    python benchmarks/bench_compile.py --rounds 3 --models lenet5,MLP --jax
+
+Each figure comes from a fresh process (so nothing is compiled or imported
+beforehand; the import of structc itself is shown apart):
+  train cold    structc.compile(..., training=True) with an empty cache folder:
+                the forward and the training entries (what `structc train` does)
+  forward cold  structc.compile(...) with an empty cache folder: the forward
+                entry only (inference; the training entries wait for their first use)
+  warm          structc.compile(..., training=True) again, in a new process: both
+                parts loaded from the cache
+  jax           (--jax, if jax is installed) the first call of a jitted training
+                step (value_and_grad and SGD update) of the MLP and LeNet-5: JAX's
+                trace and compile
+Every time is wall seconds, with the process's CPU seconds in brackets: LLVM
+runs on up to one thread per core (`STRUCTC_COMPILE_THREADS`), so on an idle
+machine wall < CPU; on a loaded one wall > CPU, and CPU is the steadier figure.
+Medians over rounds; the load average is printed before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+
+
+def models() -> dict[str, str]:
+    """name -> source: the shipped examples, then the benchmarks' models."""
+    found = {p.stem: p.read_text() for p in sorted((ROOT / "examples").glob("*.snet"))}
+    sys.path.insert(0, str(BENCH))
+    import bench_conv
+    import bench_gnn
+    import bench_mlp
+    import bench_trees
+    found.update({"MLP (bench_mlp)": bench_mlp.MLP, "ConvStep (bench_conv)": bench_conv.CONV_STEP,
+                  "GNN (bench_gnn)": bench_gnn.MODEL, "TreeNet (bench_trees)": bench_trees.SRC})
+    return found
+
+
+WORKER = """
+import json, os, sys, time
+c0, t0 = time.process_time(), time.perf_counter()
+import structc
+imported = time.perf_counter() - t0
+mode, source = sys.argv[1], sys.stdin.read()
+c1, t1 = time.process_time(), time.perf_counter()
+net = structc.compile(source, training=(mode != "forward"))
+print(json.dumps({"import": imported, "wall": time.perf_counter() - t1, "cpu": time.process_time() - c1,
+                  "parts": net.meta["parts"]}))
+"""
+
+JAX_WORKER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+t0 = time.perf_counter()
+import jax, jax.numpy as jnp
+import numpy as np
+imported = time.perf_counter() - t0
+rng = np.random.default_rng(0)
+
+def mlp():
+    sizes = [784, 256, 128, 10]
+    params = [(jnp.asarray(rng.normal(0, 0.05, (a, b)), jnp.float32), jnp.zeros(b, jnp.float32))
+              for a, b in zip(sizes, sizes[1:])]
+    def forward(params, x):
+        for k, (w, b) in enumerate(params):
+            x = x @ w + b
+            x = jax.nn.relu(x) if k < len(params) - 1 else x
+        return x
+    x = jnp.asarray(rng.normal(size=(64, 784)), jnp.float32)
+    return params, forward, x
+
+def lenet():
+    def conv(key, o, i, k):
+        return jnp.asarray(rng.normal(0, 0.1, (o, i, k, k)), jnp.float32), jnp.zeros(o, jnp.float32)
+    params = [conv(0, 6, 1, 5), conv(1, 16, 6, 5)] + [
+        (jnp.asarray(rng.normal(0, 0.05, (a, b)), jnp.float32), jnp.zeros(b, jnp.float32))
+        for a, b in ((256, 120), (120, 84), (84, 10))]
+    def forward(params, x):
+        for w, b in params[:2]:
+            x = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID") + b[None, :, None, None]
+            x = jax.nn.relu(x)
+            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+        x = x.reshape(x.shape[0], -1)
+        for k, (w, b) in enumerate(params[2:]):
+            x = x @ w + b
+            x = jax.nn.relu(x) if k < 2 else x
+        return x
+    x = jnp.asarray(rng.normal(size=(64, 1, 28, 28)), jnp.float32)
+    return params, forward, x
+
+params, forward, x = {"mlp": mlp, "lenet": lenet}[sys.argv[1]]()
+y = jnp.asarray(rng.integers(0, 10, 64))
+def loss(params, x, y):
+    logits = forward(params, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+@jax.jit
+def step(params, x, y):
+    value, grads = jax.value_and_grad(loss)(params, x, y)
+    return value, jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, params, grads)
+c1, t1 = time.process_time(), time.perf_counter()
+value, params = step(params, x, y)
+value.block_until_ready()
+print(json.dumps({"import": imported, "wall": time.perf_counter() - t1, "cpu": time.process_time() - c1}))
+"""
+
+
+def run_structc(mode: str, source: str, cache: str) -> dict:
+    env = dict(os.environ, STRUCTC_CACHE_DIR=cache)
+    env.pop("STRUCTC_NO_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", WORKER, mode], input=source, env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(f"structc {mode} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_jax(model: str) -> dict | None:
+    done = subprocess.run([sys.executable, "-c", JAX_WORKER, model, str(BENCH)], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    if done.returncode:
+        print(f"jax {model} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.2f}" if t >= 0.1 else f"{t * 1000:.0f} ms"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--models", help="comma-separated names (default: all); names start as listed in the table")
+    ap.add_argument("--jax", action="store_true", help="also JAX's first call on the MLP and LeNet-5")
+    args = ap.parse_args(argv)
+    chosen = models()
+    if args.models:
+        wanted = args.models.split(",")
+        chosen = {k: v for k, v in chosen.items() if any(k.startswith(w) for w in wanted)}
+    load_before = os.getloadavg()
+    found: dict = {}
+    for _ in range(args.rounds):
+        for name, source in chosen.items():
+            with tempfile.TemporaryDirectory(prefix="structc-bench-cache-") as cache:
+                found.setdefault((name, "forward"), []).append(run_structc("forward", source, cache))
+            with tempfile.TemporaryDirectory(prefix="structc-bench-cache-") as cache:
+                found.setdefault((name, "train"), []).append(run_structc("train", source, cache))
+                found.setdefault((name, "warm"), []).append(run_structc("train", source, cache))
+            print(f"{name} done", file=sys.stderr)
+        if args.jax:
+            for model in ("mlp", "lenet"):
+                result = run_jax(model)
+                if result:
+                    found.setdefault((model, "jax"), []).append(result)
+
+    def cell(key):
+        if key not in found:
+            return "–"
+        wall = statistics.median(r["wall"] for r in found[key])
+        cpu = statistics.median(r["cpu"] for r in found[key])
+        return f"{_seconds(wall)} ({_seconds(cpu)})"
+    print(f"load average {' '.join(f'{v:.2f}' for v in load_before)} before, "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} after; {args.rounds} round(s); "
+          f"{os.cpu_count()} cores; seconds, wall (CPU)\n")
+    print("| model | train cold | forward cold | warm (cached) | import structc |")
+    print("|---|---|---|---|---|")
+    for name in chosen:
+        imported = statistics.median(r["import"] for r in found[(name, "train")])
+        print(f"| {name} | {cell((name, 'train'))} | {cell((name, 'forward'))} | {cell((name, 'warm'))} "
+              f"| {imported:.2f} |")
+    for model, label in (("mlp", "MLP (bench_mlp)"), ("lenet", "LeNet-5")):
+        if (model, "jax") in found:
+            print(f"| JAX first call, {label} | {cell((model, 'jax'))} | | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

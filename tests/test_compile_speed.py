@@ -1,0 +1,280 @@
+"""Compiling less and in parallel, and saying where the time goes (issue 14):
+behaviour only; the timings themselves are benchmarks/bench_compile.py's."""
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+
+import networkx as nx
+import numpy as np
+import pytest
+
+import structc
+from structc import api
+from structc.build import build_model
+from structc.compiler import compile_source, forward_graph, train_graph
+from structc.lower import module as lower_module
+from structc.passes import run_pipeline
+from structc.syntax import parse
+
+MLP = ("model M {\n  input x: f32[N, 6]\n  target y: class[N] of 3\n"
+       "  h = dense(x, 8) |> relu\n  loss cross_entropy(dense(h, 3), y)\n}\n")
+X = np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6)
+Y = np.array([0, 1, 2, 1])
+
+
+@pytest.fixture
+def cache_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("STRUCTC_NO_CACHE", raising=False)
+    return tmp_path / "cache"
+
+
+def _compiles(fn) -> int:
+    before = api.COMPILE_COUNT
+    fn()
+    return api.COMPILE_COUNT - before
+
+
+@pytest.mark.slow
+def test_inference_compiles_the_forward_entry_only_and_training_when_first_needed(cache_in):
+    net = structc.compile(MLP, cache=False)
+    assert net.meta["deferred"] == ["training"] and set(dict(net._entries)) == {"forward"}
+    out = net(x=X)
+    assert set(dict(net._entries)) == {"forward"}          # a forward call compiles nothing more
+    before = api.COMPILE_COUNT
+    losses = [net.train_step(0.1, x=X, y=Y) for _ in range(3)]
+    assert api.COMPILE_COUNT == before + 1 and net.meta["deferred"] == []
+    # The same as compiling everything at once.
+    whole = structc.compile(MLP, cache=False, training=True)
+    assert whole.meta["parts"] == ["forward", "training"] and whole.meta["deferred"] == []
+    np.testing.assert_array_equal(whole(x=X), out)
+    assert [whole.train_step(0.1, x=X, y=Y) for _ in range(3)] == losses
+
+
+@pytest.mark.slow
+def test_grad_and_update_compile_the_training_part_too():
+    net = structc.compile(MLP, cache=False)
+    loss, grads = net.grad(x=X, y=Y)
+    assert np.isfinite(loss) and set(grads) == set(net.params)
+    net.apply_update(0.1)          # the update entry came with the train entry: nothing to compile
+    assert net.meta["deferred"] == []
+
+
+@pytest.mark.slow
+def test_a_forward_only_entry_is_not_taken_for_the_whole_model(cache_in):
+    assert _compiles(lambda: structc.compile(MLP)) == 1                    # the forward part, cached
+    art = None
+
+    def whole():
+        nonlocal art
+        art = api.compile_artifact(MLP)
+    assert _compiles(whole) == 1           # the training part was missing: compiled (that part only)
+    assert art.meta["parts"] == ["forward", "training"] and set(art.meta["entries"]) == {"forward", "train", "update"}
+    assert "forward.llvm.opt" not in art.timings and "training.llvm.opt" in art.timings
+    assert _compiles(whole) == 0 and art.meta["deferred"] == []             # both parts from the cache now
+
+
+@pytest.mark.slow
+def test_a_deferred_part_is_cached_once_compiled(cache_in):
+    net = structc.compile(MLP)
+    assert _compiles(lambda: net.train_step(0.1, x=X, y=Y)) == 1
+    again = structc.compile(MLP)
+    assert _compiles(lambda: again.train_step(0.1, x=X, y=Y)) == 0        # loaded, not compiled
+
+
+def test_a_library_for_inference_only_refuses_training_clearly():
+    art = compile_source(MLP, parts=["forward"])
+    net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
+    np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))
+    with pytest.raises(TypeError, match="compiled for inference only"):
+        net.train_step(0.1, x=X, y=Y)
+
+
+def test_timings_name_every_stage():
+    t = compile_source(MLP).timings
+    for stage in ["parse", "build", "prepare", "train.autodiff", "forward.simplify", "train.cse", "forward.fuse",
+                  "train.plan", "forward.lower", "train.lower", "update.lower", "forward.llvm.opt",
+                  "training.llvm.opt", "training.llvm.codegen", "total"]:
+        assert stage in t and t[stage] >= 0 and stage in t.cpu, stage
+    assert t["total"] >= t["train.lower"]
+    assert "training.llvm.opt" in t.table() and "cpu ms" in t.table()
+
+
+@pytest.mark.slow
+def test_cli_compile_timings(tmp_path):
+    src = tmp_path / "m.snet"
+    src.write_text(MLP)
+    env = {"STRUCTC_NO_CACHE": "1"}
+    done = subprocess.run([sys.executable, "-m", "structc", "compile", str(src), "--timings"],
+                          capture_output=True, text=True, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    assert "training.llvm.codegen" in done.stdout and "train.autodiff" in done.stdout
+
+
+@pytest.mark.slow
+def test_modules_split_across_threads_compute_the_same(monkeypatch):
+    """A part cut into several modules (compiled concurrently) is the same program."""
+    monkeypatch.setattr(lower_module, "SPLIT_MIN_CHARS", 0)
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "3")
+    split = compile_source(MLP)
+    assert len(split.objects) > 2           # several modules per part
+    assert "define hidden" in split.llvm_ir  # kernels another module calls
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
+    whole = compile_source(MLP)
+    assert len(whole.objects) == 2
+    nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
+            for a in (split, whole)]
+    np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))
+    assert [nets[0].train_step(0.1, x=X, y=Y) for _ in range(3)] == [nets[1].train_step(0.1, x=X, y=Y)
+                                                                      for _ in range(3)]
+
+
+@pytest.mark.slow
+def test_models_compiled_in_two_threads_at_once():
+    """Each thread's LLVM work runs in its own context, past llvmlite's lock."""
+    sources = [MLP, MLP.replace("relu", "tanh")]
+    nets = [None, None]
+
+    def build(k):
+        nets[k] = structc.compile(sources[k], cache=False, training=True)
+    threads = [threading.Thread(target=build, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, src in enumerate(sources):
+        np.testing.assert_array_equal(nets[k](x=X), structc.compile(src, cache=False)(x=X))
+
+
+def _deep(n: int) -> str:
+    body = "\n".join("  h = dense(h, 8) |> relu" for _ in range(n))
+    return f"model Deep {{\n  input x: f32[N, 8]\n  target y: class[N] of 4\n  h = x\n{body}\n" \
+           "  loss cross_entropy(dense(h, 4), y)\n}\n"
+
+
+def _graph_walks(monkeypatch, source: str) -> int:
+    """The graph walks (networkx ancestors/descendants/has_path) the passes
+    and autodiff make on the train graph of `source`."""
+    count = [0]
+    for name in ("ancestors", "descendants", "has_path"):
+        real = getattr(nx, name)
+
+        def counted(*args, real=real, **kwargs):
+            count[0] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(nx, name, counted)
+    mdef = build_model(parse(source))
+    run_pipeline(forward_graph(mdef))
+    run_pipeline(train_graph(mdef, 1))
+    monkeypatch.undo()
+    return count[0]
+
+
+def test_passes_make_no_walk_per_layer(monkeypatch):
+    """A whole-graph walk per layer (one per output in dce, per parameter in
+    autodiff) makes compiling a deep model quadratic in its depth."""
+    assert _graph_walks(monkeypatch, _deep(40)) == _graph_walks(monkeypatch, _deep(10))
+
+
+def _through_the_passes(source: str):
+    """The train graph of `source` after every pass, and its memory plan (no lowering, no LLVM)."""
+    from structc.compiler import arena_layout
+    from structc.passes.message import prepare
+    from structc.passes.plan import plan_memory
+    mdef = build_model(parse(source))
+    mdef = dataclasses.replace(mdef, graph=prepare(mdef.graph.copy()))
+    offsets, _, update_size, decay_end = arena_layout(mdef, frozenset())
+    g = run_pipeline(train_graph(mdef, update_size, decay_end=decay_end))
+    plan_memory(g, offsets)
+    return g
+
+
+@pytest.mark.slow
+def test_deep_model_and_many_rounds_of_message_passing_go_through_the_passes():
+    """200 dense layers, and a GNN of 10 rounds."""
+    assert len(_through_the_passes(_deep(200)).groups) > 600
+    gnn = ("model G {\n  input g: graph(features=16)\n  target y: class[g.nodes] of 3\n  h = g.x\n"
+           "  repeat 10 { h = relu(sum(dense(h, 16) over g.edges, self_loops=true, norm=gcn)) }\n"
+           "  loss cross_entropy(dense(h, 3), y)\n}\n")
+    assert len(_through_the_passes(gnn).groups) > 40
+
+
+@pytest.mark.slow
+def test_a_warm_load_does_not_parse(cache_in, monkeypatch):
+    """The cache's alias of the source text gives its canonical program: building
+    the parser (most of a warm load) is skipped. Another text (a comment) parses
+    and finds the same code."""
+    assert _compiles(lambda: api.compile_artifact(MLP)) == 1
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed on a warm load")
+    with monkeypatch.context() as m:
+        m.setattr(api, "parse", no_parse)
+        art = api.compile_artifact(MLP, "m.snet")
+        assert art.meta["parts"] == ["forward", "training"] and art.meta["file"] == "m.snet"
+        with pytest.raises(AssertionError, match="parsed"):
+            api.compile_artifact("# a comment\n" + MLP)
+    assert _compiles(lambda: api.compile_artifact("# a comment\n" + MLP)) == 0
+
+
+@pytest.mark.slow
+def test_kernel_timings_time_each_kernel_apart():
+    art = compile_source(MLP, kernel_timings=True)
+    kernels = [k for k in art.timings if ".llvm.kernel " in k]
+    assert any("sc_train_matmul" in k for k in kernels) and any(k.endswith(" sc_forward") for k in kernels)
+    assert len(art.objects) == len(kernels)          # one module per kernel or entry point
+    net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
+    np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))
+
+
+@pytest.mark.slow
+def test_training_entries_compiled_in_the_background():
+    net = structc.compile(MLP, cache=False, training="background")
+    out = net(x=X)                  # the forward entry is ready at once
+    assert np.isfinite(net.train_step(0.1, x=X, y=Y))    # waits for the thread if still compiling
+    assert net.meta["deferred"] == [] and out.shape == (4, 3)
+    worker = [t for t in threading.enumerate() if t.name == "structc-compile-training"]
+    for t in worker:
+        t.join()
+    with pytest.raises(ValueError, match="training must be"):
+        structc.compile(MLP, training="later")
+
+
+@pytest.mark.slow
+def test_recursion_over_trees_compiled_in_both_parts_at_once():
+    """A tree body is an entry point of its own in each part's module (the kernel
+    table spans the parts: one part must not call the other's body)."""
+    src = ("model T {\n  input t: forest of word(vocab=20)\n  target y: class[t.trees] of 3\n"
+           "  param E: embedding(20, 8)\n  rec h(n) = leaf: E[n.word]\n"
+           "             node: tanh(dense(concat(h(n.left), h(n.right)), 8))\n"
+           "  loss cross_entropy(dense(h(t.root), 3), y)\n}\n")
+    net = structc.compile(src, cache=False, training=True)
+    trees = ["(1 (2 3))", "(4 5)"]
+    assert net(t=trees).shape == (2, 3) and np.isfinite(net.train_step(0.1, t=trees, y=np.array([0, 2])))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.environ.get("CC") or __import__("shutil").which("cc")), reason="needs a C compiler")
+def test_cli_library_for_inference_only(tmp_path):
+    src = tmp_path / "m.snet"
+    src.write_text(MLP)
+    done = subprocess.run([sys.executable, "-m", "structc", "compile", str(src), "-o", str(tmp_path / "m.so"),
+                           "-H", str(tmp_path / "m.h"), "--inference"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "(forward) compiled" in done.stdout and "sc_train" not in (tmp_path / "m.h").read_text()
+    net = structc.load(tmp_path / "m.so")
+    np.testing.assert_allclose(net(x=X), structc.compile(MLP, cache=False)(x=X), rtol=1e-6)
+    with pytest.raises(TypeError, match="inference only"):
+        net.train_step(0.1, x=X, y=Y)
+
+
+def test_no_training_part_without_a_loss():
+    src = "model F { input x: f32[N, 3]\n output y = tanh(x) }"
+    with pytest.raises(ValueError, match="has no training part"):
+        api.compile_artifact(src, cache=False, parts=["training"])
+    net = structc.compile(src, cache=False)
+    assert net.meta["deferred"] == []
+    with pytest.raises(TypeError, match="declares no loss"):
+        net.train_step(0.1, x=np.ones((2, 3), np.float32))
