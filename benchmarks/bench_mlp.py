@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mlp.py                  # everything, 5 rounds
     python benchmarks/bench_mlp.py --rounds 3 --threads 1 --cases mlp_step
+    python benchmarks/bench_mlp.py --dropout --rounds 3   # the MLP step with and without dropout
 
 Cases (the foundation issue's benchmarks):
   mlp_step       one SGD training step (forward, backward, update) of the MLP
@@ -11,6 +12,9 @@ Cases (the foundation issue's benchmarks):
   compile_cold   structc.compile of that MLP with an empty cache, in a fresh process
   call_overhead  one forward call of a trivial model (y = x + 1 on a [1, 4] input),
                  the whole Python path: input checks, output allocation, native call
+  mlp_dropout    (`--dropout`, structc only) the mlp_step model with dropout(p=0.5)
+                 after each hidden layer against mlp_step itself, timed alternately
+                 in one process: the step's cost of dropout as a ratio
 
 structc's matmul is timed at the native entry point (inputs bound once), so
 the kernel is what is measured; numpy's is `np.matmul` into a preallocated
@@ -45,10 +49,12 @@ MLP = """model MLP {
   h = dense(h, 128) |> relu
   loss cross_entropy(dense(h, 10), y)
 }"""
+MLP_DROPOUT = MLP.replace("h = dense(x, 256) |> relu", "h = dropout(dense(x, 256) |> relu, 0.5)").replace(
+    "h = dense(h, 128) |> relu", "h = dropout(dense(h, 128) |> relu, 0.5)")
 TRIVIAL = "model Trivial { input x: f32[N, 4]\n output y = x + 1 }"
 BATCH, SIZES = 64, (784, 256, 128, 10)
 CASES = ["mlp_step", "matmul256", "matmul1024", "compile_cold", "call_overhead"]
-REPS = {"mlp_step": 2000, "matmul256": 400, "matmul1024": 20, "call_overhead": 20000}
+REPS = {"mlp_step": 2000, "mlp_dropout": 2000, "matmul256": 400, "matmul1024": 20, "call_overhead": 20000}
 FRAMEWORKS = ["structc", "numpy", "torch", "jax"]
 
 
@@ -84,6 +90,8 @@ def structc_cases(cases):
         net = structc.compile(MLP)
         x, y = data()
         out["mlp_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["mlp_step"])
+    if "mlp_dropout" in cases:
+        out.update(dropout_cases())
     for n in (256, 1024):
         if f"matmul{n}" in cases:
             out[f"matmul{n}"] = timed(structc_matmul(n), REPS[f"matmul{n}"])
@@ -92,6 +100,21 @@ def structc_cases(cases):
         x = np.ones((1, 4), np.float32)
         out["call_overhead"] = timed(lambda: net(x=x), REPS["call_overhead"])
     return out
+
+
+def dropout_cases(blocks: int = 4) -> dict:
+    """The MLP step with and without dropout, in alternating blocks (a change of
+    the machine's load hits both): the medians of the blocks' medians, the best calls."""
+
+    import structc
+    assert MLP_DROPOUT.count("dropout(") == 2
+    nets = {"mlp_dropout": structc.compile(MLP_DROPOUT), "mlp_dropout_plain": structc.compile(MLP)}
+    x, y = data()
+    runs: dict = {k: [] for k in nets}
+    for _ in range(blocks):
+        for key, net in nets.items():
+            runs[key].append(timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["mlp_dropout"] // blocks))
+    return {k: [statistics.median(m for m, _ in v), min(b for _, b in v)] for k, v in runs.items()}
 
 
 def structc_matmul(n: int):
@@ -265,6 +288,8 @@ def frameworks_for(case: str) -> list[str]:
         return [fw for fw in FRAMEWORKS if fw in ("structc", "numpy") or installed(fw)]
     if case.startswith("matmul"):
         return ["structc", "numpy"]
+    if case == "mlp_dropout":
+        return ["structc"]
     return ["structc"]
 
 
@@ -300,6 +325,16 @@ def report(cases, threads_list, med, best) -> None:
                 print(f"matmul {n}^3, {t} thread(s): structc {flop / s / 1e9:.0f} GFLOP/s "
                       f"(best {flop / best[(case, t, 'structc')] / 1e9:.0f}), numpy {flop / np_ / 1e9:.0f} "
                       f"(best {flop / best[(case, t, 'numpy')] / 1e9:.0f}): {100 * np_ / s:.0f}% of numpy")
+    if "mlp_dropout" in cases:
+        print("MLP step with dropout(p=0.5) after each hidden layer against the same step without, "
+              "alternated in one process (median (best)):\n")
+        print("| threads | without | with dropout | ratio (medians) | ratio (bests) |")
+        print("|---|---|---|---|---|")
+        for t in threads_list:
+            a, b = ("mlp_dropout_plain", t, "structc"), ("mlp_dropout", t, "structc")
+            if a in med and b in med:
+                print(f"| {t} | {show(a)} | {show(b)} | {med[b] / med[a]:.3f} | {best[b] / best[a]:.3f} |")
+        print()
     for case in ("compile_cold", "call_overhead"):
         if case in cases:
             for t in threads_list:
@@ -311,13 +346,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--dropout", action="store_true", help="only the dropout case (mlp_dropout)")
     ap.add_argument("--worker", choices=FRAMEWORKS, dest="framework")
     args, _ = ap.parse_known_args(argv)
     if args.framework:
         args.threads = args.threads[0]
         worker(args)
         return 0
-    cases = args.cases.split(",")
+    cases = ["mlp_dropout"] if args.dropout else args.cases.split(",")
     samples: dict = {}
     load_before = os.getloadavg()[0]
     for r in range(args.rounds):

@@ -432,6 +432,7 @@ def cmd_train(args) -> int:
                       early_stop=args.early_stop or 0, monitor=args.monitor)
     if cfg.schedule is not None:
         net.set_schedule(**cfg.schedule)           # data-parallel training too
+    net.set_seed(cfg.seed)      # dropout's masks: the run's seed, a resumed run's too (compiled with --seed or 0)
     if state is not None:
         # another set of frozen parameters is another arena layout: the saved moments would not line up
         same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
@@ -809,8 +810,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"the update rule (default: {TRAIN_DEFAULTS['optimizer']}; with --resume: the run's)")
     c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores; with "
                                                "--distributed: the cores shared among the ranks on a machine)")
-    c.add_argument("--seed", type=int, help="initialisation and shuffling seed (default: 0; with --resume: "
-                                            "the run's generator continues)")
+    c.add_argument("--seed", type=int, help="initialisation, shuffling and dropout seed (default: 0; with "
+                                            "--resume: the run's generator continues)")
     c.add_argument("--out", help="where to save the parameters; `.npz` is added if missing, and the training "
                                  "state goes next to them as NAME.train.npz (default: <model>.npz; with "
                                  "--resume: the resumed file)")

@@ -38,7 +38,8 @@ from .passes.plan import Plan, param_layout, plan_memory
 from .syntax import Program, format_program, parse
 
 #: bumped whenever the calling convention or the metadata of compiled code changes
-ABI_VERSION = 2     # 2: 11 hyper-parameter slots (clipping, vectors' decay), the step writes slot 9
+ABI_VERSION = 3     # 2: 11 hyper-parameter slots (clipping, vectors' decay), the step writes slot 9
+# 3: 14 slots, the last three dropout's key and step (uint32 bits)
 
 STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
@@ -315,6 +316,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "batch_counts": batch_counts(forward),      # `Net` refuses to train with one value per channel
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
+        "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step
         "entries": entries,
         "parts": wanted,
         "objects": sizes,      # part -> the sizes of its object files, in order

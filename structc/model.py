@@ -31,8 +31,8 @@ from .forest import ForestBinder
 from .seqdata import SequenceBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
-from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, EPS, LR, MODES, MOMENTUM, N_HYPER,
-                        VECTOR_DECAY, WEIGHT_DECAY)
+from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, DROPOUT_KEY0, DROPOUT_STEP, EPS, LR,
+                        MODES, MOMENTUM, N_FLOAT_HYPER, N_HYPER, VECTOR_DECAY, WEIGHT_DECAY)
 from .passes.plan import check_workspace
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
@@ -197,12 +197,14 @@ class Net:
             views[p["name"]] = self._param_arena[p["offset"]:p["offset"] + n].reshape(shape)
             self.grads[p["name"]] = self._grad_arena[p["offset"]:p["offset"] + n].reshape(shape)
         self.params = Params(self, views)
+        self._hyper = _aligned_zeros(N_HYPER)
+        self._hyper_addr = self._hyper.ctypes.data
+        self._hyper_bits = self._hyper.view(np.uint32)     # dropout's key and step slots hold bits
+        self._random = bool(meta.get("random"))             # only then is the step written (each write costs)
         self.init_params(seed)
         self._entries = _Entries(self._load_deferred)
         self._add_entries(meta["entries"], module)
         self._arena_addrs = tuple(a.ctypes.data for a in (self._param_arena, self._grad_arena, self._state_arena))
-        self._hyper = _aligned_zeros(N_HYPER)
-        self._hyper_addr = self._hyper.ctypes.data
         self._workspace_buf, self._workspace_addr = None, 0   # grown under the lock, shared by calls
         # Structured inputs (forests, graphs) become arrays and dims before the checks.
         self._forests = ForestBinder.from_meta(meta)
@@ -250,13 +252,31 @@ class Net:
 
     # -- parameters --------------------------------------------------------
     def init_params(self, seed: int = 0) -> None:
-        """(Re)initialise every parameter with its declared initialiser."""
+        """(Re)initialise every parameter with its declared initialiser, restart
+        the step counter, and seed dropout with the same seed (`set_seed`): the
+        same seed gives the same training run."""
         rng = np.random.default_rng(seed)
         with self._lock:
             for p in self.meta["params"]:
                 self.params[p["name"]][...] = initialize((p["init"][0], tuple(p["init"][1])), tuple(p["shape"]), rng)
             self._state_arena[:] = 0
             self._step = 0
+            self._draws = 0      # training calls so far: dropout's step counter
+            self.set_seed(seed)
+
+    def set_seed(self, seed) -> None:
+        """Seed dropout's generator (Philox-4x32-10, keyed by 64 bits drawn from
+        `np.random.SeedSequence(seed)`), leaving the parameters alone. The mask of
+        a training call is a function of this key, the call's number (every
+        `train_step`, `grad` and `grad_into_arena` draws the next one; `loss`
+        draws none) and each element's position, so it does not depend on the
+        thread count, and a resumed run (which restores the count with the
+        optimizer's state) continues the sequence. `init_params` restarts the
+        count; it is taken mod 2^32."""
+        key = _dropout_key(seed)
+        with self._lock:
+            self._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2] = key
+            self.seed = seed
 
     def save_params(self, path):
         """Write every parameter to an `.npz` archive; returns the path written
@@ -415,19 +435,22 @@ class Net:
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and a copy of every parameter's gradient, in one native call.
         Like every training call, it updates batch norm's running statistics."""
-        outs, grads = self._run("train", inputs, MODES["none"],
+        outs, grads = self._run("train", inputs, MODES["none"], before=self._next_dropout_step,
                                 after=lambda: {name: g.copy() for name, g in self.grads.items()})
         return float(outs["loss"]), grads
 
     def loss(self, **inputs) -> float:
         """The loss of a batch, changing nothing: no update, and batch norm's
         running statistics left as they were (its normalisation still uses the
-        batch's own statistics, as in training; a batch of one is allowed).
+        batch's own statistics, as in training; a batch of one is allowed);
+        dropout is off (it would make a held-out loss random and too high).
         What held-out evaluation reports; the gradient arena is overwritten."""
         saved: dict[str, np.ndarray] = {}
 
         def keep():
             saved.update((name, self.params[name].copy()) for name in self.meta.get("buffers", ()))
+            if self._random:      # step 0: dropout off (each training call writes its own step)
+                self._hyper_bits[DROPOUT_STEP] = 0
 
         def restore():
             for name, value in saved.items():
@@ -442,7 +465,7 @@ class Net:
         divides by: examples, roots, graphs, the mask's sum; `structc.denominator`),
         which data-parallel training weights each rank's gradient with."""
         dims: dict[str, int] = {}
-        outs, _ = self._run("train", inputs, MODES["none"], dims_out=dims)
+        outs, _ = self._run("train", inputs, MODES["none"], before=self._next_dropout_step, dims_out=dims)
         return float(outs["loss"]), self.loss_denominator(dims, inputs)
 
     def loss_denominator(self, dims: Mapping[str, int], inputs: Mapping[str, object]) -> float:
@@ -512,7 +535,9 @@ class Net:
         With `check_finite` (default: `net.check_finite`, off) a loss that is
         NaN or infinite raises FloatingPointError instead of being returned."""
         lr = _hyper_value("lr", lr)
-        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=lambda: self._set_hyper(lr),
+        before = (lambda: (self._set_hyper(lr), self._next_dropout_step())) if self._random else \
+            (lambda: self._set_hyper(lr))       # a model without dropout pays nothing for it
+        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=before,
                                after=lambda: self._step)
         loss = float(outs["loss"])
         if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
@@ -535,7 +560,7 @@ class Net:
             v_scale = 1 / math.sqrt(1 - beta2 ** step)
         except (OverflowError, ZeroDivisionError):
             step_size = v_scale = math.inf
-        values = [1.0] * N_HYPER                 # CLIP_SCALE stays 1 unless the step clips
+        values = [1.0] * N_FLOAT_HYPER           # CLIP_SCALE stays 1 unless the step clips
         values[LR], values[MOMENTUM], values[BETA1], values[BETA2] = lr, o["momentum"], beta1, beta2
         values[EPS] = o["eps"]
         values[ADAM_STEP_SIZE], values[ADAM_V_SCALE], values[WEIGHT_DECAY] = step_size, v_scale, decay
@@ -543,9 +568,16 @@ class Net:
         if not all(abs(v) < _F32_OVERFLOW for v in values):     # lr=1e39 is finite in float64 only
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
-        self._hyper[:] = values
+        self._hyper[:N_FLOAT_HYPER] = values
         self._step = step
         self.last_lr = lr        # as computed; native code reads it rounded to float32
+
+    def _next_dropout_step(self) -> None:
+        """A training call draws new masks (called holding the lock). Not in
+        `_set_hyper`: `apply_update` runs no forward pass, so it draws none."""
+        if self._random:
+            self._draws += 1
+            self._hyper_bits[DROPOUT_STEP] = self._draws & 0xFFFFFFFF or 1     # 0 is dropout off (`loss`)
 
     def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
                 peak: float | None = None, trace=None, **inputs):
@@ -574,6 +606,16 @@ class Net:
 
 _HYPER_RANGES = {"lr": (0.0, None), "momentum": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0),
                  "eps": (0.0, None), "weight_decay": (0.0, None), "clip_norm": (0.0, None)}
+
+
+def _dropout_key(seed) -> np.ndarray:
+    """Two uint32 words for Philox's key: from `SeedSequence(seed)` (any
+    non-negative int, however large, or None for fresh entropy), or drawn
+    from the generator default_rng makes of anything else it takes."""
+    try:
+        return np.random.SeedSequence(seed).generate_state(2, np.uint32)
+    except TypeError:
+        return np.random.default_rng(seed).integers(0, 2 ** 32, 2, dtype=np.uint32)
 
 
 def _option_value(name: str, value):

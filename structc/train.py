@@ -320,6 +320,7 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
         # Net has no public accessor for its optimizer arena yet; read it directly.
         arrays["optimizer_state"] = np.array(net._state_arena)
         arrays["optimizer_step"] = np.int64(net._step)
+        arrays["dropout_draws"] = np.int64(getattr(net, "_draws", 0))     # dropout's step counter
         arrays["optimizer_options"] = np.array(json.dumps(getattr(net, "_opt", {})))
     with open(path, "wb") as f:          # an open file: numpy adds no second `.npz`
         np.savez(f, **arrays)
@@ -346,4 +347,6 @@ def restore_optimizer(net, state: dict) -> bool:
     net.set_optimizer(state["config"]["optimizer"], **json.loads(str(state.get("optimizer_options", "{}"))))
     net._state_arena[...] = saved
     net._step = int(state["optimizer_step"])
+    if hasattr(net, "_draws"):      # older states: one draw per step, as `structc train` makes
+        net._draws = int(state.get("dropout_draws", state["optimizer_step"]))
     return True

@@ -153,7 +153,7 @@ def test_the_language_functions_are_the_layers():
     assert {"dense", "conv2d", "conv", "conv1d", "maxpool2d", "avgpool2d", "global_avg_pool", "mean", "mse",
             "binary_cross_entropy", "masked_cross_entropy", "onehot", "flatten", "reshape",
             "greater", "greater_equal", "log_softmax", "clip", "layer_norm", "batch_norm",
-            "lstm_cell", "gru_cell", "zeros", "chunk", "gat"} == set(SURFACE)
+            "lstm_cell", "gru_cell", "zeros", "chunk", "gat", "dropout"} == set(SURFACE)
     for name, fn in SURFACE.items():
         assert fn.__module__.startswith("structc.layers."), name
         assert name not in REGISTRY or not REGISTRY[name].surface, name   # one meaning per name

@@ -217,6 +217,12 @@ class CG:
         large = self.b.bitcast(self.b.or_(self._bits(large), self.b.and_(self._bits(x), self.const(-0x80000000, self._bits(x)))), x.type)
         return self.select(self.lt(a, self.const(0.625, x)), small, large)
 
+    def random_bits(self, index, step, stream, key, n: int):
+        """32 random bits (i32 lanes) for each of elements index .. index + n - 1:
+        Philox-4x32-10 over (element, step, stream) under `key` (`lower.philox`)."""
+        from .philox import element_bits
+        return element_bits(self, index, step, stream, key, n)
+
     def sigmoid(self, x):
         one = self.const(1.0, x)
         return self.div(one, self.add(one, self.exp(self.neg(x))))

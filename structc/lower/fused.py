@@ -88,6 +88,13 @@ class FusedExpr:
             return cg.load(base, off, t, n, mask)
         return cg.splat(cg.load(base, off, t), n)
 
+    def position(self, cg: CG, nid: int, idx):
+        """The flat position in `nid`'s own tensor of the element at `idx` (the
+        first lane; the others follow along the last axis). Members share the
+        anchor's shape (`fuse` groups only such), so it is the anchor's offset."""
+        assert tuple(self.graph.nodes[nid].shape) == self.shape, "an indexed op fused at another shape"
+        return self._offset(cg, idx, [True] * len(self.axes))
+
     def store(self, cg: CG, nid: int, value, idx, n: int, mask):
         off = self._offset(cg, idx, [True] * len(self.axes))
         cg.store(value, cg.ptr(nid), off, mask=mask)
@@ -115,7 +122,10 @@ class FusedExpr:
                     # a broadcast) keeps their bits, exact beyond 2**24.
                     moves_ints = "moves_data" in node.op.traits and not node.type.is_float
                     args.append(a if moves_ints or elem(a.type) == F32 else cg.to_float(a))
-                v = node.op.emit(cg, *args, **node.attrs)
+                if "indexed" in node.op.traits:     # its values depend on where they are (dropout)
+                    v = node.op.emit(cg, *args, index=self.position(cg, m, idx), **node.attrs)
+                else:
+                    v = node.op.emit(cg, *args, **node.attrs)
                 if lanes(v.type) != n:
                     v = cg.splat(v, n)
                 vals[m] = v

@@ -4,5 +4,5 @@ from . import source, elementwise, matmul, shape, reduce, loss, optim  # noqa: F
 from . import message, attention, node_loss  # noqa: F401,E402
 from . import embedding, tree  # noqa: F401,E402
 from . import conv, pool  # noqa: F401,E402
-from . import recurrent  # noqa: F401,E402
+from . import recurrent, random  # noqa: F401,E402
 from . import norm  # noqa: F401,E402

@@ -17,8 +17,10 @@ from .base import Op
 MODES = {"none": 0, "sgd": 1, "momentum": 2, "adam": 3}
 # hyper-parameter slots passed with every call
 (LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, ADAM_V_SCALE, WEIGHT_DECAY, CLIP_NORM, CLIP_SCALE,
- VECTOR_DECAY) = range(11)
-N_HYPER = 11     # CLIP_SCALE is written by native code (1 when CLIP_NORM is 0: no clipping)
+ VECTOR_DECAY, DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP) = range(14)
+N_HYPER = 14     # CLIP_SCALE is written by native code (1 when CLIP_NORM is 0: no clipping)
+N_FLOAT_HYPER = 11   # the slots from DROPOUT_KEY0 on hold uint32 bits, not floats: dropout's
+# generator key (from the seed) and the step counter its masks are drawn at (`ops/random.py`)
 # VECTOR_DECAY: the weight decay of the parameters from `decay_end` on (rank <= 1: biases and
 # normalisations' scales and shifts, laid out after the matrices), 0 for `decay_biases=False`
 CHUNK = 1 << 14

@@ -8,7 +8,9 @@
      never stored. (Such a group is not also put into a matmul epilogue.)
   3. A matmul absorbs the elementwise groups that consume its result at the
      same shape, as its epilogue: bias, activation and the activation's
-     derivative mask are applied to the tile before it is stored.
+     derivative mask are applied to the tile before it is stored; then the
+     elementwise groups that read only the epilogue's values and draw or
+     read random numbers (dropout's mask and product after an activation).
   4. A `part` (another result of a kernel with several) joins the group of
      the kernel that computes it.
   5. An op with the `siblings` trait names nodes that read its operands in
@@ -94,6 +96,7 @@ def fuse(g: Graph) -> Graph:
             if ug.reductions or _would_cycle(g, nid, ug, pos):
                 continue
             merge(gr, ug)
+        _absorb_readers(g, nid, gr, group, merge)
 
     # 4. extra results of a kernel (ops with the `part` trait) are written by
     #    the kernel of their first operand: they join its group
@@ -125,6 +128,38 @@ def fuse(g: Graph) -> Graph:
                       if m in outputs or any(u not in members for u in g.users(m))]
     g.groups = _schedule(g, list(groups), group, pos)
     return g
+
+
+def _absorb_readers(g: Graph, anchor: int, gr: Group, group: dict, merge) -> None:
+    """3b. Elementwise groups that read nothing but the epilogue's values (and
+    leaves) and hold or read an `indexed` op join it too, until none is left:
+    dropout's mask of an activation (which other users keep apart from its
+    chain) and x * mask are then computed and stored in the matmul's store
+    loop rather than in loops of their own. (Without the `indexed` condition
+    the rule would also move other consumers, e.g. GAT's activations and
+    derivative masks, into epilogues: left for a measured change.)"""
+    shape = g.nodes[anchor].shape
+    grew = True
+    while grew:
+        grew = False
+        for m in list(gr.members):
+            for u in g.users(m):
+                ug = group.get(u)
+                if ug is None or ug is gr or ug.kind != "elementwise" or ug.reductions:
+                    continue
+                if any(g.nodes[x].shape != shape for x in ug.members):
+                    continue
+                if not any("indexed" in g.nodes[x].op.traits for x in ug.members) and \
+                        not any("indexed" in g.nodes[i].op.traits for x in ug.members for i in g.nodes[x].inputs):
+                    continue
+                if any(group[p] not in (gr, ug) for x in ug.members for p in _producers(g, x, group)):
+                    continue
+                inside = set(gr.members) | set(ug.members)
+                if any(i not in inside and nx.has_path(g.nx, anchor, i)        # a view of a later value
+                       for x in ug.members for i in g.nodes[x].inputs):
+                    continue
+                merge(gr, ug)
+                grew = True
 
 
 def _would_cycle(g: Graph, anchor: int, other: Group, pos: dict) -> bool:

@@ -108,7 +108,8 @@ def sink_gathers(g: Graph) -> Graph:
                 if gather is not None:
                     inner = b.matmul(b.value(gather.inputs[-1]), b.value(node.inputs[1]))
                     new = b.gather_edges(*(b.value(i) for i in gather.inputs[:-1]), inner, **gather.attrs)
-            elif "elementwise" in node.op.traits and node.inputs and "inline" not in node.op.traits:
+            elif "elementwise" in node.op.traits and node.inputs and not node.op.traits & {"inline", "indexed"}:
+                # (an `indexed` op, dropout's mask, differs per position: per node it would repeat per edge)
                 gathers = [i for i in node.inputs if _gather_of(g, i) is not None]
                 if len(gathers) == 1 and len(node.shape) == 2 and all(
                         i == gathers[0] or _row_constant(g, i, node.shape[0]) for i in node.inputs):
