@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .ops.optim import DROPOUT_KEY0
+
 INSTALL = "pip install 'structc[mpi]'"
 #: float32 counts are exact up to here
 MAX_COUNT = 2 ** 24
@@ -168,6 +170,14 @@ class DataParallel:
             optimizer, options, step = self.comm.bcast((net.optimizer, dict(net._opt), net._step), root=0)
             net.optimizer, net._step = optimizer, step
             net._opt.update(options)
+            if net.meta.get("random"):
+                # Every rank's rows are other examples at the same positions: with one key
+                # they would share their dropout masks. Rank 0 keeps its key (one rank is
+                # one process); the others derive theirs from it and their rank.
+                key = self.comm.bcast(net._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2].copy(), root=0)
+                if self.rank:
+                    key = np.random.SeedSequence([*map(int, key), self.rank]).generate_state(2, np.uint32)
+                net._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2] = key
 
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """The whole batch's loss and gradient (copies), from this rank's shard `inputs`

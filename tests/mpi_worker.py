@@ -17,6 +17,7 @@ warnings.simplefilter("ignore")
 import structc  # noqa: E402
 from structc.distributed import DataParallel, halo_subgraph, rank0_first  # noqa: E402
 from structc.forest import Forest  # noqa: E402
+from structc.ops.optim import DROPOUT_KEY0  # noqa: E402
 from structc.graphs import Graph, batch  # noqa: E402
 
 TREES = """
@@ -75,6 +76,15 @@ def tree(rng, leaves):
 def random_graph(rng, n):
     m = 3 * n
     return Graph(np.stack([rng.integers(0, n, m), rng.integers(0, n, m)]), num_nodes=n, x=rng.normal(size=(n, 3)))
+
+
+DROPOUT = """
+model Dropped {
+  input  x: f32[N, 8]
+  target y: class[N] of 2
+  loss cross_entropy(dense(dropout(relu(dense(x, 16)), 0.5), 2), y)
+}
+"""
 
 
 def cases():
@@ -193,6 +203,10 @@ def main():
                     ref.train_step(lr=0.05, **feed)
                 for k, v in ref.params.items():
                     results[f"ref:{name}:{opt}:param:{k}"] = v.copy()
+    # dropout: each rank's masks are its own (rank 0's key is the seed's), though both ranks use one seed
+    net = rank0_first(comm, lambda: structc.compile(DROPOUT, seed=0))
+    DataParallel(net)
+    results["dropout:key"] = net._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2].copy()
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
 
 

@@ -82,6 +82,15 @@ def test_ranks_stay_bitwise_equal(ranks, family, optimizer):
         np.testing.assert_allclose(r0[k], want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=k)
 
 
+def test_each_rank_draws_dropout_masks_of_its_own(ranks):
+    """The ranks' rows are different examples at the same positions: with rank 0's
+    key broadcast as is, every rank would drop the same units of its rows."""
+    from structc.model import _dropout_key
+    r0, r1 = ranks
+    np.testing.assert_array_equal(r0["dropout:key"], _dropout_key(0))     # one rank is one process
+    assert not np.array_equal(r0["dropout:key"], r1["dropout:key"])
+
+
 def test_a_failing_rank_ends_the_job_and_is_named(tmp_path):
     _need_mpi()
     run = mpiexec(WORKER, tmp_path, "crash", timeout=120)
