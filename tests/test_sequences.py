@@ -130,7 +130,7 @@ def test_steps_come_back_in_the_given_order(both_ways):
 @pytest.mark.slow
 def test_no_recompilation_for_new_lengths():
     before = api.COMPILE_COUNT
-    net = structc.compile(BOTH_WAYS.replace("BothWays", "Once"), cache=False)
+    net = structc.compile(BOTH_WAYS.replace("BothWays", "Once"), cache=False, training=True)   # both parts, once
     assert api.COMPILE_COUNT == before + 1
     rng = np.random.default_rng(3)
     for lengths in ([1], [60], [5, 17, 2], list(rng.integers(1, 40, 64))):
