@@ -7,7 +7,7 @@ import pytest
 import structc
 from structc.errors import SnetTypeError
 from structc.forest import Forest
-from tests.test_trees import check_native, compiled, random_tree
+from test_trees import check_native, compiled, random_tree
 
 # inner nodes carry words: the node case reads its own (n.word), the embedding's
 # gradient gets the inner nodes' rows too
