@@ -389,7 +389,7 @@ class Net:
         call and `after()`; returns the outputs and what `after` returned.
         `mode` may be a function, read under the lock too; `dims_out`, a dict,
         receives the bound dims."""
-        entry = self._entries.get(kind)
+        entry = dict.get(self._entries, kind) or self._entries.get(kind)   # the C lookup first: every call
         if entry is None:
             raise TypeError(self._missing_entry())
         arrays, dims = self._bind(entry, given)
