@@ -10,13 +10,18 @@ from ..graph import Builder, Graph
 
 
 def legalize(g: Graph) -> Graph:
+    return rewrite_by_rule(g, "legalize")
+
+
+def rewrite_by_rule(g: Graph, method: str) -> Graph:
+    """Replace every node whose op has `method(builder, node)` by the value it
+    returns (None: the node stays); `passes.mode` rewrites by "inference"."""
     for nid in g.topo():
         node = g.nodes[nid]
-        rule = getattr(node.op, "legalize", None)
+        rule = getattr(node.op, method, None)
         if rule is None:
             continue
-        b = Builder(g, node.span)
-        new = rule(b, node)
+        new = rule(Builder(g, node.span), node)
         if new is not None:
             g.replace_uses(nid, new.id)
             g.remove(nid)

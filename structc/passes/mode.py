@@ -9,17 +9,9 @@ rewritten graph, the training entry from the graph as written.
 """
 from __future__ import annotations
 
-from ..graph import Builder, Graph
+from ..graph import Graph
+from .legalize import rewrite_by_rule
 
 
 def inference(g: Graph) -> Graph:
-    for nid in g.topo():
-        node = g.nodes[nid]
-        rule = getattr(node.op, "inference", None)
-        if rule is None:
-            continue
-        new = rule(Builder(g, node.span), node)
-        if new is not None:
-            g.replace_uses(nid, new.id)
-            g.remove(nid)
-    return g
+    return rewrite_by_rule(g, "inference")
