@@ -299,6 +299,25 @@ def test_lstm_matches_a_per_step_reference(lstm, lengths):
     check_native(net, mdef, seqs, {"y": y})
 
 
+def _tree_grad(mdef):
+    g = differentiate(mdef.graph)
+    return next(n for n in g.nodes.values() if n.op.name == "tree_map_grad")
+
+
+def _count(program, op: str) -> int:
+    return sum(n.op.name == op for n in program.graph.nodes.values())
+
+
+def test_backward_reads_the_kept_gates_instead_of_recomputing_them(lstm):
+    """The forward keeps each step's gates; the backward programs run no gate
+    matmul of their own: one matmul each (the delta dg W_h^T per level, dW
+    once over every position)."""
+    grad = _tree_grad(lstm[1])
+    assert grad.attrs["kept"] == 1
+    assert _count(grad.attrs["bwd_in"], "matmul") == 1
+    assert _count(grad.attrs["bwd_par"], "matmul") == 1
+
+
 @pytest.mark.slow
 def test_lstm_matches_torch_nn_lstm(lstm):
     """The same weights in torch.nn.LSTM (gates i, f, g, o; W = [W_ih; W_hh]^T, b = b_ih + b_hh) give the same loss."""

@@ -180,18 +180,30 @@ def _row_inputs(kb, cg: CG, node, first: int):
     return lambda start: {name: cg.gep(p, cg.imul(start, w), et) for name, p, w, et in found}
 
 
+def _kept_blocks(cg: CG, blocks):
+    """The kept values' blocks ([nodes, w] each, named `@keep<k>` in the
+    body programs): a function of a start row giving {name: pointer to that row}."""
+    found = [(f"@keep{k}", cg.ptr(n.id), n.shape[1]) for k, n in enumerate(blocks)]
+    return lambda start: {name: cg.gep(p, cg.imul(start, w)) for name, p, w in found}
+
+
 def lower_tree_map(kb, node) -> None:
     g = kb.graph
     children, level_end, _roots, leaves, s_rows, s_fixed = node.inputs[:6]
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = arity * width          # a gathered row: the children side by side
-    entry = body_entry(kb, node.attrs["fwd"])
     vw = kb.vector_width
     nodes_d = node.shape[0]
     leaves_d = g.nodes[leaves].shape[0]
     levels_d = g.nodes[level_end].shape[0]
     # Training keeps every level's gathered block for the backward pass.
     kept = [u for u in g.users(node.id) if g.nodes[u].op.name == "tree_children" and u in kb.layout.buffers]
+    # ... and the forward values its programs read instead of recomputing them (`tree_kept`)
+    values = sorted((g.nodes[u] for u in g.users(node.id) if g.nodes[u].op.name == "tree_kept"),
+                    key=lambda n: n.attrs["index"])
+    assert all(v.id in kb.layout.buffers for v in values), "a kept block without memory"
+    program = values[0].attrs["keep"] if values else node.attrs["fwd"]
+    entry = body_entry(kb, program)
     with kb.kernel(f"treemap{node.id}", 1, cost=1) as (cg, lo, hi):
         b = cg.b
         nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
@@ -202,20 +214,24 @@ def lower_tree_map(kb, node) -> None:
         C_all = cg.ptr(kept[0]) if kept else None
         nleaves = cg.imin(nleaves, nodes)
         copy_row(cg, cg.ptr(leaves), cg.i64(0), H, cg.i64(0), cg.imul(nleaves, width), vw)
-        inv = hoisted(kb, cg, node.attrs["fwd"], fixed)
+        inv = hoisted(kb, cg, program, fixed)
         rows_of = _row_inputs(kb, cg, node, 6)
+        kept_of = _kept_blocks(cg, values)
         with cg.loop(levels, start=1, name="level") as l:
             start, stop = _level_bounds(cg, le, l, nodes)
             block = C if C_all is None else cg.gep(C_all, cg.imul(start, cw))
             _gather(cg, ch, H, block, start, stop, arity, width, cw, nodes, vw)
             call_body(cg, entry, {"children": block, **rows_of(start), **inv},
-                      {"h": cg.gep(H, cg.imul(start, width))}, fixed, b.sub(stop, start), ws)
+                      {"h": cg.gep(H, cg.imul(start, width)), **kept_of(start)}, fixed, b.sub(stop, start), ws)
 
 
 def lower_tree_map_grad(kb, node) -> None:
     g = kb.graph
     children, level_end, roots, Hn, seed, c_all, s_rows, s_fixed = node.inputs[:8]
-    params = node.inputs[8 + len(node.attrs.get("node_inputs", ())):]
+    n_kept = node.attrs.get("kept", 0)
+    first_param = 8 + len(node.attrs.get("node_inputs", ()))
+    params = node.inputs[first_param:len(node.inputs) - n_kept]
+    kept = [g.nodes[k] for k in node.inputs[len(node.inputs) - n_kept:]]
     from_roots = node.attrs.get("from_roots", False)
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = arity * width          # a gathered row: the children side by side
@@ -248,12 +264,13 @@ def lower_tree_map_grad(kb, node) -> None:
             copy_row(cg, G, cg.imul(k if from_roots else r, width), dH, cg.imul(r, width), width, vw)
         inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
         rows_of = _row_inputs(kb, cg, node, 8)
+        kept_of = _kept_blocks(cg, kept)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
             start, stop = _level_bounds(cg, le, l, nodes)
             at = cg.imul(start, width)
             call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
-                                 **rows_of(start), **inv}, {"dC": dC}, fixed, b.sub(stop, start), ws)
+                                 **rows_of(start), **kept_of(start), **inv}, {"dC": dC}, fixed, b.sub(stop, start), ws)
             with cg.loop(stop, start=start, name="sc") as r:
                 row = cg.imul(b.sub(r, start), cw)
                 for a in range(arity):
@@ -280,7 +297,7 @@ def lower_tree_map_grad(kb, node) -> None:
                 at = cg.imul(first, width)
                 inv = hoisted(kb, cg, node.attrs["bwd_par"], fixed)
                 call_body(cg, e_par, {"@C": cg.gep(C, cg.imul(first, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
-                                      **rows_of(first), **inv}, outs, fixed, inner, ws)
+                                      **rows_of(first), **kept_of(first), **inv}, outs, fixed, inner, ws)
             with otherwise:                                # no inner node: nothing to differentiate
                 for name, p in zip(names, params):
                     n = g.nodes[p].type.size().coef

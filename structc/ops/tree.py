@@ -93,6 +93,21 @@ def prepare(g, name: str, arity: int = 1) -> BodyProgram:
     return program
 
 
+def _keep_program(body, kept: list, fwd: BodyProgram, arity: int, rec: str):
+    """(the forward body with outputs `@keep<k>` for the kept values, its
+    program); None if its buffers outgrow the forward's scratch (then
+    nothing is kept)."""
+    if not kept:
+        return None, fwd
+    g = body.copy()
+    for k, nid in enumerate(kept):
+        g.outputs[f"@keep{k}"] = nid
+    program = prepare(g, f"{rec}.node.keep", arity)
+    if program.rows_floats > fwd.rows_floats or program.fixed_floats > max(fwd.fixed_floats, 16):
+        return None
+    return g, program
+
+
 def _bounded(g, name: str, arity: int = 1) -> BodyProgram:
     from ..passes.plan import ALIGN, aligned, plan_memory
     plan = plan_memory(g, {p: 0 for p in g.params})
@@ -202,10 +217,13 @@ def fold_concat_of_slices(g) -> None:
             g.replace_uses(nid, src)
 
 
-def derive_backward(body):
+def derive_backward(body, keep: bool = False):
     """The body's VJP as a graph: inputs `@C` (children's states), `@g` (the
     cotangent of its output) and `@h` (its output, read from H rather than
-    recomputed); outputs `dC` and `d:<param>` for each parameter."""
+    recomputed); outputs `dC` and `d:<param>` for each parameter. With
+    `keep`, the forward values it would recompute through a matmul (an
+    LSTM's gates) are inputs `@keep<k>` instead, read from blocks the
+    forward pass writes: returns (graph, [their node ids in `body`])."""
     from ..autodiff import differentiate
     from ..graph import Builder
     from ..passes.dce import dce
@@ -222,8 +240,7 @@ def derive_backward(body):
     g.inputs["@g"] = gin
     g.outputs = {"loss": b.sum(b.value(out) * b.value(gin), axes=(0, 1)).id}
     d = differentiate(g)
-    hin = d.add(REGISTRY["input"], (), {"name": "@h", "kind": "input", "type": ht, "classes": 0}, type=ht)
-    d.inputs["@h"] = hin
+    hin = _as_input(d, "@h", ht)
     if "source" not in d.nodes[out].op.traits:
         d.replace_uses(out, hin)
     node = d.nodes[cin]
@@ -236,7 +253,45 @@ def derive_backward(body):
         outputs[f"d:{p}"] = d.outputs[f"grad:{p}"]
     d.outputs = outputs
     d.name = f"{body.name}.vjp"
-    return dce(d)
+    d = dce(d)
+    if not keep:
+        return d
+    kept = _worth_keeping(body, d, out)
+    for k, nid in enumerate(kept):
+        d.replace_uses(nid, _as_input(d, f"@keep{k}", d.nodes[nid].type))
+    return dce(d), kept
+
+
+def _as_input(g, name: str, t):
+    nid = g.add(REGISTRY["input"], (), {"name": name, "kind": "input", "type": t, "classes": 0}, type=t)
+    g.inputs[name] = nid
+    return nid
+
+
+def _worth_keeping(body, d, out) -> list:
+    """The forward values that the VJP `d` reads and would recompute through
+    a matmul: one row per node (or per child slot) each, cheaper to keep
+    than to recompute."""
+    forward = set(body.nodes)
+    read = sorted({i for n in d.nodes if n not in forward for i in d.nodes[n].inputs if i in forward})
+    matmuls = {n for n in forward if body.nodes[n].op.name == "matmul"}
+    kept = []
+    for nid in read:
+        node = body.nodes[nid]
+        t = node.type
+        if nid == out or node.op.name in ("input", "param", "const") or t.rank != 2:
+            continue
+        if t.shape[0] not in (BODY_ROWS, BODY_KIDS) or not isinstance(t.shape[1], int):
+            continue
+        if nid in matmuls or matmuls & _ancestors(body, nid):
+            kept.append(nid)
+    return kept
+
+
+def kept_width(body, nid, arity: int) -> int:
+    """Floats per node of a kept value: a per-child-slot value has `arity` rows per node."""
+    t = body.nodes[nid].type
+    return t.shape[1] * (arity if t.shape[0] == BODY_KIDS else 1)
 
 
 def _subset(g, names, name):
@@ -283,7 +338,16 @@ def _seed(seed, roots, nodes, from_roots):
     return gH
 
 
-def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None):
+def _kept_rows(keep, feed: dict, pvals: dict, dims: dict) -> dict:
+    """One node's kept forward values (`@keep<k>`), as the forward body computes them."""
+    from ..interp import evaluate
+    if keep is None:
+        return {}
+    r = evaluate(keep, feed, pvals, dims=dims)
+    return {k: r[k] for k in keep.outputs if k.startswith("@keep")}
+
+
+def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None, keep=None):
     from ..interp import evaluate
     n = children.shape[0]
     dH = np.array(gH, dtype=np.float64)
@@ -291,8 +355,10 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None
     pvals = dict(zip(names, params))
     dparams = [np.zeros(np.shape(p)) for p in params]
     for i in reversed(range(leaves, n)):        # parents before their children
-        r = evaluate(bwd, {"@C": _child_states(H, children[i], width), "@g": dH[i:i + 1], "@h": H[i:i + 1],
-                           **_rows(extras or {}, i)}, pvals, dims=_one_row(children))
+        feed = {"children": _child_states(H, children[i], width), **_rows(extras or {}, i)}
+        kept = _kept_rows(keep, feed, pvals, _one_row(children))
+        r = evaluate(bwd, {"@C": feed["children"], "@g": dH[i:i + 1], "@h": H[i:i + 1],
+                           **_rows(extras or {}, i), **kept}, pvals, dims=_one_row(children))
         for k, name in enumerate(names):
             dparams[k] += r[f"d:{name}"]
         for a, c in enumerate(children[i]):
@@ -336,7 +402,11 @@ class TreeMap(Op):
     def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
             body, fwd, arity, width, rec="h", node_inputs=()):
         ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
-        bwd = derive_backward(body)
+        bwd, kept = derive_backward(body, keep=True)
+        found = _keep_program(body, kept, fwd, arity, rec)
+        if found is None:           # the forward's scratch cannot hold it: recompute instead
+            bwd, kept, found = derive_backward(body), [], (None, fwd)
+        keep_graph, keep = found
         names = list(body.params)
         bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children", arity)
         bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
@@ -355,13 +425,18 @@ class TreeMap(Op):
         from_roots = gn.op.name == "scatter_rows" and gn.inputs[1] == roots.id and gn.attrs["rows"] == nodes
         seed = b.value(gn.inputs[0]) if from_roots else g
         attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
-                     from_roots=from_roots, node_inputs=node_inputs)
+                     from_roots=from_roots, node_inputs=node_inputs, keep=keep_graph, kept=len(kept))
         # the children's states, as the forward pass gathered them level by level
         C = b.tree_children(out, children, arity=arity, width=width)
-        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *ins, *params, **attrs)
+        # the values the backward reads instead of recomputing them (an LSTM's gates), written by the forward
+        K = [b.tree_kept(out, children, level_end, *ins, *params, index=k, width=kept_width(body, nid, arity),
+                          keep=keep, keep_graph=keep_graph, node_inputs=node_inputs)
+             for k, nid in enumerate(kept)]
+        dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *ins, *params, *K, **attrs)
         d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
         parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *ins, *params, param=name, index=k,
-                                  bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs)
+                                  bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs,
+                                  keep=keep_graph)
                  for k, name in enumerate(names)]
         return [None, None, None, d_leaves, None, None, *[None] * len(ins), *parts]
 
@@ -379,7 +454,7 @@ class TreeMapGrad(Op):
 
     def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
               body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
-              from_roots: bool = False, node_inputs: tuple = ()) -> TensorType:
+              from_roots: bool = False, node_inputs: tuple = (), keep=None, kept: int = 0) -> TensorType:
         return H
 
     def describe(self, attrs: dict) -> str:
@@ -387,10 +462,11 @@ class TreeMapGrad(Op):
                f"vjp={attrs['bwd_in']}, {attrs['bwd_par']}"
 
     def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
-                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, node_inputs=(), dims=None):
-        extras, params = _split(rest, node_inputs)
+                  body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, node_inputs=(), keep=None,
+                  kept=0, dims=None):
+        extras, params = _split(rest[:len(rest) - kept], node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras)[0]
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras, keep)[0]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map_grad
@@ -405,17 +481,18 @@ class TreeGradPart(Op):
     traits = frozenset({"part"})
 
     def shape(self, dH, children, level_end, roots, H, seed, *rest, param: str, index: int, bwd, width: int,
-              from_roots: bool = False, node_inputs: tuple = ()) -> TensorType:
+              from_roots: bool = False, node_inputs: tuple = (), keep=None) -> TensorType:
         return rest[len(node_inputs) + index]
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['param']}"
 
     def reference(self, dH, children, level_end, roots, H, seed, *rest, param, index, bwd, width,
-                  from_roots=False, node_inputs=()):
+                  from_roots=False, node_inputs=(), keep=None):
         extras, params = _split(rest, node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras)[1][index]
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras,
+                                   keep)[1][index]
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map_grad kernel of its group
@@ -433,6 +510,32 @@ class TreeChildren(Op):
 
     def reference(self, H, children, *, arity, width):
         return np.concatenate([_child_states(H, kids, width) for kids in children])
+
+    def lower(self, kb, node, epilogue):
+        pass    # written by the tree_map kernel of its group
+
+
+class TreeKept(Op):
+    """K[i] = value `@keep<index>` of the node case at node i (zero at a leaf):
+    a forward value the backward programs read instead of recomputing it,
+    written by the `tree_map` kernel as it runs each level (`keep`, the body
+    program with those extra outputs; the `part` trait puts it in that
+    group). [nodes, width]: a per-child-slot value is its A rows side by side."""
+    name = "tree_kept"
+    traits = frozenset({"part"})
+
+    def shape(self, H, children, level_end, *rest, index: int, width: int, keep, keep_graph,
+              node_inputs: tuple = ()) -> TensorType:
+        return TensorType((H.shape[0], width), "f32")
+
+    def reference(self, H, children, level_end, *rest, index, width, keep, keep_graph, node_inputs=()):
+        extras, params = _split(rest, node_inputs)
+        pvals = dict(zip(keep_graph.params, params))
+        K = np.zeros((H.shape[0], width))
+        for i in range(_leaf_count(level_end), H.shape[0]):
+            feed = {"children": _child_states(H, children[i], H.shape[1]), **_rows(extras, i)}
+            K[i] = _kept_rows(keep_graph, feed, pvals, _one_row(children))[f"@keep{index}"].reshape(-1)
+        return K
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map kernel of its group
