@@ -9,6 +9,7 @@ one op, `lstm_gates`: one row kernel instead of a dozen small ones; as a
 recursion's states (h, c) its two halves are read in place).
 
     lstm_cell(x, h, c, H) -> (h', c')    g = [x, h] @ W + b, W: [F+H, 4H], gates i, f, u, o
+                                         (computed as (x @ W[:F] + b) + h @ W[F:])
         c' = σ(f) c + σ(i) tanh(u),   h' = σ(o) tanh(c')          (torch.nn.LSTM's gates and order)
     gru_cell(x, h, H) -> h'              [r, z] = σ([x, h] @ Wg + bg),  Wg: [F+H, 2H]
         n = tanh([x, r h] @ Wn + bn),   h' = (1 - z) n + z h    (Cho et al. 2014)
@@ -66,7 +67,13 @@ def lstm_cell(ctx, x, h, c, units, *, init="glorot", name=None):
         ctx.fail(f"lstm_cell: the cell state c must have the shape of h, {h.type}, got {c.type}")
     layer = ctx.layer_name("lstm", name)
     b = ctx.b
-    g = _gates(ctx, ctx.checked(lambda: b.concat(x, h, axis=1)), 4 * units, layer, "", init)
+    w = ctx.param(f"{layer}.w", TensorType((x.shape[1] + units, 4 * units)), init)
+    bias = ctx.param(f"{layer}.b", TensorType((4 * units,)), "zeros")
+    # [x, h] @ W as x @ W[:F] + h @ W[F:] (one parameter, torch's layout): in a
+    # recursion the input's half depends on x alone, so it runs once over every
+    # node before the levels (`recursion.lift_row_work`) and each step does h's
+    wx, wh = b.slice(w, axis=0, start=0, stop=x.shape[1]), b.slice(w, axis=0, start=x.shape[1], stop=x.shape[1] + units)
+    g = (b.matmul(x, wx) + bias) + b.matmul(h, wh)
     hc = b.lstm_gates(g, c)         # one row kernel for the gate math (ops/recurrent.py), [h', c']
     return _part(ctx, hc, 0, units), _part(ctx, hc, 1, units)
 

@@ -239,6 +239,10 @@ def lower_tree_map_grad(kb, node) -> None:
     e_par = body_entry(kb, node.attrs["bwd_par"])
     names = [k[2:] for k in node.attrs["bwd"].outputs if k.startswith("d:")]
     parts = {g.nodes[u].attrs["param"]: u for u in g.users(node.id) if g.nodes[u].op.name == "tree_grad_part"}
+    lift_parts = {g.nodes[u].attrs["name"]: u for u in g.users(node.id)
+                  if g.nodes[u].op.name == "tree_lift_grad" and u in kb.layout.buffers}
+    lifts = [(name, g.nodes[nid].shape[1]) for name, nid in zip(node.attrs.get("node_inputs", ()), node.inputs[8:])
+             if name.startswith("@lift")]
     vw = kb.vector_width
     nodes_d = node.shape[0]
     levels_d = g.nodes[level_end].shape[0]
@@ -250,7 +254,14 @@ def lower_tree_map_grad(kb, node) -> None:
         H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
         C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
         dC = cg.ptr(s_rows)
-        ws = cg.gep(dC, cg.imul(nodes, cw + width))
+        lift_at, spare_rows = {}, cw + width       # the lifted inputs' cotangent blocks
+        for name, w in lifts:
+            if name in lift_parts:
+                lift_at[name] = (cg.ptr(lift_parts[name]), w)
+            else:                                   # nothing reads it: spare rows of the scratch
+                lift_at[name] = (cg.gep(dC, cg.imul(nodes, spare_rows)), w)
+                spare_rows += aligned(w)
+        ws = cg.gep(dC, cg.imul(nodes, cw + width + sum(aligned(w) for _, w in lifts)))
         if node.id in kb.layout.buffers:
             dH = cg.ptr(node.id)
         else:       # no one reads the leaves' cotangent: dH is working memory only
@@ -292,6 +303,9 @@ def lower_tree_map_grad(kb, node) -> None:
             else:                                          # nothing reads it: a spare buffer
                 outs[f"d:{name}"] = cg.gep(fixed, cg.i64(spare))
                 spare += aligned(g.nodes[p].type.size().coef)
+        for name, (p, w) in lift_at.items():       # the leaves run no node case: no cotangent
+            outs[f"d{name}"] = cg.gep(p, cg.imul(first, w))
+            zero_rows(cg, p, cg.i64(0), first, w, vw)
         with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
             with then:
                 at = cg.imul(first, width)

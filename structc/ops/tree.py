@@ -229,11 +229,12 @@ def derive_backward(body, keep: bool = False):
     from ..passes.dce import dce
     g = body.copy()
     b = Builder(g)
-    cin = g.inputs.pop("children")
-    ct = g.nodes[cin].type
-    g.nodes[cin].op = REGISTRY["param"]            # so that differentiate returns its gradient
-    g.nodes[cin].attrs = {"name": "@C", "type": ct, "init": ("zeros", ())}
-    g.params["@C"] = cin
+    # the inputs that get a cotangent become parameters, so that differentiate returns it
+    wrt = {"@C": g.inputs.pop("children"), **{k: g.inputs.pop(k) for k in lifted_inputs(body)}}
+    for name, nid in wrt.items():
+        g.nodes[nid].op = REGISTRY["param"]
+        g.nodes[nid].attrs = {"name": name, "type": g.nodes[nid].type, "init": ("zeros", ())}
+        g.params[name] = nid
     out = g.outputs["h"]
     ht = g.nodes[out].type
     gin = g.add(REGISTRY["input"], (), {"name": "@g", "kind": "input", "type": ht, "classes": 0}, type=ht)
@@ -243,12 +244,16 @@ def derive_backward(body, keep: bool = False):
     hin = _as_input(d, "@h", ht)
     if "source" not in d.nodes[out].op.traits:
         d.replace_uses(out, hin)
-    node = d.nodes[cin]
-    node.op = REGISTRY["input"]
-    node.attrs = {"name": "@C", "kind": "input", "type": ct, "classes": 0}
-    del d.params["@C"]
-    d.inputs["@C"] = cin
+    for name, nid in wrt.items():
+        node = d.nodes[nid]
+        node.op = REGISTRY["input"]
+        node.attrs = {"name": name, "kind": "input", "type": node.type, "classes": 0}
+        del d.params[name]
+        d.inputs[name] = nid
     outputs = {"dC": d.outputs["grad:@C"]}
+    for name in wrt:
+        if name != "@C":
+            outputs[f"d{name}"] = d.outputs[f"grad:{name}"]
     for p in body.params:
         outputs[f"d:{p}"] = d.outputs[f"grad:{p}"]
     d.outputs = outputs
@@ -260,6 +265,12 @@ def derive_backward(body, keep: bool = False):
     for k, nid in enumerate(kept):
         d.replace_uses(nid, _as_input(d, f"@keep{k}", d.nodes[nid].type))
     return dce(d), kept
+
+
+def lifted_inputs(body) -> list:
+    """The body's row-aligned inputs that the model computed from parameters
+    (`recursion.lift_row_work`): they get a cotangent, one row per node."""
+    return [k for k in body.inputs if k.startswith("@lift")]
 
 
 def _as_input(g, name: str, t):
@@ -354,6 +365,7 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None
     names = [k[2:] for k in bwd.outputs if k.startswith("d:")]
     pvals = dict(zip(names, params))
     dparams = [np.zeros(np.shape(p)) for p in params]
+    dlift = {k: np.zeros((n, bwd.nodes[bwd.inputs[k]].shape[1])) for k in lifted_inputs(bwd)}
     for i in reversed(range(leaves, n)):        # parents before their children
         feed = {"children": _child_states(H, children[i], width), **_rows(extras or {}, i)}
         kept = _kept_rows(keep, feed, pvals, _one_row(children))
@@ -361,10 +373,12 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None
                            **_rows(extras or {}, i), **kept}, pvals, dims=_one_row(children))
         for k, name in enumerate(names):
             dparams[k] += r[f"d:{name}"]
+        for k in dlift:
+            dlift[k][i] = r[f"d{k}"][0]
         for a, c in enumerate(children[i]):
             if c >= 0:
                 dH[c] += r["dC"][0, a * width:(a + 1) * width]
-    return dH, dparams
+    return dH, dparams, dlift
 
 
 def _leaf_count(level_end) -> int:
@@ -409,12 +423,15 @@ class TreeMap(Op):
         keep_graph, keep = found
         names = list(body.params)
         bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children", arity)
-        bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
+        lifts = lifted_inputs(body)
+        bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names} | {f"d{k}" for k in lifts}, f"{rec}.node.vjp_params"),
                           f"{rec}.node.vjp_params", arity)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
-        # (leaves without parameters upstream), the bodies' workspace
-        rows = arity * width + width + max(bwd_in.rows_floats, bwd_par.rows_floats)
+        # (leaves without parameters upstream), the lifted values' cotangents
+        # nothing reads, the bodies' workspace
+        lift_floats = sum(_aligned(x.shape[1]) for x, k in zip(ins, node_inputs) if k in lifts)
+        rows = arity * width + width + lift_floats + max(bwd_in.rows_floats, bwd_par.rows_floats)
         spare = sum(_aligned(p.type.size().coef) for p in params)   # for gradients nothing reads
         fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
         sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
@@ -438,7 +455,12 @@ class TreeMap(Op):
                                   bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs,
                                   keep=keep_graph)
                  for k, name in enumerate(names)]
-        return [None, None, None, d_leaves, None, None, *[None] * len(ins), *parts]
+        # the lifted values' cotangents (x @ W_x's: the model takes them on to W_x and x)
+        d_ins = [b.tree_lift_grad(dH, children, level_end, roots, out, seed, *ins, *params, name=k,
+                                  lift_width=x.shape[1], bwd=bwd, width=width, from_roots=from_roots,
+                                  node_inputs=node_inputs, keep=keep_graph) if k in lifts else None
+                 for x, k in zip(ins, node_inputs)]
+        return [None, None, None, d_leaves, None, None, *d_ins, *parts]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map
@@ -539,6 +561,28 @@ class TreeKept(Op):
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map kernel of its group
+
+
+class TreeLiftGrad(Op):
+    """The cotangent of a lifted row-aligned input `name` (`@lift<k>`, one
+    row per node; zero at the leaves, which do not run the node case):
+    computed by the kernel of the `tree_map_grad` it reads (`part`)."""
+    name = "tree_lift_grad"
+    traits = frozenset({"part"})
+
+    def shape(self, dH, children, level_end, roots, H, seed, *rest, name: str, lift_width: int, bwd, width: int,
+              from_roots: bool = False, node_inputs: tuple = (), keep=None) -> TensorType:
+        return TensorType((dH.shape[0], lift_width), "f32")
+
+    def reference(self, dH, children, level_end, roots, H, seed, *rest, name, lift_width, bwd, width,
+                  from_roots=False, node_inputs=(), keep=None):
+        extras, params = _split(rest, node_inputs)
+        gH = _seed(seed, roots, H.shape[0], from_roots)
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras,
+                                   keep)[2][name]
+
+    def lower(self, kb, node, epilogue):
+        pass    # written by the tree_map_grad kernel of its group
 
 
 class TreeLeafRows(Op):
