@@ -310,12 +310,15 @@ def _count(program, op: str) -> int:
 
 def test_backward_reads_the_kept_gates_instead_of_recomputing_them(lstm):
     """The forward keeps each step's gates; the backward programs run no gate
-    matmul of their own: one matmul each (the delta dg W_h^T per level, dW
-    once over every position)."""
+    matmul of their own: one matmul each (the delta dg W_h^T per level, dW_h
+    once over every position; x's half, lifted, is the model's). The gates'
+    cotangent dg is computed once, per level, and read by the parameters' program."""
     grad = _tree_grad(lstm[1])
     assert grad.attrs["kept"] == 1
     assert _count(grad.attrs["bwd_in"], "matmul") == 1
     assert _count(grad.attrs["bwd_par"], "matmul") == 1
+    assert _count(grad.attrs["bwd_in"], "lstm_gates_dg") == 1
+    assert _count(grad.attrs["bwd_par"], "lstm_gates_dg") == 0
 
 
 @pytest.mark.slow

@@ -280,8 +280,10 @@ def lower_tree_map_grad(kb, node) -> None:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
             start, stop = _level_bounds(cg, le, l, nodes)
             at = cg.imul(start, width)
+            lift_rows = {f"d{name}": cg.gep(p, cg.imul(start, w)) for name, (p, w) in lift_at.items()}
             call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
-                                 **rows_of(start), **kept_of(start), **inv}, {"dC": dC}, fixed, b.sub(stop, start), ws)
+                                 **rows_of(start), **kept_of(start), **inv}, {"dC": dC, **lift_rows}, fixed,
+                      b.sub(stop, start), ws)
             with cg.loop(stop, start=start, name="sc") as r:
                 row = cg.imul(b.sub(r, start), cw)
                 for a in range(arity):
@@ -304,14 +306,14 @@ def lower_tree_map_grad(kb, node) -> None:
                 outs[f"d:{name}"] = cg.gep(fixed, cg.i64(spare))
                 spare += aligned(g.nodes[p].type.size().coef)
         for name, (p, w) in lift_at.items():       # the leaves run no node case: no cotangent
-            outs[f"d{name}"] = cg.gep(p, cg.imul(first, w))
             zero_rows(cg, p, cg.i64(0), first, w, vw)
+        lift_rows = {f"@d{name}": cg.gep(p, cg.imul(first, w)) for name, (p, w) in lift_at.items()}
         with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
             with then:
                 at = cg.imul(first, width)
                 inv = hoisted(kb, cg, node.attrs["bwd_par"], fixed)
                 call_body(cg, e_par, {"@C": cg.gep(C, cg.imul(first, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
-                                      **rows_of(first), **kept_of(first), **inv}, outs, fixed, inner, ws)
+                                      **rows_of(first), **kept_of(first), **lift_rows, **inv}, outs, fixed, inner, ws)
             with otherwise:                                # no inner node: nothing to differentiate
                 for name, p in zip(names, params):
                     n = g.nodes[p].type.size().coef

@@ -258,6 +258,7 @@ def derive_backward(body, keep: bool = False):
         outputs[f"d:{p}"] = d.outputs[f"grad:{p}"]
     d.outputs = outputs
     d.name = f"{body.name}.vjp"
+    _fold_copies(d)
     d = dce(d)
     if not keep:
         return d
@@ -271,6 +272,55 @@ def lifted_inputs(body) -> list:
     """The body's row-aligned inputs that the model computed from parameters
     (`recursion.lift_row_work`): they get a cotangent, one row per node."""
     return [k for k in body.inputs if k.startswith("@lift")]
+
+
+def _fold_copies(d) -> None:
+    """Two copies that the body's VJP makes per level, replaced by their
+    values: `1 * x` (the cotangent of `sum(h * @g)`), and the sum of two
+    zero-padded concats (the VJPs of column slices of one state, `h` and
+    `c`), which is the concat of their non-zero blocks."""
+    for nid in d.topo():
+        node = d.nodes.get(nid)
+        if node is None or node.op.name not in ("mul", "add") or len(node.inputs) != 2:
+            continue
+        a, b = node.inputs
+        if node.op.name == "mul":
+            for one, x in ((a, b), (b, a)):
+                if _constant(d, one) == 1.0 and d.nodes[x].type == node.type:
+                    d.replace_uses(nid, x)
+                    break
+            continue
+        joined = _join_padded(d, d.nodes[a], d.nodes[b], node.type)
+        if joined is not None:
+            d.replace_uses(nid, joined)
+
+
+def _constant(g, nid):
+    """The value of a constant, or of a broadcast one; None otherwise."""
+    node = g.nodes[nid]
+    if node.op.name == "broadcast_to":
+        node = g.nodes[node.inputs[0]]
+    return node.attrs["value"] if node.op.name == "const" else None
+
+
+def _join_padded(g, x, y, t):
+    """concat(a_k or b_k) for concat(a_1, ..., a_n) + concat(b_1, ..., b_n)
+    split alike, where in each block one of a_k, b_k is zero; else None."""
+    if x.op.name != "concat" or y.op.name != "concat" or len(x.inputs) != len(y.inputs) or x.type != t:
+        return None
+    if x.attrs.get("axis") != y.attrs.get("axis"):
+        return None
+    parts = []
+    for a, b in zip(x.inputs, y.inputs):
+        if g.nodes[a].type != g.nodes[b].type:
+            return None
+        if _constant(g, a) == 0.0:
+            parts.append(b)
+        elif _constant(g, b) == 0.0:
+            parts.append(a)
+        else:
+            return None
+    return g.add(REGISTRY["concat"], tuple(parts), dict(x.attrs), type=t)
 
 
 def _as_input(g, name: str, t):
@@ -303,6 +353,18 @@ def kept_width(body, nid, arity: int) -> int:
     """Floats per node of a kept value: a per-child-slot value has `arity` rows per node."""
     t = body.nodes[nid].type
     return t.shape[1] * (arity if t.shape[0] == BODY_KIDS else 1)
+
+
+def _reading_lift_grads(g, bwd, lifts):
+    """The parameters' program reads the lifted inputs' cotangents (`@d@lift<k>`,
+    which the children's program wrote level by level: an LSTM's dg) instead
+    of computing them again over every node."""
+    from ..passes.dce import dce
+    for k in lifts:
+        nid = bwd.outputs[f"d{k}"]
+        if nid in g.nodes and g.nodes[nid].op.name != "input":
+            g.replace_uses(nid, _as_input(g, f"@d{k}", g.nodes[nid].type))
+    return dce(g)
 
 
 def _subset(g, names, name):
@@ -422,10 +484,11 @@ class TreeMap(Op):
             bwd, kept, found = derive_backward(body), [], (None, fwd)
         keep_graph, keep = found
         names = list(body.params)
-        bwd_in = prepare(_subset(bwd, {"dC"}, f"{rec}.node.vjp_children"), f"{rec}.node.vjp_children", arity)
         lifts = lifted_inputs(body)
-        bwd_par = prepare(_subset(bwd, {f"d:{p}" for p in names} | {f"d{k}" for k in lifts}, f"{rec}.node.vjp_params"),
-                          f"{rec}.node.vjp_params", arity)
+        bwd_in = prepare(_subset(bwd, {"dC", *(f"d{k}" for k in lifts)}, f"{rec}.node.vjp_children"),
+                         f"{rec}.node.vjp_children", arity)
+        bwd_par = prepare(_reading_lift_grads(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
+                                              bwd, lifts), f"{rec}.node.vjp_params", arity)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
         # (leaves without parameters upstream), the lifted values' cotangents
