@@ -258,8 +258,8 @@ def _layouts(net, source: str | None = None) -> dict[str, str]:
         g = pending.pop()
         for node in g.nodes.values():
             if node.op.name == "matmul" and not node.attrs.get("tb"):
-                w = g.nodes[node.inputs[1]]
-                if w.op.name == "param":
+                w = _param_rows(g, node.inputs[1])
+                if w is not None:
                     out.setdefault(w.attrs["name"], "T")
             elif node.op.name == "lstm_gates":
                 out.update(_lstm_params(g, g.nodes[node.inputs[0]]))
@@ -267,17 +267,27 @@ def _layouts(net, source: str | None = None) -> dict[str, str]:
     return out
 
 
+def _param_rows(g, nid):
+    """The parameter that node `nid` is, or a block of its rows (lstm_cell's W[:F]); else None."""
+    node = g.nodes[nid]
+    if node.op.name == "slice" and node.attrs["axis"] % max(1, node.type.rank) == 0:
+        node = g.nodes[node.inputs[0]]
+    return node if node.op.name == "param" else None
+
+
 def _lstm_params(g, gates) -> dict[str, str]:
-    """The weight and bias of `gates = [x, h] @ W + b` (lstm_cell's), by name."""
-    if gates.op.name != "add":
-        return {}
-    found = {}
-    for k in gates.inputs:
-        node = g.nodes[k]
-        if node.op.name == "param":
+    """The weight and bias of `gates = [x, h] @ W + b` (lstm_cell's, written
+    x @ W[:F] + (h @ W[F:] + b); in a recursion x's half is an input of the
+    node case), by name."""
+    found, todo = {}, [gates.id]
+    while todo:
+        node = g.nodes[todo.pop()]
+        if node.op.name == "add":
+            todo += node.inputs
+        elif node.op.name == "param":
             found[node.attrs["name"]] = "lstm.b"
-        elif node.op.name == "matmul" and g.nodes[node.inputs[1]].op.name == "param":
-            found[g.nodes[node.inputs[1]].attrs["name"]] = "lstm.w"
+        elif node.op.name == "matmul" and _param_rows(g, node.inputs[1]) is not None:
+            found[_param_rows(g, node.inputs[1]).attrs["name"]] = "lstm.w"
     return found if sorted(found.values()) == ["lstm.b", "lstm.w"] else {}
 
 

@@ -3,13 +3,13 @@
 Each is built from ops, so it works wherever its operands are rows of
 states: the next case of a recursion over a sequence (`gru_cell(t.x,
 h(t.prev), 64)`), a tree's node case, or plain tensors. All gates come from
-one matmul over concat(x, h); the gate math after it is elementwise, which
+one matmul over concat(x, h) (computed as x @ W[:F] + (h @ W[F:] + b), so
+that a recursion lifts x's half out of its steps); the gate math after it is elementwise, which
 the fuse pass joins to the matmul's epilogue where it can (the LSTM's is
 one op, `lstm_gates`: one row kernel instead of a dozen small ones; as a
 recursion's states (h, c) its two halves are read in place).
 
     lstm_cell(x, h, c, H) -> (h', c')    g = [x, h] @ W + b, W: [F+H, 4H], gates i, f, u, o
-                                         (computed as (x @ W[:F] + b) + h @ W[F:])
         c' = σ(f) c + σ(i) tanh(u),   h' = σ(o) tanh(c')          (torch.nn.LSTM's gates and order)
     gru_cell(x, h, H) -> h'              [r, z] = σ([x, h] @ Wg + bg),  Wg: [F+H, 2H]
         n = tanh([x, r h] @ Wn + bn),   h' = (1 - z) n + z h    (Cho et al. 2014)
@@ -36,10 +36,17 @@ def _operands(ctx, x, h, units, fname: str):
     return units
 
 
-def _gates(ctx, xh: Value, width: int, layer: str, suffix: str, init) -> Value:
-    w = ctx.param(f"{layer}.w{suffix}", TensorType((xh.shape[1], width)), init)
-    b = ctx.param(f"{layer}.b{suffix}", TensorType((width,)), "zeros")
-    return ctx.b.matmul(xh, w) + b
+def _gates(ctx, x: Value, h: Value, width: int, layer: str, suffix: str, init) -> Value:
+    """[x, h] @ W + b with W: [F+H, width] (one parameter, torch's layout),
+    computed as x @ W[:F] + (h @ W[F:] + b): in a recursion the input's half
+    depends on x alone, so it runs once over every node before the levels
+    (`recursion.lift_row_work`) and each step multiplies h only."""
+    f = x.shape[1]
+    w = ctx.param(f"{layer}.w{suffix}", TensorType((f + h.shape[1], width)), init)
+    bias = ctx.param(f"{layer}.b{suffix}", TensorType((width,)), "zeros")
+    b = ctx.b
+    wx, wh = b.slice(w, axis=0, start=0, stop=f), b.slice(w, axis=0, start=f, stop=f + h.shape[1])
+    return ctx.checked(lambda: b.matmul(x, wx) + (b.matmul(h, wh) + bias))
 
 
 def _part(ctx, g: Value, k: int, units: int) -> Value:
@@ -52,9 +59,9 @@ def gru_cell(ctx, x, h, units, *, init="glorot", name=None):
     units = _operands(ctx, x, h, units, "gru_cell")
     layer = ctx.layer_name("gru", name)
     b = ctx.b
-    rz = b.sigmoid(_gates(ctx, ctx.checked(lambda: b.concat(x, h, axis=1)), 2 * units, layer, "g", init))
+    rz = b.sigmoid(_gates(ctx, x, h, 2 * units, layer, "g", init))
     r, z = _part(ctx, rz, 0, units), _part(ctx, rz, 1, units)
-    n = b.tanh(_gates(ctx, ctx.checked(lambda: b.concat(x, r * h, axis=1)), units, layer, "n", init))
+    n = b.tanh(_gates(ctx, x, r * h, units, layer, "n", init))
     return n + z * (h - n)          # (1 - z) n + z h, one multiply
 
 
@@ -67,13 +74,7 @@ def lstm_cell(ctx, x, h, c, units, *, init="glorot", name=None):
         ctx.fail(f"lstm_cell: the cell state c must have the shape of h, {h.type}, got {c.type}")
     layer = ctx.layer_name("lstm", name)
     b = ctx.b
-    w = ctx.param(f"{layer}.w", TensorType((x.shape[1] + units, 4 * units)), init)
-    bias = ctx.param(f"{layer}.b", TensorType((4 * units,)), "zeros")
-    # [x, h] @ W as x @ W[:F] + h @ W[F:] (one parameter, torch's layout): in a
-    # recursion the input's half depends on x alone, so it runs once over every
-    # node before the levels (`recursion.lift_row_work`) and each step does h's
-    wx, wh = b.slice(w, axis=0, start=0, stop=x.shape[1]), b.slice(w, axis=0, start=x.shape[1], stop=x.shape[1] + units)
-    g = (b.matmul(x, wx) + bias) + b.matmul(h, wh)
+    g = _gates(ctx, x, h, 4 * units, layer, "", init)
     hc = b.lstm_gates(g, c)         # one row kernel for the gate math (ops/recurrent.py), [h', c']
     return _part(ctx, hc, 0, units), _part(ctx, hc, 1, units)
 
