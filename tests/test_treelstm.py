@@ -246,6 +246,20 @@ def test_child_sum_native_equals_interpreter(child_sum):
     check_native(net, mdef, f, {"y": rng.integers(0, 3, f.trees).astype(np.int32)})
 
 
+def test_backward_programs_share_the_gates_cotangents(child_sum):
+    """The children's program writes the cotangents of the node case's matmul
+    outputs (iou's and the forget gates') per level; the parameters' program
+    reads them: it runs only the weight gradients' matmuls and the bias sums,
+    no gate math, and no gate matmul is recomputed in either program."""
+    from structc.autodiff import differentiate
+    grad = next(n for n in differentiate(child_sum[1].graph).nodes.values() if n.op.name == "tree_map_grad")
+    assert [name for name, _ in grad.attrs["cots"]] == ["@cot0", "@cot1"]
+    par = {n.op.name for n in grad.attrs["bwd_par"].graph.nodes.values()}
+    assert par <= {"input", "param", "const", "matmul", "sum", "add", "slice", "tree_kids", "transpose", "concat"}
+    in_matmuls = [n for n in grad.attrs["bwd_in"].graph.nodes.values() if n.op.name == "matmul"]
+    assert len(in_matmuls) == 2             # the deltas through iou's and the forget gates' weights
+
+
 def test_a_missing_child_contributes_nothing():
     """sigmoid(.) of a missing child's zero state is 0.5, not 0: the mask drops it."""
     src = """

@@ -261,7 +261,12 @@ def lower_tree_map_grad(kb, node) -> None:
             else:                                   # nothing reads it: spare rows of the scratch
                 lift_at[name] = (cg.gep(dC, cg.imul(nodes, spare_rows)), w)
                 spare_rows += aligned(w)
-        ws = cg.gep(dC, cg.imul(nodes, cw + width + sum(aligned(w) for _, w in lifts)))
+        cot_at = {}                                 # cotangents both programs need: written once, per level
+        for name, w in node.attrs.get("cots", ()):
+            cot_at[name] = (cg.gep(dC, cg.imul(nodes, spare_rows)), w)
+            spare_rows += aligned(w)
+        ws = cg.gep(dC, cg.imul(nodes, cw + width + sum(aligned(w) for _, w in lifts) +
+                                sum(aligned(w) for _, w in node.attrs.get("cots", ()))))
         if node.id in kb.layout.buffers:
             dH = cg.ptr(node.id)
         else:       # no one reads the leaves' cotangent: dH is working memory only
@@ -281,6 +286,7 @@ def lower_tree_map_grad(kb, node) -> None:
             start, stop = _level_bounds(cg, le, l, nodes)
             at = cg.imul(start, width)
             lift_rows = {f"d{name}": cg.gep(p, cg.imul(start, w)) for name, (p, w) in lift_at.items()}
+            lift_rows.update({name: cg.gep(p, cg.imul(start, w)) for name, (p, w) in cot_at.items()})
             call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
                                  **rows_of(start), **kept_of(start), **inv}, {"dC": dC, **lift_rows}, fixed,
                       b.sub(stop, start), ws)
@@ -308,6 +314,7 @@ def lower_tree_map_grad(kb, node) -> None:
         for name, (p, w) in lift_at.items():       # the leaves run no node case: no cotangent
             zero_rows(cg, p, cg.i64(0), first, w, vw)
         lift_rows = {f"@d{name}": cg.gep(p, cg.imul(first, w)) for name, (p, w) in lift_at.items()}
+        lift_rows.update({name: cg.gep(p, cg.imul(first, w)) for name, (p, w) in cot_at.items()})
         with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
             with then:
                 at = cg.imul(first, width)

@@ -367,6 +367,41 @@ def _reading_lift_grads(g, bwd, lifts):
     return dce(g)
 
 
+def _shared_cotangents(par, children_part, body, arity: int) -> list:
+    """Cotangents that both backward programs compute: the `g` of each weight
+    gradient x^T g in the parameters' program that the children's program
+    computes too (a matmul output's cotangent: the Tree-LSTM's gates' dg).
+    The children's program writes them per level (outputs `@cot<k>`) into
+    scratch blocks [nodes, w]; the parameters' program reads them (inputs
+    `@cot<k>`) instead of recomputing the gate math over every node.
+    Rewrites both graphs; returns [(name, floats per node)]."""
+    from ..passes.dce import dce
+    forward, found = set(body.nodes), []
+    outs = set(children_part.outputs.values())
+    computed = outs | {a for o in outs for a in _ancestors(children_part, o)}
+    for nid in par.topo():
+        node = par.nodes[nid]
+        if node.op.name != "matmul" or not node.attrs.get("ta") or node.attrs.get("tb"):
+            continue
+        cot = par.nodes[node.inputs[1]]
+        t = cot.type
+        if cot.id in forward or cot.op.name == "input" or cot.id not in computed or t.rank != 2:
+            continue
+        if t.shape[0] not in (BODY_ROWS, BODY_KIDS) or not isinstance(t.shape[1], int):
+            continue
+        if cot.id in (c for c, _ in found):
+            continue
+        found.append((cot.id, t.shape[1] * (arity if t.shape[0] == BODY_KIDS else 1)))
+    cots = []
+    for k, (nid, width) in enumerate(found):
+        name = f"@cot{k}"
+        children_part.outputs[name] = nid
+        par.replace_uses(nid, _as_input(par, name, par.nodes[nid].type))
+        cots.append((name, width))
+    dce(par)
+    return cots
+
+
 def _subset(g, names, name):
     h = g.copy()
     h.outputs = {k: v for k, v in g.outputs.items() if k in names}
@@ -485,16 +520,18 @@ class TreeMap(Op):
         keep_graph, keep = found
         names = list(body.params)
         lifts = lifted_inputs(body)
-        bwd_in = prepare(_subset(bwd, {"dC", *(f"d{k}" for k in lifts)}, f"{rec}.node.vjp_children"),
-                         f"{rec}.node.vjp_children", arity)
-        bwd_par = prepare(_reading_lift_grads(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"),
-                                              bwd, lifts), f"{rec}.node.vjp_params", arity)
+        par = _reading_lift_grads(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"), bwd, lifts)
+        children_part = _subset(bwd, {"dC", *(f"d{k}" for k in lifts)}, f"{rec}.node.vjp_children")
+        cots = _shared_cotangents(par, children_part, body, arity)
+        bwd_in = prepare(children_part, f"{rec}.node.vjp_children", arity)
+        bwd_par = prepare(par, f"{rec}.node.vjp_params", arity)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
         # (leaves without parameters upstream), the lifted values' cotangents
         # nothing reads, the bodies' workspace
         lift_floats = sum(_aligned(x.shape[1]) for x, k in zip(ins, node_inputs) if k in lifts)
-        rows = arity * width + width + lift_floats + max(bwd_in.rows_floats, bwd_par.rows_floats)
+        cot_floats = sum(_aligned(w) for _, w in cots)
+        rows = arity * width + width + lift_floats + cot_floats + max(bwd_in.rows_floats, bwd_par.rows_floats)
         spare = sum(_aligned(p.type.size().coef) for p in params)   # for gradients nothing reads
         fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
         sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
@@ -505,7 +542,7 @@ class TreeMap(Op):
         from_roots = gn.op.name == "scatter_rows" and gn.inputs[1] == roots.id and gn.attrs["rows"] == nodes
         seed = b.value(gn.inputs[0]) if from_roots else g
         attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
-                     from_roots=from_roots, node_inputs=node_inputs, keep=keep_graph, kept=len(kept))
+                     from_roots=from_roots, node_inputs=node_inputs, keep=keep_graph, kept=len(kept), cots=tuple(cots))
         # the children's states, as the forward pass gathered them level by level
         C = b.tree_children(out, children, arity=arity, width=width)
         # the values the backward reads instead of recomputing them (an LSTM's gates), written by the forward
@@ -539,7 +576,8 @@ class TreeMapGrad(Op):
 
     def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
               body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
-              from_roots: bool = False, node_inputs: tuple = (), keep=None, kept: int = 0) -> TensorType:
+              from_roots: bool = False, node_inputs: tuple = (), keep=None, kept: int = 0,
+              cots: tuple = ()) -> TensorType:
         return H
 
     def describe(self, attrs: dict) -> str:
@@ -548,7 +586,7 @@ class TreeMapGrad(Op):
 
     def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
                   body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, node_inputs=(), keep=None,
-                  kept=0, dims=None):
+                  kept=0, cots=(), dims=None):
         extras, params = _split(rest[:len(rest) - kept], node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
         return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras, keep)[0]
