@@ -321,6 +321,27 @@ def test_backward_reads_the_kept_gates_instead_of_recomputing_them(lstm):
     assert _count(grad.attrs["bwd_par"], "lstm_gates_dg") == 0
 
 
+@pytest.mark.slow          # a compile of its own
+def test_two_threads_give_the_one_threads_gradients():
+    """Kept gates, the lifted x @ W_x and the cotangent blocks give the same
+    gradients when the body's kernels split their rows over two threads."""
+    src = LSTM.replace("Lstm", "LstmWide").replace("6, name", "48, name").replace("zeros(6)", "zeros(48)")
+    net = structc.compile(src, seed=2)
+    rng = np.random.default_rng(7)
+    seqs = ragged(rng, rng.integers(1, 30, 40), features=5)
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    got, before = {}, structc.native.get_num_threads()
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            got[threads] = net.grad(s=seqs, y=y)
+    finally:
+        structc.set_num_threads(before)
+    assert got[2][0] == pytest.approx(got[1][0], rel=1e-6)
+    for k in got[1][1]:
+        np.testing.assert_allclose(got[2][1][k], got[1][1][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 @pytest.mark.slow
 def test_lstm_matches_torch_nn_lstm(lstm):
     """The same weights in torch.nn.LSTM (gates i, f, g, o; W = [W_ih; W_hh]^T, b = b_ih + b_hh) give the same loss."""
