@@ -29,7 +29,11 @@ both obtained by running `autodiff.differentiate` on the body sub-graph
 (`derive_backward`). `tree_map_grad` yields dH, whose first rows are the
 leaf states' cotangent (`tree_leaf_rows`, a view), and one `tree_grad_part`
 per parameter, computed by the same kernel; the forward kernel keeps the
-gathered children (`tree_children`) for it. The references evaluate the
+gathered children (`tree_children`) for it, and the forward values the VJP
+would recompute through a matmul (`tree_kept`: an LSTM's gates). A body
+input `@lift<k>` (work the model lifted out of the levels, `recursion.
+lift_row_work`) gets its cotangent as `tree_lift_grad`; cotangents both
+backward programs need are written once per level (`_shared_cotangents`). The references evaluate the
 recursion node by node with the interpreter: they are the meaning that the
 level-batched native code (`lower/treemap.py`) is tested against.
 """
