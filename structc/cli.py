@@ -135,6 +135,12 @@ def compile_into_cache(source: str, file: str, model: str | None, target, timing
     return found + (art.timings,) if timings else found
 
 
+def _shipped_parts(args):
+    """A library gets every part its model has (the held-out loss entry too); in-process, the eager ones."""
+    from .compiler import PARTS
+    return list(PARTS) if args.output else None
+
+
 def cmd_compile(args) -> int:
     from .compiler import STAGES, compile_source
     source, file = _source(args.file)
@@ -163,7 +169,7 @@ def cmd_compile(args) -> int:
         writable_output(args.header, "the header")
     t0 = time.perf_counter()
     art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
-                         jit=not args.output, parts=["forward"] if args.inference else None,
+                         jit=not args.output, parts=["forward"] if args.inference else _shipped_parts(args),
                          kernel_timings=args.kernel_timings)
     if args.timings or args.kernel_timings:
         print(art.timings.table())

@@ -147,6 +147,17 @@ def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
                              f"channel, got {n} (a batch of one); train on larger batches")
 
 
+#: parts compiled only for the entry they hold (the others are compiled together, on a first need)
+_ON_DEMAND = {"evaluation": "eval_loss"}
+
+
+def _part_wanted(part: str, kind: str) -> bool:
+    """Whether a call needing entry `kind` compiles deferred `part` now."""
+    if part in _ON_DEMAND:
+        return _ON_DEMAND[part] == kind
+    return kind not in _ON_DEMAND.values()
+
+
 class _Entries(dict):
     """The entry points by kind. Asking for one that is not there yet (`get`
     or `[]`) first compiles the parts the model deferred."""
@@ -235,7 +246,7 @@ class Net:
         with self._deferred_lock:
             if kind in self._entries or not self.meta["deferred"]:
                 return kind in self._entries
-            for part in list(self.meta["deferred"]):
+            for part in [p for p in self.meta["deferred"] if _part_wanted(p, kind)]:
                 meta, objects = self._compile_deferred(part)
                 self._module.add(objects)
                 self._add_entries(meta["entries"], self._module)
@@ -440,11 +451,20 @@ class Net:
         return float(outs["loss"]), grads
 
     def loss(self, **inputs) -> float:
-        """The loss of a batch, changing nothing: no update, and batch norm's
-        running statistics left as they were (its normalisation still uses the
-        batch's own statistics, as in training; a batch of one is allowed);
-        dropout is off (it would make a held-out loss random and too high).
-        What held-out evaluation reports; the gradient arena is overwritten."""
+        """The loss of a batch as the model is used, changing nothing: dropout
+        off (it would make a held-out loss random and too high), batch norm
+        normalising with its running statistics (as the forward entry does, so
+        the loss agrees with the predictions; a batch of one is fine), no
+        update. What held-out evaluation and early stopping's val_loss report.
+        A model without batch norm runs its training entry with dropout off
+        (the gradient arena is overwritten)."""
+        if self.meta.get("buffers"):        # batch norm: only the inference-form entry gives that loss
+            if self._entries.get("eval_loss") is None:
+                if "training" not in self.meta["parts"] + self.meta["deferred"]:
+                    raise TypeError(self._missing_entry())
+                raise TypeError(f"model {self.name} has batch normalisation and this library has no held-out "
+                                "loss entry (eval_loss): compile it again with all its parts (structc compile -o)")
+            return float(self._run("eval_loss", inputs, 0)[0]["loss"])
         saved: dict[str, np.ndarray] = {}
 
         def keep():

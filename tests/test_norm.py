@@ -236,12 +236,46 @@ def test_evaluation_leaves_the_running_statistics_alone(rng):
     before = {n: net.params[n].copy() for n in ("bn1.mean", "bn1.var")}
     loss = net.loss(x=x[:1] + 5, y=y[:1])
     assert np.isfinite(loss)
-    assert net.loss(x=x, y=y) == net.grad(x=x, y=y)[0]      # the same loss as a training call ...
-    for name in before:                                     # ... which moved the statistics; put them back
-        net.params[name][...] = before[name]
     net.loss(x=x + 5, y=y)
     for name, value in before.items():
         np.testing.assert_array_equal(net.params[name], value)
+
+
+def _cross_entropy(logits, y):
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    return -logp[np.arange(len(y)), y].mean()
+
+
+def test_held_out_loss_uses_the_running_statistics(rng):
+    """`Net.loss` (held-out loss, val_loss, what early stopping picks an epoch by) is
+    the loss of the model as used: batch norm with its running statistics, like the
+    forward entry's predictions, not with the evaluated batch's own statistics."""
+    net = structc.compile(BN_DENSE)
+    x, y = rng.normal(size=(8, 6)).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32)
+    for _ in range(3):
+        net.train_step(lr=0.1, x=x, y=y)
+    xs = x * 2 + 1          # far from the running statistics: the two forms differ a lot
+    h = xs @ net.params["dense1.w"] + net.params["dense1.b"]
+    hn = np.maximum(_bn_numpy(h, net.params["bn1.g"], net.params["bn1.b"], net.params["bn1.mean"],
+                              net.params["bn1.var"], 1e-5), 0)
+    want = _cross_entropy(hn @ net.params["dense2.w"] + net.params["dense2.b"], y)
+    assert net.loss(x=xs, y=y) == pytest.approx(want, rel=1e-5)
+    probs = net(x=xs)
+    assert net.loss(x=xs, y=y) == pytest.approx(-np.log(probs[np.arange(8), y]).mean(), rel=1e-5)
+    assert net.loss(x=xs[:1], y=y[:1]) == pytest.approx(-np.log(probs[0, y[0]]), rel=1e-5)   # a batch of one
+
+
+def test_batch_norm_library_without_the_loss_entry_refuses_loss(rng, tmp_path):
+    """A library built from the eager parts only (no eval_loss entry) refuses
+    `loss` rather than answering with the batch's own statistics."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    from structc import api
+    ship.write_shared_library(api.compile_artifact(BN_DENSE, jit=False), tmp_path / "bd.so")
+    lib = ship.load(tmp_path / "bd.so")
+    with pytest.raises(TypeError, match="no held-out loss entry"):
+        lib.loss(x=np.zeros((2, 6), np.float32), y=np.zeros(2, np.int32))
 
 
 def test_batch_norm_options_are_checked():
@@ -318,6 +352,8 @@ def test_shipped_library_keeps_running_statistics(rng, tmp_path):
     shipped = ship.load(tmp_path / "bc.so")
     np.testing.assert_array_equal(shipped.params["bn1.var"], net.params["bn1.var"])
     np.testing.assert_array_equal(shipped(x=x), net(x=x))
+    y = rng.integers(0, 5, 4).astype(np.int32)
+    assert shipped.loss(x=x, y=y) == net.loss(x=x, y=y)     # the library holds the held-out loss entry
 
 
 @pytest.mark.slow
