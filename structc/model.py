@@ -135,6 +135,11 @@ class _Entry:
         self.workspace_sizes: dict[tuple, int] = {}
 
 
+class BatchTooSmall(ValueError):
+    """A training call batch normalisation cannot train on (one value per channel);
+    raised before anything changes, so a training loop may skip the batch."""
+
+
 def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
     """Batch normalisation's unbiased running variance divides by n - 1: refuse
     a training call with one value per channel (PyTorch refuses it too)."""
@@ -143,7 +148,7 @@ def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
         for d in item["count"]:
             n *= d if isinstance(d, int) else dims[d]
         if n < 2:
-            raise ValueError(f"{item['buffer']}: batch normalisation in training needs more than one value per "
+            raise BatchTooSmall(f"{item['buffer']}: batch normalisation in training needs more than one value per "
                              f"channel, got {n} (a batch of one); train on larger batches")
 
 

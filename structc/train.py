@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .model import BatchTooSmall
+
 
 @dataclass
 class TrainConfig:
@@ -224,13 +226,22 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
     stopper = EarlyStopping(cfg.early_stop, cfg.monitor) if cfg.early_stop else None
     bars = show_bars(cfg)
     start = time.perf_counter()
+    skipped, last_refusal = 0, None     # batches batch norm could not train on (said once)
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         total, count = 0.0, 0
         bar = tqdm(data.batches(cfg.batch, rng), total=data.batch_count(cfg.batch), leave=False,
                    disable=not bars, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    file=sys.stderr, dynamic_ncols=True)
         for feed in bar:
-            loss = net.train_step(lr=cfg.lr, **feed)
+            try:
+                loss = net.train_step(lr=cfg.lr, **feed)
+            except BatchTooSmall as e:      # e.g. the last batch when N % batch == 1; nothing was changed
+                if not skipped:
+                    log(f"epoch {epoch}: skipping a batch that batch normalisation cannot train on ({e}); "
+                        "every such batch is skipped (said once)")
+                skipped += 1
+                last_refusal = e
+                continue
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss
@@ -238,6 +249,8 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
             if count % 10 == 0:
                 bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
+        if count == 0 and last_refusal is not None:     # nothing trained: not an epoch
+            raise last_refusal
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **{f"heldout_{k}": v for k, v in
                                                                           data.evaluate(net).items()}}
         if check is not None:

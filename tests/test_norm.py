@@ -226,6 +226,33 @@ def test_batch_norm_refuses_training_on_one_value_per_channel(rng):
     assert net(x=x).shape == (1, 3)      # inference on one example is fine
 
 
+def test_the_epoch_loop_skips_a_last_batch_of_one_and_says_so_once(rng):
+    """33 examples in batches of 8: each epoch's last batch holds one example, which
+    batch norm cannot train on; the loop skips it (saying so once) instead of
+    stopping mid-epoch, and ends where training on the first 32 alone ends."""
+    from structc import datasets
+    from structc.train import TrainConfig, train
+    x = rng.normal(size=(33, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 33).astype(np.int32)
+    net = structc.compile(BN_DENSE)
+    data = datasets.ArrayDataset("d", x, y, x[:4], y[:4]).bind(net)
+    lines = []
+    history = train(net, data, TrainConfig(epochs=2, batch=8, progress=False), log=lines.append)
+    skips = [line for line in lines if "skipping a batch that batch normalisation cannot train on" in line]
+    assert len(skips) == 1 and skips[0].startswith("epoch 1:") and len(history.epochs) == 2
+    alone = structc.compile(BN_DENSE)          # the same run by hand, without the lone examples
+    shuffle = np.random.default_rng(0)
+    alone.set_optimizer("sgd")
+    for _ in range(2):
+        for feed in data.batches(8, shuffle):
+            if len(feed["y"]) > 1:
+                alone.train_step(lr=0.1, **feed)
+    for name in net.params:
+        np.testing.assert_array_equal(net.params[name], alone.params[name], err_msg=name)
+    with pytest.raises(ValueError, match="a batch of one"):       # nothing left to train on: refused
+        train(net, data, TrainConfig(epochs=1, batch=1, progress=False), log=lines.append)
+
+
 def test_evaluation_leaves_the_running_statistics_alone(rng):
     """Held-out evaluation (`Net.loss`, which every data set's `evaluate` uses)
     once ran the training call: it moved the running statistics towards the
