@@ -22,10 +22,11 @@ LOGIC_WORDS = ["T", "F", "and", "or", "xor", "not"]
 
 
 class TreeDataset:
-    def __init__(self, name: str, train: list[str], test: list[str], vocab: dict, description: str = ""):
+    def __init__(self, name: str, train: list, test: list, vocab: dict, description: str = ""):
+        """`train`, `test`: bracketed trees, or `Forest`s already parsed with `vocab`'s ids."""
         self.name, self.vocab, self.description = name, vocab, description
-        self.train = [Forest.from_brackets(s, vocab) for s in train]
-        self.test = [Forest.from_brackets(s, vocab) for s in test]
+        self.train = [_parsed(t, vocab) for t in train]
+        self.test = [_parsed(t, vocab) for t in test]
         self.forest = self.root_target = self.node_target = self.output = None
 
     def __len__(self) -> int:
@@ -92,6 +93,10 @@ class TreeDataset:
         if self.output is not None:
             result["accuracy"] = correct / n
         return result
+
+
+def _parsed(tree, vocab) -> Forest:
+    return tree if isinstance(tree, Forest) else Forest.from_brackets(tree, vocab)
 
 
 def load_logic() -> TreeDataset:
