@@ -155,6 +155,29 @@ def forward_graph(mdef: ModelDef) -> Graph:
     return inference(g)
 
 
+def float_arithmetic_inputs(g: Graph) -> list[str]:
+    """The integer inputs whose values reach float32 arithmetic (elementwise ops
+    convert integer operands: exact only up to 2**24), through ops that keep
+    integers as they are; `Net` refuses larger values in them. Indices (gathers,
+    labels) read integers exactly and do not count."""
+    found = []
+    for name, nid in g.inputs.items():
+        if g.nodes[nid].type.is_float:
+            continue
+        stack, seen = [nid], {nid}
+        while stack and name not in found:
+            for u in g.users(stack.pop()):
+                user = g.nodes[u]
+                moves_ints = "moves_data" in user.op.traits and not user.type.is_float
+                if "elementwise" in user.op.traits and not moves_ints:
+                    found.append(name)
+                    break
+                if not user.type.is_float and u not in seen:
+                    seen.add(u)
+                    stack.append(u)
+    return found
+
+
 def eval_loss_graph(mdef: ModelDef) -> Graph:
     """The loss alone in inference form (running statistics, dropout off): what a
     held-out loss measures, so it agrees with the forward entry's predictions."""
@@ -329,6 +352,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "frozen": sorted(n for n in frozen if not mdef.params[n].buffer),
         "buffers": sorted(n for n, p in mdef.params.items() if p.buffer),   # written by the training entry
         "batch_counts": batch_counts(forward),      # `Net` refuses to train with one value per channel
+        "float_arithmetic_inputs": float_arithmetic_inputs(forward),   # `Net` refuses values beyond 2**24
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step

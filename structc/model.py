@@ -163,6 +163,23 @@ def _part_wanted(part: str, kind: str) -> bool:
     return kind not in _ON_DEMAND.values()
 
 
+#: float32 holds every integer up to 2**24 exactly, and not every one beyond
+_F32_EXACT = 2 ** 24
+
+
+def _check_exact_in_float32(names: frozenset, entry: _Entry, arrays: list) -> None:
+    """Refuse integers float32 arithmetic would round: a word id over 16.7 M added to
+    something would silently become another number."""
+    for spec, arr in zip(entry.inputs, arrays):
+        if spec.name in names and arr.size:
+            low, high = int(arr.min()), int(arr.max())
+            if max(-low, high) > _F32_EXACT:
+                bad = high if high > _F32_EXACT else low
+                raise ValueError(f"input '{spec.name}': {bad} is beyond 2**24 = {_F32_EXACT}; the model computes "
+                                 "on this integer input in float32, which would round it (use values of at most "
+                                 "2**24 in magnitude, or only index with them)")
+
+
 class _Entries(dict):
     """The entry points by kind. Asking for one that is not there yet (`get`
     or `[]`) first compiles the parts the model deferred."""
@@ -227,6 +244,7 @@ class Net:
         self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
                          if b is not None]
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
+        self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
@@ -411,6 +429,8 @@ class Net:
         arrays, dims = self._bind(entry, given)
         if kind == "train" and self._batch_counts and check_batch:
             _check_batch_counts(self._batch_counts, dims)
+        if self._float_ints:
+            _check_exact_in_float32(self._float_ints, entry, arrays)
         if dims_out is not None:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
