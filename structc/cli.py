@@ -456,6 +456,9 @@ def cmd_train(args) -> int:
                       first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"],
                       schedule=_schedule(args, saved), val_split=settings["val_split"],
                       early_stop=early_stop, monitor=monitor)
+    if dp is not None and (cfg.val_split or cfg.early_stop):     # a resumed run's: not given here
+        raise UserError("the resumed run used --val-split/--early-stop, which --distributed does not support yet: "
+                        "resume it on one process")
     stopper = None
     if state is not None:
         stopper = _resume_early_stopping(net, state, cfg)
