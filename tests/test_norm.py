@@ -226,6 +226,7 @@ def test_batch_norm_refuses_training_on_one_value_per_channel(rng):
     assert net(x=x).shape == (1, 3)      # inference on one example is fine
 
 
+@pytest.mark.slow     # compiles and trains (or links a library): about 3 s
 def test_the_epoch_loop_skips_a_last_batch_of_one_and_says_so_once(rng):
     """33 examples in batches of 8: each epoch's last batch holds one example, which
     batch norm cannot train on; the loop skips it (saying so once) instead of
@@ -293,6 +294,7 @@ def test_held_out_loss_uses_the_running_statistics(rng):
     assert net.loss(x=xs[:1], y=y[:1]) == pytest.approx(-np.log(probs[0, y[0]]), rel=1e-5)   # a batch of one
 
 
+@pytest.mark.slow     # compiles and trains (or links a library): about 3 s
 def test_batch_norm_library_without_the_loss_entry_refuses_loss(rng, tmp_path):
     """A library built from the eager parts only (no eval_loss entry) refuses
     `loss` rather than answering with the batch's own statistics."""
