@@ -64,13 +64,15 @@ def balance(costs: Sequence[float], size: int) -> list[list[int]]:
     """Items to ranks by cost: the largest first, each to the least-loaded rank (ties
     to the lowest rank), so every rank computes the same assignment. Each rank's
     items are returned in their original order."""
-    loads = [(0.0, r) for r in range(size)]
-    parts: list[list[int]] = [[] for _ in range(size)]
-    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
-        load, r = heapq.heappop(loads)
-        parts[r].append(k)
-        heapq.heappush(loads, (load + float(costs[k]), r))
-    return [sorted(p) for p in parts]
+    costs = np.asarray(costs, np.float64).reshape(-1)
+    order = np.argsort(-costs, kind="stable")              # the largest first; equal costs by position
+    owner = np.empty(len(costs), np.int64)
+    loads = [(0.0, r) for r in range(size)]                # a heap: the least-loaded rank on top
+    for k, cost in zip(order.tolist(), costs[order].tolist()):
+        load, r = loads[0]
+        owner[k] = r
+        heapq.heapreplace(loads, (load + cost, r))
+    return [np.flatnonzero(owner == r).tolist() for r in range(size)]
 
 
 def forest_cost(forest) -> int:
@@ -319,19 +321,25 @@ def item_costs(data) -> np.ndarray | None:
     return None
 
 
-def _feed(data, items) -> dict:
-    """The feed of these training items of a data set (as its `batches` makes them)."""
-    from .forest import Forest
+def feeder(data):
+    """items -> the feed of those training items of a data set (as its `batches`
+    makes them; {} for none). Trees and graphs come from the data set's pool,
+    looked up once here (once per epoch), so a feed is a few gathers."""
     from .graph_datasets import GraphDataset
-    from .graphs import batch
     from .treedata import TreeDataset
-    if not len(items):
-        return {}
     if isinstance(data, TreeDataset):
-        return data.feed(Forest.concat([data.train[k] for k in items]))
+        forests = data.pool()
+        return lambda items: data.feed(forests.take(items)) if len(items) else {}
     if isinstance(data, GraphDataset):
-        return {data.graph_name: batch([data.graphs[k] for k in items]), data.target["name"]: data.labels[items]}
-    return {data.input["name"]: data.x_train[items], data.target["name"]: data.y_train[items]}
+        graphs, target, name = data.pool(), data.target["name"], data.graph_name
+        return lambda items: {name: graphs.take(items), target: data.labels[items]} if len(items) else {}
+    x, y = data.input["name"], data.target["name"]
+    return lambda items: {x: data.x_train[items], y: data.y_train[items]} if len(items) else {}
+
+
+def _feed(data, items) -> dict:
+    """The feed of these training items of a data set (`feeder`, for one batch)."""
+    return feeder(data)(items)
 
 
 def _train_items(data) -> np.ndarray:
@@ -351,12 +359,13 @@ def check_splittable(data) -> None:
                          "split yet; train it on one process")
 
 
-def shard(dp: DataParallel, items, costs: np.ndarray | None) -> list:
+def shard(dp: DataParallel, items, costs: np.ndarray | None) -> np.ndarray:
     """This rank's share of `items` (ids): by `costs[id]` (`item_costs`) for trees and
     graphs, by position when `costs` is None."""
+    items = np.asarray(items)
     if costs is None:
-        return list(np.array_split(np.asarray(items), dp.size)[dp.rank])
-    return [items[k] for k in dp.shard_items(costs[np.asarray(items)].tolist())]
+        return np.array_split(items, dp.size)[dp.rank]
+    return items[dp.shard_items(costs[items])]
 
 
 def held_out_part(dp: DataParallel, data):
@@ -406,8 +415,9 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         order = rng.permutation(items)
         total, steps = 0.0, 0
+        feed = feeder(data)
         for at in range(0, len(order), cfg.batch):
-            loss = dp.train_step(lr=cfg.lr, **_feed(data, shard(dp, order[at:at + cfg.batch], costs)))
+            loss = dp.train_step(lr=cfg.lr, **feed(shard(dp, order[at:at + cfg.batch], costs)))
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss

@@ -29,6 +29,7 @@ each tree once and forms batches cheaply.
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from typing import Iterable, Mapping, Sequence
 
@@ -282,7 +283,7 @@ class Forest:
         forests = list(forests)
         if not forests:
             raise ValueError("a forest needs at least one tree")
-        if any(not isinstance(f, Forest) for f in forests):
+        if not all(map(isinstance, forests, itertools.repeat(Forest))):      # no Python loop per forest
             raise TypeError("Forest.concat takes Forest objects")
         if len(forests) == 1:
             return forests[0]
@@ -377,6 +378,116 @@ class Forest:
         if mask:
             out["child_mask"] = _frozen((ch >= 0).astype(np.float32))
         return out
+
+
+class ForestPool:
+    """Forests parsed once and batched many times (a data set's items):
+    `pool.take(items)` is `Forest.concat([forests[k] for k in items])`, the
+    same arrays bit for bit, from a few gathers over arrays built once here
+    (no work per forest, so a batch's cost follows its nodes, not the count of
+    forests or calls). Every forest must carry the same kind of payload (words
+    or features)."""
+
+    __slots__ = ("forests", "_nodes", "_trees", "_leaves", "_arity", "_max_word", "_labelled", "_has_node_words",
+                 "_has_node_features", "_width", "_node_start", "_tree_start", "_height", "_block", "_roots", "_features", "_node_features")
+
+    def __init__(self, forests: Sequence[Forest]):
+        forests = list(forests)
+        if not forests:
+            raise ValueError("a forest needs at least one tree")
+        if not all(map(isinstance, forests, itertools.repeat(Forest))):
+            raise TypeError("Forest.concat takes Forest objects")
+        sizes = np.frombuffer(b"".join([f._sizes for f in forests]), np.int64).reshape(len(forests), -1)
+        lengths, (nodes, levels, trees) = sizes[:, :8], sizes.T[1:4]
+        arity, has_words = sizes[:, 8], sizes[:, 5] > 0
+        if has_words.min() != has_words.max():
+            raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
+        got = _gather(forests, lengths)
+        n, a = int(nodes.sum()), int(arity.max())
+        children = got["children"].reshape(n, a) if arity.min() == a else _widened(got["children"], nodes, arity, a)
+        self._node_start, self._tree_start = np.cumsum(nodes) - nodes, np.cumsum(trees) - trees
+        rows = np.arange(n) - np.repeat(self._node_start, nodes)                # each node's number in its forest
+        height = got["height"]
+        is_leaf = height == 0
+        self.forests = forests
+        self._nodes, self._trees, self._arity = nodes, trees, arity
+        self._leaves = np.add.reduceat(is_leaf.astype(np.int64), self._node_start)
+        self._max_word, self._labelled = sizes[:, 9], sizes[:, 6] > 0
+        self._height = height.astype(np.int16) if levels.max() <= 2**15 else height
+        self._roots = got["roots"]
+        self._features = None if has_words[0] else np.concatenate([f.features for f in forests])
+        labels = np.full(n, -1, _I32)
+        labels[np.repeat(self._labelled, nodes)] = got["labels"]
+        leaf = np.zeros(n, _I32)             # at a leaf its word id (words) or its row among all leaves (features)
+        leaf[is_leaf] = got["words"] if has_words[0] else np.arange(int(is_leaf.sum()))
+        self._has_node_words, node_words = _per_node(forests, "node_words", _I32)
+        self._has_node_features, self._node_features = _per_node(forests, "node_features", np.float32)
+        self._width = a
+        # Per node, one row (a batch gathers them at once): each child as how many
+        # rows before its parent it is (a forest numbers children first; 0 for
+        # none, so a batch's row minus it is the child's row in the batch), the
+        # tree within its forest, the label, the leaf's payload, the node's word.
+        columns = [np.where(children >= 0, rows[:, None] - children, 0), got["tree_of"], labels, leaf]
+        self._block = np.column_stack(columns + ([node_words] if node_words is not None else [])).astype(_I32)
+
+    def __len__(self) -> int:
+        return len(self.forests)
+
+    def take(self, items) -> Forest:
+        """One forest of these items' trees, in this order (`Forest.concat` of them)."""
+        idx = self._checked(items)
+        if len(idx) == 1:
+            return self.forests[idx[0]]
+        count = self._nodes[idx]
+        n = int(count.sum())
+        if n > _I32_MAX:
+            raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
+        first = np.cumsum(count) - count                                         # each item's first row
+        rows = np.arange(n) + np.repeat(self._node_start[idx] - first, count)    # in the pool, item by item
+        height = self._height[rows]
+        # each forest is in schedule order: a stable sort by height merges them level by level
+        order = np.argsort(height, kind="stable")
+        pos = np.empty(n, _I32)                                                  # a row -> its position
+        pos[order] = np.arange(n, dtype=_I32)
+        block = self._block.take(rows[order], axis=0)                            # scheduled
+        a, cols = int(self._arity[idx].max()), self._width
+        children = np.where(block[:, :a] > 0, pos[order[:, None] - block[:, :a]], -1)
+        tcount = self._trees[idx]
+        tfirst = np.cumsum(tcount) - tcount
+        tree_of = block[:, cols] + np.repeat(tfirst.astype(_I32), count)[order]
+        troots = np.arange(int(tcount.sum())) + np.repeat(self._tree_start[idx] - tfirst, tcount)
+        roots = pos[self._roots[troots] + np.repeat(first, tcount)]
+        leaves = block[:int(self._leaves[idx].sum()), cols + 2]                 # leaves first, item by item
+        words, features = (leaves, None) if self._features is None else (None, self._features[leaves])
+        node_words = block[:, cols + 3] if self._has_node_words[idx].all() else None
+        node_features = self._node_features[rows[order]] if self._has_node_features[idx].all() else None
+        return _assemble(children=children, height=height[order], level_end=np.cumsum(np.bincount(height)),
+                         roots=roots, tree_of=tree_of, words=words, features=features,
+                         labels=block[:, cols + 1] if self._labelled[idx].any() else None, index=pos,
+                         max_word=int(self._max_word[idx].max()), node_words=node_words, node_features=node_features)
+
+    def _checked(self, items) -> np.ndarray:
+        """`items` as int64 positions in the pool (a clear error otherwise)."""
+        idx = np.asarray(items)
+        if idx.size == 0:
+            raise ValueError("a forest needs at least one tree")
+        if idx.dtype.kind not in "iu" or idx.ndim != 1:
+            raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
+        if idx.min() < 0 or idx.max() >= len(self.forests):
+            raise ValueError(f"item {int(idx.min() if idx.min() < 0 else idx.max())} is outside the pool's "
+                             f"[0, {len(self.forests)})")
+        return idx.astype(np.int64, copy=False)
+
+
+def _per_node(forests: list[Forest], field: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Which forests carry a payload at every node (`field`), and those payloads
+    over all of their nodes (zeros for forests without), or None when none does."""
+    have = np.array([getattr(f, field) is not None for f in forests])
+    if not have.any():
+        return have, None
+    width = next(getattr(f, field) for f in forests if getattr(f, field) is not None).shape[1:]
+    return have, np.concatenate([getattr(f, field) if getattr(f, field) is not None
+                                 else np.zeros((f.nodes, *width), dtype) for f in forests])
 
 
 _INT_FIELDS = ("children", "height", "level_end", "roots", "tree_of", "words", "labels", "index")
