@@ -99,12 +99,13 @@ def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
             comm.Barrier()
             comm.seconds = comm.cpu_seconds = 0.0
         start, start_cpu = time.perf_counter(), time.process_time()
-        for at in range(0, len(order), batch):
-            chunk = order[at:at + batch]
-            if dp is None:
-                net.train_step(lr=lr, **dist._feed(data, chunk))
-            else:
-                dp.train_step(lr=lr, **dist._feed(data, dist.shard(dp, chunk, costs)))
+        feed = dist.feeder(data)                    # as `distributed.train` does: the pool, once per epoch
+        if dp is None:
+            shares = [order[at:at + batch] for at in range(0, len(order), batch)]
+        else:                                       # every batch's share at once
+            shares = dist.shard_epoch(dp, order, batch, costs)
+        for mine in shares:
+            (net if dp is None else dp).train_step(lr=lr, **feed(mine))
             if first_step is None:
                 first_step = time.perf_counter() - STARTED - compile_s - data_s
         times.append(time.perf_counter() - start)

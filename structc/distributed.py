@@ -75,6 +75,28 @@ def balance(costs: Sequence[float], size: int) -> list[list[int]]:
     return [np.flatnonzero(owner == r).tolist() for r in range(size)]
 
 
+def balance_batches(costs: Sequence[float], batch: int, size: int) -> np.ndarray:
+    """The rank of every item when each run of `batch` consecutive items (the last
+    may be shorter) is split by `balance`: the same assignment, computed for all
+    the batches of an epoch at once (one step per position in a batch, not per item)."""
+    costs = np.asarray(costs, np.float64).reshape(-1)
+    rows = -(-len(costs) // batch)
+    padded = np.full(rows * batch, -np.inf)                 # padding sorts last and is never assigned
+    padded[:len(costs)] = costs
+    padded = padded.reshape(rows, batch)
+    order = np.argsort(-padded, axis=1, kind="stable")      # per batch: the largest first, ties by position
+    ranked = np.take_along_axis(padded, order, axis=1)
+    loads = np.zeros((rows, size))
+    owner = np.empty((rows, batch), np.int64)
+    every = np.arange(rows)
+    for j in range(batch):
+        r = loads.argmin(axis=1)                            # the least-loaded rank, ties to the lowest
+        owner[:, j] = r
+        loads[every, r] += np.where(np.isfinite(ranked[:, j]), ranked[:, j], 0.0)
+    np.put_along_axis(owner, order, owner.copy(), axis=1)   # back to the items' positions
+    return owner.reshape(-1)[:len(costs)]
+
+
 def forest_cost(forest) -> int:
     """Work of a forest: its node count (each node is one body evaluation)."""
     return forest.nodes
@@ -368,6 +390,17 @@ def shard(dp: DataParallel, items, costs: np.ndarray | None) -> np.ndarray:
     return items[dp.shard_items(costs[items])]
 
 
+def shard_epoch(dp: DataParallel, order, batch: int, costs: np.ndarray | None) -> list[np.ndarray]:
+    """This rank's share of every global batch of an epoch (`order` cut into runs of
+    `batch`), as `shard` gives it batch by batch, computed at once."""
+    order = np.asarray(order)
+    starts = range(0, len(order), batch)
+    if costs is None:
+        return [np.array_split(order[at:at + batch], dp.size)[dp.rank] for at in starts]
+    mine = balance_batches(costs[order], batch, dp.size) == dp.rank
+    return [order[at:at + batch][mine[at:at + batch]] for at in starts]
+
+
 def held_out_part(dp: DataParallel, data):
     """A copy of `data` whose held-out part is this rank's share of it, and the size of
     that share (None, 0: no share)."""
@@ -416,8 +449,8 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
         order = rng.permutation(items)
         total, steps = 0.0, 0
         feed = feeder(data)
-        for at in range(0, len(order), cfg.batch):
-            loss = dp.train_step(lr=cfg.lr, **feed(shard(dp, order[at:at + cfg.batch], costs)))
+        for mine in shard_epoch(dp, order, cfg.batch, costs):
+            loss = dp.train_step(lr=cfg.lr, **feed(mine))
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss
