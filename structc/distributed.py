@@ -30,7 +30,7 @@ import copy
 import heapq
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from .ops.optim import DROPOUT_KEY0
 INSTALL = "pip install 'structc[mpi]'"
 #: float32 counts are exact up to here
 MAX_COUNT = 2 ** 24
+_DONE = object()           # the end of a sequence of feeds (an empty feed {} is a step)
 
 
 def mpi():
@@ -216,8 +217,35 @@ class DataParallel:
         self.net.apply_update(lr)
         return loss
 
+    def train_steps(self, feeds: Iterable[Mapping], lr: float = 0.01) -> Iterator[float]:
+        """`train_step` on each of `feeds` in turn (this rank's shares, made lazily, e.g.
+        by a generator), yielding each step's loss. While a step's `Allreduce` is in
+        flight the next feed is made, so a rank that finished its share first spends
+        its wait assembling the next one instead of polling. Making a feed must not
+        call this net (it holds the net's lock then: its arena is being reduced)."""
+        feeds = iter(feeds)
+        inputs = next(feeds, _DONE)
+        while inputs is not _DONE:
+            with self.net._lock:
+                request = self._start_reduce(inputs)
+                try:
+                    upcoming = next(feeds, _DONE)
+                finally:
+                    request.Wait()          # also on an error: the other ranks' sum is complete
+                loss = self._finish_reduce()
+            self.net.apply_update(lr)
+            yield loss
+            inputs = upcoming
+
     def _reduce_gradient(self, inputs: Mapping) -> float:
         """Leave the whole batch's gradient in the arena; return its loss."""
+        with self.net._lock:
+            self._start_reduce(inputs).Wait()
+            return self._finish_reduce()
+
+    def _start_reduce(self, inputs: Mapping):
+        """The shard's weighted gradient in the arena, and its sum over the ranks
+        started (a request to wait for)."""
         net, n = self.net, self._n
         arena = net._grad_arena
         if inputs:
@@ -225,20 +253,22 @@ class DataParallel:
             if not 0 <= count < MAX_COUNT:
                 raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
                                  f"(float32 counts are exact up to there), got {count}")
-            with net._lock:
-                arena[:n] *= np.float32(count)
-                arena[n], arena[n + 1] = count, loss * count
+            arena[:n] *= np.float32(count)
+            arena[n], arena[n + 1] = count, loss * count
         else:
-            with net._lock:
-                arena[:] = 0.0
-        with net._lock:
-            self.comm.Allreduce(self._MPI.IN_PLACE, arena, op=self._MPI.SUM)
-            total = float(arena[n])
-            if total == 0:
-                raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
-            divisor = np.float32(total if self._normalise else 1.0)
-            arena[:n] /= divisor
-            return float(arena[n + 1] / divisor)
+            arena[:] = 0.0
+        return self.comm.Iallreduce(self._MPI.IN_PLACE, arena, op=self._MPI.SUM)
+
+    def _finish_reduce(self) -> float:
+        """After the sum: the whole batch's gradient (divided by the denominators'
+        sum) in the arena; returns its loss."""
+        n, arena = self._n, self.net._grad_arena
+        total = float(arena[n])
+        if total == 0:
+            raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
+        divisor = np.float32(total if self._normalise else 1.0)
+        arena[:n] /= divisor
+        return float(arena[n + 1] / divisor)
 
     # -- sharding a global batch ---------------------------------------------------
     def shard_dense(self, batch: Mapping[str, np.ndarray], seed: int | None = None) -> dict:
@@ -449,8 +479,7 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
         order = rng.permutation(items)
         total, steps = 0.0, 0
         feed = feeder(data)
-        for mine in shard_epoch(dp, order, cfg.batch, costs):
-            loss = dp.train_step(lr=cfg.lr, **feed(mine))
+        for loss in dp.train_steps((feed(mine) for mine in shard_epoch(dp, order, cfg.batch, costs)), cfg.lr):
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss

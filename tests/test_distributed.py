@@ -82,6 +82,21 @@ def test_ranks_stay_bitwise_equal(ranks, family, optimizer):
         np.testing.assert_allclose(r0[k], want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=k)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_train_steps_is_train_step_after_train_step(ranks, family, optimizer):
+    """DataParallel.train_steps (the next feed made while the sum is in flight) gives the
+    parameters and optimizer state of the same train_step calls, bit for bit."""
+    r0, r1 = ranks
+    prefix = f"{family}:{optimizer}:"
+    keys = [k[len(prefix):] for k in r0 if k.startswith(prefix + "param:")] + ["state"]
+    for r in (r0, r1):
+        for k in keys:
+            assert np.array_equal(r[prefix + "steps:" + k], r[prefix + k]), k
+        made = r[prefix + "steps:made"]
+        assert made.tolist() == list(range(len(made) - 1)) + [len(made) - 1]     # every feed made once
+
+
 def test_each_rank_draws_dropout_masks_of_its_own(ranks):
     """The ranks' rows are different examples at the same positions: with rank 0's
     key broadcast as is, every rank would drop the same units of its rows."""
