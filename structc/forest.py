@@ -388,8 +388,7 @@ class ForestPool:
     forests or calls). Every forest must carry the same kind of payload (words
     or features)."""
 
-    __slots__ = ("forests", "_nodes", "_trees", "_leaves", "_arity", "_max_word", "_labelled", "_has_node_words",
-                 "_has_node_features", "_width", "_node_start", "_tree_start", "_height", "_block", "_roots", "_features", "_node_features")
+    __slots__ = ("forests", "_items", "_width", "_height", "_block", "_roots", "_features", "_node_features")
 
     def __init__(self, forests: Sequence[Forest]):
         forests = list(forests)
@@ -405,29 +404,34 @@ class ForestPool:
         got = _gather(forests, lengths)
         n, a = int(nodes.sum()), int(arity.max())
         children = got["children"].reshape(n, a) if arity.min() == a else _widened(got["children"], nodes, arity, a)
-        self._node_start, self._tree_start = np.cumsum(nodes) - nodes, np.cumsum(trees) - trees
-        rows = np.arange(n) - np.repeat(self._node_start, nodes)                # each node's number in its forest
+        node_start, tree_start = np.cumsum(nodes) - nodes, np.cumsum(trees) - trees
+        rows = np.arange(n) - np.repeat(node_start, nodes)                      # each node's number in its forest
         height = got["height"]
         is_leaf = height == 0
+        labelled = sizes[:, 6] > 0
+        has_node_words, node_words = _per_node(forests, "node_words", _I32)
+        has_node_features, self._node_features = _per_node(forests, "node_features", np.float32)
         self.forests = forests
-        self._nodes, self._trees, self._arity = nodes, trees, arity
-        self._leaves = np.add.reduceat(is_leaf.astype(np.int64), self._node_start)
-        self._max_word, self._labelled = sizes[:, 9], sizes[:, 6] > 0
+        # Per forest, one row (a batch gathers them at once and reduces them column by
+        # column): nodes, trees, leaves (summed); labels, words at every node, features
+        # at every node (any, all); arity, largest word (max); its first node and tree here.
+        self._items = np.column_stack([nodes, trees, np.add.reduceat(is_leaf.astype(np.int64), node_start),
+                                       labelled, has_node_words, has_node_features, arity, sizes[:, 9],
+                                       node_start, tree_start]).astype(np.int64)
+        self._width = a
         self._height = height.astype(np.int16) if levels.max() <= 2**15 else height
-        self._roots = got["roots"]
+        self._roots = got["roots"] + np.repeat(node_start, trees)                # the roots' rows here
         self._features = None if has_words[0] else np.concatenate([f.features for f in forests])
         labels = np.full(n, -1, _I32)
-        labels[np.repeat(self._labelled, nodes)] = got["labels"]
+        labels[np.repeat(labelled, nodes)] = got["labels"]
         leaf = np.zeros(n, _I32)             # at a leaf its word id (words) or its row among all leaves (features)
         leaf[is_leaf] = got["words"] if has_words[0] else np.arange(int(is_leaf.sum()))
-        self._has_node_words, node_words = _per_node(forests, "node_words", _I32)
-        self._has_node_features, self._node_features = _per_node(forests, "node_features", np.float32)
-        self._width = a
-        # Per node, one row (a batch gathers them at once): each child as how many
-        # rows before its parent it is (a forest numbers children first; 0 for
-        # none, so a batch's row minus it is the child's row in the batch), the
-        # tree within its forest, the label, the leaf's payload, the node's word.
-        columns = [np.where(children >= 0, rows[:, None] - children, 0), got["tree_of"], labels, leaf]
+        # Per node, one row: each child as how many rows before its parent it is (a
+        # forest numbers children first; 0 for none, so a batch's row minus it is the
+        # child's row in the batch), its tree here, the label, the leaf's payload, the
+        # node's word.
+        columns = [np.where(children >= 0, rows[:, None] - children, 0), got["tree_of"] + np.repeat(tree_start, nodes),
+                   labels, leaf]
         self._block = np.column_stack(columns + ([node_words] if node_words is not None else [])).astype(_I32)
 
     def __len__(self) -> int:
@@ -438,33 +442,35 @@ class ForestPool:
         idx = self._checked(items)
         if len(idx) == 1:
             return self.forests[idx[0]]
-        count = self._nodes[idx]
-        n = int(count.sum())
+        info = self._items.take(idx, axis=0)
+        n, t, leaves = info[:, :3].sum(axis=0).tolist()
+        labelled, _, _, a, max_word = info[:, 3:8].max(axis=0).tolist()
+        all_node_words, all_node_features = info[:, 4:6].min(axis=0).tolist()
         if n > _I32_MAX:
             raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
-        first = np.cumsum(count) - count                                         # each item's first row
-        rows = np.arange(n) + np.repeat(self._node_start[idx] - first, count)    # in the pool, item by item
+        # each item's first node and tree here minus those in the batch
+        shift = info[:, 8:10] - (np.cumsum(info[:, :2], axis=0) - info[:, :2])
+        per_node = np.repeat(shift, info[:, 0], axis=0)
+        rows = np.arange(n) + per_node[:, 0]                                     # here, item by item
         height = self._height[rows]
         # each forest is in schedule order: a stable sort by height merges them level by level
         order = np.argsort(height, kind="stable")
         pos = np.empty(n, _I32)                                                  # a row -> its position
         pos[order] = np.arange(n, dtype=_I32)
-        block = self._block.take(rows[order], axis=0)                            # scheduled
-        a, cols = int(self._arity[idx].max()), self._width
-        children = np.where(block[:, :a] > 0, pos[order[:, None] - block[:, :a]], -1)
-        tcount = self._trees[idx]
-        tfirst = np.cumsum(tcount) - tcount
-        tree_of = block[:, cols] + np.repeat(tfirst.astype(_I32), count)[order]
-        troots = np.arange(int(tcount.sum())) + np.repeat(self._tree_start[idx] - tfirst, tcount)
-        roots = pos[self._roots[troots] + np.repeat(first, tcount)]
-        leaves = block[:int(self._leaves[idx].sum()), cols + 2]                 # leaves first, item by item
-        words, features = (leaves, None) if self._features is None else (None, self._features[leaves])
-        node_words = block[:, cols + 3] if self._has_node_words[idx].all() else None
-        node_features = self._node_features[rows[order]] if self._has_node_features[idx].all() else None
+        scheduled = rows[order]
+        block = self._block.take(scheduled, axis=0)
+        back, cols = block[:, :a], self._width
+        children = np.where(back > 0, pos[order[:, None] - back], -1)
+        tree_of = block[:, cols] - per_node[order, 1]
+        per_tree = shift if t == len(idx) else np.repeat(shift, info[:, 1], axis=0)     # one tree each: as is
+        roots = pos[self._roots[np.arange(t) + per_tree[:, 1]] - per_tree[:, 0]]
+        payload = block[:leaves, cols + 2]                                       # leaves first, item by item
+        words, features = (payload, None) if self._features is None else (None, self._features[payload])
         return _assemble(children=children, height=height[order], level_end=np.cumsum(np.bincount(height)),
                          roots=roots, tree_of=tree_of, words=words, features=features,
-                         labels=block[:, cols + 1] if self._labelled[idx].any() else None, index=pos,
-                         max_word=int(self._max_word[idx].max()), node_words=node_words, node_features=node_features)
+                         labels=block[:, cols + 1] if labelled else None, index=pos, max_word=max_word,
+                         node_words=block[:, cols + 3] if all_node_words else None,
+                         node_features=self._node_features[scheduled] if all_node_features else None)
 
     def _checked(self, items) -> np.ndarray:
         """`items` as int64 positions in the pool (a clear error otherwise)."""
