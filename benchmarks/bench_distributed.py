@@ -1,6 +1,7 @@
 """Data-parallel training on MPI against one process: time per epoch over the same data.
 
     python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3]
+    python benchmarks/bench_distributed.py --feed [--repeats 5]     # the feeds alone, old way against the pool
 
 For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
 (graph_families), runs the same epochs of the same global batches as
@@ -134,6 +135,47 @@ def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
                           "params": int(net.meta["param_size"])}))
 
 
+def feed_times(rounds: int) -> None:
+    """CPU ms per epoch of making the feeds, the old way (`Forest.concat` / `batch` of
+    the items, per step) against the data set's pool (`distributed.feeder`), for the
+    whole global batch and for rank 0's share of 2 (`shard_epoch`); the two alternate
+    batch by batch over the same batches; the best of `rounds` epochs."""
+    import numpy as np
+
+    import structc
+    from structc import Forest, batch, datasets, distributed as dist
+    from structc.graph_datasets import GraphDataset
+    print("| workload | batch | old: concat / batch() | pool | speed-up |\n|---|---|---|---|---|")
+    for name in ("trees", "gnn"):
+        source, data_name, size, *_ = WORKLOADS[name]
+        data = datasets.load(data_name)
+        data.bind(structc.compile(source))
+        if isinstance(data, GraphDataset):
+            old = lambda items: {data.graph_name: batch([data.graphs[k] for k in items]),               # noqa: E731
+                                 data.target["name"]: data.labels[items]}
+        else:
+            old = lambda items: data.feed(Forest.concat([data.train[k] for k in items]))               # noqa: E731
+        for label, rank_of in (("whole", None), ("rank 0 of 2", 2)):
+            best = {"old": float("inf"), "pool": float("inf")}
+            for seed in range(rounds):
+                order = np.random.default_rng(seed).permutation(dist._train_items(data))
+                if rank_of is None:
+                    shares = [order[at:at + size] for at in range(0, len(order), size)]
+                else:
+                    dp = type("Rank0", (), {"rank": 0, "size": rank_of})()
+                    shares = dist.shard_epoch(dp, order, size, dist.item_costs(data))
+                spent = {"old": 0.0, "pool": 0.0}
+                feed = dist.feeder(data)
+                for mine in shares:
+                    for way, make in (("old", old), ("pool", feed)):
+                        t = time.process_time()
+                        make(mine)
+                        spent[way] += time.process_time() - t
+                best = {k: min(best[k], spent[k]) for k in best}
+            print(f"| {name} | {size} ({label}) | {1e3 * best['old']:.1f} ms | {1e3 * best['pool']:.1f} ms | "
+                  f"{best['old'] / best['pool']:.2f}x |")
+
+
 def run(name: str, threads: int, distributed: bool, epochs: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(threads), "--epochs", str(epochs)]
     if distributed:
@@ -156,7 +198,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--feed", action="store_true", help="only time making the feeds (old way against the pool)")
     args = p.parse_args()
+    if args.feed:
+        return feed_times(args.repeats)
     if args.worker:
         return worker(args.worker, args.threads, args.distributed, args.epochs)
     print(f"load average before: {os.getloadavg()[0]:.2f}")

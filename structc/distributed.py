@@ -13,7 +13,8 @@ Run with `mpiexec -n 2 python -m mpi4py script.py` (or `srun`). One step is:
    roots, graphs, the mask's sum: `structc.denominator`, recorded by the
    compiler in the artifact).
 2. The arena becomes [D_r g_r, D_r, D_r loss_r] (the last two floats sit past
-   the gradients) and one in-place `Allreduce` sums it over the ranks.
+   the gradients) and one in-place `Iallreduce` sums it over the ranks
+   (`train_steps` makes the next feed while it is in flight).
 3. Divided by D = Σ D_r it is the gradient of the whole batch, exactly (up to
    float32 rounding): Σ_r D_r g_r / D = (1/D) Σ_i ∇l_i, however uneven the
    shards. A rank with no examples sends zeros and takes part all the same.
