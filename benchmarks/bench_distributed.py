@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3]
     python benchmarks/bench_distributed.py --feed [--repeats 5]     # the feeds alone, old way against the pool
+    python benchmarks/bench_distributed.py --costs [--repeats 5]    # each part of a step: fixed + per item
 
 For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
 (graph_families), runs the same epochs of the same global batches as
@@ -176,6 +177,56 @@ def feed_times(rounds: int) -> None:
                   f"{best['old'] / best['pool']:.2f}x |")
 
 
+def cost_model(rounds: int, allreduce_us: float = 20.0) -> None:
+    """Where a step's time goes, in one process at 1 thread: CPU time per call (the best
+    of `rounds` over 60 random batches) of making a feed and of the step (`train_step`;
+    a rank's `grad_into_arena` + `apply_update`) at several batch sizes, fitted as
+    fixed + per item, and the 2-rank speed-up they imply: (F + B v) / (F' + B v / 2 + A)
+    for the global batch B, with an Allreduce A of `allreduce_us`."""
+    import warnings
+
+    import numpy as np
+
+    import structc
+    from structc import datasets, distributed as dist
+    from structc.native import set_num_threads
+    warnings.simplefilter("ignore")
+    set_num_threads(1)
+    print("| workload | part | fixed per call | per item | measured at 2 ... 64 items |\n|---|---|---|---|---|")
+    for name in ("trees", "gnn"):
+        source, data_name, size, optimizer, lr = WORKLOADS[name]
+        net = structc.compile(source)
+        data = datasets.load(data_name)
+        data.bind(net)
+        net.set_optimizer(optimizer)
+        items, feed = dist._train_items(data), dist.feeder(data)
+        rng = np.random.default_rng(0)
+        sizes, spent = (2, 8, 16, 32, 64), []
+        for b in sizes:
+            picks = [rng.choice(items, b, replace=False) for _ in range(60)]
+            best = [np.inf] * 3
+            for _ in range(rounds):
+                t = time.process_time()
+                for p in picks:
+                    feed(p)
+                best[0] = min(best[0], (time.process_time() - t) / len(picks))
+                for k, step in ((1, lambda f: net.train_step(lr=lr, **f)),
+                                (2, lambda f: (net.grad_into_arena(**f), net.apply_update(lr)))):
+                    fresh = [feed(p) for p in picks]          # new forests / graphs, as in training
+                    t = time.process_time()
+                    for f in fresh:
+                        step(f)
+                    best[k] = min(best[k], (time.process_time() - t) / len(picks))
+            spent.append(best)
+        fits = [np.polyfit(sizes, [s[k] for s in spent], 1) for k in range(3)]    # (per item, fixed)
+        for k, part in enumerate(("feed", "train_step (1 process)", "grad_into_arena + apply_update (a rank)")):
+            measured = ", ".join(f"{b}: {1e6 * s[k]:.0f}" for b, s in zip(sizes, spent))
+            print(f"| {name} | {part} | {1e6 * fits[k][1]:.0f} us | {1e6 * fits[k][0]:.2f} us | {measured} us |")
+        (vf, ff), (vs, fs), (vr, fr) = fits
+        one, rank = ff + fs + size * (vf + vs), ff + fr + size / 2 * (vf + vr) + allreduce_us * 1e-6
+        print(f"| {name} | implied 2-rank speed-up at a global batch of {size} | | | **{one / rank:.2f}x** |")
+
+
 def run(name: str, threads: int, distributed: bool, epochs: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(threads), "--epochs", str(epochs)]
     if distributed:
@@ -199,9 +250,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--feed", action="store_true", help="only time making the feeds (old way against the pool)")
+    p.add_argument("--costs", action="store_true", help="only fit each step's parts as fixed + per item")
     args = p.parse_args()
     if args.feed:
         return feed_times(args.repeats)
+    if args.costs:
+        return cost_model(args.repeats)
     if args.worker:
         return worker(args.worker, args.threads, args.distributed, args.epochs)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
