@@ -110,15 +110,14 @@ def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
             comm.Barrier()
             comm.seconds = comm.cpu_seconds = 0.0
         start, start_cpu = time.perf_counter(), time.process_time()
-        feed = dist.feeder(data)                    # as `distributed.train` does: the pool, once per epoch
         if dp is None:
             shares = [order[at:at + batch] for at in range(0, len(order), batch)]
         else:                                       # every batch's share at once
             shares = dist.shard_epoch(dp, order, batch, costs)
-        if dp is None:
-            losses = (net.train_step(lr=lr, **feed(mine)) for mine in shares)
+        if dp is None:                              # feeds as `distributed.train` makes them
+            losses = (net.train_step(lr=lr, **feed) for feed in dist.feeds(data, shares))
         else:                                       # the next share is made while the sum is in flight
-            losses = dp.train_steps((feed(mine) for mine in shares), lr)
+            losses = dp.train_steps(dist.feeds(data, shares), lr)
         for _ in losses:
             if first_step is None:
                 first_step = time.perf_counter() - STARTED - compile_s - data_s

@@ -83,8 +83,9 @@ class TreeDataset:
     def batches(self, batch: int, rng: np.random.Generator) -> Iterator[dict]:
         order = rng.permutation(len(self.train))
         pool = self.pool()
-        for start in range(0, len(order), batch):
-            yield self.feed(pool.take(order[start:start + batch]))
+        for first in range(0, len(order), 16 * batch):      # 16 batches' forests assembled in one pass
+            chunk = order[first:first + 16 * batch]
+            yield from map(self.feed, pool.take_many([chunk[at:at + batch] for at in range(0, len(chunk), batch)]))
 
     def batch_count(self, batch: int) -> int:
         return (len(self.train) + batch - 1) // batch

@@ -150,3 +150,75 @@ def test_data_sets_batch_from_their_pool_and_see_changes():
     assert_identical_forests(fresh.take([2, 1, 0]), Forest.concat([data.train[k] for k in (2, 1, 0)]))
     data.train.append(Forest.from_brackets("(0 (1 1) 2)"))
     assert len(data.pool()) == 4
+
+
+@SOME
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["words", "features", "inner words",
+                                                               "inner features"]),
+       size=st.integers(1, 10), batches=st.integers(1, 6))
+def test_forest_pool_takes_many_batches_as_it_takes_each(seed, kind, size, batches):
+    rng = np.random.default_rng(seed)
+    forests = [random_forest(rng, kind) for _ in range(size)]
+    if kind == "words" and size > 1:               # labelled and unlabelled forests, several trees in one
+        forests[0] = Forest.from_brackets("(3 (1 4) (2 5 6 7)) (8) (1 (2 9))")
+    pool = ForestPool(forests)
+    wanted = [rng.integers(0, size, size=int(rng.integers(1, 7))) for _ in range(batches)]
+    got = pool.take_many(wanted)
+    assert len(got) == len(wanted)
+    for forest, items in zip(got, wanted):
+        if len(items) == 1:
+            assert forest is forests[items[0]]
+        else:
+            assert_identical_forests(forest, pool.take(items))
+
+
+def test_take_many_checks_like_take():
+    rng = np.random.default_rng(8)
+    pool = ForestPool([random_forest(rng, "words") for _ in range(3)])
+    with pytest.raises(ValueError, match="at least one tree"):
+        pool.take_many([[0, 1], []])
+    with pytest.raises(ValueError, match="outside the pool"):
+        pool.take_many([[0, 1], [2, 3]])
+    assert pool.take_many([]) == []
+
+
+def test_distributed_feeds_are_the_feeder_s(tmp_path):
+    """`distributed.feeds` (forests assembled CHUNK batches at a time) gives what
+    `feeder` gives share by share, empty shares ({}) included."""
+    import structc
+    from structc import distributed as dist
+    from structc.treedata import TreeDataset
+    rng = np.random.default_rng(9)
+    texts = [bracket_text(rng) for _ in range(60)]
+    data = TreeDataset("t", texts, texts[:2], {str(k): k for k in range(50)})
+    data.bind(structc.compile(ROOTS))
+    order = rng.permutation(60)
+    shares = [order[at:at + k] for at, k in zip(range(0, 60, 3), rng.integers(0, 4, size=20))]
+    assert any(len(s) == 0 for s in shares) and any(len(s) == 1 for s in shares)
+    one = dist.feeder(data)
+    got = list(dist.feeds(data, shares))
+    assert len(got) == len(shares) > dist.CHUNK
+    for feed, mine in zip(got, shares):
+        want = one(mine)
+        assert feed.keys() == want.keys()
+        if want:
+            assert_identical_forests(feed["t"], want["t"])
+            np.testing.assert_array_equal(feed["y"], want["y"])
+
+
+ROOTS = """
+model Roots {
+  input  t: forest(arity=3) of word(vocab=50)
+  target y: class[t.trees] of 5
+  param  E: embedding(50, 4) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 4))
+  loss cross_entropy(dense(h(t.root), 5), y)
+}
+"""
+
+
+def bracket_text(rng) -> str:
+    from test_batching import bracket_tree
+    text = bracket_tree(rng, int(rng.integers(0, 4)), 3)
+    return text if text.startswith("(") and text[1].isdigit() else f"(1 {text})"     # a labelled root
