@@ -390,25 +390,37 @@ def feeder(data):
     return lambda items: {x: data.x_train[items], y: data.y_train[items]} if len(items) else {}
 
 
-#: how many batches' forests are assembled in one pass (`ForestPool.take_many`)
+#: how many batches' forests or graphs are assembled in one pass (`take_many`)
 CHUNK = 16
 
 
 def feeds(data, shares) -> Iterator[dict]:
     """The feed of each of `shares` (arrays of training items) in turn, as `feeder`
-    makes them; forests are assembled `CHUNK` batches at a time (`take_many`: one
-    pass of gathers and sorting for all of them), which saves most of a feed's
-    per-call cost."""
+    makes them; forests and graphs are assembled `CHUNK` batches at a time
+    (`take_many`: one pass of gathers for all of them), which saves most of a
+    feed's per-call cost."""
+    from .graph_datasets import GraphDataset
     from .treedata import TreeDataset
-    if not isinstance(data, TreeDataset):
+    if isinstance(data, TreeDataset):
+        pool, make = data.pool(), data.feed
+    elif isinstance(data, GraphDataset):
+        pool, name, target = data.pool(), data.graph_name, data.target["name"]
+        make = None
+    else:
         feed = feeder(data)
         yield from (feed(mine) for mine in shares)
         return
-    pool, shares = data.pool(), list(shares)
+    shares = list(shares)
     for at in range(0, len(shares), CHUNK):
         chunk = shares[at:at + CHUNK]
         made = iter(pool.take_many([m for m in chunk if len(m)]))
-        yield from (data.feed(next(made)) if len(m) else {} for m in chunk)
+        for mine in chunk:
+            if not len(mine):
+                yield {}
+            elif make is not None:
+                yield make(next(made))
+            else:
+                yield {name: next(made), target: data.labels[mine]}
 
 
 def _feed(data, items) -> dict:

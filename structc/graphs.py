@@ -379,6 +379,52 @@ class GraphPool:
         return union
 
 
+    def take_many(self, batches) -> list[Graph]:
+        """`[self.take(items) for items in batches]`, bit for bit, with the gathers done
+        once for all the batches (only sealing each union is per batch)."""
+        lengths = np.array([len(b) for b in batches], np.int64)
+        if not len(lengths) or not lengths.min():
+            return [self.take(b) for b in batches]        # none, or an empty batch: take's own error
+        if sum(np.asarray(b).ndim != 1 for b in batches):
+            raise TypeError("items are 1-D arrays of positions in the pool")
+        idx = _indices(np.concatenate([np.asarray(b) for b in batches]), len(self.graphs))
+        begin = np.cumsum(lengths) - lengths                                     # each batch's first item
+        counts = self._counts[idx]
+        sums = np.add.reduceat(counts, begin, axis=0)                            # nodes, edges, graphs per batch
+        if sums.max() >= _I32_MAX:
+            raise ValueError(f"batch too large for 32-bit indices: {sums.max(axis=0).tolist()} nodes, edges, "
+                             "graphs")
+        starts = np.cumsum(counts, axis=0) - counts                              # over all the batches
+        base = starts[begin]                                                     # each batch's first ones
+        first = (starts - np.repeat(base, lengths, axis=0)).astype(np.int32)     # each item's, in its batch
+        node_rows = np.arange(int(sums[:, 0].sum())) - np.repeat(starts[:, 0] - self._starts[idx, 0], counts[:, 0])
+        edge_rows = np.arange(int(sums[:, 1].sum())) - np.repeat(starts[:, 1] - self._starts[idx, 1], counts[:, 1])
+        edges = self._edges.take(edge_rows, axis=1)
+        edges[:4] += np.repeat(first[:, [0, 0, 1, 1]].T, counts[:, 1], axis=1)   # as in take
+        nodes = self._nodes.take(node_rows, axis=1)
+        nodes += np.repeat(first[:, [1, 1, 0, 2]].T, counts[:, 0], axis=1)
+        x = self._x.take(node_rows, axis=0) if self._x is not None else None
+        edge_x = self._edge_x.take(edge_rows, axis=0) if self._edge_x is not None else None
+        max_type = np.maximum.reduceat(self._max_type[idx], begin).tolist()
+        out = []
+        for b, ((n0, m0, _), (n, m, k)) in enumerate(zip(base.tolist(), sums.tolist())):
+            if lengths[b] == 1:
+                out.append(self.graphs[int(idx[begin[b]])])
+                continue
+            block = np.empty((4, n + 1), np.int32)
+            block[:, :n] = nodes[:, n0:n0 + n]
+            block[:, n] = (m, m, n, k)
+            gptr = np.zeros(k + 1, np.int32)
+            np.cumsum(np.bincount(block[3, :n], minlength=k), out=gptr[1:])
+            union = object.__new__(Graph)
+            union._set(num_nodes=n, num_edges=m, num_graphs=k,
+                       x=_readonly(x[n0:n0 + n]) if x is not None else None,
+                       edge_x=_readonly(edge_x[m0:m0 + m]) if edge_x is not None else None, max_type=max_type[b],
+                       **_fields(edges[:, m0:m0 + m], block, gptr))
+            out.append(union)
+        return out
+
+
 def _indices(items, size: int) -> np.ndarray:
     """`items` as int64 positions in a pool of `size` (a clear error otherwise)."""
     idx = np.asarray(items)

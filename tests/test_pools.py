@@ -3,6 +3,8 @@ what `Forest.concat` and `batch` of the same items give (and what the plain
 constructions in test_batching give), on random items drawn by hypothesis."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,7 @@ from structc.forest import ForestPool
 from structc.graphs import GraphPool
 from test_batching import FOREST_FIELDS, assert_same_forest, assert_same_graph, reference_concat, union_of
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SOME = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -222,3 +225,46 @@ def bracket_text(rng) -> str:
     from test_batching import bracket_tree
     text = bracket_tree(rng, int(rng.integers(0, 4)), 3)
     return text if text.startswith("(") and text[1].isdigit() else f"(1 {text})"     # a labelled root
+
+
+@SOME
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["plain", "types", "edge_x types"]),
+       size=st.integers(1, 8), batches=st.integers(1, 5))
+def test_graph_pool_takes_many_batches_as_it_takes_each(seed, kind, size, batches):
+    rng = np.random.default_rng(seed)
+    graphs = [random_graph(rng, kind) for _ in range(size)]
+    pool = GraphPool(graphs)
+    wanted = [rng.integers(0, size, size=int(rng.integers(1, 6))) for _ in range(batches)]
+    for graph, items in zip(pool.take_many(wanted), wanted):
+        if len(items) == 1:
+            assert graph is graphs[items[0]]
+            continue
+        want = pool.take(items)
+        assert_same_graph(graph, want)
+        assert graph._sizes == want._sizes
+        for block in ("_edges", "_nodes"):
+            np.testing.assert_array_equal(getattr(graph, block), getattr(want, block))
+    with pytest.raises(ValueError, match="empty"):
+        pool.take_many([[0], []])
+
+
+@pytest.mark.slow       # loads graph_families and compiles its model
+def test_distributed_feeds_of_graphs_are_the_feeder_s():
+    import structc
+    from structc import datasets, distributed as dist
+    data = datasets.load("graph_families")
+    data.bind(structc.compile(EXAMPLES / "graph_families.snet"))
+    rng = np.random.default_rng(10)
+    order = rng.permutation(data.train)
+    shares = [order[at:at + k] for at, k in zip(range(0, 200, 5), rng.integers(0, 5, size=40))]
+    one = dist.feeder(data)
+    got = list(dist.feeds(data, shares))
+    assert len(got) == len(shares) > dist.CHUNK and any(not f for f in got)
+    for feed, mine in zip(got, shares):
+        want = one(mine)
+        assert feed.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, Graph):
+                assert_same_graph(feed[key], value)
+            else:
+                np.testing.assert_array_equal(feed[key], value)
