@@ -181,7 +181,8 @@ def cost_model(rounds: int, allreduce_us: float = 20.0) -> None:
     of `rounds` over 60 random batches) of making a feed and of the step (`train_step`;
     a rank's `grad_into_arena` + `apply_update`) at several batch sizes, fitted as
     fixed + per item, and the 2-rank speed-up they imply: (F + B v) / (F' + B v / 2 + A)
-    for the global batch B, with an Allreduce A of `allreduce_us`."""
+    for the global batch B, with an Allreduce A of `allreduce_us`. Feeds are made as
+    training makes them (`distributed.feeds`)."""
     import warnings
 
     import numpy as np
@@ -206,8 +207,8 @@ def cost_model(rounds: int, allreduce_us: float = 20.0) -> None:
             best = [np.inf] * 3
             for _ in range(rounds):
                 t = time.process_time()
-                for p in picks:
-                    feed(p)
+                for _ in dist.feeds(data, picks):       # as training makes them (`take_many` chunks)
+                    pass
                 best[0] = min(best[0], (time.process_time() - t) / len(picks))
                 for k, step in ((1, lambda f: net.train_step(lr=lr, **f)),
                                 (2, lambda f: (net.grad_into_arena(**f), net.apply_update(lr)))):
