@@ -9,7 +9,10 @@
  *
  * Workers spin briefly after a job (training steps come back to back), then
  * sleep on a condition variable. A call made while the pool is busy (from
- * another Python thread, or nested inside a kernel) runs on its caller. */
+ * another Python thread, or nested inside a kernel) runs on its caller, and so
+ * does a job below SERIAL_WORK: a batch-1 forward of a small model is then a
+ * straight call that never touches the pool. A forked child starts with no
+ * workers (they are not copied) and a fresh pool state. */
 #include "structc_rt.h"
 
 #include <pthread.h>
@@ -26,7 +29,10 @@
 
 #define MAX_THREADS 256
 #define SPIN_ROUNDS 4000          /* ~100 us of polling before a worker sleeps */
-#define SERIAL_WORK 32768         /* jobs below this much work run on the caller */
+/* Jobs below this much work (tasks x cost, roughly flops) run on the caller:
+ * about 5 us of work at one core's matmul rate, several times what posting a
+ * job and waiting for the worker costs even when it is spinning. */
+#define SERIAL_WORK (1 << 19)
 #define CHUNKS_PER_THREAD 4       /* claim granularity: balance vs. atomic traffic */
 #define CLOSED 0xFFFFFFFFu        /* task index of a finished job: nothing left to claim */
 
@@ -47,6 +53,8 @@ static job_t job;
 static _Atomic uint64_t ticket = 0;        /* generation << 32 | next task index */
 static _Atomic int64_t done = 0;           /* tasks finished in the current job */
 static atomic_int sleepers = 0;
+static _Atomic uint64_t handoffs = 0;      /* jobs posted to the pool, ever (for tests) */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static _Thread_local int in_parallel = 0;
 
@@ -112,8 +120,27 @@ int sc_get_num_threads(void) {
     return wanted;
 }
 
+/* In a forked child only the forking thread exists: forget the parent's
+ * workers and any lock another thread held at the fork. */
+static void reset_after_fork(void) {
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&sleep_lock, NULL);
+    pthread_cond_init(&wake, NULL);
+    started = 0;
+    atomic_store(&sleepers, 0);
+    atomic_store(&ticket, (atomic_load(&ticket) & ~(uint64_t)0xFFFFFFFFu) | CLOSED);
+    in_parallel = 0;
+}
+
+static void install_atfork(void) { pthread_atfork(NULL, NULL, reset_after_fork); }
+
+int sc_pool_workers(void) { return started; }
+
+uint64_t sc_handoffs(void) { return atomic_load(&handoffs); }
+
 /* Start workers up to `want - 1` (the caller is the last thread). Holds pool_lock. */
 static int ensure_workers(int want) {
+    pthread_once(&atfork_once, install_atfork);
     while (started < want - 1) {
         if (pthread_create(&workers[started], NULL, worker_main, NULL) != 0) break;
         started++;
@@ -141,6 +168,7 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     job.n = n;
     job.chunk = chunk > 0 ? chunk : 1;
     atomic_store_explicit(&done, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&handoffs, 1, memory_order_relaxed);
     uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
     atomic_store(&ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
     if (atomic_load(&sleepers) > 0) {

@@ -21,6 +21,11 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost);
 int sc_set_num_threads(int n);
 int sc_get_num_threads(void);
 
+/* For tests: worker threads running in this process, and jobs handed to
+ * them so far (a job below the serial threshold is not one). */
+int sc_pool_workers(void);
+uint64_t sc_handoffs(void);
+
 #ifdef __cplusplus
 }
 #endif
