@@ -2,6 +2,7 @@
 
     python benchmarks/bench_threads.py                      # all workloads, 5 rounds
     python benchmarks/bench_threads.py --rounds 3 --workloads lenet,gnn --steps 50
+    python benchmarks/bench_threads.py --before ../base-venv/bin/python   # another checkout too
 
 Workloads are `profile_kernels.py`'s (the benchmarks' own models and inputs):
 mlp (784-256-128-10, batch 64), lenet (LeNet-5, batch 64), conv (the conv step),
@@ -9,7 +10,8 @@ gnn (3-layer GNN, 2000 nodes), trees (32 trees), gat (2-layer GAT); plus
 `mlp_infer1` and `lenet_infer1`: the forward call at batch 1 (the whole Python call).
 
 Each (workload, threads) runs in a fresh process; rounds interleave the thread
-counts, so the two see the same load. A round times --steps steps after a
+counts (and, with --before PYTHON, an interpreter with another checkout of
+structc installed: before/after in one run), so all see the same load. A round times --steps steps after a
 warm-up; the number is the median over rounds of per-round medians. The load
 average is printed before and after: on a shared machine the ratio measured in
 one run is what to read.
@@ -17,6 +19,7 @@ one run is what to read.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -63,15 +66,17 @@ def worker(name: str, threads: int, steps: int, rounds: int) -> list[float]:
     return medians
 
 
-def run_worker(name: str, threads: int, steps: int) -> float:
-    env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, __file__, "--worker", name, "--threads-one", str(threads),
+def run_worker(name: str, threads: int, steps: int, python: str = sys.executable) -> float:
+    # one compile cache per interpreter: two checkouts never share compiled code
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"structc-bench-threads-{hashlib.sha1(python.encode()).hexdigest()[:12]}"
+    env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), STRUCTC_CACHE_DIR=str(cache))
+    out = subprocess.run([python, __file__, "--worker", name, "--threads-one", str(threads),
                           "--steps", str(steps)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])[0]
 
 
 def load() -> str:
-    return " ".join(os.getloadavg().__repr__().strip("()").split(", "))
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main(argv=None) -> int:
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per round (default: per workload)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json", help="also write the medians here")
+    ap.add_argument("--before", metavar="PYTHON", help="also time this interpreter's structc (another checkout)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--threads-one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -89,18 +95,21 @@ def main(argv=None) -> int:
     default_steps = {"gnn": 40, "gat": 20, "conv": 20, "trees": 60, "lenet": 100, "mlp": 200,
                      "mlp_infer1": 2000, "lenet_infer1": 2000}
     names = args.workloads.split(",")
+    sides = {"after": sys.executable} if not args.before else {"before": args.before, "after": sys.executable}
     print(f"load average before: {load()}  (cpus: {os.cpu_count()})")
     results = {}
     for name in names:
         steps = args.steps or default_steps[name]
-        times = {1: [], 2: []}
+        times = {(side, t): [] for side in sides for t in (1, 2)}
         for _ in range(args.rounds):
-            for threads in (1, 2):
-                times[threads].append(run_worker(name, threads, steps))
-        one, two = statistics.median(times[1]), statistics.median(times[2])
-        results[name] = {"1": one, "2": two, "speedup": one / two}
-        print(f"{name:13s} 1 thread {one * 1e3:9.4f} ms   2 threads {two * 1e3:9.4f} ms   "
-              f"speed-up {one / two:5.2f}x", flush=True)
+            for side, python in sides.items():
+                for threads in (1, 2):
+                    times[side, threads].append(run_worker(name, threads, steps, python))
+        for side in sides:
+            one, two = statistics.median(times[side, 1]), statistics.median(times[side, 2])
+            results[f"{name} {side}"] = {"1": one, "2": two, "speedup": one / two}
+            print(f"{name:13s} {side:6s} 1 thread {one * 1e3:9.4f} ms   2 threads {two * 1e3:9.4f} ms   "
+                  f"speed-up {one / two:5.2f}x", flush=True)
     print(f"load average after:  {load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
