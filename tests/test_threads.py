@@ -240,3 +240,24 @@ def test_pool_works_in_a_forked_child():
     os.close(read)
     os.waitpid(pid, 0)
     assert status == bytes([0]), f"child reported {status!r} (2 + fresh workers + 2 * same result)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lenet", "conv", "gnn", "gat", "trees"])
+def test_benchmark_families_match_at_two_threads(family):
+    """Every benchmark family's training step (its own model and inputs): the
+    same losses and weights at 2 threads as at 1, to the bit, with jobs
+    actually handed to the pool (each destination's sources are summed in
+    their CSR order whichever thread owns the destination)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from profile_kernels import workload
+    source, inputs = workload(family)
+    net = structc.compile(source, seed=0)
+    one = steps(net, 1, inputs, count=2)
+    two, jobs = handed_off(lambda: steps(net, 2, inputs, count=2))
+    assert jobs > 0
+    assert one[0] == two[0]
+    for name in one[1]:
+        np.testing.assert_array_equal(one[1][name], two[1][name], err_msg=name)
