@@ -10,8 +10,9 @@
  * Workers spin briefly after a job (training steps come back to back), then
  * sleep on a condition variable. A call made while the pool is busy (from
  * another Python thread, or nested inside a kernel) runs on its caller, and so
- * does a job below SERIAL_WORK: a batch-1 forward of a small model is then a
- * straight call that never touches the pool. A forked child starts with no
+ * does a job below SERIAL_WORK, and every job of an entry point whose kernels
+ * add up to less than ENTRY_SERIAL_WORK (sc_entry_begin): a batch-1 forward
+ * of a small model is then a straight call that never touches the pool. A forked child starts with no
  * workers (they are not copied) and a fresh pool state. */
 #include "structc_rt.h"
 
@@ -30,9 +31,12 @@
 #define MAX_THREADS 256
 #define SPIN_ROUNDS 4000          /* ~100 us of polling before a worker sleeps */
 /* Jobs below this much work (tasks x cost, roughly flops) run on the caller:
- * about 5 us of work at one core's matmul rate, several times what posting a
- * job and waiting for the worker costs even when it is spinning. */
-#define SERIAL_WORK (1 << 19)
+ * STRUCTC_SERIAL_WORK overrides it (read once: for tuning on a quiet machine). */
+#define SERIAL_WORK 32768
+/* An entry point whose kernels add up to less work than this (about 20 us)
+ * runs them all on the caller: a small model's batch-1 forward is a straight
+ * call that never touches the pool. STRUCTC_ENTRY_SERIAL_WORK overrides it. */
+#define ENTRY_SERIAL_WORK (1 << 21)
 #define CHUNKS_PER_THREAD 4       /* claim granularity: balance vs. atomic traffic */
 #define CLOSED 0xFFFFFFFFu        /* task index of a finished job: nothing left to claim */
 
@@ -99,6 +103,41 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+static _Atomic int64_t serial_work = -1;   /* SERIAL_WORK or the environment's, once read */
+static _Atomic int64_t entry_serial_work = -1;
+static _Thread_local int serial_entry = 0;     /* this thread runs an entry below the threshold */
+static _Thread_local int entry_depth = 0;      /* entries running on this thread (recursion bodies nest) */
+
+/* `*cached`, or the environment's `name` (else `fallback`) read into it. */
+static int64_t threshold(_Atomic int64_t *cached, const char *name, int64_t fallback) {
+    int64_t w = atomic_load_explicit(cached, memory_order_relaxed);
+    if (w < 0) {            /* every thread that gets here computes the same value */
+        const char *env = getenv(name);
+        long long v = env ? atoll(env) : -1;
+        w = v >= 0 ? (int64_t)v : fallback;
+        atomic_store_explicit(cached, w, memory_order_relaxed);
+    }
+    return w;
+}
+
+static int64_t serial_threshold(void) { return threshold(&serial_work, "STRUCTC_SERIAL_WORK", SERIAL_WORK); }
+
+/* Only the outermost entry decides: a recursion body's entry, one level of
+ * a tree, is small by itself but runs many times inside a kernel whose
+ * cost (NESTED_WORK) keeps its own entry off the serial path. */
+int32_t sc_entry_begin(int64_t work) {
+    int32_t outer = serial_entry;
+    if (entry_depth++ == 0
+        && work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK))
+        serial_entry = 1;
+    return outer;
+}
+
+void sc_entry_end(int32_t outer) {
+    entry_depth--;
+    serial_entry = outer;
+}
+
 static int default_threads(void) {
     const char *env = getenv("STRUCTC_NUM_THREADS");
     if (env && atoi(env) > 0) return atoi(env);
@@ -151,7 +190,7 @@ static int ensure_workers(int want) {
 void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     if (n <= 0) return;
     int want = sc_get_num_threads();
-    if (want <= 1 || n == 1 || n >= (int64_t)CLOSED || in_parallel || n * (cost > 0 ? cost : 1) < SERIAL_WORK
+    if (want <= 1 || n == 1 || n >= (int64_t)CLOSED || in_parallel || serial_entry || n * (cost > 0 ? cost : 1) < serial_threshold()
         || pthread_mutex_trylock(&pool_lock) != 0) {
         fn(frame, 0, n);
         return;
