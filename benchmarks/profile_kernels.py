@@ -65,13 +65,16 @@ def compare(one, two) -> str:
            f"{two.step_seconds * 1e6:.1f} us: {one.step_seconds / two.step_seconds:.2f}x", "",
            f"{'kernel':40s} {'1 thr us':>9s} {'2 thr us':>9s} {'x':>5s} {'thr':>3s} {'lost us':>8s}"]
     serial = "kernels one thread ran"        # below the threshold, one task, or the worker got no core
-    lost = {serial: 0.0, "pooled kernels short of 2x": 0.0}
+    levels = "recursions (their levels' kernels)"   # one task on the caller, pooled kernels inside
+    lost = {serial: 0.0, levels: 0.0, "pooled kernels short of 2x": 0.0}
     for r in sorted((r for r in one.rows if not r.nested), key=lambda r: -r.seconds):
         r2 = at_two.get(r.kernel.name)
         if r2 is None:
             continue
         excess = r2.seconds - r.seconds / 2
-        lost[serial if r2.threads <= 1 else "pooled kernels short of 2x"] += excess
+        kind = levels if r.kernel.op.startswith("tree_map") else serial if r2.threads <= 1 else \
+            "pooled kernels short of 2x"
+        lost[kind] += excess
         if r.seconds > 0.01 * one.step_seconds:
             out.append(f"{r.kernel.name[:40]:40s} {r.seconds * 1e6:9.1f} {r2.seconds * 1e6:9.1f} "
                        f"{r.seconds / max(r2.seconds, 1e-12):5.2f} {r2.threads:3d} {excess * 1e6:8.1f}")
