@@ -1,6 +1,8 @@
 """Data-parallel training on MPI against one process: time per epoch over the same data.
 
     python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3]
+    python benchmarks/bench_distributed.py --feed [--repeats 5]     # the feeds alone, old way against the pool
+    python benchmarks/bench_distributed.py --costs [--repeats 5]    # each part of a step: fixed + per item
 
 For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
 (graph_families), runs the same epochs of the same global batches as
@@ -47,19 +49,28 @@ WORKLOADS = {   # name: (source or path, data set, global batch, optimizer, lr)
 
 
 class TimedComm:
-    """A communicator that adds up the time spent in Allreduce."""
+    """A communicator that adds up the time spent waiting for the gradients' sum
+    (`Iallreduce`'s Wait; DataParallel makes the next feed before it waits)."""
 
     def __init__(self, comm):
         self.comm, self.seconds, self.cpu_seconds = comm, 0.0, 0.0
 
-    def Allreduce(self, *args, **kwargs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        self.comm.Allreduce(*args, **kwargs)
-        self.seconds += time.perf_counter() - t0
-        self.cpu_seconds += time.process_time() - c0
+    def Iallreduce(self, *args, **kwargs):
+        return TimedRequest(self, self.comm.Iallreduce(*args, **kwargs))
 
     def __getattr__(self, name):
         return getattr(self.comm, name)
+
+
+class TimedRequest:
+    def __init__(self, owner: TimedComm, request):
+        self.owner, self.request = owner, request
+
+    def Wait(self):
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.request.Wait()
+        self.owner.seconds += time.perf_counter() - t0
+        self.owner.cpu_seconds += time.process_time() - c0
 
 
 def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
@@ -99,12 +110,15 @@ def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
             comm.Barrier()
             comm.seconds = comm.cpu_seconds = 0.0
         start, start_cpu = time.perf_counter(), time.process_time()
-        for at in range(0, len(order), batch):
-            chunk = order[at:at + batch]
-            if dp is None:
-                net.train_step(lr=lr, **dist._feed(data, chunk))
-            else:
-                dp.train_step(lr=lr, **dist._feed(data, dist.shard(dp, chunk, costs)))
+        if dp is None:
+            shares = [order[at:at + batch] for at in range(0, len(order), batch)]
+        else:                                       # every batch's share at once
+            shares = dist.shard_epoch(dp, order, batch, costs)
+        if dp is None:                              # feeds as `distributed.train` makes them
+            losses = (net.train_step(lr=lr, **feed) for feed in dist.feeds(data, shares))
+        else:                                       # the next share is made while the sum is in flight
+            losses = dp.train_steps(dist.feeds(data, shares), lr)
+        for _ in losses:
             if first_step is None:
                 first_step = time.perf_counter() - STARTED - compile_s - data_s
         times.append(time.perf_counter() - start)
@@ -119,6 +133,98 @@ def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
                           "mpi_s": mpi_s,
                           "startup_s": first_step, "steps": -(-len(items) // batch),
                           "params": int(net.meta["param_size"])}))
+
+
+def feed_times(rounds: int) -> None:
+    """CPU ms per epoch of making the feeds, the old way (`Forest.concat` / `batch` of
+    the items, per step) against the data set's pool (`distributed.feeder`), for the
+    whole global batch and for rank 0's share of 2 (`shard_epoch`); the two alternate
+    batch by batch over the same batches; the best of `rounds` epochs."""
+    import numpy as np
+
+    import structc
+    from structc import Forest, batch, datasets, distributed as dist
+    from structc.graph_datasets import GraphDataset
+    print("| workload | batch | old: concat / batch() | pool | speed-up |\n|---|---|---|---|---|")
+    for name in ("trees", "gnn"):
+        source, data_name, size, *_ = WORKLOADS[name]
+        data = datasets.load(data_name)
+        data.bind(structc.compile(source))
+        if isinstance(data, GraphDataset):
+            old = lambda items: {data.graph_name: batch([data.graphs[k] for k in items]),               # noqa: E731
+                                 data.target["name"]: data.labels[items]}
+        else:
+            old = lambda items: data.feed(Forest.concat([data.train[k] for k in items]))               # noqa: E731
+        for label, rank_of in (("whole", None), ("rank 0 of 2", 2)):
+            best = {"old": float("inf"), "pool": float("inf")}
+            for seed in range(rounds):
+                order = np.random.default_rng(seed).permutation(dist._train_items(data))
+                if rank_of is None:
+                    shares = [order[at:at + size] for at in range(0, len(order), size)]
+                else:
+                    dp = type("Rank0", (), {"rank": 0, "size": rank_of})()
+                    shares = dist.shard_epoch(dp, order, size, dist.item_costs(data))
+                spent = {"old": 0.0, "pool": 0.0}
+                feed = dist.feeder(data)
+                for mine in shares:
+                    for way, make in (("old", old), ("pool", feed)):
+                        t = time.process_time()
+                        make(mine)
+                        spent[way] += time.process_time() - t
+                best = {k: min(best[k], spent[k]) for k in best}
+            print(f"| {name} | {size} ({label}) | {1e3 * best['old']:.1f} ms | {1e3 * best['pool']:.1f} ms | "
+                  f"{best['old'] / best['pool']:.2f}x |")
+
+
+def cost_model(rounds: int, allreduce_us: float = 20.0) -> None:
+    """Where a step's time goes, in one process at 1 thread: CPU time per call (the best
+    of `rounds` over 60 random batches) of making a feed and of the step (`train_step`;
+    a rank's `grad_into_arena` + `apply_update`) at several batch sizes, fitted as
+    fixed + per item, and the 2-rank speed-up they imply: (F + B v) / (F' + B v / 2 + A)
+    for the global batch B, with an Allreduce A of `allreduce_us`. Feeds are made as
+    training makes them (`distributed.feeds`)."""
+    import warnings
+
+    import numpy as np
+
+    import structc
+    from structc import datasets, distributed as dist
+    from structc.native import set_num_threads
+    warnings.simplefilter("ignore")
+    set_num_threads(1)
+    print("| workload | part | fixed per call | per item | measured at 2 ... 64 items |\n|---|---|---|---|---|")
+    for name in ("trees", "gnn"):
+        source, data_name, size, optimizer, lr = WORKLOADS[name]
+        net = structc.compile(source)
+        data = datasets.load(data_name)
+        data.bind(net)
+        net.set_optimizer(optimizer)
+        items, feed = dist._train_items(data), dist.feeder(data)
+        rng = np.random.default_rng(0)
+        sizes, spent = (2, 8, 16, 32, 64), []
+        for b in sizes:
+            picks = [rng.choice(items, b, replace=False) for _ in range(60)]
+            best = [np.inf] * 3
+            for _ in range(rounds):
+                t = time.process_time()
+                for _ in dist.feeds(data, picks):       # as training makes them (`take_many` chunks)
+                    pass
+                best[0] = min(best[0], (time.process_time() - t) / len(picks))
+                for k, step in ((1, lambda f: net.train_step(lr=lr, **f)),
+                                (2, lambda f: (net.grad_into_arena(**f), net.apply_update(lr)))):
+                    fresh = [feed(p) for p in picks]          # new forests / graphs, as in training
+                    t = time.process_time()
+                    for f in fresh:
+                        step(f)
+                    best[k] = min(best[k], (time.process_time() - t) / len(picks))
+            spent.append(best)
+        fits = [np.polyfit(sizes, [s[k] for s in spent], 1) for k in range(3)]    # (per item, fixed)
+        for k, part in enumerate(("feed", "train_step (1 process)", "grad_into_arena + apply_update (a rank)")):
+            measured = ", ".join(f"{b}: {1e6 * s[k]:.0f}" for b, s in zip(sizes, spent))
+            print(f"| {name} | {part} | {1e6 * fits[k][1]:.0f} us | {1e6 * fits[k][0]:.2f} us | {measured} us |")
+        (vf, ff), (vs, fs), (vr, fr) = fits
+        one, rank = ff + fs + size * (vf + vs), ff + fr + size / 2 * (vf + vr) + allreduce_us * 1e-6
+        print(f"| {name} | implied 2-rank speed-up at a global batch of {size} | | | **{one / rank:.2f}x** |")
 
 
 def run(name: str, threads: int, distributed: bool, epochs: int) -> dict:
@@ -143,7 +249,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--feed", action="store_true", help="only time making the feeds (old way against the pool)")
+    p.add_argument("--costs", action="store_true", help="only fit each step's parts as fixed + per item")
     args = p.parse_args()
+    if args.feed:
+        return feed_times(args.repeats)
+    if args.costs:
+        return cost_model(args.repeats)
     if args.worker:
         return worker(args.worker, args.threads, args.distributed, args.epochs)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
@@ -163,7 +275,7 @@ def main() -> None:
         rows.append((name, epoch, share, startup, two[0]["steps"], two[0]["params"], work))
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
     print("| workload | steps/epoch | 1 x 1 | 1 x 2 | 2 ranks x 1 | 2 ranks vs 1 x 1 | 1 x 2 vs 1 x 1 | "
-          "Allreduce share (2 ranks) | 2 ranks: start-up to the first step beyond compile and data (MPI's share) |")
+          "wait for the sum (2 ranks) | 2 ranks: start-up to the first step beyond compile and data (MPI's share) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, e, share, st, steps, _, _ in rows:
         print(f"| {name} | {steps} | {e['1 x 1']:.3f} s | {e['1 x 2']:.3f} s | {e['2 ranks x 1']:.3f} s | "

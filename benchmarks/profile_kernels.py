@@ -2,6 +2,7 @@
 
     python benchmarks/profile_kernels.py mlp            # or gnn, gat, trees, lenet, conv
     python benchmarks/profile_kernels.py gnn --threads 2 --steps 400 --trace gnn.json
+    python benchmarks/profile_kernels.py lenet --compare      # 1 against 2 threads, per kernel
 
 The benchmarks' models on their inputs, through the package's profiler
 (`structc.profile`, also `structc profile` and `net.profile`): each kernel
@@ -53,15 +54,57 @@ def workload(name: str):
     raise SystemExit(f"unknown workload {name!r} (mlp, gnn, gat, trees, lenet, conv)")
 
 
+def compare(one, two) -> str:
+    """Per kernel, 1- against 2-thread time, and where the second core is lost:
+    the 2-thread step's time beyond half the 1-thread step's, split into kernels
+    that ran on one thread (serial: below the work threshold, or single-task),
+    pooled kernels short of 2x (hand-off, waiting at the end, imbalance,
+    memory bandwidth) and time outside kernels (Python)."""
+    at_two = {r.kernel.name: r for r in two.rows if not r.nested}
+    out = [f"{one.model} {one.kind} step: 1 thread {one.step_seconds * 1e6:.1f} us, 2 threads "
+           f"{two.step_seconds * 1e6:.1f} us: {one.step_seconds / two.step_seconds:.2f}x", "",
+           f"{'kernel':40s} {'1 thr us':>9s} {'2 thr us':>9s} {'x':>5s} {'thr':>3s} {'lost us':>8s}"]
+    serial = "kernels one thread ran"        # below the threshold, one task, or the worker got no core
+    levels = "recursions (their levels' kernels)"   # one task on the caller, pooled kernels inside
+    lost = {serial: 0.0, levels: 0.0, "pooled kernels short of 2x": 0.0}
+    for r in sorted((r for r in one.rows if not r.nested), key=lambda r: -r.seconds):
+        r2 = at_two.get(r.kernel.name)
+        if r2 is None:
+            continue
+        excess = r2.seconds - r.seconds / 2
+        kind = levels if r.kernel.op.startswith("tree_map") else serial if r2.threads <= 1 else \
+            "pooled kernels short of 2x"
+        lost[kind] += excess
+        if r.seconds > 0.01 * one.step_seconds:
+            out.append(f"{r.kernel.name[:40]:40s} {r.seconds * 1e6:9.1f} {r2.seconds * 1e6:9.1f} "
+                       f"{r.seconds / max(r2.seconds, 1e-12):5.2f} {r2.threads:3d} {excess * 1e6:8.1f}")
+    lost["outside kernels (Python)"] = two.outside_seconds - one.outside_seconds / 2
+    total = two.step_seconds - one.step_seconds / 2
+    out += ["", f"the 2-thread step beyond half the 1-thread step: {total * 1e6:.1f} us"]
+    out += [f"  {what:30s} {us * 1e6:8.1f} us ({100 * us / total if total > 0 else 0:3.0f}%)"
+            for what, us in lost.items()]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workload", choices=["mlp", "gnn", "gat", "trees", "lenet", "conv"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: about a second's worth)")
     ap.add_argument("--trace", help="also write a Chrome/Perfetto trace (JSON)")
+    ap.add_argument("--compare", action="store_true", help="1 against 2 threads, kernel by kernel")
     args = ap.parse_args(argv)
     import structc
     from structc.profile import profile, profiled_net
+    if args.compare:
+        source, inputs = workload(args.workload)
+        net = profiled_net(source, f"<{args.workload}>")
+        reports = []
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            reports.append(profile(net, inputs, steps=args.steps, warmup=20))
+        print(compare(*reports))
+        return 0
     structc.set_num_threads(args.threads)
     source, inputs = workload(args.workload)
     net = profiled_net(source, f"<{args.workload}>")

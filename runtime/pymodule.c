@@ -115,7 +115,17 @@ static PyObject *first_out_of_range(PyObject *self, PyObject *const *args, Py_ss
     return PyLong_FromSsize_t(bad);
 }
 
+/* handoffs() -> jobs the thread pool has been handed so far; pool_workers() ->
+ * its worker threads in this process. For tests of the threading decisions. */
+static PyObject *handoffs(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(sc_handoffs());
+}
+
+static PyObject *pool_workers(PyObject *self, PyObject *unused) { return PyLong_FromLong(sc_pool_workers()); }
+
 static PyMethodDef methods[] = {
+    {"handoffs", handoffs, METH_NOARGS, "handoffs() -> jobs handed to the thread pool so far"},
+    {"pool_workers", pool_workers, METH_NOARGS, "pool_workers() -> worker threads running in this process"},
     {"first_out_of_range", (PyCFunction)(void (*)(void))first_out_of_range, METH_FASTCALL,
      "first_out_of_range(buffer, lo, hi) -> index of the first element outside [lo, hi), or -1"},
     {"invoke", (PyCFunction)(void (*)(void))invoke, METH_FASTCALL,

@@ -9,7 +9,11 @@
  *
  * Workers spin briefly after a job (training steps come back to back), then
  * sleep on a condition variable. A call made while the pool is busy (from
- * another Python thread, or nested inside a kernel) runs on its caller. */
+ * another Python thread, or nested inside a kernel) runs on its caller, and so
+ * does a job below SERIAL_WORK, and every job of an entry point whose kernels
+ * add up to less than ENTRY_SERIAL_WORK (sc_entry_begin): a batch-1 forward
+ * of a small model is then a straight call that never touches the pool. A forked child starts with no
+ * workers (they are not copied) and a fresh pool state. */
 #include "structc_rt.h"
 
 #include <pthread.h>
@@ -26,7 +30,13 @@
 
 #define MAX_THREADS 256
 #define SPIN_ROUNDS 4000          /* ~100 us of polling before a worker sleeps */
-#define SERIAL_WORK 32768         /* jobs below this much work run on the caller */
+/* Jobs below this much work (tasks x cost, roughly flops) run on the caller:
+ * STRUCTC_SERIAL_WORK overrides it (read once: for tuning on a quiet machine). */
+#define SERIAL_WORK 32768
+/* An entry point whose kernels add up to less work than this (about 20 us)
+ * runs them all on the caller: a small model's batch-1 forward is a straight
+ * call that never touches the pool. STRUCTC_ENTRY_SERIAL_WORK overrides it. */
+#define ENTRY_SERIAL_WORK (1 << 21)
 #define CHUNKS_PER_THREAD 4       /* claim granularity: balance vs. atomic traffic */
 #define CLOSED 0xFFFFFFFFu        /* task index of a finished job: nothing left to claim */
 
@@ -47,6 +57,8 @@ static job_t job;
 static _Atomic uint64_t ticket = 0;        /* generation << 32 | next task index */
 static _Atomic int64_t done = 0;           /* tasks finished in the current job */
 static atomic_int sleepers = 0;
+static _Atomic uint64_t handoffs = 0;      /* jobs posted to the pool, ever (for tests) */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static _Thread_local int in_parallel = 0;
 
@@ -91,6 +103,41 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+static _Atomic int64_t serial_work = -1;   /* SERIAL_WORK or the environment's, once read */
+static _Atomic int64_t entry_serial_work = -1;
+static _Thread_local int serial_entry = 0;     /* this thread runs an entry below the threshold */
+static _Thread_local int entry_depth = 0;      /* entries running on this thread (recursion bodies nest) */
+
+/* `*cached`, or the environment's `name` (else `fallback`) read into it. */
+static int64_t threshold(_Atomic int64_t *cached, const char *name, int64_t fallback) {
+    int64_t w = atomic_load_explicit(cached, memory_order_relaxed);
+    if (w < 0) {            /* every thread that gets here computes the same value */
+        const char *env = getenv(name);
+        long long v = env ? atoll(env) : -1;
+        w = v >= 0 ? (int64_t)v : fallback;
+        atomic_store_explicit(cached, w, memory_order_relaxed);
+    }
+    return w;
+}
+
+static int64_t serial_threshold(void) { return threshold(&serial_work, "STRUCTC_SERIAL_WORK", SERIAL_WORK); }
+
+/* Only the outermost entry decides: a recursion body's entry, one level of
+ * a tree, is small by itself but runs many times inside a kernel whose
+ * cost (NESTED_WORK) keeps its own entry off the serial path. */
+int32_t sc_entry_begin(int64_t work) {
+    int32_t outer = serial_entry;
+    if (entry_depth++ == 0
+        && work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK))
+        serial_entry = 1;
+    return outer;
+}
+
+void sc_entry_end(int32_t outer) {
+    entry_depth--;
+    serial_entry = outer;
+}
+
 static int default_threads(void) {
     const char *env = getenv("STRUCTC_NUM_THREADS");
     if (env && atoi(env) > 0) return atoi(env);
@@ -112,8 +159,27 @@ int sc_get_num_threads(void) {
     return wanted;
 }
 
+/* In a forked child only the forking thread exists: forget the parent's
+ * workers and any lock another thread held at the fork. */
+static void reset_after_fork(void) {
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&sleep_lock, NULL);
+    pthread_cond_init(&wake, NULL);
+    started = 0;
+    atomic_store(&sleepers, 0);
+    atomic_store(&ticket, (atomic_load(&ticket) & ~(uint64_t)0xFFFFFFFFu) | CLOSED);
+    in_parallel = 0;
+}
+
+static void install_atfork(void) { pthread_atfork(NULL, NULL, reset_after_fork); }
+
+int sc_pool_workers(void) { return started; }
+
+uint64_t sc_handoffs(void) { return atomic_load(&handoffs); }
+
 /* Start workers up to `want - 1` (the caller is the last thread). Holds pool_lock. */
 static int ensure_workers(int want) {
+    pthread_once(&atfork_once, install_atfork);
     while (started < want - 1) {
         if (pthread_create(&workers[started], NULL, worker_main, NULL) != 0) break;
         started++;
@@ -124,7 +190,7 @@ static int ensure_workers(int want) {
 void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     if (n <= 0) return;
     int want = sc_get_num_threads();
-    if (want <= 1 || n == 1 || n >= (int64_t)CLOSED || in_parallel || n * (cost > 0 ? cost : 1) < SERIAL_WORK
+    if (want <= 1 || n == 1 || n >= (int64_t)CLOSED || in_parallel || serial_entry || n * (cost > 0 ? cost : 1) < serial_threshold()
         || pthread_mutex_trylock(&pool_lock) != 0) {
         fn(frame, 0, n);
         return;
@@ -141,6 +207,7 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     job.n = n;
     job.chunk = chunk > 0 ? chunk : 1;
     atomic_store_explicit(&done, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&handoffs, 1, memory_order_relaxed);
     uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
     atomic_store(&ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
     if (atomic_load(&sleepers) > 0) {

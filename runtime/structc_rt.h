@@ -17,9 +17,20 @@ typedef void (*sc_task_fn)(void *frame, int64_t lo, int64_t hi);
  * work per task (roughly flops), used to run small jobs on one thread. */
 void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost);
 
+/* Bracket an entry point's kernels: when `work` (the sum of their tasks x
+ * cost) is small, every sc_parallel_for until sc_entry_end runs on the
+ * caller. Returns the state to restore (entries nest: recursion bodies). */
+int32_t sc_entry_begin(int64_t work);
+void sc_entry_end(int32_t outer);
+
 /* Threads used by sc_parallel_for (1 = the caller only). Returns the count set. */
 int sc_set_num_threads(int n);
 int sc_get_num_threads(void);
+
+/* For tests: worker threads running in this process, and jobs handed to
+ * them so far (a job below the serial threshold is not one). */
+int sc_pool_workers(void);
+uint64_t sc_handoffs(void);
 
 #ifdef __cplusplus
 }

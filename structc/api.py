@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from . import cache
-from .compiler import PARTS, Artifact, Timings, canonical_key, canonical_program, compile_program, source_key
+from .compiler import EAGER_PARTS, PARTS, Artifact, Timings, canonical_key, canonical_program, compile_program, source_key
 from .lower.module import Target
 from .model import Net
 from .native import JitModule, host_target
@@ -156,7 +156,7 @@ def _cached_parts(key, model, parts) -> dict:
         if hit is not None:
             found[part] = hit
     if parts is None and "forward" in found:
-        for part in found["forward"][0]["deferred"]:
+        for part in (p for p in found["forward"][0]["deferred"] if p in EAGER_PARTS):
             hit = _cached_part(key(part), model, part)
             if hit is not None:
                 found[part] = hit
@@ -185,7 +185,7 @@ def _wanted_parts(found: dict, parts) -> list[str] | None:
     if parts is not None:
         return [p for p in PARTS if p in parts]
     if "forward" in found:
-        return ["forward"] + list(found["forward"][0]["deferred"])
+        return ["forward"] + [p for p in found["forward"][0]["deferred"] if p in EAGER_PARTS]
     return None
 
 

@@ -135,6 +135,12 @@ def compile_into_cache(source: str, file: str, model: str | None, target, timing
     return found + (art.timings,) if timings else found
 
 
+def _shipped_parts(args):
+    """A library gets every part its model has (the held-out loss entry too); in-process, the eager ones."""
+    from .compiler import PARTS
+    return list(PARTS) if args.output else None
+
+
 def cmd_compile(args) -> int:
     from .compiler import STAGES, compile_source
     source, file = _source(args.file)
@@ -163,7 +169,7 @@ def cmd_compile(args) -> int:
         writable_output(args.header, "the header")
     t0 = time.perf_counter()
     art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
-                         jit=not args.output, parts=["forward"] if args.inference else None,
+                         jit=not args.output, parts=["forward"] if args.inference else _shipped_parts(args),
                          kernel_timings=args.kernel_timings)
     if args.timings or args.kernel_timings:
         print(art.timings.table())
@@ -349,6 +355,29 @@ def _resume(args, net) -> tuple[dict, object]:
     return state, rng
 
 
+def _early_stop_settings(args, saved: dict | None) -> tuple[int, str]:
+    """--early-stop and --monitor: as given, else the resumed run's (so it stops where an
+    uninterrupted one would), else none and val_loss."""
+    before = (saved or {}).get("early_stop") or {}
+    patience = args.early_stop if args.early_stop is not None else before.get("patience") or 0
+    return patience, args.monitor or before.get("monitor") or "val_loss"
+
+
+def _resume_early_stopping(net, state: dict, cfg):
+    """The resumed run's early stopping (`train.resume_early_stopping`), saying what it continues from."""
+    from .train import resume_early_stopping
+    stopper, problem = resume_early_stopping(net, state, cfg)
+    if problem:
+        warn(problem)
+    kept, last = state["config"].get("kept_epoch"), state["epoch"]
+    stopped = (state["config"].get("early_stop") or {}).get("stopped", True)
+    if kept is not None and kept != last and (stopped or stopper is None):
+        warn(f"the resumed run {'stopped early' if stopped else 'ended'} after epoch {last} and kept epoch "
+             f"{kept}'s parameters: training continues from those, with the optimizer state and shuffling of "
+             f"epoch {last}")
+    return stopper
+
+
 def _freeze_names(args) -> list[str]:
     """--freeze as a list of names; a resumed run keeps the run's unless told otherwise."""
     given = [n.strip() for n in args.freeze.split(",") if n.strip()] if args.freeze is not None else None
@@ -419,17 +448,20 @@ def cmd_train(args) -> int:
                             f"--epochs is the total to reach: pass more than {state['epoch']}")
         if state["config"].get("data") != data_id:
             warn(f"the resumed run was trained on {state['config'].get('data')}, this one on {data_id}")
-        kept = state["config"].get("kept_epoch")
-        if kept is not None and kept != state["epoch"]:
-            warn(f"the resumed run stopped early after epoch {state['epoch']} and kept epoch {kept}'s parameters: "
-                 f"training continues from those, with the optimizer state and shuffling of epoch {state['epoch']}")
     saved = state["config"] if state else None
     settings = _train_settings(args, saved)
+    early_stop, monitor = _early_stop_settings(args, saved)
     cfg = TrainConfig(epochs=args.epochs, batch=settings["batch"], lr=settings["lr"],
                       optimizer=settings["optimizer"], seed=settings["seed"], progress=not args.no_progress,
                       first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"],
                       schedule=_schedule(args, saved), val_split=settings["val_split"],
-                      early_stop=args.early_stop or 0, monitor=args.monitor)
+                      early_stop=early_stop, monitor=monitor)
+    if dp is not None and (cfg.val_split or cfg.early_stop):     # a resumed run's: not given here
+        raise UserError("the resumed run used --val-split/--early-stop, which --distributed does not support yet: "
+                        "resume it on one process")
+    stopper = None
+    if state is not None:
+        stopper = _resume_early_stopping(net, state, cfg)
     if cfg.schedule is not None:
         net.set_schedule(**cfg.schedule)           # data-parallel training too
     net.set_seed(cfg.seed)      # dropout's masks: the run's seed, a resumed run's too (compiled with --seed or 0)
@@ -454,7 +486,7 @@ def cmd_train(args) -> int:
     on_epoch = _epoch_logger(metrics, board) if root else None
     try:
         if dp is None:
-            history = train(net, data, cfg, rng=rng, on_epoch=on_epoch)
+            history = train(net, data, cfg, rng=rng, on_epoch=on_epoch, stopper=stopper)
         else:
             from .distributed import train as train_data_parallel
             history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=on_epoch)
@@ -467,7 +499,7 @@ def cmd_train(args) -> int:
     def save_training_state(params_path: Path) -> None:
         from .train import state_path
         save_state(net, state_path(params_path), history.last_epoch, cfg, history.rng_state, data_id,
-                   history.best_epoch)
+                   history.best_epoch, history)
 
     written, problem = save_run(net, out, save_training_state)
     final = history.final
@@ -845,8 +877,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--early-stop", type=int, metavar="PATIENCE",
                    help="stop when --monitor has not improved for PATIENCE epochs and keep (and save) the best "
                         "epoch's parameters; needs --val-split (default: none: train all --epochs)")
-    c.add_argument("--monitor", choices=["val_loss", "val_acc"], default="val_loss",
-                   help="what --early-stop watches: validation loss (lower is better) or accuracy (higher)")
+    c.add_argument("--monitor", choices=["val_loss", "val_acc"],
+                   help="what --early-stop watches: validation loss (lower is better) or accuracy (higher) "
+                        "(default: val_loss; with --resume: the run's)")
     c.add_argument("--tensorboard", metavar="DIR",
                    help="also write each epoch's loss, accuracy, learning rate and time as TensorBoard scalars "
                         "to DIR (needs pip install 'structc[tensorboard]': tensorboardX, no TensorFlow) "

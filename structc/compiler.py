@@ -48,7 +48,10 @@ STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"
 #: entry points compiled together as one LLVM module (one object file). The
 #: forward entry is a part of its own, so inference never waits for training
 #: code, and the parts are optimised and code-generated in parallel threads.
-PARTS = {"forward": ("forward",), "training": ("train", "update")}
+PARTS = {"forward": ("forward",), "training": ("train", "update"), "evaluation": ("eval_loss",)}
+#: the parts compiled when none are named; the others only when a call needs them
+#: (`evaluation`: the loss in inference form, of a model whose ops differ in training)
+EAGER_PARTS = ("forward", "training")
 
 
 @dataclass
@@ -152,6 +155,37 @@ def forward_graph(mdef: ModelDef) -> Graph:
     return inference(g)
 
 
+def float_arithmetic_inputs(g: Graph) -> list[str]:
+    """The integer inputs whose values reach float32 arithmetic (elementwise ops
+    convert integer operands: exact only up to 2**24), through ops that keep
+    integers as they are; `Net` refuses larger values in them. Indices (gathers,
+    labels) read integers exactly and do not count."""
+    found = []
+    for name, nid in g.inputs.items():
+        if g.nodes[nid].type.is_float:
+            continue
+        stack, seen = [nid], {nid}
+        while stack and name not in found:
+            for u in g.users(stack.pop()):
+                user = g.nodes[u]
+                moves_ints = "moves_data" in user.op.traits and not user.type.is_float
+                if "elementwise" in user.op.traits and not moves_ints:
+                    found.append(name)
+                    break
+                if not user.type.is_float and u not in seen:
+                    seen.add(u)
+                    stack.append(u)
+    return found
+
+
+def eval_loss_graph(mdef: ModelDef) -> Graph:
+    """The loss alone in inference form (running statistics, dropout off): what a
+    held-out loss measures, so it agrees with the forward entry's predictions."""
+    g = mdef.graph.copy()
+    g.outputs = {"loss": g.outputs["loss"]}
+    return inference(g)
+
+
 def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset(),
                 decay_end: int | None = None) -> Graph:
     """Forward, backward and update. `update_size`: the floats the update
@@ -236,7 +270,9 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     mdef = dataclasses.replace(mdef, graph=forward)
     offsets, param_size, update_size, decay_end = arena_layout(mdef, frozen)
     available = ["forward", "training"] if mdef.has_loss else ["forward"]
-    wanted = [p for p in available if parts is None or p in parts]
+    if mdef.has_loss and any(p.buffer for p in mdef.params.values()):
+        available.append("evaluation")      # batch norm: its training form's loss is not the held-out one
+    wanted = [p for p in available if p in (EAGER_PARTS if parts is None else parts)]
 
     with times.stage("forward.inference"):
         graphs = {"forward": forward_graph(mdef)}
@@ -250,6 +286,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
             graphs["update"] = update_graph(mdef, update_size, decay_end)
         if dump:
             dump("train", str(graphs["train"]))
+    if "evaluation" in wanted:
+        graphs["eval_loss"] = eval_loss_graph(mdef)
     entries, plans, texts = {}, {}, {}
     # Kernel text -> function, across entries and parts: the training part calls the
     # kernels it shares with the forward part (which exports them) instead of
@@ -314,6 +352,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "frozen": sorted(n for n in frozen if not mdef.params[n].buffer),
         "buffers": sorted(n for n, p in mdef.params.items() if p.buffer),   # written by the training entry
         "batch_counts": batch_counts(forward),      # `Net` refuses to train with one value per channel
+        "float_arithmetic_inputs": float_arithmetic_inputs(forward),   # `Net` refuses values beyond 2**24
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step

@@ -13,7 +13,8 @@ Run with `mpiexec -n 2 python -m mpi4py script.py` (or `srun`). One step is:
    roots, graphs, the mask's sum: `structc.denominator`, recorded by the
    compiler in the artifact).
 2. The arena becomes [D_r g_r, D_r, D_r loss_r] (the last two floats sit past
-   the gradients) and one in-place `Allreduce` sums it over the ranks.
+   the gradients) and one in-place `Iallreduce` sums it over the ranks
+   (`train_steps` makes the next feed while it is in flight).
 3. Divided by D = Σ D_r it is the gradient of the whole batch, exactly (up to
    float32 rounding): Σ_r D_r g_r / D = (1/D) Σ_i ∇l_i, however uneven the
    shards. A rank with no examples sends zeros and takes part all the same.
@@ -30,7 +31,7 @@ import copy
 import heapq
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from .ops.optim import DROPOUT_KEY0
 INSTALL = "pip install 'structc[mpi]'"
 #: float32 counts are exact up to here
 MAX_COUNT = 2 ** 24
+_DONE = object()           # the end of a sequence of feeds (an empty feed {} is a step)
 
 
 def mpi():
@@ -64,13 +66,37 @@ def balance(costs: Sequence[float], size: int) -> list[list[int]]:
     """Items to ranks by cost: the largest first, each to the least-loaded rank (ties
     to the lowest rank), so every rank computes the same assignment. Each rank's
     items are returned in their original order."""
-    loads = [(0.0, r) for r in range(size)]
-    parts: list[list[int]] = [[] for _ in range(size)]
-    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
-        load, r = heapq.heappop(loads)
-        parts[r].append(k)
-        heapq.heappush(loads, (load + float(costs[k]), r))
-    return [sorted(p) for p in parts]
+    costs = np.asarray(costs, np.float64).reshape(-1)
+    order = np.argsort(-costs, kind="stable")              # the largest first; equal costs by position
+    owner = np.empty(len(costs), np.int64)
+    loads = [(0.0, r) for r in range(size)]                # a heap: the least-loaded rank on top
+    for k, cost in zip(order.tolist(), costs[order].tolist()):
+        load, r = loads[0]
+        owner[k] = r
+        heapq.heapreplace(loads, (load + cost, r))
+    return [np.flatnonzero(owner == r).tolist() for r in range(size)]
+
+
+def balance_batches(costs: Sequence[float], batch: int, size: int) -> np.ndarray:
+    """The rank of every item when each run of `batch` consecutive items (the last
+    may be shorter) is split by `balance`: the same assignment, computed for all
+    the batches of an epoch at once (one step per position in a batch, not per item)."""
+    costs = np.asarray(costs, np.float64).reshape(-1)
+    rows = -(-len(costs) // batch)
+    padded = np.full(rows * batch, -np.inf)                 # padding sorts last and is never assigned
+    padded[:len(costs)] = costs
+    padded = padded.reshape(rows, batch)
+    order = np.argsort(-padded, axis=1, kind="stable")      # per batch: the largest first, ties by position
+    ranked = np.take_along_axis(padded, order, axis=1)
+    loads = np.zeros((rows, size))
+    owner = np.empty((rows, batch), np.int64)
+    every = np.arange(rows)
+    for j in range(batch):
+        r = loads.argmin(axis=1)                            # the least-loaded rank, ties to the lowest
+        owner[:, j] = r
+        loads[every, r] += np.where(np.isfinite(ranked[:, j]), ranked[:, j], 0.0)
+    np.put_along_axis(owner, order, owner.copy(), axis=1)   # back to the items' positions
+    return owner.reshape(-1)[:len(costs)]
 
 
 def forest_cost(forest) -> int:
@@ -192,8 +218,35 @@ class DataParallel:
         self.net.apply_update(lr)
         return loss
 
+    def train_steps(self, feeds: Iterable[Mapping], lr: float = 0.01) -> Iterator[float]:
+        """`train_step` on each of `feeds` in turn (this rank's shares, made lazily, e.g.
+        by a generator), yielding each step's loss. While a step's `Allreduce` is in
+        flight the next feed is made, so a rank that finished its share first spends
+        its wait assembling the next one instead of polling. Making a feed must not
+        call this net (it holds the net's lock then: its arena is being reduced)."""
+        feeds = iter(feeds)
+        inputs = next(feeds, _DONE)
+        while inputs is not _DONE:
+            with self.net._lock:
+                request = self._start_reduce(inputs)
+                try:
+                    upcoming = next(feeds, _DONE)
+                finally:
+                    request.Wait()          # also on an error: the other ranks' sum is complete
+                loss = self._finish_reduce()
+            self.net.apply_update(lr)
+            yield loss
+            inputs = upcoming
+
     def _reduce_gradient(self, inputs: Mapping) -> float:
         """Leave the whole batch's gradient in the arena; return its loss."""
+        with self.net._lock:
+            self._start_reduce(inputs).Wait()
+            return self._finish_reduce()
+
+    def _start_reduce(self, inputs: Mapping):
+        """The shard's weighted gradient in the arena, and its sum over the ranks
+        started (a request to wait for)."""
         net, n = self.net, self._n
         arena = net._grad_arena
         if inputs:
@@ -201,20 +254,22 @@ class DataParallel:
             if not 0 <= count < MAX_COUNT:
                 raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
                                  f"(float32 counts are exact up to there), got {count}")
-            with net._lock:
-                arena[:n] *= np.float32(count)
-                arena[n], arena[n + 1] = count, loss * count
+            arena[:n] *= np.float32(count)
+            arena[n], arena[n + 1] = count, loss * count
         else:
-            with net._lock:
-                arena[:] = 0.0
-        with net._lock:
-            self.comm.Allreduce(self._MPI.IN_PLACE, arena, op=self._MPI.SUM)
-            total = float(arena[n])
-            if total == 0:
-                raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
-            divisor = np.float32(total if self._normalise else 1.0)
-            arena[:n] /= divisor
-            return float(arena[n + 1] / divisor)
+            arena[:] = 0.0
+        return self.comm.Iallreduce(self._MPI.IN_PLACE, arena, op=self._MPI.SUM)
+
+    def _finish_reduce(self) -> float:
+        """After the sum: the whole batch's gradient (divided by the denominators'
+        sum) in the arena; returns its loss."""
+        n, arena = self._n, self.net._grad_arena
+        total = float(arena[n])
+        if total == 0:
+            raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
+        divisor = np.float32(total if self._normalise else 1.0)
+        arena[:n] /= divisor
+        return float(arena[n + 1] / divisor)
 
     # -- sharding a global batch ---------------------------------------------------
     def shard_dense(self, batch: Mapping[str, np.ndarray], seed: int | None = None) -> dict:
@@ -319,19 +374,58 @@ def item_costs(data) -> np.ndarray | None:
     return None
 
 
-def _feed(data, items) -> dict:
-    """The feed of these training items of a data set (as its `batches` makes them)."""
-    from .forest import Forest
+def feeder(data):
+    """items -> the feed of those training items of a data set (as its `batches`
+    makes them; {} for none). Trees and graphs come from the data set's pool,
+    looked up once here (once per epoch), so a feed is a few gathers."""
     from .graph_datasets import GraphDataset
-    from .graphs import batch
     from .treedata import TreeDataset
-    if not len(items):
-        return {}
     if isinstance(data, TreeDataset):
-        return data.feed(Forest.concat([data.train[k] for k in items]))
+        forests = data.pool()
+        return lambda items: data.feed(forests.take(items)) if len(items) else {}
     if isinstance(data, GraphDataset):
-        return {data.graph_name: batch([data.graphs[k] for k in items]), data.target["name"]: data.labels[items]}
-    return {data.input["name"]: data.x_train[items], data.target["name"]: data.y_train[items]}
+        graphs, target, name = data.pool(), data.target["name"], data.graph_name
+        return lambda items: {name: graphs.take(items), target: data.labels[items]} if len(items) else {}
+    x, y = data.input["name"], data.target["name"]
+    return lambda items: {x: data.x_train[items], y: data.y_train[items]} if len(items) else {}
+
+
+#: how many batches' forests or graphs are assembled in one pass (`take_many`)
+CHUNK = 16
+
+
+def feeds(data, shares) -> Iterator[dict]:
+    """The feed of each of `shares` (arrays of training items) in turn, as `feeder`
+    makes them; forests and graphs are assembled `CHUNK` batches at a time
+    (`take_many`: one pass of gathers for all of them), which saves most of a
+    feed's per-call cost."""
+    from .graph_datasets import GraphDataset
+    from .treedata import TreeDataset
+    if isinstance(data, TreeDataset):
+        pool, make = data.pool(), data.feed
+    elif isinstance(data, GraphDataset):
+        pool, name, target = data.pool(), data.graph_name, data.target["name"]
+        make = None
+    else:
+        feed = feeder(data)
+        yield from (feed(mine) for mine in shares)
+        return
+    shares = list(shares)
+    for at in range(0, len(shares), CHUNK):
+        chunk = shares[at:at + CHUNK]
+        made = iter(pool.take_many([m for m in chunk if len(m)]))
+        for mine in chunk:
+            if not len(mine):
+                yield {}
+            elif make is not None:
+                yield make(next(made))
+            else:
+                yield {name: next(made), target: data.labels[mine]}
+
+
+def _feed(data, items) -> dict:
+    """The feed of these training items of a data set (`feeder`, for one batch)."""
+    return feeder(data)(items)
 
 
 def _train_items(data) -> np.ndarray:
@@ -351,12 +445,24 @@ def check_splittable(data) -> None:
                          "split yet; train it on one process")
 
 
-def shard(dp: DataParallel, items, costs: np.ndarray | None) -> list:
+def shard(dp: DataParallel, items, costs: np.ndarray | None) -> np.ndarray:
     """This rank's share of `items` (ids): by `costs[id]` (`item_costs`) for trees and
     graphs, by position when `costs` is None."""
+    items = np.asarray(items)
     if costs is None:
-        return list(np.array_split(np.asarray(items), dp.size)[dp.rank])
-    return [items[k] for k in dp.shard_items(costs[np.asarray(items)].tolist())]
+        return np.array_split(items, dp.size)[dp.rank]
+    return items[dp.shard_items(costs[items])]
+
+
+def shard_epoch(dp: DataParallel, order, batch: int, costs: np.ndarray | None) -> list[np.ndarray]:
+    """This rank's share of every global batch of an epoch (`order` cut into runs of
+    `batch`), as `shard` gives it batch by batch, computed at once."""
+    order = np.asarray(order)
+    starts = range(0, len(order), batch)
+    if costs is None:
+        return [np.array_split(order[at:at + batch], dp.size)[dp.rank] for at in starts]
+    mine = balance_batches(costs[order], batch, dp.size) == dp.rank
+    return [order[at:at + batch][mine[at:at + batch]] for at in starts]
 
 
 def held_out_part(dp: DataParallel, data):
@@ -406,8 +512,7 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         order = rng.permutation(items)
         total, steps = 0.0, 0
-        for at in range(0, len(order), cfg.batch):
-            loss = dp.train_step(lr=cfg.lr, **_feed(data, shard(dp, order[at:at + cfg.batch], costs)))
+        for loss in dp.train_steps(feeds(data, shard_epoch(dp, order, cfg.batch, costs)), cfg.lr):
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss

@@ -29,6 +29,7 @@ each tree once and forms batches cheaply.
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from typing import Iterable, Mapping, Sequence
 
@@ -282,7 +283,7 @@ class Forest:
         forests = list(forests)
         if not forests:
             raise ValueError("a forest needs at least one tree")
-        if any(not isinstance(f, Forest) for f in forests):
+        if not all(map(isinstance, forests, itertools.repeat(Forest))):      # no Python loop per forest
             raise TypeError("Forest.concat takes Forest objects")
         if len(forests) == 1:
             return forests[0]
@@ -377,6 +378,182 @@ class Forest:
         if mask:
             out["child_mask"] = _frozen((ch >= 0).astype(np.float32))
         return out
+
+
+class ForestPool:
+    """Forests parsed once and batched many times (a data set's items):
+    `pool.take(items)` is `Forest.concat([forests[k] for k in items])`, the
+    same arrays bit for bit, from a few gathers over arrays built once here
+    (no work per forest, so a batch's cost follows its nodes, not the count of
+    forests or calls). Every forest must carry the same kind of payload (words
+    or features)."""
+
+    __slots__ = ("forests", "_items", "_width", "_levels", "_height", "_block", "_roots", "_features",
+                 "_node_features")
+
+    def __init__(self, forests: Sequence[Forest]):
+        forests = list(forests)
+        if not forests:
+            raise ValueError("a forest needs at least one tree")
+        if not all(map(isinstance, forests, itertools.repeat(Forest))):
+            raise TypeError("Forest.concat takes Forest objects")
+        sizes = np.frombuffer(b"".join([f._sizes for f in forests]), np.int64).reshape(len(forests), -1)
+        lengths, (nodes, levels, trees) = sizes[:, :8], sizes.T[1:4]
+        arity, has_words = sizes[:, 8], sizes[:, 5] > 0
+        if has_words.min() != has_words.max():
+            raise ValueError("every forest's leaves must carry the same kind of payload (words or features)")
+        got = _gather(forests, lengths)
+        n, a = int(nodes.sum()), int(arity.max())
+        children = got["children"].reshape(n, a) if arity.min() == a else _widened(got["children"], nodes, arity, a)
+        node_start, tree_start = np.cumsum(nodes) - nodes, np.cumsum(trees) - trees
+        rows = np.arange(n) - np.repeat(node_start, nodes)                      # each node's number in its forest
+        height = got["height"]
+        is_leaf = height == 0
+        labelled = sizes[:, 6] > 0
+        has_node_words, node_words = _per_node(forests, "node_words", _I32)
+        has_node_features, self._node_features = _per_node(forests, "node_features", np.float32)
+        self.forests = forests
+        # Per forest, one row (a batch gathers them at once and reduces them column by
+        # column): nodes, trees, leaves (summed); labels, words at every node, features
+        # at every node (any, all); arity, largest word (max); its first node and tree here.
+        self._items = np.column_stack([nodes, trees, np.add.reduceat(is_leaf.astype(np.int64), node_start),
+                                       labelled, has_node_words, has_node_features, arity, sizes[:, 9],
+                                       node_start, tree_start]).astype(np.int64)
+        self._width, self._levels = a, int(levels.max())
+        self._height = height.astype(np.int16) if levels.max() <= 2**15 else height
+        self._roots = got["roots"] + np.repeat(node_start, trees)                # the roots' rows here
+        self._features = None if has_words[0] else np.concatenate([f.features for f in forests])
+        labels = np.full(n, -1, _I32)
+        labels[np.repeat(labelled, nodes)] = got["labels"]
+        leaf = np.zeros(n, _I32)             # at a leaf its word id (words) or its row among all leaves (features)
+        leaf[is_leaf] = got["words"] if has_words[0] else np.arange(int(is_leaf.sum()))
+        # Per node, one row: each child as how many rows before its parent it is (a
+        # forest numbers children first; 0 for none, so a batch's row minus it is the
+        # child's row in the batch), its tree here, the label, the leaf's payload, the
+        # node's word.
+        columns = [np.where(children >= 0, rows[:, None] - children, 0), got["tree_of"] + np.repeat(tree_start, nodes),
+                   labels, leaf]
+        self._block = np.column_stack(columns + ([node_words] if node_words is not None else [])).astype(_I32)
+
+    def __len__(self) -> int:
+        return len(self.forests)
+
+    def take(self, items) -> Forest:
+        """One forest of these items' trees, in this order (`Forest.concat` of them)."""
+        idx = self._checked(items)
+        if len(idx) == 1:
+            return self.forests[idx[0]]
+        info = self._items.take(idx, axis=0)
+        n, t, leaves = info[:, :3].sum(axis=0).tolist()
+        labelled, _, _, a, max_word = info[:, 3:8].max(axis=0).tolist()
+        all_node_words, all_node_features = info[:, 4:6].min(axis=0).tolist()
+        if n > _I32_MAX:
+            raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
+        # each item's first node and tree here minus those in the batch
+        shift = info[:, 8:10] - (np.cumsum(info[:, :2], axis=0) - info[:, :2])
+        per_node = np.repeat(shift, info[:, 0], axis=0)
+        rows = np.arange(n) + per_node[:, 0]                                     # here, item by item
+        height = self._height[rows]
+        # each forest is in schedule order: a stable sort by height merges them level by level
+        order = np.argsort(height, kind="stable")
+        pos = np.empty(n, _I32)                                                  # a row -> its position
+        pos[order] = np.arange(n, dtype=_I32)
+        scheduled = rows[order]
+        block = self._block.take(scheduled, axis=0)
+        back, cols = block[:, :a], self._width
+        children = np.where(back > 0, pos[order[:, None] - back], -1)
+        tree_of = block[:, cols] - per_node[order, 1]
+        per_tree = shift if t == len(idx) else np.repeat(shift, info[:, 1], axis=0)     # one tree each: as is
+        roots = pos[self._roots[np.arange(t) + per_tree[:, 1]] - per_tree[:, 0]]
+        payload = block[:leaves, cols + 2]                                       # leaves first, item by item
+        words, features = (payload, None) if self._features is None else (None, self._features[payload])
+        return _assemble(children=children, height=height[order], level_end=np.cumsum(np.bincount(height)),
+                         roots=roots, tree_of=tree_of, words=words, features=features,
+                         labels=block[:, cols + 1] if labelled else None, index=pos, max_word=max_word,
+                         node_words=block[:, cols + 3] if all_node_words else None,
+                         node_features=self._node_features[scheduled] if all_node_features else None)
+
+    def take_many(self, batches: Sequence) -> list[Forest]:
+        """`[self.take(items) for items in batches]`, bit for bit, with the gathers and
+        the sort done once for all the batches (only sealing each result is per
+        batch): an epoch's batches, a chunk at a time, for a fraction of the calls."""
+        lengths = np.array([len(b) for b in batches], np.int64)
+        if not len(lengths) or not lengths.min():
+            return [self.take(b) for b in batches]        # none, or an empty batch: take's own error
+        idx = self._checked(np.concatenate([np.asarray(b).reshape(-1) for b in batches]))
+        if sum(np.asarray(b).ndim != 1 for b in batches):
+            raise TypeError("items are 1-D arrays of positions in the pool")
+        begin = np.cumsum(lengths) - lengths                                     # each batch's first item
+        info = self._items.take(idx, axis=0)
+        sums = np.add.reduceat(info[:, :3], begin, axis=0)                       # nodes, trees, leaves per batch
+        tops = np.maximum.reduceat(info[:, 3:8], begin, axis=0)
+        lows = np.minimum.reduceat(info[:, 4:6], begin, axis=0)
+        if sums[:, 0].max() > _I32_MAX:
+            raise ValueError(f"a forest of {int(sums[:, 0].max())} nodes is too large for 32-bit indices")
+        n, t = int(sums[:, 0].sum()), int(sums[:, 1].sum())
+        starts = np.cumsum(info[:, :2], axis=0) - info[:, :2]                    # each item's, over all batches
+        base = starts[begin]                                                     # each batch's first node, tree
+        shift = info[:, 8:10] - (starts - np.repeat(base, lengths, axis=0))      # here minus in its batch
+        per_node = np.repeat(shift, info[:, 0], axis=0)
+        node_base = np.repeat(base[:, 0], sums[:, 0])
+        rows = np.arange(n) - node_base + per_node[:, 0]
+        height = self._height[rows]
+        key = np.repeat(np.arange(len(lengths), dtype=np.int64) * self._levels, sums[:, 0]) + height
+        order = np.argsort(key, kind="stable")          # by batch, then height: each batch's schedule
+        pos = np.empty(n, _I32)
+        pos[order] = np.arange(n) - node_base           # the same batch boundaries before and after
+        scheduled = rows[order]
+        block = self._block.take(scheduled, axis=0)
+        cols = self._width
+        children = np.where(block[:, :cols] > 0, pos[order[:, None] - block[:, :cols]], -1)
+        tree_of = block[:, cols] - per_node[order, 1]
+        per_tree = shift if t == len(idx) else np.repeat(shift, info[:, 1], axis=0)
+        tree_node_base = np.repeat(base[:, 0], sums[:, 1])
+        roots = pos[self._roots[np.arange(t) - np.repeat(base[:, 1], sums[:, 1]) + per_tree[:, 1]]
+                    - per_tree[:, 0] + tree_node_base]
+        levels = np.cumsum(np.bincount(key, minlength=len(lengths) * self._levels).reshape(-1, self._levels), axis=1)
+        sorted_height = height[order]
+        node_features = self._node_features[scheduled] if lows[:, 1].any() else None
+        out = []
+        for b, (lo, hi, lo_t, hi_t) in enumerate(zip(base[:, 0].tolist(), (base[:, 0] + sums[:, 0]).tolist(),
+                                                     base[:, 1].tolist(), (base[:, 1] + sums[:, 1]).tolist())):
+            if lengths[b] == 1:
+                out.append(self.forests[int(idx[begin[b]])])
+                continue
+            labelled, _, _, a, max_word = tops[b].tolist()
+            payload = block[lo:lo + int(sums[b, 2]), cols + 2]
+            out.append(_assemble(
+                children=children[lo:hi, :a], height=sorted_height[lo:hi],
+                level_end=levels[b, :int(sorted_height[hi - 1]) + 1], roots=roots[lo_t:hi_t],
+                tree_of=tree_of[lo:hi], words=payload if self._features is None else None,
+                features=self._features[payload] if self._features is not None else None,
+                labels=block[lo:hi, cols + 1] if labelled else None, index=pos[lo:hi], max_word=max_word,
+                node_words=block[lo:hi, cols + 3] if lows[b, 0] else None,
+                node_features=node_features[lo:hi] if lows[b, 1] else None))
+        return out
+
+    def _checked(self, items) -> np.ndarray:
+        """`items` as int64 positions in the pool (a clear error otherwise)."""
+        idx = np.asarray(items)
+        if idx.size == 0:
+            raise ValueError("a forest needs at least one tree")
+        if idx.dtype.kind not in "iu" or idx.ndim != 1:
+            raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
+        if idx.min() < 0 or idx.max() >= len(self.forests):
+            raise ValueError(f"item {int(idx.min() if idx.min() < 0 else idx.max())} is outside the pool's "
+                             f"[0, {len(self.forests)})")
+        return idx.astype(np.int64, copy=False)
+
+
+def _per_node(forests: list[Forest], field: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Which forests carry a payload at every node (`field`), and those payloads
+    over all of their nodes (zeros for forests without), or None when none does."""
+    have = np.array([getattr(f, field) is not None for f in forests])
+    if not have.any():
+        return have, None
+    width = next(getattr(f, field) for f in forests if getattr(f, field) is not None).shape[1:]
+    return have, np.concatenate([getattr(f, field) if getattr(f, field) is not None
+                                 else np.zeros((f.nodes, *width), dtype) for f in forests])
 
 
 _INT_FIELDS = ("children", "height", "level_end", "roots", "tree_of", "words", "labels", "index")

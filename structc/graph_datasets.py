@@ -15,12 +15,13 @@ union of those, assembled per step without re-sorting.
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterator
 
 import networkx as nx
 import numpy as np
 
-from .graphs import Graph, batch
+from .graphs import Graph, GraphPool, batch
 
 
 def _graph_input(net, data: str) -> dict:
@@ -102,6 +103,15 @@ class GraphDataset:
         self.labels = np.asarray(labels, np.int32)
         self.train, self.test = np.asarray(train), np.asarray(test)
         self._held_out = batch([graphs[i] for i in self.test])
+        self._pool: tuple[list, GraphPool] | None = None
+
+    def pool(self) -> GraphPool:
+        """`graphs` as a `GraphPool` (a batch is then a few gathers), built once and
+        again only when `graphs` no longer holds the same graphs."""
+        if self._pool is None or len(self._pool[0]) != len(self.graphs) or \
+                not all(map(operator.is_, self._pool[0], self.graphs)):
+            self._pool = (list(self.graphs), GraphPool(self.graphs))
+        return self._pool[1]
 
     def __len__(self) -> int:
         return len(self.train)
@@ -115,9 +125,11 @@ class GraphDataset:
 
     def batches(self, size: int, rng: np.random.Generator) -> Iterator[dict]:
         order = rng.permutation(self.train)
-        for start in range(0, len(order), size):
-            idx = order[start:start + size]
-            yield {self.graph_name: batch([self.graphs[i] for i in idx]), self.target["name"]: self.labels[idx]}
+        pool = self.pool()
+        for first in range(0, len(order), 16 * size):      # 16 batches' graphs assembled in one pass
+            parts = [order[at:at + size] for at in range(first, min(first + 16 * size, len(order)), size)]
+            for idx, graphs in zip(parts, pool.take_many(parts)):
+                yield {self.graph_name: graphs, self.target["name"]: self.labels[idx]}
 
     def batch_count(self, size: int) -> int:
         return (len(self.train) + size - 1) // size

@@ -135,6 +135,11 @@ class _Entry:
         self.workspace_sizes: dict[tuple, int] = {}
 
 
+class BatchTooSmall(ValueError):
+    """A training call batch normalisation cannot train on (one value per channel);
+    raised before anything changes, so a training loop may skip the batch."""
+
+
 def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
     """Batch normalisation's unbiased running variance divides by n - 1: refuse
     a training call with one value per channel (PyTorch refuses it too)."""
@@ -143,8 +148,36 @@ def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
         for d in item["count"]:
             n *= d if isinstance(d, int) else dims[d]
         if n < 2:
-            raise ValueError(f"{item['buffer']}: batch normalisation in training needs more than one value per "
+            raise BatchTooSmall(f"{item['buffer']}: batch normalisation in training needs more than one value per "
                              f"channel, got {n} (a batch of one); train on larger batches")
+
+
+#: parts compiled only for the entry they hold (the others are compiled together, on a first need)
+_ON_DEMAND = {"evaluation": "eval_loss"}
+
+
+def _part_wanted(part: str, kind: str) -> bool:
+    """Whether a call needing entry `kind` compiles deferred `part` now."""
+    if part in _ON_DEMAND:
+        return _ON_DEMAND[part] == kind
+    return kind not in _ON_DEMAND.values()
+
+
+#: float32 holds every integer up to 2**24 exactly, and not every one beyond
+_F32_EXACT = 2 ** 24
+
+
+def _check_exact_in_float32(names: frozenset, entry: _Entry, arrays: list) -> None:
+    """Refuse integers float32 arithmetic would round: a word id over 16.7 M added to
+    something would silently become another number."""
+    for spec, arr in zip(entry.inputs, arrays):
+        if spec.name in names and arr.size:
+            low, high = int(arr.min()), int(arr.max())
+            if max(-low, high) > _F32_EXACT:
+                bad = high if high > _F32_EXACT else low
+                raise ValueError(f"input '{spec.name}': {bad} is beyond 2**24 = {_F32_EXACT}; the model computes "
+                                 "on this integer input in float32, which would round it (use values of at most "
+                                 "2**24 in magnitude, or only index with them)")
 
 
 class _Entries(dict):
@@ -211,6 +244,7 @@ class Net:
         self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
                          if b is not None]
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
+        self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
@@ -235,7 +269,7 @@ class Net:
         with self._deferred_lock:
             if kind in self._entries or not self.meta["deferred"]:
                 return kind in self._entries
-            for part in list(self.meta["deferred"]):
+            for part in [p for p in self.meta["deferred"] if _part_wanted(p, kind)]:
                 meta, objects = self._compile_deferred(part)
                 self._module.add(objects)
                 self._add_entries(meta["entries"], self._module)
@@ -395,6 +429,8 @@ class Net:
         arrays, dims = self._bind(entry, given)
         if kind == "train" and self._batch_counts and check_batch:
             _check_batch_counts(self._batch_counts, dims)
+        if self._float_ints:
+            _check_exact_in_float32(self._float_ints, entry, arrays)
         if dims_out is not None:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
@@ -440,11 +476,20 @@ class Net:
         return float(outs["loss"]), grads
 
     def loss(self, **inputs) -> float:
-        """The loss of a batch, changing nothing: no update, and batch norm's
-        running statistics left as they were (its normalisation still uses the
-        batch's own statistics, as in training; a batch of one is allowed);
-        dropout is off (it would make a held-out loss random and too high).
-        What held-out evaluation reports; the gradient arena is overwritten."""
+        """The loss of a batch as the model is used, changing nothing: dropout
+        off (it would make a held-out loss random and too high), batch norm
+        normalising with its running statistics (as the forward entry does, so
+        the loss agrees with the predictions; a batch of one is fine), no
+        update. What held-out evaluation and early stopping's val_loss report.
+        A model without batch norm runs its training entry with dropout off
+        (the gradient arena is overwritten)."""
+        if self.meta.get("buffers"):        # batch norm: only the inference-form entry gives that loss
+            if self._entries.get("eval_loss") is None:
+                if "training" not in self.meta["parts"] + self.meta["deferred"]:
+                    raise TypeError(self._missing_entry())
+                raise TypeError(f"model {self.name} has batch normalisation and this library has no held-out "
+                                "loss entry (eval_loss): compile it again with all its parts (structc compile -o)")
+            return float(self._run("eval_loss", inputs, 0)[0]["loss"])
         saved: dict[str, np.ndarray] = {}
 
         def keep():

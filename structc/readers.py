@@ -259,16 +259,16 @@ def read_treebank(path: str | Path, split: float | None = None):
     from .forest import Vocab
     from .treedata import TreeDataset
     path = Path(path)
-    vocab, lines, roots = _GrowingVocab(), [], []
-    for _, text, forest in checked_trees(path, vocab):
-        lines.append(text)
+    vocab, forests, roots = _GrowingVocab(), [], []
+    for _, _, forest in checked_trees(path, vocab):      # parsed once: the data set keeps these
+        forests.append(forest)
         roots.append(int(forest.root_labels[0]))
-    if not lines:
+    if not forests:
         raise ReadError(path, "no trees in the file")
     roots, split = np.array(roots), _fraction(split)
     train, test = checked_split(path, roots, split, "trees")
-    data = TreeDataset(path.stem, [lines[i] for i in train], [lines[i] for i in test], Vocab(vocab))
-    data.description = (f"{path}: {len(lines)} trees ({_split_words(len(train), len(test), 'trees', split)}), "
+    data = TreeDataset(path.stem, [forests[i] for i in train], [forests[i] for i in test], Vocab(vocab))
+    data.description = (f"{path}: {len(forests)} trees ({_split_words(len(train), len(test), 'trees', split)}), "
                         f"{len(vocab)} words, {class_counts(roots)} at the roots")
     return data
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .model import BatchTooSmall
+
 
 @dataclass
 class TrainConfig:
@@ -45,12 +47,16 @@ class History:
     rng_state: dict | None = None     # the shuffling generator after the last epoch
     best_epoch: int | None = None     # with early stopping: the epoch whose parameters the model keeps
     stop_reason: str = ""             # why training ended before cfg.epochs ("" when it did not)
+    stopper: "EarlyStopping | None" = None   # early stopping's state at the end (saved with a checkpoint)
+    last_params: dict | None = None   # the last epoch's parameters when the model keeps another's (to resume)
 
     @property
     def final(self) -> dict:
-        """The metrics of the parameters the model ends with: the best epoch's with early stopping."""
+        """The metrics of the parameters the model ends with: the best epoch's with early stopping
+        (an epoch of the run a resumed one continues, when no later epoch was better)."""
         if self.best_epoch is not None:
-            return next(m for m in self.epochs if m["epoch"] == self.best_epoch)
+            found = next((m for m in self.epochs if m["epoch"] == self.best_epoch), None)
+            return found if found is not None else dict(self.stopper.best_metrics or {})
         return self.epochs[-1] if self.epochs else {}
 
     @property
@@ -186,7 +192,9 @@ class EarlyStopping:
         self.patience, self.monitor = patience, monitor
         self.key, self.higher = MONITORS[monitor]
         self.best_epoch, self.best_value, self.best_params = None, None, None
+        self.best_metrics: dict | None = None
         self.waited = 0                     # epochs since the best one
+        self.stopped = False                # patience ran out
 
     def should_stop(self, net, metrics: dict) -> bool:
         """Record `metrics`' epoch (a copy of the parameters if it is the best yet); True when
@@ -198,11 +206,26 @@ class EarlyStopping:
         better = self.best_value is None or (value > self.best_value if self.higher else value < self.best_value)
         if better and np.isfinite(value):
             self.best_epoch, self.best_value, self.waited = epoch, value, 0
+            self.best_metrics = dict(metrics)
             with net._lock:
                 self.best_params = {name: np.array(v) for name, v in net.params.items()}
         else:
             self.waited += 1
-        return self.waited >= self.patience
+        self.stopped = self.waited >= self.patience
+        return self.stopped
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (JSON; the best parameters are the saved ones)."""
+        return {"patience": self.patience, "monitor": self.monitor, "best_epoch": self.best_epoch,
+                "best_value": None if self.best_value is None else float(self.best_value),
+                "waited": self.waited, "stopped": self.stopped, "best_metrics": self.best_metrics}
+
+    def resume(self, saved: dict, best_params: dict | None) -> None:
+        """Continue from a checkpoint's `state()`: the best value, its epoch and parameters,
+        and the epochs waited since (a run that had stopped gets a fresh patience)."""
+        self.best_epoch, self.best_value = saved["best_epoch"], saved["best_value"]
+        self.best_metrics, self.best_params = saved.get("best_metrics"), best_params
+        self.waited = 0 if saved.get("stopped") else int(saved["waited"])
 
     def restore(self, net) -> None:
         """Put the best epoch's parameters back into `net`."""
@@ -213,24 +236,35 @@ class EarlyStopping:
 
 
 def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | None = None,
-          on_epoch=None) -> History:
+          on_epoch=None, stopper: EarlyStopping | None = None) -> History:
     """Train `net` on `data` (a bound data set) for epochs `cfg.first_epoch`..`cfg.epochs`;
-    returns per-epoch metrics. `rng` (shuffling) continues a resumed run's generator;
-    `on_epoch(metrics)` is called as each epoch ends (the metrics log)."""
+    returns per-epoch metrics. `rng` (shuffling) continues a resumed run's generator,
+    `stopper` its early stopping (`resume_early_stopping`); `on_epoch(metrics)` is called
+    as each epoch ends (the metrics log)."""
     configure(net, cfg)
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     history = History()
     data, check = _with_validation(data, cfg, log)
-    stopper = EarlyStopping(cfg.early_stop, cfg.monitor) if cfg.early_stop else None
+    if stopper is None and cfg.early_stop:
+        stopper = EarlyStopping(cfg.early_stop, cfg.monitor)
     bars = show_bars(cfg)
     start = time.perf_counter()
+    skipped, last_refusal = 0, None     # batches batch norm could not train on (said once)
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         total, count = 0.0, 0
         bar = tqdm(data.batches(cfg.batch, rng), total=data.batch_count(cfg.batch), leave=False,
                    disable=not bars, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    file=sys.stderr, dynamic_ncols=True)
         for feed in bar:
-            loss = net.train_step(lr=cfg.lr, **feed)
+            try:
+                loss = net.train_step(lr=cfg.lr, **feed)
+            except BatchTooSmall as e:      # e.g. the last batch when N % batch == 1; nothing was changed
+                if not skipped:
+                    log(f"epoch {epoch}: skipping a batch that batch normalisation cannot train on ({e}); "
+                        "every such batch is skipped (said once)")
+                skipped += 1
+                last_refusal = e
+                continue
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss
@@ -238,6 +272,8 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
             if count % 10 == 0:
                 bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
+        if count == 0 and last_refusal is not None:     # nothing trained: not an epoch
+            raise last_refusal
         metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **{f"heldout_{k}": v for k, v in
                                                                           data.evaluate(net).items()}}
         if check is not None:
@@ -253,6 +289,10 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
             break
     history.rng_state = rng.bit_generator.state
     if stopper is not None:
+        history.stopper = stopper
+        if stopper.best_epoch is not None and stopper.best_epoch != history.last_epoch:
+            with net._lock:      # where training stands, for a resumed run to continue from
+                history.last_params = {name: np.array(v) for name, v in net.params.items()}
         _keep_best(net, stopper, history, cfg, log)
     return history
 
@@ -306,16 +346,20 @@ def optimizer_state_restorable(net) -> bool:
 
 
 def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str,
-               kept_epoch: int | None = None) -> None:
+               kept_epoch: int | None = None, history: History | None = None) -> None:
     """Write what `load_state` needs to continue after `epoch`; `kept_epoch`: the epoch whose
-    parameters were kept instead of the last's (early stopping)."""
+    parameters were kept instead of the last's (early stopping), whose state (patience, best
+    value) and last epoch's parameters come from `history`."""
     arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
                                              "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
                                              "clip_norm": cfg.clip_norm, "schedule": cfg.schedule,
                                              "val_split": cfg.val_split, "kept_epoch": kept_epoch,
-                                             "rng": rng_state}))}
+                                             "rng": rng_state, "early_stop": _stopper_state(history)},
+                                            default=float))}
+    if history is not None and history.last_params is not None:
+        arrays.update({f"last_params/{name}": v for name, v in history.last_params.items()})
     if optimizer_state_restorable(net):
         # Net has no public accessor for its optimizer arena yet; read it directly.
         arrays["optimizer_state"] = np.array(net._state_arena)
@@ -324,6 +368,36 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
         arrays["optimizer_options"] = np.array(json.dumps(getattr(net, "_opt", {})))
     with open(path, "wb") as f:          # an open file: numpy adds no second `.npz`
         np.savez(f, **arrays)
+
+
+def _stopper_state(history: History | None) -> dict | None:
+    return history.stopper.state() if history is not None and history.stopper is not None else None
+
+
+def resume_early_stopping(net, state: dict, cfg: TrainConfig) -> tuple[EarlyStopping | None, str]:
+    """The resumed run's early stopping, and a warning ("" when none): with the saved patience
+    count, best value and epoch (the parameters `net` holds, the kept ones, are the best), and
+    `net` put back to the last epoch's parameters to train on from there, so the run goes on
+    as an uninterrupted one would. A run that had stopped continues from the kept parameters."""
+    saved = state["config"].get("early_stop")
+    if not cfg.early_stop:
+        return None, ""
+    stopper = EarlyStopping(cfg.early_stop, cfg.monitor)
+    if saved is None or saved["monitor"] != cfg.monitor or saved["best_epoch"] is None:
+        why = ("it did not stop early" if saved is None else f"it monitored {saved['monitor']}"
+               if saved["monitor"] != cfg.monitor else f"its {saved['monitor']} was never finite")
+        return stopper, f"early stopping starts afresh: {why}"
+    with net._lock:
+        best = {name: np.array(v) for name, v in net.params.items()}
+    stopper.resume(saved, best)
+    last = {k[len("last_params/"):]: v for k, v in state.items() if k.startswith("last_params/")}
+    if last and not saved.get("stopped"):
+        for name, value in last.items():
+            net.params[name] = value
+    warning = ""
+    if saved["patience"] != cfg.early_stop:
+        warning = f"--early-stop {cfg.early_stop} differs from the resumed run's {saved['patience']}"
+    return stopper, warning
 
 
 def load_state(path: str | Path) -> dict:

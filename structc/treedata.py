@@ -10,23 +10,34 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import operator
 from importlib.resources import files
 from typing import Iterator
 
 import numpy as np
 
-from .forest import Forest, Vocab
+from .forest import Forest, ForestPool, Vocab
 
 LOGIC_SHA256 = "6cb7350105b54f40403d9808915069a982caaf8d23caed0e402e7e7b36c107d1"
 LOGIC_WORDS = ["T", "F", "and", "or", "xor", "not"]
 
 
 class TreeDataset:
-    def __init__(self, name: str, train: list[str], test: list[str], vocab: dict, description: str = ""):
+    def __init__(self, name: str, train: list, test: list, vocab: dict, description: str = ""):
+        """`train`, `test`: bracketed trees, or `Forest`s already parsed with `vocab`'s ids."""
         self.name, self.vocab, self.description = name, vocab, description
-        self.train = [Forest.from_brackets(s, vocab) for s in train]
-        self.test = [Forest.from_brackets(s, vocab) for s in test]
+        self.train = [_parsed(t, vocab) for t in train]
+        self.test = [_parsed(t, vocab) for t in test]
         self.forest = self.root_target = self.node_target = self.output = None
+        self._pool: ForestPool | None = None
+
+    def pool(self) -> ForestPool:
+        """The training forests as a `ForestPool` (a batch is then a few gathers), built
+        once and again only when `train` no longer holds the same forests."""
+        pool = self._pool
+        if pool is None or len(pool) != len(self.train) or not all(map(operator.is_, pool.forests, self.train)):
+            pool = self._pool = ForestPool(self.train)
+        return pool
 
     def __len__(self) -> int:
         return len(self.train)
@@ -72,8 +83,10 @@ class TreeDataset:
 
     def batches(self, batch: int, rng: np.random.Generator) -> Iterator[dict]:
         order = rng.permutation(len(self.train))
-        for start in range(0, len(order), batch):
-            yield self.feed(Forest.concat([self.train[k] for k in order[start:start + batch]]))
+        pool = self.pool()
+        for first in range(0, len(order), 16 * batch):      # 16 batches' forests assembled in one pass
+            chunk = order[first:first + 16 * batch]
+            yield from map(self.feed, pool.take_many([chunk[at:at + batch] for at in range(0, len(chunk), batch)]))
 
     def batch_count(self, batch: int) -> int:
         return (len(self.train) + batch - 1) // batch
@@ -92,6 +105,10 @@ class TreeDataset:
         if self.output is not None:
             result["accuracy"] = correct / n
         return result
+
+
+def _parsed(tree, vocab) -> Forest:
+    return tree if isinstance(tree, Forest) else Forest.from_brackets(tree, vocab)
 
 
 def load_logic() -> TreeDataset:

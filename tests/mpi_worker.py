@@ -194,6 +194,18 @@ def main():
             for k, v in net.params.items():
                 results[f"{name}:{opt}:param:{k}"] = v.copy()
             results[f"{name}:{opt}:state"] = net._state_arena.copy()
+            # the same steps through train_steps (each next feed made while the sum is in flight)
+            for k, v in start.items():
+                net.params[k] = v
+            net.set_optimizer("sgd")
+            net.set_optimizer(opt, **options)
+            dp.broadcast_state()
+            made = []
+            losses = list(dp.train_steps((made.append(k) or feed for k, feed in enumerate(mine)), lr=0.05))
+            results[f"{name}:{opt}:steps:made"] = np.array(made + [len(losses)])
+            for k, v in net.params.items():
+                results[f"{name}:{opt}:steps:param:{k}"] = v.copy()
+            results[f"{name}:{opt}:steps:state"] = net._state_arena.copy()
             if rank == 0:
                 for k, v in start.items():
                     ref.params[k] = v

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import structc
-from structc.distributed import balance, split_dense
+from structc.distributed import balance, balance_batches, shard, shard_epoch, split_dense
 
 pytestmark = pytest.mark.slow   # launches processes or compiles many models: not in the fast subset
 
@@ -80,6 +80,21 @@ def test_ranks_stay_bitwise_equal(ranks, family, optimizer):
     for k in keys[:-1]:     # and they are the one-process steps on the whole batches
         want = r0[f"ref:{k}"]
         np.testing.assert_allclose(r0[k], want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=k)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_train_steps_is_train_step_after_train_step(ranks, family, optimizer):
+    """DataParallel.train_steps (the next feed made while the sum is in flight) gives the
+    parameters and optimizer state of the same train_step calls, bit for bit."""
+    r0, r1 = ranks
+    prefix = f"{family}:{optimizer}:"
+    keys = [k[len(prefix):] for k in r0 if k.startswith(prefix + "param:")] + ["state"]
+    for r in (r0, r1):
+        for k in keys:
+            assert np.array_equal(r[prefix + "steps:" + k], r[prefix + k]), k
+        made = r[prefix + "steps:made"]
+        assert made.tolist() == list(range(len(made) - 1)) + [len(made) - 1]     # every feed made once
 
 
 def test_each_rank_draws_dropout_masks_of_its_own(ranks):
@@ -200,6 +215,28 @@ def test_balance_gives_the_largest_first_to_the_least_loaded():
     # 50 -> 0, 45 -> 1, 44 -> 1 (45 < 50), 41 -> 0, 40 -> 1, 3 -> 0, 2 -> 0
     assert parts == [[0, 1, 2, 5], [3, 4, 6]] and loads == [96, 129]
     assert balance([], 2) == [[], []] and balance([1], 3) == [[0], [], []]
+
+
+def test_an_epoch_sharded_at_once_is_each_batch_sharded_alone():
+    """balance_batches / shard_epoch (all of an epoch's batches at once) give what
+    balance / shard give batch by batch, ties and a short last batch included."""
+    rng = np.random.default_rng(4)
+    for trial in range(40):
+        n, batch, size = int(rng.integers(1, 90)), int(rng.integers(1, 20)), int(rng.integers(1, 4))
+        costs = rng.integers(0, 5, size=n).astype(float) if trial % 2 else rng.random(n)
+        owner = balance_batches(costs, batch, size)
+        for at in range(0, n, batch):
+            for r, part in enumerate(balance(costs[at:at + batch], size)):
+                assert np.flatnonzero(owner[at:at + batch] == r).tolist() == part
+        order = rng.permutation(n) + 7                       # item ids, not positions
+        by_id = np.zeros(n + 7)
+        by_id[order] = costs
+        for rank in range(size):
+            dp = type("DP", (), {"rank": rank, "size": size, "shard_items": lambda self, c: balance(c, size)[rank]})()
+            for cost_table in (by_id, None):
+                whole = shard_epoch(dp, order, batch, cost_table)
+                alone = [shard(dp, order[at:at + batch], cost_table) for at in range(0, n, batch)]
+                assert len(whole) == len(alone) and all(np.array_equal(a, b) for a, b in zip(whole, alone))
 
 
 @pytest.mark.parametrize("example, want", [

@@ -376,3 +376,40 @@ def test_the_held_out_loss_has_no_dropout():
     assert net.loss(x=x, y=y) == pytest.approx(expected, rel=1e-5)
     with_dropout, _ = net.grad(x=x, y=y)
     assert with_dropout != pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.slow    # links a shared library and a C program
+@pytest.mark.skipif(__import__("shutil").which("cc") is None and __import__("shutil").which("gcc") is None,
+                    reason="no C compiler to link a shared library and the C driver")
+def test_a_c_caller_of_the_shipped_library_gets_new_masks_each_call(tmp_path):
+    """C callers leave hyper's dropout slots zero (tests/c/dropout_driver.c): the
+    library's sc_train keys dropout from the export seed and counts its calls, so
+    each call draws new masks, the same as `Net.grad` in Python with that seed, and
+    sc_set_dropout_step replays a step. (Before, the zero step turned dropout off.)"""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from structc import ship
+    from structc.api import compile_artifact
+    root = Path(__file__).parent.parent
+    example = root / "examples" / "digits_dropout.snet"
+    net = structc.compile(example, seed=3)        # parameters of seed 3; dropout keyed by seed 0, as exported
+    net.set_seed(0)
+    ship.write_shared_library(compile_artifact(example.read_text(), str(example), jit=False), tmp_path / "d.so",
+                              header=str(tmp_path / "d.h"), params=dict(net.params))
+    assert "sc_set_dropout_step" in (tmp_path / "d.h").read_text()
+    cc = shutil.which("cc") or shutil.which("gcc")
+    subprocess.run([cc, "-O1", "-std=c11", "-include", str(tmp_path / "d.h"), str(root / "tests" / "c" /
+                    "dropout_driver.c"), str(tmp_path / "d.so"), "-o", str(tmp_path / "driver"),
+                    f"-Wl,-rpath,{tmp_path}"], check=True)
+    out = subprocess.run([str(tmp_path / "driver")], capture_output=True, text=True, check=True).stdout.split("\n")
+    c_losses = [np.float32(line.split()[1]) for line in out if line.startswith("loss ")]
+    i = np.arange(5 * 64)
+    x = (((i * 37) % 17) / 16.0).astype(np.float32).reshape(5, 64)
+    y = (np.arange(5) % 10).astype(np.int32)
+    py_losses = [np.float32(net.grad(x=x, y=y)[0]) for _ in range(3)]
+    assert c_losses == py_losses and len(set(c_losses)) == 3       # a new mask each call, as in Python
+    assert "steps 3" in out and f"again {out[1].split()[1]}" in out
+    shipped = ship.load(tmp_path / "d.so")          # Python on the library: the raw entry, its own slots
+    assert [np.float32(shipped.grad(x=x, y=y)[0]) for _ in range(3)] == py_losses

@@ -158,3 +158,34 @@ def test_measuring_does_not_change_batch_norms_running_statistics():
             net.train_step(lr=0.1, **feed)
     for k, v in trained.items():
         np.testing.assert_array_equal(net.params[k], v)
+
+
+@pytest.mark.slow     # three short training runs: about 4 s
+def test_a_resumed_run_stops_where_an_uninterrupted_one_does(noise, capsys):
+    """Interrupted after the best epoch but before the patience ran out, then resumed:
+    the same stop epoch, the same kept epoch and bitwise the same saved parameters as one
+    uninterrupted run (the patience count, the best value and the last epoch's parameters,
+    which training continues from, survive the checkpoint)."""
+    common = [str(noise / "noise.snet"), "--data", str(noise / "noise.npz"), "--lr", "0.5", "--no-progress"]
+    whole, part = noise / "whole.npz", noise / "part.npz"
+    assert main(["train", *common, "--epochs", "30", "--val-split", "0.2", "--early-stop", "3",
+                 "--out", str(whole)]) == 0
+    straight = capsys.readouterr().out
+    records = read_metrics(noise / "whole.metrics.jsonl")
+    best = int(np.argmin([r["val_loss"] for r in records])) + 1
+    assert len(records) == best + 3 < 30
+    assert main(["train", *common, "--epochs", str(best + 2), "--val-split", "0.2", "--early-stop", "3",
+                 "--out", str(part)]) == 0          # ended one epoch before the stop, keeping epoch `best`
+    capsys.readouterr()
+    assert main(["train", *common, "--epochs", "30", "--resume", str(part)]) == 0
+    resumed = capsys.readouterr().out
+    tail = (f"early stopping: stopped after epoch {best + 3}: val_loss has not improved for 3 epochs since "
+            f"epoch {best}; keeping epoch {best}'s parameters")
+    assert tail in straight and tail in resumed
+    final = [out.strip().splitlines()[-1].split(";")[-1] for out in (straight, resumed)]
+    assert final[0] == final[1] and "held-out accuracy" in final[0]       # the kept epoch's metrics
+    assert [r["epoch"] for r in read_metrics(noise / "part.metrics.jsonl")] == list(range(1, best + 4))
+    with np.load(whole) as a, np.load(part) as b:
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -50,3 +50,21 @@ def test_float_kernels_refuse_integer_operands(expr):
     with pytest.raises(structc.SnetError, match=r"needs float operands, and \w+ is i32\[N, 4\]") as info:
         run(expr)
     assert info.value.span.line == 3
+
+
+def test_integers_beyond_2_24_are_refused_where_float32_arithmetic_would_round_them():
+    """`k + 0` of 2**24 + 1 would silently be 2**24 in float32: refused at the call, naming
+    the input. 2**24 itself is exact and passes; moving integers (no arithmetic) and
+    indexing with them stay exact at any size and are not checked."""
+    net = structc.compile("model M {\n  input k: i32[N, 2]\n  output s = k + 0\n}", cache=False)
+    assert net.meta["float_arithmetic_inputs"] == ["k"]
+    np.testing.assert_array_equal(net(k=np.array([[2**24, -2**24]], np.int32)), [[2.0**24, -2.0**24]])
+    for bad in (2**24 + 1, -2**24 - 1):
+        with pytest.raises(ValueError, match=rf"input 'k': {bad} is beyond 2\*\*24"):
+            net(k=np.array([[1, bad]], np.int32))
+    moved = structc.compile("model M {\n  input k: i32[N, 2]\n  output s = concat(k, k)\n}", cache=False)
+    assert moved.meta["float_arithmetic_inputs"] == []
+    assert moved(k=np.array([[2**30 + 1, 0]], np.int32))[0, 0] == 2**30 + 1
+    indexed = structc.compile("model E {\n  input k: i32[N]\n  param E: embedding(5, 2)\n  output s = E[k]\n}",
+                              cache=False)
+    assert indexed.meta["float_arithmetic_inputs"] == []

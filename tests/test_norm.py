@@ -226,6 +226,34 @@ def test_batch_norm_refuses_training_on_one_value_per_channel(rng):
     assert net(x=x).shape == (1, 3)      # inference on one example is fine
 
 
+@pytest.mark.slow     # compiles and trains (or links a library): about 3 s
+def test_the_epoch_loop_skips_a_last_batch_of_one_and_says_so_once(rng):
+    """33 examples in batches of 8: each epoch's last batch holds one example, which
+    batch norm cannot train on; the loop skips it (saying so once) instead of
+    stopping mid-epoch, and ends where training on the first 32 alone ends."""
+    from structc import datasets
+    from structc.train import TrainConfig, train
+    x = rng.normal(size=(33, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 33).astype(np.int32)
+    net = structc.compile(BN_DENSE)
+    data = datasets.ArrayDataset("d", x, y, x[:4], y[:4]).bind(net)
+    lines = []
+    history = train(net, data, TrainConfig(epochs=2, batch=8, progress=False), log=lines.append)
+    skips = [line for line in lines if "skipping a batch that batch normalisation cannot train on" in line]
+    assert len(skips) == 1 and skips[0].startswith("epoch 1:") and len(history.epochs) == 2
+    alone = structc.compile(BN_DENSE)          # the same run by hand, without the lone examples
+    shuffle = np.random.default_rng(0)
+    alone.set_optimizer("sgd")
+    for _ in range(2):
+        for feed in data.batches(8, shuffle):
+            if len(feed["y"]) > 1:
+                alone.train_step(lr=0.1, **feed)
+    for name in net.params:
+        np.testing.assert_array_equal(net.params[name], alone.params[name], err_msg=name)
+    with pytest.raises(ValueError, match="a batch of one"):       # nothing left to train on: refused
+        train(net, data, TrainConfig(epochs=1, batch=1, progress=False), log=lines.append)
+
+
 def test_evaluation_leaves_the_running_statistics_alone(rng):
     """Held-out evaluation (`Net.loss`, which every data set's `evaluate` uses)
     once ran the training call: it moved the running statistics towards the
@@ -236,12 +264,47 @@ def test_evaluation_leaves_the_running_statistics_alone(rng):
     before = {n: net.params[n].copy() for n in ("bn1.mean", "bn1.var")}
     loss = net.loss(x=x[:1] + 5, y=y[:1])
     assert np.isfinite(loss)
-    assert net.loss(x=x, y=y) == net.grad(x=x, y=y)[0]      # the same loss as a training call ...
-    for name in before:                                     # ... which moved the statistics; put them back
-        net.params[name][...] = before[name]
     net.loss(x=x + 5, y=y)
     for name, value in before.items():
         np.testing.assert_array_equal(net.params[name], value)
+
+
+def _cross_entropy(logits, y):
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    return -logp[np.arange(len(y)), y].mean()
+
+
+def test_held_out_loss_uses_the_running_statistics(rng):
+    """`Net.loss` (held-out loss, val_loss, what early stopping picks an epoch by) is
+    the loss of the model as used: batch norm with its running statistics, like the
+    forward entry's predictions, not with the evaluated batch's own statistics."""
+    net = structc.compile(BN_DENSE)
+    x, y = rng.normal(size=(8, 6)).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32)
+    for _ in range(3):
+        net.train_step(lr=0.1, x=x, y=y)
+    xs = x * 2 + 1          # far from the running statistics: the two forms differ a lot
+    h = xs @ net.params["dense1.w"] + net.params["dense1.b"]
+    hn = np.maximum(_bn_numpy(h, net.params["bn1.g"], net.params["bn1.b"], net.params["bn1.mean"],
+                              net.params["bn1.var"], 1e-5), 0)
+    want = _cross_entropy(hn @ net.params["dense2.w"] + net.params["dense2.b"], y)
+    assert net.loss(x=xs, y=y) == pytest.approx(want, rel=1e-5)
+    probs = net(x=xs)
+    assert net.loss(x=xs, y=y) == pytest.approx(-np.log(probs[np.arange(8), y]).mean(), rel=1e-5)
+    assert net.loss(x=xs[:1], y=y[:1]) == pytest.approx(-np.log(probs[0, y[0]]), rel=1e-5)   # a batch of one
+
+
+@pytest.mark.slow     # compiles and trains (or links a library): about 3 s
+def test_batch_norm_library_without_the_loss_entry_refuses_loss(rng, tmp_path):
+    """A library built from the eager parts only (no eval_loss entry) refuses
+    `loss` rather than answering with the batch's own statistics."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    from structc import api
+    ship.write_shared_library(api.compile_artifact(BN_DENSE, jit=False), tmp_path / "bd.so")
+    lib = ship.load(tmp_path / "bd.so")
+    with pytest.raises(TypeError, match="no held-out loss entry"):
+        lib.loss(x=np.zeros((2, 6), np.float32), y=np.zeros(2, np.int32))
 
 
 def test_batch_norm_options_are_checked():
@@ -318,6 +381,8 @@ def test_shipped_library_keeps_running_statistics(rng, tmp_path):
     shipped = ship.load(tmp_path / "bc.so")
     np.testing.assert_array_equal(shipped.params["bn1.var"], net.params["bn1.var"])
     np.testing.assert_array_equal(shipped(x=x), net(x=x))
+    y = rng.integers(0, 5, 4).astype(np.int32)
+    assert shipped.loss(x=x, y=y) == net.loss(x=x, y=y)     # the library holds the held-out loss entry
 
 
 @pytest.mark.slow

@@ -31,6 +31,28 @@ def test_treebank_reads_every_tree_with_every_node_label():
     assert "48 trees" in data.description and "2 classes (1: 24, 3: 24) at the roots" in data.description
 
 
+def test_treebank_parses_each_tree_once(monkeypatch):
+    """`read_treebank` keeps the forests it checked (it used to parse every tree again):
+    one parse a line, and the same forests as parsing each line anew with its vocabulary."""
+    from structc.forest import Forest
+    lines = [ln for ln in (DATA / "treebank.txt").read_text().splitlines() if ln.strip()]
+    calls = []
+    parse = Forest.from_brackets.__func__
+    monkeypatch.setattr(Forest, "from_brackets", classmethod(lambda cls, *a, **k: calls.append(1) or
+                                                                parse(cls, *a, **k)))
+    data = readers.read_treebank(DATA / "treebank.txt")
+    assert len(calls) == len(lines) == 48
+    monkeypatch.undo()
+    fresh = {ln: Forest.from_brackets(ln, data.vocab) for ln in lines}
+    by_words = {tuple(f.words.tolist()) + tuple(f.labels.tolist()): f for f in fresh.values()}
+    for forest in data.train + data.test:
+        twin = by_words[tuple(forest.words.tolist()) + tuple(forest.labels.tolist())]
+        mine, theirs = forest.__reduce__()[1][0], twin.__reduce__()[1][0]      # every stored field
+        assert mine.keys() == theirs.keys()
+        for name, value in mine.items():
+            np.testing.assert_array_equal(value, theirs[name], err_msg=name)
+
+
 def test_treebank_bad_bracket_names_file_and_line():
     with pytest.raises(ReadError, match=r"bad_bracket\.txt:2: unbalanced brackets"):
         readers.read(DATA / "bad_bracket.txt")

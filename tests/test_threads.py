@@ -111,3 +111,153 @@ def test_load_params_does_not_tear_a_concurrent_call(tmp_path):
 def _restore_threads():
     yield
     structc.set_num_threads(2)
+
+
+# -- the thread pool's decisions: 2 threads give 1 thread's results --------------------
+
+from structc import _runtime  # noqa: E402
+
+WIDE = """
+model W {
+  input  x: f32[N, 256]
+  target y: class[N] of 10
+  loss cross_entropy(dense(dense(x, 256) |> relu, 10), y)
+}
+"""
+
+
+def wide_batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 256)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def steps(net, threads, inputs, count=3):
+    """Losses and parameters after `count` SGD steps from seed 0's weights, at `threads`."""
+    structc.set_num_threads(threads)
+    net.init_params(0)
+    losses = [net.train_step(**inputs, lr=0.05) for _ in range(count)]
+    return losses, {name: view.copy() for name, view in net.params.items()}
+
+
+def handed_off(fn):
+    """fn's result and the jobs it handed to the thread pool."""
+    before = _runtime.handoffs()
+    out = fn()
+    return out, _runtime.handoffs() - before
+
+
+def test_two_threads_match_one_bitwise():
+    """Each task computes the same elements in the same order whichever thread
+    runs it, so the thread count changes nothing, to the bit."""
+    net = structc.compile(WIDE, seed=0)
+    x, y = wide_batch(512)
+    one = steps(net, 1, {"x": x, "y": y})
+    two, jobs = handed_off(lambda: steps(net, 2, {"x": x, "y": y}))
+    assert jobs > 0, "the step never used the pool: this test would check nothing"
+    assert one[0] == two[0]
+    for name in one[1]:
+        np.testing.assert_array_equal(one[1][name], two[1][name], err_msg=name)
+
+
+def test_batch_one_forward_is_a_straight_call():
+    """A small model's batch-1 forward runs every kernel on the caller: no job
+    is handed to the pool (the matmul's work is its rows', not a full tile's)."""
+    structc.set_num_threads(2)
+    net = structc.compile(WIDE, seed=0)
+    x1 = wide_batch(1)[0]
+    net(x=x1)
+    _, jobs = handed_off(lambda: [net(x=x1) for _ in range(20)])
+    assert jobs == 0
+    _, jobs = handed_off(lambda: net(x=wide_batch(512)[0]))
+    assert jobs > 0                                 # a big batch still uses the second core
+
+
+def test_pool_survives_many_short_calls():
+    """Thousands of calls alternating pooled and straight ones keep giving the same answer."""
+    structc.set_num_threads(2)
+    net = structc.compile(WIDE, seed=0)
+    small, big = wide_batch(1)[0], wide_batch(512)[0]
+    want_small, want_big = net(x=small), net(x=big)
+    _, jobs = handed_off(lambda: [np.testing.assert_array_equal(net(x=small), want_small) or
+                                  np.testing.assert_array_equal(net(x=big), want_big) for _ in range(300)])
+    assert jobs >= 300
+
+
+def test_pooled_calls_from_several_python_threads():
+    """Python threads, one Net each, calls big enough to use the pool: each
+    gets what it gets alone (a call finding the pool busy runs on its caller)."""
+    count = 3
+    data = [{"x": x, "y": y} for x, y in (wide_batch(512, seed=s) for s in range(count))]
+    nets = [structc.compile(WIDE, seed=0) for _ in range(count)]
+    expected = [steps(nets[k], 2, data[k], count=10) for k in range(count)]
+    got = [None] * count
+    start = threading.Barrier(count)
+
+    def worker(k):
+        start.wait()
+        nets[k].init_params(0)
+        got[k] = [nets[k].train_step(**data[k], lr=0.05) for _ in range(10)]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(count)]
+
+    def run_all():
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    _, jobs = handed_off(run_all)
+    assert jobs > 0
+    for k in range(count):
+        assert got[k] == expected[k][0]
+        for name, value in expected[k][1].items():
+            np.testing.assert_array_equal(nets[k].params[name], value)
+
+
+def test_pool_works_in_a_forked_child():
+    """A child forked after the pool ran has none of its parent's workers:
+    the runtime starts its own there (without the fork handler it would count
+    the parent's, which do not exist in the child, and never use a second core)."""
+    import os
+    structc.set_num_threads(2)
+    net = structc.compile(WIDE, seed=0)
+    x, y = wide_batch(512)
+    want = steps(net, 2, {"x": x, "y": y})
+    assert _runtime.pool_workers() >= 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: report, never return into pytest
+        code = 1
+        try:
+            fresh = _runtime.pool_workers() == 0
+            got = steps(net, 2, {"x": x, "y": y})
+            same = got[0] == want[0] and all(np.array_equal(got[1][n], want[1][n]) for n in want[1])
+            code = 0 if fresh and same and _runtime.pool_workers() >= 1 else 2 + fresh + 2 * same
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    status = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert status == bytes([0]), f"child reported {status!r} (2 + fresh workers + 2 * same result)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lenet", "conv", "gnn", "gat", "trees"])
+def test_benchmark_families_match_at_two_threads(family):
+    """Every benchmark family's training step (its own model and inputs): the
+    same losses and weights at 2 threads as at 1, to the bit, with jobs
+    actually handed to the pool (each destination's sources are summed in
+    their CSR order whichever thread owns the destination)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from profile_kernels import workload
+    source, inputs = workload(family)
+    net = structc.compile(source, seed=0)
+    one = steps(net, 1, inputs, count=2)
+    two, jobs = handed_off(lambda: steps(net, 2, inputs, count=2))
+    assert jobs > 0
+    assert one[0] == two[0]
+    for name in one[1]:
+        np.testing.assert_array_equal(one[1][name], two[1][name], err_msg=name)

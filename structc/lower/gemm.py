@@ -51,8 +51,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     def tasks(cg):
         return cg.imul(cg.ceil_div(N(cg), nr), cg.ceil_div(M(cg), MB))
 
-    def cost(cg):
-        return cg.imul(K(cg), 2 * MB * nr)
+    def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1)
+        return cg.imul(cg.imul(K(cg), cg.imin(M(cg), cg.i64(MB))), 2 * nr)
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles

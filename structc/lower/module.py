@@ -28,6 +28,9 @@ from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 
 #: what `*_workspace` returns when the size for the given dims overflows int64
 WORKSPACE_OVERFLOW = -1
+#: the cost of a kernel that calls other entry points (a recursion's levels):
+#: its entry never runs as a whole on the caller; the inner entries decide for themselves
+NESTED_WORK = 1 << 40
 KERNEL_TYPE = ir.FunctionType(VOID, [PTR, I64, I64])
 ENTRY_ARGS = [PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64]
 ARENAS = ("params", "grads", "state")
@@ -96,6 +99,7 @@ class KernelBuilder:
         self.shared = shared        # kernel body text -> function, across entry points
         self.export = export        # kernels visible to other modules of the model (hidden), not internal
         self._names: set[str] = set()
+        self.work = entry.i64(0)    # sum of the kernels' tasks x cost, computed in the entry block
 
     def _here(self, fn: ir.Function) -> ir.Function:
         """`fn`, or when another module defines it (and exports it: the forward
@@ -139,6 +143,21 @@ class KernelBuilder:
         c = cost(e) if callable(cost) else e.i64(cost)
         par = e.declare("sc_parallel_for", VOID, [PTR, PTR, I64, I64])
         e.b.call(par, [fn, e.frame, n, c])
+        self._count_work(tasks, cost)
+
+    def _count_work(self, tasks, cost) -> None:
+        """Add this kernel's tasks x cost to `work`, in the entry block (before
+        any kernel runs). Every kernel call of an entry is unconditional, so
+        this computes nothing the body would not. Each term is clamped to 2^40
+        so that the sum cannot wrap."""
+        setup = CG.__new__(CG)
+        setup.__dict__.update(self.entry.__dict__)
+        setup.b = self.entry.eb
+        n = tasks(setup) if callable(tasks) else setup.i64(tasks)
+        c = cost(setup) if callable(cost) else setup.i64(cost)
+        cap = setup.i64(1 << 31)
+        term = setup.imin(setup.imul(setup.imin(n, cap), setup.imin(c, cap)), setup.i64(1 << 40))
+        self.work = setup.iadd(self.work, term)
 
 
 class _Wrapping:
@@ -244,6 +263,11 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
     kb = KernelBuilder(module, graph, layout, cg, target, name, shared, export)
     for group in graph.groups:
         lower_group(kb, graph, group)
+    # A small entry (its kernels' work summed) runs every kernel on the caller.
+    begin = cg.declare("sc_entry_begin", I32, [I64])
+    end = cg.declare("sc_entry_end", VOID, [I32])
+    outer = cg.eb.call(begin, [kb.work])         # last in the entry block: before any kernel
+    cg.b.call(end, [outer])
     cg.b.ret(ir.Constant(I32, 0))
     cg.finish()
 

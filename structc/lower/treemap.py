@@ -32,6 +32,7 @@ from ..ops.loss import _each_vector
 from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
+from .module import NESTED_WORK
 
 
 # -- row helpers (also used by the embedding ops) -------------------------------
@@ -204,7 +205,7 @@ def lower_tree_map(kb, node) -> None:
     assert all(v.id in kb.layout.buffers for v in values), "a kept block without memory"
     program = values[0].attrs["keep"] if values else node.attrs["fwd"]
     entry = body_entry(kb, program)
-    with kb.kernel(f"treemap{node.id}", 1, cost=1) as (cg, lo, hi):
+    with kb.kernel(f"treemap{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
         b = cg.b
         nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
         H, ch, le = cg.ptr(node.id), cg.ptr(children), cg.ptr(level_end)
@@ -248,7 +249,7 @@ def lower_tree_map_grad(kb, node) -> None:
     levels_d = g.nodes[level_end].shape[0]
     trees_d = g.nodes[roots].shape[0]
     par_fixed = e_par[2].fixed_floats
-    with kb.kernel(f"treemapgrad{node.id}", 1, cost=1) as (cg, lo, hi):
+    with kb.kernel(f"treemapgrad{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
         b = cg.b
         nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
         H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)

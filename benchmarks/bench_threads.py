@@ -1,0 +1,120 @@
+"""Every benchmark workload's training step at 1 and 2 threads, and the speed-up.
+
+    python benchmarks/bench_threads.py                      # all workloads, 5 rounds
+    python benchmarks/bench_threads.py --rounds 3 --workloads lenet,gnn --steps 50
+    python benchmarks/bench_threads.py --before ../base-venv/bin/python   # another checkout too
+
+Workloads are `profile_kernels.py`'s (the benchmarks' own models and inputs):
+mlp (784-256-128-10, batch 64), lenet (LeNet-5, batch 64), conv (the conv step),
+gnn (3-layer GNN, 2000 nodes), trees (32 trees), gat (2-layer GAT); plus
+`mlp_infer1` and `lenet_infer1`: the forward call at batch 1 (the whole Python call).
+
+Each (workload, threads) runs in a fresh process; rounds interleave the thread
+counts (and, with --before PYTHON, an interpreter with another checkout of
+structc installed: before/after in one run), so all see the same load. A round times --steps steps after a
+warm-up; the number is the median over rounds of per-round medians. The load
+average is printed before and after: on a shared machine the ratio measured in
+one run is what to read.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = ["mlp", "lenet", "conv", "gnn", "trees", "gat", "mlp_infer1", "lenet_infer1"]
+
+
+def step_fn(name: str):
+    """A no-argument function running one step of the workload."""
+    import numpy as np
+
+    import structc
+    sys.path.insert(0, str(HERE))
+    from profile_kernels import workload
+    base = name.removesuffix("_infer1")
+    source, inputs = workload(base)
+    net = structc.compile(source, seed=0)
+    if name.endswith("_infer1"):
+        x = np.ascontiguousarray(inputs["x"][:1])
+        return lambda: net(x=x)
+    return lambda: net.train_step(**inputs, lr=0.01)
+
+
+def worker(name: str, threads: int, steps: int, rounds: int) -> list[float]:
+    """Per-round medians (seconds per step) of `rounds` rounds, in this process."""
+    import structc
+    structc.set_num_threads(threads)
+    step = step_fn(name)
+    for _ in range(max(5, steps // 5)):
+        step()
+    medians = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        medians.append(statistics.median(times))
+    return medians
+
+
+def run_worker(name: str, threads: int, steps: int, python: str = sys.executable) -> float:
+    # one compile cache per interpreter: two checkouts never share compiled code
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"structc-bench-threads-{hashlib.sha1(python.encode()).hexdigest()[:12]}"
+    env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), STRUCTC_CACHE_DIR=str(cache))
+    out = subprocess.run([python, __file__, "--worker", name, "--threads-one", str(threads),
+                          "--steps", str(steps)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])[0]
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=None, help="steps per round (default: per workload)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--json", help="also write the medians here")
+    ap.add_argument("--before", metavar="PYTHON", help="also time this interpreter's structc (another checkout)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--threads-one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.threads_one, args.steps, 1)))
+        return 0
+    default_steps = {"gnn": 40, "gat": 20, "conv": 20, "trees": 60, "lenet": 100, "mlp": 200,
+                     "mlp_infer1": 2000, "lenet_infer1": 2000}
+    names = args.workloads.split(",")
+    sides = {"after": sys.executable} if not args.before else {"before": args.before, "after": sys.executable}
+    print(f"load average before: {load()}  (cpus: {os.cpu_count()})")
+    results = {}
+    for name in names:
+        steps = args.steps or default_steps[name]
+        times = {(side, t): [] for side in sides for t in (1, 2)}
+        for _ in range(args.rounds):
+            for side, python in sides.items():
+                for threads in (1, 2):
+                    times[side, threads].append(run_worker(name, threads, steps, python))
+        for side in sides:
+            one, two = statistics.median(times[side, 1]), statistics.median(times[side, 2])
+            results[f"{name} {side}"] = {"1": one, "2": two, "speedup": one / two}
+            print(f"{name:13s} {side:6s} 1 thread {one * 1e3:9.4f} ms   2 threads {two * 1e3:9.4f} ms   "
+                  f"speed-up {one / two:5.2f}x", flush=True)
+    print(f"load average after:  {load()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
