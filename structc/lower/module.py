@@ -23,7 +23,7 @@ from llvmlite import ir
 
 from ..graph import Graph
 from ..passes.plan import ALIGN, Plan
-from .codegen import CG, I32, I64, PTR, VOID
+from .codegen import CG, I32, I64, NO_UNROLL, PTR, VOID
 from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 
 #: what `*_workspace` returns when the size for the given dims overflows int64
@@ -126,7 +126,7 @@ class KernelBuilder:
         yield cg, fn.args[1], fn.args[2]
         cg.b.ret_void()
         cg.finish()
-        body = str(fn).replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
+        body = function_text(fn).replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
         found = self.shared.get(body)
         if found is not None and (found.module is self.module or found.linkage == "hidden"):
             del self.module.globals[full]
@@ -300,7 +300,7 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     `provided` (name -> text of another part's exported helpers, `helpers()`)
     drops the helpers defined there with the same text and calls those."""
     defined = [f for f in module.functions if f.blocks]
-    texts = {f.name: str(f) for f in defined}
+    texts = {f.name: function_text(f) for f in defined}
     min_chars = SPLIT_MIN_CHARS if min_chars is None else min_chars
     assert not module.get_identified_types() and all(isinstance(g, ir.Function) for g in module.globals.values())
     outside = {name: text for name, text in (provided or {}).items() if texts.get(name) == text}
@@ -348,14 +348,37 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             body = texts[name]
             text.append(_exported(body) if name in exported else body)
         text += [texts[h] for h in sorted(needed)]
-        out.append("\n".join(text))
+        out.append(_with_loop_ids("\n".join(text)))
     return out
+
+
+_LOOP_REF = re.compile(r"!llvm\.loop !\d+")
+_LOOP_MARK = "!llvm.loop !no_unroll"
+
+
+def function_text(fn: ir.Function) -> str:
+    """A function's LLVM IR text, the same whatever module it is in: its loop
+    metadata (`CG.loop(unroll=False)`, numbered per module) as one mark that
+    `_with_loop_ids` turns into metadata of the chunk's own."""
+    return _LOOP_REF.sub(_LOOP_MARK, str(fn))
+
+
+def _with_loop_ids(text: str) -> str:
+    """`text` with each loop's mark made a distinct, self-referential loop ID
+    that disables unrolling (what LLVM reads), the definitions appended."""
+    count = text.count(_LOOP_MARK)
+    if not count:
+        return text
+    ids = iter(range(1, count + 1))
+    text = re.sub(re.escape(_LOOP_MARK), lambda _: f"!llvm.loop !{next(ids)}", text)
+    defs = [f"!{k} = distinct !{{!{k}, !0}}" for k in range(1, count + 1)]
+    return "\n".join([text, f'!0 = !{{!"{NO_UNROLL}"}}', *defs, ""])
 
 
 def helpers(module: ir.Module) -> dict[str, str]:
     """name -> text of the module's internal functions that are not kernels
     (the matmul micro-kernels): what `split_module(export_helpers=True)` exports."""
-    return {f.name: str(f) for f in module.functions if f.blocks and f.linkage == "internal"}
+    return {f.name: function_text(f) for f in module.functions if f.blocks and f.linkage == "internal"}
 
 
 def _exported(definition: str) -> str:
