@@ -59,6 +59,7 @@ class CG:
         self.eb = ir.IRBuilder(self.entry)   # the one builder that appends to the entry block
         self.layout = frame_layout
         self.frame = frame
+        self.slots: LocalSlots | None = None     # a kernel's own frame (`LocalSlots`), or the entry's
         self._cache: dict = {}
 
     def finish(self) -> None:
@@ -367,7 +368,8 @@ class CG:
         """Load frame slot `index` once, in the entry block."""
         key = ("slot", index, str(t))
         if key not in self._cache:
-            p = self.eb.gep(self.frame, [ir.Constant(I64, index)], source_etype=I64)
+            at = index if self.slots is None else self.slots.local(index, t)
+            p = self.eb.gep(self.frame, [ir.Constant(I64, at)], source_etype=I64)
             self._cache[key] = self.eb.load(p, typ=t)
         return self._cache[key]
 
@@ -404,6 +406,22 @@ class CG:
 
     def mode(self) -> ir.Value:
         return self.slot(self.layout.mode_slot, I64)
+
+
+class LocalSlots:
+    """The entry's frame slots a kernel reads, renumbered 0, 1, ... in the order
+    it first reads them: the entry passes the kernel a frame of just those, so
+    the kernel's code does not depend on where the model keeps its buffers.
+    Kernels of the same op, shapes and options are then the same text (emitted
+    once, cached by content), whichever layer and model they come from."""
+
+    def __init__(self):
+        self.used: dict[int, tuple[int, ir.Type]] = {}     # entry slot -> (kernel slot, type read)
+
+    def local(self, index: int, t: ir.Type) -> int:
+        if index not in self.used:
+            self.used[index] = (len(self.used), t)
+        return self.used[index][0]
 
 
 def row_columns(width: int, vw: int) -> list:
