@@ -323,7 +323,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 per_unit = kernel_timings or module_cache
                 chunks, least = (10 ** 6, 0) if per_unit else (compile_threads(), None)
                 texts[part] = split_module(module, chunks, least, export_helpers=per_unit or part == "forward",
-                                           provided=provided)
+                                           provided=provided, by_unit=module_cache and not kernel_timings)
         if part == "forward":
             provided = helpers(module)
     # Every part's modules at once, one per core (LLVM runs outside the GIL and llvmlite's lock).

@@ -322,10 +322,12 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
 _REFERENCE = re.compile(r'@"([^"]+)"')
 #: below this much IR text a part stays one module (each module costs a parse and a target machine)
 SPLIT_MIN_CHARS = 150_000
+#: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the entry points' module
+UNIT_MIN_CHARS = 10_000
 
 
 def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *,
-                 export_helpers: bool = False, provided: dict | None = None) -> list[str]:
+                 export_helpers: bool = False, provided: dict | None = None, by_unit: bool = False) -> list[str]:
     """The module as the LLVM IR text of up to `chunks` modules that, compiled
     separately and loaded (or linked) together, are the same program, so that
     LLVM can work on them in parallel. The units are the functions an entry
@@ -338,7 +340,13 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     Across parts: `export_helpers` places each helper in one chunk and exports
     it (the forward part, whose helpers the training part may call);
     `provided` (name -> text of another part's exported helpers, `helpers()`)
-    drops the helpers defined there with the same text and calls those."""
+    drops the helpers defined there with the same text and calls those.
+
+    `by_unit` (to cache each module's object by its text): every kernel or
+    helper of at least `UNIT_MIN_CHARS` is a module of its own; the entry
+    points, which change with any edit, and the small units are one module
+    (a module costs LLVM some 5 ms however small it is). `chunks` and
+    `min_chars` are then ignored."""
     defined = [f for f in module.functions if f.blocks]
     texts = {f.name: function_text(f) for f in defined}
     min_chars = SPLIT_MIN_CHARS if min_chars is None else min_chars
@@ -365,14 +373,18 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
                     seen.add(callee)
                     todo.append(callee)
         return seen
-    # Longest first, each to the lightest chunk: the chunks come out about even.
-    bins = [[0, [], set()] for _ in range(max(1, min(chunks, len(units))))]
-    for name in sorted(units, key=lambda n: -len(texts[n])):
-        lightest = min(bins, key=lambda b: b[0])
-        need = closure(name) - lightest[2]
-        lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
-        lightest[1].append(name)
-        lightest[2] |= need
+    if by_unit:
+        small = [n for n in units if n in entries or len(texts[n]) < UNIT_MIN_CHARS]
+        groups = [small] + [[n] for n in units if n not in small]
+        bins = [[0, names, set().union(*map(closure, names))] for names in groups]
+    else:   # longest first, each to the lightest chunk: the chunks come out about even
+        bins = [[0, [], set()] for _ in range(max(1, min(chunks, len(units))))]
+        for name in sorted(units, key=lambda n: -len(texts[n])):
+            lightest = min(bins, key=lambda b: b[0])
+            need = closure(name) - lightest[2]
+            lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
+            lightest[1].append(name)
+            lightest[2] |= need
     home = {name: k for k, b in enumerate(bins) for name in b[1]}
     exported = {n for n in units if n not in entries and
                 (export_helpers or any(n in calls[c] and home[c] != home[n] for c in units))}
