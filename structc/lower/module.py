@@ -152,7 +152,8 @@ class KernelBuilder:
     def _named_by_content(self, fn: ir.Function, full: str, name: str) -> ir.Function:
         """`fn` renamed after its text, or the function of the same text already
         here (or exported by another module of the model: declared here)."""
-        body = function_text(fn).replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
+        text = function_text(fn)
+        body = text.replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
         digest = hashlib.sha256(body.encode()).hexdigest()[:16]
         symbol = f"sc_{digest}_{re.sub(r'[0-9]+', '', name, count=1)}"
         existing = self.module.globals.get(symbol)
@@ -167,6 +168,7 @@ class KernelBuilder:
         # llvmlite caches a value's reference and text once printed (function_text did)
         fn.__dict__.pop("_StringReferenceCaching__cached_refstr", None)
         fn._clear_string_cache()
+        fn.structc_text = text.replace(f'"{full}"', f'"{symbol}"', 1)    # printing is half of lowering's time
         self.module.globals[symbol] = fn
         self.shared.setdefault(body, fn)
         return fn
@@ -414,8 +416,10 @@ _LOOP_MARK = "!llvm.loop !no_unroll"
 def function_text(fn: ir.Function) -> str:
     """A function's LLVM IR text, the same whatever module it is in: its loop
     metadata (`CG.loop(unroll=False)`, numbered per module) as one mark that
-    `_with_loop_ids` turns into metadata of the chunk's own."""
-    return _LOOP_REF.sub(_LOOP_MARK, str(fn))
+    `_with_loop_ids` turns into metadata of the chunk's own. A kernel's text
+    is kept from when it was named (`KernelBuilder._named_by_content`)."""
+    kept = getattr(fn, "structc_text", None)
+    return kept if kept is not None else _LOOP_REF.sub(_LOOP_MARK, str(fn))
 
 
 def _with_loop_ids(text: str) -> str:
