@@ -11,6 +11,10 @@ beforehand; the import of structc itself is shown apart):
                 entry only (inference; the training entries wait for their first use)
   warm          structc.compile(..., training=True) again, in a new process: both
                 parts loaded from the cache
+  edit          (models in EDITS) structc.compile(..., training=True) of the model
+                with one layer changed, in a new process, with the cache the
+                cold compile filled: only the kernels the edit changed are
+                compiled (their count in brackets after the CPU seconds)
   jax           (--jax, if jax is installed) the first call of a jitted training
                 step (value_and_grad and SGD update) of the MLP and LeNet-5: JAX's
                 trace and compile
@@ -43,8 +47,20 @@ def models() -> dict[str, str]:
     import bench_mlp
     import bench_trees
     found.update({"MLP (bench_mlp)": bench_mlp.MLP, "ConvStep (bench_conv)": bench_conv.CONV_STEP,
-                  "GNN (bench_gnn)": bench_gnn.MODEL, "TreeNet (bench_trees)": bench_trees.SRC})
+                  "GNN (bench_gnn)": bench_gnn.MODEL, "TreeNet (bench_trees)": bench_trees.SRC,
+                  "Dense200 (200 layers)": deep(200)})
     return found
+
+
+def deep(layers: int) -> str:
+    """`layers` dense layers of the same shape: repeated kernels (issue 14 item 2)."""
+    body = "\n".join("  h = dense(h, 8) |> relu" for _ in range(layers))
+    return f"model Deep {{\n  input x: f32[N, 8]\n  target y: class[N] of 4\n  h = x\n{body}\n" \
+           "  loss cross_entropy(dense(h, 4), y)\n}\n"
+
+
+#: model -> (text, replacement): a one-layer edit, compiled after the cold compile with its cache
+EDITS = {"lenet5": ("dense(h, 84)", "dense(h, 80)")}
 
 
 WORKER = """
@@ -54,9 +70,10 @@ import structc
 imported = time.perf_counter() - t0
 mode, source = sys.argv[1], sys.stdin.read()
 c1, t1 = time.process_time(), time.perf_counter()
+modules = getattr(structc.compiler, "MODULE_COUNT", 0)
 net = structc.compile(source, training=(mode != "forward"))
 print(json.dumps({"import": imported, "wall": time.perf_counter() - t1, "cpu": time.process_time() - c1,
-                  "parts": net.meta["parts"]}))
+                  "parts": net.meta["parts"], "modules": getattr(structc.compiler, "MODULE_COUNT", 0) - modules}))
 """
 
 JAX_WORKER = """
@@ -157,6 +174,10 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory(prefix="structc-bench-cache-") as cache:
                 found.setdefault((name, "train"), []).append(run_structc("train", source, cache))
                 found.setdefault((name, "warm"), []).append(run_structc("train", source, cache))
+                if name in EDITS:
+                    edited = source.replace(*EDITS[name])
+                    assert edited != source, name
+                    found.setdefault((name, "edit"), []).append(run_structc("train", edited, cache))
             print(f"{name} done", file=sys.stderr)
         if args.jax:
             for model in ("mlp", "lenet"):
@@ -169,19 +190,20 @@ def main(argv=None) -> int:
             return "–"
         wall = statistics.median(r["wall"] for r in found[key])
         cpu = statistics.median(r["cpu"] for r in found[key])
-        return f"{_seconds(wall)} ({_seconds(cpu)})"
+        modules = f", {statistics.median(r['modules'] for r in found[key]):.0f} modules" if key[1] == "edit" else ""
+        return f"{_seconds(wall)} ({_seconds(cpu)}{modules})"
     print(f"load average {' '.join(f'{v:.2f}' for v in load_before)} before, "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} after; {args.rounds} round(s); "
           f"{os.cpu_count()} cores; seconds, wall (CPU)\n")
-    print("| model | train cold | forward cold | warm (cached) | import structc |")
-    print("|---|---|---|---|---|")
+    print("| model | train cold | forward cold | warm (cached) | one-layer edit | import structc |")
+    print("|---|---|---|---|---|---|")
     for name in chosen:
         imported = statistics.median(r["import"] for r in found[(name, "train")])
         print(f"| {name} | {cell((name, 'train'))} | {cell((name, 'forward'))} | {cell((name, 'warm'))} "
-              f"| {imported:.2f} |")
+              f"| {cell((name, 'edit')) if name in EDITS else ''} | {imported:.2f} |")
     for model, label in (("mlp", "MLP (bench_mlp)"), ("lenet", "LeNet-5")):
         if (model, "jax") in found:
-            print(f"| JAX first call, {label} | {cell((model, 'jax'))} | | | |")
+            print(f"| JAX first call, {label} | {cell((model, 'jax'))} | | | | |")
     return 0
 
 

@@ -122,7 +122,8 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
         if program is None:
             with times.stage("parse"):
                 program = parse(source, file)
-        art = compile_program(program, model, target, jit=jit, freeze=freeze, parts=missing, timings=times)
+        art = compile_program(program, model, target, jit=jit, freeze=freeze, parts=missing, timings=times,
+                              module_cache=use_cache)
         COMPILE_COUNT += 1
         absent = [p for p in missing or () if p not in art.meta["parts"]]
         if absent:

@@ -172,8 +172,9 @@ def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
     return hmac.new(secret, MAGIC + key.encode() + b"\0" + payload, hashlib.sha256).digest()
 
 
-#: what a file holds, by its suffix: compiled code, or a source text's canonical program (api's alias)
-KINDS = ("entry", "alias")
+#: what a file holds, by its suffix: compiled code, a source text's canonical program (api's alias),
+#: or the object code of one LLVM module, keyed by its IR text (`compiler.module_key`)
+KINDS = ("entry", "alias", "object")
 
 
 def _entry_name(key: str, kind: str = "entry") -> str:

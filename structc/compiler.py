@@ -27,7 +27,7 @@ from .build import ModelDef, build_model
 from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
-from .lower.module import Target, helpers, lower_entry, split_module
+from .lower.module import SharedKernels, Target, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, host_target
 from .ops.norm import batch_counts
 from .ops.optim import N_HYPER
@@ -66,6 +66,7 @@ class Artifact:
     timings: dict = field(default_factory=dict)
     jit: bool = True     # False: position-independent, for a shared library
     part_ir: tuple[str, ...] = ()   # each object's LLVM IR (`llvm_ir` is them together, to read)
+    kernel_symbols: dict = field(default_factory=dict)   # `<entry>_<name>` of each kernel -> its symbol
 
     @property
     def object(self) -> bytes | tuple[bytes, ...]:
@@ -251,16 +252,64 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
             "inputs": plan.input_names, "outputs": outputs}
 
 
+#: LLVM modules this process has optimised and code-generated (found in the cache: not counted)
+MODULE_COUNT = 0
+
+
+def module_key(text: str, target: Target, jit: bool) -> str:
+    """The cache key of one LLVM module's object code: its IR text (kernels
+    are named after their text and read frames of their own, so the same op,
+    shapes and options give the same text in any model), the compiler (its
+    pipeline), llvmlite and LLVM, the target CPU and the relocation model."""
+    h = hashlib.sha256()
+    for part in ("module", compiler_fingerprint(), _toolchain(), target.triple, target.cpu, target.features,
+                 "jit" if jit else "pic", text):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _module_objects(texts: list[str], target: Target, jit: bool, threads, cached: bool,
+                    times: Timings) -> list[tuple[bytes, dict]]:
+    """(object, LLVM timings) of each module: from the disk cache by content
+    when `cached` (an entry that fails its check is recompiled, never loaded),
+    the others compiled in parallel and stored."""
+    global MODULE_COUNT
+    from . import cache
+    found: list = [None] * len(texts)
+    keys = []
+    if cached:
+        with times.stage("cache.modules"):
+            keys = [module_key(text, target, jit) for text in texts]
+            for k, key in enumerate(keys):
+                hit = cache.load(key, None, "object")
+                if hit is not None and hit[1]:
+                    found[k] = (hit[1], {})
+    todo = [k for k, hit in enumerate(found) if hit is None]
+    compiled = compile_objects([texts[k] for k in todo], target, jit, threads=threads)
+    MODULE_COUNT += len(todo)
+    for k, result in zip(todo, compiled):
+        found[k] = result
+        if cached:
+            with times.stage("cache.modules"):
+                cache.store(keys[k], {}, result[0], "object")
+    return found
+
+
 def compile_model(mdef: ModelDef, target: Target | None = None,
                   dump: Callable[[str, str], None] | None = None, jit: bool = True, freeze=(),
-                  parts=None, timings: Timings | None = None, kernel_timings: bool = False) -> Artifact:
+                  parts=None, timings: Timings | None = None, kernel_timings: bool = False,
+                  module_cache: bool = False) -> Artifact:
     """`jit=False` makes position-independent code for a shared library;
     `freeze`: parameter names or layer prefixes that training leaves alone;
     `parts`: which of `PARTS` to compile (default: every part the model has),
     the others are listed in `meta["deferred"]` and can be compiled later with
     the same arguments; `timings` receives the seconds of each stage, and
     with `kernel_timings` LLVM's per kernel too (each kernel is then a module
-    of its own, compiled one at a time: a slower compile, to read)."""
+    of its own, compiled one at a time: a slower compile, to read);
+    `module_cache`: each kernel, helper and entry point is a module of its
+    own, its object cached on disk by its text (`module_key`), so an edit
+    recompiles only the kernels it changed."""
     frozen = resolve_frozen(mdef.params, freeze) | {name for name, p in mdef.params.items() if p.frozen}
     target = target or host_target()
     times = timings if timings is not None else Timings()
@@ -292,7 +341,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     # Kernel text -> function, across entries and parts: the training part calls the
     # kernels it shares with the forward part (which exports them) instead of
     # emitting them again, so the forward part is lowered even when not compiled.
-    shared: dict = {}
+    shared = SharedKernels()
     provided: dict = {}      # the forward part's helpers (matmul micro-kernels), which it exports
     for part in ["forward"] + [p for p in wanted if p != "forward"]:
         module = ir.Module(name=f"{mdef.name}.{part}")
@@ -309,16 +358,19 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 entries[kind] = _entry_meta(g, plan, symbol)
         if part in wanted:
             with times.stage(f"{part}.ir_text"):
-                chunks, least = (10 ** 6, 0) if kernel_timings else (compile_threads(), None)
-                texts[part] = split_module(module, chunks, least, export_helpers=part == "forward",
-                                           provided=provided)
+                per_unit = kernel_timings or module_cache
+                chunks, least = (10 ** 6, 0) if per_unit else (compile_threads(), None)
+                texts[part] = split_module(module, chunks, least, export_helpers=per_unit or part == "forward",
+                                           provided=provided, by_unit=module_cache and not kernel_timings)
         if part == "forward":
             provided = helpers(module)
     # Every part's modules at once, one per core (LLVM runs outside the GIL and llvmlite's lock).
     flat = [text for part in wanted for text in texts[part]]
     with times.stage("llvm"):
-        compiled = compile_objects(flat, target, jit, threads=1 if kernel_timings else None)
+        compiled = _module_objects(flat, target, jit, 1 if kernel_timings else None,
+                                   module_cache and not kernel_timings, times)
     objects, sizes = [], {}
+    asked = {symbol: name for name, symbol in reversed(shared.symbols.items())}
     for (part, text), (obj, llvm_times) in zip([(p, t) for p in wanted for t in texts[p]], compiled):
         objects.append(obj)
         sizes.setdefault(part, []).append(len(obj))
@@ -326,6 +378,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
             times.add(f"{part}.llvm.{stage}", seconds, cpu)
         if kernel_timings:       # named after the module's first function: the kernel, or the entry point
             first = re.search(r'^define [^@]*@"([^"]+)"', text, re.M).group(1)
+            first = asked.get(first, first)     # the name the kernel was asked for, not its text's hash
             times.add(f"{part}.llvm.kernel {first}", *map(sum, zip(*llvm_times.values())))
     times.finish()
     llvm_ir = "\n".join(f"; ---- part {part}, module {k} ----\n{text}"
@@ -367,7 +420,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         meta["forests"] = mdef.forests
     if mdef.sequences:
         meta["sequences"] = mdef.sequences
-    return Artifact(meta, tuple(objects), llvm_ir, times, jit, tuple(flat))
+    return Artifact(meta, tuple(objects), llvm_ir, times, jit, tuple(flat), shared.symbols)
 
 
 def _pass_timer(times: Timings, kind: str, dump):
@@ -394,7 +447,7 @@ def compile_source(source: str, file: str = "<source>", model: str | None = None
 
 def compile_program(program: Program, model: str | None = None, target: Target | None = None,
                     dump=None, jit: bool = True, freeze=(), parts=None, timings: Timings | None = None,
-                    kernel_timings: bool = False) -> Artifact:
+                    kernel_timings: bool = False, module_cache: bool = False) -> Artifact:
     times = timings if timings is not None else Timings()
     if dump:
         dump("ast", format_program(program))
@@ -402,7 +455,7 @@ def compile_program(program: Program, model: str | None = None, target: Target |
         mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump, jit, freeze, parts, times, kernel_timings)
+    return compile_model(mdef, target, dump, jit, freeze, parts, times, kernel_timings, module_cache)
 
 
 # Fields that hold the program's layout, not its meaning: the key ignores them.

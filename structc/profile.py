@@ -163,12 +163,12 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
     net = Net(art.meta, module, seed=seed)
     by_address = {}
     for name, kernel in kernels.items():
-        try:
-            addr = module.engine.get_function_address(name)
+        try:       # kernels are named after their text (`KernelBuilder.kernel`)
+            addr = module.engine.get_function_address(art.kernel_symbols.get(name, name))
         except Exception:  # noqa: BLE001 - a body shared with another entry point: not in the object
             addr = 0
-        if addr:
-            by_address[addr] = kernel
+        if addr:    # a kernel several layers share (same text): the first layer's name
+            by_address.setdefault(addr, kernel)
     net._profile_kernels = by_address
     net._profile_source = source
     return net

@@ -70,7 +70,9 @@ def test_entries_are_private_and_hit(cache_in):
     assert _mode(cache_in) == 0o700
     assert _mode(_entry(cache_in)) == 0o600 and _mode(cache_in / "key") == 0o600
     (alias,) = cache_in.glob("*.alias")        # the source text's canonical program: no parse on a hit
-    assert sorted(p.name for p in cache_in.iterdir()) == sorted([_entry(cache_in).name, alias.name, "key"])
+    objects = [p.name for p in cache_in.glob("*.object")]       # each LLVM module's code, by its text
+    assert objects and all(_mode(cache_in / name) == 0o600 for name in objects)
+    assert sorted(p.name for p in cache_in.iterdir()) == sorted([_entry(cache_in).name, alias.name, "key", *objects])
 
 
 def test_edited_metadata_is_rebuilt_not_run(cache_in):
@@ -412,3 +414,54 @@ def test_compile_artifact_shares_the_cache_with_structc_compile(cache_in):
     assert api.COMPILE_COUNT == before + 2 and not pic.jit and pic.object != art.object
     assert api.compile_artifact(SRC, jit=False).object == pic.object
     assert api.COMPILE_COUNT == before + 2
+
+
+# -- kernels cached by their own content (issue 14 item 4) ---------------------
+
+DEEP = ("model D {\n  input x: f32[N, 4]\n  target y: class[N] of 3\n"
+        "  h = dense(x, 8) |> relu\n  h = dense(h, WIDTH) |> relu\n  loss cross_entropy(dense(h, 3), y)\n}\n")
+XD = np.linspace(-1, 1, 20, dtype=np.float32).reshape(5, 4)
+YD = np.array([0, 1, 2, 1, 0])
+
+
+def _modules(fn) -> int:
+    """How many LLVM modules `fn()` optimised and code-generated."""
+    from structc import compiler
+    before = compiler.MODULE_COUNT
+    fn()
+    return compiler.MODULE_COUNT - before
+
+
+def _same_as_cold(net, source):
+    cold = structc.compile(source, cache=False, training=True)
+    np.testing.assert_array_equal(net(x=XD), cold(x=XD))
+    assert [net.train_step(0.1, x=XD, y=YD) for _ in range(2)] == [cold.train_step(0.1, x=XD, y=YD)
+                                                                    for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_an_edit_recompiles_only_the_kernels_it_changed(cache_in):
+    first = DEEP.replace("WIDTH", "6")
+    whole = _modules(lambda: structc.compile(first, training=True))
+    edited = DEEP.replace("WIDTH", "5")
+    nets = []
+    again = _modules(lambda: nets.append(structc.compile(edited, training=True)))
+    # the first layer's kernels (forward, gradient, transpose) are reused; entries and the layers touched are not
+    assert 0 < again < whole - 3, (again, whole)
+    _same_as_cold(nets[0], edited)
+    assert _modules(lambda: structc.compile("# a note\n" + edited, training=True)) == 0
+
+
+@pytest.mark.slow
+def test_a_damaged_cached_kernel_is_recompiled_not_loaded(cache_in):
+    source = DEEP.replace("WIDTH", "6")
+    structc.compile(source, training=True)
+    objects = sorted(cache_in.glob("*.object"), key=lambda p: p.stat().st_size)
+    for entry in cache_in.glob("*.entry"):     # the whole model's entries: gone, so its kernels are looked up
+        entry.unlink()
+    with open(objects[-1], "r+b") as f:       # the largest kernel, truncated
+        f.truncate(objects[-1].stat().st_size // 2)
+    nets = []
+    with pytest.warns(cache.CacheWarning, match="integrity"):
+        assert _modules(lambda: nets.append(structc.compile(source, training=True))) == 1
+    _same_as_cold(nets[0], source)

@@ -34,8 +34,10 @@ def report(batch):
 @functools.lru_cache(maxsize=1)
 def mlp_llvm_ir() -> str:
     dumps = {}
-    compile_source(MLP.read_text(), str(MLP), dump=lambda stage, text: dumps.__setitem__(stage, text))
-    return dumps["llvm"]
+    art = compile_source(MLP.read_text(), str(MLP), dump=lambda stage, text: dumps.__setitem__(stage, text))
+    # kernels are named after their text; the report names each after the first layer that asked for it
+    asked = {symbol: name for name, symbol in reversed(art.kernel_symbols.items())}
+    return re.sub(r'@"(sc_[0-9a-f]{16}_[^"]*)"', lambda m: f'@"{asked[m.group(1)]}"', dumps["llvm"])
 
 
 def kernels_called(entry: str) -> set[str]:

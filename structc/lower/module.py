@@ -15,6 +15,7 @@ over a range of its tasks, called directly or through the runtime's
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from llvmlite import ir
 
 from ..graph import Graph
 from ..passes.plan import ALIGN, Plan
-from .codegen import CG, I32, I64, PTR, VOID
+from .codegen import CG, I32, I64, NO_UNROLL, PTR, VOID, LocalSlots
 from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 
 #: what `*_workspace` returns when the size for the given dims overflows int64
@@ -120,29 +121,37 @@ class KernelBuilder:
     def kernel(self, name: str, tasks, cost=1):
         """Define `void name(frame, lo, hi)`; the body handles tasks [lo, hi).
         `tasks` and `cost` (work per task, for the threading decision) are ints
-        or functions of the entry point's CG."""
+        or functions of the entry point's CG.
+
+        The kernel reads a frame of its own (`LocalSlots`: the entry's slots it
+        uses, copied by the entry) and is named after its text
+        (`sc_<hash>_<op>`), so a kernel is the same function wherever the same
+        op, shapes and options occur: emitted once per model (repeated layers,
+        the forward and training parts) and cached by content across models
+        and edits. `shared.symbols` maps the name asked for to that symbol."""
         full = f"{self.prefix}_{name}"
         assert full not in self._names, full
         self._names.add(full)
         fn = ir.Function(self.module, KERNEL_TYPE, name=full)
         fn.linkage = "hidden" if self.export else "internal"
         cg = CG(self.module, fn, self.layout, frame=fn.args[0])
+        cg.slots = LocalSlots()
         yield cg, fn.args[1], fn.args[2]
         cg.b.ret_void()
         cg.finish()
-        body = str(fn).replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
-        found = self.shared.get(body)
-        if found is not None and (found.module is self.module or found.linkage == "hidden"):
-            del self.module.globals[full]
-            fn = self._here(found)
-        elif found is None:
-            self.shared[body] = fn
+        fn = self._named_by_content(fn, full, name)
+        if isinstance(self.shared, SharedKernels):
+            self.shared.symbols[full] = fn.name
 
         e = self.entry
+        frame = e.eb.alloca(ir.ArrayType(I64, max(1, len(cg.slots.used))))
+        frame.type = PTR     # slots hold pointers and integers alike
+        for index, (at, t) in cg.slots.used.items():
+            e.eb.store(e.slot(index, t), e.eb.gep(frame, [ir.Constant(I64, at)], source_etype=I64))
         n = tasks(e) if callable(tasks) else e.i64(tasks)
         c = cost(e) if callable(cost) else e.i64(cost)
         par = e.declare("sc_parallel_for", VOID, [PTR, PTR, I64, I64])
-        e.b.call(par, [fn, e.frame, n, c])
+        e.b.call(par, [fn, frame, n, c])
         self._count_work(tasks, cost)
 
     def _count_work(self, tasks, cost) -> None:
@@ -158,6 +167,39 @@ class KernelBuilder:
         cap = setup.i64(1 << 31)
         term = setup.imin(setup.imul(setup.imin(n, cap), setup.imin(c, cap)), setup.i64(1 << 40))
         self.work = setup.iadd(self.work, term)
+
+    def _named_by_content(self, fn: ir.Function, full: str, name: str) -> ir.Function:
+        """`fn` renamed after its text, or the function of the same text already
+        here (or exported by another module of the model: declared here)."""
+        text = function_text(fn)
+        body = text.replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
+        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+        symbol = f"sc_{digest}_{re.sub(r'[0-9]+', '', name, count=1)}"
+        existing = self.module.globals.get(symbol)
+        found = self.shared.get(body)
+        if existing is None and found is not None and found.module is not self.module and found.linkage == "hidden":
+            existing = self._here(found)
+        if existing is not None:
+            del self.module.globals[full]
+            return existing
+        del self.module.globals[full]
+        fn._name = self.module.scope.register(symbol)
+        # llvmlite caches a value's reference and text once printed (function_text did)
+        fn.__dict__.pop("_StringReferenceCaching__cached_refstr", None)
+        fn._clear_string_cache()
+        fn.structc_text = text.replace(f'"{full}"', f'"{symbol}"', 1)    # printing is half of lowering's time
+        self.module.globals[symbol] = fn
+        self.shared.setdefault(body, fn)
+        return fn
+
+
+class SharedKernels(dict):
+    """Kernel text -> function, across the entry points and parts of a model;
+    `symbols`: each kernel's name as asked for (`<entry>_<name>`) -> its symbol."""
+
+    def __init__(self):
+        super().__init__()
+        self.symbols: dict[str, str] = {}
 
 
 class _Wrapping:
@@ -306,10 +348,12 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
 _REFERENCE = re.compile(r'@"([^"]+)"')
 #: below this much IR text a part stays one module (each module costs a parse and a target machine)
 SPLIT_MIN_CHARS = 150_000
+#: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the entry points' module
+UNIT_MIN_CHARS = 10_000
 
 
 def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *,
-                 export_helpers: bool = False, provided: dict | None = None) -> list[str]:
+                 export_helpers: bool = False, provided: dict | None = None, by_unit: bool = False) -> list[str]:
     """The module as the LLVM IR text of up to `chunks` modules that, compiled
     separately and loaded (or linked) together, are the same program, so that
     LLVM can work on them in parallel. The units are the functions an entry
@@ -322,9 +366,15 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     Across parts: `export_helpers` places each helper in one chunk and exports
     it (the forward part, whose helpers the training part may call);
     `provided` (name -> text of another part's exported helpers, `helpers()`)
-    drops the helpers defined there with the same text and calls those."""
+    drops the helpers defined there with the same text and calls those.
+
+    `by_unit` (to cache each module's object by its text): every kernel or
+    helper of at least `UNIT_MIN_CHARS` is a module of its own; the entry
+    points, which change with any edit, and the small units are one module
+    (a module costs LLVM some 5 ms however small it is). `chunks` and
+    `min_chars` are then ignored."""
     defined = [f for f in module.functions if f.blocks]
-    texts = {f.name: str(f) for f in defined}
+    texts = {f.name: function_text(f) for f in defined}
     min_chars = SPLIT_MIN_CHARS if min_chars is None else min_chars
     assert not module.get_identified_types() and all(isinstance(g, ir.Function) for g in module.globals.values())
     outside = {name: text for name, text in (provided or {}).items() if texts.get(name) == text}
@@ -337,8 +387,9 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     kernels = sorted({c for e in entries for c in calls[e] if c in texts})
     units = entries + [k for k in kernels if k not in entries]
     helpers = [name for name in texts if name not in units]
-    if export_helpers:
-        units, helpers = units + helpers, []
+    if export_helpers:      # but a helper of the same name as another part's, with another text, stays private
+        clashing = [name for name in helpers if name in (provided or {})]
+        units, helpers = units + [h for h in helpers if h not in clashing], clashing
 
     def closure(name):      # the helpers a unit needs, copied into its chunk
         seen, todo = set(), [name]
@@ -348,38 +399,69 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
                     seen.add(callee)
                     todo.append(callee)
         return seen
-    # Longest first, each to the lightest chunk: the chunks come out about even.
-    bins = [[0, [], set()] for _ in range(max(1, chunks))]
-    for name in sorted(units, key=lambda n: -len(texts[n])):
-        lightest = min(bins, key=lambda b: b[0])
-        need = closure(name) - lightest[2]
-        lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
-        lightest[1].append(name)
-        lightest[2] |= need
+    if by_unit:
+        small = [n for n in units if n in entries or len(texts[n]) < UNIT_MIN_CHARS]
+        groups = [small] + [[n] for n in units if n not in small]
+        bins = [[0, names, set().union(*map(closure, names))] for names in groups]
+    else:   # longest first, each to the lightest chunk: the chunks come out about even
+        bins = [[0, [], set()] for _ in range(max(1, min(chunks, len(units))))]
+        for name in sorted(units, key=lambda n: -len(texts[n])):
+            lightest = min(bins, key=lambda b: b[0])
+            need = closure(name) - lightest[2]
+            lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
+            lightest[1].append(name)
+            lightest[2] |= need
     home = {name: k for k, b in enumerate(bins) for name in b[1]}
     exported = {n for n in units if n not in entries and
                 (export_helpers or any(n in calls[c] and home[c] != home[n] for c in units))}
-    declared = [str(f) for f in module.functions if not f.blocks]
+    declared = {f.name: str(f) for f in module.functions if not f.blocks}
     out = []
     for _, names, needed in bins:
         if not names:
             continue
-        text = [f'target triple = "{module.triple}"', *declared]
         mine = set(names) | needed
+        # only what the chunk calls: its text (its cache key) then depends on nothing else
+        used = {c for n in mine for c in calls[n]}
+        text = [f'target triple = "{module.triple}"', *(d for name, d in declared.items() if name in used)]
         for other in sorted({c for n in mine for c in calls[n] if c not in mine and (c in texts or c in outside)}):
             text.append(_prototype(texts.get(other) or outside[other]))
         for name in names:
             body = texts[name]
             text.append(_exported(body) if name in exported else body)
         text += [texts[h] for h in sorted(needed)]
-        out.append("\n".join(text))
+        out.append(_with_loop_ids("\n".join(text)))
     return out
+
+
+_LOOP_REF = re.compile(r"!llvm\.loop !\d+")
+_LOOP_MARK = "!llvm.loop !no_unroll"
+
+
+def function_text(fn: ir.Function) -> str:
+    """A function's LLVM IR text, the same whatever module it is in: its loop
+    metadata (`CG.loop(unroll=False)`, numbered per module) as one mark that
+    `_with_loop_ids` turns into metadata of the chunk's own. A kernel's text
+    is kept from when it was named (`KernelBuilder._named_by_content`)."""
+    kept = getattr(fn, "structc_text", None)
+    return kept if kept is not None else _LOOP_REF.sub(_LOOP_MARK, str(fn))
+
+
+def _with_loop_ids(text: str) -> str:
+    """`text` with each loop's mark made a distinct, self-referential loop ID
+    that disables unrolling (what LLVM reads), the definitions appended."""
+    count = text.count(_LOOP_MARK)
+    if not count:
+        return text
+    ids = iter(range(1, count + 1))
+    text = re.sub(re.escape(_LOOP_MARK), lambda _: f"!llvm.loop !{next(ids)}", text)
+    defs = [f"!{k} = distinct !{{!{k}, !0}}" for k in range(1, count + 1)]
+    return "\n".join([text, f'!0 = !{{!"{NO_UNROLL}"}}', *defs, ""])
 
 
 def helpers(module: ir.Module) -> dict[str, str]:
     """name -> text of the module's internal functions that are not kernels
     (the matmul micro-kernels): what `split_module(export_helpers=True)` exports."""
-    return {f.name: str(f) for f in module.functions if f.blocks and f.linkage == "internal"}
+    return {f.name: function_text(f) for f in module.functions if f.blocks and f.linkage == "internal"}
 
 
 def _exported(definition: str) -> str:

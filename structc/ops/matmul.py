@@ -158,7 +158,7 @@ class Transpose(Op):
             with cg.loop(hi, start=lo, name="rb") as rb:
                 r0 = cg.imul(rb, vw)
                 r1 = cg.imin(cg.iadd(r0, vw), rows)
-                with cg.loop(cols, step=vw, name="cb") as c0:
+                with cg.loop(cols, step=vw, name="cb", unroll=False) as c0:   # vector blocks: unrolling only costs compile time
                     if no_edges:
                         block(r0, c0)
                     else:
