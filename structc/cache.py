@@ -19,6 +19,11 @@ Entries are written to a fresh file (exclusive creation) and renamed into
 place, so two processes compiling the same model both succeed and a
 reader never sees a half-written entry. Every file is opened relative to
 the checked folder, never through a symbolic link.
+
+The folder is bounded (`STRUCTC_CACHE_MAX_MB`, default 1024): a store that
+takes it past the bound removes the files used longest ago (a load marks
+its entry used) until three quarters of it are left, so a user who edits
+models all day (every edit adds kernels) does not fill the disk.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ _SECRET_NAME = "key"
 _SECRET_SIZE = 32
 _KEY_PATTERN = re.compile(r"[0-9a-f]{16,64}")
 _NO_FOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+DEFAULT_MAX_MB = 1024
 
 
 class CacheWarning(UserWarning):
@@ -222,6 +228,8 @@ def load(key: str, model: str | None = None, kind: str = "entry") -> tuple[dict,
         if secret is None:
             return None
         entry = _unpack(_read(dir_fd, name, "cache entry", 0o022), key, secret)
+        if entry is not None:
+            _mark_used(dir_fd, name)
     except _Refused as e:
         _warn_once(f"not using a structc cache file: {e}; compiling without it")
         return None
@@ -259,9 +267,64 @@ def store(key: str, meta: dict, obj: bytes, kind: str = "entry") -> None:
         except BaseException:
             os.unlink(tmp, dir_fd=dir_fd)
             raise
+        _prune(dir_fd, keep=name)
     except _Refused as e:
         _warn_once(f"not using the structc cache: {e}; compiling without it")
     except OSError:
         pass
     finally:
         os.close(dir_fd)
+
+
+def max_bytes() -> int:
+    """The folder's bound: `STRUCTC_CACHE_MAX_MB` (a number of MiB) or the default."""
+    env = os.environ.get("STRUCTC_CACHE_MAX_MB")
+    try:
+        mb = float(env) if env else DEFAULT_MAX_MB
+    except ValueError:
+        raise ValueError(f"STRUCTC_CACHE_MAX_MB must be a number of MiB, got {env!r}") from None
+    if not mb > 0:
+        raise ValueError(f"STRUCTC_CACHE_MAX_MB must be positive, got {env!r}")
+    return int(mb * 2**20)
+
+
+def _mark_used(dir_fd: int, name: str) -> None:
+    """An entry's modification time is when it was last used: pruning keeps recent ones."""
+    try:
+        os.utime(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        pass
+
+
+#: the folder's size as this process last counted it, plus what it has stored since
+#: (a count per store would list the folder ~30 times per cold compile)
+_counted: dict[str, int] = {}
+
+
+def _prune(dir_fd: int, keep: str) -> None:
+    """Past the bound, remove the files used longest ago (never `keep`, the one
+    just written, nor the secret) down to three quarters of the bound. Best
+    effort: another process may be pruning too."""
+    limit, folder = max_bytes(), str(cache_dir())
+    written = os.stat(keep, dir_fd=dir_fd, follow_symlinks=False).st_size
+    if folder in _counted and _counted[folder] + written <= limit:
+        _counted[folder] += written
+        return
+    files = []
+    with os.scandir(dir_fd) as it:
+        for e in it:
+            if e.name in (keep, _SECRET_NAME) or e.name.startswith(".") or not e.is_file(follow_symlinks=False):
+                continue
+            st = e.stat(follow_symlinks=False)
+            files.append((st.st_mtime, st.st_size, e.name))
+    total = sum(size for _, size, _ in files) + written
+    if total > limit:
+        for _, size, name in sorted(files):
+            if total <= limit * 3 // 4:
+                break
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+                total -= size
+            except OSError:
+                pass
+    _counted[folder] = total

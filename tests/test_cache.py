@@ -465,3 +465,35 @@ def test_a_damaged_cached_kernel_is_recompiled_not_loaded(cache_in):
     with pytest.warns(cache.CacheWarning, match="integrity"):
         assert _modules(lambda: nets.append(structc.compile(source, training=True))) == 1
     _same_as_cold(nets[0], source)
+
+
+# -- a bounded folder ----------------------------------------------------------
+
+def test_the_folder_is_bounded_and_keeps_what_was_used_last(cache_in, monkeypatch):
+    """Every edit adds kernels: past STRUCTC_CACHE_MAX_MB the files used longest
+    ago go, the newest and the secret stay, and a pruned model just recompiles."""
+    from structc import cache
+    monkeypatch.setattr(cache, "_counted", {})
+    for k in range(6):
+        cache.store(f"{k:016x}", {"model": "M"}, bytes(40_000))
+        os.utime(next(cache_in.glob(f"{k:016x}.*")), (1000 + k, 1000 + k))   # the clock ticks coarsely
+    assert cache.load(f"{0:016x}", "M") is not None           # used now: the newest use
+    monkeypatch.setenv("STRUCTC_CACHE_MAX_MB", str(150_000 / 2**20))
+    cache.store(f"{6:016x}", {"model": "M"}, bytes(40_000))
+    left = {p.name.split(".")[0] for p in cache_in.glob("*.entry")}
+    assert f"{6:016x}" in left and f"{0:016x}" in left and f"{1:016x}" not in left
+    assert sum(p.stat().st_size for p in cache_in.iterdir()) <= 150_000
+    assert (cache_in / "key").exists()
+
+
+@pytest.mark.parametrize("bad", ["lots", "0", "-5"])
+def test_a_bad_bound_is_refused(bad, monkeypatch):
+    from structc import cache
+    monkeypatch.setenv("STRUCTC_CACHE_MAX_MB", bad)
+    with pytest.raises(ValueError, match="STRUCTC_CACHE_MAX_MB"):
+        cache.max_bytes()
+
+
+def test_the_readme_states_the_bound_in_force():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"(`STRUCTC_CACHE_MAX_MB`, default {cache.DEFAULT_MAX_MB} MiB)" in readme
