@@ -66,6 +66,9 @@ def test_three_rows_are_one_micro_kernel():
     (13, 400, 20, False),     # main tile + 1 row, k-blocked (partial sums through C), one partial vector
     (11, 7, 33, True),        # A^T, an 11-row tile, a 1-column tail panel
     (1, 1, 1, False),
+    (9, 37, 2, False),        # narrow: vectors along k, 8 + 1 rows, a masked k tail
+    (20, 100, 4, False),
+    (1, 3, 1, False),
 ])
 def test_tiles_match_numpy(m, k, n, ta):
     _check(m, k, n, ta)
@@ -76,6 +79,19 @@ def test_tiles_match_numpy(m, k, n, ta):
 @given(m=st.integers(1, 40), k=st.integers(1, 420), n=st.integers(1, 70), ta=st.booleans())
 def test_random_static_shapes(m, k, n, ta):
     _check(m, k, n, ta)
+
+
+def test_narrow_output_through_epilogue():
+    """A 2-column product with bias and sigmoid fused, at run-time M."""
+    net = structc.compile("""model S { input a: f32[N, 19]
+      param w: f32[19, 2] = normal(1)
+      param c: f32[2] = normal(1)
+      output y = sigmoid(a @ w + c) }""")
+    rng = np.random.default_rng(2)
+    for m in (1, 7, 8, 9, 70):
+        a = rng.normal(size=(m, 19)).astype(np.float32)
+        want = 1 / (1 + np.exp(-(a @ net.params["w"].astype(np.float64) + net.params["c"])))
+        np.testing.assert_allclose(net(a=a), want, rtol=1e-5, atol=1e-6, err_msg=f"M = {m}")
 
 
 @pytest.fixture(scope="module")

@@ -301,3 +301,72 @@ def _finish(t: _Ctx, i0, rows) -> None:
             value = cg.load(t.tile, cg.iadd(cg.imul(r, 2 * vw), cg.imul(v, vw)), F32, vw)
             row, col = cg.iadd(i0, r), cg.iadd(t.j0, cg.imul(v, vw))
             t.epilogue.emit(cg, [row, col], vw, mask, given={t.epilogue.anchor: value})
+
+
+#: C's widths the narrow kernel takes: a vector of B's flat rows then holds vw / N whole rows
+NARROW_N = (1, 2, 4)
+NARROW_ROWS = 8     # rows sharing each vector of B (eight FMA chains in flight)
+NARROW_MB = 64      # rows per task
+
+
+def emit_narrow(kb, *, M, K, n: int, a_buf, b_buf, epilogue, name):
+    """C = A @ B for a C of n (in NARROW_N) columns, A row-major [M, K], B [K, n].
+    The column-panel kernel would fill n of each vector's lanes; here vectors
+    run along k instead: B's flat data is vw/n consecutive rows of B, so lane
+    l multiplies A[i, k + l // n] (a short load of A spread by a shuffle) by
+    B[k + l // n, l % n], and folding the vector's halves leaves C[i, :]."""
+    vw = kb.vector_width
+    ks = vw // n                                   # k values per vector
+
+    def tasks(cg):
+        return cg.ceil_div(M(cg), NARROW_MB)
+
+    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB)) as (cg, lo, hi):
+        b = cg.b
+        m, k = M(cg), K(cg)
+        A, B = cg.ptr(a_buf), cg.ptr(b_buf)
+        i_end = cg.imin(cg.imul(hi, NARROW_MB), m)
+        i = cg.var(I64, cg.imul(lo, NARROW_MB))
+        whole = b.sub(i_end, cg.i64(NARROW_ROWS - 1))
+        with cg.while_(lambda: b.icmp_signed("<", b.load(i), whole)):
+            _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), NARROW_ROWS, epilogue)
+            b.store(cg.iadd(b.load(i), NARROW_ROWS), i)
+        with cg.while_(lambda: b.icmp_signed("<", b.load(i), i_end)):
+            _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), 1, epilogue)
+            b.store(cg.iadd(b.load(i), 1), i)
+
+
+def _narrow_rows(cg, vw, n, ks, A, B, m, k, i0, rows, epilogue) -> None:
+    """C[i0 : i0 + rows, :] through the epilogue."""
+    b = cg.b
+    vt = ir.VectorType(F32, vw)
+    acc = [cg.var(vt, cg.const(0.0, vt)) for _ in range(rows)]
+    a_rows = [cg.imul(cg.iadd(i0, r), k) for r in range(rows)]
+    spread = ir.Constant(ir.VectorType(ir.IntType(32), vw), [l // n for l in range(vw)])
+
+    def step(k0, masked):
+        b_mask = cg.lane_mask(b.sub(cg.imul(k, n), cg.imul(k0, n)), vw) if masked else None
+        a_mask = cg.lane_mask(b.sub(k, k0), ks) if masked else None
+        bv = cg.load(B, cg.imul(k0, n), F32, vw, b_mask)
+        for a_row, slot in zip(a_rows, acc):
+            a = cg.load(A, cg.iadd(a_row, k0), F32, ks, a_mask)
+            if ks != vw:
+                a = b.shuffle_vector(a, ir.Constant(a.type, ir.Undefined), spread)
+            b.store(cg.fma(a, bv, b.load(slot)), slot)
+
+    full = cg.imul(b.sdiv(k, cg.i64(ks)), ks)
+    with cg.loop(full, step=ks, name="nk") as k0:
+        step(k0, False)
+    with cg.if_(b.icmp_signed("<", full, k)):
+        step(full, True)
+    out_mask = cg.lane_mask(cg.i64(n), vw)
+    for r, slot in enumerate(acc):
+        v = b.load(slot)
+        width = vw
+        while width > n:            # lanes l and l + width/2 hold the same column
+            half = width // 2
+            lo_ = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half))))
+            hi_ = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half, width))))
+            v, width = b.fadd(lo_, hi_), half
+        wide = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), vw), [l % n for l in range(vw)]))
+        epilogue.emit(cg, [cg.iadd(i0, r), cg.i64(0)], vw, out_mask, given={epilogue.anchor: wide})
