@@ -44,9 +44,9 @@ def test_static_m_needs_one_remainder_tile():
     assert tile_rows(16, 200) == (12, 8)      # 192 + 8: the row blocks are multiples of 12
     assert tile_rows(16, 36) == (12,)
     assert tile_rows(8, 11) == (6, 5)
-    assert tile_rows(16, "N") == (12, 8, 4, 2, 1)
-    # small tiles keep about 8 FMA chains in flight by splitting k
-    assert [k_split(1, 2), k_split(2, 2), k_split(3, 2), k_split(4, 2), k_split(1, 1)] == [4, 2, 2, 1, 4]
+    assert tile_rows(16, "N") == (12, 4, 1)
+    # one-row tiles keep 8 FMA chains in flight by splitting k
+    assert [k_split(1, 2), k_split(1, 1), k_split(2, 2), k_split(3, 2)] == [4, 4, 1, 1]
 
 
 def test_three_rows_are_one_micro_kernel():

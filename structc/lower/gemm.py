@@ -46,15 +46,16 @@ def tile_rows(vw: int, m=None) -> tuple[int, ...]:
     if isinstance(m, int):
         rest = m % main
         return tuple(r for r in (main if m >= main else 0, rest) if r) or (main,)
-    return (12, 8, 4, 2, 1) if vw == 16 else (6, 4, 2, 1)
+    return (12, 4, 1) if vw == 16 else (6, 2, 1)
 
 
 def k_split(mr: int, nv: int) -> int:
-    """Independent accumulator sets along k for a tile of mr x nv vectors, so
-    that about 8 FMA chains are in flight (two FMA pipes x four cycles of
-    latency): a 1 x 2 tile alone would wait on its own sums three cycles in four."""
-    chains = mr * nv
-    return 1 if chains >= 8 else min(4, -(-8 // chains))
+    """Independent accumulator sets along k for a one-row tile, so that 8 FMA
+    chains are in flight (two FMA pipes x four cycles of latency): a 1 x 2
+    tile alone would wait on its own sums three cycles in four. Tiles of more
+    rows are bound by their loads about as much as by latency, and each split
+    costs compile time in every module."""
+    return min(4, 8 // nv) if mr == 1 else 1
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
