@@ -49,14 +49,23 @@ def test_static_m_needs_one_remainder_tile():
     assert [k_split(1, 2), k_split(1, 1), k_split(2, 2), k_split(3, 2)] == [4, 4, 1, 1]
 
 
-def test_three_rows_are_one_micro_kernel():
-    """M = 3 streams B once through a 3-row tile (it took three 1-row passes)."""
-    sample = Sample(((3, 64), (64, 64)))
+def _forward_ir(a_shape, b_shape) -> str:
+    sample = Sample((a_shape, b_shape))
     mdef = op_graph(REGISTRY["matmul"], sample, sample.arrays(np.random.default_rng(0)))
     texts = {}
     compile_model(mdef, dump=lambda stage, text: texts.setdefault(stage, text), jit=False, parts=["forward"])
-    rows = set(re.findall(r"sc_mk(\d+)x", texts["llvm"]))
+    return texts["llvm"]
+
+
+def test_three_rows_are_one_micro_kernel():
+    """M = 3 streams B once through a 3-row tile (it took three 1-row passes)."""
+    rows = set(re.findall(r"sc_mk(\d+)x", _forward_ir((3, 64), (64, 64))))
     assert rows == {"3"}, rows
+
+
+def test_narrow_c_uses_no_column_panels():
+    """A 2-column C runs along k, not in 2 lanes of a column panel's micro-kernels."""
+    assert "sc_mk" not in _forward_ir((64, 128), (128, 2))
 
 
 @pytest.mark.parametrize("m,k,n,ta", [
@@ -76,7 +85,8 @@ def test_tiles_match_numpy(m, k, n, ta):
 
 @pytest.mark.slow
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 40), k=st.integers(1, 420), n=st.integers(1, 70), ta=st.booleans())
+@given(m=st.integers(1, 40), k=st.integers(1, 420), n=st.one_of(st.sampled_from([1, 2, 4]), st.integers(1, 70)),
+       ta=st.booleans())
 def test_random_static_shapes(m, k, n, ta):
     _check(m, k, n, ta)
 
