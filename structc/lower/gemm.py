@@ -31,9 +31,31 @@ KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
 MB = 192   # rows per task
 
 
-def tile_rows(vw: int) -> tuple[int, ...]:
-    """Row counts of the tile variants, largest first (remainders by halving)."""
+def main_rows(vw: int) -> int:
+    """Rows of the main tile: 12 x 2 vectors take 24 of AVX-512's 32 registers."""
+    return 12 if vw == 16 else 6
+
+
+def tile_rows(vw: int, m=None) -> tuple[int, ...]:
+    """Row counts of the tiles a kernel needs, largest first. With M known at
+    compile time only the main tile and the one remainder M % main exist
+    (row blocks are multiples of the main tile): one tile of exactly the
+    remaining rows, so B is streamed once more, not once per halving. With M
+    known only at run time, remainders decompose into halving tiles."""
+    main = main_rows(vw)
+    if isinstance(m, int):
+        rest = m % main
+        return tuple(r for r in (main if m >= main else 0, rest) if r) or (main,)
     return (12, 4, 1) if vw == 16 else (6, 2, 1)
+
+
+def k_split(mr: int, nv: int) -> int:
+    """Independent accumulator sets along k for a one-row tile, so that 8 FMA
+    chains are in flight (two FMA pipes x four cycles of latency): a 1 x 2
+    tile alone would wait on its own sums three cycles in four. Tiles of more
+    rows are bound by their loads about as much as by latency, and each split
+    costs compile time in every module."""
+    return min(4, 8 // nv) if mr == 1 else 1
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
@@ -46,7 +68,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     at compile time, symbols otherwise)."""
     vw = kb.vector_width
     nr = 2 * vw
-    rows = tile_rows(vw)
+    rows = tile_rows(vw, static_m)
 
     def tasks(cg):
         return cg.imul(cg.ceil_div(N(cg), nr), cg.ceil_div(M(cg), MB))
@@ -56,7 +78,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles
-    inline_main = kinds[0] and (not isinstance(static_m, int) or static_m >= rows[0])
+    inline_main = kinds[0] and rows[0] == main_rows(vw)
 
     with kb.kernel(name, tasks, cost=cost) as (cg, lo, hi):
         b = cg.b
@@ -216,7 +238,7 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> i
         row_off = cg.imul(cg.iadd(i0, r), n)
         acc.append([cg.var(vt, cg.load(C, cg.iadd(row_off, cols[v]), F32, vw, init_masks[v]))
                     for v in range(nv)])
-    _accumulate(cg, vw, acc, A, i0, a_si, a_sk, B, n, cols, col_masks, k0, k_end)
+    _accumulate(cg, vw, acc, A, i0, a_si, a_sk, B, n, cols, col_masks, k0, k_end, k_split(mr, nv))
     with b.if_else(direct) as (to_c, to_tile):
         with to_c:
             for r in range(mr):
@@ -232,19 +254,42 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> i
     return fn
 
 
-def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0, k_end) -> None:
+def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0, k_end, split: int = 1) -> None:
     """acc[r][v] += A[i0 + r, k] * B[k, cols[v]:+vw] for k in [k0, k_end): per
-    step, one vector of B per column vector, one broadcast of A per row."""
+    step, one vector of B per column vector, one broadcast of A per row. With
+    `split` > 1, consecutive k go to `split` accumulator sets (summed at the end)."""
     b = cg.b
     a_rows = [cg.imul(cg.iadd(i0, r), a_si) for r in range(len(acc))]
-    with cg.loop(k_end, start=k0, name="k") as k:
-        b_row = cg.imul(k, ldb)
-        bv = [cg.load(B, cg.iadd(b_row, col), F32, vw, m) for col, m in zip(cols, masks)]
-        a_k = cg.imul(k, a_sk)
-        for a_row, row in zip(a_rows, acc):
-            a = cg.splat(cg.load(A, cg.iadd(a_row, a_k)), vw)
-            for bvec, slot in zip(bv, row):
-                b.store(cg.fma(a, bvec, b.load(slot)), slot)
+    if split == 1:
+        with cg.loop(k_end, start=k0, name="k") as k:
+            _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k)
+        return
+    vt = ir.VectorType(F32, vw)
+    zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
+    sets = [acc] + [[[cg.var(vt, zero) for _ in row] for row in acc] for _ in range(split - 1)]
+    whole = cg.iadd(k0, cg.imul(b.sdiv(b.sub(k_end, k0), cg.i64(split)), split))
+    with cg.loop(whole, start=k0, step=split, name="ks") as k:
+        for s, part in enumerate(sets):
+            _k_step(cg, vw, part, A, a_rows, a_sk, B, ldb, cols, masks, cg.iadd(k, s))
+    with cg.loop(k_end, start=whole, name="kt") as k:
+        _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k)
+    for r, row in enumerate(acc):
+        for v, slot in enumerate(row):
+            total = b.load(slot)
+            for part in sets[1:]:
+                total = b.fadd(total, b.load(part[r][v]))
+            b.store(total, slot)
+
+
+def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k) -> None:
+    b = cg.b
+    b_row = cg.imul(k, ldb)
+    bv = [cg.load(B, cg.iadd(b_row, col), F32, vw, m) for col, m in zip(cols, masks)]
+    a_k = cg.imul(k, a_sk)
+    for a_row, row in zip(a_rows, acc):
+        a = cg.splat(cg.load(A, cg.iadd(a_row, a_k)), vw)
+        for bvec, slot in zip(bv, row):
+            b.store(cg.fma(a, bvec, b.load(slot)), slot)
 
 
 def _finish(t: _Ctx, i0, rows) -> None:
@@ -257,3 +302,72 @@ def _finish(t: _Ctx, i0, rows) -> None:
             value = cg.load(t.tile, cg.iadd(cg.imul(r, 2 * vw), cg.imul(v, vw)), F32, vw)
             row, col = cg.iadd(i0, r), cg.iadd(t.j0, cg.imul(v, vw))
             t.epilogue.emit(cg, [row, col], vw, mask, given={t.epilogue.anchor: value})
+
+
+#: C's widths the narrow kernel takes: a vector of B's flat rows then holds vw / N whole rows
+NARROW_N = (1, 2, 4)
+NARROW_ROWS = 8     # rows sharing each vector of B (eight FMA chains in flight)
+NARROW_MB = 64      # rows per task
+
+
+def emit_narrow(kb, *, M, K, n: int, a_buf, b_buf, epilogue, name):
+    """C = A @ B for a C of n (in NARROW_N) columns, A row-major [M, K], B [K, n].
+    The column-panel kernel would fill n of each vector's lanes; here vectors
+    run along k instead: B's flat data is vw/n consecutive rows of B, so lane
+    l multiplies A[i, k + l // n] (a short load of A spread by a shuffle) by
+    B[k + l // n, l % n], and folding the vector's halves leaves C[i, :]."""
+    vw = kb.vector_width
+    ks = vw // n                                   # k values per vector
+
+    def tasks(cg):
+        return cg.ceil_div(M(cg), NARROW_MB)
+
+    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB)) as (cg, lo, hi):
+        b = cg.b
+        m, k = M(cg), K(cg)
+        A, B = cg.ptr(a_buf), cg.ptr(b_buf)
+        i_end = cg.imin(cg.imul(hi, NARROW_MB), m)
+        i = cg.var(I64, cg.imul(lo, NARROW_MB))
+        whole = b.sub(i_end, cg.i64(NARROW_ROWS - 1))
+        with cg.while_(lambda: b.icmp_signed("<", b.load(i), whole)):
+            _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), NARROW_ROWS, epilogue)
+            b.store(cg.iadd(b.load(i), NARROW_ROWS), i)
+        with cg.while_(lambda: b.icmp_signed("<", b.load(i), i_end)):
+            _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), 1, epilogue)
+            b.store(cg.iadd(b.load(i), 1), i)
+
+
+def _narrow_rows(cg, vw, n, ks, A, B, m, k, i0, rows, epilogue) -> None:
+    """C[i0 : i0 + rows, :] through the epilogue."""
+    b = cg.b
+    vt = ir.VectorType(F32, vw)
+    acc = [cg.var(vt, cg.const(0.0, vt)) for _ in range(rows)]
+    a_rows = [cg.imul(cg.iadd(i0, r), k) for r in range(rows)]
+    spread = ir.Constant(ir.VectorType(ir.IntType(32), vw), [l // n for l in range(vw)])
+
+    def step(k0, masked):
+        b_mask = cg.lane_mask(b.sub(cg.imul(k, n), cg.imul(k0, n)), vw) if masked else None
+        a_mask = cg.lane_mask(b.sub(k, k0), ks) if masked else None
+        bv = cg.load(B, cg.imul(k0, n), F32, vw, b_mask)
+        for a_row, slot in zip(a_rows, acc):
+            a = cg.load(A, cg.iadd(a_row, k0), F32, ks, a_mask)
+            if ks != vw:
+                a = b.shuffle_vector(a, ir.Constant(a.type, ir.Undefined), spread)
+            b.store(cg.fma(a, bv, b.load(slot)), slot)
+
+    full = cg.imul(b.sdiv(k, cg.i64(ks)), ks)
+    with cg.loop(full, step=ks, name="nk") as k0:
+        step(k0, False)
+    with cg.if_(b.icmp_signed("<", full, k)):
+        step(full, True)
+    out_mask = cg.lane_mask(cg.i64(n), vw)
+    for r, slot in enumerate(acc):
+        v = b.load(slot)
+        width = vw
+        while width > n:            # lanes l and l + width/2 hold the same column
+            half = width // 2
+            lo_ = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half))))
+            hi_ = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half, width))))
+            v, width = b.fadd(lo_, hi_), half
+        wide = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), vw), [l % n for l in range(vw)]))
+        epilogue.emit(cg, [cg.iadd(i0, r), cg.i64(0)], vw, out_mask, given={epilogue.anchor: wide})

@@ -65,7 +65,7 @@ class MatMul(Op):
         return None
 
     def lower(self, kb, node, epilogue):
-        from ..lower.gemm import emit_gemm
+        from ..lower.gemm import NARROW_N, emit_gemm, emit_narrow
         ta = node.attrs.get("ta", False)
         a_id, b_id = node.inputs
         a_shape = kb.graph.nodes[a_id].shape
@@ -73,6 +73,10 @@ class MatMul(Op):
         n_dim = node.shape[1]
         one = lambda cg: cg.i64(1)
         m_of = lambda cg: cg.dim(m_dim)
+        if not ta and n_dim in NARROW_N:     # a few columns: vectors along k (A's rows are contiguous)
+            emit_narrow(kb, M=m_of, K=lambda cg: cg.dim(k_dim), n=n_dim, a_buf=a_id, b_buf=b_id,
+                        epilogue=epilogue, name=f"matmul{node.id}")
+            return
         emit_gemm(
             kb, M=m_of, N=lambda cg: cg.dim(n_dim), K=lambda cg: cg.dim(k_dim),
             a_buf=a_id,

@@ -1,0 +1,123 @@
+"""The matmul kernel's tiles (`lower/gemm.py`) against numpy: remainder rows,
+partial panels, transposed A, k-blocking, epilogues, static and run-time M."""
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import structc
+from structc.compiler import compile_model
+from structc.lower.gemm import k_split, tile_rows
+from structc.ops import REGISTRY
+from structc.ops.base import Sample
+from structc.model import Net
+from structc.native import JitModule, host_target
+from structc.testing import op_graph
+
+
+def _native_matmul(m, k, n, ta=False, seed=0):
+    """(native C, numpy C) for C = op(A) @ B compiled alone at static shapes."""
+    sample = Sample((((k, m) if ta else (m, k)), (k, n)), {"ta": True} if ta else {})
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(size=s).astype(np.float32) for s in sample.inputs]
+    mdef = op_graph(REGISTRY["matmul"], sample, arrays)
+    art = compile_model(mdef, parts=["forward"])        # the training part is not needed here
+    net = Net(art.meta, JitModule(art.object, host_target()))
+    for j, a in enumerate(arrays):
+        if f"p{j}" in net.params:
+            net.params[f"p{j}"][...] = a
+    given = {f"i{j}": a for j, a in enumerate(arrays) if f"i{j}" in mdef.inputs}
+    a, b = arrays
+    return net.forward(**given)["out"], (a.T if ta else a).astype(np.float64) @ b
+
+
+def _check(m, k, n, ta=False):
+    got, want = _native_matmul(m, k, n, ta)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k), err_msg=f"{m}x{k}x{n} ta={ta}")
+
+
+def test_static_m_needs_one_remainder_tile():
+    assert tile_rows(16, 13) == (12, 1)
+    assert tile_rows(16, 3) == (3,)
+    assert tile_rows(16, 200) == (12, 8)      # 192 + 8: the row blocks are multiples of 12
+    assert tile_rows(16, 36) == (12,)
+    assert tile_rows(8, 11) == (6, 5)
+    assert tile_rows(16, "N") == (12, 4, 1)
+    # one-row tiles keep 8 FMA chains in flight by splitting k
+    assert [k_split(1, 2), k_split(1, 1), k_split(2, 2), k_split(3, 2)] == [4, 4, 1, 1]
+
+
+def _forward_ir(a_shape, b_shape) -> str:
+    sample = Sample((a_shape, b_shape))
+    mdef = op_graph(REGISTRY["matmul"], sample, sample.arrays(np.random.default_rng(0)))
+    texts = {}
+    compile_model(mdef, dump=lambda stage, text: texts.setdefault(stage, text), jit=False, parts=["forward"])
+    return texts["llvm"]
+
+
+def test_three_rows_are_one_micro_kernel():
+    """M = 3 streams B once through a 3-row tile (it took three 1-row passes)."""
+    rows = set(re.findall(r"sc_mk(\d+)x", _forward_ir((3, 64), (64, 64))))
+    assert rows == {"3"}, rows
+
+
+def test_narrow_c_uses_no_column_panels():
+    """A 2-column C runs along k, not in 2 lanes of a column panel's micro-kernels."""
+    assert "sc_mk" not in _forward_ir((64, 128), (128, 2))
+
+
+@pytest.mark.parametrize("m,k,n,ta", [
+    (1, 192, 64, False),      # one row: a 1-row tile, k split four ways
+    (2, 37, 35, False),       # two rows, a partial second vector, k not a multiple of the split
+    (3, 5, 16, False),        # k shorter than the split
+    (13, 400, 20, False),     # main tile + 1 row, k-blocked (partial sums through C), one partial vector
+    (11, 7, 33, True),        # A^T, an 11-row tile, a 1-column tail panel
+    (1, 1, 1, False),
+    (9, 37, 2, False),        # narrow: vectors along k, 8 + 1 rows, a masked k tail
+    (20, 100, 4, False),
+    (1, 3, 1, False),
+])
+def test_tiles_match_numpy(m, k, n, ta):
+    _check(m, k, n, ta)
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 420), n=st.one_of(st.sampled_from([1, 2, 4]), st.integers(1, 70)),
+       ta=st.booleans())
+def test_random_static_shapes(m, k, n, ta):
+    _check(m, k, n, ta)
+
+
+def test_narrow_output_through_epilogue():
+    """A 2-column product with bias and sigmoid fused, at run-time M."""
+    net = structc.compile("""model S { input a: f32[N, 19]
+      param w: f32[19, 2] = normal(1)
+      param c: f32[2] = normal(1)
+      output y = sigmoid(a @ w + c) }""")
+    rng = np.random.default_rng(2)
+    for m in (1, 7, 8, 9, 70):
+        a = rng.normal(size=(m, 19)).astype(np.float32)
+        want = 1 / (1 + np.exp(-(a @ net.params["w"].astype(np.float64) + net.params["c"])))
+        np.testing.assert_allclose(net(a=a), want, rtol=1e-5, atol=1e-6, err_msg=f"M = {m}")
+
+
+@pytest.fixture(scope="module")
+def dense_relu():
+    """relu(A @ W + c) with M known only at run time: the halving tiles, through an epilogue."""
+    return structc.compile("""model E { input a: f32[N, 400]
+      param w: f32[400, 35] = normal(1)
+      param c: f32[35] = normal(1)
+      output y = relu(a @ w + c) }""")
+
+
+def test_runtime_rows_with_epilogue(dense_relu):
+    net = dense_relu
+    rng = np.random.default_rng(1)
+    w, c = net.params["w"].astype(np.float64), net.params["c"]
+    for m in list(range(1, 26)) + [31, 203]:      # every remainder 1..11 and past a 192-row block
+        a = rng.normal(size=(m, 400)).astype(np.float32)
+        want = np.maximum(a @ w + c, 0)
+        np.testing.assert_allclose(net(a=a), want, rtol=1e-4, atol=2e-3, err_msg=f"M = {m}")
