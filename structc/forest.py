@@ -575,12 +575,14 @@ def _assemble(**fields) -> Forest:
     integer arrays sealed as views of one immutable bytes object (one copy for
     all: a seal per array cost more than the arrays in a batch), the features
     on their own."""
-    ints = [np.asarray(fields[k], _I32) if fields[k] is not None else None for k in _INT_FIELDS]
-    flat = np.concatenate([v.reshape(-1) for v in ints if v is not None])
+    given = [(k, fields[k]) for k in _INT_FIELDS if fields[k] is not None]
+    # one cast-and-join (a batch's fields come as int16, int32 and int64 arrays)
+    flat = np.concatenate([v.reshape(-1) for _, v in given], dtype=_I32, casting="unsafe")
     sealed, at = np.frombuffer(flat.tobytes(), _I32), 0
-    for k, v in zip(_INT_FIELDS, ints):
-        if v is not None:
-            fields[k], at = sealed[at:at + v.size].reshape(v.shape), at + v.size
+    sizes = dict.fromkeys(_INT_FIELDS, 0)
+    for k, v in given:
+        size = sizes[k] = v.size
+        fields[k], at = sealed[at:at + size].reshape(v.shape), at + size
     if fields["features"] is not None:
         fields["features"] = _frozen(np.asarray(fields["features"], np.float32))
     fields.setdefault("node_words", None)
@@ -591,7 +593,7 @@ def _assemble(**fields) -> Forest:
         fields["node_features"] = _frozen(np.asarray(fields["node_features"], np.float32))
     # What Forest.concat reads of a part: the lengths of its fields in `_flat` (0
     # where absent), its arity and largest word id, as int64 bytes (it joins them).
-    sizes = [0 if v is None else v.size for v in ints] + [fields["children"].shape[1], fields["max_word"]]
+    sizes = [*sizes.values(), fields["children"].shape[1], fields["max_word"]]
     fields.update(_bound={}, _sizes=np.array(sizes, np.int64).tobytes(), _flat=sealed)
     f = object.__new__(Forest)
     for k, v in fields.items():
@@ -631,8 +633,10 @@ def _widened(flat: np.ndarray, nodes: np.ndarray, arity: np.ndarray, a: int) -> 
 
 def _restore(fields: dict) -> Forest:
     """A Forest from the fields `__reduce__` gave (unpickling, copying)."""
-    if any(fields[k] is not None and np.asarray(fields[k]).dtype != _I32 for k in _INT_FIELDS):
+    ints = {k: np.asarray(fields[k]) for k in _INT_FIELDS if fields[k] is not None}
+    if any(v.dtype != _I32 for v in ints.values()):
         raise ValueError("a pickled Forest's index arrays must be int32")
+    fields.update(ints)
     return _assemble(**fields)         # sealed again
 
 
