@@ -873,15 +873,35 @@ def bind_forest(name: str, value, spec: dict, vocab=None) -> tuple[dict[str, np.
     (words looked up in `vocab`), checked against the model's declaration
     `spec` (arity, vocab or features). A Forest remembers the result: its
     arrays are read-only."""
-    f = as_forest(value, arity=spec["arity"], vocab=vocab)
-    inner, mask = spec.get("inner", False), spec.get("mask", False)
-    key = (name, spec["arity"], spec.get("vocab"), spec.get("features"), inner, mask)
-    bound = f._bound.get(key)
-    if bound is None:
-        f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"), inner)
-        arrays = {f"{name}.{k}": v for k, v in f.arrays(spec["arity"], inner, mask).items()}
-        bound = f._bound[key] = (arrays, forest_dims(name, arrays))
-    return bound
+    return _ForestSpec(dict(spec, name=name)).bind(value, vocab)
+
+
+class _ForestSpec:
+    """One forest input's declaration, with what binding a forest to it needs
+    worked out once (names, the cache key), not at every call."""
+
+    __slots__ = ("name", "arity", "vocab", "features", "inner", "mask", "key", "names", "dims")
+
+    def __init__(self, spec: dict):
+        self.name, self.arity = spec["name"], spec["arity"]
+        self.vocab, self.features = spec.get("vocab"), spec.get("features")
+        self.inner, self.mask = spec.get("inner", False), spec.get("mask", False)
+        self.key = (self.name, self.arity, self.vocab, self.features, self.inner, self.mask)
+        self.names = {k: f"{self.name}.{k}" for k in ("children", "roots", "level_end", "words", "features",
+                                                      "node_words", "node_features", "child_mask")}
+        self.dims = tuple(f"{self.name}.{k}" for k in ("nodes", "leaves", "trees", "levels"))
+
+    def bind(self, value, vocab) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        f = value if value.__class__ is Forest else as_forest(value, arity=self.arity, vocab=vocab)
+        bound = f._bound.get(self.key)
+        if bound is None:
+            f.check(self.name, self.arity, self.vocab, self.features, self.inner)
+            made = f.arrays(self.arity, self.inner, self.mask)
+            arrays = {self.names[k]: v for k, v in made.items()}
+            leaves = made.get("words", made.get("features"))
+            sizes = (made["children"].shape[0], leaves.shape[0], made["roots"].shape[0], made["level_end"].shape[0])
+            bound = f._bound[self.key] = (arrays, dict(zip(self.dims, sizes)))
+        return bound
 
 
 class ForestBinder:
@@ -890,6 +910,7 @@ class ForestBinder:
 
     def __init__(self, specs: list[dict]):
         self.specs = specs
+        self._bound = [_ForestSpec(s) for s in specs]
         self.vocab = None       # word -> id for forests given as strings or tuples of words
 
     @classmethod
@@ -905,12 +926,12 @@ class ForestBinder:
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         out = dict(given)
-        for spec in self.specs:
-            name = spec["name"]
+        for spec in self._bound:
+            name = spec.name
             if name not in out:
                 raise TypeError(f"missing input '{name}': expected a forest (structc.Forest, "
                                 "bracketed tree strings or nested tuples)")
-            arrays, sizes = bind_forest(name, out.pop(name), spec, self.vocab)
+            arrays, sizes = spec.bind(out.pop(name), self.vocab)
             out.update(arrays)
             dims.update(sizes)      # bound even where no array of this entry point shows them
         return out

@@ -286,3 +286,29 @@ def test_distributed_feeds_of_graphs_are_the_feeder_s():
                 assert_same_graph(feed[key], value)
             else:
                 np.testing.assert_array_equal(feed[key], value)
+
+
+def test_forest_binder_binds_a_forest_once_per_declaration():
+    """The binder's per-input names and cache key are worked out once; a forest is
+    checked and bound once per declaration (the same arrays again), separately
+    for another declaration, and refused where it does not fit."""
+    from structc.forest import ForestBinder, bind_forest
+    forest = Forest.from_brackets("(3 (1 4) 2) (5)")
+    binder = ForestBinder([{"name": "t", "arity": 3, "vocab": 6}, {"name": "u", "arity": 2, "vocab": 6}])
+    dims: dict = {}
+    out = binder.expand({"t": forest, "u": forest, "y": 1}, dims)
+    assert sorted(out) == ["t.children", "t.level_end", "t.roots", "t.words",
+                           "u.children", "u.level_end", "u.roots", "u.words", "y"]
+    assert out["t.children"].shape == (forest.nodes, 3) and out["u.children"].shape == (forest.nodes, 2)
+    sizes = (forest.nodes, forest.leaves, forest.trees, forest.levels)
+    assert sizes == (4, 3, 2, 2)
+    assert dims == {f"{t}.{k}": n for t in "tu" for k, n in zip(("nodes", "leaves", "trees", "levels"), sizes)}
+    again = binder.expand({"t": forest, "u": forest}, {})
+    assert again["t.children"] is out["t.children"] and again["u.words"] is out["u.words"]
+    assert bind_forest("t", forest, {"arity": 3, "vocab": 6})[0]["t.children"] is out["t.children"]
+    with pytest.raises(ValueError, match="out of range"):
+        ForestBinder([{"name": "t", "arity": 3, "vocab": 5}]).expand({"t": forest}, {})
+    with pytest.raises(ValueError, match="declares arity 1"):
+        ForestBinder([{"name": "t", "arity": 1, "vocab": 6}]).expand({"t": forest}, {})
+    with pytest.raises(TypeError, match="missing input 't'"):
+        binder.expand({"u": forest}, {})
