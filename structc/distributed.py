@@ -88,13 +88,14 @@ def balance_batches(costs: Sequence[float], batch: int, size: int) -> np.ndarray
     padded = padded.reshape(rows, batch)
     order = np.argsort(-padded, axis=1, kind="stable")      # per batch: the largest first, ties by position
     ranked = np.take_along_axis(padded, order, axis=1)
+    added = np.where(np.isfinite(ranked), ranked, 0.0).T.copy()    # position by position
     loads = np.zeros((rows, size))
-    owner = np.empty((rows, batch), np.int64)
-    every = np.arange(rows)
-    for j in range(batch):
-        r = loads.argmin(axis=1)                            # the least-loaded rank, ties to the lowest
-        owner[:, j] = r
-        loads[every, r] += np.where(np.isfinite(ranked[:, j]), ranked[:, j], 0.0)
+    flat, first = loads.reshape(-1), np.arange(rows) * size
+    owner = np.empty((batch, rows), np.int64)
+    for j in range(batch):                                  # three numpy calls a position: it runs every epoch
+        loads.argmin(axis=1, out=owner[j])                  # the least-loaded rank, ties to the lowest
+        flat[first + owner[j]] += added[j]
+    owner = owner.T.copy()
     np.put_along_axis(owner, order, owner.copy(), axis=1)   # back to the items' positions
     return owner.reshape(-1)[:len(costs)]
 
