@@ -3,6 +3,7 @@
     python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3]
     python benchmarks/bench_distributed.py --feed [--repeats 5]     # the feeds alone, old way against the pool
     python benchmarks/bench_distributed.py --costs [--repeats 5]    # each part of a step: fixed + per item
+    python benchmarks/bench_distributed.py --contention --only trees gnn   # a rank's step alone / two at once
 
 For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
 (graph_families), runs the same epochs of the same global batches as
@@ -49,28 +50,20 @@ WORKLOADS = {   # name: (source or path, data set, global batch, optimizer, lr)
 
 
 class TimedComm:
-    """A communicator that adds up the time spent waiting for the gradients' sum
-    (`Iallreduce`'s Wait; DataParallel makes the next feed before it waits)."""
+    """A communicator that adds up the time spent in the gradients' sum (`Allreduce`,
+    waiting for the slower rank included; DataParallel makes the next feed before it)."""
 
     def __init__(self, comm):
         self.comm, self.seconds, self.cpu_seconds = comm, 0.0, 0.0
 
-    def Iallreduce(self, *args, **kwargs):
-        return TimedRequest(self, self.comm.Iallreduce(*args, **kwargs))
+    def Allreduce(self, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.comm.Allreduce(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
 
     def __getattr__(self, name):
         return getattr(self.comm, name)
-
-
-class TimedRequest:
-    def __init__(self, owner: TimedComm, request):
-        self.owner, self.request = owner, request
-
-    def Wait(self):
-        t0, c0 = time.perf_counter(), time.process_time()
-        self.request.Wait()
-        self.owner.seconds += time.perf_counter() - t0
-        self.owner.cpu_seconds += time.process_time() - c0
 
 
 def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
@@ -227,6 +220,53 @@ def cost_model(rounds: int, allreduce_us: float = 20.0) -> None:
         print(f"| {name} | implied 2-rank speed-up at a global batch of {size} | | | **{one / rank:.2f}x** |")
 
 
+def half_steps(name: str, epochs: int) -> None:
+    """CPU time per step of a rank's work without MPI (half of each global batch:
+    `distributed.feeds`, `grad_into_arena`, `apply_update`), the best of `epochs`
+    epochs after a first; prints JSON."""
+    import warnings
+
+    import numpy as np
+
+    import structc
+    from structc import datasets, distributed as dist
+    from structc.native import set_num_threads
+    warnings.simplefilter("ignore")
+    set_num_threads(1)
+    source, data_name, batch, optimizer, lr = WORKLOADS[name]
+    net = structc.compile(source)
+    data = datasets.load(data_name)
+    data.bind(net)
+    net.set_optimizer(optimizer)
+    items, rng, best = dist._train_items(data), np.random.default_rng(0), float("inf")
+    for _ in range(epochs + 1):
+        order = rng.permutation(items)
+        shares = [order[at:at + batch // 2] for at in range(0, len(order), batch)]
+        t = time.process_time()
+        for feed in dist.feeds(data, shares):
+            net.grad_into_arena(**feed)
+            net.apply_update(lr)
+        best = min(best, (time.process_time() - t) / len(shares)) if _ else best
+    print(json.dumps({"step_s": best}))
+
+
+def contention(names, epochs: int, repeats: int) -> None:
+    """A rank's work (`half_steps`) alone, then two copies at once (what 2 ranks do,
+    without MPI): how much a step's CPU time grows when both cores work."""
+    def launch(name, copies):
+        cmd = [sys.executable, __file__, "--half-steps", name, "--epochs", str(epochs)]
+        env = dict(os.environ, STRUCTC_NUM_THREADS="1")
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(copies)]
+        return max(json.loads(p.communicate()[0].strip().splitlines()[-1])["step_s"] for p in procs)
+    print(f"load average before: {os.getloadavg()[0]:.2f}\n")
+    print("| workload | a rank's step alone | two at once (the slower) | growth |\n|---|---|---|---|")
+    for name in names:
+        alone = min(launch(name, 1) for _ in range(repeats))
+        both = min(launch(name, 2) for _ in range(repeats))
+        print(f"| {name} | {1e6 * alone:.0f} us | {1e6 * both:.0f} us | {100 * (both / alone - 1):+.0f}% |")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
 def run(name: str, threads: int, distributed: bool, epochs: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(threads), "--epochs", str(epochs)]
     if distributed:
@@ -251,7 +291,14 @@ def main() -> None:
     p.add_argument("--only", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--feed", action="store_true", help="only time making the feeds (old way against the pool)")
     p.add_argument("--costs", action="store_true", help="only fit each step's parts as fixed + per item")
+    p.add_argument("--contention", action="store_true",
+                   help="only time a rank's work per step alone and as two copies at once (no MPI)")
+    p.add_argument("--half-steps", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.half_steps:
+        return half_steps(args.half_steps, args.epochs)
+    if args.contention:
+        return contention(args.only, args.epochs, args.repeats)
     if args.feed:
         return feed_times(args.repeats)
     if args.costs:

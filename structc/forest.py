@@ -498,7 +498,7 @@ class ForestPool:
         node_base = np.repeat(base[:, 0], sums[:, 0])
         rows = np.arange(n) - node_base + per_node[:, 0]
         height = self._height[rows]
-        key = np.repeat(np.arange(len(lengths), dtype=np.int64) * self._levels, sums[:, 0]) + height
+        key = _sort_key(len(lengths), self._levels, sums[:, 0], height)
         order = np.argsort(key, kind="stable")          # by batch, then height: each batch's schedule
         pos = np.empty(n, _I32)
         pos[order] = np.arange(n) - node_base           # the same batch boundaries before and after
@@ -545,6 +545,16 @@ class ForestPool:
         return idx.astype(np.int64, copy=False)
 
 
+def _sort_key(batches: int, levels: int, nodes: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """Each node's batch * levels + height, as uint16 when every key fits (numpy's
+    stable argsort is a radix sort for 16-bit ints: O(n), about 6x faster here
+    than int64's merge sort; the order is the same, as the keys are)."""
+    if batches * levels <= 2**16 and height.dtype == np.int16:
+        base = np.repeat(np.arange(batches, dtype=np.uint16) * np.uint16(levels), nodes)
+        return base + height.view(np.uint16)                 # heights are >= 0
+    return np.repeat(np.arange(batches, dtype=np.int64) * levels, nodes) + height
+
+
 def _per_node(forests: list[Forest], field: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:
     """Which forests carry a payload at every node (`field`), and those payloads
     over all of their nodes (zeros for forests without), or None when none does."""
@@ -565,12 +575,14 @@ def _assemble(**fields) -> Forest:
     integer arrays sealed as views of one immutable bytes object (one copy for
     all: a seal per array cost more than the arrays in a batch), the features
     on their own."""
-    ints = [np.asarray(fields[k], _I32) if fields[k] is not None else None for k in _INT_FIELDS]
-    flat = np.concatenate([v.reshape(-1) for v in ints if v is not None])
+    given = [(k, fields[k]) for k in _INT_FIELDS if fields[k] is not None]
+    # one cast-and-join (a batch's fields come as int16, int32 and int64 arrays)
+    flat = np.concatenate([v.reshape(-1) for _, v in given], dtype=_I32, casting="unsafe")
     sealed, at = np.frombuffer(flat.tobytes(), _I32), 0
-    for k, v in zip(_INT_FIELDS, ints):
-        if v is not None:
-            fields[k], at = sealed[at:at + v.size].reshape(v.shape), at + v.size
+    sizes = dict.fromkeys(_INT_FIELDS, 0)
+    for k, v in given:
+        size = sizes[k] = v.size
+        fields[k], at = sealed[at:at + size].reshape(v.shape), at + size
     if fields["features"] is not None:
         fields["features"] = _frozen(np.asarray(fields["features"], np.float32))
     fields.setdefault("node_words", None)
@@ -581,7 +593,7 @@ def _assemble(**fields) -> Forest:
         fields["node_features"] = _frozen(np.asarray(fields["node_features"], np.float32))
     # What Forest.concat reads of a part: the lengths of its fields in `_flat` (0
     # where absent), its arity and largest word id, as int64 bytes (it joins them).
-    sizes = [0 if v is None else v.size for v in ints] + [fields["children"].shape[1], fields["max_word"]]
+    sizes = [*sizes.values(), fields["children"].shape[1], fields["max_word"]]
     fields.update(_bound={}, _sizes=np.array(sizes, np.int64).tobytes(), _flat=sealed)
     f = object.__new__(Forest)
     for k, v in fields.items():
@@ -621,8 +633,10 @@ def _widened(flat: np.ndarray, nodes: np.ndarray, arity: np.ndarray, a: int) -> 
 
 def _restore(fields: dict) -> Forest:
     """A Forest from the fields `__reduce__` gave (unpickling, copying)."""
-    if any(fields[k] is not None and np.asarray(fields[k]).dtype != _I32 for k in _INT_FIELDS):
+    ints = {k: np.asarray(fields[k]) for k in _INT_FIELDS if fields[k] is not None}
+    if any(v.dtype != _I32 for v in ints.values()):
         raise ValueError("a pickled Forest's index arrays must be int32")
+    fields.update(ints)
     return _assemble(**fields)         # sealed again
 
 
@@ -859,15 +873,35 @@ def bind_forest(name: str, value, spec: dict, vocab=None) -> tuple[dict[str, np.
     (words looked up in `vocab`), checked against the model's declaration
     `spec` (arity, vocab or features). A Forest remembers the result: its
     arrays are read-only."""
-    f = as_forest(value, arity=spec["arity"], vocab=vocab)
-    inner, mask = spec.get("inner", False), spec.get("mask", False)
-    key = (name, spec["arity"], spec.get("vocab"), spec.get("features"), inner, mask)
-    bound = f._bound.get(key)
-    if bound is None:
-        f.check(name, spec["arity"], spec.get("vocab"), spec.get("features"), inner)
-        arrays = {f"{name}.{k}": v for k, v in f.arrays(spec["arity"], inner, mask).items()}
-        bound = f._bound[key] = (arrays, forest_dims(name, arrays))
-    return bound
+    return _ForestSpec(dict(spec, name=name)).bind(value, vocab)
+
+
+class _ForestSpec:
+    """One forest input's declaration, with what binding a forest to it needs
+    worked out once (names, the cache key), not at every call."""
+
+    __slots__ = ("name", "arity", "vocab", "features", "inner", "mask", "key", "names", "dims")
+
+    def __init__(self, spec: dict):
+        self.name, self.arity = spec["name"], spec["arity"]
+        self.vocab, self.features = spec.get("vocab"), spec.get("features")
+        self.inner, self.mask = spec.get("inner", False), spec.get("mask", False)
+        self.key = (self.name, self.arity, self.vocab, self.features, self.inner, self.mask)
+        self.names = {k: f"{self.name}.{k}" for k in ("children", "roots", "level_end", "words", "features",
+                                                      "node_words", "node_features", "child_mask")}
+        self.dims = tuple(f"{self.name}.{k}" for k in ("nodes", "leaves", "trees", "levels"))
+
+    def bind(self, value, vocab) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        f = value if value.__class__ is Forest else as_forest(value, arity=self.arity, vocab=vocab)
+        bound = f._bound.get(self.key)
+        if bound is None:
+            f.check(self.name, self.arity, self.vocab, self.features, self.inner)
+            made = f.arrays(self.arity, self.inner, self.mask)
+            arrays = {self.names[k]: v for k, v in made.items()}
+            leaves = made.get("words", made.get("features"))
+            sizes = (made["children"].shape[0], leaves.shape[0], made["roots"].shape[0], made["level_end"].shape[0])
+            bound = f._bound[self.key] = (arrays, dict(zip(self.dims, sizes)))
+        return bound
 
 
 class ForestBinder:
@@ -876,6 +910,7 @@ class ForestBinder:
 
     def __init__(self, specs: list[dict]):
         self.specs = specs
+        self._bound = [_ForestSpec(s) for s in specs]
         self.vocab = None       # word -> id for forests given as strings or tuples of words
 
     @classmethod
@@ -891,12 +926,12 @@ class ForestBinder:
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         out = dict(given)
-        for spec in self.specs:
-            name = spec["name"]
+        for spec in self._bound:
+            name = spec.name
             if name not in out:
                 raise TypeError(f"missing input '{name}': expected a forest (structc.Forest, "
                                 "bracketed tree strings or nested tuples)")
-            arrays, sizes = bind_forest(name, out.pop(name), spec, self.vocab)
+            arrays, sizes = spec.bind(out.pop(name), self.vocab)
             out.update(arrays)
             dims.update(sizes)      # bound even where no array of this entry point shows them
         return out

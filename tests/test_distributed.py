@@ -306,3 +306,54 @@ def test_without_mpi4py_the_message_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     with pytest.raises(ImportError, match=r"pip install 'structc\[mpi\]'"):
         distributed.mpi()
+
+
+class _RecordingComm:
+    """MPI.COMM_WORLD of this one process, noting each sum of the gradient arena."""
+
+    def __init__(self, comm, log):
+        self.comm, self.log = comm, log
+
+    def Allreduce(self, *args, **kwargs):
+        self.log.append("Allreduce")
+        self.comm.Allreduce(*args, **kwargs)
+
+    def Iallreduce(self, *args, **kwargs):
+        self.log.append("Iallreduce")
+        return self.comm.Iallreduce(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+
+def test_train_steps_sums_with_a_blocking_allreduce_after_the_next_feed(rng):
+    """One blocking Allreduce per step (MPICH's shared-memory path; Iallreduce + Wait
+    ran a slower generic schedule), made after the next feed, also when making that
+    feed fails; the losses and parameters are those of train_step after train_step."""
+    _need_mpi()
+    from structc.distributed import DataParallel, mpi
+    nets = [structc.compile(ROOT / "examples" / "digits_mlp.snet") for _ in range(2)]
+    log: list[str] = []
+    comm = _RecordingComm(mpi().COMM_WORLD, log)
+    dps = [DataParallel(net, comm, abort_on_error=False) for net in nets]
+    batches = [{"x": rng.random((9, 64)).astype(np.float32), "y": rng.integers(0, 10, 9).astype(np.int32)}
+               for _ in range(3)]
+
+    def feeds():
+        for k, feed in enumerate(batches):
+            log.append(f"feed {k}")
+            yield feed
+    log.clear()
+    lazily = list(dps[0].train_steps(feeds(), lr=0.05))
+    assert log == ["feed 0", "feed 1", "Allreduce", "feed 2", "Allreduce", "Allreduce"]
+    assert lazily == [dps[1].train_step(0.05, **feed) for feed in batches]
+    for k in nets[0].params:
+        assert np.array_equal(nets[0].params[k], nets[1].params[k]), k
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("no second feed")
+    log.clear()
+    with pytest.raises(RuntimeError, match="no second feed"):
+        list(dps[0].train_steps(failing(), lr=0.05))
+    assert log == ["Allreduce"]             # this rank still took part in the step's sum

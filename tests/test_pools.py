@@ -175,6 +175,24 @@ def test_forest_pool_takes_many_batches_as_it_takes_each(seed, kind, size, batch
             assert_identical_forests(forest, pool.take(items))
 
 
+@pytest.mark.parametrize("batches", [21, 22])     # keys fit uint16 (radix sort), or not (int64)
+def test_take_many_sort_keys_on_both_sides_of_16_bits(batches):
+    """take_many sorts by batch * levels + height in uint16 while every key fits:
+    21 batches of a pool 3121 levels deep fit (65541 keys > 2**16 do not at 22)."""
+    from structc.forest import _sort_key
+    levels = 3121
+    chain = np.full((levels, 1), -1)
+    chain[1:, 0] = np.arange(levels - 1)           # node i's child is node i - 1
+    pool = ForestPool([Forest.from_arrays(chain, np.zeros(levels, int)), Forest.from_brackets("(1 2) (3 (4 5))")])
+    assert pool._levels == levels
+    key = _sort_key(batches, levels, np.full(batches, 2), np.array([0, 1] * batches, np.int16))
+    assert key.dtype == (np.uint16 if batches * levels <= 2**16 else np.int64)
+    np.testing.assert_array_equal(key, np.repeat(np.arange(batches) * levels, 2) + np.tile([0, 1], batches))
+    wanted = [np.array([1, 0, 1]) if b % 5 == 0 else np.array([1, 1]) for b in range(batches)]
+    for forest, items in zip(pool.take_many(wanted), wanted):
+        assert_identical_forests(forest, pool.take(items))
+
+
 def test_take_many_checks_like_take():
     rng = np.random.default_rng(8)
     pool = ForestPool([random_forest(rng, "words") for _ in range(3)])
@@ -268,3 +286,29 @@ def test_distributed_feeds_of_graphs_are_the_feeder_s():
                 assert_same_graph(feed[key], value)
             else:
                 np.testing.assert_array_equal(feed[key], value)
+
+
+def test_forest_binder_binds_a_forest_once_per_declaration():
+    """The binder's per-input names and cache key are worked out once; a forest is
+    checked and bound once per declaration (the same arrays again), separately
+    for another declaration, and refused where it does not fit."""
+    from structc.forest import ForestBinder, bind_forest
+    forest = Forest.from_brackets("(3 (1 4) 2) (5)")
+    binder = ForestBinder([{"name": "t", "arity": 3, "vocab": 6}, {"name": "u", "arity": 2, "vocab": 6}])
+    dims: dict = {}
+    out = binder.expand({"t": forest, "u": forest, "y": 1}, dims)
+    assert sorted(out) == ["t.children", "t.level_end", "t.roots", "t.words",
+                           "u.children", "u.level_end", "u.roots", "u.words", "y"]
+    assert out["t.children"].shape == (forest.nodes, 3) and out["u.children"].shape == (forest.nodes, 2)
+    sizes = (forest.nodes, forest.leaves, forest.trees, forest.levels)
+    assert sizes == (4, 3, 2, 2)
+    assert dims == {f"{t}.{k}": n for t in "tu" for k, n in zip(("nodes", "leaves", "trees", "levels"), sizes)}
+    again = binder.expand({"t": forest, "u": forest}, {})
+    assert again["t.children"] is out["t.children"] and again["u.words"] is out["u.words"]
+    assert bind_forest("t", forest, {"arity": 3, "vocab": 6})[0]["t.children"] is out["t.children"]
+    with pytest.raises(ValueError, match="out of range"):
+        ForestBinder([{"name": "t", "arity": 3, "vocab": 5}]).expand({"t": forest}, {})
+    with pytest.raises(ValueError, match="declares arity 1"):
+        ForestBinder([{"name": "t", "arity": 1, "vocab": 6}]).expand({"t": forest}, {})
+    with pytest.raises(TypeError, match="missing input 't'"):
+        binder.expand({"u": forest}, {})
