@@ -14,13 +14,12 @@ entry with its arrays bound once, on one thread. Rows:
     a batch of M rows);
   * narrow N in {1, 2, 4, 10}: C = A @ B with B [K, N].
 
-The FMA peak is measured by a loop of independent vector FMAs compiled
-with llvmlite (16 accumulators, AVX-512 when the host has it).
+The FMA peak is `structc.profile.fma_peak` (24 independent chains of vector
+FMAs, AVX-512 when the host has it), as bench_conv and bench_lstm report it.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import time
 
@@ -83,50 +82,10 @@ def structc_matmul(m: int, k: int, n: int, ta: bool = False):
 
 
 def fma_peak() -> float:
-    """GFLOP/s of a loop of 16 independent vector FMAs per iteration (one core)."""
-    import llvmlite.binding as llvm
-    from llvmlite import ir
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    vw = 16 if "avx512f" in open("/proc/cpuinfo").read() else 8
-    f32 = ir.FloatType()
-    vt = ir.VectorType(f32, vw)
-    mod = ir.Module("peak")
-    mod.triple = llvm.get_process_triple()
-    fn = ir.Function(mod, ir.FunctionType(f32, [ir.IntType(64)]), "peak")
-    fma = ir.Function(mod, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{vw}f32")
-    entry, loop, done = (fn.append_basic_block(s) for s in ("entry", "loop", "done"))
-    b = ir.IRBuilder(entry)
-    x = ir.Constant(vt, [ir.Constant(f32, 1.0000001)] * vw)
-    b.branch(loop)
-    b.position_at_end(loop)
-    i = b.phi(ir.IntType(64))
-    i.add_incoming(ir.Constant(ir.IntType(64), 0), entry)
-    accs = []
-    for r in range(16):
-        p = b.phi(vt)
-        p.add_incoming(ir.Constant(vt, [ir.Constant(f32, r * 0.01)] * vw), entry)
-        accs.append(p)
-    new = [b.call(fma, [acc, x, x]) for acc in accs]
-    for p, v in zip(accs, new):
-        p.add_incoming(v, loop)
-    nxt = b.add(i, ir.Constant(ir.IntType(64), 1))
-    i.add_incoming(nxt, loop)
-    b.cbranch(b.icmp_signed("<", nxt, fn.args[0]), loop, done)
-    b.position_at_end(done)
-    total = new[0]
-    for v in new[1:]:
-        total = b.fadd(total, v)
-    b.ret(b.extract_element(total, ir.Constant(ir.IntType(32), 0)))
-    tm = llvm.Target.from_default_triple().create_target_machine(
-        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=2)
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(mod)), tm)
-    engine.finalize_object()
-    peak = ctypes.CFUNCTYPE(ctypes.c_float, ctypes.c_int64)(engine.get_function_address("peak"))
-    iters = 2_000_000
-    best = min(timed(lambda: peak(iters), seconds=0.1) for _ in range(3))
-    fma_peak.engine = engine        # keep the code alive
-    return iters * 16 * vw * 2 / best / 1e9
+    """GFLOP/s of one core's independent vector FMAs: structc.profile's
+    measurement (the one bench_conv and bench_lstm report too)."""
+    from structc.profile import fma_peak as measure
+    return measure()
 
 
 def cases(quick: bool):
