@@ -130,7 +130,7 @@ def structc_matmul(n: int):
     arrays, dims = net._bind(entry, {"a": a})
     dvals = tuple(dims.get(s, 1) for s in net._symbols)
     outs = [np.empty((n, n), np.float32)]
-    ws = net._workspace(entry, dvals)
+    ws = net._workspace(net._workspace_size(entry, dvals))
     pa, ga, sa = net._arena_addrs
     expected = a @ net.params["w"]
 
