@@ -936,9 +936,3 @@ class ForestBinder:
             dims.update(sizes)      # bound even where no array of this entry point shows them
         return out
 
-
-def forest_dims(name: str, arrays: dict[str, np.ndarray]) -> dict[str, int]:
-    """The symbols of forest input `name`, from its arrays."""
-    leaves = arrays.get(f"{name}.words", arrays.get(f"{name}.features"))
-    return {f"{name}.nodes": arrays[f"{name}.children"].shape[0], f"{name}.leaves": leaves.shape[0],
-            f"{name}.trees": arrays[f"{name}.roots"].shape[0], f"{name}.levels": arrays[f"{name}.level_end"].shape[0]}
