@@ -397,6 +397,6 @@ def test_atlas_is_every_small_graph_labelled_connected_or_not():
 def test_atlas_example_reaches_the_accuracy_the_readme_states(tmp_path, capsys):
     example = Path(__file__).parent.parent / "examples" / "atlas_gnn.snet"
     assert main(["train", str(example), "--data", "atlas", "--epochs", "40", "--optimizer", "adam",
-                 "--lr", "0.01", "--out", str(tmp_path / "atlas.npz"), "--no-progress"]) == 0
+                 "--lr", "0.003", "--out", str(tmp_path / "atlas.npz"), "--no-progress"]) == 0
     accuracy = float(capsys.readouterr().out.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%"))
-    assert accuracy >= 97.0          # README: 98.4% (80% are connected: always guessing so gives 79.6%)
+    assert accuracy >= 97.0          # README: 98.0% (80% are connected: always guessing so gives 79.6%)
