@@ -386,8 +386,9 @@ fail:
     return NULL;
 }
 
-/* run(kwargs) -> {name: output}, or None when the Python path must take this call. */
-static PyObject *plan_run(CallPlan *p, PyObject *kwargs) {
+/* {name: output} (`single`: the output itself when there is one), or None when
+ * the Python path must take this call. */
+static PyObject *plan_execute(CallPlan *p, PyObject *kwargs, int single) {
     if (!PyDict_CheckExact(kwargs) || PyDict_GET_SIZE(kwargs) != p->n_in) Py_RETURN_NONE;
     int64_t dims[PLAN_MAX_SYMBOLS] = {0};      /* all set: nothing uninitialised reaches the entry */
     for (Py_ssize_t k = 0; k < p->n_sym; k++) dims[k] = -1;
@@ -432,9 +433,14 @@ static PyObject *plan_run(CallPlan *p, PyObject *kwargs) {
         PyErr_Format(PyExc_RuntimeError, "%U: native code reported error %d", p->model, (int)status);
         goto done;
     }
-    result = PyDict_New();
-    for (Py_ssize_t k = 0; result && k < n_out; k++)
-        if (PyDict_SetItem(result, p->out[k].name, outs[k]) < 0) Py_CLEAR(result);
+    if (single && n_out == 1) {
+        result = outs[0];
+        Py_INCREF(result);
+    } else {
+        result = PyDict_New();
+        for (Py_ssize_t k = 0; result && k < n_out; k++)
+            if (PyDict_SetItem(result, p->out[k].name, outs[k]) < 0) Py_CLEAR(result);
+    }
     if (result) p->calls++;
     goto done;
 decline:
@@ -449,10 +455,15 @@ done:
     return result;
 }
 
+static PyObject *plan_run(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 0); }
+
+static PyObject *plan_call(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 1); }
+
 static PyObject *plan_calls(CallPlan *p, void *closure) { return PyLong_FromUnsignedLongLong(p->calls); }
 
 static PyMethodDef plan_methods[] = {
     {"run", (PyCFunction)plan_run, METH_O, "run(kwargs) -> {name: output}, or None: the Python path takes the call"},
+    {"call", (PyCFunction)plan_call, METH_O, "call(kwargs) -> as run, but the output itself when there is one"},
     {"set_workspace", (PyCFunction)(void (*)(void))plan_set_workspace, METH_FASTCALL,
      "set_workspace(owner, address, size): the workspace grown by the Net, under its lock"},
     {NULL, NULL, 0, NULL},

@@ -144,6 +144,8 @@ class _NoPlan:
     def run(inputs):
         return None
 
+    call = run
+
     @staticmethod
     def set_workspace(owner, address: int, size: int) -> None:
         pass
@@ -514,9 +516,10 @@ class Net:
 
     def __call__(self, **inputs):
         """The forward pass: the output array (a dict when there are several)."""
-        outs = self._forward_plan.run(inputs)      # not through forward(): a frame less per call
-        if outs is None:
-            outs = self._run("forward", inputs, 0)[0]
+        out = self._forward_plan.call(inputs)      # the array itself when there is one output
+        if out is not None:
+            return out
+        outs = self._run("forward", inputs, 0)[0]
         return next(iter(outs.values())) if len(outs) == 1 else outs
 
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
