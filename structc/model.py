@@ -8,7 +8,8 @@ the GIL for the duration of the call.
 Calls on one `Net` are serialised by a lock (the arenas and the
 hyper-parameters are shared state); inputs are checked before it is taken,
 so threads overlap their checking, and calls on different `Net`s run in
-parallel.
+parallel. A forward call on ndarrays as declared is checked and run in C
+(`_call_plan`); any other call takes the Python path (`_run`).
 """
 from __future__ import annotations
 

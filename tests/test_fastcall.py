@@ -82,9 +82,11 @@ def test_fast_and_python_paths_agree_bitwise(mlp, mixed, n, m):
     x = np.random.default_rng(n).random((n, 64), dtype=np.float32)
     slow = slow_path(mlp, {"x": x})          # first: it grows the workspace for this batch
     assert fast_calls(mlp, lambda: assert_same_outputs(mlp.forward(x=x), slow)) == 1
+    assert fast_calls(mlp, lambda: assert_same_outputs({"probs": mlp(x=x)}, slow)) == 1   # the array itself
     given_ = valid(n, m)
     slow = slow_path(mixed, given_)
     assert fast_calls(mixed, lambda: assert_same_outputs(mixed.forward(**given_), slow)) == 1
+    assert fast_calls(mixed, lambda: assert_same_outputs(mixed(**given_), slow)) == 1      # several: a dict
 
 
 def test_a_call_needing_more_workspace_grows_it_through_python(mlp):
