@@ -89,7 +89,7 @@ def test_fast_and_python_paths_agree_bitwise(mlp, mixed, n, m):
     assert fast_calls(mixed, lambda: assert_same_outputs(mixed(**given_), slow)) == 1      # several: a dict
 
 
-def test_a_call_needing_more_workspace_grows_it_through_python(mlp):
+def test_a_call_needing_more_workspace_grows_it_through_python():
     net = structc.compile(EXAMPLES / "digits_mlp.snet")
     small, large = (np.ones((n, 64), np.float32) for n in (1, 300))
     assert fast_calls(net, lambda: net(x=small)) == 0      # no workspace yet
