@@ -2,8 +2,8 @@
 
 It owns the parameter, gradient and optimiser-state arenas (numpy arrays
 whose memory the native code reads and writes), checks every input before
-native code runs, and calls the entry points through ctypes, which releases
-the GIL for the duration of the call.
+native code runs, and calls the entry points through `_runtime.invoke`
+(runtime/pymodule.c), which releases the GIL for the duration of the call.
 
 Calls on one `Net` are serialised by a lock (the arenas and the
 hyper-parameters are shared state); inputs are checked before it is taken,
@@ -794,8 +794,17 @@ def _as_array(spec: _Input, value) -> np.ndarray:
                             f"got dtype {arr.dtype}")
         if arr.dtype != spec.dtype:
             arr = arr.astype(spec.dtype)
-    if not arr.flags.c_contiguous or not arr.flags.aligned:
+    return _contiguous_aligned(arr)
+
+
+def _contiguous_aligned(arr: np.ndarray) -> np.ndarray:
+    """`arr`, or a copy that is C-contiguous and aligned to its dtype: native
+    code reads whole elements (ascontiguousarray returns a contiguous but
+    misaligned view as it is, so a misaligned one is copied)."""
+    if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
+    if not arr.flags.aligned:
+        arr = arr.copy()
     return arr
 
 
@@ -819,9 +828,7 @@ def _from_dlpack(spec: _Input, tensor) -> np.ndarray:
                             f"{getattr(tensor, 'dtype', arr.dtype)}, the model expects {spec.describe()} "
                             f"({want.name}); convert it yourself (structc does not cast a tensor's values)")
         return _as_array(spec, arr)          # integers: a copy, checked to fit, values unchanged
-    if not arr.flags.c_contiguous or not arr.flags.aligned:
-        arr = np.ascontiguousarray(arr)
-    return arr
+    return _contiguous_aligned(arr)
 
 
 def _kind_of(tensor) -> str:
