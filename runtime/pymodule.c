@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "structc_rt.h"
+#include "sc_pools.h"
 
 typedef int32_t (*entry_fn)(void *params, void *grads, void *state, void *workspace, void **inputs,
                             void **outputs, const int64_t *dims, const float *hyper, int64_t mode);
@@ -130,6 +131,11 @@ static PyMethodDef methods[] = {
      "first_out_of_range(buffer, lo, hi) -> index of the first element outside [lo, hi), or -1"},
     {"invoke", (PyCFunction)(void (*)(void))invoke, METH_FASTCALL,
      "invoke(fn, params, grads, state, workspace, inputs, outputs, dims, hyper, mode) -> status"},
+    /* batch assembly for the data sets' pools (sc_pools.c) */
+    {"forest_take", (PyCFunction)(void (*)(void))sc_forest_take, METH_FASTCALL,
+     "forest_take(items, height, block, roots, idx, width, word_payload) -> a ForestPool batch's arrays"},
+    {"graph_take", (PyCFunction)(void (*)(void))sc_graph_take, METH_FASTCALL,
+     "graph_take(counts, starts, edges, nodes, idx, x, edge_x) -> a GraphPool batch's arrays"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -175,22 +175,17 @@ def test_forest_pool_takes_many_batches_as_it_takes_each(seed, kind, size, batch
             assert_identical_forests(forest, pool.take(items))
 
 
-@pytest.mark.parametrize("batches", [21, 22])     # keys fit uint16 (radix sort), or not (int64)
-def test_take_many_sort_keys_on_both_sides_of_16_bits(batches):
-    """take_many sorts by batch * levels + height in uint16 while every key fits:
-    21 batches of a pool 3121 levels deep fit (65541 keys > 2**16 do not at 22)."""
-    from structc.forest import _sort_key
-    levels = 3121
-    chain = np.full((levels, 1), -1)
-    chain[1:, 0] = np.arange(levels - 1)           # node i's child is node i - 1
-    pool = ForestPool([Forest.from_arrays(chain, np.zeros(levels, int)), Forest.from_brackets("(1 2) (3 (4 5))")])
-    assert pool._levels == levels
-    key = _sort_key(batches, levels, np.full(batches, 2), np.array([0, 1] * batches, np.int16))
-    assert key.dtype == (np.uint16 if batches * levels <= 2**16 else np.int64)
-    np.testing.assert_array_equal(key, np.repeat(np.arange(batches) * levels, 2) + np.tile([0, 1], batches))
-    wanted = [np.array([1, 0, 1]) if b % 5 == 0 else np.array([1, 1]) for b in range(batches)]
-    for forest, items in zip(pool.take_many(wanted), wanted):
-        assert_identical_forests(forest, pool.take(items))
+@pytest.mark.parametrize("deep", [2**15 - 2, 2**15 + 1])
+def test_forest_pool_heights_of_both_widths(deep):
+    """A pool keeps heights as int16 while every forest is at most 2**15 levels
+    deep, as int32 beyond: the batches are concat's either way."""
+    chain = np.full((deep, 1), -1)
+    chain[1:, 0] = np.arange(deep - 1)             # node i's child is node i - 1
+    forests = [Forest.from_arrays(chain, np.zeros(deep, int)), Forest.from_brackets("(1 2) (3 (4 5))")]
+    pool = ForestPool(forests)
+    assert pool._height.dtype == (np.int16 if deep <= 2**15 else np.int32)
+    for items in ([1, 0, 1], [0, 1], [1, 1]):
+        assert_identical_forests(pool.take(items), Forest.concat([forests[k] for k in items]))
 
 
 def test_take_many_checks_like_take():
