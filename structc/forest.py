@@ -478,16 +478,26 @@ class ForestPool:
         return f
 
     def _checked(self, items) -> np.ndarray:
-        """`items` as int64 positions in the pool (a clear error otherwise)."""
-        idx = np.asarray(items)
-        if idx.size == 0:
-            raise ValueError("a forest needs at least one tree")
-        if idx.dtype.kind not in "iu" or idx.ndim != 1:
-            raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
-        if idx.min() < 0 or idx.max() >= len(self.forests):
-            raise ValueError(f"item {int(idx.min() if idx.min() < 0 else idx.max())} is outside the pool's "
-                             f"[0, {len(self.forests)})")
-        return idx.astype(np.int64, copy=False)
+        """`items` as int64 positions (a clear error otherwise; the C side checks each
+        against the pool, so only a single item, taken as it is, is checked here)."""
+        idx = _positions(items, "a forest needs at least one tree")
+        if len(idx) == 1 and not 0 <= idx[0] < len(self.forests):
+            raise ValueError(f"item {int(idx[0])} is outside the pool's [0, {len(self.forests)})")
+        return idx
+
+
+def _positions(items, empty: str) -> np.ndarray:
+    """`items`, a 1-D array of positions, as int64 (TypeError, or ValueError(`empty`))."""
+    idx = items if items.__class__ is np.ndarray else np.asarray(items)
+    if idx.size == 0:
+        raise ValueError(empty)
+    if idx.dtype.kind not in "iu" or idx.ndim != 1:
+        raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
+    if idx.dtype != np.int64:
+        if idx.dtype == np.uint64 and idx.max() > _I32_MAX:      # would wrap to a negative int64
+            raise ValueError(f"item {int(idx.max())} is outside the pool")
+        idx = idx.astype(np.int64)
+    return idx
 
 
 def _per_node(forests: list[Forest], field: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:

@@ -141,6 +141,56 @@ def test_graph_pool_checks():
         GraphPool([plain, typed])
 
 
+def test_pool_batches_are_sealed_and_items_checked():
+    from test_batching import assert_sealed
+    rng = np.random.default_rng(6)
+    forests = ForestPool([random_forest(rng, "inner features") for _ in range(3)])
+    got = forests.take([2, 0, 2])
+    assert_sealed([got.children, got.words if got.words is not None else got.features, got.roots, got.level_end,
+                   got.index, got.tree_of, got.node_features, got._flat])
+    graphs = GraphPool([random_graph(rng, "edge_x types") for _ in range(3)])
+    got = graphs.take([1, 1, 0])
+    assert_sealed(got.arrays.values())
+    assert_sealed([got.x, got.edge_x, got.order])
+    for pool in (forests, graphs):
+        for bad in ([0, 3], [-1], [3], np.array([0, 2**63], np.uint64)):
+            with pytest.raises(ValueError, match="outside the pool"):
+                pool.take(bad)
+        with pytest.raises(ValueError, match="outside the pool"):
+            pool.take_many([[0, 1], [1, -2]])
+        with pytest.raises(TypeError, match="positions"):
+            pool.take(np.zeros((2, 1), int))
+
+
+def test_pools_refuse_arrays_that_would_lead_out_of_bounds():
+    """The C assembly reads indices from the pool's arrays: each is checked against
+    the array it indexes (an error, never a read outside it)."""
+    rng = np.random.default_rng(7)
+    forests = [Forest.from_brackets("(1 (2 3) (4 5 6))"), Forest.from_brackets("(7 8) (9 (1 2))")]
+
+    def spoiled(change):
+        pool = ForestPool(forests)
+        change(pool)
+        with pytest.raises(ValueError, match="inconsistent pool"):
+            pool.take([0, 1])
+
+    spoiled(lambda p: p._block.__setitem__((4, 0), 5))          # a child before its forest's first node
+    spoiled(lambda p: p._roots.__setitem__(0, 10**6))           # a root outside the pool
+    spoiled(lambda p: p._height.__setitem__(0, 200))            # a level past the forest's size
+    spoiled(lambda p: p._items.__setitem__((1, 8), 10**6))      # an item's rows outside the pool
+    spoiled(lambda p: p._items.__setitem__((1, 6), 5))          # wider than the children's columns
+
+    def spoiled_graphs(change):
+        pool = GraphPool([random_graph(rng, "plain") for _ in range(2)])
+        change(pool)
+        with pytest.raises(ValueError, match="inconsistent pool"):
+            pool.take([0, 1])
+
+    spoiled_graphs(lambda p: p._nodes.__setitem__((3, 0), 7))      # a graph id past the item's graphs
+    spoiled_graphs(lambda p: p._starts.__setitem__((1, 0), 10**6))  # an item's nodes outside the pool
+    spoiled_graphs(lambda p: p._counts.__setitem__((1, 1), 10**6))  # more edges than the pool holds
+
+
 def test_data_sets_batch_from_their_pool_and_see_changes():
     from structc.treedata import TreeDataset
     data = TreeDataset("t", ["(1 (0 2) (1 3))", "(0 4)", "(1 (1 5) (0 (1 2) 3))"], ["(0 1)"],
