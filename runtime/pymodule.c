@@ -135,7 +135,7 @@ static PyMethodDef methods[] = {
     {"forest_take", (PyCFunction)(void (*)(void))sc_forest_take, METH_FASTCALL,
      "forest_take(items, height, block, roots, idx, width, word_payload) -> a ForestPool batch's arrays"},
     {"graph_take", (PyCFunction)(void (*)(void))sc_graph_take, METH_FASTCALL,
-     "graph_take(counts, starts, edges, nodes, idx, x, edge_x) -> a GraphPool batch's arrays"},
+     "graph_take(counts, starts, edges, nodes, idx, x, edge_x, max_type) -> a GraphPool batch's arrays"},
     {NULL, NULL, 0, NULL},
 };
 

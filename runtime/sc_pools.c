@@ -247,20 +247,22 @@ fail:
 
 enum { G_NODES, G_EDGES, G_GRAPHS };
 
-/* graph_take(counts, starts, edges, nodes, idx, x, edge_x) ->
- *     (edges, nodes, gptr, order, x, edge_x, nodes, edges, graphs)
+/* graph_take(counts, starts, edges, nodes, idx, x, edge_x, max_type) ->
+ *     (edges, nodes, gptr, order, x, edge_x, nodes, edges, graphs, max_type)
  * counts, starts: int64 [pool items, 3] (nodes, edges, graphs of each, and where
  * they start); edges: int32 [rows, pool edges] (src, dst_t, eid_t, order, then the
  * types); nodes: int32 [4, pool nodes] (ptr, ptr_t, nptr, graph); idx: int64
- * [batch]; x, edge_x: float32 [pool nodes or edges, width] or None.
+ * [batch]; x, edge_x: float32 [pool nodes or edges, width] or None; max_type: int64
+ * [pool items], each item's largest edge type (-1: none).
  * Returns the union's blocks (int32 [rows, edges], int32 [4, nodes + 1]), gptr
- * (int32 [graphs + 1]), order (int64 [edges]), x and edge_x (float32, or None). */
+ * (int32 [graphs + 1]), order (int64 [edges]), x and edge_x (float32, or None), its
+ * size and its largest edge type. */
 PyObject *sc_graph_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "graph_take takes 7 arguments");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "graph_take takes 8 arguments");
         return NULL;
     }
-    Py_buffer v[7];
+    Py_buffer v[8];
     int got = 0, feats[2] = {args[5] != Py_None, args[6] != Py_None};
     const char *names[5] = {"counts", "starts", "edges", "nodes", "idx"};
     const Py_ssize_t sizes[5] = {8, 8, 4, 4, 8};
@@ -271,11 +273,14 @@ PyObject *sc_graph_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (view_of(args[5 + k], &v[got], 4, k ? "edge_x" : "x") < 0) goto fail;
             got++;
         }
+    Py_buffer *types = &v[got];
+    if (view_of(args[7], types, 8, "max_type") < 0) goto fail;
+    got++;
     const int64_t *counts = v[0].buf, *starts = v[1].buf, *idx = v[4].buf;
     const int32_t *pool_edges = v[2].buf, *pool_nodes = v[3].buf;
     const Py_ssize_t items = v[0].len / 24, batch = v[4].len / 8;
     /* the blocks' shapes: edges [rows, pool edges], nodes [4, pool nodes], features [rows, width] */
-    if (v[0].len % 24 || v[1].len != v[0].len || v[2].ndim != 2 || v[2].shape[0] < 4 || v[2].shape[0] > 6 ||
+    if (v[0].len % 24 || v[1].len != v[0].len || types->len * 3 != v[0].len || v[2].ndim != 2 || v[2].shape[0] < 4 || v[2].shape[0] > 6 ||
         v[3].ndim != 2 || v[3].shape[0] != 4) {
         broken_pool("the arrays' shapes disagree");
         goto fail;
@@ -291,7 +296,7 @@ PyObject *sc_graph_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "cannot batch an empty list of items");
         goto fail;
     }
-    int64_t total[3] = {0, 0, 0};
+    int64_t total[3] = {0, 0, 0}, max_type = -1;
     for (Py_ssize_t j = 0; j < batch; j++) {
         if (idx[j] < 0 || idx[j] >= items) {
             PyErr_Format(PyExc_ValueError, "item %lld is outside the pool's [0, %zd)", (long long)idx[j], items);
@@ -304,6 +309,8 @@ PyObject *sc_graph_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         for (int c = 0; c < 3; c++) total[c] += cnt[c];
+        const int64_t top = ((const int64_t *)types->buf)[idx[j]];
+        if (top > max_type) max_type = top;
     }
     if (total[0] >= INT32_MAX || total[1] >= INT32_MAX || total[2] >= INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "batch too large for 32-bit indices: %lld nodes, %lld edges, %lld graphs",
@@ -359,8 +366,8 @@ PyObject *sc_graph_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     release_all(v, got);
     for (int k = 4; k < 6; k++)
         if (!made[k]) made[k] = Py_NewRef(Py_None);
-    return Py_BuildValue("(NNNNNNLLL)", made[0], made[1], made[2], made[3], made[4], made[5], (long long)n,
-                         (long long)m, (long long)g);
+    return Py_BuildValue("(NNNNNNLLLL)", made[0], made[1], made[2], made[3], made[4], made[5], (long long)n,
+                         (long long)m, (long long)g, (long long)max_type);
 fail_made:
     for (int k = 0; k < 6; k++) Py_XDECREF(made[k]);
 fail:

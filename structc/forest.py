@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+import struct
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ from . import _runtime
 
 _I32 = np.int32
 _I32_MAX = int(np.iinfo(np.int32).max)
+_SIZES = struct.Struct("=10q")         # a Forest's `_sizes`: 10 int64 in native order, as numpy writes them
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -470,7 +472,7 @@ class ForestPool:
         fields["node_words"] = np.frombuffer(node_words, _I32) if node_words is not None else None
         fields["node_features"] = (_frozen(self._node_features[np.frombuffer(rows, np.int64)])
                                    if rows is not None else None)
-        fields.update(max_word=max_word, _bound={}, _sizes=np.array([*sizes, a, max_word], np.int64).tobytes(),
+        fields.update(max_word=max_word, _bound={}, _sizes=_SIZES.pack(*sizes, a, max_word),
                       _flat=flat)
         f = object.__new__(Forest)
         for k, v in fields.items():

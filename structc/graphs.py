@@ -30,6 +30,7 @@ make them writeable), so what native code reads is what was checked.
 from __future__ import annotations
 
 import hashlib
+import struct
 import threading
 import weakref
 from types import MappingProxyType
@@ -41,6 +42,7 @@ from . import _runtime
 from .forest import _positions
 
 _I32_MAX = np.iinfo(np.int32).max
+_SIZES = struct.Struct("=7q")          # a Graph's `_sizes`: 7 int64 in native order, as numpy writes them
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -121,8 +123,8 @@ class Graph:
         # What batch() reads of a part, as int64 bytes (it joins those of all parts):
         # nodes, edges, graphs, feature widths (-1 for none), edge rows, largest edge type.
         widths = [-1 if v is None else v.shape[1] for v in (self.x, self.edge_x)]
-        sizes = [self.num_nodes, self.num_edges, self.num_graphs, *widths, len(self._edges), self.max_type]
-        self.__dict__["_sizes"] = np.array(sizes, np.int64).tobytes()
+        self.__dict__["_sizes"] = _SIZES.pack(self.num_nodes, self.num_edges, self.num_graphs, *widths,
+                                              len(self._edges), self.max_type)
 
     def __reduce__(self):
         # pickle and copy rebuild through _restore, which seals the arrays again (in new blocks)
@@ -342,7 +344,7 @@ class GraphPool:
         self.graphs = parts
         self._counts = np.ascontiguousarray(sizes[:, :3])              # nodes, edges, graphs of each
         self._starts = np.cumsum(self._counts, axis=0) - self._counts   # where each one's rows are here
-        self._max_type = sizes[:, 6]
+        self._max_type = np.ascontiguousarray(sizes[:, 6])
         self._edges = np.concatenate([p._edges for p in parts], axis=1)
         self._nodes = np.concatenate([p._nodes for p in parts], axis=1)
         self._x = np.concatenate([p.x for p in parts]) if parts[0].x is not None else None
@@ -367,8 +369,8 @@ class GraphPool:
     def _assembled(self, idx: np.ndarray) -> Graph:
         """The union of items `idx` (checked), its blocks made in C (runtime/sc_pools.c:
         each item's rows copied plus its offsets in the union, as `batch` makes them)."""
-        edges, nodes, gptr, order, x, edge_x, n, m, k = _runtime.graph_take(
-            self._counts, self._starts, self._edges, self._nodes, idx, self._x, self._edge_x)
+        edges, nodes, gptr, order, x, edge_x, n, m, k, max_type = _runtime.graph_take(
+            self._counts, self._starts, self._edges, self._nodes, idx, self._x, self._edge_x, self._max_type)
         edges = np.frombuffer(edges, np.int32).reshape(len(self._edges), m)
         nodes = np.frombuffer(nodes, np.int32).reshape(4, n + 1)
         arrays = dict(zip(_EDGE_ROWS, edges))
@@ -380,7 +382,7 @@ class GraphPool:
                    x=np.frombuffer(x, np.float32).reshape(n, self._x.shape[1]) if x is not None else None,
                    edge_x=(np.frombuffer(edge_x, np.float32).reshape(m, self._edge_x.shape[1])
                            if edge_x is not None else None),
-                   max_type=int(self._max_type[idx].max()), _edges=edges, _nodes=nodes[:, :n], arrays=arrays,
+                   max_type=max_type, _edges=edges, _nodes=nodes[:, :n], arrays=arrays,
                    order=np.frombuffer(order, np.int64))
         return union
 
