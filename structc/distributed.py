@@ -386,7 +386,7 @@ def item_costs(data) -> np.ndarray | None:
 def feeder(data):
     """items -> the feed of those training items of a data set (as its `batches`
     makes them; {} for none). Trees and graphs come from the data set's pool,
-    looked up once here (once per epoch), so a feed is a few gathers."""
+    looked up once here (once per epoch), so a feed is one pass in C."""
     from .graph_datasets import GraphDataset
     from .treedata import TreeDataset
     if isinstance(data, TreeDataset):
@@ -399,15 +399,14 @@ def feeder(data):
     return lambda items: {x: data.x_train[items], y: data.y_train[items]} if len(items) else {}
 
 
-#: how many batches' forests or graphs are assembled in one pass (`take_many`)
+#: how many batches' forests or graphs are asked for at a time (`take_many`)
 CHUNK = 16
 
 
 def feeds(data, shares) -> Iterator[dict]:
     """The feed of each of `shares` (arrays of training items) in turn, as `feeder`
-    makes them; forests and graphs are assembled `CHUNK` batches at a time
-    (`take_many`: one pass of gathers for all of them), which saves most of a
-    feed's per-call cost."""
+    makes them; forests and graphs are asked for `CHUNK` batches at a time
+    (`take_many`: every batch of a chunk checked before any is made)."""
     from .graph_datasets import GraphDataset
     from .treedata import TreeDataset
     if isinstance(data, TreeDataset):

@@ -387,9 +387,9 @@ class Forest:
 class ForestPool:
     """Forests parsed once and batched many times (a data set's items):
     `pool.take(items)` is `Forest.concat([forests[k] for k in items])`, the
-    same arrays bit for bit, from a few gathers over arrays built once here
-    (no work per forest, so a batch's cost follows its nodes, not the count of
-    forests or calls). Every forest must carry the same kind of payload (words
+    same arrays bit for bit, assembled in C from arrays built once here (one
+    pass over the batch's nodes: a batch's cost follows its nodes, not the
+    count of forests). Every forest must carry the same kind of payload (words
     or features)."""
 
     __slots__ = ("forests", "_items", "_width", "_height", "_block", "_roots", "_features",
@@ -417,9 +417,9 @@ class ForestPool:
         has_node_words, node_words = _per_node(forests, "node_words", _I32)
         has_node_features, self._node_features = _per_node(forests, "node_features", np.float32)
         self.forests = forests
-        # Per forest, one row (a batch gathers them at once and reduces them column by
-        # column): nodes, trees, leaves (summed); labels, words at every node, features
-        # at every node (any, all); arity, largest word (max); its first node and tree here.
+        # Per forest, one row (a batch sums or reduces them column by column, in C):
+        # nodes, trees, leaves (summed); labels, words at every node, features at every
+        # node (any, all); arity, largest word (max); its first node and tree here.
         self._items = np.column_stack([nodes, trees, np.add.reduceat(is_leaf.astype(np.int64), node_start),
                                        labelled, has_node_words, has_node_features, arity, sizes[:, 9],
                                        node_start, tree_start]).astype(np.int64)

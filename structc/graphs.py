@@ -329,9 +329,9 @@ def batch(graphs: Iterable) -> Graph:
 class GraphPool:
     """Graphs checked once and batched many times (a data set's items):
     `pool.take(items)` is `batch([graphs[k] for k in items])`, the same Graph
-    bit for bit, from one gather per block over arrays joined once here (no
-    work per graph, so a batch's cost follows its nodes and edges, not the
-    count of graphs or calls). The graphs must carry the same kinds of data."""
+    bit for bit, assembled in C from blocks joined once here (each item's rows
+    copied with its offsets in the union: a batch's cost follows its nodes and
+    edges). The graphs must carry the same kinds of data."""
 
     __slots__ = ("graphs", "_counts", "_starts", "_max_type", "_edges", "_nodes", "_x", "_edge_x")
 
