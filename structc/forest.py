@@ -499,7 +499,7 @@ def _positions(items, empty: str) -> np.ndarray:
         if idx.dtype == np.uint64 and idx.max() > _I32_MAX:      # would wrap to a negative int64
             raise ValueError(f"item {int(idx.max())} is outside the pool")
         idx = idx.astype(np.int64)
-    return idx
+    return np.ascontiguousarray(idx)          # C reads it as a buffer (a slice with a step is not one)
 
 
 def _per_node(forests: list[Forest], field: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:

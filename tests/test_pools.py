@@ -160,6 +160,10 @@ def test_pool_batches_are_sealed_and_items_checked():
             pool.take_many([[0, 1], [1, -2]])
         with pytest.raises(TypeError, match="positions"):
             pool.take(np.zeros((2, 1), int))
+    every_other = np.array([2, 9, 0, 9, 1], np.int64)[::2]      # not contiguous
+    assert_identical_forests(forests.take(every_other), Forest.concat([forests.forests[k] for k in [2, 0, 1]]))
+    assert_same_graph(graphs.take(every_other), batch([graphs.graphs[k] for k in [2, 0, 1]]))
+    assert_same_graph(graphs.take(np.array([1, 2], np.uint8)), batch([graphs.graphs[k] for k in [1, 2]]))
 
 
 def test_pools_refuse_arrays_that_would_lead_out_of_bounds():
