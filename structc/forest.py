@@ -496,7 +496,7 @@ def _positions(items, empty: str) -> np.ndarray:
     if idx.dtype.kind not in "iu" or idx.ndim != 1:
         raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
     if idx.dtype != np.int64:
-        if idx.dtype == np.uint64 and idx.max() > _I32_MAX:      # would wrap to a negative int64
+        if idx.dtype == np.uint64 and idx.max() > _I32_MAX:      # no pool is that large (past 2**63: negative)
             raise ValueError(f"item {int(idx.max())} is outside the pool")
         idx = idx.astype(np.int64)
     return np.ascontiguousarray(idx)          # C reads it as a buffer (a slice with a step is not one)
