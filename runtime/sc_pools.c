@@ -280,8 +280,8 @@ PyObject *sc_graph_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const int32_t *pool_edges = v[2].buf, *pool_nodes = v[3].buf;
     const Py_ssize_t items = v[0].len / 24, batch = v[4].len / 8;
     /* the blocks' shapes: edges [rows, pool edges], nodes [4, pool nodes], features [rows, width] */
-    if (v[0].len % 24 || v[1].len != v[0].len || types->len * 3 != v[0].len || v[2].ndim != 2 || v[2].shape[0] < 4 || v[2].shape[0] > 6 ||
-        v[3].ndim != 2 || v[3].shape[0] != 4) {
+    if (v[0].len % 24 || v[1].len != v[0].len || types->len * 3 != v[0].len || v[2].ndim != 2 ||
+        v[2].shape[0] < 4 || v[2].shape[0] > 6 || v[3].ndim != 2 || v[3].shape[0] != 4) {
         broken_pool("the arrays' shapes disagree");
         goto fail;
     }
