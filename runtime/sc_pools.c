@@ -105,23 +105,9 @@ typedef struct {
     int64_t *rows;
 } forest_out;
 
-/* Nodes placed level by level (a stable counting sort by height: each forest is in
- * schedule order, so this merges them level by level as a stable sort would), then
- * each node's fields written at its place; a child, earlier in its forest, is placed
- * before its parent. */
-static int forest_fill(const forest_pool *p, const forest_totals *t, forest_out *o) {
-    int64_t *next = calloc((size_t)t->levels + 1, sizeof *next);
-    if (!next) { PyErr_NoMemory(); return -1; }
-    for (Py_ssize_t j = 0; j < p->batch; j++) {
-        const int64_t *it = p->items + p->idx[j] * ITEM_COLS;
-        for (int64_t r = 0; r < it[NODES]; r++) next[height_at(p, it[NODE_START] + r) + 1]++;
-    }
-    for (int64_t h = 0; h < t->levels; h++) {
-        next[h + 1] += next[h];
-        o->level_end[h] = (int32_t)next[h + 1];
-    }
-    int status = 0;
-    if (next[1] != t->leaves) { status = broken_pool("the leaves' counts disagree"); goto done; }
+/* Each node's fields written at its place, `next[h]` being the next free place
+ * of level h; a child, earlier in its forest, is placed before its parent. */
+static int forest_place(const forest_pool *p, const forest_totals *t, forest_out *o, int64_t *next) {
     int64_t at = 0, tree_at = 0;                   /* the batch's nodes and trees so far */
     const Py_ssize_t cols = p->cols, w = p->width, a = t->arity;
     for (Py_ssize_t j = 0; j < p->batch; j++) {
@@ -134,7 +120,7 @@ static int forest_fill(const forest_pool *p, const forest_totals *t, forest_out 
             o->index[at] = (int32_t)to;
             o->height[to] = (int32_t)h;
             for (Py_ssize_t c = 0; c < a; c++) {          /* b[c]: how many rows before its parent a child is */
-                if (b[c] > r) { status = broken_pool("a child is outside its forest"); goto done; }
+                if (b[c] > r) return broken_pool("a child is outside its forest");
                 o->children[to * a + c] = b[c] > 0 ? o->index[at - b[c]] : -1;
             }
             o->tree_of[to] = (int32_t)(b[w] - tree_shift);
@@ -147,15 +133,91 @@ static int forest_fill(const forest_pool *p, const forest_totals *t, forest_out 
             if (o->rows) o->rows[to] = row;
         }
         for (int64_t r = 0; r < it[TREES]; r++) {
-            int64_t root = p->roots[it[TREE_START] + r] - it[NODE_START];
-            if (root < 0 || root >= it[NODES]) { status = broken_pool("a root is outside its forest"); goto done; }
+            const int64_t root = p->roots[it[TREE_START] + r] - it[NODE_START];
+            if (root < 0 || root >= it[NODES]) return broken_pool("a root is outside its forest");
             o->roots[tree_at + r] = o->index[first + root];
         }
         tree_at += it[TREES];
     }
-done:
+    return 0;
+}
+
+/* Nodes placed level by level: a stable counting sort by height (each forest is in
+ * schedule order, so this merges them level by level as a stable sort would). */
+static int forest_fill(const forest_pool *p, const forest_totals *t, forest_out *o) {
+    int64_t *next = calloc((size_t)t->levels + 1, sizeof *next);
+    if (!next) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < p->batch; j++) {
+        const int64_t *it = p->items + p->idx[j] * ITEM_COLS;
+        for (int64_t r = 0; r < it[NODES]; r++) next[height_at(p, it[NODE_START] + r) + 1]++;
+    }
+    for (int64_t h = 0; h < t->levels; h++) {
+        next[h + 1] += next[h];
+        o->level_end[h] = (int32_t)next[h + 1];
+    }
+    const int status = next[1] != t->leaves ? broken_pool("the leaves' counts disagree") : forest_place(p, t, o, next);
     free(next);
     return status;
+}
+
+/* The batch's arrays as new bytes objects, filled: the sealed buffer (children,
+ * height, level_end, roots, tree_of, words if the leaves carry words, labels if
+ * any item is labelled, index), then leaf_rows, node_words, rows or None. */
+static PyObject *forest_batch(const forest_pool *p, const forest_totals *t, int word_payload) {
+    const int64_t n = t->nodes, words = word_payload ? t->leaves : 0, labels = t->labelled ? n : 0;
+    const Py_ssize_t size[4] = {4 * (n * t->arity + n + t->levels + t->trees + n + words + labels + n),
+                                word_payload ? -1 : 4 * t->leaves, t->node_words ? 4 * n : -1,
+                                t->node_features ? 8 * n : -1};
+    PyObject *made[4] = {NULL};
+    void *data[4] = {NULL};
+    forest_out o = {0};
+    int32_t *s = NULL;
+    for (int k = 0; k < 4; k++) {
+        made[k] = size[k] < 0 ? Py_NewRef(Py_None) : bytes_of(size[k], &data[k]);
+        if (!made[k]) goto fail;
+    }
+    o.leaf_rows = data[1], o.node_words = data[2], o.rows = data[3];
+    s = data[0];
+    o.children = s, s += n * t->arity;
+    o.height = s, s += n;
+    o.level_end = s, s += t->levels;
+    o.roots = s, s += t->trees;
+    o.tree_of = s, s += n;
+    if (word_payload) o.words = s, s += t->leaves;
+    if (t->labelled) o.labels = s, s += n;
+    o.index = s;
+    if (forest_fill(p, t, &o) < 0) goto fail;
+    return Py_BuildValue("(NNNNLLLLLLL)", made[0], made[1], made[2], made[3], (long long)n, (long long)t->trees,
+                         (long long)t->leaves, (long long)t->levels, (long long)t->arity, (long long)t->labelled,
+                         (long long)t->max_word);
+fail:
+    for (int k = 0; k < 4; k++) Py_XDECREF(made[k]);
+    return NULL;
+}
+
+/* The pool's views and shapes from the buffers, or -1 when they disagree. */
+static int forest_pool_of(forest_pool *p, const Py_buffer *v, Py_ssize_t width) {
+    if ((v[1].itemsize != 2 && v[1].itemsize != 4) || v[1].len % v[1].itemsize) {
+        PyErr_SetString(PyExc_TypeError, "height: expected int16 or int32");
+        return -1;
+    }
+    *p = (forest_pool){
+        .items = v[0].buf, .height = v[1].buf, .height_wide = v[1].itemsize == 4, .block = v[2].buf,
+        .roots = v[3].buf, .idx = v[4].buf, .pool_items = v[0].len / (8 * ITEM_COLS),
+        .pool_nodes = v[1].len / v[1].itemsize, .pool_trees = v[3].len / 8, .batch = v[4].len / 8, .width = width,
+        .cols = v[2].ndim == 2 ? v[2].shape[1] : 0,
+    };
+    if (v[0].len % (8 * ITEM_COLS) || v[2].ndim != 2 || v[2].shape[0] != p->pool_nodes || width < 1 ||
+        p->cols < width + 3)
+        return broken_pool("the arrays' shapes disagree");
+    if (p->batch < 1) {
+        PyErr_SetString(PyExc_ValueError, "a forest needs at least one tree");
+        return -1;
+    }
+    return 0;
 }
 
 /* forest_take(items, height, block, roots, idx, width, word_payload) ->
@@ -173,79 +235,147 @@ PyObject *sc_forest_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "forest_take takes 7 arguments");
         return NULL;
     }
-    Py_ssize_t width = PyLong_AsSsize_t(args[5]);
-    int word_payload = PyObject_IsTrue(args[6]);
+    const Py_ssize_t width = PyLong_AsSsize_t(args[5]);
+    const int word_payload = PyObject_IsTrue(args[6]);
     if (PyErr_Occurred() || word_payload < 0) return NULL;
+    static const char *names[5] = {"items", "height", "block", "roots", "idx"};
+    static const Py_ssize_t sizes[5] = {8, 0, 4, 8, 8};       /* height: int16 or int32, checked below */
     Py_buffer v[5];
-    int got = 0;
-    if (view_of(args[0], &v[got], 8, "items") < 0) goto fail;
-    got++;
-    if (PyObject_GetBuffer(args[1], &v[got], PyBUF_C_CONTIGUOUS) < 0) goto fail;
-    got++;
-    if ((v[1].itemsize != 2 && v[1].itemsize != 4) || v[1].len % v[1].itemsize) {
-        PyErr_SetString(PyExc_TypeError, "height: expected int16 or int32");
-        goto fail;
+    int held = 0;
+    PyObject *result = NULL;
+    for (; held < 5; held++) {
+        int bad = sizes[held] ? view_of(args[held], &v[held], sizes[held], names[held])
+                              : PyObject_GetBuffer(args[held], &v[held], PyBUF_C_CONTIGUOUS);
+        if (bad < 0) goto done;
     }
-    if (view_of(args[2], &v[got], 4, "block") < 0) goto fail;
-    got++;
-    if (view_of(args[3], &v[got], 8, "roots") < 0) goto fail;
-    got++;
-    if (view_of(args[4], &v[got], 8, "idx") < 0) goto fail;
-    got++;
-    forest_pool p = {
-        .items = v[0].buf, .height = v[1].buf, .height_wide = v[1].itemsize == 4, .block = v[2].buf,
-        .roots = v[3].buf, .idx = v[4].buf, .pool_items = v[0].len / (8 * ITEM_COLS),
-        .pool_nodes = v[1].len / v[1].itemsize, .pool_trees = v[3].len / 8, .batch = v[4].len / 8, .width = width,
-    };
-    p.cols = v[2].ndim == 2 ? v[2].shape[1] : 0;
-    if (v[0].len % (8 * ITEM_COLS) || v[2].ndim != 2 || v[2].shape[0] != p.pool_nodes || width < 1 ||
-        p.cols < width + 3) {
-        broken_pool("the arrays' shapes disagree");
-        goto fail;
-    }
-    if (p.batch < 1) {
-        PyErr_SetString(PyExc_ValueError, "a forest needs at least one tree");
-        goto fail;
-    }
+    forest_pool p;
     forest_totals t;
-    if (forest_totals_of(&p, &t) < 0) goto fail;
-    const int64_t n = t.nodes, words = word_payload ? t.leaves : 0, labels = t.labelled ? n : 0;
-    const int64_t sealed_ints = n * t.arity + n + t.levels + t.trees + n + words + labels + n;
-    forest_out o = {0};
-    void *data[4] = {0};
-    PyObject *made[4] = {bytes_of(4 * sealed_ints, &data[0]), NULL, NULL, NULL};
-    if (made[0] && !word_payload) made[1] = bytes_of(4 * t.leaves, &data[1]);
-    if (made[0] && t.node_words) made[2] = bytes_of(4 * n, &data[2]);
-    if (made[0] && t.node_features) made[3] = bytes_of(8 * n, &data[3]);
-    if (!made[0] || (!word_payload && !made[1]) || (t.node_words && !made[2]) || (t.node_features && !made[3]))
-        goto fail_made;
-    int32_t *s = data[0];
-    o.children = s, s += n * t.arity;
-    o.height = s, s += n;
-    o.level_end = s, s += t.levels;
-    o.roots = s, s += t.trees;
-    o.tree_of = s, s += n;
-    if (word_payload) o.words = s, s += t.leaves;
-    if (t.labelled) o.labels = s, s += n;
-    o.index = s;
-    o.leaf_rows = data[1], o.node_words = data[2], o.rows = data[3];
-    if (forest_fill(&p, &t, &o) < 0) goto fail_made;
-    release_all(v, got);
-    for (int k = 1; k < 4; k++)
-        if (!made[k]) made[k] = Py_NewRef(Py_None);
-    return Py_BuildValue("(NNNNLLLLLLL)", made[0], made[1], made[2], made[3], (long long)n, (long long)t.trees,
-                         (long long)t.leaves, (long long)t.levels, (long long)t.arity, (long long)t.labelled,
-                         (long long)t.max_word);
-fail_made:
-    for (int k = 0; k < 4; k++) Py_XDECREF(made[k]);
-fail:
-    release_all(v, got);
-    return NULL;
+    if (forest_pool_of(&p, v, width) == 0 && forest_totals_of(&p, &t) == 0) result = forest_batch(&p, &t, word_payload);
+done:
+    release_all(v, held);
+    return result;
 }
 
 /* -- graphs -------------------------------------------------------------------- */
 
 enum { G_NODES, G_EDGES, G_GRAPHS };
+
+typedef struct {
+    const int64_t *counts, *starts, *max_type, *idx;   /* per item: [3], [3], largest edge type */
+    const int32_t *edges, *nodes;                       /* [edge_rows, pool_m], [4, pool_n] */
+    const float *x, *edge_x;                            /* [pool_n, dx], [pool_m, de], or NULL */
+    Py_ssize_t items, batch, edge_rows, pool_m, pool_n, dx, de;
+} graph_pool;
+
+typedef struct {
+    int64_t nodes, edges, graphs, max_type;
+} graph_totals;
+
+/* The pool's views and shapes from the buffers (edges, nodes and features by
+ * their 2-D shapes), or -1 when they disagree. */
+static int graph_pool_of(graph_pool *p, Py_buffer *v, const Py_buffer *x, const Py_buffer *ex,
+                         const Py_buffer *types) {
+    *p = (graph_pool){.counts = v[0].buf, .starts = v[1].buf, .edges = v[2].buf, .nodes = v[3].buf,
+                      .idx = v[4].buf, .max_type = types->buf, .items = v[0].len / 24, .batch = v[4].len / 8};
+    if (v[0].len % 24 || v[1].len != v[0].len || types->len * 3 != v[0].len || v[2].ndim != 2 ||
+        v[2].shape[0] < 4 || v[2].shape[0] > 6 || v[3].ndim != 2 || v[3].shape[0] != 4)
+        return broken_pool("the arrays' shapes disagree");
+    p->edge_rows = v[2].shape[0], p->pool_m = v[2].shape[1], p->pool_n = v[3].shape[1];
+    if ((x && (x->ndim != 2 || x->shape[0] != p->pool_n)) || (ex && (ex->ndim != 2 || ex->shape[0] != p->pool_m)))
+        return broken_pool("the features' shapes disagree with the blocks'");
+    if (x) p->x = x->buf, p->dx = x->shape[1];
+    if (ex) p->edge_x = ex->buf, p->de = ex->shape[1];
+    return 0;
+}
+
+/* The union's sizes and largest edge type, every item and its rows checked. */
+static int graph_totals_of(const graph_pool *p, graph_totals *t) {
+    *t = (graph_totals){.max_type = -1};
+    if (p->batch < 1) {
+        PyErr_SetString(PyExc_ValueError, "cannot batch an empty list of items");
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < p->batch; j++) {
+        const int64_t k = p->idx[j];
+        if (k < 0 || k >= p->items) {
+            PyErr_Format(PyExc_ValueError, "item %lld is outside the pool's [0, %zd)", (long long)k, p->items);
+            return -1;
+        }
+        const int64_t *cnt = p->counts + k * 3, *st = p->starts + k * 3;
+        if (cnt[G_NODES] < 1 || cnt[G_EDGES] < 0 || cnt[G_GRAPHS] < 1 || st[G_NODES] < 0 || st[G_EDGES] < 0 ||
+            st[G_NODES] > p->pool_n - cnt[G_NODES] || st[G_EDGES] > p->pool_m - cnt[G_EDGES])
+            return broken_pool("an item's rows are outside the pool's arrays");
+        t->nodes += cnt[G_NODES], t->edges += cnt[G_EDGES], t->graphs += cnt[G_GRAPHS];
+        if (p->max_type[k] > t->max_type) t->max_type = p->max_type[k];
+    }
+    if (t->nodes >= INT32_MAX || t->edges >= INT32_MAX || t->graphs >= INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "batch too large for 32-bit indices: %lld nodes, %lld edges, %lld graphs",
+                     (long long)t->nodes, (long long)t->edges, (long long)t->graphs);
+        return -1;
+    }
+    return 0;
+}
+
+/* rows [from, from + count) of each row of a block [rows, width], plus add[row],
+ * at column `at` of each row of another block [rows, to_width] */
+static void copy_rows(int32_t *to, Py_ssize_t to_width, int64_t at, const int32_t *from, Py_ssize_t width,
+                      int64_t first, int64_t count, Py_ssize_t rows, const int64_t *add) {
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < count; i++) to[r * to_width + at + i] = (int32_t)(from[r * width + first + i] + add[r]);
+}
+
+/* The union's blocks: each item's rows with its offsets in the union, as `batch`
+ * makes them; gptr counted from the nodes' graphs; features copied per item. */
+static int graph_fill(const graph_pool *p, const graph_totals *t, void **data) {
+    const int64_t n = t->nodes, m = t->edges;
+    int32_t *edges = data[0], *nodes = data[1], *gptr = data[2];
+    int64_t *order = data[3];
+    memset(gptr, 0, 4 * (t->graphs + 1));
+    int64_t at[3] = {0, 0, 0};                                   /* the union's nodes, edges, graphs so far */
+    for (Py_ssize_t j = 0; j < p->batch; j++) {
+        const int64_t *cnt = p->counts + p->idx[j] * 3, *st = p->starts + p->idx[j] * 3;   /* checked */
+        /* src and dst_t count nodes, eid_t and order edges, the types stay; ptr and
+         * ptr_t count edges, nptr nodes, graph graphs */
+        const int64_t edge_add[6] = {at[G_NODES], at[G_NODES], at[G_EDGES], at[G_EDGES], 0, 0};
+        const int64_t node_add[4] = {at[G_EDGES], at[G_EDGES], at[G_NODES], at[G_GRAPHS]};
+        copy_rows(edges, m, at[G_EDGES], p->edges, p->pool_m, st[G_EDGES], cnt[G_EDGES], p->edge_rows, edge_add);
+        copy_rows(nodes, n + 1, at[G_NODES], p->nodes, p->pool_n, st[G_NODES], cnt[G_NODES], 4, node_add);
+        for (int64_t i = 0; i < cnt[G_EDGES]; i++) order[at[G_EDGES] + i] = edges[3 * m + at[G_EDGES] + i];
+        const int32_t *graph = p->nodes + 3 * p->pool_n + st[G_NODES];
+        for (int64_t i = 0; i < cnt[G_NODES]; i++) {
+            if (graph[i] < 0 || graph[i] >= cnt[G_GRAPHS]) return broken_pool("a node's graph is outside its item");
+            gptr[at[G_GRAPHS] + graph[i] + 1]++;
+        }
+        if (p->x) memcpy((float *)data[4] + at[G_NODES] * p->dx, p->x + st[G_NODES] * p->dx, 4 * p->dx * cnt[G_NODES]);
+        if (p->edge_x)
+            memcpy((float *)data[5] + at[G_EDGES] * p->de, p->edge_x + st[G_EDGES] * p->de, 4 * p->de * cnt[G_EDGES]);
+        for (int c = 0; c < 3; c++) at[c] += cnt[c];
+    }
+    const int32_t ends[4] = {(int32_t)m, (int32_t)m, (int32_t)n, (int32_t)t->graphs};
+    for (int r = 0; r < 4; r++) nodes[r * (n + 1) + n] = ends[r];
+    for (int64_t k = 0; k < t->graphs; k++) gptr[k + 1] += gptr[k];
+    return 0;
+}
+
+/* The union's arrays as new bytes objects (x and edge_x only where the pool has
+ * them), filled; NULL on an error. */
+static PyObject *graph_union(const graph_pool *p, const graph_totals *t) {
+    const int64_t n = t->nodes, m = t->edges;
+    const Py_ssize_t size[6] = {4 * p->edge_rows * m, 4 * 4 * (n + 1), 4 * (t->graphs + 1), 8 * m,
+                                p->x ? 4 * p->dx * n : -1, p->edge_x ? 4 * p->de * m : -1};
+    PyObject *made[6] = {NULL};
+    void *data[6] = {NULL};
+    for (int k = 0; k < 6; k++) {
+        made[k] = size[k] < 0 ? Py_NewRef(Py_None) : bytes_of(size[k], &data[k]);
+        if (!made[k]) goto fail;
+    }
+    if (graph_fill(p, t, data) < 0) goto fail;
+    return Py_BuildValue("(NNNNNNLLLL)", made[0], made[1], made[2], made[3], made[4], made[5], (long long)n,
+                         (long long)m, (long long)t->graphs, (long long)t->max_type);
+fail:
+    for (int k = 0; k < 6; k++) Py_XDECREF(made[k]);
+    return NULL;
+}
 
 /* graph_take(counts, starts, edges, nodes, idx, x, edge_x, max_type) ->
  *     (edges, nodes, gptr, order, x, edge_x, nodes, edges, graphs, max_type)
@@ -262,115 +392,23 @@ PyObject *sc_graph_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "graph_take takes 8 arguments");
         return NULL;
     }
+    static const char *names[8] = {"counts", "starts", "edges", "nodes", "idx", "x", "edge_x", "max_type"};
+    static const Py_ssize_t sizes[8] = {8, 8, 4, 4, 8, 4, 4, 8};
     Py_buffer v[8];
-    int got = 0, feats[2] = {args[5] != Py_None, args[6] != Py_None};
-    const char *names[5] = {"counts", "starts", "edges", "nodes", "idx"};
-    const Py_ssize_t sizes[5] = {8, 8, 4, 4, 8};
-    for (int k = 0; k < 5; k++, got++)
-        if (view_of(args[k], &v[got], sizes[k], names[k]) < 0) goto fail;
-    for (int k = 0; k < 2; k++)
-        if (feats[k]) {
-            if (view_of(args[5 + k], &v[got], 4, k ? "edge_x" : "x") < 0) goto fail;
-            got++;
-        }
-    Py_buffer *types = &v[got];
-    if (view_of(args[7], types, 8, "max_type") < 0) goto fail;
-    got++;
-    const int64_t *counts = v[0].buf, *starts = v[1].buf, *idx = v[4].buf;
-    const int32_t *pool_edges = v[2].buf, *pool_nodes = v[3].buf;
-    const Py_ssize_t items = v[0].len / 24, batch = v[4].len / 8;
-    /* the blocks' shapes: edges [rows, pool edges], nodes [4, pool nodes], features [rows, width] */
-    if (v[0].len % 24 || v[1].len != v[0].len || types->len * 3 != v[0].len || v[2].ndim != 2 ||
-        v[2].shape[0] < 4 || v[2].shape[0] > 6 || v[3].ndim != 2 || v[3].shape[0] != 4) {
-        broken_pool("the arrays' shapes disagree");
-        goto fail;
+    int held[8] = {0};
+    PyObject *result = NULL;
+    for (int k = 0; k < 8; k++) {
+        if (args[k] == Py_None && (k == 5 || k == 6)) continue;         /* no node or edge features */
+        if (view_of(args[k], &v[k], sizes[k], names[k]) < 0) goto done;
+        held[k] = 1;
     }
-    const Py_ssize_t edge_rows = v[2].shape[0], pool_m = v[2].shape[1], pool_n = v[3].shape[1];
-    const Py_buffer *xv = feats[0] ? &v[5] : NULL, *exv = feats[1] ? &v[5 + feats[0]] : NULL;
-    if ((xv && (xv->ndim != 2 || xv->shape[0] != pool_n)) || (exv && (exv->ndim != 2 || exv->shape[0] != pool_m))) {
-        broken_pool("the features' shapes disagree with the blocks'");
-        goto fail;
-    }
-    const Py_ssize_t dx = xv ? xv->shape[1] : 0, de = exv ? exv->shape[1] : 0;
-    if (batch < 1) {
-        PyErr_SetString(PyExc_ValueError, "cannot batch an empty list of items");
-        goto fail;
-    }
-    int64_t total[3] = {0, 0, 0}, max_type = -1;
-    for (Py_ssize_t j = 0; j < batch; j++) {
-        if (idx[j] < 0 || idx[j] >= items) {
-            PyErr_Format(PyExc_ValueError, "item %lld is outside the pool's [0, %zd)", (long long)idx[j], items);
-            goto fail;
-        }
-        const int64_t *cnt = counts + idx[j] * 3, *st = starts + idx[j] * 3;
-        if (cnt[G_NODES] < 1 || cnt[G_EDGES] < 0 || cnt[G_GRAPHS] < 1 || st[G_NODES] < 0 || st[G_EDGES] < 0 ||
-            st[G_NODES] > pool_n - cnt[G_NODES] || st[G_EDGES] > pool_m - cnt[G_EDGES]) {
-            broken_pool("an item's rows are outside the pool's arrays");
-            goto fail;
-        }
-        for (int c = 0; c < 3; c++) total[c] += cnt[c];
-        const int64_t top = ((const int64_t *)types->buf)[idx[j]];
-        if (top > max_type) max_type = top;
-    }
-    if (total[0] >= INT32_MAX || total[1] >= INT32_MAX || total[2] >= INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "batch too large for 32-bit indices: %lld nodes, %lld edges, %lld graphs",
-                     (long long)total[0], (long long)total[1], (long long)total[2]);
-        goto fail;
-    }
-    const int64_t n = total[0], m = total[1], g = total[2];
-    void *data[6] = {0};
-    PyObject *made[6] = {bytes_of(4 * edge_rows * m, &data[0]), bytes_of(4 * 4 * (n + 1), &data[1]),
-                         bytes_of(4 * (g + 1), &data[2]), bytes_of(8 * m, &data[3]), NULL, NULL};
-    if (feats[0]) made[4] = bytes_of(4 * dx * n, &data[4]);
-    if (feats[1]) made[5] = bytes_of(4 * de * m, &data[5]);
-    for (int k = 0; k < 6; k++)
-        if (!made[k] && (k < 4 || feats[k - 4])) goto fail_made;
-    int32_t *e = data[0], *nd = data[1], *gptr = data[2];
-    int64_t *order = data[3];
-    memset(gptr, 0, 4 * (g + 1));
-    int64_t at[3] = {0, 0, 0};                       /* the union's nodes, edges, graphs so far */
-    for (Py_ssize_t j = 0; j < batch; j++) {
-        const int64_t *cnt = counts + idx[j] * 3, *st = starts + idx[j] * 3;     /* checked above */
-        /* src and dst_t count nodes, eid_t and order edges; the types stay as they are */
-        const int64_t add[6] = {at[G_NODES], at[G_NODES], at[G_EDGES], at[G_EDGES], 0, 0};
-        for (Py_ssize_t r = 0; r < edge_rows; r++) {
-            const int32_t *from = pool_edges + r * pool_m + st[G_EDGES];
-            int32_t *to = e + r * m + at[G_EDGES];
-            for (int64_t i = 0; i < cnt[G_EDGES]; i++) to[i] = (int32_t)(from[i] + add[r]);
-        }
-        for (int64_t i = 0; i < cnt[G_EDGES]; i++) order[at[G_EDGES] + i] = e[3 * m + at[G_EDGES] + i];
-        /* ptr and ptr_t count edges, nptr nodes, graph graphs */
-        const int64_t shift[4] = {at[G_EDGES], at[G_EDGES], at[G_NODES], at[G_GRAPHS]};
-        for (int r = 0; r < 4; r++) {
-            const int32_t *from = pool_nodes + r * pool_n + st[G_NODES];
-            int32_t *to = nd + r * (n + 1) + at[G_NODES];
-            for (int64_t i = 0; i < cnt[G_NODES]; i++) to[i] = (int32_t)(from[i] + shift[r]);
-        }
-        const int32_t *graph = pool_nodes + 3 * pool_n + st[G_NODES];
-        for (int64_t i = 0; i < cnt[G_NODES]; i++) {          /* each graph's nodes, counted for gptr */
-            if (graph[i] < 0 || graph[i] >= cnt[G_GRAPHS]) {
-                broken_pool("a node's graph is outside its item");
-                goto fail_made;
-            }
-            gptr[at[G_GRAPHS] + graph[i] + 1]++;
-        }
-        if (feats[0]) memcpy((float *)data[4] + at[G_NODES] * dx, (const float *)xv->buf + st[G_NODES] * dx,
-                             4 * dx * cnt[G_NODES]);
-        if (feats[1]) memcpy((float *)data[5] + at[G_EDGES] * de,
-                             (const float *)exv->buf + st[G_EDGES] * de, 4 * de * cnt[G_EDGES]);
-        for (int c = 0; c < 3; c++) at[c] += cnt[c];
-    }
-    const int32_t ends[4] = {(int32_t)m, (int32_t)m, (int32_t)n, (int32_t)g};
-    for (int r = 0; r < 4; r++) nd[r * (n + 1) + n] = ends[r];
-    for (int64_t k = 0; k < g; k++) gptr[k + 1] += gptr[k];
-    release_all(v, got);
-    for (int k = 4; k < 6; k++)
-        if (!made[k]) made[k] = Py_NewRef(Py_None);
-    return Py_BuildValue("(NNNNNNLLLL)", made[0], made[1], made[2], made[3], made[4], made[5], (long long)n,
-                         (long long)m, (long long)g, (long long)max_type);
-fail_made:
-    for (int k = 0; k < 6; k++) Py_XDECREF(made[k]);
-fail:
-    release_all(v, got);
-    return NULL;
+    graph_pool p;
+    graph_totals t;
+    if (graph_pool_of(&p, v, held[5] ? &v[5] : NULL, held[6] ? &v[6] : NULL, &v[7]) == 0 &&
+        graph_totals_of(&p, &t) == 0)
+        result = graph_union(&p, &t);
+done:
+    for (int k = 0; k < 8; k++)
+        if (held[k]) PyBuffer_Release(&v[k]);
+    return result;
 }
