@@ -4,6 +4,7 @@
     python benchmarks/bench_distributed.py --feed [--repeats 5]     # the feeds alone, old way against the pool
     python benchmarks/bench_distributed.py --costs [--repeats 5]    # each part of a step: fixed + per item
     python benchmarks/bench_distributed.py --contention --only trees gnn   # a rank's step alone / two at once
+    python benchmarks/bench_distributed.py --shares --only trees gnn --epochs 6   # 1 x 1 against a rank, no MPI
 
 For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
 (graph_families), runs the same epochs of the same global batches as
@@ -220,6 +221,47 @@ def cost_model(rounds: int, allreduce_us: float = 20.0) -> None:
         print(f"| {name} | implied 2-rank speed-up at a global batch of {size} | | | **{one / rank:.2f}x** |")
 
 
+def shares(names, epochs: int) -> None:
+    """CPU time per step in one process at 1 thread, the best of `epochs` epochs after a
+    first: 1 x 1 (the feeds of each global batch, `train_step`) against a rank's share
+    with no partner (the feeds of half of each batch, `DataParallel.train_steps` on a
+    1-rank communicator, whose Allreduce is ~1 us). Their ratio is the 2-rank speed-up
+    without MPI's sum, the wait for the slower rank or two cores' contention."""
+    import warnings
+
+    import numpy as np
+
+    import structc
+    from structc import datasets, distributed as dist
+    from structc.native import set_num_threads
+    warnings.simplefilter("ignore")
+    set_num_threads(1)
+    print(f"load average before: {os.getloadavg()[0]:.2f}\n")
+    print("| workload | 1 x 1 step | a rank's step (half, no partner) | ratio |\n|---|---|---|---|")
+    for name in names:
+        source, data_name, batch, optimizer, lr = WORKLOADS[name]
+        net = structc.compile(source)
+        data = datasets.load(data_name)
+        data.bind(net)
+        net.set_optimizer(optimizer)
+        dp = dist.DataParallel(net, dist.mpi().COMM_SELF)
+        items, rng, best = dist._train_items(data), np.random.default_rng(0), [float("inf")] * 2
+        for epoch in range(epochs + 1):
+            order = rng.permutation(items)
+            for k, size in enumerate((batch, batch // 2)):
+                mine = [order[at:at + size] for at in range(0, len(order), batch)]
+                t = time.process_time()
+                if k == 0:
+                    for feed in dist.feeds(data, mine):
+                        net.train_step(lr=lr, **feed)
+                else:
+                    for _ in dp.train_steps(dist.feeds(data, mine), lr):
+                        pass
+                best[k] = min(best[k], (time.process_time() - t) / len(mine)) if epoch else best[k]
+        print(f"| {name} | {1e6 * best[0]:.0f} us | {1e6 * best[1]:.0f} us | {best[0] / best[1]:.2f}x |")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
 def half_steps(name: str, epochs: int) -> None:
     """CPU time per step of a rank's work without MPI (half of each global batch:
     `distributed.feeds`, `grad_into_arena`, `apply_update`), the best of `epochs`
@@ -293,12 +335,16 @@ def main() -> None:
     p.add_argument("--costs", action="store_true", help="only fit each step's parts as fixed + per item")
     p.add_argument("--contention", action="store_true",
                    help="only time a rank's work per step alone and as two copies at once (no MPI)")
+    p.add_argument("--shares", action="store_true",
+                   help="only time, in one process, a 1 x 1 step against a rank's share with no partner")
     p.add_argument("--half-steps", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.half_steps:
         return half_steps(args.half_steps, args.epochs)
     if args.contention:
         return contention(args.only, args.epochs, args.repeats)
+    if args.shares:
+        return shares(args.only, args.epochs)
     if args.feed:
         return feed_times(args.repeats)
     if args.costs:

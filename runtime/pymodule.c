@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "structc_rt.h"
+#include "sc_pools.h"
 
 typedef int32_t (*entry_fn)(void *params, void *grads, void *state, void *workspace, void **inputs,
                             void **outputs, const int64_t *dims, const float *hyper, int64_t mode);
@@ -497,6 +498,11 @@ static PyMethodDef methods[] = {
     {"call_plan", call_plan, METH_VARARGS,
      "call_plan(fn, workspace_fn, params, grads, state, hyper, mode, n_symbols, inputs, outputs, model, "
      "ndarray, empty, lock) -> CallPlan"},
+    /* batch assembly for the data sets' pools (sc_pools.c) */
+    {"forest_take", (PyCFunction)(void (*)(void))sc_forest_take, METH_FASTCALL,
+     "forest_take(items, height, block, roots, idx, width, word_payload) -> a ForestPool batch's arrays"},
+    {"graph_take", (PyCFunction)(void (*)(void))sc_graph_take, METH_FASTCALL,
+     "graph_take(counts, starts, edges, nodes, idx, x, edge_x, max_type) -> a GraphPool batch's arrays"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -179,6 +179,7 @@ class DataParallel:
         self._normalise = found["kind"] != "sum"     # a plain sum: the ranks' gradients just add up
         arena = net._grad_arena
         self._n = len(arena) - 2                     # gradients, then the count and the loss
+        self._grads = arena[:self._n]                # a view, made once: it is scaled twice a step
         if abort_on_error:
             install_abort_hook(self.comm)
         self.broadcast_state()
@@ -257,7 +258,7 @@ class DataParallel:
             if not 0 <= count < MAX_COUNT:
                 raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
                                  f"(float32 counts are exact up to there), got {count}")
-            arena[:n] *= np.float32(count)
+            np.multiply(self._grads, np.float32(count), out=self._grads)
             arena[n], arena[n + 1] = count, loss * count
         else:
             arena[:] = 0.0
@@ -276,7 +277,7 @@ class DataParallel:
         if total == 0:
             raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
         divisor = np.float32(total if self._normalise else 1.0)
-        arena[:n] /= divisor
+        np.divide(self._grads, divisor, out=self._grads)
         return float(arena[n + 1] / divisor)
 
     # -- sharding a global batch ---------------------------------------------------
@@ -385,7 +386,7 @@ def item_costs(data) -> np.ndarray | None:
 def feeder(data):
     """items -> the feed of those training items of a data set (as its `batches`
     makes them; {} for none). Trees and graphs come from the data set's pool,
-    looked up once here (once per epoch), so a feed is a few gathers."""
+    looked up once here (once per epoch), so a feed is one pass in C."""
     from .graph_datasets import GraphDataset
     from .treedata import TreeDataset
     if isinstance(data, TreeDataset):
@@ -398,15 +399,14 @@ def feeder(data):
     return lambda items: {x: data.x_train[items], y: data.y_train[items]} if len(items) else {}
 
 
-#: how many batches' forests or graphs are assembled in one pass (`take_many`)
+#: how many batches' forests or graphs are asked for at a time (`take_many`)
 CHUNK = 16
 
 
 def feeds(data, shares) -> Iterator[dict]:
     """The feed of each of `shares` (arrays of training items) in turn, as `feeder`
-    makes them; forests and graphs are assembled `CHUNK` batches at a time
-    (`take_many`: one pass of gathers for all of them), which saves most of a
-    feed's per-call cost."""
+    makes them; forests and graphs are asked for `CHUNK` batches at a time
+    (`take_many`: every batch of a chunk checked before any is made)."""
     from .graph_datasets import GraphDataset
     from .treedata import TreeDataset
     if isinstance(data, TreeDataset):

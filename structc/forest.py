@@ -31,12 +31,16 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+import struct
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import _runtime
+
 _I32 = np.int32
 _I32_MAX = int(np.iinfo(np.int32).max)
+_SIZES = struct.Struct("=10q")         # a Forest's `_sizes`: 10 int64 in native order, as numpy writes them
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -383,12 +387,12 @@ class Forest:
 class ForestPool:
     """Forests parsed once and batched many times (a data set's items):
     `pool.take(items)` is `Forest.concat([forests[k] for k in items])`, the
-    same arrays bit for bit, from a few gathers over arrays built once here
-    (no work per forest, so a batch's cost follows its nodes, not the count of
-    forests or calls). Every forest must carry the same kind of payload (words
+    same arrays bit for bit, assembled in C from arrays built once here (one
+    pass over the batch's nodes: a batch's cost follows its nodes, not the
+    count of forests). Every forest must carry the same kind of payload (words
     or features)."""
 
-    __slots__ = ("forests", "_items", "_width", "_levels", "_height", "_block", "_roots", "_features",
+    __slots__ = ("forests", "_items", "_width", "_height", "_block", "_roots", "_features",
                  "_node_features")
 
     def __init__(self, forests: Sequence[Forest]):
@@ -413,13 +417,13 @@ class ForestPool:
         has_node_words, node_words = _per_node(forests, "node_words", _I32)
         has_node_features, self._node_features = _per_node(forests, "node_features", np.float32)
         self.forests = forests
-        # Per forest, one row (a batch gathers them at once and reduces them column by
-        # column): nodes, trees, leaves (summed); labels, words at every node, features
-        # at every node (any, all); arity, largest word (max); its first node and tree here.
+        # Per forest, one row (a batch sums or reduces them column by column, in C):
+        # nodes, trees, leaves (summed); labels, words at every node, features at every
+        # node (any, all); arity, largest word (max); its first node and tree here.
         self._items = np.column_stack([nodes, trees, np.add.reduceat(is_leaf.astype(np.int64), node_start),
                                        labelled, has_node_words, has_node_features, arity, sizes[:, 9],
                                        node_start, tree_start]).astype(np.int64)
-        self._width, self._levels = a, int(levels.max())
+        self._width = a
         self._height = height.astype(np.int16) if levels.max() <= 2**15 else height
         self._roots = got["roots"] + np.repeat(node_start, trees)                # the roots' rows here
         self._features = None if has_words[0] else np.concatenate([f.features for f in forests])
@@ -443,116 +447,59 @@ class ForestPool:
         idx = self._checked(items)
         if len(idx) == 1:
             return self.forests[idx[0]]
-        info = self._items.take(idx, axis=0)
-        n, t, leaves = info[:, :3].sum(axis=0).tolist()
-        labelled, _, _, a, max_word = info[:, 3:8].max(axis=0).tolist()
-        all_node_words, all_node_features = info[:, 4:6].min(axis=0).tolist()
-        if n > _I32_MAX:
-            raise ValueError(f"a forest of {n} nodes is too large for 32-bit indices")
-        # each item's first node and tree here minus those in the batch
-        shift = info[:, 8:10] - (np.cumsum(info[:, :2], axis=0) - info[:, :2])
-        per_node = np.repeat(shift, info[:, 0], axis=0)
-        rows = np.arange(n) + per_node[:, 0]                                     # here, item by item
-        height = self._height[rows]
-        # each forest is in schedule order: a stable sort by height merges them level by level
-        order = np.argsort(height, kind="stable")
-        pos = np.empty(n, _I32)                                                  # a row -> its position
-        pos[order] = np.arange(n, dtype=_I32)
-        scheduled = rows[order]
-        block = self._block.take(scheduled, axis=0)
-        back, cols = block[:, :a], self._width
-        children = np.where(back > 0, pos[order[:, None] - back], -1)
-        tree_of = block[:, cols] - per_node[order, 1]
-        per_tree = shift if t == len(idx) else np.repeat(shift, info[:, 1], axis=0)     # one tree each: as is
-        roots = pos[self._roots[np.arange(t) + per_tree[:, 1]] - per_tree[:, 0]]
-        payload = block[:leaves, cols + 2]                                       # leaves first, item by item
-        words, features = (payload, None) if self._features is None else (None, self._features[payload])
-        return _assemble(children=children, height=height[order], level_end=np.cumsum(np.bincount(height)),
-                         roots=roots, tree_of=tree_of, words=words, features=features,
-                         labels=block[:, cols + 1] if labelled else None, index=pos, max_word=max_word,
-                         node_words=block[:, cols + 3] if all_node_words else None,
-                         node_features=self._node_features[scheduled] if all_node_features else None)
+        return self._assembled(idx)
 
     def take_many(self, batches: Sequence) -> list[Forest]:
-        """`[self.take(items) for items in batches]`, bit for bit, with the gathers and
-        the sort done once for all the batches (only sealing each result is per
-        batch): an epoch's batches, a chunk at a time, for a fraction of the calls."""
-        lengths = np.array([len(b) for b in batches], np.int64)
-        if not len(lengths) or not lengths.min():
-            return [self.take(b) for b in batches]        # none, or an empty batch: take's own error
-        idx = self._checked(np.concatenate([np.asarray(b).reshape(-1) for b in batches]))
-        if sum(np.asarray(b).ndim != 1 for b in batches):
-            raise TypeError("items are 1-D arrays of positions in the pool")
-        begin = np.cumsum(lengths) - lengths                                     # each batch's first item
-        info = self._items.take(idx, axis=0)
-        sums = np.add.reduceat(info[:, :3], begin, axis=0)                       # nodes, trees, leaves per batch
-        tops = np.maximum.reduceat(info[:, 3:8], begin, axis=0)
-        lows = np.minimum.reduceat(info[:, 4:6], begin, axis=0)
-        if sums[:, 0].max() > _I32_MAX:
-            raise ValueError(f"a forest of {int(sums[:, 0].max())} nodes is too large for 32-bit indices")
-        n, t = int(sums[:, 0].sum()), int(sums[:, 1].sum())
-        starts = np.cumsum(info[:, :2], axis=0) - info[:, :2]                    # each item's, over all batches
-        base = starts[begin]                                                     # each batch's first node, tree
-        shift = info[:, 8:10] - (starts - np.repeat(base, lengths, axis=0))      # here minus in its batch
-        per_node = np.repeat(shift, info[:, 0], axis=0)
-        node_base = np.repeat(base[:, 0], sums[:, 0])
-        rows = np.arange(n) - node_base + per_node[:, 0]
-        height = self._height[rows]
-        key = _sort_key(len(lengths), self._levels, sums[:, 0], height)
-        order = np.argsort(key, kind="stable")          # by batch, then height: each batch's schedule
-        pos = np.empty(n, _I32)
-        pos[order] = np.arange(n) - node_base           # the same batch boundaries before and after
-        scheduled = rows[order]
-        block = self._block.take(scheduled, axis=0)
-        cols = self._width
-        children = np.where(block[:, :cols] > 0, pos[order[:, None] - block[:, :cols]], -1)
-        tree_of = block[:, cols] - per_node[order, 1]
-        per_tree = shift if t == len(idx) else np.repeat(shift, info[:, 1], axis=0)
-        tree_node_base = np.repeat(base[:, 0], sums[:, 1])
-        roots = pos[self._roots[np.arange(t) - np.repeat(base[:, 1], sums[:, 1]) + per_tree[:, 1]]
-                    - per_tree[:, 0] + tree_node_base]
-        levels = np.cumsum(np.bincount(key, minlength=len(lengths) * self._levels).reshape(-1, self._levels), axis=1)
-        sorted_height = height[order]
-        node_features = self._node_features[scheduled] if lows[:, 1].any() else None
-        out = []
-        for b, (lo, hi, lo_t, hi_t) in enumerate(zip(base[:, 0].tolist(), (base[:, 0] + sums[:, 0]).tolist(),
-                                                     base[:, 1].tolist(), (base[:, 1] + sums[:, 1]).tolist())):
-            if lengths[b] == 1:
-                out.append(self.forests[int(idx[begin[b]])])
-                continue
-            labelled, _, _, a, max_word = tops[b].tolist()
-            payload = block[lo:lo + int(sums[b, 2]), cols + 2]
-            out.append(_assemble(
-                children=children[lo:hi, :a], height=sorted_height[lo:hi],
-                level_end=levels[b, :int(sorted_height[hi - 1]) + 1], roots=roots[lo_t:hi_t],
-                tree_of=tree_of[lo:hi], words=payload if self._features is None else None,
-                features=self._features[payload] if self._features is not None else None,
-                labels=block[lo:hi, cols + 1] if labelled else None, index=pos[lo:hi], max_word=max_word,
-                node_words=block[lo:hi, cols + 3] if lows[b, 0] else None,
-                node_features=node_features[lo:hi] if lows[b, 1] else None))
-        return out
+        """`[self.take(items) for items in batches]`, every batch checked before any
+        is made (an epoch's batches, a chunk at a time)."""
+        checked = [self._checked(b) for b in batches]
+        return [self.forests[idx[0]] if len(idx) == 1 else self._assembled(idx) for idx in checked]
+
+    def _assembled(self, idx: np.ndarray) -> Forest:
+        """The batch of items `idx` (checked), made in C (runtime/sc_pools.c: a stable
+        counting sort by height, then each node's fields at its place), its integer
+        arrays in one sealed buffer laid out as `_assemble` lays them out."""
+        features = self._features is not None
+        sealed, leaf_rows, node_words, rows, n, t, leaves, levels, a, labelled, max_word = _runtime.forest_take(
+            self._items, self._height, self._block, self._roots, idx, self._width, not features)
+        flat = np.frombuffer(sealed, _I32)
+        sizes = (n * a, n, levels, t, n, 0 if features else leaves, n if labelled else 0, n)
+        fields, at = {}, 0
+        for k, size in zip(_INT_FIELDS, sizes):
+            fields[k], at = (flat[at:at + size] if size else None), at + size
+        fields["children"] = fields["children"].reshape(n, a)
+        fields["features"] = _frozen(self._features[np.frombuffer(leaf_rows, _I32)]) if features else None
+        fields["node_words"] = np.frombuffer(node_words, _I32) if node_words is not None else None
+        fields["node_features"] = (_frozen(self._node_features[np.frombuffer(rows, np.int64)])
+                                   if rows is not None else None)
+        fields.update(max_word=max_word, _bound={}, _sizes=_SIZES.pack(*sizes, a, max_word),
+                      _flat=flat)
+        f = object.__new__(Forest)
+        for k, v in fields.items():
+            object.__setattr__(f, k, v)
+        return f
 
     def _checked(self, items) -> np.ndarray:
-        """`items` as int64 positions in the pool (a clear error otherwise)."""
-        idx = np.asarray(items)
-        if idx.size == 0:
-            raise ValueError("a forest needs at least one tree")
-        if idx.dtype.kind not in "iu" or idx.ndim != 1:
-            raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
-        if idx.min() < 0 or idx.max() >= len(self.forests):
-            raise ValueError(f"item {int(idx.min() if idx.min() < 0 else idx.max())} is outside the pool's "
-                             f"[0, {len(self.forests)})")
-        return idx.astype(np.int64, copy=False)
+        """`items` as int64 positions (a clear error otherwise; the C side checks each
+        against the pool, so only a single item, taken as it is, is checked here)."""
+        idx = _positions(items, "a forest needs at least one tree")
+        if len(idx) == 1 and not 0 <= idx[0] < len(self.forests):
+            raise ValueError(f"item {int(idx[0])} is outside the pool's [0, {len(self.forests)})")
+        return idx
 
 
-def _sort_key(batches: int, levels: int, nodes: np.ndarray, height: np.ndarray) -> np.ndarray:
-    """Each node's batch * levels + height, as uint16 when every key fits (numpy's
-    stable argsort is a radix sort for 16-bit ints: O(n), about 6x faster here
-    than int64's merge sort; the order is the same, as the keys are)."""
-    if batches * levels <= 2**16 and height.dtype == np.int16:
-        base = np.repeat(np.arange(batches, dtype=np.uint16) * np.uint16(levels), nodes)
-        return base + height.view(np.uint16)                 # heights are >= 0
-    return np.repeat(np.arange(batches, dtype=np.int64) * levels, nodes) + height
+def _positions(items, empty: str) -> np.ndarray:
+    """`items`, a 1-D array of positions, as int64 (TypeError, or ValueError(`empty`))."""
+    idx = items if items.__class__ is np.ndarray else np.asarray(items)
+    if idx.size == 0:
+        raise ValueError(empty)
+    if idx.dtype.kind not in "iu" or idx.ndim != 1:
+        raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
+    if idx.dtype != np.int64:
+        if idx.dtype == np.uint64 and idx.max() > _I32_MAX:      # no pool is that large (past 2**63: negative)
+            raise ValueError(f"item {int(idx.max())} is outside the pool")
+        idx = idx.astype(np.int64)
+    return np.ascontiguousarray(idx)          # C reads it as a buffer (a slice with a step is not one)
 
 
 def _per_node(forests: list[Forest], field: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:

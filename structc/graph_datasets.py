@@ -106,7 +106,7 @@ class GraphDataset:
         self._pool: tuple[list, GraphPool] | None = None
 
     def pool(self) -> GraphPool:
-        """`graphs` as a `GraphPool` (a batch is then a few gathers), built once and
+        """`graphs` as a `GraphPool` (a batch is then one pass in C), built once and
         again only when `graphs` no longer holds the same graphs."""
         if self._pool is None or len(self._pool[0]) != len(self.graphs) or \
                 not all(map(operator.is_, self._pool[0], self.graphs)):
@@ -126,7 +126,7 @@ class GraphDataset:
     def batches(self, size: int, rng: np.random.Generator) -> Iterator[dict]:
         order = rng.permutation(self.train)
         pool = self.pool()
-        for first in range(0, len(order), 16 * size):      # 16 batches' graphs assembled in one pass
+        for first in range(0, len(order), 16 * size):      # 16 batches' graphs asked for at once
             parts = [order[at:at + size] for at in range(first, min(first + 16 * size, len(order)), size)]
             for idx, graphs in zip(parts, pool.take_many(parts)):
                 yield {self.graph_name: graphs, self.target["name"]: self.labels[idx]}

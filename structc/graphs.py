@@ -30,6 +30,7 @@ make them writeable), so what native code reads is what was checked.
 from __future__ import annotations
 
 import hashlib
+import struct
 import threading
 import weakref
 from types import MappingProxyType
@@ -37,7 +38,11 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from . import _runtime
+from .forest import _positions
+
 _I32_MAX = np.iinfo(np.int32).max
+_SIZES = struct.Struct("=7q")          # a Graph's `_sizes`: 7 int64 in native order, as numpy writes them
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -118,8 +123,8 @@ class Graph:
         # What batch() reads of a part, as int64 bytes (it joins those of all parts):
         # nodes, edges, graphs, feature widths (-1 for none), edge rows, largest edge type.
         widths = [-1 if v is None else v.shape[1] for v in (self.x, self.edge_x)]
-        sizes = [self.num_nodes, self.num_edges, self.num_graphs, *widths, len(self._edges), self.max_type]
-        self.__dict__["_sizes"] = np.array(sizes, np.int64).tobytes()
+        self.__dict__["_sizes"] = _SIZES.pack(self.num_nodes, self.num_edges, self.num_graphs, *widths,
+                                              len(self._edges), self.max_type)
 
     def __reduce__(self):
         # pickle and copy rebuild through _restore, which seals the arrays again (in new blocks)
@@ -324,9 +329,9 @@ def batch(graphs: Iterable) -> Graph:
 class GraphPool:
     """Graphs checked once and batched many times (a data set's items):
     `pool.take(items)` is `batch([graphs[k] for k in items])`, the same Graph
-    bit for bit, from one gather per block over arrays joined once here (no
-    work per graph, so a batch's cost follows its nodes and edges, not the
-    count of graphs or calls). The graphs must carry the same kinds of data."""
+    bit for bit, assembled in C from blocks joined once here (each item's rows
+    copied with its offsets in the union: a batch's cost follows its nodes and
+    edges). The graphs must carry the same kinds of data."""
 
     __slots__ = ("graphs", "_counts", "_starts", "_max_type", "_edges", "_nodes", "_x", "_edge_x")
 
@@ -337,9 +342,9 @@ class GraphPool:
         sizes = np.frombuffer(b"".join([p._sizes for p in parts]), np.int64).reshape(len(parts), -1)
         _check_batchable(sizes)
         self.graphs = parts
-        self._counts = sizes[:, :3]                                    # nodes, edges, graphs of each
+        self._counts = np.ascontiguousarray(sizes[:, :3])              # nodes, edges, graphs of each
         self._starts = np.cumsum(self._counts, axis=0) - self._counts   # where each one's rows are here
-        self._max_type = sizes[:, 6]
+        self._max_type = np.ascontiguousarray(sizes[:, 6])
         self._edges = np.concatenate([p._edges for p in parts], axis=1)
         self._nodes = np.concatenate([p._nodes for p in parts], axis=1)
         self._x = np.concatenate([p.x for p in parts]) if parts[0].x is not None else None
@@ -353,88 +358,42 @@ class GraphPool:
         idx = _indices(items, len(self.graphs))
         if len(idx) == 1:
             return self.graphs[idx[0]]
-        counts = self._counts[idx]
-        n, m, k = (int(t) for t in counts.sum(axis=0))
-        if n >= _I32_MAX or m >= _I32_MAX or k >= _I32_MAX:
-            raise ValueError(f"batch too large for 32-bit indices: {n} nodes, {m} edges, {k} graphs")
-        first = np.cumsum(counts, axis=0) - counts                      # each one's first node, edge, graph
-        shift = (first - self._starts[idx]).astype(np.int32)            # from here to the union
-        node_rows = np.arange(n) - np.repeat(shift[:, 0], counts[:, 0])
-        edge_rows = np.arange(m) - np.repeat(shift[:, 1], counts[:, 1])
-        edges = self._edges.take(edge_rows, axis=1)
-        # src and dst_t count nodes, eid_t and order edges; the types stay as they are
-        edges[:4] += np.repeat(first[:, [0, 0, 1, 1]].T.astype(np.int32), counts[:, 1], axis=1)
-        nodes = np.empty((4, n + 1), np.int32)
-        self._nodes.take(node_rows, axis=1, out=nodes[:, :n])
-        # ptr and ptr_t count edges, nptr nodes, graph graphs
-        nodes[:, :n] += np.repeat(first[:, [1, 1, 0, 2]].T.astype(np.int32), counts[:, 0], axis=1)
-        nodes[:, n] = (m, m, n, k)
-        gptr = np.zeros(k + 1, np.int32)
-        np.cumsum(np.bincount(nodes[3, :n], minlength=k), out=gptr[1:])     # the nodes of each graph
-        x = _readonly(self._x.take(node_rows, axis=0)) if self._x is not None else None
-        edge_x = _readonly(self._edge_x.take(edge_rows, axis=0)) if self._edge_x is not None else None
+        return self._assembled(idx)
+
+    def take_many(self, batches) -> list[Graph]:
+        """`[self.take(items) for items in batches]`, every batch checked before any
+        is made (an epoch's batches, a chunk at a time)."""
+        checked = [_indices(b, len(self.graphs)) for b in batches]
+        return [self.graphs[idx[0]] if len(idx) == 1 else self._assembled(idx) for idx in checked]
+
+    def _assembled(self, idx: np.ndarray) -> Graph:
+        """The union of items `idx` (checked), its blocks made in C (runtime/sc_pools.c:
+        each item's rows copied plus its offsets in the union, as `batch` makes them)."""
+        edges, nodes, gptr, order, x, edge_x, n, m, k, max_type = _runtime.graph_take(
+            self._counts, self._starts, self._edges, self._nodes, idx, self._x, self._edge_x, self._max_type)
+        edges = np.frombuffer(edges, np.int32).reshape(len(self._edges), m)
+        nodes = np.frombuffer(nodes, np.int32).reshape(4, n + 1)
+        arrays = dict(zip(_EDGE_ROWS, edges))
+        arrays.update(zip(_NODE_ROWS, nodes))
+        arrays.update(graph=nodes[3, :n], gnode=nodes[2, :n], gptr=np.frombuffer(gptr, np.int32))
+        del arrays["order"]
         union = object.__new__(Graph)
-        union._set(num_nodes=n, num_edges=m, num_graphs=k, x=x, edge_x=edge_x,
-                   max_type=int(self._max_type[idx].max()), **_fields(edges, nodes, gptr))
+        union._set(num_nodes=n, num_edges=m, num_graphs=k,
+                   x=np.frombuffer(x, np.float32).reshape(n, self._x.shape[1]) if x is not None else None,
+                   edge_x=(np.frombuffer(edge_x, np.float32).reshape(m, self._edge_x.shape[1])
+                           if edge_x is not None else None),
+                   max_type=max_type, _edges=edges, _nodes=nodes[:, :n], arrays=arrays,
+                   order=np.frombuffer(order, np.int64))
         return union
 
 
-    def take_many(self, batches) -> list[Graph]:
-        """`[self.take(items) for items in batches]`, bit for bit, with the gathers done
-        once for all the batches (only sealing each union is per batch)."""
-        lengths = np.array([len(b) for b in batches], np.int64)
-        if not len(lengths) or not lengths.min():
-            return [self.take(b) for b in batches]        # none, or an empty batch: take's own error
-        if sum(np.asarray(b).ndim != 1 for b in batches):
-            raise TypeError("items are 1-D arrays of positions in the pool")
-        idx = _indices(np.concatenate([np.asarray(b) for b in batches]), len(self.graphs))
-        begin = np.cumsum(lengths) - lengths                                     # each batch's first item
-        counts = self._counts[idx]
-        sums = np.add.reduceat(counts, begin, axis=0)                            # nodes, edges, graphs per batch
-        if sums.max() >= _I32_MAX:
-            raise ValueError(f"batch too large for 32-bit indices: {sums.max(axis=0).tolist()} nodes, edges, "
-                             "graphs")
-        starts = np.cumsum(counts, axis=0) - counts                              # over all the batches
-        base = starts[begin]                                                     # each batch's first ones
-        first = (starts - np.repeat(base, lengths, axis=0)).astype(np.int32)     # each item's, in its batch
-        node_rows = np.arange(int(sums[:, 0].sum())) - np.repeat(starts[:, 0] - self._starts[idx, 0], counts[:, 0])
-        edge_rows = np.arange(int(sums[:, 1].sum())) - np.repeat(starts[:, 1] - self._starts[idx, 1], counts[:, 1])
-        edges = self._edges.take(edge_rows, axis=1)
-        edges[:4] += np.repeat(first[:, [0, 0, 1, 1]].T, counts[:, 1], axis=1)   # as in take
-        nodes = self._nodes.take(node_rows, axis=1)
-        nodes += np.repeat(first[:, [1, 1, 0, 2]].T, counts[:, 0], axis=1)
-        x = self._x.take(node_rows, axis=0) if self._x is not None else None
-        edge_x = self._edge_x.take(edge_rows, axis=0) if self._edge_x is not None else None
-        max_type = np.maximum.reduceat(self._max_type[idx], begin).tolist()
-        out = []
-        for b, ((n0, m0, _), (n, m, k)) in enumerate(zip(base.tolist(), sums.tolist())):
-            if lengths[b] == 1:
-                out.append(self.graphs[int(idx[begin[b]])])
-                continue
-            block = np.empty((4, n + 1), np.int32)
-            block[:, :n] = nodes[:, n0:n0 + n]
-            block[:, n] = (m, m, n, k)
-            gptr = np.zeros(k + 1, np.int32)
-            np.cumsum(np.bincount(block[3, :n], minlength=k), out=gptr[1:])
-            union = object.__new__(Graph)
-            union._set(num_nodes=n, num_edges=m, num_graphs=k,
-                       x=_readonly(x[n0:n0 + n]) if x is not None else None,
-                       edge_x=_readonly(edge_x[m0:m0 + m]) if edge_x is not None else None, max_type=max_type[b],
-                       **_fields(edges[:, m0:m0 + m], block, gptr))
-            out.append(union)
-        return out
-
-
 def _indices(items, size: int) -> np.ndarray:
-    """`items` as int64 positions in a pool of `size` (a clear error otherwise)."""
-    idx = np.asarray(items)
-    if idx.size == 0:
-        raise ValueError("cannot batch an empty list of items")
-    if idx.dtype.kind not in "iu" or idx.ndim != 1:
-        raise TypeError(f"items are a 1-D array of positions in the pool, got {idx.dtype} {idx.shape}")
-    if idx.min() < 0 or idx.max() >= size:
-        raise ValueError(f"item {int(idx.min() if idx.min() < 0 else idx.max())} is outside the pool's [0, {size})")
-    return idx.astype(np.int64, copy=False)
+    """`items` as int64 positions in a pool of `size` (a clear error otherwise; the C
+    side checks each against the pool, so only a single item is checked here)."""
+    idx = _positions(items, "cannot batch an empty list of items")
+    if len(idx) == 1 and not 0 <= idx[0] < size:
+        raise ValueError(f"item {int(idx[0])} is outside the pool's [0, {size})")
+    return idx
 
 
 def _check_batchable(sizes: np.ndarray) -> None:

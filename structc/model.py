@@ -260,6 +260,7 @@ class Net:
         self._add_entries(meta["entries"], module)
         self._arena_addrs = tuple(a.ctypes.data for a in (self._param_arena, self._grad_arena, self._state_arena))
         self._workspace_buf, self._workspace_addr = None, 0   # grown under the lock, shared by calls
+        self._update_call: tuple | None = None               # apply_update's, made on its first call
         # Structured inputs (forests, graphs) become arrays and dims before the checks.
         self._forests = ForestBinder.from_meta(meta)
         self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
@@ -580,19 +581,25 @@ class Net:
         """The second half of `train_step`: one step of the optimizer from the
         gradient arena as it is now (SGD, momentum or Adam, with weight decay)."""
         lr = _hyper_value("lr", lr)
+        address, need, dvals = self._update_call or self._prepare_update()
+        pa, ga, sa = self._arena_addrs
+        with self._lock:
+            self._set_hyper(lr)
+            status = _runtime.invoke(address, pa, ga, sa, self._workspace(need), (), (), dvals, self._hyper_addr,
+                                     MODES[self.optimizer])
+        if status != 0:
+            raise RuntimeError(f"{self.name}: native code reported error {status}")
+
+    def _prepare_update(self) -> tuple:
+        """The update entry's address, workspace size and dims, worked out on the first
+        `apply_update` (it runs every data-parallel step, always with the same ones)."""
         entry = self._entries.get("update")
         if entry is None:
             raise TypeError(f"model {self.name} has no update entry: it declares no loss, or it was "
                             "compiled by an older structc (compile it again)")
         dvals = (1,) * len(self._symbols)        # the update reads no dims
-        need = self._workspace_size(entry, dvals)
-        pa, ga, sa = self._arena_addrs
-        with self._lock:
-            self._set_hyper(lr)
-            status = _runtime.invoke(entry.address, pa, ga, sa, self._workspace(need), [], [], dvals,
-                                     self._hyper_addr, MODES[self.optimizer])
-        if status != 0:
-            raise RuntimeError(f"{self.name}: native code reported error {status}")
+        self._update_call = (entry.address, self._workspace_size(entry, dvals), dvals)
+        return self._update_call
 
     def set_optimizer(self, name: str = "sgd", **options) -> None:
         """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay, and

@@ -141,6 +141,60 @@ def test_graph_pool_checks():
         GraphPool([plain, typed])
 
 
+def test_pool_batches_are_sealed_and_items_checked():
+    from test_batching import assert_sealed
+    rng = np.random.default_rng(6)
+    forests = ForestPool([random_forest(rng, "inner features") for _ in range(3)])
+    got = forests.take([2, 0, 2])
+    assert_sealed([got.children, got.words if got.words is not None else got.features, got.roots, got.level_end,
+                   got.index, got.tree_of, got.node_features, got._flat])
+    graphs = GraphPool([random_graph(rng, "edge_x types") for _ in range(3)])
+    got = graphs.take([1, 1, 0])
+    assert_sealed(got.arrays.values())
+    assert_sealed([got.x, got.edge_x, got.order])
+    for pool in (forests, graphs):
+        for bad in ([0, 3], [-1], [3], np.array([0, 2**63], np.uint64)):
+            with pytest.raises(ValueError, match="outside the pool"):
+                pool.take(bad)
+        with pytest.raises(ValueError, match="outside the pool"):
+            pool.take_many([[0, 1], [1, -2]])
+        with pytest.raises(TypeError, match="positions"):
+            pool.take(np.zeros((2, 1), int))
+    every_other = np.array([2, 9, 0, 9, 1], np.int64)[::2]      # not contiguous
+    assert_identical_forests(forests.take(every_other), Forest.concat([forests.forests[k] for k in [2, 0, 1]]))
+    assert_same_graph(graphs.take(every_other), batch([graphs.graphs[k] for k in [2, 0, 1]]))
+    assert_same_graph(graphs.take(np.array([1, 2], np.uint8)), batch([graphs.graphs[k] for k in [1, 2]]))
+
+
+def test_pools_refuse_arrays_that_would_lead_out_of_bounds():
+    """The C assembly reads indices from the pool's arrays: each is checked against
+    the array it indexes (an error, never a read outside it)."""
+    rng = np.random.default_rng(7)
+    forests = [Forest.from_brackets("(1 (2 3) (4 5 6))"), Forest.from_brackets("(7 8) (9 (1 2))")]
+
+    def spoiled(change):
+        pool = ForestPool(forests)
+        change(pool)
+        with pytest.raises(ValueError, match="inconsistent pool"):
+            pool.take([0, 1])
+
+    spoiled(lambda p: p._block.__setitem__((4, 0), 5))          # a child before its forest's first node
+    spoiled(lambda p: p._roots.__setitem__(0, 10**6))           # a root outside the pool
+    spoiled(lambda p: p._height.__setitem__(0, 200))            # a level past the forest's size
+    spoiled(lambda p: p._items.__setitem__((1, 8), 10**6))      # an item's rows outside the pool
+    spoiled(lambda p: p._items.__setitem__((1, 6), 5))          # wider than the children's columns
+
+    def spoiled_graphs(change):
+        pool = GraphPool([random_graph(rng, "plain") for _ in range(2)])
+        change(pool)
+        with pytest.raises(ValueError, match="inconsistent pool"):
+            pool.take([0, 1])
+
+    spoiled_graphs(lambda p: p._nodes.__setitem__((3, 0), 7))      # a graph id past the item's graphs
+    spoiled_graphs(lambda p: p._starts.__setitem__((1, 0), 10**6))  # an item's nodes outside the pool
+    spoiled_graphs(lambda p: p._counts.__setitem__((1, 1), 10**6))  # more edges than the pool holds
+
+
 def test_data_sets_batch_from_their_pool_and_see_changes():
     from structc.treedata import TreeDataset
     data = TreeDataset("t", ["(1 (0 2) (1 3))", "(0 4)", "(1 (1 5) (0 (1 2) 3))"], ["(0 1)"],
@@ -175,22 +229,17 @@ def test_forest_pool_takes_many_batches_as_it_takes_each(seed, kind, size, batch
             assert_identical_forests(forest, pool.take(items))
 
 
-@pytest.mark.parametrize("batches", [21, 22])     # keys fit uint16 (radix sort), or not (int64)
-def test_take_many_sort_keys_on_both_sides_of_16_bits(batches):
-    """take_many sorts by batch * levels + height in uint16 while every key fits:
-    21 batches of a pool 3121 levels deep fit (65541 keys > 2**16 do not at 22)."""
-    from structc.forest import _sort_key
-    levels = 3121
-    chain = np.full((levels, 1), -1)
-    chain[1:, 0] = np.arange(levels - 1)           # node i's child is node i - 1
-    pool = ForestPool([Forest.from_arrays(chain, np.zeros(levels, int)), Forest.from_brackets("(1 2) (3 (4 5))")])
-    assert pool._levels == levels
-    key = _sort_key(batches, levels, np.full(batches, 2), np.array([0, 1] * batches, np.int16))
-    assert key.dtype == (np.uint16 if batches * levels <= 2**16 else np.int64)
-    np.testing.assert_array_equal(key, np.repeat(np.arange(batches) * levels, 2) + np.tile([0, 1], batches))
-    wanted = [np.array([1, 0, 1]) if b % 5 == 0 else np.array([1, 1]) for b in range(batches)]
-    for forest, items in zip(pool.take_many(wanted), wanted):
-        assert_identical_forests(forest, pool.take(items))
+@pytest.mark.parametrize("deep", [2**15 - 2, 2**15 + 1])
+def test_forest_pool_heights_of_both_widths(deep):
+    """A pool keeps heights as int16 while every forest is at most 2**15 levels
+    deep, as int32 beyond: the batches are concat's either way."""
+    chain = np.full((deep, 1), -1)
+    chain[1:, 0] = np.arange(deep - 1)             # node i's child is node i - 1
+    forests = [Forest.from_arrays(chain, np.zeros(deep, int)), Forest.from_brackets("(1 2) (3 (4 5))")]
+    pool = ForestPool(forests)
+    assert pool._height.dtype == (np.int16 if deep <= 2**15 else np.int32)
+    for items in ([1, 0, 1], [0, 1], [1, 1]):
+        assert_identical_forests(pool.take(items), Forest.concat([forests[k] for k in items]))
 
 
 def test_take_many_checks_like_take():
