@@ -13,13 +13,25 @@
  * does a job below SERIAL_WORK, and every job of an entry point whose kernels
  * add up to less than ENTRY_SERIAL_WORK (sc_entry_begin): a batch-1 forward
  * of a small model is then a straight call that never touches the pool. A forked child starts with no
- * workers (they are not copied) and a fresh pool state. */
+ * workers (they are not copied) and a fresh pool state.
+ *
+ * Chunks shrink towards the end of a job (a claim takes at most the
+ * remaining tasks / (2 x threads)), so the caller rarely waits long for a
+ * worker's last chunk. A worker that is preempted while it holds a chunk
+ * cannot be helped (its tasks are half done): the caller waits for it, which
+ * on a loaded machine costs a whole time slice. When a wait exceeds both
+ * STALL_NS and the caller's own share of the job, the pool backs off: jobs run
+ * on the caller for BACKOFF_MIN_NS, doubling with each further stall (within
+ * RECALL_NS of the last) up to BACKOFF_MAX_NS. Who runs a task never changes
+ * its result, so none of this changes any number. */
+#define _POSIX_C_SOURCE 200809L     /* clock_gettime, nanosleep under -std=c11 */
 #include "structc_rt.h"
 
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -39,12 +51,23 @@
 #define ENTRY_SERIAL_WORK (1 << 21)
 #define CHUNKS_PER_THREAD 4       /* claim granularity: balance vs. atomic traffic */
 #define CLOSED 0xFFFFFFFFu        /* task index of a finished job: nothing left to claim */
+#define STALL_NS 200000           /* a wait this long (and longer than the caller's share) is a preempted worker */
+#define BACKOFF_MIN_NS 2000000    /* jobs run on the caller for this long after a stall... */
+#define BACKOFF_MAX_NS 128000000  /* ...doubling with each further stall, up to this, */
+#define RECALL_NS 1000000000      /* while each comes within this of the last back-off's end */
+#define WINDOW_NS 4000000         /* entries' time judged at once for preemption of their caller... */
+#define PREEMPTED_PERCENT 25      /* ...which backs off when it was off the CPU for more than this share */
+/* Reading a thread's CPU clock is a system call (about 1 us): entries with
+ * at least this much work are all timed, smaller ones one in SAMPLE_ENTRIES. */
+#define ALWAYS_TIMED_WORK (1LL << 25)
+#define SAMPLE_ENTRIES 16
 
 typedef struct {
     sc_task_fn fn;
     void *frame;
     int64_t n;
-    int64_t chunk;
+    int64_t chunk;                 /* the largest claim */
+    int64_t split;                 /* 2 x threads: a claim takes at most remaining / split */
 } job_t;
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
@@ -57,24 +80,48 @@ static job_t job;
 static _Atomic uint64_t ticket = 0;        /* generation << 32 | next task index */
 static _Atomic int64_t done = 0;           /* tasks finished in the current job */
 static atomic_int sleepers = 0;
-static _Atomic uint64_t handoffs = 0;      /* jobs posted to the pool, ever (for tests) */
+static _Atomic uint64_t handoffs = 0;      /* jobs given to the pool, ever (for tests) */
+static _Atomic uint64_t backoff_jobs = 0;  /* of those, jobs run on the caller while backing off */
+static _Atomic uint64_t stalls = 0;        /* waits for a preempted worker detected */
+static _Atomic int64_t serial_until = 0;   /* CLOCK_MONOTONIC ns: jobs before it run on the caller */
+static _Atomic uint64_t preemptions = 0;   /* entries' windows whose caller was preempted too long */
+static _Atomic int64_t debug_stall_ns = 0; /* tests: the next job's worker sleeps this long in its chunk */
+static _Atomic int64_t debug_caller_ns = 0; /* tests: the next timed entry's caller sleeps this long */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static _Thread_local int in_parallel = 0;
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Tests: a worker that has claimed a chunk, or an entry's caller, sleeps (as if preempted). */
+static void debug_stall(_Atomic int64_t *armed) {
+    int64_t ns = atomic_exchange(armed, 0);
+    if (ns > 0) {
+        struct timespec ts = {ns / 1000000000, ns % 1000000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* Claim and run chunks of the job of generation `gen` until none are left. */
-static void work(uint32_t gen) {
+static void work(uint32_t gen, int is_worker) {
     for (;;) {
         uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
         if ((uint32_t)(t >> 32) != gen) return;
         int64_t lo = (int64_t)(uint32_t)t;
         if (lo >= job.n) return;
-        int64_t hi = lo + job.chunk < job.n ? lo + job.chunk : job.n;
+        int64_t size = (job.n - lo) / job.split;     /* smaller claims near the end */
+        size = size < 1 ? 1 : size > job.chunk ? job.chunk : size;
+        int64_t hi = lo + size < job.n ? lo + size : job.n;
         uint64_t next = ((uint64_t)gen << 32) | (uint64_t)hi;
         if (!atomic_compare_exchange_weak_explicit(&ticket, &t, next, memory_order_acq_rel,
                                                    memory_order_relaxed))
             continue;
         /* Holding [lo, hi) keeps the job alive: the caller waits for `done`. */
+        if (is_worker && atomic_load_explicit(&debug_stall_ns, memory_order_relaxed) > 0) debug_stall(&debug_stall_ns);
         job.fn(job.frame, lo, hi);
         atomic_fetch_add_explicit(&done, hi - lo, memory_order_release);
     }
@@ -98,7 +145,7 @@ static void *worker_main(void *arg) {
             break;
         }
         seen = gen;
-        work(gen);
+        work(gen, 1);
     }
     return NULL;
 }
@@ -122,19 +169,116 @@ static int64_t threshold(_Atomic int64_t *cached, const char *name, int64_t fall
 
 static int64_t serial_threshold(void) { return threshold(&serial_work, "STRUCTC_SERIAL_WORK", SERIAL_WORK); }
 
+/* -- backing off on a loaded machine -------------------------------------
+ * Two signs that the second thread costs more than it gives: a stall (the
+ * caller waited long for a worker holding a chunk: judge_wait) and an
+ * entry whose calling thread was preempted for much of its run (its wall
+ * time well above its CPU time: judge_entry; the scheduler then shares the
+ * cores with others, so a worker only takes time from the caller, and
+ * every job's end waits for two threads to be scheduled at once). Either
+ * makes jobs run on the caller for a while (serial_until). The state below
+ * is guarded by backoff_lock. */
+static pthread_mutex_t backoff_lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic int64_t backoff_mode = -1;  /* SC_BACKOFF_* bits; STRUCTC_BACKOFF, else both */
+static int64_t backoff_ns = 0;             /* the last back-off's length */
+static int64_t last_stall = 0;             /* when the last back-off ended */
+
+/* Is the pool backing off? (Read without the lock: a stale answer only
+ * decides who runs one job.) */
+static int backing_off(void) {
+    int64_t until = atomic_load_explicit(&serial_until, memory_order_relaxed);
+    return until != 0 && now_ns() < until;
+}
+
+/* Back off from `end`: twice as long as last time if that back-off ended
+ * recently (a loaded machine stays loaded), else BACKOFF_MIN_NS; while
+ * backing off already, `extend` keeps the length and moves the end. */
+static void back_off(int64_t end, int extend) {
+    pthread_mutex_lock(&backoff_lock);
+    if (extend && backing_off() && backoff_ns > 0) {
+        /* still loaded: the same length again from now */
+    } else {
+        backoff_ns = last_stall != 0 && end - last_stall < RECALL_NS ? backoff_ns * 2 : BACKOFF_MIN_NS;
+        if (backoff_ns > BACKOFF_MAX_NS) backoff_ns = BACKOFF_MAX_NS;
+    }
+    last_stall = end + backoff_ns;
+    atomic_store_explicit(&serial_until, end + backoff_ns, memory_order_relaxed);
+    pthread_mutex_unlock(&backoff_lock);
+}
+
+static int64_t backoff_on(int64_t bit) {
+    return threshold(&backoff_mode, "STRUCTC_BACKOFF", SC_BACKOFF_STALLS | SC_BACKOFF_PREEMPTED) & bit;
+}
+
+int sc_set_backoff(int mode) {
+    int before = (int)backoff_on(SC_BACKOFF_STALLS | SC_BACKOFF_PREEMPTED);
+    pthread_mutex_lock(&backoff_lock);
+    atomic_store(&backoff_mode, mode & (SC_BACKOFF_STALLS | SC_BACKOFF_PREEMPTED));
+    backoff_ns = last_stall = 0;
+    atomic_store(&serial_until, 0);
+    pthread_mutex_unlock(&backoff_lock);
+    return before;
+}
+
+/* After a pooled job: the caller worked `own` ns and then waited `waited` ns
+ * for workers, until `end`. */
+static void judge_wait(int64_t own, int64_t waited, int64_t end) {
+    if (waited <= STALL_NS || waited <= own || !backoff_on(SC_BACKOFF_STALLS)) return;
+    atomic_fetch_add_explicit(&stalls, 1, memory_order_relaxed);
+    back_off(end, 0);
+}
+
+static int64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Outermost entries of this thread since the last judgement: wall and CPU time. */
+static _Thread_local int64_t window_wall = 0, window_cpu = 0, entry_wall0 = 0, entry_cpu0 = 0;
+static _Thread_local int entry_timed = 0;
+static _Thread_local uint32_t entry_count = 0;
+
+/* After an entry that could use the pool: once WINDOW_NS of such entries
+ * have run, back off if the caller was preempted for more than a
+ * PREEMPTED_PERCENT share of that time. */
+static void judge_entry(int64_t wall, int64_t cpu, int64_t end) {
+    window_wall += wall;
+    window_cpu += cpu;
+    if (window_wall < WINDOW_NS) return;
+    int preempted = (window_wall - window_cpu) * 100 > window_wall * PREEMPTED_PERCENT;
+    window_wall = window_cpu = 0;
+    if (preempted && backoff_on(SC_BACKOFF_PREEMPTED)) {
+        atomic_fetch_add_explicit(&preemptions, 1, memory_order_relaxed);
+        back_off(end, 1);
+    }
+}
+
 /* Only the outermost entry decides: a recursion body's entry, one level of
  * a tree, is small by itself but runs many times inside a kernel whose
  * cost (NESTED_WORK) keeps its own entry off the serial path. */
 int32_t sc_entry_begin(int64_t work) {
     int32_t outer = serial_entry;
-    if (entry_depth++ == 0
-        && work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK))
-        serial_entry = 1;
+    if (entry_depth++ == 0) {
+        if (work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK)) {
+            serial_entry = 1;
+        } else if (wanted > 1 && (work >= ALWAYS_TIMED_WORK || ++entry_count % SAMPLE_ENTRIES == 0)) {
+            /* an entry that may use the pool: is its caller preempted? */
+            entry_timed = 1;
+            entry_wall0 = now_ns();
+            entry_cpu0 = thread_cpu_ns();
+        }
+    }
     return outer;
 }
 
 void sc_entry_end(int32_t outer) {
-    entry_depth--;
+    if (--entry_depth == 0 && entry_timed) {
+        entry_timed = 0;
+        if (atomic_load_explicit(&debug_caller_ns, memory_order_relaxed) > 0) debug_stall(&debug_caller_ns);
+        int64_t end = now_ns();
+        judge_entry(end - entry_wall0, thread_cpu_ns() - entry_cpu0, end);
+    }
     serial_entry = outer;
 }
 
@@ -167,6 +311,9 @@ static void reset_after_fork(void) {
     pthread_cond_init(&wake, NULL);
     started = 0;
     atomic_store(&sleepers, 0);
+    pthread_mutex_init(&backoff_lock, NULL);
+    backoff_ns = last_stall = 0;
+    atomic_store(&serial_until, 0);
     atomic_store(&ticket, (atomic_load(&ticket) & ~(uint64_t)0xFFFFFFFFu) | CLOSED);
     in_parallel = 0;
 }
@@ -176,6 +323,16 @@ static void install_atfork(void) { pthread_atfork(NULL, NULL, reset_after_fork);
 int sc_pool_workers(void) { return started; }
 
 uint64_t sc_handoffs(void) { return atomic_load(&handoffs); }
+
+uint64_t sc_backoff_jobs(void) { return atomic_load(&backoff_jobs); }
+
+uint64_t sc_stalls(void) { return atomic_load(&stalls); }
+
+uint64_t sc_preemptions(void) { return atomic_load(&preemptions); }
+
+void sc_debug_stall_worker(int64_t ns) { atomic_store(&debug_stall_ns, ns); }
+
+void sc_debug_stall_caller(int64_t ns) { atomic_store(&debug_caller_ns, ns); }
 
 /* Start workers up to `want - 1` (the caller is the last thread). Holds pool_lock. */
 static int ensure_workers(int want) {
@@ -196,7 +353,9 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         return;
     }
     int threads = ensure_workers(want);
-    if (threads <= 1) {
+    if (threads > 1) atomic_fetch_add_explicit(&handoffs, 1, memory_order_relaxed);
+    if (threads <= 1 || backing_off()) {
+        if (threads > 1) atomic_fetch_add_explicit(&backoff_jobs, 1, memory_order_relaxed);
         pthread_mutex_unlock(&pool_lock);
         fn(frame, 0, n);
         return;
@@ -206,8 +365,9 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     job.frame = frame;
     job.n = n;
     job.chunk = chunk > 0 ? chunk : 1;
+    job.split = 2 * (int64_t)threads;
     atomic_store_explicit(&done, 0, memory_order_relaxed);
-    atomic_fetch_add_explicit(&handoffs, 1, memory_order_relaxed);
+    int64_t posted = now_ns();
     uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
     atomic_store(&ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
     if (atomic_load(&sleepers) > 0) {
@@ -216,12 +376,17 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         pthread_mutex_unlock(&sleep_lock);
     }
     in_parallel = 1;
-    work(gen);
+    work(gen, 0);
     in_parallel = 0;
     /* Only chunks a worker is still running remain: wait for them. */
-    for (int spins = 0; atomic_load_explicit(&done, memory_order_acquire) < n; spins++) {
-        if (spins < SPIN_ROUNDS) CPU_RELAX();
-        else sched_yield();
+    if (atomic_load_explicit(&done, memory_order_acquire) < n) {
+        int64_t own = now_ns();
+        for (int spins = 0; atomic_load_explicit(&done, memory_order_acquire) < n; spins++) {
+            if (spins < SPIN_ROUNDS) CPU_RELAX();
+            else sched_yield();
+        }
+        int64_t end = now_ns();
+        judge_wait(own - posted, end - own, end);
     }
     /* Close the job before its fields are reused: a worker that read this
      * generation's ticket can no longer claim anything with it. */
