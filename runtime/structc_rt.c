@@ -1,11 +1,15 @@
 /* structc runtime: the thread pool behind sc_parallel_for.
  *
- * A job's tasks [0, n) are claimed in chunks from one atomic ticket by
- * whichever threads show up, the caller included. On a loaded machine a
- * worker may not be scheduled for milliseconds: the caller then simply
- * claims every chunk itself instead of waiting, and a late worker finds
- * nothing left. The ticket packs the job's generation with the next task
- * index, so a claim can only ever take a task of the current job.
+ * A job's tasks [0, n) are cut into one contiguous share per thread (a
+ * slot). Each thread claims from the front of its own share, a quarter of
+ * what is left at a time, then steals half of what is left from the back of
+ * the others'. Consecutive kernels over the same rows so give each thread
+ * the same rows (in its own cache), and a thread that shows up late, or not
+ * at all, leaves its share to the others: on a loaded machine a worker may
+ * not be scheduled for milliseconds, and the caller simply runs its share
+ * instead of waiting. A slot packs [lo, hi) in one word, so each claim is one
+ * compare-and-swap, and a job's slots are all empty before the next job's
+ * are published, so a claim always belongs to the job it runs.
  *
  * Workers spin briefly after a job (training steps come back to back), then
  * sleep on a condition variable. A call made while the pool is busy (from
@@ -15,13 +19,12 @@
  * of a small model is then a straight call that never touches the pool. A forked child starts with no
  * workers (they are not copied) and a fresh pool state.
  *
- * Chunks shrink towards the end of a job (a claim takes at most the
- * remaining tasks / (2 x threads)), so the caller rarely waits long for a
- * worker's last chunk. A worker that is preempted while it holds a chunk
- * cannot be helped (its tasks are half done): the caller waits for it, which
- * on a loaded machine costs a whole time slice. When a wait exceeds both
- * STALL_NS and the caller's own share of the job, the pool backs off: jobs run
- * on the caller for BACKOFF_MIN_NS, doubling with each further stall (within
+ * A worker that is preempted while it holds a claim cannot be helped (its
+ * tasks are half done): the caller waits for it, which on a loaded machine
+ * costs a whole time slice. When a wait exceeds both STALL_NS and the
+ * caller's own share of the job, or when the caller itself was off the CPU
+ * for much of an entry (judge_entry), the pool backs off: jobs run on the
+ * caller for BACKOFF_MIN_NS, doubling with each further stall (within
  * RECALL_NS of the last) up to BACKOFF_MAX_NS. Who runs a task never changes
  * its result, so none of this changes any number. */
 #define _POSIX_C_SOURCE 200809L     /* clock_gettime, nanosleep under -std=c11 */
@@ -49,8 +52,7 @@
  * runs them all on the caller: a small model's batch-1 forward is a straight
  * call that never touches the pool. STRUCTC_ENTRY_SERIAL_WORK overrides it. */
 #define ENTRY_SERIAL_WORK (1 << 21)
-#define CHUNKS_PER_THREAD 4       /* claim granularity: balance vs. atomic traffic */
-#define CLOSED 0xFFFFFFFFu        /* task index of a finished job: nothing left to claim */
+#define MAX_POOLED_TASKS 0xFFFFFFFFLL   /* a slot's range packs two task indices in 32 bits each */
 #define STALL_NS 200000           /* a wait this long (and longer than the caller's share) is a preempted worker */
 #define BACKOFF_MIN_NS 2000000    /* jobs run on the caller for this long after a stall... */
 #define BACKOFF_MAX_NS 128000000  /* ...doubling with each further stall, up to this, */
@@ -65,10 +67,12 @@
 typedef struct {
     sc_task_fn fn;
     void *frame;
-    int64_t n;
-    int64_t chunk;                 /* the largest claim */
-    int64_t split;                 /* 2 x threads: a claim takes at most remaining / split */
 } job_t;
+
+/* Each thread's share of the current job, on a cache line of its own. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t range;      /* lo | hi << 32: tasks not claimed yet */
+} slot_t;
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
 static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -77,7 +81,9 @@ static pthread_t workers[MAX_THREADS];
 static int started = 0;                    /* workers running */
 static int wanted = 0;                     /* threads requested (0 = not yet decided) */
 static job_t job;
-static _Atomic uint64_t ticket = 0;        /* generation << 32 | next task index */
+static slot_t slots[MAX_THREADS];
+static atomic_int job_threads = 0;         /* slots the current job uses */
+static _Atomic uint64_t ticket = 0;        /* job generation << 32 (a new job wakes the workers) */
 static _Atomic int64_t done = 0;           /* tasks finished in the current job */
 static atomic_int sleepers = 0;
 static _Atomic uint64_t handoffs = 0;      /* jobs given to the pool, ever (for tests) */
@@ -106,20 +112,55 @@ static void debug_stall(_Atomic int64_t *armed) {
     }
 }
 
-/* Claim and run chunks of the job of generation `gen` until none are left. */
-static void work(uint32_t gen, int is_worker) {
+/* A slot's range of tasks, [lo, hi), packed in one word so that claims from
+ * either end are one compare-and-swap. */
+static uint64_t pack(int64_t lo, int64_t hi) { return (uint64_t)lo | (uint64_t)hi << 32; }
+static int64_t low(uint64_t w) { return (int64_t)(uint32_t)w; }
+static int64_t high(uint64_t w) { return (int64_t)(w >> 32); }
+
+/* Claim from the front of slot s (its owner): a quarter of what is left, so
+ * the last claims are single tasks and a thief finds the rest at the back. */
+static int claim_front(int s, int64_t *lo, int64_t *hi) {
+    uint64_t w = atomic_load_explicit(&slots[s].range, memory_order_acquire);
+    while (low(w) < high(w)) {
+        int64_t size = (high(w) - low(w) + 3) / 4;
+        if (atomic_compare_exchange_weak_explicit(&slots[s].range, &w, pack(low(w) + size, high(w)),
+                                                  memory_order_acq_rel, memory_order_acquire)) {
+            *lo = low(w);
+            *hi = low(w) + size;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Steal from the back of slot s: half of what its owner has not claimed. */
+static int claim_back(int s, int64_t *lo, int64_t *hi) {
+    uint64_t w = atomic_load_explicit(&slots[s].range, memory_order_acquire);
+    while (low(w) < high(w)) {
+        int64_t size = (high(w) - low(w) + 1) / 2;
+        if (atomic_compare_exchange_weak_explicit(&slots[s].range, &w, pack(low(w), high(w) - size),
+                                                  memory_order_acq_rel, memory_order_acquire)) {
+            *lo = high(w) - size;
+            *hi = high(w);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Run the current job's tasks: this thread's slot first (slot 0 is the
+ * caller's, slot k worker k's), then what is left in the others'. A claim
+ * is of the job that published the range (a job's slots are all empty
+ * before the next one is published), and the job's fields are read only
+ * after it, so a late thread can never run a task of the wrong job. */
+static void work(int self, int is_worker) {
+    int threads = atomic_load_explicit(&job_threads, memory_order_relaxed);
     for (;;) {
-        uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
-        if ((uint32_t)(t >> 32) != gen) return;
-        int64_t lo = (int64_t)(uint32_t)t;
-        if (lo >= job.n) return;
-        int64_t size = (job.n - lo) / job.split;     /* smaller claims near the end */
-        size = size < 1 ? 1 : size > job.chunk ? job.chunk : size;
-        int64_t hi = lo + size < job.n ? lo + size : job.n;
-        uint64_t next = ((uint64_t)gen << 32) | (uint64_t)hi;
-        if (!atomic_compare_exchange_weak_explicit(&ticket, &t, next, memory_order_acq_rel,
-                                                   memory_order_relaxed))
-            continue;
+        int64_t lo, hi;
+        int got = self < threads && claim_front(self, &lo, &hi);
+        for (int k = 1; !got && k < threads; k++) got = claim_back((self + k) % threads, &lo, &hi);
+        if (!got) return;
         /* Holding [lo, hi) keeps the job alive: the caller waits for `done`. */
         if (is_worker && atomic_load_explicit(&debug_stall_ns, memory_order_relaxed) > 0) debug_stall(&debug_stall_ns);
         job.fn(job.frame, lo, hi);
@@ -128,7 +169,7 @@ static void work(uint32_t gen, int is_worker) {
 }
 
 static void *worker_main(void *arg) {
-    (void)arg;
+    int self = (int)(intptr_t)arg;
     uint32_t seen = 0;
     in_parallel = 1;
     for (;;) {
@@ -145,7 +186,7 @@ static void *worker_main(void *arg) {
             break;
         }
         seen = gen;
-        work(gen, 1);
+        work(self, 1);
     }
     return NULL;
 }
@@ -314,7 +355,7 @@ static void reset_after_fork(void) {
     pthread_mutex_init(&backoff_lock, NULL);
     backoff_ns = last_stall = 0;
     atomic_store(&serial_until, 0);
-    atomic_store(&ticket, (atomic_load(&ticket) & ~(uint64_t)0xFFFFFFFFu) | CLOSED);
+    for (int s = 0; s < MAX_THREADS; s++) atomic_store(&slots[s].range, 0);
     in_parallel = 0;
 }
 
@@ -338,7 +379,7 @@ void sc_debug_stall_caller(int64_t ns) { atomic_store(&debug_caller_ns, ns); }
 static int ensure_workers(int want) {
     pthread_once(&atfork_once, install_atfork);
     while (started < want - 1) {
-        if (pthread_create(&workers[started], NULL, worker_main, NULL) != 0) break;
+        if (pthread_create(&workers[started], NULL, worker_main, (void *)(intptr_t)(started + 1)) != 0) break;
         started++;
     }
     return started + 1 < want ? started + 1 : want;
@@ -347,7 +388,7 @@ static int ensure_workers(int want) {
 void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     if (n <= 0) return;
     int want = sc_get_num_threads();
-    if (want <= 1 || n == 1 || n >= (int64_t)CLOSED || in_parallel || serial_entry || n * (cost > 0 ? cost : 1) < serial_threshold()
+    if (want <= 1 || n == 1 || n >= MAX_POOLED_TASKS || in_parallel || serial_entry || n * (cost > 0 ? cost : 1) < serial_threshold()
         || pthread_mutex_trylock(&pool_lock) != 0) {
         fn(frame, 0, n);
         return;
@@ -360,13 +401,14 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         fn(frame, 0, n);
         return;
     }
-    int64_t chunk = n / ((int64_t)threads * CHUNKS_PER_THREAD);
     job.fn = fn;
     job.frame = frame;
-    job.n = n;
-    job.chunk = chunk > 0 ? chunk : 1;
-    job.split = 2 * (int64_t)threads;
     atomic_store_explicit(&done, 0, memory_order_relaxed);
+    atomic_store_explicit(&job_threads, threads, memory_order_relaxed);
+    /* Contiguous shares: consecutive kernels over the same rows give a
+     * thread the same rows (its own cache) unless it steals. */
+    for (int s = 0; s < threads; s++)
+        atomic_store_explicit(&slots[s].range, pack(n * s / threads, n * (s + 1) / threads), memory_order_release);
     int64_t posted = now_ns();
     uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
     atomic_store(&ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
@@ -376,7 +418,7 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         pthread_mutex_unlock(&sleep_lock);
     }
     in_parallel = 1;
-    work(gen, 0);
+    work(0, 0);
     in_parallel = 0;
     /* Only chunks a worker is still running remain: wait for them. */
     if (atomic_load_explicit(&done, memory_order_acquire) < n) {
@@ -388,8 +430,5 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         int64_t end = now_ns();
         judge_wait(own - posted, end - own, end);
     }
-    /* Close the job before its fields are reused: a worker that read this
-     * generation's ticket can no longer claim anything with it. */
-    atomic_store(&ticket, ((uint64_t)gen << 32) | CLOSED);
     pthread_mutex_unlock(&pool_lock);
 }
