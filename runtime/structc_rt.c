@@ -11,8 +11,8 @@
  * compare-and-swap, and a job's slots are all empty before the next job's
  * are published, so a claim always belongs to the job it runs.
  *
- * Workers spin briefly after a job (training steps come back to back), then
- * sleep on a condition variable. A call made while the pool is busy (from
+ * Workers spin for about a millisecond after a job (training steps come back
+ * to back), then sleep on a condition variable. A call made while the pool is busy (from
  * another Python thread, or nested inside a kernel) runs on its caller, and so
  * does a job below SERIAL_WORK, and every job of an entry point whose kernels
  * add up to less than ENTRY_SERIAL_WORK (sc_entry_begin): a batch-1 forward
@@ -44,7 +44,14 @@
 #endif
 
 #define MAX_THREADS 256
-#define SPIN_ROUNDS 4000          /* ~100 us of polling before a worker sleeps */
+/* A worker polls for the next job this long before it sleeps: about 1 ms
+ * (a pause is ~25 ns on Zen 4), longer than the Python work between two
+ * training steps (a GNN step's graph binding and checks: ~0.3 ms), so that
+ * a step does not start with a sleeping worker (a futex wake on the caller's
+ * path, and tens of us before the worker runs). On a loaded machine the pool
+ * backs off, posts no jobs, and the workers go to sleep after it. */
+#define WORKER_SPIN_ROUNDS 40000
+#define WAIT_SPIN_ROUNDS 4000     /* ~100 us of polling for a worker's last claim, then yields */
 /* Jobs below this much work (tasks x cost, roughly flops) run on the caller:
  * STRUCTC_SERIAL_WORK overrides it (read once: for tuning on a quiet machine). */
 #define SERIAL_WORK 32768
@@ -176,7 +183,7 @@ static void *worker_main(void *arg) {
         uint32_t gen;
         int spins = 0;
         while ((gen = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen) {
-            if (++spins < SPIN_ROUNDS) { CPU_RELAX(); continue; }
+            if (++spins < WORKER_SPIN_ROUNDS) { CPU_RELAX(); continue; }
             pthread_mutex_lock(&sleep_lock);
             atomic_fetch_add(&sleepers, 1);
             while ((gen = (uint32_t)(atomic_load(&ticket) >> 32)) == seen)
@@ -424,7 +431,7 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     if (atomic_load_explicit(&done, memory_order_acquire) < n) {
         int64_t own = now_ns();
         for (int spins = 0; atomic_load_explicit(&done, memory_order_acquire) < n; spins++) {
-            if (spins < SPIN_ROUNDS) CPU_RELAX();
+            if (spins < WAIT_SPIN_ROUNDS) CPU_RELAX();
             else sched_yield();
         }
         int64_t end = now_ns();
