@@ -50,7 +50,7 @@
  * a step does not start with a sleeping worker (a futex wake on the caller's
  * path, and tens of us before the worker runs). On a loaded machine the pool
  * backs off, posts no jobs, and the workers go to sleep after it. */
-#define WORKER_SPIN_ROUNDS 40000
+#define WORKER_SPIN_ROUNDS 40000  /* STRUCTC_WORKER_SPIN overrides it (read once: for tuning) */
 #define WAIT_SPIN_ROUNDS 4000     /* ~100 us of polling for a worker's last claim, then yields */
 /* Jobs below this much work (tasks x cost, roughly flops) run on the caller:
  * STRUCTC_SERIAL_WORK overrides it (read once: for tuning on a quiet machine). */
@@ -175,29 +175,6 @@ static void work(int self, int is_worker) {
     }
 }
 
-static void *worker_main(void *arg) {
-    int self = (int)(intptr_t)arg;
-    uint32_t seen = 0;
-    in_parallel = 1;
-    for (;;) {
-        uint32_t gen;
-        int spins = 0;
-        while ((gen = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen) {
-            if (++spins < WORKER_SPIN_ROUNDS) { CPU_RELAX(); continue; }
-            pthread_mutex_lock(&sleep_lock);
-            atomic_fetch_add(&sleepers, 1);
-            while ((gen = (uint32_t)(atomic_load(&ticket) >> 32)) == seen)
-                pthread_cond_wait(&wake, &sleep_lock);
-            atomic_fetch_sub(&sleepers, 1);
-            pthread_mutex_unlock(&sleep_lock);
-            break;
-        }
-        seen = gen;
-        work(self, 1);
-    }
-    return NULL;
-}
-
 static _Atomic int64_t serial_work = -1;   /* SERIAL_WORK or the environment's, once read */
 static _Atomic int64_t entry_serial_work = -1;
 static _Thread_local int serial_entry = 0;     /* this thread runs an entry below the threshold */
@@ -216,6 +193,33 @@ static int64_t threshold(_Atomic int64_t *cached, const char *name, int64_t fall
 }
 
 static int64_t serial_threshold(void) { return threshold(&serial_work, "STRUCTC_SERIAL_WORK", SERIAL_WORK); }
+
+static _Atomic int64_t worker_spin = -1;   /* WORKER_SPIN_ROUNDS or STRUCTC_WORKER_SPIN, once read */
+
+static void *worker_main(void *arg) {
+    int self = (int)(intptr_t)arg;
+    int64_t spin_rounds = threshold(&worker_spin, "STRUCTC_WORKER_SPIN", WORKER_SPIN_ROUNDS);
+    uint32_t seen = 0;
+    in_parallel = 1;
+    for (;;) {
+        uint32_t gen;
+        int spins = 0;
+        while ((gen = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen) {
+            if (++spins < spin_rounds) { CPU_RELAX(); continue; }
+            pthread_mutex_lock(&sleep_lock);
+            atomic_fetch_add(&sleepers, 1);
+            while ((gen = (uint32_t)(atomic_load(&ticket) >> 32)) == seen)
+                pthread_cond_wait(&wake, &sleep_lock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&sleep_lock);
+            break;
+        }
+        seen = gen;
+        work(self, 1);
+    }
+    return NULL;
+}
+
 
 /* -- backing off on a loaded machine -------------------------------------
  * Two signs that the second thread costs more than it gives: a stall (the
