@@ -348,7 +348,7 @@ def test_the_pool_runs_every_task_once_and_each_thread_starts_on_its_share(tmp_p
     exe = tmp_path / "pool_driver"
     subprocess.run([cc, "-O2", "-std=c11", "-pthread", f"-I{root / 'runtime'}", str(root / "tests/c/pool_driver.c"),
                     str(root / "runtime/structc_rt.c"), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe), "3000"], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([str(exe), "1500"], capture_output=True, text=True, timeout=120,
                          env={"STRUCTC_BACKOFF": "0"}).stdout.split()
     assert out[0] == "ok", " ".join(out)
     right, tried = int(out[2]), int(out[3])
