@@ -43,7 +43,7 @@ def timed(fn, calls: int = 2000, blocks: int = 7) -> tuple[float, float]:
 
 
 def structc_forward(name: str):
-    """(call, params, x, out, net_call): `call` runs the forward entry at batch 1
+    """(call, params, x, out, net_call, net): `call` runs the forward entry at batch 1
     with its arrays bound once (the native call alone); `net_call` is what a
     user writes, `net(x=x)` (input checks and the output's allocation included)."""
     import structc
@@ -64,7 +64,12 @@ def structc_forward(name: str):
         _runtime.invoke(entry.address, pa, ga, sa, ws, arrays, outs, dvals, net._hyper_addr, 0)
     call()
     np.testing.assert_allclose(outs[0], net(x=x), rtol=1e-5)
-    return call, net.params, x, outs[0], lambda: net(x=x)
+    return call, net.params, x, outs[0], lambda: net(x=x), net
+
+
+def plan_calls(net) -> int:
+    """Calls `net`'s C call plan ran (0 where there is none: an older checkout)."""
+    return getattr(getattr(net, "_forward_plan", None), "calls", 0)
 
 
 # -- TVM ---------------------------------------------------------------------------------
@@ -194,11 +199,13 @@ def main(argv=None) -> int:
         return 0
     print(os.popen("uptime").read().strip())
     for name in args.models:
-        call, params, x, out, net_call = structc_forward(name)
+        call, params, x, out, net_call, net = structc_forward(name)
         s_med, s_best = timed(call)
+        before = plan_calls(net)
         n_med, _ = timed(net_call)
+        path = "C plan" if plan_calls(net) > before else "Python path"     # which one net(x=x) took
         line = (f"{name:7s} structc {s_med * 1e6:6.1f} us (best {s_best * 1e6:.1f}), "
-                f"net(x=x) {n_med * 1e6:6.1f} us")
+                f"net(x=x) {n_med * 1e6:6.1f} us ({path})")
         if not args.no_tvm:
             import tvm
             _, names = tvm_module(name)

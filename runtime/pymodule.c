@@ -162,6 +162,370 @@ static PyObject *debug_stall_worker(PyObject *self, PyObject *arg) { return arm_
 
 static PyObject *debug_stall_caller(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_stall_caller); }
 
+/* ---- The call plan: `net(x=x)` on dense ndarrays without the Python checks ----
+ *
+ * A CallPlan is built once per entry in Python (structc/model.py, `_call_plan`)
+ * from what `Net._bind` checks: each input's name, buffer format, alignment,
+ * rank, and each axis either a fixed size or a symbol; each output's dtype and
+ * shape in the same terms. `plan.run(kwargs)` checks the inputs exactly as
+ * `_bind` would accept them without converting anything, binds the symbols,
+ * allocates the outputs (numpy.empty), takes the Net's lock, runs the entry
+ * with the GIL released and returns the outputs by name. It returns None, and
+ * changes nothing, for any call it does not handle (a missing or extra name, a
+ * value that is not an exact ndarray of the declared dtype, C-contiguous and
+ * aligned, a shape or symbol mismatch, a class label out of range, a workspace
+ * larger than the one allocated): the Python path then runs and converts the
+ * value or raises its usual error. No numpy C API: buffers only. */
+
+#define PLAN_MAX_RANK 16
+#define PLAN_MAX_SYMBOLS 64
+
+typedef int64_t (*workspace_fn)(const int64_t *dims);
+
+typedef struct {
+    PyObject *name;                 /* str */
+    char format[8];                 /* the buffer format numpy gives the declared dtype ("f", "l", ...) */
+    Py_ssize_t itemsize, align;
+    int ndim;
+    int64_t dim[PLAN_MAX_RANK];     /* >= 0: that size; < 0: symbol -1 - dim */
+    int64_t classes;                /* > 0: integer labels in [0, classes) */
+} plan_input;
+
+typedef struct {
+    PyObject *name, *dtype;         /* str; the numpy dtype given to numpy.empty */
+    Py_ssize_t itemsize;
+    int ndim;
+    int64_t dim[PLAN_MAX_RANK];
+} plan_output;
+
+typedef struct {
+    PyObject_HEAD
+    entry_fn fn;
+    workspace_fn ws_fn;
+    void *params, *grads, *state;
+    const float *hyper;
+    int64_t mode;
+    PyObject *model;                /* the model's name, for the error message */
+    PyObject *ndarray, *empty;      /* numpy.ndarray, numpy.empty */
+    PyObject *acquire, *release;    /* the Net's lock's bound methods */
+    PyObject *ws_owner;             /* keeps the workspace alive; set under the lock */
+    void *ws_addr;
+    int64_t ws_size;
+    Py_ssize_t n_in, n_out, n_sym;
+    plan_input in[MAX_ARGS];
+    plan_output out[MAX_ARGS];
+    unsigned long long calls;       /* calls the plan ran (tests: the fast path is taken) */
+} CallPlan;
+
+static void plan_dealloc(CallPlan *p) {
+    for (Py_ssize_t k = 0; k < p->n_in; k++) Py_XDECREF(p->in[k].name);
+    for (Py_ssize_t k = 0; k < p->n_out; k++) {
+        Py_XDECREF(p->out[k].name);
+        Py_XDECREF(p->out[k].dtype);
+    }
+    Py_XDECREF(p->model);
+    Py_XDECREF(p->ndarray);
+    Py_XDECREF(p->empty);
+    Py_XDECREF(p->acquire);
+    Py_XDECREF(p->release);
+    Py_XDECREF(p->ws_owner);
+    PyObject_Free(p);
+}
+
+/* A shape tuple of ints (negative: a symbol's index) into `dim`; -1 on error. */
+static int plan_shape(PyObject *shape, Py_ssize_t n_sym, int *ndim, int64_t *dim) {
+    if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) > PLAN_MAX_RANK) {
+        PyErr_SetString(PyExc_ValueError, "a plan shape is a tuple of at most 16 ints");
+        return -1;
+    }
+    *ndim = (int)PyTuple_GET_SIZE(shape);
+    for (int k = 0; k < *ndim; k++) {
+        dim[k] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, k));
+        if (dim[k] == -1 && PyErr_Occurred()) return -1;
+        if (dim[k] < -n_sym) {
+            PyErr_SetString(PyExc_ValueError, "a plan shape names a symbol that does not exist");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int plan_add_input(CallPlan *p, PyObject *item) {
+    plan_input *in = &p->in[p->n_in];
+    PyObject *name, *shape;
+    const char *format;
+    long long classes;
+    if (!PyArg_ParseTuple(item, "UsnnOL", &name, &format, &in->itemsize, &in->align, &shape, &classes)) return -1;
+    if (strlen(format) >= sizeof in->format || in->itemsize < 1 || in->align < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad input format in a call plan");
+        return -1;
+    }
+    if (classes > 0 && in->itemsize != 4 && in->itemsize != 8) {
+        PyErr_SetString(PyExc_ValueError, "class labels are int32 or int64");
+        return -1;
+    }
+    strcpy(in->format, format);
+    in->classes = classes;
+    if (plan_shape(shape, p->n_sym, &in->ndim, in->dim) < 0) return -1;
+    Py_INCREF(name);
+    in->name = name;
+    p->n_in++;
+    return 0;
+}
+
+static int plan_add_output(CallPlan *p, PyObject *item) {
+    plan_output *out = &p->out[p->n_out];
+    PyObject *name, *dtype, *shape;
+    if (!PyArg_ParseTuple(item, "UOnO", &name, &dtype, &out->itemsize, &shape)) return -1;
+    if (plan_shape(shape, p->n_sym, &out->ndim, out->dim) < 0) return -1;
+    Py_INCREF(name);
+    Py_INCREF(dtype);
+    out->name = name;
+    out->dtype = dtype;
+    p->n_out++;
+    return 0;
+}
+
+static PyTypeObject CallPlanType;
+
+/* call_plan(fn, workspace_fn, params, grads, state, hyper, mode, n_symbols, inputs, outputs,
+ *           model, ndarray, empty, lock) -> CallPlan
+ * inputs: (name, format, itemsize, align, shape, classes) tuples; outputs: (name, dtype,
+ * itemsize, shape); a shape holds sizes >= 0 and symbols as -1 - index. */
+static PyObject *call_plan(PyObject *self, PyObject *args) {
+    PyObject *a_fn, *a_ws, *a_p, *a_g, *a_s, *a_h, *inputs, *outputs, *model, *ndarray, *empty, *lock;
+    long long mode;
+    Py_ssize_t n_sym;
+    if (!PyArg_ParseTuple(args, "OOOOOOLnO!O!UOOO", &a_fn, &a_ws, &a_p, &a_g, &a_s, &a_h, &mode, &n_sym,
+                          &PyList_Type, &inputs, &PyList_Type, &outputs, &model, &ndarray, &empty, &lock))
+        return NULL;
+    if (n_sym < 0 || n_sym > PLAN_MAX_SYMBOLS || PyList_GET_SIZE(inputs) > MAX_ARGS
+        || PyList_GET_SIZE(outputs) > MAX_ARGS) {
+        PyErr_SetString(PyExc_ValueError, "too many symbols, inputs or outputs for a call plan");
+        return NULL;
+    }
+    CallPlan *p = PyObject_New(CallPlan, &CallPlanType);
+    if (!p) return NULL;
+    p->n_in = p->n_out = 0;
+    p->n_sym = n_sym;
+    p->model = p->ndarray = p->empty = p->acquire = p->release = p->ws_owner = NULL;
+    p->ws_addr = NULL;
+    p->ws_size = 0;
+    p->calls = 0;
+    p->mode = mode;
+    p->fn = (entry_fn)PyLong_AsVoidPtr(a_fn);
+    p->ws_fn = (workspace_fn)PyLong_AsVoidPtr(a_ws);
+    p->params = PyLong_AsVoidPtr(a_p);
+    p->grads = PyLong_AsVoidPtr(a_g);
+    p->state = PyLong_AsVoidPtr(a_s);
+    p->hyper = (const float *)PyLong_AsVoidPtr(a_h);
+    if (PyErr_Occurred()) goto fail;
+    if (!p->fn || !p->ws_fn) {
+        PyErr_SetString(PyExc_ValueError, "a call plan needs the entry's and its workspace function's addresses");
+        goto fail;
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(inputs); k++)
+        if (plan_add_input(p, PyList_GET_ITEM(inputs, k)) < 0) goto fail;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(outputs); k++)
+        if (plan_add_output(p, PyList_GET_ITEM(outputs, k)) < 0) goto fail;
+    p->acquire = PyObject_GetAttrString(lock, "acquire");
+    p->release = p->acquire ? PyObject_GetAttrString(lock, "release") : NULL;
+    if (!p->release) goto fail;
+    Py_INCREF(model);
+    Py_INCREF(ndarray);
+    Py_INCREF(empty);
+    p->model = model;
+    p->ndarray = ndarray;
+    p->empty = empty;
+    return (PyObject *)p;
+fail:
+    Py_DECREF(p);
+    return NULL;
+}
+
+/* set_workspace(owner, address, size): the workspace the Net grew (called holding its lock). */
+static PyObject *plan_set_workspace(CallPlan *p, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "set_workspace takes 3 arguments");
+        return NULL;
+    }
+    void *addr = PyLong_AsVoidPtr(args[1]);
+    long long size = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    Py_INCREF(args[0]);
+    Py_XSETREF(p->ws_owner, args[0]);
+    p->ws_addr = addr;
+    p->ws_size = size;
+    Py_RETURN_NONE;
+}
+
+/* Whether the labels of a C-contiguous int32/int64 buffer all lie in [0, classes). */
+static int labels_in_range(const Py_buffer *v, int64_t classes) {
+    Py_ssize_t n = v->len / v->itemsize;
+    if (v->itemsize == 4) {
+        const int32_t *q = (const int32_t *)v->buf;
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (q[k] < 0 || q[k] >= classes) return 0;
+    } else {
+        const int64_t *q = (const int64_t *)v->buf;
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (q[k] < 0 || q[k] >= classes) return 0;
+    }
+    return 1;
+}
+
+/* The buffer of input `in` in `v` if `value` is what `_bind` passes on untouched and
+ * agrees with the dims bound so far (binding the new ones); 0 (no buffer held) if not. */
+static int plan_take_input(CallPlan *p, const plan_input *in, PyObject *value, Py_buffer *v, int64_t *dims) {
+    if (Py_TYPE(value) != (PyTypeObject *)p->ndarray) return 0;
+    if (PyObject_GetBuffer(value, v, PyBUF_RECORDS_RO) < 0) {   /* e.g. an object array: Python says why */
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = v->ndim == in->ndim && v->itemsize == in->itemsize && v->format && strcmp(v->format, in->format) == 0
+             && (uintptr_t)v->buf % (uintptr_t)in->align == 0 && PyBuffer_IsContiguous(v, 'C');
+    for (int k = 0; ok && k < in->ndim; k++) {
+        int64_t n = v->shape[k], d = in->dim[k];
+        if (d >= 0) ok = n == d;
+        else if (dims[-1 - d] >= 0) ok = n == dims[-1 - d];
+        else if (n >= 1) dims[-1 - d] = n;
+        else ok = 0;
+    }
+    if (ok && in->classes > 0) ok = labels_in_range(v, in->classes);
+    if (!ok) PyBuffer_Release(v);
+    return ok;
+}
+
+/* numpy.empty of output `out` at these dims, its buffer in `v`; NULL (no error set) on failure. */
+static PyObject *plan_new_output(CallPlan *p, const plan_output *out, const int64_t *dims, Py_buffer *v) {
+    PyObject *shape = PyTuple_New(out->ndim);
+    if (!shape) goto fail;
+    Py_ssize_t count = 1;
+    for (int k = 0; k < out->ndim; k++) {
+        int64_t n = out->dim[k] >= 0 ? out->dim[k] : dims[-1 - out->dim[k]];
+        PyObject *size = PyLong_FromLongLong(n);
+        if (!size) { Py_DECREF(shape); goto fail; }
+        PyTuple_SET_ITEM(shape, k, size);
+        count = n > 0 && count > PY_SSIZE_T_MAX / n ? -1 : count * n;
+        if (count < 0) { Py_DECREF(shape); goto fail; }
+    }
+    PyObject *argv[2] = {shape, out->dtype};
+    PyObject *arr = PyObject_Vectorcall(p->empty, argv, 2, NULL);
+    Py_DECREF(shape);
+    if (!arr) goto fail;
+    if (PyObject_GetBuffer(arr, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) { Py_DECREF(arr); goto fail; }
+    if (count > PY_SSIZE_T_MAX / out->itemsize || v->len != count * out->itemsize) {   /* never write past it */
+        PyBuffer_Release(v);
+        Py_DECREF(arr);
+        goto fail;
+    }
+    return arr;
+fail:
+    PyErr_Clear();          /* the Python path allocates again and raises its own error */
+    return NULL;
+}
+
+/* {name: output} (`single`: the output itself when there is one), or None when
+ * the Python path must take this call. */
+static PyObject *plan_execute(CallPlan *p, PyObject *kwargs, int single) {
+    if (!PyDict_CheckExact(kwargs) || PyDict_GET_SIZE(kwargs) != p->n_in) Py_RETURN_NONE;
+    int64_t dims[PLAN_MAX_SYMBOLS] = {0};      /* all set: nothing uninitialised reaches the entry */
+    for (Py_ssize_t k = 0; k < p->n_sym; k++) dims[k] = -1;
+    Py_buffer in_views[MAX_ARGS], out_views[MAX_ARGS];
+    void *in_ptrs[MAX_ARGS], *out_ptrs[MAX_ARGS];
+    PyObject *outs[MAX_ARGS];
+    Py_ssize_t n_in = 0, n_out = 0;
+    PyObject *result = NULL;
+    for (; n_in < p->n_in; n_in++) {
+        PyObject *value = PyDict_GetItemWithError(kwargs, p->in[n_in].name);    /* borrowed */
+        if (!value) { PyErr_Clear(); goto decline; }
+        if (!plan_take_input(p, &p->in[n_in], value, &in_views[n_in], dims)) goto decline;
+        in_ptrs[n_in] = in_views[n_in].buf;
+    }
+    for (Py_ssize_t k = 0; k < p->n_sym; k++)
+        if (dims[k] < 0) dims[k] = 1;           /* as `_run`: a symbol no input binds is 1 */
+    int64_t need = p->ws_fn(dims);
+    /* overflow, a first call or growth: the Python path checks the size and grows the workspace */
+    if (need < 0 || need > p->ws_size || !p->ws_addr) goto decline;
+    for (; n_out < p->n_out; n_out++) {
+        outs[n_out] = plan_new_output(p, &p->out[n_out], dims, &out_views[n_out]);
+        if (!outs[n_out]) goto decline;
+        out_ptrs[n_out] = out_views[n_out].buf;
+    }
+    /* The Net's lock, as `_run` takes it: one native call on a Net at a time (the
+     * arenas, the hyper-parameters and the workspace are shared). Acquiring it
+     * releases the GIL while it waits; the workspace only grows, under this lock,
+     * so its address is read holding it. */
+    PyObject *got = PyObject_CallNoArgs(p->acquire);
+    if (!got) goto done;                        /* interrupted while waiting: raise that */
+    Py_DECREF(got);
+    entry_fn fn = p->fn;
+    void *ws = p->ws_addr;
+    int32_t status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(p->params, p->grads, p->state, ws, in_ptrs, out_ptrs, dims, p->hyper, p->mode);
+    Py_END_ALLOW_THREADS
+    got = PyObject_CallNoArgs(p->release);
+    if (!got) goto done;
+    Py_DECREF(got);
+    if (status != 0) {
+        PyErr_Format(PyExc_RuntimeError, "%U: native code reported error %d", p->model, (int)status);
+        goto done;
+    }
+    if (single && n_out == 1) {
+        result = outs[0];
+        Py_INCREF(result);
+    } else {
+        result = PyDict_New();
+        for (Py_ssize_t k = 0; result && k < n_out; k++)
+            if (PyDict_SetItem(result, p->out[k].name, outs[k]) < 0) Py_CLEAR(result);
+    }
+    if (result) p->calls++;
+    goto done;
+decline:
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (Py_ssize_t k = 0; k < n_in; k++) PyBuffer_Release(&in_views[k]);
+    for (Py_ssize_t k = 0; k < n_out; k++) {
+        PyBuffer_Release(&out_views[k]);
+        Py_DECREF(outs[k]);
+    }
+    return result;
+}
+
+static PyObject *plan_run(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 0); }
+
+static PyObject *plan_call(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 1); }
+
+static PyObject *plan_calls(CallPlan *p, void *closure) { return PyLong_FromUnsignedLongLong(p->calls); }
+
+static PyMethodDef plan_methods[] = {
+    {"run", (PyCFunction)plan_run, METH_O, "run(kwargs) -> {name: output}, or None: the Python path takes the call"},
+    {"call", (PyCFunction)plan_call, METH_O, "call(kwargs) -> as run, but the output itself when there is one"},
+    {"set_workspace", (PyCFunction)(void (*)(void))plan_set_workspace, METH_FASTCALL,
+     "set_workspace(owner, address, size): the workspace grown by the Net, under its lock"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef plan_getset[] = {
+    {"calls", (getter)plan_calls, NULL, "calls this plan ran (not counting those it left to Python)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CallPlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "structc._runtime.CallPlan",
+    .tp_basicsize = sizeof(CallPlan),
+    .tp_dealloc = (destructor)plan_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One entry's checked call on dense ndarrays (see call_plan).",
+    .tp_methods = plan_methods,
+    .tp_getset = plan_getset,
+};
+
+/* ---- end of the call plan ---- */
+
 static PyMethodDef methods[] = {
     {"handoffs", handoffs, METH_NOARGS, "handoffs() -> jobs handed to the thread pool so far"},
     {"pool_workers", pool_workers, METH_NOARGS, "pool_workers() -> worker threads running in this process"},
@@ -178,6 +542,9 @@ static PyMethodDef methods[] = {
      "first_out_of_range(buffer, lo, hi) -> index of the first element outside [lo, hi), or -1"},
     {"invoke", (PyCFunction)(void (*)(void))invoke, METH_FASTCALL,
      "invoke(fn, params, grads, state, workspace, inputs, outputs, dims, hyper, mode) -> status"},
+    {"call_plan", call_plan, METH_VARARGS,
+     "call_plan(fn, workspace_fn, params, grads, state, hyper, mode, n_symbols, inputs, outputs, model, "
+     "ndarray, empty, lock) -> CallPlan"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -185,4 +552,7 @@ static struct PyModuleDef runtime_module = {
     PyModuleDef_HEAD_INIT, "_runtime", "structc's native runtime: thread pool and the call path.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__runtime(void) { return PyModule_Create(&runtime_module); }
+PyMODINIT_FUNC PyInit__runtime(void) {
+    if (PyType_Ready(&CallPlanType) < 0) return NULL;
+    return PyModule_Create(&runtime_module);
+}

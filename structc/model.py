@@ -2,13 +2,14 @@
 
 It owns the parameter, gradient and optimiser-state arenas (numpy arrays
 whose memory the native code reads and writes), checks every input before
-native code runs, and calls the entry points through ctypes, which releases
-the GIL for the duration of the call.
+native code runs, and calls the entry points through `_runtime.invoke`
+(runtime/pymodule.c), which releases the GIL for the duration of the call.
 
 Calls on one `Net` are serialised by a lock (the arenas and the
 hyper-parameters are shared state); inputs are checked before it is taken,
 so threads overlap their checking, and calls on different `Net`s run in
-parallel.
+parallel. A forward call on ndarrays as declared is checked and run in C
+(`_call_plan`); any other call takes the Python path (`_run`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import ctypes
 import difflib
 import math
 import os
+import sys
 import tempfile
 import threading
 import zipfile
@@ -135,6 +137,25 @@ class _Entry:
         self.workspace_sizes: dict[tuple, int] = {}
 
 
+class _NoPlan:
+    """Stands in for a `_runtime.CallPlan` where every call takes the Python path."""
+    calls = 0
+
+    @staticmethod
+    def run(inputs):
+        return None
+
+    call = run
+
+    @staticmethod
+    def set_workspace(owner, address: int, size: int) -> None:
+        pass
+
+
+_NO_PLAN = _NoPlan()
+_PLAN_MAX_SYMBOLS = 64      # PLAN_MAX_SYMBOLS in runtime/pymodule.c
+
+
 class BatchTooSmall(ValueError):
     """A training call batch normalisation cannot train on (one value per channel);
     raised before anything changes, so a training loop may skip the batch."""
@@ -245,6 +266,7 @@ class Net:
                          if b is not None]
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
+        self._forward_plan = self._call_plan("forward", 0)      # `net(x=x)` on ndarrays: checked in C
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
@@ -415,7 +437,34 @@ class Net:
         if ws is None or ws.size < need:
             ws = self._workspace_buf = _aligned_zeros(max(need, 64), np.uint8)
             self._workspace_addr = ws.ctypes.data
+            self._forward_plan.set_workspace(ws, self._workspace_addr, ws.size)
         return self._workspace_addr
+
+    def _call_plan(self, kind: str, mode: int):
+        """The C call plan of entry `kind` (`_runtime.CallPlan`): `_bind`'s checks of
+        ndarray inputs, in C, for the calls that need no conversion; the others it
+        leaves to `_run`, which raises the usual errors. `_NO_PLAN` for models
+        whose inputs always need Python: forests, graphs, sequences (binders),
+        integers computed on in float32 (the 2**24 check)."""
+        entry = dict.get(self._entries, kind)
+        if (entry is None or self._binders or any(s.name in self._float_ints for s in entry.inputs)
+                or len(self._symbols) > _PLAN_MAX_SYMBOLS):
+            return _NO_PLAN
+        symbol = {name: k for k, name in enumerate(self._symbols)}
+        bound = {d for s in entry.inputs for d in s.shape if d.__class__ is not int}
+
+        def coded(shape):      # a size, or a symbol as -1 - its index
+            return tuple(d if d.__class__ is int else -1 - symbol[d] for d in shape)
+        if any(d.__class__ is not int and d not in bound for _, shape, _ in entry.outputs for d in shape):
+            return _NO_PLAN     # an output axis no input binds: `_run` says so
+        inputs = [(sys.intern(s.name), memoryview(np.empty(0, s.dtype)).format, np.dtype(s.dtype).itemsize,
+                   np.dtype(s.dtype).alignment, coded(s.shape), s.classes or 0) for s in entry.inputs]
+        outputs = [(sys.intern(name), np.dtype(dtype), np.dtype(dtype).itemsize, coded(shape))
+                   for name, shape, dtype in entry.outputs]
+        pa, ga, sa = self._arena_addrs
+        workspace_fn = ctypes.cast(entry.workspace_fn, ctypes.c_void_p).value
+        return _runtime.call_plan(entry.address, workspace_fn, pa, ga, sa, self._hyper_addr, mode,
+                                  len(self._symbols), inputs, outputs, self.name, np.ndarray, np.empty, self._lock)
 
     def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None,
              check_batch: bool = True):
@@ -461,11 +510,17 @@ class Net:
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         """All declared outputs, by name."""
-        return self._run("forward", inputs, 0)[0]
+        outs = self._forward_plan.run(inputs)      # ndarrays as declared: checked and run in C
+        if outs is None:
+            outs = self._run("forward", inputs, 0)[0]
+        return outs
 
     def __call__(self, **inputs):
         """The forward pass: the output array (a dict when there are several)."""
-        outs = self.forward(**inputs)
+        out = self._forward_plan.call(inputs)      # the array itself when there is one output
+        if out is not None:
+            return out
+        outs = self._run("forward", inputs, 0)[0]
         return next(iter(outs.values())) if len(outs) == 1 else outs
 
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
@@ -739,8 +794,17 @@ def _as_array(spec: _Input, value) -> np.ndarray:
                             f"got dtype {arr.dtype}")
         if arr.dtype != spec.dtype:
             arr = arr.astype(spec.dtype)
-    if not arr.flags.c_contiguous or not arr.flags.aligned:
+    return _contiguous_aligned(arr)
+
+
+def _contiguous_aligned(arr: np.ndarray) -> np.ndarray:
+    """`arr`, or a copy that is C-contiguous and aligned to its dtype: native
+    code reads whole elements (ascontiguousarray returns a contiguous but
+    misaligned view as it is, so a misaligned one is copied)."""
+    if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
+    if not arr.flags.aligned:
+        arr = arr.copy()
     return arr
 
 
@@ -764,9 +828,7 @@ def _from_dlpack(spec: _Input, tensor) -> np.ndarray:
                             f"{getattr(tensor, 'dtype', arr.dtype)}, the model expects {spec.describe()} "
                             f"({want.name}); convert it yourself (structc does not cast a tensor's values)")
         return _as_array(spec, arr)          # integers: a copy, checked to fit, values unchanged
-    if not arr.flags.c_contiguous or not arr.flags.aligned:
-        arr = np.ascontiguousarray(arr)
-    return arr
+    return _contiguous_aligned(arr)
 
 
 def _kind_of(tensor) -> str:

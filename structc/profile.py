@@ -167,8 +167,10 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
             addr = module.engine.get_function_address(art.kernel_symbols.get(name, name))
         except Exception:  # noqa: BLE001 - a body shared with another entry point: not in the object
             addr = 0
-        if addr:    # a kernel several layers share (same text): the first layer's name
-            by_address.setdefault(addr, kernel)
+        if addr:    # a kernel several layers share (same text): the first layer's name, every layer's line
+            first = by_address.setdefault(addr, kernel)
+            if first is not kernel:
+                first.spans.extend(s for s in kernel.spans if all(s.line != t.line for t in first.spans))
     net._profile_kernels = by_address
     net._profile_source = source
     return net

@@ -162,6 +162,20 @@ def test_inputs_are_converted_when_lossless(mlp):
     net.grad(x=x, y=y.astype(np.int64))
 
 
+def test_a_misaligned_input_reaches_native_code_as_an_aligned_copy():
+    """A C-contiguous float32 array at an odd address: ascontiguousarray keeps
+    it as it is, so the boundary copies it (native code reads whole floats)."""
+    from structc.model import _as_array, _from_dlpack
+    spec = next(iter(structc.compile("model M { input x: f32[N, 3]\n output y = x + 1 }")._entries["forward"].inputs))
+    raw = np.zeros(4 * 6 + 1, np.uint8)
+    odd = raw[1:].view(np.float32).reshape(2, 3)
+    odd[...] = np.arange(6).reshape(2, 3)
+    assert odd.flags.c_contiguous and not odd.flags.aligned
+    for bound in (_as_array(spec, odd), _from_dlpack(spec, odd)):
+        assert bound.flags.aligned and bound.flags.c_contiguous
+        np.testing.assert_array_equal(bound, odd)
+
+
 def test_bad_hyper_parameters(mlp):
     net, _ = mlp
     x, y = batch(3)

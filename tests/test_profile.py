@@ -82,6 +82,21 @@ def test_kernels_are_grouped_under_the_snet_line_of_their_layer(report):
     assert forward.gflops > 0 and forward.percent_of(PEAK) > 0
 
 
+def test_a_kernel_two_layers_share_is_listed_under_both_lines():
+    """Two layers of one shape compile to one kernel (named by its text): the
+    report files it under the first layer's line and names the second's too,
+    rather than counting both layers' time against the first alone."""
+    src = ("model Twin {\n  input x: f32[N, 16]\n  target y: class[N] of 4\n"
+           "  h = dense(x, 16) |> relu\n  h = dense(h, 16) |> relu\n  h = dense(h, 16) |> relu\n"
+           "  loss cross_entropy(dense(h, 4), y)\n}\n")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 16), dtype=np.float32), rng.integers(0, 4, 32).astype(np.int32)
+    report = structc.compile(src, cache=False).profile(steps=2, forward=True, peak=PEAK, x=x)
+    shared = [r for r in report.rows if len({s.line for s in r.kernel.spans}) >= 3]
+    assert shared, report.table()
+    assert "(+ lines 5,6)" in report.table()
+
+
 def test_the_trace_is_chrome_trace_json_with_a_lane_per_thread(report, tmp_path):
     path = report.write_trace(tmp_path / "trace.json")
     trace = json.loads(path.read_text())
