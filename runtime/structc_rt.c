@@ -60,12 +60,21 @@
  * call that never touches the pool. STRUCTC_ENTRY_SERIAL_WORK overrides it. */
 #define ENTRY_SERIAL_WORK (1 << 21)
 #define MAX_POOLED_TASKS 0xFFFFFFFFLL   /* a slot's range packs two task indices in 32 bits each */
-#define STALL_NS 200000           /* a wait this long (and longer than the caller's share) is a preempted worker */
+/* A wait this long (and longer than the caller's own share of the job) is a
+ * preempted worker: a time slice is milliseconds, while a worker's last
+ * claim on a quiet machine is a fraction of the job (few-task jobs of
+ * unequal tasks, a whole task, are the closest call). */
+#define STALL_NS 1000000
 #define BACKOFF_MIN_NS 2000000    /* jobs run on the caller for this long after a stall... */
 #define BACKOFF_MAX_NS 128000000  /* ...doubling with each further stall, up to this, */
 #define RECALL_NS 1000000000      /* while each comes within this of the last back-off's end */
 #define WINDOW_NS 4000000         /* entries' time judged at once for preemption of their caller... */
-#define PREEMPTED_PERCENT 25      /* ...which backs off when it was off the CPU for more than this share */
+/* ...which backs off when it was off the CPU for more than this share: with
+ * the kernel's autogroup, our process sharing the cores with one other busy
+ * session loses 50% (a second thread then only halves each one's time), while
+ * one other busy thread without autogroup costs a third (two threads still
+ * get 1.33 cores). */
+#define PREEMPTED_PERCENT 40
 /* Reading a thread's CPU clock is a system call (about 1 us): entries with
  * at least this much work are all timed, smaller ones one in SAMPLE_ENTRIES. */
 #define ALWAYS_TIMED_WORK (1LL << 25)
