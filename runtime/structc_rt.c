@@ -69,12 +69,11 @@
 #define BACKOFF_MAX_NS 128000000  /* ...doubling with each further stall, up to this, */
 #define RECALL_NS 1000000000      /* while each comes within this of the last back-off's end */
 #define WINDOW_NS 4000000         /* entries' time judged at once for preemption of their caller... */
-/* ...which backs off when it was off the CPU for more than this share: with
- * the kernel's autogroup, our process sharing the cores with one other busy
- * session loses 50% (a second thread then only halves each one's time), while
- * one other busy thread without autogroup costs a third (two threads still
- * get 1.33 cores). */
-#define PREEMPTED_PERCENT 40
+/* ...which backs off when it was off the CPU for more than this share. 40%
+ * was tried (to stay parallel beside one other busy thread, which costs a
+ * third): at load 4-5 LeNet's 2-thread step was then 0.69x its 1-thread
+ * step, against 1.02-1.15x at 25%. */
+#define PREEMPTED_PERCENT 25
 /* Reading a thread's CPU clock is a system call (about 1 us): entries with
  * at least this much work are all timed, smaller ones one in SAMPLE_ENTRIES. */
 #define ALWAYS_TIMED_WORK (1LL << 25)
