@@ -3,6 +3,7 @@
     python benchmarks/bench_threads.py                      # all workloads, 5 rounds
     python benchmarks/bench_threads.py --rounds 3 --workloads lenet,gnn --steps 50
     python benchmarks/bench_threads.py --before ../base-venv/bin/python   # another checkout too
+    python benchmarks/bench_threads.py --no-backoff         # scaling itself, even on a loaded machine
 
 Workloads are `profile_kernels.py`'s (the benchmarks' own models and inputs):
 mlp (784-256-128-10, batch 64), lenet (LeNet-5, batch 64), conv (the conv step),
@@ -12,9 +13,13 @@ gnn (3-layer GNN, 2000 nodes), trees (32 trees), gat (2-layer GAT); plus
 Each (workload, threads) runs in a fresh process; rounds interleave the thread
 counts (and, with --before PYTHON, an interpreter with another checkout of
 structc installed: before/after in one run), so all see the same load. A round times --steps steps after a
-warm-up; the number is the median over rounds of per-round medians. The load
+warm-up; the number is the median over rounds of per-round medians (with
+`--quantile 0.1`, of per-round 10th percentiles: on a loaded machine, the
+steps that ran while both threads had a core). The load
 average is printed before and after: on a shared machine the ratio measured in
-one run is what to read.
+one run is what to read. On a loaded machine the pool backs off to one thread
+(the runtime's STRUCTC_BACKOFF); `--no-backoff` turns that off in the workers,
+to see what two threads do when they are never backed off.
 """
 from __future__ import annotations
 
@@ -48,8 +53,13 @@ def step_fn(name: str):
     return lambda: net.train_step(**inputs, lr=0.01)
 
 
-def worker(name: str, threads: int, steps: int, rounds: int) -> list[float]:
-    """Per-round medians (seconds per step) of `rounds` rounds, in this process."""
+def quantile(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def worker(name: str, threads: int, steps: int, rounds: int, q: float = 0.5) -> list[float]:
+    """Per-round `q` quantiles (seconds per step; the median by default) of `rounds` rounds, in this process."""
     import structc
     structc.set_num_threads(threads)
     step = step_fn(name)
@@ -62,16 +72,19 @@ def worker(name: str, threads: int, steps: int, rounds: int) -> list[float]:
             t = time.perf_counter()
             step()
             times.append(time.perf_counter() - t)
-        medians.append(statistics.median(times))
+        medians.append(statistics.median(times) if q == 0.5 else quantile(times, q))
     return medians
 
 
-def run_worker(name: str, threads: int, steps: int, python: str = sys.executable) -> float:
+def run_worker(name: str, threads: int, steps: int, python: str = sys.executable, backoff: bool = True,
+               q: float = 0.5) -> float:
     # one compile cache per interpreter: two checkouts never share compiled code
     cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"structc-bench-threads-{hashlib.sha1(python.encode()).hexdigest()[:12]}"
     env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), STRUCTC_CACHE_DIR=str(cache))
+    if not backoff:
+        env["STRUCTC_BACKOFF"] = "0"
     out = subprocess.run([python, __file__, "--worker", name, "--threads-one", str(threads),
-                          "--steps", str(steps)], env=env, capture_output=True, text=True, check=True)
+                          "--steps", str(steps), "--quantile", str(q)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])[0]
 
 
@@ -86,11 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json", help="also write the medians here")
     ap.add_argument("--before", metavar="PYTHON", help="also time this interpreter's structc (another checkout)")
+    ap.add_argument("--quantile", type=float, default=0.5, help="of each round's step times (default: the median)")
+    ap.add_argument("--no-backoff", action="store_true", help="the pool never backs off to one thread (STRUCTC_BACKOFF=0)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--threads-one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads_one, args.steps, 1)))
+        print(json.dumps(worker(args.worker, args.threads_one, args.steps, 1, args.quantile)))
         return 0
     default_steps = {"gnn": 40, "gat": 20, "conv": 20, "trees": 60, "lenet": 100, "mlp": 200,
                      "mlp_infer1": 2000, "lenet_infer1": 2000}
@@ -104,7 +119,8 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for side, python in sides.items():
                 for threads in (1, 2):
-                    times[side, threads].append(run_worker(name, threads, steps, python))
+                    times[side, threads].append(run_worker(name, threads, steps, python, not args.no_backoff,
+                                                                 args.quantile))
         for side in sides:
             one, two = statistics.median(times[side, 1]), statistics.median(times[side, 2])
             results[f"{name} {side}"] = {"1": one, "2": two, "speedup": one / two}

@@ -124,6 +124,45 @@ static PyObject *handoffs(PyObject *self, PyObject *unused) {
 
 static PyObject *pool_workers(PyObject *self, PyObject *unused) { return PyLong_FromLong(sc_pool_workers()); }
 
+/* backoff_jobs() / stalls() / preemptions(): jobs run on the caller while the
+ * pool backs off, and what started back-offs (see structc_rt.h);
+ * debug_stall_worker(ns) / debug_stall_caller(ns): a worker or an entry's
+ * caller sleeps as if preempted (tests of the back-off). */
+static PyObject *backoff_jobs(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(sc_backoff_jobs());
+}
+
+static PyObject *stalls(PyObject *self, PyObject *unused) { return PyLong_FromUnsignedLongLong(sc_stalls()); }
+
+static PyObject *preemptions(PyObject *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(sc_preemptions());
+}
+
+static PyObject *arm_stall(PyObject *arg, void (*arm)(int64_t)) {
+    long long ns = PyLong_AsLongLong(arg);
+    if (ns == -1 && PyErr_Occurred()) return NULL;
+    if (ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "a stall's length must be >= 0 ns");
+        return NULL;
+    }
+    arm((int64_t)ns);
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_backoff(PyObject *self, PyObject *arg) {
+    long mode = PyLong_AsLong(arg);
+    if (mode == -1 && PyErr_Occurred()) return NULL;
+    if (mode < 0 || mode > 3) {
+        PyErr_SetString(PyExc_ValueError, "set_backoff: mode is 0..3 (1: stalls, 2: preempted callers)");
+        return NULL;
+    }
+    return PyLong_FromLong(sc_set_backoff((int)mode));
+}
+
+static PyObject *debug_stall_worker(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_stall_worker); }
+
+static PyObject *debug_stall_caller(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_stall_caller); }
+
 /* ---- The call plan: `net(x=x)` on dense ndarrays without the Python checks ----
  *
  * A CallPlan is built once per entry in Python (structc/model.py, `_call_plan`)
@@ -491,6 +530,15 @@ static PyTypeObject CallPlanType = {
 static PyMethodDef methods[] = {
     {"handoffs", handoffs, METH_NOARGS, "handoffs() -> jobs handed to the thread pool so far"},
     {"pool_workers", pool_workers, METH_NOARGS, "pool_workers() -> worker threads running in this process"},
+    {"backoff_jobs", backoff_jobs, METH_NOARGS, "backoff_jobs() -> jobs run on the caller while the pool backs off"},
+    {"stalls", stalls, METH_NOARGS, "stalls() -> long waits for a preempted worker (each starts a back-off)"},
+    {"debug_stall_worker", debug_stall_worker, METH_O,
+     "debug_stall_worker(ns): the next pooled job's worker sleeps ns in its first chunk (tests)"},
+    {"set_backoff", set_backoff, METH_O,
+     "set_backoff(mode) -> previous: back off after stalls (1), preempted callers (2), both (3), never (0)"},
+    {"preemptions", preemptions, METH_NOARGS, "preemptions() -> entries' windows whose caller was preempted too long"},
+    {"debug_stall_caller", debug_stall_caller, METH_O,
+     "debug_stall_caller(ns): the next entry that may use the pool sleeps ns before it returns (tests)"},
     {"first_out_of_range", (PyCFunction)(void (*)(void))first_out_of_range, METH_FASTCALL,
      "first_out_of_range(buffer, lo, hi) -> index of the first element outside [lo, hi), or -1"},
     {"invoke", (PyCFunction)(void (*)(void))invoke, METH_FASTCALL,

@@ -1,25 +1,40 @@
 /* structc runtime: the thread pool behind sc_parallel_for.
  *
- * A job's tasks [0, n) are claimed in chunks from one atomic ticket by
- * whichever threads show up, the caller included. On a loaded machine a
- * worker may not be scheduled for milliseconds: the caller then simply
- * claims every chunk itself instead of waiting, and a late worker finds
- * nothing left. The ticket packs the job's generation with the next task
- * index, so a claim can only ever take a task of the current job.
+ * A job's tasks [0, n) are cut into one contiguous share per thread (a
+ * slot). Each thread claims from the front of its own share, a quarter of
+ * what is left at a time, then steals half of what is left from the back of
+ * the others'. Consecutive kernels over the same rows so give each thread
+ * the same rows (in its own cache), and a thread that shows up late, or not
+ * at all, leaves its share to the others: on a loaded machine a worker may
+ * not be scheduled for milliseconds, and the caller simply runs its share
+ * instead of waiting. A slot packs [lo, hi) in one word, so each claim is one
+ * compare-and-swap, and a job's slots are all empty before the next job's
+ * are published, so a claim always belongs to the job it runs.
  *
- * Workers spin briefly after a job (training steps come back to back), then
- * sleep on a condition variable. A call made while the pool is busy (from
+ * Workers spin for about a millisecond after a job (training steps come back
+ * to back), then sleep on a condition variable. A call made while the pool is busy (from
  * another Python thread, or nested inside a kernel) runs on its caller, and so
  * does a job below SERIAL_WORK, and every job of an entry point whose kernels
  * add up to less than ENTRY_SERIAL_WORK (sc_entry_begin): a batch-1 forward
  * of a small model is then a straight call that never touches the pool. A forked child starts with no
- * workers (they are not copied) and a fresh pool state. */
+ * workers (they are not copied) and a fresh pool state.
+ *
+ * A worker that is preempted while it holds a claim cannot be helped (its
+ * tasks are half done): the caller waits for it, which on a loaded machine
+ * costs a whole time slice. When a wait exceeds both STALL_NS and the
+ * caller's own share of the job, or when the caller itself was off the CPU
+ * for much of an entry (judge_entry), the pool backs off: jobs run on the
+ * caller for BACKOFF_MIN_NS, doubling with each further stall (within
+ * RECALL_NS of the last) up to BACKOFF_MAX_NS. Who runs a task never changes
+ * its result, so none of this changes any number. */
+#define _POSIX_C_SOURCE 200809L     /* clock_gettime, nanosleep under -std=c11 */
 #include "structc_rt.h"
 
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -29,7 +44,14 @@
 #endif
 
 #define MAX_THREADS 256
-#define SPIN_ROUNDS 4000          /* ~100 us of polling before a worker sleeps */
+/* A worker polls for the next job this long before it sleeps: about 1 ms
+ * (a pause is ~25 ns on Zen 4), longer than the Python work between two
+ * training steps (a GNN step's graph binding and checks: ~0.3 ms), so that
+ * a step does not start with a sleeping worker (a futex wake on the caller's
+ * path, and tens of us before the worker runs). On a loaded machine the pool
+ * backs off, posts no jobs, and the workers go to sleep after it. */
+#define WORKER_SPIN_ROUNDS 40000  /* STRUCTC_WORKER_SPIN overrides it (read once: for tuning) */
+#define WAIT_SPIN_ROUNDS 4000     /* ~100 us of polling for a worker's last claim, then yields */
 /* Jobs below this much work (tasks x cost, roughly flops) run on the caller:
  * STRUCTC_SERIAL_WORK overrides it (read once: for tuning on a quiet machine). */
 #define SERIAL_WORK 32768
@@ -37,15 +59,35 @@
  * runs them all on the caller: a small model's batch-1 forward is a straight
  * call that never touches the pool. STRUCTC_ENTRY_SERIAL_WORK overrides it. */
 #define ENTRY_SERIAL_WORK (1 << 21)
-#define CHUNKS_PER_THREAD 4       /* claim granularity: balance vs. atomic traffic */
-#define CLOSED 0xFFFFFFFFu        /* task index of a finished job: nothing left to claim */
+#define MAX_POOLED_TASKS 0xFFFFFFFFLL   /* a slot's range packs two task indices in 32 bits each */
+/* A wait this long (and longer than the caller's own share of the job) is a
+ * preempted worker: a time slice is milliseconds, while a worker's last
+ * claim on a quiet machine is a fraction of the job (few-task jobs of
+ * unequal tasks, a whole task, are the closest call). */
+#define STALL_NS 1000000
+#define BACKOFF_MIN_NS 2000000    /* jobs run on the caller for this long after a stall... */
+#define BACKOFF_MAX_NS 128000000  /* ...doubling with each further stall, up to this, */
+#define RECALL_NS 1000000000      /* while each comes within this of the last back-off's end */
+#define WINDOW_NS 4000000         /* entries' time judged at once for preemption of their caller... */
+/* ...which backs off when it was off the CPU for more than this share. 40%
+ * was tried (to stay parallel beside one other busy thread, which costs a
+ * third): at load 4-5 LeNet's 2-thread step was then 0.69x its 1-thread
+ * step, against 1.02-1.15x at 25%. */
+#define PREEMPTED_PERCENT 25
+/* Reading a thread's CPU clock is a system call (about 1 us): entries with
+ * at least this much work are all timed, smaller ones one in SAMPLE_ENTRIES. */
+#define ALWAYS_TIMED_WORK (1LL << 25)
+#define SAMPLE_ENTRIES 16
 
 typedef struct {
     sc_task_fn fn;
     void *frame;
-    int64_t n;
-    int64_t chunk;
 } job_t;
+
+/* Each thread's share of the current job, on a cache line of its own. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t range;      /* lo | hi << 32: tasks not claimed yet */
+} slot_t;
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
 static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -54,53 +96,91 @@ static pthread_t workers[MAX_THREADS];
 static int started = 0;                    /* workers running */
 static int wanted = 0;                     /* threads requested (0 = not yet decided) */
 static job_t job;
-static _Atomic uint64_t ticket = 0;        /* generation << 32 | next task index */
+static slot_t slots[MAX_THREADS];
+static atomic_int job_threads = 0;         /* slots the current job uses */
+static _Atomic uint64_t ticket = 0;        /* job generation << 32 (a new job wakes the workers) */
 static _Atomic int64_t done = 0;           /* tasks finished in the current job */
 static atomic_int sleepers = 0;
-static _Atomic uint64_t handoffs = 0;      /* jobs posted to the pool, ever (for tests) */
+static _Atomic uint64_t handoffs = 0;      /* jobs given to the pool, ever (for tests) */
+static _Atomic uint64_t backoff_jobs = 0;  /* of those, jobs run on the caller while backing off */
+static _Atomic uint64_t stalls = 0;        /* waits for a preempted worker detected */
+static _Atomic int64_t serial_until = 0;   /* CLOCK_MONOTONIC ns: jobs before it run on the caller */
+static _Atomic uint64_t preemptions = 0;   /* entries' windows whose caller was preempted too long */
+static _Atomic int64_t debug_stall_ns = 0; /* tests: the next job's worker sleeps this long in its chunk */
+static _Atomic int64_t debug_caller_ns = 0; /* tests: the next timed entry's caller sleeps this long */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static _Thread_local int in_parallel = 0;
 
-/* Claim and run chunks of the job of generation `gen` until none are left. */
-static void work(uint32_t gen) {
-    for (;;) {
-        uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
-        if ((uint32_t)(t >> 32) != gen) return;
-        int64_t lo = (int64_t)(uint32_t)t;
-        if (lo >= job.n) return;
-        int64_t hi = lo + job.chunk < job.n ? lo + job.chunk : job.n;
-        uint64_t next = ((uint64_t)gen << 32) | (uint64_t)hi;
-        if (!atomic_compare_exchange_weak_explicit(&ticket, &t, next, memory_order_acq_rel,
-                                                   memory_order_relaxed))
-            continue;
-        /* Holding [lo, hi) keeps the job alive: the caller waits for `done`. */
-        job.fn(job.frame, lo, hi);
-        atomic_fetch_add_explicit(&done, hi - lo, memory_order_release);
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Tests: a worker that has claimed a chunk, or an entry's caller, sleeps (as if preempted). */
+static void debug_stall(_Atomic int64_t *armed) {
+    int64_t ns = atomic_exchange(armed, 0);
+    if (ns > 0) {
+        struct timespec ts = {ns / 1000000000, ns % 1000000000};
+        nanosleep(&ts, NULL);
     }
 }
 
-static void *worker_main(void *arg) {
-    (void)arg;
-    uint32_t seen = 0;
-    in_parallel = 1;
-    for (;;) {
-        uint32_t gen;
-        int spins = 0;
-        while ((gen = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen) {
-            if (++spins < SPIN_ROUNDS) { CPU_RELAX(); continue; }
-            pthread_mutex_lock(&sleep_lock);
-            atomic_fetch_add(&sleepers, 1);
-            while ((gen = (uint32_t)(atomic_load(&ticket) >> 32)) == seen)
-                pthread_cond_wait(&wake, &sleep_lock);
-            atomic_fetch_sub(&sleepers, 1);
-            pthread_mutex_unlock(&sleep_lock);
-            break;
+/* A slot's range of tasks, [lo, hi), packed in one word so that claims from
+ * either end are one compare-and-swap. */
+static uint64_t pack(int64_t lo, int64_t hi) { return (uint64_t)lo | (uint64_t)hi << 32; }
+static int64_t low(uint64_t w) { return (int64_t)(uint32_t)w; }
+static int64_t high(uint64_t w) { return (int64_t)(w >> 32); }
+
+/* Claim from the front of slot s (its owner): a quarter of what is left, so
+ * the last claims are single tasks and a thief finds the rest at the back. */
+static int claim_front(int s, int64_t *lo, int64_t *hi) {
+    uint64_t w = atomic_load_explicit(&slots[s].range, memory_order_acquire);
+    while (low(w) < high(w)) {
+        int64_t size = (high(w) - low(w) + 3) / 4;
+        if (atomic_compare_exchange_weak_explicit(&slots[s].range, &w, pack(low(w) + size, high(w)),
+                                                  memory_order_acq_rel, memory_order_acquire)) {
+            *lo = low(w);
+            *hi = low(w) + size;
+            return 1;
         }
-        seen = gen;
-        work(gen);
     }
-    return NULL;
+    return 0;
+}
+
+/* Steal from the back of slot s: half of what its owner has not claimed. */
+static int claim_back(int s, int64_t *lo, int64_t *hi) {
+    uint64_t w = atomic_load_explicit(&slots[s].range, memory_order_acquire);
+    while (low(w) < high(w)) {
+        int64_t size = (high(w) - low(w) + 1) / 2;
+        if (atomic_compare_exchange_weak_explicit(&slots[s].range, &w, pack(low(w), high(w) - size),
+                                                  memory_order_acq_rel, memory_order_acquire)) {
+            *lo = high(w) - size;
+            *hi = high(w);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Run the current job's tasks: this thread's slot first (slot 0 is the
+ * caller's, slot k worker k's), then what is left in the others'. A claim
+ * is of the job that published the range (a job's slots are all empty
+ * before the next one is published), and the job's fields are read only
+ * after it, so a late thread can never run a task of the wrong job. */
+static void work(int self, int is_worker) {
+    int threads = atomic_load_explicit(&job_threads, memory_order_relaxed);
+    for (;;) {
+        int64_t lo, hi;
+        int got = self < threads && claim_front(self, &lo, &hi);
+        for (int k = 1; !got && k < threads; k++) got = claim_back((self + k) % threads, &lo, &hi);
+        if (!got) return;
+        /* Holding [lo, hi) keeps the job alive: the caller waits for `done`. */
+        if (is_worker && atomic_load_explicit(&debug_stall_ns, memory_order_relaxed) > 0) debug_stall(&debug_stall_ns);
+        job.fn(job.frame, lo, hi);
+        atomic_fetch_add_explicit(&done, hi - lo, memory_order_release);
+    }
 }
 
 static _Atomic int64_t serial_work = -1;   /* SERIAL_WORK or the environment's, once read */
@@ -122,19 +202,143 @@ static int64_t threshold(_Atomic int64_t *cached, const char *name, int64_t fall
 
 static int64_t serial_threshold(void) { return threshold(&serial_work, "STRUCTC_SERIAL_WORK", SERIAL_WORK); }
 
+static _Atomic int64_t worker_spin = -1;   /* WORKER_SPIN_ROUNDS or STRUCTC_WORKER_SPIN, once read */
+
+static void *worker_main(void *arg) {
+    int self = (int)(intptr_t)arg;
+    int64_t spin_rounds = threshold(&worker_spin, "STRUCTC_WORKER_SPIN", WORKER_SPIN_ROUNDS);
+    uint32_t seen = 0;
+    in_parallel = 1;
+    for (;;) {
+        uint32_t gen;
+        int spins = 0;
+        while ((gen = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen) {
+            if (++spins < spin_rounds) { CPU_RELAX(); continue; }
+            pthread_mutex_lock(&sleep_lock);
+            atomic_fetch_add(&sleepers, 1);
+            while ((gen = (uint32_t)(atomic_load(&ticket) >> 32)) == seen)
+                pthread_cond_wait(&wake, &sleep_lock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&sleep_lock);
+            break;
+        }
+        seen = gen;
+        work(self, 1);
+    }
+    return NULL;
+}
+
+
+/* -- backing off on a loaded machine -------------------------------------
+ * Two signs that the second thread costs more than it gives: a stall (the
+ * caller waited long for a worker holding a chunk: judge_wait) and an
+ * entry whose calling thread was preempted for much of its run (its wall
+ * time well above its CPU time: judge_entry; the scheduler then shares the
+ * cores with others, so a worker only takes time from the caller, and
+ * every job's end waits for two threads to be scheduled at once). Either
+ * makes jobs run on the caller for a while (serial_until). The state below
+ * is guarded by backoff_lock. */
+static pthread_mutex_t backoff_lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic int64_t backoff_mode = -1;  /* SC_BACKOFF_* bits; STRUCTC_BACKOFF, else both */
+static int64_t backoff_ns = 0;             /* the last back-off's length */
+static int64_t last_stall = 0;             /* when the last back-off ended */
+
+/* Is the pool backing off? (Read without the lock: a stale answer only
+ * decides who runs one job.) */
+static int backing_off(void) {
+    int64_t until = atomic_load_explicit(&serial_until, memory_order_relaxed);
+    return until != 0 && now_ns() < until;
+}
+
+/* Back off from `end`: twice as long as last time if that back-off ended
+ * recently (a loaded machine stays loaded), else BACKOFF_MIN_NS; while
+ * backing off already, `extend` keeps the length and moves the end. */
+static void back_off(int64_t end, int extend) {
+    pthread_mutex_lock(&backoff_lock);
+    if (extend && backing_off() && backoff_ns > 0) {
+        /* still loaded: the same length again from now */
+    } else {
+        backoff_ns = last_stall != 0 && end - last_stall < RECALL_NS ? backoff_ns * 2 : BACKOFF_MIN_NS;
+        if (backoff_ns > BACKOFF_MAX_NS) backoff_ns = BACKOFF_MAX_NS;
+    }
+    last_stall = end + backoff_ns;
+    atomic_store_explicit(&serial_until, end + backoff_ns, memory_order_relaxed);
+    pthread_mutex_unlock(&backoff_lock);
+}
+
+static int64_t backoff_on(int64_t bit) {
+    return threshold(&backoff_mode, "STRUCTC_BACKOFF", SC_BACKOFF_STALLS | SC_BACKOFF_PREEMPTED) & bit;
+}
+
+int sc_set_backoff(int mode) {
+    int before = (int)backoff_on(SC_BACKOFF_STALLS | SC_BACKOFF_PREEMPTED);
+    pthread_mutex_lock(&backoff_lock);
+    atomic_store(&backoff_mode, mode & (SC_BACKOFF_STALLS | SC_BACKOFF_PREEMPTED));
+    backoff_ns = last_stall = 0;
+    atomic_store(&serial_until, 0);
+    pthread_mutex_unlock(&backoff_lock);
+    return before;
+}
+
+/* After a pooled job: the caller worked `own` ns and then waited `waited` ns
+ * for workers, until `end`. */
+static void judge_wait(int64_t own, int64_t waited, int64_t end) {
+    if (waited <= STALL_NS || waited <= own || !backoff_on(SC_BACKOFF_STALLS)) return;
+    atomic_fetch_add_explicit(&stalls, 1, memory_order_relaxed);
+    back_off(end, 0);
+}
+
+static int64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Outermost entries of this thread since the last judgement: wall and CPU time. */
+static _Thread_local int64_t window_wall = 0, window_cpu = 0, entry_wall0 = 0, entry_cpu0 = 0;
+static _Thread_local int entry_timed = 0;
+static _Thread_local uint32_t entry_count = 0;
+
+/* After an entry that could use the pool: once WINDOW_NS of such entries
+ * have run, back off if the caller was preempted for more than a
+ * PREEMPTED_PERCENT share of that time. */
+static void judge_entry(int64_t wall, int64_t cpu, int64_t end) {
+    window_wall += wall;
+    window_cpu += cpu;
+    if (window_wall < WINDOW_NS) return;
+    int preempted = (window_wall - window_cpu) * 100 > window_wall * PREEMPTED_PERCENT;
+    window_wall = window_cpu = 0;
+    if (preempted && backoff_on(SC_BACKOFF_PREEMPTED)) {
+        atomic_fetch_add_explicit(&preemptions, 1, memory_order_relaxed);
+        back_off(end, 1);
+    }
+}
+
 /* Only the outermost entry decides: a recursion body's entry, one level of
  * a tree, is small by itself but runs many times inside a kernel whose
  * cost (NESTED_WORK) keeps its own entry off the serial path. */
 int32_t sc_entry_begin(int64_t work) {
     int32_t outer = serial_entry;
-    if (entry_depth++ == 0
-        && work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK))
-        serial_entry = 1;
+    if (entry_depth++ == 0) {
+        if (work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK)) {
+            serial_entry = 1;
+        } else if (wanted > 1 && (work >= ALWAYS_TIMED_WORK || ++entry_count % SAMPLE_ENTRIES == 0)) {
+            /* an entry that may use the pool: is its caller preempted? */
+            entry_timed = 1;
+            entry_wall0 = now_ns();
+            entry_cpu0 = thread_cpu_ns();
+        }
+    }
     return outer;
 }
 
 void sc_entry_end(int32_t outer) {
-    entry_depth--;
+    if (--entry_depth == 0 && entry_timed) {
+        entry_timed = 0;
+        if (atomic_load_explicit(&debug_caller_ns, memory_order_relaxed) > 0) debug_stall(&debug_caller_ns);
+        int64_t end = now_ns();
+        judge_entry(end - entry_wall0, thread_cpu_ns() - entry_cpu0, end);
+    }
     serial_entry = outer;
 }
 
@@ -167,7 +371,10 @@ static void reset_after_fork(void) {
     pthread_cond_init(&wake, NULL);
     started = 0;
     atomic_store(&sleepers, 0);
-    atomic_store(&ticket, (atomic_load(&ticket) & ~(uint64_t)0xFFFFFFFFu) | CLOSED);
+    pthread_mutex_init(&backoff_lock, NULL);
+    backoff_ns = last_stall = 0;
+    atomic_store(&serial_until, 0);
+    for (int s = 0; s < MAX_THREADS; s++) atomic_store(&slots[s].range, 0);
     in_parallel = 0;
 }
 
@@ -177,11 +384,21 @@ int sc_pool_workers(void) { return started; }
 
 uint64_t sc_handoffs(void) { return atomic_load(&handoffs); }
 
+uint64_t sc_backoff_jobs(void) { return atomic_load(&backoff_jobs); }
+
+uint64_t sc_stalls(void) { return atomic_load(&stalls); }
+
+uint64_t sc_preemptions(void) { return atomic_load(&preemptions); }
+
+void sc_debug_stall_worker(int64_t ns) { atomic_store(&debug_stall_ns, ns); }
+
+void sc_debug_stall_caller(int64_t ns) { atomic_store(&debug_caller_ns, ns); }
+
 /* Start workers up to `want - 1` (the caller is the last thread). Holds pool_lock. */
 static int ensure_workers(int want) {
     pthread_once(&atfork_once, install_atfork);
     while (started < want - 1) {
-        if (pthread_create(&workers[started], NULL, worker_main, NULL) != 0) break;
+        if (pthread_create(&workers[started], NULL, worker_main, (void *)(intptr_t)(started + 1)) != 0) break;
         started++;
     }
     return started + 1 < want ? started + 1 : want;
@@ -190,24 +407,28 @@ static int ensure_workers(int want) {
 void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     if (n <= 0) return;
     int want = sc_get_num_threads();
-    if (want <= 1 || n == 1 || n >= (int64_t)CLOSED || in_parallel || serial_entry || n * (cost > 0 ? cost : 1) < serial_threshold()
+    if (want <= 1 || n == 1 || n >= MAX_POOLED_TASKS || in_parallel || serial_entry || n * (cost > 0 ? cost : 1) < serial_threshold()
         || pthread_mutex_trylock(&pool_lock) != 0) {
         fn(frame, 0, n);
         return;
     }
     int threads = ensure_workers(want);
-    if (threads <= 1) {
+    if (threads > 1) atomic_fetch_add_explicit(&handoffs, 1, memory_order_relaxed);
+    if (threads <= 1 || backing_off()) {
+        if (threads > 1) atomic_fetch_add_explicit(&backoff_jobs, 1, memory_order_relaxed);
         pthread_mutex_unlock(&pool_lock);
         fn(frame, 0, n);
         return;
     }
-    int64_t chunk = n / ((int64_t)threads * CHUNKS_PER_THREAD);
     job.fn = fn;
     job.frame = frame;
-    job.n = n;
-    job.chunk = chunk > 0 ? chunk : 1;
     atomic_store_explicit(&done, 0, memory_order_relaxed);
-    atomic_fetch_add_explicit(&handoffs, 1, memory_order_relaxed);
+    atomic_store_explicit(&job_threads, threads, memory_order_relaxed);
+    /* Contiguous shares: consecutive kernels over the same rows give a
+     * thread the same rows (its own cache) unless it steals. */
+    for (int s = 0; s < threads; s++)
+        atomic_store_explicit(&slots[s].range, pack(n * s / threads, n * (s + 1) / threads), memory_order_release);
+    int64_t posted = now_ns();
     uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
     atomic_store(&ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
     if (atomic_load(&sleepers) > 0) {
@@ -216,15 +437,17 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         pthread_mutex_unlock(&sleep_lock);
     }
     in_parallel = 1;
-    work(gen);
+    work(0, 0);
     in_parallel = 0;
     /* Only chunks a worker is still running remain: wait for them. */
-    for (int spins = 0; atomic_load_explicit(&done, memory_order_acquire) < n; spins++) {
-        if (spins < SPIN_ROUNDS) CPU_RELAX();
-        else sched_yield();
+    if (atomic_load_explicit(&done, memory_order_acquire) < n) {
+        int64_t own = now_ns();
+        for (int spins = 0; atomic_load_explicit(&done, memory_order_acquire) < n; spins++) {
+            if (spins < WAIT_SPIN_ROUNDS) CPU_RELAX();
+            else sched_yield();
+        }
+        int64_t end = now_ns();
+        judge_wait(own - posted, end - own, end);
     }
-    /* Close the job before its fields are reused: a worker that read this
-     * generation's ticket can no longer claim anything with it. */
-    atomic_store(&ticket, ((uint64_t)gen << 32) | CLOSED);
     pthread_mutex_unlock(&pool_lock);
 }

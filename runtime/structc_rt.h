@@ -28,9 +28,26 @@ int sc_set_num_threads(int n);
 int sc_get_num_threads(void);
 
 /* For tests: worker threads running in this process, and jobs handed to
- * them so far (a job below the serial threshold is not one). */
+ * them so far (a job below the serial threshold is not one; a job run on the
+ * caller while the pool backs off after a stall is). */
 int sc_pool_workers(void);
 uint64_t sc_handoffs(void);
+/* Jobs run on the caller while backing off; stalls (long waits for a
+ * preempted worker) and preemptions (windows of entries whose caller was off
+ * the CPU too long) seen so far; each starts a back-off. Tests: the next
+ * pooled job's worker sleeps `ns` in the first chunk it claims, or the next
+ * entry's caller sleeps `ns` before it returns, as if preempted. */
+uint64_t sc_backoff_jobs(void);
+/* Which signs start a back-off (default both; STRUCTC_BACKOFF=0 turns it off,
+ * to measure scaling itself on a loaded machine); resets any back-off.
+ * Returns the previous mode. */
+#define SC_BACKOFF_STALLS 1
+#define SC_BACKOFF_PREEMPTED 2
+int sc_set_backoff(int mode);
+uint64_t sc_stalls(void);
+uint64_t sc_preemptions(void);
+void sc_debug_stall_worker(int64_t ns);
+void sc_debug_stall_caller(int64_t ns);
 
 #ifdef __cplusplus
 }

@@ -403,9 +403,14 @@ def _record(step, steps: int, capacity: int):
 
 def _events_bound(probe: np.ndarray, threads: int) -> int:
     """At most how many events a step like `probe` makes: a call, and a chunk per
-    task up to the runtime's split (chunks of n // (4 threads) tasks: < 8 threads + 1)."""
-    calls = probe[probe["kind"] == CALL]
-    return int(np.minimum(calls["hi"], 8 * threads + 1).sum()) + len(calls) + 64
+    claim. The runtime cuts n tasks into one share of m = ceil(n / threads) per
+    thread, and every claim from a share (its owner's, a quarter of what is
+    left; a thief's, half) leaves at most 3/4 of it: at most log_{4/3} m + 2
+    claims a share, and never more than a task each."""
+    n = probe[probe["kind"] == CALL]["hi"].astype(np.float64)
+    share = np.maximum(np.ceil(n / threads), 1.0)
+    claims = threads * (np.floor(np.log(share) / np.log(4 / 3)) + 2)
+    return int(np.minimum(n, claims).sum()) + len(n) + 64
 
 
 def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,

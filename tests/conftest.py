@@ -12,6 +12,10 @@ if "STRUCTC_CACHE_DIR" in os.environ:
 else:
     _SESSION_CACHE = os.environ["STRUCTC_CACHE_DIR"] = tempfile.mkdtemp(prefix="structc-test-cache-")
 
+# Tests compare 1 and 2 threads: on a loaded machine the pool's back-off would
+# run the 2-thread side on one thread and check nothing. Its own tests turn it on.
+os.environ.setdefault("STRUCTC_BACKOFF", "0")
+
 
 def pytest_sessionfinish(session, exitstatus):
     if _SESSION_CACHE is not None:

@@ -196,3 +196,26 @@ def test_kernels_run_inside_a_recursion_are_marked_and_counted_once(capsys):
     out = capsys.readouterr().out
     assert "(inside) sc_h_node" in out and "sc_train_treemap" in out
     assert "rec h(n) = leaf" in out
+
+
+def test_the_event_bound_covers_the_pools_most_claims():
+    """The buffer is sized by _events_bound: it must cover the most chunks the
+    runtime's pool can make of a call (runtime/structc_rt.c: one share of
+    ceil-split tasks per thread; its owner claims (r + 3) // 4 of the r left,
+    a thief (r + 1) // 2 from the back), in whatever order the threads come.
+    (The bound of the shared-ticket pool, 8 x threads + 1, lost events.)"""
+    from structc.profile import CALL, EVENT, _events_bound
+
+    @functools.lru_cache(maxsize=None)
+    def most_claims(left):
+        if left == 0:
+            return 0
+        return 1 + max(most_claims(left - (left + 3) // 4), most_claims(left - (left + 1) // 2))
+
+    for threads in (2, 3, 4):
+        for n in [1, 2, 3, 7, 16, 100, 125, 768, 4608, 9216, 100_000]:
+            probe = np.zeros(1, EVENT)
+            probe["kind"], probe["hi"] = CALL, n
+            shares = [n * (s + 1) // threads - n * s // threads for s in range(threads)]
+            worst = sum(most_claims(m) for m in shares) + 1
+            assert _events_bound(probe, threads) - 64 >= worst, (threads, n)

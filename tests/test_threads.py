@@ -261,3 +261,95 @@ def test_benchmark_families_match_at_two_threads(family):
     assert one[0] == two[0]
     for name in one[1]:
         np.testing.assert_array_equal(one[1][name], two[1][name], err_msg=name)
+
+
+@pytest.fixture
+def backoff():
+    """Set which signs start a back-off (resetting it; off in tests, conftest.py)."""
+    before = _runtime.set_backoff(0)
+    yield _runtime.set_backoff
+    _runtime.set_backoff(before)
+
+
+def test_a_preempted_worker_makes_the_pool_back_off(backoff):
+    """A worker that sleeps while it holds a chunk (as if preempted) makes the
+    caller wait far longer than its own share: the pool then runs the next
+    jobs on the caller (same results, to the bit), and after the back-off it
+    hands jobs to the worker again."""
+    import time
+    net = structc.compile(WIDE, seed=0)
+    x, y = wide_batch(512)
+    structc.set_num_threads(2)
+    net.init_params(0)
+    backoff(1)                                          # only stalls: a loaded test machine preempts callers
+    losses = [net.train_step(x=x, y=y, lr=0.05)]      # workers started and spinning
+    stalls, serial = _runtime.stalls(), _runtime.backoff_jobs()
+    try:
+        _runtime.debug_stall_worker(30_000_000)        # 30 ms in the worker's next chunk
+        while _runtime.stalls() == stalls and len(losses) < 4:
+            losses.append(net.train_step(x=x, y=y, lr=0.05))
+    finally:
+        _runtime.debug_stall_worker(0)
+    assert _runtime.stalls() > stalls, "the worker's sleep was not seen as a stall"
+    losses += [net.train_step(x=x, y=y, lr=0.05) for _ in range(2)]     # within the back-off
+    assert _runtime.backoff_jobs() > serial, "no job ran on the caller after the stall"
+    got = {name: view.copy() for name, view in net.params.items()}
+    want = steps(net, 1, {"x": x, "y": y}, count=len(losses))
+    assert losses == want[0]
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[1][name], err_msg=name)
+    structc.set_num_threads(2)
+    time.sleep(0.3)                                     # past the longest back-off
+    serial = _runtime.backoff_jobs()
+    _, jobs = handed_off(lambda: net.train_step(x=x, y=y, lr=0.05))
+    assert jobs > _runtime.backoff_jobs() - serial, "the pool never took jobs again"
+
+
+def test_a_preempted_caller_makes_the_pool_back_off(backoff):
+    """An entry whose calling thread was off the CPU for most of its run (here
+    it sleeps, as a preempted thread would) means the cores are shared with
+    other work: the next steps run on the caller, with the same results."""
+    net = structc.compile(WIDE, seed=0)
+    x, y = wide_batch(512)
+    structc.set_num_threads(2)
+    net.init_params(0)
+    backoff(2)
+    losses = [net.train_step(x=x, y=y, lr=0.05)]
+    seen, serial = _runtime.preemptions(), _runtime.backoff_jobs()
+    try:
+        _runtime.debug_stall_caller(20_000_000)         # 20 ms asleep: more than a judging window
+        losses.append(net.train_step(x=x, y=y, lr=0.05))
+    finally:
+        _runtime.debug_stall_caller(0)
+    assert _runtime.preemptions() > seen
+    losses += [net.train_step(x=x, y=y, lr=0.05) for _ in range(2)]
+    assert _runtime.backoff_jobs() > serial, "no job ran on the caller after the preemption"
+    got = {name: view.copy() for name, view in net.params.items()}
+    want = steps(net, 1, {"x": x, "y": y}, count=len(losses))
+    assert losses == want[0]
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[1][name], err_msg=name)
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None and __import__("shutil").which("gcc") is None,
+                    reason="no C compiler")
+def test_the_pool_runs_every_task_once_and_each_thread_starts_on_its_share(tmp_path):
+    """The runtime's pool built on its own with a driver: thousands of jobs
+    of random sizes at 2-4 threads run every task exactly once; and each
+    thread starts on its own contiguous share of a job (the caller at row 0,
+    the worker at row n/2), so consecutive kernels over the same rows find
+    them in the same thread's cache. (With one shared ticket the worker took
+    the chunk after the caller's, row n/8.)"""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cc = shutil.which("cc") or shutil.which("gcc")
+    exe = tmp_path / "pool_driver"
+    subprocess.run([cc, "-O2", "-std=c11", "-pthread", f"-I{root / 'runtime'}", str(root / "tests/c/pool_driver.c"),
+                    str(root / "runtime/structc_rt.c"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), "1500"], capture_output=True, text=True, timeout=120,
+                         env={"STRUCTC_BACKOFF": "0"}).stdout.split()
+    assert out[0] == "ok", " ".join(out)
+    right, tried = int(out[2]), int(out[3])
+    assert right == tried, f"{tried - right} of {tried} jobs did not start each thread on its own share"
