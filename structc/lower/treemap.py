@@ -27,7 +27,6 @@ buffers even if an array were altered after validation.
 from __future__ import annotations
 
 import hashlib
-import math
 
 from llvmlite import ir
 
@@ -35,16 +34,15 @@ from ..ops.loss import _each_vector
 from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
-from .gemm import main_rows
+from .gemm import same_sums_step
 from .module import KERNEL_TYPE, NESTED_WORK, function_text
 
 # A level's rows are split across threads for the whole body program (one
 # hand-off per level, every kernel of the body on each thread's rows) at
-# multiples of the gemm's main tile: each row then goes through the same tile
-# shape (and sum order) however the level is split, so results are bitwise
-# the same at any thread count. Levels of fewer rows than this per task run
-# on one thread.
-MIN_TASK_ROWS = 24
+# multiples of `gemm.same_sums_step`: each row's sums then run in the same
+# order however the level is split, so results are bitwise the same at any
+# thread count. A level too small to split runs whole in one task (its
+# kernels then run on one thread, without a hand-off each).
 LEVEL_COST = 1 << 30       # a level's task is worth a hand-off (the pool's threshold)
 
 
@@ -193,34 +191,33 @@ class LevelTasks:
         nodes = t.dim(nodes_d)
         start, stop = _level_bounds(t, t.ptr(le), l, nodes)
         rows = t.b.sub(stop, start)
-        a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows))
-        b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows))
-        emit(t, l, start, a, b)
+        step = same_sums_step(kb.vector_width)
+        a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows, step))
+        b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows, step))
+        with t.if_(t.b.icmp_signed("<", a, b)):        # a thread's share of a small level may be empty
+            emit(t, l, start, a, b)
         t.b.ret_void()
         t.finish()
         self.fn = _named_by_text(kb.module, fn)
 
-    def run(self, l, rows, split: bool) -> None:
+    def run(self, l, split: bool) -> None:
         cg = self.cg
         b = cg.b
         tasks = cg.i64(1)
-        if split:
-            threads = b.sext(b.call(cg.declare("sc_get_num_threads", I32, []), []), I64)
-            most = b.sdiv(rows, cg.i64(MIN_TASK_ROWS))
-            tasks = cg.imin(threads, b.select(b.icmp_signed("<", most, tasks), tasks, most))
+        if split:       # one task per thread; a thread's rows may be none
+            tasks = b.sext(b.call(cg.declare("sc_get_num_threads", I32, []), []), I64)
         b.store(l, b.gep(self.frame, [cg.i64(1)], source_etype=I64))
         b.store(tasks, b.gep(self.frame, [cg.i64(2)], source_etype=I64))
         par = cg.declare("sc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
         b.call(par, [self.fn, self.frame, tasks, cg.i64(LEVEL_COST)])
 
 
-def _task_row(cg: CG, task, tasks, rows):
+def _task_row(cg: CG, task, tasks, rows, step: int):
     """First row (from the level's start) of task `task` of `tasks`: the rows
-    split about evenly at multiples of the main tile; task `tasks` ends the level."""
+    split about evenly at multiples of `step`; task `tasks` ends the level."""
     b = cg.b
-    tile = cg.i64(math.lcm(main_rows(16), main_rows(8)))     # a main tile's rows at either vector width
     even = b.sdiv(cg.imul(task, rows), tasks)
-    at = cg.imul(b.sdiv(even, tile), tile)
+    at = cg.imul(b.sdiv(even, cg.i64(step)), step)
     return b.select(b.icmp_signed(">=", task, tasks), rows, at)
 
 
@@ -322,8 +319,7 @@ def lower_tree_map(kb, node) -> None:
                       {"h": t.gep(H, t.imul(a, width)), **_kept_blocks(t, values)(a)}, fixed, t.b.sub(stop, a), ws)
         level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
         with cg.loop(levels, start=1, name="level") as l:
-            start, stop = _level_bounds(cg, cg.ptr(level_end), l, nodes)
-            level.run(l, b.sub(stop, start), split)
+            level.run(l, split)
 
 
 def lower_tree_map_grad(kb, node) -> None:
@@ -421,8 +417,7 @@ def lower_tree_map_grad(kb, node) -> None:
         level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
-            start, stop = _level_bounds(cg, le, l, nodes)
-            level.run(l, b.sub(stop, start), splittable(bwd_in))
+            level.run(l, splittable(bwd_in))
         # Parameter gradients: one call over every inner node.
         first = load_index(cg, le, cg.i64(0), "i32", nodes)
         inner = b.sub(nodes, first)
