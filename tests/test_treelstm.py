@@ -437,3 +437,16 @@ def test_level_rows_split_across_threads_give_the_same_bits():
     assert got[2][1][0] == got[1][1][0]
     for name in got[1][1][1]:
         np.testing.assert_array_equal(got[2][1][1][name], got[1][1][1][name], err_msg=name)
+
+
+def test_the_cells_gradient_is_one_kernel():
+    """lstm_state's VJP runs the gate math once per level: the kernel that
+    writes the gates' cotangent dg writes the kept memory's dc too."""
+    from structc.autodiff import differentiate
+    mdef = compiled(CHILD_SUM_FUSED)[1]
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    g = grad.attrs["bwd_in"].graph
+    ops = [{g.nodes[m].op.name for m in gr.members} for gr in g.groups]
+    with_dg = [names for names in ops if "lstm_state_grad" in names]
+    assert len(with_dg) == 1 and "lstm_state_dc" in with_dg[0]
+    assert not any("lstm_state_dc" in names for names in ops if names is not with_dg[0])
