@@ -443,7 +443,7 @@ def test_the_cells_gradient_is_one_kernel():
     """lstm_state's VJP runs the gate math once per level: the kernel that
     writes the gates' cotangent dg writes the kept memory's dc too."""
     from structc.autodiff import differentiate
-    mdef = compiled(CHILD_SUM_FUSED)[1]
+    mdef = build_model(parse(CHILD_SUM_FUSED))
     grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
     g = grad.attrs["bwd_in"].graph
     ops = [{g.nodes[m].op.name for m in gr.members} for gr in g.groups]
