@@ -466,3 +466,13 @@ def test_sequences_pickle_and_copy_as_they_were_checked():
         np.testing.assert_array_equal(again.words, seqs.words)
         np.testing.assert_array_equal(again.offsets, seqs.offsets)
         assert not again.words.flags.writeable
+
+
+def test_the_cells_gradient_is_one_kernel(lstm):
+    """lstm_gates's VJP runs the gate math once per step: the kernel that
+    writes dg (the gates' gradient) writes dc (the state's) too."""
+    g = _tree_grad(lstm[1]).attrs["bwd_in"].graph
+    ops = [{g.nodes[m].op.name for m in gr.members} for gr in g.groups]
+    with_dg = [names for names in ops if "lstm_gates_dg" in names]
+    assert len(with_dg) == 1 and "lstm_gates_dc" in with_dg[0]
+    assert sum("lstm_gates_dc" in names for names in ops) == 1

@@ -403,3 +403,50 @@ model Gated {
         C[v] = sum(sigmoid(H[k] @ p["f.w"] + p["f.b"] + fx) * C[k] for k in f.children[v] if k >= 0)
         H[v] = np.tanh(C[v])
     np.testing.assert_allclose(net.forward(t=f)["states"], np.concatenate([H, C], axis=1), rtol=1e-4, atol=1e-5)
+
+
+WIDE_CHILD_SUM = CHILD_SUM_FUSED.replace("ChildSumFused", "ChildSumWide").replace("3 * 8", "3 * 32").replace(
+    "dense(h(k), 8,", "dense(h(k), 32,")
+
+
+@pytest.mark.slow           # a compile of its own
+def test_level_rows_split_across_threads_give_the_same_bits():
+    """At 2 threads each level's rows are split between the threads for the
+    whole body program (forward and the children's backward program), at
+    multiples of the matmul's smallest tile of several rows: levels whose row
+    counts are not such multiples give the states and gradients of one
+    thread, to the bit, and the levels are handed to the pool."""
+    from structc import _runtime, native
+    net = structc.compile(WIDE_CHILD_SUM, seed=1)
+    rng = np.random.default_rng(11)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(2, 14)), 12, 3) for _ in range(90)])
+    sizes = np.diff(f.level_end)
+    assert (sizes >= 48).any() and ((sizes % 4 != 0) & (sizes > 8)).any()
+    y = rng.integers(0, 3, f.trees).astype(np.int32)
+    got, before = {}, native.get_num_threads()
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            jobs = _runtime.handoffs()
+            got[threads] = net.forward(t=f)["states"], net.grad(t=f, y=y)
+            jobs = _runtime.handoffs() - jobs
+    finally:
+        structc.set_num_threads(before)
+    assert jobs > 0
+    np.testing.assert_array_equal(got[2][0], got[1][0])
+    assert got[2][1][0] == got[1][1][0]
+    for name in got[1][1][1]:
+        np.testing.assert_array_equal(got[2][1][1][name], got[1][1][1][name], err_msg=name)
+
+
+def test_the_cells_gradient_is_one_kernel():
+    """lstm_state's VJP runs the gate math once per level: the kernel that
+    writes the gates' cotangent dg writes the kept memory's dc too."""
+    from structc.autodiff import differentiate
+    mdef = build_model(parse(CHILD_SUM_FUSED))
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    g = grad.attrs["bwd_in"].graph
+    ops = [{g.nodes[m].op.name for m in gr.members} for gr in g.groups]
+    with_dg = [names for names in ops if "lstm_state_grad" in names]
+    assert len(with_dg) == 1 and "lstm_state_dc" in with_dg[0]
+    assert not any("lstm_state_dc" in names for names in ops if names is not with_dg[0])

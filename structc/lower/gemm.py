@@ -49,6 +49,14 @@ def tile_rows(vw: int, m=None) -> tuple[int, ...]:
     return (12, 4, 1) if vw == 16 else (6, 2, 1)
 
 
+def same_sums_step(vw: int) -> int:
+    """Rows split at multiples of this (the smallest tile of several rows)
+    are summed in the same order however M is split: every tile of several
+    rows runs one FMA chain per element over k, and the one-row tiles (k split,
+    below) are the last M % step rows of a call either way."""
+    return min(r for r in tile_rows(vw) if r > 1)
+
+
 def k_split(mr: int, nv: int) -> int:
     """Independent accumulator sets along k for a one-row tile, so that 8 FMA
     chains are in flight (two FMA pipes x four cycles of latency): a 1 x 2

@@ -26,13 +26,24 @@ buffers even if an array were altered after validation.
 """
 from __future__ import annotations
 
+import hashlib
+
 from llvmlite import ir
 
 from ..ops.loss import _each_vector
 from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
-from .module import NESTED_WORK
+from .gemm import same_sums_step
+from .module import KERNEL_TYPE, NESTED_WORK, function_text
+
+# A level's rows are split across threads for the whole body program (one
+# hand-off per level, every kernel of the body on each thread's rows) at
+# multiples of `gemm.same_sums_step`: each row's sums then run in the same
+# order however the level is split, so results are bitwise the same at any
+# thread count. A level too small to split runs whole in one task (its
+# kernels then run on one thread, without a hand-off each).
+LEVEL_COST = 1 << 30       # a level's task is worth a hand-off (the pool's threshold)
 
 
 # -- row helpers (also used by the embedding ops) -------------------------------
@@ -139,9 +150,91 @@ def hoisted(kb, cg: CG, program, fixed) -> dict:
     if program.pre is None:
         return {}
     base = cg.gep(fixed, cg.i64(program.pre_base))
-    values = {name: cg.gep(fixed, cg.i64(off)) for name, off in program.inv.items()}
+    values = hoisted_values(cg, program, fixed)
     call_body(cg, body_entry(kb, program.pre), {}, values, base, cg.i64(1), base)
     return values
+
+
+def hoisted_values(cg: CG, program, fixed) -> dict:
+    """Where the hoisted part left its values (by input name)."""
+    return {name: cg.gep(fixed, cg.i64(off)) for name, off in (program.inv or {}).items()}
+
+
+def splittable(program) -> bool:
+    """Whether a level's calls of `program` can run on disjoint row ranges at
+    once: no buffer of its own outside the rows (a fixed-size one would be
+    shared), and a per-row workspace whose row ranges stay 64-byte aligned."""
+    return not program.fixed and program.rows_floats % 16 == 0
+
+
+class LevelTasks:
+    """The work of one level as `void f(frame, lo, hi)` over tasks that split
+    the level's rows: `emit(cg, l, start, a, b)` writes the code for rows
+    [a, b) of level l (which starts at `start`) in the task function's CG,
+    whose frame slots are the kernel's own. `run(l, tasks)` calls it through
+    the thread pool from the kernel."""
+
+    def __init__(self, kb, cg: CG, le, nodes_d, emit):
+        self.cg = cg
+        frame = cg.eb.alloca(ir.ArrayType(I64, 3))
+        frame.type = PTR
+        self.frame = frame
+        cg.eb.store(cg.frame, cg.eb.gep(frame, [cg.i64(0)], source_etype=I64))
+        fn = ir.Function(kb.module, KERNEL_TYPE, name=f"{cg.fn.name}_level")
+        fn.linkage = "internal"
+        t = CG(kb.module, fn, cg.layout)
+        t.slots = cg.slots          # the kernel's frame: the same slots
+        arg = fn.args[0]
+        t.frame = t.eb.load(t.eb.gep(arg, [t.i64(0)], source_etype=I64), typ=PTR)
+        l = t.eb.load(t.eb.gep(arg, [t.i64(1)], source_etype=I64), typ=I64)
+        tasks = t.eb.load(t.eb.gep(arg, [t.i64(2)], source_etype=I64), typ=I64)
+        nodes = t.dim(nodes_d)
+        start, stop = _level_bounds(t, t.ptr(le), l, nodes)
+        rows = t.b.sub(stop, start)
+        step = same_sums_step(kb.vector_width)
+        a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows, step))
+        b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows, step))
+        with t.if_(t.b.icmp_signed("<", a, b)):        # a thread's share of a small level may be empty
+            emit(t, l, start, a, b)
+        t.b.ret_void()
+        t.finish()
+        self.fn = _named_by_text(kb.module, fn)
+
+    def run(self, l, split: bool) -> None:
+        cg = self.cg
+        b = cg.b
+        tasks = cg.i64(1)
+        if split:       # one task per thread; a thread's rows may be none
+            tasks = b.sext(b.call(cg.declare("sc_get_num_threads", I32, []), []), I64)
+        b.store(l, b.gep(self.frame, [cg.i64(1)], source_etype=I64))
+        b.store(tasks, b.gep(self.frame, [cg.i64(2)], source_etype=I64))
+        par = cg.declare("sc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
+        b.call(par, [self.fn, self.frame, tasks, cg.i64(LEVEL_COST)])
+
+
+def _task_row(cg: CG, task, tasks, rows, step: int):
+    """First row (from the level's start) of task `task` of `tasks`: the rows
+    split about evenly at multiples of `step`; task `tasks` ends the level."""
+    b = cg.b
+    even = b.sdiv(cg.imul(task, rows), tasks)
+    at = cg.imul(b.sdiv(even, cg.i64(step)), step)
+    return b.select(b.icmp_signed(">=", task, tasks), rows, at)
+
+
+def _named_by_text(module, fn):
+    """`fn` renamed after its text (the same level task in two entries of a
+    model is one function, and its kernel's text, the cache key, stays the same)."""
+    text = function_text(fn).replace(f'"{fn.name}"', '"@level"', 1)
+    symbol = f"sc_{hashlib.sha256(text.encode()).hexdigest()[:16]}_level"
+    existing = module.globals.get(symbol)
+    del module.globals[fn.name]
+    if existing is not None:
+        return existing
+    fn._name = module.scope.register(symbol)
+    fn.__dict__.pop("_StringReferenceCaching__cached_refstr", None)
+    fn._clear_string_cache()
+    module.globals[symbol] = fn
+    return fn
 
 
 def _gather(cg: CG, children, H, C, start, stop, arity, width, cw, nodes, vw) -> None:
@@ -205,25 +298,28 @@ def lower_tree_map(kb, node) -> None:
     assert all(v.id in kb.layout.buffers for v in values), "a kept block without memory"
     program = values[0].attrs["keep"] if values else node.attrs["fwd"]
     entry = body_entry(kb, program)
+    split = splittable(program)
     with kb.kernel(f"treemap{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
         b = cg.b
         nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
-        H, ch, le = cg.ptr(node.id), cg.ptr(children), cg.ptr(level_end)
-        C = cg.ptr(s_rows)
-        ws = cg.gep(C, cg.imul(nodes, cw))
-        fixed = cg.ptr(s_fixed)
-        C_all = cg.ptr(kept[0]) if kept else None
+        H = cg.ptr(node.id)
         nleaves = cg.imin(nleaves, nodes)
         copy_row(cg, cg.ptr(leaves), cg.i64(0), H, cg.i64(0), cg.imul(nleaves, width), vw)
-        inv = hoisted(kb, cg, program, fixed)
-        rows_of = _row_inputs(kb, cg, node, 6)
-        kept_of = _kept_blocks(cg, values)
+        hoisted(kb, cg, program, cg.ptr(s_fixed))
+
+        def rows_ab(t: CG, l, start, a, stop):
+            """Gather and run the body on rows [a, stop) of level l (from `start`)."""
+            nodes = t.dim(nodes_d)
+            H, C, fixed = t.ptr(node.id), t.ptr(s_rows), t.ptr(s_fixed)
+            ws = t.gep(C, t.iadd(t.imul(nodes, cw), t.imul(t.b.sub(a, start), program.rows_floats)))
+            block = t.gep(C, t.imul(t.b.sub(a, start), cw)) if not kept else t.gep(t.ptr(kept[0]), t.imul(a, cw))
+            _gather(t, t.ptr(children), H, block, a, stop, arity, width, cw, nodes, vw)
+            call_body(t, entry, {"children": block, **_row_inputs(kb, t, node, 6)(a),
+                                 **hoisted_values(t, program, fixed)},
+                      {"h": t.gep(H, t.imul(a, width)), **_kept_blocks(t, values)(a)}, fixed, t.b.sub(stop, a), ws)
+        level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
         with cg.loop(levels, start=1, name="level") as l:
-            start, stop = _level_bounds(cg, le, l, nodes)
-            block = C if C_all is None else cg.gep(C_all, cg.imul(start, cw))
-            _gather(cg, ch, H, block, start, stop, arity, width, cw, nodes, vw)
-            call_body(cg, entry, {"children": block, **rows_of(start), **inv},
-                      {"h": cg.gep(H, cg.imul(start, width)), **kept_of(start)}, fixed, b.sub(stop, start), ws)
+            level.run(l, split)
 
 
 def lower_tree_map_grad(kb, node) -> None:
@@ -249,12 +345,11 @@ def lower_tree_map_grad(kb, node) -> None:
     levels_d = g.nodes[level_end].shape[0]
     trees_d = g.nodes[roots].shape[0]
     par_fixed = e_par[2].fixed_floats
-    with kb.kernel(f"treemapgrad{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
-        b = cg.b
-        nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
-        H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
-        C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
-        dC = cg.ptr(s_rows)
+
+    def _grad_blocks(cg: CG) -> dict:
+        """The blocks of the scratch (per node: dC, dH when no one reads it,
+        the lifted inputs' and the shared cotangents, the bodies' workspace)."""
+        nodes, dC = cg.dim(nodes_d), cg.ptr(s_rows)
         lift_at, spare_rows = {}, cw + width       # the lifted inputs' cotangent blocks
         for name, w in lifts:
             if name in lift_parts:
@@ -266,12 +361,21 @@ def lower_tree_map_grad(kb, node) -> None:
         for name, w in node.attrs.get("cots", ()):
             cot_at[name] = (cg.gep(dC, cg.imul(nodes, spare_rows)), w)
             spare_rows += aligned(w)
-        ws = cg.gep(dC, cg.imul(nodes, cw + width + sum(aligned(w) for _, w in lifts) +
-                                sum(aligned(w) for _, w in node.attrs.get("cots", ()))))
+        ws = cg.gep(dC, cg.imul(nodes, spare_rows))
         if node.id in kb.layout.buffers:
             dH = cg.ptr(node.id)
         else:       # no one reads the leaves' cotangent: dH is working memory only
             dH = cg.gep(dC, cg.imul(nodes, cw))
+        return {"lift": lift_at, "cot": cot_at, "ws": ws, "dH": dH}
+
+    with kb.kernel(f"treemapgrad{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
+        b = cg.b
+        nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
+        H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
+        C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
+        dC = cg.ptr(s_rows)
+        blocks = _grad_blocks(cg)
+        lift_at, cot_at, dH, ws = blocks["lift"], blocks["cot"], blocks["dH"], blocks["ws"]
         fixed = cg.ptr(s_fixed)
         # dH is written once per node: at a root from the seed, elsewhere when
         # its (only) parent's level sends it its part of dC.
@@ -279,29 +383,41 @@ def lower_tree_map_grad(kb, node) -> None:
         with cg.loop(cg.dim(trees_d), name="root") as k:
             r = load_index(cg, R, k, "i32", last)
             copy_row(cg, G, cg.imul(k if from_roots else r, width), dH, cg.imul(r, width), width, vw)
-        inv = hoisted(kb, cg, node.attrs["bwd_in"], fixed)
+        bwd_in = node.attrs["bwd_in"]
+        hoisted(kb, cg, bwd_in, fixed)
         rows_of = _row_inputs(kb, cg, node, 8)
         kept_of = _kept_blocks(cg, kept)
+
+        def rows_ab(t: CG, l, start, a, stop):
+            """Children's cotangents of rows [a, stop) of level l (from `start`), sent to the children's dH."""
+            b, nodes = t.b, t.dim(nodes_d)
+            H, G, ch, C, fixed = t.ptr(Hn), t.ptr(seed), t.ptr(children), t.ptr(c_all), t.ptr(s_fixed)
+            blocks = _grad_blocks(t)
+            dC = t.gep(t.ptr(s_rows), t.imul(b.sub(a, start), cw))
+            ws = t.gep(blocks["ws"], t.imul(b.sub(a, start), bwd_in.rows_floats))
+            at = t.imul(a, width)
+            lift_rows = {f"d{name}": t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["lift"].items()}
+            lift_rows.update({name: t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["cot"].items()})
+            dH = blocks["dH"]
+            call_body(t, e_in, {"@C": t.gep(C, t.imul(a, cw)), "@g": t.gep(dH, at), "@h": t.gep(H, at),
+                                **_row_inputs(kb, t, node, 8)(a), **_kept_blocks(t, kept)(a),
+                                **hoisted_values(t, bwd_in, fixed)}, {"dC": dC, **lift_rows}, fixed,
+                      b.sub(stop, a), ws)
+            with t.loop(stop, start=a, name="sc") as r:
+                row = t.imul(b.sub(r, a), cw)
+                for k in range(arity):
+                    kid = load_index(t, ch, t.iadd(t.imul(r, arity), k), "i32", None)
+                    ok = b.and_(b.icmp_signed(">=", kid, t.i64(0)), b.icmp_signed("<", kid, nodes))
+                    with t.if_(ok):
+                        at_kid = t.imul(kid, width)
+                        if from_roots:
+                            copy_row(t, dC, t.iadd(row, k * width), dH, at_kid, width, vw)
+                        else:
+                            sum_rows(t, dC, t.iadd(row, k * width), G, at_kid, dH, at_kid, width, vw)
+        level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
-            start, stop = _level_bounds(cg, le, l, nodes)
-            at = cg.imul(start, width)
-            lift_rows = {f"d{name}": cg.gep(p, cg.imul(start, w)) for name, (p, w) in lift_at.items()}
-            lift_rows.update({name: cg.gep(p, cg.imul(start, w)) for name, (p, w) in cot_at.items()})
-            call_body(cg, e_in, {"@C": cg.gep(C, cg.imul(start, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
-                                 **rows_of(start), **kept_of(start), **inv}, {"dC": dC, **lift_rows}, fixed,
-                      b.sub(stop, start), ws)
-            with cg.loop(stop, start=start, name="sc") as r:
-                row = cg.imul(b.sub(r, start), cw)
-                for a in range(arity):
-                    kid = load_index(cg, ch, cg.iadd(cg.imul(r, arity), a), "i32", None)
-                    ok = b.and_(b.icmp_signed(">=", kid, cg.i64(0)), b.icmp_signed("<", kid, nodes))
-                    with cg.if_(ok):
-                        at_kid = cg.imul(kid, width)
-                        if from_roots:
-                            copy_row(cg, dC, cg.iadd(row, a * width), dH, at_kid, width, vw)
-                        else:
-                            sum_rows(cg, dC, cg.iadd(row, a * width), G, at_kid, dH, at_kid, width, vw)
+            level.run(l, splittable(bwd_in))
         # Parameter gradients: one call over every inner node.
         first = load_index(cg, le, cg.i64(0), "i32", nodes)
         inner = b.sub(nodes, first)

@@ -107,15 +107,20 @@ def _composite_vjp(b, cot, which: int, g, c, G):
 
 # -- lowering: one row kernel, H columns in vectors -------------------------------------
 
-def _lower_rows(kb, node, name: str, emit) -> None:
-    """emit(cg, load(k, block, j, mask), store(block, value, j, mask), j, mask) per vector of a row."""
+def _lower_rows(kb, node, name: str, emit, first: int = 0, also=()) -> None:
+    """emit(cg, load(k, block), store(block, value, out=0)) per vector of a row:
+    load reads operand `first + k`; store writes the node (out 0) or the
+    nodes in `also` (out 1, 2, ...: results of the same kernel)."""
     from ..lower.treemap import _row_op
-    h = kb.graph.nodes[node.inputs[1]].shape[1]
-    rows = kb.graph.nodes[node.id].shape[0]
-    widths = [kb.graph.nodes[i].shape[1] for i in node.inputs] + [kb.graph.nodes[node.id].shape[1]]
+    g = kb.graph
+    inputs = node.inputs[first:]
+    h = g.nodes[inputs[1]].shape[1]
+    rows = g.nodes[node.id].shape[0]
+    outs = [node.id, *also]
+    widths = [g.nodes[i].shape[1] for i in inputs] + [g.nodes[o].shape[1] for o in outs]
     vw = kb.vector_width
     with kb.kernel(f"{name}{node.id}", tasks=lambda cg: cg.numel((rows,)), cost=40 * h) as (cg, lo, hi):
-        ptrs = [cg.ptr(i) for i in node.inputs] + [cg.ptr(node.id)]
+        ptrs = [cg.ptr(i) for i in inputs] + [cg.ptr(o) for o in outs]
         with cg.loop(hi, start=lo, name="row") as r:
             offs = [cg.imul(r, w) for w in widths]
 
@@ -123,8 +128,9 @@ def _lower_rows(kb, node, name: str, emit) -> None:
                 def load(k, block):
                     return cg.load(ptrs[k], cg.iadd(offs[k], cg.iadd(j, cg.i64(block * h))), n=vw, mask=mask)
 
-                def store(block, value):
-                    cg.store(value, ptrs[-1], cg.iadd(offs[-1], cg.iadd(j, cg.i64(block * h))), mask=mask)
+                def store(block, value, out=0):
+                    at = len(inputs) + out
+                    cg.store(value, ptrs[at], cg.iadd(offs[at], cg.iadd(j, cg.i64(block * h))), mask=mask)
                 emit(cg, load, store)
             # a loop at run time past two vectors: unrolled, the gate math's code is long to compile
             _row_op(cg, h if h <= 2 * vw else cg.i64(h), vw, vector)
@@ -160,7 +166,8 @@ class LstmGates(Op):
         return TensorType((g.shape[0], 2 * h), "f32")
 
     def vjp(self, b, G, out, g, c):
-        return [b.lstm_gates_dg(g, c, G), b.lstm_gates_dc(g, c, G)]
+        dg = b.lstm_gates_dg(g, c, G)
+        return [dg, b.lstm_gates_dc(dg, g, c, G)]     # dc: written by dg's kernel (one pass)
 
     def reference(self, g, c):
         *_, so, c2, k = _parts(g, c)
@@ -210,19 +217,47 @@ class LstmGatesDg(_LstmGatesGrad):
             store(1, cg.mul(cg.mul(d, c), cg.mul(sf, cg.sub(one, sf))))
             store(2, cg.mul(cg.mul(d, si), cg.sub(one, cg.mul(tu, tu))))
             store(3, cg.mul(cg.mul(gh, k), cg.mul(so, cg.sub(one, so))))
-        _lower_rows(kb, node, "lstmdg", emit)
+            for p in range(1, len(parts) + 1):
+                store(0, cg.mul(d, sf), out=p)
+        parts = _dc_parts(kb, node)
+        _lower_rows(kb, node, "lstmdg", emit, also=parts)
 
 
 class LstmGatesDc(_LstmGatesGrad):
-    """dc, the gradient of lstm_gates with respect to the state c: D σ(f)."""
+    """dc, the gradient of lstm_gates with respect to the state c: D σ(f).
+    Its first operand is the `lstm_gates_dg` of the same gates: that kernel
+    computes D on its way to dg and writes dc too (the `part` trait puts both
+    in one group); otherwise (dg from elsewhere) it is a kernel of its own."""
     name = "lstm_gates_dc"
     which = 1
+    traits = frozenset({"part"})
+
+    def shape(self, dg, g, c, G) -> TensorType:
+        expect(dg.shape == g.shape, f"lstm_gates_dc: the gates' gradient {dg} is not shaped like the gates {g}")
+        return super().shape(g, c, G)
 
     def result(self, g, c):
         return c
+
+    def reference(self, dg, g, c, G):
+        return super().reference(g, c, G)
+
+    def vjp(self, b, cot, out, dg, g, c, G):
+        return [None, *super().vjp(b, cot, out, g, c, G)]
+
+    def samples(self):
+        return [Sample(((s.inputs[0], "fixed"), *s.inputs)) for s in super().samples()]
 
     def lower(self, kb, node, epilogue):
         def emit(cg, load, store):
             _si, sf, _tu, so, _c, _c2, k = _gates(cg, load)
             store(0, cg.mul(_delta(cg, load, so, k)[0], sf))
-        _lower_rows(kb, node, "lstmdc", emit)
+        _lower_rows(kb, node, "lstmdc", emit, first=1)
+
+
+def _dc_parts(kb, node) -> list:
+    """The `lstm_gates_dc` nodes this `lstm_gates_dg` kernel writes (its group's)."""
+    g = kb.graph
+    mine = next((gr.members for gr in g.groups if node.id in gr.members), ())
+    return [u for u in g.users(node.id) if g.nodes[u].op.name == "lstm_gates_dc" and u in mine
+            and g.nodes[u].inputs[0] == node.id and u in kb.layout.buffers]

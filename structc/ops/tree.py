@@ -883,7 +883,7 @@ class LstmState(Op):
 
     def vjp(self, b, g, out, gates, kept):
         dg = b.lstm_state_grad(gates, kept, g)
-        dc = b.lstm_state_dc(gates, kept, g)
+        dc = b.lstm_state_dc(dg, gates, kept, g)      # written by dg's kernel: one pass over the gates
         return [dg, dc if kept.type.rank else b.sum(dc, axes=(0, 1))]
 
     def reference(self, g, kept):
@@ -912,41 +912,58 @@ class LstmStateGrad(Op):
                 Sample((((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
 
     def lower(self, kb, node, epilogue):
-        _lower_lstm(kb, node, "dg")
+        _lower_lstm(kb, node, "dg", also_dc=_dc_parts(kb, node))
 
 
 class LstmStateDc(Op):
-    """dc, the cotangent of the kept memory, from dS = [dh, dc] (see `lstm_state`)."""
+    """dc, the cotangent of the kept memory, from dS = [dh, dc] (see `lstm_state`).
+    Its first operand is the `lstm_state_grad` of the same cell: that kernel
+    computes dc on its way to dg and writes it too (the `part` trait puts both
+    in one group); otherwise (dg from elsewhere) it is a kernel of its own."""
     name = "lstm_state_dc"
+    traits = frozenset({"part"})
 
-    def shape(self, g, kept, dS) -> TensorType:
+    def shape(self, dg, g, kept, dS) -> TensorType:
+        expect(dg.shape == g.shape, f"lstm_state_dc: the gates' cotangent {dg} is not shaped like the gates {g}")
         return TensorType((g.shape[0], g.shape[1] // 3), "f32")
 
-    def reference(self, g, kept, dS):
+    def reference(self, dg, g, kept, dS):
         return _lstm_backward(g, kept, dS)[1]
 
     def samples(self):
-        return [Sample((((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
-                Sample((((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
+        return [Sample((((5, 12), "fixed"), ((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
+                Sample((((2, 51), "fixed"), ((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
 
     def lower(self, kb, node, epilogue):
-        _lower_lstm(kb, node, "dc")
+        _lower_lstm(kb, node, "dc", first=1)
 
 
-def _lower_lstm(kb, node, what: str) -> None:
-    """One task per row, vectors along the H columns of each gate."""
+def _dc_parts(kb, node) -> list:
+    """The `lstm_state_dc` nodes this `lstm_state_grad` kernel writes (its group's)."""
+    g = kb.graph
+    mine = next((gr.members for gr in g.groups if node.id in gr.members), ())
+    return [u for u in g.users(node.id) if g.nodes[u].op.name == "lstm_state_dc" and u in mine
+            and g.nodes[u].inputs[0] == node.id and u in kb.layout.buffers]
+
+
+def _lower_lstm(kb, node, what: str, first: int = 0, also_dc=()) -> None:
+    """One task per row, vectors along the H columns of each gate. The
+    operands (gates, kept, dS) start at `first`; `also_dc`: nodes that get
+    dc too (written by the dg kernel: one pass, the gate math once)."""
     from ..lower.treemap import _row_op
     g = kb.graph
-    gt = g.nodes[node.inputs[0]].type
+    gates, kept_id, ds_id = node.inputs[first:first + 3] if what != "state" else (*node.inputs[:2], None)
+    gt = g.nodes[gates].type
     d = gt.shape[1] // 3
-    kept_node = g.nodes[node.inputs[1]]
+    kept_node = g.nodes[kept_id]
     scalar_kept = kept_node.type.rank == 0
     number = kept_node.attrs["value"] if kept_node.op.name == "const" else None    # inline: no buffer
     vw = kb.vector_width
     with kb.kernel(f"lstm_{what}{node.id}", tasks=lambda cg: cg.dim(gt.shape[0]), cost=40 * d) as (cg, lo, hi):
-        G, out = cg.ptr(node.inputs[0]), cg.ptr(node.id)
-        K = cg.ptr(node.inputs[1]) if number is None else None
-        dS = cg.ptr(node.inputs[2]) if what != "state" else None
+        G, out = cg.ptr(gates), cg.ptr(node.id)
+        K = cg.ptr(kept_id) if number is None else None
+        dS = cg.ptr(ds_id) if what != "state" else None
+        dc_outs = [cg.ptr(u) for u in also_dc]
         with cg.loop(hi, start=lo) as r:
             g_at, h_at = cg.imul(r, 3 * d), cg.imul(r, d)
 
@@ -973,6 +990,8 @@ def _lower_lstm(kb, node, what: str) -> None:
                 if what == "dc":
                     cg.store(dc, out, cg.iadd(h_at, j), mask=m)
                     return
+                for p in dc_outs:
+                    cg.store(dc, p, cg.iadd(h_at, j), mask=m)
                 di = cg.mul(cg.mul(dc, tu), cg.mul(si, cg.sub(one, si)))
                 do = cg.mul(cg.mul(dh, tc), cg.mul(so, cg.sub(one, so)))
                 du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
