@@ -316,3 +316,36 @@ def test_repeated_layers_share_their_kernels():
     for k in range(5):
         h = np.maximum(h @ net.params[f"dense{k + 1}.w"] + net.params[f"dense{k + 1}.b"], 0)
     np.testing.assert_allclose(net(x=x), h, rtol=1e-5, atol=1e-6)
+
+
+def test_the_garbage_collector_is_off_while_lowering_and_restored_after(monkeypatch):
+    """Each generation-2 collection walks every llvmlite object the lowering
+    made (half of a compile's Python time); the collector pauses for the
+    compile and is on again after it, or stays off if the caller had it off."""
+    import gc
+
+    from structc import compiler
+    seen = []
+    real = compiler.lower_entry
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(compiler, "lower_entry", spy)
+    monkeypatch.setattr(compiler, "compile_objects", lambda texts, *a, **k: [(b"", {}) for _ in texts])
+    assert gc.isenabled()
+    compile_source(MLP)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        api.compile_artifact(MLP, cache=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_collector_comes_back_when_a_compile_fails():
+    import gc
+    with pytest.raises(structc.SnetError):
+        compile_source("model M {\n  input x: f32[N, 6]\n  output y = nosuchlayer(x)\n}\n")
+    assert gc.isenabled()
