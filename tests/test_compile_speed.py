@@ -123,7 +123,8 @@ def test_modules_split_across_threads_compute_the_same(monkeypatch):
     assert "define hidden" in split.llvm_ir  # kernels another module calls
     monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
     whole = compile_source(MLP)
-    assert len(whole.objects) == 2
+    # one module per part, and the matmul micro-kernels' (vector code, the short pipeline)
+    assert [t.startswith(lower_module.VECTOR_CODE) for t in whole.part_ir] == [False, True, False]
     nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
             for a in (split, whole)]
     np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))
@@ -349,3 +350,26 @@ def test_the_collector_comes_back_when_a_compile_fails():
     with pytest.raises(structc.SnetError):
         compile_source("model M {\n  input x: f32[N, 6]\n  output y = nosuchlayer(x)\n}\n")
     assert gc.isenabled()
+
+
+def test_matmul_micro_kernels_get_the_short_pipeline(cache_in, monkeypatch):
+    """The micro-kernels are explicit vector code: a module of them alone is
+    marked (`VECTOR_CODE`) and optimised with the short pipeline, whose k loop
+    is the one O3 makes, in about half the LLVM time; any other module keeps O3."""
+    import re
+
+    from structc import native
+    src = ("model G {\n  input x: f32[13, 40]\n  output y = dense(x, 40) |> relu\n}\n")
+    ran = []
+    real = native._short_pipeline
+    monkeypatch.setattr(native, "_short_pipeline", lambda: ran.append(1) or real())
+    art = api.compile_artifact(src, parts=["forward"])
+    marked = [t for t in art.part_ir if t.startswith(lower_module.VECTOR_CODE)]
+    assert marked and len(ran) == len(marked) < len(art.part_ir)
+    for text in art.part_ir:
+        names = re.findall(r'^define [^@]*@"([^"]+)"', text, re.M)
+        assert (text in marked) == all(n.startswith("sc_mk") for n in names)
+    x = np.linspace(-1, 1, 13 * 40, dtype=np.float32).reshape(13, 40)
+    net = structc.compile(src, cache=False)
+    np.testing.assert_allclose(net(x=x), np.maximum(x @ net.params["dense1.w"] + net.params["dense1.b"], 0),
+                               rtol=1e-5, atol=1e-5)
