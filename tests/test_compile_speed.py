@@ -373,3 +373,21 @@ def test_matmul_micro_kernels_get_the_short_pipeline(cache_in, monkeypatch):
     net = structc.compile(src, cache=False)
     np.testing.assert_allclose(net(x=x), np.maximum(x @ net.params["dense1.w"] + net.params["dense1.b"], 0),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_constants_are_made_and_printed_once():
+    """A vector constant's text is its lanes', formatted at every use unless the
+    same object is used again (llvmlite keeps its text): one object per type and
+    value, -0.0 apart from 0.0."""
+    from llvmlite import ir
+
+    from structc.lower.codegen import CG, F32, I64
+    module = ir.Module()
+    cg = CG(module, ir.Function(module, ir.FunctionType(ir.VoidType(), []), name="f"))
+    v16 = ir.VectorType(F32, 16)
+    assert cg.const(1.0, v16) is cg.const(1, v16) and cg.i64(3) is cg.i64(3)
+    assert cg.const(-0.0, v16) is not cg.const(0.0, v16)
+    assert str(cg.const(-0.0, F32)) == str(ir.Constant(F32, -0.0)) != str(cg.const(0.0, F32))
+    assert str(cg.const(2.0, v16)) == str(ir.Constant(v16, [ir.Constant(F32, 2.0)] * 16))
+    assert cg.splat(cg.i64(5), 4) is cg.splat(ir.Constant(I64, 5), 4)
+    assert str(cg.splat(cg.i64(5), 4)) == "<4 x i64> <i64 5, i64 5, i64 5, i64 5>"

@@ -70,21 +70,20 @@ class CG:
     def const(self, v: float, like) -> ir.Value:
         t = like if isinstance(like, ir.Type) else like.type
         e = elem(t)
-        c = ir.Constant(e, float(v) if e in (F32, F64) else int(v))
-        return c if lanes(t) == 1 else ir.Constant(t, [c] * lanes(t))
+        v = float(v) if e in (F32, F64) else int(v)
+        return _constant(t, v, repr(v))
 
     def i64(self, v: int) -> ir.Constant:
-        return ir.Constant(I64, v)
+        return _constant(I64, v, repr(v))
 
     def splat(self, x: ir.Value, n: int) -> ir.Value:
         if n == 1:
             return x
         vt = ir.VectorType(x.type, n)
         if isinstance(x, ir.Constant):
-            return ir.Constant(vt, [x] * n)
-        one = self.b.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(I32, 0))
-        return self.b.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
-                                     ir.Constant(ir.VectorType(I32, n), [0] * n))
+            return _constant(vt, x, x.get_reference())
+        one = self.b.insert_element(_constant(vt, ir.Undefined, "undef"), x, _constant(I32, 0, "0"))
+        return self.b.shuffle_vector(one, _constant(vt, ir.Undefined, "undef"), _constant(ir.VectorType(I32, n), 0, "0"))
 
     def to_float(self, x: ir.Value, t=F32) -> ir.Value:
         if elem(x.type) in (F32, F64):
@@ -406,6 +405,24 @@ class CG:
 
     def mode(self) -> ir.Value:
         return self.slot(self.layout.mode_slot, I64)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(t: ir.Type, value, text: str) -> ir.Constant:
+    """The constant `value` of type `t` (a vector: every lane), one object per
+    (type, text): llvmlite keeps a constant's text once printed, and printing
+    the lanes of a vector constant at every use was a tenth of lowering's time.
+    `text` tells apart what compares equal (0.0 and -0.0)."""
+    key = (str(t), text)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if isinstance(t, ir.VectorType) and value is not ir.Undefined:
+            lane = value if isinstance(value, ir.Constant) else ir.Constant(t.element, value)
+            value = [lane] * t.count
+        found = _CONSTANTS[key] = ir.Constant(t, value)
+    return found
 
 
 class LocalSlots:
