@@ -287,16 +287,16 @@ class CG:
         else:
             name = f"llvm.masked.store.{mangle(value.type)}.p0"
             fn = self.declare(name, VOID, [value.type, PTR, I32, mask.type])
-            self.b.call(fn, [value, p, ir.Constant(I32, 4), mask])
+            self.b.call(fn, [value, p, _constant(I32, 4, "4"), mask])
 
     def intrinsic_masked_load(self, p, vt, mask):
         name = f"llvm.masked.load.{mangle(vt)}.p0"
         fn = self.declare(name, vt, [PTR, I32, mask.type, vt])
-        return self.b.call(fn, [p, ir.Constant(I32, 4), mask, ir.Constant(vt, [ir.Constant(vt.element, 0)] * vt.count)])
+        return self.b.call(fn, [p, _constant(I32, 4, "4"), mask, _constant(vt, 0, "0")])
 
     def lane_mask(self, remaining, n: int):
         """<n x i1> with lanes [0, remaining) set."""
-        lane_ids = ir.Constant(ir.VectorType(I64, n), [ir.Constant(I64, k) for k in range(n)])
+        lane_ids = _constant(ir.VectorType(I64, n), [ir.Constant(I64, k) for k in range(n)], "lane ids")
         return self.b.icmp_signed("<", lane_ids, self.splat(remaining, n))
 
     def hsum(self, v):
@@ -418,7 +418,7 @@ def _constant(t: ir.Type, value, text: str) -> ir.Constant:
     key = (str(t), text)
     found = _CONSTANTS.get(key)
     if found is None:
-        if isinstance(t, ir.VectorType) and value is not ir.Undefined:
+        if isinstance(t, ir.VectorType) and value is not ir.Undefined and not isinstance(value, list):
             lane = value if isinstance(value, ir.Constant) else ir.Constant(t.element, value)
             value = [lane] * t.count
         found = _CONSTANTS[key] = ir.Constant(t, value)
