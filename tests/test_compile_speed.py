@@ -391,3 +391,29 @@ def test_constants_are_made_and_printed_once():
     assert str(cg.const(2.0, v16)) == str(ir.Constant(v16, [ir.Constant(F32, 2.0)] * 16))
     assert cg.splat(cg.i64(5), 4) is cg.splat(ir.Constant(I64, 5), 4)
     assert str(cg.splat(cg.i64(5), 4)) == "<4 x i64> <i64 5, i64 5, i64 5, i64 5>"
+
+
+def test_llvm_starts_on_the_forward_part_while_the_training_part_is_lowered(monkeypatch):
+    """With two threads, the forward part's modules go to LLVM as soon as their
+    text is made: on two idle cores that work overlaps the training part's
+    lowering in Python instead of waiting for it."""
+    from structc import compiler
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "2")
+    started = threading.Event()
+    seen = []
+    real_compile, real_lower = compiler.compile_objects, compiler.lower_entry
+
+    def compile_objects(texts, *args, **kwargs):
+        started.set()
+        return real_compile(texts, *args, **kwargs)
+
+    def lower_entry(module, g, plan, symbols, name, *args, **kwargs):
+        if name == "sc_train":
+            seen.append(started.wait(timeout=5))
+        return real_lower(module, g, plan, symbols, name, *args, **kwargs)
+    monkeypatch.setattr(compiler, "compile_objects", compile_objects)
+    monkeypatch.setattr(compiler, "lower_entry", lower_entry)
+    art = compile_source(MLP)
+    assert seen == [True] and art.meta["parts"] == ["forward", "training"]
+    net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
+    np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))
