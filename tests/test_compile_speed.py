@@ -226,6 +226,7 @@ def test_kernel_timings_time_each_kernel_apart():
     kernels = [k for k in art.timings if ".llvm.kernel " in k]
     assert any("sc_train_matmul" in k for k in kernels) and any(k.endswith(" sc_forward") for k in kernels)
     assert len(art.objects) == len(kernels)          # one module per kernel or entry point
+    assert sum(" sc_mk" in k for k in kernels) > 1   # the micro-kernels too, each apart
     net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
     np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))
 

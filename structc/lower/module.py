@@ -427,8 +427,10 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
             lightest[1].append(name)
             lightest[2] |= need
-        if vector:
-            bins.append([0, vector, set().union(*map(closure, vector))])
+        if vector:      # one module, or one each when every unit is a chunk (`--kernel-timings`)
+            apart = chunks >= len(units) + len(vector)
+            bins += [[0, names, set().union(*map(closure, names))] for names in ([[n] for n in vector] if apart
+                                                                                 else [vector])]
             units += vector
     home = {name: k for k, b in enumerate(bins) for name in b[1]}
     exported = {n for n in units if n not in entries and
