@@ -313,7 +313,7 @@ class _ModuleObjects:
         self.target, self.jit, self.cached, self.times = target, jit, cached, times
         threads = threads or compile_threads()
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
-        self.jobs: list = []      # per module: [text, cache key, (object, timings) or a future or None]
+        self.jobs: list = []      # per module: [text, cache key, (object, timings) | future | None, cache hit]
 
     def add(self, texts: list[str]) -> None:
         from . import cache
@@ -324,29 +324,32 @@ class _ModuleObjects:
                     key = module_key(text, self.target, self.jit)
                     hit = cache.load(key, None, "object")
                     found = (hit[1], {}) if hit is not None and hit[1] else None
-            if found is None and self.pool is not None:
+            hit = found is not None
+            if not hit and self.pool is not None:
                 found = self.pool.submit(self._compile, text)
-            self.jobs.append([text, key, found])
+            self.jobs.append([text, key, found, hit])
 
     def _compile(self, text: str) -> tuple[bytes, dict]:
         return compile_objects([text], self.target, self.jit, threads=1)[0]
 
     def results(self) -> list[tuple[bytes, dict]]:
         global MODULE_COUNT
+        from concurrent.futures import Future
+
         from . import cache
         serial = [job for job in self.jobs if job[2] is None]
         for job, result in zip(serial, compile_objects([job[0] for job in serial], self.target, self.jit, threads=1)):
-            job[2] = [result]       # compiled here, to store
-        out = []
+            job[2] = result
         for job in self.jobs:
-            if not isinstance(job[2], tuple):       # compiled (a future, or just now), not found in the cache
-                job[2] = job[2][0] if isinstance(job[2], list) else job[2].result()
-                MODULE_COUNT += 1
-                if self.cached:
-                    with self.times.stage("cache.modules"):
-                        cache.store(job[1], {}, job[2][0], "object")
-            out.append(job[2])
-        return out
+            text, key, found, hit = job
+            if hit:
+                continue
+            job[2] = found.result() if isinstance(found, Future) else found
+            MODULE_COUNT += 1
+            if self.cached:
+                with self.times.stage("cache.modules"):
+                    cache.store(key, {}, job[2][0], "object")
+        return [job[2] for job in self.jobs]
 
     def close(self) -> None:
         if self.pool is not None:
