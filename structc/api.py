@@ -6,7 +6,8 @@ import threading
 from pathlib import Path
 
 from . import cache
-from .compiler import EAGER_PARTS, PARTS, Artifact, Timings, canonical_key, canonical_program, compile_program, source_key
+from .compiler import (EAGER_PARTS, PARTS, Artifact, Timings, canonical_key, canonical_program, collector_paused,
+                       compile_program, source_key)
 from .lower.module import Target
 from .model import Net
 from .native import JitModule, host_target
@@ -76,6 +77,7 @@ def _compile_quietly(net: Net) -> None:
         pass
 
 
+@collector_paused()
 def compile_artifact(source: str, file: str = "<source>", model: str | None = None, *,
                      target: Target | None = None, jit: bool = True, cache: bool = True,
                      freeze=(), parts=None) -> Artifact:

@@ -180,7 +180,7 @@ def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
 
 #: what a file holds, by its suffix: compiled code, a source text's canonical program (api's alias),
 #: or the object code of one LLVM module, keyed by its IR text (`compiler.module_key`)
-KINDS = ("entry", "alias", "object")
+KINDS = ("entry", "alias", "object", "parser")
 
 
 def _entry_name(key: str, kind: str = "entry") -> str:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import llvmlite.binding as llvm
 
-from .lower.module import Target
+from .lower.module import VECTOR_CODE, Target
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,8 +86,27 @@ def optimize(ir_text: str, target: Target, jit: bool = True, tm=None, context=No
     pto.loop_vectorization = True
     pto.slp_vectorization = True
     pb = llvm.create_pass_builder(tm, pto)
-    pb.getModulePassManager().run(mod, pb)
+    if ir_text.startswith(VECTOR_CODE):
+        _short_pipeline().run(mod, pb)
+    else:
+        pb.getModulePassManager().run(mod, pb)
     return mod, tm
+
+
+#: the passes explicit vector code needs (`lower.module.VECTOR_CODE`: the matmul
+#: micro-kernels): registers for the accumulators (SROA), folding, CSE and the
+#: clean-up. O3's loop passes (unrolling, vectorisers, unswitching) leave their
+#: k loop as it was at 2-3x the time (LeNet-5: 20-35 ms of LLVM per micro-kernel
+#: against 12-20); loop-invariant code is hoisted by code generation's own LICM.
+SHORT_PIPELINE = ("sroa", "instruction_combine", "simplify_cfg", "new_gvn", "instruction_combine",
+                  "simplify_cfg", "dead_store_elimination", "aggressive_dce")
+
+
+def _short_pipeline():
+    mpm = llvm.create_new_module_pass_manager()
+    for name in SHORT_PIPELINE:
+        getattr(mpm, f"add_{name}_pass")()
+    return mpm
 
 
 def compile_object(ir_text: str, target: Target, jit: bool = True) -> bytes:

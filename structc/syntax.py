@@ -292,9 +292,62 @@ def grammar_text() -> str:
         return (Path(__file__).resolve().parent.parent / "grammar" / "snet.lark").read_text()
 
 
+PARSER_OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+
+
 @functools.lru_cache(maxsize=1)
 def parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    """The LALR parser, once per process. Building its tables is most of a
+    cold parse (90 ms); they are kept in the structc cache (`parser_key`: the
+    grammar, lark's version and the options), where a new process loads them
+    in 10 ms. Lark's own `cache=True` would keep them in the shared temporary
+    folder, unchecked; the structc cache checks an entry's MAC before lark
+    unpickles it (the threat model of the compiled code kept there, which is
+    run), and `$STRUCTC_NO_CACHE` or a refused folder just builds them."""
+    text = grammar_text()
+    key = parser_key(text)
+    loaded = _load_parser(key)
+    if loaded is not None:
+        return loaded
+    built = Lark(text, **PARSER_OPTIONS)
+    _store_parser(key, built)
+    return built
+
+
+def parser_key(grammar: str) -> str:
+    import hashlib
+    import json
+    h = hashlib.sha256(f"snet parser\0lark {lark.__version__}\0{json.dumps(PARSER_OPTIONS, sort_keys=True)}\0".encode())
+    h.update(grammar.encode())
+    return h.hexdigest()[:32]
+
+
+def _load_parser(key: str) -> Lark | None:
+    import io
+    import os
+
+    from . import cache
+    if os.environ.get("STRUCTC_NO_CACHE") is not None:
+        return None
+    entry = cache.load(key, None, "parser")
+    if entry is None:
+        return None
+    try:
+        return Lark.load(io.BytesIO(entry[1]))
+    except Exception:  # noqa: BLE001 - an entry lark cannot read is rebuilt, as a damaged one is
+        return None
+
+
+def _store_parser(key: str, built: Lark) -> None:
+    import io
+    import os
+
+    from . import cache
+    if os.environ.get("STRUCTC_NO_CACHE") is not None:
+        return
+    data = io.BytesIO()
+    built.save(data)
+    cache.store(key, {"lark": lark.__version__}, data.getvalue(), "parser")
 
 
 class _ToAst(Transformer_NonRecursive):

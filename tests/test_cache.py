@@ -72,7 +72,10 @@ def test_entries_are_private_and_hit(cache_in):
     (alias,) = cache_in.glob("*.alias")        # the source text's canonical program: no parse on a hit
     objects = [p.name for p in cache_in.glob("*.object")]       # each LLVM module's code, by its text
     assert objects and all(_mode(cache_in / name) == 0o600 for name in objects)
-    assert sorted(p.name for p in cache_in.iterdir()) == sorted([_entry(cache_in).name, alias.name, "key", *objects])
+    parser = [p.name for p in cache_in.glob("*.parser")]      # lark's tables, if this process built them here
+    assert all(_mode(cache_in / name) == 0o600 for name in parser)
+    assert sorted(p.name for p in cache_in.iterdir()) == sorted([_entry(cache_in).name, alias.name, "key", *objects,
+                                                                 *parser])
 
 
 def test_edited_metadata_is_rebuilt_not_run(cache_in):
@@ -497,3 +500,53 @@ def test_a_bad_bound_is_refused(bad, monkeypatch):
 def test_the_readme_states_the_bound_in_force():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"(`STRUCTC_CACHE_MAX_MB`, default {cache.DEFAULT_MAX_MB} MiB)" in readme
+
+
+# -- the parser's tables ------------------------------------------------------
+
+def _fresh_parser(monkeypatch, build_allowed: bool):
+    """`syntax.parser()` as a new process would make it; without `build_allowed`,
+    building lark's tables (rather than loading them) fails the test."""
+    from structc import syntax
+    syntax.parser.cache_clear()
+    if not build_allowed:
+        monkeypatch.setattr(syntax, "Lark", type("NoBuild", (), {
+            "__init__": lambda *a, **k: pytest.fail("built the parser's tables again"),
+            "load": syntax.Lark.load}))
+    try:
+        return syntax.parser()
+    finally:
+        syntax.parser.cache_clear()
+        monkeypatch.setattr(syntax, "Lark", __import__("lark").Lark)
+
+
+def test_the_parser_tables_are_cached_and_parse_the_same(cache_in, monkeypatch):
+    """Building the LALR tables was most of a cold parse (90 ms); a new process
+    loads them from the cache (10 ms) and parses to the same program, spans and all."""
+    from structc import syntax
+    built = _fresh_parser(monkeypatch, build_allowed=True)
+    assert len(list(cache_in.glob("*.parser"))) == 1
+    loaded = _fresh_parser(monkeypatch, build_allowed=False)
+    source = Path(__file__).resolve().parent.parent.joinpath("examples", "lenet5.snet").read_text()
+    programs = []
+    for p in (built, loaded):
+        monkeypatch.setattr(syntax, "parser", lambda p=p: p)
+        programs.append(parse(source, "lenet5.snet"))
+    assert programs[0] == programs[1]        # spans are fields: positions included
+    with pytest.raises(structc.SnetError, match="expected"):
+        parse("model M { input x: f32[N, 3]\n output y = tanh(x +) }")
+
+
+def test_a_damaged_parser_entry_is_rebuilt_and_no_cache_stores_none(cache_in, monkeypatch):
+    _fresh_parser(monkeypatch, build_allowed=True)
+    (entry,) = cache_in.glob("*.parser")
+    _rewrite(entry, entry.read_bytes()[:-10] + b"x" * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cache.CacheWarning)
+        with pytest.raises(pytest.fail.Exception, match="built the parser"):
+            _fresh_parser(monkeypatch, build_allowed=False)
+        assert _fresh_parser(monkeypatch, build_allowed=True) is not None
+    shutil.rmtree(cache_in)
+    monkeypatch.setenv("STRUCTC_NO_CACHE", "1")
+    _fresh_parser(monkeypatch, build_allowed=True)
+    assert not cache_in.exists()

@@ -123,7 +123,8 @@ def test_modules_split_across_threads_compute_the_same(monkeypatch):
     assert "define hidden" in split.llvm_ir  # kernels another module calls
     monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
     whole = compile_source(MLP)
-    assert len(whole.objects) == 2
+    # one module per part, and the matmul micro-kernels' (vector code, the short pipeline)
+    assert [t.startswith(lower_module.VECTOR_CODE) for t in whole.part_ir] == [False, True, False]
     nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
             for a in (split, whole)]
     np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))
@@ -225,6 +226,7 @@ def test_kernel_timings_time_each_kernel_apart():
     kernels = [k for k in art.timings if ".llvm.kernel " in k]
     assert any("sc_train_matmul" in k for k in kernels) and any(k.endswith(" sc_forward") for k in kernels)
     assert len(art.objects) == len(kernels)          # one module per kernel or entry point
+    assert sum(" sc_mk" in k for k in kernels) > 1   # the micro-kernels too, each apart
     net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
     np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))
 
@@ -316,3 +318,103 @@ def test_repeated_layers_share_their_kernels():
     for k in range(5):
         h = np.maximum(h @ net.params[f"dense{k + 1}.w"] + net.params[f"dense{k + 1}.b"], 0)
     np.testing.assert_allclose(net(x=x), h, rtol=1e-5, atol=1e-6)
+
+
+def test_the_garbage_collector_is_off_while_lowering_and_restored_after(monkeypatch):
+    """Each generation-2 collection walks every llvmlite object the lowering
+    made (half of a compile's Python time); the collector pauses for the
+    compile and is on again after it, or stays off if the caller had it off."""
+    import gc
+
+    from structc import compiler
+    seen = []
+    real = compiler.lower_entry
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(compiler, "lower_entry", spy)
+    monkeypatch.setattr(compiler, "compile_objects", lambda texts, *a, **k: [(b"", {}) for _ in texts])
+    assert gc.isenabled()
+    compile_source(MLP)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        api.compile_artifact(MLP, cache=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_collector_comes_back_when_a_compile_fails():
+    import gc
+    with pytest.raises(structc.SnetError):
+        compile_source("model M {\n  input x: f32[N, 6]\n  output y = nosuchlayer(x)\n}\n")
+    assert gc.isenabled()
+
+
+def test_matmul_micro_kernels_get_the_short_pipeline(cache_in, monkeypatch):
+    """The micro-kernels are explicit vector code: a module of them alone is
+    marked (`VECTOR_CODE`) and optimised with the short pipeline, whose k loop
+    is the one O3 makes, in about half the LLVM time; any other module keeps O3."""
+    import re
+
+    from structc import native
+    src = ("model G {\n  input x: f32[13, 40]\n  output y = dense(x, 40) |> relu\n}\n")
+    ran = []
+    real = native._short_pipeline
+    monkeypatch.setattr(native, "_short_pipeline", lambda: ran.append(1) or real())
+    art = api.compile_artifact(src, parts=["forward"])
+    marked = [t for t in art.part_ir if t.startswith(lower_module.VECTOR_CODE)]
+    assert marked and len(ran) == len(marked) < len(art.part_ir)
+    for text in art.part_ir:
+        names = re.findall(r'^define [^@]*@"([^"]+)"', text, re.M)
+        assert (text in marked) == all(n.startswith("sc_mk") for n in names)
+    x = np.linspace(-1, 1, 13 * 40, dtype=np.float32).reshape(13, 40)
+    net = structc.compile(src, cache=False)
+    np.testing.assert_allclose(net(x=x), np.maximum(x @ net.params["dense1.w"] + net.params["dense1.b"], 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_constants_are_made_and_printed_once():
+    """A vector constant's text is its lanes', formatted at every use unless the
+    same object is used again (llvmlite keeps its text): one object per type and
+    value, -0.0 apart from 0.0."""
+    from llvmlite import ir
+
+    from structc.lower.codegen import CG, F32, I64
+    module = ir.Module()
+    cg = CG(module, ir.Function(module, ir.FunctionType(ir.VoidType(), []), name="f"))
+    v16 = ir.VectorType(F32, 16)
+    assert cg.const(1.0, v16) is cg.const(1, v16) and cg.i64(3) is cg.i64(3)
+    assert cg.const(-0.0, v16) is not cg.const(0.0, v16)
+    assert str(cg.const(-0.0, F32)) == str(ir.Constant(F32, -0.0)) != str(cg.const(0.0, F32))
+    assert str(cg.const(2.0, v16)) == str(ir.Constant(v16, [ir.Constant(F32, 2.0)] * 16))
+    assert cg.splat(cg.i64(5), 4) is cg.splat(ir.Constant(I64, 5), 4)
+    assert str(cg.splat(cg.i64(5), 4)) == "<4 x i64> <i64 5, i64 5, i64 5, i64 5>"
+
+
+def test_llvm_starts_on_the_forward_part_while_the_training_part_is_lowered(monkeypatch):
+    """With two threads, the forward part's modules go to LLVM as soon as their
+    text is made: on two idle cores that work overlaps the training part's
+    lowering in Python instead of waiting for it."""
+    from structc import compiler
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "2")
+    started = threading.Event()
+    seen = []
+    real_compile, real_lower = compiler.compile_objects, compiler.lower_entry
+
+    def compile_objects(texts, *args, **kwargs):
+        started.set()
+        return real_compile(texts, *args, **kwargs)
+
+    def lower_entry(module, g, plan, symbols, name, *args, **kwargs):
+        if name == "sc_train":
+            seen.append(started.wait(timeout=5))
+        return real_lower(module, g, plan, symbols, name, *args, **kwargs)
+    monkeypatch.setattr(compiler, "compile_objects", compile_objects)
+    monkeypatch.setattr(compiler, "lower_entry", lower_entry)
+    art = compile_source(MLP)
+    assert seen == [True] and art.meta["parts"] == ["forward", "training"]
+    net = structc.Net(art.meta, structc.native.JitModule(art.object, structc.native.host_target()))
+    np.testing.assert_array_equal(net(x=X), structc.compile(MLP, cache=False)(x=X))

@@ -70,21 +70,20 @@ class CG:
     def const(self, v: float, like) -> ir.Value:
         t = like if isinstance(like, ir.Type) else like.type
         e = elem(t)
-        c = ir.Constant(e, float(v) if e in (F32, F64) else int(v))
-        return c if lanes(t) == 1 else ir.Constant(t, [c] * lanes(t))
+        v = float(v) if e in (F32, F64) else int(v)
+        return _constant(t, v, repr(v))
 
     def i64(self, v: int) -> ir.Constant:
-        return ir.Constant(I64, v)
+        return _constant(I64, v, repr(v))
 
     def splat(self, x: ir.Value, n: int) -> ir.Value:
         if n == 1:
             return x
         vt = ir.VectorType(x.type, n)
         if isinstance(x, ir.Constant):
-            return ir.Constant(vt, [x] * n)
-        one = self.b.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(I32, 0))
-        return self.b.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
-                                     ir.Constant(ir.VectorType(I32, n), [0] * n))
+            return _constant(vt, x, x.get_reference())
+        one = self.b.insert_element(_constant(vt, ir.Undefined, "undef"), x, _constant(I32, 0, "0"))
+        return self.b.shuffle_vector(one, _constant(vt, ir.Undefined, "undef"), _constant(ir.VectorType(I32, n), 0, "0"))
 
     def to_float(self, x: ir.Value, t=F32) -> ir.Value:
         if elem(x.type) in (F32, F64):
@@ -288,16 +287,16 @@ class CG:
         else:
             name = f"llvm.masked.store.{mangle(value.type)}.p0"
             fn = self.declare(name, VOID, [value.type, PTR, I32, mask.type])
-            self.b.call(fn, [value, p, ir.Constant(I32, 4), mask])
+            self.b.call(fn, [value, p, _constant(I32, 4, "4"), mask])
 
     def intrinsic_masked_load(self, p, vt, mask):
         name = f"llvm.masked.load.{mangle(vt)}.p0"
         fn = self.declare(name, vt, [PTR, I32, mask.type, vt])
-        return self.b.call(fn, [p, ir.Constant(I32, 4), mask, ir.Constant(vt, [ir.Constant(vt.element, 0)] * vt.count)])
+        return self.b.call(fn, [p, _constant(I32, 4, "4"), mask, _constant(vt, 0, "0")])
 
     def lane_mask(self, remaining, n: int):
         """<n x i1> with lanes [0, remaining) set."""
-        lane_ids = ir.Constant(ir.VectorType(I64, n), [ir.Constant(I64, k) for k in range(n)])
+        lane_ids = _constant(ir.VectorType(I64, n), [ir.Constant(I64, k) for k in range(n)], "lane ids")
         return self.b.icmp_signed("<", lane_ids, self.splat(remaining, n))
 
     def hsum(self, v):
@@ -406,6 +405,24 @@ class CG:
 
     def mode(self) -> ir.Value:
         return self.slot(self.layout.mode_slot, I64)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(t: ir.Type, value, text: str) -> ir.Constant:
+    """The constant `value` of type `t` (a vector: every lane), one object per
+    (type, text): llvmlite keeps a constant's text once printed, and printing
+    the lanes of a vector constant at every use was a tenth of lowering's time.
+    `text` tells apart what compares equal (0.0 and -0.0)."""
+    key = (str(t), text)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if isinstance(t, ir.VectorType) and value is not ir.Undefined and not isinstance(value, list):
+            lane = value if isinstance(value, ir.Constant) else ir.Constant(t.element, value)
+            value = [lane] * t.count
+        found = _CONSTANTS[key] = ir.Constant(t, value)
+    return found
 
 
 class LocalSlots:

@@ -229,6 +229,7 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> i
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name=name)
     fn.linkage = "internal"
     fn.attributes.add("noinline")
+    fn.structc_vector_code = True      # explicit vector code: the short LLVM pipeline (`lower.module.VECTOR_CODE`)
     A, a_si, a_sk, B, n, C, i0, j0, k0, k_end, first, mask, tile, direct = fn.args
     for p in (A, B, C, tile):
         p.add_attribute("noalias")

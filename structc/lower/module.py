@@ -346,6 +346,9 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
 # -- several modules from one, to compile in parallel -----------------------
 
 _REFERENCE = re.compile(r'@"([^"]+)"')
+#: first line of a module whose every function is explicit vector code (the matmul
+#: micro-kernels: `fn.structc_vector_code`); `native.optimize` gives it a short pipeline
+VECTOR_CODE = "; structc: vector code\n"
 #: below this much IR text a part stays one module (each module costs a parse and a target machine)
 SPLIT_MIN_CHARS = 150_000
 #: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the entry points' module
@@ -372,8 +375,13 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     helper of at least `UNIT_MIN_CHARS` is a module of its own; the entry
     points, which change with any edit, and the small units are one module
     (a module costs LLVM some 5 ms however small it is). `chunks` and
-    `min_chars` are then ignored."""
+    `min_chars` are then ignored.
+
+    Exported helpers that are explicit vector code (`fn.structc_vector_code`:
+    the matmul micro-kernels) are modules of their own in either mode, marked
+    `VECTOR_CODE`, for the short LLVM pipeline (`native.SHORT_PIPELINE`)."""
     defined = [f for f in module.functions if f.blocks]
+    by_name = {f.name: f for f in defined}
     texts = {f.name: function_text(f) for f in defined}
     min_chars = SPLIT_MIN_CHARS if min_chars is None else min_chars
     assert not module.get_identified_types() and all(isinstance(g, ir.Function) for g in module.globals.values())
@@ -399,11 +407,19 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
                     seen.add(callee)
                     todo.append(callee)
         return seen
-    if by_unit:
+    def vector_code(name):
+        return getattr(by_name[name], "structc_vector_code", False)
+    if by_unit:     # small micro-kernels together: a module of vector code (the short pipeline)
         small = [n for n in units if n in entries or len(texts[n]) < UNIT_MIN_CHARS]
-        groups = [small] + [[n] for n in units if n not in small]
+        small_vector = [n for n in small if vector_code(n) and n not in entries]
+        small = [n for n in small if n not in small_vector]
+        grouped = set(small + small_vector)
+        groups = [small] + [[n] for n in units if n not in grouped] + [small_vector]
         bins = [[0, names, set().union(*map(closure, names))] for names in groups]
     else:   # longest first, each to the lightest chunk: the chunks come out about even
+        # exported micro-kernels in a module of their own, which gets the short pipeline
+        vector = [n for n in units if vector_code(n)]
+        units = [n for n in units if n not in vector]
         bins = [[0, [], set()] for _ in range(max(1, min(chunks, len(units))))]
         for name in sorted(units, key=lambda n: -len(texts[n])):
             lightest = min(bins, key=lambda b: b[0])
@@ -411,6 +427,11 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
             lightest[1].append(name)
             lightest[2] |= need
+        if vector:      # one module, or one each when every unit is a chunk (`--kernel-timings`)
+            apart = chunks >= len(units) + len(vector)
+            bins += [[0, names, set().union(*map(closure, names))] for names in ([[n] for n in vector] if apart
+                                                                                 else [vector])]
+            units += vector
     home = {name: k for k, b in enumerate(bins) for name in b[1]}
     exported = {n for n in units if n not in entries and
                 (export_helpers or any(n in calls[c] and home[c] != home[n] for c in units))}
@@ -429,7 +450,8 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             body = texts[name]
             text.append(_exported(body) if name in exported else body)
         text += [texts[h] for h in sorted(needed)]
-        out.append(_with_loop_ids("\n".join(text)))
+        mark = VECTOR_CODE if all(vector_code(n) for n in mine) else ""
+        out.append(mark + _with_loop_ids("\n".join(text)))
     return out
 
 
