@@ -150,7 +150,10 @@ static PyObject *workspace_size(PyObject *self, PyObject *const *args, Py_ssize_
  * numpy expression it replaces, element by element in float32 (IEEE multiply
  * and divide round the same in C), so the bits are the same; vectorised as
  * numpy's loops are. */
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+/* one clone per vector width, picked at load time, as numpy picks its loops */
+#define SC_VECTORISE __attribute__((optimize("O3"), target_clones("avx512f", "avx2", "default")))
+#elif defined(__GNUC__) && !defined(__clang__)
 #define SC_VECTORISE __attribute__((optimize("O3")))
 #else
 #define SC_VECTORISE

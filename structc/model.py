@@ -115,7 +115,7 @@ class Params(Mapping):
 
 
 class _Input:
-    __slots__ = ("name", "kind", "dtype", "shape", "classes")
+    __slots__ = ("name", "kind", "dtype", "shape", "classes", "np_dtype", "ndim", "axes")
 
     def __init__(self, spec: dict):
         self.name = spec["name"]
@@ -123,6 +123,11 @@ class _Input:
         self.dtype = _NP[spec["dtype"]]
         self.shape = tuple(spec["shape"])
         self.classes = spec["classes"]
+        # what `_bind` checks on every call, worked out once: the dtype (numpy's builtin
+        # dtypes are singletons, so `is` settles the usual case), each axis and whether it is a size
+        self.np_dtype = np.dtype(self.dtype)
+        self.ndim = len(self.shape)
+        self.axes = tuple((k, d, d.__class__ is int) for k, d in enumerate(self.shape))
 
     def describe(self) -> str:
         what = f"class labels in [0, {self.classes})" if self.classes else np.dtype(self.dtype).name
@@ -393,26 +398,30 @@ class Net:
                     known = ", ".join(self._inputs) or "none"
                     raise TypeError(f"{self.name} has no input '{name}' (inputs: {known})")
         arrays = []
+        get, bound = given.get, dims.get
         for spec in entry.inputs:
-            value = given.get(spec.name)
+            value = get(spec.name)
             if value is None:
                 raise TypeError(f"missing input '{spec.name}': expected {spec.describe()}")
             arr = value
-            if type(arr) is not np.ndarray or arr.dtype != spec.dtype or not arr.flags.c_contiguous:
+            if (type(arr) is not np.ndarray or (arr.dtype is not spec.np_dtype and arr.dtype != spec.dtype)
+                    or not arr.flags.c_contiguous):
                 arr = _as_array(spec, value)
             shape = arr.shape
-            if len(shape) != len(spec.shape):
+            if len(shape) != spec.ndim:
                 raise ValueError(f"input '{spec.name}': expected shape {spec.describe()}, "
                                  f"got an array of shape {shape}")
-            for k, d in enumerate(spec.shape):
+            for k, d, fixed in spec.axes:
                 n = shape[k]
-                if d.__class__ is int:
+                if fixed:
                     if d != n:
                         raise ValueError(f"input '{spec.name}': expected shape {spec.describe()}, "
                                          f"got {shape} (axis {k} should be {d})")
-                elif d in dims:
-                    if dims[d] != n:
-                        raise ValueError(f"input '{spec.name}': axis {k} is {d} = {dims[d]} from the "
+                    continue
+                seen = bound(d)
+                if seen is not None:
+                    if seen != n:
+                        raise ValueError(f"input '{spec.name}': axis {k} is {d} = {seen} from the "
                                          f"other inputs, got {n} (shape {shape})")
                 elif n < 1:
                     raise ValueError(f"input '{spec.name}': {d} must be at least 1, got shape {shape}")
