@@ -147,3 +147,24 @@ def test_the_hyper_parameters_are_stored_as_numpy_rounds_them(trees, lr, optimiz
         structc.model._FLOAT_HYPER = real
     (values,) = seen
     assert trees._hyper[:N_FLOAT_HYPER].tobytes() == np.array(values, np.float32).tobytes()
+
+
+def test_bind_s_dtype_shortcut_still_converts_other_byte_orders_and_strides():
+    """`_bind` settles the usual dtype with `is`: an array whose dtype is equal in
+    kind but not numpy's singleton (big-endian) or is strided still goes through
+    the conversion, and the errors keep their words and order."""
+    net = structc.compile("model D { input x: f32[N, 3]\n input y: f32[N]\n"
+                          " output s = sum(x, axes=(1,)) + y }")
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    y = np.ones(4, np.float32)
+    want = net._run("forward", {"x": x, "y": y}, 0)[0]["s"]
+    for other in (x.astype(">f4"), np.asfortranarray(x), np.repeat(x, 2, axis=1)[:, ::2]):
+        got = net._run("forward", {"x": other, "y": y}, 0)[0]["s"]
+        assert got.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match=r"input 'x': expected shape \[N, 3\] of float32, got \(4, 2\) \(axis 1 "
+                                         r"should be 3\)"):
+        net._run("forward", {"x": x[:, :2], "y": y}, 0)
+    with pytest.raises(ValueError, match=r"input 'y': axis 0 is N = 4 from the other inputs, got 3"):
+        net._run("forward", {"x": x, "y": y[:3]}, 0)
+    with pytest.raises(ValueError, match=r"input 'x': N must be at least 1"):
+        net._run("forward", {"x": x[:0], "y": y[:0]}, 0)
