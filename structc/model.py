@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import difflib
+import functools
 import math
 import os
 import struct
@@ -762,19 +763,17 @@ def _hyper_value(name: str, value) -> float:
     return v
 
 
-def _physical_memory(known=[]) -> int:
+@functools.cache
+def _physical_memory() -> int:
     """This machine's memory (bytes), read once: every call compares its workspace with it."""
-    if not known:
-        known.append(physical_memory())
-    return known[0]
+    return physical_memory()
 
 
-def _evaluate_denominator(known=[]):
+@functools.cache
+def _evaluate_denominator():
     """`structc.denominator.evaluate`, imported on first use (it imports networkx)."""
-    if not known:
-        from .denominator import evaluate
-        known.append(evaluate)
-    return known[0]
+    from .denominator import evaluate
+    return evaluate
 
 
 def _params_path(path):
