@@ -5,6 +5,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "structc_rt.h"
 #include "sc_pools.h"
@@ -114,6 +115,107 @@ static PyObject *first_out_of_range(PyObject *self, PyObject *const *args, Py_ss
     }
     PyBuffer_Release(&v);
     return PyLong_FromSsize_t(bad);
+}
+
+/* workspace_size(fn, dims) -> the bytes an entry's workspace-size function
+ * (address fn) returns for these dims (a sequence of int): the training path
+ * calls it on every batch (forests and graphs bind new dims each time), where
+ * a ctypes call cost several microseconds. */
+typedef int64_t (*workspace_fn)(const int64_t *dims);
+
+static PyObject *workspace_size(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "workspace_size takes 2 arguments");
+        return NULL;
+    }
+    workspace_fn fn = (workspace_fn)PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    if (!fn) {
+        PyErr_SetString(PyExc_ValueError, "workspace_size: a null function address");
+        return NULL;
+    }
+    PyObject *dseq = PySequence_Fast(args[1], "dims");
+    if (!dseq) return NULL;
+    Py_ssize_t nd = PySequence_Fast_GET_SIZE(dseq);
+    if (nd > MAX_ARGS) { Py_DECREF(dseq); PyErr_SetString(PyExc_ValueError, "too many dims"); return NULL; }
+    int64_t dims[MAX_ARGS] = {1};                /* as `_workspace_size` did: at least one slot */
+    for (Py_ssize_t k = 0; k < nd; k++) dims[k] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dseq, k));
+    Py_DECREF(dseq);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(fn(dims));
+}
+
+/* The gradient arena of data-parallel training: n gradients, then the loss
+ * denominator and the weighted loss (structc/distributed.py). Each pass is the
+ * numpy expression it replaces, element by element in float32 (IEEE multiply
+ * and divide round the same in C), so the bits are the same; vectorised as
+ * numpy's loops are. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+/* one clone per vector width, picked at load time, as numpy picks its loops */
+#define SC_VECTORISE __attribute__((optimize("O3"), target_clones("avx512f", "avx2", "default")))
+#elif defined(__GNUC__) && !defined(__clang__)
+#define SC_VECTORISE __attribute__((optimize("O3")))
+#else
+#define SC_VECTORISE
+#endif
+
+static SC_VECTORISE void scale_by(float *g, Py_ssize_t n, float c) {
+    for (Py_ssize_t k = 0; k < n; k++) g[k] *= c;
+}
+
+static SC_VECTORISE void divide_by(float *g, Py_ssize_t n, float d) {
+    for (Py_ssize_t k = 0; k < n; k++) g[k] /= d;
+}
+
+static int arena_view(PyObject *arena, Py_buffer *v) {
+    if (PyObject_GetBuffer(arena, v, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return -1;
+    if (v->itemsize != 4 || !v->format || strcmp(v->format, "f") != 0 || v->len / 4 < 2) {
+        PyBuffer_Release(v);
+        PyErr_SetString(PyExc_TypeError, "expected a float32 gradient arena (the gradients and two floats)");
+        return -1;
+    }
+    return 0;
+}
+
+/* weigh_arena(arena, count, loss): the gradients times float32(count), then
+ * count and loss * count (in double, stored as float32) in the last two floats:
+ * `np.multiply(grads, np.float32(count), out=grads); arena[n], arena[n + 1] = count, loss * count`. */
+static PyObject *weigh_arena(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "weigh_arena takes 3 arguments");
+        return NULL;
+    }
+    double count = PyFloat_AsDouble(args[1]), loss = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer v;
+    if (arena_view(args[0], &v) < 0) return NULL;
+    float *a = (float *)v.buf;
+    Py_ssize_t n = v.len / 4 - 2;
+    scale_by(a, n, (float)count);
+    a[n] = (float)count;
+    a[n + 1] = (float)(loss * count);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* unweigh_arena(arena, divisor) -> loss: the gradients divided by float32(divisor)
+ * and the weighted loss divided by it, in float32:
+ * `np.divide(grads, np.float32(divisor), out=grads); float(arena[n + 1] / np.float32(divisor))`. */
+static PyObject *unweigh_arena(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "unweigh_arena takes 2 arguments");
+        return NULL;
+    }
+    double divisor = PyFloat_AsDouble(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer v;
+    if (arena_view(args[0], &v) < 0) return NULL;
+    float *a = (float *)v.buf, d = (float)divisor;
+    Py_ssize_t n = v.len / 4 - 2;
+    divide_by(a, n, d);
+    float loss = a[n + 1] / d;
+    PyBuffer_Release(&v);
+    return PyFloat_FromDouble((double)loss);
 }
 
 /* handoffs() -> jobs the thread pool has been handed so far; pool_workers() ->
@@ -543,6 +645,12 @@ static PyMethodDef methods[] = {
      "first_out_of_range(buffer, lo, hi) -> index of the first element outside [lo, hi), or -1"},
     {"invoke", (PyCFunction)(void (*)(void))invoke, METH_FASTCALL,
      "invoke(fn, params, grads, state, workspace, inputs, outputs, dims, hyper, mode) -> status"},
+    {"workspace_size", (PyCFunction)(void (*)(void))workspace_size, METH_FASTCALL,
+     "workspace_size(fn, dims) -> bytes: the entry's workspace-size function at address fn, called on dims"},
+    {"weigh_arena", (PyCFunction)(void (*)(void))weigh_arena, METH_FASTCALL,
+     "weigh_arena(arena, count, loss): data-parallel's gradients times count, then count, loss * count"},
+    {"unweigh_arena", (PyCFunction)(void (*)(void))unweigh_arena, METH_FASTCALL,
+     "unweigh_arena(arena, divisor) -> loss: the summed gradients and weighted loss divided by divisor"},
     {"call_plan", call_plan, METH_VARARGS,
      "call_plan(fn, workspace_fn, params, grads, state, hyper, mode, n_symbols, inputs, outputs, model, "
      "ndarray, empty, lock) -> CallPlan"},

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ._runtime import unweigh_arena, weigh_arena
 from .ops.optim import DROPOUT_KEY0
 
 INSTALL = "pip install 'structc[mpi]'"
@@ -179,7 +180,6 @@ class DataParallel:
         self._normalise = found["kind"] != "sum"     # a plain sum: the ranks' gradients just add up
         arena = net._grad_arena
         self._n = len(arena) - 2                     # gradients, then the count and the loss
-        self._grads = arena[:self._n]                # a view, made once: it is scaled twice a step
         if abort_on_error:
             install_abort_hook(self.comm)
         self.broadcast_state()
@@ -251,15 +251,14 @@ class DataParallel:
     def _weigh(self, inputs: Mapping) -> None:
         """The shard's gradient in the arena, weighted by its loss denominator, then
         the denominator and the weighted loss (what the ranks sum)."""
-        net, n = self.net, self._n
+        net = self.net
         arena = net._grad_arena
         if inputs:
             loss, count = net.grad_into_arena(**inputs)
             if not 0 <= count < MAX_COUNT:
                 raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
                                  f"(float32 counts are exact up to there), got {count}")
-            np.multiply(self._grads, np.float32(count), out=self._grads)
-            arena[n], arena[n + 1] = count, loss * count
+            weigh_arena(arena, count, loss)       # the gradients times count; count, loss * count
         else:
             arena[:] = 0.0
 
@@ -276,9 +275,7 @@ class DataParallel:
         total = float(arena[n])
         if total == 0:
             raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
-        divisor = np.float32(total if self._normalise else 1.0)
-        np.divide(self._grads, divisor, out=self._grads)
-        return float(arena[n + 1] / divisor)
+        return unweigh_arena(arena, total if self._normalise else 1.0)    # in float32, as numpy divided
 
     # -- sharding a global batch ---------------------------------------------------
     def shard_dense(self, batch: Mapping[str, np.ndarray], seed: int | None = None) -> dict:

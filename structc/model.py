@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import difflib
+import functools
 import math
 import os
+import struct
 import sys
 import tempfile
 import threading
@@ -35,10 +37,11 @@ from .graphs import Binder as GraphBinder
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, DROPOUT_KEY0, DROPOUT_STEP, EPS, LR,
                         MODES, MOMENTUM, N_FLOAT_HYPER, N_HYPER, VECTOR_DECAY, WEIGHT_DECAY)
-from .passes.plan import check_workspace
+from .passes.plan import check_workspace, physical_memory
 
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
 _WORKSPACE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
+_FLOAT_HYPER = struct.Struct(f"={N_FLOAT_HYPER}f")     # the float hyper-parameters, stored in one call
 
 
 def _aligned_zeros(n: int, dtype=np.float32, align: int = 64) -> np.ndarray:
@@ -113,7 +116,7 @@ class Params(Mapping):
 
 
 class _Input:
-    __slots__ = ("name", "kind", "dtype", "shape", "classes")
+    __slots__ = ("name", "kind", "dtype", "shape", "classes", "np_dtype", "ndim", "axes")
 
     def __init__(self, spec: dict):
         self.name = spec["name"]
@@ -121,6 +124,11 @@ class _Input:
         self.dtype = _NP[spec["dtype"]]
         self.shape = tuple(spec["shape"])
         self.classes = spec["classes"]
+        # what `_bind` checks on every call, worked out once: the dtype (numpy's builtin
+        # dtypes are singletons, so `is` settles the usual case), each axis and whether it is a size
+        self.np_dtype = np.dtype(self.dtype)
+        self.ndim = len(self.shape)
+        self.axes = tuple((k, d, d.__class__ is int) for k, d in enumerate(self.shape))
 
     def describe(self) -> str:
         what = f"class labels in [0, {self.classes})" if self.classes else np.dtype(self.dtype).name
@@ -134,7 +142,9 @@ class _Entry:
         self.outputs = [(o["name"], tuple(o["shape"]), _NP[o["dtype"]]) for o in meta["outputs"]]
         self.address = address
         self.workspace_fn = _WORKSPACE(workspace_address)
-        self.workspace_sizes: dict[tuple, int] = {}
+        self.workspace_address = ctypes.cast(self.workspace_fn, ctypes.c_void_p).value   # `_runtime.workspace_size`
+        self.output_shapes = [(name, shape, dtype, all(d.__class__ is int for d in shape))
+                              for name, shape, dtype in self.outputs]
 
 
 class _NoPlan:
@@ -265,6 +275,7 @@ class Net:
         self._forests = ForestBinder.from_meta(meta)
         self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
                          if b is not None]
+        self._restorers = tuple(b.restore for b in self._binders if hasattr(b, "restore"))
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
         self._forward_plan = self._call_plan("forward", 0)      # `net(x=x)` on ndarrays: checked in C
@@ -382,32 +393,36 @@ class Net:
         dims: dict[str, int] = {}
         for binder in self._binders:            # a forest or a graph becomes its arrays and sizes
             given = binder.expand(given, dims)
-        if len(given) != len(entry.inputs) or any(name not in self._inputs for name in given):
+        if len(given) != len(entry.inputs) or not given.keys() <= self._inputs.keys():
             for name in given:
                 if name not in self._inputs:
                     known = ", ".join(self._inputs) or "none"
                     raise TypeError(f"{self.name} has no input '{name}' (inputs: {known})")
         arrays = []
+        get, bound = given.get, dims.get
         for spec in entry.inputs:
-            value = given.get(spec.name)
+            value = get(spec.name)
             if value is None:
                 raise TypeError(f"missing input '{spec.name}': expected {spec.describe()}")
             arr = value
-            if type(arr) is not np.ndarray or arr.dtype != spec.dtype or not arr.flags.c_contiguous:
+            if (type(arr) is not np.ndarray or (arr.dtype is not spec.np_dtype and arr.dtype != spec.dtype)
+                    or not arr.flags.c_contiguous):
                 arr = _as_array(spec, value)
             shape = arr.shape
-            if len(shape) != len(spec.shape):
+            if len(shape) != spec.ndim:
                 raise ValueError(f"input '{spec.name}': expected shape {spec.describe()}, "
                                  f"got an array of shape {shape}")
-            for k, d in enumerate(spec.shape):
+            for k, d, fixed in spec.axes:
                 n = shape[k]
-                if d.__class__ is int:
+                if fixed:
                     if d != n:
                         raise ValueError(f"input '{spec.name}': expected shape {spec.describe()}, "
                                          f"got {shape} (axis {k} should be {d})")
-                elif d in dims:
-                    if dims[d] != n:
-                        raise ValueError(f"input '{spec.name}': axis {k} is {d} = {dims[d]} from the "
+                    continue
+                seen = bound(d)
+                if seen is not None:
+                    if seen != n:
+                        raise ValueError(f"input '{spec.name}': axis {k} is {d} = {seen} from the "
                                          f"other inputs, got {n} (shape {shape})")
                 elif n < 1:
                     raise ValueError(f"input '{spec.name}': {d} must be at least 1, got shape {shape}")
@@ -423,12 +438,11 @@ class Net:
         return arrays, dims
 
     def _workspace_size(self, entry: _Entry, dims: tuple) -> int:
-        need = entry.workspace_sizes.get(dims)
-        if need is None:
-            arr = (ctypes.c_int64 * max(1, len(dims)))(*dims)
-            need = entry.workspace_fn(ctypes.addressof(arr))
+        """The workspace `entry` needs for these dims (called in C on every call:
+        forests and graphs bind new dims each batch, so a cache would only grow)."""
+        need = _runtime.workspace_size(entry.workspace_address, dims)
+        if need < 0 or need > _physical_memory():
             check_workspace(need, dict(zip(self._symbols, dims)))     # overflow (-1) or absurd: refuse
-            entry.workspace_sizes[dims] = need
         return need
 
     def _workspace(self, need: int) -> int:
@@ -463,8 +477,7 @@ class Net:
         outputs = [(sys.intern(name), np.dtype(dtype), np.dtype(dtype).itemsize, coded(shape))
                    for name, shape, dtype in entry.outputs]
         pa, ga, sa = self._arena_addrs
-        workspace_fn = ctypes.cast(entry.workspace_fn, ctypes.c_void_p).value
-        return _runtime.call_plan(entry.address, workspace_fn, pa, ga, sa, self._hyper_addr, mode,
+        return _runtime.call_plan(entry.address, entry.workspace_address, pa, ga, sa, self._hyper_addr, mode,
                                   len(self._symbols), inputs, outputs, self.name, np.ndarray, np.empty, self._lock)
 
     def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None,
@@ -485,9 +498,9 @@ class Net:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])
         need = self._workspace_size(entry, dvals)      # first: it refuses sizes that overflow or cannot fit
-        outs = {}
-        for name, shape, dtype in entry.outputs:
-            outs[name] = np.empty(tuple([d if d.__class__ is int else dims[d] for d in shape]), dtype)
+        outs = {name: np.empty(shape if fixed else tuple([d if d.__class__ is int else dims[d] for d in shape]),
+                               dtype)
+                for name, shape, dtype, fixed in entry.output_shapes}
         pa, ga, sa = self._arena_addrs
         lock = self._lock
         lock.acquire()
@@ -503,10 +516,8 @@ class Net:
             lock.release()
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
-        for binder in self._binders:
-            restore = getattr(binder, "restore", None)  # per-edge rows back in the given edge order
-            if restore is not None:
-                outs = restore(outs)
+        for restore in self._restorers:             # per-edge rows back in the given edge order
+            outs = restore(outs)
         return outs, extra
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
@@ -571,11 +582,10 @@ class Net:
 
     def loss_denominator(self, dims: Mapping[str, int], inputs: Mapping[str, object]) -> float:
         """What the loss's mean divides by for a call with these bound dims and inputs."""
-        from .denominator import evaluate
         found = self.meta.get("loss_denominator")
         if found is None:
             raise TypeError(f"model {self.name} declares no loss, so it has no loss denominator")
-        return evaluate(found, dims, inputs)
+        return _evaluate_denominator()(found, dims, inputs)
 
     def apply_update(self, lr: float = 0.01) -> None:
         """The second half of `train_step`: one step of the optimizer from the
@@ -672,10 +682,10 @@ class Net:
         values[EPS] = o["eps"]
         values[ADAM_STEP_SIZE], values[ADAM_V_SCALE], values[WEIGHT_DECAY] = step_size, v_scale, decay
         values[CLIP_NORM], values[VECTOR_DECAY] = o["clip_norm"], decay if o["decay_biases"] else 0.0
-        if not all(abs(v) < _F32_OVERFLOW for v in values):     # lr=1e39 is finite in float64 only
+        if not all(map(_F32_OVERFLOW.__gt__, map(abs, values))):     # lr=1e39 is finite in float64 only
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
-        self._hyper[:N_FLOAT_HYPER] = values
+        _FLOAT_HYPER.pack_into(self._hyper, 0, *values)    # as numpy's float32 cast: round to nearest
         self._step = step
         self.last_lr = lr        # as computed; native code reads it rounded to float32
 
@@ -742,7 +752,7 @@ def _hyper_value(name: str, value) -> float:
     """A hyper-parameter as a float that is finite in float32 (what native code
     reads) and within its range: lr, eps, weight_decay >= 0; momentum and
     betas in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if value.__class__ is not float and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     v = float(value)
     low, high = _HYPER_RANGES[name]
@@ -751,6 +761,19 @@ def _hyper_value(name: str, value) -> float:
         where = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
         raise ValueError(f"{name} must be a finite float32 number {where}, got {value!r}")
     return v
+
+
+@functools.cache
+def _physical_memory() -> int:
+    """This machine's memory (bytes), read once: every call compares its workspace with it."""
+    return physical_memory()
+
+
+@functools.cache
+def _evaluate_denominator():
+    """`structc.denominator.evaluate`, imported on first use (it imports networkx)."""
+    from .denominator import evaluate
+    return evaluate
 
 
 def _params_path(path):
