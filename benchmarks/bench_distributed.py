@@ -68,6 +68,18 @@ class TimedComm:
         return getattr(self.comm, name)
 
 
+
+def prepared(name: str):
+    """A workload's net (compiled, optimizer set, its data bound) and data, in this process."""
+    import structc
+    from structc import datasets
+    source, data_name, _batch, optimizer, _lr = WORKLOADS[name]
+    net = structc.compile(source)
+    data = datasets.load(data_name)
+    data.bind(net)
+    net.set_optimizer(optimizer)
+    return net, data
+
 def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
     import warnings
 
@@ -182,18 +194,14 @@ def cost_model(rounds: int, allreduce_us: float = 20.0) -> None:
 
     import numpy as np
 
-    import structc
-    from structc import datasets, distributed as dist
+    from structc import distributed as dist
     from structc.native import set_num_threads
     warnings.simplefilter("ignore")
     set_num_threads(1)
     print("| workload | part | fixed per call | per item | measured at 2 ... 64 items |\n|---|---|---|---|---|")
     for name in ("trees", "gnn"):
-        source, data_name, size, optimizer, lr = WORKLOADS[name]
-        net = structc.compile(source)
-        data = datasets.load(data_name)
-        data.bind(net)
-        net.set_optimizer(optimizer)
+        _, _, size, _, lr = WORKLOADS[name]
+        net, data = prepared(name)
         items, feed = dist._train_items(data), dist.feeder(data)
         rng = np.random.default_rng(0)
         sizes, spent = (2, 8, 16, 32, 64), []
@@ -232,19 +240,15 @@ def shares(names, epochs: int) -> None:
 
     import numpy as np
 
-    import structc
-    from structc import datasets, distributed as dist
+    from structc import distributed as dist
     from structc.native import set_num_threads
     warnings.simplefilter("ignore")
     set_num_threads(1)
     print(f"load average before: {os.getloadavg()[0]:.2f}\n")
     print("| workload | 1 x 1 step | a rank's step (half, no partner) | ratio |\n|---|---|---|---|")
     for name in names:
-        source, data_name, batch, optimizer, lr = WORKLOADS[name]
-        net = structc.compile(source)
-        data = datasets.load(data_name)
-        data.bind(net)
-        net.set_optimizer(optimizer)
+        _, _, batch, _, lr = WORKLOADS[name]
+        net, data = prepared(name)
         dp = dist.DataParallel(net, dist.mpi().COMM_SELF)
         items, rng, best = dist._train_items(data), np.random.default_rng(0), [float("inf")] * 2
         for epoch in range(epochs + 1):
@@ -272,8 +276,7 @@ def overhead(names, rounds: int) -> None:
 
     import numpy as np
 
-    import structc
-    from structc import datasets, distributed as dist, model
+    from structc import distributed as dist, model
     from structc.native import set_num_threads
     warnings.simplefilter("ignore")
     set_num_threads(1)
@@ -290,11 +293,8 @@ def overhead(names, rounds: int) -> None:
     model._runtime = NoNative()
     try:
         for name in names:
-            source, data_name, batch, optimizer, lr = WORKLOADS[name]
-            net = structc.compile(source)
-            data = datasets.load(data_name)
-            data.bind(net)
-            net.set_optimizer(optimizer)
+            _, _, batch, _, lr = WORKLOADS[name]
+            net, data = prepared(name)
             dp = dist.DataParallel(net, dist.mpi().COMM_SELF)
             items, feed, rng = dist._train_items(data), dist.feeder(data), np.random.default_rng(0)
             feeds = [feed(rng.choice(items, batch // 2, replace=False)) for _ in range(300)]
@@ -324,16 +324,12 @@ def half_steps(name: str, epochs: int) -> None:
 
     import numpy as np
 
-    import structc
-    from structc import datasets, distributed as dist
+    from structc import distributed as dist
     from structc.native import set_num_threads
     warnings.simplefilter("ignore")
     set_num_threads(1)
-    source, data_name, batch, optimizer, lr = WORKLOADS[name]
-    net = structc.compile(source)
-    data = datasets.load(data_name)
-    data.bind(net)
-    net.set_optimizer(optimizer)
+    _, _, batch, _, lr = WORKLOADS[name]
+    net, data = prepared(name)
     items, rng, best = dist._train_items(data), np.random.default_rng(0), float("inf")
     for _ in range(epochs + 1):
         order = rng.permutation(items)
