@@ -2,6 +2,7 @@
 behaviour only; the timings themselves are benchmarks/bench_compile.py's."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -123,8 +124,10 @@ def test_modules_split_across_threads_compute_the_same(monkeypatch):
     assert "define hidden" in split.llvm_ir  # kernels another module calls
     monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
     whole = compile_source(MLP)
-    # one module per part, and the matmul micro-kernels' (vector code, the short pipeline)
-    assert [t.startswith(lower_module.VECTOR_CODE) for t in whole.part_ir] == [False, True, False]
+    # one module per part, and one of vector code (the short pipeline) beside each: the forward
+    # part's matmul micro-kernels, the training part's transposes
+    assert [t.startswith(lower_module.VECTOR_CODE) for t in whole.part_ir] == [False, True, False, True]
+    assert re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[3], re.M) == ["transpose"]
     nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
             for a in (split, whole)]
     np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))
@@ -285,12 +288,15 @@ def test_no_training_part_without_a_loss():
 def test_a_transpose_of_vector_blocks_is_not_unrolled():
     """O3 copied the 16x16 block loop of a transpose once per iteration
     (LeNet-5's weight-gradient transposes: 0.6 s of LLVM each); `unroll=False`
-    keeps it a loop. The optimised IR's size says which it was (43 kB against 250 kB)."""
+    keeps it a loop. The optimised IR's size says which it was (43 kB against 250 kB).
+    Its blocks are explicit vector code, so its module gets the short pipeline."""
     from structc.native import host_target, optimized_ir
     src = "model T {\n  input x: f32[256, 120]\n  output y = transpose(x)\n}\n"
     art = compile_source(src)
-    assert "llvm.loop.unroll.disable" in art.part_ir[0]
-    assert len(optimized_ir(art.part_ir[0], host_target())) < 120_000
+    [text] = [t for t in art.part_ir if re.search(r'^define [^@]*@"sc_[0-9a-f]+_transpose"', t, re.M)]
+    assert text.startswith(lower_module.VECTOR_CODE)
+    assert "llvm.loop.unroll.disable" in text
+    assert len(optimized_ir(text, host_target())) < 120_000
     x = np.arange(256 * 120, dtype=np.float32).reshape(256, 120)
     np.testing.assert_array_equal(structc.compile(src, cache=False)(x=x), x.T)
 

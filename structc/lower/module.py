@@ -118,7 +118,7 @@ class KernelBuilder:
         action(self.entry)
 
     @contextmanager
-    def kernel(self, name: str, tasks, cost=1):
+    def kernel(self, name: str, tasks, cost=1, vector_code: bool = False):
         """Define `void name(frame, lo, hi)`; the body handles tasks [lo, hi).
         `tasks` and `cost` (work per task, for the threading decision) are ints
         or functions of the entry point's CG.
@@ -128,7 +128,9 @@ class KernelBuilder:
         (`sc_<hash>_<op>`), so a kernel is the same function wherever the same
         op, shapes and options occur: emitted once per model (repeated layers,
         the forward and training parts) and cached by content across models
-        and edits. `shared.symbols` maps the name asked for to that symbol."""
+        and edits. `shared.symbols` maps the name asked for to that symbol.
+        `vector_code`: the body is explicit vector code already, so it gets the
+        short LLVM pipeline (`VECTOR_CODE`), not O3's loop passes."""
         full = f"{self.prefix}_{name}"
         assert full not in self._names, full
         self._names.add(full)
@@ -140,6 +142,8 @@ class KernelBuilder:
         cg.b.ret_void()
         cg.finish()
         fn = self._named_by_content(fn, full, name)
+        if vector_code:
+            fn.structc_vector_code = True
         if isinstance(self.shared, SharedKernels):
             self.shared.symbols[full] = fn.name
 

@@ -143,7 +143,8 @@ class Transpose(Op):
         def tasks(cg):
             return cg.ceil_div(cg.dim(rows_d), vw)
 
-        with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), vw)) as (cg, lo, hi):
+        with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), vw),
+                       vector_code=True) as (cg, lo, hi):
             b = cg.b
             rows, cols = cg.dim(rows_d), cg.dim(cols_d)
             src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
