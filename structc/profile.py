@@ -106,10 +106,10 @@ def _noting_kernels(kernels: dict[str, Kernel]):
     defined: list[str] = []
     mine = threading.get_ident()        # another thread compiling meanwhile is not noted
 
-    def kernel(self, name, tasks, cost=1):
+    def kernel(self, name, tasks, cost=1, **options):
         if threading.get_ident() == mine:
             defined.append(f"{self.prefix}_{name}")
-        return real_kernel(self, name, tasks, cost)
+        return real_kernel(self, name, tasks, cost, **options)
 
     def lower_group(kb, graph, group):
         start = len(defined)
