@@ -406,7 +406,7 @@ class Net:
                 raise TypeError(f"missing input '{spec.name}': expected {spec.describe()}")
             arr = value
             if (type(arr) is not np.ndarray or (arr.dtype is not spec.np_dtype and arr.dtype != spec.dtype)
-                    or not arr.flags.c_contiguous):
+                    or not (arr.flags.c_contiguous and arr.flags.aligned)):
                 arr = _as_array(spec, value)
             shape = arr.shape
             if len(shape) != spec.ndim:

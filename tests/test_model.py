@@ -166,12 +166,16 @@ def test_a_misaligned_input_reaches_native_code_as_an_aligned_copy():
     """A C-contiguous float32 array at an odd address: ascontiguousarray keeps
     it as it is, so the boundary copies it (native code reads whole floats)."""
     from structc.model import _as_array, _from_dlpack
-    spec = next(iter(structc.compile("model M { input x: f32[N, 3]\n output y = x + 1 }")._entries["forward"].inputs))
+    net = structc.compile("model M { input x: f32[N, 3]\n output y = x + 1 }")
+    entry = net._entries["forward"]
+    spec = entry.inputs[0]
     raw = np.zeros(4 * 6 + 1, np.uint8)
     odd = raw[1:].view(np.float32).reshape(2, 3)
     odd[...] = np.arange(6).reshape(2, 3)
     assert odd.flags.c_contiguous and not odd.flags.aligned
-    for bound in (_as_array(spec, odd), _from_dlpack(spec, odd)):
+    [passed], _ = net._bind(entry, {"x": odd})         # what `_run` hands to native code
+    np.testing.assert_array_equal(net(x=odd), odd + 1)
+    for bound in (passed, _as_array(spec, odd), _from_dlpack(spec, odd)):
         assert bound.flags.aligned and bound.flags.c_contiguous
         np.testing.assert_array_equal(bound, odd)
 
