@@ -271,6 +271,16 @@ def backoff():
     _runtime.set_backoff(before)
 
 
+def assert_as_on_one_thread(net, batch, losses):
+    """The losses and parameters of `len(losses)` steps are those of the same steps
+    on one thread from the same start (`steps`)."""
+    got = {name: view.copy() for name, view in net.params.items()}
+    want = steps(net, 1, batch, count=len(losses))
+    assert losses == want[0]
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[1][name], err_msg=name)
+
+
 def test_a_preempted_worker_makes_the_pool_back_off(backoff):
     """A worker that sleeps while it holds a chunk (as if preempted) makes the
     caller wait far longer than its own share: the pool then runs the next
@@ -293,11 +303,7 @@ def test_a_preempted_worker_makes_the_pool_back_off(backoff):
     assert _runtime.stalls() > stalls, "the worker's sleep was not seen as a stall"
     losses += [net.train_step(x=x, y=y, lr=0.05) for _ in range(2)]     # within the back-off
     assert _runtime.backoff_jobs() > serial, "no job ran on the caller after the stall"
-    got = {name: view.copy() for name, view in net.params.items()}
-    want = steps(net, 1, {"x": x, "y": y}, count=len(losses))
-    assert losses == want[0]
-    for name in got:
-        np.testing.assert_array_equal(got[name], want[1][name], err_msg=name)
+    assert_as_on_one_thread(net, {"x": x, "y": y}, losses)
     structc.set_num_threads(2)
     time.sleep(0.3)                                     # past the longest back-off
     serial = _runtime.backoff_jobs()
@@ -324,11 +330,7 @@ def test_a_preempted_caller_makes_the_pool_back_off(backoff):
     assert _runtime.preemptions() > seen
     losses += [net.train_step(x=x, y=y, lr=0.05) for _ in range(2)]
     assert _runtime.backoff_jobs() > serial, "no job ran on the caller after the preemption"
-    got = {name: view.copy() for name, view in net.params.items()}
-    want = steps(net, 1, {"x": x, "y": y}, count=len(losses))
-    assert losses == want[0]
-    for name in got:
-        np.testing.assert_array_equal(got[name], want[1][name], err_msg=name)
+    assert_as_on_one_thread(net, {"x": x, "y": y}, losses)
 
 
 @pytest.mark.skipif(__import__("shutil").which("cc") is None and __import__("shutil").which("gcc") is None,
