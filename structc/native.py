@@ -1,7 +1,8 @@
 """LLVM IR text -> optimised machine code for the host, and the JIT that runs it.
 
-Optimisation is the New Pass Manager at O3 for the host CPU and its
-features. Machine code is kept as an object file: that is what the on-disk
+Optimisation is the New Pass Manager for the host CPU and its features: O3,
+or a pass list of its own for a module marked as entry points or explicit
+vector code (`pipeline_of`). Machine code is kept as an object file: that is what the on-disk
 cache stores, and what a later process loads without running LLVM at all.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 
 import llvmlite.binding as llvm
 
-from .lower.module import VECTOR_CODE, Target
+from .lower.module import ENTRY_CODE, VECTOR_CODE, Target
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,36 +61,51 @@ def missing_features(target: Target) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def target_machine(target: Target, jit: bool = True):
-    return new_target_machine(target, jit)
+def target_machine(target: Target, jit: bool = True, opt: int = 3):
+    return new_target_machine(target, jit, opt)
 
 
-def new_target_machine(target: Target, jit: bool = True):
+def new_target_machine(target: Target, jit: bool = True, opt: int = 3):
     _init()
     t = llvm.Target.from_triple(target.triple)
-    return t.create_target_machine(cpu=target.cpu, features=target.features, opt=3,
+    return t.create_target_machine(cpu=target.cpu, features=target.features, opt=opt,
                                    reloc="pic" if not jit else "default",
                                    codemodel="jitdefault" if jit else "small")
 
 
+def pipeline_of(ir_text: str) -> str:
+    """Which pipeline a module gets, by the mark on its first line: `entry`
+    (`ENTRY_CODE`: `ENTRY_PIPELINE`, code generation at `ENTRY_CODEGEN_LEVEL`),
+    `short` (`VECTOR_CODE`: `SHORT_PIPELINE`) or `O3` (every other module)."""
+    if ir_text.startswith(ENTRY_CODE):
+        return "entry"
+    return "short" if ir_text.startswith(VECTOR_CODE) else "O3"
+
+
+def codegen_level(ir_text: str) -> int:
+    return ENTRY_CODEGEN_LEVEL if pipeline_of(ir_text) == "entry" else 3
+
+
 def optimize(ir_text: str, target: Target, jit: bool = True, tm=None, context=None):
-    """Parse, verify and run the O3 pipeline; returns (module, target machine).
-    Threads compiling at once each pass their own `tm` and `context` (LLVM's
-    contexts and target machines are not shared between threads)."""
+    """Parse, verify and run the module's pipeline (`pipeline_of`); returns
+    (module, target machine). Threads compiling at once each pass their own
+    `tm` and `context` (LLVM's contexts and target machines are not shared
+    between threads)."""
     _init()
     mod = llvm.parse_assembly(ir_text, context)
     mod.triple = target.triple
-    tm = tm or target_machine(target, jit)
+    tm = tm or target_machine(target, jit, codegen_level(ir_text))
     mod.data_layout = str(tm.target_data)
     mod.verify()
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
     pto.slp_vectorization = True
     pb = llvm.create_pass_builder(tm, pto)
-    if ir_text.startswith(VECTOR_CODE):
-        _short_pipeline().run(mod, pb)
-    else:
+    pipeline = pipeline_of(ir_text)
+    if pipeline == "O3":
         pb.getModulePassManager().run(mod, pb)
+    else:
+        (_short_pipeline() if pipeline == "short" else _pass_list(ENTRY_PIPELINE)).run(mod, pb)
     return mod, tm
 
 
@@ -102,11 +118,27 @@ SHORT_PIPELINE = ("sroa", "instruction_combine", "simplify_cfg", "new_gvn", "ins
                   "simplify_cfg", "dead_store_elimination", "aggressive_dce")
 
 
-def _short_pipeline():
+#: the passes of entry points (`lower.module.ENTRY_CODE`): code run once per
+#: call that fills the kernels' frame and calls them, with no loops to speak
+#: of. On the GAT example's entries (~110 kB of IR) O3 took ~60 ms and code
+#: generation at level 3 ~100; simplifycfg (one block: fewer values for the
+#: fast register allocator to spill) takes ~6, and code generation at level 0
+#: (the fast instruction selector and register allocator) ~12, the calls as
+#: fast (the entry is a few hundred instructions a step).
+ENTRY_PIPELINE = ("simplify_cfg",)
+#: code generation's optimisation level for entry points
+ENTRY_CODEGEN_LEVEL = 0
+
+
+def _pass_list(names):
     mpm = llvm.create_new_module_pass_manager()
-    for name in SHORT_PIPELINE:
+    for name in names:
         getattr(mpm, f"add_{name}_pass")()
     return mpm
+
+
+def _short_pipeline():
+    return _pass_list(SHORT_PIPELINE)
 
 
 def compile_object(ir_text: str, target: Target, jit: bool = True) -> bytes:
@@ -122,7 +154,7 @@ def compile_object_timed(ir_text: str, target: Target, jit: bool = True) -> tupl
     with _own_context():
         t0, c0 = time.perf_counter(), time.thread_time()
         context = llvm.create_context()
-        mod, tm = optimize(ir_text, target, jit, new_target_machine(target, jit), context)
+        mod, tm = optimize(ir_text, target, jit, new_target_machine(target, jit, codegen_level(ir_text)), context)
         t1, c1 = time.perf_counter(), time.thread_time()
         obj = tm.emit_object(mod)
         del mod, tm       # disposed here, before their context

@@ -15,6 +15,7 @@ over a range of its tasks, called directly or through the runtime's
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from contextlib import contextmanager
@@ -101,6 +102,8 @@ class KernelBuilder:
         self.export = export        # kernels visible to other modules of the model (hidden), not internal
         self._names: set[str] = set()
         self.work = entry.i64(0)    # sum of the kernels' tasks x cost, computed in the entry block
+        self.frame = None           # the kernels' frame (`_kernel_frame`)
+        self.frame_slots: dict = {}
 
     def _here(self, fn: ir.Function) -> ir.Function:
         """`fn`, or when another module defines it (and exports it: the forward
@@ -148,29 +151,50 @@ class KernelBuilder:
             self.shared.symbols[full] = fn.name
 
         e = self.entry
-        frame = e.eb.alloca(ir.ArrayType(I64, max(1, len(cg.slots.used))))
-        frame.type = PTR     # slots hold pointers and integers alike
+        frame = self._kernel_frame(len(cg.slots.used))
         for index, (at, t) in cg.slots.used.items():
-            e.eb.store(e.slot(index, t), e.eb.gep(frame, [ir.Constant(I64, at)], source_etype=I64))
-        n = tasks(e) if callable(tasks) else e.i64(tasks)
-        c = cost(e) if callable(cost) else e.i64(cost)
+            e.b.store(e.slot(index, t), self._frame_slot(at))
+        n, c = self._count_work(tasks, cost)
         par = e.declare("sc_parallel_for", VOID, [PTR, PTR, I64, I64])
         e.b.call(par, [fn, frame, n, c])
-        self._count_work(tasks, cost)
 
-    def _count_work(self, tasks, cost) -> None:
+    def _kernel_frame(self, slots: int):
+        """The frame the entry passes its kernels: one for all of them, filled
+        before each call (a call returns once its kernel is done), as long as
+        the most slots a kernel reads."""
+        if self.frame is None:
+            self.frame = self.entry.eb.alloca(ir.ArrayType(I64, 1))
+            self.frame.type = PTR     # slots hold pointers and integers alike
+        if slots > self.frame.allocated_type.count:
+            self.frame.allocated_type = ir.ArrayType(I64, slots)
+        return self.frame
+
+    def _frame_slot(self, at: int):
+        """The address of slot `at` of the kernels' frame (in the entry block, once)."""
+        if at not in self.frame_slots:
+            self.frame_slots[at] = self.entry.eb.gep(self.frame, [ir.Constant(I64, at)], source_etype=I64)
+        return self.frame_slots[at]
+
+    def _count_work(self, tasks, cost):
         """Add this kernel's tasks x cost to `work`, in the entry block (before
-        any kernel runs). Every kernel call of an entry is unconditional, so
-        this computes nothing the body would not. Each term is clamped to 2^40
-        so that the sum cannot wrap."""
-        setup = CG.__new__(CG)
-        setup.__dict__.update(self.entry.__dict__)
+        any kernel runs), and return (tasks, cost) for its call. Every kernel
+        call of an entry is unconditional, so this computes nothing the body
+        would not; the call uses these values unless computing them read
+        memory (a kernel before this one may write it): then they are computed
+        again in the body, where the call is. Each term is clamped to 2^40 so
+        that the sum cannot wrap."""
+        setup = copy.copy(self.entry)
         setup.b = self.entry.eb
+        made = len(setup.eb.block.instructions)
         n = tasks(setup) if callable(tasks) else setup.i64(tasks)
         c = cost(setup) if callable(cost) else setup.i64(cost)
-        cap = setup.i64(1 << 31)
-        term = setup.imin(setup.imul(setup.imin(n, cap), setup.imin(c, cap)), setup.i64(1 << 40))
-        self.work = setup.iadd(self.work, term)
+        reads = any(isinstance(i, (ir.LoadInstr, ir.CallInstr)) and not getattr(i, "structc_slot", False)
+                    for i in setup.eb.block.instructions[made:])
+        self.work = setup.iadd(self.work, _work_term(setup, n, c))
+        if reads:
+            e = self.entry
+            return (tasks(e) if callable(tasks) else e.i64(tasks)), (cost(e) if callable(cost) else e.i64(cost))
+        return n, c
 
     def _named_by_content(self, fn: ir.Function, full: str, name: str) -> ir.Function:
         """`fn` renamed after its text, or the function of the same text already
@@ -197,6 +221,17 @@ class KernelBuilder:
         return fn
 
 
+def _work_term(cg: CG, n, c):
+    """min(min(n, 2^31) x min(c, 2^31), 2^40), the outer clamp left out when
+    a constant cost (most are) shows the product cannot pass 2^40."""
+    cap = cg.i64(1 << 31)
+    product = cg.imul(cg.imin(n, cap), cg.imin(c, cap))
+    known = _constants(c)
+    if known is not None and 0 <= known[0] <= 1 << 9:
+        return product
+    return cg.imin(product, cg.i64(1 << 40))
+
+
 class SharedKernels(dict):
     """Kernel text -> function, across the entry points and parts of a model;
     `symbols`: each kernel's name as asked for (`<entry>_<name>`) -> its symbol."""
@@ -204,6 +239,91 @@ class SharedKernels(dict):
     def __init__(self):
         super().__init__()
         self.symbols: dict[str, str] = {}
+
+
+_I64_RANGE = range(-(1 << 63), 1 << 63)
+
+
+def _constants(*values) -> list[int] | None:
+    """The values as Python ints when every one is an int or an i64 constant."""
+    out = []
+    for v in values:
+        if isinstance(v, ir.Constant) and v.type == I64 and isinstance(v.constant, int):
+            v = v.constant
+        if not isinstance(v, int):
+            return None
+        out.append(v)
+    return out
+
+
+def _fold(cg: CG, op, *values):
+    """`op` of the values as an i64 constant when they are all constants and
+    the result is exact in int64 (what the instruction would give); else None."""
+    known = _constants(*values)
+    if known is None:
+        return None
+    result = op(*known)
+    return cg.i64(result) if result in _I64_RANGE else None
+
+
+def _sdiv(a: int, b: int) -> int:
+    """LLVM's sdiv: the quotient rounded towards zero."""
+    q = abs(a) // abs(b)
+    return q if (a < 0) == (b < 0) else -q
+
+
+class EntryCG(CG):
+    """Code generation for an entry point. Its frame slots (dims, arenas,
+    buffers) are values of its entry block, each made when first read
+    (`provide`), not a frame in memory stored and loaded back; arithmetic on
+    constants is done here. An entry only sequences kernel calls, so that is
+    most of its IR: the training entry of the GAT example was 3,469 lines,
+    most of them frame stores and loads and arithmetic on constants."""
+
+    def __init__(self, module: ir.Module, fn: ir.Function, layout):
+        super().__init__(module, fn, layout)
+        self.makers: dict = {}      # slot -> a function making its value in the entry block
+        self.values: dict = {}
+
+    def provide(self, index: int, make) -> None:
+        self.makers[index] = make
+
+    def slot(self, index: int, t: ir.Type):
+        key = ("slot", index, str(t))
+        if key not in self._cache:
+            if index not in self.values:
+                made = len(self.eb.block.instructions)
+                self.values[index] = self.makers[index]()
+                for instr in self.eb.block.instructions[made:]:
+                    instr.structc_slot = True       # reads what the caller passed: no kernel writes it
+            value = self.values[index]
+            self._cache[key] = value if value.type == t else _converted(self.eb, value, t)
+        return self._cache[key]
+
+    def imul(self, a, b):
+        folded = _fold(self, lambda x, y: x * y, a, b)
+        return folded if folded is not None else super().imul(a, b)
+
+    def iadd(self, a, b):
+        folded = _fold(self, lambda x, y: x + y, a, b)
+        return folded if folded is not None else super().iadd(a, b)
+
+    def imin(self, a, b):
+        folded = _fold(self, min, a, b)
+        return folded if folded is not None else super().imin(a, b)
+
+    def ceil_div(self, a, k: int):
+        folded = _fold(self, lambda x: _sdiv(x + k - 1, k), a)
+        return folded if folded is not None else super().ceil_div(a, k)
+
+
+def _converted(b: ir.IRBuilder, value, t: ir.Type):
+    """A slot's value read as another type (a pointer as an integer or back)."""
+    if isinstance(t, ir.IntType) and isinstance(value.type, ir.PointerType):
+        return b.ptrtoint(value, t)
+    if isinstance(t, ir.PointerType) and isinstance(value.type, ir.IntType) and value.type.width == 64:
+        return b.inttoptr(value, t)
+    raise TypeError(f"frame slot of type {value.type} read as {t}")
 
 
 class _Wrapping:
@@ -229,6 +349,9 @@ class _Checked:
         self.overflow = ir.Constant(ir.IntType(1), 0)
 
     def _op(self, name, a, b):
+        folded = _fold(self.cg, {"smul": lambda x, y: x * y, "sadd": lambda x, y: x + y}[name], a, b)
+        if folded is not None:      # exact in int64: no overflow
+            return folded
         a, b = (self.cg.i64(v) if isinstance(v, int) else v for v in (a, b))
         full = f"llvm.{name}.with.overflow.i64"
         fn = self.cg.module.globals.get(full) or ir.Function(
@@ -248,17 +371,41 @@ def _slot_offsets(cg: CG, plan: Plan, arith=None):
     """Byte offset of each workspace slot and the total, for this call's dims."""
     arith = arith or _Wrapping(cg)
     offsets, at = [], cg.i64(0)
+    counts: dict = {}       # Size -> its value: many buffers have the same size
+    largest: dict = {}      # the same values -> their largest
+    lines: dict = {}        # id(a largest) -> its bytes in whole 64-byte lines
     for sizes in plan.slots:
         offsets.append(at)
-        biggest = None
         for s in sizes:
-            n = cg.i64(s.coef)
-            for sym in s.symbols:
-                n = arith.mul(n, cg.dim(sym))
-            biggest = n if biggest is None else cg.b.select(cg.b.icmp_signed(">", n, biggest), n, biggest)
-        rounded = cg.b.sdiv(arith.add(biggest, ALIGN - 1), cg.i64(ALIGN))      # whole 64-byte lines
-        at = arith.add(at, arith.mul(rounded, ALIGN * 4))
+            if s not in counts:
+                n = cg.i64(s.coef)
+                for sym in s.symbols:
+                    n = arith.mul(n, cg.dim(sym))
+                counts[s] = n
+        biggest = _largest(cg, [counts[s] for s in sizes], largest)
+        if id(biggest) not in lines:
+            padded = arith.add(biggest, ALIGN - 1)
+            rounded = _fold(cg, lambda x: _sdiv(x, ALIGN), padded)
+            rounded = cg.b.sdiv(padded, cg.i64(ALIGN)) if rounded is None else rounded
+            lines[id(biggest)] = arith.mul(rounded, ALIGN * 4)
+        at = arith.add(at, lines[id(biggest)])
     return offsets, at
+
+
+def _largest(cg: CG, values: list, made: dict):
+    """The largest of `values` (signed): the constants compared here, each
+    other value once, and the largest of the same values made once (`made`)."""
+    known = [v for v in values if _constants(v) is not None]
+    rest = list({id(v): v for v in values if _constants(v) is None}.values())
+    if known:
+        rest.append(cg.i64(max(_constants(*known))))
+    key = frozenset(map(id, rest))
+    if key not in made:
+        biggest = rest[0]
+        for n in rest[1:]:
+            biggest = cg.b.select(cg.b.icmp_signed(">", n, biggest), n, biggest)
+        made[key] = biggest
+    return made[key]
 
 
 def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
@@ -271,40 +418,51 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
     layout = FrameLayout(plan, symbols, reductions)
     fn = ir.Function(module, ir.FunctionType(I32, ENTRY_ARGS), name=name)
     params, grads, state, workspace, inputs, outputs, dims, hyper, mode = fn.args
-    cg = CG(module, fn, layout)
+    cg = EntryCG(module, fn, layout)
     eb = cg.eb
-    frame = eb.alloca(ir.ArrayType(I64, layout.size))
-    frame.type = PTR     # slots hold pointers and integers alike
-    cg.frame = frame
 
-    def put(slot: int, value) -> None:
-        eb.store(value, eb.gep(frame, [ir.Constant(I64, slot)], source_etype=I64))
+    def given(value):
+        return lambda: value
+
+    def loaded(table, index: int, t: ir.Type):
+        return lambda: eb.load(eb.gep(table, [ir.Constant(I64, index)], source_etype=t), typ=t)
+
+    def reduction_partials():
+        partials = eb.alloca(ir.ArrayType(ir.FloatType(), MAX_REDUCTION_TASKS))
+        partials.type = PTR
+        return partials
 
     for k, sym in enumerate(symbols):
-        put(layout.dims[sym], eb.load(eb.gep(dims, [ir.Constant(I64, k)], source_etype=I64), typ=I64))
+        cg.provide(layout.dims[sym], loaded(dims, k, I64))
     for arena, value in zip(ARENAS, (params, grads, state)):
-        put(layout.arenas[arena], value)
-    put(layout.hyper_slot, hyper)
-    put(layout.mode_slot, mode)
+        cg.provide(layout.arenas[arena], given(value))
+    cg.provide(layout.hyper_slot, given(hyper))
+    cg.provide(layout.mode_slot, given(mode))
     for r, slot in layout.partials.items():
-        put(slot, eb.alloca(ir.ArrayType(ir.FloatType(), MAX_REDUCTION_TASKS)))
+        cg.provide(slot, reduction_partials)
 
-    # Dims are in the frame now; the slot offsets read them from there.
-    setup = CG.__new__(CG)
-    setup.__dict__.update(cg.__dict__)
+    setup = copy.copy(cg)
     setup.b = eb
-    offsets, _ = _slot_offsets(setup, plan)
-    for nid, slot in layout.buffers.items():
-        st = plan.storage[nid]
+    offsets: list = []
+    addresses: dict = {}    # workspace slot -> its address (buffers of disjoint lifetimes share slots)
+
+    def in_workspace(index: int):
+        if not offsets:     # on the first read of a workspace buffer
+            offsets.extend(_slot_offsets(setup, plan)[0])
+        if index not in addresses:
+            addresses[index] = eb.gep(workspace, [offsets[index]], source_etype=ir.IntType(8))
+        return addresses[index]
+
+    def buffer(st):
         if st.kind in ("input", "output"):
-            table = inputs if st.kind == "input" else outputs
-            ptr = eb.load(eb.gep(table, [ir.Constant(I64, st.index)], source_etype=PTR), typ=PTR)
-        elif st.kind in ("param", "grad"):
+            return loaded(inputs if st.kind == "input" else outputs, st.index, PTR)
+        if st.kind in ("param", "grad"):
             base = params if st.kind == "param" else grads
-            ptr = eb.gep(base, [ir.Constant(I64, st.index * 4)], source_etype=ir.IntType(8))
-        else:
-            ptr = eb.gep(workspace, [offsets[st.index]], source_etype=ir.IntType(8))
-        put(slot, ptr)
+            return lambda: eb.gep(base, [ir.Constant(I64, st.index * 4)], source_etype=ir.IntType(8))
+        return lambda: in_workspace(st.index)
+
+    for nid, slot in layout.buffers.items():
+        cg.provide(slot, buffer(plan.storage[nid]))
 
     kb = KernelBuilder(module, graph, layout, cg, target, name, shared, export)
     for group in graph.groups:
@@ -353,6 +511,9 @@ _REFERENCE = re.compile(r'@"([^"]+)"')
 #: first line of a module whose every function is explicit vector code (the matmul
 #: micro-kernels: `fn.structc_vector_code`); `native.optimize` gives it a short pipeline
 VECTOR_CODE = "; structc: vector code\n"
+#: first line of a module of entry points alone (`lower_entry`: code that fills
+#: frames and calls kernels, once per call); `native.optimize` gives it `ENTRY_PIPELINE`
+ENTRY_CODE = "; structc: entry code\n"
 #: below this much IR text a part stays one module (each module costs a parse and a target machine)
 SPLIT_MIN_CHARS = 150_000
 #: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the entry points' module
@@ -413,9 +574,12 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
         return seen
     def vector_code(name):
         return getattr(by_name[name], "structc_vector_code", False)
+    # the entry points alone: a module of code that only calls kernels (the cheap pipeline)
+    entry_bin = [0, [n for n in units if n in entries], set().union(*(closure(n) for n in entries))]
+    units = [n for n in units if n not in entries]
     if by_unit:     # small micro-kernels together: a module of vector code (the short pipeline)
-        small = [n for n in units if n in entries or len(texts[n]) < UNIT_MIN_CHARS]
-        small_vector = [n for n in small if vector_code(n) and n not in entries]
+        small = [n for n in units if len(texts[n]) < UNIT_MIN_CHARS]
+        small_vector = [n for n in small if vector_code(n)]
         small = [n for n in small if n not in small_vector]
         grouped = set(small + small_vector)
         groups = [small] + [[n] for n in units if n not in grouped] + [small_vector]
@@ -436,6 +600,8 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             bins += [[0, names, set().union(*map(closure, names))] for names in ([[n] for n in vector] if apart
                                                                                  else [vector])]
             units += vector
+    bins.insert(0, entry_bin)
+    units = entry_bin[1] + units
     home = {name: k for k, b in enumerate(bins) for name in b[1]}
     exported = {n for n in units if n not in entries and
                 (export_helpers or any(n in calls[c] and home[c] != home[n] for c in units))}
@@ -454,7 +620,7 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             body = texts[name]
             text.append(_exported(body) if name in exported else body)
         text += [texts[h] for h in sorted(needed)]
-        mark = VECTOR_CODE if all(vector_code(n) for n in mine) else ""
+        mark = VECTOR_CODE if all(vector_code(n) for n in mine) else ENTRY_CODE if set(names) <= set(entries) else ""
         out.append(mark + _with_loop_ids("\n".join(text)))
     return out
 

@@ -1,0 +1,186 @@
+"""Which LLVM pipeline each module gets (issue 14 item 3), and the entry
+points' IR: entry points are modules of their own with a cheap pipeline."""
+import ctypes
+import re
+
+import numpy as np
+import pytest
+from llvmlite import ir
+
+import structc
+from structc import api, native
+from structc.compiler import compile_source
+from structc.lower import module as lower_module
+from structc.lower.codegen import CG, I64, PTR
+from structc.types import Size
+
+MLP = ("model M {\n  input x: f32[N, 6]\n  target y: class[N] of 3\n"
+       "  h = dense(x, 8) |> relu\n  loss cross_entropy(dense(h, 3), y)\n}\n")
+X = np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6)
+Y = np.array([0, 1, 2, 1])
+ENTRY_NAMES = re.compile(r"^sc_(forward|train|update|eval_loss)(_workspace)?$")
+
+
+def defined(text: str) -> list[str]:
+    return re.findall(r'^define [^@]*@"([^"]+)"', text, re.M)
+
+
+def check_entry_modules(texts) -> None:
+    """Every entry point is in a module marked ENTRY_CODE, and such a module holds entry points only."""
+    marked = [t for t in texts if t.startswith(lower_module.ENTRY_CODE)]
+    assert marked
+    for text in texts:
+        names = defined(text)
+        assert names
+        assert (text in marked) == all(ENTRY_NAMES.match(n) for n in names), names
+        assert (text in marked) == any(ENTRY_NAMES.match(n) for n in names), names
+
+
+@pytest.mark.parametrize("mode", ["by_unit", "chunks", "kernel_timings"])
+def test_entry_points_are_modules_of_their_own_marked_for_the_entry_pipeline(tmp_path, monkeypatch, mode):
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "2")
+    if mode == "by_unit":       # what structc.compile does with the cache on
+        art = api.compile_artifact(MLP, parts=["forward", "training"])
+    else:
+        art = compile_source(MLP, kernel_timings=mode == "kernel_timings")
+    check_entry_modules(art.part_ir)
+    assert {native.pipeline_of(t) for t in art.part_ir} >= {"entry", "O3"}
+    net = structc.Net(art.meta, native.JitModule(art.object, native.host_target()))
+    reference = structc.compile(MLP, cache=False, training=True)
+    np.testing.assert_array_equal(net(x=X), reference(x=X))
+    assert net.train_step(0.1, x=X, y=Y) == reference.train_step(0.1, x=X, y=Y)
+
+
+def test_entry_modules_get_the_entry_pass_list_and_codegen_level(monkeypatch):
+    ran, levels = [], {}
+    real_list, real_tm = native._pass_list, native.new_target_machine
+    monkeypatch.setattr(native, "_pass_list", lambda names: ran.append(tuple(names)) or real_list(names))
+
+    def target_machine(target, jit=True, opt=3):
+        levels.setdefault(opt, 0)
+        levels[opt] += 1
+        return real_tm(target, jit, opt)
+    monkeypatch.setattr(native, "new_target_machine", target_machine)
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
+    art = compile_source(MLP)
+    entry = [t for t in art.part_ir if native.pipeline_of(t) == "entry"]
+    assert len(entry) == 2      # one per part
+    assert ran.count(native.ENTRY_PIPELINE) == len(entry)
+    assert levels[native.ENTRY_CODEGEN_LEVEL] == len(entry) and levels[3] == len(art.part_ir) - len(entry)
+
+
+def test_the_training_entry_keeps_no_frame_in_memory_and_one_for_its_kernels():
+    """The entry's slots are values, not a frame it stores and loads back; its
+    kernels share one frame, filled before each call."""
+    art = compile_source(MLP)
+    text = next(t for t in art.part_ir if '@"sc_train"(' in t)
+    body = re.search(r'define i32 @"sc_train"\(.*?\n}\n', text, re.S).group(0)
+    frames = re.findall(r'= alloca \[(\d+) x i64\]', body)
+    assert len(frames) == 1 and int(frames[0]) <= 12, frames
+    calls = body.count('call void @"sc_parallel_for"')
+    assert calls >= 6 and len(body.splitlines()) < 40 * calls
+
+
+# -- the entry's arithmetic --------------------------------------------------------------
+
+def test_sdiv_rounds_towards_zero_as_llvm_does():
+    assert [lower_module._sdiv(a, b) for a, b in ((7, 2), (-7, 2), (7, -2), (-7, -2), (0, 5))] == [3, -3, -3, 3, 0]
+
+
+def test_folding_stops_where_int64_would_wrap():
+    module = ir.Module()
+    cg = CG(module, ir.Function(module, ir.FunctionType(ir.VoidType(), []), name="f"))
+    assert lower_module._fold(cg, lambda a, b: a * b, 3, cg.i64(5)).constant == 15
+    assert lower_module._fold(cg, lambda a, b: a * b, 1 << 40, 1 << 30) is None
+    assert lower_module._fold(cg, lambda a, b: a * b, cg.i64(2), ir.Constant(ir.IntType(32), 3)) is None
+
+
+SLOTS = [[Size(4, ("N",)), Size(32, ("N",)), Size(1088)], [Size(4, ("N",)), Size(32, ("N",))], [Size(136)],
+         [Size(2, ("E", "N")), Size(4, ("N",)), Size(64)], [Size(32, ("N",)), Size(4, ("N",))], [Size(7)]]
+
+
+def reference_workspace(dims: dict) -> int:
+    """What the workspace function must return: each slot its largest size in
+    whole 64-byte lines, or -1 when a step does not fit int64."""
+    top, at = (1 << 63) - 1, 0
+    for sizes in SLOTS:
+        biggest = 0
+        for s in sizes:
+            n = s.coef
+            for sym in s.symbols:
+                n *= dims[sym]
+                if n > top:
+                    return -1
+            biggest = max(biggest, n)
+        if biggest + 15 > top:
+            return -1
+        lines = (biggest + 15) // 16 * 64
+        at += lines
+        if lines > top or at > top:
+            return -1
+    return at
+
+
+def test_workspace_sizes_with_shared_and_constant_sizes_are_exact():
+    """The slot offsets compute each size, and the largest of the same sizes,
+    once, and constants in Python: the same bytes as the plain sum, and -1
+    where int64 would wrap."""
+    module = ir.Module()
+    module.triple = native.host_target().triple
+    fn = ir.Function(module, ir.FunctionType(I64, [PTR]), name="ws")
+    symbols = ["E", "N"]
+    cg = CG(module, fn, lower_module._DimsFromArray(symbols), frame=fn.args[0])
+    checked = lower_module._Checked(cg)
+    plan = type("Plan", (), {"slots": SLOTS})()
+    _, total = lower_module._slot_offsets(cg, plan, checked)
+    cg.b.ret(cg.b.select(checked.overflow, cg.i64(lower_module.WORKSPACE_OVERFLOW), total))
+    cg.finish()
+    text = str(module)
+    assert text.count("smul.with.overflow.i64(") <= 5      # 4*N, 32*N, 2*E, 2*E*N: each once
+    jit = native.JitModule(native.compile_object(text, native.host_target()), native.host_target())
+    call = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(jit.address("ws"))
+    for e, n in ((1, 1), (3, 100), (1000, 7), (1 << 20, 1 << 30), (1 << 40, 1 << 30), (1, 1 << 59)):
+        dims = (ctypes.c_int64 * 2)(e, n)
+        assert call(ctypes.addressof(dims)) == reference_workspace({"E": e, "N": n}), (e, n)
+
+
+# -- a kernel's task count is computed where the call is when it reads memory -------------
+
+class _Slots:
+    def __init__(self):
+        self.dims = {"N": 0}
+
+    def dim_slot(self, name):
+        return self.dims[name]
+
+
+def _entry_with_kernel(tasks):
+    module = ir.Module()
+    fn = ir.Function(module, ir.FunctionType(ir.IntType(32), lower_module.ENTRY_ARGS), name="sc_t")
+    cg = lower_module.EntryCG(module, fn, _Slots())
+    cg.provide(0, lambda: cg.eb.load(fn.args[6], typ=I64))
+    cg.provide(1, lambda: fn.args[0])
+    kb = lower_module.KernelBuilder(module, None, cg.layout, cg, native.host_target(), "sc_t",
+                                    lower_module.SharedKernels())
+    with kb.kernel("k", tasks, cost=1000) as (kcg, lo, hi):
+        kcg.slot(1, PTR)
+    call = [i for i in cg.body.instructions if isinstance(i, ir.CallInstr)][0]
+    return cg, call.args[2]
+
+
+def test_a_task_count_that_reads_no_memory_is_computed_once_in_the_entry_block():
+    cg, n = _entry_with_kernel(lambda e: e.imul(e.dim("N"), 3))
+    assert n.parent is cg.entry
+
+
+def test_a_task_count_that_reads_memory_is_computed_again_before_its_call():
+    """A kernel before this one may write what it reads: the entry block
+    (before every kernel) is too early for the call's count."""
+    cg, n = _entry_with_kernel(lambda e: e.b.load(e.slot(1, PTR), typ=I64))
+    assert n.parent is cg.body
+
+
+def test_constant_task_counts_and_costs_fold():
+    cg, n = _entry_with_kernel(lambda e: e.ceil_div(e.imul(e.i64(100), 4), 64))
+    assert isinstance(n, ir.Constant) and n.constant == 7
