@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import llvmlite.binding as llvm
 
-from .lower.module import ENTRY_CODE, VECTOR_CODE, Target
+from .lower.module import ENTRY_CODE, MEMORY_CODE, VECTOR_CODE, Target
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,6 +79,8 @@ def pipeline_of(ir_text: str) -> str:
     `short` (`VECTOR_CODE`: `SHORT_PIPELINE`) or `O3` (every other module)."""
     if ir_text.startswith(ENTRY_CODE):
         return "entry"
+    if ir_text.startswith(MEMORY_CODE):
+        return "memory"
     return "short" if ir_text.startswith(VECTOR_CODE) else "O3"
 
 
@@ -97,12 +99,16 @@ def optimize(ir_text: str, target: Target, jit: bool = True, tm=None, context=No
     tm = tm or target_machine(target, jit, codegen_level(ir_text))
     mod.data_layout = str(tm.target_data)
     mod.verify()
-    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pipeline = pipeline_of(ir_text)
+    tuning = MEMORY_TUNING if pipeline == "memory" else {}
+    pto = llvm.create_pipeline_tuning_options(speed_level=tuning.get("speed_level", 3))
     pto.loop_vectorization = True
     pto.slp_vectorization = True
+    for option, value in tuning.items():
+        if option != "speed_level":
+            setattr(pto, option, value)
     pb = llvm.create_pass_builder(tm, pto)
-    pipeline = pipeline_of(ir_text)
-    if pipeline == "O3":
+    if pipeline in ("O3", "memory"):
         pb.getModulePassManager().run(mod, pb)
     else:
         (_short_pipeline() if pipeline == "short" else _pass_list(ENTRY_PIPELINE)).run(mod, pb)
@@ -128,6 +134,9 @@ SHORT_PIPELINE = ("sroa", "instruction_combine", "simplify_cfg", "new_gvn", "ins
 ENTRY_PIPELINE = ("simplify_cfg",)
 #: code generation's optimisation level for entry points
 ENTRY_CODEGEN_LEVEL = 0
+#: the pipeline of memory-bound kernels (`lower.module.MEMORY_CODE`): O3 without
+#: unrolling and interleaving (PipelineTuningOptions)
+MEMORY_TUNING = {"speed_level": 3, "loop_unrolling": False, "loop_interleaving": False}
 
 
 def _pass_list(names):

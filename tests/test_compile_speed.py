@@ -124,10 +124,12 @@ def test_modules_split_across_threads_compute_the_same(monkeypatch):
     assert "define hidden" in split.llvm_ir  # kernels another module calls
     monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
     whole = compile_source(MLP)
-    # per part: its entry points (the entry pipeline), its kernels, and its vector code (the short
-    # pipeline): the forward part's matmul micro-kernels, the training part's transposes
-    assert [structc.native.pipeline_of(t) for t in whole.part_ir] == ["entry", "O3", "short"] * 2
-    assert re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[5], re.M) == ["transpose"]
+    # per part: its entry points (the entry pipeline), its kernels, its memory-bound kernels (the
+    # training part's sums and update) and its vector code (the short pipeline): the forward
+    # part's matmul micro-kernels, the training part's transposes
+    assert [structc.native.pipeline_of(t) for t in whole.part_ir] == \
+        ["entry", "O3", "short", "entry", "O3", "memory", "short"]
+    assert re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[6], re.M) == ["transpose"]
     nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
             for a in (split, whole)]
     np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))

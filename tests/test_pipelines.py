@@ -184,3 +184,31 @@ def test_a_task_count_that_reads_memory_is_computed_again_before_its_call():
 def test_constant_task_counts_and_costs_fold():
     cg, n = _entry_with_kernel(lambda e: e.ceil_div(e.imul(e.i64(100), 4), 64))
     assert isinstance(n, ir.Constant) and n.constant == 7
+
+
+# -- memory-bound kernels ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["by_unit", "chunks"])
+def test_memory_bound_kernels_are_modules_of_their_own_with_o3_untuned(tmp_path, monkeypatch, mode):
+    """Fused elementwise kernels, sums and the update (`MEMORY_KINDS`) are
+    modules marked MEMORY_CODE, which O3 runs without unrolling and
+    interleaving; no other kernel is in such a module."""
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "2")
+    tunings = []
+    real = native.llvm.create_pass_builder
+    monkeypatch.setattr(native.llvm, "create_pass_builder",
+                        lambda tm, pto: tunings.append((pto.loop_unrolling, pto.loop_interleaving)) or real(tm, pto))
+    src = MLP.replace("|> relu", "|> relu\n  h = h * h + 1")      # an elementwise kernel of its own
+    art = api.compile_artifact(src, parts=["forward", "training"]) if mode == "by_unit" else compile_source(src)
+    kinds = {t: {lower_module.kernel_kind(n) for n in defined(t)} for t in art.part_ir}
+    memory = [t for t in art.part_ir if native.pipeline_of(t) == "memory"]
+    assert memory and set().union(*(kinds[t] for t in memory)) >= {"ew", "sum", "update"}
+    for text in art.part_ir:
+        assert (text in memory) == (kinds[text] <= lower_module.MEMORY_KINDS), kinds[text]
+    if mode == "chunks":    # compiled here (the cache may hold the other mode's objects)
+        assert tunings.count((False, False)) == len(memory) and tunings.count((True, True)) >= 1
+    net = structc.Net(art.meta, native.JitModule(art.object, native.host_target()))
+    reference = structc.compile(src, cache=False, training=True)
+    np.testing.assert_array_equal(net(x=X), reference(x=X))
+    assert net.train_step(0.1, x=X, y=Y) == reference.train_step(0.1, x=X, y=Y)

@@ -514,6 +514,16 @@ VECTOR_CODE = "; structc: vector code\n"
 #: first line of a module of entry points alone (`lower_entry`: code that fills
 #: frames and calls kernels, once per call); `native.optimize` gives it `ENTRY_PIPELINE`
 ENTRY_CODE = "; structc: entry code\n"
+#: first line of a module of memory-bound kernels alone (`MEMORY_KINDS`);
+#: `native.optimize` gives it `native.MEMORY_TUNING`
+MEMORY_CODE = "; structc: memory code\n"
+#: kernels (by the op in their symbol, `kernel_kind`) that stream memory with
+#: explicit vectors (fused elementwise code, sums, the optimiser's update): O3's
+#: unrolling and interleaving of their loops cost LLVM half its time on them
+#: and buy no speed (benchmarks/RESULTS.md, "Pipelines per kind of module").
+#: Gathers, segment softmaxes and the attention kernels stay with O3: without
+#: those passes the GAT and tree steps measured 2-5% slower.
+MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "update"})
 #: below this much IR text a part stays one module (each module costs a parse and a target machine)
 SPLIT_MIN_CHARS = 150_000
 #: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the entry points' module
@@ -574,27 +584,38 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
         return seen
     def vector_code(name):
         return getattr(by_name[name], "structc_vector_code", False)
-    # the entry points alone: a module of code that only calls kernels (the cheap pipeline)
-    entry_bin = [0, [n for n in units if n in entries], set().union(*(closure(n) for n in entries))]
-    units = [n for n in units if n not in entries]
-    if by_unit:     # small micro-kernels together: a module of vector code (the short pipeline)
-        small = [n for n in units if len(texts[n]) < UNIT_MIN_CHARS]
-        small_vector = [n for n in small if vector_code(n)]
-        small = [n for n in small if n not in small_vector]
-        grouped = set(small + small_vector)
-        groups = [small] + [[n] for n in units if n not in grouped] + [small_vector]
-        bins = [[0, names, set().union(*map(closure, names))] for names in groups]
-    else:   # longest first, each to the lightest chunk: the chunks come out about even
-        # exported micro-kernels in a module of their own, which gets the short pipeline
-        vector = [n for n in units if vector_code(n)]
-        units = [n for n in units if n not in vector]
-        bins = [[0, [], set()] for _ in range(max(1, min(chunks, len(units))))]
-        for name in sorted(units, key=lambda n: -len(texts[n])):
-            lightest = min(bins, key=lambda b: b[0])
+
+    def memory_code(name):
+        return kernel_kind(name) in MEMORY_KINDS and not vector_code(name)
+
+    def spread(names):      # longest first, each to the lightest chunk: the chunks come out about even
+        chunk_bins = [[0, [], set()] for _ in range(max(1, min(chunks, len(names))))]
+        for name in sorted(names, key=lambda n: -len(texts[n])):
+            lightest = min(chunk_bins, key=lambda b: b[0])
             need = closure(name) - lightest[2]
             lightest[0] += len(texts[name]) + sum(len(texts[h]) for h in need)
             lightest[1].append(name)
             lightest[2] |= need
+        return chunk_bins
+    # the entry points alone: a module of code that only calls kernels (the cheap pipeline)
+    entry_bin = [0, [n for n in units if n in entries], set().union(*(closure(n) for n in entries))]
+    units = [n for n in units if n not in entries]
+    if by_unit:     # small units together by pipeline: vector code (the short one), memory-bound kernels, the rest
+        small = [n for n in units if len(texts[n]) < UNIT_MIN_CHARS]
+        small_vector = [n for n in small if vector_code(n)]
+        small_memory = [n for n in small if memory_code(n)]
+        small = [n for n in small if n not in small_vector and n not in small_memory]
+        grouped = set(small + small_vector + small_memory)
+        groups = [small] + [[n] for n in units if n not in grouped] + [small_vector, small_memory]
+        bins = [[0, names, set().union(*map(closure, names))] for names in groups]
+    else:
+        # exported micro-kernels in a module of their own, which gets the short pipeline;
+        # memory-bound kernels in chunks of their own (`MEMORY_KINDS`)
+        vector = [n for n in units if vector_code(n)]
+        memory = [n for n in units if memory_code(n)]
+        units = [n for n in units if n not in vector and n not in memory]
+        bins = spread(units) + (spread(memory) if memory else [])
+        units += memory
         if vector:      # one module, or one each when every unit is a chunk (`--kernel-timings`)
             apart = chunks >= len(units) + len(vector)
             bins += [[0, names, set().union(*map(closure, names))] for names in ([[n] for n in vector] if apart
@@ -620,9 +641,19 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             body = texts[name]
             text.append(_exported(body) if name in exported else body)
         text += [texts[h] for h in sorted(needed)]
-        mark = VECTOR_CODE if all(vector_code(n) for n in mine) else ENTRY_CODE if set(names) <= set(entries) else ""
+        mark = VECTOR_CODE if all(vector_code(n) for n in mine) else ENTRY_CODE if set(names) <= set(entries) \
+            else MEMORY_CODE if all(memory_code(n) for n in names) else ""
         out.append(mark + _with_loop_ids("\n".join(text)))
     return out
+
+
+_KIND = re.compile(r"sc_[0-9a-f]{16}_([a-z_]+)")
+
+
+def kernel_kind(symbol: str) -> str | None:
+    """The op a kernel's symbol names (`sc_<hash>_<kind>`: `ew`, `sum`, ...), or None."""
+    m = _KIND.fullmatch(symbol)
+    return m.group(1) if m else None
 
 
 _LOOP_REF = re.compile(r"!llvm\.loop !\d+")
