@@ -647,7 +647,7 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     return out
 
 
-_KIND = re.compile(r"sc_[0-9a-f]{16}_([a-z_]+)")
+_KIND = re.compile(r"sc_[0-9a-f]{16}_([a-z_][a-z0-9_]*)")
 
 
 def kernel_kind(symbol: str) -> str | None:
