@@ -25,6 +25,26 @@ def defined(text: str) -> list[str]:
     return re.findall(r'^define [^@]*@"([^"]+)"', text, re.M)
 
 
+@pytest.fixture(scope="module")
+def expected():
+    """source -> (forward output, first training loss) of a fresh net, compiled once."""
+    found = {}
+
+    def of(src):
+        if src not in found:
+            net = structc.compile(src, cache=False, training=True)
+            found[src] = (net(x=X), net.train_step(0.1, x=X, y=Y))
+        return found[src]
+    return of
+
+
+def same_program(art, src, expected) -> None:
+    net = structc.Net(art.meta, native.JitModule(art.object, native.host_target()))
+    out, loss = expected(src)
+    np.testing.assert_array_equal(net(x=X), out)
+    assert net.train_step(0.1, x=X, y=Y) == loss
+
+
 def check_entry_modules(texts) -> None:
     """Every entry point is in a module marked ENTRY_CODE, and such a module holds entry points only."""
     marked = [t for t in texts if t.startswith(lower_module.ENTRY_CODE)]
@@ -36,8 +56,8 @@ def check_entry_modules(texts) -> None:
         assert (text in marked) == any(ENTRY_NAMES.match(n) for n in names), names
 
 
-@pytest.mark.parametrize("mode", ["by_unit", "chunks", "kernel_timings"])
-def test_entry_points_are_modules_of_their_own_marked_for_the_entry_pipeline(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode", ["by_unit", "chunks", pytest.param("kernel_timings", marks=pytest.mark.slow)])
+def test_entry_points_are_modules_of_their_own_marked_for_the_entry_pipeline(tmp_path, monkeypatch, mode, expected):
     monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "2")
     if mode == "by_unit":       # what structc.compile does with the cache on
@@ -46,10 +66,7 @@ def test_entry_points_are_modules_of_their_own_marked_for_the_entry_pipeline(tmp
         art = compile_source(MLP, kernel_timings=mode == "kernel_timings")
     check_entry_modules(art.part_ir)
     assert {native.pipeline_of(t) for t in art.part_ir} >= {"entry", "O3"}
-    net = structc.Net(art.meta, native.JitModule(art.object, native.host_target()))
-    reference = structc.compile(MLP, cache=False, training=True)
-    np.testing.assert_array_equal(net(x=X), reference(x=X))
-    assert net.train_step(0.1, x=X, y=Y) == reference.train_step(0.1, x=X, y=Y)
+    same_program(art, MLP, expected)
 
 
 def test_entry_modules_get_the_entry_pass_list_and_codegen_level(monkeypatch):
@@ -189,7 +206,7 @@ def test_constant_task_counts_and_costs_fold():
 # -- memory-bound kernels ---------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["by_unit", "chunks"])
-def test_memory_bound_kernels_are_modules_of_their_own_with_o3_untuned(tmp_path, monkeypatch, mode):
+def test_memory_bound_kernels_are_modules_of_their_own_with_o3_untuned(tmp_path, monkeypatch, mode, expected):
     """Fused elementwise kernels, sums and the update (`MEMORY_KINDS`) are
     modules marked MEMORY_CODE, which O3 runs without unrolling and
     interleaving; no other kernel is in such a module."""
@@ -208,7 +225,4 @@ def test_memory_bound_kernels_are_modules_of_their_own_with_o3_untuned(tmp_path,
         assert (text in memory) == (kinds[text] <= lower_module.MEMORY_KINDS), kinds[text]
     if mode == "chunks":    # compiled here (the cache may hold the other mode's objects)
         assert tunings.count((False, False)) == len(memory) and tunings.count((True, True)) >= 1
-    net = structc.Net(art.meta, native.JitModule(art.object, native.host_target()))
-    reference = structc.compile(src, cache=False, training=True)
-    np.testing.assert_array_equal(net(x=X), reference(x=X))
-    assert net.train_step(0.1, x=X, y=Y) == reference.train_step(0.1, x=X, y=Y)
+    same_program(art, src, expected)
