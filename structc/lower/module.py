@@ -520,13 +520,13 @@ MEMORY_CODE = "; structc: memory code\n"
 #: kernels (by the op in their symbol, `kernel_kind`) that stream memory with
 #: explicit vectors (fused elementwise code, sums, the optimiser's update): O3's
 #: unrolling and interleaving of their loops cost LLVM half its time on them
-#: and buy no speed (benchmarks/RESULTS.md, "Pipelines per kind of module").
+#: and buy no speed (benchmarks/RESULTS.md, "a pipeline per kind of module").
 #: Gathers, segment softmaxes and the attention kernels stay with O3: without
 #: those passes the GAT and tree steps measured 2-5% slower.
 MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "update"})
 #: below this much IR text a part stays one module (each module costs a parse and a target machine)
 SPLIT_MIN_CHARS = 150_000
-#: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the entry points' module
+#: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the other small ones of its pipeline
 UNIT_MIN_CHARS = 10_000
 
 
@@ -547,14 +547,16 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     drops the helpers defined there with the same text and calls those.
 
     `by_unit` (to cache each module's object by its text): every kernel or
-    helper of at least `UNIT_MIN_CHARS` is a module of its own; the entry
-    points, which change with any edit, and the small units are one module
-    (a module costs LLVM some 5 ms however small it is). `chunks` and
-    `min_chars` are then ignored.
+    helper of at least `UNIT_MIN_CHARS` is a module of its own, and the small
+    units are one module per pipeline (a module costs LLVM some 5 ms however
+    small it is). `chunks` and `min_chars` are then ignored.
 
-    Exported helpers that are explicit vector code (`fn.structc_vector_code`:
-    the matmul micro-kernels) are modules of their own in either mode, marked
-    `VECTOR_CODE`, for the short LLVM pipeline (`native.SHORT_PIPELINE`)."""
+    In either mode, the entry points (which change with any edit) are one
+    module, marked `ENTRY_CODE`; exported helpers that are explicit vector code
+    (`fn.structc_vector_code`: the matmul micro-kernels) are modules of their
+    own, marked `VECTOR_CODE`, for the short LLVM pipeline
+    (`native.SHORT_PIPELINE`); memory-bound kernels (`MEMORY_KINDS`) too,
+    marked `MEMORY_CODE` (`native.pipeline_of` reads the marks)."""
     defined = [f for f in module.functions if f.blocks]
     by_name = {f.name: f for f in defined}
     texts = {f.name: function_text(f) for f in defined}
