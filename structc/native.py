@@ -1,8 +1,9 @@
 """LLVM IR text -> optimised machine code for the host, and the JIT that runs it.
 
 Optimisation is the New Pass Manager for the host CPU and its features: O3,
-or a pass list of its own for a module marked as entry points or explicit
-vector code (`pipeline_of`). Machine code is kept as an object file: that is what the on-disk
+O3 without unrolling for a module of memory-bound kernels, or a pass list of
+its own for a module of entry points or of explicit vector code (`pipeline_of`,
+by the module's mark). Machine code is kept as an object file: that is what the on-disk
 cache stores, and what a later process loads without running LLVM at all.
 """
 from __future__ import annotations
@@ -76,7 +77,8 @@ def new_target_machine(target: Target, jit: bool = True, opt: int = 3):
 def pipeline_of(ir_text: str) -> str:
     """Which pipeline a module gets, by the mark on its first line: `entry`
     (`ENTRY_CODE`: `ENTRY_PIPELINE`, code generation at `ENTRY_CODEGEN_LEVEL`),
-    `short` (`VECTOR_CODE`: `SHORT_PIPELINE`) or `O3` (every other module)."""
+    `memory` (`MEMORY_CODE`: O3 with `MEMORY_TUNING`), `short` (`VECTOR_CODE`:
+    `SHORT_PIPELINE`) or `O3` (every other module)."""
     if ir_text.startswith(ENTRY_CODE):
         return "entry"
     if ir_text.startswith(MEMORY_CODE):
