@@ -505,10 +505,12 @@ def test_the_readme_states_the_bound_in_force():
 # -- the parser's tables ------------------------------------------------------
 
 def _fresh_parser(monkeypatch, build_allowed: bool):
-    """`syntax.parser()` as a new process would make it; without `build_allowed`,
-    building lark's tables (rather than loading them) fails the test."""
+    """`syntax.parser()` as a new process would make it with no shipped tables
+    (another lark version's); without `build_allowed`, building lark's tables
+    (rather than loading them) fails the test."""
     from structc import syntax
     syntax.parser.cache_clear()
+    monkeypatch.setattr(syntax, "_shipped_parser", lambda grammar: None)
     if not build_allowed:
         monkeypatch.setattr(syntax, "Lark", type("NoBuild", (), {
             "__init__": lambda *a, **k: pytest.fail("built the parser's tables again"),
