@@ -25,6 +25,7 @@ from llvmlite import ir
 from ..graph import Graph
 from ..passes.plan import ALIGN, Plan
 from .codegen import CG, I32, I64, NO_UNROLL, PTR, VOID, LocalSlots
+from . import irtext
 from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 
 #: what `*_workspace` returns when the size for the given dims overflows int64
@@ -469,7 +470,7 @@ def function_text(fn: ir.Function) -> str:
     `_with_loop_ids` turns into metadata of the chunk's own. A kernel's text
     is kept from when it was named (`KernelBuilder._named_by_content`)."""
     kept = getattr(fn, "structc_text", None)
-    return kept if kept is not None else _LOOP_REF.sub(_LOOP_MARK, str(fn))
+    return kept if kept is not None else _LOOP_REF.sub(_LOOP_MARK, irtext.function_text(fn))
 
 
 def _with_loop_ids(text: str) -> str:
