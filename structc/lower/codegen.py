@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from llvmlite import ir
+from llvmlite.ir._utils import DuplicatedNameError, NameScope
 
 F32 = ir.FloatType()
 F64 = ir.DoubleType()
@@ -53,6 +54,8 @@ class CG:
     def __init__(self, module: ir.Module, fn: ir.Function, frame_layout=None, frame=None):
         self.module = module
         self.fn = fn
+        if type(fn.scope) is NameScope and not fn.blocks:
+            fn.scope = _Names(fn.scope)
         self.entry = fn.append_basic_block("entry")
         self.body = fn.append_basic_block("body")
         self.b = ir.IRBuilder(self.body)
@@ -405,6 +408,28 @@ class CG:
 
     def mode(self) -> ir.Value:
         return self.slot(self.layout.mode_slot, I64)
+
+
+class _Names(NameScope):
+    """llvmlite's names of a function's values, given as llvmlite gives them
+    (an unnamed value is `.1`, `.2`, ...; a taken name gets `.1`, `.2` added),
+    in one call rather than four: every instruction takes a name."""
+
+    def __init__(self, like: NameScope):
+        self._useset = set(like._useset)
+        self._basenamemap = like._basenamemap.copy()
+
+    def register(self, name, deduplicate=False):
+        used = self._useset
+        if name in used:
+            if not deduplicate:
+                raise DuplicatedNameError(name)
+            base, counts = name, self._basenamemap
+            while name in used:
+                counts[base] += 1
+                name = f"{base}.{counts[base]}"
+        used.add(name)
+        return name
 
 
 _CONSTANTS: dict = {}
