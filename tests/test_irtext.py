@@ -7,6 +7,7 @@ from llvmlite import ir
 
 from structc import compiler
 from structc.lower import irtext
+from structc.lower.codegen import _Names
 from structc.syntax import parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,3 +106,17 @@ def test_every_function_of_a_model_prints_as_llvmlite_prints_it(example, monkeyp
     assert len(functions) > 10
     for f in functions:
         assert irtext.function_text(f) == str(f), f.name
+
+
+def test_values_are_named_as_llvmlite_names_them():
+    """`codegen._Names` gives the names llvmlite's NameScope gives: unnamed
+    values `.1`, `.2`, ...; a taken name with `.1`, `.2` added (also past a
+    name such as `i.1` given outright); a taken name refused without deduplication."""
+    from llvmlite.ir._utils import DuplicatedNameError, NameScope
+    asked = ["", "", "i", "i", "i.1", "i", "", "x", ".4", "", "i.2", "i.2", "i", "head", "head", ""]
+    theirs, mine = NameScope(), _Names(NameScope())
+    assert [theirs.register(n, deduplicate=True) for n in asked] == [mine.register(n, deduplicate=True) for n in asked]
+    for scope in (theirs, mine):
+        assert scope.register("fresh") == "fresh"
+        with pytest.raises(DuplicatedNameError):
+            scope.register("fresh")
