@@ -43,6 +43,12 @@ def _every_instruction_kind() -> ir.Function:
     one = b.insert_element(ir.Constant(vt, ir.Undefined), w, ir.Constant(I32, 0))
     splat = b.shuffle_vector(one, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(I32, 4), 0))
     lane = b.extract_element(splat, ir.Constant(I32, 1))
+    # vector constants with lanes of every kind: integers, booleans, floats, undef, a value given as a constant
+    mixed = b.fadd(splat, ir.Constant(vt, [1.0, -0.0, ir.Constant(F32, 2.5), ir.Undefined]))
+    bits = b.icmp_signed("<", ir.Constant(ir.VectorType(I64, 4), [0, 7, -3, ir.Constant(I64, 1 << 40)]),
+                         ir.Constant(ir.VectorType(I64, 4), 5))
+    b.and_(bits, ir.Constant(ir.VectorType(I1, 4), [True, False, 1, 0]))
+    b.shuffle_vector(mixed, splat, ir.Constant(ir.VectorType(I32, 4), [0, 5, 2, 7]))
     fma = ir.Function(module, ir.FunctionType(F32, [F32, F32, F32]), name="llvm.fmuladd.f32")
     lane = b.call(fma, [lane, w, x])
     red = ir.Function(module, ir.FunctionType(F32, [F32, vt]), name="llvm.vector.reduce.fadd.v4f32")

@@ -35,7 +35,7 @@ def _ref(v) -> str:
 def _vector_constant(lanes) -> str:
     """llvmlite's `VectorType.format_constant`; a shuffle's or a mask's lanes
     are new integer constants each time, formatted here without a call each."""
-    return "<" + ", ".join([f"{lane.type} {lane.constant}" if type(lane.constant) is int and type(lane) is Constant
+    return "<" + ", ".join([f"{lane.type} {lane.constant}" if type(lane) is Constant and type(lane.constant) is int
                             and isinstance(lane.type, IntType) else f"{lane.type} {lane.get_reference()}"
                             for lane in lanes]) + ">"
 
