@@ -17,6 +17,7 @@ import ctypes
 import difflib
 import functools
 import math
+import operator
 import os
 import struct
 import sys
@@ -145,6 +146,13 @@ class _Entry:
         self.workspace_address = ctypes.cast(self.workspace_fn, ctypes.c_void_p).value   # `_runtime.workspace_size`
         self.output_shapes = [(name, shape, dtype, all(d.__class__ is int for d in shape))
                               for name, shape, dtype in self.outputs]
+        # The leading inputs a binder makes from a Graph (`sealed`: nothing can change them)
+        # and the last call's values of them, which `_bind` checked: (values, arrays, dims)
+        sealed = net._sealed_inputs
+        self.sealed = next((k for k, s in enumerate(self.inputs) if s.name not in sealed), len(self.inputs))
+        self.sealed_names = tuple(s.name for s in self.inputs[:self.sealed])
+        self.unsealed = tuple(self.inputs[self.sealed:])
+        self.checked: tuple | None = None
 
 
 class _NoPlan:
@@ -266,15 +274,16 @@ class Net:
         self._hyper_bits = self._hyper.view(np.uint32)     # dropout's key and step slots hold bits
         self._random = bool(meta.get("random"))             # only then is the step written (each write costs)
         self.init_params(seed)
+        # Structured inputs (forests, graphs) become arrays and dims before the checks.
+        self._forests = ForestBinder.from_meta(meta)
+        self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
+                         if b is not None]
+        self._sealed_inputs = frozenset().union(*(getattr(b, "sealed", ()) for b in self._binders))
         self._entries = _Entries(self._load_deferred)
         self._add_entries(meta["entries"], module)
         self._arena_addrs = tuple(a.ctypes.data for a in (self._param_arena, self._grad_arena, self._state_arena))
         self._workspace_buf, self._workspace_addr = None, 0   # grown under the lock, shared by calls
         self._update_call: tuple | None = None               # apply_update's, made on its first call
-        # Structured inputs (forests, graphs) become arrays and dims before the checks.
-        self._forests = ForestBinder.from_meta(meta)
-        self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
-                         if b is not None]
         self._restorers = tuple(b.restore for b in self._binders if hasattr(b, "restore"))
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
@@ -400,7 +409,13 @@ class Net:
                     raise TypeError(f"{self.name} has no input '{name}' (inputs: {known})")
         arrays = []
         get, bound = given.get, dims.get
-        for spec in entry.inputs:
+        inputs = entry.inputs
+        checked = entry.checked
+        if checked is not None and all(map(operator.is_, map(get, entry.sealed_names), checked[0])):
+            arrays = list(checked[1])        # the same sealed values as last call: checked then
+            dims.update(checked[2])
+            inputs = entry.unsealed
+        for spec in inputs:
             value = get(spec.name)
             if value is None:
                 raise TypeError(f"missing input '{spec.name}': expected {spec.describe()}")
@@ -435,6 +450,10 @@ class Net:
                     raise ValueError(f"input '{spec.name}': class {arr.reshape(-1)[bad]} at position "
                                      f"{where} is out of range [0, {spec.classes})")
             arrays.append(arr)
+        if entry.sealed and inputs is entry.inputs:
+            k = entry.sealed
+            entry.checked = (tuple(map(get, entry.sealed_names)), tuple(arrays[:k]),
+                             {d: dims[d] for s in entry.inputs[:k] for _, d, fixed in s.axes if not fixed})
         return arrays, dims
 
     def _workspace_size(self, entry: _Entry, dims: tuple) -> int:

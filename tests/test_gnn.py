@@ -562,6 +562,47 @@ def test_a_checked_graph_cannot_be_changed(gnn):
     assert net(g=b).shape == (6, 3)
 
 
+
+def test_a_graph_is_bound_once_and_never_stale(gnn, monkeypatch):
+    """A Graph is checked and turned into the model's arrays on its first call
+    only: the next calls with the same Graph object neither check it again nor
+    re-check its arrays in `Net._bind` (the GNN step's Python part, which runs
+    on one thread). Anything else, a Graph with other features, another
+    Graph, a copy, is bound afresh, never from another graph's binding."""
+    net, _ = gnn
+    rng = np.random.default_rng(12)
+    g = random_graph(rng, 40, 150, features=6, edge_features=0, edge_types=0)
+    y = rng.integers(0, 3, 40)
+    checks = []
+    real = Binder._check
+    monkeypatch.setattr(Binder, "_check", staticmethod(lambda spec, graph: checks.append(graph) or real(spec, graph)))
+    first = net.grad(g=g, y=y)
+    entry = net._entries["train"]
+    checked = entry.checked             # the graph's arrays as `_bind` checked them (its own views)
+    assert entry.sealed == 6 and checked[0][0] is not g.x and np.shares_memory(checked[0][0], g.x)
+    for _ in range(3):
+        again = net.grad(g=g, y=y)
+        assert again[0] == first[0]
+    assert checks == [g], "the same Graph was checked again"
+    assert entry.checked is checked, "the same Graph's arrays were checked again"
+    monkeypatch.undo()
+    # other features: bound afresh, as a Graph built with them
+    h = g.with_features(x=rng.normal(size=(40, 6)))
+    np.testing.assert_array_equal(net(g=h), net(g=Graph(g.edge_index, x=h.x)))
+    assert not np.array_equal(net(g=h), net(g=g))
+    assert net.grad(g=g, y=y)[0] == first[0]
+    # a copy, and a graph of another size, between calls with g
+    import copy
+    assert net.grad(g=copy.deepcopy(g), y=y)[0] == first[0]
+    k = random_graph(rng, 7, 20, features=6, edge_features=0, edge_types=0)
+    np.testing.assert_array_equal(net(g=k), net(g=Graph(k.edge_index, num_nodes=7, x=k.x)))
+    with pytest.raises(ValueError, match="axis 0 is g.nodes = 40"):
+        net.grad(g=g, y=y[:7])                        # the cached graph's sizes still check the other inputs
+    # what a caller can reach cannot change what was checked: numpy lets anyone reshape a read-only array
+    g.x.shape = (240,)
+    g.arrays["src"].shape = (1, 150)
+    assert net.grad(g=g, y=y)[0] == first[0]
+
 @pytest.mark.parametrize("build, message", [
     (lambda: Graph(np.array([[0, 2**63 + 1], [1, 0]], np.uint64), num_nodes=3), "out of range"),
     (lambda: Graph([[0], [1]], num_nodes=2, edge_type=[2**32 + 1]), "edge type 4294967297 is out of range"),
