@@ -50,15 +50,18 @@ def step_fn(name: str):
     net = structc.compile(source, seed=0)
     if name.endswith("_infer1"):
         x = np.ascontiguousarray(inputs["x"][:1])
-        return lambda: net(x=x)
-    return lambda: net.train_step(**inputs, lr=0.01)
+        step = lambda: net(x=x)      # noqa: E731
+    else:
+        step = lambda: net.train_step(**inputs, lr=0.01)        # noqa: E731
+    step.net = net
+    return step
 
 
 def breakdown(name: str, threads: int, steps: int) -> dict:
     """One step's parts that do not scale, in this process: the jobs handed to
     the pool (each a barrier), the Python part (the step's time minus the
-    native call's, measured around each call: it runs on one thread, and
-    after a native step it runs with cold caches, several times slower than
+    native call's, timed around `_runtime.invoke` or inside the C call plan:
+    it runs on one thread, and after a native step it runs with cold caches, several times slower than
     the same code in a loop), and for a forest its levels' rows (a level of
     fewer than two shares of rows is one task on the caller)."""
     import numpy as np
@@ -70,25 +73,30 @@ def breakdown(name: str, threads: int, steps: int) -> dict:
     step = step_fn(name)
     for _ in range(max(5, steps // 5)):
         step()
-    invoke, native = model._runtime.invoke, []
+    invoke, native = model._runtime.invoke, [0.0]
 
-    def timed(*args):
+    def timed(*args):               # the Python path's native call
         t = time.perf_counter()
         try:
             return invoke(*args)
         finally:
-            native.append(time.perf_counter() - t)
+            native[0] += time.perf_counter() - t
+
+    def in_plans() -> float:        # the C call plans' (`plan.native_seconds`)
+        plans = (getattr(step.net, "_forward_plan", None), getattr(step.net, "_train_plan", None))
+        return sum(getattr(p, "native_seconds", 0.0) for p in plans)
     model._runtime.invoke = timed
-    jobs, total = _runtime.handoffs(), []
+    jobs, total, python = _runtime.handoffs(), [], []
     try:
         for _ in range(steps):
+            native[0], planned = 0.0, in_plans()
             t = time.perf_counter()
             step()
             total.append(time.perf_counter() - t)
+            python.append(total[-1] - native[0] - (in_plans() - planned))
     finally:
         model._runtime.invoke = invoke
     jobs = (_runtime.handoffs() - jobs) / steps
-    python = np.array(total) - np.array(native)
     out = {"jobs": jobs, "step_p10": quantile(total, 0.1), "step_median": statistics.median(total),
            "python_p10": float(np.quantile(python, 0.1)), "python_median": float(np.median(python))}
     if name == "trees":

@@ -166,6 +166,10 @@ class _NoPlan:
     call = run
 
     @staticmethod
+    def train(inputs, bound, before):
+        return None
+
+    @staticmethod
     def set_workspace(owner, address: int, size: int) -> None:
         pass
 
@@ -288,6 +292,7 @@ class Net:
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
         self._forward_plan = self._call_plan("forward", 0)      # `net(x=x)` on ndarrays: checked in C
+        self._train_plan = None         # `train_step`'s, made on its first call (the entry may be deferred)
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
@@ -472,16 +477,19 @@ class Net:
             ws = self._workspace_buf = _aligned_zeros(max(need, 64), np.uint8)
             self._workspace_addr = ws.ctypes.data
             self._forward_plan.set_workspace(ws, self._workspace_addr, ws.size)
+            if self._train_plan is not None:
+                self._train_plan.set_workspace(ws, self._workspace_addr, ws.size)
         return self._workspace_addr
 
-    def _call_plan(self, kind: str, mode: int):
+    def _call_plan(self, kind: str, mode: int, expanded: bool = False):
         """The C call plan of entry `kind` (`_runtime.CallPlan`): `_bind`'s checks of
         ndarray inputs, in C, for the calls that need no conversion; the others it
         leaves to `_run`, which raises the usual errors. `_NO_PLAN` for models
-        whose inputs always need Python: forests, graphs, sequences (binders),
-        integers computed on in float32 (the 2**24 check)."""
+        whose inputs always need Python: integers computed on in float32 (the
+        2**24 check), and forests, graphs, sequences (binders) unless `expanded`
+        (the caller runs the binders first and gives the plan the dims they bound)."""
         entry = dict.get(self._entries, kind)
-        if (entry is None or self._binders or any(s.name in self._float_ints for s in entry.inputs)
+        if (entry is None or (self._binders and not expanded) or any(s.name in self._float_ints for s in entry.inputs)
                 or len(self._symbols) > _PLAN_MAX_SYMBOLS):
             return _NO_PLAN
         symbol = {name: k for k, name in enumerate(self._symbols)}
@@ -497,7 +505,24 @@ class Net:
                    for name, shape, dtype in entry.outputs]
         pa, ga, sa = self._arena_addrs
         return _runtime.call_plan(entry.address, entry.workspace_address, pa, ga, sa, self._hyper_addr, mode,
-                                  len(self._symbols), inputs, outputs, self.name, np.ndarray, np.empty, self._lock)
+                                  len(self._symbols), inputs, outputs, self.name, np.ndarray, np.empty, self._lock,
+                                  tuple(self._symbols), frozenset(self._inputs))
+
+    def _make_train_plan(self):
+        """`train_step`'s call plan: `_run`'s work after the binders, in C (its Python
+        runs after a native step, with cold caches, on one thread). None of the
+        Python path's extra checks may apply: batch norm's batch counts, per-edge
+        outputs to put back in the given order."""
+        entry = self._entries.get("train")      # compiles a deferred training part
+        restored = {n for b in self._binders for n in getattr(b, "edge_outputs", ())}
+        plan = _NO_PLAN
+        if entry is not None and not self._batch_counts and not restored & {o[0] for o in entry.outputs}:
+            plan = self._call_plan("train", 0, expanded=True)
+        with self._lock:
+            if self._workspace_buf is not None:
+                plan.set_workspace(self._workspace_buf, self._workspace_addr, self._workspace_buf.size)
+            self._train_plan = plan
+        return plan
 
     def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None,
              check_batch: bool = True):
@@ -671,10 +696,26 @@ class Net:
         With `check_finite` (default: `net.check_finite`, off) a loss that is
         NaN or infinite raises FloatingPointError instead of being returned."""
         lr = _hyper_value("lr", lr)
-        before = (lambda: (self._set_hyper(lr), self._next_dropout_step())) if self._random else \
-            (lambda: self._set_hyper(lr))       # a model without dropout pays nothing for it
-        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=before,
-                               after=lambda: self._step)
+        plan = self._train_plan or self._make_train_plan()
+        ran = None
+        if plan is not _NO_PLAN:
+            given, dims = inputs, {}
+            for binder in self._binders:        # a forest or a graph becomes its arrays and sizes
+                given = binder.expand(given, dims)
+
+            def hyper():                        # under the lock, as `_run`'s before, mode and after
+                self._set_hyper(lr)
+                if self._random:
+                    self._next_dropout_step()
+                return MODES[self.optimizer], self._step
+            ran = plan.train(given, dims, hyper)
+        if ran is not None:
+            outs, (_, step) = ran
+        else:                                   # anything to convert or refuse: the Python path
+            before = (lambda: (self._set_hyper(lr), self._next_dropout_step())) if self._random else \
+                (lambda: self._set_hyper(lr))       # a model without dropout pays nothing for it
+            outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=before,
+                                   after=lambda: self._step)
         loss = float(outs["loss"])
         if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
             raise FloatingPointError(f"{self.name}: the loss is {loss} at step {step} (lr={lr}); this step's "

@@ -630,3 +630,37 @@ def test_graphs_and_forests_pickle_and_stay_sealed(gnn):
                 arr.flags.writeable = True
         with pytest.raises(AttributeError):
             g2.num_nodes = 7
+
+
+def test_a_gnn_training_step_runs_through_the_c_call_plan():
+    """`train_step` on a Graph checks the binders' arrays, binds the sizes, takes
+    the lock, sets the hyper-parameters and runs the entry in C (the train
+    plan): the same losses and weights, to the bit, as the Python path (`_run`),
+    also after a change of optimizer; what the plan does not take (a label out
+    of range) goes to the Python path, which refuses it before anything runs."""
+    from structc.model import _NO_PLAN
+    rng = np.random.default_rng(13)
+    g = random_graph(rng, 60, 240, features=6, edge_features=0, edge_types=0)
+    y = rng.integers(0, 3, 60).astype(np.int32)
+    planned, python = structc.compile(GNN, seed=3), structc.compile(GNN, seed=3)
+    python._train_plan = _NO_PLAN
+
+    def run(net):
+        losses = [net.train_step(g=g, y=y, lr=0.05) for _ in range(3)]
+        net.set_optimizer("adam")
+        losses += [net.train_step(g=g, y=y, lr=0.01) for _ in range(3)]
+        net.set_optimizer("sgd")
+        return losses, {k: v.copy() for k, v in net.params.items()}
+    got, want = run(planned), run(python)
+    assert planned._train_plan.calls == 5          # the first call allocates the workspace (Python)
+    assert got[0] == want[0]
+    for name in want[1]:
+        np.testing.assert_array_equal(got[1][name], want[1][name], err_msg=name)
+    step, weights = planned._step, {k: v.copy() for k, v in planned.params.items()}
+    bad = y.copy()
+    bad[7] = 3
+    with pytest.raises(ValueError, match="class 3 at position"):
+        planned.train_step(g=g, y=bad, lr=0.05)
+    assert planned._step == step and planned._train_plan.calls == 5
+    for name in weights:
+        np.testing.assert_array_equal(planned.params[name], weights[name])
