@@ -499,8 +499,10 @@ class Net:
             return tuple(d if d.__class__ is int else -1 - symbol[d] for d in shape)
         if any(d.__class__ is not int and d not in bound for _, shape, _ in entry.outputs for d in shape):
             return _NO_PLAN     # an output axis no input binds: `_run` says so
+        # sealed: a binder's array of a Graph, which the plan takes again unchecked when it is the last one
         inputs = [(sys.intern(s.name), memoryview(np.empty(0, s.dtype)).format, np.dtype(s.dtype).itemsize,
-                   np.dtype(s.dtype).alignment, coded(s.shape), s.classes or 0) for s in entry.inputs]
+                   np.dtype(s.dtype).alignment, coded(s.shape), s.classes or 0,
+                   expanded and s.name in self._sealed_inputs) for s in entry.inputs]
         outputs = [(sys.intern(name), np.dtype(dtype), np.dtype(dtype).itemsize, coded(shape))
                    for name, shape, dtype in entry.outputs]
         pa, ga, sa = self._arena_addrs

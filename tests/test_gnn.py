@@ -645,14 +645,19 @@ def test_a_gnn_training_step_runs_through_the_c_call_plan():
     planned, python = structc.compile(GNN, seed=3), structc.compile(GNN, seed=3)
     python._train_plan = _NO_PLAN
 
+    k = random_graph(rng, 90, 100, features=6, edge_features=0, edge_types=0)      # and back: never stale
+    z = rng.integers(0, 3, 90).astype(np.int32)
+
     def run(net):
         losses = [net.train_step(g=g, y=y, lr=0.05) for _ in range(3)]
         net.set_optimizer("adam")
         losses += [net.train_step(g=g, y=y, lr=0.01) for _ in range(3)]
         net.set_optimizer("sgd")
+        losses += [net.train_step(**batch, lr=0.05) for batch in ({"g": k, "y": z}, {"g": g, "y": y}) * 2]
         return losses, {k: v.copy() for k, v in net.params.items()}
     got, want = run(planned), run(python)
-    assert planned._train_plan.calls == 5          # the first call allocates the workspace (Python)
+    # the first call allocates the workspace and the first with k grows it (the Python path)
+    assert planned._train_plan.calls == 8
     assert got[0] == want[0]
     for name in want[1]:
         np.testing.assert_array_equal(got[1][name], want[1][name], err_msg=name)
@@ -661,6 +666,6 @@ def test_a_gnn_training_step_runs_through_the_c_call_plan():
     bad[7] = 3
     with pytest.raises(ValueError, match="class 3 at position"):
         planned.train_step(g=g, y=bad, lr=0.05)
-    assert planned._step == step and planned._train_plan.calls == 5
+    assert planned._step == step and planned._train_plan.calls == 8
     for name in weights:
         np.testing.assert_array_equal(planned.params[name], weights[name])
