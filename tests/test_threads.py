@@ -389,3 +389,26 @@ def test_tree_levels_too_small_to_split_are_not_handed_off():
         assert results[1][1][0] == results[2][1][0]
         for name in results[1][1][1]:
             np.testing.assert_array_equal(results[1][1][1][name], results[2][1][1][name], err_msg=name)
+
+
+def test_a_training_step_refused_under_the_lock_releases_it():
+    """`train_step` runs through the C call plan, which sets the step's
+    hyper-parameters holding the Net's lock: when that refuses them (Adam's
+    step size overflowing float32) the error reaches the caller, the lock is
+    free for another thread, and the next step runs through the plan."""
+    net = structc.compile(MLP, seed=0)
+    x, y = batches(count=1)[0]
+    y = y.astype(np.int32)
+    net.train_step(x=x, y=y, lr=0.05)
+    net.train_step(x=x, y=y, lr=0.05)
+    net.set_optimizer("adam")
+    calls = net._train_plan.calls
+    assert calls > 0
+    with pytest.raises(ValueError, match="overflow float32"):
+        net.train_step(x=x, y=y, lr=3e38)
+    got = []
+    other = threading.Thread(target=lambda: got.append(net._lock.acquire(timeout=5) and net._lock.release()))
+    other.start()
+    other.join()
+    assert got == [None], "the lock was left held"
+    assert np.isfinite(net.train_step(x=x, y=y, lr=0.01)) and net._train_plan.calls == calls + 1
