@@ -41,8 +41,9 @@ from .module import KERNEL_TYPE, NESTED_WORK, function_text
 # hand-off per level, every kernel of the body on each thread's rows) at
 # multiples of `gemm.same_sums_step`: each row's sums then run in the same
 # order however the level is split, so results are bitwise the same at any
-# thread count. A level too small to split runs whole in one task (its
-# kernels then run on one thread, without a hand-off each).
+# thread count. A level of fewer than two shares' rows is one task, which the
+# caller runs (`sc_row_tasks`: no hand-off of the level; its kernels are then
+# pooled by their own size, as outside a level).
 LEVEL_COST = 1 << 30       # a level's task is worth a hand-off (the pool's threshold)
 
 
@@ -175,7 +176,8 @@ class LevelTasks:
     the thread pool from the kernel."""
 
     def __init__(self, kb, cg: CG, le, nodes_d, emit):
-        self.cg = cg
+        self.cg, self.le, self.nodes_d = cg, le, nodes_d
+        self.step = same_sums_step(kb.vector_width)
         frame = cg.eb.alloca(ir.ArrayType(I64, 3))
         frame.type = PTR
         self.frame = frame
@@ -191,9 +193,8 @@ class LevelTasks:
         nodes = t.dim(nodes_d)
         start, stop = _level_bounds(t, t.ptr(le), l, nodes)
         rows = t.b.sub(stop, start)
-        step = same_sums_step(kb.vector_width)
-        a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows, step))
-        b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows, step))
+        a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows, self.step))
+        b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows, self.step))
         with t.if_(t.b.icmp_signed("<", a, b)):        # a thread's share of a small level may be empty
             emit(t, l, start, a, b)
         t.b.ret_void()
@@ -204,8 +205,9 @@ class LevelTasks:
         cg = self.cg
         b = cg.b
         tasks = cg.i64(1)
-        if split:       # one task per thread; a thread's rows may be none
-            tasks = b.sext(b.call(cg.declare("sc_get_num_threads", I32, []), []), I64)
+        if split:       # one task per thread, none empty: a small level runs on the caller (no hand-off)
+            start, stop = _level_bounds(cg, cg.ptr(self.le), l, cg.dim(self.nodes_d))
+            tasks = b.call(cg.declare("sc_row_tasks", I64, [I64, I64]), [b.sub(stop, start), cg.i64(self.step)])
         b.store(l, b.gep(self.frame, [cg.i64(1)], source_etype=I64))
         b.store(tasks, b.gep(self.frame, [cg.i64(2)], source_etype=I64))
         par = cg.declare("sc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
