@@ -255,7 +255,8 @@ def test_backward_programs_share_the_gates_cotangents(child_sum):
     grad = next(n for n in differentiate(child_sum[1].graph).nodes.values() if n.op.name == "tree_map_grad")
     assert [name for name, _ in grad.attrs["cots"]] == ["@cot0", "@cot1"]
     par = {n.op.name for n in grad.attrs["bwd_par"].graph.nodes.values()}
-    assert par <= {"input", "param", "const", "matmul", "sum", "add", "slice", "tree_kids", "transpose", "concat"}
+    assert par <= {"input", "param", "const", "matmul", "sum", "add", "slice", "tree_kids", "tree_sum_kids",
+                   "transpose", "concat"}
     in_matmuls = [n for n in grad.attrs["bwd_in"].graph.nodes.values() if n.op.name == "matmul"]
     assert len(in_matmuls) == 2             # the deltas through iou's and the forget gates' weights
 
@@ -450,3 +451,47 @@ def test_the_cells_gradient_is_one_kernel():
     with_dg = [names for names in ops if "lstm_state_grad" in names]
     assert len(with_dg) == 1 and "lstm_state_dc" in with_dg[0]
     assert not any("lstm_state_dc" in names for names in ops if names is not with_dg[0])
+
+
+def test_states_are_gathered_in_blocks_of_their_own():
+    """Each state of the children is gathered into a block of its own, so the
+    node case reads h(k) and c(k) over the child slots as views: no column
+    copy (slice) per level in the forward program, and no padded concat or
+    copy of dC in the children's backward program (the model only: no compile)."""
+    from structc.autodiff import differentiate
+    mdef = build_model(parse(CHILD_SUM_FUSED))
+    tm = next(n for n in mdef.graph.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs["blocks"] == ((0, 0, 8), (1, 8, 8))
+    body = tm.attrs["fwd"].graph
+    readers = {body.nodes[u].op.name for k in ("children.0", "children.1") for u in body.users(body.inputs[k])}
+    assert readers == {"tree_kids"}     # views, where there were column slices (copies)
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    ops = {n.op.name for n in grad.attrs["bwd_in"].graph.nodes.values()}
+    assert not ops & {"slice", "concat", "copy"}, ops
+    assert grad.attrs["from_roots"]      # h(t.root): the roots' cotangent, no [nodes, 2d] seed
+
+
+# the node case reads h of its children and never c: only h is gathered, and
+# c's columns of a child's dH get the seed alone (dC has no block for them)
+UNREAD_STATE = """
+model UnreadState {
+  input  t: forest(arity=2) of word(vocab=6)
+  target s: class[t.nodes] of 2
+  target y: class[t.trees] of 2
+  param  E: embedding(6, 4) = normal(0.5)
+  rec (h, c)(n) = leaf: (tanh(E[n.word]), E[n.word] * 0.5)
+                  node: { a = tanh(dense(sum(h(n.children)), 4, name="a")); (a, a * 2.0) }
+  loss cross_entropy(dense(concat(h(t.nodes), c(t.nodes), axis=1), 2, name="all"), s)
+     + cross_entropy(dense(c(t.root), 2, name="root"), y)
+}
+"""
+
+
+def test_a_state_the_node_case_does_not_read_gets_its_gradient():
+    rng = np.random.default_rng(4)
+    net, mdef = compiled(UNREAD_STATE)
+    tm = next(n for n in mdef.graph.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs["blocks"] == ((0, 0, 4),)           # h alone
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 8)), 6, 2) for _ in range(5)])
+    check_native(net, mdef, f, {"s": rng.integers(0, 2, f.nodes).astype(np.int32),
+                                "y": rng.integers(0, 2, f.trees).astype(np.int32)})
