@@ -495,3 +495,24 @@ def test_a_state_the_node_case_does_not_read_gets_its_gradient():
     f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 8)), 6, 2) for _ in range(5)])
     check_native(net, mdef, f, {"s": rng.integers(0, 2, f.nodes).astype(np.int32),
                                 "y": rng.integers(0, 2, f.trees).astype(np.int32)})
+
+
+def test_a_two_state_chain_reads_its_blocks_whole_and_is_seeded_at_its_ends():
+    """An LSTM over a sequence (a chain: arity 1): h(t.prev) and c(t.prev) are
+    the gathered blocks themselves (no column copy per step), and h(s.last)
+    seeds the backward with the last positions' cotangent only."""
+    from structc.autodiff import differentiate
+    mdef = build_model(parse("""
+model Seq {
+  input  s: sequence of f32[3]
+  target y: class[s.sequences] of 2
+  rec (h, c)(t) = init: (zeros(4), zeros(4))
+                  next: lstm_cell(t.x, h(t.prev), c(t.prev), 4)
+  loss cross_entropy(dense(h(s.last), 2), y)
+}
+"""))
+    tm = next(n for n in mdef.graph.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs["blocks"] == ((0, 0, 4), (1, 4, 4))
+    assert "slice" not in {n.op.name for n in tm.attrs["fwd"].graph.nodes.values()}
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    assert grad.attrs["from_roots"]
