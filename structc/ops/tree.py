@@ -1009,6 +1009,7 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also_dc=()) -> None:
     operands (gates, kept, dS) start at `first`; `also_dc`: nodes that get
     dc too (written by the dg kernel: one pass, the gate math once)."""
     from ..lower.treemap import _row_op
+    from .recurrent import gate_tanh
     g = kb.graph
     gates, kept_id, ds_id = node.inputs[first:first + 3] if what != "state" else (*node.inputs[:2], None)
     gt = g.nodes[gates].type
@@ -1033,9 +1034,9 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also_dc=()) -> None:
                     kept = cg.const(float(number), i)
                 else:
                     kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
-                si, so, tu = cg.sigmoid(i), cg.sigmoid(o), cg.tanh(u)
+                si, so, tu = cg.sigmoid(i), cg.sigmoid(o), gate_tanh(cg, u)
                 c = cg.fma(si, tu, kept)
-                tc = cg.tanh(c)
+                tc = gate_tanh(cg, c)
                 one = cg.const(1.0, c)
                 if what == "state":
                     s_at = cg.imul(r, 2 * d)
