@@ -179,8 +179,9 @@ def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
 
 
 #: what a file holds, by its suffix: compiled code, a source text's canonical program (api's alias),
-#: or the object code of one LLVM module, keyed by its IR text (`compiler.module_key`)
-KINDS = ("entry", "alias", "object", "parser")
+#: the object code of one LLVM module, keyed by its IR text (`compiler.module_key`), or a
+#: kernel's text and what it calls, keyed by what determines them (`lower/lowered.py`)
+KINDS = ("entry", "alias", "object", "parser", "lowered")
 
 
 def _entry_name(key: str, kind: str = "entry") -> str:
