@@ -255,7 +255,7 @@ class KernelBuilder:
                 raise NotCacheable("a frame slot outside the spec")
             record = {"version": RECORD_VERSION, "body": body, "vector_code": vector_code,
                       "slots": [[names[index], at, str(t)] for index, at, t in used],
-                      "callees": callees(body, self.module, function_text)}
+                      "callees": callees(body, self.module, self._helper_text)}
         except NotCacheable as e:
             self.lowered.refuse(str(e))
             return
