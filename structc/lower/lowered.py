@@ -45,14 +45,24 @@ class NotCacheable(Exception):
 
 @dataclass
 class LoweredKernels:
-    """The kernels' records on disk: `load(key)` -> dict | None, `store(key, dict)`;
-    `salt`: the compiler, user ops, LLVM and the target, as text."""
+    """The kernels' records of one compile: `read(key)` -> dict | None and
+    `write(key, dict)` reach the disk cache; `salt`: the compiler, user ops,
+    LLVM and the target, as text. Records made in this compile are kept at
+    hand too: a repeated layer's second kernel is not read back from disk."""
     salt: str
-    load: Callable[[str], dict | None]
-    store: Callable[[str, dict], None]
+    read: Callable[[str], dict | None]
+    write: Callable[[str, dict], None]
     hits: int = 0
     misses: int = 0
     refused: dict = field(default_factory=dict)     # reason -> count (groups or kernels not recorded)
+    made: dict = field(default_factory=dict)
+
+    def load(self, key: str) -> dict | None:
+        return self.made[key] if key in self.made else self.read(key)
+
+    def store(self, key: str, record: dict) -> None:
+        self.made[key] = record
+        self.write(key, record)
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
