@@ -316,8 +316,8 @@ def lowered_kernels(target: Target) -> LoweredKernels:
         hit = cache.load(key, None, "lowered")
         return hit[0] if hit is not None else None
 
-    def store(key: str, record: dict) -> None:
-        cache.store(key, record, b"", "lowered")
+    def store(records: dict) -> None:
+        cache.store_many([(key, record, b"") for key, record in records.items()], "lowered")
     return LoweredKernels(salt, load, store)
 
 
@@ -455,6 +455,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 provided = helpers(module)
         if lowered is not None:
             _count_records(lowered)
+            with times.stage("cache.lowered"):
+                lowered.flush()
         with times.stage("llvm"):
             compiled = llvm_jobs.results()
     finally:

@@ -120,6 +120,17 @@ def test_a_lowering_that_reads_outside_its_group_records_nothing(cache_in, no_ll
     assert compiler.KERNEL_RECORDS["built"] - before == sum(transposes) > 0     # only the transposes, again
 
 
+def test_a_damaged_record_is_not_used(cache_in, no_llvm, tmp_path, monkeypatch):
+    from structc import cache
+    ir, within, _ = _lower(CNN)       # records made in the compile serve it too (both parts' same kernels)
+    for record in cache_in.glob("*.lowered"):       # each one's text, cut short
+        data = record.read_bytes()
+        record.write_bytes(data[:len(data) // 2])
+    with pytest.warns(cache.CacheWarning, match="integrity"):
+        again, reused, built = _lower(CNN)
+    assert reused == within and built > 0 and again == ir
+
+
 def test_kernels_from_records_compute_bitwise_what_a_fresh_compile_does(cache_in):
     structc.compile(CNN, training=True)
     edited = CNN.replace("dense(h, 3)", "dense(h, 3) |> tanh")

@@ -45,13 +45,14 @@ class NotCacheable(Exception):
 
 @dataclass
 class LoweredKernels:
-    """The kernels' records of one compile: `read(key)` -> dict | None and
-    `write(key, dict)` reach the disk cache; `salt`: the compiler, user ops,
-    LLVM and the target, as text. Records made in this compile are kept at
-    hand too: a repeated layer's second kernel is not read back from disk."""
+    """The kernels' records of one compile: `read(key)` -> dict | None reads
+    the disk cache, `write({key: record})` writes the records made (`flush`,
+    once lowering is done); `salt`: the compiler, user ops, LLVM and the
+    target, as text. Records made in this compile serve it too (a repeated
+    layer's kernels)."""
     salt: str
     read: Callable[[str], dict | None]
-    write: Callable[[str, dict], None]
+    write: Callable[[dict], None]
     hits: int = 0
     misses: int = 0
     refused: dict = field(default_factory=dict)     # reason -> count (groups or kernels not recorded)
@@ -62,7 +63,10 @@ class LoweredKernels:
 
     def store(self, key: str, record: dict) -> None:
         self.made[key] = record
-        self.write(key, record)
+
+    def flush(self) -> None:
+        self.write(self.made)
+        self.made = {}
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -414,20 +418,28 @@ def callees(text: str, module: ir.Module, function_text) -> list[list]:
             wanted.add(name)
             if fn.blocks:
                 todo.append(function_text(fn))
-    out = []
-    for name in (n for n in module.globals if n in wanted):
+    return [_callee(module, name, function_text) for name in module.globals if name in wanted]
+
+
+def _callee(module: ir.Module, name: str, function_text) -> list:
+    """One callee's entry, checked once per module (helpers are complete when made)."""
+    known = module.__dict__.setdefault("structc_callees", {})
+    if name not in known:
         fn = module.globals[name]
         ftype = function_type(fn)
-        scratch = make_function(ir.Module(), name, ftype)
+        scratch = known.setdefault(None, ir.Module())       # names are unique here as they are in `module`
+        made = make_function(scratch, name, ftype)
         if fn.blocks:       # a helper (matmul micro-kernels): its text is what is printed; callers need its type
             if fn.linkage != "internal":
-                raise NotCacheable(f"a call of the {fn.linkage or 'external'} function {name}")
-            if str(scratch.function_type) != str(fn.function_type):
-                raise NotCacheable(f"a helper whose type is not remade exactly: {name}")
-            out.append([name, ftype, None, function_text(fn), getattr(fn, "structc_vector_code", False)])
+                known[name] = NotCacheable(f"a call of the {fn.linkage or 'external'} function {name}")
+            elif str(made.function_type) != str(fn.function_type):
+                known[name] = NotCacheable(f"a helper whose type is not remade exactly: {name}")
+            else:
+                known[name] = [name, ftype, None, function_text(fn), getattr(fn, "structc_vector_code", False)]
+        elif str(made) != str(fn):
+            known[name] = NotCacheable(f"a declaration not remade exactly: {name}")
         else:
-            if str(scratch) != str(fn):
-                raise NotCacheable(f"a declaration not remade exactly: {name}")
-            out.append([name, ftype, str(fn), None, False])
-    return out
-
+            known[name] = [name, ftype, str(fn), None, False]
+    if isinstance(known[name], NotCacheable):
+        raise known[name]
+    return known[name]
