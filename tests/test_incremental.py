@@ -141,3 +141,30 @@ def test_kernels_from_records_compute_bitwise_what_a_fresh_compile_does(cache_in
     np.testing.assert_array_equal(net(x=X), fresh(x=X))
     assert [net.train_step(0.1, x=X, y=Y) for _ in range(3)] == [fresh.train_step(0.1, x=X, y=Y) for _ in range(3)]
     np.testing.assert_array_equal(net._param_arena, fresh._param_arena)
+
+
+def _models() -> dict:
+    """Every shipped example, the conv step (padding) and repeated layers."""
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    import bench_compile
+    import bench_conv
+    found = {p.stem: p.read_text() for p in sorted((root / "examples").glob("*.snet"))}
+    return dict(found, conv_step=bench_conv.CONV_STEP, dense20=bench_compile.deep(20))
+
+
+@pytest.mark.slow
+def test_every_model_lowered_from_records_is_a_fresh_lowering(tmp_path, no_llvm, monkeypatch):
+    """One cache folder for all the models in turn (so each meets the others'
+    records, as a user's folder does), each model twice (the second time every
+    kernel from its record): its IR is always the one lowered in an empty folder."""
+    shared = str(tmp_path / "shared")
+    for k, (name, source) in enumerate(_models().items()):
+        monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / f"fresh{k}"))
+        fresh = _lower(source)[0]
+        monkeypatch.setenv("STRUCTC_CACHE_DIR", shared)
+        assert _lower(source)[0] == fresh, name
+        again, reused, built = _lower(source)
+        assert again == fresh and reused > 0, name
