@@ -116,26 +116,36 @@ def spec_nodes(graph, group) -> list[int]:
     return order
 
 
-def group_spec(graph, group, layout) -> tuple[list[int], str]:
-    """(the spec's nodes, the spec as text). Node ids do not appear: each node
-    is named by its place in the list, so the same layer in another model (or
-    at other ids after an edit) has the same spec."""
+def group_spec(graph, group, layout) -> tuple[list[int], set[int], str]:
+    """(the spec's nodes, those read as buffers only, the spec as text). Node
+    ids do not appear: each node is named by its place in the list, so the
+    same layer in another model (or at other ids after an edit) has the same
+    spec. An operand that is neither a view nor inlined (a constant) is read
+    as a buffer: its attributes (a parameter's name and initialiser) are left
+    out, and `SpecNodes` notes any read of them."""
     nodes = spec_nodes(graph, group)
     place = {nid: k for k, nid in enumerate(nodes)}
     plan = layout.plan
     roots: dict[int, int] = {}
-    rows = []
+    rows, bare = [], set()
+    members = set(group.members) | {group.anchor}
     for nid in nodes:
         node = graph.nodes[nid]
         root = plan.root(nid)
         st = plan.storage.get(root)
         storage = None if st is None else [st.kind, st.dtype, roots.setdefault(root, place[nid])]
+        traits = node.op.traits
+        if nid in members or "view" in traits or "inline" in traits:
+            attrs = _canonical(dict(node.attrs))
+        else:
+            attrs = "buffer"
+            bare.add(nid)
         rows.append([type(node.op).__module__ + "." + type(node.op).__qualname__, node.op.name,
-                     _canonical(dict(node.attrs)), node.type.dtype, _canonical(tuple(node.type.shape)),
+                     attrs, node.type.dtype, _canonical(tuple(node.type.shape)),
                      [place.get(i, -1) for i in node.inputs], storage,
                      nid in group.members, nid == group.anchor, nid in group.outputs, nid in group.reductions,
                      nid in layout.partials])
-    return nodes, json.dumps([group.kind, rows], separators=(",", ":"))
+    return nodes, bare, json.dumps([group.kind, rows], separators=(",", ":"))
 
 
 def kernel_key(salt: str, spec: str, ordinal: int, stem: str, vector_code: bool) -> str:
@@ -164,12 +174,30 @@ class _Reads:
             self.note("a node outside the spec")
 
 
+class _BufferNode:
+    """An operand read as a buffer: its op, operands and type, not its attributes."""
+
+    def __init__(self, node, reads: _Reads):
+        self._node, self._reads = node, reads
+        self.id, self.op, self.inputs, self.type, self.span = node.id, node.op, node.inputs, node.type, node.span
+
+    @property
+    def shape(self):
+        return self.type.shape
+
+    def __getattr__(self, name):
+        self._reads.note(f"an operand's {name}")
+        return getattr(self._node, name)
+
+
 class SpecNodes:
-    def __init__(self, nodes: dict, reads: _Reads):
-        self._nodes, self._reads = nodes, reads
+    def __init__(self, nodes: dict, reads: _Reads, bare: set[int] = frozenset()):
+        self._nodes, self._reads, self._bare = nodes, reads, bare
 
     def __getitem__(self, nid):
         self._reads.node(nid)
+        if nid in self._bare:
+            return _BufferNode(self._nodes[nid], self._reads)
         return self._nodes[nid]
 
     def __contains__(self, nid):
@@ -177,8 +205,7 @@ class SpecNodes:
         return nid in self._nodes
 
     def get(self, nid, default=None):
-        self._reads.node(nid)
-        return self._nodes.get(nid, default)
+        return self[nid] if nid in self else default
 
     def __getattr__(self, name):
         self._reads.note(f"graph.nodes.{name}")
@@ -229,9 +256,9 @@ class SpecGraph:
     to find the group of one of its members (ops do: `next(gr for gr in
     graph.groups if node.id in gr.members)`); anything else is noted."""
 
-    def __init__(self, graph, group, reads: _Reads):
+    def __init__(self, graph, group, reads: _Reads, bare: set[int] = frozenset()):
         self._graph, self._group, self._reads = graph, group, reads
-        self.nodes = SpecNodes(graph.nodes, reads)
+        self.nodes = SpecNodes(graph.nodes, reads, bare)
 
     @property
     def groups(self) -> list:
@@ -323,12 +350,12 @@ class GroupScope:
 def open_group(kb, graph, group, layout) -> GroupScope | None:
     """The scope of `group`, or None (noted in `refused`) when it cannot be keyed."""
     try:
-        nodes, spec = group_spec(graph, group, layout)
+        nodes, bare, spec = group_spec(graph, group, layout)
     except NotCacheable as e:
         kb.lowered.refuse(str(e))
         return None
     reads = _Reads(set(nodes))
-    g, lay = SpecGraph(graph, group, reads), SpecLayout(layout, reads)
+    g, lay = SpecGraph(graph, group, reads, bare), SpecLayout(layout, reads)
     return GroupScope(nodes, spec, reads, g, lay, GroupBuilder(kb, g, lay, reads))
 
 
