@@ -157,7 +157,7 @@ class KernelBuilder:
         if found is not None and skippable:
             scope.skipped = True
             yield None, None, None
-            fn, used = self._from_record(found[0], full, name), found[1]
+            fn, used = self._from_record(found[0], name), found[1]
         else:
             fn = ir.Function(self.module, KERNEL_TYPE, name=full)
             fn.linkage = "hidden" if self.export else "internal"
@@ -168,14 +168,14 @@ class KernelBuilder:
                 found = self._usable(found[0])
             if found is not None:       # built all the same: the record's text stands in for it
                 del self.module.globals[full]
-                fn, used = self._from_record(found[0], full, name), found[1]
+                fn, used = self._from_record(found[0], name), found[1]
             else:
                 cg.b.ret_void()
                 cg.finish()
                 fn = self._named_by_content(fn, full, name)
                 used = [(index, at, t) for index, (at, t) in cg.slots.used.items()]
                 if key is not None:
-                    self._record(key, fn, full, name, vector_code, used)
+                    self._record(key, full, vector_code, used)
         if vector_code:
             fn.structc_vector_code = True
         if isinstance(self.shared, SharedKernels):
@@ -242,7 +242,7 @@ class KernelBuilder:
         text = body.replace('"@kernel"', f'"{symbol}"', 1)
         return text.replace("define internal ", "define hidden ", 1) if self.export else text
 
-    def _record(self, key: str, fn: ir.Function, full: str, name: str, vector_code: bool, used) -> None:
+    def _record(self, key: str, full: str, vector_code: bool, used) -> None:
         """Note the kernel just built, to store under `key` if its group read nothing outside its spec."""
         body = self._last_body
         names = slot_names(self.layout, self._scope)
@@ -287,7 +287,7 @@ class KernelBuilder:
             texts[fn.name] = function_text(fn)
         return texts[fn.name]
 
-    def _from_record(self, record: dict, full: str, name: str) -> ir.Function:
+    def _from_record(self, record: dict, name: str) -> ir.Function:
         """The recorded kernel in this module: its callees made where absent (a
         helper as a function carrying its text), then the kernel itself."""
         for callee, ftype, _, definition, vector_code in record["callees"]:
