@@ -139,6 +139,7 @@ def test_a_damaged_record_is_not_used(cache_in, no_llvm, tmp_path, monkeypatch):
     assert reused == within and built > 0 and again == ir
 
 
+@pytest.mark.slow
 def test_kernels_from_records_compute_bitwise_what_a_fresh_compile_does(cache_in):
     structc.compile(CNN, training=True)
     edited = CNN.replace("dense(h, 3)", "dense(h, 3) |> tanh")
