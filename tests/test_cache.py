@@ -74,8 +74,10 @@ def test_entries_are_private_and_hit(cache_in):
     assert objects and all(_mode(cache_in / name) == 0o600 for name in objects)
     parser = [p.name for p in cache_in.glob("*.parser")]      # lark's tables, if this process built them here
     assert all(_mode(cache_in / name) == 0o600 for name in parser)
+    lowered = [p.name for p in cache_in.glob("*.lowered")]      # each kernel's text, by what determines it
+    assert lowered and all(_mode(cache_in / name) == 0o600 for name in lowered)
     assert sorted(p.name for p in cache_in.iterdir()) == sorted([_entry(cache_in).name, alias.name, "key", *objects,
-                                                                 *parser])
+                                                                 *parser, *lowered])
 
 
 def test_edited_metadata_is_rebuilt_not_run(cache_in):
