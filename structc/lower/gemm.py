@@ -394,24 +394,26 @@ def emit_narrow(kb, *, M, K, n: int, a_buf, b_buf, epilogue, name):
     The column-panel kernel would fill n of each vector's lanes; here vectors
     run along k instead: B's flat data is vw/n consecutive rows of B, so lane
     l multiplies A[i, k + l // n] (a short load of A spread by a shuffle) by
-    B[k + l // n, l % n], and folding the vector's halves leaves C[i, :]."""
+    B[k + l // n, l % n], and folding the vector's halves leaves C[i, :].
+    Explicit vector code (the short LLVM pipeline): O3 unrolled its k loop
+    four times and grew the kernel by half, for no speed."""
     vw = kb.vector_width
     ks = vw // n                                   # k values per vector
 
     def tasks(cg):
         return cg.ceil_div(M(cg), NARROW_MB)
 
-    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB)) as (cg, lo, hi):
+    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB), vector_code=True) as (cg, lo, hi):
         b = cg.b
         m, k = M(cg), K(cg)
         A, B = cg.ptr(a_buf), cg.ptr(b_buf)
         i_end = cg.imin(cg.imul(hi, NARROW_MB), m)
         i = cg.var(I64, cg.imul(lo, NARROW_MB))
         whole = b.sub(i_end, cg.i64(NARROW_ROWS - 1))
-        with cg.while_(lambda: b.icmp_signed("<", b.load(i), whole)):
+        with _row_tiles(cg, lambda: b.icmp_signed("<", b.load(i), whole)):
             _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), NARROW_ROWS, epilogue)
             b.store(cg.iadd(b.load(i), NARROW_ROWS), i)
-        with cg.while_(lambda: b.icmp_signed("<", b.load(i), i_end)):
+        with _row_tiles(cg, lambda: b.icmp_signed("<", b.load(i), i_end)):
             _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), 1, epilogue)
             b.store(cg.iadd(b.load(i), 1), i)
 
@@ -435,7 +437,7 @@ def _narrow_rows(cg, vw, n, ks, A, B, m, k, i0, rows, epilogue) -> None:
             b.store(cg.fma(a, bv, b.load(slot)), slot)
 
     full = cg.imul(b.sdiv(k, cg.i64(ks)), ks)
-    with cg.loop(full, step=ks, name="nk") as k0:
+    with cg.loop(full, step=ks, name="nk", unroll=False) as k0:
         step(k0, False)
     with cg.if_(b.icmp_signed("<", full, k)):
         step(full, True)
