@@ -269,10 +269,16 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
                 b.store(cg.load(t.C, cg.iadd(row_offs[r], cols[v]), F32, vw), acc[r][v])
 
     def done():
-        for r in range(mr):
-            for v in range(2):
+        # the first vector inline; what it cost says whether the others are copied too
+        block, before = b.block, len(b.block.instructions)
+        t.epilogue.emit(cg, [i0, cols[0]], vw, None, given={t.epilogue.anchor: b.load(acc[0][0])})
+        rest = [(r, v) for r in range(mr) for v in range(2)][1:]
+        if b.block is block and len(block.instructions) - before <= HEAVY_EPILOGUE:
+            for r, v in rest:
                 t.epilogue.emit(cg, [cg.iadd(i0, r), cols[v]], vw, None,
                                 given={t.epilogue.anchor: b.load(acc[r][v])})
+            return
+        _epilogue_loop(t, i0, [b.load(acc[r][v]) for r, v in rest], first=1)
 
     def partial():
         for r in range(mr):
@@ -282,6 +288,26 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
     _branch(cg, t.first, fresh, resume)
     _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end)
     _branch(cg, t.last, done, partial)
+
+
+#: instructions of one vector's epilogue above which the inline tile runs it in a
+#: loop over its accumulators (through the tile buffer) instead of copying it
+#: 24 times: a gate's sigmoid or tanh is ~50 instructions, bias + relu ~10
+HEAVY_EPILOGUE = 24
+
+
+def _epilogue_loop(t: _Ctx, i0, values, first: int) -> None:
+    """The epilogue of the main tile's vectors `first`, first + 1, ... (row-major,
+    two a row), stored to the tile buffer then run in one loop: one copy of
+    the epilogue's code, not one per vector."""
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    for k, value in enumerate(values):
+        cg.store(value, t.tile, cg.i64((first + k) * vw))
+    with cg.loop(first + len(values), start=first, name="ei", unroll=False) as k:
+        row = cg.iadd(i0, b.lshr(k, cg.i64(1)))
+        col = cg.iadd(t.j0, cg.imul(b.and_(k, cg.i64(1)), vw))
+        value = cg.load(t.tile, cg.imul(k, vw), F32, vw)
+        t.epilogue.emit(cg, [row, col], vw, None, given={t.epilogue.anchor: value})
 
 
 def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> ir.Function:
