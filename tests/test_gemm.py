@@ -179,3 +179,27 @@ def test_narrow_kernel_is_vector_code():
     driver, module = _driver(_forward_ir((64, 128), (128, 2)))
     assert "nk.head" in driver           # the narrow kernel, not the column panels'
     assert module.lstrip("\n").startswith(VECTOR_CODE)
+
+
+HEAVY = """model H { input a: f32[N, 40]
+  param w: f32[40, 64] = normal(1)
+  param c: f32[64] = normal(1)
+  output y = %s(a @ w + c) }"""
+
+
+def test_heavy_epilogue_runs_in_a_loop_and_matches_numpy():
+    """The inline tile's epilogue is copied per vector when cheap (bias + relu)
+    and run in one loop over the accumulators when heavy (a sigmoid)."""
+    from structc.compiler import compile_source
+    for act, looped in (("relu", False), ("sigmoid", True)):
+        texts = {}
+        compile_source(HEAVY % act, dump=lambda stage, text: texts.setdefault(stage, text), parts=["forward"])
+        driver, _ = _driver(texts["llvm"])
+        assert ("ei.head" in driver) == looped, act
+    net = structc.compile(HEAVY % "sigmoid")
+    w, c = net.params["w"].astype(np.float64), net.params["c"]
+    rng = np.random.default_rng(4)
+    for m in (12, 24, 29):
+        a = rng.normal(size=(m, 40)).astype(np.float32)
+        want = 1 / (1 + np.exp(-(a @ w + c)))
+        np.testing.assert_allclose(net(a=a), want, rtol=1e-5, atol=1e-6, err_msg=f"M = {m}")
