@@ -12,14 +12,25 @@ needs no copy. B must be row-major [K, N]; the `legalize` pass puts a
 
 The tile most of C is made of (MR rows, two full vectors) is emitted inline
 in each kernel, and its accumulators go through the group's epilogue (bias,
-activation, derivative mask...) straight from the registers. The remainder
-tiles (fewer rows, partial vectors) call micro-kernels shared by every
-matmul of the module; a finished remainder tile goes to a small stack
-buffer and one masked loop applies the epilogue, so that code exists once
-per kernel, not once per tile shape. When N is known at compile time, only
-the panel shapes it has are emitted. When K exceeds KC, the k loop is
-blocked so a B panel block stays near the core; partial sums then go
-through the group's first output buffer, straight from the registers.
+activation, derivative mask...) straight from the registers; an epilogue
+of more than HEAVY_EPILOGUE instructions a vector (a gate's sigmoid or
+tanh) is emitted once, in a loop over the accumulators, not 24 times. The
+remainder tiles (fewer rows, partial vectors) call micro-kernels shared by
+every matmul of the module, through one call site: the micro-kernel is
+chosen by the panel's column shape and the tile's rows. A finished
+remainder tile goes to a small stack buffer and one masked loop applies
+the epilogue, so that code exists once per kernel, not once per tile
+shape. When N is known at compile time, only the panel shapes it has are
+emitted. When K exceeds KC, the k loop is blocked so a B panel block stays
+near the core; partial sums then go through the group's first output
+buffer, straight from the registers; a K known to be at most KC emits no
+code for partial sums.
+
+The kernel is explicit vector code (`kb.kernel(..., vector_code=True)`:
+LLVM's short pipeline, not O3, whose loop passes unrolled its epilogue
+loop eight times and its k loop twice; the hot loops come out the same
+either way, at half the LLVM time). Its loops say
+`llvm.loop.unroll.disable` as well, should it meet O3 again.
 """
 from __future__ import annotations
 
