@@ -125,9 +125,10 @@ def test_modules_split_across_threads_compute_the_same(monkeypatch):
     monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
     whole = compile_source(MLP)
     # one module per part, and one of vector code (the short pipeline) beside each: the forward
-    # part's matmul micro-kernels, the training part's transposes
+    # part's matmul micro-kernels and drivers, the training part's transposes and matmul drivers
     assert [t.startswith(lower_module.VECTOR_CODE) for t in whole.part_ir] == [False, True, False, True]
-    assert re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[3], re.M) == ["transpose"]
+    kinds = re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[3], re.M)
+    assert "transpose" in kinds and set(kinds) == {"transpose", "matmul"}
     nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
             for a in (split, whole)]
     np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))
