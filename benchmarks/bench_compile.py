@@ -15,6 +15,8 @@ beforehand; the import of structc itself is shown apart):
                 with one layer changed, in a new process, with the cache the
                 cold compile filled: only the kernels the edit changed are
                 compiled (their count in brackets after the CPU seconds)
+  --edit-stages (instead of the table) where each edit's compile goes: its
+                stages (wall and CPU ms) and each LLVM module it compiled
   jax           (--jax, if jax is installed) the first call of a jitted training
                 step (value_and_grad and SGD update) of the MLP and LeNet-5: JAX's
                 trace and compile
@@ -60,7 +62,9 @@ def deep(layers: int) -> str:
 
 
 #: model -> (text, replacement): a one-layer edit, compiled after the cold compile with its cache
-EDITS = {"lenet5": ("dense(h, 84)", "dense(h, 80)")}
+EDITS = {"lenet5": ("dense(h, 84)", "dense(h, 80)"),
+         "karate_gat": ("gat(g.x over g.edges, 8, heads=4)", "gat(g.x over g.edges, 6, heads=4)"),
+         "MLP (bench_mlp)": ("dense(h, 128)", "dense(h, 120)")}
 
 
 WORKER = """
@@ -74,6 +78,28 @@ modules = getattr(structc.compiler, "MODULE_COUNT", 0)
 net = structc.compile(source, training=(mode != "forward"))
 print(json.dumps({"import": imported, "wall": time.perf_counter() - t1, "cpu": time.process_time() - c1,
                   "parts": net.meta["parts"], "modules": getattr(structc.compiler, "MODULE_COUNT", 0) - modules}))
+"""
+
+# The edit again, with `--edit-stages`: each stage's wall and CPU ms, and each LLVM module compiled
+STAGES_WORKER = """
+import json, re, sys, time
+import structc
+from structc import api, compiler
+modules = []
+real = compiler.compile_objects
+
+def compile_each(texts, *args, **kwargs):      # one module at a time, timed on the thread that compiles it
+    out = []
+    for text in texts:
+        c0 = time.thread_time()
+        out += real([text], *args, **kwargs)
+        first = re.search(r'^define [^@]*@"([^"]+)"', text, re.M)
+        modules.append([first.group(1) if first else "?", text.count("\\n"), time.thread_time() - c0])
+    return out
+compiler.compile_objects = compile_each
+art = api.compile_artifact(sys.stdin.read())
+print(json.dumps({"stages": [[k, v, art.timings.cpu.get(k, 0.0)] for k, v in art.timings.items()],
+                  "modules": modules, "records": getattr(compiler, "KERNEL_RECORDS", None)}))
 """
 
 JAX_WORKER = """
@@ -142,6 +168,32 @@ def run_structc(mode: str, source: str, cache: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def edit_stages(name: str, source: str) -> None:
+    """Print where an edit's compile goes: cold compile, then the edit with `STAGES_WORKER`."""
+    edited = source.replace(*EDITS[name])
+    with tempfile.TemporaryDirectory(prefix="structc-bench-cache-") as cache:
+        run_structc("train", source, cache)
+        env = dict(os.environ, STRUCTC_CACHE_DIR=cache)
+        done = subprocess.run([sys.executable, "-c", STAGES_WORKER], input=edited, env=env, capture_output=True,
+                              text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(f"structc edit stages failed:\n{done.stderr[-2000:]}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\n{name}: one-layer edit {EDITS[name][0]!r} -> {EDITS[name][1]!r}, stages (ms)\n")
+    print("| stage | wall | CPU |\n|---|---|---|")
+    for stage, wall, cpu in found["stages"]:
+        if wall >= 0.0005 or cpu >= 0.0005:
+            print(f"| {stage} | {wall * 1000:.1f} | {cpu * 1000:.1f} |")
+    print(f"\nLLVM modules compiled ({len(found['modules'])}; CPU ms of optimisation and code generation):\n")
+    print("| first function | IR lines | CPU ms |\n|---|---|---|")
+    for first, lines, cpu in sorted(found["modules"], key=lambda m: -m[2]):
+        print(f"| {first} | {lines} | {cpu * 1000:.0f} |")
+    records = found.get("records")
+    if records:
+        print(f"\nkernels from their records: {records['reused']}, built: {records['built']}, "
+              f"not recorded: {records['refused'] or 'none'}")
+
+
 def run_jax(model: str) -> dict | None:
     done = subprocess.run([sys.executable, "-c", JAX_WORKER, model, str(BENCH)], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -160,11 +212,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--models", help="comma-separated names (default: all); names start as listed in the table")
     ap.add_argument("--jax", action="store_true", help="also JAX's first call on the MLP and LeNet-5")
+    ap.add_argument("--edit-stages", action="store_true",
+                    help="only where each edit's compile goes: its stages and the LLVM modules it compiles")
     args = ap.parse_args(argv)
     chosen = models()
     if args.models:
         wanted = args.models.split(",")
         chosen = {k: v for k, v in chosen.items() if any(k.startswith(w) for w in wanted)}
+    if args.edit_stages:
+        print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        for name in (n for n in chosen if n in EDITS):
+            edit_stages(name, chosen[name])
+        return 0
     load_before = os.getloadavg()
     found: dict = {}
     for _ in range(args.rounds):

@@ -4,6 +4,7 @@
     python benchmarks/bench_threads.py --rounds 3 --workloads lenet,gnn --steps 50
     python benchmarks/bench_threads.py --before ../base-venv/bin/python   # another checkout too
     python benchmarks/bench_threads.py --no-backoff         # scaling itself, even on a loaded machine
+    python benchmarks/bench_threads.py --breakdown --workloads gnn,trees   # where the second core is lost
 
 Workloads are `profile_kernels.py`'s (the benchmarks' own models and inputs):
 mlp (784-256-128-10, batch 64), lenet (LeNet-5, batch 64), conv (the conv step),
@@ -49,8 +50,64 @@ def step_fn(name: str):
     net = structc.compile(source, seed=0)
     if name.endswith("_infer1"):
         x = np.ascontiguousarray(inputs["x"][:1])
-        return lambda: net(x=x)
-    return lambda: net.train_step(**inputs, lr=0.01)
+        step = lambda: net(x=x)      # noqa: E731
+    else:
+        step = lambda: net.train_step(**inputs, lr=0.01)        # noqa: E731
+    step.net = net
+    return step
+
+
+def breakdown(name: str, threads: int, steps: int) -> dict:
+    """One step's parts that do not scale, in this process: the jobs handed to
+    the pool (each a barrier), the Python part (the step's time minus the
+    native call's, timed around `_runtime.invoke` or inside the C call plan:
+    it runs on one thread, and after a native step it runs with cold caches, several times slower than
+    the same code in a loop), and for a forest its levels' rows (a level of
+    fewer than two shares of rows is one task on the caller)."""
+    import numpy as np
+
+    import structc
+    import structc.model as model
+    from structc import _runtime
+    structc.set_num_threads(threads)
+    step = step_fn(name)
+    for _ in range(max(5, steps // 5)):
+        step()
+    invoke, native = model._runtime.invoke, [0.0]
+
+    def timed(*args):               # the Python path's native call
+        t = time.perf_counter()
+        try:
+            return invoke(*args)
+        finally:
+            native[0] += time.perf_counter() - t
+
+    def in_plans() -> float:        # the C call plans' (`plan.native_seconds`)
+        plans = (getattr(step.net, "_forward_plan", None), getattr(step.net, "_train_plan", None))
+        return sum(getattr(p, "native_seconds", 0.0) for p in plans)
+    model._runtime.invoke = timed
+    jobs, total, python = _runtime.handoffs(), [], []
+    try:
+        for _ in range(steps):
+            native[0], planned = 0.0, in_plans()
+            t = time.perf_counter()
+            step()
+            total.append(time.perf_counter() - t)
+            python.append(total[-1] - native[0] - (in_plans() - planned))
+    finally:
+        model._runtime.invoke = invoke
+    jobs = (_runtime.handoffs() - jobs) / steps
+    out = {"jobs": jobs, "step_p10": quantile(total, 0.1), "step_median": statistics.median(total),
+           "python_p10": float(np.quantile(python, 0.1)), "python_median": float(np.median(python))}
+    if name == "trees":
+        sys.path.insert(0, str(HERE))
+        from profile_kernels import workload
+        from structc.lower.gemm import same_sums_step
+        rows = np.diff(workload(name)[1]["t"].level_end).tolist()      # inner levels (level 0: the leaves)
+        step_rows = same_sums_step(16)
+        out["level_rows"] = rows
+        out["levels_on_one_thread"] = sum(r < 2 * step_rows for r in rows)
+    return out
 
 
 def quantile(times: list[float], q: float) -> float:
@@ -88,6 +145,26 @@ def run_worker(name: str, threads: int, steps: int, python: str = sys.executable
     return json.loads(out.stdout.strip().splitlines()[-1])[0]
 
 
+def show_breakdown(names, steps, sides, default_steps, backoff: bool) -> int:
+    for name in names:
+        for side, python in sides.items():
+            for threads in (1, 2):
+                env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads))
+                if not backoff:
+                    env["STRUCTC_BACKOFF"] = "0"
+                n = steps or 5 * default_steps[name]
+                out = subprocess.run([python, __file__, "--worker", name, "--threads-one", str(threads), "--steps",
+                                      str(n), "--breakdown"], env=env, capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{name:6s} {side:6s} {threads} thread(s): {r['jobs']:5.1f} jobs/step, step p10 "
+                      f"{r['step_p10'] * 1e6:8.1f} us (median {r['step_median'] * 1e6:8.1f}), Python part p10 "
+                      f"{r['python_p10'] * 1e6:6.1f} us (median {r['python_median'] * 1e6:6.1f})", flush=True)
+                if threads == 2 and "level_rows" in r:
+                    print(f"       levels' rows {r['level_rows']}: {r['levels_on_one_thread']} too small to split")
+    print(f"load average after:  {load()}")
+    return 0
+
+
 def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -101,17 +178,24 @@ def main(argv=None) -> int:
     ap.add_argument("--before", metavar="PYTHON", help="also time this interpreter's structc (another checkout)")
     ap.add_argument("--quantile", type=float, default=0.5, help="of each round's step times (default: the median)")
     ap.add_argument("--no-backoff", action="store_true", help="the pool never backs off to one thread (STRUCTC_BACKOFF=0)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="per step: jobs handed to the pool, the Python part (p10, median), a forest's level rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--threads-one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads_one, args.steps, 1, args.quantile)))
+        if args.breakdown:
+            print(json.dumps(breakdown(args.worker, args.threads_one, args.steps)))
+        else:
+            print(json.dumps(worker(args.worker, args.threads_one, args.steps, 1, args.quantile)))
         return 0
     default_steps = {"gnn": 40, "gat": 20, "conv": 20, "trees": 60, "lenet": 100, "mlp": 200,
                      "mlp_infer1": 2000, "lenet_infer1": 2000}
     names = args.workloads.split(",")
     sides = {"after": sys.executable} if not args.before else {"before": args.before, "after": sys.executable}
     print(f"load average before: {load()}  (cpus: {os.cpu_count()})")
+    if args.breakdown:
+        return show_breakdown(names, args.steps, sides, default_steps, not args.no_backoff)
     results = {}
     for name in names:
         steps = args.steps or default_steps[name]

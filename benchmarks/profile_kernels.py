@@ -1,6 +1,6 @@
 """Where a training step's time goes: every kernel of the entry point, timed.
 
-    python benchmarks/profile_kernels.py mlp            # or gnn, gat, trees, lenet, conv
+    python benchmarks/profile_kernels.py mlp            # or gnn, gat, trees, treelstm, lstm, lenet, conv
     python benchmarks/profile_kernels.py gnn --threads 2 --steps 400 --trace gnn.json
     python benchmarks/profile_kernels.py lenet --compare      # 1 against 2 threads, per kernel
 
@@ -40,6 +40,15 @@ def workload(name: str):
         trees, labels = m.batch(0)
         forest = structc.Forest.from_tuples(trees)
         return m.SRC, {"t": forest, "y": labels}
+    if name == "treelstm":
+        import bench_treelstm as m
+        trees, labels = m.batch(0)
+        return m.SRC, {"t": structc.Forest.from_tuples(trees), "y": labels}
+    if name == "lstm":
+        import bench_lstm as m
+        from structc.seqdata import Sequences
+        x, lengths, y = m.batch("uniform")
+        return m.SRC, {"s": Sequences.from_flat(x, np.concatenate([[0], np.cumsum(lengths)])), "y": y}
     rng = np.random.default_rng(0)
     if name == "lenet":
         import bench_conv as m
@@ -51,7 +60,7 @@ def workload(name: str):
         x = rng.normal(size=(32, 32, 32, 32)).astype(np.float32)
         y = rng.integers(0, 10, 32).astype(np.int32)
         return m.CONV_STEP, {"x": x, "y": y}
-    raise SystemExit(f"unknown workload {name!r} (mlp, gnn, gat, trees, lenet, conv)")
+    raise SystemExit(f"unknown workload {name!r} (mlp, gnn, gat, trees, treelstm, lstm, lenet, conv)")
 
 
 def compare(one, two) -> str:
@@ -88,7 +97,7 @@ def compare(one, two) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["mlp", "gnn", "gat", "trees", "lenet", "conv"])
+    ap.add_argument("workload", choices=["mlp", "gnn", "gat", "trees", "treelstm", "lstm", "lenet", "conv"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: about a second's worth)")
     ap.add_argument("--trace", help="also write a Chrome/Perfetto trace (JSON)")

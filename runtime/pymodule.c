@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "structc_rt.h"
 #include "sc_pools.h"
@@ -292,6 +293,11 @@ typedef struct {
     int ndim;
     int64_t dim[PLAN_MAX_RANK];     /* >= 0: that size; < 0: symbol -1 - dim */
     int64_t classes;                /* > 0: integer labels in [0, classes) */
+    int sealed;                     /* made by a binder from a Graph: an array no caller holds, of bytes
+                                       nothing changes, so the last one accepted is still as checked */
+    PyObject *seen;                 /* (sealed) the last value accepted, its data and shape */
+    void *seen_buf;
+    int64_t seen_shape[PLAN_MAX_RANK];
 } plan_input;
 
 typedef struct {
@@ -312,16 +318,23 @@ typedef struct {
     PyObject *ndarray, *empty;      /* numpy.ndarray, numpy.empty */
     PyObject *acquire, *release;    /* the Net's lock's bound methods */
     PyObject *ws_owner;             /* keeps the workspace alive; set under the lock */
+    PyObject *symbols;              /* the symbols' names (a tuple), for dims bound by binders; or NULL */
+    PyObject *known;                /* the model's inputs (a frozenset): a binder's arrays this entry does
+                                       not read may be given too, as `_bind` allows; or NULL */
     void *ws_addr;
     int64_t ws_size;
     Py_ssize_t n_in, n_out, n_sym;
     plan_input in[MAX_ARGS];
     plan_output out[MAX_ARGS];
     unsigned long long calls;       /* calls the plan ran (tests: the fast path is taken) */
+    unsigned long long native_ns;   /* their time in the entry (bench_threads --breakdown: the rest is Python) */
 } CallPlan;
 
 static void plan_dealloc(CallPlan *p) {
-    for (Py_ssize_t k = 0; k < p->n_in; k++) Py_XDECREF(p->in[k].name);
+    for (Py_ssize_t k = 0; k < p->n_in; k++) {
+        Py_XDECREF(p->in[k].name);
+        Py_XDECREF(p->in[k].seen);
+    }
     for (Py_ssize_t k = 0; k < p->n_out; k++) {
         Py_XDECREF(p->out[k].name);
         Py_XDECREF(p->out[k].dtype);
@@ -332,6 +345,8 @@ static void plan_dealloc(CallPlan *p) {
     Py_XDECREF(p->acquire);
     Py_XDECREF(p->release);
     Py_XDECREF(p->ws_owner);
+    Py_XDECREF(p->symbols);
+    Py_XDECREF(p->known);
     PyObject_Free(p);
 }
 
@@ -358,7 +373,12 @@ static int plan_add_input(CallPlan *p, PyObject *item) {
     PyObject *name, *shape;
     const char *format;
     long long classes;
-    if (!PyArg_ParseTuple(item, "UsnnOL", &name, &format, &in->itemsize, &in->align, &shape, &classes)) return -1;
+    int sealed = 0;
+    if (!PyArg_ParseTuple(item, "UsnnOL|p", &name, &format, &in->itemsize, &in->align, &shape, &classes, &sealed))
+        return -1;
+    in->sealed = sealed && classes <= 0;
+    in->seen = NULL;
+    in->seen_buf = NULL;
     if (strlen(format) >= sizeof in->format || in->itemsize < 1 || in->align < 1) {
         PyErr_SetString(PyExc_ValueError, "bad input format in a call plan");
         return -1;
@@ -392,18 +412,22 @@ static int plan_add_output(CallPlan *p, PyObject *item) {
 static PyTypeObject CallPlanType;
 
 /* call_plan(fn, workspace_fn, params, grads, state, hyper, mode, n_symbols, inputs, outputs,
- *           model, ndarray, empty, lock) -> CallPlan
+ *           model, ndarray, empty, lock[, symbols, known]) -> CallPlan
  * inputs: (name, format, itemsize, align, shape, classes) tuples; outputs: (name, dtype,
- * itemsize, shape); a shape holds sizes >= 0 and symbols as -1 - index. */
+ * itemsize, shape); a shape holds sizes >= 0 and symbols as -1 - index; symbols: their
+ * names (a tuple of n_symbols str), which `train` needs to read the binders' dims;
+ * known: every input name of the model (a frozenset), the names a call may give. */
 static PyObject *call_plan(PyObject *self, PyObject *args) {
     PyObject *a_fn, *a_ws, *a_p, *a_g, *a_s, *a_h, *inputs, *outputs, *model, *ndarray, *empty, *lock;
+    PyObject *symbols = NULL, *known = NULL;
     long long mode;
     Py_ssize_t n_sym;
-    if (!PyArg_ParseTuple(args, "OOOOOOLnO!O!UOOO", &a_fn, &a_ws, &a_p, &a_g, &a_s, &a_h, &mode, &n_sym,
-                          &PyList_Type, &inputs, &PyList_Type, &outputs, &model, &ndarray, &empty, &lock))
+    if (!PyArg_ParseTuple(args, "OOOOOOLnO!O!UOOO|O!O!", &a_fn, &a_ws, &a_p, &a_g, &a_s, &a_h, &mode, &n_sym,
+                          &PyList_Type, &inputs, &PyList_Type, &outputs, &model, &ndarray, &empty, &lock,
+                          &PyTuple_Type, &symbols, &PyFrozenSet_Type, &known))
         return NULL;
     if (n_sym < 0 || n_sym > PLAN_MAX_SYMBOLS || PyList_GET_SIZE(inputs) > MAX_ARGS
-        || PyList_GET_SIZE(outputs) > MAX_ARGS) {
+        || PyList_GET_SIZE(outputs) > MAX_ARGS || (symbols && PyTuple_GET_SIZE(symbols) != n_sym)) {
         PyErr_SetString(PyExc_ValueError, "too many symbols, inputs or outputs for a call plan");
         return NULL;
     }
@@ -412,9 +436,13 @@ static PyObject *call_plan(PyObject *self, PyObject *args) {
     p->n_in = p->n_out = 0;
     p->n_sym = n_sym;
     p->model = p->ndarray = p->empty = p->acquire = p->release = p->ws_owner = NULL;
+    Py_XINCREF(symbols);
+    p->symbols = symbols;
+    Py_XINCREF(known);
+    p->known = known;
     p->ws_addr = NULL;
     p->ws_size = 0;
-    p->calls = 0;
+    p->calls = p->native_ns = 0;
     p->mode = mode;
     p->fn = (entry_fn)PyLong_AsVoidPtr(a_fn);
     p->ws_fn = (workspace_fn)PyLong_AsVoidPtr(a_ws);
@@ -477,26 +505,50 @@ static int labels_in_range(const Py_buffer *v, int64_t classes) {
     return 1;
 }
 
-/* The buffer of input `in` in `v` if `value` is what `_bind` passes on untouched and
- * agrees with the dims bound so far (binding the new ones); 0 (no buffer held) if not. */
-static int plan_take_input(CallPlan *p, const plan_input *in, PyObject *value, Py_buffer *v, int64_t *dims) {
-    if (Py_TYPE(value) != (PyTypeObject *)p->ndarray) return 0;
+/* Whether an array of shape `shape` agrees with the dims bound so far (binding the new ones). */
+static int plan_bind_shape(const plan_input *in, const int64_t *shape, int64_t *dims) {
+    for (int k = 0; k < in->ndim; k++) {
+        int64_t n = shape[k], d = in->dim[k];
+        if (d >= 0) { if (n != d) return 0; }
+        else if (dims[-1 - d] >= 0) { if (n != dims[-1 - d]) return 0; }
+        else if (n >= 1) dims[-1 - d] = n;
+        else return 0;
+    }
+    return 1;
+}
+
+/* The data of input `in` if `value` is what `_bind` passes on untouched and agrees
+ * with the dims bound so far (binding the new ones), its buffer held in `v`; NULL
+ * (no buffer held) if not. A sealed input's last accepted value is taken again
+ * without a buffer request (numpy's, with cold caches after a native step, costs
+ * about 2 us an array): the caller's kwargs hold it for the call. */
+static void *plan_take_input(CallPlan *p, plan_input *in, PyObject *value, Py_buffer *v, int64_t *dims) {
+    v->obj = NULL;                               /* PyBuffer_Release then does nothing */
+    if (in->sealed && value == in->seen)
+        return plan_bind_shape(in, in->seen_shape, dims) ? in->seen_buf : NULL;
+    if (Py_TYPE(value) != (PyTypeObject *)p->ndarray) return NULL;
     if (PyObject_GetBuffer(value, v, PyBUF_RECORDS_RO) < 0) {   /* e.g. an object array: Python says why */
         PyErr_Clear();
-        return 0;
+        v->obj = NULL;
+        return NULL;
     }
+    int64_t shape[PLAN_MAX_RANK];
     int ok = v->ndim == in->ndim && v->itemsize == in->itemsize && v->format && strcmp(v->format, in->format) == 0
              && (uintptr_t)v->buf % (uintptr_t)in->align == 0 && PyBuffer_IsContiguous(v, 'C');
-    for (int k = 0; ok && k < in->ndim; k++) {
-        int64_t n = v->shape[k], d = in->dim[k];
-        if (d >= 0) ok = n == d;
-        else if (dims[-1 - d] >= 0) ok = n == dims[-1 - d];
-        else if (n >= 1) dims[-1 - d] = n;
-        else ok = 0;
-    }
+    for (int k = 0; ok && k < in->ndim; k++) shape[k] = v->shape[k];
+    ok = ok && plan_bind_shape(in, shape, dims);
     if (ok && in->classes > 0) ok = labels_in_range(v, in->classes);
-    if (!ok) PyBuffer_Release(v);
-    return ok;
+    if (!ok) {
+        PyBuffer_Release(v);
+        return NULL;
+    }
+    if (in->sealed) {                           /* checked: remember it */
+        Py_INCREF(value);
+        Py_XSETREF(in->seen, value);
+        in->seen_buf = v->buf;
+        memcpy(in->seen_shape, shape, sizeof shape[0] * (size_t)in->ndim);
+    }
+    return v->buf;
 }
 
 /* numpy.empty of output `out` at these dims, its buffer in `v`; NULL (no error set) on failure. */
@@ -528,22 +580,61 @@ fail:
     return NULL;
 }
 
+/* Whether a call gives exactly this entry's inputs, or (with `known`) more of the
+ * model's: each input is then looked up by name, and a missing one declines. */
+static int plan_names_known(CallPlan *p, PyObject *kwargs) {
+    Py_ssize_t n = PyDict_GET_SIZE(kwargs), at = 0;
+    if (n == p->n_in) return 1;
+    if (!p->known || n < p->n_in) return 0;
+    PyObject *key, *value;
+    while (PyDict_Next(kwargs, &at, &key, &value)) {
+        int in = PySet_Contains(p->known, key);
+        if (in != 1) {
+            if (in < 0) PyErr_Clear();
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The dims a call's binders bound (`bound`: {symbol name: size}) into `dims`; 0 if
+ * one is not an int64 (the Python path then says why). */
+static int plan_preset(CallPlan *p, PyObject *bound, int64_t *dims) {
+    if (!p->symbols || !PyDict_CheckExact(bound)) return 0;
+    for (Py_ssize_t k = 0; k < p->n_sym; k++) {
+        PyObject *v = PyDict_GetItemWithError(bound, PyTuple_GET_ITEM(p->symbols, k));    /* borrowed */
+        if (!v) {
+            if (PyErr_Occurred()) { PyErr_Clear(); return 0; }
+            continue;
+        }
+        long long n = PyLong_AsLongLong(v);
+        if (n == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+        dims[k] = n;
+    }
+    return 1;
+}
+
 /* {name: output} (`single`: the output itself when there is one), or None when
- * the Python path must take this call. */
-static PyObject *plan_execute(CallPlan *p, PyObject *kwargs, int single) {
-    if (!PyDict_CheckExact(kwargs) || PyDict_GET_SIZE(kwargs) != p->n_in) Py_RETURN_NONE;
+ * the Python path must take this call. With `bound` (a dict) the symbols it
+ * names start bound, as the binders leave them for `_bind`; with `before`, it is
+ * called holding the lock before the entry runs and returns (mode, anything):
+ * the result is then ({name: output}, what before returned). */
+static PyObject *plan_execute(CallPlan *p, PyObject *kwargs, int single, PyObject *bound, PyObject *before) {
+    if (!PyDict_CheckExact(kwargs) || !plan_names_known(p, kwargs)) Py_RETURN_NONE;
     int64_t dims[PLAN_MAX_SYMBOLS] = {0};      /* all set: nothing uninitialised reaches the entry */
     for (Py_ssize_t k = 0; k < p->n_sym; k++) dims[k] = -1;
+    if (bound && !plan_preset(p, bound, dims)) Py_RETURN_NONE;
     Py_buffer in_views[MAX_ARGS], out_views[MAX_ARGS];
     void *in_ptrs[MAX_ARGS], *out_ptrs[MAX_ARGS];
     PyObject *outs[MAX_ARGS];
     Py_ssize_t n_in = 0, n_out = 0;
-    PyObject *result = NULL;
+    PyObject *result = NULL, *ran = NULL;
+    int64_t mode = p->mode;
     for (; n_in < p->n_in; n_in++) {
         PyObject *value = PyDict_GetItemWithError(kwargs, p->in[n_in].name);    /* borrowed */
         if (!value) { PyErr_Clear(); goto decline; }
-        if (!plan_take_input(p, &p->in[n_in], value, &in_views[n_in], dims)) goto decline;
-        in_ptrs[n_in] = in_views[n_in].buf;
+        in_ptrs[n_in] = plan_take_input(p, &p->in[n_in], value, &in_views[n_in], dims);
+        if (!in_ptrs[n_in]) goto decline;
     }
     for (Py_ssize_t k = 0; k < p->n_sym; k++)
         if (dims[k] < 0) dims[k] = 1;           /* as `_run`: a symbol no input binds is 1 */
@@ -562,12 +653,32 @@ static PyObject *plan_execute(CallPlan *p, PyObject *kwargs, int single) {
     PyObject *got = PyObject_CallNoArgs(p->acquire);
     if (!got) goto done;                        /* interrupted while waiting: raise that */
     Py_DECREF(got);
+    if (before) {                               /* the step's hyper-parameters, under the lock */
+        ran = PyObject_CallNoArgs(before);
+        if (ran && (!PyTuple_Check(ran) || PyTuple_GET_SIZE(ran) < 1)) {
+            PyErr_SetString(PyExc_TypeError, "a call plan's before() returns (mode, ...)");
+            Py_CLEAR(ran);
+        }
+        if (ran) mode = PyLong_AsLongLong(PyTuple_GET_ITEM(ran, 0));
+        if (!ran || (mode == -1 && PyErr_Occurred())) {     /* release the lock, raise what before raised */
+            PyObject *type, *value, *trace;
+            PyErr_Fetch(&type, &value, &trace);
+            got = PyObject_CallNoArgs(p->release);
+            Py_XDECREF(got);
+            PyErr_Restore(type, value, trace);
+            goto done;
+        }
+    }
     entry_fn fn = p->fn;
     void *ws = p->ws_addr;
     int32_t status;
+    struct timespec t0, t1;
     Py_BEGIN_ALLOW_THREADS
-    status = fn(p->params, p->grads, p->state, ws, in_ptrs, out_ptrs, dims, p->hyper, p->mode);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    status = fn(p->params, p->grads, p->state, ws, in_ptrs, out_ptrs, dims, p->hyper, mode);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
     Py_END_ALLOW_THREADS
+    p->native_ns += (unsigned long long)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
     got = PyObject_CallNoArgs(p->release);
     if (!got) goto done;
     Py_DECREF(got);
@@ -583,12 +694,14 @@ static PyObject *plan_execute(CallPlan *p, PyObject *kwargs, int single) {
         for (Py_ssize_t k = 0; result && k < n_out; k++)
             if (PyDict_SetItem(result, p->out[k].name, outs[k]) < 0) Py_CLEAR(result);
     }
+    if (result && ran) Py_SETREF(result, PyTuple_Pack(2, result, ran));
     if (result) p->calls++;
     goto done;
 decline:
     result = Py_None;
     Py_INCREF(result);
 done:
+    Py_XDECREF(ran);
     for (Py_ssize_t k = 0; k < n_in; k++) PyBuffer_Release(&in_views[k]);
     for (Py_ssize_t k = 0; k < n_out; k++) {
         PyBuffer_Release(&out_views[k]);
@@ -597,15 +710,30 @@ done:
     return result;
 }
 
-static PyObject *plan_run(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 0); }
+static PyObject *plan_run(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 0, NULL, NULL); }
 
-static PyObject *plan_call(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 1); }
+static PyObject *plan_call(CallPlan *p, PyObject *kwargs) { return plan_execute(p, kwargs, 1, NULL, NULL); }
+
+/* train(kwargs, bound, before): a training call (Net.train_step): the inputs as the
+ * binders expanded them, the dims they bound, and before(), which sets the step's
+ * hyper-parameters under the lock and returns (mode, ...). */
+static PyObject *plan_train(CallPlan *p, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "train takes (kwargs, bound dims, before)");
+        return NULL;
+    }
+    return plan_execute(p, args[0], 0, args[1], args[2]);
+}
 
 static PyObject *plan_calls(CallPlan *p, void *closure) { return PyLong_FromUnsignedLongLong(p->calls); }
+
+static PyObject *plan_native_seconds(CallPlan *p, void *closure) { return PyFloat_FromDouble(p->native_ns * 1e-9); }
 
 static PyMethodDef plan_methods[] = {
     {"run", (PyCFunction)plan_run, METH_O, "run(kwargs) -> {name: output}, or None: the Python path takes the call"},
     {"call", (PyCFunction)plan_call, METH_O, "call(kwargs) -> as run, but the output itself when there is one"},
+    {"train", (PyCFunction)(void (*)(void))plan_train, METH_FASTCALL,
+     "train(kwargs, bound, before) -> ({name: output}, before()), or None: the Python path takes the call"},
     {"set_workspace", (PyCFunction)(void (*)(void))plan_set_workspace, METH_FASTCALL,
      "set_workspace(owner, address, size): the workspace grown by the Net, under its lock"},
     {NULL, NULL, 0, NULL},
@@ -613,6 +741,7 @@ static PyMethodDef plan_methods[] = {
 
 static PyGetSetDef plan_getset[] = {
     {"calls", (getter)plan_calls, NULL, "calls this plan ran (not counting those it left to Python)", NULL},
+    {"native_seconds", (getter)plan_native_seconds, NULL, "the time those calls spent in the entry", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -653,7 +782,7 @@ static PyMethodDef methods[] = {
      "unweigh_arena(arena, divisor) -> loss: the summed gradients and weighted loss divided by divisor"},
     {"call_plan", call_plan, METH_VARARGS,
      "call_plan(fn, workspace_fn, params, grads, state, hyper, mode, n_symbols, inputs, outputs, model, "
-     "ndarray, empty, lock) -> CallPlan"},
+     "ndarray, empty, lock[, symbols]) -> CallPlan"},
     /* batch assembly for the data sets' pools (sc_pools.c) */
     {"forest_take", (PyCFunction)(void (*)(void))sc_forest_take, METH_FASTCALL,
      "forest_take(items, height, block, roots, idx, width, word_payload) -> a ForestPool batch's arrays"},

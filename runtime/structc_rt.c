@@ -363,6 +363,15 @@ int sc_get_num_threads(void) {
     return wanted;
 }
 
+/* One task per thread, but none with fewer than `step` rows: a tree level of
+ * fewer than 2 * step rows is one task, which sc_parallel_for runs on its
+ * caller. (Split in two, its first share would be empty: the caller handed
+ * the whole level to the worker and waited for it.) */
+int64_t sc_row_tasks(int64_t rows, int64_t step) {
+    int64_t most = step > 1 ? rows / step : rows, threads = sc_get_num_threads();
+    return most < 1 ? 1 : most < threads ? most : threads;
+}
+
 /* In a forked child only the forking thread exists: forget the parent's
  * workers and any lock another thread held at the fork. */
 static void reset_after_fork(void) {

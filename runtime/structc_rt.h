@@ -26,6 +26,9 @@ void sc_entry_end(int32_t outer);
 /* Threads used by sc_parallel_for (1 = the caller only). Returns the count set. */
 int sc_set_num_threads(int n);
 int sc_get_num_threads(void);
+/* Tasks to cut `rows` rows into at multiples of `step` (a tree level): one per
+ * thread, none empty, so a level too small to split is one task (no hand-off). */
+int64_t sc_row_tasks(int64_t rows, int64_t step);
 
 /* For tests: worker threads running in this process, and jobs handed to
  * them so far (a job below the serial threshold is not one; a job run on the

@@ -10,16 +10,10 @@ a compiler the import fails with one sentence that says what to do.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import importlib
 import os
-import shlex
-import shutil
 import stat
-import subprocess
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
 MODULE = "structc._runtime"
@@ -43,6 +37,7 @@ def ensure_runtime() -> None:
 
 
 def _load(path: Path) -> None:
+    import importlib.util
     spec = importlib.util.spec_from_file_location(MODULE, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -52,6 +47,9 @@ def _load(path: Path) -> None:
 
 def _compile_command() -> list[str]:
     """Python's own shared-library link line (it compiles too), or $CC/cc."""
+    import shlex
+    import shutil
+    import sysconfig
     line = shlex.split(sysconfig.get_config_var("LDSHARED") or "")
     if not line or not shutil.which(line[0]):
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -75,6 +73,11 @@ def _private_dir() -> Path:
 
 
 def _build(sources: Path) -> Path:
+    # only a checkout without the built runtime gets here: an installed structc imports none of these
+    import hashlib
+    import subprocess
+    import sysconfig
+    import tempfile
     files = sorted(sources.glob("*.c")) + sorted(sources.glob("*.h"))
     command = _compile_command()
     key = hashlib.sha256()

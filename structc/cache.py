@@ -179,8 +179,9 @@ def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
 
 
 #: what a file holds, by its suffix: compiled code, a source text's canonical program (api's alias),
-#: or the object code of one LLVM module, keyed by its IR text (`compiler.module_key`)
-KINDS = ("entry", "alias", "object", "parser")
+#: the object code of one LLVM module, keyed by its IR text (`compiler.module_key`), or a
+#: kernel's text and what it calls, keyed by what determines them (`lower/lowered.py`)
+KINDS = ("entry", "alias", "object", "parser", "lowered")
 
 
 def _entry_name(key: str, kind: str = "entry") -> str:
@@ -248,9 +249,18 @@ def load(key: str, model: str | None = None, kind: str = "entry") -> tuple[dict,
 
 def store(key: str, meta: dict, obj: bytes, kind: str = "entry") -> None:
     """Best effort: a read-only or full disk only costs a recompile next time."""
-    name = _entry_name(key, kind)
-    meta_bytes = json.dumps(dict(meta, cache_key=key)).encode()
-    payload = struct.pack("<Q", len(meta_bytes)) + meta_bytes + obj
+    store_many([(key, meta, obj)], kind)
+
+
+def store_many(items: list[tuple[str, dict, bytes]], kind: str = "entry") -> None:
+    """`store` of each (key, metadata, object), the folder and the secret opened
+    once (a compile's kernel records: a hundred small files)."""
+    files = []
+    for key, meta, obj in items:
+        meta_bytes = json.dumps(dict(meta, cache_key=key)).encode()
+        files.append((key, _entry_name(key, kind), struct.pack("<Q", len(meta_bytes)) + meta_bytes + obj))
+    if not files:
+        return
     try:
         dir_fd = _open_dir(create=True)
     except _Refused as e:
@@ -261,13 +271,14 @@ def store(key: str, meta: dict, obj: bytes, kind: str = "entry") -> None:
         return
     try:
         secret = _secret(dir_fd, create=True)
-        tmp = _write_new(dir_fd, name, MAGIC + _mac(secret, key, payload) + payload)
-        try:
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        _prune(dir_fd, keep=name)
+        for key, name, payload in files:
+            tmp = _write_new(dir_fd, name, MAGIC + _mac(secret, key, payload) + payload)
+            try:
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            _prune(dir_fd, keep=name)
     except _Refused as e:
         _warn_once(f"not using the structc cache: {e}; compiling without it")
     except OSError:

@@ -29,6 +29,7 @@ from .build import ModelDef, build_model
 from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
+from .lower.lowered import LoweredKernels
 from .lower.module import SharedKernels, Target, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, host_target
 from .ops.norm import batch_counts
@@ -284,6 +285,9 @@ def _entry_meta(g: Graph, plan: Plan, symbol: str) -> dict:
 
 #: LLVM modules this process has optimised and code-generated (found in the cache: not counted)
 MODULE_COUNT = 0
+#: kernels this process took from their records (`lower/lowered.py`) or built, with the cache on;
+#: `refused`: why a kernel built was not recorded (reason -> count)
+KERNEL_RECORDS = {"reused": 0, "built": 0, "refused": {}}
 
 
 def module_key(text: str, target: Target, jit: bool) -> str:
@@ -297,6 +301,24 @@ def module_key(text: str, target: Target, jit: bool) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
+
+
+def lowered_kernels(target: Target) -> LoweredKernels:
+    """Kernels' records in the disk cache by their lowering key (`lower/lowered.py`),
+    salted with what their text depends on besides their group: the compiler's
+    sources, users' ops as loaded, llvmlite and LLVM (the printer), the target."""
+    from . import cache
+    from .ops.base import extension_fingerprint
+    salt = "\0".join((compiler_fingerprint(), extension_fingerprint(), _toolchain(), target.triple, target.cpu,
+                       target.features))
+
+    def load(key: str) -> dict | None:
+        hit = cache.load(key, None, "lowered")
+        return hit[0] if hit is not None else None
+
+    def store(records: dict) -> None:
+        cache.store_many([(key, record, b"") for key, record in records.items()], "lowered")
+    return LoweredKernels(salt, load, store)
 
 
 class _ModuleObjects:
@@ -406,6 +428,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     provided: dict = {}      # the forward part's helpers (matmul micro-kernels), which it exports
     llvm_jobs = _ModuleObjects(target, jit, 1 if kernel_timings else None, module_cache and not kernel_timings,
                                times)
+    lowered = lowered_kernels(target) if module_cache and not kernel_timings else None
     try:
         for part in ["forward"] + [p for p in wanted if p != "forward"]:
             module = ir.Module(name=f"{mdef.name}.{part}")
@@ -416,7 +439,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                     plan = plan_memory(g, offsets)
                 symbol = f"sc_{kind}"
                 with times.stage(f"{kind}.lower"):
-                    lower_entry(module, g, plan, mdef.symbols, symbol, target, shared, export=part == "forward")
+                    lower_entry(module, g, plan, mdef.symbols, symbol, target, shared, export=part == "forward",
+                                lowered=lowered)
                 if part in wanted:
                     plans[kind] = (g, plan)
                     entries[kind] = _entry_meta(g, plan, symbol)
@@ -429,6 +453,10 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 llvm_jobs.add(texts[part])      # LLVM starts on them while the next part is lowered
             if part == "forward":
                 provided = helpers(module)
+        if lowered is not None:
+            _count_records(lowered)
+            with times.stage("cache.lowered"):
+                lowered.flush()
         with times.stage("llvm"):
             compiled = llvm_jobs.results()
     finally:
@@ -486,6 +514,13 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     if mdef.sequences:
         meta["sequences"] = mdef.sequences
     return Artifact(meta, tuple(objects), llvm_ir, times, jit, tuple(flat), shared.symbols)
+
+
+def _count_records(lowered: LoweredKernels) -> None:
+    KERNEL_RECORDS["reused"] += lowered.hits
+    KERNEL_RECORDS["built"] += lowered.misses
+    for reason, count in lowered.refused.items():
+        KERNEL_RECORDS["refused"][reason] = KERNEL_RECORDS["refused"].get(reason, 0) + count
 
 
 def _pass_timer(times: Timings, kind: str, dump):

@@ -120,6 +120,8 @@ class Graph:
         if "arrays" in fields:
             fields["arrays"] = MappingProxyType(dict(fields["arrays"]))
         self.__dict__.update(fields)
+        # what Binder made of this graph, per declaration: made again after any change
+        self.__dict__["_bound"] = {}
         # What batch() reads of a part, as int64 bytes (it joins those of all parts):
         # nodes, edges, graphs, feature widths (-1 for none), edge rows, largest edge type.
         widths = [-1 if v is None else v.shape[1] for v in (self.x, self.edge_x)]
@@ -128,7 +130,7 @@ class Graph:
 
     def __reduce__(self):
         # pickle and copy rebuild through _restore, which seals the arrays again (in new blocks)
-        fields = {k: v for k, v in self.__dict__.items() if k not in ("_edges", "_nodes", "_sizes")}
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("_edges", "_nodes", "_sizes", "_bound")}
         return (_restore, ({**fields, "arrays": dict(self.arrays)},))
 
     def __init__(self, edge_index, *, num_nodes: int | None = None, x=None, edge_x=None, edge_type=None,
@@ -211,6 +213,7 @@ class Graph:
         """The same structure with other features (edge features in the order given)."""
         other = object.__new__(Graph)
         other.__dict__.update(self.__dict__)
+        other.__dict__["_bound"] = {}       # never this graph's bindings, which hold its features
         if x is not None:
             other._set(x=_floats(x, "node features x", self.num_nodes))
         if edge_x is not None:
@@ -459,12 +462,48 @@ def as_graph(value) -> Graph:
                     f"or a list of graphs, got {type(value).__name__}")
 
 
+class _GraphSpec:
+    """One graph input's declaration, with what binding a Graph to it needs
+    worked out once (its arrays' names, its size symbols, the cache key)."""
+
+    __slots__ = ("spec", "name", "roles", "dims", "key")
+
+    def __init__(self, spec: dict):
+        self.spec, self.name = spec, spec["name"]
+        self.roles = tuple(spec["arrays"].items())          # (role, input name), "x" and "e" included
+        sizes = spec["sizes"]
+        self.dims = (sizes["nodes"], sizes["edges"], sizes["graphs"], sizes["nodes"] + "+1", sizes["graphs"] + "+1")
+        self.key = (self.name, spec["features"], spec["edge_features"], spec["edge_types"], self.roles, self.dims)
+
+    def bind(self, g: "Graph") -> tuple[dict, dict]:
+        """The model's arrays and sizes for graph `g`, checked and made once per
+        Graph: a Graph never changes (a changed one is a new object), and the
+        arrays handed out are views of its own that no caller holds, so nobody
+        can reshape or retype what was checked (numpy lets anyone set `.shape`
+        or `.dtype` on a read-only array in place)."""
+        bound = g._bound.get(self.key)
+        if bound is None:
+            Binder._check(self.spec, g)
+            have = dict(g.arrays, x=g.x, e=g.edge_x)
+            arrays = {name: (None if have[role] is None else have[role].view())
+                      for role, name in self.roles if role in have}
+            # Sizes from the checked arrays themselves, which nothing can change.
+            nodes, edges, graphs = (len(g.arrays["gnode"]), len(g.arrays["src"]), len(g.arrays["gptr"]) - 1)
+            bound = g._bound[self.key] = (arrays, dict(zip(self.dims, (nodes, edges, graphs, nodes + 1,
+                                                                        graphs + 1))))
+        return bound
+
+
 class Binder:
     """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
 
     def __init__(self, specs: list[dict], inputs: list[dict] = (), outputs: dict | None = None):
         self.specs = specs
-        self.internal = {name for s in specs for name in s["arrays"].values()}
+        self._bound = [_GraphSpec(s) for s in specs]
+        self.internal = frozenset(name for s in specs for name in s["arrays"].values())
+        #: inputs this binder makes from Graphs: views no caller holds, of data nothing can change,
+        #: so a value seen (and checked) before is still as checked (`Net._bind` skips them then)
+        self.sealed = self.internal
         # Per-edge inputs and outputs are in the order the edges were given; native
         # code keeps edges in CSR order, so their rows are permuted on the way in and out.
         edges = {s["sizes"]["edges"]: s["name"] for s in specs}
@@ -481,35 +520,24 @@ class Binder:
         return cls(specs, meta.get("inputs", []), outputs) if specs else None
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
-        for name in given:
-            if name in self.internal:
-                graph = name.split(".", 1)[0]
-                raise TypeError(f"'{name}' is built by structc: pass the whole graph as {graph}=...")
+        if not self.internal.isdisjoint(given):
+            name = next(n for n in given if n in self.internal)
+            raise TypeError(f"'{name}' is built by structc: pass the whole graph as {name.split('.', 1)[0]}=...")
         out = dict(given)
         last = self._local.graphs = {}
-        for spec in self.specs:
-            name = spec["name"]
+        for spec in self._bound:
+            name = spec.name
             if name not in out:
                 raise TypeError(f"missing input '{name}': expected a graph (structc.Graph, a networkx graph, "
                                 "or a list of graphs)")
+            value = out.pop(name)
             try:
-                g = as_graph(out.pop(name))
+                g = value if value.__class__ is Graph else as_graph(value)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"input '{name}': {e}") from None
-            self._check(spec, g)
-            arrays = spec["arrays"]
-            for role, array in g.arrays.items():
-                if role in arrays:
-                    out[arrays[role]] = array
-            if "x" in arrays:
-                out[arrays["x"]] = g.x
-            if "e" in arrays:
-                out[arrays["e"]] = g.edge_x
-            sizes = spec["sizes"]
-            # Sizes from the checked arrays themselves, which nothing can change.
-            nodes, edges, graphs = (len(g.arrays["gnode"]), len(g.arrays["src"]), len(g.arrays["gptr"]) - 1)
-            dims[sizes["nodes"]], dims[sizes["edges"]], dims[sizes["graphs"]] = nodes, edges, graphs
-            dims[sizes["nodes"] + "+1"], dims[sizes["graphs"] + "+1"] = nodes + 1, graphs + 1
+            arrays, sizes = spec.bind(g)
+            out.update(arrays)
+            dims.update(sizes)
             last[name] = g
         for name, graph in self.edge_inputs.items():
             if name in out and out[name] is not None:

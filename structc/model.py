@@ -17,6 +17,7 @@ import ctypes
 import difflib
 import functools
 import math
+import operator
 import os
 import struct
 import sys
@@ -145,6 +146,13 @@ class _Entry:
         self.workspace_address = ctypes.cast(self.workspace_fn, ctypes.c_void_p).value   # `_runtime.workspace_size`
         self.output_shapes = [(name, shape, dtype, all(d.__class__ is int for d in shape))
                               for name, shape, dtype in self.outputs]
+        # The leading inputs a binder makes from a Graph (`sealed`: nothing can change them)
+        # and the last call's values of them, which `_bind` checked: (values, arrays, dims)
+        sealed = net._sealed_inputs
+        self.sealed = next((k for k, s in enumerate(self.inputs) if s.name not in sealed), len(self.inputs))
+        self.sealed_names = tuple(s.name for s in self.inputs[:self.sealed])
+        self.unsealed = tuple(self.inputs[self.sealed:])
+        self.checked: tuple | None = None
 
 
 class _NoPlan:
@@ -156,6 +164,10 @@ class _NoPlan:
         return None
 
     call = run
+
+    @staticmethod
+    def train(inputs, bound, before):
+        return None
 
     @staticmethod
     def set_workspace(owner, address: int, size: int) -> None:
@@ -266,19 +278,21 @@ class Net:
         self._hyper_bits = self._hyper.view(np.uint32)     # dropout's key and step slots hold bits
         self._random = bool(meta.get("random"))             # only then is the step written (each write costs)
         self.init_params(seed)
+        # Structured inputs (forests, graphs) become arrays and dims before the checks.
+        self._forests = ForestBinder.from_meta(meta)
+        self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
+                         if b is not None]
+        self._sealed_inputs = frozenset().union(*(getattr(b, "sealed", ()) for b in self._binders))
         self._entries = _Entries(self._load_deferred)
         self._add_entries(meta["entries"], module)
         self._arena_addrs = tuple(a.ctypes.data for a in (self._param_arena, self._grad_arena, self._state_arena))
         self._workspace_buf, self._workspace_addr = None, 0   # grown under the lock, shared by calls
         self._update_call: tuple | None = None               # apply_update's, made on its first call
-        # Structured inputs (forests, graphs) become arrays and dims before the checks.
-        self._forests = ForestBinder.from_meta(meta)
-        self._binders = [b for b in (self._forests, GraphBinder.from_meta(meta), SequenceBinder.from_meta(meta))
-                         if b is not None]
         self._restorers = tuple(b.restore for b in self._binders if hasattr(b, "restore"))
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
         self._forward_plan = self._call_plan("forward", 0)      # `net(x=x)` on ndarrays: checked in C
+        self._train_plan = None         # `train_step`'s, made on its first call (the entry may be deferred)
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
@@ -400,7 +414,13 @@ class Net:
                     raise TypeError(f"{self.name} has no input '{name}' (inputs: {known})")
         arrays = []
         get, bound = given.get, dims.get
-        for spec in entry.inputs:
+        inputs = entry.inputs
+        checked = entry.checked
+        if checked is not None and all(map(operator.is_, map(get, entry.sealed_names), checked[0])):
+            arrays = list(checked[1])        # the same sealed values as last call: checked then
+            dims.update(checked[2])
+            inputs = entry.unsealed
+        for spec in inputs:
             value = get(spec.name)
             if value is None:
                 raise TypeError(f"missing input '{spec.name}': expected {spec.describe()}")
@@ -435,6 +455,10 @@ class Net:
                     raise ValueError(f"input '{spec.name}': class {arr.reshape(-1)[bad]} at position "
                                      f"{where} is out of range [0, {spec.classes})")
             arrays.append(arr)
+        if entry.sealed and inputs is entry.inputs:
+            k = entry.sealed
+            entry.checked = (tuple(map(get, entry.sealed_names)), tuple(arrays[:k]),
+                             {d: dims[d] for s in entry.inputs[:k] for _, d, fixed in s.axes if not fixed})
         return arrays, dims
 
     def _workspace_size(self, entry: _Entry, dims: tuple) -> int:
@@ -453,16 +477,19 @@ class Net:
             ws = self._workspace_buf = _aligned_zeros(max(need, 64), np.uint8)
             self._workspace_addr = ws.ctypes.data
             self._forward_plan.set_workspace(ws, self._workspace_addr, ws.size)
+            if self._train_plan is not None:
+                self._train_plan.set_workspace(ws, self._workspace_addr, ws.size)
         return self._workspace_addr
 
-    def _call_plan(self, kind: str, mode: int):
+    def _call_plan(self, kind: str, mode: int, expanded: bool = False):
         """The C call plan of entry `kind` (`_runtime.CallPlan`): `_bind`'s checks of
         ndarray inputs, in C, for the calls that need no conversion; the others it
         leaves to `_run`, which raises the usual errors. `_NO_PLAN` for models
-        whose inputs always need Python: forests, graphs, sequences (binders),
-        integers computed on in float32 (the 2**24 check)."""
+        whose inputs always need Python: integers computed on in float32 (the
+        2**24 check), and forests, graphs, sequences (binders) unless `expanded`
+        (the caller runs the binders first and gives the plan the dims they bound)."""
         entry = dict.get(self._entries, kind)
-        if (entry is None or self._binders or any(s.name in self._float_ints for s in entry.inputs)
+        if (entry is None or (self._binders and not expanded) or any(s.name in self._float_ints for s in entry.inputs)
                 or len(self._symbols) > _PLAN_MAX_SYMBOLS):
             return _NO_PLAN
         symbol = {name: k for k, name in enumerate(self._symbols)}
@@ -472,13 +499,32 @@ class Net:
             return tuple(d if d.__class__ is int else -1 - symbol[d] for d in shape)
         if any(d.__class__ is not int and d not in bound for _, shape, _ in entry.outputs for d in shape):
             return _NO_PLAN     # an output axis no input binds: `_run` says so
+        # sealed: a binder's array of a Graph, which the plan takes again unchecked when it is the last one
         inputs = [(sys.intern(s.name), memoryview(np.empty(0, s.dtype)).format, np.dtype(s.dtype).itemsize,
-                   np.dtype(s.dtype).alignment, coded(s.shape), s.classes or 0) for s in entry.inputs]
+                   np.dtype(s.dtype).alignment, coded(s.shape), s.classes or 0,
+                   expanded and s.name in self._sealed_inputs) for s in entry.inputs]
         outputs = [(sys.intern(name), np.dtype(dtype), np.dtype(dtype).itemsize, coded(shape))
                    for name, shape, dtype in entry.outputs]
         pa, ga, sa = self._arena_addrs
         return _runtime.call_plan(entry.address, entry.workspace_address, pa, ga, sa, self._hyper_addr, mode,
-                                  len(self._symbols), inputs, outputs, self.name, np.ndarray, np.empty, self._lock)
+                                  len(self._symbols), inputs, outputs, self.name, np.ndarray, np.empty, self._lock,
+                                  tuple(self._symbols), frozenset(self._inputs))
+
+    def _make_train_plan(self):
+        """`train_step`'s call plan: `_run`'s work after the binders, in C (its Python
+        runs after a native step, with cold caches, on one thread). None of the
+        Python path's extra checks may apply: batch norm's batch counts, per-edge
+        outputs to put back in the given order."""
+        entry = self._entries.get("train")      # compiles a deferred training part
+        restored = {n for b in self._binders for n in getattr(b, "edge_outputs", ())}
+        plan = _NO_PLAN
+        if entry is not None and not self._batch_counts and not restored & {o[0] for o in entry.outputs}:
+            plan = self._call_plan("train", 0, expanded=True)
+        with self._lock:
+            if self._workspace_buf is not None:
+                plan.set_workspace(self._workspace_buf, self._workspace_addr, self._workspace_buf.size)
+            self._train_plan = plan
+        return plan
 
     def _run(self, kind: str, given: Mapping[str, object], mode, before=None, after=None, dims_out=None,
              check_batch: bool = True):
@@ -652,10 +698,26 @@ class Net:
         With `check_finite` (default: `net.check_finite`, off) a loss that is
         NaN or infinite raises FloatingPointError instead of being returned."""
         lr = _hyper_value("lr", lr)
-        before = (lambda: (self._set_hyper(lr), self._next_dropout_step())) if self._random else \
-            (lambda: self._set_hyper(lr))       # a model without dropout pays nothing for it
-        outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=before,
-                               after=lambda: self._step)
+        plan = self._train_plan or self._make_train_plan()
+        ran = None
+        if plan is not _NO_PLAN:
+            given, dims = inputs, {}
+            for binder in self._binders:        # a forest or a graph becomes its arrays and sizes
+                given = binder.expand(given, dims)
+
+            def hyper():                        # under the lock, as `_run`'s before, mode and after
+                self._set_hyper(lr)
+                if self._random:
+                    self._next_dropout_step()
+                return MODES[self.optimizer], self._step
+            ran = plan.train(given, dims, hyper)
+        if ran is not None:
+            outs, (_, step) = ran
+        else:                                   # anything to convert or refuse: the Python path
+            before = (lambda: (self._set_hyper(lr), self._next_dropout_step())) if self._random else \
+                (lambda: self._set_hyper(lr))       # a model without dropout pays nothing for it
+            outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=before,
+                                   after=lambda: self._step)
         loss = float(outs["loss"])
         if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
             raise FloatingPointError(f"{self.name}: the loss is {loss} at step {step} (lr={lr}); this step's "

@@ -303,10 +303,11 @@ class RecFn:
                                 f"{self.name}({self.decl.name}.root) or {self.name}({self.decl.name}.nodes)",
                                 e.args[0].span)
         b = Builder(mb.graph, e.span)
-        states = self.state.columns(b, self.states)
         if sel.which == "nodes":
-            return states
-        return b.gather_rows(states, forest_array(mb, self.decl, "roots"))
+            return self.state.columns(b, self.states)
+        # the roots' rows first, then the state's columns: the copy is [trees, .], not [nodes, .],
+        # and the cotangent reaches the recursion as the roots' alone (`tree_map`'s from_roots)
+        return self.state.columns(b, b.gather_rows(self.states, forest_array(mb, self.decl, "roots")))
 
 
 class Kid:
@@ -364,7 +365,7 @@ class Unborn:
 # -- rec h(n) = leaf: ... node: ...  (or rec (h, c)(n)) ---------------------------
 
 def build_rec(mb, s: S.RecDecl) -> None:
-    from .ops.tree import _tags, fold_concat_of_slices, prepare
+    from .ops.tree import _tags, fold_concat_of_slices, is_block, prepare
     from .passes.dce import dce
     forests = mb.forests
     names = s.names or (s.name,)
@@ -418,6 +419,10 @@ def build_rec(mb, s: S.RecDecl) -> None:
     fold_concat_of_slices(body)
     dce(body)
     lifted = lift_row_work(mb, decl, body)
+    blocks = split_state_blocks(body, states, decl.arity)
+    if blocks:
+        fold_concat_of_slices(body)
+        dce(body)
     try:
         fwd = prepare(body, f"{s.name}.node", decl.arity)
     except ShapeMismatch as err:
@@ -428,17 +433,80 @@ def build_rec(mb, s: S.RecDecl) -> None:
     sr = b.scratch(shape=(nodes, decl.arity * total + fwd.rows_floats), tag=next(_tags))
     sf = b.scratch(shape=(max(fwd.fixed_floats, 16),), tag=next(_tags))
     params = [b.value(mb.graph.params[p]) for p in body.params]
-    node_inputs = tuple(k for k in body.inputs if k != "children")
+    node_inputs = tuple(k for k in body.inputs if not is_block(k))
     if "@mask" in node_inputs:
         decl.mask = True
         add_forest_array(mb, decl, "child_mask", TensorType((nodes, decl.arity)), s.span)
     rows = [lifted[k] if k in lifted else forest_array(mb, decl, NODE_ARRAYS[k]) for k in node_inputs]
     H = b.tree_map(forest_array(mb, decl, "children"), forest_array(mb, decl, "level_end"),
                    forest_array(mb, decl, "roots"), leaf, sr, sf, *rows, *params,
-                   body=body, fwd=fwd, arity=decl.arity, width=total, rec=s.name, node_inputs=node_inputs)
+                   body=body, fwd=fwd, arity=decl.arity, width=total, rec=s.name, node_inputs=node_inputs,
+                   blocks=blocks)
     for st, span in zip(states, spans):
         mb.env[st.name] = RecFn(st.name, H, decl, st)
         mb.defined_at[st.name] = span
+
+
+def split_state_blocks(body: Graph, states: list, arity: int) -> tuple:
+    """Give the node case each state of the children in a block of its own:
+    input `children.<k>` [rows, A*w_k] (`ops.tree.child_blocks`) instead of
+    slices of `children` [rows, A*total]. A child's state is then a view of
+    its block over the child slots (`h(k)` in a per-child term), the block
+    itself in a chain (`h(t.prev)`), or a slice of the smaller block: the
+    copies of a state's columns per level go, and so do their VJPs' padded
+    concats in the backward. Done when the node case reads `children` only
+    through whole states (what `h(...)` builds); returns ((k, at, w), ...)
+    for the states it reads, or () when it keeps the one block."""
+    cin = body.inputs.get("children")
+    if len(states) < 2 or cin is None:
+        return ()
+    total = states[0].total
+    by_columns = {(st.at, st.at + st.width): k for k, st in enumerate(states)}
+    found = []      # (node to replace, state, child slot or None for the slots' view)
+    for u in body.users(cin):
+        node = body.nodes[u]
+        if node.op.name == "slice" and node.attrs["axis"] % 2 == 1:
+            a, at = divmod(node.attrs["start"], total)
+            k = by_columns.get((at, at + node.attrs["stop"] - node.attrs["start"]))
+            if k is None:
+                return ()
+            found.append((u, k, a))
+        elif node.op.name == "tree_kids" and node.attrs["arity"] == arity:
+            for v in body.users(u):
+                view = body.nodes[v]
+                if view.op.name != "slice" or view.attrs["axis"] % 2 != 1:
+                    return ()
+                k = by_columns.get((view.attrs["start"], view.attrs["stop"]))
+                if k is None:
+                    return ()
+                found.append((v, k, None))
+        else:
+            return ()
+    span = body.nodes[cin].span
+    inputs = {}
+    for k in sorted({k for _, k, _ in found}):
+        t = TensorType((BODY_ROWS, arity * states[k].width))
+        name = f"children.{k}"
+        inputs[k] = body.add(REGISTRY["input"], (), {"name": name, "kind": "input", "type": t, "classes": 0},
+                             span, type=t)
+        body.inputs[name] = inputs[k]
+    views = {}
+    for nid, k, a in found:
+        b = Builder(body, body.nodes[nid].span)
+        block, w = b.value(inputs[k]), states[k].width
+        if a is None:
+            if k not in views:
+                views[k] = b.tree_kids(block, arity=arity)
+            new = views[k]
+        else:
+            new = block if arity == 1 else b.slice(block, axis=1, start=a * w, stop=(a + 1) * w)
+        body.replace_uses(nid, new.id)
+    del body.inputs["children"]
+    from .passes.dce import dce
+    dce(body)
+    if cin in body.nodes:
+        body.remove(cin)
+    return tuple((k, states[k].at, states[k].width) for k in sorted(inputs))
 
 
 def lift_row_work(mb, decl: ForestDecl, body: Graph) -> dict:
@@ -717,6 +785,8 @@ def _body_builder_class():
                         raise SnetTypeError(f"concat({rec.name}(n.children)) joins the children's states "
                                             f"along axis 1 (or -1), got axis={S.unparse(k.value)}", k.span)
                 b = Builder(self.graph, e.span)
+                if e.func == "sum" and rec.arity > 1:     # one pass over the slots' rows, no column copies
+                    return b.tree_sum_kids(rec.st.columns(b, rec.kids()), arity=rec.arity)
                 states = [rec.state(b, k) for k in range(rec.arity)]
                 if e.func == "concat":
                     return b.concat(*states, axis=1)

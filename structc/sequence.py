@@ -210,11 +210,13 @@ class SeqRecFn:
                                 f"{self.name}({seq.name}.{end}), {self.name}({seq.name}.steps) or "
                                 f"{self.name}({seq.name}.mean)", e.args[0].span)
         b = Builder(mb.graph, e.span)
-        states = self.state.columns(b, self.states)       # this state's columns (one of several)
+        # the rows first, then this state's columns (one of several): the column copy is over the rows
+        # read, and h(s.last)'s cotangent reaches the recursion as the roots' alone (`tree_map`'s from_roots)
         if sel.which == end:        # where the recursion ends: its roots
-            return b.gather_rows(states, array(mb, seq, chain, "roots"))
+            return self.state.columns(b, b.gather_rows(self.states, array(mb, seq, chain, "roots")))
         if sel.which == "steps":
-            return b.gather_rows(states, array(mb, seq, chain, "rows"))
+            return self.state.columns(b, b.gather_rows(self.states, array(mb, seq, chain, "rows")))
+        states = self.state.columns(b, self.states)
         if sel.which == "mean":
             rel = [array(mb, seq, chain, f"member_{k}") for k in ("ptr", "idx", "ptr_t", "idx_t", "eid_t")]
             return b.spmm(*rel, b.degree(rel[0], power=-1.0), states, norm="mean")

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import weakref
 from importlib.resources import files
@@ -223,6 +222,7 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
         cmd = [cc, "-shared", "-fPIC", "-O2", "-std=c11", "-pthread", "-Wl,-Bsymbolic",
                "-Xlinker", "-soname", "-Xlinker", Path(path).name, f"-I{rt}",
                "-o", str(out), *map(str, parts), str(rt / "structc_rt.c"), str(tmp / "data.c")]
+        import subprocess      # here, not at import: `import structc` does not need it
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise ShipError(f"linking failed ({' '.join(cmd)}):\n{result.stderr.strip()}")
@@ -238,6 +238,7 @@ def _rename_symbol(obj: Path, old: str, new: str) -> None:
     if tool is None:
         raise ShipError("a library of a model with dropout needs objcopy (binutils or LLVM) to give its "
                         "training entry the wrapper that draws new masks each call; none was found on PATH")
+    import subprocess
     result = subprocess.run([tool, f"--redefine-sym={old}={new}", str(obj)], capture_output=True, text=True)
     if result.returncode != 0:
         raise ShipError(f"{tool} failed on {obj.name}: {result.stderr.strip()}")

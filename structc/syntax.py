@@ -285,26 +285,43 @@ MAX_NESTING = 150
 
 
 def grammar_text() -> str:
+    return _grammar_file("snet.lark").read_text()
+
+
+def _grammar_file(name: str):
+    """A file of the grammar package (`grammar/` in a checkout, `structc/grammar` installed)."""
     try:
         from importlib.resources import files
-        return (files("structc.grammar") / "snet.lark").read_text()
-    except (ModuleNotFoundError, FileNotFoundError):
-        return (Path(__file__).resolve().parent.parent / "grammar" / "snet.lark").read_text()
+        found = files("structc.grammar") / name
+        if found.is_file():
+            return found
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "grammar" / name
 
 
 PARSER_OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+#: lark's serialised tables for grammar/snet.lark, shipped next to it
+#: (`write_shipped_tables` makes them; tests/test_parser_tables.py fails when they are stale)
+SHIPPED_TABLES = "snet.tables"
+_TABLES_MAGIC = b"structc parser tables\n"
 
 
 @functools.lru_cache(maxsize=1)
 def parser() -> Lark:
     """The LALR parser, once per process. Building its tables is most of a
-    cold parse (90 ms); they are kept in the structc cache (`parser_key`: the
-    grammar, lark's version and the options), where a new process loads them
-    in 10 ms. Lark's own `cache=True` would keep them in the shared temporary
-    folder, unchecked; the structc cache checks an entry's MAC before lark
-    unpickles it (the threat model of the compiled code kept there, which is
-    run), and `$STRUCTC_NO_CACHE` or a refused folder just builds them."""
+    cold parse (90 ms), so they ship with the package (`SHIPPED_TABLES`,
+    loaded in 10 ms when made from this grammar by this lark version), and
+    are otherwise kept in the structc cache (`parser_key`: the grammar,
+    lark's version and the options). Lark's own `cache=True` would keep them
+    in the shared temporary folder, unchecked; the structc cache checks an
+    entry's MAC before lark unpickles it (the threat model of the compiled
+    code kept there, which is run), and `$STRUCTC_NO_CACHE` or a refused
+    folder just builds them."""
     text = grammar_text()
+    shipped = _shipped_parser(text)
+    if shipped is not None:
+        return shipped
     key = parser_key(text)
     loaded = _load_parser(key)
     if loaded is not None:
@@ -314,12 +331,68 @@ def parser() -> Lark:
     return built
 
 
+def grammar_key(grammar: str) -> str:
+    """What the tables depend on besides lark's version: the grammar and the options."""
+    import hashlib
+    import json
+    h = hashlib.sha256(f"snet grammar\0{json.dumps(PARSER_OPTIONS, sort_keys=True)}\0".encode())
+    h.update(grammar.encode())
+    return h.hexdigest()[:32]
+
+
 def parser_key(grammar: str) -> str:
     import hashlib
     import json
     h = hashlib.sha256(f"snet parser\0lark {lark.__version__}\0{json.dumps(PARSER_OPTIONS, sort_keys=True)}\0".encode())
     h.update(grammar.encode())
     return h.hexdigest()[:32]
+
+
+def shipped_tables_header(data: bytes) -> dict | None:
+    """The shipped file's header (`grammar`: its `grammar_key`, `lark`: the
+    version that made it), or None if it is not such a file."""
+    import json
+    if not data.startswith(_TABLES_MAGIC):
+        return None
+    line, _, _ = data[len(_TABLES_MAGIC):].partition(b"\n")
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _shipped_parser(grammar: str) -> Lark | None:
+    """The shipped tables, if made from `grammar` by the lark installed: any
+    other tables would parse a different language, so they are never used."""
+    import io
+    try:
+        data = _grammar_file(SHIPPED_TABLES).read_bytes()
+    except OSError:
+        return None
+    header = shipped_tables_header(data)
+    if header != {"grammar": grammar_key(grammar), "lark": lark.__version__}:
+        return None
+    body = data[len(_TABLES_MAGIC):].partition(b"\n")[2]
+    try:
+        return Lark.load(io.BytesIO(body))
+    except Exception:  # noqa: BLE001 - tables lark cannot read are rebuilt, as stale ones are
+        return None
+
+
+def write_shipped_tables() -> Path:
+    """Build the tables from the grammar and write them where `parser()` looks
+    (run after editing grammar/snet.lark or upgrading lark):
+    `python -c "from structc.syntax import write_shipped_tables; write_shipped_tables()"`."""
+    import io
+    import json
+    text = grammar_text()
+    body = io.BytesIO()
+    Lark(text, **PARSER_OPTIONS).save(body)
+    header = json.dumps({"grammar": grammar_key(text), "lark": lark.__version__}, sort_keys=True)
+    path = Path(str(_grammar_file(SHIPPED_TABLES)))
+    path.write_bytes(_TABLES_MAGIC + header.encode() + b"\n" + body.getvalue())
+    return path
 
 
 def _load_parser(key: str) -> Lark | None:

@@ -74,8 +74,10 @@ def test_entries_are_private_and_hit(cache_in):
     assert objects and all(_mode(cache_in / name) == 0o600 for name in objects)
     parser = [p.name for p in cache_in.glob("*.parser")]      # lark's tables, if this process built them here
     assert all(_mode(cache_in / name) == 0o600 for name in parser)
+    lowered = [p.name for p in cache_in.glob("*.lowered")]      # each kernel's text, by what determines it
+    assert lowered and all(_mode(cache_in / name) == 0o600 for name in lowered)
     assert sorted(p.name for p in cache_in.iterdir()) == sorted([_entry(cache_in).name, alias.name, "key", *objects,
-                                                                 *parser])
+                                                                 *parser, *lowered])
 
 
 def test_edited_metadata_is_rebuilt_not_run(cache_in):
@@ -505,10 +507,12 @@ def test_the_readme_states_the_bound_in_force():
 # -- the parser's tables ------------------------------------------------------
 
 def _fresh_parser(monkeypatch, build_allowed: bool):
-    """`syntax.parser()` as a new process would make it; without `build_allowed`,
-    building lark's tables (rather than loading them) fails the test."""
+    """`syntax.parser()` as a new process would make it with no shipped tables
+    (another lark version's); without `build_allowed`, building lark's tables
+    (rather than loading them) fails the test."""
     from structc import syntax
     syntax.parser.cache_clear()
+    monkeypatch.setattr(syntax, "_shipped_parser", lambda grammar: None)
     if not build_allowed:
         monkeypatch.setattr(syntax, "Lark", type("NoBuild", (), {
             "__init__": lambda *a, **k: pytest.fail("built the parser's tables again"),

@@ -562,6 +562,47 @@ def test_a_checked_graph_cannot_be_changed(gnn):
     assert net(g=b).shape == (6, 3)
 
 
+
+def test_a_graph_is_bound_once_and_never_stale(gnn, monkeypatch):
+    """A Graph is checked and turned into the model's arrays on its first call
+    only: the next calls with the same Graph object neither check it again nor
+    re-check its arrays in `Net._bind` (the GNN step's Python part, which runs
+    on one thread). Anything else, a Graph with other features, another
+    Graph, a copy, is bound afresh, never from another graph's binding."""
+    net, _ = gnn
+    rng = np.random.default_rng(12)
+    g = random_graph(rng, 40, 150, features=6, edge_features=0, edge_types=0)
+    y = rng.integers(0, 3, 40)
+    checks = []
+    real = Binder._check
+    monkeypatch.setattr(Binder, "_check", staticmethod(lambda spec, graph: checks.append(graph) or real(spec, graph)))
+    first = net.grad(g=g, y=y)
+    entry = net._entries["train"]
+    checked = entry.checked             # the graph's arrays as `_bind` checked them (its own views)
+    assert entry.sealed == 6 and checked[0][0] is not g.x and np.shares_memory(checked[0][0], g.x)
+    for _ in range(3):
+        again = net.grad(g=g, y=y)
+        assert again[0] == first[0]
+    assert checks == [g], "the same Graph was checked again"
+    assert entry.checked is checked, "the same Graph's arrays were checked again"
+    monkeypatch.undo()
+    # other features: bound afresh, as a Graph built with them
+    h = g.with_features(x=rng.normal(size=(40, 6)))
+    np.testing.assert_array_equal(net(g=h), net(g=Graph(g.edge_index, x=h.x)))
+    assert not np.array_equal(net(g=h), net(g=g))
+    assert net.grad(g=g, y=y)[0] == first[0]
+    # a copy, and a graph of another size, between calls with g
+    import copy
+    assert net.grad(g=copy.deepcopy(g), y=y)[0] == first[0]
+    k = random_graph(rng, 7, 20, features=6, edge_features=0, edge_types=0)
+    np.testing.assert_array_equal(net(g=k), net(g=Graph(k.edge_index, num_nodes=7, x=k.x)))
+    with pytest.raises(ValueError, match="axis 0 is g.nodes = 40"):
+        net.grad(g=g, y=y[:7])                        # the cached graph's sizes still check the other inputs
+    # what a caller can reach cannot change what was checked: numpy lets anyone reshape a read-only array
+    g.x.shape = (240,)
+    g.arrays["src"].shape = (1, 150)
+    assert net.grad(g=g, y=y)[0] == first[0]
+
 @pytest.mark.parametrize("build, message", [
     (lambda: Graph(np.array([[0, 2**63 + 1], [1, 0]], np.uint64), num_nodes=3), "out of range"),
     (lambda: Graph([[0], [1]], num_nodes=2, edge_type=[2**32 + 1]), "edge type 4294967297 is out of range"),
@@ -589,3 +630,42 @@ def test_graphs_and_forests_pickle_and_stay_sealed(gnn):
                 arr.flags.writeable = True
         with pytest.raises(AttributeError):
             g2.num_nodes = 7
+
+
+def test_a_gnn_training_step_runs_through_the_c_call_plan():
+    """`train_step` on a Graph checks the binders' arrays, binds the sizes, takes
+    the lock, sets the hyper-parameters and runs the entry in C (the train
+    plan): the same losses and weights, to the bit, as the Python path (`_run`),
+    also after a change of optimizer; what the plan does not take (a label out
+    of range) goes to the Python path, which refuses it before anything runs."""
+    from structc.model import _NO_PLAN
+    rng = np.random.default_rng(13)
+    g = random_graph(rng, 60, 240, features=6, edge_features=0, edge_types=0)
+    y = rng.integers(0, 3, 60).astype(np.int32)
+    planned, python = structc.compile(GNN, seed=3), structc.compile(GNN, seed=3)
+    python._train_plan = _NO_PLAN
+
+    k = random_graph(rng, 90, 100, features=6, edge_features=0, edge_types=0)      # and back: never stale
+    z = rng.integers(0, 3, 90).astype(np.int32)
+
+    def run(net):
+        losses = [net.train_step(g=g, y=y, lr=0.05) for _ in range(3)]
+        net.set_optimizer("adam")
+        losses += [net.train_step(g=g, y=y, lr=0.01) for _ in range(3)]
+        net.set_optimizer("sgd")
+        losses += [net.train_step(**batch, lr=0.05) for batch in ({"g": k, "y": z}, {"g": g, "y": y}) * 2]
+        return losses, {k: v.copy() for k, v in net.params.items()}
+    got, want = run(planned), run(python)
+    # the first call allocates the workspace and the first with k grows it (the Python path)
+    assert planned._train_plan.calls == 8
+    assert got[0] == want[0]
+    for name in want[1]:
+        np.testing.assert_array_equal(got[1][name], want[1][name], err_msg=name)
+    step, weights = planned._step, {k: v.copy() for k, v in planned.params.items()}
+    bad = y.copy()
+    bad[7] = 3
+    with pytest.raises(ValueError, match="class 3 at position"):
+        planned.train_step(g=g, y=bad, lr=0.05)
+    assert planned._step == step and planned._train_plan.calls == 8
+    for name in weights:
+        np.testing.assert_array_equal(planned.params[name], weights[name])

@@ -355,3 +355,60 @@ def test_the_pool_runs_every_task_once_and_each_thread_starts_on_its_share(tmp_p
     assert out[0] == "ok", " ".join(out)
     right, tried = int(out[2]), int(out[3])
     assert right == tried, f"{tried - right} of {tried} jobs did not start each thread on its own share"
+
+
+SMALL_TREES = """
+model SmallTrees {
+  input  t: forest of word(vocab=20)
+  target y: class[t.trees] of 3
+  param  E: embedding(20, 8)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.left), h(n.right)), 8))
+  loss cross_entropy(dense(h(t.root), 3), y)
+}
+"""
+
+
+def test_tree_levels_too_small_to_split_are_not_handed_off():
+    """A tree level of fewer rows than two shares of `gemm.same_sums_step`
+    is one task, run by the caller: split in two, the caller's share was
+    empty and it handed the whole level to the worker and waited. Levels
+    of one row each (a caterpillar) hand nothing to the pool, 40 such trees
+    still split their levels, and both give one thread's bits."""
+    net = structc.compile(SMALL_TREES, seed=0)
+    caterpillar = (((((1, 2), 3), 4), 5), 6)
+    for trees in ([caterpillar], [caterpillar] * 40):
+        f = structc.Forest.from_tuples(trees)
+        y = np.zeros(len(trees), np.int32)
+        results = {}
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            results[threads], jobs = handed_off(lambda: (net(t=f), net.grad(t=f, y=y)))
+        assert (jobs == 0) == (len(trees) == 1), (len(trees), jobs)
+        np.testing.assert_array_equal(results[1][0], results[2][0])
+        assert results[1][1][0] == results[2][1][0]
+        for name in results[1][1][1]:
+            np.testing.assert_array_equal(results[1][1][1][name], results[2][1][1][name], err_msg=name)
+
+
+def test_a_training_step_refused_under_the_lock_releases_it():
+    """`train_step` runs through the C call plan, which sets the step's
+    hyper-parameters holding the Net's lock: when that refuses them (Adam's
+    step size overflowing float32) the error reaches the caller, the lock is
+    free for another thread, and the next step runs through the plan."""
+    net = structc.compile(MLP, seed=0)
+    x, y = batches(count=1)[0]
+    y = y.astype(np.int32)
+    net.train_step(x=x, y=y, lr=0.05)
+    net.train_step(x=x, y=y, lr=0.05)
+    net.set_optimizer("adam")
+    calls = net._train_plan.calls
+    assert calls > 0
+    with pytest.raises(ValueError, match="overflow float32"):
+        net.train_step(x=x, y=y, lr=3e38)
+    got = []
+    other = threading.Thread(target=lambda: got.append(net._lock.acquire(timeout=5) and net._lock.release()))
+    other.start()
+    other.join()
+    assert got == [None], "the lock was left held"
+    assert np.isfinite(net.train_step(x=x, y=y, lr=0.01)) and net._train_plan.calls == calls + 1

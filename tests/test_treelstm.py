@@ -255,7 +255,8 @@ def test_backward_programs_share_the_gates_cotangents(child_sum):
     grad = next(n for n in differentiate(child_sum[1].graph).nodes.values() if n.op.name == "tree_map_grad")
     assert [name for name, _ in grad.attrs["cots"]] == ["@cot0", "@cot1"]
     par = {n.op.name for n in grad.attrs["bwd_par"].graph.nodes.values()}
-    assert par <= {"input", "param", "const", "matmul", "sum", "add", "slice", "tree_kids", "transpose", "concat"}
+    assert par <= {"input", "param", "const", "matmul", "sum", "add", "slice", "tree_kids", "tree_sum_kids",
+                   "transpose", "concat"}
     in_matmuls = [n for n in grad.attrs["bwd_in"].graph.nodes.values() if n.op.name == "matmul"]
     assert len(in_matmuls) == 2             # the deltas through iou's and the forget gates' weights
 
@@ -450,3 +451,99 @@ def test_the_cells_gradient_is_one_kernel():
     with_dg = [names for names in ops if "lstm_state_grad" in names]
     assert len(with_dg) == 1 and "lstm_state_dc" in with_dg[0]
     assert not any("lstm_state_dc" in names for names in ops if names is not with_dg[0])
+
+
+def test_states_are_gathered_in_blocks_of_their_own():
+    """Each state of the children is gathered into a block of its own, so the
+    node case reads h(k) and c(k) over the child slots as views: no column
+    copy (slice) per level in the forward program, and no padded concat or
+    copy of dC in the children's backward program (the model only: no compile)."""
+    from structc.autodiff import differentiate
+    mdef = build_model(parse(CHILD_SUM_FUSED))
+    tm = next(n for n in mdef.graph.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs["blocks"] == ((0, 0, 8), (1, 8, 8))
+    body = tm.attrs["fwd"].graph
+    readers = {body.nodes[u].op.name for k in ("children.0", "children.1") for u in body.users(body.inputs[k])}
+    assert readers == {"tree_kids"}     # views, where there were column slices (copies)
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    ops = {n.op.name for n in grad.attrs["bwd_in"].graph.nodes.values()}
+    assert not ops & {"slice", "concat", "copy"}, ops
+    assert grad.attrs["from_roots"]      # h(t.root): the roots' cotangent, no [nodes, 2d] seed
+
+
+# the node case reads h of its children and never c: only h is gathered, and
+# c's columns of a child's dH get the seed alone (dC has no block for them)
+UNREAD_STATE = """
+model UnreadState {
+  input  t: forest(arity=2) of word(vocab=6)
+  target s: class[t.nodes] of 2
+  target y: class[t.trees] of 2
+  param  E: embedding(6, 4) = normal(0.5)
+  rec (h, c)(n) = leaf: (tanh(E[n.word]), E[n.word] * 0.5)
+                  node: { a = tanh(dense(sum(h(n.children)), 4, name="a")); (a, a * 2.0) }
+  loss cross_entropy(dense(concat(h(t.nodes), c(t.nodes), axis=1), 2, name="all"), s)
+     + cross_entropy(dense(c(t.root), 2, name="root"), y)
+}
+"""
+
+
+# ... and seeded at the roots only (`from_roots`: a child's dH is written once, its c columns zero,
+# which the leaves' c = E[word] * 0.5 passes on to E's gradient)
+UNREAD_STATE_ROOTS = UNREAD_STATE.replace("UnreadState", "UnreadStateRoots").replace(
+    """  loss cross_entropy(dense(concat(h(t.nodes), c(t.nodes), axis=1), 2, name="all"), s)
+     + cross_entropy(dense(c(t.root), 2, name="root"), y)""",
+    """  loss cross_entropy(dense(h(t.root), 2, name="root"), y)""")
+
+
+@pytest.mark.parametrize("src", [UNREAD_STATE, UNREAD_STATE_ROOTS], ids=["every_node", "roots"])
+def test_a_state_the_node_case_does_not_read_gets_its_gradient(src):
+    from structc.autodiff import differentiate
+    rng = np.random.default_rng(4)
+    net, mdef = compiled(src)
+    tm = next(n for n in mdef.graph.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs["blocks"] == ((0, 0, 4),)           # h alone
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    assert grad.attrs["from_roots"] == (src is UNREAD_STATE_ROOTS)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 8)), 6, 2) for _ in range(5)])
+    targets = {"s": rng.integers(0, 2, f.nodes).astype(np.int32), "y": rng.integers(0, 2, f.trees).astype(np.int32)}
+    check_native(net, mdef, f, {k: v for k, v in targets.items() if k in mdef.inputs})
+
+
+def test_a_two_state_chain_reads_its_blocks_whole_and_is_seeded_at_its_ends():
+    """An LSTM over a sequence (a chain: arity 1): h(t.prev) and c(t.prev) are
+    the gathered blocks themselves (no column copy per step), and h(s.last)
+    seeds the backward with the last positions' cotangent only."""
+    from structc.autodiff import differentiate
+    mdef = build_model(parse("""
+model Seq {
+  input  s: sequence of f32[3]
+  target y: class[s.sequences] of 2
+  rec (h, c)(t) = init: (zeros(4), zeros(4))
+                  next: lstm_cell(t.x, h(t.prev), c(t.prev), 4)
+  loss cross_entropy(dense(h(s.last), 2), y)
+}
+"""))
+    tm = next(n for n in mdef.graph.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs["blocks"] == ((0, 0, 4), (1, 4, 4))
+    assert "slice" not in {n.op.name for n in tm.attrs["fwd"].graph.nodes.values()}
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    assert grad.attrs["from_roots"]
+
+
+def test_the_fused_gate_math_is_close_to_float64():
+    """lstm_state's kernel computes tanh as 2σ(2x) - 1 (fewer instructions than
+    the general tanh): within a few 1e-7 of float64 over small, large and
+    infinite gates (and c to its float32 rounding), and NaN where numpy gives NaN."""
+    from structc.ops.tree import LstmState
+    net = structc.compile("model G { input g: f32[N, 48]  input k: f32[N, 16]  output s = lstm_state(g, k) }",
+                          cache=False)
+    rng = np.random.default_rng(5)
+    g = (rng.normal(size=(40, 48)) * np.array([1e-4, 0.1, 3.0, 30.0])[rng.integers(0, 4, (40, 48))])
+    k = rng.normal(size=(40, 16)) * 2
+    g[0, :6] = [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-30]
+    g[1, 32:35] = [np.inf, -np.inf, np.nan]
+    got = net(g=g.astype(np.float32), k=k.astype(np.float32))
+    want = LstmState().reference(g.astype(np.float32).astype(np.float64), k.astype(np.float32).astype(np.float64))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=2e-6, atol=4e-7)     # c: float32 rounding of |c| up to ~8

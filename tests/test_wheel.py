@@ -42,6 +42,9 @@ def test_the_wheel_installs_and_trains_without_a_compiler(tmp_path):
     where = run([python, "-c", "import structc, structc._runtime as r; print(structc.__file__); print(r.__file__)"],
                 env=env, cwd=work).stdout.split()
     assert all(p.startswith(str(venv)) for p in where), where
+    shipped = run([python, "-c", "from structc import syntax; print(syntax._shipped_parser(syntax.grammar_text()))"],
+                  env=env, cwd=work).stdout
+    assert "Lark" in shipped, "the installed package has no parser tables it can use"
     version = run([venv / "bin" / "structc", "--version"], env=env, cwd=work).stdout
     assert "LLVM" in version and "fingerprint" in version
     out = run([venv / "bin" / "structc", "train", ROOT / "examples" / "digits_mlp.snet", "--data", "digits",

@@ -11,6 +11,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from llvmlite import ir
+from llvmlite.ir._utils import DuplicatedNameError, NameScope
+from llvmlite.ir.instructions import Instruction
 
 F32 = ir.FloatType()
 F64 = ir.DoubleType()
@@ -29,7 +31,20 @@ NO_UNROLL = "llvm.loop.unroll.disable"
 
 
 def vec(t: ir.Type, n: int) -> ir.Type:
-    return t if n == 1 else ir.VectorType(t, n)
+    return t if n == 1 else vector_type(t, n)
+
+
+_VECTOR_TYPES: dict = {}
+
+
+def vector_type(t: ir.Type, n: int) -> ir.VectorType:
+    """`ir.VectorType(t, n)`, one object per type: its text is made once, not at
+    every kernel's first print."""
+    key = (str(t), n)
+    found = _VECTOR_TYPES.get(key)
+    if found is None:
+        found = _VECTOR_TYPES[key] = ir.VectorType(t, n)
+    return found
 
 
 def lanes(t: ir.Type) -> int:
@@ -53,6 +68,8 @@ class CG:
     def __init__(self, module: ir.Module, fn: ir.Function, frame_layout=None, frame=None):
         self.module = module
         self.fn = fn
+        if type(fn.scope) is NameScope and not fn.blocks:
+            fn.scope = _Names(fn.scope)
         self.entry = fn.append_basic_block("entry")
         self.body = fn.append_basic_block("body")
         self.b = ir.IRBuilder(self.body)
@@ -74,16 +91,21 @@ class CG:
         return _constant(t, v, repr(v))
 
     def i64(self, v: int) -> ir.Constant:
-        return _constant(I64, v, repr(v))
+        found = _I64_CONSTANTS.get(v) if type(v) is int else None     # not bool: True prints as `true`
+        if found is None:
+            found = _constant(I64, v, repr(v))
+            if type(v) is int:
+                _I64_CONSTANTS[v] = found
+        return found
 
     def splat(self, x: ir.Value, n: int) -> ir.Value:
         if n == 1:
             return x
-        vt = ir.VectorType(x.type, n)
+        vt = vector_type(x.type, n)
         if isinstance(x, ir.Constant):
             return _constant(vt, x, x.get_reference())
         one = self.b.insert_element(_constant(vt, ir.Undefined, "undef"), x, _constant(I32, 0, "0"))
-        return self.b.shuffle_vector(one, _constant(vt, ir.Undefined, "undef"), _constant(ir.VectorType(I32, n), 0, "0"))
+        return self.b.shuffle_vector(one, _constant(vt, ir.Undefined, "undef"), _constant(vector_type(I32, n), 0, "0"))
 
     def to_float(self, x: ir.Value, t=F32) -> ir.Value:
         if elem(x.type) in (F32, F64):
@@ -105,10 +127,19 @@ class CG:
         return fn
 
     # -- float arithmetic (scalar or vector) ---------------------------
-    def add(self, a, b): return self.b.fadd(a, b, flags=FAST)
-    def sub(self, a, b): return self.b.fsub(a, b, flags=FAST)
-    def mul(self, a, b): return self.b.fmul(a, b, flags=FAST)
-    def div(self, a, b): return self.b.fdiv(a, b, flags=FAST)
+    def add(self, a, b): return self._float_op("fadd", a, b)
+    def sub(self, a, b): return self._float_op("fsub", a, b)
+    def mul(self, a, b): return self._float_op("fmul", a, b)
+    def div(self, a, b): return self._float_op("fdiv", a, b)
+
+    def _float_op(self, opname: str, a, b):
+        """`self.b.fadd(a, b, flags=FAST)` and co. as IRBuilder makes them, with
+        a cheaper type check first (the operands' types are mostly one object)."""
+        if a.type is not b.type and a.type != b.type:
+            raise ValueError(f"Operands must be the same type, got ({a.type}, {b.type})")
+        instr = Instruction(self.b.block, a.type, opname, (a, b), "", FAST)
+        self.b._insert(instr)
+        return instr
     def neg(self, a): return self.b.fneg(a)
     def fma(self, a, b, c):
         # fmuladd: one fused instruction where the CPU has FMA, mul + add where it has not
@@ -275,7 +306,7 @@ class CG:
         p = self.gep(base, idx, t)
         if n == 1:
             return self.b.load(p, typ=t)
-        vt = ir.VectorType(t, n)
+        vt = vector_type(t, n)
         if mask is None:
             return self.b.load(p, typ=vt, align=4)
         return self.intrinsic_masked_load(p, vt, mask)
@@ -407,7 +438,30 @@ class CG:
         return self.slot(self.layout.mode_slot, I64)
 
 
+class _Names(NameScope):
+    """llvmlite's names of a function's values, given as llvmlite gives them
+    (an unnamed value is `.1`, `.2`, ...; a taken name gets `.1`, `.2` added),
+    in one call rather than four: every instruction takes a name."""
+
+    def __init__(self, like: NameScope):
+        self._useset = set(like._useset)
+        self._basenamemap = like._basenamemap.copy()
+
+    def register(self, name, deduplicate=False):
+        used = self._useset
+        if name in used:
+            if not deduplicate:
+                raise DuplicatedNameError(name)
+            base, counts = name, self._basenamemap
+            while name in used:
+                counts[base] += 1
+                name = f"{base}.{counts[base]}"
+        used.add(name)
+        return name
+
+
 _CONSTANTS: dict = {}
+_I64_CONSTANTS: dict = {}
 
 
 def _constant(t: ir.Type, value, text: str) -> ir.Constant:

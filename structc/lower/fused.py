@@ -175,7 +175,9 @@ def emit_elementwise_kernel(kb, graph, group) -> None:
         def tasks(cg):
             return cg.ceil_div(expr.extents(cg)[0], inner_chunk)
 
-        with kb.kernel(f"ew{group.id}", tasks, cost=inner_chunk) as (cg, lo, hi):
+        with kb.kernel(f"ew{group.id}", tasks, cost=inner_chunk, skippable=True) as (cg, lo, hi):
+            if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
+                return
             n = expr.extents(cg)[0]
             with cg.loop(hi, start=lo, name="chunk") as c:
                 start = cg.imul(c, inner_chunk)
@@ -193,7 +195,9 @@ def emit_elementwise_kernel(kb, graph, group) -> None:
     def cost(cg):
         return expr.extents(cg)[-1]
 
-    with kb.kernel(f"ew{group.id}", tasks, cost=cost) as (cg, lo, hi):
+    with kb.kernel(f"ew{group.id}", tasks, cost=cost, skippable=True) as (cg, lo, hi):
+        if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
+            return
         ext = expr.extents(cg)
         with cg.loop(hi, start=lo, name="row") as r:
             outer = []

@@ -101,7 +101,9 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     # the inline main tile, only if C has such tiles
     inline_main = kinds[0] and rows[0] == main_rows(vw)
 
-    with kb.kernel(name, tasks, cost=cost, vector_code=True) as (cg, lo, hi):
+    with kb.kernel(name, tasks, cost=cost, vector_code=True, skippable=True) as (cg, lo, hi):
+        if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
+            return
         b = cg.b
         t = _Ctx(cg, vw, M(cg), N(cg), K(cg), a_row_stride(cg), a_k_stride(cg),
                  cg.ptr(a_buf), cg.ptr(b_buf), cg.ptr(scratch), epilogue)
@@ -440,7 +442,10 @@ def emit_narrow(kb, *, M, K, n: int, a_buf, b_buf, epilogue, name):
     def tasks(cg):
         return cg.ceil_div(M(cg), NARROW_MB)
 
-    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB), vector_code=True) as (cg, lo, hi):
+    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB), vector_code=True,
+                   skippable=True) as (cg, lo, hi):
+        if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
+            return
         b = cg.b
         m, k = M(cg), K(cg)
         A, B = cg.ptr(a_buf), cg.ptr(b_buf)

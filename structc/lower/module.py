@@ -25,7 +25,10 @@ from llvmlite import ir
 from ..graph import Graph
 from ..passes.plan import ALIGN, Plan
 from .codegen import CG, I32, I64, NO_UNROLL, PTR, VOID, LocalSlots
+from . import irtext
 from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
+from .lowered import (RECORD_VERSION, LoweredKernels, NotCacheable, callees, close_group, kernel_key,
+                      make_function, open_group, parse_type, slot_names, slot_of)
 
 #: what `*_workspace` returns when the size for the given dims overflows int64
 WORKSPACE_OVERFLOW = -1
@@ -89,7 +92,8 @@ class KernelBuilder:
     """What an op's `lower` gets: the graph, the target, and `kernel()`."""
 
     def __init__(self, module: ir.Module, graph: Graph, layout: FrameLayout, entry: CG,
-                 target: Target, prefix: str, shared: dict, export: bool = False):
+                 target: Target, prefix: str, shared: dict, export: bool = False,
+                 lowered: LoweredKernels | None = None):
         self.module = module
         self.graph = graph
         self.layout = layout
@@ -101,6 +105,9 @@ class KernelBuilder:
         self.export = export        # kernels visible to other modules of the model (hidden), not internal
         self._names: set[str] = set()
         self.work = entry.i64(0)    # sum of the kernels' tasks x cost, computed in the entry block
+        self.lowered = lowered      # kernels lowered before, by their lowering key (`lowered.py`)
+        self._scope = None          # the group being lowered with `lowered`
+        self._last_body = None      # the text of the kernel `_named_by_content` last named, as keyed in `shared`
 
     def _here(self, fn: ir.Function) -> ir.Function:
         """`fn`, or when another module defines it (and exports it: the forward
@@ -118,7 +125,7 @@ class KernelBuilder:
         action(self.entry)
 
     @contextmanager
-    def kernel(self, name: str, tasks, cost=1, vector_code: bool = False):
+    def kernel(self, name: str, tasks, cost=1, vector_code: bool = False, skippable: bool = False):
         """Define `void name(frame, lo, hi)`; the body handles tasks [lo, hi).
         `tasks` and `cost` (work per task, for the threading decision) are ints
         or functions of the entry point's CG.
@@ -130,27 +137,55 @@ class KernelBuilder:
         the forward and training parts) and cached by content across models
         and edits. `shared.symbols` maps the name asked for to that symbol.
         `vector_code`: the body is explicit vector code already, so it gets the
-        short LLVM pipeline (`VECTOR_CODE`), not O3's loop passes."""
+        short LLVM pipeline (`VECTOR_CODE`), not O3's loop passes.
+
+        With `lowered` (the module cache on), a kernel whose lowering key has a
+        record is not built again (`lowered.py`): its recorded text stands in.
+        `skippable`: the caller's body starts with `if cg is None: return` and
+        the `with` is the last thing its function does, so the body is not even
+        run then; other bodies run (and their function is dropped), which
+        still saves naming and printing it."""
         full = f"{self.prefix}_{name}"
         assert full not in self._names, full
         self._names.add(full)
-        fn = ir.Function(self.module, KERNEL_TYPE, name=full)
-        fn.linkage = "hidden" if self.export else "internal"
-        cg = CG(self.module, fn, self.layout, frame=fn.args[0])
-        cg.slots = LocalSlots()
-        yield cg, fn.args[1], fn.args[2]
-        cg.b.ret_void()
-        cg.finish()
-        fn = self._named_by_content(fn, full, name)
+        scope, key, found = self._scope, None, None
+        if scope is not None:
+            key = kernel_key(self.lowered.salt, scope.spec, scope.ordinal, _stem(name), vector_code)
+            scope.ordinal += 1
+            found = self._usable(self.lowered.load(key))
+            self.lowered.hits += found is not None
+            self.lowered.misses += found is None
+        if found is not None and skippable:
+            scope.skipped = True
+            yield None, None, None
+            fn, used = self._from_record(found[0], name), found[1]
+        else:
+            fn = ir.Function(self.module, KERNEL_TYPE, name=full)
+            fn.linkage = "hidden" if self.export else "internal"
+            cg = CG(self.module, fn, scope.layout if scope is not None else self.layout, frame=fn.args[0])
+            cg.slots = LocalSlots()
+            yield cg, fn.args[1], fn.args[2]
+            if found is not None:       # the helpers it made must be the record's too
+                found = self._usable(found[0])
+            if found is not None:       # built all the same: the record's text stands in for it
+                del self.module.globals[full]
+                fn, used = self._from_record(found[0], name), found[1]
+            else:
+                cg.b.ret_void()
+                cg.finish()
+                fn = self._named_by_content(fn, full, name)
+                used = [(index, at, t) for index, (at, t) in cg.slots.used.items()]
+                if key is not None:
+                    self._record(key, full, vector_code, used)
         if vector_code:
             fn.structc_vector_code = True
         if isinstance(self.shared, SharedKernels):
             self.shared.symbols[full] = fn.name
 
         e = self.entry
-        frame = e.eb.alloca(ir.ArrayType(I64, max(1, len(cg.slots.used))))
+        frame = e.eb.alloca(ir.ArrayType(I64, max(1, len(used))))
         frame.type = PTR     # slots hold pointers and integers alike
-        for index, (at, t) in cg.slots.used.items():
+        for index, at, t in used:
             e.eb.store(e.slot(index, t), e.eb.gep(frame, [ir.Constant(I64, at)], source_etype=I64))
         n = tasks(e) if callable(tasks) else e.i64(tasks)
         c = cost(e) if callable(cost) else e.i64(cost)
@@ -177,24 +212,115 @@ class KernelBuilder:
         here (or exported by another module of the model: declared here)."""
         text = function_text(fn)
         body = text.replace(f'"{full}"', '"@kernel"', 1).replace("define hidden ", "define internal ", 1)
-        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-        symbol = f"sc_{digest}_{re.sub(r'[0-9]+', '', name, count=1)}"
-        existing = self.module.globals.get(symbol)
-        found = self.shared.get(body)
-        if existing is None and found is not None and found.module is not self.module and found.linkage == "hidden":
-            existing = self._here(found)
-        if existing is not None:
-            del self.module.globals[full]
-            return existing
+        symbol = _symbol(body, name)
+        named = text.replace(f'"{full}"', f'"{symbol}"', 1)
+        self._last_body = body if self._text(body, symbol) == named else None    # what a record may keep
+        existing = self._existing(symbol, body)
         del self.module.globals[full]
+        if existing is not None:
+            return existing
         fn._name = self.module.scope.register(symbol)
         # llvmlite caches a value's reference and text once printed (function_text did)
         fn.__dict__.pop("_StringReferenceCaching__cached_refstr", None)
         fn._clear_string_cache()
-        fn.structc_text = text.replace(f'"{full}"', f'"{symbol}"', 1)    # printing is half of lowering's time
+        fn.structc_text = named     # printing is half of lowering's time
         self.module.globals[symbol] = fn
         self.shared.setdefault(body, fn)
         return fn
+
+    def _existing(self, symbol: str, body: str) -> ir.Function | None:
+        """The kernel of this text already in this module, or exported by another (declared here)."""
+        existing = self.module.globals.get(symbol)
+        found = self.shared.get(body)
+        if existing is None and found is not None and found.module is not self.module and found.linkage == "hidden":
+            existing = self._here(found)
+        return existing
+
+    # -- kernels lowered before (`lowered.py`) ------------------------------
+    def _text(self, body: str, symbol: str) -> str:
+        """A kernel's text from its body (as `_named_by_content` keeps it: named
+        `@kernel`, internal), named `symbol`, with this builder's linkage."""
+        text = body.replace('"@kernel"', f'"{symbol}"', 1)
+        return text.replace("define internal ", "define hidden ", 1) if self.export else text
+
+    def _record(self, key: str, full: str, vector_code: bool, used) -> None:
+        """Note the kernel just built, to store under `key` if its group read nothing outside its spec."""
+        body = self._last_body
+        names = slot_names(self.layout, self._scope)
+        try:
+            if body is None:
+                raise NotCacheable("a kernel text not remade from its body")
+            if full in body or f"{self.prefix}_" in body:
+                raise NotCacheable("a kernel whose text names its entry")
+            if any(index not in names for index, _, _ in used):
+                raise NotCacheable("a frame slot outside the spec")
+            record = {"version": RECORD_VERSION, "body": body, "vector_code": vector_code,
+                      "slots": [[names[index], at, str(t)] for index, at, t in used],
+                      "callees": callees(body, self.module, self._helper_text)}
+        except NotCacheable as e:
+            self.lowered.refuse(str(e))
+            return
+        self._scope.pending.append((key, record))
+
+    def _usable(self, record) -> tuple[dict, list] | None:
+        """(record, the entry slots it reads) when it fits this module: the
+        functions it calls absent or the same here, its slots in this frame."""
+        if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+            return None
+        try:
+            for callee, _, declaration, definition, _ in record["callees"]:
+                have = self.module.globals.get(callee)
+                if have is None:
+                    continue
+                if not isinstance(have, ir.Function):
+                    return None
+                if (self._helper_text(have) != definition) if have.blocks else (str(have) != declaration):
+                    return None
+            used = [(slot_of(self.layout, self._scope, slot), at, parse_type(t)) for slot, at, t in record["slots"]]
+        except (KeyError, IndexError, TypeError, ValueError, NotCacheable):
+            return None
+        return record, used
+
+    def _helper_text(self, fn: ir.Function) -> str:
+        """`function_text(fn)`, printed once per module (helpers are complete when made)."""
+        texts = self.module.__dict__.setdefault("structc_helper_texts", {})
+        if fn.name not in texts:
+            texts[fn.name] = function_text(fn)
+        return texts[fn.name]
+
+    def _from_record(self, record: dict, name: str) -> ir.Function:
+        """The recorded kernel in this module: its callees made where absent (a
+        helper as a function carrying its text), then the kernel itself."""
+        for callee, ftype, _, definition, vector_code in record["callees"]:
+            if callee in self.module.globals:
+                continue
+            fn = make_function(self.module, callee, ftype)
+            if definition is not None:
+                fn.linkage = "internal"
+                fn.append_basic_block()     # defined: `split_module` reads `structc_text`, never these blocks
+                fn.structc_text = definition
+                if vector_code:
+                    fn.structc_vector_code = True
+        body = record["body"]
+        symbol = _symbol(body, name)
+        existing = self._existing(symbol, body)
+        if existing is not None:
+            return existing
+        fn = ir.Function(self.module, KERNEL_TYPE, name=symbol)
+        fn.linkage = "hidden" if self.export else "internal"
+        fn.append_basic_block()
+        fn.structc_text = self._text(body, symbol)
+        self.shared.setdefault(body, fn)
+        return fn
+
+
+def _stem(name: str) -> str:
+    """A kernel's name without its node id (`matmul12_k0` -> `matmul_k0`)."""
+    return re.sub(r"[0-9]+", "", name, count=1)
+
+
+def _symbol(body: str, name: str) -> str:
+    return f"sc_{hashlib.sha256(body.encode()).hexdigest()[:16]}_{_stem(name)}"
 
 
 class SharedKernels(dict):
@@ -262,7 +388,8 @@ def _slot_offsets(cg: CG, plan: Plan, arith=None):
 
 
 def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
-                name: str, target: Target, shared: dict, export: bool = False) -> None:
+                name: str, target: Target, shared: dict, export: bool = False,
+                lowered: LoweredKernels | None = None) -> None:
     """`shared`: kernel text -> function, across entry points (and modules: a
     kernel found there in another module is declared and called, not emitted
     again); `export`: make this entry's kernels visible to the model's other
@@ -306,7 +433,7 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
             ptr = eb.gep(workspace, [offsets[st.index]], source_etype=ir.IntType(8))
         put(slot, ptr)
 
-    kb = KernelBuilder(module, graph, layout, cg, target, name, shared, export)
+    kb = KernelBuilder(module, graph, layout, cg, target, name, shared, export, lowered)
     for group in graph.groups:
         lower_group(kb, graph, group)
     # A small entry (its kernels' work summed) runs every kernel on the caller.
@@ -338,13 +465,25 @@ class _DimsFromArray:
 
 
 def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
-    anchor = graph.nodes[group.anchor]
-    if group.kind == "elementwise":
-        emit_elementwise_kernel(kb, graph, group)
-    elif group.kind == "epilogue":
-        anchor.op.lower(kb, anchor, FusedExpr(graph, group, coalesce=False))
-    else:
-        anchor.op.lower(kb, anchor, None)
+    """Lower one group; with `kb.lowered`, the op sees the graph and the builder
+    through views that note reads outside the group's spec (`lowered.py`)."""
+    scope = open_group(kb, graph, group, kb.layout) if kb.lowered is not None else None
+    kb._scope = scope
+    try:
+        if scope is not None:
+            kb, graph = scope.builder, scope.graph
+        anchor = graph.nodes[group.anchor]
+        if group.kind == "elementwise":
+            emit_elementwise_kernel(kb, graph, group)
+        elif group.kind == "epilogue":
+            anchor.op.lower(kb, anchor, FusedExpr(graph, group, coalesce=False))
+        else:
+            anchor.op.lower(kb, anchor, None)
+    finally:
+        if scope is not None:
+            kb._kb._scope = None
+    if scope is not None:
+        close_group(kb._kb.lowered, scope)
 
 
 # -- several modules from one, to compile in parallel -----------------------
@@ -469,7 +608,7 @@ def function_text(fn: ir.Function) -> str:
     `_with_loop_ids` turns into metadata of the chunk's own. A kernel's text
     is kept from when it was named (`KernelBuilder._named_by_content`)."""
     kept = getattr(fn, "structc_text", None)
-    return kept if kept is not None else _LOOP_REF.sub(_LOOP_MARK, str(fn))
+    return kept if kept is not None else _LOOP_REF.sub(_LOOP_MARK, irtext.function_text(fn))
 
 
 def _with_loop_ids(text: str) -> str:

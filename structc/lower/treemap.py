@@ -31,7 +31,7 @@ import hashlib
 from llvmlite import ir
 
 from ..ops.loss import _each_vector
-from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan
+from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan, child_blocks, cotangent_names
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
 from .gemm import same_sums_step
@@ -41,8 +41,9 @@ from .module import KERNEL_TYPE, NESTED_WORK, function_text
 # hand-off per level, every kernel of the body on each thread's rows) at
 # multiples of `gemm.same_sums_step`: each row's sums then run in the same
 # order however the level is split, so results are bitwise the same at any
-# thread count. A level too small to split runs whole in one task (its
-# kernels then run on one thread, without a hand-off each).
+# thread count. A level of fewer than two shares' rows is one task, which the
+# caller runs (`sc_row_tasks`: no hand-off of the level; its kernels are then
+# pooled by their own size, as outside a level).
 LEVEL_COST = 1 << 30       # a level's task is worth a hand-off (the pool's threshold)
 
 
@@ -175,7 +176,8 @@ class LevelTasks:
     the thread pool from the kernel."""
 
     def __init__(self, kb, cg: CG, le, nodes_d, emit):
-        self.cg = cg
+        self.cg, self.le, self.nodes_d = cg, le, nodes_d
+        self.step = same_sums_step(kb.vector_width)
         frame = cg.eb.alloca(ir.ArrayType(I64, 3))
         frame.type = PTR
         self.frame = frame
@@ -191,9 +193,8 @@ class LevelTasks:
         nodes = t.dim(nodes_d)
         start, stop = _level_bounds(t, t.ptr(le), l, nodes)
         rows = t.b.sub(stop, start)
-        step = same_sums_step(kb.vector_width)
-        a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows, step))
-        b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows, step))
+        a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows, self.step))
+        b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows, self.step))
         with t.if_(t.b.icmp_signed("<", a, b)):        # a thread's share of a small level may be empty
             emit(t, l, start, a, b)
         t.b.ret_void()
@@ -204,8 +205,9 @@ class LevelTasks:
         cg = self.cg
         b = cg.b
         tasks = cg.i64(1)
-        if split:       # one task per thread; a thread's rows may be none
-            tasks = b.sext(b.call(cg.declare("sc_get_num_threads", I32, []), []), I64)
+        if split:       # one task per thread, none empty: a small level runs on the caller (no hand-off)
+            start, stop = _level_bounds(cg, cg.ptr(self.le), l, cg.dim(self.nodes_d))
+            tasks = b.call(cg.declare("sc_row_tasks", I64, [I64, I64]), [b.sub(stop, start), cg.i64(self.step)])
         b.store(l, b.gep(self.frame, [cg.i64(1)], source_etype=I64))
         b.store(tasks, b.gep(self.frame, [cg.i64(2)], source_etype=I64))
         par = cg.declare("sc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
@@ -237,20 +239,39 @@ def _named_by_text(module, fn):
     return fn
 
 
-def _gather(cg: CG, children, H, C, start, stop, arity, width, cw, nodes, vw) -> None:
-    """C[r - start] = [H[child_0(r)], ..., H[child_A-1(r)]] for r in [start, stop)."""
+def _gather(cg: CG, children, H, regions, start, stop, arity, width, nodes, vw) -> None:
+    """Each block's row r - start = [H[child_0(r)], ..., H[child_A-1(r)]]'s
+    columns [at, at + w), for r in [start, stop); `regions`: [(pointer, at, w)]."""
     b = cg.b
     with cg.loop(stop, start=start, name="gr") as r:
-        row = cg.imul(b.sub(r, start), cw)
         for a in range(arity):
             k = load_index(cg, children, cg.iadd(cg.imul(r, arity), a), "i32", None)
             ok = b.and_(b.icmp_signed(">=", k, cg.i64(0)), b.icmp_signed("<", k, nodes))
-            dst = cg.iadd(row, a * width)
+            dsts = [cg.iadd(cg.imul(b.sub(r, start), arity * w), a * w) for _, _, w in regions]
             with b.if_else(ok) as (then, otherwise):
                 with then:
-                    copy_row(cg, H, cg.imul(k, width), C, dst, width, vw)
+                    for (p, at, w), dst in zip(regions, dsts):
+                        copy_row(cg, H, cg.iadd(cg.imul(k, width), at), p, dst, w, vw)
                 with otherwise:
-                    zero_row(cg, C, dst, width, vw)
+                    for (p, at, w), dst in zip(regions, dsts):
+                        zero_row(cg, p, dst, w, vw)
+
+
+def _uncovered(blocks, width: int) -> list:
+    """[(at, w)]: the column ranges of a node's state in no block."""
+    gaps, at = [], 0
+    for _, start, w in sorted(blocks, key=lambda x: x[1]):
+        if start > at:
+            gaps.append((at, start - at))
+        at = max(at, start + w)
+    return gaps + ([(at, width - at)] if at < width else [])
+
+
+def block_regions(cg: CG, base, rows, first, arity: int, blocks) -> list:
+    """[(pointer to row `first`, at, w)] of each block in memory of `rows`
+    rows laid out block after block ([rows, A*w] each) from `base`."""
+    return [(cg.gep(base, cg.iadd(cg.imul(rows, arity * at), cg.imul(first, arity * w))), at, w)
+            for _, at, w in blocks]
 
 
 def _level_bounds(cg: CG, level_end, l, nodes):
@@ -286,6 +307,7 @@ def lower_tree_map(kb, node) -> None:
     children, level_end, _roots, leaves, s_rows, s_fixed = node.inputs[:6]
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = arity * width          # a gathered row: the children side by side
+    blocks = child_blocks(node.attrs.get("blocks", ()), width)
     vw = kb.vector_width
     nodes_d = node.shape[0]
     leaves_d = g.nodes[leaves].shape[0]
@@ -312,9 +334,14 @@ def lower_tree_map(kb, node) -> None:
             nodes = t.dim(nodes_d)
             H, C, fixed = t.ptr(node.id), t.ptr(s_rows), t.ptr(s_fixed)
             ws = t.gep(C, t.iadd(t.imul(nodes, cw), t.imul(t.b.sub(a, start), program.rows_floats)))
-            block = t.gep(C, t.imul(t.b.sub(a, start), cw)) if not kept else t.gep(t.ptr(kept[0]), t.imul(a, cw))
-            _gather(t, t.ptr(children), H, block, a, stop, arity, width, cw, nodes, vw)
-            call_body(t, entry, {"children": block, **_row_inputs(kb, t, node, 6)(a),
+            # every node's gathered row kept for the backward (tree_children), or one level's in the scratch
+            regions = block_regions(t, t.ptr(kept[0]), nodes, a, arity, blocks) if kept else \
+                block_regions(t, C, t.b.sub(stop, a), t.i64(0), arity, blocks)
+            if not kept:        # this share's rows of the scratch
+                regions = [(t.gep(p, t.imul(t.b.sub(a, start), cw)), at, w) for p, at, w in regions]
+            _gather(t, t.ptr(children), H, regions, a, stop, arity, width, nodes, vw)
+            gathered = {name: p for (name, _, _), (p, _, _) in zip(blocks, regions)}
+            call_body(t, entry, {**gathered, **_row_inputs(kb, t, node, 6)(a),
                                  **hoisted_values(t, program, fixed)},
                       {"h": t.gep(H, t.imul(a, width)), **_kept_blocks(t, values)(a)}, fixed, t.b.sub(stop, a), ws)
         level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
@@ -332,6 +359,8 @@ def lower_tree_map_grad(kb, node) -> None:
     from_roots = node.attrs.get("from_roots", False)
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = arity * width          # a gathered row: the children side by side
+    cblocks = child_blocks(node.attrs.get("blocks", ()), width)
+    c_names = [cotangent_names(name) for name, _, _ in cblocks]      # (@C..., dC...) per block
     e_in = body_entry(kb, node.attrs["bwd_in"])
     e_par = body_entry(kb, node.attrs["bwd_par"])
     names = [k[2:] for k in node.attrs["bwd"].outputs if k.startswith("d:")]
@@ -393,27 +422,38 @@ def lower_tree_map_grad(kb, node) -> None:
             b, nodes = t.b, t.dim(nodes_d)
             H, G, ch, C, fixed = t.ptr(Hn), t.ptr(seed), t.ptr(children), t.ptr(c_all), t.ptr(s_fixed)
             blocks = _grad_blocks(t)
-            dC = t.gep(t.ptr(s_rows), t.imul(b.sub(a, start), cw))
+            # this share's rows of dC, block after block
+            dC = block_regions(t, t.gep(t.ptr(s_rows), t.imul(b.sub(a, start), cw)), b.sub(stop, a), t.i64(0),
+                               arity, cblocks)
             ws = t.gep(blocks["ws"], t.imul(b.sub(a, start), bwd_in.rows_floats))
             at = t.imul(a, width)
             lift_rows = {f"d{name}": t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["lift"].items()}
             lift_rows.update({name: t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["cot"].items()})
             dH = blocks["dH"]
-            call_body(t, e_in, {"@C": t.gep(C, t.imul(a, cw)), "@g": t.gep(dH, at), "@h": t.gep(H, at),
+            gathered = {c_in: p for (c_in, _), (p, _, _) in zip(c_names, block_regions(t, C, nodes, a, arity, cblocks))}
+            d_out = {c_out: p for (_, c_out), (p, _, _) in zip(c_names, dC)}
+            call_body(t, e_in, {**gathered, "@g": t.gep(dH, at), "@h": t.gep(H, at),
                                 **_row_inputs(kb, t, node, 8)(a), **_kept_blocks(t, kept)(a),
-                                **hoisted_values(t, bwd_in, fixed)}, {"dC": dC, **lift_rows}, fixed,
+                                **hoisted_values(t, bwd_in, fixed)}, {**d_out, **lift_rows}, fixed,
                       b.sub(stop, a), ws)
             with t.loop(stop, start=a, name="sc") as r:
-                row = t.imul(b.sub(r, a), cw)
                 for k in range(arity):
                     kid = load_index(t, ch, t.iadd(t.imul(r, arity), k), "i32", None)
                     ok = b.and_(b.icmp_signed(">=", kid, t.i64(0)), b.icmp_signed("<", kid, nodes))
                     with t.if_(ok):
-                        at_kid = t.imul(kid, width)
-                        if from_roots:
-                            copy_row(t, dC, t.iadd(row, k * width), dH, at_kid, width, vw)
-                        else:
-                            sum_rows(t, dC, t.iadd(row, k * width), G, at_kid, dH, at_kid, width, vw)
+                        for at_b, w in _uncovered(cblocks, width):     # states no node case reads: no dC
+                            at_kid = t.iadd(t.imul(kid, width), at_b)
+                            if from_roots:
+                                zero_row(t, dH, at_kid, w, vw)
+                            else:
+                                copy_row(t, G, at_kid, dH, at_kid, w, vw)
+                        for p, at_b, w in dC:
+                            src = t.iadd(t.imul(b.sub(r, a), arity * w), k * w)
+                            at_kid = t.iadd(t.imul(kid, width), at_b)
+                            if from_roots:
+                                copy_row(t, p, src, dH, at_kid, w, vw)
+                            else:
+                                sum_rows(t, p, src, G, at_kid, dH, at_kid, w, vw)
         level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
         with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
             l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
@@ -436,7 +476,9 @@ def lower_tree_map_grad(kb, node) -> None:
             with then:
                 at = cg.imul(first, width)
                 inv = hoisted(kb, cg, node.attrs["bwd_par"], fixed)
-                call_body(cg, e_par, {"@C": cg.gep(C, cg.imul(first, cw)), "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
+                gathered = {c_in: p for (c_in, _), (p, _, _) in
+                            zip(c_names, block_regions(cg, C, nodes, first, arity, cblocks))}
+                call_body(cg, e_par, {**gathered, "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
                                       **rows_of(first), **kept_of(first), **lift_rows, **inv}, outs, fixed, inner, ws)
             with otherwise:                                # no inner node: nothing to differentiate
                 for name, p in zip(names, params):

@@ -103,7 +103,9 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
         empty = cg.b.icmp_signed("==", cg.dim(k_dim), cg.i64(0))
         return cg.b.select(empty, cg.dim(m_dim), cg.i64(0))
 
-    with kb.kernel(f"matmul{node.id}_k0", tasks, cost=lambda cg: cg.dim(n_dim)) as (cg, lo, hi):
+    with kb.kernel(f"matmul{node.id}_k0", tasks, cost=lambda cg: cg.dim(n_dim), skippable=True) as (cg, lo, hi):
+        if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
+            return
         zero = cg.const(0.0, ir.VectorType(F32, vw))
         with cg.loop(hi, start=lo, name="row") as r:
             if n_static is not None:
@@ -144,7 +146,9 @@ class Transpose(Op):
             return cg.ceil_div(cg.dim(rows_d), vw)
 
         with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), vw),
-                       vector_code=True) as (cg, lo, hi):
+                       vector_code=True, skippable=True) as (cg, lo, hi):
+            if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
+                return
             b = cg.b
             rows, cols = cg.dim(rows_d), cg.dim(cols_d)
             src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)

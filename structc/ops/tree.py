@@ -50,7 +50,29 @@ from .base import REGISTRY, Op, Sample, expect
 
 BODY_ROWS = "rows"          # the body's batch dimension: one row per node
 BODY_KIDS = "kids"          # rows x arity: one row per child slot (per-child terms)
+BLOCK = "children"          # the body's input of gathered children's states
 _tags = itertools.count(1)
+
+
+def child_blocks(blocks: tuple, width: int) -> list:
+    """[(body input, first column in H, columns)] of the gathered children:
+    one block of the states side by side (`children`, [rows, A*width]), or,
+    with `blocks` ((k, at, w), ...), one block per state a node case reads
+    (`children.<k>`, [rows, A*w]: a child's state k alone, so that `h(k)`
+    over the child slots is a view and a chain's `h(t.prev)` the block itself)."""
+    if not blocks:
+        return [(BLOCK, 0, width)]
+    return [(f"{BLOCK}.{k}", at, w) for k, at, w in blocks]
+
+
+def is_block(name: str) -> bool:
+    return name == BLOCK or name.startswith(BLOCK + ".")
+
+
+def cotangent_names(name: str) -> tuple:
+    """A block's names in the backward programs: (its input, its cotangent output)."""
+    tail = name[len(BLOCK):]
+    return "@C" + tail, "dC" + tail
 
 
 @dataclass(eq=False)
@@ -234,7 +256,9 @@ def derive_backward(body, keep: bool = False):
     g = body.copy()
     b = Builder(g)
     # the inputs that get a cotangent become parameters, so that differentiate returns it
-    wrt = {"@C": g.inputs.pop("children"), **{k: g.inputs.pop(k) for k in lifted_inputs(body)}}
+    blocks = [k for k in body.inputs if is_block(k)]
+    wrt = {**{cotangent_names(k)[0]: g.inputs.pop(k) for k in blocks},
+           **{k: g.inputs.pop(k) for k in lifted_inputs(body)}}
     for name, nid in wrt.items():
         g.nodes[nid].op = REGISTRY["param"]
         g.nodes[nid].attrs = {"name": name, "type": g.nodes[nid].type, "init": ("zeros", ())}
@@ -254,9 +278,12 @@ def derive_backward(body, keep: bool = False):
         node.attrs = {"name": name, "kind": "input", "type": node.type, "classes": 0}
         del d.params[name]
         d.inputs[name] = nid
-    outputs = {"dC": d.outputs["grad:@C"]}
+    outputs = {}
+    for k in blocks:
+        c_in, c_out = cotangent_names(k)
+        outputs[c_out] = d.outputs[f"grad:{c_in}"]
     for name in wrt:
-        if name != "@C":
+        if not name.startswith("@C"):
             outputs[f"d{name}"] = d.outputs[f"grad:{name}"]
     for p in body.params:
         outputs[f"d:{p}"] = d.outputs[f"grad:{p}"]
@@ -406,6 +433,18 @@ def _shared_cotangents(par, children_part, body, arity: int) -> list:
     return cots
 
 
+def _unview_block_cotangents(g, names) -> None:
+    """A block's cotangent made as one row per child slot and viewed as one
+    row per node (`tree_unkids`, the VJP of `h(k)` over the slots) has the
+    same bytes either way: the output is the slots' value itself, which its
+    kernel then writes straight into dC (an output that is a view would be copied)."""
+    for name in names:
+        nid = g.outputs[name]
+        while g.nodes[nid].op.name == "tree_unkids":
+            nid = g.nodes[nid].inputs[0]
+        g.outputs[name] = nid
+
+
 def _subset(g, names, name):
     h = g.copy()
     h.outputs = {k: v for k, v in g.outputs.items() if k in names}
@@ -415,8 +454,13 @@ def _subset(g, names, name):
 
 # -- numpy meaning: node by node ------------------------------------------------
 
-def _child_states(H, kids, width):
-    return np.concatenate([H[k] if k >= 0 else np.zeros(width, H.dtype) for k in kids])[None, :]
+def _child_states(H, kids, at, width):
+    return np.concatenate([H[k, at:at + width] if k >= 0 else np.zeros(width, H.dtype) for k in kids])[None, :]
+
+
+def _child_feed(H, kids, blocks, width) -> dict:
+    """One node's gathered children, by body input (see `child_blocks`)."""
+    return {name: _child_states(H, kids, at, w) for name, at, w in child_blocks(blocks, width)}
 
 
 def _one_row(children) -> dict:
@@ -429,14 +473,14 @@ def _rows(extras: dict, i: int) -> dict:
     return {name: a[i:i + 1] for name, a in extras.items()}
 
 
-def _forward_reference(children, leaves, params, body, width, extras=None):
+def _forward_reference(children, leaves, params, body, width, extras=None, blocks=()):
     from ..interp import evaluate
     n, nl = children.shape[0], leaves.shape[0]
     H = np.zeros((n, width), dtype=np.float64)
     H[:nl] = leaves
     pvals = dict(zip(body.params, params))
     for i in range(nl, n):
-        feed = {"children": _child_states(H, children[i], width), **_rows(extras or {}, i)}
+        feed = {**_child_feed(H, children[i], blocks, width), **_rows(extras or {}, i)}
         H[i] = evaluate(body, feed, pvals, dims=_one_row(children))["h"][0]
     return H
 
@@ -459,7 +503,7 @@ def _kept_rows(keep, feed: dict, pvals: dict, dims: dict) -> dict:
     return {k: r[k] for k in keep.outputs if k.startswith("@keep")}
 
 
-def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None, keep=None):
+def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None, keep=None, blocks=()):
     from ..interp import evaluate
     n = children.shape[0]
     dH = np.array(gH, dtype=np.float64)
@@ -468,17 +512,20 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None
     dparams = [np.zeros(np.shape(p)) for p in params]
     dlift = {k: np.zeros((n, bwd.nodes[bwd.inputs[k]].shape[1])) for k in lifted_inputs(bwd)}
     for i in reversed(range(leaves, n)):        # parents before their children
-        feed = {"children": _child_states(H, children[i], width), **_rows(extras or {}, i)}
+        feed = {**_child_feed(H, children[i], blocks, width), **_rows(extras or {}, i)}
         kept = _kept_rows(keep, feed, pvals, _one_row(children))
-        r = evaluate(bwd, {"@C": feed["children"], "@g": dH[i:i + 1], "@h": H[i:i + 1],
+        gathered = {cotangent_names(name)[0]: feed[name] for name, _, _ in child_blocks(blocks, width)}
+        r = evaluate(bwd, {**gathered, "@g": dH[i:i + 1], "@h": H[i:i + 1],
                            **_rows(extras or {}, i), **kept}, pvals, dims=_one_row(children))
         for k, name in enumerate(names):
             dparams[k] += r[f"d:{name}"]
         for k in dlift:
             dlift[k][i] = r[f"d{k}"][0]
-        for a, c in enumerate(children[i]):
-            if c >= 0:
-                dH[c] += r["dC"][0, a * width:(a + 1) * width]
+        for name, at, w in child_blocks(blocks, width):
+            dC = r[cotangent_names(name)[1]].reshape(1, -1)     # [1, A*w], or its A slots' rows
+            for a, c in enumerate(children[i]):
+                if c >= 0:
+                    dH[c, at:at + w] += dC[0, a * w:(a + 1) * w]
     return dH, dparams, dlift
 
 
@@ -500,7 +547,8 @@ class TreeMap(Op):
     traits = frozenset({"needs_dims"})
 
     def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
-              body, fwd, arity: int, width: int, rec: str = "h", node_inputs: tuple = ()) -> TensorType:
+              body, fwd, arity: int, width: int, rec: str = "h", node_inputs: tuple = (),
+              blocks: tuple = ()) -> TensorType:
         expect(leaves.rank == 2 and leaves.shape[1] == width, f"leaf states {leaves} are not [leaves, {width}]")
         for x in rest[:len(node_inputs)]:
             expect(x.shape[0] == children.shape[0], f"a row-aligned input {x} is not one row per node")
@@ -510,12 +558,12 @@ class TreeMap(Op):
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, body={attrs['fwd']}"
 
     def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
-                  body, fwd, arity, width, rec="h", node_inputs=(), dims=None):
+                  body, fwd, arity, width, rec="h", node_inputs=(), blocks=(), dims=None):
         extras, params = _split(rest, node_inputs)
-        return _forward_reference(children, leaves, params, body, width, extras)
+        return _forward_reference(children, leaves, params, body, width, extras, blocks)
 
     def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
-            body, fwd, arity, width, rec="h", node_inputs=()):
+            body, fwd, arity, width, rec="h", node_inputs=(), blocks=()):
         ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
         bwd, kept = derive_backward(body, keep=True)
         found = _keep_program(body, kept, fwd, arity, rec)
@@ -525,7 +573,9 @@ class TreeMap(Op):
         names = list(body.params)
         lifts = lifted_inputs(body)
         par = _reading_lift_grads(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"), bwd, lifts)
-        children_part = _subset(bwd, {"dC", *(f"d{k}" for k in lifts)}, f"{rec}.node.vjp_children")
+        d_blocks = {cotangent_names(name)[1] for name, _, _ in child_blocks(blocks, width)}
+        children_part = _subset(bwd, {*d_blocks, *(f"d{k}" for k in lifts)}, f"{rec}.node.vjp_children")
+        _unview_block_cotangents(children_part, d_blocks)
         cots = _shared_cotangents(par, children_part, body, arity)
         bwd_in = prepare(children_part, f"{rec}.node.vjp_children", arity)
         bwd_par = prepare(par, f"{rec}.node.vjp_params", arity)
@@ -546,23 +596,24 @@ class TreeMap(Op):
         from_roots = gn.op.name == "scatter_rows" and gn.inputs[1] == roots.id and gn.attrs["rows"] == nodes
         seed = b.value(gn.inputs[0]) if from_roots else g
         attrs = dict(body=body, bwd=bwd, bwd_in=bwd_in, bwd_par=bwd_par, arity=arity, width=width, rec=rec,
-                     from_roots=from_roots, node_inputs=node_inputs, keep=keep_graph, kept=len(kept), cots=tuple(cots))
+                     from_roots=from_roots, node_inputs=node_inputs, keep=keep_graph, kept=len(kept), cots=tuple(cots),
+                     blocks=blocks)
         # the children's states, as the forward pass gathered them level by level
-        C = b.tree_children(out, children, arity=arity, width=width)
+        C = b.tree_children(out, children, arity=arity, width=width, blocks=blocks)
         # the values the backward reads instead of recomputing them (an LSTM's gates), written by the forward
         K = [b.tree_kept(out, children, level_end, *ins, *params, index=k, width=kept_width(body, nid, arity),
-                          keep=keep, keep_graph=keep_graph, node_inputs=node_inputs)
+                          keep=keep, keep_graph=keep_graph, node_inputs=node_inputs, blocks=blocks)
              for k, nid in enumerate(kept)]
         dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *ins, *params, *K, **attrs)
         d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
         parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *ins, *params, param=name, index=k,
                                   bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs,
-                                  keep=keep_graph)
+                                  keep=keep_graph, blocks=blocks)
                  for k, name in enumerate(names)]
         # the lifted values' cotangents (x @ W_x's: the model takes them on to W_x and x)
         d_ins = [b.tree_lift_grad(dH, children, level_end, roots, out, seed, *ins, *params, name=k,
                                   lift_width=x.shape[1], bwd=bwd, width=width, from_roots=from_roots,
-                                  node_inputs=node_inputs, keep=keep_graph) if k in lifts else None
+                                  node_inputs=node_inputs, keep=keep_graph, blocks=blocks) if k in lifts else None
                  for x, k in zip(ins, node_inputs)]
         return [None, None, None, d_leaves, None, None, *d_ins, *parts]
 
@@ -581,7 +632,7 @@ class TreeMapGrad(Op):
     def shape(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
               body, bwd, bwd_in, bwd_par, arity: int, width: int, rec: str = "h",
               from_roots: bool = False, node_inputs: tuple = (), keep=None, kept: int = 0,
-              cots: tuple = ()) -> TensorType:
+              cots: tuple = (), blocks: tuple = ()) -> TensorType:
         return H
 
     def describe(self, attrs: dict) -> str:
@@ -590,10 +641,11 @@ class TreeMapGrad(Op):
 
     def reference(self, children, level_end, roots, H, seed, C, scratch_rows, scratch_fixed, *rest,
                   body, bwd, bwd_in, bwd_par, arity, width, rec="h", from_roots=False, node_inputs=(), keep=None,
-                  kept=0, cots=(), dims=None):
+                  kept=0, cots=(), blocks=(), dims=None):
         extras, params = _split(rest[:len(rest) - kept], node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras, keep)[0]
+        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras, keep,
+                                   blocks)[0]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map_grad
@@ -608,18 +660,18 @@ class TreeGradPart(Op):
     traits = frozenset({"part"})
 
     def shape(self, dH, children, level_end, roots, H, seed, *rest, param: str, index: int, bwd, width: int,
-              from_roots: bool = False, node_inputs: tuple = (), keep=None) -> TensorType:
+              from_roots: bool = False, node_inputs: tuple = (), keep=None, blocks: tuple = ()) -> TensorType:
         return rest[len(node_inputs) + index]
 
     def describe(self, attrs: dict) -> str:
         return f"{attrs['param']}"
 
     def reference(self, dH, children, level_end, roots, H, seed, *rest, param, index, bwd, width,
-                  from_roots=False, node_inputs=(), keep=None):
+                  from_roots=False, node_inputs=(), keep=None, blocks=()):
         extras, params = _split(rest, node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
         return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras,
-                                   keep)[1][index]
+                                   keep, blocks)[1][index]
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map_grad kernel of its group
@@ -632,11 +684,17 @@ class TreeChildren(Op):
     name = "tree_children"
     traits = frozenset({"part"})
 
-    def shape(self, H, children, *, arity: int, width: int) -> TensorType:
+    def shape(self, H, children, *, arity: int, width: int, blocks: tuple = ()) -> TensorType:
         return TensorType((H.shape[0], arity * width), "f32")
 
-    def reference(self, H, children, *, arity, width):
-        return np.concatenate([_child_states(H, kids, width) for kids in children])
+    def reference(self, H, children, *, arity, width, blocks=()):
+        """Block after block (`child_blocks`), each [nodes, A*w]."""
+        regions = [np.concatenate([_child_states(H, kids, at, w) for kids in children]).reshape(-1)
+                   for _, at, w in child_blocks(blocks, width)]
+        out = np.zeros(H.shape[0] * arity * width)
+        flat = np.concatenate(regions)
+        out[:flat.size] = flat
+        return out.reshape(H.shape[0], arity * width)
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map kernel of its group
@@ -652,15 +710,15 @@ class TreeKept(Op):
     traits = frozenset({"part"})
 
     def shape(self, H, children, level_end, *rest, index: int, width: int, keep, keep_graph,
-              node_inputs: tuple = ()) -> TensorType:
+              node_inputs: tuple = (), blocks: tuple = ()) -> TensorType:
         return TensorType((H.shape[0], width), "f32")
 
-    def reference(self, H, children, level_end, *rest, index, width, keep, keep_graph, node_inputs=()):
+    def reference(self, H, children, level_end, *rest, index, width, keep, keep_graph, node_inputs=(), blocks=()):
         extras, params = _split(rest, node_inputs)
         pvals = dict(zip(keep_graph.params, params))
         K = np.zeros((H.shape[0], width))
         for i in range(_leaf_count(level_end), H.shape[0]):
-            feed = {"children": _child_states(H, children[i], H.shape[1]), **_rows(extras, i)}
+            feed = {**_child_feed(H, children[i], blocks, H.shape[1]), **_rows(extras, i)}
             K[i] = _kept_rows(keep_graph, feed, pvals, _one_row(children))[f"@keep{index}"].reshape(-1)
         return K
 
@@ -676,15 +734,15 @@ class TreeLiftGrad(Op):
     traits = frozenset({"part"})
 
     def shape(self, dH, children, level_end, roots, H, seed, *rest, name: str, lift_width: int, bwd, width: int,
-              from_roots: bool = False, node_inputs: tuple = (), keep=None) -> TensorType:
+              from_roots: bool = False, node_inputs: tuple = (), keep=None, blocks: tuple = ()) -> TensorType:
         return TensorType((dH.shape[0], lift_width), "f32")
 
     def reference(self, dH, children, level_end, roots, H, seed, *rest, name, lift_width, bwd, width,
-                  from_roots=False, node_inputs=(), keep=None):
+                  from_roots=False, node_inputs=(), keep=None, blocks=()):
         extras, params = _split(rest, node_inputs)
         gH = _seed(seed, roots, H.shape[0], from_roots)
         return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras,
-                                   keep)[2][name]
+                                   keep, blocks)[2][name]
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map_grad kernel of its group
@@ -951,6 +1009,7 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also_dc=()) -> None:
     operands (gates, kept, dS) start at `first`; `also_dc`: nodes that get
     dc too (written by the dg kernel: one pass, the gate math once)."""
     from ..lower.treemap import _row_op
+    from .recurrent import gate_tanh
     g = kb.graph
     gates, kept_id, ds_id = node.inputs[first:first + 3] if what != "state" else (*node.inputs[:2], None)
     gt = g.nodes[gates].type
@@ -975,9 +1034,9 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also_dc=()) -> None:
                     kept = cg.const(float(number), i)
                 else:
                     kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
-                si, so, tu = cg.sigmoid(i), cg.sigmoid(o), cg.tanh(u)
+                si, so, tu = cg.sigmoid(i), cg.sigmoid(o), gate_tanh(cg, u)
                 c = cg.fma(si, tu, kept)
-                tc = cg.tanh(c)
+                tc = gate_tanh(cg, c)
                 one = cg.const(1.0, c)
                 if what == "state":
                     s_at = cg.imul(r, 2 * d)

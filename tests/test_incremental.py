@@ -1,0 +1,179 @@
+"""An edit lowers only the kernels it changed (issue 14, item 4): kernels are
+found by their lowering key (`lower/lowered.py`) and their recorded text
+stands in; the IR must be the one a fresh compile gives, and a change to
+anything a kernel's text depends on must build it again."""
+import numpy as np
+import pytest
+
+import structc
+from structc import compiler
+from structc.lower import module as lower_module
+from structc.lower.module import Target
+from structc.native import host_target
+from structc.ops.matmul import Transpose
+from structc.syntax import parse
+
+CNN = """model E {
+  input x: f32[N, 1, 8, 8]
+  target y: class[N] of 3
+  h = conv(x, 4, kernel=3) |> relu |> maxpool2d(2)
+  h = dense(flatten(h), 8) |> relu
+  loss cross_entropy(dense(h, 3), y)
+}"""
+X = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
+Y = np.array([0, 2])
+
+
+@pytest.fixture
+def cache_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("STRUCTC_NO_CACHE", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def no_llvm(monkeypatch):
+    """LLVM left out: these tests compare IR text, never run it."""
+    monkeypatch.setattr(compiler, "compile_objects", lambda texts, *a, **k: [(b"not run", {}) for _ in texts])
+
+
+def _lower(source, target=None, parts=("forward", "training")):
+    """(the IR text of each module, kernels reused, kernels built) of a compile
+    through the module cache (what `structc.compile` does with the cache on)."""
+    before = dict(compiler.KERNEL_RECORDS)
+    art = compiler.compile_program(parse(source), target=target, parts=list(parts), module_cache=True)
+    return (art.part_ir, compiler.KERNEL_RECORDS["reused"] - before["reused"],
+            compiler.KERNEL_RECORDS["built"] - before["built"])
+
+
+def _fresh(source, tmp_path, monkeypatch, target=None, parts=("forward", "training")):
+    """The IR of a compile with an empty cache folder."""
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / f"fresh{len(list(tmp_path.iterdir()))}"))
+    return _lower(source, target, parts)[0]
+
+
+def test_an_edit_lowers_only_the_layers_it_changed_and_the_ir_is_a_fresh_compiles(cache_in, no_llvm, tmp_path,
+                                                                                   monkeypatch):
+    _lower(CNN)
+    edited = CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 6)")
+    ir, reused, built = _lower(edited)
+    assert reused >= 6 and built >= 4, (reused, built)     # the convolution's kernels (both ways) are reused
+    assert ir == _fresh(edited, tmp_path, monkeypatch)
+    assert _lower(edited)[1:] == (reused + built, 0)       # all of them now
+
+
+# Each change below alters the text of some kernel; keyed on too little, the
+# record of the kernel before the change would stand in for it, and the IR
+# would differ from a fresh compile's.
+CHANGES = {
+    "shape": ("conv(x, 4, kernel=3)", "conv(x, 5, kernel=3)"),
+    "activation": ("dense(flatten(h), 8) |> relu", "dense(flatten(h), 8) |> tanh"),
+    "epilogue": ("dense(flatten(h), 8) |> relu", "dense(flatten(h), 8)"),
+    "stride": ("conv(x, 4, kernel=3)", "conv(x, 4, kernel=3, stride=2)"),
+    "pool": ("maxpool2d(2)", "maxpool2d(3)"),
+    "static batch": ("f32[N, 1, 8, 8]\n  target y: class[N]", "f32[2, 1, 8, 8]\n  target y: class[2]"),
+}
+
+
+@pytest.mark.parametrize("change", [c if c == "shape" else pytest.param(c, marks=pytest.mark.slow) for c in CHANGES])
+def test_a_change_to_what_a_kernel_depends_on_builds_it_again(change, cache_in, no_llvm, tmp_path, monkeypatch):
+    _lower(CNN)
+    changed = CNN.replace(*CHANGES[change])
+    assert changed != CNN
+    ir, reused, built = _lower(changed)
+    assert built > 0
+    assert ir == _fresh(changed, tmp_path, monkeypatch)
+
+
+def test_another_target_reuses_no_record(cache_in, no_llvm, tmp_path, monkeypatch):
+    """Same vector width, another CPU name: the same texts, most likely, but
+    the key keeps targets apart rather than guess what a target changes."""
+    host = host_target()
+    other = Target(host.triple, "x86-64-v2" if host.cpu != "x86-64-v2" else "x86-64", host.features)
+    _lower(CNN, host, parts=["forward"])
+    ir, reused, built = _lower(CNN, other, parts=["forward"])
+    assert reused == 0 and built > 0
+    assert ir == _fresh(CNN, tmp_path, monkeypatch, other, ["forward"])
+
+
+NOSY = {"read graph.users": lambda kb, node: kb.graph.users(node.id),
+        # a parameter's attributes (its name) are not in the spec: its kernels are shared by every layer
+        "read an operand's attrs": lambda kb, node: kb.graph.nodes[node.inputs[0]].attrs}
+
+
+@pytest.mark.parametrize("read", [r if r == "read graph.users" else pytest.param(r, marks=pytest.mark.slow)
+                                  for r in NOSY])
+def test_a_lowering_that_reads_outside_its_group_records_nothing(read, cache_in, no_llvm, monkeypatch):
+    """The op sees the graph through a view that notes reads beyond the group's
+    spec (here: the transpose's users, or its operand's attributes): such a
+    kernel is built every time."""
+    real = Transpose.lower
+
+    def nosy(self, kb, node, epilogue):
+        NOSY[read](kb, node)
+        return real(self, kb, node, epilogue)
+    monkeypatch.setattr(Transpose, "lower", nosy)
+    refused = dict(compiler.KERNEL_RECORDS["refused"])
+    _lower(CNN)
+    assert compiler.KERNEL_RECORDS["refused"].get(read, 0) > refused.get(read, 0)
+    transposes = []
+    real_kernel = lower_module.KernelBuilder.kernel
+
+    def kernel(self, name, *a, **k):
+        transposes.append(name.startswith("transpose") and self._scope is not None)
+        return real_kernel(self, name, *a, **k)
+    monkeypatch.setattr(lower_module.KernelBuilder, "kernel", kernel)
+    before = compiler.KERNEL_RECORDS["built"]
+    _lower(CNN)
+    assert compiler.KERNEL_RECORDS["built"] - before == sum(transposes) > 0     # only the transposes, again
+
+
+def test_a_damaged_record_is_not_used(cache_in, no_llvm, tmp_path, monkeypatch):
+    from structc import cache
+    ir, within, _ = _lower(CNN)       # records made in the compile serve it too (both parts' same kernels)
+    for record in cache_in.glob("*.lowered"):       # each one's text, cut short
+        data = record.read_bytes()
+        record.write_bytes(data[:len(data) // 2])
+    with pytest.warns(cache.CacheWarning, match="integrity"):
+        again, reused, built = _lower(CNN)
+    assert reused == within and built > 0 and again == ir
+
+
+@pytest.mark.slow
+def test_kernels_from_records_compute_bitwise_what_a_fresh_compile_does(cache_in):
+    structc.compile(CNN, training=True)
+    edited = CNN.replace("dense(h, 3)", "dense(h, 3) |> tanh")
+    before = compiler.KERNEL_RECORDS["reused"]
+    net = structc.compile(edited, training=True)
+    assert compiler.KERNEL_RECORDS["reused"] > before
+    fresh = structc.compile(edited, cache=False, training=True)
+    np.testing.assert_array_equal(net(x=X), fresh(x=X))
+    assert [net.train_step(0.1, x=X, y=Y) for _ in range(3)] == [fresh.train_step(0.1, x=X, y=Y) for _ in range(3)]
+    np.testing.assert_array_equal(net._param_arena, fresh._param_arena)
+
+
+def _models() -> dict:
+    """Every shipped example, the conv step (padding) and repeated layers."""
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    import bench_compile
+    import bench_conv
+    found = {p.stem: p.read_text() for p in sorted((root / "examples").glob("*.snet"))}
+    return dict(found, conv_step=bench_conv.CONV_STEP, dense20=bench_compile.deep(20))
+
+
+@pytest.mark.slow
+def test_every_model_lowered_from_records_is_a_fresh_lowering(tmp_path, no_llvm, monkeypatch):
+    """One cache folder for all the models in turn (so each meets the others'
+    records, as a user's folder does), each model twice (the second time every
+    kernel from its record): its IR is always the one lowered in an empty folder."""
+    shared = str(tmp_path / "shared")
+    for k, (name, source) in enumerate(_models().items()):
+        monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / f"fresh{k}"))
+        fresh = _lower(source)[0]
+        monkeypatch.setenv("STRUCTC_CACHE_DIR", shared)
+        assert _lower(source)[0] == fresh, name
+        again, reused, built = _lower(source)
+        assert again == fresh and reused > 0, name
