@@ -126,10 +126,11 @@ def test_modules_split_across_threads_compute_the_same(monkeypatch):
     whole = compile_source(MLP)
     # per part: its entry points (the entry pipeline), its kernels, its memory-bound kernels (the
     # training part's sums and update) and its vector code (the short pipeline): the forward
-    # part's matmul micro-kernels, the training part's transposes
+    # part's matmul drivers and micro-kernels, the training part's matmul drivers and transposes
     assert [structc.native.pipeline_of(t) for t in whole.part_ir] == \
         ["entry", "O3", "short", "entry", "O3", "memory", "short"]
-    assert re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[6], re.M) == ["transpose"]
+    kinds = re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[6], re.M)
+    assert "transpose" in kinds and set(kinds) == {"transpose", "matmul"}
     nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
             for a in (split, whole)]
     np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))
@@ -362,9 +363,10 @@ def test_the_collector_comes_back_when_a_compile_fails():
 
 
 def test_matmul_micro_kernels_get_the_short_pipeline(cache_in, monkeypatch):
-    """The micro-kernels are explicit vector code: a module of them alone is
-    marked (`VECTOR_CODE`) and optimised with the short pipeline, whose k loop
-    is the one O3 makes, in about half the LLVM time; any other module keeps O3."""
+    """The micro-kernels and the matmul driver are explicit vector code: a
+    module of them alone is marked (`VECTOR_CODE`) and optimised with the
+    short pipeline, whose k loop is the one O3 makes, in about half the LLVM
+    time; any other module keeps O3."""
     import re
 
     from structc import native
@@ -377,7 +379,7 @@ def test_matmul_micro_kernels_get_the_short_pipeline(cache_in, monkeypatch):
     assert marked and len(ran) == len(marked) < len(art.part_ir)
     for text in art.part_ir:
         names = re.findall(r'^define [^@]*@"([^"]+)"', text, re.M)
-        assert (text in marked) == all(n.startswith("sc_mk") for n in names)
+        assert (text in marked) == all(n.startswith("sc_mk") or n.endswith("_matmul") for n in names)
     x = np.linspace(-1, 1, 13 * 40, dtype=np.float32).reshape(13, 40)
     net = structc.compile(src, cache=False)
     np.testing.assert_allclose(net(x=x), np.maximum(x @ net.params["dense1.w"] + net.params["dense1.b"], 0),

@@ -283,3 +283,19 @@ def test_digits_cnn_trains_to_97_percent(tmp_path, capsys):
     accuracy = float(text.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%"))
     assert accuracy >= 97.0, text
 
+
+
+def test_kernel_grad_bookkeeping_loops_are_not_unrolled():
+    """The kernel gradient's loops that run once per task (zeroing the
+    partial sums, their horizontal sums into dw) say `llvm.loop.unroll.disable`:
+    O3 unrolled them whole (constant trip counts up to ot x kh x kw), for LLVM
+    time and no speed."""
+    from structc.compiler import compile_model
+    from structc.testing import op_graph
+    op = REGISTRY["conv2d_kernel_grad"]
+    sample = op.samples()[0]
+    texts = {}
+    compile_model(op_graph(op, sample, sample.arrays(np.random.default_rng(0))),
+                  dump=lambda stage, text: texts.setdefault(stage, text), jit=False, parts=["forward"])
+    not_unrolled = set(re.findall(r'br label %"(\w+)\.head", !llvm\.loop', texts["llvm"]))
+    assert {"pz", "ps", "psc"} <= not_unrolled, not_unrolled

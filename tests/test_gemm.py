@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import structc
 from structc.compiler import compile_model
-from structc.lower.gemm import k_split, tile_rows
+from structc.lower.gemm import KC, k_split, tile_rows
+from structc.lower.module import VECTOR_CODE
 from structc.ops import REGISTRY
 from structc.ops.base import Sample
 from structc.model import Net
@@ -78,6 +79,7 @@ def test_narrow_c_uses_no_column_panels():
     (9, 37, 2, False),        # narrow: vectors along k, 8 + 1 rows, a masked k tail
     (20, 100, 4, False),
     (1, 3, 1, False),
+    (24, 64, 64, False),      # only inline main tiles: no remainder tile, no micro-kernel
 ])
 def test_tiles_match_numpy(m, k, n, ta):
     _check(m, k, n, ta)
@@ -121,3 +123,83 @@ def test_runtime_rows_with_epilogue(dense_relu):
         a = rng.normal(size=(m, 400)).astype(np.float32)
         want = np.maximum(a @ w + c, 0)
         np.testing.assert_allclose(net(a=a), want, rtol=1e-4, atol=2e-3, err_msg=f"M = {m}")
+
+
+def _driver(ir_text: str) -> tuple[str, str]:
+    """(the matmul driver's definition, the text of the module holding it) in a `--dump llvm` text."""
+    for module in re.split(r"^; ---- part .*$", ir_text, flags=re.M):
+        found = re.search(r'^define [^@]*@"sc_\w+_matmul"\(.*?^}', module, re.M | re.S)
+        if found:
+            return found.group(0), module
+    raise AssertionError("no matmul driver in the IR")
+
+
+def test_driver_is_vector_code_with_one_micro_kernel_call():
+    """The driver is explicit vector code (the short LLVM pipeline, not O3:
+    a third of the LLVM time), and calls its remainder tiles through one
+    call site, a micro-kernel chosen by the tile's rows and the panel's
+    columns, not one call site per tile shape."""
+    driver, module = _driver(_forward_ir((13, 400), (400, 35)))
+    assert module.lstrip("\n").startswith(VECTOR_CODE)
+    assert len(re.findall(r"call void %", driver)) == 1
+    assert not re.search(r'call void @"sc_mk', driver)
+
+
+def test_one_k_block_emits_no_partial_sums():
+    """With K known and at most KC, the k-block loop and the partial-sum paths
+    (resume from C, unfinished tiles to C) are not emitted at all."""
+    short, _ = _driver(_forward_ir((13, KC), (KC, 35)))
+    long, _ = _driver(_forward_ir((13, KC + 1), (KC + 1, 35)))
+    assert "k0.head" not in short and "k0.head" in long
+    assert len(short) < 0.8 * len(long)
+
+
+@pytest.fixture(scope="module")
+def runtime_m_and_n():
+    """relu(A @ B) with M and N known only at run time: every panel shape
+    (full, wide, one partial vector) meets every tile of rows, k-blocked."""
+    return structc.compile("""model R { input a: f32[M, 400]
+      input b: f32[400, N]
+      output y = relu(a @ b) }""")
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 12, 13, 17, 25, 203])
+def test_runtime_m_and_n_every_panel_and_tile(runtime_m_and_n, m):
+    rng = np.random.default_rng(m)
+    a = rng.normal(size=(m, 400)).astype(np.float32)
+    for n in (1, 15, 16, 17, 31, 32, 33, 48, 49, 70):
+        b = rng.normal(size=(400, n)).astype(np.float32)
+        want = np.maximum(a.astype(np.float64) @ b, 0)
+        np.testing.assert_allclose(runtime_m_and_n(a=a, b=b), want, rtol=1e-4, atol=2e-3, err_msg=f"{m}x400x{n}")
+
+
+def test_narrow_kernel_is_vector_code():
+    """The narrow kernel's module gets the short LLVM pipeline: O3 unrolled
+    its k loop four times (half as much code again) for no speed."""
+    driver, module = _driver(_forward_ir((64, 128), (128, 2)))
+    assert "nk.head" in driver           # the narrow kernel, not the column panels'
+    assert module.lstrip("\n").startswith(VECTOR_CODE)
+
+
+HEAVY = """model H { input a: f32[N, 40]
+  param w: f32[40, 64] = normal(1)
+  param c: f32[64] = normal(1)
+  output y = %s(a @ w + c) }"""
+
+
+def test_heavy_epilogue_runs_in_a_loop_and_matches_numpy():
+    """The inline tile's epilogue is copied per vector when cheap (bias + relu)
+    and run in one loop over the accumulators when heavy (a sigmoid)."""
+    from structc.compiler import compile_source
+    for act, looped in (("relu", False), ("sigmoid", True)):
+        texts = {}
+        compile_source(HEAVY % act, dump=lambda stage, text: texts.setdefault(stage, text), parts=["forward"])
+        driver, _ = _driver(texts["llvm"])
+        assert ("ei.head" in driver) == looped, act
+    net = structc.compile(HEAVY % "sigmoid")
+    w, c = net.params["w"].astype(np.float64), net.params["c"]
+    rng = np.random.default_rng(4)
+    for m in (12, 24, 29):
+        a = rng.normal(size=(m, 40)).astype(np.float32)
+        want = 1 / (1 + np.exp(-(a @ w + c)))
+        np.testing.assert_allclose(net(a=a), want, rtol=1e-5, atol=1e-6, err_msg=f"M = {m}")

@@ -465,12 +465,12 @@ def emit_kernel_grad(kb, node) -> None:
 
             def body(ot_size):
                 if partial:
-                    with cg.loop(ot_size * CB * KHB * KW, name="pz") as p:
+                    with cg.loop(ot_size * CB * KHB * KW, name="pz", unroll=False) as p:
                         cg.store(zero, part, cg.imul(p, vw))
                 else:
                     for o in range(ot_size):
-                        with cg.loop(c1, start=c0, name="dzc") as c:
-                            with cg.loop(KHB * KW, name="dz") as p:
+                        with cg.loop(c1, start=c0, name="dzc", unroll=False) as c:
+                            with cg.loop(KHB * KW, name="dz", unroll=False) as p:
                                 cg.store(cg.const(0.0, F32), D, cg.iadd(dw_index(o, c, 0, 0), p))
                 if bias is not None:
                     bacc = [cg.var(vt, zero) for _ in range(ot_size)]
@@ -548,8 +548,8 @@ def emit_kernel_grad(kb, node) -> None:
 
                 if partial:
                     for o in range(ot_size):
-                        with cg.loop(c1, start=c0, name="psc") as c:
-                            with cg.loop(KHB * KW, name="ps") as p:
+                        with cg.loop(c1, start=c0, name="psc", unroll=False) as c:
+                            with cg.loop(KHB * KW, name="ps", unroll=False) as p:
                                 at = cg.iadd(part_index(o, b.sub(c, c0), 0, 0), cg.imul(p, vw))
                                 cg.store(cg.hsum(cg.load(part, at, F32, vw)), D, cg.iadd(dw_index(o, c, 0, 0), p))
                 if bias is not None:

@@ -12,20 +12,33 @@ needs no copy. B must be row-major [K, N]; the `legalize` pass puts a
 
 The tile most of C is made of (MR rows, two full vectors) is emitted inline
 in each kernel, and its accumulators go through the group's epilogue (bias,
-activation, derivative mask...) straight from the registers. The remainder
-tiles (fewer rows, partial vectors) call micro-kernels shared by every
-matmul of the module; a finished remainder tile goes to a small stack
-buffer and one masked loop applies the epilogue, so that code exists once
-per kernel, not once per tile shape. When N is known at compile time, only
-the panel shapes it has are emitted. When K exceeds KC, the k loop is
-blocked so a B panel block stays near the core; partial sums then go
-through the group's first output buffer, straight from the registers.
+activation, derivative mask...) straight from the registers; an epilogue
+of more than HEAVY_EPILOGUE instructions a vector (a gate's sigmoid or
+tanh) is emitted once, in a loop over the accumulators, not 24 times. The
+remainder tiles (fewer rows, partial vectors) call micro-kernels shared by
+every matmul of the module, through one call site: the micro-kernel is
+chosen by the panel's column shape and the tile's rows. A finished
+remainder tile goes to a small stack buffer and one masked loop applies
+the epilogue, so that code exists once per kernel, not once per tile
+shape. When N is known at compile time, only the panel shapes it has are
+emitted. When K exceeds KC, the k loop is blocked so a B panel block stays
+near the core; partial sums then go through the group's first output
+buffer, straight from the registers; a K known to be at most KC emits no
+code for partial sums.
+
+The kernel is explicit vector code (`kb.kernel(..., vector_code=True)`:
+LLVM's short pipeline, not O3, whose loop passes unrolled its epilogue
+loop eight times and its k loop twice; the hot loops come out the same
+either way, at half the LLVM time). Its loops say
+`llvm.loop.unroll.disable` as well, should it meet O3 again.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from llvmlite import ir
 
-from .codegen import CG, F32, I64, PTR
+from .codegen import CG, F32, I64, NO_UNROLL, PTR
 
 KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
 MB = 192   # rows per task
@@ -88,7 +101,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     # the inline main tile, only if C has such tiles
     inline_main = kinds[0] and rows[0] == main_rows(vw)
 
-    with kb.kernel(name, tasks, cost=cost, skippable=True) as (cg, lo, hi):
+    with kb.kernel(name, tasks, cost=cost, vector_code=True, skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         b = cg.b
@@ -110,16 +123,23 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             col_kinds = [kind for kind, possible in zip(
                 [(full, 2, False), (b.and_(b.not_(full), wide), 2, True), (b.not_(wide), 1, True)],
                 kinds) if possible]
-            with cg.loop(t.k, name="k0", step=KC) as k0:
+            t.last_mask = b.select(wide, t.masks[1], t.masks[0])    # of the panel's last vector
+            # per row count, this panel's micro-kernel (chosen once per task)
+            kernels = {r: _panel_kernel(t, r, col_kinds, skip_full=inline_main and r == rows[0])
+                       for r in rows}
+            with _k_blocks(cg, t.k) as k0:
                 t.k0 = k0
-                t.k_end = cg.imin(cg.iadd(k0, KC), t.k)
-                t.first = b.icmp_signed("==", k0, cg.i64(0))
-                t.last = b.icmp_signed("==", t.k_end, t.k)
+                if isinstance(k0, ir.Constant):     # K <= KC known: one block, no partial sums
+                    t.k_end, t.first, t.last = t.k, _TRUE, _TRUE
+                else:
+                    t.k_end = cg.imin(cg.iadd(k0, KC), t.k)
+                    t.first = b.icmp_signed("==", k0, cg.i64(0))
+                    t.last = b.icmp_signed("==", t.k_end, t.k)
                 # partial sums, and a finished tile nothing is fused into, go
                 # from the registers straight to C; others through the epilogue
-                t.direct = b.not_(t.last) if t.epilogue_work else ir.Constant(ir.IntType(1), 1)
+                t.direct = _not(b, t.last) if t.epilogue_work else _TRUE
                 i = cg.var(I64, i_begin)
-                with cg.while_(lambda: b.icmp_signed("<", b.load(i), i_end)):
+                with _row_tiles(cg, lambda: b.icmp_signed("<", b.load(i), i_end)):
                     i0 = b.load(i)
                     rem = b.sub(i_end, i0)
                     # the largest tile that fits the remaining rows
@@ -132,10 +152,53 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                             with inline:
                                 _main_tile(t, i0, rows[0])
                             with shared:
-                                _shared_tiles(t, i0, mr, rows, col_kinds, skip_main=True)
+                                _shared_tile(t, i0, mr, kernels)
                     else:
-                        _shared_tiles(t, i0, mr, rows, col_kinds, skip_main=False)
+                        _shared_tile(t, i0, mr, kernels)
                     b.store(cg.iadd(i0, mr), i)
+
+
+_TRUE = ir.Constant(ir.IntType(1), 1)
+
+
+@contextmanager
+def _row_tiles(cg: CG, cond):
+    """`cg.while_` over a block's row tiles, not unrolled: with M known and
+    at most MB, O3 would unroll it whole (one copy of the tile calls per
+    tile), for compile time and nothing at run time."""
+    with cg.while_(cond):
+        yield
+        latch = cg.b.block
+    no_unroll = cg.module.add_metadata([ir.MetaDataString(cg.module, NO_UNROLL)])
+    latch.terminator.set_metadata("llvm.loop", no_unroll)
+
+
+@contextmanager
+def _k_blocks(cg: CG, k):
+    """for k0 in range(0, K, KC): yields k0. A K known to be at most KC is
+    one block at the constant 0: the code for partial sums (resuming from
+    C, storing unfinished tiles) is then not emitted at all."""
+    if isinstance(k, ir.Constant) and k.constant <= KC:
+        yield cg.i64(0)
+        return
+    with cg.loop(k, name="k0", step=KC) as k0:
+        yield k0
+
+
+def _not(b, cond):
+    return ir.Constant(cond.type, 1 - cond.constant) if isinstance(cond, ir.Constant) else b.not_(cond)
+
+
+def _branch(cg: CG, cond, then, otherwise) -> None:
+    """then() if cond else otherwise(); only one of them emitted when cond is a constant."""
+    if isinstance(cond, ir.Constant):
+        (then if cond.constant else otherwise)()
+        return
+    with cg.b.if_else(cond) as (yes, no):
+        with yes:
+            then()
+        with no:
+            otherwise()
 
 
 def _column_kinds(n, vw: int) -> tuple[bool, bool, bool]:
@@ -148,16 +211,37 @@ def _column_kinds(n, vw: int) -> tuple[bool, bool, bool]:
     return n >= 2 * vw, tail > vw, 0 < tail <= vw
 
 
-def _shared_tiles(t, i0, mr, rows, col_kinds, skip_main: bool) -> None:
-    """The tile of `mr` rows at i0 through the shared micro-kernels."""
+def _panel_kernel(t, mr: int, col_kinds, skip_full: bool):
+    """The micro-kernel of `mr` rows for this panel's column shape (a select
+    over the shapes C has), or None when no such shared tile occurs (the
+    main rows of a C of full panels only, which are inline)."""
     b = t.cg.b
-    for r in rows:
-        for cond, nv, masked in col_kinds:
-            if skip_main and r == rows[0] and not masked:
-                continue
-            with t.cg.if_(b.and_(b.icmp_signed("==", mr, t.cg.i64(r)), cond)):
-                _tile(t, i0, r, nv, masked)
-    with t.cg.if_(b.not_(t.direct)):
+    shapes = [(cond, microkernel(t.cg.module, t.vw, mr, nv, masked))
+              for cond, nv, masked in col_kinds if not (skip_full and not masked)]
+    if not shapes:
+        return None
+    fn = shapes[-1][1]
+    for cond, other in reversed(shapes[:-1]):      # the shapes exclude each other
+        fn = b.select(cond, other, fn)
+    return fn
+
+
+def _shared_tile(t, i0, mr, kernels) -> None:
+    """The tile of `mr` rows at i0 through a shared micro-kernel: one call
+    site (through a pointer chosen by `mr`), not one per tile shape."""
+    cg, b = t.cg, t.cg.b
+    present = [(r, fn) for r, fn in kernels.items() if fn is not None]
+    if not present:         # every tile is the inline main tile (M and N multiples of it)
+        return
+    fn = present[-1][1]
+    for r, other in reversed(present[:-1]):
+        fn = b.select(b.icmp_signed("==", mr, cg.i64(r)), other, fn)
+    b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first,
+                t.last_mask, t.tile, t.direct])
+    if not isinstance(t.direct, ir.Constant):
+        with cg.if_(b.not_(t.direct)):
+            _finish(t, i0, mr)
+    elif not t.direct.constant:
         _finish(t, i0, mr)
 
 
@@ -186,34 +270,57 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
     cols = [cg.iadd(t.j0, v * vw) for v in range(2)]
     row_offs = [cg.imul(cg.iadd(i0, r), t.n) for r in range(mr)]
     acc = [[cg.var(vt) for _ in range(2)] for _ in range(mr)]
-    with b.if_else(t.first) as (fresh, resume):
-        with fresh:
-            for r in range(mr):
-                for v in range(2):
-                    b.store(zero, acc[r][v])
-        with resume:
-            for r in range(mr):
-                for v in range(2):
-                    b.store(cg.load(t.C, cg.iadd(row_offs[r], cols[v]), F32, vw), acc[r][v])
+
+    def fresh():
+        for r in range(mr):
+            for v in range(2):
+                b.store(zero, acc[r][v])
+
+    def resume():
+        for r in range(mr):
+            for v in range(2):
+                b.store(cg.load(t.C, cg.iadd(row_offs[r], cols[v]), F32, vw), acc[r][v])
+
+    def done():
+        # the first vector inline; what it cost says whether the others are copied too
+        block, before = b.block, len(b.block.instructions)
+        t.epilogue.emit(cg, [i0, cols[0]], vw, None, given={t.epilogue.anchor: b.load(acc[0][0])})
+        rest = [(r, v) for r in range(mr) for v in range(2)][1:]
+        if b.block is block and len(block.instructions) - before <= HEAVY_EPILOGUE:
+            for r, v in rest:
+                t.epilogue.emit(cg, [cg.iadd(i0, r), cols[v]], vw, None,
+                                given={t.epilogue.anchor: b.load(acc[r][v])})
+            return
+        _epilogue_loop(t, i0, [b.load(acc[r][v]) for r, v in rest], first=1)
+
+    def partial():
+        for r in range(mr):
+            for v in range(2):
+                cg.store(b.load(acc[r][v]), t.C, cg.iadd(row_offs[r], cols[v]))
+
+    _branch(cg, t.first, fresh, resume)
     _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end)
-    with b.if_else(t.last) as (done, partial):
-        with done:
-            for r in range(mr):
-                for v in range(2):
-                    t.epilogue.emit(cg, [cg.iadd(i0, r), cols[v]], vw, None,
-                                    given={t.epilogue.anchor: b.load(acc[r][v])})
-        with partial:
-            for r in range(mr):
-                for v in range(2):
-                    cg.store(b.load(acc[r][v]), t.C, cg.iadd(row_offs[r], cols[v]))
+    _branch(cg, t.last, done, partial)
 
 
-def _tile(t: _Ctx, i0, mr: int, nv: int, masked: bool) -> None:
-    """Accumulate an MR x nv-vector tile over k in [k0, k_end) into t.tile."""
-    cg = t.cg
-    fn = microkernel(cg.module, t.vw, mr, nv, masked)
-    cg.b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first,
-                   t.masks[nv - 1], t.tile, t.direct])
+#: instructions of one vector's epilogue above which the inline tile runs it in a
+#: loop over its accumulators (through the tile buffer) instead of copying it
+#: 24 times: a gate's sigmoid or tanh is ~50 instructions, bias + relu ~10
+HEAVY_EPILOGUE = 24
+
+
+def _epilogue_loop(t: _Ctx, i0, values, first: int) -> None:
+    """The epilogue of the main tile's vectors `first`, first + 1, ... (row-major,
+    two a row), stored to the tile buffer then run in one loop: one copy of
+    the epilogue's code, not one per vector."""
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    for k, value in enumerate(values):
+        cg.store(value, t.tile, cg.i64((first + k) * vw))
+    with cg.loop(first + len(values), start=first, name="ei", unroll=False) as k:
+        row = cg.iadd(i0, b.lshr(k, cg.i64(1)))
+        col = cg.iadd(t.j0, cg.imul(b.and_(k, cg.i64(1)), vw))
+        value = cg.load(t.tile, cg.imul(k, vw), F32, vw)
+        t.epilogue.emit(cg, [row, col], vw, None, given={t.epilogue.anchor: value})
 
 
 def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> ir.Function:
@@ -272,7 +379,7 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
     b = cg.b
     a_rows = [cg.imul(cg.iadd(i0, r), a_si) for r in range(len(acc))]
     if split == 1:
-        with cg.loop(k_end, start=k0, name="k") as k:
+        with cg.loop(k_end, start=k0, name="k", unroll=False) as k:
             _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k)
         return
     vt = ir.VectorType(F32, vw)
@@ -307,8 +414,8 @@ def _finish(t: _Ctx, i0, rows) -> None:
     """The finished tile, from its buffer, through the epilogue."""
     cg, b, vw = t.cg, t.cg.b, t.vw
     nvec = cg.ceil_div(t.width, vw)
-    with cg.loop(rows, name="er") as r:
-        with cg.loop(nvec, name="ev") as v:
+    with cg.loop(rows, name="er", unroll=False) as r:
+        with cg.loop(nvec, name="ev", unroll=False) as v:
             mask = b.select(b.icmp_signed("==", v, cg.i64(0)), t.masks[0], t.masks[1])
             value = cg.load(t.tile, cg.iadd(cg.imul(r, 2 * vw), cg.imul(v, vw)), F32, vw)
             row, col = cg.iadd(i0, r), cg.iadd(t.j0, cg.imul(v, vw))
@@ -326,14 +433,17 @@ def emit_narrow(kb, *, M, K, n: int, a_buf, b_buf, epilogue, name):
     The column-panel kernel would fill n of each vector's lanes; here vectors
     run along k instead: B's flat data is vw/n consecutive rows of B, so lane
     l multiplies A[i, k + l // n] (a short load of A spread by a shuffle) by
-    B[k + l // n, l % n], and folding the vector's halves leaves C[i, :]."""
+    B[k + l // n, l % n], and folding the vector's halves leaves C[i, :].
+    Explicit vector code (the short LLVM pipeline): O3 unrolled its k loop
+    four times and grew the kernel by half, for no speed."""
     vw = kb.vector_width
     ks = vw // n                                   # k values per vector
 
     def tasks(cg):
         return cg.ceil_div(M(cg), NARROW_MB)
 
-    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB), skippable=True) as (cg, lo, hi):
+    with kb.kernel(name, tasks, cost=lambda cg: cg.imul(K(cg), 2 * n * NARROW_MB), vector_code=True,
+                   skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         b = cg.b
@@ -342,10 +452,10 @@ def emit_narrow(kb, *, M, K, n: int, a_buf, b_buf, epilogue, name):
         i_end = cg.imin(cg.imul(hi, NARROW_MB), m)
         i = cg.var(I64, cg.imul(lo, NARROW_MB))
         whole = b.sub(i_end, cg.i64(NARROW_ROWS - 1))
-        with cg.while_(lambda: b.icmp_signed("<", b.load(i), whole)):
+        with _row_tiles(cg, lambda: b.icmp_signed("<", b.load(i), whole)):
             _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), NARROW_ROWS, epilogue)
             b.store(cg.iadd(b.load(i), NARROW_ROWS), i)
-        with cg.while_(lambda: b.icmp_signed("<", b.load(i), i_end)):
+        with _row_tiles(cg, lambda: b.icmp_signed("<", b.load(i), i_end)):
             _narrow_rows(cg, vw, n, ks, A, B, m, k, b.load(i), 1, epilogue)
             b.store(cg.iadd(b.load(i), 1), i)
 
@@ -369,7 +479,7 @@ def _narrow_rows(cg, vw, n, ks, A, B, m, k, i0, rows, epilogue) -> None:
             b.store(cg.fma(a, bv, b.load(slot)), slot)
 
     full = cg.imul(b.sdiv(k, cg.i64(ks)), ks)
-    with cg.loop(full, step=ks, name="nk") as k0:
+    with cg.loop(full, step=ks, name="nk", unroll=False) as k0:
         step(k0, False)
     with cg.if_(b.icmp_signed("<", full, k)):
         step(full, True)
