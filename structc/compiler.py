@@ -30,7 +30,7 @@ from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels
-from .lower.module import SharedKernels, Target, helpers, lower_entry, split_module
+from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, host_target
 from .ops.norm import batch_counts
 from .ops.optim import N_HYPER
@@ -426,6 +426,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     # emitting them again, so the forward part is lowered even when not compiled.
     shared = SharedKernels()
     provided: dict = {}      # the forward part's helpers (matmul micro-kernels), which it exports
+    defined: set[str] = set()   # hidden functions the parts so far define (`defined_once`)
     llvm_jobs = _ModuleObjects(target, jit, 1 if kernel_timings else None, module_cache and not kernel_timings,
                                times)
     lowered = lowered_kernels(target) if module_cache and not kernel_timings else None
@@ -448,8 +449,9 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 with times.stage(f"{part}.ir_text"):
                     per_unit = kernel_timings or module_cache
                     chunks, least = (10 ** 6, 0) if per_unit else (compile_threads(), None)
-                    texts[part] = split_module(module, chunks, least, export_helpers=per_unit or part == "forward",
-                                               provided=provided, by_unit=module_cache and not kernel_timings)
+                    texts[part] = defined_once(
+                        split_module(module, chunks, least, export_helpers=per_unit or part == "forward",
+                                     provided=provided, by_unit=module_cache and not kernel_timings), defined)
                 llvm_jobs.add(texts[part])      # LLVM starts on them while the next part is lowered
             if part == "forward":
                 provided = helpers(module)

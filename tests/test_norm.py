@@ -2,6 +2,7 @@
 numpy and finite differences; batch_norm's training form, running statistics
 (PyTorch's rule, k steps) and inference form; its buffers through checkpoints,
 shipping, freezing; conv + batch norm + ReLU in one epilogue."""
+import re
 import shutil
 import warnings
 
@@ -12,7 +13,7 @@ import structc
 from structc import ship
 from structc.cli import main
 from structc.build import build_model
-from structc.compiler import forward_graph
+from structc.compiler import compile_source, forward_graph
 from structc.errors import GradientWarning, SnetError
 from structc.passes import run_pipeline
 from structc.syntax import parse
@@ -364,6 +365,17 @@ def test_conv_batch_norm_relu_run_in_one_epilogue():
     (conv,) = [gr for gr in g.groups if any(ops[m] == "conv2d" for m in gr.members)]
     assert conv.kind == "epilogue"
     assert [ops[m] for m in conv.members] == ["conv2d", "add", "mul", "add", "relu"]
+
+
+def test_parts_of_one_compile_define_each_kernel_once():
+    """A shared library links every part's objects: the loss kernel the training and
+    evaluation parts both call is defined by one of them (`lower.module.defined_once`)
+    and declared by the other, else the link fails on a symbol defined twice."""
+    a = compile_source(BN_CONV, jit=False, parts=("forward", "training", "evaluation"))
+    names = [n for t in a.part_ir for n in re.findall(r'^define (?!internal )[^@]*@"([^"]+)"', t, re.M)]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
+    evaluation = a.part_ir[sum(len(a.meta["objects"][p]) for p in ("forward", "training")):]
+    assert any(re.search(r'^declare hidden [^@]*@"sc_[0-9a-f]+_xent"', t, re.M) for t in evaluation)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")

@@ -836,6 +836,28 @@ def _exported(definition: str) -> str:
     return "define hidden " + definition[len("define internal "):]
 
 
+_HIDDEN_DEFINITION = re.compile(r'^define hidden [^\n]*?@"([^"]+)"\(.*?^}\n?', re.M | re.S)
+
+
+def defined_once(texts: list[str], defined: set[str]) -> list[str]:
+    """A part's modules, with each hidden function that an earlier part of the
+    same compile defines declared instead of defined again, and this part's
+    hidden functions added to `defined`. Kernels are named after their text,
+    so the two definitions are the same function; a shared library must link
+    each symbol once (the evaluation part repeats the training part's loss
+    kernels, which the forward part, the only one that exports, lacks)."""
+    out, mine = [], set()
+
+    def once(match):
+        name = match.group(1)
+        mine.add(name)
+        return match.group(0) if name not in defined else _prototype(match.group(0)) + "\n"
+    for text in texts:
+        out.append(_HIDDEN_DEFINITION.sub(once, text))
+    defined |= mine
+    return out
+
+
 def _prototype(definition: str) -> str:
     """The declaration of a function another chunk defines (hidden if it was internal)."""
     head = definition.split("\n", 1)[0].rstrip().removesuffix("{").rstrip()
