@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import structc
+from test_trees import BINARY
 
 MLP = """
 model T {
@@ -357,25 +358,13 @@ def test_the_pool_runs_every_task_once_and_each_thread_starts_on_its_share(tmp_p
     assert right == tried, f"{tried - right} of {tried} jobs did not start each thread on its own share"
 
 
-SMALL_TREES = """
-model SmallTrees {
-  input  t: forest of word(vocab=20)
-  target y: class[t.trees] of 3
-  param  E: embedding(20, 8)
-  rec h(n) = leaf: E[n.word]
-             node: tanh(dense(concat(h(n.left), h(n.right)), 8))
-  loss cross_entropy(dense(h(t.root), 3), y)
-}
-"""
-
-
 def test_tree_levels_too_small_to_split_are_not_handed_off():
     """A tree level of fewer rows than two shares of `gemm.same_sums_step`
     is one task, run by the caller: split in two, the caller's share was
     empty and it handed the whole level to the worker and waited. Levels
     of one row each (a caterpillar) hand nothing to the pool, 40 such trees
     still split their levels, and both give one thread's bits."""
-    net = structc.compile(SMALL_TREES, seed=0)
+    net = structc.compile(BINARY, seed=0)
     caterpillar = (((((1, 2), 3), 4), 5), 6)
     for trees in ([caterpillar], [caterpillar] * 40):
         f = structc.Forest.from_tuples(trees)
