@@ -10,6 +10,7 @@ rules, which read like maths thanks to `Value`'s operators.
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
@@ -93,9 +94,10 @@ class Graph:
         for u in list(self.nx.successors(old)):
             node = self.nodes[u]
             self.set_inputs(u, tuple(new if i == old else i for i in node.inputs))
-        for k, v in self.outputs.items():
-            if v == old:
-                self.outputs[k] = new
+        if old in self.outputs.values():    # scanned in C: a train graph has an output per parameter
+            for k, v in self.outputs.items():
+                if v == old:
+                    self.outputs[k] = new
 
     def remove(self, nid: int) -> None:
         self.nx.remove_node(nid)
@@ -103,7 +105,13 @@ class Graph:
 
     # -- reading ---------------------------------------------------------
     def topo(self) -> list[int]:
-        return list(nx.lexicographical_topological_sort(self.nx))
+        """The nodes in topological order, the smallest ready id first: the order
+        of `nx.lexicographical_topological_sort(self.nx)`, without its per-node
+        tuples and views (every pass walks the graph: 40 ms a walk at 200 layers)."""
+        order = _ordered(self.nx._succ, self.nx._pred)
+        if order is None:
+            raise nx.NetworkXUnfeasible("Graph contains a cycle or graph changed during iteration")
+        return order
 
     def users(self, nid: int) -> list[int]:
         return sorted(self.nx.successors(nid))
@@ -127,16 +135,36 @@ class Graph:
 
     def verify(self) -> None:
         """Structural invariants every pass must keep."""
-        assert nx.is_directed_acyclic_graph(self.nx), "graph has a cycle"
+        assert _ordered(self.nx._succ, self.nx._pred) is not None, "graph has a cycle"
+        pred = self.nx._pred
         for nid, node in self.nodes.items():
+            into = pred.get(nid, ())
             for i in node.inputs:
                 assert i in self.nodes, f"%{nid} reads missing %{i}"
-                assert self.nx.has_edge(i, nid), f"edge %{i}->%{nid} missing"
+                assert i in into, f"edge %{i}->%{nid} missing"
         for name, nid in {**self.outputs, **self.params, **self.inputs}.items():
             assert nid in self.nodes, f"{name} points at missing %{nid}"
 
     def __str__(self) -> str:
         return format_graph(self)
+
+
+def _ordered(succ: dict, pred: dict) -> list[int] | None:
+    """Kahn's algorithm over a DiGraph's adjacency (`_succ`, `_pred`), a heap of
+    ready node ids: nodes are ints, so this is networkx's lexicographical order.
+    None when there is a cycle."""
+    waiting = {v: len(p) for v, p in pred.items()}
+    ready = [v for v, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        v = heapq.heappop(ready)
+        order.append(v)
+        for u in succ[v]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    return order if len(order) == len(waiting) else None
 
 
 def format_attr(v: Any) -> str:

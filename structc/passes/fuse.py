@@ -22,7 +22,7 @@ no group. Groups are kept in execution order, effects (the optimiser) last.
 """
 from __future__ import annotations
 
-import networkx as nx
+import heapq
 
 from ..graph import Graph, Group
 
@@ -96,7 +96,7 @@ def fuse(g: Graph) -> Graph:
             if ug.reductions or _would_cycle(g, nid, ug, pos):
                 continue
             merge(gr, ug)
-        _absorb_readers(g, nid, gr, group, merge)
+        _absorb_readers(g, nid, gr, group, merge, pos)
 
     # 4. extra results of a kernel (ops with the `part` trait) are written by
     #    the kernel of their first operand: they join its group
@@ -116,7 +116,7 @@ def fuse(g: Graph) -> Graph:
             sg = group.get(s)
             if sg is None or sg is gr or len(sg.members) != 1:
                 continue
-            if nx.has_path(g.nx, nid, s) or nx.has_path(g.nx, s, nid):
+            if _reaches(g, nid, s, pos) or _reaches(g, s, nid, pos):
                 continue
             merge(gr, sg)
 
@@ -130,7 +130,7 @@ def fuse(g: Graph) -> Graph:
     return g
 
 
-def _absorb_readers(g: Graph, anchor: int, gr: Group, group: dict, merge) -> None:
+def _absorb_readers(g: Graph, anchor: int, gr: Group, group: dict, merge, pos: dict) -> None:
     """3b. Elementwise groups that read nothing but the epilogue's values (and
     leaves) and hold or read an `indexed` op join it too, until none is left:
     dropout's mask of an activation (which other users keep apart from its
@@ -155,7 +155,7 @@ def _absorb_readers(g: Graph, anchor: int, gr: Group, group: dict, merge) -> Non
                 if any(group[p] not in (gr, ug) for x in ug.members for p in _producers(g, x, group)):
                     continue
                 inside = set(gr.members) | set(ug.members)
-                if any(i not in inside and nx.has_path(g.nx, anchor, i)        # a view of a later value
+                if any(i not in inside and _reaches(g, anchor, i, pos)        # a view of a later value
                        for x in ug.members for i in g.nodes[x].inputs):
                     continue
                 merge(gr, ug)
@@ -167,38 +167,71 @@ def _would_cycle(g: Graph, anchor: int, other: Group, pos: dict) -> bool:
     leaves is computed from the anchor outside both groups. (`pos`: places in
     a topological order; a leaf placed before the anchor, or one that reads
     nothing (a parameter), cannot depend on it: that spares most path
-    searches, each a walk of the graph.)"""
+    searches.)"""
     members = set(other.members)
     for m in other.members:
         for i in g.nodes[m].inputs:
             if i == anchor or i in members or pos[i] < pos[anchor] or not g.nodes[i].inputs:
                 continue
-            if nx.has_path(g.nx, anchor, i):
+            if _reaches(g, anchor, i, pos):
                 return True
     return False
 
 
+def _reaches(g: Graph, src: int, dst: int, pos: dict) -> bool:
+    """Whether a path leads from `src` to `dst` (`nx.has_path`): a walk back
+    from `dst` through the nodes placed after `src` in the topological order
+    `pos`, the only ones such a path can pass. A search of the whole graph
+    per query made fusing a GNN quadratic in its rounds."""
+    if src == dst:
+        return True
+    after = pos[src]
+    if pos[dst] < after:
+        return False
+    seen, todo = {dst}, [dst]
+    while todo:
+        for i in g.nodes[todo.pop()].inputs:
+            if i == src:
+                return True
+            if i not in seen and pos[i] > after:
+                seen.add(i)
+                todo.append(i)
+    return False
+
+
 def _schedule(g: Graph, groups: list[Group], group: dict, pos: dict) -> list[Group]:
-    dag = nx.DiGraph()
-    for gr in groups:
-        dag.add_node(gr.id)
-    by_id = {gr.id: gr for gr in groups}
+    """The groups in an order their reads allow, the one whose first member
+    comes first in `pos` when several are ready (Kahn's algorithm, a heap)."""
+    readers: dict[int, set[int]] = {gr.id: set() for gr in groups}
     for gr in groups:
         for m in gr.members:
             for i in _producers(g, m, group):
                 src = group[i]
                 if src is not gr:
-                    dag.add_edge(src.id, gr.id)
+                    readers[src.id].add(gr.id)
     # Effects run after everything else: they overwrite the parameters.
     effects = [gr for gr in groups if gr.kind == "effect"]
     for e in effects:
         for gr in groups:
             if gr.kind != "effect":
-                dag.add_edge(gr.id, e.id)
-    assert nx.is_directed_acyclic_graph(dag), "fusion produced a cycle"
+                readers[gr.id].add(e.id)
+    waiting = dict.fromkeys(readers, 0)
+    for after in readers.values():
+        for k in after:
+            waiting[k] += 1
     first = {gr.id: min(pos[m] for m in gr.members) for gr in groups}
-    order = nx.lexicographical_topological_sort(dag, key=lambda k: first[k])
-    return [by_id[k] for k in order]
+    ready = [(first[k], k) for k, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    by_id, order = {gr.id: gr for gr in groups}, []
+    while ready:
+        _, k = heapq.heappop(ready)
+        order.append(by_id[k])
+        for u in readers[k]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, (first[u], u))
+    assert len(order) == len(groups), "fusion produced a cycle"
+    return order
 
 
 def _producers(g: Graph, nid: int, group: dict):

@@ -12,6 +12,8 @@ need not care about aliasing.
 """
 from __future__ import annotations
 
+import bisect
+import heapq
 import os
 from dataclasses import dataclass, field
 
@@ -129,29 +131,46 @@ def plan_memory(g: Graph, param_offsets: dict[str, int]) -> Plan:
                 if r in first:
                     last[r] = max(last[r], k)
     buffers = sorted((nid for nid in first if nid not in plan.storage), key=lambda n: (first[n], n))
-    slot_free_at: list[int] = []      # step after which the slot is free
-    slot_nominal: list[int] = []
+    slots = _Slots()
     for nid in buffers:
         size = g.nodes[nid].type.size()
-        nominal = size.eval(_Nominal())
-        best = None
-        for s, free in enumerate(slot_free_at):
-            if free < first[nid]:
-                fit = (slot_nominal[s] < nominal, abs(slot_nominal[s] - nominal))
-                if best is None or fit < best[0]:
-                    best = (fit, s)
-        if best is None:
-            plan.slots.append([size])
-            slot_free_at.append(last[nid])
-            slot_nominal.append(nominal)
-            s = len(plan.slots) - 1
-        else:
-            s = best[1]
-            plan.slots[s].append(size)
-            slot_free_at[s] = last[nid]
-            slot_nominal[s] = max(slot_nominal[s], nominal)
+        s = slots.take(first[nid], last[nid], size.eval(_Nominal()))
+        if s == len(plan.slots):
+            plan.slots.append([])
+        plan.slots[s].append(size)
         plan.storage[nid] = Storage("workspace", s, g.nodes[nid].type.dtype)
     return plan
+
+
+class _Slots:
+    """Best fit of buffers into workspace slots, taken in order of their first
+    step: a slot free before that step whose nominal size is the smallest at
+    least the buffer's, else the largest below it; the lowest slot among equals;
+    a new slot when none is free. The slots still in use wait in a heap by the
+    step they free up at, the free ones stay sorted by size: a training graph
+    holds every layer's activations until the backward pass reads them, so
+    comparing each buffer with every slot was quadratic in the layers."""
+
+    def __init__(self):
+        self.count = 0
+        self.busy: list[tuple[int, int, int]] = []    # (last step, slot, nominal size)
+        self.free: list[tuple[int, int]] = []         # (nominal size, slot), sorted
+
+    def take(self, first: int, last: int, nominal: int) -> int:
+        """The slot for a buffer live from step `first` to `last` inclusive."""
+        while self.busy and self.busy[0][0] < first:
+            _, s, size = heapq.heappop(self.busy)
+            bisect.insort(self.free, (size, s))
+        at = bisect.bisect_left(self.free, (nominal, -1))    # the smallest at least as large
+        if at == len(self.free) and self.free:              # none: the largest below, lowest slot first
+            at = bisect.bisect_left(self.free, (self.free[-1][0], -1))
+        if at < len(self.free):
+            size, s = self.free.pop(at)
+            nominal = max(size, nominal)
+        else:
+            s, self.count = self.count, self.count + 1
+        heapq.heappush(self.busy, (last, s, nominal))
+        return s
 
 
 class _Nominal(dict):

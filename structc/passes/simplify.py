@@ -61,6 +61,6 @@ def simplify(g: Graph) -> Graph:
             node = g.nodes[nid]
             target = g.add(REGISTRY["const"], (), {"value": value, "dtype": "f32"}, node.span)
         g.replace_uses(nid, target)
-        if not any(v == nid for v in g.outputs.values()):
+        if nid not in g.outputs.values():
             g.remove(nid)
     return g

@@ -1,0 +1,131 @@
+"""The compiler's Python passes do work in proportion to the graph (issue 14
+item 3: a model of 200 layers, a GNN of 10 rounds): counted in Python and
+builtin calls, which do not depend on the machine's load as times do."""
+import dataclasses
+import random
+import sys
+
+import networkx as nx
+import pytest
+
+from structc.build import build_model
+from structc.compiler import arena_layout, forward_graph, gradient_warnings, train_graph
+from structc.graph import Graph
+from structc.ops import REGISTRY
+from structc.passes import run_pipeline
+from structc.passes.message import prepare
+from structc.passes.plan import _Slots, plan_memory
+from structc.syntax import parse
+from structc.types import TensorType
+
+
+def deep(layers: int) -> str:
+    body = "\n".join("  h = dense(h, 8) |> relu" for _ in range(layers))
+    return f"model Deep {{\n  input x: f32[N, 8]\n  target y: class[N] of 4\n  h = x\n{body}\n" \
+           "  loss cross_entropy(dense(h, 4), y)\n}\n"
+
+
+def gnn(rounds: int) -> str:
+    return ("model G {\n  input g: graph(features=16)\n  target y: class[g.nodes] of 3\n  h = g.x\n"
+            f"  repeat {rounds} {{ h = relu(dense(h, 16) + sum(dense(h, 16, bias=false) over g.edges)) }}\n"
+            "  loss cross_entropy(dense(h, 3), y)\n}\n")
+
+
+def calls(work) -> int:
+    """Python function calls and builtin calls made by `work()`."""
+    count = [0]
+
+    def seen(frame, event, arg):
+        if event in ("call", "c_call"):
+            count[0] += 1
+    sys.setprofile(seen)
+    try:
+        work()
+    finally:
+        sys.setprofile(None)
+    return count[0]
+
+
+def compile_work(source: str) -> dict:
+    """Calls per stage of the Python side before lowering: the gradient check,
+    autodiff, every pass on both graphs, and the memory plans."""
+    mdef = build_model(parse(source))
+    mdef = dataclasses.replace(mdef, graph=prepare(mdef.graph.copy()))
+    offsets, _, update_size, decay_end = arena_layout(mdef, frozenset())
+    made = {}
+    counts = {
+        "gradient_warnings": calls(lambda: gradient_warnings(mdef.graph)),
+        "autodiff": calls(lambda: made.setdefault("train", train_graph(mdef, update_size, decay_end=decay_end))),
+        "forward passes": calls(lambda: made.setdefault("forward", run_pipeline(forward_graph(mdef)))),
+        "train passes": calls(lambda: made.setdefault("fused", run_pipeline(made["train"]))),
+    }
+    counts["plans"] = calls(lambda: (plan_memory(made["forward"], offsets), plan_memory(made["fused"], offsets)))
+    return counts
+
+
+@pytest.mark.parametrize("model", [deep, gnn])
+def test_passes_grow_linearly_with_layers_and_rounds(model):
+    """Four times the layers (rounds) cost at most ~4x the calls in every
+    stage: a best fit that compared each buffer with every workspace slot
+    (a training graph keeps every layer's activations until the backward
+    pass), or a scan of every output per rewritten node, grew ~16x."""
+    small, large = compile_work(model(20)), compile_work(model(80))
+    growth = {stage: round(large[stage] / small[stage], 2) for stage in small}
+    assert all(g < 4.4 for g in growth.values()), growth
+
+
+def test_topo_is_networkx_lexicographical_order():
+    """Ties broken by the smallest node id, as `nx.lexicographical_topological_sort`
+    (dumps and cache keys depend on the order), also after nodes are removed."""
+    rng = random.Random(7)
+    for _ in range(200):
+        g = Graph()
+        for nid in range(rng.randint(1, 40)):
+            ins = rng.sample(range(nid), min(nid, rng.randint(0, 3)))
+            g.add(REGISTRY["const"], ins, {"value": 1.0, "dtype": "f32"}, type=TensorType(()))
+        for nid in rng.sample(sorted(g.nodes), len(g.nodes) // 4):
+            if not g.users(nid):        # as dce removes them
+                g.remove(nid)
+        assert g.topo() == list(nx.lexicographical_topological_sort(g.nx))
+        g.verify()
+
+
+def test_a_cycle_is_refused_by_topo_and_verify():
+    g = Graph()
+    a = g.add(REGISTRY["const"], (), {"value": 1.0, "dtype": "f32"}, type=TensorType(()))
+    b = g.add(REGISTRY["neg"], (a,))
+    g.set_inputs(a, (b,))
+    with pytest.raises(nx.NetworkXUnfeasible):
+        g.topo()
+    with pytest.raises(AssertionError, match="cycle"):
+        g.verify()
+
+
+def best_fit_scanning_every_slot(buffers):
+    """The memory plan's slot choice as it was written first (a scan of every slot)."""
+    free_at, nominal_of, chosen = [], [], []
+    for first, last, nominal in buffers:
+        best = None
+        for s, free in enumerate(free_at):
+            if free < first:
+                fit = (nominal_of[s] < nominal, abs(nominal_of[s] - nominal))
+                if best is None or fit < best[0]:
+                    best = (fit, s)
+        if best is None:
+            free_at.append(last)
+            nominal_of.append(nominal)
+            chosen.append(len(free_at) - 1)
+        else:
+            s = best[1]
+            free_at[s], nominal_of[s] = last, max(nominal_of[s], nominal)
+            chosen.append(s)
+    return chosen
+
+
+def test_slots_are_the_best_fit_of_a_scan_of_every_slot():
+    rng = random.Random(3)
+    for _ in range(300):
+        starts = sorted(rng.randint(0, 30) for _ in range(rng.randint(1, 40)))
+        buffers = [(f, f + rng.randint(0, 8), rng.choice([16, 64, 64, 128, 512, 4096])) for f in starts]
+        slots = _Slots()
+        assert [slots.take(*b) for b in buffers] == best_fit_scanning_every_slot(buffers)
