@@ -12,8 +12,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import networkx as nx
-
 from .errors import GradientWarning, Span
 from .graph import Builder, Graph, Value
 
@@ -24,15 +22,20 @@ def differentiate(forward: Graph, loss: str = "loss", frozen: frozenset[str] = f
     return _differentiate(forward, loss, frozen)[0]
 
 
-def _reachable(graph: nx.DiGraph, sources) -> set:
-    """The sources and every node reachable from them."""
+def _walk(g: Graph, sources, next_of) -> set:
+    """The sources and every node reachable from them through `next_of(node)`
+    (`g.nx.successors`: what they feed; `_inputs(g)`: what they read)."""
     seen, todo = set(sources), list(sources)
     while todo:
-        for u in graph.successors(todo.pop()):
+        for u in next_of(todo.pop()):
             if u not in seen:
                 seen.add(u)
                 todo.append(u)
     return seen
+
+
+def _inputs(g: Graph):
+    return lambda nid: g.nodes[nid].inputs
 
 
 def _differentiate(forward: Graph, loss: str,
@@ -44,9 +47,9 @@ def _differentiate(forward: Graph, loss: str,
     loss_id = g.outputs[loss]
     order = g.topo()
     # Only nodes between a trainable parameter and the loss carry a gradient.
-    upstream = nx.ancestors(g.nx, loss_id) | {loss_id}
+    upstream = _walk(g, [loss_id], _inputs(g))
     trainable = [pid for name, pid in g.params.items() if name not in frozen]
-    from_params = _reachable(g.nx, trainable)      # one walk: not one per parameter
+    from_params = _walk(g, trainable, g.nx.successors)      # one walk: not one per parameter
     active = upstream & from_params
 
     b = Builder(g)
@@ -122,17 +125,31 @@ def blocked_params(forward: Graph, loss: str = "loss", frozen: frozenset[str] = 
     threshold, a comparison). Such a model trains forever with zero gradients."""
     if loss not in forward.outputs:
         return []
+    return differentiate_checked(forward, loss, frozen)[1]
+
+
+def differentiate_checked(forward: Graph, loss: str = "loss",
+                          frozen: frozenset[str] = frozenset()) -> tuple[Graph, list[Blocked]]:
+    """`differentiate` of the loss alone, and `blocked_params`, from one
+    differentiation: a compile needs both (the warnings in every part's
+    metadata, the train graph for the training part), and differentiating
+    twice was a tenth of the Python time of a deep model's compile."""
     g = forward.copy()
     g.outputs = {loss: forward.outputs[loss]}
-    _, stops, unreached = _differentiate(g, loss, frozen)   # frozen ones are meant not to change
-    upstream = nx.ancestors(g.nx, g.outputs[loss])
+    train, stops, unreached = _differentiate(g, loss, frozen)   # frozen ones are meant not to change
+    return train, _blocked(train, loss, forward.outputs[loss], stops, unreached)
+
+
+def _blocked(g: Graph, loss: str, loss_id: int, stops, unreached) -> list[Blocked]:
+    """`blocked_params` from a differentiation's stops and unreached parameters."""
+    upstream = _walk(g, [loss_id], _inputs(g)) - {loss_id}
     groups: dict[tuple[int, ...], list[str]] = {}
     for name in unreached:
         pid = g.params[name]
         if pid not in upstream:
             groups.setdefault((), []).append(name)
             continue
-        below = nx.descendants(g.nx, pid) | {pid}
+        below = _walk(g, [pid], g.nx.successors)
         key = tuple(sorted({nid for nid, i in stops if i in below}))
         groups.setdefault(key, []).append(name)
     found = []
@@ -151,8 +168,13 @@ def blocked_params(forward: Graph, loss: str = "loss", frozen: frozenset[str] = 
 def gradient_warnings(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset()) -> list[dict]:
     """`blocked_params` as plain data (message, file, line), kept in an
     artifact's metadata so a cached model warns as a fresh compile does."""
+    return warning_entries(blocked_params(forward, loss, frozen))
+
+
+def warning_entries(blocked: list[Blocked]) -> list[dict]:
+    """`Blocked` items as `gradient_warnings` gives them."""
     return [{"message": item.message(), "file": item.span.file if item.span else "<model>",
-             "line": item.span.line if item.span else 0} for item in blocked_params(forward, loss, frozen)]
+             "line": item.span.line if item.span else 0} for item in blocked]
 
 
 def warn_gradient_flow(entries: list[dict]) -> None:

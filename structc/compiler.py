@@ -24,7 +24,7 @@ from typing import Callable
 from llvmlite import ir
 
 from . import __version__
-from .autodiff import differentiate, gradient_warnings, warn_gradient_flow
+from .autodiff import differentiate, differentiate_checked, warn_gradient_flow, warning_entries
 from .build import ModelDef, build_model
 from .denominator import loss_denominator
 from .errors import Span
@@ -219,13 +219,16 @@ def eval_loss_graph(mdef: ModelDef) -> Graph:
 
 
 def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset(),
-                decay_end: int | None = None) -> Graph:
+                decay_end: int | None = None, differentiated: Graph | None = None) -> Graph:
     """Forward, backward and update. `update_size`: the floats the update
     covers, the trainable parameters laid out first; `decay_end`: where the
-    vectors (biases, norms) start among them (`arena_layout`)."""
-    g = mdef.graph.copy()
-    g.outputs = {"loss": g.outputs["loss"]}
-    g = differentiate(g, frozen=frozen)
+    vectors (biases, norms) start among them (`arena_layout`); `differentiated`:
+    the loss's graph differentiated already (`differentiate_checked`), to extend."""
+    g = differentiated
+    if g is None:
+        g = mdef.graph.copy()
+        g.outputs = {"loss": g.outputs["loss"]}
+        g = differentiate(g, frozen=frozen)
     grads = [g.outputs[f"grad:{p}"] for p in mdef.params if p not in frozen]
     b = Builder(g)
     g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=update_size, decay_end=decay_end).id
@@ -408,13 +411,18 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
 
     with times.stage("forward.inference"):
         graphs = {"forward": forward_graph(mdef)}
+    # One differentiation gives the training part's graph and the warnings every part keeps.
+    differentiated, blocked = None, []
+    with times.stage("train.autodiff" if "training" in wanted else "gradient_warnings"):
+        if mdef.has_loss:
+            differentiated, found = differentiate_checked(mdef.graph, frozen=frozen)
     with times.stage("gradient_warnings"):
-        blocked = gradient_warnings(mdef.graph, frozen=frozen) if mdef.has_loss else []
+        blocked = warning_entries(found) if mdef.has_loss else []
     if "forward" in wanted:     # once per model: not again when its training part is compiled later
         warn_gradient_flow(blocked)
     if "training" in wanted:
         with times.stage("train.autodiff"):
-            graphs["train"] = train_graph(mdef, update_size, frozen, decay_end)
+            graphs["train"] = train_graph(mdef, update_size, frozen, decay_end, differentiated)
             graphs["update"] = update_graph(mdef, update_size, decay_end)
         if dump:
             dump("train", str(graphs["train"]))

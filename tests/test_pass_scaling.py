@@ -9,7 +9,8 @@ import networkx as nx
 import pytest
 
 from structc.build import build_model
-from structc.compiler import arena_layout, forward_graph, gradient_warnings, train_graph
+from structc.autodiff import gradient_warnings
+from structc.compiler import arena_layout, forward_graph, train_graph
 from structc.graph import Graph
 from structc.ops import REGISTRY
 from structc.passes import run_pipeline
@@ -129,3 +130,23 @@ def test_slots_are_the_best_fit_of_a_scan_of_every_slot():
         buffers = [(f, f + rng.randint(0, 8), rng.choice([16, 64, 64, 128, 512, 4096])) for f in starts]
         slots = _Slots()
         assert [slots.take(*b) for b in buffers] == best_fit_scanning_every_slot(buffers)
+
+
+def test_a_training_compile_differentiates_the_model_once(monkeypatch):
+    """The gradient warnings and the train graph come from one differentiation
+    (the warnings' own was a tenth of a deep model's Python time)."""
+    from structc import autodiff, compiler
+    real, count = autodiff._differentiate, [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(autodiff, "_differentiate", counted)
+    monkeypatch.setattr(compiler, "compile_objects", lambda texts, *a, **k: [(b"", {}) for _ in texts])
+    art = compiler.compile_source(deep(3), parts=["forward", "training"])
+    assert count[0] == 1 and art.meta["gradient_warnings"] == []
+    with pytest.warns(Warning, match="does not affect the loss"):
+        art = compiler.compile_source("model U {\n  input x: f32[N, 2]\n  target y: class[N] of 2\n"
+                                      "  param unused: f32[3] = zeros\n"
+                                      "  loss cross_entropy(dense(x, 2), y)\n}\n", parts=["forward", "training"])
+    assert count[0] == 2 and "unused" in art.meta["gradient_warnings"][0]["message"]
