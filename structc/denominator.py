@@ -17,8 +17,6 @@ trees plus a mean over nodes) have no single weight per rank, so they are
 """
 from __future__ import annotations
 
-import networkx as nx
-
 from .graph import Graph
 
 _PARAMS_ONLY = {"kind": "params"}     # a term no input reaches
@@ -65,6 +63,7 @@ class _Reader:
         return f" (line {span.line})" if span is not None else ""
 
     def _reads_data(self, nid: int) -> bool:
+        import networkx as nx     # here: `import structc` and a warm load need no networkx
         return nid in self.data or bool(self.data & nx.ancestors(self.g.nx, nid))
 
     def term(self, nid: int) -> dict:

@@ -15,8 +15,6 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
-import networkx as nx
-
 from .errors import ShapeMismatch, SnetShapeError, SnetTypeError, Span
 from .types import TensorType
 
@@ -57,6 +55,7 @@ class Group:
 class Graph:
     def __init__(self, name: str = "model"):
         self.name = name
+        import networkx as nx     # here: a warm load or a call of a cached model builds no graph
         self.nx = nx.DiGraph()
         self.nodes: dict[int, Node] = {}
         self.inputs: dict[str, int] = {}    # inputs and targets, by name
@@ -110,6 +109,7 @@ class Graph:
         tuples and views (every pass walks the graph: 40 ms a walk at 200 layers)."""
         order = _ordered(self.nx._succ, self.nx._pred)
         if order is None:
+            import networkx as nx
             raise nx.NetworkXUnfeasible("Graph contains a cycle or graph changed during iteration")
         return order
 
