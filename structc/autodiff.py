@@ -24,7 +24,7 @@ def differentiate(forward: Graph, loss: str = "loss", frozen: frozenset[str] = f
 
 def _walk(g: Graph, sources, next_of) -> set:
     """The sources and every node reachable from them through `next_of(node)`
-    (`g.nx.successors`: what they feed; `_inputs(g)`: what they read)."""
+    (`g.users`: what they feed; `_inputs(g)`: what they read)."""
     seen, todo = set(sources), list(sources)
     while todo:
         for u in next_of(todo.pop()):
@@ -49,7 +49,7 @@ def _differentiate(forward: Graph, loss: str,
     # Only nodes between a trainable parameter and the loss carry a gradient.
     upstream = _walk(g, [loss_id], _inputs(g))
     trainable = [pid for name, pid in g.params.items() if name not in frozen]
-    from_params = _walk(g, trainable, g.nx.successors)      # one walk: not one per parameter
+    from_params = _walk(g, trainable, g.users)      # one walk: not one per parameter
     active = upstream & from_params
 
     b = Builder(g)
@@ -149,7 +149,7 @@ def _blocked(g: Graph, loss: str, loss_id: int, stops, unreached) -> list[Blocke
         if pid not in upstream:
             groups.setdefault((), []).append(name)
             continue
-        below = _walk(g, [pid], g.nx.successors)
+        below = _walk(g, [pid], g.users)
         key = tuple(sorted({nid for nid, i in stops if i in below}))
         groups.setdefault(key, []).append(name)
     found = []

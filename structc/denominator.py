@@ -63,8 +63,7 @@ class _Reader:
         return f" (line {span.line})" if span is not None else ""
 
     def _reads_data(self, nid: int) -> bool:
-        import networkx as nx     # here: `import structc` and a warm load need no networkx
-        return nid in self.data or bool(self.data & nx.ancestors(self.g.nx, nid))
+        return nid in self.data or bool(self.data & self.g.ancestors(nid))
 
     def term(self, nid: int) -> dict:
         if not self._reads_data(nid):

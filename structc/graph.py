@@ -1,9 +1,11 @@
-"""The graph IR: op nodes in a `networkx.DiGraph`, printed like a jaxpr.
+"""The graph IR: op nodes and the edges between them, printed like a jaxpr.
 
-Each node's ordered `inputs` tuple is the truth; networkx edges are derived
-from it (a DiGraph holds one edge per pair, so `mul(x, x)` would otherwise
-lose an operand). Walks are deterministic (`lexicographical_topological_sort`)
-so dumps and cache keys are stable.
+Each node's ordered `inputs` tuple is the truth; the edges are derived from
+it, one per pair of nodes (`mul(x, x)` is one edge, two operands), kept as
+dicts of users and of operands, as a `networkx.DiGraph` keeps them (`g.nx`
+gives one, for networkx's algorithms). Walks are deterministic (`topo`:
+networkx's `lexicographical_topological_sort` order) so dumps and cache keys
+are stable.
 
 `Builder` is how graphs are grown: by the front end, by autodiff and by VJP
 rules, which read like maths thanks to `Value`'s operators.
@@ -55,8 +57,10 @@ class Group:
 class Graph:
     def __init__(self, name: str = "model"):
         self.name = name
-        import networkx as nx     # here: a warm load or a call of a cached model builds no graph
-        self.nx = nx.DiGraph()
+        # node -> {user: None} and node -> {operand: None}: a DiGraph's `_succ` and `_pred`,
+        # without networkx (~0.16 s to import, and most of the passes' time in its calls)
+        self._succ: dict[int, dict[int, None]] = {}
+        self._pred: dict[int, dict[int, None]] = {}
         self.nodes: dict[int, Node] = {}
         self.inputs: dict[str, int] = {}    # inputs and targets, by name
         self.params: dict[str, int] = {}
@@ -76,21 +80,28 @@ class Graph:
                 raise SnetShapeError(f"{op.name}: {e}", span) from None
         nid = next(self._ids)
         self.nodes[nid] = Node(nid, op, inputs, attrs, type, span)
-        self.nx.add_node(nid)
+        self._succ[nid], self._pred[nid] = {}, {}
         for i in inputs:
-            self.nx.add_edge(i, nid)
+            self._link(i, nid)
         return nid
+
+    def _link(self, a: int, b: int) -> None:
+        """The edge a -> b (`verify` finds an operand that is not a node)."""
+        if a not in self._succ:
+            self._succ[a], self._pred[a] = {}, {}
+        self._succ[a][b] = None
+        self._pred[b][a] = None
 
     def set_inputs(self, nid: int, inputs: tuple[int, ...]) -> None:
         node = self.nodes[nid]
         for i in set(node.inputs) - set(inputs):
-            self.nx.remove_edge(i, nid)
+            del self._succ[i][nid], self._pred[nid][i]
         node.inputs = tuple(inputs)
         for i in inputs:
-            self.nx.add_edge(i, nid)
+            self._link(i, nid)
 
     def replace_uses(self, old: int, new: int) -> None:
-        for u in list(self.nx.successors(old)):
+        for u in list(self._succ[old]):
             node = self.nodes[u]
             self.set_inputs(u, tuple(new if i == old else i for i in node.inputs))
         if old in self.outputs.values():    # scanned in C: a train graph has an output per parameter
@@ -99,22 +110,43 @@ class Graph:
                     self.outputs[k] = new
 
     def remove(self, nid: int) -> None:
-        self.nx.remove_node(nid)
+        for u in self._succ.pop(nid):
+            del self._pred[u][nid]
+        for i in self._pred.pop(nid):
+            del self._succ[i][nid]
         del self.nodes[nid]
 
     # -- reading ---------------------------------------------------------
     def topo(self) -> list[int]:
-        """The nodes in topological order, the smallest ready id first: the order
-        of `nx.lexicographical_topological_sort(self.nx)`, without its per-node
-        tuples and views (every pass walks the graph: 40 ms a walk at 200 layers)."""
-        order = _ordered(self.nx._succ, self.nx._pred)
+        """The nodes in topological order, the smallest ready id first (the order
+        of `nx.lexicographical_topological_sort`)."""
+        order = _ordered(self._succ, self._pred)
         if order is None:
-            import networkx as nx
-            raise nx.NetworkXUnfeasible("Graph contains a cycle or graph changed during iteration")
+            raise ValueError("graph has a cycle")
         return order
 
     def users(self, nid: int) -> list[int]:
-        return sorted(self.nx.successors(nid))
+        return sorted(self._succ[nid])
+
+    def ancestors(self, nid: int) -> set[int]:
+        """Every node `nid` is computed from (`nx.ancestors`)."""
+        seen, todo = set(), [nid]
+        while todo:
+            for i in self._pred[todo.pop()]:
+                if i not in seen:
+                    seen.add(i)
+                    todo.append(i)
+        return seen
+
+    @property
+    def nx(self):
+        """The edges as a new `networkx.DiGraph`, for networkx's algorithms
+        (drawing, exports); changing it changes nothing here."""
+        import networkx as nx
+        g = nx.DiGraph()
+        g.add_nodes_from(self._succ)
+        g.add_edges_from((a, b) for a, users in self._succ.items() for b in users)
+        return g
 
     def live_roots(self) -> set[int]:
         """Nodes that must survive DCE: outputs and the model's interface."""
@@ -122,7 +154,8 @@ class Graph:
 
     def copy(self) -> "Graph":
         g = Graph(self.name)
-        g.nx = self.nx.copy()
+        g._succ = {k: dict(v) for k, v in self._succ.items()}
+        g._pred = {k: dict(v) for k, v in self._pred.items()}
         g.nodes = {k: replace(n, attrs=dict(n.attrs)) for k, n in self.nodes.items()}
         g.inputs, g.params, g.outputs = dict(self.inputs), dict(self.params), dict(self.outputs)
         g.groups = [replace(gr, members=list(gr.members), outputs=list(gr.outputs), reductions=list(gr.reductions))
@@ -135,8 +168,8 @@ class Graph:
 
     def verify(self) -> None:
         """Structural invariants every pass must keep."""
-        assert _ordered(self.nx._succ, self.nx._pred) is not None, "graph has a cycle"
-        pred = self.nx._pred
+        assert _ordered(self._succ, self._pred) is not None, "graph has a cycle"
+        pred = self._pred
         for nid, node in self.nodes.items():
             into = pred.get(nid, ())
             for i in node.inputs:
@@ -150,9 +183,9 @@ class Graph:
 
 
 def _ordered(succ: dict, pred: dict) -> list[int] | None:
-    """Kahn's algorithm over a DiGraph's adjacency (`_succ`, `_pred`), a heap of
-    ready node ids: nodes are ints, so this is networkx's lexicographical order.
-    None when there is a cycle."""
+    """Kahn's algorithm over the edges (users and operands of each node), a heap
+    of ready node ids: nodes are ints, so this is networkx's lexicographical
+    order. None when there is a cycle."""
     waiting = {v: len(p) for v, p in pred.items()}
     ready = [v for v, n in waiting.items() if n == 0]
     heapq.heapify(ready)

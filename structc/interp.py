@@ -56,5 +56,4 @@ def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str
 
 
 def _ancestors(graph: Graph, nid: int):
-    import networkx as nx
-    return nx.ancestors(graph.nx, nid)
+    return graph.ancestors(nid)

@@ -554,15 +554,13 @@ def lift_row_work(mb, decl: ForestDecl, body: Graph) -> dict:
 
 
 def _reaches(g: Graph, sources: set, nid: int) -> bool:
-    import networkx as nx
-    return nid in sources or bool(sources & nx.ancestors(g.nx, nid))
+    return nid in sources or bool(sources & g.ancestors(nid))
 
 
 def _rebuild_over_nodes(mb, decl: ForestDecl, body: Graph, lift: list) -> dict:
     """The lifted values built in the model over every node of the forest
     (the body's `rows` becomes `nodes`): {body node: model value}."""
-    import networkx as nx
-    need = set(lift) | {a for n in lift for a in nx.ancestors(body.nx, n)}
+    need = set(lift) | {a for n in lift for a in body.ancestors(n)}
     names = {nid: name for name, nid in body.inputs.items()}
     pnames = {nid: name for name, nid in body.params.items()}
     b = Builder(mb.graph)

@@ -162,16 +162,17 @@ def _deep(n: int) -> str:
 
 
 def _graph_walks(monkeypatch, source: str) -> int:
-    """The graph walks (networkx ancestors/descendants/has_path) the passes
-    and autodiff make on the train graph of `source`."""
+    """The graph walks (networkx ancestors/descendants/has_path, `Graph.ancestors`)
+    the passes and autodiff make on the train graph of `source`."""
+    from structc.graph import Graph
     count = [0]
-    for name in ("ancestors", "descendants", "has_path"):
-        real = getattr(nx, name)
+    for owner, name in ((nx, "ancestors"), (nx, "descendants"), (nx, "has_path"), (Graph, "ancestors")):
+        real = getattr(owner, name)
 
         def counted(*args, real=real, **kwargs):
             count[0] += 1
             return real(*args, **kwargs)
-        monkeypatch.setattr(nx, name, counted)
+        monkeypatch.setattr(owner, name, counted)
     mdef = build_model(parse(source))
     run_pipeline(forward_graph(mdef))
     run_pipeline(train_graph(mdef, 1))

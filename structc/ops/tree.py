@@ -199,8 +199,7 @@ def _hoist(g):
 
 
 def _ancestors(g, nid):
-    import networkx as nx
-    return nx.ancestors(g.nx, nid)
+    return g.ancestors(nid)
 
 
 def body_plan(program: BodyProgram, param_offsets: dict[str, int]):
