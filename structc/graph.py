@@ -67,6 +67,7 @@ class Graph:
         self.outputs: dict[str, int] = {}   # ordered: what an entry point returns
         self.groups: list[Group] = []
         self._ids = itertools.count()
+        self._order: list[int] | None = None    # `topo`, kept until the edges change
 
     # -- growing ---------------------------------------------------------
     def add(self, op, inputs: Iterable[int] = (), attrs: dict | None = None,
@@ -81,12 +82,13 @@ class Graph:
         nid = next(self._ids)
         self.nodes[nid] = Node(nid, op, inputs, attrs, type, span)
         self._succ[nid], self._pred[nid] = {}, {}
+        self._order = None
         for i in inputs:
             self._link(i, nid)
         return nid
 
     def _link(self, a: int, b: int) -> None:
-        """The edge a -> b (`verify` finds an operand that is not a node)."""
+        """The edge a -> b (`verify` finds an operand that is not a node); callers reset `_order`."""
         if a not in self._succ:
             self._succ[a], self._pred[a] = {}, {}
         self._succ[a][b] = None
@@ -94,6 +96,7 @@ class Graph:
 
     def set_inputs(self, nid: int, inputs: tuple[int, ...]) -> None:
         node = self.nodes[nid]
+        self._order = None
         for i in set(node.inputs) - set(inputs):
             del self._succ[i][nid], self._pred[nid][i]
         node.inputs = tuple(inputs)
@@ -110,6 +113,7 @@ class Graph:
                     self.outputs[k] = new
 
     def remove(self, nid: int) -> None:
+        self._order = None
         for u in self._succ.pop(nid):
             del self._pred[u][nid]
         for i in self._pred.pop(nid):
@@ -120,10 +124,11 @@ class Graph:
     def topo(self) -> list[int]:
         """The nodes in topological order, the smallest ready id first (the order
         of `nx.lexicographical_topological_sort`)."""
-        order = _ordered(self._succ, self._pred)
-        if order is None:
-            raise ValueError("graph has a cycle")
-        return order
+        if self._order is None:
+            self._order = _ordered(self._succ, self._pred)
+            if self._order is None:
+                raise ValueError("graph has a cycle")
+        return list(self._order)
 
     def users(self, nid: int) -> list[int]:
         return sorted(self._succ[nid])
@@ -161,6 +166,7 @@ class Graph:
         g.groups = [replace(gr, members=list(gr.members), outputs=list(gr.outputs), reductions=list(gr.reductions))
                     for gr in self.groups]
         g._ids = itertools.count(max(self.nodes, default=-1) + 1)
+        g._order = self._order
         return g
 
     def group_of(self) -> dict[int, Group]:
@@ -168,7 +174,8 @@ class Graph:
 
     def verify(self) -> None:
         """Structural invariants every pass must keep."""
-        assert _ordered(self._succ, self._pred) is not None, "graph has a cycle"
+        self._order = _ordered(self._succ, self._pred)     # what the next pass's `topo` reads
+        assert self._order is not None, "graph has a cycle"
         pred = self._pred
         for nid, node in self.nodes.items():
             into = pred.get(nid, ())

@@ -150,3 +150,48 @@ def test_a_training_compile_differentiates_the_model_once(monkeypatch):
                                       "  param unused: f32[3] = zeros\n"
                                       "  loss cross_entropy(dense(x, 2), y)\n}\n", parts=["forward", "training"])
     assert count[0] == 2 and "unused" in art.meta["gradient_warnings"][0]["message"]
+
+
+def test_topo_follows_every_edit_after_verify_kept_it():
+    """`verify` keeps the order it computed for the next pass's `topo`; adding a
+    node, rewiring one or removing one must not leave it stale."""
+    g = Graph()
+    const = lambda: g.add(REGISTRY["const"], (), {"value": 1.0, "dtype": "f32"}, type=TensorType(()))
+    a, b = const(), const()
+    c = g.add(REGISTRY["neg"], (b,))
+    g.verify()
+    assert g.topo() == [a, b, c]
+    g.set_inputs(a, (c,))            # a now reads c
+    assert g.topo() == [b, c, a]
+    g.verify()
+    d = g.add(REGISTRY["neg"], (b,))
+    assert g.topo() == [b, c, a, d]
+    g.verify()
+    g.remove(a)
+    assert g.topo() == [b, c, d] == list(nx.lexicographical_topological_sort(g.nx))
+    copied = g.copy()
+    copied.remove(d)
+    assert copied.topo() == [b, c] and g.topo() == [b, c, d]
+
+
+def test_reused_kernels_print_each_declaration_they_call_once(tmp_path, monkeypatch):
+    """A kernel's record names the declarations it calls (intrinsics, the
+    runtime); checking them against the module's printed each one again for
+    every record (a third of the time of reusing one)."""
+    from llvmlite import ir
+
+    from structc import compiler
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiler, "compile_objects", lambda texts, *a, **k: [(b"", {}) for _ in texts])
+    compiler.compile_program(parse(deep(16)), module_cache=True)      # the records
+    real, printed = ir.Function.__str__, []
+
+    def counted(fn):
+        printed.append(fn.name)
+        return real(fn)
+    monkeypatch.setattr(ir.Function, "__str__", counted)
+    reused = compiler.KERNEL_RECORDS["reused"]
+    compiler.compile_program(parse(deep(16)), module_cache=True)
+    assert compiler.KERNEL_RECORDS["reused"] - reused > 60
+    times = {name: printed.count(name) for name in printed}      # per part: its checks, split_module
+    assert max(times.values()) <= 4, times

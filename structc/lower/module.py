@@ -298,7 +298,8 @@ class KernelBuilder:
                     continue
                 if not isinstance(have, ir.Function):
                     return None
-                if (self._helper_text(have) != definition) if have.blocks else (str(have) != declaration):
+                if (self._helper_text(have) != definition) if have.blocks else \
+                        (self._declaration_text(have) != declaration):
                     return None
             used = [(slot_of(self.layout, self._scope, slot), at, parse_type(t)) for slot, at, t in record["slots"]]
         except (KeyError, IndexError, TypeError, ValueError, NotCacheable):
@@ -311,6 +312,17 @@ class KernelBuilder:
         if fn.name not in texts:
             texts[fn.name] = function_text(fn)
         return texts[fn.name]
+
+    def _declaration_text(self, fn: ir.Function) -> str:
+        """`str(fn)` of a declaration (an intrinsic, the runtime's functions),
+        printed once per module: every record checks the ones it calls (a
+        third of the time of reusing a record)."""
+        texts = self.module.__dict__.setdefault("structc_declaration_texts", {})
+        key = (fn.name, fn.linkage, tuple(sorted(fn.attributes)))
+        hit = texts.get(key)
+        if hit is None or hit[0] is not fn:
+            hit = texts[key] = (fn, str(fn))
+        return hit[1]
 
     def _from_record(self, record: dict, name: str) -> ir.Function:
         """The recorded kernel in this module: its callees made where absent (a
