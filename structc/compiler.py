@@ -411,21 +411,31 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
 
     with times.stage("forward.inference"):
         graphs = {"forward": forward_graph(mdef)}
-    # One differentiation gives the training part's graph and the warnings every part keeps.
-    differentiated, blocked = None, []
-    with times.stage("train.autodiff" if "training" in wanted else "gradient_warnings"):
-        if mdef.has_loss:
-            differentiated, found = differentiate_checked(mdef.graph, frozen=frozen)
-    with times.stage("gradient_warnings"):
-        blocked = warning_entries(found) if mdef.has_loss else []
-    if "forward" in wanted:     # once per model: not again when its training part is compiled later
-        warn_gradient_flow(blocked)
-    if "training" in wanted:
-        with times.stage("train.autodiff"):
-            graphs["train"] = train_graph(mdef, update_size, frozen, decay_end, differentiated)
-            graphs["update"] = update_graph(mdef, update_size, decay_end)
-        if dump:
-            dump("train", str(graphs["train"]))
+    warnings: list = []
+
+    def differentiate_once() -> list[dict]:
+        """The gradient warnings every part's metadata keeps, and the training
+        part's graph, from one differentiation; made once the forward part is
+        lowered (unless dumping), so that LLVM starts on it sooner."""
+        if warnings:
+            return warnings[0]
+        differentiated, found = None, []
+        with times.stage("train.autodiff" if "training" in wanted else "gradient_warnings"):
+            if mdef.has_loss:
+                differentiated, found = differentiate_checked(mdef.graph, frozen=frozen)
+        with times.stage("gradient_warnings"):
+            warnings.append(warning_entries(found))
+        if "forward" in wanted:     # once per model: not again when its training part is compiled later
+            warn_gradient_flow(warnings[0])
+        if "training" in wanted:
+            with times.stage("train.autodiff"):
+                graphs["train"] = train_graph(mdef, update_size, frozen, decay_end, differentiated)
+                graphs["update"] = update_graph(mdef, update_size, decay_end)
+            if dump:
+                dump("train", str(graphs["train"]))
+        return warnings[0]
+    if dump:        # the stages in their order
+        differentiate_once()
     if "evaluation" in wanted:
         graphs["eval_loss"] = eval_loss_graph(mdef)
     entries, plans, texts = {}, {}, {}
@@ -440,6 +450,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     lowered = lowered_kernels(target) if module_cache and not kernel_timings else None
     try:
         for part in ["forward"] + [p for p in wanted if p != "forward"]:
+            if part != "forward":
+                differentiate_once()
             module = ir.Module(name=f"{mdef.name}.{part}")
             module.triple = target.triple
             for kind in PARTS[part]:
@@ -463,6 +475,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 llvm_jobs.add(texts[part])      # LLVM starts on them while the next part is lowered
             if part == "forward":
                 provided = helpers(module)
+        blocked = differentiate_once()
         if lowered is not None:
             _count_records(lowered)
             with times.stage("cache.lowered"):

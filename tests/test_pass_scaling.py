@@ -195,3 +195,26 @@ def test_reused_kernels_print_each_declaration_they_call_once(tmp_path, monkeypa
     assert compiler.KERNEL_RECORDS["reused"] - reused > 60
     times = {name: printed.count(name) for name in printed}      # per part: its checks, split_module
     assert max(times.values()) <= 4, times
+
+
+@pytest.mark.parametrize("parts", [["forward"], ["forward", "training"]])
+def test_llvm_starts_on_the_forward_part_before_the_model_is_differentiated(monkeypatch, parts):
+    """The forward part needs no gradient: its modules go to LLVM's threads
+    first, and the differentiation (for the warnings every part keeps, and
+    the training part) runs while they compile."""
+    from structc import autodiff, compiler
+    events = []
+    real_add, real_diff = compiler._ModuleObjects.add, autodiff._differentiate
+
+    def add(self, texts):
+        events.append("llvm")
+        return real_add(self, texts)
+
+    def differentiate(*args, **kwargs):
+        events.append("differentiate")
+        return real_diff(*args, **kwargs)
+    monkeypatch.setattr(compiler._ModuleObjects, "add", add)
+    monkeypatch.setattr(autodiff, "_differentiate", differentiate)
+    monkeypatch.setattr(compiler, "compile_objects", lambda texts, *a, **k: [(b"", {}) for _ in texts])
+    art = compiler.compile_source(deep(2), parts=parts)
+    assert events == ["llvm", "differentiate", "llvm"][:len(parts) + 1] and art.meta["parts"] == parts
