@@ -134,9 +134,8 @@ def differentiate_checked(forward: Graph, loss: str = "loss",
     differentiation: a compile needs both (the warnings in every part's
     metadata, the train graph for the training part), and differentiating
     twice was a tenth of the Python time of a deep model's compile."""
-    g = forward.copy()
-    g.outputs = {loss: forward.outputs[loss]}
-    train, stops, unreached = _differentiate(g, loss, frozen)   # frozen ones are meant not to change
+    # (_differentiate works on a copy, whose outputs it sets: the loss and the gradients)
+    train, stops, unreached = _differentiate(forward, loss, frozen)   # frozen ones are meant not to change
     return train, _blocked(train, loss, forward.outputs[loss], stops, unreached)
 
 

@@ -161,7 +161,8 @@ class Graph:
         g = Graph(self.name)
         g._succ = {k: dict(v) for k, v in self._succ.items()}
         g._pred = {k: dict(v) for k, v in self._pred.items()}
-        g.nodes = {k: replace(n, attrs=dict(n.attrs)) for k, n in self.nodes.items()}
+        # Node(...) rather than dataclasses.replace: a compile copies every graph several times
+        g.nodes = {k: Node(n.id, n.op, n.inputs, dict(n.attrs), n.type, n.span) for k, n in self.nodes.items()}
         g.inputs, g.params, g.outputs = dict(self.inputs), dict(self.params), dict(self.outputs)
         g.groups = [replace(gr, members=list(gr.members), outputs=list(gr.outputs), reductions=list(gr.reductions))
                     for gr in self.groups]

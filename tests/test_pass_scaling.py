@@ -11,7 +11,7 @@ import pytest
 from structc.build import build_model
 from structc.autodiff import gradient_warnings
 from structc.compiler import arena_layout, forward_graph, train_graph
-from structc.graph import Graph
+from structc.graph import Graph, Node
 from structc.ops import REGISTRY
 from structc.passes import run_pipeline
 from structc.passes.message import prepare
@@ -218,3 +218,9 @@ def test_llvm_starts_on_the_forward_part_before_the_model_is_differentiated(monk
     monkeypatch.setattr(compiler, "compile_objects", lambda texts, *a, **k: [(b"", {}) for _ in texts])
     art = compiler.compile_source(deep(2), parts=parts)
     assert events == ["llvm", "differentiate", "llvm"][:len(parts) + 1] and art.meta["parts"] == parts
+
+
+def test_graph_copy_names_every_field_of_a_node():
+    """`Graph.copy` builds each `Node` from its fields by name (dataclasses.replace
+    was a fifth of a copy): a new field must be added there too."""
+    assert [f.name for f in dataclasses.fields(Node)] == ["id", "op", "inputs", "attrs", "type", "span"]
