@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 #: imported where used (shipping a library, building a checkout's runtime, progress bars, plots, interop)
 NOT_AT_IMPORT = ["subprocess", "tqdm", "matplotlib", "torch", "onnx", "mpi4py", "tensorboardX",
                  "networkx"]      # ~0.16 s: networkx input to a GNN and drawings only
@@ -28,6 +30,7 @@ print(json.dumps([net.meta["deferred"], float(loss), "networkx" in sys.modules])
 """
 
 
+@pytest.mark.slow
 def test_compiles_and_warm_loads_import_no_networkx(tmp_path):
     """The graph IR keeps its own edges: a compile, a warm load from the cache,
     its calls and training steps run without networkx (~0.16 s to import)."""
