@@ -141,10 +141,9 @@ def translate(graph, params: dict[str, np.ndarray], onnx=None):
 
 def _live_nodes(graph) -> set[int]:
     """The nodes the outputs depend on (not the loss, nor the targets it reads)."""
-    import networkx as nx
     live: set[int] = set()
     for nid in graph.outputs.values():
-        live |= nx.ancestors(graph.nx, nid) | {nid}
+        live |= graph.ancestors(nid) | {nid}
     return live
 
 

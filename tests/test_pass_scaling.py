@@ -77,7 +77,8 @@ def test_passes_grow_linearly_with_layers_and_rounds(model):
 
 def test_topo_is_networkx_lexicographical_order():
     """Ties broken by the smallest node id, as `nx.lexicographical_topological_sort`
-    (dumps and cache keys depend on the order), also after nodes are removed."""
+    (dumps and cache keys depend on the order), also after nodes are removed;
+    `Graph.ancestors` is `nx.ancestors`."""
     rng = random.Random(7)
     for _ in range(200):
         g = Graph()
@@ -88,6 +89,7 @@ def test_topo_is_networkx_lexicographical_order():
             if not g.users(nid):        # as dce removes them
                 g.remove(nid)
         assert g.topo() == list(nx.lexicographical_topological_sort(g.nx))
+        assert all(g.ancestors(nid) == nx.ancestors(g.nx, nid) for nid in g.nodes)
         g.verify()
 
 
