@@ -2,6 +2,8 @@
 found by their lowering key (`lower/lowered.py`) and their recorded text
 stands in; the IR must be the one a fresh compile gives, and a change to
 anything a kernel's text depends on must build it again."""
+import re
+
 import numpy as np
 import pytest
 
@@ -177,3 +179,47 @@ def test_every_model_lowered_from_records_is_a_fresh_lowering(tmp_path, no_llvm,
         assert _lower(source)[0] == fresh, name
         again, reused, built = _lower(source)
         assert again == fresh and reused > 0, name
+
+
+# -- kernels whose text does not depend on the model's sizes -------------------
+
+def _optimiser_kernels(source) -> list[str]:
+    ir = "\n".join(_lower(source)[0])
+    return sorted(set(re.findall(r'^define [^@]*@"(sc_[0-9a-f]{16}_update(?:_clip)?)"', ir, re.M)))
+
+
+def test_a_width_edit_leaves_the_optimiser_kernels_as_they_were(cache_in, no_llvm):
+    """The update and its clipping kernel read the arena's sizes at run time
+    (`module.run_time_value`): another width changes what the entry passes
+    them, not their text, so their cached objects serve the edit."""
+    before = _optimiser_kernels(CNN)
+    assert len(before) == 2, before
+    edited = CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 6)")
+    assert _optimiser_kernels(edited) == before
+    assert _optimiser_kernels(edited.replace("dense(h, 3)", "dense(h, 3, bias=false)")) == before
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_update_kernel_serves_models_of_other_sizes(cache_in, optimizer):
+    """The edited model loads the update's object compiled for the first one (the
+    same text); its entry passes its own sizes: every parameter moves by its own
+    gradient, matrices decayed and vectors not (`decay_end`), Adam's second
+    moments kept after the first (`size`)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((4, 1, 8, 8)).astype(np.float32), np.array([0, 2, 1, 1])
+    structc.compile(CNN, training=True)
+    modules = compiler.MODULE_COUNT
+    net = structc.compile(CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 5)"), training=True)
+    assert compiler.MODULE_COUNT > modules       # an edit, not a cache hit of the whole model
+    _, grads = net.grad(x=x, y=y)
+    net.set_optimizer(optimizer, weight_decay=0.25, decay_biases=False)
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(0.01, x=x, y=y)
+    for name, g in grads.items():
+        p = before[name]
+        g = g + (0.25 * p if p.ndim >= 2 else 0)
+        if optimizer == "sgd":
+            expected = p - 0.01 * g
+        else:       # Adam's first step: m = 0.1 g, v = 0.001 g^2
+            expected = p - 0.01 / 0.1 * (0.1 * g) / (np.sqrt(0.001 * g * g) / np.sqrt(0.001) + 1e-8)
+        np.testing.assert_allclose(net.params[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)

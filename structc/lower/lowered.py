@@ -389,8 +389,20 @@ def slot_names(layout, scope: GroupScope) -> dict[int, list]:
     return names
 
 
-def slot_of(layout, scope: GroupScope, name: list) -> int:
+def slot_name(names: dict[int, list], index) -> list | None:
+    """The name of entry slot `index` in a record (`slot_names`), or of a value the
+    entry passes (`module.run_time_value`: `("value", n)`); None if it has none."""
+    if isinstance(index, tuple) and len(index) == 2 and index[0] == "value" and type(index[1]) is int:
+        return ["value", index[1]]
+    return names.get(index) if isinstance(index, int) else None
+
+
+def slot_of(layout, scope: GroupScope, name: list):
     kind = name[0]
+    if kind == "value":
+        if len(name) != 2 or type(name[1]) is not int:
+            raise ValueError(f"bad value slot {name!r}")
+        return ("value", name[1])
     if kind == "buffer":
         return layout.buffer_slot(scope.nodes[name[1]])
     if kind == "partial":

@@ -29,7 +29,7 @@ from .codegen import CG, I32, I64, NO_UNROLL, PTR, VOID, LocalSlots
 from . import irtext
 from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 from .lowered import (RECORD_VERSION, LoweredKernels, NotCacheable, callees, close_group, kernel_key,
-                      make_function, open_group, parse_type, slot_names, slot_of)
+                      make_function, open_group, parse_type, slot_name, slot_names, slot_of)
 
 #: what `*_workspace` returns when the size for the given dims overflows int64
 WORKSPACE_OVERFLOW = -1
@@ -276,10 +276,10 @@ class KernelBuilder:
                 raise NotCacheable("a kernel text not remade from its body")
             if full in body or f"{self.prefix}_" in body:
                 raise NotCacheable("a kernel whose text names its entry")
-            if any(index not in names for index, _, _ in used):
+            slots = [[slot_name(names, index), at, str(t)] for index, at, t in used]
+            if any(name is None for name, _, _ in slots):
                 raise NotCacheable("a frame slot outside the spec")
-            record = {"version": RECORD_VERSION, "body": body, "vector_code": vector_code,
-                      "slots": [[names[index], at, str(t)] for index, at, t in used],
+            record = {"version": RECORD_VERSION, "body": body, "vector_code": vector_code, "slots": slots,
                       "callees": callees(body, self.module, self._helper_text)}
         except NotCacheable as e:
             self.lowered.refuse(str(e))
@@ -414,7 +414,9 @@ class EntryCG(CG):
     def provide(self, index: int, make) -> None:
         self.makers[index] = make
 
-    def slot(self, index: int, t: ir.Type):
+    def slot(self, index, t: ir.Type):
+        if isinstance(index, tuple):        # a kernel's `run_time_value`: the entry passes the constant
+            return ir.Constant(t, index[1])
         key = ("slot", index, str(t))
         if key not in self._cache:
             if index not in self.values:
@@ -441,6 +443,18 @@ class EntryCG(CG):
     def ceil_div(self, a, k: int):
         folded = _fold(self, lambda x: _sdiv(x + k - 1, k), a)
         return folded if folded is not None else super().ceil_div(a, k)
+
+
+def run_time_value(cg: CG, value: int) -> ir.Value:
+    """The int64 `value`, read by a kernel from its frame, where the entry
+    stores it before each call (`EntryCG.slot`), rather than a constant in the
+    kernel's text: a kernel whose code only loops over `value` elements (the
+    optimiser's update over the parameter arena) is then one text, so one
+    function compiled once, whatever the model's sizes: an edit of a layer's
+    width does not recompile it (issue 14, item 4)."""
+    if cg.slots is None:
+        raise ValueError("run_time_value is for a kernel's code (its frame is made by KernelBuilder.kernel)")
+    return cg.slot(("value", int(value)), I64)
 
 
 def _converted(b: ir.IRBuilder, value, t: ir.Type):

@@ -39,17 +39,21 @@ class Update(Op):
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32
-        size = node.attrs["size"]
-        decay_end = node.attrs.get("decay_end")
-        decay_end = size if decay_end is None else decay_end
+        from ..lower.module import run_time_value
+        size_attr = node.attrs["size"]
+        decay_attr = node.attrs.get("decay_end")
+        decay_attr = size_attr if decay_attr is None else decay_attr
         vw = kb.vector_width
-        _clip_scale_kernel(kb, node, size)
-        with kb.kernel(f"update{node.id}", (size + CHUNK - 1) // CHUNK, cost=CHUNK * 4) as (cg, lo, hi):
+        _clip_scale_kernel(kb, node, size_attr)
+        # The sizes are read at run time (`run_time_value`): the kernels' text is the
+        # same for every model, so an edit of a layer's width never recompiles them.
+        with kb.kernel(f"update{node.id}", (size_attr + CHUNK - 1) // CHUNK, cost=CHUNK * 4) as (cg, lo, hi):
             b = cg.b
+            size, decay_end = run_time_value(cg, size_attr), run_time_value(cg, decay_attr)
             params, grads, state = (cg.arena(k) for k in ("params", "grads", "state"))
             mode = cg.mode()
             start = cg.imul(lo, CHUNK)
-            stop = cg.imin(cg.imul(hi, CHUNK), cg.i64(size))
+            stop = cg.imin(cg.imul(hi, CHUNK), size)
             h = {k: cg.splat(cg.hyper(k), vw) for k in range(N_HYPER)}
             one = cg.const(1.0, h[LR])
 
@@ -61,25 +65,25 @@ class Update(Op):
                     hs = {k: cg.hyper(k) for k in h}
                     _apply(cg, rule, j, 1, params, grads, state, hs, cg.const(1.0, F32), size, decay)
 
-            # matrices, then vectors (each range empty in chunks that lie on the other side)
-            ranges = []
-            if decay_end > 0:
-                ranges.append((start, cg.imin(stop, cg.i64(decay_end)), WEIGHT_DECAY))
-            if decay_end < size:
-                ranges.append((_imax(cg, start, cg.i64(decay_end)), stop, VECTOR_DECAY))
+            # matrices, then vectors (each range empty in chunks that lie on the other side,
+            # and the one or the other empty in a model without matrices or vectors)
+            ranges = [(start, cg.imin(stop, decay_end), WEIGHT_DECAY),
+                      (_imax(cg, start, decay_end), stop, VECTOR_DECAY)]
             for rule in ("sgd", "momentum", "adam"):
                 with cg.if_(b.icmp_signed("==", mode, cg.i64(MODES[rule]))):
                     for lo_j, hi_j, decay in ranges:
                         step(rule, lo_j, hi_j, decay)
 
 
-def _clip_scale_kernel(kb, node, size):
+def _clip_scale_kernel(kb, node, size_attr):
     """hyper[CLIP_SCALE] = min(1, c / ||grads||) when clipping (c = hyper[CLIP_NORM] > 0) in a
     training mode, else 1. One task: the update's tasks all need the global norm."""
     from ..lower.codegen import F32, F64, PTR
+    from ..lower.module import run_time_value
     vw = kb.vector_width
     with kb.kernel(f"update{node.id}_clip", 1, cost=1) as (cg, lo, hi):
         b = cg.b
+        size = run_time_value(cg, size_attr)
         hyper = cg.slot(cg.layout.hyper_slot, PTR)
         clip = cg.hyper(CLIP_NORM)
         scale = cg.var(F32, cg.const(1.0, F32))
@@ -89,11 +93,12 @@ def _clip_scale_kernel(kb, node, size):
             grads = cg.arena("grads")
             # f64 partial sums: a million squares summed in f32 would lose digits
             acc = cg.var(_vec(F64, vw), cg.const(0.0, _vec(F64, vw)))
-            with cg.loop(size // vw, name="n") as v:
+            vectors = b.sdiv(size, cg.i64(vw))
+            with cg.loop(vectors, name="n") as v:
                 g = b.fpext(cg.load(grads, cg.imul(v, vw), n=vw), _vec(F64, vw))
                 b.store(cg.fma(g, g, b.load(acc)), acc)
             tail = cg.var(F64, cg.hsum(b.load(acc)))
-            with cg.loop(size, start=size - size % vw, name="nt") as j:
+            with cg.loop(size, start=cg.imul(vectors, vw), name="nt") as j:
                 g = b.fpext(cg.load(grads, j), F64)
                 b.store(cg.fma(g, g, b.load(tail)), tail)
             norm = cg.sqrt(b.load(tail))
