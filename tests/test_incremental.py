@@ -223,3 +223,41 @@ def test_one_update_kernel_serves_models_of_other_sizes(cache_in, optimizer):
         else:       # Adam's first step: m = 0.1 g, v = 0.001 g^2
             expected = p - 0.01 / 0.1 * (0.1 * g) / (np.sqrt(0.001 * g * g) / np.sqrt(0.001) + 1e-8)
         np.testing.assert_allclose(net.params[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+# -- small kernels in modules cut by their content ------------------------------
+
+def test_stable_chunks_keep_the_runs_an_edit_does_not_touch():
+    """Replacing one name (an edited kernel: a new text, so a new name, at the
+    same place in the call order) changes at most the run that held it and the
+    one after (when the old name ended its run or the new one does)."""
+    names = [f"sc_{k:016x}_ew" for k in range(60)]
+    order = {n: k for k, n in enumerate(names)}
+    runs = lower_module.stable_chunks(names, order, 4)
+    assert 8 <= len(runs) <= 30 and sum(map(len, runs)) == 60
+    for k in range(0, 60, 7):
+        new = f"sc_{k + 1000:016x}_ew"
+        edited = names[:k] + [new] + names[k + 1:]
+        changed = [run for run in lower_module.stable_chunks(edited, dict(order, **{new: k}), 4)
+                   if run not in runs]
+        assert 1 <= len(changed) <= 2 and new in changed[0], (k, changed)
+
+
+WIDE = ("model W {\n  input x: f32[N, 5]\n  target y: class[N] of 3\n  h = x\n"
+        + "".join(f"  h = dense(h, {w}) |> {act}\n" for w, act in [(12, "relu"), (10, "tanh"), (9, "relu"),
+                                                                    (7, "sigmoid"), (11, "relu"), (8, "tanh")])
+        + "  loss cross_entropy(dense(h, 3), y)\n}\n")
+
+
+def test_an_edit_leaves_most_modules_of_small_kernels_as_they_were(cache_in, no_llvm):
+    """The small kernels of a pipeline (fused elementwise code, sums, ...) are
+    modules of a few each (`stable_chunks`), not one per pipeline: an edit of one
+    layer changes the modules around that layer's kernels, and the others keep
+    their text, so their objects come from the cache."""
+    def small_modules(source):
+        return [t for t in _lower(source)[0]
+                if not t.startswith(lower_module.ENTRY_CODE) and len(re.findall(r"^define ", t, re.M)) > 1]
+    before = set(small_modules(WIDE))
+    after = small_modules(WIDE.replace("dense(h, 7)", "dense(h, 6)"))
+    kept = [t for t in after if t in before]
+    assert kept and len(kept) < len(after), (len(kept), len(after))

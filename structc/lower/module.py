@@ -681,6 +681,9 @@ MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "update"})
 SPLIT_MIN_CHARS = 150_000
 #: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the other small ones of its pipeline
 UNIT_MIN_CHARS = 10_000
+#: `split_module(by_unit=True)`: the small units of a pipeline are cut into modules of about this many
+#: (`stable_chunks`), so that an edit recompiles the few around the kernels it changed, not all of them
+SMALL_CHUNK_UNITS = 4
 
 
 def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *,
@@ -761,7 +764,9 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
         small_memory = [n for n in small if memory_code(n)]
         small = [n for n in small if n not in small_vector and n not in small_memory]
         grouped = set(small + small_vector + small_memory)
-        groups = [small] + [[n] for n in units if n not in grouped] + [small_vector, small_memory]
+        order = _call_order(entries, texts)
+        groups = [*stable_chunks(small, order)] + [[n] for n in units if n not in grouped] + \
+            [*stable_chunks(small_vector, order), *stable_chunks(small_memory, order)]
         bins = [[0, names, set().union(*map(closure, names))] for names in groups]
     else:
         # exported micro-kernels in a module of their own, which gets the short pipeline;
@@ -800,6 +805,35 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             else MEMORY_CODE if all(memory_code(n) for n in names) else ""
         out.append(mark + _with_loop_ids("\n".join(text)))
     return out
+
+
+def _call_order(entries: list[str], texts: dict[str, str]) -> dict[str, int]:
+    """Each function's place in the order the entries first name it (their kernels,
+    in the order they run them); the others (helpers) after them, by name."""
+    order: dict[str, int] = {}
+    for e in entries:
+        for name in _REFERENCE.findall(texts[e]):
+            order.setdefault(name, len(order))
+    for name in sorted(texts):
+        order.setdefault(name, len(order))
+    return order
+
+
+def stable_chunks(names: list[str], order: dict[str, int], size: int | None = None) -> list[list[str]]:
+    """`names` in `order`, cut into runs of about `size` (`SMALL_CHUNK_UNITS`) by
+    their content: a run ends after a name whose hash is 0 modulo `size` (or at
+    twice `size`). Kernels are named after their text, so an edit that replaces
+    some kernels changes only the runs that held them (and, rarely, a neighbour
+    whose end it moved): the other runs are the same modules, found in the cache,
+    as content-defined chunking keeps unchanged blocks of a file."""
+    size = size or SMALL_CHUNK_UNITS
+    runs: list[list[str]] = [[]]
+    for name in sorted(names, key=order.__getitem__):
+        runs[-1].append(name)
+        cut = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") % size == 0
+        if cut or len(runs[-1]) >= 2 * size:
+            runs.append([])
+    return [run for run in runs if run]
 
 
 _KIND = re.compile(r"sc_[0-9a-f]{16}_([a-z_][a-z0-9_]*)")
