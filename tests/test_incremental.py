@@ -261,3 +261,16 @@ def test_an_edit_leaves_most_modules_of_small_kernels_as_they_were(cache_in, no_
     after = small_modules(WIDE.replace("dense(h, 7)", "dense(h, 6)"))
     kept = [t for t in after if t in before]
     assert kept and len(kept) < len(after), (len(kept), len(after))
+
+
+def test_defined_once_leaves_a_part_that_repeats_nothing_as_it_is():
+    """`defined_once` matches whole definitions (a regex over the part's IR text:
+    half of the IR-text stage) only in a module that defines what an earlier
+    part did; the others are returned as they are, and their names noted."""
+    first = 'define hidden void @"sc_1_ew"(ptr %".1") {\nentry:\n  ret void\n}\n'
+    second = 'define hidden void @"sc_2_ew"(ptr %".1") {\nentry:\n  ret void\n}\n'
+    defined: set[str] = set()
+    out = lower_module.defined_once([first], defined)
+    assert out[0] is first and defined == {"sc_1_ew"}
+    again = lower_module.defined_once([second + first], defined)
+    assert again[0] == second + 'declare hidden void @"sc_1_ew"(ptr %".1")\n' and defined == {"sc_1_ew", "sc_2_ew"}

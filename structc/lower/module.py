@@ -885,6 +885,7 @@ def _exported(definition: str) -> str:
 
 
 _HIDDEN_DEFINITION = re.compile(r'^define hidden [^\n]*?@"([^"]+)"\(.*?^}\n?', re.M | re.S)
+_HIDDEN_NAME = re.compile(r'^define hidden [^\n]*?@"([^"]+)"\(', re.M)
 
 
 def defined_once(texts: list[str], defined: set[str]) -> list[str]:
@@ -901,7 +902,10 @@ def defined_once(texts: list[str], defined: set[str]) -> list[str]:
         mine.add(name)
         return match.group(0) if name not in defined else _prototype(match.group(0)) + "\n"
     for text in texts:
-        out.append(_HIDDEN_DEFINITION.sub(once, text))
+        names = _HIDDEN_NAME.findall(text)
+        mine.update(names)
+        # the whole definitions matched only where one is to go (most modules: none)
+        out.append(_HIDDEN_DEFINITION.sub(once, text) if defined.intersection(names) else text)
     defined |= mine
     return out
 
