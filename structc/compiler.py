@@ -29,7 +29,7 @@ from .build import ModelDef, build_model
 from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
-from .lower.lowered import LoweredKernels
+from .lower.lowered import LoweredKernels, record_file, record_from_file
 from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, host_target
 from .ops.norm import batch_counts
@@ -314,10 +314,10 @@ def lowered_kernels(target: Target) -> LoweredKernels:
 
     def load(key: str) -> dict | None:
         hit = cache.load(key, None, "lowered")
-        return hit[0] if hit is not None else None
+        return record_from_file(*hit) if hit is not None else None
 
     def store(records: dict) -> None:
-        cache.store_many([(key, record, b"") for key, record in records.items()], "lowered")
+        cache.store_many([(key, *record_file(record)) for key, record in records.items()], "lowered")
     return LoweredKernels(salt, load, store)
 
 

@@ -2,6 +2,7 @@
 found by their lowering key (`lower/lowered.py`) and their recorded text
 stands in; the IR must be the one a fresh compile gives, and a change to
 anything a kernel's text depends on must build it again."""
+import json
 import re
 
 import numpy as np
@@ -274,3 +275,16 @@ def test_defined_once_leaves_a_part_that_repeats_nothing_as_it_is():
     assert out[0] is first and defined == {"sc_1_ew"}
     again = lower_module.defined_once([second + first], defined)
     assert again[0] == second + 'declare hidden void @"sc_1_ew"(ptr %".1")\n' and defined == {"sc_1_ew", "sc_2_ew"}
+
+
+def test_a_record_file_keeps_its_texts_as_bytes_and_refuses_parts_that_do_not_fit():
+    from structc.lower.lowered import record_file, record_from_file
+    record = {"version": 2, "body": 'define internal void @"@kernel"() {\n  ret void\n}\n', "vector_code": False,
+              "slots": [[["value", 7], 0, "i64"]],
+              "callees": [["d", ["void", [], False], "declare void @d()", None, False],
+                          ["h", ["void", [], False], None, "define internal void @h() { ret void }  é", True]]}
+    meta, payload = record_file(record)
+    assert record["body"].encode() in payload and "ret void" not in json.dumps(meta)
+    assert record_from_file(json.loads(json.dumps(meta)), payload) == record
+    assert record_from_file(meta, payload[:-1]) is None and record_from_file(meta, payload + b"x") is None
+    assert record_from_file(dict(meta, text_bytes=meta["text_bytes"][:1]), payload) is None

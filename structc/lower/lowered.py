@@ -34,9 +34,39 @@ from llvmlite import ir
 
 from ..types import TensorType
 
-#: bumped when a record's fields change
-RECORD_VERSION = 1
+#: bumped when a record's fields change (2: texts stored as bytes, `record_file`)
+RECORD_VERSION = 2
 _REFERENCE = re.compile(r'@"([^"]+)"')
+
+
+def record_file(record: dict) -> tuple[dict, bytes]:
+    """A record as a cache file: (metadata, payload), its texts (the kernel's,
+    its helpers' definitions) as bytes after the metadata, not as JSON strings
+    (their quotes escaped, and decoded again on every load: most of a load's
+    time), their lengths in the metadata."""
+    texts = [record["body"]] + [c[3] for c in record["callees"] if c[3] is not None]
+    data = [t.encode() for t in texts]
+    meta = dict(record, body=None, callees=[c[:3] + [c[3] is not None] + c[4:] for c in record["callees"]],
+                text_bytes=[len(d) for d in data])
+    return meta, b"".join(data)
+
+
+def record_from_file(meta: dict, payload: bytes) -> dict | None:
+    """`record_file` undone; None when the parts do not fit together."""
+    try:
+        sizes, ends = meta["text_bytes"], []
+        for size in sizes:
+            ends.append((ends[-1] if ends else 0) + size)
+        if ends[-1] != len(payload) or any(size < 0 for size in sizes):
+            return None
+        texts = iter(payload[end - size:end].decode() for end, size in zip(ends, sizes))
+        body = next(texts)
+        callees = [c[:3] + [next(texts) if c[3] else None] + c[4:] for c in meta["callees"]]
+        if next(texts, None) is not None:
+            return None
+    except (KeyError, IndexError, TypeError, ValueError, StopIteration):
+        return None
+    return dict((k, v) for k, v in meta.items() if k != "text_bytes") | {"body": body, "callees": callees}
 
 
 class NotCacheable(Exception):
