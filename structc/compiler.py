@@ -362,15 +362,17 @@ class _ModuleObjects:
         serial = [job for job in self.jobs if job[2] is None]
         for job, result in zip(serial, compile_objects([job[0] for job in serial], self.target, self.jit, threads=1)):
             job[2] = result
+        made = []
         for job in self.jobs:
             text, key, found, hit = job
             if hit:
                 continue
             job[2] = found.result() if isinstance(found, Future) else found
             MODULE_COUNT += 1
-            if self.cached:
-                with self.times.stage("cache.modules"):
-                    cache.store(key, {}, job[2][0], "object")
+            made.append((key, {}, job[2][0]))
+        if self.cached:
+            with self.times.stage("cache.modules"):     # one opening of the folder for them all
+                cache.store_many(made, "object")
         return [job[2] for job in self.jobs]
 
     def close(self) -> None:
