@@ -288,3 +288,17 @@ def test_a_record_file_keeps_its_texts_as_bytes_and_refuses_parts_that_do_not_fi
     assert record_from_file(json.loads(json.dumps(meta)), payload) == record
     assert record_from_file(meta, payload[:-1]) is None and record_from_file(meta, payload + b"x") is None
     assert record_from_file(dict(meta, text_bytes=meta["text_bytes"][:1]), payload) is None
+
+
+def test_the_entry_passes_the_edited_models_sizes_to_the_shared_update(cache_in, no_llvm):
+    """The update's records name its run-time values by what they are
+    (`["value", n]`) under a key that holds the sizes: after an edit, with the
+    first model's records in the cache, the entry stores the new sizes."""
+    from structc.build import build_model
+    _lower(CNN)
+    edited = CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 6)")
+    _, size, update_size, decay_end = compiler.arena_layout(build_model(parse(edited), None), frozenset())
+    (entry,) = [t for t in _lower(edited)[0] if 'define i32 @"sc_update"' in t]
+    body = entry[entry.index('define i32 @"sc_update"'):]
+    stored = re.findall(r"store i64 (\d+)", body[:body.index("\n}")])
+    assert sorted(map(int, stored)) == sorted([update_size, update_size, decay_end]), (stored, size)
