@@ -266,7 +266,7 @@ def test_an_edit_leaves_most_modules_of_small_kernels_as_they_were(cache_in, no_
 
 def test_defined_once_leaves_a_part_that_repeats_nothing_as_it_is():
     """`defined_once` matches whole definitions (a regex over the part's IR text:
-    half of the IR-text stage) only in a module that defines what an earlier
+    most of the IR-text stage) only in a module that defines what an earlier
     part did; the others are returned as they are, and their names noted."""
     first = 'define hidden void @"sc_1_ew"(ptr %".1") {\nentry:\n  ret void\n}\n'
     second = 'define hidden void @"sc_2_ew"(ptr %".1") {\nentry:\n  ret void\n}\n'

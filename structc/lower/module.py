@@ -886,7 +886,8 @@ def _exported(definition: str) -> str:
 
 
 _HIDDEN_DEFINITION = re.compile(r'^define hidden [^\n]*?@"([^"]+)"\(.*?^}\n?', re.M | re.S)
-_HIDDEN_NAME = re.compile(r'^define hidden [^\n]*?@"([^"]+)"\(', re.M)
+#: the same names, searched as a literal line start (`^` with re.M tries every position: 20x slower)
+_HIDDEN_NAME = re.compile(r'\ndefine hidden [^\n]*?@"([^"]+)"\(')
 
 
 def defined_once(texts: list[str], defined: set[str]) -> list[str]:
@@ -903,7 +904,7 @@ def defined_once(texts: list[str], defined: set[str]) -> list[str]:
         mine.add(name)
         return match.group(0) if name not in defined else _prototype(match.group(0)) + "\n"
     for text in texts:
-        names = _HIDDEN_NAME.findall(text)
+        names = _HIDDEN_NAME.findall("\n" + text)
         mine.update(names)
         # the whole definitions matched only where one is to go (most modules: none)
         out.append(_HIDDEN_DEFINITION.sub(once, text) if defined.intersection(names) else text)
