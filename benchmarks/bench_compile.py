@@ -188,6 +188,8 @@ def edit_stages(name: str, source: str) -> None:
     print("| first function | IR lines | CPU ms |\n|---|---|---|")
     for first, lines, cpu in sorted(found["modules"], key=lambda m: -m[2]):
         print(f"| {first} | {lines} | {cpu * 1000:.0f} |")
+    print(f"| all {len(found['modules'])} | {sum(m[1] for m in found['modules'])} "
+          f"| {sum(m[2] for m in found['modules']) * 1000:.0f} |")
     records = found.get("records")
     if records:
         print(f"\nkernels from their records: {records['reused']}, built: {records['built']}, "

@@ -29,7 +29,7 @@ from .build import ModelDef, build_model
 from .denominator import loss_denominator
 from .errors import Span
 from .graph import Builder, Graph
-from .lower.lowered import LoweredKernels
+from .lower.lowered import LoweredKernels, record_file, record_from_file
 from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, host_target
 from .ops.norm import batch_counts
@@ -317,10 +317,10 @@ def lowered_kernels(target: Target) -> LoweredKernels:
 
     def load(key: str) -> dict | None:
         hit = cache.load(key, None, "lowered")
-        return hit[0] if hit is not None else None
+        return record_from_file(*hit) if hit is not None else None
 
     def store(records: dict) -> None:
-        cache.store_many([(key, record, b"") for key, record in records.items()], "lowered")
+        cache.store_many([(key, *record_file(record)) for key, record in records.items()], "lowered")
     return LoweredKernels(salt, load, store)
 
 
@@ -365,15 +365,17 @@ class _ModuleObjects:
         serial = [job for job in self.jobs if job[2] is None]
         for job, result in zip(serial, compile_objects([job[0] for job in serial], self.target, self.jit, threads=1)):
             job[2] = result
+        made = []
         for job in self.jobs:
             text, key, found, hit = job
             if hit:
                 continue
             job[2] = found.result() if isinstance(found, Future) else found
             MODULE_COUNT += 1
-            if self.cached:
-                with self.times.stage("cache.modules"):
-                    cache.store(key, {}, job[2][0], "object")
+            made.append((key, {}, job[2][0]))
+        if self.cached:
+            with self.times.stage("cache.modules"):     # one opening of the folder for them all
+                cache.store_many(made, "object")
         return [job[2] for job in self.jobs]
 
     def close(self) -> None:

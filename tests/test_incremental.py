@@ -2,6 +2,9 @@
 found by their lowering key (`lower/lowered.py`) and their recorded text
 stands in; the IR must be the one a fresh compile gives, and a change to
 anything a kernel's text depends on must build it again."""
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -177,3 +180,125 @@ def test_every_model_lowered_from_records_is_a_fresh_lowering(tmp_path, no_llvm,
         assert _lower(source)[0] == fresh, name
         again, reused, built = _lower(source)
         assert again == fresh and reused > 0, name
+
+
+# -- kernels whose text does not depend on the model's sizes -------------------
+
+def _optimiser_kernels(source) -> list[str]:
+    ir = "\n".join(_lower(source)[0])
+    return sorted(set(re.findall(r'^define [^@]*@"(sc_[0-9a-f]{16}_update(?:_clip)?)"', ir, re.M)))
+
+
+def test_a_width_edit_leaves_the_optimiser_kernels_as_they_were(cache_in, no_llvm):
+    """The update and its clipping kernel read the arena's sizes at run time
+    (`module.run_time_value`): another width changes what the entry passes
+    them, not their text, so their cached objects serve the edit."""
+    before = _optimiser_kernels(CNN)
+    assert len(before) == 2, before
+    edited = CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 6)")
+    assert _optimiser_kernels(edited) == before
+    assert _optimiser_kernels(edited.replace("dense(h, 3)", "dense(h, 3, bias=false)")) == before
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_update_kernel_serves_models_of_other_sizes(cache_in, optimizer):
+    """The edited model loads the update's object compiled for the first one (the
+    same text); its entry passes its own sizes: every parameter moves by its own
+    gradient, matrices decayed and vectors not (`decay_end`), Adam's second
+    moments kept after the first (`size`)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((4, 1, 8, 8)).astype(np.float32), np.array([0, 2, 1, 1])
+    structc.compile(CNN, training=True)
+    modules = compiler.MODULE_COUNT
+    net = structc.compile(CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 5)"), training=True)
+    assert compiler.MODULE_COUNT > modules       # an edit, not a cache hit of the whole model
+    _, grads = net.grad(x=x, y=y)
+    net.set_optimizer(optimizer, weight_decay=0.25, decay_biases=False)
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(0.01, x=x, y=y)
+    for name, g in grads.items():
+        p = before[name]
+        g = g + (0.25 * p if p.ndim >= 2 else 0)
+        if optimizer == "sgd":
+            expected = p - 0.01 * g
+        else:       # Adam's first step: m = 0.1 g, v = 0.001 g^2
+            expected = p - 0.01 / 0.1 * (0.1 * g) / (np.sqrt(0.001 * g * g) / np.sqrt(0.001) + 1e-8)
+        np.testing.assert_allclose(net.params[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+# -- small kernels in modules cut by their content ------------------------------
+
+def test_stable_chunks_keep_the_runs_an_edit_does_not_touch():
+    """Replacing one name (an edited kernel: a new text, so a new name, at the
+    same place in the call order) changes at most the run that held it and the
+    one after (when the old name ended its run or the new one does)."""
+    names = [f"sc_{k:016x}_ew" for k in range(60)]
+    order = {n: k for k, n in enumerate(names)}
+    runs = lower_module.stable_chunks(names, order, 4)
+    assert 8 <= len(runs) <= 30 and sum(map(len, runs)) == 60
+    for k in range(0, 60, 7):
+        new = f"sc_{k + 1000:016x}_ew"
+        edited = names[:k] + [new] + names[k + 1:]
+        changed = [run for run in lower_module.stable_chunks(edited, dict(order, **{new: k}), 4)
+                   if run not in runs]
+        assert 1 <= len(changed) <= 2 and new in changed[0], (k, changed)
+
+
+WIDE = ("model W {\n  input x: f32[N, 5]\n  target y: class[N] of 3\n  h = x\n"
+        + "".join(f"  h = dense(h, {w}) |> {act}\n" for w, act in [(12, "relu"), (10, "tanh"), (9, "relu"),
+                                                                    (7, "sigmoid"), (11, "relu"), (8, "tanh")])
+        + "  loss cross_entropy(dense(h, 3), y)\n}\n")
+
+
+def test_an_edit_leaves_most_modules_of_small_kernels_as_they_were(cache_in, no_llvm):
+    """The small kernels of a pipeline (fused elementwise code, sums, ...) are
+    modules of a few each (`stable_chunks`), not one per pipeline: an edit of one
+    layer changes the modules around that layer's kernels, and the others keep
+    their text, so their objects come from the cache."""
+    def small_modules(source):
+        return [t for t in _lower(source)[0]
+                if not t.startswith(lower_module.ENTRY_CODE) and len(re.findall(r"^define ", t, re.M)) > 1]
+    before = set(small_modules(WIDE))
+    after = small_modules(WIDE.replace("dense(h, 7)", "dense(h, 6)"))
+    kept = [t for t in after if t in before]
+    assert kept and len(kept) < len(after), (len(kept), len(after))
+
+
+def test_defined_once_leaves_a_part_that_repeats_nothing_as_it_is():
+    """`defined_once` matches whole definitions (a regex over the part's IR text:
+    most of the IR-text stage) only in a module that defines what an earlier
+    part did; the others are returned as they are, and their names noted."""
+    first = 'define hidden void @"sc_1_ew"(ptr %".1") {\nentry:\n  ret void\n}\n'
+    second = 'define hidden void @"sc_2_ew"(ptr %".1") {\nentry:\n  ret void\n}\n'
+    defined: set[str] = set()
+    out = lower_module.defined_once([first], defined)
+    assert out[0] is first and defined == {"sc_1_ew"}
+    again = lower_module.defined_once([second + first], defined)
+    assert again[0] == second + 'declare hidden void @"sc_1_ew"(ptr %".1")\n' and defined == {"sc_1_ew", "sc_2_ew"}
+
+
+def test_a_record_file_keeps_its_texts_as_bytes_and_refuses_parts_that_do_not_fit():
+    from structc.lower.lowered import record_file, record_from_file
+    record = {"version": 2, "body": 'define internal void @"@kernel"() {\n  ret void\n}\n', "vector_code": False,
+              "slots": [[["value", 7], 0, "i64"]],
+              "callees": [["d", ["void", [], False], "declare void @d()", None, False],
+                          ["h", ["void", [], False], None, "define internal void @h() { ret void }  é", True]]}
+    meta, payload = record_file(record)
+    assert record["body"].encode() in payload and "ret void" not in json.dumps(meta)
+    assert record_from_file(json.loads(json.dumps(meta)), payload) == record
+    assert record_from_file(meta, payload[:-1]) is None and record_from_file(meta, payload + b"x") is None
+    assert record_from_file(dict(meta, text_bytes=meta["text_bytes"][:1]), payload) is None
+
+
+def test_the_entry_passes_the_edited_models_sizes_to_the_shared_update(cache_in, no_llvm):
+    """The update's records name its run-time values by what they are
+    (`["value", n]`) under a key that holds the sizes: after an edit, with the
+    first model's records in the cache, the entry stores the new sizes."""
+    from structc.build import build_model
+    _lower(CNN)
+    edited = CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 6)")
+    _, size, update_size, decay_end = compiler.arena_layout(build_model(parse(edited), None), frozenset())
+    (entry,) = [t for t in _lower(edited)[0] if 'define i32 @"sc_update"' in t]
+    body = entry[entry.index('define i32 @"sc_update"'):]
+    stored = re.findall(r"store i64 (\d+)", body[:body.index("\n}")])
+    assert sorted(map(int, stored)) == sorted([update_size, update_size, decay_end]), (stored, size)

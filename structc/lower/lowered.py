@@ -34,9 +34,39 @@ from llvmlite import ir
 
 from ..types import TensorType
 
-#: bumped when a record's fields change
-RECORD_VERSION = 1
+#: bumped when a record's fields change (2: texts stored as bytes, `record_file`)
+RECORD_VERSION = 2
 _REFERENCE = re.compile(r'@"([^"]+)"')
+
+
+def record_file(record: dict) -> tuple[dict, bytes]:
+    """A record as a cache file: (metadata, payload), its texts (the kernel's,
+    its helpers' definitions) as bytes after the metadata, not as JSON strings
+    (their quotes escaped, and decoded again on every load: most of a load's
+    time), their lengths in the metadata."""
+    texts = [record["body"]] + [c[3] for c in record["callees"] if c[3] is not None]
+    data = [t.encode() for t in texts]
+    meta = dict(record, body=None, callees=[c[:3] + [c[3] is not None] + c[4:] for c in record["callees"]],
+                text_bytes=[len(d) for d in data])
+    return meta, b"".join(data)
+
+
+def record_from_file(meta: dict, payload: bytes) -> dict | None:
+    """`record_file` undone; None when the parts do not fit together."""
+    try:
+        sizes, ends = meta["text_bytes"], []
+        for size in sizes:
+            ends.append((ends[-1] if ends else 0) + size)
+        if ends[-1] != len(payload) or any(size < 0 for size in sizes):
+            return None
+        texts = iter(payload[end - size:end].decode() for end, size in zip(ends, sizes))
+        body = next(texts)
+        callees = [c[:3] + [next(texts) if c[3] else None] + c[4:] for c in meta["callees"]]
+        if next(texts, None) is not None:
+            return None
+    except (KeyError, IndexError, TypeError, ValueError, StopIteration):
+        return None
+    return dict((k, v) for k, v in meta.items() if k != "text_bytes") | {"body": body, "callees": callees}
 
 
 class NotCacheable(Exception):
@@ -389,8 +419,20 @@ def slot_names(layout, scope: GroupScope) -> dict[int, list]:
     return names
 
 
-def slot_of(layout, scope: GroupScope, name: list) -> int:
+def slot_name(names: dict[int, list], index) -> list | None:
+    """The name of entry slot `index` in a record (`slot_names`), or of a value the
+    entry passes (`module.run_time_value`: `("value", n)`); None if it has none."""
+    if isinstance(index, tuple) and len(index) == 2 and index[0] == "value" and type(index[1]) is int:
+        return ["value", index[1]]
+    return names.get(index) if isinstance(index, int) else None
+
+
+def slot_of(layout, scope: GroupScope, name: list):
     kind = name[0]
+    if kind == "value":
+        if len(name) != 2 or type(name[1]) is not int:
+            raise ValueError(f"bad value slot {name!r}")
+        return ("value", name[1])
     if kind == "buffer":
         return layout.buffer_slot(scope.nodes[name[1]])
     if kind == "partial":

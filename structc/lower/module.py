@@ -29,7 +29,7 @@ from .codegen import CG, I32, I64, NO_UNROLL, PTR, VOID, LocalSlots
 from . import irtext
 from .fused import MAX_REDUCTION_TASKS, FusedExpr, emit_elementwise_kernel
 from .lowered import (RECORD_VERSION, LoweredKernels, NotCacheable, callees, close_group, kernel_key,
-                      make_function, open_group, parse_type, slot_names, slot_of)
+                      make_function, open_group, parse_type, slot_name, slot_names, slot_of)
 
 #: what `*_workspace` returns when the size for the given dims overflows int64
 WORKSPACE_OVERFLOW = -1
@@ -276,10 +276,10 @@ class KernelBuilder:
                 raise NotCacheable("a kernel text not remade from its body")
             if full in body or f"{self.prefix}_" in body:
                 raise NotCacheable("a kernel whose text names its entry")
-            if any(index not in names for index, _, _ in used):
+            slots = [[slot_name(names, index), at, str(t)] for index, at, t in used]
+            if any(name is None for name, _, _ in slots):
                 raise NotCacheable("a frame slot outside the spec")
-            record = {"version": RECORD_VERSION, "body": body, "vector_code": vector_code,
-                      "slots": [[names[index], at, str(t)] for index, at, t in used],
+            record = {"version": RECORD_VERSION, "body": body, "vector_code": vector_code, "slots": slots,
                       "callees": callees(body, self.module, self._helper_text)}
         except NotCacheable as e:
             self.lowered.refuse(str(e))
@@ -426,7 +426,9 @@ class EntryCG(CG):
     def provide(self, index: int, make) -> None:
         self.makers[index] = make
 
-    def slot(self, index: int, t: ir.Type):
+    def slot(self, index, t: ir.Type):
+        if isinstance(index, tuple):        # a kernel's `run_time_value`: the entry passes the constant
+            return ir.Constant(t, index[1])
         key = ("slot", index, str(t))
         if key not in self._cache:
             if index not in self.values:
@@ -453,6 +455,18 @@ class EntryCG(CG):
     def ceil_div(self, a, k: int):
         folded = _fold(self, lambda x: _sdiv(x + k - 1, k), a)
         return folded if folded is not None else super().ceil_div(a, k)
+
+
+def run_time_value(cg: CG, value: int) -> ir.Value:
+    """The int64 `value`, read by a kernel from its frame, where the entry
+    stores it before each call (`EntryCG.slot`), rather than a constant in the
+    kernel's text: a kernel whose code only loops over `value` elements (the
+    optimiser's update over the parameter arena) is then one text, so one
+    function compiled once, whatever the model's sizes: an edit of a layer's
+    width does not recompile it (issue 14, item 4)."""
+    if cg.slots is None:
+        raise ValueError("run_time_value is for a kernel's code (its frame is made by KernelBuilder.kernel)")
+    return cg.slot(("value", int(value)), I64)
 
 
 def _converted(b: ir.IRBuilder, value, t: ir.Type):
@@ -679,6 +693,9 @@ MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "update"})
 SPLIT_MIN_CHARS = 150_000
 #: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the other small ones of its pipeline
 UNIT_MIN_CHARS = 10_000
+#: `split_module(by_unit=True)`: the small units of a pipeline are cut into modules of about this many
+#: (`stable_chunks`), so that an edit recompiles the few around the kernels it changed, not all of them
+SMALL_CHUNK_UNITS = 4
 
 
 def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *,
@@ -759,7 +776,9 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
         small_memory = [n for n in small if memory_code(n)]
         small = [n for n in small if n not in small_vector and n not in small_memory]
         grouped = set(small + small_vector + small_memory)
-        groups = [small] + [[n] for n in units if n not in grouped] + [small_vector, small_memory]
+        order = _call_order(entries, texts)
+        groups = [*stable_chunks(small, order)] + [[n] for n in units if n not in grouped] + \
+            [*stable_chunks(small_vector, order), *stable_chunks(small_memory, order)]
         bins = [[0, names, set().union(*map(closure, names))] for names in groups]
     else:
         # exported micro-kernels in a module of their own, which gets the short pipeline;
@@ -798,6 +817,36 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             else MEMORY_CODE if all(memory_code(n) for n in names) else ""
         out.append(mark + _with_loop_ids("\n".join(text)))
     return out
+
+
+def _call_order(entries: list[str], texts: dict[str, str]) -> dict[str, int]:
+    """Each function's place in the order the entries first name it (their kernels,
+    in the order they run them); the others (helpers) after them, by name."""
+    order: dict[str, int] = {}
+    for e in entries:
+        for name in _REFERENCE.findall(texts[e]):
+            order.setdefault(name, len(order))
+    for name in sorted(texts):
+        order.setdefault(name, len(order))
+    return order
+
+
+def stable_chunks(names: list[str], order: dict[str, int], size: int | None = None) -> list[list[str]]:
+    """`names` in `order`, cut into runs of about `size` (`SMALL_CHUNK_UNITS`) by
+    their content: a run ends after a name whose hash is 0 modulo `size` (or at
+    twice `size`). Kernels are named after their text, so an edit that replaces
+    some kernels changes only the runs that held them (and the next one when the
+    old or the new name ends a run: odds 7 in 16 for a `size` of 4): the other
+    runs are the same modules, found in the cache, as content-defined chunking
+    keeps the unchanged blocks of a file."""
+    size = size or SMALL_CHUNK_UNITS
+    runs: list[list[str]] = [[]]
+    for name in sorted(names, key=order.__getitem__):
+        runs[-1].append(name)
+        cut = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") % size == 0
+        if cut or len(runs[-1]) >= 2 * size:
+            runs.append([])
+    return [run for run in runs if run]
 
 
 _KIND = re.compile(r"sc_[0-9a-f]{16}_([a-z_][a-z0-9_]*)")
@@ -849,6 +898,8 @@ def _exported(definition: str) -> str:
 
 
 _HIDDEN_DEFINITION = re.compile(r'^define hidden [^\n]*?@"([^"]+)"\(.*?^}\n?', re.M | re.S)
+#: the same names, searched as a literal line start (`^` with re.M tries every position: 20x slower)
+_HIDDEN_NAME = re.compile(r'\ndefine hidden [^\n]*?@"([^"]+)"\(')
 
 
 def defined_once(texts: list[str], defined: set[str]) -> list[str]:
@@ -865,7 +916,10 @@ def defined_once(texts: list[str], defined: set[str]) -> list[str]:
         mine.add(name)
         return match.group(0) if name not in defined else _prototype(match.group(0)) + "\n"
     for text in texts:
-        out.append(_HIDDEN_DEFINITION.sub(once, text))
+        names = _HIDDEN_NAME.findall("\n" + text)
+        mine.update(names)
+        # the whole definitions matched only where one is to go (most modules: none)
+        out.append(_HIDDEN_DEFINITION.sub(once, text) if defined.intersection(names) else text)
     defined |= mine
     return out
 

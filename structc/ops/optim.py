@@ -38,48 +38,57 @@ class Update(Op):
         return np.zeros(())
 
     def lower(self, kb, node, epilogue):
-        from ..lower.codegen import F32
-        size = node.attrs["size"]
-        decay_end = node.attrs.get("decay_end")
-        decay_end = size if decay_end is None else decay_end
+        from ..lower.module import run_time_value
+        size_attr = node.attrs["size"]
+        decay_attr = node.attrs.get("decay_end")
+        decay_attr = size_attr if decay_attr is None else decay_attr
         vw = kb.vector_width
-        _clip_scale_kernel(kb, node, size)
-        with kb.kernel(f"update{node.id}", (size + CHUNK - 1) // CHUNK, cost=CHUNK * 4) as (cg, lo, hi):
+        _clip_scale_kernel(kb, node, size_attr)
+        # The sizes are read at run time (`run_time_value`): the kernels' text is the
+        # same for every model, so an edit of a layer's width never recompiles them.
+        with kb.kernel(f"update{node.id}", (size_attr + CHUNK - 1) // CHUNK, cost=CHUNK * 4) as (cg, lo, hi):
             b = cg.b
+            size, decay_end = run_time_value(cg, size_attr), run_time_value(cg, decay_attr)
             params, grads, state = (cg.arena(k) for k in ("params", "grads", "state"))
             mode = cg.mode()
             start = cg.imul(lo, CHUNK)
-            stop = cg.imin(cg.imul(hi, CHUNK), cg.i64(size))
+            stop = cg.imin(cg.imul(hi, CHUNK), size)
             h = {k: cg.splat(cg.hyper(k), vw) for k in range(N_HYPER)}
             one = cg.const(1.0, h[LR])
 
             def step(rule, lo_j, hi_j, decay):
-                with cg.loop(b.sdiv(b.sub(hi_j, lo_j), cg.i64(vw)), name="u") as v:
+                whole = b.sdiv(b.sub(hi_j, lo_j), cg.i64(vw))
+                with cg.loop(whole, name="u") as v:
                     j = cg.iadd(lo_j, cg.imul(v, vw))
                     _apply(cg, rule, j, vw, params, grads, state, h, one, size, decay)
-                with cg.loop(hi_j, start=b.sub(hi_j, b.srem(b.sub(hi_j, lo_j), cg.i64(vw))), name="ut") as j:
-                    hs = {k: cg.hyper(k) for k in h}
-                    _apply(cg, rule, j, 1, params, grads, state, hs, cg.const(1.0, F32), size, decay)
+                # the last (< vw) elements: one masked step. A scalar loop there is what O3's
+                # loop vectoriser takes on, versioned for aliasing now that `size` (Adam's v
+                # after m) is a run-time value: 4x the LLVM time of the whole kernel
+                rest = b.sub(b.sub(hi_j, lo_j), cg.imul(whole, vw))
+                with cg.if_(b.icmp_signed(">", rest, cg.i64(0))):
+                    _apply(cg, rule, b.sub(hi_j, rest), vw, params, grads, state, h, one, size, decay,
+                           mask=cg.lane_mask(rest, vw))
 
-            # matrices, then vectors (each range empty in chunks that lie on the other side)
-            ranges = []
-            if decay_end > 0:
-                ranges.append((start, cg.imin(stop, cg.i64(decay_end)), WEIGHT_DECAY))
-            if decay_end < size:
-                ranges.append((_imax(cg, start, cg.i64(decay_end)), stop, VECTOR_DECAY))
             for rule in ("sgd", "momentum", "adam"):
                 with cg.if_(b.icmp_signed("==", mode, cg.i64(MODES[rule]))):
-                    for lo_j, hi_j, decay in ranges:
-                        step(rule, lo_j, hi_j, decay)
+                    # matrices, then vectors (either range empty in a chunk on the other side, or
+                    # in a model without one kind): one copy of the code for both ranges
+                    with cg.loop(2, name="range", unroll=False) as r:
+                        matrices = b.icmp_signed("==", r, cg.i64(0))
+                        lo_j = b.select(matrices, start, _imax(cg, start, decay_end))
+                        hi_j = b.select(matrices, cg.imin(stop, decay_end), stop)
+                        step(rule, lo_j, hi_j, b.select(matrices, h[WEIGHT_DECAY], h[VECTOR_DECAY]))
 
 
-def _clip_scale_kernel(kb, node, size):
+def _clip_scale_kernel(kb, node, size_attr):
     """hyper[CLIP_SCALE] = min(1, c / ||grads||) when clipping (c = hyper[CLIP_NORM] > 0) in a
     training mode, else 1. One task: the update's tasks all need the global norm."""
     from ..lower.codegen import F32, F64, PTR
+    from ..lower.module import run_time_value
     vw = kb.vector_width
     with kb.kernel(f"update{node.id}_clip", 1, cost=1) as (cg, lo, hi):
         b = cg.b
+        size = run_time_value(cg, size_attr)
         hyper = cg.slot(cg.layout.hyper_slot, PTR)
         clip = cg.hyper(CLIP_NORM)
         scale = cg.var(F32, cg.const(1.0, F32))
@@ -89,14 +98,15 @@ def _clip_scale_kernel(kb, node, size):
             grads = cg.arena("grads")
             # f64 partial sums: a million squares summed in f32 would lose digits
             acc = cg.var(_vec(F64, vw), cg.const(0.0, _vec(F64, vw)))
-            with cg.loop(size // vw, name="n") as v:
+            vectors = b.sdiv(size, cg.i64(vw))
+            with cg.loop(vectors, name="n") as v:
                 g = b.fpext(cg.load(grads, cg.imul(v, vw), n=vw), _vec(F64, vw))
                 b.store(cg.fma(g, g, b.load(acc)), acc)
-            tail = cg.var(F64, cg.hsum(b.load(acc)))
-            with cg.loop(size, start=size - size % vw, name="nt") as j:
-                g = b.fpext(cg.load(grads, j), F64)
-                b.store(cg.fma(g, g, b.load(tail)), tail)
-            norm = cg.sqrt(b.load(tail))
+            # the last (< vw) squares: one masked vector (not a scalar loop, which the loop
+            # vectoriser would take on: the size is a run-time value)
+            rest = b.sub(size, cg.imul(vectors, vw))
+            g = b.fpext(cg.load(grads, cg.imul(vectors, vw), n=vw, mask=cg.lane_mask(rest, vw)), _vec(F64, vw))
+            norm = cg.sqrt(b.fadd(cg.hsum(b.load(acc)), cg.hsum(b.fmul(g, g))))
             c64 = b.fpext(clip, F64)
             with cg.if_(b.fcmp_ordered(">", norm, c64)):
                 b.store(b.fptrunc(cg.div(c64, norm), F32), scale)
@@ -112,21 +122,23 @@ def _imax(cg, a, b):
     return cg.b.select(cg.b.icmp_signed(">", a, b), a, b)
 
 
-def _apply(cg, rule, j, n, params, grads, state, h, one, size, decay=WEIGHT_DECAY):
-    p = cg.load(params, j, n=n)
-    g = cg.fma(h[CLIP_SCALE], cg.load(grads, j, n=n), cg.mul(h[decay], p))
+def _apply(cg, rule, j, n, params, grads, state, h, one, size, decay, mask=None):
+    """The rule on elements [j, j + n) (the lanes of `mask` only: the others read 0, stored
+    nowhere); `decay`: the weight decay of these elements (a vector of n)."""
+    p = cg.load(params, j, n=n, mask=mask)
+    g = cg.fma(h[CLIP_SCALE], cg.load(grads, j, n=n, mask=mask), cg.mul(decay, p))
     if rule == "sgd":
         p = cg.sub(p, cg.mul(h[LR], g))
     elif rule == "momentum":
-        v = cg.fma(h[MOMENTUM], cg.load(state, j, n=n), g)
-        cg.store(v, state, j)
+        v = cg.fma(h[MOMENTUM], cg.load(state, j, n=n, mask=mask), g)
+        cg.store(v, state, j, mask=mask)
         p = cg.sub(p, cg.mul(h[LR], v))
     else:
         j2 = cg.iadd(j, size)
-        m = cg.fma(h[BETA1], cg.load(state, j, n=n), cg.mul(cg.sub(one, h[BETA1]), g))
-        v = cg.fma(h[BETA2], cg.load(state, j2, n=n), cg.mul(cg.sub(one, h[BETA2]), cg.mul(g, g)))
-        cg.store(m, state, j)
-        cg.store(v, state, j2)
+        m = cg.fma(h[BETA1], cg.load(state, j, n=n, mask=mask), cg.mul(cg.sub(one, h[BETA1]), g))
+        v = cg.fma(h[BETA2], cg.load(state, j2, n=n, mask=mask), cg.mul(cg.sub(one, h[BETA2]), cg.mul(g, g)))
+        cg.store(m, state, j, mask=mask)
+        cg.store(v, state, j2, mask=mask)
         # PyTorch's form: lr / (1 - β1^t) · m / (√v / √(1 - β2^t) + ε)
         p = cg.sub(p, cg.div(cg.mul(h[ADAM_STEP_SIZE], m), cg.fma(cg.sqrt(v), h[ADAM_V_SCALE], h[EPS])))
-    cg.store(p, params, j)
+    cg.store(p, params, j, mask=mask)
