@@ -226,3 +226,17 @@ def test_memory_bound_kernels_are_modules_of_their_own_with_o3_untuned(tmp_path,
     if mode == "chunks":    # compiled here (the cache may hold the other mode's objects)
         assert tunings.count((False, False)) == len(memory) and tunings.count((True, True)) >= 1
     same_program(art, src, expected)
+
+
+@pytest.mark.parametrize("shape", [(84, 10), (3, 48)])
+def test_a_transpose_with_a_side_under_the_vector_width_emits_no_block(shape):
+    """With a side (known) under the vector width no vw x vw block is ever
+    whole: the block's 64 shuffles were emitted anyway, never ran, and cost
+    LLVM ~20 ms per transpose (LeNet-5's 84 x 10). Its edge loop does it all."""
+    rows, cols = shape
+    src = f"model T {{\n  input x: f32[{rows}, {cols}]\n  output y = transpose(x)\n}}\n"
+    art = compile_source(src)
+    [text] = [t for t in art.part_ir if re.search(r'^define [^@]*@"sc_[0-9a-f]+_transpose"', t, re.M)]
+    assert "shufflevector" not in text
+    x = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    np.testing.assert_array_equal(structc.compile(src, cache=False)(x=x), x.T)

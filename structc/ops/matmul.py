@@ -164,12 +164,17 @@ class Transpose(Op):
                         cg.store(cg.load(src, cg.iadd(cg.imul(r, cols), c)), dst, cg.iadd(cg.imul(c, rows), r))
 
             no_edges = all(isinstance(d, int) and d % vw == 0 for d in (rows_d, cols_d))
+            # a side known to be under vw: no block is ever whole, and its 64 shuffles
+            # would cost LLVM ~20 ms for code that never runs
+            no_blocks = any(isinstance(d, int) and d < vw for d in (rows_d, cols_d))
             with cg.loop(hi, start=lo, name="rb") as rb:
                 r0 = cg.imul(rb, vw)
                 r1 = cg.imin(cg.iadd(r0, vw), rows)
                 with cg.loop(cols, step=vw, name="cb", unroll=False) as c0:   # vector blocks: unrolling only costs compile time
                     if no_edges:
                         block(r0, c0)
+                    elif no_blocks:
+                        edge(r0, r1, c0, cg.imin(cg.iadd(c0, vw), cols))
                     else:
                         c1 = cg.imin(cg.iadd(c0, vw), cols)
                         full = b.and_(b.icmp_signed("==", b.sub(r1, r0), cg.i64(vw)),
