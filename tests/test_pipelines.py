@@ -292,3 +292,12 @@ def test_light_kernels_are_modules_of_their_own_at_o1_with_o3s_machine_code(tmp_
     for text in light:
         assert same_machine_code(_instructions(text, "light"), _instructions(text, "O3"))
     assert levels.count((1, False)) == len(light)
+
+
+def test_the_empty_contraction_kernel_gets_the_short_pipeline():
+    """A weight gradient's `_k0` kernel runs only when its K (a batch, the
+    edges of a graph) is 0: explicit vector code, for the short pipeline, not
+    O3 (~10 ms of LLVM each). test_gnn's no-edges case runs one."""
+    art = compile_source(MLP, parts=["forward", "training"])
+    k0 = [t for t in art.part_ir if any(lower_module.kernel_kind(n) == "matmul_k0" for n in defined(t))]
+    assert k0 and all(native.pipeline_of(t) == "short" for t in k0)

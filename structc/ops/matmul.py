@@ -103,7 +103,9 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
         empty = cg.b.icmp_signed("==", cg.dim(k_dim), cg.i64(0))
         return cg.b.select(empty, cg.dim(m_dim), cg.i64(0))
 
-    with kb.kernel(f"matmul{node.id}_k0", tasks, cost=lambda cg: cg.dim(n_dim), skippable=True) as (cg, lo, hi):
+    # explicit vector code (the short pipeline): it runs only when K is 0, and O3 spent ~10 ms on each
+    with kb.kernel(f"matmul{node.id}_k0", tasks, cost=lambda cg: cg.dim(n_dim), vector_code=True,
+                   skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         zero = cg.const(0.0, ir.VectorType(F32, vw))
