@@ -65,7 +65,8 @@ def test_entry_points_are_modules_of_their_own_marked_for_the_entry_pipeline(tmp
     else:
         art = compile_source(MLP, kernel_timings=mode == "kernel_timings")
     check_entry_modules(art.part_ir)
-    assert {native.pipeline_of(t) for t in art.part_ir} >= {"entry", "O3"}
+    pipelines = {native.pipeline_of(t) for t in art.part_ir}     # the MLP's kernels: short, memory, light
+    assert "entry" in pipelines and len(pipelines) > 1
     same_program(art, MLP, expected)
 
 
@@ -301,3 +302,12 @@ def test_the_empty_contraction_kernel_gets_the_short_pipeline():
     art = compile_source(MLP, parts=["forward", "training"])
     k0 = [t for t in art.part_ir if any(lower_module.kernel_kind(n) == "matmul_k0" for n in defined(t))]
     assert k0 and all(native.pipeline_of(t) == "short" for t in k0)
+
+
+def test_pooling_kernels_get_the_memory_pipeline():
+    """Max pooling, its gradient's routing, the kernel flip and the clip's norm are memory-bound
+    (`MEMORY_KINDS`): O3 without unrolling, their modules marked MEMORY_CODE."""
+    src = CONV.replace("|> relu", "|> relu |> maxpool2d(2)\n  h = conv(h, 4, kernel=3)")   # a flip: dx of conv 2
+    art = api.compile_artifact(src, parts=["forward", "training"], cache=False)
+    kinds = {lower_module.kernel_kind(n): native.pipeline_of(t) for t in art.part_ir for n in defined(t)}
+    assert {kinds["maxpool"], kinds["route"], kinds["flip"], kinds["update_clip"]} == {"memory"}
