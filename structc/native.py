@@ -1,7 +1,8 @@
 """LLVM IR text -> optimised machine code for the host, and the JIT that runs it.
 
 Optimisation is the New Pass Manager for the host CPU and its features: O3,
-O3 without unrolling for a module of memory-bound kernels, or a pass list of
+O3 without unrolling for a module of memory-bound kernels, O1 without it for
+kernels it compiles to O3's machine code, or a pass list of
 its own for a module of entry points or of explicit vector code (`pipeline_of`,
 by the module's mark). Machine code is kept as an object file: that is what the on-disk
 cache stores, and what a later process loads without running LLVM at all.
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 
 import llvmlite.binding as llvm
 
-from .lower.module import ENTRY_CODE, MEMORY_CODE, VECTOR_CODE, Target
+from .lower.module import ENTRY_CODE, LIGHT_CODE, MEMORY_CODE, VECTOR_CODE, Target
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,12 +78,15 @@ def new_target_machine(target: Target, jit: bool = True, opt: int = 3):
 def pipeline_of(ir_text: str) -> str:
     """Which pipeline a module gets, by the mark on its first line: `entry`
     (`ENTRY_CODE`: `ENTRY_PIPELINE`, code generation at `ENTRY_CODEGEN_LEVEL`),
-    `memory` (`MEMORY_CODE`: O3 with `MEMORY_TUNING`), `short` (`VECTOR_CODE`:
-    `SHORT_PIPELINE`) or `O3` (every other module)."""
+    `memory` (`MEMORY_CODE`: O3 with `MEMORY_TUNING`), `light` (`LIGHT_CODE`:
+    `LIGHT_TUNING`), `short` (`VECTOR_CODE`: `SHORT_PIPELINE`) or `O3` (every
+    other module)."""
     if ir_text.startswith(ENTRY_CODE):
         return "entry"
     if ir_text.startswith(MEMORY_CODE):
         return "memory"
+    if ir_text.startswith(LIGHT_CODE):
+        return "light"
     return "short" if ir_text.startswith(VECTOR_CODE) else "O3"
 
 
@@ -102,7 +106,7 @@ def optimize(ir_text: str, target: Target, jit: bool = True, tm=None, context=No
     mod.data_layout = str(tm.target_data)
     mod.verify()
     pipeline = pipeline_of(ir_text)
-    tuning = MEMORY_TUNING if pipeline == "memory" else {}
+    tuning = {"memory": MEMORY_TUNING, "light": LIGHT_TUNING}.get(pipeline, {})
     pto = llvm.create_pipeline_tuning_options(speed_level=tuning.get("speed_level", 3))
     pto.loop_vectorization = True
     pto.slp_vectorization = True
@@ -110,7 +114,7 @@ def optimize(ir_text: str, target: Target, jit: bool = True, tm=None, context=No
         if option != "speed_level":
             setattr(pto, option, value)
     pb = llvm.create_pass_builder(tm, pto)
-    if pipeline in ("O3", "memory"):
+    if pipeline in ("O3", "memory", "light"):
         pb.getModulePassManager().run(mod, pb)
     else:
         (_short_pipeline() if pipeline == "short" else _pass_list(ENTRY_PIPELINE)).run(mod, pb)
@@ -139,6 +143,9 @@ ENTRY_CODEGEN_LEVEL = 0
 #: the pipeline of memory-bound kernels (`lower.module.MEMORY_CODE`): O3 without
 #: unrolling and interleaving (PipelineTuningOptions)
 MEMORY_TUNING = {"speed_level": 3, "loop_unrolling": False, "loop_interleaving": False}
+#: the pipeline of `lower.module.LIGHT_CODE` (convolutions, softmax, cross-entropy,
+#: tree levels): O1 without unrolling and interleaving, the same machine code as O3
+LIGHT_TUNING = {"speed_level": 1, "loop_unrolling": False, "loop_interleaving": False}
 
 
 def _pass_list(names):

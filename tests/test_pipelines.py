@@ -65,7 +65,8 @@ def test_entry_points_are_modules_of_their_own_marked_for_the_entry_pipeline(tmp
     else:
         art = compile_source(MLP, kernel_timings=mode == "kernel_timings")
     check_entry_modules(art.part_ir)
-    assert {native.pipeline_of(t) for t in art.part_ir} >= {"entry", "O3"}
+    pipelines = {native.pipeline_of(t) for t in art.part_ir}     # the MLP's kernels: short, memory, light
+    assert "entry" in pipelines and len(pipelines) > 1
     same_program(art, MLP, expected)
 
 
@@ -224,5 +225,89 @@ def test_memory_bound_kernels_are_modules_of_their_own_with_o3_untuned(tmp_path,
     for text in art.part_ir:
         assert (text in memory) == (kinds[text] <= lower_module.MEMORY_KINDS), kinds[text]
     if mode == "chunks":    # compiled here (the cache may hold the other mode's objects)
-        assert tunings.count((False, False)) == len(memory) and tunings.count((True, True)) >= 1
+        light = [t for t in art.part_ir if native.pipeline_of(t) == "light"]    # untuned too (`LIGHT_TUNING`)
+        assert tunings.count((False, False)) == len(memory) + len(light) and tunings.count((True, True)) >= 1
     same_program(art, src, expected)
+
+
+@pytest.mark.parametrize("shape", [(84, 10), (3, 48)])
+def test_a_transpose_with_a_side_under_the_vector_width_emits_no_block(shape):
+    """With a side (known) under the vector width no vw x vw block is ever
+    whole: the block's 64 shuffles were emitted anyway, never ran, and cost
+    LLVM ~20 ms per transpose (LeNet-5's 84 x 10). Its edge loop does it all."""
+    rows, cols = shape
+    src = f"model T {{\n  input x: f32[{rows}, {cols}]\n  output y = transpose(x)\n}}\n"
+    art = compile_source(src)
+    [text] = [t for t in art.part_ir if re.search(r'^define [^@]*@"sc_[0-9a-f]+_transpose"', t, re.M)]
+    assert "shufflevector" not in text
+    x = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    np.testing.assert_array_equal(structc.compile(src, cache=False)(x=x), x.T)
+
+
+# -- kernels O1 compiles to O3's machine code ------------------------------------------
+
+CONV = ("model C {\n  input x: f32[N, 1, 12, 12]\n  target y: class[N] of 3\n"
+        "  h = conv(x, 4, kernel=3) |> relu\n  loss cross_entropy(dense(flatten(h), 3), y)\n}\n")
+
+
+_FAMILY = re.compile(r"\t(v?p?cmp|cmov|j|set|add)")
+
+
+def _instructions(text: str, pipeline: str) -> list[str]:
+    """The module's machine instructions under `pipeline` ("O3" or the module's own)."""
+    if pipeline == "O3":
+        text = "\n".join(text.split("\n")[1:]) if text.startswith("; structc:") else text
+    asm = native.assembly(text, native.host_target())
+    return [line for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+
+
+def same_machine_code(ours: list[str], o3: list[str]) -> bool:
+    """As many instructions, each the same but for the twin of a compare
+    (signed for unsigned: O1 and O3 may test a non-negative bound either way)
+    or an add of another width: the same work."""
+    def family(line):
+        m = _FAMILY.match(line)
+        return m.group(1) if m else None
+    return len(ours) == len(o3) and all(a == b or (family(a) is not None and family(a) == family(b))
+                                        for a, b in zip(ours, o3))
+
+
+@pytest.mark.parametrize("mode", ["by_unit", "chunks"])
+def test_light_kernels_are_modules_of_their_own_at_o1_with_o3s_machine_code(tmp_path, monkeypatch, mode):
+    """Convolutions and cross-entropy (`LIGHT_KINDS`) are modules marked
+    LIGHT_CODE, optimised at O1 without unrolling and interleaving; what
+    comes out is O3's machine code, instruction for instruction (why they
+    may have it: it costs LLVM less), and no other kernel is in such a module."""
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path))
+    levels = []
+    real = native.llvm.create_pass_builder
+    monkeypatch.setattr(native.llvm, "create_pass_builder",
+                        lambda tm, pto: levels.append((pto.speed_level, pto.loop_unrolling)) or real(tm, pto))
+    art = api.compile_artifact(CONV, parts=["forward", "training"]) if mode == "by_unit" else compile_source(CONV)
+    kinds = {t: {lower_module.kernel_kind(n) for n in defined(t)} for t in art.part_ir}
+    light = [t for t in art.part_ir if native.pipeline_of(t) == "light"]
+    assert light and set().union(*(kinds[t] for t in light)) >= {"conv", "xent", "xentgrad"}
+    for text in art.part_ir:
+        assert (text in light) == (kinds[text] <= lower_module.LIGHT_KINDS), kinds[text]
+    levels.clear()
+    for text in light:
+        assert same_machine_code(_instructions(text, "light"), _instructions(text, "O3"))
+    assert levels.count((1, False)) == len(light)
+
+
+def test_the_empty_contraction_kernel_gets_the_short_pipeline():
+    """A weight gradient's `_k0` kernel runs only when its K (a batch, the
+    edges of a graph) is 0: explicit vector code, for the short pipeline, not
+    O3 (~10 ms of LLVM each). test_gnn's no-edges case runs one."""
+    art = compile_source(MLP, parts=["forward", "training"])
+    k0 = [t for t in art.part_ir if any(lower_module.kernel_kind(n) == "matmul_k0" for n in defined(t))]
+    assert k0 and all(native.pipeline_of(t) == "short" for t in k0)
+
+
+def test_pooling_kernels_get_the_memory_pipeline():
+    """Max pooling, its gradient's routing, the kernel flip and the clip's norm are memory-bound
+    (`MEMORY_KINDS`): O3 without unrolling, their modules marked MEMORY_CODE."""
+    src = CONV.replace("|> relu", "|> relu |> maxpool2d(2)\n  h = conv(h, 4, kernel=3)")   # a flip: dx of conv 2
+    art = api.compile_artifact(src, parts=["forward", "training"], cache=False)
+    kinds = {lower_module.kernel_kind(n): native.pipeline_of(t) for t in art.part_ir for n in defined(t)}
+    assert {kinds["maxpool"], kinds["route"], kinds["flip"], kinds["update_clip"]} == {"memory"}

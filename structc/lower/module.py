@@ -687,8 +687,20 @@ MEMORY_CODE = "; structc: memory code\n"
 #: unrolling and interleaving of their loops cost LLVM half its time on them
 #: and buy no speed (benchmarks/RESULTS.md, "a pipeline per kind of module").
 #: Gathers, segment softmaxes and the attention kernels stay with O3: without
-#: those passes the GAT and tree steps measured 2-5% slower.
-MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "update"})
+#: those passes the GAT and tree steps measured 2-5% slower. Max pooling, its
+#: gradient's routing, the kernel flip and the clip's norm (a float sum, in
+#: order either way) joined later: 20-40% less LLVM time, LeNet-5's step as fast.
+MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "update", "maxpool", "route", "flip", "update_clip"})
+#: first line of a module of `LIGHT_KINDS` kernels alone; `native.optimize` gives it `native.LIGHT_TUNING`
+LIGHT_CODE = "; structc: light code\n"
+#: kernels whose machine code O1 without unrolling and interleaving makes
+#: identical to O3's (every such kernel of eight example models, assembly
+#: compared instruction by instruction; one convolution differs by a signed
+#: compare for an unsigned one), at 75-95% of O3's LLVM time: their loops are
+#: explicit vector code O3's loop passes leave as they were (benchmarks/RESULTS.md,
+#: "LLVM's time per module")
+LIGHT_KINDS = frozenset({"conv", "softmax", "xent", "xentgrad", "xentrows", "xentrowsgrad",
+                         "level", "lstm_dg", "lstm_state"})
 #: below this much IR text a part stays one module (each module costs a parse and a target machine)
 SPLIT_MIN_CHARS = 150_000
 #: `split_module(by_unit=True)`: a kernel or helper of less IR text joins the other small ones of its pipeline
@@ -724,7 +736,8 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     (`fn.structc_vector_code`: the matmul micro-kernels) are modules of their
     own, marked `VECTOR_CODE`, for the short LLVM pipeline
     (`native.SHORT_PIPELINE`); memory-bound kernels (`MEMORY_KINDS`) too,
-    marked `MEMORY_CODE` (`native.pipeline_of` reads the marks)."""
+    marked `MEMORY_CODE`, and `LIGHT_KINDS`, marked `LIGHT_CODE`
+    (`native.pipeline_of` reads the marks)."""
     defined = [f for f in module.functions if f.blocks]
     by_name = {f.name: f for f in defined}
     texts = {f.name: function_text(f) for f in defined}
@@ -758,6 +771,9 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
     def memory_code(name):
         return kernel_kind(name) in MEMORY_KINDS and not vector_code(name)
 
+    def light_code(name):
+        return kernel_kind(name) in LIGHT_KINDS and not vector_code(name)
+
     def spread(names):      # longest first, each to the lightest chunk: the chunks come out about even
         chunk_bins = [[0, [], set()] for _ in range(max(1, min(chunks, len(names))))]
         for name in sorted(names, key=lambda n: -len(texts[n])):
@@ -774,20 +790,23 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
         small = [n for n in units if len(texts[n]) < UNIT_MIN_CHARS]
         small_vector = [n for n in small if vector_code(n)]
         small_memory = [n for n in small if memory_code(n)]
-        small = [n for n in small if n not in small_vector and n not in small_memory]
-        grouped = set(small + small_vector + small_memory)
+        small_light = [n for n in small if light_code(n)]
+        small = [n for n in small if n not in small_vector and n not in small_memory and n not in small_light]
+        grouped = set(small + small_vector + small_memory + small_light)
         order = _call_order(entries, texts)
         groups = [*stable_chunks(small, order)] + [[n] for n in units if n not in grouped] + \
-            [*stable_chunks(small_vector, order), *stable_chunks(small_memory, order)]
+            [*stable_chunks(small_vector, order), *stable_chunks(small_memory, order),
+             *stable_chunks(small_light, order)]
         bins = [[0, names, set().union(*map(closure, names))] for names in groups]
     else:
         # exported micro-kernels in a module of their own, which gets the short pipeline;
         # memory-bound kernels in chunks of their own (`MEMORY_KINDS`)
         vector = [n for n in units if vector_code(n)]
         memory = [n for n in units if memory_code(n)]
-        units = [n for n in units if n not in vector and n not in memory]
-        bins = spread(units) + (spread(memory) if memory else [])
-        units += memory
+        light = [n for n in units if light_code(n)]
+        units = [n for n in units if n not in vector and n not in memory and n not in light]
+        bins = spread(units) + (spread(memory) if memory else []) + (spread(light) if light else [])
+        units += memory + light
         if vector:      # one module, or one each when every unit is a chunk (`--kernel-timings`)
             apart = chunks >= len(units) + len(vector)
             bins += [[0, names, set().union(*map(closure, names))] for names in ([[n] for n in vector] if apart
@@ -814,7 +833,8 @@ def split_module(module: ir.Module, chunks: int, min_chars: int | None = None, *
             text.append(_exported(body) if name in exported else body)
         text += [texts[h] for h in sorted(needed)]
         mark = VECTOR_CODE if all(vector_code(n) for n in mine) else ENTRY_CODE if set(names) <= set(entries) \
-            else MEMORY_CODE if all(memory_code(n) for n in names) else ""
+            else MEMORY_CODE if all(memory_code(n) for n in names) \
+            else LIGHT_CODE if all(light_code(n) for n in names) else ""
         out.append(mark + _with_loop_ids("\n".join(text)))
     return out
 

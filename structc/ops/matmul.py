@@ -103,7 +103,9 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
         empty = cg.b.icmp_signed("==", cg.dim(k_dim), cg.i64(0))
         return cg.b.select(empty, cg.dim(m_dim), cg.i64(0))
 
-    with kb.kernel(f"matmul{node.id}_k0", tasks, cost=lambda cg: cg.dim(n_dim), skippable=True) as (cg, lo, hi):
+    # explicit vector code (the short pipeline): it runs only when K is 0, and O3 spent ~10 ms on each
+    with kb.kernel(f"matmul{node.id}_k0", tasks, cost=lambda cg: cg.dim(n_dim), vector_code=True,
+                   skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         zero = cg.const(0.0, ir.VectorType(F32, vw))
@@ -164,12 +166,17 @@ class Transpose(Op):
                         cg.store(cg.load(src, cg.iadd(cg.imul(r, cols), c)), dst, cg.iadd(cg.imul(c, rows), r))
 
             no_edges = all(isinstance(d, int) and d % vw == 0 for d in (rows_d, cols_d))
+            # a side known to be under vw: no block is ever whole, and its 64 shuffles
+            # would cost LLVM ~20 ms for code that never runs
+            no_blocks = any(isinstance(d, int) and d < vw for d in (rows_d, cols_d))
             with cg.loop(hi, start=lo, name="rb") as rb:
                 r0 = cg.imul(rb, vw)
                 r1 = cg.imin(cg.iadd(r0, vw), rows)
                 with cg.loop(cols, step=vw, name="cb", unroll=False) as c0:   # vector blocks: unrolling only costs compile time
                     if no_edges:
                         block(r0, c0)
+                    elif no_blocks:
+                        edge(r0, r1, c0, cg.imin(cg.iadd(c0, vw), cols))
                     else:
                         c1 = cg.imin(cg.iadd(c0, vw), cols)
                         full = b.and_(b.icmp_signed("==", b.sub(r1, r0), cg.i64(vw)),
