@@ -453,6 +453,30 @@ def test_the_cells_gradient_is_one_kernel():
     assert not any("lstm_state_dc" in names for names in ops if names is not with_dg[0])
 
 
+def test_the_cells_gradient_reads_the_activations_the_forward_wrote():
+    """The forward kernel of lstm_state writes the gates' activations too
+    (lstm_acts, a part of its group), at the leaves and in the node case's
+    kept blocks; the backward reads them and the state's c: it evaluates no
+    gate activation again (no lstm_acts of its own, no gates or kept sum read)."""
+    from structc.autodiff import differentiate
+    from structc.passes import run_pipeline
+    mdef = build_model(parse(CHILD_SUM_FUSED))
+    train = run_pipeline(differentiate(mdef.graph))
+    for gr in train.groups:
+        names = {train.nodes[m].op.name for m in gr.members}
+        if "lstm_acts" in names:
+            assert "lstm_state" in names
+    assert any(n.op.name == "lstm_acts" for n in train.nodes.values())
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    keep = grad.attrs["keep"]
+    assert any(keep.nodes[k].op.name == "lstm_acts" for k in keep.outputs.values())
+    for program in (grad.attrs["bwd_in"], grad.attrs["bwd_par"]):
+        assert "lstm_acts" not in {n.op.name for n in program.graph.nodes.values()}
+    dg = next(n for n in grad.attrs["bwd_in"].graph.nodes.values() if n.op.name == "lstm_state_grad")
+    acts, state = (grad.attrs["bwd_in"].graph.nodes[i] for i in dg.inputs[:2])
+    assert acts.attrs["name"].startswith("@keep") and state.attrs["name"] == "@h"
+
+
 def test_states_are_gathered_in_blocks_of_their_own():
     """Each state of the children is gathered into a block of its own, so the
     node case reads h(k) and c(k) over the child slots as views: no column
