@@ -13,6 +13,7 @@ update). Every contender runs one matmul of width 3H for i, o, u per level
 and one matmul over all children's rows for the forget gates.
 
     python benchmarks/bench_treelstm.py [--threads 1 2] [--repeat 100]
+    python benchmarks/bench_treelstm.py --levels [--threads 1]   # structc's matmuls per level
 
 Each framework and thread count runs in a fresh process (`--only`), and the
 medians are printed side by side. JAX's level sizes are static shapes, so
@@ -173,6 +174,71 @@ def bench_jax(repeat, threads):
     return {"step_ms": run_ms, "compile_ms": 1e3 * float(np.median(compiles))}
 
 
+def floor_flops(forest) -> dict:
+    """The FLOPs of the matmuls one step needs, 2 M K N each. Forward: the
+    leaves' gates from their words (leaves x D x 3H), the inner nodes' iou from
+    their children's summed h (inner x H x 3H: a leaf has no children, so no
+    U h), a forget gate per child edge (edges x H x H). Backward: each product
+    again for its input's cotangent and again for its weight's gradient, except
+    that nothing flows into the word ids (the leaves' dX only feeds the
+    embedding rows: still needed, E is trained)."""
+    leaves, nodes = len(forest.words), len(forest.children)
+    inner, edges = nodes - leaves, int((forest.children >= 0).sum())
+    forward = {"leaf": leaves * D * 3 * HID, "iou": inner * HID * 3 * HID, "forget": edges * HID * HID}
+    return {k: 2 * 3 * v for k, v in forward.items()}
+
+
+def level_profile(threads: int, steps: int, peak: float | None = None) -> str:
+    """structc's step through the profiler: every matmul kernel per tree level
+    (rows, µs, GFLOP/s, % of the measured FMA peak), the rest by kernel."""
+    import structc
+    from structc.forest import Forest
+    from structc.profile import CALL, fma_peak, profile, profiled_net
+    structc.set_num_threads(threads)
+    trees, labels = batch(0)
+    forest = Forest.from_tuples(trees)
+    net = profiled_net(SRC, "<treelstm>")
+    peak = peak or fma_peak()
+    report = profile(net, {"t": forest, "y": labels}, steps=steps, warmup=20, peak=peak)
+    ends = [0] + forest.level_end.tolist()
+    sizes = [b - a for a, b in zip(ends[1:-1], ends[2:])]          # inner levels, bottom up
+    inner = ends[-1] - ends[1]
+    dims = {"rows": None, "kids": None, "t.leaves": ends[1], "t.trees": len(forest.roots)}
+    ev = report.events[report.events["kind"] == CALL]
+    spans = report.step_spans
+    out = [f"structc treelstm_train at {threads} thread(s): {report.step_seconds * 1e3:.3f} ms a step "
+           f"(profiled, {report.steps} steps); FMA peak {peak:.1f} GFLOP/s; load "
+           f"{os.getloadavg()[0]:.1f}", f"levels (inner rows, bottom up): {sizes}", "",
+           f"{'kernel':44s} {'level':>5s} {'M':>5s} {'us':>8s} {'GFLOP/s':>8s} {'%peak':>6s}"]
+    total_mm, total_flops = 0.0, 0
+    for fn, kernel in sorted(report._kernels.items(), key=lambda kv: kv[1].name):
+        if not kernel.flops or kernel.op != "matmul":
+            continue
+        mine = ev[ev["fn"] == fn]
+        per_step = [mine[(mine["start"] >= a) & (mine["end"] <= b)] for a, b in spans]
+        calls = len(per_step[0])
+        if calls == 0:
+            continue
+        order = sizes[::-1] if "vjp_children" in kernel.name else sizes
+        for j in range(calls):
+            us = float(np.median([(s["end"][j] - s["start"][j]) for s in per_step if len(s) == calls])) / 1e3
+            level_rows = order[j] if calls == len(sizes) else inner
+            level_dims = dict(dims, rows=level_rows, kids=2 * level_rows)
+            factors = [level_dims[f] if isinstance(f, str) else f for f in kernel.flops]
+            flops, rows = int(np.prod(factors)), factors[1]      # (2, M, N, K)
+            total_mm += us
+            total_flops += flops
+            level = (len(sizes) - j if "vjp_children" in kernel.name else j + 1) if calls == len(sizes) else "all"
+            out.append(f"{kernel.name[:44]:44s} {level!s:>5s} {rows:5d} {us:8.1f} {flops / us / 1e3:8.1f} "
+                       f"{100 * flops / us / 1e3 / peak:5.1f}%")
+    floor = sum(floor_flops(forest).values())
+    out += ["", f"matmuls: {total_mm / 1e3:.3f} ms for {total_flops / 1e6:.1f} MFLOP "
+            f"({total_flops / total_mm / 1e3:.1f} GFLOP/s, {100 * total_flops / total_mm / 1e3 / peak:.0f}% of peak); "
+            f"the step's floor {floor / 1e6:.1f} MFLOP = {floor / peak / 1e6:.3f} ms at {peak:.1f} GFLOP/s "
+            f"({floor / peak / 1e6 / threads:.3f} ms on {threads} cores)", "", report.table()]
+    return "\n".join(out)
+
+
 BENCHES = {"structc": bench_structc, "torch": bench_torch, "jax": bench_jax}
 
 
@@ -181,7 +247,12 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=100)
     ap.add_argument("--only", choices=BENCHES, help="run one framework in this process (a JSON line out)")
+    ap.add_argument("--levels", action="store_true", help="profile structc's step: the matmuls per tree level")
+    ap.add_argument("--peak", type=float, help="with --levels: the core's FMA peak in GFLOP/s (default: measured)")
     args = ap.parse_args()
+    if args.levels:
+        print(level_profile(args.threads[0], args.repeat, args.peak))
+        return
     if args.only:
         print(json.dumps(BENCHES[args.only](args.repeat, args.threads[0])))
         return

@@ -468,6 +468,19 @@ def test_sequences_pickle_and_copy_as_they_were_checked():
         assert not again.words.flags.writeable
 
 
+def test_the_cells_gradient_reads_the_activations_the_forward_wrote(lstm):
+    """Each step's forward kernel writes the gates' activations too
+    (lstm_gates_acts, kept per level); the backward reads them with c and c'
+    (one tanh) instead of the gates (four exponentials again)."""
+    grad = _tree_grad(lstm[1])
+    keep = grad.attrs["keep"]
+    assert [keep.nodes[k].op.name for k in keep.outputs.values() if k != keep.outputs["h"]] == ["lstm_gates_acts"]
+    program = grad.attrs["bwd_in"].graph
+    assert "lstm_gates_acts" not in {n.op.name for n in program.nodes.values()}
+    dg = next(n for n in program.nodes.values() if n.op.name == "lstm_gates_dg")
+    assert [program.nodes[i].attrs.get("name") for i in dg.inputs[:3]] == ["@keep0", "@C.1", "@h"]
+
+
 def test_the_cells_gradient_is_one_kernel(lstm):
     """lstm_gates's VJP runs the gate math once per step: the kernel that
     writes dg (the gates' gradient) writes dc (the state's) too."""

@@ -453,6 +453,30 @@ def test_the_cells_gradient_is_one_kernel():
     assert not any("lstm_state_dc" in names for names in ops if names is not with_dg[0])
 
 
+def test_the_cells_gradient_reads_the_activations_the_forward_wrote():
+    """The forward kernel of lstm_state writes the gates' activations too
+    (lstm_acts, a part of its group), at the leaves and in the node case's
+    kept blocks; the backward reads them and the state's c: it evaluates no
+    gate activation again (no lstm_acts of its own, no gates or kept sum read)."""
+    from structc.autodiff import differentiate
+    from structc.passes import run_pipeline
+    mdef = build_model(parse(CHILD_SUM_FUSED))
+    train = run_pipeline(differentiate(mdef.graph))
+    for gr in train.groups:
+        names = {train.nodes[m].op.name for m in gr.members}
+        if "lstm_acts" in names:
+            assert "lstm_state" in names
+    assert any(n.op.name == "lstm_acts" for n in train.nodes.values())
+    grad = next(n for n in differentiate(mdef.graph).nodes.values() if n.op.name == "tree_map_grad")
+    keep = grad.attrs["keep"]
+    assert any(keep.nodes[k].op.name == "lstm_acts" for k in keep.outputs.values())
+    for program in (grad.attrs["bwd_in"], grad.attrs["bwd_par"]):
+        assert "lstm_acts" not in {n.op.name for n in program.graph.nodes.values()}
+    dg = next(n for n in grad.attrs["bwd_in"].graph.nodes.values() if n.op.name == "lstm_state_grad")
+    acts, state = (grad.attrs["bwd_in"].graph.nodes[i] for i in dg.inputs[:2])
+    assert acts.attrs["name"].startswith("@keep") and state.attrs["name"] == "@h"
+
+
 def test_states_are_gathered_in_blocks_of_their_own():
     """Each state of the children is gathered into a block of its own, so the
     node case reads h(k) and c(k) over the child slots as views: no column
@@ -547,3 +571,18 @@ def test_the_fused_gate_math_is_close_to_float64():
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
     np.testing.assert_allclose(got[ok], want[ok], rtol=2e-6, atol=4e-7)     # c: float32 rounding of |c| up to ~8
+
+
+def test_the_benchmarks_floor_counts_each_product_the_step_needs():
+    """bench_treelstm's FLOP floor: leaves x D x 3H from the words, inner x H x 3H
+    from the children's summed h, a forget gate per child edge (H x H), each
+    three times (forward, input cotangent, weight gradient): a missing child
+    costs nothing, a leaf runs no U h."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from bench_treelstm import D, HID, batch, floor_flops
+    f = Forest.from_tuples([((1, 2), 3), (4, (5,)), 6])    # 6 leaves, 4 inner nodes, 7 edges
+    got = floor_flops(f)
+    assert got == {"leaf": 6 * 6 * D * 3 * HID, "iou": 6 * 4 * HID * 3 * HID, "forget": 6 * 7 * HID * HID}
+    assert sum(floor_flops(Forest.from_tuples(batch(0)[0])).values()) == 495_452_160

@@ -6,8 +6,10 @@
 
 Written with slices and elementwise ops, this is four slice kernels and a
 dozen elementwise ones per step, and its gradient assembles dg from four
-zero-padded concatenations; here it is one row kernel forward and two
-backward (the gradients recompute the gates from g, which the matmul wrote):
+zero-padded concatenations; here it is one row kernel forward and one
+backward. In training the forward kernel also writes the activations
+A = [σ(i), σ(f), tanh(u), σ(o)] (`lstm_gates_acts`), and the gradients read
+them, c and c' (one tanh left, not four exponentials again):
 
     D   = Gc + Gh σ(o) (1 - tanh²(c'))            G = [Gh, Gc], the cotangent of [h', c']
     dg  = [D tanh(u) σ'(i), D c σ'(f), D σ(i) (1 - tanh²(u)), Gh tanh(c') σ'(o)]
@@ -45,9 +47,17 @@ def _parts(g, c):
     return si, sf, tu, so, c2, np.tanh(c2)
 
 
-def _grads(g, c, G):
-    si, sf, tu, so, c2, k = _parts(g, c)
+def _acts(g):
+    i, f, u, o = np.split(g, 4, axis=1)
+    return np.concatenate([_sig(i), _sig(f), np.tanh(u), _sig(o)], axis=1)
+
+
+def _grads(acts, c, out, G):
+    """(dg, dc) from the gates' activations [σ(i), σ(f), tanh(u), σ(o)], the
+    state c before and the cell's [h', c'] (whose c' gives tanh(c'))."""
+    si, sf, tu, so = np.split(acts, 4, axis=1)
     h = c.shape[1]
+    k = np.tanh(out[:, h:])
     gh, gc = G[:, :h], G[:, h:]
     d = gc + gh * so * (1 - k * k)
     dg = np.concatenate([d * tu * si * (1 - si), d * c * sf * (1 - sf), d * si * (1 - tu * tu),
@@ -61,25 +71,30 @@ def _blocks(b, x, h: int, k: int):
     return [b.slice(x, axis=1, start=j * h, stop=(j + 1) * h) for j in range(k)]
 
 
-def _composite_grads(b, g, c, G):
+def _composite_acts(b, g):
+    """[σ(i), σ(f), tanh(u), σ(o)] written with primitive ops."""
+    i, f, u, o = _blocks(b, g, g.shape[1] // 4, 4)
+    return (b.concat(b.sigmoid(i), b.sigmoid(f), b.tanh(u), b.sigmoid(o), axis=1),)
+
+
+def _composite_grads(b, acts, c, out, G):
     """(dg, dc) written with primitive ops."""
     h = c.shape[1]
-    i, f, u, o = _blocks(b, g, h, 4)
+    si, sf, tu, so = _blocks(b, acts, h, 4)
     gh, gc = _blocks(b, G, h, 2)
-    si, sf, tu, so = b.sigmoid(i), b.sigmoid(f), b.tanh(u), b.sigmoid(o)
-    k = b.tanh(sf * c + si * tu)
+    k = b.tanh(_blocks(b, out, h, 2)[1])
     d = gc + gh * so * (1.0 - k * k)
     dg = b.concat(d * tu * si * (1.0 - si), d * c * sf * (1.0 - sf), d * si * (1.0 - tu * tu),
                   gh * k * so * (1.0 - so), axis=1)
     return dg, d * sf
 
 
-def _composite_vjp(b, cot, which: int, g, c, G):
-    """The VJP of output `which` of `_composite_grads`: build it, then run
-    each new node's own VJP rule in reverse (a local reverse sweep)."""
+def _composite_vjp(b, cot, which: int, build, *operands):
+    """The VJP of output `which` of `build(b, *operands)` (primitive ops): build
+    it, then run each new node's own VJP rule in reverse (a local reverse sweep)."""
     graph = b.graph
     first = max(graph.nodes) + 1
-    out = _composite_grads(b, g, c, G)[which]
+    out = build(b, *operands)[which]
     parts = {out.id: [cot]}
     for nid in sorted((n for n in graph.nodes if n >= first), reverse=True):
         got = parts.pop(nid, None)
@@ -102,7 +117,7 @@ def _composite_vjp(b, cot, which: int, g, c, G):
         for extra in got[1:]:
             total = total + extra
         return total
-    return [summed(g), summed(c), summed(G)]
+    return [summed(v) for v in operands]
 
 
 # -- lowering: one row kernel, H columns in vectors -------------------------------------
@@ -152,11 +167,18 @@ def _gates(cg, load):
     return si, sf, tu, so, c, c2, gate_tanh(cg, c2)
 
 
+def _stored(cg, load):
+    """The gradients' operands (acts, c, [h', c'], G): the activations as the
+    forward kernel wrote them, c, and k = tanh(c') (the one exponential left)."""
+    si, sf, tu, so = (load(0, k) for k in range(4))
+    return si, sf, tu, so, load(1, 0), gate_tanh(cg, load(2, 1))
+
+
 def _delta(cg, load, so, k):
-    """D = Gc + Gh σ(o) (1 - k²), and Gh."""
+    """D = Gc + Gh σ(o) (1 - k²), and Gh (G is the gradients' operand 3)."""
     one = cg.const(1.0, k)
-    gh = load(2, 0)
-    return cg.add(load(2, 1), cg.mul(cg.mul(gh, so), cg.sub(one, cg.mul(k, k)))), gh
+    gh = load(3, 0)
+    return cg.add(load(3, 1), cg.mul(cg.mul(gh, so), cg.sub(one, cg.mul(k, k)))), gh
 
 
 def _samples():
@@ -166,7 +188,9 @@ def _samples():
 
 
 class LstmGates(Op):
-    """[h', c'] from an LSTM's gates g = [i, f, u, o] and state c (see the module docstring)."""
+    """[h', c'] from an LSTM's gates g = [i, f, u, o] and state c (see the module docstring).
+    In training its kernel also writes the activations (`lstm_gates_acts`), which
+    the gradients read instead of evaluating four exponentials again."""
     name = "lstm_gates"
 
     def shape(self, g, c) -> TensorType:
@@ -174,8 +198,9 @@ class LstmGates(Op):
         return TensorType((g.shape[0], 2 * h), "f32")
 
     def vjp(self, b, G, out, g, c):
-        dg = b.lstm_gates_dg(g, c, G)
-        return [dg, b.lstm_gates_dc(dg, g, c, G)]     # dc: written by dg's kernel (one pass)
+        acts = b.lstm_gates_acts(out, g, c)             # written by this cell's kernel
+        dg = b.lstm_gates_dg(acts, c, out, G)
+        return [dg, b.lstm_gates_dc(dg, acts, c, out, G)]     # dc: written by dg's kernel (one pass)
 
     def reference(self, g, c):
         *_, so, c2, k = _parts(g, c)
@@ -185,40 +210,81 @@ class LstmGates(Op):
         return _samples()
 
     def lower(self, kb, node, epilogue):
+        acts = _parts_of(kb, node, "lstm_gates_acts")
+
         def emit(cg, load, store):
-            *_, so, _c, c2, k = _gates(cg, load)
+            si, sf, tu, so, _c, c2, k = _gates(cg, load)
             store(0, cg.mul(so, k))
             store(1, c2)
-        _lower_rows(kb, node, "lstmgates", emit)
+            for p in range(1, len(acts) + 1):
+                for block, v in enumerate((si, sf, tu, so)):
+                    store(block, v, out=p)
+        _lower_rows(kb, node, "lstmgates", emit, also=acts)
 
 
-class _LstmGatesGrad(Op):
-    def shape(self, g, c, G) -> TensorType:
+class LstmGatesActs(Op):
+    """[σ(i), σ(f), tanh(u), σ(o)]: the activations of an LSTM's gates. Its
+    first operand is the cell's `lstm_gates` [h', c']: that kernel writes them
+    on its way (the `part` trait puts both in one group; a recursion keeps
+    them for its backward); otherwise it is a kernel of its own."""
+    name = "lstm_gates_acts"
+    traits = frozenset({"part"})
+
+    def shape(self, out, g, c) -> TensorType:
         h = _units(g, c)
-        expect(G.shape == (g.shape[0], 2 * h), f"the cotangent {G} must be [rows, {2 * h}]")
-        return self.result(g, c)
+        expect(out.shape == (g.shape[0], 2 * h), f"lstm_gates_acts: {out} is not the [h', c'] of the gates {g}")
+        return g
 
-    def reference(self, g, c, G):
-        return _grads(g, c, G)[self.which]
+    def reference(self, out, g, c):
+        return _acts(g)
 
-    def vjp(self, b, cot, out, g, c, G):
-        return _composite_vjp(b, cot, self.which, g, c, G)
+    def vjp(self, b, cot, out, state, g, c):
+        return [None, _composite_vjp(b, cot, 0, _composite_acts, g)[0], None]
 
     def samples(self):
-        return [Sample((*s.inputs, (s.inputs[0][0], 2 * s.inputs[1][1]))) for s in _samples()]
-
-
-class LstmGatesDg(_LstmGatesGrad):
-    """dg, the gradient of lstm_gates with respect to its gates (see the module docstring)."""
-    name = "lstm_gates_dg"
-    which = 0
-
-    def result(self, g, c):
-        return g
+        return [Sample((((s.inputs[0][0], 2 * s.inputs[1][1]), "fixed"), s.inputs[0], (s.inputs[1], "fixed")))
+                for s in _samples()]
 
     def lower(self, kb, node, epilogue):
         def emit(cg, load, store):
-            si, sf, tu, so, c, _c2, k = _gates(cg, load)
+            si, sf, tu, so = cg.sigmoid(load(0, 0)), cg.sigmoid(load(0, 1)), gate_tanh(cg, load(0, 2)), \
+                cg.sigmoid(load(0, 3))
+            for block, v in enumerate((si, sf, tu, so)):
+                store(block, v)
+        _lower_rows(kb, node, "lstmacts", emit, first=1)
+
+
+class _LstmGatesGrad(Op):
+    def shape(self, acts, c, out, G) -> TensorType:
+        h = c.shape[1] if c.rank == 2 else None
+        expect(acts.rank == 2 and isinstance(h, int) and acts.shape[1] == 4 * h and out.shape == G.shape
+               and G.shape == (acts.shape[0], 2 * h),
+               f"lstm gates' gradient: activations {acts}, state {c}, output {out}, cotangent {G} do not match")
+        return self.result(acts, c)
+
+    def reference(self, acts, c, out, G):
+        return _grads(acts, c, out, G)[self.which]
+
+    def vjp(self, b, cot, result, acts, c, out, G):
+        return _composite_vjp(b, cot, self.which, _composite_grads, acts, c, out, G)
+
+    def samples(self):
+        return [Sample((*s.inputs, (s.inputs[0][0], 2 * s.inputs[1][1]), (s.inputs[0][0], 2 * s.inputs[1][1])))
+                for s in _samples()]
+
+
+class LstmGatesDg(_LstmGatesGrad):
+    """dg, the gradient of lstm_gates with respect to its gates (see the module docstring),
+    from the activations its kernel wrote, the state c and [h', c']."""
+    name = "lstm_gates_dg"
+    which = 0
+
+    def result(self, acts, c):
+        return acts
+
+    def lower(self, kb, node, epilogue):
+        def emit(cg, load, store):
+            si, sf, tu, so, c, k = _stored(cg, load)
             d, gh = _delta(cg, load, so, k)
             one = cg.const(1.0, k)
             store(0, cg.mul(cg.mul(d, tu), cg.mul(si, cg.sub(one, si))))
@@ -240,32 +306,37 @@ class LstmGatesDc(_LstmGatesGrad):
     which = 1
     traits = frozenset({"part"})
 
-    def shape(self, dg, g, c, G) -> TensorType:
-        expect(dg.shape == g.shape, f"lstm_gates_dc: the gates' gradient {dg} is not shaped like the gates {g}")
-        return super().shape(g, c, G)
+    def shape(self, dg, acts, c, out, G) -> TensorType:
+        expect(dg.shape == acts.shape, f"lstm_gates_dc: the gates' gradient {dg} is not shaped like the gates {acts}")
+        return super().shape(acts, c, out, G)
 
-    def result(self, g, c):
+    def result(self, acts, c):
         return c
 
-    def reference(self, dg, g, c, G):
-        return super().reference(g, c, G)
+    def reference(self, dg, acts, c, out, G):
+        return super().reference(acts, c, out, G)
 
-    def vjp(self, b, cot, out, dg, g, c, G):
-        return [None, *super().vjp(b, cot, out, g, c, G)]
+    def vjp(self, b, cot, result, dg, acts, c, out, G):
+        return [None, *super().vjp(b, cot, result, acts, c, out, G)]
 
     def samples(self):
         return [Sample(((s.inputs[0], "fixed"), *s.inputs)) for s in super().samples()]
 
     def lower(self, kb, node, epilogue):
         def emit(cg, load, store):
-            _si, sf, _tu, so, _c, _c2, k = _gates(cg, load)
+            _si, sf, _tu, so, _c, k = _stored(cg, load)
             store(0, cg.mul(_delta(cg, load, so, k)[0], sf))
         _lower_rows(kb, node, "lstmdc", emit, first=1)
 
 
-def _dc_parts(kb, node) -> list:
-    """The `lstm_gates_dc` nodes this `lstm_gates_dg` kernel writes (its group's)."""
+def _parts_of(kb, node, op: str) -> list:
+    """The `op` nodes (parts whose first operand is `node`) this node's kernel writes too (its group's)."""
     g = kb.graph
     mine = next((gr.members for gr in g.groups if node.id in gr.members), ())
-    return [u for u in g.users(node.id) if g.nodes[u].op.name == "lstm_gates_dc" and u in mine
+    return [u for u in g.users(node.id) if g.nodes[u].op.name == op and u in mine
             and g.nodes[u].inputs[0] == node.id and u in kb.layout.buffers]
+
+
+def _dc_parts(kb, node) -> list:
+    """The `lstm_gates_dc` nodes this `lstm_gates_dg` kernel writes (its group's)."""
+    return _parts_of(kb, node, "lstm_gates_dc")

@@ -247,8 +247,10 @@ def derive_backward(body, keep: bool = False):
     cotangent of its output) and `@h` (its output, read from H rather than
     recomputed); outputs `dC` and `d:<param>` for each parameter. With
     `keep`, the forward values it would recompute through a matmul (an
-    LSTM's gates) are inputs `@keep<k>` instead, read from blocks the
-    forward pass writes: returns (graph, [their node ids in `body`])."""
+    LSTM's gates, or the activations its cell's kernel writes too) are
+    inputs `@keep<k>` instead, read from blocks the forward pass writes:
+    returns (graph, [their node ids in `keep_body`], keep_body), where
+    `keep_body` is `body` with those other results of its kernels added."""
     from ..autodiff import differentiate
     from ..graph import Builder
     from ..passes.dce import dce
@@ -268,6 +270,7 @@ def derive_backward(body, keep: bool = False):
     g.inputs["@g"] = gin
     g.outputs = {"loss": b.sum(b.value(out) * b.value(gin), axes=(0, 1)).id}
     d = differentiate(g)
+    parts = _forward_parts(d, set(body.nodes)) if keep else {}
     hin = _as_input(d, "@h", ht)
     if "source" not in d.nodes[out].op.traits:
         d.replace_uses(out, hin)
@@ -292,10 +295,35 @@ def derive_backward(body, keep: bool = False):
     d = dce(d)
     if not keep:
         return d
-    kept = _worth_keeping(body, d, out)
-    for k, nid in enumerate(kept):
-        d.replace_uses(nid, _as_input(d, f"@keep{k}", d.nodes[nid].type))
-    return dce(d), kept
+    # a forward kernel's other results that the VJP reads (an LSTM cell's
+    # activations): the forward computes them anyway, so they are kept first
+    keep_body, kept = body.copy(), []
+    for nid, inputs in parts.items():
+        node = d.nodes[nid]
+        kept.append(keep_body.add(node.op, inputs, dict(node.attrs), node.span, node.type))
+        d.replace_uses(nid, _as_input(d, f"@keep{len(kept) - 1}", node.type))
+    d = dce(d)
+    for nid in _worth_keeping(body, d, out):
+        d.replace_uses(nid, _as_input(d, f"@keep{len(kept)}", d.nodes[nid].type))
+        kept.append(nid)
+    return dce(d), kept, keep_body
+
+
+def _forward_parts(d, forward: set) -> dict:
+    """{node: its inputs} of the VJP's nodes that are another result of a
+    forward node's kernel (the `part` trait, first operand a forward node)
+    and read forward values only: one row per node (or per child slot)."""
+    found = {}
+    for nid in d.topo():
+        node = d.nodes[nid]
+        t = node.type
+        if nid in forward or "part" not in node.op.traits or not node.inputs:
+            continue
+        if not all(i in forward for i in node.inputs) or t.rank != 2:
+            continue
+        if t.shape[0] in (BODY_ROWS, BODY_KIDS) and isinstance(t.shape[1], int):
+            found[nid] = node.inputs
+    return found
 
 
 def lifted_inputs(body) -> list:
@@ -564,8 +592,8 @@ class TreeMap(Op):
     def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
             body, fwd, arity, width, rec="h", node_inputs=(), blocks=()):
         ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
-        bwd, kept = derive_backward(body, keep=True)
-        found = _keep_program(body, kept, fwd, arity, rec)
+        bwd, kept, keep_body = derive_backward(body, keep=True)
+        found = _keep_program(keep_body, kept, fwd, arity, rec)
         if found is None:           # the forward's scratch cannot hold it: recompute instead
             bwd, kept, found = derive_backward(body), [], (None, fwd)
         keep_graph, keep = found
@@ -600,7 +628,7 @@ class TreeMap(Op):
         # the children's states, as the forward pass gathered them level by level
         C = b.tree_children(out, children, arity=arity, width=width, blocks=blocks)
         # the values the backward reads instead of recomputing them (an LSTM's gates), written by the forward
-        K = [b.tree_kept(out, children, level_end, *ins, *params, index=k, width=kept_width(body, nid, arity),
+        K = [b.tree_kept(out, children, level_end, *ins, *params, index=k, width=kept_width(keep_body, nid, arity),
                           keep=keep, keep_graph=keep_graph, node_inputs=node_inputs, blocks=blocks)
              for k, nid in enumerate(kept)]
         dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *ins, *params, *K, **attrs)
@@ -913,20 +941,27 @@ def _lstm_forward(g, kept):
     return si, so, tu, c, np.tanh(c)
 
 
-def _lstm_backward(g, kept, dS):
-    """(dg, dc): the cotangents of the gates and of the kept memory."""
-    si, so, tu, c, tc = _lstm_forward(g, kept)
-    d = tc.shape[1]
+def _lstm_backward(acts, state, dS):
+    """(dg, dc): the cotangents of the gates and of the kept memory, from the
+    gates' activations [σ(i), σ(o), tanh(u)] and the cell's [h, c]."""
+    d = acts.shape[1] // 3
+    si, so, tu = acts[:, :d], acts[:, d:2 * d], acts[:, 2 * d:]
+    tc = np.tanh(state[:, d:])
     dh, dc_out = dS[:, :d], dS[:, d:]
     dc = dc_out + dh * so * (1 - tc * tc)
     dg = np.concatenate([dc * tu * si * (1 - si), dh * tc * so * (1 - so), dc * si * (1 - tu * tu)], axis=1)
     return dg, dc
 
 
+
+
 class LstmState(Op):
     """[h, c] from gates g = [i, o, u] (one matmul's [rows, 3H]) and the memory
     kept from before (Σ_k f_k c_k, c_prev f, or 0):
-    c = σ(i) tanh(u) + kept, h = σ(o) tanh(c). One kernel for all the gate math."""
+    c = σ(i) tanh(u) + kept, h = σ(o) tanh(c). One kernel for all the gate math.
+    In training the kernel also writes the activations [σ(i), σ(o), tanh(u)]
+    (`lstm_acts`), so its VJP evaluates one tanh (of c, read from the state)
+    where it would otherwise evaluate four exponentials again."""
     name = "lstm_state"
     surface = True
 
@@ -939,8 +974,9 @@ class LstmState(Op):
         return TensorType((g.shape[0], 2 * d), "f32")
 
     def vjp(self, b, g, out, gates, kept):
-        dg = b.lstm_state_grad(gates, kept, g)
-        dc = b.lstm_state_dc(dg, gates, kept, g)      # written by dg's kernel: one pass over the gates
+        acts = b.lstm_acts(out, gates, kept)             # written by this cell's forward kernel
+        dg = b.lstm_state_grad(acts, out, g)
+        dc = b.lstm_state_dc(dg, acts, out, g)      # written by dg's kernel: one pass over the gates
         return [dg, dc if kept.type.rank else b.sum(dc, axes=(0, 1))]
 
     def reference(self, g, kept):
@@ -951,25 +987,54 @@ class LstmState(Op):
         return [Sample(((5, 12), (5, 4))), Sample(((3, 48), ())), Sample(((2, 51), (2, 17)))]
 
     def lower(self, kb, node, epilogue):
-        _lower_lstm(kb, node, "state")
+        _lower_lstm(kb, node, "state", also=_parts_of(kb, node, "lstm_acts"))
+
+
+class LstmActs(Op):
+    """[σ(i), σ(o), tanh(u)]: the activations of an `lstm_state` cell's gates
+    g = [i, o, u]. Its first operand is that cell's state: the cell's kernel
+    writes them on its way to [h, c] (the `part` trait puts both in one
+    group), and a tree body's backward reads them from a kept block;
+    otherwise (the state from elsewhere) it is a kernel of its own."""
+    name = "lstm_acts"
+    traits = frozenset({"part"})
+
+    def shape(self, state, g, kept) -> TensorType:
+        expect(state.rank == 2 and g.rank == 2 and state.shape[1] * 3 == g.shape[1] * 2,
+               f"lstm_acts: the state {state} is not the [h, c] of the gates {g}")
+        return g
+
+    def reference(self, state, g, kept):
+        si, so, tu, _, _ = _lstm_forward(g, kept)
+        return np.concatenate([si, so, tu], axis=1)
+
+    def samples(self):       # the state is read for its place in the group only
+        return [Sample((((5, 8), "fixed"), ((5, 12), "fixed"), ((5, 4), "fixed"))),
+                Sample((((3, 32), "fixed"), ((3, 48), "fixed"), ((), "fixed")))]
+
+    def lower(self, kb, node, epilogue):
+        _lower_lstm(kb, node, "acts", first=1)
 
 
 class LstmStateGrad(Op):
-    """dg, the gates' cotangent, from dS = [dh, dc] (see `lstm_state`)."""
+    """dg, the gates' cotangent, from dS = [dh, dc] (see `lstm_state`), the
+    gates' activations (`lstm_acts`) and the cell's state [h, c]."""
     name = "lstm_state_grad"
 
-    def shape(self, g, kept, dS) -> TensorType:
-        return g
+    def shape(self, acts, state, dS) -> TensorType:
+        expect(acts.rank == 2 and state.shape == dS.shape and acts.shape[1] * 2 == state.shape[1] * 3,
+               f"lstm_state_grad: activations {acts}, state {state} and its cotangent {dS} do not match")
+        return acts
 
-    def reference(self, g, kept, dS):
-        return _lstm_backward(g, kept, dS)[0]
+    def reference(self, acts, state, dS):
+        return _lstm_backward(acts, state, dS)[0]
 
     def samples(self):
-        return [Sample((((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
-                Sample((((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
+        return [Sample((((5, 12), "fixed"), ((5, 8), "fixed"), ((5, 8), "fixed"))),
+                Sample((((2, 51), "fixed"), ((2, 34), "fixed"), ((2, 34), "fixed")))]
 
     def lower(self, kb, node, epilogue):
-        _lower_lstm(kb, node, "dg", also_dc=_dc_parts(kb, node))
+        _lower_lstm(kb, node, "dg", also=_parts_of(kb, node, "lstm_state_dc"))
 
 
 class LstmStateDc(Op):
@@ -980,80 +1045,93 @@ class LstmStateDc(Op):
     name = "lstm_state_dc"
     traits = frozenset({"part"})
 
-    def shape(self, dg, g, kept, dS) -> TensorType:
-        expect(dg.shape == g.shape, f"lstm_state_dc: the gates' cotangent {dg} is not shaped like the gates {g}")
-        return TensorType((g.shape[0], g.shape[1] // 3), "f32")
+    def shape(self, dg, acts, state, dS) -> TensorType:
+        expect(dg.shape == acts.shape, f"lstm_state_dc: the gates' cotangent {dg} is not shaped like the gates {acts}")
+        return TensorType((acts.shape[0], acts.shape[1] // 3), "f32")
 
-    def reference(self, dg, g, kept, dS):
-        return _lstm_backward(g, kept, dS)[1]
+    def reference(self, dg, acts, state, dS):
+        return _lstm_backward(acts, state, dS)[1]
 
     def samples(self):
-        return [Sample((((5, 12), "fixed"), ((5, 12), "fixed"), ((5, 4), "fixed"), ((5, 8), "fixed"))),
-                Sample((((2, 51), "fixed"), ((2, 51), "fixed"), ((), "fixed"), ((2, 34), "fixed")))]
+        return [Sample((((5, 12), "fixed"), ((5, 12), "fixed"), ((5, 8), "fixed"), ((5, 8), "fixed"))),
+                Sample((((2, 51), "fixed"), ((2, 51), "fixed"), ((2, 34), "fixed"), ((2, 34), "fixed")))]
 
     def lower(self, kb, node, epilogue):
         _lower_lstm(kb, node, "dc", first=1)
 
 
-def _dc_parts(kb, node) -> list:
-    """The `lstm_state_dc` nodes this `lstm_state_grad` kernel writes (its group's)."""
+def _parts_of(kb, node, op: str) -> list:
+    """The `op` nodes (parts whose first operand is `node`) this node's kernel writes too (its group's)."""
     g = kb.graph
     mine = next((gr.members for gr in g.groups if node.id in gr.members), ())
-    return [u for u in g.users(node.id) if g.nodes[u].op.name == "lstm_state_dc" and u in mine
+    return [u for u in g.users(node.id) if g.nodes[u].op.name == op and u in mine
             and g.nodes[u].inputs[0] == node.id and u in kb.layout.buffers]
 
 
-def _lower_lstm(kb, node, what: str, first: int = 0, also_dc=()) -> None:
-    """One task per row, vectors along the H columns of each gate. The
-    operands (gates, kept, dS) start at `first`; `also_dc`: nodes that get
-    dc too (written by the dg kernel: one pass, the gate math once)."""
+def _lower_lstm(kb, node, what: str, first: int = 0, also=()) -> None:
+    """One task per row, vectors along the H columns of each gate. `what`:
+    "state" ([h, c] from gates and kept; `also`: `lstm_acts` nodes it writes
+    too), "acts" (alone), "dg" (from activations, state and dS; `also`: the
+    `lstm_state_dc` nodes it writes too: one pass, the gate math once), "dc"
+    (alone). The operands start at `first`."""
     from ..lower.treemap import _row_op
     from .recurrent import gate_tanh
     g = kb.graph
-    gates, kept_id, ds_id = node.inputs[first:first + 3] if what != "state" else (*node.inputs[:2], None)
-    gt = g.nodes[gates].type
-    d = gt.shape[1] // 3
-    kept_node = g.nodes[kept_id]
-    scalar_kept = kept_node.type.rank == 0
-    number = kept_node.attrs["value"] if kept_node.op.name == "const" else None    # inline: no buffer
+    operands = node.inputs[first:]
+    forward = what in ("state", "acts")
+    gates = operands[0]                 # the gates, or their activations (same shape)
+    d = g.nodes[gates].type.shape[1] // 3
+    kept_id = operands[-1] if forward else None
+    kept_node = g.nodes[kept_id] if forward else None
+    scalar_kept = forward and kept_node.type.rank == 0
+    number = kept_node.attrs["value"] if forward and kept_node.op.name == "const" else None    # inline: no buffer
+    rows = g.nodes[gates].type.shape[0]
     vw = kb.vector_width
-    with kb.kernel(f"lstm_{what}{node.id}", tasks=lambda cg: cg.dim(gt.shape[0]), cost=40 * d) as (cg, lo, hi):
+    with kb.kernel(f"lstm_{what}{node.id}", tasks=lambda cg: cg.dim(rows), cost=40 * d) as (cg, lo, hi):
         G, out = cg.ptr(gates), cg.ptr(node.id)
-        K = cg.ptr(kept_id) if number is None else None
-        dS = cg.ptr(ds_id) if what != "state" else None
-        dc_outs = [cg.ptr(u) for u in also_dc]
+        K = cg.ptr(kept_id) if forward and number is None else None
+        S, dS = (cg.ptr(operands[1]), cg.ptr(operands[2])) if not forward else (None, None)
+        also_out = [cg.ptr(u) for u in also]
         with cg.loop(hi, start=lo) as r:
-            g_at, h_at = cg.imul(r, 3 * d), cg.imul(r, d)
+            g_at, h_at, s_at = cg.imul(r, 3 * d), cg.imul(r, d), cg.imul(r, 2 * d)
 
             def column(j, m):
                 def load(p, at):
                     return cg.load(p, cg.iadd(at, j), n=vw, mask=m)
-                i, o, u = load(G, g_at), load(G, cg.iadd(g_at, d)), load(G, cg.iadd(g_at, 2 * d))
-                if number is not None:
-                    kept = cg.const(float(number), i)
-                else:
-                    kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
-                si, so, tu = cg.sigmoid(i), cg.sigmoid(o), gate_tanh(cg, u)
-                c = cg.fma(si, tu, kept)
-                tc = gate_tanh(cg, c)
-                one = cg.const(1.0, c)
-                if what == "state":
-                    s_at = cg.imul(r, 2 * d)
-                    cg.store(cg.mul(so, tc), out, cg.iadd(s_at, j), mask=m)
+
+                def store_gates(p, values):
+                    for k, v in enumerate(values):
+                        cg.store(v, p, cg.iadd(cg.iadd(g_at, k * d), j), mask=m)
+                a, b, c3 = load(G, g_at), load(G, cg.iadd(g_at, d)), load(G, cg.iadd(g_at, 2 * d))
+                if forward:
+                    si, so, tu = cg.sigmoid(a), cg.sigmoid(b), gate_tanh(cg, c3)
+                    if what == "acts":
+                        store_gates(out, (si, so, tu))
+                        return
+                    if number is not None:
+                        kept = cg.const(float(number), si)
+                    else:
+                        kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
+                    c = cg.fma(si, tu, kept)
+                    cg.store(cg.mul(so, gate_tanh(cg, c)), out, cg.iadd(s_at, j), mask=m)
                     cg.store(c, out, cg.iadd(cg.iadd(s_at, d), j), mask=m)
+                    for p in also_out:
+                        store_gates(p, (si, so, tu))
                     return
-                s_at = cg.imul(r, 2 * d)
+                # the backward: activations as the forward kernel wrote them, c from the state
+                si, so, tu = a, b, c3
+                tc = gate_tanh(cg, load(S, cg.iadd(s_at, d)))
+                one = cg.const(1.0, tc)
                 dh, dco = load(dS, s_at), load(dS, cg.iadd(s_at, d))
                 dc = cg.fma(cg.mul(dh, so), cg.sub(one, cg.mul(tc, tc)), dco)
                 if what == "dc":
                     cg.store(dc, out, cg.iadd(h_at, j), mask=m)
                     return
-                for p in dc_outs:
+                for p in also_out:
                     cg.store(dc, p, cg.iadd(h_at, j), mask=m)
                 di = cg.mul(cg.mul(dc, tu), cg.mul(si, cg.sub(one, si)))
                 do = cg.mul(cg.mul(dh, tc), cg.mul(so, cg.sub(one, so)))
                 du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
-                for k, v in enumerate((di, do, du)):
-                    cg.store(v, out, cg.iadd(cg.iadd(g_at, k * d), j), mask=m)
+                store_gates(out, (di, do, du))
             # a runtime loop over the vectors past two (the gate math is long: unrolled, it is compile time)
             _row_op(cg, d if d <= 2 * vw else cg.i64(d), vw, column)
