@@ -420,3 +420,38 @@ def test_a_training_step_refused_under_the_lock_releases_it():
     assert got == [None], "the lock was left held"
     assert np.isfinite(net.train_step(x=x, y=y, lr=0.01)) and net._train_plan.calls == calls + 1
 
+
+COLUMN_SUMS = """
+model S {
+  input x: f32[N, 64]
+  input z: f32[B, 32, P]
+  output a = sum(x, axes=0)
+  output c = sum(z, axes=(0, 2))
+}
+"""
+
+
+def test_sums_over_rows_split_their_columns_across_threads():
+    """A sum over the leading axes (a bias gradient's, a convolution bias's
+    over batch and positions) was one task, run by one thread: its kept
+    axis now splits across the pool, whole vectors of columns (channels)
+    per task. Each output is still summed over the rows in order, so one
+    and two threads give the same bits, and a bias sum is the rows' sum in
+    order (float32 cumsum)."""
+    net = structc.compile(COLUMN_SUMS, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40000, 64)).astype(np.float32)
+    z = rng.normal(size=(64, 32, 1024)).astype(np.float32)
+    out = {}
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            out[threads], out[threads, "jobs"] = handed_off(lambda: net(x=x, z=z))
+    finally:
+        structc.set_num_threads(2)
+    assert out[2, "jobs"] == 2, "the sums were not handed to the pool"
+    for name in ("a", "c"):
+        np.testing.assert_array_equal(out[2][name], out[1][name], err_msg=name)
+    np.testing.assert_array_equal(out[1]["a"], np.cumsum(x, axis=0)[-1])
+    np.testing.assert_allclose(out[1]["c"], z.astype(np.float64).sum(axis=(0, 2)), rtol=1e-4, atol=1e-2)
+
