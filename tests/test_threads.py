@@ -455,3 +455,39 @@ def test_sums_over_rows_split_their_columns_across_threads():
     np.testing.assert_array_equal(out[1]["a"], np.cumsum(x, axis=0)[-1])
     np.testing.assert_allclose(out[1]["c"], z.astype(np.float64).sum(axis=(0, 2)), rtol=1e-4, atol=1e-2)
 
+
+SMALL_M_MATMUL = """
+model P {
+  input a: f32[M, K]
+  input b: f32[K, 64]
+  output c = a @ b
+}
+"""
+
+
+def test_a_matmul_of_few_rows_is_cut_into_more_tasks_with_the_same_bits():
+    """A matmul whose row blocks of `gemm.MB` rows give fewer than
+    `gemm.MIN_TASKS` tasks (the GNN's weight gradients: 64 x 64 outputs over
+    k = 2000 were 2 tasks, one per column panel, so a late worker was waited
+    for in full) takes fewer rows per task, a multiple of the main tile's:
+    every tile starts where it did, so the first 64 rows of a 1536-row
+    product (MB rows per task) are those of the 64-row product to the bit,
+    at one thread and at two."""
+    net = structc.compile(SMALL_M_MATMUL, seed=0)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1536, 2000)).astype(np.float32)
+    b = rng.normal(size=(2000, 64)).astype(np.float32)
+    report = net.profile(forward=True, steps=2, peak=100.0, a=a[:64], b=b)
+    (row,) = [r for r in report.rows if "matmul" in r.kernel.name]
+    assert row.tasks >= 8, f"a 64 x 64 product over k = 2000 is {row.tasks} tasks"
+    out = {}
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            out[threads] = net(a=a[:64], b=b), net(a=a, b=b)
+    finally:
+        structc.set_num_threads(2)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(out[threads][0], out[threads][1][:64])
+        np.testing.assert_array_equal(out[threads][0], out[1][0])
+    np.testing.assert_allclose(out[1][0], a[:64].astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
