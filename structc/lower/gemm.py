@@ -43,7 +43,8 @@ from .codegen import CG, F32, I64, NO_UNROLL, PTR
 
 KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
 MB = 192   # rows per task
-MIN_TASKS = 16   # fewer rows per task (row_block) when MB would give fewer tasks than this
+MIN_TASKS = 16   # fewer rows per task (row_block) when MB would give fewer tasks than this...
+TASK_FLOPS = 1 << 20   # ...and the product has this many flops per task more (~10 us of a core)
 
 
 def main_rows(vw: int) -> int:
@@ -72,20 +73,26 @@ def same_sums_step(vw: int) -> int:
     return min(r for r in tile_rows(vw) if r > 1)
 
 
-def row_block(cg: CG, m, n, vw: int):
-    """Rows per task: MB, unless that leaves fewer than MIN_TASKS tasks (a
-    weight gradient's 64 x 64 outputs over k = 2000 were 2 tasks, one per
-    column panel: any late start of a thread was waited for in full); then
-    fewer rows, a multiple of the main tile's, so that every tile starts
-    where it would with MB rows per task and the results are the same bits.
-    The task count and the kernel both compute it (from M and N)."""
+def row_block(cg: CG, m, n, k, vw: int):
+    """Rows per task: MB, unless that leaves fewer tasks than the product's
+    flops allow at TASK_FLOPS each, up to MIN_TASKS (a weight gradient's
+    64 x 64 outputs over k = 2000 were 2 tasks, one per column panel: any
+    late start of a thread was waited for in full); then fewer rows, a
+    multiple of the main tile's, so that every tile starts where it would
+    with MB rows per task and the results are the same bits. A small product
+    keeps its blocks (no new hand-off for a few microseconds of work). The
+    task count and the kernel both compute it (from M, N and K)."""
+    b = cg.b
     main = main_rows(vw)
     panels = cg.ceil_div(n, 2 * vw)
-    few = cg.b.icmp_signed("<", cg.imul(panels, cg.ceil_div(m, MB)), cg.i64(MIN_TASKS))
-    want = cg.ceil_div(cg.imul(m, panels), MIN_TASKS)           # rows per task for MIN_TASKS tasks
-    small = cg.imul(cg.ceil_div(want, main), main)
-    small = cg.b.select(cg.b.icmp_signed("<", small, cg.i64(main)), cg.i64(main), small)   # M = 0
-    return cg.b.select(few, cg.imin(small, cg.i64(MB)), cg.i64(MB))
+    flops = cg.imul(cg.imul(cg.imul(m, n), k), 2)
+    wanted = cg.imin(b.sdiv(flops, cg.i64(TASK_FLOPS)), cg.i64(MIN_TASKS))
+    few = b.icmp_signed("<", cg.imul(panels, cg.ceil_div(m, MB)), wanted)
+    wanted = b.select(b.icmp_signed("<", wanted, cg.i64(1)), cg.i64(1), wanted)
+    rows = _div_up(cg, cg.imul(m, panels), wanted)               # rows per task for that many tasks
+    small = cg.imul(cg.ceil_div(rows, main), main)
+    small = b.select(b.icmp_signed("<", small, cg.i64(main)), cg.i64(main), small)   # M = 0
+    return b.select(few, cg.imin(small, cg.i64(MB)), cg.i64(MB))
 
 
 def _div_up(cg: CG, a, b):
@@ -115,10 +122,10 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     rows = tile_rows(vw, static_m)
 
     def tasks(cg):
-        return cg.imul(cg.ceil_div(N(cg), nr), _div_up(cg, M(cg), row_block(cg, M(cg), N(cg), vw)))
+        return cg.imul(cg.ceil_div(N(cg), nr), _div_up(cg, M(cg), row_block(cg, M(cg), N(cg), K(cg), vw)))
 
     def cost(cg):       # a task's rows are at most a row block (a batch-1 call's are 1)
-        return cg.imul(cg.imul(K(cg), cg.imin(M(cg), row_block(cg, M(cg), N(cg), vw))), 2 * nr)
+        return cg.imul(cg.imul(K(cg), cg.imin(M(cg), row_block(cg, M(cg), N(cg), K(cg), vw))), 2 * nr)
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles
@@ -132,7 +139,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                  cg.ptr(a_buf), cg.ptr(b_buf), cg.ptr(scratch), epilogue)
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
-        rb = row_block(cg, t.m, t.n, vw)
+        rb = row_block(cg, t.m, t.n, t.k, vw)
         row_blocks = _div_up(cg, t.m, rb)
         with cg.loop(hi, start=lo, name="task") as task:
             panel = b.sdiv(task, row_blocks)

@@ -171,14 +171,24 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
     at, chunk = _split_group(groups, vw)
     split = at is not None
 
+    def per_task(cg):   # of the split group's elements
+        if at == 0:
+            return cg.i64(1)
+        b, ext = cg.b, cg.numel(groups[at][1])
+        whole = b.select(b.icmp_signed("<", ext, cg.i64(1)), cg.i64(1), ext)
+        return b.select(b.icmp_signed(">=", cg.numel(shape), cg.i64(SPLIT_ELEMENTS)), cg.i64(chunk), whole)
+
     def tasks(cg):
-        return cg.ceil_div(cg.numel(groups[at][1]), chunk) if split else cg.i64(1)
+        if not split:
+            return cg.i64(1)
+        per = per_task(cg)
+        return cg.b.sdiv(cg.b.add(cg.numel(groups[at][1]), cg.b.sub(per, cg.i64(1))), per)
 
     def cost(cg):       # a task's share of the elements
         if not split:
             return cg.numel(shape)
         rest = [d for g, (_, ds) in enumerate(groups) if g != at for d in ds]
-        return cg.imul(cg.numel(rest), cg.i64(chunk))
+        return cg.imul(cg.numel(rest), per_task(cg))
 
     with kb.kernel(f"{kind}{node.id}", tasks, cost=cost, skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
@@ -194,8 +204,9 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
                 ostride[g] = acc_o
                 acc_o = cg.imul(acc_o, ext[g])
         # this task's part of the split group: [first, stop)
-        first = cg.imul(lo, cg.i64(chunk)) if split else cg.i64(0)
-        stop = cg.imin(cg.imul(hi, cg.i64(chunk)), ext[at]) if split and chunk > 1 else hi
+        per = per_task(cg) if split else None
+        first = cg.imul(lo, per) if split else cg.i64(0)
+        stop = cg.imin(cg.imul(hi, per), ext[at]) if split and at != 0 else hi
         out_inner = ostride[at] if split else cg.numel(out_dims)
         zstart = cg.imul(first, out_inner) if split else cg.i64(0)
         zstop = cg.imul(stop, out_inner) if split else out_inner
@@ -227,6 +238,9 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
             level(0, cg.i64(0), cg.i64(0))
 
 
+SPLIT_ELEMENTS = 1 << 16   # a sum over leading axes of fewer elements stays one task (a few us)
+
+
 def _split_group(groups, vw: int) -> tuple[int | None, int]:
     """Which axis group splits across threads, and its elements per task.
     Each task owns its outputs and sums each one in the same order as one
@@ -234,7 +248,8 @@ def _split_group(groups, vw: int) -> tuple[int | None, int]:
     so the results are the same to the bit however the tasks are run. The
     outermost axes when kept (one output row per task); else the only kept
     group, after reduced ones (a bias gradient's columns, a convolution
-    bias's channels): whole vectors of columns per task when it is innermost.
+    bias's channels): whole vectors of columns per task when it is innermost,
+    if the sum has SPLIT_ELEMENTS or more (else one task: `per_task`).
     Several kept groups behind a reduced one: one task."""
     if groups and not groups[0][0]:
         return 0, 1
