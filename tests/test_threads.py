@@ -491,3 +491,36 @@ def test_a_matmul_of_few_rows_is_cut_into_more_tasks_with_the_same_bits():
         np.testing.assert_array_equal(out[threads][0], out[threads][1][:64])
         np.testing.assert_array_equal(out[threads][0], out[1][0])
     np.testing.assert_allclose(out[1][0], a[:64].astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+EMBEDDING = """
+model Emb {
+  input  w: class[N] of 1000
+  target y: class[N] of 4
+  param  E: embedding(1000, 64)
+  loss cross_entropy(dense(E[w], 4), y)
+}
+"""
+
+
+def test_an_embedding_gradient_splits_its_columns_across_threads():
+    """The embedding's gradient (`scatter_rows`: rows may repeat, so each
+    element's adds are serial) was one task; its columns now split across
+    the pool, whole vectors per task, each element's adds in the same
+    order: 1 and 2 threads give the same bits."""
+    net = structc.compile(EMBEDDING, seed=0)
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 1000, 3000).astype(np.int32)    # repeats: rows hit several times
+    y = rng.integers(0, 4, 3000).astype(np.int32)
+    report = net.profile(steps=2, peak=100.0, w=w, y=y)
+    (row,) = [r for r in report.rows if "scatter" in r.kernel.name]
+    assert row.tasks == 4, f"a 1000 x 64 embedding gradient is {row.tasks} tasks"
+    grads = {}
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            grads[threads] = net.grad(w=w, y=y)
+    finally:
+        structc.set_num_threads(2)
+    assert grads[1][0] == grads[2][0]
+    np.testing.assert_array_equal(grads[1][1]["E"], grads[2][1]["E"])
