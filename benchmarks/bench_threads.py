@@ -13,7 +13,11 @@ gnn (3-layer GNN, 2000 nodes), trees (32 trees), gat (2-layer GAT); plus
 
 Each (workload, threads) runs in a fresh process; rounds interleave the thread
 counts (and, with --before PYTHON, an interpreter with another checkout of
-structc installed: before/after in one run), so all see the same load. A round times --steps steps after a
+structc installed: before/after in one run), so all see the same load; every
+other round runs them in the reverse order (in one run on a shared machine the
+runs late in each round were consistently slower: LeNet's 2-thread speed-up,
+the same kernels on both sides, 1.70-1.87x in the first pair against 1.04-1.68x
+in the second, whichever checkout came second). A round times --steps steps after a
 warm-up; the number is the median over rounds of per-round medians (with
 `--quantile 0.1`, of per-round 10th percentiles: on a loaded machine, the
 steps that ran while both threads had a core). The load
@@ -226,11 +230,13 @@ def main(argv=None) -> int:
     for name in names:
         steps = args.steps or default_steps[name]
         runs = {(side, t): [] for side in sides for t in (1, 2)}
-        for _ in range(args.rounds):
-            for side, python in sides.items():
-                for threads in (1, 2):
-                    runs[side, threads].append(run_worker(name, threads, steps, python, not args.no_backoff,
-                                                          args.quantile))
+        for r in range(args.rounds):
+            # every other round in the reverse order (sides and thread counts): a
+            # disturbance tied to a place in the round then falls on each run alike
+            order = [(side, t) for side in sides for t in (1, 2)]
+            for side, threads in (order if r % 2 == 0 else order[::-1]):
+                runs[side, threads].append(run_worker(name, threads, steps, sides[side], not args.no_backoff,
+                                                      args.quantile))
         for side in sides:
             times = {t: [r["time"] for r in runs[side, t]] for t in (1, 2)}
             one, two = statistics.median(times[1]), statistics.median(times[2])
