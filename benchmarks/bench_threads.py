@@ -13,14 +13,24 @@ gnn (3-layer GNN, 2000 nodes), trees (32 trees), gat (2-layer GAT); plus
 
 Each (workload, threads) runs in a fresh process; rounds interleave the thread
 counts (and, with --before PYTHON, an interpreter with another checkout of
-structc installed: before/after in one run), so all see the same load. A round times --steps steps after a
+structc installed: before/after in one run), so all see the same load; every
+other round runs them in the reverse order (in one run on a shared machine the
+runs late in each round were consistently slower: LeNet's 2-thread speed-up,
+the same kernels on both sides, 1.70-1.87x in the first pair against 1.04-1.68x
+in the second, whichever checkout came second). A round times --steps steps after a
 warm-up; the number is the median over rounds of per-round medians (with
 `--quantile 0.1`, of per-round 10th percentiles: on a loaded machine, the
 steps that ran while both threads had a core). The load
 average is printed before and after: on a shared machine the ratio measured in
 one run is what to read. On a loaded machine the pool backs off to one thread
 (the runtime's STRUCTC_BACKOFF); `--no-backoff` turns that off in the workers,
-to see what two threads do when they are never backed off.
+to see what two threads do when they are never backed off. Each line also
+gives every round's own speed-up and the share of each 2-thread round's jobs
+that ran on the caller because the pool was backing off (a round at 100%
+timed one thread: with the back-off on, a few preempted windows of a round
+make its 2-thread time a 1-thread time, which is why rounds of the same
+code ranged 0.86x-1.71x). A worker run directly (`--worker`) prints its
+times and the pool's counters (jobs, backoff_jobs, stalls, preemptions).
 """
 from __future__ import annotations
 
@@ -115,13 +125,24 @@ def quantile(times: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def worker(name: str, threads: int, steps: int, rounds: int, q: float = 0.5) -> list[float]:
-    """Per-round `q` quantiles (seconds per step; the median by default) of `rounds` rounds, in this process."""
+def pool_counters() -> dict:
+    """The pool's counters so far: jobs handed to it, those run on the caller
+    while it backed off, and what started back-offs."""
+    from structc import _runtime
+    return {"jobs": _runtime.handoffs(), "backoff_jobs": _runtime.backoff_jobs(), "stalls": _runtime.stalls(),
+            "preemptions": _runtime.preemptions()}
+
+
+def worker(name: str, threads: int, steps: int, rounds: int, q: float = 0.5) -> dict:
+    """Per-round `q` quantiles (seconds per step; the median by default) of
+    `rounds` rounds, in this process, and the pool's counters over them (a
+    round whose jobs ran on the caller, backing off, timed one thread)."""
     import structc
     structc.set_num_threads(threads)
     step = step_fn(name)
     for _ in range(max(5, steps // 5)):
         step()
+    before = pool_counters()
     medians = []
     for _ in range(rounds):
         times = []
@@ -130,11 +151,12 @@ def worker(name: str, threads: int, steps: int, rounds: int, q: float = 0.5) -> 
             step()
             times.append(time.perf_counter() - t)
         medians.append(statistics.median(times) if q == 0.5 else quantile(times, q))
-    return medians
+    after = pool_counters()
+    return {"times": medians, **{k: after[k] - before[k] for k in after}}
 
 
 def run_worker(name: str, threads: int, steps: int, python: str = sys.executable, backoff: bool = True,
-               q: float = 0.5) -> float:
+               q: float = 0.5) -> dict:
     # one compile cache per interpreter: two checkouts never share compiled code
     cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"structc-bench-threads-{hashlib.sha1(python.encode()).hexdigest()[:12]}"
     env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), STRUCTC_CACHE_DIR=str(cache))
@@ -142,7 +164,8 @@ def run_worker(name: str, threads: int, steps: int, python: str = sys.executable
         env["STRUCTC_BACKOFF"] = "0"
     out = subprocess.run([python, __file__, "--worker", name, "--threads-one", str(threads),
                           "--steps", str(steps), "--quantile", str(q)], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])[0]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**r, "time": r["times"][0]}
 
 
 def show_breakdown(names, steps, sides, default_steps, backoff: bool) -> int:
@@ -163,6 +186,11 @@ def show_breakdown(names, steps, sides, default_steps, backoff: bool) -> int:
                     print(f"       levels' rows {r['level_rows']}: {r['levels_on_one_thread']} too small to split")
     print(f"load average after:  {load()}")
     return 0
+
+
+def spread(one: list[float], two: list[float]) -> str:
+    """Each round's own ratio (its 1-thread run over its 2-thread run)."""
+    return " ".join(f"{a / b:.2f}" for a, b in zip(one, two))
 
 
 def load() -> str:
@@ -189,7 +217,9 @@ def main(argv=None) -> int:
         else:
             print(json.dumps(worker(args.worker, args.threads_one, args.steps, 1, args.quantile)))
         return 0
-    default_steps = {"gnn": 40, "gat": 20, "conv": 20, "trees": 60, "lenet": 100, "mlp": 200,
+    # about 0.3 s per round on a quiet machine (was 40-120 ms for gnn, trees, gat, mlp: a
+    # single disturbance, or one back-off of up to 128 ms, then moved a whole round)
+    default_steps = {"gnn": 120, "gat": 200, "conv": 20, "trees": 600, "lenet": 200, "mlp": 500,
                      "mlp_infer1": 2000, "lenet_infer1": 2000}
     names = args.workloads.split(",")
     sides = {"after": sys.executable} if not args.before else {"before": args.before, "after": sys.executable}
@@ -199,17 +229,27 @@ def main(argv=None) -> int:
     results = {}
     for name in names:
         steps = args.steps or default_steps[name]
-        times = {(side, t): [] for side in sides for t in (1, 2)}
-        for _ in range(args.rounds):
-            for side, python in sides.items():
-                for threads in (1, 2):
-                    times[side, threads].append(run_worker(name, threads, steps, python, not args.no_backoff,
-                                                                 args.quantile))
+        runs = {(side, t): [] for side in sides for t in (1, 2)}
+        for r in range(args.rounds):
+            # every other round in the reverse order (sides and thread counts): a
+            # disturbance tied to a place in the round then falls on each run alike
+            order = [(side, t) for side in sides for t in (1, 2)]
+            for side, threads in (order if r % 2 == 0 else order[::-1]):
+                runs[side, threads].append(run_worker(name, threads, steps, sides[side], not args.no_backoff,
+                                                      args.quantile))
         for side in sides:
-            one, two = statistics.median(times[side, 1]), statistics.median(times[side, 2])
-            results[f"{name} {side}"] = {"1": one, "2": two, "speedup": one / two}
+            times = {t: [r["time"] for r in runs[side, t]] for t in (1, 2)}
+            one, two = statistics.median(times[1]), statistics.median(times[2])
+            # the share of the 2-thread rounds' jobs run on the caller, backing off
+            serial = [r["backoff_jobs"] / max(r["jobs"], 1) for r in runs[side, 2]]
+            results[f"{name} {side}"] = {"1": one, "2": two, "speedup": one / two, "rounds_1": times[1],
+                                         "rounds_2": times[2], "backed_off_2": serial}
             print(f"{name:13s} {side:6s} 1 thread {one * 1e3:9.4f} ms   2 threads {two * 1e3:9.4f} ms   "
-                  f"speed-up {one / two:5.2f}x", flush=True)
+                  f"speed-up {one / two:5.2f}x   rounds' speed-ups {spread(times[1], times[2])}   "
+                  f"2-thread jobs backed off {', '.join(f'{100 * f:.0f}%' for f in serial)}", flush=True)
+            if max(serial) > 0.1:
+                print(f"{'':13s} (the pool backed off: those 2-thread rounds timed partly one thread; "
+                      "--no-backoff measures scaling)", flush=True)
     print(f"load average after:  {load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -266,6 +266,14 @@ static PyObject *debug_stall_worker(PyObject *self, PyObject *arg) { return arm_
 
 static PyObject *debug_stall_caller(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_stall_caller); }
 
+/* debug_hold_backoff(flag): a started back-off lasts until released (tests). */
+static PyObject *debug_hold_backoff(PyObject *self, PyObject *arg) {
+    int hold = PyObject_IsTrue(arg);
+    if (hold < 0) return NULL;
+    sc_debug_hold_backoff(hold);
+    Py_RETURN_NONE;
+}
+
 /* ---- The call plan: `net(x=x)` on dense ndarrays without the Python checks ----
  *
  * A CallPlan is built once per entry in Python (structc/model.py, `_call_plan`)
@@ -770,6 +778,8 @@ static PyMethodDef methods[] = {
     {"preemptions", preemptions, METH_NOARGS, "preemptions() -> entries' windows whose caller was preempted too long"},
     {"debug_stall_caller", debug_stall_caller, METH_O,
      "debug_stall_caller(ns): the next entry that may use the pool sleeps ns before it returns (tests)"},
+    {"debug_hold_backoff", debug_hold_backoff, METH_O,
+     "debug_hold_backoff(flag): while true, a started back-off does not end with time (tests)"},
     {"first_out_of_range", (PyCFunction)(void (*)(void))first_out_of_range, METH_FASTCALL,
      "first_out_of_range(buffer, lo, hi) -> index of the first element outside [lo, hi), or -1"},
     {"invoke", (PyCFunction)(void (*)(void))invoke, METH_FASTCALL,

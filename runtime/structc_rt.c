@@ -108,6 +108,7 @@ static _Atomic int64_t serial_until = 0;   /* CLOCK_MONOTONIC ns: jobs before it
 static _Atomic uint64_t preemptions = 0;   /* entries' windows whose caller was preempted too long */
 static _Atomic int64_t debug_stall_ns = 0; /* tests: the next job's worker sleeps this long in its chunk */
 static _Atomic int64_t debug_caller_ns = 0; /* tests: the next timed entry's caller sleeps this long */
+static atomic_int debug_hold = 0;          /* tests: a back-off started while held lasts until released */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static _Thread_local int in_parallel = 0;
@@ -262,7 +263,8 @@ static void back_off(int64_t end, int extend) {
         if (backoff_ns > BACKOFF_MAX_NS) backoff_ns = BACKOFF_MAX_NS;
     }
     last_stall = end + backoff_ns;
-    atomic_store_explicit(&serial_until, end + backoff_ns, memory_order_relaxed);
+    int64_t until = atomic_load(&debug_hold) ? INT64_MAX : end + backoff_ns;   /* tests: held until released */
+    atomic_store_explicit(&serial_until, until, memory_order_relaxed);
     pthread_mutex_unlock(&backoff_lock);
 }
 
@@ -402,6 +404,15 @@ uint64_t sc_preemptions(void) { return atomic_load(&preemptions); }
 void sc_debug_stall_worker(int64_t ns) { atomic_store(&debug_stall_ns, ns); }
 
 void sc_debug_stall_caller(int64_t ns) { atomic_store(&debug_caller_ns, ns); }
+
+/* Held, a back-off started from now on lasts until released; released, it
+ * ends when it would have (last_stall). One started before is not held. */
+void sc_debug_hold_backoff(int hold) {
+    pthread_mutex_lock(&backoff_lock);
+    atomic_store(&debug_hold, hold != 0);
+    if (!hold && atomic_load(&serial_until) == INT64_MAX) atomic_store(&serial_until, last_stall);
+    pthread_mutex_unlock(&backoff_lock);
+}
 
 /* Start workers up to `want - 1` (the caller is the last thread). Holds pool_lock. */
 static int ensure_workers(int want) {

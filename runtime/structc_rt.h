@@ -51,6 +51,10 @@ uint64_t sc_stalls(void);
 uint64_t sc_preemptions(void);
 void sc_debug_stall_worker(int64_t ns);
 void sc_debug_stall_caller(int64_t ns);
+/* Tests: while held, a back-off started (after the hold) does not end with
+ * time (a test's steps after it then see it however slowly the machine runs
+ * them); released, it ends at its usual time (long past, then). */
+void sc_debug_hold_backoff(int hold);
 
 #ifdef __cplusplus
 }

@@ -147,6 +147,14 @@ def handed_off(fn):
     return out, _runtime.handoffs() - before
 
 
+def backed_off(fn):
+    """fn's result, the jobs it handed to the pool, and how many of those ran
+    on the caller because the pool was backing off."""
+    before, serial = _runtime.handoffs(), _runtime.backoff_jobs()
+    out = fn()
+    return out, _runtime.handoffs() - before, _runtime.backoff_jobs() - serial
+
+
 def test_two_threads_match_one_bitwise():
     """Each task computes the same elements in the same order whichever thread
     runs it, so the thread count changes nothing, to the bit."""
@@ -268,8 +276,11 @@ def test_benchmark_families_match_at_two_threads(family):
 def backoff():
     """Set which signs start a back-off (resetting it; off in tests, conftest.py)."""
     before = _runtime.set_backoff(0)
-    yield _runtime.set_backoff
-    _runtime.set_backoff(before)
+    try:
+        yield _runtime.set_backoff
+    finally:
+        _runtime.debug_hold_backoff(False)
+        _runtime.set_backoff(before)
 
 
 def assert_as_on_one_thread(net, batch, losses):
@@ -294,16 +305,19 @@ def test_a_preempted_worker_makes_the_pool_back_off(backoff):
     net.init_params(0)
     backoff(1)                                          # only stalls: a loaded test machine preempts callers
     losses = [net.train_step(x=x, y=y, lr=0.05)]      # workers started and spinning
-    stalls, serial = _runtime.stalls(), _runtime.backoff_jobs()
+    stalls = _runtime.stalls()
     try:
+        _runtime.debug_hold_backoff(True)               # the back-off outlasts slow test steps
         _runtime.debug_stall_worker(30_000_000)        # 30 ms in the worker's next chunk
-        while _runtime.stalls() == stalls and len(losses) < 4:
+        deadline = time.monotonic() + 10     # on a loaded machine the worker may miss many jobs before it claims
+        while _runtime.stalls() == stalls and time.monotonic() < deadline:
             losses.append(net.train_step(x=x, y=y, lr=0.05))
+        assert _runtime.stalls() > stalls, "the worker's sleep was not seen as a stall"
+        _, jobs, serial = backed_off(lambda: losses.extend(net.train_step(x=x, y=y, lr=0.05) for _ in range(2)))
+        assert jobs > 0 and serial == jobs, f"{jobs - serial} of {jobs} jobs were handed off after the stall"
     finally:
         _runtime.debug_stall_worker(0)
-    assert _runtime.stalls() > stalls, "the worker's sleep was not seen as a stall"
-    losses += [net.train_step(x=x, y=y, lr=0.05) for _ in range(2)]     # within the back-off
-    assert _runtime.backoff_jobs() > serial, "no job ran on the caller after the stall"
+        _runtime.debug_hold_backoff(False)
     assert_as_on_one_thread(net, {"x": x, "y": y}, losses)
     structc.set_num_threads(2)
     time.sleep(0.3)                                     # past the longest back-off
@@ -322,15 +336,19 @@ def test_a_preempted_caller_makes_the_pool_back_off(backoff):
     net.init_params(0)
     backoff(2)
     losses = [net.train_step(x=x, y=y, lr=0.05)]
-    seen, serial = _runtime.preemptions(), _runtime.backoff_jobs()
+    seen = _runtime.preemptions()
     try:
+        # The back-off (2 ms) is held until released: on a loaded machine the
+        # steps below could otherwise start after it ended (a flaky failure).
+        _runtime.debug_hold_backoff(True)
         _runtime.debug_stall_caller(20_000_000)         # 20 ms asleep: more than a judging window
         losses.append(net.train_step(x=x, y=y, lr=0.05))
+        assert _runtime.preemptions() > seen
+        _, jobs, serial = backed_off(lambda: losses.extend(net.train_step(x=x, y=y, lr=0.05) for _ in range(2)))
+        assert jobs > 0 and serial == jobs, f"{jobs - serial} of {jobs} jobs were handed off after the preemption"
     finally:
         _runtime.debug_stall_caller(0)
-    assert _runtime.preemptions() > seen
-    losses += [net.train_step(x=x, y=y, lr=0.05) for _ in range(2)]
-    assert _runtime.backoff_jobs() > serial, "no job ran on the caller after the preemption"
+        _runtime.debug_hold_backoff(False)
     assert_as_on_one_thread(net, {"x": x, "y": y}, losses)
 
 
@@ -401,3 +419,108 @@ def test_a_training_step_refused_under_the_lock_releases_it():
     other.join()
     assert got == [None], "the lock was left held"
     assert np.isfinite(net.train_step(x=x, y=y, lr=0.01)) and net._train_plan.calls == calls + 1
+
+
+COLUMN_SUMS = """
+model S {
+  input x: f32[N, 64]
+  input z: f32[B, 32, P]
+  output a = sum(x, axes=0)
+  output c = sum(z, axes=(0, 2))
+}
+"""
+
+
+def test_sums_over_rows_split_their_columns_across_threads():
+    """A sum over the leading axes (a bias gradient's, a convolution bias's
+    over batch and positions) was one task, run by one thread: its kept
+    axis now splits across the pool, whole vectors of columns (channels)
+    per task. Each output is still summed over the rows in order, so one
+    and two threads give the same bits, and a bias sum is the rows' sum in
+    order (float32 cumsum)."""
+    net = structc.compile(COLUMN_SUMS, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40000, 64)).astype(np.float32)
+    z = rng.normal(size=(64, 32, 1024)).astype(np.float32)
+    out = {}
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            out[threads], out[threads, "jobs"] = handed_off(lambda: net(x=x, z=z))
+    finally:
+        structc.set_num_threads(2)
+    assert out[2, "jobs"] == 2, "the sums were not handed to the pool"
+    for name in ("a", "c"):
+        np.testing.assert_array_equal(out[2][name], out[1][name], err_msg=name)
+    np.testing.assert_array_equal(out[1]["a"], np.cumsum(x, axis=0)[-1])
+    np.testing.assert_allclose(out[1]["c"], z.astype(np.float64).sum(axis=(0, 2)), rtol=1e-4, atol=1e-2)
+
+
+SMALL_M_MATMUL = """
+model P {
+  input a: f32[M, K]
+  input b: f32[K, 64]
+  output c = a @ b
+}
+"""
+
+
+def test_a_matmul_of_few_rows_is_cut_into_more_tasks_with_the_same_bits():
+    """A matmul whose row blocks of `gemm.MB` rows give fewer than
+    `gemm.MIN_TASKS` tasks (the GNN's weight gradients: 64 x 64 outputs over
+    k = 2000 were 2 tasks, one per column panel, so a late worker was waited
+    for in full) takes fewer rows per task, a multiple of the main tile's:
+    every tile starts where it did, so the first 64 rows of a 1536-row
+    product (MB rows per task) are those of the 64-row product to the bit,
+    at one thread and at two."""
+    net = structc.compile(SMALL_M_MATMUL, seed=0)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1536, 2000)).astype(np.float32)
+    b = rng.normal(size=(2000, 64)).astype(np.float32)
+    report = net.profile(forward=True, steps=2, peak=100.0, a=a[:64], b=b)
+    (row,) = [r for r in report.rows if "matmul" in r.kernel.name]
+    assert row.tasks >= 8, f"a 64 x 64 product over k = 2000 is {row.tasks} tasks"
+    out = {}
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            out[threads] = net(a=a[:64], b=b), net(a=a, b=b)
+    finally:
+        structc.set_num_threads(2)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(out[threads][0], out[threads][1][:64])
+        np.testing.assert_array_equal(out[threads][0], out[1][0])
+    np.testing.assert_allclose(out[1][0], a[:64].astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+EMBEDDING = """
+model Emb {
+  input  w: class[N] of 1000
+  target y: class[N] of 4
+  param  E: embedding(1000, 64)
+  loss cross_entropy(dense(E[w], 4), y)
+}
+"""
+
+
+def test_an_embedding_gradient_splits_its_columns_across_threads():
+    """The embedding's gradient (`scatter_rows`: rows may repeat, so each
+    element's adds are serial) was one task; its columns now split across
+    the pool, whole vectors per task, each element's adds in the same
+    order: 1 and 2 threads give the same bits."""
+    net = structc.compile(EMBEDDING, seed=0)
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 1000, 3000).astype(np.int32)    # repeats: rows hit several times
+    y = rng.integers(0, 4, 3000).astype(np.int32)
+    report = net.profile(steps=2, peak=100.0, w=w, y=y)
+    (row,) = [r for r in report.rows if "scatter" in r.kernel.name]
+    assert row.tasks == 4, f"a 1000 x 64 embedding gradient is {row.tasks} tasks"
+    grads = {}
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            grads[threads] = net.grad(w=w, y=y)
+    finally:
+        structc.set_num_threads(2)
+    assert grads[1][0] == grads[2][0]
+    np.testing.assert_array_equal(grads[1][1]["E"], grads[2][1]["E"])
