@@ -81,9 +81,14 @@ def row_block(cg: CG, m, n, k, vw: int):
     multiple of the main tile's, so that every tile starts where it would
     with MB rows per task and the results are the same bits. A small product
     keeps its blocks (no new hand-off for a few microseconds of work). The
-    task count and the kernel both compute it (from M, N and K)."""
+    task count and the kernel both compute it (from M, N and K), so where
+    the shapes known at compile time already decide it, it is MB as a
+    constant: every entry calls several matmuls (Dense200's training entry
+    was 3x the IR with the computation inline)."""
     b = cg.b
     main = main_rows(vw)
+    if _always_mb(m, n, k, main):
+        return cg.i64(MB)
     panels = cg.ceil_div(n, 2 * vw)
     flops = cg.imul(cg.imul(cg.imul(m, n), k), 2)
     wanted = cg.imin(b.sdiv(flops, cg.i64(TASK_FLOPS)), cg.i64(MIN_TASKS))
@@ -95,8 +100,23 @@ def row_block(cg: CG, m, n, k, vw: int):
     return b.select(few, cg.imin(small, cg.i64(MB)), cg.i64(MB))
 
 
+def _always_mb(m, n, k, main: int) -> bool:
+    """Whether `row_block` gives MB's tasks for every run-time M, N, K: M is
+    known and one tile (one row block however long), or N and K are known
+    and too small for any M that MB splits into fewer than MIN_TASKS blocks
+    (M < MB * MIN_TASKS) to reach 2 * TASK_FLOPS flops."""
+    def known(v):
+        return v.constant if isinstance(v, ir.Constant) else None
+    if known(m) is not None and known(m) <= main:
+        return True
+    return known(n) is not None and known(k) is not None and \
+        2 * MB * MIN_TASKS * known(n) * known(k) < 2 * TASK_FLOPS
+
+
 def _div_up(cg: CG, a, b):
     """ceil(a / b) of run-time values (b > 0)."""
+    if isinstance(b, ir.Constant):
+        return cg.ceil_div(a, b.constant)
     return cg.b.sdiv(cg.b.add(a, cg.b.sub(b, cg.i64(1))), b)
 
 

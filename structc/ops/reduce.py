@@ -174,15 +174,24 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
     def per_task(cg):   # of the split group's elements
         if at == 0:
             return cg.i64(1)
-        b, ext = cg.b, cg.numel(groups[at][1])
+        b, ext, size = cg.b, cg.numel(groups[at][1]), cg.numel(shape)
+        # decided at compile time where the shapes decide it (every entry has many sums)
+        from llvmlite import ir
+        if isinstance(ext, ir.Constant) and ext.constant <= chunk:
+            return cg.i64(max(1, ext.constant))       # one task, as many elements as it has
+        if isinstance(ext, ir.Constant) and isinstance(size, ir.Constant):
+            return cg.i64(chunk if size.constant >= SPLIT_ELEMENTS else max(1, ext.constant))
         whole = b.select(b.icmp_signed("<", ext, cg.i64(1)), cg.i64(1), ext)
-        return b.select(b.icmp_signed(">=", cg.numel(shape), cg.i64(SPLIT_ELEMENTS)), cg.i64(chunk), whole)
+        return b.select(b.icmp_signed(">=", size, cg.i64(SPLIT_ELEMENTS)), cg.i64(chunk), whole)
 
     def tasks(cg):
         if not split:
             return cg.i64(1)
-        per = per_task(cg)
-        return cg.b.sdiv(cg.b.add(cg.numel(groups[at][1]), cg.b.sub(per, cg.i64(1))), per)
+        from llvmlite import ir
+        per, ext = per_task(cg), cg.numel(groups[at][1])
+        if isinstance(per, ir.Constant) and isinstance(ext, ir.Constant):
+            return cg.i64(-(-ext.constant // per.constant))
+        return cg.b.sdiv(cg.b.add(ext, cg.b.sub(per, cg.i64(1))), per)
 
     def cost(cg):       # a task's share of the elements
         if not split:
