@@ -1,7 +1,6 @@
 """The register-tiled matmul kernel: C = op(A) @ B with a fused epilogue.
 
-A task is one block of rows (MB; fewer, `row_block`, when that gives fewer
-than MIN_TASKS tasks) by one panel of NR = 2 vectors of columns.
+A task is one block of rows (MB) by one panel of NR = 2 vectors of columns.
 Within it, tiles of MR rows x NR columns accumulate in MR*2 vector
 registers: each step over k loads two vectors of B and broadcasts MR
 elements of A (folded into the FMA as memory operands on x86). With 32
@@ -43,8 +42,6 @@ from .codegen import CG, F32, I64, NO_UNROLL, PTR
 
 KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
 MB = 192   # rows per task
-MIN_TASKS = 16   # fewer rows per task (row_block) when MB would give fewer tasks than this...
-TASK_FLOPS = 1 << 20   # ...and the product has this many flops per task more (~10 us of a core)
 
 
 def main_rows(vw: int) -> int:
@@ -73,53 +70,6 @@ def same_sums_step(vw: int) -> int:
     return min(r for r in tile_rows(vw) if r > 1)
 
 
-def row_block(cg: CG, m, n, k, vw: int):
-    """Rows per task: MB, unless that leaves fewer tasks than the product's
-    flops allow at TASK_FLOPS each, up to MIN_TASKS (a weight gradient's
-    64 x 64 outputs over k = 2000 were 2 tasks, one per column panel: any
-    late start of a thread was waited for in full); then fewer rows, a
-    multiple of the main tile's, so that every tile starts where it would
-    with MB rows per task and the results are the same bits. A small product
-    keeps its blocks (no new hand-off for a few microseconds of work). The
-    task count and the kernel both compute it (from M, N and K), so where
-    the shapes known at compile time already decide it, it is MB as a
-    constant: every entry calls several matmuls (Dense200's training entry
-    was 3x the IR with the computation inline)."""
-    b = cg.b
-    main = main_rows(vw)
-    if _always_mb(m, n, k, main):
-        return cg.i64(MB)
-    panels = cg.ceil_div(n, 2 * vw)
-    flops = cg.imul(cg.imul(cg.imul(m, n), k), 2)
-    wanted = cg.imin(b.sdiv(flops, cg.i64(TASK_FLOPS)), cg.i64(MIN_TASKS))
-    few = b.icmp_signed("<", cg.imul(panels, cg.ceil_div(m, MB)), wanted)
-    wanted = b.select(b.icmp_signed("<", wanted, cg.i64(1)), cg.i64(1), wanted)
-    rows = _div_up(cg, cg.imul(m, panels), wanted)               # rows per task for that many tasks
-    small = cg.imul(cg.ceil_div(rows, main), main)
-    small = b.select(b.icmp_signed("<", small, cg.i64(main)), cg.i64(main), small)   # M = 0
-    return b.select(few, cg.imin(small, cg.i64(MB)), cg.i64(MB))
-
-
-def _always_mb(m, n, k, main: int) -> bool:
-    """Whether `row_block` gives MB's tasks for every run-time M, N, K: M is
-    known and one tile (one row block however long), or N and K are known
-    and too small for any M that MB splits into fewer than MIN_TASKS blocks
-    (M < MB * MIN_TASKS) to reach 2 * TASK_FLOPS flops."""
-    def known(v):
-        return v.constant if isinstance(v, ir.Constant) else None
-    if known(m) is not None and known(m) <= main:
-        return True
-    return known(n) is not None and known(k) is not None and \
-        2 * MB * MIN_TASKS * known(n) * known(k) < 2 * TASK_FLOPS
-
-
-def _div_up(cg: CG, a, b):
-    """ceil(a / b) of run-time values (b > 0)."""
-    if isinstance(b, ir.Constant):
-        return cg.ceil_div(a, b.constant)
-    return cg.b.sdiv(cg.b.add(a, cg.b.sub(b, cg.i64(1))), b)
-
-
 def k_split(mr: int, nv: int) -> int:
     """Independent accumulator sets along k for a one-row tile, so that 8 FMA
     chains are in flight (two FMA pipes x four cycles of latency): a 1 x 2
@@ -142,10 +92,10 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     rows = tile_rows(vw, static_m)
 
     def tasks(cg):
-        return cg.imul(cg.ceil_div(N(cg), nr), _div_up(cg, M(cg), row_block(cg, M(cg), N(cg), K(cg), vw)))
+        return cg.imul(cg.ceil_div(N(cg), nr), cg.ceil_div(M(cg), MB))
 
-    def cost(cg):       # a task's rows are at most a row block (a batch-1 call's are 1)
-        return cg.imul(cg.imul(K(cg), cg.imin(M(cg), row_block(cg, M(cg), N(cg), K(cg), vw))), 2 * nr)
+    def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1)
+        return cg.imul(cg.imul(K(cg), cg.imin(M(cg), cg.i64(MB))), 2 * nr)
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles
@@ -159,12 +109,11 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                  cg.ptr(a_buf), cg.ptr(b_buf), cg.ptr(scratch), epilogue)
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
-        rb = row_block(cg, t.m, t.n, t.k, vw)
-        row_blocks = _div_up(cg, t.m, rb)
+        row_blocks = cg.ceil_div(t.m, MB)
         with cg.loop(hi, start=lo, name="task") as task:
             panel = b.sdiv(task, row_blocks)
-            i_begin = cg.imul(b.srem(task, row_blocks), rb)
-            i_end = cg.imin(cg.iadd(i_begin, rb), t.m)
+            i_begin = cg.imul(b.srem(task, row_blocks), MB)
+            i_end = cg.imin(cg.iadd(i_begin, MB), t.m)
             t.j0 = cg.imul(panel, nr)
             t.width = b.sub(cg.imin(cg.iadd(t.j0, nr), t.n), t.j0)
             t.masks = [cg.lane_mask(b.sub(t.width, cg.i64(v * vw)), vw) for v in range(2)]

@@ -51,9 +51,6 @@ class GatherRows(Op):
                 copy_row(cg, src, cg.imul(k, width), dst, cg.imul(r, width), width, kb.vector_width)
 
 
-SCATTER_SPLIT = 1 << 16   # (table rows + rows added) x columns from which a scatter splits its columns
-
-
 class ScatterRows(Op):
     """out[r, :] = Σ_{i: ids[i] = r} g[i, :], out having `rows` rows."""
     name = "scatter_rows"
@@ -79,48 +76,19 @@ class ScatterRows(Op):
                 Sample(((3, 33), ((3,), ("classes", 6))), {"rows": 6})]
 
     def lower(self, kb, node, epilogue):
-        from ..lower.treemap import add_row, load_index, zero_row
+        from ..lower.treemap import add_row, load_index, zero_rows
         g, ids = node.inputs
         n_d, width = kb.graph.nodes[g].shape
         rows_d = node.shape[0]
         idt = kb.graph.nodes[ids].type.dtype
-        # Rows may repeat, so each column's adds are serial: the tasks split
-        # the columns (whole vectors each), every element's adds keep their
-        # order, and the bits do not depend on the split. One task holds all
-        # columns below SCATTER_SPLIT elements (a few microseconds).
-        vw = kb.vector_width
-
-        def per_task(cg):       # columns
-            b, cols = cg.b, cg.dim(width)
-            work = cg.imul(cg.iadd(cg.dim(rows_d), cg.dim(n_d)), cols)
-            whole = b.select(b.icmp_signed("<", cols, cg.i64(1)), cg.i64(1), cols)
-            return b.select(b.icmp_signed(">=", work, cg.i64(SCATTER_SPLIT)), cg.i64(vw), whole)
-
-        def tasks(cg):
-            per = per_task(cg)
-            return cg.b.sdiv(cg.b.add(cg.dim(width), cg.b.sub(per, cg.i64(1))), per)
-
-        cost = lambda cg: cg.imul(cg.iadd(cg.dim(rows_d), cg.dim(n_d)), per_task(cg))     # noqa: E731
-        with kb.kernel(f"scatter{node.id}", tasks, cost=cost) as (cg, lo, hi):
+        # One task: rows may repeat, so the adds are serial.
+        with kb.kernel(f"scatter{node.id}", 1, cost=1) as (cg, lo, hi):
             src, dst, idx = cg.ptr(g), cg.ptr(node.id), cg.ptr(ids)
-            cols, per = cg.dim(width), per_task(cg)
+            zero_rows(cg, dst, cg.i64(0), cg.dim(rows_d), width, kb.vector_width)
             last = cg.b.sub(cg.dim(rows_d), cg.i64(1))
-
-            def scatter(c0, n):     # columns [c0, c0 + n) of every row
-                with cg.loop(cg.dim(rows_d), name="z") as r:
-                    zero_row(cg, dst, cg.iadd(cg.imul(r, cols), c0), n, vw)
-                with cg.loop(cg.dim(n_d), name="r") as r:
-                    k = load_index(cg, idx, r, idt, last)
-                    add_row(cg, src, cg.iadd(cg.imul(r, cols), c0), dst, cg.iadd(cg.imul(k, cols), c0), n, vw)
-
-            c0 = cg.imul(lo, per)
-            c1 = cg.imin(cg.imul(hi, per), cols)
-            whole = cg.b.and_(cg.b.icmp_signed("==", c0, cg.i64(0)), cg.b.icmp_signed("==", c1, cols))
-            with cg.b.if_else(whole) as (all_columns, some):
-                with all_columns:       # one thread's call: rows of a known width, unrolled
-                    scatter(cg.i64(0), width)
-                with some:
-                    scatter(c0, cg.b.sub(c1, c0))
+            with cg.loop(cg.dim(n_d), name="r") as r:
+                k = load_index(cg, idx, r, idt, last)
+                add_row(cg, src, cg.imul(r, width), dst, cg.imul(k, width), width, kb.vector_width)
 
 
 class OneHot(Op):

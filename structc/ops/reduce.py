@@ -167,39 +167,14 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
         else:
             groups.append((r, [d]))
     out_dims = [d for k, d in enumerate(shape) if k not in reduced]
+    # The outermost kept axis splits across threads: each task owns its outputs.
+    split = bool(groups) and not groups[0][0]
     vw = kb.vector_width
-    at, chunk = _split_group(groups, vw)
-    split = at is not None
-
-    def per_task(cg):   # of the split group's elements
-        if at == 0:
-            return cg.i64(1)
-        b, ext, size = cg.b, cg.numel(groups[at][1]), cg.numel(shape)
-        # decided at compile time where the shapes decide it (every entry has many sums)
-        from llvmlite import ir
-        if isinstance(ext, ir.Constant) and ext.constant <= chunk:
-            return cg.i64(max(1, ext.constant))       # one task, as many elements as it has
-        if isinstance(ext, ir.Constant) and isinstance(size, ir.Constant):
-            return cg.i64(chunk if size.constant >= SPLIT_ELEMENTS else max(1, ext.constant))
-        whole = b.select(b.icmp_signed("<", ext, cg.i64(1)), cg.i64(1), ext)
-        return b.select(b.icmp_signed(">=", size, cg.i64(SPLIT_ELEMENTS)), cg.i64(chunk), whole)
 
     def tasks(cg):
-        if not split:
-            return cg.i64(1)
-        from llvmlite import ir
-        per, ext = per_task(cg), cg.numel(groups[at][1])
-        if isinstance(per, ir.Constant) and isinstance(ext, ir.Constant):
-            return cg.i64(-(-ext.constant // per.constant))
-        return cg.b.sdiv(cg.b.add(ext, cg.b.sub(per, cg.i64(1))), per)
+        return cg.numel(groups[0][1]) if split else cg.i64(1)
 
-    def cost(cg):       # a task's share of the elements
-        if not split:
-            return cg.numel(shape)
-        rest = [d for g, (_, ds) in enumerate(groups) if g != at for d in ds]
-        return cg.imul(cg.numel(rest), per_task(cg))
-
-    with kb.kernel(f"{kind}{node.id}", tasks, cost=cost, skippable=True) as (cg, lo, hi):
+    with kb.kernel(f"{kind}{node.id}", tasks, cost=lambda cg: cg.numel(shape), skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         src, dst = cg.ptr(x), cg.ptr(node.id)
@@ -212,13 +187,9 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
             if not groups[g][0]:
                 ostride[g] = acc_o
                 acc_o = cg.imul(acc_o, ext[g])
-        # this task's part of the split group: [first, stop)
-        per = per_task(cg) if split else None
-        first = cg.imul(lo, per) if split else cg.i64(0)
-        stop = cg.imin(cg.imul(hi, per), ext[at]) if split and at != 0 else hi
-        out_inner = ostride[at] if split else cg.numel(out_dims)
-        zstart = cg.imul(first, out_inner) if split else cg.i64(0)
-        zstop = cg.imul(stop, out_inner) if split else out_inner
+        out_inner = cg.numel(out_dims[len(groups[0][1]):]) if split else cg.numel(out_dims)
+        zstart = cg.imul(lo, out_inner) if split else cg.i64(0)
+        zstop = cg.imul(hi, out_inner) if split else out_inner
         with cg.loop(zstop, start=zstart, name="z") as z:
             cg.store(cg.const(comb.identity, F32), dst, z)
         if not groups:
@@ -228,14 +199,10 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
         def level(g, ioff, ooff):
             is_red, _ = groups[g]
             if g == len(groups) - 1:
-                if g == at:     # this task's columns (its first is a multiple of the vector width)
-                    _inner(cg, src, dst, cg.iadd(ioff, first), cg.iadd(ooff, first), cg.b.sub(stop, first),
-                           is_red, vw, comb)
-                else:
-                    _inner(cg, src, dst, ioff, ooff, ext[g], is_red, vw, comb)
+                _inner(cg, src, dst, ioff, ooff, ext[g], is_red, vw, comb)
                 return
-            start, end = (first, stop) if g == at else (cg.i64(0), ext[g])
-            with cg.loop(end, start=start, name=f"a{g}") as i:
+            start, stop = (lo, hi) if g == 0 and split else (cg.i64(0), ext[g])
+            with cg.loop(stop, start=start, name=f"a{g}") as i:
                 level(g + 1, cg.iadd(ioff, cg.imul(i, istride[g])),
                       ooff if is_red else cg.iadd(ooff, cg.imul(i, ostride[g])))
 
@@ -245,27 +212,6 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
                 cg.store(cg.load(src, i), dst, i)
         else:
             level(0, cg.i64(0), cg.i64(0))
-
-
-SPLIT_ELEMENTS = 1 << 16   # a sum over leading axes of fewer elements stays one task (a few us)
-
-
-def _split_group(groups, vw: int) -> tuple[int | None, int]:
-    """Which axis group splits across threads, and its elements per task.
-    Each task owns its outputs and sums each one in the same order as one
-    task would (the reduced axes' loops are unchanged around or inside it),
-    so the results are the same to the bit however the tasks are run. The
-    outermost axes when kept (one output row per task); else the only kept
-    group, after reduced ones (a bias gradient's columns, a convolution
-    bias's channels): whole vectors of columns per task when it is innermost,
-    if the sum has SPLIT_ELEMENTS or more (else one task: `per_task`).
-    Several kept groups behind a reduced one: one task."""
-    if groups and not groups[0][0]:
-        return 0, 1
-    kept = [g for g, (r, _) in enumerate(groups) if not r]
-    if len(kept) != 1:
-        return None, 1
-    return kept[0], (vw if kept[0] == len(groups) - 1 else 1)
 
 
 def _inner(cg, src, dst, ioff, ooff, n, reduced: bool, vw: int, comb: _Combine):
