@@ -22,22 +22,6 @@ def differentiate(forward: Graph, loss: str = "loss", frozen: frozenset[str] = f
     return _differentiate(forward, loss, frozen)[0]
 
 
-def _walk(g: Graph, sources, next_of) -> set:
-    """The sources and every node reachable from them through `next_of(node)`
-    (`g.users`: what they feed; `_inputs(g)`: what they read)."""
-    seen, todo = set(sources), list(sources)
-    while todo:
-        for u in next_of(todo.pop()):
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _inputs(g: Graph):
-    return lambda nid: g.nodes[nid].inputs
-
-
 def _differentiate(forward: Graph, loss: str,
                    frozen: frozenset[str] = frozenset()) -> tuple[Graph, list[tuple[int, int]], list[str]]:
     """The train graph; the (node, input) pairs whose VJP gives no gradient
@@ -47,9 +31,9 @@ def _differentiate(forward: Graph, loss: str,
     loss_id = g.outputs[loss]
     order = g.topo()
     # Only nodes between a trainable parameter and the loss carry a gradient.
-    upstream = _walk(g, [loss_id], _inputs(g))
+    upstream = g.reachable([loss_id], backwards=True)
     trainable = [pid for name, pid in g.params.items() if name not in frozen]
-    from_params = _walk(g, trainable, g.users)      # one walk: not one per parameter
+    from_params = g.reachable(trainable)      # one walk: not one per parameter
     active = upstream & from_params
 
     b = Builder(g)
@@ -141,14 +125,14 @@ def differentiate_checked(forward: Graph, loss: str = "loss",
 
 def _blocked(g: Graph, loss: str, loss_id: int, stops, unreached) -> list[Blocked]:
     """`blocked_params` from a differentiation's stops and unreached parameters."""
-    upstream = _walk(g, [loss_id], _inputs(g)) - {loss_id}
+    upstream = g.reachable([loss_id], backwards=True) - {loss_id}
     groups: dict[tuple[int, ...], list[str]] = {}
     for name in unreached:
         pid = g.params[name]
         if pid not in upstream:
             groups.setdefault((), []).append(name)
             continue
-        below = _walk(g, [pid], g.users)
+        below = g.reachable([pid])
         key = tuple(sorted({nid for nid, i in stops if i in below}))
         groups.setdefault(key, []).append(name)
     found = []

@@ -135,9 +135,15 @@ class Graph:
 
     def ancestors(self, nid: int) -> set[int]:
         """Every node `nid` is computed from (`nx.ancestors`)."""
-        seen, todo = set(), [nid]
+        return self.reachable([nid], backwards=True) - {nid}
+
+    def reachable(self, sources: Iterable[int], backwards: bool = False) -> set[int]:
+        """The sources and every node reachable from them: along the edges to
+        their users, or `backwards` to their operands. One walk for them all."""
+        edges = self._pred if backwards else self._succ
+        seen, todo = set(sources), list(sources)
         while todo:
-            for i in self._pred[todo.pop()]:
+            for i in edges[todo.pop()]:
                 if i not in seen:
                     seen.add(i)
                     todo.append(i)

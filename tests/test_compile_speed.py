@@ -163,11 +163,12 @@ def _deep(n: int) -> str:
 
 
 def _graph_walks(monkeypatch, source: str) -> int:
-    """The graph walks (networkx ancestors/descendants/has_path, `Graph.ancestors`)
-    the passes and autodiff make on the train graph of `source`."""
+    """The graph walks (networkx ancestors/descendants/has_path, `Graph.reachable`,
+    which `Graph.ancestors` is made of) the passes and autodiff make on the train
+    graph of `source`."""
     from structc.graph import Graph
     count = [0]
-    for owner, name in ((nx, "ancestors"), (nx, "descendants"), (nx, "has_path"), (Graph, "ancestors")):
+    for owner, name in ((nx, "ancestors"), (nx, "descendants"), (nx, "has_path"), (Graph, "reachable")):
         real = getattr(owner, name)
 
         def counted(*args, real=real, **kwargs):
