@@ -143,8 +143,8 @@ ENTRY_CODEGEN_LEVEL = 0
 #: the pipeline of memory-bound kernels (`lower.module.MEMORY_CODE`): O3 without
 #: unrolling and interleaving (PipelineTuningOptions)
 MEMORY_TUNING = {"speed_level": 3, "loop_unrolling": False, "loop_interleaving": False}
-#: the pipeline of `lower.module.LIGHT_CODE` (convolutions, softmax, cross-entropy,
-#: tree levels): O1 without unrolling and interleaving, the same machine code as O3
+#: the pipeline of `lower.module.LIGHT_CODE` (`LIGHT_KINDS`: convolutions, softmax,
+#: cross-entropy): O1 without unrolling and interleaving, the same machine code as O3
 LIGHT_TUNING = {"speed_level": 1, "loop_unrolling": False, "loop_interleaving": False}
 
 

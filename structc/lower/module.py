@@ -933,9 +933,7 @@ def defined_once(texts: list[str], defined: set[str]) -> list[str]:
     out, mine = [], set()
 
     def once(match):
-        name = match.group(1)
-        mine.add(name)
-        return match.group(0) if name not in defined else _prototype(match.group(0)) + "\n"
+        return match.group(0) if match.group(1) not in defined else _prototype(match.group(0)) + "\n"
     for text in texts:
         names = _HIDDEN_NAME.findall("\n" + text)
         mine.update(names)
