@@ -241,6 +241,18 @@ def test_kernel_timings_time_each_kernel_apart():
 
 
 @pytest.mark.slow
+def test_kernel_timings_with_every_part_a_library_gets():
+    """With the held-out loss part too (what `structc compile -o --kernel-timings`
+    builds), the loss kernels it shares with the training part are defined once:
+    the module left with declarations only is not compiled (it once had no
+    function to name the timing after, and the CLI crashed)."""
+    from structc.compiler import PARTS
+    art = compile_source(MLP.replace("|> relu", "|> batch_norm |> relu"), parts=list(PARTS), kernel_timings=True)
+    kernels = [k for k in art.timings if ".llvm.kernel " in k]
+    assert any(k.startswith("evaluation.") for k in kernels) and len(art.objects) == len(kernels)
+    assert all(" sc_" in k for k in kernels)
+
+@pytest.mark.slow
 def test_training_entries_compiled_in_the_background():
     net = structc.compile(MLP, cache=False, training="background")
     out = net(x=X)                  # the forward entry is ready at once

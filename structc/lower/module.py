@@ -926,7 +926,8 @@ _HIDDEN_NAME = re.compile(r'\ndefine hidden [^\n]*?@"([^"]+)"\(')
 def defined_once(texts: list[str], defined: set[str]) -> list[str]:
     """A part's modules, with each hidden function that an earlier part of the
     same compile defines declared instead of defined again, and this part's
-    hidden functions added to `defined`. Kernels are named after their text,
+    hidden functions added to `defined`; a module left with nothing to define
+    is dropped. Kernels are named after their text,
     so the two definitions are the same function; a shared library must link
     each symbol once (the evaluation part repeats the training part's loss
     kernels, which the forward part, the only one that exports, lacks)."""
@@ -937,8 +938,12 @@ def defined_once(texts: list[str], defined: set[str]) -> list[str]:
     for text in texts:
         names = _HIDDEN_NAME.findall("\n" + text)
         mine.update(names)
-        # the whole definitions matched only where one is to go (most modules: none)
-        out.append(_HIDDEN_DEFINITION.sub(once, text) if defined.intersection(names) else text)
+        if not defined.intersection(names):
+            out.append(text)        # the whole definitions matched only where one is to go (most modules: none)
+            continue
+        kept = _HIDDEN_DEFINITION.sub(once, text)
+        if "\ndefine " in "\n" + kept:
+            out.append(kept)        # a module left with declarations only is not compiled at all
     defined |= mine
     return out
 
