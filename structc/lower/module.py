@@ -105,7 +105,7 @@ class KernelBuilder:
         self.shared = shared        # kernel body text -> function, across entry points
         self.export = export        # kernels visible to other modules of the model (hidden), not internal
         self._names: set[str] = set()
-        self.work = entry.i64(0)    # sum of the kernels' tasks x cost, computed in the entry block
+        self.work_terms: dict = {}  # each kernel call's tasks x cost (`_count_work`) -> [term, calls]
         self.frame = None           # the kernels' frame (`_kernel_frame`)
         self.frame_slots: dict = {}
         self.lowered = lowered      # kernels lowered before, by their lowering key (`lowered.py`)
@@ -225,11 +225,22 @@ class KernelBuilder:
         c = cost(setup) if callable(cost) else setup.i64(cost)
         reads = any(isinstance(i, (ir.LoadInstr, ir.CallInstr)) and not getattr(i, "structc_slot", False)
                     for i in setup.eb.block.instructions[made:])
-        self.work = setup.iadd(self.work, _work_term(setup, n, c))
+        term = _work_term(setup, n, c)
+        self.work_terms.setdefault(_operand_key(term), [term, 0])[1] += 1
         if reads:
             e = self.entry
             return (tasks(e) if callable(tasks) else e.i64(tasks)), (cost(e) if callable(cost) else e.i64(cost))
         return n, c
+
+    def work(self):
+        """The sum of the kernel calls' tasks x cost, in the entry block: each
+        distinct term times its number of calls (each term is at most 2^40)."""
+        setup = copy.copy(self.entry)
+        setup.b = self.entry.eb
+        total = setup.i64(0)
+        for term, calls in self.work_terms.values():
+            total = setup.iadd(total, setup.imul(term, calls))
+        return total
 
     def _named_by_content(self, fn: ir.Function, full: str, name: str) -> ir.Function:
         """`fn` renamed after its text, or the function of the same text already
@@ -422,6 +433,9 @@ class EntryCG(CG):
         super().__init__(module, fn, layout)
         self.makers: dict = {}      # slot -> a function making its value in the entry block
         self.values: dict = {}
+        numbered: dict = {}
+        self.b = _NumberingBuilder(self.body, numbered, self.entry)
+        self.eb = _NumberingBuilder(self.entry, numbered, self.entry)
 
     def provide(self, index: int, make) -> None:
         self.makers[index] = make
@@ -455,6 +469,61 @@ class EntryCG(CG):
     def ceil_div(self, a, k: int):
         folded = _fold(self, lambda x: _sdiv(x + k - 1, k), a)
         return folded if folded is not None else super().ceil_div(a, k)
+
+
+class _NumberingBuilder(ir.IRBuilder):
+    """A builder that gives back the integer instruction it made before for the
+    same operation and operands, where that one is known to have run: in the
+    entry block, or earlier in the block this builder appends to. Each kernel
+    call of an entry computes its task count and work from the dims, and
+    repeated layers compute the same ones: Dense200's training entry had ~11k
+    lines of them in one block, and code generation's time grows faster than
+    a block's length."""
+
+    def __init__(self, block, numbered: dict, entry):
+        super().__init__(block)
+        self.numbered, self.entry_block = numbered, entry
+
+    def _numbered(self, key, make):
+        found = self.numbered.get(key)
+        if found is not None and found.parent in (self.entry_block, self.block):
+            return found
+        made = self.numbered[key] = make()
+        return made
+
+    def _integer_op(op):
+        def numbered(self, lhs, rhs, name="", flags=()):
+            make = lambda: getattr(ir.IRBuilder, op)(self, lhs, rhs, name, flags)
+            if not isinstance(lhs.type, ir.IntType) or name:
+                return make()
+            return self._numbered((op, tuple(flags), _operand_key(lhs), _operand_key(rhs)), make)
+        return numbered
+
+    add, sub, mul = _integer_op("add"), _integer_op("sub"), _integer_op("mul")
+    sdiv, srem, and_, or_ = _integer_op("sdiv"), _integer_op("srem"), _integer_op("and_"), _integer_op("or_")
+    del _integer_op
+
+    def _icmp(self, prefix, cmpop, lhs, rhs, name):
+        make = lambda: ir.IRBuilder._icmp(self, prefix, cmpop, lhs, rhs, name)
+        if not isinstance(lhs.type, ir.IntType) or name:
+            return make()
+        return self._numbered(("icmp", prefix, cmpop, _operand_key(lhs), _operand_key(rhs)), make)
+
+    def select(self, cond, lhs, rhs, name="", flags=()):
+        make = lambda: ir.IRBuilder.select(self, cond, lhs, rhs, name, flags)
+        if not isinstance(lhs.type, ir.IntType) or name:
+            return make()
+        return self._numbered(("select", tuple(flags), _operand_key(cond), _operand_key(lhs), _operand_key(rhs)),
+                              make)
+
+
+def _operand_key(v):
+    """A value as part of a `_NumberingBuilder` key: constants by value, others
+    by identity (the instruction kept beside the key holds them, so no other
+    value takes their id while it is there)."""
+    if isinstance(v, ir.Constant):
+        return ("const", str(v.type), str(v.constant))
+    return ("value", id(v))
 
 
 def run_time_value(cg: CG, value: int) -> ir.Value:
@@ -623,7 +692,7 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
     # A small entry (its kernels' work summed) runs every kernel on the caller.
     begin = cg.declare("sc_entry_begin", I32, [I64])
     end = cg.declare("sc_entry_end", VOID, [I32])
-    outer = cg.eb.call(begin, [kb.work])         # last in the entry block: before any kernel
+    outer = cg.eb.call(begin, [kb.work()])       # last in the entry block: before any kernel
     cg.b.call(end, [outer])
     cg.b.ret(ir.Constant(I32, 0))
     cg.finish()
