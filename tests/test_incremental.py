@@ -226,6 +226,46 @@ def test_one_update_kernel_serves_models_of_other_sizes(cache_in, optimizer):
         np.testing.assert_allclose(net.params[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_flat_elementwise_kernels_read_their_size_at_run_time(cache_in):
+    """An elementwise loop over one flat axis reads the constant factor of its
+    size from its frame: the same maths at another size is the same kernel
+    (batch norm's per-channel statistics at 3 and 5 channels; a width edit's
+    activations), computing what it did at each size."""
+    src = ("model B {\n  input x: f32[N, 2, 4, 4]\n  target y: class[N] of 3\n"
+           "  h = conv(x, 3, kernel=3, padding=same, bias=false) |> batch_norm |> relu\n"
+           "  h = conv(h, 5, kernel=3, padding=same, bias=false) |> batch_norm |> relu\n"
+           "  loss cross_entropy(dense(flatten(h), 3), y)\n}\n")
+    art = compiler.compile_source(src, parts=["forward", "training"])
+    ew = {name: symbol for name, symbol in art.kernel_symbols.items() if re.fullmatch(r"sc_train_ew\d+", name)}
+    flat = [s for s in ew.values() if re.search(rf'define [^\n]*@"{s}"[^}}]*chunk\.head', art.llvm_ir)]
+    assert 2 * len(set(flat)) <= len(flat)      # each of the first layer's is the second's too
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((4, 2, 4, 4)).astype(np.float32), np.array([0, 2, 1, 1])
+    net = structc.compile(src, cache=False, training=True)
+    loss, grads = net.grad(x=x, y=y)
+    h = x.astype(np.float64)
+    for k, name in enumerate(("conv1", "conv2")):
+        w = net.params[f"{name}.w"].astype(np.float64)
+        z = _conv_same(h, w)
+        mean, var = z.mean((0, 2, 3), keepdims=True), z.var((0, 2, 3), keepdims=True)
+        g, b = (net.params[f"bn{k + 1}.{p}"].reshape(1, -1, 1, 1) for p in ("g", "b"))
+        h = np.maximum((z - mean) / np.sqrt(var + 1e-5) * g + b, 0)
+    logits = h.reshape(4, -1) @ net.params["dense1.w"] + net.params["dense1.b"]
+    logits -= logits.max(1, keepdims=True)
+    expected = np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(4), y])
+    np.testing.assert_allclose(loss, expected, rtol=1e-4)
+
+
+def _conv_same(x, w):
+    """3x3 cross-correlation with padding 1, float64."""
+    n, c, hh, ww = x.shape
+    p = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, w.shape[0], hh, ww))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nchw,oc->nohw", p[:, :, i:i + hh, j:j + ww], w[:, :, i, j])
+    return out
+
 # -- small kernels in modules cut by their content ------------------------------
 
 def test_stable_chunks_keep_the_runs_an_edit_does_not_touch():

@@ -12,6 +12,8 @@ every leaf broadcasts them alike, so `[N, 256] + [256]` runs as two loops and
 """
 from __future__ import annotations
 
+import math
+
 from ..types import broadcast_strides
 from .codegen import CG, DTYPE_IR, F32, elem, lanes
 
@@ -68,13 +70,13 @@ class FusedExpr:
 
     def _offset(self, cg: CG, idx, varying):
         """Linear element offset of a position in a buffer varying along the marked axes."""
-        ext = self.extents(cg)
         off = cg.i64(0)
         stride = cg.i64(1)
         for c in reversed(range(len(self.axes))):
             if varying[c]:
                 off = cg.iadd(off, cg.imul(idx[c], stride))
-                stride = cg.imul(stride, ext[c])
+                if any(varying[:c]):    # no stride past the outermost axis it varies along
+                    stride = cg.imul(stride, cg.numel([self.shape[a] for a in self.axes[c]]))
         return off
 
     def load_leaf(self, cg: CG, leaf: int, idx, n: int, mask):
@@ -163,6 +165,7 @@ class FusedExpr:
 def emit_elementwise_kernel(kb, graph, group) -> None:
     """A loop over the coalesced space: outer axes as rows split across
     threads, the innermost axis in vectors with a masked tail."""
+    from .module import run_time_value
     expr = FusedExpr(graph, group)
     if expr.reductions:
         _reducing_kernel(kb, expr)
@@ -178,7 +181,14 @@ def emit_elementwise_kernel(kb, graph, group) -> None:
         with kb.kernel(f"ew{group.id}", tasks, cost=inner_chunk, skippable=True) as (cg, lo, hi):
             if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
                 return
-            n = expr.extents(cg)[0]
+            # the size's constant factor is read at run time: the flat loop's text is then the
+            # same for every size (batch norm's maths at 6 and 16 channels is one kernel, and an
+            # edit of a layer's width leaves its elementwise kernels compiled)
+            sizes = [expr.shape[a] for a in expr.axes[0]]
+            n = run_time_value(cg, math.prod(d for d in sizes if isinstance(d, int)))
+            for d in sizes:
+                if not isinstance(d, int):
+                    n = cg.imul(n, cg.dim(d))
             with cg.loop(hi, start=lo, name="chunk") as c:
                 start = cg.imul(c, inner_chunk)
                 stop = cg.imin(cg.iadd(start, inner_chunk), n)
