@@ -12,8 +12,6 @@ every leaf broadcasts them alike, so `[N, 256] + [256]` runs as two loops and
 """
 from __future__ import annotations
 
-import math
-
 from ..types import broadcast_strides
 from .codegen import CG, DTYPE_IR, F32, elem, lanes
 
@@ -165,7 +163,7 @@ class FusedExpr:
 def emit_elementwise_kernel(kb, graph, group) -> None:
     """A loop over the coalesced space: outer axes as rows split across
     threads, the innermost axis in vectors with a masked tail."""
-    from .module import run_time_value
+    from .module import run_time_numel
     expr = FusedExpr(graph, group)
     if expr.reductions:
         _reducing_kernel(kb, expr)
@@ -184,11 +182,7 @@ def emit_elementwise_kernel(kb, graph, group) -> None:
             # the size's constant factor is read at run time: the flat loop's text is then the
             # same for every size (batch norm's maths at 6 and 16 channels is one kernel, and an
             # edit of a layer's width leaves its elementwise kernels compiled)
-            sizes = [expr.shape[a] for a in expr.axes[0]]
-            n = run_time_value(cg, math.prod(d for d in sizes if isinstance(d, int)))
-            for d in sizes:
-                if not isinstance(d, int):
-                    n = cg.imul(n, cg.dim(d))
+            n = run_time_numel(cg, [expr.shape[a] for a in expr.axes[0]])
             with cg.loop(hi, start=lo, name="chunk") as c:
                 start = cg.imul(c, inner_chunk)
                 stop = cg.imin(cg.iadd(start, inner_chunk), n)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -536,6 +537,18 @@ def run_time_value(cg: CG, value: int) -> ir.Value:
     if cg.slots is None:
         raise ValueError("run_time_value is for a kernel's code (its frame is made by KernelBuilder.kernel)")
     return cg.slot(("value", int(value)), I64)
+
+
+def run_time_numel(cg: CG, shape) -> ir.Value:
+    """The number of elements of `shape` in a kernel's code, its constant factor
+    (unless 1) read at run time (`run_time_value`): a loop over it has the same
+    text at any size of the constant dims."""
+    constant = math.prod(d for d in shape if isinstance(d, int))
+    n = cg.i64(1) if constant == 1 else run_time_value(cg, constant)
+    for d in shape:
+        if not isinstance(d, int):
+            n = cg.imul(n, cg.dim(d))
+    return n
 
 
 def _converted(b: ir.IRBuilder, value, t: ir.Type):

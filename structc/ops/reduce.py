@@ -156,6 +156,7 @@ class _Combine:
 def lower_reduction(kb, node, kind: str, comb: _Combine):
     """The loop nest of a reduction of node.inputs[0] over node's `axes`."""
     from ..lower.codegen import F32
+    from ..lower.module import run_time_numel
     x = node.inputs[0]
     shape = kb.graph.nodes[x].shape
     reduced = normalize_axes(node.attrs.get("axes"), len(shape))
@@ -178,7 +179,8 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         src, dst = cg.ptr(x), cg.ptr(node.id)
-        ext = [cg.numel(ds) for _, ds in groups]
+        # sizes read at run time: a bias gradient's sum is one text at any width
+        ext = [run_time_numel(cg, ds) for _, ds in groups]
         istride, ostride = [cg.i64(1)] * len(groups), [cg.i64(1)] * len(groups)
         acc_i, acc_o = cg.i64(1), cg.i64(1)
         for g in reversed(range(len(groups))):
@@ -187,7 +189,7 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
             if not groups[g][0]:
                 ostride[g] = acc_o
                 acc_o = cg.imul(acc_o, ext[g])
-        out_inner = cg.numel(out_dims[len(groups[0][1]):]) if split else cg.numel(out_dims)
+        out_inner = run_time_numel(cg, out_dims[len(groups[0][1]):] if split else out_dims)
         zstart = cg.imul(lo, out_inner) if split else cg.i64(0)
         zstop = cg.imul(hi, out_inner) if split else out_inner
         with cg.loop(zstop, start=zstart, name="z") as z:
