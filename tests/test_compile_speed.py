@@ -252,6 +252,33 @@ def test_kernel_timings_with_every_part_a_library_gets():
     assert any(k.startswith("evaluation.") for k in kernels) and len(art.objects) == len(kernels)
     assert all(" sc_" in k for k in kernels)
 
+def test_modules_start_compiling_longest_first():
+    """A part's modules go to the LLVM threads by their estimated cost
+    (`native.compile_cost`), the longest first, so that no long module starts
+    last and keeps the compile waiting on one thread; results keep the order
+    the modules were added in."""
+    from concurrent.futures import Future
+
+    from structc import native
+    from structc.compiler import Timings, _ModuleObjects
+    started = []
+
+    class Pool:     # the order of submission, each done at once
+        def submit(self, fn, text):
+            started.append(text)
+            done = Future()
+            done.set_result((text.encode(), {}))
+            return done
+    jobs = _ModuleObjects(native.host_target(), True, 2, False, Timings())
+    jobs.close()
+    jobs.pool = Pool()
+    light = lower_module.LIGHT_CODE + "x" * 3000        # 3000 chars at the light pipeline's cost per char
+    texts = [lower_module.VECTOR_CODE + "x" * 100, "; O3\n" + "x" * 1000, light, lower_module.ENTRY_CODE + "x" * 50]
+    jobs.add(texts)
+    assert [r[0] for r in jobs.results()] == [t.encode() for t in texts]
+    costs = [native.compile_cost(t) for t in started]
+    assert costs == sorted(costs, reverse=True) and started[0] == "; O3\n" + "x" * 1000
+
 @pytest.mark.slow
 def test_training_entries_compiled_in_the_background():
     net = structc.compile(MLP, cache=False, training="background")
