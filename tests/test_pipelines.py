@@ -303,19 +303,6 @@ def test_light_kernels_are_modules_of_their_own_at_o1_with_o3s_machine_code(tmp_
     assert levels.count((1, False)) == len(light)
 
 
-@pytest.mark.parametrize("size", [8, 12])
-def test_the_kernel_gradient_of_a_convolution_has_no_loop_for_o3_to_unroll(size):
-    """The weight gradient (`convk`) is explicit vector code whose loops have
-    small constant trip counts (channels, kernel rows, packed rows): O3 copied
-    their bodies whole, for ~25% of LLVM's time on it (LeNet-5 with batch
-    norm: 200 -> 151 ms) and a step no faster. Every loop of it is marked."""
-    art = compile_source(CONV.replace("12, 12", f"{size}, {size}"), parts=["forward", "training"])
-    [text] = [t for t in art.part_ir if any(lower_module.kernel_kind(n) == "convk" for n in defined(t))]
-    fn = text[text.index("define "):]
-    fn = fn[:fn.index("\n}")]
-    heads = re.findall(r"^[\w.]+\.head(?:\.\d+)?:$", fn, re.M)      # a block per loop
-    assert len(heads) == fn.count("!llvm.loop") > 3
-
 def test_the_empty_contraction_kernel_gets_the_short_pipeline():
     """A weight gradient's `_k0` kernel runs only when its K (a batch, the
     edges of a graph) is 0: explicit vector code, for the short pipeline, not

@@ -408,7 +408,7 @@ def emit_kernel_grad(kb, node) -> None:
         if partial:
             part = cg.var(ir.ArrayType(F32, OT * CB * KHB * KW * vw))
             part.type = PTR
-        with cg.loop(hi, start=lo, name="task", unroll=False) as t:
+        with cg.loop(hi, start=lo, name="task") as t:
             khb = b.srem(t, cg.i64(kh_blocks))
             rest = b.sdiv(t, cg.i64(kh_blocks))
             cb = b.srem(rest, cg.i64(n_cb))
@@ -438,7 +438,7 @@ def emit_kernel_grad(kb, node) -> None:
                 segs = [(v, p, max(v * vw, p * geo.OW) - v * vw, min((v + 1) * vw, (p + 1) * geo.OW) - v * vw)
                         for v in range(V) for p in range(P)]
                 segs = [sg for sg in segs if sg[2] < sg[3]]
-                with cg.loop(count, name="ohp", unroll=False) as k:
+                with cg.loop(count, name="ohp") as k:
                     oh = cg.iadd(rlo, cg.imul(k, P))
                     rows_here = cg.imin(cg.i64(P), b.sub(rhi, oh))
                     limit = cg.splat(cg.imul(rows_here, geo.OW), vw)
@@ -481,7 +481,7 @@ def emit_kernel_grad(kb, node) -> None:
                     if bias is not None:
                         # the bias gradient: Σ of the delta, read while it is hot
                         with cg.if_(first):
-                            with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv", unroll=False) as bv:
+                            with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
                                 j = cg.imul(bv, vw)
                                 m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes),
                                                   cg.splat(cg.i64(geo.OH * geo.OW), vw))
@@ -520,7 +520,7 @@ def emit_kernel_grad(kb, node) -> None:
                                     if chunks == 1:
                                         chunk(cg.i64(0))
                                     else:
-                                        with cg.loop(chunks, name="chunk", unroll=False) as ch:
+                                        with cg.loop(chunks, name="chunk") as ch:
                                             chunk(cg.imul(ch, V * vw))
 
                                 if P == 1:
@@ -537,13 +537,13 @@ def emit_kernel_grad(kb, node) -> None:
                                             at = dw_index(o, c, khl, kw)
                                             cg.store(cg.add(cg.load(D, at), cg.hsum(a)), D, at)
 
-                        with cg.loop(KHB, name="khl", unroll=False) as khl:
+                        with cg.loop(KHB, name="khl") as khl:
                             kernel_row(khl)
 
-                    with cg.loop(c1, start=c0, name="c", unroll=False) as c:
+                    with cg.loop(c1, start=c0, name="c") as c:
                         channel(c)
 
-                with cg.loop(cg.dim(N), name="n", unroll=False) as n:
+                with cg.loop(cg.dim(N), name="n") as n:
                     image(n)
 
                 if partial:
@@ -570,10 +570,10 @@ def _out_rows(cg, geo: _Geometry, kh, each):
         lo = b.select(b.icmp_signed(">", lo, cg.i64(0)), lo, cg.i64(0))
         hi = b.sub(cg.i64(geo.H + geo.pt), kh)
         hi = b.select(b.icmp_signed("<", hi, cg.i64(geo.OH)), hi, cg.i64(geo.OH))
-        with cg.loop(hi, start=lo, name="oh", unroll=False) as oh:
+        with cg.loop(hi, start=lo, name="oh") as oh:
             each(oh, b.sub(cg.iadd(oh, kh), cg.i64(geo.pt)))
         return
-    with cg.loop(geo.OH, name="oh", unroll=False) as oh:
+    with cg.loop(geo.OH, name="oh") as oh:
         j = b.sub(cg.iadd(cg.imul(oh, geo.sh), kh), cg.i64(geo.pt))
         ok = _and(cg, b.icmp_signed(">=", j, cg.i64(0)), b.icmp_signed("<", j, cg.i64(geo.Hd)))
         if geo.dh != 1:
