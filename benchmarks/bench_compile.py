@@ -2,6 +2,7 @@
 
     python benchmarks/bench_compile.py                     # everything, 1 round
     python benchmarks/bench_compile.py --rounds 3 --models lenet5,MLP --jax
+    python benchmarks/bench_compile.py --against ../base/venv/bin/python:../base --rounds 5
 
 Each figure comes from a fresh process (so nothing is compiled or imported
 beforehand; the import of structc itself is shown apart):
@@ -17,6 +18,9 @@ beforehand; the import of structc itself is shown apart):
                 compiled (their count in brackets after the CPU seconds)
   --edit-stages (instead of the table) where each edit's compile goes: its
                 stages (wall and CPU ms) and each LLVM module it compiled
+  --against PYTHON:CHECKOUT
+                (instead of the table) train cold of this checkout and another,
+                alternated in fresh processes: min and median of `--rounds`
   jax           (--jax, if jax is installed) the first call of a jitted training
                 step (value_and_grad and SGD update) of the MLP and LeNet-5: JAX's
                 trace and compile
@@ -158,14 +162,46 @@ print(json.dumps({"import": imported, "wall": time.perf_counter() - t1, "cpu": t
 """
 
 
-def run_structc(mode: str, source: str, cache: str) -> dict:
+def run_structc(mode: str, source: str, cache: str, python: str = sys.executable, root: Path = ROOT) -> dict:
     env = dict(os.environ, STRUCTC_CACHE_DIR=cache)
     env.pop("STRUCTC_NO_CACHE", None)
-    done = subprocess.run([sys.executable, "-c", WORKER, mode], input=source, env=env,
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([python, "-c", WORKER, mode], input=source, env=env,
+                          capture_output=True, text=True, cwd=root)
     if done.returncode:
-        sys.exit(f"structc {mode} failed:\n{done.stderr[-2000:]}")
+        sys.exit(f"structc {mode} failed ({python}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def against(chosen: dict, other: str, rounds: int) -> None:
+    """Cold training compiles of this checkout and another (`PYTHON:CHECKOUT`, an
+    interpreter with that checkout installed), alternated per model and round in
+    fresh processes with an empty cache each, so both see the same machine: on a
+    shared one the load moves a compile by 20-30% from one minute to the next."""
+    python, _, root = other.partition(":")
+    if not root:
+        sys.exit("--against needs PYTHON:CHECKOUT")
+    sides = {"this": (sys.executable, ROOT), "other": (python, Path(root).resolve())}
+    load_before = os.getloadavg()
+    found: dict = {}
+    for k in range(rounds):
+        for name, source in chosen.items():
+            for side in (list(sides) if k % 2 == 0 else list(sides)[::-1]):
+                with tempfile.TemporaryDirectory(prefix="structc-bench-cache-") as cache:
+                    found.setdefault((name, side), []).append(run_structc("train", source, cache, *sides[side]))
+        print(f"round {k + 1} done", file=sys.stderr)
+    print(f"load average {' '.join(f'{v:.2f}' for v in load_before)} before, "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} after; {rounds} round(s); train cold; "
+          f"other = {other}\n")
+    print("| model | this: wall min / median (CPU) | other: wall min / median (CPU) | this / other (medians) |")
+    print("|---|---|---|---|")
+    for name in chosen:
+        cells, medians = [], []
+        for side in sides:
+            runs = found[(name, side)]
+            wall = [r["wall"] for r in runs]
+            medians.append(statistics.median(wall))
+            cells.append(f"{min(wall):.2f} / {medians[-1]:.2f} ({statistics.median(r['cpu'] for r in runs):.2f})")
+        print(f"| {name} | {cells[0]} | {cells[1]} | {medians[0] / medians[1]:.2f} |")
 
 
 def edit_stages(name: str, source: str) -> None:
@@ -216,11 +252,16 @@ def main(argv=None) -> int:
     ap.add_argument("--jax", action="store_true", help="also JAX's first call on the MLP and LeNet-5")
     ap.add_argument("--edit-stages", action="store_true",
                     help="only where each edit's compile goes: its stages and the LLVM modules it compiles")
+    ap.add_argument("--against", metavar="PYTHON:CHECKOUT",
+                    help="only cold training compiles, this checkout's and another's alternated")
     args = ap.parse_args(argv)
     chosen = models()
     if args.models:
         wanted = args.models.split(",")
         chosen = {k: v for k, v in chosen.items() if any(k.startswith(w) for w in wanted)}
+    if args.against:
+        against(chosen, args.against, args.rounds)
+        return 0
     if args.edit_stages:
         print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
         for name in (n for n in chosen if n in EDITS):
