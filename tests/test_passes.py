@@ -69,6 +69,30 @@ def test_fuse_puts_bias_and_activation_in_the_matmul_epilogue():
     assert kinds == [("epilogue", ["matmul", "add", "relu", "exp"], ["exp"])]
 
 
+def test_fuse_computes_a_shared_value_in_its_first_users_loop():
+    """d = x - tanh(x) has two users: it joins the first one's group (rule 6)
+    and is stored from that loop for the other, which runs after it. A merge
+    that would need another group both before and after (a sequence model's
+    scalar statistics, read by an epilogue that also feeds them) is refused:
+    test_sequences compiles such a model."""
+    import numpy as np
+
+    import structc
+    g, b, x = small_graph()
+    d = x - b.tanh(x)
+    g.outputs["y"] = (d * d).id
+    g.outputs["z"] = b.exp(d).id
+    fuse(g)
+    groups = [[g.nodes[m].op.name for m in gr.members] for gr in g.groups]
+    assert groups == [["tanh", "sub", "mul"], ["exp"]]
+    assert [g.nodes[m].op.name for m in g.groups[0].outputs] == ["sub", "mul"]
+    net = structc.compile("model S {\n  input x: f32[N, 4]\n  d = x - tanh(x)\n  output y = d * d\n"
+                          "  output z = exp(d)\n}\n", cache=False)
+    xv = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
+    out, dv = net.forward(x=xv), xv - np.tanh(xv)
+    np.testing.assert_allclose(out["y"], dv * dv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["z"], np.exp(dv), rtol=1e-5, atol=1e-6)
+
 def test_fuse_sums_a_loss_inside_the_loop_that_computes_it():
     import numpy as np
 

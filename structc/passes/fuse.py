@@ -17,6 +17,10 @@
      the same loop nest (`op.siblings(graph, nid)`); they join its group and
      its kernel stores them too: max-pooling's arg-max rides in the forward
      max-pool, the bias gradient in the kernel gradient's read of the delta.
+  6. An elementwise node with several users, its group elementwise, joins
+     the group of its first elementwise user of its shape, when every other
+     group reading it runs after that one: it is stored for them, from the
+     same loop.
 Nodes that are constants are inlined wherever used; views and sources get
 no group. Groups are kept in execution order, effects (the optimiser) last.
 """
@@ -120,6 +124,16 @@ def fuse(g: Graph) -> Graph:
                 continue
             merge(gr, sg)
 
+    # 6. an elementwise producer with several users into its first elementwise
+    #    user's group of the same shape, when every other group reading it runs
+    #    after that one: it is stored for them all the same, from the same loop
+    #    (batch norm's x - mean and its square). Last, on the groups the other
+    #    rules made, with their order: a merge that keeps every reader of the
+    #    producer after the merged group keeps that order valid, so no group can
+    #    be needed both before and after it (GAT and sequence models have such
+    #    groups, spread over the graph)
+    _merge_shared_producers(g, group, merge, pos, order)
+
     groups = {id(gr): gr for gr in group.values()}.values()
     for gr in groups:
         gr.members.sort(key=pos.get)
@@ -128,6 +142,44 @@ def fuse(g: Graph) -> Graph:
                       if m in outputs or any(u not in members for u in g.users(m))]
     g.groups = _schedule(g, list(groups), group, pos)
     return g
+
+
+def _merge_shared_producers(g: Graph, group: dict, merge, pos: dict, order: list) -> None:
+    """Rule 6 (see `fuse`)."""
+    groups = list({id(gr): gr for gr in group.values()}.values())
+    place = {gr.id: k for k, gr in enumerate(_schedule(g, groups, group, pos))}
+    for nid in reversed(order):
+        gr = group.get(nid)
+        if gr is None or gr.kind != "elementwise" or gr.reductions or len(g.users(nid)) < 2:
+            continue
+        shape = g.nodes[nid].shape
+        if any(g.nodes[m].shape != shape for m in gr.members):
+            continue
+        for u in sorted(g.users(nid), key=pos.get):
+            ug = group.get(u)
+            if ug is None or ug is gr or ug.kind != "elementwise" or ug.reductions:
+                continue
+            if any(g.nodes[m].shape != shape for m in ug.members):
+                continue
+            if all(place[r.id] > place[ug.id] for r in _readers(g, gr, group) if r is not ug):
+                merge(ug, gr)
+                ug.anchor = min(ug.members, key=pos.get)
+            break
+
+
+def _readers(g: Graph, gr: Group, group: dict):
+    """The other groups reading a value of `gr` (through views)."""
+    todo, seen, found = list(gr.members), set(), {}
+    while todo:
+        for u in g.users(todo.pop()):
+            ug = group.get(u)
+            if ug is None:          # a view, or a node of no group: its users read the same values
+                if u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+            elif ug is not gr:
+                found[ug.id] = ug
+    return found.values()
 
 
 def _absorb_readers(g: Graph, anchor: int, gr: Group, group: dict, merge, pos: dict) -> None:
