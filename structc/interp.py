@@ -34,7 +34,7 @@ def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str
     needed: set[int] = set()
     for name in wanted:
         nid = graph.outputs[name]
-        needed |= {nid} | set(_ancestors(graph, nid))
+        needed |= {nid} | graph.ancestors(nid)
     vals: dict[int, np.ndarray] = {}
     for nid in graph.topo():
         if nid not in needed:
@@ -53,7 +53,3 @@ def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str
             out = node.op.reference(*args, **attrs)
             vals[nid] = np.asarray(out, dtype=dtype) if node.type.is_float else np.asarray(out)
     return {name: vals[graph.outputs[name]] for name in wanted}
-
-
-def _ancestors(graph: Graph, nid: int):
-    return graph.ancestors(nid)

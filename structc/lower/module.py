@@ -219,8 +219,7 @@ class KernelBuilder:
         memory (a kernel before this one may write it): then they are computed
         again in the body, where the call is. Each term is clamped to 2^40 so
         that the sum cannot wrap."""
-        setup = copy.copy(self.entry)
-        setup.b = self.entry.eb
+        setup = self.entry.in_entry_block()
         made = len(setup.eb.block.instructions)
         n = tasks(setup) if callable(tasks) else setup.i64(tasks)
         c = cost(setup) if callable(cost) else setup.i64(cost)
@@ -236,8 +235,7 @@ class KernelBuilder:
     def work(self):
         """The sum of the kernel calls' tasks x cost, in the entry block: each
         distinct term times its number of calls (each term is at most 2^40)."""
-        setup = copy.copy(self.entry)
-        setup.b = self.entry.eb
+        setup = self.entry.in_entry_block()
         total = setup.i64(0)
         for term, calls in self.work_terms.values():
             total = setup.iadd(total, setup.imul(term, calls))
@@ -440,6 +438,13 @@ class EntryCG(CG):
 
     def provide(self, index: int, make) -> None:
         self.makers[index] = make
+
+    def in_entry_block(self) -> "EntryCG":
+        """This CG appending to the entry block (computed before any kernel runs),
+        sharing its slots and numbered instructions."""
+        setup = copy.copy(self)
+        setup.b = self.eb
+        return setup
 
     def slot(self, index, t: ir.Type):
         if isinstance(index, tuple):        # a kernel's `run_time_value`: the entry passes the constant
@@ -676,8 +681,7 @@ def lower_entry(module: ir.Module, graph: Graph, plan: Plan, symbols: list[str],
     for r, slot in layout.partials.items():
         cg.provide(slot, reduction_partials)
 
-    setup = copy.copy(cg)
-    setup.b = eb
+    setup = cg.in_entry_block()
     offsets: list = []
     addresses: dict = {}    # workspace slot -> its address (buffers of disjoint lifetimes share slots)
 

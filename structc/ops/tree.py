@@ -173,7 +173,7 @@ def _hoist(g):
     moved = {m for gr in hoist for m in gr.members}
     boundary = [m for gr in hoist for m in gr.outputs if any(u not in moved for u in g.users(m))]
     pre = g.copy()
-    keep = moved | {a for m in moved for a in _ancestors(g, m)}
+    keep = moved | {a for m in moved for a in g.ancestors(m)}
     for nid in [n for n in pre.nodes if n not in keep]:
         pre.remove(nid)
     pre.inputs = {}
@@ -196,10 +196,6 @@ def _hoist(g):
     for gr in pre.groups:
         gr.outputs = [m for m in gr.outputs if m in boundary or any(u in moved for u in pre.users(m))]
     return pre, hoisted
-
-
-def _ancestors(g, nid):
-    return g.ancestors(nid)
 
 
 def body_plan(program: BodyProgram, param_offsets: dict[str, int]):
@@ -402,7 +398,7 @@ def _worth_keeping(body, d, out) -> list:
             continue
         if t.shape[0] not in (BODY_ROWS, BODY_KIDS) or not isinstance(t.shape[1], int):
             continue
-        if nid in matmuls or matmuls & _ancestors(body, nid):
+        if nid in matmuls or matmuls & body.ancestors(nid):
             kept.append(nid)
     return kept
 
@@ -436,7 +432,7 @@ def _shared_cotangents(par, children_part, body, arity: int) -> list:
     from ..passes.dce import dce
     forward, found = set(body.nodes), []
     outs = set(children_part.outputs.values())
-    computed = outs | {a for o in outs for a in _ancestors(children_part, o)}
+    computed = outs | {a for o in outs for a in children_part.ancestors(o)}
     for nid in par.topo():
         node = par.nodes[nid]
         if node.op.name != "matmul" or not node.attrs.get("ta") or node.attrs.get("tb"):
