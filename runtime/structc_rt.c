@@ -34,6 +34,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__)
@@ -188,6 +189,7 @@ static _Atomic int64_t serial_work = -1;   /* SERIAL_WORK or the environment's, 
 static _Atomic int64_t entry_serial_work = -1;
 static _Thread_local int serial_entry = 0;     /* this thread runs an entry below the threshold */
 static _Thread_local int entry_depth = 0;      /* entries running on this thread (recursion bodies nest) */
+static _Thread_local uint64_t entry_calls = 0;  /* outermost entries begun on this thread (sc_forest_parts' cache) */
 
 /* `*cached`, or the environment's `name` (else `fallback`) read into it. */
 static int64_t threshold(_Atomic int64_t *cached, const char *name, int64_t fallback) {
@@ -322,6 +324,7 @@ static void judge_entry(int64_t wall, int64_t cpu, int64_t end) {
 int32_t sc_entry_begin(int64_t work) {
     int32_t outer = serial_entry;
     if (entry_depth++ == 0) {
+        entry_calls++;
         if (work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK)) {
             serial_entry = 1;
         } else if (wanted > 1 && (work >= ALWAYS_TIMED_WORK || ++entry_count % SAMPLE_ENTRIES == 0)) {
@@ -470,4 +473,176 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         judge_wait(own - posted, end - own, end);
     }
     pthread_mutex_unlock(&pool_lock);
+}
+
+/* -- a forest split across threads ------------------------------------------
+ * sc_forest_parts: see structc_rt.h. The work is three passes over the
+ * nodes (each node's tree from the roots down, the trees' inner-node counts,
+ * each level's cut rows), a few us for a batch of a few thousand nodes,
+ * against a barrier per level saved on each side of a training step. The
+ * training entry's backward pass asks again for the forest its forward pass
+ * split: the answer is kept for the rest of the outermost entry (its inputs
+ * cannot change while it runs). */
+#define FOREST_MAX_PARTS 64
+#define FOREST_MIN_INNER 16       /* inner nodes a group gets at least, or no split */
+#define FOREST_MAX_SHARE 70       /* percent of the inner nodes no group may exceed (one giant tree) */
+
+typedef struct {
+    uint64_t entry;               /* the outermost entry (entry_calls) the cuts were made in, 0: none */
+    const void *key[3];           /* ... for these arrays */
+    int64_t size[5], parts;       /* ... of these sizes and thread count, giving `parts` groups */
+    int32_t *tree;                /* each node's tree */
+    int64_t *weight;              /* each tree's inner nodes */
+    int64_t *cuts;
+    int64_t tree_cap, weight_cap, cuts_cap;
+} forest_buf_t;
+
+static pthread_key_t forest_key;
+static pthread_once_t forest_once = PTHREAD_ONCE_INIT;
+
+static void forest_free(void *p) {
+    forest_buf_t *f = p;
+    free(f->tree);
+    free(f->weight);
+    free(f->cuts);
+    free(f);
+}
+
+static void forest_key_make(void) { pthread_key_create(&forest_key, forest_free); }
+
+/* `*buf` with room for `n` elements of `size` bytes (grown, never shrunk). */
+static int grow(void **buf, int64_t *cap, int64_t n, size_t size) {
+    if (n <= *cap) return 1;
+    void *p = realloc(*buf, (size_t)n * size);
+    if (!p) return 0;
+    *buf = p;
+    *cap = n;
+    return 1;
+}
+
+static forest_buf_t *forest_buf(int64_t nodes, int64_t trees, int64_t cuts) {
+    pthread_once(&forest_once, forest_key_make);
+    forest_buf_t *f = pthread_getspecific(forest_key);
+    if (!f) {
+        f = calloc(1, sizeof *f);
+        if (!f || pthread_setspecific(forest_key, f) != 0) {
+            free(f);
+            return NULL;
+        }
+    }
+    if (!grow((void **)&f->tree, &f->tree_cap, nodes, sizeof *f->tree) ||
+        !grow((void **)&f->weight, &f->weight_cap, trees, sizeof *f->weight) ||
+        !grow((void **)&f->cuts, &f->cuts_cap, cuts, sizeof *f->cuts)) return NULL;
+    return f;
+}
+
+/* Level l's rows [*lo, *hi), clamped as the kernels clamp them. */
+static void level_rows(const int32_t *level_end, int64_t l, int64_t nodes, int64_t *lo, int64_t *hi) {
+    int64_t a = level_end[l - 1], b = level_end[l];
+    a = a < 0 ? 0 : a > nodes ? nodes : a;
+    b = b < 0 ? 0 : b > nodes ? nodes : b;
+    *lo = a;
+    *hi = b < a ? a : b;
+}
+
+static int64_t forest_cuts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
+                           const int32_t *roots, int64_t trees, int64_t nodes, int64_t want,
+                           int32_t *tree, int64_t *weight, int64_t *cuts);
+
+const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
+                               const int32_t *roots, int64_t trees, int64_t nodes, int64_t *parts) {
+    int64_t want = sc_get_num_threads();
+    *parts = 1;
+    if (want > FOREST_MAX_PARTS) want = FOREST_MAX_PARTS;
+    if (want <= 1 || in_parallel || serial_entry || backing_off() || trees < want || levels < 2 || nodes <= 0
+        || arity <= 0 || level_end[0] <= 0 || level_end[levels - 1] != nodes) return NULL;
+    forest_buf_t *f = forest_buf(nodes, trees, (want + 1) * levels);
+    if (!f) return NULL;
+    const void *key[3] = {children, level_end, roots};
+    int64_t size[5] = {arity, levels, trees, nodes, want};
+    if (entry_depth > 0 && f->entry == entry_calls && !memcmp(key, f->key, sizeof key)
+        && !memcmp(size, f->size, sizeof size)) {
+        *parts = f->parts;
+        return f->parts > 1 ? f->cuts : NULL;
+    }
+    f->entry = 0;
+    int32_t *tree = f->tree;
+    int64_t *weight = f->weight, *cuts = f->cuts;
+    int64_t made = forest_cuts(children, arity, level_end, levels, roots, trees, nodes, want, tree, weight, cuts);
+    if (entry_depth > 0) {
+        f->entry = entry_calls;
+        memcpy(f->key, key, sizeof key);
+        memcpy(f->size, size, sizeof size);
+        f->parts = made;
+    }
+    *parts = made;
+    return made > 1 ? cuts : NULL;
+}
+
+/* sc_forest_parts' work: the groups made (1: not split). */
+static int64_t forest_cuts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
+                           const int32_t *roots, int64_t trees, int64_t nodes, int64_t want,
+                           int32_t *tree, int64_t *weight, int64_t *cuts) {
+    for (int64_t l = 1; l < levels; l++)
+        if (level_end[l] < level_end[l - 1]) return 1;
+    for (int64_t r = 0; r < nodes; r++) tree[r] = -1;
+    for (int64_t k = 0; k < trees; k++) {
+        int64_t r = roots[k];
+        if (r < 0 || r >= nodes || tree[r] != -1) return 1;
+        tree[r] = (int32_t)k;
+        weight[k] = 0;
+    }
+    /* Each node's tree, from the top level down; every child once, at a lower level. */
+    for (int64_t l = levels - 1; l >= 1; l--) {
+        int64_t lo, hi;
+        level_rows(level_end, l, nodes, &lo, &hi);
+        for (int64_t r = lo; r < hi; r++) {
+            int32_t t = tree[r];
+            if (t < 0 || (r > lo && t < tree[r - 1])) return 1;     /* unreached, or out of tree order */
+            weight[t]++;
+            for (int64_t a = 0; a < arity; a++) {
+                int64_t c = children[r * arity + a];
+                if (c < 0 || c >= nodes) continue;                      /* no child (the kernels' rule) */
+                if (c >= lo || tree[c] != -1) return 1;
+                tree[c] = t;
+            }
+        }
+    }
+    for (int64_t r = 0; r < level_end[0]; r++)          /* the leaves: reached, in tree order */
+        if (tree[r] < 0 || (r > 0 && tree[r] < tree[r - 1])) return 1;
+    /* Consecutive trees of about total / want inner nodes each. */
+    int64_t total = 0, bound[FOREST_MAX_PARTS + 1], most = 0;
+    for (int64_t k = 0; k < trees; k++) total += weight[k];
+    if (total < want * FOREST_MIN_INNER) return 1;
+    bound[0] = 0;
+    int64_t sum = 0, p = 1;
+    for (int64_t k = 0; k < trees && p < want; k++) {
+        sum += weight[k];
+        if (sum * want >= p * total) bound[p++] = k + 1;
+    }
+    while (p <= want) bound[p++] = trees;
+    for (int64_t q = 0; q < want; q++) {
+        int64_t w = 0;
+        for (int64_t k = bound[q]; k < bound[q + 1]; k++) w += weight[k];
+        if (w > most) most = w;
+    }
+    if (most * 100 > total * FOREST_MAX_SHARE) return 1;
+    /* Each level's first row of each group. */
+    for (int64_t l = 0; l < levels; l++) {
+        int64_t lo, hi;
+        if (l == 0) {
+            lo = 0;
+            hi = level_end[0];
+        } else {
+            level_rows(level_end, l, nodes, &lo, &hi);
+        }
+        int64_t r = lo;
+        cuts[l] = lo;
+        for (int64_t q = 1; q < want; q++) {
+            while (r < hi && tree[r] < bound[q]) r++;
+            cuts[q * levels + l] = r;
+        }
+        cuts[want * levels + l] = hi;
+    }
+    return want;
 }

@@ -29,6 +29,17 @@ int sc_get_num_threads(void);
 /* Tasks to cut `rows` rows into at multiples of `step` (a tree level): one per
  * thread, none empty, so a level too small to split is one task (no hand-off). */
 int64_t sc_row_tasks(int64_t rows, int64_t step);
+/* A forest's trees in `parts` groups, one per thread, each running all its
+ * levels with no barrier between them (a node's children are its own tree's).
+ * Groups are consecutive trees of about equal inner-node counts; in every
+ * level l, group p's rows are [cuts[p * levels + l], cuts[(p + 1) * levels + l])
+ * (nodes are in schedule order, each level's rows by tree). Returns the
+ * groups made (cuts: a buffer of this thread's, until its next call), or
+ * NULL when a forest is not split: one thread, an entry running serially, a
+ * forest too small or too uneven to gain, or arrays not laid out so (a node
+ * reached twice or never, a level's rows out of tree order). */
+const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
+                               const int32_t *roots, int64_t trees, int64_t nodes, int64_t *parts);
 
 /* For tests: worker threads running in this process, and jobs handed to
  * them so far (a job below the serial threshold is not one; a job run on the

@@ -398,6 +398,105 @@ def test_tree_levels_too_small_to_split_are_not_handed_off():
             np.testing.assert_array_equal(results[1][1][1][name], results[2][1][1][name], err_msg=name)
 
 
+def forest_parts(children, level_end, roots, threads):
+    """The runtime's groups of whole trees for a forest's arrays at `threads`
+    (`sc_forest_parts`): cuts [groups + 1, levels], or None when not split."""
+    import ctypes
+
+    from structc import native
+    structc.set_num_threads(threads)
+    fn = native.runtime_library().sc_forest_parts
+    fn.restype = ctypes.c_void_p
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ctypes.POINTER(i64)]
+    ch, le, ro = (np.ascontiguousarray(a, np.int32) for a in (children, level_end, roots))
+    parts = i64(0)
+    got = fn(ch.ctypes.data, ch.shape[1], le.ctypes.data, len(le), ro.ctypes.data, len(ro), ch.shape[0],
+             ctypes.byref(parts))
+    if not got:
+        assert parts.value == 1
+        return None
+    flat = np.ctypeslib.as_array(ctypes.cast(got, ctypes.POINTER(i64)), shape=((parts.value + 1) * len(le),))
+    return flat.reshape(parts.value + 1, len(le)).copy()
+
+
+def uneven_forest(seed=3, count=50, arity=2, vocab=20):
+    from test_trees import random_tree
+    rng = np.random.default_rng(seed)
+    return structc.Forest.from_tuples([random_tree(rng, int(rng.integers(1, 30)), vocab, arity)
+                                       for _ in range(count)])
+
+
+def test_a_forest_is_cut_into_groups_of_whole_trees():
+    """At 2 threads a forest of uneven trees is cut into two groups of
+    consecutive trees: in every level (the leaves too) each group's rows are
+    one block, first group first, and the groups' inner nodes are about equal.
+    At one thread nothing is cut."""
+    f = uneven_forest()
+    assert forest_parts(f.children, f.level_end, f.roots, 1) is None
+    cuts = forest_parts(f.children, f.level_end, f.roots, 2)
+    assert cuts is not None and cuts.shape == (3, len(f.level_end))
+    starts = np.concatenate([[0], f.level_end[:-1]])
+    np.testing.assert_array_equal(cuts[0], starts)
+    np.testing.assert_array_equal(cuts[2], f.level_end)
+    assert (cuts[0] <= cuts[1]).all() and (cuts[1] <= cuts[2]).all()
+    rows = [np.concatenate([np.arange(cuts[p, l], cuts[p + 1, l]) for l in range(len(starts))]) for p in (0, 1)]
+    assert f.tree_of[rows[0]].max() < f.tree_of[rows[1]].min()      # whole trees, in order
+    inner = [int((r >= f.level_end[0]).sum()) for r in rows]
+    sizes = np.bincount(f.tree_of[f.level_end[0]:])
+    assert abs(inner[0] - inner[1]) <= sizes.max(), (inner, sizes.max())
+
+
+def test_a_forest_not_laid_out_by_trees_is_not_cut():
+    """No cut where a group could not run alone: levels out of tree order (the
+    roots listed backwards), a child with two parents, a child in its parent's
+    level, one tree holding most of the nodes, or fewer trees than threads."""
+    f = uneven_forest()
+    args = (f.children, f.level_end, f.roots)
+    assert forest_parts(*args, 2) is not None
+    assert forest_parts(f.children, f.level_end, f.roots[::-1], 2) is None
+    inner = np.flatnonzero((f.children >= 0).sum(axis=1) >= 2)
+    shared = f.children.copy()
+    shared[inner[-1], 0] = shared[inner[0], 0]                       # a child with two parents
+    assert forest_parts(shared, f.level_end, f.roots, 2) is None
+    level = f.children.copy()
+    top = int(f.level_end[-2])
+    level[top, 0] = top                                             # its own child
+    assert forest_parts(level, f.level_end, f.roots, 2) is None
+    from test_trees import random_tree
+    rng = np.random.default_rng(0)
+    big = structc.Forest.from_tuples([random_tree(rng, 300, 20)] + [random_tree(rng, 5, 20) for _ in range(3)])
+    assert forest_parts(big.children, big.level_end, big.roots, 2) is None
+    one = structc.Forest.from_tuples([random_tree(rng, 300, 20)])
+    assert forest_parts(one.children, one.level_end, one.roots, 2) is None
+
+
+def test_groups_of_trees_give_one_threads_bits():
+    """A forest of uneven trees at 2 threads runs each pass over its levels as
+    one job of two groups of trees, and its outputs
+    and gradients are one thread's, to the bit: a row's sums do not depend on
+    where its level was cut (the bodies' matmuls are row-stable), and a group
+    running ahead of the other (another level at the same time) has scratch
+    rows of its own. Repeated, since that overlap depends on timing."""
+    from test_trees import NARY
+    for src, arity, vocab, target in ((BINARY, 2, 20, ("y", "trees")), (NARY, 3, 12, ("s", "nodes"))):
+        net = structc.compile(src, seed=0)
+        f = uneven_forest(arity=arity, vocab=vocab, count=400)
+        labels = {target[0]: np.arange(getattr(f, target[1])) % 3}
+        assert forest_parts(f.children, f.level_end, f.roots, 2) is not None      # the kernels' own cut
+        structc.set_num_threads(1)
+        want = net.forward(t=f), net.grad(t=f, **labels)
+        structc.set_num_threads(2)
+        for _ in range(12):
+            got, jobs = handed_off(lambda: (net.forward(t=f), net.grad(t=f, **labels)))
+            assert jobs > 0
+            for name in want[0]:
+                np.testing.assert_array_equal(want[0][name], got[0][name], err_msg=name)
+            assert want[1][0] == got[1][0]
+            for name in want[1][1]:
+                np.testing.assert_array_equal(want[1][1][name], got[1][1][name], err_msg=name)
+
+
 def test_a_training_step_refused_under_the_lock_releases_it():
     """`train_step` runs through the C call plan, which sets the step's
     hyper-parameters holding the Net's lock: when that refuses them (Adam's

@@ -26,6 +26,10 @@ near the core; partial sums then go through the group's first output
 buffer, straight from the registers; a K known to be at most KC emits no
 code for partial sums.
 
+A one-row tile splits k over several accumulator sets (`k_split`), so a
+row's sums depend on where the call's rows end. A row-stable kernel
+(`row_stable`, a tree body's matmul) has none: see `stable_rows`.
+
 The kernel is explicit vector code (`kb.kernel(..., vector_code=True)`:
 LLVM's short pipeline, not O3, whose loop passes unrolled its epilogue
 loop eight times and its k loop twice; the hot loops come out the same
@@ -70,6 +74,16 @@ def same_sums_step(vw: int) -> int:
     return min(r for r in tile_rows(vw) if r > 1)
 
 
+def stable_rows(vw: int) -> tuple[int, ...]:
+    """Row counts of a row-stable kernel's tiles (`emit_gemm(row_stable=True)`):
+    the main tile and the smallest one of several rows; a remainder below it
+    runs in the smallest, its missing rows clamped to the last one and never
+    stored. Every element is then one FMA chain over k, so a row's result is
+    the same bits wherever a call's rows start and end: a tree level may be
+    cut anywhere (`treemap.ForestTasks`)."""
+    return main_rows(vw), same_sums_step(vw)
+
+
 def k_split(mr: int, nv: int) -> int:
     """Independent accumulator sets along k for a one-row tile, so that 8 FMA
     chains are in flight (two FMA pipes x four cycles of latency): a 1 x 2
@@ -80,16 +94,18 @@ def k_split(mr: int, nv: int) -> int:
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
-              static_m=None, static_n=None):
+              static_m=None, static_n=None, row_stable=False):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
     `scratch` is an [M, N] f32 buffer the group writes (for partial sums);
     `static_m`, `static_n` are M and N as the graph has them (ints when known
-    at compile time, symbols otherwise)."""
+    at compile time, symbols otherwise); `row_stable`: each row's sums in
+    the same order however M is cut (`stable_rows`)."""
     vw = kb.vector_width
     nr = 2 * vw
-    rows = tile_rows(vw, static_m)
+    rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
+    clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
     def tasks(cg):
         return cg.imul(cg.ceil_div(N(cg), nr), cg.ceil_div(M(cg), MB))
@@ -125,7 +141,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 kinds) if possible]
             t.last_mask = b.select(wide, t.masks[1], t.masks[0])    # of the panel's last vector
             # per row count, this panel's micro-kernel (chosen once per task)
-            kernels = {r: _panel_kernel(t, r, col_kinds, skip_full=inline_main and r == rows[0])
+            kernels = {r: _panel_kernel(t, r, col_kinds, skip_full=inline_main and r == rows[0],
+                                        stable=clamped)
                        for r in rows}
             with _k_blocks(cg, t.k) as k0:
                 t.k0 = k0
@@ -146,16 +163,17 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                     mr = cg.i64(rows[-1])
                     for r in reversed(rows[:-1]):
                         mr = b.select(b.icmp_signed(">=", rem, cg.i64(r)), cg.i64(r), mr)
+                    valid = cg.imin(mr, rem) if clamped else None      # the tile's rows that exist
                     if inline_main:
                         main = b.and_(b.icmp_signed("==", mr, cg.i64(rows[0])), full)
                         with b.if_else(main) as (inline, shared):
                             with inline:
                                 _main_tile(t, i0, rows[0])
                             with shared:
-                                _shared_tile(t, i0, mr, kernels)
+                                _shared_tile(t, i0, mr, kernels, valid)
                     else:
-                        _shared_tile(t, i0, mr, kernels)
-                    b.store(cg.iadd(i0, mr), i)
+                        _shared_tile(t, i0, mr, kernels, valid)
+                    b.store(cg.iadd(i0, mr if valid is None else valid), i)
 
 
 _TRUE = ir.Constant(ir.IntType(1), 1)
@@ -211,12 +229,12 @@ def _column_kinds(n, vw: int) -> tuple[bool, bool, bool]:
     return n >= 2 * vw, tail > vw, 0 < tail <= vw
 
 
-def _panel_kernel(t, mr: int, col_kinds, skip_full: bool):
+def _panel_kernel(t, mr: int, col_kinds, skip_full: bool, stable: bool = False):
     """The micro-kernel of `mr` rows for this panel's column shape (a select
     over the shapes C has), or None when no such shared tile occurs (the
     main rows of a C of full panels only, which are inline)."""
     b = t.cg.b
-    shapes = [(cond, microkernel(t.cg.module, t.vw, mr, nv, masked))
+    shapes = [(cond, microkernel(t.cg.module, t.vw, mr, nv, masked, stable))
               for cond, nv, masked in col_kinds if not (skip_full and not masked)]
     if not shapes:
         return None
@@ -226,9 +244,10 @@ def _panel_kernel(t, mr: int, col_kinds, skip_full: bool):
     return fn
 
 
-def _shared_tile(t, i0, mr, kernels) -> None:
+def _shared_tile(t, i0, mr, kernels, valid=None) -> None:
     """The tile of `mr` rows at i0 through a shared micro-kernel: one call
-    site (through a pointer chosen by `mr`), not one per tile shape."""
+    site (through a pointer chosen by `mr`), not one per tile shape; of
+    its rows only the first `valid` exist (row-stable kernels)."""
     cg, b = t.cg, t.cg.b
     present = [(r, fn) for r, fn in kernels.items() if fn is not None]
     if not present:         # every tile is the inline main tile (M and N multiples of it)
@@ -236,13 +255,14 @@ def _shared_tile(t, i0, mr, kernels) -> None:
     fn = present[-1][1]
     for r, other in reversed(present[:-1]):
         fn = b.select(b.icmp_signed("==", mr, cg.i64(r)), other, fn)
-    b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first,
-                t.last_mask, t.tile, t.direct])
+    args = [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first, t.last_mask, t.tile, t.direct]
+    b.call(fn, args + ([] if valid is None else [valid]))
+    rows = mr if valid is None else valid
     if not isinstance(t.direct, ir.Constant):
         with cg.if_(b.not_(t.direct)):
-            _finish(t, i0, mr)
+            _finish(t, i0, rows)
     elif not t.direct.constant:
-        _finish(t, i0, mr)
+        _finish(t, i0, rows)
 
 
 class _Ctx:
@@ -323,23 +343,25 @@ def _epilogue_loop(t: _Ctx, i0, values, first: int) -> None:
         t.epilogue.emit(cg, [row, col], vw, None, given={t.epilogue.anchor: value})
 
 
-def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> ir.Function:
+def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stable: bool = False) -> ir.Function:
     """`void mk(A, a_si, a_sk, B, ldb, C, i0, j0, k0, k_end, first, mask, tile, direct)`:
     one tile shape, shared by every matmul of the module (noinline, so each
     call site costs a call, not a copy of the unrolled loop). The sums go to
     C when `direct` (partial sums, or a product nothing is fused into), to
-    the tile buffer for the epilogue otherwise."""
-    name = f"sc_mk{mr}x{nv}{'m' if masked else ''}_v{vw}"
+    the tile buffer for the epilogue otherwise. `stable`: one FMA chain per
+    element, and a last argument `valid`, the tile's rows that exist (rows
+    past it read the last one and store nothing: `stable_rows`)."""
+    name = f"sc_mk{mr}x{nv}{'m' if masked else ''}{'s' if stable else ''}_v{vw}"
     fn = module.globals.get(name)
     if fn is not None:
         return fn
     mask_t = ir.VectorType(ir.IntType(1), vw)
     args = [PTR, I64, I64, PTR, I64, PTR, I64, I64, I64, I64, ir.IntType(1), mask_t, PTR, ir.IntType(1)]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args), name=name)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args + [I64] * stable), name=name)
     fn.linkage = "internal"
     fn.attributes.add("noinline")
     fn.structc_vector_code = True      # explicit vector code: the short LLVM pipeline (`lower.module.VECTOR_CODE`)
-    A, a_si, a_sk, B, n, C, i0, j0, k0, k_end, first, mask, tile, direct = fn.args
+    A, a_si, a_sk, B, n, C, i0, j0, k0, k_end, first, mask, tile, direct = fn.args[:14]
     for p in (A, B, C, tile):
         p.add_attribute("noalias")
     cg = CG(module, fn)
@@ -351,18 +373,29 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> i
     none = ir.Constant(mask_t, [0] * vw)
     every = ir.Constant(mask_t, [1] * vw)
     init_masks = [b.select(first, none, m if m is not None else every) for m in col_masks]
+    if stable:      # rows past the valid ones repeat the last: every read stays in bounds
+        last = b.sub(fn.args[14], cg.i64(1))
+        row = [cg.iadd(i0, cg.imin(cg.i64(r), last)) for r in range(mr)]
+    else:
+        row = [cg.iadd(i0, r) for r in range(mr)]
     acc = []
     for r in range(mr):
-        row_off = cg.imul(cg.iadd(i0, r), n)
+        row_off = cg.imul(row[r], n)
         acc.append([cg.var(vt, cg.load(C, cg.iadd(row_off, cols[v]), F32, vw, init_masks[v]))
                     for v in range(nv)])
-    _accumulate(cg, vw, acc, A, i0, a_si, a_sk, B, n, cols, col_masks, k0, k_end, k_split(mr, nv))
+    _accumulate(cg, vw, acc, A, row, a_si, a_sk, B, n, cols, col_masks, k0, k_end,
+                1 if stable else k_split(mr, nv))
     with b.if_else(direct) as (to_c, to_tile):
         with to_c:
             for r in range(mr):
-                row_off = cg.imul(cg.iadd(i0, r), n)
+                row_off = cg.imul(row[r], n)
                 for v in range(nv):
-                    cg.store(b.load(acc[r][v]), C, cg.iadd(row_off, cols[v]), mask=col_masks[v])
+                    store = lambda: cg.store(b.load(acc[r][v]), C, cg.iadd(row_off, cols[v]), mask=col_masks[v])
+                    if stable and r > 0:        # a clamped row stores nothing
+                        with cg.if_(b.icmp_signed("<", cg.i64(r), fn.args[14])):
+                            store()
+                    else:
+                        store()
         with to_tile:
             for r in range(mr):
                 for v in range(nv):
@@ -375,9 +408,11 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool) -> i
 def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0, k_end, split: int = 1) -> None:
     """acc[r][v] += A[i0 + r, k] * B[k, cols[v]:+vw] for k in [k0, k_end): per
     step, one vector of B per column vector, one broadcast of A per row. With
-    `split` > 1, consecutive k go to `split` accumulator sets (summed at the end)."""
+    `split` > 1, consecutive k go to `split` accumulator sets (summed at the end).
+    `i0` may be a list: each accumulator row's own row of A."""
     b = cg.b
-    a_rows = [cg.imul(cg.iadd(i0, r), a_si) for r in range(len(acc))]
+    rows = i0 if isinstance(i0, list) else [cg.iadd(i0, r) for r in range(len(acc))]
+    a_rows = [cg.imul(r, a_si) for r in rows]
     if split == 1:
         with cg.loop(k_end, start=k0, name="k", unroll=False) as k:
             _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k)

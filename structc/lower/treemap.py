@@ -44,6 +44,12 @@ from .module import KERNEL_TYPE, NESTED_WORK, function_text
 # thread count. A level of fewer than two shares' rows is one task, which the
 # caller runs (`sc_row_tasks`: no hand-off of the level; its kernels are then
 # pooled by their own size, as outside a level).
+#
+# With several threads a big enough forest is rather cut into groups of
+# whole trees, one per thread (`ForestTasks`): each runs all its levels with
+# no barrier between them (a node's children are its own tree's), one
+# hand-off per pass instead of one per level. A level's rows are then cut
+# anywhere, so the bodies' matmuls are row-stable (`gemm.stable_rows`).
 LEVEL_COST = 1 << 30       # a level's task is worth a hand-off (the pool's threshold)
 
 
@@ -178,18 +184,7 @@ class LevelTasks:
     def __init__(self, kb, cg: CG, le, nodes_d, emit):
         self.cg, self.le, self.nodes_d = cg, le, nodes_d
         self.step = same_sums_step(kb.vector_width)
-        frame = cg.eb.alloca(ir.ArrayType(I64, 3))
-        frame.type = PTR
-        self.frame = frame
-        cg.eb.store(cg.frame, cg.eb.gep(frame, [cg.i64(0)], source_etype=I64))
-        fn = ir.Function(kb.module, KERNEL_TYPE, name=f"{cg.fn.name}_level")
-        fn.linkage = "internal"
-        t = CG(kb.module, fn, cg.layout)
-        t.slots = cg.slots          # the kernel's frame: the same slots
-        arg = fn.args[0]
-        t.frame = t.eb.load(t.eb.gep(arg, [t.i64(0)], source_etype=I64), typ=PTR)
-        l = t.eb.load(t.eb.gep(arg, [t.i64(1)], source_etype=I64), typ=I64)
-        tasks = t.eb.load(t.eb.gep(arg, [t.i64(2)], source_etype=I64), typ=I64)
+        self.frame, fn, t, (l, tasks) = _task_function(kb, cg, "level", (I64, I64))
         nodes = t.dim(nodes_d)
         start, stop = _level_bounds(t, t.ptr(le), l, nodes)
         rows = t.b.sub(stop, start)
@@ -214,6 +209,78 @@ class LevelTasks:
         b.call(par, [self.fn, self.frame, tasks, cg.i64(LEVEL_COST)])
 
 
+def _task_function(kb, cg: CG, what: str, fields):
+    """A pool task function of the kernel `cg`'s: (the frame the kernel passes
+    it, in its entry block: the kernel's frame then `fields`; the function;
+    its CG, with the kernel's frame slots; the fields as it reads them)."""
+    frame = cg.eb.alloca(ir.ArrayType(I64, 1 + len(fields)))
+    frame.type = PTR
+    cg.eb.store(cg.frame, cg.eb.gep(frame, [cg.i64(0)], source_etype=I64))
+    fn = ir.Function(kb.module, KERNEL_TYPE, name=f"{cg.fn.name}_{what}")
+    fn.linkage = "internal"
+    t = CG(kb.module, fn, cg.layout)
+    t.slots = cg.slots          # the kernel's frame: the same slots
+    arg = fn.args[0]
+    t.frame = t.eb.load(t.eb.gep(arg, [t.i64(0)], source_etype=I64), typ=PTR)
+    read = [t.eb.load(t.eb.gep(arg, [t.i64(k + 1)], source_etype=I64), typ=typ) for k, typ in enumerate(fields)]
+    return frame, fn, t, read
+
+
+class ForestTasks:
+    """A pass over a forest's levels as `void f(frame, lo, hi)` over groups
+    of whole trees (`sc_forest_parts`): task p runs rows [cuts[p, l],
+    cuts[p + 1, l]) of every level l, bottom up (`down`: top down), with
+    `emit(cg, l, start, a, b)` as `LevelTasks` calls it, after `leaves(cg,
+    a, b)` on its rows of the leaves. `run_or(otherwise)` runs it, or
+    `otherwise()` when the forest is not split (one thread, a small or
+    uneven forest)."""
+
+    def __init__(self, kb, cg: CG, inputs, nodes_d, emit, down: bool, leaves=None):
+        children, self.arity, le, roots, self.trees_d = inputs
+        self.cg, self.kb, self.nodes_d, self.ptrs = cg, kb, nodes_d, (children, le, roots)
+        self.frame, fn, t, (cuts, levels) = _task_function(kb, cg, "forest", (PTR, I64))
+        nodes = t.dim(nodes_d)
+        b = t.b
+        with t.loop(fn.args[2], start=fn.args[1], name="part") as part:
+            if leaves is not None:
+                a = t.load(cuts, t.imul(part, levels), t=I64)
+                leaves(t, a, t.load(cuts, t.imul(t.iadd(part, 1), levels), t=I64))
+            with t.loop(b.sub(levels, t.i64(1)), name="lv") as k:
+                l = b.sub(b.sub(levels, t.i64(1)), k) if down else t.iadd(k, 1)
+                start, stop = _level_bounds(t, t.ptr(le), l, nodes)
+                a = _clamp(t, t.load(cuts, t.iadd(t.imul(part, levels), l), t=I64), start, stop)
+                z = _clamp(t, t.load(cuts, t.iadd(t.imul(t.iadd(part, 1), levels), l), t=I64), a, stop)
+                with t.if_(b.icmp_signed("<", a, z)):
+                    emit(t, l, start, a, z)
+        b.ret_void()
+        t.finish()
+        self.fn = _named_by_text(kb.module, fn, "forest")
+
+    def run_or(self, otherwise) -> None:
+        cg = self.cg
+        b = cg.b
+        children, le, roots = (cg.ptr(p) for p in self.ptrs)
+        nodes, levels = cg.dim(self.nodes_d), cg.dim(self.kb.graph.nodes[self.ptrs[1]].shape[0])
+        parts = cg.var(I64, cg.i64(1))
+        split = cg.declare("sc_forest_parts", PTR, [PTR, I64, PTR, I64, PTR, I64, I64, PTR])
+        cuts = b.call(split, [children, cg.i64(self.arity), le, levels, roots, cg.dim(self.trees_d), nodes, parts])
+        n = b.load(parts)
+        with b.if_else(b.icmp_signed(">", n, cg.i64(1))) as (by_trees, by_levels):
+            with by_trees:
+                b.store(cuts, b.gep(self.frame, [cg.i64(1)], source_etype=I64))
+                b.store(levels, b.gep(self.frame, [cg.i64(2)], source_etype=I64))
+                par = cg.declare("sc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
+                b.call(par, [self.fn, self.frame, n, cg.i64(LEVEL_COST)])
+            with by_levels:
+                otherwise()
+
+
+def _clamp(cg: CG, v, lo, hi):
+    b = cg.b
+    v = b.select(b.icmp_signed("<", v, lo), lo, v)
+    return b.select(b.icmp_signed(">", v, hi), hi, v)
+
+
 def _task_row(cg: CG, task, tasks, rows, step: int):
     """First row (from the level's start) of task `task` of `tasks`: the rows
     split about evenly at multiples of `step`; task `tasks` ends the level."""
@@ -223,11 +290,11 @@ def _task_row(cg: CG, task, tasks, rows, step: int):
     return b.select(b.icmp_signed(">=", task, tasks), rows, at)
 
 
-def _named_by_text(module, fn):
+def _named_by_text(module, fn, what: str = "level"):
     """`fn` renamed after its text (the same level task in two entries of a
     model is one function, and its kernel's text, the cache key, stays the same)."""
-    text = function_text(fn).replace(f'"{fn.name}"', '"@level"', 1)
-    symbol = f"sc_{hashlib.sha256(text.encode()).hexdigest()[:16]}_level"
+    text = function_text(fn).replace(f'"{fn.name}"', f'"@{what}"', 1)
+    symbol = f"sc_{hashlib.sha256(text.encode()).hexdigest()[:16]}_{what}"
     existing = module.globals.get(symbol)
     del module.globals[fn.name]
     if existing is not None:
@@ -326,27 +393,42 @@ def lower_tree_map(kb, node) -> None:
         nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
         H = cg.ptr(node.id)
         nleaves = cg.imin(nleaves, nodes)
-        copy_row(cg, cg.ptr(leaves), cg.i64(0), H, cg.i64(0), cg.imul(nleaves, width), vw)
         hoisted(kb, cg, program, cg.ptr(s_fixed))
+
+        def leaf_rows(t: CG, a, z):
+            """H's rows [a, z) of the leaves (clamped to them) = the leaf states."""
+            last = t.imin(t.imin(t.dim(leaves_d), t.dim(nodes_d)), z)
+            a = _clamp(t, a, t.i64(0), last)
+            copy_row(t, t.ptr(leaves), t.imul(a, width), t.ptr(node.id), t.imul(a, width),
+                     t.imul(t.b.sub(last, a), width), vw)
 
         def rows_ab(t: CG, l, start, a, stop):
             """Gather and run the body on rows [a, stop) of level l (from `start`)."""
             nodes = t.dim(nodes_d)
             H, C, fixed = t.ptr(node.id), t.ptr(s_rows), t.ptr(s_fixed)
-            ws = t.gep(C, t.iadd(t.imul(nodes, cw), t.imul(t.b.sub(a, start), program.rows_floats)))
+            # scratch rows by node row, not by row in the level: groups of trees run different levels at once
+            ws = t.gep(C, t.iadd(t.imul(nodes, cw), t.imul(a, program.rows_floats)))
             # every node's gathered row kept for the backward (tree_children), or one level's in the scratch
             regions = block_regions(t, t.ptr(kept[0]), nodes, a, arity, blocks) if kept else \
                 block_regions(t, C, t.b.sub(stop, a), t.i64(0), arity, blocks)
             if not kept:        # this share's rows of the scratch
-                regions = [(t.gep(p, t.imul(t.b.sub(a, start), cw)), at, w) for p, at, w in regions]
+                regions = [(t.gep(p, t.imul(a, cw)), at, w) for p, at, w in regions]
             _gather(t, t.ptr(children), H, regions, a, stop, arity, width, nodes, vw)
             gathered = {name: p for (name, _, _), (p, _, _) in zip(blocks, regions)}
             call_body(t, entry, {**gathered, **_row_inputs(kb, t, node, 6)(a),
                                  **hoisted_values(t, program, fixed)},
                       {"h": t.gep(H, t.imul(a, width)), **_kept_blocks(t, values)(a)}, fixed, t.b.sub(stop, a), ws)
         level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
-        with cg.loop(levels, start=1, name="level") as l:
-            level.run(l, split)
+
+        def by_levels():
+            leaf_rows(cg, cg.i64(0), nleaves)
+            with cg.loop(levels, start=1, name="level") as l:
+                level.run(l, split)
+        if split:       # each group of trees copies its own leaves
+            forest = (children, arity, level_end, _roots, g.nodes[_roots].shape[0])
+            ForestTasks(kb, cg, forest, nodes_d, rows_ab, down=False, leaves=leaf_rows).run_or(by_levels)
+        else:
+            by_levels()
 
 
 def lower_tree_map_grad(kb, node) -> None:
@@ -422,10 +504,9 @@ def lower_tree_map_grad(kb, node) -> None:
             b, nodes = t.b, t.dim(nodes_d)
             H, G, ch, C, fixed = t.ptr(Hn), t.ptr(seed), t.ptr(children), t.ptr(c_all), t.ptr(s_fixed)
             blocks = _grad_blocks(t)
-            # this share's rows of dC, block after block
-            dC = block_regions(t, t.gep(t.ptr(s_rows), t.imul(b.sub(a, start), cw)), b.sub(stop, a), t.i64(0),
-                               arity, cblocks)
-            ws = t.gep(blocks["ws"], t.imul(b.sub(a, start), bwd_in.rows_floats))
+            # this share's rows of dC, block after block (by node row: groups of trees run different levels at once)
+            dC = block_regions(t, t.gep(t.ptr(s_rows), t.imul(a, cw)), b.sub(stop, a), t.i64(0), arity, cblocks)
+            ws = t.gep(blocks["ws"], t.imul(a, bwd_in.rows_floats))
             at = t.imul(a, width)
             lift_rows = {f"d{name}": t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["lift"].items()}
             lift_rows.update({name: t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["cot"].items()})
@@ -455,9 +536,16 @@ def lower_tree_map_grad(kb, node) -> None:
                             else:
                                 sum_rows(t, p, src, G, at_kid, dH, at_kid, w, vw)
         level = LevelTasks(kb, cg, level_end, nodes_d, rows_ab)
-        with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
-            l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
-            level.run(l, splittable(bwd_in))
+
+        def by_levels():
+            with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
+                l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
+                level.run(l, splittable(bwd_in))
+        if splittable(bwd_in):
+            forest = (children, arity, level_end, roots, trees_d)
+            ForestTasks(kb, cg, forest, nodes_d, rows_ab, down=True).run_or(by_levels)
+        else:
+            by_levels()
         # Parameter gradients: one call over every inner node.
         first = load_index(cg, le, cg.i64(0), "i32", nodes)
         inner = b.sub(nodes, first)

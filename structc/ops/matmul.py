@@ -83,7 +83,8 @@ class MatMul(Op):
             a_row_stride=one if ta else (lambda cg: cg.dim(k_dim)),
             a_k_stride=m_of if ta else one,
             b_buf=b_id, epilogue=epilogue, scratch=epilogue.outputs[0],
-            name=f"matmul{node.id}", static_m=m_dim, static_n=n_dim)
+            name=f"matmul{node.id}", static_m=m_dim, static_n=n_dim,
+            row_stable=node.attrs.get("row_stable", False))
         if not isinstance(k_dim, int):
             _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim)
 

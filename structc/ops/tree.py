@@ -105,6 +105,9 @@ def prepare(g, name: str, arity: int = 1) -> BodyProgram:
     parameters only, and bound the workspace of a call."""
     from ..passes import run_pipeline
     g = run_pipeline(g.copy())
+    for node in g.nodes.values():
+        if node.op.name == "matmul":    # a row's result the same however a level is cut (`gemm.stable_rows`)
+            node.attrs["row_stable"] = True
     pre = _hoist(g)
     program = _bounded(g, name, arity)
     if pre is not None:
