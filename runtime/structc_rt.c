@@ -497,6 +497,7 @@ typedef struct {
     int64_t tree_cap, weight_cap, cuts_cap;
 } forest_buf_t;
 
+static _Atomic int forest_split = -1;      /* STRUCTC_FOREST_SPLIT (default on), or sc_set_forest_split's */
 static pthread_key_t forest_key;
 static pthread_once_t forest_once = PTHREAD_ONCE_INIT;
 
@@ -549,10 +550,26 @@ static int64_t forest_cuts(const int32_t *children, int64_t arity, const int32_t
                            const int32_t *roots, int64_t trees, int64_t nodes, int64_t want,
                            int32_t *tree, int64_t *weight, int64_t *cuts);
 
+int sc_set_forest_split(int on) {
+    int before = atomic_exchange(&forest_split, on ? 1 : 0);
+    return before < 0 ? 1 : before;
+}
+
+static int forest_split_on(void) {
+    int on = atomic_load_explicit(&forest_split, memory_order_relaxed);
+    if (on < 0) {
+        const char *env = getenv("STRUCTC_FOREST_SPLIT");
+        on = !(env && env[0] == '0');
+        atomic_store_explicit(&forest_split, on, memory_order_relaxed);
+    }
+    return on;
+}
+
 const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
                                const int32_t *roots, int64_t trees, int64_t nodes, int64_t *parts) {
     int64_t want = sc_get_num_threads();
     *parts = 1;
+    if (!forest_split_on()) return NULL;
     if (want > FOREST_MAX_PARTS) want = FOREST_MAX_PARTS;
     if (want <= 1 || in_parallel || serial_entry || backing_off() || trees < want || levels < 2 || nodes <= 0
         || arity <= 0 || level_end[0] <= 0 || level_end[levels - 1] != nodes) return NULL;

@@ -40,6 +40,9 @@ int64_t sc_row_tasks(int64_t rows, int64_t step);
  * reached twice or never, a level's rows out of tree order). */
 const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
                                const int32_t *roots, int64_t trees, int64_t nodes, int64_t *parts);
+/* Whether forests are cut so (default on; STRUCTC_FOREST_SPLIT=0 turns it off):
+ * to measure against the level by level path. Returns the previous setting. */
+int sc_set_forest_split(int on);
 
 /* For tests: worker threads running in this process, and jobs handed to
  * them so far (a job below the serial threshold is not one; a job run on the
