@@ -573,7 +573,7 @@ const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int
     if (want > FOREST_MAX_PARTS) want = FOREST_MAX_PARTS;
     if (want <= 1 || in_parallel || serial_entry || backing_off() || trees < want || levels < 2 || nodes <= 0
         || arity <= 0 || level_end[0] <= 0 || level_end[levels - 1] != nodes) return NULL;
-    forest_buf_t *f = forest_buf(nodes, trees, (want + 1) * levels);
+    forest_buf_t *f = forest_buf(nodes, trees, (want + 1) * levels + want);
     if (!f) return NULL;
     const void *key[3] = {children, level_end, roots};
     int64_t size[5] = {arity, levels, trees, nodes, want};
@@ -660,6 +660,17 @@ static int64_t forest_cuts(const int32_t *children, int64_t arity, const int32_t
             cuts[q * levels + l] = r;
         }
         cuts[want * levels + l] = hi;
+    }
+    /* Each group's scratch rows: after the groups before it, as many as its largest level. */
+    int64_t *base = cuts + (want + 1) * levels, at = 0;
+    for (int64_t q = 0; q < want; q++) {
+        int64_t rows = 0;
+        for (int64_t l = 1; l < levels; l++) {
+            int64_t n = cuts[(q + 1) * levels + l] - cuts[q * levels + l];
+            if (n > rows) rows = n;
+        }
+        base[q] = at;
+        at += rows;
     }
     return want;
 }

@@ -33,7 +33,10 @@ int64_t sc_row_tasks(int64_t rows, int64_t step);
  * levels with no barrier between them (a node's children are its own tree's).
  * Groups are consecutive trees of about equal inner-node counts; in every
  * level l, group p's rows are [cuts[p * levels + l], cuts[(p + 1) * levels + l])
- * (nodes are in schedule order, each level's rows by tree). Returns the
+ * (nodes are in schedule order, each level's rows by tree), and its rows
+ * of per-level scratch start at row cuts[(parts + 1) * levels + p] (as many
+ * as its largest level: a group reuses them level after level, apart from
+ * the others', which may be at another level meanwhile). Returns the
  * groups made (cuts: a buffer of this thread's, until its next call), or
  * NULL when a forest is not split: one thread, an entry running serially, a
  * forest too small or too uneven to gain, or arrays not laid out so (a node

@@ -176,8 +176,9 @@ def splittable(program) -> bool:
 
 class LevelTasks:
     """The work of one level as `void f(frame, lo, hi)` over tasks that split
-    the level's rows: `emit(cg, l, start, a, b)` writes the code for rows
-    [a, b) of level l (which starts at `start`) in the task function's CG,
+    the level's rows: `emit(cg, l, slot, a, b)` writes the code for rows
+    [a, b) of level l, whose per-level scratch starts at row `slot` (their
+    place in the level), in the task function's CG,
     whose frame slots are the kernel's own. `run(l, tasks)` calls it through
     the thread pool from the kernel."""
 
@@ -191,7 +192,7 @@ class LevelTasks:
         a = t.iadd(start, _task_row(t, fn.args[1], tasks, rows, self.step))
         b = t.iadd(start, _task_row(t, fn.args[2], tasks, rows, self.step))
         with t.if_(t.b.icmp_signed("<", a, b)):        # a thread's share of a small level may be empty
-            emit(t, l, start, a, b)
+            emit(t, l, t.b.sub(a, start), a, b)
         t.b.ret_void()
         t.finish()
         self.fn = _named_by_text(kb.module, fn)
@@ -230,28 +231,31 @@ class ForestTasks:
     """A pass over a forest's levels as `void f(frame, lo, hi)` over groups
     of whole trees (`sc_forest_parts`): task p runs rows [cuts[p, l],
     cuts[p + 1, l]) of every level l, bottom up (`down`: top down), with
-    `emit(cg, l, start, a, b)` as `LevelTasks` calls it, after `leaves(cg,
-    a, b)` on its rows of the leaves. `run_or(otherwise)` runs it, or
+    `emit(cg, l, slot, a, b)` as `LevelTasks` calls it (slot: from the
+    group's own scratch rows, which it reuses level after level), after
+    `leaves(cg, a, b)` on its rows of the leaves. `run_or(otherwise)` runs it, or
     `otherwise()` when the forest is not split (one thread, a small or
     uneven forest)."""
 
     def __init__(self, kb, cg: CG, inputs, nodes_d, emit, down: bool, leaves=None):
         children, self.arity, le, roots, self.trees_d = inputs
         self.cg, self.kb, self.nodes_d, self.ptrs = cg, kb, nodes_d, (children, le, roots)
-        self.frame, fn, t, (cuts, levels) = _task_function(kb, cg, "forest", (PTR, I64))
+        self.frame, fn, t, (cuts, levels, parts) = _task_function(kb, cg, "forest", (PTR, I64, I64))
         nodes = t.dim(nodes_d)
         b = t.b
         with t.loop(fn.args[2], start=fn.args[1], name="part") as part:
+            base = t.load(cuts, t.iadd(t.imul(t.iadd(parts, 1), levels), part), t=I64)    # its scratch rows
             if leaves is not None:
                 a = t.load(cuts, t.imul(part, levels), t=I64)
                 leaves(t, a, t.load(cuts, t.imul(t.iadd(part, 1), levels), t=I64))
             with t.loop(b.sub(levels, t.i64(1)), name="lv") as k:
                 l = b.sub(b.sub(levels, t.i64(1)), k) if down else t.iadd(k, 1)
                 start, stop = _level_bounds(t, t.ptr(le), l, nodes)
-                a = _clamp(t, t.load(cuts, t.iadd(t.imul(part, levels), l), t=I64), start, stop)
+                first = t.load(cuts, t.iadd(t.imul(part, levels), l), t=I64)
+                a = _clamp(t, first, start, stop)
                 z = _clamp(t, t.load(cuts, t.iadd(t.imul(t.iadd(part, 1), levels), l), t=I64), a, stop)
                 with t.if_(b.icmp_signed("<", a, z)):
-                    emit(t, l, start, a, z)
+                    emit(t, l, t.iadd(base, b.sub(a, first)), a, z)
         b.ret_void()
         t.finish()
         self.fn = _named_by_text(kb.module, fn, "forest")
@@ -269,6 +273,7 @@ class ForestTasks:
             with by_trees:
                 b.store(cuts, b.gep(self.frame, [cg.i64(1)], source_etype=I64))
                 b.store(levels, b.gep(self.frame, [cg.i64(2)], source_etype=I64))
+                b.store(n, b.gep(self.frame, [cg.i64(3)], source_etype=I64))
                 par = cg.declare("sc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
                 b.call(par, [self.fn, self.frame, n, cg.i64(LEVEL_COST)])
             with by_levels:
@@ -402,17 +407,16 @@ def lower_tree_map(kb, node) -> None:
             copy_row(t, t.ptr(leaves), t.imul(a, width), t.ptr(node.id), t.imul(a, width),
                      t.imul(t.b.sub(last, a), width), vw)
 
-        def rows_ab(t: CG, l, start, a, stop):
-            """Gather and run the body on rows [a, stop) of level l (from `start`)."""
+        def rows_ab(t: CG, l, slot, a, stop):
+            """Gather and run the body on rows [a, stop) of level l (scratch rows from `slot`)."""
             nodes = t.dim(nodes_d)
             H, C, fixed = t.ptr(node.id), t.ptr(s_rows), t.ptr(s_fixed)
-            # scratch rows by node row, not by row in the level: groups of trees run different levels at once
-            ws = t.gep(C, t.iadd(t.imul(nodes, cw), t.imul(a, program.rows_floats)))
+            ws = t.gep(C, t.iadd(t.imul(nodes, cw), t.imul(slot, program.rows_floats)))
             # every node's gathered row kept for the backward (tree_children), or one level's in the scratch
             regions = block_regions(t, t.ptr(kept[0]), nodes, a, arity, blocks) if kept else \
                 block_regions(t, C, t.b.sub(stop, a), t.i64(0), arity, blocks)
             if not kept:        # this share's rows of the scratch
-                regions = [(t.gep(p, t.imul(a, cw)), at, w) for p, at, w in regions]
+                regions = [(t.gep(p, t.imul(slot, cw)), at, w) for p, at, w in regions]
             _gather(t, t.ptr(children), H, regions, a, stop, arity, width, nodes, vw)
             gathered = {name: p for (name, _, _), (p, _, _) in zip(blocks, regions)}
             call_body(t, entry, {**gathered, **_row_inputs(kb, t, node, 6)(a),
@@ -499,14 +503,14 @@ def lower_tree_map_grad(kb, node) -> None:
         rows_of = _row_inputs(kb, cg, node, 8)
         kept_of = _kept_blocks(cg, kept)
 
-        def rows_ab(t: CG, l, start, a, stop):
-            """Children's cotangents of rows [a, stop) of level l (from `start`), sent to the children's dH."""
+        def rows_ab(t: CG, l, slot, a, stop):
+            """Children's cotangents of rows [a, stop) of level l (scratch rows from `slot`), sent to the children's dH."""
             b, nodes = t.b, t.dim(nodes_d)
             H, G, ch, C, fixed = t.ptr(Hn), t.ptr(seed), t.ptr(children), t.ptr(c_all), t.ptr(s_fixed)
             blocks = _grad_blocks(t)
-            # this share's rows of dC, block after block (by node row: groups of trees run different levels at once)
-            dC = block_regions(t, t.gep(t.ptr(s_rows), t.imul(a, cw)), b.sub(stop, a), t.i64(0), arity, cblocks)
-            ws = t.gep(blocks["ws"], t.imul(a, bwd_in.rows_floats))
+            # this share's rows of dC, block after block
+            dC = block_regions(t, t.gep(t.ptr(s_rows), t.imul(slot, cw)), b.sub(stop, a), t.i64(0), arity, cblocks)
+            ws = t.gep(blocks["ws"], t.imul(slot, bwd_in.rows_floats))
             at = t.imul(a, width)
             lift_rows = {f"d{name}": t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["lift"].items()}
             lift_rows.update({name: t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["cot"].items()})
