@@ -375,20 +375,20 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stab
     init_masks = [b.select(first, none, m if m is not None else every) for m in col_masks]
     if stable:      # rows past the valid ones repeat the last: every read stays in bounds
         last = b.sub(fn.args[14], cg.i64(1))
-        row = [cg.iadd(i0, cg.imin(cg.i64(r), last)) for r in range(mr)]
+        row = [cg.iadd(i0, cg.imin(cg.i64(r), last)) for r in range(mr)].__getitem__
     else:
-        row = [cg.iadd(i0, r) for r in range(mr)]
+        row = lambda r: cg.iadd(i0, r)      # noqa: E731
     acc = []
     for r in range(mr):
-        row_off = cg.imul(row[r], n)
+        row_off = cg.imul(row(r), n)
         acc.append([cg.var(vt, cg.load(C, cg.iadd(row_off, cols[v]), F32, vw, init_masks[v]))
                     for v in range(nv)])
-    _accumulate(cg, vw, acc, A, row, a_si, a_sk, B, n, cols, col_masks, k0, k_end,
-                1 if stable else k_split(mr, nv))
+    _accumulate(cg, vw, acc, A, [row(r) for r in range(mr)] if stable else i0, a_si, a_sk, B, n, cols, col_masks,
+                k0, k_end, 1 if stable else k_split(mr, nv))
     with b.if_else(direct) as (to_c, to_tile):
         with to_c:
             for r in range(mr):
-                row_off = cg.imul(row[r], n)
+                row_off = cg.imul(row(r), n)
                 for v in range(nv):
                     store = lambda: cg.store(b.load(acc[r][v]), C, cg.iadd(row_off, cols[v]), mask=col_masks[v])
                     if stable and r > 0:        # a clamped row stores nothing
@@ -411,8 +411,10 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
     `split` > 1, consecutive k go to `split` accumulator sets (summed at the end).
     `i0` may be a list: each accumulator row's own row of A."""
     b = cg.b
-    rows = i0 if isinstance(i0, list) else [cg.iadd(i0, r) for r in range(len(acc))]
-    a_rows = [cg.imul(r, a_si) for r in rows]
+    if isinstance(i0, list):
+        a_rows = [cg.imul(r, a_si) for r in i0]
+    else:
+        a_rows = [cg.imul(cg.iadd(i0, r), a_si) for r in range(len(acc))]
     if split == 1:
         with cg.loop(k_end, start=k0, name="k", unroll=False) as k:
             _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k)
