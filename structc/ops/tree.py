@@ -100,13 +100,15 @@ class BodyProgram:
         return f"<{self.name}: {len(self.graph.groups)} kernels{hoisted}>"
 
 
-def prepare(g, name: str, arity: int = 1) -> BodyProgram:
+def prepare(g, name: str, arity: int = 1, per_level: bool = True) -> BodyProgram:
     """Run the pass pipeline on a body (copy), hoist what depends on
-    parameters only, and bound the workspace of a call."""
+    parameters only, and bound the workspace of a call. `per_level`: run on
+    a level's rows, cut anywhere between threads (not the parameters'
+    program, run once over every inner node)."""
     from ..passes import run_pipeline
     g = run_pipeline(g.copy())
     for node in g.nodes.values():
-        if node.op.name == "matmul":    # a row's result the same however a level is cut (`gemm.stable_rows`)
+        if per_level and node.op.name == "matmul":  # a row's sums whatever the cut (`gemm.stable_rows`)
             node.attrs["row_stable"] = True
     pre = _hoist(g)
     program = _bounded(g, name, arity)
@@ -604,7 +606,7 @@ class TreeMap(Op):
         _unview_block_cotangents(children_part, d_blocks)
         cots = _shared_cotangents(par, children_part, body, arity)
         bwd_in = prepare(children_part, f"{rec}.node.vjp_children", arity)
-        bwd_par = prepare(par, f"{rec}.node.vjp_params", arity)
+        bwd_par = prepare(par, f"{rec}.node.vjp_params", arity, per_level=False)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
         # (leaves without parameters upstream), the lifted values' cotangents
