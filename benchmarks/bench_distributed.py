@@ -1,6 +1,6 @@
 """Data-parallel training on MPI against one process: time per epoch over the same data.
 
-    python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3]
+    python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3] [--batch 256]
     python benchmarks/bench_distributed.py --feed [--repeats 5]     # the feeds alone, old way against the pool
     python benchmarks/bench_distributed.py --costs [--repeats 5]    # each part of a step: fixed + per item
     python benchmarks/bench_distributed.py --contention --only trees gnn   # a rank's step alone / two at once
@@ -80,7 +80,7 @@ def prepared(name: str):
     net.set_optimizer(optimizer)
     return net, data
 
-def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
+def worker(name: str, threads: int, distributed: bool, epochs: int, global_batch: int | None = None) -> None:
     import warnings
 
     import numpy as np
@@ -91,6 +91,7 @@ def worker(name: str, threads: int, distributed: bool, epochs: int) -> None:
     warnings.simplefilter("ignore")
     set_num_threads(threads)
     source, data_name, batch, optimizer, lr = WORKLOADS[name]
+    batch = global_batch or batch
     comm = dp = None
     t0 = time.perf_counter()
     if distributed:
@@ -359,8 +360,10 @@ def contention(names, epochs: int, repeats: int) -> None:
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
-def run(name: str, threads: int, distributed: bool, epochs: int) -> dict:
+def run(name: str, threads: int, distributed: bool, epochs: int, batch: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(threads), "--epochs", str(epochs)]
+    if batch:
+        cmd += ["--batch", str(batch)]
     if distributed:
         cmd = ["mpiexec", "-n", "2", *cmd, "--distributed"]
     env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads))
@@ -381,6 +384,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--batch", type=int, help="the global batch of every workload (default: each one's own)")
     p.add_argument("--feed", action="store_true", help="only time making the feeds (old way against the pool)")
     p.add_argument("--costs", action="store_true", help="only fit each step's parts as fixed + per item")
     p.add_argument("--contention", action="store_true",
@@ -404,14 +408,14 @@ def main() -> None:
     if args.costs:
         return cost_model(args.repeats)
     if args.worker:
-        return worker(args.worker, args.threads, args.distributed, args.epochs)
+        return worker(args.worker, args.threads, args.distributed, args.epochs, args.batch)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     rows = []
     for name in args.only:
         results = {label: [] for label, *_ in CONFIGS}
         for _ in range(args.repeats):               # interleaved, so load changes hit every configuration
             for label, threads, dist in CONFIGS:
-                results[label].append(run(name, threads, dist, args.epochs))
+                results[label].append(run(name, threads, dist, args.epochs, args.batch))
         epoch = {label: statistics.median(t for r in rs for t in r["epoch_s"][1:] or r["epoch_s"])
                  for label, rs in results.items()}
         work = {label: statistics.median(t for r in rs for t in r["cpu_s"][1:] or r["cpu_s"])
