@@ -497,6 +497,52 @@ def test_groups_of_trees_give_one_threads_bits():
                 np.testing.assert_array_equal(want[1][1][name], got[1][1][name], err_msg=name)
 
 
+def test_two_recursions_in_one_call_are_cut_each_its_own_way():
+    """A model reading two recursions (a sequence forward and backward: two
+    forests in one call) keeps the runtime's cut of each apart (it is kept for
+    the rest of the call, by the forest's arrays), and a Python thread per
+    net cutting its own forests at once (each thread's cut is its own) still
+    gives one thread's bits."""
+    from test_sequences import BOTH_WAYS, ragged
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 40, 120)
+    seqs = ragged(rng, lengths)
+    targets = {"y": np.arange(len(lengths)) % 4, "z": np.arange(int(lengths.sum())) % 4}
+    count = 3
+    nets = [structc.compile(BOTH_WAYS, seed=k) for k in range(count)]
+    structc.set_num_threads(1)
+    want = [(net.forward(s=seqs), net.grad(s=seqs, **targets)) for net in nets]
+    structc.set_num_threads(2)
+    got = [None] * count
+    start = threading.Barrier(count)
+
+    def worker(k):
+        start.wait()
+        got[k] = [(nets[k].forward(s=seqs), nets[k].grad(s=seqs, **targets)) for _ in range(5)]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    from structc import native
+    lib = native.runtime_library()
+    _, cut = handed_off(lambda: nets[0].grad(s=seqs, **targets))
+    lib.sc_set_forest_split(0)
+    try:
+        _, by_levels = handed_off(lambda: nets[0].grad(s=seqs, **targets))
+    finally:
+        lib.sc_set_forest_split(1)
+    assert 0 < cut < by_levels, (cut, by_levels)         # the forests were cut: a job a pass, not a level
+    for k in range(count):
+        for out, (loss, grads) in got[k]:
+            for name in want[k][0]:
+                np.testing.assert_array_equal(out[name], want[k][0][name], err_msg=name)
+            assert loss == want[k][1][0]
+            for name in grads:
+                np.testing.assert_array_equal(grads[name], want[k][1][1][name], err_msg=name)
+
+
 def test_a_training_step_refused_under_the_lock_releases_it():
     """`train_step` runs through the C call plan, which sets the step's
     hyper-parameters holding the Net's lock: when that refuses them (Adam's
