@@ -299,6 +299,38 @@ class ForestTasks:
                 otherwise()
 
 
+def run_levels(kb, cg: CG, forest, nodes_d, emit, *, down: bool, split: bool, leaves=None) -> None:
+    """Every level's rows, `emit(cg, l, slot, a, b)`, bottom up (`down`: top
+    down), after `leaves(cg, a, b)` on the leaves' rows: by groups of whole
+    trees when `split` and the runtime cuts the forest (`ForestTasks`), else
+    level by level (`LevelTasks`; `split`: each level's rows cut between
+    threads). `forest`: (children, arity, level_end, roots, trees) as node
+    ids, arity and the trees' dimension. The runtime keeps a forest's cut for
+    the rest of the call, found by the arrays' addresses: right for arrays no
+    kernel writes while the call runs, the model's inputs; a forest made by
+    the model itself (none today) would run level by level."""
+    children, _, le, roots, _ = forest
+    g = kb.graph
+    rows = rows_function(kb, cg, emit)
+    level = LevelTasks(kb, cg, le, nodes_d, rows)
+
+    def by_levels():
+        b = cg.b
+        if leaves is not None:
+            leaves(cg, cg.i64(0), cg.dim(nodes_d))
+        levels = cg.dim(g.nodes[le].shape[0])
+        if down:
+            with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
+                level.run(b.sub(b.sub(levels, cg.i64(1)), k), split)       # levels-1 down to 1
+        else:
+            with cg.loop(levels, start=1, name="level") as l:
+                level.run(l, split)
+    if split and all(g.nodes[i].op.name == "input" for i in (children, le, roots)):
+        ForestTasks(kb, cg, forest, nodes_d, rows, down=down, leaves=leaves).run_or(by_levels)
+    else:
+        by_levels()
+
+
 def _clamp(cg: CG, v, lo, hi):
     b = cg.b
     v = b.select(b.icmp_signed("<", v, lo), lo, v)
@@ -395,14 +427,13 @@ def _kept_blocks(cg: CG, blocks):
 
 def lower_tree_map(kb, node) -> None:
     g = kb.graph
-    children, level_end, _roots, leaves, s_rows, s_fixed = node.inputs[:6]
+    children, level_end, roots, leaves, s_rows, s_fixed = node.inputs[:6]
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = arity * width          # a gathered row: the children side by side
     blocks = child_blocks(node.attrs.get("blocks", ()), width)
     vw = kb.vector_width
     nodes_d = node.shape[0]
     leaves_d = g.nodes[leaves].shape[0]
-    levels_d = g.nodes[level_end].shape[0]
     # Training keeps every level's gathered block for the backward pass.
     kept = [u for u in g.users(node.id) if g.nodes[u].op.name == "tree_children" and u in kb.layout.buffers]
     # ... and the forward values its programs read instead of recomputing them (`tree_kept`)
@@ -413,10 +444,6 @@ def lower_tree_map(kb, node) -> None:
     entry = body_entry(kb, program)
     split = splittable(program)
     with kb.kernel(f"treemap{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
-        b = cg.b
-        nodes, nleaves, levels = cg.dim(nodes_d), cg.dim(leaves_d), cg.dim(levels_d)
-        H = cg.ptr(node.id)
-        nleaves = cg.imin(nleaves, nodes)
         hoisted(kb, cg, program, cg.ptr(s_fixed))
 
         def leaf_rows(t: CG, a, z):
@@ -441,18 +468,8 @@ def lower_tree_map(kb, node) -> None:
             call_body(t, entry, {**gathered, **_row_inputs(kb, t, node, 6)(a),
                                  **hoisted_values(t, program, fixed)},
                       {"h": t.gep(H, t.imul(a, width)), **_kept_blocks(t, values)(a)}, fixed, t.b.sub(stop, a), ws)
-        rows = rows_function(kb, cg, rows_ab)
-        level = LevelTasks(kb, cg, level_end, nodes_d, rows)
-
-        def by_levels():
-            leaf_rows(cg, cg.i64(0), nleaves)
-            with cg.loop(levels, start=1, name="level") as l:
-                level.run(l, split)
-        if split:       # each group of trees copies its own leaves
-            forest = (children, arity, level_end, _roots, g.nodes[_roots].shape[0])
-            ForestTasks(kb, cg, forest, nodes_d, rows, down=False, leaves=leaf_rows).run_or(by_levels)
-        else:
-            by_levels()
+        forest = (children, arity, level_end, roots, g.nodes[roots].shape[0])
+        run_levels(kb, cg, forest, nodes_d, rows_ab, down=False, split=split, leaves=leaf_rows)
 
 
 def lower_tree_map_grad(kb, node) -> None:
@@ -477,7 +494,6 @@ def lower_tree_map_grad(kb, node) -> None:
              if name.startswith("@lift")]
     vw = kb.vector_width
     nodes_d = node.shape[0]
-    levels_d = g.nodes[level_end].shape[0]
     trees_d = g.nodes[roots].shape[0]
     par_fixed = e_par[2].fixed_floats
 
@@ -505,7 +521,7 @@ def lower_tree_map_grad(kb, node) -> None:
 
     with kb.kernel(f"treemapgrad{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
         b = cg.b
-        nodes, levels = cg.dim(nodes_d), cg.dim(levels_d)
+        nodes = cg.dim(nodes_d)
         H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
         C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
         dC = cg.ptr(s_rows)
@@ -559,18 +575,8 @@ def lower_tree_map_grad(kb, node) -> None:
                                 copy_row(t, p, src, dH, at_kid, w, vw)
                             else:
                                 sum_rows(t, p, src, G, at_kid, dH, at_kid, w, vw)
-        rows = rows_function(kb, cg, rows_ab)
-        level = LevelTasks(kb, cg, level_end, nodes_d, rows)
-
-        def by_levels():
-            with cg.loop(b.sub(levels, cg.i64(1)), name="level") as k:
-                l = b.sub(b.sub(levels, cg.i64(1)), k)           # levels-1 down to 1
-                level.run(l, splittable(bwd_in))
-        if splittable(bwd_in):
-            forest = (children, arity, level_end, roots, trees_d)
-            ForestTasks(kb, cg, forest, nodes_d, rows, down=True).run_or(by_levels)
-        else:
-            by_levels()
+        run_levels(kb, cg, (children, arity, level_end, roots, trees_d), nodes_d, rows_ab, down=True,
+                   split=splittable(bwd_in))
         # Parameter gradients: one call over every inner node.
         first = load_index(cg, le, cg.i64(0), "i32", nodes)
         inner = b.sub(nodes, first)
