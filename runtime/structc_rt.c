@@ -151,9 +151,16 @@ static int claim_front(int s, int64_t *lo, int64_t *hi) {
     return 0;
 }
 
-/* Steal from the back of slot s: half of what its owner has not claimed. */
-static int claim_back(int s, int64_t *lo, int64_t *hi) {
+/* Steal from the back of slot s: half of what its owner has not claimed.
+ * Thread `self` first takes from its own slot if that has tasks by now: a
+ * worker still looping on the last job may find the next one's slots
+ * published after its own claim failed; seeing slot s's new range (acquire)
+ * it sees its own (published before, for s < self: sc_parallel_for
+ * publishes them last to first), so it starts on its own share there too
+ * instead of taking half of the caller's. */
+static int claim_back(int s, int self, int threads, int64_t *lo, int64_t *hi) {
     uint64_t w = atomic_load_explicit(&slots[s].range, memory_order_acquire);
+    if (low(w) < high(w) && self < threads && claim_front(self, lo, hi)) return 1;
     while (low(w) < high(w)) {
         int64_t size = (high(w) - low(w) + 1) / 2;
         if (atomic_compare_exchange_weak_explicit(&slots[s].range, &w, pack(low(w), high(w) - size),
@@ -176,7 +183,7 @@ static void work(int self, int is_worker) {
     for (;;) {
         int64_t lo, hi;
         int got = self < threads && claim_front(self, &lo, &hi);
-        for (int k = 1; !got && k < threads; k++) got = claim_back((self + k) % threads, &lo, &hi);
+        for (int k = 1; !got && k < threads; k++) got = claim_back((self + k) % threads, self, threads, &lo, &hi);
         if (!got) return;
         /* Holding [lo, hi) keeps the job alive: the caller waits for `done`. */
         if (is_worker && atomic_load_explicit(&debug_stall_ns, memory_order_relaxed) > 0) debug_stall(&debug_stall_ns);
@@ -449,7 +456,7 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
     atomic_store_explicit(&job_threads, threads, memory_order_relaxed);
     /* Contiguous shares: consecutive kernels over the same rows give a
      * thread the same rows (its own cache) unless it steals. */
-    for (int s = 0; s < threads; s++)
+    for (int s = threads - 1; s >= 0; s--)     /* last to first: see claim_back */
         atomic_store_explicit(&slots[s].range, pack(n * s / threads, n * (s + 1) / threads), memory_order_release);
     int64_t posted = now_ns();
     uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
