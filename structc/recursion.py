@@ -418,7 +418,6 @@ def build_rec(mb, s: S.RecDecl) -> None:
     body.outputs["h"] = out.id
     fold_concat_of_slices(body)
     dce(body)
-    lifted = lift_row_work(mb, decl, body)
     blocks = split_state_blocks(body, states, decl.arity)
     if blocks:
         fold_concat_of_slices(body)
@@ -437,7 +436,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
     if "@mask" in node_inputs:
         decl.mask = True
         add_forest_array(mb, decl, "child_mask", TensorType((nodes, decl.arity)), s.span)
-    rows = [lifted[k] if k in lifted else forest_array(mb, decl, NODE_ARRAYS[k]) for k in node_inputs]
+    rows = [forest_array(mb, decl, NODE_ARRAYS[k]) for k in node_inputs]
     H = b.tree_map(forest_array(mb, decl, "children"), forest_array(mb, decl, "level_end"),
                    forest_array(mb, decl, "roots"), leaf, sr, sf, *rows, *params,
                    body=body, fwd=fwd, arity=decl.arity, width=total, rec=s.name, node_inputs=node_inputs,
@@ -507,85 +506,6 @@ def split_state_blocks(body: Graph, states: list, arity: int) -> tuple:
     if cin in body.nodes:
         body.remove(cin)
     return tuple((k, states[k].at, states[k].width) for k in sorted(inputs))
-
-
-def lift_row_work(mb, decl: ForestDecl, body: Graph) -> dict:
-    """Move the node case's work that reads only its own row's data (`n.x`,
-    `n.word`), parameters and constants, and goes through a matmul (an LSTM's
-    x @ W_x + b), out of the levels: the model computes it once over every
-    node (one big matmul), and the body reads it as a row-aligned input
-    `@lift<k>`, whose cotangent `tree_map`'s VJP returns. {name: the model's value}."""
-    own = {nid for name, nid in body.inputs.items() if name in NODE_ARRAYS and name != "@mask"}
-    if not own:
-        return {}
-    free = set(body.params.values())
-    pure, rowwise = set(), set()
-    for nid in body.topo():
-        node = body.nodes[nid]
-        if nid in own or node.op.name == "const" or nid in free:
-            pure.add(nid)
-        elif node.inputs and all(i in pure for i in node.inputs) and "needs_dims" not in node.op.traits:
-            pure.add(nid)
-        if nid in pure and (nid in own or any(i in rowwise for i in node.inputs)):
-            rowwise.add(nid)
-    out = body.outputs["h"]
-    through_matmul = {n for n in pure if body.nodes[n].op.name == "matmul" and n in rowwise}
-    lift = [n for n in body.topo() if n in rowwise and n != out and body.nodes[n].type.shape[:1] == (BODY_ROWS,)
-            and any(u not in pure for u in body.users(n)) and _reaches(body, through_matmul, n)]
-    if not lift:
-        return {}
-    values = _rebuild_over_nodes(mb, decl, body, lift)
-    lifted = {}
-    for k, nid in enumerate(lift):
-        t = body.nodes[nid].type
-        name = f"@lift{k}"
-        new = body.add(REGISTRY["input"], (), {"name": name, "kind": "input", "type": t, "classes": 0}, type=t)
-        body.inputs[name] = new
-        body.replace_uses(nid, new)
-        lifted[name] = values[nid]
-    from .passes.dce import dce
-    dce(body)
-    for name, nid in list(body.inputs.items()):     # what the body no longer reads is no operand of it
-        if name in NODE_ARRAYS and not any(True for _ in body.users(nid)):
-            del body.inputs[name]
-            body.remove(nid)
-    body.params = {k: v for k, v in body.params.items() if any(True for _ in body.users(v))}
-    return lifted
-
-
-def _reaches(g: Graph, sources: set, nid: int) -> bool:
-    return nid in sources or bool(sources & g.ancestors(nid))
-
-
-def _rebuild_over_nodes(mb, decl: ForestDecl, body: Graph, lift: list) -> dict:
-    """The lifted values built in the model over every node of the forest
-    (the body's `rows` becomes `nodes`): {body node: model value}."""
-    need = set(lift) | {a for n in lift for a in body.ancestors(n)}
-    names = {nid: name for name, nid in body.inputs.items()}
-    pnames = {nid: name for name, nid in body.params.items()}
-    b = Builder(mb.graph)
-    made = {}
-    for nid in body.topo():
-        if nid not in need:
-            continue
-        node = body.nodes[nid]
-        b.span = node.span
-        if nid in names:
-            made[nid] = forest_array(mb, decl, NODE_ARRAYS[names[nid]])
-        elif nid in pnames:
-            made[nid] = b.value(mb.graph.params[pnames[nid]])
-        else:
-            attrs = {k: _over_nodes(v, decl) for k, v in node.attrs.items()}
-            made[nid] = b.apply(node.op.name, *(made[i] for i in node.inputs), **attrs)
-    return made
-
-
-def _over_nodes(v, decl: ForestDecl):
-    if isinstance(v, str) and v == BODY_ROWS:
-        return decl.sym("nodes")
-    if isinstance(v, tuple):
-        return tuple(_over_nodes(x, decl) for x in v)
-    return v
 
 
 def _case_values(mb, e, names, case: str) -> list:

@@ -19,7 +19,6 @@ EXEMPT = {
     "tree_leaf_rows": "a view of tree_map_grad's result: covered by test_trees",
     "tree_children": "a result of tree_map's kernel: covered by test_trees",
     "tree_kept": "a result of tree_map's kernel: covered by test_trees",
-    "tree_lift_grad": "a result of tree_map_grad's kernel: covered by test_sequences",
     "scratch": "memory without meaning: nothing to compare",
     "batch_norm_mode": "two forms (a view in training, running statistics in inference): covered by test_norm",
     "running_average": "an effect on the parameter arena: covered by test_norm against PyTorch",

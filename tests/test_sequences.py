@@ -310,20 +310,20 @@ def _count(program, op: str) -> int:
 
 def test_backward_reads_the_kept_gates_instead_of_recomputing_them(lstm):
     """The forward keeps each step's gates; the backward programs run no gate
-    matmul of their own: one matmul each (the delta dg W_h^T per level, dW_h
-    once over every position; x's half, lifted, is the model's). The gates'
+    matmul of their own: the children's one (the delta dg W_h^T per level), the
+    parameters' two (dW_x and dW_h, once over every position). The gates'
     cotangent dg is computed once, per level, and read by the parameters' program."""
     grad = _tree_grad(lstm[1])
     assert grad.attrs["kept"] == 1
     assert _count(grad.attrs["bwd_in"], "matmul") == 1
-    assert _count(grad.attrs["bwd_par"], "matmul") == 1
+    assert _count(grad.attrs["bwd_par"], "matmul") == 2
     assert _count(grad.attrs["bwd_in"], "lstm_gates_dg") == 1
     assert _count(grad.attrs["bwd_par"], "lstm_gates_dg") == 0
 
 
 @pytest.mark.slow          # a compile of its own
 def test_two_threads_give_the_one_threads_gradients():
-    """Kept gates, the lifted x @ W_x and the cotangent blocks give the same
+    """Kept gates and the cotangent blocks give the same
     gradients when the body's kernels split their rows over two threads."""
     src = LSTM.replace("Lstm", "LstmWide").replace("6, name", "48, name").replace("zeros(6)", "zeros(48)")
     net = structc.compile(src, seed=2)

@@ -3,8 +3,8 @@
 Each is built from ops, so it works wherever its operands are rows of
 states: the next case of a recursion over a sequence (`gru_cell(t.x,
 h(t.prev), 64)`), a tree's node case, or plain tensors. All gates come from
-one matmul over concat(x, h) (computed as x @ W[:F] + (h @ W[F:] + b), so
-that a recursion lifts x's half out of its steps); the gate math after it is elementwise, which
+one matmul over concat(x, h) (the LSTM's computed as x @ W[:F] + (h @ W[F:] + b),
+no concat copied); the gate math after it is elementwise, which
 the fuse pass joins to the matmul's epilogue where it can (the LSTM's is
 one op, `lstm_gates`: one row kernel instead of a dozen small ones; as a
 recursion's states (h, c) its two halves are read in place).
@@ -38,9 +38,10 @@ def _operands(ctx, x, h, units, fname: str):
 
 def _gates(ctx, x: Value, h: Value, width: int, layer: str, suffix: str, init) -> Value:
     """[x, h] @ W + b with W: [F+H, width] (one parameter, torch's layout),
-    computed as x @ W[:F] + (h @ W[F:] + b): in a recursion the input's half
-    depends on x alone, so it runs once over every node before the levels
-    (`recursion.lift_row_work`) and each step multiplies h only."""
+    computed as x @ W[:F] + (h @ W[F:] + b). In a recursion both halves run
+    per level: lifting x's half out of the levels (one matmul over every node,
+    read back per level) made the LSTM step 10-20% slower on this machine
+    (benchmarks/RESULTS.md, "Stop 16")."""
     f = x.shape[1]
     w = ctx.param(f"{layer}.w{suffix}", TensorType((f + h.shape[1], width)), init)
     bias = ctx.param(f"{layer}.b{suffix}", TensorType((width,)), "zeros")

@@ -488,10 +488,6 @@ def lower_tree_map_grad(kb, node) -> None:
     e_par = body_entry(kb, node.attrs["bwd_par"])
     names = [k[2:] for k in node.attrs["bwd"].outputs if k.startswith("d:")]
     parts = {g.nodes[u].attrs["param"]: u for u in g.users(node.id) if g.nodes[u].op.name == "tree_grad_part"}
-    lift_parts = {g.nodes[u].attrs["name"]: u for u in g.users(node.id)
-                  if g.nodes[u].op.name == "tree_lift_grad" and u in kb.layout.buffers}
-    lifts = [(name, g.nodes[nid].shape[1]) for name, nid in zip(node.attrs.get("node_inputs", ()), node.inputs[8:])
-             if name.startswith("@lift")]
     vw = kb.vector_width
     nodes_d = node.shape[0]
     trees_d = g.nodes[roots].shape[0]
@@ -499,15 +495,9 @@ def lower_tree_map_grad(kb, node) -> None:
 
     def _grad_blocks(cg: CG) -> dict:
         """The blocks of the scratch (per node: dC, dH when no one reads it,
-        the lifted inputs' and the shared cotangents, the bodies' workspace)."""
+        the shared cotangents, the bodies' workspace)."""
         nodes, dC = cg.dim(nodes_d), cg.ptr(s_rows)
-        lift_at, spare_rows = {}, cw + width       # the lifted inputs' cotangent blocks
-        for name, w in lifts:
-            if name in lift_parts:
-                lift_at[name] = (cg.ptr(lift_parts[name]), w)
-            else:                                   # nothing reads it: spare rows of the scratch
-                lift_at[name] = (cg.gep(dC, cg.imul(nodes, spare_rows)), w)
-                spare_rows += aligned(w)
+        spare_rows = cw + width
         cot_at = {}                                 # cotangents both programs need: written once, per level
         for name, w in node.attrs.get("cots", ()):
             cot_at[name] = (cg.gep(dC, cg.imul(nodes, spare_rows)), w)
@@ -517,7 +507,7 @@ def lower_tree_map_grad(kb, node) -> None:
             dH = cg.ptr(node.id)
         else:       # no one reads the leaves' cotangent: dH is working memory only
             dH = cg.gep(dC, cg.imul(nodes, cw))
-        return {"lift": lift_at, "cot": cot_at, "ws": ws, "dH": dH}
+        return {"cot": cot_at, "ws": ws, "dH": dH}
 
     with kb.kernel(f"treemapgrad{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
         b = cg.b
@@ -526,7 +516,7 @@ def lower_tree_map_grad(kb, node) -> None:
         C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
         dC = cg.ptr(s_rows)
         blocks = _grad_blocks(cg)
-        lift_at, cot_at, dH, ws = blocks["lift"], blocks["cot"], blocks["dH"], blocks["ws"]
+        cot_at, dH, ws = blocks["cot"], blocks["dH"], blocks["ws"]
         fixed = cg.ptr(s_fixed)
         # dH is written once per node: at a root from the seed, elsewhere when
         # its (only) parent's level sends it its part of dC.
@@ -548,14 +538,13 @@ def lower_tree_map_grad(kb, node) -> None:
             dC = block_regions(t, t.gep(t.ptr(s_rows), t.imul(slot, cw)), b.sub(stop, a), t.i64(0), arity, cblocks)
             ws = t.gep(blocks["ws"], t.imul(slot, bwd_in.rows_floats))
             at = t.imul(a, width)
-            lift_rows = {f"d{name}": t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["lift"].items()}
-            lift_rows.update({name: t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["cot"].items()})
+            cot_rows = {name: t.gep(p, t.imul(a, w)) for name, (p, w) in blocks["cot"].items()}
             dH = blocks["dH"]
             gathered = {c_in: p for (c_in, _), (p, _, _) in zip(c_names, block_regions(t, C, nodes, a, arity, cblocks))}
             d_out = {c_out: p for (_, c_out), (p, _, _) in zip(c_names, dC)}
             call_body(t, e_in, {**gathered, "@g": t.gep(dH, at), "@h": t.gep(H, at),
                                 **_row_inputs(kb, t, node, 8)(a), **_kept_blocks(t, kept)(a),
-                                **hoisted_values(t, bwd_in, fixed)}, {**d_out, **lift_rows}, fixed,
+                                **hoisted_values(t, bwd_in, fixed)}, {**d_out, **cot_rows}, fixed,
                       b.sub(stop, a), ws)
             with t.loop(stop, start=a, name="sc") as r:
                 for k in range(arity):
@@ -587,10 +576,7 @@ def lower_tree_map_grad(kb, node) -> None:
             else:                                          # nothing reads it: a spare buffer
                 outs[f"d:{name}"] = cg.gep(fixed, cg.i64(spare))
                 spare += aligned(g.nodes[p].type.size().coef)
-        for name, (p, w) in lift_at.items():       # the leaves run no node case: no cotangent
-            zero_rows(cg, p, cg.i64(0), first, w, vw)
-        lift_rows = {f"@d{name}": cg.gep(p, cg.imul(first, w)) for name, (p, w) in lift_at.items()}
-        lift_rows.update({name: cg.gep(p, cg.imul(first, w)) for name, (p, w) in cot_at.items()})
+        cot_rows = {name: cg.gep(p, cg.imul(first, w)) for name, (p, w) in cot_at.items()}
         with b.if_else(b.icmp_signed(">", inner, cg.i64(0))) as (then, otherwise):
             with then:
                 at = cg.imul(first, width)
@@ -598,7 +584,7 @@ def lower_tree_map_grad(kb, node) -> None:
                 gathered = {c_in: p for (c_in, _), (p, _, _) in
                             zip(c_names, block_regions(cg, C, nodes, first, arity, cblocks))}
                 call_body(cg, e_par, {**gathered, "@g": cg.gep(dH, at), "@h": cg.gep(H, at),
-                                      **rows_of(first), **kept_of(first), **lift_rows, **inv}, outs, fixed, inner, ws)
+                                      **rows_of(first), **kept_of(first), **cot_rows, **inv}, outs, fixed, inner, ws)
             with otherwise:                                # no inner node: nothing to differentiate
                 for name, p in zip(names, params):
                     n = g.nodes[p].type.size().coef

@@ -30,10 +30,8 @@ both obtained by running `autodiff.differentiate` on the body sub-graph
 leaf states' cotangent (`tree_leaf_rows`, a view), and one `tree_grad_part`
 per parameter, computed by the same kernel; the forward kernel keeps the
 gathered children (`tree_children`) for it, and the forward values the VJP
-would recompute through a matmul (`tree_kept`: an LSTM's gates). A body
-input `@lift<k>` (work the model lifted out of the levels, `recursion.
-lift_row_work`) gets its cotangent as `tree_lift_grad`; cotangents both
-backward programs need are written once per level (`_shared_cotangents`). The references evaluate the
+would recompute through a matmul (`tree_kept`: an LSTM's gates); cotangents
+both backward programs need are written once per level (`_shared_cotangents`). The references evaluate the
 recursion node by node with the interpreter: they are the meaning that the
 level-batched native code (`lower/treemap.py`) is tested against.
 """
@@ -259,8 +257,7 @@ def derive_backward(body, keep: bool = False):
     b = Builder(g)
     # the inputs that get a cotangent become parameters, so that differentiate returns it
     blocks = [k for k in body.inputs if is_block(k)]
-    wrt = {**{cotangent_names(k)[0]: g.inputs.pop(k) for k in blocks},
-           **{k: g.inputs.pop(k) for k in lifted_inputs(body)}}
+    wrt = {cotangent_names(k)[0]: g.inputs.pop(k) for k in blocks}
     for name, nid in wrt.items():
         g.nodes[nid].op = REGISTRY["param"]
         g.nodes[nid].attrs = {"name": name, "type": g.nodes[nid].type, "init": ("zeros", ())}
@@ -285,9 +282,6 @@ def derive_backward(body, keep: bool = False):
     for k in blocks:
         c_in, c_out = cotangent_names(k)
         outputs[c_out] = d.outputs[f"grad:{c_in}"]
-    for name in wrt:
-        if not name.startswith("@C"):
-            outputs[f"d{name}"] = d.outputs[f"grad:{name}"]
     for p in body.params:
         outputs[f"d:{p}"] = d.outputs[f"grad:{p}"]
     d.outputs = outputs
@@ -325,12 +319,6 @@ def _forward_parts(d, forward: set) -> dict:
         if t.shape[0] in (BODY_ROWS, BODY_KIDS) and isinstance(t.shape[1], int):
             found[nid] = node.inputs
     return found
-
-
-def lifted_inputs(body) -> list:
-    """The body's row-aligned inputs that the model computed from parameters
-    (`recursion.lift_row_work`): they get a cotangent, one row per node."""
-    return [k for k in body.inputs if k.startswith("@lift")]
 
 
 def _fold_copies(d) -> None:
@@ -412,18 +400,6 @@ def kept_width(body, nid, arity: int) -> int:
     """Floats per node of a kept value: a per-child-slot value has `arity` rows per node."""
     t = body.nodes[nid].type
     return t.shape[1] * (arity if t.shape[0] == BODY_KIDS else 1)
-
-
-def _reading_lift_grads(g, bwd, lifts):
-    """The parameters' program reads the lifted inputs' cotangents (`@d@lift<k>`,
-    which the children's program wrote level by level: an LSTM's dg) instead
-    of computing them again over every node."""
-    from ..passes.dce import dce
-    for k in lifts:
-        nid = bwd.outputs[f"d{k}"]
-        if nid in g.nodes and g.nodes[nid].op.name != "input":
-            g.replace_uses(nid, _as_input(g, f"@d{k}", g.nodes[nid].type))
-    return dce(g)
 
 
 def _shared_cotangents(par, children_part, body, arity: int) -> list:
@@ -538,7 +514,6 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None
     names = [k[2:] for k in bwd.outputs if k.startswith("d:")]
     pvals = dict(zip(names, params))
     dparams = [np.zeros(np.shape(p)) for p in params]
-    dlift = {k: np.zeros((n, bwd.nodes[bwd.inputs[k]].shape[1])) for k in lifted_inputs(bwd)}
     for i in reversed(range(leaves, n)):        # parents before their children
         feed = {**_child_feed(H, children[i], blocks, width), **_rows(extras or {}, i)}
         kept = _kept_rows(keep, feed, pvals, _one_row(children))
@@ -547,14 +522,12 @@ def _backward_reference(children, H, gH, params, bwd, width, leaves, extras=None
                            **_rows(extras or {}, i), **kept}, pvals, dims=_one_row(children))
         for k, name in enumerate(names):
             dparams[k] += r[f"d:{name}"]
-        for k in dlift:
-            dlift[k][i] = r[f"d{k}"][0]
         for name, at, w in child_blocks(blocks, width):
             dC = r[cotangent_names(name)[1]].reshape(1, -1)     # [1, A*w], or its A slots' rows
             for a, c in enumerate(children[i]):
                 if c >= 0:
                     dH[c, at:at + w] += dC[0, a * w:(a + 1) * w]
-    return dH, dparams, dlift
+    return dH, dparams
 
 
 def _leaf_count(level_end) -> int:
@@ -599,21 +572,18 @@ class TreeMap(Op):
             bwd, kept, found = derive_backward(body), [], (None, fwd)
         keep_graph, keep = found
         names = list(body.params)
-        lifts = lifted_inputs(body)
-        par = _reading_lift_grads(_subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params"), bwd, lifts)
+        par = _subset(bwd, {f"d:{p}" for p in names}, f"{rec}.node.vjp_params")
         d_blocks = {cotangent_names(name)[1] for name, _, _ in child_blocks(blocks, width)}
-        children_part = _subset(bwd, {*d_blocks, *(f"d{k}" for k in lifts)}, f"{rec}.node.vjp_children")
+        children_part = _subset(bwd, d_blocks, f"{rec}.node.vjp_children")
         _unview_block_cotangents(children_part, d_blocks)
         cots = _shared_cotangents(par, children_part, body, arity)
         bwd_in = prepare(children_part, f"{rec}.node.vjp_children", arity)
         bwd_par = prepare(par, f"{rec}.node.vjp_params", arity, per_level=False)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
-        # (leaves without parameters upstream), the lifted values' cotangents
-        # nothing reads, the bodies' workspace
-        lift_floats = sum(_aligned(x.shape[1]) for x, k in zip(ins, node_inputs) if k in lifts)
+        # (leaves without parameters upstream), the shared cotangents, the bodies' workspace
         cot_floats = sum(_aligned(w) for _, w in cots)
-        rows = arity * width + width + lift_floats + cot_floats + max(bwd_in.rows_floats, bwd_par.rows_floats)
+        rows = arity * width + width + cot_floats + max(bwd_in.rows_floats, bwd_par.rows_floats)
         spare = sum(_aligned(p.type.size().coef) for p in params)   # for gradients nothing reads
         fixed = max(bwd_in.fixed_floats, bwd_par.fixed_floats + spare, 16)
         sr = b.scratch(shape=(nodes, rows), tag=next(_tags))
@@ -638,12 +608,8 @@ class TreeMap(Op):
                                   bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs,
                                   keep=keep_graph, blocks=blocks)
                  for k, name in enumerate(names)]
-        # the lifted values' cotangents (x @ W_x's: the model takes them on to W_x and x)
-        d_ins = [b.tree_lift_grad(dH, children, level_end, roots, out, seed, *ins, *params, name=k,
-                                  lift_width=x.shape[1], bwd=bwd, width=width, from_roots=from_roots,
-                                  node_inputs=node_inputs, keep=keep_graph, blocks=blocks) if k in lifts else None
-                 for x, k in zip(ins, node_inputs)]
-        return [None, None, None, d_leaves, None, None, *d_ins, *parts]
+        # the node arrays (n.x, n.word) are the forest's data: no cotangent
+        return [None, None, None, d_leaves, None, None, *(None for _ in ins), *parts]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map
@@ -752,28 +718,6 @@ class TreeKept(Op):
 
     def lower(self, kb, node, epilogue):
         pass    # written by the tree_map kernel of its group
-
-
-class TreeLiftGrad(Op):
-    """The cotangent of a lifted row-aligned input `name` (`@lift<k>`, one
-    row per node; zero at the leaves, which do not run the node case):
-    computed by the kernel of the `tree_map_grad` it reads (`part`)."""
-    name = "tree_lift_grad"
-    traits = frozenset({"part"})
-
-    def shape(self, dH, children, level_end, roots, H, seed, *rest, name: str, lift_width: int, bwd, width: int,
-              from_roots: bool = False, node_inputs: tuple = (), keep=None, blocks: tuple = ()) -> TensorType:
-        return TensorType((dH.shape[0], lift_width), "f32")
-
-    def reference(self, dH, children, level_end, roots, H, seed, *rest, name, lift_width, bwd, width,
-                  from_roots=False, node_inputs=(), keep=None, blocks=()):
-        extras, params = _split(rest, node_inputs)
-        gH = _seed(seed, roots, H.shape[0], from_roots)
-        return _backward_reference(children, H, gH, params, bwd, width, _leaf_count(level_end), extras,
-                                   keep, blocks)[2][name]
-
-    def lower(self, kb, node, epilogue):
-        pass    # written by the tree_map_grad kernel of its group
 
 
 class TreeLeafRows(Op):
