@@ -125,6 +125,25 @@ def test_an_lstm_cell_over_inner_features_matches_the_interpreter():
     check_native(net, mdef, f, {"y": y})
 
 
+def test_a_forest_of_leaves_gives_the_node_case_a_zero_gradient():
+    """No inner node runs the node case: its parameters' gradients are zeros,
+    written by a loop when a parameter is wider than a few vectors (the cell's
+    W here is [4 + 16, 64], 1,280 floats), and the rest is the interpreter's."""
+    src = INNER_LSTM.replace(", 5, name=\"cell\"", ", 16, name=\"cell\"").replace("5, name=\"in\"", "16, name=\"in\"") \
+        .replace("zeros(5)", "zeros(16)")
+    rng = np.random.default_rng(5)
+    net, mdef = compiled(src)
+    assert net.params["cell.w"].size > 32 * 16
+    f = Forest.from_arrays(np.full((4, 2), -1), features=rng.normal(size=(4, 4)), inner=True)
+    y = rng.integers(0, 3, f.trees).astype(np.int32)
+    for k in net.params:                # the gradient buffers hold old values first
+        net.params[k][...] = rng.normal(size=net.params[k].shape)
+    net.grad(t=inner_forest(rng, 3, arity=2, features=4), y=rng.integers(0, 3, 3).astype(np.int32))
+    _, grads = net.grad(t=f, y=y)
+    assert not grads["cell.w"].any() and not grads["cell.b"].any()
+    check_native(net, mdef, f, {"y": y})
+
+
 # -- the Child-Sum Tree-LSTM (Tai, Socher and Manning 2015) -----------------------
 
 CHILD_SUM = """
