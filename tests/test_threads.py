@@ -168,6 +168,42 @@ def test_two_threads_match_one_bitwise():
         np.testing.assert_array_equal(one[1][name], two[1][name], err_msg=name)
 
 
+@pytest.mark.parametrize("shape, axes", [((5000, 512), (0,)), ((2000, 64), (0,)), ((301, 37), (0,)),
+                                         ((50, 300), (0,)), ((1, 100), (0,)), ((5, 4, 33), (0, 1)),
+                                         ((9, 2, 3), (0,))])
+def test_a_sum_over_leading_axes_adds_the_rows_in_order(shape, axes):
+    """A bias gradient's sum: each column summed row by row from 0 (float32
+    cumsum's last row, bitwise), and a max or min with a NaN as numpy's, at 1
+    and 2 threads (the columns split into blocks across threads; the wide one
+    hands off jobs: its work is above what an entry runs on the caller alone)."""
+    from structc import _runtime
+    from structc.ops import REGISTRY
+    from structc.ops.base import Sample
+    from structc.testing import op_net
+    rng = np.random.default_rng(len(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    flat = x.reshape(int(np.prod(shape[:len(axes)])), -1)
+    before = structc.native.get_num_threads()
+    try:
+        for op in ("sum", "max", "min"):
+            data = x.copy()
+            if op != "sum":
+                data.reshape(-1)[rng.integers(0, x.size)] = np.nan
+            want = np.cumsum(flat, axis=0, dtype=np.float32)[-1] if op == "sum" else \
+                getattr(np, op)(data.reshape(flat.shape), axis=0)
+            _, net = op_net(REGISTRY[op], Sample((shape,), {"axes": axes}), [data])
+            net.params["p0"][...] = data
+            for threads in (1, 2):
+                structc.set_num_threads(threads)
+                jobs = _runtime.handoffs()
+                got = net.forward()["out"].reshape(-1)
+                np.testing.assert_array_equal(got, want.reshape(-1), err_msg=f"{op} at {threads} thread(s)")
+                if threads == 2 and op == "sum" and x.size > 1 << 21:     # above a call run on the caller
+                    assert _runtime.handoffs() > jobs, "the wide sum never used the pool"
+    finally:
+        structc.set_num_threads(before)
+
+
 def test_batch_one_forward_is_a_straight_call():
     """A small model's batch-1 forward runs every kernel on the caller: no job
     is handed to the pool (the matmul's work is its rows', not a full tile's)."""

@@ -3,8 +3,8 @@
 Each is built from ops, so it works wherever its operands are rows of
 states: the next case of a recursion over a sequence (`gru_cell(t.x,
 h(t.prev), 64)`), a tree's node case, or plain tensors. All gates come from
-one matmul over concat(x, h) (the LSTM's computed as x @ W[:F] + (h @ W[F:] + b),
-no concat copied); the gate math after it is elementwise, which
+one matmul over concat(x, h), computed as x @ W[:F] + (h @ W[F:] + b) (no
+concat copied); the gate math after it is elementwise, which
 the fuse pass joins to the matmul's epilogue where it can (the LSTM's is
 one op, `lstm_gates`: one row kernel instead of a dozen small ones; as a
 recursion's states (h, c) its two halves are read in place).

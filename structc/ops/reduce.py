@@ -168,9 +168,12 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
         else:
             groups.append((r, [d]))
     out_dims = [d for k, d in enumerate(shape) if k not in reduced]
+    vw = kb.vector_width
+    if len(groups) == 2 and groups[0][0]:
+        _lower_column_blocks(kb, node, kind, comb, groups)
+        return
     # The outermost kept axis splits across threads: each task owns its outputs.
     split = bool(groups) and not groups[0][0]
-    vw = kb.vector_width
 
     def tasks(cg):
         return cg.numel(groups[0][1]) if split else cg.i64(1)
@@ -214,6 +217,64 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
                 cg.store(cg.load(src, i), dst, i)
         else:
             level(0, cg.i64(0), cg.i64(0))
+
+
+#: vectors of columns a task of a leading-axes reduction owns (`_lower_column_blocks`),
+#: as many sums in registers down every row: wide blocks while the columns fill them
+#: (a task then reads 1 kB of each row, a stream the prefetcher follows: blocks of
+#: 64 floats alone made an LSTM's bias sum over [3264, 512] 1.35x slower than one
+#: loop over the rows), narrow ones, masked, for the rest
+WIDE_BLOCK, NARROW_BLOCK = 16, 4
+
+
+def _lower_column_blocks(kb, node, kind: str, comb: _Combine, groups) -> None:
+    """x [rows..., cols...] reduced over its leading axes (a bias gradient's sum
+    over the batch): each task owns a block of columns and runs their sums in
+    registers down every row, so a wide sum splits across threads and no
+    partial sum goes through memory. Each column is still summed row by row
+    from the identity: the same bits as one loop over the rows."""
+    from llvmlite import ir
+    from ..lower.codegen import F32
+    from ..lower.module import run_time_numel
+    x = node.inputs[0]
+    vw = kb.vector_width
+    wide, narrow = WIDE_BLOCK * vw, NARROW_BLOCK * vw
+    rows_dims, cols_dims = groups[0][1], groups[1][1]
+
+    def blocks(cg, cols):       # (wide blocks, tasks): the wide ones first, then narrow ones for the rest
+        n_wide = cg.b.sdiv(cols, cg.i64(wide))
+        return n_wide, cg.iadd(n_wide, cg.ceil_div(cg.b.sub(cols, cg.imul(n_wide, wide)), narrow))
+
+    with kb.kernel(f"{kind}{node.id}", lambda cg: blocks(cg, cg.numel(cols_dims))[1],
+                   cost=lambda cg: cg.imul(cg.numel(rows_dims), wide), skippable=True) as (cg, lo, hi):
+        if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
+            return
+        b = cg.b
+        src, dst = cg.ptr(x), cg.ptr(node.id)
+        rows, cols = run_time_numel(cg, rows_dims), run_time_numel(cg, cols_dims)
+        n_wide = blocks(cg, cols)[0]
+        vt = ir.VectorType(F32, vw)
+
+        def block(c0, vectors, masks):
+            acc = [cg.var(vt, cg.const(comb.identity, vt)) for _ in range(vectors)]
+            with cg.loop(rows, name="r") as r:
+                at = cg.iadd(cg.imul(r, cols), c0)
+                for v in range(vectors):
+                    value = cg.load(src, cg.iadd(at, v * vw), n=vw, mask=masks[v])
+                    b.store(comb.op(cg, b.load(acc[v]), value), acc[v])
+            for v in range(vectors):
+                cg.store(b.load(acc[v]), dst, cg.iadd(c0, v * vw), mask=masks[v])
+
+        with cg.loop(hi, start=lo, name="cb") as task:
+            with b.if_else(b.icmp_signed("<", task, n_wide)) as (is_wide, is_narrow):
+                with is_wide:
+                    block(cg.imul(task, wide), WIDE_BLOCK, [None] * WIDE_BLOCK)
+                with is_narrow:
+                    # a vector past the columns has no lane set: it reads and writes nothing
+                    c0 = cg.iadd(cg.imul(n_wide, wide), cg.imul(b.sub(task, n_wide), narrow))
+                    width = b.sub(cols, c0)
+                    block(c0, NARROW_BLOCK, [cg.lane_mask(b.sub(width, cg.i64(v * vw)), vw)
+                                             for v in range(NARROW_BLOCK)])
 
 
 def _inner(cg, src, dst, ioff, ooff, n, reduced: bool, vw: int, comb: _Combine):
