@@ -1,8 +1,9 @@
 """Kernels for pooling and its backward ops (NCHW, vectorised along the output row).
 
   maxpool2d / avgpool2d / maxpool2d_argmax: a task is one output row of
-      one plane; each window element is one (masked or gathered) vector
-      load. When the fuse pass put a `maxpool2d_argmax` of the same input
+      one plane; each window element is one vector: a masked load (stride
+      1), two loads and a shuffle taking every other lane (stride 2), a
+      gather otherwise. When the fuse pass put a `maxpool2d_argmax` of the same input
       and window in the max-pool's group, the one loop nest stores both
       the maxima and their positions.
   scatter_argmax / avgpool2d_grad: a task is one plane. The delta is
@@ -66,6 +67,8 @@ def emit_pool(kb, node, kind: str) -> None:
                         if sw == 1:
                             val = cg.load(X, cg.iadd(cg.iadd(xplane, cg.imul(ih, W)), cg.iadd(ow0, c)), F32, vw, mask)
                             cols = None
+                        elif sw == 2:
+                            val = _every_other(cg, X, cg.iadd(xplane, cg.imul(ih, W)), ow0, c, min(W, 2 * OW + c), vw)
                         else:
                             cols = b.add(b.mul(ow, cg.splat(cg.i64(sw), vw)), cg.splat(cg.i64(c), vw))
                             val = gather(cg, X, cg.iadd(xplane, cg.imul(ih, W)), cols, mask)
@@ -87,6 +90,23 @@ def emit_pool(kb, node, kind: str) -> None:
                     cg.store(best, cg.ptr(value_out), out_off, mask=mask)
                 if index_out is not None:
                     cg.store(bidx, cg.ptr(index_out), out_off, t=I32, mask=mask)
+
+
+def _every_other(cg, X, row, ow0, c, end: int, vw: int):
+    """X[row + 2 ow + c] for the vw outputs ow = ow0, ow0 + 1, ...: the row's
+    2 vw columns from 2 ow0 + c as two loads (columns from `end` on not read),
+    their even lanes taken by one shuffle, where a gather would fetch each
+    element on its own (a stride-2 max-pool's window took ~4x as long)."""
+    b = cg.b
+    lanes = _lanes(cg, vw)
+    start = cg.iadd(cg.imul(ow0, 2), c)
+    halves = []
+    for k in range(2):
+        first = cg.iadd(start, k * vw)
+        inside = b.icmp_signed("<", b.add(cg.splat(first, vw), lanes), cg.splat(cg.i64(end), vw))
+        halves.append(cg.load(X, cg.iadd(row, first), F32, vw, inside))
+    even = ir.Constant(ir.VectorType(I32, vw), [ir.Constant(I32, 2 * k) for k in range(vw)])
+    return b.shuffle_vector(halves[0], halves[1], even)
 
 
 def _position(cg, ih, ow, sw, c, W, vw):

@@ -73,7 +73,9 @@ class MaxPool2d(Op):
 
     def samples(self):
         return [Sample(((2, 3, 8, 8),)), Sample(((1, 2, 7, 9),), {"size": (3, 2), "stride": (2, 3)}),
-                Sample(((2, 1, 5, 6),), {"size": (3, 3), "stride": (1, 1)})]
+                Sample(((2, 1, 5, 6),), {"size": (3, 3), "stride": (1, 1)}),
+                # stride 2 over a row of two output vectors, overlapping windows
+                Sample(((1, 2, 5, 37),), {"size": (2, 3), "stride": (1, 2)})]
 
     def describe(self, attrs):
         return "size=%dx%d, stride=%dx%d" % (pair(attrs.get("size", 2)) + pair(attrs.get("stride", 2)))
@@ -107,7 +109,8 @@ class MaxPool2dArgmax(Op):
         return _argmax_positions(x, size, stride)
 
     def samples(self):
-        return [Sample(((2, 3, 8, 8),)), Sample(((1, 2, 7, 9),), {"size": (3, 2), "stride": (2, 3)})]
+        return [Sample(((2, 3, 8, 8),)), Sample(((1, 2, 7, 9),), {"size": (3, 2), "stride": (2, 3)}),
+                Sample(((1, 2, 5, 37),), {"size": (2, 3), "stride": (1, 2)})]
 
     describe = MaxPool2d.describe
 
@@ -203,7 +206,9 @@ class AvgPool2d(Op):
 
     def samples(self):
         return [Sample(((2, 3, 8, 8),)), Sample(((1, 2, 7, 9),), {"size": (3, 2), "stride": (2, 3)}),
-                Sample(((2, 1, 5, 6),), {"size": (3, 3), "stride": (1, 1)})]
+                Sample(((2, 1, 5, 6),), {"size": (3, 3), "stride": (1, 1)}),
+                # stride 2 over a row of two output vectors, overlapping windows
+                Sample(((1, 2, 5, 37),), {"size": (2, 3), "stride": (1, 2)})]
 
     describe = MaxPool2d.describe
 
