@@ -12,12 +12,16 @@ contiguous axis) and register-tiled over output channels:
                       input are skipped (loop bounds), columns outside it are
                       masked lanes. The accumulators go straight into the
                       group's epilogue (bias, activation, derivative mask).
-  conv2d_kernel_grad  a task owns dw[o-tile, c, kh-block]: it reduces over the
-                      batch and the output plane with OT x KWT vector
-                      accumulators (delta vectors times shifted input
-                      vectors), image by image so the delta tile stays in L1,
-                      adding into per-lane partial sums; one horizontal sum per
-                      weight at the end.
+  conv2d_kernel_grad  a task owns dw[o-tile, c, kh-block]: per channel and
+                      kernel row it reduces over the batch and the output
+                      plane with OT x KWT vector accumulators (delta vectors
+                      times shifted input vectors) that stay in registers
+                      across the images; one horizontal sum per weight at the
+                      end. (Image by image, with the per-lane sums added to
+                      memory after each, LeNet-5's second one ran at 45% of
+                      the FMA peak; this way 82%.) Two packed rows whose input
+                      rows fit a vector load those rows once and shuffle each
+                      kernel column's vector out of them.
 
 Output rows narrower than the vectors are packed end to end (P rows per
 task, lanes [p*OW, (p+1)*OW) holding row p): LeNet's 8x8 and 24x24 planes
@@ -35,7 +39,6 @@ from .codegen import F32, I1, I64, PTR
 
 ACC = 24            # vector accumulators a tile may use
 VMAX = 4            # vectors per output-row chunk
-PARTIAL_LIMIT = 64 * 1024   # bytes of per-task partial sums for the kernel gradient
 
 
 def _ceil(a: int, b: int) -> int:
@@ -200,6 +203,24 @@ def _pack_rows(geo: _Geometry, vw: int, epilogue) -> int:
         if waste(P) < waste(best):
             best = P
     return best
+
+
+def _two_row_columns(cg, rows, shift: int, OW: int, W: int, vw: int, zero):
+    """The input vector of one kernel column for two packed output rows: lane
+    j of row p's lanes [p OW, (p + 1) OW) is that row's input column
+    j - p OW + shift, zero outside the input; one two-source shuffle of the
+    rows (`rows[p]`, loaded whole) and a select, where two masked loads
+    with a merge were needed per kernel column."""
+    idx, keep = [], []
+    for j in range(vw):
+        p, src = j // OW, j % OW + shift
+        ok = p < 2 and 0 <= src < W
+        idx.append(p * vw + src if ok else 0)
+        keep.append(ok)
+    b = cg.b
+    picked = b.shuffle_vector(rows[0], rows[1], ir.Constant(ir.VectorType(ir.IntType(32), vw),
+                                                            [ir.Constant(ir.IntType(32), k) for k in idx]))
+    return b.select(ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(k)) for k in keep]), picked, zero)
 
 
 def _masked_load(cg, base, off, vw, mask, passthru):
@@ -375,6 +396,8 @@ def emit_kernel_grad(kb, node) -> None:
     if geo.contiguous and geo.dh == 1 and geo.sh == 1 and chunks == 1:
         P = _pack_rows(geo, vw, None)
         V = _ceil(P * geo.OW, vw)
+    # two packed rows that each fit a vector: their input rows are loaded once, then shuffled
+    two_rows = P == 2 and V == 1 and geo.W <= vw
     kw_tiles = Tiles(KW, 5)
     KWT = kw_tiles.most
     # OT delta vectors + KWT input vectors + OT*KWT accumulators in 31 registers
@@ -387,7 +410,6 @@ def emit_kernel_grad(kb, node) -> None:
     CB = _ceil(C, n_cb)
     kh_blocks = KH if n_ot * n_cb < 8 else 1
     KHB = KH // kh_blocks
-    partial = OT * CB * KHB * KW * vw * 4 <= PARTIAL_LIMIT
     N = geo.N
     group = next((gr for gr in graph.groups if node.id in gr.members), None)
     bias = next((m for m in (group.members if group else []) if m != node.id), None)
@@ -405,9 +427,6 @@ def emit_kernel_grad(kb, node) -> None:
         vt = ir.VectorType(F32, vw)
         zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
         lanes = _lanes(cg, vw)
-        if partial:
-            part = cg.var(ir.ArrayType(F32, OT * CB * KHB * KW * vw))
-            part.type = PTR
         with cg.loop(hi, start=lo, name="task") as t:
             khb = b.srem(t, cg.i64(kh_blocks))
             rest = b.sdiv(t, cg.i64(kh_blocks))
@@ -422,10 +441,6 @@ def emit_kernel_grad(kb, node) -> None:
                 # dw[o0 + o, c, kh0 + kh, kw]
                 return cg.iadd(cg.imul(cg.iadd(cg.imul(cg.iadd(o0, o), C), c), KH * KW),
                                cg.iadd(cg.imul(cg.iadd(kh0, kh), KW), kw))
-
-            def part_index(o, cl, khl, kw):
-                return cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.i64(o), CB), cl), KHB), khl),
-                                               KW), kw), vw)
 
             def packed_rows(kh, xplane, gplane, kws, acc, ot_size):
                 """P delta rows at a time, end to end in V vectors (rows narrower than a vector)."""
@@ -444,11 +459,21 @@ def emit_kernel_grad(kb, node) -> None:
                     limit = cg.splat(cg.imul(rows_here, geo.OW), vw)
                     live = [cg.splat(b.icmp_signed("<", cg.i64(p), rows_here), vw) for p in range(P)]
                     top = cg.iadd(xplane, cg.imul(b.sub(cg.iadd(oh, kh), cg.i64(geo.pt)), geo.W))
+                    rows = None
+                    if two_rows:        # both input rows once; each kernel column's vector is one shuffle of them
+                        inside = ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(j < geo.W)) for j in range(vw)])
+                        rows = [_masked_load(cg, X, cg.iadd(top, p * geo.W), vw, b.and_(inside, live[p]), zero)
+                                for p in range(2)]
                     for v in range(V):
                         gmask = b.icmp_signed("<", b.add(cg.splat(cg.i64(v * vw), vw), lanes), limit)
                         at = cg.iadd(gplane, cg.iadd(cg.imul(oh, geo.OW), v * vw))
                         gv = [cg.load(G, cg.iadd(at, o * geo.OH * geo.OW), F32, vw, gmask) for o in range(ot_size)]
                         for i, kw in enumerate(kws):
+                            if rows is not None:
+                                xv = _two_row_columns(cg, rows, kw - geo.pl, geo.OW, geo.W, vw, zero)
+                                for o in range(ot_size):
+                                    b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
+                                continue
                             xv = zero
                             for sv, p, a, e in segs:
                                 if sv != v:
@@ -464,23 +489,16 @@ def emit_kernel_grad(kb, node) -> None:
                                 b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
 
             def body(ot_size):
-                if partial:
-                    with cg.loop(ot_size * CB * KHB * KW, name="pz", unroll=False) as p:
-                        cg.store(zero, part, cg.imul(p, vw))
-                else:
-                    for o in range(ot_size):
-                        with cg.loop(c1, start=c0, name="dzc", unroll=False) as c:
-                            with cg.loop(KHB * KW, name="dz", unroll=False) as p:
-                                cg.store(cg.const(0.0, F32), D, cg.iadd(dw_index(o, c, 0, 0), p))
-                if bias is not None:
-                    bacc = [cg.var(vt, zero) for _ in range(ot_size)]
-                    first = b.and_(b.icmp_signed("==", cb, cg.i64(0)), b.icmp_signed("==", khb, cg.i64(0)))
+                def gplane_of(n):
+                    return cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
 
-                def image(n):
-                    gplane = cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
-                    if bias is not None:
-                        # the bias gradient: Σ of the delta, read while it is hot
-                        with cg.if_(first):
+                if bias is not None:
+                    # the bias gradient: the delta's sum, by the task of the first channels and kernel rows
+                    first = b.and_(b.icmp_signed("==", cb, cg.i64(0)), b.icmp_signed("==", khb, cg.i64(0)))
+                    with cg.if_(first):
+                        bacc = [cg.var(vt, zero) for _ in range(ot_size)]
+                        with cg.loop(cg.dim(N), name="bn") as n:
+                            gplane = gplane_of(n)
                             with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
                                 j = cg.imul(bv, vw)
                                 m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes),
@@ -488,74 +506,55 @@ def emit_kernel_grad(kb, node) -> None:
                                 for o in range(ot_size):
                                     gv = cg.load(G, cg.iadd(gplane, cg.iadd(j, o * geo.OH * geo.OW)), F32, vw, m)
                                     b.store(cg.add(b.load(bacc[o]), gv), bacc[o])
-
-                    def channel(c):
-                        cl = b.sub(c, c0)
-                        xplane = cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
-
-                        def kernel_row(khl):
-                            kh = cg.iadd(kh0, khl)
-                            for kwb in range(kw_tiles.count):
-                                kw0 = kwb * kw_tiles.q + min(kwb, kw_tiles.r)
-                                kws = list(range(kw0, kw0 + kw_tiles.q + (kwb < kw_tiles.r)))
-                                acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
-
-                                def out_row(oh, ih):
-                                    grow = cg.iadd(gplane, cg.imul(oh, geo.OW))
-                                    xrow = cg.iadd(xplane, cg.imul(ih, geo.W))
-
-                                    def chunk(ow0):
-                                        rd = _RowReader(cg, geo, vw, ow0, V, kws)
-                                        for v in range(V):
-                                            col = cg.iadd(ow0, v * vw)
-                                            gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
-                                                                  cg.splat(cg.i64(geo.OW), vw))
-                                            gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col),
-                                                          F32, vw, gmask) for o in range(ot_size)]
-                                            for i, kw in enumerate(kws):
-                                                xv = rd.load(X, xrow, v, kw)
-                                                for o in range(ot_size):
-                                                    b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
-
-                                    if chunks == 1:
-                                        chunk(cg.i64(0))
-                                    else:
-                                        with cg.loop(chunks, name="chunk") as ch:
-                                            chunk(cg.imul(ch, V * vw))
-
-                                if P == 1:
-                                    _out_rows(cg, geo, kh, out_row)
-                                else:
-                                    packed_rows(kh, xplane, gplane, kws, acc, ot_size)
-                                for o in range(ot_size):
-                                    for i, kw in enumerate(kws):
-                                        a = b.load(acc[o][i])
-                                        if partial:
-                                            p = part_index(o, cl, khl, kw)
-                                            cg.store(cg.add(cg.load(part, p, F32, vw), a), part, p)
-                                        else:
-                                            at = dw_index(o, c, khl, kw)
-                                            cg.store(cg.add(cg.load(D, at), cg.hsum(a)), D, at)
-
-                        with cg.loop(KHB, name="khl") as khl:
-                            kernel_row(khl)
-
-                    with cg.loop(c1, start=c0, name="c") as c:
-                        channel(c)
-
-                with cg.loop(cg.dim(N), name="n") as n:
-                    image(n)
-
-                if partial:
-                    for o in range(ot_size):
-                        with cg.loop(c1, start=c0, name="psc", unroll=False) as c:
-                            with cg.loop(KHB * KW, name="ps", unroll=False) as p:
-                                at = cg.iadd(part_index(o, b.sub(c, c0), 0, 0), cg.imul(p, vw))
-                                cg.store(cg.hsum(cg.load(part, at, F32, vw)), D, cg.iadd(dw_index(o, c, 0, 0), p))
-                if bias is not None:
-                    with cg.if_(first):
                         for o in range(ot_size):
                             cg.store(cg.hsum(b.load(bacc[o])), cg.ptr(bias), cg.iadd(o0, o))
+
+                def kernel_row(c, khl):
+                    kh = cg.iadd(kh0, khl)
+                    for kwb in range(kw_tiles.count):
+                        kw0 = kwb * kw_tiles.q + min(kwb, kw_tiles.r)
+                        kws = list(range(kw0, kw0 + kw_tiles.q + (kwb < kw_tiles.r)))
+                        # the accumulators run over every image: one horizontal sum per weight at the end
+                        acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
+                        with cg.loop(cg.dim(N), name="n") as n:
+                            gplane = gplane_of(n)
+                            xplane = cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
+
+                            def out_row(oh, ih):
+                                grow = cg.iadd(gplane, cg.imul(oh, geo.OW))
+                                xrow = cg.iadd(xplane, cg.imul(ih, geo.W))
+
+                                def chunk(ow0):
+                                    rd = _RowReader(cg, geo, vw, ow0, V, kws)
+                                    for v in range(V):
+                                        col = cg.iadd(ow0, v * vw)
+                                        gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
+                                                              cg.splat(cg.i64(geo.OW), vw))
+                                        gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col),
+                                                      F32, vw, gmask) for o in range(ot_size)]
+                                        for i, kw in enumerate(kws):
+                                            xv = rd.load(X, xrow, v, kw)
+                                            for o in range(ot_size):
+                                                b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
+
+                                if chunks == 1:
+                                    chunk(cg.i64(0))
+                                else:
+                                    with cg.loop(chunks, name="chunk") as ch:
+                                        chunk(cg.imul(ch, V * vw))
+
+                            if P == 1:
+                                _out_rows(cg, geo, kh, out_row)
+                            else:
+                                packed_rows(kh, xplane, gplane, kws, acc, ot_size)
+                        for o in range(ot_size):
+                            for i, kw in enumerate(kws):
+                                cg.store(cg.hsum(b.load(acc[o][i])), D, dw_index(o, c, khl, kw))
+
+                # (not unrolled: O3 would copy the whole loop over the images per channel and kernel row)
+                with cg.loop(c1, start=c0, name="c", unroll=False) as c:
+                    with cg.loop(KHB, name="khl", unroll=False) as khl:
+                        kernel_row(c, khl)
 
             ot_tiles.each_size(cg, ot, body)
 
