@@ -285,16 +285,19 @@ def test_digits_cnn_trains_to_97_percent(tmp_path, capsys):
 
 
 
-def test_kernel_grad_loops_over_channels_and_kernel_rows_are_not_unrolled():
-    """The kernel gradient's loops over a task's channels and kernel rows (each
-    around the whole loop over the images) say `llvm.loop.unroll.disable`: their
-    trip counts are constants O3 would otherwise unroll, copying that loop."""
+@pytest.mark.parametrize("sample, loops", [(0, {"c", "khl"}), (-1, {"pz", "ps", "psc"})])
+def test_kernel_grad_loops_around_its_reductions_are_not_unrolled(sample, loops):
+    """The kernel gradient's loops that O3 would otherwise unroll whole (constant
+    trip counts) say `llvm.loop.unroll.disable`: with the images innermost (small
+    planes), the loops over a task's channels and kernel rows, each around the
+    loop over the images; image by image (large planes), zeroing the partial
+    sums and their horizontal sums into dw."""
     from structc.compiler import compile_model
     from structc.testing import op_graph
     op = REGISTRY["conv2d_kernel_grad"]
-    sample = op.samples()[0]
+    chosen = op.samples()[sample]
     texts = {}
-    compile_model(op_graph(op, sample, sample.arrays(np.random.default_rng(0))),
+    compile_model(op_graph(op, chosen, chosen.arrays(np.random.default_rng(0))),
                   dump=lambda stage, text: texts.setdefault(stage, text), jit=False, parts=["forward"])
     not_unrolled = set(re.findall(r'br label %"(\w+)\.head", !llvm\.loop', texts["llvm"]))
-    assert {"c", "khl"} <= not_unrolled, not_unrolled
+    assert loops <= not_unrolled, not_unrolled

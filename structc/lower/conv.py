@@ -15,13 +15,15 @@ contiguous axis) and register-tiled over output channels:
   conv2d_kernel_grad  a task owns dw[o-tile, c, kh-block]: per channel and
                       kernel row it reduces over the batch and the output
                       plane with OT x KWT vector accumulators (delta vectors
-                      times shifted input vectors) that stay in registers
-                      across the images; one horizontal sum per weight at the
-                      end. (Image by image, with the per-lane sums added to
-                      memory after each, LeNet-5's second one ran at 45% of
-                      the FMA peak; this way 82%.) Two packed rows whose input
-                      rows fit a vector load those rows once and shuffle each
-                      kernel column's vector out of them.
+                      times shifted input vectors). Planes of few vector
+                      rows (INNER_IMAGE_ROWS) keep them in registers across
+                      the images (image by image, the per-lane sums added to
+                      memory after each, LeNet-5's second ran at 45% of the
+                      FMA peak; this way 82%); larger planes go image by image
+                      so the delta tile stays in L1 across channels and
+                      kernel rows. One horizontal sum per weight at the end.
+                      Two packed rows whose input rows fit a vector load those
+                      rows once and shuffle each kernel column out of them.
 
 Output rows narrower than the vectors are packed end to end (P rows per
 task, lanes [p*OW, (p+1)*OW) holding row p): LeNet's 8x8 and 24x24 planes
@@ -39,6 +41,8 @@ from .codegen import F32, I1, I64, PTR
 
 ACC = 24            # vector accumulators a tile may use
 VMAX = 4            # vectors per output-row chunk
+PARTIAL_LIMIT = 64 * 1024   # bytes of per-task partial sums for the kernel gradient
+INNER_IMAGE_ROWS = 8        # vector rows an image up to which the kernel gradient's images loop innermost
 
 
 def _ceil(a: int, b: int) -> int:
@@ -410,6 +414,14 @@ def emit_kernel_grad(kb, node) -> None:
     CB = _ceil(C, n_cb)
     kh_blocks = KH if n_ot * n_cb < 8 else 1
     KHB = KH // kh_blocks
+    partial = OT * CB * KHB * KW * vw * 4 <= PARTIAL_LIMIT
+    # Few vector rows an image (LeNet-5's 8x8 planes, two rows a vector: 4): the
+    # per-image partial sums would cost as much as the FMAs, so the loop over the
+    # images goes inside the channels and kernel rows, the sums in registers
+    # across the batch (45% -> 82% of peak); with more, image by image (the
+    # 32x32 planes of the conv benchmark: 1.2x slower the other way, the delta
+    # tile read again for every channel and kernel row)
+    inner_images = _ceil(geo.OH, P) * V * chunks <= INNER_IMAGE_ROWS
     N = geo.N
     group = next((gr for gr in graph.groups if node.id in gr.members), None)
     bias = next((m for m in (group.members if group else []) if m != node.id), None)
@@ -427,6 +439,9 @@ def emit_kernel_grad(kb, node) -> None:
         vt = ir.VectorType(F32, vw)
         zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
         lanes = _lanes(cg, vw)
+        if partial and not inner_images:
+            part = cg.var(ir.ArrayType(F32, OT * CB * KHB * KW * vw))
+            part.type = PTR
         with cg.loop(hi, start=lo, name="task") as t:
             khb = b.srem(t, cg.i64(kh_blocks))
             rest = b.sdiv(t, cg.i64(kh_blocks))
@@ -441,6 +456,10 @@ def emit_kernel_grad(kb, node) -> None:
                 # dw[o0 + o, c, kh0 + kh, kw]
                 return cg.iadd(cg.imul(cg.iadd(cg.imul(cg.iadd(o0, o), C), c), KH * KW),
                                cg.iadd(cg.imul(cg.iadd(kh0, kh), KW), kw))
+
+            def part_index(o, cl, khl, kw):
+                return cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(cg.i64(o), CB), cl), KHB), khl),
+                                               KW), kw), vw)
 
             def packed_rows(kh, xplane, gplane, kws, acc, ot_size):
                 """P delta rows at a time, end to end in V vectors (rows narrower than a vector)."""
@@ -488,7 +507,101 @@ def emit_kernel_grad(kb, node) -> None:
                             for o in range(ot_size):
                                 b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
 
-            def body(ot_size):
+            def images_outside(ot_size):
+                if partial:
+                    with cg.loop(ot_size * CB * KHB * KW, name="pz", unroll=False) as p:
+                        cg.store(zero, part, cg.imul(p, vw))
+                else:
+                    for o in range(ot_size):
+                        with cg.loop(c1, start=c0, name="dzc", unroll=False) as c:
+                            with cg.loop(KHB * KW, name="dz", unroll=False) as p:
+                                cg.store(cg.const(0.0, F32), D, cg.iadd(dw_index(o, c, 0, 0), p))
+                if bias is not None:
+                    bacc = [cg.var(vt, zero) for _ in range(ot_size)]
+                    first = b.and_(b.icmp_signed("==", cb, cg.i64(0)), b.icmp_signed("==", khb, cg.i64(0)))
+
+                def image(n):
+                    gplane = cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
+                    if bias is not None:
+                        # the bias gradient: Σ of the delta, read while it is hot
+                        with cg.if_(first):
+                            with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
+                                j = cg.imul(bv, vw)
+                                m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes),
+                                                  cg.splat(cg.i64(geo.OH * geo.OW), vw))
+                                for o in range(ot_size):
+                                    gv = cg.load(G, cg.iadd(gplane, cg.iadd(j, o * geo.OH * geo.OW)), F32, vw, m)
+                                    b.store(cg.add(b.load(bacc[o]), gv), bacc[o])
+
+                    def channel(c):
+                        cl = b.sub(c, c0)
+                        xplane = cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
+
+                        def kernel_row(khl):
+                            kh = cg.iadd(kh0, khl)
+                            for kwb in range(kw_tiles.count):
+                                kw0 = kwb * kw_tiles.q + min(kwb, kw_tiles.r)
+                                kws = list(range(kw0, kw0 + kw_tiles.q + (kwb < kw_tiles.r)))
+                                acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
+
+                                def out_row(oh, ih):
+                                    grow = cg.iadd(gplane, cg.imul(oh, geo.OW))
+                                    xrow = cg.iadd(xplane, cg.imul(ih, geo.W))
+
+                                    def chunk(ow0):
+                                        rd = _RowReader(cg, geo, vw, ow0, V, kws)
+                                        for v in range(V):
+                                            col = cg.iadd(ow0, v * vw)
+                                            gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
+                                                                  cg.splat(cg.i64(geo.OW), vw))
+                                            gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col),
+                                                          F32, vw, gmask) for o in range(ot_size)]
+                                            for i, kw in enumerate(kws):
+                                                xv = rd.load(X, xrow, v, kw)
+                                                for o in range(ot_size):
+                                                    b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
+
+                                    if chunks == 1:
+                                        chunk(cg.i64(0))
+                                    else:
+                                        with cg.loop(chunks, name="chunk") as ch:
+                                            chunk(cg.imul(ch, V * vw))
+
+                                if P == 1:
+                                    _out_rows(cg, geo, kh, out_row)
+                                else:
+                                    packed_rows(kh, xplane, gplane, kws, acc, ot_size)
+                                for o in range(ot_size):
+                                    for i, kw in enumerate(kws):
+                                        a = b.load(acc[o][i])
+                                        if partial:
+                                            p = part_index(o, cl, khl, kw)
+                                            cg.store(cg.add(cg.load(part, p, F32, vw), a), part, p)
+                                        else:
+                                            at = dw_index(o, c, khl, kw)
+                                            cg.store(cg.add(cg.load(D, at), cg.hsum(a)), D, at)
+
+                        with cg.loop(KHB, name="khl") as khl:
+                            kernel_row(khl)
+
+                    with cg.loop(c1, start=c0, name="c") as c:
+                        channel(c)
+
+                with cg.loop(cg.dim(N), name="n") as n:
+                    image(n)
+
+                if partial:
+                    for o in range(ot_size):
+                        with cg.loop(c1, start=c0, name="psc", unroll=False) as c:
+                            with cg.loop(KHB * KW, name="ps", unroll=False) as p:
+                                at = cg.iadd(part_index(o, b.sub(c, c0), 0, 0), cg.imul(p, vw))
+                                cg.store(cg.hsum(cg.load(part, at, F32, vw)), D, cg.iadd(dw_index(o, c, 0, 0), p))
+                if bias is not None:
+                    with cg.if_(first):
+                        for o in range(ot_size):
+                            cg.store(cg.hsum(b.load(bacc[o])), cg.ptr(bias), cg.iadd(o0, o))
+
+            def images_inside(ot_size):
                 def gplane_of(n):
                     return cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
 
@@ -556,6 +669,7 @@ def emit_kernel_grad(kb, node) -> None:
                     with cg.loop(KHB, name="khl", unroll=False) as khl:
                         kernel_row(c, khl)
 
+            body = images_inside if inner_images else images_outside
             ot_tiles.each_size(cg, ot, body)
 
 
