@@ -65,6 +65,11 @@ class Tiles:
         extra = b.select(b.icmp_signed("<", index, cg.i64(self.r)), index, cg.i64(self.r))
         return cg.iadd(cg.imul(index, self.q), extra)
 
+    def ranges(self) -> list[list[int]]:
+        """The elements of each tile, in order."""
+        starts = [k * self.q + min(k, self.r) for k in range(self.count)]
+        return [list(range(a, a + self.q + (k < self.r))) for k, a in enumerate(starts)]
+
     def each_size(self, cg, index, body):
         """body(size) for tile `index`, one variant per tile size."""
         if self.r == 0:
@@ -480,7 +485,8 @@ def emit_kernel_grad(kb, node) -> None:
                     top = cg.iadd(xplane, cg.imul(b.sub(cg.iadd(oh, kh), cg.i64(geo.pt)), geo.W))
                     rows = None
                     if two_rows:        # both input rows once; each kernel column's vector is one shuffle of them
-                        inside = ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(j < geo.W)) for j in range(vw)])
+                        inside = ir.Constant(ir.VectorType(I1, vw),
+                                             [ir.Constant(I1, int(j < geo.W)) for j in range(vw)])
                         rows = [_masked_load(cg, X, cg.iadd(top, p * geo.W), vw, b.and_(inside, live[p]), zero)
                                 for p in range(2)]
                     for v in range(V):
@@ -507,6 +513,47 @@ def emit_kernel_grad(kb, node) -> None:
                             for o in range(ot_size):
                                 b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
 
+            def gplane_of(n):       # where image n's delta planes o0, o0 + 1, ... start
+                return cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
+
+            def add_bias_sums(gplane, bacc, ot_size):
+                """bacc[o] += the lanes of one image's delta plane o0 + o (the bias gradient)."""
+                with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
+                    j = cg.imul(bv, vw)
+                    m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes), cg.splat(cg.i64(geo.OH * geo.OW), vw))
+                    for o in range(ot_size):
+                        gv = cg.load(G, cg.iadd(gplane, cg.iadd(j, o * geo.OH * geo.OW)), F32, vw, m)
+                        b.store(cg.add(b.load(bacc[o]), gv), bacc[o])
+
+            def plane(kh, xplane, gplane, kws, acc, ot_size):
+                """acc[o][i] += one image's products for kernel row kh and columns kws."""
+                if P != 1:
+                    packed_rows(kh, xplane, gplane, kws, acc, ot_size)
+                    return
+
+                def out_row(oh, ih):
+                    grow = cg.iadd(gplane, cg.imul(oh, geo.OW))
+                    xrow = cg.iadd(xplane, cg.imul(ih, geo.W))
+
+                    def chunk(ow0):
+                        rd = _RowReader(cg, geo, vw, ow0, V, kws)
+                        for v in range(V):
+                            col = cg.iadd(ow0, v * vw)
+                            gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes), cg.splat(cg.i64(geo.OW), vw))
+                            gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col), F32, vw, gmask)
+                                  for o in range(ot_size)]
+                            for i, kw in enumerate(kws):
+                                xv = rd.load(X, xrow, v, kw)
+                                for o in range(ot_size):
+                                    b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
+
+                    if chunks == 1:
+                        chunk(cg.i64(0))
+                    else:
+                        with cg.loop(chunks, name="chunk") as ch:
+                            chunk(cg.imul(ch, V * vw))
+                _out_rows(cg, geo, kh, out_row)
+
             def images_outside(ot_size):
                 if partial:
                     with cg.loop(ot_size * CB * KHB * KW, name="pz", unroll=False) as p:
@@ -521,17 +568,11 @@ def emit_kernel_grad(kb, node) -> None:
                     first = b.and_(b.icmp_signed("==", cb, cg.i64(0)), b.icmp_signed("==", khb, cg.i64(0)))
 
                 def image(n):
-                    gplane = cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
+                    gplane = gplane_of(n)
                     if bias is not None:
                         # the bias gradient: Σ of the delta, read while it is hot
                         with cg.if_(first):
-                            with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
-                                j = cg.imul(bv, vw)
-                                m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes),
-                                                  cg.splat(cg.i64(geo.OH * geo.OW), vw))
-                                for o in range(ot_size):
-                                    gv = cg.load(G, cg.iadd(gplane, cg.iadd(j, o * geo.OH * geo.OW)), F32, vw, m)
-                                    b.store(cg.add(b.load(bacc[o]), gv), bacc[o])
+                            add_bias_sums(gplane, bacc, ot_size)
 
                     def channel(c):
                         cl = b.sub(c, c0)
@@ -539,38 +580,9 @@ def emit_kernel_grad(kb, node) -> None:
 
                         def kernel_row(khl):
                             kh = cg.iadd(kh0, khl)
-                            for kwb in range(kw_tiles.count):
-                                kw0 = kwb * kw_tiles.q + min(kwb, kw_tiles.r)
-                                kws = list(range(kw0, kw0 + kw_tiles.q + (kwb < kw_tiles.r)))
+                            for kws in kw_tiles.ranges():
                                 acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
-
-                                def out_row(oh, ih):
-                                    grow = cg.iadd(gplane, cg.imul(oh, geo.OW))
-                                    xrow = cg.iadd(xplane, cg.imul(ih, geo.W))
-
-                                    def chunk(ow0):
-                                        rd = _RowReader(cg, geo, vw, ow0, V, kws)
-                                        for v in range(V):
-                                            col = cg.iadd(ow0, v * vw)
-                                            gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
-                                                                  cg.splat(cg.i64(geo.OW), vw))
-                                            gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col),
-                                                          F32, vw, gmask) for o in range(ot_size)]
-                                            for i, kw in enumerate(kws):
-                                                xv = rd.load(X, xrow, v, kw)
-                                                for o in range(ot_size):
-                                                    b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
-
-                                    if chunks == 1:
-                                        chunk(cg.i64(0))
-                                    else:
-                                        with cg.loop(chunks, name="chunk") as ch:
-                                            chunk(cg.imul(ch, V * vw))
-
-                                if P == 1:
-                                    _out_rows(cg, geo, kh, out_row)
-                                else:
-                                    packed_rows(kh, xplane, gplane, kws, acc, ot_size)
+                                plane(kh, xplane, gplane, kws, acc, ot_size)
                                 for o in range(ot_size):
                                     for i, kw in enumerate(kws):
                                         a = b.load(acc[o][i])
@@ -602,64 +614,24 @@ def emit_kernel_grad(kb, node) -> None:
                             cg.store(cg.hsum(b.load(bacc[o])), cg.ptr(bias), cg.iadd(o0, o))
 
             def images_inside(ot_size):
-                def gplane_of(n):
-                    return cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
-
                 if bias is not None:
                     # the bias gradient: the delta's sum, by the task of the first channels and kernel rows
                     first = b.and_(b.icmp_signed("==", cb, cg.i64(0)), b.icmp_signed("==", khb, cg.i64(0)))
                     with cg.if_(first):
                         bacc = [cg.var(vt, zero) for _ in range(ot_size)]
                         with cg.loop(cg.dim(N), name="bn") as n:
-                            gplane = gplane_of(n)
-                            with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
-                                j = cg.imul(bv, vw)
-                                m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes),
-                                                  cg.splat(cg.i64(geo.OH * geo.OW), vw))
-                                for o in range(ot_size):
-                                    gv = cg.load(G, cg.iadd(gplane, cg.iadd(j, o * geo.OH * geo.OW)), F32, vw, m)
-                                    b.store(cg.add(b.load(bacc[o]), gv), bacc[o])
+                            add_bias_sums(gplane_of(n), bacc, ot_size)
                         for o in range(ot_size):
                             cg.store(cg.hsum(b.load(bacc[o])), cg.ptr(bias), cg.iadd(o0, o))
 
                 def kernel_row(c, khl):
                     kh = cg.iadd(kh0, khl)
-                    for kwb in range(kw_tiles.count):
-                        kw0 = kwb * kw_tiles.q + min(kwb, kw_tiles.r)
-                        kws = list(range(kw0, kw0 + kw_tiles.q + (kwb < kw_tiles.r)))
+                    for kws in kw_tiles.ranges():
                         # the accumulators run over every image: one horizontal sum per weight at the end
                         acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
                         with cg.loop(cg.dim(N), name="n") as n:
-                            gplane = gplane_of(n)
-                            xplane = cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
-
-                            def out_row(oh, ih):
-                                grow = cg.iadd(gplane, cg.imul(oh, geo.OW))
-                                xrow = cg.iadd(xplane, cg.imul(ih, geo.W))
-
-                                def chunk(ow0):
-                                    rd = _RowReader(cg, geo, vw, ow0, V, kws)
-                                    for v in range(V):
-                                        col = cg.iadd(ow0, v * vw)
-                                        gmask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
-                                                              cg.splat(cg.i64(geo.OW), vw))
-                                        gv = [cg.load(G, cg.iadd(cg.iadd(grow, o * geo.OH * geo.OW), col),
-                                                      F32, vw, gmask) for o in range(ot_size)]
-                                        for i, kw in enumerate(kws):
-                                            xv = rd.load(X, xrow, v, kw)
-                                            for o in range(ot_size):
-                                                b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
-
-                                if chunks == 1:
-                                    chunk(cg.i64(0))
-                                else:
-                                    with cg.loop(chunks, name="chunk") as ch:
-                                        chunk(cg.imul(ch, V * vw))
-
-                            if P == 1:
-                                _out_rows(cg, geo, kh, out_row)
-                            else:
-                                packed_rows(kh, xplane, gplane, kws, acc, ot_size)
+                            plane(kh, cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W), gplane_of(n), kws, acc,
+                                  ot_size)
                         for o in range(ot_size):
                             for i, kw in enumerate(kws):
                                 cg.store(cg.hsum(b.load(acc[o][i])), D, dw_index(o, c, khl, kw))
