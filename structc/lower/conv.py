@@ -483,38 +483,42 @@ def emit_kernel_grad(kb, node) -> None:
                     limit = cg.splat(cg.imul(rows_here, geo.OW), vw)
                     live = [cg.splat(b.icmp_signed("<", cg.i64(p), rows_here), vw) for p in range(P)]
                     top = cg.iadd(xplane, cg.imul(b.sub(cg.iadd(oh, kh), cg.i64(geo.pt)), geo.W))
-                    rows = None
                     if two_rows:        # both input rows once; each kernel column's vector is one shuffle of them
                         inside = ir.Constant(ir.VectorType(I1, vw),
                                              [ir.Constant(I1, int(j < geo.W)) for j in range(vw)])
                         rows = [_masked_load(cg, X, cg.iadd(top, p * geo.W), vw, b.and_(inside, live[p]), zero)
                                 for p in range(2)]
+
+                    def columns(v, kw):     # the input vector meeting delta vector v for kernel column kw
+                        if two_rows:
+                            return _two_row_columns(cg, rows, kw - geo.pl, geo.OW, geo.W, vw, zero)
+                        xv = zero
+                        for sv, p, a, e in segs:
+                            if sv != v:
+                                continue
+                            shift = v * vw - p * geo.OW + kw - geo.pl
+                            bits = [a <= j < e and 0 <= j + shift < geo.W for j in range(vw)]
+                            if not any(bits):
+                                continue
+                            mask = b.and_(ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(x)) for x in bits]),
+                                          live[p])
+                            xv = _masked_load(cg, X, cg.iadd(cg.iadd(top, p * geo.W), shift), vw, mask, xv)
+                        return xv
+
                     for v in range(V):
                         gmask = b.icmp_signed("<", b.add(cg.splat(cg.i64(v * vw), vw), lanes), limit)
                         at = cg.iadd(gplane, cg.iadd(cg.imul(oh, geo.OW), v * vw))
                         gv = [cg.load(G, cg.iadd(at, o * geo.OH * geo.OW), F32, vw, gmask) for o in range(ot_size)]
                         for i, kw in enumerate(kws):
-                            if rows is not None:
-                                xv = _two_row_columns(cg, rows, kw - geo.pl, geo.OW, geo.W, vw, zero)
-                                for o in range(ot_size):
-                                    b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
-                                continue
-                            xv = zero
-                            for sv, p, a, e in segs:
-                                if sv != v:
-                                    continue
-                                shift = v * vw - p * geo.OW + kw - geo.pl
-                                bits = [a <= j < e and 0 <= j + shift < geo.W for j in range(vw)]
-                                if not any(bits):
-                                    continue
-                                mask = b.and_(ir.Constant(ir.VectorType(I1, vw), [ir.Constant(I1, int(x)) for x in bits]),
-                                              live[p])
-                                xv = _masked_load(cg, X, cg.iadd(cg.iadd(top, p * geo.W), shift), vw, mask, xv)
+                            xv = columns(v, kw)
                             for o in range(ot_size):
                                 b.store(cg.fma(gv[o], xv, b.load(acc[o][i])), acc[o][i])
 
             def gplane_of(n):       # where image n's delta planes o0, o0 + 1, ... start
                 return cg.imul(cg.iadd(cg.imul(n, O), o0), geo.OH * geo.OW)
+
+            def xplane_of(n, c):    # where image n's input plane c starts
+                return cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
 
             def add_bias_sums(gplane, bacc, ot_size):
                 """bacc[o] += the lanes of one image's delta plane o0 + o (the bias gradient)."""
@@ -576,7 +580,7 @@ def emit_kernel_grad(kb, node) -> None:
 
                     def channel(c):
                         cl = b.sub(c, c0)
-                        xplane = cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W)
+                        xplane = xplane_of(n, c)
 
                         def kernel_row(khl):
                             kh = cg.iadd(kh0, khl)
@@ -630,8 +634,7 @@ def emit_kernel_grad(kb, node) -> None:
                         # the accumulators run over every image: one horizontal sum per weight at the end
                         acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
                         with cg.loop(cg.dim(N), name="n") as n:
-                            plane(kh, cg.imul(cg.iadd(cg.imul(n, C), c), geo.H * geo.W), gplane_of(n), kws, acc,
-                                  ot_size)
+                            plane(kh, xplane_of(n, c), gplane_of(n), kws, acc, ot_size)
                         for o in range(ot_size):
                             for i, kw in enumerate(kws):
                                 cg.store(cg.hsum(b.load(acc[o][i])), D, dw_index(o, c, khl, kw))

@@ -522,9 +522,8 @@ def lower_tree_map_grad(kb, node) -> None:
     with kb.kernel(f"treemapgrad{node.id}", 1, cost=NESTED_WORK) as (cg, lo, hi):
         b = cg.b
         nodes = cg.dim(nodes_d)
-        H, G, ch, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(children), cg.ptr(level_end), cg.ptr(roots)
+        H, G, le, R = cg.ptr(Hn), cg.ptr(seed), cg.ptr(level_end), cg.ptr(roots)
         C = cg.ptr(c_all)               # the children's states, gathered by the forward pass
-        dC = cg.ptr(s_rows)
         blocks = _grad_blocks(cg)
         cot_at, dH, ws = blocks["cot"], blocks["dH"], blocks["ws"]
         fixed = cg.ptr(s_fixed)

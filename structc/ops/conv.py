@@ -243,7 +243,10 @@ class Conv2dKernelGrad(Op):
             Sample(((2, 2, 9, 8), (2, 3, 5, 4)), {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1, 1, 1)}),
             Sample(((1, 2, 4, 5), (1, 3, 8, 4)), {"kernel": (3, 2), "input_dilation": (2, 2), "stride": (1, 2),
                                                   "padding": (2, 1, 1, -1)}),
-            # a plane of many vector rows: the kernel reduces image by image (`lower.conv.INNER_IMAGE_ROWS`)
+            # two padded rows a vector, their kernel columns shuffled out of the input rows
+            Sample(((2, 3, 6, 6), (2, 4, 6, 6)), {"kernel": (3, 3), "padding": (1, 1, 1, 1)}),
+            # (last: tests/test_conv.py reads it) a plane of many vector rows: the kernel
+            # reduces image by image (`lower.conv.INNER_IMAGE_ROWS`)
             Sample(((2, 2, 12, 20), (2, 3, 10, 18)), {"kernel": (3, 3)}),
         ]
 

@@ -167,13 +167,13 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
             groups[-1][1].append(d)
         else:
             groups.append((r, [d]))
-    out_dims = [d for k, d in enumerate(shape) if k not in reduced]
-    vw = kb.vector_width
     if len(groups) == 2 and groups[0][0]:
         _lower_column_blocks(kb, node, kind, comb, groups)
         return
+    out_dims = [d for k, d in enumerate(shape) if k not in reduced]
     # The outermost kept axis splits across threads: each task owns its outputs.
     split = bool(groups) and not groups[0][0]
+    vw = kb.vector_width
 
     def tasks(cg):
         return cg.numel(groups[0][1]) if split else cg.i64(1)
