@@ -1,6 +1,6 @@
 """Data-parallel training on MPI against one process: time per epoch over the same data.
 
-    python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3] [--batch 256]
+    python benchmarks/bench_distributed.py [--repeats 3] [--epochs 3] [--batch 256] [--per-rank]
     python benchmarks/bench_distributed.py --feed [--repeats 5]     # the feeds alone, old way against the pool
     python benchmarks/bench_distributed.py --costs [--repeats 5]    # each part of a step: fixed + per item
     python benchmarks/bench_distributed.py --contention --only trees gnn   # a rank's step alone / two at once
@@ -12,12 +12,19 @@ For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
 
     1 process x 1 thread, 1 process x 2 threads, 2 ranks x 1 thread (mpiexec -n 2)
 
-each in fresh processes, `--repeats` times interleaved, and prints the median
-epoch time of each, the speed-ups, the share of the 2-rank step spent in the
+each in fresh processes, `--repeats` times interleaved (each run's first epochs,
+up to `WARMUP_STEPS` steps, untimed: a new shape's first calls are slow), and
+prints the median epoch time of each, the speed-ups, the share of the 2-rank step spent in the
 Allreduce (including waiting for the slower rank), the start-up of a 2-rank
 run to its first step beyond the compile, and a model of the Allreduce at N
 hosts. One run of a configuration: `--worker NAME --threads T [--distributed]`
 (prints JSON on rank 0).
+
+`--batch` sets every workload's global batch (strong scaling: the same steps,
+split among the ranks); `--per-rank` makes it each process's batch instead, so
+2 ranks take global batches twice as large, half as many steps an epoch (weak
+scaling, as DDP and Horovod count throughput: not the same optimisation, the
+same items per epoch).
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ import time
 from pathlib import Path
 
 STARTED = time.perf_counter()
+#: untimed epochs come first until this many steps have run (and one epoch at least)
+WARMUP_STEPS = 10
 ROOT = Path(__file__).resolve().parent.parent
 
 TREE = """
@@ -112,7 +121,8 @@ def worker(name: str, threads: int, distributed: bool, epochs: int, global_batch
     costs = dist.item_costs(data)
     rng = np.random.default_rng(0)
     times, cpu, allreduce, first_step = [], [], [], None
-    for _ in range(epochs):
+    warmup = max(1, -(-WARMUP_STEPS // -(-len(items) // batch)))
+    for epoch in range(warmup + epochs):
         order = rng.permutation(items)
         if comm is not None:
             comm.Barrier()
@@ -129,6 +139,8 @@ def worker(name: str, threads: int, distributed: bool, epochs: int, global_batch
         for _ in losses:
             if first_step is None:
                 first_step = time.perf_counter() - STARTED - compile_s - data_s
+        if epoch < warmup:
+            continue
         times.append(time.perf_counter() - start)
         allreduce.append(comm.seconds if comm is not None else 0.0)
         # CPU time outside the Allreduce (MPICH busy-polls in it): the rank's own work,
@@ -360,8 +372,11 @@ def contention(names, epochs: int, repeats: int) -> None:
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
-def run(name: str, threads: int, distributed: bool, epochs: int, batch: int | None = None) -> dict:
+def run(name: str, threads: int, distributed: bool, epochs: int, batch: int | None = None,
+        per_rank: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(threads), "--epochs", str(epochs)]
+    if per_rank:                        # each process keeps the batch: 2 ranks take twice as many a step
+        batch = (batch or WORKLOADS[name][2]) * (2 if distributed else 1)
     if batch:
         cmd += ["--batch", str(batch)]
     if distributed:
@@ -385,6 +400,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--batch", type=int, help="the global batch of every workload (default: each one's own)")
+    p.add_argument("--per-rank", action="store_true",
+                   help="--batch (or the default) is each process's: 2 ranks step on twice as many (weak scaling)")
     p.add_argument("--feed", action="store_true", help="only time making the feeds (old way against the pool)")
     p.add_argument("--costs", action="store_true", help="only fit each step's parts as fixed + per item")
     p.add_argument("--contention", action="store_true",
@@ -415,16 +432,16 @@ def main() -> None:
         results = {label: [] for label, *_ in CONFIGS}
         for _ in range(args.repeats):               # interleaved, so load changes hit every configuration
             for label, threads, dist in CONFIGS:
-                results[label].append(run(name, threads, dist, args.epochs, args.batch))
-        epoch = {label: statistics.median(t for r in rs for t in r["epoch_s"][1:] or r["epoch_s"])
-                 for label, rs in results.items()}
-        work = {label: statistics.median(t for r in rs for t in r["cpu_s"][1:] or r["cpu_s"])
-                for label, rs in results.items()}
+                results[label].append(run(name, threads, dist, args.epochs, args.batch, args.per_rank))
+        epoch = {label: statistics.median(t for r in rs for t in r["epoch_s"]) for label, rs in results.items()}
+        work = {label: statistics.median(t for r in rs for t in r["cpu_s"]) for label, rs in results.items()}
         two = results["2 ranks x 1"]
         share = statistics.median(a / e for r in two for a, e in zip(r["allreduce_s"], r["epoch_s"]))
         startup = {k: statistics.median(r[k] for r in two) for k in ("startup_s", "compile_s", "data_s", "mpi_s")}
         rows.append((name, epoch, share, startup, two[0]["steps"], two[0]["params"], work))
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+    if args.per_rank:
+        print("Each process's batch as given (2 ranks: global batches twice as large); steps/epoch: 2 ranks'.\n")
     print("| workload | steps/epoch | 1 x 1 | 1 x 2 | 2 ranks x 1 | 2 ranks vs 1 x 1 | 1 x 2 vs 1 x 1 | "
           "wait for the sum (2 ranks) | 2 ranks: start-up to the first step beyond compile and data (MPI's share) |")
     print("|---|---|---|---|---|---|---|---|---|")

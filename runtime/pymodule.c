@@ -4,6 +4,7 @@
  * releases the GIL for the duration of the native call. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -217,6 +218,64 @@ static PyObject *unweigh_arena(PyObject *self, PyObject *const *args, Py_ssize_t
     float loss = a[n + 1] / d;
     PyBuffer_Release(&v);
     return PyFloat_FromDouble((double)loss);
+}
+
+/* lpt_owners(costs, size, owner): data-parallel sharding (structc/distributed.py,
+ * `balance_batches`). `costs` is float64 [rows, batch], each row an epoch's batch
+ * with its costs sorted largest first; each position in turn goes to the least-
+ * loaded of `size` ranks (ties to the lowest), whose load grows by its cost, as
+ * numpy's argmin and += did; non-finite costs (padding) add nothing. `owner` is
+ * int64 [rows, batch], written in place. In C because it is one step per item and
+ * runs every epoch. */
+static PyObject *lpt_owners(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "lpt_owners takes 3 arguments");
+        return NULL;
+    }
+    long size = PyLong_AsLong(args[1]);
+    if (size == -1 && PyErr_Occurred()) return NULL;
+    if (size < 1 || size > (1L << 20)) {
+        PyErr_SetString(PyExc_ValueError, "lpt_owners: size must be in [1, 2**20]");
+        return NULL;
+    }
+    Py_buffer c, o;
+    if (PyObject_GetBuffer(args[0], &c, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (PyObject_GetBuffer(args[2], &o, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&c);
+        return NULL;
+    }
+    if (c.ndim != 2 || c.itemsize != 8 || strcmp(c.format, "d") != 0 || o.ndim != 2 || o.itemsize != 8 ||
+        (strcmp(o.format, "l") != 0 && strcmp(o.format, "q") != 0) || o.shape[0] != c.shape[0] ||
+        o.shape[1] != c.shape[1]) {
+        PyBuffer_Release(&c);
+        PyBuffer_Release(&o);
+        PyErr_SetString(PyExc_TypeError, "lpt_owners: costs float64 [rows, batch] and owner int64 of that shape");
+        return NULL;
+    }
+    double *loads = PyMem_Calloc((size_t)size, sizeof(double));
+    if (!loads) {
+        PyBuffer_Release(&c);
+        PyBuffer_Release(&o);
+        return PyErr_NoMemory();
+    }
+    const double *cost = (const double *)c.buf;
+    int64_t *owner = (int64_t *)o.buf;
+    Py_ssize_t rows = c.shape[0], batch = c.shape[1];
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        memset(loads, 0, (size_t)size * sizeof(double));
+        for (Py_ssize_t j = 0; j < batch; j++) {
+            long least = 0;
+            for (long r = 1; r < size; r++)
+                if (loads[r] < loads[least]) least = r;
+            double v = cost[i * batch + j];
+            owner[i * batch + j] = least;
+            if (isfinite(v)) loads[least] += v;
+        }
+    }
+    PyMem_Free(loads);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&o);
+    Py_RETURN_NONE;
 }
 
 /* handoffs() -> jobs the thread pool has been handed so far; pool_workers() ->
@@ -790,6 +849,8 @@ static PyMethodDef methods[] = {
      "weigh_arena(arena, count, loss): data-parallel's gradients times count, then count, loss * count"},
     {"unweigh_arena", (PyCFunction)(void (*)(void))unweigh_arena, METH_FASTCALL,
      "unweigh_arena(arena, divisor) -> loss: the summed gradients and weighted loss divided by divisor"},
+    {"lpt_owners", (PyCFunction)(void (*)(void))lpt_owners, METH_FASTCALL,
+     "lpt_owners(costs, size, owner): each row's sorted costs, in turn, to the least-loaded of size ranks"},
     {"call_plan", call_plan, METH_VARARGS,
      "call_plan(fn, workspace_fn, params, grads, state, hyper, mode, n_symbols, inputs, outputs, model, "
      "ndarray, empty, lock[, symbols]) -> CallPlan"},

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ._runtime import unweigh_arena, weigh_arena
+from ._runtime import lpt_owners, unweigh_arena, weigh_arena
 from .ops.optim import DROPOUT_KEY0
 
 INSTALL = "pip install 'structc[mpi]'"
@@ -81,22 +81,17 @@ def balance(costs: Sequence[float], size: int) -> list[list[int]]:
 def balance_batches(costs: Sequence[float], batch: int, size: int) -> np.ndarray:
     """The rank of every item when each run of `batch` consecutive items (the last
     may be shorter) is split by `balance`: the same assignment, computed for all
-    the batches of an epoch at once (one step per position in a batch, not per item)."""
+    the batches of an epoch at once (sorted by numpy, assigned in C)."""
     costs = np.asarray(costs, np.float64).reshape(-1)
+    batch = max(1, min(batch, len(costs)))                  # a batch past the data is all of it
     rows = -(-len(costs) // batch)
     padded = np.full(rows * batch, -np.inf)                 # padding sorts last and is never assigned
     padded[:len(costs)] = costs
     padded = padded.reshape(rows, batch)
     order = np.argsort(-padded, axis=1, kind="stable")      # per batch: the largest first, ties by position
     ranked = np.take_along_axis(padded, order, axis=1)
-    added = np.where(np.isfinite(ranked), ranked, 0.0).T.copy()    # position by position
-    loads = np.zeros((rows, size))
-    flat, first = loads.reshape(-1), np.arange(rows) * size
-    owner = np.empty((batch, rows), np.int64)
-    for j in range(batch):                                  # three numpy calls a position: it runs every epoch
-        loads.argmin(axis=1, out=owner[j])                  # the least-loaded rank, ties to the lowest
-        flat[first + owner[j]] += added[j]
-    owner = owner.T.copy()
+    owner = np.empty((rows, batch), np.int64)
+    lpt_owners(ranked, size, owner)                         # position by position, in C: it runs every epoch
     np.put_along_axis(owner, order, owner.copy(), axis=1)   # back to the items' positions
     return owner.reshape(-1)[:len(costs)]
 

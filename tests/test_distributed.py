@@ -219,10 +219,11 @@ def test_balance_gives_the_largest_first_to_the_least_loaded():
 
 def test_an_epoch_sharded_at_once_is_each_batch_sharded_alone():
     """balance_batches / shard_epoch (all of an epoch's batches at once) give what
-    balance / shard give batch by batch, ties and a short last batch included."""
+    balance / shard give batch by batch, ties, a short last batch and a batch past
+    the data included."""
     rng = np.random.default_rng(4)
-    for trial in range(40):
-        n, batch, size = int(rng.integers(1, 90)), int(rng.integers(1, 20)), int(rng.integers(1, 4))
+    for trial in range(60):
+        n, batch, size = int(rng.integers(1, 90)), int(rng.integers(1, 20 if trial % 3 else 150)), int(rng.integers(1, 6))
         costs = rng.integers(0, 5, size=n).astype(float) if trial % 2 else rng.random(n)
         owner = balance_batches(costs, batch, size)
         for at in range(0, n, batch):
@@ -237,6 +238,17 @@ def test_an_epoch_sharded_at_once_is_each_batch_sharded_alone():
                 whole = shard_epoch(dp, order, batch, cost_table)
                 alone = [shard(dp, order[at:at + batch], cost_table) for at in range(0, n, batch)]
                 assert len(whole) == len(alone) and all(np.array_equal(a, b) for a, b in zip(whole, alone))
+
+
+def test_lpt_owners_refuses_arrays_of_another_type_or_shape():
+    from structc._runtime import lpt_owners
+    ranked, owner = np.zeros((2, 3)), np.zeros((2, 3), np.int64)
+    for bad in ((ranked.astype(np.float32), 2, owner), (ranked, 2, owner[:1]), (ranked, 2, owner.astype(np.int32)),
+                (ranked[0], 2, owner[0])):
+        with pytest.raises(TypeError):
+            lpt_owners(*bad)
+    with pytest.raises(ValueError):
+        lpt_owners(ranked, 0, owner)
 
 
 @pytest.mark.parametrize("example, want", [
