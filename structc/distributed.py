@@ -363,15 +363,23 @@ def abort_job(code: int, message: str = "") -> None:
 
 # -- the data sets of `structc train` ------------------------------------------------
 
+def sequence_costs(seqs) -> np.ndarray:
+    """Work of each of a batch of sequences: its length (each position is one step)."""
+    return seqs.lengths.astype(np.float64)
+
+
 def item_costs(data) -> np.ndarray | None:
     """The cost of every training item, by item id, computed once (None: dense data,
     split by index)."""
     from .graph_datasets import GraphDataset
+    from .seqdata import SequenceDataset
     from .treedata import TreeDataset
     if isinstance(data, TreeDataset):
         return np.array([forest_cost(f) for f in data.train], np.float64)
     if isinstance(data, GraphDataset):
         return np.array([graph_cost(g) for g in data.graphs], np.float64)
+    if isinstance(data, SequenceDataset):
+        return sequence_costs(data.train)
     return None
 
 
@@ -387,6 +395,11 @@ def feeder(data):
     if isinstance(data, GraphDataset):
         graphs, target, name = data.pool(), data.target["name"], data.graph_name
         return lambda items: {name: graphs.take(items), target: data.labels[items]} if len(items) else {}
+    from .seqdata import SequenceDataset
+    if isinstance(data, SequenceDataset):
+        seqs, target = data.input, data.target["name"]
+        return lambda items: ({seqs: data._subset(data.train, np.asarray(items)), target: data.y_train[items]}
+                              if len(items) else {})
     x, y = data.input["name"], data.target["name"]
     return lambda items: {x: data.x_train[items], y: data.y_train[items]} if len(items) else {}
 
@@ -439,10 +452,6 @@ def check_splittable(data) -> None:
         raise ValueError(f"data set '{data.name}' is one graph, which data-parallel training cannot split by "
                          "examples (it needs a partition with halos: see docs/DISTRIBUTED.md); train it on one "
                          "process")
-    from .seqdata import SequenceDataset
-    if isinstance(data, SequenceDataset):      # its sharding and loss denominator are not written yet
-        raise ValueError(f"data set '{data.name}' holds sequences, which data-parallel training does not "
-                         "split yet; train it on one process")
 
 
 def shard(dp: DataParallel, items, costs: np.ndarray | None) -> np.ndarray:
@@ -470,9 +479,14 @@ def held_out_part(dp: DataParallel, data):
     that share (None, 0: no share)."""
     from .graph_datasets import GraphDataset
     from .graphs import batch
+    from .seqdata import SequenceDataset
     from .treedata import TreeDataset
     part = copy.copy(data)
-    if isinstance(data, TreeDataset):
+    if isinstance(data, SequenceDataset):
+        mine = np.array(dp.shard_items(sequence_costs(data.test)), np.int64)
+        if len(mine):
+            part.test, part.y_test = data._subset(data.test, mine), data.y_test[mine]
+    elif isinstance(data, TreeDataset):
         mine = dp.shard_items([forest_cost(f) for f in data.test])
         part.test = [data.test[k] for k in mine]
     elif isinstance(data, GraphDataset):

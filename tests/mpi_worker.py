@@ -19,6 +19,7 @@ from structc.distributed import DataParallel, halo_subgraph, rank0_first  # noqa
 from structc.forest import Forest  # noqa: E402
 from structc.ops.optim import DROPOUT_KEY0  # noqa: E402
 from structc.graphs import Graph, batch  # noqa: E402
+from structc.seqdata import Sequences  # noqa: E402
 
 TREES = """
 model Trees {
@@ -60,6 +61,16 @@ model Halo {
   repeat 2 { h = relu(sum(dense(h, 8) over g.edges, self_loops=true, norm=gcn)) }
   h = relu(dense(h, 8) + mean(dense(h, 8) over g.edges))
   loss masked_cross_entropy(dense(h, 2), y, m)
+}
+"""
+
+SEQUENCES = """
+model Seqs {
+  input  s: sequence of f32[3]
+  target y: class[s.sequences] of 2
+  rec (h, c)(t) = init: (zeros(8), zeros(8))
+                  next: lstm_cell(t.x, h(t.prev), c(t.prev), 8)
+  loss cross_entropy(dense(h(s.last), 2), y)
 }
 """
 
@@ -116,6 +127,14 @@ def cases():
         feeds = [{"g": batch(p), "y": lab} for p, lab in zip(parts, labels)]
         return (*feeds, {"g": batch(parts[0] + parts[1]), "y": np.concatenate(labels)})
     out["graphs"] = (GRAPHS, *map(list, zip(*[graph_step() for _ in range(3)])))
+
+    def sequence_step():     # 2 sequences of 1-3 positions against 5 of 20-60
+        parts = [[rng.normal(size=(int(rng.integers(lo, hi)), 3)).astype(np.float32) for _ in range(k)]
+                 for k, lo, hi in ((2, 1, 4), (5, 20, 61))]
+        labels = [rng.integers(0, 2, len(p)).astype(np.int32) for p in parts]
+        feeds = [{"s": Sequences.from_list(p), "y": lab} for p, lab in zip(parts, labels)]
+        return (*feeds, {"s": Sequences.from_list(parts[0] + parts[1]), "y": np.concatenate(labels)})
+    out["sequences"] = (SEQUENCES, *map(list, zip(*[sequence_step() for _ in range(3)])))
 
     def node_step():     # labelled nodes: 3 on one rank, 20 on the other
         feeds = []

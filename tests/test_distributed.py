@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow   # launches processes or compiles many models: no
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
-FAMILIES = ["mlp", "trees", "graphs", "nodes", "halo", "empty"]
+FAMILIES = ["mlp", "trees", "graphs", "sequences", "nodes", "halo", "empty"]
 OPTIMIZERS = ["sgd", "momentum", "adam"]
 TIMEOUT = 300
 
@@ -157,7 +157,7 @@ model LogicRoots {
 """
 
 
-@pytest.mark.parametrize("family", ["graphs", "trees"])
+@pytest.mark.parametrize("family", ["graphs", "trees", "sequences"])
 def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path, capsys):
     """Sharding by cost and the held-out metrics reduced over the ranks: `eval --distributed`
     reports what one process reports."""
@@ -165,6 +165,8 @@ def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path,
     from structc.cli import main
     if family == "graphs":
         model, data = ROOT / "examples" / "graph_families.snet", "graph_families"
+    elif family == "sequences":
+        model, data = ROOT / "examples" / "digits_lstm.snet", "digits_rows"
     else:
         model, data = tmp_path / "roots.snet", "logic"
         model.write_text(LOGIC_ROOTS)

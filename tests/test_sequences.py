@@ -451,11 +451,20 @@ def test_structc_check_shows_the_sequence_input_not_its_arrays(capsys):
     assert "model DigitsLSTM(s: sequence of f32[8], y: i32[s.sequences])" in out and "children" not in out
 
 
-def test_distributed_training_refuses_sequence_data_clearly():
+def test_distributed_training_shards_sequences_by_length():
+    """Sequences are split like forests: by cost (their lengths), largest first."""
     from structc import datasets
-    from structc.distributed import check_splittable
-    with pytest.raises(ValueError, match="holds sequences, which data-parallel training does not split yet"):
-        check_splittable(datasets.load("digits_rows"))
+    from structc.distributed import check_splittable, feeder, item_costs
+    from pathlib import Path
+    data = datasets.load("digits_rows")
+    data.bind(structc.compile(Path(__file__).resolve().parent.parent / "examples" / "digits_lstm.snet"))
+    check_splittable(data)                      # no longer refused
+    costs = item_costs(data)
+    assert costs.shape == (data.train.count,) and set(costs.tolist()) == {8.0}
+    feed = feeder(data)([3, 1])
+    assert feed["s"].count == 2 and np.array_equal(feed["s"][0], data.train[3]) and feed["y"].tolist() == [
+        int(data.y_train[3]), int(data.y_train[1])]
+    assert feeder(data)([]) == {}
 
 
 def test_sequences_pickle_and_copy_as_they_were_checked():
