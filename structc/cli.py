@@ -430,7 +430,7 @@ def cmd_train(args) -> int:
     if args.init:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
-    data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args))
     dp = None
     if comm is not None:
         from .distributed import DataParallel, check_splittable
@@ -514,19 +514,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _stream_choice(args, comm) -> bool | None:
-    """--stream: True; --distributed, which does not stream yet: read whole (refusing --stream);
-    otherwise None: by the file's size."""
-    if comm is None:
-        return True if args.stream else None
-    if args.stream:
-        raise UserError("--stream is not supported with --distributed yet: train on one process, or without "
-                        "--stream (the file is then read whole)")
-    return False
+def _stream_choice(args) -> bool | None:
+    """--stream: True; otherwise None: by the file's size (one process or several)."""
+    return True if args.stream else None
 
 
 def _check_validation_options(args) -> None:
-    """--val-split, --early-stop, --monitor (and --stream with --distributed): checked before any work."""
+    """--val-split, --early-stop, --monitor: checked before any work."""
     if args.val_split is not None and not 0.0 < args.val_split < 1.0:
         raise UserError(f"--val-split is the fraction of the training examples to validate on: between 0 and 1, "
                         f"got {args.val_split}")
@@ -537,8 +531,6 @@ def _check_validation_options(args) -> None:
                         "no held-out measure")
     if args.distributed and (args.val_split or args.early_stop):
         raise UserError("--val-split and --early-stop are not supported with --distributed yet")
-    if args.distributed and args.stream:
-        _stream_choice(args, True)
 
 
 def _check_tensorboard() -> None:
@@ -588,7 +580,7 @@ def cmd_eval(args) -> int:
         from .native import set_num_threads
         set_num_threads(threads_per_rank(comm))
     net, _ = _compile_net(args, comm, training=True)
-    data = _load_bound_data(args.data, net, args.split, _stream_choice(args, comm))
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args))
     params = load_params(net, args.params)
     if comm is None:
         metrics = data.evaluate(net)

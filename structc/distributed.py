@@ -502,8 +502,11 @@ def held_out_part(dp: DataParallel, data):
 def evaluate(dp: DataParallel, data) -> dict:
     """The data set's held-out metrics (means over examples), each rank evaluating its
     share, combined over the ranks weighted by the shares' sizes."""
-    part, n = held_out_part(dp, data)
-    metrics = part.evaluate(dp.net) if part is not None else {}
+    if hasattr(data, "evaluate_share"):          # a streamed file: a share of each chunk
+        metrics, n = data.evaluate_share(dp.net, dp.rank, dp.size)
+    else:
+        part, n = held_out_part(dp, data)
+        metrics = part.evaluate(dp.net) if part is not None else {}
     keys = dp.comm.bcast(sorted(metrics) if dp.is_root else None, root=0)   # rank 0 always has a share
     return dp.weighted_mean({k: metrics.get(k, 0.0) for k in keys}, n)
 
@@ -520,13 +523,17 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     log = log if dp.is_root else (lambda *a, **k: None)
     history = History()
-    items = _train_items(data)
-    costs = item_costs(data)
+    streamed = hasattr(data, "shares")           # a file read a chunk at a time (structc.streams)
+    items = None if streamed else _train_items(data)
+    costs = None if streamed else item_costs(data)
     start = time.perf_counter()
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
-        order = rng.permutation(items)
+        if streamed:                             # the global batches one process makes, a share each
+            mine = data.shares(cfg.batch, rng, dp.rank, dp.size)
+        else:
+            mine = feeds(data, shard_epoch(dp, rng.permutation(items), cfg.batch, costs))
         total, steps = 0.0, 0
-        for loss in dp.train_steps(feeds(data, shard_epoch(dp, order, cfg.batch, costs)), cfg.lr):
+        for loss in dp.train_steps(mine, cfg.lr):
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss

@@ -9,7 +9,8 @@ examples. The split is the eager readers' (the same seeded, stratified draw on t
 labels), so `structc eval` with or without `--stream` sees the same held-out part.
 Each epoch then visits the chunks in a random order, parses the chunk's training
 examples and shuffles them within the chunk; evaluation reads the held-out ones chunk
-by chunk. Memory: one chunk of parsed examples, and about 9 bytes per example (label,
+by chunk. Data-parallel training (`shares`, `evaluate_share`) makes the same global
+batches on every rank, and each rank parses and evaluates only its share. Memory: one chunk of parsed examples, and about 9 bytes per example (label,
 part), plus a treebank's vocabulary. The file must not change while it is read.
 """
 from __future__ import annotations
@@ -102,17 +103,27 @@ class _Streamed:
             if items:
                 yield items, rng.permutation(len(items))
 
-    def _evaluate(self, net, batch: int, measure) -> dict:
-        """The mean of `measure(items)` over the chunks, weighted by their examples."""
+    def evaluate(self, net, batch: int = 512) -> dict:
+        return self.evaluate_share(net, 0, 1, batch)[0]
+
+    def evaluate_share(self, net, rank: int, size: int, batch: int = 512) -> tuple[dict, int]:
+        """(The mean of each metric over share `rank` of `size` of the evaluated part, its
+        examples): each chunk's examples cut into `size` contiguous shares, so that the
+        shares' means weighted by their examples are the whole part's ({}, 0: no share)."""
         totals, n = {}, 0
         for chunk in range(len(self.chunks.starts)):
-            items = self.chunks.read(chunk, self.evaluated)
-            if not items:
+            items = self._evaluated_items(chunk)
+            share = np.array_split(np.arange(len(items)), size)[rank]
+            if not len(share):
                 continue
-            for key, value in measure(items, batch).items():
-                totals[key] = totals.get(key, 0.0) + value * len(items)
-            n += len(items)
-        return {key: value / n for key, value in totals.items()}
+            picked = items[share] if isinstance(items, np.ndarray) else [items[k] for k in share]
+            for key, value in self._measure(net, picked, batch).items():
+                totals[key] = totals.get(key, 0.0) + value * len(share)
+            n += len(share)
+        return {key: value / n for key, value in totals.items()}, n
+
+    def batches(self, batch: int, rng: np.random.Generator):
+        return self.shares(batch, rng, 0, 1)
 
     def validation_split(self, fraction: float, seed: int = 0):
         """(training part, validation part), as `structc.train.validation_split` draws them eagerly."""
@@ -144,20 +155,29 @@ class StreamedTrees(_Streamed, TreeDataset):
     def _forests(self, lines) -> list:
         return [f for _, _, f in checked_trees(self.chunks.path, self.vocab, lines)]
 
-    def batches(self, batch: int, rng: np.random.Generator):
+    def shares(self, batch: int, rng: np.random.Generator, rank: int, size: int):
+        """The feed of share `rank` of each of an epoch's global batches ({}: none), split
+        among `size` ranks by node count (an opening bracket is a node), largest first;
+        one rank (`batches`): the batches themselves. Each share is parsed by its rank only."""
+        from .distributed import balance_batches
         from .forest import Forest
         for lines, order in self._training_chunks(rng):
-            for start in range(0, len(order), batch):      # checked when first read: one parse per batch
-                yield self.feed(Forest.from_brackets([lines[k][1] for k in order[start:start + batch]], self.vocab))
+            texts = [lines[k][1] for k in order]
+            owner = (balance_batches([t.count("(") for t in texts], batch, size) if size > 1
+                     else np.zeros(len(texts), np.int64))
+            for start in range(0, len(texts), batch):      # checked when first read: one parse per batch
+                mine = [t for t, r in zip(texts[start:start + batch], owner[start:start + batch]) if r == rank]
+                yield self.feed(Forest.from_brackets(mine, self.vocab)) if mine else {}
 
-    def evaluate(self, net, batch: int = 512) -> dict:
-        def measure(lines, batch):
-            self._probe.test = self._forests(lines)
-            try:
-                return self._probe.evaluate(net, batch)
-            finally:
-                self._probe.test = []
-        return self._evaluate(net, batch, measure)
+    def _evaluated_items(self, chunk: int) -> list:
+        return self.chunks.read(chunk, self.evaluated)
+
+    def _measure(self, net, lines, batch: int) -> dict:
+        self._probe.test = self._forests(lines)
+        try:
+            return self._probe.evaluate(net, batch)
+        finally:
+            self._probe.test = []
 
 
 def stream_treebank(path: str | Path, split: float | None = None, chunk: int = CHUNK) -> StreamedTrees:
@@ -233,7 +253,9 @@ class StreamedTable(_Streamed, ArrayDataset):
     def _arrays(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return table[:, :-1].astype(np.float32).reshape(-1, *self._shape), table[:, -1].astype(self._dtype)
 
-    def batches(self, batch: int, rng: np.random.Generator):
+    def shares(self, batch: int, rng: np.random.Generator, rank: int, size: int):
+        """The feed of share `rank` of each of an epoch's global batches ({}: none), each
+        batch's rows cut into `size` contiguous parts; one rank (`batches`): the batches."""
         x_name, y_name = self.input["name"], self.target["name"]
         for chunk in rng.permutation(len(self.chunks.starts)):
             table = self._table(int(chunk), TRAIN)
@@ -242,20 +264,15 @@ class StreamedTable(_Streamed, ArrayDataset):
             x, y = self._arrays(table)
             order = rng.permutation(len(table))
             for start in range(0, len(order), batch):
-                idx = order[start:start + batch]
-                yield {x_name: x[idx], y_name: y[idx]}
+                idx = np.array_split(order[start:start + batch], size)[rank]
+                yield {x_name: x[idx], y_name: y[idx]} if len(idx) else {}
 
-    def evaluate(self, net, batch: int = 512) -> dict:
-        totals, n = {}, 0
-        for chunk in range(len(self.chunks.starts)):
-            table = self._table(chunk, self.evaluated)
-            if not len(table):
-                continue
-            self._probe.x_test, self._probe.y_test = self._arrays(table)
-            for key, value in ArrayDataset.evaluate(self._probe, net, batch).items():
-                totals[key] = totals.get(key, 0.0) + value * len(table)
-            n += len(table)
-        return {key: value / n for key, value in totals.items()}
+    def _evaluated_items(self, chunk: int) -> np.ndarray:
+        return self._table(chunk, self.evaluated)
+
+    def _measure(self, net, rows, batch: int) -> dict:
+        self._probe.x_test, self._probe.y_test = self._arrays(rows)
+        return ArrayDataset.evaluate(self._probe, net, batch)
 
 
 def stream_table(path: str | Path, split: float | None = None, chunk: int = CHUNK) -> StreamedTable:

@@ -184,6 +184,70 @@ def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path,
     assert accuracy[0] == accuracy[1] and loss[0] == pytest.approx(loss[1], abs=2e-4), (evaluated.stdout, alone)
 
 
+STREAMED = """
+model Tree {
+  input  t: forest(arity=2) of word(vocab=40)
+  target y: class[t.trees] of 2
+  param  E: embedding(40, 8) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 8))
+  logits = dense(h(t.root), 2)
+  output probs = softmax(logits)
+  loss cross_entropy(logits, y)
+}
+model Table {
+  input x: f32[N, 4]  target y: class[N] of 2
+  logits = dense(x, 2)
+  output probs = softmax(logits)
+  loss cross_entropy(logits, y)
+}
+"""
+
+
+def _bracketed(rng, depth: int) -> str:
+    if depth == 0 or rng.random() < 0.3:
+        return f"(0 w{int(rng.integers(30))})"
+    return f"({int(rng.integers(2))} {_bracketed(rng, depth - 1)} {_bracketed(rng, depth - 1)})"
+
+
+@pytest.mark.parametrize("model", ["Table", "Tree"])
+def test_cli_streams_a_file_on_two_ranks_as_one_process_does(model, tmp_path, capsys):
+    """--stream with --distributed: the same chunks, orders and global batches as one
+    process (3 chunks of 4096 examples), each rank parsing its share; the same epochs'
+    losses and accuracies, and `eval --distributed --stream` reports what one process does."""
+    _need_mpi()
+    from structc import streams
+    from structc.cli import main
+    rng = np.random.default_rng(1)
+    n = 2 * streams.CHUNK + 500
+    if model == "Table":
+        data = tmp_path / "big.csv"
+        x = rng.normal(size=(n, 4)).round(4)
+        np.savetxt(data, np.column_stack([x, x[:, 0] + x[:, 1] > 0]), fmt="%g", delimiter=",")
+    else:
+        data = tmp_path / "bank.txt"
+        data.write_text("\n".join(_bracketed(rng, 4) for _ in range(n)) + "\n")
+    (tmp_path / "m.snet").write_text(STREAMED)
+    args = ["train", tmp_path / "m.snet", "--model", model, "--data", data, "--epochs", "2", "--optimizer", "adam",
+            "--lr", "0.01", "--batch", "64", "--stream", "--no-progress"]
+    run = mpiexec("-m", "mpi4py", "-m", "structc", *args, "--distributed", "--out", tmp_path / "two.npz")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "streamed 4096 at a time" in run.stderr and run.stdout.count("epoch   2/2") == 1, (run.stdout, run.stderr)
+    assert main([str(a) for a in args] + ["--out", str(tmp_path / "one.npz")]) == 0
+    alone = capsys.readouterr().out
+    assert len(_epoch_numbers(alone)) == 6
+    assert _epoch_numbers(run.stdout) == pytest.approx(_epoch_numbers(alone), abs=2e-4), (run.stdout, alone)
+    evaluated = mpiexec("-m", "mpi4py", "-m", "structc", "eval", tmp_path / "m.snet", "--model", model, "--data",
+                        data, "--params", tmp_path / "two.npz", "--stream", "--distributed")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert main(["eval", str(tmp_path / "m.snet"), "--model", model, "--data", str(data), "--params",
+                 str(tmp_path / "two.npz"), "--stream"]) == 0
+    once = capsys.readouterr().out
+    for text in (evaluated.stdout, once):
+        assert text.count("accuracy") == 1, text
+    assert evaluated.stdout.split("accuracy ")[1] == once.split("accuracy ")[1]
+
+
 def test_cli_without_mpi4py_says_what_to_install(monkeypatch, capsys):
     from structc.cli import main
     monkeypatch.setitem(sys.modules, "mpi4py", None)

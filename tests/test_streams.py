@@ -165,13 +165,38 @@ def test_only_text_files_stream(tmp_path, capsys):
     assert "--stream reads your own treebank or table file; the built-in data set 'digits'" in capsys.readouterr().err
 
 
-def test_distributed_training_reads_whole_and_refuses_stream(models, big_table, tmp_path, capsys):
+@pytest.mark.parametrize("model, file", [pytest.param("Tree", "treebank.txt", marks=pytest.mark.slow),  # a compile
+                                         ("Table", "table.csv")])
+def test_ranks_shares_are_the_one_process_batches_split(models, model, file):
+    """Data-parallel streaming: every rank draws the same chunks and orders, so the shares
+    of each step are that step's one-process batch, split (trees: by size), none lost."""
+    net = structc.compile(models, model)
+    data = streamed(DATA / file, chunk=7).bind(net)
+    key = data.input["name"] if model == "Table" else data.root_target["name"]
+    whole = list(data.batches(5, np.random.default_rng(3)))
+    for size in (2, 3):
+        ranks = [list(data.shares(5, np.random.default_rng(3), r, size)) for r in range(size)]
+        assert all(len(r) == len(whole) for r in ranks)
+        for step, batch in enumerate(whole):
+            parts = [r[step][key] for r in ranks if r[step]]
+            if model == "Table":
+                got, want = sorted(map(bytes, np.concatenate(parts))), sorted(map(bytes, batch[key]))
+            else:
+                got, want = sorted(np.concatenate(parts).tolist()), sorted(batch[key].tolist())
+            assert got == want, step
+    evaluated, n = data.evaluate_share(net, 0, 1)
+    assert evaluated == data.evaluate(net)
+    shares = [data.evaluate_share(net, r, 3) for r in range(3)]
+    assert sum(k for _, k in shares) == n
+    for metric, value in evaluated.items():
+        assert sum(m[metric] * k for m, k in shares if k) / n == pytest.approx(value, rel=1e-6)
+
+
+def test_the_stream_option_is_the_same_with_distributed():
     from structc.cli import _stream_choice, parser
-    args = parser().parse_args(["train", str(models), "--data", str(big_table)])
-    assert _stream_choice(args, comm=None) is None and _stream_choice(args, comm=object()) is False
-    assert main(["train", str(models), "--model", "Table", "--data", str(big_table), "--stream", "--distributed",
-                 "--out", str(tmp_path / "r.npz")]) == 1
-    assert "--stream is not supported with --distributed yet" in capsys.readouterr().err
+    for given, want in (([], None), (["--stream"], True)):
+        for extra in ([], ["--distributed"]):
+            assert _stream_choice(parser().parse_args(["train", "m.snet", "--data", "d.csv", *given, *extra])) is want
 
 
 def test_a_file_that_changes_while_streamed_is_an_error(models, tmp_path):
