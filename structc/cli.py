@@ -456,9 +456,6 @@ def cmd_train(args) -> int:
                       first_epoch=first_epoch, freeze=list(args.freeze_names), clip_norm=settings["clip_norm"],
                       schedule=_schedule(args, saved), val_split=settings["val_split"],
                       early_stop=early_stop, monitor=monitor)
-    if dp is not None and (cfg.val_split or cfg.early_stop):     # a resumed run's: not given here
-        raise UserError("the resumed run used --val-split/--early-stop, which --distributed does not support yet: "
-                        "resume it on one process")
     stopper = None
     if state is not None:
         stopper = _resume_early_stopping(net, state, cfg)
@@ -489,7 +486,7 @@ def cmd_train(args) -> int:
             history = train(net, data, cfg, rng=rng, on_epoch=on_epoch, stopper=stopper)
         else:
             from .distributed import train as train_data_parallel
-            history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=on_epoch)
+            history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=on_epoch, stopper=stopper)
             if not root:
                 return 0
     finally:
@@ -529,8 +526,6 @@ def _check_validation_options(args) -> None:
     if args.early_stop and not args.val_split and not args.resume:
         raise UserError("--early-stop needs --val-split: choosing the epoch on the held-out part would leave "
                         "no held-out measure")
-    if args.distributed and (args.val_split or args.early_stop):
-        raise UserError("--val-split and --early-stop are not supported with --distributed yet")
 
 
 def _check_tensorboard() -> None:

@@ -511,11 +511,13 @@ def evaluate(dp: DataParallel, data) -> dict:
     return dp.weighted_mean({k: metrics.get(k, 0.0) for k in keys}, n)
 
 
-def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | None = None, on_epoch=None):
+def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | None = None, on_epoch=None,
+          stopper=None):
     """`structc.train.train` across ranks: the same seeded order and global batches of
-    `cfg.batch` on every rank, each split among them; held-out metrics reduced over the
-    ranks; only rank 0 logs and calls `on_epoch`."""
-    from .train import History, configure, epoch_line
+    `cfg.batch` on every rank, each split among them; held-out (and validation) metrics
+    reduced over the ranks, so every rank makes the same early-stopping decision and
+    keeps the same best epoch; only rank 0 logs and calls `on_epoch`."""
+    from .train import EarlyStopping, History, _keep_best, _with_validation, configure, epoch_line
     check_splittable(data)
     net = dp.net
     configure(net, cfg)              # the same checks, optimizer and schedule as one process
@@ -523,6 +525,10 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     log = log if dp.is_root else (lambda *a, **k: None)
     history = History()
+    held_out = data
+    data, check = _with_validation(data, cfg, log)     # the same seeded split on every rank
+    if stopper is None and cfg.early_stop:
+        stopper = EarlyStopping(cfg.early_stop, cfg.monitor)
     streamed = hasattr(data, "shares")           # a file read a chunk at a time (structc.streams)
     items = None if streamed else _train_items(data)
     costs = None if streamed else item_costs(data)
@@ -539,11 +545,25 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
             total += loss
             steps += 1
         metrics = {"epoch": epoch, "train_loss": total / max(steps, 1),
-                   **{f"heldout_{k}": v for k, v in evaluate(dp, data).items()},
-                   "seconds": time.perf_counter() - start, "lr": net.last_lr}
+                   **{f"heldout_{k}": v for k, v in evaluate(dp, held_out).items()}}
+        if check is not None:
+            metrics.update({f"val_{k}": v for k, v in evaluate(dp, check).items()})
+        metrics.update(seconds=time.perf_counter() - start, lr=net.last_lr)
+        if stopper is not None:      # rank 0's metrics on every rank: the same decisions, the same best epoch
+            metrics = dp.comm.bcast(metrics, root=0)
         history.epochs.append(metrics)
         if on_epoch is not None and dp.is_root:
             on_epoch(metrics)
         log(epoch_line(metrics, cfg, f", {dp.size} ranks"))
+        if stopper is not None and stopper.should_stop(net, metrics):
+            history.stop_reason = (f"{cfg.monitor} has not improved for {cfg.early_stop} epochs since epoch "
+                                   f"{stopper.best_epoch}")
+            break
     history.rng_state = rng.bit_generator.state
+    if stopper is not None:
+        history.stopper = stopper
+        if stopper.best_epoch is not None and stopper.best_epoch != history.last_epoch:
+            with net._lock:      # where training stands, for a resumed run to continue from
+                history.last_params = {name: np.array(v) for name, v in net.params.items()}
+        _keep_best(net, stopper, history, cfg, log)
     return history

@@ -248,6 +248,40 @@ def test_cli_streams_a_file_on_two_ranks_as_one_process_does(model, tmp_path, ca
     assert evaluated.stdout.split("accuracy ")[1] == once.split("accuracy ")[1]
 
 
+@pytest.mark.parametrize("data", ["noise", "graphs"])
+def test_cli_stops_early_on_two_ranks_where_one_process_does(data, tmp_path, capsys):
+    """--val-split and --early-stop with --distributed: the same seeded validation part,
+    its metrics reduced over the ranks, the same stopping epoch, the best epoch's
+    parameters saved (labels with no signal: validation gets worse within a few epochs)."""
+    _need_mpi()
+    from structc.cli import main
+    if data == "noise":
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(300, 8)).astype(np.float32), rng.integers(0, 2, 300).astype(np.int32)
+        np.savez(tmp_path / "noise.npz", x_train=x[:240], y_train=y[:240], x_test=x[240:], y_test=y[240:])
+        (tmp_path / "m.snet").write_text("model Noise { input x: f32[N, 8]  target y: class[N] of 2\n"
+                                         "  logits = dense(relu(dense(x, 256)), 2)\n  output p = softmax(logits)\n"
+                                         "  loss cross_entropy(logits, y) }")
+        args = ["train", tmp_path / "m.snet", "--data", tmp_path / "noise.npz", "--lr", "0.5", "--epochs", "30"]
+    else:
+        args = ["train", ROOT / "examples" / "graph_families.snet", "--data", "graph_families", "--epochs", "4",
+                "--optimizer", "adam", "--lr", "0.005"]     # few, small steps: rounding does not grow to a flip
+    args += ["--val-split", "0.2", "--early-stop", "2", "--no-progress"]
+    run = mpiexec("-m", "mpi4py", "-m", "structc", *args, "--distributed", "--out", tmp_path / "two.npz")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main([str(a) for a in args] + ["--out", str(tmp_path / "one.npz")]) == 0
+    alone = capsys.readouterr().out
+    assert _epoch_numbers(run.stdout) == pytest.approx(_epoch_numbers(alone), abs=2e-4), (run.stdout, alone)
+    said = [[line for line in text.splitlines() if line.startswith(("validation:", "early stopping:"))]
+            for text in (run.stdout, alone)]
+    assert said[0] == said[1] and len(said[0]) == 2 and said[0][0].startswith("validation:"), said
+    if data == "noise":
+        assert "stopped after epoch" in said[0][1]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for k in one.files:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
 def test_cli_without_mpi4py_says_what_to_install(monkeypatch, capsys):
     from structc.cli import main
     monkeypatch.setitem(sys.modules, "mpi4py", None)

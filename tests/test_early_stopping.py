@@ -117,7 +117,6 @@ def test_the_python_loop_monitors_validation_accuracy(noise):
     (["--early-stop", "3"], "--early-stop needs --val-split"),
     (["--val-split", "1.5"], "--val-split is the fraction of the training examples to validate on"),
     (["--val-split", "0.1", "--early-stop", "0"], "--early-stop is a number of epochs"),
-    (["--val-split", "0.1", "--distributed"], "--val-split and --early-stop are not supported with --distributed"),
 ])
 def test_options_are_checked_before_any_work(noise, options, message, capsys):
     out = noise / "refused.npz"
