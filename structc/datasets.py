@@ -19,6 +19,17 @@ import numpy as np
 DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
 
 
+def class_output(net, target: dict) -> str | None:
+    """The forward output whose argmax is the prediction of a class target: shaped
+    [the target's rows, its classes] ("probs", the one a loss implies, first), or None
+    (then no accuracy is reported: a metric read from another output would be wrong)."""
+    if not target.get("classes"):
+        return None
+    want = [*target["shape"], target["classes"]]
+    found = [o["name"] for o in net.meta["entries"]["forward"]["outputs"] if list(o["shape"]) == want]
+    return "probs" if "probs" in found else (found[0] if found else None)
+
+
 class ArrayDataset:
     """Inputs and integer labels, split into a training and a held-out part."""
 
@@ -27,7 +38,7 @@ class ArrayDataset:
         self.x_train, self.y_train = np.asarray(x_train, np.float32), np.asarray(y_train)
         self.x_test, self.y_test = np.asarray(x_test, np.float32), np.asarray(y_test)
         self.description = description
-        self.input = self.target = None
+        self.input = self.target = self.output = None
 
     def __len__(self) -> int:
         return len(self.x_train)
@@ -61,6 +72,7 @@ class ArrayDataset:
                              f"target '{self.target['name']}' declares {classes} classes")
         dtype = np.int32 if classes else np.float32
         self.y_train, self.y_test = self.y_train.astype(dtype), self.y_test.astype(dtype)
+        self.output = class_output(net, self.target)
         return self
 
     def batches(self, batch: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -73,19 +85,18 @@ class ArrayDataset:
         return (len(self.x_train) + batch - 1) // batch
 
     def evaluate(self, net, batch: int = 512) -> dict:
-        """Held-out accuracy (for class targets) and mean loss."""
+        """Held-out accuracy (for class targets with a class output) and mean loss."""
         name, tname = self.input["name"], self.target["name"]
         correct, loss, n = 0, 0.0, len(self.x_test)
         for start in range(0, n, batch):
             xb, yb = self.x_test[start:start + batch], self.y_test[start:start + batch]
-            outs = net.forward(**{name: xb})
-            probs = outs.get("probs")
-            if probs is not None and self.target.get("classes"):
+            if self.output is not None:
+                probs = net.forward(**{name: xb})[self.output]
                 correct += int(np.sum(np.argmax(probs, axis=-1) == yb))
             batch_loss = net.loss(**{name: xb, tname: yb})
             loss += batch_loss * len(xb)
         result = {"loss": loss / n}
-        if self.target.get("classes"):
+        if self.output is not None:
             result["accuracy"] = correct / n
         return result
 

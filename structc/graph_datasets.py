@@ -21,6 +21,7 @@ from typing import Iterator
 import networkx as nx
 import numpy as np
 
+from .datasets import class_output
 from .graphs import Graph, GraphPool, batch
 
 
@@ -77,6 +78,7 @@ class NodeDataset:
                              f"`input train: f32[{nodes}]` (1 for a training node) and a loss such as "
                              f"masked_cross_entropy(logits, y, train)")
         self.graph_name, self.mask_name = spec["name"], masks[0]["name"]
+        self.output = class_output(net, self.target)
         return self
 
     def feed(self, mask) -> dict:
@@ -89,9 +91,11 @@ class NodeDataset:
         return 1
 
     def evaluate(self, net, batch: int = 0) -> dict:
-        probs = net.forward(**{self.graph_name: self.graph, self.mask_name: self.test_mask})["probs"]
-        correct = int(np.sum(np.argmax(probs[self.test], axis=-1) == self.labels[self.test]))
         loss = net.loss(**self.feed(self.test_mask))
+        if self.output is None:
+            return {"loss": loss}
+        probs = net.forward(**{self.graph_name: self.graph, self.mask_name: self.test_mask})[self.output]
+        correct = int(np.sum(np.argmax(probs[self.test], axis=-1) == self.labels[self.test]))
         return {"loss": loss, "accuracy": correct / len(self.test)}
 
 
@@ -121,6 +125,7 @@ class GraphDataset:
         _check_features(spec, self.graphs[0].x.shape[1], self.name)
         self.target = _target(net, self.name, spec["sizes"]["graphs"])
         self.graph_name = spec["name"]
+        self.output = class_output(net, self.target)
         return self
 
     def batches(self, size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -135,9 +140,11 @@ class GraphDataset:
         return (len(self.train) + size - 1) // size
 
     def evaluate(self, net, batch: int = 0) -> dict:
-        probs = net.forward(**{self.graph_name: self._held_out})["probs"]
         y = self.labels[self.test]
         loss = net.loss(**{self.graph_name: self._held_out, self.target["name"]: y})
+        if self.output is None:
+            return {"loss": loss}
+        probs = net.forward(**{self.graph_name: self._held_out})[self.output]
         return {"loss": loss, "accuracy": float(np.mean(np.argmax(probs, axis=-1) == y))}
 
 

@@ -334,9 +334,8 @@ class SequenceDataset:
         if self.target["classes"] <= top:
             raise ValueError(f"data set '{self.name}' has labels up to {top}, but target "
                              f"'{self.target['name']}' declares {self.target['classes']} classes")
-        outs = net.meta["entries"]["forward"]["outputs"]
-        per_seq = [o for o in outs if o["shape"][:1] == [f"{self.input}.sequences"] and len(o["shape"]) == 2]
-        self.output = per_seq[0]["name"] if per_seq else None
+        from .datasets import class_output
+        self.output = class_output(net, self.target)
         return self
 
     def _subset(self, seqs: Sequences, idx: np.ndarray) -> Sequences:

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .datasets import class_output
 from .forest import Forest, ForestPool, Vocab
 
 LOGIC_SHA256 = "6cb7350105b54f40403d9808915069a982caaf8d23caed0e402e7e7b36c107d1"
@@ -68,9 +69,9 @@ class TreeDataset:
                                  f"{s['classes']} classes")
         if self.root_target is None and self.node_target is None:
             raise ValueError(f"data set '{self.name}': the model declares no target")
-        outs = net.meta["entries"]["forward"]["outputs"]
-        roots = [o for o in outs if o["shape"][:1] == [f"{self.forest}.trees"] and len(o["shape"]) == 2]
-        self.output = roots[0]["name"] if roots else None
+        # accuracy on the roots: an output [trees, C] for the root (else node) target's C classes
+        target = self.root_target or self.node_target
+        self.output = class_output(net, {**target, "shape": [f"{self.forest}.trees"]})
         return self
 
     def feed(self, forest: Forest) -> dict:
