@@ -517,7 +517,9 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     `cfg.batch` on every rank, each split among them; held-out (and validation) metrics
     reduced over the ranks, so every rank makes the same early-stopping decision and
     keeps the same best epoch; only rank 0 logs and calls `on_epoch`."""
-    from .train import EarlyStopping, History, _keep_best, _with_validation, configure, epoch_line
+    from tqdm import tqdm
+
+    from .train import EarlyStopping, History, _keep_best, _with_validation, configure, epoch_line, show_bars
     check_splittable(data)
     net = dp.net
     configure(net, cfg)              # the same checks, optimizer and schedule as one process
@@ -532,6 +534,7 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     streamed = hasattr(data, "shares")           # a file read a chunk at a time (structc.streams)
     items = None if streamed else _train_items(data)
     costs = None if streamed else item_costs(data)
+    bars = dp.is_root and show_bars(cfg)         # rank 0's steps are every rank's: one bar
     start = time.perf_counter()
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         if streamed:                             # the global batches one process makes, a share each
@@ -539,11 +542,16 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
         else:
             mine = feeds(data, shard_epoch(dp, rng.permutation(items), cfg.batch, costs))
         total, steps = 0.0, 0
-        for loss in dp.train_steps(mine, cfg.lr):
+        bar = tqdm(dp.train_steps(mine, cfg.lr), total=data.batch_count(cfg.batch), leave=False, disable=not bars,
+                   desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", file=sys.stderr, dynamic_ncols=True)
+        for loss in bar:
             if not np.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} in epoch {epoch}; try a smaller learning rate")
             total += loss
             steps += 1
+            if steps % 10 == 0:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        bar.close()
         metrics = {"epoch": epoch, "train_loss": total / max(steps, 1),
                    **{f"heldout_{k}": v for k, v in evaluate(dp, held_out).items()}}
         if check is not None:

@@ -469,3 +469,25 @@ def test_train_steps_sums_with_a_blocking_allreduce_after_the_next_feed(rng):
     with pytest.raises(RuntimeError, match="no second feed"):
         list(dps[0].train_steps(failing(), lr=0.05))
     assert log == ["Allreduce"]             # this rank still took part in the step's sum
+
+
+def test_rank_0_shows_the_epoch_s_progress_on_a_terminal(monkeypatch):
+    """distributed.train draws one bar (rank 0's steps are every rank's), as one process does."""
+    import io
+    pytest.importorskip("mpi4py")
+    from structc import datasets
+    from structc.distributed import DataParallel, mpi, train
+    from structc.train import TrainConfig
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    net = structc.compile(ROOT / "examples" / "digits_mlp.snet")
+    data = datasets.load("digits").bind(net)
+    dp = DataParallel(net, mpi().COMM_SELF)
+    for progress in (True, False):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        train(dp, data, TrainConfig(epochs=1, batch=64, progress=progress), log=lambda *a: None)
+        shown = terminal.getvalue()
+        assert ("epoch 1/1" in shown and f"/{data.batch_count(64)}" in shown) == progress, shown
