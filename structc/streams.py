@@ -10,8 +10,9 @@ labels), so `structc eval` with or without `--stream` sees the same held-out par
 Each epoch then visits the chunks in a random order, parses the chunk's training
 examples and shuffles them within the chunk; evaluation reads the held-out ones chunk
 by chunk. Data-parallel training (`shares`, `evaluate_share`) makes the same global
-batches on every rank, and each rank parses and evaluates only its share. Memory: one chunk of parsed examples, and about 9 bytes per example (label,
-part), plus a treebank's vocabulary. The file must not change while it is read.
+batches on every rank, and each rank parses and evaluates only its share. Memory: one
+chunk of parsed examples, and about 9 bytes per example (label, part), plus a
+treebank's vocabulary. The file must not change while it is read.
 """
 from __future__ import annotations
 
