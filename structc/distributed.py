@@ -519,7 +519,8 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     keeps the same best epoch; only rank 0 logs and calls `on_epoch`."""
     from tqdm import tqdm
 
-    from .train import EarlyStopping, History, _keep_best, _with_validation, configure, epoch_line, show_bars
+    from .train import (EarlyStopping, History, _with_validation, configure, epoch_line, finish, show_bars,
+                        stops)
     check_splittable(data)
     net = dp.net
     configure(net, cfg)              # the same checks, optimizer and schedule as one process
@@ -563,15 +564,6 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
         if on_epoch is not None and dp.is_root:
             on_epoch(metrics)
         log(epoch_line(metrics, cfg, f", {dp.size} ranks"))
-        if stopper is not None and stopper.should_stop(net, metrics):
-            history.stop_reason = (f"{cfg.monitor} has not improved for {cfg.early_stop} epochs since epoch "
-                                   f"{stopper.best_epoch}")
+        if stops(net, stopper, metrics, history, cfg):
             break
-    history.rng_state = rng.bit_generator.state
-    if stopper is not None:
-        history.stopper = stopper
-        if stopper.best_epoch is not None and stopper.best_epoch != history.last_epoch:
-            with net._lock:      # where training stands, for a resumed run to continue from
-                history.last_params = {name: np.array(v) for name, v in net.params.items()}
-        _keep_best(net, stopper, history, cfg, log)
-    return history
+    return finish(net, history, rng, stopper, cfg, log)

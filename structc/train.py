@@ -283,10 +283,23 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
         if on_epoch is not None:
             on_epoch(metrics)
         log(epoch_line(metrics, cfg))
-        if stopper is not None and stopper.should_stop(net, metrics):
-            history.stop_reason = (f"{cfg.monitor} has not improved for {cfg.early_stop} epochs since epoch "
-                                   f"{stopper.best_epoch}")
+        if stops(net, stopper, metrics, history, cfg):
             break
+    return finish(net, history, rng, stopper, cfg, log)
+
+
+def stops(net, stopper: EarlyStopping | None, metrics: dict, history: History, cfg: TrainConfig) -> bool:
+    """Whether early stopping ends training after this epoch's `metrics` (saying why in `history`)."""
+    if stopper is None or not stopper.should_stop(net, metrics):
+        return False
+    history.stop_reason = f"{cfg.monitor} has not improved for {cfg.early_stop} epochs since epoch {stopper.best_epoch}"
+    return True
+
+
+def finish(net, history: History, rng: np.random.Generator, stopper: EarlyStopping | None, cfg: TrainConfig,
+           log) -> History:
+    """After the last epoch: the generator's state (for a resumed run), and with early
+    stopping the last epoch's parameters kept aside and the best epoch's put back."""
     history.rng_state = rng.bit_generator.state
     if stopper is not None:
         history.stopper = stopper

@@ -13,6 +13,7 @@ import pytest
 
 import structc
 from structc.distributed import balance, balance_batches, shard, shard_epoch, split_dense
+from test_streams import MODELS
 
 pytestmark = pytest.mark.slow   # launches processes or compiles many models: not in the fast subset
 
@@ -184,29 +185,9 @@ def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path,
     assert accuracy[0] == accuracy[1] and loss[0] == pytest.approx(loss[1], abs=2e-4), (evaluated.stdout, alone)
 
 
-STREAMED = """
-model Tree {
-  input  t: forest(arity=2) of word(vocab=40)
-  target y: class[t.trees] of 2
-  param  E: embedding(40, 8) = normal(0.3)
-  rec h(n) = leaf: E[n.word]
-             node: tanh(dense(concat(h(n.children)), 8))
-  logits = dense(h(t.root), 2)
-  output probs = softmax(logits)
-  loss cross_entropy(logits, y)
-}
-model Table {
-  input x: f32[N, 4]  target y: class[N] of 2
-  logits = dense(x, 2)
-  output probs = softmax(logits)
-  loss cross_entropy(logits, y)
-}
-"""
-
-
 def _bracketed(rng, depth: int) -> str:
     if depth == 0 or rng.random() < 0.3:
-        return f"(0 w{int(rng.integers(30))})"
+        return f"(0 w{int(rng.integers(10))})"          # test_streams' Tree model: 10 words
     return f"({int(rng.integers(2))} {_bracketed(rng, depth - 1)} {_bracketed(rng, depth - 1)})"
 
 
@@ -227,7 +208,7 @@ def test_cli_streams_a_file_on_two_ranks_as_one_process_does(model, tmp_path, ca
     else:
         data = tmp_path / "bank.txt"
         data.write_text("\n".join(_bracketed(rng, 4) for _ in range(n)) + "\n")
-    (tmp_path / "m.snet").write_text(STREAMED)
+    (tmp_path / "m.snet").write_text(MODELS)          # test_streams' Tree and Table
     args = ["train", tmp_path / "m.snet", "--model", model, "--data", data, "--epochs", "2", "--optimizer", "adam",
             "--lr", "0.01", "--batch", "64", "--stream", "--no-progress"]
     run = mpiexec("-m", "mpi4py", "-m", "structc", *args, "--distributed", "--out", tmp_path / "two.npz")
