@@ -26,7 +26,7 @@ from llvmlite import ir
 from . import __version__
 from .autodiff import differentiate, differentiate_checked, warn_gradient_flow, warning_entries
 from .build import ModelDef, build_model
-from .denominator import loss_denominator
+from .denominator import loss_denominator, weigh_loss_terms
 from .errors import Span
 from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels, record_file, record_from_file
@@ -41,8 +41,9 @@ from .passes.plan import Plan, param_layout, plan_memory
 from .syntax import Program, format_program, parse
 
 #: bumped whenever the calling convention or the metadata of compiled code changes
-ABI_VERSION = 3     # 2: 11 hyper-parameter slots (clipping, vectors' decay), the step writes slot 9
+ABI_VERSION = 4     # 2: 11 hyper-parameter slots (clipping, vectors' decay), the step writes slot 9
 # 3: 14 slots, the last three dropout's key and step (uint32 bits)
+# 4: 18 slots, four loss terms' weights (1 - slot) before dropout's three
 
 STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
          [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
@@ -409,6 +410,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     # Rewrites that must precede differentiation (message passing: aggregate first).
     with times.stage("prepare"):
         forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
+        if mdef.has_loss:       # means over different things: a weight per term, for data-parallel training
+            weigh_loss_terms(forward)
     mdef = dataclasses.replace(mdef, graph=forward)
     offsets, param_size, update_size, decay_end = arena_layout(mdef, frozen)
     available = ["forward", "training"] if mdef.has_loss else ["forward"]

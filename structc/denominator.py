@@ -12,8 +12,16 @@ divided by. The forms, as JSON in the artifact's `loss_denominator`:
 
 Terms that read parameters only (a weight penalty) may be added to any of
 them: Σ_r (D_r/D) ∇R = ∇R. Terms with different denominators (a mean over
-trees plus a mean over nodes) have no single weight per rank, so they are
-"unsupported" rather than silently wrong.
+trees plus a mean over nodes) have no single weight per rank: the compiler
+then weighs each term by a hyper-parameter (`weigh_loss_terms`, 1 unless set)
+and records
+
+    {"kind": "terms", "terms": [<a form above, or {"kind": "params"}>, ...]}
+
+Data-parallel training sets term j's weight on rank r to D_jr / D_j (its share
+of the term's examples; a penalty's to 1 on one rank, 0 on the others), so the
+ranks' gradients simply add up to Σ_j (1/D_j) Σ_i ∇l_ij. Anything else is
+"unsupported", with the reason, rather than silently wrong.
 """
 from __future__ import annotations
 
@@ -28,13 +36,76 @@ class _Unsupported(Exception):
 
 def loss_denominator(g: Graph) -> dict:
     """The denominator of `g.outputs["loss"]` in the forms above."""
+    reader = _Reader(g)
+    weighed = _weighed_terms(g)
+    if weighed is not None:
+        return {"kind": "terms", "terms": [_PARAMS_ONLY if t is _PARAMS_ONLY else reader.term(t) for t in weighed]}
     try:
-        found = _Reader(g).term(g.outputs["loss"])
+        found = reader.term(g.outputs["loss"])
     except _Unsupported as e:
         return {"kind": "unsupported", "why": str(e)}
     if found is _PARAMS_ONLY:
         return {"kind": "unsupported", "why": "the loss reads no input, so there is nothing to split"}
     return found
+
+
+def weigh_loss_terms(g: Graph) -> bool:
+    """When the loss adds terms with different denominators (each a form above), make
+    it Σ_j loss_weight(j) * term_j, in place; returns whether it did. A loss of more
+    than `MAX_LOSS_TERMS` terms, or of terms without a form, is left as it is (and
+    reported "unsupported")."""
+    from .graph import Builder
+    from .ops.optim import MAX_LOSS_TERMS
+    reader = _Reader(g)
+    try:
+        reader.term(g.outputs["loss"])
+        return False                          # one denominator (or unsupported for another reason)
+    except _Unsupported:
+        pass
+    terms = _summands(g, g.outputs["loss"])
+    if not 1 < len(terms) <= MAX_LOSS_TERMS:
+        return False
+    try:
+        for _, nid in terms:
+            reader.term(nid)
+    except _Unsupported:
+        return False
+    b = Builder(g, g.nodes[g.outputs["loss"]].span)
+    total = None
+    for j, (sign, nid) in enumerate(terms):
+        part = b.value(nid) * b.apply("loss_weight", term=j)
+        total = (part if sign > 0 else -part) if total is None else (total + part if sign > 0 else total - part)
+    g.outputs["loss"] = total.id
+    return True
+
+
+def _summands(g: Graph, nid: int, sign: int = 1) -> list[tuple[int, int]]:
+    """(sign, node) of each term of a sum of adds, subtractions and negations."""
+    node = g.nodes[nid]
+    if node.op.name == "add":
+        return [t for i in node.inputs for t in _summands(g, i, sign)]
+    if node.op.name == "sub":
+        return _summands(g, node.inputs[0], sign) + _summands(g, node.inputs[1], -sign)
+    if node.op.name == "neg":
+        return _summands(g, node.inputs[0], -sign)
+    return [(sign, nid)]
+
+
+def _weighed_terms(g: Graph) -> list | None:
+    """The terms `weigh_loss_terms` weighed, in the order of their weights (a term
+    that reads no input: _PARAMS_ONLY), or None."""
+    found = {}
+    for sign, nid in _summands(g, g.outputs["loss"]):
+        node = g.nodes[nid]
+        weights = [i for i in node.inputs if g.nodes[i].op.name == "loss_weight"] if node.op.name == "mul" else []
+        if len(weights) != 1:
+            return None
+        term = next(i for i in node.inputs if i != weights[0])
+        found[g.nodes[weights[0]].attrs["term"]] = term
+    if sorted(found) != list(range(len(found))):
+        return None
+    reader = _Reader(g)
+    return [t if reader._reads_data(t) else _PARAMS_ONLY for t in (found[j] for j in range(len(found)))]
 
 
 def evaluate(denominator: dict, dims: dict, inputs: dict) -> float:
@@ -48,8 +119,10 @@ def evaluate(denominator: dict, dims: dict, inputs: dict) -> float:
     if kind == "weights":
         import numpy as np
         return float(np.sum(np.asarray(inputs[denominator["input"]], dtype=np.float64)))
-    if kind == "sum":
+    if kind in ("sum", "terms"):        # terms: each weighed in the graph, the weighted sums add up
         return 1.0
+    if kind == "params":
+        return 0.0
     raise ValueError(f"this loss cannot be split across ranks exactly: {denominator['why']}")
 
 

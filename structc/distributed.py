@@ -172,7 +172,9 @@ class DataParallel:
             raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: batch_norm "
                              "normalises with each rank's own batch statistics (buffers "
                              f"{', '.join(net.meta['buffers'])}); use layer_norm, or train in one process")
-        self._normalise = found["kind"] != "sum"     # a plain sum: the ranks' gradients just add up
+        # a plain sum, or terms each weighed by the rank's share (`_term_weights`): the gradients just add up
+        self._normalise = found["kind"] not in ("sum", "terms")
+        self._terms = found["terms"] if found["kind"] == "terms" else None
         arena = net._grad_arena
         self._n = len(arena) - 2                     # gradients, then the count and the loss
         if abort_on_error:
@@ -248,7 +250,9 @@ class DataParallel:
         the denominator and the weighted loss (what the ranks sum)."""
         net = self.net
         arena = net._grad_arena
-        if inputs:
+        if self._terms is not None:
+            self._weigh_terms(inputs)
+        elif inputs:
             loss, count = net.grad_into_arena(**inputs)
             if not 0 <= count < MAX_COUNT:
                 raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
@@ -256,6 +260,35 @@ class DataParallel:
             weigh_arena(arena, count, loss)       # the gradients times count; count, loss * count
         else:
             arena[:] = 0.0
+
+    def _weigh_terms(self, inputs: Mapping) -> None:
+        """A loss of terms with different denominators: every rank's denominators of
+        every term (one `allgather`), then the shard's gradient with term j weighed by
+        D_jr / D_j (`denominator.weigh_loss_terms`), so that the ranks' gradients and
+        losses simply add up; the count is 1 (0 for no examples)."""
+        from .denominator import evaluate as denominator_of
+        from .ops.optim import LOSS_WEIGHT0
+        net = self.net
+        mine = [0.0] * len(self._terms)
+        if inputs:
+            _, dims = net._bind(net._entries["train"], inputs)
+            mine = [denominator_of(t, dims, inputs) for t in self._terms]
+        table = np.array(self.comm.allgather(mine), np.float64)          # [ranks, terms]
+        weights = _term_weights(table, self._terms, self.rank)
+        if not inputs:
+            net._grad_arena[:] = 0.0
+            return
+        for j, t in enumerate(self._terms):
+            if t["kind"] == "mean" and mine[j] == 0:
+                raise ValueError(f"rank {self.rank}: its shard has examples but none for loss term {j + 1} "
+                                 f"(a mean over {', '.join(t['dims'])}), whose mean would be 0/0")
+        slots = net._hyper[LOSS_WEIGHT0:LOSS_WEIGHT0 + len(weights)]
+        slots[:] = 1.0 - weights                   # the slot holds 1 - weight (zero: weight 1)
+        try:
+            loss, _ = net.grad_into_arena(**inputs)
+        finally:
+            slots[:] = 0.0                         # every other call weighs each term 1
+        weigh_arena(net._grad_arena, 1.0, loss)
 
     def _sum(self) -> None:
         """The arena summed over the ranks, in place. A blocking `Allreduce`: with MPICH
@@ -314,6 +347,19 @@ class DataParallel:
         net = self.net
         mine = zlib.crc32(net._param_arena.tobytes() + net._state_arena.tobytes())
         return all(c == mine for c in self.comm.allgather(mine))
+
+
+def _term_weights(table: np.ndarray, terms: list, rank: int) -> np.ndarray:
+    """Each loss term's weight on `rank`, from every rank's denominators `table`
+    [ranks, terms]: its share D_jr / D_j of the term's examples (0 when no rank has
+    any); a term on parameters alone counts once, on the first rank with examples."""
+    totals = table.sum(axis=0)
+    weights = np.divide(table[rank], totals, out=np.zeros(len(terms)), where=totals > 0)
+    busy = np.flatnonzero(table.sum(axis=1) > 0)
+    for j, t in enumerate(terms):
+        if t["kind"] == "params":
+            weights[j] = 1.0 if len(busy) and busy[0] == rank else 0.0
+    return weights
 
 
 def install_abort_hook(comm) -> None:

@@ -36,7 +36,8 @@ from .forest import ForestBinder
 from .seqdata import SequenceBinder
 from .graphs import Binder as GraphBinder
 from .init import initialize
-from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, DROPOUT_KEY0, DROPOUT_STEP, EPS, LR,
+from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, DROPOUT_KEY0, DROPOUT_STEP, EPS,
+                        LOSS_WEIGHT0, LR, MAX_LOSS_TERMS,
                         MODES, MOMENTUM, N_FLOAT_HYPER, N_HYPER, VECTOR_DECAY, WEIGHT_DECAY)
 from .passes.plan import check_workspace, physical_memory
 
@@ -740,6 +741,7 @@ class Net:
         except (OverflowError, ZeroDivisionError):
             step_size = v_scale = math.inf
         values = [1.0] * N_FLOAT_HYPER           # CLIP_SCALE stays 1 unless the step clips
+        values[LOSS_WEIGHT0:LOSS_WEIGHT0 + MAX_LOSS_TERMS] = [0.0] * MAX_LOSS_TERMS   # every loss term weighs 1
         values[LR], values[MOMENTUM], values[BETA1], values[BETA2] = lr, o["momentum"], beta1, beta2
         values[EPS] = o["eps"]
         values[ADAM_STEP_SIZE], values[ADAM_V_SCALE], values[WEIGHT_DECAY] = step_size, v_scale, decay

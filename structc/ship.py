@@ -143,7 +143,7 @@ def header_text(meta: dict) -> str:
              f"#ifndef {guard}", f"#define {guard}", "#include <stdint.h>", "",
              f"#define SC_PARAM_SIZE {meta['param_size']}   /* floats in the parameter (and gradient) arena */",
              f"#define SC_STATE_SIZE {2 * meta['param_size']}   /* floats of optimiser state */",
-             f"#define SC_N_HYPER {meta['n_hyper']}   /* lr, momentum, beta1, beta2, eps, adam step, adam v scale, weight decay, clip norm (0: off), clip scale (written by the step), vectors' decay, dropout key (2 words) and step (uint32 bits) */",
+             f"#define SC_N_HYPER {meta['n_hyper']}   /* lr, momentum, beta1, beta2, eps, adam step, adam v scale, weight decay, clip norm (0: off), clip scale (written by the step), vectors' decay, 1 - each loss term's weight (4: zero unless data-parallel), dropout key (2 words) and step (uint32 bits) */",
              f"#define SC_N_DIMS {len(meta['symbols'])}   /* dims, in this order: {dims} */", ""]
     lines.append("/* Parameters: offsets (in floats) into the arena. */")
     for p in meta["params"]:

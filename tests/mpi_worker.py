@@ -64,6 +64,19 @@ model Halo {
 }
 """
 
+MIXED = """
+model Mixed {
+  input  t: forest(arity=2) of word(vocab=5)
+  target y: class[t.trees] of 3
+  target s: class[t.nodes] of 3
+  param  E: embedding(5, 8) = normal(0.5)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 8))
+  loss cross_entropy(dense(h(t.root), 3, name="root"), y)
+  loss cross_entropy(dense(h(t.nodes), 3, name="node"), s) + 0.01 * sum(E * E)
+}
+"""
+
 SEQUENCES = """
 model Seqs {
   input  s: sequence of f32[3]
@@ -127,6 +140,20 @@ def cases():
         feeds = [{"g": batch(p), "y": lab} for p, lab in zip(parts, labels)]
         return (*feeds, {"g": batch(parts[0] + parts[1]), "y": np.concatenate(labels)})
     out["graphs"] = (GRAPHS, *map(list, zip(*[graph_step() for _ in range(3)])))
+
+    def bracketed(leaves):
+        if leaves == 1:
+            return f"({int(rng.integers(3))} w{int(rng.integers(5))})"
+        k = int(rng.integers(1, leaves))
+        return f"({int(rng.integers(3))} {bracketed(k)} {bracketed(leaves - k)})"
+
+    def mixed_step():        # a mean over trees and one over nodes: 2 small trees against 5 large
+        vocab = {f"w{k}": k for k in range(5)}
+        small = Forest.from_brackets([bracketed(int(rng.integers(1, 4))) for _ in range(2)], vocab)
+        large = Forest.from_brackets([bracketed(int(rng.integers(12, 30))) for _ in range(5)], vocab)
+        feed = lambda f: {"t": f, "y": f.root_labels, "s": f.labels}        # noqa: E731
+        return feed(small), feed(large), feed(Forest.concat([small, large]))
+    out["mixed"] = (MIXED, *map(list, zip(*[mixed_step() for _ in range(3)])))
 
     def sequence_step():     # 2 sequences of 1-3 positions against 5 of 20-60
         parts = [[rng.normal(size=(int(rng.integers(lo, hi)), 3)).astype(np.float32) for _ in range(k)]

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow   # launches processes or compiles many models: no
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
-FAMILIES = ["mlp", "trees", "graphs", "sequences", "nodes", "halo", "empty"]
+FAMILIES = ["mlp", "trees", "graphs", "sequences", "mixed", "nodes", "halo", "empty"]
 OPTIMIZERS = ["sgd", "momentum", "adam"]
 TIMEOUT = 300
 
@@ -158,14 +158,17 @@ model LogicRoots {
 """
 
 
-@pytest.mark.parametrize("family", ["graphs", "trees", "sequences"])
+@pytest.mark.parametrize("family", ["graphs", "trees", "sequences", "mixed"])
 def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path, capsys):
     """Sharding by cost and the held-out metrics reduced over the ranks: `eval --distributed`
-    reports what one process reports."""
+    reports what one process reports (mixed: logic_tree's loss, a mean over trees plus one
+    over nodes, each term weighed by the rank's share)."""
     _need_mpi()
     from structc.cli import main
     if family == "graphs":
         model, data = ROOT / "examples" / "graph_families.snet", "graph_families"
+    elif family == "mixed":
+        model, data = ROOT / "examples" / "logic_tree.snet", "logic"
     elif family == "sequences":
         model, data = ROOT / "examples" / "digits_lstm.snet", "digits_rows"
     else:
@@ -183,6 +186,11 @@ def test_cli_distributed_trains_and_evaluates_like_one_process(family, tmp_path,
     loss = [float(text.split("loss ")[1].split(",")[0]) for text in (evaluated.stdout, alone)]
     accuracy = [text.split("accuracy ")[1].strip() for text in (evaluated.stdout, alone)]
     assert accuracy[0] == accuracy[1] and loss[0] == pytest.approx(loss[1], abs=2e-4), (evaluated.stdout, alone)
+    if family == "mixed":       # and training is the one-process run's
+        assert main(["train", str(model), "--data", data, "--epochs", "1", "--optimizer", "adam", "--lr", "0.005",
+                     "--out", str(tmp_path / "one.npz"), "--no-progress"]) == 0
+        once = capsys.readouterr().out
+        assert _epoch_numbers(run.stdout) == pytest.approx(_epoch_numbers(once), abs=2e-4), (run.stdout, once)
 
 
 def _bracketed(rng, depth: int) -> str:
@@ -337,18 +345,48 @@ def test_lpt_owners_refuses_arrays_of_another_type_or_shape():
     ("perceptron", {"kind": "mean", "dims": ["N"], "factor": 10.0}),
     ("graph_families", {"kind": "mean", "dims": ["g.graphs"], "factor": 1.0}),
     ("karate_gcn", {"kind": "weights", "input": "train"}),
+    ("logic_tree", {"kind": "terms", "terms": [{"kind": "mean", "dims": ["t.trees"], "factor": 1.0},
+                                               {"kind": "mean", "dims": ["t.nodes"], "factor": 1.0}]}),
 ])
 def test_the_compiler_records_the_loss_denominator(example, want):
     net = structc.compile(ROOT / "examples" / f"{example}.snet")
     assert net.meta["loss_denominator"] == want
 
 
-def test_terms_with_different_denominators_are_refused():
+def test_terms_with_different_denominators_are_weighed_one_by_one():
+    """A mean over trees plus a mean over nodes (and a penalty): each term gets a weight
+    (1 unless set), and splitting the terms by their weights gives the whole gradient."""
+    from structc.ops.optim import LOSS_WEIGHT0
+    net = structc.compile(ROOT / "examples" / "logic_tree.snet")
+    data = __import__("structc.datasets", fromlist=["load"]).load("logic").bind(net)
+    feed = next(iter(data.batches(16, np.random.default_rng(0))))
+    loss, whole = net.grad(**feed)
+    parts = []
+    for off in (0, 1):
+        net._hyper[LOSS_WEIGHT0 + off] = 1.0           # that term's weight 0
+        parts.append(net.grad(**feed))
+        net._hyper[LOSS_WEIGHT0 + off] = 0.0
+    assert loss == pytest.approx(parts[0][0] + parts[1][0], rel=1e-6)
+    for k in whole:
+        np.testing.assert_allclose(parts[0][1][k] + parts[1][1][k], whole[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert not np.any(parts[0][1]["root.w"]) and not np.any(parts[1][1]["node.w"])
+
+
+def test_a_loss_that_is_not_a_sum_of_means_is_refused():
     pytest.importorskip("mpi4py")
     from structc.distributed import DataParallel
-    net = structc.compile(ROOT / "examples" / "logic_tree.snet")
+    net = structc.compile("""
+model Product {
+  input  t: forest(arity=2) of word(vocab=5)
+  target y: class[t.trees] of 2
+  target s: class[t.nodes] of 2
+  param  E: embedding(5, 4)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 4))
+  loss cross_entropy(dense(h(t.root), 2), y) * cross_entropy(dense(h(t.nodes), 2), s)
+}""")
     assert net.meta["loss_denominator"]["kind"] == "unsupported"
-    with pytest.raises(ValueError, match="different denominators.*t.trees.*t.nodes"):
+    with pytest.raises(ValueError, match="cannot be trained data-parallel with exact gradients"):
         DataParallel(net)
 
 

@@ -58,6 +58,31 @@ class DimValue(Elementwise):
         return cg.b.sitofp(cg.dim(dim), F32)
 
 
+class LossWeight(Elementwise):
+    """The weight of term `term` of a loss that adds means over different things,
+    1 - its hyper-parameter slot: 1 unless data-parallel training sets it (then the
+    rank's share of the term's examples, `structc.denominator.weigh_loss_terms`)."""
+    name = "loss_weight"
+    traits = frozenset({"elementwise", "inline"})
+
+    def shape(self, *, term: int) -> TensorType:
+        return TensorType((), "f32")
+
+    def vjp(self, b, g, out, **attrs):
+        return []
+
+    def reference(self, *, term):
+        return np.array(1.0)
+
+    def samples(self):
+        return [Sample((), {"term": 0})]
+
+    def emit(self, cg, *, term):
+        from ..lower.codegen import F32
+        from .optim import LOSS_WEIGHT0
+        return cg.sub(cg.const(1.0, F32), cg.hyper(LOSS_WEIGHT0 + term))
+
+
 class Add(Elementwise):
     """x + y"""
     name = "add"

@@ -17,9 +17,14 @@ from .base import Op
 MODES = {"none": 0, "sgd": 1, "momentum": 2, "adam": 3}
 # hyper-parameter slots passed with every call
 (LR, MOMENTUM, BETA1, BETA2, EPS, ADAM_STEP_SIZE, ADAM_V_SCALE, WEIGHT_DECAY, CLIP_NORM, CLIP_SCALE,
- VECTOR_DECAY, DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP) = range(14)
-N_HYPER = 14     # CLIP_SCALE is written by native code (1 when CLIP_NORM is 0: no clipping)
-N_FLOAT_HYPER = 11   # the slots from DROPOUT_KEY0 on hold uint32 bits, not floats: dropout's
+ VECTOR_DECAY) = range(11)
+#: a loss that adds means over different things (trees and nodes) weighs each of its
+#: terms by 1 - slot (zero, the default: weight 1); data-parallel training sets them
+#: (`structc.denominator`, `structc.distributed`)
+LOSS_WEIGHT0, MAX_LOSS_TERMS = 11, 4
+DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP = 15, 16, 17
+N_HYPER = 18     # CLIP_SCALE is written by native code (1 when CLIP_NORM is 0: no clipping)
+N_FLOAT_HYPER = 15   # the slots from DROPOUT_KEY0 on hold uint32 bits, not floats: dropout's
 # generator key (from the seed) and the step counter its masks are drawn at (`ops/random.py`)
 # VECTOR_DECAY: the weight decay of the parameters from `decay_end` on (rank <= 1: biases and
 # normalisations' scales and shifts, laid out after the matrices), 0 for `decay_biases=False`
