@@ -5,7 +5,7 @@
     python benchmarks/bench_distributed.py --costs [--repeats 5]    # each part of a step: fixed + per item
     python benchmarks/bench_distributed.py --contention --only trees gnn   # a rank's step alone / two at once
     python benchmarks/bench_distributed.py --shares --only trees gnn --epochs 6   # 1 x 1 against a rank, no MPI
-    python benchmarks/bench_distributed.py --overhead --only trees gnn   # each call's cost around its native step
+    python benchmarks/bench_distributed.py --overhead --only trees gnn   # what a rank's step adds to one process's
 
 For the MLP (digits), a recursive tree network (logic, roots only) and a GNN
 (graph_families), runs the same epochs of the same global batches as
@@ -281,51 +281,39 @@ def shares(names, epochs: int) -> None:
 
 
 def overhead(names, rounds: int) -> None:
-    """CPU time per call of the training path with the native entry replaced by a no-op
-    (`_runtime.invoke` returns 0 at once), in one process, at a rank's half batch: what a
-    step pays around its native work (binding, workspace size, hyper-parameters, the
-    arena's weighing and division, the update's call), the best of `rounds` x 300 calls."""
+    """CPU time per call, in one process at 1 thread, at a rank's half batch: one
+    process's step (`train_step`, its C call plan), a rank's two halves
+    (`grad_into_arena` + `apply_update`) and `DataParallel.train_step` on a 1-rank
+    communicator (the arena weighed, summed and divided), the best of `rounds` x 300
+    calls; the last column is what data parallelism adds to a step around the same
+    native work."""
     import warnings
 
     import numpy as np
 
-    from structc import distributed as dist, model
+    from structc import distributed as dist
     from structc.native import set_num_threads
     warnings.simplefilter("ignore")
     set_num_threads(1)
-    real = model._runtime
-
-    class NoNative:                             # the module, with a no-op native call
-        invoke = staticmethod(lambda *args: 0)
-
-        def __getattr__(self, name):
-            return getattr(real, name)
     print(f"load average before: {os.getloadavg()[0]:.2f}\n")
-    print("| workload | `_bind` | `grad_into_arena` | `apply_update` | `train_step` | `DataParallel.train_step` "
-          "(1 rank) |\n|---|---|---|---|---|---|")
-    model._runtime = NoNative()
-    try:
-        for name in names:
-            _, _, batch, _, lr = WORKLOADS[name]
-            net, data = prepared(name)
-            dp = dist.DataParallel(net, dist.mpi().COMM_SELF)
-            items, feed, rng = dist._train_items(data), dist.feeder(data), np.random.default_rng(0)
-            feeds = [feed(rng.choice(items, batch // 2, replace=False)) for _ in range(300)]
-            net._grad_arena[:] = 0.5                # finite: the arena's passes do their usual work
-            entry = net._entries["train"]
-            calls = (lambda f: net._bind(entry, f), lambda f: net.grad_into_arena(**f),
-                     lambda f: net.apply_update(lr), lambda f: net.train_step(lr=lr, **f),
-                     lambda f: dp.train_step(lr, **f))
-            best = [float("inf")] * len(calls)
-            for _ in range(rounds):
-                for k, call in enumerate(calls):
-                    t = time.process_time()
-                    for f in feeds:
-                        call(f)
-                    best[k] = min(best[k], (time.process_time() - t) / len(feeds))
-            print(f"| {name} | " + " | ".join(f"{1e6 * b:.1f} us" for b in best) + " |")
-    finally:
-        model._runtime = real
+    print("| workload | `train_step` | `grad_into_arena` + `apply_update` | `DataParallel.train_step` (1 rank) "
+          "| added by data parallelism |\n|---|---|---|---|---|")
+    for name in names:
+        _, _, batch, _, lr = WORKLOADS[name]
+        net, data = prepared(name)
+        dp = dist.DataParallel(net, dist.mpi().COMM_SELF)
+        items, feed, rng = dist._train_items(data), dist.feeder(data), np.random.default_rng(0)
+        feeds = [feed(rng.choice(items, batch // 2, replace=False)) for _ in range(300)]
+        calls = (lambda f: net.train_step(lr=lr, **f), lambda f: (net.grad_into_arena(**f), net.apply_update(lr)),
+                 lambda f: dp.train_step(lr, **f))
+        best = [float("inf")] * len(calls)
+        for _ in range(rounds):
+            for k, call in enumerate(calls):
+                t = time.process_time()
+                for f in feeds:
+                    call(f)
+                best[k] = min(best[k], (time.process_time() - t) / len(feeds))
+        print(f"| {name} | " + " | ".join(f"{1e6 * b:.1f} us" for b in best) + f" | {1e6 * (best[2] - best[0]):.1f} us |")
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
@@ -409,7 +397,7 @@ def main() -> None:
     p.add_argument("--shares", action="store_true",
                    help="only time, in one process, a 1 x 1 step against a rank's share with no partner")
     p.add_argument("--overhead", action="store_true",
-                   help="only time each training call's cost around its native step (a no-op native call)")
+                   help="only time what a rank's step adds to one process's (1-rank communicator)")
     p.add_argument("--half-steps", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.half_steps:

@@ -271,7 +271,7 @@ class DataParallel:
         net = self.net
         mine = [0.0] * len(self._terms)
         if inputs:
-            _, dims = net._bind(net._entries["train"], inputs)
+            dims = net.feed_dims(**inputs)
             mine = [denominator_of(t, dims, inputs) for t in self._terms]
         table = np.array(self.comm.allgather(mine), np.float64)          # [ranks, terms]
         weights = _term_weights(table, self._terms, self.rank)

@@ -623,9 +623,44 @@ class Net:
         half. Also returns the loss's denominator for these inputs (what its mean
         divides by: examples, roots, graphs, the mask's sum; `structc.denominator`),
         which data-parallel training weights each rank's gradient with."""
-        dims: dict[str, int] = {}
+        plan = self._train_plan or self._make_train_plan()
+        if plan is not _NO_PLAN:                # as `train_step`: checked and run in C, mode none
+            given, dims = inputs, {}
+            for binder in self._binders:
+                given = binder.expand(given, dims)
+
+            def before():                       # under the lock
+                if self._random:
+                    self._next_dropout_step()
+                return MODES["none"], None
+            ran = plan.train(given, dims, before)
+            if ran is not None:
+                return float(ran[0]["loss"]), self.loss_denominator(self._array_dims(given, dims), inputs)
+        dims = {}
         outs, _ = self._run("train", inputs, MODES["none"], before=self._next_dropout_step, dims_out=dims)
         return float(outs["loss"]), self.loss_denominator(dims, inputs)
+
+    def feed_dims(self, **inputs) -> dict[str, int]:
+        """The sizes these training inputs bind (`t.trees`, `N`, ...), without running
+        anything; the inputs are not checked here (a call on them checks them)."""
+        given, dims = inputs, {}
+        for binder in self._binders:
+            given = binder.expand(given, dims)
+        return self._array_dims(given, dims)
+
+    def _array_dims(self, given: Mapping[str, object], dims: dict) -> dict:
+        """`dims` (a binder's sizes) and the symbols the training entry's array inputs
+        bind, read off the arrays' shapes (as `_bind` binds them)."""
+        entry = self._entries.get("train")
+        for spec in entry.inputs:
+            value = given.get(spec.name)
+            if value is None:
+                continue
+            shape = np.shape(value)
+            for k, d in enumerate(spec.shape):
+                if d.__class__ is not int and d not in dims and k < len(shape):
+                    dims[d] = shape[k]
+        return dims
 
     def loss_denominator(self, dims: Mapping[str, int], inputs: Mapping[str, object]) -> float:
         """What the loss's mean divides by for a call with these bound dims and inputs."""
