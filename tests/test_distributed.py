@@ -510,3 +510,18 @@ def test_rank_0_shows_the_epoch_s_progress_on_a_terminal(monkeypatch):
         train(dp, data, TrainConfig(epochs=1, batch=64, progress=progress), log=lambda *a: None)
         shown = terminal.getvalue()
         assert ("epoch 1/1" in shown and f"/{data.batch_count(64)}" in shown) == progress, shown
+
+
+def test_feed_dims_are_the_sizes_a_call_binds():
+    """What a data-parallel step reads its loss terms' denominators from, before it runs."""
+    net = structc.compile(ROOT / "examples" / "logic_tree.snet")
+    from structc.forest import Forest
+    forest = Forest.from_brackets(["(1 (0 T) (2 and) (1 T))", "(0 F)"], {"T": 0, "F": 1, "and": 2})
+    feed = {"t": forest, "y": forest.root_labels, "s": forest.labels}
+    dims = net.feed_dims(**feed)
+    assert dims["t.trees"] == 2 and dims["t.nodes"] == 5
+    bound = {}
+    net._run("train", feed, 0, dims_out=bound)
+    assert all(bound[k] == v for k, v in dims.items() if k in bound)
+    mlp = structc.compile(ROOT / "examples" / "digits_mlp.snet")
+    assert mlp.feed_dims(x=np.zeros((7, 64), np.float32), y=np.zeros(7, np.int32)) == {"N": 7}
