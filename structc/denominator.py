@@ -39,7 +39,7 @@ def loss_denominator(g: Graph) -> dict:
     reader = _Reader(g)
     weighed = _weighed_terms(g)
     if weighed is not None:
-        return {"kind": "terms", "terms": [_PARAMS_ONLY if t is _PARAMS_ONLY else reader.term(t) for t in weighed]}
+        return {"kind": "terms", "terms": [reader.term(t) for t in weighed]}
     try:
         found = reader.term(g.outputs["loss"])
     except _Unsupported as e:
@@ -51,9 +51,10 @@ def loss_denominator(g: Graph) -> dict:
 
 def weigh_loss_terms(g: Graph) -> bool:
     """When the loss adds terms with different denominators (each a form above), make
-    it Σ_j loss_weight(j) * term_j, in place; returns whether it did. A loss of more
-    than `MAX_LOSS_TERMS` terms, or of terms without a form, is left as it is (and
-    reported "unsupported")."""
+    it Σ_i loss_weight(j_i) * term_i, in place, terms over the same things sharing a
+    weight j; returns whether it did. A loss of more than `MAX_LOSS_TERMS` different
+    denominators, or of terms without a form, is left as it is (and reported
+    "unsupported")."""
     from .graph import Builder
     from .ops.optim import MAX_LOSS_TERMS
     reader = _Reader(g)
@@ -63,17 +64,20 @@ def weigh_loss_terms(g: Graph) -> bool:
     except _Unsupported:
         pass
     terms = _summands(g, g.outputs["loss"])
-    if not 1 < len(terms) <= MAX_LOSS_TERMS:
-        return False
     try:
-        for _, nid in terms:
-            reader.term(nid)
+        forms = [reader.term(nid) for _, nid in terms]
     except _Unsupported:
+        return False
+    groups = []                               # one weight per denominator: terms over the same things share it
+    for form in forms:
+        if form not in groups:
+            groups.append(form)
+    if len(groups) > MAX_LOSS_TERMS:
         return False
     b = Builder(g, g.nodes[g.outputs["loss"]].span)
     total = None
-    for j, (sign, nid) in enumerate(terms):
-        part = b.value(nid) * b.apply("loss_weight", term=j)
+    for (sign, nid), form in zip(terms, forms):
+        part = b.value(nid) * b.apply("loss_weight", term=groups.index(form))
         total = (part if sign > 0 else -part) if total is None else (total + part if sign > 0 else total - part)
     g.outputs["loss"] = total.id
     return True
@@ -92,20 +96,18 @@ def _summands(g: Graph, nid: int, sign: int = 1) -> list[tuple[int, int]]:
 
 
 def _weighed_terms(g: Graph) -> list | None:
-    """The terms `weigh_loss_terms` weighed, in the order of their weights (a term
-    that reads no input: _PARAMS_ONLY), or None."""
+    """One term of each weight `weigh_loss_terms` gave, in the order of the weights
+    (the terms of a weight share its denominator), or None."""
     found = {}
     for sign, nid in _summands(g, g.outputs["loss"]):
         node = g.nodes[nid]
         weights = [i for i in node.inputs if g.nodes[i].op.name == "loss_weight"] if node.op.name == "mul" else []
         if len(weights) != 1:
             return None
-        term = next(i for i in node.inputs if i != weights[0])
-        found[g.nodes[weights[0]].attrs["term"]] = term
+        found.setdefault(g.nodes[weights[0]].attrs["term"], next(i for i in node.inputs if i != weights[0]))
     if sorted(found) != list(range(len(found))):
         return None
-    reader = _Reader(g)
-    return [t if reader._reads_data(t) else _PARAMS_ONLY for t in (found[j] for j in range(len(found)))]
+    return [found[j] for j in range(len(found))]
 
 
 def evaluate(denominator: dict, dims: dict, inputs: dict) -> float:
