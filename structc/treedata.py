@@ -31,6 +31,7 @@ class TreeDataset:
         self.test = [_parsed(t, vocab) for t in test]
         self.forest = self.root_target = self.node_target = self.output = None
         self._pool: ForestPool | None = None
+        self._held_out: tuple | None = None     # (the forests, batch, their batches joined): `held_out_batches`
 
     def pool(self) -> ForestPool:
         """The training forests as a `ForestPool` (a batch is then a few gathers), built
@@ -92,11 +93,20 @@ class TreeDataset:
     def batch_count(self, batch: int) -> int:
         return (len(self.train) + batch - 1) // batch
 
+    def held_out_batches(self, batch: int) -> list[Forest]:
+        """The held-out forests joined `batch` at a time, joined once and again only when
+        `test` no longer holds the same forests (every epoch evaluates them)."""
+        kept = self._held_out
+        if kept is None or kept[1] != batch or len(kept[0]) != len(self.test) or \
+                not all(map(operator.is_, kept[0], self.test)):
+            joined = [Forest.concat(self.test[at:at + batch]) for at in range(0, len(self.test), batch)]
+            kept = self._held_out = (list(self.test), batch, joined)
+        return kept[2]
+
     def evaluate(self, net, batch: int = 512) -> dict:
         """Held-out accuracy on the roots (when the model outputs [trees, C]) and mean loss."""
         loss, correct, n = 0.0, 0, len(self.test)
-        for start in range(0, n, batch):
-            part = Forest.concat(self.test[start:start + batch])
+        for part in self.held_out_batches(batch):
             if self.output is not None:
                 probs = net.forward(**{self.forest: part})[self.output]
                 correct += int(np.sum(np.argmax(probs, axis=-1) == part.root_labels))

@@ -78,3 +78,14 @@ def test_a_streamed_table_reads_the_named_output(tmp_path):
     net, eager = bound("table", "output guess = softmax(z)")
     data = streams.stream_table(DATA / "table.csv", chunk=16).bind(net)
     assert data.evaluate(net) == pytest.approx(eager.evaluate(net)) and "accuracy" in eager.evaluate(net)
+
+
+def test_held_out_trees_are_joined_once_and_again_when_they_change():
+    """Every epoch evaluates the held-out forests: joined once (4 ms an epoch of the
+    logic data set), and joined again when `test` holds other forests."""
+    data = readers.read(DATA / "treebank.txt")
+    first = data.held_out_batches(4)
+    assert data.held_out_batches(4) is first and sum(f.trees for f in first) == len(data.test)
+    assert data.held_out_batches(3) is not first
+    data.test = data.test[:5]
+    assert sum(f.trees for f in data.held_out_batches(3)) == 5
