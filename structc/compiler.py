@@ -212,10 +212,11 @@ def float_arithmetic_inputs(g: Graph) -> list[str]:
 
 
 def eval_loss_graph(mdef: ModelDef) -> Graph:
-    """The loss alone in inference form (running statistics, dropout off): what a
-    held-out loss measures, so it agrees with the forward entry's predictions."""
+    """The loss and the model's named outputs in inference form (running statistics,
+    dropout off): what held-out evaluation measures, in one call with no backward
+    pass, so the loss agrees with the forward entry's predictions."""
     g = mdef.graph.copy()
-    g.outputs = {"loss": g.outputs["loss"]}
+    g.outputs = {"loss": g.outputs["loss"], **{k: v for k, v in g.outputs.items() if k != "loss"}}
     return inference(g)
 
 
@@ -414,9 +415,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
             weigh_loss_terms(forward)
     mdef = dataclasses.replace(mdef, graph=forward)
     offsets, param_size, update_size, decay_end = arena_layout(mdef, frozen)
-    available = ["forward", "training"] if mdef.has_loss else ["forward"]
-    if mdef.has_loss and any(p.buffer for p in mdef.params.values()):
-        available.append("evaluation")      # batch norm: its training form's loss is not the held-out one
+    # evaluation: held-out loss and outputs in one forward call (compiled on its first use)
+    available = ["forward", "training", "evaluation"] if mdef.has_loss else ["forward"]
     wanted = [p for p in available if p in (EAGER_PARTS if parts is None else parts)]
 
     with times.stage("forward.inference"):

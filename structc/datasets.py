@@ -90,10 +90,9 @@ class ArrayDataset:
         correct, loss, n = 0, 0.0, len(self.x_test)
         for start in range(0, n, batch):
             xb, yb = self.x_test[start:start + batch], self.y_test[start:start + batch]
+            outs, batch_loss = net.evaluate_batch(**{name: xb, tname: yb})     # one forward call
             if self.output is not None:
-                probs = net.forward(**{name: xb})[self.output]
-                correct += int(np.sum(np.argmax(probs, axis=-1) == yb))
-            batch_loss = net.loss(**{name: xb, tname: yb})
+                correct += int(np.sum(np.argmax(outs[self.output], axis=-1) == yb))
             loss += batch_loss * len(xb)
         result = {"loss": loss / n}
         if self.output is not None:

@@ -594,16 +594,18 @@ class Net:
         off (it would make a held-out loss random and too high), batch norm
         normalising with its running statistics (as the forward entry does, so
         the loss agrees with the predictions; a batch of one is fine), no
-        update. What held-out evaluation and early stopping's val_loss report.
-        A model without batch norm runs its training entry with dropout off
-        (the gradient arena is overwritten)."""
-        if self.meta.get("buffers"):        # batch norm: only the inference-form entry gives that loss
-            if self._entries.get("eval_loss") is None:
-                if "training" not in self.meta["parts"] + self.meta["deferred"]:
-                    raise TypeError(self._missing_entry())
-                raise TypeError(f"model {self.name} has batch normalisation and this library has no held-out "
-                                "loss entry (eval_loss): compile it again with all its parts (structc compile -o)")
+        update. What held-out evaluation and early stopping's val_loss report:
+        the evaluation entry (`evaluate_batch`); a library compiled before it
+        existed runs its training entry with dropout off (the gradient arena
+        is overwritten)."""
+        if self._entries.get("eval_loss") is not None:     # compiled on its first use
             return float(self._run("eval_loss", inputs, 0)[0]["loss"])
+        if self.meta.get("buffers"):        # batch norm: only the inference-form entry gives that loss
+            if "training" not in self.meta["parts"] + self.meta["deferred"]:
+                raise TypeError(self._missing_entry())
+            raise TypeError(f"model {self.name} has batch normalisation and this library has no held-out "
+                            "loss entry (eval_loss): compile it again with all its parts (structc compile -o)")
+        # a library built without the evaluation part: the training entry, dropout off
         saved: dict[str, np.ndarray] = {}
 
         def keep():
@@ -616,6 +618,16 @@ class Net:
                 self.params[name][...] = value
         outs, _ = self._run("train", inputs, MODES["none"], before=keep, after=restore, check_batch=False)
         return float(outs["loss"])
+
+    def evaluate_batch(self, **inputs) -> tuple[dict[str, np.ndarray], float]:
+        """The model's outputs and loss on a batch, as held-out evaluation measures them:
+        one forward call in inference form (dropout off, batch norm's running
+        statistics), no backward pass, nothing written."""
+        if self._entries.get("eval_loss") is None:      # a library built without it: two calls
+            targets = {s["name"] for s in self.meta["inputs"] if s["kind"] == "target"}
+            return self.forward(**{k: v for k, v in inputs.items() if k not in targets}), self.loss(**inputs)
+        outs = self._run("eval_loss", inputs, 0)[0]
+        return outs, float(outs.pop("loss"))
 
     def grad_into_arena(self, **inputs) -> tuple[float, float]:
         """The first half of `train_step`: the loss, with its gradient left in the

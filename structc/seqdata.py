@@ -361,10 +361,9 @@ class SequenceDataset:
         for start in range(0, n, batch):
             idx = np.arange(start, min(n, start + batch))
             part, y = self._subset(self.test, idx), self.y_test[idx]
+            outs, batch_loss = net.evaluate_batch(**{self.input: part, self.target["name"]: y})   # one call
             if self.output is not None:
-                probs = net.forward(**{self.input: part})[self.output]
-                correct += int(np.sum(np.argmax(probs, axis=-1) == y))
-            batch_loss = net.loss(**{self.input: part, self.target["name"]: y})
+                correct += int(np.sum(np.argmax(outs[self.output], axis=-1) == y))
             loss += batch_loss * len(idx)
         result = {"loss": loss / n}
         if self.output is not None:

@@ -107,10 +107,9 @@ class TreeDataset:
         """Held-out accuracy on the roots (when the model outputs [trees, C]) and mean loss."""
         loss, correct, n = 0.0, 0, len(self.test)
         for part in self.held_out_batches(batch):
+            outs, batch_loss = net.evaluate_batch(**self.feed(part))     # one forward call
             if self.output is not None:
-                probs = net.forward(**{self.forest: part})[self.output]
-                correct += int(np.sum(np.argmax(probs, axis=-1) == part.root_labels))
-            batch_loss = net.loss(**self.feed(part))
+                correct += int(np.sum(np.argmax(outs[self.output], axis=-1) == part.root_labels))
             loss += batch_loss * part.trees
         result = {"loss": loss / n}
         if self.output is not None:

@@ -89,3 +89,34 @@ def test_held_out_trees_are_joined_once_and_again_when_they_change():
     assert data.held_out_batches(3) is not first
     data.test = data.test[:5]
     assert sum(f.trees for f in data.held_out_batches(3)) == 5
+
+
+def test_evaluate_batch_is_the_forward_outputs_and_the_loss_in_one_call():
+    """Held-out evaluation's one call (the evaluation entry: no backward pass) gives the
+    forward entry's outputs and the loss the training entry computes, and writes no
+    gradient."""
+    net, data = bound("trees", "output guess = softmax(z)")
+    part = data.held_out_batches(512)[0]
+    feed = data.feed(part)
+    net.grads["E"][...] = 7.0
+    outs, loss = net.evaluate_batch(**feed)
+    assert np.all(net.grads["E"] == 7.0)                  # nothing written
+    np.testing.assert_allclose(outs["guess"], net.forward(t=part)["guess"], rtol=1e-6, atol=1e-7)
+    assert loss == pytest.approx(net.grad(**feed)[0], rel=1e-6)
+    assert net.loss(**feed) == loss
+
+
+@pytest.mark.slow     # links a library: seconds
+def test_a_library_without_the_evaluation_entry_evaluates_in_two_calls(tmp_path):
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    from structc import api, ship
+    net, data = bound("table", "output guess = softmax(z)")
+    ship.write_shared_library(api.compile_artifact(CASES["table"][1].format("output guess = softmax(z)"),
+                                                   jit=False), tmp_path / "t.so")
+    lib = ship.load(tmp_path / "t.so")
+    assert lib._entries.get("eval_loss") is None
+    for k, v in net.params.items():
+        lib.params[k] = v
+    assert data.evaluate(lib) == pytest.approx(data.evaluate(net), rel=1e-6)
