@@ -41,15 +41,15 @@ def _compiles(fn) -> int:
 @pytest.mark.slow
 def test_inference_compiles_the_forward_entry_only_and_training_when_first_needed(cache_in):
     net = structc.compile(MLP, cache=False)
-    assert net.meta["deferred"] == ["training"] and set(dict(net._entries)) == {"forward"}
+    assert net.meta["deferred"] == ["training", "evaluation"] and set(dict(net._entries)) == {"forward"}
     out = net(x=X)
     assert set(dict(net._entries)) == {"forward"}          # a forward call compiles nothing more
     before = api.COMPILE_COUNT
     losses = [net.train_step(0.1, x=X, y=Y) for _ in range(3)]
-    assert api.COMPILE_COUNT == before + 1 and net.meta["deferred"] == []
+    assert api.COMPILE_COUNT == before + 1 and net.meta["deferred"] == ["evaluation"]   # on its first use
     # The same as compiling everything at once.
     whole = structc.compile(MLP, cache=False, training=True)
-    assert whole.meta["parts"] == ["forward", "training"] and whole.meta["deferred"] == []
+    assert whole.meta["parts"] == ["forward", "training"] and whole.meta["deferred"] == ["evaluation"]
     np.testing.assert_array_equal(whole(x=X), out)
     assert [whole.train_step(0.1, x=X, y=Y) for _ in range(3)] == losses
 
@@ -60,6 +60,8 @@ def test_grad_and_update_compile_the_training_part_too():
     loss, grads = net.grad(x=X, y=Y)
     assert np.isfinite(loss) and set(grads) == set(net.params)
     net.apply_update(0.1)          # the update entry came with the train entry: nothing to compile
+    assert net.meta["deferred"] == ["evaluation"]       # held-out evaluation's, compiled on its first use
+    net.loss(x=X, y=Y)
     assert net.meta["deferred"] == []
 
 
@@ -74,7 +76,7 @@ def test_a_forward_only_entry_is_not_taken_for_the_whole_model(cache_in):
     assert _compiles(whole) == 1           # the training part was missing: compiled (that part only)
     assert art.meta["parts"] == ["forward", "training"] and set(art.meta["entries"]) == {"forward", "train", "update"}
     assert "forward.llvm.opt" not in art.timings and "training.llvm.opt" in art.timings
-    assert _compiles(whole) == 0 and art.meta["deferred"] == []             # both parts from the cache now
+    assert _compiles(whole) == 0 and art.meta["deferred"] == ["evaluation"]   # both parts from the cache now
 
 
 @pytest.mark.slow
@@ -295,7 +297,7 @@ def test_training_entries_compiled_in_the_background():
     net = structc.compile(MLP, cache=False, training="background")
     out = net(x=X)                  # the forward entry is ready at once
     assert np.isfinite(net.train_step(0.1, x=X, y=Y))    # waits for the thread if still compiling
-    assert net.meta["deferred"] == [] and out.shape == (4, 3)
+    assert net.meta["deferred"] == ["evaluation"] and out.shape == (4, 3)
     worker = [t for t in threading.enumerate() if t.name == "structc-compile-training"]
     for t in worker:
         t.join()
