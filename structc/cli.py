@@ -256,10 +256,11 @@ def cmd_graph(args) -> int:
     return 0
 
 
-def _compile_net(args, dp_comm=None, training: bool = False):
+def _compile_net(args, dp_comm=None, training: bool = False, evaluation: bool = False):
     """The model, compiled (or loaded from the cache); with `dp_comm`, rank 0 compiles
     first and the other ranks load what it put in the cache. `training`: its training
-    entries too, now (train, and eval, which reads the loss through them)."""
+    entries too, now; `evaluation`: its held-out evaluation entry too, now (eval, and
+    data-parallel training: otherwise every rank would compile it at once)."""
     from .api import compile as compile_net
     source, file = _source(args.file)
     t0 = time.perf_counter()
@@ -268,12 +269,15 @@ def _compile_net(args, dp_comm=None, training: bool = False):
 
     def compile_it():
         try:
-            return compile_net(source if file == "<source>" else Path(file), args.model,
-                               seed=getattr(args, "seed", 0) or 0, freeze=freeze, training=training)
+            net = compile_net(source if file == "<source>" else Path(file), args.model,
+                              seed=getattr(args, "seed", 0) or 0, freeze=freeze, training=training)
         except ValueError as e:
             if freeze and str(e).startswith("freeze:"):
                 raise UserError(f"--{e}") from None
             raise
+        if evaluation:
+            net._entries.get("eval_loss")     # a model without a loss has none: left to what needs it
+        return net
     if dp_comm is None:
         net = compile_it()
     else:
@@ -426,7 +430,7 @@ def cmd_train(args) -> int:
         args.threads = threads_per_rank(comm)
     if args.threads is not None:
         set_num_threads(args.threads)
-    net, seconds = _compile_net(args, comm, training=True)
+    net, seconds = _compile_net(args, comm, training=True, evaluation=comm is not None)
     if args.init:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
@@ -574,7 +578,7 @@ def cmd_eval(args) -> int:
         from .distributed import threads_per_rank
         from .native import set_num_threads
         set_num_threads(threads_per_rank(comm))
-    net, _ = _compile_net(args, comm, training=True)
+    net, _ = _compile_net(args, comm, evaluation=True)
     data = _load_bound_data(args.data, net, args.split, _stream_choice(args))
     params = load_params(net, args.params)
     if comm is None:
