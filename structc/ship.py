@@ -169,7 +169,7 @@ def header_text(meta: dict) -> str:
                      + (" (mode: 0 gradients only, 1 sgd, 2 momentum, 3 adam)" if kind == "train" else "")
                      + (" (the optimizer step alone, from grads; mode: 1 sgd, 2 momentum, 3 adam)"
                         if kind == "update" else "")
-                     + (" (the held-out loss: running statistics, dropout off; writes nothing; mode 0)"
+                     + (" (held-out evaluation: the loss and the outputs, running statistics, dropout off; writes nothing; mode 0)"
                         if kind == "eval_loss" else "")
                      + ". Returns 0 on success. */")
         lines.append(f"int32_t {entry['symbol']}(float *params, float *grads, float *state, void *workspace,\n"
