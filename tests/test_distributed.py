@@ -372,19 +372,23 @@ def test_terms_with_different_denominators_are_weighed_one_by_one():
     assert not np.any(parts[0][1]["root.w"]) and not np.any(parts[1][1]["node.w"])
 
 
-def test_terms_over_the_same_things_share_a_weight():
-    net = structc.compile("""
-model Repeated {
+#: a tree model with a target per tree and one per node; its losses are written after it
+ROOTS_AND_NODES = """
+model RootsAndNodes {
   input  t: forest(arity=2) of word(vocab=5)
   target y: class[t.trees] of 2
   target s: class[t.nodes] of 2
   param  E: embedding(5, 4)
   rec h(n) = leaf: E[n.word]
              node: tanh(dense(concat(h(n.children)), 4))
-  loss cross_entropy(dense(h(t.root), 2), y)
+  %s
+}"""
+
+
+def test_terms_over_the_same_things_share_a_weight():
+    net = structc.compile(ROOTS_AND_NODES % """loss cross_entropy(dense(h(t.root), 2), y)
   loss cross_entropy(dense(h(t.nodes), 2), s)
-  loss 0.5 * cross_entropy(dense(h(t.root), 2, name="again"), y) + 0.01 * sum(E * E)
-}""")
+  loss 0.5 * cross_entropy(dense(h(t.root), 2, name="again"), y) + 0.01 * sum(E * E)""")
     trees, nodes = ({"kind": "mean", "dims": [d], "factor": 1.0} for d in ("t.trees", "t.nodes"))
     assert net.meta["loss_denominator"] == {"kind": "terms", "terms": [trees, nodes, {"kind": "params"}]}
 
@@ -392,16 +396,8 @@ model Repeated {
 def test_a_loss_that_is_not_a_sum_of_means_is_refused():
     pytest.importorskip("mpi4py")
     from structc.distributed import DataParallel
-    net = structc.compile("""
-model Product {
-  input  t: forest(arity=2) of word(vocab=5)
-  target y: class[t.trees] of 2
-  target s: class[t.nodes] of 2
-  param  E: embedding(5, 4)
-  rec h(n) = leaf: E[n.word]
-             node: tanh(dense(concat(h(n.children)), 4))
-  loss cross_entropy(dense(h(t.root), 2), y) * cross_entropy(dense(h(t.nodes), 2), s)
-}""")
+    net = structc.compile(ROOTS_AND_NODES % "loss cross_entropy(dense(h(t.root), 2), y) * "
+                                            "cross_entropy(dense(h(t.nodes), 2), s)")
     assert net.meta["loss_denominator"]["kind"] == "unsupported"
     with pytest.raises(ValueError, match="cannot be trained data-parallel with exact gradients"):
         DataParallel(net)
