@@ -44,6 +44,8 @@ from .passes.plan import check_workspace, physical_memory
 _NP = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
 _WORKSPACE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
 _FLOAT_HYPER = struct.Struct(f"={N_FLOAT_HYPER}f")     # the float hyper-parameters, stored in one call
+#: what a step's float hyper-parameters start from: 1, but 0 in the loss terms' slots (1 - weight)
+_HYPER_DEFAULTS = [0.0 if LOSS_WEIGHT0 <= k < LOSS_WEIGHT0 + MAX_LOSS_TERMS else 1.0 for k in range(N_FLOAT_HYPER)]
 
 
 def _aligned_zeros(n: int, dtype=np.float32, align: int = 64) -> np.ndarray:
@@ -787,8 +789,7 @@ class Net:
             v_scale = 1 / math.sqrt(1 - beta2 ** step)
         except (OverflowError, ZeroDivisionError):
             step_size = v_scale = math.inf
-        values = [1.0] * N_FLOAT_HYPER           # CLIP_SCALE stays 1 unless the step clips
-        values[LOSS_WEIGHT0:LOSS_WEIGHT0 + MAX_LOSS_TERMS] = [0.0] * MAX_LOSS_TERMS   # every loss term weighs 1
+        values = _HYPER_DEFAULTS.copy()        # CLIP_SCALE stays 1 unless the step clips; loss terms weigh 1
         values[LR], values[MOMENTUM], values[BETA1], values[BETA2] = lr, o["momentum"], beta1, beta2
         values[EPS] = o["eps"]
         values[ADAM_STEP_SIZE], values[ADAM_V_SCALE], values[WEIGHT_DECAY] = step_size, v_scale, decay
