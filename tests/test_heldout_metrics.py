@@ -120,3 +120,15 @@ def test_a_library_without_the_evaluation_entry_evaluates_in_two_calls(tmp_path)
     for k, v in net.params.items():
         lib.params[k] = v
     assert data.evaluate(lib) == pytest.approx(data.evaluate(net), rel=1e-6)
+
+
+def test_evaluate_batch_does_not_drop():
+    """Dropout is off in held-out evaluation: the outputs are the forward entry's and
+    two calls give the same loss (a training call draws new masks each time)."""
+    net = structc.compile(Path(__file__).resolve().parent.parent / "examples" / "digits_dropout.snet")
+    data = datasets.load("digits").bind(net)
+    feed = {data.input["name"]: data.x_test[:50], data.target["name"]: data.y_test[:50]}
+    outs, loss = net.evaluate_batch(**feed)
+    again = net.evaluate_batch(**feed)[1]
+    np.testing.assert_array_equal(outs[data.output], net.forward(**{data.input["name"]: data.x_test[:50]})[data.output])
+    assert loss == again and net.grad(**feed)[0] != net.grad(**feed)[0]
