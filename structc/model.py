@@ -407,9 +407,7 @@ class Net:
     # -- calling -------------------------------------------------------------
     def _bind(self, entry: _Entry, given: Mapping[str, object]) -> tuple[list, dict]:
         """Check inputs; return the arrays (converted where lossless) and the dims."""
-        dims: dict[str, int] = {}
-        for binder in self._binders:            # a forest or a graph becomes its arrays and sizes
-            given = binder.expand(given, dims)
+        given, dims = self._expanded(given)
         if len(given) != len(entry.inputs) or not given.keys() <= self._inputs.keys():
             for name in given:
                 if name not in self._inputs:
@@ -639,9 +637,7 @@ class Net:
         which data-parallel training weights each rank's gradient with."""
         plan = self._train_plan or self._make_train_plan()
         if plan is not _NO_PLAN:                # as `train_step`: checked and run in C, mode none
-            given, dims = inputs, {}
-            for binder in self._binders:
-                given = binder.expand(given, dims)
+            given, dims = self._expanded(inputs)
 
             def before():                       # under the lock
                 if self._random:
@@ -657,10 +653,15 @@ class Net:
     def feed_dims(self, **inputs) -> dict[str, int]:
         """The sizes these training inputs bind (`t.trees`, `N`, ...), without running
         anything; the inputs are not checked here (a call on them checks them)."""
-        given, dims = inputs, {}
+        return self._array_dims(*self._expanded(inputs))
+
+    def _expanded(self, given: Mapping[str, object]) -> tuple[Mapping[str, object], dict]:
+        """The inputs with each forest, graph or batch of sequences replaced by its arrays,
+        and the sizes those bind."""
+        dims: dict[str, int] = {}
         for binder in self._binders:
             given = binder.expand(given, dims)
-        return self._array_dims(given, dims)
+        return given, dims
 
     def _array_dims(self, given: Mapping[str, object], dims: dict) -> dict:
         """`dims` (a binder's sizes) and the symbols the training entry's array inputs
@@ -751,9 +752,7 @@ class Net:
         plan = self._train_plan or self._make_train_plan()
         ran = None
         if plan is not _NO_PLAN:
-            given, dims = inputs, {}
-            for binder in self._binders:        # a forest or a graph becomes its arrays and sizes
-                given = binder.expand(given, dims)
+            given, dims = self._expanded(inputs)
 
             def hyper():                        # under the lock, as `_run`'s before, mode and after
                 self._set_hyper(lr)
