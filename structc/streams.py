@@ -158,7 +158,7 @@ class StreamedTrees(_Streamed, TreeDataset):
 
     def shares(self, batch: int, rng: np.random.Generator, rank: int, size: int):
         """The feed of share `rank` of each of an epoch's global batches ({}: none), split
-        among `size` ranks by node count (an opening bracket is a node), largest first;
+        among `size` ranks by size (a tree's opening brackets: one per labelled node), largest first;
         one rank (`batches`): the batches themselves. Each share is parsed by its rank only."""
         from .distributed import balance_batches
         from .forest import Forest
@@ -178,7 +178,7 @@ class StreamedTrees(_Streamed, TreeDataset):
         try:
             return self._probe.evaluate(net, batch)
         finally:
-            self._probe.test = []
+            self._probe.test, self._probe._held_out = [], None     # no chunk kept past its evaluation
 
 
 def stream_treebank(path: str | Path, split: float | None = None, chunk: int = CHUNK) -> StreamedTrees:

@@ -37,7 +37,7 @@ class TreeDataset:
         """The training forests as a `ForestPool` (a batch is then a few gathers), built
         once and again only when `train` no longer holds the same forests."""
         pool = self._pool
-        if pool is None or len(pool) != len(self.train) or not all(map(operator.is_, pool.forests, self.train)):
+        if pool is None or not _same(pool.forests, self.train):
             pool = self._pool = ForestPool(self.train)
         return pool
 
@@ -97,8 +97,7 @@ class TreeDataset:
         """The held-out forests joined `batch` at a time, joined once and again only when
         `test` no longer holds the same forests (every epoch evaluates them)."""
         kept = self._held_out
-        if kept is None or kept[1] != batch or len(kept[0]) != len(self.test) or \
-                not all(map(operator.is_, kept[0], self.test)):
+        if kept is None or kept[1] != batch or not _same(kept[0], self.test):
             joined = [Forest.concat(self.test[at:at + batch]) for at in range(0, len(self.test), batch)]
             kept = self._held_out = (list(self.test), batch, joined)
         return kept[2]
@@ -115,6 +114,11 @@ class TreeDataset:
         if self.output is not None:
             result["accuracy"] = correct / n
         return result
+
+
+def _same(kept: list, now: list) -> bool:
+    """Whether `now` holds the very forests `kept` was made from, in order."""
+    return len(kept) == len(now) and all(map(operator.is_, kept, now))
 
 
 def _parsed(tree, vocab) -> Forest:

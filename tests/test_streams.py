@@ -186,6 +186,7 @@ def test_ranks_shares_are_the_one_process_batches_split(models, model, file):
             assert got == want, step
     evaluated, n = data.evaluate_share(net, 0, 1)
     assert evaluated == data.evaluate(net)
+    assert getattr(getattr(data, "_probe", None), "_held_out", None) is None     # no chunk kept after it
     shares = [data.evaluate_share(net, r, 3) for r in range(3)]
     assert sum(k for _, k in shares) == n
     for metric, value in evaluated.items():
