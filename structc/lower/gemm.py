@@ -1,6 +1,12 @@
 """The register-tiled matmul kernel: C = op(A) @ B with a fused epilogue.
 
-A task is one block of rows (MB) by one panel of NR = 2 vectors of columns.
+A task is one block of rows (MB) by one panel of NR = 2 vectors of columns,
+numbered row block by row block: the pool's contiguous share per thread is
+then a range of whole rows of A and C, the rows the kernels before and after
+it (split by rows too) leave in and read from that thread's cache. Numbered
+panel by panel, each of 2 threads read all of A and wrote half of every row
+of C: a [2000, 64] x [64, 64] product ran 1.6x faster on 2 threads instead
+of 1.9x (Intel, where a line crossing cores costs more).
 Within it, tiles of MR rows x NR columns accumulate in MR*2 vector
 registers: each step over k loads two vectors of B and broadcasts MR
 elements of A (folded into the FMA as memory operands on x86). With 32
@@ -125,10 +131,10 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                  cg.ptr(a_buf), cg.ptr(b_buf), cg.ptr(scratch), epilogue)
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
-        row_blocks = cg.ceil_div(t.m, MB)
+        panels = cg.ceil_div(t.n, nr)
         with cg.loop(hi, start=lo, name="task") as task:
-            panel = b.sdiv(task, row_blocks)
-            i_begin = cg.imul(b.srem(task, row_blocks), MB)
+            panel = b.srem(task, panels)
+            i_begin = cg.imul(b.sdiv(task, panels), MB)
             i_end = cg.imin(cg.iadd(i_begin, MB), t.m)
             t.j0 = cg.imul(panel, nr)
             t.width = b.sub(cg.imin(cg.iadd(t.j0, nr), t.n), t.j0)
