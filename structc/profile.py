@@ -70,6 +70,11 @@ def _matmul_flops(graph, node):
     return (2, node.shape[0], node.shape[1], k)
 
 
+def _matmul_parts_flops(graph, node):
+    parts, m, n = node.shape
+    return (2, m, n, graph.nodes[node.inputs[0]].shape[0])     # every part's k adds up to K
+
+
 def _conv_flops(graph, node):
     w = graph.nodes[node.inputs[1]].shape               # [out, in, kh, kw]
     return (2, *node.shape, *w[1:])                     # out: [N, out, oh, ow]
@@ -80,7 +85,7 @@ def _conv_kernel_grad_flops(graph, node):
     return (2, *g, *node.shape[1:])                     # out: [out, in, kh, kw]
 
 
-FLOPS = {"matmul": _matmul_flops, "conv2d": _conv_flops, "conv2d_kernel_grad": _conv_kernel_grad_flops}
+FLOPS = {"matmul": _matmul_flops, "matmul_parts": _matmul_parts_flops, "conv2d": _conv_flops, "conv2d_kernel_grad": _conv_kernel_grad_flops}
 
 
 # -- the copy of the model that runs through the shim --------------------------------------

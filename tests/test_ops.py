@@ -24,8 +24,14 @@ EXEMPT = {
     "running_average": "an effect on the parameter arena: covered by test_norm against PyTorch",
 }
 
+# Ops made after autodiff (by `legalize`), so with no gradient to check: native only.
+NO_GRADIENT = {
+    "matmul_parts": "a weight gradient in parts over K, summed by a sum (MatMul.legalize)",
+}
+
 CASES = [(name, k, s) for name, op in sorted(REGISTRY.items()) if name not in EXEMPT
          for k, s in enumerate(op.samples())]
+GRADIENT_CASES = [c for c in CASES if c[0] not in NO_GRADIENT]
 
 
 def _id(case):
@@ -38,7 +44,7 @@ def test_every_op_has_samples():
     assert not missing, f"ops without test samples: {missing}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=_id)
 def test_vjp_matches_finite_differences(case):
     name, _, sample = case
     check_vjp(REGISTRY[name], sample)

@@ -100,24 +100,31 @@ def k_split(mr: int, nv: int) -> int:
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
-              static_m=None, static_n=None, row_stable=False):
+              static_m=None, static_n=None, row_stable=False, parts=1):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
     `scratch` is an [M, N] f32 buffer the group writes (for partial sums);
     `static_m`, `static_n` are M and N as the graph has them (ints when known
     at compile time, symbols otherwise); `row_stable`: each row's sums in
-    the same order however M is cut (`stable_rows`)."""
+    the same order however M is cut (`stable_rows`).
+
+    `parts` > 1: C is [parts, M, N], part p the product over k in
+    [K p / parts, K (p + 1) / parts) (`matmul_parts`), with no epilogue
+    (`epilogue` None: the sums go straight to C). The parts are the outer
+    task index, so each thread's share is a range of k: the rows of A and B
+    it wrote itself. A part with no k stores zeros."""
     vw = kb.vector_width
     nr = 2 * vw
     rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
     def tasks(cg):
-        return cg.imul(cg.ceil_div(N(cg), nr), cg.ceil_div(M(cg), MB))
+        return cg.imul(cg.imul(cg.ceil_div(N(cg), nr), cg.ceil_div(M(cg), MB)), cg.i64(parts))
 
-    def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1)
-        return cg.imul(cg.imul(K(cg), cg.imin(M(cg), cg.i64(MB))), 2 * nr)
+    def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1), its k a part's
+        k = K(cg) if parts == 1 else cg.ceil_div(K(cg), parts)
+        return cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr)
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles
@@ -132,7 +139,14 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
         panels = cg.ceil_div(t.n, nr)
+        per_part = cg.imul(panels, cg.ceil_div(t.m, MB))
+        c_base = t.C
         with cg.loop(hi, start=lo, name="task") as task:
+            if parts > 1:       # this task's part: where C's block starts, and its range of k
+                part, task = b.sdiv(task, per_part), b.srem(task, per_part)
+                t.C = b.gep(c_base, [cg.imul(part, cg.imul(t.m, t.n))], source_etype=F32)
+                t.k_lo = b.sdiv(cg.imul(t.k, part), cg.i64(parts))
+                t.k_hi = b.sdiv(cg.imul(t.k, cg.iadd(part, 1)), cg.i64(parts))
             panel = b.srem(task, panels)
             i_begin = cg.imul(b.sdiv(task, panels), MB)
             i_end = cg.imin(cg.iadd(i_begin, MB), t.m)
@@ -150,9 +164,14 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             kernels = {r: _panel_kernel(t, r, col_kinds, skip_full=inline_main and r == rows[0],
                                         stable=clamped)
                        for r in rows}
-            with _k_blocks(cg, t.k) as k0:
+            blocks = _part_blocks(cg, t.k_lo, t.k_hi) if parts > 1 else _k_blocks(cg, t.k)
+            with blocks as k0:
                 t.k0 = k0
-                if isinstance(k0, ir.Constant):     # K <= KC known: one block, no partial sums
+                if parts > 1:
+                    t.k_end = cg.imin(cg.iadd(k0, KC), t.k_hi)
+                    t.first = b.icmp_signed("==", k0, t.k_lo)
+                    t.last = b.icmp_signed(">=", t.k_end, t.k_hi)
+                elif isinstance(k0, ir.Constant):     # K <= KC known: one block, no partial sums
                     t.k_end, t.first, t.last = t.k, _TRUE, _TRUE
                 else:
                     t.k_end = cg.imin(cg.iadd(k0, KC), t.k)
@@ -195,6 +214,17 @@ def _row_tiles(cg: CG, cond):
         latch = cg.b.block
     no_unroll = cg.module.add_metadata([ir.MetaDataString(cg.module, NO_UNROLL)])
     latch.terminator.set_metadata("llvm.loop", no_unroll)
+
+
+@contextmanager
+def _part_blocks(cg: CG, k_lo, k_hi):
+    """for k0 in range(k_lo, k_hi, KC), but at least once: an empty part's
+    block has no k, so its tiles store the zeros they start from."""
+    b = cg.b
+    blocks = cg.ceil_div(b.sub(k_hi, k_lo), KC)
+    count = b.select(b.icmp_signed("<", blocks, cg.i64(1)), cg.i64(1), blocks)
+    with cg.loop(count, name="kb") as kb:
+        yield cg.iadd(k_lo, cg.imul(kb, KC))
 
 
 @contextmanager
@@ -281,7 +311,8 @@ class _Ctx:
 
 def epilogue_work(epilogue) -> bool:
     """Whether the epilogue does anything beyond storing the product itself."""
-    return epilogue.members != [epilogue.anchor] or epilogue.outputs != [epilogue.anchor]
+    return epilogue is not None and (epilogue.members != [epilogue.anchor]
+                                     or epilogue.outputs != [epilogue.anchor])
 
 
 def _main_tile(t: _Ctx, i0, mr: int) -> None:
@@ -326,7 +357,7 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
 
     _branch(cg, t.first, fresh, resume)
     _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end)
-    _branch(cg, t.last, done, partial)
+    _branch(cg, t.last, done if t.epilogue is not None else partial, partial)
 
 
 #: instructions of one vector's epilogue above which the inline tile runs it in a

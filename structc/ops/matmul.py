@@ -15,6 +15,15 @@ from .base import Op, Sample, expect
 
 #: at most this many columns make a weight gradient narrow (see `MatMul.legalize`)
 NARROW = 8
+#: a weight gradient A^T G of at most this many of the kernel's tasks (blocks of
+#: 192 rows x panels of 32 columns of C) is computed in PARTS parts over K (see
+#: `MatMul.legalize`): two, the cores of the machines measured; each part's
+#: [M, N] is written and read once more (4 parts cost a GNN's and the trees'
+#: 1-thread steps ~1%, and gained nothing on 2 cores)...
+FEW_TASKS = 4
+PARTS = 2
+#: ...when its K is known only at run time, or has at least this many rows a part
+MIN_PART_ROWS = 64
 
 
 class MatMul(Op):
@@ -61,8 +70,8 @@ class MatMul(Op):
             return b.matmul(x, b.transpose(w), ta=ta)
         m, n = node.shape
         if ta and isinstance(n, int) and n <= NARROW and isinstance(m, int) and m >= 4 * NARROW:
-            return b.transpose(b.matmul(w, x, ta=True))
-        return None
+            return b.transpose(_over_k(b, w, x, n, m) or b.matmul(w, x, ta=True))
+        return _over_k(b, x, w, m, n) if ta else None
 
     def lower(self, kb, node, epilogue):
         from ..lower.gemm import NARROW_N, emit_gemm, emit_narrow
@@ -87,6 +96,60 @@ class MatMul(Op):
             row_stable=node.attrs.get("row_stable", False))
         if not isinstance(k_dim, int):
             _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim)
+
+
+def _over_k(b, x, g, m, n):
+    """x^T g [m, n] as the sum of PARTS products over ranges of K (a
+    `matmul_parts` and a `sum`), or None when it is better in one. A weight
+    gradient over a batch, a graph's nodes or a forest's inner nodes is
+    often a C of one or two tasks (a GNN's [64, 64]) with a long K: as one
+    product it runs on one or two threads, each reading every row of x and
+    g, half of them from the other core's cache (the kernels before were
+    split by rows). In parts, each thread reads the rows it wrote. The sum
+    of the parts is in a fixed order: the same bits on any number of threads."""
+    from ..lower.gemm import MB
+    k = x.shape[0]
+    if not (isinstance(m, int) and isinstance(n, int)) or -(-m // MB) * -(-n // 32) > FEW_TASKS:
+        return None
+    if isinstance(k, int) and k < PARTS * MIN_PART_ROWS:
+        return None
+    return b.sum(b.matmul_parts(x, g, parts=PARTS), axes=(0,))
+
+
+class MatMulParts(Op):
+    """C[p] = x[K_p]^T @ g[K_p] for the PARTS row ranges K_p = [K p / parts,
+    K (p + 1) / parts) of x [K, M] and g [K, N]: a weight gradient in parts
+    (`_over_k`), summed by a `sum` over axis 0. Made by `legalize` after
+    autodiff, so it has no gradient of its own."""
+    name = "matmul_parts"
+    floats_only = True
+
+    def shape(self, x, g, *, parts: int = PARTS) -> TensorType:
+        expect(x.rank == 2 and g.rank == 2, f"matmul_parts needs two matrices, got {x} and {g}")
+        expect(x.shape[0] == g.shape[0], f"rows differ: {x} and {g}")
+        expect(isinstance(parts, int) and parts >= 1, f"parts must be a positive int, got {parts!r}")
+        return TensorType((parts, x.shape[1], g.shape[1]), "f32")
+
+    def reference(self, x, g, *, parts=PARTS):
+        k = x.shape[0]
+        cuts = [k * p // parts for p in range(parts + 1)]
+        return np.stack([x[a:z].T @ g[a:z] for a, z in zip(cuts, cuts[1:])])
+
+    def samples(self):
+        # K below, at and past the parts (empty parts), a K past KC in a part, tails in M and N
+        return [Sample((((k, 13), "fixed"), ((k, 35), "fixed")), {"parts": p})
+                for k, p in ((3, 4), (4, 4), (70, 4), (1600, 4), (9, 2))]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.gemm import emit_gemm
+        x_id, g_id = node.inputs
+        k_dim, m_dim = kb.graph.nodes[x_id].shape
+        n_dim = kb.graph.nodes[g_id].shape[1]
+        m_of = lambda cg: cg.dim(m_dim)
+        emit_gemm(kb, M=m_of, N=lambda cg: cg.dim(n_dim), K=lambda cg: cg.dim(k_dim), a_buf=x_id,
+                  a_row_stride=lambda cg: cg.i64(1), a_k_stride=m_of, b_buf=g_id, epilogue=None,
+                  scratch=node.id, name=f"matmul_parts{node.id}", static_m=m_dim, static_n=n_dim,
+                  parts=node.attrs.get("parts", PARTS))
 
 
 def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
