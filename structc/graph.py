@@ -112,6 +112,16 @@ class Graph:
                 if v == old:
                     self.outputs[k] = new
 
+    def replace_all_uses(self, new_of: dict[int, int]) -> None:
+        """`replace_uses(old, new)` for every pair, each user relinked once: an
+        optimizer's update reads every gradient, and relinking it per replaced
+        gradient was quadratic in the layers."""
+        for u in {u for old in new_of for u in self._succ[old]}:
+            self.set_inputs(u, tuple(new_of.get(i, i) for i in self.nodes[u].inputs))
+        for k, v in self.outputs.items():
+            if v in new_of:
+                self.outputs[k] = new_of[v]
+
     def remove(self, nid: int) -> None:
         self._order = None
         for u in self._succ.pop(nid):

@@ -15,7 +15,10 @@ def legalize(g: Graph) -> Graph:
 
 def rewrite_by_rule(g: Graph, method: str) -> Graph:
     """Replace every node whose op has `method(builder, node)` by the value it
-    returns (None: the node stays); `passes.mode` rewrites by "inference"."""
+    returns (None: the node stays); `passes.mode` rewrites by "inference".
+    The uses move once at the end (a rule may read a node that an earlier one
+    replaced: it is still there, with the same type)."""
+    new_of: dict[int, int] = {}
     for nid in g.topo():
         node = g.nodes[nid]
         rule = getattr(node.op, method, None)
@@ -23,6 +26,12 @@ def rewrite_by_rule(g: Graph, method: str) -> Graph:
             continue
         new = rule(Builder(g, node.span), node)
         if new is not None:
-            g.replace_uses(nid, new.id)
-            g.remove(nid)
+            new_of[nid] = new.id
+    for old, new in new_of.items():     # a rule may return a node a later rule replaced
+        while new in new_of:
+            new = new_of[new]
+        new_of[old] = new
+    g.replace_all_uses(new_of)
+    for old in new_of:
+        g.remove(old)
     return g
