@@ -175,7 +175,10 @@ def test_a_sum_over_leading_axes_adds_the_rows_in_order(shape, axes):
     """A bias gradient's sum: each column summed row by row from 0 (float32
     cumsum's last row, bitwise), and a max or min with a NaN as numpy's, at 1
     and 2 threads (the columns split into blocks across threads; the wide one
-    hands off jobs: its work is above what an entry runs on the caller alone)."""
+    hands off jobs: its work is above what an entry runs on the caller alone).
+    A sum of many rows and few columns goes in parts (`Sum.legalize`): each
+    part's rows in order, then the parts in order."""
+    from structc.ops.matmul import MIN_PART_ROWS, PARTS
     from structc import _runtime
     from structc.ops import REGISTRY
     from structc.ops.base import Sample
@@ -191,6 +194,14 @@ def test_a_sum_over_leading_axes_adds_the_rows_in_order(shape, axes):
                 data.reshape(-1)[rng.integers(0, x.size)] = np.nan
             want = np.cumsum(flat, axis=0, dtype=np.float32)[-1] if op == "sum" else \
                 getattr(np, op)(data.reshape(flat.shape), axis=0)
+            if op == "sum" and len(flat) >= PARTS * MIN_PART_ROWS and flat.shape[1] <= 512:
+                cuts = [len(flat) * p // PARTS for p in range(PARTS + 1)]
+                parts = [np.cumsum(flat[a:z], axis=0, dtype=np.float32)[-1] for a, z in zip(cuts, cuts[1:])]
+                want = parts[0]
+                for more in parts[1:]:
+                    want = want + more
+                assert not np.array_equal(want, np.cumsum(flat, axis=0, dtype=np.float32)[-1]), \
+                    "the parts' sum has the bits of one pass: this case would not tell them apart"
             _, net = op_net(REGISTRY[op], Sample((shape,), {"axes": axes}), [data])
             net.params["p0"][...] = data
             for threads in (1, 2):

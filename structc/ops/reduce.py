@@ -54,6 +54,80 @@ class Sum(Op):
     def lower(self, kb, node, epilogue):
         lower_reduction(kb, node, "sum", _Combine(0.0, lambda cg, a, b: cg.add(a, b), lambda cg, v: cg.hsum(v)))
 
+    def legalize(self, b, node):
+        """A sum over leading axes (a bias gradient over a batch, a graph's nodes)
+        of a few column blocks and many rows, or rows known only at run time, is
+        summed in PARTS ranges of rows (`sum_parts`) and then over the parts:
+        as one task, one thread read every row, half of them from the other
+        core's cache; in parts each thread sums rows it wrote. The parts add
+        in a fixed order: the same bits on any number of threads."""
+        from .matmul import MIN_PART_ROWS, PARTS
+        x = b.value(node.inputs[0])
+        rows, cols = _leading_split(x.shape, node.attrs.get("axes"))
+        if rows is None or node.attrs.get("keepdims") or not all(isinstance(d, int) for d in cols):
+            return None
+        width = int(np.prod(cols, dtype=np.int64))
+        if width > FEW_COLUMN_TASKS * WIDE_BLOCK * 16:
+            return None
+        if all(isinstance(d, int) for d in rows) and int(np.prod(rows, dtype=np.int64)) < PARTS * MIN_PART_ROWS:
+            return None
+        if len(rows) > 1:
+            flat_rows = _one_dim(rows)
+            if flat_rows is None:
+                return None
+            x = b.reshape(x, shape=(flat_rows, *cols))
+        return b.sum(b.sum_parts(x, parts=PARTS), axes=(0,))
+
+
+#: a leading-axes sum of at most this many wide column blocks (`_lower_column_blocks`) goes in parts
+FEW_COLUMN_TASKS = 2
+
+
+def _leading_split(shape, axes):
+    """(rows, cols): the reduced leading dims and the kept trailing ones, or (None, None)."""
+    ax = normalize_axes(axes, len(shape))
+    k = len(ax)
+    if not ax or ax != tuple(range(k)) or k == len(shape):
+        return None, None
+    return shape[:k], shape[k:]
+
+
+def _one_dim(dims):
+    """dims[0] x dims[1] x ... as one dim (a symbol times 1s, or an int), or None."""
+    syms = [d for d in dims if not isinstance(d, int)]
+    static = int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64))
+    if not syms:
+        return static
+    return syms[0] if len(syms) == 1 and static == 1 else None
+
+
+class SumParts(Op):
+    """out[p] = Σ x[r] over the rows r in [R p / parts, R (p + 1) / parts) of x
+    [R, ...]: a leading-axes sum in parts (`Sum.legalize`), summed again over
+    axis 0. Made after autodiff, so it has no gradient of its own."""
+    name = "sum_parts"
+    floats_only = True
+
+    def shape(self, x, *, parts: int = 2) -> TensorType:
+        expect(x.rank >= 2, f"sum_parts needs rows and columns, got {x}")
+        expect(isinstance(parts, int) and parts >= 1, f"parts must be a positive int, got {parts!r}")
+        return TensorType((parts, *x.shape[1:]), x.dtype)
+
+    def reference(self, x, *, parts=2):
+        cuts = [len(x) * p // parts for p in range(parts + 1)]
+        return np.stack([x[a:z].sum(axis=0) for a, z in zip(cuts, cuts[1:])])
+
+    def samples(self):
+        # rows below the parts (empty ones), a ragged split, wide and narrow column blocks
+        return [Sample((((k, *cols), "fixed"),), {"parts": p})
+                for k, cols, p in ((1, (5,), 2), (7, (3, 4), 2), (300, (40,), 2), (50, (600,), 3))]
+
+    def lower(self, kb, node, epilogue):
+        x = node.inputs[0]
+        rows = kb.graph.nodes[x].shape[0]
+        _lower_column_blocks(kb, node, "sumparts", _Combine(0.0, lambda cg, a, b: cg.add(a, b), None),
+                             [(True, [rows]), (False, list(node.shape[1:]))], parts=node.attrs.get("parts", 2))
+
 
 class Max(Op):
     """The largest entry of x over `axes` (all when omitted), as numpy's max: a
@@ -227,12 +301,15 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
 WIDE_BLOCK, NARROW_BLOCK = 16, 4
 
 
-def _lower_column_blocks(kb, node, kind: str, comb: _Combine, groups) -> None:
+def _lower_column_blocks(kb, node, kind: str, comb: _Combine, groups, parts: int = 1) -> None:
     """x [rows..., cols...] reduced over its leading axes (a bias gradient's sum
     over the batch): each task owns a block of columns and runs their sums in
     registers down every row, so a wide sum splits across threads and no
     partial sum goes through memory. Each column is still summed row by row
-    from the identity: the same bits as one loop over the rows."""
+    from the identity: the same bits as one loop over the rows. `parts` > 1
+    (`sum_parts`): node is [parts, cols...], part p the sum of rows [R p /
+    parts, R (p + 1) / parts), the outer task index (each thread's share is
+    a range of rows)."""
     from llvmlite import ir
     from ..lower.codegen import F32
     from ..lower.module import run_time_numel
@@ -245,27 +322,40 @@ def _lower_column_blocks(kb, node, kind: str, comb: _Combine, groups) -> None:
         n_wide = cg.b.sdiv(cols, cg.i64(wide))
         return n_wide, cg.iadd(n_wide, cg.ceil_div(cg.b.sub(cols, cg.imul(n_wide, wide)), narrow))
 
-    with kb.kernel(f"{kind}{node.id}", lambda cg: blocks(cg, cg.numel(cols_dims))[1],
-                   cost=lambda cg: cg.imul(cg.numel(rows_dims), wide), skippable=True) as (cg, lo, hi):
+    def tasks(cg):
+        return cg.imul(blocks(cg, cg.numel(cols_dims))[1], cg.i64(parts))
+
+    def cost(cg):
+        return cg.imul(cg.ceil_div(cg.numel(rows_dims), parts), wide)
+
+    with kb.kernel(f"{kind}{node.id}", tasks, cost=cost, skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         b = cg.b
         src, dst = cg.ptr(x), cg.ptr(node.id)
         rows, cols = run_time_numel(cg, rows_dims), run_time_numel(cg, cols_dims)
-        n_wide = blocks(cg, cols)[0]
+        n_wide, per_part = blocks(cg, cols)
         vt = ir.VectorType(F32, vw)
+        span = {}       # this task's rows and where its part's sums go
 
         def block(c0, vectors, masks):
             acc = [cg.var(vt, cg.const(comb.identity, vt)) for _ in range(vectors)]
-            with cg.loop(rows, name="r") as r:
+            with cg.loop(span["stop"], start=span["start"], name="r") as r:
                 at = cg.iadd(cg.imul(r, cols), c0)
                 for v in range(vectors):
                     value = cg.load(src, cg.iadd(at, v * vw), n=vw, mask=masks[v])
                     b.store(comb.op(cg, b.load(acc[v]), value), acc[v])
             for v in range(vectors):
-                cg.store(b.load(acc[v]), dst, cg.iadd(c0, v * vw), mask=masks[v])
+                cg.store(b.load(acc[v]), dst, cg.iadd(cg.iadd(span["out"], c0), v * vw), mask=masks[v])
 
         with cg.loop(hi, start=lo, name="cb") as task:
+            if parts > 1:
+                part, task = b.sdiv(task, per_part), b.srem(task, per_part)
+                span["start"] = b.sdiv(cg.imul(rows, part), cg.i64(parts))
+                span["stop"] = b.sdiv(cg.imul(rows, cg.iadd(part, 1)), cg.i64(parts))
+                span["out"] = cg.imul(part, cols)
+            else:
+                span.update(start=cg.i64(0), stop=rows, out=cg.i64(0))
             with b.if_else(b.icmp_signed("<", task, n_wide)) as (is_wide, is_narrow):
                 with is_wide:
                     block(cg.imul(task, wide), WIDE_BLOCK, [None] * WIDE_BLOCK)
