@@ -776,7 +776,7 @@ MEMORY_CODE = "; structc: memory code\n"
 #: those passes the GAT and tree steps measured 2-5% slower. Max pooling, its
 #: gradient's routing, the kernel flip and the clip's norm (a float sum, in
 #: order either way) joined later: 20-40% less LLVM time, LeNet-5's step as fast.
-MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "update", "maxpool", "route", "flip", "update_clip"})
+MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "sumparts", "update", "maxpool", "route", "flip", "update_clip"})
 #: first line of a module of `LIGHT_KINDS` kernels alone; `native.optimize` gives it `native.LIGHT_TUNING`
 LIGHT_CODE = "; structc: light code\n"
 #: kernels whose machine code O1 without unrolling and interleaving makes
