@@ -64,8 +64,9 @@ def row_blocks(cg: CG, m, vw: int):
     end: the same tiles, and the same bits, as blocks of MB."""
     b, main = cg.b, main_rows(vw)
     n = cg.ceil_div(m, MB)
-    several_odd = b.zext(b.and_(b.icmp_signed(">", n, cg.i64(1)), b.trunc(n, ir.IntType(1))), I64)
-    n = b.add(n, several_odd)
+    # integer ops, compares and selects only: the entry numbers those (`module._NumberingBuilder`)
+    several_odd = b.and_(b.icmp_signed(">", n, cg.i64(1)), b.icmp_signed("==", b.and_(n, cg.i64(1)), cg.i64(1)))
+    n = b.add(n, b.select(several_odd, cg.i64(1), cg.i64(0)))
     n = b.select(b.icmp_signed("<", n, cg.i64(1)), cg.i64(1), n)
     units = cg.ceil_div(m, main)
     rows = cg.imul(b.sdiv(b.add(units, b.sub(n, cg.i64(1))), n), main)
