@@ -32,6 +32,15 @@ class UserError(Exception):
         self.code = code
 
 
+class RefusedOnEveryRank(UserError):
+    """A data-parallel run refused for what every rank sees alike (the model, the
+    data set's kind): rank 0 says why, once, and every rank exits with the code."""
+
+    def __init__(self, message: str, comm):
+        super().__init__(message)
+        self.comm = comm
+
+
 def warn(message: str) -> None:
     print(f"structc: warning: {message}", file=sys.stderr)
 
@@ -435,11 +444,7 @@ def cmd_train(args) -> int:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
     data = _load_bound_data(args.data, net, args.split, _stream_choice(args))
-    dp = None
-    if comm is not None:
-        from .distributed import DataParallel, check_splittable
-        check_splittable(data)
-        dp = DataParallel(net, comm)
+    dp = _data_parallel(net, comm, data) if comm is not None else None
     root = dp is None or dp.is_root        # only rank 0 prints and writes
     data_id = _data_id(args)
     state = rng = None
@@ -584,9 +589,8 @@ def cmd_eval(args) -> int:
     if comm is None:
         metrics = data.evaluate(net)
     else:               # each rank its share of the held-out part; rank 0 reports
-        from .distributed import DataParallel, check_splittable, evaluate
-        check_splittable(data)
-        dp = DataParallel(net, comm)
+        from .distributed import evaluate
+        dp = _data_parallel(net, comm, data)
         metrics = evaluate(dp, data)
         if not dp.is_root:
             return 0
@@ -594,6 +598,17 @@ def cmd_eval(args) -> int:
     print(f"{net.name} with {params} on {args.data} (held-out split): loss {metrics['loss']:.4f}"
           + (f", accuracy {100 * acc:.2f}%" if acc is not None else ""))
     return 0
+
+
+def _data_parallel(net, comm, data):
+    """`DataParallel(net, comm)` for `data`, or RefusedOnEveryRank: whether a model
+    and a data set split exactly depends on nothing a rank has of its own."""
+    from .distributed import DataParallel, check_splittable
+    try:
+        check_splittable(data)
+        return DataParallel(net, comm)
+    except (ValueError, TypeError) as e:
+        raise RefusedOnEveryRank(str(e), comm) from None
 
 
 def _read_inputs(path: str, net) -> dict:
@@ -953,7 +968,7 @@ def _distributed_option(c) -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     code = _main(args)
-    if code not in (0, None) and getattr(args, "distributed", False):
+    if code not in (0, None) and getattr(args, "distributed", False) and not getattr(args, "ended_together", False):
         _end_other_ranks(code)
     return code
 
@@ -979,6 +994,12 @@ def _main(args) -> int:
                 source = None
         print(render(e, source), file=sys.stderr)
         return 1
+    except RefusedOnEveryRank as e:
+        if e.comm.Get_rank() == 0:
+            print(f"structc: error: {e}", file=sys.stderr)
+        e.comm.Barrier()            # every rank is here: none ends the job before rank 0 has said why
+        args.ended_together = True
+        return e.code
     except UserError as e:
         print(f"structc: error: {e}", file=sys.stderr)
         return e.code

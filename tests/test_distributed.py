@@ -271,6 +271,17 @@ def test_cli_stops_early_on_two_ranks_where_one_process_does(data, tmp_path, cap
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def test_cli_says_a_refusal_once_on_two_ranks(tmp_path):
+    """A model that cannot be trained data-parallel is refused on every rank alike:
+    rank 0 says why, once, and the job fails."""
+    _need_mpi()
+    run = mpiexec("-m", "mpi4py", "-m", "structc", "train", ROOT / "examples" / "lenet5_bn.snet", "--data",
+                  "digits", "--epochs", "1", "--distributed", "--out", tmp_path / "bn.npz", timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.count("cannot be trained data-parallel") == 1, run.stderr[-3000:]
+    assert not (tmp_path / "bn.npz").exists()
+
+
 def test_cli_without_mpi4py_says_what_to_install(monkeypatch, capsys):
     from structc.cli import main
     monkeypatch.setitem(sys.modules, "mpi4py", None)
