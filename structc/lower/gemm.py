@@ -73,6 +73,7 @@ def row_blocks(cg: CG, m, vw: int):
     rows = b.select(b.icmp_signed("<", rows, cg.i64(main)), cg.i64(main), rows)
     return b.sdiv(b.add(m, b.sub(rows, cg.i64(1))), rows), rows
 
+
 def main_rows(vw: int) -> int:
     """Rows of the main tile: 12 x 2 vectors take 24 of AVX-512's 32 registers."""
     return 12 if vw == 16 else 6
