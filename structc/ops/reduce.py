@@ -67,7 +67,7 @@ class Sum(Op):
         if rows is None or node.attrs.get("keepdims") or not all(isinstance(d, int) for d in cols):
             return None
         width = int(np.prod(cols, dtype=np.int64))
-        if width > FEW_COLUMN_TASKS * WIDE_BLOCK * 16:
+        if width > FEW_COLUMN_TASKS * WIDE_BLOCK * 16:        # wide blocks of 16-lane (AVX-512) vectors
             return None
         if all(isinstance(d, int) for d in rows) and int(np.prod(rows, dtype=np.int64)) < PARTS * MIN_PART_ROWS:
             return None
