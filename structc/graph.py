@@ -104,23 +104,18 @@ class Graph:
             self._link(i, nid)
 
     def replace_uses(self, old: int, new: int) -> None:
-        for u in list(self._succ[old]):
-            node = self.nodes[u]
-            self.set_inputs(u, tuple(new if i == old else i for i in node.inputs))
-        if old in self.outputs.values():    # scanned in C: a train graph has an output per parameter
-            for k, v in self.outputs.items():
-                if v == old:
-                    self.outputs[k] = new
+        self.replace_all_uses({old: new})
 
     def replace_all_uses(self, new_of: dict[int, int]) -> None:
         """`replace_uses(old, new)` for every pair, each user relinked once: an
         optimizer's update reads every gradient, and relinking it per replaced
         gradient was quadratic in the layers."""
-        for u in {u for old in new_of for u in self._succ[old]}:
+        for u in dict.fromkeys(u for old in new_of for u in self._succ[old]):     # in order, once each
             self.set_inputs(u, tuple(new_of.get(i, i) for i in self.nodes[u].inputs))
-        for k, v in self.outputs.items():
-            if v in new_of:
-                self.outputs[k] = new_of[v]
+        if not new_of.keys().isdisjoint(self.outputs.values()):    # scanned in C: an output per parameter
+            for k, v in self.outputs.items():
+                if v in new_of:
+                    self.outputs[k] = new_of[v]
 
     def remove(self, nid: int) -> None:
         self._order = None
