@@ -91,6 +91,42 @@ def test_train_step_applies_the_optimiser(rule):
             np.testing.assert_allclose(net.params[k], p, rtol=2e-4, atol=2e-6, err_msg=f"{rule} step {step} {k}")
 
 
+SUBNORMAL = np.float32(4 * 2.0 ** -149)     # 0.9 times it rounds back to it: a moment stuck there
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam"])
+def test_moments_that_decay_into_the_subnormals_are_flushed_to_zero(rule):
+    """A parameter whose gradient stays 0 has its moments decay into the subnormal
+    floats, where they would stay for good (and slow every update down); they become
+    0 instead, and the parameters move exactly as numpy's step says."""
+    net = structc.compile(MLP, seed=3)
+    net.set_optimizer(rule)
+    size = net.meta["param_size"]
+    net._state_arena[:size] = SUBNORMAL                 # momentum's v, Adam's m
+    if rule == "adam":
+        net._state_arena[size:] = SUBNORMAL             # Adam's v
+    for g in net.grads.values():
+        g[...] = 0.0
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.apply_update(0.05)
+    assert not np.any(net._state_arena), "a subnormal moment survived the update"
+    for k, p in net.params.items():
+        np.testing.assert_array_equal(p, before[k], err_msg=k)
+
+
+def test_adam_with_eps_zero_keeps_a_subnormal_v():
+    """With eps = 0, a flushed v under a normal m would divide by 0: v stays."""
+    net = structc.compile(MLP, seed=3)
+    net.set_optimizer("adam", eps=0.0)
+    size = net.meta["param_size"]
+    net._state_arena[:size], net._state_arena[size:] = np.float32(1e-30), SUBNORMAL
+    for g in net.grads.values():
+        g[...] = 0.0
+    net.apply_update(0.05)
+    assert np.all(net._state_arena[size:] > 0)
+    assert all(np.all(np.isfinite(p)) for p in net.params.values())
+
+
 def test_training_reduces_the_loss():
     net = structc.compile(MLP, seed=1)
     x, y = batch(64, seed=5)
