@@ -373,7 +373,7 @@ def install_abort_hook(comm) -> None:
         previous(kind, value, tb)
         print(f"structc: rank {comm.Get_rank()} of {comm.Get_size()} failed ({kind.__name__}: {value}); "
               "ending the job", file=sys.stderr, flush=True)
-        comm.Abort(1)
+        _abort(comm, 1)
 
     hook._structc_abort = True
     sys.excepthook = hook
@@ -404,7 +404,21 @@ def abort_job(code: int, message: str = "") -> None:
     if comm.Get_size() > 1:
         print(f"structc: rank {comm.Get_rank()} of {comm.Get_size()} failed{': ' + message if message else ''}; "
               "ending the job", file=sys.stderr, flush=True)
-        comm.Abort(code or 1)
+        _abort(comm, code or 1)
+
+
+#: how long a failing rank waits between saying why and MPI_Abort (seconds)
+ABORT_GRACE = 0.2
+
+
+def _abort(comm, code: int) -> None:
+    """MPI_Abort, after a moment for the launcher to pass on what this rank just
+    wrote: under load, mpiexec (MPICH's hydra) tore the job down with the
+    message still unforwarded (once in a full test run)."""
+    import time
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE)
+    comm.Abort(code)
 
 
 # -- the data sets of `structc train` ------------------------------------------------
