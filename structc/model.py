@@ -832,8 +832,11 @@ class Net:
         return f"<structc.Net {self.name}({ins}); {n} parameters>"
 
 
+#: float32's smallest normal number: Adam's eps is at least this, since its denominator
+#: sqrt(v) + eps must not be 0 where v has underflowed (native code flushes subnormals)
+_F32_TINY = 1.1754943508222875e-38
 _HYPER_RANGES = {"lr": (0.0, None), "momentum": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0),
-                 "eps": (0.0, None), "weight_decay": (0.0, None), "clip_norm": (0.0, None)}
+                 "eps": (_F32_TINY, None), "weight_decay": (0.0, None), "clip_norm": (0.0, None)}
 
 
 def _dropout_key(seed) -> np.ndarray:
@@ -861,8 +864,8 @@ _F32_OVERFLOW = 3.4028235677973366e38
 
 def _hyper_value(name: str, value) -> float:
     """A hyper-parameter as a float that is finite in float32 (what native code
-    reads) and within its range: lr, eps, weight_decay >= 0; momentum and
-    betas in [0, 1)."""
+    reads) and within its range: lr, weight_decay >= 0; eps at least float32's
+    smallest normal number; momentum and betas in [0, 1)."""
     if value.__class__ is not float and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     v = float(value)
@@ -870,7 +873,9 @@ def _hyper_value(name: str, value) -> float:
     finite = abs(v) < _F32_OVERFLOW
     if not finite or v < low or (high is not None and v >= high):
         where = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
-        raise ValueError(f"{name} must be a finite float32 number {where}, got {value!r}")
+        why = (" (Adam divides by sqrt(v) + eps, and a v that underflows is 0 in native code)"
+               if name == "eps" else "")
+        raise ValueError(f"{name} must be a finite float32 number {where}, got {value!r}{why}")
     return v
 
 

@@ -189,3 +189,38 @@ def test_max_aggregation_and_readout_propagate_nan():
     out = net(g=Graph([[0, 1, 0], [2, 2, 1]], num_nodes=3, x=x))
     np.testing.assert_array_equal(out["a"], [[0, 0], [3, 1], [np.nan, 1]])
     np.testing.assert_array_equal(out["r"], [[np.nan, 1]])
+
+
+TINY = np.float32(2e-38)        # normal; half of it is not
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_results_below_the_smallest_normal_float_are_zero(threads):
+    """Native code flushes subnormal results to 0 (as XLA does on CPU), on the
+    caller and on the pool's workers alike: underflowing values must not turn
+    every later instruction into a microcode assist. numpy, run by the same
+    thread before and after the call, keeps its subnormals."""
+    import structc
+    from structc import _runtime
+    net = structc.compile("model M { input x: f32[N]\n output y = x * 0.5 }")
+    x = np.full(1 << 22, TINY, np.float32)            # enough work for the pool
+    assert TINY * np.float32(0.5) > 0
+    was = structc.get_num_threads()
+    structc.set_num_threads(threads)
+    try:
+        before = _runtime.handoffs()
+        y = net(x=x)
+        pooled = _runtime.handoffs() - before
+    finally:
+        structc.set_num_threads(was)
+    assert (pooled > 0) == (threads > 1)
+    np.testing.assert_array_equal(y, 0.0)
+    assert TINY * np.float32(0.5) > 0, "the flush leaked into the caller's numpy"
+    np.testing.assert_array_equal(net(x=np.array([4 * TINY], np.float32)), [2 * TINY])   # normal: exact
+
+
+def test_subnormal_inputs_are_read_as_they_are():
+    """Flush-to-zero only: a subnormal input is not taken for 0 (no DAZ)."""
+    x = np.array([1e-40, -3e-42], np.float32)
+    got = run("model M { input x: f32[N]\n output y = x * 65536.0 }", x=x)["y"]
+    np.testing.assert_array_equal(got, x * np.float32(65536.0))

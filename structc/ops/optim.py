@@ -127,17 +127,6 @@ def _imax(cg, a, b):
     return cg.b.select(cg.b.icmp_signed(">", a, b), a, b)
 
 
-def _flushed(cg, x, when=None):
-    """x, with subnormal lanes made 0 (where `when`; NaN stays NaN). A moment whose
-    gradient stays 0 decays into the subnormals and sticks there (0.9 * 4 * 2^-149
-    rounds back to 4 * 2^-149), and every later update of it then costs microcode
-    assists on x86: the GNN's Adam update took 23 us instead of 5.5. Its share of a
-    step, lr m / (sqrt(v) + eps), is far below a float32 parameter's last bit, so
-    flushing it changes no parameter of normal magnitude."""
-    tiny = cg.lt(cg.abs(x), cg.const(1.17549435e-38, x))
-    return cg.select(tiny if when is None else cg.b.and_(tiny, when), cg.const(0.0, x), x)
-
-
 def _apply(cg, rule, j, n, params, grads, state, h, one, size, decay, mask=None):
     """The rule on elements [j, j + n) (the lanes of `mask` only: the others read 0, stored
     nowhere); `decay`: the weight decay of these elements (a vector of n)."""
@@ -146,16 +135,13 @@ def _apply(cg, rule, j, n, params, grads, state, h, one, size, decay, mask=None)
     if rule == "sgd":
         p = cg.sub(p, cg.mul(h[LR], g))
     elif rule == "momentum":
-        v = _flushed(cg, cg.fma(h[MOMENTUM], cg.load(state, j, n=n, mask=mask), g))
+        v = cg.fma(h[MOMENTUM], cg.load(state, j, n=n, mask=mask), g)
         cg.store(v, state, j, mask=mask)
         p = cg.sub(p, cg.mul(h[LR], v))
     else:
         j2 = cg.iadd(j, size)
         m = cg.fma(h[BETA1], cg.load(state, j, n=n, mask=mask), cg.mul(cg.sub(one, h[BETA1]), g))
         v = cg.fma(h[BETA2], cg.load(state, j2, n=n, mask=mask), cg.mul(cg.sub(one, h[BETA2]), cg.mul(g, g)))
-        # v too, unless eps is 0: a flushed v under a normal m would divide by 0 there;
-        # with eps >= 6e-11 a subnormal v's sqrt (<= 3.4e-18 scaled) is below eps's last bit
-        m, v = _flushed(cg, m), _flushed(cg, v, cg.gt(h[EPS], cg.const(0.0, h[EPS])))
         cg.store(m, state, j, mask=mask)
         cg.store(v, state, j2, mask=mask)
         # PyTorch's form: lr / (1 - β1^t) · m / (√v / √(1 - β2^t) + ε)
