@@ -645,7 +645,7 @@ class Net:
                 return MODES["none"], None
             ran = plan.train(given, dims, before)
             if ran is not None:
-                return float(ran[0]["loss"]), self.loss_denominator(self._array_dims(given, dims), inputs)
+                return float(ran[0]["loss"]), self.loss_denominator(self._denominator_dims(given, dims), inputs)
         dims = {}
         outs, _ = self._run("train", inputs, MODES["none"], before=self._next_dropout_step, dims_out=dims)
         return float(outs["loss"]), self.loss_denominator(dims, inputs)
@@ -662,6 +662,13 @@ class Net:
         for binder in self._binders:
             given = binder.expand(given, dims)
         return given, dims
+
+    def _denominator_dims(self, given: Mapping[str, object], dims: dict) -> dict:
+        """`dims`, with the array inputs' sizes too unless the loss denominator's dims
+        are all there already (a forest's trees, a graph batch's graphs: the binders
+        bound them), which saves reading every input's shape on each step."""
+        needed = (self.meta.get("loss_denominator") or {}).get("dims", ())
+        return dims if all(d in dims for d in needed) else self._array_dims(given, dims)
 
     def _array_dims(self, given: Mapping[str, object], dims: dict) -> dict:
         """`dims` (a binder's sizes) and the symbols the training entry's array inputs
