@@ -27,8 +27,8 @@ class TreeDataset:
     def __init__(self, name: str, train: list, test: list, vocab: dict, description: str = ""):
         """`train`, `test`: bracketed trees, or `Forest`s already parsed with `vocab`'s ids."""
         self.name, self.vocab, self.description = name, vocab, description
-        self.train = [_parsed(t, vocab) for t in train]
-        self.test = [_parsed(t, vocab) for t in test]
+        self.train = _parsed(train, vocab)
+        self.test = _parsed(test, vocab)
         self.forest = self.root_target = self.node_target = self.output = None
         self._pool: ForestPool | None = None
         self._held_out: tuple | None = None     # (the forests, batch, their batches joined): `held_out_batches`
@@ -121,8 +121,13 @@ def _same(kept: list, now: list) -> bool:
     return len(kept) == len(now) and all(map(operator.is_, kept, now))
 
 
-def _parsed(tree, vocab) -> Forest:
-    return tree if isinstance(tree, Forest) else Forest.from_brackets(tree, vocab)
+def _parsed(trees: list, vocab) -> list[Forest]:
+    """Each of `trees` a Forest: the strings parsed together (`Forest.each_from_brackets`)."""
+    trees = list(trees)
+    texts = [k for k, t in enumerate(trees) if not isinstance(t, Forest)]
+    for k, f in zip(texts, Forest.each_from_brackets([trees[k] for k in texts], vocab)):
+        trees[k] = f
+    return trees
 
 
 def load_logic() -> TreeDataset:

@@ -115,6 +115,59 @@ def test_brackets_tuples_and_arrays_agree():
     assert a.children[a.roots[0]].tolist() == [0, 1] and a.words.tolist() == [0, 1]
 
 
+def _bracketed(rng, depth: int) -> str:
+    """A random tree in treebank form: labels optional, leaves bare or labelled, 1-4 children."""
+    label = f"{int(rng.integers(5))} " if rng.random() < 0.7 else ""
+    if depth == 0 or rng.random() < 0.3:
+        word = f"w{int(rng.integers(6))}"
+        return f"({label}{word})" if label and rng.random() < 0.5 else word
+    kids = " ".join(_bracketed(rng, depth - 1) for _ in range(int(rng.integers(1, 5))))
+    return f"({label}{kids})"
+
+
+def _same_forest(a: Forest, b: Forest) -> None:
+    for k in Forest.__slots__:
+        x, y = getattr(a, k), getattr(b, k)
+        if k == "_bound":
+            continue
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            assert x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y), k
+            assert not y.flags.writeable, k
+        else:
+            assert x == y, k
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(1, 12))
+def test_each_from_brackets_is_from_brackets_of_each(seed, count):
+    """Parsed together, each string gives the very forest it gives alone (a data set's
+    lines are parsed this way), concatenated and pickled alike."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    vocab = Vocab.build([f"w{k}" for k in range(6)])
+    texts = []
+    for _ in range(count):
+        trees = [_bracketed(rng, int(rng.integers(0, 5))) for _ in range(int(rng.integers(1, 3)))]
+        texts.append(" ".join(t if t.startswith("(") else f"({t})" for t in trees))
+    each = Forest.each_from_brackets(texts, vocab)
+    alone = [Forest.from_brackets(t, vocab) for t in texts]
+    for a, b in zip(alone, each, strict=True):
+        _same_forest(a, b)
+    _same_forest(Forest.concat(alone), Forest.concat(each))
+    _same_forest(pickle.loads(pickle.dumps(each[-1])), alone[-1])
+
+
+def test_each_from_brackets_names_the_bad_string():
+    vocab = {"a": 0}
+    assert Forest.each_from_brackets([], vocab) == []
+    with pytest.raises(ValueError, match=r"tree 2: unbalanced brackets"):
+        Forest.each_from_brackets(["(1 a)", "(0 a a)", "(1 (2 a)"], vocab)
+    with pytest.raises(ValueError, match=r"tree 1: a forest needs at least one tree"):
+        Forest.each_from_brackets(["(1 a)", "  "], vocab)
+    with pytest.raises(ValueError, match=r"tree 0: expected a bracketed string"):
+        Forest.each_from_brackets([("a", "a")], vocab)
+
+
 def test_concat_equals_building_at_once():
     rng = np.random.default_rng(0)
     trees = [random_tree(rng, int(rng.integers(1, 9)), 7, arity=3) for _ in range(12)]
