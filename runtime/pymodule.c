@@ -321,6 +321,12 @@ static PyObject *set_backoff(PyObject *self, PyObject *arg) {
     return PyLong_FromLong(sc_set_backoff((int)mode));
 }
 
+static PyObject *set_adaptive(PyObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    return PyBool_FromLong(sc_set_adaptive(on));
+}
+
 static PyObject *debug_stall_worker(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_stall_worker); }
 
 static PyObject *debug_stall_caller(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_stall_caller); }
@@ -832,6 +838,8 @@ static PyMethodDef methods[] = {
     {"stalls", stalls, METH_NOARGS, "stalls() -> long waits for a preempted worker (each starts a back-off)"},
     {"debug_stall_worker", debug_stall_worker, METH_O,
      "debug_stall_worker(ns): the next pooled job's worker sleeps ns in its first chunk (tests)"},
+    {"set_adaptive", set_adaptive, METH_O,
+     "set_adaptive(on) -> previous: entries of moderate work run serial or pooled, whichever measured faster"},
     {"set_backoff", set_backoff, METH_O,
      "set_backoff(mode) -> previous: back off after stalls (1), preempted callers (2), both (3), never (0)"},
     {"preemptions", preemptions, METH_NOARGS, "preemptions() -> entries' windows whose caller was preempted too long"},

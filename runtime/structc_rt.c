@@ -330,6 +330,114 @@ static int64_t thread_cpu_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* -- serial or pooled, as measured -----------------------------------------
+ * An entry of moderate work (ENTRY_SERIAL_WORK up to ADAPT_MAX_WORK) may run
+ * faster on the caller alone: on an Intel Xeon the digits MLP's step at a
+ * batch of 32 took 28 us on one thread and 54 us on two (each job's
+ * hand-off, and parameters and activations crossing between the cores),
+ * though its work is well past ENTRY_SERIAL_WORK. So each such entry, per
+ * size (work in quarter-octave bands), is measured: after ADAPT_WARM pooled
+ * calls, a block of pooled calls then a block of serial ones, each block's
+ * first untimed; it then runs serially if its serial calls were clearly
+ * faster (5%, the middle two of each way's four) than its pooled ones,
+ * until it is measured again ADAPT_PERIOD calls later. Who runs a task never
+ * changes its result, so this changes no number. Per thread: a slot is the
+ * entry (its return address here) and the band. STRUCTC_ADAPT=0 (or
+ * sc_set_adaptive(0)) turns it off: every such entry uses the pool. */
+#define ADAPT_MAX_WORK (1LL << 26)   /* entries with more work always use the pool */
+#define ADAPT_SLOTS 64
+#define ADAPT_WARM 3
+#define ADAPT_PROBES 4                /* timed calls each way, */
+#define ADAPT_BLOCK (ADAPT_PROBES + 1) /* after one untimed */
+#define ADAPT_PERIOD 4096
+
+typedef struct {
+    uintptr_t entry;              /* 0: empty */
+    int32_t band;
+    int32_t serial;               /* the decision: 1 serial, 0 pooled */
+    uint32_t calls;
+    int64_t ns[2][ADAPT_PROBES];  /* this round's pooled [0] and serial [1] calls' times */
+} adapt_t;
+
+static _Atomic int adaptive = -1;           /* STRUCTC_ADAPT (default on), or sc_set_adaptive's */
+static _Thread_local adapt_t adapt_slots[ADAPT_SLOTS];
+static _Thread_local adapt_t *adapt_probe = NULL;   /* the outermost entry being timed, or NULL */
+static _Thread_local int adapt_probe_serial = 0;
+static _Thread_local int64_t adapt_probe_t0 = 0;
+
+int sc_set_adaptive(int on) {
+    int before = atomic_exchange(&adaptive, on ? 1 : 0);
+    memset(adapt_slots, 0, sizeof adapt_slots);     /* this thread measures again */
+    return before < 0 ? 1 : before;
+}
+
+static int adaptive_on(void) {
+    int on = atomic_load_explicit(&adaptive, memory_order_relaxed);
+    if (on < 0) {
+        const char *env = getenv("STRUCTC_ADAPT");
+        on = !(env && env[0] == '0');
+        atomic_store_explicit(&adaptive, on, memory_order_relaxed);
+    }
+    return on;
+}
+
+/* work's band: 4 per octave */
+static int32_t work_band(int64_t work) {
+    if (work < 1) return 0;
+    int32_t octave = 63 - __builtin_clzll((unsigned long long)work);
+    int32_t quarter = octave >= 2 ? (int32_t)((work >> (octave - 2)) & 3) : 0;
+    return octave * 4 + quarter;
+}
+
+/* Whether this outermost entry (work above ENTRY_SERIAL_WORK) runs serially;
+ * starts a probe's clock when it is one. */
+static int adapt_begin(uintptr_t entry, int64_t work) {
+    adapt_probe = NULL;
+    if (work >= ADAPT_MAX_WORK || wanted <= 1 || !adaptive_on()) return 0;
+    int32_t band = work_band(work);
+    adapt_t *a = &adapt_slots[((entry >> 4) ^ ((uintptr_t)band * 0x9E3779B1u)) % ADAPT_SLOTS];
+    if (a->entry != entry || a->band != band) {
+        a->entry = entry;
+        a->band = band;
+        a->serial = 0;
+        a->calls = 0;
+    }
+    uint32_t phase = a->calls++ % ADAPT_PERIOD;
+    if (phase < ADAPT_WARM || phase >= ADAPT_WARM + 2 * ADAPT_BLOCK) return a->serial;
+    /* a block of pooled calls, then one of serial calls: alternating calls would time
+     * each with the other way's data placement (a serial call after a pooled one
+     * finds half its data in the other core's cache); a block's first is not timed */
+    int serial = (phase - ADAPT_WARM) / ADAPT_BLOCK;
+    if ((phase - ADAPT_WARM) % ADAPT_BLOCK != 0) {
+        adapt_probe = a;
+        adapt_probe_serial = serial;
+        adapt_probe_t0 = now_ns();
+    }
+    return serial;
+}
+
+/* The sum of the middle two of four times: a probe's typical call, not its luckiest. */
+static int64_t middle_two(const int64_t *t) {
+    int64_t lo = t[0], hi = t[0], sum = 0;
+    for (int k = 0; k < ADAPT_PROBES; k++) {
+        sum += t[k];
+        if (t[k] < lo) lo = t[k];
+        if (t[k] > hi) hi = t[k];
+    }
+    return sum - lo - hi;
+}
+
+/* A probe's time; after the last one of a round, the decision. */
+static void adapt_end(void) {
+    adapt_t *a = adapt_probe;
+    if (!a) return;
+    adapt_probe = NULL;
+    uint32_t phase = (a->calls - 1) % ADAPT_PERIOD - ADAPT_WARM;
+    a->ns[adapt_probe_serial][phase % ADAPT_BLOCK - 1] = now_ns() - adapt_probe_t0;
+    if (phase == 2 * ADAPT_BLOCK - 1)
+        a->serial = middle_two(a->ns[1]) * 20 < middle_two(a->ns[0]) * 19;
+}
+
 /* Outermost entries of this thread since the last judgement: wall and CPU time. */
 static _Thread_local int64_t window_wall = 0, window_cpu = 0, entry_wall0 = 0, entry_cpu0 = 0;
 static _Thread_local int entry_timed = 0;
@@ -359,7 +467,8 @@ int32_t sc_entry_begin(int64_t work) {
         entry_calls++;
         fp_mode_before = fp_mode_get();
         if (!(fp_mode_before & FP_FLUSH) && FP_FLUSH) fp_mode_set(fp_mode_before | FP_FLUSH);
-        if (work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK)) {
+        if (work < threshold(&entry_serial_work, "STRUCTC_ENTRY_SERIAL_WORK", ENTRY_SERIAL_WORK)
+            || adapt_begin((uintptr_t)__builtin_return_address(0), work)) {
             serial_entry = 1;
         } else if (wanted > 1 && (work >= ALWAYS_TIMED_WORK || ++entry_count % SAMPLE_ENTRIES == 0)) {
             /* an entry that may use the pool: is its caller preempted? */
@@ -372,7 +481,10 @@ int32_t sc_entry_begin(int64_t work) {
 }
 
 void sc_entry_end(int32_t outer) {
-    if (entry_depth == 1 && fp_mode_differs(fp_mode_get(), fp_mode_before)) fp_mode_set(fp_mode_before);
+    if (entry_depth == 1) {
+        adapt_end();
+        if (fp_mode_differs(fp_mode_get(), fp_mode_before)) fp_mode_set(fp_mode_before);
+    }
     if (--entry_depth == 0 && entry_timed) {
         entry_timed = 0;
         if (atomic_load_explicit(&debug_caller_ns, memory_order_relaxed) > 0) debug_stall(&debug_caller_ns);

@@ -64,6 +64,10 @@ uint64_t sc_backoff_jobs(void);
 #define SC_BACKOFF_STALLS 1
 #define SC_BACKOFF_PREEMPTED 2
 int sc_set_backoff(int mode);
+/* Whether entries of moderate work are measured serial against pooled and run
+ * the faster way (default on; STRUCTC_ADAPT=0 turns it off). Forgets this
+ * thread's measurements. Returns the previous setting. */
+int sc_set_adaptive(int on);
 uint64_t sc_stalls(void);
 uint64_t sc_preemptions(void);
 void sc_debug_stall_worker(int64_t ns);

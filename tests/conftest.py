@@ -15,6 +15,9 @@ else:
 # Tests compare 1 and 2 threads: on a loaded machine the pool's back-off would
 # run the 2-thread side on one thread and check nothing. Its own tests turn it on.
 os.environ.setdefault("STRUCTC_BACKOFF", "0")
+# Likewise entries of moderate work measured serial against pooled: tests count the
+# pool's jobs and compare thread counts. Its own tests turn it on.
+os.environ.setdefault("STRUCTC_ADAPT", "0")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -399,6 +399,52 @@ def test_a_preempted_caller_makes_the_pool_back_off(backoff):
     assert_as_on_one_thread(net, {"x": x, "y": y}, losses)
 
 
+ADAPT_PERIOD = 4096     # runtime/structc_rt.c: an entry is measured again this many calls later
+
+
+@pytest.fixture
+def adaptive():
+    """Entries of moderate work measured serial against pooled (off in tests, conftest.py)."""
+    before = _runtime.set_adaptive(True)
+    try:
+        yield
+    finally:
+        _runtime.debug_stall_worker(0)
+        _runtime.set_adaptive(before)
+
+
+def test_an_entry_the_pool_slows_down_runs_on_the_caller(adaptive):
+    """An entry of moderate work is timed pooled (3 calls, then a block of 5) and
+    serial (a block of 5): here each pooled call's worker sleeps 2 ms in its chunk,
+    so the entry then runs on the caller, handing off no job, with the same results
+    as one thread, until it is measured again. Turned off, it uses the pool again."""
+    net = structc.compile(WIDE, seed=0)
+    x, y = wide_batch(64)                        # above ENTRY_SERIAL_WORK, below ADAPT_MAX_WORK
+    structc.set_num_threads(2)
+    net.init_params(0)
+    losses = []
+    for _ in range(8):
+        _runtime.debug_stall_worker(2_000_000)
+        _, per_call = handed_off(lambda: losses.append(net.train_step(x=x, y=y, lr=0.05)))
+        assert per_call > 0, "a call before the serial block did not use the pool"
+    _runtime.debug_stall_worker(0)
+    for _ in range(5):
+        _, jobs = handed_off(lambda: losses.append(net.train_step(x=x, y=y, lr=0.05)))
+        assert jobs == 0, "the serial block used the pool"
+    _, jobs = handed_off(lambda: losses.extend(net.train_step(x=x, y=y, lr=0.05) for _ in range(20)))
+    assert jobs == 0, f"{jobs} jobs handed off after the pooled calls measured slower"
+    # measured again ADAPT_PERIOD calls after the first: its 3 first calls as decided
+    # (serial), then a block of 5 pooled ones
+    _, again = handed_off(lambda: losses.extend(net.train_step(x=x, y=y, lr=0.05)
+                                                 for _ in range(ADAPT_PERIOD + 3 + 5 - 33)))
+    assert 0 < again <= 5 * per_call, f"{again} jobs while measuring again ({per_call} a pooled call)"
+    assert_as_on_one_thread(net, {"x": x, "y": y}, losses)
+    structc.set_num_threads(2)
+    _runtime.set_adaptive(False)
+    _, jobs = handed_off(lambda: net.train_step(x=x, y=y, lr=0.05))
+    assert jobs > 0, "turned off, the entry still ran on the caller"
+
+
 @pytest.mark.skipif(__import__("shutil").which("cc") is None and __import__("shutil").which("gcc") is None,
                     reason="no C compiler")
 def test_the_pool_runs_every_task_once_and_each_thread_starts_on_its_share(tmp_path):
