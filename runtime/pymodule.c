@@ -331,6 +331,8 @@ static PyObject *debug_stall_worker(PyObject *self, PyObject *arg) { return arm_
 
 static PyObject *debug_stall_caller(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_stall_caller); }
 
+static PyObject *debug_adapt_pooled(PyObject *self, PyObject *arg) { return arm_stall(arg, sc_debug_adapt_pooled); }
+
 /* debug_hold_backoff(flag): a started back-off lasts until released (tests). */
 static PyObject *debug_hold_backoff(PyObject *self, PyObject *arg) {
     int hold = PyObject_IsTrue(arg);
@@ -838,6 +840,8 @@ static PyMethodDef methods[] = {
     {"stalls", stalls, METH_NOARGS, "stalls() -> long waits for a preempted worker (each starts a back-off)"},
     {"debug_stall_worker", debug_stall_worker, METH_O,
      "debug_stall_worker(ns): the next pooled job's worker sleeps ns in its first chunk (tests)"},
+    {"debug_adapt_pooled", debug_adapt_pooled, METH_O,
+     "debug_adapt_pooled(ns): tests: each timed pooled call of an entry being measured counts ns longer"},
     {"set_adaptive", set_adaptive, METH_O,
      "set_adaptive(on) -> previous: entries of moderate work run serial or pooled, whichever measured faster"},
     {"set_backoff", set_backoff, METH_O,

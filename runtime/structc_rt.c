@@ -235,6 +235,18 @@ static int64_t threshold(_Atomic int64_t *cached, const char *name, int64_t fall
     return w;
 }
 
+/* `*cached` (a switch: 1 on, 0 off), or the environment's `name` read into it:
+ * on unless it is "0". */
+static int env_switch(_Atomic int *cached, const char *name) {
+    int on = atomic_load_explicit(cached, memory_order_relaxed);
+    if (on < 0) {
+        const char *env = getenv(name);
+        on = !(env && env[0] == '0');
+        atomic_store_explicit(cached, on, memory_order_relaxed);
+    }
+    return on;
+}
+
 static int64_t serial_threshold(void) { return threshold(&serial_work, "STRUCTC_SERIAL_WORK", SERIAL_WORK); }
 
 static _Atomic int64_t worker_spin = -1;   /* WORKER_SPIN_ROUNDS or STRUCTC_WORKER_SPIN, once read */
@@ -364,6 +376,7 @@ static _Thread_local adapt_t adapt_slots[ADAPT_SLOTS];
 static _Thread_local adapt_t *adapt_probe = NULL;   /* the outermost entry being timed, or NULL */
 static _Thread_local int adapt_probe_serial = 0;
 static _Thread_local int64_t adapt_probe_t0 = 0;
+static _Atomic int64_t debug_pooled_ns = 0; /* tests: added to every timed pooled call */
 
 int sc_set_adaptive(int on) {
     int before = atomic_exchange(&adaptive, on ? 1 : 0);
@@ -371,15 +384,9 @@ int sc_set_adaptive(int on) {
     return before < 0 ? 1 : before;
 }
 
-static int adaptive_on(void) {
-    int on = atomic_load_explicit(&adaptive, memory_order_relaxed);
-    if (on < 0) {
-        const char *env = getenv("STRUCTC_ADAPT");
-        on = !(env && env[0] == '0');
-        atomic_store_explicit(&adaptive, on, memory_order_relaxed);
-    }
-    return on;
-}
+void sc_debug_adapt_pooled(int64_t ns) { atomic_store(&debug_pooled_ns, ns); }
+
+static int adaptive_on(void) { return env_switch(&adaptive, "STRUCTC_ADAPT"); }
 
 /* work's band: 4 per octave */
 static int32_t work_band(int64_t work) {
@@ -433,7 +440,8 @@ static void adapt_end(void) {
     if (!a) return;
     adapt_probe = NULL;
     uint32_t phase = (a->calls - 1) % ADAPT_PERIOD - ADAPT_WARM;
-    a->ns[adapt_probe_serial][phase % ADAPT_BLOCK - 1] = now_ns() - adapt_probe_t0;
+    int64_t extra = adapt_probe_serial ? 0 : atomic_load_explicit(&debug_pooled_ns, memory_order_relaxed);
+    a->ns[adapt_probe_serial][phase % ADAPT_BLOCK - 1] = now_ns() - adapt_probe_t0 + extra;
     if (phase == 2 * ADAPT_BLOCK - 1)
         a->serial = middle_two(a->ns[1]) * 20 < middle_two(a->ns[0]) * 19;
 }
@@ -703,15 +711,7 @@ int sc_set_forest_split(int on) {
     return before < 0 ? 1 : before;
 }
 
-static int forest_split_on(void) {
-    int on = atomic_load_explicit(&forest_split, memory_order_relaxed);
-    if (on < 0) {
-        const char *env = getenv("STRUCTC_FOREST_SPLIT");
-        on = !(env && env[0] == '0');
-        atomic_store_explicit(&forest_split, on, memory_order_relaxed);
-    }
-    return on;
-}
+static int forest_split_on(void) { return env_switch(&forest_split, "STRUCTC_FOREST_SPLIT"); }
 
 const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
                                const int32_t *roots, int64_t trees, int64_t nodes, int64_t *parts) {

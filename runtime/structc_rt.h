@@ -68,6 +68,8 @@ int sc_set_backoff(int mode);
  * the faster way (default on; STRUCTC_ADAPT=0 turns it off). Forgets this
  * thread's measurements. Returns the previous setting. */
 int sc_set_adaptive(int on);
+/* Tests: every timed pooled call of an entry being measured counts this much longer. */
+void sc_debug_adapt_pooled(int64_t ns);
 uint64_t sc_stalls(void);
 uint64_t sc_preemptions(void);
 void sc_debug_stall_worker(int64_t ns);

@@ -409,25 +409,24 @@ def adaptive():
     try:
         yield
     finally:
-        _runtime.debug_stall_worker(0)
+        _runtime.debug_adapt_pooled(0)
         _runtime.set_adaptive(before)
 
 
 def test_an_entry_the_pool_slows_down_runs_on_the_caller(adaptive):
     """An entry of moderate work is timed pooled (3 calls, then a block of 5) and
-    serial (a block of 5): here each pooled call's worker sleeps 2 ms in its chunk,
-    so the entry then runs on the caller, handing off no job, with the same results
-    as one thread, until it is measured again. Turned off, it uses the pool again."""
+    serial (a block of 5): here each timed pooled call counts 2 ms longer, so the
+    entry then runs on the caller, handing off no job, with the same results as one
+    thread, until it is measured again. Turned off, it uses the pool again."""
     net = structc.compile(WIDE, seed=0)
     x, y = wide_batch(64)                        # above ENTRY_SERIAL_WORK, below ADAPT_MAX_WORK
     structc.set_num_threads(2)
     net.init_params(0)
     losses = []
+    _runtime.debug_adapt_pooled(2_000_000)
     for _ in range(8):
-        _runtime.debug_stall_worker(2_000_000)
         _, per_call = handed_off(lambda: losses.append(net.train_step(x=x, y=y, lr=0.05)))
         assert per_call > 0, "a call before the serial block did not use the pool"
-    _runtime.debug_stall_worker(0)
     for _ in range(5):
         _, jobs = handed_off(lambda: losses.append(net.train_step(x=x, y=y, lr=0.05)))
         assert jobs == 0, "the serial block used the pool"
