@@ -256,3 +256,18 @@ def test_many_calls_do_not_grow_memory():
         net(x=x)
         net.train_step(x=x, y=y, lr=0.01)
     assert rss_kib() - before < 2048, "resident memory grew by more than 2 MiB over 100,000 calls"
+
+
+@needs_cc
+def test_a_shipped_library_flushes_subnormal_results_too(tmp_path):
+    """The library carries its own copy of the runtime: its entries flush results
+    below float32's smallest normal number to 0 as the JIT's do, and leave the
+    caller's numpy as it was."""
+    src = tmp_path / "half.snet"
+    src.write_text("model Half { input x: f32[N]\n output y = x * 0.5 }\n")
+    assert main(["compile", str(src), "-o", str(tmp_path / "half.so"), "--target-cpu", "x86-64-v3"]) == 0
+    net = structc.load(tmp_path / "half.so")
+    tiny = np.float32(2e-38)
+    np.testing.assert_array_equal(net(x=np.full(4, tiny, np.float32)), 0.0)
+    np.testing.assert_array_equal(net(x=np.array([4 * tiny], np.float32)), [2 * tiny])
+    assert tiny * np.float32(0.5) > 0, "the flush leaked into the caller's numpy"
