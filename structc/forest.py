@@ -288,78 +288,48 @@ class Forest:
         once (a data set's thousands of one-tree lines: building each forest
         alone was two thirds of the time). A string may hold several trees."""
         texts = list(texts)
-        acc, node_end = _Parsed(), []
-        for k, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ValueError(f"tree {k}: expected a bracketed string, got {type(t).__name__}")
-            before = acc.trees
-            _parse_brackets(t, vocab, k, acc)
-            if acc.trees == before:
-                raise ValueError(f"tree {k}: a forest needs at least one tree")
-            node_end.append(len(acc.words))
         if not texts:
             return []
-        n, ends = len(acc.words), np.array(node_end, np.int64)
+        acc, ends = _parse_each(texts, vocab)
+        n, count = len(acc.words), len(texts)
         starts = np.concatenate([[0], ends[:-1]])
-        text_of = np.repeat(np.arange(len(texts)), ends - starts)
+        text_of = np.repeat(np.arange(count), ends - starts)
         height, tree_of = np.array(acc.height, np.int64), np.array(acc.tree_of, np.int64)
         words, labels = np.array(acc.words, np.int64), np.array(acc.labels, np.int64)
+        _check_int32(words, 0, "word ids")
+        _check_int32(labels, -1, "labels (-1 for none)")
         kids = np.array(acc.kids, np.int64).reshape(-1, 3)          # (parent, slot, child) rows
         # each string's arity, as from_brackets finds it: its widest node (1 for a lone leaf)
-        arity = np.ones(len(texts), np.int64)
+        arity = np.ones(count, np.int64)
         np.maximum.at(arity, text_of[kids[:, 0]], kids[:, 1] + 1)
         ch = np.full((n, int(arity.max())), -1, np.int64)
         ch[kids[:, 0], kids[:, 1]] = kids[:, 2]
-        _check_int32(words, 0, "word ids")
-        _check_int32(labels, -1, "labels (-1 for none)")
         # `_make`'s order (height, then tree, then node) within each string, strings in turn:
         # a string's nodes keep its own row range, so a node's row there is its rank less the start
         order = np.lexsort((np.arange(n), tree_of, height, text_of))
         pos = np.empty(n, np.int64)
         pos[order] = np.arange(n) - starts[text_of[order]]
-        sched = np.where(ch[order] >= 0, pos[np.maximum(ch[order], 0)], -1)
-        has_parent = np.zeros(n, bool)
-        has_parent[kids[:, 2]] = True
-        roots = pos[np.flatnonzero(~has_parent)]     # node order: a tree's root closes it, trees in turn
-        root_end = np.searchsorted(np.flatnonzero(~has_parent), ends)
-        root_start = np.concatenate([[0], root_end[:-1]])
-        levels = np.zeros(len(texts), np.int64)
+        children = np.where(ch[order] >= 0, pos[np.maximum(ch[order], 0)], -1)
+        root_nodes = np.flatnonzero(np.bincount(kids[:, 2], minlength=n) == 0)   # a tree's root closes it
+        root_end = np.searchsorted(root_nodes, ends)
+        levels = np.zeros(count, np.int64)
         np.maximum.at(levels, text_of, height + 1)
-        counts = np.zeros((len(texts), int(levels.max())), np.int64)
+        counts = np.zeros((count, int(levels.max())), np.int64)
         np.add.at(counts, (text_of, height), 1)
-        level_end, leaves = np.cumsum(counts, axis=1), counts[:, 0]
-        words_sched, leaf_of = words[order], text_of[order][height[order] == 0]
-        max_word = np.full(len(texts), -1, np.int64)
-        np.maximum.at(max_word, leaf_of, words_sched[height[order] == 0])
-        tree_sched = tree_of[order] - np.array(acc.tree_of, np.int64)[starts][text_of[order]]
-        fields = (sched, height[order], level_end, roots, tree_sched, words_sched, labels[order], pos)
-        # every forest's integer fields, in `_assemble`'s layout, in one sealed buffer
-        parts, lengths = [], []
+        level_end = np.cumsum(counts, axis=1)
+        leaf = height[order] == 0
+        words_sched = words[order]
+        max_word = np.full(count, -1, np.int64)
+        np.maximum.at(max_word, text_of[order][leaf], words_sched[leaf])
+        tree_sched = tree_of[order] - tree_of[starts][text_of[order]]
+        roots, height_sched, labels_sched = pos[root_nodes], height[order], labels[order]
+        fields = []                                  # each forest's, in `_INT_FIELDS` order
         for j, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
-            r0, r1, lv, nl = int(root_start[j]), int(root_end[j]), int(levels[j]), int(leaves[j])
-            got = (sched[a:b, :int(arity[j])], fields[1][a:b], level_end[j, :lv], roots[r0:r1],
-                   tree_sched[a:b], words_sched[a:a + nl], fields[6][a:b], pos[a:b])
-            parts.extend(got)
-            lengths.append([v.size for v in got])
-        flat = np.frombuffer(np.concatenate([v.reshape(-1) for v in parts], dtype=_I32, casting="unsafe").tobytes(),
-                             _I32)
-        forests, at = [], 0
-        for j, sizes in enumerate(lengths):
-            one = flat[at:at + sum(sizes)]
-            f, k = object.__new__(Forest), 0
-            for name, size in zip(_INT_FIELDS, sizes):
-                object.__setattr__(f, name, one[k:k + size])
-                k += size
-            object.__setattr__(f, "children", f.children.reshape(sizes[1], int(arity[j])))
-            for name in ("features", "node_words", "node_features"):
-                object.__setattr__(f, name, None)
-            object.__setattr__(f, "max_word", int(max_word[j]))
-            object.__setattr__(f, "_bound", {})
-            object.__setattr__(f, "_sizes", _SIZES.pack(*sizes, int(arity[j]), int(max_word[j])))
-            object.__setattr__(f, "_flat", one)
-            forests.append(f)
-            at += sum(sizes)
-        return forests
+            r0 = int(root_end[j - 1]) if j else 0
+            fields.append((children[a:b, :int(arity[j])], height_sched[a:b], level_end[j, :int(levels[j])],
+                           roots[r0:int(root_end[j])], tree_sched[a:b], words_sched[a:a + int(counts[j, 0])],
+                           labels_sched[a:b], pos[a:b]))
+        return _sealed_each(fields, arity.tolist(), max_word.tolist())
 
     @classmethod
     def concat(cls, forests: Sequence["Forest"]) -> "Forest":
@@ -626,6 +596,43 @@ def _assemble(**fields) -> Forest:
     for k, v in fields.items():
         object.__setattr__(f, k, v)
     return f
+
+
+def _parse_each(texts: list, vocab) -> tuple["_Parsed", np.ndarray]:
+    """Every string's trees into one accumulator; each string's end (its nodes)."""
+    acc, ends = _Parsed(), []
+    for k, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"tree {k}: expected a bracketed string, got {type(t).__name__}")
+        before = acc.trees
+        _parse_brackets(t, vocab, k, acc)
+        if acc.trees == before:
+            raise ValueError(f"tree {k}: a forest needs at least one tree")
+        ends.append(len(acc.words))
+    return acc, np.array(ends, np.int64)
+
+
+def _sealed_each(fields: list, arity: list, max_word: list) -> list[Forest]:
+    """Forests of word leaves from their integer fields (each forest's in
+    `_INT_FIELDS` order, checked to fit int32), all sealed in one buffer laid
+    out as `_assemble` lays out one forest's."""
+    flat = np.concatenate([v.reshape(-1) for one in fields for v in one], dtype=_I32, casting="unsafe")
+    flat = np.frombuffer(flat.tobytes(), _I32)
+    forests, at = [], 0
+    for one, a, top in zip(fields, arity, max_word):
+        sizes = [v.size for v in one]
+        mine = flat[at:at + sum(sizes)]
+        f, k = object.__new__(Forest), 0
+        for name, size in zip(_INT_FIELDS, sizes):
+            object.__setattr__(f, name, mine[k:k + size])
+            k += size
+        object.__setattr__(f, "children", f.children.reshape(sizes[1], a))
+        for name, value in (("features", None), ("node_words", None), ("node_features", None), ("max_word", top),
+                            ("_bound", {}), ("_sizes", _SIZES.pack(*sizes, a, top)), ("_flat", mine)):
+            object.__setattr__(f, name, value)
+        forests.append(f)
+        at += sum(sizes)
+    return forests
 
 
 def _max_word(words, node_words) -> int:
