@@ -378,15 +378,16 @@ static _Thread_local int adapt_probe_serial = 0;
 static _Thread_local int64_t adapt_probe_t0 = 0;
 static _Atomic int64_t debug_pooled_ns = 0; /* tests: added to every timed pooled call */
 
+static int adaptive_on(void) { return env_switch(&adaptive, "STRUCTC_ADAPT"); }
+
 int sc_set_adaptive(int on) {
-    int before = atomic_exchange(&adaptive, on ? 1 : 0);
+    int before = adaptive_on();                     /* the environment's, if not set yet */
+    atomic_store(&adaptive, on ? 1 : 0);
     memset(adapt_slots, 0, sizeof adapt_slots);     /* this thread measures again */
-    return before < 0 ? 1 : before;
+    return before;
 }
 
 void sc_debug_adapt_pooled(int64_t ns) { atomic_store(&debug_pooled_ns, ns); }
-
-static int adaptive_on(void) { return env_switch(&adaptive, "STRUCTC_ADAPT"); }
 
 /* work's band: 4 per octave */
 static int32_t work_band(int64_t work) {
@@ -706,12 +707,13 @@ static int64_t forest_cuts(const int32_t *children, int64_t arity, const int32_t
                            const int32_t *roots, int64_t trees, int64_t nodes, int64_t want,
                            int32_t *tree, int64_t *weight, int64_t *cuts);
 
-int sc_set_forest_split(int on) {
-    int before = atomic_exchange(&forest_split, on ? 1 : 0);
-    return before < 0 ? 1 : before;
-}
-
 static int forest_split_on(void) { return env_switch(&forest_split, "STRUCTC_FOREST_SPLIT"); }
+
+int sc_set_forest_split(int on) {
+    int before = forest_split_on();                 /* the environment's, if not set yet */
+    atomic_store(&forest_split, on ? 1 : 0);
+    return before;
+}
 
 const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
                                const int32_t *roots, int64_t trees, int64_t nodes, int64_t *parts) {

@@ -1,4 +1,7 @@
 """Calls from several Python threads give exactly what the same calls give one after another."""
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -411,6 +414,16 @@ def adaptive():
     finally:
         _runtime.debug_adapt_pooled(0)
         _runtime.set_adaptive(before)
+
+
+@pytest.mark.parametrize("env, name", [("STRUCTC_ADAPT", "sc_set_adaptive"), ("STRUCTC_FOREST_SPLIT", "sc_set_forest_split")])
+def test_a_switch_set_before_first_use_returns_the_environments_setting(env, name):
+    """`set_*(on)` returns the setting it replaces: the environment's when nothing has
+    read it yet (returning "on" there left a test's fixture turning it on for good)."""
+    code = ("import ctypes; from structc.native import runtime_library\n"
+            f"assert getattr(runtime_library(), {name!r})(1) == 0, 'the environment said 0'\n"
+            f"assert getattr(runtime_library(), {name!r})(0) == 1\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, env: "0"})
 
 
 def test_an_entry_the_pool_slows_down_runs_on_the_caller(adaptive):
