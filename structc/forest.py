@@ -512,22 +512,12 @@ class ForestPool:
         features = self._features is not None
         sealed, leaf_rows, node_words, rows, n, t, leaves, levels, a, labelled, max_word = _runtime.forest_take(
             self._items, self._height, self._block, self._roots, idx, self._width, not features)
-        flat = np.frombuffer(sealed, _I32)
         sizes = (n * a, n, levels, t, n, 0 if features else leaves, n if labelled else 0, n)
-        fields, at = {}, 0
-        for k, size in zip(_INT_FIELDS, sizes):
-            fields[k], at = (flat[at:at + size] if size else None), at + size
-        fields["children"] = fields["children"].reshape(n, a)
-        fields["features"] = _frozen(self._features[np.frombuffer(leaf_rows, _I32)]) if features else None
-        fields["node_words"] = np.frombuffer(node_words, _I32) if node_words is not None else None
-        fields["node_features"] = (_frozen(self._node_features[np.frombuffer(rows, np.int64)])
-                                   if rows is not None else None)
-        fields.update(max_word=max_word, _bound={}, _sizes=_SIZES.pack(*sizes, a, max_word),
-                      _flat=flat)
-        f = object.__new__(Forest)
-        for k, v in fields.items():
-            object.__setattr__(f, k, v)
-        return f
+        return _sealed(np.frombuffer(sealed, _I32), sizes, a, max_word,
+                       features=_frozen(self._features[np.frombuffer(leaf_rows, _I32)]) if features else None,
+                       node_words=np.frombuffer(node_words, _I32) if node_words is not None else None,
+                       node_features=(_frozen(self._node_features[np.frombuffer(rows, np.int64)])
+                                      if rows is not None else None))
 
     def _checked(self, items) -> np.ndarray:
         """`items` as int64 positions (a clear error otherwise; the C side checks each
@@ -614,25 +604,31 @@ def _parse_each(texts: list, vocab) -> tuple["_Parsed", np.ndarray]:
 
 def _sealed_each(fields: list, arity: list, max_word: list) -> list[Forest]:
     """Forests of word leaves from their integer fields (each forest's in
-    `_INT_FIELDS` order, checked to fit int32), all sealed in one buffer laid
-    out as `_assemble` lays out one forest's."""
+    `_INT_FIELDS` order, checked to fit int32), all sealed in one buffer."""
     flat = np.concatenate([v.reshape(-1) for one in fields for v in one], dtype=_I32, casting="unsafe")
     flat = np.frombuffer(flat.tobytes(), _I32)
     forests, at = [], 0
     for one, a, top in zip(fields, arity, max_word):
         sizes = [v.size for v in one]
-        mine = flat[at:at + sum(sizes)]
-        f, k = object.__new__(Forest), 0
-        for name, size in zip(_INT_FIELDS, sizes):
-            object.__setattr__(f, name, mine[k:k + size])
-            k += size
-        object.__setattr__(f, "children", f.children.reshape(sizes[1], a))
-        for name, value in (("features", None), ("node_words", None), ("node_features", None), ("max_word", top),
-                            ("_bound", {}), ("_sizes", _SIZES.pack(*sizes, a, top)), ("_flat", mine)):
-            object.__setattr__(f, name, value)
-        forests.append(f)
+        forests.append(_sealed(flat[at:at + sum(sizes)], sizes, a, top))
         at += sum(sizes)
     return forests
+
+
+def _sealed(flat: np.ndarray, sizes, arity: int, max_word: int, *, features=None, node_words=None,
+            node_features=None) -> Forest:
+    """A Forest whose integer fields are `flat` (sealed int32), laid out as `_assemble`
+    lays them out with these sizes (0: the field is absent)."""
+    f, at = object.__new__(Forest), 0
+    for name, size in zip(_INT_FIELDS, sizes):
+        object.__setattr__(f, name, flat[at:at + size] if size else None)
+        at += size
+    object.__setattr__(f, "children", f.children.reshape(sizes[1], arity))
+    for name, value in (("features", features), ("node_words", node_words), ("node_features", node_features),
+                        ("max_word", max_word), ("_bound", {}), ("_sizes", _SIZES.pack(*sizes, arity, max_word)),
+                        ("_flat", flat)):
+        object.__setattr__(f, name, value)
+    return f
 
 
 def _max_word(words, node_words) -> int:
