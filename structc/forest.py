@@ -261,12 +261,7 @@ class Forest:
         """Treebank strings such as `(3 (2 good) (2 movie))`: `(label child ...)`
         with the label optional, a leaf written `(label word)` or as a bare
         word. One string (it may hold several trees) or a list of strings."""
-        texts = [text] if isinstance(text, str) else list(text)
-        acc = _Parsed()
-        for k, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ValueError(f"tree {k}: expected a bracketed string, got {type(t).__name__}")
-            _parse_brackets(t, vocab, k, acc)
+        acc, _ = _parse_each([text] if isinstance(text, str) else list(text), vocab, each=False)
         if not acc.words:
             raise ValueError("a forest needs at least one tree")
         n = len(acc.words)
@@ -588,15 +583,16 @@ def _assemble(**fields) -> Forest:
     return f
 
 
-def _parse_each(texts: list, vocab) -> tuple["_Parsed", np.ndarray]:
-    """Every string's trees into one accumulator; each string's end (its nodes)."""
+def _parse_each(texts: list, vocab, each: bool = True) -> tuple["_Parsed", np.ndarray]:
+    """Every string's trees into one accumulator; each string's end (its nodes).
+    `each`: every string must hold a tree (it is a forest of its own)."""
     acc, ends = _Parsed(), []
     for k, t in enumerate(texts):
         if not isinstance(t, str):
             raise ValueError(f"tree {k}: expected a bracketed string, got {type(t).__name__}")
         before = acc.trees
         _parse_brackets(t, vocab, k, acc)
-        if acc.trees == before:
+        if each and acc.trees == before:
             raise ValueError(f"tree {k}: a forest needs at least one tree")
         ends.append(len(acc.words))
     return acc, np.array(ends, np.int64)

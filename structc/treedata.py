@@ -124,8 +124,8 @@ def _same(kept: list, now: list) -> bool:
 def _parsed(trees: list, vocab) -> list[Forest]:
     """Each of `trees` a Forest: the strings parsed together (`Forest.each_from_brackets`)."""
     trees = list(trees)
-    texts = [k for k, t in enumerate(trees) if not isinstance(t, Forest)]
-    for k, f in zip(texts, Forest.each_from_brackets([trees[k] for k in texts], vocab)):
+    strings = [k for k, t in enumerate(trees) if not isinstance(t, Forest)]     # their positions
+    for k, f in zip(strings, Forest.each_from_brackets([trees[k] for k in strings], vocab)):
         trees[k] = f
     return trees
 
