@@ -134,6 +134,34 @@ def test_softplus_does_not_overflow():
     np.testing.assert_allclose(got, np.logaddexp(0, x.astype(np.float64)), rtol=1e-6, atol=1e-30)
 
 
+EDGES = np.array([[-np.inf, -1e4, -88.8, -87.3, -20, -1e-3, 0, 1e-3, 20, 87.3, 88.8, 1e4, np.inf, np.nan]], np.float32)
+
+
+def test_sigmoid_at_the_ends_of_its_range():
+    # sigmoid's exponential is clamped, not fixed up after: past either end the
+    # quotient must still be exactly 1, or 0 (or below float32's normal range)
+    got = run("output y = sigmoid(x)", EDGES, inputs="input x: f32[1, 14]")[0]
+    x = EDGES[0].astype(np.float64)
+    with np.errstate(over="ignore"):
+        expected = 1 / (1 + np.exp(-x))
+    np.testing.assert_allclose(got, expected, rtol=2e-7, atol=np.finfo(np.float32).tiny)
+    assert got[-1] != got[-1] and (got[8:13] == 1.0).all() and (got[:3] < np.finfo(np.float32).tiny).all()
+
+
+def test_lstm_cell_at_the_ends_of_its_range():
+    g = np.repeat(EDGES[0][:, None], 3, axis=1)      # i = o = u on each row
+    kept = np.zeros((14, 1), np.float32)
+    net = structc.compile("model M {\n  input g: f32[14, 3]\n  input k: f32[14, 1]\n"
+                          "  output s = lstm_state(g, k)\n}\n", cache=False)
+    got = net(g=g, k=kept)
+    x = EDGES[0].astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        si = 1 / (1 + np.exp(-x))
+        c = si * np.tanh(x)
+        expected = np.stack([si * np.tanh(c), c], axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_comparisons_with_nan_are_false_as_numpy():
     x = np.array([[np.nan, 1.0]], np.float32)
     body = "output y = greater(x, 0.0) + less(x, 2.0) * 10.0 + not_equal(x, 0.0) * 100.0"

@@ -182,7 +182,14 @@ class CG:
 
         Above ln(FLT_MAX) the result is +inf, below ln(FLT_MIN) it is 0 (results
         that would be subnormal are flushed); NaN propagates."""
-        arg = x
+        y = self._exp_clamped(x)
+        # the clamp keeps the polynomial in range; out of it the answer is known
+        y = self.select(self.gt(x, self.const(88.72283, x)), self.const(float("inf"), x), y)
+        return self.select(self.lt(x, self.const(-87.33654, x)), self.const(0.0, x), y)
+
+    def _exp_clamped(self, x):
+        """e^x for x clamped to [-87.34, 88.72] (NaN propagates): finite, and
+        within the polynomial's accuracy inside that range."""
         # a compare-and-select clamp (constants first: a NaN fails both comparisons
         # and passes through) costs less than llvm.maximum/minimum
         hi, lo = self.const(88.72283, x), self.const(-87.33654, x)
@@ -201,10 +208,7 @@ class CG:
         y = self.add(self.fma(p, r2, r), self.const(1.0, x))
         ni = self.b.fptosi(n, vec(I32, lanes(x.type)))
         scale = self.b.shl(self.b.add(ni, self.const(127, ni)), self.const(23, ni))
-        y = self.mul(y, self._from_bits(scale))
-        # the clamp above keeps the polynomial in range; out of it the answer is known
-        y = self.select(self.gt(arg, self.const(88.72283, x)), self.const(float("inf"), x), y)
-        return self.select(self.lt(arg, self.const(-87.33654, x)), self.const(0.0, x), y)
+        return self.mul(y, self._from_bits(scale))
 
     def log(self, x):
         """ln x for x > 0 (0 gives -inf, negatives and NaN give NaN), Cephes logf.
@@ -258,8 +262,11 @@ class CG:
         return element_bits(self, index, step, stream, key, n)
 
     def sigmoid(self, x):
+        """1 / (1 + e^-x). The clamped exponential is enough: at its ends the
+        quotient is already 1 (x >= 87.34) or rounds to 0 (x <= -88.72, below
+        float32's normal range, flushed), so its out-of-range selects are not paid."""
         one = self.const(1.0, x)
-        return self.div(one, self.add(one, self.exp(self.neg(x))))
+        return self.div(one, self.add(one, self._exp_clamped(self.neg(x))))
 
     # -- integers ------------------------------------------------------
     def imul(self, a, b):

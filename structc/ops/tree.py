@@ -1020,7 +1020,7 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also=()) -> None:
     `lstm_state_dc` nodes it writes too: one pass, the gate math once), "dc"
     (alone). The operands start at `first`."""
     from ..lower.treemap import _row_op
-    from .recurrent import gate_tanh
+    from .recurrent import GATE_VECTORS, gate_tanh
     g = kb.graph
     operands = node.inputs[first:]
     forward = what in ("state", "acts")
@@ -1031,7 +1031,7 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also=()) -> None:
     scalar_kept = forward and kept_node.type.rank == 0
     number = kept_node.attrs["value"] if forward and kept_node.op.name == "const" else None    # inline: no buffer
     rows = g.nodes[gates].type.shape[0]
-    vw = kb.vector_width
+    vw = GATE_VECTORS * kb.vector_width
     with kb.kernel(f"lstm_{what}{node.id}", tasks=lambda cg: cg.dim(rows), cost=40 * d) as (cg, lo, hi):
         G, out = cg.ptr(gates), cg.ptr(node.id)
         K = cg.ptr(kept_id) if forward and number is None else None
@@ -1079,4 +1079,4 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also=()) -> None:
                 du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
                 store_gates(out, (di, do, du))
             # a runtime loop over the vectors past two (the gate math is long: unrolled, it is compile time)
-            _row_op(cg, d if d <= 2 * vw else cg.i64(d), vw, column)
+            _row_op(cg, d if d <= 2 * kb.vector_width else cg.i64(d), vw, column)
