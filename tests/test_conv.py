@@ -247,7 +247,15 @@ def test_backward_is_cross_correlations_with_fused_masks():
     # derivative mask of the layer below fused into its store loop
     assert ("epilogue", ["greater", "conv2d", "mul"]) in groups
     assert ("kernel", ["flip_kernel"]) in groups
-    # the kernel gradient reads the delta once for the bias gradient as well
+    # the kernel gradient, in parts over the batch's images, reads the delta once
+    # for the bias gradient's parts as well; each is then summed over its parts
+    parts = ["conv2d_bias_grad_parts", "conv2d_kernel_grad_parts"]
+    assert sum(kind == "kernel" and sorted(ops) == parts for kind, ops in groups) == 2
+    assert not any("conv2d_kernel_grad" in ops for _, ops in groups)
+
+
+def test_a_small_static_batch_keeps_the_kernel_gradient_in_one_piece():
+    groups = _groups(CNN.replace("f32[N, 2, 10, 10]", "f32[3, 2, 10, 10]").replace("class[N]", "class[3]"))
     assert sum(kind == "kernel" and sorted(ops) == ["conv2d_kernel_grad", "sum"] for kind, ops in groups) == 2
 
 

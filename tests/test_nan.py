@@ -36,6 +36,7 @@ ONLY_INTO = {
     # what the test is about.
     "conv2d": {0},
     "conv2d_kernel_grad": {0},
+    "conv2d_kernel_grad_parts": {0},
 }
 
 

@@ -393,10 +393,15 @@ def bias_sibling(graph, nid):
     return None
 
 
-def emit_kernel_grad(kb, node) -> None:
+def emit_kernel_grad(kb, node, parts: int = 1) -> None:
+    """`parts` > 1: a `conv2d_kernel_grad_parts`, part p over the images
+    [N p / parts, N (p + 1) / parts) into its own [O, C, KH, KW] block (and the
+    bias gradient's parts, [parts, O], when they are in its group). The parts
+    are the outer task index, so each thread's share is a range of images:
+    the delta it wrote (the pooling's routing before splits by images)."""
     graph = kb.graph
     x_id, g_id = node.inputs
-    O, C, KH, KW = node.shape
+    O, C, KH, KW = node.shape[-4:]
     gshape = graph.nodes[g_id].shape
     geo = _Geometry(graph.nodes[x_id].shape, (KH, KW), gshape[2:], node.attrs)
     vw = kb.vector_width
@@ -422,7 +427,7 @@ def emit_kernel_grad(kb, node) -> None:
     # delta again: LeNet-5's first convolution has 2 tile tasks; split 5 ways
     # they read its 0.9 MB delta 10 times (129 us), as 2 tasks 108 us, and the
     # step ran 2.5% faster at 1 and at 2 threads (Intel, 2 cores)
-    kh_blocks = KH if n_ot * n_cb < 2 else 1
+    kh_blocks = KH if n_ot * n_cb * parts < 2 else 1
     KHB = KH // kh_blocks
     partial = OT * CB * KHB * KW * vw * 4 <= PARTIAL_LIMIT
     # Few vector rows an image (LeNet-5's 8x8 planes, two rows a vector: 4): the
@@ -436,16 +441,18 @@ def emit_kernel_grad(kb, node) -> None:
     group = next((gr for gr in graph.groups if node.id in gr.members), None)
     bias = next((m for m in (group.members if group else []) if m != node.id), None)
 
-    tasks = n_ot * n_cb * kh_blocks
+    per_part = n_ot * n_cb * kh_blocks
+    tasks = parts * per_part
 
     def cost(cg):
-        return cg.imul(cg.dim(N), geo.OH * V * chunks * OT * CB * KHB * KW)
+        return cg.imul(cg.ceil_div(cg.dim(N), parts), geo.OH * V * chunks * OT * CB * KHB * KW)
 
     with kb.kernel(f"convk{node.id}", tasks, cost=cost, skippable=True) as (cg, lo, hi):
         if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
             return
         b = cg.b
-        X, G, D = cg.ptr(x_id), cg.ptr(g_id), cg.ptr(node.id)
+        X, G, D0 = cg.ptr(x_id), cg.ptr(g_id), cg.ptr(node.id)
+        B0 = cg.ptr(bias) if bias is not None else None
         vt = ir.VectorType(F32, vw)
         zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
         lanes = _lanes(cg, vw)
@@ -453,6 +460,12 @@ def emit_kernel_grad(kb, node) -> None:
             part = cg.var(ir.ArrayType(F32, OT * CB * KHB * KW * vw))
             part.type = PTR
         with cg.loop(hi, start=lo, name="task") as t:
+            images, t = b.sdiv(t, cg.i64(per_part)), b.srem(t, cg.i64(per_part))
+            # this part's images, and where its blocks of the gradients start
+            n_lo = b.sdiv(cg.imul(cg.dim(N), images), cg.i64(parts))
+            n_hi = b.sdiv(cg.imul(cg.dim(N), cg.iadd(images, 1)), cg.i64(parts))
+            D = b.gep(D0, [cg.imul(images, O * C * KH * KW)], source_etype=F32)
+            B = b.gep(B0, [cg.imul(images, O)], source_etype=F32) if B0 is not None else None
             khb = b.srem(t, cg.i64(kh_blocks))
             rest = b.sdiv(t, cg.i64(kh_blocks))
             cb = b.srem(rest, cg.i64(n_cb))
@@ -608,7 +621,7 @@ def emit_kernel_grad(kb, node) -> None:
                     with cg.loop(c1, start=c0, name="c") as c:
                         channel(c)
 
-                with cg.loop(cg.dim(N), name="n") as n:
+                with cg.loop(n_hi, start=n_lo, name="n") as n:
                     image(n)
 
                 if partial:
@@ -620,7 +633,7 @@ def emit_kernel_grad(kb, node) -> None:
                 if bias is not None:
                     with cg.if_(first):
                         for o in range(ot_size):
-                            cg.store(cg.hsum(b.load(bacc[o])), cg.ptr(bias), cg.iadd(o0, o))
+                            cg.store(cg.hsum(b.load(bacc[o])), B, cg.iadd(o0, o))
 
             def images_inside(ot_size):
                 if bias is not None:
@@ -628,17 +641,17 @@ def emit_kernel_grad(kb, node) -> None:
                     first = b.and_(b.icmp_signed("==", cb, cg.i64(0)), b.icmp_signed("==", khb, cg.i64(0)))
                     with cg.if_(first):
                         bacc = [cg.var(vt, zero) for _ in range(ot_size)]
-                        with cg.loop(cg.dim(N), name="bn") as n:
+                        with cg.loop(n_hi, start=n_lo, name="bn") as n:
                             add_bias_sums(gplane_of(n), bacc, ot_size)
                         for o in range(ot_size):
-                            cg.store(cg.hsum(b.load(bacc[o])), cg.ptr(bias), cg.iadd(o0, o))
+                            cg.store(cg.hsum(b.load(bacc[o])), B, cg.iadd(o0, o))
 
                 def kernel_row(c, khl):
                     kh = cg.iadd(kh0, khl)
                     for kws in kw_tiles.ranges():
                         # the accumulators run over every image: one horizontal sum per weight at the end
                         acc = [[cg.var(vt, zero) for _ in kws] for _ in range(ot_size)]
-                        with cg.loop(cg.dim(N), name="n") as n:
+                        with cg.loop(n_hi, start=n_lo, name="n") as n:
                             plane(kh, xplane_of(n, c), gplane_of(n), kws, acc, ot_size)
                         for o in range(ot_size):
                             for i, kw in enumerate(kws):
@@ -651,6 +664,33 @@ def emit_kernel_grad(kb, node) -> None:
 
             body = images_inside if inner_images else images_outside
             ot_tiles.each_size(cg, ot, body)
+
+
+def emit_bias_grad_parts(kb, node) -> None:
+    """A `conv2d_bias_grad_parts` outside its kernel gradient's group: one task
+    per part and channel, the sum of its images' planes of the delta."""
+    g_id = node.inputs[1]
+    N, O, OH, OW = kb.graph.nodes[g_id].shape
+    parts = node.attrs["parts"]
+    vw = kb.vector_width
+    plane = OH * OW
+    with kb.kernel(f"biasparts{node.id}", parts * O, cost=lambda cg: cg.imul(cg.dim(N), plane)) as (cg, lo, hi):
+        b = cg.b
+        G, out = cg.ptr(g_id), cg.ptr(node.id)
+        lanes = _lanes(cg, vw)
+        zero = cg.const(0.0, ir.VectorType(F32, vw))
+        with cg.loop(hi, start=lo, name="task") as t:
+            part, o = b.sdiv(t, cg.i64(O)), b.srem(t, cg.i64(O))
+            n_lo = b.sdiv(cg.imul(cg.dim(N), part), cg.i64(parts))
+            n_hi = b.sdiv(cg.imul(cg.dim(N), cg.iadd(part, 1)), cg.i64(parts))
+            acc = cg.var(zero.type, zero)
+            with cg.loop(n_hi, start=n_lo, name="n") as n:
+                at = cg.imul(cg.iadd(cg.imul(n, O), o), plane)
+                with cg.loop(_ceil(plane, vw), name="v") as v:
+                    j = cg.imul(v, vw)
+                    m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes), cg.splat(cg.i64(plane), vw))
+                    b.store(cg.add(b.load(acc), cg.load(G, cg.iadd(at, j), F32, vw, m)), acc)
+            cg.store(cg.hsum(b.load(acc)), out, t)
 
 
 def _out_rows(cg, geo: _Geometry, kh, each):

@@ -260,6 +260,93 @@ class Conv2dKernelGrad(Op):
         s = bias_sibling(graph, nid)
         return [] if s is None else [s]
 
+    def legalize(self, b, node):
+        """Over a batch of images, in PARTS ranges of images (`conv2d_kernel_grad_parts`,
+        with the bias gradient's parts from the same reads of the delta), then
+        summed over the parts. As tasks over output channels, each thread read
+        every image's delta, half of it from the other core's cache (the
+        pooling's routing before it splits by images); by images each reads
+        what it wrote. The parts add in a fixed order: the same bits on any
+        number of threads. Returns the replacements of the node and of its
+        bias sibling."""
+        from ..lower.conv import bias_sibling
+        from .matmul import PARTS
+        x, g = node.inputs
+        images = b.graph.nodes[x].shape[0]
+        if isinstance(images, int) and images < PARTS * MIN_PART_IMAGES:
+            return None
+        parts = b.conv2d_kernel_grad_parts(b.value(x), b.value(g), parts=PARTS, **node.attrs)
+        out = {node.id: b.sum(parts, axes=(0,))}
+        bias = bias_sibling(b.graph, node.id)
+        if bias is not None:
+            out[bias] = b.sum(b.conv2d_bias_grad_parts(parts, b.value(g), parts=PARTS), axes=(0,))
+        return out
+
     def lower(self, kb, node, epilogue):
         from ..lower.conv import emit_kernel_grad
         emit_kernel_grad(kb, node)
+
+
+#: images a part of a kernel gradient gets at least (a smaller static batch stays one product)
+MIN_PART_IMAGES = 2
+
+
+def _image_parts(n: int, parts: int) -> list:
+    """The images [n p / parts, n (p + 1) / parts) of each part."""
+    return [range(n * p // parts, n * (p + 1) // parts) for p in range(parts)]
+
+
+class Conv2dKernelGradParts(Op):
+    """out[p] = `conv2d_kernel_grad` over the images [N p / parts, N (p + 1) / parts)
+    only: a kernel gradient in parts (`Conv2dKernelGrad.legalize`), summed over
+    axis 0. Made after autodiff, so it has no gradient of its own."""
+    name = "conv2d_kernel_grad_parts"
+
+    def shape(self, x, g, *, parts, **attrs) -> TensorType:
+        expect(isinstance(parts, int) and parts >= 1, f"parts must be a positive int, got {parts!r}")
+        return TensorType((parts, *Conv2dKernelGrad().shape(x, g, **attrs).shape), "f32")
+
+    def reference(self, x, g, *, parts, **attrs):
+        grad = Conv2dKernelGrad().reference
+        return np.stack([grad(x[r], g[r], **attrs) for r in _image_parts(x.shape[0], parts)])
+
+    def samples(self):
+        # an empty part (one image), a ragged split, the image-by-image and images-inside loops
+        return [Sample((((n, *xs), "fixed"), ((n, *gs), "fixed")), {"parts": p, **attrs})
+                for n, xs, gs, p, attrs in (
+                    (1, (2, 6, 6), (3, 4, 4), 2, {"kernel": (3, 3)}),
+                    (3, (3, 7, 9), (4, 5, 7), 2, {"kernel": (3, 3)}),
+                    (5, (2, 12, 20), (3, 10, 18), 2, {"kernel": (3, 3)}),
+                    (4, (2, 9, 8), (3, 5, 4), 3, {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1, 1, 1)}))]
+
+    def describe(self, attrs: dict) -> str:
+        rest = {k: v for k, v in attrs.items() if k != "parts"}
+        return f"parts={attrs['parts']}, " + Conv2dKernelGrad().describe(rest)
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.conv import emit_kernel_grad
+        emit_kernel_grad(kb, node, parts=node.attrs["parts"])
+
+
+class Conv2dBiasGradParts(Op):
+    """out[p, o] = Σ g[n, o, i, j] over the images n of part p: the bias gradient's
+    parts. Its first operand is the `conv2d_kernel_grad_parts` of the same
+    delta, whose kernel sums them while it reads the delta (the `part` trait
+    puts both in one group); otherwise a kernel of its own."""
+    name = "conv2d_bias_grad_parts"
+    traits = frozenset({"part"})
+
+    def shape(self, kparts, g, *, parts) -> TensorType:
+        expect(g.rank == 4 and kparts.rank == 5 and kparts.shape[:2] == (parts, g.shape[1]),
+               f"conv2d_bias_grad_parts: {kparts} is not the kernel gradient's parts of the delta {g}")
+        return TensorType((parts, g.shape[1]), "f32")
+
+    def reference(self, kparts, g, *, parts):
+        return np.stack([g[r].sum(axis=(0, 2, 3)) for r in _image_parts(g.shape[0], parts)]).astype(np.float32)
+
+    def samples(self):      # the kernel gradient's parts are read for their place in the group only
+        return [Sample((((2, 3, 2, 3, 3), "fixed"), ((n, 3, 5, 7), "fixed")), {"parts": 2}) for n in (1, 5)]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.conv import emit_bias_grad_parts
+        emit_bias_grad_parts(kb, node)

@@ -2,7 +2,9 @@
 
 Each op says what it needs through `legalize(builder, node)`, returning a
 replacement value or None (a matmul with a transposed right operand becomes
-a transpose and a plain matmul, so the kernel always streams rows of B).
+a transpose and a plain matmul, so the kernel always streams rows of B), or
+{node id: value} when the rewrite replaces other nodes too (a convolution's
+kernel gradient in parts, and the bias gradient its kernel computes with it).
 """
 from __future__ import annotations
 
@@ -25,7 +27,12 @@ def rewrite_by_rule(g: Graph, method: str) -> Graph:
         if rule is None:
             continue
         new = rule(Builder(g, node.span), node)
-        if new is not None:
+        if isinstance(new, dict):
+            for old, value in new.items():
+                assert old not in new_of, f"two {method} rules replace node %{old}"
+                new_of[old] = value.id
+        elif new is not None:
+            assert nid not in new_of, f"two {method} rules replace node %{nid}"
             new_of[nid] = new.id
     for old, new in new_of.items():     # a rule may return a node a later rule replaced
         while new in new_of:
