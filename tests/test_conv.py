@@ -260,11 +260,12 @@ def test_a_small_static_batch_keeps_the_kernel_gradient_in_one_piece():
 
 
 @pytest.mark.slow
-def test_cnn_gradients_match_the_interpreter(rng):
+@pytest.mark.parametrize("batch", [5, 1])      # the kernel gradient's parts: 2 and 3 images, or one empty
+def test_cnn_gradients_match_the_interpreter(rng, batch):
     net = structc.compile(CNN)
     mdef = build_model(parse(CNN))
-    x = rng.normal(size=(5, 2, 10, 10)).astype(np.float32)
-    y = rng.integers(0, 3, 5).astype(np.int32)
+    x = rng.normal(size=(batch, 2, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 3, batch).astype(np.int32)
     params = {k: v.copy() for k, v in net.params.items()}
     ref = evaluate(differentiate(mdef.graph), {"x": x, "y": y}, params)
     loss, grads = net.grad(x=x, y=y)
