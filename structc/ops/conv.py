@@ -138,8 +138,10 @@ class Conv2d(Op):
 
     def vjp(self, b, g, out, x, w, *, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)):
         attrs = dict(stride=pair(stride), padding=quad(padding), input_dilation=pair(input_dilation))
-        return [conv_input_grad(b, g, w, x.shape[2:], **attrs),
-                b.conv2d_kernel_grad(x, g, kernel=tuple(w.shape[2:]), **attrs)]
+        # the kernel's gradient first: its nodes then come first among the ready ones in the
+        # schedule, so the layer's input is freed before the input's gradient is stored
+        dw = kernel_grad(b, x, g, tuple(w.shape[2:]), attrs)
+        return [conv_input_grad(b, g, w, x.shape[2:], **attrs), dw]
 
     def reference(self, x, w, *, stride=(1, 1), padding=(0, 0, 0, 0), input_dilation=(1, 1)):
         return conv2d_reference(x, w, stride, padding, input_dilation)
@@ -260,28 +262,6 @@ class Conv2dKernelGrad(Op):
         s = bias_sibling(graph, nid)
         return [] if s is None else [s]
 
-    def legalize(self, b, node):
-        """Over a batch of images, in PARTS ranges of images (`conv2d_kernel_grad_parts`,
-        with the bias gradient's parts from the same reads of the delta), then
-        summed over the parts. As tasks over output channels, each thread read
-        every image's delta, half of it from the other core's cache (the
-        pooling's routing before it splits by images); by images each reads
-        what it wrote. The parts add in a fixed order: the same bits on any
-        number of threads. Returns the replacements of the node and of its
-        bias sibling."""
-        from ..lower.conv import bias_sibling
-        from .matmul import PARTS
-        x, g = node.inputs
-        images = b.graph.nodes[x].shape[0]
-        if isinstance(images, int) and images < PARTS * MIN_PART_IMAGES:
-            return None
-        parts = b.conv2d_kernel_grad_parts(b.value(x), b.value(g), parts=PARTS, **node.attrs)
-        out = {node.id: b.sum(parts, axes=(0,))}
-        bias = bias_sibling(b.graph, node.id)
-        if bias is not None:
-            out[bias] = b.sum(b.conv2d_bias_grad_parts(parts, b.value(g), parts=PARTS), axes=(0,))
-        return out
-
     def lower(self, kb, node, epilogue):
         from ..lower.conv import emit_kernel_grad
         emit_kernel_grad(kb, node)
@@ -289,6 +269,22 @@ class Conv2dKernelGrad(Op):
 
 #: images a part of a kernel gradient gets at least (a smaller static batch stays one product)
 MIN_PART_IMAGES = 2
+
+
+def kernel_grad(b, x, g, kernel, attrs):
+    """The kernel's gradient over a batch of images: in PARTS ranges of images
+    (`conv2d_kernel_grad_parts`), summed over the parts. As tasks over output
+    channels, each thread read every image's delta, half of it from the other
+    core's cache (the pooling's routing before splits by images); by images
+    each reads what it wrote. The parts add in a fixed order: the same bits on
+    any number of threads. Made here, where autodiff places the gradient, not
+    in `legalize`: a node made there comes last among the ready ones in the
+    schedule (see `Conv2d.vjp`)."""
+    from .matmul import PARTS
+    images = x.shape[0]
+    if isinstance(images, int) and images < PARTS * MIN_PART_IMAGES:
+        return b.conv2d_kernel_grad(x, g, kernel=kernel, **attrs)
+    return b.sum(b.conv2d_kernel_grad_parts(x, g, parts=PARTS, kernel=kernel, **attrs), axes=(0,))
 
 
 def _image_parts(n: int, parts: int) -> list:
@@ -322,6 +318,17 @@ class Conv2dKernelGradParts(Op):
     def describe(self, attrs: dict) -> str:
         rest = {k: v for k, v in attrs.items() if k != "parts"}
         return f"parts={attrs['parts']}, " + Conv2dKernelGrad().describe(rest)
+
+    def legalize(self, b, node):
+        """Its bias sibling, Σ_{n,i,j} g[n, o, i, j], becomes the sum of parts the
+        same kernel computes while it reads the delta (`conv2d_bias_grad_parts`)."""
+        from ..lower.conv import bias_sibling
+        bias = bias_sibling(b.graph, node.id)
+        if bias is None:
+            return None
+        parts = node.attrs["parts"]
+        return {bias: b.sum(b.conv2d_bias_grad_parts(b.value(node.id), b.value(node.inputs[1]), parts=parts),
+                            axes=(0,))}
 
     def lower(self, kb, node, epilogue):
         from ..lower.conv import emit_kernel_grad
