@@ -85,7 +85,13 @@ def _conv_kernel_grad_flops(graph, node):
     return (2, *g, *node.shape[1:])                     # out: [out, in, kh, kw]
 
 
-FLOPS = {"matmul": _matmul_flops, "matmul_parts": _matmul_parts_flops, "conv2d": _conv_flops, "conv2d_kernel_grad": _conv_kernel_grad_flops}
+def _conv_kernel_grad_parts_flops(graph, node):
+    g = graph.nodes[node.inputs[1]].shape               # the delta [N, out, oh, ow], over all the parts
+    return (2, *g, *node.shape[2:])                     # out: [parts, out, in, kh, kw]
+
+
+FLOPS = {"matmul": _matmul_flops, "matmul_parts": _matmul_parts_flops, "conv2d": _conv_flops,
+         "conv2d_kernel_grad": _conv_kernel_grad_flops, "conv2d_kernel_grad_parts": _conv_kernel_grad_parts_flops}
 
 
 # -- the copy of the model that runs through the shim --------------------------------------

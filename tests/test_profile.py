@@ -82,6 +82,19 @@ def test_kernels_are_grouped_under_the_snet_line_of_their_layer(report):
     assert forward.gflops > 0 and forward.percent_of(PEAK) > 0
 
 
+def test_a_kernel_gradient_in_parts_counts_every_image_once():
+    """conv2d_kernel_grad_parts' flops are the whole batch's, whatever the parts."""
+    src = ("model C {\n  input x: f32[N, 2, 8, 8]\n  target y: class[N] of 3\n"
+           "  h = conv(x, 4, kernel=3) |> relu\n  loss cross_entropy(dense(flatten(h), 3), y)\n}\n")
+    net = structc.compile(src, cache=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 2, 8, 8)).astype(np.float32), rng.integers(0, 3, 6).astype(np.int32)
+    report = net.profile(steps=2, peak=PEAK, x=x, y=y)
+    grad = next(r for r in report.rows if "convk" in r.kernel.name)
+    assert grad.kernel.flop_count({"N": 6}) == 2 * 6 * 4 * 6 * 6 * 2 * 3 * 3
+    assert grad.gflops > 0
+
+
 def test_a_kernel_two_layers_share_is_listed_under_both_lines():
     """Two layers of one shape compile to one kernel (named by its text): the
     report files it under the first layer's line and names the second's too,
