@@ -294,8 +294,9 @@ def _image_parts(n: int, parts: int) -> list:
 
 class Conv2dKernelGradParts(Op):
     """out[p] = `conv2d_kernel_grad` over the images [N p / parts, N (p + 1) / parts)
-    only: a kernel gradient in parts (`Conv2dKernelGrad.legalize`), summed over
-    axis 0. Made after autodiff, so it has no gradient of its own."""
+    only: a kernel gradient in parts (`kernel_grad`, from `Conv2d.vjp`), summed
+    over axis 0. No gradient of its own: nothing differentiates a gradient
+    (a training graph is differentiated once)."""
     name = "conv2d_kernel_grad_parts"
 
     def shape(self, x, g, *, parts, **attrs) -> TensorType:
