@@ -462,8 +462,7 @@ def emit_kernel_grad(kb, node, parts: int = 1) -> None:
         with cg.loop(hi, start=lo, name="task") as t:
             images, t = b.sdiv(t, cg.i64(per_part)), b.srem(t, cg.i64(per_part))
             # this part's images, and where its blocks of the gradients start
-            n_lo = b.sdiv(cg.imul(cg.dim(N), images), cg.i64(parts))
-            n_hi = b.sdiv(cg.imul(cg.dim(N), cg.iadd(images, 1)), cg.i64(parts))
+            n_lo, n_hi = _part_images(cg, N, images, parts)
             D = b.gep(D0, [cg.imul(images, O * C * KH * KW)], source_etype=F32)
             B = b.gep(B0, [cg.imul(images, O)], source_etype=F32) if B0 is not None else None
             khb = b.srem(t, cg.i64(kh_blocks))
@@ -540,12 +539,7 @@ def emit_kernel_grad(kb, node, parts: int = 1) -> None:
 
             def add_bias_sums(gplane, bacc, ot_size):
                 """bacc[o] += the lanes of one image's delta plane o0 + o (the bias gradient)."""
-                with cg.loop(_ceil(geo.OH * geo.OW, vw), name="bv") as bv:
-                    j = cg.imul(bv, vw)
-                    m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes), cg.splat(cg.i64(geo.OH * geo.OW), vw))
-                    for o in range(ot_size):
-                        gv = cg.load(G, cg.iadd(gplane, cg.iadd(j, o * geo.OH * geo.OW)), F32, vw, m)
-                        b.store(cg.add(b.load(bacc[o]), gv), bacc[o])
+                _add_plane_sums(cg, G, gplane, geo.OH * geo.OW, bacc[:ot_size], vw)
 
             def plane(kh, xplane, gplane, kws, acc, ot_size):
                 """acc[o][i] += one image's products for kernel row kh and columns kws."""
@@ -677,20 +671,31 @@ def emit_bias_grad_parts(kb, node) -> None:
     with kb.kernel(f"biasparts{node.id}", parts * O, cost=lambda cg: cg.imul(cg.dim(N), plane)) as (cg, lo, hi):
         b = cg.b
         G, out = cg.ptr(g_id), cg.ptr(node.id)
-        lanes = _lanes(cg, vw)
         zero = cg.const(0.0, ir.VectorType(F32, vw))
         with cg.loop(hi, start=lo, name="task") as t:
             part, o = b.sdiv(t, cg.i64(O)), b.srem(t, cg.i64(O))
-            n_lo = b.sdiv(cg.imul(cg.dim(N), part), cg.i64(parts))
-            n_hi = b.sdiv(cg.imul(cg.dim(N), cg.iadd(part, 1)), cg.i64(parts))
+            n_lo, n_hi = _part_images(cg, N, part, parts)
             acc = cg.var(zero.type, zero)
             with cg.loop(n_hi, start=n_lo, name="n") as n:
-                at = cg.imul(cg.iadd(cg.imul(n, O), o), plane)
-                with cg.loop(_ceil(plane, vw), name="v") as v:
-                    j = cg.imul(v, vw)
-                    m = b.icmp_signed("<", b.add(cg.splat(j, vw), lanes), cg.splat(cg.i64(plane), vw))
-                    b.store(cg.add(b.load(acc), cg.load(G, cg.iadd(at, j), F32, vw, m)), acc)
+                _add_plane_sums(cg, G, cg.imul(cg.iadd(cg.imul(n, O), o), plane), plane, [acc], vw)
             cg.store(cg.hsum(b.load(acc)), out, t)
+
+
+def _part_images(cg, N, part, parts: int):
+    """[N part / parts, N (part + 1) / parts): the images of a part of the batch."""
+    b = cg.b
+    return (b.sdiv(cg.imul(cg.dim(N), part), cg.i64(parts)),
+            b.sdiv(cg.imul(cg.dim(N), cg.iadd(part, 1)), cg.i64(parts)))
+
+
+def _add_plane_sums(cg, G, at, plane: int, accs, vw: int) -> None:
+    """accs[k] += the lanes of the `plane` floats of G from at + k * plane (vector slots)."""
+    b = cg.b
+    with cg.loop(_ceil(plane, vw), name="bv") as bv:
+        j = cg.imul(bv, vw)
+        m = b.icmp_signed("<", b.add(cg.splat(j, vw), _lanes(cg, vw)), cg.splat(cg.i64(plane), vw))
+        for k, acc in enumerate(accs):
+            b.store(cg.add(b.load(acc), cg.load(G, cg.iadd(at, cg.iadd(j, k * plane)), F32, vw, m)), acc)
 
 
 def _out_rows(cg, geo: _Geometry, kh, each):
