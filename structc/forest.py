@@ -409,9 +409,12 @@ class Forest:
                 raise ValueError(f"input '{name}': leaves carry {self.features.shape[1]} features, the model "
                                  f"expects {features}")
 
-    def arrays(self, arity: int, inner: bool = False, mask: bool = False) -> dict[str, np.ndarray]:
+    def arrays(self, arity: int, inner: bool = False, mask: bool = False,
+               kinds: bool = False) -> dict[str, np.ndarray]:
         """The arrays a compiled model reads, children padded to `arity` columns;
-        with `inner` every node's payload, with `mask` which child slots hold a child."""
+        with `inner` every node's payload, with `mask` which child slots hold a child,
+        with `kinds` the leaves' distinct words (`leaf_words`) and each leaf's
+        place among them (`leaf_kind`)."""
         ch = self.children
         if ch.shape[1] < arity:
             ch = np.pad(ch, ((0, 0), (0, arity - ch.shape[1])), constant_values=-1)
@@ -426,7 +429,24 @@ class Forest:
                 out["node_features"] = self.node_features
         if mask:
             out["child_mask"] = _frozen((ch >= 0).astype(np.float32))
+        if kinds:
+            out["leaf_words"], out["leaf_kind"] = distinct_words(self.words, self.max_word + 1)
         return out
+
+
+def distinct_words(words: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct ids of `words` in ascending order, each word's index among
+    them), both int32 and read-only. A table of the vocabulary's size when that
+    is small against the words (one pass each way), a sort otherwise."""
+    if vocab <= 8 * len(words) + 1024:
+        seen = np.zeros(vocab, np.bool_)
+        seen[words] = True
+        kinds = np.flatnonzero(seen).astype(np.int32)
+        place = np.cumsum(seen, dtype=np.int32)
+        kind = place[words] - 1
+    else:
+        kinds, kind = np.unique(words, return_inverse=True)
+    return _frozen(kinds.astype(np.int32)), _frozen(kind.astype(np.int32).reshape(-1))
 
 
 class ForestPool:
@@ -914,26 +934,31 @@ class _ForestSpec:
     """One forest input's declaration, with what binding a forest to it needs
     worked out once (names, the cache key), not at every call."""
 
-    __slots__ = ("name", "arity", "vocab", "features", "inner", "mask", "key", "names", "dims")
+    __slots__ = ("name", "arity", "vocab", "features", "inner", "mask", "kinds", "key", "names", "dims")
 
     def __init__(self, spec: dict):
         self.name, self.arity = spec["name"], spec["arity"]
         self.vocab, self.features = spec.get("vocab"), spec.get("features")
         self.inner, self.mask = spec.get("inner", False), spec.get("mask", False)
-        self.key = (self.name, self.arity, self.vocab, self.features, self.inner, self.mask)
+        self.kinds = spec.get("kinds", False)
+        self.key = (self.name, self.arity, self.vocab, self.features, self.inner, self.mask, self.kinds)
         self.names = {k: f"{self.name}.{k}" for k in ("children", "roots", "level_end", "words", "features",
-                                                      "node_words", "node_features", "child_mask")}
-        self.dims = tuple(f"{self.name}.{k}" for k in ("nodes", "leaves", "trees", "levels"))
+                                                      "node_words", "node_features", "child_mask",
+                                                      "leaf_words", "leaf_kind")}
+        self.dims = tuple(f"{self.name}.{k}" for k in ("nodes", "leaves", "trees", "levels")
+                          + (("leaf_words",) if self.kinds else ()))
 
     def bind(self, value, vocab) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         f = value if value.__class__ is Forest else as_forest(value, arity=self.arity, vocab=vocab)
         bound = f._bound.get(self.key)
         if bound is None:
             f.check(self.name, self.arity, self.vocab, self.features, self.inner)
-            made = f.arrays(self.arity, self.inner, self.mask)
+            made = f.arrays(self.arity, self.inner, self.mask, self.kinds)
             arrays = {self.names[k]: v for k, v in made.items()}
             leaves = made.get("words", made.get("features"))
             sizes = (made["children"].shape[0], leaves.shape[0], made["roots"].shape[0], made["level_end"].shape[0])
+            if self.kinds:
+                sizes += (made["leaf_words"].shape[0],)
             bound = f._bound[self.key] = (arrays, dict(zip(self.dims, sizes)))
         return bound
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from . import syntax as S
 from .errors import ShapeMismatch, SnetNameError, SnetShapeError, SnetTypeError, Span
 from .graph import Builder, Graph, Value
+from .leafwords import by_distinct_word
 from .ops import REGISTRY
 from .ops.tree import BODY_ROWS
 from .types import TensorType
@@ -53,13 +54,14 @@ class ForestDecl:
     span: Span
     inner: bool = False       # inner nodes carry a word / feature vector too (`forest(inner=true)`)
     mask: bool = False        # the model reads `t.child_mask` (per-child terms: which slots hold a child)
+    kinds: bool = False       # the leaf case runs per distinct word (`leafwords`): `t.leaf_words`, `t.leaf_kind`
 
     def sym(self, dim: str) -> str:
         return f"{self.name}.{dim}"
 
     def meta(self) -> dict:
         return {"name": self.name, "arity": self.arity, "vocab": self.vocab, "features": self.features,
-                "inner": self.inner, "mask": self.mask}
+                "inner": self.inner, "mask": self.mask, "kinds": self.kinds}
 
 
 # -- declarations ---------------------------------------------------------------
@@ -393,6 +395,8 @@ def build_rec(mb, s: S.RecDecl) -> None:
     total = sum(widths)
     states = [State(n, sum(widths[:k]), w, total) for k, (n, w) in enumerate(zip(names, widths))]
     leaf = _joined(mb.graph, leaf) or Builder(mb.graph, s.leaf.span).concat(*leaf, axis=1)
+    if type(decl) is ForestDecl:        # (a sequence's chain: its leaves are its sequences' first positions)
+        leaf = by_distinct_word(mb, decl, leaf)
 
     # The node case: a sub-graph over one row per node.
     body = Graph(f"{s.name}.node")

@@ -1,0 +1,92 @@
+"""A leaf case computed once per distinct word (`structc/leafwords.py`)."""
+import numpy as np
+import pytest
+
+import structc
+from structc.forest import Forest, distinct_words
+from test_treelstm import CHILD_SUM_FUSED, child_sum_reference
+from test_trees import random_tree
+
+
+@pytest.mark.parametrize("vocab, n", [(5, 40), (1000, 800), (10 ** 6, 30), (1, 1)])
+def test_distinct_words_and_each_words_place(vocab, n):
+    """Both ways (a table of the vocabulary, a sort for a vocabulary much larger
+    than the words): ascending distinct ids, and kinds[kind] gives back the words."""
+    rng = np.random.default_rng(vocab)
+    words = rng.integers(0, vocab, n).astype(np.int32)
+    kinds, kind = distinct_words(words, vocab)
+    assert kinds.dtype == kind.dtype == np.int32
+    assert kinds.tolist() == sorted(set(words.tolist()))
+    assert np.array_equal(kinds[kind], words)
+    assert not kinds.flags.writeable and not kind.flags.writeable
+
+
+def graph_of(src):
+    return structc.compile(src, cache=False).meta
+
+
+TREE_LSTM_LEAF = "lstm_state(dense(E[n.word], 3 * 8, name=\"leaf\"), 0)"
+LEAF_MODEL = """
+model Leaves {
+  input  t: forest of word(vocab=12)
+  target y: class[t.trees] of 3
+  param  E: embedding(12, 8)
+  rec h(n) = leaf: LEAF
+             node: tanh(dense(concat(h(n.left), h(n.right)), 8))
+  loss cross_entropy(dense(h(t.root), 3), y)
+}
+"""
+
+
+@pytest.mark.parametrize("leaf, rewritten", [
+    ("tanh(dense(E[n.word], 8))", True),                     # a matmul per leaf: once per word
+    ("dense(onehot(n.word, 12), 8)", True),
+    ("chunk(lstm_state(dense(E[n.word], 24), 0), 0, 2)", True),
+    ("E[n.word]", False),                                    # no work to save: one gather stays one
+    ("tanh(E[n.word])", False),
+    ("dropout(dense(E[n.word], 8), 0.5)", False),            # a mask per leaf, not per word
+])
+def test_which_leaf_cases_run_per_distinct_word(leaf, rewritten):
+    meta = graph_of(LEAF_MODEL.replace("LEAF", leaf))
+    assert meta["forests"][0]["kinds"] is rewritten
+    names = {i["name"] for i in meta["inputs"]} if isinstance(meta.get("inputs"), list) else set(meta["inputs"])
+    assert ("t.leaf_words" in names) is rewritten and ("t.leaf_kind" in names) is rewritten
+
+
+@pytest.fixture(scope="module")
+def child_sum():
+    return structc.compile(CHILD_SUM_FUSED, cache=False)
+
+
+@pytest.mark.parametrize("words", ["one_word", "all_distinct", "mixed"])
+def test_per_word_leaves_match_the_per_node_reference(child_sum, words):
+    """States, loss and gradients against the node-by-node float64 reference
+    (which computes every leaf on its own) when every leaf has the same word,
+    when no two share one, and in between."""
+    net = child_sum
+    assert net.meta["forests"][0]["kinds"]
+    rng = np.random.default_rng(7)
+    trees = [random_tree(rng, leaves, 12, 3) for leaves in (1, 2, 4, 5)]       # at most 12 leaves
+    if words != "mixed":
+        order = iter(rng.permutation(12).tolist())
+        trees = [_relabel(t, (lambda: 0) if words == "one_word" else (lambda: next(order))) for t in trees]
+    f = Forest.from_tuples(trees)
+    kinds = len(set(f.words.tolist()))
+    assert kinds == {"one_word": 1, "all_distinct": f.leaves}.get(words, kinds) and 4 < f.leaves <= 12
+    y = rng.integers(0, 3, f.trees).astype(np.int32)
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    H, C, want = child_sum_reference(p, f, y)
+    np.testing.assert_allclose(net.forward(t=f)["states"], np.concatenate([H, C], axis=1), rtol=1e-4, atol=1e-5)
+    loss, grads = net.grad(t=f, y=y)
+    assert loss == pytest.approx(want, rel=1e-5)
+    for name in ("E", "leaf.w", "leaf.b"):
+        v = rng.normal(size=grads[name].shape)
+        eps = 1e-5
+        fd = (child_sum_reference({**p, name: p[name] + eps * v}, f, y)[2]
+              - child_sum_reference({**p, name: p[name] - eps * v}, f, y)[2]) / (2 * eps)
+        assert np.sum(grads[name] * v) == pytest.approx(fd, rel=2e-3, abs=1e-6), name
+
+
+def _relabel(tree, word):
+    """The same tree with each leaf's word from word()."""
+    return word() if isinstance(tree, int) else tuple(_relabel(k, word) for k in tree)
