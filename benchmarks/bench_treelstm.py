@@ -176,7 +176,8 @@ def bench_jax(repeat, threads):
 
 def floor_flops(forest) -> dict:
     """The FLOPs of the matmuls one step needs, 2 M K N each. Forward: the
-    leaves' gates from their words (leaves x D x 3H), the inner nodes' iou from
+    leaves' gates from their words (distinct words x D x 3H: leaves of one word
+    have one state, and structc computes it once), the inner nodes' iou from
     their children's summed h (inner x H x 3H: a leaf has no children, so no
     U h), a forget gate per child edge (edges x H x H). Backward: each product
     again for its input's cotangent and again for its weight's gradient, except
@@ -184,7 +185,7 @@ def floor_flops(forest) -> dict:
     embedding rows: still needed, E is trained)."""
     leaves, nodes = len(forest.words), len(forest.children)
     inner, edges = nodes - leaves, int((forest.children >= 0).sum())
-    forward = {"leaf": leaves * D * 3 * HID, "iou": inner * HID * 3 * HID, "forget": edges * HID * HID}
+    forward = {"leaf": len(set(forest.words.tolist())) * D * 3 * HID, "iou": inner * HID * 3 * HID, "forget": edges * HID * HID}
     return {k: 2 * 3 * v for k, v in forward.items()}
 
 
@@ -203,7 +204,8 @@ def level_profile(threads: int, steps: int, peak: float | None = None) -> str:
     ends = [0] + forest.level_end.tolist()
     sizes = [b - a for a, b in zip(ends[1:-1], ends[2:])]          # inner levels, bottom up
     inner = ends[-1] - ends[1]
-    dims = {"rows": None, "kids": None, "t.leaves": ends[1], "t.trees": len(forest.roots)}
+    dims = {"rows": None, "kids": None, "t.leaves": ends[1], "t.trees": len(forest.roots),
+            "t.leaf_words": len(set(forest.words.tolist()))}
     ev = report.events[report.events["kind"] == CALL]
     spans = report.step_spans
     out = [f"structc treelstm_train at {threads} thread(s): {report.step_seconds * 1e3:.3f} ms a step "

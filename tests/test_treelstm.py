@@ -580,10 +580,10 @@ def test_the_fused_gate_math_is_close_to_float64():
 
 
 def test_the_benchmarks_floor_counts_each_product_the_step_needs():
-    """bench_treelstm's FLOP floor: leaves x D x 3H from the words, inner x H x 3H
-    from the children's summed h, a forget gate per child edge (H x H), each
-    three times (forward, input cotangent, weight gradient): a missing child
-    costs nothing, a leaf runs no U h."""
+    """bench_treelstm's FLOP floor: distinct leaf words x D x 3H from the words,
+    inner x H x 3H from the children's summed h, a forget gate per child edge
+    (H x H), each three times (forward, input cotangent, weight gradient): a
+    missing child costs nothing, a leaf runs no U h, a repeated word nothing."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -591,4 +591,7 @@ def test_the_benchmarks_floor_counts_each_product_the_step_needs():
     f = Forest.from_tuples([((1, 2), 3), (4, (5,)), 6])    # 6 leaves, 4 inner nodes, 7 edges
     got = floor_flops(f)
     assert got == {"leaf": 6 * 6 * D * 3 * HID, "iou": 6 * 4 * HID * 3 * HID, "forget": 6 * 7 * HID * HID}
-    assert sum(floor_flops(Forest.from_tuples(batch(0)[0])).values()) == 495_452_160
+    assert floor_flops(Forest.from_tuples([((1, 2), 1), (2, (1,)), 6]))["leaf"] == 6 * 3 * D * 3 * HID
+    forest = Forest.from_tuples(batch(0)[0])
+    assert (forest.leaves, len(set(forest.words.tolist()))) == (800, 551)
+    assert sum(floor_flops(forest).values()) == 495_452_160 - 6 * (800 - 551) * D * 3 * HID
