@@ -441,10 +441,17 @@ def build_rec(mb, s: S.RecDecl) -> None:
         decl.mask = True
         add_forest_array(mb, decl, "child_mask", TensorType((nodes, decl.arity)), s.span)
     rows = [forest_array(mb, decl, NODE_ARRAYS[k]) for k in node_inputs]
+    # leaves that are rows of a table (E[n.word], or a state per distinct word): the
+    # kernel copies each leaf's row into H itself, with no gathered copy in between
+    gathered = mb.graph.nodes[leaf.id]
+    indexed = gathered.op.name == "gather_rows" and not mb.graph.users(leaf.id)
+    if indexed:
+        table, ids = gathered.inputs
+        leaf, rows = b.value(table), [b.value(ids), *rows]
     H = b.tree_map(forest_array(mb, decl, "children"), forest_array(mb, decl, "level_end"),
                    forest_array(mb, decl, "roots"), leaf, sr, sf, *rows, *params,
                    body=body, fwd=fwd, arity=decl.arity, width=total, rec=s.name, node_inputs=node_inputs,
-                   blocks=blocks)
+                   blocks=blocks, indexed=indexed)
     for st, span in zip(states, spans):
         mb.env[st.name] = RecFn(st.name, H, decl, st)
         mb.defined_at[st.name] = span

@@ -90,3 +90,22 @@ def test_per_word_leaves_match_the_per_node_reference(child_sum, words):
 def _relabel(tree, word):
     """The same tree with each leaf's word from word()."""
     return word() if isinstance(tree, int) else tuple(_relabel(k, word) for k in tree)
+
+
+@pytest.mark.parametrize("leaf, indexed", [("E[n.word]", True),
+                                           (TREE_LSTM_LEAF.replace("3 * 8", "8").replace("lstm_state", "tanh")
+                                            .replace(", 0)", ")"), True),     # per distinct word, then by index
+                                           ("tanh(E[n.word])", False)])
+def test_leaves_that_are_rows_of_a_table_are_copied_by_index(leaf, indexed):
+    """`tree_map` copies a leaf's row of the table (the embedding, or the states
+    of the distinct words) into H itself: no gathered [leaves, d] copy first."""
+    from structc.build import build_model
+    from structc.syntax import parse
+    g = build_model(parse(LEAF_MODEL.replace("LEAF", leaf))).graph
+    tm = next(n for n in g.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs.get("indexed", False) is indexed
+    leaves, ids = g.nodes[tm.inputs[3]], g.nodes[tm.inputs[6]]
+    if indexed:         # the table itself, and one row number per leaf
+        assert leaves.op.name != "gather_rows" and ids.type.shape == ("t.leaves",) and ids.type.dtype == "i32"
+    else:
+        assert leaves.type.shape[0] == "t.leaves"

@@ -438,12 +438,14 @@ def _kept_blocks(cg: CG, blocks):
 def lower_tree_map(kb, node) -> None:
     g = kb.graph
     children, level_end, roots, leaves, s_rows, s_fixed = node.inputs[:6]
+    indexed = node.attrs.get("indexed", False)
+    leaf_ids = node.inputs[6] if indexed else None     # leaf i's state: row leaf_ids[i] of `leaves`
     arity, width = node.attrs["arity"], node.attrs["width"]
     cw = arity * width          # a gathered row: the children side by side
     blocks = child_blocks(node.attrs.get("blocks", ()), width)
     vw = kb.vector_width
     nodes_d = node.shape[0]
-    leaves_d = g.nodes[leaves].shape[0]
+    leaves_d = g.nodes[leaf_ids if indexed else leaves].shape[0]
     # Training keeps every level's gathered block for the backward pass.
     kept = [u for u in g.users(node.id) if g.nodes[u].op.name == "tree_children" and u in kb.layout.buffers]
     # ... and the forward values its programs read instead of recomputing them (`tree_kept`)
@@ -460,8 +462,15 @@ def lower_tree_map(kb, node) -> None:
             """H's rows [a, z) of the leaves (clamped to them) = the leaf states."""
             last = t.imin(t.imin(t.dim(leaves_d), t.dim(nodes_d)), z)
             a = _clamp(t, a, t.i64(0), last)
-            copy_row(t, t.ptr(leaves), t.imul(a, width), t.ptr(node.id), t.imul(a, width),
-                     t.imul(t.b.sub(last, a), width), vw)
+            if not indexed:
+                copy_row(t, t.ptr(leaves), t.imul(a, width), t.ptr(node.id), t.imul(a, width),
+                         t.imul(t.b.sub(last, a), width), vw)
+                return
+            table, ids = t.ptr(leaves), t.ptr(leaf_ids)
+            top = t.b.sub(t.dim(g.nodes[leaves].shape[0]), t.i64(1))      # ids clamped to the table
+            with t.loop(last, start=a, name="leaf") as r:
+                k = load_index(t, ids, r, "i32", top)
+                copy_row(t, table, t.imul(k, width), t.ptr(node.id), t.imul(r, width), width, vw)
 
         def rows_ab(t: CG, l, slot, a, stop):
             """Gather and run the body on rows [a, stop) of level l (scratch rows from `slot`)."""
@@ -475,7 +484,7 @@ def lower_tree_map(kb, node) -> None:
                 regions = [(t.gep(p, t.imul(slot, cw)), at, w) for p, at, w in regions]
             _gather(t, t.ptr(children), H, regions, a, stop, arity, width, nodes, vw)
             gathered = {name: p for (name, _, _), (p, _, _) in zip(blocks, regions)}
-            call_body(t, entry, {**gathered, **_row_inputs(kb, t, node, 6)(a),
+            call_body(t, entry, {**gathered, **_row_inputs(kb, t, node, 6 + indexed)(a),
                                  **hoisted_values(t, program, fixed)},
                       {"h": t.gep(H, t.imul(a, width)), **_kept_blocks(t, values)(a)}, fixed, t.b.sub(stop, a), ws)
         forest = (children, arity, level_end, roots, g.nodes[roots].shape[0])

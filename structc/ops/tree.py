@@ -540,6 +540,13 @@ def _split(rest, node_inputs):
     return dict(zip(node_inputs, rest[:k])), rest[k:]
 
 
+def _leaf_ids(rest, indexed: bool):
+    """(the leaves' rows of the leaf operand, or None: its rows in order; the
+    other operands): with `indexed`, leaf i's state is row ids[i] of the leaf
+    operand, a table such as an embedding (what `gather_rows` would give)."""
+    return (rest[0], rest[1:]) if indexed else (None, rest)
+
+
 # -- the ops ------------------------------------------------------------------
 
 class TreeMap(Op):
@@ -549,8 +556,10 @@ class TreeMap(Op):
 
     def shape(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
               body, fwd, arity: int, width: int, rec: str = "h", node_inputs: tuple = (),
-              blocks: tuple = ()) -> TensorType:
+              blocks: tuple = (), indexed: bool = False) -> TensorType:
         expect(leaves.rank == 2 and leaves.shape[1] == width, f"leaf states {leaves} are not [leaves, {width}]")
+        ids, rest = _leaf_ids(rest, indexed)
+        expect(ids is None or (ids.rank == 1 and ids.dtype == "i32"), f"leaf rows {ids} are not i32[leaves]")
         for x in rest[:len(node_inputs)]:
             expect(x.shape[0] == children.shape[0], f"a row-aligned input {x} is not one row per node")
         return TensorType((children.shape[0], width), "f32")
@@ -559,12 +568,16 @@ class TreeMap(Op):
         return f"{attrs['rec']}, arity={attrs['arity']}, width={attrs['width']}, body={attrs['fwd']}"
 
     def reference(self, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
-                  body, fwd, arity, width, rec="h", node_inputs=(), blocks=(), dims=None):
+                  body, fwd, arity, width, rec="h", node_inputs=(), blocks=(), indexed=False, dims=None):
+        ids, rest = _leaf_ids(rest, indexed)
         extras, params = _split(rest, node_inputs)
+        if ids is not None:
+            leaves = leaves[np.asarray(ids, dtype=np.int64)]
         return _forward_reference(children, leaves, params, body, width, extras, blocks)
 
     def vjp(self, b, g, out, children, level_end, roots, leaves, scratch_rows, scratch_fixed, *rest,
-            body, fwd, arity, width, rec="h", node_inputs=(), blocks=()):
+            body, fwd, arity, width, rec="h", node_inputs=(), blocks=(), indexed=False):
+        ids, rest = _leaf_ids(rest, indexed)
         ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
         bwd, kept, keep_body = derive_backward(body, keep=True)
         found = _keep_program(keep_body, kept, fwd, arity, rec)
@@ -603,13 +616,16 @@ class TreeMap(Op):
                           keep=keep, keep_graph=keep_graph, node_inputs=node_inputs, blocks=blocks)
              for k, nid in enumerate(kept)]
         dH = b.tree_map_grad(children, level_end, roots, out, seed, C, sr, sf, *ins, *params, *K, **attrs)
-        d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
+        if ids is None:
+            d_leaves = b.tree_leaf_rows(dH, rows=leaves.shape[0])
+        else:       # each leaf's cotangent added into its row of the table
+            d_leaves = b.scatter_rows(b.tree_leaf_rows(dH, rows=ids.shape[0]), ids, rows=leaves.shape[0])
         parts = [b.tree_grad_part(dH, children, level_end, roots, out, seed, *ins, *params, param=name, index=k,
                                   bwd=bwd, width=width, from_roots=from_roots, node_inputs=node_inputs,
                                   keep=keep_graph, blocks=blocks)
                  for k, name in enumerate(names)]
         # the node arrays (n.x, n.word) are the forest's data: no cotangent
-        return [None, None, None, d_leaves, None, None, *(None for _ in ins), *parts]
+        return [None, None, None, d_leaves, None, None, *([None] if indexed else []), *(None for _ in ins), *parts]
 
     def lower(self, kb, node, epilogue):
         from ..lower.treemap import lower_tree_map
