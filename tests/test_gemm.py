@@ -203,3 +203,55 @@ def test_heavy_epilogue_runs_in_a_loop_and_matches_numpy():
         a = rng.normal(size=(m, 40)).astype(np.float32)
         want = 1 / (1 + np.exp(-(a @ w + c)))
         np.testing.assert_allclose(net(a=a), want, rtol=1e-5, atol=1e-6, err_msg=f"M = {m}")
+
+
+DENSE_BIAS = """model B {{
+  input x: f32[N, {k}]
+  target y: class[N] of 3
+  h = dense(x, {m}) |> tanh
+  loss cross_entropy(dense(h, 3), y)
+}}"""
+
+
+# a partial panel (40 = 32 + 8 columns); two blocks of rows (200 > MB), with a part's K past KC
+@pytest.mark.parametrize("k, n", [(24, 2 * 64 + 5), (200, 900)])
+def test_the_bias_gradient_is_summed_by_the_weight_gradients_kernel(k, n, monkeypatch):
+    """A dense layer's bias gradient (a sum_parts of the cotangent beside the
+    weight gradient's matmul_parts of it) becomes a `matmul_colsum_parts` in
+    that kernel's group, summed by the task of each part's first row block:
+    the same bits as the separate sum at 1 and 2 threads, and numpy's sums."""
+    from structc.ops import matmul as mm
+    rng = np.random.default_rng(k)
+    x, y = rng.normal(size=(n, k)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32)
+    src = DENSE_BIAS.format(k=k, m=40)
+    net = structc.compile(src, cache=False, seed=0)
+    from structc.build import build_model
+    from structc.autodiff import differentiate
+    from structc.passes import run_pipeline
+    from structc.syntax import parse
+    g = run_pipeline(differentiate(build_model(parse(src)).graph))
+    fused = [gr for gr in g.groups if {g.nodes[k].op.name for k in gr.members} >= {"matmul_parts",
+                                                                                   "matmul_colsum_parts"}]
+    assert fused and not any(nd.op.name == "sum_parts" and nd.inputs[0] == g.nodes[fused[0].members[0]].inputs[1]
+                             for nd in g.nodes.values())
+    grads, before = {}, structc.get_num_threads()
+    try:
+        for t in (1, 2):
+            structc.set_num_threads(t)
+            grads[t] = net.grad(x=x, y=y)[1]
+        monkeypatch.setattr(mm, "colsum_into_weight_gradients", lambda graph: {})   # the separate sum
+        structc.set_num_threads(1)
+        want = structc.compile(src, cache=False, seed=0).grad(x=x, y=y)[1]
+    finally:
+        structc.set_num_threads(before)
+    for t in (1, 2):
+        for k in want:
+            assert np.array_equal(grads[t][k], want[k]), (t, k)
+    w = net.params["dense1.w"].astype(np.float64)
+    h = np.tanh(x.astype(np.float64) @ w + net.params["dense1.b"])
+    logits = h @ net.params["dense2.w"] + net.params["dense2.b"]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(n), y] -= 1
+    dh = (p / n) @ net.params["dense2.w"].T * (1 - h ** 2)
+    np.testing.assert_allclose(grads[1]["dense1.b"], dh.sum(axis=0), rtol=1e-4, atol=1e-6)

@@ -261,8 +261,8 @@ def test_backward_programs_share_the_gates_cotangents(child_sum):
     grad = next(n for n in differentiate(child_sum[1].graph).nodes.values() if n.op.name == "tree_map_grad")
     assert [name for name, _ in grad.attrs["cots"]] == ["@cot0", "@cot1"]
     par = {n.op.name for n in grad.attrs["bwd_par"].graph.nodes.values()}
-    assert par <= {"input", "param", "const", "matmul", "matmul_parts", "sum", "sum_parts", "add", "slice",
-                   "tree_kids", "tree_sum_kids", "transpose", "concat"}
+    assert par <= {"input", "param", "const", "matmul", "matmul_parts", "matmul_colsum_parts", "sum", "sum_parts",
+                   "add", "slice", "tree_kids", "tree_sum_kids", "transpose", "concat"}
     in_matmuls = [n for n in grad.attrs["bwd_in"].graph.nodes.values() if n.op.name == "matmul"]
     assert len(in_matmuls) == 2             # the deltas through iou's and the forget gates' weights
 

@@ -120,7 +120,7 @@ def k_split(mr: int, nv: int) -> int:
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
-              static_m=None, static_n=None, row_stable=False, parts=1):
+              static_m=None, static_n=None, row_stable=False, parts=1, colsum=None):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
@@ -133,7 +133,10 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     [K p / parts, K (p + 1) / parts) (`matmul_parts`), with no epilogue
     (`epilogue` None: the sums go straight to C). The parts are the outer
     task index, so each thread's share is a range of k: the rows of A and B
-    it wrote itself. A part with no k stores zeros."""
+    it wrote itself. A part with no k stores zeros. `colsum`: a [parts, N]
+    buffer that also gets each part's column sums of B (`matmul_colsum_parts`,
+    a bias gradient), summed by the task of the part's first row block while
+    the panel of B is near the core."""
     vw = kb.vector_width
     nr = 2 * vw
     rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
@@ -174,6 +177,9 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             t.j0 = cg.imul(panel, nr)
             t.width = b.sub(cg.imin(cg.iadd(t.j0, nr), t.n), t.j0)
             t.masks = [cg.lane_mask(b.sub(t.width, cg.i64(v * vw)), vw) for v in range(2)]
+            if colsum is not None:
+                with cg.if_(b.icmp_signed("==", i_begin, cg.i64(0))):
+                    _column_sums(t, cg.ptr(colsum), part)
             # column shape of this panel: two full vectors, two with a partial one, or one partial
             full = b.icmp_signed("==", t.width, cg.i64(nr))
             wide = b.icmp_signed(">", t.width, cg.i64(vw))
@@ -223,6 +229,21 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
 
 _TRUE = ir.Constant(ir.IntType(1), 1)
+
+
+def _column_sums(t: _Ctx, out, part) -> None:
+    """out[part, panel's columns] = Σ B[k, those columns] over the part's k, row by
+    row from zero (the bits of a `sum_parts` of B)."""
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    vt = ir.VectorType(F32, vw)
+    acc = [cg.var(vt, ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)) for _ in range(2)]
+    cols = [cg.iadd(t.j0, v * vw) for v in range(2)]
+    with cg.loop(t.k_hi, start=t.k_lo, name="cs", unroll=False) as k:
+        row = cg.imul(k, t.n)
+        for v in range(2):
+            b.store(cg.add(b.load(acc[v]), cg.load(t.B, cg.iadd(row, cols[v]), F32, vw, t.masks[v])), acc[v])
+    for v in range(2):
+        cg.store(b.load(acc[v]), out, cg.iadd(cg.imul(part, t.n), cols[v]), mask=t.masks[v])
 
 
 @contextmanager

@@ -146,10 +146,61 @@ class MatMulParts(Op):
         k_dim, m_dim = kb.graph.nodes[x_id].shape
         n_dim = kb.graph.nodes[g_id].shape[1]
         m_of = lambda cg: cg.dim(m_dim)
+        g = kb.graph        # the bias gradient's parts, when they are in this kernel's group
+        group = next((gr.members for gr in g.groups if node.id in gr.members), ())
+        colsum = [m for m in group if g.nodes[m].op.name == "matmul_colsum_parts"]
         emit_gemm(kb, M=m_of, N=lambda cg: cg.dim(n_dim), K=lambda cg: cg.dim(k_dim), a_buf=x_id,
                   a_row_stride=lambda cg: cg.i64(1), a_k_stride=m_of, b_buf=g_id, epilogue=None,
                   scratch=node.id, name=f"matmul_parts{node.id}", static_m=m_dim, static_n=n_dim,
-                  parts=node.attrs.get("parts", PARTS))
+                  parts=node.attrs.get("parts", PARTS), colsum=colsum[0] if colsum else None)
+
+
+class MatMulColSumParts(Op):
+    """out[p] = Σ g[k] over the rows k in K_p of g [K, N], the row ranges of the
+    `matmul_parts` of the same g (its first operand): a bias gradient that the
+    weight gradient's kernel sums while it reads g anyway (the `part` trait puts
+    both in one group; `legalize` makes it from a `sum_parts` of that g). The
+    same bits as that `sum_parts`: each column summed row by row from zero.
+    Outside the group, a kernel of its own."""
+    name = "matmul_colsum_parts"
+    traits = frozenset({"part"})
+    floats_only = True
+
+    def shape(self, mparts, g, *, parts: int = PARTS) -> TensorType:
+        expect(mparts.rank == 3 and g.rank == 2 and mparts.shape[0] == parts and mparts.shape[2] == g.shape[1],
+               f"matmul_colsum_parts: {mparts} is not the {parts} weight-gradient parts of {g}")
+        return TensorType((parts, g.shape[1]), "f32")
+
+    def reference(self, mparts, g, *, parts=PARTS):
+        k = g.shape[0]
+        cuts = [k * p // parts for p in range(parts + 1)]
+        return np.stack([g[a:z].sum(axis=0) for a, z in zip(cuts, cuts[1:])])
+
+    def samples(self):      # the weight gradient's parts are read for their place in the group only
+        return [Sample((((p, 3, n), "fixed"), ((k, n), "fixed")), {"parts": p})
+                for k, n, p in ((1, 5, 2), (9, 35, 2), (300, 40, 3))]
+
+    def lower(self, kb, node, epilogue):
+        from .reduce import SumParts
+        SumParts.lower_rows(kb, node, node.inputs[1], "colsumparts")
+
+
+def colsum_into_weight_gradients(g) -> dict:
+    """{sum_parts node: matmul_colsum_parts} for each `sum_parts(d)` (a bias
+    gradient) whose d is also the second operand of a `matmul_parts` with the
+    same parts (the layer's weight gradient): the kernel reading d sums it."""
+    out = {}
+    for nid, node in list(g.nodes.items()):
+        if node.op.name != "sum_parts" or len(g.nodes[node.inputs[0]].shape) != 2:
+            continue
+        d, parts = node.inputs[0], node.attrs.get("parts", 2)
+        weights = [u for u in g.users(d) if g.nodes[u].op.name == "matmul_parts"
+                   and g.nodes[u].inputs[1] == d and g.nodes[u].attrs.get("parts", PARTS) == parts]
+        if weights:
+            from ..graph import Builder
+            b = Builder(g, node.span)
+            out[nid] = b.matmul_colsum_parts(b.value(weights[0]), b.value(d), parts=parts)
+    return out
 
 
 def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):

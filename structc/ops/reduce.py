@@ -123,10 +123,14 @@ class SumParts(Op):
                 for k, cols, p in ((1, (5,), 2), (7, (3, 4), 2), (300, (40,), 2), (50, (600,), 3))]
 
     def lower(self, kb, node, epilogue):
-        x = node.inputs[0]
+        self.lower_rows(kb, node, node.inputs[0], "sumparts")
+
+    @staticmethod
+    def lower_rows(kb, node, x, kind):
+        """node [parts, cols...] = the parts' sums of the rows of x."""
         rows = kb.graph.nodes[x].shape[0]
-        _lower_column_blocks(kb, node, "sumparts", _Combine(0.0, lambda cg, a, b: cg.add(a, b), None),
-                             [(True, [rows]), (False, list(node.shape[1:]))], parts=node.attrs.get("parts", 2))
+        _lower_column_blocks(kb, node, kind, _Combine(0.0, lambda cg, a, b: cg.add(a, b), None),
+                             [(True, [rows]), (False, list(node.shape[1:]))], parts=node.attrs.get("parts", 2), x=x)
 
 
 class Max(Op):
@@ -301,7 +305,7 @@ def lower_reduction(kb, node, kind: str, comb: _Combine):
 WIDE_BLOCK, NARROW_BLOCK = 16, 4
 
 
-def _lower_column_blocks(kb, node, kind: str, comb: _Combine, groups, parts: int = 1) -> None:
+def _lower_column_blocks(kb, node, kind: str, comb: _Combine, groups, parts: int = 1, x=None) -> None:
     """x [rows..., cols...] reduced over its leading axes (a bias gradient's sum
     over the batch): each task owns a block of columns and runs their sums in
     registers down every row, so a wide sum splits across threads and no
@@ -313,7 +317,7 @@ def _lower_column_blocks(kb, node, kind: str, comb: _Combine, groups, parts: int
     from llvmlite import ir
     from ..lower.codegen import F32
     from ..lower.module import run_time_numel
-    x = node.inputs[0]
+    x = node.inputs[0] if x is None else x
     vw = kb.vector_width
     wide, narrow = WIDE_BLOCK * vw, NARROW_BLOCK * vw
     rows_dims, cols_dims = groups[0][1], groups[1][1]

@@ -12,7 +12,16 @@ from ..graph import Builder, Graph
 
 
 def legalize(g: Graph) -> Graph:
-    return rewrite_by_rule(g, "legalize")
+    g = rewrite_by_rule(g, "legalize")
+    # then a bias gradient in parts becomes a result of its weight gradient's kernel
+    # (both made by the rules above: `matmul_parts` and `sum_parts` of one cotangent)
+    from ..ops.matmul import colsum_into_weight_gradients
+    new_of = {old: value.id for old, value in colsum_into_weight_gradients(g).items()}
+    if new_of:
+        g.replace_all_uses(new_of)
+        for old in new_of:
+            g.remove(old)
+    return g
 
 
 def rewrite_by_rule(g: Graph, method: str) -> Graph:
