@@ -189,6 +189,7 @@ def colsum_into_weight_gradients(g) -> dict:
     """{sum_parts node: matmul_colsum_parts} for each `sum_parts(d)` (a bias
     gradient) whose d is also the second operand of a `matmul_parts` with the
     same parts (the layer's weight gradient): the kernel reading d sums it."""
+    from ..graph import Builder
     out = {}
     for nid, node in list(g.nodes.items()):
         if node.op.name != "sum_parts" or len(g.nodes[node.inputs[0]].shape) != 2:
@@ -197,7 +198,6 @@ def colsum_into_weight_gradients(g) -> dict:
         weights = [u for u in g.users(d) if g.nodes[u].op.name == "matmul_parts"
                    and g.nodes[u].inputs[1] == d and g.nodes[u].attrs.get("parts", PARTS) == parts]
         if weights:
-            from ..graph import Builder
             b = Builder(g, node.span)
             out[nid] = b.matmul_colsum_parts(b.value(weights[0]), b.value(d), parts=parts)
     return out
