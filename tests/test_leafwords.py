@@ -1,11 +1,12 @@
 """A leaf case computed once per distinct word (`structc/leafwords.py`)."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import structc
 from structc.forest import Forest, distinct_words
 from test_treelstm import CHILD_SUM_FUSED, child_sum_reference
-from test_trees import random_tree
+from test_trees import forests, random_tree
 
 
 @pytest.mark.parametrize("vocab, n", [(5, 40), (1000, 800), (10 ** 6, 30), (1, 1)])
@@ -109,3 +110,32 @@ def test_leaves_that_are_rows_of_a_table_are_copied_by_index(leaf, indexed):
         assert leaves.op.name != "gather_rows" and ids.type.shape == ("t.leaves",) and ids.type.dtype == "i32"
     else:
         assert leaves.type.shape[0] == "t.leaves"
+
+
+@pytest.fixture(scope="module")
+def child_sum16():
+    """The Child-Sum Tree-LSTM over the 16 words `test_trees.forests` draws."""
+    return structc.compile(CHILD_SUM_FUSED.replace("vocab=12", "vocab=16").replace("embedding(12", "embedding(16"),
+                           cache=False)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(forests())
+def test_hypothesis_forests_per_word_match_the_per_node_reference(child_sum16, forest):
+    """Single leaves, chains of one word, full trees, mixed arity, up to 500
+    nodes: every node's state, the loss and the leaf layer's gradient along a
+    random direction, against the reference that computes every leaf itself."""
+    net = child_sum16
+    y = (np.arange(forest.trees) % 3).astype(np.int32)
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    H, C, want = child_sum_reference(p, forest, y)
+    np.testing.assert_allclose(net.forward(t=forest)["states"], np.concatenate([H, C], axis=1),
+                               rtol=1e-4, atol=1e-5)
+    loss, grads = net.grad(t=forest, y=y)
+    assert loss == pytest.approx(want, rel=1e-5)
+    v = np.random.default_rng(forest.nodes).normal(size=grads["leaf.w"].shape)
+    eps = 1e-5
+    fd = (child_sum_reference({**p, "leaf.w": p["leaf.w"] + eps * v}, forest, y)[2]
+          - child_sum_reference({**p, "leaf.w": p["leaf.w"] - eps * v}, forest, y)[2]) / (2 * eps)
+    assert np.sum(grads["leaf.w"] * v) == pytest.approx(fd, rel=2e-3, abs=1e-6)
