@@ -14,8 +14,9 @@ word's leaves' cotangents first (the gather's VJP), then runs once per word.
 
 It applies only where the result cannot change: every op between `n.word`
 and the case's value works row by row (the allowlist below), and every other
-operand is computed from parameters and constants alone (a mean over the
-leaves, a per-leaf input or random numbers refuse it). It pays only for real
+operand is computed from parameters, constants and inputs without the leaf
+dimension alone (a mean over the leaves, a per-leaf input or random numbers
+refuse it). It pays only for real
 work per row, so a case without a matmul or gate math (`E[n.word]` alone) is
 left as it is.
 """
@@ -26,8 +27,9 @@ from .types import TensorType
 
 #: ops that do the work the rewrite saves
 WORK = {"matmul", "lstm_state"}
-#: ops without inputs a value may be computed from and still be the same for every row
-SOURCES = {"param", "const"}
+#: ops without operands a value may be computed from and still be the same for every row
+#: (a model input without the leaf dimension: a fixed embedding passed in)
+SOURCES = {"param", "const", "input"}
 
 
 def by_distinct_word(mb, decl, leaf: Value) -> Value:
@@ -86,8 +88,8 @@ def _row_by_row(g, n: int, region: set, words: int, leaves: str, fixed: dict) ->
 
 
 def _fixed(g, n: int, leaves: str, memo: dict) -> bool:
-    """Is node n computed from parameters and constants alone (so the same for
-    every row), with no leaf dimension in its shape?"""
+    """Is node n computed from parameters, constants and inputs alone (so the same
+    for every row), with no leaf dimension in its shape or its operands'?"""
     if n not in memo:
         node = g.nodes[n]
         if leaves in node.shape:

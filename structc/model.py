@@ -226,6 +226,10 @@ def _check_exact_in_float32(names: frozenset, entry: _Entry, arrays: list) -> No
                                  "2**24 in magnitude, or only index with them)")
 
 
+#: what every part of a model must agree on: its entries share the arena, the inputs and the dims
+_SHARED_META = ("params", "param_size", "frozen", "inputs", "forests", "graphs", "sequences", "symbols")
+
+
 class _Entries(dict):
     """The entry points by kind. Asking for one that is not there yet (`get`
     or `[]`) first compiles the parts the model deferred."""
@@ -322,6 +326,10 @@ class Net:
                 return kind in self._entries
             for part in [p for p in self.meta["deferred"] if _part_wanted(p, kind)]:
                 meta, objects = self._compile_deferred(part)
+                differ = [k for k in _SHARED_META if meta.get(k) != self.meta.get(k)]
+                if differ:      # its entries would read the arena and the inputs laid out otherwise
+                    raise RuntimeError(f"model {self.name}: the {part} part compiled now does not match the parts "
+                                       f"loaded before ({', '.join(differ)} differ); compile the model again")
                 self._module.add(objects)
                 self._add_entries(meta["entries"], self._module)
                 self.meta["entries"].update(meta["entries"])

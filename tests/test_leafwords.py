@@ -32,6 +32,8 @@ model Leaves {
   input  t: forest of word(vocab=12)
   target y: class[t.trees] of 3
   param  E: embedding(12, 8)
+  input  F: f32[12, 8]
+  input  z: f32[8]
   rec h(n) = leaf: LEAF
              node: tanh(dense(concat(h(n.left), h(n.right)), 8))
   loss cross_entropy(dense(h(t.root), 3), y)
@@ -46,6 +48,9 @@ model Leaves {
     ("E[n.word]", False),                                    # no work to save: one gather stays one
     ("tanh(E[n.word])", False),
     ("dropout(dense(E[n.word], 8), 0.5)", False),            # a mask per leaf, not per word
+    ("tanh(dense(F[n.word], 8))", True),                     # a fixed embedding passed as an input
+    ("tanh(dense(E[n.word], 8)) * z", True),                 # an input without the leaf dimension
+    ("tanh(dense(E[n.word], 8) + mean(E[n.word], axes=(0,)))", False),     # a mean over the leaves
 ])
 def test_which_leaf_cases_run_per_distinct_word(leaf, rewritten):
     meta = graph_of(LEAF_MODEL.replace("LEAF", leaf))
@@ -139,3 +144,40 @@ def test_hypothesis_forests_per_word_match_the_per_node_reference(child_sum16, f
     fd = (child_sum_reference({**p, "leaf.w": p["leaf.w"] + eps * v}, forest, y)[2]
           - child_sum_reference({**p, "leaf.w": p["leaf.w"] - eps * v}, forest, y)[2]) / (2 * eps)
     assert np.sum(grads["leaf.w"] * v) == pytest.approx(fd, rel=2e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("leaf", ["tanh(dense(E[n.word], 8))", "dense(onehot(n.word, 12), 8)",
+                                  "tanh(dense(F[n.word], 8)) * z",
+                                  "chunk(lstm_state(dense(E[n.word], 24), 0), 0, 2)"])
+def test_a_case_per_word_gives_what_it_gives_per_leaf(leaf, monkeypatch):
+    """The loss and every gradient with the rewrite against the same model with
+    the leaf case run per leaf, on forests that repeat words."""
+    from structc import recursion
+    src = LEAF_MODEL.replace("LEAF", leaf)
+    rng = np.random.default_rng(5)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 15)), 5) for _ in range(6)])  # 5 of 12 words
+    feed = {"t": f, "y": (np.arange(f.trees) % 3).astype(np.int32)}
+    if "F[" in leaf:
+        feed.update(F=rng.normal(size=(12, 8)).astype(np.float32), z=rng.normal(size=8).astype(np.float32))
+    per_word = structc.compile(src, cache=False, seed=1, training=True)     # both parts before the patch
+    monkeypatch.setattr(recursion, "by_distinct_word", lambda mb, decl, value: value)
+    per_leaf = structc.compile(src, cache=False, seed=1, training=True)
+    assert per_word.meta["forests"][0]["kinds"] and not per_leaf.meta["forests"][0]["kinds"]
+    (lw, gw), (ll, gl) = per_word.grad(**feed), per_leaf.grad(**feed)
+    assert lw == pytest.approx(ll, rel=1e-6)
+    for k in gl:
+        np.testing.assert_allclose(gw[k], gl[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_a_training_part_built_otherwise_than_the_forward_is_refused(monkeypatch):
+    """The training entries, compiled on the first training call, must lay out
+    the arena and the inputs as the forward part did: a part built otherwise
+    (here: its leaf case per leaf, where the forward's is per word) is an
+    error, not a step on arrays it does not expect."""
+    from structc import recursion
+    net = structc.compile(LEAF_MODEL.replace("LEAF", "tanh(dense(E[n.word], 8))"), cache=False)
+    assert net.meta["deferred"] and net.meta["forests"][0]["kinds"]
+    monkeypatch.setattr(recursion, "by_distinct_word", lambda mb, decl, value: value)
+    f = Forest.from_tuples([(1, 2), 3])
+    with pytest.raises(RuntimeError, match="does not match.*forests"):
+        net.grad(t=f, y=np.zeros(2, np.int32))
