@@ -380,3 +380,30 @@ def test_the_fine_tuning_example_trains_the_head_only_and_saves_time(tmp_path):
     with np.load(tmp_path / "base.npz") as a, np.load(tmp_path / "tuned.npz") as b:
         for name in a.files:
             assert np.array_equal(a[name], b[name]) == name.startswith("conv"), name
+
+
+EMBED = """model Embed {
+  input  w: i32[N]
+  target y: class[N] of 3
+  param  E: embedding(40, 24)
+  loss cross_entropy(dense(E[w], 3), y)
+}"""
+
+
+def test_sgd_is_p_minus_lr_g_bit_for_bit_where_the_gradient_is_zero_too(rng):
+    """SGD skips the store of a vector whose step is +0 in every lane (the rows
+    of an embedding no word of the batch used): every parameter must still be
+    exactly p - lr g in float32, as numpy computes it, in vectors of zero,
+    nonzero and mixed lanes, and for parameters that are -0.0."""
+    net = structc.compile(EMBED, training=True)
+    E = net.params["E"]
+    E[::3] = -0.0                           # -0.0 - (+0.0) is -0.0: a skipped store keeps it
+    w = np.array([1, 2, 2, 7, 30], np.int32)                # most rows get no gradient
+    y = rng.integers(0, 3, len(w)).astype(np.int32)
+    before = {k: v.copy() for k, v in net.params.items()}
+    _, grads = net.grad(w=w, y=y)
+    assert (grads["E"] == 0).all(axis=1).sum() == 40 - 4
+    net.train_step(0.5, w=w, y=y)
+    for name, g in grads.items():
+        want = before[name] - np.float32(0.5) * g
+        assert np.array_equal(net.params[name].view(np.int32), want.view(np.int32)), name

@@ -123,6 +123,15 @@ def _vec(t, n):
     return ir.VectorType(t, n) if n > 1 else t
 
 
+def _any_bits(cg, v):
+    """Whether any lane of the float vector v is not +0.0 (its bits not all zero)."""
+    from llvmlite import ir
+    b = cg.b
+    n = v.type.count if isinstance(v.type, ir.VectorType) else 1
+    it = ir.IntType(32 * n)         # the lanes' bits as one integer: zero iff every lane is +0.0
+    return b.icmp_unsigned("!=", b.bitcast(v, it), ir.Constant(it, 0))
+
+
 def _imax(cg, a, b):
     return cg.b.select(cg.b.icmp_signed(">", a, b), a, b)
 
@@ -133,8 +142,12 @@ def _apply(cg, rule, j, n, params, grads, state, h, one, size, decay, mask=None)
     p = cg.load(params, j, n=n, mask=mask)
     g = cg.fma(h[CLIP_SCALE], cg.load(grads, j, n=n, mask=mask), cg.mul(decay, p))
     if rule == "sgd":
-        p = cg.sub(p, cg.mul(h[LR], g))
-    elif rule == "momentum":
+        # A step of +0 in every lane leaves p as it is, bit for bit: no store, so the
+        # rows of an embedding that no word of the batch used stay clean in every cache.
+        with cg.if_(_any_bits(cg, g)):
+            cg.store(cg.sub(p, cg.mul(h[LR], g)), params, j, mask=mask)
+        return
+    if rule == "momentum":
         v = cg.fma(h[MOMENTUM], cg.load(state, j, n=n, mask=mask), g)
         cg.store(v, state, j, mask=mask)
         p = cg.sub(p, cg.mul(h[LR], v))
