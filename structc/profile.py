@@ -333,7 +333,9 @@ class Report:
         if any(r.percent_of(self.peak) > 100 for r in self.rows):
             out.append("\nabove 100% of peak: the peak was measured while the machine was busy; give it (--peak)")
         if any(r.nested for r in self.rows):
-            out.append("\n(inside): run by another kernel (a recursion's levels); its time is part of that kernel's")
+            out.append("\n(inside): run by another kernel (a recursion's levels); its time is part of that kernel's"
+                       + ("; with several threads, the sum of their times (its share can pass the wall time's)"
+                          if any(r.nested and r.threads > 1 for r in self.rows) else ""))
         return "\n".join(out)
 
     def trace(self) -> dict:

@@ -211,6 +211,34 @@ def test_kernels_run_inside_a_recursion_are_marked_and_counted_once(capsys):
     assert "rec h(n) = leaf" in out
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_inside_a_recursion_at_two_threads_say_their_times_are_summed(threads):
+    """At 2 threads a forest's groups run a level's kernels on both threads at
+    once: their rows add both threads' times, and the table says so."""
+    from structc.forest import Forest
+    from test_trees import random_tree
+    src = """model T {
+  input  t: forest of word(vocab=50)
+  target y: class[t.trees] of 2
+  param  E: embedding(50, 16)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.left), h(n.right)), 16))
+  loss cross_entropy(dense(h(t.root), 2), y)
+}"""
+    rng = np.random.default_rng(0)
+    f = Forest.from_tuples([random_tree(rng, 25, 50) for _ in range(32)])
+    before = structc.get_num_threads()
+    try:
+        structc.set_num_threads(threads)
+        report = profile(profiled_net(src, "<t>"), {"t": f, "y": (np.arange(32) % 2).astype(np.int32)},
+                         steps=3, peak=PEAK)
+    finally:
+        structc.set_num_threads(before)
+    nested = [r for r in report.rows if r.nested]
+    assert nested and max(r.threads for r in nested) == threads
+    assert ("the sum of their times" in report.table()) is (threads == 2)
+
+
 def test_the_event_bound_covers_the_pools_most_claims():
     """The buffer is sized by _events_bound: it must cover the most chunks the
     runtime's pool can make of a call (runtime/structc_rt.c: one share of
