@@ -177,3 +177,29 @@ def test_a_training_part_built_otherwise_than_the_forward_is_refused(monkeypatch
     f = Forest.from_tuples([(1, 2), 3])
     with pytest.raises(RuntimeError, match="does not match.*forests"):
         net.grad(t=f, y=np.zeros(2, np.int32))
+
+
+@pytest.mark.parametrize("dtype", ["i32", "i64"])
+def test_leaves_by_index_take_ids_of_either_integer_type(dtype):
+    """A leaf case `E[z]` over an integer input of either width (what `gather_rows`
+    takes) is copied by index too: native forward, loss and gradients against
+    the interpreter, with ids that repeat."""
+    from structc.build import build_model
+    from structc.syntax import parse
+    from test_trees import check_native
+    src = f"""model I {{
+  input  t: forest of word(vocab=20)
+  input  z: {dtype}[t.leaves]
+  target y: class[t.trees] of 2
+  param  E: embedding(20, 8)
+  rec h(n) = leaf: E[z]
+             node: tanh(dense(concat(h(n.left), h(n.right)), 8))
+  loss cross_entropy(dense(h(t.root), 2), y)
+}}"""
+    mdef = build_model(parse(src))
+    tm = next(n for n in mdef.graph.nodes.values() if n.op.name == "tree_map")
+    assert tm.attrs["indexed"]
+    rng = np.random.default_rng(1)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 9)), 20) for _ in range(5)])
+    z = rng.integers(0, 6, f.leaves).astype(np.int32 if dtype == "i32" else np.int64)
+    check_native(structc.compile(src, cache=False), mdef, f, {"z": z, "y": (np.arange(f.trees) % 2).astype(np.int32)})

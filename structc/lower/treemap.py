@@ -469,7 +469,7 @@ def lower_tree_map(kb, node) -> None:
             table, ids = t.ptr(leaves), t.ptr(leaf_ids)
             top = t.b.sub(t.dim(g.nodes[leaves].shape[0]), t.i64(1))      # ids clamped to the table
             with t.loop(last, start=a, name="leaf") as r:
-                k = load_index(t, ids, r, "i32", top)
+                k = load_index(t, ids, r, g.nodes[leaf_ids].type.dtype, top)
                 copy_row(t, table, t.imul(k, width), t.ptr(node.id), t.imul(r, width), width, vw)
 
         def rows_ab(t: CG, l, slot, a, stop):

@@ -559,7 +559,8 @@ class TreeMap(Op):
               blocks: tuple = (), indexed: bool = False) -> TensorType:
         expect(leaves.rank == 2 and leaves.shape[1] == width, f"leaf states {leaves} are not [leaves, {width}]")
         ids, rest = _leaf_ids(rest, indexed)
-        expect(ids is None or (ids.rank == 1 and ids.dtype == "i32"), f"leaf rows {ids} are not i32[leaves]")
+        expect(ids is None or (ids.rank == 1 and ids.dtype in ("i32", "i64")),
+               f"leaf rows {ids} are not a vector of integers, one per leaf")
         for x in rest[:len(node_inputs)]:
             expect(x.shape[0] == children.shape[0], f"a row-aligned input {x} is not one row per node")
         return TensorType((children.shape[0], width), "f32")
