@@ -16,12 +16,7 @@ def legalize(g: Graph) -> Graph:
     # then a bias gradient in parts becomes a result of its weight gradient's kernel
     # (both made by the rules above: `matmul_parts` and `sum_parts` of one cotangent)
     from ..ops.matmul import colsum_into_weight_gradients
-    new_of = {old: value.id for old, value in colsum_into_weight_gradients(g).items()}
-    if new_of:
-        g.replace_all_uses(new_of)
-        for old in new_of:
-            g.remove(old)
-    return g
+    return _replaced(g, {old: value.id for old, value in colsum_into_weight_gradients(g).items()})
 
 
 def rewrite_by_rule(g: Graph, method: str) -> Graph:
@@ -43,6 +38,11 @@ def rewrite_by_rule(g: Graph, method: str) -> Graph:
         elif new is not None:
             assert nid not in new_of, f"two {method} rules replace node %{nid}"
             new_of[nid] = new.id
+    return _replaced(g, new_of)
+
+
+def _replaced(g: Graph, new_of: dict[int, int]) -> Graph:
+    """g with each node `old` of new_of replaced by new_of[old] in its uses, and removed."""
     for old, new in new_of.items():     # a rule may return a node a later rule replaced
         while new in new_of:
             new = new_of[new]
