@@ -216,23 +216,15 @@ def test_kernels_inside_a_recursion_at_two_threads_say_their_times_are_summed(th
     """At 2 threads a forest's groups run a level's kernels on both threads at
     once: their rows add both threads' times, and the table says so."""
     from structc.forest import Forest
-    from test_trees import random_tree
-    src = """model T {
-  input  t: forest of word(vocab=50)
-  target y: class[t.trees] of 2
-  param  E: embedding(50, 16)
-  rec h(n) = leaf: E[n.word]
-             node: tanh(dense(concat(h(n.left), h(n.right)), 16))
-  loss cross_entropy(dense(h(t.root), 2), y)
-}"""
+    from test_trees import BINARY, random_tree
     rng = np.random.default_rng(0)
-    f = Forest.from_tuples([random_tree(rng, 25, 50) for _ in range(32)])
+    f = Forest.from_tuples([random_tree(rng, 25, 20) for _ in range(32)])
     before = structc.get_num_threads()
     try:
         structc.set_num_threads(threads)
         # steps back to back keep the worker spinning: a sleeping one would find its share
         # taken by the caller, and the levels would run on one thread
-        report = profile(profiled_net(src, "<t>"), {"t": f, "y": (np.arange(32) % 2).astype(np.int32)},
+        report = profile(profiled_net(BINARY, "<t>"), {"t": f, "y": (np.arange(32) % 3).astype(np.int32)},
                          steps=40, warmup=40, peak=PEAK)
     finally:
         structc.set_num_threads(before)
