@@ -60,22 +60,19 @@ WORKLOADS = {   # name: (source or path, data set, global batch, optimizer, lr)
 }
 
 
-class TimedComm:
-    """A communicator that adds up the time spent in the gradients' sum (`Allreduce`,
-    waiting for the slower rank included; DataParallel makes the next feed before it)."""
+class TimedSum:
+    """A `DataParallel`'s sum of the gradients (shared memory or `Allreduce`), timed:
+    waiting for the slower rank included (DataParallel makes the next feed before it)."""
 
-    def __init__(self, comm):
-        self.comm, self.seconds, self.cpu_seconds = comm, 0.0, 0.0
+    def __init__(self, dp):
+        self.sum, self.seconds, self.cpu_seconds = dp._sum, 0.0, 0.0
+        dp._sum = self
 
-    def Allreduce(self, *args, **kwargs):
+    def __call__(self):
         t0, c0 = time.perf_counter(), time.process_time()
-        self.comm.Allreduce(*args, **kwargs)
+        self.sum()
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += time.process_time() - c0
-
-    def __getattr__(self, name):
-        return getattr(self.comm, name)
-
 
 
 def prepared(name: str):
@@ -101,10 +98,10 @@ def worker(name: str, threads: int, distributed: bool, epochs: int, global_batch
     set_num_threads(threads)
     source, data_name, batch, optimizer, lr = WORKLOADS[name]
     batch = global_batch or batch
-    comm = dp = None
+    comm = dp = timed = None
     t0 = time.perf_counter()
     if distributed:
-        comm = TimedComm(dist.mpi().COMM_WORLD)
+        comm = dist.mpi().COMM_WORLD
     t1 = time.perf_counter()
     net = structc.compile(source) if comm is None else dist.rank0_first(comm, lambda: structc.compile(source))
     compile_s = time.perf_counter() - t1
@@ -116,6 +113,7 @@ def worker(name: str, threads: int, distributed: bool, epochs: int, global_batch
     t3 = time.perf_counter()
     if comm is not None:
         dp = dist.DataParallel(net, comm)
+        timed = TimedSum(dp)
     mpi_s = (t1 - t0) + (time.perf_counter() - t3)      # MPI's start and the broadcast
     items = dist._train_items(data)
     costs = dist.item_costs(data)
@@ -126,7 +124,7 @@ def worker(name: str, threads: int, distributed: bool, epochs: int, global_batch
         order = rng.permutation(items)
         if comm is not None:
             comm.Barrier()
-            comm.seconds = comm.cpu_seconds = 0.0
+            timed.seconds = timed.cpu_seconds = 0.0
         start, start_cpu = time.perf_counter(), time.process_time()
         if dp is None:
             shares = [order[at:at + batch] for at in range(0, len(order), batch)]
@@ -142,12 +140,12 @@ def worker(name: str, threads: int, distributed: bool, epochs: int, global_batch
         if epoch < warmup:
             continue
         times.append(time.perf_counter() - start)
-        allreduce.append(comm.seconds if comm is not None else 0.0)
-        # CPU time outside the Allreduce (MPICH busy-polls in it): the rank's own work,
-        # which does not depend on what else the machine runs
-        cpu.append(time.process_time() - start_cpu - (comm.cpu_seconds if comm is not None else 0.0))
+        allreduce.append(timed.seconds if timed is not None else 0.0)
+        # CPU time outside the sum (it busy-polls): the rank's own work, which does not
+        # depend on what else the machine runs
+        cpu.append(time.process_time() - start_cpu - (timed.cpu_seconds if timed is not None else 0.0))
     if comm is not None:
-        cpu = [max(per_rank) for per_rank in zip(*comm.comm.allgather(cpu))]     # the slower rank's
+        cpu = [max(per_rank) for per_rank in zip(*comm.allgather(cpu))]     # the slower rank's
     if comm is None or comm.Get_rank() == 0:
         print(json.dumps({"epoch_s": times, "cpu_s": cpu, "allreduce_s": allreduce, "compile_s": compile_s, "data_s": data_s,
                           "mpi_s": mpi_s,

@@ -1,11 +1,12 @@
 """Run under `mpiexec -n 2` by tests/test_distributed.py: data-parallel gradients and
 optimizer steps for each family, written to OUT/rank<r>.npz for the test to compare.
 
-    python tests/mpi_worker.py OUT [crash]
+    python tests/mpi_worker.py OUT [crash | sum]
 
 Rank 0 also writes the single-process gradient of the concatenated batch (a Net of
 its own, the same initial parameters) and the single-process parameters after the
-same three steps, under `ref:` keys.
+same three steps, under `ref:` keys. `sum` (any number of ranks): the shared-memory
+sum of random arrays, each rank's result and inputs.
 """
 import sys
 import warnings
@@ -209,6 +210,8 @@ def main():
             raise RuntimeError("deliberate failure on rank 1")
         dp.train_step(lr=0.1, x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int32))   # waits for rank 1
         return
+    if len(sys.argv) > 2 and sys.argv[2] == "sum":
+        return shared_sums(comm, out_dir)
     results = {}
     for name, (source, mine0, mine1, whole) in cases().items():
         # rank 0 compiles into the cache first; the other rank's initial parameters differ: the broadcast fixes them
@@ -218,8 +221,13 @@ def main():
         start = {k: v.copy() for k, v in net.params.items()}
         loss, grads = dp.grad(**mine[0])
         results[f"{name}:loss"] = loss
+        results[f"{name}:shared_memory"] = dp._shared_sum is not None
         for k, g in grads.items():
             results[f"{name}:grad:{k}"] = g
+        loss, grads = DataParallel(net, shared_memory=False).grad(**mine[0])      # summed by Allreduce
+        results[f"{name}:allreduce:loss"] = loss
+        for k, g in grads.items():
+            results[f"{name}:allreduce:grad:{k}"] = g
         ref = structc.compile(source) if rank == 0 else None
         if rank == 0:
             for k, v in start.items():
@@ -265,6 +273,25 @@ def main():
     net = rank0_first(comm, lambda: structc.compile(DROPOUT, seed=0))
     DataParallel(net)
     results["dropout:key"] = net._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2].copy()
+    np.savez(f"{out_dir}/rank{rank}.npz", **results)
+
+
+def shared_sums(comm, out_dir):
+    """Five sums of 1,000 random floats per rank (of very different sizes, so that
+    the order of the additions shows in the bits), each rank's inputs and results."""
+    from mpi4py import MPI
+
+    from structc.shmsum import shared_sum
+    rank = comm.Get_rank()
+    rng = np.random.default_rng(rank)
+    total = shared_sum(MPI, comm, 1000)
+    results = {}
+    for step in range(5):
+        mine = (rng.normal(size=1000) * 10.0 ** rng.integers(-8, 8, 1000)).astype(np.float32)
+        arena = mine.copy()
+        total(arena)
+        results[f"in{step}"], results[f"out{step}"] = mine, arena
+    total.free()
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
 
 

@@ -42,10 +42,10 @@ def _need_mpi():
         pytest.skip(why)
 
 
-def mpiexec(*args, timeout=TIMEOUT):
+def mpiexec(*args, timeout=TIMEOUT, ranks=2):
     env = dict(os.environ, STRUCTC_NUM_THREADS="1")
-    return subprocess.run(["mpiexec", "-n", "2", sys.executable, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,34 @@ def test_gradient_equals_one_process_on_the_whole_batch(ranks, family):
         want = r0[f"ref:{k}"]
         np.testing.assert_allclose(r0[k], want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=k)
         assert np.array_equal(r0[k], r1[k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_ranks_sum_through_shared_memory_as_allreduce_does(ranks, family):
+    """Two ranks on this machine sum the arena through shared memory (structc.shmsum);
+    the gradient is the Allreduce's, bit for bit (a + b either way)."""
+    r0, r1 = ranks
+    assert r0[f"{family}:shared_memory"] and r1[f"{family}:shared_memory"]
+    keys = [k for k in r0 if k.startswith(f"{family}:grad:")]
+    for r in (r0, r1):
+        assert r[f"{family}:loss"] == r[f"{family}:allreduce:loss"]
+        for k in keys:
+            assert np.array_equal(r[k], r[k.replace(":grad:", ":allreduce:grad:")]), k
+
+
+def test_the_shared_memory_sum_adds_in_rank_order_on_every_rank(tmp_path):
+    """Three ranks (more than two: the order of the additions matters): every rank gets
+    ((x0 + x1) + x2) in float32, bit for bit, over steps that reuse the two slots."""
+    _need_mpi()
+    run = mpiexec(WORKER, tmp_path, "sum", ranks=3, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(3)]
+    for step in range(5):
+        x = [g[f"in{step}"] for g in got]
+        want = (x[0] + x[1]) + x[2]
+        assert not np.array_equal(want, x[0] + (x[1] + x[2]))       # the order shows
+        for g in got:
+            assert np.array_equal(g[f"out{step}"], want), step
 
 
 @pytest.mark.parametrize("family", FAMILIES)
