@@ -220,6 +220,66 @@ static PyObject *unweigh_arena(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyFloat_FromDouble((double)loss);
 }
 
+static SC_VECTORISE void add_into(float *out, const float *a, const float *b, Py_ssize_t n) {
+    for (Py_ssize_t k = 0; k < n; k++) out[k] = a[k] + b[k];
+}
+
+static SC_VECTORISE void add_to(float *out, const float *a, Py_ssize_t n) {
+    for (Py_ssize_t k = 0; k < n; k++) out[k] += a[k];
+}
+
+/* add_arenas(out, parts): out = ((parts[0] + parts[1]) + parts[2]) + ..., element
+ * by element in float32, in that order (structc/shmsum.py: every rank adds the
+ * ranks' slots in rank order, so all get the same bits). Every part is a float32
+ * arena as long as out; two at least. In C: numpy's add costs a microsecond of
+ * call overhead and warns on overflow, which an Allreduce does not. */
+static PyObject *add_arenas(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add_arenas takes 2 arguments");
+        return NULL;
+    }
+    PyObject *parts = PySequence_Fast(args[1], "add_arenas: parts must be a sequence of arenas");
+    if (!parts) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(parts);
+    if (count < 2 || count > 4096) {
+        Py_DECREF(parts);
+        PyErr_SetString(PyExc_ValueError, "add_arenas: between 2 and 4096 parts");
+        return NULL;
+    }
+    Py_buffer out;
+    if (arena_view(args[0], &out) < 0) {
+        Py_DECREF(parts);
+        return NULL;
+    }
+    /* every part checked before out is written: an error leaves out as it was */
+    Py_buffer *views = PyMem_Calloc((size_t)count, sizeof(Py_buffer));
+    Py_ssize_t held = 0;
+    int ok = views != NULL;
+    if (!ok) PyErr_NoMemory();
+    while (ok && held < count) {
+        if (arena_view(PySequence_Fast_GET_ITEM(parts, held), &views[held]) < 0) {
+            ok = 0;
+            break;
+        }
+        held++;             /* views[held - 1] is now to be released */
+        if (views[held - 1].len != out.len || views[held - 1].buf == out.buf) {
+            PyErr_SetString(PyExc_ValueError, "add_arenas: every part must be as long as out, and not out");
+            ok = 0;
+        }
+    }
+    if (ok) {
+        Py_ssize_t n = out.len / 4;
+        add_into((float *)out.buf, (const float *)views[0].buf, (const float *)views[1].buf, n);
+        for (Py_ssize_t k = 2; k < count; k++) add_to((float *)out.buf, (const float *)views[k].buf, n);
+    }
+    for (Py_ssize_t k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    PyMem_Free(views);
+    PyBuffer_Release(&out);
+    Py_DECREF(parts);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* lpt_owners(costs, size, owner): data-parallel sharding (structc/distributed.py,
  * `balance_batches`). `costs` is float64 [rows, batch], each row an epoch's batch
  * with its costs sorted largest first; each position in turn goes to the least-
@@ -861,6 +921,8 @@ static PyMethodDef methods[] = {
      "weigh_arena(arena, count, loss): data-parallel's gradients times count, then count, loss * count"},
     {"unweigh_arena", (PyCFunction)(void (*)(void))unweigh_arena, METH_FASTCALL,
      "unweigh_arena(arena, divisor) -> loss: the summed gradients and weighted loss divided by divisor"},
+    {"add_arenas", (PyCFunction)(void (*)(void))add_arenas, METH_FASTCALL,
+     "add_arenas(out, parts): out = the float32 arenas parts added in order (data-parallel's shared-memory sum)"},
     {"lpt_owners", (PyCFunction)(void (*)(void))lpt_owners, METH_FASTCALL,
      "lpt_owners(costs, size, owner): each row's sorted costs, in turn, to the least-loaded of size ranks"},
     {"call_plan", call_plan, METH_VARARGS,

@@ -281,7 +281,7 @@ def shared_sums(comm, out_dir):
     the order of the additions shows in the bits), each rank's inputs and results."""
     from mpi4py import MPI
 
-    from structc.shmsum import shared_sum
+    from structc.shmsum import MAX_READ, shared_sum
     rank = comm.Get_rank()
     rng = np.random.default_rng(rank)
     total = shared_sum(MPI, comm, 1000)
@@ -292,6 +292,7 @@ def shared_sums(comm, out_dir):
         total(arena)
         results[f"in{step}"], results[f"out{step}"] = mine, arena
     total.free()
+    results["too_large"] = shared_sum(MPI, comm, MAX_READ // 4 // comm.Get_size() + 1) is None
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
 
 

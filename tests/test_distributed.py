@@ -89,12 +89,33 @@ def test_the_shared_memory_sum_adds_in_rank_order_on_every_rank(tmp_path):
     run = mpiexec(WORKER, tmp_path, "sum", ranks=3, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     got = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(3)]
+    assert all(g["too_large"] for g in got)          # larger arenas take the Allreduce
     for step in range(5):
         x = [g[f"in{step}"] for g in got]
         want = (x[0] + x[1]) + x[2]
         assert not np.array_equal(want, x[0] + (x[1] + x[2]))       # the order shows
         for g in got:
             assert np.array_equal(g[f"out{step}"], want), step
+
+
+def test_add_arenas_adds_in_order_and_checks_its_parts_first():
+    from structc._runtime import add_arenas
+    rng = np.random.default_rng(0)
+    parts = [(rng.normal(size=50) * 10.0 ** rng.integers(-8, 8, 50)).astype(np.float32) for _ in range(4)]
+    out = np.zeros(50, np.float32)
+    add_arenas(out, parts)
+    assert np.array_equal(out, ((parts[0] + parts[1]) + parts[2]) + parts[3])
+    with np.errstate(over="ignore"):
+        big = np.full(4, 3e38, np.float32)
+    out4 = np.zeros(4, np.float32)
+    add_arenas(out4, [big, big])                  # overflows to inf, as a sum over ranks would, silently
+    assert np.isinf(out4).all()
+    before = out.copy()
+    for bad, error in (([parts[0]], ValueError), ([parts[0], parts[1][:49]], ValueError), ([parts[0], out], ValueError),
+                       ([parts[0], parts[1].astype(np.float64)], TypeError), ([parts[0], 3], TypeError)):
+        with pytest.raises(error):
+            add_arenas(out, bad)
+        assert np.array_equal(out, before)         # checked before anything is written
 
 
 @pytest.mark.parametrize("family", FAMILIES)
