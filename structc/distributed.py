@@ -357,6 +357,20 @@ class DataParallel:
         mine = zlib.crc32(net._param_arena.tobytes() + net._state_arena.tobytes())
         return all(c == mine for c in self.comm.allgather(mine))
 
+    def close(self) -> None:
+        """Release the shared-memory window of the gradients' sum (collective; the
+        sums after it take the `Allreduce`). `with DataParallel(net) as dp:` closes
+        it at the end; a process that makes many of them should."""
+        if self._shared_sum is not None:
+            self._shared_sum.free()
+            self._shared_sum = None
+
+    def __enter__(self) -> "DataParallel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _term_weights(table: np.ndarray, terms: list, rank: int) -> np.ndarray:
     """Each loss term's weight on `rank`, from every rank's denominators `table`

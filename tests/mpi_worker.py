@@ -228,6 +228,11 @@ def main():
         results[f"{name}:allreduce:loss"] = loss
         for k, g in grads.items():
             results[f"{name}:allreduce:grad:{k}"] = g
+        with DataParallel(net) as closing:                # closed: its sums take the Allreduce
+            pass
+        results[f"{name}:closed"] = closing._shared_sum is None
+        loss, grads = closing.grad(**mine[0])
+        results[f"{name}:closed:loss"] = loss
         ref = structc.compile(source) if rank == 0 else None
         if rank == 0:
             for k, v in start.items():

@@ -77,6 +77,7 @@ def test_local_ranks_sum_through_shared_memory_as_allreduce_does(ranks, family):
     assert r0[f"{family}:shared_memory"] and r1[f"{family}:shared_memory"]
     keys = [k for k in r0 if k.startswith(f"{family}:grad:")]
     for r in (r0, r1):
+        assert r[f"{family}:closed"] and r[f"{family}:closed:loss"] == r[f"{family}:loss"]   # close(): Allreduce
         assert r[f"{family}:loss"] == r[f"{family}:allreduce:loss"]
         for k in keys:
             assert np.array_equal(r[k], r[k.replace(":grad:", ":allreduce:grad:")]), k
