@@ -120,6 +120,9 @@ def halo_subgraph(graph, owned, hops: int):
     from .graphs import Graph
     if graph.num_graphs != 1:
         raise ValueError(f"halo_subgraph takes one graph, got a batch of {graph.num_graphs}")
+    if graph.node_order is not None:
+        raise ValueError("halo_subgraph takes a graph in node order: cut the graph as it is, then reorder "
+                         "each rank's subgraph (sub.reordered()) if it is worth it")
     if not isinstance(hops, int) or hops < 0:
         raise ValueError(f"hops must be a non-negative integer (the message-passing layers), got {hops!r}")
     owned = np.asarray(owned, np.int64).reshape(-1)

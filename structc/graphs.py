@@ -23,6 +23,10 @@ converted again (so changing a feature or rewiring an edge is seen). A dict
 or a list is converted on every call, so convert those once with
 `Graph(...)` / `batch(...)` yourself.
 
+`g.reordered()` keeps the nodes in rows of locality order (`structc.locality`);
+`Binder` moves per-node inputs and outputs between node order and row order, so
+callers never see the rows.
+
 A `Graph` cannot be changed once checked: its attributes cannot be set and
 its index arrays are read-only views of immutable bytes (numpy refuses to
 make them writeable), so what native code reads is what was checked.
@@ -111,6 +115,10 @@ def _floats(value, what: str, rows: int, per: str = "node") -> np.ndarray:
 
 class Graph:
     """A graph, or a batch of graphs, ready to be passed to a compiled model."""
+
+    #: None, or (after `reordered`) which of the graph's nodes each row holds: native
+    #: code sees the rows, callers the nodes (`Binder` permutes node inputs and outputs)
+    node_order = None
 
     def __setattr__(self, name, value):
         # Checked once, when built: it must stay as checked (build another, or use with_features).
@@ -210,25 +218,58 @@ class Graph:
         return cls(**_networkx_parts(G, x, edge_x, edge_type))
 
     def with_features(self, x=None, edge_x=None) -> "Graph":
-        """The same structure with other features (edge features in the order given)."""
+        """The same structure with other features (nodes' in node order, edges' in the
+        order given)."""
         other = object.__new__(Graph)
         other.__dict__.update(self.__dict__)
         other.__dict__["_bound"] = {}       # never this graph's bindings, which hold its features
         if x is not None:
-            other._set(x=_floats(x, "node features x", self.num_nodes))
+            x = _floats(x, "node features x", self.num_nodes)
+            other._set(x=x if self.node_order is None else _readonly(x[self.node_order]))
         if edge_x is not None:
             other._set(edge_x=_readonly(_floats(edge_x, "edge features edge_x", self.num_edges, "edge")[self.order]))
         return other
 
     @property
     def edge_index(self) -> np.ndarray:
-        """[2, edges] in CSR order (by destination)."""
-        return np.stack([self.arrays["src"], np.repeat(np.arange(self.num_nodes), np.diff(self.arrays["ptr"]))])
+        """[2, edges] in CSR order (by destination's row), as node ids."""
+        ei = np.stack([self.arrays["src"], np.repeat(np.arange(self.num_nodes), np.diff(self.arrays["ptr"]))])
+        return ei if self.node_order is None else self.node_order[ei]
+
+    def reordered(self) -> "Graph":
+        """The same graph with its nodes in rows of reverse Cuthill–McKee order, each
+        graph of a batch within its own rows (`structc.locality`): faster message
+        passing at two threads or more on a graph whose edges mostly join nearby
+        nodes, whatever their numbering. Callers see no difference: a model's inputs
+        and outputs per node (targets, masks, predictions) stay in node order, as do
+        `x` and `edge_index`; only summation order, so the last bits, may differ."""
+        from .locality import locality_order
+        return self._renumbered(locality_order(self.arrays, self.num_nodes))
+
+    def _renumbered(self, rows: np.ndarray) -> "Graph":
+        """This graph with its row i holding what row rows[i] holds now."""
+        n, m = self.num_nodes, self.num_edges
+        place = np.empty(n, np.int64)
+        place[rows] = np.arange(n)                  # a row's new place
+        given = np.empty((2, m), np.int64)          # the edges as given, in new rows
+        given[:, self.order] = place[np.stack([self.arrays["src"],
+                                               np.repeat(np.arange(n), np.diff(self.arrays["ptr"]))])]
+        in_given = {}
+        for name, value in (("edge_x", self.edge_x), ("edge_type", self.arrays.get("type"))):
+            if value is not None:
+                in_given[name] = np.empty_like(value)
+                in_given[name][self.order] = value
+        new = Graph(given, num_nodes=n, x=None if self.x is None else self.x[rows],
+                    graph_id=self.arrays["graph"][rows], num_graphs=self.num_graphs, **in_given)
+        nodes = np.arange(n) if self.node_order is None else self.node_order
+        new._set(node_order=_readonly(nodes[rows]))
+        return new
 
     def __repr__(self) -> str:
         feats = f", x: {self.x.shape[1]} features" if self.x is not None else ""
         return (f"<structc.Graph {self.num_graphs} graph{'s' if self.num_graphs != 1 else ''}, "
-                f"{self.num_nodes} nodes, {self.num_edges} edges{feats}>")
+                f"{self.num_nodes} nodes, {self.num_edges} edges{feats}"
+                f"{', reordered' if self.node_order is not None else ''}>")
 
 
 def _restore(fields: dict) -> Graph:
@@ -326,6 +367,10 @@ def batch(graphs: Iterable) -> Graph:
     union = object.__new__(Graph)
     union._set(num_nodes=n, num_edges=m, num_graphs=k, x=x, edge_x=edge_x, max_type=int(sizes[:, 6].max()),
                **_fields(edges, nodes, gptr))
+    if any(p.node_order is not None for p in parts):     # each part's rows hold its nodes, offset
+        union._set(node_order=_readonly(np.concatenate(
+            [(np.arange(p.num_nodes) if p.node_order is None else p.node_order) + f
+             for p, f in zip(parts, first[:, 0].astype(np.int64))])))
     return union
 
 
@@ -342,6 +387,9 @@ class GraphPool:
         parts = [as_graph(g) for g in graphs]
         if not parts:
             raise ValueError("cannot batch an empty list of graphs")
+        if any(p.node_order is not None for p in parts):
+            raise ValueError("a GraphPool takes graphs in node order: pool the graphs as they are, and "
+                             "reorder a batch (pool.take(items).reordered()) if it is worth it")
         sizes = np.frombuffer(b"".join([p._sizes for p in parts]), np.int64).reshape(len(parts), -1)
         _check_batchable(sizes)
         self.graphs = parts
@@ -494,6 +542,14 @@ class _GraphSpec:
         return bound
 
 
+def _rows_of(value, order: np.ndarray, name: str, per: str) -> np.ndarray:
+    """`value`'s rows in `order` (the input `name` has one row per `per`)."""
+    arr = np.asarray(value)
+    if arr.ndim == 0 or arr.shape[0] != len(order):
+        raise ValueError(f"input '{name}': expected one row per {per} ({len(order)}), got shape {arr.shape}")
+    return arr[order]
+
+
 class Binder:
     """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
 
@@ -511,6 +567,15 @@ class Binder:
                             if i["kind"] != "graph" and i["shape"] and i["shape"][0] in edges}
         self.edge_outputs = {o["name"]: edges[o["shape"][0]] for o in (outputs or [])
                              if o["shape"] and o["shape"][0] in edges}
+        # Per-node ones are in node order; a reordered graph's rows are not (`Graph.reordered`).
+        nodes = {s["sizes"]["nodes"]: s["name"] for s in specs}
+        arrays = [i for i in inputs if i["kind"] != "graph"]
+        self.node_inputs = {i["name"]: nodes[i["shape"][0]] for i in arrays if i["shape"] and i["shape"][0] in nodes}
+        self.node_outputs = {o["name"]: nodes[o["shape"][0]] for o in (outputs or [])
+                             if o["shape"] and o["shape"][0] in nodes}
+        # nodes along another axis: no permutation is worked out for those, so a reordered graph is refused
+        self._nodes_inside = {x["name"]: nodes[d] for x in arrays + list(outputs or []) for d in x["shape"][1:]
+                              if d in nodes}
         self._local = threading.local()     # the graphs of this thread's current call
 
     @classmethod
@@ -541,22 +606,28 @@ class Binder:
             last[name] = g
         for name, graph in self.edge_inputs.items():
             if name in out and out[name] is not None:
-                order = last[graph].order
-                arr = np.asarray(out[name])
-                if arr.ndim == 0 or arr.shape[0] != len(order):
-                    raise ValueError(f"input '{name}': expected one row per edge of '{graph}' ({len(order)}), "
-                                     f"got shape {arr.shape}")
-                out[name] = arr[order]
+                out[name] = _rows_of(out[name], last[graph].order, name, f"edge of '{graph}'")
+        for name, graph in self.node_inputs.items():
+            order = last[graph].node_order
+            if order is not None and name in out and out[name] is not None:
+                out[name] = _rows_of(out[name], order, name, f"node of '{graph}'")
+        for name, graph in self._nodes_inside.items():
+            if last[graph].node_order is not None:
+                raise ValueError(f"'{name}' has {graph}'s nodes along an axis other than its first, which a "
+                                 f"reordered graph does not support: pass {graph} in node order (not reordered())")
         return out
 
     def restore(self, outputs: dict) -> dict:
-        """Per-edge outputs back in the order the edges were given."""
-        for name, graph in self.edge_outputs.items():
-            if name in outputs:
-                order = self._local.graphs[graph].order
-                back = np.empty_like(outputs[name])
-                back[order] = outputs[name]
-                outputs[name] = back
+        """Per-edge outputs back in the order the edges were given, per-node ones in
+        node order."""
+        graphs = self._local.graphs
+        for names, order_of in ((self.edge_outputs, lambda g: g.order), (self.node_outputs, lambda g: g.node_order)):
+            for name, graph in names.items():
+                order = order_of(graphs[graph])
+                if name in outputs and order is not None:
+                    back = np.empty_like(outputs[name])
+                    back[order] = outputs[name]
+                    outputs[name] = back
         return outputs
 
     @staticmethod

@@ -525,7 +525,8 @@ class Net:
         Python path's extra checks may apply: batch norm's batch counts, per-edge
         outputs to put back in the given order."""
         entry = self._entries.get("train")      # compiles a deferred training part
-        restored = {n for b in self._binders for n in getattr(b, "edge_outputs", ())}
+        restored = {n for b in self._binders for outs in (getattr(b, "edge_outputs", ()), getattr(b, "node_outputs", ()))
+                    for n in outs}
         plan = _NO_PLAN
         if entry is not None and not self._batch_counts and not restored & {o[0] for o in entry.outputs}:
             plan = self._call_plan("train", 0, expanded=True)
@@ -571,7 +572,7 @@ class Net:
             lock.release()
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
-        for restore in self._restorers:             # per-edge rows back in the given edge order
+        for restore in self._restorers:             # per-edge rows back in the given edge order, per-node in node order
             outs = restore(outs)
         return outs, extra
 
