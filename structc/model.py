@@ -523,7 +523,7 @@ class Net:
         """`train_step`'s call plan: `_run`'s work after the binders, in C (its Python
         runs after a native step, with cold caches, on one thread). None of the
         Python path's extra checks may apply: batch norm's batch counts, per-edge
-        outputs to put back in the given order."""
+        outputs to put back in the given order, per-node ones in node order."""
         entry = self._entries.get("train")      # compiles a deferred training part
         restored = {n for b in self._binders for outs in (getattr(b, "edge_outputs", ()), getattr(b, "node_outputs", ()))
                     for n in outs}
