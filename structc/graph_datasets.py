@@ -48,11 +48,22 @@ def _check_features(spec: dict, have: int, data: str) -> None:
                          f"declares graph(features={spec['features']})")
 
 
+#: a node data set's graph of at least this many nodes is kept in locality order
+#: (`Graph.reordered`: the second core then gathers fewer rows from the first)
+REORDER_AT = 1024
+
+
 class NodeDataset:
-    """One graph; every node has a label, some are used for training."""
+    """One graph; every node has a label, some are used for training. A graph of
+    `REORDER_AT` nodes or more is kept in locality order (labels, masks and
+    predictions stay in node order), unless the model has the nodes along a
+    second axis somewhere, which a reordered graph does not support."""
 
     def __init__(self, name: str, graph: Graph, labels, train, test, description: str = ""):
         self.name, self.graph, self.description = name, graph, description
+        self._as_given = graph
+        if graph.num_nodes >= REORDER_AT and graph.node_order is None:
+            self.graph = graph.reordered()
         self.labels = np.asarray(labels, np.int32)
         self.train_mask = np.zeros(graph.num_nodes, np.float32)
         self.train_mask[train] = 1.0
@@ -79,6 +90,9 @@ class NodeDataset:
                              f"masked_cross_entropy(logits, y, train)")
         self.graph_name, self.mask_name = spec["name"], masks[0]["name"]
         self.output = class_output(net, self.target)
+        outputs = [o for e in net.meta.get("entries", {}).values() for o in e["outputs"]]
+        if any(nodes in x["shape"][1:] for x in net.meta["inputs"] + outputs):
+            self.graph = self._as_given          # see the class docstring
         return self
 
     def feed(self, mask) -> dict:

@@ -240,9 +240,10 @@ class Graph:
         """The same graph with its nodes in rows of reverse Cuthill–McKee order, each
         graph of a batch within its own rows (`structc.locality`): faster message
         passing at two threads or more on a graph whose edges mostly join nearby
-        nodes, whatever their numbering. Callers see no difference: a model's inputs
-        and outputs per node (targets, masks, predictions) stay in node order, as do
-        `x` and `edge_index`; only summation order, so the last bits, may differ."""
+        nodes, whatever their numbering. A model's inputs and outputs per node
+        (targets, masks, predictions) stay in node order, as do `edge_index` and
+        `with_features(x=...)`; only summation order, so the last bits, may differ.
+        The graph's own arrays are by row: `g.x[i]` is node `g.node_order[i]`'s."""
         from .locality import locality_order
         return self._renumbered(locality_order(self.arrays, self.num_nodes))
 

@@ -437,7 +437,8 @@ def read_node_folder(folder: str | Path, split: float | None = None):
     data = NodeDataset(folder.name, graph, np.maximum(labels, 0), train, test)
     data.description = (f"{folder}: {n} nodes, {len(edges)} directed edges, {x.shape[1]} features per node, "
                         f"{_split_words(len(train), len(test), 'nodes', how)}, {class_counts(labels[labels >= 0])}"
-                        + (f", {int(np.sum(labels < 0))} unlabelled" if np.any(labels < 0) else ""))
+                        + (f", {int(np.sum(labels < 0))} unlabelled" if np.any(labels < 0) else "")
+                        + (", nodes kept in locality order" if data.graph.node_order is not None else ""))
     return data
 
 

@@ -197,3 +197,66 @@ def test_what_a_reordered_graph_cannot_be_given_to_says_so():
     from structc.distributed import halo_subgraph
     with pytest.raises(ValueError, match="node order"):
         halo_subgraph(g, [0, 1], 1)
+
+
+NODES_MODEL = """
+model Nodes {
+  input  g: graph(features=3)
+  input  train: f32[g.nodes]
+  target y: class[g.nodes] of 2
+  h = relu(sum(dense(g.x, 8) over g.edges, self_loops=true, norm=gcn))
+  logits = dense(h, 2)
+  output probs = softmax(logits)
+  loss masked_cross_entropy(logits, y, train)
+}
+"""
+
+
+def test_a_large_node_data_set_keeps_its_graph_in_locality_order(tmp_path, monkeypatch):
+    """A node folder of 1,100 nodes (a ring numbered at random) is read reordered, says
+    so, and trains and evaluates as the same folder read as numbered."""
+    from structc import graph_datasets, readers
+    rng = np.random.default_rng(5)
+    g = ring(rng, n=1100, m=4000, reach=4)
+    folder = tmp_path / "ring"
+    folder.mkdir()
+    src, dst = g.edge_index
+    (folder / "edges.txt").write_text("\n".join(f"{u} {v}" for u, v in zip(src, dst)))
+    (folder / "labels.txt").write_text("\n".join(str(v) for v in rng.integers(0, 2, 1100)))
+    (folder / "features.csv").write_text("a,b,c\n" + "\n".join(",".join(map(str, r)) for r in g.x))
+    moved = readers.read(folder)
+    assert moved.graph.node_order is not None and "locality order" in moved.description
+    monkeypatch.setattr(graph_datasets, "REORDER_AT", 10**9)
+    plain = readers.read(folder)
+    assert plain.graph.node_order is None and "locality order" not in plain.description
+    results = []
+    for data in (plain, moved):
+        net = structc.compile(NODES_MODEL, seed=4)
+        net.set_optimizer("adam")
+        data.bind(net)
+        losses = [net.train_step(lr=0.01, **feed) for _ in range(5) for feed in data.batches(0, rng)]
+        results.append((losses, data.evaluate(net)))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+    assert results[1][1]["accuracy"] == results[0][1]["accuracy"]
+    assert results[1][1]["loss"] == pytest.approx(results[0][1]["loss"], rel=1e-5)
+
+
+def test_a_node_data_set_keeps_the_numbering_a_model_needs():
+    """A model with the nodes along a second axis cannot take a reordered graph: the
+    data set gives it the graph as numbered."""
+    from structc.graph_datasets import NodeDataset
+    n = 1100
+    ring_edges = np.stack([np.arange(n), (np.arange(n) + 1) % n])
+    data = NodeDataset("ring", Graph(ring_edges, x=np.ones((n, 2))), np.zeros(n), [0], [1])
+    assert data.graph.node_order is not None
+    across = """
+model Across {
+  input  g: graph(features=2)
+  input  train: f32[g.nodes]
+  input  pair: f32[2, g.nodes]
+  target y: class[g.nodes] of 2
+  loss masked_cross_entropy(dense(g.x, 2), y, train) + mean(pair)
+}
+"""
+    data.bind(structc.compile(across))
+    assert data.graph.node_order is None

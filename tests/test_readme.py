@@ -298,6 +298,15 @@ def digits_has_1797_images():
     assert len(d.x_train) + len(d.x_test) == 1797
 
 
+def node_sets_reorder_from_1024():
+    from structc.graph_datasets import REORDER_AT, NodeDataset
+    assert REORDER_AT == 1024
+    for n, reordered in ((1023, False), (1024, True)):
+        ring = np.stack([np.arange(n), (np.arange(n) + 1) % n])
+        d = NodeDataset("ring", structc.Graph(ring, x=np.ones((n, 1))), np.zeros(n), [0], [1])
+        assert (d.graph.node_order is not None) == reordered
+
+
 def finetuned_head_reaches_92():
     import tempfile
     sys.path.insert(0, str(ROOT / "examples"))
@@ -335,6 +344,7 @@ CLAIMS = [
     Claim(r"8 rows of 8 pixels \(about (98)% held out\)",
           "structc train examples/digits_lstm.snet --data digits_rows --epochs 15 --optimizer adam --lr 0.01"),
     Claim(r"convolutions frozen it\s+reaches about (92)% held out", check=finetuned_head_reaches_92),
+    Claim(r"data set of (1,024) nodes\s+or more is kept so by itself", check=node_sets_reorder_from_1024),
 ]
 
 
