@@ -12,6 +12,7 @@ import structc
 from structc.graphs import Graph, GraphPool, batch
 from structc.locality import locality_order
 from test_gnn import SINK, random_graph
+from test_readers import MODELS as READER_MODELS
 
 # a node output, a per-edge input and a per-edge output beside node targets and a mask
 EDGES = """
@@ -199,19 +200,6 @@ def test_what_a_reordered_graph_cannot_be_given_to_says_so():
         halo_subgraph(g, [0, 1], 1)
 
 
-NODES_MODEL = """
-model Nodes {
-  input  g: graph(features=3)
-  input  train: f32[g.nodes]
-  target y: class[g.nodes] of 2
-  h = relu(sum(dense(g.x, 8) over g.edges, self_loops=true, norm=gcn))
-  logits = dense(h, 2)
-  output probs = softmax(logits)
-  loss masked_cross_entropy(logits, y, train)
-}
-"""
-
-
 def test_a_large_node_data_set_keeps_its_graph_in_locality_order(tmp_path, monkeypatch):
     """A node folder of 1,100 nodes (a ring numbered at random) is read reordered, says
     so, and trains and evaluates as the same folder read as numbered."""
@@ -231,7 +219,7 @@ def test_a_large_node_data_set_keeps_its_graph_in_locality_order(tmp_path, monke
     assert plain.graph.node_order is None and "locality order" not in plain.description
     results = []
     for data in (plain, moved):
-        net = structc.compile(NODES_MODEL, seed=4)
+        net = structc.compile(READER_MODELS, "Nodes", seed=4)       # the node folder tests' model
         net.set_optimizer("adam")
         data.bind(net)
         losses = [net.train_step(lr=0.01, **feed) for _ in range(5) for feed in data.batches(0, rng)]
