@@ -233,8 +233,13 @@ class Graph:
     @property
     def edge_index(self) -> np.ndarray:
         """[2, edges] in CSR order (by destination's row), as node ids."""
-        ei = np.stack([self.arrays["src"], np.repeat(np.arange(self.num_nodes), np.diff(self.arrays["ptr"]))])
+        ei = self._row_edges()
         return ei if self.node_order is None else self.node_order[ei]
+
+    def _row_edges(self) -> np.ndarray:
+        """[2, edges] in CSR order, as rows."""
+        from .ops.message import _rows_of
+        return np.stack([self.arrays["src"], _rows_of(self.arrays["ptr"])])
 
     def reordered(self) -> "Graph":
         """The same graph with its nodes in rows of reverse Cuthill–McKee order, each
@@ -253,8 +258,7 @@ class Graph:
         place = np.empty(n, np.int64)
         place[rows] = np.arange(n)                  # a row's new place
         given = np.empty((2, m), np.int64)          # the edges as given, in new rows
-        given[:, self.order] = place[np.stack([self.arrays["src"],
-                                               np.repeat(np.arange(n), np.diff(self.arrays["ptr"]))])]
+        given[:, self.order] = place[self._row_edges()]
         in_given = {}
         for name, value in (("edge_x", self.edge_x), ("edge_type", self.arrays.get("type"))):
             if value is not None:

@@ -23,7 +23,7 @@ import numpy as np
 def locality_order(arrays, num_nodes: int) -> np.ndarray:
     """The reverse Cuthill–McKee order of a graph's rows, graph by graph: int64
     [nodes], entry i the row that is to come i-th. `arrays`: a Graph's index
-    arrays (CSR by destination and its transpose, `gptr`)."""
+    arrays (of them it reads CSR by destination, `ptr` and `src`, and `gptr`)."""
     ptr, nbr = _undirected(arrays, num_nodes)
     degree = np.diff(ptr)
     gptr = np.asarray(arrays["gptr"], np.int64)
@@ -42,9 +42,9 @@ def locality_order(arrays, num_nodes: int) -> np.ndarray:
 
 def _undirected(arrays, n: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR of the graph with every edge taken both ways, no self loops, no repeats."""
-    ptr = np.asarray(arrays["ptr"], np.int64)
+    from .ops.message import _rows_of
     src = np.asarray(arrays["src"], np.int64)
-    dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(ptr))
+    dst = _rows_of(arrays["ptr"]).astype(np.int64)
     u, v = np.concatenate([src, dst]), np.concatenate([dst, src])
     keep = u != v
     pairs = np.sort(u[keep] * n + v[keep])
