@@ -60,10 +60,10 @@ class NodeDataset:
     second axis somewhere, which a reordered graph does not support."""
 
     def __init__(self, name: str, graph: Graph, labels, train, test, description: str = ""):
-        self.name, self.graph, self.description = name, graph, description
+        self.name, self.description = name, description
         self._as_given = graph
-        if graph.num_nodes >= REORDER_AT and graph.node_order is None:
-            self.graph = graph.reordered()
+        self._in_order = graph.reordered() if graph.num_nodes >= REORDER_AT and graph.node_order is None else graph
+        self.graph = self._in_order
         self.labels = np.asarray(labels, np.int32)
         self.train_mask = np.zeros(graph.num_nodes, np.float32)
         self.train_mask[train] = 1.0
@@ -91,8 +91,8 @@ class NodeDataset:
         self.graph_name, self.mask_name = spec["name"], masks[0]["name"]
         self.output = class_output(net, self.target)
         outputs = [o for e in net.meta.get("entries", {}).values() for o in e["outputs"]]
-        if any(nodes in x["shape"][1:] for x in net.meta["inputs"] + outputs):
-            self.graph = self._as_given          # see the class docstring
+        across = any(nodes in x["shape"][1:] for x in net.meta["inputs"] + outputs)
+        self.graph = self._as_given if across else self._in_order      # see the class docstring
         return self
 
     def feed(self, mask) -> dict:
