@@ -31,7 +31,7 @@ class SharedSum:
     Collective, like `Allreduce`: every rank calls it the same number of times."""
 
     def __init__(self, MPI, comm, size: int):
-        self._MPI, self._comm = MPI, comm
+        self._comm = comm
         self.rank, self.ranks = comm.Get_rank(), comm.Get_size()
         self._win = MPI.Win.Allocate_shared(2 * size * 4, 4, comm=comm)
         self._win.Lock_all(MPI.MODE_NOCHECK)            # one passive epoch: `Sync` orders the stores
