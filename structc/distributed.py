@@ -186,7 +186,10 @@ class DataParallel:
         if abort_on_error:
             install_abort_hook(self.comm)
         self.broadcast_state()
-        # ranks on one machine sum through shared memory (`structc.shmsum`); else `Allreduce`
+        # ranks on one machine sum through shared memory (`structc.shmsum`); else `Allreduce`.
+        # Every rank must take the same way (one rank's Barrier against another's Allreduce
+        # would pair collectives that do not match), so the ranks agree on the flag first.
+        shared_memory = bool(self.comm.allreduce(int(bool(shared_memory)), op=MPI.MIN))
         self._shared_sum = shared_sum(MPI, self.comm, len(arena)) if shared_memory else None
 
     @property

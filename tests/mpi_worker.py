@@ -228,6 +228,9 @@ def main():
         results[f"{name}:allreduce:loss"] = loss
         for k, g in grads.items():
             results[f"{name}:allreduce:grad:{k}"] = g
+        mixed = DataParallel(net, shared_memory=rank == 0)   # the ranks disagree: all take the Allreduce
+        results[f"{name}:mixed"] = mixed._shared_sum is None
+        results[f"{name}:mixed:loss"] = mixed.grad(**mine[0])[0]
         with DataParallel(net) as closing:                # closed: its sums take the Allreduce
             pass
         results[f"{name}:closed"] = closing._shared_sum is None

@@ -78,6 +78,7 @@ def test_local_ranks_sum_through_shared_memory_as_allreduce_does(ranks, family):
     keys = [k for k in r0 if k.startswith(f"{family}:grad:")]
     for r in (r0, r1):
         assert r[f"{family}:closed"] and r[f"{family}:closed:loss"] == r[f"{family}:loss"]   # close(): Allreduce
+        assert r[f"{family}:mixed"] and r[f"{family}:mixed:loss"] == r[f"{family}:loss"]     # ranks disagreed
         assert r[f"{family}:loss"] == r[f"{family}:allreduce:loss"]
         for k in keys:
             assert np.array_equal(r[k], r[k.replace(":grad:", ":allreduce:grad:")]), k
