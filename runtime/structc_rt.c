@@ -97,10 +97,15 @@ static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static pthread_t workers[MAX_THREADS];
 static int started = 0;                    /* workers running */
 static int wanted = 0;                     /* threads requested (0 = not yet decided) */
-static job_t job;
+/* What a worker reads to start a job, on one cache line of its own: one
+ * transfer between the cores where the three fields apart took three
+ * (a job's hand-off: 0.95 -> 0.77 us over half its tasks' time). */
+static struct {
+    _Alignas(64) _Atomic uint64_t ticket;  /* job generation << 32 (a new job wakes the workers) */
+    atomic_int threads;                     /* slots the current job uses */
+    job_t job;
+} posted;
 static slot_t slots[MAX_THREADS];
-static atomic_int job_threads = 0;         /* slots the current job uses */
-static _Atomic uint64_t ticket = 0;        /* job generation << 32 (a new job wakes the workers) */
 static _Atomic int64_t done = 0;           /* tasks finished in the current job */
 static atomic_int sleepers = 0;
 static _Atomic uint64_t handoffs = 0;      /* jobs given to the pool, ever (for tests) */
@@ -203,18 +208,22 @@ static int claim_back(int s, int self, int threads, int64_t *lo, int64_t *hi) {
  * before the next one is published), and the job's fields are read only
  * after it, so a late thread can never run a task of the wrong job. */
 static void work(int self, int is_worker) {
-    int threads = atomic_load_explicit(&job_threads, memory_order_relaxed);
+    int threads = atomic_load_explicit(&posted.threads, memory_order_relaxed);
+    int64_t ran = 0;
     for (;;) {
         int64_t lo, hi;
         int got = self < threads && claim_front(self, &lo, &hi);
         for (int k = 1; !got && k < threads; k++) got = claim_back((self + k) % threads, self, threads, &lo, &hi);
-        if (!got) return;
+        if (!got) break;
         /* Holding [lo, hi) keeps the job alive: the caller waits for `done`. */
         if (is_worker && atomic_load_explicit(&debug_stall_ns, memory_order_relaxed) > 0) debug_stall(&debug_stall_ns);
-        if (is_worker && fp_mode_differs(fp_mode_get(), job.fp_mode)) fp_mode_set(job.fp_mode);
-        job.fn(job.frame, lo, hi);
-        atomic_fetch_add_explicit(&done, hi - lo, memory_order_release);
+        if (is_worker && fp_mode_differs(fp_mode_get(), posted.job.fp_mode)) fp_mode_set(posted.job.fp_mode);
+        posted.job.fn(posted.job.frame, lo, hi);
+        ran += hi - lo;
     }
+    /* Counted once, when this thread finds nothing left: one write to the line
+     * the caller polls, not one per chunk (each moved it between the cores). */
+    if (ran > 0) atomic_fetch_add_explicit(&done, ran, memory_order_release);
 }
 
 static _Atomic int64_t serial_work = -1;   /* SERIAL_WORK or the environment's, once read */
@@ -259,11 +268,11 @@ static void *worker_main(void *arg) {
     for (;;) {
         uint32_t gen;
         int spins = 0;
-        while ((gen = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen) {
+        while ((gen = (uint32_t)(atomic_load_explicit(&posted.ticket, memory_order_acquire) >> 32)) == seen) {
             if (++spins < spin_rounds) { CPU_RELAX(); continue; }
             pthread_mutex_lock(&sleep_lock);
             atomic_fetch_add(&sleepers, 1);
-            while ((gen = (uint32_t)(atomic_load(&ticket) >> 32)) == seen)
+            while ((gen = (uint32_t)(atomic_load(&posted.ticket) >> 32)) == seen)
                 pthread_cond_wait(&wake, &sleep_lock);
             atomic_fetch_sub(&sleepers, 1);
             pthread_mutex_unlock(&sleep_lock);
@@ -599,18 +608,18 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
         fn(frame, 0, n);
         return;
     }
-    job.fn = fn;
-    job.frame = frame;
-    job.fp_mode = fp_mode_get();
+    posted.job.fn = fn;
+    posted.job.frame = frame;
+    posted.job.fp_mode = fp_mode_get();
     atomic_store_explicit(&done, 0, memory_order_relaxed);
-    atomic_store_explicit(&job_threads, threads, memory_order_relaxed);
+    atomic_store_explicit(&posted.threads, threads, memory_order_relaxed);
     /* Contiguous shares: consecutive kernels over the same rows give a
      * thread the same rows (its own cache) unless it steals. */
     for (int s = threads - 1; s >= 0; s--)     /* last to first: see claim_back */
         atomic_store_explicit(&slots[s].range, pack(n * s / threads, n * (s + 1) / threads), memory_order_release);
-    int64_t posted = now_ns();
-    uint32_t gen = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
-    atomic_store(&ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
+    int64_t posted_at = now_ns();
+    uint32_t gen = (uint32_t)(atomic_load(&posted.ticket) >> 32) + 1;
+    atomic_store(&posted.ticket, (uint64_t)gen << 32);   /* seq_cst: pairs with the sleepers count */
     if (atomic_load(&sleepers) > 0) {
         pthread_mutex_lock(&sleep_lock);
         pthread_cond_broadcast(&wake);
@@ -627,7 +636,7 @@ void sc_parallel_for(sc_task_fn fn, void *frame, int64_t n, int64_t cost) {
             else sched_yield();
         }
         int64_t end = now_ns();
-        judge_wait(own - posted, end - own, end);
+        judge_wait(own - posted_at, end - own, end);
     }
     pthread_mutex_unlock(&pool_lock);
 }
