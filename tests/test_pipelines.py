@@ -244,6 +244,24 @@ def test_a_transpose_with_a_side_under_the_vector_width_emits_no_block(shape):
     np.testing.assert_array_equal(structc.compile(src, cache=False)(x=x), x.T)
 
 
+
+def test_a_transpose_of_sizes_read_at_run_time_is_numpys():
+    """Sizes read at run time: whole vw x vw blocks in registers, the blocks cut
+    by the right or bottom edge element by element. Whatever the sizes (under,
+    at and past the vector width) and threads, the result is numpy's."""
+    net = structc.compile("model T {\n  input x: f32[N, M]\n  output y = transpose(x)\n}\n", cache=False)
+    rng = np.random.default_rng(0)
+    before = structc.native.get_num_threads()
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            for n in (1, 3, 15, 16, 17, 33, 300):
+                for m in (1, 5, 16, 17, 40, 120):
+                    x = rng.normal(size=(n, m)).astype(np.float32)
+                    np.testing.assert_array_equal(net(x=x), x.T, err_msg=f"{n} x {m}, {threads} thread(s)")
+    finally:
+        structc.set_num_threads(before)
+
 # -- kernels O1 compiles to O3's machine code ------------------------------------------
 
 CONV = ("model C {\n  input x: f32[N, 1, 12, 12]\n  target y: class[N] of 3\n"
