@@ -34,6 +34,8 @@ CALL, CHUNK = 0, 1
 TRACE_STEPS = 20
 #: room for the events of the first step recorded (more is made if it does not fit)
 PROBE_EVENTS = 1 << 16
+#: a profiled step this much slower than the same step unprofiled is pointed out under the table
+OVERHEAD_NOTED = 1.05
 _LOAD_LOCK = threading.Lock()     # the shim's symbol is process-wide while a copy loads
 _RECORD_LOCK = threading.Lock()   # and so is its event buffer
 
@@ -290,6 +292,7 @@ class Report:
     events: np.ndarray      # the recorded events of the traced steps
     step_spans: list        # (start, end) ns of each traced step
     caller_lane: int
+    unprofiled_seconds: float | None = None    # the same step timed with nothing recorded
 
     @property
     def kernel_seconds(self) -> float:
@@ -311,8 +314,9 @@ class Report:
         return sorted(lines.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
 
     def table(self) -> str:
+        plain = f" ({self.unprofiled_seconds * 1e6:.1f} unprofiled)" if self.unprofiled_seconds else ""
         out = [f"{self.model} {self.kind} step: {self.steps} steps at {self.threads} thread(s), "
-               f"{self.step_seconds * 1e6:.1f} us per step; peak {self.peak:.1f} GFLOP/s per core "
+               f"{self.step_seconds * 1e6:.1f} us per step{plain}; peak {self.peak:.1f} GFLOP/s per core "
                f"(%peak: of the threads that ran the kernel)", "",
                f"{'line / kernel':54s} {'us/step':>9s} {'share':>6s} {'calls':>6s} {'tasks':>6s} "
                f"{'thr':>3s} {'GFLOP/s':>8s} {'%peak':>6s}"]
@@ -330,6 +334,10 @@ class Report:
                            f"{r.calls:6.0f} {r.tasks:6d} {r.threads:3d} {rate}".rstrip())
         out.append(f"{'      outside kernels (Python, input checks)':54s} {self.outside_seconds * 1e6:9.1f} "
                    f"{self.share(self.outside_seconds):5.1f}%")
+        if self.unprofiled_seconds and self.step_seconds > OVERHEAD_NOTED * self.unprofiled_seconds:
+            out.append(f"\nprofiled, the step ran {100 * (self.step_seconds / self.unprofiled_seconds - 1):.0f}% "
+                       "slower than unprofiled: every chunk of tasks is timed and recorded (more of them with "
+                       "several threads; a busy machine moves both figures), and the kernels' times include it")
         if any(r.percent_of(self.peak) > 100 for r in self.rows):
             out.append("\nabove 100% of peak: the peak was measured while the machine was busy; give it (--peak)")
         if any(r.nested for r in self.rows):
@@ -414,6 +422,19 @@ def _record(step, steps: int, capacity: int):
     return buffer[:n], spans, lost.value
 
 
+def _unprofiled_seconds(step, steps: int, blocks: int = 3) -> float:
+    """Seconds per step with nothing recorded (the shim passes each call straight
+    on): what the step costs without the profiler's clock reads. The middle of
+    `blocks` blocks of `steps` steps."""
+    per_step = []
+    for _ in range(blocks):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        per_step.append((time.perf_counter() - t) / steps)
+    return sorted(per_step)[blocks // 2]
+
+
 def _events_bound(probe: np.ndarray, threads: int) -> int:
     """At most how many events a step like `probe` makes: a call, and a chunk per
     claim. The runtime cuts n tasks into one share of m = ceil(n / threads) per
@@ -458,13 +479,14 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
         raise RuntimeError(f"the profiler lost {lost} of {capacity + lost} events: steps differ from the first "
                            f"in the kernels they run; profile fewer steps")
     step_seconds = sum(b - a for a, b in spans) / steps / 1e9
+    unprofiled = _unprofiled_seconds(step, max(2, steps // 12))     # a quarter of the steps again
     rows = _rows(events, by_address, dims, steps)
     traced_end = spans[min(steps, TRACE_STEPS) - 1][1]
     outer = events[(events["kind"] == CALL) & (events["depth"] == 0)]
     caller = int(outer["lane"][-1]) if len(outer) else 0
     report = Report(net.name, kind, steps, threads, step_seconds, peak or fma_peak(), rows,
                     net._profile_source.splitlines(), events[events["start"] <= traced_end],
-                    spans[:TRACE_STEPS], caller)
+                    spans[:TRACE_STEPS], caller, unprofiled)
     report._kernels = by_address
     return report
 
