@@ -5,7 +5,14 @@
  * one and, when recording, writes one event per call (on the calling
  * thread) and one per chunk of tasks (on the thread that ran it) into a
  * buffer owned by Python. It is part of the runtime extension so that
- * profiling needs no C compiler on the user's machine. */
+ * profiling needs no C compiler on the user's machine.
+ *
+ * Each thread takes SC_PROF_BLOCK entries of the buffer at a time and fills
+ * them alone: an entry taken per event (one shared counter, neighbours on
+ * one cache line) moved lines between the cores at every event, and the
+ * tree network's profiled 2-thread step ran 5-24% slower than unprofiled
+ * (3.5-9% with blocks: its levels' kernels are many small nested calls). An
+ * entry left unwritten (the rest of a thread's last block) keeps fn = 0. */
 #define _POSIX_C_SOURCE 199309L   /* clock_gettime under -std=c11 */
 #include <stdatomic.h>
 #include <stdint.h>
@@ -30,14 +37,19 @@ typedef struct {
     void *frame;
 } wrapped;
 
+#define SC_PROF_BLOCK 64           /* keep in step with profile.BLOCK */
+
 static sc_prof_event *events;
 static int64_t capacity;
-static _Atomic int64_t count;
+static _Atomic int64_t count;      /* entries taken, a block at a time */
 static _Atomic int64_t dropped;
 static atomic_int recording;
+static atomic_int generation;      /* a new recording: every thread's block is stale */
 static atomic_int lanes;
 static _Thread_local int lane = -1;
 static _Thread_local int depth;
+static _Thread_local int block_generation = -1;
+static _Thread_local int64_t block_next, block_end;    /* this thread's entries left: [next, end) */
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -46,13 +58,19 @@ static int64_t now_ns(void) {
 }
 
 static void record(sc_task_fn fn, int64_t start, int64_t end, int64_t lo, int64_t hi, int kind, int at_depth) {
-    int64_t i = atomic_fetch_add(&count, 1);
-    if (i >= capacity) {           /* never write past the buffer: count what was lost */
+    int gen = atomic_load(&generation);
+    if (block_generation != gen || block_next >= block_end) {
+        int64_t i = atomic_fetch_add(&count, SC_PROF_BLOCK);
+        block_generation = gen;
+        block_next = i;
+        block_end = i + SC_PROF_BLOCK < capacity ? i + SC_PROF_BLOCK : capacity;
+    }
+    if (block_next >= block_end) {     /* never write past the buffer: count what was lost */
         atomic_fetch_add(&dropped, 1);
         return;
     }
     if (lane < 0) lane = atomic_fetch_add(&lanes, 1);
-    sc_prof_event *e = &events[i];
+    sc_prof_event *e = &events[block_next++];
     e->fn = (int64_t)(intptr_t)fn;
     e->start_ns = start;
     e->end_ns = end;
@@ -93,10 +111,12 @@ void sc_prof_start(sc_prof_event *buffer, int64_t cap) {
     capacity = buffer ? cap : 0;
     atomic_store(&count, 0);
     atomic_store(&dropped, 0);
+    atomic_fetch_add(&generation, 1);
     if (buffer) atomic_store(&recording, 1);
 }
 
-/* Stop recording; returns the events written, `*lost` those that did not fit. */
+/* Stop recording; returns how many entries from the start may hold events
+ * (those whose fn is 0 do not), `*lost` the events that did not fit. */
 int64_t sc_prof_stop(int64_t *lost) {
     atomic_store(&recording, 0);
     int64_t n = atomic_load(&count);

@@ -34,6 +34,8 @@ CALL, CHUNK = 0, 1
 TRACE_STEPS = 20
 #: room for the events of the first step recorded (more is made if it does not fit)
 PROBE_EVENTS = 1 << 16
+#: entries of the buffer each thread takes at a time (`SC_PROF_BLOCK` in runtime/sc_profile.c)
+BLOCK = 64
 #: a profiled step this much slower than the same step unprofiled is pointed out under the table
 OVERHEAD_NOTED = 1.05
 _LOAD_LOCK = threading.Lock()     # the shim's symbol is process-wide while a copy loads
@@ -419,7 +421,14 @@ def _record(step, steps: int, capacity: int):
                 spans.append((a, shim.sc_prof_now_ns()))
         finally:
             n = shim.sc_prof_stop(ctypes.byref(lost))
-    return buffer[:n], spans, lost.value
+    events = buffer[:n]
+    return events[events["fn"] != 0], spans, lost.value      # not the rest of each thread's last block
+
+
+def _slack(threads: int) -> int:
+    """Entries a recording may leave unwritten: the rest of each thread's last
+    block (every thread of the pool, and one more)."""
+    return (threads + 1) * BLOCK
 
 
 def _unprofiled_seconds(step, steps: int, blocks: int = 3) -> float:
@@ -467,13 +476,13 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
             net.train_step(lr=lr, **given)
     for _ in range(warmup):
         step()
+    threads = get_num_threads()
     probe, spans, lost = _record(step, 1, PROBE_EVENTS)      # one step sizes the buffer
     while lost:
-        probe, spans, lost = _record(step, 1, 2 * (len(probe) + lost))
-    threads = get_num_threads()
+        probe, spans, lost = _record(step, 1, 2 * (len(probe) + lost) + _slack(threads))
     if steps is None:
         steps = max(5, min(2000, int(1.0 / max((spans[0][1] - spans[0][0]) / 1e9, 1e-6))))
-    capacity = _events_bound(probe, threads) * steps
+    capacity = _events_bound(probe, threads) * steps + _slack(threads)
     events, spans, lost = _record(step, steps, capacity)
     if lost:
         raise RuntimeError(f"the profiler lost {lost} of {capacity + lost} events: steps differ from the first "
