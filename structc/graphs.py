@@ -547,7 +547,7 @@ class _GraphSpec:
         return bound
 
 
-def _rows_of(value, order: np.ndarray, name: str, per: str) -> np.ndarray:
+def _rows_in(value, order: np.ndarray, name: str, per: str) -> np.ndarray:
     """`value`'s rows in `order` (the input `name` has one row per `per`)."""
     arr = np.asarray(value)
     if arr.ndim == 0 or arr.shape[0] != len(order):
@@ -611,11 +611,11 @@ class Binder:
             last[name] = g
         for name, graph in self.edge_inputs.items():
             if name in out and out[name] is not None:
-                out[name] = _rows_of(out[name], last[graph].order, name, f"edge of '{graph}'")
+                out[name] = _rows_in(out[name], last[graph].order, name, f"edge of '{graph}'")
         for name, graph in self.node_inputs.items():
             order = last[graph].node_order
             if order is not None and name in out and out[name] is not None:
-                out[name] = _rows_of(out[name], order, name, f"node of '{graph}'")
+                out[name] = _rows_in(out[name], order, name, f"node of '{graph}'")
         for name, graph in self._nodes_inside.items():
             if last[graph].node_order is not None:
                 raise ValueError(f"'{name}' has {graph}'s nodes along an axis other than its first, which a "
