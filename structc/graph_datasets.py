@@ -22,7 +22,7 @@ import networkx as nx
 import numpy as np
 
 from .datasets import class_output
-from .graphs import Graph, GraphPool, batch
+from .graphs import Binder, Graph, GraphPool, batch
 
 
 def _graph_input(net, data: str) -> dict:
@@ -90,8 +90,7 @@ class NodeDataset:
                              f"masked_cross_entropy(logits, y, train)")
         self.graph_name, self.mask_name = spec["name"], masks[0]["name"]
         self.output = class_output(net, self.target)
-        outputs = [o for e in net.meta.get("entries", {}).values() for o in e["outputs"]]
-        across = any(nodes in x["shape"][1:] for x in net.meta["inputs"] + outputs)
+        across = Binder.from_meta(net.meta).needs_node_order(self.graph_name)
         self.graph = self._as_given if across else self._in_order      # see the class docstring
         return self
 

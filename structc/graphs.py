@@ -589,6 +589,11 @@ class Binder:
         outputs = [o for e in meta.get("entries", {}).values() for o in e["outputs"]]
         return cls(specs, meta.get("inputs", []), outputs) if specs else None
 
+    def needs_node_order(self, graph: str) -> bool:
+        """Whether an input or output has `graph`'s nodes along an axis other than its
+        first: `expand` then refuses that graph reordered (`Graph.reordered`)."""
+        return graph in self._nodes_inside.values()
+
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         if not self.internal.isdisjoint(given):
             name = next(n for n in given if n in self.internal)
