@@ -67,14 +67,9 @@ int main(int argc, char **argv) {
 """
 
 
-def build(checkout: Path, where: Path) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("bench_pool needs a C compiler (cc or gcc)")
-    src = where / "driver.c"
-    src.write_text(DRIVER)
-    exe = where / f"pool_{len(list(where.iterdir()))}"
-    subprocess.run([cc, "-O2", "-std=c11", "-pthread", f"-I{checkout / 'runtime'}", str(src),
+def build(cc: str, driver: Path, checkout: Path, exe: Path) -> Path:
+    """`driver` linked with `checkout`'s runtime, as `exe`."""
+    subprocess.run([cc, "-O2", "-std=c11", "-pthread", f"-I{checkout / 'runtime'}", str(driver),
                     str(checkout / "runtime" / "structc_rt.c"), "-o", str(exe)], check=True)
     return exe
 
@@ -91,8 +86,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     sides = {"this": ROOT} | ({"other": args.against.resolve()} if args.against else {})
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("bench_pool needs a C compiler (cc or gcc)")
     with tempfile.TemporaryDirectory() as tmp:
-        exes = {name: build(path, Path(tmp)) for name, path in sides.items()}
+        driver = Path(tmp) / "driver.c"
+        driver.write_text(DRIVER)
+        exes = {name: build(cc, driver, path, Path(tmp) / f"pool_{name}") for name, path in sides.items()}
         best: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in sides}
         for _ in range(args.rounds):
             for name, exe in exes.items():
