@@ -9,6 +9,7 @@ PyTorch and JAX pad it to the longest and read each sequence's state at its
 last position.
 
     python benchmarks/bench_lstm.py [--rounds 3] [--threads 1 2] [--cases uniform,ragged]
+    python benchmarks/bench_lstm.py --cell gru      # `gru_seq_train`: the same with a GRU of 128
 
 Contenders, each in a fresh process per thread count:
   structc           `rec (h, c)(t) = init: ... next: lstm_cell(t.x, h(t.prev), c(t.prev), 128)`
@@ -16,8 +17,11 @@ Contenders, each in a fresh process per thread count:
   torch cell loop   `torch.nn.LSTMCell` called once per step, the way a hand-written loop runs
   JAX lax.scan      the cell under `lax.scan`, `jax.jit` of value_and_grad plus the update
 
+With `--cell gru` every contender runs a GRU instead (torch.nn.GRU and
+torch.nn.GRUCell; structc's `gru_cell` and the JAX cell take the candidate
+from r·h, PyTorch's from r·(W h + b): the same matmuls).
 The arithmetic floor of a step: the gates' matmul, 2·rows·(F+H)·4H flop per
-position forward and twice that backward (the inputs' and the weights'
+position forward (3H for a GRU) and twice that backward (the inputs' and the weights'
 gradients), over 64·50 positions (uniform) or the batch's positions (ragged;
 the padded peers do 64·90). It is stated in GFLOP and in ms at the measured
 FMA peak (`structc.profile.fma_peak`, one core).
@@ -41,12 +45,22 @@ FRAMEWORKS = ("structc", "torch_lstm", "torch_loop", "jax_scan")
 NAMES = {"structc": "structc", "torch_lstm": "torch.nn.LSTM", "torch_loop": "torch cell loop",
          "jax_scan": "JAX lax.scan"}
 
+CELLS = ("lstm", "gru")
 SRC = f"""
 model LstmSeq {{
   input  s: sequence of f32[{F}]
   target y: class[s.sequences] of {CLASSES}
   rec (h, c)(t) = init: (zeros({H}), zeros({H}))
                   next: lstm_cell(t.x, h(t.prev), c(t.prev), {H})
+  loss cross_entropy(dense(h(s.last), {CLASSES}), y)
+}}
+"""
+GRU_SRC = f"""
+model GruSeq {{
+  input  s: sequence of f32[{F}]
+  target y: class[s.sequences] of {CLASSES}
+  rec h(t) = init: zeros({H})
+             next: gru_cell(t.x, h(t.prev), {H})
   loss cross_entropy(dense(h(s.last), {CLASSES}), y)
 }}
 """
@@ -77,10 +91,10 @@ def padded(x, lengths):
     return out
 
 
-def flop(lengths, padded_to: int | None = None) -> float:
+def flop(lengths, padded_to: int | None = None, cell: str = "lstm") -> float:
     """The gates' matmuls of a training step: forward, and twice that backward."""
     positions = len(lengths) * padded_to if padded_to else int(np.sum(lengths))
-    return 3 * 2 * positions * (F + H) * 4 * H
+    return 3 * 2 * positions * (F + H) * (4 if cell == "lstm" else 3) * H
 
 
 def median_s(fn, repeat: int, warmup: int = 3) -> tuple[float, float]:
@@ -96,13 +110,13 @@ def median_s(fn, repeat: int, warmup: int = 3) -> tuple[float, float]:
 
 # -- the contenders ---------------------------------------------------------------
 
-def run_structc(case, threads, repeat):
+def run_structc(case, threads, repeat, cell="lstm"):
     import structc
     from structc import api
     from structc.seqdata import Sequences
     structc.set_num_threads(threads)
     t0 = time.perf_counter()
-    net = structc.compile(SRC, cache=False, training=True)     # the whole cold compile, as before lazy training
+    net = structc.compile(SRC if cell == "lstm" else GRU_SRC, cache=False, training=True)   # the whole cold compile
     compile_s = time.perf_counter() - t0
     x, lengths, y = batch(case)
     seqs = Sequences.from_flat(x, np.concatenate([[0], np.cumsum(lengths)]))
@@ -114,7 +128,7 @@ def run_structc(case, threads, repeat):
     return {"median": result[0], "best": result[1], "compile": compile_s}
 
 
-def run_torch(case, threads, repeat, loop: bool):
+def run_torch(case, threads, repeat, loop: bool, cell="lstm"):
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -125,22 +139,25 @@ def run_torch(case, threads, repeat, loop: bool):
     target = torch.tensor(y, dtype=torch.long)
     out = torch.nn.Linear(H, CLASSES)
     if loop:
-        cell = torch.nn.LSTMCell(F, H)
-        params = [*cell.parameters(), *out.parameters()]
+        step_of = torch.nn.LSTMCell(F, H) if cell == "lstm" else torch.nn.GRUCell(F, H)
+        params = [*step_of.parameters(), *out.parameters()]
 
         def states():
             h = c = torch.zeros(BATCH, H)
             hs = []
             for t in range(xp.shape[0]):
-                h, c = cell(xp[t], (h, c))
+                if cell == "lstm":
+                    h, c = step_of(xp[t], (h, c))
+                else:
+                    h = step_of(xp[t], h)
                 hs.append(h)
             return torch.stack(hs)
     else:
-        lstm = torch.nn.LSTM(F, H)
-        params = [*lstm.parameters(), *out.parameters()]
+        rnn = torch.nn.LSTM(F, H) if cell == "lstm" else torch.nn.GRU(F, H)
+        params = [*rnn.parameters(), *out.parameters()]
 
         def states():
-            return lstm(xp)[0]
+            return rnn(xp)[0]
     opt = torch.optim.SGD(params, lr=LR)
 
     def step():
@@ -152,28 +169,36 @@ def run_torch(case, threads, repeat, loop: bool):
     return {"median": result[0], "best": result[1], "onednn": bool(torch.backends.mkldnn.is_available())}
 
 
-def run_jax(case, threads, repeat):
+def run_jax(case, threads, repeat, cell="lstm"):
     os.environ["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
                                f"intra_op_parallelism_threads={threads}")
     import jax
     import jax.numpy as jnp
     x, lengths, y = batch(case)
     rng = np.random.default_rng(0)
-    p = {"W": rng.normal(size=(F + H, 4 * H)) * 0.05, "b": np.zeros(4 * H),
+    gates = 4 if cell == "lstm" else 3
+    p = {"W": rng.normal(size=(F + H, gates * H)) * 0.05, "b": np.zeros(gates * H),
          "U": rng.normal(size=(H, CLASSES)) * 0.1, "c": np.zeros(CLASSES)}
     p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
     xp, last, labels = jnp.asarray(padded(x, lengths)), jnp.asarray(lengths - 1), jnp.asarray(y)
 
     def loss(p, xp, last, labels):
-        def cell(carry, xt):
+        def lstm(carry, xt):
             h, c = carry
             g = jnp.concatenate([xt, h], axis=1) @ p["W"] + p["b"]
             i, f, u, o = jnp.split(g, 4, axis=1)
             c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(u)
             h = jax.nn.sigmoid(o) * jnp.tanh(c)
             return (h, c), h
+
+        def gru(h, xt):             # structc's gru_cell: the candidate from r h
+            rz = jax.nn.sigmoid(jnp.concatenate([xt, h], axis=1) @ p["W"][:, :2 * H] + p["b"][:2 * H])
+            r, z = rz[:, :H], rz[:, H:]
+            n = jnp.tanh(jnp.concatenate([xt, r * h], axis=1) @ p["W"][:, 2 * H:] + p["b"][2 * H:])
+            h = n + z * (h - n)
+            return h, h
         zero = jnp.zeros((xp.shape[1], H), jnp.float32)
-        _, hs = jax.lax.scan(cell, (zero, zero), xp)
+        _, hs = jax.lax.scan(lstm, (zero, zero), xp) if cell == "lstm" else jax.lax.scan(gru, zero, xp)
         z = hs[last, jnp.arange(xp.shape[1])] @ p["U"] + p["c"]
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), labels[:, None], axis=1))
 
@@ -194,23 +219,23 @@ def run_jax(case, threads, repeat):
     return {"median": result[0], "best": result[1], "compile": compile_s}
 
 
-def worker(framework: str, case: str, threads: int, repeat: int) -> dict:
+def worker(framework: str, case: str, threads: int, repeat: int, cell: str = "lstm") -> dict:
     if framework == "structc":
-        return run_structc(case, threads, repeat)
+        return run_structc(case, threads, repeat, cell)
     if framework in ("torch_lstm", "torch_loop"):
-        return run_torch(case, threads, repeat, loop=framework == "torch_loop")
+        return run_torch(case, threads, repeat, loop=framework == "torch_loop", cell=cell)
     if framework == "jax_scan":
-        return run_jax(case, threads, repeat)
+        return run_jax(case, threads, repeat, cell)
     from structc.profile import fma_peak
     return {"fma_peak": fma_peak(iters=20_000_000, tries=3)}
 
 
 # -- driver ---------------------------------------------------------------------------
 
-def run(framework: str, case: str, threads: int, repeat: int) -> dict | None:
+def run(framework: str, case: str, threads: int, repeat: int, cell: str = "lstm") -> dict | None:
     env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", framework, "--case", case, "--threads", str(threads),
-           "--repeat", str(repeat)]
+           "--repeat", str(repeat), "--cell", cell]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -228,11 +253,13 @@ def main(argv=None) -> int:
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     ap.add_argument("--worker", choices=[*FRAMEWORKS, "peak"])
     ap.add_argument("--case", default="uniform")
+    ap.add_argument("--cell", choices=CELLS, default="lstm", help="the recurrence's cell (default: lstm)")
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.case, args.threads[0], args.repeat)))
+        print(json.dumps(worker(args.worker, args.case, args.threads[0], args.repeat, args.cell)))
         return 0
     cases, frameworks = args.cases.split(","), args.frameworks.split(",")
+    names = dict(NAMES, torch_lstm="torch.nn.GRU") if args.cell == "gru" else NAMES
     load_before = os.getloadavg()
     samples: dict = {}
     peaks = []
@@ -241,24 +268,24 @@ def main(argv=None) -> int:
         for case in cases:
             for threads in args.threads:
                 for fw in frameworks:
-                    got = run(fw, case, threads, args.repeat)
+                    got = run(fw, case, threads, args.repeat, args.cell)
                     if got is not None:
                         samples.setdefault((case, threads, fw), []).append(got)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     peak = statistics.median(peaks)
-    print(f"lstm_seq_train: batch {BATCH}, input {F}, LSTM {H}, dense {CLASSES}, one SGD step; "
+    print(f"{args.cell}_seq_train: batch {BATCH}, input {F}, {args.cell.upper()} {H}, dense {CLASSES}, one SGD step; "
           f"uniform: length {LENGTH}; ragged: lengths {RAGGED[0]}..{RAGGED[1]} (seed 1, "
           f"{int(lengths_of('ragged').sum())} positions, longest {int(lengths_of('ragged').max())})")
     print(f"FMA peak, one core: {peak:.0f} GFLOP/s (median of {len(peaks)}); load average "
           f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds of "
           f"{args.repeat} steps, fresh process per framework, case and thread count\n")
     print("Median over rounds of each round's median step (best step in brackets), ms.\n")
-    print("| case | threads | floor | " + " | ".join(NAMES[f] for f in frameworks) +
-          " | structc / " + " | structc / ".join(NAMES[f] for f in frameworks if f != "structc") + " |")
+    print("| case | threads | floor | " + " | ".join(names[f] for f in frameworks) +
+          " | structc / " + " | structc / ".join(names[f] for f in frameworks if f != "structc") + " |")
     print("|---" * (3 + 2 * len(frameworks) - 1) + "|")
     for case in cases:
         lengths = lengths_of(case)
-        gflop = flop(lengths) / 1e9
+        gflop = flop(lengths, cell=args.cell) / 1e9
         for threads in args.threads:
             med = {fw: statistics.median(s["median"] for s in samples[(case, threads, fw)])
                    for fw in frameworks if (case, threads, fw) in samples}
