@@ -134,6 +134,17 @@ def test_softplus_does_not_overflow():
     np.testing.assert_allclose(got, np.logaddexp(0, x.astype(np.float64)), rtol=1e-6, atol=1e-30)
 
 
+def test_exp_is_finite_up_to_the_largest_float():
+    # e^x stays below float32's largest value up to x = 88.7228; from x = 88.38 on,
+    # the reduction's 2^n is 2^128, which float32 has not: that must not turn into inf
+    x = np.concatenate([np.linspace(87.0, 88.72283, 62), [88.73, np.inf]]).astype(np.float32)[None]
+    got = run("output y = exp(x)", x, inputs="input x: f32[1, 64]")[0]
+    with np.errstate(over="ignore"):
+        expected = np.exp(x[0].astype(np.float64))
+    np.testing.assert_allclose(got[:62], expected[:62], rtol=3e-7)
+    assert np.isfinite(got[:62]).all() and (got[62:] == np.inf).all()
+
+
 EDGES = np.array([[-np.inf, -1e4, -88.8, -87.3, -20, -1e-3, 0, 1e-3, 20, 87.3, 88.8, 1e4, np.inf, np.nan]], np.float32)
 
 

@@ -207,6 +207,11 @@ class CG:
         r2 = self.mul(r, r)
         y = self.add(self.fma(p, r2, r), self.const(1.0, x))
         ni = self.b.fptosi(n, vec(I32, lanes(x.type)))
+        # n reaches 128 from x = 88.38 on, where 2^n has no float32 (its exponent bits
+        # would read as inf, though e^x is finite up to 88.72): 2^127 times 2 y then
+        top = self.b.icmp_signed(">", ni, self.const(127, ni))
+        ni = self.b.select(top, self.const(127, ni), ni)
+        y = self.select(top, self.add(y, y), y)
         scale = self.b.shl(self.b.add(ni, self.const(127, ni)), self.const(23, ni))
         return self.mul(y, self._from_bits(scale))
 
