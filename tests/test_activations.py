@@ -145,6 +145,13 @@ def test_exp_is_finite_up_to_the_largest_float():
     assert np.isfinite(got[:62]).all() and (got[62:] == np.inf).all()
 
 
+def test_elu_keeps_relative_accuracy_near_zero():
+    # alpha (e^x - 1) cancels near 0 (it gave 0 below |x| = 3e-8): elu must be alpha expm1(x)
+    x = np.concatenate([-np.geomspace(1e-30, 3.0, 62), [-np.inf, 0.0]]).astype(np.float32)[None]
+    got = run("output y = elu(x, alpha=0.5)", x, inputs="input x: f32[1, 64]")[0]
+    np.testing.assert_allclose(got, 0.5 * np.expm1(x[0].astype(np.float64)), rtol=3e-7, atol=0)
+
+
 EDGES = np.array([[-np.inf, -1e4, -88.8, -87.3, -20, -1e-3, 0, 1e-3, 20, 87.3, 88.8, 1e4, np.inf, np.nan]], np.float32)
 
 
