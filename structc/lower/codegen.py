@@ -325,6 +325,13 @@ class CG:
     def gep(self, base, idx, t=F32):
         return self.b.gep(base, [idx], source_etype=t)
 
+    def prefetch(self, base, idx, t=F32) -> None:
+        """Ask for base[idx]'s cache line (`prefetcht0`): a hint that never faults and
+        reads nothing, so an address past a buffer's end is harmless."""
+        fn = self.declare("llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
+        read, near, data = (_constant(I32, v, str(v)) for v in (0, 3, 1))
+        self.b.call(fn, [self.gep(base, idx, t), read, near, data])
+
     def load(self, base, idx, t=F32, n: int = 1, mask=None):
         """Load n consecutive elements at base[idx] (masked lanes read as 0)."""
         p = self.gep(base, idx, t)

@@ -53,6 +53,12 @@ from .codegen import CG, F32, I64, NO_UNROLL, PTR
 
 KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
 MB = 192   # rows per task, at most
+#: steps of k ahead that each step asks for B's row and A's (a hint, `CG.prefetch`). A weight
+#: gradient over a batch, a forest or a sequence's positions has K in the thousands: B's rows
+#: (2 kB apart at N = 512) and A^T's come from beyond L2 and the hardware's prefetchers followed
+#: them late. C [128, 512] over K = 3,200 (an LSTM's weight gradient) ran at 52% of peak, 69%
+#: with the hints; short K, as in a forward layer, gained 1-3 points (benchmarks/RESULTS.md)
+PREFETCH_AHEAD = 8
 
 
 def row_blocks(cg: CG, m, vw: int):
@@ -517,6 +523,15 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
 
 def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k) -> None:
     b = cg.b
+    # B's row and the tile's first and last rows of A, PREFETCH_AHEAD steps of k
+    # ahead (`PREFETCH_AHEAD`); past the end they point at nothing, which a hint may
+    ahead = cg.iadd(k, PREFETCH_AHEAD)
+    b_ahead = cg.imul(ahead, ldb)
+    for col in cols:
+        cg.prefetch(B, cg.iadd(b_ahead, col))
+    a_ahead = cg.imul(ahead, a_sk)
+    for a_row in a_rows[:1] + a_rows[1:][-1:]:
+        cg.prefetch(A, cg.iadd(a_row, a_ahead))
     b_row = cg.imul(k, ldb)
     bv = [cg.load(B, cg.iadd(b_row, col), F32, vw, m) for col, m in zip(cols, masks)]
     a_k = cg.imul(k, a_sk)
