@@ -59,6 +59,9 @@ MB = 192   # rows per task, at most
 #: them late. C [128, 512] over K = 3,200 (an LSTM's weight gradient) ran at 52% of peak, 69%
 #: with the hints; short K, as in a forward layer, gained 1-3 points (benchmarks/RESULTS.md)
 PREFETCH_AHEAD = 8
+#: tiles of fewer rows, or of one vector of columns, ask for nothing: their k steps have
+#: too few FMAs for the hints' four more loads (a 12 x 1 tile is already bound by its loads)
+PREFETCH_ROWS = 8
 
 
 def row_blocks(cg: CG, m, vw: int):
@@ -523,15 +526,16 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
 
 def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k) -> None:
     b = cg.b
-    # B's row and the tile's first and last rows of A, PREFETCH_AHEAD steps of k
-    # ahead (`PREFETCH_AHEAD`); past the end they point at nothing, which a hint may
-    ahead = cg.iadd(k, PREFETCH_AHEAD)
-    b_ahead = cg.imul(ahead, ldb)
-    for col in cols:
-        cg.prefetch(B, cg.iadd(b_ahead, col))
-    a_ahead = cg.imul(ahead, a_sk)
-    for a_row in a_rows[:1] + a_rows[1:][-1:]:
-        cg.prefetch(A, cg.iadd(a_row, a_ahead))
+    if len(acc) >= PREFETCH_ROWS and len(cols) == 2:
+        # B's row and the tile's first and last rows of A, PREFETCH_AHEAD steps of k
+        # ahead; past the end they point at nothing, which a hint may
+        ahead = cg.iadd(k, PREFETCH_AHEAD)
+        b_ahead = cg.imul(ahead, ldb)
+        for col in cols:
+            cg.prefetch(B, cg.iadd(b_ahead, col))
+        a_ahead = cg.imul(ahead, a_sk)
+        for a_row in a_rows[:1] + a_rows[1:][-1:]:
+            cg.prefetch(A, cg.iadd(a_row, a_ahead))
     b_row = cg.imul(k, ldb)
     bv = [cg.load(B, cg.iadd(b_row, col), F32, vw, m) for col, m in zip(cols, masks)]
     a_k = cg.imul(k, a_sk)
