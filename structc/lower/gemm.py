@@ -407,7 +407,9 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
                 cg.store(b.load(acc[r][v]), t.C, cg.iadd(row_offs[r], cols[v]))
 
     _branch(cg, t.first, fresh, resume)
-    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end)
+    # a K known to be short (a layer's features) has its B and A near the core already
+    ahead = not (isinstance(t.k, ir.Constant) and t.k.constant <= KC)
+    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end, ahead=ahead)
     _branch(cg, t.last, done if t.epilogue is not None else partial, partial)
 
 
@@ -493,7 +495,8 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stab
     return fn
 
 
-def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0, k_end, split: int = 1) -> None:
+def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0, k_end, split: int = 1,
+                ahead: bool = True) -> None:
     """acc[r][v] += A[i0 + r, k] * B[k, cols[v]:+vw] for k in [k0, k_end): per
     step, one vector of B per column vector, one broadcast of A per row. With
     `split` > 1, consecutive k go to `split` accumulator sets (summed at the end).
@@ -505,7 +508,7 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
         a_rows = [cg.imul(cg.iadd(i0, r), a_si) for r in range(len(acc))]
     if split == 1:
         with cg.loop(k_end, start=k0, name="k", unroll=False) as k:
-            _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k)
+            _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k, ahead)
         return
     vt = ir.VectorType(F32, vw)
     zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
@@ -513,9 +516,9 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
     whole = cg.iadd(k0, cg.imul(b.sdiv(b.sub(k_end, k0), cg.i64(split)), split))
     with cg.loop(whole, start=k0, step=split, name="ks") as k:
         for s, part in enumerate(sets):
-            _k_step(cg, vw, part, A, a_rows, a_sk, B, ldb, cols, masks, cg.iadd(k, s))
+            _k_step(cg, vw, part, A, a_rows, a_sk, B, ldb, cols, masks, cg.iadd(k, s), ahead)
     with cg.loop(k_end, start=whole, name="kt") as k:
-        _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k)
+        _k_step(cg, vw, acc, A, a_rows, a_sk, B, ldb, cols, masks, k, ahead)
     for r, row in enumerate(acc):
         for v, slot in enumerate(row):
             total = b.load(slot)
@@ -524,9 +527,9 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
             b.store(total, slot)
 
 
-def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k) -> None:
+def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k, ahead: bool = True) -> None:
     b = cg.b
-    if len(acc) >= PREFETCH_ROWS and len(cols) == 2:
+    if ahead and len(acc) >= PREFETCH_ROWS and len(cols) == 2:
         # B's row and the tile's first and last rows of A, PREFETCH_AHEAD steps of k
         # ahead; past the end they point at nothing, which a hint may
         ahead = cg.iadd(k, PREFETCH_AHEAD)
