@@ -60,7 +60,8 @@ MB = 192   # rows per task, at most
 #: with the hints; short K, as in a forward layer, gained 1-3 points (benchmarks/RESULTS.md)
 PREFETCH_AHEAD = 8
 #: tiles of fewer rows, or of one vector of columns, ask for nothing: their k steps have
-#: too few FMAs for the hints' four more loads (a 12 x 1 tile is already bound by its loads)
+#: too few FMAs for the hints' four more loads (a 12 x 1 tile is already bound by its loads);
+#: nor does the inline tile of a K known to fit one k block (`_main_tile`)
 PREFETCH_ROWS = 8
 
 
