@@ -57,7 +57,7 @@ MB = 192   # rows per task, at most
 #: gradient over a batch, a forest or a sequence's positions has K in the thousands: B's rows
 #: (2 kB apart at N = 512) and A^T's come from beyond L2 and the hardware's prefetchers followed
 #: them late. C [128, 512] over K = 3,200 (an LSTM's weight gradient) ran at 52% of peak, 69%
-#: with the hints; short K, as in a forward layer, gained 1-3 points (benchmarks/RESULTS.md)
+#: with the hints (benchmarks/RESULTS.md, stop 24)
 PREFETCH_AHEAD = 8
 #: tiles of fewer rows, or of one vector of columns, ask for nothing: their k steps have
 #: too few FMAs for the hints' four more loads (a 12 x 1 tile is already bound by its loads);
@@ -532,12 +532,12 @@ def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k, ahead
     b = cg.b
     if ahead and len(acc) >= PREFETCH_ROWS and len(cols) == 2:
         # B's row and the tile's first and last rows of A, PREFETCH_AHEAD steps of k
-        # ahead; past the end they point at nothing, which a hint may
-        ahead = cg.iadd(k, PREFETCH_AHEAD)
-        b_ahead = cg.imul(ahead, ldb)
+        # ahead; past K's end they point outside the buffers, harmless for a hint
+        later = cg.iadd(k, PREFETCH_AHEAD)
+        b_ahead = cg.imul(later, ldb)
         for col in cols:
             cg.prefetch(B, cg.iadd(b_ahead, col))
-        a_ahead = cg.imul(ahead, a_sk)
+        a_ahead = cg.imul(later, a_sk)
         for a_row in a_rows[:1] + a_rows[1:][-1:]:
             cg.prefetch(A, cg.iadd(a_row, a_ahead))
     b_row = cg.imul(k, ldb)
