@@ -154,6 +154,22 @@ def test_one_k_block_emits_no_partial_sums():
     assert len(short) < 0.8 * len(long)
 
 
+def test_tiles_ask_ahead_only_where_k_is_long():
+    """A weight gradient's K runs into the thousands, and its tiles ask for B's
+    and A's rows ahead (`gemm.PREFETCH_AHEAD`). The inline tile of a K known to
+    fit one k block (a forward layer's features) asks for nothing; nor do tiles
+    of fewer than 8 rows or of one vector of columns, whatever K."""
+    short, _ = _driver(_forward_ir((24, 64), (64, 64)))
+    long, module = _driver(_forward_ir((20, KC + 1), (KC + 1, 56)))      # 12 + 8 rows; 32 + 24 columns
+    assert "llvm.prefetch" not in short and "llvm.prefetch" in long
+    module += _driver(_forward_ir((29, KC + 1), (KC + 1, 40)))[1]       # 12 + 5 rows; 32 + 8 columns
+    tiles = [(int(r), int(nv), body) for r, nv, body in
+             re.findall(r'^define [^@]*@"sc_mk(\d+)x(\d+)\w*"(\(.*?^})', module, re.M | re.S)]
+    assert {(r, nv) for r, nv, _ in tiles} >= {(12, 2), (8, 2), (12, 1), (5, 2)}, [t[:2] for t in tiles]
+    for r, nv, body in tiles:
+        assert ("llvm.prefetch" in body) == (r >= 8 and nv == 2), (r, nv)
+
+
 @pytest.fixture(scope="module")
 def runtime_m_and_n():
     """relu(A @ B) with M and N known only at run time: every panel shape
