@@ -279,12 +279,17 @@ def _part_blocks(cg: CG, k_lo, k_hi):
         yield cg.iadd(k_lo, cg.imul(kb, KC))
 
 
+def _one_k_block(k) -> bool:
+    """Whether K is known at compile time to be at most KC: one k block."""
+    return isinstance(k, ir.Constant) and k.constant <= KC
+
+
 @contextmanager
 def _k_blocks(cg: CG, k):
     """for k0 in range(0, K, KC): yields k0. A K known to be at most KC is
     one block at the constant 0: the code for partial sums (resuming from
     C, storing unfinished tiles) is then not emitted at all."""
-    if isinstance(k, ir.Constant) and k.constant <= KC:
+    if _one_k_block(k):
         yield cg.i64(0)
         return
     with cg.loop(k, name="k0", step=KC) as k0:
@@ -409,8 +414,8 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
 
     _branch(cg, t.first, fresh, resume)
     # a K known to be short (a layer's features) has its B and A near the core already
-    ahead = not (isinstance(t.k, ir.Constant) and t.k.constant <= KC)
-    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end, ahead=ahead)
+    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end,
+                ahead=not _one_k_block(t.k))
     _branch(cg, t.last, done if t.epilogue is not None else partial, partial)
 
 
