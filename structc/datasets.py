@@ -141,6 +141,12 @@ def load_logic():
     return load()
 
 
+def load_sentiment():
+    """A sentiment treebank in SST's form, made by a grammar (structc/data/make_sentiment.py)."""
+    from .treedata import load_sentiment as load
+    return load()
+
+
 def load_digits_rows():
     """The digits as sequences of 8 rows of 8 pixels (structc/seqdata.py)."""
     from .seqdata import load_digits_rows as load
@@ -148,7 +154,7 @@ def load_digits_rows():
 
 
 DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": load_logic,
-                                             "digits_rows": load_digits_rows}
+                                             "sentiment": load_sentiment, "digits_rows": load_digits_rows}
 
 
 def load(name: str, split: float | None = None):
@@ -201,7 +207,8 @@ def model_kind(net) -> str:
 
 #: what each built-in data set holds (and, for dense ones, the values per example),
 #: so that a model of another kind is told before the data set is loaded
-DATA_KINDS = {"digits": ("dense", 64), "logic": ("forest", None), "karate": ("graph nodes", None),
+DATA_KINDS = {"digits": ("dense", 64), "logic": ("forest", None), "sentiment": ("forest", None),
+              "karate": ("graph nodes", None),
               "graph_families": ("graphs", None), "atlas": ("graphs", None), "digits_rows": ("sequence", None)}
 
 

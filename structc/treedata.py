@@ -21,6 +21,7 @@ from .forest import Forest, ForestPool, Vocab
 
 LOGIC_SHA256 = "6cb7350105b54f40403d9808915069a982caaf8d23caed0e402e7e7b36c107d1"
 LOGIC_WORDS = ["T", "F", "and", "or", "xor", "not"]
+SENTIMENT_SHA256 = "a41f0c15e5ce6929d91da76781b03039f27ebdca138f5665c1bda8f93eb68539"
 
 
 class TreeDataset:
@@ -130,13 +131,27 @@ def _parsed(trees: list, vocab) -> list[Forest]:
     return trees
 
 
+def _shipped_lines(name: str, sha256: str) -> list[str]:
+    """The lines of a treebank shipped in structc/data, its checksum checked."""
+    raw = files("structc.data").joinpath(f"{name}.txt.gz").read_bytes()
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise RuntimeError(f"structc's copy of the {name} data is damaged (checksum mismatch); reinstall structc")
+    return gzip.decompress(raw).decode().split("\n")[:-1]
+
+
 def load_logic() -> TreeDataset:
     """Boolean formulas with their truth at every node (see data/make_logic.py)."""
-    raw = files("structc.data").joinpath("logic.txt.gz").read_bytes()
-    if hashlib.sha256(raw).hexdigest() != LOGIC_SHA256:
-        raise RuntimeError("structc's copy of the logic data is damaged (checksum mismatch); reinstall structc")
-    lines = gzip.decompress(raw).decode().split("\n")[:-1]
-    vocab = Vocab.build(LOGIC_WORDS)
-    return TreeDataset("logic", lines[:6000], lines[6000:], vocab,
+    lines = _shipped_lines("logic", LOGIC_SHA256)
+    return TreeDataset("logic", lines[:6000], lines[6000:], Vocab.build(LOGIC_WORDS),
                        description="boolean formulas (T, F, and, or, xor, not), truth at every node; "
                                    "6,000 training / 2,000 held-out trees")
+
+
+def load_sentiment() -> TreeDataset:
+    """Sentences about films with SST's five-point sentiment at every phrase, made by
+    a documented grammar (see data/make_sentiment.py)."""
+    from .data.make_sentiment import WORDS
+    lines = _shipped_lines("sentiment", SENTIMENT_SHA256)
+    return TreeDataset("sentiment", lines[:6000], lines[6000:], Vocab.build(WORDS),
+                       description="binary parse trees of sentences about films, sentiment 0-4 at every "
+                                   "phrase (SST's form); 6,000 training / 2,000 held-out sentences")

@@ -22,10 +22,10 @@ training. The task: predict the root's truth (chance: 50%).
 """
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
 
 import numpy as np
+
+from . import write_lines
 
 SEED = 20260611
 N_TRAIN, N_TEST = 6000, 2000
@@ -64,9 +64,7 @@ def generate() -> list[str]:
 
 
 def main() -> None:
-    path = Path(__file__).with_name("logic.txt.gz")
-    data = ("\n".join(generate()) + "\n").encode()
-    path.write_bytes(gzip.compress(data, mtime=0))
+    path = write_lines("logic", generate())
     print(f"wrote {path} ({N_TRAIN} training + {N_TEST} held-out formulas)")
 
 
