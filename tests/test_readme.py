@@ -285,6 +285,13 @@ def logic_is_balanced():
     assert abs(roots.mean() - 0.5) < 0.03
 
 
+def sentiment_is_balanced():
+    """Chance is 20%: each of the five labels is a fifth of the held-out sentences."""
+    from structc.treedata import load_sentiment
+    roots = np.array([int(f.root_labels[0]) for f in load_sentiment().test])
+    assert np.all(np.abs(np.bincount(roots, minlength=5) / len(roots) - 0.2) < 0.02)
+
+
 def atlas_majority_is_79_6():
     from structc.graph_datasets import load_atlas
     d = load_atlas()
@@ -330,6 +337,13 @@ CLAIMS = [
     Claim(r"chance (50)%", check=logic_is_balanced),
     Claim(r"Tree-LSTM[^%]*?to\s+(100)% held out in two epochs",
           "structc train examples/logic_treelstm.snet --data logic --optimizer adam --lr 0.003 --epochs 2"),
+    Claim(r"binary Tree-LSTM to about (96)% held out",
+          "structc train examples/sentiment_treelstm.snet --data sentiment --optimizer adam --lr 0.003 --epochs 10 "
+          "--schedule cosine --decay-steps 1880"),
+    Claim(r"\(chance (20)%\)", check=sentiment_is_balanced),
+    Claim(r"sentiment_bow\.snet[^)]*\)\s+reach about (58)%",
+          "structc train examples/sentiment_bow.snet --data sentiment --optimizer adam --lr 0.003 --epochs 10 "
+          "--schedule cosine --decay-steps 1880"),
     Claim(r"--data karate .*# (93\.75)% held out",
           "structc train examples/karate_gcn.snet --data karate --epochs 100 --optimizer adam --lr 0.01"),
     Claim(r"karate_gat\.snet --data karate .*# (93\.75)% held out",
