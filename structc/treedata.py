@@ -51,6 +51,7 @@ class TreeDataset:
             raise ValueError(f"data set '{self.name}' holds trees: model {net.name} must declare one forest input")
         spec = forests[0]
         self.forest = spec["name"]
+        self.root_target = self.node_target = None      # this model's, not a model bound before
         arity = max(f.arity for f in self.train)
         if spec["arity"] < arity or spec.get("vocab") is None or spec["vocab"] < len(self.vocab):
             raise ValueError(f"data set '{self.name}' has trees of arity {arity} over {len(self.vocab)} words: "

@@ -120,3 +120,19 @@ def test_data_set_is_balanced_and_disjoint():
 @pytest.mark.slow
 def test_generator_makes_the_shipped_file():
     assert hashlib.sha256(gz_lines(ms.generate())).hexdigest() == SENTIMENT_SHA256
+
+
+def test_a_data_set_bound_again_feeds_only_the_new_models_targets():
+    """Bound to the Tree-LSTM (a root and a node target), then to the bag of words
+    (a root target only): its feeds and held-out evaluation are the second model's
+    (the node target was kept from the first bind: `... has no input 's'`)."""
+    import structc
+    from pathlib import Path
+    examples = Path(__file__).parent.parent / "examples"
+    d = load_sentiment()
+    d.bind(structc.compile(examples / "sentiment_treelstm.snet", training=True))
+    assert set(d.feed(d.test[0])) == {"t", "y", "s"}
+    bow = structc.compile(examples / "sentiment_bow.snet", training=True)
+    d.bind(bow)
+    assert set(d.feed(d.test[0])) == {"t", "y"}
+    assert 0.0 <= d.evaluate(bow)["accuracy"] <= 1.0
