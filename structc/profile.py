@@ -79,6 +79,11 @@ def _matmul_parts_flops(graph, node):
     return (2, m, n, graph.nodes[node.inputs[0]].shape[0])     # every part's k adds up to K
 
 
+def _matmul_pair_flops(graph, node):
+    k = graph.nodes[node.inputs[2]].shape[0]            # the rows of W: both operands' K
+    return (2, node.shape[0], node.shape[1], k)
+
+
 def _conv_flops(graph, node):
     w = graph.nodes[node.inputs[1]].shape               # [out, in, kh, kw]
     return (2, *node.shape, *w[1:])                     # out: [N, out, oh, ow]
@@ -94,7 +99,8 @@ def _conv_kernel_grad_parts_flops(graph, node):
     return (2, *g, *node.shape[2:])                     # out: [parts, out, in, kh, kw]
 
 
-FLOPS = {"matmul": _matmul_flops, "matmul_parts": _matmul_parts_flops, "conv2d": _conv_flops,
+FLOPS = {"matmul": _matmul_flops, "matmul_parts": _matmul_parts_flops, "matmul_pair": _matmul_pair_flops,
+         "conv2d": _conv_flops,
          "conv2d_kernel_grad": _conv_kernel_grad_flops, "conv2d_kernel_grad_parts": _conv_kernel_grad_parts_flops}
 
 

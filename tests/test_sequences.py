@@ -321,11 +321,23 @@ def test_backward_reads_the_kept_gates_instead_of_recomputing_them(lstm):
     assert _count(grad.attrs["bwd_par"], "lstm_gates_dg") == 0
 
 
+@pytest.mark.parametrize("src, pairs", [(LSTM, 1), (GRU, 2)], ids=["lstm", "gru"])
+def test_a_cells_gates_are_one_product_a_level(src, pairs):
+    """x @ W[:F] + (h @ W[F:] + b) runs in a level as one matmul_pair (the bias in
+    its epilogue), not two products and an add; the GRU has two such gates."""
+    tm = next(n for n in build_model(parse(src)).graph.nodes.values() if n.op.name == "tree_map")
+    assert _count(tm.attrs["fwd"], "matmul_pair") == pairs
+    assert _count(tm.attrs["fwd"], "matmul") == 0
+    assert all(n.attrs.get("row_stable") for n in tm.attrs["fwd"].graph.nodes.values()
+               if n.op.name == "matmul_pair")
+
+
 @pytest.mark.slow          # a compile of its own
-def test_two_threads_give_the_one_threads_gradients():
-    """Kept gates and the cotangent blocks give the same
-    gradients when the body's kernels split their rows over two threads."""
-    src = LSTM.replace("Lstm", "LstmWide").replace("6, name", "48, name").replace("zeros(6)", "zeros(48)")
+@pytest.mark.parametrize("cell", [LSTM, GRU], ids=["lstm", "gru"])
+def test_two_threads_give_the_one_threads_gradients(cell):
+    """Kept gates, the gates' one product a level and the cotangent blocks give
+    the same gradients when the body's kernels split their rows over two threads."""
+    src = cell.replace("model ", "model Wide").replace("6, name", "48, name").replace("zeros(6)", "zeros(48)")
     net = structc.compile(src, seed=2)
     rng = np.random.default_rng(7)
     seqs = ragged(rng, rng.integers(1, 30, 40), features=5)

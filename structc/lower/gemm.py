@@ -130,7 +130,7 @@ def k_split(mr: int, nv: int) -> int:
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
-              static_m=None, static_n=None, row_stable=False, parts=1, colsum=None):
+              static_m=None, static_n=None, row_stable=False, parts=1, colsum=None, second=None):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
@@ -146,7 +146,11 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     it wrote itself. A part with no k stores zeros. `colsum`: a [parts, N]
     buffer that also gets each part's column sums of B (`matmul_colsum_parts`,
     a bias gradient), summed by the task of the part's first row block while
-    the panel of B is near the core."""
+    the panel of B is near the core.
+
+    `second` = (buffer, K2): C = A @ B[:K] + A2 @ B[K:K + K2] (`matmul_pair`),
+    A2 row-major [M, K2], K a constant with K + K2 <= KC (one k block): each
+    tile runs over A's K and then over A2's into the same sums."""
     vw = kb.vector_width
     nr = 2 * vw
     rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
@@ -157,6 +161,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
     def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1), its k a part's
         k = K(cg) if parts == 1 else cg.ceil_div(K(cg), parts)
+        if second is not None:
+            k = cg.iadd(k, second[1])
         return cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr)
 
     kinds = _column_kinds(static_n, vw)
@@ -169,6 +175,12 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         b = cg.b
         t = _Ctx(cg, vw, M(cg), N(cg), K(cg), a_row_stride(cg), a_k_stride(cg),
                  cg.ptr(a_buf), cg.ptr(b_buf), cg.ptr(scratch), epilogue)
+        if second is not None:
+            a2, k2 = second
+            assert parts == 1 and colsum is None and isinstance(t.k, ir.Constant) and t.k.constant + k2 <= KC
+            # A2 [M, K2] row-major, and B's rows from K on
+            t.second = (cg.ptr(a2), cg.i64(k2), cg.i64(1), cg.i64(k2),
+                        b.gep(t.B, [cg.imul(t.k, t.n)], source_etype=F32))
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
         panels = cg.ceil_div(t.n, nr)
@@ -239,6 +251,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
 
 _TRUE = ir.Constant(ir.IntType(1), 1)
+_FALSE = ir.Constant(ir.IntType(1), 0)
 
 
 def _column_sums(t: _Ctx, out, part) -> None:
@@ -348,8 +361,16 @@ def _shared_tile(t, i0, mr, kernels, valid=None) -> None:
     fn = present[-1][1]
     for r, other in reversed(present[:-1]):
         fn = b.select(b.icmp_signed("==", mr, cg.i64(r)), other, fn)
-    args = [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first, t.last_mask, t.tile, t.direct]
-    b.call(fn, args + ([] if valid is None else [valid]))
+    extra = [] if valid is None else [valid]
+    if t.second is None:
+        b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first, t.last_mask, t.tile,
+                    t.direct] + extra)
+    else:       # A's K into C, then A2's K on from there (one k block: t.k0 is 0)
+        a2, a2_si, a2_sk, k2, b2 = t.second
+        b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, _TRUE, t.last_mask, t.tile,
+                    _TRUE] + extra)
+        b.call(fn, [a2, a2_si, a2_sk, b2, t.n, t.C, i0, t.j0, cg.i64(0), k2, _FALSE, t.last_mask, t.tile,
+                    t.direct] + extra)
     rows = mr if valid is None else valid
     if not isinstance(t.direct, ir.Constant):
         with cg.if_(b.not_(t.direct)):
@@ -364,6 +385,7 @@ class _Ctx:
         self.a_si, self.a_sk, self.A, self.B, self.C = a_si, a_sk, A, B, C
         self.epilogue = epilogue
         self.epilogue_work = epilogue_work(epilogue)
+        self.second = None      # (A2, its strides, K2, B from row K): `emit_gemm(second=...)`
 
 
 def epilogue_work(epilogue) -> bool:
@@ -416,6 +438,9 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
     # a K known to be short (a layer's features) has its B and A near the core already
     _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end,
                 ahead=not _one_k_block(t.k))
+    if t.second is not None:        # A2's K on into the same sums
+        a2, a2_si, a2_sk, k2, b2 = t.second
+        _accumulate(cg, vw, acc, a2, i0, a2_si, a2_sk, b2, t.n, cols, [None, None], cg.i64(0), k2, ahead=False)
     _branch(cg, t.last, done if t.epilogue is not None else partial, partial)
 
 

@@ -98,6 +98,54 @@ class MatMul(Op):
             _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim)
 
 
+class MatMulPair(Op):
+    """x1 @ w[:K1] + x2 @ w[K1:] for w [K1 + K2, N]: [x1, x2] @ w with the two
+    side by side never copied. A recurrent cell's gates, [x, h] @ W in torch's
+    layout (`layers/recurrent._gates` writes x @ W[:F] + (h @ W[F:] + b);
+    `tree.pair_products` makes this of it in a node case): one kernel whose
+    tiles run over x's K and then h's (`emit_gemm(second=...)`), where two
+    products wrote and read C twice."""
+    name = "matmul_pair"
+    floats_only = True
+    traits = frozenset({"epilogue"})
+
+    def shape(self, a1, a2, w) -> TensorType:
+        expect(a1.rank == 2 and a2.rank == 2 and w.rank == 2,
+               f"matmul_pair needs three matrices, got {a1}, {a2} and {w}")
+        expect(a1.shape[0] == a2.shape[0], f"rows differ: {a1} and {a2}")
+        k1, k2 = a1.shape[1], a2.shape[1]
+        expect(isinstance(k1, int) and isinstance(k2, int) and w.shape[0] == k1 + k2,
+               f"matmul_pair: {w} does not have the {k1} + {k2} rows of {a1} and {a2} side by side")
+        return TensorType((a1.shape[0], w.shape[1]), "f32")
+
+    def vjp(self, b, g, out, a1, a2, w):
+        k1, k2 = a1.shape[1], a2.shape[1]
+        w1, w2 = b.slice(w, axis=0, start=0, stop=k1), b.slice(w, axis=0, start=k1, stop=k1 + k2)
+        return [b.matmul(g, w1, tb=True), b.matmul(g, w2, tb=True),
+                b.concat(b.matmul(a1, g, ta=True), b.matmul(a2, g, ta=True), axis=0)]
+
+    def reference(self, a1, a2, w):
+        k1 = a1.shape[1]
+        return a1 @ w[:k1] + a2 @ w[k1:]
+
+    def samples(self):
+        # tails in both tile directions; an LSTM's gates (64 + 128 rows of W); one row
+        return [Sample(((13, 7), (13, 5), (12, 35))), Sample(((29, 64), (29, 128), (192, 70))),
+                Sample(((1, 3), (1, 9), (12, 40)))]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.gemm import emit_gemm
+        a1, a2, w = node.inputs
+        m_dim, k1 = kb.graph.nodes[a1].shape
+        k2 = kb.graph.nodes[a2].shape[1]
+        n_dim = node.shape[1]
+        emit_gemm(kb, M=lambda cg: cg.dim(m_dim), N=lambda cg: cg.dim(n_dim), K=lambda cg: cg.i64(k1),
+                  a_buf=a1, a_row_stride=lambda cg: cg.i64(k1), a_k_stride=lambda cg: cg.i64(1), b_buf=w,
+                  epilogue=epilogue, scratch=epilogue.outputs[0], name=f"matmul_pair{node.id}",
+                  static_m=m_dim, static_n=n_dim, row_stable=node.attrs.get("row_stable", False),
+                  second=(a2, k2))
+
+
 def _over_k(b, x, g, m, n):
     """x^T g [m, n] as the sum of PARTS products over ranges of K (a
     `matmul_parts` and a `sum`), or None when it is better in one. A weight

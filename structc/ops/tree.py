@@ -104,9 +104,9 @@ def prepare(g, name: str, arity: int = 1, per_level: bool = True) -> BodyProgram
     a level's rows, cut anywhere between threads (not the parameters'
     program, run once over every inner node)."""
     from ..passes import run_pipeline
-    g = run_pipeline(g.copy())
+    g = run_pipeline(pair_products(g.copy()))
     for node in g.nodes.values():
-        if per_level and node.op.name == "matmul":  # a row's sums whatever the cut (`gemm.stable_rows`)
+        if per_level and node.op.name in ("matmul", "matmul_pair"):  # a row's sums whatever the cut (`gemm.stable_rows`)
             node.attrs["row_stable"] = True
     pre = _hoist(g)
     program = _bounded(g, name, arity)
@@ -120,6 +120,54 @@ def prepare(g, name: str, arity: int = 1, per_level: bool = True) -> BodyProgram
         program.inv, program.pre_base = inv, at
         program.fixed_floats = at + program.pre.fixed_floats
     return program
+
+
+def pair_products(g):
+    """x @ W[:F] + (h @ W[F:] + b), or x @ W[:F] + h @ W[F:] (a recurrent cell's
+    gates, `layers/recurrent._gates`), as matmul_pair(x, h, W) + b: one kernel
+    a level whose tiles run over x's K then h's, where two products wrote and
+    read C twice. W's two blocks must be all of its rows, and K = F + H fit
+    one k block (`gemm.KC`); each product must have no other use."""
+    from ..graph import Builder
+    from ..lower.gemm import KC
+
+    def product(nid):
+        """(A, W, start, stop) of `A @ W[start:stop]` (rows), used once; else None."""
+        node = g.nodes[nid]
+        if node.op.name != "matmul" or node.attrs.get("ta") or node.attrs.get("tb") or len(g.users(nid)) != 1 \
+                or nid in g.outputs.values():
+            return None
+        block = g.nodes[node.inputs[1]]
+        if block.op.name != "slice" or block.attrs["axis"] % 2 != 0:
+            return None
+        return node.inputs[0], block.inputs[0], block.attrs["start"], block.attrs["stop"]
+
+    for nid in list(g.topo()):
+        node = g.nodes.get(nid)
+        if node is None or node.op.name != "add" or node.type.rank != 2:
+            continue
+        first, rest = node.inputs
+        bias = None
+        if g.nodes[rest].op.name == "add" and len(g.users(rest)) == 1 and rest not in g.outputs.values():
+            inner, bias = g.nodes[rest].inputs
+            if product(inner) is None:
+                inner, bias = bias, inner
+            if g.nodes[bias].type.shape != (node.type.shape[1],):
+                continue
+            rest = inner
+        p, q = product(first), product(rest)
+        if p is None or q is None:
+            continue
+        (x, w, a, f), (h, w2, f2, e) = p, q
+        if w != w2 or a != 0 or f != f2 or e != g.nodes[w].type.shape[0] or e > KC:
+            continue
+        b = Builder(g, node.span)
+        new = b.matmul_pair(b.value(x), b.value(h), b.value(w))
+        if bias is not None:
+            new = new + b.value(bias)
+        g.replace_uses(nid, new.id)
+    from ..passes.dce import dce
+    return dce(g)
 
 
 def _keep_program(body, kept: list, fwd: BodyProgram, arity: int, rec: str):
