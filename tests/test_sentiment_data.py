@@ -2,7 +2,6 @@
 structc/data/make_sentiment.py documents it, byte for byte, every phrase's label
 by the documented rules (recomputed here from the trees alone), balanced and
 with no held-out sentence in training."""
-import gzip
 import hashlib
 import re
 from fractions import Fraction
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from structc.data import gz_lines, make_sentiment as ms
-from structc.treedata import SENTIMENT_SHA256, load_sentiment
+from structc.treedata import SENTIMENT_SHA256, _shipped_lines, load_sentiment
 
 #: the rules of the module's docstring, written out again: word kinds by word
 KIND = {w: kind for kind, words in ms.LEXICON.items() for w in words}
@@ -75,8 +74,7 @@ def labels_agree(tree) -> bool:
 
 @pytest.fixture(scope="module")
 def lines():
-    from importlib.resources import files
-    return gzip.decompress(files("structc.data").joinpath("sentiment.txt.gz").read_bytes()).decode().split("\n")[:-1]
+    return _shipped_lines("sentiment", SENTIMENT_SHA256)
 
 
 def test_every_phrase_is_labelled_by_the_documented_rules(lines):

@@ -179,8 +179,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             a2, k2 = second
             assert parts == 1 and colsum is None and isinstance(t.k, ir.Constant) and t.k.constant + k2 <= KC
             # A2 [M, K2] row-major, and B's rows from K on
-            t.second = (cg.ptr(a2), cg.i64(k2), cg.i64(1), cg.i64(k2),
-                        b.gep(t.B, [cg.imul(t.k, t.n)], source_etype=F32))
+            t.second = (cg.ptr(a2), cg.i64(k2), b.gep(t.B, [cg.imul(t.k, t.n)], source_etype=F32))
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
         panels = cg.ceil_div(t.n, nr)
@@ -366,10 +365,10 @@ def _shared_tile(t, i0, mr, kernels, valid=None) -> None:
         b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first, t.last_mask, t.tile,
                     t.direct] + extra)
     else:       # A's K into C, then A2's K on from there (one k block: t.k0 is 0)
-        a2, a2_si, a2_sk, k2, b2 = t.second
+        a2, k2, b2 = t.second
         b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, _TRUE, t.last_mask, t.tile,
                     _TRUE] + extra)
-        b.call(fn, [a2, a2_si, a2_sk, b2, t.n, t.C, i0, t.j0, cg.i64(0), k2, _FALSE, t.last_mask, t.tile,
+        b.call(fn, [a2, k2, cg.i64(1), b2, t.n, t.C, i0, t.j0, cg.i64(0), k2, _FALSE, t.last_mask, t.tile,
                     t.direct] + extra)
     rows = mr if valid is None else valid
     if not isinstance(t.direct, ir.Constant):
@@ -385,7 +384,7 @@ class _Ctx:
         self.a_si, self.a_sk, self.A, self.B, self.C = a_si, a_sk, A, B, C
         self.epilogue = epilogue
         self.epilogue_work = epilogue_work(epilogue)
-        self.second = None      # (A2, its strides, K2, B from row K): `emit_gemm(second=...)`
+        self.second = None      # (A2 [M, K2] row-major, K2, B from row K): `emit_gemm(second=...)`
 
 
 def epilogue_work(epilogue) -> bool:
@@ -439,8 +438,8 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
     _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end,
                 ahead=not _one_k_block(t.k))
     if t.second is not None:        # A2's K on into the same sums
-        a2, a2_si, a2_sk, k2, b2 = t.second
-        _accumulate(cg, vw, acc, a2, i0, a2_si, a2_sk, b2, t.n, cols, [None, None], cg.i64(0), k2, ahead=False)
+        a2, k2, b2 = t.second
+        _accumulate(cg, vw, acc, a2, i0, k2, cg.i64(1), b2, t.n, cols, [None, None], cg.i64(0), k2, ahead=False)
     _branch(cg, t.last, done if t.epilogue is not None else partial, partial)
 
 
