@@ -52,6 +52,9 @@ class Group:
     outputs: list[int] = field(default_factory=list)
     #: members that sum a member over the whole iteration space (a loss)
     reductions: list[int] = field(default_factory=list)
+    #: a cell's gate math (an `lstm_gates` or `lstm_state` member) run as the
+    #: epilogue of this group's product of its gates (`fuse`, rule 7)
+    gate: int | None = None
 
 
 class Graph:

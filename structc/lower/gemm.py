@@ -53,6 +53,9 @@ from .codegen import CG, F32, I64, NO_UNROLL, PTR
 
 KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
 MB = 192   # rows per task, at most
+#: row blocks of a product with a gate math, at least (`emit_gemm(gate=...)`): its
+#: tasks are row blocks only, and an LSTM step's 64 rows would be one task
+GATE_BLOCKS = 2
 #: steps of k ahead that each step asks for B's row and A's (a hint, `CG.prefetch`). A weight
 #: gradient over a batch, a forest or a sequence's positions has K in the thousands: B's rows
 #: (2 kB apart at N = 512) and A^T's come from beyond L2 and the hardware's prefetchers followed
@@ -65,7 +68,7 @@ PREFETCH_AHEAD = 8
 PREFETCH_ROWS = 8
 
 
-def row_blocks(cg: CG, m, vw: int):
+def row_blocks(cg: CG, m, vw: int, least: int = 1):
     """(blocks, rows per block) of a C of m rows: blocks of at most MB rows,
     an even number of them when there are several (11 blocks of 192 rows
     left one of 2 threads a block more: a [2000, 64] x [64, 64] product ran
@@ -79,6 +82,8 @@ def row_blocks(cg: CG, m, vw: int):
     n = b.add(n, b.select(several_odd, cg.i64(1), cg.i64(0)))
     n = b.select(b.icmp_signed("<", n, cg.i64(1)), cg.i64(1), n)
     units = cg.ceil_div(m, main)
+    if least > 1:       # as many blocks as there are main tiles, up to `least`
+        n = b.select(b.icmp_signed("<", n, cg.imin(units, cg.i64(least))), cg.imin(units, cg.i64(least)), n)
     rows = cg.imul(b.sdiv(b.add(units, b.sub(n, cg.i64(1))), n), main)
     rows = b.select(b.icmp_signed("<", rows, cg.i64(main)), cg.i64(main), rows)
     return b.sdiv(b.add(m, b.sub(rows, cg.i64(1))), rows), rows
@@ -130,7 +135,7 @@ def k_split(mr: int, nv: int) -> int:
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
-              static_m=None, static_n=None, row_stable=False, parts=1, colsum=None, second=None):
+              static_m=None, static_n=None, row_stable=False, parts=1, colsum=None, second=None, gate=None):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
@@ -150,19 +155,35 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
     `second` = (buffer, K2): C = A @ B[:K] + A2 @ B[K:K + K2] (`matmul_pair`),
     A2 row-major [M, K2], K a constant with K + K2 <= KC (one k block): each
-    tile runs over A's K and then over A2's into the same sums."""
+    tile runs over A's K and then over A2's into the same sums.
+
+    `gate`: a cell's gate math (`recurrent.GateMath`) as the epilogue: C is
+    the gates, `gate.blocks` blocks of `gate.units` columns (a multiple of the
+    panel's width), K within one k block. A task is a block of rows (at least
+    `GATE_BLOCKS` of them, for two threads): its tiles of every panel (the
+    epilogue as given, bias and all, into C), then the gate math on its rows,
+    reading their gates back from L1 or L2 and writing the cell's results:
+    one kernel and one pass, where the gates' product and a row kernel
+    reading them back were two. The tiles are those of the plain product, so
+    the results are its bits."""
     vw = kb.vector_width
     nr = 2 * vw
+    if gate is not None:
+        assert parts == 1 and colsum is None and gate.units % nr == 0 and gate.lanes == nr
     rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
     def tasks(cg):
+        if gate is not None:
+            return row_blocks(cg, M(cg), vw, GATE_BLOCKS)[0]
         return cg.imul(cg.imul(cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0]), cg.i64(parts))
 
     def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1), its k a part's
         k = K(cg) if parts == 1 else cg.ceil_div(K(cg), parts)
         if second is not None:
             k = cg.iadd(k, second[1])
+        if gate is not None:        # every panel, and about 40 operations a unit of gate math
+            return cg.imul(cg.iadd(cg.imul(k, 2 * gate.blocks), 40), cg.imul(cg.imin(M(cg), cg.i64(MB)), gate.units))
         return cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr)
 
     kinds = _column_kinds(static_n, vw)
@@ -182,6 +203,9 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             t.second = (cg.ptr(a2), cg.i64(k2), b.gep(t.B, [cg.imul(t.k, t.n)], source_etype=F32))
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
+        if gate is not None:
+            _gated_tasks(t, gate, lo, hi, rows, inline_main, clamped)
+            return
         panels = cg.ceil_div(t.n, nr)
         n_blocks, block_rows = row_blocks(cg, t.m, vw)
         per_part = cg.imul(panels, n_blocks)
@@ -228,29 +252,67 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 # partial sums, and a finished tile nothing is fused into, go
                 # from the registers straight to C; others through the epilogue
                 t.direct = _not(b, t.last) if t.epilogue_work else _TRUE
-                i = cg.var(I64, i_begin)
-                with _row_tiles(cg, lambda: b.icmp_signed("<", b.load(i), i_end)):
-                    i0 = b.load(i)
-                    rem = b.sub(i_end, i0)
-                    # the largest tile that fits the remaining rows
-                    mr = cg.i64(rows[-1])
-                    for r in reversed(rows[:-1]):
-                        mr = b.select(b.icmp_signed(">=", rem, cg.i64(r)), cg.i64(r), mr)
-                    valid = cg.imin(mr, rem) if clamped else None      # the tile's rows that exist
-                    if inline_main:
-                        main = b.and_(b.icmp_signed("==", mr, cg.i64(rows[0])), full)
-                        with b.if_else(main) as (inline, shared):
-                            with inline:
-                                _main_tile(t, i0, rows[0])
-                            with shared:
-                                _shared_tile(t, i0, mr, kernels, valid)
-                    else:
-                        _shared_tile(t, i0, mr, kernels, valid)
-                    b.store(cg.iadd(i0, mr if valid is None else valid), i)
+                _row_block(t, i_begin, i_end, rows, kernels, inline_main, clamped, full)
 
 
 _TRUE = ir.Constant(ir.IntType(1), 1)
 _FALSE = ir.Constant(ir.IntType(1), 0)
+
+
+def _row_block(t: _Ctx, i_begin, i_end, rows, kernels, inline_main: bool, clamped: bool, full) -> None:
+    """The tiles of rows [i_begin, i_end) of the panel at t.j0 (`full`: the
+    panel is two whole vectors): each the largest that fits the rows left, the
+    main tile inline, the others through their micro-kernels."""
+    cg, b = t.cg, t.cg.b
+    i = cg.var(I64, i_begin)
+    with _row_tiles(cg, lambda: b.icmp_signed("<", b.load(i), i_end)):
+        i0 = b.load(i)
+        rem = b.sub(i_end, i0)
+        mr = cg.i64(rows[-1])
+        for r in reversed(rows[:-1]):
+            mr = b.select(b.icmp_signed(">=", rem, cg.i64(r)), cg.i64(r), mr)
+        valid = cg.imin(mr, rem) if clamped else None      # the tile's rows that exist
+        if inline_main:
+            main = b.icmp_signed("==", mr, cg.i64(rows[0]))
+            with b.if_else(main if full is _TRUE else b.and_(main, full)) as (inline, shared):
+                with inline:
+                    _main_tile(t, i0, rows[0])
+                with shared:
+                    _shared_tile(t, i0, mr, kernels, valid)
+        else:
+            _shared_tile(t, i0, mr, kernels, valid)
+        b.store(cg.iadd(i0, mr if valid is None else valid), i)
+
+
+def _gated_tasks(t: _Ctx, gate, lo, hi, rows, inline_main: bool, clamped: bool) -> None:
+    """Tasks [lo, hi) of a product with a gate math (`emit_gemm(gate=...)`):
+    one block of rows each (`GATE_BLOCKS` at least)."""
+    cg, vw = t.cg, t.vw
+    nr = 2 * vw
+    at = gate.bind(cg)
+    _, block_rows = row_blocks(cg, t.m, vw, GATE_BLOCKS)
+    # every panel is two full vectors, and K one k block: tiles finish in one pass
+    t.width = cg.i64(nr)
+    every = ir.Constant(ir.VectorType(ir.IntType(1), vw), [1] * vw)
+    t.masks, t.last_mask = [every, every], every
+    kernels = {r: _panel_kernel(t, r, [(_TRUE, 2, False)], skip_full=inline_main and r == rows[0], stable=clamped)
+               for r in rows}
+    t.k0, t.k_end, t.first, t.last = cg.i64(0), t.k, _TRUE, _TRUE
+    t.direct = _FALSE if t.epilogue_work else _TRUE
+    with cg.loop(hi, start=lo, name="task") as task:
+        i_begin = cg.imul(task, block_rows)
+        i_end = cg.imin(cg.iadd(i_begin, block_rows), t.m)
+        # panel by panel over the block's rows, as the plain product runs (a panel of
+        # B stays in L1 over them: a row tile of every gate in turn read four panels
+        # a tile, the LSTM's step 3% slower) ...
+        with cg.loop(cg.i64(gate.blocks * gate.units // nr), name="panel", unroll=False) as panel:
+            t.j0 = cg.imul(panel, nr)
+            _row_block(t, i_begin, i_end, rows, kernels, inline_main, clamped, _TRUE)
+        # ... then the gate math on the block, row by row (a task of a panel's units
+        # wrote every row's results in pieces a row apart: the gate math took 40% longer)
+        with cg.loop(i_end, start=i_begin, name="gr", unroll=False) as r:
+            with cg.loop(cg.i64(gate.units // nr), name="gu", unroll=False) as u:
+                at(r, cg.imul(u, nr), None)
 
 
 def _column_sums(t: _Ctx, out, part) -> None:

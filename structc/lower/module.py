@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from ..graph import Graph
+from ..graph import Graph, Group
 from ..passes.plan import ALIGN, Plan
 from .codegen import CG, I32, I64, NO_UNROLL, PTR, VOID, LocalSlots
 from . import irtext
@@ -746,7 +746,7 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
         if group.kind == "elementwise":
             emit_elementwise_kernel(kb, graph, group)
         elif group.kind == "epilogue":
-            anchor.op.lower(kb, anchor, FusedExpr(graph, group, coalesce=False))
+            anchor.op.lower(kb, anchor, _epilogue(graph, group))
         else:
             anchor.op.lower(kb, anchor, None)
     finally:
@@ -754,6 +754,21 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
             kb._kb._scope = None
     if scope is not None:
         close_group(kb._kb.lowered, scope)
+
+
+def _epilogue(graph: Graph, group) -> FusedExpr:
+    """The elementwise epilogue of a matmul's group. With a gate math in the
+    group (`fuse`, rule 7), the epilogue is the rest, and `expr.gate` the gate
+    node, which the matmul's lowering runs on each finished tile."""
+    if group.gate is None:
+        return FusedExpr(graph, group, coalesce=False)
+    gate = {group.gate} | {m for m in group.members if "part" in graph.nodes[m].op.traits
+                           and graph.nodes[m].inputs[0] == group.gate}
+    product = Group(group.id, group.kind, [m for m in group.members if m not in gate], group.anchor,
+                    [m for m in group.outputs if m not in gate])
+    expr = FusedExpr(graph, product, coalesce=False)
+    expr.gate = graph.nodes[group.gate]
+    return expr
 
 
 # -- several modules from one, to compile in parallel -----------------------

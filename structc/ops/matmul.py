@@ -93,7 +93,7 @@ class MatMul(Op):
             a_k_stride=m_of if ta else one,
             b_buf=b_id, epilogue=epilogue, scratch=epilogue.outputs[0],
             name=f"matmul{node.id}", static_m=m_dim, static_n=n_dim,
-            row_stable=node.attrs.get("row_stable", False))
+            row_stable=node.attrs.get("row_stable", False), gate=_gate_math(kb, epilogue))
         if not isinstance(k_dim, int):
             _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim)
 
@@ -143,7 +143,13 @@ class MatMulPair(Op):
                   a_buf=a1, a_row_stride=lambda cg: cg.i64(k1), a_k_stride=lambda cg: cg.i64(1), b_buf=w,
                   epilogue=epilogue, scratch=epilogue.outputs[0], name=f"matmul_pair{node.id}",
                   static_m=m_dim, static_n=n_dim, row_stable=node.attrs.get("row_stable", False),
-                  second=(a2, k2))
+                  second=(a2, k2), gate=_gate_math(kb, epilogue))
+
+
+def _gate_math(kb, epilogue):
+    """The gate math the matmul's tiles go through (`fuse`, rule 7), or None."""
+    gate = getattr(epilogue, "gate", None)
+    return None if gate is None else gate.op.gate_math(kb, gate)
 
 
 def _over_k(b, x, g, m, n):

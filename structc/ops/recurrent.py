@@ -128,33 +128,60 @@ def _composite_vjp(b, cot, which: int, build, *operands):
 #: instructions side by side) run about 10% faster
 GATE_VECTORS = 2
 
-def _lower_rows(kb, node, name: str, emit, first: int = 0, also=()) -> None:
-    """emit(cg, load(k, block), store(block, value, out=0)) per vector of a row:
-    load reads operand `first + k`; store writes the node (out 0) or the
-    nodes in `also` (out 1, 2, ...: results of the same kernel)."""
-    from ..lower.treemap import _row_op
+class GateMath:
+    """A cell's gate math a vector of one row at a time: the body of its own
+    row kernel, or the epilogue of the matmul computing its gates
+    (`gemm.emit_gemm(gate=...)`, where the gates' tile is still in L1).
+    `blocks` gate blocks of `units` columns each; `bind(cg)` gives
+    `at(r, j, mask)`, which emits the math for row r's columns [j, j + lanes)
+    of every block (`lanes` = GATE_VECTORS vectors)."""
+
+    def __init__(self, blocks: int, units: int, lanes: int, bind):
+        self.blocks, self.units, self.lanes, self.bind = blocks, units, lanes, bind
+
+
+def _row_math(kb, node, emit, first: int = 0, also=()) -> GateMath:
+    """emit(cg, load(k, block), store(block, value, out=0)) as a GateMath: load
+    reads operand `first + k`; store writes the node (out 0) or the nodes in
+    `also` (out 1, 2, ...: results of the same kernel)."""
     g = kb.graph
     inputs = node.inputs[first:]
     h = g.nodes[inputs[1]].shape[1]
-    rows = g.nodes[node.id].shape[0]
     outs = [node.id, *also]
     widths = [g.nodes[i].shape[1] for i in inputs] + [g.nodes[o].shape[1] for o in outs]
-    vw = GATE_VECTORS * kb.vector_width
-    with kb.kernel(f"{name}{node.id}", tasks=lambda cg: cg.numel((rows,)), cost=40 * h) as (cg, lo, hi):
+    lanes = GATE_VECTORS * kb.vector_width
+
+    def bind(cg):
         ptrs = [cg.ptr(i) for i in inputs] + [cg.ptr(o) for o in outs]
-        with cg.loop(hi, start=lo, name="row") as r:
+
+        def at(r, j, mask):
             offs = [cg.imul(r, w) for w in widths]
 
-            def vector(j, mask):
-                def load(k, block):
-                    return cg.load(ptrs[k], cg.iadd(offs[k], cg.iadd(j, cg.i64(block * h))), n=vw, mask=mask)
+            def load(k, block):
+                return cg.load(ptrs[k], cg.iadd(offs[k], cg.iadd(j, cg.i64(block * h))), n=lanes, mask=mask)
 
-                def store(block, value, out=0):
-                    at = len(inputs) + out
-                    cg.store(value, ptrs[at], cg.iadd(offs[at], cg.iadd(j, cg.i64(block * h))), mask=mask)
-                emit(cg, load, store)
+            def store(block, value, out=0):
+                at_ = len(inputs) + out
+                cg.store(value, ptrs[at_], cg.iadd(offs[at_], cg.iadd(j, cg.i64(block * h))), mask=mask)
+            emit(cg, load, store)
+        return at
+    return GateMath(widths[0] // h, h, lanes, bind)
+
+
+def row_kernel(kb, node, name: str, math: GateMath) -> None:
+    """The gate math as a row kernel of its own: one task per row, the units in vectors."""
+    from ..lower.treemap import _row_op
+    h = math.units
+    rows = kb.graph.nodes[node.id].shape[0]
+    with kb.kernel(f"{name}{node.id}", tasks=lambda cg: cg.numel((rows,)), cost=40 * h) as (cg, lo, hi):
+        at = math.bind(cg)
+        with cg.loop(hi, start=lo, name="row") as r:
             # a loop at run time past two vectors: unrolled, the gate math's code is long to compile
-            _row_op(cg, h if h <= 2 * kb.vector_width else cg.i64(h), vw, vector)
+            _row_op(cg, h if h <= 2 * kb.vector_width else cg.i64(h), math.lanes, lambda j, m: at(r, j, m))
+
+
+def _lower_rows(kb, node, name: str, emit, first: int = 0, also=()) -> None:
+    row_kernel(kb, node, name, _row_math(kb, node, emit, first, also))
 
 
 def gate_tanh(cg, x):
@@ -216,6 +243,12 @@ class LstmGates(Op):
         return _samples()
 
     def lower(self, kb, node, epilogue):
+        row_kernel(kb, node, "lstmgates", self.gate_math(kb, node))
+
+    def gate_math(self, kb, node) -> GateMath:
+        """[h', c'] (and the activations, when its group has them) a vector at a
+        time: this node's kernel, or the epilogue of the product of its gates
+        (`fuse`, rule 7)."""
         acts = _parts_of(kb, node, "lstm_gates_acts")
 
         def emit(cg, load, store):
@@ -225,7 +258,7 @@ class LstmGates(Op):
             for p in range(1, len(acts) + 1):
                 for block, v in enumerate((si, sf, tu, so)):
                     store(block, v, out=p)
-        _lower_rows(kb, node, "lstmgates", emit, also=acts)
+        return _row_math(kb, node, emit, also=acts)
 
 
 class LstmGatesActs(Op):

@@ -999,6 +999,12 @@ class LstmState(Op):
     def lower(self, kb, node, epilogue):
         _lower_lstm(kb, node, "state", also=_parts_of(kb, node, "lstm_acts"))
 
+    def gate_math(self, kb, node):
+        """[h, c] (and the activations, when its group has them) a vector at a
+        time: this node's kernel, or the epilogue of the product of its gates
+        (`fuse`, rule 7)."""
+        return _lstm_math(kb, node, "state", also=_parts_of(kb, node, "lstm_acts"))
+
 
 class LstmActs(Op):
     """[σ(i), σ(o), tanh(u)]: the activations of an `lstm_state` cell's gates
@@ -1079,13 +1085,18 @@ def _parts_of(kb, node, op: str) -> list:
 
 
 def _lower_lstm(kb, node, what: str, first: int = 0, also=()) -> None:
-    """One task per row, vectors along the H columns of each gate. `what`:
+    """One task per row, vectors along the H columns of each gate (`_lstm_math`)."""
+    from .recurrent import row_kernel
+    row_kernel(kb, node, f"lstm_{what}", _lstm_math(kb, node, what, first, also))
+
+
+def _lstm_math(kb, node, what: str, first: int = 0, also=()):
+    """The cell's math a vector of a row at a time (a `recurrent.GateMath`). `what`:
     "state" ([h, c] from gates and kept; `also`: `lstm_acts` nodes it writes
     too), "acts" (alone), "dg" (from activations, state and dS; `also`: the
     `lstm_state_dc` nodes it writes too: one pass, the gate math once), "dc"
     (alone). The operands start at `first`."""
-    from ..lower.treemap import _row_op
-    from .recurrent import GATE_VECTORS, gate_tanh
+    from .recurrent import GATE_VECTORS, GateMath, gate_tanh
     g = kb.graph
     operands = node.inputs[first:]
     forward = what in ("state", "acts")
@@ -1095,53 +1106,53 @@ def _lower_lstm(kb, node, what: str, first: int = 0, also=()) -> None:
     kept_node = g.nodes[kept_id] if forward else None
     scalar_kept = forward and kept_node.type.rank == 0
     number = kept_node.attrs["value"] if forward and kept_node.op.name == "const" else None    # inline: no buffer
-    rows = g.nodes[gates].type.shape[0]
     vw = GATE_VECTORS * kb.vector_width
-    with kb.kernel(f"lstm_{what}{node.id}", tasks=lambda cg: cg.dim(rows), cost=40 * d) as (cg, lo, hi):
+
+    def bind(cg):
         G, out = cg.ptr(gates), cg.ptr(node.id)
         K = cg.ptr(kept_id) if forward and number is None else None
         S, dS = (cg.ptr(operands[1]), cg.ptr(operands[2])) if not forward else (None, None)
         also_out = [cg.ptr(u) for u in also]
-        with cg.loop(hi, start=lo) as r:
+
+        def column(r, j, m):
             g_at, h_at, s_at = cg.imul(r, 3 * d), cg.imul(r, d), cg.imul(r, 2 * d)
 
-            def column(j, m):
-                def load(p, at):
-                    return cg.load(p, cg.iadd(at, j), n=vw, mask=m)
+            def load(p, at):
+                return cg.load(p, cg.iadd(at, j), n=vw, mask=m)
 
-                def store_gates(p, values):
-                    for k, v in enumerate(values):
-                        cg.store(v, p, cg.iadd(cg.iadd(g_at, k * d), j), mask=m)
-                a, b, c3 = load(G, g_at), load(G, cg.iadd(g_at, d)), load(G, cg.iadd(g_at, 2 * d))
-                if forward:
-                    si, so, tu = cg.sigmoid(a), cg.sigmoid(b), gate_tanh(cg, c3)
-                    if what == "acts":
-                        store_gates(out, (si, so, tu))
-                        return
-                    if number is not None:
-                        kept = cg.const(float(number), si)
-                    else:
-                        kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
-                    c = cg.fma(si, tu, kept)
-                    cg.store(cg.mul(so, gate_tanh(cg, c)), out, cg.iadd(s_at, j), mask=m)
-                    cg.store(c, out, cg.iadd(cg.iadd(s_at, d), j), mask=m)
-                    for p in also_out:
-                        store_gates(p, (si, so, tu))
+            def store_gates(p, values):
+                for k, v in enumerate(values):
+                    cg.store(v, p, cg.iadd(cg.iadd(g_at, k * d), j), mask=m)
+            a, b, c3 = load(G, g_at), load(G, cg.iadd(g_at, d)), load(G, cg.iadd(g_at, 2 * d))
+            if forward:
+                si, so, tu = cg.sigmoid(a), cg.sigmoid(b), gate_tanh(cg, c3)
+                if what == "acts":
+                    store_gates(out, (si, so, tu))
                     return
-                # the backward: activations as the forward kernel wrote them, c from the state
-                si, so, tu = a, b, c3
-                tc = gate_tanh(cg, load(S, cg.iadd(s_at, d)))
-                one = cg.const(1.0, tc)
-                dh, dco = load(dS, s_at), load(dS, cg.iadd(s_at, d))
-                dc = cg.fma(cg.mul(dh, so), cg.sub(one, cg.mul(tc, tc)), dco)
-                if what == "dc":
-                    cg.store(dc, out, cg.iadd(h_at, j), mask=m)
-                    return
+                if number is not None:
+                    kept = cg.const(float(number), si)
+                else:
+                    kept = cg.splat(cg.load(K, cg.i64(0)), vw) if scalar_kept else load(K, h_at)
+                c = cg.fma(si, tu, kept)
+                cg.store(cg.mul(so, gate_tanh(cg, c)), out, cg.iadd(s_at, j), mask=m)
+                cg.store(c, out, cg.iadd(cg.iadd(s_at, d), j), mask=m)
                 for p in also_out:
-                    cg.store(dc, p, cg.iadd(h_at, j), mask=m)
-                di = cg.mul(cg.mul(dc, tu), cg.mul(si, cg.sub(one, si)))
-                do = cg.mul(cg.mul(dh, tc), cg.mul(so, cg.sub(one, so)))
-                du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
-                store_gates(out, (di, do, du))
-            # a runtime loop over the vectors past two (the gate math is long: unrolled, it is compile time)
-            _row_op(cg, d if d <= 2 * kb.vector_width else cg.i64(d), vw, column)
+                    store_gates(p, (si, so, tu))
+                return
+            # the backward: activations as the forward kernel wrote them, c from the state
+            si, so, tu = a, b, c3
+            tc = gate_tanh(cg, load(S, cg.iadd(s_at, d)))
+            one = cg.const(1.0, tc)
+            dh, dco = load(dS, s_at), load(dS, cg.iadd(s_at, d))
+            dc = cg.fma(cg.mul(dh, so), cg.sub(one, cg.mul(tc, tc)), dco)
+            if what == "dc":
+                cg.store(dc, out, cg.iadd(h_at, j), mask=m)
+                return
+            for p in also_out:
+                cg.store(dc, p, cg.iadd(h_at, j), mask=m)
+            di = cg.mul(cg.mul(dc, tu), cg.mul(si, cg.sub(one, si)))
+            do = cg.mul(cg.mul(dh, tc), cg.mul(so, cg.sub(one, so)))
+            du = cg.mul(cg.mul(dc, si), cg.sub(one, cg.mul(tu, tu)))
+            store_gates(out, (di, do, du))
+        return column
+    return GateMath(3, d, vw, bind)

@@ -21,6 +21,14 @@
      the group of its first elementwise user of its shape, when every other
      group reading it runs after that one: it is stored for them, from the
      same loop.
+  7. (Run before 6.) A cell's gate math (`lstm_gates`, `lstm_state`: an op with `gate_math`)
+     whose gates only a matmul's epilogue group computes joins that group
+     (`Group.gate`): the kernel runs the gate math on each block of rows
+     right after that block's product, its gates still in L1 or L2
+     (`gemm.emit_gemm(gate=...)`): one kernel and one pool job where there
+     were two (the gates' product and a row kernel reading them back). Only
+     where every gate's units fill whole panels of the matmul (a multiple of
+     32 units) and K fits one k block.
 Nodes that are constants are inlined wherever used; views and sources get
 no group. Groups are kept in execution order, effects (the optimiser) last.
 """
@@ -124,6 +132,11 @@ def fuse(g: Graph) -> Graph:
                 continue
             merge(gr, sg)
 
+    # 7. a cell's gate math into the epilogue of the product of its gates
+    if GATED_PRODUCTS:
+        for nid in order:
+            _gate_into_product(g, nid, group, merge, pos, outputs)
+
     # 6. an elementwise producer with several users into its first elementwise
     #    user's group of the same shape, when every other group reading it runs
     #    after that one: it is stored for them all the same, from the same loop
@@ -138,10 +151,51 @@ def fuse(g: Graph) -> Graph:
     for gr in groups:
         gr.members.sort(key=pos.get)
         members = set(gr.members)
+        gates = g.nodes[gr.gate].inputs[0] if gr.gate is not None else None     # read back by the gate math
         gr.outputs = [m for m in gr.members
-                      if m in outputs or any(u not in members for u in g.users(m))]
+                      if m in outputs or m == gates or any(u not in members for u in g.users(m))]
     g.groups = _schedule(g, list(groups), group, pos)
     return g
+
+
+#: rule 7 on (off: every cell's gate math a row kernel of its own, for comparisons)
+GATED_PRODUCTS = True
+#: the products whose epilogue may take a gate math, and the k block they must fit (`gemm.KC`)
+GATE_PRODUCERS = frozenset({"matmul", "matmul_pair"})
+GATE_MAX_K = 384
+#: a gate's units must fill whole panels of the matmul (two vectors of 16 lanes on AVX-512)
+GATE_UNITS_STEP = 32
+
+
+def _gate_into_product(g: Graph, nid: int, group: dict, merge, pos: dict, outputs: set) -> None:
+    """Rule 7 (see `fuse`) for node `nid`."""
+    node = g.nodes[nid]
+    gr = group.get(nid)
+    if gr is None or gr.anchor != nid or not hasattr(node.op, "gate_math"):
+        return
+    gates = node.inputs[0]
+    pg = group.get(gates)
+    if pg is None or pg is gr or pg.kind != "epilogue" or pg.reductions or pg.gate is not None:
+        return
+    product = g.nodes[pg.anchor]
+    if product.op.name not in GATE_PRODUCERS or product.attrs.get("ta") or product.attrs.get("tb"):
+        return
+    width = g.nodes[gates].shape[-1]
+    units = g.nodes[nid].shape[1] // 2
+    k = sum(g.nodes[i].shape[1] for i in product.inputs[:-1]) if product.op.name == "matmul_pair" \
+        else g.nodes[product.inputs[0]].shape[1]
+    if not (isinstance(width, int) and isinstance(k, int) and k <= GATE_MAX_K
+            and units % GATE_UNITS_STEP == 0 and width % units == 0):
+        return
+    # the gates are read by this cell's kernel alone, and nothing else of the product leaves its group
+    inside = set(pg.members) | set(gr.members)
+    if gates in outputs or any(m in outputs or any(u not in inside for u in g.users(m)) for m in pg.members):
+        return
+    # what the gate math reads besides the gates (c, the kept memory) comes before the product
+    if any(i not in inside and _reaches(g, pg.anchor, i, pos) for m in gr.members for i in g.nodes[m].inputs):
+        return
+    merge(pg, gr)
+    pg.gate = nid
 
 
 def _merge_shared_producers(g: Graph, group: dict, merge, pos: dict, order: list) -> None:

@@ -1,0 +1,137 @@
+"""A cell's gate math as the epilogue of its gates' product (`fuse`, rule 7).
+
+`lstm_gates` (an LSTM cell) and `lstm_state` (a Tree-LSTM's) join the group of
+the matmul computing their gates when each gate's units fill whole panels
+(a multiple of 32): one kernel whose tiles go through the gate math while in
+L1, where there were two. The tiles are the plain product's, so the results
+must be its bits: compared here with the row kernels (the rule off), at one
+thread and at two (where a forest's levels are cut anywhere)."""
+import importlib
+
+import numpy as np
+import pytest
+
+import structc
+from structc.autodiff import differentiate
+from structc.build import build_model
+from structc.forest import Forest
+from structc.passes import run_pipeline
+from structc.seqdata import Sequences
+from structc.syntax import parse
+from test_sequences import LSTM as SMALL_LSTM
+from test_trees import random_tree
+from test_treelstm import CHILD_SUM_FUSED, WIDE_CHILD_SUM
+
+fuse = importlib.import_module("structc.passes.fuse")   # the module (the package exports the pass)
+
+# test_sequences' LSTM with 32 units (whole panels) and its last states as an output
+LSTM = SMALL_LSTM.replace("model Lstm", "model WideLstm").replace("zeros(6)", "zeros(32)").replace(
+    "), 6,", "), 32,").replace("  loss", "  output last = h(s.last)\n  loss")
+assert LSTM.count("zeros(32)") == 2 and "), 32," in LSTM
+NARROW_LSTM = LSTM.replace("WideLstm", "NarrowLstm").replace("zeros(32)", "zeros(24)").replace("), 32,", "), 24,")
+
+
+def _gated(graph) -> list[str]:
+    """The op of each group's gate math, one entry per group that has one."""
+    return [graph.nodes[gr.gate].op.name for gr in graph.groups if gr.gate is not None]
+
+
+def _alone(graph, op: str) -> int:
+    """Groups anchored at an `op` node: the gate math as a kernel of its own."""
+    return sum(graph.nodes[gr.anchor].op.name == op for gr in graph.groups)
+
+
+def _programs(src):
+    g = run_pipeline(differentiate(build_model(parse(src)).graph))
+    fwd = next(n for n in g.nodes.values() if n.op.name == "tree_map").attrs["fwd"].graph
+    return g, fwd
+
+
+def test_an_lstm_cells_gate_math_is_its_products_epilogue():
+    g, fwd = _programs(LSTM)
+    assert _gated(fwd) == ["lstm_gates"] and _alone(fwd, "lstm_gates") == 0
+    (group,) = [gr for gr in fwd.groups if gr.gate is not None]
+    assert fwd.nodes[group.anchor].op.name == "matmul_pair"
+    gates = fwd.nodes[group.gate].inputs[0]
+    assert gates in group.outputs           # the tile the gate math reads back
+
+
+def test_a_tree_lstms_gate_math_is_its_products_epilogue_in_the_levels_and_at_the_leaves():
+    g, fwd = _programs(WIDE_CHILD_SUM)
+    assert _gated(fwd) == ["lstm_state"] and _alone(fwd, "lstm_state") == 0
+    # the leaves' case, once per distinct word outside the recursion, with its activations
+    (leaf,) = [gr for gr in g.groups if gr.gate is not None]
+    assert [g.nodes[m].op.name for m in leaf.members] == ["matmul", "add", "lstm_state", "lstm_acts"]
+
+
+@pytest.mark.parametrize("src, op", [(NARROW_LSTM, "lstm_gates"), (CHILD_SUM_FUSED, "lstm_state")],
+                         ids=["lstm-24", "tree-lstm-8"])
+def test_units_short_of_whole_panels_keep_the_row_kernel(src, op):
+    g, fwd = _programs(src)
+    assert _gated(fwd) == [] and _alone(fwd, op) == 1
+
+
+def _both(src, monkeypatch):
+    """The model compiled with the gate math fused and as row kernels."""
+    nets = {}
+    for fused in (True, False):
+        monkeypatch.setattr(fuse, "GATED_PRODUCTS", fused)
+        nets[fused] = structc.compile(src, cache=False, seed=3, training=True)
+    return nets
+
+
+def _same_bits(nets, feeds, threads, monkeypatch):
+    before = structc.get_num_threads()
+    try:
+        structc.set_num_threads(threads)
+        out = {k: (net.forward(**{k_: v for k_, v in feeds.items() if k_ != "y"}), net.grad(**feeds))
+               for k, net in nets.items()}
+        for name in out[True][0]:
+            np.testing.assert_array_equal(out[True][0][name], out[False][0][name], err_msg=name)
+        assert out[True][1][0] == out[False][1][0]
+        for name, grad in out[False][1][1].items():
+            np.testing.assert_array_equal(out[True][1][1][name], grad, err_msg=name)
+        for net in nets.values():
+            net.set_optimizer("adam")
+            for _ in range(3):
+                net.train_step(lr=0.01, **feeds)
+        for name, value in nets[False].params.items():
+            np.testing.assert_array_equal(nets[True].params[name], value, err_msg=name)
+    finally:
+        structc.set_num_threads(before)
+
+
+@pytest.mark.slow          # two compiles
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_fused_lstm_gives_the_row_kernels_bits(threads, monkeypatch):
+    rng = np.random.default_rng(4)
+    lengths = np.concatenate([[1, 60], rng.integers(1, 61, 38)])
+    x = rng.normal(size=(int(lengths.sum()), 5)).astype(np.float32)
+    seqs = Sequences.from_flat(x, np.concatenate([[0], np.cumsum(lengths)]))
+    y = rng.integers(0, 3, len(lengths)).astype(np.int32)
+    _same_bits(_both(LSTM, monkeypatch), {"s": seqs, "y": y}, threads, monkeypatch)
+
+
+@pytest.mark.slow          # two compiles
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_fused_tree_lstm_gives_the_row_kernels_bits(threads, monkeypatch):
+    rng = np.random.default_rng(9)
+    trees = [random_tree(rng, int(rng.integers(1, 14)), 12, 3) for _ in range(90)]
+    f = Forest.from_tuples(trees)
+    y = rng.integers(0, 3, f.trees).astype(np.int32)
+    _same_bits(_both(WIDE_CHILD_SUM, monkeypatch), {"t": f, "y": y}, threads, monkeypatch)
+
+
+def test_a_batch_of_one_sequence_of_one_step(monkeypatch):
+    """The smallest case: one row, a tile of clamped rows, every gate's panel."""
+    nets = _both(LSTM, monkeypatch)
+    x = np.random.default_rng(1).normal(size=(1, 5)).astype(np.float32)
+    seqs = Sequences.from_flat(x, np.array([0, 1]))
+    _same_bits(nets, {"s": seqs, "y": np.array([2], np.int32)}, 1, monkeypatch)
+
+
+def test_the_rule_knows_the_kernels_k_block_and_panel():
+    """`fuse` is target-free and keeps its own copy of what the kernel needs."""
+    from structc.lower import gemm
+    assert fuse.GATE_MAX_K == gemm.KC
+    assert all(fuse.GATE_UNITS_STEP % (2 * vw) == 0 for vw in (4, 8, 16))
