@@ -464,6 +464,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 differentiate_once()
             module = ir.Module(name=f"{mdef.name}.{part}")
             module.triple = target.triple
+            module.structc_avx512 = target.vector_width == 16     # `CG.exp` scales by vscalefps
             for kind in PARTS[part]:
                 g = run_pipeline(graphs[kind], _pass_timer(times, kind, dump if part in wanted else None))
                 with times.stage(f"{kind}.plan"):

@@ -207,3 +207,28 @@ def test_gelu_keeps_relative_accuracy_in_its_negative_tail():
     got = run("output y = gelu(x)", x, inputs="input x: f32[1, 6]")
     expected = [v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x[0].astype(np.float64)]
     np.testing.assert_allclose(got[0], expected, rtol=2e-3)
+
+
+def test_avx512s_exponential_gives_the_portable_ones_values(monkeypatch):
+    """On AVX-512 the exponential rounds with `vrndscaleps` and scales by 2^n
+    with `vscalefps` (`CG._has_scalef`); the portable code rounds by adding a
+    magic number and builds 2^n from its bits. Same n, same polynomial: sigmoid
+    and tanh give the same bits, exp the same up to one ulp (where x log2 e
+    sits on a rounding tie, the portable sum may be fused into an FMA)."""
+    from structc.lower import codegen
+    from structc.native import host_target
+    if host_target().vector_width != 16:
+        pytest.skip("this machine has no AVX-512: only the portable exponential is compiled")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-100, 100, 4000), rng.uniform(-1, 1, 4000), np.linspace(86, 89, 1000),
+                        np.linspace(-89, -86, 1000), EDGES[0], np.zeros(34)]).astype(np.float32).reshape(-1, 64)
+    src = (f"model M {{\n  input x: f32[{x.shape[0]}, 64]\n  output e = exp(x)\n  output s = sigmoid(x)\n"
+           "  output t = tanh(x)\n}\n")
+    fast = structc.compile(src, cache=False)(x=x)
+    monkeypatch.setattr(codegen.CG, "_has_scalef", lambda self, v: False)
+    portable = structc.compile(src, cache=False)(x=x)
+    np.testing.assert_array_equal(fast["s"], portable["s"])
+    np.testing.assert_array_equal(fast["t"], portable["t"])
+    finite = np.isfinite(portable["e"])
+    np.testing.assert_array_max_ulp(fast["e"][finite], portable["e"][finite], maxulp=1)
+    np.testing.assert_array_equal(fast["e"][~finite], portable["e"][~finite])

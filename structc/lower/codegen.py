@@ -207,10 +207,14 @@ class CG:
         hi, lo = self.const(88.72283, x), self.const(-87.33654, x)
         x = self.select(self.lt(hi, x), hi, x)
         x = self.select(self.gt(lo, x), lo, x)
-        # round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22 here);
-        # no rounding instruction needed, so this also runs on plain SSE2
-        magic = self.const(12582912.0, x)
-        n = self.sub(self.add(self.mul(x, self.const(1.44269504088896341, x)), magic), magic)
+        scalef = self._has_scalef(x)
+        if scalef:      # AVX-512: one rounding instruction (the same n as below)
+            n = self._roundeven(self.mul(x, self.const(1.44269504088896341, x)))
+        else:
+            # round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22 here);
+            # no rounding instruction needed, so this also runs on plain SSE2
+            magic = self.const(12582912.0, x)
+            n = self.sub(self.add(self.mul(x, self.const(1.44269504088896341, x)), magic), magic)
         r = self.fma(n, self.const(-0.693359375, x), x)
         r = self.fma(n, self.const(2.12194440e-4, x), r)
         p = self.const(1.9875691500e-4, x)
@@ -218,6 +222,8 @@ class CG:
             p = self.fma(p, r, self.const(c, x))
         r2 = self.mul(r, r)
         y = self.add(self.fma(p, r2, r), self.const(1.0, x))
+        if scalef:      # y 2^n in one instruction, 2^128 included (e^x up to 88.72 is finite)
+            return self._scalef(y, n)
         ni = self.b.fptosi(n, vec(I32, lanes(x.type)))
         # n reaches 128 from x = 88.38 on, where 2^n has no float32 (its exponent bits
         # would read as inf, though e^x is finite up to 88.72): 2^127 times 2 y then
@@ -226,6 +232,34 @@ class CG:
         y = self.select(top, self.add(y, y), y)
         scale = self.b.shl(self.b.add(ni, self.const(127, ni)), self.const(23, ni))
         return self.mul(y, self._from_bits(scale))
+
+    def _has_scalef(self, x) -> bool:
+        """Whether x's lanes fill AVX-512 vectors in a module built for AVX-512
+        (`structc_avx512`, which the compiler sets from the target), in a
+        kernel not of `lower.module.LIGHT_KINDS` (`cg.light`)."""
+        return getattr(self.module, "structc_avx512", False) and not getattr(self, "light", False) \
+            and lanes(x.type) in (16, 32, 64)
+
+    def _roundeven(self, x):
+        fn = self.declare(f"llvm.roundeven.v{lanes(x.type)}f32", x.type, [x.type])
+        return self.b.call(fn, [x])
+
+    def _scalef(self, y, n):
+        """y 2^n (n integral): `vscalefps`, 16 lanes at a time."""
+        v16 = vec(F32, 16)
+        fn = self.declare("llvm.x86.avx512.mask.scalef.ps.512", v16, [v16, v16, v16, ir.IntType(16), I32])
+        count = lanes(y.type)
+
+        def part(v, k):
+            if count == 16:
+                return v
+            return self.b.shuffle_vector(v, v, ir.Constant(vec(I32, 16), list(range(k, k + 16))))
+        out = [self.b.call(fn, [part(y, k), part(n, k), part(y, k), ir.Constant(ir.IntType(16), -1),
+                                ir.Constant(I32, 4)]) for k in range(0, count, 16)]
+        while len(out) > 1:     # halves side by side, pairwise
+            out = [self.b.shuffle_vector(a, c, ir.Constant(vec(I32, 2 * lanes(a.type)), list(range(2 * lanes(a.type)))))
+                   for a, c in zip(out[::2], out[1::2])]
+        return out[0]
 
     def log(self, x):
         """ln x for x > 0 (0 gives -inf, negatives and NaN give NaN), Cephes logf.

@@ -168,6 +168,9 @@ class KernelBuilder:
             fn.linkage = "hidden" if self.export else "internal"
             cg = CG(self.module, fn, scope.layout if scope is not None else self.layout, frame=fn.args[0])
             cg.slots = LocalSlots()
+            # a light kernel keeps the exponential O1 compiles to O3's machine code (with the
+            # shorter one, O3 unrolled a softmax's row loop: `CG._has_scalef`)
+            cg.light = _stem(name) in LIGHT_KINDS
             yield cg, fn.args[1], fn.args[2]
             if found is not None:       # the helpers it made must be the record's too
                 found = self._usable(found[0])
