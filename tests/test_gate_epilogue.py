@@ -135,3 +135,29 @@ def test_the_rule_knows_the_kernels_k_block_and_panel():
     from structc.lower import gemm
     assert fuse.GATE_MAX_K == gemm.KC
     assert all(fuse.GATE_UNITS_STEP % (2 * vw) == 0 for vw in (4, 8, 16))
+
+
+STATIC = """
+model Static {{
+  input x: f32[{rows}, 20]
+  input c: f32[{rows}, 32]
+  target y: class[{rows}] of 3
+  s = lstm_state(dense(x, 96, name="z"), 0)
+  t = lstm_state(dense(x, 96, name="t"), c)
+  output both = concat(s, t, axis=1)
+  loss cross_entropy(dense(concat(s, t, axis=1), 3), y)
+}}
+"""
+
+
+@pytest.mark.parametrize("rows", [1, 37, pytest.param(401, marks=pytest.mark.slow)])
+def test_rows_known_at_compile_time(rows, monkeypatch):
+    """Outside a recursion the rows are known: tiles of exactly the rows left
+    (one row: the k-split micro-kernel), a kept memory of zero or a tensor."""
+    src = STATIC.format(rows=rows)
+    g = run_pipeline(differentiate(build_model(parse(src)).graph))
+    assert _gated(g) == ["lstm_state", "lstm_state"]
+    rng = np.random.default_rng(rows)
+    feeds = {"x": rng.normal(size=(rows, 20)).astype(np.float32),
+             "c": rng.normal(size=(rows, 32)).astype(np.float32), "y": rng.integers(0, 3, rows).astype(np.int32)}
+    _same_bits(_both(src, monkeypatch), feeds, 1, monkeypatch)
