@@ -249,7 +249,7 @@ class LstmGates(Op):
         """[h', c'] (and the activations, when its group has them) a vector at a
         time: this node's kernel, or the epilogue of the product of its gates
         (`fuse`, rule 7)."""
-        acts = _parts_of(kb, node, "lstm_gates_acts")
+        acts = kernel_parts(kb, node, "lstm_gates_acts")
 
         def emit(cg, load, store):
             si, sf, tu, so, _c, c2, k = _gates(cg, load)
@@ -368,14 +368,19 @@ class LstmGatesDc(_LstmGatesGrad):
         _lower_rows(kb, node, "lstmdc", emit, first=1)
 
 
-def _parts_of(kb, node, op: str) -> list:
-    """The `op` nodes (parts whose first operand is `node`) this node's kernel writes too (its group's)."""
+def kernel_parts(kb, node, op: str) -> list:
+    """The `op` nodes (parts whose first operand is `node`) this node's kernel
+    writes too: its group's, stored for readers outside it. Read from the
+    group alone (not the graph's users), so the kernel stays in the lowered
+    kernels' cache (`lower/lowered.py`)."""
     g = kb.graph
-    mine = next((gr.members for gr in g.groups if node.id in gr.members), ())
-    return [u for u in g.users(node.id) if g.nodes[u].op.name == op and u in mine
-            and g.nodes[u].inputs[0] == node.id and u in kb.layout.buffers]
+    mine = next((gr for gr in g.groups if node.id in gr.members), None)
+    if mine is None:
+        return []
+    return [m for m in mine.members if g.nodes[m].op.name == op and g.nodes[m].inputs[0] == node.id
+            and m in mine.outputs]
 
 
 def _dc_parts(kb, node) -> list:
     """The `lstm_gates_dc` nodes this `lstm_gates_dg` kernel writes (its group's)."""
-    return _parts_of(kb, node, "lstm_gates_dc")
+    return kernel_parts(kb, node, "lstm_gates_dc")

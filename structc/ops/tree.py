@@ -45,6 +45,7 @@ import numpy as np
 from ..errors import ShapeMismatch
 from ..types import TensorType
 from .base import REGISTRY, Op, Sample, expect
+from .recurrent import kernel_parts
 
 BODY_ROWS = "rows"          # the body's batch dimension: one row per node
 BODY_KIDS = "kids"          # rows x arity: one row per child slot (per-child terms)
@@ -997,13 +998,13 @@ class LstmState(Op):
         return [Sample(((5, 12), (5, 4))), Sample(((3, 48), ())), Sample(((2, 51), (2, 17)))]
 
     def lower(self, kb, node, epilogue):
-        _lower_lstm(kb, node, "state", also=_parts_of(kb, node, "lstm_acts"))
+        _lower_lstm(kb, node, "state", also=kernel_parts(kb, node, "lstm_acts"))
 
     def gate_math(self, kb, node):
         """[h, c] (and the activations, when its group has them) a vector at a
         time: this node's kernel, or the epilogue of the product of its gates
         (`fuse`, rule 7)."""
-        return _lstm_math(kb, node, "state", also=_parts_of(kb, node, "lstm_acts"))
+        return _lstm_math(kb, node, "state", also=kernel_parts(kb, node, "lstm_acts"))
 
 
 class LstmActs(Op):
@@ -1050,7 +1051,7 @@ class LstmStateGrad(Op):
                 Sample((((2, 51), "fixed"), ((2, 34), "fixed"), ((2, 34), "fixed")))]
 
     def lower(self, kb, node, epilogue):
-        _lower_lstm(kb, node, "dg", also=_parts_of(kb, node, "lstm_state_dc"))
+        _lower_lstm(kb, node, "dg", also=kernel_parts(kb, node, "lstm_state_dc"))
 
 
 class LstmStateDc(Op):
@@ -1074,14 +1075,6 @@ class LstmStateDc(Op):
 
     def lower(self, kb, node, epilogue):
         _lower_lstm(kb, node, "dc", first=1)
-
-
-def _parts_of(kb, node, op: str) -> list:
-    """The `op` nodes (parts whose first operand is `node`) this node's kernel writes too (its group's)."""
-    g = kb.graph
-    mine = next((gr.members for gr in g.groups if node.id in gr.members), ())
-    return [u for u in g.users(node.id) if g.nodes[u].op.name == op and u in mine
-            and g.nodes[u].inputs[0] == node.id and u in kb.layout.buffers]
 
 
 def _lower_lstm(kb, node, what: str, first: int = 0, also=()) -> None:
