@@ -314,6 +314,21 @@ def node_sets_reorder_from_1024():
         assert (d.graph.node_order is not None) == reordered
 
 
+def gate_math_joins_its_product_from_32_units():
+    from structc.autodiff import differentiate
+    from structc.build import build_model
+    from structc.passes import run_pipeline
+    from structc.syntax import parse
+    src = ("model M {{\n  input s: sequence of f32[5]\n  target y: class[s.sequences] of 3\n"
+           "  rec (h, c)(t) = init: (zeros({n}), zeros({n}))\n"
+           "                  next: lstm_cell(t.x, h(t.prev), c(t.prev), {n})\n"
+           "  loss cross_entropy(dense(h(s.last), 3), y)\n}}\n")
+    for n, joined in ((32, True), (64, True), (48, False), (24, False)):
+        g = run_pipeline(differentiate(build_model(parse(src.format(n=n))).graph))
+        body = next(nd for nd in g.nodes.values() if nd.op.name == "tree_map").attrs["fwd"].graph
+        assert any(gr.gate is not None for gr in body.groups) == joined, n
+
+
 def finetuned_head_reaches_92():
     import tempfile
     sys.path.insert(0, str(ROOT / "examples"))
@@ -359,6 +374,7 @@ CLAIMS = [
           "structc train examples/digits_lstm.snet --data digits_rows --epochs 15 --optimizer adam --lr 0.01"),
     Claim(r"convolutions frozen it\s+reaches about (92)% held out", check=finetuned_head_reaches_92),
     Claim(r"data set of (1,024) nodes\s+or more is kept so by itself", check=node_sets_reorder_from_1024),
+    Claim(r"units are a\s+multiple of (32) \(an `lstm_cell`", check=gate_math_joins_its_product_from_32_units),
 ]
 
 
