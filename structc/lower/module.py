@@ -762,7 +762,7 @@ def lower_group(kb: KernelBuilder, graph: Graph, group) -> None:
 def _epilogue(graph: Graph, group) -> FusedExpr:
     """The elementwise epilogue of a matmul's group. With a gate math in the
     group (`fuse`, rule 7), the epilogue is the rest, and `expr.gate` the gate
-    node, which the matmul's lowering runs on each finished tile."""
+    node, which the matmul's kernel runs on each block of rows after its product."""
     if group.gate is None:
         return FusedExpr(graph, group, coalesce=False)
     gate = {group.gate} | {m for m in group.members if "part" in graph.nodes[m].op.traits

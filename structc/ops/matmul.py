@@ -147,7 +147,7 @@ class MatMulPair(Op):
 
 
 def _gate_math(kb, epilogue):
-    """The gate math the matmul's tiles go through (`fuse`, rule 7), or None."""
+    """The gate math the matmul's kernel runs on its rows (`fuse`, rule 7), or None."""
     gate = getattr(epilogue, "gate", None)
     return None if gate is None else gate.op.gate_math(kb, gate)
 

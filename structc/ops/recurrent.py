@@ -130,8 +130,8 @@ GATE_VECTORS = 2
 
 class GateMath:
     """A cell's gate math a vector of one row at a time: the body of its own
-    row kernel, or the epilogue of the matmul computing its gates
-    (`gemm.emit_gemm(gate=...)`, where the gates' tile is still in L1).
+    row kernel, or run by the matmul computing its gates on each block of rows
+    after that block's product (`gemm.emit_gemm(gate=...)`).
     `blocks` gate blocks of `units` columns each; `bind(cg)` gives
     `at(r, j, mask)`, which emits the math for row r's columns [j, j + lanes)
     of every block (`lanes` = GATE_VECTORS vectors)."""
@@ -181,6 +181,7 @@ def row_kernel(kb, node, name: str, math: GateMath) -> None:
 
 
 def _lower_rows(kb, node, name: str, emit, first: int = 0, also=()) -> None:
+    """`emit` (see `_row_math`) as a row kernel of its own."""
     row_kernel(kb, node, name, _row_math(kb, node, emit, first, also))
 
 

@@ -189,7 +189,7 @@ def _gate_into_product(g: Graph, nid: int, group: dict, merge, pos: dict, output
         return
     # the gates are read by this cell's kernel alone, and nothing else of the product leaves its group
     inside = set(pg.members) | set(gr.members)
-    if gates in outputs or any(m in outputs or any(u not in inside for u in g.users(m)) for m in pg.members):
+    if any(m in outputs or any(u not in inside for u in g.users(m)) for m in pg.members):
         return
     # what the gate math reads besides the gates (c, the kept memory) comes before the product
     if any(i not in inside and _reaches(g, pg.anchor, i, pos) for m in gr.members for i in g.nodes[m].inputs):
