@@ -44,11 +44,12 @@ TILE(14, 2)
 TILE(8, 3)
 TILE(9, 3)
 TILE(6, 4)
+TILE(7, 4)
 
 typedef void (*tile_fn)(const float *, int, const float *, int, float *, int, int);
 static const struct { tile_fn fn; int rows, cols; const char *name; } TILES[] = {
     {tile_12x2, 12, 32, "12x2"}, {tile_14x2, 14, 32, "14x2"}, {tile_8x3, 8, 48, "8x3"},
-    {tile_9x3, 9, 48, "9x3"}, {tile_6x4, 6, 64, "6x4"},
+    {tile_9x3, 9, 48, "9x3"}, {tile_6x4, 6, 64, "6x4"}, {tile_7x4, 7, 64, "7x4"},
 };
 #define N_TILES (int)(sizeof TILES / sizeof TILES[0])
 
