@@ -2,9 +2,9 @@
 
 `lstm_gates` (an LSTM cell) and `lstm_state` (a Tree-LSTM's) join the group of
 the matmul computing their gates when each gate's units fill whole panels
-(a multiple of 32): one kernel whose tiles go through the gate math while in
-L1, where there were two. The tiles are the plain product's, so the results
-must be its bits: compared here with the row kernels (the rule off), at one
+(a multiple of 32): one kernel that runs the gate math on each block of rows
+right after that block's product, where there were two. The tiles are the
+plain product's, so the results must be its bits: compared here with the row kernels (the rule off), at one
 thread and at two (where a forest's levels are cut anywhere)."""
 import importlib
 
