@@ -161,3 +161,25 @@ def test_rows_known_at_compile_time(rows, monkeypatch):
     feeds = {"x": rng.normal(size=(rows, 20)).astype(np.float32),
              "c": rng.normal(size=(rows, 32)).astype(np.float32), "y": rng.integers(0, 3, rows).astype(np.int32)}
     _same_bits(_both(src, monkeypatch), feeds, 1, monkeypatch)
+
+
+@pytest.mark.slow          # three compiles for other targets
+@pytest.mark.parametrize("target", ["generic", "x86-64-v3", "x86-64-v4"])
+def test_other_targets_fuse_and_agree(target):
+    """Panels of 8, 16 or 32 columns (SSE, AVX2, AVX-512): the 32 units fill
+    them all, and the gradients are this machine's within float32's rounding."""
+    from structc import api, native
+    t = native.named_target(target)
+    if native.missing_features(t):
+        pytest.skip(f"this machine cannot run {target} code")
+    rng = np.random.default_rng(1)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 14)), 12, 3) for _ in range(30)])
+    feeds = {"t": f, "y": rng.integers(0, 3, f.trees).astype(np.int32)}
+    art = api.compile_artifact(WIDE_CHILD_SUM, target=t, cache=False, parts=["forward", "training"])
+    net = structc.Net(art.meta, native.JitModule(art.object, t))
+    net.init_params(2)
+    loss, grads = net.grad(**feeds)
+    want_loss, want = structc.compile(WIDE_CHILD_SUM, cache=False, seed=2).grad(**feeds)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    for name, g in want.items():
+        np.testing.assert_allclose(grads[name], g, rtol=1e-4, atol=1e-6 * np.abs(g).max(), err_msg=name)
