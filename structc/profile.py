@@ -49,6 +49,9 @@ class Kernel:
     op: str                                  # the op of its group's anchor
     spans: list = field(default_factory=list)   # its group's source spans, the anchor's first
     flops: tuple | None = None               # factors (ints, symbols) of its flops per call
+    #: the op of a gate math the kernel runs after its product (`fuse`, rule 7): its
+    #: GFLOP/s count the product's flops over a time that includes that math
+    gate: str | None = None
 
     @property
     def line(self) -> int | None:
@@ -149,7 +152,8 @@ def _noting_kernels(kernels: dict[str, Kernel]):
             if name.startswith(f"{kb.prefix}_") and name not in kernels:
                 # the first kernel of a matmul or convolution group is its loop nest
                 flops = count(graph, anchor) if count and k == 0 else None
-                kernels[name] = Kernel(name, anchor.op.name, spans, flops)
+                gate = graph.nodes[group.gate].op.name if group.gate is not None else None
+                kernels[name] = Kernel(name, anchor.op.name, spans, flops, gate if k == 0 else None)
 
     lowering.lower_group, lowering.KernelBuilder.kernel = lower_group, kernel
     try:
@@ -334,6 +338,8 @@ class Report:
             out.append(head[:100])
             for r in rows:
                 name = ("(inside) " if r.nested else "") + r.kernel.name
+                if r.kernel.gate:
+                    name += f" + {r.kernel.gate}"
                 others = [s.line for s in r.kernel.spans[1:]]
                 if others:
                     name += f" (+ line{'s' if len(others) > 1 else ''} {','.join(map(str, others))})"

@@ -183,3 +183,14 @@ def test_other_targets_fuse_and_agree(target):
     assert loss == pytest.approx(want_loss, rel=1e-6)
     for name, g in want.items():
         np.testing.assert_allclose(grads[name], g, rtol=1e-4, atol=1e-6 * np.abs(g).max(), err_msg=name)
+
+
+def test_the_profile_names_the_gate_math_its_products_kernel_runs():
+    """Its GFLOP/s count the product's flops over a time that includes the math: say so."""
+    net = structc.compile(LSTM, cache=False, seed=3)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 5)).astype(np.float32)
+    report = net.profile(steps=2, s=Sequences.from_flat(x, np.array([0, 5, 12])), y=np.array([0, 2], np.int32))
+    gated = [r.kernel for r in report.rows if r.kernel.gate]
+    assert [k.gate for k in gated] == ["lstm_gates"] and "matmul_pair" in gated[0].name
+    assert f"{gated[0].name} + lstm_gates" in report.table()
