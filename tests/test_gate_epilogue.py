@@ -130,10 +130,8 @@ def test_a_batch_of_one_sequence_of_one_step(monkeypatch):
     _same_bits(nets, {"s": seqs, "y": np.array([2], np.int32)}, 1, monkeypatch)
 
 
-def test_the_rule_knows_the_kernels_k_block_and_panel():
-    """`fuse` is target-free and keeps its own copy of what the kernel needs."""
-    from structc.lower import gemm
-    assert fuse.GATE_MAX_K == gemm.KC
+def test_the_rules_unit_step_fills_every_targets_panels():
+    """`fuse` is target-free: its step of units fills the panels of every vector width."""
     assert all(fuse.GATE_UNITS_STEP % (2 * vw) == 0 for vw in (4, 8, 16))
 
 

@@ -203,7 +203,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             t.second = (cg.ptr(a2), cg.i64(k2), b.gep(t.B, [cg.imul(t.k, t.n)], source_etype=F32))
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
-        if gate is not None:
+        if gate is not None:        # its tiles finish in one pass over K (else only a block's sums)
+            assert _one_k_block(t.k), "a gated product's K must fit one k block"
             _gated_tasks(t, gate, lo, hi, rows, inline_main, clamped)
             return
         panels = cg.ceil_div(t.n, nr)

@@ -998,7 +998,8 @@ class LstmState(Op):
         return [Sample(((5, 12), (5, 4))), Sample(((3, 48), ())), Sample(((2, 51), (2, 17)))]
 
     def lower(self, kb, node, epilogue):
-        _lower_lstm(kb, node, "state", also=kernel_parts(kb, node, "lstm_acts"))
+        from .recurrent import row_kernel
+        row_kernel(kb, node, "lstm_state", self.gate_math(kb, node))
 
     def gate_math(self, kb, node):
         """[h, c] (and the activations, when its group has them) a vector at a

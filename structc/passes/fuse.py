@@ -160,15 +160,15 @@ def fuse(g: Graph) -> Graph:
 
 #: rule 7 on (off: every cell's gate math a row kernel of its own, for comparisons)
 GATED_PRODUCTS = True
-#: the products whose epilogue may take a gate math, and the k block they must fit (`gemm.KC`)
+#: the products whose epilogue may take a gate math (their K must fit one k block, `gemm.KC`)
 GATE_PRODUCERS = frozenset({"matmul", "matmul_pair"})
-GATE_MAX_K = 384
 #: a gate's units must fill whole panels of the matmul (two vectors of 16 lanes on AVX-512)
 GATE_UNITS_STEP = 32
 
 
 def _gate_into_product(g: Graph, nid: int, group: dict, merge, pos: dict, outputs: set) -> None:
     """Rule 7 (see `fuse`) for node `nid`."""
+    from ..lower.gemm import KC
     node = g.nodes[nid]
     gr = group.get(nid)
     if gr is None or gr.anchor != nid or not hasattr(node.op, "gate_math"):
@@ -184,7 +184,7 @@ def _gate_into_product(g: Graph, nid: int, group: dict, merge, pos: dict, output
     units = g.nodes[nid].shape[1] // 2
     k = sum(g.nodes[i].shape[1] for i in product.inputs[:-1]) if product.op.name == "matmul_pair" \
         else g.nodes[product.inputs[0]].shape[1]
-    if not (isinstance(width, int) and isinstance(k, int) and k <= GATE_MAX_K
+    if not (isinstance(width, int) and isinstance(k, int) and k <= KC
             and units % GATE_UNITS_STEP == 0 and width % units == 0):
         return
     # the gates are read by this cell's kernel alone, and nothing else of the product leaves its group
