@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import structc
 from structc.compiler import compile_model
-from structc.lower.gemm import KC, k_split, tile_rows
+from structc.lower.gemm import FAR_ROWS, KC, k_split, tile_rows
 from structc.lower.module import VECTOR_CODE
 from structc.ops import REGISTRY
 from structc.ops.base import Sample
@@ -157,11 +157,16 @@ def test_one_k_block_emits_no_partial_sums():
 def test_tiles_ask_ahead_only_where_k_is_long():
     """A weight gradient's K runs into the thousands, and its tiles ask for B's
     and A's rows ahead (`gemm.PREFETCH_AHEAD`). The inline tile of a K known to
-    fit one k block (a forward layer's features) asks for nothing; nor do tiles
+    fit one k block (a forward layer's features) asks for nothing, unless B's
+    rows are `gemm.FAR_ROWS` bytes apart or more; nor do tiles
     of fewer than 8 rows or of one vector of columns, whatever K."""
     short, _ = _driver(_forward_ir((24, 64), (64, 64)))
     long, module = _driver(_forward_ir((20, KC + 1), (KC + 1, 56)))      # 12 + 8 rows; 32 + 24 columns
     assert "llvm.prefetch" not in short and "llvm.prefetch" in long
+    # ... unless B's rows are FAR_ROWS apart: an LSTM of 256 units' gates (N = 1024)
+    narrow, _ = _driver(_forward_ir((24, 64), (64, FAR_ROWS // 4 - 32)))
+    wide, _ = _driver(_forward_ir((24, 64), (64, FAR_ROWS // 4)))
+    assert "llvm.prefetch" not in narrow and "llvm.prefetch" in wide
     module += _driver(_forward_ir((29, KC + 1), (KC + 1, 40)))[1]       # 12 + 5 rows; 32 + 8 columns
     tiles = [(int(r), int(nv), body) for r, nv, body in
              re.findall(r'^define [^@]*@"sc_mk(\d+)x(\d+)\w*"(\(.*?^})', module, re.M | re.S)]
