@@ -276,3 +276,38 @@ def test_the_bias_gradient_is_summed_by_the_weight_gradients_kernel(k, n, monkey
     p[np.arange(n), y] -= 1
     dh = (p / n) @ net.params["dense2.w"].T * (1 - h ** 2)
     np.testing.assert_allclose(grads[1]["dense1.b"], dh.sum(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def _weight_gradient(k_rows: int, m: int, n: int, rng):
+    """x^T g for x [K, m], g [K, n], K known only at run time (a batch's rows), two
+    threads or one; the model's forward, so one product with a long K (no parts)."""
+    net = structc.compile(f"""model W {{ input x: f32[K, {m}]
+      input g: f32[K, {n}]
+      output y = transpose(x) @ g }}""", cache=False)
+    x = rng.normal(size=(k_rows, m)).astype(np.float32)
+    g = rng.normal(size=(k_rows, n)).astype(np.float32)
+    return net, x, g
+
+
+@pytest.mark.parametrize("k_rows,m,n", [(3 * KC + 5, 37, 500), (KC + 1, 200, 300), (2 * KC, 12, 64), (KC, 13, 520)])
+def test_long_k_panels_grouped_are_the_same_bits(monkeypatch, k_rows, m, n):
+    """A task of a K longer than KC runs several panels k block by k block
+    (`gemm.LONG_K_PANELS`): the same k blocks in the same order, so the same
+    bits as a task a panel, at 1 and 2 threads, with partial panels, several row
+    blocks and a K of exactly KC (one block: no grouping)."""
+    import structc.lower.gemm as gemm
+    outs, before = {}, structc.get_num_threads()
+    for panels in (1, gemm.LONG_K_PANELS):
+        monkeypatch.setattr(gemm, "LONG_K_PANELS", panels)
+        net, x, g = _weight_gradient(k_rows, m, n, np.random.default_rng(k_rows + m + n))
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            try:
+                outs[panels, threads] = net(x=x, g=g)
+            finally:
+                structc.set_num_threads(before)
+    want = x.T.astype(np.float64) @ g
+    first = outs[1, 1]
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4 * np.sqrt(k_rows))
+    for key, got in outs.items():
+        np.testing.assert_array_equal(got, first, err_msg=str(key))

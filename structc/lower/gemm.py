@@ -7,7 +7,10 @@ then a range of whole rows of A and C, the rows the kernels before and after
 it (split by rows too) leave in and read from that thread's cache. Numbered
 panel by panel, each of 2 threads read all of A and wrote half of every row
 of C: a [2000, 64] x [64, 64] product ran 1.6x faster on 2 threads instead
-of 1.9x (Intel, where a line crossing cores costs more).
+of 1.9x (Intel, where a line crossing cores costs more). A task of a K
+longer than KC runs several panels instead, k block by k block over all of
+them (`_panel_group`), so that a weight gradient reads each k block of A^T
+from beyond L2 once for them all.
 Within it, tiles of MR rows x NR columns accumulate in MR*2 vector
 registers: each step over k loads two vectors of B and broadcasts MR
 elements of A (folded into the FMA as memory operands on x86). With 32
@@ -179,18 +182,24 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
+    def part_k(cg):     # the k of a task: a part's
+        return K(cg) if parts == 1 else cg.ceil_div(K(cg), parts)
+
     def tasks(cg):
         if gate is not None:
             return row_blocks(cg, M(cg), vw, GATE_BLOCKS)[0]
-        return cg.imul(cg.imul(cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0]), cg.i64(parts))
+        panels, n_blocks = cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0]
+        groups = _ceil_div(cg, panels, _panel_group(cg, part_k(cg), panels, n_blocks))
+        return cg.imul(cg.imul(groups, n_blocks), cg.i64(parts))
 
     def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1), its k a part's
-        k = K(cg) if parts == 1 else cg.ceil_div(K(cg), parts)
+        k = part_k(cg)
         if second is not None:
             k = cg.iadd(k, second[1])
         if gate is not None:        # every panel, and about 40 operations a unit of gate math
             return cg.imul(cg.iadd(cg.imul(k, 2 * gate.blocks), 40), cg.imul(cg.imin(M(cg), cg.i64(MB)), gate.units))
-        return cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr)
+        group = _panel_group(cg, k, cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0])
+        return cg.imul(cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr), group)
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles
@@ -216,34 +225,32 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             return
         panels = cg.ceil_div(t.n, nr)
         n_blocks, block_rows = row_blocks(cg, t.m, vw)
-        per_part = cg.imul(panels, n_blocks)
+        group = _panel_group(cg, t.k if parts == 1 else cg.ceil_div(t.k, parts), panels, n_blocks)
+        groups = _ceil_div(cg, panels, group)
+        per_part = cg.imul(groups, n_blocks)
         c_base = t.C
+
+        def each_panel(first_panel, body):
+            """body(kernels, full) for every panel of the task, t set up for it"""
+            if isinstance(group, ir.Constant) and group.constant == 1:
+                body(*_panel_setup(t, first_panel, kinds, rows, inline_main, clamped))
+                return
+            with cg.loop(cg.imin(cg.iadd(first_panel, group), panels), start=first_panel, name="panel",
+                         unroll=False) as panel:
+                body(*_panel_setup(t, panel, kinds, rows, inline_main, clamped))
+
         with cg.loop(hi, start=lo, name="task") as task:
             if parts > 1:       # this task's part: where C's block starts, and its range of k
                 part, task = b.sdiv(task, per_part), b.srem(task, per_part)
                 t.C = b.gep(c_base, [cg.imul(part, cg.imul(t.m, t.n))], source_etype=F32)
                 t.k_lo = b.sdiv(cg.imul(t.k, part), cg.i64(parts))
                 t.k_hi = b.sdiv(cg.imul(t.k, cg.iadd(part, 1)), cg.i64(parts))
-            panel = b.srem(task, panels)
-            i_begin = cg.imul(b.sdiv(task, panels), block_rows)
+            first_panel = cg.imul(b.srem(task, groups), group)
+            i_begin = cg.imul(b.sdiv(task, groups), block_rows)
             i_end = cg.imin(cg.iadd(i_begin, block_rows), t.m)
-            t.j0 = cg.imul(panel, nr)
-            t.width = b.sub(cg.imin(cg.iadd(t.j0, nr), t.n), t.j0)
-            t.masks = [cg.lane_mask(b.sub(t.width, cg.i64(v * vw)), vw) for v in range(2)]
             if colsum is not None:
                 with cg.if_(b.icmp_signed("==", i_begin, cg.i64(0))):
-                    _column_sums(t, cg.ptr(colsum), part)
-            # column shape of this panel: two full vectors, two with a partial one, or one partial
-            full = b.icmp_signed("==", t.width, cg.i64(nr))
-            wide = b.icmp_signed(">", t.width, cg.i64(vw))
-            col_kinds = [kind for kind, possible in zip(
-                [(full, 2, False), (b.and_(b.not_(full), wide), 2, True), (b.not_(wide), 1, True)],
-                kinds) if possible]
-            t.last_mask = b.select(wide, t.masks[1], t.masks[0])    # of the panel's last vector
-            # per row count, this panel's micro-kernel (chosen once per task)
-            kernels = {r: _panel_kernel(t, r, col_kinds, skip_full=inline_main and r == rows[0],
-                                        stable=clamped)
-                       for r in rows}
+                    each_panel(first_panel, lambda kernels, full: _column_sums(t, cg.ptr(colsum), part))
             blocks = _part_blocks(cg, t.k_lo, t.k_hi) if parts > 1 else _k_blocks(cg, t.k)
             with blocks as k0:
                 t.k0 = k0
@@ -260,7 +267,53 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 # partial sums, and a finished tile nothing is fused into, go
                 # from the registers straight to C; others through the epilogue
                 t.direct = _not(b, t.last) if t.epilogue_work else _TRUE
-                _row_block(t, i_begin, i_end, rows, kernels, inline_main, clamped, full)
+                each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
+                                                                         inline_main, clamped, full))
+
+
+def _panel_setup(t: _Ctx, panel, kinds, rows, inline_main: bool, clamped: bool):
+    """t pointed at the panel's columns; (its micro-kernel per row count, whether
+    it is two whole vectors)."""
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    nr = 2 * vw
+    t.j0 = cg.imul(panel, nr)
+    t.width = b.sub(cg.imin(cg.iadd(t.j0, nr), t.n), t.j0)
+    t.masks = [cg.lane_mask(b.sub(t.width, cg.i64(v * vw)), vw) for v in range(2)]
+    # column shape of this panel: two full vectors, two with a partial one, or one partial
+    full = b.icmp_signed("==", t.width, cg.i64(nr))
+    wide = b.icmp_signed(">", t.width, cg.i64(vw))
+    col_kinds = [kind for kind, possible in zip(
+        [(full, 2, False), (b.and_(b.not_(full), wide), 2, True), (b.not_(wide), 1, True)],
+        kinds) if possible]
+    t.last_mask = b.select(wide, t.masks[1], t.masks[0])    # of the panel's last vector
+    kernels = {r: _panel_kernel(t, r, col_kinds, skip_full=inline_main and r == rows[0], stable=clamped)
+               for r in rows}
+    return kernels, full
+
+
+#: panels a task of a long K runs at most (`_panel_group`), and tasks a kernel keeps at least
+LONG_K_PANELS = 8
+LONG_K_TASKS = 4
+
+
+def _panel_group(cg: CG, k, panels, n_blocks):
+    """Panels a task runs, k block by k block over all of them: when k (a task's)
+    is longer than KC, up to LONG_K_PANELS while the kernel keeps LONG_K_TASKS
+    tasks per part, else 1. A weight gradient over a batch, a forest or a
+    sequence's positions then reads each k block of A^T (the task's rows of C)
+    from beyond L2 once for several panels, not once a panel. The sums are the
+    same bits: the same k blocks, in the same order."""
+    if _one_k_block(k):
+        return cg.i64(1)
+    b = cg.b
+    spare = b.sdiv(cg.imul(panels, n_blocks), cg.i64(LONG_K_TASKS))
+    group = cg.imin(cg.i64(LONG_K_PANELS), b.select(b.icmp_signed("<", spare, cg.i64(1)), cg.i64(1), spare))
+    return b.select(b.icmp_signed(">", k, cg.i64(KC)), group, cg.i64(1))
+
+
+def _ceil_div(cg: CG, a, d):
+    """ceil(a / d) for d > 0 a run-time value"""
+    return cg.b.sdiv(cg.b.add(a, cg.b.sub(d, cg.i64(1))), d)
 
 
 _TRUE = ir.Constant(ir.IntType(1), 1)
