@@ -241,6 +241,8 @@ def _payload(value, what: str) -> np.ndarray:
     if isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"{what}: expected an array of word ids or feature rows, got {type(value).__name__}")
     a = np.asarray(value)
+    if a.ndim == 1 and a.size == 0:     # `[]` is float64 to numpy: an empty sequence, for the caller to refuse
+        return a.astype(np.int64)
     if a.dtype.kind in "iu" and a.ndim == 1:
         if a.size and (a.min() < 0 or a.max() > _I32_MAX):
             k = int(np.flatnonzero((a < 0) | (a > _I32_MAX))[0])

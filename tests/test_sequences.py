@@ -88,6 +88,7 @@ def test_list_and_flat_agree_and_chains_are_right():
 
 @pytest.mark.parametrize("build, error, message", [
     (lambda: Sequences.from_list([np.zeros((2, 3)), np.zeros((0, 3))]), ValueError, "sequence 1 is empty"),
+    (lambda: Sequences.from_list([np.array([1, 2]), []]), ValueError, "sequence 1 is empty"),     # [] is float64
     (lambda: Sequences.from_list([np.zeros((2, 3)), np.zeros((2, 4))]), ValueError, "sequence 1 has shape"),
     (lambda: Sequences.from_list([np.array([1, -2])]), ValueError, "sequence 0: word id -2 at position 1"),
     (lambda: Sequences.from_list([np.array([[1.0, np.nan]])]), ValueError, "sequence 0: the features at"),
