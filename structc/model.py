@@ -419,7 +419,7 @@ class Net:
         if len(given) != len(entry.inputs) or not given.keys() <= self._inputs.keys():
             for name in given:
                 if name not in self._inputs:
-                    known = ", ".join(self._inputs) or "none"
+                    known = ", ".join(self._passed_names()) or "none"
                     raise TypeError(f"{self.name} has no input '{name}' (inputs: {known})")
         arrays = []
         get, bound = given.get, dims.get
@@ -469,6 +469,13 @@ class Net:
             entry.checked = (tuple(map(get, entry.sealed_names)), tuple(arrays[:k]),
                              {d: dims[d] for s in entry.inputs[:k] for _, d, fixed in s.axes if not fixed})
         return arrays, dims
+
+    def _passed_names(self) -> list[str]:
+        """The inputs as a caller names them: each forest, graph or sequence input
+        once, not the arrays its binder makes of it (`t.children`, `s.rev.roots`, ...)."""
+        made = {"forest", "graph", "sequence"}
+        return [spec["name"] for b in self._binders for spec in b.specs] + \
+            [name for name, spec in self._inputs.items() if spec.kind not in made]
 
     def _workspace_size(self, entry: _Entry, dims: tuple) -> int:
         """The workspace `entry` needs for these dims (called in C on every call:

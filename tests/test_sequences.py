@@ -180,6 +180,21 @@ def test_a_sequence_model_refuses_a_forest_and_a_forest_model_sequences(both_way
         tree_net(t=Sequences.from_list([np.array([1, 2])]))
 
 
+def test_a_misspelt_input_is_listed_beside_the_names_a_caller_passes(both_ways):
+    """Not beside the arrays a sequence or forest input becomes (s.children, t.level_end, ...)."""
+    net, _ = both_ways
+    seqs = ragged(np.random.default_rng(0), [2, 1])
+    with pytest.raises(TypeError, match=r"has no input 'Y' \(inputs: s, y, z\)$"):
+        net.grad(s=seqs, Y=np.zeros(2, np.int32), z=np.zeros(3, np.int32))
+    with pytest.raises(TypeError, match=r"has no input 'q' \(inputs: s, y, z\)$"):
+        net(s=seqs, q=1)
+    tree_net = structc.compile("model T { input t: forest of word(vocab=5)\n target y: class[t.trees] of 2\n"
+                               " rec h(n) = leaf: onehot(n.word) node: h(n.left) + h(n.right)\n"
+                               " loss cross_entropy(dense(h(t.root), 2), y) }")
+    with pytest.raises(TypeError, match=r"has no input 'Y' \(inputs: t, y\)$"):
+        tree_net.grad(t=Forest.from_tuples([(1, 2)]), Y=np.zeros(1, np.int32))
+
+
 def test_bad_inputs_are_refused_before_native_code(both_ways):
     net, _ = both_ways
     with pytest.raises(ValueError, match="positions carry 2 features, the model expects 3"):
