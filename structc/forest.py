@@ -246,12 +246,16 @@ class Forest:
             raise ValueError(f"tree {k} has a node with more than {arity} children; the arity is {arity}")
         words = features = None
         if any(isinstance(it, np.ndarray) for it in items):
-            vecs = [np.asarray(it, np.float32).ravel() if lf else None for it, lf in zip(items, leaf)]
+            with np.errstate(over="ignore"):        # float64 beyond float32's range: inf, refused below
+                vecs = [np.asarray(it, np.float32).ravel() if lf else None for it, lf in zip(items, leaf)]
             widths = {len(v) for v in vecs if v is not None}
             if len(widths) != 1 or not all(isinstance(it, np.ndarray) for it, lf in zip(items, leaf) if lf):
                 raise ValueError("every leaf must carry a feature vector of the same length")
             d = widths.pop()
             features = np.stack([v if v is not None else np.zeros(d, np.float32) for v in vecs])
+            finite = np.isfinite(features).all(axis=1)      # as from_arrays checks them (inner rows are 0)
+            if not finite.all():
+                raise ValueError(f"tree {int(tree_of[np.argmin(finite)])}: leaf features must be finite")
         else:
             words = np.array([_word_id(it, vocab) if lf else 0 for it, lf in zip(items, leaf)], np.int64)
         return cls._make(ch, height, words, features, None, tree_of, None)

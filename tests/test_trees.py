@@ -201,6 +201,11 @@ def test_schedule_invariants():
     (lambda: Forest.from_brackets("(1 ())", {"a": 0}), "empty brackets"),
     (lambda: Forest.from_tuples([(0, 1, 2)], arity=2), "the arity is 2"),
     (lambda: Forest.from_tuples([()]), "non-empty tuple"),
+    # feature leaves are checked as from_arrays checks them (1e300 is infinite in float32)
+    (lambda: Forest.from_arrays([[-1], [0]], features=[[np.nan], [0.0]]), "leaf features must be finite"),
+    (lambda: Forest.from_tuples([(np.zeros(2), (np.array([1.0, np.nan]),))]), "tree 0: leaf features must be finite"),
+    (lambda: Forest.from_tuples([np.ones(2), (np.zeros(2), np.array([np.inf, 0]))]), "tree 1: leaf features must"),
+    (lambda: Forest.from_tuples([np.array([1e300, 0.0])]), "tree 0: leaf features must be finite"),
     (lambda: _cyclic(), "a cycle"),
 ])
 def test_bad_forests_raise_value_error(build, message):
