@@ -83,7 +83,8 @@ def _matmul_parts_flops(graph, node):
 
 
 def _matmul_pair_flops(graph, node):
-    k = graph.nodes[node.inputs[2]].shape[0]            # the rows of W: both operands' K
+    w = graph.nodes[node.inputs[2]].shape
+    k = w[1] if node.attrs.get("packed") else w[0]      # the rows of W: both operands' K
     return (2, node.shape[0], node.shape[1], k)
 
 

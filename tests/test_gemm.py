@@ -311,3 +311,49 @@ def test_long_k_panels_grouped_are_the_same_bits(monkeypatch, k_rows, m, n):
     np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4 * np.sqrt(k_rows))
     for key, got in outs.items():
         np.testing.assert_array_equal(got, first, err_msg=str(key))
+
+
+@pytest.mark.parametrize("units", [64, 40])
+def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, units):
+    """A node case's matmul whose B is a parameter (or its transpose, in the
+    cotangent's product) with rows `tree.PACK_ROWS` bytes apart reads it in
+    panels (`pack_panels`, hoisted out of the levels): the same bits as B read in
+    place, at 1 and 2 threads, with the gate math fused (64 units) or partial
+    panels (40 units: 160 gate columns, 40 cotangent columns). PACK_ROWS is
+    lowered here so these small cells' products are packed, the cotangent's too."""
+    import structc.ops.tree as tree
+    from structc.seqdata import Sequences
+    src = f"""model Cell {{ input s: sequence of f32[7]
+      target y: class[s.sequences] of 3
+      rec (h, c)(t) = init: (zeros({units}), zeros({units}))
+                      next: lstm_cell(t.x, h(t.prev), c(t.prev), {units})
+      loss cross_entropy(dense(h(s.last), 3), y) }}"""
+    rng = np.random.default_rng(units)
+    lengths = np.array([1, 9, 4, 13, 2])
+    seqs = Sequences.from_flat(rng.normal(size=(int(lengths.sum()), 7)).astype(np.float32),
+                               np.concatenate([[0], np.cumsum(lengths)]))
+    y = rng.integers(0, 3, len(lengths)).astype(np.int32)
+    monkeypatch.setattr(tree, "PACK_ROWS", 4 * units)
+    pack = type(REGISTRY["pack_panels"])
+    lower, made = pack.lower, []
+    monkeypatch.setattr(pack, "lower", lambda self, kb, node, epilogue: (made.append(node.shape),
+                                                                         lower(self, kb, node, epilogue))[1])
+    runs, before = {}, structc.get_num_threads()
+    for packed in (False, True):
+        monkeypatch.setattr(tree, "PACK_WIDE", packed)
+        made.clear()
+        net = structc.compile(src, cache=False, seed=0, training=True)
+        # the gates' W [7 + units, 4 units], and the cotangent's W_h^T [4 units, units]
+        assert set(made) == ({(-(-4 * units // 32), 7 + units, 32), (-(-units // 32), 4 * units, 32)}
+                             if packed else set()), made
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            try:
+                runs[packed, threads] = net.grad(s=seqs, y=y)
+            finally:
+                structc.set_num_threads(before)
+    loss, grads = runs[False, 1]
+    for key, (other_loss, other) in runs.items():
+        assert other_loss == loss, key
+        for name in grads:
+            np.testing.assert_array_equal(other[name], grads[name], err_msg=f"{key} {name}")

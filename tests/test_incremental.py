@@ -300,7 +300,9 @@ def test_stable_chunks_keep_the_runs_an_edit_does_not_touch():
 
 WIDE = ("model W {\n  input x: f32[N, 5]\n  target y: class[N] of 3\n  h = x\n"
         + "".join(f"  h = dense(h, {w}) |> {act}\n" for w, act in [(12, "relu"), (10, "tanh"), (9, "relu"),
-                                                                    (7, "sigmoid"), (11, "relu"), (8, "tanh")])
+                                                                    (7, "sigmoid"), (11, "relu"), (8, "tanh"),
+                                                                    (13, "relu"), (5, "tanh"), (14, "sigmoid"),
+                                                                    (6, "relu"), (15, "tanh"), (4, "relu")])
         + "  loss cross_entropy(dense(h, 3), y)\n}\n")
 
 

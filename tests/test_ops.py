@@ -29,6 +29,7 @@ NO_GRADIENT = {
     "matmul_parts": "a weight gradient in parts over K, summed by a sum (MatMul.legalize)",
     "sum_parts": "a sum over leading axes in parts over the rows, summed by a sum (Sum.legalize)",
     "matmul_colsum_parts": "a bias gradient's parts, made from a sum_parts beside its weight gradient's (legalize)",
+    "pack_panels": "a parameter's layout for the matmul kernel, made in a node case's program (tree.pack_wide)",
 }
 
 CASES = [(name, k, s) for name, op in sorted(REGISTRY.items()) if name not in EXEMPT

@@ -144,7 +144,8 @@ def k_split(mr: int, nv: int) -> int:
 
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
-              static_m=None, static_n=None, row_stable=False, parts=1, colsum=None, second=None, gate=None):
+              static_m=None, static_n=None, row_stable=False, parts=1, colsum=None, second=None, gate=None,
+              packed=False):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
@@ -174,11 +175,17 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     reading their gates back from L1 or L2 and writing the cell's results:
     one kernel and one pass, where the gates' product and a row kernel
     reading them back were two. The tiles are those of the plain product, so
-    the results are its bits."""
+    the results are its bits.
+
+    `packed`: B is in panels (`pack_panels`): [panels, K (+ K2), NR], each panel's
+    rows one after another, the last panel's missing columns zeros: the tiles
+    read a panel's rows contiguous, not N floats apart (a wide B's rows fall in
+    a few of L1's sets and each on a page of its own)."""
     vw = kb.vector_width
     nr = 2 * vw
     if gate is not None:
         assert parts == 1 and colsum is None and gate.units % nr == 0 and gate.lanes == nr
+    assert not packed or (parts == 1 and colsum is None), "packed B: one part, no column sums of B"
     rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
@@ -215,8 +222,10 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             a2, k2 = second
             assert parts == 1 and colsum is None and isinstance(t.k, ir.Constant) and t.k.constant + k2 <= KC
             # A2 [M, K2] row-major, and B's rows from K on
-            t.second = (cg.ptr(a2), cg.i64(k2), b.gep(t.B, [cg.imul(t.k, t.n)], source_etype=F32))
-        t.far_rows = isinstance(static_n, int) and 4 * static_n >= FAR_ROWS
+            t.second = (cg.ptr(a2), cg.i64(k2))
+        t.far_rows = isinstance(static_n, int) and 4 * static_n >= FAR_ROWS and not packed
+        if packed:      # a panel's rows: K, and K2 on
+            t.panel_rows = t.k if second is None else cg.iadd(t.k, second[1])
         t.tile = cg.var(ir.ArrayType(F32, rows[0] * nr))
         t.tile.type = ir.PointerType()
         if gate is not None:        # its tiles finish in one pass over K (else only a block's sums)
@@ -276,7 +285,7 @@ def _panel_setup(t: _Ctx, panel, kinds, rows, inline_main: bool, clamped: bool):
     it is two whole vectors)."""
     cg, b, vw = t.cg, t.cg.b, t.vw
     nr = 2 * vw
-    t.j0 = cg.imul(panel, nr)
+    _point_at_panel(t, panel)
     t.width = b.sub(cg.imin(cg.iadd(t.j0, nr), t.n), t.j0)
     t.masks = [cg.lane_mask(b.sub(t.width, cg.i64(v * vw)), vw) for v in range(2)]
     # column shape of this panel: two full vectors, two with a partial one, or one partial
@@ -289,6 +298,18 @@ def _panel_setup(t: _Ctx, panel, kinds, rows, inline_main: bool, clamped: bool):
     kernels = {r: _panel_kernel(t, r, col_kinds, skip_full=inline_main and r == rows[0], stable=clamped)
                for r in rows}
     return kernels, full
+
+
+def _point_at_panel(t: _Ctx, panel) -> None:
+    """t.j0 at the panel's first column, and t.Bk, t.ldb where the tiles find
+    B's row k of it: k * ldb + j0 + column. In place, B itself and N; packed,
+    the panel's rows (NR floats a row), less j0."""
+    cg, b = t.cg, t.cg.b
+    nr = 2 * t.vw
+    t.j0 = cg.imul(panel, nr)
+    if t.panel_rows is not None:
+        start = b.sub(cg.imul(panel, cg.imul(t.panel_rows, nr)), t.j0)
+        t.Bk, t.ldb = b.gep(t.B, [start], source_etype=F32), cg.i64(nr)
 
 
 #: panels a task of a long K runs at most (`_panel_group`), and tasks a kernel keeps at least
@@ -367,7 +388,7 @@ def _gated_tasks(t: _Ctx, gate, lo, hi, rows, inline_main: bool, clamped: bool) 
         # B stays in L1 over them: a row tile of every gate in turn read four panels
         # a tile: the LSTM cell's kernel 8% slower than the two it replaces) ...
         with cg.loop(cg.i64(gate.blocks * gate.units // nr), name="panel", unroll=False) as panel:
-            t.j0 = cg.imul(panel, nr)
+            _point_at_panel(t, panel)
             _row_block(t, i_begin, i_end, rows, kernels, inline_main, clamped, _TRUE)
         # ... then the gate math on the block, row by row (a task of a panel's units
         # wrote every row's results in pieces a row apart: the gate math took 40% longer)
@@ -485,14 +506,14 @@ def _shared_tile(t, i0, mr, kernels, valid=None) -> None:
         fn = b.select(b.icmp_signed("==", mr, cg.i64(r)), other, fn)
     extra = [] if valid is None else [valid]
     if t.second is None:
-        b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, t.first, t.last_mask, t.tile,
-                    t.direct] + extra)
+        b.call(fn, [t.A, t.a_si, t.a_sk, t.Bk, t.ldb, t.C, t.n, i0, t.j0, t.k0, t.k_end, t.first, t.last_mask,
+                    t.tile, t.direct] + extra)
     else:       # A's K into C, then A2's K on from there (one k block: t.k0 is 0)
-        a2, k2, b2 = t.second
-        b.call(fn, [t.A, t.a_si, t.a_sk, t.B, t.n, t.C, i0, t.j0, t.k0, t.k_end, _TRUE, t.last_mask, t.tile,
-                    _TRUE] + extra)
-        b.call(fn, [a2, k2, cg.i64(1), b2, t.n, t.C, i0, t.j0, cg.i64(0), k2, _FALSE, t.last_mask, t.tile,
-                    t.direct] + extra)
+        a2, k2 = t.second
+        b.call(fn, [t.A, t.a_si, t.a_sk, t.Bk, t.ldb, t.C, t.n, i0, t.j0, t.k0, t.k_end, _TRUE, t.last_mask,
+                    t.tile, _TRUE] + extra)
+        b.call(fn, [a2, k2, cg.i64(1), _second_rows(t), t.ldb, t.C, t.n, i0, t.j0, cg.i64(0), k2, _FALSE,
+                    t.last_mask, t.tile, t.direct] + extra)
     rows = mr if valid is None else valid
     if not isinstance(t.direct, ir.Constant):
         with cg.if_(b.not_(t.direct)):
@@ -501,14 +522,21 @@ def _shared_tile(t, i0, mr, kernels, valid=None) -> None:
         _finish(t, i0, rows)
 
 
+def _second_rows(t: _Ctx):
+    """Where A2's rows of B start (row K), as the tiles index it."""
+    return t.cg.b.gep(t.Bk, [t.cg.imul(t.k, t.ldb)], source_etype=F32)
+
+
 class _Ctx:
     def __init__(self, cg, vw, m, n, k, a_si, a_sk, A, B, C, epilogue):
         self.cg, self.vw, self.m, self.n, self.k = cg, vw, m, n, k
         self.a_si, self.a_sk, self.A, self.B, self.C = a_si, a_sk, A, B, C
         self.epilogue = epilogue
         self.epilogue_work = epilogue_work(epilogue)
-        self.second = None      # (A2 [M, K2] row-major, K2, B from row K): `emit_gemm(second=...)`
+        self.second = None      # (A2 [M, K2] row-major, K2): `emit_gemm(second=...)`
         self.far_rows = False   # B's rows FAR_ROWS apart or more: the inline tile asks ahead whatever K is
+        self.Bk, self.ldb = B, n    # B as the tiles index it: row k at k * ldb + j0 (`_point_at_panel`)
+        self.panel_rows = None      # packed B (`emit_gemm(packed=True)`): the rows of a panel
 
 
 def epilogue_work(epilogue) -> bool:
@@ -559,11 +587,12 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
 
     _branch(cg, t.first, fresh, resume)
     # a K known to be short (a layer's features) has its B and A near the core already
-    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.B, t.n, cols, [None, None], t.k0, t.k_end,
+    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.Bk, t.ldb, cols, [None, None], t.k0, t.k_end,
                 ahead=t.far_rows or not _one_k_block(t.k))
     if t.second is not None:        # A2's K on into the same sums
-        a2, k2, b2 = t.second
-        _accumulate(cg, vw, acc, a2, i0, k2, cg.i64(1), b2, t.n, cols, [None, None], cg.i64(0), k2, ahead=t.far_rows)
+        a2, k2 = t.second
+        _accumulate(cg, vw, acc, a2, i0, k2, cg.i64(1), _second_rows(t), t.ldb, cols, [None, None], cg.i64(0), k2,
+                    ahead=t.far_rows)
     _branch(cg, t.last, done if t.epilogue is not None else partial, partial)
 
 
@@ -588,7 +617,7 @@ def _epilogue_loop(t: _Ctx, i0, values, first: int) -> None:
 
 
 def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stable: bool = False) -> ir.Function:
-    """`void mk(A, a_si, a_sk, B, ldb, C, i0, j0, k0, k_end, first, mask, tile, direct)`:
+    """`void mk(A, a_si, a_sk, B, ldb, C, n, i0, j0, k0, k_end, first, mask, tile, direct)`:
     one tile shape, shared by every matmul of the module (noinline, so each
     call site costs a call, not a copy of the unrolled loop). The sums go to
     C when `direct` (partial sums, or a product nothing is fused into), to
@@ -600,12 +629,12 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stab
     if fn is not None:
         return fn
     mask_t = ir.VectorType(ir.IntType(1), vw)
-    args = [PTR, I64, I64, PTR, I64, PTR, I64, I64, I64, I64, ir.IntType(1), mask_t, PTR, ir.IntType(1)]
+    args = [PTR, I64, I64, PTR, I64, PTR, I64, I64, I64, I64, I64, ir.IntType(1), mask_t, PTR, ir.IntType(1)]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), args + [I64] * stable), name=name)
     fn.linkage = "internal"
     fn.attributes.add("noinline")
     fn.structc_vector_code = True      # explicit vector code: the short LLVM pipeline (`lower.module.VECTOR_CODE`)
-    A, a_si, a_sk, B, n, C, i0, j0, k0, k_end, first, mask, tile, direct = fn.args[:14]
+    A, a_si, a_sk, B, ldb, C, n, i0, j0, k0, k_end, first, mask, tile, direct = fn.args[:15]
     for p in (A, B, C, tile):
         p.add_attribute("noalias")
     cg = CG(module, fn)
@@ -618,7 +647,7 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stab
     every = ir.Constant(mask_t, [1] * vw)
     init_masks = [b.select(first, none, m if m is not None else every) for m in col_masks]
     if stable:      # rows past the valid ones repeat the last: every read stays in bounds
-        last = b.sub(fn.args[14], cg.i64(1))
+        last = b.sub(fn.args[15], cg.i64(1))
         row = [cg.iadd(i0, cg.imin(cg.i64(r), last)) for r in range(mr)].__getitem__
     else:
         row = lambda r: cg.iadd(i0, r)      # noqa: E731
@@ -627,7 +656,7 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stab
         row_off = cg.imul(row(r), n)
         acc.append([cg.var(vt, cg.load(C, cg.iadd(row_off, cols[v]), F32, vw, init_masks[v]))
                     for v in range(nv)])
-    _accumulate(cg, vw, acc, A, [row(r) for r in range(mr)] if stable else i0, a_si, a_sk, B, n, cols, col_masks,
+    _accumulate(cg, vw, acc, A, [row(r) for r in range(mr)] if stable else i0, a_si, a_sk, B, ldb, cols, col_masks,
                 k0, k_end, 1 if stable else k_split(mr, nv))
     with b.if_else(direct) as (to_c, to_tile):
         with to_c:
@@ -636,7 +665,7 @@ def microkernel(module: ir.Module, vw: int, mr: int, nv: int, masked: bool, stab
                 for v in range(nv):
                     store = lambda: cg.store(b.load(acc[r][v]), C, cg.iadd(row_off, cols[v]), mask=col_masks[v])
                     if stable and r > 0:        # a clamped row stores nothing
-                        with cg.if_(b.icmp_signed("<", cg.i64(r), fn.args[14])):
+                        with cg.if_(b.icmp_signed("<", cg.i64(r), fn.args[15])):
                             store()
                     else:
                         store()

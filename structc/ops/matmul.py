@@ -31,11 +31,17 @@ class MatMul(Op):
     floats_only = True
     traits = frozenset({"epilogue"})
 
-    def shape(self, a, b, *, ta: bool = False, tb: bool = False) -> TensorType:
-        expect(a.rank == 2 and b.rank == 2,
-               f"matmul needs two matrices, got {a} and {b}")
-        m, k = (a.shape[1], a.shape[0]) if ta else a.shape
-        k2, n = (b.shape[1], b.shape[0]) if tb else b.shape
+    def shape(self, a, b, *, ta: bool = False, tb: bool = False, packed: int = 0) -> TensorType:
+        if packed:      # b: B in panels (`pack_panels`), C of `packed` columns
+            expect(a.rank == 2 and not ta and not tb and _packed_of(b, packed),
+                   f"matmul: {b} is not a matrix of {packed} columns in panels")
+            k, k2, n = a.shape[1], b.shape[1], packed
+        else:
+            expect(a.rank == 2 and b.rank == 2,
+                   f"matmul needs two matrices, got {a} and {b}")
+            k = a.shape[0] if ta else a.shape[1]
+            k2, n = (b.shape[1], b.shape[0]) if tb else b.shape
+        m = a.shape[1] if ta else a.shape[0]
         expect(k == k2, f"inner dimensions differ: {a} @ {b} ({k} vs {k2})")
         return TensorType((m, n), "f32")
 
@@ -48,7 +54,9 @@ class MatMul(Op):
             return [b.matmul(w, g, tb=True), b.matmul(x, g)]
         return [b.matmul(w, g, ta=True, tb=True), b.matmul(g, x, ta=True, tb=True)]
 
-    def reference(self, a, b, *, ta=False, tb=False):
+    def reference(self, a, b, *, ta=False, tb=False, packed=0):
+        if packed:
+            return a @ unpack_panels(b, packed)
         return (a.T if ta else a) @ (b.T if tb else b)
 
     def samples(self):
@@ -66,6 +74,8 @@ class MatMul(Op):
         vector, while M of them fill every lane."""
         x, w = (b.value(i) for i in node.inputs)
         ta = node.attrs.get("ta", False)
+        if node.attrs.get("packed"):        # made after legalize would change it (`tree.pack_wide`)
+            return None
         if node.attrs.get("tb"):
             return b.matmul(x, b.transpose(w), ta=ta)
         m, n = node.shape
@@ -93,7 +103,8 @@ class MatMul(Op):
             a_k_stride=m_of if ta else one,
             b_buf=b_id, epilogue=epilogue, scratch=epilogue.outputs[0],
             name=f"matmul{node.id}", static_m=m_dim, static_n=n_dim,
-            row_stable=node.attrs.get("row_stable", False), gate=_gate_math(kb, epilogue))
+            row_stable=node.attrs.get("row_stable", False), gate=_gate_math(kb, epilogue),
+            packed=bool(node.attrs.get("packed")))
         if not isinstance(k_dim, int):
             _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim)
 
@@ -109,14 +120,15 @@ class MatMulPair(Op):
     floats_only = True
     traits = frozenset({"epilogue"})
 
-    def shape(self, a1, a2, w) -> TensorType:
-        expect(a1.rank == 2 and a2.rank == 2 and w.rank == 2,
+    def shape(self, a1, a2, w, *, packed: int = 0) -> TensorType:
+        expect(a1.rank == 2 and a2.rank == 2 and (_packed_of(w, packed) if packed else w.rank == 2),
                f"matmul_pair needs three matrices, got {a1}, {a2} and {w}")
         expect(a1.shape[0] == a2.shape[0], f"rows differ: {a1} and {a2}")
         k1, k2 = a1.shape[1], a2.shape[1]
-        expect(isinstance(k1, int) and isinstance(k2, int) and w.shape[0] == k1 + k2,
+        rows, n = (w.shape[1], packed) if packed else w.shape
+        expect(isinstance(k1, int) and isinstance(k2, int) and rows == k1 + k2,
                f"matmul_pair: {w} does not have the {k1} + {k2} rows of {a1} and {a2} side by side")
-        return TensorType((a1.shape[0], w.shape[1]), "f32")
+        return TensorType((a1.shape[0], n), "f32")
 
     def vjp(self, b, g, out, a1, a2, w):
         k1, k2 = a1.shape[1], a2.shape[1]
@@ -124,8 +136,10 @@ class MatMulPair(Op):
         return [b.matmul(g, w1, tb=True), b.matmul(g, w2, tb=True),
                 b.concat(b.matmul(a1, g, ta=True), b.matmul(a2, g, ta=True), axis=0)]
 
-    def reference(self, a1, a2, w):
+    def reference(self, a1, a2, w, *, packed=0):
         k1 = a1.shape[1]
+        if packed:
+            w = unpack_panels(w, packed)
         return a1 @ w[:k1] + a2 @ w[k1:]
 
     def samples(self):
@@ -143,7 +157,7 @@ class MatMulPair(Op):
                   a_buf=a1, a_row_stride=lambda cg: cg.i64(k1), a_k_stride=lambda cg: cg.i64(1), b_buf=w,
                   epilogue=epilogue, scratch=epilogue.outputs[0], name=f"matmul_pair{node.id}",
                   static_m=m_dim, static_n=n_dim, row_stable=node.attrs.get("row_stable", False),
-                  second=(a2, k2), gate=_gate_math(kb, epilogue))
+                  second=(a2, k2), gate=_gate_math(kb, epilogue), packed=bool(node.attrs.get("packed")))
 
 
 def _gate_math(kb, epilogue):
@@ -288,6 +302,65 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
                     col = cg.imul(v, vw)
                     mask = cg.lane_mask(cg.b.sub(n, col), vw)
                     epilogue.emit(cg, [r, col], vw, mask, given={epilogue.anchor: zero})
+
+
+#: columns of a panel of `pack_panels`: the matmul kernel's (two AVX-512 vectors)
+PANEL = 32
+
+
+class PackPanels(Op):
+    """B [K, N] as the matmul kernel reads it by panels of PANEL columns:
+    [ceil(N / PANEL), K, PANEL], each panel's rows one after another, the last
+    panel's missing columns zeros. A matmul whose B is a parameter with rows
+    2 KiB or more apart, in a recursion's node case, reads it so
+    (`tree.pack_wide`): those rows fall in a few of L1's sets and each on a
+    page of its own. Made after autodiff: no gradient."""
+    name = "pack_panels"
+    floats_only = True
+
+    def shape(self, x) -> TensorType:
+        expect(x.rank == 2 and all(isinstance(d, int) for d in x.shape),
+               f"pack_panels needs a matrix of known shape, got {x}")
+        k, n = x.shape
+        return TensorType((-(-n // PANEL), k, PANEL), x.dtype)
+
+    def reference(self, x):
+        k, n = x.shape
+        out = np.zeros((-(-n // PANEL), k, PANEL), x.dtype)
+        for p in range(out.shape[0]):
+            cols = x[:, p * PANEL:(p + 1) * PANEL]
+            out[p, :, :cols.shape[1]] = cols
+        return out
+
+    def samples(self):
+        return [Sample((((k, n), "fixed"),)) for k, n in ((5, 7), (3, 64), (17, 70))]
+
+    def lower(self, kb, node, epilogue):
+        from ..lower.codegen import F32
+        k, n = kb.graph.nodes[node.inputs[0]].shape
+        vw = kb.vector_width
+        panels = -(-n // PANEL)
+        with kb.kernel(f"pack{node.id}", lambda cg: cg.i64(panels), cost=lambda cg: cg.i64(k * PANEL),
+                       vector_code=True) as (cg, lo, hi):
+            src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+            with cg.loop(hi, start=lo, name="p") as p:
+                j0 = cg.imul(p, PANEL)
+                masks = [cg.lane_mask(cg.b.sub(cg.i64(n), cg.iadd(j0, v * vw)), vw) for v in range(PANEL // vw)]
+                with cg.loop(cg.i64(k), name="k", unroll=False) as r:
+                    at = cg.imul(cg.iadd(cg.imul(p, k), r), PANEL)
+                    for v, mask in enumerate(masks):      # missing columns read as zeros
+                        value = cg.load(src, cg.iadd(cg.imul(r, n), cg.iadd(j0, v * vw)), F32, vw, mask)
+                        cg.store(value, dst, cg.iadd(at, v * vw))
+
+
+def unpack_panels(packed: np.ndarray, n: int) -> np.ndarray:
+    """The [K, n] matrix of a `pack_panels` result."""
+    return np.concatenate(list(packed), axis=1)[:, :n]
+
+
+def _packed_of(b, n) -> bool:
+    """Whether b is the `pack_panels` shape of a matrix of n columns."""
+    return b.rank == 3 and b.shape[2] == PANEL and isinstance(n, int) and b.shape[0] == -(-n // PANEL)
 
 
 class Transpose(Op):
