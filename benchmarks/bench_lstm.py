@@ -10,6 +10,7 @@ last position.
 
     python benchmarks/bench_lstm.py [--rounds 3] [--threads 1 2] [--cases uniform,ragged]
     python benchmarks/bench_lstm.py --cell gru      # `gru_seq_train`: the same with a GRU of 128
+    python benchmarks/bench_lstm.py --hidden 512 --cases uniform   # a wider cell (rows of W 8 KiB apart)
 
 Contenders, each in a fresh process per thread count:
   structc           `rec (h, c)(t) = init: ... next: lstm_cell(t.x, h(t.prev), c(t.prev), 128)`
@@ -46,24 +47,39 @@ NAMES = {"structc": "structc", "torch_lstm": "torch.nn.LSTM", "torch_loop": "tor
          "jax_scan": "JAX lax.scan"}
 
 CELLS = ("lstm", "gru")
-SRC = f"""
+
+
+def sources(hidden: int) -> tuple[str, str]:
+    """The LSTM's and the GRU's model, `hidden` units."""
+    lstm = f"""
 model LstmSeq {{
   input  s: sequence of f32[{F}]
   target y: class[s.sequences] of {CLASSES}
-  rec (h, c)(t) = init: (zeros({H}), zeros({H}))
-                  next: lstm_cell(t.x, h(t.prev), c(t.prev), {H})
+  rec (h, c)(t) = init: (zeros({hidden}), zeros({hidden}))
+                  next: lstm_cell(t.x, h(t.prev), c(t.prev), {hidden})
   loss cross_entropy(dense(h(s.last), {CLASSES}), y)
 }}
 """
-GRU_SRC = f"""
+    gru = f"""
 model GruSeq {{
   input  s: sequence of f32[{F}]
   target y: class[s.sequences] of {CLASSES}
-  rec h(t) = init: zeros({H})
-             next: gru_cell(t.x, h(t.prev), {H})
+  rec h(t) = init: zeros({hidden})
+             next: gru_cell(t.x, h(t.prev), {hidden})
   loss cross_entropy(dense(h(s.last), {CLASSES}), y)
 }}
 """
+    return lstm, gru
+
+
+SRC, GRU_SRC = sources(H)
+
+
+def set_hidden(hidden: int) -> None:
+    """`--hidden`: every contender's cell of this many units (the issue's workload: 128)."""
+    global H, SRC, GRU_SRC
+    H = hidden
+    SRC, GRU_SRC = sources(hidden)
 
 
 def lengths_of(case: str) -> np.ndarray:
@@ -235,7 +251,7 @@ def worker(framework: str, case: str, threads: int, repeat: int, cell: str = "ls
 def run(framework: str, case: str, threads: int, repeat: int, cell: str = "lstm") -> dict | None:
     env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", framework, "--case", case, "--threads", str(threads),
-           "--repeat", str(repeat), "--cell", cell]
+           "--repeat", str(repeat), "--cell", cell, "--hidden", str(H)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -254,7 +270,9 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=[*FRAMEWORKS, "peak"])
     ap.add_argument("--case", default="uniform")
     ap.add_argument("--cell", choices=CELLS, default="lstm", help="the recurrence's cell (default: lstm)")
+    ap.add_argument("--hidden", type=int, default=H, help=f"the cell's units (default: {H}, the issue's)")
     args = ap.parse_args(argv)
+    set_hidden(args.hidden)
     if args.worker:
         print(json.dumps(worker(args.worker, args.case, args.threads[0], args.repeat, args.cell)))
         return 0
