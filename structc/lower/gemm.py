@@ -205,7 +205,9 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             k = cg.iadd(k, second[1])
         if gate is not None:        # every panel, and about 40 operations a unit of gate math
             return cg.imul(cg.iadd(cg.imul(k, 2 * gate.blocks), 40), cg.imul(cg.imin(M(cg), cg.i64(MB)), gate.units))
-        group = _panel_group(cg, k, cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0])
+        # at most LONG_K_PANELS panels a task (the exact count needs the row blocks: entry code)
+        group = cg.i64(1) if _one_k_block(k) else \
+            cg.b.select(cg.b.icmp_signed(">", k, cg.i64(KC)), cg.i64(LONG_K_PANELS), cg.i64(1))
         return cg.imul(cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr), group)
 
     kinds = _column_kinds(static_n, vw)
