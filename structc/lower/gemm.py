@@ -189,6 +189,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     rows = stable_rows(vw) if row_stable and not isinstance(static_m, int) else tile_rows(vw, static_m)
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
+    narrow = isinstance(static_n, int) and static_n <= nr     # one panel: nothing to group
+
     def part_k(cg):     # the k of a task: a part's
         return K(cg) if parts == 1 else cg.ceil_div(K(cg), parts)
 
@@ -196,7 +198,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         if gate is not None:
             return row_blocks(cg, M(cg), vw, GATE_BLOCKS)[0]
         panels, n_blocks = cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0]
-        groups = _ceil_div(cg, panels, _panel_group(cg, part_k(cg), panels, n_blocks))
+        groups = _ceil_div(cg, panels, _panel_group(cg, part_k(cg), panels, n_blocks, narrow))
         return cg.imul(cg.imul(groups, n_blocks), cg.i64(parts))
 
     def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1), its k a part's
@@ -206,7 +208,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         if gate is not None:        # every panel, and about 40 operations a unit of gate math
             return cg.imul(cg.iadd(cg.imul(k, 2 * gate.blocks), 40), cg.imul(cg.imin(M(cg), cg.i64(MB)), gate.units))
         # at most LONG_K_PANELS panels a task (the exact count needs the row blocks: entry code)
-        group = cg.i64(1) if _one_k_block(k) else \
+        group = cg.i64(1) if _one_k_block(k) or narrow else \
             cg.b.select(cg.b.icmp_signed(">", k, cg.i64(KC)), cg.i64(LONG_K_PANELS), cg.i64(1))
         return cg.imul(cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr), group)
 
@@ -236,7 +238,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             return
         panels = cg.ceil_div(t.n, nr)
         n_blocks, block_rows = row_blocks(cg, t.m, vw)
-        group = _panel_group(cg, t.k if parts == 1 else cg.ceil_div(t.k, parts), panels, n_blocks)
+        group = _panel_group(cg, t.k if parts == 1 else cg.ceil_div(t.k, parts), panels, n_blocks, narrow)
         groups = _ceil_div(cg, panels, group)
         per_part = cg.imul(groups, n_blocks)
         c_base = t.C
@@ -319,14 +321,15 @@ LONG_K_PANELS = 8
 LONG_K_TASKS = 4
 
 
-def _panel_group(cg: CG, k, panels, n_blocks):
+def _panel_group(cg: CG, k, panels, n_blocks, narrow: bool = False):
     """Panels a task runs, k block by k block over all of them: when k (a task's)
     is longer than KC, up to LONG_K_PANELS while the kernel keeps LONG_K_TASKS
     tasks per part, else 1. A weight gradient over a batch, a forest or a
     sequence's positions then reads each k block of A^T (the task's rows of C)
     from beyond L2 once for several panels, not once a panel. The sums are the
-    same bits: the same k blocks, in the same order."""
-    if _one_k_block(k):
+    same bits: the same k blocks, in the same order. No code for it where K is
+    known to fit one block or C (`narrow`) to be one panel wide."""
+    if _one_k_block(k) or narrow:
         return cg.i64(1)
     b = cg.b
     spare = b.sdiv(cg.imul(panels, n_blocks), cg.i64(LONG_K_TASKS))
