@@ -29,6 +29,7 @@ from .graph import Builder, Graph, Value
 from .init import INITIALIZERS, parse_init
 from .layers import SURFACE, Context, Word
 from .layers import show as _show
+from .layers.context import states_hint
 from .layers.embedding import embedding_param_type
 from .layers.embedding import index as gather
 from .ops import REGISTRY
@@ -400,7 +401,7 @@ class ModelBuilder:
             if isinstance(index, Word):
                 raise self.unknown_name(index)
             return gather(Context(self, e.span, "index"), base, index)
-        raise SnetTypeError("indexing is not supported in this model", e.span)
+        raise SnetTypeError(f"{_show(base)} cannot be indexed{states_hint(base)}", e.span)
 
     def eval_Attr(self, e: S.Attr):
         base = self.eval(e.base)

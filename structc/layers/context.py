@@ -61,7 +61,7 @@ class Context:
         if isinstance(v, Word):
             raise self.mb.unknown_name(v)
         if not isinstance(v, Value):
-            raise SnetTypeError(f"{what} expects a tensor here, got {show(v)}", self.span)
+            raise SnetTypeError(f"{what} expects a tensor here, got {show(v)}{states_hint(v)}", self.span)
         return v
 
     def expect_int(self, v, what: str) -> int:
@@ -114,6 +114,16 @@ class Context:
     def predicts(self, value: Value, name: str) -> None:
         """Record the prediction a loss implies (the default forward output)."""
         self.mb.implied_outputs.setdefault(name, value.id)
+
+
+def states_hint(v) -> str:
+    """For a tuple of tensors where one tensor is wanted (a cell's `(h, c)` outside a
+    recursion): where such a tuple goes."""
+    if not (isinstance(v, tuple) and len(v) > 1 and all(isinstance(x, Value) for x in v)):
+        return ""
+    return ("; a tuple of tensors, such as lstm_cell's (h, c), is the states of a recursion's case: "
+            "`rec (h, c)(t) = init: ... next: lstm_cell(t.x, h(t.prev), c(t.prev), H)`, each state then read "
+            "as h(...) and c(...)")
 
 
 def show(v) -> str:
