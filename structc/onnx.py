@@ -34,9 +34,13 @@ _NP_DTYPES = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.i
 
 # Op families with no ONNX counterpart, by the ops module that defines them.
 _INEXPRESSIBLE = {
-    "tree": "recursion over a tree (`rec`): ONNX has no data-dependent recursion",
+    "tree": "a recursion (`rec`) over a tree or a sequence: ONNX has no data-dependent recursion",
     "message": "message passing over a graph input: ONNX has no sparse aggregation by graph structure",
 }
+
+
+#: ops that are a kernel's working memory, not a computation a user wrote
+_WORKING_MEMORY = frozenset({"scratch"})
 
 
 class OnnxExportError(SnetError):
@@ -152,6 +156,8 @@ def _refuse_inexpressible(graph, live: set[int]) -> None:
     bad = [graph.nodes[n] for n in sorted(live) if graph.nodes[n].op.name not in _TRANSLATE]
     if not bad:
         return
+    named = [n for n in bad if n.op.name not in _WORKING_MEMORY]
+    bad = named or bad      # a recursion's scratch operands are its own: name the recursion
     notes = tuple(dict.fromkeys(f"{n.span or '<no source position>'}: {n.op.name}: {_why(n)}" for n in bad))
     first = bad[0]
     names = sorted({n.op.name for n in bad})

@@ -114,13 +114,16 @@ def test_losses_as_outputs_match_structc(tmp_path):
                             t=rng.random((batch, 1), dtype=np.float32))
 
 
-@pytest.mark.parametrize("example, op, line", [("logic_tree", "tree_map", 11), ("karate_gcn", "spmm", 11)])
-def test_trees_and_message_passing_are_refused_by_name_and_span(example, op, line, tmp_path):
+@pytest.mark.parametrize("example, op, line", [("logic_tree", "tree_map", 11), ("karate_gcn", "spmm", 11),
+                                               ("digits_lstm", "tree_map", 7)])
+def test_recursions_and_message_passing_are_refused_by_name_and_span(example, op, line, tmp_path):
+    """A recursion over a tree or a sequence, or message passing, is named with
+    its span; not the working memory of the recursion's kernel (`scratch`)."""
     net = structc.compile(EXAMPLES / f"{example}.snet")
     with pytest.raises(OnnxExportError) as err:
         export(net, tmp_path / "m.onnx")
     assert op in err.value.message and err.value.span.line == line
-    assert "ONNX has no" in err.value.message
+    assert "ONNX has no" in err.value.message and "scratch" not in err.value.message
     assert not (tmp_path / "m.onnx").exists()
 
 
