@@ -345,7 +345,10 @@ class CG:
     def imin(self, a, b):
         return self.b.select(self.b.icmp_signed("<", a, b), a, b)
 
-    def ceil_div(self, a, k: int):
+    def ceil_div(self, a, k):
+        """ceil(a / k) for k > 0: an int, or a value known only at run time."""
+        if not isinstance(k, int):
+            return self.b.sdiv(self.b.add(a, self.b.sub(k, self.i64(1))), k)
         return self.b.sdiv(self.b.add(a, self.i64(k - 1)), self.i64(k))
 
     # -- memory --------------------------------------------------------

@@ -191,26 +191,24 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
     narrow = isinstance(static_n, int) and static_n <= nr     # one panel: nothing to group
 
-    def part_k(cg):     # the k of a task: a part's
-        return K(cg) if parts == 1 else cg.ceil_div(K(cg), parts)
+    def part_k(cg, k):      # the k of a task: a part's
+        return k if parts == 1 else cg.ceil_div(k, parts)
 
     def tasks(cg):
         if gate is not None:
             return row_blocks(cg, M(cg), vw, GATE_BLOCKS)[0]
         panels, n_blocks = cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0]
-        groups = _ceil_div(cg, panels, _panel_group(cg, part_k(cg), panels, n_blocks, narrow))
+        groups = cg.ceil_div(panels, _panel_group(cg, part_k(cg, K(cg)), narrow, panels, n_blocks))
         return cg.imul(cg.imul(groups, n_blocks), cg.i64(parts))
 
     def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1), its k a part's
-        k = part_k(cg)
+        k = part_k(cg, K(cg))
         if second is not None:
             k = cg.iadd(k, second[1])
         if gate is not None:        # every panel, and about 40 operations a unit of gate math
             return cg.imul(cg.iadd(cg.imul(k, 2 * gate.blocks), 40), cg.imul(cg.imin(M(cg), cg.i64(MB)), gate.units))
-        # at most LONG_K_PANELS panels a task (the exact count needs the row blocks: entry code)
-        group = cg.i64(1) if _one_k_block(k) or narrow else \
-            cg.b.select(cg.b.icmp_signed(">", k, cg.i64(KC)), cg.i64(LONG_K_PANELS), cg.i64(1))
-        return cg.imul(cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr), group)
+        # the most panels a task may run (the exact count needs the row blocks: entry code)
+        return cg.imul(cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr), _panel_group(cg, k, narrow))
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles
@@ -238,8 +236,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             return
         panels = cg.ceil_div(t.n, nr)
         n_blocks, block_rows = row_blocks(cg, t.m, vw)
-        group = _panel_group(cg, t.k if parts == 1 else cg.ceil_div(t.k, parts), panels, n_blocks, narrow)
-        groups = _ceil_div(cg, panels, group)
+        group = _panel_group(cg, part_k(cg, t.k), narrow, panels, n_blocks)
+        groups = cg.ceil_div(panels, group)
         per_part = cg.imul(groups, n_blocks)
         c_base = t.C
 
@@ -321,25 +319,24 @@ LONG_K_PANELS = 8
 LONG_K_TASKS = 4
 
 
-def _panel_group(cg: CG, k, panels, n_blocks, narrow: bool = False):
+def _panel_group(cg: CG, k, narrow: bool, panels=None, n_blocks=None):
     """Panels a task runs, k block by k block over all of them: when k (a task's)
     is longer than KC, up to LONG_K_PANELS while the kernel keeps LONG_K_TASKS
-    tasks per part, else 1. A weight gradient over a batch, a forest or a
-    sequence's positions then reads each k block of A^T (the task's rows of C)
-    from beyond L2 once for several panels, not once a panel. The sums are the
-    same bits: the same k blocks, in the same order. No code for it where K is
-    known to fit one block or C (`narrow`) to be one panel wide."""
+    tasks per part, else 1; with no `panels` and `n_blocks`, the most it can be.
+    A weight gradient over a batch, a forest or a sequence's positions then reads
+    each k block of A^T (the task's rows of C) from beyond L2 once for several
+    panels, not once a panel. The sums are the same bits: the same k blocks, in
+    the same order. No code for it where K is known to fit one block or C
+    (`narrow`) to be one panel wide."""
     if _one_k_block(k) or narrow:
         return cg.i64(1)
     b = cg.b
-    spare = b.sdiv(cg.imul(panels, n_blocks), cg.i64(LONG_K_TASKS))
-    group = cg.imin(cg.i64(LONG_K_PANELS), b.select(b.icmp_signed("<", spare, cg.i64(1)), cg.i64(1), spare))
+    if panels is None:
+        group = cg.i64(LONG_K_PANELS)
+    else:
+        spare = b.sdiv(cg.imul(panels, n_blocks), cg.i64(LONG_K_TASKS))
+        group = cg.imin(cg.i64(LONG_K_PANELS), b.select(b.icmp_signed("<", spare, cg.i64(1)), cg.i64(1), spare))
     return b.select(b.icmp_signed(">", k, cg.i64(KC)), group, cg.i64(1))
-
-
-def _ceil_div(cg: CG, a, d):
-    """ceil(a / d) for d > 0 a run-time value"""
-    return cg.b.sdiv(cg.b.add(a, cg.b.sub(d, cg.i64(1))), d)
 
 
 _TRUE = ir.Constant(ir.IntType(1), 1)

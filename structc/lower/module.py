@@ -475,8 +475,8 @@ class EntryCG(CG):
         folded = _fold(self, min, a, b)
         return folded if folded is not None else super().imin(a, b)
 
-    def ceil_div(self, a, k: int):
-        folded = _fold(self, lambda x: _sdiv(x + k - 1, k), a)
+    def ceil_div(self, a, k):
+        folded = _fold(self, lambda x: _sdiv(x + k - 1, k), a) if isinstance(k, int) else None
         return folded if folded is not None else super().ceil_div(a, k)
 
 

@@ -188,11 +188,7 @@ def pack_wide(g):
     from ..graph import Builder
     if not PACK_WIDE:
         return g
-    pure = set()
-    for nid in g.topo():
-        node = g.nodes[nid]
-        if node.op.name != "input" and all(i in pure for i in node.inputs) and not node.type.size().symbols:
-            pure.add(nid)
+    pure = _parameters_only(g)
     changed = False
     for nid in list(g.topo()):
         node = g.nodes[nid]
@@ -253,17 +249,22 @@ def _bounded(g, name: str, arity: int = 1) -> BodyProgram:
     return BodyProgram(name, g, rows_floats, fixed, at, arity=arity)
 
 
+def _parameters_only(g) -> set:
+    """The nodes of a body that read parameters and constants only (no input),
+    each of a fixed size: the same in every call of the body."""
+    pure = set()
+    for nid in g.topo():
+        node = g.nodes[nid]
+        if node.op.name != "input" and all(i in pure for i in node.inputs) and not node.type.size().symbols:
+            pure.add(nid)
+    return pure
+
+
 def _hoist(g):
     """Split off the groups of a fused body that read no input (only
     parameters and constants): returns (their graph, {node: input name}),
     and turns each of their values that the rest reads into an input of `g`."""
-    pure = set()
-    for nid in g.topo():
-        node = g.nodes[nid]
-        if node.op.name == "input":
-            continue
-        if all(i in pure for i in node.inputs) and not node.type.size().symbols:
-            pure.add(nid)      # reads parameters and constants only, and its size is fixed
+    pure = _parameters_only(g)
     outputs = set(g.outputs.values())
     hoist = [gr for gr in g.groups if all(m in pure and m not in outputs for m in gr.members)]
     if not hoist:
