@@ -703,6 +703,45 @@ static forest_buf_t *forest_buf(int64_t nodes, int64_t trees, int64_t cuts) {
     return f;
 }
 
+/* -- a thread's scratch ------------------------------------------------------- */
+
+typedef struct {
+    void *data;
+    int64_t size;
+} scratch_t;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *p) {
+    scratch_t *s = p;
+    free(s->data);
+    free(s);
+}
+
+static void scratch_key_make(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+void *sc_scratch(int64_t bytes) {
+    pthread_once(&scratch_once, scratch_key_make);
+    scratch_t *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (bytes <= s->size) return s->data;
+    if (bytes <= 0 || bytes > ((int64_t)1 << 40)) return NULL;
+    size_t size = ((size_t)bytes + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, size);
+    if (!p) return NULL;
+    free(s->data);
+    s->data = p;
+    s->size = (int64_t)size;
+    return p;
+}
+
 /* Level l's rows [*lo, *hi), clamped as the kernels clamp them. */
 static void level_rows(const int32_t *level_end, int64_t l, int64_t nodes, int64_t *lo, int64_t *hi) {
     int64_t a = level_end[l - 1], b = level_end[l];

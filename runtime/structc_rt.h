@@ -43,6 +43,12 @@ int64_t sc_row_tasks(int64_t rows, int64_t step);
  * reached twice or never, a level's rows out of tree order). */
 const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int32_t *level_end, int64_t levels,
                                const int32_t *roots, int64_t trees, int64_t nodes, int64_t *parts);
+/* A buffer of at least `bytes` bytes, 64-byte aligned, of the calling thread's own
+ * (kept and grown, never shrunk; freed when the thread ends), or NULL when
+ * memory is short: a kernel's working copy (a weight gradient's k block of a
+ * wide B, `lower/gemm.py`), which then reads its operand in place. Its contents
+ * are the caller's until its next call on this thread. */
+void *sc_scratch(int64_t bytes);
 /* Whether forests are cut so (default on; STRUCTC_FOREST_SPLIT=0 turns it off):
  * to measure against the level by level path. Returns the previous setting. */
 int sc_set_forest_split(int on);

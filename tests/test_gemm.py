@@ -313,6 +313,40 @@ def test_long_k_panels_grouped_are_the_same_bits(monkeypatch, k_rows, m, n):
         np.testing.assert_array_equal(got, first, err_msg=str(key))
 
 
+@pytest.mark.parametrize("k_rows,m,n", [(3 * KC + 5, 37, 300), (2 * KC + 1, 200, 520), (KC + 7, 30, 2000)])
+def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
+    """A task of several panels over a long K copies their k block of a wide B
+    (`gemm.WIDE_ROWS`) into its thread's scratch and reads that: the same bits
+    as B read in place, at 1 and 2 threads, with a partial last panel, row
+    blocks of WIDE_MB rows, and a thread the scratch is refused to (it reads B
+    in place). The limits are lowered here so that small products copy."""
+    import structc.lower.gemm as gemm
+    copied = []
+    copy = gemm._copy_panels
+    monkeypatch.setattr(gemm, "_copy_panels", lambda *a: (copied.append(1), copy(*a)))
+    monkeypatch.setattr(gemm, "COPY_ROWS", 12)
+    monkeypatch.setattr(gemm, "WIDE_MB", 96)
+    outs, before = {}, structc.get_num_threads()
+    for how, rows, refused in (("in place", 1 << 40, False), ("copied", 64, False), ("refused", 64, True)):
+        monkeypatch.setattr(gemm, "WIDE_ROWS", rows)
+        if refused:     # more than sc_scratch gives: a null scratch, B read in place
+            monkeypatch.setattr(gemm, "copy_bytes", lambda vw: 1 << 41)
+        copied.clear()
+        net, x, g = _weight_gradient(k_rows, m, n, np.random.default_rng(k_rows + m + n))
+        assert bool(copied) == (how != "in place"), how
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            try:
+                outs[how, threads] = net(x=x, g=g)
+            finally:
+                structc.set_num_threads(before)
+    want = x.T.astype(np.float64) @ g
+    first = outs["in place", 1]
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4 * np.sqrt(k_rows))
+    for key, got in outs.items():
+        np.testing.assert_array_equal(got, first, err_msg=str(key))
+
+
 @pytest.mark.parametrize("units", [64, 40])
 def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, units):
     """A node case's matmul whose B is a parameter (or its transpose, in the

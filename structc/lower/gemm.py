@@ -32,7 +32,8 @@ remainder tile goes to a small stack buffer and one masked loop applies
 the epilogue, so that code exists once per kernel, not once per tile
 shape. When N is known at compile time, only the panel shapes it has are
 emitted. When K exceeds KC, the k loop is blocked so a B panel block stays
-near the core; partial sums then go through the group's first output
+near the core (a wide B's k block is copied, its panels' rows one after
+another: `WIDE_ROWS`); partial sums then go through the group's first output
 buffer, straight from the registers; a K known to be at most KC emits no
 code for partial sums.
 
@@ -75,9 +76,22 @@ PREFETCH_ROWS = 8
 #: each on a page of its own, where the hardware's prefetchers stop. An LSTM of 256 units
 #: (N = 1024) ran its step 8% faster with the hints, one of 128 units (N = 512) the same
 FAR_ROWS = 2048
+#: bytes between B's rows (N known at compile time) from which a task of several panels over
+#: a long K (`_panel_group`) with COPY_ROWS rows or more copies their k block of B into a
+#: scratch of its thread's (`sc_scratch`, `_copy_panels`), panel after panel, and its
+#: tiles read that. In place, rows 4 KiB or more apart each fall on a page of their own and
+#: in one or two of L1's sets. Such a product's row blocks are of up to WIDE_MB rows, so
+#: that a copy serves more tiles: an LSTM of 512 units' weight gradient [512, 2048] over
+#: 3,200 positions ran at 49% of peak in place, 53% copied in blocks of 192 rows and 60%
+#: in one block of 512; its step 9% faster (benchmarks/RESULTS.md, stop 28). Below 4 KiB
+#: (N = 512) and for fewer rows (a [100, 1024] over 1,000: 68% -> 61%) the copy cost more
+#: than it saved
+WIDE_ROWS = 4096
+WIDE_MB = 576
+COPY_ROWS = 192
 
 
-def row_blocks(cg: CG, m, vw: int, least: int = 1):
+def row_blocks(cg: CG, m, vw: int, least: int = 1, most: int = MB):
     """(blocks, rows per block) of a C of m rows: blocks of at most MB rows,
     an even number of them when there are several (11 blocks of 192 rows
     left one of 2 threads a block more: a [2000, 64] x [64, 64] product ran
@@ -85,7 +99,7 @@ def row_blocks(cg: CG, m, vw: int, least: int = 1):
     rows, so every tile but the last rows' is a main tile wherever the blocks
     end: the same tiles, and the same bits, as blocks of MB."""
     b, main = cg.b, main_rows(vw)
-    n = cg.ceil_div(m, MB)
+    n = cg.ceil_div(m, most)
     # integer ops, compares and selects only: the entry numbers those (`module._NumberingBuilder`)
     several_odd = b.and_(b.icmp_signed(">", n, cg.i64(1)), b.icmp_signed("==", b.and_(n, cg.i64(1)), cg.i64(1)))
     n = b.add(n, b.select(several_odd, cg.i64(1), cg.i64(0)))
@@ -190,6 +204,15 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
     narrow = isinstance(static_n, int) and static_n <= nr     # one panel: nothing to group
+    # a wide B over a K longer than a k block: tasks copy their panels of it (`WIDE_ROWS`)
+    wide_b = (isinstance(static_n, int) and 4 * static_n >= WIDE_ROWS and not packed and parts == 1
+              and colsum is None and second is None and gate is None)
+
+    def wide(cg):
+        return wide_b and not _one_k_block(K(cg))
+
+    def block_most(cg):
+        return WIDE_MB if wide(cg) else MB
 
     def part_k(cg, k):      # the k of a task: a part's
         return k if parts == 1 else cg.ceil_div(k, parts)
@@ -197,7 +220,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     def tasks(cg):
         if gate is not None:
             return row_blocks(cg, M(cg), vw, GATE_BLOCKS)[0]
-        panels, n_blocks = cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw)[0]
+        panels, n_blocks = cg.ceil_div(N(cg), nr), row_blocks(cg, M(cg), vw, most=block_most(cg))[0]
         groups = cg.ceil_div(panels, _panel_group(cg, part_k(cg, K(cg)), narrow, panels, n_blocks))
         return cg.imul(cg.imul(groups, n_blocks), cg.i64(parts))
 
@@ -208,7 +231,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         if gate is not None:        # every panel, and about 40 operations a unit of gate math
             return cg.imul(cg.iadd(cg.imul(k, 2 * gate.blocks), 40), cg.imul(cg.imin(M(cg), cg.i64(MB)), gate.units))
         # the most panels a task may run (the exact count needs the row blocks: entry code)
-        return cg.imul(cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(MB))), 2 * nr), _panel_group(cg, k, narrow))
+        return cg.imul(cg.imul(cg.imul(k, cg.imin(M(cg), cg.i64(block_most(cg)))), 2 * nr), _panel_group(cg, k, narrow))
 
     kinds = _column_kinds(static_n, vw)
     # the inline main tile, only if C has such tiles
@@ -235,11 +258,16 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             _gated_tasks(t, gate, lo, hi, rows, inline_main, clamped)
             return
         panels = cg.ceil_div(t.n, nr)
-        n_blocks, block_rows = row_blocks(cg, t.m, vw)
+        n_blocks, block_rows = row_blocks(cg, t.m, vw, most=block_most(cg))
         group = _panel_group(cg, part_k(cg, t.k), narrow, panels, n_blocks)
         groups = cg.ceil_div(panels, group)
         per_part = cg.imul(groups, n_blocks)
         c_base = t.C
+        if wide(cg):        # a copy for a task of several panels, where the thread has the memory for it
+            t.copy = cg.b.call(cg.declare("sc_scratch", PTR, [I64]), [cg.i64(copy_bytes(vw))])
+            t.copying = b.and_(b.and_(b.icmp_signed(">", group, cg.i64(1)),
+                                      b.icmp_signed(">=", block_rows, cg.i64(COPY_ROWS))),
+                               b.icmp_unsigned("!=", t.copy, ir.Constant(PTR, None)))
 
         def each_panel(first_panel, body):
             """body(kernels, full) for every panel of the task, t set up for it"""
@@ -278,6 +306,10 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 # partial sums, and a finished tile nothing is fused into, go
                 # from the registers straight to C; others through the epilogue
                 t.direct = _not(b, t.last) if t.epilogue_work else _TRUE
+                if t.copy is not None:
+                    t.first_panel = first_panel
+                    with cg.if_(t.copying):
+                        _copy_panels(t, first_panel, b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel))
                 each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
                                                                          inline_main, clamped, full))
 
@@ -312,6 +344,34 @@ def _point_at_panel(t: _Ctx, panel) -> None:
     if t.panel_rows is not None:
         start = b.sub(cg.imul(panel, cg.imul(t.panel_rows, nr)), t.j0)
         t.Bk, t.ldb = b.gep(t.B, [start], source_etype=F32), cg.i64(nr)
+    elif t.copy is not None:        # the task's copy of the k block (`_copy_panels`), when it made one
+        start = b.sub(cg.imul(b.sub(panel, t.first_panel), KC * nr), cg.iadd(cg.imul(t.k0, nr), t.j0))
+        t.Bk = b.select(t.copying, b.gep(t.copy, [start], source_etype=F32), t.B)
+        t.ldb = b.select(t.copying, cg.i64(nr), t.n)
+
+
+def copy_bytes(vw: int) -> int:
+    """The scratch a task's copy of a wide B needs: a k block of its panels."""
+    return LONG_K_PANELS * KC * 2 * vw * 4
+
+
+def _copy_panels(t: _Ctx, first_panel, count) -> None:
+    """B's rows [k0, k_end) of `count` panels from `first_panel` into the task's
+    copy: panel p's row k at ((p - first_panel) KC + k - k0) NR, missing columns
+    zeros. B's rows are read whole (the panels' part of them), one after another."""
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    nr = 2 * vw
+    j_first = cg.imul(first_panel, nr)
+    with cg.loop(t.k_end, start=t.k0, name="cp", unroll=False) as k:
+        src = cg.iadd(cg.imul(k, t.n), j_first)
+        dst = cg.imul(b.sub(k, t.k0), nr)
+        with cg.loop(count, name="cq", unroll=False) as p:
+            for v in range(2):
+                col = cg.iadd(cg.imul(p, nr), v * vw)
+                whole = isinstance(t.n, ir.Constant) and t.n.constant % nr == 0
+                mask = None if whole else cg.lane_mask(b.sub(b.sub(t.n, j_first), col), vw)
+                value = cg.load(t.B, cg.iadd(src, col), F32, vw, mask)
+                cg.store(value, t.copy, cg.iadd(cg.iadd(cg.imul(p, KC * nr), dst), v * vw))
 
 
 #: panels a task of a long K runs at most (`_panel_group`), and tasks a kernel keeps at least
@@ -539,6 +599,8 @@ class _Ctx:
         self.far_rows = False   # B's rows FAR_ROWS apart or more: the inline tile asks ahead whatever K is
         self.Bk, self.ldb = B, n    # B as the tiles index it: row k at k * ldb + j0 (`_point_at_panel`)
         self.panel_rows = None      # packed B (`emit_gemm(packed=True)`): the rows of a panel
+        self.copy = None            # a wide B's scratch (`WIDE_ROWS`), and whether a task uses it
+        self.copying = self.first_panel = None
 
 
 def epilogue_work(epilogue) -> bool:
