@@ -82,14 +82,23 @@ def test_c_program_links_the_library_and_agrees_with_python(library, tmp_path):
 @pytest.mark.slow
 @needs_cc
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
-@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
-def test_native_code_is_clean_under_valgrind(model, tmp_path):
+@pytest.mark.parametrize("model,batch", [("digits_mlp", 13), ("digits_cnn", 13), ("wide", 203)])
+def test_native_code_is_clean_under_valgrind(model, batch, tmp_path):
     """Every mode of the training entry and the forward pass on an odd batch
-    (tails of every tile, convolution and pooling loop), under memcheck."""
-    d, _ = _build_library(tmp_path, ROOT / "examples" / f"{model}.snet")
+    (tails of every tile, convolution and pooling loop), under memcheck. The
+    wide model's second layer is a product whose tasks copy B's k blocks to a
+    thread's scratch (`gemm.WIDE_ROWS`: K 400 > KC, N 1,040, 203 rows)."""
+    source = ROOT / "examples" / f"{model}.snet"
+    if model == "wide":
+        source = tmp_path / "wide.snet"
+        source.write_text("model Wide { input x: f32[N, 64]\n target y: class[N] of 10\n"
+                          " h = dense(x, 400) |> relu\n h = dense(h, 1040) |> relu\n"
+                          " loss cross_entropy(dense(h, 10), y) }\n")
+    d, _ = _build_library(tmp_path, source)
     exe = tmp_path / "driver"
-    subprocess.run([CC, "-O1", "-std=c11", "-include", str(d / "digits.h"), str(ROOT / "tests" / "c" / "train_driver.c"),
-                    str(d / "digits.so"), "-o", str(exe), f"-Wl,-rpath,{d}"], check=True)
+    subprocess.run([CC, "-O1", "-std=c11", f"-DBATCH={batch}", "-include", str(d / "digits.h"),
+                    str(ROOT / "tests" / "c" / "train_driver.c"), str(d / "digits.so"), "-o", str(exe),
+                    f"-Wl,-rpath,{d}"], check=True)
     result = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--track-origins=yes", str(exe)],
                             capture_output=True, text=True, env=dict(os.environ, STRUCTC_NUM_THREADS="2"))
     assert result.returncode == 0, result.stderr

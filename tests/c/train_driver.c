@@ -1,12 +1,15 @@
 /* Test driver: a few training steps and a forward pass through a compiled
  * model library, so the whole native path can run under valgrind. Needs the
  * header (-include) of a digits model (the MLP or the CNN: both read 64
- * floats an image and predict 10 classes); an odd batch exercises every tail. */
+ * floats an image and predict 10 classes); an odd batch exercises every tail
+ * (-DBATCH=n for another). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef BATCH
 #define BATCH 13
+#endif
 
 static void *aligned(size_t bytes) {
     size_t rounded = (bytes + 63) / 64 * 64;
