@@ -102,7 +102,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: about a second's worth)")
     ap.add_argument("--trace", help="also write a Chrome/Perfetto trace (JSON)")
     ap.add_argument("--compare", action="store_true", help="1 against 2 threads, kernel by kernel")
+    ap.add_argument("--hidden", type=int, help="lstm: the cell's units (default: bench_lstm's, the issue's 128)")
     args = ap.parse_args(argv)
+    if args.hidden is not None:
+        if args.workload != "lstm":
+            ap.error("--hidden is for the lstm workload")
+        import bench_lstm
+        bench_lstm.set_hidden(args.hidden)
     import structc
     from structc.profile import profile, profiled_net
     if args.compare:
