@@ -347,14 +347,16 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
         np.testing.assert_array_equal(got, first, err_msg=str(key))
 
 
-@pytest.mark.parametrize("units", [64, 40])
-def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, units):
+@pytest.mark.parametrize("units,long_k", [(64, False), (40, False), (100, True)])
+def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, units, long_k):
     """A node case's matmul whose B is a parameter (or its transpose, in the
     cotangent's product) with rows `tree.PACK_ROWS` bytes apart reads it in
     panels (`pack_panels`, hoisted out of the levels): the same bits as B read in
     place, at 1 and 2 threads, with the gate math fused (64 units) or partial
     panels (40 units: 160 gate columns, 40 cotangent columns). PACK_ROWS is
-    lowered here so these small cells' products are packed, the cotangent's too."""
+    lowered here so these small cells' products are packed, the cotangent's too.
+    `long_k`: only a B of more rows than a k block is packed, from
+    `tree.PACK_LONG_K_ROWS` bytes a row (100 units: the cotangent's W_h^T, 400 x 100)."""
     import structc.ops.tree as tree
     from structc.seqdata import Sequences
     src = f"""model Cell {{ input s: sequence of f32[7]
@@ -367,7 +369,8 @@ def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, u
     seqs = Sequences.from_flat(rng.normal(size=(int(lengths.sum()), 7)).astype(np.float32),
                                np.concatenate([[0], np.cumsum(lengths)]))
     y = rng.integers(0, 3, len(lengths)).astype(np.int32)
-    monkeypatch.setattr(tree, "PACK_ROWS", 4 * units)
+    monkeypatch.setattr(tree, "PACK_ROWS", 1 << 40 if long_k else 4 * units)
+    monkeypatch.setattr(tree, "PACK_LONG_K_ROWS", 4 * units if long_k else 1 << 40)
     pack = type(REGISTRY["pack_panels"])
     lower, made = pack.lower, []
     monkeypatch.setattr(pack, "lower", lambda self, kb, node, epilogue: (made.append(node.shape),
@@ -378,8 +381,9 @@ def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, u
         made.clear()
         net = structc.compile(src, cache=False, seed=0, training=True)
         # the gates' W [7 + units, 4 units], and the cotangent's W_h^T [4 units, units]
-        assert set(made) == ({(-(-4 * units // 32), 7 + units, 32), (-(-units // 32), 4 * units, 32)}
-                             if packed else set()), made
+        want = {(-(-units // 32), 4 * units, 32)} if long_k else \
+            {(-(-4 * units // 32), 7 + units, 32), (-(-units // 32), 4 * units, 32)}
+        assert set(made) == (want if packed else set()), made
         for threads in (1, 2):
             structc.set_num_threads(threads)
             try:

@@ -173,9 +173,12 @@ def pair_products(g):
 
 #: whether `prepare` packs a wide parameter's panels for the node case's matmuls, and from
 #: how many bytes between B's rows: an LSTM of 512 units (rows of 8 KiB) ran its step 9%
-#: faster, of 256 units (4 KiB) 3% at 1 thread and the same at 2, of 128 (2 KiB) the same
+#: faster, of 256 units (4 KiB) 3% at 1 thread and the same at 2, of 128 (2 KiB) the same.
+#: From PACK_LONG_K_ROWS when B has more rows than a k block: the cotangent's product of an
+#: LSTM of 512 units (W^T [2048, 512], rows of 2 KiB) made its step 4% faster
 PACK_WIDE = True
 PACK_ROWS = 4096
+PACK_LONG_K_ROWS = 2048
 
 
 def pack_wide(g):
@@ -186,6 +189,7 @@ def pack_wide(g):
     a call for every level's product. An LSTM of 512 units' h @ W: [64, 512] x
     [512, 2048] a position, 58% of peak with W as it is."""
     from ..graph import Builder
+    from ..lower.gemm import KC
     if not PACK_WIDE:
         return g
     pure = _parameters_only(g)
@@ -196,7 +200,9 @@ def pack_wide(g):
             continue
         w = node.inputs[-1]
         n = node.shape[1]
-        if w not in pure or not isinstance(n, int) or 4 * n < PACK_ROWS:
+        k = g.nodes[w].type.shape[1 if node.attrs.get("tb") else 0]
+        wide = PACK_LONG_K_ROWS if isinstance(k, int) and k > KC else PACK_ROWS
+        if w not in pure or not isinstance(n, int) or 4 * n < wide:
             continue
         b = Builder(g, node.span)
         panels = b.value(w)
