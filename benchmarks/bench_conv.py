@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from cores import pinned
+
 ROOT = Path(__file__).resolve().parent.parent
 LENET = ROOT / "examples" / "lenet5.snet"
 CONV_STEP = """model ConvStep {
@@ -200,7 +202,7 @@ def run(framework: str, threads: int, cases: list[str]) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="1073741824",
                STRUCTC_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", framework, "--threads", str(threads), "--cases", ",".join(cases)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, **pinned(threads))
     if done.returncode != 0:
         raise RuntimeError(f"{framework} ({threads} threads) failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])

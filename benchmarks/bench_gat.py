@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from cores import pinned
 from bench_gnn import EDGES, FEATURES, NODES, Timer, fmt, per_step, problem
 
 HEADS, WIDTH, CLASSES, LR, SLOPE = 4, 16, 4, 0.01, 0.2
@@ -186,7 +187,7 @@ def run(name: str, threads: int, args) -> tuple[float, float, float]:
                             f"intra_op_parallelism_threads={threads}")
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(threads), "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--max-others", str(args.max_others), "--tries", str(args.tries)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, **pinned(threads))
     if done.returncode != 0:
         raise RuntimeError(f"{name} ({threads} threads) failed:\n{done.stderr}")
     return tuple(json.loads(done.stdout.strip().splitlines()[-1]))

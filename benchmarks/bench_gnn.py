@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 import structc
+from cores import one_core, pinned
 
 MODEL = """
 model Bench {
@@ -143,7 +144,7 @@ def bench_jax(edge_index, x, y, threads: int, steps: int, repeats: int):
     env = dict(os.environ, XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
                                      f"intra_op_parallelism_threads={threads}")
     cmd = [sys.executable, __file__, "--jax-worker", str(threads), "--steps", str(steps), "--repeats", str(repeats)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, **pinned(threads))
     if done.returncode != 0:
         raise RuntimeError(f"JAX ({threads} threads) failed:\n{done.stderr}")
     return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -215,9 +216,10 @@ def main() -> None:
     import importlib.util
     have_jax = not args.no_jax and importlib.util.find_spec("jax") is not None
     for t in args.threads:
-        line = f"threads={t}  structc {fmt(bench_structc(edge_index, x, y, t, args.steps, args.repeats))}"
-        if have_torch:
-            line += f"   pytorch eager (index_add_) {fmt(bench_torch(edge_index, x, y, t, args.steps, args.repeats))}"
+        with one_core(t):
+            line = f"threads={t}  structc {fmt(bench_structc(edge_index, x, y, t, args.steps, args.repeats))}"
+            if have_torch:
+                line += f"   pytorch eager (index_add_) {fmt(bench_torch(edge_index, x, y, t, args.steps, args.repeats))}"
         if have_jax:
             line += f"   jax jit (segment_sum) {fmt(bench_jax(edge_index, x, y, t, args.steps, args.repeats))}"
         print(line, flush=True)

@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from cores import pinned
+
 BATCH, LENGTH, F, H, CLASSES, LR = 64, 50, 64, 128, 10, 0.01
 RAGGED = (10, 90)
 CASES = ("uniform", "ragged")
@@ -252,7 +254,7 @@ def run(framework: str, case: str, threads: int, repeat: int, cell: str = "lstm"
     env = dict(os.environ, STRUCTC_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", framework, "--case", case, "--threads", str(threads),
            "--repeat", str(repeat), "--cell", cell, "--hidden", str(H)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, **pinned(threads))
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         print(f"  {framework} ({case}, {threads} threads) failed: {last}", file=sys.stderr)

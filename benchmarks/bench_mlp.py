@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 
+from cores import pinned
 from bench_conv import timed   # [median, best] seconds per call; the same timer as the conv benchmarks
 
 MLP = """model MLP {
@@ -272,7 +273,7 @@ def thread_env(threads: int) -> dict:
 
 def run(framework: str, threads: int, cases: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--threads", str(threads), "--cases", ",".join(cases)]
-    done = subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True)
+    done = subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True, **pinned(threads))
     if done.returncode != 0:
         raise RuntimeError(f"{framework} ({threads} threads) failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_trees import CLASSES, VOCAB, batch, median_ms  # noqa: E402  (the trees benchmark's forest)
+from cores import pinned  # noqa: E402
 
 D, HID = 64, 128
 SRC = f"""
@@ -265,7 +266,7 @@ def main():
         got = {}
         for name in BENCHES:
             run = subprocess.run([sys.executable, __file__, "--only", name, "--threads", str(threads),
-                                  "--repeat", str(args.repeat)], capture_output=True, text=True)
+                                  "--repeat", str(args.repeat)], capture_output=True, text=True, **pinned(threads))
             if run.returncode:
                 print(f"  {name}: failed\n{run.stderr[-2000:]}")
                 continue

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from cores import one_core
+
 SRC = """
 model TreeNet {
   input  t: forest of word(vocab=1000)
@@ -184,6 +186,11 @@ def main():
     nodes = sum(2 * LEAVES - 1 for _ in trees)
     print(f"{TREES} trees x {LEAVES} leaves ({nodes} nodes), vocab {VOCAB}, d = {D}, {args.threads} thread(s); "
           "median of one SGD step")
+    with one_core(args.threads):
+        run_all(trees, labels, args)
+
+
+def run_all(trees, labels, args):
     step, build = bench_structc(trees, labels, args.repeat, args.threads)
     print(f"  structc                     {step:8.3f} ms   (building the forest from tuples: {build:.3f} ms)")
     if not args.no_torch:
