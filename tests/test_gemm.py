@@ -289,6 +289,25 @@ def _weight_gradient(k_rows: int, m: int, n: int, rng):
     return net, x, g
 
 
+def _at_1_and_2_threads(net, **inputs) -> dict:
+    """{threads: net(**inputs)} at 1 and 2 threads, the setting restored."""
+    outs, before = {}, structc.get_num_threads()
+    for threads in (1, 2):
+        structc.set_num_threads(threads)
+        try:
+            outs[threads] = net(**inputs)
+        finally:
+            structc.set_num_threads(before)
+    return outs
+
+
+def _all_the_same_bits_and_right(outs: dict, first, x, g) -> None:
+    """Every result the bits of `first`, which is x^T g within float32's rounding."""
+    np.testing.assert_allclose(first, x.T.astype(np.float64) @ g, rtol=1e-4, atol=1e-4 * np.sqrt(len(x)))
+    for key, got in outs.items():
+        np.testing.assert_array_equal(got, first, err_msg=str(key))
+
+
 @pytest.mark.parametrize("k_rows,m,n", [(3 * KC + 5, 37, 500), (KC + 1, 200, 300), (2 * KC, 12, 64), (KC, 13, 520)])
 def test_long_k_panels_grouped_are_the_same_bits(monkeypatch, k_rows, m, n):
     """A task of a K longer than KC runs several panels k block by k block
@@ -296,21 +315,12 @@ def test_long_k_panels_grouped_are_the_same_bits(monkeypatch, k_rows, m, n):
     bits as a task a panel, at 1 and 2 threads, with partial panels, several row
     blocks and a K of exactly KC (one block: no grouping)."""
     import structc.lower.gemm as gemm
-    outs, before = {}, structc.get_num_threads()
+    outs = {}
     for panels in (1, gemm.LONG_K_PANELS):
         monkeypatch.setattr(gemm, "LONG_K_PANELS", panels)
         net, x, g = _weight_gradient(k_rows, m, n, np.random.default_rng(k_rows + m + n))
-        for threads in (1, 2):
-            structc.set_num_threads(threads)
-            try:
-                outs[panels, threads] = net(x=x, g=g)
-            finally:
-                structc.set_num_threads(before)
-    want = x.T.astype(np.float64) @ g
-    first = outs[1, 1]
-    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4 * np.sqrt(k_rows))
-    for key, got in outs.items():
-        np.testing.assert_array_equal(got, first, err_msg=str(key))
+        outs.update(((panels, threads), got) for threads, got in _at_1_and_2_threads(net, x=x, g=g).items())
+    _all_the_same_bits_and_right(outs, outs[1, 1], x, g)
 
 
 @pytest.mark.parametrize("k_rows,m,n", [(3 * KC + 5, 37, 300), (2 * KC + 1, 200, 520), (KC + 7, 30, 2000)])
@@ -326,7 +336,7 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
     monkeypatch.setattr(gemm, "_copy_panels", lambda *a: (copied.append(1), copy(*a)))
     monkeypatch.setattr(gemm, "COPY_ROWS", 12)
     monkeypatch.setattr(gemm, "WIDE_MB", 96)
-    outs, before = {}, structc.get_num_threads()
+    outs = {}
     for how, rows, refused in (("in place", 1 << 40, False), ("copied", 64, False), ("refused", 64, True)):
         monkeypatch.setattr(gemm, "WIDE_ROWS", rows)
         if refused:     # more than sc_scratch gives: a null scratch, B read in place
@@ -334,17 +344,8 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
         copied.clear()
         net, x, g = _weight_gradient(k_rows, m, n, np.random.default_rng(k_rows + m + n))
         assert bool(copied) == (how != "in place"), how
-        for threads in (1, 2):
-            structc.set_num_threads(threads)
-            try:
-                outs[how, threads] = net(x=x, g=g)
-            finally:
-                structc.set_num_threads(before)
-    want = x.T.astype(np.float64) @ g
-    first = outs["in place", 1]
-    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4 * np.sqrt(k_rows))
-    for key, got in outs.items():
-        np.testing.assert_array_equal(got, first, err_msg=str(key))
+        outs.update(((how, threads), got) for threads, got in _at_1_and_2_threads(net, x=x, g=g).items())
+    _all_the_same_bits_and_right(outs, outs["in place", 1], x, g)
 
 
 @pytest.mark.parametrize("units,long_k", [(64, False), (40, False), (100, True)])
