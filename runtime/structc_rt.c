@@ -687,16 +687,23 @@ static int grow(void **buf, int64_t *cap, int64_t n, size_t size) {
     return 1;
 }
 
-static forest_buf_t *forest_buf(int64_t nodes, int64_t trees, int64_t cuts) {
-    pthread_once(&forest_once, forest_key_make);
-    forest_buf_t *f = pthread_getspecific(forest_key);
-    if (!f) {
-        f = calloc(1, sizeof *f);
-        if (!f || pthread_setspecific(forest_key, f) != 0) {
-            free(f);
+/* This thread's zeroed struct of `size` bytes under `key` (made on its first use), or NULL. */
+static void *thread_own(pthread_key_t key, size_t size) {
+    void *p = pthread_getspecific(key);
+    if (!p) {
+        p = calloc(1, size);
+        if (!p || pthread_setspecific(key, p) != 0) {
+            free(p);
             return NULL;
         }
     }
+    return p;
+}
+
+static forest_buf_t *forest_buf(int64_t nodes, int64_t trees, int64_t cuts) {
+    pthread_once(&forest_once, forest_key_make);
+    forest_buf_t *f = thread_own(forest_key, sizeof *f);
+    if (!f) return NULL;
     if (!grow((void **)&f->tree, &f->tree_cap, nodes, sizeof *f->tree) ||
         !grow((void **)&f->weight, &f->weight_cap, trees, sizeof *f->weight) ||
         !grow((void **)&f->cuts, &f->cuts_cap, cuts, sizeof *f->cuts)) return NULL;
@@ -723,14 +730,8 @@ static void scratch_key_make(void) { pthread_key_create(&scratch_key, scratch_fr
 
 void *sc_scratch(int64_t bytes) {
     pthread_once(&scratch_once, scratch_key_make);
-    scratch_t *s = pthread_getspecific(scratch_key);
-    if (!s) {
-        s = calloc(1, sizeof *s);
-        if (!s || pthread_setspecific(scratch_key, s) != 0) {
-            free(s);
-            return NULL;
-        }
-    }
+    scratch_t *s = thread_own(scratch_key, sizeof *s);
+    if (!s) return NULL;
     if (bytes <= s->size) return s->data;
     if (bytes <= 0 || bytes > ((int64_t)1 << 40)) return NULL;
     size_t size = ((size_t)bytes + 63) & ~(size_t)63;

@@ -224,7 +224,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         groups = cg.ceil_div(panels, _panel_group(cg, part_k(cg, K(cg)), narrow, panels, n_blocks))
         return cg.imul(cg.imul(groups, n_blocks), cg.i64(parts))
 
-    def cost(cg):       # a task's rows are at most MB (a batch-1 call's are 1), its k a part's
+    def cost(cg):       # a task's rows are at most a block's (a batch-1 call's are 1), its k a part's
         k = part_k(cg, K(cg))
         if second is not None:
             k = cg.iadd(k, second[1])
@@ -362,13 +362,13 @@ def _copy_panels(t: _Ctx, first_panel, count) -> None:
     cg, b, vw = t.cg, t.cg.b, t.vw
     nr = 2 * vw
     j_first = cg.imul(first_panel, nr)
+    whole = isinstance(t.n, ir.Constant) and t.n.constant % nr == 0     # no partial panel: no masks
     with cg.loop(t.k_end, start=t.k0, name="cp", unroll=False) as k:
         src = cg.iadd(cg.imul(k, t.n), j_first)
         dst = cg.imul(b.sub(k, t.k0), nr)
         with cg.loop(count, name="cq", unroll=False) as p:
             for v in range(2):
                 col = cg.iadd(cg.imul(p, nr), v * vw)
-                whole = isinstance(t.n, ir.Constant) and t.n.constant % nr == 0
                 mask = None if whole else cg.lane_mask(b.sub(b.sub(t.n, j_first), col), vw)
                 value = cg.load(t.B, cg.iadd(src, col), F32, vw, mask)
                 cg.store(value, t.copy, cg.iadd(cg.iadd(cg.imul(p, KC * nr), dst), v * vw))

@@ -312,8 +312,8 @@ class PackPanels(Op):
     """B [K, N] as the matmul kernel reads it by panels of PANEL columns:
     [ceil(N / PANEL), K, PANEL], each panel's rows one after another, the last
     panel's missing columns zeros. A matmul whose B is a parameter with rows
-    2 KiB or more apart, in a recursion's node case, reads it so
-    (`tree.pack_wide`): those rows fall in a few of L1's sets and each on a
+    4 KiB or more apart (2 KiB over a long K), in a recursion's node case, reads
+    it so (`tree.pack_wide`): those rows fall in a few of L1's sets and each on a
     page of its own. Made after autodiff: no gradient."""
     name = "pack_panels"
     floats_only = True

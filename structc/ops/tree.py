@@ -183,8 +183,8 @@ PACK_LONG_K_ROWS = 2048
 
 def pack_wide(g):
     """A matmul of the node case whose B is a parameter (or its transpose: a
-    cotangent's product) with rows PACK_ROWS bytes apart or more reads it
-    packed in panels (`pack_panels`): computed from parameters only, the
+    cotangent's product) with rows PACK_ROWS bytes apart or more (PACK_LONG_K_ROWS
+    when B has more rows than a k block) reads it packed in panels (`pack_panels`): computed from parameters only, the
     packing is hoisted out of the loop over levels or positions (`_hoist`), once
     a call for every level's product. An LSTM of 512 units' h @ W: [64, 512] x
     [512, 2048] a position, 58% of peak with W as it is."""
