@@ -348,6 +348,63 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
     _all_the_same_bits_and_right(outs, outs["in place", 1], x, g)
 
 
+@pytest.mark.parametrize("k_rows,m,n", [(2 * KC + 1, 37, 224), (KC + 7, 200, 128), (3 * KC, 150, 32 * 9)])
+def test_pair_tiles_are_the_same_bits(monkeypatch, k_rows, m, n):
+    """A copying task's whole panels run two at a time (`gemm._pair_tiles`): 6-row
+    tiles of four vectors over the rows its main tiles would cover, the rest and
+    an odd last panel as before. Each element is the same FMA chain over k, so
+    the bits are those of one panel at a time: a weight gradient at 1 and 2
+    threads, with remainder rows (37, 150), several row blocks and an odd count
+    of panels (7, 9)."""
+    import structc.lower.gemm as gemm
+    paired = []
+    pair = gemm._pair_tiles
+    monkeypatch.setattr(gemm, "_pair_tiles", lambda *a: (paired.append(1), pair(*a)))
+    monkeypatch.setattr(gemm, "COPY_ROWS", 12)
+    monkeypatch.setattr(gemm, "WIDE_MB", 96)
+    monkeypatch.setattr(gemm, "WIDE_ROWS", 64)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(gemm, "PAIR_TILES", on)
+        paired.clear()
+        net, x, g = _weight_gradient(k_rows, m, n, np.random.default_rng(k_rows + m + n))
+        assert bool(paired) == on
+        outs.update(((on, threads), got) for threads, got in _at_1_and_2_threads(net, x=x, g=g).items())
+    _all_the_same_bits_and_right(outs, outs[False, 1], x, g)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_pair_tiles_run_the_epilogue(monkeypatch, act):
+    """A dense layer over a long K whose product pairs its panels: the bias and
+    activation from the pair tile's registers (relu inline, tanh in the
+    epilogue loop over four vectors a row), the same bits as one panel at a
+    time, and numpy's values."""
+    import structc.lower.gemm as gemm
+    paired = []
+    pair = gemm._pair_tiles
+    monkeypatch.setattr(gemm, "_pair_tiles", lambda *a: (paired.append(1), pair(*a)))
+    monkeypatch.setattr(gemm, "COPY_ROWS", 12)
+    monkeypatch.setattr(gemm, "WIDE_MB", 24)       # several row blocks: tasks of several panels
+    monkeypatch.setattr(gemm, "WIDE_ROWS", 64)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(61, KC + 9)).astype(np.float32)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(gemm, "PAIR_TILES", on)
+        paired.clear()
+        net = structc.compile(f"""model D {{ input x: f32[N, {KC + 9}]
+          output y = dense(x, 160, name="d") |> {act} }}""", cache=False, seed=3)
+        outs.update(((on, threads), got["y"] if isinstance(got, dict) else got)
+                    for threads, got in _at_1_and_2_threads(net, x=x).items())
+        assert bool(paired) == on
+    w, b = (net.params[k].astype(np.float64) for k in ("d.w", "d.b"))
+    want = x.astype(np.float64) @ w + b
+    want = np.maximum(want, 0) if act == "relu" else np.tanh(want)
+    np.testing.assert_allclose(outs[False, 1], want, rtol=1e-4, atol=1e-4 * np.sqrt(KC))
+    for key, got in outs.items():
+        np.testing.assert_array_equal(got, outs[False, 1], err_msg=str(key))
+
+
 @pytest.mark.parametrize("units,long_k", [(64, False), (40, False), (100, True)])
 def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, units, long_k):
     """A node case's matmul whose B is a parameter (or its transpose, in the

@@ -83,18 +83,27 @@ def test_c_program_links_the_library_and_agrees_with_python(library, tmp_path):
 @needs_cc
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
 @pytest.mark.parametrize("model,batch", [("digits_mlp", 13), ("digits_cnn", 13), ("wide", 203)])
-def test_native_code_is_clean_under_valgrind(model, batch, tmp_path):
+def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch):
     """Every mode of the training entry and the forward pass on an odd batch
     (tails of every tile, convolution and pooling loop), under memcheck. The
     wide model's second layer is a product whose tasks copy B's k blocks to a
-    thread's scratch (`gemm.WIDE_ROWS`: K 400 > KC, N 1,040, 203 rows)."""
+    thread's scratch (`gemm.WIDE_ROWS`: K 400 > KC, N 1,040, 203 rows) and run
+    its panels in pairs (`gemm.PAIR_WIDTHS`, turned on for AVX2 here: 65
+    panels of 16 columns, so an odd one too, and remainder rows)."""
     source = ROOT / "examples" / f"{model}.snet"
     if model == "wide":
+        import structc.lower.gemm as gemm
+        paired = []
+        pair = gemm._pair_tiles
+        monkeypatch.setattr(gemm, "_pair_tiles", lambda *a: (paired.append(1), pair(*a)))
+        monkeypatch.setattr(gemm, "PAIR_WIDTHS", (8, 16))
+        monkeypatch.setenv("STRUCTC_NO_CACHE", "1")     # a cached text would not say which
         source = tmp_path / "wide.snet"
         source.write_text("model Wide { input x: f32[N, 64]\n target y: class[N] of 10\n"
                           " h = dense(x, 400) |> relu\n h = dense(h, 1040) |> relu\n"
                           " loss cross_entropy(dense(h, 10), y) }\n")
     d, _ = _build_library(tmp_path, source)
+    assert model != "wide" or paired
     exe = tmp_path / "driver"
     subprocess.run([CC, "-O1", "-std=c11", f"-DBATCH={batch}", "-include", str(d / "digits.h"),
                     str(ROOT / "tests" / "c" / "train_driver.c"), str(d / "digits.so"), "-o", str(exe),

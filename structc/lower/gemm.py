@@ -33,7 +33,8 @@ the epilogue, so that code exists once per kernel, not once per tile
 shape. When N is known at compile time, only the panel shapes it has are
 emitted. When K exceeds KC, the k loop is blocked so a B panel block stays
 near the core (a wide B's k block is copied, its panels' rows one after
-another: `WIDE_ROWS`); partial sums then go through the group's first output
+another: `WIDE_ROWS`, and the copy's whole panels run two at a time in
+tiles of 6 rows x 4 vectors: `_pair_tiles`); partial sums then go through the group's first output
 buffer, straight from the registers; a K known to be at most KC emits no
 code for partial sums.
 
@@ -263,6 +264,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         groups = cg.ceil_div(panels, group)
         per_part = cg.imul(groups, n_blocks)
         c_base = t.C
+        # a copying task's whole panels two at a time (`_pair_tiles`)
+        pairs = PAIR_TILES and vw in PAIR_WIDTHS and inline_main and not clamped and static_n % nr == 0 if wide_b else False
         if wide(cg):        # a copy for a task of several panels, where the thread has the memory for it
             t.copy = cg.b.call(cg.declare("sc_scratch", PTR, [I64]), [cg.i64(copy_bytes(vw))])
             t.copying = b.and_(b.and_(b.icmp_signed(">", group, cg.i64(1)),
@@ -306,12 +309,23 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 # partial sums, and a finished tile nothing is fused into, go
                 # from the registers straight to C; others through the epilogue
                 t.direct = _not(b, t.last) if t.epilogue_work else _TRUE
+                def single_panels():
+                    each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
+                                                                             inline_main, clamped, full))
+
                 if t.copy is not None:
                     t.first_panel = first_panel
+                    count = b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel)
                     with cg.if_(t.copying):
-                        _copy_panels(t, first_panel, b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel))
-                each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
-                                                                         inline_main, clamped, full))
+                        _copy_panels(t, first_panel, count)
+                if t.copy is not None and pairs:
+                    with b.if_else(t.copying) as (copied, in_place):
+                        with copied:
+                            _pair_tiles(t, first_panel, count, i_begin, i_end, rows, kinds, inline_main)
+                        with in_place:
+                            single_panels()
+                else:
+                    single_panels()
 
 
 def _panel_setup(t: _Ctx, panel, kinds, rows, inline_main: bool, clamped: bool):
@@ -373,6 +387,43 @@ def _copy_panels(t: _Ctx, first_panel, count) -> None:
                 value = cg.load(t.B, cg.iadd(src, col), F32, vw, mask)
                 cg.store(value, t.copy, cg.iadd(cg.iadd(cg.imul(p, KC * nr), dst), v * vw))
 
+
+def _pair_tiles(t: _Ctx, first_panel, count, i_begin, i_end, rows, kinds, inline_main: bool) -> None:
+    """The task's copied panels (`_copy_panels`, all whole) two at a time: tiles
+    of half the main tile's rows x 4 vectors over the rows the main tiles would
+    cover (a step over k loads 4 vectors of B and broadcasts 6 elements of A for
+    24 FMAs, where the main tile loads 2 and broadcasts 12); the rows past the
+    last whole main tile, and an odd last panel, as a single panel's. Every
+    element is the one FMA chain over k a main tile makes: the same bits."""
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    nr, main = 2 * vw, main_rows(vw)
+    whole = cg.iadd(i_begin, cg.imul(b.sdiv(b.sub(i_end, i_begin), cg.i64(main)), main))
+    with cg.loop(b.sdiv(count, cg.i64(2)), name="pair", unroll=False) as pair:
+        panel = cg.iadd(first_panel, cg.imul(pair, 2))
+        _point_at_panel(t, panel)
+        # the next panel's copy starts KC rows of NR floats after this one's
+        b_cols = [cg.iadd(t.j0, v % 2 * vw + v // 2 * KC * nr) for v in range(4)]
+        with cg.loop(whole, start=i_begin, step=main // 2, name="pr", unroll=False) as i0:
+            _main_tile(t, i0, main // 2, nv=4, b_cols=b_cols)
+        with cg.loop(cg.i64(2), name="pq", unroll=False) as q:
+            kernels, full = _panel_setup(t, cg.iadd(panel, q), kinds, rows, inline_main, False)
+            _row_block(t, whole, i_end, rows, kernels, inline_main, False, full)
+    with cg.if_(b.icmp_signed("==", b.and_(count, cg.i64(1)), cg.i64(1))):
+        kernels, full = _panel_setup(t, b.sub(cg.iadd(first_panel, count), cg.i64(1)), kinds, rows, inline_main,
+                                     False)
+        _row_block(t, i_begin, i_end, rows, kernels, inline_main, False, full)
+
+
+#: a pair tile (`_pair_tiles`): 6 rows x 4 vectors take 24 of AVX-512's 32 registers, as
+#: the main tile's 12 x 2, for 10 loads a step over k instead of 14. Products whose tasks copy B
+#: (one thread, one process, alternating): a [512, 2048] x [2048, 2048] 138 -> 155 GFLOP/s, the
+#: step of an MLP 2048 -> 2048 -> 2048 (batch 512) 8% faster, an LSTM of 512 units' 4%
+#: (benchmarks/RESULTS.md, stop 29). With B in place (its rows N floats apart) they are not used
+PAIR_TILES = True       # off: every panel alone (tests compare the two)
+#: vector widths that pair: with AVX2's 16 registers the pair tile is 3 rows x 4 vectors,
+#: and the same MLP's step ran 9% slower with it (the valgrind test turns it on there: memcheck
+#: runs AVX2 code only)
+PAIR_WIDTHS = (16,)
 
 #: panels a task of a long K runs at most (`_panel_group`), and tasks a kernel keeps at least
 LONG_K_PANELS = 8
@@ -609,49 +660,50 @@ def epilogue_work(epilogue) -> bool:
                                      or epilogue.outputs != [epilogue.anchor])
 
 
-def _main_tile(t: _Ctx, i0, mr: int) -> None:
+def _main_tile(t: _Ctx, i0, mr: int, nv: int = 2, b_cols=None) -> None:
     """The tile most of C is made of (MR rows, two full vectors), inline in
     the kernel: its accumulators go through the epilogue straight from the
     registers. With a short K (a weight gradient over a batch, a layer of 32
     or 64 features) the round trip through the tile buffer would cost a
-    sixth of the tile's time."""
+    sixth of the tile's time. `nv` = 4 with `b_cols` (where B's row holds
+    each vector of columns): the pair tile of two panels (`_pair_tiles`)."""
     cg, b, vw = t.cg, t.cg.b, t.vw
     vt = ir.VectorType(F32, vw)
     zero = ir.Constant(vt, [ir.Constant(F32, 0.0)] * vw)
-    cols = [cg.iadd(t.j0, v * vw) for v in range(2)]
+    cols = [cg.iadd(t.j0, v * vw) for v in range(nv)]
     row_offs = [cg.imul(cg.iadd(i0, r), t.n) for r in range(mr)]
-    acc = [[cg.var(vt) for _ in range(2)] for _ in range(mr)]
+    acc = [[cg.var(vt) for _ in range(nv)] for _ in range(mr)]
 
     def fresh():
         for r in range(mr):
-            for v in range(2):
+            for v in range(nv):
                 b.store(zero, acc[r][v])
 
     def resume():
         for r in range(mr):
-            for v in range(2):
+            for v in range(nv):
                 b.store(cg.load(t.C, cg.iadd(row_offs[r], cols[v]), F32, vw), acc[r][v])
 
     def done():
         # the first vector inline; what it cost says whether the others are copied too
         block, before = b.block, len(b.block.instructions)
         t.epilogue.emit(cg, [i0, cols[0]], vw, None, given={t.epilogue.anchor: b.load(acc[0][0])})
-        rest = [(r, v) for r in range(mr) for v in range(2)][1:]
+        rest = [(r, v) for r in range(mr) for v in range(nv)][1:]
         if b.block is block and len(block.instructions) - before <= HEAVY_EPILOGUE:
             for r, v in rest:
                 t.epilogue.emit(cg, [cg.iadd(i0, r), cols[v]], vw, None,
                                 given={t.epilogue.anchor: b.load(acc[r][v])})
             return
-        _epilogue_loop(t, i0, [b.load(acc[r][v]) for r, v in rest], first=1)
+        _epilogue_loop(t, i0, [b.load(acc[r][v]) for r, v in rest], first=1, per_row=nv)
 
     def partial():
         for r in range(mr):
-            for v in range(2):
+            for v in range(nv):
                 cg.store(b.load(acc[r][v]), t.C, cg.iadd(row_offs[r], cols[v]))
 
     _branch(cg, t.first, fresh, resume)
     # a K known to be short (a layer's features) has its B and A near the core already
-    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.Bk, t.ldb, cols, [None, None], t.k0, t.k_end,
+    _accumulate(cg, vw, acc, t.A, i0, t.a_si, t.a_sk, t.Bk, t.ldb, b_cols or cols, [None] * nv, t.k0, t.k_end,
                 ahead=t.far_rows or not _one_k_block(t.k))
     if t.second is not None:        # A2's K on into the same sums
         a2, k2 = t.second
@@ -666,16 +718,16 @@ def _main_tile(t: _Ctx, i0, mr: int) -> None:
 HEAVY_EPILOGUE = 24
 
 
-def _epilogue_loop(t: _Ctx, i0, values, first: int) -> None:
+def _epilogue_loop(t: _Ctx, i0, values, first: int, per_row: int = 2) -> None:
     """The epilogue of the main tile's vectors `first`, first + 1, ... (row-major,
-    two a row), stored to the tile buffer then run in one loop: one copy of
-    the epilogue's code, not one per vector."""
+    `per_row` a row, a power of two), stored to the tile buffer then run in one
+    loop: one copy of the epilogue's code, not one per vector."""
     cg, b, vw = t.cg, t.cg.b, t.vw
     for k, value in enumerate(values):
         cg.store(value, t.tile, cg.i64((first + k) * vw))
     with cg.loop(first + len(values), start=first, name="ei", unroll=False) as k:
-        row = cg.iadd(i0, b.lshr(k, cg.i64(1)))
-        col = cg.iadd(t.j0, cg.imul(b.and_(k, cg.i64(1)), vw))
+        row = cg.iadd(i0, b.lshr(k, cg.i64(per_row.bit_length() - 1)))
+        col = cg.iadd(t.j0, cg.imul(b.and_(k, cg.i64(per_row - 1)), vw))
         value = cg.load(t.tile, cg.imul(k, vw), F32, vw)
         t.epilogue.emit(cg, [row, col], vw, None, given={t.epilogue.anchor: value})
 
@@ -776,12 +828,13 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
 
 def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k, ahead: bool = True) -> None:
     b = cg.b
-    if ahead and len(acc) >= PREFETCH_ROWS and len(cols) == 2:
+    if ahead and (len(acc) >= PREFETCH_ROWS and len(cols) == 2 or len(cols) == 4):
         # B's row and the tile's first and last rows of A, PREFETCH_AHEAD steps of k
-        # ahead; past K's end they point outside the buffers, harmless for a hint
+        # ahead; past K's end they point outside the buffers, harmless for a hint.
+        # A pair tile's B is its task's copy, read in order: the hardware follows that
         later = cg.iadd(k, PREFETCH_AHEAD)
         b_ahead = cg.imul(later, ldb)
-        for col in cols:
+        for col in cols if len(cols) == 2 else []:
             cg.prefetch(B, cg.iadd(b_ahead, col))
         a_ahead = cg.imul(later, a_sk)
         for a_row in a_rows[:1] + a_rows[1:][-1:]:
