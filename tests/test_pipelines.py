@@ -262,6 +262,26 @@ def test_a_transpose_of_sizes_read_at_run_time_is_numpys():
     finally:
         structc.set_num_threads(before)
 
+
+@pytest.mark.parametrize("n,m", [(16, 16), (64, 48), (200, 37), (65, 300), (7, 70)])
+def test_a_large_transposes_tasks_of_several_blocks_are_numpys(monkeypatch, n, m):
+    """Sizes known at compile time and large enough (the limit lowered here to 1
+    byte) give tasks of TRANSPOSE_BLOCKS blocks of rows, column block by column
+    block: a last task of fewer blocks (200, 65 rows), a last block cut by the
+    bottom edge and a ragged right edge, fewer rows than a block (7), at 1 and
+    2 threads; the result is numpy's."""
+    import structc.ops.matmul as matmul
+    monkeypatch.setattr(matmul, "TRANSPOSE_STACKED_BYTES", 1)
+    net = structc.compile(f"model T {{\n  input x: f32[{n}, {m}]\n  output y = transpose(x)\n}}\n", cache=False)
+    x = np.random.default_rng(n * m).normal(size=(n, m)).astype(np.float32)
+    before = structc.native.get_num_threads()
+    try:
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            np.testing.assert_array_equal(net(x=x), x.T, err_msg=f"{threads} thread(s)")
+    finally:
+        structc.set_num_threads(before)
+
 # -- kernels O1 compiles to O3's machine code ------------------------------------------
 
 CONV = ("model C {\n  input x: f32[N, 1, 12, 12]\n  target y: class[N] of 3\n"

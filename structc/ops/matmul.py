@@ -7,6 +7,8 @@ flags so the weight gradient `A^T @ G` reads A in place.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from ..types import TensorType
@@ -385,11 +387,14 @@ class Transpose(Op):
         from ..lower.codegen import F32
         rows_d, cols_d = kb.graph.nodes[node.inputs[0]].shape
         vw = kb.vector_width
+        # a task's blocks of vw rows (`TRANSPOSE_BLOCKS`)
+        stack = TRANSPOSE_BLOCKS if all(isinstance(d, int) for d in (rows_d, cols_d)) \
+            and 4 * rows_d * cols_d >= TRANSPOSE_STACKED_BYTES else 1
 
         def tasks(cg):
-            return cg.ceil_div(cg.dim(rows_d), vw)
+            return cg.ceil_div(cg.dim(rows_d), vw * stack)
 
-        with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), vw),
+        with kb.kernel(f"transpose{node.id}", tasks, cost=lambda cg: cg.imul(cg.dim(cols_d), vw * stack),
                        vector_code=True, skippable=True) as (cg, lo, hi):
             if cg is None:      # lowered before: its recorded text stands in (`KernelBuilder.kernel`)
                 return
@@ -413,10 +418,22 @@ class Transpose(Op):
             # a side known to be under vw: no block is ever whole, and its 64 shuffles
             # would cost LLVM ~20 ms for code that never runs
             no_blocks = any(isinstance(d, int) and d < vw for d in (rows_d, cols_d))
+
+            @contextmanager
+            def first_rows(rb):
+                """the first rows of the task's blocks (one block: no loop)"""
+                if stack == 1:
+                    yield cg.imul(rb, vw)
+                    return
+                first = cg.imul(rb, vw * stack)
+                count = cg.imin(cg.i64(stack), cg.ceil_div(b.sub(rows, first), vw))
+                with cg.loop(count, name="sb", unroll=False) as sb:
+                    yield cg.iadd(first, cg.imul(sb, vw))
+
             with cg.loop(hi, start=lo, name="rb") as rb:
-                r0 = cg.imul(rb, vw)
-                r1 = cg.imin(cg.iadd(r0, vw), rows)
-                with cg.loop(cols, step=vw, name="cb", unroll=False) as c0:   # vector blocks: unrolling only costs compile time
+                # vector blocks: unrolling only costs compile time
+                with cg.loop(cols, step=vw, name="cb", unroll=False) as c0, first_rows(rb) as r0:
+                    r1 = cg.imin(cg.iadd(r0, vw), rows)
                     if no_edges:
                         block(r0, c0)
                     elif no_blocks:
@@ -430,6 +447,15 @@ class Transpose(Op):
                                 block(r0, c0)
                             with ragged:
                                 edge(r0, r1, c0, c1)
+
+
+#: blocks of vw rows a task of a large transpose (TRANSPOSE_STACKED_BYTES or more, sizes known
+#: at compile time) runs, column block by column block over them all: each row of the result
+#: then gets 4 vectors in a row, not 1. A [2048, 2048] transpose from beyond the caches (an
+#: MLP's weight before dY W^T) took 5.4 ms with tasks of one block, 2.9 ms with four
+#: (benchmarks/RESULTS.md, stop 29)
+TRANSPOSE_BLOCKS = 4
+TRANSPOSE_STACKED_BYTES = 1 << 20
 
 
 def transpose_block(cg, rows: list) -> list:
