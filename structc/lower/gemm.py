@@ -34,9 +34,9 @@ shape. When N is known at compile time, only the panel shapes it has are
 emitted. When K exceeds KC, the k loop is blocked so a B panel block stays
 near the core (a wide B's k block is copied, its panels' rows one after
 another: `WIDE_ROWS`, and the copy's whole panels run two at a time in
-tiles of 6 rows x 4 vectors: `_pair_tiles`); partial sums then go through the group's first output
-buffer, straight from the registers; a K known to be at most KC emits no
-code for partial sums.
+tiles of 6 rows x 4 vectors: `_pair_tiles`); partial sums then go through
+the group's first output buffer, straight from the registers; a K known to
+be at most KC emits no code for partial sums.
 
 A one-row tile splits k over several accumulator sets (`k_split`), so a
 row's sums depend on where the call's rows end. A row-stable kernel
@@ -265,7 +265,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         per_part = cg.imul(groups, n_blocks)
         c_base = t.C
         # a copying task's whole panels two at a time (`_pair_tiles`)
-        pairs = PAIR_TILES and vw in PAIR_WIDTHS and inline_main and not clamped and static_n % nr == 0 if wide_b else False
+        pairs = wide_b and PAIR_TILES and vw in PAIR_WIDTHS and inline_main and not clamped and static_n % nr == 0
         if wide(cg):        # a copy for a task of several panels, where the thread has the memory for it
             t.copy = cg.b.call(cg.declare("sc_scratch", PTR, [I64]), [cg.i64(copy_bytes(vw))])
             t.copying = b.and_(b.and_(b.icmp_signed(">", group, cg.i64(1)),
@@ -309,6 +309,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 # partial sums, and a finished tile nothing is fused into, go
                 # from the registers straight to C; others through the epilogue
                 t.direct = _not(b, t.last) if t.epilogue_work else _TRUE
+
                 def single_panels():
                     each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
                                                                              inline_main, clamped, full))
