@@ -122,12 +122,16 @@ def _shim() -> ctypes.CDLL:
 
 
 @contextlib.contextmanager
-def _noting_kernels(kernels: dict[str, Kernel]):
-    """While lowering, note each kernel function's group. The lowering has no
-    hook for this, so its `lower_group` and `KernelBuilder.kernel` are wrapped
-    for the duration (under _LOAD_LOCK: one profiled compile at a time)."""
+def _noting_kernels(kernels: dict[str, Kernel], tasks: dict[str, str] | None = None):
+    """While lowering, note each kernel function's group, and in `tasks` the
+    functions a recursion's kernel hands to the pool (a level's rows, a group
+    of trees: `treemap._named_by_text`) with a name for them. The lowering has
+    no hook for this, so its `lower_group`, `KernelBuilder.kernel` and that
+    naming are wrapped for the duration (under _LOAD_LOCK: one profiled compile
+    at a time)."""
     from .lower import module as lowering
-    real_group, real_kernel = lowering.lower_group, lowering.KernelBuilder.kernel
+    from .lower import treemap
+    real_group, real_kernel, real_named = lowering.lower_group, lowering.KernelBuilder.kernel, treemap._named_by_text
     defined: list[str] = []
     mine = threading.get_ident()        # another thread compiling meanwhile is not noted
 
@@ -135,6 +139,14 @@ def _noting_kernels(kernels: dict[str, Kernel]):
         if threading.get_ident() == mine:
             defined.append(f"{self.prefix}_{name}")
         return real_kernel(self, name, tasks, cost, **options)
+
+    def named(module, fn, what="level"):
+        kernel = fn.name.removesuffix(f"_{what}")      # `_task_function` names it after its kernel
+        named_fn = real_named(module, fn, what)
+        if tasks is not None and threading.get_ident() == mine:
+            part = {"level": "a level's rows", "forest": "a group of trees"}.get(what, what)
+            tasks.setdefault(named_fn.name, f"{kernel}: {part}")
+        return named_fn
 
     def lower_group(kb, graph, group):
         start = len(defined)
@@ -156,11 +168,12 @@ def _noting_kernels(kernels: dict[str, Kernel]):
                 gate = graph.nodes[group.gate].op.name if group.gate is not None else None
                 kernels[name] = Kernel(name, anchor.op.name, spans, flops, gate if k == 0 else None)
 
-    lowering.lower_group, lowering.KernelBuilder.kernel = lower_group, kernel
+    lowering.lower_group, lowering.KernelBuilder.kernel, treemap._named_by_text = lower_group, kernel, named
     try:
         yield
     finally:
-        lowering.lower_group, lowering.KernelBuilder.kernel = real_group, real_kernel
+        lowering.lower_group, lowering.KernelBuilder.kernel, treemap._named_by_text = \
+            real_group, real_kernel, real_named
 
 
 def profiled_net(source: str, file: str = "<source>", model: str | None = None, seed: int = 0):
@@ -176,9 +189,10 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
     target = host_target()
     _init()
     kernels: dict[str, Kernel] = {}
+    tasks: dict[str, str] = {}
     real = ctypes.cast(runtime_library().sc_parallel_for, ctypes.c_void_p).value
     with _LOAD_LOCK:
-        with _noting_kernels(kernels):
+        with _noting_kernels(kernels, tasks):
             art = compile_program(program, model, target)
         # MCJIT resolves symbols as it loads: only this copy is bound to the shim.
         llvm.add_symbol("sc_parallel_for", ctypes.cast(_shim().sc_prof_parallel_for, ctypes.c_void_p).value)
@@ -198,6 +212,16 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
             if first is not kernel:
                 first.spans.extend(s for s in kernel.spans if all(s.line != t.line for t in first.spans))
     net._profile_kernels = by_address
+    # a recursion's task functions: their time is their kernel's, and the kernels they run
+    # have rows of their own, so the table leaves them out; a trace names them
+    net._profile_tasks = {}
+    for symbol, name in tasks.items():
+        try:
+            addr = module.engine.get_function_address(symbol)
+        except Exception:  # noqa: BLE001 - not in the object
+            addr = 0
+        if addr:
+            net._profile_tasks[addr] = name
     net._profile_source = source
     return net
 
@@ -365,7 +389,7 @@ class Report:
         """The traced steps in the Chrome trace event format (chrome://tracing, ui.perfetto.dev):
         one lane (tid) per thread, the calling thread first; steps, kernel calls and chunks as
         complete ("X") events, times in microseconds."""
-        names = {addr: k.name for addr, k in self._kernels.items()}
+        names = {**getattr(self, "_tasks", {}), **{addr: k.name for addr, k in self._kernels.items()}}
         lanes = {self.caller_lane: 0}
         for lane in self.events["lane"]:
             lanes.setdefault(int(lane), len(lanes))
@@ -502,7 +526,7 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
                            f"in the kernels they run; profile fewer steps")
     step_seconds = sum(b - a for a, b in spans) / steps / 1e9
     unprofiled = _unprofiled_seconds(step, max(2, steps // 12))     # a quarter of the steps again
-    rows = _rows(events, by_address, dims, steps)
+    rows = _rows(events, by_address, dims, steps, getattr(net, "_profile_tasks", {}))
     traced_end = spans[min(steps, TRACE_STEPS) - 1][1]
     outer = events[(events["kind"] == CALL) & (events["depth"] == 0)]
     caller = int(outer["lane"][-1]) if len(outer) else 0
@@ -510,14 +534,18 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
                     net._profile_source.splitlines(), events[events["start"] <= traced_end],
                     spans[:TRACE_STEPS], caller, unprofiled)
     report._kernels = by_address
+    report._tasks = getattr(net, "_profile_tasks", {})
     return report
 
 
-def _rows(events: np.ndarray, by_address: dict, dims: dict, steps: int) -> list[Row]:
+def _rows(events: np.ndarray, by_address: dict, dims: dict, steps: int, tasks: dict) -> list[Row]:
+    """A row per kernel; none for a recursion's task functions (`tasks`)."""
     calls = events[events["kind"] == CALL]
     chunks = events[events["kind"] == CHUNK]
     rows = []
     for fn in np.unique(calls["fn"]):
+        if int(fn) in tasks:
+            continue
         mine = calls[calls["fn"] == fn]
         if not (mine["hi"] > 0).any():
             continue             # a kernel with no tasks for these shapes (an empty contraction's)

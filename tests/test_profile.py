@@ -237,6 +237,32 @@ def test_kernels_inside_a_recursion_at_two_threads_say_their_times_are_summed(th
     assert both is (threads == 2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_recursions_task_functions_are_named_in_the_trace_not_rows_of_the_table(threads):
+    """The functions a recursion's kernel hands to the pool (a level's rows; at 2
+    threads a group of trees) hold the time of the kernels they run, which have
+    rows of their own: the table leaves them out (no row is a bare address) and
+    the trace names them after their kernel."""
+    from structc.forest import Forest
+    from test_trees import BINARY, random_tree
+    rng = np.random.default_rng(1)
+    f = Forest.from_tuples([random_tree(rng, 25, 20) for _ in range(32)])
+    before = structc.get_num_threads()
+    try:
+        structc.set_num_threads(threads)
+        net = profiled_net(BINARY, "<t>")
+        report = profile(net, {"t": f, "y": (np.arange(32) % 3).astype(np.int32)}, steps=5, peak=PEAK)
+    finally:
+        structc.set_num_threads(before)
+    assert net._profile_tasks and all(": " in name for name in net._profile_tasks.values())
+    assert not [r.kernel.name for r in report.rows if r.kernel.name.startswith("0x")]
+    assert sum(r.seconds for r in report.rows if not r.nested) <= 1.02 * report.step_seconds
+    names = {e["name"] for e in report.trace()["traceEvents"]}
+    assert not [n for n in names if n.startswith("0x")]
+    assert any(n.startswith("sc_train_treemap") and n.endswith(("a level's rows", "a group of trees"))
+               for n in names)
+
+
 def test_the_event_bound_covers_the_pools_most_claims():
     """The buffer is sized by _events_bound: it must cover the most chunks the
     runtime's pool can make of a call (runtime/structc_rt.c: one share of
