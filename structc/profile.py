@@ -144,6 +144,7 @@ def _noting_kernels(kernels: dict[str, Kernel], tasks: dict[str, str] | None = N
         kernel = fn.name.removesuffix(f"_{what}")      # `_task_function` names it after its kernel
         named_fn = real_named(module, fn, what)
         if tasks is not None and threading.get_ident() == mine:
+            # two kernels with the same task text share one function: the first one's name
             part = {"level": "a level's rows", "forest": "a group of trees"}.get(what, what)
             tasks.setdefault(named_fn.name, f"{kernel}: {part}")
         return named_fn
@@ -201,12 +202,17 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
         finally:
             llvm.add_symbol("sc_parallel_for", real)
     net = Net(art.meta, module, seed=seed)
+
+    def address(symbol: str) -> int:
+        """The loaded function's address; 0 if the object lacks it (a body shared with another entry point)"""
+        try:
+            return module.engine.get_function_address(symbol)
+        except Exception:  # noqa: BLE001
+            return 0
+
     by_address = {}
     for name, kernel in kernels.items():
-        try:       # kernels are named after their text (`KernelBuilder.kernel`)
-            addr = module.engine.get_function_address(art.kernel_symbols.get(name, name))
-        except Exception:  # noqa: BLE001 - a body shared with another entry point: not in the object
-            addr = 0
+        addr = address(art.kernel_symbols.get(name, name))   # kernels are named after their text
         if addr:    # a kernel several layers share (same text): the first layer's name, every layer's line
             first = by_address.setdefault(addr, kernel)
             if first is not kernel:
@@ -214,14 +220,7 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
     net._profile_kernels = by_address
     # a recursion's task functions: their time is their kernel's, and the kernels they run
     # have rows of their own, so the table leaves them out; a trace names them
-    net._profile_tasks = {}
-    for symbol, name in tasks.items():
-        try:
-            addr = module.engine.get_function_address(symbol)
-        except Exception:  # noqa: BLE001 - not in the object
-            addr = 0
-        if addr:
-            net._profile_tasks[addr] = name
+    net._profile_tasks = {addr: name for addr, name in ((address(sym), name) for sym, name in tasks.items()) if addr}
     net._profile_source = source
     return net
 
@@ -389,7 +388,7 @@ class Report:
         """The traced steps in the Chrome trace event format (chrome://tracing, ui.perfetto.dev):
         one lane (tid) per thread, the calling thread first; steps, kernel calls and chunks as
         complete ("X") events, times in microseconds."""
-        names = {**getattr(self, "_tasks", {}), **{addr: k.name for addr, k in self._kernels.items()}}
+        names = {**self._tasks, **{addr: k.name for addr, k in self._kernels.items()}}
         lanes = {self.caller_lane: 0}
         for lane in self.events["lane"]:
             lanes.setdefault(int(lane), len(lanes))
@@ -526,7 +525,8 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
                            f"in the kernels they run; profile fewer steps")
     step_seconds = sum(b - a for a, b in spans) / steps / 1e9
     unprofiled = _unprofiled_seconds(step, max(2, steps // 12))     # a quarter of the steps again
-    rows = _rows(events, by_address, dims, steps, getattr(net, "_profile_tasks", {}))
+    tasks = getattr(net, "_profile_tasks", {})
+    rows = _rows(events, by_address, dims, steps, tasks)
     traced_end = spans[min(steps, TRACE_STEPS) - 1][1]
     outer = events[(events["kind"] == CALL) & (events["depth"] == 0)]
     caller = int(outer["lane"][-1]) if len(outer) else 0
@@ -534,7 +534,7 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
                     net._profile_source.splitlines(), events[events["start"] <= traced_end],
                     spans[:TRACE_STEPS], caller, unprofiled)
     report._kernels = by_address
-    report._tasks = getattr(net, "_profile_tasks", {})
+    report._tasks = tasks
     return report
 
 

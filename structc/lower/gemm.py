@@ -314,19 +314,16 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                     each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
                                                                              inline_main, clamped, full))
 
-                if t.copy is not None:
+                if t.copy is None:
+                    single_panels()
+                else:       # copy B's k block if the task does, then run its panels from the copy
                     t.first_panel = first_panel
                     count = b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel)
                     with cg.if_(t.copying):
                         _copy_panels(t, first_panel, count)
-                if t.copy is not None and pairs:
-                    with b.if_else(t.copying) as (copied, in_place):
-                        with copied:
-                            _pair_tiles(t, first_panel, count, i_begin, i_end, rows, kinds, inline_main)
-                        with in_place:
-                            single_panels()
-                else:
-                    single_panels()
+                    _branch(cg, t.copying if pairs else _FALSE,
+                            lambda: _pair_tiles(t, first_panel, count, i_begin, i_end, rows, kinds, inline_main),
+                            single_panels)
 
 
 def _panel_setup(t: _Ctx, panel, kinds, rows, inline_main: bool, clamped: bool):
