@@ -278,6 +278,13 @@ def test_the_bias_gradient_is_summed_by_the_weight_gradients_kernel(k, n, monkey
     np.testing.assert_allclose(grads[1]["dense1.b"], dh.sum(axis=0), rtol=1e-4, atol=1e-6)
 
 
+def calls_of(monkeypatch, module, name: str) -> list:
+    """A list that gets an entry at each call of module.name, which still runs."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
 def _weight_gradient(k_rows: int, m: int, n: int, rng):
     """x^T g for x [K, m], g [K, n], K known only at run time (a batch's rows), two
     threads or one; the model's forward, so one product with a long K (no parts)."""
@@ -331,9 +338,7 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
     blocks of WIDE_MB rows, and a thread the scratch is refused to (it reads B
     in place). The limits are lowered here so that small products copy."""
     import structc.lower.gemm as gemm
-    copied = []
-    copy = gemm._copy_panels
-    monkeypatch.setattr(gemm, "_copy_panels", lambda *a: (copied.append(1), copy(*a)))
+    copied = calls_of(monkeypatch, gemm, "_copy_panels")
     monkeypatch.setattr(gemm, "COPY_ROWS", 12)
     monkeypatch.setattr(gemm, "WIDE_MB", 96)
     outs = {}
@@ -357,9 +362,7 @@ def test_pair_tiles_are_the_same_bits(monkeypatch, k_rows, m, n):
     threads, with remainder rows (37, 150), several row blocks and an odd count
     of panels (7, 9)."""
     import structc.lower.gemm as gemm
-    paired = []
-    pair = gemm._pair_tiles
-    monkeypatch.setattr(gemm, "_pair_tiles", lambda *a: (paired.append(1), pair(*a)))
+    paired = calls_of(monkeypatch, gemm, "_pair_tiles")
     monkeypatch.setattr(gemm, "COPY_ROWS", 12)
     monkeypatch.setattr(gemm, "WIDE_MB", 96)
     monkeypatch.setattr(gemm, "WIDE_ROWS", 64)
@@ -380,9 +383,7 @@ def test_pair_tiles_run_the_epilogue(monkeypatch, act):
     epilogue loop over four vectors a row), the same bits as one panel at a
     time, and numpy's values."""
     import structc.lower.gemm as gemm
-    paired = []
-    pair = gemm._pair_tiles
-    monkeypatch.setattr(gemm, "_pair_tiles", lambda *a: (paired.append(1), pair(*a)))
+    paired = calls_of(monkeypatch, gemm, "_pair_tiles")
     monkeypatch.setattr(gemm, "COPY_ROWS", 12)
     monkeypatch.setattr(gemm, "WIDE_MB", 24)       # several row blocks: tasks of several panels
     monkeypatch.setattr(gemm, "WIDE_ROWS", 64)

@@ -93,9 +93,8 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
     source = ROOT / "examples" / f"{model}.snet"
     if model == "wide":
         import structc.lower.gemm as gemm
-        paired = []
-        pair = gemm._pair_tiles
-        monkeypatch.setattr(gemm, "_pair_tiles", lambda *a: (paired.append(1), pair(*a)))
+        from test_gemm import calls_of
+        paired = calls_of(monkeypatch, gemm, "_pair_tiles")
         monkeypatch.setattr(gemm, "PAIR_WIDTHS", (8, 16))
         monkeypatch.setenv("STRUCTC_NO_CACHE", "1")     # a cached text would not say which
         source = tmp_path / "wide.snet"
