@@ -353,6 +353,48 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
     _all_the_same_bits_and_right(outs, outs["in place", 1], x, g)
 
 
+@pytest.mark.parametrize("rows,units,out", [(37, 1030, KC + 6), (203, 1056, 2 * KC + 17), (13, 1024, KC + 16)])
+def test_a_transposed_b_copied_is_the_same_bits(monkeypatch, rows, units, out):
+    """dH = dY @ W^T for a wide W [units, out] over out > KC reads W itself: each
+    task's copy of a k block of B transposes W's rows (`gemm._copy_transposed`),
+    where a transpose kernel wrote W^T first. The same values in the copy, so
+    the same bits as the transpose, at 1 and 2 threads, with a partial last panel
+    (1030 units), k blocks of a length no multiple of a vector (out), few rows, and a
+    thread the scratch is refused to (a panel at a time on its stack); and the
+    gradient numpy's."""
+    import structc.lower.gemm as gemm
+    import structc.ops.matmul as matmul
+    monkeypatch.setenv("STRUCTC_NO_CACHE", "1")
+    transposed = calls_of(monkeypatch, gemm, "_copy_transposed")
+    in_copy = matmul._transposed_in_copy
+    rng = np.random.default_rng(rows + units)
+    x = rng.normal(size=(rows, 24)).astype(np.float32)
+    t = rng.normal(size=(rows, out)).astype(np.float32)
+    source = f"""model T {{ input x: f32[N, 24]
+      target t: f32[N, {out}]
+      loss mse(dense(dense(x, {units}, name="a"), {out}, bias=false, name="b"), t) }}"""
+    outs = {}
+    for how in ("transpose", "in copy", "refused"):
+        monkeypatch.setattr(matmul, "_transposed_in_copy", in_copy if how != "transpose" else lambda shape: False)
+        if how == "refused":     # more than sc_scratch gives: a null scratch
+            monkeypatch.setattr(gemm, "copy_bytes", lambda vw: 1 << 41)
+        transposed.clear()
+        net = structc.compile(source, cache=False, seed=2)
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            try:
+                outs[how, threads] = net.grad(x=x, t=t)[1]["a.w"].copy()
+            finally:
+                structc.set_num_threads(2)
+        assert bool(transposed) == (how != "transpose"), how
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+    h = x @ p["a.w"] + p["a.b"]
+    dy = 2 * (h @ p["b.w"] - t) / t.size
+    np.testing.assert_allclose(outs["transpose", 1], x.T @ (dy @ p["b.w"].T), rtol=1e-4, atol=1e-7)
+    for key, got in outs.items():
+        np.testing.assert_array_equal(got, outs["transpose", 1], err_msg=str(key))
+
+
 @pytest.mark.parametrize("k_rows,m,n", [(2 * KC + 1, 37, 224), (KC + 7, 200, 128), (3 * KC, 150, 32 * 9)])
 def test_pair_tiles_are_the_same_bits(monkeypatch, k_rows, m, n):
     """A copying task's whole panels run two at a time (`gemm._pair_tiles`): 6-row

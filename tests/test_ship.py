@@ -89,20 +89,23 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
     wide model's second layer is a product whose tasks copy B's k blocks to a
     thread's scratch (`gemm.WIDE_ROWS`: K 400 > KC, N 1,040, 203 rows) and run
     its panels in pairs (`gemm.PAIR_WIDTHS`, turned on for AVX2 here: 65
-    panels of 16 columns, so an odd one too, and remainder rows)."""
+    panels of 16 columns, so an odd one too, and remainder rows); its third
+    layer's input gradient dY @ W^T (W [1040, 401]: k blocks of 384 and 17)
+    copies them from W, transposing (`gemm._copy_transposed`)."""
     source = ROOT / "examples" / f"{model}.snet"
     if model == "wide":
         import structc.lower.gemm as gemm
         from test_gemm import calls_of
         paired = calls_of(monkeypatch, gemm, "_pair_tiles")
+        transposed = calls_of(monkeypatch, gemm, "_copy_transposed")
         monkeypatch.setattr(gemm, "PAIR_WIDTHS", (8, 16))
         monkeypatch.setenv("STRUCTC_NO_CACHE", "1")     # a cached text would not say which
         source = tmp_path / "wide.snet"
         source.write_text("model Wide { input x: f32[N, 64]\n target y: class[N] of 10\n"
-                          " h = dense(x, 400) |> relu\n h = dense(h, 1040) |> relu\n"
+                          " h = dense(x, 400) |> relu\n h = dense(h, 1040) |> relu\n h = dense(h, 401) |> relu\n"
                           " loss cross_entropy(dense(h, 10), y) }\n")
     d, _ = _build_library(tmp_path, source)
-    assert model != "wide" or paired
+    assert model != "wide" or (paired and transposed)
     exe = tmp_path / "driver"
     subprocess.run([CC, "-O1", "-std=c11", f"-DBATCH={batch}", "-include", str(d / "digits.h"),
                     str(ROOT / "tests" / "c" / "train_driver.c"), str(d / "digits.so"), "-o", str(exe),

@@ -18,7 +18,9 @@ AVX-512 registers, MR = 12 leaves room for the B vectors and the broadcast.
 
 A is read in place through two strides, so `A^T @ B` (a weight gradient)
 needs no copy. B must be row-major [K, N]; the `legalize` pass puts a
-`transpose` node before a matmul whose right operand is transposed.
+`transpose` node before a matmul whose right operand is transposed, except
+where B is wide and K long, whose tasks copy B's k blocks anyway: that copy
+reads the transpose and transposes it (`b_transposed`).
 
 The tile most of C is made of (MR rows, two full vectors) is emitted inline
 in each kernel, and its accumulators go through the group's epilogue (bias,
@@ -160,7 +162,7 @@ def k_split(mr: int, nv: int) -> int:
 
 def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, scratch, name,
               static_m=None, static_n=None, row_stable=False, parts=1, colsum=None, second=None, gate=None,
-              packed=False):
+              packed=False, b_transposed=False):
     """Emit the kernel. `M, N, K` and the strides are callables cg -> i64 value
     (they are needed in the entry function for the task count as well as in
     the kernel); `epilogue` is a FusedExpr over [M, N] whose anchor is C;
@@ -195,7 +197,14 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     `packed`: B is in panels (`pack_panels`): [panels, K (+ K2), NR], each panel's
     rows one after another, the last panel's missing columns zeros: the tiles
     read a panel's rows contiguous, not N floats apart (a wide B's rows fall in
-    a few of L1's sets and each on a page of its own)."""
+    a few of L1's sets and each on a page of its own).
+
+    `b_transposed`: `b_buf` is B^T, W [N, K] row-major (a product `X @ W^T`,
+    `MatMul.legalize`), for a wide B over a K longer than a k block only: every
+    task copies its panels' k block of B, reading W's rows and transposing them
+    (`_copy_transposed`), where a transpose kernel wrote all of B^T beforehand
+    and the copy read it again. A task whose thread has no scratch copies one
+    panel at a time to a buffer on its stack."""
     vw = kb.vector_width
     nr = 2 * vw
     if gate is not None:
@@ -211,6 +220,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
 
     def wide(cg):
         return wide_b and not _one_k_block(K(cg))
+    assert not b_transposed or wide_b, "B given transposed: a wide B's copy only"
 
     def block_most(cg):
         return WIDE_MB if wide(cg) else MB
@@ -268,9 +278,17 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         pairs = wide_b and PAIR_TILES and vw in PAIR_WIDTHS and inline_main and not clamped and static_n % nr == 0
         if wide(cg):        # a copy for a task of several panels, where the thread has the memory for it
             t.copy = cg.b.call(cg.declare("sc_scratch", PTR, [I64]), [cg.i64(copy_bytes(vw))])
-            t.copying = b.and_(b.and_(b.icmp_signed(">", group, cg.i64(1)),
-                                      b.icmp_signed(">=", block_rows, cg.i64(COPY_ROWS))),
-                               b.icmp_unsigned("!=", t.copy, ir.Constant(PTR, None)))
+            scratch = t.copy
+            t.copying = b.icmp_unsigned("!=", t.copy, ir.Constant(PTR, None))
+            if not b_transposed:
+                t.copying = b.and_(b.and_(b.icmp_signed(">", group, cg.i64(1)),
+                                          b.icmp_signed(">=", block_rows, cg.i64(COPY_ROWS))), t.copying)
+        else:
+            assert not b_transposed, "B given transposed needs a K longer than a k block"
+        if b_transposed:        # W's rows, transposed by the copy (a panel on the stack without scratch)
+            t.b_transposed = True
+            stack = cg.var(ir.ArrayType(F32, KC * nr))
+            stack.type = ir.PointerType()
 
         def each_panel(first_panel, body):
             """body(kernels, full) for every panel of the task, t set up for it"""
@@ -314,8 +332,28 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                     each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
                                                                              inline_main, clamped, full))
 
+                def from_copy(copy, first, count):
+                    """B^T's panels [first, first + count) transposed into `copy`, then their tiles"""
+                    t.copy, t.first_panel, t.copying = copy, first, _TRUE
+                    _copy_panels(t, first, count)
+                    if pairs:
+                        _pair_tiles(t, first, count, i_begin, i_end, rows, kinds, inline_main)
+                        return
+                    with cg.loop(cg.iadd(first, count), start=first, name="panel", unroll=False) as panel:
+                        kernels, full = _panel_setup(t, panel, kinds, rows, inline_main, clamped)
+                        _row_block(t, i_begin, i_end, rows, kernels, inline_main, clamped, full)
+
+                def one_by_one():       # no scratch: each panel through the stack's buffer
+                    with cg.loop(cg.imin(cg.iadd(first_panel, group), panels), start=first_panel, name="alone",
+                                 unroll=False) as panel:
+                        from_copy(stack, panel, cg.i64(1))
+
                 if t.copy is None:
                     single_panels()
+                elif b_transposed:
+                    count = b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel)
+                    _branch(cg, b.icmp_unsigned("!=", scratch, ir.Constant(PTR, None)),
+                            lambda: from_copy(scratch, first_panel, count), one_by_one)
                 else:       # copy B's k block if the task does, then run its panels from the copy
                     t.first_panel = first_panel
                     count = b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel)
@@ -371,6 +409,9 @@ def _copy_panels(t: _Ctx, first_panel, count) -> None:
     """B's rows [k0, k_end) of `count` panels from `first_panel` into the task's
     copy: panel p's row k at ((p - first_panel) KC + k - k0) NR, missing columns
     zeros. B's rows are read whole (the panels' part of them), one after another."""
+    if t.b_transposed:
+        _copy_transposed(t, first_panel, count)
+        return
     cg, b, vw = t.cg, t.cg.b, t.vw
     nr = 2 * vw
     j_first = cg.imul(first_panel, nr)
@@ -384,6 +425,50 @@ def _copy_panels(t: _Ctx, first_panel, count) -> None:
                 mask = None if whole else cg.lane_mask(b.sub(b.sub(t.n, j_first), col), vw)
                 value = cg.load(t.B, cg.iadd(src, col), F32, vw, mask)
                 cg.store(value, t.copy, cg.iadd(cg.iadd(cg.imul(p, KC * nr), dst), v * vw))
+
+
+def _copy_transposed(t: _Ctx, first_panel, count) -> None:
+    """`_copy_panels` from B^T, W [N, K] row-major (`b_transposed`): panel p's
+    row k is column k of W's rows j0(p) .. j0(p) + NR, read vw rows of W at a
+    time along k (vw x vw blocks, transposed in registers), the block's last
+    columns (fewer than vw) one by one. W's rows past N are read as the last
+    row's and stored as zeros (no masked loads: valgrind could not translate
+    a block of them; the tiles do not store those columns anyway)."""
+    from ..ops.matmul import transpose_block
+    cg, b, vw = t.cg, t.cg.b, t.vw
+    nr = 2 * vw
+    whole_n = isinstance(t.n, ir.Constant) and t.n.constant % nr == 0
+    whole_k = isinstance(t.k, ir.Constant) and t.k.constant % vw == 0 and KC % vw == 0
+    last = b.sub(t.n, cg.i64(1))
+
+    def row_of(j):
+        """W's row j, clamped into W, and whether it is one"""
+        if whole_n:
+            return j, None
+        return cg.imin(j, last), b.icmp_signed("<", j, t.n)
+
+    with cg.loop(count, name="tp", unroll=False) as p:
+        j_panel = cg.imul(cg.iadd(first_panel, p), nr)
+        at_k0 = b.sub(cg.imul(p, KC * nr), cg.imul(t.k0, nr))     # the copy's row k at at_k0 + k NR
+        vectors_end = b.sub(t.k_end, b.srem(b.sub(t.k_end, t.k0), cg.i64(vw)))
+        with cg.loop(t.k_end if whole_k else vectors_end, start=t.k0, step=vw, name="tk", unroll=False) as k:
+            for v in range(2):
+                rows = []
+                for r in range(vw):
+                    row, inside = row_of(cg.iadd(j_panel, v * vw + r))
+                    value = cg.load(t.B, cg.iadd(cg.imul(row, t.k), k), F32, vw)
+                    rows.append(value if inside is None else b.select(inside, value, cg.const(0.0, value.type)))
+                at = cg.iadd(at_k0, cg.imul(k, nr))
+                for c, column in enumerate(transpose_block(cg, rows)):
+                    cg.store(column, t.copy, cg.iadd(at, c * nr + v * vw))
+        if not whole_k:
+            with cg.loop(t.k_end, start=vectors_end, name="tc", unroll=False) as k:
+                with cg.loop(cg.i64(nr), name="tj", unroll=False) as jj:
+                    row, inside = row_of(cg.iadd(j_panel, jj))
+                    value = cg.load(t.B, cg.iadd(cg.imul(row, t.k), k))
+                    if inside is not None:
+                        value = b.select(inside, value, cg.const(0.0, F32))
+                    cg.store(value, t.copy, cg.iadd(cg.iadd(at_k0, cg.imul(k, nr)), jj))
 
 
 def _pair_tiles(t: _Ctx, first_panel, count, i_begin, i_end, rows, kinds, inline_main: bool) -> None:
@@ -650,6 +735,7 @@ class _Ctx:
         self.panel_rows = None      # packed B (`emit_gemm(packed=True)`): the rows of a panel
         self.copy = None            # a wide B's scratch (`WIDE_ROWS`), and whether a task uses it
         self.copying = self.first_panel = None
+        self.b_transposed = False   # B given as W = B^T (`emit_gemm(b_transposed=True)`): the copy transposes
 
 
 def epilogue_work(epilogue) -> bool:

@@ -33,7 +33,8 @@ class MatMul(Op):
     floats_only = True
     traits = frozenset({"epilogue"})
 
-    def shape(self, a, b, *, ta: bool = False, tb: bool = False, packed: int = 0) -> TensorType:
+    def shape(self, a, b, *, ta: bool = False, tb: bool = False, packed: int = 0,
+              tb_copied: bool = False) -> TensorType:
         if packed:      # b: B in panels (`pack_panels`), C of `packed` columns
             expect(a.rank == 2 and not ta and not tb and _packed_of(b, packed),
                    f"matmul: {b} is not a matrix of {packed} columns in panels")
@@ -47,7 +48,7 @@ class MatMul(Op):
         expect(k == k2, f"inner dimensions differ: {a} @ {b} ({k} vs {k2})")
         return TensorType((m, n), "f32")
 
-    def vjp(self, b, g, out, x, w, *, ta=False, tb=False):
+    def vjp(self, b, g, out, x, w, *, ta=False, tb=False, tb_copied=False):
         if not ta and not tb:
             return [b.matmul(g, w, tb=True), b.matmul(x, g, ta=True)]
         if not ta and tb:
@@ -56,7 +57,7 @@ class MatMul(Op):
             return [b.matmul(w, g, tb=True), b.matmul(x, g)]
         return [b.matmul(w, g, ta=True, tb=True), b.matmul(g, x, ta=True, tb=True)]
 
-    def reference(self, a, b, *, ta=False, tb=False, packed=0):
+    def reference(self, a, b, *, ta=False, tb=False, packed=0, tb_copied=False):
         if packed:
             return a @ unpack_panels(b, packed)
         return (a.T if ta else a) @ (b.T if tb else b)
@@ -69,7 +70,8 @@ class MatMul(Op):
                 Sample(((70, 40), (70, 3)), {"ta": True})]     # narrow: computed as (B^T A)^T
 
     def legalize(self, b, node):
-        """The kernel reads B row-major: transpose a `tb` operand first. A
+        """The kernel reads B row-major: transpose a `tb` operand first, unless
+        the kernel's tasks copy B's k blocks anyway (`_transposed_in_copy`). A
         weight gradient with only a few columns (A^T G, G of a handful of
         classes) is computed as (G^T A)^T instead: the kernel vectorises
         along C's columns, and a few of them would fill a fraction of each
@@ -79,6 +81,10 @@ class MatMul(Op):
         if node.attrs.get("packed"):        # made after legalize would change it (`tree.pack_wide`)
             return None
         if node.attrs.get("tb"):
+            if node.attrs.get("tb_copied"):
+                return None
+            if not ta and _transposed_in_copy(w.shape):
+                return b.matmul(x, w, tb=True, tb_copied=True)
             return b.matmul(x, b.transpose(w), ta=ta)
         m, n = node.shape
         if ta and isinstance(n, int) and n <= NARROW and isinstance(m, int) and m >= 4 * NARROW:
@@ -106,9 +112,21 @@ class MatMul(Op):
             b_buf=b_id, epilogue=epilogue, scratch=epilogue.outputs[0],
             name=f"matmul{node.id}", static_m=m_dim, static_n=n_dim,
             row_stable=node.attrs.get("row_stable", False), gate=_gate_math(kb, epilogue),
-            packed=bool(node.attrs.get("packed")))
+            packed=bool(node.attrs.get("packed")), b_transposed=node.attrs.get("tb_copied", False))
         if not isinstance(k_dim, int):
             _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim)
+
+
+def _transposed_in_copy(w_shape) -> bool:
+    """Whether `X @ W^T` reads W itself, its kernel's copy of each k block of B
+    transposing it (`gemm.emit_gemm(b_transposed=True)`): B wide and K longer
+    than a k block, both known, so that every task copies (`gemm.WIDE_ROWS`).
+    The transpose kernel it saves read and wrote all of W (an MLP of 2048 units:
+    4 ms a step, 2.5%). A node case's such product reads B packed instead
+    (`tree.pack_wide`, before this), its packing hoisted out of the levels."""
+    from ..lower.gemm import KC, WIDE_ROWS
+    n, k = w_shape
+    return isinstance(n, int) and isinstance(k, int) and 4 * n >= WIDE_ROWS and k > KC
 
 
 class MatMulPair(Op):
