@@ -353,6 +353,21 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
     _all_the_same_bits_and_right(outs, outs["in place", 1], x, g)
 
 
+@pytest.mark.parametrize("rows", [5, 20, 40])
+def test_a_far_wide_b_copied_for_few_rows_is_the_same_bits(monkeypatch, rows):
+    """B's rows 8 KiB apart or more (N >= 2048, `gemm.FAR_COPY_ROWS`): a task of
+    only `FAR_COPY_FEW` rows copies its k block too (the run-time choice, so
+    this checks the bits, not that it copied): the bits of a kernel whose tasks
+    never copy, at 1 and 2 threads."""
+    import structc.lower.gemm as gemm
+    outs = {}
+    for how, least in (("in place", 1 << 30), ("copied", gemm.FAR_COPY_FEW)):
+        monkeypatch.setattr(gemm, "FAR_COPY_FEW", least)
+        net, x, g = _weight_gradient(KC + 5, rows, 2048, np.random.default_rng(rows))
+        outs.update(((how, threads), got) for threads, got in _at_1_and_2_threads(net, x=x, g=g).items())
+    _all_the_same_bits_and_right(outs, outs["in place", 1], x, g)
+
+
 @pytest.mark.parametrize("rows,units,out", [(37, 1030, KC + 6), (203, 1056, 2 * KC + 17), (13, 1024, KC + 16)])
 def test_a_transposed_b_copied_is_the_same_bits(monkeypatch, rows, units, out):
     """dH = dY @ W^T for a wide W [units, out] over out > KC reads W itself: each
