@@ -375,8 +375,8 @@ def test_a_transposed_b_copied_is_the_same_bits(monkeypatch, rows, units, out):
     where a transpose kernel wrote W^T first. The same values in the copy, so
     the same bits as the transpose, at 1 and 2 threads, with a partial last panel
     (1030 units), k blocks of a length no multiple of a vector (out), few rows, and a
-    thread the scratch is refused to (a panel at a time on its stack); and the
-    gradient numpy's."""
+    thread the scratch is refused to (a panel at a time on its stack), relu's
+    mask in the product's epilogue; and the gradient numpy's."""
     import structc.lower.gemm as gemm
     import structc.ops.matmul as matmul
     monkeypatch.setenv("STRUCTC_NO_CACHE", "1")
@@ -387,7 +387,7 @@ def test_a_transposed_b_copied_is_the_same_bits(monkeypatch, rows, units, out):
     t = rng.normal(size=(rows, out)).astype(np.float32)
     source = f"""model T {{ input x: f32[N, 24]
       target t: f32[N, {out}]
-      loss mse(dense(dense(x, {units}, name="a"), {out}, bias=false, name="b"), t) }}"""
+      loss mse(dense(dense(x, {units}, name="a") |> relu, {out}, bias=false, name="b"), t) }}"""
     outs = {}
     for how in ("transpose", "in copy", "refused"):
         monkeypatch.setattr(matmul, "_transposed_in_copy", in_copy if how != "transpose" else lambda shape: False)
@@ -403,9 +403,9 @@ def test_a_transposed_b_copied_is_the_same_bits(monkeypatch, rows, units, out):
                 structc.set_num_threads(2)
         assert bool(transposed) == (how != "transpose"), how
     p = {k: v.astype(np.float64) for k, v in net.params.items()}
-    h = x @ p["a.w"] + p["a.b"]
+    h = np.maximum(x @ p["a.w"] + p["a.b"], 0)
     dy = 2 * (h @ p["b.w"] - t) / t.size
-    np.testing.assert_allclose(outs["transpose", 1], x.T @ (dy @ p["b.w"].T), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(outs["transpose", 1], x.T @ ((dy @ p["b.w"].T) * (h > 0)), rtol=1e-4, atol=1e-7)
     for key, got in outs.items():
         np.testing.assert_array_equal(got, outs["transpose", 1], err_msg=str(key))
 
