@@ -353,6 +353,28 @@ def test_a_wide_b_copied_is_the_same_bits(monkeypatch, k_rows, m, n):
     _all_the_same_bits_and_right(outs, outs["in place", 1], x, g)
 
 
+@pytest.mark.parametrize("m,k,n", [(203, KC, 1040), (37, 100, 2048), (600, 7, 1024)])
+def test_a_wide_b_of_one_k_block_copied_is_the_same_bits(monkeypatch, m, k, n):
+    """x @ w with K known to fit one k block and a wide B (`gemm.ONE_BLOCK_COPY`):
+    each task copies its one panel's rows; the bits of B read in place, at 1 and
+    2 threads, with a partial last panel (1040 columns), several row blocks (600
+    rows), and numpy's values."""
+    import structc.lower.gemm as gemm
+    rng = np.random.default_rng(m + k + n)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    outs = {}
+    for copied in (False, True):
+        monkeypatch.setattr(gemm, "ONE_BLOCK_COPY", copied)
+        net = structc.compile(f"""model P {{ input x: f32[N, {k}]
+          input w: f32[{k}, {n}]
+          output y = x @ w }}""", cache=False)
+        outs.update(((copied, threads), got) for threads, got in _at_1_and_2_threads(net, x=x, w=w).items())
+    np.testing.assert_allclose(outs[False, 1], x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    for key, got in outs.items():
+        np.testing.assert_array_equal(got, outs[False, 1], err_msg=str(key))
+
+
 @pytest.mark.parametrize("rows", [5, 20, 40])
 def test_a_far_wide_b_copied_for_few_rows_is_the_same_bits(monkeypatch, rows):
     """B's rows 8 KiB apart or more (N >= 2048, `gemm.FAR_COPY_ROWS`): a task of

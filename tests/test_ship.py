@@ -86,10 +86,11 @@ def test_c_program_links_the_library_and_agrees_with_python(library, tmp_path):
 def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch):
     """Every mode of the training entry and the forward pass on an odd batch
     (tails of every tile, convolution and pooling loop), under memcheck. The
-    wide model's second layer is a product whose tasks copy B's k blocks to a
+    wide model's first layer copies B's one k block (K 64, N 1,040:
+    `gemm.ONE_BLOCK_COPY`); its third is a product whose tasks copy B's k blocks to a
     thread's scratch (`gemm.WIDE_ROWS`: K 400 > KC, N 1,040, 203 rows) and run
     its panels in pairs (`gemm.PAIR_WIDTHS`, turned on for AVX2 here: 65
-    panels of 16 columns, so an odd one too, and remainder rows); its third
+    panels of 16 columns, so an odd one too, and remainder rows); its fourth
     layer's input gradient dY @ W^T (W [1040, 401]: k blocks of 384 and 17)
     copies them from W, transposing (`gemm._copy_transposed`)."""
     source = ROOT / "examples" / f"{model}.snet"
@@ -102,7 +103,8 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
         monkeypatch.setenv("STRUCTC_NO_CACHE", "1")     # a cached text would not say which
         source = tmp_path / "wide.snet"
         source.write_text("model Wide { input x: f32[N, 64]\n target y: class[N] of 10\n"
-                          " h = dense(x, 400) |> relu\n h = dense(h, 1040) |> relu\n h = dense(h, 401) |> relu\n"
+                          " h = dense(x, 1040) |> relu\n h = dense(h, 400) |> relu\n h = dense(h, 1040) |> relu\n"
+                          " h = dense(h, 401) |> relu\n"
                           " loss cross_entropy(dense(h, 10), y) }\n")
     d, _ = _build_library(tmp_path, source)
     assert model != "wide" or (paired and transposed)

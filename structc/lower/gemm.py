@@ -97,6 +97,11 @@ COPY_ROWS = 192
 #: (x @ W in place at 45% of peak at 64 rows), one of 1024 units' the same (stop 30)
 FAR_COPY_ROWS = 8192
 FAR_COPY_FEW = 16
+#: a K known to fit one k block is copied too (a task of one panel then copies that
+#: panel's rows): x @ W over 384 inputs to 2048 units, B's rows 8 KiB apart, ran at
+#: 127 GFLOP/s in place and 167-178 copied; [512, 256] x [256, 4096] 140 -> 171-181
+#: (stop 30). Off, only a K longer than a k block is
+ONE_BLOCK_COPY = True
 
 
 def row_blocks(cg: CG, m, vw: int, least: int = 1, most: int = MB):
@@ -224,7 +229,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
               and colsum is None and second is None and gate is None)
 
     def wide(cg):
-        return wide_b and not _one_k_block(K(cg))
+        return wide_b and (ONE_BLOCK_COPY or not _one_k_block(K(cg)))
     assert not b_transposed or wide_b, "B given transposed: a wide B's copy only"
 
     def block_most(cg):
@@ -287,8 +292,9 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             t.copying = b.icmp_unsigned("!=", t.copy, ir.Constant(PTR, None))
             if not b_transposed:
                 least = FAR_COPY_FEW if 4 * static_n >= FAR_COPY_ROWS else COPY_ROWS
-                t.copying = b.and_(b.and_(b.icmp_signed(">", group, cg.i64(1)),
-                                          b.icmp_signed(">=", block_rows, cg.i64(least))), t.copying)
+                # a task of one panel copies only a K known to fit one k block
+                several = _TRUE if _one_k_block(t.k) else b.icmp_signed(">", group, cg.i64(1))
+                t.copying = b.and_(b.and_(several, b.icmp_signed(">=", block_rows, cg.i64(least))), t.copying)
         else:
             assert not b_transposed, "B given transposed needs a K longer than a k block"
         if b_transposed:        # W's rows, transposed by the copy (a panel on the stack without scratch)
