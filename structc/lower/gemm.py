@@ -299,7 +299,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             assert not b_transposed, "B given transposed needs a K longer than a k block"
         if b_transposed:        # W's rows, transposed by the copy (a panel on the stack without scratch)
             t.b_transposed = True
-            stack = cg.var(ir.ArrayType(F32, KC * nr))
+            stack = cg.var(ir.ArrayType(F32, _copied_panel(vw)))
             stack.type = ir.PointerType()
 
         def each_panel(first_panel, body):
@@ -407,19 +407,31 @@ def _point_at_panel(t: _Ctx, panel) -> None:
         start = b.sub(cg.imul(panel, cg.imul(t.panel_rows, nr)), t.j0)
         t.Bk, t.ldb = b.gep(t.B, [start], source_etype=F32), cg.i64(nr)
     elif t.copy is not None:        # the task's copy of the k block (`_copy_panels`), when it made one
-        start = b.sub(cg.imul(b.sub(panel, t.first_panel), KC * nr), cg.iadd(cg.imul(t.k0, nr), t.j0))
+        start = b.sub(_copy_index(t, b.sub(panel, t.first_panel), cg.i64(0)), t.j0)
         t.Bk = b.select(t.copying, b.gep(t.copy, [start], source_etype=F32), t.B)
         t.ldb = b.select(t.copying, cg.i64(nr), t.n)
 
 
 def copy_bytes(vw: int) -> int:
     """The scratch a task's copy of a wide B needs: a k block of its panels."""
-    return LONG_K_PANELS * KC * 2 * vw * 4
+    return LONG_K_PANELS * _copied_panel(vw) * 4
+
+
+def _copied_panel(vw: int) -> int:
+    """Floats from one panel's copy to the next: a k block of NR floats a row."""
+    return KC * 2 * vw
+
+
+def _copy_index(t: _Ctx, p, k):
+    """Where the task's copy holds row k of its p-th panel (from `first_panel`):
+    (p KC + k - k0) NR, the copy's one layout (`_copy_panels`)."""
+    cg = t.cg
+    return cg.iadd(cg.imul(p, _copied_panel(t.vw)), cg.imul(cg.b.sub(k, t.k0), 2 * t.vw))
 
 
 def _copy_panels(t: _Ctx, first_panel, count) -> None:
     """B's rows [k0, k_end) of `count` panels from `first_panel` into the task's
-    copy: panel p's row k at ((p - first_panel) KC + k - k0) NR, missing columns
+    copy (`_copy_index`): panel p.s row k at ((p - first_panel) KC + k - k0) NR, missing columns
     zeros. B's rows are read whole (the panels' part of them), one after another."""
     if t.b_transposed:
         _copy_transposed(t, first_panel, count)
@@ -430,13 +442,12 @@ def _copy_panels(t: _Ctx, first_panel, count) -> None:
     whole = isinstance(t.n, ir.Constant) and t.n.constant % nr == 0     # no partial panel: no masks
     with cg.loop(t.k_end, start=t.k0, name="cp", unroll=False) as k:
         src = cg.iadd(cg.imul(k, t.n), j_first)
-        dst = cg.imul(b.sub(k, t.k0), nr)
         with cg.loop(count, name="cq", unroll=False) as p:
             for v in range(2):
                 col = cg.iadd(cg.imul(p, nr), v * vw)
                 mask = None if whole else cg.lane_mask(b.sub(b.sub(t.n, j_first), col), vw)
                 value = cg.load(t.B, cg.iadd(src, col), F32, vw, mask)
-                cg.store(value, t.copy, cg.iadd(cg.iadd(cg.imul(p, KC * nr), dst), v * vw))
+                cg.store(value, t.copy, cg.iadd(_copy_index(t, p, k), v * vw))
 
 
 def _copy_transposed(t: _Ctx, first_panel, count) -> None:
@@ -461,7 +472,6 @@ def _copy_transposed(t: _Ctx, first_panel, count) -> None:
 
     with cg.loop(count, name="tp", unroll=False) as p:
         j_panel = cg.imul(cg.iadd(first_panel, p), nr)
-        at_k0 = b.sub(cg.imul(p, KC * nr), cg.imul(t.k0, nr))     # the copy's row k at at_k0 + k NR
         vectors_end = b.sub(t.k_end, b.srem(b.sub(t.k_end, t.k0), cg.i64(vw)))
         with cg.loop(t.k_end if whole_k else vectors_end, start=t.k0, step=vw, name="tk", unroll=False) as k:
             for v in range(2):
@@ -470,7 +480,7 @@ def _copy_transposed(t: _Ctx, first_panel, count) -> None:
                     row, inside = row_of(cg.iadd(j_panel, v * vw + r))
                     value = cg.load(t.B, cg.iadd(cg.imul(row, t.k), k), F32, vw)
                     rows.append(value if inside is None else b.select(inside, value, cg.const(0.0, value.type)))
-                at = cg.iadd(at_k0, cg.imul(k, nr))
+                at = _copy_index(t, p, k)
                 for c, column in enumerate(transpose_block(cg, rows)):
                     cg.store(column, t.copy, cg.iadd(at, c * nr + v * vw))
         if not whole_k:
@@ -480,7 +490,7 @@ def _copy_transposed(t: _Ctx, first_panel, count) -> None:
                     value = cg.load(t.B, cg.iadd(cg.imul(row, t.k), k))
                     if inside is not None:
                         value = b.select(inside, value, cg.const(0.0, F32))
-                    cg.store(value, t.copy, cg.iadd(cg.iadd(at_k0, cg.imul(k, nr)), jj))
+                    cg.store(value, t.copy, cg.iadd(_copy_index(t, p, k), jj))
 
 
 def _pair_tiles(t: _Ctx, first_panel, count, i_begin, i_end, rows, kinds, inline_main: bool) -> None:
@@ -497,7 +507,7 @@ def _pair_tiles(t: _Ctx, first_panel, count, i_begin, i_end, rows, kinds, inline
         panel = cg.iadd(first_panel, cg.imul(pair, 2))
         _point_at_panel(t, panel)
         # the next panel's copy starts KC rows of NR floats after this one's
-        b_cols = [cg.iadd(t.j0, v % 2 * vw + v // 2 * KC * nr) for v in range(4)]
+        b_cols = [cg.iadd(t.j0, v % 2 * vw + v // 2 * _copied_panel(vw)) for v in range(4)]
         with cg.loop(whole, start=i_begin, step=main // 2, name="pr", unroll=False) as i0:
             _main_tile(t, i0, main // 2, nv=4, b_cols=b_cols)
         with cg.loop(cg.i64(2), name="pq", unroll=False) as q:
