@@ -54,6 +54,31 @@ def test_simplify_drops_identities():
 }""")
 
 
+def test_simplify_folds_transposes_into_matmul_flags():
+    """A matmul reading a transpose reads the matrix under a flag instead, and a
+    transposed matmul read by nothing else is the product of its operands
+    swapped: (x^T u)^T = u^T x."""
+    g, b, x = small_graph()
+
+    def input_(name, shape):
+        t = TensorType(shape)
+        v = b.value(g.add(REGISTRY["input"], (), {"name": name, "kind": "input", "type": t, "classes": 0}, type=t))
+        g.inputs[name] = v.id
+        return v
+    w, u = input_("w", (3, 4)), input_("u", ("N", 3))
+    g.outputs["y"] = b.transpose(b.matmul(b.transpose(x), u)).id
+    g.outputs["z"] = b.matmul(x, b.transpose(w)).id
+    assert strip(str(dce(simplify(g)))) == strip("""graph t {
+  %0 = input[x, input]() : f32[N, 4]
+  %1 = input[w, input]() : f32[3, 4]
+  %2 = input[u, input]() : f32[N, 3]
+  %9 = matmul[ta=True](%2, %0) : f32[3, 4]
+  %10 = matmul[tb=True](%0, %1) : f32[N, 3]
+  return y = %9
+  return z = %10
+}""")
+
+
 def test_fuse_puts_bias_and_activation_in_the_matmul_epilogue():
     g, b, x = small_graph()
     w = TensorType((4, 3))

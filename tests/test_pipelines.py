@@ -360,3 +360,46 @@ def test_pooling_kernels_get_the_memory_pipeline():
     art = api.compile_artifact(src, parts=["forward", "training"], cache=False)
     kinds = {lower_module.kernel_kind(n): native.pipeline_of(t) for t in art.part_ir for n in defined(t)}
     assert {kinds["maxpool"], kinds["route"], kinds["flip"], kinds["update_clip"]} == {"memory"}
+
+
+def test_transposes_folded_into_products_give_numpys_gradients():
+    """A tied output layer `h @ transpose(W)` and a transposed product of a
+    transpose (`simplify` folds both into matmul flags): the loss and every
+    gradient numpy's, in float64, at 1 and 2 threads; of the training graph's
+    six transposes one is left."""
+    source = """model T { input x: f32[N, 6]
+      input u: f32[5, 4]
+      target y: class[N] of 7
+      target t: f32[4, 6]
+      param W: f32[7, 6] = normal(0.3)
+      param P: f32[5, 6] = normal(0.3)
+      loss cross_entropy(x @ transpose(W), y) + mse(transpose(transpose(P) @ u), t) }"""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(9, 6)).astype(np.float32)
+    u = rng.normal(size=(5, 4)).astype(np.float32)
+    y = rng.integers(0, 7, 9).astype(np.int32)
+    t = rng.normal(size=(4, 6)).astype(np.float32)
+    net = structc.compile(source, cache=False, seed=1)
+    W, P = (net.params[k].astype(np.float64) for k in ("W", "P"))
+    z = x @ W.T
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dz = (p - np.eye(7)[y]) / len(x)
+    e = u.T @ P - t
+    want_loss = -np.log(p[np.arange(len(x)), y]).mean() + (e ** 2).mean()
+    want = {"W": dz.T @ x, "P": u @ (2 * e / e.size)}
+    for threads in (1, 2):
+        structc.set_num_threads(threads)
+        try:
+            loss, grads = net.grad(x=x, u=u, y=y, t=t)
+        finally:
+            structc.set_num_threads(2)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        for k, v in want.items():
+            np.testing.assert_allclose(grads[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+    stages = {}
+    compile_source(source, dump=lambda name, text: stages.__setitem__(name, text))
+    count = lambda stage: stages[stage].count("= transpose(")
+    # six in the training graph (the source's three and the VJPs'), one left: the
+    # kernel's B of x @ W^T, which legalize makes
+    assert (count("train"), count("train.legalize")) == (6, 1)

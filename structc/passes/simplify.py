@@ -1,7 +1,10 @@
 """simplify: algebraic identities that autodiff and desugaring leave behind.
 
 x*1, 1*x, x+0, x-0, x/1, neg(neg x), reshape or broadcast to the same
-shape, sums over no axes, and arithmetic on constants folded.
+shape, sums over no axes, and arithmetic on constants folded. A transpose
+read by a matmul becomes the matmul's flag (`x @ transpose(W)`, a tied
+output layer; the matmul's VJP then reads W as it is), and a transposed
+matmul the product of its operands swapped: (A B)^T = B^T A^T.
 """
 from __future__ import annotations
 
@@ -48,13 +51,46 @@ def _fold(g: Graph, nid: int):
     return float(node.op.reference(*(np.float32(v) for v in vals)))
 
 
+def _plain_matmul(g: Graph, nid: int) -> bool:
+    """A matmul of two matrices as they are or transposed by its flags (not packed)."""
+    node = g.nodes[nid]
+    return node.op.name == "matmul" and not node.attrs.get("packed") and not node.attrs.get("tb_copied")
+
+
+def _transposes_folded(g: Graph, nid: int):
+    """(operands, flags) of the matmul this node equals with no transpose in
+    between: a matmul reading a transpose, or a transpose of a matmul read by
+    nothing else; else None."""
+    node = g.nodes[nid]
+    if node.op.name == "transpose" and _plain_matmul(g, node.inputs[0]) and len(g.users(node.inputs[0])) == 1 \
+            and node.inputs[0] not in g.outputs.values():
+        m = g.nodes[node.inputs[0]]
+        a, b = m.inputs
+        return (b, a), {"ta": not m.attrs.get("tb", False), "tb": not m.attrs.get("ta", False)}
+    if not _plain_matmul(g, nid):
+        return None
+    ins, flags = list(node.inputs), {"ta": node.attrs.get("ta", False), "tb": node.attrs.get("tb", False)}
+    for k, flag in enumerate(("ta", "tb")):
+        operand = g.nodes[ins[k]]
+        if operand.op.name == "transpose":
+            ins[k], flags[flag] = operand.inputs[0], not flags[flag]
+    return (tuple(ins), flags) if tuple(ins) != node.inputs else None
+
+
 def simplify(g: Graph) -> Graph:
     from ..ops import REGISTRY
     for nid in g.topo():
         if nid not in g.nodes:
             continue
         target = _identity(g, nid)
-        if target is None:
+        folded = _transposes_folded(g, nid) if target is None else None
+        if folded is not None:
+            node = g.nodes[nid]
+            ins, flags = folded
+            attrs = {k: v for k, v in flags.items() if v}
+            target = g.add(REGISTRY["matmul"], ins, attrs, node.span)
+            assert g.nodes[target].type == node.type, (g.nodes[target].type, node.type)
+        elif target is None:
             value = _fold(g, nid)
             if value is None:
                 continue
