@@ -390,15 +390,17 @@ def test_a_far_wide_b_copied_for_few_rows_is_the_same_bits(monkeypatch, rows):
     _all_the_same_bits_and_right(outs, outs["in place", 1], x, g)
 
 
-@pytest.mark.parametrize("rows,units,out", [(37, 1030, KC + 6), (203, 1056, 2 * KC + 17), (13, 1024, KC + 16)])
+@pytest.mark.parametrize("rows,units,out", [(37, 1030, KC + 6), (203, 1056, 2 * KC + 17), (13, 1024, KC + 16),
+                                             (50, 1056, 200), (21, 1040, 7)])
 def test_a_transposed_b_copied_is_the_same_bits(monkeypatch, rows, units, out):
-    """dH = dY @ W^T for a wide W [units, out] over out > KC reads W itself: each
-    task's copy of a k block of B transposes W's rows (`gemm._copy_transposed`),
-    where a transpose kernel wrote W^T first. The same values in the copy, so
-    the same bits as the transpose, at 1 and 2 threads, with a partial last panel
-    (1030 units), k blocks of a length no multiple of a vector (out), few rows, and a
-    thread the scratch is refused to (a panel at a time on its stack), relu's
-    mask in the product's epilogue; and the gradient numpy's."""
+    """dH = dY @ W^T for a wide W [units, out] reads W itself: each task's copy
+    of a k block of B (of the one block, for an `out` within KC: `gemm.ONE_BLOCK_COPY`)
+    transposes W's rows (`gemm._copy_transposed`), where a transpose kernel wrote
+    W^T first. The same values in the copy, so the same bits as the transpose, at
+    1 and 2 threads, with a partial last panel (1030 units), k blocks of a length
+    no multiple of a vector (7: shorter than one), few rows, a thread the scratch
+    is refused to (a panel at a time on its stack), relu's mask in the product's
+    epilogue; and the gradient numpy's."""
     import structc.lower.gemm as gemm
     import structc.ops.matmul as matmul
     monkeypatch.setenv("STRUCTC_NO_CACHE", "1")

@@ -92,7 +92,8 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
     its panels in pairs (`gemm.PAIR_WIDTHS`, turned on for AVX2 here: 65
     panels of 16 columns, so an odd one too, and remainder rows); its fourth
     layer's input gradient dY @ W^T (W [1040, 401]: k blocks of 384 and 17)
-    copies them from W, transposing (`gemm._copy_transposed`)."""
+    copies them from W, transposing (`gemm._copy_transposed`), as does the output
+    layer's (W [1040, 10]: one k block, shorter than a vector)."""
     source = ROOT / "examples" / f"{model}.snet"
     if model == "wide":
         import structc.lower.gemm as gemm
@@ -104,7 +105,7 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
         source = tmp_path / "wide.snet"
         source.write_text("model Wide { input x: f32[N, 64]\n target y: class[N] of 10\n"
                           " h = dense(x, 1040) |> relu\n h = dense(h, 400) |> relu\n h = dense(h, 1040) |> relu\n"
-                          " h = dense(h, 401) |> relu\n"
+                          " h = dense(h, 401) |> relu\n h = dense(h, 1040) |> relu\n"
                           " loss cross_entropy(dense(h, 10), y) }\n")
     d, _ = _build_library(tmp_path, source)
     assert model != "wide" or (paired and transposed)

@@ -296,7 +296,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 several = _TRUE if _one_k_block(t.k) else b.icmp_signed(">", group, cg.i64(1))
                 t.copying = b.and_(b.and_(several, b.icmp_signed(">=", block_rows, cg.i64(least))), t.copying)
         else:
-            assert not b_transposed, "B given transposed needs a K longer than a k block"
+            assert not b_transposed, "B given transposed needs its tasks to copy it (`wide`)"
         if b_transposed:        # W's rows, transposed by the copy (a panel on the stack without scratch)
             t.b_transposed = True
             stack = cg.var(ir.ArrayType(F32, _copied_panel(vw)))

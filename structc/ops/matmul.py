@@ -124,9 +124,10 @@ def _transposed_in_copy(w_shape) -> bool:
     The transpose kernel it saves read and wrote all of W (an MLP of 2048 units:
     4 ms a step, 2.5%). A node case's such product reads B packed instead
     (`tree.pack_wide`, before this), its packing hoisted out of the levels."""
-    from ..lower.gemm import KC, WIDE_ROWS
+    from ..lower import gemm
     n, k = w_shape
-    return isinstance(n, int) and isinstance(k, int) and 4 * n >= WIDE_ROWS and k > KC
+    return isinstance(n, int) and isinstance(k, int) and 4 * n >= gemm.WIDE_ROWS \
+        and (k > gemm.KC or gemm.ONE_BLOCK_COPY)
 
 
 class MatMulPair(Op):
