@@ -210,8 +210,8 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     a few of L1's sets and each on a page of its own).
 
     `b_transposed`: `b_buf` is B^T, W [N, K] row-major (a product `X @ W^T`,
-    `MatMul.legalize`), for a wide B over a K longer than a k block only: every
-    task copies its panels' k block of B, reading W's rows and transposing them
+    `MatMul.legalize`), for a wide B over a K known at compile time only: every
+    task copies its panels' k blocks of B, reading W's rows and transposing them
     (`_copy_transposed`), where a transpose kernel wrote all of B^T beforehand
     and the copy read it again. A task whose thread has no scratch copies one
     panel at a time to a buffer on its stack."""
@@ -224,7 +224,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
     narrow = isinstance(static_n, int) and static_n <= nr     # one panel: nothing to group
-    # a wide B over a K longer than a k block: tasks copy their panels of it (`WIDE_ROWS`)
+    # a wide B: tasks copy their panels of it (`WIDE_ROWS`; a K within a k block if `ONE_BLOCK_COPY`)
     wide_b = (isinstance(static_n, int) and 4 * static_n >= WIDE_ROWS and not packed and parts == 1
               and colsum is None and second is None and gate is None)
 
