@@ -86,10 +86,12 @@ FAR_ROWS = 2048
 #: in one or two of L1's sets. Such a product's row blocks are of up to WIDE_MB rows, so
 #: that a copy serves more tiles: an LSTM of 512 units' weight gradient [512, 2048] over
 #: 3,200 positions ran at 49% of peak in place, 53% copied in blocks of 192 rows and 60%
-#: in one block of 512; its step 9% faster (benchmarks/RESULTS.md, stop 28). Below 4 KiB
+#: in one block of 512; its step 9% faster (benchmarks/RESULTS.md, stop 28). At 2 KiB
 #: (N = 512) and for fewer rows (a [100, 1024] over 1,000: 68% -> 61%) the copy cost more
-#: than it saved
-WIDE_ROWS = 4096
+#: than it saved. From 3 KiB (stop 30): an MLP of 1000 units (rows 4,000 bytes apart,
+#: nearly a page: nearly L1's set period) ran its step 10-14% faster copied, one of 768
+#: or 800 units and a GRU of 256 (N = 768) the same
+WIDE_ROWS = 3072
 WIDE_MB = 576
 COPY_ROWS = 192
 #: ...and from FAR_COPY_ROWS bytes between B's rows (N >= 2048), a task of as few as
