@@ -535,3 +535,50 @@ def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, u
         assert other_loss == loss, key
         for name in grads:
             np.testing.assert_array_equal(other[name], grads[name], err_msg=f"{key} {name}")
+
+
+def test_a_tree_lstms_wide_weight_gradient_copied_is_the_same_bits(monkeypatch):
+    """A Tree-LSTM of 256 units: the weight gradient of its gates i, o, u over
+    every inner node ([256, 768] over K > KC: B's rows 3 KiB apart,
+    `gemm.WIDE_ROWS`) copies B's k blocks, as do the node case's products that
+    are wide. The bits of B read in place, at 1 and 2 threads."""
+    import structc.lower.gemm as gemm
+    from structc.forest import Forest
+    source = """model T {
+      input  t: forest of word(vocab=20)
+      target y: class[t.trees] of 3
+      param  E: embedding(20, 16)
+      rec (h, c)(n) =
+        leaf: { s = lstm_state(dense(E[n.word], 768, name="leaf"), 0); (chunk(s, 0, 2), chunk(s, 1, 2)) }
+        node: { s = lstm_state(dense(sum(h(n.children)), 768, name="iou"),
+                               sum(sigmoid(dense(h(k), 256, name="f")) * c(k) for k in n.children));
+                (chunk(s, 0, 2), chunk(s, 1, 2)) }
+      loss cross_entropy(dense(h(t.root), 3, name="out"), y)
+    }"""
+    monkeypatch.setenv("STRUCTC_NO_CACHE", "1")
+    copied = calls_of(monkeypatch, gemm, "_copy_panels")
+    rng = np.random.default_rng(6)
+
+    def tree(leaves):
+        if leaves == 1:
+            return int(rng.integers(0, 20))
+        left = int(rng.integers(1, leaves))
+        return (tree(left), tree(leaves - left))
+    forest = Forest.from_tuples([tree(int(rng.integers(8, 30))) for _ in range(40)])   # > KC inner nodes
+    assert forest.nodes - forest.leaves > KC
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    outs = {}
+    for how, rows in (("in place", 1 << 40), ("copied", gemm.WIDE_ROWS)):
+        monkeypatch.setattr(gemm, "WIDE_ROWS", rows)
+        copied.clear()
+        net = structc.compile(source, cache=False, seed=1)
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            try:
+                outs[how, threads] = net.grad(t=forest, y=y)[1]
+            finally:
+                structc.set_num_threads(2)
+        assert bool(copied) == (how == "copied"), how
+    for key, got in outs.items():
+        for name, g in got.items():
+            np.testing.assert_array_equal(g, outs["in place", 1][name], err_msg=f"{key} {name}")
