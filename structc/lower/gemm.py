@@ -106,6 +106,14 @@ FAR_COPY_FEW = 16
 ONE_BLOCK_COPY = True
 
 
+def copies_b(n, k) -> bool:
+    """Whether the tasks of a product copy B's k blocks, by B's N and K (ints when
+    known at compile time, else None): its rows WIDE_ROWS bytes apart or more,
+    over a K longer than a k block, or any K with ONE_BLOCK_COPY (and for a
+    task of enough rows: `emit_gemm`)."""
+    return isinstance(n, int) and 4 * n >= WIDE_ROWS and (ONE_BLOCK_COPY or not (isinstance(k, int) and k <= KC))
+
+
 def row_blocks(cg: CG, m, vw: int, least: int = 1, most: int = MB):
     """(blocks, rows per block) of a C of m rows: blocks of at most MB rows,
     an even number of them when there are several (11 blocks of 192 rows
@@ -226,12 +234,13 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
     clamped = row_stable and not isinstance(static_m, int)      # the last tile may be short
 
     narrow = isinstance(static_n, int) and static_n <= nr     # one panel: nothing to group
-    # a wide B: tasks copy their panels of it (`WIDE_ROWS`; a K within a k block if `ONE_BLOCK_COPY`)
-    wide_b = (isinstance(static_n, int) and 4 * static_n >= WIDE_ROWS and not packed and parts == 1
+    # a wide B, for some K: tasks copy their panels of it (`copies_b`)
+    wide_b = (copies_b(static_n, None) and not packed and parts == 1
               and colsum is None and second is None and gate is None)
 
     def wide(cg):
-        return wide_b and (ONE_BLOCK_COPY or not _one_k_block(K(cg)))
+        k = K(cg)
+        return wide_b and copies_b(static_n, k.constant if isinstance(k, ir.Constant) else None)
     assert not b_transposed or wide_b, "B given transposed: a wide B's copy only"
 
     def block_most(cg):
@@ -291,7 +300,7 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
         if wide(cg):        # a copy for a task of several panels, where the thread has the memory for it
             t.copy = cg.b.call(cg.declare("sc_scratch", PTR, [I64]), [cg.i64(copy_bytes(vw))])
             scratch = t.copy
-            t.copying = b.icmp_unsigned("!=", t.copy, ir.Constant(PTR, None))
+            t.copying = has_scratch = b.icmp_unsigned("!=", t.copy, ir.Constant(PTR, None))
             if not b_transposed:
                 least = FAR_COPY_FEW if 4 * static_n >= FAR_COPY_ROWS else COPY_ROWS
                 # a task of one panel copies only a K known to fit one k block
@@ -304,13 +313,13 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
             stack = cg.var(ir.ArrayType(F32, _copied_panel(vw)))
             stack.type = ir.PointerType()
 
-        def each_panel(first_panel, body):
-            """body(kernels, full) for every panel of the task, t set up for it"""
-            if isinstance(group, ir.Constant) and group.constant == 1:
+        def each_panel(first_panel, body, end=None):
+            """body(kernels, full) for every panel of the task (up to `end`), t set up for it"""
+            if end is None and isinstance(group, ir.Constant) and group.constant == 1:
                 body(*_panel_setup(t, first_panel, kinds, rows, inline_main, clamped))
                 return
-            with cg.loop(cg.imin(cg.iadd(first_panel, group), panels), start=first_panel, name="panel",
-                         unroll=False) as panel:
+            end = cg.imin(cg.iadd(first_panel, group), panels) if end is None else end
+            with cg.loop(end, start=first_panel, name="panel", unroll=False) as panel:
                 body(*_panel_setup(t, panel, kinds, rows, inline_main, clamped))
 
         with cg.loop(hi, start=lo, name="task") as task:
@@ -342,40 +351,36 @@ def emit_gemm(kb, *, M, N, K, a_buf, a_row_stride, a_k_stride, b_buf, epilogue, 
                 # from the registers straight to C; others through the epilogue
                 t.direct = _not(b, t.last) if t.epilogue_work else _TRUE
 
-                def single_panels():
-                    each_panel(first_panel, lambda kernels, full: _row_block(t, i_begin, i_end, rows, kernels,
-                                                                             inline_main, clamped, full))
+                def row_block(kernels, full):
+                    _row_block(t, i_begin, i_end, rows, kernels, inline_main, clamped, full)
 
-                def from_copy(copy, first, count):
-                    """B^T's panels [first, first + count) transposed into `copy`, then their tiles"""
+                def from_copy(copy, first, end):
+                    """B^T's panels [first, end) transposed into `copy`, then their tiles"""
                     t.copy, t.first_panel, t.copying = copy, first, _TRUE
-                    _copy_panels(t, first, count)
+                    _copy_panels(t, first, b.sub(end, first))
                     if pairs:
-                        _pair_tiles(t, first, count, i_begin, i_end, rows, kinds, inline_main)
-                        return
-                    with cg.loop(cg.iadd(first, count), start=first, name="panel", unroll=False) as panel:
-                        kernels, full = _panel_setup(t, panel, kinds, rows, inline_main, clamped)
-                        _row_block(t, i_begin, i_end, rows, kernels, inline_main, clamped, full)
+                        _pair_tiles(t, first, b.sub(end, first), i_begin, i_end, rows, kinds, inline_main)
+                    else:
+                        each_panel(first, row_block, end)
 
                 def one_by_one():       # no scratch: each panel through the stack's buffer
-                    with cg.loop(cg.imin(cg.iadd(first_panel, group), panels), start=first_panel, name="alone",
-                                 unroll=False) as panel:
-                        from_copy(stack, panel, cg.i64(1))
+                    with cg.loop(end, start=first_panel, name="alone", unroll=False) as panel:
+                        from_copy(stack, panel, cg.iadd(panel, 1))
 
                 if t.copy is None:
-                    single_panels()
-                elif b_transposed:
-                    count = b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel)
-                    _branch(cg, b.icmp_unsigned("!=", scratch, ir.Constant(PTR, None)),
-                            lambda: from_copy(scratch, first_panel, count), one_by_one)
-                else:       # copy B's k block if the task does, then run its panels from the copy
-                    t.first_panel = first_panel
-                    count = b.sub(cg.imin(cg.iadd(first_panel, group), panels), first_panel)
-                    with cg.if_(t.copying):
-                        _copy_panels(t, first_panel, count)
-                    _branch(cg, t.copying if pairs else _FALSE,
-                            lambda: _pair_tiles(t, first_panel, count, i_begin, i_end, rows, kinds, inline_main),
-                            single_panels)
+                    each_panel(first_panel, row_block)
+                else:
+                    end = cg.imin(cg.iadd(first_panel, group), panels)
+                    if b_transposed:
+                        _branch(cg, has_scratch, lambda: from_copy(scratch, first_panel, end), one_by_one)
+                    else:       # copy B's k block if the task does, then run its panels from the copy
+                        t.first_panel = first_panel
+                        count = b.sub(end, first_panel)
+                        with cg.if_(t.copying):
+                            _copy_panels(t, first_panel, count)
+                        _branch(cg, t.copying if pairs else _FALSE,
+                                lambda: _pair_tiles(t, first_panel, count, i_begin, i_end, rows, kinds, inline_main),
+                                lambda: each_panel(first_panel, row_block))
 
 
 def _panel_setup(t: _Ctx, panel, kinds, rows, inline_main: bool, clamped: bool):
@@ -433,8 +438,9 @@ def _copy_index(t: _Ctx, p, k):
 
 def _copy_panels(t: _Ctx, first_panel, count) -> None:
     """B's rows [k0, k_end) of `count` panels from `first_panel` into the task's
-    copy (`_copy_index`): panel p.s row k at ((p - first_panel) KC + k - k0) NR, missing columns
-    zeros. B's rows are read whole (the panels' part of them), one after another."""
+    copy at `_copy_index` (panel p's row k at ((p - first_panel) KC + k - k0) NR),
+    missing columns zeros. B's rows are read whole (the panels' part of them),
+    one after another."""
     if t.b_transposed:
         _copy_transposed(t, first_panel, count)
         return

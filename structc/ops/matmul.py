@@ -126,10 +126,9 @@ def _transposed_in_copy(w_shape) -> bool:
     output layer over 10,000 words: 11%). A node case's such product reads B
     packed instead (`tree.pack_wide`, before this), its packing hoisted out of
     the levels."""
-    from ..lower import gemm
+    from ..lower.gemm import copies_b
     n, k = w_shape
-    return isinstance(n, int) and isinstance(k, int) and 4 * n >= gemm.WIDE_ROWS \
-        and (k > gemm.KC or gemm.ONE_BLOCK_COPY)
+    return isinstance(k, int) and copies_b(n, k)
 
 
 class MatMulPair(Op):
