@@ -419,12 +419,7 @@ def test_a_transposed_b_copied_is_the_same_bits(monkeypatch, rows, units, out):
             monkeypatch.setattr(gemm, "copy_bytes", lambda vw: 1 << 41)
         transposed.clear()
         net = structc.compile(source, cache=False, seed=2)
-        for threads in (1, 2):
-            structc.set_num_threads(threads)
-            try:
-                outs[how, threads] = net.grad(x=x, t=t)[1]["a.w"].copy()
-            finally:
-                structc.set_num_threads(2)
+        outs.update(((how, threads), got[1]["a.w"]) for threads, got in _at_1_and_2_threads(net.grad, x=x, t=t).items())
         assert bool(transposed) == (how != "transpose"), how
     p = {k: v.astype(np.float64) for k, v in net.params.items()}
     h = np.maximum(x @ p["a.w"] + p["a.b"], 0)
@@ -515,7 +510,7 @@ def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, u
     lower, made = pack.lower, []
     monkeypatch.setattr(pack, "lower", lambda self, kb, node, epilogue: (made.append(node.shape),
                                                                          lower(self, kb, node, epilogue))[1])
-    runs, before = {}, structc.get_num_threads()
+    runs = {}
     for packed in (False, True):
         monkeypatch.setattr(tree, "PACK_WIDE", packed)
         made.clear()
@@ -524,12 +519,7 @@ def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, u
         want = {(-(-units // 32), 4 * units, 32)} if long_k else \
             {(-(-4 * units // 32), 7 + units, 32), (-(-units // 32), 4 * units, 32)}
         assert set(made) == (want if packed else set()), made
-        for threads in (1, 2):
-            structc.set_num_threads(threads)
-            try:
-                runs[packed, threads] = net.grad(s=seqs, y=y)
-            finally:
-                structc.set_num_threads(before)
+        runs.update(((packed, threads), got) for threads, got in _at_1_and_2_threads(net.grad, s=seqs, y=y).items())
     loss, grads = runs[False, 1]
     for key, (other_loss, other) in runs.items():
         assert other_loss == loss, key
@@ -572,13 +562,9 @@ def test_a_tree_lstms_wide_weight_gradient_copied_is_the_same_bits(monkeypatch):
         monkeypatch.setattr(gemm, "WIDE_ROWS", rows)
         copied.clear()
         net = structc.compile(source, cache=False, seed=1)
-        for threads in (1, 2):
-            structc.set_num_threads(threads)
-            try:
-                outs[how, threads] = net.grad(t=forest, y=y)[1]
-            finally:
-                structc.set_num_threads(2)
+        outs.update(((how, threads), got[1]) for threads, got in _at_1_and_2_threads(net.grad, t=forest, y=y).items())
         assert bool(copied) == (how == "copied"), how
     for key, got in outs.items():
         for name, g in got.items():
             np.testing.assert_array_equal(g, outs["in place", 1][name], err_msg=f"{key} {name}")
+

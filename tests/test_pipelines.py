@@ -388,12 +388,8 @@ def test_transposes_folded_into_products_give_numpys_gradients():
     e = u.T @ P - t
     want_loss = -np.log(p[np.arange(len(x)), y]).mean() + (e ** 2).mean()
     want = {"W": dz.T @ x, "P": u @ (2 * e / e.size)}
-    for threads in (1, 2):
-        structc.set_num_threads(threads)
-        try:
-            loss, grads = net.grad(x=x, u=u, y=y, t=t)
-        finally:
-            structc.set_num_threads(2)
+    from test_gemm import _at_1_and_2_threads
+    for loss, grads in _at_1_and_2_threads(net.grad, x=x, u=u, y=y, t=t).values():
         np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
         for k, v in want.items():
             np.testing.assert_allclose(grads[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
