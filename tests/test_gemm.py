@@ -568,3 +568,49 @@ def test_a_tree_lstms_wide_weight_gradient_copied_is_the_same_bits(monkeypatch):
         for name, g in got.items():
             np.testing.assert_array_equal(g, outs["in place", 1][name], err_msg=f"{key} {name}")
 
+
+def test_a_node_cases_cotangent_over_a_wide_weight_is_packed_not_transposed_per_level(monkeypatch):
+    """A tree-RNN of 384 units: the children's cotangent dG @ W^T (W [768, 384],
+    B's rows 3 KiB apart) would read W through its copies' transposes
+    (`matmul._transposed_in_copy`), again at every level's call; `tree.pack_wide`
+    packs W^T once a call instead. No transposing copy is emitted, W^T is
+    packed, and the gradients are the bits of W^T made by a transpose kernel
+    and read in place, at 1 and 2 threads."""
+    import structc.lower.gemm as gemm
+    import structc.ops.matmul as matmul
+    from structc.forest import Forest
+    monkeypatch.setenv("STRUCTC_NO_CACHE", "1")
+    source = """model T {
+      input  t: forest of word(vocab=20)
+      target y: class[t.trees] of 3
+      param  E: embedding(20, 384)
+      rec h(n) = leaf: E[n.word]
+                 node: tanh(dense(concat(h(n.children)), 384))
+      loss cross_entropy(dense(h(t.root), 3), y)
+    }"""
+    transposed = calls_of(monkeypatch, gemm, "_copy_transposed")
+    pack = type(REGISTRY["pack_panels"])
+    lower, made = pack.lower, []
+    monkeypatch.setattr(pack, "lower", lambda self, kb, node, epilogue: (made.append(node.shape),
+                                                                         lower(self, kb, node, epilogue))[1])
+    rng = np.random.default_rng(8)
+
+    def tree_of(leaves):
+        if leaves == 1:
+            return int(rng.integers(0, 20))
+        left = int(rng.integers(1, leaves))
+        return (tree_of(left), tree_of(leaves - left))
+    forest = Forest.from_tuples([tree_of(int(rng.integers(1, 12))) for _ in range(6)])
+    y = rng.integers(0, 3, 6).astype(np.int32)
+    outs = {}
+    in_copy = matmul._transposed_in_copy
+    for packed in (False, True):
+        monkeypatch.setattr(matmul, "_transposed_in_copy", in_copy if packed else lambda shape: False)
+        made.clear()
+        net = structc.compile(source, cache=False, seed=1)
+        runs = _at_1_and_2_threads(net.grad, t=forest, y=y)
+        outs.update(((packed, threads), got[1]) for threads, got in runs.items())
+        assert not transposed and bool(made) == packed, (packed, made)
+    for key, got in outs.items():
+        for name, g in got.items():
+            np.testing.assert_array_equal(g, outs[False, 1][name], err_msg=f"{key} {name}")
