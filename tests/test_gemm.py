@@ -16,6 +16,7 @@ from structc.ops.base import Sample
 from structc.model import Net
 from structc.native import JitModule, host_target
 from structc.testing import op_graph
+from test_trees import random_tree
 
 
 def _native_matmul(m, k, n, ta=False, seed=0):
@@ -548,13 +549,7 @@ def test_a_tree_lstms_wide_weight_gradient_copied_is_the_same_bits(monkeypatch):
     monkeypatch.setenv("STRUCTC_NO_CACHE", "1")
     copied = calls_of(monkeypatch, gemm, "_copy_panels")
     rng = np.random.default_rng(6)
-
-    def tree(leaves):
-        if leaves == 1:
-            return int(rng.integers(0, 20))
-        left = int(rng.integers(1, leaves))
-        return (tree(left), tree(leaves - left))
-    forest = Forest.from_tuples([tree(int(rng.integers(8, 30))) for _ in range(40)])   # > KC inner nodes
+    forest = Forest.from_tuples([random_tree(rng, int(rng.integers(8, 30)), 20) for _ in range(40)])   # > KC inner
     assert forest.nodes - forest.leaves > KC
     y = rng.integers(0, 3, 40).astype(np.int32)
     outs = {}
@@ -589,18 +584,9 @@ def test_a_node_cases_cotangent_over_a_wide_weight_is_packed_not_transposed_per_
       loss cross_entropy(dense(h(t.root), 3), y)
     }"""
     transposed = calls_of(monkeypatch, gemm, "_copy_transposed")
-    pack = type(REGISTRY["pack_panels"])
-    lower, made = pack.lower, []
-    monkeypatch.setattr(pack, "lower", lambda self, kb, node, epilogue: (made.append(node.shape),
-                                                                         lower(self, kb, node, epilogue))[1])
+    made = calls_of(monkeypatch, type(REGISTRY["pack_panels"]), "lower")
     rng = np.random.default_rng(8)
-
-    def tree_of(leaves):
-        if leaves == 1:
-            return int(rng.integers(0, 20))
-        left = int(rng.integers(1, leaves))
-        return (tree_of(left), tree_of(leaves - left))
-    forest = Forest.from_tuples([tree_of(int(rng.integers(1, 12))) for _ in range(6)])
+    forest = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 12)), 20) for _ in range(6)])
     y = rng.integers(0, 3, 6).astype(np.int32)
     outs = {}
     in_copy = matmul._transposed_in_copy
