@@ -163,3 +163,18 @@ def test_forward_entry_uses_each_ops_inference_form(monkeypatch):
     np.testing.assert_array_equal(net(x=x), x)
     loss, _ = net.grad(x=x, y=np.zeros_like(x))
     np.testing.assert_allclose(loss, np.mean(np.tanh(x.astype(np.float64)) ** 2), rtol=1e-5)
+
+
+def test_pack_wide_packs_a_node_cases_w_transposed_in_either_form():
+    """A node case's X @ W^T over a wide W (N 768: its copies would transpose
+    W at every level's call, `matmul._transposed_in_copy`) reads W^T packed,
+    hoisted: as the VJP writes it (`tb`) and as a user does (a transpose node,
+    before simplify folds it into the flag)."""
+    from structc.ops.tree import pack_wide
+    for flagged in (True, False):
+        g, b, x = small_graph()
+        t = TensorType((768, 4))
+        w = b.value(g.add(REGISTRY["param"], (), {"name": "w", "type": t, "init": ("zeros", ())}, type=t))
+        g.outputs["y"] = (b.matmul(x, w, tb=True) if flagged else b.matmul(x, b.transpose(w))).id
+        g = pack_wide(g)
+        assert g.nodes[g.outputs["y"]].attrs.get("packed") == 768, flagged

@@ -187,10 +187,11 @@ def pack_wide(g):
     when B has more rows than a k block) reads it packed in panels (`pack_panels`): computed from parameters only, the
     packing is hoisted out of the loop over levels or positions (`_hoist`), once
     a call for every level's product. An LSTM of 512 units' h @ W: [64, 512] x
-    [512, 2048] a position, 58% of peak with W as it is. So is a cotangent's
-    W^T that legalize would leave to the product's copies to transpose
-    (`matmul._transposed_in_copy`): every level's call would transpose it again
-    (a tree-RNN of 384 units' step 5% slower at 1 thread)."""
+    [512, 2048] a position, 58% of peak with W as it is. So is a W^T (a
+    cotangent's, or one the node case writes) that legalize would leave to the
+    product's copies to transpose (`matmul._transposed_in_copy`): every level's
+    call would transpose it again (a tree-RNN of 384 units' step 5% slower at
+    1 thread)."""
     from ..graph import Builder
     from ..lower.gemm import KC
     from .matmul import _transposed_in_copy
@@ -206,7 +207,9 @@ def pack_wide(g):
         n = node.shape[1]
         k = g.nodes[w].type.shape[1 if node.attrs.get("tb") else 0]
         wide = PACK_LONG_K_ROWS if isinstance(k, int) and k > KC else PACK_ROWS
-        transposed_per_call = node.attrs.get("tb") and _transposed_in_copy(g.nodes[w].type.shape)
+        # W of a product X @ W^T, flagged or (before simplify folds it) a transpose node
+        wt = w if node.attrs.get("tb") else g.nodes[w].inputs[0] if g.nodes[w].op.name == "transpose" else None
+        transposed_per_call = wt is not None and _transposed_in_copy(g.nodes[wt].type.shape)
         if w not in pure or not isinstance(n, int) or (4 * n < wide and not transposed_per_call):
             continue
         b = Builder(g, node.span)
