@@ -403,7 +403,7 @@ def test_a_preempted_caller_makes_the_pool_back_off(backoff):
 
 
 def test_the_update_of_a_large_arena_alone_uses_the_pool():
-    """`apply_update` of 220,000 parameters is one entry of its own: counted at its
+    """`apply_update` of 203,530 parameters is one entry of its own: counted at its
     real cost it is handed to the pool at 2 threads (it ran on the caller alone,
     reading the half of the gradient the other core had written: 122 us against
     75 pooled for an MLP of 235,000), with one thread's bits."""
