@@ -100,24 +100,38 @@ def test_the_shared_memory_sum_adds_in_rank_order_on_every_rank(tmp_path):
             assert np.array_equal(g[f"out{step}"], want), step
 
 
-def test_add_arenas_adds_in_order_and_checks_its_parts_first():
-    from structc._runtime import add_arenas
+def test_shm_sum_adds_the_slots_in_order_once_every_flag_is_up_and_checks_first():
+    """One process stands for rank 1 of 4: the others' slots and flags are written
+    already, so the call returns at once with the slots' sum in rank order, its
+    arena in its own slot and its flag raised to the sum's number."""
+    from structc._runtime import shm_sum
     rng = np.random.default_rng(0)
-    parts = [(rng.normal(size=50) * 10.0 ** rng.integers(-8, 8, 50)).astype(np.float32) for _ in range(4)]
-    out = np.zeros(50, np.float32)
-    add_arenas(out, parts)
-    assert np.array_equal(out, ((parts[0] + parts[1]) + parts[2]) + parts[3])
+    slots = [(rng.normal(size=50) * 10.0 ** rng.integers(-8, 8, 50)).astype(np.float32) for _ in range(4)]
+    arena = (rng.normal(size=50) * 1e3).astype(np.float32)
+    mine = arena.copy()
+    flags = [np.array([7], np.uint64) for _ in range(4)]
+    flags[1][0] = 6
+    shm_sum(arena, slots, flags, 1, 7)
+    assert np.array_equal(slots[1], mine) and flags[1][0] == 7
+    assert np.array_equal(arena, ((slots[0] + mine) + slots[2]) + slots[3])
+    assert not np.array_equal(arena, slots[0] + (mine + (slots[2] + slots[3])))     # the order shows
     with np.errstate(over="ignore"):
-        big = np.full(4, 3e38, np.float32)
-    out4 = np.zeros(4, np.float32)
-    add_arenas(out4, [big, big])                  # overflows to inf, as a sum over ranks would, silently
-    assert np.isinf(out4).all()
-    before = out.copy()
-    for bad, error in (([parts[0]], ValueError), ([parts[0], parts[1][:49]], ValueError), ([parts[0], out], ValueError),
-                       ([parts[0], parts[1].astype(np.float64)], TypeError), ([parts[0], 3], TypeError)):
+        big = [np.full(4, 3e38, np.float32) for _ in range(2)]
+    out = big[0].copy()
+    shm_sum(out, big, [np.array([1], np.uint64) for _ in range(2)], 0, 1)   # inf, as a sum over ranks, silently
+    assert np.isinf(out).all()
+    before, kept = arena.copy(), [s.copy() for s in slots]
+    two = [np.array([7], np.uint64) for _ in range(2)]
+    for args, error in (((slots[:1], flags[:1], 0, 8), ValueError), ((slots, flags[:3], 1, 8), ValueError),
+                        ((slots, flags, 4, 8), ValueError), (([slots[0], slots[1][:49]], two, 0, 8), ValueError),
+                        (([slots[0], arena], two, 0, 8), ValueError),
+                        (([slots[0], slots[1].astype(np.float64)], two, 0, 8), TypeError),
+                        (([slots[0], slots[1]], [two[0], np.zeros(1, np.uint8)], 0, 8), ValueError),
+                        (([slots[0], 3], two, 0, 8), TypeError)):
         with pytest.raises(error):
-            add_arenas(out, bad)
-        assert np.array_equal(out, before)         # checked before anything is written
+            shm_sum(arena, *args)
+        assert np.array_equal(arena, before) and all(np.array_equal(s, k) for s, k in zip(slots, kept))
+        assert all(f[0] == 7 for f in two)          # checked before anything is written or raised
 
 
 @pytest.mark.parametrize("family", FAMILIES)
