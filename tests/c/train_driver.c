@@ -2,13 +2,18 @@
  * model library, so the whole native path can run under valgrind. Needs the
  * header (-include) of a digits model (the MLP or the CNN: both read 64
  * floats an image and predict 10 classes); an odd batch exercises every tail
- * (-DBATCH=n for another). */
+ * (-DBATCH=n for another). -DFIRST_MODE=m starts at training mode m: every mode
+ * runs the same forward and backward kernels, so a large model may run one
+ * mode (its kernels under memcheck) while a small one runs every update. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #ifndef BATCH
 #define BATCH 13
+#endif
+#ifndef FIRST_MODE
+#define FIRST_MODE 0
 #endif
 
 static void *aligned(size_t bytes) {
@@ -34,7 +39,7 @@ int main(void) {
     float hyper[SC_N_HYPER] = {0.05f, 0.9f, 0.9f, 0.999f, 1e-8f, 0.05f, 1.0f, 0.0f};
     float loss = 0, probs[BATCH * 10];
     void *inputs[] = {x, y}, *outputs[] = {&loss};
-    for (int mode = 0; mode <= 3; mode++) {
+    for (int mode = FIRST_MODE; mode <= 3; mode++) {
         if (sc_train(params, grads, state, ws, inputs, outputs, dims, hyper, mode) != 0) return 1;
         printf("mode %d loss %.6f\n", mode, loss);
     }
