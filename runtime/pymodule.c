@@ -235,21 +235,10 @@ static SC_VECTORISE void add_to(float *out, const float *a, Py_ssize_t n) {
  * flag reached `number` (acquire: their slots are written), arena = the slots
  * added in rank order, so every rank gets the same bits. One call where a
  * copy, two window syncs, an MPI Barrier and an add took five (the Barrier
- * alone ~2.8 us between two local MPICH ranks on a Zen 4). The wait polls
- * with pause, then yields; the GIL is released over it. A rank that never
+ * alone ~2.8 us between two local MPICH ranks on a Zen 4). The wait is
+ * sc_flag_wait's, with the GIL released. A rank that never
  * arrives (it died) leaves this one waiting, as a Barrier would: the job's
  * abort (distributed.install_abort_hook, mpiexec) ends both. */
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define SHM_RELAX() _mm_pause()
-#else
-#define SHM_RELAX() ((void)0)
-#endif
-#include <sched.h>
-#include <stdatomic.h>
-
-#define SHM_SPINS 256           /* polls before each poll yields (~6 us): 3 ranks on 2 cores took 516-528 us a sum at 20,000, 26-29 at 256 (an MPI Barrier's way: 70) */
-
 static PyObject *shm_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "shm_sum takes (arena, slots, flags, rank, number)");
@@ -299,15 +288,9 @@ static PyObject *shm_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_ssize_t n = out.len / 4;
     Py_BEGIN_ALLOW_THREADS
     memcpy(views[rank].buf, out.buf, (size_t)out.len);
-    atomic_store_explicit((_Atomic uint64_t *)marks[rank].buf, (uint64_t)number, memory_order_release);
-    for (Py_ssize_t k = 0; k < count; k++) {
-        if (k == rank) continue;
-        _Atomic uint64_t *flag = (_Atomic uint64_t *)marks[k].buf;
-        for (long spins = 0; atomic_load_explicit(flag, memory_order_acquire) < (uint64_t)number; spins++) {
-            if (spins < SHM_SPINS) SHM_RELAX();
-            else sched_yield();
-        }
-    }
+    sc_flag_raise(marks[rank].buf, (uint64_t)number);
+    for (Py_ssize_t k = 0; k < count; k++)
+        if (k != rank) sc_flag_wait(marks[k].buf, (uint64_t)number);
     add_into((float *)out.buf, (const float *)views[0].buf, (const float *)views[1].buf, n);
     for (Py_ssize_t k = 2; k < count; k++) add_to((float *)out.buf, (const float *)views[k].buf, n);
     Py_END_ALLOW_THREADS
@@ -324,7 +307,6 @@ release_lists:
     if (!ok) return NULL;
     Py_RETURN_NONE;
 }
-
 
 /* lpt_owners(costs, size, owner): data-parallel sharding (structc/distributed.py,
  * `balance_batches`). `costs` is float64 [rows, batch], each row an epoch's batch

@@ -49,6 +49,14 @@ const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int
  * wide B, `lower/gemm.py`), which then reads its operand in place. Its contents
  * are the caller's until its next call on this thread. */
 void *sc_scratch(int64_t bytes);
+
+/* A flag another process may poll in shared memory (structc/shmsum.py):
+ * sc_flag_raise stores `value` (release: the writes before it are seen
+ * first); sc_flag_wait returns once the flag holds `value` or more
+ * (acquire), polling with pause, then yielding after each poll. `flag` is
+ * a uint64, 8-byte aligned. */
+void sc_flag_raise(void *flag, uint64_t value);
+void sc_flag_wait(const void *flag, uint64_t value);
 /* Whether forests are cut so (default on; STRUCTC_FOREST_SPLIT=0 turns it off):
  * to measure against the level by level path. Returns the previous setting. */
 int sc_set_forest_split(int on);

@@ -35,15 +35,13 @@ class SharedSum:
     Collective, like `Allreduce`: every rank calls it the same number of times."""
 
     def __init__(self, MPI, comm, size: int):
-        self._comm = comm
         self.rank, self.ranks = comm.Get_rank(), comm.Get_size()
-        stride = HEADER + 2 * (-(-size // HEADER) * HEADER)       # whole cache lines per rank
-        self._win = MPI.Win.Allocate_shared(stride * 4, 4, comm=comm)
+        slot = -(-size // HEADER) * HEADER              # floats a slot takes: whole cache lines
+        self._win = MPI.Win.Allocate_shared((HEADER + 2 * slot) * 4, 4, comm=comm)
         self._win.Lock_all(MPI.MODE_NOCHECK)            # one passive epoch, for `Free`'s sake
-        parts = [np.frombuffer(self._win.Shared_query(r)[0], np.float32, stride) for r in range(self.ranks)]
+        parts = [np.frombuffer(self._win.Shared_query(r)[0], np.float32, HEADER + 2 * slot) for r in range(self.ranks)]
         self._flags = [p[:2].view(np.uint64) for p in parts]          # each rank's: the last sum it wrote
-        second = stride - (stride - HEADER) // 2
-        self._turns = [[p[HEADER:HEADER + size] for p in parts], [p[second:second + size] for p in parts]]
+        self._turns = [[p[at:at + size] for p in parts] for at in (HEADER, HEADER + slot)]
         self._flags[self.rank][0] = 0
         self._count = 0                                  # sums made
         comm.Barrier()                                   # every flag is 0 before any rank raises its own
