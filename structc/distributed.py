@@ -29,6 +29,7 @@ until a `DataParallel` is made.
 from __future__ import annotations
 
 import copy
+import hashlib
 import heapq
 import sys
 import time
@@ -185,12 +186,30 @@ class DataParallel:
         self._n = len(arena) - 2                     # gradients, then the count and the loss
         if abort_on_error:
             install_abort_hook(self.comm)
+        self._check_same_model()
         self.broadcast_state()
         # ranks on one machine sum through shared memory (`structc.shmsum`); else `Allreduce`.
         # Every rank must take the same way (one rank's Barrier against another's Allreduce
         # would pair collectives that do not match), so the ranks agree on the flag first.
         shared_memory = bool(self.comm.allreduce(int(bool(shared_memory)), op=MPI.MIN))
         self._shared_sum = shared_sum(MPI, self.comm, len(arena)) if shared_memory else None
+
+    def _check_same_model(self) -> None:
+        """Refuse, on every rank alike, ranks whose models differ in their parameters'
+        layout: rank 0's parameters broadcast into another layout, or gradients summed
+        at other offsets, would train a model nobody asked for without an error."""
+        net = self.net
+        layout = (net.name, net.meta["param_size"], net.meta["loss_denominator"]["kind"],
+                  tuple((p["name"], tuple(p["shape"]), p["offset"]) for p in net.meta["params"]))
+        digest = hashlib.sha256(repr(layout).encode()).hexdigest()[:16]
+        seen = self.comm.allgather((digest, net.name, net.meta["param_size"]))
+        if any(d != seen[0][0] for d, _, _ in seen):
+            odd = [r for r, (d, _, _) in enumerate(seen) if d != seen[0][0]]
+            name, size = seen[odd[0]][1:]
+            raise ValueError(f"{'rank' if len(odd) == 1 else 'ranks'} {', '.join(map(str, odd))} built another "
+                             f"model than rank 0 (rank {odd[0]}: {name} with a {size}-float parameter arena; rank 0: "
+                             f"{seen[0][1]} with {seen[0][2]}, or the same size laid out otherwise): "
+                             "every rank must compile the same .snet source")
 
     @property
     def is_root(self) -> bool:

@@ -1,7 +1,7 @@
 """Run under `mpiexec -n 2` by tests/test_distributed.py: data-parallel gradients and
 optimizer steps for each family, written to OUT/rank<r>.npz for the test to compare.
 
-    python tests/mpi_worker.py OUT [crash | sum]
+    python tests/mpi_worker.py OUT [crash | mismatch | sum]
 
 Rank 0 also writes the single-process gradient of the concatenated batch (a Net of
 its own, the same initial parameters) and the single-process parameters after the
@@ -209,6 +209,10 @@ def main():
         if rank == 1:
             raise RuntimeError("deliberate failure on rank 1")
         dp.train_step(lr=0.1, x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int32))   # waits for rank 1
+        return
+    if len(sys.argv) > 2 and sys.argv[2] == "mismatch":
+        # rank 1 builds a wider model: every rank refuses before rank 0's parameters are broadcast
+        DataParallel(structc.compile(TREES if rank == 0 else TREES.replace("8)", "9)")))
         return
     if len(sys.argv) > 2 and sys.argv[2] == "sum":
         return shared_sums(comm, out_dir)

@@ -179,6 +179,14 @@ def test_a_failing_rank_ends_the_job_and_is_named(tmp_path):
     assert "rank 1 of 2 failed" in run.stderr and "deliberate failure on rank 1" in run.stderr, run.stderr[-3000:]
 
 
+def test_ranks_that_built_different_models_are_refused_before_any_broadcast(tmp_path):
+    _need_mpi()
+    run = mpiexec(WORKER, tmp_path, "mismatch", timeout=120)
+    assert run.returncode != 0, run.stderr[-3000:]
+    assert "rank 1 built another model than rank 0 (rank 1: Trees with a 288-float parameter arena; " \
+        "rank 0: Trees with 224" in run.stderr, run.stderr[-3000:]
+
+
 def _epoch_numbers(text: str) -> list[float]:
     """The losses and accuracies of the `epoch ...` lines of `structc train`."""
     import re
