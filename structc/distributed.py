@@ -217,13 +217,16 @@ class DataParallel:
         return self.rank == 0
 
     def broadcast_state(self) -> None:
-        """Rank 0's parameters, optimizer choice, moments and step count, on every rank."""
+        """Rank 0's parameters, optimizer choice, options, moments, step count and lr
+        schedule, on every rank (a schedule set on one rank alone would scale its
+        updates alone: the ranks' parameters would drift apart without an error)."""
         net = self.net
         with net._lock:
             self.comm.Bcast(net._param_arena, root=0)
             self.comm.Bcast(net._state_arena, root=0)
-            optimizer, options, step = self.comm.bcast((net.optimizer, dict(net._opt), net._step), root=0)
-            net.optimizer, net._step = optimizer, step
+            optimizer, options, step, schedule = self.comm.bcast(
+                (net.optimizer, dict(net._opt), net._step, net.schedule), root=0)
+            net.optimizer, net._step, net.schedule = optimizer, step, schedule
             net._opt.update(options)
             if net.meta.get("random"):
                 # Every rank's rows are other examples at the same positions: with one key

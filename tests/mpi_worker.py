@@ -285,6 +285,16 @@ def main():
     net = rank0_first(comm, lambda: structc.compile(DROPOUT, seed=0))
     DataParallel(net)
     results["dropout:key"] = net._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2].copy()
+    # a schedule set on rank 0 alone is broadcast with the rest of its optimizer
+    net = rank0_first(comm, lambda: structc.compile(MLP))
+    if rank == 0:
+        net.set_schedule("cosine", warmup=1, decay_steps=4)
+    dp = DataParallel(net)
+    rng = np.random.default_rng(rank)
+    for _ in range(3):
+        dp.train_step(lr=0.1, x=rng.random((5, 64)).astype(np.float32), y=rng.integers(0, 10, 5).astype(np.int32))
+    results["schedule:in_sync"] = dp.in_sync()
+    results["schedule:last_lr"] = net.last_lr
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
 
 

@@ -172,6 +172,12 @@ def test_each_rank_draws_dropout_masks_of_its_own(ranks):
     assert not np.array_equal(r0["dropout:key"], r1["dropout:key"])
 
 
+def test_a_schedule_set_on_rank_0_alone_is_every_rank_s(ranks):
+    r0, r1 = ranks
+    assert r0["schedule:in_sync"] and r1["schedule:in_sync"]
+    assert r0["schedule:last_lr"] == r1["schedule:last_lr"] < 0.1      # cosine decay, step 3 of 4
+
+
 def test_a_failing_rank_ends_the_job_and_is_named(tmp_path):
     _need_mpi()
     run = mpiexec(WORKER, tmp_path, "crash", timeout=120)
