@@ -12,7 +12,7 @@ root h -> dense 5 -> mean cross-entropy; one SGD step (forward, backward,
 update). Every contender runs one matmul of width 3H for i, o, u per level
 and one matmul over all children's rows for the forget gates.
 
-    python benchmarks/bench_treelstm.py [--threads 1 2] [--repeat 100]
+    python benchmarks/bench_treelstm.py [--threads 1 2] [--repeat 100] [--rounds 3]
     python benchmarks/bench_treelstm.py --levels [--threads 1]   # structc's matmuls per level
 
 Each framework and thread count runs in a fresh process (`--only`), and the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -249,6 +250,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=1, help="fresh processes per framework and thread count, "
+                    "interleaved; the median is reported (default: 1)")
     ap.add_argument("--only", choices=BENCHES, help="run one framework in this process (a JSON line out)")
     ap.add_argument("--levels", action="store_true", help="profile structc's step: the matmuls per tree level")
     ap.add_argument("--peak", type=float, help="with --levels: the core's FMA peak in GFLOP/s (default: measured)")
@@ -260,29 +263,42 @@ def main():
         print(json.dumps(BENCHES[args.only](args.repeat, args.threads[0])))
         return
     print(f"treelstm_train: 32 binary trees x 25 leaves (1568 nodes), embedding [{VOCAB}, {D}], hidden {HID}; "
-          "median ms of one SGD step, a fresh process per framework and thread count")
+          f"median ms of one SGD step over {args.repeat} steps, a fresh process per framework, thread count and "
+          f"round; the median over {args.rounds} round(s)")
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
+    got: dict = {}                   # (threads, framework): each round's result
+    for r in range(args.rounds):     # rounds interleave the frameworks: a noisy spell hits all of them
+        for threads in args.threads:
+            for name in BENCHES:
+                run = subprocess.run([sys.executable, __file__, "--only", name, "--threads", str(threads),
+                                      "--repeat", str(args.repeat)], capture_output=True, text=True,
+                                     **pinned(threads))
+                if run.returncode:
+                    print(f"  {name} ({threads} thread(s), round {r + 1}): failed\n{run.stderr[-2000:]}")
+                    continue
+                got.setdefault((threads, name), []).append(json.loads(run.stdout.strip().splitlines()[-1]))
     for threads in args.threads:
-        got = {}
-        for name in BENCHES:
-            run = subprocess.run([sys.executable, __file__, "--only", name, "--threads", str(threads),
-                                  "--repeat", str(args.repeat)], capture_output=True, text=True, **pinned(threads))
-            if run.returncode:
-                print(f"  {name}: failed\n{run.stderr[-2000:]}")
-                continue
-            got[name] = json.loads(run.stdout.strip().splitlines()[-1])
-        peers = [got[k]["step_ms"] for k in ("torch", "jax") if k in got]
-        mine = got.get("structc", {}).get("step_ms")
+        runs = {name: got[(threads, name)] for name in BENCHES if (threads, name) in got}
+        step = {name: statistics.median(x["step_ms"] for x in rs) for name, rs in runs.items()}
         print(f"{threads} thread(s):")
-        for name, r in got.items():
+        for name, rs in runs.items():
             extra = ""
             if name == "structc":
-                extra = f"   (cold compile {r['compile_s']:.2f} s; new shapes: no recompilation)"
+                extra = (f"   (cold compile {statistics.median(x['compile_s'] for x in rs):.2f} s; "
+                         "new shapes: no recompilation)")
             if name == "jax":
-                extra = f"   (each new tree shape compiles again: {r['compile_ms']:.0f} ms)"
-            print(f"  {name:8s} {r['step_ms']:8.3f} ms{extra}")
-        if mine is not None and peers:
-            print(f"  structc / fastest peer: {mine / min(peers):.2f}x")
+                extra = (f"   (each new tree shape compiles again: "
+                         f"{statistics.median(x['compile_ms'] for x in rs):.0f} ms)")
+            each = ", ".join(f"{x['step_ms']:.3f}" for x in rs) if len(rs) > 1 else ""
+            print(f"  {name:8s} {step[name]:8.3f} ms{extra}" + (f"   rounds: {each}" if each else ""))
+        peers = [k for k in ("torch", "jax") if k in runs]
+        if "structc" in runs and peers:
+            line = f"  structc / fastest peer: {step['structc'] / min(step[k] for k in peers):.2f}x"
+            if args.rounds > 1 and all(len(runs[k]) == args.rounds for k in ("structc", *peers)):
+                per = [runs["structc"][r]["step_ms"] / min(runs[k][r]["step_ms"] for k in peers)
+                       for r in range(args.rounds)]
+                line += " (rounds: " + ", ".join(f"{x:.2f}" for x in per) + ")"
+            print(line)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
