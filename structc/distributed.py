@@ -31,19 +31,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import heapq
+import struct
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ._runtime import lpt_owners, unweigh_arena, weigh_arena
-from .ops.optim import DROPOUT_KEY0
+from .model import _hyper_value
+from .ops.optim import DROPOUT_KEY0, MODES
 from .shmsum import shared_sum
 
 INSTALL = "pip install 'structc[mpi]'"
 #: float32 counts are exact up to here
 MAX_COUNT = 2 ** 24
+#: `settings_hash`'s values are 1..SETTINGS_HASHES; the sums of their squares over
+#: up to MAX_CHECKED_RANKS ranks stay exact in float32 (the check is skipped beyond)
+SETTINGS_HASHES = 31
+_F32 = struct.Struct("=f")
+_F32_MAX = float(np.finfo(np.float32).max)
+MAX_CHECKED_RANKS = MAX_COUNT // SETTINGS_HASHES ** 2
 _DONE = object()           # the end of a sequence of feeds (an empty feed {} is a step)
 
 
@@ -183,7 +192,10 @@ class DataParallel:
         self._normalise = found["kind"] not in ("sum", "terms")
         self._terms = found["terms"] if found["kind"] == "terms" else None
         arena = net._grad_arena
-        self._n = len(arena) - 2                     # gradients, then the count and the loss
+        self._n = len(arena) - 4            # gradients, then the count and the loss, then the settings' check
+        self._weighed = arena[:self._n + 2]  # what the count weighs and the sum divides
+        self._check = arena[self._n + 2:]
+        self._settings, self._lr = 0.0, None  # this step's `settings_hash` (0: no update follows) and lr
         if abort_on_error:
             install_abort_hook(self.comm)
         self._check_same_model()
@@ -240,12 +252,14 @@ class DataParallel:
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """The whole batch's loss and gradient (copies), from this rank's shard `inputs`
         (none: this rank has no examples); no update."""
+        self._settings, self._lr = 0.0, None  # no update follows
         loss = self._reduce_gradient(inputs)
         return loss, {name: g.copy() for name, g in self.net.grads.items()}
 
     def train_step(self, lr: float = 0.01, **inputs) -> float:
         """One optimizer step on the whole batch (the union of every rank's shard);
         returns its loss. A rank with no examples calls it with none."""
+        self._settings, self._lr = settings_hash(self.net, lr), lr
         loss = self._reduce_gradient(inputs)
         self.net.apply_update(lr)
         return loss
@@ -261,6 +275,7 @@ class DataParallel:
         inputs = next(feeds, _DONE)
         while inputs is not _DONE:
             with self.net._lock:
+                self._settings, self._lr = settings_hash(self.net, lr), lr
                 self._weigh(inputs)
                 try:
                     upcoming = next(feeds, _DONE)
@@ -290,7 +305,7 @@ class DataParallel:
             if not 0 <= count < MAX_COUNT:
                 raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
                                  f"(float32 counts are exact up to there), got {count}")
-            weigh_arena(arena, count, loss)       # the gradients times count; count, loss * count
+            weigh_arena(self._weighed, count, loss)       # the gradients times count; count, loss * count
         else:
             arena[:] = 0.0
 
@@ -321,15 +336,18 @@ class DataParallel:
             loss, _ = net.grad_into_arena(**inputs)
         finally:
             slots[:] = 0.0                         # every other call weighs each term 1
-        weigh_arena(net._grad_arena, 1.0, loss)
+        weigh_arena(self._weighed, 1.0, loss)
 
     def _sum(self) -> None:
         """The arena summed over the ranks, in place: through shared memory when every
         rank is on this machine, else a blocking `Allreduce` (with MPICH between 2 local
         ranks it measured 1-8 us cheaper per call than `Iallreduce` + `Wait`, which made
         progress only inside `Wait` anyway)."""
+        arena, check = self.net._grad_arena, self._check
+        check[0] = self._settings                       # small whole numbers: their sums are exact
+        check[1] = self._settings * self._settings
         if self._shared_sum is not None:
-            self._shared_sum(self.net._grad_arena)
+            self._shared_sum(arena)
         else:
             self.comm.Allreduce(self._MPI.IN_PLACE, self.net._grad_arena, op=self._MPI.SUM)
 
@@ -337,10 +355,31 @@ class DataParallel:
         """After the sum: the whole batch's gradient (divided by the denominators'
         sum) in the arena; returns its loss."""
         n, arena = self._n, self.net._grad_arena
+        # sum(h)^2 == ranks * sum(h^2) only where every rank's h is the same (Cauchy-Schwarz):
+        # every rank sees the same sums, so every rank takes the same way here
+        h, hh = self._check.tolist()
+        if h * h != self.size * hh and self.size <= MAX_CHECKED_RANKS:
+            self._settings_differ()
         total = float(arena[n])
         if total == 0:
             raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
-        return unweigh_arena(arena, total if self._normalise else 1.0)    # in float32, as numpy divided
+        return unweigh_arena(self._weighed, total if self._normalise else 1.0)    # in float32, as numpy divided
+
+    def _settings_differ(self) -> None:
+        """Raise, on every rank, naming what differs from rank 0 (one `allgather`:
+        every rank found the mismatch in the same sums, so every rank makes it)."""
+        net = self.net
+        mine = {"update": "none" if self._settings == 0 else "yes", "optimizer": net.optimizer,
+                "step": net._step, **{k: v for k, v in net._opt.items()}, "schedule": net.schedule,
+                "lr": self._lr}
+        seen = self.comm.allgather(mine)
+        odd = {r: [k for k in mine if s.get(k) != seen[0].get(k)] for r, s in enumerate(seen)}
+        parts = "; ".join(f"rank {r}: {', '.join(f'{k}={seen[r][k]!r}' for k in ks)} (rank 0: "
+                          f"{', '.join(f'{k}={seen[0][k]!r}' for k in ks)})" for r, ks in odd.items() if ks)
+        raise ValueError(f"the ranks' update settings differ at rank 0's step {seen[0]['step'] + 1} "
+                         f"({parts or 'a hash differs'}): "
+                         "every rank must pass the same lr and make the same set_optimizer and set_schedule "
+                         "calls, and only through this DataParallel; this step's update was not applied")
 
     # -- sharding a global batch ---------------------------------------------------
     def shard_dense(self, batch: Mapping[str, np.ndarray], seed: int | None = None) -> dict:
@@ -398,6 +437,27 @@ class DataParallel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def settings_hash(net, lr) -> float:
+    """A whole number in [1, SETTINGS_HASHES] from what a step's update depends on
+    besides the summed gradient: lr, the optimizer, its options, the schedule and the
+    step count. Python hashes numbers and tuples of them alike in every process
+    (strings not: the optimizer goes in as its mode, a schedule's kind as its crc32).
+    A rank whose settings differ changes the hash with odds of 30 in 31 each step,
+    and the step count changes it every step."""
+    sched = net.schedule
+    try:                                # as native code reads it: 0.1 and float32(0.1) alike
+        lr32 = _F32.unpack(_F32.pack(lr))[0]
+    except (struct.error, TypeError, OverflowError):   # not a float32 number: the update's own error
+        _hyper_value("lr", lr)
+        raise
+    if not -_F32_MAX <= lr32 <= _F32_MAX:      # NaN (hashed by identity) or infinite: the update's error
+        _hyper_value("lr", lr)
+    key = (lr32, net._step, MODES[net.optimizer], *net._opt.values(),
+           0 if sched is None else (zlib.crc32(sched["kind"].encode()), sched["warmup"], sched["decay_steps"] or 0,
+                                    sched["gamma"], sched["floor"]))
+    return float(hash(key) % SETTINGS_HASHES + 1)
 
 
 def _term_weights(table: np.ndarray, terms: list, rank: int) -> np.ndarray:

@@ -267,9 +267,10 @@ class Net:
         self._inputs = {s["name"]: _Input(s) for s in meta["inputs"]}
         size = max(1, meta["param_size"])
         self._param_arena = _aligned_zeros(size)
-        # two floats past the gradients: the loss denominator and the loss, which
-        # data-parallel training sums in the same Allreduce (structc.distributed)
-        self._grad_arena = _aligned_zeros(size + 2)
+        # four floats past the gradients, which data-parallel training sums in the same
+        # Allreduce (structc.distributed): the loss denominator and the loss, then a
+        # small hash of the step's update settings and its square (the ranks' check)
+        self._grad_arena = _aligned_zeros(size + 4)
         self._state_arena = _aligned_zeros(2 * size)
         self._lock = threading.RLock()   # one native call (or parameter write) at a time
         views: dict[str, np.ndarray] = {}

@@ -1,7 +1,7 @@
 """Run under `mpiexec -n 2` by tests/test_distributed.py: data-parallel gradients and
 optimizer steps for each family, written to OUT/rank<r>.npz for the test to compare.
 
-    python tests/mpi_worker.py OUT [crash | mismatch | sum]
+    python tests/mpi_worker.py OUT [crash | mismatch | settings | sum]
 
 Rank 0 also writes the single-process gradient of the concatenated batch (a Net of
 its own, the same initial parameters) and the single-process parameters after the
@@ -214,6 +214,8 @@ def main():
         # rank 1 builds a wider model: every rank refuses before rank 0's parameters are broadcast
         DataParallel(structc.compile(TREES if rank == 0 else TREES.replace("8)", "9)")))
         return
+    if len(sys.argv) > 2 and sys.argv[2] == "settings":
+        return differing_settings(comm, out_dir)
     if len(sys.argv) > 2 and sys.argv[2] == "sum":
         return shared_sums(comm, out_dir)
     results = {}
@@ -296,6 +298,36 @@ def main():
     results["schedule:in_sync"] = dp.in_sync()
     results["schedule:last_lr"] = net.last_lr
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
+
+
+def differing_settings(comm, out_dir):
+    """Steps where one rank's update settings differ from the other's: each rank's
+    error message (or none), and its parameters after each case, under `case:`."""
+    rank = comm.Get_rank()
+    net = rank0_first(comm, lambda: structc.compile(MLP))
+    dp = DataParallel(net, abort_on_error=False)
+    rng = np.random.default_rng(rank)
+    feed = {"x": rng.random((5, 64)).astype(np.float32), "y": rng.integers(0, 10, 5).astype(np.int32)}
+    results = {}
+
+    def attempt(case, step):
+        before = {k: v.copy() for k, v in net.params.items()}
+        try:
+            step()
+            results[f"{case}:error"] = ""
+        except ValueError as e:
+            results[f"{case}:error"] = str(e)
+        results[f"{case}:unchanged"] = all(np.array_equal(before[k], v) for k, v in net.params.items())
+    attempt("same", lambda: dp.train_step(lr=0.1, **feed))
+    attempt("lr", lambda: dp.train_step(lr=0.1 if rank == 0 else 0.2, **feed))
+    attempt("steps", lambda: list(dp.train_steps([feed, feed], lr=0.1 if rank == 0 else 0.3)))
+    if rank == 0:
+        net.set_optimizer("adam")               # on one rank alone, after the broadcast
+    attempt("optimizer", lambda: dp.train_step(lr=0.1, **feed))
+    dp.broadcast_state()                        # rank 0's again on every rank
+    attempt("again", lambda: dp.train_step(lr=0.1, **feed))
+    results["in_sync"] = dp.in_sync()
+    np.savez(f"{out_dir}/settings{rank}.npz", **results)
 
 
 def shared_sums(comm, out_dir):

@@ -193,6 +193,56 @@ def test_ranks_that_built_different_models_are_refused_before_any_broadcast(tmp_
         "rank 0: Trees with 224" in run.stderr, run.stderr[-3000:]
 
 
+def test_ranks_whose_update_settings_differ_are_refused_before_the_update(tmp_path):
+    """A different lr on one rank, or an optimizer changed on one rank alone after
+    the broadcast: every rank raises the same error naming what differs, before any
+    update; the ranks stay bitwise equal and train on once they agree again."""
+    _need_mpi()
+    run = mpiexec(WORKER, tmp_path, "settings", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (dict(np.load(tmp_path / f"settings{r}.npz")) for r in (0, 1))
+    for r in (r0, r1):
+        assert str(r["same:error"]) == "" and not r["same:unchanged"]
+        assert "the ranks' update settings differ at rank 0's step 2 (rank 1: lr=0.2 (rank 0: lr=0.1))" in str(r["lr:error"])
+        assert "rank 1: lr=0.3 (rank 0: lr=0.1)" in str(r["steps:error"])
+        assert "rank 0's step 1 (rank 1: optimizer='sgd', step=1 (rank 0: optimizer='adam', step=0))" \
+            in str(r["optimizer:error"])
+        assert "this step's update was not applied" in str(r["optimizer:error"])
+        for case in ("lr", "steps", "optimizer"):
+            assert r[f"{case}:unchanged"], case
+        assert str(r["again:error"]) == "" and not r["again:unchanged"] and r["in_sync"]
+    for case in ("lr", "steps", "optimizer"):
+        assert str(r0[f"{case}:error"]) == str(r1[f"{case}:error"]), case
+
+
+_HASHES = """
+import structc
+from structc.distributed import settings_hash
+net = structc.compile("examples/digits_mlp.snet")
+out = [settings_hash(net, 0.1)]
+net.set_optimizer("adam", weight_decay=0.01)
+out.append(settings_hash(net, 0.05))
+net.set_schedule("cosine", warmup=3, decay_steps=50)
+out.append(settings_hash(net, 0.05))
+print(out)
+"""
+
+
+def test_the_settings_hash_is_every_process_s_and_refuses_what_the_update_refuses():
+    """The same in processes of different string hash seeds (ranks are such processes),
+    lr as native code reads it, and the update's own errors for an lr it refuses."""
+    from structc.distributed import settings_hash
+    seen = {subprocess.run([sys.executable, "-c", _HASHES], capture_output=True, text=True, cwd=ROOT, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2", "random")}
+    assert len(seen) == 1 and len(eval(seen.pop())) == 3
+    net = structc.compile(ROOT / "examples" / "digits_mlp.snet")
+    assert settings_hash(net, 0.1) == settings_hash(net, np.float32(0.1))
+    assert len({settings_hash(net, lr) for lr in np.linspace(0.01, 1, 50)}) > 10
+    for bad, error in (("0.1", TypeError), (None, TypeError), (float("nan"), ValueError), (1e39, ValueError)):
+        with pytest.raises(error, match="lr must be"):
+            settings_hash(net, bad)
+
+
 def _epoch_numbers(text: str) -> list[float]:
     """The losses and accuracies of the `epoch ...` lines of `structc train`."""
     import re
