@@ -349,7 +349,7 @@ class DataParallel:
         if self._shared_sum is not None:
             self._shared_sum(arena)
         else:
-            self.comm.Allreduce(self._MPI.IN_PLACE, self.net._grad_arena, op=self._MPI.SUM)
+            self.comm.Allreduce(self._MPI.IN_PLACE, arena, op=self._MPI.SUM)
 
     def _finish_reduce(self) -> float:
         """After the sum: the whole batch's gradient (divided by the denominators'
@@ -369,9 +369,8 @@ class DataParallel:
         """Raise, on every rank, naming what differs from rank 0 (one `allgather`:
         every rank found the mismatch in the same sums, so every rank makes it)."""
         net = self.net
-        mine = {"update": "none" if self._settings == 0 else "yes", "optimizer": net.optimizer,
-                "step": net._step, **{k: v for k, v in net._opt.items()}, "schedule": net.schedule,
-                "lr": self._lr}
+        mine = {"updates": self._settings != 0, "optimizer": net.optimizer, "step": net._step, **net._opt,
+                "schedule": net.schedule, "lr": self._lr}
         seen = self.comm.allgather(mine)
         odd = {r: [k for k in mine if s.get(k) != seen[0].get(k)] for r, s in enumerate(seen)}
         parts = "; ".join(f"rank {r}: {', '.join(f'{k}={seen[r][k]!r}' for k in ks)} (rank 0: "
