@@ -616,6 +616,40 @@ def _train_items(data) -> np.ndarray:
     return np.asarray(data.train) if isinstance(data, GraphDataset) else np.arange(len(data))
 
 
+#: rows of each of a data set's arrays that `data_digest` reads (evenly spaced)
+DIGEST_ROWS = 4096
+
+
+def data_digest(data, items, costs) -> str:
+    """A short digest of a data set's training part: its kind, its items and their
+    costs (a forest's or a graph's size, a sequence's length), and up to DIGEST_ROWS
+    evenly spaced rows of its example and label arrays."""
+    h = hashlib.sha256(type(data).__name__.encode())
+    h.update(np.ascontiguousarray(items).tobytes())
+    if costs is not None:
+        h.update(np.ascontiguousarray(costs).tobytes())
+    for name in ("x_train", "y_train", "labels"):
+        a = getattr(data, name, None)
+        if isinstance(a, np.ndarray):
+            h.update(repr((name, a.shape, a.dtype.str)).encode())
+            rows = a if len(a) <= DIGEST_ROWS else a[np.linspace(0, len(a) - 1, DIGEST_ROWS).astype(np.int64)]
+            h.update(np.ascontiguousarray(rows).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_same_data(dp: DataParallel, data, items, costs) -> None:
+    """Refuse, on every rank alike, ranks that loaded other training data than rank 0
+    (a stale copy of a file on one host, say): each rank's share of a batch is picked
+    from its own copy by index, so the union would be no batch of anyone's data."""
+    seen = dp.comm.allgather((data_digest(data, items, costs), len(items)))
+    odd = [r for r, (d, _) in enumerate(seen) if d != seen[0][0]]
+    if odd:
+        raise ValueError(f"{'rank' if len(odd) == 1 else 'ranks'} {', '.join(map(str, odd))} loaded other training "
+                         f"data than rank 0 (rank {odd[0]}: {seen[odd[0]][1]} items, rank 0: {seen[0][1]}, or the "
+                         "same count with other contents): every rank must load the same data set, since a rank's "
+                         "share of each batch is picked from its own copy by index")
+
+
 def check_splittable(data) -> None:
     from .graph_datasets import NodeDataset
     if isinstance(data, NodeDataset):
@@ -705,6 +739,8 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     streamed = hasattr(data, "shares")           # a file read a chunk at a time (structc.streams)
     items = None if streamed else _train_items(data)
     costs = None if streamed else item_costs(data)
+    if not streamed:
+        check_same_data(dp, data, items, costs)
     bars = dp.is_root and show_bars(cfg)         # rank 0's steps are every rank's: one bar
     start = time.perf_counter()
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):

@@ -1,7 +1,7 @@
 """Run under `mpiexec -n 2` by tests/test_distributed.py: data-parallel gradients and
 optimizer steps for each family, written to OUT/rank<r>.npz for the test to compare.
 
-    python tests/mpi_worker.py OUT [crash | mismatch | settings | sum]
+    python tests/mpi_worker.py OUT [crash | mismatch | settings | data | sum]
 
 Rank 0 also writes the single-process gradient of the concatenated batch (a Net of
 its own, the same initial parameters) and the single-process parameters after the
@@ -214,6 +214,8 @@ def main():
         # rank 1 builds a wider model: every rank refuses before rank 0's parameters are broadcast
         DataParallel(structc.compile(TREES if rank == 0 else TREES.replace("8)", "9)")))
         return
+    if len(sys.argv) > 2 and sys.argv[2] == "data":
+        return other_data(comm, out_dir)
     if len(sys.argv) > 2 and sys.argv[2] == "settings":
         return differing_settings(comm, out_dir)
     if len(sys.argv) > 2 and sys.argv[2] == "sum":
@@ -328,6 +330,27 @@ def differing_settings(comm, out_dir):
     attempt("again", lambda: dp.train_step(lr=0.1, **feed))
     results["in_sync"] = dp.in_sync()
     np.savez(f"{out_dir}/settings{rank}.npz", **results)
+
+
+def other_data(comm, out_dir):
+    """distributed.train where rank 1's copy of the digits has one label changed:
+    each rank's error message, under `error`."""
+    from structc import datasets
+    from structc.distributed import train
+    from structc.train import TrainConfig
+    rank = comm.Get_rank()
+    net = rank0_first(comm, lambda: structc.compile(MLP))
+    data = datasets.load("digits").bind(net)
+    if rank == 1:
+        data.y_train = data.y_train.copy()
+        data.y_train[100] = (data.y_train[100] + 1) % 10
+    try:
+        train(DataParallel(net, abort_on_error=False), data, TrainConfig(epochs=1, batch=64, progress=False),
+              log=lambda *a: None)
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    np.savez(f"{out_dir}/data{rank}.npz", error=error)
 
 
 def shared_sums(comm, out_dir):

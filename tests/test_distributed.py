@@ -215,6 +215,16 @@ def test_ranks_whose_update_settings_differ_are_refused_before_the_update(tmp_pa
         assert str(r0[f"{case}:error"]) == str(r1[f"{case}:error"]), case
 
 
+def test_ranks_that_loaded_other_data_are_refused_before_training(tmp_path):
+    _need_mpi()
+    run = mpiexec(WORKER, tmp_path, "data", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = {str(np.load(tmp_path / f"data{r}.npz")["error"]) for r in (0, 1)}
+    assert len(errors) == 1
+    assert "rank 1 loaded other training data than rank 0 (rank 1: 1438 items, rank 0: 1438, or the same count " \
+           "with other contents)" in errors.pop()
+
+
 _HASHES = """
 import structc
 from structc.distributed import settings_hash
