@@ -214,14 +214,12 @@ class DataParallel:
         layout = (net.name, net.meta["param_size"], net.meta["loss_denominator"]["kind"],
                   tuple((p["name"], tuple(p["shape"]), p["offset"]) for p in net.meta["params"]))
         digest = hashlib.sha256(repr(layout).encode()).hexdigest()[:16]
-        seen = self.comm.allgather((digest, net.name, net.meta["param_size"]))
-        if any(d != seen[0][0] for d, _, _ in seen):
-            odd = [r for r, (d, _, _) in enumerate(seen) if d != seen[0][0]]
-            name, size = seen[odd[0]][1:]
-            raise ValueError(f"{'rank' if len(odd) == 1 else 'ranks'} {', '.join(map(str, odd))} built another "
-                             f"model than rank 0 (rank {odd[0]}: {name} with a {size}-float parameter arena; rank 0: "
-                             f"{seen[0][1]} with {seen[0][2]}, or the same size laid out otherwise): "
-                             "every rank must compile the same .snet source")
+        odd, seen = unlike_rank_0(self.comm, digest, (net.name, net.meta["param_size"]))
+        if odd:
+            name, size = seen[odd[0]]
+            raise ValueError(f"{_ranks(odd)} built another model than rank 0 (rank {odd[0]}: {name} with a "
+                             f"{size}-float parameter arena; rank 0: {seen[0][0]} with {seen[0][1]}, or the same "
+                             "size laid out otherwise): every rank must compile the same .snet source")
 
     @property
     def is_root(self) -> bool:
@@ -641,13 +639,22 @@ def check_same_data(dp: DataParallel, data, items, costs) -> None:
     """Refuse, on every rank alike, ranks that loaded other training data than rank 0
     (a stale copy of a file on one host, say): each rank's share of a batch is picked
     from its own copy by index, so the union would be no batch of anyone's data."""
-    seen = dp.comm.allgather((data_digest(data, items, costs), len(items)))
-    odd = [r for r, (d, _) in enumerate(seen) if d != seen[0][0]]
+    odd, seen = unlike_rank_0(dp.comm, data_digest(data, items, costs), len(items))
     if odd:
-        raise ValueError(f"{'rank' if len(odd) == 1 else 'ranks'} {', '.join(map(str, odd))} loaded other training "
-                         f"data than rank 0 (rank {odd[0]}: {seen[odd[0]][1]} items, rank 0: {seen[0][1]}, or the "
-                         "same count with other contents): every rank must load the same data set, since a rank's "
-                         "share of each batch is picked from its own copy by index")
+        raise ValueError(f"{_ranks(odd)} loaded other training data than rank 0 (rank {odd[0]}: {seen[odd[0]]} "
+                         f"items, rank 0: {seen[0]}, or the same count with other contents): every rank must load "
+                         "the same data set, since a rank's share of each batch is picked from its own copy by index")
+
+
+def unlike_rank_0(comm, digest: str, detail) -> tuple[list[int], list]:
+    """The ranks whose `digest` differs from rank 0's, and every rank's `detail`
+    (what an error names); one `allgather`, so every rank gets the same answer."""
+    seen = comm.allgather((digest, detail))
+    return [r for r, (d, _) in enumerate(seen) if d != seen[0][0]], [x for _, x in seen]
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))}"
 
 
 def check_splittable(data) -> None:
