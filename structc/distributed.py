@@ -379,6 +379,13 @@ class DataParallel:
                          "calls, and only through this DataParallel; this step's update was not applied")
 
     # -- sharding a global batch ---------------------------------------------------
+    def check_same_data(self, data) -> None:
+        """Refuse, on every rank alike (collective), ranks whose copy of a data set
+        (`structc.datasets.load`'s kinds) differs from rank 0's: what
+        `distributed.train` does before its first step, for a loop that shards a
+        data set with this object itself."""
+        check_same_data(self, data, _train_items(data), item_costs(data))
+
     def shard_dense(self, batch: Mapping[str, np.ndarray], seed: int | None = None) -> dict:
         """This rank's rows of a batch of arrays (all split along axis 0, the same rows;
         `seed`: shuffle first, the same way on every rank). Empty: {} (no examples)."""
@@ -616,12 +623,15 @@ def _train_items(data) -> np.ndarray:
 
 #: rows of each of a data set's arrays that `data_digest` reads (evenly spaced)
 DIGEST_ROWS = 4096
+#: items (trees, graphs, sequences) whose contents `data_digest` reads (evenly spaced)
+DIGEST_ITEMS = 512
 
 
 def data_digest(data, items, costs) -> str:
     """A short digest of a data set's training part: its kind, its items and their
-    costs (a forest's or a graph's size, a sequence's length), and up to DIGEST_ROWS
-    evenly spaced rows of its example and label arrays."""
+    costs (a forest's or a graph's size, a sequence's length), up to DIGEST_ROWS
+    evenly spaced rows of its example and label arrays, and the contents (words,
+    features, labels, edges) of up to DIGEST_ITEMS evenly spaced items."""
     h = hashlib.sha256(type(data).__name__.encode())
     h.update(np.ascontiguousarray(items).tobytes())
     if costs is not None:
@@ -630,9 +640,34 @@ def data_digest(data, items, costs) -> str:
         a = getattr(data, name, None)
         if isinstance(a, np.ndarray):
             h.update(repr((name, a.shape, a.dtype.str)).encode())
-            rows = a if len(a) <= DIGEST_ROWS else a[np.linspace(0, len(a) - 1, DIGEST_ROWS).astype(np.int64)]
-            h.update(np.ascontiguousarray(rows).tobytes())
+            h.update(np.ascontiguousarray(_evenly(a, DIGEST_ROWS)).tobytes())
+    for a in _item_contents(data, _evenly(np.asarray(items), DIGEST_ITEMS)):
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
+
+
+def _evenly(a: np.ndarray, most: int) -> np.ndarray:
+    return a if len(a) <= most else a[np.linspace(0, len(a) - 1, most).astype(np.int64)]
+
+
+def _item_contents(data, items) -> Iterator[np.ndarray]:
+    """The arrays of each of `items` (ids) in a data set of trees, graphs or sequences:
+    what its costs and label arrays do not show (a tree's words and node labels, a
+    graph's features and edges, a sequence's tokens)."""
+    from .graph_datasets import GraphDataset
+    from .seqdata import SequenceDataset
+    from .treedata import TreeDataset
+    for k in items.tolist():
+        if isinstance(data, TreeDataset):
+            f = data.train[k]
+            yield from (a for a in (f.children, f.words, f.features, f.labels) if a is not None)
+        elif isinstance(data, GraphDataset):
+            g = data.graphs[k]
+            yield from (a for a in (g.x, g.edge_x) if a is not None)
+            yield from (g.arrays[name] for name in sorted(g.arrays))
+        elif isinstance(data, SequenceDataset):
+            yield np.asarray(data.train[k])
 
 
 def check_same_data(dp: DataParallel, data, items, costs) -> None:

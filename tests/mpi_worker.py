@@ -333,8 +333,8 @@ def differing_settings(comm, out_dir):
 
 
 def other_data(comm, out_dir):
-    """distributed.train where rank 1's copy of the digits has one label changed:
-    each rank's error message, under `error`."""
+    """distributed.train, then DataParallel.check_same_data, where rank 1's copy of
+    the digits has one label changed: each rank's error messages (`train`, `api`)."""
     from structc import datasets
     from structc.distributed import train
     from structc.train import TrainConfig
@@ -344,13 +344,17 @@ def other_data(comm, out_dir):
     if rank == 1:
         data.y_train = data.y_train.copy()
         data.y_train[100] = (data.y_train[100] + 1) % 10
-    try:
-        train(DataParallel(net, abort_on_error=False), data, TrainConfig(epochs=1, batch=64, progress=False),
-              log=lambda *a: None)
-        error = ""
-    except ValueError as e:
-        error = str(e)
-    np.savez(f"{out_dir}/data{rank}.npz", error=error)
+    dp = DataParallel(net, abort_on_error=False)
+    errors = {}
+    for case, run in (("train", lambda: train(dp, data, TrainConfig(epochs=1, batch=64, progress=False),
+                                               log=lambda *a: None)),
+                      ("api", lambda: dp.check_same_data(data))):
+        try:
+            run()
+            errors[case] = ""
+        except ValueError as e:
+            errors[case] = str(e)
+    np.savez(f"{out_dir}/data{rank}.npz", **errors)
 
 
 def shared_sums(comm, out_dir):

@@ -219,10 +219,59 @@ def test_ranks_that_loaded_other_data_are_refused_before_training(tmp_path):
     _need_mpi()
     run = mpiexec(WORKER, tmp_path, "data", timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    errors = {str(np.load(tmp_path / f"data{r}.npz")["error"]) for r in (0, 1)}
-    assert len(errors) == 1
-    assert "rank 1 loaded other training data than rank 0 (rank 1: 1438 items, rank 0: 1438, or the same count " \
-           "with other contents)" in errors.pop()
+    for case in ("train", "api"):         # distributed.train's check, and the same for a loop of one's own
+        errors = {str(np.load(tmp_path / f"data{r}.npz")[case]) for r in (0, 1)}
+        assert len(errors) == 1, case
+        assert "rank 1 loaded other training data than rank 0 (rank 1: 1438 items, rank 0: 1438, or the same " \
+               "count with other contents)" in errors.pop(), case
+
+
+
+def _changed_item(kind: str):
+    """(data set, the same with one item's contents changed, its items, costs)
+    for trees (a word, then a node label), graphs (a feature) and sequences (a value)."""
+    import copy
+
+    from structc import Forest, datasets
+    from structc.distributed import DIGEST_ITEMS, _evenly, _train_items, item_costs
+    data = datasets.load({"trees": "logic", "labels": "logic", "graphs": "graph_families",
+                          "sequences": "digits_rows"}[kind])
+    other = copy.copy(data)
+    items = _train_items(data)
+    k = int(_evenly(items, DIGEST_ITEMS)[DIGEST_ITEMS // 2])      # an item the digest reads
+    if kind in ("trees", "labels"):
+        f = data.train[k]
+        leaves = np.flatnonzero(f.children[:, 0] < 0)        # in schedule order, as f.words lists them
+        words, labels = np.zeros(f.nodes, np.int64), np.array(f.labels)
+        words[leaves] = f.words
+        if kind == "trees":
+            words[leaves[0]] = (words[leaves[0]] + 1) % len(data.vocab)
+        else:
+            labels[-1] = (labels[-1] + 1) % 3
+        children = np.array(f.children)
+        other.train = list(data.train)
+        other.train[k] = Forest.from_arrays(children, words, labels=labels)
+        assert other.train[k].nodes == f.nodes
+    elif kind == "graphs":
+        other.graphs = list(data.graphs)
+        other.graphs[k] = data.graphs[k].with_features(x=data.graphs[k].x + 1)
+    else:
+        from structc.seqdata import Sequences
+        seqs = [np.array(s) for s in data.train]
+        seqs[k][0, 0] += 1
+        other.train = Sequences.from_list(seqs)
+    return data, other, items, item_costs(data)
+
+
+@pytest.mark.parametrize("kind", ["trees", "labels", "graphs", "sequences"])
+def test_the_data_digest_sees_one_item_changed_where_its_size_is_not(kind):
+    """A stale copy that differs in one tree's word or label, one graph's features
+    or one sequence's values (not in any size) is refused by the data check."""
+    from structc.distributed import data_digest
+    data, other, items, costs = _changed_item(kind)
+    same = data_digest(data, items, costs)
+    assert data_digest(data, items, costs) == same
+    assert data_digest(other, items, costs) != same
 
 
 _HASHES = """
