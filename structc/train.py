@@ -15,13 +15,15 @@ import hashlib
 import json
 import sys
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .model import BatchTooSmall
+from .model import BatchTooSmall, _write_atomically
 
 
 @dataclass
@@ -379,8 +381,8 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
         arrays["optimizer_step"] = np.int64(net._step)
         arrays["dropout_draws"] = np.int64(getattr(net, "_draws", 0))     # dropout's step counter
         arrays["optimizer_options"] = np.array(json.dumps(getattr(net, "_opt", {})))
-    with open(path, "wb") as f:          # an open file: numpy adds no second `.npz`
-        np.savez(f, **arrays)
+    # one rename: a crash while writing leaves the last checkpoint's state whole
+    _write_atomically(str(path), lambda f: np.savez(f, **arrays))
 
 
 def _stopper_state(history: History | None) -> dict | None:
@@ -416,14 +418,25 @@ def resume_early_stopping(net, state: dict, cfg: TrainConfig) -> tuple[EarlyStop
 def load_state(path: str | Path) -> dict:
     """The saved training state as a dict (`epoch`, `digest`, `config`, optional optimizer arrays)."""
     try:
-        with np.load(path) as data:
-            state = {k: data[k] for k in data.files}
+        state = _read_archive(path)
         state["epoch"] = int(state["epoch"])
         state["digest"] = str(state["digest"])
         state["config"] = json.loads(str(state["config"]))
     except (OSError, ValueError, KeyError, EOFError) as e:
         raise ValueError(f"cannot read the training state {path}: {e}") from None
     return state
+
+
+def _read_archive(path: str | Path) -> dict:
+    """Every array of the `.npz` at `path`; a ValueError when it is not one or is cut short."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":        # else numpy's error speaks of pickles
+            raise ValueError("not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"damaged (truncated or corrupt): {e}") from None
 
 
 def restore_optimizer(net, state: dict) -> bool:

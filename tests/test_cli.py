@@ -407,6 +407,42 @@ def test_resume_refuses_a_state_file_of_other_parameters(tiny, tmp_path, capsys)
     assert "is the training state of other parameters" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_damaged_training_state_clearly(tiny, tmp_path, capsys):
+    """A state file cut short (a crash while it was written) or not an archive at all
+    is an error naming the file, not a traceback."""
+    assert train_tiny(tiny, tmp_path / "a.npz") == 0
+    whole = (tmp_path / "a.train.npz").read_bytes()
+    resume = ["train", tiny[0], "--data", tiny[1], "--epochs", "3", "--resume", str(tmp_path / "a.npz"),
+              "--out", str(tmp_path / "b")]
+    for damaged in (whole[:300], b"hello\n"):
+        (tmp_path / "a.train.npz").write_bytes(damaged)
+        capsys.readouterr()
+        assert main(resume) == 1
+        err = capsys.readouterr().err
+        assert f"cannot read the training state {tmp_path / 'a.train.npz'}" in err
+        assert "pickle" not in err
+
+
+def test_a_failed_state_write_leaves_the_last_state_whole(tiny, tmp_path, monkeypatch):
+    """The training state is replaced in one rename: a write that fails half-way
+    (disk full, a crash) leaves the previous checkpoint's state readable."""
+    from structc import train as train_module
+    assert train_tiny(tiny, tmp_path / "a.npz") == 0
+
+    def fails_half_way(f, **arrays):
+        f.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_module.np, "savez", fails_half_way)
+    import structc
+    net = structc.compile(Path(tiny[0]))
+    net.load_params(tmp_path / "a.npz")
+    with pytest.raises(OSError):
+        train_module.save_state(net, tmp_path / "a.train.npz", 3, train_module.TrainConfig(), {}, "d")
+    monkeypatch.undo()
+    assert train_module.load_state(tmp_path / "a.train.npz")["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".structc-")] == []
+
+
 TWO_MODELS = """model A { input x: f32[N, 5]  target y: class[N] of 2
   loss cross_entropy(dense(x, 2), y) }
 model B { input x: f32[N, 5]  target y: class[N] of 2
