@@ -406,17 +406,44 @@ def _freeze_names(args) -> list[str]:
     return given if given is not None else saved or []
 
 
+#: a schedule option -> the --schedule kinds that use it (the others would drop it unsaid)
+SCHEDULE_OPTIONS = {"decay_steps": ("step", "cosine"), "gamma": ("step",), "floor": ("cosine",)}
+
+
+def _check_schedule_options(args) -> None:
+    """--decay-steps, --gamma, --floor only with a --schedule that uses them, checked before any work."""
+    for name, kinds in SCHEDULE_OPTIONS.items():
+        if getattr(args, name) is not None and args.schedule not in kinds:
+            given = f"--schedule {args.schedule}" if args.schedule else "no --schedule"
+            raise UserError(f"--{name.replace('_', '-')} is an option of --schedule {' or '.join(kinds)}, "
+                            f"and this run has {given}: it would have no effect")
+
+
 def _schedule(args, saved: dict | None) -> dict | None:
-    """--schedule and its options, checked; a resumed run keeps the run's unless given."""
+    """--schedule and its options, checked; a resumed run keeps the run's unless given
+    (and says so when it is given another)."""
     from .schedules import check_schedule
     if args.schedule is None and args.warmup is None:
         return saved.get("schedule") if saved else None
     kind = args.schedule or "constant"
     try:
-        return check_schedule(kind, warmup=args.warmup or 0, gamma=args.gamma, floor=args.floor,
-                              decay_steps=args.decay_steps if kind != "constant" else None)
+        spec = check_schedule(kind, warmup=args.warmup or 0, decay_steps=args.decay_steps,
+                              gamma=0.1 if args.gamma is None else args.gamma,
+                              floor=0.0 if args.floor is None else args.floor)
     except ValueError as e:
         raise UserError(f"--schedule: {e}") from None
+    if saved is not None and _schedule_text(spec) != _schedule_text(saved.get("schedule")):
+        warn(f"--schedule {_schedule_text(spec)} differs from the resumed run's {_schedule_text(saved.get('schedule'))}")
+    return spec
+
+
+def _schedule_text(spec: dict | None) -> str:
+    """`cosine (warmup 5, decay-steps 40, floor 0)`: the options that kind uses; `constant` for none."""
+    if spec is None or (spec["kind"] == "constant" and not spec["warmup"]):
+        return "constant"
+    used = [("warmup", spec["warmup"])] if spec["warmup"] else []
+    used += [(name.replace("_", "-"), spec[name]) for name, kinds in SCHEDULE_OPTIONS.items() if spec["kind"] in kinds]
+    return f"{spec['kind']} ({', '.join(f'{k} {v:g}' for k, v in used)})" if used else spec["kind"]
 
 
 def cmd_train(args) -> int:
@@ -427,6 +454,7 @@ def cmd_train(args) -> int:
     if args.init and args.resume:
         raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
     _check_validation_options(args)
+    _check_schedule_options(args)
     if args.out is None and args.resume:
         args.out = str(existing_params(args.resume))          # continuing a run updates its checkpoint
     args.freeze_names = _freeze_names(args)
@@ -868,8 +896,8 @@ def parser() -> argparse.ArgumentParser:
                                                            "(default: 0)")
     c.add_argument("--decay-steps", type=int, metavar="T", help="the step schedule's period or the cosine's "
                                                                  "length, in steps (default: none: required)")
-    c.add_argument("--gamma", type=float, default=0.1, help="the step schedule's factor")
-    c.add_argument("--floor", type=float, default=0.0, help="where the cosine ends, as a fraction of the lr (default: 0)")
+    c.add_argument("--gamma", type=float, help="the step schedule's factor (default: 0.1)")
+    c.add_argument("--floor", type=float, help="where the cosine ends, as a fraction of the lr (default: 0)")
     c.add_argument("--init", metavar="PARAMS",
                    help="start a new run from these parameters (.npz, e.g. a trained model to fine-tune) "
                         "instead of the initialisers (default: none)")

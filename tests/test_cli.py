@@ -443,6 +443,34 @@ def test_a_failed_state_write_leaves_the_last_state_whole(tiny, tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".structc-")] == []
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--decay-steps", "3", "--gamma", "0.5"], "--decay-steps"),       # no --schedule: the lr stayed constant
+    (["--schedule", "constant", "--decay-steps", "3"], "--decay-steps"),
+    (["--schedule", "cosine", "--decay-steps", "3", "--gamma", "0.5"], "--gamma"),    # only step uses gamma
+    (["--schedule", "step", "--decay-steps", "3", "--floor", "0.5"], "--floor"),      # only cosine uses floor
+])
+def test_schedule_options_the_schedule_would_ignore_are_refused(tiny, tmp_path, capsys, options, named):
+    assert train_tiny(tiny, tmp_path / "a.npz", *options) == 1
+    err = capsys.readouterr().err
+    assert f"structc: error: {named} " in err and "--schedule" in err
+    assert not (tmp_path / "a.npz").exists()
+
+
+def test_resume_with_another_schedule_says_so(tiny, tmp_path, capsys):
+    """The README's promise: a resumed run keeps the run's --schedule and warns when told otherwise."""
+    assert train_tiny(tiny, tmp_path / "a.npz", "--schedule", "step", "--decay-steps", "3") == 0
+    resume = ["train", tiny[0], "--data", tiny[1], "--epochs", "3", "--resume", str(tmp_path / "a.npz"),
+              "--out", str(tmp_path / "b")]
+    capsys.readouterr()
+    assert main(resume) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(resume + ["--schedule", "cosine", "--decay-steps", "30"]) == 0
+    assert ("--schedule cosine (decay-steps 30, floor 0) differs from the resumed run's step (decay-steps 3, gamma 0.1)"
+            in capsys.readouterr().err)
+    assert main(resume + ["--schedule", "constant"]) == 0
+    assert "--schedule constant differs from the resumed run's step" in capsys.readouterr().err
+
+
 TWO_MODELS = """model A { input x: f32[N, 5]  target y: class[N] of 2
   loss cross_entropy(dense(x, 2), y) }
 model B { input x: f32[N, 5]  target y: class[N] of 2
