@@ -450,7 +450,7 @@ def cmd_train(args) -> int:
     import numpy as np
 
     from .native import set_num_threads
-    from .train import TrainConfig, restore_optimizer, save_state, train
+    from .train import TrainConfig, save_state, train
     if args.init and args.resume:
         raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
     _check_validation_options(args)
@@ -500,12 +500,7 @@ def cmd_train(args) -> int:
         net.set_schedule(**cfg.schedule)           # data-parallel training too
     net.set_seed(cfg.seed)      # dropout's masks: the run's seed, a resumed run's too (compiled with --seed or 0)
     if state is not None:
-        # another set of frozen parameters is another arena layout: the saved moments would not line up
-        same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
-        if settings["optimizer"] != saved["optimizer"] or not same_layout or not restore_optimizer(net, state):
-            if cfg.optimizer != "sgd":
-                warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: "
-                     f"it starts from zero, so this run differs from an uninterrupted one")
+        _continue_optimizer(net, state, cfg)
     metrics = _start_metrics_log(out, cfg, args.resume) if root else None
     board = _tensorboard(args.tensorboard) if root and args.tensorboard else None
     if root:
@@ -546,6 +541,25 @@ def cmd_train(args) -> int:
         return 1
     print(f"saved parameters to {written}{result}")
     return 0
+
+
+def _continue_optimizer(net, state: dict, cfg) -> None:
+    """The resumed run's optimizer state; when its moments cannot be restored (another
+    --optimizer or --freeze), its step and dropout counts, saying what starts from zero."""
+    from .train import restore_counters, restore_optimizer
+    saved = state["config"]
+    # another set of frozen parameters is another arena layout: the saved moments would not line up
+    same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
+    if cfg.optimizer == saved["optimizer"] and same_layout and restore_optimizer(net, state):
+        return
+    kept_step = restore_counters(net, state, cfg.optimizer)
+    restarts = ", and so does the --schedule" if not kept_step and net.schedule is not None else ""
+    if cfg.optimizer == "adam" or (not kept_step and (cfg.optimizer != "sgd" or restarts)):
+        warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: it starts "
+             f"from zero{restarts}, so this run differs from an uninterrupted one")
+    elif cfg.optimizer == "momentum":
+        warn("the momentum optimizer's moments could not be restored: they start from zero, so this run "
+             "differs from an uninterrupted one")
 
 
 def _stream_choice(args) -> bool | None:

@@ -427,6 +427,23 @@ def load_state(path: str | Path) -> dict:
     return state
 
 
+def restore_counters(net, state: dict, optimizer: str) -> bool:
+    """When the saved moments cannot be restored (another optimizer, another frozen set):
+    `optimizer` from zero moments, with the run's dropout call count and, except for Adam
+    (whose bias correction counts from its moments' first step), its step count, so that a
+    schedule goes on where it was. Whether the step count was kept."""
+    if "optimizer_step" not in state or not optimizer_state_restorable(net):
+        return False
+    net.set_optimizer(optimizer)        # now: `configure` would otherwise restart the count below
+    keep_step = optimizer != "adam"
+    with net._lock:
+        net._state_arena[:] = 0
+        net._step = int(state["optimizer_step"]) if keep_step else 0
+        if hasattr(net, "_draws"):
+            net._draws = int(state.get("dropout_draws", state["optimizer_step"]))
+    return keep_step
+
+
 def _read_archive(path: str | Path) -> dict:
     """Every array of the `.npz` at `path`; a ValueError when it is not one or is cut short."""
     with open(path, "rb") as f:

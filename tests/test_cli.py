@@ -471,6 +471,38 @@ def test_resume_with_another_schedule_says_so(tiny, tmp_path, capsys):
     assert "--schedule constant differs from the resumed run's step" in capsys.readouterr().err
 
 
+def test_resume_with_another_optimizer_keeps_the_schedule_where_it_was(tiny, tmp_path, capsys):
+    """Adam's moments cannot carry over to SGD, but the schedule's position is the run's:
+    epoch 2's last step is step 13 of the step schedule, as in an uninterrupted run."""
+    import json
+
+    from structc.schedules import lr_factor
+    sched = ["--schedule", "step", "--decay-steps", "3", "--gamma", "0.5"]
+    assert main(["train", tiny[0], "--data", tiny[1], "--epochs", "1", "--out", str(tmp_path / "a.npz"), "--optimizer", "adam",
+                 *sched]) == 0
+    for optimizer, warning in (("sgd", None), ("momentum", "the momentum optimizer's moments could not be "
+                                                            "restored: they start from zero")):
+        capsys.readouterr()
+        assert main(["train", tiny[0], "--data", tiny[1], "--epochs", "2", "--resume", str(tmp_path / "a.npz"), "--optimizer",
+                     optimizer, "--out", str(tmp_path / optimizer)]) == 0
+        err = capsys.readouterr().err
+        assert (warning in err) if warning else ("could not be restored" not in err)
+        lrs = [json.loads(line)["lr"] for line in (tmp_path / f"{optimizer}.metrics.jsonl").read_text().splitlines()]
+        spec = {"kind": "step", "warmup": 0, "decay_steps": 3, "gamma": 0.5, "floor": 0.0}
+        assert lrs == pytest.approx([0.1 * lr_factor(spec, 6), 0.1 * lr_factor(spec, 13)]), optimizer
+
+
+def test_resume_into_adam_says_the_schedule_restarts(tiny, tmp_path, capsys):
+    """Adam's bias correction counts from its moments' first step, so its step count and
+    with it the schedule start again: said, not done silently."""
+    assert train_tiny(tiny, tmp_path / "a.npz", "--schedule", "cosine", "--decay-steps", "30") == 0
+    capsys.readouterr()
+    assert main(["train", tiny[0], "--data", tiny[1], "--epochs", "3", "--resume", str(tmp_path / "a.npz"), "--optimizer", "adam",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert ("the adam optimizer's state (moments, step count) could not be restored: it starts from zero, and "
+            "so does the --schedule" in capsys.readouterr().err)
+
+
 TWO_MODELS = """model A { input x: f32[N, 5]  target y: class[N] of 2
   loss cross_entropy(dense(x, 2), y) }
 model B { input x: f32[N, 5]  target y: class[N] of 2

@@ -218,6 +218,25 @@ def test_a_resumed_run_continues_the_masks(tmp_path):
         np.testing.assert_array_equal(whole.params[k], resumed.params[k], err_msg=k)
 
 
+def test_a_resumed_run_with_another_optimizer_continues_the_masks(tmp_path):
+    """Momentum's saved moments do not fit SGD, but dropout's call count is the run's:
+    a resumed run draws the masks an uninterrupted one would next, not the first ones again."""
+    from structc.train import TrainConfig, load_state, restore_counters, save_state
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8)).astype(np.float32), rng.integers(0, 3, 32)
+    first = structc.compile(TINY, seed=4)
+    first.set_optimizer("momentum")
+    for _ in range(3):
+        first.train_step(x=x, y=y, lr=0.1)
+    first.save_params(tmp_path / "p.npz")
+    save_state(first, tmp_path / "p.train.npz", 1, TrainConfig(optimizer="momentum", seed=4), {}, "data")
+    resumed = structc.compile(TINY, seed=4)
+    resumed.load_params(tmp_path / "p.npz")
+    assert restore_counters(resumed, load_state(tmp_path / "p.train.npz"), "sgd")
+    assert (resumed.optimizer, resumed._draws, resumed._step) == ("sgd", 3, 3)
+    assert not resumed._state_arena.any()
+
+
 @pytest.mark.parametrize("call, message", [
     ("dropout(x, 1)", "p must be a number in [0, 1)"),
     ("dropout(x, -0.1)", "p must be a number in [0, 1)"),
