@@ -384,10 +384,9 @@ def _resume_early_stopping(net, state: dict, cfg):
         warn(problem)
     kept, last = state["config"].get("kept_epoch"), state["epoch"]
     stopped = (state["config"].get("early_stop") or {}).get("stopped", True)
-    if kept is not None and kept != last and (stopped or stopper is None):
-        warn(f"the resumed run {'stopped early' if stopped else 'ended'} after epoch {last} and kept epoch "
-             f"{kept}'s parameters: training continues from those, with the optimizer state and shuffling of "
-             f"epoch {last}")
+    if kept is not None and kept != last and stopped:     # one that had not stopped trains on from its last epoch
+        warn(f"the resumed run stopped early after epoch {last} and kept epoch {kept}'s parameters: training "
+             f"continues from those, with the optimizer state and shuffling of epoch {last}")
     return stopper
 
 

@@ -395,6 +395,13 @@ def resume_early_stopping(net, state: dict, cfg: TrainConfig) -> tuple[EarlyStop
     `net` put back to the last epoch's parameters to train on from there, so the run goes on
     as an uninterrupted one would. A run that had stopped continues from the kept parameters."""
     saved = state["config"].get("early_stop")
+    with net._lock:
+        best = {name: np.array(v) for name, v in net.params.items()}
+    # where training stood, whatever is monitored now: the optimizer state belongs to those parameters
+    last = {k[len("last_params/"):]: v for k, v in state.items() if k.startswith("last_params/")}
+    if last and saved is not None and not saved.get("stopped"):
+        for name, value in last.items():
+            net.params[name] = value
     if not cfg.early_stop:
         return None, ""
     stopper = EarlyStopping(cfg.early_stop, cfg.monitor)
@@ -402,13 +409,7 @@ def resume_early_stopping(net, state: dict, cfg: TrainConfig) -> tuple[EarlyStop
         why = ("it did not stop early" if saved is None else f"it monitored {saved['monitor']}"
                if saved["monitor"] != cfg.monitor else f"its {saved['monitor']} was never finite")
         return stopper, f"early stopping starts afresh: {why}"
-    with net._lock:
-        best = {name: np.array(v) for name, v in net.params.items()}
     stopper.resume(saved, best)
-    last = {k[len("last_params/"):]: v for k, v in state.items() if k.startswith("last_params/")}
-    if last and not saved.get("stopped"):
-        for name, value in last.items():
-            net.params[name] = value
     warning = ""
     if saved["patience"] != cfg.early_stop:
         warning = f"--early-stop {cfg.early_stop} differs from the resumed run's {saved['patience']}"

@@ -188,3 +188,27 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(noise, capsys):
         assert a.files == b.files
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_resumed_run_told_another_monitor_trains_on_from_its_last_epoch(noise, capsys):
+    """A run that ended (not stopped) keeping an earlier epoch, resumed with another --monitor:
+    its early stopping starts afresh, but training goes on from the last epoch's parameters,
+    which the optimizer state belongs to, not from the kept ones."""
+    run = noise / "monitored.npz"
+    common = [str(noise / "noise.snet"), "--data", str(noise / "noise.npz"), "--lr", "0.5", "--no-progress"]
+    assert main(["train", *common, "--epochs", "6", "--val-split", "0.2", "--early-stop", "20",
+                 "--out", str(run)]) == 0
+    from structc.train import load_state, resume_early_stopping, state_path
+    state = load_state(state_path(run))
+    assert state["config"]["kept_epoch"] < 6                # validation got worse: an earlier epoch kept
+    last = {k[len("last_params/"):]: v for k, v in state.items() if k.startswith("last_params/")}
+    net = structc.compile(noise / "noise.snet")
+    net.load_params(run)
+    stopper, warning = resume_early_stopping(net, state, TrainConfig(val_split=0.2, early_stop=20,
+                                                                     monitor="val_acc"))
+    assert warning == "early stopping starts afresh: it monitored val_loss" and stopper.best_epoch is None
+    for name, value in last.items():
+        np.testing.assert_array_equal(net.params[name], value, err_msg=name)
+    capsys.readouterr()
+    assert main(["train", *common, "--epochs", "7", "--resume", str(run), "--monitor", "val_acc"]) == 0
+    assert "training continues from those" not in capsys.readouterr().err
