@@ -211,6 +211,34 @@ def float_arithmetic_inputs(g: Graph) -> list[str]:
     return found
 
 
+#: inputs a binder makes (and checks) from a forest, graph or batch of sequences
+_BOUND_KINDS = frozenset({"forest", "graph", "sequence"})
+
+
+def index_inputs(g: Graph) -> dict[str, list]:
+    """The caller's integer inputs whose values are row ids (an op's `index_bounds`),
+    read directly or through ops that only move them (views, copies), with the rows
+    each use picks from (ints or size symbols): kernels clamp an id outside, which
+    would silently be another row, so `Net` refuses such an id at the call."""
+    found: dict[str, list] = {}
+    for name, nid in g.inputs.items():
+        node = g.nodes[nid]
+        if node.type.is_float or node.attrs.get("kind") in _BOUND_KINDS:
+            continue
+        stack, seen = [nid], {nid}
+        while stack:
+            v = stack.pop()
+            for u in g.users(v):
+                user = g.nodes[u]
+                for pos, rows in user.op.index_bounds(g, user).items():
+                    if user.inputs[pos] == v and rows not in found.setdefault(name, []):
+                        found[name].append(rows)
+                if user.op.traits & {"view", "moves_data"} and not user.type.is_float and u not in seen:
+                    seen.add(u)
+                    stack.append(u)
+    return {name: rows for name, rows in found.items() if rows}
+
+
 def eval_loss_graph(mdef: ModelDef) -> Graph:
     """The loss and the model's named outputs in inference form (running statistics,
     dropout off): what held-out evaluation measures, in one call with no backward
@@ -533,6 +561,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "buffers": sorted(n for n, p in mdef.params.items() if p.buffer),   # written by the training entry
         "batch_counts": batch_counts(forward),      # `Net` refuses to train with one value per channel
         "float_arithmetic_inputs": float_arithmetic_inputs(forward),   # `Net` refuses values beyond 2**24
+        "index_inputs": index_inputs(forward),      # `Net` refuses ids outside the rows they pick from
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step

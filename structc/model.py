@@ -226,6 +226,21 @@ def _check_exact_in_float32(names: frozenset, entry: _Entry, arrays: list) -> No
                                  "2**24 in magnitude, or only index with them)")
 
 
+def _check_indices(bounds: Mapping[str, list], entry: _Entry, arrays: list, dims: Mapping[str, int]) -> None:
+    """Refuse row ids outside the rows they pick from (`compiler.index_inputs`): the
+    kernels clamp them, so `E[k]` of a k past E's rows would silently be another row."""
+    for spec, arr in zip(entry.inputs, arrays):
+        rows = bounds.get(spec.name)
+        if rows is None:
+            continue
+        n = min(r if r.__class__ is int else dims.get(r, 1) for r in rows)
+        bad = _runtime.first_out_of_range(arr, 0, n)
+        if bad >= 0:
+            where = tuple(int(i) for i in np.unravel_index(bad, arr.shape))
+            raise ValueError(f"input '{spec.name}': id {arr.reshape(-1)[bad]} at position {where} is outside "
+                             f"[0, {n}), the rows it picks from (native code would clamp it to another row)")
+
+
 #: what every part of a model must agree on: its entries share the arena, the inputs and the dims
 _SHARED_META = ("params", "param_size", "frozen", "inputs", "forests", "graphs", "sequences", "symbols")
 
@@ -299,6 +314,7 @@ class Net:
         self._restorers = tuple(b.restore for b in self._binders if hasattr(b, "restore"))
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
+        self._index_ids = meta.get("index_inputs", {})     # integers used as row ids: checked against the rows
         self._forward_plan = self._call_plan("forward", 0)      # `net(x=x)` on ndarrays: checked in C
         self._train_plan = None         # `train_step`'s, made on its first call (the entry may be deferred)
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
@@ -516,9 +532,15 @@ class Net:
             return tuple(d if d.__class__ is int else -1 - symbol[d] for d in shape)
         if any(d.__class__ is not int and d not in bound for _, shape, _ in entry.outputs for d in shape):
             return _NO_PLAN     # an output axis no input binds: `_run` says so
+        limits = {}         # the plan checks labels and row ids alike: every value in [0, limit)
+        for s in entry.inputs:
+            rows = self._index_ids.get(s.name, ())
+            if any(r.__class__ is not int for r in rows):
+                return _NO_PLAN     # ids into rows counted at run time: `_run` checks them
+            limits[s.name] = min(list(rows) + ([s.classes] if s.classes else []), default=0)
         # sealed: a binder's array of a Graph, which the plan takes again unchecked when it is the last one
         inputs = [(sys.intern(s.name), memoryview(np.empty(0, s.dtype)).format, np.dtype(s.dtype).itemsize,
-                   np.dtype(s.dtype).alignment, coded(s.shape), s.classes or 0,
+                   np.dtype(s.dtype).alignment, coded(s.shape), limits[s.name],
                    expanded and s.name in self._sealed_inputs) for s in entry.inputs]
         outputs = [(sys.intern(name), np.dtype(dtype), np.dtype(dtype).itemsize, coded(shape))
                    for name, shape, dtype in entry.outputs]
@@ -558,6 +580,8 @@ class Net:
             _check_batch_counts(self._batch_counts, dims)
         if self._float_ints:
             _check_exact_in_float32(self._float_ints, entry, arrays)
+        if self._index_ids:
+            _check_indices(self._index_ids, entry, arrays, dims)
         if dims_out is not None:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])

@@ -68,3 +68,50 @@ def test_integers_beyond_2_24_are_refused_where_float32_arithmetic_would_round_t
     indexed = structc.compile("model E {\n  input k: i32[N]\n  param E: embedding(5, 2)\n  output s = E[k]\n}",
                               cache=False)
     assert indexed.meta["float_arithmetic_inputs"] == []
+
+
+INDEXED = {
+    "gather": ("model G {\n  input k: i32[N]\n  param E: embedding(5, 2) = normal(1)\n  output s = E[k]\n}", 5),
+    "gather through a reshape": ("model R {\n  input k: i32[N, 1]\n  param E: embedding(5, 2) = normal(1)\n"
+                                 "  output s = E[reshape(k, N)]\n}", 5),
+    "onehot": ("model O {\n  input k: i64[N]\n  output s = onehot(k, 3)\n}", 3),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(INDEXED))
+def indexed(request):
+    source, rows = INDEXED[request.param]
+    return structc.compile(source), rows
+
+
+@pytest.mark.parametrize("bad", [-1, "rows", 2**31 - 1])
+@pytest.mark.parametrize("path", ["fast", "python"])
+def test_an_index_outside_its_table_is_refused_not_clamped(indexed, bad, path):
+    """A plain integer input used as row ids (`E[k]`, `onehot(k, C)`) is not declared
+    `class[...] of V`, yet its values index a table: the kernels clamp a stray id (E[5]
+    gave E's last row, onehot(3, 3) a row of zeros), a silently wrong result. Refused
+    at the call instead, on the C call plan and the Python path alike, naming the id."""
+    net, rows = indexed
+    shape = tuple(3 if d == "N" else d for d in net.meta["inputs"][0]["shape"])
+    dtype = np.dtype(structc.model._NP[net.meta["inputs"][0]["dtype"]])
+    k = np.zeros(shape, dtype)
+    net(k=k)                                    # the workspace grown: a call as declared takes the C plan
+    k.flat[1] = rows if bad == "rows" else bad
+    if path == "python":
+        k = np.stack([k, k], axis=-1)[..., 0]   # not contiguous: the Python path takes the call
+    with pytest.raises(ValueError, match=rf"input 'k': id {k.flat[1]} at position .* is outside \[0, {rows}\)"):
+        net(k=k)
+    k.flat[1] = rows - 1
+    out = net(k=k)                              # the largest id is fine
+    assert out.shape[0] == k.size
+
+
+def test_training_refuses_an_index_outside_its_table_before_anything_changes():
+    net = structc.compile("model T {\n  input w: i32[N]\n  target y: class[N] of 2\n  param E: embedding(4, 3)\n"
+                          "  loss cross_entropy(dense(E[w], 2), y)\n}")
+    before = {name: p.copy() for name, p in net.params.items()}
+    for call in (net.grad, net.train_step, net.grad_into_arena, net.loss):
+        with pytest.raises(ValueError, match=r"input 'w': id 4 at position \(1,\) is outside \[0, 4\)"):
+            call(w=np.array([0, 4], np.int32), y=np.zeros(2, np.int32))
+    assert all(np.array_equal(p, before[name]) for name, p in net.params.items())
+    net.train_step(w=np.array([0, 3], np.int32), y=np.zeros(2, np.int32))

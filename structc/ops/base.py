@@ -88,6 +88,13 @@ class Op:
         """Operands the test suite runs this op on (forward, gradient, native)."""
         return []
 
+    def index_bounds(self, graph, node) -> dict:
+        """The operands this node reads as row ids, by position, with the rows they
+        pick from (an int, or a size symbol): its kernel clamps an id outside
+        [0, rows), so `Net` refuses one in the inputs that reach it
+        (`compiler.index_inputs`) rather than give another row's result."""
+        return {}
+
     # -- derived ---------------------------------------------------------
     def infer(self, *types: TensorType, **attrs) -> TensorType:
         tensors, _ = self.signature()

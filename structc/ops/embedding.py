@@ -5,8 +5,9 @@
     onehot(ids, C)[i, c] = 1(ids[i] = c)                    (the seed's indicator embedding)
 
 Indices are checked in Python before native code runs (class labels, forest
-word ids and roots); the kernels also clamp them, so a stray index can never
-read or write outside a buffer.
+word ids and roots, and any integer input reaching an op's `index_bounds`);
+the kernels also clamp them, so a stray index can never read or write
+outside a buffer.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ class GatherRows(Op):
 
     def vjp(self, b, g, out, table, ids):
         return [b.scatter_rows(g, ids, rows=table.shape[0]), None]
+
+    def index_bounds(self, graph, node) -> dict:
+        return {1: graph.nodes[node.inputs[0]].shape[0]}
 
     def reference(self, table, ids):
         return table[np.clip(ids, 0, table.shape[0] - 1)]
@@ -64,6 +68,9 @@ class ScatterRows(Op):
 
     def vjp(self, b, u, out, g, ids, *, rows):
         return [b.gather_rows(u, ids), None]
+
+    def index_bounds(self, graph, node) -> dict:
+        return {1: node.attrs["rows"]}
 
     def reference(self, g, ids, *, rows, dims=None):
         n = rows if isinstance(rows, int) else dims[rows]
@@ -118,6 +125,9 @@ class OneHot(Op):
 
     def vjp(self, b, g, out, ids, *, classes):
         return [None]
+
+    def index_bounds(self, graph, node) -> dict:
+        return {0: node.attrs["classes"]}     # an id outside gives a row of zeros
 
     def reference(self, ids, *, classes):
         return (ids[:, None] == np.arange(classes)[None, :]).astype(np.float64)
