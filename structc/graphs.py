@@ -108,9 +108,12 @@ def _floats(value, what: str, rows: int, per: str = "node") -> np.ndarray:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[0] != rows:
         raise ValueError(f"{what} must have shape [{rows}, features] (one row per {per}), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} contain NaN or infinity")
-    return _readonly(arr.astype(np.float32))
+    with np.errstate(over="ignore"):
+        f32 = arr.astype(np.float32)
+    if not np.all(np.isfinite(f32)):        # after the cast: float64 beyond float32's range becomes inf
+        raise ValueError(f"{what} contain NaN or infinity in float32 (features are float32: at most "
+                         f"{np.finfo(np.float32).max:.6g} in magnitude)")
+    return _readonly(f32)
 
 
 class Graph:

@@ -289,6 +289,9 @@ def test_edge_features_follow_their_edges():
     (lambda: Graph([[0], [1]], num_nodes=0), ValueError, "at least one node"),
     (lambda: Graph([[0], [1]], num_nodes=2, x=np.zeros((3, 6))), ValueError, r"shape \[2, features\]"),
     (lambda: Graph([[0], [1]], num_nodes=2, x=[[np.nan] * 6] * 2), ValueError, "NaN"),
+    # finite in float64, infinite in float32: once kept as inf, a graph of "finite" features
+    (lambda: Graph([[0], [1]], num_nodes=2, x=[[1e39] + [0] * 5] * 2), ValueError, "infinity in float32"),
+    (lambda: Graph([[0], [1]], num_nodes=2, edge_x=[[-1e300]]), ValueError, "edge_x contain NaN or infinity"),
     (lambda: Graph([[0], [1]], num_nodes=2, edge_type=[0, 1]), ValueError, "one entry per edge"),
     (lambda: Graph([[0], [1]], num_nodes=2, graph_id=[1, 0]), ValueError, "sorted"),
 ])
