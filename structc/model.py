@@ -987,7 +987,15 @@ def _as_array(spec: _Input, value) -> np.ndarray:
             raise TypeError(f"input '{spec.name}': expected a float array {spec.describe()}, "
                             f"got dtype {arr.dtype}")
         if arr.dtype != spec.dtype:
-            arr = arr.astype(spec.dtype)
+            with np.errstate(over="ignore"):
+                converted = arr.astype(spec.dtype)
+            if kind == "f" and arr.dtype.itemsize > 4 and np.isinf(converted).any():
+                bad = np.flatnonzero(np.isinf(converted) & np.isfinite(arr))
+                if bad.size:        # finite, but beyond float32's range: it would become an infinity
+                    where = tuple(int(i) for i in np.unravel_index(bad[0], arr.shape))
+                    raise ValueError(f"input '{spec.name}': {arr.reshape(-1)[bad[0]].item()!r} at position "
+                                     f"{where} is beyond float32's range (the model's inputs are float32)")
+            arr = converted
     return _contiguous_aligned(arr)
 
 

@@ -195,6 +195,20 @@ def test_inputs_are_converted_when_lossless(mlp):
     net.grad(x=x, y=y.astype(np.int64))
 
 
+def test_a_float64_input_beyond_float32_is_refused_but_infinities_pass(mlp):
+    """Converting float64 to float32 rounds, but must not turn a finite value into
+    infinity (as int64 that does not fit int32 is refused): 1e39 once reached native
+    code as inf, with only numpy's RuntimeWarning. An infinity given stays one."""
+    net, _ = mlp
+    x, _ = batch(3)
+    big = x.astype(np.float64)
+    big[1, 4] = -1e39
+    with pytest.raises(ValueError, match=r"input 'x': -1e\+39 at position \(1, 4\) is beyond float32's range"):
+        net(x=big)
+    big[1, 4] = -np.inf
+    assert np.isnan(net(x=big)[1]).all() and not np.isnan(net(x=big)[0]).any()
+
+
 def test_a_misaligned_input_reaches_native_code_as_an_aligned_copy():
     """A C-contiguous float32 array at an odd address: ascontiguousarray keeps
     it as it is, so the boundary copies it (native code reads whole floats)."""
