@@ -236,6 +236,9 @@ def index_inputs(g: Graph) -> dict[str, list]:
                 if user.op.traits & {"view", "moves_data"} and not user.type.is_float and u not in seen:
                     seen.add(u)
                     stack.append(u)
+    for name, rows in found.items():       # labels are checked against their classes already
+        classes = g.nodes[g.inputs[name]].attrs.get("classes") or 0
+        rows[:] = [r for r in rows if not (classes and r.__class__ is int and r >= classes)]
     return {name: rows for name, rows in found.items() if rows}
 
 

@@ -115,3 +115,17 @@ def test_training_refuses_an_index_outside_its_table_before_anything_changes():
             call(w=np.array([0, 4], np.int32), y=np.zeros(2, np.int32))
     assert all(np.array_equal(p, before[name]) for name, p in net.params.items())
     net.train_step(w=np.array([0, 3], np.int32), y=np.zeros(2, np.int32))
+
+
+def test_labels_reshaped_into_a_smaller_table_are_checked_against_its_rows():
+    """`E[c]` of class[N] of 4 into a 3-row E is a compile error; through a reshape the
+    check of the source cannot see it, so the call checks the rows (labels that fit
+    their classes are not checked twice: perceptron's onehot(y, 10) of class 10)."""
+    net = structc.compile("model M {\n  input c: class[N] of 4\n  param E: embedding(3, 2)\n"
+                          "  output o = E[reshape(c, N)]\n}")
+    assert net.meta["index_inputs"] == {"c": [3]}
+    with pytest.raises(ValueError, match=r"input 'c': id 3 at position \(0,\) is outside \[0, 3\)"):
+        net(c=np.array([3], np.int32))
+    assert net(c=np.array([2], np.int32)).shape == (1, 2)
+    same = structc.compile("model P {\n  input y: class[N] of 10\n  output o = onehot(y, 10)\n}")
+    assert same.meta["index_inputs"] == {}
