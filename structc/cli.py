@@ -170,12 +170,22 @@ def cmd_compile(args) -> int:
         raise UserError(str(e)) from None
     if args.header and not args.output:
         raise UserError("-H/--header needs -o/--output (the header describes that library)")
+    if args.params and not args.output:
+        raise UserError("--params needs -o/--output (they are built into that library)")
     if not args.output and not wanted and not args.kernel_timings:
         return _compile_to_cache(source, file, args.model, target, args.timings)
     if args.output:
         writable_output(args.output, "the library")
     if args.header:
         writable_output(args.header, "the header")
+    params = None
+    if args.params:
+        from .model import _read_params
+        p = existing_params(args.params)
+        try:
+            params = _read_params(str(p))
+        except ValueError as e:
+            raise UserError(f"cannot read parameters: {e}") from None
     t0 = time.perf_counter()
     art = compile_source(source, file, args.model, target=target, dump=dump if wanted else None,
                          jit=not args.output, parts=["forward"] if args.inference else _shipped_parts(args),
@@ -184,15 +194,6 @@ def cmd_compile(args) -> int:
         print(art.timings.table())
     if args.output:
         from .ship import ShipError, write_shared_library
-        params = None
-        if args.params:
-            import numpy as np
-            p = existing_params(args.params)
-            try:
-                with np.load(p) as data:
-                    params = {k: data[k] for k in data.files}
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read parameters from {p}: {e}") from None
         try:
             write_shared_library(art, args.output, header=args.header, params=params)
         except ShipError as e:

@@ -193,16 +193,7 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
         entries = dict(meta["entries"], train=dict(meta["entries"]["train"], symbol=RAW_TRAIN))
         meta = dict(meta, entries=entries)
     target = Target(meta["target"]["triple"], meta["target"]["cpu"], meta["target"]["features"])
-    arena = None
-    if params is not None:
-        arena = np.zeros(meta["param_size"], np.float32)
-        for p in meta["params"]:
-            if p["name"] not in params:
-                raise ShipError(f"--params has no '{p['name']}'")
-            value = np.asarray(params[p["name"]], np.float32)
-            if value.shape != tuple(p["shape"]):
-                raise ShipError(f"--params: '{p['name']}' has shape {value.shape}, the model expects {tuple(p['shape'])}")
-            arena[p["offset"]:p["offset"] + value.size] = value.reshape(-1)
+    arena = None if params is None else _params_arena(meta, params)
     if art.jit and not art.llvm_ir:
         raise ShipError("a shared library needs position-independent code: compile it with jit=False")
     objects = art.objects if not art.jit else [compile_object(text, target, jit=False) for text in art.part_ir]
@@ -230,6 +221,27 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
         _write_atomically(path, out.read_bytes(), mode)
     if header:
         _write_atomically(header, header_text(meta).encode(), mode & 0o666)
+
+
+def _params_arena(meta: dict, params: dict) -> np.ndarray:
+    """The parameter arena holding `params`, checked as `Net.load_params` checks
+    a file: the same names as the model's (a file of another model is refused, not
+    built in by the names they share), each of its shape, real and finite in float32."""
+    from .model import _checked_param
+    names = [p["name"] for p in meta["params"]]
+    missing = [n for n in names if n not in params]
+    extra = [n for n in params if n not in names]
+    if missing or extra:
+        raise ShipError(f"--params do not match model {meta['model']}: missing {missing or 'none'}, "
+                        f"unexpected {extra or 'none'}")
+    arena = np.zeros(meta["param_size"], np.float32)
+    for p in meta["params"]:
+        try:
+            value = _checked_param(p["name"], params[p["name"]], tuple(p["shape"]), "--params: ")
+        except (TypeError, ValueError) as e:
+            raise ShipError(str(e)) from None
+        arena[p["offset"]:p["offset"] + value.size] = value.reshape(-1)
+    return arena
 
 
 def _rename_symbol(obj: Path, old: str, new: str) -> None:

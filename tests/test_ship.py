@@ -2,6 +2,7 @@
 checks, the on-disk cache, threads and memory."""
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -301,3 +302,55 @@ def test_a_shipped_library_flushes_subnormal_results_too(tmp_path):
     np.testing.assert_array_equal(net(x=np.full(4, tiny, np.float32)), 0.0)
     np.testing.assert_array_equal(net(x=np.array([4 * tiny], np.float32)), [2 * tiny])
     assert tiny * np.float32(0.5) > 0, "the flush leaked into the caller's numpy"
+
+
+SMALL = "model S { input x: f32[N, 3]\n target y: class[N] of 2\n loss cross_entropy(dense(x, 2), y) }\n"
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p.update(other=np.ones(3)), r"unexpected \['other'\]"),      # another model's file
+    (lambda p: p.pop("dense1.b"), r"missing \['dense1.b'\]"),
+    (lambda p: p["dense1.w"].__setitem__((0, 0), np.nan), "not finite"),
+    (lambda p: p.update({"dense1.w": p["dense1.w"] * 1e300}), "not finite"),   # float64 beyond float32
+    (lambda p: p.update({"dense1.w": p["dense1.w"] * (1 + 1j)}), "complex"),
+])
+def test_params_that_do_not_fit_are_refused(change, message, tmp_path, capsys):
+    """`--params` was held to less than `load_params`: another model's file with extra
+    names, NaN, infinity (float64 overflowing float32) and complex values were built in."""
+    src = tmp_path / "s.snet"
+    src.write_text(SMALL)
+    params = {k: np.array(v, np.float64) for k, v in structc.compile(SMALL).params.items()}
+    change(params)
+    np.savez(tmp_path / "p.npz", **params)
+    assert main(["compile", str(src), "-o", str(tmp_path / "s.so"), "--params", str(tmp_path / "p.npz")]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "s.so").exists()
+    art = api.compile_artifact(SMALL, jit=False)
+    with pytest.raises(ship.ShipError, match=message):
+        ship.write_shared_library(art, tmp_path / "s.so", params=params)
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", None])
+def test_params_that_are_not_an_archive_are_a_clear_error(content, tmp_path, capsys):
+    """A damaged .npz ended in zipfile's traceback, a bare .npy in 'does not support
+    the context manager protocol'."""
+    src = tmp_path / "s.snet"
+    src.write_text(SMALL)
+    path = tmp_path / "p.npz"
+    if content is None:
+        path = tmp_path / "p.npy"
+        np.save(path, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    assert main(["compile", str(src), "-o", str(tmp_path / "s.so"), "--params", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read parameters: {path}" in err and ("bare array" in err or "not a parameter file" in err), err
+
+
+def test_params_without_a_library_are_refused(tmp_path, capsys):
+    """`compile m.snet --params p.npz` without -o compiled into the cache and dropped them."""
+    src = tmp_path / "s.snet"
+    src.write_text(SMALL)
+    structc.compile(SMALL).save_params(tmp_path / "p.npz")
+    assert main(["compile", str(src), "--params", str(tmp_path / "p.npz")]) == 1
+    assert "--params needs -o/--output" in capsys.readouterr().err
