@@ -354,3 +354,23 @@ def test_params_without_a_library_are_refused(tmp_path, capsys):
     structc.compile(SMALL).save_params(tmp_path / "p.npz")
     assert main(["compile", str(src), "--params", str(tmp_path / "p.npz")]) == 1
     assert "--params needs -o/--output" in capsys.readouterr().err
+
+
+@needs_cc
+@pytest.mark.parametrize("cpu", ["generic", "x86-64-v2"])
+def test_four_columns_compile_for_four_lane_targets(cpu, tmp_path):
+    """A product with 4 output columns (a `dense(h, 4)`) failed to compile for SSE
+    targets ("vector1 needs to be of VectorType"): the narrow kernel's vectors along k
+    held a single k there. The library's outputs and a training step agree with the
+    host's compile."""
+    src = tmp_path / "four.snet"
+    src.write_text("model Four { input x: f32[N, 7]\n target y: class[N] of 4\n"
+                   " h = dense(x, 4) |> tanh\n loss cross_entropy(dense(h, 4), y) }\n")
+    assert main(["compile", str(src), "-o", str(tmp_path / "f.so"), "--target-cpu", cpu]) == 0
+    net, ref = structc.load(tmp_path / "f.so", seed=3), structc.compile(src, seed=3)
+    x = np.random.default_rng(0).normal(size=(11, 7)).astype(np.float32)
+    y = np.arange(11) % 4
+    np.testing.assert_allclose(net(x=x), ref(x=x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.train_step(x=x, y=y, lr=0.1), ref.train_step(x=x, y=y, lr=0.1), rtol=1e-5)
+    for name in ref.params:
+        np.testing.assert_allclose(net.params[name], ref.params[name], rtol=1e-5, atol=1e-6)

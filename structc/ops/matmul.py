@@ -100,7 +100,9 @@ class MatMul(Op):
         n_dim = node.shape[1]
         one = lambda cg: cg.i64(1)
         m_of = lambda cg: cg.dim(m_dim)
-        if not ta and n_dim in NARROW_N:     # a few columns: vectors along k (A's rows are contiguous)
+        # a few columns: vectors along k (A's rows are contiguous), at least two k a vector;
+        # n columns of a 4-lane target's vectors (SSE) are a column panel's whole vectors
+        if not ta and n_dim in NARROW_N and n_dim < kb.vector_width:
             emit_narrow(kb, M=m_of, K=lambda cg: cg.dim(k_dim), n=n_dim, a_buf=a_id, b_buf=b_id,
                         epilogue=epilogue, name=f"matmul{node.id}")
             return
