@@ -63,7 +63,7 @@ def export(net_or_path, path, *, model: str | None = None, params=None, source: 
     with net._lock:                      # a consistent copy, even while another thread trains
         values = {name: np.array(v, dtype=np.float32) for name, v in net.params.items()}
     proto = translate(graph, values, onnx)
-    onnx.checker.check_model(proto)
+    onnx.checker.check_model(proto, full_check=True)     # types and shapes too: never write a file runtimes refuse
     _save(proto, path)
     return proto
 
@@ -226,26 +226,29 @@ class _Emitter:
         return [self.names[i] for i in node.inputs]
 
 
+def _operands_as(em, node, dtype: str) -> list[str]:
+    """The node's operands in `dtype`: ONNX wants one dtype, and structc computes on
+    an integer operand in float32 (`relu(k)`, `k * 0.5`, `threshold(k)` of an i32 `k`)."""
+    args = []
+    for nid, name in zip(node.inputs, em.ins(node)):
+        if em.graph.nodes[nid].type.dtype != dtype:
+            name = em.add("Cast", [name], to=getattr(em.onnx.TensorProto, _ONNX_DTYPES[dtype]))
+        args.append(name)
+    return args
+
+
 def _unary(onnx_op: str):
-    return lambda em, node, params: em.add(onnx_op, em.ins(node))
+    return lambda em, node, params: em.add(onnx_op, _operands_as(em, node, node.type.dtype))
 
 
 def _binary(onnx_op: str):
-    """ONNX wants one dtype; structc promotes an integer operand meeting a float one."""
-    def tr(em, node, params):
-        args = []
-        for nid, name in zip(node.inputs, em.ins(node)):
-            if em.graph.nodes[nid].type.dtype != node.type.dtype:
-                name = em.add("Cast", [name], to=getattr(em.onnx.TensorProto, _ONNX_DTYPES[node.type.dtype]))
-            args.append(name)
-        return em.add(onnx_op, args)
-    return tr
+    return lambda em, node, params: em.add(onnx_op, _operands_as(em, node, node.type.dtype))
 
 
 def _as_float_mask(onnx_op: str, *, zero_operand: bool = False):
     """A comparison as a 0/1 float tensor, like structc's masks."""
     def tr(em, node, params):
-        args = em.ins(node) + ([em.constant(0.0, dtype=np.float32)] if zero_operand else [])
+        args = _operands_as(em, node, "f32") + ([em.constant(0.0, dtype=np.float32)] if zero_operand else [])
         return em.add("Cast", [em.add(onnx_op, args)], to=em.onnx.TensorProto.FLOAT)
     return tr
 
@@ -271,7 +274,7 @@ def _dim(em, node, params):
 
 
 def _square(em, node, params):
-    (x,) = em.ins(node)
+    (x,) = _operands_as(em, node, node.type.dtype)
     return em.add("Mul", [x, x])
 
 

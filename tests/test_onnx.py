@@ -223,3 +223,15 @@ def test_ops_only_rewrites_make(tmp_path):
     sv = xv[:, 1:4]
     wv = np.broadcast_to(sv.sum(0), (6, 3))
     np.testing.assert_allclose(run_onnx(tmp_path / "t.onnx", x=xv)["y"], (sv > wv * 0.3) - wv, rtol=1e-5)
+
+
+def test_arithmetic_on_integer_inputs_is_done_in_float32_as_structc_does(tmp_path):
+    """structc computes on an integer input in float32; the translations of one-operand
+    ops and comparisons gave ONNX the int32 tensor itself: an exported file onnxruntime
+    refused to load (Exp of int32; Neg's int32 result where a float one was declared)."""
+    net = structc.compile("model I { input k: i32[N, 3]\n"
+                          " output a = relu(k) + abs(k) + sigmoid(k) + tanh(k) + exp(k * 0.1) + log(k + 1)\n"
+                          " output b = sqrt(k) + square(k) - k + threshold(k - 2) + threshold(k) }")
+    export(net, tmp_path / "i.onnx")
+    for k in ([[0, 5, 2]], [[3, 1, 4], [6, 0, 2]]):
+        assert_same_outputs(net, tmp_path / "i.onnx", k=np.array(k, np.int32))
