@@ -146,9 +146,14 @@ def header_text(meta: dict) -> str:
              f"#define SC_N_HYPER {meta['n_hyper']}   /* lr, momentum, beta1, beta2, eps, adam step, adam v scale, weight decay, clip norm (0: off), clip scale (written by the step), vectors' decay, 1 - each loss term's weight (4: zero unless data-parallel), dropout key (2 words) and step (uint32 bits) */",
              f"#define SC_N_DIMS {len(meta['symbols'])}   /* dims, in this order: {dims} */", ""]
     lines.append("/* Parameters: offsets (in floats) into the arena. */")
+    taken = {"SC_PARAM_SIZE": "the arena's size"}     # C keeps the last of two defines, with a warning
     for p in meta["params"]:
-        shape = "x".join(map(str, p["shape"]))
-        lines.append(f"#define SC_PARAM_{_c_name(p['name'])} {p['offset']}   /* {p['name']}: f32[{shape}] */")
+        macro, shape = f"SC_PARAM_{_c_name(p['name'])}", "x".join(map(str, p["shape"]))
+        if macro in taken:
+            raise ShipError(f"the C header would define {macro} for both {taken[macro]} and parameter "
+                            f"'{p['name']}' (a C name keeps letters and digits, upper-cased): rename one of them")
+        taken[macro] = f"parameter '{p['name']}'"
+        lines.append(f"#define {macro} {p['offset']}   /* {p['name']}: f32[{shape}] */")
     lines.append("")
     if _has_dropout_wrapper(meta):
         lines += ["/* Dropout: sc_train draws new masks on every call by itself. Leave hyper's dropout slots",
@@ -194,6 +199,7 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
         meta = dict(meta, entries=entries)
     target = Target(meta["target"]["triple"], meta["target"]["cpu"], meta["target"]["features"])
     arena = None if params is None else _params_arena(meta, params)
+    header_source = header_text(meta) if header else None      # checked before anything is written
     if art.jit and not art.llvm_ir:
         raise ShipError("a shared library needs position-independent code: compile it with jit=False")
     objects = art.objects if not art.jit else [compile_object(text, target, jit=False) for text in art.part_ir]
@@ -220,7 +226,7 @@ def write_shared_library(art: Artifact, path, header: str | None = None,
         mode = stat.S_IMODE(out.stat().st_mode)      # as the linker made it, under the user's umask
         _write_atomically(path, out.read_bytes(), mode)
     if header:
-        _write_atomically(header, header_text(meta).encode(), mode & 0o666)
+        _write_atomically(header, header_source.encode(), mode & 0o666)
 
 
 def _params_arena(meta: dict, params: dict) -> np.ndarray:

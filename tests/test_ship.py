@@ -374,3 +374,17 @@ def test_four_columns_compile_for_four_lane_targets(cpu, tmp_path):
     np.testing.assert_allclose(net.train_step(x=x, y=y, lr=0.1), ref.train_step(x=x, y=y, lr=0.1), rtol=1e-5)
     for name in ref.params:
         np.testing.assert_allclose(net.params[name], ref.params[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("second, clash", [("w", "parameter 'W'"), ("size", "SC_PARAM_SIZE")])
+def test_parameters_the_header_would_name_alike_are_refused(second, clash, tmp_path, capsys):
+    """`W` and `w` were both `#define SC_PARAM_W` (C keeps the last, with only a warning: the
+    offset of the other parameter), and a parameter `size` redefined SC_PARAM_SIZE, the
+    arena's length. Nothing is written."""
+    src = tmp_path / "c.snet"
+    src.write_text(f"model C {{ input x: f32[N, 3]\n param W: f32[3, 2] = normal(1.0)\n"
+                   f" param {second}: f32[3, 2] = normal(1.0)\n output y = x @ W - x @ {second} }}\n")
+    assert main(["compile", str(src), "-o", str(tmp_path / "c.so"), "-H", str(tmp_path / "c.h")]) == 1
+    err = capsys.readouterr().err
+    assert f"SC_PARAM_{second.upper()}" in err and clash in err and f"'{second}'" in err, err
+    assert not (tmp_path / "c.so").exists() and not (tmp_path / "c.h").exists()
