@@ -74,14 +74,14 @@ RAW_TRAIN = "sc_train_entry"
 _DROPOUT_WRAPPER = """
 #include <stdatomic.h>
 #include <string.h>
-int32_t {raw}(float *, float *, float *, void *, void **, void **, const int64_t *, const float *, int64_t);
+int32_t {raw}(float *, float *, float *, void *, void **, void **, const int64_t *, float *, int64_t);
 static _Atomic uint32_t dropout_key0 = {k0}u, dropout_key1 = {k1}u;   /* SeedSequence({seed}) */
 static _Atomic uint32_t dropout_draws;      /* training calls so far */
 void sc_set_dropout_key(uint32_t k0, uint32_t k1) {{ atomic_store(&dropout_key0, k0); atomic_store(&dropout_key1, k1); }}
 uint32_t sc_dropout_step(void) {{ return atomic_load(&dropout_draws); }}
 void sc_set_dropout_step(uint32_t step) {{ atomic_store(&dropout_draws, step); }}
 int32_t sc_train(float *params, float *grads, float *state, void *workspace, void **inputs, void **outputs,
-                 const int64_t *dims, const float *hyper, int64_t mode) {{
+                 const int64_t *dims, float *hyper, int64_t mode) {{
     float h[{n_hyper}];
     uint32_t bits[3];
     memcpy(h, hyper, sizeof h);
@@ -93,7 +93,7 @@ int32_t sc_train(float *params, float *grads, float *state, void *workspace, voi
     }}
     memcpy(h + {key0}, bits, sizeof bits);
     int32_t status = {raw}(params, grads, state, workspace, inputs, outputs, dims, h, mode);
-    ((float *)hyper)[{clip_scale}] = h[{clip_scale}];   /* written by the step, as the entry itself does */
+    hyper[{clip_scale}] = h[{clip_scale}];   /* written by the step, as the entry itself does */
     return status;
 }}
 """
@@ -165,8 +165,10 @@ def header_text(meta: dict) -> str:
                   "void sc_set_dropout_key(uint32_t k0, uint32_t k1);",
                   "uint32_t sc_dropout_step(void);", "void sc_set_dropout_step(uint32_t step);",
                   "int32_t sc_train(float *params, float *grads, float *state, void *workspace,\n"
-                  "        void **inputs, void **outputs, const int64_t *dims, const float *hyper, int64_t mode);", ""]
+                  "        void **inputs, void **outputs, const int64_t *dims, float *hyper, int64_t mode);", ""]
     for kind, entry in meta["entries"].items():
+        # the training step and the update write hyper's clip scale (SC_N_HYPER's list): not const
+        hyper = "float *hyper" if kind in ("train", "update") else "const float *hyper"
         lines.append(f"/* {entry['symbol']}: inputs, in order: "
                      + (", ".join(entry["inputs"]) or "none") + "; outputs: "
                      + (", ".join(f"{o['name']} {o['dtype']}[{', '.join(map(str, o['shape']))}]"
@@ -178,7 +180,7 @@ def header_text(meta: dict) -> str:
                         if kind == "eval_loss" else "")
                      + ". Returns 0 on success. */")
         lines.append(f"int32_t {entry['symbol']}(float *params, float *grads, float *state, void *workspace,\n"
-                     f"        void **inputs, void **outputs, const int64_t *dims, const float *hyper, int64_t mode);")
+                     f"        void **inputs, void **outputs, const int64_t *dims, {hyper}, int64_t mode);")
         lines.append(f"int64_t {entry['workspace']}(const int64_t *dims);   /* bytes of workspace for these dims; -1: overflows int64 */")
         lines.append("")
     lines += ["const char *sc_metadata(void);          /* JSON: inputs, outputs, parameters, target */",

@@ -388,3 +388,22 @@ def test_parameters_the_header_would_name_alike_are_refused(second, clash, tmp_p
     err = capsys.readouterr().err
     assert f"SC_PARAM_{second.upper()}" in err and clash in err and f"'{second}'" in err, err
     assert not (tmp_path / "c.so").exists() and not (tmp_path / "c.h").exists()
+
+
+def test_header_says_which_entries_write_hyper():
+    """sc_train and sc_update write the clip scale into `hyper` (every call), yet the
+    header declared `const float *hyper`: a C program passing a `static const` array
+    compiled without a warning and crashed writing read-only memory."""
+    meta = api.compile_artifact(SMALL, jit=False, parts=["forward", "training"]).meta
+    found = re.findall(r"int32_t (\w+)\(float \*params[^;]*?(const )?float \*hyper", ship.header_text(meta))
+    assert dict(found) == {"sc_forward": "const ", "sc_train": "", "sc_update": ""}, found
+
+
+def test_header_of_a_dropout_model_declares_the_wrapper_writable():
+    meta = api.compile_artifact("model D { input x: f32[N, 3]\n target y: class[N] of 2\n"
+                                " loss cross_entropy(dense(dropout(x, 0.5), 2), y) }", jit=False).meta
+    meta = dict(meta, entries=dict(meta["entries"], train=dict(meta["entries"]["train"], symbol=ship.RAW_TRAIN)))
+    text = ship.header_text(meta)
+    for name in ("sc_train", ship.RAW_TRAIN, "sc_update"):
+        (decl,) = [d for d in text.split(";") if f"int32_t {name}(" in d]
+        assert "const float *hyper" not in decl and "float *hyper" in decl, decl
