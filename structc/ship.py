@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import weakref
 from importlib.resources import files
@@ -317,6 +318,32 @@ class SharedModule:
         self.lib.sc_set_num_threads(n)
 
 
+def _check_complete(path: str) -> None:
+    """Refuse a 64-bit ELF file shorter than its own headers say (a copy cut short):
+    the loader maps such a file as it is, and touching a missing page kills the
+    process with SIGBUS, past anything Python can catch. The section headers come
+    last in what linkers write, so any cut loses them."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        size = os.fstat(f.fileno()).st_size
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] not in (1, 2):
+            return          # not a 64-bit ELF file: the loader says what it is
+        order = "<" if head[5] == 1 else ">"
+        phoff, shoff = struct.unpack_from(order + "QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", head, 0x36)
+        need = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+        if phoff + phentsize * phnum <= size and phentsize >= 56:
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for k in range(phnum):
+                kind, _, offset, _, _, filesz = struct.unpack_from(order + "IIQQQQ", table, k * phentsize)
+                if kind == 1:       # PT_LOAD: mapped from the file
+                    need = max(need, offset + filesz)
+    if size < need:
+        raise ShipError(f"{path} is truncated ({size} bytes; its headers say at least {need}): "
+                        "rebuild it or copy it again")
+
+
 def load(path, seed: int = 0):
     """A `Net` from a shared library written by `structc compile -o`, without
     its source and without compiling. Parameters built in with `--params`
@@ -328,6 +355,7 @@ def load(path, seed: int = 0):
     path = os.path.abspath(str(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
+    _check_complete(path)
     try:
         module = SharedModule(path)
         meta = module.metadata()

@@ -407,3 +407,28 @@ def test_header_of_a_dropout_model_declares_the_wrapper_writable():
     for name in ("sc_train", ship.RAW_TRAIN, "sc_update"):
         (decl,) = [d for d in text.split(";") if f"int32_t {name}(" in d]
         assert "const float *hyper" not in decl and "float *hyper" in decl, decl
+
+
+@needs_cc
+def test_a_truncated_library_is_refused_not_a_crash(tmp_path):
+    """A library cut short (a copy interrupted, a full disk) was opened as it was: the
+    process died of SIGBUS when the loader touched the missing pages, or it loaded
+    whatever was left. In a child process, so a regression cannot take pytest down."""
+    src = tmp_path / "s.snet"
+    src.write_text(SMALL)
+    assert main(["compile", str(src), "-o", str(tmp_path / "s.so"), "--inference", "--target-cpu", "generic"]) == 0
+    data = (tmp_path / "s.so").read_bytes()
+    code = ("import sys, structc\nfrom structc.ship import ShipError\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n        structc.load(path)\n    except ShipError as e:\n        print(e)\n")
+    paths = []
+    for size in (100, len(data) // 3, len(data) - 1):
+        paths.append(tmp_path / f"cut{size}.so")
+        paths[-1].write_bytes(data[:size])
+    out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and all("is truncated" in line and "rebuild it or copy it again" in line
+                                   for line in lines), out.stdout
+    assert structc.load(tmp_path / "s.so").name == "S"
