@@ -183,3 +183,40 @@ def test_check_op_fails_a_reference_of_the_wrong_shape(monkeypatch):
     with pytest.raises(AssertionError, match=r"check_op\('softplus'\), sample 0 .*shape rule gives \[3, 5\], "
                                              r"the reference returns \[\]"):
         check_op("softplus")
+
+
+STATE_PROBES = {
+    "a module constant": ("FACTOR = {k}\n", "cg.const(FACTOR, x)"),
+    "a constant a helper reads": ("FACTOR = {k}\ndef factor():\n    return FACTOR\n", "cg.const(factor(), x)"),
+    "a table of constants": ("TABLE = {{'a': ({k}, 1)}}\n", "cg.const(TABLE['a'][0], x)"),
+    "an array": ("import numpy as np\nARRAY = np.array([1.0, {k}])\n", "cg.const(float(ARRAY[1]), x)"),
+    "a default argument": ("", "cg.const(factor, x)", "factor={k}"),
+    "a closure": ("def make(factor):\n    def emit(self, cg, x):\n        return cg.mul(x, cg.const(factor, x))\n"
+                  "    return emit\n", None),
+}
+
+
+@pytest.mark.parametrize("probe", list(STATE_PROBES))
+def test_the_key_follows_the_values_an_op_reads(probe):
+    """The key hashed an op's code but not the values it reads: a module constant (also
+    through a helper), a default argument or a closure's cell. Editing `FACTOR = 2.0` to
+    `3.0` in the op's module loaded the code compiled for 2.0 from the cache. The same
+    definition still gives the same key (no object addresses in it: a cache hit)."""
+    from structc.ops.base import _definition
+    head, expr, *default = STATE_PROBES[probe]
+    if expr is None:
+        body = "class Probe(Elementwise):\n    emit = make({k})\n"
+    else:
+        extra = f", {default[0]}" if default else ""
+        body = f"class Probe(Elementwise):\n    def emit(self, cg, x{extra}):\n        return cg.mul(x, {expr})\n"
+    code = "from structc.ops import Elementwise\n" + head + body
+    seen = []
+    for k in (2.0, 3.0, 3.0):
+        module = types.ModuleType("user_ext_probe")
+        sys.modules["user_ext_probe"] = module
+        try:
+            exec(code.format(k=k), module.__dict__)
+            seen.append(_definition(module.Probe))
+        finally:
+            del sys.modules["user_ext_probe"]
+    assert seen[0] != seen[1] and seen[1] == seen[2]

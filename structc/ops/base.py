@@ -155,8 +155,8 @@ def extension_fingerprint() -> str:
     """A hash of the definitions of the registered ops defined outside
     structc (users' ops): part of the cache key, so a changed user op is
     compiled afresh instead of loading code compiled from its old version.
-    It hashes the code as loaded (methods, and the module's functions they
-    call), not the file: a file edited but not re-imported still compiles
+    It hashes the code as loaded (methods with their default arguments and
+    closures, and the module's functions and values they read), not the file: a file edited but not re-imported still compiles
     the old code, and must not store it under the new source's key.
     Structc's own ops are covered by the compiler's fingerprint."""
     import hashlib
@@ -185,24 +185,76 @@ def _definition(cls: type) -> str:
             if key in ("__dict__", "__weakref__", "__module__", "__doc__"):
                 continue
             fn = getattr(value, "__func__", value)      # staticmethod, classmethod
-            code = getattr(fn, "__code__", None)
-            parts.append(f"{klass.__qualname__}.{key}=" + (_code(code, helpers, seen) if code else repr(value)))
+            parts.append(f"{klass.__qualname__}.{key}=" + (_function(fn, helpers, seen)
+                                                          if hasattr(fn, "__code__") else repr(value)))
     return "\n".join(parts)
 
 
+def _function(fn, helpers: dict, seen: set) -> str:
+    """A function's code, its default arguments and its closure's values."""
+    if id(fn) in seen:          # a function that refers to itself
+        return "<again>"
+    seen.add(id(fn))
+    parts = [_code(fn.__code__, helpers, seen), _value(fn.__defaults__, helpers, seen),
+             _value(fn.__kwdefaults__, helpers, seen)]
+    for cell in fn.__closure__ or ():
+        try:
+            parts.append(_value(cell.cell_contents, helpers, seen))
+        except ValueError:      # a cell not assigned yet
+            parts.append("<empty>")
+    return "|".join(parts)
+
+
 def _code(code, helpers: dict, seen: set) -> str:
-    """A code object's instructions, constants and names, with nested code
-    and the module's own functions it names, recursively."""
+    """A code object's instructions, constants and names, with nested code,
+    and what the names it reads are in the module: its own functions,
+    recursively, and its values (a constant `FACTOR = 2.0` is part of the op)."""
     out = [code.co_code.hex(), repr(code.co_names)]
     for c in code.co_consts:
         out.append(_code(c, helpers, seen) if hasattr(c, "co_code") else repr(c))
     for name in code.co_names:
-        fn = helpers.get(name)
-        inner = getattr(fn, "__code__", None)
-        if inner is not None and not _ours(fn) and name not in seen:
+        if name in helpers and name not in seen:
             seen.add(name)
-            out.append(f"{name}:" + _code(inner, helpers, seen))
+            out.append(f"{name}:" + _value(helpers[name], helpers, seen))
     return "|".join(out)
+
+
+def _value(value, helpers: dict, seen: set, depth: int = 0) -> str:
+    """A value an op reads, as text that is the same in every process: numbers,
+    strings and containers by content, arrays by their bytes, users' functions
+    by `_function`; modules, classes and structc's own functions by name; other
+    objects by their repr without addresses (their state is not followed)."""
+    import hashlib
+    import re
+    import types
+    if depth > 8:
+        return "..."
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        inner = ",".join(_value(v, helpers, seen, depth + 1) for v in value)
+        return f"{type(value).__name__}({inner})"
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}({','.join(sorted(_value(v, helpers, seen, depth + 1) for v in value))})"
+    if isinstance(value, dict):
+        items = sorted(f"{_value(k, helpers, seen, depth + 1)}:{_value(v, helpers, seen, depth + 1)}"
+                       for k, v in value.items())
+        return "dict(" + ",".join(items) + ")"
+    if isinstance(value, (np.ndarray, np.generic)):
+        arr = np.asarray(value)
+        if arr.dtype.hasobject:
+            return "array(" + _value(arr.tolist(), helpers, seen, depth + 1) + ")"
+        return f"array({arr.dtype.str},{arr.shape},{hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()})"
+    if isinstance(value, types.ModuleType):
+        return f"module {value.__name__}"
+    if isinstance(value, type):
+        return f"class {value.__module__}.{value.__qualname__}"
+    fn = getattr(value, "__func__", value)
+    if isinstance(fn, types.FunctionType):
+        if _ours(fn):
+            return f"function {fn.__module__}.{fn.__qualname__}"
+        return _function(fn, helpers, seen)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(value).__module__}.{type(value).__qualname__}:{value!r}")
 
 
 def _params(fn) -> tuple[list[str], dict[str, Any]]:
