@@ -167,11 +167,13 @@ def header_text(meta: dict) -> str:
                   "uint32_t sc_dropout_step(void);", "void sc_set_dropout_step(uint32_t step);",
                   "int32_t sc_train(float *params, float *grads, float *state, void *workspace,\n"
                   "        void **inputs, void **outputs, const int64_t *dims, float *hyper, int64_t mode);", ""]
+    specs = {spec["name"]: spec for spec in meta["inputs"]}
     for kind, entry in meta["entries"].items():
         # the training step and the update write hyper's clip scale (SC_N_HYPER's list): not const
         hyper = "float *hyper" if kind in ("train", "update") else "const float *hyper"
         lines.append(f"/* {entry['symbol']}: inputs, in order: "
-                     + (", ".join(entry["inputs"]) or "none") + "; outputs: "
+                     + (", ".join(_input_text(specs.get(name), name) for name in entry["inputs"]) or "none")
+                     + "; outputs: "
                      + (", ".join(f"{o['name']} {o['dtype']}[{', '.join(map(str, o['shape']))}]"
                                   for o in entry["outputs"]) or "none")
                      + (" (mode: 0 gradients only, 1 sgd, 2 momentum, 3 adam)" if kind == "train" else "")
@@ -188,6 +190,14 @@ def header_text(meta: dict) -> str:
               "const float *sc_default_params(void);   /* parameters built in with --params, or NULL */",
               "int sc_set_num_threads(int n);", "int sc_get_num_threads(void);", "", f"#endif  /* {guard} */", ""]
     return "\n".join(lines)
+
+
+def _input_text(spec: dict | None, name: str) -> str:
+    """An entry's input for the header: its element type and shape (labels' range too)."""
+    if spec is None:
+        return name
+    text = f"{name} {spec['dtype']}[{', '.join(map(str, spec['shape']))}]"
+    return text + (f" (values 0 to {spec['classes'] - 1})" if spec.get("classes") else "")
 
 
 def write_shared_library(art: Artifact, path, header: str | None = None,

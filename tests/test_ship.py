@@ -432,3 +432,13 @@ def test_a_truncated_library_is_refused_not_a_crash(tmp_path):
     assert len(lines) == 3 and all("is truncated" in line and "rebuild it or copy it again" in line
                                    for line in lines), out.stdout
     assert structc.load(tmp_path / "s.so").name == "S"
+
+
+def test_header_gives_each_inputs_element_type_and_shape():
+    """The header gave the outputs' types but only the inputs' names: nothing told a C
+    caller that labels are int32 (PyTorch's and many C programs' are int64, read here
+    as pairs of garbage labels) nor what range they must be in."""
+    meta = api.compile_artifact(SMALL, jit=False, parts=["forward", "training"]).meta
+    text = ship.header_text(meta)
+    assert "sc_forward: inputs, in order: x f32[N, 3]; outputs:" in text
+    assert "sc_train: inputs, in order: x f32[N, 3], y i32[N] (values 0 to 1); outputs:" in text
