@@ -254,7 +254,11 @@ def _value(value, helpers: dict, seen: set, depth: int = 0) -> str:
         if _ours(fn):
             return f"function {fn.__module__}.{fn.__qualname__}"
         return _function(fn, helpers, seen)
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(value).__module__}.{type(value).__qualname__}:{value!r}")
+    try:
+        text = repr(value)
+    except Exception:       # noqa: BLE001 - a repr that fails: the type alone
+        text = "?"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(value).__module__}.{type(value).__qualname__}:{text}")
 
 
 def _params(fn) -> tuple[list[str], dict[str, Any]]:
