@@ -364,6 +364,10 @@ def _resume(args, net) -> tuple[dict, object]:
     if state["config"].get("model") != net.name or state["digest"] != params_digest(net):
         raise UserError(f"{spath} is the training state of other parameters than {params} "
                         f"(model {state['config'].get('model')}); cannot resume")
+    before, now = state["config"].get("program"), net.meta.get("program")
+    if before is not None and now is not None and before != now:       # same parameters, other meaning
+        warn(f"model {net.name} differs from the resumed run's (its parameters' names and shapes are the "
+             f"same, its definition is not): training continues from {params} with the model as it is now")
     rng = np.random.default_rng()
     rng.bit_generator.state = state["config"]["rng"]          # the shuffling continues where it stopped
     return state, rng

@@ -623,7 +623,18 @@ def compile_program(program: Program, model: str | None = None, target: Target |
         mdef = build_model(program, model)
     if dump:
         dump("graph", str(mdef.graph))
-    return compile_model(mdef, target, dump, jit, freeze, parts, times, kernel_timings, module_cache)
+    art = compile_model(mdef, target, dump, jit, freeze, parts, times, kernel_timings, module_cache)
+    art.meta["program"] = model_digest(program, mdef.name)
+    return art
+
+
+def model_digest(program: Program, name: str) -> str:
+    """A digest of model `name`'s definition in its canonical form (`canonical_program`:
+    comments and layout left out), kept in the metadata: a source given later for
+    this model (to export it, or to resume its training) is checked against it, as
+    parameters with the same names and shapes may mean other things."""
+    model = next(m for m in program.models if m.name == name)
+    return hashlib.sha256(canonical_program(model).encode()).hexdigest()[:16]
 
 
 # Fields that hold the program's layout, not its meaning: the key ignores them.

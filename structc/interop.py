@@ -14,9 +14,23 @@ def forward_graph_of(net, source: str | None = None):
     if source is None:
         raise ValueError(f"model {net.name} carries no source (it was loaded from a library?): "
                          f"pass source=<the .snet text it was compiled from>")
-    mdef = build_model(parse(source, net.meta.get("file", "<source>")), net.name)
+    program = parse(source, net.meta.get("file", "<source>"))
+    mdef = build_model(program, net.name)
     _check_same_interface(net, mdef)
+    _check_same_program(net, program)
     return forward_graph(mdef)
+
+
+def _check_same_program(net, program) -> None:
+    """Parameters of the same names and shapes may still mean other things (relu edited
+    to tanh): the source must be the Net's own model, as its metadata's digest says
+    (libraries built before the digest was kept carry none: only their parameters are checked)."""
+    from .compiler import model_digest
+    kept = net.meta.get("program")
+    if kept is not None and model_digest(program, net.name) != kept:
+        raise ValueError(f"the source given is not the one model {net.name} was compiled from: its parameters "
+                         "match, but its definition differs (comments and layout aside); pass the source it "
+                         "was compiled from")
 
 
 def _check_same_interface(net, mdef) -> None:

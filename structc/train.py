@@ -368,6 +368,7 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
     arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
+                                             "program": net.meta.get("program"),
                                              "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
                                              "clip_norm": cfg.clip_norm, "schedule": cfg.schedule,
                                              "val_split": cfg.val_split, "kept_epoch": kept_epoch,

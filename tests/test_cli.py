@@ -397,6 +397,20 @@ def test_resume_says_what_it_cannot_continue(tiny, tmp_path, capsys):
     assert f"its training state {tmp_path / 'p.train.npz'} is missing" in capsys.readouterr().err
 
 
+def test_resume_of_an_edited_model_with_the_same_parameters_says_so(tiny, tmp_path, capsys):
+    model, data = tiny
+    assert train_tiny(tiny, tmp_path / "p.npz") == 0
+    resume = ["train", model, "--data", data, "--resume", str(tmp_path / "p.npz"), "--out", str(tmp_path / "q")]
+    Path(model).write_text("# a comment changes nothing\n" + TINY)
+    capsys.readouterr()
+    assert main(resume + ["--epochs", "3"]) == 0
+    assert "differs from the resumed run's" not in capsys.readouterr().err
+    Path(model).write_text(TINY.replace("logits = dense(x, 2)", "logits = dense(x, 2) |> tanh"))
+    assert main(resume + ["--epochs", "3"]) == 0
+    assert "model Tiny differs from the resumed run's (its parameters' names and shapes are the same, its " \
+           "definition is not)" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_state_file_of_other_parameters(tiny, tmp_path, capsys):
     assert train_tiny(tiny, tmp_path / "a.npz") == 0
     assert train_tiny(tiny, tmp_path / "b.npz", "--seed", "1") == 0

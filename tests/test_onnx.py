@@ -158,6 +158,13 @@ def test_net_without_source_is_refused_and_a_foreign_source_detected(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export(net, tmp_path / "m.onnx", source=(EXAMPLES / "digits_mlp.snet").read_text())
+    # the same parameters, another meaning: exporting it would give other outputs than the net's
+    edited = (EXAMPLES / "digits_mlp.snet").read_text().replace("relu", "tanh")
+    assert edited != (EXAMPLES / "digits_mlp.snet").read_text()
+    with pytest.raises(ValueError, match="its parameters match, but its definition differs"):
+        export(net, tmp_path / "m.onnx", source=edited)
+    # comments and layout are not the definition
+    export(net, tmp_path / "m.onnx", source="# a comment\n\n" + (EXAMPLES / "digits_mlp.snet").read_text())
 
 
 def test_cli_export_writes_a_model_onnxruntime_runs(tmp_path, capsys):
