@@ -267,6 +267,10 @@ class ModelBuilder:
             elif d.value > MAX_ELEMENTS:
                 raise SnetShapeError(f"dimension {d.value} is too large (at most 2**40)", d.span)
             dims.append(d.value)
+        if isinstance(t, S.TensorTypeExpr) and t.dtype == "f64":
+            # no kernel computes in float64: they would read its bits as float32
+            raise SnetTypeError("f64 tensors are not supported: declare f32 (float64 data is "
+                                "converted when the model is called)", t.span)
         if isinstance(t, S.ClassTypeExpr):
             if t.classes < 2:
                 raise SnetShapeError("a class target needs at least 2 classes", t.span)

@@ -212,3 +212,14 @@ def test_static_sizes_are_bounded(decl, expr, message):
 def test_initialiser_arguments_must_fit_float32():
     err = error_of("model M { input x: f32[N, 4]\n param W: f32[4, 4] = normal(1e39)\n output o = x @ W }")
     assert "number too large for f32" in err.message and err.span.line == 2
+
+
+@pytest.mark.parametrize("decl", ["input x: f64[N, 3]", "target x: f64[N, 3]", "param x: f64[3, 3]"])
+def test_f64_tensors_are_refused_at_their_type(decl):
+    # no kernel computes in float64: `sum` of an f64 input read its bits as float32
+    # (3.0s summed to 768 and -5.8e41), and `output s = k` failed inside LLVM
+    src = f"model M {{\n  input a: f32[N, 3]\n  {decl}\n  output o = a\n}}"
+    err = error_of(src)
+    assert "f64" in err.message and "f32" in err.message
+    assert (err.span.line, err.span.col) == (3, src.splitlines()[2].index("f64") + 1)
+
