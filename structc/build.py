@@ -98,6 +98,7 @@ class ModelBuilder:
         self.layer_counts: dict[str, int] = {}     # next number to try for an unnamed layer of each kind
         self.losses: list[Value] = []
         self.outputs: dict[str, int] = {}
+        self.output_spans: dict[str, Span] = {}
         self.implied_outputs: dict[str, int] = {}
         self.forests: dict = {}             # forest inputs by name (recursion.ForestDecl)
         self.sequences: dict = {}           # sequence inputs by name (sequence.SequenceDecl)
@@ -111,6 +112,10 @@ class ModelBuilder:
         for stmt in self.model.body:
             getattr(self, "stmt_" + type(stmt).__name__)(stmt)
         g = self.graph
+        if self.losses and "loss" in self.outputs:     # g.outputs["loss"] is the losses' sum
+            raise SnetNameError("an output cannot be named 'loss' in a model with `loss` statements: "
+                                "that name is their sum; call the output something else",
+                                self.output_spans["loss"])
         if self.losses:
             total = self.losses[0]
             for extra in self.losses[1:]:
@@ -234,6 +239,7 @@ class ModelBuilder:
         if not isinstance(value, Value):
             raise SnetTypeError("an output must be a tensor", s.span)
         self.outputs[s.name] = value.id
+        self.output_spans[s.name] = s.name_span
 
     # -- types and params -------------------------------------------------
     def resolve_type(self, t, allow_symbols: bool) -> tuple[TensorType, int]:

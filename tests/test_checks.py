@@ -223,3 +223,12 @@ def test_f64_tensors_are_refused_at_their_type(decl):
     assert "f64" in err.message and "f32" in err.message
     assert (err.span.line, err.span.col) == (3, src.splitlines()[2].index("f64") + 1)
 
+
+def test_an_output_named_loss_is_refused_beside_a_loss():
+    # it used to replace the loss: training then ran on `a * 2`, and the gradient
+    # warnings said w did not affect the loss
+    src = ("model M {\n  input a: f32[N, 3]\n  target y: f32[N, 3]\n  param w: f32[3, 3]\n"
+           "  output loss = mean(a)\n  loss mse(a @ w, y)\n}")
+    err = error_of(src)
+    assert "'loss'" in err.message
+    assert (err.span.line, err.span.col) == (5, 10)
