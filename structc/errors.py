@@ -71,14 +71,18 @@ def render(err: SnetError, source: str | None) -> str:
     return "\n".join(lines)
 
 
+# Characters the parser counts as one column that a terminal would not show as one.
+_ONE_COLUMN = {ord(c): " " for c in "\t\r\f\v"}
+
+
 def _excerpt(span: Span, source: str | None) -> list[str]:
     """The span's source line and a caret (with tildes) under it."""
     if source is None:
         return []
-    src_lines = source.splitlines()
+    src_lines = source.split("\n")     # as the parser counts lines: not at '\f', U+2028, ...
     if not 1 <= span.line <= len(src_lines):
         return []
-    text = src_lines[span.line - 1].expandtabs(1)
+    text = src_lines[span.line - 1].translate(_ONE_COLUMN)
     width = 1
     if span.end_line == span.line and span.end_col > span.col:
         width = span.end_col - span.col

@@ -66,3 +66,22 @@ def test_check_accepts_a_good_model(capsys, tmp_path):
 def test_missing_file_is_a_clean_error(capsys):
     assert main(["check", "/nonexistent/model.snet"]) == 1
     assert "cannot read /nonexistent/model.snet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("space", ["\f", "\v"], ids=["form-feed", "vertical-tab"])
+@pytest.mark.parametrize("comment", ["", "# \u2028 \x85 \x1c"], ids=["plain", "odd-line-breaks-in-a-comment"])
+def test_the_caret_is_under_the_span_whatever_the_whitespace(space, comment, tmp_path, capsys):
+    # the parser counts lines by '\n' only; the excerpt split at '\f', U+2028 and
+    # the like too, and showed another line (or an empty one) above the caret
+    if space == "\v":       # not whitespace in the language: the error is at it
+        source, line, col = f"model M {{ {comment}\n  input x: f32[N, 3]\n  y = x {space}\n}}\n", 3, 9
+    else:
+        source, line, col = f"model M {{ {comment}\n  input x: f32[N, 3]\n{space}  output o = x @ x\n}}\n", 3, 15
+    f = tmp_path / "m.snet"
+    f.write_bytes(source.encode())
+    assert main(["check", str(f)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"{f}:{line}:{col}: error: ")
+    shown = source.split("\n")[line - 1].translate({ord(c): " " for c in "\f\v"})
+    assert err[1] == f"    {shown}"
+    assert err[2] == " " * (4 + col - 1) + ("^~~~~" if space != "\v" else "^")
