@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -569,7 +570,13 @@ def _fold(op: str, a, b, span: Span):
 def _call_problem(err: TypeError) -> str:
     text = str(err)
     # "dense() missing 1 required positional argument: 'units'" -> the useful part
-    return text.split(") ", 1)[1] if ") " in text else text
+    text = text.split(") ", 1)[1] if ") " in text else text
+    if re.match(r"takes (from )?\d+ ", text):     # the counts include the layer's `ctx`: not written
+        text = re.sub(r"\d+(?= (to \d+ )?positional| to | (was|were) given)",
+                      lambda m: str(int(m.group()) - 1), text)
+        text = re.sub(r"\b1 positional arguments\b", "1 positional argument", text)
+        text = re.sub(r"\b1 were given", "1 was given", text)
+    return text
 
 
 def build_model(program: S.Program, name: str | None = None) -> ModelDef:

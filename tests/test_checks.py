@@ -232,3 +232,18 @@ def test_an_output_named_loss_is_refused_beside_a_loss():
     err = error_of(src)
     assert "'loss'" in err.message
     assert (err.span.line, err.span.col) == (5, 10)
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("flatten(x, 2)", "flatten: takes 1 positional argument but 2 were given"),
+    ("dense(x, 3, 4)", "dense: takes 2 positional arguments but 3 were given"),
+    ("relu(x, 1, 2)", None),
+])
+def test_argument_counts_are_the_ones_written(expr, message):
+    # the layer's own first parameter (the builder's context) was counted:
+    # flatten(x, 2) said "takes 2 positional arguments but 3 were given"
+    err = error_of(f"model M {{\n  input x: f32[N, 4]\n  output o = {expr}\n}}")
+    if message is None:
+        assert "got 3" in err.message
+    else:
+        assert err.message == message
