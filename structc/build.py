@@ -178,9 +178,11 @@ class ModelBuilder:
         value = self.eval(s.value)
         if isinstance(value, Word):
             raise self.unknown_name(value)
-        if s.name in self.inputs or s.name in self.params:
+        declared_input = s.name in self.inputs or s.name in self.graphs or s.name in self.forests \
+            or s.name in self.sequences
+        if declared_input or s.name in self.params:
             raise SnetNameError(f"cannot assign to '{s.name}': it is a declared "
-                                f"{'input' if s.name in self.inputs else 'parameter'}", s.name_span)
+                                f"{'input' if declared_input else 'parameter'}", s.name_span)
         self.env[s.name] = value
         self.defined_at.setdefault(s.name, s.name_span)
 

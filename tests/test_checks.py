@@ -247,3 +247,19 @@ def test_argument_counts_are_the_ones_written(expr, message):
         assert "got 3" in err.message
     else:
         assert err.message == message
+
+
+@pytest.mark.parametrize("decls, assign", [
+    ("input g: graph(features=2)\n  input k: graph(features=2)", "g = k"),
+    ("input t: forest of word(vocab=5)\n  input u: forest of word(vocab=5)", "t = u"),
+    ("input s: sequence of f32[2]\n  input u: sequence of f32[2]", "s = u"),
+    ("input g: graph(features=2)", "g = x"),
+], ids=["graph", "forest", "sequence", "graph-to-tensor"])
+def test_a_structured_input_cannot_be_assigned(decls, assign):
+    # `g = k` was taken: every later g.x, g.edges read graph k, and g was still
+    # required at the call and ignored
+    src = f"model M {{\n  input x: f32[N, 2]\n  {decls}\n  {assign}\n  output o = x\n}}"
+    err = error_of(src)
+    name = assign.split()[0]
+    assert err.message.startswith(f"cannot assign to '{name}': it is a declared input")
+    assert (err.span.line, err.span.col) == (src.splitlines().index(f"  {assign}") + 1, 3)
