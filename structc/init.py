@@ -21,7 +21,10 @@ def parse_init(name: str, args: tuple = ()) -> tuple:
     defaults = INITIALIZERS[name]
     if len(args) > len(defaults):
         raise ValueError(f"initialiser {name} takes at most {len(defaults)} argument(s), got {len(args)}")
-    return (name, tuple(float(a) for a in args) + defaults[len(args):])
+    args = tuple(float(a) for a in args) + defaults[len(args):]
+    if name in ("normal", "uniform") and not args[0] >= 0:
+        raise ValueError(f"{name}'s scale must not be negative, got {args[0]:g}")
+    return (name, args)
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -263,3 +263,11 @@ def test_a_structured_input_cannot_be_assigned(decls, assign):
     name = assign.split()[0]
     assert err.message.startswith(f"cannot assign to '{name}': it is a declared input")
     assert (err.span.line, err.span.col) == (src.splitlines().index(f"  {assign}") + 1, 3)
+
+
+@pytest.mark.parametrize("init", ["normal(-1)", "uniform(-0.5)"])
+def test_a_negative_initialiser_scale_is_refused(init):
+    # numpy's own "scale < 0" ValueError came out of compile, with no span
+    err = error_of(f"model M {{\n  input x: f32[N, 4]\n  param W: f32[4, 4] = {init}\n  output o = x @ W\n}}")
+    assert "must not be negative" in err.message
+    assert (err.span.line, err.span.col) == (3, 24)
