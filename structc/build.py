@@ -168,8 +168,9 @@ class ModelBuilder:
             self.define(s.name, s.name_span, self.b.value(nid), rebind=False)
             return
         t, classes = self.resolve_type(s.type, allow_symbols=False)
-        if classes:
-            raise SnetTypeError("a parameter must be a float tensor, not class labels", s.type.span)
+        if classes or not t.is_float:      # initialisers and the optimizer write float32
+            raise SnetTypeError(f"a parameter must be a float tensor (f32[...]), not "
+                                f"{'class labels' if classes else t.dtype}", s.type.span)
         init = self.resolve_init(s.init) if s.init is not None else ("glorot" if t.rank >= 2 else "zeros", ())
         nid = self.add_param(s.name, t, init, s.span, name_span=s.name_span, frozen=s.frozen)
         self.define(s.name, s.name_span, self.b.value(nid), rebind=False)

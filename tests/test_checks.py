@@ -271,3 +271,12 @@ def test_a_negative_initialiser_scale_is_refused(init):
     err = error_of(f"model M {{\n  input x: f32[N, 4]\n  param W: f32[4, 4] = {init}\n  output o = x @ W\n}}")
     assert "must not be negative" in err.message
     assert (err.span.line, err.span.col) == (3, 24)
+
+
+@pytest.mark.parametrize("dtype", ["i32", "i64"])
+def test_an_integer_parameter_is_refused(dtype):
+    # its initial values were stored as float32 bits: `ones` read back as 1065353216
+    src = f"model M {{\n  input x: f32[N, 3]\n  param w: {dtype}[3] = ones\n  output o = x + w\n}}"
+    err = error_of(src)
+    assert "a parameter must be a float tensor" in err.message
+    assert (err.span.line, err.span.col) == (3, 12)
