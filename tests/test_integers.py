@@ -44,6 +44,16 @@ def test_arithmetic_on_integers_is_float32(expr, fn):
     np.testing.assert_array_equal(out, fn(small.astype(np.float64)).astype(np.float32))
 
 
+@pytest.mark.parametrize("expr", ["concat(k, x)", "concat(x, k)", "concat(k, j)"])
+def test_concat_of_integers_and_floats_is_refused(expr):
+    """concat took its first operand's dtype and copied the others' bits: concat(k, x)
+    of x = 0.5 gave 1056964608, concat(x, k) of k = 1 gave 1e-45."""
+    src = f"model M {{\n  input k: i32[N, 4]\n  input j: i64[N, 4]\n  input x: f32[N, 4]\n  output s = {expr}\n}}"
+    with pytest.raises(structc.SnetError, match=r"concat: operands of different dtypes, \w+\[N, 4\], ") as info:
+        structc.compile(src, cache=False)
+    assert (info.value.span.line, info.value.span.col) == (5, 14)
+
+
 @pytest.mark.parametrize("expr", ["sum(k, axes=1)", "mean(k)", "max(k, axes=1)", "argmax(k)", "dense(k, 2)",
                                   "softmax(k)"])
 def test_float_kernels_refuse_integer_operands(expr):

@@ -55,6 +55,9 @@ class Concat(Op):
 
     def shape(self, *xs, axis: int = -1) -> TensorType:
         expect(len(xs) >= 1, "concat needs at least one tensor")
+        # the kernel copies elements as they are: an i32 joined to floats would keep its bits
+        expect(all(x.dtype == xs[0].dtype for x in xs), "operands of different dtypes, "
+               + ", ".join(map(str, xs)) + " (integers in arithmetic become f32: `k + 0.0`)")
         rank = xs[0].rank
         expect(all(x.rank == rank for x in xs), "concat needs tensors of one rank, got "
                + ", ".join(map(str, xs)))
