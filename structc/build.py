@@ -534,6 +534,10 @@ def _option_value(fname: str, key: str, v, default, span: Span):
     list of axes) a tuple of them; never a tensor or a graph's domain."""
     if isinstance(default, bool) and not isinstance(v, bool):   # keepdims="no" is not false
         raise SnetTypeError(f"{fname}: option '{key}' takes true or false, got {_show(v)}", span)
+    if isinstance(default, float):      # alpha=nan as a word would become float("nan")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SnetTypeError(f"{fname}: option '{key}' takes a number, got {_show(v)}", span)
+        return float(f32_number(v, span))
     if isinstance(v, Word):
         return v.text
     if isinstance(default, int) and not isinstance(default, bool) and (isinstance(v, bool) or not isinstance(v, int)):

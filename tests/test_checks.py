@@ -280,3 +280,18 @@ def test_an_integer_parameter_is_refused(dtype):
     err = error_of(src)
     assert "a parameter must be a float tensor" in err.message
     assert (err.span.line, err.span.col) == (3, 12)
+
+
+@pytest.mark.parametrize("expr, message", [
+    ('leaky_relu(x, alpha="a")', "leaky_relu: option 'alpha' takes a number, got"),
+    ("leaky_relu(x, alpha=nan)", "leaky_relu: option 'alpha' takes a number, got"),
+    ("elu(x, alpha=inf)", "elu: option 'alpha' takes a number, got"),
+    ("elu(x, alpha=(1, 2))", "elu: option 'alpha' takes a number, got"),
+    ("leaky_relu(x, alpha=1e39)", "number too large for f32"),
+])
+def test_a_number_option_takes_a_float32_number(expr, message):
+    # a word was passed on as its text and became float(text): nan and inf gave NaN
+    # outputs silently, "a" a ValueError with no span; 1e39 became alpha = inf
+    err = error_of(f"model M {{\n  input x: f32[N, 4]\n  output o = {expr}\n}}")
+    assert message in err.message
+    assert err.span.line == 3
