@@ -295,3 +295,13 @@ def test_a_number_option_takes_a_float32_number(expr, message):
     err = error_of(f"model M {{\n  input x: f32[N, 4]\n  output o = {expr}\n}}")
     assert message in err.message
     assert err.span.line == 3
+
+
+@pytest.mark.parametrize("expr, shown", [
+    ("layer_norm(x, eps=inf)", "got inf"),
+    ("batch_norm(x, momentum=x)", "got a tensor f32[N, 4]"),
+])
+def test_a_bad_value_is_shown_as_written(expr, shown):
+    # these messages printed Python's repr: "got Word(text='inf', span=Span(...))", "got Value(%0: f32[N, 4])"
+    err = error_of(f"model M {{\n  input x: f32[N, 4]\n  input g: graph(features=2)\n  output o = {expr}\n}}")
+    assert err.message.endswith(shown), err.message

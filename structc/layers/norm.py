@@ -15,14 +15,14 @@ from __future__ import annotations
 from ..ops.norm import channel_shape, channel_sum
 from ..ops.reduce import count
 from ..types import TensorType
-from .context import surface
+from .context import show, surface
 
 
 def _float(ctx, v, what: str, low: float, high: float | None = None) -> float:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > low and (high is None or v <= high)
     if not ok:
         bound = f"in ({low:g}, {high:g}]" if high is not None else f"greater than {low:g}"
-        ctx.fail(f"{ctx.fname}: {what} must be a number {bound}, got {v!r}")
+        ctx.fail(f"{ctx.fname}: {what} must be a number {bound}, got {show(v)}")
     return float(v)
 
 
