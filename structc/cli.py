@@ -150,6 +150,19 @@ def _shipped_parts(args):
     return list(PARTS) if args.output else None
 
 
+def _distinct_files(*named) -> None:
+    """Refuse one file named twice (`-o m.so -H m.so`): one write would replace the other,
+    or the library would overwrite its own parameters or source."""
+    seen: dict = {}
+    for flag, path in named:
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise UserError(f"{flag} and {seen[key]} name the same file {path}: give each its own")
+        seen[key] = flag
+
+
 def cmd_compile(args) -> int:
     from .compiler import STAGES, compile_source
     source, file = _source(args.file)
@@ -178,6 +191,7 @@ def cmd_compile(args) -> int:
         writable_output(args.output, "the library")
     if args.header:
         writable_output(args.header, "the header")
+    _distinct_files(("-o", args.output), ("-H", args.header), ("--params", args.params), ("the source", args.file))
     params = None
     if args.params:
         from .model import _read_params

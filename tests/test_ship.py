@@ -356,6 +356,22 @@ def test_params_without_a_library_are_refused(tmp_path, capsys):
     assert "--params needs -o/--output" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,said", [(["-o", "s.so", "-H", "s.so"], "-H and -o name the same file"),
+                                        (["-o", "p.npz", "--params", "p.npz"], "--params and -o name the same"),
+                                        (["-o", "s.snet"], "the source and -o name the same file")])
+def test_one_file_named_twice_is_refused_before_anything_is_written(flags, said, tmp_path, capsys, monkeypatch):
+    """`-o s.so -H s.so` wrote the header over the library (or the library over its
+    parameters, or its source), with no error."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "s.snet"
+    src.write_text(SMALL)
+    structc.compile(SMALL).save_params(tmp_path / "p.npz")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(["compile", "s.snet", *flags]) == 1
+    assert said in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 @needs_cc
 @pytest.mark.parametrize("cpu", ["generic", "x86-64-v2"])
 def test_four_columns_compile_for_four_lane_targets(cpu, tmp_path):
