@@ -76,7 +76,7 @@ def read(path: str | Path, split: float | None = None, stream: bool | None = Non
 
 
 def _looks_bracketed(path: Path) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:      # -sig: a byte order mark is not text
         for line in f:
             if line.strip():
                 return line.lstrip().startswith("(")
@@ -103,7 +103,8 @@ def _text_lines(path: Path, lines=None):
 
 def _lines(path: Path, start: int = 0, first: int = 1, where: list | None = None):
     """(line number, text) of every line, read as bytes and decoded one line at a time
-    so that bytes that are not UTF-8 are reported at their line. From byte `start`
+    so that bytes that are not UTF-8 are reported at their line; a UTF-8 byte order mark
+    opening the file (as Excel and Notepad write) is dropped. From byte `start`
     (line number `first`) on; `where[0]` is kept at the byte offset of the line yielded."""
     try:
         f = open(path, "rb")
@@ -117,7 +118,7 @@ def _lines(path: Path, start: int = 0, first: int = 1, where: list | None = None
                 where[0] = offset
             offset += len(raw)
             try:
-                yield number, raw.decode("utf-8")
+                yield number, raw.decode("utf-8-sig" if number == first and start == 0 else "utf-8")
             except UnicodeDecodeError:
                 raise ReadError(path, "not UTF-8 text (a binary file?)", number) from None
 

@@ -223,6 +223,22 @@ def test_table_errors(tmp_path):
         readers.read(bad)
 
 
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """Excel and Notepad save UTF-8 with a byte order mark: a headerless table's first row
+    is data (it was taken for a header and dropped), a treebank is still a treebank."""
+    from structc import streams
+    rows = "".join(f"{k},{k % 3},{k % 2}\n" for k in range(1, 11))
+    (tmp_path / "t.csv").write_text("\ufeff" + rows, encoding="utf-8")
+    (tmp_path / "h.csv").write_text("\ufeffa,b,y\n" + rows, encoding="utf-8")
+    (tmp_path / "trees.txt").write_text("\ufeff" + (DATA / "treebank.txt").read_text(), encoding="utf-8")
+    for name in ("t.csv", "h.csv"):
+        data = readers.read(tmp_path / name)
+        assert sorted(np.concatenate([data.x_train, data.x_test])[:, 0].tolist()) == list(range(1, 11))
+        assert "10 examples" in streams.stream_table(tmp_path / name, chunk=3).description
+    assert len(readers.read(tmp_path / "trees.txt").train) == len(readers.read(DATA / "treebank.txt").train)
+    assert isinstance(readers.read(tmp_path / "trees.txt", stream=True), streams.StreamedTrees)
+
+
 def test_npy_and_npz_tables(tmp_path, rng):
     x = rng.normal(size=(50, 3)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
