@@ -465,7 +465,7 @@ def _node_features(folder: Path, n: int) -> np.ndarray:
     if path is None:
         return np.eye(n, dtype=np.float32)
     if path.suffix == ".npy":
-        x = _load_npy(path)
+        x = _real_numbers(path, "the array", _load_npy(path))
         if x.ndim != 2:
             raise ReadError(path, f"node features must be a 2-D array [nodes, features], got shape {x.shape}")
     else:
@@ -530,7 +530,7 @@ def _load_npy(path: Path) -> np.ndarray:
 def read_npy(path: str | Path, split: float | None = None):
     """A 2-D array, one example per row, its label in the last column."""
     path = Path(path)
-    table = _load_npy(path)
+    table = _real_numbers(path, "the array", _load_npy(path))
     if table.ndim != 2 or table.shape[1] < 2:
         raise ReadError(path, f"an .npy table is a 2-D array [examples, features + label], got shape {table.shape} "
                               f"(for images, use an .npz with arrays x and y)")
@@ -550,6 +550,9 @@ def read_npz(path: str | Path, split: float | None = None):
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError) as e:
         raise ReadError(path, f"cannot read: {e}") from None
+    for k in NPZ_SPLIT + ["x", "y"]:
+        if k in arrays:
+            _real_numbers(path, k, arrays[k])
     if all(k in arrays for k in NPZ_SPLIT):
         if split is not None:
             raise ReadError(path, "the file holds its own split (x_train ... y_test); --split applies to data "
@@ -566,6 +569,21 @@ def read_npz(path: str | Path, split: float | None = None):
         return _examples(path, arrays["x"], arrays["y"], split)
     raise ReadError(path, f"an .npz data file holds x_train, y_train, x_test, y_test (or x and y to be split); "
                           f"found {sorted(arrays)}")
+
+
+def _real_numbers(path: Path, name: str, array: np.ndarray) -> np.ndarray:
+    """`array`, refused unless it holds real numbers, all finite (as a text table's cells must be)."""
+    kind = array.dtype.kind
+    if kind not in "biuf":
+        what = {"U": "strings", "S": "strings", "c": "complex numbers", "M": "dates", "m": "time spans"}.get(
+            kind, "values")
+        raise ReadError(path, f"{name} holds {what} ({array.dtype}), not numbers; class labels are 0, 1, ... "
+                              f"and features and targets real numbers")
+    if kind == "f" and not np.isfinite(array).all():
+        at = np.unravel_index(int(np.argmax(~np.isfinite(array))), array.shape)
+        raise ReadError(path, f"{name}[{', '.join(str(int(i)) for i in at)}] is {array[at]}: missing or infinite "
+                              f"values cannot be trained on")
+    return array
 
 
 def _same_length(path: Path, arrays: dict, x: str, y: str) -> None:

@@ -261,6 +261,37 @@ def test_npy_and_npz_tables(tmp_path, rng):
         readers.read(tmp_path / "odd.npz")
 
 
+def test_arrays_with_missing_values_or_not_numbers_are_refused_as_tables_are(tmp_path, rng):
+    """A NaN pixel trained on made the loss NaN ("try a smaller learning rate"); string
+    labels were a TypeError from numpy; complex values lost their imaginary part."""
+    x = rng.normal(size=(20, 3))
+    y = np.arange(20) % 2
+    bad_x = x.copy()
+    bad_x[7, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=bad_x, y=y)
+    with pytest.raises(ReadError, match=r"nan\.npz: x\[7, 2\] is nan: missing or infinite values cannot be trained"):
+        readers.read(tmp_path / "nan.npz")
+    np.savez(tmp_path / "split.npz", x_train=x, y_train=y, x_test=x[:4], y_test=np.array([0, np.inf, 1, 0]))
+    with pytest.raises(ReadError, match=r"split\.npz: y_test\[1\] is inf"):
+        readers.read(tmp_path / "split.npz")
+    np.save(tmp_path / "t.npy", np.column_stack([bad_x, y]))
+    with pytest.raises(ReadError, match=r"t\.npy: the array\[7, 2\] is nan"):
+        readers.read(tmp_path / "t.npy")
+    np.savez(tmp_path / "words.npz", x=x, y=np.array(["cat", "dog"] * 10))
+    with pytest.raises(ReadError, match=r"words\.npz: y holds strings \(<U3\), not numbers; class labels are 0, 1"):
+        readers.read(tmp_path / "words.npz")
+    np.savez(tmp_path / "complex.npz", x=x.astype(np.complex64), y=y)
+    with pytest.raises(ReadError, match=r"complex\.npz: x holds complex numbers \(complex64\)"):
+        readers.read(tmp_path / "complex.npz")
+    np.savez(tmp_path / "fine.npz", x=x.astype(np.float16), y=(y == 1))      # other real numbers are read
+    folder = _nodes(tmp_path / "nodes")
+    np.save(folder / "features.npy", np.array([[0.5], [np.inf], [1.0]]))
+    with pytest.raises(ReadError, match=r"features\.npy: the array\[1, 0\] is inf"):
+        readers.read(folder)
+    fine = readers.read(tmp_path / "fine.npz")
+    assert sorted(np.concatenate([fine.y_train, fine.y_test]).tolist()) == sorted(y.tolist())
+
+
 # -- the split and the dispatcher ------------------------------------------------------------
 
 def test_split_is_seeded_stratified_and_the_fraction_asked():
