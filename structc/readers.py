@@ -11,8 +11,10 @@
 `read(path, split)` picks the reader by the path's form. A file that gives one set
 (everything above but an .npz holding both halves, or a node folder with a train mask)
 is split by a seeded, stratified draw: `split` of each class held out, seed 0, so that
-`structc eval` sees the same held-out part as `structc train`. A malformed line
-raises `ReadError` naming the file and the line.
+`structc eval` sees the same held-out part as `structc train` (whole-number labels are
+classes until the data set is bound to a model with a real-valued target: then they are
+values, split at random). A malformed line raises `ReadError` naming
+the file and the line.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from .datasets import ArrayDataset
 
 DEFAULT_SPLIT = 0.2
 SPLIT_SEED = 0
@@ -234,14 +238,6 @@ def class_counts(labels) -> str:
 def _split_words(train: int, test: int, what: str, split: float | None) -> str:
     how = f", seeded {round(100 * (1 - split))}/{round(100 * split)} split" if split is not None else ""
     return f"{train} training / {test} held-out {what}{how}"
-
-
-def _class_ids(labels: np.ndarray, path: Path) -> np.ndarray:
-    """Class labels as given; negative ones are an error (a class target reads 0..C-1)."""
-    if labels.size and labels.min() < 0:
-        k = int(np.argmax(labels < 0))
-        raise ReadError(path, f"class label {int(labels[k])} (example {k}) is negative; class labels are 0, 1, ...")
-    return labels
 
 
 # -- treebanks ---------------------------------------------------------------------------
@@ -512,12 +508,8 @@ def read_table(path: str | Path, split: float | None = None):
     table = read_numbers(path, header_allowed=True)
     if table.shape[1] < 2:
         raise ReadError(path, "a table needs at least one feature column and the label (last) column")
-    labels = table[:, -1]
-    if _integral(labels) and labels.min() < 0:
-        k = int(np.argmax(labels < 0))
-        raise ReadError(path, f"class label {int(labels[k])} is negative; class labels are 0, 1, ...",
-                        _line_of(path, k, header_allowed=True))
-    return _examples(path, table[:, :-1], table[:, -1], split)
+    return _examples(path, table[:, :-1], table[:, -1], split,
+                     line_of=lambda k: _line_of(path, k, header_allowed=True))
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -597,21 +589,84 @@ def _label_words(y: np.ndarray) -> str:
 
 
 def _integral(y: np.ndarray) -> bool:
-    return np.issubdtype(y.dtype, np.integer) or bool(np.all(np.isfinite(y)) and np.all(y == np.round(y)))
+    """Whole numbers that int64 holds exactly (1e20 is no class id)."""
+    return np.issubdtype(y.dtype, np.integer) or bool(np.all(np.isfinite(y)) and np.all(y == np.round(y))
+                                                      and np.all(np.abs(y) <= 2.0 ** 53))
 
 
-def _examples(path: Path, x: np.ndarray, y: np.ndarray, split: float):
-    """An ArrayDataset from one set of examples: integer labels split per class, real-valued
-    targets split at random."""
-    from .datasets import ArrayDataset
-    split = _fraction(split)
+def _whole(y: np.ndarray) -> bool:
+    """Labels that may be classes: whole numbers, none negative."""
+    return _integral(y) and not (y.size and y.min() < 0)
+
+
+def one_set_split(path: Path, y: np.ndarray, split: float, line_of=None):
+    """(training, held-out, per class, refusal) for labels `y` that came as one set, before a
+    model says what they are: whole numbers, none negative, one per example, are split per
+    class; anything else at random (`random_split`; also whole numbers bound to a real-valued
+    target: values, not classes). `refusal`: None, or a function raising the `ReadError`
+    for a class target these labels cannot be bound to (a negative label, at `line_of(example)`;
+    classes too small to hold any out)."""
+    refusal = None
+    if _integral(y) and not _whole(y):
+        k = int(np.argmax(y.ravel() < 0))
+        value, where = int(y.ravel()[k]), "" if line_of else f" (example {k})"
+
+        def refusal():
+            raise ReadError(path, f"class label {value}{where} is negative; class labels are 0, 1, ...",
+                            line_of(k) if line_of else None)
+    elif _whole(y) and y.ndim == 1:
+        train, test = split_indices(y.astype(np.int64), split)
+        if len(train) and len(test):
+            return train, test, True, None
+        refusal = lambda: checked_split(path, y.astype(np.int64), split, "examples")     # raises
+    return *random_split(path, len(y), split), False, refusal
+
+
+def random_split(path: Path, examples: int, split: float) -> tuple[np.ndarray, np.ndarray]:
+    return checked_split(path, np.zeros(examples, np.int64), split, "examples")
+
+
+class OneSet(ArrayDataset):
+    """Examples that came as one set, split by `one_set_split`. Bound to a model, the labels
+    are what its target says: whole numbers bound to a real-valued target are values and
+    are split again at random; a class target meets the split's refusal."""
+
+    def __init__(self, path: Path, x, y, split: float, line_of=None):
+        train, test, self.per_class, self.refusal = one_set_split(path, y, split, line_of)
+        self.path, self.split, self.whole = path, split, _whole(y)
+        y = y.astype(np.int64) if self.whole else y
+        super().__init__(path.stem, x[train], y[train], x[test], y[test])
+        self.order = np.concatenate([train, test])       # the file's example of each training, then held-out row
+        self.description = self._words(x.shape[1:], _label_words(y) if self.whole else ", real-valued targets")
+
+    def _words(self, shape, labels: str) -> str:
+        n, train = len(self.order), len(self.x_train)
+        return (f"{self.path}: {n} examples ({_split_words(train, n - train, 'examples', self.split)}), "
+                f"{np.prod(shape, dtype=int)} values each{labels}")
+
+    def bind(self, net) -> "OneSet":
+        super().bind(net)
+        if self.target.get("classes") and self.refusal is not None:
+            self.refusal()
+        if not self.target.get("classes") and self.whole:
+            if self.per_class:
+                self._split_again()
+            self.whole = False
+            self.description = self._words(self.x_train.shape[1:], ", real-valued targets")
+        return self
+
+    def _split_again(self) -> None:
+        """The examples split at random, from the file's order."""
+        x = np.empty((len(self.order), *self.x_train.shape[1:]), self.x_train.dtype)
+        y = np.empty((len(self.order), *self.y_train.shape[1:]), self.y_train.dtype)
+        x[self.order] = np.concatenate([self.x_train, self.x_test])
+        y[self.order] = np.concatenate([self.y_train, self.y_test])
+        train, test = random_split(self.path, len(y), self.split)
+        self.x_train, self.y_train, self.x_test, self.y_test = x[train], y[train], x[test], y[test]
+        self.order, self.per_class = np.concatenate([train, test]), False
+
+
+def _examples(path: Path, x: np.ndarray, y: np.ndarray, split: float, line_of=None) -> OneSet:
+    """A data set from one set of examples (`OneSet`). `line_of(k)`: the line of example k."""
     y = np.asarray(y).reshape(len(y), -1)
-    y = y[:, 0] if y.shape[1] == 1 else y
-    if _integral(y):
-        y = _class_ids(y.astype(np.int64), path)
-    strata = y if y.ndim == 1 and np.issubdtype(y.dtype, np.integer) else np.zeros(len(y))
-    train, test = checked_split(path, strata, split, "examples")
-    data = ArrayDataset(path.stem, x[train], y[train], x[test], y[test])
-    data.description = (f"{path}: {len(y)} examples ({_split_words(len(train), len(test), 'examples', split)}), "
-                        f"{np.prod(x.shape[1:], dtype=int)} values each{_label_words(y)}")
-    return data
+    return OneSet(path, x, y[:, 0] if y.shape[1] == 1 else y, _fraction(split), line_of)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import ArrayDataset
-from .readers import (ReadError, _GrowingVocab, _class_ids, _fraction, _integral, _line_of, _lines, _rows,
-                      _split_words, _text_lines, checked_split, checked_trees, class_counts, number_rows)
+from .readers import (ReadError, _GrowingVocab, _fraction, _line_of, _lines, _rows, _split_words, _text_lines,
+                      _whole, checked_split, checked_trees, class_counts, number_rows, one_set_split, random_split)
 from .treedata import TreeDataset
 
 STREAM_ABOVE = 256 * 2**20       # bytes: a treebank or table file larger than this is streamed
@@ -209,8 +209,12 @@ def stream_treebank(path: str | Path, split: float | None = None, chunk: int = C
 
 def _parts(path: Path, strata: np.ndarray, split: float, what: str) -> np.ndarray:
     """Each example's part, HELD_OUT as the eager readers draw it (`checked_split`)."""
-    _, test = checked_split(path, strata, split, what)
-    parts = np.zeros(len(strata), np.int8)
+    return _held_out(checked_split(path, strata, split, what)[1], len(strata))
+
+
+def _held_out(test: np.ndarray, examples: int) -> np.ndarray:
+    """Each example's part: `test` HELD_OUT, the others TRAIN."""
+    parts = np.zeros(examples, np.int8)
     parts[test] = HELD_OUT
     return parts
 
@@ -234,8 +238,16 @@ class StreamedTable(_Streamed, ArrayDataset):
         self._probe = ArrayDataset(self.name, x, probe, x, probe).bind(net)
         self.input, self.target = self._probe.input, self._probe.target
         self._shape, self._dtype = tuple(self.input["shape"][1:]), self._probe.y_train.dtype
-        if not self.target.get("classes"):             # as the bound eager labels: not stratified
+        if self.target.get("classes") and self.refusal is not None:
+            self.refusal()
+        if not self.target.get("classes"):             # as the bound eager labels (`readers.OneSet`): not stratified
             self.labels = self.labels.astype(np.float64)
+            if self.per_class:                         # whole numbers are values: split again at random
+                self.chunks = copy.copy(self.chunks)
+                self.chunks.parts = _held_out(random_split(self.chunks.path, len(self.labels), self.split)[1],
+                                              len(self.labels))
+                self.per_class = False
+            self.description = _table_words(self, ", real-valued targets")
         return self
 
     def _table(self, chunk: int, part: int) -> np.ndarray:
@@ -291,20 +303,19 @@ def stream_table(path: str | Path, split: float | None = None, chunk: int = CHUN
     if width < 2:
         raise ReadError(path, "a table needs at least one feature column and the label (last) column")
     labels, split = np.frombuffer(labels, np.float64), _fraction(split)
-    if _integral(labels) and labels.min() < 0:
-        k = int(np.argmax(labels < 0))
-        raise ReadError(path, f"class label {int(labels[k])} is negative; class labels are 0, 1, ...",
-                        _line_of(path, k, header_allowed=True))
-    classes = _integral(labels)
-    strata = _class_ids(labels.astype(np.int64), path) if classes else np.zeros(len(labels), np.int64)
-    parts = _parts(path, strata, split, "examples")
+    _, test, per_class, refusal = one_set_split(path, labels, split, lambda k: _line_of(path, k, header_allowed=True))
+    whole = _whole(labels)
 
     def rows_from(offset: int, line: int):
         return _rows(path, lines=_lines(path, offset, line))
-    data = StreamedTable(path, Chunks(path, starts, parts, chunk, rows_from),
-                         strata if classes else labels.copy(), width)
-    held = int(parts.sum())
-    data.description = (f"{path}: {len(labels)} examples, streamed {chunk} at a time ("
-                        f"{_split_words(len(labels) - held, held, 'examples', split)}), {width - 1} values each"
-                        + (f", {class_counts(strata)}" if classes else ", real-valued targets"))
+    data = StreamedTable(path, Chunks(path, starts, _held_out(test, len(labels)), chunk, rows_from),
+                         labels.astype(np.int64) if whole else labels.copy(), width)
+    data.split, data.per_class, data.refusal = split, per_class, refusal
+    data.description = _table_words(data, f", {class_counts(data.labels)}" if whole else ", real-valued targets")
     return data
+
+
+def _table_words(data: StreamedTable, labels: str) -> str:
+    n, held, chunks = len(data.labels), int(np.sum(data.chunks.parts == HELD_OUT)), data.chunks
+    return (f"{chunks.path}: {n} examples, streamed {chunks.size} at a time ("
+            f"{_split_words(n - held, held, 'examples', data.split)}), {data.width - 1} values each{labels}")

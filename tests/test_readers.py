@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from structc import datasets, readers
+import structc
+from structc import datasets, readers, streams
 from structc.cli import main
 from structc.graph_datasets import GraphDataset, NodeDataset
 from structc.readers import ReadError
@@ -209,9 +210,6 @@ def test_table_errors(tmp_path):
     bad.write_text("1,2,0\n3,four,1\n")
     with pytest.raises(ReadError, match=r"t\.csv:2: 'four' is not a number"):
         readers.read(bad)
-    bad.write_text("a,b,y\n1,2,0\n3,4,-1\n")
-    with pytest.raises(ReadError, match=r"t\.csv:3: class label -1 is negative"):
-        readers.read(bad)
     bad.write_text("a,b,y\n1,2,0\n3,nan,1\n")
     with pytest.raises(ReadError, match=r"t\.csv:3: 'nan': missing or infinite values"):
         readers.read(bad)
@@ -362,6 +360,10 @@ model Table {
   output probs = softmax(logits)
   loss cross_entropy(logits, y)
 }
+model Regression {
+  input x: f32[N, 4]  target y: f32[N]
+  loss mse(reshape(dense(x, 1), N), y)
+}
 """
 
 
@@ -409,6 +411,31 @@ def test_real_valued_labels_for_a_class_target_are_refused(models, tmp_path, cap
                  "--out", str(tmp_path / "p.npz"), "--no-progress"])
     assert code == 1
     assert "has labels that are not whole numbers, but target 'y' declares 2 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_whole_number_targets_of_a_real_valued_target_are_values_not_classes(models, tmp_path, capsys, stream):
+    """Targets such as counts or prices in whole units: negative ones were refused as class
+    labels, and each distinct value was a class of the stratified split (all distinct: "too
+    few to hold 20% of each class out"; a value seen once was never held out)."""
+    x = np.random.default_rng(0).normal(size=(50, 4)).round(3)
+    table = tmp_path / "t.csv"
+    for y in (np.arange(50) * 7 - 100, np.arange(50) * 7):
+        table.write_text("a,b,c,d,y\n" + "".join(",".join(map(str, [*r, v])) + "\n" for r, v in zip(x, y)))
+        code = main(["train", models, "--model", "Regression", "--data", str(table), "--epochs", "1",
+                     "--out", str(tmp_path / "p.npz"), "--no-progress", *stream])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert "40 training / 10 held-out examples, seeded 80/20 split), 4 values each, real-valued targets" in err
+        net = structc.compile(models, "Regression")
+        eager, chunked = readers.read(table).bind(net), streams.stream_table(table, chunk=7).bind(net)
+        held = sorted(eager.y_test.tolist())        # at random: not only values seen more than once
+        assert held == sorted(chunked.labels[chunked.chunks.parts == streams.HELD_OUT].tolist()) and len(held) == 10
+    table.write_text("a,b,c,d,y\n" + "".join(f"{k},1,2,3,{k % 2 * 2 - 1}\n" for k in range(20)))   # -1 / 1
+    code = main(["train", models, "--model", "Table", "--data", str(table), "--epochs", "1",
+                 "--out", str(tmp_path / "p.npz"), "--no-progress", *stream])
+    assert code == 1
+    assert f"{table}:2: class label -1 is negative; class labels are 0, 1, ..." in capsys.readouterr().err
 
 
 def test_train_on_a_bad_file_reports_file_and_line(models, tmp_path, capsys):
