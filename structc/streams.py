@@ -145,7 +145,7 @@ class StreamedTrees(_Streamed, TreeDataset):
         self.name, self.vocab, self.description = path.stem, Vocab(vocab), ""
         self.chunks, self.labels = chunks, roots
         self.train, self.test = [], []                # nothing is held in memory
-        self._probe = TreeDataset(self.name, probe_lines, [], self.vocab)   # the widest tree, the top label
+        self._probe = TreeDataset(self.name, probe_lines, [], self.vocab)   # the widest tree, the top labels
 
     def bind(self, net) -> "StreamedTrees":
         self._probe.bind(net)
@@ -185,13 +185,14 @@ def stream_treebank(path: str | Path, split: float | None = None, chunk: int = C
     """`readers.read_treebank`, a chunk at a time (see the module docstring)."""
     path, where = Path(path), [0]
     vocab, starts, roots = _GrowingVocab(), [], array("q")
-    widest = top = (-1, "")
+    widest = top = top_root = (-1, "")
     for k, (number, text, forest) in enumerate(checked_trees(path, vocab, _text_lines(path, _lines(path, where=where)))):
         if k % chunk == 0:
             starts.append((where[0], number))
         roots.append(int(forest.root_labels[0]))
         widest = max(widest, (forest.arity, text), key=lambda t: t[0])
         top = max(top, (int(forest.labels.max()), text), key=lambda t: t[0])
+        top_root = max(top_root, (roots[-1], text), key=lambda t: t[0])
     if not roots:
         raise ReadError(path, "no trees in the file")
     roots, split = np.frombuffer(roots, np.int64), _fraction(split)
@@ -200,7 +201,7 @@ def stream_treebank(path: str | Path, split: float | None = None, chunk: int = C
     def lines_from(offset: int, line: int):
         return _text_lines(path, _lines(path, offset, line))
     data = StreamedTrees(path, Chunks(path, starts, parts, chunk, lines_from), roots, vocab,
-                         list(dict.fromkeys([widest[1], top[1]])))
+                         list(dict.fromkeys([widest[1], top[1], top_root[1]])))
     data.description = (f"{path}: {len(roots)} trees, streamed {chunk} at a time ("
                         f"{_split_words(len(roots) - int(parts.sum()), int(parts.sum()), 'trees', split)}), "
                         f"{len(vocab)} words, {class_counts(roots)} at the roots")

@@ -57,6 +57,7 @@ class TreeDataset:
             raise ValueError(f"data set '{self.name}' has trees of arity {arity} over {len(self.vocab)} words: "
                              f"declare `input {self.forest}: forest(arity={arity}) of word(vocab={len(self.vocab)})`")
         top = max(int(f.labels.max()) for f in self.train + self.test)
+        roots = max(int(f.root_labels.max()) for f in self.train + self.test)
         for s in net.meta["inputs"]:
             if s["kind"] != "target":
                 continue
@@ -70,6 +71,9 @@ class TreeDataset:
             if s["classes"] <= (top if s is self.node_target else 1):
                 raise ValueError(f"data set '{self.name}': target '{s['name']}' needs more than "
                                  f"{s['classes']} classes")
+            if s is self.root_target and s["classes"] <= roots:
+                raise ValueError(f"data set '{self.name}' has root labels up to {roots}, but target '{s['name']}' "
+                                 f"declares {s['classes']} classes")
         if self.root_target is None and self.node_target is None:
             raise ValueError(f"data set '{self.name}': the model declares no target")
         # accuracy on the roots: an output [trees, C] for the root (else node) target's C classes

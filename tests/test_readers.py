@@ -54,6 +54,22 @@ def test_treebank_parses_each_tree_once(monkeypatch):
             np.testing.assert_array_equal(value, theirs[name], err_msg=name)
 
 
+def test_root_labels_beyond_the_root_targets_classes_are_refused_when_bound(tmp_path):
+    """Roots labelled 1 and 3 (a node below a root 1 labelled 4): a root target of 3 classes
+    was bound, and the first training step failed with "input 'y': class 3 ... is out of range"."""
+    def tree_model(classes: int):
+        return structc.compile(MODELS.split("model TU")[0].replace("of 5", f"of {classes}")
+                               .replace("dense(h(t.root), 5)", f"dense(h(t.root), {classes})"), "Tree")
+    bank = tmp_path / "bank.txt"
+    bank.write_text("(1 (4 good) (1 film))\n(3 (2 good) (2 film))\n" * 5)
+    narrow, wide = tree_model(3), tree_model(4)
+    for read in (readers.read, lambda p: streams.stream_treebank(p, chunk=3)):
+        with pytest.raises(ValueError, match=r"data set 'bank' has root labels up to 3, but target 'y' "
+                                             r"declares 3 classes"):
+            read(bank).bind(narrow)
+        read(bank).bind(wide)
+
+
 def test_treebank_bad_bracket_names_file_and_line():
     with pytest.raises(ReadError, match=r"bad_bracket\.txt:2: unbalanced brackets"):
         readers.read(DATA / "bad_bracket.txt")
