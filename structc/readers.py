@@ -97,6 +97,7 @@ def _first_of(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None
 # -- numbers from text, with line numbers -------------------------------------------------
 
 _SEP = re.compile(r"[,\s]+")
+_EMPTY_FIELD = re.compile(r"^,|,\s*,")       # a field with nothing in it (a trailing comma is allowed)
 
 
 def _text_lines(path: Path, lines=None):
@@ -129,7 +130,8 @@ def _lines(path: Path, start: int = 0, first: int = 1, where: list | None = None
 
 def _rows(path: Path, *, header_allowed: bool = False, lines=None):
     """(line number, fields) of every non-blank line that is not a `#` comment;
-    a first line with a non-numeric field is skipped as a header where allowed.
+    a first line with a non-numeric field is skipped as a header where allowed. An empty
+    field between commas is an error (a missing value: it would shift the columns after it).
     `lines`: the (line number, text) to read (default: `_lines(path)`)."""
     first = True
     for number, line in _lines(path) if lines is None else lines:
@@ -141,6 +143,9 @@ def _rows(path: Path, *, header_allowed: bool = False, lines=None):
             first = False
             continue
         first = False
+        if _EMPTY_FIELD.search(text):
+            raise ReadError(path, "an empty field (a missing value) cannot be trained on; fill it in or leave the "
+                                  "line out", number)
         yield number, fields
 
 

@@ -232,6 +232,14 @@ def test_table_errors(tmp_path):
     bad.write_bytes(b"a,b,y\n1,2,0\n\xff\xfe,1,1\n")
     with pytest.raises(ReadError, match=r"t\.csv:3: not UTF-8 text"):
         readers.read(bad)
+    bad.write_text("1,,0\n2,3,1\n")           # was: "t.csv:2: 3 values on this line, line 1 has 2"
+    with pytest.raises(ReadError, match=r"t\.csv:1: an empty field \(a missing value\) cannot be trained on"):
+        readers.read(bad)
+    bad.write_text("a,b,y\n1,2,0\n,4,1\n")
+    with pytest.raises(ReadError, match=r"t\.csv:3: an empty field"):
+        readers.read(bad)
+    bad.write_text(",b,y\n" + "".join(f"{k},{k % 3},{k % 2},\n" for k in range(10)))   # an unnamed column, a trailing comma
+    assert readers.read(bad).x_train.shape[1] == 2
     bad.write_text("# nothing\n")
     with pytest.raises(ReadError, match=r"t\.csv: no data"):
         readers.read(bad)
