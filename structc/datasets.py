@@ -67,9 +67,13 @@ class ArrayDataset:
         if classes and not all(np.all(np.mod(y, 1) == 0) for y in (self.y_train, self.y_test)):
             raise ValueError(f"data set '{self.name}' has labels that are not whole numbers, but target "
                              f"'{self.target['name']}' declares {classes} classes")
-        if classes and max(self.y_train.max(), self.y_test.max()) >= classes:
-            raise ValueError(f"data set '{self.name}' has labels up to {int(self.y_train.max())}, but "
+        top = max(self.y_train.max(initial=0), self.y_test.max(initial=0))
+        if classes and top >= classes:
+            raise ValueError(f"data set '{self.name}' has labels up to {int(top)}, but "
                              f"target '{self.target['name']}' declares {classes} classes")
+        if classes and min(self.y_train.min(initial=0), self.y_test.min(initial=0)) < 0:
+            raise ValueError(f"data set '{self.name}' has label {int(min(self.y_train.min(), self.y_test.min()))}, "
+                             f"but class labels are 0, 1, ... (target '{self.target['name']}')")
         dtype = np.int32 if classes else np.float32
         self.y_train, self.y_test = self.y_train.astype(dtype), self.y_test.astype(dtype)
         self.output = class_output(net, self.target)

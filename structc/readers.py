@@ -650,9 +650,9 @@ class OneSet(ArrayDataset):
                 f"{np.prod(shape, dtype=int)} values each{labels}")
 
     def bind(self, net) -> "OneSet":
-        super().bind(net)
-        if self.target.get("classes") and self.refusal is not None:
+        if self.refusal is not None and _class_target(net):
             self.refusal()
+        super().bind(net)
         if not self.target.get("classes") and self.whole:
             if self.per_class:
                 self._split_again()
@@ -669,6 +669,12 @@ class OneSet(ArrayDataset):
         train, test = random_split(self.path, len(y), self.split)
         self.x_train, self.y_train, self.x_test, self.y_test = x[train], y[train], x[test], y[test]
         self.order, self.per_class = np.concatenate([train, test]), False
+
+
+def _class_target(net) -> bool:
+    """Whether `net`'s one target is a class target (checked first: the refusal says where)."""
+    targets = [s for s in net.meta["inputs"] if s["kind"] == "target"]
+    return len(targets) == 1 and bool(targets[0].get("classes"))
 
 
 def _examples(path: Path, x: np.ndarray, y: np.ndarray, split: float, line_of=None) -> OneSet:

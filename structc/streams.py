@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import ArrayDataset
-from .readers import (ReadError, _GrowingVocab, _fraction, _line_of, _lines, _rows, _split_words, _text_lines,
-                      _whole, checked_split, checked_trees, class_counts, number_rows, one_set_split, random_split)
+from .readers import (ReadError, _class_target, _fraction, _GrowingVocab, _line_of, _lines, _rows, _split_words,
+                      _text_lines, _whole, checked_split, checked_trees, class_counts, number_rows, one_set_split,
+                      random_split)
 from .treedata import TreeDataset
 
 STREAM_ABOVE = 256 * 2**20       # bytes: a treebank or table file larger than this is streamed
@@ -232,6 +233,8 @@ class StreamedTable(_Streamed, ArrayDataset):
         self.y_train = self.x_test = self.y_test = None
 
     def bind(self, net) -> "StreamedTable":
+        if self.refusal is not None and _class_target(net):     # as `readers.OneSet.bind`
+            self.refusal()
         # the eager checks, on the examples that decide them: the largest label, a fractional one
         fractional = np.flatnonzero(self.labels != np.round(self.labels))[:1]
         probe = self.labels[np.concatenate([[int(np.argmax(self.labels))], fractional])]
@@ -239,8 +242,6 @@ class StreamedTable(_Streamed, ArrayDataset):
         self._probe = ArrayDataset(self.name, x, probe, x, probe).bind(net)
         self.input, self.target = self._probe.input, self._probe.target
         self._shape, self._dtype = tuple(self.input["shape"][1:]), self._probe.y_train.dtype
-        if self.target.get("classes") and self.refusal is not None:
-            self.refusal()
         if not self.target.get("classes"):             # as the bound eager labels (`readers.OneSet`): not stratified
             self.labels = self.labels.astype(np.float64)
             if self.per_class:                         # whole numbers are values: split again at random

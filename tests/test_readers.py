@@ -1,6 +1,7 @@
 """Readers for users' own data (structc/readers.py): each format on the small files in
 tests/data (written by tests/data/make_data.py), malformed files giving the file and the
 line, and `structc train --data PATH` on each kind."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +239,7 @@ def test_table_errors(tmp_path):
     bad.write_text("a,b,y\n1,2,0\n,4,1\n")
     with pytest.raises(ReadError, match=r"t\.csv:3: an empty field"):
         readers.read(bad)
-    bad.write_text(",b,y\n" + "".join(f"{k},{k % 3},{k % 2},\n" for k in range(10)))   # an unnamed column, a trailing comma
+    bad.write_text(",b,y\n" + "".join(f"{k},{k % 3},{k % 2},\n" for k in range(10)))   # unnamed column, trailing comma
     assert readers.read(bad).x_train.shape[1] == 2
     bad.write_text("# nothing\n")
     with pytest.raises(ReadError, match=r"t\.csv: no data"):
@@ -312,6 +313,18 @@ def test_arrays_with_missing_values_or_not_numbers_are_refused_as_tables_are(tmp
         readers.read(folder)
     fine = readers.read(tmp_path / "fine.npz")
     assert sorted(np.concatenate([fine.y_train, fine.y_test]).tolist()) == sorted(y.tolist())
+
+
+def test_class_labels_of_a_file_with_its_own_split_are_checked_in_both_parts(models, tmp_path):
+    """The largest label was reported from the training part only ("labels up to 1" for a
+    held-out 5); a negative held-out label failed at evaluation ("class -1 ... out of range")."""
+    net = structc.compile(models, "Table")
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    for y_test, message in (([0, 1, 5], "has labels up to 5, but target 'y' declares 2 classes"),
+                            ([0, -1, 1], "has label -1, but class labels are 0, 1, ...")):
+        np.savez(tmp_path / "own.npz", x_train=x, y_train=np.arange(10) % 2, x_test=x[:3], y_test=np.array(y_test))
+        with pytest.raises(ValueError, match=re.escape(f"data set 'own' {message}")):
+            readers.read(tmp_path / "own.npz").bind(net)
 
 
 # -- the split and the dispatcher ------------------------------------------------------------
