@@ -24,8 +24,8 @@ or a list is converted on every call, so convert those once with
 `Graph(...)` / `batch(...)` yourself.
 
 `g.reordered()` keeps the nodes in rows of locality order (`structc.locality`);
-`Binder` moves per-node inputs and outputs between node order and row order, so
-callers never see the rows.
+`Binder` moves per-node inputs and outputs between node order and row order, and
+turns node ids given as inputs (`h[pick]`) into rows, so callers never see the rows.
 
 A `Graph` cannot be changed once checked: its attributes cannot be set and
 its index arrays are read-only views of immutable bytes (numpy refuses to
@@ -558,10 +558,26 @@ def _rows_in(value, order: np.ndarray, name: str, per: str) -> np.ndarray:
     return arr[order]
 
 
+def _rows_of_nodes(value, g: Graph):
+    """Node ids `value` as the rows of reordered graph `g` that hold those nodes; an id
+    that is not a node stays as it is, for the call's index check to refuse."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        return value                        # not ids: the call's input checks say so
+    place = g._bound.get("rows of nodes")
+    if place is None:
+        place = np.empty(g.num_nodes, np.int64)
+        place[g.node_order] = np.arange(g.num_nodes)
+        g._bound["rows of nodes"] = place
+    inside = (arr >= 0) & (arr < g.num_nodes)
+    return np.where(inside, place[np.where(inside, arr, 0)], arr).astype(arr.dtype)
+
+
 class Binder:
     """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
 
-    def __init__(self, specs: list[dict], inputs: list[dict] = (), outputs: dict | None = None):
+    def __init__(self, specs: list[dict], inputs: list[dict] = (), outputs: dict | None = None,
+                 index_inputs: Mapping[str, list] | None = None):
         self.specs = specs
         self._bound = [_GraphSpec(s) for s in specs]
         self.internal = frozenset(name for s in specs for name in s["arrays"].values())
@@ -584,18 +600,23 @@ class Binder:
         # nodes along another axis: no permutation is worked out for those, so a reordered graph is refused
         self._nodes_inside = {x["name"]: nodes[d] for x in arrays + list(outputs or []) for d in x["shape"][1:]
                               if d in nodes}
+        # Integer inputs whose values pick rows of node tensors (`h[pick]`: `compiler.index_inputs`) hold
+        # node ids, which become rows on the way in; one that also picks other rows cannot, so it is refused.
+        picks = {name: [nodes[r] for r in rows if r in nodes] for name, rows in (index_inputs or {}).items()}
+        self.node_ids = {name: of[0] for name, of in picks.items() if len(of) == len(index_inputs[name]) == 1}
+        self._ids_mixed = {name: of for name, of in picks.items() if of and name not in self.node_ids}
         self._local = threading.local()     # the graphs of this thread's current call
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Binder | None":
         specs = meta.get("graphs") or []
         outputs = [o for e in meta.get("entries", {}).values() for o in e["outputs"]]
-        return cls(specs, meta.get("inputs", []), outputs) if specs else None
+        return cls(specs, meta.get("inputs", []), outputs, meta.get("index_inputs")) if specs else None
 
     def needs_node_order(self, graph: str) -> bool:
         """Whether an input or output has `graph`'s nodes along an axis other than its
         first: `expand` then refuses that graph reordered (`Graph.reordered`)."""
-        return graph in self._nodes_inside.values()
+        return graph in self._nodes_inside.values() or any(graph in of for of in self._ids_mixed.values())
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         if not self.internal.isdisjoint(given):
@@ -624,10 +645,18 @@ class Binder:
             order = last[graph].node_order
             if order is not None and name in out and out[name] is not None:
                 out[name] = _rows_in(out[name], order, name, f"node of '{graph}'")
+        for name, graph in self.node_ids.items():
+            if last[graph].node_order is not None and name in out and out[name] is not None:
+                out[name] = _rows_of_nodes(out[name], last[graph])
         for name, graph in self._nodes_inside.items():
             if last[graph].node_order is not None:
                 raise ValueError(f"'{name}' has {graph}'s nodes along an axis other than its first, which a "
                                  f"reordered graph does not support: pass {graph} in node order (not reordered())")
+        for name, graphs in self._ids_mixed.items():
+            for graph in graphs:
+                if last[graph].node_order is not None:
+                        raise ValueError(f"'{name}' holds ids of {graph}'s nodes and of other rows, which a "
+                                     f"reordered graph does not support: pass {graph} in node order (not reordered())")
         return out
 
     def restore(self, outputs: dict) -> dict:

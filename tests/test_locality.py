@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import structc
-from structc.graphs import Graph, GraphPool, batch
+from structc.graphs import Binder, Graph, GraphPool, batch
 from structc.locality import locality_order
 from test_gnn import SINK, random_graph
 from test_readers import MODELS as READER_MODELS
@@ -248,3 +248,42 @@ model Across {
 """
     data.bind(structc.compile(across))
     assert data.graph.node_order is None
+
+
+# node ids as an integer input: rows of node tensors picked by the caller's node ids
+PICK = """
+model Pick {
+  input  g: graph(features=3)
+  input  pick: i32[K]
+  target y: class[K] of 2
+  h = tanh(dense(g.x, 4) + sum(dense(g.x, 4) over g.edges))
+  output picked = h[pick]
+  loss cross_entropy(dense(h[pick], 2), y)
+}
+"""
+
+
+def test_node_ids_given_as_inputs_name_nodes_not_rows():
+    """`h[pick]` with `pick` node ids reads the same nodes of a reordered graph (its
+    rows hold other nodes), in forward, loss and gradients; an id outside the nodes
+    is refused as it is for the graph as given."""
+    net = structc.compile(PICK, seed=5)
+    rng = np.random.default_rng(6)
+    g = ring(rng, n=40, m=120, reach=3)
+    r = g.reordered()
+    assert not np.array_equal(r.node_order, np.arange(40))
+    pick = np.array([0, 7, 39, 7, 12], np.int32)
+    y = rng.integers(0, 2, 5).astype(np.int32)
+    np.testing.assert_allclose(net.forward(g=r, pick=pick)["picked"], net.forward(g=g, pick=pick)["picked"],
+                               rtol=1e-5, atol=1e-6)
+    _same_calls(net, [{"g": g, "pick": pick, "y": y}], [{"g": r, "pick": pick, "y": y}])
+    np.testing.assert_array_equal(pick, [0, 7, 39, 7, 12])          # the caller's array is not changed
+    for graph in (g, r):
+        with pytest.raises(ValueError, match="outside"):
+            net.forward(g=graph, pick=np.array([3, 40], np.int32))
+    both = structc.compile(PICK.replace("h[pick]", "h[pick] + E[pick]")         # pick: node ids and word ids
+                           .replace("  h = ", "  param E: embedding(50, 4)\n  h = "), seed=5)
+    both.forward(g=g, pick=pick)
+    with pytest.raises(ValueError, match="ids of g's nodes and of other rows"):
+        both.forward(g=r, pick=pick)
+    assert Binder.from_meta(both.meta).needs_node_order("g") and not Binder.from_meta(net.meta).needs_node_order("g")
