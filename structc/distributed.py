@@ -724,7 +724,6 @@ def held_out_part(dp: DataParallel, data):
     """A copy of `data` whose held-out part is this rank's share of it, and the size of
     that share (None, 0: no share)."""
     from .graph_datasets import GraphDataset
-    from .graphs import batch
     from .seqdata import SequenceDataset
     from .treedata import TreeDataset
     part = copy.copy(data)
@@ -738,7 +737,6 @@ def held_out_part(dp: DataParallel, data):
     elif isinstance(data, GraphDataset):
         mine = dp.shard_items([graph_cost(data.graphs[k]) for k in data.test])
         part.test = data.test[mine]
-        part._held_out = batch([data.graphs[k] for k in part.test]) if mine else None
     else:
         mine = split_dense(len(data.x_test), dp.rank, dp.size)
         part.x_test, part.y_test = data.x_test[mine], data.y_test[mine]

@@ -118,8 +118,18 @@ class GraphDataset:
         self.name, self.graphs, self.description = name, graphs, description
         self.labels = np.asarray(labels, np.int32)
         self.train, self.test = np.asarray(train), np.asarray(test)
-        self._held_out = batch([graphs[i] for i in self.test])
+        self._held_out: tuple[list, Graph] | None = None      # (the test graphs, their batch): `held_out`
+        self.held_out()
         self._pool: tuple[list, GraphPool] | None = None
+
+    def held_out(self) -> Graph:
+        """The graphs `test` names in `graphs`, as one batch: joined once, and again only
+        when they are other graphs (a new split, a graph replaced), as `pool` is."""
+        graphs = [self.graphs[i] for i in self.test]
+        kept = self._held_out
+        if kept is None or len(kept[0]) != len(graphs) or not all(map(operator.is_, kept[0], graphs)):
+            kept = self._held_out = (graphs, batch(graphs))
+        return kept[1]
 
     def pool(self) -> GraphPool:
         """`graphs` as a `GraphPool` (a batch is then one pass in C), built once and
@@ -153,7 +163,7 @@ class GraphDataset:
 
     def evaluate(self, net, batch: int = 0) -> dict:
         y = self.labels[self.test]
-        outs, loss = net.evaluate_batch(**{self.graph_name: self._held_out, self.target["name"]: y})   # one call
+        outs, loss = net.evaluate_batch(**{self.graph_name: self.held_out(), self.target["name"]: y})   # one call
         if self.output is None:
             return {"loss": loss}
         return {"loss": loss, "accuracy": float(np.mean(np.argmax(outs[self.output], axis=-1) == y))}

@@ -160,11 +160,9 @@ def _split_sequences(data, fraction, seed):
 
 
 def _split_graphs(data, fraction, seed):
-    from .graphs import batch
     keep, val = _parts(data.labels[data.train], fraction, seed, "graphs")
     train, check = copy.copy(data), copy.copy(data)
     train.train, check.test = data.train[keep], data.train[val]
-    check._held_out = batch([data.graphs[i] for i in check.test])
     return train, check
 
 

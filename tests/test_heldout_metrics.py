@@ -132,3 +132,23 @@ def test_evaluate_batch_does_not_drop():
     again = net.evaluate_batch(**feed)[1]
     np.testing.assert_array_equal(outs[data.output], net.forward(**{data.input["name"]: data.x_test[:50]})[data.output])
     assert loss == again and net.grad(**feed)[0] != net.grad(**feed)[0]
+
+
+
+def test_held_out_graphs_follow_the_split_and_the_graphs():
+    """A graph data set evaluates the graphs `test` names in `graphs` now: a split or
+    a graph changed after the data set was made is seen (the training batches see
+    both), not the held-out batch joined when it was made."""
+    from structc.graphs import batch
+    net, data = bound("graphs", "output guess = softmax(z)")
+
+    def measured(test):         # one evaluation call on those graphs, as evaluate makes it
+        outs, loss = net.evaluate_batch(g=batch([data.graphs[k] for k in test]), y=data.labels[test])
+        return {"loss": loss, "accuracy": float(np.mean(np.argmax(outs["guess"], axis=-1) == data.labels[test]))}
+    test = data.test.copy()
+    assert data.evaluate(net) == pytest.approx(measured(test))
+    data.test = data.train[:len(test)]                  # another split of the same size
+    assert data.evaluate(net) == pytest.approx(measured(data.test))
+    data.test = test
+    data.graphs[test[0]] = data.graphs[test[0]].with_features(x=np.full_like(data.graphs[test[0]].x, 9.0))
+    assert data.evaluate(net) == pytest.approx(measured(test))
