@@ -30,6 +30,17 @@ def class_output(net, target: dict) -> str | None:
     return "probs" if "probs" in found else (found[0] if found else None)
 
 
+def loss_weight(net, feed: dict, examples: int) -> float:
+    """What one held-out batch's loss counts for in the held-out mean: what that loss is a
+    mean over (its denominator, `structc.denominator`: examples, a forest's nodes for a loss
+    over every node), so the mean is the whole held-out part's however it is batched; its
+    `examples` for a loss that is not one mean (a plain sum, or means over different things)."""
+    found = net.meta.get("loss_denominator")
+    if found is None or found["kind"] not in ("mean", "weights"):
+        return examples
+    return net.loss_denominator(net.feed_dims(**feed), feed)
+
+
 class ArrayDataset:
     """Inputs and integer labels, split into a training and a held-out part."""
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .datasets import class_output
+from .datasets import class_output, loss_weight
 from .forest import Forest, ForestPool, Vocab
 
 LOGIC_SHA256 = "6cb7350105b54f40403d9808915069a982caaf8d23caed0e402e7e7b36c107d1"
@@ -109,14 +109,19 @@ class TreeDataset:
         return kept[2]
 
     def evaluate(self, net, batch: int = 512) -> dict:
-        """Held-out accuracy on the roots (when the model outputs [trees, C]) and mean loss."""
-        loss, correct, n = 0.0, 0, len(self.test)
+        """Held-out accuracy on the roots (when the model outputs [trees, C]) and mean loss:
+        each batch's loss weighed by what it is a mean over (`loss_weight`: trees, or nodes
+        for a loss over every node), so it does not depend on how the trees are batched."""
+        loss, weight, correct, n = 0.0, 0.0, 0, len(self.test)
         for part in self.held_out_batches(batch):
-            outs, batch_loss = net.evaluate_batch(**self.feed(part))     # one forward call
+            feed = self.feed(part)
+            outs, batch_loss = net.evaluate_batch(**feed)     # one forward call
             if self.output is not None:
                 correct += int(np.sum(np.argmax(outs[self.output], axis=-1) == part.root_labels))
-            loss += batch_loss * part.trees
-        result = {"loss": loss / n}
+            w = loss_weight(net, feed, part.trees)
+            loss += batch_loss * w
+            weight += w
+        result = {"loss": loss / weight}
         if self.output is not None:
             result["accuracy"] = correct / n
         return result

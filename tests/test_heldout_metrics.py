@@ -134,7 +134,6 @@ def test_evaluate_batch_does_not_drop():
     assert loss == again and net.grad(**feed)[0] != net.grad(**feed)[0]
 
 
-
 def test_held_out_graphs_follow_the_split_and_the_graphs():
     """A graph data set evaluates the graphs `test` names in `graphs` now: a split or
     a graph changed after the data set was made is seen (the training batches see
@@ -152,3 +151,27 @@ def test_held_out_graphs_follow_the_split_and_the_graphs():
     data.test = test
     data.graphs[test[0]] = data.graphs[test[0]].with_features(x=np.full_like(data.graphs[test[0]].x, 9.0))
     assert data.evaluate(net) == pytest.approx(measured(test))
+
+
+NODE_LOSS = """
+model M { input t: forest(arity=2) of word(vocab=10)  target s: class[t.nodes] of 4
+  param E: embedding(10, 8) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 8))
+  loss cross_entropy(dense(h(t.nodes), 4), s) }"""
+
+
+def test_a_held_out_loss_over_nodes_weighs_each_batch_by_its_nodes():
+    """A loss that is a mean over every node: the held-out loss is that mean over all
+    held-out nodes, whatever the evaluation batch (before, each batch's mean was weighed
+    by its trees, so batches of small trees counted too much)."""
+    from structc.forest import Forest, Vocab
+    from structc.treedata import TreeDataset
+    trees = ["(1 good)", "(2 (1 bad) (3 fun))", "(0 (1 (2 the) (1 dull)) (2 (3 good) (2 (0 the) (1 plot))))",
+             "(3 fun)", "(2 (2 (2 (2 the) (1 film)) (3 good)) (0 (1 bad) (2 (2 the) (3 (3 fun) (2 plot)))))"]
+    net = structc.compile(NODE_LOSS)
+    data = TreeDataset("mixed", trees, trees, Vocab.build(["good", "bad", "fun", "the", "dull", "plot", "film"]))
+    data.bind(net)
+    whole = net.loss(**data.feed(Forest.concat(data.test)))
+    for batch in (1, 2, len(trees)):
+        assert data.evaluate(net, batch)["loss"] == pytest.approx(whole, rel=1e-5), batch
