@@ -761,7 +761,9 @@ class Net:
         clip_norm: when > 0, every gradient is scaled by min(1, clip_norm / global L2 norm of all
         gradients) before the update, inside the compiled step (0: no clipping); decay_biases: False
         applies weight_decay to the matrices only, not to parameters of rank <= 1 (biases,
-        normalisations' scales and shifts) (default: True, every parameter decays)."""
+        normalisations' scales and shifts) (default: True, every parameter decays). Weight decay
+        is L2 added to the clipped gradient (g + weight_decay * p, as PyTorch's SGD and Adam), not
+        AdamW's decoupled decay."""
         if name not in ("sgd", "momentum", "adam"):
             raise ValueError(f"unknown optimizer '{name}' (choose sgd, momentum or adam)")
         for k in options:

@@ -369,6 +369,63 @@ def test_decay_biases_is_checked():
         net.set_optimizer("sgd", decay_biases=0)
 
 
+# -- the update rules with every option, against float64 numpy ----------------------
+
+TINY = """
+model Tiny {
+  input x: f32[N, 6]
+  target y: class[N] of 3
+  loss cross_entropy(dense(tanh(dense(x, 5)), 3), y)
+}
+"""
+
+
+def _numpy_update(rule, params, grads, state, t, lr, o):
+    """One step as the docs define it: clipping, then L2 weight decay added to the
+    gradient (not AdamW's decoupled decay), then SGD, momentum or bias-corrected Adam."""
+    norm = np.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
+    scale = min(1.0, o["clip_norm"] / norm) if o["clip_norm"] > 0 else 1.0
+    out = {}
+    for k, p in params.items():
+        g = scale * grads[k] + (o["weight_decay"] if p.ndim >= 2 or o["decay_biases"] else 0.0) * p
+        if rule == "sgd":
+            out[k] = p - lr * g
+        elif rule == "momentum":
+            state[k] = o["momentum"] * state.get(k, 0.0) + g
+            out[k] = p - lr * state[k]
+        else:
+            m = state[k, "m"] = o["beta1"] * state.get((k, "m"), 0.0) + (1 - o["beta1"]) * g
+            v = state[k, "v"] = o["beta2"] * state.get((k, "v"), 0.0) + (1 - o["beta2"]) * g * g
+            out[k] = p - lr * (m / (1 - o["beta1"] ** t)) / (np.sqrt(v / (1 - o["beta2"] ** t)) + o["eps"])
+    return out
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["train_step", "grad_into_arena+apply_update"])
+@pytest.mark.parametrize("rule, options", [
+    ("momentum", dict(momentum=0.5, weight_decay=0.05, clip_norm=0.3)),
+    ("adam", dict(beta1=0.7, beta2=0.95, eps=1e-3, weight_decay=0.05)),
+    ("adam", dict(weight_decay=0.1, decay_biases=False, clip_norm=0.3)),
+])
+def test_each_optimizer_option_as_documented(rng, rule, options, split):
+    net = structc.compile(TINY, seed=1)
+    net.set_optimizer(rule, **options)
+    o = dict(net._opt)
+    state = {}
+    for t in range(1, 5):
+        x, y = rng.normal(size=(5 + t, 6)).astype(np.float32), rng.integers(0, 3, 5 + t).astype(np.int32)
+        _, grads = net.grad(x=x, y=y)           # no update, and the step counter stays
+        params = {k: v.astype(np.float64) for k, v in net.params.items()}
+        expected = _numpy_update(rule, params, {k: g.astype(np.float64) for k, g in grads.items()}, state, t,
+                                 0.05, o)
+        if split:
+            net.grad_into_arena(x=x, y=y)
+            net.apply_update(0.05)
+        else:
+            net.train_step(0.05, x=x, y=y)
+        for k, p in expected.items():
+            np.testing.assert_allclose(net.params[k], p, rtol=1e-5, atol=1e-6, err_msg=f"step {t} {k}")
+
+
 def test_the_fine_tuning_example_trains_the_head_only_and_saves_time(tmp_path):
     import sys
     sys.path.insert(0, str(EXAMPLES))
