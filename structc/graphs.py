@@ -655,8 +655,8 @@ class Binder:
         for name, graphs in self._ids_mixed.items():
             for graph in graphs:
                 if last[graph].node_order is not None:
-                        raise ValueError(f"'{name}' holds ids of {graph}'s nodes and of other rows, which a "
-                                     f"reordered graph does not support: pass {graph} in node order (not reordered())")
+                    raise ValueError(f"'{name}' holds ids of {graph}'s nodes and of other rows, which a reordered "
+                                     f"graph does not support: pass {graph} in node order (not reordered())")
         return out
 
     def restore(self, outputs: dict) -> dict:
