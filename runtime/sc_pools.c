@@ -94,7 +94,7 @@ static int forest_totals_of(const forest_pool *p, forest_totals *t) {
         PyErr_Format(PyExc_ValueError, "a forest of %lld nodes is too large for 32-bit indices", (long long)t->nodes);
         return -1;
     }
-    if (t->node_words && p->cols < p->width + 4) return broken_pool("no column of words at every node");
+    if (t->node_words && p->cols < p->width + 5) return broken_pool("no column of words at every node");
     return 0;
 }
 
@@ -106,8 +106,11 @@ typedef struct {
 } forest_out;
 
 /* Each node's fields written at its place, `next[h]` being the next free place
- * of level h; a child, earlier in its forest, is placed before its parent. */
-static int forest_place(const forest_pool *p, const forest_totals *t, forest_out *o, int64_t *next) {
+ * of level h; a child, earlier in its forest, is placed before its parent.
+ * `place[at]` is the place of the batch's node `at` (its forests' rows one after
+ * the other); `index` numbers the nodes as their forests were given (b[w + 3]). */
+static int forest_place(const forest_pool *p, const forest_totals *t, forest_out *o, int64_t *next,
+                        int32_t *place) {
     int64_t at = 0, tree_at = 0;                   /* the batch's nodes and trees so far */
     const Py_ssize_t cols = p->cols, w = p->width, a = t->arity;
     for (Py_ssize_t j = 0; j < p->batch; j++) {
@@ -117,11 +120,13 @@ static int forest_place(const forest_pool *p, const forest_totals *t, forest_out
             const int64_t row = it[NODE_START] + r, h = height_at(p, row);
             const int32_t *b = p->block + row * cols;
             const int64_t to = next[h]++;
-            o->index[at] = (int32_t)to;
+            if (b[w + 3] < 0 || b[w + 3] >= it[NODES]) return broken_pool("a node's number is outside its forest");
+            place[at] = (int32_t)to;
+            o->index[first + b[w + 3]] = (int32_t)to;
             o->height[to] = (int32_t)h;
             for (Py_ssize_t c = 0; c < a; c++) {          /* b[c]: how many rows before its parent a child is */
                 if (b[c] > r) return broken_pool("a child is outside its forest");
-                o->children[to * a + c] = b[c] > 0 ? o->index[at - b[c]] : -1;
+                o->children[to * a + c] = b[c] > 0 ? place[at - b[c]] : -1;
             }
             o->tree_of[to] = (int32_t)(b[w] - tree_shift);
             if (o->labels) o->labels[to] = b[w + 1];
@@ -129,13 +134,13 @@ static int forest_place(const forest_pool *p, const forest_totals *t, forest_out
                 if (o->words) o->words[to] = b[w + 2];
                 else o->leaf_rows[to] = b[w + 2];
             }
-            if (o->node_words) o->node_words[to] = b[w + 3];
+            if (o->node_words) o->node_words[to] = b[w + 4];
             if (o->rows) o->rows[to] = row;
         }
         for (int64_t r = 0; r < it[TREES]; r++) {
             const int64_t root = p->roots[it[TREE_START] + r] - it[NODE_START];
             if (root < 0 || root >= it[NODES]) return broken_pool("a root is outside its forest");
-            o->roots[tree_at + r] = o->index[first + root];
+            o->roots[tree_at + r] = place[first + root];
         }
         tree_at += it[TREES];
     }
@@ -146,7 +151,10 @@ static int forest_place(const forest_pool *p, const forest_totals *t, forest_out
  * schedule order, so this merges them level by level as a stable sort would). */
 static int forest_fill(const forest_pool *p, const forest_totals *t, forest_out *o) {
     int64_t *next = calloc((size_t)t->levels + 1, sizeof *next);
-    if (!next) {
+    int32_t *place = malloc((size_t)t->nodes * sizeof *place);
+    if (!next || !place) {
+        free(next);
+        free(place);
         PyErr_NoMemory();
         return -1;
     }
@@ -158,8 +166,10 @@ static int forest_fill(const forest_pool *p, const forest_totals *t, forest_out 
         next[h + 1] += next[h];
         o->level_end[h] = (int32_t)next[h + 1];
     }
-    const int status = next[1] != t->leaves ? broken_pool("the leaves' counts disagree") : forest_place(p, t, o, next);
+    const int status = next[1] != t->leaves ? broken_pool("the leaves' counts disagree")
+                                            : forest_place(p, t, o, next, place);
     free(next);
+    free(place);
     return status;
 }
 
@@ -211,7 +221,7 @@ static int forest_pool_of(forest_pool *p, const Py_buffer *v, Py_ssize_t width) 
         .cols = v[2].ndim == 2 ? v[2].shape[1] : 0,
     };
     if (v[0].len % (8 * ITEM_COLS) || v[2].ndim != 2 || v[2].shape[0] != p->pool_nodes || width < 1 ||
-        p->cols < width + 3)
+        p->cols < width + 4)
         return broken_pool("the arrays' shapes disagree");
     if (p->batch < 1) {
         PyErr_SetString(PyExc_ValueError, "a forest needs at least one tree");

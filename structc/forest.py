@@ -12,8 +12,12 @@ Its nodes are kept in *schedule order*: by height (leaves, height 0, first),
 then by tree, then by position in the tree. Each level is then a contiguous
 range of rows, so the compiled code runs one batched dense per level over
 `level_end[l-1]:level_end[l]`, and the leaves are rows `[0, leaves)`.
-Per-node outputs and labels are in this order (`Forest.index` maps the
-node numbers a forest was built from to it).
+Per-node outputs and labels are in this order; `Forest.index[i]` is the row
+of node i as the forest was given (`out[f.index]` puts per-node outputs in
+that order): `from_arrays`' node i; for `from_tuples` and `from_brackets`,
+each tree's nodes in post-order (children first, as brackets close), tree
+after tree; for `concat` (and `ForestPool.take`), the parts' numbers, part
+after part, so a concat is the very forest built from all the parts at once.
 
     children   i32[nodes, arity]  child positions, -1 for none
     words      i32[leaves]        word id of each leaf (or `features` f32[leaves, F])
@@ -235,7 +239,8 @@ class Forest:
     def from_tuples(cls, trees, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
         """Nested tuples: a leaf is a word (a string looked up in `vocab`, or
         an int id) or a feature vector (a numpy array); an inner node is a
-        tuple or list of its children. One tree, or a list of trees."""
+        tuple or list of its children. One tree, or a list of trees. Nodes are
+        numbered (`index`) as `from_brackets` numbers them: post-order, tree after tree."""
         if not isinstance(trees, list) or (trees and _is_leaf(trees)):
             trees = [trees]
         if not trees:
@@ -258,7 +263,8 @@ class Forest:
                 raise ValueError(f"tree {int(tree_of[np.argmin(finite)])}: leaf features must be finite")
         else:
             words = np.array([_word_id(it, vocab) if lf else 0 for it, lf in zip(items, leaf)], np.int64)
-        return cls._make(ch, height, words, features, None, tree_of, None)
+        # `_walk` numbers the trees last to first; a tree's own nodes are in post-order, as brackets close
+        return cls._make(ch, height, words, features, None, tree_of, np.argsort(tree_of, kind="stable"))
 
     @classmethod
     def from_brackets(cls, text, vocab: "Vocab | Mapping | None" = None, *, arity: int | None = None) -> "Forest":
@@ -332,7 +338,8 @@ class Forest:
 
     @classmethod
     def concat(cls, forests: Sequence["Forest"]) -> "Forest":
-        """One forest holding the trees of several, in order (vectorised)."""
+        """One forest holding the trees of several, in order (vectorised); node i
+        of part k is node `sum(parts[:k].nodes) + i` of the union (`index`)."""
         forests = list(forests)
         if not forests:
             raise ValueError("a forest needs at least one tree")
@@ -378,9 +385,11 @@ class Forest:
             node_words = np.concatenate([f.node_words for f in forests])[order]
         if all(f.node_features is not None for f in forests):
             node_features = np.concatenate([f.node_features for f in forests])[order]
+        # node i of part k (as that part numbers it) is node first_node[k] + i of the union
+        index = pos[got["index"] + np.repeat(first_node, nodes)]
         return _assemble(node_words=node_words, node_features=node_features, children=children[order], height=height[order], level_end=np.cumsum(np.bincount(height)),
                          roots=pos[roots], tree_of=tree_of[order], words=words, features=features, labels=labels,
-                         index=pos, max_word=int(max_word.max()))
+                         index=index, max_word=int(max_word.max()))
 
     # -- as compiled code wants it ------------------------------------------
     def check(self, name: str, arity: int, vocab: int | None, features: int | None, inner: bool = False) -> None:
@@ -500,12 +509,14 @@ class ForestPool:
         labels[np.repeat(labelled, nodes)] = got["labels"]
         leaf = np.zeros(n, _I32)             # at a leaf its word id (words) or its row among all leaves (features)
         leaf[is_leaf] = got["words"] if has_words[0] else np.arange(int(is_leaf.sum()))
+        given = np.empty(n, np.int64)         # each row's node number as its forest was given (`index`'s inverse)
+        given[got["index"] + np.repeat(node_start, nodes)] = rows
         # Per node, one row: each child as how many rows before its parent it is (a
         # forest numbers children first; 0 for none, so a batch's row minus it is the
-        # child's row in the batch), its tree here, the label, the leaf's payload, the
-        # node's word.
+        # child's row in the batch), its tree here, the label, the leaf's payload, its
+        # number as given, the node's word.
         columns = [np.where(children >= 0, rows[:, None] - children, 0), got["tree_of"] + np.repeat(tree_start, nodes),
-                   labels, leaf]
+                   labels, leaf, given]
         self._block = np.column_stack(columns + ([node_words] if node_words is not None else [])).astype(_I32)
 
     def __len__(self) -> int:
@@ -657,16 +668,16 @@ def _max_word(words, node_words) -> int:
 
 
 def _gather(forests: list[Forest], lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """The parts' children (flat), height, roots, tree_of, words and labels, each
-    concatenated over the parts: one gather from the parts' sealed buffers, whose
+    """The parts' children (flat), height, roots, tree_of, words, labels and index,
+    each concatenated over the parts: one gather from the parts' sealed buffers, whose
     fields have these lengths ([parts, _INT_FIELDS])."""
     starts = (np.cumsum(lengths) - lengths.ravel()).reshape(lengths.shape)     # in the buffers, concatenated
-    wanted = [0, 1, 3, 4, 5, 6]
+    wanted = [0, 1, 3, 4, 5, 6, 7]
     take, at = lengths[:, wanted].T.ravel(), starts[:, wanted].T.ravel()        # field by field, part by part
     lands = np.cumsum(take) - take
     flat = np.concatenate([f._flat for f in forests])[np.repeat(at - lands, take) + np.arange(int(take.sum()))]
     ends = np.cumsum(take.reshape(len(wanted), -1).sum(axis=1)).tolist()
-    names = ("children", "height", "roots", "tree_of", "words", "labels")
+    names = ("children", "height", "roots", "tree_of", "words", "labels", "index")
     return {name: flat[lo:hi] for name, lo, hi in zip(names, [0] + ends[:-1], ends)}
 
 

@@ -67,8 +67,7 @@ def test_forest_pool_takes_what_concat_gives(seed, kind, size, picks):
     got = pool.take(items)
     want = Forest.concat([forests[k] for k in items])
     assert_identical_forests(got, want)
-    # (one item is that forest itself, whose index numbers the nodes it was built from)
-    assert_same_forest(got, reference_concat([forests[k] for k in items]), skip=("index",) if picks == 1 else ())
+    assert_same_forest(got, reference_concat([forests[k] for k in items]))
 
 
 def test_forest_pool_of_mixed_inner_payloads_and_its_checks():
@@ -183,6 +182,7 @@ def test_pools_refuse_arrays_that_would_lead_out_of_bounds():
     spoiled(lambda p: p._height.__setitem__(0, 200))            # a level past the forest's size
     spoiled(lambda p: p._items.__setitem__((1, 8), 10**6))      # an item's rows outside the pool
     spoiled(lambda p: p._items.__setitem__((1, 6), 5))          # wider than the children's columns
+    spoiled(lambda p: p._block.__setitem__((0, p._width + 3), 7))   # a node's number past its forest's nodes
 
     def spoiled_graphs(change):
         pool = GraphPool([random_graph(rng, "plain") for _ in range(2)])

@@ -78,7 +78,7 @@ def test_inner_features_and_concat():
     # the union's rows are the parts' rows, moved with their nodes
     at = 0
     for p in parts:
-        np.testing.assert_array_equal(f.node_features[f.index[at:at + p.nodes]], p.node_features)
+        np.testing.assert_array_equal(f.node_features[f.index[at + np.argsort(p.index)]], p.node_features)
         at += p.nodes
 
 

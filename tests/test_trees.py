@@ -316,6 +316,81 @@ def test_gradients_match_finite_differences(src):
     check_model_grads(mdef, feed_for(mdef, f, **targets), params)
 
 
+def _numbered_forest(rng, leaves, vocab=12, arity=3):
+    """Trees as `from_arrays` takes them: (children, words), nodes numbered children
+    before parents but otherwise shuffled (not in schedule order), slots with gaps."""
+    children, words, free = [], [], []
+    for _ in range(leaves):
+        free.append(len(children))
+        children.append([-1] * arity)
+        words.append(int(rng.integers(vocab)))
+        if len(free) > 1 and rng.random() < 0.5:
+            k = int(rng.integers(1, min(arity, len(free)) + 1))
+            kids = [free.pop(int(rng.integers(len(free)))) for _ in range(k)]
+            row = [-1] * arity
+            for slot, kid in zip(sorted(rng.choice(arity, k, replace=False)), kids):
+                row[slot] = kid
+            free.append(len(children))
+            children.append(row)
+            words.append(int(rng.integers(vocab)))
+    return np.array(children), np.array(words)
+
+
+def test_index_puts_per_node_outputs_in_the_nodes_given_order():
+    """h(t.nodes) is in schedule order; `f.index[i]` is the row of node i as the
+    forest was given: from_arrays' rows, and for a concat (or a pool's batch) of
+    such forests the parts' rows one after the other, a batch of one included:
+    the very forest from_arrays makes of the stacked arrays. Against a numpy
+    reference node by node in that order."""
+    from structc.forest import ForestPool
+    net = structc.compile(NARY)
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+
+    def reference(children, words):
+        h = np.zeros((len(children), 6))
+        for i, kids in enumerate(children):
+            if (kids < 0).all():
+                h[i] = np.tanh(p["E"][words[i]])
+            else:
+                first = h[kids[0]] if kids[0] >= 0 else np.zeros(6)
+                h[i] = np.tanh(h[kids[kids >= 0]].sum(axis=0) @ p["U"] + first @ p["first.w"] + p["first.b"])
+        return h
+
+    rng = np.random.default_rng(4)
+    given = [_numbered_forest(rng, k) for k in (3, 1, 6, 2)]
+    parts = [Forest.from_arrays(c, w) for c, w in given]
+    off = np.cumsum([0] + [len(c) for c, _ in given])
+    stacked = (np.concatenate([np.where(c >= 0, c + o, -1) for (c, _), o in zip(given, off)]),
+               np.concatenate([w for _, w in given]))
+    whole = Forest.from_arrays(*stacked)
+    pool = ForestPool(parts)
+    for items in ([0, 1, 2, 3], [2], [3, 3, 0]):
+        children = [c for k in items for c in [given[k][0]]]
+        at = np.cumsum([0] + [len(c) for c in children])
+        want = reference(np.concatenate([np.where(c >= 0, c + o, -1) for c, o in zip(children, at)]),
+                         np.concatenate([given[k][1] for k in items]))
+        for f in (Forest.concat([parts[k] for k in items]), pool.take(items)):
+            np.testing.assert_allclose(net(t=f)[f.index], want, rtol=1e-5, atol=1e-6)
+    united = Forest.concat(parts)
+    for field in ("children", "words", "roots", "level_end", "index"):
+        np.testing.assert_array_equal(getattr(united, field), getattr(whole, field), err_msg=field)
+    nested = Forest.concat([Forest.concat(parts[:2]), Forest.concat(parts[2:])])
+    np.testing.assert_array_equal(nested.index, whole.index)
+
+
+def test_tuples_number_their_nodes_as_brackets_do():
+    """from_tuples and from_brackets of the same trees give the same forest, `index`
+    too: nodes numbered children first (each tree's nodes as their brackets close),
+    tree after tree."""
+    vocab = {"a": 0, "b": 1, "c": 2, "d": 3}
+    tuples = Forest.from_tuples([("a", ("b", "c")), "d", (("a", "b"), "c", "d")], vocab)
+    brackets = Forest.from_brackets(["(a (b c))", "(d)", "((a b) c d)"], vocab)
+    for field in ("children", "words", "roots", "level_end", "tree_of", "index"):
+        np.testing.assert_array_equal(getattr(tuples, field), getattr(brackets, field), err_msg=field)
+    # node 0 is the first tree's first leaf, the last node the last tree's root
+    assert tuples.index[0] == 0 and tuples.index[-1] == tuples.roots[-1]
+
+
 # -- hypothesis: single leaves, long chains, full trees, mixed arity, 1..500 nodes --
 
 HYP = """
