@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import structc
 from structc.ops import REGISTRY, Elementwise
 from structc.testing import check_op
 
@@ -220,3 +221,54 @@ def test_the_key_follows_the_values_an_op_reads(probe):
         finally:
             del sys.modules["user_ext_probe"]
     assert seen[0] != seen[1] and seen[1] == seen[2]
+
+
+# -- mistakes a user makes when writing an op ----------------------------------------
+
+@pytest.fixture
+def user_ops():
+    """Ops (and layers) a test registers are taken out again after it (the
+    cache key and other tests see only structc's own)."""
+    from structc.layers.context import SURFACE
+    before, layers = set(REGISTRY), set(SURFACE)
+    yield
+    for name in set(REGISTRY) - before:
+        del REGISTRY[name]
+    for name in set(SURFACE) - layers:
+        del SURFACE[name]
+
+
+@pytest.mark.parametrize("layer", ["mean", "dense", "dropout", "zeros"])
+def test_a_callable_op_named_like_a_layer_is_refused(user_ops, layer):
+    """A user op with `surface = True` named like a layer of the language
+    (`mean`, `dense`, ...) was registered, but `.snet` calls still reached the
+    layer: `mean(x)` gave the layer's mean, not the user's op, with no error."""
+    with pytest.raises(ValueError, match=rf"op {layer!r} has the name of the layer "
+                                         rf"structc\.layers\.\w+\.{layer}.*choose another name"):
+        class Shadow(Elementwise):
+            name = layer
+            surface = True
+
+            def reference(self, x):
+                return 2 * x
+
+            def emit(self, cg, x):
+                return cg.mul(x, cg.const(2.0, x))
+    assert layer not in REGISTRY
+
+
+def test_an_op_not_called_from_snet_may_share_a_layers_name(user_ops):
+    class Helper(Elementwise):      # surface = False: the language never sees it
+        name = "flatten"
+    assert type(REGISTRY["flatten"]) is Helper
+
+
+def test_a_layer_named_like_a_callable_op_is_refused(user_ops):
+    from structc.layers.context import SURFACE, surface
+
+    class Twice(Elementwise):
+        name = "twice_user_op"
+        surface = True
+    with pytest.raises(ValueError, match="layer 'twice_user_op' has the name of the op .*Twice"):
+        surface("twice_user_op")(lambda ctx, x: x)
+    assert "twice_user_op" not in SURFACE

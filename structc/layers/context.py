@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..errors import ShapeMismatch, SnetNameError, SnetShapeError, SnetTypeError, Span
 from ..graph import Builder, Value
+from ..ops.base import LAYER_NAMES, REGISTRY
 from ..types import TensorType
 
 SURFACE: dict[str, Callable] = {}   # language-level functions that are not single ops
@@ -23,7 +24,12 @@ def surface(name: str):
     """Register a language-level function built from ops: f(ctx, *args, **kw)."""
     def deco(fn):
         assert name not in SURFACE, f"surface function {name} defined twice"
+        op = REGISTRY.get(name)
+        if op is not None and op.surface:       # the op's calls would reach the layer
+            raise ValueError(f"layer {name!r} has the name of the op {type(op).__module__}."
+                             f"{type(op).__qualname__}, which .snet calls: choose another name")
         SURFACE[name] = fn
+        LAYER_NAMES[name] = f"{fn.__module__}.{fn.__qualname__}"
         return fn
     return deco
 

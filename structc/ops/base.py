@@ -24,6 +24,10 @@ from ..errors import ShapeMismatch
 from ..types import TensorType, broadcast_shapes
 
 REGISTRY: dict[str, "Op"] = {}
+#: the language's functions that are not ops (its layers: `mean`, `dense`, ...), by
+#: name, as "module.function"; `structc.layers` fills it, and a callable op may not
+#: take one of these names (a `.snet` call would reach the layer, never the op)
+LAYER_NAMES: dict[str, str] = {}
 
 
 @dataclass
@@ -137,10 +141,14 @@ class Op:
 def register_op(cls: type) -> type:
     """Add the op class `cls` to the registry under `cls.name` (defining a
     subclass of `Op` with a `name` does this; an extension may call it too).
-    A name already taken by another op is refused; the same class defined
-    again (a module reloaded) replaces its earlier version."""
+    A name already taken by another op is refused, and so is a layer's name
+    for an op with `surface = True`; the same class defined again (a module
+    reloaded) replaces its earlier version."""
     if not (isinstance(cls, type) and issubclass(cls, Op)) or not isinstance(cls.name, str) or not cls.name:
         raise TypeError(f"register_op takes a subclass of structc.ops.Op with a `name`, got {cls!r}")
+    if cls.surface and cls.name in LAYER_NAMES:
+        raise ValueError(f"op {cls.name!r} has the name of the layer {LAYER_NAMES[cls.name]}, which .snet "
+                         f"calls would reach instead of the op: choose another name")
     old = REGISTRY.get(cls.name)
     if old is not None and type(old) is not cls:
         same = (type(old).__module__, type(old).__qualname__) == (cls.__module__, cls.__qualname__)
