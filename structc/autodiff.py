@@ -52,8 +52,8 @@ def _differentiate(forward: Graph, loss: str,
         cotangent[nid] = total
         if "source" in node.op.traits:
             continue
-        grads = node.op.vjp(b, total, b.value(nid), *(b.value(i) for i in node.inputs), **node.attrs)
-        assert len(grads) == len(node.inputs), f"{node.op.name}: vjp returned {len(grads)} for {len(node.inputs)} inputs"
+        grads = _checked_vjp(node.op, node.op.vjp(b, total, b.value(nid), *(b.value(i) for i in node.inputs),
+                                                  **node.attrs), len(node.inputs))
         for i, gi in zip(node.inputs, grads):
             if gi is None and i in active:
                 stops.append((nid, i))
@@ -77,6 +77,20 @@ def _differentiate(forward: Graph, loss: str,
         outputs[f"grad:{name}"] = grad.id
     g.outputs = outputs
     return g, stops, unreached
+
+
+def _checked_vjp(op, grads, inputs: int) -> list:
+    """The VJP's result if it is one Value (or None) per input; else the
+    mistake, named (a user's op that forgot its `return` would otherwise fail
+    in `len(None)`, and a list one short would drop a gradient silently
+    under `python -O`)."""
+    ok = isinstance(grads, (list, tuple)) and len(grads) == inputs
+    if not ok or not all(gi is None or isinstance(gi, Value) for gi in grads):
+        got = (f"a {type(grads).__name__} of {len(grads)}: {[type(gi).__name__ for gi in grads]}"
+               if isinstance(grads, (list, tuple)) else repr(grads) if grads is None else type(grads).__name__)
+        raise AssertionError(f"{op.name}.vjp must return a list with one Value (or None) per input "
+                             f"({inputs} here), got {got}")
+    return list(grads)
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,27 @@ def test_a_layer_named_like_a_callable_op_is_refused(user_ops):
     with pytest.raises(ValueError, match="layer 'twice_user_op' has the name of the op .*Twice"):
         surface("twice_user_op")(lambda ctx, x: x)
     assert "twice_user_op" not in SURFACE
+
+
+VJP_MISTAKES = {
+    "no return": lambda self, b, g, out, x: None,
+    "a bare value": lambda self, b, g, out, x: g * 2.0,
+    "a number": lambda self, b, g, out, x: [2.0],
+}
+
+
+@pytest.mark.parametrize("mistake", list(VJP_MISTAKES))
+def test_a_vjp_that_returns_no_list_of_values_is_named(user_ops, mistake):
+    """A VJP that forgot its `return`, or returned a Value (not a list of one),
+    failed deep in autodiff with `object of type 'NoneType' has no len()`."""
+    Wrong = type("Wrong", (Elementwise,), {
+        "name": "wrong_vjp", "surface": True, "vjp": VJP_MISTAKES[mistake],
+        "reference": lambda self, x: 2 * x, "emit": lambda self, cg, x: cg.mul(x, cg.const(2.0, x))})
+    src = "model T {\n  param w: f32[4] = ones\n  target t: f32[4]\n  loss mse(wrong_vjp(w), t)\n}"
+    with pytest.raises(AssertionError, match=r"wrong_vjp\.vjp must return a list with one Value \(or None\) "
+                                             r"per input \(1 here\), got "):
+        structc.compile(src, cache=False)
+    with pytest.raises(AssertionError, match=r"check_op\('wrong_vjp'\), sample 0 .*VJP vs finite differences "
+                                             r"failed: wrong_vjp\.vjp must return a list"):
+        check_op(Wrong)
+
