@@ -296,3 +296,13 @@ def test_a_vjp_that_returns_no_list_of_values_is_named(user_ops, mistake):
                                              r"failed: wrong_vjp\.vjp must return a list"):
         check_op(Wrong)
 
+
+def test_an_op_registered_without_surface_says_so_when_called(user_ops):
+    class Hidden(Elementwise):
+        name = "hidden_user_op"
+
+        def reference(self, x):
+            return x
+    with pytest.raises(structc.SnetNameError, match=r"'hidden_user_op' is an op of .*Hidden that \.snet "
+                                                    r"cannot call: set `surface = True` in its class"):
+        structc.compile("model T {\n  input x: f32[4]\n  output y = hidden_user_op(x)\n}", cache=False)
