@@ -52,21 +52,30 @@ class Kernel:
     #: the op of a gate math the kernel runs after its product (`fuse`, rule 7): its
     #: GFLOP/s count the product's flops over a time that includes that math
     gate: str | None = None
+    #: the flops of the other layers this kernel is (one text, sizes read at run time)
+    shared_flops: list = field(default_factory=list)
 
     @property
     def line(self) -> int | None:
         return self.spans[0].line if self.spans else None
 
     def flop_count(self, dims: dict) -> int | None:
-        if self.flops is None:
-            return None
-        total = 1
-        for f in self.flops:
-            f = dims.get(f) if isinstance(f, str) else f
-            if not isinstance(f, int):
-                return None      # a symbol bound inside the kernel (a recursion's rows)
-            total *= f
-        return total
+        """Flops per call; None if unknown, or if the layers sharing the kernel
+        differ in them (which call is whose is not recorded)."""
+        counts = {_count(f, dims) for f in [self.flops, *self.shared_flops]}
+        return counts.pop() if len(counts) == 1 else None
+
+
+def _count(flops: tuple | None, dims: dict) -> int | None:
+    if flops is None:
+        return None
+    total = 1
+    for f in flops:
+        f = dims.get(f) if isinstance(f, str) else f
+        if not isinstance(f, int):
+            return None      # a symbol bound inside the kernel (a recursion's rows)
+        total *= f
+    return total
 
 
 # -- flop counts of the kernels the compiler knows the shapes of ---------------------------
@@ -217,6 +226,7 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
             first = by_address.setdefault(addr, kernel)
             if first is not kernel:
                 first.spans.extend(s for s in kernel.spans if all(s.line != t.line for t in first.spans))
+                first.shared_flops.append(kernel.flops)
     net._profile_kernels = by_address
     # a recursion's task functions: their time is their kernel's, and the kernels they run
     # have rows of their own, so the table leaves them out; a trace names them

@@ -314,3 +314,21 @@ def test_each_thread_records_into_its_own_block_and_no_empty_entry_is_reported(b
     assert set(events["fn"].tolist()) <= set(report._kernels)
     if len(set(events["lane"].tolist())) < 2:       # the worker never got a core (a loaded machine)
         pytest.skip("every event came from one thread")
+
+
+def test_a_kernel_layers_of_different_sizes_share_has_no_flop_rate():
+    """dense(x, 16) over N rows and dense(z, 16) over M rows compile to one
+    matmul kernel (its rows are read at run time): one flop count cannot stand
+    for both calls, so the row gives no GFLOP/s (it gave the M layer's count
+    for both calls, 30 times too few flops here)."""
+    src = ("model S {\n  input x: f32[N, 16]\n  input z: f32[M, 16]\n  target y: class[N] of 4\n"
+           "  h = dense(x, 16) |> relu\n  k = dense(z, 16) |> relu\n"
+           "  loss cross_entropy(dense(h + sum(k, axes=(0,), keepdims=true), 4), y)\n}\n")
+    rng = np.random.default_rng(0)
+    x, z = rng.random((256, 16), dtype=np.float32), rng.random((8, 16), dtype=np.float32)
+    report = structc.compile(src, cache=False).profile(steps=2, peak=PEAK, x=x, z=z, y=np.zeros(256, np.int32))
+    shared = [r for r in report.rows if r.kernel.op.startswith("matmul") and {5, 6} <= {s.line for s in r.kernel.spans}]
+    assert shared, report.table()
+    assert all(r.gflops is None for r in shared), report.table()
+    assert any(r.gflops for r in report.rows if r.kernel.line == 7 and r.kernel.op == "matmul")   # not shared
+
