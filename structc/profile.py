@@ -553,17 +553,32 @@ def _rows(events: np.ndarray, by_address: dict, dims: dict, steps: int, tasks: d
     calls = events[events["kind"] == CALL]
     chunks = events[events["kind"] == CHUNK]
     rows = []
-    for fn in np.unique(calls["fn"]):
-        if int(fn) in tasks:
+    # a kernel run both inside another and on its own (one text: a recursion's layer and a
+    # top-level one of the same sizes) has a row for each, so that its nested calls, part
+    # of the time of the kernel that runs them, are not counted in the step's sum again
+    for fn, nested in sorted({(int(f), bool(d > 0)) for f, d in zip(calls["fn"], calls["depth"])}):
+        if fn in tasks:
             continue
-        mine = calls[calls["fn"] == fn]
+        mine = calls[(calls["fn"] == fn) & ((calls["depth"] > 0) == nested)]
         if not (mine["hi"] > 0).any():
             continue             # a kernel with no tasks for these shapes (an empty contraction's)
-        kernel = by_address.get(int(fn)) or Kernel(hex(int(fn)), "?")
+        kernel = by_address.get(fn) or Kernel(hex(fn), "?")
         seconds = float((mine["end"] - mine["start"]).sum()) / 1e9
         flops = kernel.flop_count(dims)
         gflops = flops * len(mine) / seconds / 1e9 if flops and seconds > 0 else None
-        lanes = len(np.unique(chunks["lane"][chunks["fn"] == fn]))
+        theirs = chunks[chunks["fn"] == fn]
+        if len(mine) < (calls["fn"] == fn).sum():      # run both ways: the chunks within these calls
+            theirs = theirs[_within(theirs["start"], mine["start"], mine["end"])]
+        lanes = len(np.unique(theirs["lane"]))
         rows.append(Row(kernel, seconds / steps, len(mine) / steps, int(mine["hi"][-1]),
-                        bool((mine["depth"] > 0).all()), gflops, max(lanes, 1)))
+                        nested, gflops, max(lanes, 1)))
     return rows
+
+
+def _within(times: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which of `times` fall in one of the spans [starts, ends] (a chunk's depth does not
+    tell: a worker that takes a nested call's tasks runs them at its own depth)."""
+    order = np.argsort(starts, kind="stable")
+    starts, reach = starts[order], np.maximum.accumulate(ends[order])
+    at = np.searchsorted(starts, times, side="right") - 1
+    return (at >= 0) & (times <= reach[np.maximum(at, 0)])

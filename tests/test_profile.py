@@ -332,3 +332,37 @@ def test_a_kernel_layers_of_different_sizes_share_has_no_flop_rate():
     assert all(r.gflops is None for r in shared), report.table()
     assert any(r.gflops for r in report.rows if r.kernel.line == 7 and r.kernel.op == "matmul")   # not shared
 
+
+
+def test_a_kernel_run_both_inside_a_recursion_and_outside_is_two_rows():
+    """The weight gradient of a recursion's dense layer and of a top-level
+    layer of the same sizes are one kernel: its calls inside the recursion are
+    an (inside) row, counted once in the recursion's kernel, not again in the
+    step's sum (the outside-kernels row was short by their time)."""
+    from structc.forest import Forest
+    from structc.profile import CALL
+    from test_trees import random_tree
+    src = ("model M {\n  input t: forest(arity=2) of word(vocab=6)\n  target y: class[t.trees] of 3\n"
+           "  param E: embedding(6, 8) = normal(0.3)\n"
+           "  rec h(n) = leaf: E[n.word]\n             node: tanh(dense(concat(h(n.children)), 8))\n"
+           "  r = h(t.root)\n  q = tanh(dense(concat(r, r), 8))\n  loss cross_entropy(dense(q, 3), y)\n}\n")
+    rng = np.random.default_rng(0)
+    f = Forest.from_tuples([random_tree(rng, 25, 6) for _ in range(32)])
+    before = structc.get_num_threads()
+    try:
+        structc.set_num_threads(1)
+        report = profile(profiled_net(src, "<t>"), {"t": f, "y": (np.arange(32) % 3).astype(np.int32)},
+                         steps=3, peak=PEAK)
+    finally:
+        structc.set_num_threads(before)
+    calls = report.events[report.events["kind"] == CALL]
+    address = {id(k): a for a, k in report._kernels.items()}
+    both = 0
+    for r in report.rows:
+        mine = calls[calls["fn"] == address[id(r.kernel)]]
+        depths = set(mine["depth"].tolist())
+        both += len(depths) > 1
+        at = mine[(mine["depth"] > 0) == r.nested]
+        assert r.calls == len(at) / report.steps, r.kernel.name
+        assert r.seconds == pytest.approx(float((at["end"] - at["start"]).sum()) / 1e9 / report.steps)
+    assert both, report.table()      # the model still has such a kernel
