@@ -45,8 +45,9 @@ ABI_VERSION = 4     # 2: 11 hyper-parameter slots (clipping, vectors' decay), th
 # 3: 14 slots, the last three dropout's key and step (uint32 bits)
 # 4: 18 slots, four loss terms' weights (1 - slot) before dropout's three
 
-STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + [f"forward.{n}" for n, _ in PIPELINE] + \
-         [f"train.{n}" for n, _ in PIPELINE] + ["plan", "llvm", "opt", "asm"]
+STAGES = ["ast", "graph"] + [f"graph.{n}" for n, _ in PREPARE] + ["train"] + \
+         [f"{entry}.{n}" for entry in ("forward", "train", "update") for n, _ in PIPELINE] + \
+         ["plan", "llvm", "opt", "asm"]
 
 
 #: entry points compiled together as one LLVM module (one object file). The

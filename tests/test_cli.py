@@ -49,6 +49,17 @@ def test_fused_groups_are_shown(capsys):
     assert "(epilogue) -> " in out and "matmul" in out
 
 
+def test_every_stage_dump_all_prints_can_be_asked_for_alone(capsys):
+    """`--dump all` prints the update entry's passes too (`update.fuse`):
+    each of its stages is one --dump accepts on its own."""
+    perceptron = ROOT / "examples" / "perceptron.snet"
+    assert main(["compile", str(perceptron), "--dump=all"]) == 0
+    printed = re.findall(r"^;; ---- (\S+) ----$", capsys.readouterr().out, re.M)
+    assert "update.fuse" in printed and set(printed) <= set(STAGES)
+    assert main(["compile", str(perceptron), "--dump=update.fuse"]) == 0
+    assert re.findall(r"^;; ---- (\S+) ----$", capsys.readouterr().out, re.M) == ["update.fuse"]
+
+
 def test_unknown_stage_is_an_error(capsys):
     assert main(["compile", str(MLP), "--dump=nonsense"]) == 1
     assert "unknown stage 'nonsense'" in capsys.readouterr().err
