@@ -782,8 +782,8 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     if not streamed:
         check_same_data(dp, data, items, costs)
     bars = dp.is_root and show_bars(cfg)         # rank 0's steps are every rank's: one bar
-    start = time.perf_counter()
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
+        start = time.perf_counter()      # the epoch's own time, as the metrics log's
         if streamed:                             # the global batches one process makes, a share each
             mine = data.shares(cfg.batch, rng, dp.rank, dp.size)
         else:

@@ -70,7 +70,8 @@ class MetricsLog:
         now = time.perf_counter()
         record = {"epoch": metrics["epoch"], "loss": metrics["train_loss"]}
         record.update({k: v for k, v in metrics.items() if k.startswith(("heldout_", "val_"))})
-        record.update(seconds=round(now - self._last, 4),
+        # the epoch's time as the training loop measured it (the epoch line's), else since the last record
+        record.update(seconds=round(metrics.get("seconds", now - self._last), 4),
                       elapsed=round(self._elapsed_before + now - self._start, 4),
                       lr=self.lr if metrics.get("lr") is None else metrics["lr"])      # the lr the epoch's last step used (a schedule's)
         self._last = now

@@ -248,9 +248,9 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
     if stopper is None and cfg.early_stop:
         stopper = EarlyStopping(cfg.early_stop, cfg.monitor)
     bars = show_bars(cfg)
-    start = time.perf_counter()
     skipped, last_refusal = 0, None     # batches batch norm could not train on (said once)
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
+        start = time.perf_counter()      # the epoch's own time, as the metrics log's
         total, count = 0.0, 0
         bar = tqdm(data.batches(cfg.batch, rng), total=data.batch_count(cfg.batch), leave=False,
                    disable=not bars, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",

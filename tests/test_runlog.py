@@ -63,6 +63,31 @@ def test_train_writes_one_record_per_epoch_beside_the_checkpoint(tiny, tmp_path,
     assert records[2]["elapsed"] >= records[1]["elapsed"] >= records[0]["elapsed"]
 
 
+def test_the_epoch_line_and_the_log_give_each_epochs_own_seconds(tiny, tmp_path):
+    """An epoch's `seconds` is its own wall time, in the epoch line (and
+    History) as in the log: the line gave the time since training began."""
+    import time
+
+    import structc
+    from structc import datasets
+    from structc.runlog import MetricsLog
+    from structc.train import TrainConfig, train as train_loop
+    model, data = tiny
+    net = structc.compile(model)
+    log = MetricsLog(tmp_path / "run.metrics.jsonl", 0.05)
+    lines = []
+    data = datasets.load(data).bind(net)
+    real_evaluate = data.evaluate
+    data.evaluate = lambda n: (time.sleep(0.2), real_evaluate(n))[1]     # each epoch takes 0.2 s more
+    history = train_loop(net, data, TrainConfig(epochs=3, lr=0.05, progress=False), log=lines.append,
+                         on_epoch=log.callback)
+    seconds = [m["seconds"] for m in history.epochs]
+    assert all(s >= 0.2 for s in seconds) and all(s < 0.4 for s in seconds[1:]), seconds   # not 0.2, 0.4, 0.6
+    assert [float(line.rsplit("(", 1)[1].split()[0]) for line in lines if line.startswith("epoch")] == \
+        [round(s, 1) for s in seconds]
+    assert [r["seconds"] for r in read_metrics(log.path)] == [round(s, 4) for s in seconds]
+
+
 def test_without_out_the_log_is_beside_the_default_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train(tiny, "--epochs", "1") == 0
