@@ -319,13 +319,24 @@ def _register_runtime() -> None:
         llvm.add_symbol(name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
     env = os.environ.get("STRUCTC_NUM_THREADS")
     if env:
-        set_num_threads(int(env))
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"STRUCTC_NUM_THREADS must be a positive integer, got {env!r}")
+        set_num_threads(n)
+
+
+_C_INT_MAX = 2 ** 31 - 1
 
 
 def set_num_threads(n: int) -> int:
-    """Threads the compiled kernels may use (the calling thread included)."""
+    """Threads the compiled kernels may use (the calling thread included); the
+    runtime caps the count at its MAX_THREADS and returns the count it set."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
+    n = min(n, _C_INT_MAX)      # ctypes keeps a bigger int's low 32 bits (2**32: 0, so one thread)
     from .ship import propagate_num_threads
     propagate_num_threads(n)
     return runtime_library().sc_set_num_threads(n)

@@ -690,3 +690,29 @@ def test_a_training_step_refused_under_the_lock_releases_it():
     assert got == [None], "the lock was left held"
     assert np.isfinite(net.train_step(x=x, y=y, lr=0.01)) and net._train_plan.calls == calls + 1
 
+
+
+def test_a_thread_count_beyond_a_c_int_is_capped_not_wrapped():
+    """`set_num_threads(2**32)` asks for more threads than there are: the runtime's
+    cap, as for 10**6, not the low 32 bits (1: one thread, silently)."""
+    try:
+        capped = structc.set_num_threads(10 ** 6)
+        for n in (2 ** 31, 2 ** 32, 2 ** 32 + 1, 2 ** 70):
+            assert structc.set_num_threads(n) == capped == structc.get_num_threads(), n
+    finally:
+        structc.set_num_threads(2)
+
+
+@pytest.mark.parametrize("value, expect", [("4294967296", "threads 256"),
+                                           ("abc", "STRUCTC_NUM_THREADS must be a positive integer, got 'abc'"),
+                                           ("0", "STRUCTC_NUM_THREADS must be a positive integer, got '0'")])
+def test_the_environments_thread_count_is_read_whole(value, expect):
+    """STRUCTC_NUM_THREADS too: a count past a C int is capped, junk refused naming the variable."""
+    code = ("import structc\n"
+            "try:\n    structc.compile(" + repr(MLP) + ")\n"
+            "except ValueError as e:\n    print(e)\n"
+            "else:\n    print('threads', structc.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "STRUCTC_NUM_THREADS": value})
+    assert expect in out.stdout, out.stdout + out.stderr
+
