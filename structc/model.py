@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import difflib
 import functools
+import itertools
 import math
 import operator
 import os
@@ -23,6 +24,7 @@ import struct
 import sys
 import tempfile
 import threading
+import weakref
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -265,6 +267,37 @@ class _Entries(dict):
             return default
 
 
+# -- fork --------------------------------------------------------------------
+#: every live Net by its creation number (the order a fork takes their locks in)
+_NETS: "weakref.WeakValueDictionary[int, Net]" = weakref.WeakValueDictionary()
+_NET_NUMBERS = itertools.count()
+_FORK = threading.local()        # the Nets a forking thread holds
+
+
+def _hold_nets_for_fork() -> None:
+    """Before `os.fork()`: wait for each Net's call in flight on another thread
+    and hold its lock, so that the child gets every Net between calls. Else it
+    inherits a lock held by a thread it does not have (its first call on that
+    Net waits forever) and arenas that call was half way through writing. In
+    creation order, so that two threads forking at once take them alike."""
+    _FORK.held = []
+    for _, net in sorted(_NETS.items()):
+        net._lock.acquire()
+        _FORK.held.append(net)
+
+
+def _release_nets_after_fork() -> None:
+    """After `os.fork()`, in the parent and in the child (whose forking thread holds them)."""
+    for net in reversed(getattr(_FORK, "held", ())):
+        net._lock.release()
+    _FORK.held = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_hold_nets_for_fork, after_in_parent=_release_nets_after_fork,
+                        after_in_child=_release_nets_after_fork)
+
+
 class Net:
     """A compiled model. Build one with `structc.compile` or `structc.load`."""
 
@@ -288,6 +321,7 @@ class Net:
         self._grad_arena = _aligned_zeros(size + 4)
         self._state_arena = _aligned_zeros(2 * size)
         self._lock = threading.RLock()   # one native call (or parameter write) at a time
+        _NETS[next(_NET_NUMBERS)] = self
         views: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         for p in meta["params"]:

@@ -716,3 +716,55 @@ def test_the_environments_thread_count_is_read_whole(value, expect):
                          env={**os.environ, "STRUCTC_NUM_THREADS": value})
     assert expect in out.stdout, out.stdout + out.stderr
 
+
+FORK_WHILE_TRAINING = """
+import os, sys, threading, time
+import numpy as np, structc
+src = sys.argv[1]
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(48, 16)).astype(np.float32), rng.integers(0, 4, 48)
+net, replay = (structc.compile(src, seed=0, training=True) for _ in range(2))   # no compiling at the fork
+net.set_optimizer("adam")
+replay.set_optimizer("adam")
+stop = threading.Event()
+busy = threading.Thread(target=lambda: [net.train_step(x=x, y=y, lr=0.01) for _ in iter(stop.is_set, True)])
+busy.start()
+time.sleep(0.1)
+codes = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:            # the child: its copy of net is at a step's end, and it can call it
+        code = 3
+        try:
+            steps, params = net._step, {k: v.copy() for k, v in net.params.items()}
+            for _ in range(steps):
+                replay.train_step(x=x, y=y, lr=0.01)
+            whole = all(np.array_equal(params[k], replay.params[k]) for k in params)
+            np.testing.assert_array_equal(net(x=x), replay(x=x))
+            net.train_step(x=x, y=y, lr=0.01)
+            code = 0 if whole else 2
+        finally:
+            os._exit(code)
+    deadline = time.time() + 10
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.time() < deadline:
+        time.sleep(0.01)
+    if not done[0]:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    codes.append(os.waitstatus_to_exitcode(done[1]) if done[0] else "hung")
+stop.set()
+busy.join()
+print(codes)
+"""
+
+
+def test_a_child_forked_while_another_thread_trains_gets_the_net_between_steps():
+    """A fork while another thread is in a call on a Net: the child (a
+    multiprocessing worker, a forked server) can use that Net, whose
+    parameters are those after a whole number of steps. Without waiting for
+    the call, the child inherited the Net's lock held by a thread it does not
+    have, and hung on its first call; its parameters were any mix of the
+    step's old and new values."""
+    out = subprocess.run([sys.executable, "-c", FORK_WHILE_TRAINING, MLP], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "[0, 0, 0]", out.stdout + out.stderr
