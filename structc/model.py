@@ -624,9 +624,9 @@ class Net:
                                dtype)
                 for name, shape, dtype, fixed in entry.output_shapes}
         pa, ga, sa = self._arena_addrs
-        lock = self._lock
-        lock.acquire()
-        try:
+        # `with`, not acquire() then try: an interrupt pending while the call waited
+        # for the lock is raised as acquire() returns, before the try, and kept it held
+        with self._lock:
             if before is not None:
                 before()
             if callable(mode):
@@ -634,8 +634,6 @@ class Net:
             status = _runtime.invoke(entry.address, pa, ga, sa, self._workspace(need), arrays, list(outs.values()),
                                      dvals, self._hyper_addr, mode)
             extra = after() if after is not None and status == 0 else None
-        finally:
-            lock.release()
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
         for restore in self._restorers:             # per-edge rows back in the given edge order, per-node in node order

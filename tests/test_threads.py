@@ -768,3 +768,46 @@ def test_a_child_forked_while_another_thread_trains_gets_the_net_between_steps()
     out = subprocess.run([sys.executable, "-c", FORK_WHILE_TRAINING, MLP], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "[0, 0, 0]", out.stdout + out.stderr
+
+
+INTERRUPTED_WAITING = """
+import signal, sys, threading, time
+import numpy as np, structc
+net = structc.compile(sys.argv[1], seed=0, training=True)
+x, y = np.zeros((4, 16)), np.zeros(4, np.int64)       # converted: `grad` takes the Python path
+holding, waited = threading.Event(), []
+
+def hold():                  # another thread's call, as long as it takes the interrupt to arrive
+    with net._lock:
+        holding.set()
+        time.sleep(0.3)
+
+def wait_for_the_lock():
+    waited.append(net._lock.acquire(timeout=5))
+
+other = threading.Thread(target=hold)
+other.start()
+holding.wait()
+# a SIGINT delivered to another thread: the one waiting for the lock is not woken, and
+# meets the KeyboardInterrupt as soon as it has the lock (a Ctrl-C lands on any thread)
+threading.Timer(0.1, lambda: signal.pthread_kill(other.ident, signal.SIGINT)).start()
+try:
+    net.grad(x=x, y=y)
+except KeyboardInterrupt:
+    pass
+other.join()
+after = threading.Thread(target=wait_for_the_lock)
+after.start()
+after.join()
+print("free" if waited == [True] else "held")
+"""
+
+
+def test_an_interrupt_that_arrives_while_a_call_waits_for_the_lock_frees_it():
+    """A KeyboardInterrupt met by a call right after it took the Net's lock (it
+    was waiting for another thread's call) leaves the lock free: it was raised
+    before the `try` whose `finally` releases it, and the interrupted thread held
+    the lock for good, so every other thread's next call on the Net waited forever."""
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_WAITING, MLP], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "free", out.stdout + out.stderr
