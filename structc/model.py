@@ -272,6 +272,10 @@ class _Entries(dict):
 _NETS: "weakref.WeakValueDictionary[int, Net]" = weakref.WeakValueDictionary()
 _NET_NUMBERS = itertools.count()
 _FORK = threading.local()        # the Nets a forking thread holds
+#: seconds a fork waits for each Net's call in flight on another thread. Bounded: a
+#: thread holding a Net's lock may itself be waiting for the forking thread (a feed
+#: generator reading what that thread makes), and the fork would then wait for ever
+FORK_WAIT = 10.0
 
 
 def _hold_nets_for_fork() -> None:
@@ -279,11 +283,12 @@ def _hold_nets_for_fork() -> None:
     and hold its lock, so that the child gets every Net between calls. Else it
     inherits a lock held by a thread it does not have (its first call on that
     Net waits forever) and arenas that call was half way through writing. In
-    creation order, so that two threads forking at once take them alike."""
+    creation order, so that two threads forking at once take them alike. A Net
+    still busy after FORK_WAIT is left as it is (the child must not use it)."""
     _FORK.held = []
     for _, net in sorted(_NETS.items()):
-        net._lock.acquire()
-        _FORK.held.append(net)
+        if net._lock.acquire(timeout=FORK_WAIT):
+            _FORK.held.append(net)
 
 
 def _release_nets_after_fork() -> None:

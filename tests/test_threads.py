@@ -770,6 +770,35 @@ def test_a_child_forked_while_another_thread_trains_gets_the_net_between_steps()
     assert out.stdout.strip() == "[0, 0, 0]", out.stdout + out.stderr
 
 
+FORK_WHILE_A_HOLDER_WAITS = """
+import os, sys, threading
+import structc
+from structc import model
+model.FORK_WAIT = 0.5
+net = structc.compile(sys.argv[1], seed=0)
+forked = threading.Event()
+
+def fork_then_say_so():           # a producer thread that starts a worker process
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    forked.set()
+
+with net._lock:                   # a call in flight (a feed generator) waiting for what that thread makes
+    threading.Thread(target=fork_then_say_so).start()
+    print("forked" if forked.wait(30) else "stuck")
+"""
+
+
+def test_a_fork_waits_a_bounded_time_for_a_call_that_waits_for_the_forking_thread():
+    """The fork hook waits for calls in flight; one whose thread waits for the forking
+    thread would make it wait for ever. It gives up after `model.FORK_WAIT`."""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", FORK_WHILE_A_HOLDER_WAITS, MLP],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "forked", out.stdout + out.stderr
+
+
 INTERRUPTED_WAITING = """
 import signal, sys, threading, time
 import numpy as np, structc
