@@ -321,11 +321,13 @@ def _distributed_comm(args):
         raise UserError(str(e)) from None
 
 
-def _load_bound_data(name: str, net, split: float | None = None, stream: bool | None = None):
+def _load_bound_data(name: str, net, split: float | None = None, stream: bool | None = None,
+                     numbering: dict | None = None, fixed: bool = False):
     """The data set `name`, checked against the model's kind of input, bound to `net`.
     `split`: the held-out fraction for the user's data that comes as one set; `stream`:
     read the user's treebank or table file a chunk at a time (`structc.streams`), or
-    whole (False), or by its size (None)."""
+    whole (False), or by its size (None). `numbering`: the words and labels of trained
+    parameters (`saved_numbering`), new ones refused with `fixed`."""
     from . import datasets, readers
     try:
         datasets.check_name_fits(name, net)
@@ -333,14 +335,30 @@ def _load_bound_data(name: str, net, split: float | None = None, stream: bool | 
             raise ValueError(f"--stream reads your own treebank or table file; the built-in data set '{name}' "
                              f"is read whole")
         if stream is not None and name not in datasets.DATASETS and Path(name).exists():
-            data = readers.read(name, split, stream=stream)
+            data = readers.read(name, split, stream=stream, numbering=numbering, fixed=fixed)
         else:
-            data = datasets.load(name, split)
+            data = datasets.load(name, split, numbering=numbering, fixed=fixed)
         datasets.check_fits(data, net)
         data.bind(net)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     return data
+
+
+def saved_numbering(params: str | None) -> dict | None:
+    """The words and labels the run that saved `params` numbered (`train.load_numbering`),
+    saying why when they are there but cannot be used."""
+    try:
+        found = existing_params(params) if params is not None else None
+    except UserError:
+        return None                 # said by what loads the parameters, after the data's checks
+    if found is None:
+        return None
+    from .train import load_numbering
+    numbering, problem = load_numbering(found)
+    if problem:
+        warn(problem)
+    return numbering
 
 
 TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0, "val_split": 0.0}
@@ -489,7 +507,9 @@ def cmd_train(args) -> int:
     if args.init:
         load_params(net, args.init)          # before DataParallel, which starts every rank from rank 0's
     out = out or writable_output(Path(f"{net.name.lower()}.npz"), "the parameters")
-    data = _load_bound_data(args.data, net, args.split, _stream_choice(args))
+    # a run continued or fine-tuned keeps its words' and labels' numbers; new ones follow
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args),
+                            numbering=saved_numbering(args.resume or args.init))
     dp = _data_parallel(net, comm, data) if comm is not None else None
     root = dp is None or dp.is_root        # only rank 0 prints and writes
     data_id = _data_id(args)
@@ -544,9 +564,11 @@ def cmd_train(args) -> int:
             board.close()
 
     def save_training_state(params_path: Path) -> None:
-        from .train import state_path
+        from .readers import data_numbering
+        from .train import save_numbering, state_path
         save_state(net, state_path(params_path), history.last_epoch, cfg, history.rng_state, data_id,
                    history.best_epoch, history)
+        save_numbering(net, params_path, data_numbering(data))
 
     written, problem = save_run(net, out, save_training_state)
     final = history.final
@@ -644,8 +666,10 @@ def cmd_eval(args) -> int:
         from .native import set_num_threads
         set_num_threads(threads_per_rank(comm))
     net, _ = _compile_net(args, comm, evaluation=True)
-    data = _load_bound_data(args.data, net, args.split, _stream_choice(args))
+    numbering = saved_numbering(args.params)
+    data = _load_bound_data(args.data, net, args.split, _stream_choice(args), numbering=numbering, fixed=True)
     params = load_params(net, args.params)
+    _warn_unsaved_numbering(data, numbering, params, args.data)
     if comm is None:
         metrics = data.evaluate(net)
     else:               # each rank its share of the held-out part; rank 0 reports
@@ -658,6 +682,23 @@ def cmd_eval(args) -> int:
     print(f"{net.name} with {params} on {args.data} (held-out split): loss {metrics['loss']:.4f}"
           + (f", accuracy {100 * acc:.2f}%" if acc is not None else ""))
     return 0
+
+
+def _warn_unsaved_numbering(data, numbering: dict | None, params: Path, name: str) -> None:
+    """Parameters without the numbering of their training data, evaluated on data that
+    numbers its words or labels as it reads them: right only on the training data itself."""
+    from .readers import data_numbering
+    from .train import numbering_path
+    if numbering is None and data_numbering(data) is not None and name not in _builtin_data():
+        what = "words are given ids" if "words" in data_numbering(data) else "labels are numbered"
+        warn(f"{params} has no {numbering_path(params).name} beside it (saved by net.save_params or an older "
+             f"structc): {name}'s {what} as this file has them, which matches the model's only if it is "
+             f"the data it was trained on")
+
+
+def _builtin_data() -> set:
+    from .datasets import DATASETS
+    return set(DATASETS)
 
 
 def _data_parallel(net, comm, data):

@@ -172,10 +172,11 @@ DATASETS: dict[str, Callable[[], object]] = {"digits": load_digits, "logic": loa
                                              "sentiment": load_sentiment, "digits_rows": load_digits_rows}
 
 
-def load(name: str, split: float | None = None):
+def load(name: str, split: float | None = None, numbering: dict | None = None, fixed: bool = False):
     """A registered data set by name, or the user's data by path: a file or folder that
     `structc.readers.read` recognises by its form. `split`: the held-out fraction for data
-    that comes as one set (None: 0.2); built-in data sets keep their own split."""
+    that comes as one set (None: 0.2); built-in data sets keep their own split.
+    `numbering`, `fixed`: a trained model's words and labels, as `readers.read` takes them."""
     from . import readers
     if name in DATASETS:
         if split is not None:
@@ -183,7 +184,7 @@ def load(name: str, split: float | None = None):
                              f"'{name}' has its own split")
         return DATASETS[name]()
     if Path(name).exists():
-        return readers.read(name, split)
+        return readers.read(name, split, numbering=numbering, fixed=fixed)
     if Path(name).suffix or "/" in name or "\\" in name:
         raise FileNotFoundError(f"no such data file or folder: {name}")
     raise ValueError(f"unknown data set '{name}' (built in: {', '.join(sorted(DATASETS))}; or a path: a treebank, "

@@ -15,6 +15,13 @@ is split by a seeded, stratified draw: `split` of each class held out, seed 0, s
 classes until the data set is bound to a model with a real-valued target: then they are
 values, split at random). A malformed line raises `ReadError` naming
 the file and the line.
+
+Two readers number what they read: a treebank's words get ids in order of first
+appearance, a TU set's graph labels (and node labels) are renumbered in sorted order.
+A model trained on those numbers means nothing with others, so `structc train` saves
+them next to the parameters (`NAME.numbering.json`, `save_numbering`) and `structc eval`
+reads other files with them (`read(..., numbering=..., fixed=True)`): a word or label the
+training data did not have is refused, not given a number of its own.
 """
 from __future__ import annotations
 
@@ -43,12 +50,15 @@ class ReadError(ValueError):
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 
 
-def read(path: str | Path, split: float | None = None, stream: bool | None = None):
+def read(path: str | Path, split: float | None = None, stream: bool | None = None,
+         numbering: dict | None = None, fixed: bool = False):
     """The data set in the file or folder `path`, by its form (see the module docstring).
     `split`: the held-out fraction for data that comes as one set (None: 0.2); data that
     comes split (an .npz with both parts, a node folder with a train mask) refuses one.
     `stream`: read a treebank or table file a chunk at a time (`structc.streams`); None:
-    when the file is larger than `streams.STREAM_ABOVE`."""
+    when the file is larger than `streams.STREAM_ABOVE`. `numbering`: the words' and
+    labels' numbers of a trained model (`load_numbering`), kept; what it lacks gets the
+    next numbers, or with `fixed` (evaluation) is refused."""
     p = Path(path)
     if split is not None and not 0.0 < split < 1.0:
         raise ValueError(f"the held-out fraction (--split) must be between 0 and 1, got {split}")
@@ -58,10 +68,12 @@ def read(path: str | Path, split: float | None = None, stream: bool | None = Non
             if not p.is_file() or p.suffix not in TABLE_SUFFIXES + (".trees", ".ptb"):
                 raise ReadError(p, "only treebank and table text files (.txt, .csv, .tsv, .trees, .ptb) are "
                                    "streamed; this data is read whole")
-            return streams.stream_treebank(p, split) if _looks_bracketed(p) else streams.stream_table(p, split)
+            if _looks_bracketed(p):
+                return streams.stream_treebank(p, split, vocab=trained_vocab(numbering, fixed))
+            return streams.stream_table(p, split)
     if p.is_dir():
         if _tu_prefix(p) is not None:
-            return read_tu(p, split)
+            return read_tu(p, split, numbering, fixed)
         if _first_of(p, "edges", (".txt", ".csv")) is not None:
             return read_node_folder(p, split)
         raise ReadError(p, "a folder of data must hold a TU data set (NAME_A.txt, NAME_graph_indicator.txt, "
@@ -74,7 +86,7 @@ def read(path: str | Path, split: float | None = None, stream: bool | None = Non
     if p.suffix == ".npy":
         return read_npy(p, split)
     if p.suffix in TABLE_SUFFIXES or p.suffix in (".trees", ".ptb"):
-        return read_treebank(p, split) if _looks_bracketed(p) else read_table(p, split)
+        return read_treebank(p, split, numbering, fixed) if _looks_bracketed(p) else read_table(p, split)
     raise ReadError(p, f"unknown kind of data file '{p.suffix}' (readers: a treebank or table .txt/.csv/.tsv, "
                        f".npy, .npz, or a folder)")
 
@@ -255,13 +267,33 @@ class _GrowingVocab(dict):
         return self[word]
 
 
-def read_treebank(path: str | Path, split: float | None = None):
+class _TrainedVocab(dict):
+    """A trained model's vocabulary, read with for evaluation: a word it lacks is refused
+    (its id would be one the model never learned)."""
+
+    def __missing__(self, word):
+        raise ValueError(f"word {word!r} is not in the vocabulary the model was trained with ({len(self)} words); "
+                         f"the model has no id for it")
+
+
+def trained_vocab(numbering: dict | None, fixed: bool = False) -> dict:
+    """The vocabulary to read a treebank with: a trained model's words keep their ids;
+    a new word gets the next id, or with `fixed` is refused. Without one, a new vocabulary."""
+    words = (numbering or {}).get("words")
+    vocab = (_TrainedVocab if fixed and words is not None else _GrowingVocab)()
+    vocab.update((w, i) for i, w in enumerate(words or ()))
+    return vocab
+
+
+def read_treebank(path: str | Path, split: float | None = None, numbering: dict | None = None,
+                  fixed: bool = False):
     """One bracketed tree per line, every node labelled (Penn Treebank / SST style):
-    `(3 (2 good) (2 movie))`. Words get ids in order of first appearance."""
+    `(3 (2 good) (2 movie))`. Words get ids in order of first appearance, after the words
+    of `numbering` (a trained model's, `trained_vocab`)."""
     from .forest import Vocab
     from .treedata import TreeDataset
     path = Path(path)
-    vocab, forests, roots = _GrowingVocab(), [], []
+    vocab, forests, roots = trained_vocab(numbering, fixed), [], []
     for _, _, forest in checked_trees(path, vocab):      # parsed once: the data set keeps these
         forests.append(forest)
         roots.append(int(forest.root_labels[0]))
@@ -273,6 +305,15 @@ def read_treebank(path: str | Path, split: float | None = None):
     data.description = (f"{path}: {len(forests)} trees ({_split_words(len(train), len(test), 'trees', split)}), "
                         f"{len(vocab)} words, {class_counts(roots)} at the roots")
     return data
+
+
+def data_numbering(data) -> dict | None:
+    """How `data`'s reader numbered it, to be saved with a model trained on it (`read`'s
+    `numbering`): a treebank's words in id order, a TU set's labels; None: nothing numbered."""
+    vocab = getattr(data, "vocab", None)
+    if vocab is not None:
+        return {"words": sorted(vocab, key=vocab.__getitem__)}
+    return getattr(data, "numbering", None)
 
 
 def checked_trees(path: Path, vocab, lines=None):
@@ -300,13 +341,15 @@ def _tu_prefix(folder: Path) -> str | None:
     return found[0].name[:-len("_A.txt")] if found else None
 
 
-def read_tu(folder: str | Path, split: float | None = None):
+def read_tu(folder: str | Path, split: float | None = None, numbering: dict | None = None, fixed: bool = False):
     """A TU-format graph classification set (https://chrsmrrs.github.io/datasets/): nodes are
     numbered from 1 across all graphs; NAME_A.txt holds one edge `i, j` per line (as given:
     an undirected graph lists both directions), NAME_graph_indicator.txt each node's graph
     (1..graphs), NAME_graph_labels.txt each graph's label. Node features: NAME_node_labels.txt
     one-hot, then NAME_node_attributes.txt, side by side; neither: a constant 1.
-    Graph labels are renumbered 0..C-1 in sorted order (TU sets use -1/1 or 1..C)."""
+    Graph labels are renumbered 0..C-1 in sorted order (TU sets use -1/1 or 1..C); with
+    `numbering` (a trained model's), its classes and node labels keep their numbers and
+    new ones follow, or with `fixed` are refused."""
     from .graph_datasets import GraphDataset
     folder = Path(folder)
     name = _tu_prefix(folder)
@@ -315,11 +358,13 @@ def read_tu(folder: str | Path, split: float | None = None):
     for part in ("graph_indicator", "graph_labels"):
         if not files[part].is_file():
             raise ReadError(folder, f"a TU data set needs {files[part].name} next to {files['A'].name}")
+    numbering = numbering or {}
     raw_labels = _column(files["graph_labels"])
-    classes = np.unique(raw_labels)
-    labels = np.searchsorted(classes, raw_labels)
+    classes = _kinds(files["graph_labels"], raw_labels, numbering.get("classes"), fixed, "graph label")
+    order = np.argsort(classes)
+    labels = order[np.searchsorted(classes, raw_labels, sorter=order)]
     graph_of = _graph_indicator(files["graph_indicator"], len(raw_labels))
-    x = _tu_features(files, len(graph_of))
+    x, node_kinds = _tu_features(files, len(graph_of), numbering.get("node_labels"), fixed)
     edges = _tu_edges(files["A"], graph_of)
     graphs = _split_graphs(graph_of, edges, x, len(raw_labels), files["graph_indicator"])
     split = _fraction(split)
@@ -327,6 +372,9 @@ def read_tu(folder: str | Path, split: float | None = None):
     renamed = "" if np.array_equal(classes, np.arange(len(classes))) else \
         f"; labels {', '.join(str(int(c)) for c in classes)} read as 0..{len(classes) - 1}"
     data = GraphDataset(name, graphs, labels, train, test)
+    data.numbering = {"classes": [int(c) for c in classes]}
+    if node_kinds:
+        data.numbering["node_labels"] = [[int(k) for k in kinds] for kinds in node_kinds]
     data.description = (f"{folder}: {len(graphs)} graphs ({_split_words(len(train), len(test), 'graphs', split)}), "
                         f"{len(graph_of)} nodes, {len(edges)} edges, {x.shape[1]} features per node, "
                         f"{class_counts(labels)}{renamed}")
@@ -369,19 +417,42 @@ def _tu_edges(path: Path, graph_of: np.ndarray) -> np.ndarray:
     return edges
 
 
-def _tu_features(files: dict, nodes: int) -> np.ndarray:
-    parts = []
+def _kinds(path: Path, values: np.ndarray, trained: list | None, fixed: bool, what: str) -> np.ndarray:
+    """The distinct `values` in the order they are numbered: sorted; after a trained model's
+    (`trained`, kept in its order), new ones follow sorted, or with `fixed` are refused."""
+    found = np.unique(values)
+    if trained is None:
+        return found
+    trained = np.asarray(trained, values.dtype)
+    new = found[~np.isin(found, trained)]
+    if fixed and len(new):
+        k = int(np.argmax(values == new[0]))
+        raise ReadError(path, f"{what} {int(new[0])} was not in the data the model was trained on (it knows "
+                              f"{', '.join(str(int(v)) for v in trained)})", _line_of(path, k, header_allowed=False))
+    return np.concatenate([trained, new])
+
+
+def _tu_features(files: dict, nodes: int, trained: list | None = None,
+                 fixed: bool = False) -> tuple[np.ndarray, list]:
+    """The node features and, per node-label column, its labels in one-hot order."""
+    parts, kinds_of = [], []
     if files["node_labels"].is_file():
-        table = read_numbers(files["node_labels"], integer=True)
-        _check_rows(files["node_labels"], len(table), nodes)
-        for lab in table.T:                      # each column one-hot, side by side
-            kinds = np.unique(lab)
-            parts.append(np.eye(len(kinds), dtype=np.float32)[np.searchsorted(kinds, lab)])
+        path = files["node_labels"]
+        table = read_numbers(path, integer=True)
+        _check_rows(path, len(table), nodes)
+        if trained is not None and len(trained) != table.shape[1]:
+            raise ReadError(path, f"{table.shape[1]} node-label columns, but the data the model was trained on "
+                                  f"had {len(trained)}")
+        for k, lab in enumerate(table.T):        # each column one-hot, side by side
+            kinds = _kinds(path, lab, None if trained is None else trained[k], fixed, "node label")
+            order = np.argsort(kinds)
+            parts.append(np.eye(len(kinds), dtype=np.float32)[order[np.searchsorted(kinds, lab, sorter=order)]])
+            kinds_of.append(kinds)
     if files["node_attributes"].is_file():
         att = read_numbers(files["node_attributes"])
         _check_rows(files["node_attributes"], len(att), nodes)
         parts.append(att.astype(np.float32))
-    return np.concatenate(parts, axis=1) if parts else np.ones((nodes, 1), np.float32)
+    return (np.concatenate(parts, axis=1) if parts else np.ones((nodes, 1), np.float32)), kinds_of
 
 
 def _check_rows(path: Path, have: int, nodes: int) -> None:

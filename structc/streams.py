@@ -182,10 +182,12 @@ class StreamedTrees(_Streamed, TreeDataset):
             self._probe.test, self._probe._held_out = [], None     # no chunk kept past its evaluation
 
 
-def stream_treebank(path: str | Path, split: float | None = None, chunk: int = CHUNK) -> StreamedTrees:
-    """`readers.read_treebank`, a chunk at a time (see the module docstring)."""
+def stream_treebank(path: str | Path, split: float | None = None, chunk: int = CHUNK,
+                    vocab: dict | None = None) -> StreamedTrees:
+    """`readers.read_treebank`, a chunk at a time (see the module docstring); `vocab`: the
+    vocabulary to read with (`readers.trained_vocab`; default: a new one)."""
     path, where = Path(path), [0]
-    vocab, starts, roots = _GrowingVocab(), [], array("q")
+    vocab, starts, roots = _GrowingVocab() if vocab is None else vocab, [], array("q")
     widest = top = top_root = (-1, "")
     for k, (number, text, forest) in enumerate(checked_trees(path, vocab, _text_lines(path, _lines(path, where=where)))):
         if k % chunk == 0:

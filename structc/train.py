@@ -345,11 +345,54 @@ def state_path(params_path: str | Path) -> Path:
     return p.with_name(p.name[:-len(".npz")] + ".train.npz" if p.name.endswith(".npz") else p.name + ".train.npz")
 
 
+# `p.numbering.json` holds how the reader numbered the training data (a treebank's words,
+# a TU set's labels: `readers.data_numbering`), with the digest of the parameters it
+# belongs to, so that `structc eval` on another file numbers its words and labels alike.
+
+def numbering_path(params_path: str | Path) -> Path:
+    """`run.npz` -> `run.numbering.json`."""
+    p = Path(params_path)
+    return p.with_name((p.name[:-len(".npz")] if p.name.endswith(".npz") else p.name) + ".numbering.json")
+
+
+def save_numbering(net, params_path: str | Path, numbering: dict | None) -> None:
+    """Write `numbering` next to the parameters just saved from `net`; without one (data
+    that numbers nothing), remove what an earlier run left there."""
+    path = numbering_path(params_path)
+    if numbering is None:
+        path.unlink(missing_ok=True)
+        return
+    text = json.dumps({"digest": params_digest(net), **numbering}, ensure_ascii=False).encode()
+    _write_atomically(str(path), lambda f: f.write(text))
+
+
+def load_numbering(params_path: str | Path) -> tuple[dict | None, str]:
+    """The numbering saved next to the parameters at `params_path`, or None and why not
+    ("" when there is none)."""
+    from .model import _read_params
+    path = numbering_path(params_path)
+    if not path.is_file():
+        return None, ""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        digest = saved.pop("digest")
+        params = _read_params(str(params_path))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        return None, f"cannot read {path}: {e}"
+    if digest != _digest(params):
+        return None, f"{path} belongs to other parameters than {params_path} (written by another run); ignored"
+    return saved, ""
+
+
 def params_digest(net) -> str:
+    return _digest(net.params)
+
+
+def _digest(params) -> str:
     h = hashlib.sha256()
-    for name in sorted(net.params):
+    for name in sorted(params):
         h.update(name.encode())
-        h.update(np.ascontiguousarray(net.params[name], np.float32).tobytes())
+        h.update(np.ascontiguousarray(params[name], np.float32).tobytes())
     return h.hexdigest()
 
 

@@ -511,3 +511,101 @@ def test_atlas_example_reaches_the_accuracy_the_readme_states(tmp_path, capsys):
                  "--lr", "0.003", "--out", str(tmp_path / "atlas.npz"), "--no-progress"]) == 0
     accuracy = float(capsys.readouterr().out.strip().splitlines()[-1].rsplit(" ", 1)[-1].rstrip("%"))
     assert accuracy >= 97.0          # README: 98.0% (80% are connected: always guessing so gives 79.6%)
+
+
+# -- what training numbered, kept for eval ---------------------------------------------------
+# A treebank's words get ids in order of first appearance and a TU set's labels are renumbered:
+# `structc eval` on another file numbered them anew, so the trained model read other words than
+# it was given (a test file opening with other words: another vocabulary), with no error.
+
+@pytest.fixture(scope="module")
+def tree_run(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tree_run") / "run.npz"
+    assert main(["train", models, "--model", "Tree", "--data", str(DATA / "treebank.txt"), "--epochs", "2",
+                 "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _reordered_treebank(folder: Path) -> Path:
+    """treebank.txt with its first line swapped with a later training line of the same root
+    label: the same split and held-out trees, its words first seen in another order."""
+    lines = (DATA / "treebank.txt").read_text().splitlines()
+    first = readers.read(DATA / "treebank.txt")
+    roots = np.array([int(ln[1]) for ln in lines])
+    train, _ = readers.split_indices(roots, readers.DEFAULT_SPLIT)
+    assert 0 in train
+    for j in train[1:]:
+        lines[0], lines[j] = lines[j], lines[0]
+        path = folder / "reordered.txt"
+        path.write_text("\n".join(lines) + "\n")
+        if readers.read(path).vocab != first.vocab:
+            return path
+        lines[0], lines[j] = lines[j], lines[0]
+    raise AssertionError("no swap changes the vocabulary")
+
+
+def test_eval_numbers_another_treebanks_words_as_training_did(models, tree_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["eval", models, "--model", "Tree", "--data", str(DATA / "treebank.txt"),
+                 "--params", str(tree_run)]) == 0
+    on_training_file = capsys.readouterr().out.split(": loss ")[1]
+    reordered = _reordered_treebank(tmp_path)
+    for stream in ([], ["--stream"]):
+        assert main(["eval", models, "--model", "Tree", "--data", str(reordered), "--params", str(tree_run),
+                     *stream]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.split(": loss ")[1] == on_training_file       # the same trees, the same ids
+        assert "warning" not in captured.err
+
+
+def test_eval_refuses_a_word_training_never_saw(models, tree_run, tmp_path, capsys):
+    text = (DATA / "treebank.txt").read_text() + "(1 (1 (2 film) (1 dreadful)) (2 (2 the) (2 plot)))\n"
+    (tmp_path / "new.txt").write_text(text)
+    for stream in ([], ["--stream"]):
+        assert main(["eval", models, "--model", "Tree", "--data", str(tmp_path / "new.txt"),
+                     "--params", str(tree_run), *stream]) == 1
+        assert re.search(r"new\.txt:49: word 'dreadful' is not in the vocabulary the model was trained with "
+                         r"\(10 words\)", capsys.readouterr().err)
+
+
+def test_parameters_without_their_numbering_are_evaluated_with_a_warning(models, tree_run, tmp_path, capsys):
+    params = tmp_path / "old.npz"
+    params.write_bytes(tree_run.read_bytes())           # as net.save_params or an older structc left them
+    assert main(["eval", models, "--model", "Tree", "--data", str(DATA / "treebank.txt"),
+                 "--params", str(params)]) == 0
+    assert "old.npz has no old.numbering.json beside it" in capsys.readouterr().err
+    (tmp_path / "old.numbering.json").write_text('{"digest": "another run", "words": ["x"]}')
+    assert main(["eval", models, "--model", "Tree", "--data", str(DATA / "treebank.txt"),
+                 "--params", str(params)]) == 0
+    assert "belongs to other parameters than" in capsys.readouterr().err
+
+
+def test_fine_tuning_keeps_the_words_ids_and_a_run_without_words_leaves_none(models, tree_run, tmp_path, capsys):
+    out = tmp_path / "tuned.npz"
+    assert main(["train", models, "--model", "Tree", "--data", str(_reordered_treebank(tmp_path)), "--epochs", "1",
+                 "--init", str(tree_run), "--out", str(out), "--no-progress"]) == 0
+    from structc.train import numbering_path
+    import json
+    saved = json.loads(numbering_path(tree_run).read_text())["words"]
+    assert json.loads(numbering_path(out).read_text())["words"] == saved
+    assert main(["train", models, "--model", "Table", "--data", str(DATA / "table.csv"), "--epochs", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert not numbering_path(out).exists()          # not the tree run's, left behind
+
+
+def test_tu_labels_keep_the_training_datas_numbers(tmp_path):
+    trained = readers.read(_tu(tmp_path / "a", "1, 2\n", indicator="1\n1\n2\n3\n4\n", labels="3\n7\n3\n7\n",
+                               node_labels="5\n6\n5\n6\n5\n"), split=0.5)
+    assert trained.numbering == {"classes": [3, 7], "node_labels": [[5, 6]]}
+    only_sevens = _tu(tmp_path / "b", "1, 2\n", indicator="1\n1\n2\n", labels="7\n7\n", node_labels="6\n6\n6\n")
+    assert list(readers.read(only_sevens, split=0.5).labels) == [0, 0]         # numbered by this folder alone
+    data = readers.read(only_sevens, split=0.5, numbering=trained.numbering, fixed=True)
+    assert list(data.labels) == [1, 1]
+    assert np.array_equal(data.graphs[0].x, [[0, 1], [0, 1]])      # node label 6: the second column, as trained
+    with pytest.raises(ReadError, match=r"T_graph_labels\.txt:2: graph label 5 was not in the data the model "
+                                        r"was trained on \(it knows 3, 7\)"):
+        readers.read(_tu(tmp_path / "c", "1, 2\n", indicator="1\n2\n", labels="7\n5\n"), split=0.5,
+                     numbering=trained.numbering, fixed=True)
+    grown = readers.read(_tu(tmp_path / "d", "1, 2\n", indicator="1\n1\n2\n3\n4\n", labels="1\n7\n1\n7\n",
+                             node_labels="5\n6\n5\n6\n5\n"), split=0.5, numbering=trained.numbering)
+    assert grown.numbering["classes"] == [3, 7, 1] and list(grown.labels) == [2, 1, 2, 1]
