@@ -681,6 +681,25 @@ def check_same_data(dp: DataParallel, data, items, costs) -> None:
                          "the same data set, since a rank's share of each batch is picked from its own copy by index")
 
 
+def check_same_run(dp: DataParallel, cfg, rng: np.random.Generator, stopper) -> None:
+    """Refuse, on every rank alike, ranks that would train another run than rank 0: other
+    settings, epochs, shuffling generator or early-stopping state (a `--resume` from a
+    stale copy of the checkpoint on one host). The parameters and optimizer state are
+    rank 0's (`broadcast_state`), but each rank shuffles with its own generator: shares
+    of different batches would train on no batch of anyone's, and a rank with more
+    epochs to go would wait in a sum that the others never join."""
+    from dataclasses import asdict
+    run = {k: v for k, v in asdict(cfg).items() if k != "progress"}      # bars: rank 0 alone draws them
+    run.update(rng=rng.bit_generator.state, early_stop=None if stopper is None else stopper.state())
+    digest = hashlib.sha256(repr(sorted(run.items())).encode()).hexdigest()[:16]
+    odd, seen = unlike_rank_0(dp.comm, digest, cfg.first_epoch)
+    if odd:
+        raise ValueError(f"{_ranks(odd)} would train another run than rank 0 (rank {odd[0]}: from epoch "
+                         f"{seen[odd[0]]}, rank 0: from epoch {seen[0]}, or from the same epoch with other settings, "
+                         "shuffling or early-stopping state): every rank must start alike, and resume the same "
+                         "checkpoint (a stale copy on one host?)")
+
+
 def unlike_rank_0(comm, digest: str, detail) -> tuple[list[int], list]:
     """The ranks whose `digest` differs from rank 0's, and every rank's `detail`
     (what an error names); one `allgather`, so every rank gets the same answer."""
@@ -776,6 +795,7 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     data, check = _with_validation(data, cfg, log)     # the same seeded split on every rank
     if stopper is None and cfg.early_stop:
         stopper = EarlyStopping(cfg.early_stop, cfg.monitor)
+    check_same_run(dp, cfg, rng, stopper)
     streamed = hasattr(data, "shares")           # a file read a chunk at a time (structc.streams)
     items = None if streamed else _train_items(data)
     costs = None if streamed else item_costs(data)

@@ -459,6 +459,27 @@ def test_cli_stops_early_on_two_ranks_where_one_process_does(data, tmp_path, cap
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def test_ranks_that_resume_different_checkpoints_are_refused_before_training(tmp_path):
+    """--resume read from a stale copy of the run on one host (the state of epoch 1 on
+    rank 1, of epoch 2 on rank 0): its shuffling and epoch count are its own, so the
+    ranks' shares would be of different batches, and rank 1 would wait for one more
+    epoch than rank 0 trains. Refused on every rank, naming rank 1, before any step."""
+    _need_mpi()
+    from structc.cli import main
+    args = [str(ROOT / "examples" / "digits_mlp.snet"), "--data", "digits", "--no-progress"]
+    for host, epochs in (("h0", "2"), ("h1", "1")):
+        (tmp_path / host).mkdir()
+        assert main(["train", *args, "--epochs", epochs, "--out", str(tmp_path / host / "run.npz")]) == 0
+    each = [["-n", "1", sys.executable, "-m", "mpi4py", "-m", "structc", "train", *args, "--epochs", "4",
+             "--distributed", "--resume", tmp_path / host / "run.npz"] for host in ("h0", "h1")]
+    run = subprocess.run(["mpiexec", *map(str, each[0]), ":", *map(str, each[1])], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, STRUCTC_NUM_THREADS="1"), cwd=ROOT)
+    assert run.returncode != 0 and "epoch   3/4" not in run.stdout, run.stdout
+    assert "rank 1 would train another run than rank 0 (rank 1: from epoch 2, rank 0: from epoch 3" in run.stderr, \
+        run.stderr[-3000:]
+    assert (tmp_path / "h0" / "run.metrics.jsonl").read_text().count("\n") == 2     # left as it was
+
+
 def test_cli_says_a_refusal_once_on_two_ranks(tmp_path):
     """A model that cannot be trained data-parallel is refused on every rank alike:
     rank 0 says why, once, and the job fails."""
