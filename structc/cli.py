@@ -673,8 +673,10 @@ def cmd_eval(args) -> int:
     if comm is None:
         metrics = data.evaluate(net)
     else:               # each rank its share of the held-out part; rank 0 reports
-        from .distributed import evaluate
+        from .distributed import check_same_held_out, evaluate
         dp = _data_parallel(net, comm, data)
+        if not hasattr(data, "evaluate_share"):      # a streamed file is not compared (docs/DISTRIBUTED.md)
+            check_same_held_out(dp, data)
         metrics = evaluate(dp, data)
         if not dp.is_root:
             return 0

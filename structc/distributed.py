@@ -673,12 +673,39 @@ def _item_contents(data, items) -> Iterator[np.ndarray]:
 def check_same_data(dp: DataParallel, data, items, costs) -> None:
     """Refuse, on every rank alike, ranks that loaded other training data than rank 0
     (a stale copy of a file on one host, say): each rank's share of a batch is picked
-    from its own copy by index, so the union would be no batch of anyone's data."""
+    from its own copy by index, so the union would be no batch of anyone's data. Then
+    the same for the held-out part (`check_same_held_out`)."""
     odd, seen = unlike_rank_0(dp.comm, data_digest(data, items, costs), len(items))
     if odd:
         raise ValueError(f"{_ranks(odd)} loaded other training data than rank 0 (rank {odd[0]}: {seen[odd[0]]} "
                          f"items, rank 0: {seen[0]}, or the same count with other contents): every rank must load "
                          "the same data set, since a rank's share of each batch is picked from its own copy by index")
+    check_same_held_out(dp, data)
+
+
+def check_same_held_out(dp: DataParallel, data) -> None:
+    """Refuse, on every rank alike, ranks whose held-out part differs from rank 0's
+    (`data_digest` of it): each rank evaluates its share of its own copy, so the
+    metrics reduced over the ranks would measure no one's held-out part."""
+    part = _held_out_as_training(data)
+    items = _train_items(part)
+    odd, seen = unlike_rank_0(dp.comm, data_digest(part, items, item_costs(part)), len(items))
+    if odd:
+        raise ValueError(f"{_ranks(odd)} loaded other held-out data than rank 0 (rank {odd[0]}: {seen[odd[0]]} "
+                         f"items, rank 0: {seen[0]}, or the same count with other contents): every rank must load "
+                         "the same data set, since a rank evaluates its share of the held-out part of its own copy")
+
+
+def _held_out_as_training(data):
+    """A copy of `data` whose training part is its held-out part (what `data_digest` reads)."""
+    part = copy.copy(data)
+    if hasattr(data, "x_test"):                  # arrays
+        part.x_train, part.y_train = data.x_test, data.y_test
+    elif hasattr(data, "y_test"):                # sequences
+        part.train, part.y_train = data.test, data.y_test
+    else:                                        # trees; graphs (ids into data.graphs)
+        part.train = data.test
+    return part
 
 
 def check_same_run(dp: DataParallel, cfg, rng: np.random.Generator, stopper) -> None:
@@ -799,8 +826,9 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     streamed = hasattr(data, "shares")           # a file read a chunk at a time (structc.streams)
     items = None if streamed else _train_items(data)
     costs = None if streamed else item_costs(data)
-    if not streamed:
-        check_same_data(dp, data, items, costs)
+    if not streamed:                             # every part: training with its validation rows, held-out
+        whole = (items, costs) if check is None else (_train_items(held_out), item_costs(held_out))
+        check_same_data(dp, held_out, *whole)
     bars = dp.is_root and show_bars(cfg)         # rank 0's steps are every rank's: one bar
     for epoch in range(cfg.first_epoch, cfg.epochs + 1):
         start = time.perf_counter()      # the epoch's own time, as the metrics log's

@@ -459,6 +459,44 @@ def test_cli_stops_early_on_two_ranks_where_one_process_does(data, tmp_path, cap
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def mpiexec_each(*commands, timeout=120):
+    """`structc` with other arguments on each rank (one rank each, MPMD): what
+    ranks on hosts with other copies of a file run."""
+    each = [["-n", "1", sys.executable, "-m", "mpi4py", "-m", "structc", *map(str, c)] for c in commands]
+    return subprocess.run(["mpiexec", *[a for c in each for a in [":", *c]][1:]], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, STRUCTC_NUM_THREADS="1"), cwd=ROOT)
+
+
+def test_ranks_whose_held_out_or_validation_part_differs_are_refused(tmp_path):
+    """A stale copy of the file on one host that differs only in its held-out labels, or
+    only in a validation row: each rank evaluates its share of its own copy, so the
+    metrics (and early stopping's choice) would mix two data sets. `eval --distributed`
+    and `train --distributed` refuse it on every rank, naming rank 1."""
+    _need_mpi()
+    from structc.cli import main
+    from structc.train import _parts
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    (tmp_path / "m.snet").write_text("model Lin { input x: f32[N, 8]  target y: class[N] of 2\n  logits = dense(x, 2)\n"
+                                     "  output p = softmax(logits)\n  loss cross_entropy(logits, y) }")
+    np.savez(tmp_path / "d.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    np.savez(tmp_path / "test.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=1 - y[100:])
+    shifted = x[:100].copy()
+    shifted[_parts(y[:100], 0.2, 0, "examples")[1][0]] += 1         # a validation row
+    np.savez(tmp_path / "val.npz", x_train=shifted, y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    model, params, out = tmp_path / "m.snet", tmp_path / "p.npz", tmp_path / "t.npz"
+    assert main(["train", str(model), "--data", str(tmp_path / "d.npz"), "--epochs", "2", "--out", str(params)]) == 0
+    train = ["train", model, "--epochs", "2", "--no-progress", "--distributed", "--out", out]
+    for stale, command in (("test", train), ("val", [*train, "--val-split", "0.2"]),
+                           ("test", ["eval", model, "--params", params, "--distributed"])):
+        run = mpiexec_each(*([*command, "--data", tmp_path / name] for name in ("d.npz", f"{stale}.npz")))
+        assert run.returncode != 0 and "accuracy" not in run.stdout, (command, run.stdout)
+        part = "held-out" if stale == "test" else "training"
+        assert f"rank 1 loaded other {part} data than rank 0" in run.stderr, (command, run.stderr[-3000:])
+        assert not out.exists()
+
+
 def test_ranks_that_resume_different_checkpoints_are_refused_before_training(tmp_path):
     """--resume read from a stale copy of the run on one host (the state of epoch 1 on
     rank 1, of epoch 2 on rank 0): its shuffling and epoch count are its own, so the
@@ -470,10 +508,8 @@ def test_ranks_that_resume_different_checkpoints_are_refused_before_training(tmp
     for host, epochs in (("h0", "2"), ("h1", "1")):
         (tmp_path / host).mkdir()
         assert main(["train", *args, "--epochs", epochs, "--out", str(tmp_path / host / "run.npz")]) == 0
-    each = [["-n", "1", sys.executable, "-m", "mpi4py", "-m", "structc", "train", *args, "--epochs", "4",
-             "--distributed", "--resume", tmp_path / host / "run.npz"] for host in ("h0", "h1")]
-    run = subprocess.run(["mpiexec", *map(str, each[0]), ":", *map(str, each[1])], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, STRUCTC_NUM_THREADS="1"), cwd=ROOT)
+    run = mpiexec_each(*(["train", *args, "--epochs", "4", "--distributed", "--resume", tmp_path / host / "run.npz"]
+                         for host in ("h0", "h1")))
     assert run.returncode != 0 and "epoch   3/4" not in run.stdout, run.stdout
     assert "rank 1 would train another run than rank 0 (rank 1: from epoch 2, rank 0: from epoch 3" in run.stderr, \
         run.stderr[-3000:]
