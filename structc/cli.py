@@ -262,6 +262,9 @@ def cmd_graph(args) -> int:
     from .passes import run_pipeline
     from .passes.plan import param_layout
     from .syntax import parse
+    out = writable_output(args.output, "the picture")      # and its format: before any work
+    if out.suffix.lower() not in draw.FORMATS:
+        raise UserError(draw.unknown_format(out))
     source, file = _source(args.file)
     mdef = build_model(parse(source, file), args.model)
     forward = set(mdef.graph.nodes)

@@ -261,6 +261,14 @@ def draw(g: Graph, forward: set[int], path: str) -> None:
     plt.close(fig)
 
 
+#: the suffixes `write` knows: Graphviz text, or a picture drawn with matplotlib
+FORMATS = (".dot", ".gv", ".svg", ".png", ".pdf")
+
+
+def unknown_format(path) -> str:
+    return f"unknown picture format '{Path(path).suffix.lower()}' (use .svg, .png, .pdf or .dot)"
+
+
 def write(g: Graph, forward: set[int], path: str) -> None:
     suffix = Path(path).suffix.lower()
     if suffix in (".dot", ".gv"):
@@ -268,4 +276,4 @@ def write(g: Graph, forward: set[int], path: str) -> None:
     elif suffix in (".svg", ".png", ".pdf"):
         draw(g, forward, path)
     else:
-        raise ValueError(f"unknown picture format '{suffix}' (use .svg, .png, .pdf or .dot)")
+        raise ValueError(unknown_format(path))

@@ -630,3 +630,20 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     done = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd="/tmp", timeout=120)
     assert done.stdout.strip()
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+# -- flags against their help: bad values and flags that would do nothing ----------
+
+def test_graph_into_a_missing_folder_is_an_error_not_a_traceback(tmp_path, capsys):
+    assert main(["graph", str(MLP), "-o", str(tmp_path / "none" / "g.dot")]) == 2
+    assert capsys.readouterr().err == (f"structc: error: cannot write the picture to {tmp_path / 'none' / 'g.dot'}: "
+                                       f"folder {tmp_path / 'none'} does not exist\n")
+
+
+def test_graph_checks_the_picture_format_before_building_the_graph(tmp_path, capsys, monkeypatch):
+    import structc.build
+    monkeypatch.setattr(structc.build, "build_model", lambda *a: pytest.fail("built the model first"))
+    assert main(["graph", str(MLP), "-o", str(tmp_path)]) == 2
+    assert "it is a folder" in capsys.readouterr().err
+    assert main(["graph", str(MLP), "-o", str(tmp_path / "g.bmp")]) == 1
+    assert "unknown picture format '.bmp'" in capsys.readouterr().err
