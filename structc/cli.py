@@ -760,6 +760,10 @@ def _class_count(net, output: dict) -> int:
     return 0
 
 
+#: matplotlib's raster limit, pixels a side (past it, it runs out of memory or refuses)
+PLOT_PIXELS = 2 ** 16
+
+
 def cmd_plot(args) -> int:
     from .runlog import plot
     out = writable_output(args.output, "the picture")
@@ -769,6 +773,9 @@ def cmd_plot(args) -> int:
         raise UserError(f"--size takes WIDTHxHEIGHT in inches, such as 10x4; got {args.size!r}", code=2) from None
     if not (width > 0 and height > 0 and args.dpi > 0):
         raise UserError(f"--size and --dpi must be positive; got {args.size} at {args.dpi} dpi", code=2)
+    if not max(width, height) * args.dpi < PLOT_PIXELS:      # inf too: matplotlib draws no larger
+        raise UserError(f"--size and --dpi give a picture too large to draw: {args.size} inches at {args.dpi} dpi; "
+                        f"at most {PLOT_PIXELS - 1} pixels a side", code=2)
     try:
         plot(args.runs, out, size=(width, height), dpi=args.dpi)
     except (FileNotFoundError, RuntimeError) as e:

@@ -647,3 +647,12 @@ def test_graph_checks_the_picture_format_before_building_the_graph(tmp_path, cap
     assert "it is a folder" in capsys.readouterr().err
     assert main(["graph", str(MLP), "-o", str(tmp_path / "g.bmp")]) == 1
     assert "unknown picture format '.bmp'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size, dpi", [("1000x1000", "1000"), ("10x4", "100000"), ("infx4", "100")])
+def test_plot_refuses_a_picture_too_large_to_draw(tmp_path, capsys, size, dpi):
+    """Past matplotlib's 2**16 pixels a side the render ran out of memory with a traceback."""
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "c.png"), "--size", size, "--dpi", dpi]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("structc: error: --size and --dpi") and "65535" in err and err.count("\n") == 1
+    assert not (tmp_path / "c.png").exists()
