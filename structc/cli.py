@@ -1079,7 +1079,10 @@ def _distributed_option(c) -> None:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except BrokenPipeError:             # `structc --version | true`: printed as the arguments are read
+        return _reader_gone()
     code = _main(args)
     if code not in (0, None) and getattr(args, "distributed", False) and not getattr(args, "ended_together", False):
         _end_other_ranks(code)
@@ -1123,10 +1126,14 @@ def _main(args) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # the reader went away (`structc compile --dump=llvm | head`): stop quietly, and
-        # point stdout at /dev/null so the interpreter's final flush does not fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader went away (`structc compile --dump=llvm | head`): stop quietly, and
+    point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 if __name__ == "__main__":

@@ -656,3 +656,16 @@ def test_plot_refuses_a_picture_too_large_to_draw(tmp_path, capsys, size, dpi):
     err = capsys.readouterr().err
     assert err.startswith("structc: error: --size and --dpi") and "65535" in err and err.count("\n") == 1
     assert not (tmp_path / "c.png").exists()
+
+
+def test_version_into_a_closed_pipe_ends_quietly():
+    """`structc --version | true`: the reader is gone before the version is printed."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-c", "import sys; from structc.cli import main; sys.exit(main())",
+                               "--version"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
