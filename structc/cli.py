@@ -492,6 +492,8 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, save_state, train
     if args.init and args.resume:
         raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
+    if args.seed is not None and args.seed < 0:           # numpy's generators take none: say so before any work
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     _check_validation_options(args)
     _check_schedule_options(args)
     if args.out is None and args.resume:

@@ -669,3 +669,10 @@ def test_version_into_a_closed_pipe_ends_quietly():
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def test_a_negative_seed_is_refused_by_name_before_compiling(tiny, tmp_path, capsys, monkeypatch):
+    import structc.cli
+    monkeypatch.setattr(structc.cli, "_compile_net", lambda *a, **k: pytest.fail("compiled first"))
+    assert train_tiny(tiny, tmp_path / "p", "--seed", "-1") == 1
+    assert capsys.readouterr().err == "structc: error: --seed must be a non-negative integer, got -1\n"
