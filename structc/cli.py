@@ -134,12 +134,13 @@ def cmd_check(args) -> int:
     return 0
 
 
-def compile_into_cache(source: str, file: str, model: str | None, target, timings: bool = False):
+def compile_into_cache(source: str, file: str, model: str | None, target, timings: bool = False,
+                       parts=None):
     """Compile through the cache `structc.compile` uses: (meta, objects, already cached),
-    and with `timings` the artifact's `Timings` last."""
+    and with `timings` the artifact's `Timings` last. `parts`: as `api.compile_artifact`'s."""
     from . import api
     before = api.COMPILE_COUNT
-    art = api.compile_artifact(source, file, model, target=target)
+    art = api.compile_artifact(source, file, model, target=target, parts=parts)
     found = (art.meta, art.objects, api.COMPILE_COUNT == before)
     return found + (art.timings,) if timings else found
 
@@ -186,7 +187,8 @@ def cmd_compile(args) -> int:
     if args.params and not args.output:
         raise UserError("--params needs -o/--output (they are built into that library)")
     if not args.output and not wanted and not args.kernel_timings:
-        return _compile_to_cache(source, file, args.model, target, args.timings)
+        return _compile_to_cache(source, file, args.model, target, args.timings,
+                                 ["forward"] if args.inference else None)
     if args.output:
         writable_output(args.output, "the library")
     if args.header:
@@ -218,12 +220,14 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _compile_to_cache(source: str, file: str, model: str | None, target, timings: bool = False) -> int:
+def _compile_to_cache(source: str, file: str, model: str | None, target, timings: bool = False,
+                      parts=None) -> int:
     """`structc compile m.snet` alone: compile into the cache `structc.compile` reads,
-    so the next `structc.compile`, `train` or `eval` of this model loads instead."""
+    so the next `structc.compile`, `train` or `eval` of this model loads instead
+    (with `parts=["forward"]`, `--inference`: the forward entry only)."""
     from .cache import cache_dir
     t0 = time.perf_counter()
-    meta, objects, cached, times = compile_into_cache(source, file, model, target, timings=True)
+    meta, objects, cached, times = compile_into_cache(source, file, model, target, timings=True, parts=parts)
     if timings:
         print(times.table())
     where = "not cached: STRUCTC_NO_CACHE is set" if os.environ.get("STRUCTC_NO_CACHE") is not None \
@@ -924,7 +928,7 @@ def parser() -> argparse.ArgumentParser:
                    help="--timings, and LLVM's time per kernel (each kernel compiled as a module of its own, "
                         "one at a time, not cached: a slower compile)")
     c.add_argument("--inference", action="store_true",
-                   help="with -o or --dump: the forward entry only (no training code in the library)")
+                   help="the forward entry only: no training code in the library, the dump or the cache")
     c.set_defaults(run=cmd_compile)
 
     c = command("export", help="write the forward pass as an ONNX model (needs pip install 'structc[onnx]')",

@@ -676,3 +676,13 @@ def test_a_negative_seed_is_refused_by_name_before_compiling(tiny, tmp_path, cap
     monkeypatch.setattr(structc.cli, "_compile_net", lambda *a, **k: pytest.fail("compiled first"))
     assert train_tiny(tiny, tmp_path / "p", "--seed", "-1") == 1
     assert capsys.readouterr().err == "structc: error: --seed must be a non-negative integer, got -1\n"
+
+
+def test_compile_inference_into_the_cache_compiles_the_forward_entry_only(tiny, tmp_path, monkeypatch, capsys):
+    """--inference without -o or --dump was dropped unsaid: the training parts were compiled too."""
+    monkeypatch.setenv("STRUCTC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("STRUCTC_NO_CACHE", raising=False)
+    assert main(["compile", tiny[0], "--inference"]) == 0
+    assert re.search(r": compiled Tiny \(forward\) in .* \(cached in ", capsys.readouterr().out)
+    assert main(["compile", tiny[0]]) == 0                 # the training parts are still to compile
+    assert re.search(r": compiled Tiny \(forward, train, update\) in ", capsys.readouterr().out)
