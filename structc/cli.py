@@ -623,6 +623,9 @@ def _check_validation_options(args) -> None:
                         f"got {args.val_split}")
     if args.early_stop is not None and args.early_stop < 1:
         raise UserError(f"--early-stop is a number of epochs without improvement: at least 1, got {args.early_stop}")
+    if args.monitor is not None and args.early_stop is None and not args.resume:   # a resumed run may have one
+        raise UserError("--monitor is what --early-stop watches, and this run has no --early-stop: it would have "
+                        "no effect")
     if args.early_stop and not args.val_split and not args.resume:
         raise UserError("--early-stop needs --val-split: choosing the epoch on the held-out part would leave "
                         "no held-out measure")

@@ -686,3 +686,9 @@ def test_compile_inference_into_the_cache_compiles_the_forward_entry_only(tiny, 
     assert re.search(r": compiled Tiny \(forward\) in .* \(cached in ", capsys.readouterr().out)
     assert main(["compile", tiny[0]]) == 0                 # the training parts are still to compile
     assert re.search(r": compiled Tiny \(forward, train, update\) in ", capsys.readouterr().out)
+
+
+def test_monitor_without_early_stop_is_refused(tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "p", "--monitor", "val_acc", "--val-split", "0.1") == 1
+    assert capsys.readouterr().err == ("structc: error: --monitor is what --early-stop watches, and this run has "
+                                       "no --early-stop: it would have no effect\n")
