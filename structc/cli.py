@@ -840,6 +840,8 @@ def cmd_profile(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be positive, got {value}", code=2)
+    if args.forward and args.lr is not None:
+        raise UserError("--lr is the training step's learning rate; --forward profiles the forward pass, which has none")
     if args.peak is not None and not args.peak > 0:
         raise UserError(f"--peak must be a positive number of GFLOP/s, got {args.peak}", code=2)
     if args.threads is not None:
@@ -848,7 +850,8 @@ def cmd_profile(args) -> int:
     net = profiled_net(source, file, args.model)
     data = _load_bound_data(args.data, net, args.split)
     feed = next(iter(data.batches(args.batch, np.random.default_rng(0))))
-    report = profile(net, feed, steps=args.steps, forward=args.forward, lr=args.lr, peak=args.peak)
+    report = profile(net, feed, steps=args.steps, forward=args.forward,
+                     lr=TRAIN_DEFAULTS["lr"] if args.lr is None else args.lr, peak=args.peak)
     print(report.table())
     if trace is not None:
         report.write_trace(trace)
@@ -1056,7 +1059,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=TRAIN_DEFAULTS["batch"], help="examples per step")
     c.add_argument("--steps", type=int, help="timed steps (default: about a second's worth)")
     c.add_argument("--forward", action="store_true", help="the forward pass instead of a training step")
-    c.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="learning rate of the steps")
+    c.add_argument("--lr", type=float, help=f"learning rate of the training steps (default: {TRAIN_DEFAULTS['lr']}; "
+                                            f"not with --forward)")
     c.add_argument("--threads", type=int, help="threads for the native kernels (default: all cores)")
     c.add_argument("--peak", type=float, metavar="GFLOPS",
                    help="one core's peak GFLOP/s (default: measured with a loop of FMAs)")

@@ -692,3 +692,9 @@ def test_monitor_without_early_stop_is_refused(tiny, tmp_path, capsys):
     assert train_tiny(tiny, tmp_path / "p", "--monitor", "val_acc", "--val-split", "0.1") == 1
     assert capsys.readouterr().err == ("structc: error: --monitor is what --early-stop watches, and this run has "
                                        "no --early-stop: it would have no effect\n")
+
+
+def test_profile_forward_refuses_a_learning_rate(capsys):
+    assert main(["profile", str(MLP), "--data", "digits", "--forward", "--lr", "0.5"]) == 1
+    assert capsys.readouterr().err == ("structc: error: --lr is the training step's learning rate; --forward "
+                                       "profiles the forward pass, which has none\n")
