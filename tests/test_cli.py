@@ -698,3 +698,24 @@ def test_profile_forward_refuses_a_learning_rate(capsys):
     assert main(["profile", str(MLP), "--data", "digits", "--forward", "--lr", "0.5"]) == 1
     assert capsys.readouterr().err == ("structc: error: --lr is the training step's learning rate; --forward "
                                        "profiles the forward pass, which has none\n")
+
+
+def test_predict_that_fails_to_write_leaves_the_old_file_whole(tiny, tmp_path, capsys, monkeypatch):
+    """A full disk mid-write: one line, exit 1, the previous predictions untouched (no truncated .npy)."""
+    model, _ = tiny
+    assert train_tiny(tiny, tmp_path / "p", "--no-progress") == 0
+    np.save(tmp_path / "x.npy", np.ones((3, 5), np.float32))
+    out = tmp_path / "preds.npy"
+    np.save(out, np.arange(4))
+
+    def full_disk(f, *a, **k):
+        f.write(b"\x93NUMPY")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "save", full_disk)
+    capsys.readouterr()
+    assert main(["predict", model, "--params", str(tmp_path / "p"), "--input", str(tmp_path / "x.npy"),
+                 "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"structc: error: cannot write the predictions to {out}: No space left on device\n"
+    monkeypatch.undo()
+    assert np.load(out).tolist() == [0, 1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
