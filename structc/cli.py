@@ -272,7 +272,9 @@ def cmd_graph(args) -> int:
     source, file = _source(args.file)
     mdef = build_model(parse(source, file), args.model)
     forward = set(mdef.graph.nodes)
-    if args.which == "train" and mdef.has_loss:
+    if args.which == "train" and not mdef.has_loss:
+        raise UserError(f"model {mdef.name} declares no loss, so it has no training graph: draw it with --which forward")
+    if args.which != "forward" and mdef.has_loss:
         _, size = param_layout({n: p.type.shape for n, p in mdef.params.items()})
         g = train_graph(mdef, size)
     else:
@@ -954,8 +956,9 @@ def parser() -> argparse.ArgumentParser:
 
     c = command("graph", help="draw the forward and backward graphs (.svg, .png, .pdf, .dot)")
     c.add_argument("-o", "--output", required=True, help="the picture to write")
-    c.add_argument("--which", choices=["train", "forward"], default="train",
-                   help="train: forward and backward; forward: inference only")
+    c.add_argument("--which", choices=["train", "forward"],
+                   help="train: forward and backward; forward: inference only (default: train, or forward for a "
+                        "model without a loss)")
     c.add_argument("--unfused", action="store_true", help="before the passes (no fused groups)")
     c.set_defaults(run=cmd_graph)
 

@@ -719,3 +719,15 @@ def test_predict_that_fails_to_write_leaves_the_old_file_whole(tiny, tmp_path, c
     monkeypatch.undo()
     assert np.load(out).tolist() == [0, 1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_graph_which_train_of_a_model_without_a_loss_is_refused(tmp_path, capsys):
+    """It drew the forward graph alone, as if asked for --which forward; without --which that stays the default."""
+    model = tmp_path / "noloss.snet"
+    model.write_text("model NoLoss {\n  input x: f32[N, 4]\n  output y = relu(dense(x, 3))\n}\n")
+    assert main(["graph", str(model), "-o", str(tmp_path / "g.dot"), "--which", "train"]) == 1
+    assert capsys.readouterr().err == ("structc: error: model NoLoss declares no loss, so it has no training "
+                                       "graph: draw it with --which forward\n")
+    assert not (tmp_path / "g.dot").exists()
+    assert main(["graph", str(model), "-o", str(tmp_path / "g.dot")]) == 0
+    assert "relu" in (tmp_path / "g.dot").read_text()
