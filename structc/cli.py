@@ -68,6 +68,24 @@ def writable_output(path: str | Path, what: str) -> Path:
     return p
 
 
+def write_whole(path: Path, what: str, write) -> None:
+    """`write(name)` into a fresh file beside `path` with its suffix (matplotlib picks the
+    format by it), renamed over `path` once written: a write that fails part-way (a full
+    disk) leaves the old file whole, never half of a new one, and is one line (exit 1)."""
+    from .model import _umask
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {what} to {path}: {e.strerror or e}") from None
+        raise
+
+
 def existing_params(path: str) -> Path:
     """A parameter file by the name given, or by that name with `.npz` added
     (what `np.savez` writes for a name without it)."""
@@ -282,10 +300,10 @@ def cmd_graph(args) -> int:
     if not args.unfused:
         g = run_pipeline(g)
     try:
-        draw.write(g, forward, args.output)
+        write_whole(out, "the picture", lambda name: draw.write(g, forward, name))
     except (ValueError, RuntimeError) as e:
         raise UserError(str(e)) from None
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -787,10 +805,13 @@ def cmd_plot(args) -> int:
     if not max(width, height) * args.dpi < PLOT_PIXELS:      # inf too: matplotlib draws no larger
         raise UserError(f"--size and --dpi give a picture too large to draw: {args.size} inches at {args.dpi} dpi; "
                         f"at most {PLOT_PIXELS - 1} pixels a side", code=2)
-    try:
-        plot(args.runs, out, size=(width, height), dpi=args.dpi)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(str(e)) from None
+
+    def draw(name: str) -> None:
+        try:
+            plot(args.runs, name, size=(width, height), dpi=args.dpi)
+        except (FileNotFoundError, RuntimeError) as e:     # a run not found, no matplotlib: not the write
+            raise UserError(str(e)) from None
+    write_whole(out, "the picture", draw)
     print(f"wrote {out} ({round(width * args.dpi)}x{round(height * args.dpi)} pixels, {len(args.runs)} "
           f"run{'' if len(args.runs) == 1 else 's'})", file=sys.stderr)
     return 0
@@ -862,7 +883,7 @@ def cmd_profile(args) -> int:
                      lr=TRAIN_DEFAULTS["lr"] if args.lr is None else args.lr, peak=args.peak)
     print(report.table())
     if trace is not None:
-        report.write_trace(trace)
+        write_whole(trace, "the trace", report.write_trace)
         print(f"\ntrace of {len(report.step_spans)} step(s) in {trace} (open in ui.perfetto.dev or chrome://tracing)")
     return 0
 

@@ -731,3 +731,46 @@ def test_graph_which_train_of_a_model_without_a_loss_is_refused(tmp_path, capsys
     assert not (tmp_path / "g.dot").exists()
     assert main(["graph", str(model), "-o", str(tmp_path / "g.dot")]) == 0
     assert "relu" in (tmp_path / "g.dot").read_text()
+
+
+def _fails_part_way(path, *a, **k):
+    Path(path).write_text("half a pict")
+    raise OSError(28, "No space left on device")
+
+
+def test_graph_that_fails_to_write_leaves_the_old_picture_whole(tmp_path, capsys, monkeypatch):
+    import structc.draw
+    out = tmp_path / "g.dot"
+    out.write_text("the old picture")
+    monkeypatch.setattr(structc.draw, "write", lambda g, forward, path: _fails_part_way(path))
+    assert main(["graph", str(MLP), "-o", str(out)]) == 1
+    assert capsys.readouterr().err == f"structc: error: cannot write the picture to {out}: No space left on device\n"
+    assert out.read_text() == "the old picture" and sorted(p.name for p in tmp_path.iterdir()) == ["g.dot"]
+
+
+def test_plot_that_fails_to_write_leaves_the_old_picture_whole(tiny, tmp_path, capsys, monkeypatch):
+    import structc.runlog
+    assert train_tiny(tiny, tmp_path / "run", "--no-progress") == 0
+    out = tmp_path / "c.png"
+    out.write_text("the old picture")
+    monkeypatch.setattr(structc.runlog, "plot", lambda runs, path, **k: _fails_part_way(path))
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "run"), "-o", str(out)]) == 1
+    assert capsys.readouterr().err == f"structc: error: cannot write the picture to {out}: No space left on device\n"
+    assert out.read_text() == "the old picture" and not list(tmp_path.glob(".*"))
+
+
+def test_profile_trace_that_fails_to_write_leaves_the_old_trace_whole(tmp_path, capsys, monkeypatch):
+    import structc.profile
+    out = tmp_path / "t.json"
+    out.write_text("{}")
+    monkeypatch.setattr(structc.profile.Report, "write_trace", lambda self, path: _fails_part_way(path))
+    assert main(["profile", str(MLP), "--data", "digits", "--steps", "2", "--trace", str(out)]) == 1
+    assert capsys.readouterr().err == f"structc: error: cannot write the trace to {out}: No space left on device\n"
+    assert out.read_text() == "{}" and not list(tmp_path.glob(".*"))
+
+
+def test_plot_of_a_missing_run_says_so_and_writes_nothing(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope"), "-o", str(tmp_path / "c.png")]) == 1
+    assert capsys.readouterr().err.startswith(f"structc: error: no metrics for run {tmp_path / 'nope'}: looked for ")
+    assert list(tmp_path.iterdir()) == []
