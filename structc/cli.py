@@ -843,17 +843,14 @@ def cmd_predict(args) -> int:
         else:
             result[name] = values[name]
             said.append(f"'{name}' {list(values[name].shape)}")
-    from .model import _write_atomically
 
-    def write(f):                        # an open file: numpy adds no second suffix
-        if out.name.endswith(".npz"):
-            np.savez(f, **result)
-        else:
-            np.save(f, result[chosen[0]])
-    try:                                 # a failed write leaves the old file whole, never half of a new one
-        _write_atomically(str(out), write)
-    except OSError as e:
-        raise UserError(f"cannot write the predictions to {out}: {e.strerror or e}") from None
+    def write(name: str) -> None:
+        with open(name, "wb") as f:      # an open file: numpy adds no second suffix
+            if out.name.endswith(".npz"):
+                np.savez(f, **result)
+            else:
+                np.save(f, result[chosen[0]])
+    write_whole(out, "the predictions", write)
     print(f"wrote {', '.join(said)} to {out}")
     return 0
 
