@@ -758,6 +758,11 @@ def _read_inputs(path: str, net) -> dict:
                         f"{', '.join(structured) or 'no tensor input'} (a graph, forest or sequence): "
                         "call it from Python")
     try:
+        with open(path, "rb") as f:      # else numpy reads text as pickled data and advises allow_pickle
+            magic = f.read(6)
+        if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):
+            raise UserError(f"cannot read inputs from {path}: not an .npy or .npz file (save the arrays with "
+                            f"numpy.save or numpy.savez)")
         if path.endswith(".npz"):
             with np.load(path) as f:
                 arrays = {k: f[k] for k in f.files}

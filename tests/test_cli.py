@@ -774,3 +774,14 @@ def test_plot_of_a_missing_run_says_so_and_writes_nothing(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nope"), "-o", str(tmp_path / "c.png")]) == 1
     assert capsys.readouterr().err.startswith(f"structc: error: no metrics for run {tmp_path / 'nope'}: looked for ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_input_that_is_not_numpy_says_so(tiny, tmp_path, capsys):
+    """A .csv given to --input was reported as numpy's 'pickled (object) data ... allow_pickle' advice."""
+    assert train_tiny(tiny, tmp_path / "p", "--no-progress") == 0
+    (tmp_path / "x.csv").write_text("1,2,3,4,5\n")
+    capsys.readouterr()
+    assert main(["predict", tiny[0], "--params", str(tmp_path / "p"), "--input", str(tmp_path / "x.csv"),
+                 "--out", str(tmp_path / "y.npy")]) == 1
+    assert capsys.readouterr().err == (f"structc: error: cannot read inputs from {tmp_path / 'x.csv'}: not an .npy "
+                                       f"or .npz file (save the arrays with numpy.save or numpy.savez)\n")
