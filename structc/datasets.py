@@ -136,8 +136,10 @@ def load_digits(test_fraction: float = 0.2) -> ArrayDataset:
         raise RuntimeError("structc's copy of the digits data is damaged (checksum mismatch); reinstall structc")
     table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.float32)
     x, y = table[:, :64] / 16.0, table[:, 64].astype(np.int32)
-    return ArrayDataset("digits", *_split(x, y, test_fraction),
-                        description="8x8 handwritten digits, 1,437 training / 360 held-out images")
+    parts = _split(x, y, test_fraction)
+    return ArrayDataset("digits", *parts,       # the counts as split (stratified: 1,438 / 359 at 20%)
+                        description=f"8x8 handwritten digits, {len(parts[0]):,} training / "
+                                    f"{len(parts[2]):,} held-out images")
 
 
 def load_npz(path: str) -> ArrayDataset:

@@ -175,3 +175,10 @@ def test_a_held_out_loss_over_nodes_weighs_each_batch_by_its_nodes():
     whole = net.loss(**data.feed(Forest.concat(data.test)))
     for batch in (1, 2, len(trees)):
         assert data.evaluate(net, batch)["loss"] == pytest.approx(whole, rel=1e-5), batch
+
+
+def test_the_digits_description_counts_the_split_it_describes():
+    """It said 1,437 training / 360 held-out images; the split is 1,438 / 359."""
+    from structc import datasets
+    data = datasets.load("digits")
+    assert f"{len(data.x_train):,} training / {len(data.x_test):,} held-out images" in data.description

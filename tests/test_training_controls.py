@@ -247,7 +247,7 @@ def test_cli_clip_norm_bounds_every_step_and_is_kept_on_resume(tmp_path):
     assert _cli_train(tmp_path, "base.npz") == 0
     assert _cli_train(tmp_path, "clipped.npz", "--init", str(tmp_path / "base"), "--clip-norm", "1e-4",
                       "--lr", "0.1") == 0
-    steps = -(-1437 // 64)           # the digits' training split in batches of 64
+    steps = -(-1438 // 64)           # the digits' training split in batches of 64
     with np.load(tmp_path / "base.npz") as a, np.load(tmp_path / "clipped.npz") as b:
         moved = np.sqrt(sum(float(((a[k] - b[k]).astype(np.float64) ** 2).sum()) for k in a.files))
     assert 0 < moved <= 0.1 * 1e-4 * steps * (1 + 1e-3)
@@ -315,7 +315,7 @@ def test_cli_schedule_is_logged_per_epoch_and_resumes_bit_identically(tmp_path):
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
     from structc.schedules import lr_factor
-    steps = -(-1437 // 64)
+    steps = -(-1438 // 64)
     spec = {"kind": "cosine", "warmup": 5, "decay_steps": 40, "gamma": 0.1, "floor": 0.0}
     for run in ("straight", "run"):
         logged = [json.loads(line)["lr"] for line in (tmp_path / f"{run}.metrics.jsonl").read_text().splitlines()]
