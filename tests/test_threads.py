@@ -95,11 +95,18 @@ def test_load_params_does_not_tear_a_concurrent_call(tmp_path):
         net.load_params(path)
         losses_ok.add(net.grad(x=x, y=y)[0])
     stop = threading.Event()
+    loads, raised = [], []
 
     def writer():
-        while not stop.is_set():
-            for path in paths:
-                net.load_params(path)
+        # a thread's exception only warns: without these, a writer that never
+        # loaded anything would leave nothing to tear and the test would pass
+        try:
+            while not stop.is_set():
+                for path in paths:
+                    net.load_params(path)
+                    loads.append(path)
+        except BaseException as e:
+            raised.append(repr(e))
 
     th = threading.Thread(target=writer)
     th.start()
@@ -108,6 +115,8 @@ def test_load_params_does_not_tear_a_concurrent_call(tmp_path):
     finally:
         stop.set()
         th.join()
+    assert not raised, raised
+    assert len(loads) >= 2, "the writer loaded no checkpoint while the gradients ran"
     assert losses <= losses_ok
 
 
