@@ -770,7 +770,7 @@ def _word_id(w, vocab) -> int:
         raise ValueError(f"word {w!r} is not a number and no vocabulary was given: pass one to "
                          "Forest.from_brackets(text, vocab) / from_tuples, or set net.vocab")
     try:
-        return _checked_id(int(vocab[w]), w)
+        i = vocab[w]
     except KeyError:
         unk = getattr(vocab, "unk", None)
         if unk is not None:
@@ -779,6 +779,9 @@ def _word_id(w, vocab) -> int:
         hint = f" (close: {', '.join(map(repr, close))})" if close else ""
         raise ValueError(f"word {w!r} is not in the vocabulary{hint}; give the vocabulary an unknown-word "
                          "id (Vocab.build(words, unk='<unk>')) to map such words to it") from None
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):    # 1.7 or "1" would read as another word's id
+        raise ValueError(f"vocabulary: word {w!r} has id {i!r}; ids are integers")
+    return _checked_id(int(i), w)
 
 
 def _checked_id(i: int, word) -> int:

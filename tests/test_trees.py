@@ -643,6 +643,15 @@ def test_unknown_words_map_to_an_explicit_unk_id():
         Forest.from_brackets("(1 a zzz)", Vocab.build(["a"]))
 
 
+@pytest.mark.parametrize("vocab", [{"a": 1.7, "b": 0}, {"a": "1", "b": 0}, {"a": True, "b": 0}])
+def test_a_vocabularys_ids_are_integers(vocab):
+    """1.7 was read as id 1, "1" and True as 1: the leaf took another word's row."""
+    with pytest.raises(ValueError, match="'a' has id"):
+        Forest.from_brackets("(1 a b)", vocab)
+    with pytest.raises(ValueError, match="'a' has id"):
+        Forest.from_tuples(("a", "b"), vocab)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: Forest.from_arrays([[-1], [-1], [0]], words=[2**32 + 3, 1, 0]), "word id 4294967299"),
     (lambda: Forest.from_arrays([[-1], [-1], [0]], words=np.array([2**63 + 1, 1, 0], np.uint64)),
