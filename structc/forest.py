@@ -765,7 +765,7 @@ def _word_id(w, vocab) -> int:
     if isinstance(w, (int, np.integer)):
         return _checked_id(int(w), w)
     if vocab is None:
-        if w.isdigit():
+        if w.isdigit() and w.isascii():        # '²' is a digit to str.isdigit, not to int
             return _checked_id(int(w), w)
         raise ValueError(f"word {w!r} is not a number and no vocabulary was given: pass one to "
                          "Forest.from_brackets(text, vocab) / from_tuples, or set net.vocab")
@@ -871,7 +871,8 @@ def _parse_brackets(text: str, vocab, tree_no: int, acc: _Parsed) -> None:
 
 
 def _is_int(tok: str) -> bool:
-    return tok.lstrip("-").isdigit()
+    digits = tok[1:] if tok[:1] == "-" else tok
+    return digits.isdigit() and digits.isascii()
 
 
 def _heights(ch: np.ndarray) -> np.ndarray:

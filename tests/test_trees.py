@@ -652,6 +652,13 @@ def test_a_vocabularys_ids_are_integers(vocab):
         Forest.from_tuples(("a", "b"), vocab)
 
 
+@pytest.mark.parametrize("text", ["(1 \u00b2)", "(\u00b2 (1 a) (1 a))", "(--3 1 2)"])
+def test_numbers_in_brackets_are_ascii_digits(text):
+    """'²' passed str.isdigit() and then failed int() ("invalid literal"), as did '--3'."""
+    with pytest.raises(ValueError, match="is not a number"):
+        Forest.from_brackets(text)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: Forest.from_arrays([[-1], [-1], [0]], words=[2**32 + 3, 1, 0]), "word id 4294967299"),
     (lambda: Forest.from_arrays([[-1], [-1], [0]], words=np.array([2**63 + 1, 1, 0], np.uint64)),
