@@ -36,6 +36,7 @@ import difflib
 import itertools
 import re
 import struct
+import unicodedata
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -775,13 +776,24 @@ def _word_id(w, vocab) -> int:
         unk = getattr(vocab, "unk", None)
         if unk is not None:
             return _checked_id(int(unk), w)
-        close = difflib.get_close_matches(w, [k for k in vocab if isinstance(k, str)], n=3)
-        hint = f" (close: {', '.join(map(repr, close))})" if close else ""
-        raise ValueError(f"word {w!r} is not in the vocabulary{hint}; give the vocabulary an unknown-word "
-                         "id (Vocab.build(words, unk='<unk>')) to map such words to it") from None
+        raise ValueError(f"word {w!r} is not in the vocabulary{_near(w, vocab)}; give the vocabulary an "
+                         "unknown-word id (Vocab.build(words, unk='<unk>')) to map such words to it") from None
     if isinstance(i, bool) or not isinstance(i, (int, np.integer)):    # 1.7 or "1" would read as another word's id
         raise ValueError(f"vocabulary: word {w!r} has id {i!r}; ids are integers")
     return _checked_id(int(i), w)
+
+
+def _near(w: str, vocab) -> str:
+    """What an unknown word's error adds: the vocabulary's word that differs from it only
+    in Unicode form or case (words are matched exactly), else its close words."""
+    words = [k for k in vocab if isinstance(k, str)]
+    for how, norm in (("another Unicode form", lambda s: unicodedata.normalize("NFC", s)),
+                      ("another case", lambda s: unicodedata.normalize("NFC", s).casefold())):
+        same = [k for k in words if norm(k) == norm(w)]
+        if same:
+            return f" (it has {ascii(same[0])}, the same word in {how}: words are matched exactly)"
+    close = difflib.get_close_matches(w, words, n=3)
+    return f" (close: {', '.join(map(repr, close))})" if close else ""
 
 
 def _checked_id(i: int, word) -> int:

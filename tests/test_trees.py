@@ -659,6 +659,15 @@ def test_numbers_in_brackets_are_ascii_digits(text):
         Forest.from_brackets(text)
 
 
+def test_a_word_in_another_unicode_form_or_case_is_named_as_such():
+    import unicodedata
+    nfc, nfd = (unicodedata.normalize(form, "caf\u00e9") for form in ("NFC", "NFD"))
+    with pytest.raises(ValueError, match="another Unicode form"):
+        Forest.from_brackets(f"(1 {nfd})", Vocab.build([nfc]))
+    with pytest.raises(ValueError, match="another case"):
+        Forest.from_brackets("(1 Good)", Vocab.build(["good"]))
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: Forest.from_arrays([[-1], [-1], [0]], words=[2**32 + 3, 1, 0]), "word id 4294967299"),
     (lambda: Forest.from_arrays([[-1], [-1], [0]], words=np.array([2**63 + 1, 1, 0], np.uint64)),
