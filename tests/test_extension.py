@@ -156,8 +156,20 @@ def test_a_file_edited_without_reimport_does_not_poison_the_cache(tmp_path):
 
 
 @pytest.mark.slow   # subprocesses
-def test_the_key_follows_a_module_function_the_op_calls(tmp_path):
+def _probe_definition(code: str, k: float) -> str:
+    """What the cache key reads of class Probe defined by `code` with {k} = k, in a
+    module of its own (named as a user's would be)."""
     from structc.ops.base import _definition
+    module = types.ModuleType("user_ext_probe")
+    sys.modules["user_ext_probe"] = module
+    try:
+        exec(code.format(k=k), module.__dict__)
+        return _definition(module.Probe)
+    finally:
+        del sys.modules["user_ext_probe"]
+
+
+def test_the_key_follows_a_module_function_the_op_calls(tmp_path):
     code = textwrap.dedent("""
         from structc.ops import Elementwise
         def factor():
@@ -166,15 +178,7 @@ def test_the_key_follows_a_module_function_the_op_calls(tmp_path):
             def emit(self, cg, x):
                 return cg.mul(x, cg.const(factor(), x))
     """)
-    seen = []
-    for k in (2.0, 3.0):
-        module = types.ModuleType("user_ext_probe")
-        sys.modules["user_ext_probe"] = module
-        try:
-            exec(code.format(k=k), module.__dict__)
-            seen.append(_definition(module.Probe))
-        finally:
-            del sys.modules["user_ext_probe"]
+    seen = [_probe_definition(code, k) for k in (2.0, 3.0)]
     assert seen[0] != seen[1]
 
 
@@ -203,7 +207,6 @@ def test_the_key_follows_the_values_an_op_reads(probe):
     through a helper), a default argument or a closure's cell. Editing `FACTOR = 2.0` to
     `3.0` in the op's module loaded the code compiled for 2.0 from the cache. The same
     definition still gives the same key (no object addresses in it: a cache hit)."""
-    from structc.ops.base import _definition
     head, expr, *default = STATE_PROBES[probe]
     if expr is None:
         body = "class Probe(Elementwise):\n    emit = make({k})\n"
@@ -211,15 +214,7 @@ def test_the_key_follows_the_values_an_op_reads(probe):
         extra = f", {default[0]}" if default else ""
         body = f"class Probe(Elementwise):\n    def emit(self, cg, x{extra}):\n        return cg.mul(x, {expr})\n"
     code = "from structc.ops import Elementwise\n" + head + body
-    seen = []
-    for k in (2.0, 3.0, 3.0):
-        module = types.ModuleType("user_ext_probe")
-        sys.modules["user_ext_probe"] = module
-        try:
-            exec(code.format(k=k), module.__dict__)
-            seen.append(_definition(module.Probe))
-        finally:
-            del sys.modules["user_ext_probe"]
+    seen = [_probe_definition(code, k) for k in (2.0, 3.0, 3.0)]
     assert seen[0] != seen[1] and seen[1] == seen[2]
 
 
