@@ -34,6 +34,7 @@ from .layers.context import states_hint
 from .layers.embedding import embedding_param_type
 from .layers.embedding import index as gather
 from .ops import REGISTRY
+from .ops.base import _ours
 from .types import MAX_ELEMENTS, MAX_PARAMS, TensorType
 
 
@@ -460,7 +461,7 @@ class ModelBuilder:
                 self.freeze_new_params(before, e)
         elif e.func in REGISTRY and REGISTRY[e.func].surface:
             result = self.call_op(ctx, REGISTRY[e.func], args, kwargs, e)
-        elif e.func in REGISTRY and not _structc_op(REGISTRY[e.func]):     # a user's op, left out of the language
+        elif e.func in REGISTRY and not _ours(type(REGISTRY[e.func])):     # a user's op, left out of the language
             op = REGISTRY[e.func]
             raise SnetNameError(f"'{e.func}' is an op of {type(op).__module__}.{type(op).__qualname__} that .snet "
                                 "cannot call: set `surface = True` in its class", e.func_span)
@@ -576,11 +577,6 @@ def _fold(op: str, a, b, span: Span):
     if (isinstance(value, int) and abs(value) >= S.MAX_INT) or (isinstance(value, float) and not math.isfinite(value)):
         raise SnetTypeError("number too large (numbers stop at about 1.8e308)", span)
     return value
-
-
-def _structc_op(op) -> bool:
-    """Whether `op` is one of structc's own ops (not a user's)."""
-    return type(op).__module__.split(".")[0] == "structc"
 
 
 def _call_problem(err: TypeError) -> str:

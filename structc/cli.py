@@ -72,18 +72,11 @@ def write_whole(path: Path, what: str, write) -> None:
     """`write(name)` into a fresh file beside `path` with its suffix (matplotlib picks the
     format by it), renamed over `path` once written: a write that fails part-way (a full
     disk) leaves the old file whole, never half of a new one, and is one line (exit 1)."""
-    from .model import _umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    from .model import _write_atomically
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {what} to {path}: {e.strerror or e}") from None
-        raise
+        _write_atomically(str(path), write, by_name=True, prefix=f".{path.name}-", suffix=path.suffix)
+    except OSError as e:
+        raise UserError(f"cannot write {what} to {path}: {e.strerror or e}") from None
 
 
 def existing_params(path: str) -> Path:

@@ -1089,15 +1089,21 @@ def _dlpack_refusal(spec: _Input, tensor, error: Exception) -> str:
             f"with numpy through DLPack: {error}")
 
 
-def _write_atomically(path: str, write) -> None:
-    """`write(file)` into a fresh temporary file beside `path`, then rename it
-    over `path`: a crash leaves the old file whole, and a link planted at a
+def _write_atomically(path: str, write, *, by_name: bool = False, prefix: str = ".structc-",
+                      suffix: str = ".npz.tmp") -> None:
+    """`write(file)` (or, `by_name`, `write(its name)`: for writers that open the file
+    themselves) into a fresh temporary file beside `path`, then rename it over
+    `path`: a crash leaves the old file whole, and a link planted at a
     predictable temporary name is never followed."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".structc-", suffix=".npz.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        if by_name:
+            os.close(fd)
+            write(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

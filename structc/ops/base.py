@@ -177,6 +177,7 @@ def extension_fingerprint() -> str:
 
 
 def _ours(obj) -> bool:
+    """Whether `obj` (a function, a class, an op) is structc's own, not a user's."""
     return (getattr(obj, "__module__", None) or "").split(".")[0] == "structc"
 
 
