@@ -72,9 +72,9 @@ def write_whole(path: Path, what: str, write) -> None:
     """`write(name)` into a fresh file beside `path` with its suffix (matplotlib picks the
     format by it), renamed over `path` once written: a write that fails part-way (a full
     disk) leaves the old file whole, never half of a new one, and is one line (exit 1)."""
-    from .model import _write_atomically
+    from .files import write_atomically
     try:
-        _write_atomically(str(path), write, by_name=True, prefix=f".{path.name}-", suffix=path.suffix)
+        write_atomically(str(path), write, by_name=True, prefix=f".{path.name}-", suffix=path.suffix)
     except OSError as e:
         raise UserError(f"cannot write {what} to {path}: {e.strerror or e}") from None
 

@@ -22,11 +22,8 @@ import operator
 import os
 import struct
 import sys
-import tempfile
 import threading
 import weakref
-import zipfile
-import zlib
 from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
@@ -37,6 +34,7 @@ from . import _runtime
 from .forest import ForestBinder
 from .seqdata import SequenceBinder
 from .graphs import Binder as GraphBinder
+from .files import read_archive, write_atomically
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, DROPOUT_KEY0, DROPOUT_STEP, EPS,
                         LOSS_WEIGHT0, LR, MAX_LOSS_TERMS,
@@ -436,7 +434,7 @@ class Net:
             np.savez(path, **arrays)          # a file object: the caller owns it
             return path
         written = os.fspath(path) if os.fspath(path).endswith(".npz") else os.fspath(path) + ".npz"
-        _write_atomically(written, lambda f: np.savez(f, **arrays))
+        write_atomically(written, lambda f: np.savez(f, **arrays))
         return written if isinstance(path, str) else Path(written)
 
     def load_params(self, path) -> None:
@@ -991,19 +989,13 @@ def _params_path(path):
 def _read_params(path) -> dict[str, np.ndarray]:
     """Every array of an `.npz` archive, or one ValueError naming the file and the problem."""
     try:
-        data = np.load(path, allow_pickle=False)
+        return read_archive(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such parameter file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except OSError as e:
         raise ValueError(f"{path}: not a parameter file written by save_params (an .npz archive): {e}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: holds one bare array (.npy), not an .npz archive of named parameters "
-                         "as save_params writes")
-    with data:
-        try:
-            return {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise ValueError(f"{path}: damaged parameter file (truncated or corrupt): {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not a parameter file written by save_params: {e}") from None
 
 
 def _as_array(spec: _Input, value) -> np.ndarray:
@@ -1087,41 +1079,3 @@ def _dlpack_refusal(spec: _Input, tensor, error: Exception) -> str:
                 f"structc runs on the CPU: move it there first (e.g. tensor.cpu())")
     return (f"input '{spec.name}': cannot share the {_kind_of(tensor)} (dtype {getattr(tensor, 'dtype', '?')}) "
             f"with numpy through DLPack: {error}")
-
-
-def _write_atomically(path: str, write, *, by_name: bool = False, prefix: str = ".structc-",
-                      suffix: str = ".npz.tmp") -> None:
-    """`write(file)` (or, `by_name`, `write(its name)`: for writers that open the file
-    themselves) into a fresh temporary file beside `path`, then rename it over
-    `path`: a crash leaves the old file whole, and a link planted at a
-    predictable temporary name is never followed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
-    try:
-        if by_name:
-            os.close(fd)
-            write(tmp)
-        else:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (os.umask would, for
-    an instant, for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022

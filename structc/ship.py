@@ -15,7 +15,6 @@ or trust.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .compiler import ABI_VERSION, Artifact
+from .files import write_atomically
 from .lower.module import Target
 from .native import compile_object, missing_features
 
@@ -276,25 +276,13 @@ def _rename_symbol(obj: Path, old: str, new: str) -> None:
 
 
 def _write_atomically(path, data: bytes, mode: int) -> None:
-    """Write `path` through a new file in its folder (exclusive creation:
-    never through a file or link planted at a predictable name), then
-    rename it into place, so a reader never sees half a library."""
+    """`data` into `path` by a temporary file renamed into place (a reader never sees
+    half a library), with permissions `mode`; a failure is a ShipError."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomically(str(path), lambda f: f.write(data), prefix=f".{path.name}.", suffix=".tmp", mode=mode)
     except OSError as e:
         raise ShipError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), mode)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ShipError(f"cannot write {path}: {e.strerror}") from None
-        raise
 
 
 # -- loading ---------------------------------------------------------------

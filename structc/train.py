@@ -15,15 +15,14 @@ import hashlib
 import json
 import sys
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .model import BatchTooSmall, _write_atomically
+from .files import read_archive, write_atomically
+from .model import BatchTooSmall
 
 
 @dataclass
@@ -363,7 +362,7 @@ def save_numbering(net, params_path: str | Path, numbering: dict | None) -> None
         path.unlink(missing_ok=True)
         return
     text = json.dumps({"digest": params_digest(net), **numbering}, ensure_ascii=False).encode()
-    _write_atomically(str(path), lambda f: f.write(text))
+    write_atomically(str(path), lambda f: f.write(text))
 
 
 def load_numbering(params_path: str | Path) -> tuple[dict | None, str]:
@@ -424,7 +423,7 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
         arrays["dropout_draws"] = np.int64(getattr(net, "_draws", 0))     # dropout's step counter
         arrays["optimizer_options"] = np.array(json.dumps(getattr(net, "_opt", {})))
     # one rename: a crash while writing leaves the last checkpoint's state whole
-    _write_atomically(str(path), lambda f: np.savez(f, **arrays))
+    write_atomically(str(path), lambda f: np.savez(f, **arrays))
 
 
 def _stopper_state(history: History | None) -> dict | None:
@@ -461,7 +460,7 @@ def resume_early_stopping(net, state: dict, cfg: TrainConfig) -> tuple[EarlyStop
 def load_state(path: str | Path) -> dict:
     """The saved training state as a dict (`epoch`, `digest`, `config`, optional optimizer arrays)."""
     try:
-        state = _read_archive(path)
+        state = read_archive(path)
         state["epoch"] = int(state["epoch"])
         state["digest"] = str(state["digest"])
         state["config"] = json.loads(str(state["config"]))
@@ -485,18 +484,6 @@ def restore_counters(net, state: dict, optimizer: str) -> bool:
         if hasattr(net, "_draws"):
             net._draws = int(state.get("dropout_draws", state["optimizer_step"]))
     return keep_step
-
-
-def _read_archive(path: str | Path) -> dict:
-    """Every array of the `.npz` at `path`; a ValueError when it is not one or is cut short."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":        # else numpy's error speaks of pickles
-            raise ValueError("not an .npz archive")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"damaged (truncated or corrupt): {e}") from None
 
 
 def restore_optimizer(net, state: dict) -> bool:
