@@ -237,10 +237,12 @@ class ModelBuilder:
         if s.value is None:
             value = self.eval(S.Name(s.name, s.name_span))
         else:
+            if s.name in self.env:      # would the lines after it read the output or the earlier value?
+                first = self.defined_at[s.name]
+                raise SnetNameError(f"'{s.name}' is already defined (line {first.line}): give the output "
+                                    f"another name, or write `{s.name} = ...` then `output {s.name}`", s.name_span)
             value = self.eval(s.value)
-            if s.name not in self.env:
-                self.env[s.name] = value
-                self.defined_at[s.name] = s.name_span
+            self.define(s.name, s.name_span, value)
         if not isinstance(value, Value):
             raise SnetTypeError("an output must be a tensor", s.span)
         self.outputs[s.name] = value.id

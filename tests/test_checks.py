@@ -234,6 +234,32 @@ def test_an_output_named_loss_is_refused_beside_a_loss():
     assert (err.span.line, err.span.col) == (5, 10)
 
 
+@pytest.mark.parametrize("line", ["output h = softmax(h)", "output x = x * 2.0", "output W = W * 2.0"])
+def test_an_output_cannot_take_a_name_already_defined(line):
+    # `output h = softmax(h)` kept the earlier `h` for the lines after it (the loss read the
+    # logits) where `h = softmax(h)` rebinds it: the reader cannot tell which was meant
+    head = "model M {\n  input x: f32[N, 4]\n  target y: class[N] of 3\n  param W: f32[4, 3]\n  h = x @ W\n"
+    err = error_of(head + f"  {line}\n  loss cross_entropy(h, y)\n}}")
+    assert "is already defined" in err.message and "another name" in err.message
+    assert (err.span.line, err.span.col) == (6, 10)
+
+
+def test_an_output_of_a_new_name_is_read_by_the_lines_after_it():
+    head = "model M {\n  input x: f32[N, 4]\n  target y: class[N] of 3\n  param W: f32[4, 3]\n"
+    g = build_model(parse(head + "  output h = x @ W\n  loss cross_entropy(h, y)\n}")).graph
+    assert g.outputs["h"] in _ancestors(g, g.outputs["loss"])
+
+
+def _ancestors(g, nid):
+    seen, stack = set(), [nid]
+    while stack:
+        for i in g.nodes[stack.pop()].inputs:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
 @pytest.mark.parametrize("expr, message", [
     ("flatten(x, 2)", "flatten: takes 1 positional argument but 2 were given"),
     ("dense(x, 3, 4)", "dense: takes 2 positional arguments but 3 were given"),
