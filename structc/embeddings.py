@@ -41,7 +41,10 @@ def cooccurrence(corpus: Iterable[Sequence], vocab: Mapping | Sequence | None = 
     an error unless `skip_unknown`."""
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"the window must be an integer of at least 1, got {window!r}")
-    corpus = [list(s) for s in corpus]
+    if isinstance(corpus, (str, bytes)):
+        raise TypeError("the corpus is a list of sentences, each a list of tokens; got one string "
+                        "(split it: [line.split() for line in text.splitlines()])")
+    corpus = [_tokens(s, k) for k, s in enumerate(corpus)]
     if vocab is None:
         vocab = Vocab.build(t for s in corpus for t in s)
     else:
@@ -56,6 +59,14 @@ def cooccurrence(corpus: Iterable[Sequence], vocab: Mapping | Sequence | None = 
                 np.add.at(K, (ids[:-off], ids[off:]), 1.0)
                 np.add.at(K, (ids[off:], ids[:-off]), 1.0)
     return K, vocab
+
+
+def _tokens(sentence, k: int) -> list:
+    """Sentence `k`'s tokens; a string is refused (its letters would be the tokens)."""
+    if isinstance(sentence, (str, bytes)):
+        raise TypeError(f"sentence {k} of the corpus is a string ({sentence[:40]!r}), not a list of tokens; "
+                        "split it: [line.split() for line in lines]")
+    return list(sentence)
 
 
 def pca_embedding_of(K: np.ndarray, d: int) -> np.ndarray:

@@ -922,6 +922,9 @@ class Vocab(dict):
     def build(cls, tokens: Iterable[str], unk: str | None = None) -> "Vocab":
         """The vocabulary of `tokens`; with `unk` (e.g. "<unk>"), that token
         (added last if absent) stands for every unknown word."""
+        if isinstance(tokens, (str, bytes)):      # iterating it would give a vocabulary of letters
+            raise TypeError(f"Vocab.build takes a list of words, got the {type(tokens).__name__} "
+                            f"{_shown(tokens)}; split it first: Vocab.build(text.split())")
         v = cls()
         for t in tokens:
             if t not in v:
@@ -930,6 +933,18 @@ class Vocab(dict):
             v.setdefault(unk, len(v))
             v.unk = v[unk]
         return v
+
+    def copy(self) -> "Vocab":
+        """A Vocab with the same words and unknown-word id (dict.copy would give a
+        plain dict, without `unk`: unknown words would then be refused)."""
+        v = type(self)(self)
+        v.unk = self.unk
+        return v
+
+
+def _shown(text) -> str:
+    """`text`'s repr, cut short."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
 
 
 def checked_vocab(vocab, size: int | None):

@@ -67,3 +67,13 @@ def test_window_and_d_are_checked():
         pca_embedding(CORPUS, Vocab.build(t for s in CORPUS for t in s), d=2, window=0)
     with pytest.raises(ValueError, match=r"d must be in \[1, 6\]"):
         pca_embedding(CORPUS, Vocab.build(t for s in CORPUS for t in s), d=7)
+
+
+@pytest.mark.parametrize("corpus, message", [
+    ("the cat sat", "one string"),
+    (["the cat sat", "the dog ran"], "sentence 0 of the corpus is a string"),
+])
+def test_a_corpus_of_strings_is_refused(corpus, message):
+    # iterated, each sentence's letters were its tokens: {'t': 0, 'h': 1, 'e': 2, ' ': 3, ...}
+    with pytest.raises(TypeError, match=message):
+        cooccurrence(corpus)

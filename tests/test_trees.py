@@ -543,7 +543,24 @@ def test_pca_embedding_initialises_a_learned_table():
     net.params["E"][...] = E
     f = Forest.from_tuples([(1, 2)])
     assert np.isfinite(net(t=f)).all()
-    assert isinstance(Vocab.build("abca"), dict) and Vocab.build("abca") == {"a": 0, "b": 1, "c": 2}
+    assert isinstance(Vocab.build(list("abca")), dict) and Vocab.build(list("abca")) == {"a": 0, "b": 1, "c": 2}
+
+
+@pytest.mark.parametrize("text", ["good movie", b"good movie"])
+def test_a_vocabulary_of_one_string_is_refused(text):
+    # iterated, "good movie" gave a vocabulary of its letters: {'g': 0, 'o': 1, 'd': 2, ' ': 3, ...}
+    with pytest.raises(TypeError, match=r"list of words.*text\.split\(\)"):
+        Vocab.build(text)
+    assert Vocab.build("good movie".split()) == {"good": 0, "movie": 1}
+
+
+def test_a_copied_vocabulary_keeps_its_unknown_word():
+    vocab = Vocab.build(["a", "b"], unk="<unk>")
+    copy = vocab.copy()
+    assert isinstance(copy, Vocab) and copy == vocab and copy.unk == 2
+    copy["c"] = 3
+    assert "c" not in vocab
+    assert sorted(Forest.from_brackets("(1 a zzz)", copy).words.tolist()) == [0, 2]
 
 
 # -- the example: structc train on the shipped tree data -----------------------
