@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from .errors import SnetError, render
@@ -89,9 +90,12 @@ def existing_params(path: str) -> Path:
 
 
 def load_params(net, path: str) -> Path:
+    from .train import NumberingWarning
     p = existing_params(path)
     try:
-        net.load_params(str(p))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumberingWarning)    # `saved_numbering` says it, in the CLI's words
+            net.load_params(str(p))
     except (OSError, KeyError, EOFError) as e:
         raise UserError(f"cannot read parameters from {p}: {e}") from None
     return p
@@ -253,7 +257,6 @@ def _compile_to_cache(source: str, file: str, model: str | None, target, timings
 
 def cmd_export(args) -> int:
     """The forward pass as an ONNX file (structc.onnx.export)."""
-    import warnings
 
     from . import onnx as snet_onnx
     out = writable_output(args.onnx, "the ONNX model")

@@ -23,6 +23,7 @@ import os
 import struct
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Mapping
 from numbers import Real
@@ -437,10 +438,20 @@ class Net:
         write_atomically(written, lambda f: np.savez(f, **arrays))
         return written if isinstance(path, str) else Path(written)
 
+    #: how the data these parameters were trained on was numbered (`load_params`)
+    numbering: dict | None = None
+    _numbered_vocab = None          # the vocabulary `load_params` took from a numbering file
+
     def load_params(self, path) -> None:
         """Replace every parameter with those saved in `path` (`.npz` may be
         left out). Everything is checked before anything is copied: the names,
-        shapes, and values (complex or non-finite values are refused)."""
+        shapes, and values (complex or non-finite values are refused).
+
+        `structc train` saves beside them how it numbered its data
+        (`NAME.numbering.json`: a treebank's words, a TU set's labels). When
+        that file is there and belongs to these very parameters, its words
+        become `net.vocab` and the whole of it `net.numbering`; one written for
+        other parameters is ignored with a warning."""
         path = _params_path(path)
         data = _read_params(path)
         missing = [n for n in self.params if n not in data]
@@ -453,6 +464,34 @@ class Net:
         with self._lock:
             for name, view in self.params.items():
                 view[...] = checked[name]
+        self._take_numbering(path, data)
+
+    def _take_numbering(self, path, params: dict) -> None:
+        """The numbering saved beside parameter file `path` (see `load_params`). A
+        vocabulary an earlier numbering file set leaves with its parameters: its
+        ids would not be these parameters'."""
+        from .forest import Vocab
+        from .train import NumberingWarning, load_numbering, numbering_path
+        numbering, problem = (load_numbering(path, params) if isinstance(path, (str, os.PathLike))
+                              else (None, ""))
+        if problem:
+            warnings.warn(problem, NumberingWarning, stacklevel=3)
+        words = (numbering or {}).get("words")
+        if self.vocab is not None and self.vocab is self._numbered_vocab:
+            self.vocab = None
+        if words is not None and self._forests is not None:
+            vocab = Vocab((w, i) for i, w in enumerate(words))
+            if self.vocab is not None and dict(self.vocab) != vocab:
+                warnings.warn(f"net.vocab replaced by the {len(vocab)} words {numbering_path(path).name} "
+                              f"gives these parameters", NumberingWarning, stacklevel=3)
+            try:
+                self.vocab = vocab
+            except (TypeError, ValueError) as e:
+                warnings.warn(f"{numbering_path(path).name}'s words are not used: {e}", NumberingWarning,
+                              stacklevel=3)
+                vocab = None
+            self._numbered_vocab = vocab
+        self.numbering = numbering
 
     # -- vocabulary ----------------------------------------------------------
     @property

@@ -21,7 +21,8 @@ appearance, a TU set's graph labels (and node labels) are renumbered in sorted o
 A model trained on those numbers means nothing with others, so `structc train` saves
 them next to the parameters (`NAME.numbering.json`, `save_numbering`) and `structc eval`
 reads other files with them (`read(..., numbering=..., fixed=True)`): a word or label the
-training data did not have is refused, not given a number of its own.
+training data did not have is refused, not given a number of its own; `Net.load_params`
+reads the file too (the words become `net.vocab`).
 """
 from __future__ import annotations
 

@@ -346,7 +346,12 @@ def state_path(params_path: str | Path) -> Path:
 
 # `p.numbering.json` holds how the reader numbered the training data (a treebank's words,
 # a TU set's labels: `readers.data_numbering`), with the digest of the parameters it
-# belongs to, so that `structc eval` on another file numbers its words and labels alike.
+# belongs to, so that `structc eval` on another file numbers its words and labels alike,
+# and `Net.load_params` gives the net the words as its vocabulary.
+
+class NumberingWarning(UserWarning):
+    """A numbering file beside parameters that `Net.load_params` cannot use."""
+
 
 def numbering_path(params_path: str | Path) -> Path:
     """`run.npz` -> `run.numbering.json`."""
@@ -365,9 +370,9 @@ def save_numbering(net, params_path: str | Path, numbering: dict | None) -> None
     write_atomically(str(path), lambda f: f.write(text))
 
 
-def load_numbering(params_path: str | Path) -> tuple[dict | None, str]:
+def load_numbering(params_path: str | Path, params: dict | None = None) -> tuple[dict | None, str]:
     """The numbering saved next to the parameters at `params_path`, or None and why not
-    ("" when there is none)."""
+    ("" when there is none). `params`: that file's arrays, when already read."""
     from .model import _read_params
     path = numbering_path(params_path)
     if not path.is_file():
@@ -375,7 +380,7 @@ def load_numbering(params_path: str | Path) -> tuple[dict | None, str]:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         digest = saved.pop("digest")
-        params = _read_params(str(params_path))
+        params = _read_params(str(params_path)) if params is None else params
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         return None, f"cannot read {path}: {e}"
     if digest != _digest(params):

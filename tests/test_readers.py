@@ -580,6 +580,31 @@ def test_parameters_without_their_numbering_are_evaluated_with_a_warning(models,
     assert "belongs to other parameters than" in capsys.readouterr().err
 
 
+def test_load_params_takes_the_words_saved_beside_the_parameters(models, tree_run, tmp_path):
+    # without the numbering file, a trained net had no vocabulary: strings were refused, or
+    # a vocabulary built from other text gave the words other ids than training did
+    import json
+
+    from structc.forest import Forest
+    from structc.train import NumberingWarning, numbering_path
+    words = json.loads(numbering_path(tree_run).read_text())["words"]
+    net = structc.compile(models, "Tree")
+    net.vocab = {w: i for i, w in enumerate(sorted(words))}       # the user's own order: replaced
+    with pytest.warns(NumberingWarning, match="net.vocab replaced by the 10 words run.numbering.json gives"):
+        net.load_params(tree_run)
+    assert net.vocab == {w: i for i, w in enumerate(words)} and net.numbering == {"words": words}
+    tree = "(1 (1 (2 film) (1 awful)) (2 (2 the) (2 plot)))"
+    np.testing.assert_array_equal(net(t=tree), net(t=Forest.from_brackets(tree, dict(net.vocab))))
+    alone = tmp_path / "alone.npz"                 # saved by net.save_params: no numbering beside it
+    alone.write_bytes(tree_run.read_bytes())
+    net.load_params(alone)
+    assert net.vocab is None and net.numbering is None      # not the last file's words
+    numbering_path(alone).write_text('{"digest": "another run", "words": ["x"]}')
+    with pytest.warns(NumberingWarning, match="alone.numbering.json belongs to other parameters than"):
+        net.load_params(alone)
+    assert net.vocab is None
+
+
 def test_fine_tuning_keeps_the_words_ids_and_a_run_without_words_leaves_none(models, tree_run, tmp_path, capsys):
     out = tmp_path / "tuned.npz"
     assert main(["train", models, "--model", "Tree", "--data", str(_reordered_treebank(tmp_path)), "--epochs", "1",
