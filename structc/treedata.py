@@ -56,6 +56,7 @@ class TreeDataset:
         if spec["arity"] < arity or spec.get("vocab") is None or spec["vocab"] < len(self.vocab):
             raise ValueError(f"data set '{self.name}' has trees of arity {arity} over {len(self.vocab)} words: "
                              f"declare `input {self.forest}: forest(arity={arity}) of word(vocab={len(self.vocab)})`")
+        self._check_labelled()
         top = max(int(f.labels.max()) for f in self.train + self.test)
         roots = max(int(f.root_labels.max()) for f in self.train + self.test)
         for s in net.meta["inputs"]:
@@ -80,6 +81,17 @@ class TreeDataset:
         target = self.root_target or self.node_target
         self.output = class_output(net, {**target, "shape": [f"{self.forest}.trees"]})
         return self
+
+    def _check_labelled(self) -> None:
+        """Refuse forests without labels: a target needs every tree's (a forest made from
+        tuples or ids alone has none)."""
+        for part, forests in (("training", self.train), ("held-out", self.test)):
+            bare = [k for k, f in enumerate(forests) if f.labels is None]
+            if bare:
+                raise ValueError(f"data set '{self.name}': {len(bare)} {part} forest(s) carry no labels "
+                                 f"(the first: {part} forest {bare[0]}); a data set's trees need a label on "
+                                 f"every node, as in Forest.from_brackets('(3 (2 good) (2 movie))') or "
+                                 f"Forest.from_arrays(..., labels=...)")
 
     def feed(self, forest: Forest) -> dict:
         feed = {self.forest: forest}

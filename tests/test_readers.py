@@ -71,6 +71,21 @@ def test_root_labels_beyond_the_root_targets_classes_are_refused_when_bound(tmp_
         read(bank).bind(wide)
 
 
+def test_a_tree_data_set_of_forests_without_labels_is_refused_when_bound():
+    # it crashed with AttributeError: 'NoneType' object has no attribute 'max'
+    from structc.forest import Forest, Vocab
+    net = structc.compile(MODELS, "Tree")
+    vocab = Vocab.build(["good", "movie"])
+    labelled = Forest.from_brackets("(1 (2 good) (2 movie))", vocab)
+    bare = Forest.from_tuples([("good", "movie")], vocab)
+    with pytest.raises(ValueError, match=r"data set 'mine': 1 training forest\(s\) carry no labels \(the first: "
+                                         r"training forest 1\)"):
+        TreeDataset("mine", [labelled, bare], [labelled], vocab).bind(net)
+    with pytest.raises(ValueError, match=r"1 held-out forest\(s\) carry no labels \(the first: held-out forest 0\)"):
+        TreeDataset("mine", [labelled], [bare], vocab).bind(net)
+    TreeDataset("mine", [labelled], [labelled], vocab).bind(net)
+
+
 def test_treebank_bad_bracket_names_file_and_line():
     with pytest.raises(ReadError, match=r"bad_bracket\.txt:2: unbalanced brackets"):
         readers.read(DATA / "bad_bracket.txt")
