@@ -86,9 +86,23 @@ class ArrayDataset:
             raise ValueError(f"data set '{self.name}' has label {int(min(self.y_train.min(), self.y_test.min()))}, "
                              f"but class labels are 0, 1, ... (target '{self.target['name']}')")
         dtype = np.int32 if classes else np.float32
-        self.y_train, self.y_test = self.y_train.astype(dtype), self.y_test.astype(dtype)
+        self.y_train, self.y_test = (self._target_shaped(y.astype(dtype)) for y in (self.y_train, self.y_test))
         self.output = class_output(net, self.target)
         return self
+
+    def _target_shaped(self, y: np.ndarray) -> np.ndarray:
+        """`y` in the target's shape per example, as the inputs are (a table's one label
+        per example for a target f32[N, 1]); another count per example is refused here,
+        not by the first training step."""
+        per_example = self.target["shape"][1:]
+        if not all(isinstance(d, int) for d in per_example):
+            return y
+        want, have = int(np.prod(per_example, dtype=np.int64)), int(np.prod(y.shape[1:], dtype=np.int64))
+        if want != have:
+            shape = ", ".join(map(str, self.target["shape"]))
+            raise ValueError(f"data set '{self.name}' has {have} label value(s) per example, but target "
+                             f"'{self.target['name']}' is [{shape}]: {want} per example")
+        return y.reshape(-1, *per_example)
 
     def batches(self, batch: int, rng: np.random.Generator) -> Iterator[dict]:
         order = rng.permutation(len(self.x_train))

@@ -268,7 +268,8 @@ class StreamedTable(_Streamed, ArrayDataset):
         return np.array([fields for _, fields in self.chunks.read(chunk, part)], np.float64)
 
     def _arrays(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return table[:, :-1].astype(np.float32).reshape(-1, *self._shape), table[:, -1].astype(self._dtype)
+        labels = table[:, -1].astype(self._dtype).reshape(-1, *self._probe.y_train.shape[1:])   # the target's shape
+        return table[:, :-1].astype(np.float32).reshape(-1, *self._shape), labels
 
     def shares(self, batch: int, rng: np.random.Generator, rank: int, size: int):
         """The feed of share `rank` of each of an epoch's global batches ({}: none), each

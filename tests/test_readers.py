@@ -490,6 +490,36 @@ def test_whole_number_targets_of_a_real_valued_target_are_values_not_classes(mod
     assert f"{table}:2: class label -1 is negative; class labels are 0, 1, ..." in capsys.readouterr().err
 
 
+COLUMN_TARGET = """
+model Column {
+  input x: f32[N, 4]  target y: f32[N, K]
+  loss mse(dense(x, K), y)
+}
+"""
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_a_table_feeds_a_target_of_one_column(tmp_path, capsys, stream):
+    # a target f32[N, 1] was bound to the table's labels [N], and the first step failed:
+    # "input 'y': expected shape [N, 1] of float32, got an array of shape (32,)"
+    model = tmp_path / "column.snet"
+    model.write_text(COLUMN_TARGET.replace("K", "1"))
+    code = main(["train", str(model), "--data", str(DATA / "table.csv"), "--epochs", "1", "--optimizer", "adam",
+                 "--out", str(tmp_path / "p.npz"), "--no-progress", *stream])
+    assert code == 0, capsys.readouterr().err
+    net = structc.compile(model.read_text())
+    for data in (readers.read(DATA / "table.csv"), streams.stream_table(DATA / "table.csv", chunk=7)):
+        data.bind(net)
+        feed = next(data.batches(8, np.random.default_rng(0)))
+        assert feed["y"].shape == (len(feed["x"]), 1) and np.isfinite(net.train_step(**feed, lr=0.01))
+        assert np.isfinite(data.evaluate(net)["loss"])
+    two = structc.compile(COLUMN_TARGET.replace("K", "2"))
+    for read in (readers.read, streams.stream_table):
+        with pytest.raises(ValueError, match=r"data set 'table' has 1 label value\(s\) per example, but target 'y' "
+                                             r"is \[N, 2\]: 2 per example"):
+            read(DATA / "table.csv").bind(two)
+
+
 def test_train_on_a_bad_file_reports_file_and_line(models, tmp_path, capsys):
     code = main(["train", models, "--model", "Tree", "--data", str(DATA / "bad_bracket.txt"), "--epochs", "1",
                  "--out", str(tmp_path / "p.npz"), "--no-progress"])
