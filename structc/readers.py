@@ -1,11 +1,13 @@
 """Readers for users' own data: files in the formats the field uses -> data sets for `structc train`.
 
-    treebank file     one bracketed tree per line, a label on every node: `(3 (2 good) (2 movie))`
+    treebank file     one bracketed tree per line, a label on every node: `(3 (2 good) (2 movie))`;
+                      `#` lines are comments
     TU folder         graph classification: NAME_A.txt, NAME_graph_indicator.txt, NAME_graph_labels.txt,
                       optional NAME_node_labels.txt (one-hot features) / NAME_node_attributes.txt
     node folder       node classification on one graph: edges.txt|.csv, labels.txt|.csv,
                       optional features.csv|.npy, optional train_mask.txt|.csv
-    table             .csv / .tsv / .txt numbers, the label in the last column, an optional header;
+    table             .csv / .tsv / .txt numbers, the label in the last column, an optional header (a first
+                      line with a field that is not a number; `_rows`), `#` comment lines;
                       .npy (the same as one 2-D array); .npz with x and y (or x_train, y_train, x_test, y_test)
 
 `read(path, split)` picks the reader by the path's form. A file that gives one set
@@ -93,9 +95,10 @@ def read(path: str | Path, split: float | None = None, stream: bool | None = Non
 
 
 def _looks_bracketed(path: Path) -> bool:
+    """Whether the first line that is neither blank nor a `#` comment opens a tree."""
     with open(path, encoding="utf-8-sig", errors="replace") as f:      # -sig: a byte order mark is not text
         for line in f:
-            if line.strip():
+            if line.strip() and not line.lstrip().startswith("#"):
                 return line.lstrip().startswith("(")
     return False
 
@@ -114,8 +117,9 @@ _EMPTY_FIELD = re.compile(r"^,|,\s*,")       # a field with nothing in it (a tra
 
 
 def _text_lines(path: Path, lines=None):
+    """(line number, text) of every line of a treebank that is neither blank nor a `#` comment."""
     for number, line in _lines(path) if lines is None else lines:
-        if line.strip():
+        if line.strip() and not line.lstrip().startswith("#"):
             yield number, line.strip()
 
 
@@ -143,9 +147,10 @@ def _lines(path: Path, start: int = 0, first: int = 1, where: list | None = None
 
 def _rows(path: Path, *, header_allowed: bool = False, lines=None):
     """(line number, fields) of every non-blank line that is not a `#` comment;
-    a first line with a non-numeric field is skipped as a header where allowed. An empty
-    field between commas is an error (a missing value: it would shift the columns after it).
-    `lines`: the (line number, text) to read (default: `_lines(path)`)."""
+    a first line with a non-numeric field is skipped as a header where allowed. A first
+    line of numbers is data, unless it numbers the columns (`_column_numbers`): that is
+    refused. An empty field between commas is an error (a missing value: it would shift
+    the columns after it). `lines`: the (line number, text) to read (default: `_lines(path)`)."""
     first = True
     for number, line in _lines(path) if lines is None else lines:
         text = line.strip()
@@ -155,11 +160,33 @@ def _rows(path: Path, *, header_allowed: bool = False, lines=None):
         if first and header_allowed and not all(_is_number(t) for t in fields):
             first = False
             continue
+        if first and header_allowed and _column_numbers(fields):
+            raise ReadError(path, f"the first line, {text!r}, numbers the columns: a header (as pandas writes "
+                                  f"unnamed columns) or data? A first line of numbers is read as data; delete "
+                                  f"the line, or name the columns (a header has a field that is not a number)",
+                            number)
         first = False
         if _EMPTY_FIELD.search(text):
             raise ReadError(path, "an empty field (a missing value) cannot be trained on; fill it in or leave the "
                                   "line out", number)
         yield number, fields
+
+
+def _column_numbers(fields: list[str]) -> bool:
+    """Whether `fields`, three or more, are the columns' numbers 0, 1, 2, ... or 1, 2, 3, ...:
+    as data, a row unlikely enough that such a first line is taken for a header of numbers."""
+    return len(fields) >= 3 and fields in ([str(k) for k in range(len(fields))],
+                                           [str(k + 1) for k in range(len(fields))])
+
+
+def _one_row_more(path: Path, have: int, want: int) -> str:
+    """The likely cause of a text file's one row too many: a header read as data (a `.csv`
+    file's header of numbers, or a header in a file that takes none)."""
+    if have != want + 1 or path.suffix == ".npy":
+        return ""
+    if path.suffix == ".csv":
+        return "; one too many: a first line of numbers is data, so a header must name a column with a word"
+    return f"; one too many: is the first line a header? a {path.suffix} file here holds rows of numbers only"
 
 
 def _is_number(text: str) -> bool:
@@ -458,7 +485,8 @@ def _tu_features(files: dict, nodes: int, trained: list | None = None,
 
 def _check_rows(path: Path, have: int, nodes: int) -> None:
     if have != nodes:
-        raise ReadError(path, f"{have} rows, but the graph indicator lists {nodes} nodes (one row per node)")
+        raise ReadError(path, f"{have} rows, but the graph indicator lists {nodes} nodes (one row per node)"
+                              + _one_row_more(path, have, nodes))
 
 
 def _split_graphs(graph_of, edges, x, graphs: int, indicator: Path) -> list:
@@ -544,7 +572,8 @@ def _node_features(folder: Path, n: int) -> np.ndarray:
     else:
         x = read_numbers(path, header_allowed=path.suffix == ".csv")
     if len(x) != n:
-        raise ReadError(path, f"{len(x)} rows, but the labels file lists {n} nodes (one row per node)")
+        raise ReadError(path, f"{len(x)} rows, but the labels file lists {n} nodes (one row per node)"
+                              + _one_row_more(path, len(x), n))
     return x.astype(np.float32)
 
 
@@ -561,7 +590,8 @@ def _node_split(folder: Path, labels: np.ndarray, split: float | None):
         raise ReadError(mask_file, "the train mask gives the split; --split applies to data that comes as one set")
     mask = _column(mask_file)
     if len(mask) != len(labels):
-        raise ReadError(mask_file, f"{len(mask)} rows, but the labels file lists {len(labels)} nodes")
+        raise ReadError(mask_file, f"{len(mask)} rows, but the labels file lists {len(labels)} nodes"
+                                   + _one_row_more(mask_file, len(mask), len(labels)))
     if not np.isin(mask, (0, 1)).all():
         k = int(np.argmax(~np.isin(mask, (0, 1))))
         raise ReadError(mask_file, f"{int(mask[k])}: the mask holds 1 (training) or 0", _line_of(mask_file, k))

@@ -261,6 +261,46 @@ def test_table_errors(tmp_path):
         readers.read(bad)
 
 
+@pytest.mark.parametrize("header", ["0,1,2,3,4", "1,2,3,4,5"])
+def test_a_first_line_that_numbers_the_columns_is_refused(tmp_path, header):
+    # read as data, silently: pandas's to_csv of unnamed columns writes such a header
+    rows = "".join(f"{k},1.5,2,3,{k % 2}\n" for k in range(20))
+    (tmp_path / "t.csv").write_text(f"{header}\n{rows}")
+    for stream in (False, True):
+        with pytest.raises(ReadError, match=rf"t\.csv:1: the first line, '{header}', numbers the columns: a header "
+                                            r".* or data\? A first line of numbers is read as data"):
+            readers.read(tmp_path / "t.csv", stream=stream)
+    (tmp_path / "t.csv").write_text(f"# a comment\n2,3,5,7,1\n{rows}")      # other numbers: data, as documented
+    assert len(readers.read(tmp_path / "t.csv").order) == 21
+
+
+def test_a_file_with_one_row_too_many_asks_about_a_header(tmp_path):
+    folder = _nodes(tmp_path / "a", **{"features.csv": "0,1\n1,0\n0,0\n1,1\n"})
+    with pytest.raises(ReadError, match=r"features\.csv: 4 rows, but the labels file lists 3 nodes \(one row per "
+                                        r"node\); one too many: a first line of numbers is data, so a header"):
+        readers.read(folder)
+    tu = _tu(tmp_path / "b", "1, 2\n", node_attributes="1\n0.5\n0.5\n0.5\n0.5\n")
+    with pytest.raises(ReadError, match=r"T_node_attributes\.txt: 5 rows, but the graph indicator lists 4 nodes "
+                                        r"\(one row per node\); one too many: is the first line a header\?"):
+        readers.read(tu)
+
+
+def test_comment_lines_before_and_among_a_treebanks_trees(tmp_path):
+    # a `#` line first made the reader take the file for a table: "bank.txt:4: '(3' is not a number"
+    trees = (DATA / "treebank.txt").read_text().splitlines()
+    (tmp_path / "bank.txt").write_text("# sentiment, SST style\n\n" + "\n".join(trees[:10]) + "\n  # more\n"
+                                       + "\n".join(trees[10:]) + "\n")
+    plain = readers.read(DATA / "treebank.txt")
+    for stream in (False, True):
+        data = readers.read(tmp_path / "bank.txt", stream=stream)
+        assert isinstance(data, streams.StreamedTrees if stream else TreeDataset) and data.vocab == plain.vocab
+        assert data.description.split(": ", 1)[1] == (plain.description.split(": ", 1)[1] if not stream else
+                                                       streams.stream_treebank(DATA / "treebank.txt")
+                                                       .description.split(": ", 1)[1])
+    assert [f.words.tolist() for f in readers.read(tmp_path / "bank.txt").test] == \
+        [f.words.tolist() for f in plain.test]
+
+
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     """Excel and Notepad save UTF-8 with a byte order mark: a headerless table's first row
     is data (it was taken for a header and dropped), a treebank is still a treebank."""
