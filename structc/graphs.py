@@ -217,7 +217,8 @@ class Graph:
     def from_networkx(cls, G, *, x="x", edge_x="edge_attr", edge_type="edge_type") -> "Graph":
         """Nodes in `G.nodes` order; an undirected edge becomes two directed ones
         (a self loop stays one). `x`, `edge_x`, `edge_type` are attribute names
-        (used when every node / edge has it) or arrays (in `G.nodes` / `G.edges` order)."""
+        (read when every node / edge has it, none when none has; some having it is a
+        ValueError naming those without), arrays (in `G.nodes` / `G.edges` order), or None."""
         return cls(**_networkx_parts(G, x, edge_x, edge_type))
 
     def with_features(self, x=None, edge_x=None) -> "Graph":
@@ -308,18 +309,26 @@ def _networkx_parts(G, x="x", edge_x="edge_attr", edge_type="edge_type") -> dict
         src, dst = np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
         pick = np.concatenate([pick, back])
 
-    def attribute(spec, table):
+    def attribute(spec, table, what: str, names, given: str):
+        """The attribute `spec` of every item of `table` (None: of none); some having it
+        and others not is refused, naming those without."""
         if spec is None:
             return None
         if isinstance(spec, str):
-            if all(spec in d for d in table) and table:
-                return np.array([d[spec] for d in table])
+            lacking = [k for k, d in enumerate(table) if spec not in d]
+            if not lacking:
+                return np.array([d[spec] for d in table]) if table else None
+            if len(lacking) < len(table):
+                shown = ", ".join(repr(names(k)) for k in lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+                raise ValueError(f"attribute {spec!r} is on {len(table) - len(lacking)} of the graph's {len(table)} "
+                                 f"{what}s, not on {what}{'s' if len(lacking) > 1 else ''} {shown}; give every "
+                                 f"{what} one, or pass {given}=None to read none")
             return None
         return np.asarray(spec)
 
-    xv = attribute(x, [G.nodes[v] for v in nodes])
-    ex = attribute(edge_x, data)
-    et = attribute(edge_type, data)
+    xv = attribute(x, [G.nodes[v] for v in nodes], "node", nodes.__getitem__, "x")
+    ex = attribute(edge_x, data, "edge", lambda k: edges[k][:2], "edge_x")
+    et = attribute(edge_type, data, "edge", lambda k: edges[k][:2], "edge_type")
     if ex is not None and len(ex) == len(edges):
         ex = np.asarray(ex)[pick]
     if et is not None and len(et) == len(edges):

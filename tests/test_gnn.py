@@ -254,6 +254,22 @@ def test_networkx_graphs(gnn):
     assert d.num_edges == 4 and sorted(map(tuple, d.edge_index.T.tolist())) == [(0, 1), (0, 1), (1, 1), (2, 0)]
 
 
+def test_a_networkx_attribute_on_some_nodes_or_edges_only_names_those_without():
+    # it was read as no features at all: "the model declares node features ..., the graph has none"
+    G = nx.path_graph(["a", "b", "c", "d"])
+    for v in "abd":
+        G.nodes[v]["x"] = [1.0, 2.0]
+    G.edges["a", "b"]["edge_attr"] = [1.0]
+    with pytest.raises(ValueError, match=r"attribute 'x' is on 3 of the graph's 4 nodes, not on node 'c'; give "
+                                         r"every node one, or pass x=None to read none"):
+        Graph.from_networkx(G)
+    with pytest.raises(ValueError, match=r"attribute 'edge_attr' is on 1 of the graph's 3 edges, not on edges "
+                                         r"\('b', 'c'\), \('c', 'd'\); give every edge one, or pass edge_x=None"):
+        Graph.from_networkx(G, x=None)
+    g = Graph.from_networkx(G, x=None, edge_x=None)
+    assert g.x is None and g.edge_x is None and g.num_edges == 6
+
+
 @pytest.mark.slow
 def test_per_edge_inputs_and_outputs_keep_the_given_edge_order():
     source = """model E {
