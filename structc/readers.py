@@ -763,13 +763,13 @@ class OneSet(ArrayDataset):
         return self
 
     def _split_again(self) -> None:
-        """The examples split at random, from the file's order."""
-        x = np.empty((len(self.order), *self.x_train.shape[1:]), self.x_train.dtype)
-        y = np.empty((len(self.order), *self.y_train.shape[1:]), self.y_train.dtype)
-        x[self.order] = np.concatenate([self.x_train, self.x_test])
-        y[self.order] = np.concatenate([self.y_train, self.y_test])
-        train, test = random_split(self.path, len(y), self.split)
-        self.x_train, self.y_train, self.x_test, self.y_test = x[train], y[train], x[test], y[test]
+        """The file's examples split at random, taken from the rows they are in now (the
+        arrays as read are not kept: that would hold the table twice)."""
+        row = np.argsort(self.order)            # the file's example i is row[i] of training, then held-out
+        train, test = random_split(self.path, len(row), self.split)
+        x, y = np.concatenate([self.x_train, self.x_test]), np.concatenate([self.y_train, self.y_test])
+        self.x_train, self.y_train = x[row[train]], y[row[train]]
+        self.x_test, self.y_test = x[row[test]], y[row[test]]
         self.order, self.per_class = np.concatenate([train, test]), False
 
 

@@ -560,6 +560,29 @@ def test_a_table_feeds_a_target_of_one_column(tmp_path, capsys, stream):
             read(DATA / "table.csv").bind(two)
 
 
+@pytest.mark.parametrize("shape", [(40, 3), (40, 2, 3)])
+def test_whole_number_values_bound_to_a_real_valued_target_are_a_plain_random_split(tmp_path, shape, rng):
+    """`OneSet._split_again` gives what a random split of the file's own arrays gives, and
+    `order` names each row's example in the file."""
+    x = rng.normal(size=shape).astype(np.float32)
+    y = np.arange(40) % 4 * 3                           # whole numbers: split per class when read
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    data = readers.read(tmp_path / "xy.npz", split=0.25)
+    assert data.per_class
+    net = structc.compile(f"""model R {{
+      input x: f32[N, {', '.join(map(str, shape[1:]))}]  target y: f32[N]
+      loss mse(reshape(dense(reshape(x, N, {int(np.prod(shape[1:]))}), 1), N), y)
+    }}""")
+    data.bind(net)
+    train, test = readers.random_split(tmp_path / "xy.npz", 40, 0.25)
+    np.testing.assert_array_equal(data.x_train, x[train])
+    np.testing.assert_array_equal(data.x_test, x[test])
+    np.testing.assert_array_equal(data.y_train, y[train].astype(np.float32))
+    np.testing.assert_array_equal(data.y_test, y[test].astype(np.float32))
+    np.testing.assert_array_equal(data.order, np.concatenate([train, test]))
+    assert not data.per_class and "real-valued targets" in data.description
+
+
 def test_train_on_a_bad_file_reports_file_and_line(models, tmp_path, capsys):
     code = main(["train", models, "--model", "Tree", "--data", str(DATA / "bad_bracket.txt"), "--epochs", "1",
                  "--out", str(tmp_path / "p.npz"), "--no-progress"])
