@@ -26,14 +26,14 @@ from llvmlite import ir
 from . import __version__
 from .autodiff import differentiate, differentiate_checked, warn_gradient_flow, warning_entries
 from .build import ModelDef, build_model
-from .denominator import loss_denominator, weigh_loss_terms
+from .denominator import loss_denominator, term_values, weigh_loss_terms
 from .errors import Span
 from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels, record_file, record_from_file
 from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, host_target
 from .ops.norm import batch_counts
-from .ops.optim import N_HYPER
+from .ops.optim import N_HYPER, TERM_OUTPUT
 from .passes import PIPELINE, run_pipeline
 from .passes.message import PREPARE, prepare
 from .passes.mode import inference
@@ -246,9 +246,12 @@ def index_inputs(g: Graph) -> dict[str, list]:
 def eval_loss_graph(mdef: ModelDef) -> Graph:
     """The loss and the model's named outputs in inference form (running statistics,
     dropout off): what held-out evaluation measures, in one call with no backward
-    pass, so the loss agrees with the forward entry's predictions."""
+    pass, so the loss agrees with the forward entry's predictions. A loss that adds
+    means over different things also gives each one (`loss_term:<j>`), which held-out
+    evaluation weighs by its own denominator (`structc.heldout`)."""
     g = mdef.graph.copy()
-    g.outputs = {"loss": g.outputs["loss"], **{k: v for k, v in g.outputs.items() if k != "loss"}}
+    terms = {f"{TERM_OUTPUT}{j}": nid for j, nid in enumerate(term_values(g))}
+    g.outputs = {"loss": g.outputs["loss"], **terms, **{k: v for k, v in g.outputs.items() if k != "loss"}}
     return inference(g)
 
 

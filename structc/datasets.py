@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .heldout import Tally
+
 DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
 
 
@@ -28,17 +30,6 @@ def class_output(net, target: dict) -> str | None:
     want = [*target["shape"], target["classes"]]
     found = [o["name"] for o in net.meta["entries"]["forward"]["outputs"] if list(o["shape"]) == want]
     return "probs" if "probs" in found else (found[0] if found else None)
-
-
-def loss_weight(net, feed: dict, examples: int) -> float:
-    """What one held-out batch's loss counts for in the held-out mean: what that loss is a
-    mean over (its denominator, `structc.denominator`: examples, a forest's nodes for a loss
-    over every node), so the mean is the whole held-out part's however it is batched; its
-    `examples` for a loss that is not one mean (a plain sum, or means over different things)."""
-    found = net.meta.get("loss_denominator")
-    if found is None or found["kind"] not in ("mean", "weights"):
-        return examples
-    return net.loss_denominator(net.feed_dims(**feed), feed)
 
 
 class ArrayDataset:
@@ -114,19 +105,18 @@ class ArrayDataset:
         return (len(self.x_train) + batch - 1) // batch
 
     def evaluate(self, net, batch: int = 512) -> dict:
-        """Held-out accuracy (for class targets with a class output) and mean loss."""
+        """Held-out accuracy (for class targets with a class output) and loss, as one
+        call on the whole held-out part gives it (`structc.heldout`)."""
+        return self.held_out_tally(net, batch).metrics()
+
+    def held_out_tally(self, net, batch: int = 512):
+        """The held-out part's `structc.heldout.Tally`, `batch` examples a call."""
         name, tname = self.input["name"], self.target["name"]
-        correct, loss, n = 0, 0.0, len(self.x_test)
-        for start in range(0, n, batch):
+        tally = Tally(net, self.output)
+        for start in range(0, len(self.x_test), batch):
             xb, yb = self.x_test[start:start + batch], self.y_test[start:start + batch]
-            outs, batch_loss = net.evaluate_batch(**{name: xb, tname: yb})     # one forward call
-            if self.output is not None:
-                correct += int(np.sum(np.argmax(outs[self.output], axis=-1) == yb))
-            loss += batch_loss * len(xb)
-        result = {"loss": loss / n}
-        if self.output is not None:
-            result["accuracy"] = correct / n
-        return result
+            tally.measure({name: xb, tname: yb}, yb)        # one forward call
+        return tally
 
 
 def _split(x, y, test_fraction: float, seed: int = 0):

@@ -83,6 +83,26 @@ def weigh_loss_terms(g: Graph) -> bool:
     return True
 
 
+def term_values(g: Graph) -> list[int]:
+    """For a loss `weigh_loss_terms` weighed: node j (added to `g`) is the unweighted
+    sum of the terms of weight j, so that the loss is Σ_j loss_weight(j) * node j;
+    [] for another loss. Held-out evaluation outputs them (`loss_term:<j>`) to weigh
+    each by its own denominator (`structc.heldout`)."""
+    from .graph import Builder
+    if _weighed_terms(g) is None:
+        return []
+    b = Builder(g, g.nodes[g.outputs["loss"]].span)
+    found: dict[int, object] = {}
+    for sign, nid in _summands(g, g.outputs["loss"]):
+        node = g.nodes[nid]
+        weight = next(i for i in node.inputs if g.nodes[i].op.name == "loss_weight")
+        term = b.value(next(i for i in node.inputs if i != weight))
+        term = term if sign > 0 else -term
+        j = g.nodes[weight].attrs["term"]
+        found[j] = term if j not in found else found[j] + term
+    return [found[j].id for j in range(len(found))]
+
+
 def _summands(g: Graph, nid: int, sign: int = 1) -> list[tuple[int, int]]:
     """(sign, node) of each term of a sum of adds, subtractions and negations."""
     node = g.nodes[nid]

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._runtime import lpt_owners, unweigh_arena, weigh_arena
+from .heldout import Tally
 from .model import _hyper_value
 from .ops.optim import DROPOUT_KEY0, MODES
 from .shmsum import shared_sum
@@ -790,15 +791,16 @@ def held_out_part(dp: DataParallel, data):
 
 
 def evaluate(dp: DataParallel, data) -> dict:
-    """The data set's held-out metrics (means over examples), each rank evaluating its
-    share, combined over the ranks weighted by the shares' sizes."""
+    """The data set's held-out metrics, each rank evaluating its share: the shares'
+    tallies (each loss term's sums and denominators, `structc.heldout`) summed over
+    the ranks, so the loss is one process's on the whole part."""
     if hasattr(data, "evaluate_share"):          # a streamed file: a share of each chunk
-        metrics, n = data.evaluate_share(dp.net, dp.rank, dp.size)
+        tally = data.evaluate_share(dp.net, dp.rank, dp.size)
     else:
-        part, n = held_out_part(dp, data)
-        metrics = part.evaluate(dp.net) if part is not None else {}
-    keys = dp.comm.bcast(sorted(metrics) if dp.is_root else None, root=0)   # rank 0 always has a share
-    return dp.weighted_mean({k: metrics.get(k, 0.0) for k in keys}, n)
+        part, _ = held_out_part(dp, data)
+        tally = part.held_out_tally(dp.net) if part is not None else Tally(dp.net, data.output)
+    dp.comm.Allreduce(dp._MPI.IN_PLACE, tally.sums, op=dp._MPI.SUM)
+    return tally.metrics()
 
 
 def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | None = None, on_epoch=None,

@@ -92,3 +92,9 @@ def _excerpt(span: Span, source: str | None) -> list[str]:
 class GradientWarning(UserWarning):
     """A parameter can never be trained: no gradient reaches it from the loss
     (it is not used, or every path passes an op with no derivative, like threshold)."""
+
+
+class HeldOutLossWarning(UserWarning):
+    """The held-out loss is each batch's loss weighed by its examples, so it depends on
+    the batch size: the loss is not a sum of means whose denominators the compiler
+    knows (`structc.heldout`)."""

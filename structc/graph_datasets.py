@@ -23,6 +23,7 @@ import numpy as np
 
 from .datasets import class_output
 from .graphs import Binder, Graph, GraphPool, batch
+from .heldout import Tally
 
 
 def _graph_input(net, data: str) -> dict:
@@ -162,11 +163,13 @@ class GraphDataset:
         return (len(self.train) + size - 1) // size
 
     def evaluate(self, net, batch: int = 0) -> dict:
-        y = self.labels[self.test]
-        outs, loss = net.evaluate_batch(**{self.graph_name: self.held_out(), self.target["name"]: y})   # one call
-        if self.output is None:
-            return {"loss": loss}
-        return {"loss": loss, "accuracy": float(np.mean(np.argmax(outs[self.output], axis=-1) == y))}
+        return self.held_out_tally(net, batch).metrics()
+
+    def held_out_tally(self, net, batch: int = 0):
+        """The held-out graphs in one call (`structc.heldout`: ranks' shares add up)."""
+        tally, y = Tally(net, self.output), self.labels[self.test]
+        tally.measure({self.graph_name: self.held_out(), self.target["name"]: y}, y)
+        return tally
 
 
 def _stratified(labels: np.ndarray, test_fraction: float, seed: int):

@@ -38,7 +38,7 @@ from .graphs import Binder as GraphBinder
 from .files import read_archive, write_atomically
 from .init import initialize
 from .ops.optim import (ADAM_STEP_SIZE, ADAM_V_SCALE, BETA1, BETA2, CLIP_NORM, DROPOUT_KEY0, DROPOUT_STEP, EPS,
-                        LOSS_WEIGHT0, LR, MAX_LOSS_TERMS,
+                        LOSS_WEIGHT0, LR, MAX_LOSS_TERMS, TERM_OUTPUT,
                         MODES, MOMENTUM, N_FLOAT_HYPER, N_HYPER, VECTOR_DECAY, WEIGHT_DECAY)
 from .passes.plan import check_workspace, physical_memory
 
@@ -738,11 +738,21 @@ class Net:
         """The model's outputs and loss on a batch, as held-out evaluation measures them:
         one forward call in inference form (dropout off, batch norm's running
         statistics), no backward pass, nothing written."""
+        outs, loss, _ = self.evaluate_terms(**inputs)
+        return outs, loss
+
+    def evaluate_terms(self, **inputs) -> tuple[dict[str, np.ndarray], float, list[float] | None]:
+        """`evaluate_batch`, and the value of each term of a loss that adds means over
+        different things (`meta["loss_denominator"]["terms"]`, in order: what held-out
+        evaluation weighs by each one's denominator, `structc.heldout`); None for another
+        loss, or a library compiled without them."""
         if self._entries.get("eval_loss") is None:      # a library built without it: two calls
             targets = {s["name"] for s in self.meta["inputs"] if s["kind"] == "target"}
-            return self.forward(**{k: v for k, v in inputs.items() if k not in targets}), self.loss(**inputs)
+            return self.forward(**{k: v for k, v in inputs.items() if k not in targets}), self.loss(**inputs), None
         outs = self._run("eval_loss", inputs, 0)[0]
-        return outs, float(outs.pop("loss"))
+        named = sorted((int(k[len(TERM_OUTPUT):]), k) for k in outs if k.startswith(TERM_OUTPUT))
+        terms = [float(outs.pop(k)) for _, k in named]
+        return outs, float(outs.pop("loss")), terms or None
 
     def grad_into_arena(self, **inputs) -> tuple[float, float]:
         """The first half of `train_step`: the loss, with its gradient left in the

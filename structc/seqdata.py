@@ -30,6 +30,8 @@ from typing import Sequence as SequenceT
 
 import numpy as np
 
+from .heldout import Tally
+
 _I32 = np.int32
 _I32_MAX = int(np.iinfo(np.int32).max)
 
@@ -359,18 +361,18 @@ class SequenceDataset:
         return (self.train.count + batch - 1) // batch
 
     def evaluate(self, net, batch: int = 512) -> dict:
-        loss, correct, n = 0.0, 0, self.test.count
+        """Held-out accuracy and loss, as one call on every held-out sequence gives it
+        (`structc.heldout`)."""
+        return self.held_out_tally(net, batch).metrics()
+
+    def held_out_tally(self, net, batch: int = 512):
+        """The held-out part's `structc.heldout.Tally`, `batch` examples a call."""
+        tally, n = Tally(net, self.output), self.test.count
         for start in range(0, n, batch):
             idx = np.arange(start, min(n, start + batch))
-            part, y = self._subset(self.test, idx), self.y_test[idx]
-            outs, batch_loss = net.evaluate_batch(**{self.input: part, self.target["name"]: y})   # one call
-            if self.output is not None:
-                correct += int(np.sum(np.argmax(outs[self.output], axis=-1) == y))
-            loss += batch_loss * len(idx)
-        result = {"loss": loss / n}
-        if self.output is not None:
-            result["accuracy"] = correct / n
-        return result
+            y = self.y_test[idx]
+            tally.measure({self.input: self._subset(self.test, idx), self.target["name"]: y}, y)   # one call
+        return tally
 
 
 def load_digits_rows() -> SequenceDataset:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import ArrayDataset
+from .heldout import Tally
 from .readers import (ReadError, _class_target, _fraction, _GrowingVocab, _line_of, _lines, _rows, _split_words,
                       _text_lines, _whole, checked_split, checked_trees, class_counts, number_rows, one_set_split,
                       random_split)
@@ -106,23 +107,21 @@ class _Streamed:
                 yield items, rng.permutation(len(items))
 
     def evaluate(self, net, batch: int = 512) -> dict:
-        return self.evaluate_share(net, 0, 1, batch)[0]
+        return self.evaluate_share(net, 0, 1, batch).metrics()
 
-    def evaluate_share(self, net, rank: int, size: int, batch: int = 512) -> tuple[dict, int]:
-        """(The mean of each metric over share `rank` of `size` of the evaluated part, its
-        examples): each chunk's examples cut into `size` contiguous shares, so that the
-        shares' means weighted by their examples are the whole part's ({}, 0: no share)."""
-        totals, n = {}, 0
+    def evaluate_share(self, net, rank: int, size: int, batch: int = 512):
+        """The `structc.heldout.Tally` of share `rank` of `size` of the evaluated part:
+        each chunk's examples cut into `size` contiguous shares, each chunk's tally
+        added (each loss term's sums and denominators), so that the shares' tallies
+        add up to the whole part's, as one call on it gives it."""
+        tally = Tally(net, self._probe.output)       # the bound model's class output
         for chunk in range(len(self.chunks.starts)):
             items = self._evaluated_items(chunk)
             share = np.array_split(np.arange(len(items)), size)[rank]
-            if not len(share):
-                continue
-            picked = items[share] if isinstance(items, np.ndarray) else [items[k] for k in share]
-            for key, value in self._measure(net, picked, batch).items():
-                totals[key] = totals.get(key, 0.0) + value * len(share)
-            n += len(share)
-        return {key: value / n for key, value in totals.items()}, n
+            if len(share):
+                picked = items[share] if isinstance(items, np.ndarray) else [items[k] for k in share]
+                tally.add(self._measure(net, picked, batch))
+        return tally
 
     def batches(self, batch: int, rng: np.random.Generator):
         return self.shares(batch, rng, 0, 1)
@@ -174,10 +173,10 @@ class StreamedTrees(_Streamed, TreeDataset):
     def _evaluated_items(self, chunk: int) -> list:
         return self.chunks.read(chunk, self.evaluated)
 
-    def _measure(self, net, lines, batch: int) -> dict:
+    def _measure(self, net, lines, batch: int):
         self._probe.test = self._forests(lines)
         try:
-            return self._probe.evaluate(net, batch)
+            return self._probe.held_out_tally(net, batch)
         finally:
             self._probe.test, self._probe._held_out = [], None     # no chunk kept past its evaluation
 
@@ -288,9 +287,9 @@ class StreamedTable(_Streamed, ArrayDataset):
     def _evaluated_items(self, chunk: int) -> np.ndarray:
         return self._table(chunk, self.evaluated)
 
-    def _measure(self, net, rows, batch: int) -> dict:
+    def _measure(self, net, rows, batch: int):
         self._probe.x_test, self._probe.y_test = self._arrays(rows)
-        return ArrayDataset.evaluate(self._probe, net, batch)
+        return ArrayDataset.held_out_tally(self._probe, net, batch)
 
 
 def stream_table(path: str | Path, split: float | None = None, chunk: int = CHUNK) -> StreamedTable:

@@ -16,8 +16,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .datasets import class_output, loss_weight
+from .datasets import class_output
 from .forest import Forest, ForestPool, Vocab
+from .heldout import Tally
 
 LOGIC_SHA256 = "6cb7350105b54f40403d9808915069a982caaf8d23caed0e402e7e7b36c107d1"
 LOGIC_WORDS = ["T", "F", "and", "or", "xor", "not"]
@@ -121,22 +122,17 @@ class TreeDataset:
         return kept[2]
 
     def evaluate(self, net, batch: int = 512) -> dict:
-        """Held-out accuracy on the roots (when the model outputs [trees, C]) and mean loss:
-        each batch's loss weighed by what it is a mean over (`loss_weight`: trees, or nodes
-        for a loss over every node), so it does not depend on how the trees are batched."""
-        loss, weight, correct, n = 0.0, 0.0, 0, len(self.test)
+        """Held-out accuracy on the roots (when the model outputs [trees, C]) and loss:
+        each term of the loss weighed by what it is a mean over (trees, nodes), so it is
+        one call's on every held-out tree however they are batched (`structc.heldout`)."""
+        return self.held_out_tally(net, batch).metrics()
+
+    def held_out_tally(self, net, batch: int = 512):
+        """The held-out part's `structc.heldout.Tally`, `batch` examples a call."""
+        tally = Tally(net, self.output)
         for part in self.held_out_batches(batch):
-            feed = self.feed(part)
-            outs, batch_loss = net.evaluate_batch(**feed)     # one forward call
-            if self.output is not None:
-                correct += int(np.sum(np.argmax(outs[self.output], axis=-1) == part.root_labels))
-            w = loss_weight(net, feed, part.trees)
-            loss += batch_loss * w
-            weight += w
-        result = {"loss": loss / weight}
-        if self.output is not None:
-            result["accuracy"] = correct / n
-        return result
+            tally.measure(self.feed(part), part.root_labels)     # one forward call
+        return tally
 
 
 def _same(kept: list, now: list) -> bool:

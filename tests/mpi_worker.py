@@ -1,12 +1,13 @@
 """Run under `mpiexec -n 2` by tests/test_distributed.py: data-parallel gradients and
 optimizer steps for each family, written to OUT/rank<r>.npz for the test to compare.
 
-    python tests/mpi_worker.py OUT [crash | mismatch | settings | data | sum]
+    python tests/mpi_worker.py OUT [crash | mismatch | settings | data | sum | heldout]
 
 Rank 0 also writes the single-process gradient of the concatenated batch (a Net of
 its own, the same initial parameters) and the single-process parameters after the
 same three steps, under `ref:` keys. `sum` (any number of ranks): the shared-memory
-sum of random arrays, each rank's result and inputs.
+sum of random arrays, each rank's result and inputs. `heldout`: `distributed.evaluate`'s
+held-out loss of each family, and rank 0's one call on the whole held-out part.
 """
 import sys
 import warnings
@@ -220,6 +221,8 @@ def main():
         return differing_settings(comm, out_dir)
     if len(sys.argv) > 2 and sys.argv[2] == "sum":
         return shared_sums(comm, out_dir)
+    if len(sys.argv) > 2 and sys.argv[2] == "heldout":
+        return held_out(comm, out_dir)
     results = {}
     for name, (source, mine0, mine1, whole) in cases().items():
         # rank 0 compiles into the cache first; the other rank's initial parameters differ: the broadcast fixes them
@@ -375,6 +378,58 @@ def shared_sums(comm, out_dir):
     total.free()
     results["too_large"] = shared_sum(MPI, comm, MAX_READ // 4 // comm.Get_size() + 1) is None
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
+
+
+def held_out(comm, out_dir):
+    """Each family's held-out metrics from the ranks' shares (`distributed.evaluate`),
+    and on rank 0 the loss of one call on the whole held-out part."""
+    from pathlib import Path
+
+    from structc import datasets, distributed, readers, streams
+    from structc.forest import Forest, Vocab
+    from structc.graphs import batch as joined
+    from structc.treedata import TreeDataset
+    from test_heldout_metrics import (DATA, GRAPHS_AND_NODES, MIXED_TREES, NODE_LOSS, ROOTS_AND_NODES, WORDS,
+                                      shaken)
+    rank = comm.Get_rank()
+    bank = Path(out_dir) / "bank.txt"
+    if rank == 0:
+        bank.write_text("\n".join(MIXED_TREES * 8) + "\n")
+    comm.Barrier()
+    trees = MIXED_TREES * 3
+
+    def tree_data(net):
+        return TreeDataset("mixed", trees, trees, Vocab.build(WORDS)).bind(net)
+
+    def whole_trees(net, data):
+        return net.evaluate_batch(**data.feed(Forest.concat(data.test)))[1]
+
+    def whole_graphs(net, data):
+        return net.evaluate_batch(g=joined([data.graphs[k] for k in data.test]), y=data.labels[data.test])[1]
+
+    def whole_streamed(net, data):
+        eager = readers.read(bank, split=0.5).bind(net)
+        return net.evaluate_batch(**eager.feed(Forest.concat(eager.test)))[1]
+    families = {
+        "roots_and_nodes": (ROOTS_AND_NODES, tree_data, whole_trees),
+        "nodes": (NODE_LOSS, tree_data, whole_trees),
+        "graphs_and_nodes": (GRAPHS_AND_NODES, lambda net: readers.read(DATA / "tu_tiny").bind(net), whole_graphs),
+        "digits_mlp": (MLP, lambda net: datasets.load("digits").bind(net),
+                       lambda net, data: net.evaluate_batch(x=data.x_test, y=data.y_test)[1]),
+        "streamed": (ROOTS_AND_NODES, lambda net: streams.stream_treebank(bank, split=0.5, chunk=4).bind(net),
+                     whole_streamed),
+    }
+    results = {}
+    for name, (source, load, whole) in families.items():
+        net = shaken(rank0_first(comm, lambda: structc.compile(source)))
+        data = load(net)
+        dp = DataParallel(net)
+        for key, value in distributed.evaluate(dp, data).items():
+            results[f"{name}:{key}"] = value
+        if rank == 0:
+            results[f"ref:{name}:loss"] = whole(net, data)
+        dp.close()
+    np.savez(f"{out_dir}/heldout{rank}.npz", **results)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,19 @@ def test_ranks_that_loaded_other_data_are_refused_before_training(tmp_path):
 
 
 
+def test_held_out_metrics_from_two_ranks_shares_are_one_call_s(tmp_path):
+    """`distributed.evaluate` sums the ranks' tallies: each term of a loss over roots and
+    nodes (graphs and nodes) weighed by its own count, so the loss is one call's on the
+    whole held-out part (before: the ranks' losses weighed by their trees or graphs)."""
+    _need_mpi()
+    run = mpiexec(WORKER, tmp_path, "heldout", timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (np.load(tmp_path / f"heldout{r}.npz") for r in (0, 1))
+    for name in ("roots_and_nodes", "nodes", "graphs_and_nodes", "digits_mlp", "streamed"):
+        assert float(r0[f"{name}:loss"]) == float(r1[f"{name}:loss"]), name      # every rank's the same
+        assert float(r0[f"{name}:loss"]) == pytest.approx(float(r0[f"ref:{name}:loss"]), rel=1e-5), name
+
+
 def _changed_item(kind: str):
     """(data set, the same with one item's contents changed, its items, costs)
     for trees (a word, then a node label), graphs (a feature) and sequences (a value)."""

@@ -182,3 +182,171 @@ def test_the_digits_description_counts_the_split_it_describes():
     from structc import datasets
     data = datasets.load("digits")
     assert f"{len(data.x_train):,} training / {len(data.x_test):,} held-out images" in data.description
+
+
+# -- the held-out loss in batches is one call's on the whole held-out part -------------------
+
+TREE_MODEL = """
+model M {{ input t: forest(arity=2) of word(vocab=10)  {targets}
+  param E: embedding(10, 8) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 8))
+  {losses} }}"""
+#: logic_tree's and sentiment_treelstm's form: a mean over trees plus a mean over nodes
+ROOTS_AND_NODES = TREE_MODEL.format(targets="target y: class[t.trees] of 4  target s: class[t.nodes] of 4",
+                                    losses="loss cross_entropy(dense(h(t.root), 4), y)\n"
+                                           "  loss cross_entropy(dense(h(t.nodes), 4), s)")
+#: a mean over graphs plus a mean over nodes (x 8 features)
+GRAPHS_AND_NODES = """
+model M { input g: graph(features=2)  target y: class[g.graphs] of 2
+  h = relu(dense(g.x, 8))
+  loss cross_entropy(dense(mean(h over g.nodes), 2), y) + 0.1 * mean(h * h) }"""
+MIXED_TREES = ["(1 good)", "(2 (1 bad) (3 fun))", "(0 (1 (2 the) (1 dull)) (2 (3 good) (2 (0 the) (1 plot))))",
+               "(3 fun)", "(2 (2 (2 (2 the) (1 film)) (3 good)) (0 (1 bad) (2 (2 the) (3 (3 fun) (2 plot)))))"]
+WORDS = ["good", "bad", "fun", "the", "dull", "plot", "film"]
+
+
+def shaken(net, seed: int = 0):
+    """`net` with parameters far from their initial values, whose predictions are near
+    uniform: every node's loss would be about the same, and any weighing right."""
+    rng = np.random.default_rng(seed)
+    for k, v in net.params.items():
+        net.params[k] = rng.normal(0, 1.0, v.shape).astype(np.float32)
+    return net
+
+
+def _tree_family(source):
+    from structc.forest import Forest, Vocab
+    from structc.treedata import TreeDataset
+    net = shaken(structc.compile(source))
+    trees = MIXED_TREES * 3                        # 15 trees of 1 to 9 leaves
+    data = TreeDataset("mixed", trees, trees, Vocab.build(WORDS)).bind(net)
+    whole = net.evaluate_batch(**data.feed(Forest.concat(data.test)))[1]
+    return net, whole, lambda batch: data.evaluate(net, batch)["loss"]
+
+
+def _graph_family():
+    import copy
+    from structc.graphs import batch as joined
+    net = shaken(structc.compile(GRAPHS_AND_NODES))
+    data = readers.read(DATA / "tu_tiny").bind(net)
+    whole = net.evaluate_batch(g=joined([data.graphs[k] for k in data.test]), y=data.labels[data.test])[1]
+
+    def batched(size):          # a graph data set evaluates in one call: its parts as ranks' shares are
+        tally = None
+        for at in range(0, len(data.test), size):
+            part = copy.copy(data)
+            part.test = data.test[at:at + size]
+            tally = part.held_out_tally(net) if tally is None else tally.add(part.held_out_tally(net))
+        return tally.metrics()["loss"]
+    return net, whole, batched
+
+
+def _mlp_family():
+    net = shaken(structc.compile(Path(__file__).resolve().parent.parent / "examples" / "digits_mlp.snet"))
+    data = datasets.load("digits").bind(net)
+    whole = net.evaluate_batch(x=data.x_test, y=data.y_test)[1]
+    return net, whole, lambda batch: data.evaluate(net, batch)["loss"]
+
+
+REGRESSION = """
+model R {{ input x: f32[N, 4]  target t: f32[N, 3]  param w: f32[4, 3]
+  loss {} }}"""
+SUMS = {"sum": "sum((x @ w - t) * (x @ w - t))",                          # the parts' losses add
+        "mean_and_sum": "mse(x @ w, t) + sum((x @ w - t) * (x @ w - t))"}
+
+
+def _regression_family(loss):
+    from structc.datasets import ArrayDataset
+    net = shaken(structc.compile(REGRESSION.format(loss)))
+    rng = np.random.default_rng(1)
+    x, t = rng.normal(size=(10, 4)).astype(np.float32), rng.normal(size=(10, 3)).astype(np.float32)
+    data = ArrayDataset("r", x, t, x, t).bind(net)
+    return net, net.evaluate_batch(x=x, t=t)[1], lambda batch: data.evaluate(net, batch)["loss"]
+
+
+FAMILIES = {"roots_and_nodes": lambda: _tree_family(ROOTS_AND_NODES),
+            "nodes": lambda: _tree_family(NODE_LOSS),
+            "graphs_and_nodes": _graph_family,
+            "digits_mlp": _mlp_family,
+            **{name: (lambda loss=loss: _regression_family(loss)) for name, loss in SUMS.items()}}
+_MADE: dict = {}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_held_out_loss_in_batches_is_one_call_s_on_the_whole_part(family, batch):
+    """Each term of the loss weighed by its own denominator: before, a mean over trees
+    plus a mean over nodes was weighed by trees per batch (4.3% off at a batch of one
+    tree, 1.0% at 3)."""
+    if family not in _MADE:
+        _MADE[family] = FAMILIES[family]()
+    net, whole, batched = _MADE[family]
+    assert batched(batch) == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_sum_of_means_over_different_things_combines_each_term_by_its_own_count():
+    """The tally keeps each term's sum and count: a part's tally is what one call on
+    it gives, and two parts' tallies add to one call's on both."""
+    from structc.forest import Forest, Vocab
+    from structc.heldout import Tally
+    net = shaken(structc.compile(ROOTS_AND_NODES))
+    assert [t["dims"] for t in net.meta["loss_denominator"]["terms"]] == [["t.trees"], ["t.nodes"]]
+    small, large = (Forest.from_brackets(trees, Vocab.build(WORDS)) for trees in (MIXED_TREES[:2], MIXED_TREES[2:]))
+    feed = lambda f: {"t": f, "y": f.root_labels, "s": f.labels}      # noqa: E731
+    _, loss, terms = net.evaluate_terms(**feed(small))
+    assert len(terms) == 2 and loss == pytest.approx(sum(terms), rel=1e-6)
+    tally = Tally(net, None)
+    tally.measure(feed(small), small.root_labels)
+    np.testing.assert_allclose(tally.sums[:4], [terms[0] * 2, 2, terms[1] * small.nodes, small.nodes], rtol=1e-6)
+    tally.measure(feed(large), large.root_labels)
+    assert tally.metrics()["loss"] == pytest.approx(net.evaluate_batch(**feed(Forest.concat([small, large])))[1],
+                                                    rel=1e-5)
+
+
+def test_a_streamed_treebank_combines_its_chunks_and_shares_as_one_call(tmp_path):
+    """Chunks of 4 trees of 1 to 9 leaves, a loss over roots and nodes: the streamed
+    held-out loss, and three ranks' shares added, are one call's on every held-out tree."""
+    from structc.forest import Forest
+    path = tmp_path / "bank.txt"
+    path.write_text("\n".join(MIXED_TREES * 8) + "\n")
+    net = shaken(structc.compile(ROOTS_AND_NODES))
+    eager = readers.read(path, split=0.5).bind(net)
+    whole = net.evaluate_batch(**eager.feed(Forest.concat(eager.test)))[1]
+    stream = streams.stream_treebank(path, split=0.5, chunk=4).bind(net)
+    assert stream.evaluate(net, batch=3)["loss"] == pytest.approx(whole, rel=1e-5)
+    shares = [stream.evaluate_share(net, r, 3, batch=2) for r in range(3)]
+    assert shares[0].add(shares[1]).add(shares[2]).metrics()["loss"] == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_loss_that_is_not_a_sum_of_means_says_so_once(recwarn):
+    """A product of two means has no count to weigh its batches by: the held-out loss
+    is weighed by examples and a warning says it depends on the batch size, once."""
+    from structc.errors import HeldOutLossWarning
+    net = structc.compile(TREE_MODEL.format(
+        targets="target y: class[t.trees] of 4  target s: class[t.nodes] of 4",
+        losses="loss cross_entropy(dense(h(t.root), 4), y) * cross_entropy(dense(h(t.nodes), 4), s)"))
+    assert net.meta["loss_denominator"]["kind"] == "unsupported"
+    from structc.forest import Vocab
+    from structc.treedata import TreeDataset
+    data = TreeDataset("mixed", MIXED_TREES, MIXED_TREES, Vocab.build(WORDS)).bind(net)
+    recwarn.clear()
+    first = data.evaluate(net, 2)["loss"]
+    data.evaluate(net, 2)
+    said = [w for w in recwarn if issubclass(w.category, HeldOutLossWarning)]
+    assert len(said) == 1 and "depends on the batch size" in str(said[0].message)
+    assert "is not a sum, or a sum divided by a count" in str(said[0].message)
+    assert np.isfinite(first)
+
+
+def test_a_library_without_the_terms_outputs_says_so(monkeypatch, recwarn):
+    """A library compiled before the evaluation entry gave each term: weighed by examples, said."""
+    from structc.errors import HeldOutLossWarning
+    net, whole, batched = _tree_family(ROOTS_AND_NODES)
+    given = net.evaluate_terms
+    monkeypatch.setattr(net, "evaluate_terms", lambda **feed: (*given(**feed)[:2], None))
+    monkeypatch.setattr("structc.heldout._WARNED", set())
+    recwarn.clear()
+    batched(3)
+    said = [w for w in recwarn if issubclass(w.category, HeldOutLossWarning)]
+    assert len(said) == 1 and "does not give the loss's terms" in str(said[0].message)

@@ -22,6 +22,8 @@ MODES = {"none": 0, "sgd": 1, "momentum": 2, "adam": 3}
 #: terms by 1 - slot (zero, the default: weight 1); data-parallel training sets them
 #: (`structc.denominator`, `structc.distributed`)
 LOSS_WEIGHT0, MAX_LOSS_TERMS = 11, 4
+#: held-out evaluation's output of term j's unweighted value: `loss_term:<j>` (`structc.heldout`)
+TERM_OUTPUT = "loss_term:"
 DROPOUT_KEY0, DROPOUT_KEY1, DROPOUT_STEP = 15, 16, 17
 N_HYPER = 18     # CLIP_SCALE is written by native code (1 when CLIP_NORM is 0: no clipping)
 N_FLOAT_HYPER = 15   # the slots from DROPOUT_KEY0 on hold uint32 bits, not floats: dropout's
