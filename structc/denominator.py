@@ -10,16 +10,19 @@ divided by. The forms, as JSON in the artifact's `loss_denominator`:
     {"kind": "sum"}                                   a plain sum: the ranks' gradients add up
     {"kind": "unsupported", "why": "..."}             anything else, with the reason
 
-Terms that read parameters only (a weight penalty) may be added to any of
-them: Σ_r (D_r/D) ∇R = ∇R. Terms with different denominators (a mean over
-trees plus a mean over nodes) have no single weight per rank: the compiler
+Terms that read parameters only (a weight penalty) may be added to a mean:
+Σ_r (D_r/D) ∇R = ∇R; not to a plain sum, whose ranks' gradients add (the
+penalty's would be counted once per rank, and once per held-out batch).
+Terms with different denominators (a mean over trees plus a mean over nodes,
+a sum plus a penalty) have no single weight per rank: the compiler
 then weighs each term by a hyper-parameter (`weigh_loss_terms`, 1 unless set)
 and records
 
     {"kind": "terms", "terms": [<a form above, or {"kind": "params"}>, ...]}
 
 Data-parallel training sets term j's weight on rank r to D_jr / D_j (its share
-of the term's examples; a penalty's to 1 on one rank, 0 on the others), so the
+of the term's examples; a plain sum's to 1 on every rank with examples; a
+penalty's to 1 on one rank, 0 on the others), so the
 ranks' gradients simply add up to Σ_j (1/D_j) Σ_i ∇l_ij. Anything else is
 "unsupported", with the reason, rather than silently wrong.
 """
@@ -191,6 +194,9 @@ class _Reader:
         data = [t for t in terms if t is not _PARAMS_ONLY]
         if not data:
             return _PARAMS_ONLY
+        if data[0]["kind"] == "sum" and len(data) < len(terms):    # its parts add: the penalty must not
+            raise _Unsupported(f"the loss adds a plain sum and a term on parameters alone{self._where(nid)}: "
+                               "summed over ranks or batches, the penalty would count once for each")
         if any(t != data[0] for t in data[1:]):
             raise _Unsupported(f"the loss adds terms with different denominators{self._where(nid)}: "
                                f"{' and '.join(_describe(t) for t in data)}; no single weight per rank makes "

@@ -468,13 +468,16 @@ def settings_hash(net, lr) -> float:
 def _term_weights(table: np.ndarray, terms: list, rank: int) -> np.ndarray:
     """Each loss term's weight on `rank`, from every rank's denominators `table`
     [ranks, terms]: its share D_jr / D_j of the term's examples (0 when no rank has
-    any); a term on parameters alone counts once, on the first rank with examples."""
+    any); a plain sum's is 1 on every rank with examples (the ranks' sums add up); a term
+    on parameters alone counts once, on the first rank with examples."""
     totals = table.sum(axis=0)
     weights = np.divide(table[rank], totals, out=np.zeros(len(terms)), where=totals > 0)
     busy = np.flatnonzero(table.sum(axis=1) > 0)
     for j, t in enumerate(terms):
         if t["kind"] == "params":
             weights[j] = 1.0 if len(busy) and busy[0] == rank else 0.0
+        elif t["kind"] == "sum":
+            weights[j] = 1.0 if rank in busy else 0.0
     return weights
 
 

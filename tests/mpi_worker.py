@@ -89,6 +89,19 @@ model Seqs {
 }
 """
 
+SUMS = """
+model Sums {
+  input  x: f32[N, 4]
+  target t: f32[N, 3]
+  param  w: f32[4, 3] = normal(0.5)
+  loss %s
+}
+"""
+#: a mean plus a plain sum plus a penalty: a weight per term, the sum's 1 on every rank
+MEAN_SUM = SUMS % "mse(x @ w, t) + 0.1 * sum((x @ w - t) * (x @ w - t)) + 0.01 * sum(w * w)"
+#: a plain sum plus a penalty: two terms (the penalty counts once, not once per rank)
+SUM_PENALTY = SUMS % "sum((x @ w - t) * (x @ w - t)) + 0.01 * sum(w * w)"
+
 MLP = open(__file__.replace("tests/mpi_worker.py", "examples/digits_mlp.snet")).read()
 
 
@@ -123,6 +136,10 @@ def cases():
     steps = [(slice(s, s + 13), slice(s + 13, s + 60)) for s in (0, 60, 120)]      # 13 against 47
     out["mlp"] = (MLP, [{"x": x[a], "y": y[a]} for a, _ in steps], [{"x": x[b], "y": y[b]} for _, b in steps],
                   [{"x": np.concatenate([x[a], x[b]]), "y": np.concatenate([y[a], y[b]])} for a, b in steps])
+    x4, t = x[:, :4], rng.normal(size=(200, 3)).astype(np.float32)
+    for name, source in (("mean_sum", MEAN_SUM), ("sum_penalty", SUM_PENALTY)):
+        out[name] = (source, [{"x": x4[a], "t": t[a]} for a, _ in steps], [{"x": x4[b], "t": t[b]} for _, b in steps],
+                     [{"x": np.concatenate([x4[a], x4[b]]), "t": np.concatenate([t[a], t[b]])} for a, b in steps])
     out["empty"] = (MLP, [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)], [{}, {}, {}],
                     [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)])
 

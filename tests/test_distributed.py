@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow   # launches processes or compiles many models: no
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
-FAMILIES = ["mlp", "trees", "graphs", "sequences", "mixed", "nodes", "halo", "empty"]
+FAMILIES = ["mlp", "trees", "graphs", "sequences", "mixed", "nodes", "halo", "empty", "mean_sum", "sum_penalty"]
 OPTIMIZERS = ["sgd", "momentum", "adam"]
 TIMEOUT = 300
 
@@ -660,6 +660,22 @@ def test_terms_over_the_same_things_share_a_weight():
   loss 0.5 * cross_entropy(dense(h(t.root), 2, name="again"), y) + 0.01 * sum(E * E)""")
     trees, nodes = ({"kind": "mean", "dims": [d], "factor": 1.0} for d in ("t.trees", "t.nodes"))
     assert net.meta["loss_denominator"] == {"kind": "terms", "terms": [trees, nodes, {"kind": "params"}]}
+
+
+def test_a_plain_sum_and_a_penalty_are_two_terms():
+    """A plain sum's ranks add up; a penalty on parameters added to it must count once,
+    not once per rank (before, `sum(...) + 0.01 * sum(w * w)` was one "sum" and 2 ranks
+    doubled the penalty's gradient): two terms, the sum's weight 1 on every rank with
+    examples, the penalty's 1 on the first."""
+    from structc.distributed import _term_weights
+    net = structc.compile(ROOTS_AND_NODES.replace("target s: class[t.nodes] of 2", "")
+                          % "loss sum(dense(h(t.root), 2)) + 0.01 * sum(E * E)")
+    terms = [{"kind": "sum"}, {"kind": "params"}]
+    assert net.meta["loss_denominator"] == {"kind": "terms", "terms": terms}
+    mean_sum = [{"kind": "mean", "dims": ["N"], "factor": 1.0}, *terms]
+    table = np.array([[3.0, 1.0, 0.0], [5.0, 1.0, 0.0], [0.0, 0.0, 0.0]])      # rank 2: no examples
+    weights = [_term_weights(table, mean_sum, r).tolist() for r in range(3)]
+    assert weights == [[3 / 8, 1.0, 1.0], [5 / 8, 1.0, 0.0], [0.0, 0.0, 0.0]]
 
 
 def test_a_loss_that_is_not_a_sum_of_means_is_refused():

@@ -253,7 +253,8 @@ REGRESSION = """
 model R {{ input x: f32[N, 4]  target t: f32[N, 3]  param w: f32[4, 3]
   loss {} }}"""
 SUMS = {"sum": "sum((x @ w - t) * (x @ w - t))",                          # the parts' losses add
-        "mean_and_sum": "mse(x @ w, t) + sum((x @ w - t) * (x @ w - t))"}
+        "mean_and_sum": "mse(x @ w, t) + sum((x @ w - t) * (x @ w - t))",
+        "sum_and_penalty": "sum((x @ w - t) * (x @ w - t)) + 0.01 * sum(w * w)"}   # the penalty counts once
 
 
 def _regression_family(loss):
