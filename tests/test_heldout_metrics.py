@@ -266,10 +266,29 @@ def _regression_family(loss):
     return net, net.evaluate_batch(x=x, t=t)[1], lambda batch: data.evaluate(net, batch)["loss"]
 
 
+#: a mean over sequences plus a mean over positions (x 6 features)
+SEQUENCES_AND_STEPS = """
+model M { input s: sequence of f32[3]  target y: class[s.sequences] of 2
+  rec h(t) = first: tanh(dense(t.x, 6, name="first"))
+             next: tanh(dense(concat(t.x, h(t.prev)), 6, name="next"))
+  loss cross_entropy(dense(h(s.last), 2), y) + 0.1 * mean(h(s.steps) * h(s.steps)) }"""
+
+
+def _sequence_family():
+    from structc.seqdata import Sequences, SequenceDataset
+    net = shaken(structc.compile(SEQUENCES_AND_STEPS))
+    rng = np.random.default_rng(2)
+    seqs = Sequences.from_list([rng.normal(size=(n, 3)).astype(np.float32) for n in (1, 9, 2, 14, 3, 1, 7, 20, 2, 5)])
+    y = rng.integers(0, 2, seqs.count)
+    data = SequenceDataset("ragged", seqs, y, seqs, y).bind(net)
+    return net, net.evaluate_batch(s=seqs, y=data.y_test)[1], lambda batch: data.evaluate(net, batch)["loss"]
+
+
 FAMILIES = {"roots_and_nodes": lambda: _tree_family(ROOTS_AND_NODES),
             "nodes": lambda: _tree_family(NODE_LOSS),
             "graphs_and_nodes": _graph_family,
             "digits_mlp": _mlp_family,
+            "sequences_and_steps": _sequence_family,
             **{name: (lambda loss=loss: _regression_family(loss)) for name, loss in SUMS.items()}}
 _MADE: dict = {}
 
