@@ -796,9 +796,11 @@ class Net:
         return dims if all(d in dims for d in needed) else self._array_dims(given, dims)
 
     def _array_dims(self, given: Mapping[str, object], dims: dict) -> dict:
-        """`dims` (a binder's sizes) and the symbols the training entry's array inputs
-        bind, read off the arrays' shapes (as `_bind` binds them)."""
-        entry = self._entries.get("train")
+        """`dims` (a binder's sizes) and the symbols the array inputs of the training
+        (or evaluation) entry bind, read off the arrays' shapes (as `_bind` binds
+        them). A loaded entry is read first: held-out evaluation must not compile
+        the training part to learn a batch's sizes."""
+        entry = dict.get(self._entries, "train") or self._entries.get("eval_loss") or self._entries.get("train")
         for spec in entry.inputs:
             value = given.get(spec.name)
             if value is None:
