@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import operator
 import os
 import threading
 import time
@@ -333,10 +334,18 @@ _C_INT_MAX = 2 ** 31 - 1
 
 def set_num_threads(n: int) -> int:
     """Threads the compiled kernels may use (the calling thread included); the
-    runtime caps the count at its MAX_THREADS and returns the count it set."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    runtime caps the count at its MAX_THREADS and returns the count it set.
+    `n`: an int, or an integer of another type (numpy's: anything `operator.index`
+    takes), not a bool or a float."""
+    try:
+        count = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        count = None
+    if count is None:
+        raise TypeError(f"the number of threads must be an integer, got {n!r} ({type(n).__name__})")
+    if count < 1:
         raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
-    n = min(n, _C_INT_MAX)      # ctypes keeps a bigger int's low 32 bits (2**32: 0, so one thread)
+    n = min(count, _C_INT_MAX)      # ctypes keeps a bigger int's low 32 bits (2**32: 0, so one thread)
     from .ship import propagate_num_threads
     propagate_num_threads(n)
     return runtime_library().sc_set_num_threads(n)

@@ -712,6 +712,30 @@ def test_a_thread_count_beyond_a_c_int_is_capped_not_wrapped():
         structc.set_num_threads(2)
 
 
+@pytest.mark.parametrize("n", [np.int64(3), np.int32(3), np.uint8(3), np.array(3)[()]])
+def test_a_thread_count_may_be_a_numpy_integer(n):
+    """`set_num_threads(np.int64(3))` (a count worked out with numpy) sets 3 threads, as 3 does."""
+    try:
+        assert structc.set_num_threads(n) == 3 == structc.get_num_threads()
+        assert type(structc.set_num_threads(n)) is int
+    finally:
+        structc.set_num_threads(2)
+
+
+@pytest.mark.parametrize("n, error", [(True, TypeError), (np.True_, TypeError), (2.0, TypeError),
+                                      (np.float64(2), TypeError), ("2", TypeError), (None, TypeError),
+                                      (0, ValueError), (np.int64(-1), ValueError)])
+def test_a_thread_count_that_is_not_a_positive_integer_is_refused(n, error):
+    """Bools and floats are not counts (True is not one thread, 2.0 not two), nor is 0."""
+    try:
+        structc.set_num_threads(2)
+        with pytest.raises(error, match="the number of threads must be"):
+            structc.set_num_threads(n)
+        assert structc.get_num_threads() == 2
+    finally:
+        structc.set_num_threads(2)
+
+
 @pytest.mark.parametrize("value, expect", [("4294967296", "threads 256"),
                                            ("abc", "STRUCTC_NUM_THREADS must be a positive integer, got 'abc'"),
                                            ("0", "STRUCTC_NUM_THREADS must be a positive integer, got '0'")])
