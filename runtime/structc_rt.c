@@ -33,6 +33,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -515,11 +516,31 @@ void sc_entry_end(int32_t outer) {
     serial_entry = outer;
 }
 
+/* STRUCTC_NUM_THREADS read as Python reads it (structc.native.environment_threads):
+ * decimal digits, at least 1 (a count past MAX_THREADS is MAX_THREADS); 0 when it
+ * is unset or empty, -1 when it is anything else ("abc", "2x", " 2", "-1", "0"). */
+static int environment_threads(const char *env) {
+    if (!env || !*env) return 0;
+    int64_t n = 0;
+    for (const char *c = env; *c; c++) {
+        if (*c < '0' || *c > '9') return -1;
+        if (n <= MAX_THREADS) n = n * 10 + (*c - '0');     /* stops growing past the cap: no overflow */
+    }
+    return n < 1 ? -1 : n > MAX_THREADS ? MAX_THREADS : (int)n;
+}
+
+/* The count before any sc_set_num_threads: the environment's, else every core.
+ * From Python this never reads the variable (structc sets the count first and
+ * refuses junk by name); a library shipped to C says so on stderr. */
 static int default_threads(void) {
     const char *env = getenv("STRUCTC_NUM_THREADS");
-    if (env && atoi(env) > 0) return atoi(env);
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (int)n : 1;
+    int n = environment_threads(env);
+    if (n > 0) return n;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 0)
+        fprintf(stderr, "structc: STRUCTC_NUM_THREADS must be a positive integer, got '%s'; using %ld threads "
+                "(every core)\n", env, cores > 0 ? cores : 1);
+    return cores > 0 ? (int)cores : 1;
 }
 
 int sc_set_num_threads(int n) {

@@ -306,27 +306,39 @@ RUNTIME_SYMBOLS = ("sc_parallel_for", "sc_set_num_threads", "sc_get_num_threads"
 
 @functools.lru_cache(maxsize=1)
 def runtime_library() -> ctypes.CDLL:
+    """The runtime, its thread count set: `STRUCTC_NUM_THREADS` (junk refused
+    here, before anything reads the count), else every core. Set from Python
+    before any other use, so that the runtime never reads the variable itself."""
     from . import _runtime
     lib = ctypes.CDLL(_runtime.__file__)
     lib.sc_set_num_threads.argtypes = [ctypes.c_int]
     lib.sc_set_num_threads.restype = ctypes.c_int
     lib.sc_get_num_threads.restype = ctypes.c_int
+    threads = environment_threads()
+    if threads is not None:
+        lib.sc_set_num_threads(min(threads, _C_INT_MAX))
+    else:
+        lib.sc_set_num_threads(lib.sc_get_num_threads())    # every core, fixed now
     return lib
+
+
+def environment_threads() -> int | None:
+    """`STRUCTC_NUM_THREADS` as a count (None when unset or empty): decimal
+    digits, at least 1; anything else is refused naming the variable. The
+    runtime reads it alike (`environment_threads` in runtime/structc_rt.c) in a
+    library shipped to C, where nothing sets the count before."""
+    env = os.environ.get("STRUCTC_NUM_THREADS")
+    if not env:
+        return None
+    if not (env.isascii() and env.isdigit()) or int(env) < 1:
+        raise ValueError(f"STRUCTC_NUM_THREADS must be a positive integer, got {env!r}")
+    return int(env)
 
 
 def _register_runtime() -> None:
     lib = runtime_library()
     for name in RUNTIME_SYMBOLS:
         llvm.add_symbol(name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
-    env = os.environ.get("STRUCTC_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"STRUCTC_NUM_THREADS must be a positive integer, got {env!r}")
-        set_num_threads(n)
 
 
 _C_INT_MAX = 2 ** 31 - 1

@@ -736,18 +736,55 @@ def test_a_thread_count_that_is_not_a_positive_integer_is_refused(n, error):
         structc.set_num_threads(2)
 
 
-@pytest.mark.parametrize("value, expect", [("4294967296", "threads 256"),
-                                           ("abc", "STRUCTC_NUM_THREADS must be a positive integer, got 'abc'"),
-                                           ("0", "STRUCTC_NUM_THREADS must be a positive integer, got '0'")])
-def test_the_environments_thread_count_is_read_whole(value, expect):
-    """STRUCTC_NUM_THREADS too: a count past a C int is capped, junk refused naming the variable."""
+#: STRUCTC_NUM_THREADS: decimal digits, at least 1; a count past MAX_THREADS (or a C int) is capped
+ENV_COUNTS = [("4294967296", 256), ("3", 3), ("003", 3), ("256", 256), ("257", 256)]
+ENV_JUNK = ["abc", "0", "00", "2x", " 2", "2 ", "+2", "-1", "2_0", "2.0", "\u0662"]     # U+0662: Arabic-Indic 2
+
+
+@pytest.mark.parametrize("value, first", [(v, "get_num_threads") for v, _ in ENV_COUNTS] +
+                         [(v, "get_num_threads") for v in ENV_JUNK] +
+                         [(v, "compile") for v in ("4294967296", "abc", "0", "2x")])
+def test_the_environments_thread_count_is_read_whole(value, first):
+    """STRUCTC_NUM_THREADS too: a count past a C int is capped, junk refused naming the
+    variable, whatever reads the count first. (Read before a first compile, by the C
+    runtime's atoi, "2x" was 2 threads and "abc" every core, silently.)"""
+    action = "structc.compile(" + repr(MLP) + ")" if first == "compile" else "structc.get_num_threads()"
     code = ("import structc\n"
-            "try:\n    structc.compile(" + repr(MLP) + ")\n"
+            "try:\n    " + action + "\n"
             "except ValueError as e:\n    print(e)\n"
             "else:\n    print('threads', structc.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "STRUCTC_NUM_THREADS": value})
-    assert expect in out.stdout, out.stdout + out.stderr
+    counts = dict(ENV_COUNTS)
+    expect = f"threads {counts[value]}" if value in counts else \
+        f"STRUCTC_NUM_THREADS must be a positive integer, got {value!r}"
+    assert out.stdout.strip() == expect, out.stdout + out.stderr
+
+
+def test_the_c_runtime_reads_the_environments_thread_count_as_python_does(tmp_path):
+    """A library shipped to C reads STRUCTC_NUM_THREADS in the runtime: the same counts
+    as Python, and junk (which Python refuses) is said so on stderr, with every core
+    used; atoi made "2x" 2 threads and " 2" 2, silently."""
+    import shutil
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "threads_driver"
+    subprocess.run([shutil.which("cc") or shutil.which("gcc"), "-O1", "-std=c11", "-pthread", f"-I{root / 'runtime'}",
+                    str(root / "tests/c/threads_driver.c"), str(root / "runtime/structc_rt.c"), "-o", str(exe)],
+                   check=True)
+
+    def run(value):
+        env = {} if value is None else {"STRUCTC_NUM_THREADS": value}
+        out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, env=env)
+        return int(out.stdout), out.stderr
+    cores, quiet = run(None)
+    assert cores == min(os.cpu_count(), 256) and quiet == ""
+    assert run("") == (cores, "")
+    for value, count in ENV_COUNTS:
+        assert run(value) == (count, ""), value
+    for value in ENV_JUNK:
+        assert run(value) == (cores, f"structc: STRUCTC_NUM_THREADS must be a positive integer, got '{value}'; "
+                                     f"using {cores} threads (every core)\n"), value
 
 
 FORK_WHILE_TRAINING = """
