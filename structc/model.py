@@ -646,6 +646,7 @@ class Net:
              check_batch: bool = True):
         """Check the inputs, then (holding the lock) `before()`, the native
         call and `after()`; returns the outputs and what `after` returned.
+        Nothing that runs Python comes between `before()` and the call.
         `mode` may be a function, read under the lock too; `dims_out`, a dict,
         receives the bound dims."""
         entry = dict.get(self._entries, kind) or self._entries.get(kind)   # the C lookup first: every call
@@ -669,12 +670,13 @@ class Net:
         # `with`, not acquire() then try: an interrupt pending while the call waited
         # for the lock is raised as acquire() returns, before the try, and kept it held
         with self._lock:
-            if before is not None:
-                before()
             if callable(mode):
                 mode = mode()
-            status = _runtime.invoke(entry.address, pa, ga, sa, self._workspace(need), arrays, list(outs.values()),
-                                     dvals, self._hyper_addr, mode)
+            workspace, results = self._workspace(need), list(outs.values())
+            if before is not None:      # last: it may count the step (`_begin_step`), which runs next
+                before()
+            status = _runtime.invoke(entry.address, pa, ga, sa, workspace, arrays, results, dvals, self._hyper_addr,
+                                     mode)
             extra = after() if after is not None and status == 0 else None
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
@@ -700,7 +702,7 @@ class Net:
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and a copy of every parameter's gradient, in one native call.
         Like every training call, it updates batch norm's running statistics."""
-        outs, grads = self._run("train", inputs, MODES["none"], before=self._next_dropout_step,
+        outs, grads = self._run("train", inputs, MODES["none"], before=self._begin_draw,
                                 after=lambda: {name: g.copy() for name, g in self.grads.items()})
         return float(outs["loss"]), grads
 
@@ -765,14 +767,14 @@ class Net:
             given, dims = self._expanded(inputs)
 
             def before():                       # under the lock
-                if self._random:
-                    self._next_dropout_step()
-                return MODES["none"], None
+                mode = MODES["none"]
+                self._begin_draw()
+                return mode, None
             ran = plan.train(given, dims, before)
             if ran is not None:
                 return float(ran[0]["loss"]), self.loss_denominator(self._denominator_dims(given, dims), inputs)
         dims = {}
-        outs, _ = self._run("train", inputs, MODES["none"], before=self._next_dropout_step, dims_out=dims)
+        outs, _ = self._run("train", inputs, MODES["none"], before=self._begin_draw, dims_out=dims)
         return float(outs["loss"]), self.loss_denominator(dims, inputs)
 
     def feed_dims(self, **inputs) -> dict[str, int]:
@@ -825,9 +827,9 @@ class Net:
         address, need, dvals = self._update_call or self._prepare_update()
         pa, ga, sa = self._arena_addrs
         with self._lock:
-            self._set_hyper(lr)
-            status = _runtime.invoke(address, pa, ga, sa, self._workspace(need), (), (), dvals, self._hyper_addr,
-                                     MODES[self.optimizer])
+            workspace, mode = self._workspace(need), MODES[self.optimizer]
+            self._begin_step(lr, draw=False)
+            status = _runtime.invoke(address, pa, ga, sa, workspace, (), (), dvals, self._hyper_addr, mode)
         if status != 0:
             raise RuntimeError(f"{self.name}: native code reported error {status}")
 
@@ -891,28 +893,46 @@ class Net:
             given, dims = self._expanded(inputs)
 
             def hyper():                        # under the lock, as `_run`'s before, mode and after
-                self._set_hyper(lr)
-                if self._random:
-                    self._next_dropout_step()
-                return MODES[self.optimizer], self._step
+                mode = MODES[self.optimizer]
+                return mode, self._begin_step(lr, draw=True)
             ran = plan.train(given, dims, hyper)
         if ran is not None:
             outs, (_, step) = ran
         else:                                   # anything to convert or refuse: the Python path
-            before = (lambda: (self._set_hyper(lr), self._next_dropout_step())) if self._random else \
-                (lambda: self._set_hyper(lr))       # a model without dropout pays nothing for it
-            outs, step = self._run("train", inputs, lambda: MODES[self.optimizer], before=before,
-                                   after=lambda: self._step)
+            outs, step = self._run("train", inputs, lambda: MODES[self.optimizer],
+                                   before=lambda: self._begin_step(lr, draw=True), after=lambda: self._step)
         loss = float(outs["loss"])
         if (self.check_finite if check_finite is None else check_finite) and not np.isfinite(loss):
             raise FloatingPointError(f"{self.name}: the loss is {loss} at step {step} (lr={lr}); this step's "
                                      "update has been applied, so reload or re-initialise the parameters")
         return loss
 
-    def _set_hyper(self, lr: float) -> None:
-        """The hyper-parameters of the next step (called holding the lock).
-        Plain Python floats, checked against float32's range, then one store:
-        this runs before every step, so it stays a few microseconds."""
+    def _begin_step(self, lr: float, draw: bool) -> int:
+        """Write the next step's hyper-parameters (and, with `draw`, dropout's
+        next draw), then count them; returns the step's number. Called holding
+        the lock, just before the native call, with no Python in between: the
+        counts change last, in one statement, so an exception before it (a
+        KeyboardInterrupt too) leaves them as they were. A step counted but not
+        run would shift Adam's bias correction, the schedule, and every later
+        dropout mask, against a run that was not interrupted."""
+        step, used = self._set_hyper(lr)
+        draws = self._next_dropout_step() if draw and self._random else self._draws
+        self._step, self.last_lr, self._draws = step, used, draws
+        return step
+
+    def _begin_draw(self) -> None:
+        """`_begin_step` of a training call that updates nothing (`grad`,
+        `grad_into_arena`): dropout's next draw alone."""
+        if self._random:
+            draws = self._next_dropout_step()
+            self._draws = draws
+
+    def _set_hyper(self, lr: float) -> tuple[int, float]:
+        """Write the hyper-parameters of the next step (called holding the lock);
+        returns its number and learning rate, for the caller to count
+        (`_begin_step`). Plain Python floats, checked against float32's range,
+        then one store: this runs before every step, so it stays a few
+        microseconds."""
         o = self._opt
         step = self._step + 1
         if self.schedule is not None:
@@ -933,15 +953,15 @@ class Net:
             raise ValueError(f"the hyper-parameters overflow float32 at step {step}: lr={lr}, "
                              + ", ".join(f"{k}={v}" for k, v in o.items()))
         _FLOAT_HYPER.pack_into(self._hyper, 0, *values)    # as numpy's float32 cast: round to nearest
-        self._step = step
-        self.last_lr = lr        # as computed; native code reads it rounded to float32
+        return step, lr          # lr as computed; native code reads it rounded to float32
 
-    def _next_dropout_step(self) -> None:
-        """A training call draws new masks (called holding the lock). Not in
+    def _next_dropout_step(self) -> int:
+        """Write the next draw's number, for a training call's new masks (called
+        holding the lock), and return it for the caller to count. Not in
         `_set_hyper`: `apply_update` runs no forward pass, so it draws none."""
-        if self._random:
-            self._draws += 1
-            self._hyper_bits[DROPOUT_STEP] = self._draws & 0xFFFFFFFF or 1     # 0 is dropout off (`loss`)
+        draws = self._draws + 1
+        self._hyper_bits[DROPOUT_STEP] = draws & 0xFFFFFFFF or 1     # 0 is dropout off (`loss`)
+        return draws
 
     def profile(self, *, steps: int | None = None, forward: bool = False, lr: float = 0.01,
                 peak: float | None = None, trace=None, **inputs):

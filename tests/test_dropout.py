@@ -218,6 +218,52 @@ def test_a_resumed_run_continues_the_masks(tmp_path):
         np.testing.assert_array_equal(whole.params[k], resumed.params[k], err_msg=k)
 
 
+def training_call(net, call, x, y):
+    """One training call of the kind `call` (an update's lr 0.1)."""
+    if call == "train_step":
+        return net.train_step(x=x, y=y, lr=0.1)
+    if call == "apply_update":
+        return net.apply_update(lr=0.1)
+    return getattr(net, call)(x=x, y=y)[0]
+
+
+@pytest.mark.parametrize("call, where", [("train_step", "_set_hyper"), ("train_step", "_next_dropout_step"),
+                                         ("grad", "_next_dropout_step"), ("grad_into_arena", "_next_dropout_step"),
+                                         ("apply_update", "_set_hyper")])
+@pytest.mark.parametrize("path", ["plan", "python"])
+def test_a_training_call_interrupted_before_native_code_runs_counts_nothing(call, where, path):
+    """A KeyboardInterrupt (here injected) right after a training call wrote the step's
+    hyper-parameters or dropout's draw, before native code ran: the optimizer's step
+    and dropout's draw count are as they were, and the run goes on exactly as one that
+    was never interrupted. (`train_step` counted the step in `_set_hyper` and the draw
+    after it: one step ahead of the steps that ran, so Adam's bias correction, the
+    schedule and every later mask were silently another run's.) `path`: the C call
+    plan (float32 inputs) or the Python path (float64 inputs, converted)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8)).astype(np.float32 if path == "plan" else np.float64), rng.integers(0, 3, 32)
+    net, twin = (structc.compile(TINY, seed=4) for _ in range(2))
+    for n in (net, twin):
+        n.set_optimizer("adam")
+        n.set_schedule("cosine", warmup=2, decay_steps=6)
+        n.train_step(x=x, y=y, lr=0.1)
+    real = getattr(net, where)
+
+    def interrupted(*args):
+        real(*args)                 # its work done, the interrupt lands
+        raise KeyboardInterrupt
+    setattr(net, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training_call(net, call, x, y)
+    delattr(net, where)
+    assert (net._step, net._draws, net.last_lr) == (twin._step, twin._draws, twin.last_lr) == (1, 1, twin.last_lr)
+    for _ in range(2):
+        assert training_call(net, call, x, y) == training_call(twin, call, x, y)
+        assert net.train_step(x=x, y=y, lr=0.1) == twin.train_step(x=x, y=y, lr=0.1)
+    assert (net._step, net._draws) == (twin._step, twin._draws)
+    for k in net.params:
+        np.testing.assert_array_equal(net.params[k], twin.params[k], err_msg=k)
+
+
 def test_a_resumed_run_with_another_optimizer_continues_the_masks(tmp_path):
     """Momentum's saved moments do not fit SGD, but dropout's call count is the run's:
     a resumed run draws the masks an uninterrupted one would next, not the first ones again."""
