@@ -10,7 +10,7 @@ from .compiler import (EAGER_PARTS, PARTS, Artifact, Timings, canonical_key, can
                        compile_program, source_key)
 from .lower.module import Target
 from .model import Net
-from .native import JitModule, host_target
+from .native import JitModule, compiling, host_target
 from .syntax import parse
 
 #: how many models this process has compiled with LLVM (cache hits do not count)
@@ -30,6 +30,7 @@ def read_source(path_or_source) -> tuple[str, str]:
     return path_or_source, "<source>"
 
 
+@compiling()            # a fork waits for it: the Net made too (its first use imports numpy.random)
 def compile(path_or_source, model: str | None = None, *, cache: bool = True, seed: int = 0,  # noqa: A001
             vocab=None, freeze=(), training: bool | str = False) -> Net:
     """Compile a `.snet` model (a path or the source itself) to native code.
@@ -77,6 +78,7 @@ def _compile_quietly(net: Net) -> None:
         pass
 
 
+@compiling()            # a fork waits for the whole compile (the cache's files, the collector's pause)
 @collector_paused()
 def compile_artifact(source: str, file: str = "<source>", model: str | None = None, *,
                      target: Target | None = None, jit: bool = True, cache: bool = True,

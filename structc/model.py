@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _runtime
+from . import _runtime, native
 from .forest import ForestBinder
 from .seqdata import SequenceBinder
 from .graphs import Binder as GraphBinder
@@ -271,35 +271,41 @@ class _Entries(dict):
 _NETS: "weakref.WeakValueDictionary[int, Net]" = weakref.WeakValueDictionary()
 _NET_NUMBERS = itertools.count()
 _FORK = threading.local()        # the Nets a forking thread holds
-#: seconds a fork waits for each Net's call in flight on another thread. Bounded: a
-#: thread holding a Net's lock may itself be waiting for the forking thread (a feed
-#: generator reading what that thread makes), and the fork would then wait for ever
+#: seconds a fork waits for the compiles in flight on other threads, and then for
+#: each Net's call in flight. Bounded: a thread holding a Net's lock may itself be
+#: waiting for the forking thread (a feed generator reading what that thread makes),
+#: and the fork would then wait for ever
 FORK_WAIT = 10.0
 
 
 def _hold_nets_for_fork() -> None:
-    """Before `os.fork()`: wait for each Net's call in flight on another thread
-    and hold its lock, so that the child gets every Net between calls. Else it
-    inherits a lock held by a thread it does not have (its first call on that
-    Net waits forever) and arenas that call was half way through writing. In
-    creation order, so that two threads forking at once take them alike. A Net
-    still busy after FORK_WAIT is left as it is (the child must not use it)."""
+    """Before `os.fork()`: wait for the compiles in flight on other threads
+    (a training part compiled in the background: `native.hold_for_fork`), then
+    for each Net's call in flight, and hold their locks, so that the child gets
+    LLVM and every Net between calls. Else it inherits locks held by a thread
+    it does not have (its first compile, or its first call on that Net, waits
+    forever) and arenas that call was half way through writing. In creation
+    order, so that two threads forking at once take them alike. A compile still
+    running after FORK_WAIT makes the child refuse to compile; a Net still busy
+    is left as it is (the child must not use it)."""
+    native.hold_for_fork(FORK_WAIT)
     _FORK.held = []
     for _, net in sorted(_NETS.items()):
         if net._lock.acquire(timeout=FORK_WAIT):
             _FORK.held.append(net)
 
 
-def _release_nets_after_fork() -> None:
+def _release_nets_after_fork(child: bool) -> None:
     """After `os.fork()`, in the parent and in the child (whose forking thread holds them)."""
     for net in reversed(getattr(_FORK, "held", ())):
         net._lock.release()
     _FORK.held = []
+    native.release_after_fork(child)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_hold_nets_for_fork, after_in_parent=_release_nets_after_fork,
-                        after_in_child=_release_nets_after_fork)
+    os.register_at_fork(before=_hold_nets_for_fork, after_in_parent=functools.partial(_release_nets_after_fork, False),
+                        after_in_child=functools.partial(_release_nets_after_fork, True))
 
 
 class Net:
@@ -376,7 +382,9 @@ class Net:
         an entry they hold is asked for; whether there were any."""
         if self._compile_deferred is None:
             return False
-        with self._deferred_lock:
+        if not self.meta["deferred"]:       # nothing left to compile (`loss` asks on every call of an old library)
+            return kind in self._entries
+        with native.compiling(), self._deferred_lock:      # a fork waits for the part, lock and all
             if kind in self._entries or not self.meta["deferred"]:
                 return kind in self._entries
             for part in [p for p in self.meta["deferred"] if _part_wanted(p, kind)]:

@@ -22,6 +22,105 @@ import llvmlite.binding as llvm
 
 from .lower.module import ENTRY_CODE, LIGHT_CODE, MEMORY_CODE, VECTOR_CODE, Target
 
+# -- compiling and os.fork() ----------------------------------------------
+# A forked child has only the thread that forked: whatever another thread held at
+# that instant stays held in the child for ever (llvmlite's lock, which every call
+# into LLVM takes; LLVM's own mutexes; a Net's lock on the part it compiles), so a
+# child forked while another thread compiled hung at its first compile or training
+# call. The fork hook (`structc.model`) waits for the compiles in flight, as it
+# waits for calls on Nets (`hold_for_fork`); a child forked past that bounded wait
+# refuses to compile instead of hanging.
+
+
+class _InFlight:
+    """The compiles (and other LLVM work) running in this process."""
+
+    def __init__(self):
+        self.changed = threading.Condition(threading.Lock())
+        self.running = 0                    # `compiling()` regions, outermost ones, on every thread
+        self.depth = threading.local()      # this thread's nesting of them (`n`)
+        self.held = threading.local()       # what the forking thread holds over the fork
+        self.refusal: str | None = None     # in a child forked mid-compile: why it may not compile
+
+
+_IN_FLIGHT = _InFlight()
+
+
+@contextmanager
+def compiling():
+    """A compile, or any other use of LLVM (also as a decorator): a fork waits
+    for it to end. Refused in a child forked while one ran on another thread
+    past the fork's wait: what that thread held may be held there for ever."""
+    f = _IN_FLIGHT
+    depth = getattr(f.depth, "n", 0)
+    counted = False
+    try:
+        if depth == 0:
+            with f.changed:
+                if f.refusal is not None:
+                    raise RuntimeError(f.refusal)
+                f.running += 1
+                counted = True
+        f.depth.n = depth + 1
+        yield
+    finally:
+        f.depth.n = depth
+        if counted:
+            with f.changed:
+                f.running -= 1
+                f.changed.notify_all()
+
+
+def hold_for_fork(timeout: float) -> None:
+    """Before `os.fork()`: wait up to `timeout` seconds for the compiles on other
+    threads to end, then hold what a compile takes (this count's lock and
+    llvmlite's) over the fork, so that the child gets LLVM between calls.
+    `release_after_fork` lets go, in the parent and in the child."""
+    f = _IN_FLIGHT
+    deadline = time.monotonic() + timeout
+    mine = 1 if getattr(f.depth, "n", 0) else 0     # forking from within a compile: wait for the others
+    f.held.locks, f.held.settled, f.held.timeout = [], False, timeout
+    f.changed.acquire()
+    f.held.locks.append(f.changed)
+    settled = f.changed.wait_for(lambda: f.running <= mine, timeout)
+    lock = _llvmlite_lock()         # an LLVM call outside a compile (an engine freed on another thread)
+    if lock is not None:
+        if lock.acquire(True, max(0.0, deadline - time.monotonic())):
+            f.held.locks.append(lock)
+        else:
+            settled = False
+    f.held.settled = settled
+
+
+def release_after_fork(child: bool) -> None:
+    """After `os.fork()`: let go of what `hold_for_fork` held. In a child forked
+    while a compile was still running on another thread, compiling is refused."""
+    f = _IN_FLIGHT
+    locks, settled, timeout = getattr(f.held, "locks", []), getattr(f.held, "settled", True), \
+        getattr(f.held, "timeout", 0.0)
+    f.held.locks = []
+    if child:
+        f.running = 1 if getattr(f.depth, "n", 0) else 0      # the other threads' compiles are not here
+        if not settled:
+            f.refusal = (f"this process was forked while another thread was compiling a model (or using LLVM) "
+                         f"and still was {timeout:g} s later (structc.model.FORK_WAIT): what that thread "
+                         "held stays held in this process, so compiling here would wait for it for ever. "
+                         "Compile before forking (a Net compiled with training='background' is done when its "
+                         "first training call returns), or start processes with multiprocessing's 'spawn' or "
+                         "'forkserver' method")
+    for lock in reversed(locks):
+        lock.release()
+
+
+def _llvmlite_lock():
+    """The lock llvmlite takes around every call into LLVM (behind
+    `_UnlessOwnContext` once that is installed); None if llvmlite has no such lock."""
+    from llvmlite.binding import ffi
+    lock = getattr(getattr(getattr(ffi, "lib", None), "_lock", None), "_lock", None)
+    if isinstance(lock, _UnlessOwnContext):
+        lock = lock.lock
+    return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
+
 
 @functools.lru_cache(maxsize=1)
 def _init() -> None:
@@ -30,6 +129,7 @@ def _init() -> None:
     _register_runtime()
 
 
+@compiling()
 def host_target() -> Target:
     _init()
     return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(),
@@ -43,6 +143,7 @@ NAMED_TARGETS = {"generic": ("x86-64", []), "x86-64-v2": ("x86-64-v2", _V2),
                  "x86-64-v3": ("x86-64-v3", _V3), "x86-64-v4": ("x86-64-v4", _V4)}
 
 
+@compiling()
 def named_target(name: str | None) -> Target:
     """`native` (or None): this machine; `generic`, `x86-64-v2/v3/v4`: those
     feature levels, for modules that must run on other machines."""
@@ -55,6 +156,7 @@ def named_target(name: str | None) -> Target:
     return Target(llvm.get_process_triple(), cpu, ",".join(f"+{f}" for f in feats))
 
 
+@compiling()
 def missing_features(target: Target) -> list[str]:
     """CPU features `target` requires that this machine lacks."""
     _init()
@@ -68,6 +170,7 @@ def target_machine(target: Target, jit: bool = True, opt: int = 3):
     return new_target_machine(target, jit, opt)
 
 
+@compiling()
 def new_target_machine(target: Target, jit: bool = True, opt: int = 3):
     _init()
     t = llvm.Target.from_triple(target.triple)
@@ -106,6 +209,7 @@ def codegen_level(ir_text: str) -> int:
     return ENTRY_CODEGEN_LEVEL if pipeline_of(ir_text) == "entry" else 3
 
 
+@compiling()
 def optimize(ir_text: str, target: Target, jit: bool = True, tm=None, context=None):
     """Parse, verify and run the module's pipeline (`pipeline_of`); returns
     (module, target machine). Threads compiling at once each pass their own
@@ -175,6 +279,7 @@ def compile_object(ir_text: str, target: Target, jit: bool = True) -> bytes:
     return compile_object_timed(ir_text, target, jit)[0]
 
 
+@compiling()
 def compile_object_timed(ir_text: str, target: Target, jit: bool = True) -> tuple[bytes, dict]:
     """The object code and the (wall, CPU) seconds spent optimising and generating it.
     Safe to call from several threads at once: each call has its own LLVM
@@ -277,6 +382,7 @@ def optimized_ir(ir_text: str, target: Target) -> str:
 class JitModule:
     """Machine code loaded into this process; addresses by symbol name."""
 
+    @compiling()
     def __init__(self, obj: bytes | tuple[bytes, ...], target: Target):
         """`obj`: an object file, or several (an `Artifact`'s parts)."""
         # The engine owns (and frees) its target machine: never hand it a shared one.
@@ -284,6 +390,7 @@ class JitModule:
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
         self.add(obj)
 
+    @compiling()
     def add(self, obj: bytes | tuple[bytes, ...]) -> None:
         """Load more object files into this engine: they may call functions of
         those loaded before (a training part calls the forward part's kernels)."""
@@ -291,6 +398,7 @@ class JitModule:
             self.engine.add_object_file(llvm.ObjectFileRef.from_data(one))
         self.engine.finalize_object()
 
+    @compiling()
     def address(self, name: str) -> int:
         addr = self.engine.get_function_address(name)
         if not addr:

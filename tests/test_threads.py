@@ -1,5 +1,6 @@
 """Calls from several Python threads give exactly what the same calls give one after another."""
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -876,6 +877,69 @@ def test_a_fork_waits_a_bounded_time_for_a_call_that_waits_for_the_forking_threa
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", FORK_WHILE_A_HOLDER_WAITS, MLP],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "forked", out.stdout + out.stderr
+
+
+FORK_WHILE_COMPILING = """
+import os, sys, threading, time
+import numpy as np, structc
+from llvmlite.binding import ffi
+from structc import api, model
+src, model.FORK_WAIT, slow = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+x, y = np.zeros((4, 16), np.float32), np.zeros(4, np.int64)
+net = structc.compile(src, seed=0)          # the forward part; training's is deferred
+compiling, real = threading.Event(), net._compile_deferred
+
+def slow_compile(part):     # a compile that is in LLVM (holding llvmlite's lock) for `slow` seconds
+    with ffi.lib._lock:
+        compiling.set()
+        time.sleep(slow)
+    return real(part)
+
+net._compile_deferred = slow_compile
+threading.Thread(target=api._compile_quietly, args=(net,), daemon=True).start()   # training="background"
+compiling.wait()
+start = time.monotonic()
+pid = os.fork()
+if pid == 0:                # the child: train (compiles, unless the parent's compile ended first), compile, call
+    said = []
+    for what, call in [("train", lambda: net.train_step(x=x, y=y)), ("forward", lambda: net(x=x)),
+                       ("compile", lambda: structc.compile(src.replace("x, 32", "x, 24")))]:
+        try:
+            call()
+            said.append(what + " ok")
+        except RuntimeError as e:
+            said.append(what + (" refused" if "forked while another thread was compiling" in str(e) else repr(e)))
+    print(", ".join(said), flush=True)
+    os._exit(0)
+waited = time.monotonic() - start
+deadline = time.monotonic() + 30
+while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+    time.sleep(0.01)
+if not done[0]:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung")
+net.train_step(x=x, y=y)
+print(f"parent trains; the fork waited {waited:.2f} s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("wait, slow, child, waited", [
+    (10.0, 0.5, "train ok, forward ok, compile ok", (0.45, 10.0)),            # the compile's end
+    (0.3, 4.0, "train refused, forward ok, compile refused", (0.25, 2.0))])   # FORK_WAIT, not the compile
+def test_a_child_forked_while_another_thread_compiles_does_not_hang(wait, slow, child, waited):
+    """A fork while another thread compiles (a Net's training part compiled in the
+    background, here held in LLVM for `slow` seconds): the fork waits for the compile
+    (up to `model.FORK_WAIT`), and the child trains and compiles. Past that wait the
+    child refuses to compile, saying why, and its Nets' calls still run. Before, the
+    child inherited llvmlite's lock and the Net's lock on its deferred part held by a
+    thread it does not have, and its first compile or training call hung for ever."""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", FORK_WHILE_COMPILING, MLP, str(wait), str(slow)],
+                         capture_output=True, text=True, timeout=180)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == child, out.stdout + out.stderr
+    seconds = float(re.fullmatch(r"parent trains; the fork waited (\S+) s", lines[1])[1])
+    assert waited[0] <= seconds < waited[1], out.stdout
 
 
 INTERRUPTED_WAITING = """
