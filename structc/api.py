@@ -78,8 +78,7 @@ def _compile_quietly(net: Net) -> None:
         pass
 
 
-@compiling()            # a fork waits for the whole compile (the cache's files, the collector's pause)
-@collector_paused()
+@collector_paused()     # also a `compiling()` region: a fork waits for the whole compile
 def compile_artifact(source: str, file: str = "<source>", model: str | None = None, *,
                      target: Target | None = None, jit: bool = True, cache: bool = True,
                      freeze=(), parts=None) -> Artifact:

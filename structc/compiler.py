@@ -31,7 +31,7 @@ from .errors import Span
 from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels, record_file, record_from_file
 from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
-from .native import compile_objects, compile_threads, host_target
+from .native import compile_objects, compile_threads, compiling, host_target
 from .ops.norm import batch_counts
 from .ops.optim import N_HYPER, TERM_OUTPUT
 from .passes import PIPELINE, run_pipeline
@@ -132,19 +132,22 @@ def collector_paused():
     CPU). Nothing is freed later than it would be: the collector runs again,
     as usual, after the compile. Nested and concurrent compiles (a training
     part compiled in a thread) turn it back on only when the last one ends,
-    and only if it was on before the first."""
-    with _PAUSE_LOCK:
-        if _PAUSED[0] == 0:
-            _PAUSED[1] = gc.isenabled()
-            gc.disable()
-        _PAUSED[0] += 1
-    try:
-        yield
-    finally:
+    and only if it was on before the first. Every compile is a
+    `native.compiling()` region: a fork waits for it, so a child is not forked
+    with the collector off for good."""
+    with compiling():
         with _PAUSE_LOCK:
-            _PAUSED[0] -= 1
-            if _PAUSED[0] == 0 and _PAUSED[1]:
-                gc.enable()
+            if _PAUSED[0] == 0:
+                _PAUSED[1] = gc.isenabled()
+                gc.disable()
+            _PAUSED[0] += 1
+        try:
+            yield
+        finally:
+            with _PAUSE_LOCK:
+                _PAUSED[0] -= 1
+                if _PAUSED[0] == 0 and _PAUSED[1]:
+                    gc.enable()
 
 
 def compiler_fingerprint() -> str:

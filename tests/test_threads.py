@@ -942,6 +942,32 @@ def test_a_child_forked_while_another_thread_compiles_does_not_hang(wait, slow, 
     assert waited[0] <= seconds < waited[1], out.stdout
 
 
+FORK_WHILE_THE_COLLECTOR_IS_PAUSED = """
+import gc, os, sys, threading, time
+from structc.compiler import compile_source
+compiling = threading.Thread(target=compile_source, args=(sys.argv[1],))
+compiling.start()
+while gc.isenabled() and compiling.is_alive():      # until the compile has paused the collector
+    time.sleep(0.001)
+paused = not gc.isenabled()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if gc.isenabled() else 1)
+child = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+compiling.join()
+print(paused, child, gc.isenabled())
+"""
+
+
+def test_a_child_forked_while_another_thread_compiles_has_the_collector_on():
+    """A compile pauses Python's cyclic collector until it ends; a child forked
+    mid-compile (through `compiler.compile_source`, as `structc compile --dump` does)
+    never saw that end and kept the collector off for good. The fork waits for it."""
+    out = subprocess.run([sys.executable, "-c", FORK_WHILE_THE_COLLECTOR_IS_PAUSED, MLP], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "True 0 True", out.stdout + out.stderr
+
+
 INTERRUPTED_WAITING = """
 import signal, sys, threading, time
 import numpy as np, structc
