@@ -36,7 +36,8 @@ class _InFlight:
     """The compiles (and other LLVM work) running in this process."""
 
     def __init__(self):
-        self.changed = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()        # taken as it is where an interrupt must not split the count
+        self.changed = threading.Condition(self.lock)
         self.running = 0                    # `compiling()` regions, outermost ones, on every thread
         self.depth = threading.local()      # this thread's nesting of them (`n`)
         self.held = threading.local()       # what the forking thread holds over the fork
@@ -56,7 +57,7 @@ def compiling():
     counted = False
     try:
         if depth == 0:
-            with f.changed:
+            with f.lock:
                 if f.refusal is not None:
                     raise RuntimeError(f.refusal)
                 f.running += 1
@@ -66,7 +67,7 @@ def compiling():
     finally:
         f.depth.n = depth
         if counted:
-            with f.changed:
+            with f.lock:
                 f.running -= 1
                 f.changed.notify_all()
 
@@ -105,9 +106,8 @@ def release_after_fork(child: bool) -> None:
             f.refusal = (f"this process was forked while another thread was compiling a model (or using LLVM) "
                          f"and still was {timeout:g} s later (structc.model.FORK_WAIT): what that thread "
                          "held stays held in this process, so compiling here would wait for it for ever. "
-                         "Compile before forking (a Net compiled with training='background' is done when its "
-                         "first training call returns), or start processes with multiprocessing's 'spawn' or "
-                         "'forkserver' method")
+                         "Compile before forking (a training='background' compile is done once a training call "
+                         "has returned), or start processes with multiprocessing's 'spawn' or 'forkserver' method")
     for lock in reversed(locks):
         lock.release()
 
