@@ -301,7 +301,7 @@ def compile_threads() -> int:
     (`$STRUCTC_COMPILE_THREADS` overrides; 1 compiles every module in turn)."""
     env = os.environ.get("STRUCTC_COMPILE_THREADS")
     if env:
-        if not env.isdigit() or int(env) < 1:
+        if not (env.isascii() and env.isdigit()) or int(env) < 1:     # "²" is a digit to isdigit, not to int
             raise ValueError(f"STRUCTC_COMPILE_THREADS must be a positive integer, got {env!r}")
         return int(env)
     try:

@@ -762,6 +762,17 @@ def test_the_environments_thread_count_is_read_whole(value, first):
     assert out.stdout.strip() == expect, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("value", ["0", "2x", "\u00b2", "\u0662"])     # superscript 2, Arabic-Indic 2
+def test_the_compile_thread_count_is_decimal_digits(monkeypatch, value):
+    """STRUCTC_COMPILE_THREADS likewise: junk refused naming the variable ("²" passed
+    str.isdigit and int() then raised its own message; "٢" was 2 threads)."""
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", value)
+    with pytest.raises(ValueError, match=f"STRUCTC_COMPILE_THREADS must be a positive integer, got '{value}'"):
+        structc.native.compile_threads()
+    monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "3")
+    assert structc.native.compile_threads() == 3
+
+
 def test_the_c_runtime_reads_the_environments_thread_count_as_python_does(tmp_path):
     """A library shipped to C reads STRUCTC_NUM_THREADS in the runtime: the same counts
     as Python, and junk (which Python refuses) is said so on stderr, with every core
