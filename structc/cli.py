@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -387,6 +388,26 @@ def saved_numbering(params: str | None) -> dict | None:
 TRAIN_DEFAULTS = {"lr": 0.1, "batch": 32, "optimizer": "sgd", "seed": 0, "clip_norm": 0.0, "val_split": 0.0}
 
 
+#: float32's largest finite value: native code reads the lr and the clip norm as float32
+_F32_MAX = 3.4028234663852886e38
+
+
+def _check_step_flags(args, code: int = 1) -> None:
+    """The numbers a training run or profile takes from the command line, checked before
+    any work and named as the flags they are (library code checks them again, naming its
+    arguments: `epochs must be ...`): --epochs, --batch, --steps, --threads at least 1;
+    --lr positive, as `train.configure` requires; --clip-norm at least 0."""
+    for name in ("epochs", "batch", "steps", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be a positive integer, got {value}", code)
+    lr, clip = getattr(args, "lr", None), getattr(args, "clip_norm", None)
+    if lr is not None and not 0 < lr < _F32_MAX:          # nan too
+        raise UserError(f"--lr, the learning rate, must be a positive number, got {lr}", code)
+    if clip is not None and not 0 <= clip < _F32_MAX:
+        raise UserError(f"--clip-norm must be a number >= 0 (0: no clipping), got {clip}", code)
+
+
 def _train_settings(args, saved: dict | None) -> dict:
     """lr, batch, optimizer, seed, clip_norm, val_split: as given, else the resumed run's, else the defaults.
     A resumed run told to change one says so (the run then differs from the original)."""
@@ -490,10 +511,19 @@ def _schedule(args, saved: dict | None) -> dict | None:
                               gamma=0.1 if args.gamma is None else args.gamma,
                               floor=0.0 if args.floor is None else args.floor)
     except ValueError as e:
-        raise UserError(f"--schedule: {e}") from None
+        raise UserError(f"--schedule: {_as_flags(str(e), SCHEDULE_FLAGS)}") from None
     if saved is not None and _schedule_text(spec) != _schedule_text(saved.get("schedule")):
         warn(f"--schedule {_schedule_text(spec)} differs from the resumed run's {_schedule_text(saved.get('schedule'))}")
     return spec
+
+
+#: check_schedule's arguments -> the flags that give them
+SCHEDULE_FLAGS = {"warmup": "--warmup", "decay_steps": "--decay-steps", "gamma": "--gamma", "floor": "--floor"}
+
+
+def _as_flags(message: str, flags: dict) -> str:
+    """A library message with the arguments it names (whole words) as the flags that gave them."""
+    return re.sub(rf"\b({'|'.join(flags)})\b", lambda m: flags[m.group(1)], message)
 
 
 def _schedule_text(spec: dict | None) -> str:
@@ -514,6 +544,7 @@ def cmd_train(args) -> int:
         raise UserError("--init starts a new run from given parameters, --resume continues a run: pass one")
     if args.seed is not None and args.seed < 0:           # numpy's generators take none: say so before any work
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
+    _check_step_flags(args)
     _check_validation_options(args)
     _check_schedule_options(args)
     if args.out is None and args.resume:
@@ -863,12 +894,9 @@ def cmd_profile(args) -> int:
     from .native import set_num_threads
     from .profile import profile, profiled_net
     trace = writable_output(args.trace, "the trace") if args.trace else None
-    for name in ("steps", "batch", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be positive, got {value}", code=2)
     if args.forward and args.lr is not None:
         raise UserError("--lr is the training step's learning rate; --forward profiles the forward pass, which has none")
+    _check_step_flags(args, code=2)
     if args.peak is not None and not args.peak > 0:
         raise UserError(f"--peak must be a positive number of GFLOP/s, got {args.peak}", code=2)
     if args.threads is not None:

@@ -785,3 +785,38 @@ def test_predict_input_that_is_not_numpy_says_so(tiny, tmp_path, capsys):
                  "--out", str(tmp_path / "y.npy")]) == 1
     assert capsys.readouterr().err == (f"structc: error: cannot read inputs from {tmp_path / 'x.csv'}: not an .npy "
                                        f"or .npz file (save the arrays with numpy.save or numpy.savez)\n")
+
+
+# -- numbers from the command line: named as the flags, refused before any work --------
+# They were refused by library code after compiling and loading the data, naming its
+# arguments (`epochs must be a positive integer`, `lr must be a finite float32 number >= 0`);
+# `profile --lr 0` was accepted.
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--batch", "-3"], "--batch must be a positive integer, got -3"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["--lr", "0"], "--lr, the learning rate, must be a positive number, got 0.0"),
+    (["--lr", "-0.1"], "--lr, the learning rate, must be a positive number, got -0.1"),
+    (["--lr", "nan"], "--lr, the learning rate, must be a positive number, got nan"),
+    (["--lr", "1e39"], "--lr, the learning rate, must be a positive number, got 1e+39"),
+    (["--clip-norm", "-1"], "--clip-norm must be a number >= 0 (0: no clipping), got -1.0"),
+    (["--warmup", "-1"], "--schedule: --warmup must be a whole number of steps >= 0, got -1"),
+    (["--schedule", "step", "--decay-steps", "0"],
+     "--schedule: the step schedule needs --decay-steps, a whole number of steps >= 1, got 0"),
+    (["--schedule", "step", "--decay-steps", "5", "--gamma", "2"], "--schedule: --gamma must be a number in [0, 1], got 2.0"),
+    (["--schedule", "cosine", "--decay-steps", "5", "--floor", "-1"],
+     "--schedule: --floor must be a number in [0, 1], got -1.0"),
+])
+def test_train_names_the_flag_of_a_number_out_of_range(flags, message, tiny, tmp_path, capsys):
+    assert train_tiny(tiny, tmp_path / "p", *flags) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"structc: error: {message}\n"
+    assert "compiled" not in captured.err and list(tmp_path.glob("p*")) == []
+
+
+@pytest.mark.parametrize("lr", ["0", "-1", "nan"])
+def test_profile_refuses_a_learning_rate_train_refuses(lr, tiny, capsys):
+    assert main(["profile", tiny[0], "--data", tiny[1], "--steps", "1", "--lr", lr]) == 2
+    assert capsys.readouterr() == ("", f"structc: error: --lr, the learning rate, must be a positive number, "
+                                       f"got {float(lr)}\n")
