@@ -49,16 +49,24 @@ def warn(message: str) -> None:
 
 # -- files -----------------------------------------------------------------------
 
+#: what an output flag names for standard output (only `predict --out` writes there)
+STDOUT = "-"
+
+
 def with_suffix(path: str, suffix: str, allowed: tuple[str, ...] = ()) -> Path:
     """`path` ending in `suffix` (or one of `allowed`): numpy appends `.npz`/`.npy` to
-    a name without it, so the name we report must be the one written."""
+    a name without it, so the name we report must be the one written. `-` stays `-`
+    (standard output: not a file `-.npz`), for `writable_output` to refuse."""
     p = Path(path)
-    return p if p.name.endswith((suffix, *allowed)) else p.with_name(p.name + suffix)
+    return p if str(path) == STDOUT or p.name.endswith((suffix, *allowed)) else p.with_name(p.name + suffix)
 
 
 def writable_output(path: str | Path, what: str) -> Path:
     """`path` if a file can be written there; otherwise a UserError (exit code 2),
     raised before any compiling or training is done."""
+    if str(path) == STDOUT:         # else a file named `-` (or `-.npz`) appears, and nothing on stdout
+        raise UserError(f"cannot write {what} to standard output ('-'): it is written to a file; name one",
+                        code=2)
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
@@ -849,18 +857,28 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _binary_stdout():
+    """Standard output for `--out -`: binary, so not a terminal (that would print bytes)."""
+    if sys.stdout.isatty():
+        raise UserError("--out - writes the predictions to standard output as an .npy file (binary), and standard "
+                        "output is a terminal: pipe or redirect it, or name a file", code=2)
+    return sys.stdout.buffer
+
+
 def cmd_predict(args) -> int:
     import numpy as np
-    out = writable_output(with_suffix(args.out, ".npy", (".npz",)), "the predictions")
+    to_stdout = args.out == STDOUT      # one .npy for a pipe (np.load seeks: read it through io.BytesIO)
+    out = _binary_stdout() if to_stdout else writable_output(with_suffix(args.out, ".npy", (".npz",)),
+                                                             "the predictions")
     net, _ = _compile_net(args)
     load_params(net, args.params)
     feed = _read_inputs(args.input, net)
     outputs = {o["name"]: o for o in net.meta["entries"]["forward"]["outputs"]}
-    if out.name.endswith(".npz"):
+    if not to_stdout and out.name.endswith(".npz"):
         chosen = list(outputs) if args.output is None else [args.output]
     elif args.output is None and len(outputs) > 1:
         raise UserError(f"model {net.name} has outputs {list(outputs)}: choose one with --output, "
-                        f"or write them all with --out NAME.npz")
+                        f"or write them all with --out NAME.npz" + (" (standard output takes one)" if to_stdout else ""))
     else:
         chosen = [args.output or next(iter(outputs))]
     for name in chosen:
@@ -875,6 +893,11 @@ def cmd_predict(args) -> int:
         else:
             result[name] = values[name]
             said.append(f"'{name}' {list(values[name].shape)}")
+    if to_stdout:
+        np.save(out, result[chosen[0]])
+        out.flush()
+        print(f"wrote {', '.join(said)} to standard output", file=sys.stderr)
+        return 0
 
     def write(name: str) -> None:
         with open(name, "wb") as f:      # an open file: numpy adds no second suffix
@@ -1089,7 +1112,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--params", required=True, help="parameters saved by `structc train` (.npz optional)")
     c.add_argument("--input", required=True, help="an .npy (the model's one input) or .npz (one array per "
                                                   "input name) file")
-    c.add_argument("--out", required=True, help="an .npy file (one output) or .npz (every output by name)")
+    c.add_argument("--out", required=True, help="an .npy file (one output), .npz (every output by name), or - "
+                                                "(one output as .npy on standard output)")
     c.add_argument("--output", help="the output to write (default: the model's only output)")
     c.add_argument("--raw", action="store_true", help="write class scores as they are, not class ids")
     c.set_defaults(run=cmd_predict)

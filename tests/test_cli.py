@@ -787,6 +787,51 @@ def test_predict_input_that_is_not_numpy_says_so(tiny, tmp_path, capsys):
                                        f"or .npz file (save the arrays with numpy.save or numpy.savez)\n")
 
 
+# -- `-` for standard output -----------------------------------------------------------
+# `--out -` wrote a file named `-.npy` (train: `-.npz`, with `-.train.npz` and `-.metrics.jsonl`
+# beside it) and printed nothing on standard output.
+
+def test_predict_out_dash_writes_one_npy_to_standard_output(tiny, tmp_path, capsysbinary, monkeypatch):
+    assert train_tiny(tiny, tmp_path / "p", "--no-progress") == 0
+    x = np.random.default_rng(1).normal(size=(9, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    probs = _forward(tiny, tmp_path / "p.npz", x)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    capsysbinary.readouterr()
+    assert main(["predict", tiny[0], "--params", "p", "--input", "x.npy", "--out", "-"]) == 0
+    captured = capsysbinary.readouterr()
+    ids = np.load(io.BytesIO(captured.out))
+    assert ids.dtype == np.int32 and np.array_equal(ids, np.argmax(probs, axis=-1))
+    assert captured.err.decode().endswith("to standard output\n") and sorted(tmp_path.iterdir()) == before
+
+
+def test_predict_out_dash_refuses_a_terminal(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["predict", tiny[0], "--params", "p", "--input", "x.npy", "--out", "-"]) == 2
+    assert capsys.readouterr().err.startswith("structc: error: --out - writes the predictions to standard output "
+                                              "as an .npy file (binary), and standard output is a terminal")
+
+
+@pytest.mark.parametrize("command, what", [
+    (["train", "{model}", "--data", "{data}", "--out", "-"], "the parameters"),
+    (["compile", "{model}", "-o", "-"], "the library"),
+    (["compile", "{model}", "-o", "t.so", "-H", "-"], "the header"),
+    (["export", "{model}", "--onnx", "-"], "the ONNX model"),
+    (["graph", "{model}", "-o", "-"], "the picture"),
+    (["plot", "run", "-o", "-"], "the picture"),
+    (["profile", "{model}", "--data", "{data}", "--trace", "-"], "the trace"),
+])
+def test_outputs_that_are_files_refuse_dash(command, what, tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    argv = [word.format(model=tiny[0], data=tiny[1]) for word in command]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"structc: error: cannot write {what} to standard output ('-'): it is "
+                                       f"written to a file; name one\n")
+    assert sorted(tmp_path.iterdir()) == before
+
+
 # -- numbers from the command line: named as the flags, refused before any work --------
 # They were refused by library code after compiling and loading the data, naming its
 # arguments (`epochs must be a positive integer`, `lr must be a finite float32 number >= 0`);
