@@ -2,6 +2,7 @@
 package defines an op, importing it registers it, `.snet` files use it,
 `structc.testing.check_op` checks it, and the cache key follows its definition."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -301,3 +302,34 @@ def test_an_op_registered_without_surface_says_so_when_called(user_ops):
     with pytest.raises(structc.SnetNameError, match=r"'hidden_user_op' is an op of .*Hidden that \.snet "
                                                     r"cannot call: set `surface = True` in its class"):
         structc.compile("model T {\n  input x: f32[4]\n  output y = hidden_user_op(x)\n}", cache=False)
+
+
+@pytest.mark.parametrize("name", ["my-op", "swish2.0", "soft plus", "2x", "σ"])
+def test_a_callable_op_whose_name_snet_cannot_spell_is_refused(user_ops, name):
+    """`surface = True` under a name that is not a .snet name registered, and every call
+    of it was a parse error (`my-op(x)`: "unknown name 'my'")."""
+    with pytest.raises(ValueError, match=rf"op {re.escape(repr(name))} has surface = True, but \.snet cannot "
+                                         rf"call it: .*choose one such as '\w+'"):
+        type("Unspellable", (Elementwise,), {"name": name, "surface": True})
+    assert name not in REGISTRY
+    type("Helper", (Elementwise,), {"name": name})        # an op the language never calls may take any name
+    assert name in REGISTRY
+
+
+def test_a_callable_op_named_like_a_keyword_is_called(user_ops):
+    """The language reserves no word for calls: the parser lexes a keyword (`loss`,
+    `graph`, `f32`, `leaf`, ...) in an expression as a name, so an op may take it."""
+    from structc.build import build_model
+    from structc.ops.base import LAYER_NAMES
+    from structc.syntax import grammar_text, parse
+    grammar = grammar_text()
+    words = set(re.findall(r'"([A-Za-z_]\w*)"', grammar))
+    for line in re.findall(r"^(?:DTYPE|CASE|STEP)\S*: /(.*)/$", grammar, re.M):
+        words |= set(re.search(r"\(([\w|]+)\)", line).group(1).split("|"))
+    words = sorted(words - set(REGISTRY) - set(LAYER_NAMES))     # input, param: ops of structc's own
+    assert {"model", "loss", "graph", "class", "of", "frozen", "f32", "leaf", "next"} <= set(words)
+    for word in words:
+        type(f"Op_{word}", (Elementwise,), {"name": word, "surface": True, "reference": lambda self, x: x})
+    calls = "\n".join(f"  h{k + 1} = {word}(h{k})" for k, word in enumerate(words))
+    mdef = build_model(parse(f"model T {{\n  input h0: f32[4]\n{calls}\n  output y = h{len(words)}\n}}"), "T")
+    assert sorted({n.op.name for n in mdef.graph.nodes.values()} & set(words)) == words

@@ -146,6 +146,10 @@ def register_op(cls: type) -> type:
     reloaded) replaces its earlier version."""
     if not (isinstance(cls, type) and issubclass(cls, Op)) or not isinstance(cls.name, str) or not cls.name:
         raise TypeError(f"register_op takes a subclass of structc.ops.Op with a `name`, got {cls!r}")
+    if cls.surface and not _snet_name(cls.name):
+        raise ValueError(f"op {cls.name!r} has surface = True, but .snet cannot call it: a name there is ASCII "
+                         f"letters, digits and '_', not starting with a digit (choose one such as "
+                         f"{_snet_spelling(cls.name)!r})")
     if cls.surface and cls.name in LAYER_NAMES:
         raise ValueError(f"op {cls.name!r} has the name of the layer {LAYER_NAMES[cls.name]}, which .snet "
                          f"calls would reach instead of the op: choose another name")
@@ -157,6 +161,19 @@ def register_op(cls: type) -> type:
                              f"{type(old).__qualname__}: choose another name")
     REGISTRY[cls.name] = cls()
     return cls
+
+
+def _snet_name(name: str) -> bool:
+    """Whether `name` is a NAME of grammar/snet.lark, `[A-Za-z_][A-Za-z0-9_]*` (so a
+    `.snet` call can reach it; `my-op(x)` parses as `my - op(x)`). Keywords are not
+    reserved: the parser lexes `loss(x)` or `graph(x)` in an expression as a name."""
+    return name.isascii() and name.isidentifier()
+
+
+def _snet_spelling(name: str) -> str:
+    """`name` with what a .snet name cannot hold replaced by `_` (a suggestion)."""
+    spelt = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in name)
+    return spelt if _snet_name(spelt) else f"_{spelt}"
 
 
 def extension_fingerprint() -> str:
