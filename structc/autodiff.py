@@ -117,24 +117,47 @@ class Blocked:
         return text + (f"; {self.hint}" if self.hint else "")
 
 
-def blocked_params(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset()) -> list[Blocked]:
+@dataclass(frozen=True)
+class Untrainable:
+    """A model with a loss and no parameter that training changes: it declares
+    none, or every one is frozen. Training runs, reports its epochs and saves,
+    and changes nothing."""
+    model: str
+    span: Span | None
+    frozen: tuple[str, ...]
+
+    def message(self) -> str:
+        where = f"{self.span}: " if self.span else ""
+        why = f"its parameters ({', '.join(self.frozen)}) are all frozen" if self.frozen else "it declares none"
+        return (f"{where}model {self.model} has no parameter that training changes ({why}): its loss depends "
+                f"on nothing training updates, so training will do nothing")
+
+
+def blocked_params(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset(),
+                   model_span: Span | None = None) -> list[Blocked | Untrainable]:
     """Parameters whose gradient is structurally zero: the loss does not read
     them, or every path to it passes an op whose VJP gives no gradient (a
-    threshold, a comparison). Such a model trains forever with zero gradients."""
+    threshold, a comparison). Such a model trains forever with zero gradients.
+    A model with no parameter to train at all is one `Untrainable`, at `model_span`
+    (the model's name; without it, the loss)."""
     if loss not in forward.outputs:
         return []
-    return differentiate_checked(forward, loss, frozen)[1]
+    return differentiate_checked(forward, loss, frozen, model_span)[1]
 
 
-def differentiate_checked(forward: Graph, loss: str = "loss",
-                          frozen: frozenset[str] = frozenset()) -> tuple[Graph, list[Blocked]]:
+def differentiate_checked(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset(),
+                          model_span: Span | None = None) -> tuple[Graph, list[Blocked | Untrainable]]:
     """`differentiate` of the loss alone, and `blocked_params`, from one
     differentiation: a compile needs both (the warnings in every part's
     metadata, the train graph for the training part), and differentiating
     twice was a tenth of the Python time of a deep model's compile."""
     # (_differentiate works on a copy, whose outputs it sets: the loss and the gradients)
     train, stops, unreached = _differentiate(forward, loss, frozen)   # frozen ones are meant not to change
-    return train, _blocked(train, loss, forward.outputs[loss], stops, unreached)
+    found: list = _blocked(train, loss, forward.outputs[loss], stops, unreached)
+    if not set(forward.params) - set(frozen):
+        span = model_span or forward.nodes[forward.outputs[loss]].span
+        found.append(Untrainable(forward.name, span, tuple(sorted(forward.params))))
+    return train, found
 
 
 def _blocked(g: Graph, loss: str, loss_id: int, stops, unreached) -> list[Blocked]:
@@ -162,13 +185,14 @@ def _blocked(g: Graph, loss: str, loss_id: int, stops, unreached) -> list[Blocke
     return found
 
 
-def gradient_warnings(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset()) -> list[dict]:
+def gradient_warnings(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset(),
+                      model_span: Span | None = None) -> list[dict]:
     """`blocked_params` as plain data (message, file, line), kept in an
     artifact's metadata so a cached model warns as a fresh compile does."""
-    return warning_entries(blocked_params(forward, loss, frozen))
+    return warning_entries(blocked_params(forward, loss, frozen, model_span))
 
 
-def warning_entries(blocked: list[Blocked]) -> list[dict]:
+def warning_entries(blocked: list[Blocked | Untrainable]) -> list[dict]:
     """`Blocked` items as `gradient_warnings` gives them."""
     return [{"message": item.message(), "file": item.span.file if item.span else "<model>",
              "line": item.span.line if item.span else 0} for item in blocked]

@@ -70,6 +70,7 @@ class ModelDef:
     graphs: dict = field(default_factory=dict)     # graph inputs: name -> gnn.GraphSpec
     forests: list = field(default_factory=list)     # forest inputs (recursion.ForestDecl.meta())
     sequences: list = field(default_factory=list)   # sequence inputs (sequence.SequenceDecl.meta())
+    span: Span | None = None        # the model's name in `model Name {`: where a warning about all of it points
 
 
 #: the largest finite float32: numbers in a model become float32 constants
@@ -132,7 +133,8 @@ class ModelBuilder:
             g.outputs[name] = nid
         return ModelDef(self.model.name, g, self.inputs, self.params, sorted(self.symbols),
                         bool(self.losses), self.program.source, self.program.file, self.graphs,
-                        [f.meta() for f in self.forests.values()], [q.meta() for q in self.sequences.values()])
+                        [f.meta() for f in self.forests.values()], [q.meta() for q in self.sequences.values()],
+                        self.model.name_span)
 
     def define(self, name: str, span: Span, value, rebind: bool = True) -> None:
         if name in self.env and (not rebind or name in self.inputs or name in self.params):

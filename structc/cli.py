@@ -147,7 +147,7 @@ def cmd_check(args) -> int:
         mdef = build_model(program, name)
         if mdef.has_loss:
             meant = frozenset(n for n, p in mdef.params.items() if p.frozen)   # frozen, buffers: as compile does
-            warn_gradient_flow(gradient_warnings(mdef.graph, frozen=meant))   # parameters training cannot change
+            warn_gradient_flow(gradient_warnings(mdef.graph, frozen=meant, model_span=mdef.span))   # as compile does
         n = sum(p.type.size().coef for p in mdef.params.values())
         seqs = [f"{q['name']}: sequence of " + (f"word(vocab={q['vocab']})" if q["vocab"] else f"f32[{q['features']}]")
                 for q in mdef.sequences]

@@ -470,7 +470,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         differentiated, found = None, []
         with times.stage("train.autodiff" if "training" in wanted else "gradient_warnings"):
             if mdef.has_loss:
-                differentiated, found = differentiate_checked(mdef.graph, frozen=frozen)
+                differentiated, found = differentiate_checked(mdef.graph, frozen=frozen, model_span=mdef.span)
         with times.stage("gradient_warnings"):
             warnings.append(warning_entries(found))
         if "forward" in wanted:     # once per model: not again when its training part is compiled later

@@ -1,6 +1,7 @@
 """Gradients that cannot flow: parameters the loss never reaches (unused, or
 behind a threshold) are reported with a `GradientWarning`; `threshold(x,
 grad=ste)` trains (the perceptron example)."""
+import re
 import warnings
 from pathlib import Path
 
@@ -124,3 +125,57 @@ def test_perceptron_example_trains_to_the_accuracy_the_readme_states(tmp_path, c
     out = tmp_path / "p.npz"
     assert main(["train", str(EXAMPLES / "perceptron.snet"), "--data", "digits", "--epochs", "1",
                  "--out", str(out), "--no-progress"]) == 0
+
+
+# -- a model with nothing to train ---------------------------------------------------
+# With no parameter, or every one frozen, no parameter was blocked, so nothing was said:
+# `structc train` ran its epochs at a loss that never moved and saved the parameters.
+
+NOTHING_TO_TRAIN = """model Fixed {
+  input  x: f32[N, 4]
+  target y: class[N] of 4
+  loss cross_entropy(x * 2.0, y)
+}
+"""
+
+ALL_FROZEN = """model Frozen {
+  input  x: f32[N, 4]
+  target y: class[N] of 3
+  param  W: f32[4, 3] = normal(0.1) frozen
+  loss cross_entropy(x @ W, y)
+}
+"""
+
+
+@pytest.mark.parametrize("source, freeze, why", [
+    (NOTHING_TO_TRAIN, None, "it declares none"),
+    (ALL_FROZEN, None, r"its parameters \(W\) are all frozen"),
+    (THRESHOLD, ["dense1", "dense2"], r"its parameters \(dense1\.b, dense1\.w, dense2\.b, dense2\.w\) are all frozen"),
+], ids=["none declared", "frozen in the model", "frozen by freeze="])
+def test_a_model_with_no_parameter_to_train_warns_at_its_name(source, freeze, why, tmp_path):
+    path = tmp_path / "m.snet"
+    path.write_text(source)
+    name = source.split()[1]
+    for _ in range(2):      # the second compile is a cache hit
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            structc.compile(path, freeze=freeze)
+        said = [str(w.message) for w in caught if w.category is GradientWarning]
+        assert len(said) == 1, said
+        assert re.fullmatch(rf"{re.escape(str(path))}:1:7: model {name} has no parameter that training changes "
+                            rf"\({why}\): its loss depends on nothing training updates, so training will do "
+                            rf"nothing", said[0]), said
+
+
+def test_check_says_a_model_has_nothing_to_train(tmp_path):
+    path = tmp_path / "m.snet"
+    path.write_text(NOTHING_TO_TRAIN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        assert main(["check", str(path)]) == 0
+    assert [str(w.message).split(": model ")[0] for w in caught if w.category is GradientWarning] == [f"{path}:1:7"]
+
+
+def test_without_the_models_span_the_warning_points_at_the_loss():
+    (item,) = blocked(NOTHING_TO_TRAIN)
+    assert item.message().startswith("m.snet:4:8: model Fixed has no parameter that training changes")
