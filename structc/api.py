@@ -117,8 +117,8 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
             found = _cached_parts(key, model, parts)
     wanted = _wanted_parts(found, parts)
     if "forward" in found and (wanted is None or "forward" in wanted):
-        from .autodiff import warn_gradient_flow
-        warn_gradient_flow(found["forward"][0].get("gradient_warnings", []))   # as a fresh compile does
+        from .autodiff import refiled, warn_gradient_flow
+        warn_gradient_flow(refiled(found["forward"][0].get("gradient_warnings", []), file))   # as a fresh compile does
     missing = None if wanted is None else [p for p in wanted if p not in found]
     llvm_ir, part_ir = "", ()
     if missing != []:

@@ -9,6 +9,7 @@ ops, so the backward graph is optimised like the forward one.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -196,6 +197,21 @@ def warning_entries(blocked: list[Blocked | Untrainable]) -> list[dict]:
     """`Blocked` items as `gradient_warnings` gives them."""
     return [{"message": item.message(), "file": item.span.file if item.span else "<model>",
              "line": item.span.line if item.span else 0} for item in blocked]
+
+
+def refiled(entries: list[dict], file: str) -> list[dict]:
+    """`gradient_warnings` entries kept with a cached model, naming `file`, the source
+    being compiled now: the cache's key is the program's text, so the entries may come
+    from the same text compiled from another file, and named that one."""
+    out = []
+    for entry in entries:
+        old = entry["file"]
+        if old in (file, "<model>"):
+            out.append(entry)
+            continue
+        message = re.sub(rf"(?:^|(?<=\s)){re.escape(old)}:(?=\d)", lambda m: f"{file}:", entry["message"])
+        out.append(dict(entry, file=file, message=message))
+    return out
 
 
 def warn_gradient_flow(entries: list[dict]) -> None:

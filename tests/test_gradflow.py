@@ -179,3 +179,20 @@ def test_check_says_a_model_has_nothing_to_train(tmp_path):
 def test_without_the_models_span_the_warning_points_at_the_loss():
     (item,) = blocked(NOTHING_TO_TRAIN)
     assert item.message().startswith("m.snet:4:8: model Fixed has no parameter that training changes")
+
+
+def test_a_cached_warning_names_the_file_compiled_now(tmp_path):
+    """The cache's key is the program's text: the same text in another file loaded the
+    first file's warnings, naming that file (and every run of a test in a fresh
+    temporary folder after the first saw an old folder's path)."""
+    first, second = tmp_path / "first.snet", tmp_path / "sub" / "p.snet"
+    second.parent.mkdir()
+    for path in (first, second):
+        path.write_text(THRESHOLD)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            structc.compile(path)
+        (said,) = [w for w in caught if w.category is GradientWarning]
+        assert said.filename == str(path) and str(said.message).startswith(f"{path}:4:7: no gradient reaches")
+        assert f"threshold at {path}:4:7" in str(said.message)
+    assert "first.snet" not in str(said.message)        # the second compile, a cache hit
