@@ -12,10 +12,14 @@ does: with f(x) = <u, op(x)>, the directional derivative <∇f, v> must match
 """
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 
 from .autodiff import differentiate
 from .build import InputSpec, ModelDef, ParamSpec
+from .errors import GradientWarning
 from .graph import Builder, Graph
 from .interp import evaluate
 from .ops import REGISTRY
@@ -106,7 +110,10 @@ def op_net(op: Op, sample: Sample, arrays):
     from .model import Net
     from .native import JitModule, host_target
     mdef = op_graph(op, sample, arrays)
-    art = compile_model(mdef)
+    with warnings.catch_warnings():     # integer or fixed operands only: no parameter, as meant
+        warnings.filterwarnings("ignore", rf"model {re.escape(mdef.name)} has no parameter that training changes",
+                                GradientWarning)
+        art = compile_model(mdef)
     net = Net(art.meta, JitModule(art.object, host_target()))
     return mdef, net
 
