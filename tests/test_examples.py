@@ -32,7 +32,7 @@ TESTED_ELSEWHERE = {
     "karate_gat": ["test_gat.py::test_the_example_on_the_karate_club", README_CLAIM],
     "karate_gcn": ["test_gnn.py::test_examples_train_to_their_stated_accuracy",
                    "test_gnn.py::test_example_gradients_on_real_graphs", README_CLAIM],
-    "logic_bow": ["test_examples.py::test_logic_bow_beats_chance_as_its_comment_says"],
+    "logic_bow": ["test_examples.py::test_logic_bow_trains_above_chance_by_its_comments_command"],
     "logic_tree": ["test_trees.py::test_logic_example_trains_well_above_chance",
                    "test_treelstm.py::test_tree_lstm_example_needs_fewer_epochs_than_the_tree_rnn", README_CLAIM],
     "logic_treelstm": ["test_treelstm.py::test_tree_lstm_example_needs_fewer_epochs_than_the_tree_rnn",
@@ -125,10 +125,10 @@ def test_every_structured_example_is_tested_where_its_skip_says():
             assert f"{stem}.snet" in text, f"{file} does not name {stem}.snet"
 
 
-def test_logic_bow_beats_chance_as_its_comment_says(tmp_path, capsys):
-    """examples/logic_bow.snet, trained with the command in its comment: the training loss
-    falls, and held out it reaches about 57% (chance: 50%; 2,000 trees, so 1.1 points a
-    standard deviation)."""
+def test_logic_bow_trains_above_chance_by_its_comments_command(tmp_path, capsys):
+    """examples/logic_bow.snet, trained with the command in its comment (about 57% held
+    out; 56.75% here): the training loss falls, and held out it beats chance (50%) by
+    more than three standard deviations (2,000 trees: 1.1 points each)."""
     from structc.cli import main
     path = EXAMPLES[0].parent / "logic_bow.snet"
     command = re.search(r"structc train examples/logic_bow\.snet (.*)", path.read_text()).group(1).split()
@@ -136,6 +136,5 @@ def test_logic_bow_beats_chance_as_its_comment_says(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
     losses = [float(ln.split("loss ")[1].split()[0]) for ln in lines]
     accuracy = float(lines[-1].split("accuracy ")[1].split("%")[0])
-    claimed = float(re.search(r"reaches about (\d+)% held out", path.read_text()).group(1))
     assert len(lines) == 10 and losses[-1] < losses[0] - 0.03, lines
-    assert accuracy >= claimed - 1.5, lines
+    assert accuracy >= 53.5, lines
