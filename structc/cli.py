@@ -8,6 +8,7 @@ output path that cannot be written), checked before any work is done.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import sys
@@ -894,8 +895,15 @@ def cmd_predict(args) -> int:
             result[name] = values[name]
             said.append(f"'{name}' {list(values[name].shape)}")
     if to_stdout:
-        np.save(out, result[chosen[0]])
-        out.flush()
+        data = io.BytesIO()     # numpy writes a file object with tofile, whose error on a pipe closed early is
+        try:                    # "N requested and M written": written here, it is a BrokenPipeError (exit 141)
+            np.save(data, result[chosen[0]])
+            out.write(data.getbuffer())
+            out.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:        # redirected to a full disk
+            raise UserError(f"cannot write the predictions to standard output: {e.strerror or e}") from None
         print(f"wrote {', '.join(said)} to standard output", file=sys.stderr)
         return 0
 

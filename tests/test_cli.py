@@ -865,3 +865,17 @@ def test_profile_refuses_a_learning_rate_train_refuses(lr, tiny, capsys):
     assert main(["profile", tiny[0], "--data", tiny[1], "--steps", "1", "--lr", lr]) == 2
     assert capsys.readouterr() == ("", f"structc: error: --lr, the learning rate, must be a positive number, "
                                        f"got {float(lr)}\n")
+
+
+def test_predict_out_dash_that_fails_to_write_says_so(tiny, tmp_path, capsys, monkeypatch):
+    assert train_tiny(tiny, tmp_path / "p", "--no-progress") == 0
+    np.save(tmp_path / "x.npy", np.ones((3, 5), np.float32))
+
+    def full_disk(f, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "save", full_disk)
+    capsys.readouterr()
+    assert main(["predict", tiny[0], "--params", str(tmp_path / "p"), "--input", str(tmp_path / "x.npy"),
+                 "--out", "-"]) == 1
+    assert capsys.readouterr().err == ("structc: error: cannot write the predictions to standard output: "
+                                       "No space left on device\n")
