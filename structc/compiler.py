@@ -221,7 +221,8 @@ _BOUND_KINDS = frozenset({"forest", "graph", "sequence"})
 
 def index_inputs(g: Graph) -> dict[str, list]:
     """The caller's integer inputs whose values are row ids (an op's `index_bounds`),
-    read directly or through ops that only move them (views, copies), with the rows
+    read directly or through ops that only move them (views, `moves_data`: copies,
+    broadcasts, concat, slice, transpose), with the rows
     each use picks from (ints or size symbols): kernels clamp an id outside, which
     would silently be another row, so `Net` refuses such an id at the call."""
     found: dict[str, list] = {}

@@ -390,6 +390,7 @@ def _packed_of(b, n) -> bool:
 class Transpose(Op):
     """x^T for a matrix."""
     name = "transpose"
+    traits = frozenset({"moves_data"})
     surface = True
 
     def shape(self, x) -> TensorType:

@@ -51,6 +51,7 @@ def _axis(axis: int, rank: int) -> int:
 class Concat(Op):
     """Tensors joined along `axis`."""
     name = "concat"
+    traits = frozenset({"moves_data"})      # its values are its operands': row ids stay ids
     surface = True
 
     def shape(self, *xs, axis: int = -1) -> TensorType:
@@ -102,6 +103,7 @@ class Concat(Op):
 class Slice(Op):
     """x[..., start:stop, ...] along `axis`."""
     name = "slice"
+    traits = frozenset({"moves_data"})
 
     def shape(self, x, *, axis: int, start: int, stop: int) -> TensorType:
         ax = _axis(axis, x.rank)
