@@ -222,29 +222,51 @@ _BOUND_KINDS = frozenset({"forest", "graph", "sequence"})
 def index_inputs(g: Graph) -> dict[str, list]:
     """The caller's integer inputs whose values are row ids (an op's `index_bounds`),
     read directly or through ops that only move them (views, `moves_data`: copies,
-    broadcasts, concat, slice, transpose), with the rows
-    each use picks from (ints or size symbols): kernels clamp an id outside, which
-    would silently be another row, so `Net` refuses such an id at the call."""
+    broadcasts, concat, slice, transpose), with the rows each use picks from (ints
+    or size symbols): kernels clamp an id outside, which would silently be another
+    row, so `Net` refuses such an id at the call."""
+    return _row_id_uses(g)[0]
+
+
+def index_inputs_as_values(g: Graph) -> list[str]:
+    """The inputs of `index_inputs` whose values also reach something other than
+    row ids: arithmetic, an output, labels. A graph's binder renumbers node ids
+    into the rows of a reordered graph, which those other uses would see too (an
+    output `pick` gave rows, not the nodes given), so it refuses such a graph."""
+    return _row_id_uses(g)[1]
+
+
+def _row_id_uses(g: Graph) -> tuple[dict[str, list], list[str]]:
     found: dict[str, list] = {}
+    as_values: list[str] = []
+    outputs = set(g.outputs.values())
     for name, nid in g.inputs.items():
         node = g.nodes[nid]
         if node.type.is_float or node.attrs.get("kind") in _BOUND_KINDS:
             continue
-        stack, seen = [nid], {nid}
+        stack, seen, other = [nid], {nid}, False
         while stack:
             v = stack.pop()
+            other = other or v in outputs
             for u in g.users(v):
                 user = g.nodes[u]
+                index = {pos for pos in user.op.index_bounds(g, user) if user.inputs[pos] == v}
                 for pos, rows in user.op.index_bounds(g, user).items():
-                    if user.inputs[pos] == v and rows not in found.setdefault(name, []):
+                    if pos in index and rows not in found.setdefault(name, []):
                         found[name].append(rows)
-                if user.op.traits & {"view", "moves_data"} and not user.type.is_float and u not in seen:
+                moves = user.op.traits & {"view", "moves_data"} and not user.type.is_float
+                if moves and u not in seen:
                     seen.add(u)
                     stack.append(u)
+                elif not moves and len(index) < user.inputs.count(v):
+                    other = True
+        if other:
+            as_values.append(name)
     for name, rows in found.items():       # labels are checked against their classes already
         classes = g.nodes[g.inputs[name]].attrs.get("classes") or 0
         rows[:] = [r for r in rows if not (classes and r.__class__ is int and r >= classes)]
-    return {name: rows for name, rows in found.items() if rows}
+    found = {name: rows for name, rows in found.items() if rows}
+    return found, [name for name in as_values if name in found]
 
 
 def eval_loss_graph(mdef: ModelDef) -> Graph:
@@ -556,6 +578,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         dump("opt", "\n".join(optimized_ir(text, target) for text in flat))
         dump("asm", "\n".join(assembly(text, target) for text in flat))
 
+    row_ids, ids_as_values = _row_id_uses(forward)
     meta = {
         "structc": compiler_fingerprint(),
         "abi": ABI_VERSION,
@@ -572,7 +595,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "buffers": sorted(n for n, p in mdef.params.items() if p.buffer),   # written by the training entry
         "batch_counts": batch_counts(forward),      # `Net` refuses to train with one value per channel
         "float_arithmetic_inputs": float_arithmetic_inputs(forward),   # `Net` refuses values beyond 2**24
-        "index_inputs": index_inputs(forward),      # `Net` refuses ids outside the rows they pick from
+        "index_inputs": row_ids,                    # `Net` refuses ids outside the rows they pick from
+        "index_inputs_as_values": ids_as_values,    # a graph's binder cannot renumber those
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step

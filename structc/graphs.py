@@ -586,7 +586,7 @@ class Binder:
     """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
 
     def __init__(self, specs: list[dict], inputs: list[dict] = (), outputs: dict | None = None,
-                 index_inputs: Mapping[str, list] | None = None):
+                 index_inputs: Mapping[str, list] | None = None, ids_as_values=()):
         self.specs = specs
         self._bound = [_GraphSpec(s) for s in specs]
         self.internal = frozenset(name for s in specs for name in s["arrays"].values())
@@ -610,22 +610,28 @@ class Binder:
         self._nodes_inside = {x["name"]: nodes[d] for x in arrays + list(outputs or []) for d in x["shape"][1:]
                               if d in nodes}
         # Integer inputs whose values pick rows of node tensors (`h[pick]`: `compiler.index_inputs`) hold
-        # node ids, which become rows on the way in; one that also picks other rows cannot, so it is refused.
+        # node ids, which become rows on the way in; one that also picks other rows, or whose values are
+        # also used otherwise (arithmetic, an output: `compiler.index_inputs_as_values`), cannot, so a
+        # reordered graph is refused for it (and a data set keeps the graph in node order).
         picks = {name: [nodes[r] for r in rows if r in nodes] for name, rows in (index_inputs or {}).items()}
-        self.node_ids = {name: of[0] for name, of in picks.items() if len(of) == len(index_inputs[name]) == 1}
-        self._ids_mixed = {name: of for name, of in picks.items() if of and name not in self.node_ids}
+        self.node_ids = {name: of[0] for name, of in picks.items()
+                         if len(of) == len(index_inputs[name]) == 1 and name not in ids_as_values}
+        self._ids_mixed = {name: (of, "are also used as values (arithmetic, an output or labels)"
+                                  if name in ids_as_values else "pick other rows too")
+                           for name, of in picks.items() if of and name not in self.node_ids}
         self._local = threading.local()     # the graphs of this thread's current call
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Binder | None":
         specs = meta.get("graphs") or []
         outputs = [o for e in meta.get("entries", {}).values() for o in e["outputs"]]
-        return cls(specs, meta.get("inputs", []), outputs, meta.get("index_inputs")) if specs else None
+        return cls(specs, meta.get("inputs", []), outputs, meta.get("index_inputs"),
+                   meta.get("index_inputs_as_values", ())) if specs else None
 
     def needs_node_order(self, graph: str) -> bool:
         """Whether an input or output has `graph`'s nodes along an axis other than its
         first: `expand` then refuses that graph reordered (`Graph.reordered`)."""
-        return graph in self._nodes_inside.values() or any(graph in of for of in self._ids_mixed.values())
+        return graph in self._nodes_inside.values() or any(graph in of for of, _ in self._ids_mixed.values())
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         if not self.internal.isdisjoint(given):
@@ -661,11 +667,12 @@ class Binder:
             if last[graph].node_order is not None:
                 raise ValueError(f"'{name}' has {graph}'s nodes along an axis other than its first, which a "
                                  f"reordered graph does not support: pass {graph} in node order (not reordered())")
-        for name, graphs in self._ids_mixed.items():
+        for name, (graphs, why) in self._ids_mixed.items():
             for graph in graphs:
                 if last[graph].node_order is not None:
-                    raise ValueError(f"'{name}' holds ids of {graph}'s nodes and of other rows, which a reordered "
-                                     f"graph does not support: pass {graph} in node order (not reordered())")
+                    raise ValueError(f"'{name}' holds ids of {graph}'s nodes that {why}, which a reordered graph "
+                                     f"does not support (its rows hold other nodes): pass {graph} in node order "
+                                     "(not reordered())")
         return out
 
     def restore(self, outputs: dict) -> dict:

@@ -94,3 +94,23 @@ def test_node_ids_moved_by_concat_name_nodes_of_a_reordered_graph(graphs):
     np.testing.assert_allclose(net(g=r, **ids), net(g=g, **ids), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"input 'more': id 40 .* outside \[0, 40\)"):
         net(g=r, pick=ids["pick"], more=np.array([1, 40], np.int32))
+
+
+@pytest.mark.parametrize("uses", ["output back = pick", "output plus = pick + 0"])
+def test_node_ids_also_used_as_values_refuse_a_reordered_graph(graphs, uses):
+    """The binder renumbers node ids into a reordered graph's rows; an output `pick`
+    gave those rows ([22, 25] for [0, 7]), `pick + 0` too. Such a model now refuses a
+    reordered graph (and a data set keeps the graph in node order), naming the input."""
+    g, r = graphs
+    source = (GRAPH % f"output picked = h[pick]\n  {uses}").replace("  input  more: i32[2]\n", "")
+    net = structc.compile(source, seed=5)
+    pick = np.array([0, 7], np.int32)
+    plain = net.forward(g=g, pick=pick)
+    if "back" in plain or "plus" in plain:
+        np.testing.assert_array_equal(plain.get("back", plain.get("plus")), pick)
+    with pytest.raises(ValueError, match=r"'pick' holds ids of g's nodes that are also used as values .*"
+                                         r"pass g in node order"):
+        net.forward(g=r, pick=pick)
+    assert structc.graphs.Binder.from_meta(net.meta).needs_node_order("g")
+    alone = structc.compile(GRAPH.replace("  input  more: i32[2]\n", "") % "output picked = h[pick]", seed=5)
+    assert not structc.graphs.Binder.from_meta(alone.meta).needs_node_order("g")

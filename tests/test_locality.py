@@ -284,6 +284,6 @@ def test_node_ids_given_as_inputs_name_nodes_not_rows():
     both = structc.compile(PICK.replace("h[pick]", "h[pick] + E[pick]")         # pick: node ids and word ids
                            .replace("  h = ", "  param E: embedding(50, 4)\n  h = "), seed=5)
     both.forward(g=g, pick=pick)
-    with pytest.raises(ValueError, match="ids of g's nodes and of other rows"):
+    with pytest.raises(ValueError, match="ids of g's nodes that pick other rows too"):
         both.forward(g=r, pick=pick)
     assert Binder.from_meta(both.meta).needs_node_order("g") and not Binder.from_meta(net.meta).needs_node_order("g")
