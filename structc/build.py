@@ -125,6 +125,7 @@ class ModelBuilder:
                 total = total + extra
             g.outputs["loss"] = total.id
         check_sizes(g, self.model.span)
+        check_computed_ids(g, self.model.span)
         named = self.outputs or self.implied_outputs
         if not named and not self.losses:
             raise SnetError(f"model '{self.model.name}' has no output and no loss: add "
@@ -536,6 +537,46 @@ def check_sizes(graph: Graph, span: Span | None) -> None:
         body = node.attrs.get("body")
         if isinstance(body, Graph):
             check_sizes(body, node.span or span)
+
+
+def check_computed_ids(graph: Graph, span: Span | None) -> None:
+    """Row ids the model computes (`E[argmax(x)]`), read directly or through ops that
+    only move them, lie within the rows they pick from: kernels clamp an id outside,
+    which would silently be another row (argmax 7 read E's last row of 5), and no
+    call sees such ids before native code runs, so their range (`Op.id_range`) is
+    checked here. The caller's ids are checked at the call (`compiler.index_inputs`)."""
+    for node in graph.nodes.values():
+        for pos, rows in node.op.index_bounds(graph, node).items():
+            for source in _id_sources(graph, node.inputs[pos]):
+                op = graph.nodes[source].op
+                if "source" in op.traits:       # an input: its values are checked at the call, or by a binder
+                    continue
+                bound = op.id_range(graph, graph.nodes[source])
+                where = node.span or span
+                if bound is None:
+                    raise SnetShapeError(f"row ids computed by {op.name} have no known range, so ids outside "
+                                         f"[0, {rows}) could silently pick another row", where)
+                if bound != rows and not (isinstance(bound, int) and isinstance(rows, int) and bound <= rows):
+                    raise SnetShapeError(f"row ids computed by {op.name} lie in [0, {bound}), but pick from "
+                                         f"[0, {rows}): an id past {rows} would silently be another row "
+                                         f"(compute them over {rows} values, or pick from {bound} rows)", where)
+        body = node.attrs.get("body")
+        if isinstance(body, Graph):
+            check_computed_ids(body, node.span or span)
+
+
+def _id_sources(graph: Graph, nid: int) -> set[int]:
+    """The nodes whose values reach `nid` through ops that only move integers."""
+    sources, stack, seen = set(), [nid], {nid}
+    while stack:
+        node = graph.nodes[stack.pop()]
+        if node.op.traits & {"view", "moves_data"} and node.inputs:
+            fresh = [i for i in node.inputs if i not in seen]
+            seen.update(fresh)
+            stack.extend(fresh)
+        else:
+            sources.add(node.id)
+    return sources
 
 
 def _option_value(fname: str, key: str, v, default, span: Span):

@@ -236,6 +236,14 @@ def index_inputs_as_values(g: Graph) -> list[str]:
     return _row_id_uses(g)[1]
 
 
+def computed_positions(g: Graph) -> list[str]:
+    """The size symbols positions along which ops compute (`argmax` over a graph's
+    nodes gives rows): a reordered graph's rows hold other nodes, so its binder
+    refuses one whose nodes are among them (`graphs.Binder`)."""
+    found = {n.op.id_range(g, n) for n in g.nodes.values()}
+    return sorted(d for d in found if isinstance(d, str))
+
+
 def _row_id_uses(g: Graph) -> tuple[dict[str, list], list[str]]:
     found: dict[str, list] = {}
     as_values: list[str] = []
@@ -597,6 +605,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "float_arithmetic_inputs": float_arithmetic_inputs(forward),   # `Net` refuses values beyond 2**24
         "index_inputs": row_ids,                    # `Net` refuses ids outside the rows they pick from
         "index_inputs_as_values": ids_as_values,    # a graph's binder cannot renumber those
+        "computed_positions": computed_positions(forward),     # nor positions computed along its nodes
         "graphs": [spec.meta() for spec in mdef.graphs.values()],
         "n_hyper": N_HYPER,
         "random": any("random" in n.op.traits for n in mdef.graph.nodes.values()),    # dropout: Net writes the step

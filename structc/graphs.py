@@ -586,7 +586,7 @@ class Binder:
     """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
 
     def __init__(self, specs: list[dict], inputs: list[dict] = (), outputs: dict | None = None,
-                 index_inputs: Mapping[str, list] | None = None, ids_as_values=()):
+                 index_inputs: Mapping[str, list] | None = None, ids_as_values=(), positions=()):
         self.specs = specs
         self._bound = [_GraphSpec(s) for s in specs]
         self.internal = frozenset(name for s in specs for name in s["arrays"].values())
@@ -619,6 +619,9 @@ class Binder:
         self._ids_mixed = {name: (of, "are also used as values (arithmetic, an output or labels)"
                                   if name in ids_as_values else "pick other rows too")
                            for name, of in picks.items() if of and name not in self.node_ids}
+        # positions computed along the nodes (`argmax` over them: `compiler.computed_positions`) are rows,
+        # which are not the nodes of a reordered graph
+        self._positions = {nodes[d]: d for d in positions if d in nodes}
         self._local = threading.local()     # the graphs of this thread's current call
 
     @classmethod
@@ -626,12 +629,13 @@ class Binder:
         specs = meta.get("graphs") or []
         outputs = [o for e in meta.get("entries", {}).values() for o in e["outputs"]]
         return cls(specs, meta.get("inputs", []), outputs, meta.get("index_inputs"),
-                   meta.get("index_inputs_as_values", ())) if specs else None
+                   meta.get("index_inputs_as_values", ()), meta.get("computed_positions", ())) if specs else None
 
     def needs_node_order(self, graph: str) -> bool:
         """Whether an input or output has `graph`'s nodes along an axis other than its
         first: `expand` then refuses that graph reordered (`Graph.reordered`)."""
-        return graph in self._nodes_inside.values() or any(graph in of for of, _ in self._ids_mixed.values())
+        return (graph in self._nodes_inside.values() or graph in self._positions
+                or any(graph in of for of, _ in self._ids_mixed.values()))
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         if not self.internal.isdisjoint(given):
@@ -667,6 +671,11 @@ class Binder:
             if last[graph].node_order is not None:
                 raise ValueError(f"'{name}' has {graph}'s nodes along an axis other than its first, which a "
                                  f"reordered graph does not support: pass {graph} in node order (not reordered())")
+        for graph, size in self._positions.items():
+            if last[graph].node_order is not None:
+                raise ValueError(f"the model computes positions along {size} (argmax over {graph}'s nodes), "
+                                 f"which are rows, and a reordered graph's rows hold other nodes: pass {graph} in "
+                                 "node order (not reordered())")
         for name, (graphs, why) in self._ids_mixed.items():
             for graph in graphs:
                 if last[graph].node_order is not None:

@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 
 import structc
+from structc.build import build_model
+from structc.interp import evaluate
+from structc.ops import REGISTRY
+from structc.syntax import parse
 from test_locality import ring
 
 E5 = "  param E: embedding(5, 2) = normal(1)\n"
@@ -114,3 +118,57 @@ def test_node_ids_also_used_as_values_refuse_a_reordered_graph(graphs, uses):
     assert structc.graphs.Binder.from_meta(net.meta).needs_node_order("g")
     alone = structc.compile(GRAPH.replace("  input  more: i32[2]\n", "") % "output picked = h[pick]", seed=5)
     assert not structc.graphs.Binder.from_meta(alone.meta).needs_node_order("g")
+
+
+# -- ids an op computes: argmax's positions, checked against the rows when the model is built
+
+@pytest.mark.parametrize("source, where", [
+    ("model G {\n  input x: f32[N, 10]\n" + E5 + "  output s = E[argmax(x)]\n}", (4, 14)),
+    ("model S {\n  input x: f32[N, M]\n" + E5 + "  output s = E[argmax(x)]\n}", (4, 14)),
+    ("model R {\n  input x: f32[N, 1, 10]\n" + E5 + "  output s = E[reshape(argmax(x), N)]\n}", (4, 14)),
+    ("model O {\n  input x: f32[N, 10]\n  output s = onehot(argmax(x), 3)\n}", (3, 14)),
+], ids=["gather", "symbolic", "through a reshape", "onehot"])
+def test_ids_computed_past_the_rows_are_refused_when_the_model_is_built(source, where):
+    """E[argmax(x)] over 10 columns into 5 rows read E[4] for argmax 7 (and trained it);
+    onehot(argmax(x), 3) gave a row of zeros. Refused at the index's span, for native
+    code and the interpreter alike (both take the model from `build_model`)."""
+    with pytest.raises(structc.SnetError, match=r"row ids computed by argmax lie in \[0, (10|M)\), but pick "
+                                                 r"from \[0, (5|3)\)") as info:
+        build_model(parse(source, "m.snet"))
+    assert (info.value.span.line, info.value.span.col) == where
+    with pytest.raises(structc.SnetError, match="row ids computed by argmax"):
+        structc.compile(source, cache=False)
+
+
+def test_ids_computed_within_the_rows_are_read_as_computed():
+    source = "model G {\n  input x: f32[N, 5]\n" + E5 + "  output s = E[argmax(x)]\n  output t = onehot(argmax(x), 5)\n}"
+    net = structc.compile(source)
+    x = np.random.default_rng(1).normal(size=(6, 5)).astype(np.float32)
+    want = np.argmax(x, axis=1)
+    out = net.forward(x=x)
+    np.testing.assert_array_equal(out["s"], net.params["E"][want])
+    np.testing.assert_array_equal(out["t"], np.eye(5)[want])
+    ref = evaluate(build_model(parse(source, "m.snet")).graph, {"x": x}, {"E": net.params["E"]}, dtype=np.float32)
+    np.testing.assert_array_equal(ref["s"], out["s"])
+
+
+def test_an_op_computing_ids_of_no_known_range_is_refused(monkeypatch):
+    """An op's `id_range` None (the default: a new op that makes integers) is refused, not trusted."""
+    monkeypatch.setattr(type(REGISTRY["argmax"]), "id_range", lambda self, graph, node: None)
+    with pytest.raises(structc.SnetError, match=r"row ids computed by argmax have no known range"):
+        build_model(parse("model G {\n  input x: f32[N, 5]\n" + E5 + "  output s = E[argmax(x)]\n}", "m.snet"))
+
+
+def test_positions_along_the_nodes_refuse_a_reordered_graph(graphs):
+    """argmax over the nodes gives rows: of a reordered graph, other nodes ([33, 32, ...]
+    where the graph as given gave [32, 22, ...])."""
+    g, r = graphs
+    source = (GRAPH % "output hh = h\n  output best = argmax(transpose(h))\n  output top = h[argmax(transpose(h))]"
+              ).replace("  input  pick: i32[2]\n  input  more: i32[2]\n", "")
+    net = structc.compile(source, seed=5)
+    out = net.forward(g=g)
+    np.testing.assert_array_equal(out["best"], np.argmax(out["hh"], axis=0))
+    np.testing.assert_array_equal(out["top"], out["hh"][out["best"]])
+    with pytest.raises(ValueError, match=r"positions along g.nodes \(argmax over g's nodes\).*pass g in node order"):
+        net.forward(g=r)
+    assert structc.graphs.Binder.from_meta(net.meta).needs_node_order("g")

@@ -99,6 +99,14 @@ class Op:
         (`compiler.index_inputs`) rather than give another row's result."""
         return {}
 
+    def id_range(self, graph, node):
+        """For an op whose integer result holds positions it computes (argmax):
+        they lie in [0, this) (an int, or a size symbol). Row ids such an op
+        computes are checked against the rows they pick from when the model is
+        built (`build.check_computed_ids`), since no call sees them before
+        native code runs; None (the default): no known range, so they are refused."""
+        return None
+
     # -- derived ---------------------------------------------------------
     def infer(self, *types: TensorType, **attrs) -> TensorType:
         tensors, _ = self.signature()

@@ -194,6 +194,10 @@ class Argmax(Op):
     def vjp(self, b, g, out, x, *, axis=-1):
         return [None]
 
+    def id_range(self, graph, node):
+        x = graph.nodes[node.inputs[0]].shape
+        return x[normalize_axes(node.attrs.get("axis", -1), len(x))[0]]
+
     def reference(self, x, *, axis=-1):
         return np.argmax(x, axis=normalize_axes(axis, x.ndim)[0]).astype(np.int32)
 
