@@ -224,16 +224,9 @@ def index_inputs(g: Graph) -> dict[str, list]:
     read directly or through ops that only move them (views, `moves_data`: copies,
     broadcasts, concat, slice, transpose), with the rows each use picks from (ints
     or size symbols): kernels clamp an id outside, which would silently be another
-    row, so `Net` refuses such an id at the call."""
-    return _row_id_uses(g)[0]
-
-
-def index_inputs_as_values(g: Graph) -> list[str]:
-    """The inputs of `index_inputs` whose values also reach something other than
-    row ids: arithmetic, an output, labels. A graph's binder renumbers node ids
-    into the rows of a reordered graph, which those other uses would see too (an
-    output `pick` gave rows, not the nodes given), so it refuses such a graph."""
-    return _row_id_uses(g)[1]
+    row, so `Net` refuses such an id at the call. Uses that read only a block of
+    the input (`chunk(k, 1, 2)`) are in `index_inputs_in_part`."""
+    return row_id_uses(g)[0]
 
 
 def computed_positions(g: Graph) -> list[str]:
@@ -244,37 +237,71 @@ def computed_positions(g: Graph) -> list[str]:
     return sorted(d for d in found if isinstance(d, str))
 
 
-def _row_id_uses(g: Graph) -> tuple[dict[str, list], list[str]]:
-    found: dict[str, list] = {}
+def row_id_uses(g: Graph) -> tuple[dict[str, list], dict[str, list], list[str]]:
+    """`index_inputs`; the uses that read a block of an input only, `{name: [[rows,
+    block]]}`, block one `[start, stop]` or None (all of it) per axis of the input
+    (`k`'s second column is `chunk(k, 1, 2)`'s ids, the first may hold anything);
+    and the inputs whose ids are also used otherwise (`index_inputs_as_values`:
+    arithmetic, an output, labels; a graph's binder renumbers node ids into the
+    rows of a reordered graph, which those uses would see too)."""
+    whole: dict[str, list] = {}
+    parts: dict[str, list] = {}
     as_values: list[str] = []
     outputs = set(g.outputs.values())
     for name, nid in g.inputs.items():
         node = g.nodes[nid]
         if node.type.is_float or node.attrs.get("kind") in _BOUND_KINDS:
             continue
-        stack, seen, other = [nid], {nid}, False
+        # (node, block of the input its values come from, whether its axes are still the input's)
+        stack = [(nid, None, True)]
+        seen, other = set(stack), False
         while stack:
-            v = stack.pop()
+            v, block, aligned = stack.pop()
             other = other or v in outputs
             for u in g.users(v):
                 user = g.nodes[u]
                 index = {pos for pos in user.op.index_bounds(g, user) if user.inputs[pos] == v}
                 for pos, rows in user.op.index_bounds(g, user).items():
-                    if pos in index and rows not in found.setdefault(name, []):
-                        found[name].append(rows)
+                    use = rows if block is None else [rows, [list(b) if b else None for b in block]]
+                    into = whole if block is None else parts
+                    if pos in index and use not in into.setdefault(name, []):
+                        into[name].append(use)
                 moves = user.op.traits & {"view", "moves_data"} and not user.type.is_float
-                if moves and u not in seen:
-                    seen.add(u)
-                    stack.append(u)
-                elif not moves and len(index) < user.inputs.count(v):
+                if moves:
+                    state = _moved_block(g, user, v, block, aligned)
+                    if state not in seen:
+                        seen.add(state)
+                        stack.append(state)
+                elif len(index) < user.inputs.count(v):
                     other = True
         if other:
             as_values.append(name)
-    for name, rows in found.items():       # labels are checked against their classes already
-        classes = g.nodes[g.inputs[name]].attrs.get("classes") or 0
-        rows[:] = [r for r in rows if not (classes and r.__class__ is int and r >= classes)]
-    found = {name: rows for name, rows in found.items() if rows}
-    return found, [name for name in as_values if name in found]
+    for found in (whole, parts):        # labels are checked against their classes already
+        for name, uses in found.items():
+            classes = g.nodes[g.inputs[name]].attrs.get("classes") or 0
+            rows_of = (lambda use: use) if found is whole else (lambda use: use[0])
+            uses[:] = [use for use in uses if not (classes and rows_of(use).__class__ is int
+                                                   and rows_of(use) >= classes)]
+            if found is parts:          # a block of ids the whole input's check covers already
+                uses[:] = [use for use in uses if use[0] not in whole.get(name, ())]
+    whole = {name: rows for name, rows in whole.items() if rows}
+    parts = {name: uses for name, uses in parts.items() if uses}
+    return whole, parts, [name for name in as_values if name in whole or name in parts]
+
+
+def _moved_block(g: Graph, user, v: int, block, aligned: bool) -> tuple:
+    """The walk's state at `user`, an op that moves v's values: a slice of a value
+    whose axes are still the input's narrows the block; a copy keeps the axes;
+    any other move (reshape, transpose, concat, broadcast) keeps the block, as a
+    bound on where the values come from, but not the axes."""
+    shape = g.nodes[v].shape
+    if aligned and user.op.name == "slice":
+        ax = user.attrs["axis"] % len(shape)
+        start = 0 if block is None or block[ax] is None else block[ax][0]
+        block = tuple(((start + user.attrs["start"], start + user.attrs["stop"]) if k == ax else
+                       (None if block is None else block[k])) for k in range(len(shape)))
+        return user.id, block, True
+    return user.id, block, aligned and user.shape == shape and "elementwise" in user.op.traits
 
 
 def eval_loss_graph(mdef: ModelDef) -> Graph:
@@ -586,7 +613,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         dump("opt", "\n".join(optimized_ir(text, target) for text in flat))
         dump("asm", "\n".join(assembly(text, target) for text in flat))
 
-    row_ids, ids_as_values = _row_id_uses(forward)
+    row_ids, row_ids_in_part, ids_as_values = row_id_uses(forward)
     meta = {
         "structc": compiler_fingerprint(),
         "abi": ABI_VERSION,
@@ -604,6 +631,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "batch_counts": batch_counts(forward),      # `Net` refuses to train with one value per channel
         "float_arithmetic_inputs": float_arithmetic_inputs(forward),   # `Net` refuses values beyond 2**24
         "index_inputs": row_ids,                    # `Net` refuses ids outside the rows they pick from
+        "index_inputs_in_part": row_ids_in_part,    # ... in the block of the input that picks them
         "index_inputs_as_values": ids_as_values,    # a graph's binder cannot renumber those
         "computed_positions": computed_positions(forward),     # nor positions computed along its nodes
         "graphs": [spec.meta() for spec in mdef.graphs.values()],

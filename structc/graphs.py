@@ -611,7 +611,7 @@ class Binder:
                               if d in nodes}
         # Integer inputs whose values pick rows of node tensors (`h[pick]`: `compiler.index_inputs`) hold
         # node ids, which become rows on the way in; one that also picks other rows, or whose values are
-        # also used otherwise (arithmetic, an output: `compiler.index_inputs_as_values`), cannot, so a
+        # also used otherwise (arithmetic, an output: `compiler.row_id_uses`), cannot, so a
         # reordered graph is refused for it (and a data set keeps the graph in node order).
         picks = {name: [nodes[r] for r in rows if r in nodes] for name, rows in (index_inputs or {}).items()}
         self.node_ids = {name: of[0] for name, of in picks.items()
@@ -628,8 +628,13 @@ class Binder:
     def from_meta(cls, meta: dict) -> "Binder | None":
         specs = meta.get("graphs") or []
         outputs = [o for e in meta.get("entries", {}).values() for o in e["outputs"]]
-        return cls(specs, meta.get("inputs", []), outputs, meta.get("index_inputs"),
-                   meta.get("index_inputs_as_values", ()), meta.get("computed_positions", ())) if specs else None
+        if not specs:
+            return None
+        ids = {name: list(rows) for name, rows in meta.get("index_inputs", {}).items()}
+        for name, uses in meta.get("index_inputs_in_part", {}).items():     # a block of the input is ids
+            ids.setdefault(name, []).extend(rows for rows, _ in uses if rows not in ids.get(name, ()))
+        return cls(specs, meta.get("inputs", []), outputs, ids, meta.get("index_inputs_as_values", ()),
+                   meta.get("computed_positions", ()))
 
     def needs_node_order(self, graph: str) -> bool:
         """Whether an input or output has `graph`'s nodes along an axis other than its

@@ -227,19 +227,28 @@ def _check_exact_in_float32(names: frozenset, entry: _Entry, arrays: list) -> No
                                  "2**24 in magnitude, or only index with them)")
 
 
-def _check_indices(bounds: Mapping[str, list], entry: _Entry, arrays: list, dims: Mapping[str, int]) -> None:
+def _check_indices(bounds: Mapping[str, list], parts: Mapping[str, list], entry: _Entry, arrays: list,
+                   dims: Mapping[str, int]) -> None:
     """Refuse row ids outside the rows they pick from (`compiler.index_inputs`): the
-    kernels clamp them, so `E[k]` of a k past E's rows would silently be another row."""
+    kernels clamp them, so `E[k]` of a k past E's rows would silently be another row.
+    `parts`: ids read from a block of an input (`compiler.row_id_uses`), checked there."""
     for spec, arr in zip(entry.inputs, arrays):
         rows = bounds.get(spec.name)
-        if rows is None:
-            continue
-        n = min(r if r.__class__ is int else dims.get(r, 1) for r in rows)
-        bad = _runtime.first_out_of_range(arr, 0, n)
-        if bad >= 0:
-            where = tuple(int(i) for i in np.unravel_index(bad, arr.shape))
-            raise ValueError(f"input '{spec.name}': id {arr.reshape(-1)[bad]} at position {where} is outside "
-                             f"[0, {n}), the rows it picks from (native code would clamp it to another row)")
+        if rows is not None:
+            _check_block(spec.name, arr, (), min(r if r.__class__ is int else dims.get(r, 1) for r in rows))
+        for rows, block in parts.get(spec.name, ()):
+            corner = tuple(0 if b is None else b[0] for b in block)
+            inside = arr[tuple(slice(None) if b is None else slice(*b) for b in block)]
+            _check_block(spec.name, np.ascontiguousarray(inside), corner,
+                         rows if rows.__class__ is int else dims.get(rows, 1))
+
+
+def _check_block(name: str, arr: np.ndarray, corner: tuple, n: int) -> None:
+    bad = _runtime.first_out_of_range(arr, 0, n)
+    if bad >= 0:
+        where = tuple(int(i) + (corner[k] if corner else 0) for k, i in enumerate(np.unravel_index(bad, arr.shape)))
+        raise ValueError(f"input '{name}': id {arr.reshape(-1)[bad]} at position {where} is outside "
+                         f"[0, {n}), the rows it picks from (native code would clamp it to another row)")
 
 
 #: what every part of a model must agree on: its entries share the arena, the inputs and the dims
@@ -359,6 +368,7 @@ class Net:
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
         self._index_ids = meta.get("index_inputs", {})     # integers used as row ids: checked against the rows
+        self._index_parts = meta.get("index_inputs_in_part", {})      # ... a block of them (chunk(k, 1, 2))
         self._forward_plan = self._call_plan("forward", 0)      # `net(x=x)` on ndarrays: checked in C
         self._train_plan = None         # `train_step`'s, made on its first call (the entry may be deferred)
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
@@ -619,8 +629,8 @@ class Net:
         limits = {}         # the plan checks labels and row ids alike: every value in [0, limit)
         for s in entry.inputs:
             rows = self._index_ids.get(s.name, ())
-            if any(r.__class__ is not int for r in rows):
-                return _NO_PLAN     # ids into rows counted at run time: `_run` checks them
+            if any(r.__class__ is not int for r in rows) or s.name in self._index_parts:
+                return _NO_PLAN     # ids into rows counted at run time, or in a block: `_run` checks them
             limits[s.name] = min(list(rows) + ([s.classes] if s.classes else []), default=0)
         # sealed: a binder's array of a Graph, which the plan takes again unchecked when it is the last one
         inputs = [(sys.intern(s.name), memoryview(np.empty(0, s.dtype)).format, np.dtype(s.dtype).itemsize,
@@ -665,8 +675,8 @@ class Net:
             _check_batch_counts(self._batch_counts, dims)
         if self._float_ints:
             _check_exact_in_float32(self._float_ints, entry, arrays)
-        if self._index_ids:
-            _check_indices(self._index_ids, entry, arrays, dims)
+        if self._index_ids or self._index_parts:
+            _check_indices(self._index_ids, self._index_parts, entry, arrays, dims)
         if dims_out is not None:
             dims_out.update(dims)
         dvals = tuple([dims.get(s, 1) for s in self._symbols])

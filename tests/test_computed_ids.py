@@ -172,3 +172,18 @@ def test_positions_along_the_nodes_refuse_a_reordered_graph(graphs):
     with pytest.raises(ValueError, match=r"positions along g.nodes \(argmax over g's nodes\).*pass g in node order"):
         net.forward(g=r)
     assert structc.graphs.Binder.from_meta(net.meta).needs_node_order("g")
+
+
+def test_ids_in_a_block_of_an_input_are_checked_in_that_block_only():
+    """k's columns are ids into tables of 5 and 40 rows (a word and a tag, say): each
+    column is checked against its own table, not both against the smaller one."""
+    net = structc.compile("model W {\n  input k: i32[N, 2]\n" + E5 + "  param F: embedding(40, 2)\n"
+                          "  output s = E[reshape(chunk(k, 0, 2), N)] + F[reshape(chunk(k, 1, 2), N)]\n}")
+    k = np.array([[4, 39], [0, 20]], np.int32)
+    np.testing.assert_allclose(net(k=k), net.params["E"][k[:, 0]] + net.params["F"][k[:, 1]])
+    for at, bad, rows in (((1, 0), 5, 5), ((0, 1), 40, 40), ((1, 1), -1, 40)):
+        spoilt = k.copy()
+        spoilt[at] = bad
+        with pytest.raises(ValueError, match=rf"input 'k': id {bad} at position {re.escape(str(at))} is outside "
+                                             rf"\[0, {rows}\)"):
+            net(k=spoilt)
