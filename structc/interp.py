@@ -1,7 +1,8 @@
 """Evaluate a graph with numpy, op by op, from each op's `reference`.
 
 This is the meaning of a graph: tests compare native code, fused or not,
-against it, and finite differences run through it in float64.
+against it, and finite differences run through it in float64. A row id
+outside the rows it picks from is an error here, as at a `Net` call.
 """
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str
             if "needs_dims" in node.op.traits:
                 attrs["dims"] = dims
             args = [vals[i] for i in node.inputs]
+            for pos, rows in node.op.index_bounds(graph, node).items():
+                _check_row_ids(node, args[pos], rows if isinstance(rows, int) else dims[rows])
             out = node.op.reference(*args, **attrs)
             vals[nid] = np.asarray(out, dtype=dtype) if node.type.is_float else np.asarray(out)
     return {name: vals[graph.outputs[name]] for name in wanted}
+
+
+def _check_row_ids(node, ids: np.ndarray, rows: int) -> None:
+    """Refuse a row id outside [0, rows), as `Net` does before native code runs (the
+    references clamp, as the kernels do, which would silently be another row)."""
+    outside = (ids < 0) | (ids >= rows)
+    if outside.any():
+        where = f" at {node.span.line}:{node.span.col}" if node.span is not None else ""
+        raise ValueError(f"{node.op.name}{where}: id {ids[outside][0]} is outside [0, {rows}), the rows it "
+                         "picks from")

@@ -34,6 +34,9 @@ MOVED = {
 }
 
 
+MOVED_SOURCE = {structc.syntax.parse(source, "m.snet").models[0].name: source for source, *_ in MOVED.values()}
+
+
 @pytest.fixture(scope="module", params=sorted(MOVED))
 def moved(request):
     source, good, ids, spoil = MOVED[request.param]
@@ -187,3 +190,17 @@ def test_ids_in_a_block_of_an_input_are_checked_in_that_block_only():
         with pytest.raises(ValueError, match=rf"input 'k': id {bad} at position {re.escape(str(at))} is outside "
                                              rf"\[0, {rows}\)"):
             net(k=spoilt)
+
+
+def test_the_interpreter_refuses_the_ids_native_code_refuses(moved):
+    """`interp.evaluate` (the meaning of a graph) clamped as the kernels do, so it gave
+    E[4] for id 7 where `Net` refuses it: now both refuse, and agree on good ids."""
+    net, good, ids, (name, at) = moved
+    graph = build_model(parse(MOVED_SOURCE[net.name], "m.snet")).graph
+    arrays = {k: np.array(v, np.int32) for k, v in good.items()}
+    np.testing.assert_array_equal(evaluate(graph, arrays, net.params, dtype=np.float32)["s"], net(**arrays))
+    arrays[name][at] = 7
+    with pytest.raises(ValueError, match=r"input '.*': id 7 at position .* is outside \[0, 5\)"):
+        net(**arrays)
+    with pytest.raises(ValueError, match=r"(gather_rows|onehot) at \d+:\d+: id 7 is outside \[0, 5\)"):
+        evaluate(graph, arrays, net.params, dtype=np.float32)
