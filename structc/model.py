@@ -236,11 +236,31 @@ def _check_indices(bounds: Mapping[str, list], parts: Mapping[str, list], entry:
         rows = bounds.get(spec.name)
         if rows is not None:
             _check_block(spec.name, arr, (), min(r if r.__class__ is int else dims.get(r, 1) for r in rows))
-        for rows, block in parts.get(spec.name, ()):
-            corner = tuple(0 if b is None else b[0] for b in block)
-            inside = arr[tuple(slice(None) if b is None else slice(*b) for b in block)]
-            _check_block(spec.name, np.ascontiguousarray(inside), corner,
+    _check_blocks(parts, dict(zip([s.name for s in entry.inputs], arrays)), dims)
+
+
+def _check_blocks(parts: Mapping[str, list], given: Mapping[str, object], dims: Mapping[str, int] | None) -> None:
+    """The ids in blocks of inputs (`compiler.row_id_uses`), each against its rows.
+    Also run before a C call plan (`dims` None), which checks an input against one
+    limit only: an input it would not take (not an ndarray of integers of the rank
+    declared) is left to the Python path, which checks it here once converted, as
+    are rows counted at run time (a model with such rows has no plan)."""
+    for name, uses in parts.items():
+        arr = given.get(name)
+        if arr.__class__ is not np.ndarray or arr.dtype.kind != "i" or arr.ndim != len(uses[0][2]):
+            continue
+        for rows, where, corner in uses:
+            if dims is None and rows.__class__ is not int:
+                continue
+            _check_block(name, np.ascontiguousarray(arr[where]), corner,
                          rows if rows.__class__ is int else dims.get(rows, 1))
+
+
+def _blocks(parts: Mapping[str, list]) -> dict[str, list]:
+    """The metadata's `index_inputs_in_part` as (rows, the block's index, its first corner)."""
+    return {name: [(rows, tuple(slice(None) if b is None else slice(*b) for b in block),
+                    tuple(0 if b is None else b[0] for b in block)) for rows, block in uses]
+            for name, uses in parts.items()}
 
 
 def _check_block(name: str, arr: np.ndarray, corner: tuple, n: int) -> None:
@@ -368,7 +388,7 @@ class Net:
         self._batch_counts = meta.get("batch_counts", [])   # batch norm: values per channel in training
         self._float_ints = frozenset(meta.get("float_arithmetic_inputs", ()))   # integers computed on in f32
         self._index_ids = meta.get("index_inputs", {})     # integers used as row ids: checked against the rows
-        self._index_parts = meta.get("index_inputs_in_part", {})      # ... a block of them (chunk(k, 1, 2))
+        self._index_parts = _blocks(meta.get("index_inputs_in_part", {}))     # ... a block of them (chunk(k, 1, 2))
         self._forward_plan = self._call_plan("forward", 0)      # `net(x=x)` on ndarrays: checked in C
         self._train_plan = None         # `train_step`'s, made on its first call (the entry may be deferred)
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
@@ -629,8 +649,8 @@ class Net:
         limits = {}         # the plan checks labels and row ids alike: every value in [0, limit)
         for s in entry.inputs:
             rows = self._index_ids.get(s.name, ())
-            if any(r.__class__ is not int for r in rows) or s.name in self._index_parts:
-                return _NO_PLAN     # ids into rows counted at run time, or in a block: `_run` checks them
+            if any(r.__class__ is not int for r in [*rows, *(r for r, *_ in self._index_parts.get(s.name, ()))]):
+                return _NO_PLAN     # ids into rows counted at run time: `_run` checks them
             limits[s.name] = min(list(rows) + ([s.classes] if s.classes else []), default=0)
         # sealed: a binder's array of a Graph, which the plan takes again unchecked when it is the last one
         inputs = [(sys.intern(s.name), memoryview(np.empty(0, s.dtype)).format, np.dtype(s.dtype).itemsize,
@@ -704,6 +724,8 @@ class Net:
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         """All declared outputs, by name."""
+        if self._index_parts:       # ids in a block of an input: the plan checks whole inputs only
+            _check_blocks(self._index_parts, inputs, None)
         outs = self._forward_plan.run(inputs)      # ndarrays as declared: checked and run in C
         if outs is None:
             outs = self._run("forward", inputs, 0)[0]
@@ -711,6 +733,8 @@ class Net:
 
     def __call__(self, **inputs):
         """The forward pass: the output array (a dict when there are several)."""
+        if self._index_parts:
+            _check_blocks(self._index_parts, inputs, None)
         out = self._forward_plan.call(inputs)      # the array itself when there is one output
         if out is not None:
             return out
@@ -783,6 +807,8 @@ class Net:
         plan = self._train_plan or self._make_train_plan()
         if plan is not _NO_PLAN:                # as `train_step`: checked and run in C, mode none
             given, dims = self._expanded(inputs)
+            if self._index_parts:               # ids in a block of an input: the plan checks whole inputs
+                _check_blocks(self._index_parts, given, None)
 
             def before():                       # under the lock
                 mode = MODES["none"]
@@ -909,6 +935,8 @@ class Net:
         ran = None
         if plan is not _NO_PLAN:
             given, dims = self._expanded(inputs)
+            if self._index_parts:
+                _check_blocks(self._index_parts, given, None)
 
             def hyper():                        # under the lock, as `_run`'s before, mode and after
                 mode = MODES[self.optimizer]

@@ -177,19 +177,31 @@ def test_positions_along_the_nodes_refuse_a_reordered_graph(graphs):
     assert structc.graphs.Binder.from_meta(net.meta).needs_node_order("g")
 
 
-def test_ids_in_a_block_of_an_input_are_checked_in_that_block_only():
+@pytest.mark.parametrize("path", ["fast", "python"])
+def test_ids_in_a_block_of_an_input_are_checked_in_that_block_only(path):
     """k's columns are ids into tables of 5 and 40 rows (a word and a tag, say): each
-    column is checked against its own table, not both against the smaller one."""
-    net = structc.compile("model W {\n  input k: i32[N, 2]\n" + E5 + "  param F: embedding(40, 2)\n"
-                          "  output s = E[reshape(chunk(k, 0, 2), N)] + F[reshape(chunk(k, 1, 2), N)]\n}")
-    k = np.array([[4, 39], [0, 20]], np.int32)
+    column is checked against its own table, not both against the smaller one, on
+    the C call plan (the blocks checked first) and the Python path, in training too."""
+    net = structc.compile("model W {\n  input k: i32[N, 2]\n  target y: class[N] of 2\n" + E5
+                          + "  param F: embedding(40, 2)\n"
+                          "  s = E[reshape(chunk(k, 0, 2), N)] + F[reshape(chunk(k, 1, 2), N)]\n"
+                          "  output s\n  loss cross_entropy(s, y)\n}")
+    k, y = np.array([[4, 39], [0, 20]], np.int32), np.zeros(2, np.int32)
     np.testing.assert_allclose(net(k=k), net.params["E"][k[:, 0]] + net.params["F"][k[:, 1]])
+    net.train_step(k=k, y=y)
+    assert net._forward_plan is not structc.model._NO_PLAN and net._train_plan is not structc.model._NO_PLAN
+    before = {name: p.copy() for name, p in net.params.items()}
     for at, bad, rows in (((1, 0), 5, 5), ((0, 1), 40, 40), ((1, 1), -1, 40)):
         spoilt = k.copy()
         spoilt[at] = bad
-        with pytest.raises(ValueError, match=rf"input 'k': id {bad} at position {re.escape(str(at))} is outside "
-                                             rf"\[0, {rows}\)"):
-            net(k=spoilt)
+        if path == "python":        # not contiguous: the Python path takes the call
+            spoilt = np.stack([spoilt, spoilt], axis=-1)[..., 0]
+        for call in (net, net.forward, lambda **kw: net.train_step(y=y, **kw), lambda **kw: net.grad(y=y, **kw),
+                     lambda **kw: net.grad_into_arena(y=y, **kw)):
+            with pytest.raises(ValueError, match=rf"input 'k': id {bad} at position {re.escape(str(at))} is "
+                                                 rf"outside \[0, {rows}\)"):
+                call(k=spoilt)
+    assert all(np.array_equal(p, before[name]) for name, p in net.params.items())
 
 
 def test_the_interpreter_refuses_the_ids_native_code_refuses(moved):
