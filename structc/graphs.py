@@ -582,6 +582,15 @@ def _rows_of_nodes(value, g: Graph):
     return np.where(inside, place[np.where(inside, arr, 0)], arr).astype(arr.dtype)
 
 
+def _edges_in_given_order(g: Graph) -> bool:
+    """Whether native code keeps `g`'s edges in the order they were given (sorted by
+    destination), worked out once per graph."""
+    same = g._bound.get("edges in given order")
+    if same is None:
+        same = g._bound["edges in given order"] = bool(np.array_equal(g.order, np.arange(len(g.order))))
+    return same
+
+
 class Binder:
     """Expands graph inputs in a call's keyword arguments (the `Net` hook)."""
 
@@ -620,8 +629,10 @@ class Binder:
                                   if name in ids_as_values else "pick other rows too")
                            for name, of in picks.items() if of and name not in self.node_ids}
         # positions computed along the nodes (`argmax` over them: `compiler.computed_positions`) are rows,
-        # which are not the nodes of a reordered graph
-        self._positions = {nodes[d]: d for d in positions if d in nodes}
+        # which are not the nodes of a reordered graph; along the edges, places in CSR order, which are
+        # the edges as given only when those were sorted by destination
+        self._node_positions = {nodes[d]: d for d in positions if d in nodes}
+        self._edge_positions = {edges[d]: d for d in positions if d in edges}
         self._local = threading.local()     # the graphs of this thread's current call
 
     @classmethod
@@ -639,7 +650,7 @@ class Binder:
     def needs_node_order(self, graph: str) -> bool:
         """Whether an input or output has `graph`'s nodes along an axis other than its
         first: `expand` then refuses that graph reordered (`Graph.reordered`)."""
-        return (graph in self._nodes_inside.values() or graph in self._positions
+        return (graph in self._nodes_inside.values() or graph in self._node_positions
                 or any(graph in of for of, _ in self._ids_mixed.values()))
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
@@ -676,11 +687,16 @@ class Binder:
             if last[graph].node_order is not None:
                 raise ValueError(f"'{name}' has {graph}'s nodes along an axis other than its first, which a "
                                  f"reordered graph does not support: pass {graph} in node order (not reordered())")
-        for graph, size in self._positions.items():
+        for graph, size in self._node_positions.items():
             if last[graph].node_order is not None:
                 raise ValueError(f"the model computes positions along {size} (argmax over {graph}'s nodes), "
                                  f"which are rows, and a reordered graph's rows hold other nodes: pass {graph} in "
                                  "node order (not reordered())")
+        for graph, size in self._edge_positions.items():
+            if not _edges_in_given_order(last[graph]):
+                raise ValueError(f"the model computes positions along {size} (argmax over {graph}'s edges), "
+                                 f"which are places in structc's edge order (by destination), not the order "
+                                 f"{graph}'s edges were given in: give them sorted by destination")
         for name, (graphs, why) in self._ids_mixed.items():
             for graph in graphs:
                 if last[graph].node_order is not None:

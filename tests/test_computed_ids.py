@@ -216,3 +216,17 @@ def test_the_interpreter_refuses_the_ids_native_code_refuses(moved):
         net(**arrays)
     with pytest.raises(ValueError, match=r"(gather_rows|onehot) at \d+:\d+: id 7 is outside \[0, 5\)"):
         evaluate(graph, arrays, net.params, dtype=np.float32)
+
+
+def test_positions_along_the_edges_are_the_edges_as_given_or_refused():
+    """Native code keeps edges by destination: argmax over the edges gave that place
+    (1 for the given edge 2, of [[0, 1, 2, 3], [1, 0, 0, 2]]). Refused unless the edges
+    were given in that order, where the positions are the edges as given."""
+    net = structc.compile("model E {\n  input g: graph(features=3)\n  input ew: f32[g.edges, 1]\n"
+                          "  output best = argmax(transpose(ew))\n}")
+    x, ew = np.zeros((4, 3), np.float32), np.array([[0], [0], [9], [0]], np.float32)
+    given = structc.Graph(np.array([[0, 1, 2, 3], [1, 0, 0, 2]]), num_nodes=4, x=x)
+    with pytest.raises(ValueError, match=r"positions along g.edges \(argmax over g's edges\).*sorted by destination"):
+        net(g=given, ew=ew)
+    by_destination = structc.Graph(np.array([[1, 2, 0, 3], [0, 0, 1, 2]]), num_nodes=4, x=x)
+    np.testing.assert_array_equal(net(g=by_destination, ew=ew), [2])
