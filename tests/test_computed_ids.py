@@ -230,3 +230,18 @@ def test_positions_along_the_edges_are_the_edges_as_given_or_refused():
         net(g=given, ew=ew)
     by_destination = structc.Graph(np.array([[1, 2, 0, 3], [0, 0, 1, 2]]), num_nodes=4, x=x)
     np.testing.assert_array_equal(net(g=by_destination, ew=ew), [2])
+
+
+def test_pairs_of_node_ids_in_the_columns_of_one_input_name_nodes_of_a_reordered_graph(graphs):
+    """Link prediction's pairs [K, 2]: each column, a chunk, picks h's rows. Chunks were
+    not followed, so a reordered graph's rows were read at the given ids: other nodes."""
+    g, r = graphs
+    net = structc.compile((GRAPH % "a = h[reshape(chunk(pairs, 0, 2), K)]\n  b = h[reshape(chunk(pairs, 1, 2), K)]\n"
+                           "  output score = sum(a * b, axes=1)").replace("  input  pick: i32[2]\n  input  more: "
+                                                                      "i32[2]\n", "  input  pairs: i32[K, 2]\n"),
+                          seed=5)
+    pairs = np.array([[0, 7], [39, 12], [5, 5]], np.int32)
+    np.testing.assert_allclose(net(g=r, pairs=pairs), net(g=g, pairs=pairs), rtol=1e-5, atol=1e-6)
+    assert not structc.graphs.Binder.from_meta(net.meta).needs_node_order("g")
+    with pytest.raises(ValueError, match=r"input 'pairs': id 40 at position \(1, 1\) is outside \[0, 40\)"):
+        net(g=r, pairs=np.array([[0, 7], [39, 40]], np.int32))
