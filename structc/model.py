@@ -724,7 +724,7 @@ class Net:
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         """All declared outputs, by name."""
-        if self._index_parts:       # ids in a block of an input: the plan checks whole inputs only
+        if self._index_parts and self._forward_plan is not _NO_PLAN:    # the plan checks whole inputs only
             _check_blocks(self._index_parts, inputs, None)
         outs = self._forward_plan.run(inputs)      # ndarrays as declared: checked and run in C
         if outs is None:
@@ -733,7 +733,7 @@ class Net:
 
     def __call__(self, **inputs):
         """The forward pass: the output array (a dict when there are several)."""
-        if self._index_parts:
+        if self._index_parts and self._forward_plan is not _NO_PLAN:
             _check_blocks(self._index_parts, inputs, None)
         out = self._forward_plan.call(inputs)      # the array itself when there is one output
         if out is not None:
