@@ -7,7 +7,9 @@ Names: without a mapping, structc's `L.w` / `L.b` are PyTorch's `L.weight`
 / `L.bias`, a norm's `L.g` its `L.weight`, batch norm's running statistics
 `L.mean` / `L.var` its `L.running_mean` / `L.running_var` (its
 `num_batches_tracked` is not needed: structc's momentum is fixed; exported as 0);
-other names are the same in both. A mapping gives structc name
+other names are the same in both. A norm's ε is no tensor: a module given whole
+whose BatchNorm or LayerNorm has another ε than the model's layer is refused
+(the same weights would predict otherwise); a state dict is taken as it is. A mapping gives structc name
 -> PyTorch name, for a parameter (`"dense1.w": "0.weight"`) or for a whole
 layer (`"dense1": "0"`: its `.w` and `.b`). Every parameter of the model
 must be mapped exactly once and every PyTorch tensor used exactly once;
@@ -39,6 +41,7 @@ for every output: it calls `net` and returns torch tensors on the outputs' memor
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -56,12 +59,15 @@ def load_state_dict(net, state_dict_or_module, mapping: Mapping[str, str] | None
     """Copy PyTorch weights into `net` (layouts converted, everything checked first).
     `source`: the `.snet` text, for a `Net` that does not carry it (`structc.load`)."""
     given = _as_state_dict(state_dict_or_module)
-    layouts = _layouts(net, source)
+    graph = forward_graph_of(net, source)
+    layouts = _layouts(graph)
     names = _torch_names(_resolve(net, mapping), layouts, given)
     mapped = {t for ts in names.values() for t in ts}
     torch_values = {name: _to_numpy(name, v) for name, v in given.items() if not _unused_counter(name, mapped)}
     problems, values = [], {}
     _check_one_to_one(net, names, torch_values, problems)
+    if not isinstance(state_dict_or_module, Mapping):
+        _check_norm_eps(state_dict_or_module, _norm_eps(graph), names, problems)
     for ours, theirs in names.items():
         if any(t not in torch_values for t in theirs):
             continue
@@ -83,7 +89,7 @@ def state_dict(net, mapping: Mapping[str, str] | None = None, *, source: str | N
     """`net`'s parameters as a PyTorch state dict (copies, PyTorch layouts); LSTM layers get
     `nn.LSTM`'s names, or `nn.LSTMCell`'s with `lstm_cell=True`."""
     import torch
-    layouts = _layouts(net, source)
+    layouts = _layouts(forward_graph_of(net, source))
     names = _torch_names(_resolve(net, mapping), layouts, None, "" if lstm_cell else "_l0")
     problems: list[str] = []
     _check_one_to_one(net, names, None, problems)
@@ -247,15 +253,13 @@ def _checked(ours, theirs, arr, shape, problems):
         return None
 
 
-def _layouts(net, source: str | None = None) -> dict[str, str]:
+def _layouts(graph) -> dict[str, str]:
     """Parameter -> how PyTorch lays it out differently (see the layouts above), read off
-    the model's graph. Transposed: the right operand of a matrix product (`x @ W`,
+    the model's forward graph. Transposed: the right operand of a matrix product (`x @ W`,
     `dense`), [in, out] here and [out, in] in `nn.Linear`. An LSTM cell's: the matmul
     and bias feeding `lstm_gates`. Sub-graphs count (a recursion's cases hold their layers)."""
     out: dict[str, str] = {}
-    pending = [forward_graph_of(net, source)]
-    while pending:
-        g = pending.pop()
+    for g in _graphs(graph):
         for node in g.nodes.values():
             if node.op.name == "matmul" and not node.attrs.get("tb"):
                 w = _param_rows(g, node.inputs[1])
@@ -263,8 +267,65 @@ def _layouts(net, source: str | None = None) -> dict[str, str]:
                     out.setdefault(w.attrs["name"], "T")
             elif node.op.name == "lstm_gates":
                 out.update(_lstm_params(g, g.nodes[node.inputs[0]]))
-            pending += [v for v in node.attrs.values() if isinstance(v, type(g))]
     return out
+
+
+def _graphs(graph):
+    """The graph and its sub-graphs (a recursion's cases), each once."""
+    pending = [graph]
+    while pending:
+        g = pending.pop()
+        yield g
+        pending += [v for node in g.nodes.values() for v in node.attrs.values() if isinstance(v, type(g))]
+
+
+def _norm_eps(graph) -> dict[str, float]:
+    """A normalisation's scale parameter -> the ε it divides by √(σ² + ε) with, read off
+    the forward graph: layer_norm's `x̂ / √(σ² + ε) · g`, batch norm's inference form
+    `γ / √(running var + ε)`."""
+    out: dict[str, float] = {}
+    for g in _graphs(graph):
+        def param(nid):
+            node = g.nodes[nid]
+            return node.attrs["name"] if node.op.name == "param" else None
+
+        for node in g.nodes.values():
+            if node.op.name != "sqrt":
+                continue
+            inner = g.nodes[node.inputs[0]]
+            consts = [g.nodes[i] for i in inner.inputs if g.nodes[i].op.name == "const"] if inner.op.name == "add" else []
+            if len(consts) != 1 or not isinstance(consts[0].attrs.get("value"), (int, float)):
+                continue
+            eps = float(consts[0].attrs["value"])
+            for d in g.users(node.id):
+                div = g.nodes[d]
+                if div.op.name != "div" or div.inputs[1] != node.id:
+                    continue
+                if param(div.inputs[0]) is not None:                        # γ / √(var + ε)
+                    out[param(div.inputs[0])] = eps
+                    continue
+                for m in g.users(div.id):                                 # x̂ / √(σ² + ε) · g
+                    mul = g.nodes[m]
+                    scales = [param(i) for i in mul.inputs if i != div.id] if mul.op.name == "mul" else []
+                    if len(scales) == 1 and scales[0] is not None:
+                        out[scales[0]] = eps
+    return out
+
+
+def _check_norm_eps(module, eps_of: dict[str, float], names: dict[str, tuple], problems: list) -> None:
+    """A PyTorch norm layer (`nn.BatchNorm*d`, `nn.LayerNorm`, ...) whose ε is not the
+    model's layer's: its weights would load and every prediction differ (a state dict
+    holds no ε, so only a module given whole can be checked)."""
+    modules = dict(module.named_modules()) if hasattr(module, "named_modules") else {}
+    for ours, eps in eps_of.items():
+        theirs = names.get(ours, ("",))[0]
+        owner = modules.get(theirs.rpartition(".")[0])
+        theirs_eps = getattr(owner, "eps", None)
+        if isinstance(theirs_eps, (int, float)) and not math.isclose(theirs_eps, eps, rel_tol=1e-6):
+            layer = ours.rpartition(".")[0] or ours
+            problems.append(f"PyTorch {theirs.rpartition('.')[0]!r} ({type(owner).__name__}) normalises with "
+                            f"eps={theirs_eps:g}, structc's {layer!r} with eps={eps:g}: the same weights would "
+                            f"predict otherwise (give the layer eps={theirs_eps:g} in the model)")
 
 
 def _param_rows(g, nid):

@@ -263,3 +263,30 @@ def test_batch_norm_weights_and_running_statistics_in_and_out():
         again.bn1.running_mean.zero_()
     again.load_state_dict(st.state_dict(net))          # strict: with a num_batches_tracked per BatchNorm
     np.testing.assert_allclose(torch_probs(again, x), net(x=x), rtol=1e-4, atol=1e-6)
+
+
+def test_a_norm_layer_with_another_eps_is_refused_before_anything_changes():
+    """A module's BatchNorm or LayerNorm built with another ε loaded and predicted
+    otherwise, silently (eps=0.1 against the model's 1e-5, running variances ~0.03:
+    logits off by 3.2); a state dict holds no ε, so it loads as asked."""
+    net = structc.compile(EXAMPLES / "lenet5_bn.snet")
+    module = LeNet5BN()
+    module.bn2.eps = 1e-3
+    before = {k: v.copy() for k, v in net.params.items()}
+    with pytest.raises(ValueError, match=r"PyTorch 'bn2' \(BatchNorm2d\) normalises with eps=0\.001, "
+                                         r"structc's 'bn2' with eps=1e-05"):
+        st.load_state_dict(net, module)
+    assert all(np.array_equal(net.params[k], v) for k, v in before.items())
+    st.load_state_dict(net, module.state_dict())     # a state dict holds no ε: loaded as asked
+
+    ln = structc.compile("model N { input x: f32[N, 4]\n output y = layer_norm(dense(x, 6, name=\"fc\"), "
+                         "eps=1e-6, name=\"norm\") }")
+    torch.manual_seed(3)
+    same = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, eps=1e-6))
+    st.load_state_dict(ln, same, mapping={"fc": "0", "norm": "1"})
+    x = np.random.default_rng(4).random((3, 4), dtype=np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(ln(x=x), same(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"PyTorch '1' \(LayerNorm\) normalises with eps=1e-05, "
+                                         r"structc's 'norm' with eps=1e-06"):
+        st.load_state_dict(ln, nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), mapping={"fc": "0", "norm": "1"})
