@@ -32,7 +32,7 @@ from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels, record_file, record_from_file
 from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, compiling, host_target
-from .ops.norm import batch_counts
+from .ops.norm import batch_counts, freeze_statistics
 from .ops.optim import N_HYPER, TERM_OUTPUT
 from .passes import PIPELINE, run_pipeline
 from .passes.message import PREPARE, prepare
@@ -507,6 +507,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     # Rewrites that must precede differentiation (message passing: aggregate first).
     with times.stage("prepare"):
         forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
+        # running statistics frozen by name: the batch norm normalises with them, and keeps them
+        freeze_statistics(forward, {n for n in freeze or () if n in mdef.params and mdef.params[n].buffer})
         if mdef.has_loss:       # means over different things: a weight per term, for data-parallel training
             weigh_loss_terms(forward)
     mdef = dataclasses.replace(mdef, graph=forward)

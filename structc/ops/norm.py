@@ -128,3 +128,31 @@ def batch_counts(g) -> list[dict]:
     the values per channel (the metadata's `batch_counts`)."""
     return [{"buffer": g.nodes[node.inputs[0]].attrs["name"], "count": list(node.attrs["count"])}
             for node in g.nodes.values() if node.op.name == "running_average" and node.attrs.get("count")]
+
+
+def freeze_statistics(g, frozen) -> None:
+    """Batch norm whose running statistics are named in `frozen` (a compile's
+    `freeze=["bn1.mean", "bn1.var"]`), in place: it normalises with them in
+    training too (its inference form, as a BatchNorm in PyTorch's `eval()` mode
+    does), and their `running_average` updates are removed, so the layer
+    computes what the loaded model computes. Freezing the layer (`"bn1"`)
+    freezes its scale and shift only: the statistics follow the batches, as
+    PyTorch's do with `requires_grad=False`. One statistic without the other
+    is an error: the layer reads them as a pair."""
+    from ..graph import Builder
+    new_of, dropped = {}, []
+    for node in list(g.nodes.values()):
+        if node.op.name != "batch_norm_mode":
+            continue
+        stats = [g.nodes[i].attrs["name"] for i in node.inputs[4:6]]
+        held = [s for s in stats if s in frozen]
+        if held and len(held) < 2:
+            other = next(s for s in stats if s not in frozen)
+            raise ValueError(f"freeze: {held[0]} is one of batch norm's running statistics, read with "
+                             f"{other}: freeze both to keep them")
+        if held:
+            new_of[node.id] = node.op.inference(Builder(g, node.span), node).id
+            dropped += [i for i in node.inputs[6:] if g.nodes[i].op.name == "running_average"]
+    g.replace_all_uses(new_of)
+    for nid in [*new_of, *dropped]:      # the training form's view, then its updates (no users left)
+        g.remove(nid)
