@@ -55,6 +55,7 @@ class ParamSpec:
     span: Span | None = None
     frozen: bool = False      # `param ... frozen` or a layer's `frozen=true`: training leaves it alone
     buffer: bool = False      # state the training entry writes (batch norm's running statistics): never trained
+    kept: bool = False        # a buffer of a layer declared frozen=true: training does not write it either
 
 
 @dataclass
@@ -493,7 +494,7 @@ class ModelBuilder:
         if not created:
             raise SnetTypeError(f"{e.func}(..., frozen=true): this call creates no parameters to freeze", e.span)
         for name in created:
-            self.params[name] = dataclasses.replace(self.params[name], frozen=True)
+            self.params[name] = dataclasses.replace(self.params[name], frozen=True, kept=self.params[name].buffer)
 
     def call_op(self, ctx: Context, op, args, kwargs, e: S.Call) -> Value:
         tensor_params, attr_defaults = op.signature()

@@ -507,8 +507,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     # Rewrites that must precede differentiation (message passing: aggregate first).
     with times.stage("prepare"):
         forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
-        # running statistics frozen by name: the batch norm normalises with them, and keeps them
-        freeze_statistics(forward, {n for n in freeze or () if n in mdef.params and mdef.params[n].buffer})
+        # a frozen batch norm layer normalises with its running statistics, and keeps them
+        freeze_statistics(forward, resolve_frozen(mdef.params, freeze) | {n for n, p in mdef.params.items() if p.kept})
         if mdef.has_loss:       # means over different things: a weight per term, for data-parallel training
             weigh_loss_terms(forward)
     mdef = dataclasses.replace(mdef, graph=forward)

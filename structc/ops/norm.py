@@ -131,14 +131,14 @@ def batch_counts(g) -> list[dict]:
 
 
 def freeze_statistics(g, frozen) -> None:
-    """Batch norm whose running statistics are named in `frozen` (a compile's
-    `freeze=["bn1.mean", "bn1.var"]`), in place: it normalises with them in
-    training too (its inference form, as a BatchNorm in PyTorch's `eval()` mode
-    does), and their `running_average` updates are removed, so the layer
-    computes what the loaded model computes. Freezing the layer (`"bn1"`)
-    freezes its scale and shift only: the statistics follow the batches, as
-    PyTorch's do with `requires_grad=False`. One statistic without the other
-    is an error: the layer reads them as a pair."""
+    """Batch norm whose running statistics are in `frozen` (what a compile's
+    `freeze` selects: the layer, `"bn1"`, or both `bn1.mean` and `bn1.var`; or
+    the buffers of a layer declared `frozen=true`), in place: it normalises with
+    them in training too (its inference form, as a BatchNorm in PyTorch's
+    `eval()` mode does), and their `running_average` updates are removed, so a
+    frozen layer computes what the loaded model computes. Its scale and shift
+    frozen alone (`bn1.g`, `bn1.b`), the statistics still follow the batches.
+    One statistic without the other is an error: the layer reads them as a pair."""
     from ..graph import Builder
     new_of, dropped = {}, []
     for node in list(g.nodes.values()):
