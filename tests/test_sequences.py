@@ -128,6 +128,55 @@ def test_steps_come_back_in_the_given_order(both_ways):
     np.testing.assert_allclose(net.forward(s=seqs)["states"], np.concatenate(alone), rtol=1e-5, atol=1e-6)
 
 
+# the other two chains (first: forward, init: backward), words, two states and every readout
+OTHER_WAYS = """
+model OtherWays {
+  input  s: sequence of word(vocab=9)
+  param  E: f32[9, 3] = normal(0.5)
+  rec (h, c)(t) = first: (tanh(E[t.word]), E[t.word])
+                  next: (tanh(dense(concat(E[t.word], h(t.prev), c(t.prev)), 3, name="f")), c(t.prev) + E[t.word])
+  rec b(t) = init: zeros(3)
+             prev: tanh(dense(concat(E[t.word], b(t.next)), 3, name="r"))
+  output steps = concat(h(s.steps), c(s.steps), b(s.steps))
+  output means = concat(c(s.mean), b(s.mean))
+  output ends = concat(c(s.last), b(s.first))
+}
+"""
+
+
+def test_every_readout_of_the_other_chains_matches_a_per_position_reference():
+    """Position by position in float64, sequence by sequence in the order given
+    (lengths 1 to 200): per-position rows in that order, means and ends per sequence."""
+    net = structc.compile(OTHER_WAYS, seed=1)
+    p = {k: v.astype(np.float64) for k, v in net.params.items()}
+
+    def dense(v, name):
+        return v @ p[f"{name}.w"] + p[f"{name}.b"]
+
+    def reference(words):
+        hs, cs, bs = [], [], [None] * len(words)
+        for i, w in enumerate(words):
+            e = p["E"][w]
+            h, c = (np.tanh(e), e) if i == 0 else (np.tanh(dense(np.concatenate([e, h, c]), "f")), c + e)
+            hs.append(h)
+            cs.append(c)
+        b = np.zeros(3)
+        for i in reversed(range(len(words))):
+            b = bs[i] = np.tanh(dense(np.concatenate([p["E"][words[i]], b]), "r"))
+        return np.array(hs), np.array(cs), np.array(bs)
+    rng = np.random.default_rng(6)
+    for lengths in ([5, 1, 3, 200], [1], [2, 2]):
+        words = [rng.integers(0, 9, n) for n in lengths]
+        got = net.forward(s=words)
+        refs = [reference(w) for w in words]
+        np.testing.assert_allclose(got["steps"], np.concatenate([np.concatenate(r, axis=1) for r in refs]),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["means"], [np.concatenate([c.mean(0), b.mean(0)]) for _, c, b in refs],
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["ends"], [np.concatenate([c[-1], b[0]]) for _, c, b in refs],
+                                   rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_no_recompilation_for_new_lengths():
     before = api.COMPILE_COUNT
