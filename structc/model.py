@@ -743,7 +743,8 @@ class Net:
 
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and a copy of every parameter's gradient, in one native call.
-        Like every training call, it updates batch norm's running statistics."""
+        Like every training call, it updates batch norm's running statistics (a
+        frozen layer's excepted)."""
         outs, grads = self._run("train", inputs, MODES["none"], before=self._begin_draw,
                                 after=lambda: {name: g.copy() for name, g in self.grads.items()})
         return float(outs["loss"]), grads
