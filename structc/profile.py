@@ -186,9 +186,10 @@ def _noting_kernels(kernels: dict[str, Kernel], tasks: dict[str, str] | None = N
             real_group, real_kernel, real_named
 
 
-def profiled_net(source: str, file: str = "<source>", model: str | None = None, seed: int = 0):
+def profiled_net(source: str, file: str = "<source>", model: str | None = None, freeze=(), seed: int = 0):
     """A fresh `Net` of `model` whose kernels run through the timing shim
-    (never from the cache: lowering it is how its kernels are named)."""
+    (never from the cache: lowering it is how its kernels are named);
+    `freeze` as `structc.compile` takes it."""
     import llvmlite.binding as llvm
 
     from .compiler import compile_program
@@ -203,7 +204,7 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
     real = ctypes.cast(runtime_library().sc_parallel_for, ctypes.c_void_p).value
     with _LOAD_LOCK:
         with _noting_kernels(kernels, tasks):
-            art = compile_program(program, model, target)
+            art = compile_program(program, model, target, freeze=freeze)
         # MCJIT resolves symbols as it loads: only this copy is bound to the shim.
         llvm.add_symbol("sc_parallel_for", ctypes.cast(_shim().sc_prof_parallel_for, ctypes.c_void_p).value)
         try:
@@ -237,7 +238,8 @@ def profiled_net(source: str, file: str = "<source>", model: str | None = None, 
 
 def profile_copy(net, seed: int = 0):
     """A profiled copy of `net` (compiled by `structc.compile`) with its
-    parameters, optimizer and vocabulary: profiling trains the copy, never `net`."""
+    parameters, optimizer, frozen parameters and vocabulary: profiling trains
+    the copy, never `net`."""
     origin = getattr(net, "_compiled_from", None)
     if origin is None:
         raise ValueError(f"{net.name}: only a model compiled by structc.compile in this process can be "

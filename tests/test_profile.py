@@ -138,6 +138,17 @@ def test_profiling_leaves_the_model_as_it_was(batch):
     assert net._step == 1
 
 
+def test_the_profiled_copy_freezes_what_the_model_freezes(batch):
+    # the copy was compiled without the model's freeze, so a profile of a model with
+    # frozen layers timed their weight gradients, which its training never computes
+    from structc.profile import profile_copy
+    net = structc.compile(MLP, freeze=["dense1"])
+    copy = profile_copy(net)
+    assert copy.meta["frozen"] == net.meta["frozen"] and "dense1.w" in copy.meta["frozen"]
+    report = net.profile(steps=2, peak=PEAK, **batch)
+    assert report.table()
+
+
 def test_models_loaded_after_profiling_do_not_run_through_the_shim(batch):
     profiled_net(MLP.read_text(), str(MLP))
     net = structc.compile(MLP, cache=False)
