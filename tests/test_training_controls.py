@@ -255,6 +255,27 @@ def test_cli_clip_norm_bounds_every_step_and_is_kept_on_resume(tmp_path):
     assert load_state(tmp_path / "clipped.train.npz")["config"]["clip_norm"] == 1e-4
 
 
+def test_a_restored_optimizer_takes_the_next_step_of_the_saved_one(rng, tmp_path):
+    """`train.save_state` then `restore_optimizer` into a fresh Net: the next step is the
+    saving Net's, bit for bit: its moments, its step count (Adam's bias correction) and its
+    options (beta1, beta2, eps, weight decay: not the defaults, which set_optimizer would keep)."""
+    from structc.train import TrainConfig, load_state, restore_optimizer, save_state
+    x, y = _batch(rng)
+    a = structc.compile(CNN)
+    a.set_optimizer("adam", beta1=0.5, beta2=0.9, eps=1e-3, weight_decay=0.05)
+    for _ in range(2):
+        a.train_step(0.01, x=x, y=y)
+    save_state(a, tmp_path / "a.train.npz", 1, TrainConfig(optimizer="adam"), {}, "data")
+    b = structc.compile(CNN)
+    for name, value in a.params.items():
+        b.params[name][...] = value
+    assert restore_optimizer(b, load_state(tmp_path / "a.train.npz"))
+    a.train_step(0.01, x=x, y=y)
+    b.train_step(0.01, x=x, y=y)
+    for name, value in a.params.items():
+        np.testing.assert_array_equal(b.params[name], value, err_msg=name)
+
+
 # -- learning-rate schedules --------------------------------------------------------
 
 def _lrs(net, rng, steps, lr=0.5):
