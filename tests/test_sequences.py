@@ -83,6 +83,12 @@ def test_list_and_flat_agree_and_chains_are_right():
     init = a.arrays(init=True)                                  # a start leaf per sequence, one level more
     assert init["level_end"].tolist() == [3, 6, 8, 9]
     assert init["children"][:, 0].tolist() == [-1, -1, -1, 0, 1, 2, 3, 5, 6]
+    # backward with start leaves: each sequence's last position reads its start leaf (rows 0-2),
+    # and each other position the one after it; the recursion ends at the first positions
+    both = a.arrays(reverse=True, init=True)
+    assert both["level_end"].tolist() == [3, 6, 8, 9] and both["rows"].tolist() == [8, 6, 3, 4, 7, 5]
+    assert both["children"][:, 0].tolist() == [-1, -1, -1, 0, 1, 2, 3, 5, 6]
+    assert both["roots"].tolist() == [8, 4, 7]
     assert not fwd["rows"].flags.writeable
 
 
