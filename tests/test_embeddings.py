@@ -1,4 +1,5 @@
-"""pca_embedding: one value back, rows in the order of the vocabulary the caller passes."""
+"""pca_embedding: the co-occurrence counts and their best rank-d approximation, one value back,
+rows in the order of the vocabulary the caller passes."""
 import numpy as np
 import pytest
 
@@ -77,3 +78,26 @@ def test_a_corpus_of_strings_is_refused(corpus, message):
     # iterated, each sentence's letters were its tokens: {'t': 0, 'h': 1, 'e': 2, ' ': 3, ...}
     with pytest.raises(TypeError, match=message):
         cooccurrence(corpus)
+
+
+def test_cooccurrence_counts_every_pair_both_ways():
+    """a b a b, window 1: a next to b three times; window 2 adds a two apart from a (and
+    b from b), once from each side. A pair met twice in one sentence counts twice
+    (numpy's K[i, j] += 1 with repeated (i, j) would count it once)."""
+    K, vocab = cooccurrence([["a", "b", "a", "b"]], window=1)
+    assert vocab == {"a": 0, "b": 1} and K.tolist() == [[0, 3], [3, 0]]
+    K, _ = cooccurrence([["a", "b", "a", "b"]], window=2)
+    assert K.tolist() == [[2, 3], [3, 2]]
+
+
+def test_pca_embedding_is_the_best_rank_d_approximation():
+    """E E^T is K's rank-d approximation from its d largest eigenvalues, and each column's
+    largest component is positive."""
+    K, vocab = cooccurrence(CORPUS)
+    lam, U = np.linalg.eigh(K)                      # 13.06, 3.83, then 0 and three negative ones
+    order = np.argsort(lam)[::-1]
+    top = order[:2]
+    assert lam[order[1]] > lam[order[2]] + 1        # a gap: the rank-2 approximation is one answer
+    E = pca_embedding(CORPUS, vocab, d=2)
+    np.testing.assert_allclose(E @ E.T, (U[:, top] * lam[top]) @ U[:, top].T, atol=1e-4)
+    assert (E[np.argmax(np.abs(E), axis=0), [0, 1]] > 0).all()
