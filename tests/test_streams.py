@@ -78,6 +78,24 @@ def test_a_stream_shuffles_across_chunks(models):
     assert first == again and first != other
 
 
+@pytest.mark.parametrize("model, file", [("Tree", "treebank.txt"), ("Table", "table.csv")])
+def test_a_stream_shuffles_within_a_chunk(models, model, file):
+    """One chunk holds the whole file, so only the shuffle within a chunk can change the
+    order an epoch visits the training examples in: every one once, not in the file's order
+    (the test above passes with chunks visited in a random order and read in order)."""
+    net = structc.compile(models, model)
+    eager = readers.read(DATA / file).bind(net)          # its training examples in the file's order
+    stream = streamed(DATA / file, chunk=10_000).bind(net)
+    rng = np.random.default_rng(0)
+    if model == "Table":
+        in_file = [row.tobytes() for row in eager.x_train]
+        visited = [row.tobytes() for b in stream.batches(8, rng) for row in b["x"]]
+    else:
+        in_file = [int(f.root_labels[0]) for f in eager.train]
+        visited = [int(v) for b in stream.batches(8, rng) for v in b["y"]]
+    assert sorted(visited) == sorted(in_file) and visited != in_file
+
+
 @pytest.mark.parametrize("file", ["bad_bracket.txt", "ragged.csv"])
 def test_a_bad_line_is_the_same_error_as_when_read_whole(file):
     with pytest.raises(ReadError) as eager:
