@@ -466,6 +466,19 @@ def models(tmp_path_factory) -> str:
     return str(path)
 
 
+def test_shuffled_batches_keep_each_example_with_its_label(models):
+    """The batches of an epoch, eager and streamed: every training row once, with its own
+    label (labels taken in the file's order while the rows were shuffled trained only to
+    chance: caught before by an accuracy bound alone)."""
+    net = structc.compile(models, "Table")
+    eager = readers.read(DATA / "table.csv").bind(net)
+    label = {x.tobytes(): int(y) for x, y in zip(eager.x_train, eager.y_train)}
+    assert len(label) == len(eager.x_train) and len(set(label.values())) == 2     # rows tell examples apart
+    for data in (eager, streams.stream_table(DATA / "table.csv", chunk=7).bind(net)):
+        seen = [(x.tobytes(), int(y)) for b in data.batches(8, np.random.default_rng(0)) for x, y in zip(b["x"], b["y"])]
+        assert sorted(k for k, _ in seen) == sorted(label) and all(label[k] == y for k, y in seen)
+
+
 @pytest.mark.parametrize("model, data, reported", [
     ("Tree", "treebank.txt", "48 trees (38 training / 10 held-out trees, seeded 80/20 split), 10 words"),
     ("TU", "tu_tiny", "40 graphs (32 training / 8 held-out graphs, seeded 80/20 split), 246 nodes"),
