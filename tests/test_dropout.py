@@ -195,15 +195,18 @@ def test_set_seed_leaves_the_parameters_and_init_params_reseeds():
 
 
 def test_a_resumed_run_continues_the_masks(tmp_path):
-    """Two steps, saved and resumed as --resume does (train.save_state/restore_optimizer),
-    then two more: bit-identical to four uninterrupted steps."""
+    """A gradient and two steps, saved and resumed as --resume does (train.save_state/
+    restore_optimizer), then two more steps: bit-identical to the uninterrupted run. The
+    gradient draws masks and makes no step: the draws (3) are restored, not the steps (2)."""
     from structc.train import TrainConfig, load_state, restore_optimizer, save_state
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 8)).astype(np.float32), rng.integers(0, 3, 32)
     whole = structc.compile(TINY, seed=4)
+    whole.grad(x=x, y=y)
     for _ in range(4):
         whole.train_step(x=x, y=y, lr=0.1)
     first = structc.compile(TINY, seed=4)
+    first.grad(x=x, y=y)
     for _ in range(2):
         first.train_step(x=x, y=y, lr=0.1)
     first.save_params(tmp_path / "p.npz")
@@ -272,6 +275,7 @@ def test_a_resumed_run_with_another_optimizer_continues_the_masks(tmp_path):
     x, y = rng.normal(size=(32, 8)).astype(np.float32), rng.integers(0, 3, 32)
     first = structc.compile(TINY, seed=4)
     first.set_optimizer("momentum")
+    first.grad(x=x, y=y)                           # masks drawn, no step made
     for _ in range(3):
         first.train_step(x=x, y=y, lr=0.1)
     first.save_params(tmp_path / "p.npz")
@@ -279,7 +283,7 @@ def test_a_resumed_run_with_another_optimizer_continues_the_masks(tmp_path):
     resumed = structc.compile(TINY, seed=4)
     resumed.load_params(tmp_path / "p.npz")
     assert restore_counters(resumed, load_state(tmp_path / "p.train.npz"), "sgd")
-    assert (resumed.optimizer, resumed._draws, resumed._step) == ("sgd", 3, 3)
+    assert (resumed.optimizer, resumed._draws, resumed._step) == ("sgd", 4, 3)
     assert not resumed._state_arena.any()
 
 
