@@ -61,7 +61,7 @@ def compile(path_or_source, model: str | None = None, *, cache: bool = True, see
         more = compile_artifact(source, file, model, target=target, cache=cache, freeze=freeze, parts=[part])
         return more.meta, more.objects
     net = Net(art.meta, JitModule(art.object, target), seed=seed, deferred=compile_deferred)
-    net._compiled_from = (source, file, model, tuple(freeze))   # what `net.profile` and the exporters rebuild it from
+    net._compiled_from = (source, file, model, tuple(freeze or ()))   # what `net.profile` and the exporters rebuild it from
     if vocab is not None:
         net.vocab = vocab
     if training == "background" and net.meta["deferred"]:
