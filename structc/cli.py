@@ -722,7 +722,7 @@ def _start_metrics_log(out: Path, cfg, resume: str | None):
     log starts with the epochs of the run it continues."""
     from .runlog import metrics_path, start_log
     try:
-        return start_log(out, cfg.lr, existing_params(resume) if resume else None, cfg.first_epoch)
+        return start_log(out, cfg.lr, existing_params(resume) if resume else None, cfg.first_epoch, warn=warn)
     except OSError as e:
         raise UserError(f"cannot write the metrics log {metrics_path(out)}: {e.strerror or e}", code=2) from None
 

@@ -10,7 +10,8 @@ epoch ends, so `tail -f` or `structc plot` shows a run in progress:
 `loss` is the mean training loss over the epoch's steps; `heldout_accuracy` is absent for
 models without class outputs; with `--val-split`, `val_loss` and `val_accuracy` measure the
 validation part; `seconds` is the epoch's wall time (with its evaluation),
-`elapsed` the run's so far. A resumed run keeps the lines of the epochs it continues from.
+`elapsed` the run's so far. A resumed run keeps the lines of the epochs it continues from
+(every readable one; a warning names the epochs it lacks).
 
 `structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
 in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
@@ -126,16 +127,60 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def start_log(params_path: Path, lr: float, resumed_from: Path | None = None, first_epoch: int = 1) -> MetricsLog:
+def start_log(params_path: Path, lr: float, resumed_from: Path | None = None, first_epoch: int = 1,
+              warn=None) -> MetricsLog:
     """A fresh log beside `params_path`; a resumed run first copies the epochs before
-    `first_epoch` from the log of the checkpoint it resumes (when there is one)."""
-    keep = []
-    if resumed_from is not None and metrics_path(resumed_from).is_file():
-        try:
-            keep = [r for r in read_metrics(metrics_path(resumed_from)) if r["epoch"] < first_epoch]
-        except ValueError:
-            keep = []
+    `first_epoch` from the log of the checkpoint it resumes. `warn(message)` hears what
+    of those epochs the new log lacks (a missing file, an unreadable line, a gap)."""
+    keep, problem = [], ""
+    if resumed_from is not None:
+        keep, problem = earlier_records(metrics_path(resumed_from), first_epoch)
+    if problem and warn is not None:
+        warn(problem)
     return MetricsLog(metrics_path(params_path), lr, keep)
+
+
+def earlier_records(path: Path, first_epoch: int) -> tuple[list[dict], str]:
+    """The records of epochs 1..first_epoch-1 in the log at `path`, one per epoch in order,
+    and what is wrong with them ("" when nothing). Every readable line counts: a run killed
+    while writing leaves half a line, and the epochs before it still belong in the log."""
+    if first_epoch <= 1:
+        return [], ""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        return [], (f"the resumed run's metrics log {path} cannot be read ({e.strerror or e}): the new log "
+                    f"starts at epoch {first_epoch}")
+    by_epoch, unreadable = {}, []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            unreadable.append(number)
+        elif record["epoch"] < first_epoch:
+            by_epoch[record["epoch"]] = record         # a later line of the same epoch: the run that went on
+    missing = [e for e in range(1, first_epoch) if e not in by_epoch]
+    problems = ([f"line{'s' * (len(unreadable) > 1)} {', '.join(map(str, unreadable))} of {path} "
+                 f"{'are' if len(unreadable) > 1 else 'is'} not an epoch record and "
+                 f"{'were' if len(unreadable) > 1 else 'was'} left out"] if unreadable else [])
+    if missing:
+        problems.append(f"the resumed run's metrics log {path} has no record of epoch{'s' * (len(missing) > 1)} "
+                        f"{_ranges(missing)}")
+    return [by_epoch[e] for e in sorted(by_epoch)], "; ".join(problems)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    spans, start = [], numbers[0]
+    for prev, cur in zip(numbers, numbers[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)
 
 
 # -- curves --------------------------------------------------------------------------

@@ -115,6 +115,34 @@ def test_a_resumed_run_continues_its_log(tiny, tmp_path, capsys):
     assert [r["epoch"] for r in read_metrics(metrics_path(second))] == [1, 2, 3, 4, 5]
 
 
+def test_a_resumed_run_keeps_the_readable_epochs_of_a_half_written_log(tiny, tmp_path, capsys):
+    # a run killed while writing epoch 4's line leaves half of it; the checkpoint is epoch 3's
+    out = tmp_path / "run.npz"
+    assert train(tiny, "--epochs", "3", "--out", str(out)) == 0
+    before = read_metrics(metrics_path(out))
+    with open(metrics_path(out), "a") as f:
+        f.write('{"epoch": 4, "loss": 0.3')
+    capsys.readouterr()
+    assert train(tiny, "--epochs", "5", "--resume", str(out)) == 0
+    after = read_metrics(metrics_path(out))
+    assert [r["epoch"] for r in after] == [1, 2, 3, 4, 5] and after[:3] == before
+    assert "line 4 of" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_which_epochs_its_log_lacks(tiny, tmp_path, capsys):
+    out = tmp_path / "run.npz"
+    assert train(tiny, "--epochs", "3", "--out", str(out)) == 0
+    records = read_metrics(metrics_path(out))
+    metrics_path(out).write_text(json.dumps(records[2]) + "\n")
+    capsys.readouterr()
+    assert train(tiny, "--epochs", "4", "--resume", str(out)) == 0
+    assert "has no record of epochs 1-2" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(metrics_path(out))] == [3, 4]
+    metrics_path(out).unlink()
+    assert train(tiny, "--epochs", "5", "--resume", str(out)) == 0
+    assert "cannot be read" in capsys.readouterr().err
+
+
 def test_a_log_that_cannot_be_written_stops_before_training(tiny, tmp_path, capsys):
     (tmp_path / "run.metrics.jsonl").mkdir()                   # a folder in the log's place
     assert train(tiny, "--epochs", "1", "--out", str(tmp_path / "run.npz")) == 2
