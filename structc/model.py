@@ -1195,5 +1195,9 @@ def _dlpack_refusal(spec: _Input, tensor, error: Exception) -> str:
     if device != 1:
         return (f"input '{spec.name}': the {_kind_of(tensor)} is on device {_DLPACK_DEVICES.get(device, device)}; "
                 f"structc runs on the CPU: move it there first (e.g. tensor.cpu())")
+    if getattr(tensor, "requires_grad", False):     # torch's own advice (detach) would cut the gradient unsaid
+        return (f"input '{spec.name}': the {_kind_of(tensor)} requires grad, and structc is not part of torch's "
+                f"autograd: no gradient would flow back through this call to what made it. Pass "
+                f"{spec.name}.detach() only if none should (net.grad gives the parameters' gradients) [{error}]")
     return (f"input '{spec.name}': cannot share the {_kind_of(tensor)} (dtype {getattr(tensor, 'dtype', '?')}) "
             f"with numpy through DLPack: {error}")

@@ -37,7 +37,8 @@ weights are not converted.
 Tensors: every `Net` takes any DLPack tensor as an input (a CPU `torch.Tensor`
 of the declared dtype is used in place, no copy) and returns numpy arrays,
 which PyTorch reads in place (`torch.from_dlpack(out)`). `wrap(net)` does that
-for every output: it calls `net` and returns torch tensors on the outputs' memory.
+for every output: it calls `net` and returns torch tensors on the outputs' memory
+(each call's own). No torch autograd: an input that requires grad is refused.
 """
 from __future__ import annotations
 

@@ -107,7 +107,8 @@ def test_torch_tensors_in_place_and_refused(net, torch, native_inputs):
     assert net.grad(x=t, y=torch.tensor(Y.tolist()))[0] == net.grad(x=X, y=Y)[0]     # torch's int64 labels
     for tensor, message in [(t.double(), r"the torch.Tensor has dtype torch.float64, the model expects"),
                             (t.to(torch.bfloat16), r"cannot share the torch.Tensor \(dtype torch.bfloat16\)"),
-                            (t.clone().requires_grad_(), r"require gradient, use tensor.detach\(\)")]:
+                            (t.clone().requires_grad_(), r"requires grad, and structc is not part of torch's "
+                                                         r"autograd: no gradient would flow back")]:
         with pytest.raises(TypeError, match=message):
             net(x=tensor)
 
@@ -123,6 +124,21 @@ def test_outputs_go_to_pytorch_in_place(net, torch, monkeypatch):
     probs = st.wrap(net)(x=torch.from_numpy(X))
     assert isinstance(probs, torch.Tensor) and probs.data_ptr() == given[0]["probs"].ctypes.data
     np.testing.assert_array_equal(probs.numpy(), out)
+
+
+@pytest.mark.slow     # importing torch: seconds
+def test_a_later_call_leaves_the_outputs_of_an_earlier_one_alone(net, torch):
+    # outputs are each call's own memory (the README says so), torch's views of them too
+    st = pytest.importorskip("structc.torch")
+    wrapped, other = st.wrap(net), X[::-1].copy()
+    first = [net(x=X), net.forward(x=X)["probs"], wrapped(x=torch.from_numpy(X)),
+             wrapped.grad(x=torch.from_numpy(X), y=torch.from_numpy(Y))[1]["dense1.w"]]
+    kept = [np.array(v) for v in first]
+    net(x=other), net.forward(x=other), wrapped(x=torch.from_numpy(other))
+    wrapped.grad(x=torch.from_numpy(other), y=torch.from_numpy(Y[::-1].copy()))
+    assert not np.array_equal(net(x=other), kept[0])
+    for value, before in zip(first, kept):
+        np.testing.assert_array_equal(np.asarray(value), before)
     loss, grads = st.wrap(net).grad(x=X, y=Y)
     assert isinstance(loss, float) and isinstance(grads["dense1.w"], torch.Tensor)
     import copy
