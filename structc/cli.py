@@ -640,11 +640,14 @@ def cmd_train(args) -> int:
     acc = final.get("heldout_accuracy")
     result = (f"; held-out accuracy {100 * acc:.2f}%" if acc is not None else
               f"; held-out loss {final['heldout_loss']:.4f}")
+    # early stopping may keep an earlier epoch's parameters than the last one trained: say which
+    which = (f"epoch {history.best_epoch}'s parameters" if history.best_epoch not in (None, history.last_epoch)
+             else "parameters")
     np.seterr(all="ignore")
     if problem:
-        print(f"structc: error: {problem}; saved the parameters to {written} instead{result}", file=sys.stderr)
+        print(f"structc: error: {problem}; saved the {which} to {written} instead{result}", file=sys.stderr)
         return 1
-    print(f"saved parameters to {written}{result}")
+    print(f"saved {which} to {written}{result}")
     return 0
 
 

@@ -92,7 +92,8 @@ def test_a_run_stops_early_and_saves_the_best_epoch(noise, capsys):
     kept = validation_metrics(noise / "noise.snet", noise / "noise.npz", out, 0.2)
     assert kept["loss"] == pytest.approx(losses[best - 1], rel=1e-5)
     assert kept["loss"] != pytest.approx(losses[-1], rel=1e-5)
-    assert printed.strip().endswith(f"held-out accuracy {100 * records[best - 1]['heldout_accuracy']:.2f}%")
+    assert printed.strip().endswith(f"saved epoch {best}'s parameters to {out}; held-out accuracy "
+                                    f"{100 * records[best - 1]['heldout_accuracy']:.2f}%")
     # resuming continues from the kept parameters, and says so
     assert main(["train", str(noise / "noise.snet"), "--data", str(noise / "noise.npz"), "--epochs", str(best + 3),
                  "--resume", str(out), "--no-progress"]) == 0
