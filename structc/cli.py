@@ -605,7 +605,7 @@ def cmd_train(args) -> int:
     if state is not None:
         _continue_optimizer(net, state, cfg)
     metrics = _start_metrics_log(out, cfg, args.resume) if root else None
-    board = _tensorboard(args.tensorboard) if root and args.tensorboard else None
+    board = _tensorboard(args.tensorboard, cfg.first_epoch) if root and args.tensorboard else None
     if root:
         print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
               f"data: {data.description or data.name}"
@@ -699,11 +699,11 @@ def _check_tensorboard() -> None:
         raise UserError(str(e)) from None
 
 
-def _tensorboard(folder: str):
+def _tensorboard(folder: str, first_epoch: int):
     """The TensorBoard writer of --tensorboard, made as training starts (no event file for a run that never ran)."""
     from .runlog import TensorBoardLog
     try:
-        return TensorBoardLog(folder)
+        return TensorBoardLog(folder, first_epoch)
     except OSError as e:
         raise UserError(f"cannot write TensorBoard logs to {folder}: {e.strerror or e}", code=2) from None
 

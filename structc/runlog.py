@@ -16,6 +16,8 @@ validation part; `seconds` is the epoch's wall time (with its evaluation),
 `structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
 in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
 `pip install 'structc[tensorboard]'`; no TensorFlow needed): `tensorboard --logdir DIR`.
+A resumed run marks its first epoch so that TensorBoard hides the steps from there on of
+earlier event files in DIR (`purge_step`): the curves are the JSONL log's.
 
 `plot(runs, out)` draws loss (training solid, held-out dashed, validation dotted) and
 held-out (and validation) accuracy against the epoch, one colour per run, with matplotlib (an optional extra:
@@ -98,9 +100,13 @@ class TensorBoardLog:
     """`structc train --tensorboard DIR`: each epoch's record as TensorBoard scalars
     (step = the epoch), through tensorboardX (no TensorFlow)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, first_epoch: int = 1):
         self.folder = Path(folder)
-        self._writer = self.writer_class()(logdir=str(self.folder))
+        # A resumed run's first epoch purges later steps of earlier event files (a run that went
+        # on past the checkpoint and died), as the JSONL log drops them. Event files are named
+        # by the second: a nanosecond suffix keeps a second writer from truncating the first's.
+        self._writer = self.writer_class()(logdir=str(self.folder), filename_suffix=f".{time.time_ns()}",
+                                           purge_step=first_epoch if first_epoch > 1 else None)
 
     @staticmethod
     def writer_class():

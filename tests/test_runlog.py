@@ -274,11 +274,13 @@ def test_plot_of_a_trained_run(tiny, tmp_path, capsys):
 # -- TensorBoard -----------------------------------------------------------------------
 
 def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] from the event files in `folder`: TFRecords (length, its
-    CRC, an Event protobuf, its CRC), parsed with tensorboardX's own protobuf classes."""
+    """tag -> [(step, value)] from the event files in `folder` as TensorBoard shows them:
+    TFRecords (length, its CRC, an Event protobuf, its CRC), parsed with tensorboardX's own
+    protobuf classes, files in name order; a session START at step T hides the steps >= T
+    read before it (TensorBoard's purge of a restarted run's orphaned steps)."""
     import struct
 
-    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
     scalars: dict[str, list] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):
         raw = path.read_bytes()
@@ -287,6 +289,8 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
             (length,) = struct.unpack_from("<Q", raw, at)
             event = Event.FromString(raw[at + 12:at + 12 + length])
             at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
@@ -303,6 +307,23 @@ def test_tensorboard_gets_the_logs_scalars(tiny, tmp_path, capsys):
     for field, tag in [("loss", "loss/train"), ("heldout_loss", "loss/heldout"), ("heldout_accuracy",
                        "accuracy/heldout"), ("lr", "learning_rate"), ("elapsed", "time/elapsed_seconds")]:
         assert [s for s, _ in scalars[tag]] == [1, 2, 3]
+        assert [v for _, v in scalars[tag]] == pytest.approx([r[field] for r in records], rel=1e-6)
+
+
+@pytest.mark.slow      # importing tensorboardX imports torch where it is installed: seconds
+def test_a_resumed_run_hides_the_tensorboard_steps_its_log_drops(tiny, tmp_path, capsys):
+    # a run went on past its epoch-3 checkpoint to epoch 5, then is resumed from that checkpoint
+    pytest.importorskip("tensorboardX", reason="--tensorboard needs tensorboardX: pip install 'structc[tensorboard]'")
+    board, run, kept = tmp_path / "tb", tmp_path / "run.npz", tmp_path / "kept.npz"
+    assert train(tiny, "--epochs", "3", "--out", str(run), "--tensorboard", str(board)) == 0
+    for name in ("npz", "train.npz", "metrics.jsonl"):
+        (tmp_path / f"kept.{name}").write_bytes((tmp_path / f"run.{name}").read_bytes())
+    assert train(tiny, "--epochs", "5", "--resume", str(run), "--tensorboard", str(board)) == 0
+    assert train(tiny, "--epochs", "5", "--resume", str(kept), "--tensorboard", str(board)) == 0
+    records, scalars = read_metrics(metrics_path(kept)), tensorboard_scalars(board)
+    assert len(list(board.glob("events.out.tfevents.*"))) == 3        # none written over another
+    for field, tag in [("loss", "loss/train"), ("elapsed", "time/elapsed_seconds")]:
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4, 5]
         assert [v for _, v in scalars[tag]] == pytest.approx([r[field] for r in records], rel=1e-6)
 
 
