@@ -10,7 +10,8 @@ epoch ends, so `tail -f` or `structc plot` shows a run in progress:
 `loss` is the mean training loss over the epoch's steps; `heldout_accuracy` is absent for
 models without class outputs; with `--val-split`, `val_loss` and `val_accuracy` measure the
 validation part; `seconds` is the epoch's wall time (with its evaluation),
-`elapsed` the run's so far. A resumed run keeps the lines of the epochs it continues from
+`elapsed` the run's so far; a value that is not a finite number (the NaN of an empty held-out
+part) is `null`, so that every line is JSON to any reader. A resumed run keeps the lines of the epochs it continues from
 (every readable one; a warning names the epochs it lacks).
 
 `structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
@@ -26,6 +27,7 @@ held-out (and validation) accuracy against the epoch, one colour per run, with m
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,7 +65,7 @@ class MetricsLog:
 
     def __init__(self, path: str | Path, lr: float, keep: list[dict] = ()):
         self.path, self.lr = Path(path), lr
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.path.write_text("".join(_json_line(r) for r in keep))
         self._start = self._last = time.perf_counter()
         self._elapsed_before = keep[-1].get("elapsed", 0.0) if keep else 0.0
         self.failed = False
@@ -82,7 +84,7 @@ class MetricsLog:
             return record
         try:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+                f.write(_json_line(record))
         except OSError as e:          # the run matters more than its log: say so once, keep training
             self.failed = True
             print(f"structc: warning: cannot write the metrics log {self.path} ({e.strerror or e}); "
@@ -128,9 +130,16 @@ class TensorBoardLog:
         self._writer.close()
 
 
+def _json_line(record: dict) -> str:
+    """One record as a line of strict JSON: Python's json would write NaN and Infinity,
+    which JSON has not (JSON.parse, Go, serde refuse the line); those are null."""
+    return json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False) + "\n"
+
+
 def _plain(value):
-    """numpy scalars as Python numbers, so that json can write them."""
-    return value.item() if hasattr(value, "item") else value
+    """numpy scalars as Python numbers, so that json can write them; not finite: None."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def start_log(params_path: Path, lr: float, resumed_from: Path | None = None, first_epoch: int = 1,
@@ -248,14 +257,14 @@ def _unique(label: str, taken) -> str:
 def _draw_run(left, right, label: str, recs: list[dict], colour: str) -> None:
     epochs = [r["epoch"] for r in recs]
     left.plot(epochs, [r["loss"] for r in recs], color=colour, label=label)
-    held = [(r["epoch"], r["heldout_loss"]) for r in recs if "heldout_loss" in r]
+    held = [(r["epoch"], r["heldout_loss"]) for r in recs if r.get("heldout_loss") is not None]
     if held:
         left.plot(*zip(*held), color=colour, linestyle="--")
-    acc = [(r["epoch"], r["heldout_accuracy"]) for r in recs if "heldout_accuracy" in r]
+    acc = [(r["epoch"], r["heldout_accuracy"]) for r in recs if r.get("heldout_accuracy") is not None]
     if acc:
         right.plot(*zip(*acc), color=colour, label=label, marker="o" if len(acc) < 20 else None)
     for axes, key in ((left, "val_loss"), (right, "val_accuracy")):      # --val-split runs
-        val = [(r["epoch"], r[key]) for r in recs if key in r]
+        val = [(r["epoch"], r[key]) for r in recs if r.get(key) is not None]
         if val:
             axes.plot(*zip(*val), color=colour, linestyle=":")
 

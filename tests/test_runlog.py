@@ -163,6 +163,26 @@ def test_a_log_that_becomes_unwritable_warns_once_and_training_goes_on(tmp_path,
     assert capsys.readouterr().err.count("cannot write the metrics log") == 1
 
 
+def test_a_value_that_is_not_a_number_is_written_as_null(tmp_path):
+    # an empty held-out part measures NaN; json.dumps would write NaN, which is no JSON
+    from structc.runlog import MetricsLog, figure
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    log = MetricsLog(tmp_path / "r.metrics.jsonl", lr=0.1)
+    log.callback({"epoch": 1, "train_loss": 1.0, "heldout_loss": float("nan"), "heldout_accuracy": float("nan"),
+                  "val_loss": np.float32("inf")})
+    log.callback({"epoch": 2, "train_loss": 0.5, "heldout_loss": 0.7, "heldout_accuracy": 0.5, "val_loss": 0.6})
+    lines = [strict(line) for line in (tmp_path / "r.metrics.jsonl").read_text().splitlines()]
+    assert [(r["heldout_loss"], r["heldout_accuracy"], r["val_loss"]) for r in lines] == [(None, None, None),
+                                                                                         (0.7, 0.5, 0.6)]
+    assert read_metrics(tmp_path / "r.metrics.jsonl") == lines
+    pytest.importorskip("matplotlib")
+    left, right = figure({"r": lines}).axes
+    assert [list(line.get_xdata()) for line in left.lines] == [[1, 2], [2], [2]]    # training, held-out, validation
+    assert [list(line.get_xdata()) for line in right.lines] == [[2]]
+
+
 def test_read_metrics_names_a_bad_line(tmp_path):
     path = tmp_path / "r.metrics.jsonl"
     path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "loss": \n')
