@@ -604,7 +604,7 @@ def cmd_train(args) -> int:
     net.set_seed(cfg.seed)      # dropout's masks: the run's seed, a resumed run's too (compiled with --seed or 0)
     if state is not None:
         _continue_optimizer(net, state, cfg)
-    metrics = _start_metrics_log(out, cfg, args.resume) if root else None
+    metrics = _start_metrics_log(out, cfg, args.resume, saved) if root else None
     board = _tensorboard(args.tensorboard, cfg.first_epoch) if root and args.tensorboard else None
     if root:
         print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
@@ -632,7 +632,7 @@ def cmd_train(args) -> int:
         from .readers import data_numbering
         from .train import save_numbering, state_path
         save_state(net, state_path(params_path), history.last_epoch, cfg, history.rng_state, data_id,
-                   history.best_epoch, history)
+                   history.best_epoch, history, metrics.digest())
         save_numbering(net, params_path, data_numbering(data))
 
     written, problem = save_run(net, out, save_training_state)
@@ -720,12 +720,13 @@ def _data_id(args) -> str:
     return args.data if args.split is None else f"{args.data} --split {args.split}"
 
 
-def _start_metrics_log(out: Path, cfg, resume: str | None):
+def _start_metrics_log(out: Path, cfg, resume: str | None, saved: dict | None):
     """The per-epoch metrics log beside the checkpoint (NAME.metrics.jsonl); a resumed run's
-    log starts with the epochs of the run it continues."""
+    log starts with the epochs of the run it continues (`saved`: its training state's config)."""
     from .runlog import metrics_path, start_log
     try:
-        return start_log(out, cfg.lr, existing_params(resume) if resume else None, cfg.first_epoch, warn=warn)
+        return start_log(out, cfg.lr, existing_params(resume) if resume else None, cfg.first_epoch, warn=warn,
+                         digest=(saved or {}).get("metrics_digest"))
     except OSError as e:
         raise UserError(f"cannot write the metrics log {metrics_path(out)}: {e.strerror or e}", code=2) from None
 

@@ -26,6 +26,7 @@ held-out (and validation) accuracy against the epoch, one colour per run, with m
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -65,7 +66,8 @@ class MetricsLog:
 
     def __init__(self, path: str | Path, lr: float, keep: list[dict] = ()):
         self.path, self.lr = Path(path), lr
-        self.path.write_text("".join(_json_line(r) for r in keep))
+        self._lines = [_json_line(r) for r in keep]
+        self.path.write_text("".join(self._lines))
         self._start = self._last = time.perf_counter()
         self._elapsed_before = keep[-1].get("elapsed", 0.0) if keep else 0.0
         self.failed = False
@@ -83,13 +85,24 @@ class MetricsLog:
         if self.failed:
             return record
         try:
+            line = _json_line(record)
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(_json_line(record))
+                f.write(line)
+            self._lines.append(line)
         except OSError as e:          # the run matters more than its log: say so once, keep training
             self.failed = True
             print(f"structc: warning: cannot write the metrics log {self.path} ({e.strerror or e}); "
                   f"training goes on without it", file=sys.stderr)
         return record
+
+    def digest(self) -> str | None:
+        """A digest of the lines written so far (None when some could not be): a checkpoint
+        keeps it, so that resuming knows the log beside it is still its run's."""
+        return None if self.failed else _lines_digest(self._lines)
+
+
+def _lines_digest(lines) -> str:
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 #: a record's field -> the TensorBoard tag it is written under
@@ -143,22 +156,25 @@ def _plain(value):
 
 
 def start_log(params_path: Path, lr: float, resumed_from: Path | None = None, first_epoch: int = 1,
-              warn=None) -> MetricsLog:
+              warn=None, digest: str | None = None) -> MetricsLog:
     """A fresh log beside `params_path`; a resumed run first copies the epochs before
-    `first_epoch` from the log of the checkpoint it resumes. `warn(message)` hears what
-    of those epochs the new log lacks (a missing file, an unreadable line, a gap)."""
+    `first_epoch` from the log of the checkpoint it resumes (when they are the lines whose
+    `digest` its checkpoint kept). `warn(message)` hears what of those epochs the new log
+    lacks (a missing file, an unreadable line, a gap, another run's lines)."""
     keep, problem = [], ""
     if resumed_from is not None:
-        keep, problem = earlier_records(metrics_path(resumed_from), first_epoch)
+        keep, problem = earlier_records(metrics_path(resumed_from), first_epoch, digest)
     if problem and warn is not None:
         warn(problem)
     return MetricsLog(metrics_path(params_path), lr, keep)
 
 
-def earlier_records(path: Path, first_epoch: int) -> tuple[list[dict], str]:
+def earlier_records(path: Path, first_epoch: int, digest: str | None = None) -> tuple[list[dict], str]:
     """The records of epochs 1..first_epoch-1 in the log at `path`, one per epoch in order,
     and what is wrong with them ("" when nothing). Every readable line counts: a run killed
-    while writing leaves half a line, and the epochs before it still belong in the log."""
+    while writing leaves half a line, and the epochs before it still belong in the log. With
+    the `digest` the checkpoint kept of its log, other lines (a later run of the same name
+    that did not finish rewrote the log) are left out: they are not this run's epochs."""
     if first_epoch <= 1:
         return [], ""
     try:
@@ -178,6 +194,11 @@ def earlier_records(path: Path, first_epoch: int) -> tuple[list[dict], str]:
             unreadable.append(number)
         elif record["epoch"] < first_epoch:
             by_epoch[record["epoch"]] = record         # a later line of the same epoch: the run that went on
+    kept = [by_epoch[e] for e in sorted(by_epoch)]
+    if digest is not None and not unreadable and _lines_digest(map(_json_line, kept)) != digest:
+        return [], (f"{path} is not the log of the run saved at epoch {first_epoch - 1} (a run of the same "
+                    f"name started since, and did not finish): its lines are left out, the new log starts at "
+                    f"epoch {first_epoch}")
     missing = [e for e in range(1, first_epoch) if e not in by_epoch]
     problems = ([f"line{'s' * (len(unreadable) > 1)} {', '.join(map(str, unreadable))} of {path} "
                  f"{'are' if len(unreadable) > 1 else 'is'} not an epoch record and "
@@ -185,7 +206,7 @@ def earlier_records(path: Path, first_epoch: int) -> tuple[list[dict], str]:
     if missing:
         problems.append(f"the resumed run's metrics log {path} has no record of epoch{'s' * (len(missing) > 1)} "
                         f"{_ranges(missing)}")
-    return [by_epoch[e] for e in sorted(by_epoch)], "; ".join(problems)
+    return kept, "; ".join(problems)
 
 
 def _ranges(numbers: list[int]) -> str:

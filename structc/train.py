@@ -406,10 +406,12 @@ def optimizer_state_restorable(net) -> bool:
 
 
 def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str,
-               kept_epoch: int | None = None, history: History | None = None) -> None:
+               kept_epoch: int | None = None, history: History | None = None,
+               metrics_digest: str | None = None) -> None:
     """Write what `load_state` needs to continue after `epoch`; `kept_epoch`: the epoch whose
     parameters were kept instead of the last's (early stopping), whose state (patience, best
-    value) and last epoch's parameters come from `history`."""
+    value) and last epoch's parameters come from `history`; `metrics_digest`: the run's
+    metrics log's (`MetricsLog.digest`), so that a resumed run keeps only its own lines."""
     arrays = {"epoch": np.int64(epoch), "digest": np.array(params_digest(net)),
               "config": np.array(json.dumps({"optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                                              "seed": cfg.seed, "data": data, "model": net.name,
@@ -417,7 +419,8 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
                                              "freeze": list(cfg.freeze), "frozen": net.meta.get("frozen", []),
                                              "clip_norm": cfg.clip_norm, "schedule": cfg.schedule,
                                              "val_split": cfg.val_split, "kept_epoch": kept_epoch,
-                                             "rng": rng_state, "early_stop": _stopper_state(history)},
+                                             "rng": rng_state, "early_stop": _stopper_state(history),
+                                             "metrics_digest": metrics_digest},
                                             default=float))}
     if history is not None and history.last_params is not None:
         arrays.update({f"last_params/{name}": v for name, v in history.last_params.items()})

@@ -132,15 +132,31 @@ def test_a_resumed_run_keeps_the_readable_epochs_of_a_half_written_log(tiny, tmp
 def test_a_resumed_run_says_which_epochs_its_log_lacks(tiny, tmp_path, capsys):
     out = tmp_path / "run.npz"
     assert train(tiny, "--epochs", "3", "--out", str(out)) == 0
-    records = read_metrics(metrics_path(out))
-    metrics_path(out).write_text(json.dumps(records[2]) + "\n")
+    metrics_path(out).unlink()
     capsys.readouterr()
     assert train(tiny, "--epochs", "4", "--resume", str(out)) == 0
-    assert "has no record of epochs 1-2" in capsys.readouterr().err
-    assert [r["epoch"] for r in read_metrics(metrics_path(out))] == [3, 4]
-    metrics_path(out).unlink()
-    assert train(tiny, "--epochs", "5", "--resume", str(out)) == 0
     assert "cannot be read" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(metrics_path(out))] == [4]
+    from structc.runlog import earlier_records          # a log a checkpoint kept no digest of
+    metrics_path(out).write_text('{"epoch": 2, "loss": 1.0}\n{"epoch": 4, "loss": 0.5}\n')
+    assert earlier_records(metrics_path(out), 6) == ([{"epoch": 2, "loss": 1.0}, {"epoch": 4, "loss": 0.5}],
+                                                     f"the resumed run's metrics log {metrics_path(out)} has no "
+                                                     f"record of epochs 1, 3, 5")
+
+
+def test_a_resumed_run_leaves_out_the_log_lines_of_a_later_run_of_the_same_name(tiny, tmp_path, capsys):
+    # run A saves epoch 2; run B, same --out, writes its own log and dies before saving
+    out, saved = tmp_path / "run.npz", {}
+    assert train(tiny, "--epochs", "2", "--out", str(out)) == 0
+    for name in ("run.npz", "run.train.npz"):
+        saved[name] = (tmp_path / name).read_bytes()
+    assert train(tiny, "--epochs", "3", "--lr", "0.5", "--out", str(out)) == 0
+    for name, data in saved.items():
+        (tmp_path / name).write_bytes(data)
+    capsys.readouterr()
+    assert train(tiny, "--epochs", "4", "--resume", str(out)) == 0
+    assert "is not the log of the run saved at epoch 2" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(metrics_path(out))] == [3, 4]
 
 
 def test_a_log_that_cannot_be_written_stops_before_training(tiny, tmp_path, capsys):
