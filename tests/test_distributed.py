@@ -334,10 +334,12 @@ def test_cli_train_distributed_is_the_one_process_run(tmp_path, capsys):
     alone = capsys.readouterr().out
     assert _epoch_numbers(run.stdout) == pytest.approx(_epoch_numbers(alone), abs=2e-4), (run.stdout, alone)
     assert len(_epoch_numbers(alone)) == 6
-    logged = [json.loads(line)["lr"] for line in (tmp_path / "two.metrics.jsonl").read_text().splitlines()]
-    assert logged == pytest.approx([json.loads(line)["lr"]
-                                    for line in (tmp_path / "one.metrics.jsonl").read_text().splitlines()])
-    assert logged[-1] < 0.01                              # the schedule's lr, not the base rate
+    two, one = ([json.loads(line) for line in (tmp_path / f"{n}.metrics.jsonl").read_text().splitlines()]
+                for n in ("two", "one"))
+    for field in ("epoch", "loss", "heldout_loss", "heldout_accuracy", "lr"):    # the log: rank 0's global numbers
+        assert [r[field] for r in two] == pytest.approx([r[field] for r in one], rel=1e-5), field
+    assert set(two[0]) == set(one[0]) and two[-1]["lr"] < 0.01      # the schedule's lr, not the base rate
+    assert sorted(p.name for p in tmp_path.glob("two.*")) == ["two.metrics.jsonl", "two.npz", "two.train.npz"]
     evaluated = mpiexec("-m", "mpi4py", "-m", "structc", "eval", ROOT / "examples" / "digits_mlp.snet", "--data",
                         "digits", "--params", tmp_path / "two.npz", "--distributed")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
