@@ -45,7 +45,8 @@ def metrics_path(params_path: str | Path) -> Path:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The epoch records of a metrics file, in order; a line that is not a JSON object
-    with an epoch is an error naming the file and line."""
+    with an epoch is an error naming the file and line, except a last line with no end,
+    unreadable: one being written (a run in progress) or cut short (a run killed)."""
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -54,6 +55,8 @@ def read_metrics(path: str | Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
+                if not line.endswith("\n"):
+                    break
                 raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
                 raise ValueError(f"{path}:{number}: not an epoch record (no integer 'epoch')")

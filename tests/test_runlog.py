@@ -207,6 +207,8 @@ def test_read_metrics_names_a_bad_line(tmp_path):
     path.write_text('{"epoch": 1, "loss": 1.0}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"r\.metrics\.jsonl:2: not an epoch record"):
         read_metrics(path)
+    path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "lo')       # being written, or cut short
+    assert read_metrics(path) == [{"epoch": 1, "loss": 1.0}]
 
 
 # -- the plot -----------------------------------------------------------------------------
