@@ -10,9 +10,10 @@ epoch ends, so `tail -f` or `structc plot` shows a run in progress:
 `loss` is the mean training loss over the epoch's steps; `heldout_accuracy` is absent for
 models without class outputs; with `--val-split`, `val_loss` and `val_accuracy` measure the
 validation part; `seconds` is the epoch's wall time (with its evaluation),
-`elapsed` the run's so far; a value that is not a finite number (the NaN of an empty held-out
-part) is `null`, so that every line is JSON to any reader. A resumed run keeps the lines of the epochs it continues from
-(every readable one; a warning names the epochs it lacks).
+`elapsed` the run's so far; a value that is not a finite number (the NaN of an empty
+held-out part) is `null`, so that every line is JSON to any reader. A resumed run keeps
+the lines of the epochs it continues from (every readable one, when they are the ones its
+checkpoint saw; a warning names the epochs it lacks).
 
 `structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
 in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
@@ -198,7 +199,7 @@ def earlier_records(path: Path, first_epoch: int, digest: str | None = None) -> 
         elif record["epoch"] < first_epoch:
             by_epoch[record["epoch"]] = record         # a later line of the same epoch: the run that went on
     kept = [by_epoch[e] for e in sorted(by_epoch)]
-    if digest is not None and not unreadable and _lines_digest(map(_json_line, kept)) != digest:
+    if digest is not None and _lines_digest(map(_json_line, kept)) != digest:
         return [], (f"{path} is not the log of the run saved at epoch {first_epoch - 1} (a run of the same "
                     f"name started since, and did not finish): its lines are left out, the new log starts at "
                     f"epoch {first_epoch}")

@@ -153,6 +153,8 @@ def test_a_resumed_run_leaves_out_the_log_lines_of_a_later_run_of_the_same_name(
     assert train(tiny, "--epochs", "3", "--lr", "0.5", "--out", str(out)) == 0
     for name, data in saved.items():
         (tmp_path / name).write_bytes(data)
+    with open(metrics_path(out), "a") as f:
+        f.write('{"epoch": 4, "lo')                     # B killed while writing
     capsys.readouterr()
     assert train(tiny, "--epochs", "4", "--resume", str(out)) == 0
     assert "is not the log of the run saved at epoch 2" in capsys.readouterr().err
