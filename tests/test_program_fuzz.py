@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 32, 33, 40]
+WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 32, 33, 40, 64, 65, 100]
 BATCHES = (1, 3, 64)
 SMOOTH = ["tanh", "sigmoid", "gelu", "softplus", "elu", "square"]
 KINKED = ["relu", "abs", "leaky_relu"]      # not applied where exact zeros make ties or kinks
@@ -112,17 +112,26 @@ class Gen:
     def op_matmul(self):
         a = self.pick(self.matrix)
         f, g = a.shape[1], self.width()
-        kind = self.rng.choice(["plain", "transposed", "outer", "square", "both"])
+        kind = self.rng.choice(["plain", "transposed", "outer", "square", "both", "joined"])
+        if kind == "joined" and f >= 2:   # weights joined from two parameters along their rows
+            k = self.rng.randint(1, f - 1)
+            w = f"concat({self.param((k, g), 1 / np.sqrt(f))}, {self.param((f - k, g), 1 / np.sqrt(f))}, axis=0)"
+            return self.emit(f"{a.name} @ {w}", ("N", g), "matmul_joined", zeros=a.zeros)
         if kind == "both":             # (W^T a^T)^T = a W: transposes for legalize to fold
             return self.emit(f"transpose(transpose({self.param((f, g), 1 / np.sqrt(f))}) @ transpose({a.name}))",
                              ("N", g), "matmul_tt", zeros=a.zeros)
         if kind == "plain":
+            shared = [p for p in self.params if len(p.shape) == 2 and p.shape[0] == f]
+            if shared and self.rng.random() < 0.5:      # a parameter read twice: its gradient is a sum
+                w = self.rng.choice(shared)
+                return self.emit(f"{a.name} @ {w.name}", ("N", w.shape[1]), "matmul_shared", zeros=a.zeros)
             return self.emit(f"{a.name} @ {self.param((f, g), 1 / np.sqrt(f))}", ("N", g), "matmul", zeros=a.zeros)
         if kind == "transposed":
             return self.emit(f"{a.name} @ transpose({self.param((g, f), 1 / np.sqrt(f))})", ("N", g),
                              "matmul_t", zeros=a.zeros)
         if kind == "square":          # a matrix over the batch reused as weights: [N, F] @ ([F, N] @ [N, F])
-            return self.emit(f"{a.name} @ (transpose({a.name}) @ {a.name})", ("N", f), "matmul_gram", zeros=a.zeros)
+            return self.emit(f"tanh(0.1 * ({a.name} @ (transpose({a.name}) @ {a.name})))", ("N", f), "matmul_gram",
+                             zeros=a.zeros, bounded=True)
         b = self.pick(self.matrix)     # the batch contracted: [F, G], a weight gradient's shape
         m = self.emit(f"transpose({a.name}) @ {b.name}", (f, b.shape[1]), "matmul_tn", zeros=a.zeros or b.zeros)
         c = self.pick(lambda v: self.matrix(v) and v.shape[1] == f) or a
@@ -152,7 +161,7 @@ class Gen:
 
     def op_binary(self):
         a = self.pick(lambda v: v.batch)
-        form = self.rng.choice(["same", "same", "row", "column", "scalar"])
+        form = self.rng.choice(["same", "same", "row", "column", "scalar", "whole", "down"])
         if form == "same":
             b = self.pick(lambda v: v.shape == a.shape) or a
         elif form == "row" and len(a.shape) >= 2:        # [N, ..., F] with [F]: a parameter or a sum over the batch
@@ -166,6 +175,15 @@ class Gen:
         elif form == "column" and self.matrix(a):        # [N, F] with [N, 1]
             src = self.pick(self.matrix)
             b = self.emit(f"sum({src.name}, axes=(1,), keepdims=true)", ("N", 1), "sum_keep", zeros=src.zeros)
+        elif form == "whole":          # a scalar of the whole batch, broadcast everywhere
+            src = self.pick(lambda v: v.batch)
+            f = self.rng.choice(["mean", "sum"] + ([] if src.zeros else ["max"]))
+            b = self.emit(f"{f}({src.name})", (), f"{f}_all", zeros=src.zeros and f == "sum")
+        elif form == "down" and self.matrix(a):   # [N, F] with [1, F]: a statistic over the batch
+            src = self.pick(lambda v: self.matrix(v) and v.shape[1] == a.shape[1]) or a
+            f = self.rng.choice(["mean", "sum"] + ([] if src.zeros else ["max", "min"]))
+            b = self.emit(f"{f}({src.name}, axes=(0,), keepdims=true)", (1, a.shape[1]), f"{f}_batch_keep",
+                          zeros=src.zeros)
         else:
             c = self.rng.choice(["0.5", "2.0", "1.25"])
             op = self.rng.choice(["+", "-", "*"])
@@ -173,6 +191,8 @@ class Gen:
             return self.emit(expr, a.shape, f"scalar{op}", zeros=a.zeros,
                              positive=a.positive and op != "-")
         shape = a.shape if len(a.shape) >= len(b.shape) else b.shape
+        if self.rng.random() < 0.3:
+            a, b = b, a                 # the broadcast operand first
         ops = ["+", "-", "*", "*", "/"] + ([] if a.zeros or b.zeros else ["maximum"])
         op = self.rng.choice(ops)
         zeros = a.zeros or b.zeros
@@ -309,7 +329,16 @@ class Gen:
         table = self.param((self.vocab, width), 0.5)
         return self.emit(f"onehot({self.ids}, {self.vocab}) @ {table}", ("N", width), "onehot_matmul")
 
-    OPS = {"conv": 1, "norm": 1, "outer": 1, "onehot": 1, "dense": 5, "matmul": 3, "unary": 5, "binary": 6, "concat": 2, "chunk": 1, "reshape": 1,
+    def op_repeat(self):
+        """`repeat k { h = dense(h, F) |> act }`: layers of their own, a name rebound."""
+        a = self.pick(self.matrix)
+        h = self.emit(a.name, a.shape, "alias", zeros=a.zeros, positive=a.positive, bounded=a.bounded)
+        k, act = self.rng.choice([2, 3]), self.rng.choice(["tanh", "relu", "sigmoid"])
+        self.lines.append(f"  repeat {k} {{ {h.name} = dense({h.name}, {a.shape[1]}) |> {act} }}")
+        h.zeros, h.positive, h.bounded = act == "relu", act == "sigmoid", act != "relu"
+        return h
+
+    OPS = {"repeat": 1, "conv": 1, "norm": 1, "outer": 1, "onehot": 1, "dense": 5, "matmul": 3, "unary": 5, "binary": 6, "concat": 2, "chunk": 1, "reshape": 1,
            "reduce": 2, "softmax": 1, "where": 1, "gather": 1}
 
     def program(self, size: int) -> str:
@@ -323,9 +352,10 @@ class Gen:
             op = self.rng.choices(names, weights)[0]
             getattr(self, f"op_{op}")()
         # several outputs: any value (an input, a matrix over the batch), the same one twice
-        outs = [self.pick().name for _ in range(self.rng.choice([1, 2, 3]))]
-        for k, name in enumerate(outs):
-            self.lines.append(f"  output o{k} = {name}")
+        outs = [self.pick() for _ in range(self.rng.choice([1, 2, 3]))]
+        for k, v in enumerate(outs):
+            expr = f"transpose({v.name})" if len(v.shape) == 2 and self.rng.random() < 0.15 else v.name
+            self.lines.append(f"  output o{k} = {expr}")
         self.losses()
         return "model Fuzz {\n" + "\n".join(self.decls + self.lines) + "\n}\n"
 
@@ -639,6 +669,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--size", type=int, default=None, help="statements per program (default: random 3-16)")
     ap.add_argument("--out", default="/tmp/h35-fuzz-work")
+    ap.add_argument("--batches", default="1,3,64", help="batch sizes, the last compared without finite differences")
     ap.add_argument("--histogram", action="store_true", help="print the ops and fused groups made")
     ap.add_argument("--threads", action="store_true", help="also compare 1 and 2 threads bitwise")
     args = ap.parse_args(argv)
@@ -650,7 +681,7 @@ def main(argv=None):
         source, used = generate(seed, args.size)
         ops += used
         try:
-            check_program(source, seed)
+            check_program(source, seed, batches=tuple(int(b) for b in args.batches.split(",")))
         except Exception as e:
             failures += 1
             text = e if isinstance(e, AssertionError) else traceback.format_exc()
