@@ -27,7 +27,8 @@ class Sum(Op):
     name = "sum"
     floats_only = True
     surface = True
-    traits = frozenset({"reduction"})
+    # "summing": its elements are added, so `fuse` may accumulate it in the loop that computes them
+    traits = frozenset({"reduction", "summing"})
 
     def shape(self, x, *, axes=None, keepdims: bool = False) -> TensorType:
         ax = normalize_axes(axes, x.rank)

@@ -83,7 +83,8 @@ def fuse(g: Graph) -> Graph:
     # 2. full reductions into the elementwise group producing their operand
     for nid in order:
         node = g.nodes[nid]
-        if "reduction" not in node.op.traits or nid not in group or node.type.rank != 0:
+        # the loop accumulates with +: a max or min over everything stays a kernel of its own
+        if "summing" not in node.op.traits or nid not in group or node.type.rank != 0:
             continue
         src = node.inputs[0]
         sg = group.get(src)
