@@ -82,7 +82,8 @@ class Gen:
     def param(self, shape, scale: float = 0.5) -> str:
         name = self.fresh("p")
         dims = ", ".join(map(str, shape))
-        self.lines.append(f"  param {name}: f32[{dims}] = normal({scale})")
+        frozen = " frozen" if self.rng.random() < 0.15 else ""   # no gradient, no update
+        self.lines.append(f"  param {name}: f32[{dims}] = normal({scale}){frozen}")
         self.params.append(V(name, tuple(shape)))
         return name
 
@@ -101,7 +102,8 @@ class Gen:
     def op_dense(self):
         a = self.pick(self.matrix)
         units, bias = self.width(), self.rng.random() < 0.75
-        expr = f"dense({a.name}, {units}{'' if bias else ', bias=false'})"
+        frozen = ", frozen=true" if self.rng.random() < 0.1 else ""
+        expr = f"dense({a.name}, {units}{'' if bias else ', bias=false'}{frozen})"
         act = self.rng.choice(ACTIVATIONS + [None, None])
         if act:
             expr += f" |> {act}"
@@ -486,7 +488,8 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
     held_out = eval_loss_graph(dataclasses.replace(mdef, graph=weighed))
     targets = {k for k, s in mdef.inputs.items() if s.kind == "target"}
     buffers = set(net.meta.get("buffers", ()))      # batch norm's running statistics: each training call moves them
-    trained = sorted(set(params) - buffers)
+    frozen = {k for k, p in mdef.params.items() if p.frozen} - buffers
+    trained = sorted(set(params) - buffers - frozen)
     runs = []
     for n in batches:
         params = {k: v.copy() for k, v in net.params.items()}
@@ -506,6 +509,8 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
         assert set(grads) == set(params), f"gradients of {sorted(grads)}, parameters {sorted(params)}"
         for name in trained:
             close(grads[name], ref[f"grad:{name}"], f"batch {n}: gradient of {name}", f32=ref32[f"grad:{name}"])
+        for name in frozen:
+            assert not np.any(grads[name]), f"batch {n}: frozen {name} has a gradient"
         runs.append((params, feed, inputs, got, loss, grads))
         outs, held, terms = net.evaluate_terms(**feed)
         now = {k: v.copy() for k, v in net.params.items()}     # the running statistics grad moved
@@ -564,6 +569,8 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
         assert stepped == loss or loss != loss, f"train_step's loss {stepped!r}, grad's {loss!r}"
         for name in trained:
             close(net.params[name], params[name] - 0.5 * grads[name].astype(np.float64), f"after a step: {name}")
+        for name in frozen:
+            assert np.array_equal(net.params[name], params[name]), f"a step moved frozen {name}"
     return params
 
 
@@ -697,7 +704,7 @@ def test_more_programs_match_the_interpreter():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.integers(1000, 10**9), st.integers(3, 24))
     def run(seed, size):
         source, _ = generate(seed, size)
@@ -739,7 +746,7 @@ def main(argv=None):
             print(f"seed {seed}: {str(text).splitlines()[0] if str(text) else type(e).__name__}", flush=True)
         if args.histogram:
             groups += fused_groups(source)
-        items.append({"source": source, "seed": seed, "batches": list(BATCHES)})
+        items.append({"source": source, "seed": seed, "batches": [int(b) for b in args.batches.split(",")]})
     print(f"{args.count} programs, {failures} failures, {time.time() - t0:.0f} s")
     if args.threads:
         found = thread_bits(items)
