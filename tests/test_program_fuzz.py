@@ -69,8 +69,10 @@ class Gen:
         self.count += 1
         return f"{stem}{self.count}"
 
+    widths: list = field(default_factory=lambda: WIDTHS)
+
     def width(self) -> int:
-        return self.rng.choice(WIDTHS)
+        return self.rng.choice(self.widths)
 
     def emit(self, expr: str, shape, op: str, **flags) -> V:
         v = V(self.fresh(), tuple(shape), **flags)
@@ -359,7 +361,12 @@ class Gen:
         a = self.pick(self.matrix)
         return self.emit(f"{a.name} + reshape({self.ids}, N, 1) * 0.25", a.shape, "int_arith", zeros=a.zeros)
 
-    OPS = {"compare": 1, "ints": 1, "repeat": 1, "conv": 1, "norm": 1, "outer": 1, "onehot": 1, "dense": 5, "matmul": 3, "unary": 5, "binary": 6, "concat": 2, "chunk": 1, "reshape": 1,
+    def op_dropout(self):
+        a = self.pick(lambda v: v.batch)
+        p = self.rng.choice([0.1, 0.5])
+        return self.emit(f"dropout({a.name}, {p})", a.shape, "dropout", zeros=True)
+
+    OPS = {"dropout": 1, "compare": 1, "ints": 1, "repeat": 1, "conv": 1, "norm": 1, "outer": 1, "onehot": 1, "dense": 5, "matmul": 3, "unary": 5, "binary": 6, "concat": 2, "chunk": 1, "reshape": 1,
            "reduce": 2, "softmax": 1, "where": 1, "gather": 1}
 
     def program(self, size: int) -> str:
@@ -406,10 +413,10 @@ class Gen:
             self.ops[f"loss_{kind}"] += 1
 
 
-def generate(seed: int, size: int | None = None) -> tuple[str, Counter]:
+def generate(seed: int, size: int | None = None, widths=WIDTHS) -> tuple[str, Counter]:
     """A random valid dense model (its source) and the ops it was written with."""
     rng = random.Random(seed)
-    gen = Gen(rng)
+    gen = Gen(rng, widths=list(widths))
     source = gen.program(size or rng.randint(3, 16))
     return source, gen.ops
 
@@ -461,6 +468,23 @@ def close(got, want, what, rtol=2e-3, f32=None):
                              f"{got.reshape(-1)[k]!r} for {want.reshape(-1)[k]!r} (float32's rounding alone: {noise / 8:.3g})")
 
 
+def fix_dropout(graphs, seed: int = 0, step: int = 1) -> None:
+    """Dropout's masks as a Net compiled with `seed` draws them at training call
+    `step` (`Net._draws` is set to step - 1 before each call), so the interpreter
+    evaluates the same masks."""
+    key = np.random.SeedSequence(seed).generate_state(2, np.uint32)
+    for graph in graphs:
+        for node in graph.nodes.values():
+            if node.op.name == "dropout_mask":
+                node.attrs["counters"] = (int(key[0]), int(key[1]), step)
+
+
+def training_call(net, call, **feed):
+    """`call` (net.grad, net.train_step) as the first training call: dropout's step 1."""
+    net._draws = 0
+    return call(**feed)
+
+
 def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 4, nan: bool = False) -> dict:
     """Native forward, loss and gradients against the interpreter, at each batch
     of one compiled net; the interpreter's gradient against float64 central
@@ -482,10 +506,12 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
     params = params_of(mdef, rng)
     for k, v in params.items():
         net.params[k] = v
-    fwd, train = forward_graph(mdef), differentiate(mdef.graph)
     weighed = mdef.graph.copy()     # as the compiler prepares it: a loss of several means is weighed by terms
     weigh_loss_terms(weighed)
-    held_out = eval_loss_graph(dataclasses.replace(mdef, graph=weighed))
+    # the entries without dropout first: fixed counters (below) keep a mask even in inference form
+    fwd, held_out = forward_graph(mdef), eval_loss_graph(dataclasses.replace(mdef, graph=weighed))
+    train = differentiate(mdef.graph)
+    fix_dropout([mdef.graph, train])
     targets = {k for k, s in mdef.inputs.items() if s.kind == "target"}
     buffers = set(net.meta.get("buffers", ()))      # batch norm's running statistics: each training call moves them
     frozen = {k for k, p in mdef.params.items() if p.frozen} - buffers
@@ -501,10 +527,10 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
             close(got[name], want[name], f"batch {n}: output {name}", f32=want32[name])
         if buffers and n == 1:
             with pytest.raises(BatchTooSmall):
-                net.grad(**feed)
+                training_call(net, net.grad, **feed)
             continue
         ref, ref32 = evaluate(train, feed, params), evaluate(train, feed, params, dtype=np.float32)
-        loss, grads = net.grad(**feed)
+        loss, grads = training_call(net, net.grad, **feed)
         close(loss, ref["loss"], f"batch {n}: loss", f32=ref32["loss"])
         assert set(grads) == set(params), f"gradients of {sorted(grads)}, parameters {sorted(params)}"
         for name in trained:
@@ -543,7 +569,7 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
         again = net.forward(**inputs)
         for name in got:
             assert np.array_equal(again[name], got[name], equal_nan=True), f"batch {n} again: output {name}"
-        loss2, grads2 = net.grad(**feed)
+        loss2, grads2 = training_call(net, net.grad, **feed)
         assert loss2 == loss or (loss != loss and loss2 != loss2), f"batch {n} again: loss {loss2!r}, first {loss!r}"
         for name in grads:
             assert np.array_equal(grads2[name], grads[name], equal_nan=True), f"batch {n} again: gradient of {name}"
@@ -565,7 +591,7 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
         params, feed, _, _, loss, grads = runs[-1]
         for k, v in params.items():
             net.params[k] = v
-        stepped = net.train_step(lr=0.5, **feed)
+        stepped = training_call(net, net.train_step, lr=0.5, **feed)
         assert stepped == loss or loss != loss, f"train_step's loss {stepped!r}, grad's {loss!r}"
         for name in trained:
             close(net.params[name], params[name] - 0.5 * grads[name].astype(np.float64), f"after a step: {name}")
@@ -615,6 +641,7 @@ for item in json.loads(sys.stdin.read()):
             if net.meta.get("buffers") and n == 1:      # batch norm trains on more than one
                 loss, grads = 0.0, {}
             else:
+                net._draws = 0                      # dropout's masks of the first training call
                 loss, grads = net.grad(**feed)
             handoffs += (_runtime.handoffs() - before) * (threads == 2)
             runs.append((outs, loss, grads))
@@ -725,6 +752,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--size", type=int, default=None, help="statements per program (default: random 3-16)")
     ap.add_argument("--out", default="/tmp/h35-fuzz-work")
+    ap.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="the widths values may have")
     ap.add_argument("--batches", default="1,3,64", help="batch sizes, the last compared without finite differences")
     ap.add_argument("--nan", action="store_true", help="also put a NaN in an input: the same NaNs as numpy")
     ap.add_argument("--histogram", action="store_true", help="print the ops and fused groups made")
@@ -735,7 +763,7 @@ def main(argv=None):
     ops, groups, failures, t0 = Counter(), Counter(), 0, time.time()
     items = []
     for seed in range(args.seed, args.seed + args.count):
-        source, used = generate(seed, args.size)
+        source, used = generate(seed, args.size, [int(w) for w in args.widths.split(",")])
         ops += used
         try:
             check_program(source, seed, batches=tuple(int(b) for b in args.batches.split(",")), nan=args.nan)
