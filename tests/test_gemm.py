@@ -279,6 +279,21 @@ def test_the_bias_gradient_is_summed_by_the_weight_gradients_kernel(k, n, monkey
     np.testing.assert_allclose(grads[1]["dense1.b"], dh.sum(axis=0), rtol=1e-4, atol=1e-6)
 
 
+def test_a_product_computed_from_the_column_sum_does_not_also_compute_it():
+    """`transpose(sum(w, axes=(0,)) + x) @ w`: the product's kernel cannot sum w's
+    columns for the sum it reads (legalize made a cycle: "graph has a cycle"
+    at compile, found by tests/test_program_fuzz.py); the sum stays its own kernel."""
+    src = """model C { input x: f32[N, 100]
+      input w: f32[N, 100]
+      output o = transpose(sum(w, axes=(0,)) + x) @ w }"""
+    net = structc.compile(src)
+    rng = np.random.default_rng(0)
+    for n in (3, 64):
+        x, w = rng.normal(size=(n, 100)).astype(np.float32), rng.normal(size=(n, 100)).astype(np.float32)
+        a = w.astype(np.float64).sum(axis=0) + x
+        np.testing.assert_allclose(net(x=x, w=w), a.T @ w, rtol=1e-4, atol=1e-4 * n)
+
+
 def calls_of(monkeypatch, module, name: str) -> list:
     """A list that gets an entry at each call of module.name, which still runs."""
     calls, real = [], getattr(module, name)

@@ -289,6 +289,9 @@ def colsum_into_weight_gradients(g) -> dict:
         d, parts = node.inputs[0], node.attrs.get("parts", 2)
         weights = [u for u in g.users(d) if g.nodes[u].op.name == "matmul_parts"
                    and g.nodes[u].inputs[1] == d and g.nodes[u].attrs.get("parts", PARTS) == parts]
+        if weights:     # not a product computed from the sum itself (`transpose(sum(d, axes=(0,)) + x) @ d`):
+            after = g.reachable([nid])      # its kernel cannot also compute the sum (a cycle)
+            weights = [u for u in weights if u not in after]
         if weights:
             b = Builder(g, node.span)
             out[nid] = b.matmul_colsum_parts(b.value(weights[0]), b.value(d), parts=parts)
