@@ -1,21 +1,23 @@
 """Random whole models, compiled natively, against a straightforward evaluation.
 
 The op tests check each op alone; here a generator writes random valid dense
-`.snet` models (inputs of random widths, parameters, a DAG of the language's
-tensor ops with values read by several later nodes, several outputs, one or
-two losses) so that what the optimiser does to a whole program (simplify,
-cse, dce, legalize, materialize, fusion's epilogues and elementwise groups,
-losses summed in their loop, memory planning with buffer reuse, autodiff's
-stored values) is checked against the interpreter (float64), and the
+`.snet` models (inputs of random widths, parameters, some frozen or read
+twice, a DAG of the language's tensor ops with values read by several later
+nodes, several outputs, one or two losses) so that what the optimiser does to
+a whole program (simplify, cse, dce, legalize, materialize, fusion's
+epilogues and elementwise groups, losses summed in their loop, memory
+planning with buffer reuse, autodiff's stored values) is checked against the
+interpreter (float64): outputs, loss, gradients, the held-out loss and its
+terms, one SGD step, the first batches again after the largest; and the
 interpreter's gradient against float64 central differences, at batches of 1,
 3 and 64 of one compiled net. A subprocess with the pool's thresholds at 0
 (every kernel of more than one task is handed off) checks that 2 threads give
-1 thread's bits, as the README promises.
+1 thread's bits, as docs/ARCHITECTURE.md says they do.
 
 Run many programs (mismatches are written to --out; `--histogram` prints the
-ops and fused groups the programs make):
+ops and fused groups the programs make; `--nan` also checks NaN propagation):
 
-    python tests/test_program_fuzz.py --count 300 --seed 1000 --out /tmp/fuzz
+    python tests/test_program_fuzz.py --count 300 --seed 1000 --threads --out /tmp/fuzz
 """
 from __future__ import annotations
 
