@@ -775,7 +775,10 @@ def main(argv=None):
             (out / f"fail-{seed}.snet").write_text(source + "\n# " + str(text).replace("\n", "\n# ") + "\n")
             print(f"seed {seed}: {str(text).splitlines()[0] if str(text) else type(e).__name__}", flush=True)
         if args.histogram:
-            groups += fused_groups(source)
+            try:
+                groups += fused_groups(source)
+            except Exception:       # a compiler failure: reported above
+                pass
         items.append({"source": source, "seed": seed, "batches": [int(b) for b in args.batches.split(",")]})
     print(f"{args.count} programs, {failures} failures, {time.time() - t0:.0f} s")
     if args.threads:
