@@ -282,7 +282,7 @@ def colsum_into_weight_gradients(g) -> dict:
     gradient) whose d is also the second operand of a `matmul_parts` with the
     same parts (the layer's weight gradient): the kernel reading d sums it."""
     from ..graph import Builder
-    out = {}
+    out, order = {}, None
     for nid, node in list(g.nodes.items()):
         if node.op.name != "sum_parts" or len(g.nodes[node.inputs[0]].shape) != 2:
             continue
@@ -290,12 +290,31 @@ def colsum_into_weight_gradients(g) -> dict:
         weights = [u for u in g.users(d) if g.nodes[u].op.name == "matmul_parts"
                    and g.nodes[u].inputs[1] == d and g.nodes[u].attrs.get("parts", PARTS) == parts]
         if weights:     # not a product computed from the sum itself (`transpose(sum(d, axes=(0,)) + x) @ d`):
-            after = g.reachable([nid])      # its kernel cannot also compute the sum (a cycle)
-            weights = [u for u in weights if u not in after]
+            order = order or {n: i for i, n in enumerate(g.topo())}     # its kernel cannot also compute the sum
+            weights = [u for u in weights if not _computed_from(g, u, nid, order)]
         if weights:
             b = Builder(g, node.span)
             out[nid] = b.matmul_colsum_parts(b.value(weights[0]), b.value(d), parts=parts)
     return out
+
+
+def _computed_from(g, node: int, source: int, order: dict) -> bool:
+    """Whether `node` reads `source`, directly or not: a walk back from `node` through
+    the nodes after `source` in topological order `order` only (no other can be computed
+    from it), so that each layer's check stays near that layer instead of walking the
+    whole graph (a walk per layer makes compiling a deep model quadratic)."""
+    start = order[source]
+    if order[node] < start:
+        return False
+    seen, todo = {node}, [node]
+    while todo:
+        for i in g.nodes[todo.pop()].inputs:
+            if i == source:
+                return True
+            if i not in seen and order.get(i, -1) > start:
+                seen.add(i)
+                todo.append(i)
+    return False
 
 
 def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
