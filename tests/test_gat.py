@@ -257,3 +257,27 @@ def test_the_defaults_the_readme_states():
     assert {n.attrs["alpha"] for n in nodes if n.op.name == "leaky_relu"} == {0.2}
     assert {len(n.inputs) for n in nodes if n.op.name == "segment_softmax"} == {7}      # with the self-loop scores
     assert graph.nodes[graph.outputs["o"]].shape == ("g.nodes", 12)
+
+
+def test_the_interpreter_attends_on_a_graph_without_edges(gat):
+    """No edges at all (a batch of isolated nodes): the interpreter's reference
+    split an empty [0, heads·F] read into heads with reshape(-1) and raised;
+    now it gives what native code gives (each node attends to itself alone,
+    or gets the bias), gradients too."""
+    (width, heads, concat, loops), net, mdef = gat
+    rng = np.random.default_rng(11)
+    n = 4
+    x = rng.normal(size=(n, FEATURES))
+    graph = Graph(np.zeros((2, 0), np.int64), num_nodes=n, x=x)
+    p = params(net, rng)
+    for k, v in p.items():
+        net.params[k][...] = v
+    u = rng.normal(size=(n, width * heads if concat else width)).astype(np.float32)
+    user, arrays = _feed(net, graph, u)
+    want = reference(p, x, [], [], n, width, heads, concat, loops, 0.2)
+    np.testing.assert_allclose(evaluate(mdef.graph, arrays, p, outputs=["o"])["o"], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(net.forward(g=graph)["o"], want, rtol=2e-4, atol=2e-5)
+    interp = evaluate(differentiate(mdef.graph), arrays, p)
+    _, native = net.grad(**user)
+    for k in p:
+        np.testing.assert_allclose(native[k], interp[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)

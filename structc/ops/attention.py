@@ -51,7 +51,8 @@ def _heads_of(width: int, heads: int, what: str) -> int:
 # -- numpy references ----------------------------------------------------------
 
 def _split(x: np.ndarray, heads: int) -> np.ndarray:
-    return x.reshape(x.shape[0], heads, -1)
+    # the width per head spelt out: reshape(-1) cannot infer it from an empty read (a graph with no edges)
+    return x.reshape(x.shape[0], heads, x.shape[1] // heads)
 
 
 def _softmax_reference(ptr, e, e_self):
@@ -76,7 +77,7 @@ def _attend_reference(ptr, idx, alpha, x, alpha_self, transpose):
     dst, src = _rows_of(ptr), idx.astype(np.int64)
     at, read = (src, dst) if transpose else (dst, src)
     out = np.zeros_like(x)
-    np.add.at(out, at, (alpha[:, :, None] * _split(x[read], heads)).reshape(len(read), -1))
+    np.add.at(out, at, (alpha[:, :, None] * _split(x[read], heads)).reshape(len(read), x.shape[1]))
     if alpha_self is not None:
         out += (alpha_self[:, :, None] * _split(x, heads)).reshape(x.shape)
     return out
