@@ -1,0 +1,485 @@
+"""Random structured models, compiled natively, against the interpreter.
+
+test_program_fuzz.py writes dense programs; here a generator writes the three
+structured families: recursions over trees (word or feature leaves, one or two
+states, binary or n-ary node cases, per-child terms, root and per-node
+readouts), message passing over graphs (sum / mean / max aggregations with
+self loops and GCN norm, edge messages, per-type weights, GAT, graph-level
+pooling, node and graph targets) and recurrences over sequences (first/init
+then next, last/init then prev, cells, last / every / mean readouts). Each is
+run on random data of the kind that breaks batching: forests of mixed arity
+with single-node trees, graphs with isolated nodes, self loops and repeated
+edges, ragged sequences with length 1. Outputs, loss and gradients are
+compared with the interpreter (float64), a few gradient coordinates with
+float64 central differences, and 1 thread with 2 bitwise (pool thresholds 0).
+
+    python tests/test_structured_fuzz.py --count 100 --seed 1000 --threads
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HIDDEN = [1, 2, 3, 5, 8, 13, 16, 17, 33]
+SMOOTH = ["tanh", "sigmoid", "softplus", "gelu", "elu"]
+
+
+class Expr:
+    """Random row-wise expressions of a given width from the values a case may read
+    (`(text, width)` pairs): dense layers, matrix products, gates, sums, products."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.kinked = False      # relu / max used: finite differences may sit on a kink
+
+    def act(self) -> str:
+        a = self.rng.choice(SMOOTH * 2 + ["relu"] + [""] * 3)
+        self.kinked |= a == "relu"
+        return a
+
+    def of(self, reads: list, width: int, depth: int = 2) -> str:
+        r = self.rng
+        src = r.choice(reads)
+        kind = r.choice(["dense", "dense", "concat", "gate", "sum", "chunk"]) if depth else "dense"
+        if kind == "concat" and len(reads) >= 2:
+            a, b = r.sample(reads, 2)
+            x = f"concat({a[0]}, {b[0]})"
+        elif kind == "gate" and depth:
+            x = f"sigmoid({self.of(reads, width, depth - 1)}) * {self.of(reads, width, depth - 1)}"
+            return x
+        elif kind == "sum" and depth:
+            x = f"{self.of(reads, width, depth - 1)} + {self.of(reads, width, depth - 1)}"
+            return x
+        elif kind == "chunk" and depth:
+            k = r.choice([2, 3])
+            return f"chunk({self.of(reads, width * k, depth - 1)}, {r.randrange(k)}, {k})"
+        else:
+            x = src[0]
+        bias = "" if r.random() < 0.8 else ", bias=false"
+        a = self.act()
+        return f"({a}(dense({x}, {width}{bias})))" if a else f"dense({x}, {width}{bias})"
+
+
+# ---- trees
+def gen_tree(rng: random.Random) -> tuple[str, dict]:
+    e = Expr(rng)
+    arity = rng.choice([2, 2, 3, 4])
+    words = rng.random() < 0.6
+    V, F, C = rng.choice([3, 7, 12]), rng.choice([1, 3, 5]), rng.choice([2, 3])
+    two = rng.random() < 0.4
+    H = [rng.choice(HIDDEN) for _ in range(2 if two else 1)]
+    states = ["h", "c"][: len(H)]
+    leaf_reads = [("E[n.word]", 6)] if words else [("n.x", F)]
+    if words and rng.random() < 0.3:
+        leaf_reads = [("onehot(n.word)", V)]
+    inner = rng.random() < 0.25
+    leaf = [e.of(leaf_reads, w, 1) for w in H]
+    node = []
+    for s, w in zip(states, H):
+        reads = []
+        for t, tw in zip(states, H):
+            if arity == 2:
+                reads += [(f"{t}(n.left)", tw), (f"{t}(n.right)", tw)]
+            reads += [(f"sum({t}(n.children))", tw), (f"{t}(n.children[{rng.randrange(arity)}])", tw)]
+            if rng.random() < 0.3:
+                reads.append((f"concat({t}(n.children))", tw * arity))
+        if inner:                   # the node's own word or features
+            reads.append(leaf_reads[0])
+        x = e.of(reads, w)
+        if rng.random() < 0.4:      # a per-child term
+            t, tw = rng.choice(list(zip(states, H)))
+            term = f"sigmoid(dense({t}(k), {w}))" + (f" * {t}(k)" if tw == w else "")
+            x = f"{x} + sum({term} for k in n.children)"
+        node.append(x)
+    if two and rng.random() < 0.4:      # a Child-Sum Tree-LSTM's node case: gate math in one kernel
+        H[1] = H[0]
+        leaf[1] = e.of(leaf_reads, H[0], 1)
+        kept = rng.choice([f"sum(sigmoid(dense(h(k), {H[0]})) * c(k) for k in n.children)", "sum(c(n.children))"])
+        node = [f"{{ s = lstm_state(dense(sum(h(n.children)), {3 * H[0]}), {kept}); "
+                f"(chunk(s, 0, 2), chunk(s, 1, 2)) }}"]
+        node = [node[0], None]
+    decl = f"forest(arity={arity}{', inner=true' if inner else ''}) of " + (f"word(vocab={V})" if words else f"f32[{F}]")
+    lines = [f"model T {{", f"  input t: {decl}", f"  target y: class[t.trees] of {C}"]
+    per_node = rng.random() < 0.5
+    if per_node:
+        lines.append(f"  target z: class[t.nodes] of {C}")
+    if words:
+        lines.append(f"  param E: embedding({V}, 6) = normal(0.5)")
+    if two:
+        lines.append(f"  rec (h, c)(n) = leaf: ({leaf[0]}, {leaf[1]})")
+        lines.append(f"                  node: ({node[0]}, {node[1]})" if node[1] else f"                  node: {node[0]}")
+    else:
+        lines.append(f"  rec h(n) = leaf: {leaf[0]}")
+        lines.append(f"             node: {node[0]}")
+    s = rng.choice(states)
+    root = f"concat(h(t.root), c(t.root))" if two and rng.random() < 0.5 else f"{s}(t.root)"
+    lines.append(f"  loss cross_entropy(dense({root}, {C}), y)")
+    if per_node:
+        lines.append(f"  loss cross_entropy(dense({rng.choice(states)}(t.nodes), {C}), z)")
+    if rng.random() < 0.5:
+        lines.append(f"  output o = {rng.choice(states)}(t.nodes)")
+    lines.append("}")
+    return "\n".join(lines), {"family": "tree", "arity": arity, "words": words, "V": V, "F": F, "C": C,
+                              "inner": inner, "kinked": e.kinked}
+
+
+def random_tree(rng, leaves, vocab, arity):
+    if leaves == 1:
+        return int(rng.integers(vocab)) if rng.random() < 0.8 or arity == 2 else (int(rng.integers(vocab)),)
+    k = int(rng.integers(2, min(arity, leaves) + 1))
+    cuts = np.sort(rng.choice(np.arange(1, leaves), size=k - 1, replace=False))
+    sizes = np.diff(np.concatenate([[0], cuts, [leaves]]))
+    return tuple(random_tree(rng, int(s), vocab, arity) for s in sizes)
+
+
+def tree_data(info, rng, n):
+    from structc.forest import Forest
+    trees = [random_tree(rng, int(rng.integers(1, 7)) if rng.random() < 0.8 else 1, info["V"], info["arity"])
+             for _ in range(n)]
+    f = Forest.from_tuples(trees, arity=info["arity"])
+    inner = info["inner"]
+    if not info["words"]:
+        f = Forest.from_arrays(f.children, features=rng.normal(size=(f.nodes, info["F"])), arity=info["arity"],
+                               inner=inner)
+    elif inner:
+        f = Forest.from_arrays(f.children, words=rng.integers(0, info["V"], f.nodes), arity=info["arity"], inner=True)
+    feed = {"t": f, "y": rng.integers(0, info["C"], f.trees).astype(np.int32)}
+    feed["z"] = rng.integers(0, info["C"], f.nodes).astype(np.int32)
+    return feed
+
+
+# ---- graphs
+def gen_graph(rng: random.Random) -> tuple[str, dict]:
+    e = Expr(rng)
+    F, K, T, C = rng.choice([1, 3, 5]), rng.choice([0, 0, 2]), rng.choice([0, 0, 3]), rng.choice([2, 3])
+    decl = f"graph(features={F}" + (f", edge_features={K}" if K else "") + (f", edge_types={T}" if T else "") + ")"
+    lines = ["model G {", f"  input g: {decl}", f"  target y: class[g.nodes] of {C}",
+             f"  target z: class[g.graphs] of {C}", "  h0 = g.x"]
+    have = [("h0", F)]
+    kinked = False
+    for i in range(1, rng.randint(2, 4)):
+        x, xw = rng.choice(have)
+        w = rng.choice(HIDDEN)
+        kind = rng.choice(["agg", "agg", "edge", "per", "gat", "dense"] if T else ["agg", "agg", "edge", "gat", "dense"])
+        agg = rng.choice(["sum", "mean", "max"])
+        opts = "".join(o for o in [", self_loops=true" if rng.random() < 0.4 else "",
+                                   ", norm=gcn" if agg == "sum" and rng.random() < 0.3 else ""])
+        if kind == "agg":
+            msg = e.of([(x, xw)], w, 1) if rng.random() < 0.7 else x
+            if msg == x:
+                w = xw
+            term = f"{agg}({msg} over g.edges{opts})"
+        elif kind == "edge":
+            parts = [f"{x}[g.src]"] + ([f"{x}[g.dst]"] if rng.random() < 0.6 else []) + (["g.e"] if K else [])
+            cat = f"concat({', '.join(parts)}, axis=1)" if len(parts) > 1 else parts[0]
+            term = f"{agg}(dense({cat}, {w}) |> tanh over g.edges)"
+        elif kind == "per":
+            term = f"{agg if agg != 'max' else 'sum'}(dense({x}, {w}, per=g.type) over g.edges)"
+        elif kind == "gat":
+            heads, concat = rng.choice([1, 2]), rng.random() < 0.5
+            sl = "true" if rng.random() < 0.7 else "false"
+            term = f"gat({x} over g.edges, {w}, heads={heads}, concat={str(concat).lower()}, self_loops={sl})"
+            w = w * heads if concat else w
+        else:
+            term = e.of([(x, xw)], w, 1)
+        kinked |= agg == "max" and kind in ("agg", "edge")
+        if rng.random() < 0.5 and kind != "dense":
+            term = f"{rng.choice(SMOOTH)}(dense({x}, {w}) + {term})"
+        lines.append(f"  h{i} = {term}")
+        have.append((f"h{i}", w))
+    last, lw = have[-1]
+    if rng.random() < 0.4:
+        a, aw = rng.choice(have[1:])
+        last, lw = f"concat({last}, {a}, axis=1)", lw + aw
+    lines.append(f"  loss cross_entropy(dense({last}, {C}), y)")
+    if rng.random() < 0.7:
+        pool = rng.choice(["sum", "mean", "max"])
+        kinked |= pool == "max"
+        lines.append(f"  loss cross_entropy(dense({pool}({last} over g.nodes), {C}), z)")
+    if rng.random() < 0.5:
+        lines.append(f"  output o = {rng.choice(have[1:])[0]}")
+    lines.append("}")
+    return "\n".join(lines), {"family": "graph", "F": F, "K": K, "T": T, "C": C, "kinked": kinked or e.kinked}
+
+
+def graph_data(info, rng, n):
+    from structc.graphs import Graph, batch
+    parts = []
+    for _ in range(n):
+        nodes = int(rng.integers(1, 8))
+        m = int(rng.integers(0, 3 * nodes + 1))
+        src, dst = rng.integers(0, nodes, m), rng.integers(0, nodes, m)
+        if m and rng.random() < 0.3:    # repeated edges
+            src, dst = np.concatenate([src, src[: m // 2 + 1]]), np.concatenate([dst, dst[: m // 2 + 1]])
+        kw = {"x": rng.normal(size=(nodes, info["F"]))}
+        if info["K"]:
+            kw["edge_x"] = rng.normal(size=(len(src), info["K"]))
+        if info["T"]:
+            kw["edge_type"] = rng.integers(0, info["T"], len(src))
+        parts.append(Graph(np.stack([src, dst]), num_nodes=nodes, **kw))
+    g = batch(parts)
+    return {"g": g, "y": rng.integers(0, info["C"], g.num_nodes).astype(np.int32),
+            "z": rng.integers(0, info["C"], g.num_graphs).astype(np.int32)}
+
+
+# ---- sequences
+def gen_seq(rng: random.Random) -> tuple[str, dict]:
+    e = Expr(rng)
+    words = rng.random() < 0.4
+    V, F, C = rng.choice([3, 9]), rng.choice([1, 3, 4]), rng.choice([2, 3])
+    x = ("E[t.word]", 4) if words else ("t.x", F)
+    lines = ["model S {", "  input s: sequence of " + (f"word(vocab={V})" if words else f"f32[{F}]"),
+             f"  target y: class[s.sequences] of {C}", f"  target z: class[s.positions] of {C}"]
+    if words:
+        lines.append(f"  param E: f32[{V}, 4] = normal(0.5)")
+    recs = []
+    for name, (start, step, prev) in zip("hb", [("first", "next", "prev"), ("last", "prev", "next")]):
+        if name == "b" and rng.random() < 0.5:
+            break
+        H = rng.choice(HIDDEN)
+        cell = rng.choice(["plain", "plain", "lstm", "gru"])
+        init = rng.random() < 0.4
+        begin = "init" if init else start
+        if cell == "lstm":
+            first = f"(zeros({H}), zeros({H}))" if init else \
+                f"({e.of([x], H, 0)}, {e.of([x], H, 0)})"
+            lines.append(f"  rec ({name}, {name}c)(t) = {begin}: {first}")
+            lines.append(f"       {step}: lstm_cell({x[0]}, {name}(t.{prev}), {name}c(t.{prev}), {H})")
+            recs.append((name, H))
+            recs.append((f"{name}c", H))
+            continue
+        if init:
+            p = f"{name}0"
+            lines.append(f"  param {p}: f32[{H}] = normal(0.5)")
+            first = p if rng.random() < 0.5 else f"zeros({H})"
+        else:
+            first = e.of([x], H, 1)
+        if cell == "gru":
+            nxt = f"gru_cell({x[0]}, {name}(t.{prev}), {H})"
+        else:
+            nxt = e.of([x, (f"{name}(t.{prev})", H)], H)
+            if rng.random() < 0.5:
+                nxt = f"{nxt} + {name}(t.{prev})" if rng.random() < 0.5 else f"tanh(dense(concat({x[0]}, {name}(t.{prev})), {H}))"
+        lines.append(f"  rec {name}(t) = {begin}: {first}")
+        lines.append(f"       {step}: {nxt}")
+        recs.append((name, H))
+    end = {"h": "last", "b": "first", "hc": "last", "bc": "first"}
+    r = rng.choice(recs)[0]
+    read = rng.choice([f"{r}(s.{end[r]})", f"{r}(s.mean)"])
+    if len(recs) > 1 and rng.random() < 0.5:
+        r2 = rng.choice(recs)[0]
+        read = f"concat({read}, {r2}(s.{rng.choice([end[r2], 'mean'])}))"
+    lines.append(f"  loss cross_entropy(dense({read}, {C}), y)")
+    if rng.random() < 0.5:
+        lines.append(f"  loss cross_entropy(dense({rng.choice(recs)[0]}(s.steps), {C}), z)")
+    if rng.random() < 0.5:
+        lines.append(f"  output o = {rng.choice(recs)[0]}(s.steps)")
+    lines.append("}")
+    return "\n".join(lines), {"family": "seq", "words": words, "V": V, "F": F, "C": C, "kinked": e.kinked}
+
+
+def seq_data(info, rng, n):
+    from structc.seqdata import Sequences
+    lengths = [1 if rng.random() < 0.3 else int(rng.integers(1, 9)) for _ in range(n)]
+    if info["words"]:
+        s = Sequences.from_list([rng.integers(0, info["V"], k) for k in lengths])
+    else:
+        s = Sequences.from_list([rng.normal(size=(k, info["F"])) for k in lengths])
+    return {"s": s, "y": rng.integers(0, info["C"], n).astype(np.int32),
+            "z": rng.integers(0, info["C"], sum(lengths)).astype(np.int32)}
+
+
+FAMILIES = {"tree": (gen_tree, tree_data), "graph": (gen_graph, graph_data), "seq": (gen_seq, seq_data)}
+
+
+def generate(seed: int, family: str | None = None) -> tuple[str, dict]:
+    rng = random.Random(seed)
+    family = family or rng.choice(sorted(FAMILIES))
+    return FAMILIES[family][0](rng)
+
+
+def feed_of(info, seed, n):
+    return FAMILIES[info["family"]][1](info, np.random.default_rng(seed), n)
+
+
+def given(mdef, feed):
+    """The structured input and the targets the model declares."""
+    return {k: v for k, v in feed.items() if k in ("t", "g", "s") or k in mdef.inputs}
+
+
+def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
+    """Native against the interpreter at each number of trees / graphs / sequences in `sizes`."""
+    import warnings
+
+    import structc
+    from structc.autodiff import differentiate
+    from structc.build import build_model
+    from structc.interp import evaluate
+    from structc.syntax import parse
+    mdef = build_model(parse(source))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = structc.compile(source, seed=seed % 1000)
+    train = differentiate(mdef.graph)
+    rng = np.random.default_rng(seed)
+    for k, v in net.params.items():       # larger than the initialisation: gates away from their middle
+        net.params[k] = (rng.normal(scale=0.6, size=v.shape)).astype(np.float32)
+    params = {k: v.astype(np.float64) for k, v in net.params.items()}
+    for n in sizes:
+        user = given(mdef, feed_of(info, seed + n, n))
+        inputs = {k: v for k, v in user.items() if k not in mdef.inputs or mdef.inputs[k].kind != "target"}
+        arrays, _ = net._expanded(user)
+        got = net.forward(**inputs)
+        want = evaluate(mdef.graph, arrays, params, outputs=list(got))
+        for k in got:
+            close(got[k], want[k], f"{n}: output {k}")
+        loss, grads = net.grad(**user)
+        ref = evaluate(train, arrays, params)
+        close(loss, ref["loss"], f"{n}: loss")
+        assert set(grads) == set(params), f"gradients of {sorted(grads)}, parameters {sorted(params)}"
+        for k in grads:
+            close(grads[k], ref[f"grad:{k}"], f"{n}: gradient of {k}")
+        if info["kinked"] or not fd_coords:
+            continue
+        from test_program_fuzz import central_difference
+        names = sorted(params)
+        for _ in range(fd_coords):
+            name = names[rng.integers(len(names))]
+            j = int(rng.integers(params[name].size))
+            analytic = float(ref[f"grad:{name}"].reshape(-1)[j])
+            numeric = [central_difference(mdef.graph, arrays, params, name, j, h) for h in (1e-6, 1e-4)]
+            assert any(np.isclose(analytic, d, rtol=1e-4, atol=1e-6) for d in numeric), \
+                f"{n}: d loss / d {name}[{j}]: autodiff {analytic!r}, finite differences {numeric!r}"
+
+
+def close(got, want, what, rtol=2e-3, atol=3e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    scale = max(1.0, float(np.abs(want).max(initial=0)))
+    bad = ~np.isclose(got, want, rtol=rtol, atol=atol * scale)
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.size} differ, e.g. at " \
+        f"{np.argwhere(bad)[0].tolist()}: {got[bad][0]!r} vs {want[bad][0]!r}"
+
+
+THREADS_SCRIPT = r"""
+import json, sys, warnings
+import numpy as np
+import structc
+from structc import _runtime
+from structc.build import build_model
+from structc.syntax import parse
+sys.path.insert(0, sys.argv[1])
+from test_structured_fuzz import generate, feed_of, given
+found, handoffs = [], 0
+for item in json.loads(sys.stdin.read()):
+    seed = item["seed"]
+    source, info = generate(seed, item.get("family"))
+    mdef = build_model(parse(source))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = structc.compile(source, seed=seed % 1000)
+    for n in item["sizes"]:
+        user = given(mdef, feed_of(info, seed + n, n))
+        inputs = {k: v for k, v in user.items() if k not in mdef.inputs or mdef.inputs[k].kind != "target"}
+        runs = []
+        for threads in (1, 2):
+            structc.set_num_threads(threads)
+            before = _runtime.handoffs()
+            outs = net.forward(**inputs)
+            loss, grads = net.grad(**user)
+            handoffs += (_runtime.handoffs() - before) * (threads == 2)
+            runs.append((outs, loss, grads))
+        (o1, l1, g1), (o2, l2, g2) = runs
+        diff = [f"output {k}" for k in o1 if not np.array_equal(o1[k], o2[k], equal_nan=True)]
+        diff += ["loss"] if l1 != l2 else []
+        diff += [f"gradient of {k}" for k in g1 if not np.array_equal(g1[k], g2[k], equal_nan=True)]
+        if diff:
+            found.append({"seed": seed, "size": n, "differ": diff})
+print(json.dumps({"mismatches": found, "handoffs": handoffs}))
+"""
+
+
+def thread_bits(items: list[dict]) -> dict:
+    env = {**os.environ, "STRUCTC_SERIAL_WORK": "0", "STRUCTC_ENTRY_SERIAL_WORK": "0",
+           "STRUCTC_BACKOFF": "0", "STRUCTC_ADAPT": "0"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(Path(__file__).parent)],
+                          input=json.dumps(items), capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_seed(seed, family=None, **kw):
+    source, info = generate(seed, family)
+    try:
+        check_program(source, info, seed, **kw)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- program (seed {seed}) ---\n{source}") from None
+
+
+# ---- the tests
+FAST = [(s, f) for f in sorted(FAMILIES) for s in range(3)]
+
+
+@pytest.mark.parametrize("seed, family", FAST)
+def test_structured_programs_match_the_interpreter(seed, family):
+    run_seed(seed, family)
+
+
+def test_structured_programs_give_one_threads_bits_on_two():
+    found = thread_bits([{"seed": s, "family": f, "sizes": [5]} for s, f in FAST])
+    assert found["handoffs"] > 0, "nothing was handed to the pool: the comparison checked nothing"
+    assert not found["mismatches"], found["mismatches"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_more_structured_programs_match_the_interpreter(family):
+    for seed in range(100, 130):
+        run_seed(seed, family, sizes=(1, 3, 17))
+
+
+def main(argv=None):
+    import argparse
+    import time
+    import traceback
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--family", default=None)
+    ap.add_argument("--out", default="/tmp/h35-sfuzz-work")
+    ap.add_argument("--threads", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures, t0 = 0, time.time()
+    for seed in range(args.seed, args.seed + args.count):
+        source, info = generate(seed, args.family)
+        try:
+            check_program(source, info, seed, sizes=(1, 3, 17))
+        except Exception as e:
+            failures += 1
+            text = str(e) if isinstance(e, AssertionError) else traceback.format_exc()
+            (out / f"fail-{seed}.snet").write_text(source + "\n# " + text.replace("\n", "\n# ") + "\n")
+            print(f"seed {seed} ({info['family']}): {text.strip().splitlines()[-1] if text else type(e).__name__}",
+                  flush=True)
+    print(f"{args.count} programs, {failures} failures, {time.time() - t0:.0f} s")
+    if args.threads:
+        found = thread_bits([{"seed": s, "family": args.family, "sizes": [5]}
+                             for s in range(args.seed, args.seed + args.count)])
+        print(f"threads: {len(found['mismatches'])} mismatches, {found['handoffs']} jobs handed off")
+        for m in found["mismatches"]:
+            print("  ", m)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
