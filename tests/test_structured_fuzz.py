@@ -17,6 +17,7 @@ float64 central differences, and 1 thread with 2 bitwise (pool thresholds 0).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -167,7 +168,8 @@ def gen_graph(rng: random.Random) -> tuple[str, dict]:
     for i in range(1, rng.randint(2, 4)):
         x, xw = rng.choice(have)
         w = rng.choice(HIDDEN)
-        kind = rng.choice(["agg", "agg", "edge", "per", "gat", "dense"] if T else ["agg", "agg", "edge", "gat", "dense"])
+        kind = rng.choice(["agg", "agg", "edge", "per", "gat", "dense", "edge_only", "repeat"] if T else
+                          ["agg", "agg", "edge", "gat", "dense", "edge_only", "repeat"])
         agg = rng.choice(["sum", "mean", "max"])
         opts = "".join(o for o in [", self_loops=true" if rng.random() < 0.4 else "",
                                    ", norm=gcn" if agg == "sum" and rng.random() < 0.3 else ""])
@@ -180,6 +182,15 @@ def gen_graph(rng: random.Random) -> tuple[str, dict]:
             parts = [f"{x}[g.src]"] + ([f"{x}[g.dst]"] if rng.random() < 0.6 else []) + (["g.e"] if K else [])
             cat = f"concat({', '.join(parts)}, axis=1)" if len(parts) > 1 else parts[0]
             term = f"{agg}(dense({cat}, {w}) |> tanh over g.edges)"
+        elif kind == "edge_only" and K:     # edge features alone, linear: aggregated before the product
+            term = f"{agg}(dense(g.e, {w}{', bias=false' if rng.random() < 0.3 else ''}) over g.edges{opts.replace(', self_loops=true', '')})"
+        elif kind == "repeat":              # one layer's weights read once per repetition
+            lines.append(f"  h{i} = dense({x}, {w})")
+            agg2 = "sum" if agg == "max" else agg
+            lines.append(f"  repeat {rng.choice([2, 3])} {{ h{i} = tanh(dense(h{i}, {w}) + "
+                         f"{agg2}(dense(h{i}, {w}, bias=false) over g.edges{opts})) }}")
+            have.append((f"h{i}", w))
+            continue
         elif kind == "per":
             term = f"{agg if agg != 'max' else 'sum'}(dense({x}, {w}, per=g.type) over g.edges)"
         elif kind == "gat":
@@ -198,7 +209,12 @@ def gen_graph(rng: random.Random) -> tuple[str, dict]:
     if rng.random() < 0.4:
         a, aw = rng.choice(have[1:])
         last, lw = f"concat({last}, {a}, axis=1)", lw + aw
-    lines.append(f"  loss cross_entropy(dense({last}, {C}), y)")
+    masked = rng.random() < 0.4     # a node loss over some nodes only
+    if masked:
+        lines.insert(2, "  input w: f32[g.nodes]")
+        lines.append(f"  loss masked_cross_entropy(dense({last}, {C}), y, w)")
+    else:
+        lines.append(f"  loss cross_entropy(dense({last}, {C}), y)")
     if rng.random() < 0.7:
         pool = rng.choice(["sum", "mean", "max"])
         kinked |= pool == "max"
@@ -226,6 +242,7 @@ def graph_data(info, rng, n):
         parts.append(Graph(np.stack([src, dst]), num_nodes=nodes, **kw))
     g = batch(parts)
     return {"g": g, "y": rng.integers(0, info["C"], g.num_nodes).astype(np.int32),
+            "w": (rng.random(g.num_nodes) < 0.6).astype(np.float32),
             "z": rng.integers(0, info["C"], g.num_graphs).astype(np.int32)}
 
 
@@ -321,6 +338,8 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
     import structc
     from structc.autodiff import differentiate
     from structc.build import build_model
+    from structc.compiler import eval_loss_graph
+    from structc.denominator import weigh_loss_terms
     from structc.interp import evaluate
     from structc.syntax import parse
     mdef = build_model(parse(source))
@@ -328,10 +347,14 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
         warnings.simplefilter("ignore")
         net = structc.compile(source, seed=seed % 1000)
     train = differentiate(mdef.graph)
+    weighed = mdef.graph.copy()     # as the compiler prepares it: a loss of several means is weighed by terms
+    weigh_loss_terms(weighed)
+    held_out = eval_loss_graph(dataclasses.replace(mdef, graph=weighed))
     rng = np.random.default_rng(seed)
     for k, v in net.params.items():       # larger than the initialisation: gates away from their middle
         net.params[k] = (rng.normal(scale=0.6, size=v.shape)).astype(np.float32)
     params = {k: v.astype(np.float64) for k, v in net.params.items()}
+    runs = []
     for n in sizes:
         user = given(mdef, feed_of(info, seed + n, n))
         inputs = {k: v for k, v in user.items() if k not in mdef.inputs or mdef.inputs[k].kind != "target"}
@@ -346,6 +369,16 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
         assert set(grads) == set(params), f"gradients of {sorted(grads)}, parameters {sorted(params)}"
         for k in grads:
             close(grads[k], ref[f"grad:{k}"], f"{n}: gradient of {k}")
+        runs.append((user, inputs, got, loss, grads))
+        outs, held, terms = net.evaluate_terms(**user)
+        evaluated = evaluate(held_out, arrays, params)
+        close(held, evaluated["loss"], f"{n}: evaluate's loss")
+        want_terms = [evaluated[k] for k in sorted(evaluated, key=str) if k.startswith("loss_term")]
+        assert len(terms or []) == len(want_terms), f"{n}: loss terms {terms}, expected {want_terms}"
+        for j, (a, b) in enumerate(zip(terms or [], want_terms)):
+            close(a, b, f"{n}: evaluate's term {j}")
+        for k in got:
+            assert np.array_equal(outs[k], got[k]), f"{n}: evaluate's output {k} is not forward's"
         if info["kinked"] or not fd_coords:
             continue
         from test_program_fuzz import central_difference
@@ -357,6 +390,22 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
             numeric = [central_difference(mdef.graph, arrays, params, name, j, h) for h in (1e-6, 1e-4)]
             assert any(np.isclose(analytic, d, rtol=1e-4, atol=1e-6) for d in numeric), \
                 f"{n}: d loss / d {name}[{j}]: autodiff {analytic!r}, finite differences {numeric!r}"
+    # the first sizes again, after the largest: the same bits (no state left behind)
+    for user, inputs, got, loss, grads in runs[:-1]:
+        again = net.forward(**inputs)
+        for k in got:
+            assert np.array_equal(again[k], got[k]), f"again: output {k}"
+        loss2, grads2 = net.grad(**user)
+        assert loss2 == loss, f"again: loss {loss2!r}, first {loss!r}"
+        for k in grads:
+            assert np.array_equal(grads2[k], grads[k]), f"again: gradient of {k}"
+    # one SGD step: the same loss, each parameter moved by -lr times its gradient
+    user, _, _, loss, grads = runs[-1]
+    start = {k: v.copy() for k, v in net.params.items()}
+    stepped = net.train_step(lr=0.5, **user)
+    assert stepped == loss, f"train_step's loss {stepped!r}, grad's {loss!r}"
+    for k in start:
+        close(net.params[k], start[k] - 0.5 * grads[k].astype(np.float64), f"after a step: {k}")
 
 
 def close(got, want, what, rtol=2e-3, atol=3e-5):
@@ -435,7 +484,7 @@ def test_structured_programs_match_the_interpreter(seed, family):
 
 
 def test_structured_programs_give_one_threads_bits_on_two():
-    found = thread_bits([{"seed": s, "family": f, "sizes": [5]} for s, f in FAST])
+    found = thread_bits([{"seed": s, "family": f, "sizes": [5, 40]} for s, f in FAST])
     assert found["handoffs"] > 0, "nothing was handed to the pool: the comparison checked nothing"
     assert not found["mismatches"], found["mismatches"]
 
@@ -473,7 +522,7 @@ def main(argv=None):
                   flush=True)
     print(f"{args.count} programs, {failures} failures, {time.time() - t0:.0f} s")
     if args.threads:
-        found = thread_bits([{"seed": s, "family": args.family, "sizes": [5]}
+        found = thread_bits([{"seed": s, "family": args.family, "sizes": [5, 40]}
                              for s in range(args.seed, args.seed + args.count)])
         print(f"threads: {len(found['mismatches'])} mismatches, {found['handoffs']} jobs handed off")
         for m in found["mismatches"]:
