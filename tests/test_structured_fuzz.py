@@ -82,7 +82,7 @@ def gen_tree(rng: random.Random) -> tuple[str, dict]:
         leaf_reads = [("onehot(n.word)", V)]
     inner = rng.random() < 0.25
     leaf = [e.of(leaf_reads, w, 1) for w in H]
-    node = []
+    node, weights = [], []
     for s, w in zip(states, H):
         reads = []
         for t, tw in zip(states, H):
@@ -96,8 +96,13 @@ def gen_tree(rng: random.Random) -> tuple[str, dict]:
         x = e.of(reads, w)
         if rng.random() < 0.4:      # a per-child term
             t, tw = rng.choice(list(zip(states, H)))
-            term = f"sigmoid(dense({t}(k), {w}))" + (f" * {t}(k)" if tw == w else "")
+            own = rng.choice([f"sum({states[0]}(n.children))"] + ([leaf_reads[0][0]] if inner else []) + [None])
+            gate = f"dense({t}(k), {w})" + (f" + dense({own}, {w})" if own else "")   # own: repeated per child
+            term = f"sigmoid({gate})" + (f" * {t}(k)" if tw == w else "")
             x = f"{x} + sum({term} for k in n.children)"
+        if rng.random() < 0.3:      # a declared weight, read at every level
+            x = f"{x} + tanh(sum({s}(n.children)) @ U{s})"
+            weights.append(f"  param U{s}: f32[{w}, {w}] = normal(0.4)")
         node.append(x)
     if two and rng.random() < 0.4:      # a Child-Sum Tree-LSTM's node case: gate math in one kernel
         H[1] = H[0]
@@ -113,6 +118,7 @@ def gen_tree(rng: random.Random) -> tuple[str, dict]:
         lines.append(f"  target z: class[t.nodes] of {C}")
     if words:
         lines.append(f"  param E: embedding({V}, 6) = normal(0.5)")
+    lines += weights
     if two:
         lines.append(f"  rec (h, c)(n) = leaf: ({leaf[0]}, {leaf[1]})")
         lines.append(f"                  node: ({node[0]}, {node[1]})" if node[1] else f"                  node: {node[0]}")
