@@ -247,7 +247,7 @@ def graph_data(info, rng, n):
             kw["edge_type"] = rng.integers(0, info["T"], len(src))
         parts.append(Graph(np.stack([src, dst]), num_nodes=nodes, **kw))
     g = batch(parts)
-    return {"g": g, "y": rng.integers(0, info["C"], g.num_nodes).astype(np.int32),
+    return {"g": g, "parts": parts, "y": rng.integers(0, info["C"], g.num_nodes).astype(np.int32),
             "w": (rng.random(g.num_nodes) < 0.6).astype(np.float32),
             "z": rng.integers(0, info["C"], g.num_graphs).astype(np.int32)}
 
@@ -312,10 +312,10 @@ def seq_data(info, rng, n):
     from structc.seqdata import Sequences
     lengths = [1 if rng.random() < 0.3 else int(rng.integers(1, 9)) for _ in range(n)]
     if info["words"]:
-        s = Sequences.from_list([rng.integers(0, info["V"], k) for k in lengths])
+        parts = [rng.integers(0, info["V"], k) for k in lengths]
     else:
-        s = Sequences.from_list([rng.normal(size=(k, info["F"])) for k in lengths])
-    return {"s": s, "y": rng.integers(0, info["C"], n).astype(np.int32),
+        parts = [rng.normal(size=(k, info["F"])) for k in lengths]
+    return {"s": Sequences.from_list(parts), "parts": [Sequences.from_list([p]) for p in parts], "y": rng.integers(0, info["C"], n).astype(np.int32),
             "z": rng.integers(0, info["C"], sum(lengths)).astype(np.int32)}
 
 
@@ -362,7 +362,8 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
     params = {k: v.astype(np.float64) for k, v in net.params.items()}
     runs = []
     for n in sizes:
-        user = given(mdef, feed_of(info, seed + n, n))
+        feed = feed_of(info, seed + n, n)
+        user = given(mdef, feed)
         inputs = {k: v for k, v in user.items() if k not in mdef.inputs or mdef.inputs[k].kind != "target"}
         arrays, _ = net._expanded(user)
         got = net.forward(**inputs)
@@ -376,6 +377,12 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
         for k in grads:
             close(grads[k], ref[f"grad:{k}"], f"{n}: gradient of {k}")
         runs.append((user, inputs, got, loss, grads))
+        if "parts" in feed and got and set(inputs) <= {"g", "s"}:
+            # every position's / node's output: each sequence or graph alone, in order
+            key = "g" if info["family"] == "graph" else "s"
+            alone = [net.forward(**{key: part}) for part in feed["parts"]]
+            for k in got:
+                close(np.concatenate([a[k] for a in alone]), got[k], f"{n}: output {k}, each alone")
         outs, held, terms = net.evaluate_terms(**user)
         evaluated = evaluate(held_out, arrays, params)
         close(held, evaluated["loss"], f"{n}: evaluate's loss")
