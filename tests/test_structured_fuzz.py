@@ -202,7 +202,9 @@ def gen_graph(rng: random.Random) -> tuple[str, dict]:
         elif kind == "gat":
             heads, concat = rng.choice([1, 2]), rng.random() < 0.5
             sl = "true" if rng.random() < 0.7 else "false"
-            term = f"gat({x} over g.edges, {w}, heads={heads}, concat={str(concat).lower()}, self_loops={sl})"
+            extra = (f", slope={rng.choice([0.01, 0.2, 0.5])}" if rng.random() < 0.3 else "") + \
+                (", bias=false" if rng.random() < 0.3 else "")
+            term = f"gat({x} over g.edges, {w}, heads={heads}, concat={str(concat).lower()}, self_loops={sl}{extra})"
             w = w * heads if concat else w
         else:
             term = e.of([(x, xw)], w, 1)
@@ -515,8 +517,15 @@ def test_structured_programs_give_one_threads_bits_on_two():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_more_structured_programs_match_the_interpreter(family):
-    for seed in range(100, 130):
+    for seed in range(100, 140):
         run_seed(seed, family, sizes=(1, 3, 17))
+
+
+@pytest.mark.slow
+def test_more_structured_programs_give_one_threads_bits_on_two():
+    found = thread_bits([{"seed": s, "family": f, "sizes": [5, 40]} for f in sorted(FAMILIES) for s in range(100, 130)])
+    assert found["handoffs"] > 0, "nothing was handed to the pool: the comparison checked nothing"
+    assert not found["mismatches"], found["mismatches"]
 
 
 def main(argv=None):
