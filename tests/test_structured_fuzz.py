@@ -68,6 +68,24 @@ class Expr:
         return f"({a}(dense({x}, {width}{bias})))" if a else f"dense({x}, {width}{bias})"
 
 
+def dense_tail(rng: random.Random, lines: list, expr: str, width: int) -> str:
+    """A few of the dense fuzzer's ops on a readout (rows: trees, nodes, graphs,
+    sequences, positions), statistics over its rows included; the last matrix made."""
+    if rng.random() < 0.4:
+        return expr
+    from test_program_fuzz import V, Gen
+    g = Gen(rng)
+    g.decls = []
+    lines.append(f"  r0 = {expr}")
+    g.values.append(V("r0", ("N", width)))
+    ops = [g.op_dense, g.op_unary, g.op_binary, g.op_binary, g.op_reduce, g.op_softmax, g.op_concat, g.op_chunk,
+           g.op_where, g.op_outer, g.op_matmul]
+    for _ in range(rng.randint(1, 5)):
+        rng.choice(ops)()
+    lines += g.lines
+    return [v for v in g.values if g.matrix(v)][-1].name
+
+
 # ---- trees
 def gen_tree(rng: random.Random) -> tuple[str, dict]:
     e = Expr(rng)
@@ -127,6 +145,7 @@ def gen_tree(rng: random.Random) -> tuple[str, dict]:
         lines.append(f"             node: {node[0]}")
     s = rng.choice(states)
     root = f"concat(h(t.root), c(t.root))" if two and rng.random() < 0.5 else f"{s}(t.root)"
+    root = dense_tail(rng, lines, root, sum(H) if root.startswith("concat") else H[states.index(s)])
     lines.append(f"  loss cross_entropy(dense({root}, {C}), y)")
     if per_node:
         lines.append(f"  loss cross_entropy(dense({rng.choice(states)}(t.nodes), {C}), z)")
@@ -217,6 +236,7 @@ def gen_graph(rng: random.Random) -> tuple[str, dict]:
     if rng.random() < 0.4:
         a, aw = rng.choice(have[1:])
         last, lw = f"concat({last}, {a}, axis=1)", lw + aw
+    last = dense_tail(rng, lines, last, lw)
     masked = rng.random() < 0.4     # a node loss over some nodes only
     if masked:
         lines.insert(2, "  input w: f32[g.nodes]")
@@ -296,11 +316,12 @@ def gen_seq(rng: random.Random) -> tuple[str, dict]:
         lines.append(f"       {step}: {nxt}")
         recs.append((name, H))
     end = {"h": "last", "b": "first", "hc": "last", "bc": "first"}
-    r = rng.choice(recs)[0]
+    r, rw = rng.choice(recs)
     read = rng.choice([f"{r}(s.{end[r]})", f"{r}(s.mean)"])
     if len(recs) > 1 and rng.random() < 0.5:
-        r2 = rng.choice(recs)[0]
-        read = f"concat({read}, {r2}(s.{rng.choice([end[r2], 'mean'])}))"
+        r2, rw2 = rng.choice(recs)
+        read, rw = f"concat({read}, {r2}(s.{rng.choice([end[r2], 'mean'])}))", rw + rw2
+    read = dense_tail(rng, lines, read, rw)
     lines.append(f"  loss cross_entropy(dense({read}, {C}), y)")
     if rng.random() < 0.5:
         lines.append(f"  loss cross_entropy(dense({rng.choice(recs)[0]}(s.steps), {C}), z)")
@@ -362,6 +383,7 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
     for k, v in net.params.items():       # larger than the initialisation: gates away from their middle
         net.params[k] = (rng.normal(scale=0.6, size=v.shape)).astype(np.float32)
     params = {k: v.astype(np.float64) for k, v in net.params.items()}
+    frozen = {k for k, p in mdef.params.items() if p.frozen}
     runs = []
     for n in sizes:
         feed = feed_of(info, seed + n, n)
@@ -377,13 +399,17 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
         close(loss, ref["loss"], f"{n}: loss")
         assert set(grads) == set(params), f"gradients of {sorted(grads)}, parameters {sorted(params)}"
         for k in grads:
-            close(grads[k], ref[f"grad:{k}"], f"{n}: gradient of {k}")
+            if k in frozen:
+                assert not np.any(grads[k]), f"{n}: frozen {k} has a gradient"
+            else:
+                close(grads[k], ref[f"grad:{k}"], f"{n}: gradient of {k}")
         runs.append((user, inputs, got, loss, grads))
-        if "parts" in feed and got and set(inputs) <= {"g", "s"}:
-            # every position's / node's output: each sequence or graph alone, in order
+        if "parts" in feed and "o" in got and set(inputs) <= {"g", "s"}:
+            # every position's / node's states (not the dense tail's, which may read the whole batch):
+            # each sequence or graph alone, in order
             key = "g" if info["family"] == "graph" else "s"
             alone = [net.forward(**{key: part}) for part in feed["parts"]]
-            for k in got:
+            for k in ["o"]:
                 close(np.concatenate([a[k] for a in alone]), got[k], f"{n}: output {k}, each alone")
         outs, held, terms = net.evaluate_terms(**user)
         evaluated = evaluate(held_out, arrays, params)
@@ -397,8 +423,8 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
         if info["kinked"] or not fd_coords:
             continue
         from test_program_fuzz import central_difference
-        names = sorted(params)
-        for _ in range(fd_coords):
+        names = sorted(set(params) - frozen)
+        for _ in range(fd_coords if names else 0):
             name = names[rng.integers(len(names))]
             j = int(rng.integers(params[name].size))
             analytic = float(ref[f"grad:{name}"].reshape(-1)[j])
