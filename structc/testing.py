@@ -206,3 +206,36 @@ def _resolve_op(op) -> Op:
             raise ValueError(f"op {op!r} is not the registered {op.name!r}: register it first")
         return op
     raise TypeError(f"check_op takes an op name, an Op subclass or an Op instance, got {op!r}")
+
+
+def random_feed(mdef: ModelDef, n: int, rng) -> dict:
+    """Random values for the dense inputs of a model at batch `n`: class labels in
+    range, floats from a standard normal (structured inputs have their own makers)."""
+    feed = {}
+    for spec in mdef.inputs.values():
+        shape = tuple(n if isinstance(d, str) else d for d in spec.type.shape)
+        if spec.classes:
+            feed[spec.name] = rng.integers(0, spec.classes, shape).astype(np.int32)
+        else:
+            feed[spec.name] = rng.normal(size=shape).astype(np.float32)
+    return feed
+
+
+def thread_bits(script: str, items: list, tests_dir) -> dict:
+    """Run a fuzzer's `script` (it reads `items` as JSON on stdin, its tests folder as
+    argv[1], and prints a JSON line last) in a process whose pool takes every kernel of
+    more than one task (the work thresholds at 0, no back-off or adapting), so that 1
+    and 2 threads can be compared bit for bit; what it printed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "STRUCTC_SERIAL_WORK": "0", "STRUCTC_ENTRY_SERIAL_WORK": "0",
+           "STRUCTC_BACKOFF": "0", "STRUCTC_ADAPT": "0"}
+    root = Path(tests_dir).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", script, str(tests_dir)],
+                          input=json.dumps(items), capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

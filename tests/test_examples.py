@@ -13,7 +13,7 @@ from structc.build import build_model
 from structc.compiler import forward_graph
 from structc.interp import evaluate
 from structc.syntax import parse
-from structc.testing import check_model_grads
+from structc.testing import check_model_grads, random_feed
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.snet"))
 MODELS = [(p, name) for p in EXAMPLES for name in parse(p.read_text(), str(p)).model_names]
@@ -46,17 +46,6 @@ def skip_structured(path):
     pytest.skip(f"structured inputs: tested in {', '.join(TESTED_ELSEWHERE[path.stem])}")
 
 
-def random_feed(mdef, n, rng):
-    """Random values for the dense inputs of a model (structured inputs are
-    covered by their own tests)."""
-    feed = {}
-    for spec in mdef.inputs.values():
-        shape = tuple(n if isinstance(d, str) else d for d in spec.type.shape)
-        if spec.classes:
-            feed[spec.name] = rng.integers(0, spec.classes, shape).astype(np.int32)
-        else:
-            feed[spec.name] = rng.normal(size=shape).astype(np.float32)
-    return feed
 
 
 def fix_dropout(mdef, seed: int = 0, step: int = 1):

@@ -22,17 +22,17 @@ ops and fused groups the programs make; `--nan` also checks NaN propagation):
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from structc.testing import random_feed, thread_bits
+
+HERE = Path(__file__).resolve().parent     # the tests folder: a worker process imports this module from it
 
 WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 32, 33, 40, 64, 65, 100]
 BATCHES = (1, 3, 64)
@@ -430,15 +430,6 @@ def model_of(source):
     return build_model(parse(source, "<fuzz>"), None)
 
 
-def feed_of(mdef, n, rng) -> dict:
-    feed = {}
-    for spec in mdef.inputs.values():
-        shape = tuple(n if isinstance(d, str) else d for d in spec.type.shape)
-        if spec.classes:
-            feed[spec.name] = rng.integers(0, spec.classes, shape).astype(np.int32)
-        else:
-            feed[spec.name] = rng.normal(size=shape).astype(np.float32)
-    return feed
 
 
 def params_of(mdef, rng) -> dict:
@@ -521,7 +512,7 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
     runs = []
     for n in batches:
         params = {k: v.copy() for k, v in net.params.items()}
-        feed = feed_of(mdef, n, rng)
+        feed = random_feed(mdef, n, rng)
         inputs = {k: v for k, v in feed.items() if k not in targets}
         got = net.forward(**inputs)
         want, want32 = evaluate(fwd, inputs, params), evaluate(fwd, inputs, params, dtype=np.float32)
@@ -576,7 +567,7 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
         for name in grads:
             assert np.array_equal(grads2[name], grads[name], equal_nan=True), f"batch {n} again: gradient of {name}"
     if nan:         # a NaN in one input: the same NaNs as numpy's, nothing finite made of it
-        feed = feed_of(mdef, 3, rng)
+        feed = random_feed(mdef, 3, rng)
         floats = sorted(k for k, v in feed.items() if v.dtype.kind == "f" and k not in targets)
         name = floats[rng.integers(len(floats))] if floats else None
         if name is not None:
@@ -619,7 +610,7 @@ import numpy as np
 import structc
 from structc import _runtime
 sys.path.insert(0, sys.argv[1])
-from test_program_fuzz import model_of, feed_of, params_of
+from test_program_fuzz import model_of, random_feed, params_of
 found, handoffs = [], 0
 for item in json.loads(sys.stdin.read()):
     source, seed = item["source"], item["seed"]
@@ -632,7 +623,7 @@ for item in json.loads(sys.stdin.read()):
         net.params[k] = v
     targets = {k for k, s in mdef.inputs.items() if s.kind == "target"}
     for n in item["batches"]:
-        feed = feed_of(mdef, n, rng)
+        feed = random_feed(mdef, n, rng)
         runs, start = [], {k: v.copy() for k, v in net.params.items()}
         for threads in (1, 2):
             structc.set_num_threads(threads)
@@ -657,18 +648,6 @@ print(json.dumps({"mismatches": found, "handoffs": handoffs}))
 """
 
 
-def thread_bits(items: list[dict]) -> dict:
-    """Run `items` ({source, seed, batches}) at 1 and 2 threads in a process
-    whose pool takes every kernel of more than one task (thresholds 0); the
-    mismatches (what differs at which batch) and the jobs handed off."""
-    env = {**os.environ, "STRUCTC_SERIAL_WORK": "0", "STRUCTC_ENTRY_SERIAL_WORK": "0",
-           "STRUCTC_BACKOFF": "0", "STRUCTC_ADAPT": "0"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
-    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(Path(__file__).parent)],
-                          input=json.dumps(items), capture_output=True, text=True, env=env, timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---- what the programs exercise
@@ -723,7 +702,7 @@ def test_native_matches_the_interpreter(seed):
 
 def test_two_threads_give_one_threads_bits():
     items = [{"source": generate(seed)[0], "seed": seed, "batches": list(BATCHES)} for seed in FAST_SEEDS]
-    found = thread_bits(items)
+    found = thread_bits(THREADS_SCRIPT, items, HERE)
     assert found["handoffs"] > 0, "nothing was handed to the pool: the comparison checked nothing"
     assert not found["mismatches"], found["mismatches"]
 
@@ -782,7 +761,7 @@ def main(argv=None):
         items.append({"source": source, "seed": seed, "batches": [int(b) for b in args.batches.split(",")]})
     print(f"{args.count} programs, {failures} failures, {time.time() - t0:.0f} s")
     if args.threads:
-        found = thread_bits(items)
+        found = thread_bits(THREADS_SCRIPT, items, HERE)
         print(f"threads: {len(found['mismatches'])} mismatches, {found['handoffs']} jobs handed off")
         for m in found["mismatches"]:
             print("  ", m)

@@ -18,15 +18,16 @@ float64 central differences, and 1 thread with 2 bitwise (pool thresholds 0).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from structc.testing import thread_bits
+
+HERE = Path(__file__).resolve().parent     # the tests folder: a worker process imports this module from it
 
 HIDDEN = [1, 2, 3, 5, 8, 13, 16, 17, 33]
 SMOOTH = ["tanh", "sigmoid", "softplus", "gelu", "elu"]
@@ -511,15 +512,6 @@ print(json.dumps({"mismatches": found, "handoffs": handoffs}))
 """
 
 
-def thread_bits(items: list[dict]) -> dict:
-    env = {**os.environ, "STRUCTC_SERIAL_WORK": "0", "STRUCTC_ENTRY_SERIAL_WORK": "0",
-           "STRUCTC_BACKOFF": "0", "STRUCTC_ADAPT": "0"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
-    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(Path(__file__).parent)],
-                          input=json.dumps(items), capture_output=True, text=True, env=env, timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_seed(seed, family=None, **kw):
@@ -540,7 +532,7 @@ def test_structured_programs_match_the_interpreter(seed, family):
 
 
 def test_structured_programs_give_one_threads_bits_on_two():
-    found = thread_bits([{"seed": s, "family": f, "sizes": [5, 40]} for s, f in FAST])
+    found = thread_bits(THREADS_SCRIPT, [{"seed": s, "family": f, "sizes": [5, 40]} for s, f in FAST], HERE)
     assert found["handoffs"] > 0, "nothing was handed to the pool: the comparison checked nothing"
     assert not found["mismatches"], found["mismatches"]
 
@@ -554,7 +546,8 @@ def test_more_structured_programs_match_the_interpreter(family):
 
 @pytest.mark.slow
 def test_more_structured_programs_give_one_threads_bits_on_two():
-    found = thread_bits([{"seed": s, "family": f, "sizes": [5, 40]} for f in sorted(FAMILIES) for s in range(100, 130)])
+    found = thread_bits(THREADS_SCRIPT, [{"seed": s, "family": f, "sizes": [5, 40]}
+                                         for f in sorted(FAMILIES) for s in range(100, 130)], HERE)
     assert found["handoffs"] > 0, "nothing was handed to the pool: the comparison checked nothing"
     assert not found["mismatches"], found["mismatches"]
 
@@ -585,8 +578,8 @@ def main(argv=None):
                   flush=True)
     print(f"{args.count} programs, {failures} failures, {time.time() - t0:.0f} s")
     if args.threads:
-        found = thread_bits([{"seed": s, "family": args.family, "sizes": [5, 40]}
-                             for s in range(args.seed, args.seed + args.count)])
+        found = thread_bits(THREADS_SCRIPT, [{"seed": s, "family": args.family, "sizes": [5, 40]}
+                             for s in range(args.seed, args.seed + args.count)], HERE)
         print(f"threads: {len(found['mismatches'])} mismatches, {found['handoffs']} jobs handed off")
         for m in found["mismatches"]:
             print("  ", m)
