@@ -712,7 +712,7 @@ def test_more_programs_match_the_interpreter():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))   # more: the script mode
     @given(st.integers(1000, 10**9), st.integers(3, 24))
     def run(seed, size):
         source, _ = generate(seed, size)
