@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _runtime
+
 #: one record of the shim (`sc_prof_event` in runtime/sc_profile.c)
 EVENT = np.dtype([("fn", "<i8"), ("start", "<i8"), ("end", "<i8"), ("lo", "<i8"), ("hi", "<i8"),
                   ("lane", "<i4"), ("kind", "<i4"), ("depth", "<i4"), ("pad", "<i4")])
@@ -341,6 +343,7 @@ class Report:
     step_spans: list        # (start, end) ns of each traced step
     caller_lane: int
     unprofiled_seconds: float | None = None    # the same step timed with nothing recorded
+    backed_off: float = 0.0     # share of the pool's jobs the caller ran alone while the pool backed off
 
     @property
     def kernel_seconds(self) -> float:
@@ -388,6 +391,10 @@ class Report:
             out.append(f"\nprofiled, the step ran {100 * (self.step_seconds / self.unprofiled_seconds - 1):.0f}% "
                        "slower than unprofiled: every chunk of tasks is timed and recorded (more of them with "
                        "several threads; a busy machine moves both figures), and the kernels' times include it")
+        if self.threads > 1 and self.backed_off > 0:
+            out.append(f"\nthe pool backed off for {100 * self.backed_off:.0f}% of its jobs: after a stall or a "
+                       "preemption (a busy machine) it runs them on the calling thread for a while, so those "
+                       "steps timed one thread; STRUCTC_BACKOFF=0 measures the threads regardless")
         if any(r.percent_of(self.peak) > 100 for r in self.rows):
             out.append("\nabove 100% of peak: the peak was measured while the machine was busy; give it (--peak)")
         if any(r.nested for r in self.rows):
@@ -531,12 +538,14 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
     if steps is None:
         steps = max(5, min(2000, int(1.0 / max((spans[0][1] - spans[0][0]) / 1e9, 1e-6))))
     capacity = _events_bound(probe, threads) * steps + _slack(threads)
+    jobs, alone = _runtime.handoffs(), _runtime.backoff_jobs()
     events, spans, lost = _record(step, steps, capacity)
     if lost:
         raise RuntimeError(f"the profiler lost {lost} of {capacity + lost} events: steps differ from the first "
                            f"in the kernels they run; profile fewer steps")
     step_seconds = sum(b - a for a, b in spans) / steps / 1e9
     unprofiled = _unprofiled_seconds(step, max(2, steps // 12))     # a quarter of the steps again
+    jobs, alone = _runtime.handoffs() - jobs, _runtime.backoff_jobs() - alone
     tasks = getattr(net, "_profile_tasks", {})
     rows = _rows(events, by_address, dims, steps, tasks)
     traced_end = spans[min(steps, TRACE_STEPS) - 1][1]
@@ -544,7 +553,7 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
     caller = int(outer["lane"][-1]) if len(outer) else 0
     report = Report(net.name, kind, steps, threads, step_seconds, peak or fma_peak(), rows,
                     net._profile_source.splitlines(), events[events["start"] <= traced_end],
-                    spans[:TRACE_STEPS], caller, unprofiled)
+                    spans[:TRACE_STEPS], caller, unprofiled, alone / jobs if jobs else 0.0)
     report._kernels = by_address
     report._tasks = tasks
     return report

@@ -377,3 +377,32 @@ def test_a_kernel_run_both_inside_a_recursion_and_outside_is_two_rows():
         assert r.calls == len(at) / report.steps, r.kernel.name
         assert r.seconds == pytest.approx(float((at["end"] - at["start"]).sum()) / 1e9 / report.steps)
     assert both, report.table()      # the model still has such a kernel
+
+
+def test_a_profile_taken_while_the_pool_backed_off_says_so(batch):
+    """On a busy machine the pool backs off after a stall or a preemption and runs
+    its jobs on the calling thread (the runtime's STRUCTC_BACKOFF): a trees step
+    profiled "at 2 threads" then ran 423 us a step, its 1-thread time, against
+    251 us with the back-off off, and nothing in the table said why. The report
+    now gives the share of jobs run so; a profile with no back-off has none."""
+    from structc import _runtime
+    net = profiled_net(MLP.read_text(), str(MLP))
+    before, mode = structc.get_num_threads(), _runtime.set_backoff(0)
+    try:
+        structc.set_num_threads(2)
+        plain = profile(net, batch, steps=5, warmup=5, peak=PEAK)
+        _runtime.set_backoff(2)                         # preemptions of the caller start one
+        _runtime.debug_hold_backoff(True)               # ... held until released
+        _runtime.debug_stall_caller(20_000_000)         # 20 ms asleep, as if preempted
+        net.train_step(lr=0.01, **batch)
+        held = profile(net, batch, steps=5, warmup=5, peak=PEAK)
+    finally:
+        _runtime.debug_stall_caller(0)
+        _runtime.debug_hold_backoff(False)
+        _runtime.set_backoff(mode)
+        structc.set_num_threads(before)
+    assert plain.backed_off == 0 and "backed off" not in plain.table()
+    assert held.backed_off == 1.0
+    assert "the pool backed off for 100% of its jobs" in held.table()
+    one = dataclasses.replace(held, threads=1)
+    assert "backed off" not in one.table()
