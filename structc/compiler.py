@@ -328,8 +328,14 @@ def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = froze
         g.outputs = {"loss": g.outputs["loss"]}
         g = differentiate(g, frozen=frozen)
     grads = [g.outputs[f"grad:{p}"] for p in mdef.params if p not in frozen]
+    # A gradient that is a scatter of rows (an embedding's) is zero outside the rows its
+    # ids name: SGD may then update those rows alone (`ops/optim.py`). The ids are
+    # operands of the update, so they stay alive until it runs.
+    ids = [g.nodes[i].inputs[1] if g.nodes[i].op.name == "scatter_rows" else None for i in grads]
+    sparse = tuple((k, len(grads) + j) for j, k in enumerate(k for k, i in enumerate(ids) if i is not None))
     b = Builder(g)
-    g.outputs["update"] = b.update(*(b.value(i) for i in grads), size=update_size, decay_end=decay_end).id
+    g.outputs["update"] = b.update(*(b.value(i) for i in grads + [i for i in ids if i is not None]),
+                                   size=update_size, decay_end=decay_end, sparse=sparse).id
     return g
 
 

@@ -9,6 +9,8 @@ hyper-parameters, which the update then reads: still one native call.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ..types import TensorType
@@ -39,10 +41,10 @@ class Update(Op):
     name = "update"
     traits = frozenset({"effect"})
 
-    def shape(self, *grads, size: int, decay_end: int | None = None) -> TensorType:
+    def shape(self, *grads, size: int, decay_end: int | None = None, sparse: tuple = ()) -> TensorType:
         return TensorType((), "f32")
 
-    def reference(self, *grads, size, decay_end=None):
+    def reference(self, *grads, size, decay_end=None, sparse=()):
         return np.zeros(())
 
     def lower(self, kb, node, epilogue):
@@ -82,15 +84,105 @@ class Update(Op):
                     _apply(cg, rule, b.sub(hi_j, rest), vw, params, grads, state, h, one, size, decay,
                            mask=cg.lane_mask(rest, vw))
 
+            def ranges(rule, lo_j, hi_j):
+                # matrices, then vectors (either range empty in a chunk on the other side, or
+                # in a model without one kind): one copy of the code for both ranges
+                with cg.loop(2, name="range", unroll=False) as r:
+                    matrices = b.icmp_signed("==", r, cg.i64(0))
+                    lo_r = b.select(matrices, lo_j, _imax(cg, lo_j, decay_end))
+                    hi_r = b.select(matrices, cg.imin(hi_j, decay_end), hi_j)
+                    step(rule, lo_r, hi_r, b.select(matrices, h[WEIGHT_DECAY], h[VECTOR_DECAY]))
+
+            tables = [(node.inputs[k], node.inputs[i]) for k, i in node.attrs.get("sparse", ())]
             for rule in ("sgd", "momentum", "adam"):
                 with cg.if_(b.icmp_signed("==", mode, cg.i64(MODES[rule]))):
-                    # matrices, then vectors (either range empty in a chunk on the other side, or
-                    # in a model without one kind): one copy of the code for both ranges
-                    with cg.loop(2, name="range", unroll=False) as r:
-                        matrices = b.icmp_signed("==", r, cg.i64(0))
-                        lo_j = b.select(matrices, start, _imax(cg, start, decay_end))
-                        hi_j = b.select(matrices, cg.imin(stop, decay_end), stop)
-                        step(rule, lo_j, hi_j, b.select(matrices, h[WEIGHT_DECAY], h[VECTOR_DECAY]))
+                    if rule == "sgd" and tables:
+                        _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, partial(ranges, rule),
+                                    partial(step, rule))
+                    else:
+                        ranges(rule, start, stop)
+
+
+def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
+    """SGD on elements [start, stop) of the arena, where `tables` (gradient,
+    ids) are parameters whose gradient is zero outside the rows `ids` names
+    (`compiler.train_graph`: an embedding's scatter). With no weight decay and
+    a clipping scale of 1, a zero gradient leaves its parameter as it is, so
+    such a table's rows are updated from the ids alone instead of read whole
+    (a vocabulary of 100,000 words of 300 floats: 240 MB of reads a step
+    otherwise). A row belongs to the CHUNK of elements that holds its first
+    one and is updated once however often its id repeats (a bitmap of the
+    chunk's rows): the dense pass's bits, on any number of threads. A table
+    with more ids than CHUNK / 4 stays dense (each chunk scans all the ids)."""
+    from llvmlite import ir
+
+    from ..lower.codegen import I8, I64, PTR
+    from ..lower.treemap import load_index
+    b = cg.b
+    zero = cg.const(0.0, h[LR])
+    plain = b.and_(_all_lanes(cg, b.fcmp_ordered("==", h[WEIGHT_DECAY], zero)),
+                   _all_lanes(cg, b.fcmp_ordered("==", h[CLIP_SCALE], cg.const(1.0, h[LR]))))
+    grads_at = b.ptrtoint(cg.arena("grads"), I64)
+    spans = []
+    for grad, ids in tables:
+        rows_d, width = kb.graph.nodes[grad].shape
+        first = b.sdiv(b.sub(b.ptrtoint(cg.ptr(grad), I64), grads_at), cg.i64(4))
+        end = cg.iadd(first, cg.imul(cg.dim(rows_d), width))
+        n = cg.dim(kb.graph.nodes[ids].shape[0])
+        sparse = b.and_(b.and_(plain, b.icmp_signed("<=", cg.imul(n, 4), cg.i64(CHUNK))),
+                        # the table among the matrices (where the plan puts a gradient)
+                        b.and_(b.icmp_signed(">=", first, cg.i64(0)), b.icmp_signed("<=", end, decay_end)))
+        # a table updated densely excludes nothing: its span starts and ends past the arena
+        spans.append((ids, width, rows_d, n, sparse, b.select(sparse, first, size), b.select(sparse, end, size)))
+
+    def outside(cur):
+        """`cur`, or past every span it falls in (spans may be back to back, in any order)."""
+        for _ in spans:
+            for *_, lo_t, hi_t in spans:
+                cur = b.select(b.and_(b.icmp_signed("<=", lo_t, cur), b.icmp_signed("<", cur, hi_t)), hi_t, cur)
+        return cur
+    # the dense pass over [start, stop) less the spans: a gap before each, and one after
+    at = cg.var(I64, start)
+    for _ in range(len(spans) + 1):
+        cur = outside(b.load(at))
+        nxt = stop
+        for *_, lo_t, hi_t in spans:
+            nxt = b.select(b.and_(b.icmp_signed(">=", lo_t, cur), b.icmp_signed("<", lo_t, nxt)), lo_t, nxt)
+        with cg.if_(b.icmp_signed("<", cur, nxt)):
+            dense(cur, nxt)
+        b.store(_imax(cg, cur, nxt), at)
+    for ids, width, rows_d, n, sparse, lo_t, _ in spans:
+        seen = cg.eb.alloca(ir.ArrayType(I8, CHUNK // width + 2))
+        seen.type = PTR
+        idx, dtype = cg.ptr(ids), kb.graph.nodes[ids].type.dtype
+        last = b.sub(cg.dim(rows_d), cg.i64(1))
+        with cg.if_(sparse):
+            with cg.loop(cg.ceil_div(b.sub(stop, start), CHUNK), name="chunk") as c:
+                lo_c = cg.iadd(start, cg.imul(c, CHUNK))
+                hi_c = cg.imin(cg.iadd(lo_c, CHUNK), stop)
+                # the rows whose first element is in [lo_c, hi_c): k0 <= k < k1
+                k0 = cg.ceil_div(_imax(cg, b.sub(lo_c, lo_t), cg.i64(0)), width)
+                k1 = cg.imin(cg.ceil_div(_imax(cg, b.sub(hi_c, lo_t), cg.i64(0)), width), cg.dim(rows_d))
+                with cg.loop(b.sub(k1, k0), name="clear") as k:
+                    cg.store(ir.Constant(I8, 0), seen, k, t=I8)
+                with cg.loop(n, name="id") as i:
+                    k = load_index(cg, idx, i, dtype, last)     # clamped as the scatter clamps it
+                    with cg.if_(b.and_(b.icmp_signed(">=", k, k0), b.icmp_signed("<", k, k1))):
+                        local = b.sub(k, k0)
+                        with cg.if_(b.icmp_signed("==", cg.load(seen, local, t=I8), ir.Constant(I8, 0))):
+                            cg.store(ir.Constant(I8, 1), seen, local, t=I8)
+                            row = cg.iadd(lo_t, cg.imul(k, width))
+                            rows(row, cg.iadd(row, width), h[WEIGHT_DECAY])
+
+
+def _all_lanes(cg, v):
+    """Whether every lane of the i1 vector v is set (v itself for a scalar)."""
+    from llvmlite import ir
+    if not isinstance(v.type, ir.VectorType):
+        return v
+    n = v.type.count
+    it = ir.IntType(n)
+    return cg.b.icmp_unsigned("==", cg.b.bitcast(v, it), ir.Constant(it, (1 << n) - 1))
 
 
 def _clip_scale_kernel(kb, node, size_attr):
