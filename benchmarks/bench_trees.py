@@ -5,6 +5,7 @@ vocabulary 1000, d = 64; leaf = E[word], node = tanh(W [h_l; h_r] + b),
 root -> dense 5 -> cross-entropy; one SGD step (forward, backward, update).
 
     python benchmarks/bench_trees.py [--threads 1] [--repeat 200] [--no-torch] [--no-jax]
+    python benchmarks/bench_trees.py --vocab 100000 --dim 300    # a large table: its update
 
 PyTorch is timed two ways: recursion per node, the way it is usually
 written, and level-batched (one matmul per tree height, like structc). JAX,
@@ -23,17 +24,23 @@ import numpy as np
 
 from cores import one_core
 
-SRC = """
-model TreeNet {
-  input  t: forest of word(vocab=1000)
+
+
+def source(vocab: int, d: int) -> str:
+    return f"""
+model TreeNet {{
+  input  t: forest of word(vocab={vocab})
   target y: class[t.trees] of 5
-  param  E: embedding(1000, 64)
+  param  E: embedding({vocab}, {d})
   rec h(n) = leaf: E[n.word]
-             node: tanh(dense(concat(h(n.left), h(n.right)), 64))
+             node: tanh(dense(concat(h(n.left), h(n.right)), {d}))
   loss cross_entropy(dense(h(t.root), 5), y)
-}
+}}
 """
+
+
 TREES, LEAVES, VOCAB, D, CLASSES = 32, 25, 1000, 64, 5
+SRC = source(VOCAB, D)
 
 
 def random_tree(rng, leaves: int):
@@ -175,13 +182,22 @@ def bench_jax(trees, labels, repeat, threads):
     return run_ms, 1e3 * statistics.median(compiles)
 
 
+def set_sizes(vocab: int, d: int) -> None:
+    """Every contender's vocabulary and width (the words drawn follow)."""
+    global VOCAB, D, SRC
+    VOCAB, D, SRC = vocab, d, source(vocab, d)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-jax", action="store_true")
+    ap.add_argument("--vocab", type=int, default=VOCAB, help="the embedding's rows (a large one: its update's cost)")
+    ap.add_argument("--dim", type=int, default=D, help="the embedding's and the nodes' width")
     args = ap.parse_args()
+    set_sizes(args.vocab, args.dim)
     trees, labels = batch(0)
     nodes = sum(2 * LEAVES - 1 for _ in trees)
     print(f"{TREES} trees x {LEAVES} leaves ({nodes} nodes), vocab {VOCAB}, d = {D}, {args.threads} thread(s); "
