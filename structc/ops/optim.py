@@ -142,8 +142,9 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
                 cur = b.select(b.and_(b.icmp_signed("<=", lo_t, cur), b.icmp_signed("<", cur, hi_t)), hi_t, cur)
         return cur
     # the dense pass over [start, stop) less the spans: a gap before each, and one after
+    # (a loop, not unrolled: one copy of the dense code)
     at = cg.var(I64, start)
-    for _ in range(len(spans) + 1):
+    with cg.loop(len(spans) + 1, name="gap", unroll=False):
         cur = outside(b.load(at))
         nxt = stop
         for *_, lo_t, hi_t in spans:
