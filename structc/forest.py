@@ -918,6 +918,12 @@ class Vocab(dict):
 
     unk: int | None = None
 
+    def __init__(self, words=(), /, **more):
+        """As dict's. A vocabulary given as `words` passes on its unknown-word id:
+        `Vocab(v)` is `v`'s copy, not one that refuses the words `v` maps to its unk."""
+        super().__init__(words, **more)
+        self.unk = getattr(words, "unk", None)
+
     @classmethod
     def build(cls, tokens: Iterable[str], unk: str | None = None) -> "Vocab":
         """The vocabulary of `tokens`; with `unk` (e.g. "<unk>"), that token
@@ -925,6 +931,9 @@ class Vocab(dict):
         if isinstance(tokens, (str, bytes)):      # iterating it would give a vocabulary of letters
             raise TypeError(f"Vocab.build takes a list of words, got the {type(tokens).__name__} "
                             f"{_shown(tokens)}; split it first: Vocab.build(text.split())")
+        if isinstance(tokens, Mapping):           # its words would be numbered anew, in its order, not by its ids
+            raise TypeError(f"Vocab.build numbers a list of words; this {type(tokens).__name__} already maps "
+                            f"words to ids: Vocab(it) keeps its ids (and its unknown-word id)")
         v = cls()
         for t in tokens:
             if t not in v:
@@ -937,8 +946,25 @@ class Vocab(dict):
     def copy(self) -> "Vocab":
         """A Vocab with the same words and unknown-word id (dict.copy would give a
         plain dict, without `unk`: unknown words would then be refused)."""
-        v = type(self)(self)
-        v.unk = self.unk
+        return type(self)(self)
+
+    def __or__(self, other):
+        """`v | more`: a Vocab with `v`'s unknown-word id (dict's `|` gives a plain dict)."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        v = self.copy()
+        v.update(other)
+        return v
+
+    def numbering(self) -> dict:
+        """Its words in id order (and the unknown-word id), as a numbering file keeps them."""
+        return {"words": sorted(self, key=self.__getitem__), **({"unk": self.unk} if self.unk is not None else {})}
+
+    @classmethod
+    def from_numbering(cls, numbering: dict) -> "Vocab":
+        """The vocabulary a numbering (`numbering()`, a numbering file) gives: word k has id k."""
+        v = cls((w, i) for i, w in enumerate(numbering["words"]))
+        v.unk = numbering.get("unk")
         return v
 
 

@@ -518,7 +518,7 @@ class Net:
         if self.vocab is not None and self.vocab is self._numbered_vocab:
             self.vocab = None
         if words is not None and self._forests is not None:
-            vocab = Vocab((w, i) for i, w in enumerate(words))
+            vocab = Vocab.from_numbering(numbering)
             if self.vocab is not None and dict(self.vocab) != vocab:
                 warnings.warn(f"net.vocab replaced by the {len(vocab)} words {numbering_path(path).name} "
                               f"gives these parameters", NumberingWarning, stacklevel=3)

@@ -340,7 +340,8 @@ def data_numbering(data) -> dict | None:
     `numbering`): a treebank's words in id order, a TU set's labels; None: nothing numbered."""
     vocab = getattr(data, "vocab", None)
     if vocab is not None:
-        return {"words": sorted(vocab, key=vocab.__getitem__)}
+        from .forest import Vocab
+        return Vocab(vocab).numbering()
     return getattr(data, "numbering", None)
 
 

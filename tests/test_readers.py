@@ -726,6 +726,23 @@ def test_load_params_takes_the_words_saved_beside_the_parameters(models, tree_ru
     assert net.vocab is None
 
 
+def test_a_numbering_keeps_the_vocabularys_unknown_word(models, tree_run, tmp_path):
+    # the numbering kept the words alone: a net given them back refused words its vocabulary mapped to unk
+    from structc.forest import Vocab
+    from structc.train import save_numbering
+    vocab = Vocab.build(["the", "plot"], unk="<unk>")
+    data = TreeDataset("t", ["(1 (2 the) (2 plot))"], ["(1 the)"], vocab)
+    assert readers.data_numbering(data) == {"words": ["the", "plot", "<unk>"], "unk": 2}
+    net = structc.compile(models, "Tree")
+    params = tmp_path / "unk.npz"
+    params.write_bytes(tree_run.read_bytes())
+    net.load_params(params)
+    save_numbering(net, params, readers.data_numbering(data))
+    net.load_params(params)
+    assert net.vocab.unk == 2 and net.numbering["unk"] == 2
+    np.testing.assert_array_equal(net(t="(1 (2 the) (2 awful))"), net(t="(1 (2 the) (2 <unk>))"))
+
+
 def test_fine_tuning_keeps_the_words_ids_and_a_run_without_words_leaves_none(models, tree_run, tmp_path, capsys):
     out = tmp_path / "tuned.npz"
     assert main(["train", models, "--model", "Tree", "--data", str(_reordered_treebank(tmp_path)), "--epochs", "1",

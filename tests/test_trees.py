@@ -563,6 +563,32 @@ def test_a_copied_vocabulary_keeps_its_unknown_word():
     assert sorted(Forest.from_brackets("(1 a zzz)", copy).words.tolist()) == [0, 2]
 
 
+def test_a_vocabulary_made_from_another_keeps_its_unknown_word():
+    # Vocab(v) gave unk None: 'zzz' was refused (with advice to add the unknown word it has);
+    # v | more and pickling likewise
+    import copy
+    import pickle
+    vocab = Vocab.build(["a", "b"], unk="<unk>")
+    for made in (Vocab(vocab), vocab | {"c": 3}, pickle.loads(pickle.dumps(vocab)), copy.deepcopy(vocab)):
+        assert isinstance(made, Vocab) and made.unk == 2
+        assert Forest.from_brackets("(1 a zzz)", made).words.tolist() == [0, 2]
+    assert Vocab({"a": 0}).unk is None and Vocab(a=0) == {"a": 0}
+
+
+def test_building_a_vocabulary_from_a_vocabulary_is_refused():
+    # Vocab.build numbered a mapping's words anew in its order: {'b': 1, 'a': 0} came out {'b': 0, 'a': 1}
+    with pytest.raises(TypeError, match=r"already maps words to ids: Vocab\(it\) keeps its ids"):
+        Vocab.build({"b": 1, "a": 0})
+
+
+def test_a_vocabularys_numbering_keeps_its_unknown_word():
+    vocab = Vocab.build(["b", "a"], unk="<unk>")
+    assert vocab.numbering() == {"words": ["b", "a", "<unk>"], "unk": 2}
+    again = Vocab.from_numbering(vocab.numbering())
+    assert again == vocab and again.unk == 2
+    assert Vocab.from_numbering({"words": ["x"]}).unk is None
+
+
 # -- the example: structc train on the shipped tree data -----------------------
 
 @pytest.mark.slow
