@@ -468,15 +468,15 @@ def _early_stop_settings(args, saved: dict | None) -> tuple[int, str]:
 
 def _resume_early_stopping(net, state: dict, cfg):
     """The resumed run's early stopping (`train.resume_early_stopping`), saying what it continues from."""
-    from .train import resume_early_stopping
+    from .train import resume_early_stopping, resumes_from
     stopper, problem = resume_early_stopping(net, state, cfg)
     if problem:
         warn(problem)
-    kept, last = state["config"].get("kept_epoch"), state["epoch"]
-    stopped = (state["config"].get("early_stop") or {}).get("stopped", True)
-    if kept is not None and kept != last and stopped:     # one that had not stopped trains on from its last epoch
+    kept, last = resumes_from(state), state["epoch"]
+    if kept != last:
         warn(f"the resumed run stopped early after epoch {last} and kept epoch {kept}'s parameters: training "
-             f"continues from those, with the optimizer state and shuffling of epoch {last}")
+             f"continues from those, with the optimizer state and shuffling of epoch {last} (the metrics log "
+             f"marks it: epoch {last + 1}'s record continues_from {kept})")
     return stopper
 
 
@@ -604,7 +604,7 @@ def cmd_train(args) -> int:
     net.set_seed(cfg.seed)      # dropout's masks: the run's seed, a resumed run's too (compiled with --seed or 0)
     if state is not None:
         _continue_optimizer(net, state, cfg)
-    metrics = _start_metrics_log(out, cfg, args.resume, saved) if root else None
+    metrics = _start_metrics_log(out, cfg, args.resume, state) if root else None
     board = _tensorboard(args.tensorboard, cfg.first_epoch) if root and args.tensorboard else None
     if root:
         print(f"compiled {net.name} in {seconds:.2f} s; {sum(p.size for p in net.params.values())} parameters; "
@@ -624,6 +624,10 @@ def cmd_train(args) -> int:
             history = train_data_parallel(dp, data, cfg, rng=rng, on_epoch=on_epoch, stopper=stopper)
             if not root:
                 return 0
+    except BaseException:
+        if metrics is not None:
+            _put_back_log(metrics, out)
+        raise
     finally:
         if board is not None:
             board.close()
@@ -720,15 +724,33 @@ def _data_id(args) -> str:
     return args.data if args.split is None else f"{args.data} --split {args.split}"
 
 
-def _start_metrics_log(out: Path, cfg, resume: str | None, saved: dict | None):
+def _start_metrics_log(out: Path, cfg, resume: str | None, state: dict | None):
     """The per-epoch metrics log beside the checkpoint (NAME.metrics.jsonl); a resumed run's
-    log starts with the epochs of the run it continues (`saved`: its training state's config)."""
+    log starts with the epochs of the run it continues (`state`: its training state)."""
     from .runlog import metrics_path, start_log
+    from .train import resumes_from
+    continues_from = None
+    if state is not None and resumes_from(state) != state["epoch"]:
+        continues_from = resumes_from(state)
     try:
         return start_log(out, cfg.lr, existing_params(resume) if resume else None, cfg.first_epoch, warn=warn,
-                         digest=(saved or {}).get("metrics_digest"))
+                         digest=state["config"].get("metrics_digest") if state else None,
+                         continues_from=continues_from)
     except OSError as e:
         raise UserError(f"cannot write the metrics log {metrics_path(out)}: {e.strerror or e}", code=2) from None
+
+
+def _put_back_log(metrics, out: Path) -> None:
+    """Training failed: the log beside `out` goes back to that of the run that saved `out`
+    (a new run's epochs would otherwise describe another run than the checkpoint)."""
+    try:
+        failed = metrics.put_back()
+    except OSError as e:
+        warn(f"{metrics.path} holds this failed run's epochs, not those of {out} ({e.strerror or e})")
+        return
+    if failed is not None:
+        warn(f"this run's epoch records are in {failed}; {metrics.path.name} is "
+             + (f"again that of {out.name}" if metrics.path.exists() else "removed (no run saved there had one)"))
 
 
 def cmd_eval(args) -> int:

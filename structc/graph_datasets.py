@@ -23,7 +23,7 @@ import numpy as np
 
 from .datasets import class_output
 from .graphs import Binder, Graph, GraphPool, batch
-from .heldout import Tally
+from .heldout import EMPTY_PART, Tally
 
 
 def _graph_input(net, data: str) -> dict:
@@ -105,6 +105,8 @@ class NodeDataset:
         return 1
 
     def evaluate(self, net, batch: int = 0) -> dict:
+        if not len(self.test):
+            raise ValueError(EMPTY_PART)
         outs, loss = net.evaluate_batch(**self.feed(self.test_mask))       # one forward call
         if self.output is None:
             return {"loss": loss}

@@ -39,6 +39,10 @@ def loss_terms(net) -> list[dict]:
     return [] if found["kind"] == "unsupported" else [found]
 
 
+EMPTY_PART = ("the held-out part has no examples: there is nothing to measure the loss (or accuracy) on; "
+              "give the data a held-out part (an .npz's x_test and y_test, a split that leaves some out)")
+
+
 class Tally:
     """Sums of held-out parts: per loss term its weighted values and its denominators,
     then the loss weighed by examples (used only for a loss that cannot be split),
@@ -79,8 +83,8 @@ class Tally:
     def metrics(self) -> dict[str, float]:
         """`loss` (and `accuracy`) of every part measured, as one call on all of them."""
         sums, n = self.sums, self.sums[-1]
-        if not n:
-            return {"loss": float("nan"), **({"accuracy": float("nan")} if self.output is not None else {})}
+        if not n:       # its NaN loss and accuracy read as a model gone wrong, and were logged as such
+            raise ValueError(EMPTY_PART)
         if sums[-3]:
             self._warn_unsplit()
             loss = sums[-4] / n

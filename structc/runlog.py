@@ -10,10 +10,13 @@ epoch ends, so `tail -f` or `structc plot` shows a run in progress:
 `loss` is the mean training loss over the epoch's steps; `heldout_accuracy` is absent for
 models without class outputs; with `--val-split`, `val_loss` and `val_accuracy` measure the
 validation part; `seconds` is the epoch's wall time (with its evaluation),
-`elapsed` the run's so far; a value that is not a finite number (the NaN of an empty
-held-out part) is `null`, so that every line is JSON to any reader. A resumed run keeps
-the lines of the epochs it continues from (every readable one, when they are the ones its
-checkpoint saw; a warning names the epochs it lacks).
+`elapsed` the run's so far; a value that is not a finite number (a diverging run's NaN)
+is `null`, so that every line is JSON to any reader. A resumed run keeps the lines of the
+epochs it continues from (every readable one, when they are the ones its checkpoint saw;
+a warning names the epochs it lacks). One that trains on from an earlier epoch's
+parameters than its last (early stopping kept them) marks its first record
+`"continues_from": KEPT`; `stretches` and the plot join the curve there. A run that fails
+before saving puts back the log of the checkpoint it would have replaced (`put_back`).
 
 `structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
 in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
@@ -48,38 +51,72 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The epoch records of a metrics file, in order; a line that is not a JSON object
     with an epoch is an error naming the file and line, except a last line with no end,
     unreadable: one being written (a run in progress) or cut short (a run killed)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if not line.endswith("\n"):
-                    break
-                raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-                raise ValueError(f"{path}:{number}: not an epoch record (no integer 'epoch')")
-            records.append(record)
-    return records
+    records, bad, _ = parse_log(Path(path).read_text(encoding="utf-8"))
+    if bad:
+        number, why = bad[0]
+        raise ValueError(f"{path}:{number}: {why}")
+    return [r for _, r in records]
+
+
+def parse_log(text: str) -> tuple[list[tuple[int, dict]], list[tuple[int, str]], int | None]:
+    """The one reading of a metrics log: (line number, record) of each epoch record, (line
+    number, what is wrong) of each other line but a last one with no end that is not JSON,
+    and that line's number (None: none): it is being written, or was cut short."""
+    records, bad, torn = [], [], None
+    lines = text.splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not line.endswith("\n"):
+                torn = number
+            else:
+                bad.append((number, f"not a JSON line ({e.msg})"))
+            continue
+        why = _not_a_record(record)
+        if why:
+            bad.append((number, why))
+        else:
+            records.append((number, record))
+    return records, bad, torn
+
+
+def _not_a_record(record) -> str:
+    """What keeps a JSON value from being an epoch record ("" when nothing)."""
+    if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+        return "not an epoch record (no integer 'epoch')"
+    start = record.get("continues_from")
+    if start is not None and not (isinstance(start, int) and 0 <= start < record["epoch"]):
+        return f"'continues_from' is {start!r}: the epoch it continues from comes before epoch {record['epoch']}"
+    return ""
 
 
 class MetricsLog:
     """Appends one record per epoch to a JSONL file; `callback` goes to `train(on_epoch=...)`."""
 
-    def __init__(self, path: str | Path, lr: float, keep: list[dict] = ()):
+    def __init__(self, path: str | Path, lr: float, keep: list[dict] = (), continues_from: int | None = None):
         self.path, self.lr = Path(path), lr
         self._lines = [_json_line(r) for r in keep]
+        try:
+            self._before = self.path.read_bytes()      # the log of the run this one replaces (`put_back`)
+        except OSError:
+            self._before = None
         self.path.write_text("".join(self._lines))
         self._start = self._last = time.perf_counter()
         self._elapsed_before = keep[-1].get("elapsed", 0.0) if keep else 0.0
+        self._continues_from = continues_from
         self.failed = False
 
     def callback(self, metrics: dict) -> dict:
-        """Append the epoch's record (and return it, for `TensorBoardLog.write`)."""
+        """Append the epoch's record (and return it, for `TensorBoardLog.write`). The first
+        after a restart from an earlier epoch's parameters says which (`continues_from`)."""
         now = time.perf_counter()
-        record = {"epoch": metrics["epoch"], "loss": metrics["train_loss"]}
+        record = {"epoch": metrics["epoch"]}
+        if self._continues_from is not None:
+            record["continues_from"], self._continues_from = self._continues_from, None
+        record["loss"] = metrics["train_loss"]
         record.update({k: v for k, v in metrics.items() if k.startswith(("heldout_", "val_"))})
         # the epoch's time as the training loop measured it (the epoch line's), else since the last record
         record.update(seconds=round(metrics.get("seconds", now - self._last), 4),
@@ -98,6 +135,20 @@ class MetricsLog:
             print(f"structc: warning: cannot write the metrics log {self.path} ({e.strerror or e}); "
                   f"training goes on without it", file=sys.stderr)
         return record
+
+    def put_back(self) -> Path | None:
+        """A run that failed before saving: the log beside the checkpoint is again that of
+        the run that saved it (none if it had none); this run's lines move to
+        NAME.failed.metrics.jsonl, whose path is returned (None: no line was written)."""
+        failed = self.path.with_name(self.path.name.removesuffix(METRICS_SUFFIX) + ".failed" + METRICS_SUFFIX)
+        written = self.path.read_bytes() if self.path.is_file() else b""
+        if written:
+            failed.write_bytes(written)
+        if self._before is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.path.write_bytes(self._before)
+        return failed if written else None
 
     def digest(self) -> str | None:
         """A digest of the lines written so far (None when some could not be): a checkpoint
@@ -160,17 +211,19 @@ def _plain(value):
 
 
 def start_log(params_path: Path, lr: float, resumed_from: Path | None = None, first_epoch: int = 1,
-              warn=None, digest: str | None = None) -> MetricsLog:
+              warn=None, digest: str | None = None, continues_from: int | None = None) -> MetricsLog:
     """A fresh log beside `params_path`; a resumed run first copies the epochs before
     `first_epoch` from the log of the checkpoint it resumes (when they are the lines whose
     `digest` its checkpoint kept). `warn(message)` hears what of those epochs the new log
-    lacks (a missing file, an unreadable line, a gap, another run's lines)."""
+    lacks (a missing file, an unreadable line, a gap, another run's lines). `continues_from`:
+    the earlier epoch whose parameters the resumed run trains on from (early stopping kept
+    them), marked in its first record."""
     keep, problem = [], ""
     if resumed_from is not None:
         keep, problem = earlier_records(metrics_path(resumed_from), first_epoch, digest)
     if problem and warn is not None:
         warn(problem)
-    return MetricsLog(metrics_path(params_path), lr, keep)
+    return MetricsLog(metrics_path(params_path), lr, keep, continues_from)
 
 
 def earlier_records(path: Path, first_epoch: int, digest: str | None = None) -> tuple[list[dict], str]:
@@ -182,21 +235,14 @@ def earlier_records(path: Path, first_epoch: int, digest: str | None = None) -> 
     if first_epoch <= 1:
         return [], ""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        records, bad, torn = parse_log(path.read_text(encoding="utf-8"))
     except OSError as e:
         return [], (f"the resumed run's metrics log {path} cannot be read ({e.strerror or e}): the new log "
                     f"starts at epoch {first_epoch}")
-    by_epoch, unreadable = {}, []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            unreadable.append(number)
-        elif record["epoch"] < first_epoch:
+    unreadable = sorted([n for n, _ in bad] + ([torn] if torn else []))
+    by_epoch = {}
+    for _, record in records:
+        if record["epoch"] < first_epoch:
             by_epoch[record["epoch"]] = record         # a later line of the same epoch: the run that went on
     kept = [by_epoch[e] for e in sorted(by_epoch)]
     if digest is not None and _lines_digest(map(_json_line, kept)) != digest:
@@ -279,19 +325,36 @@ def _unique(label: str, taken) -> str:
     return name
 
 
-def _draw_run(left, right, label: str, recs: list[dict], colour: str) -> None:
-    epochs = [r["epoch"] for r in recs]
-    left.plot(epochs, [r["loss"] for r in recs], color=colour, label=label)
-    held = [(r["epoch"], r["heldout_loss"]) for r in recs if r.get("heldout_loss") is not None]
-    if held:
-        left.plot(*zip(*held), color=colour, linestyle="--")
-    acc = [(r["epoch"], r["heldout_accuracy"]) for r in recs if r.get("heldout_accuracy") is not None]
-    if acc:
-        right.plot(*zip(*acc), color=colour, label=label, marker="o" if len(acc) < 20 else None)
-    for axes, key in ((left, "val_loss"), (right, "val_accuracy")):      # --val-split runs
-        val = [(r["epoch"], r[key]) for r in recs if r.get(key) is not None]
-        if val:
-            axes.plot(*zip(*val), color=colour, linestyle=":")
+def stretches(records: list[dict]) -> list[list[dict]]:
+    """A log's records as the stretches training ran through: a record that `continues_from`
+    an earlier epoch (a resumed run that had stopped early trains on from the parameters it
+    kept, not from its last epoch's) starts a new stretch at that epoch's record, so that a
+    curve joins the kept epoch to the next one trained, and the epochs dropped end a branch."""
+    runs, by_epoch = [[]], {}
+    for r in records:
+        start = r.get("continues_from")
+        if start is not None and runs[-1]:
+            runs.append([by_epoch[start]] if start in by_epoch else [])
+        runs[-1].append(r)
+        by_epoch[r["epoch"]] = r
+    return [run for run in runs if run]
+
+
+def _draw_run(left, right, label: str, records: list[dict], colour: str) -> None:
+    marker = "o" if sum(r.get("heldout_accuracy") is not None for r in records) < 20 else None
+    for k, recs in enumerate(stretches(records)):
+        named = label if k == 0 else None      # one legend entry a run
+        left.plot([r["epoch"] for r in recs], [r["loss"] for r in recs], color=colour, label=named)
+        held = [(r["epoch"], r["heldout_loss"]) for r in recs if r.get("heldout_loss") is not None]
+        if held:
+            left.plot(*zip(*held), color=colour, linestyle="--")
+        acc = [(r["epoch"], r["heldout_accuracy"]) for r in recs if r.get("heldout_accuracy") is not None]
+        if acc:
+            right.plot(*zip(*acc), color=colour, label=named, marker=marker)
+        for axes, key in ((left, "val_loss"), (right, "val_accuracy")):      # --val-split runs
+            val = [(r["epoch"], r[key]) for r in recs if r.get(key) is not None]
+            if val:
+                axes.plot(*zip(*val), color=colour, linestyle=":")
 
 
 def _finish_axes(ax, ylabel: str, title: str) -> None:

@@ -447,10 +447,10 @@ def resume_early_stopping(net, state: dict, cfg: TrainConfig) -> tuple[EarlyStop
     with net._lock:
         best = {name: np.array(v) for name, v in net.params.items()}
     # where training stood, whatever is monitored now: the optimizer state belongs to those parameters
-    last = {k[len("last_params/"):]: v for k, v in state.items() if k.startswith("last_params/")}
-    if last and saved is not None and not saved.get("stopped"):
-        for name, value in last.items():
-            net.params[name] = value
+    if _trains_on_from_last(state):
+        for name, value in state.items():
+            if name.startswith("last_params/"):
+                net.params[name[len("last_params/"):]] = value
     if not cfg.early_stop:
         return None, ""
     stopper = EarlyStopping(cfg.early_stop, cfg.monitor)
@@ -463,6 +463,20 @@ def resume_early_stopping(net, state: dict, cfg: TrainConfig) -> tuple[EarlyStop
     if saved["patience"] != cfg.early_stop:
         warning = f"--early-stop {cfg.early_stop} differs from the resumed run's {saved['patience']}"
     return stopper, warning
+
+
+def _trains_on_from_last(state: dict) -> bool:
+    """Whether a resumed run trains on from its last epoch's parameters, saved beside the
+    kept ones by a run whose early stopping had not stopped it."""
+    saved = state["config"].get("early_stop")
+    return saved is not None and not saved.get("stopped") and any(k.startswith("last_params/") for k in state)
+
+
+def resumes_from(state: dict) -> int:
+    """The epoch whose parameters a resumed run trains on from: its last, or the earlier
+    one early stopping kept when the run had stopped (`resume_early_stopping`)."""
+    kept = state["config"].get("kept_epoch")
+    return state["epoch"] if kept is None or _trains_on_from_last(state) else kept
 
 
 def load_state(path: str | Path) -> dict:

@@ -99,6 +99,8 @@ def test_a_run_stops_early_and_saves_the_best_epoch(noise, capsys):
                  "--resume", str(out), "--no-progress"]) == 0
     assert (f"stopped early after epoch {best + 2} and kept epoch {best}'s parameters: training continues from "
             f"those") in capsys.readouterr().err
+    resumed = read_metrics(noise / "run.metrics.jsonl")        # its first epoch says where it started from
+    assert [r.get("continues_from") for r in resumed] == [None] * (best + 2) + [best]
 
 
 def test_the_python_loop_monitors_validation_accuracy(noise):

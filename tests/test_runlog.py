@@ -161,6 +161,81 @@ def test_a_resumed_run_leaves_out_the_log_lines_of_a_later_run_of_the_same_name(
     assert [r["epoch"] for r in read_metrics(metrics_path(out))] == [3, 4]
 
 
+def test_a_run_that_fails_puts_back_the_log_of_the_checkpoint_beside_it(tiny, tmp_path, monkeypatch, capsys):
+    # run B failed in epoch 2 after replacing run A's log: run.npz was A's, run.metrics.jsonl B's epoch 1
+    from structc import cli
+    out = tmp_path / "run.npz"
+    assert train(tiny, "--epochs", "3", "--out", str(out)) == 0
+    before = metrics_path(out).read_text()
+
+    def failing_logger(metrics, board):
+        def record(m):
+            if m["epoch"] == 2:
+                raise FloatingPointError("the loss became nan in epoch 2")
+            return metrics.callback(m)
+        return record
+    monkeypatch.setattr(cli, "_epoch_logger", failing_logger)
+    capsys.readouterr()
+    assert train(tiny, "--epochs", "3", "--lr", "0.5", "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    failed = tmp_path / "run.failed.metrics.jsonl"
+    assert metrics_path(out).read_text() == before
+    assert [r["epoch"] for r in read_metrics(failed)] == [1]
+    assert f"this run's epoch records are in {failed}; run.metrics.jsonl is again that of run.npz" in err
+    other = tmp_path / "new.npz"                       # no run saved there: no log is left beside it
+    assert train(tiny, "--epochs", "3", "--out", str(other)) == 1
+    assert not metrics_path(other).exists() and read_metrics(tmp_path / "new.failed.metrics.jsonl")
+    assert "removed (no run saved there had one)" in capsys.readouterr().err
+
+
+def test_the_record_after_a_restart_from_a_kept_epoch_says_so(tmp_path):
+    # a resumed run that had stopped early after epoch 5 trains on from epoch 3's parameters:
+    # epoch 6 was logged as if it followed epoch 5
+    from structc.runlog import start_log
+    old = tmp_path / "old.npz"
+    log = start_log(old, 0.1)
+    for epoch in range(1, 6):
+        log.callback({"epoch": epoch, "train_loss": 1.0 / epoch})
+    log = start_log(tmp_path / "new.npz", 0.1, resumed_from=old, first_epoch=6, continues_from=3)
+    for epoch in (6, 7):
+        log.callback({"epoch": epoch, "train_loss": 0.3})
+    records = read_metrics(metrics_path(tmp_path / "new.npz"))
+    assert [r.get("continues_from") for r in records] == [None] * 5 + [3, None]
+    assert list(records[5])[:3] == ["epoch", "continues_from", "loss"]
+
+
+def test_the_curves_join_the_kept_epoch_to_the_next_one_trained(tmp_path):
+    from structc.runlog import stretches
+    records = [{"epoch": e, "loss": 1.0 / e} for e in range(1, 6)]
+    records += [{"epoch": 6, "continues_from": 3, "loss": 0.3}, {"epoch": 7, "loss": 0.2}]
+    assert [[r["epoch"] for r in run] for run in stretches(records)] == [[1, 2, 3, 4, 5], [3, 6, 7]]
+    assert [[r["epoch"] for r in run] for run in stretches(records[5:])] == [[6, 7]]     # its start not logged
+    pytest.importorskip("matplotlib")
+    from structc.runlog import figure
+    left, _ = figure({"r": records}).axes
+    assert [list(line.get_xdata()) for line in left.lines if line.get_linestyle() == "-"] == [[1, 2, 3, 4, 5],
+                                                                                             [3, 6, 7]]
+    assert len(left.get_legend_handles_labels()[1]) == 1          # one entry a run
+
+
+def test_read_metrics_refuses_a_restart_from_a_later_epoch(tmp_path):
+    path = tmp_path / "r.metrics.jsonl"
+    path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "continues_from": 2, "loss": 0.5}\n')
+    with pytest.raises(ValueError, match=r"r\.metrics\.jsonl:2: 'continues_from' is 2"):
+        read_metrics(path)
+
+
+def test_an_empty_held_out_part_is_refused(tiny, tmp_path, capsys):
+    # it trained, printed "held-out loss nan  accuracy nan%" and logged nulls, and exited 0
+    x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    data = tmp_path / "empty.npz"
+    np.savez(data, x_train=x, y_train=(x[:, 0] > 0).astype(np.int32), x_test=x[:0], y_test=np.zeros(0, np.int32))
+    assert main(["train", tiny[0], "--data", str(data), "--no-progress", "--epochs", "2",
+                 "--out", str(tmp_path / "e.npz")]) == 1
+    assert "the held-out part has no examples" in capsys.readouterr().err
+    assert not (tmp_path / "e.npz").exists()
+
+
 def test_a_log_that_cannot_be_written_stops_before_training(tiny, tmp_path, capsys):
     (tmp_path / "run.metrics.jsonl").mkdir()                   # a folder in the log's place
     assert train(tiny, "--epochs", "1", "--out", str(tmp_path / "run.npz")) == 2
@@ -182,7 +257,7 @@ def test_a_log_that_becomes_unwritable_warns_once_and_training_goes_on(tmp_path,
 
 
 def test_a_value_that_is_not_a_number_is_written_as_null(tmp_path):
-    # an empty held-out part measures NaN; json.dumps would write NaN, which is no JSON
+    # a diverging model measures NaN or inf; json.dumps would write NaN, which is no JSON
     from structc.runlog import MetricsLog, figure
 
     def strict(text):
