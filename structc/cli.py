@@ -236,7 +236,8 @@ def cmd_compile(args) -> int:
     if args.output:
         from .ship import ShipError, write_shared_library
         try:
-            write_shared_library(art, args.output, header=args.header, params=params)
+            write_shared_library(art, args.output, header=args.header, params=params,
+                                 numbering=saved_numbering(args.params) if args.params else None)
         except ShipError as e:
             raise UserError(str(e)) from None
         print(f"wrote {args.output}" + (f" and {args.header}" if args.header else ""), file=sys.stderr)

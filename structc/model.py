@@ -508,25 +508,30 @@ class Net:
         """The numbering saved beside parameter file `path` (see `load_params`). A
         vocabulary an earlier numbering file set leaves with its parameters: its
         ids would not be these parameters'."""
-        from .forest import Vocab
         from .train import NumberingWarning, load_numbering, numbering_path
         numbering, problem = (load_numbering(path, params) if isinstance(path, (str, os.PathLike))
                               else (None, ""))
         if problem:
             warnings.warn(problem, NumberingWarning, stacklevel=3)
+        self._use_numbering(numbering, numbering_path(path).name if numbering else "")
+
+    def _use_numbering(self, numbering: dict | None, source: str) -> None:
+        """`numbering` (from `source`, a numbering file or a library) as these parameters':
+        its words become `net.vocab`, in place of those an earlier numbering gave."""
+        from .forest import Vocab
+        from .train import NumberingWarning
         words = (numbering or {}).get("words")
         if self.vocab is not None and self.vocab is self._numbered_vocab:
             self.vocab = None
         if words is not None and self._forests is not None:
             vocab = Vocab.from_numbering(numbering)
             if self.vocab is not None and dict(self.vocab) != vocab:
-                warnings.warn(f"net.vocab replaced by the {len(vocab)} words {numbering_path(path).name} "
-                              f"gives these parameters", NumberingWarning, stacklevel=3)
+                warnings.warn(f"net.vocab replaced by the {len(vocab)} words {source} "
+                              f"gives these parameters", NumberingWarning, stacklevel=4)
             try:
                 self.vocab = vocab
             except (TypeError, ValueError) as e:
-                warnings.warn(f"{numbering_path(path).name}'s words are not used: {e}", NumberingWarning,
-                              stacklevel=3)
+                warnings.warn(f"{source}'s words are not used: {e}", NumberingWarning, stacklevel=4)
                 vocab = None
             self._numbered_vocab = vocab
         self.numbering = numbering

@@ -5,7 +5,8 @@ its metadata inside, an optional C header, and `load` to use one later.
 
 The library holds the generated code (position-independent, for the chosen
 target CPU), the runtime (`runtime/structc_rt.c`), and a small C file with
-the metadata JSON and, optionally, trained parameters. Linking needs a C
+the metadata JSON and, optionally, trained parameters (with how their data
+was numbered: a treebank's words, which `load` makes `net.vocab`). Linking needs a C
 compiler (`cc`, or `$CC`).
 
 Code and metadata are one file, linked together, so they cannot disagree
@@ -201,11 +202,18 @@ def _input_text(spec: dict | None, name: str) -> str:
 
 
 def write_shared_library(art: Artifact, path, header: str | None = None,
-                         params: dict[str, np.ndarray] | None = None, seed: int = 0) -> None:
+                         params: dict[str, np.ndarray] | None = None, seed: int = 0,
+                         numbering: dict | None = None) -> None:
     """Link `art` (compiled for its target) into a shared library at `path`. A model
     with dropout gets an `sc_train` that draws new masks each call (`_DROPOUT_WRAPPER`,
-    keyed by `seed` as `Net.set_seed` keys it); its generated entry is `RAW_TRAIN`."""
+    keyed by `seed` as `Net.set_seed` keys it); its generated entry is `RAW_TRAIN`.
+    `numbering`: how the data `params` were trained on was numbered (the words of a
+    treebank: `load` makes them `net.vocab`), kept in the metadata beside them."""
     meta = art.meta
+    if numbering is not None:
+        if params is None:
+            raise ShipError("a numbering belongs to trained parameters: pass them too")
+        meta = dict(meta, numbering=numbering)
     wrap = _has_dropout_wrapper(meta)
     if wrap:
         entries = dict(meta["entries"], train=dict(meta["entries"]["train"], symbol=RAW_TRAIN))
@@ -374,6 +382,7 @@ def load(path, seed: int = 0):
     defaults = module.default_params(meta["param_size"])
     if defaults is not None:
         net._param_arena[:len(defaults)] = defaults
+        net._use_numbering(meta.get("numbering"), f"{os.path.basename(path)}'s numbering")
     return net
 
 

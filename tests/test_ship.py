@@ -467,3 +467,35 @@ def test_header_gives_each_inputs_element_type_and_shape():
     text = ship.header_text(meta)
     assert "sc_forward: inputs, in order: x f32[N, 3]; outputs:" in text
     assert "sc_train: inputs, in order: x f32[N, 3], y i32[N] (values 0 to 1); outputs:" in text
+
+
+WORD_TREES = """model Words {
+  input t: forest(arity=2) of word(vocab=4)
+  param E: embedding(4, 3) = normal(0.5)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 3))
+  output o = h(t.root)
+}"""
+
+
+@needs_cc
+def test_a_library_carries_the_words_of_its_parameters(tmp_path, capsys):
+    """The numbering beside --params (NAME.numbering.json) stayed behind: structc.load gave
+    a net without net.vocab, so the trained words could not be passed as strings."""
+    from structc.forest import Vocab
+    from structc.train import save_numbering
+    src = tmp_path / "w.snet"
+    src.write_text(WORD_TREES)
+    net = structc.compile(WORD_TREES, seed=3)
+    net.save_params(tmp_path / "p.npz")
+    save_numbering(net, tmp_path / "p.npz", Vocab.build(["good", "bad", "film"], unk="<unk>").numbering())
+    assert main(["compile", str(src), "-o", str(tmp_path / "w.so"), "--params", str(tmp_path / "p.npz")]) == 0
+    shipped = structc.load(tmp_path / "w.so")
+    assert shipped.vocab == {"good": 0, "bad": 1, "film": 2, "<unk>": 3} and shipped.vocab.unk == 3
+    assert shipped.numbering == {"words": ["good", "bad", "film", "<unk>"], "unk": 3}
+    np.testing.assert_array_equal(shipped(t="(good (bad awful))"), net(t=structc.Forest.from_tuples([(0, (1, 3))])))
+    assert main(["compile", str(src), "-o", str(tmp_path / "bare.so")]) == 0       # no parameters: no words
+    bare = structc.load(tmp_path / "bare.so")
+    assert bare.vocab is None and bare.numbering is None
+    with pytest.raises(ValueError, match="no vocabulary was given"):
+        bare(t="(good bad)")
