@@ -799,9 +799,24 @@ def test_the_c_runtime_reads_the_environments_thread_count_as_python_does(tmp_pa
                                      f"using {cores} threads (every core)\n"), value
 
 
+# The fork scripts' wait for a child: its exit code, or None when it has not ended after
+# `seconds` (it is then killed, so that a hung child fails its test, not the whole run).
+WAIT_FOR_CHILD = """
+def wait_for_child(pid, seconds):
+    deadline = time.monotonic() + seconds
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0]:
+        return os.waitstatus_to_exitcode(done[1])
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return None
+"""
+
 FORK_WHILE_TRAINING = """
 import os, sys, threading, time
 import numpy as np, structc
+""" + WAIT_FOR_CHILD + """
 src = sys.argv[1]
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(48, 16)).astype(np.float32), rng.integers(0, 4, 48)
@@ -836,13 +851,8 @@ for _ in range(3):
             code = 0 if whole and steps > 0 else 2     # forked between steps, not before the first
         finally:
             os._exit(code)
-    deadline = time.time() + 10
-    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.time() < deadline:
-        time.sleep(0.01)
-    if not done[0]:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    codes.append(os.waitstatus_to_exitcode(done[1]) if done[0] else "hung")
+    code = wait_for_child(pid, 10)
+    codes.append("hung" if code is None else code)
 stop.set()
 busy.join()
 print(codes, raised)
@@ -895,6 +905,7 @@ import os, sys, threading, time
 import numpy as np, structc
 from llvmlite.binding import ffi
 from structc import api, model
+""" + WAIT_FOR_CHILD + """
 src, model.FORK_WAIT, slow = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 x, y = np.zeros((4, 16), np.float32), np.zeros(4, np.int64)
 net = structc.compile(src, seed=0)          # the forward part; training's is deferred
@@ -923,12 +934,7 @@ if pid == 0:                # the child: train (compiles, unless the parent's co
     print(", ".join(said), flush=True)
     os._exit(0)
 waited = time.monotonic() - start
-deadline = time.monotonic() + 30
-while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-    time.sleep(0.01)
-if not done[0]:
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
+if wait_for_child(pid, 30) is None:
     print("child hung")
 net.train_step(x=x, y=y)
 print(f"parent trains; the fork waited {waited:.2f} s", flush=True)
