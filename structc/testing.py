@@ -221,6 +221,22 @@ def random_feed(mdef: ModelDef, n: int, rng) -> dict:
     return feed
 
 
+def check_held_out(net, held_out: Graph, given: dict, arrays: dict, params: dict, close, where: str):
+    """A fuzzer's check of `net`'s evaluation entry called with `given`: its loss and each
+    loss term against the interpreter's run of the `held_out` graph on `arrays` (the same
+    inputs, as arrays) with `params`, compared by the fuzzer's `close(got, want, what)`.
+    Returns the entry's outputs and the interpreter's results, whose outputs each fuzzer
+    checks its own way."""
+    outs, loss, terms = net.evaluate_terms(**given)
+    evaluated = evaluate(held_out, arrays, params)
+    close(loss, evaluated["loss"], f"{where}: the evaluation entry's loss")
+    want = [evaluated[k] for k in sorted(evaluated, key=str) if k.startswith("loss_term")]
+    assert len(terms or []) == len(want), f"{where}: loss terms {terms}, expected {want}"
+    for j, (got, expected) in enumerate(zip(terms or [], want)):
+        close(got, expected, f"{where}: the evaluation entry's loss term {j}")
+    return outs, evaluated
+
+
 def thread_bits(script: str, items: list, tests_dir) -> dict:
     """Run a fuzzer's `script` (it reads `items` as JSON on stdin, its tests folder as
     argv[1], and prints a JSON line last) in a process whose pool takes every kernel of

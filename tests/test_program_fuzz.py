@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from structc.testing import random_feed, thread_bits
+from structc.testing import check_held_out, random_feed, thread_bits
 
 HERE = Path(__file__).resolve().parent     # the tests folder: a worker process imports this module from it
 
@@ -531,14 +531,8 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
         for name in frozen:
             assert not np.any(grads[name]), f"batch {n}: frozen {name} has a gradient"
         runs.append((params, feed, inputs, got, loss, grads))
-        outs, held, terms = net.evaluate_terms(**feed)
         now = {k: v.copy() for k, v in net.params.items()}     # the running statistics grad moved
-        evaluated = evaluate(held_out, feed, now)
-        close(held, evaluated["loss"], f"batch {n}: evaluate_batch's loss")
-        want_terms = [evaluated[k] for k in sorted(evaluated, key=str) if k.startswith("loss_term")]
-        assert len(terms or []) == len(want_terms), f"batch {n}: loss terms {terms}, expected {want_terms}"
-        for j, (a, b) in enumerate(zip(terms or [], want_terms)):
-            close(a, b, f"batch {n}: evaluate_terms' term {j}")
+        outs, evaluated = check_held_out(net, held_out, feed, feed, now, close, f"batch {n}")
         for name in want:
             close(outs[name], evaluated[name], f"batch {n}: evaluate_batch's output {name}", f32=want32.get(name))
         if n == batches[-1] or fd_coords == 0 or not trained:

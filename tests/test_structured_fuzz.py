@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from structc.testing import thread_bits
+from structc.testing import check_held_out, thread_bits
 
 HERE = Path(__file__).resolve().parent     # the tests folder: a worker process imports this module from it
 
@@ -416,13 +416,7 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
             alone = [net.forward(**{key: part}) for part in feed["parts"]]
             for k in ["o"]:
                 close(np.concatenate([a[k] for a in alone]), got[k], f"{n}: output {k}, each alone")
-        outs, held, terms = net.evaluate_terms(**user)
-        evaluated = evaluate(held_out, arrays, params)
-        close(held, evaluated["loss"], f"{n}: evaluate's loss")
-        want_terms = [evaluated[k] for k in sorted(evaluated, key=str) if k.startswith("loss_term")]
-        assert len(terms or []) == len(want_terms), f"{n}: loss terms {terms}, expected {want_terms}"
-        for j, (a, b) in enumerate(zip(terms or [], want_terms)):
-            close(a, b, f"{n}: evaluate's term {j}")
+        outs, _ = check_held_out(net, held_out, user, arrays, params, close, str(n))
         for k in got:
             assert np.array_equal(outs[k], got[k]), f"{n}: evaluate's output {k} is not forward's"
         if info["kinked"] or not fd_coords:
