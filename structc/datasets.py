@@ -45,6 +45,10 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.x_train)
 
+    def held_out_count(self) -> int:
+        """The examples `evaluate` measures (the held-out part)."""
+        return len(self.x_test)
+
     def bind(self, net) -> "ArrayDataset":
         """Match the arrays to the model's single input and single target."""
         specs = net.meta["inputs"]

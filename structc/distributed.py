@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._runtime import lpt_owners, unweigh_arena, weigh_arena
-from .heldout import Tally
+from .heldout import Tally, refuse_empty
 from .model import _hyper_value
 from .ops.optim import DROPOUT_KEY0, MODES
 from .shmsum import shared_sum
@@ -817,6 +817,7 @@ def train(dp: DataParallel, data, cfg, log=print, rng: np.random.Generator | Non
     from .train import (EarlyStopping, History, _with_validation, configure, epoch_line, finish, show_bars,
                         stops)
     check_splittable(data)
+    refuse_empty(data)
     net = dp.net
     configure(net, cfg)              # the same checks, optimizer and schedule as one process
     dp.broadcast_state()

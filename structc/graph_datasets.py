@@ -75,6 +75,10 @@ class NodeDataset:
     def __len__(self) -> int:
         return int(self.train_mask.sum())
 
+    def held_out_count(self) -> int:
+        """The examples `evaluate` measures (the held-out part)."""
+        return len(self.test)
+
     def bind(self, net) -> "NodeDataset":
         spec = _graph_input(net, self.name)
         _check_features(spec, self.graph.x.shape[1], self.name)
@@ -129,6 +133,8 @@ class GraphDataset:
         """The graphs `test` names in `graphs`, as one batch: joined once, and again only
         when they are other graphs (a new split, a graph replaced), as `pool` is."""
         graphs = [self.graphs[i] for i in self.test]
+        if not graphs:
+            raise ValueError(EMPTY_PART)
         kept = self._held_out
         if kept is None or len(kept[0]) != len(graphs) or not all(map(operator.is_, kept[0], graphs)):
             kept = self._held_out = (graphs, batch(graphs))
@@ -144,6 +150,10 @@ class GraphDataset:
 
     def __len__(self) -> int:
         return len(self.train)
+
+    def held_out_count(self) -> int:
+        """The examples `evaluate` measures (the held-out part)."""
+        return len(self.test)
 
     def bind(self, net) -> "GraphDataset":
         spec = _graph_input(net, self.name)

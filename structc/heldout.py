@@ -43,6 +43,14 @@ EMPTY_PART = ("the held-out part has no examples: there is nothing to measure th
               "give the data a held-out part (an .npz's x_test and y_test, a split that leaves some out)")
 
 
+def refuse_empty(data) -> None:
+    """Refuse, before any training, a data set whose held-out part has no examples (one
+    without `held_out_count`, a user's own, is refused when it is measured)."""
+    count = getattr(data, "held_out_count", None)
+    if count is not None and count() == 0:
+        raise ValueError(EMPTY_PART)
+
+
 class Tally:
     """Sums of held-out parts: per loss term its weighted values and its denominators,
     then the loss weighed by examples (used only for a loss that cannot be split),

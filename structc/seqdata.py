@@ -321,6 +321,10 @@ class SequenceDataset:
     def __len__(self) -> int:
         return self.train.count
 
+    def held_out_count(self) -> int:
+        """The examples `evaluate` measures (the held-out part)."""
+        return self.test.count
+
     def bind(self, net) -> "SequenceDataset":
         seqs = net.meta.get("sequences") or []
         if len(seqs) != 1:

@@ -97,6 +97,10 @@ class _Streamed:
     def __len__(self) -> int:
         return int(np.sum(self.chunks.parts == TRAIN))
 
+    def held_out_count(self) -> int:
+        """The examples `evaluate` measures (the held-out part, or a validation part's)."""
+        return int(np.sum(self.chunks.parts == self.evaluated))
+
     def batch_count(self, batch: int) -> int:
         return int(np.sum(-(-self.chunks.counts(TRAIN) // batch)))
 

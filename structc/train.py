@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .files import read_archive, write_atomically
+from .heldout import refuse_empty
 from .model import BatchTooSmall
 
 
@@ -241,6 +242,7 @@ def train(net, data, cfg: TrainConfig, log=print, rng: np.random.Generator | Non
     `stopper` its early stopping (`resume_early_stopping`); `on_epoch(metrics)` is called
     as each epoch ends (the metrics log)."""
     configure(net, cfg)
+    refuse_empty(data)
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     history = History()
     data, check = _with_validation(data, cfg, log)

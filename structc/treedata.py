@@ -46,6 +46,10 @@ class TreeDataset:
     def __len__(self) -> int:
         return len(self.train)
 
+    def held_out_count(self) -> int:
+        """The examples `evaluate` measures (the held-out part)."""
+        return len(self.test)
+
     def bind(self, net) -> "TreeDataset":
         forests = net.meta.get("forests", [])
         if len(forests) != 1:

@@ -1,6 +1,7 @@
 """Held-out accuracy comes from the model's class output, whatever the user named it;
 a model without one reports no accuracy (before, a table or a sequence model whose
 output was not called `probs` reported 0% accuracy, and graph models failed)."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,38 @@ def test_a_streamed_table_reads_the_named_output(tmp_path):
     net, eager = bound("table", "output guess = softmax(z)")
     data = streams.stream_table(DATA / "table.csv", chunk=16).bind(net)
     assert data.evaluate(net) == pytest.approx(eager.evaluate(net)) and "accuracy" in eager.evaluate(net)
+
+
+def _emptied(case: str, data):
+    """`data` with no held-out example (its training part as it was)."""
+    if case == "streamed":
+        data.chunks.parts[data.chunks.parts == streams.HELD_OUT] = streams.TRAIN
+    elif case == "table":
+        data.x_test, data.y_test = data.x_test[:0], data.y_test[:0]
+    elif case == "nodes":
+        data.test, data.test_mask[:] = np.zeros(0, np.int64), 0.0
+    else:
+        data.test = data.test[:0]
+    return data
+
+
+@pytest.mark.parametrize("case", ["table", "streamed", "trees", "graphs", "nodes"])
+def test_an_empty_held_out_part_is_refused_before_training(case):
+    """It was measured as a NaN loss and accuracy (nodes: a ZeroDivisionError), every
+    epoch, after training it."""
+    from structc.heldout import EMPTY_PART
+    from structc.train import TrainConfig, train
+    net, data = bound("table" if case == "streamed" else case, "")
+    if case == "streamed":
+        data = streams.stream_table(DATA / "table.csv", chunk=16).bind(net)
+    data = _emptied(case, data)
+    before = {k: v.copy() for k, v in net.params.items()}
+    with pytest.raises(ValueError, match=re.escape(EMPTY_PART)):
+        train(net, data, TrainConfig(epochs=1, progress=False), log=lambda *a: None)
+    assert all(np.array_equal(before[k], net.params[k]) for k in before)          # not one step
+    with pytest.raises(ValueError, match=re.escape(EMPTY_PART)):
+        data.evaluate(net)
+    assert data.held_out_count() == 0
 
 
 def test_held_out_trees_are_joined_once_and_again_when_they_change():
