@@ -862,7 +862,7 @@ PLOT_PIXELS = 2 ** 16
 
 
 def cmd_plot(args) -> int:
-    from .runlog import plot
+    from .runlog import foreign_log, plot, run_file
     out = writable_output(args.output, "the picture")
     try:
         width, height = (float(v) for v in args.size.lower().split("x"))
@@ -880,6 +880,10 @@ def cmd_plot(args) -> int:
         except (FileNotFoundError, RuntimeError) as e:     # a run not found, no matplotlib: not the write
             raise UserError(str(e)) from None
     write_whole(out, "the picture", draw)
+    for run in args.runs:
+        problem = foreign_log(run_file(run))
+        if problem:
+            warn(problem)
     print(f"wrote {out} ({round(width * args.dpi)}x{round(height * args.dpi)} pixels, {len(args.runs)} "
           f"run{'' if len(args.runs) == 1 else 's'})", file=sys.stderr)
     return 0

@@ -16,7 +16,8 @@ epochs it continues from (every readable one, when they are the ones its checkpo
 a warning names the epochs it lacks). One that trains on from an earlier epoch's
 parameters than its last (early stopping kept them) marks its first record
 `"continues_from": KEPT`; `stretches` and the plot join the curve there. A run that fails
-before saving puts back the log of the checkpoint it would have replaced (`put_back`).
+before saving puts back the log of the checkpoint it would have replaced (`put_back`);
+`foreign_log` tells a log that is not its checkpoint's (one killed outright left it).
 
 `structc train --tensorboard DIR` also writes each record as TensorBoard scalars (tags
 in `TENSORBOARD_TAGS`, the epoch as the step) with tensorboardX (an optional extra:
@@ -158,6 +159,29 @@ class MetricsLog:
 
 def _lines_digest(lines) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def foreign_log(path: Path) -> str:
+    """Why the log at `path` is not that of the checkpoint beside it, nor continues it
+    ("" when it is, or when no training state beside it tells): a later run of the same
+    name, in progress or killed before it saved, rewrote it."""
+    from .train import load_state, state_path
+    stem = path.name.removesuffix(METRICS_SUFFIX)
+    saved = state_path(path.with_name(stem + ".npz"))
+    try:
+        digest = load_state(saved)["config"].get("metrics_digest") if saved.is_file() else None
+        records = parse_log(path.read_text(encoding="utf-8"))[0]
+    except (OSError, ValueError):
+        return ""
+    if digest is None:
+        return ""
+    h = hashlib.sha256()
+    for line in ["", *(_json_line(r) for _, r in records)]:   # the checkpoint's lines, then a run resumed from it
+        h.update(line.encode())
+        if h.hexdigest() == digest:
+            return ""
+    return (f"{path} is not the log of the checkpoint {stem}.npz beside it: a later run of the same name, "
+            f"in progress or stopped before it saved, wrote it")
 
 
 #: a record's field -> the TensorBoard tag it is written under

@@ -188,6 +188,25 @@ def test_a_run_that_fails_puts_back_the_log_of_the_checkpoint_beside_it(tiny, tm
     assert "removed (no run saved there had one)" in capsys.readouterr().err
 
 
+def test_a_log_a_killed_run_rewrote_is_said_not_to_be_the_checkpoints(tiny, tmp_path, capsys):
+    # run B, killed (no Python left to put the log back), had replaced run A's log:
+    # `structc plot run` drew B's epochs as those of run.npz, A's, without a word
+    from structc.runlog import foreign_log
+    out = tmp_path / "run.npz"
+    assert train(tiny, "--epochs", "2", "--out", str(out)) == 0
+    log = metrics_path(out)
+    assert foreign_log(log) == ""
+    with open(log, "a") as f:                           # a run resumed from it, in progress
+        f.write('{"epoch": 3, "loss": 0.5}\n')
+    assert foreign_log(log) == ""
+    log.write_text('{"epoch": 1, "loss": 0.9}\n')      # B, killed in its epoch 2
+    assert "is not the log of the checkpoint run.npz beside it" in foreign_log(log)
+    pytest.importorskip("matplotlib")
+    capsys.readouterr()
+    assert main(["plot", str(out), "-o", str(tmp_path / "c.png")]) == 0
+    assert "is not the log of the checkpoint run.npz beside it" in capsys.readouterr().err
+
+
 def test_the_record_after_a_restart_from_a_kept_epoch_says_so(tmp_path):
     # a resumed run that had stopped early after epoch 5 trains on from epoch 3's parameters:
     # epoch 6 was logged as if it followed epoch 5
