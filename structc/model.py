@@ -1079,10 +1079,12 @@ def _hyper_value(name: str, value) -> float:
     v = float(value)
     low, high = _HYPER_RANGES[name]
     finite = abs(v) < _F32_OVERFLOW
-    if not finite or v < low or (high is not None and v >= high):
+    # the bound compared in float32, as native code reads it: momentum=0.99999999 is 1.0 there
+    if not finite or v < low or (high is not None and float(np.float32(v)) >= high):
         where = f"[{low:g}, {high:g})" if high is not None else f">= {low:g}"
         why = (" (Adam divides by sqrt(v) + eps, and a v that underflows is 0 in native code)"
-               if name == "eps" else "")
+               if name == "eps" else f" ({value!r} is 1.0 in float32, as native code reads it)"
+               if finite and high is not None and v < high else "")
         raise ValueError(f"{name} must be a finite float32 number {where}, got {value!r}{why}")
     return v
 

@@ -144,6 +144,11 @@ def test_load_params_refuses_a_damaged_member(net, tmp_path):
     (lambda n: n.set_optimizer("adam", eps=1e40), "eps must be"),
     (lambda n: n.set_optimizer("momentum", momentum=1.5), "momentum must be"),
     (lambda n: n.set_optimizer("adam", beta2=1.0), "beta2 must be"),
+    # below 1 in float64, 1.0 in float32 (what native code reads): Adam's v would stay 0 and
+    # each step move by lr * m / eps; momentum would never forget; Adam's m would stay 0
+    (lambda n: n.set_optimizer("adam", beta2=0.99999999), "beta2 must be .* 1.0 in float32"),
+    (lambda n: n.set_optimizer("adam", beta1=1 - 1e-9), "beta1 must be .* 1.0 in float32"),
+    (lambda n: n.set_optimizer("momentum", momentum=0.99999999), "momentum must be .* 1.0 in float32"),
     (lambda n: n.set_optimizer("adam", weight_decay=-1), "weight_decay must be"),
 ])
 def test_hyper_parameters_are_checked_in_float32(net, call, message):
