@@ -58,7 +58,8 @@ def read_archive(path) -> dict[str, np.ndarray]:
         magic = f.read(6)
     if magic == b"\x93NUMPY":
         raise ValueError("holds one bare array (.npy), not an .npz archive of named arrays")
-    if magic[:4] != b"PK\x03\x04":           # else numpy's error speaks of pickles
+    # a member's header, or the end record alone: the archive of no arrays (a model without parameters)
+    if magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):       # else numpy's error speaks of pickles
         raise ValueError("not an .npz archive")
     try:
         with np.load(path, allow_pickle=False) as data:

@@ -45,3 +45,10 @@ def test_read_archive_gives_every_array_or_says_what_the_file_is(tmp_path):
             read_archive(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         read_archive(tmp_path / "none.npz")
+
+
+def test_an_archive_of_no_arrays_reads_back_empty(tmp_path):
+    """A model without parameters saves an archive with no members (a zip that is its end
+    record alone, `PK\\x05\\x06`); it reads back as no arrays, not as "not an .npz archive"."""
+    np.savez(tmp_path / "none.npz")
+    assert read_archive(tmp_path / "none.npz") == {}
