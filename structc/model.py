@@ -901,7 +901,9 @@ class Net:
         applies weight_decay to the matrices only, not to parameters of rank <= 1 (biases,
         normalisations' scales and shifts) (default: True, every parameter decays). Weight decay
         is L2 added to the clipped gradient (g + weight_decay * p, as PyTorch's SGD and Adam), not
-        AdamW's decoupled decay."""
+        AdamW's decoupled decay. Options not given keep their last values, across optimizers too
+        (at first: momentum 0.9, beta1 0.9, beta2 0.999, eps 1e-8, weight_decay 0, clip_norm 0,
+        decay_biases True); another optimizer restarts the moments and the step counter."""
         if name not in ("sgd", "momentum", "adam"):
             raise ValueError(f"unknown optimizer '{name}' (choose sgd, momentum or adam)")
         for k in options:

@@ -447,6 +447,23 @@ def test_each_optimizer_option_as_documented(rng, rule, options, split):
             np.testing.assert_allclose(net.params[k], p, rtol=1e-5, atol=1e-6, err_msg=f"step {t} {k}")
 
 
+def test_options_not_given_keep_their_last_values_across_optimizers(rng):
+    """As README says: set_optimizer("adam") after set_optimizer("sgd", weight_decay=...,
+    clip_norm=...) still decays and clips (only the moments and the counter restart)."""
+    net = structc.compile(TINY, seed=1)
+    net.set_optimizer("sgd", weight_decay=0.5, clip_norm=0.1)
+    net.set_optimizer("adam", beta1=0.5)
+    x, y = rng.normal(size=(6, 6)).astype(np.float32), rng.integers(0, 3, 6).astype(np.int32)
+    _, grads = net.grad(x=x, y=y)
+    params = {k: v.astype(np.float64) for k, v in net.params.items()}
+    o = {"momentum": 0.9, "beta1": 0.5, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.5, "clip_norm": 0.1,
+         "decay_biases": True}
+    expected = _numpy_update("adam", params, {k: g.astype(np.float64) for k, g in grads.items()}, {}, 1, 0.05, o)
+    net.train_step(0.05, x=x, y=y)
+    for k, p in expected.items():
+        np.testing.assert_allclose(net.params[k], p, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_the_fine_tuning_example_trains_the_head_only_and_saves_time(tmp_path):
     import sys
     sys.path.insert(0, str(EXAMPLES))
