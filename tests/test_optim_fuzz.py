@@ -122,6 +122,7 @@ def reference_step(params: dict, grads: dict, state: dict, settings: dict, i: in
     for name, p in params.items():
         decay = o["weight_decay"] if o["decay_biases"] or p.ndim >= 2 else 0.0
         g = scale * grads[name] + decay * p
+        size = np.abs(scale * grads[name]) + np.abs(decay * p)      # before they cancel
         if settings["optimizer"] == "sgd":
             p -= lr * g
         elif settings["optimizer"] == "momentum":
@@ -129,12 +130,12 @@ def reference_step(params: dict, grads: dict, state: dict, settings: dict, i: in
             v *= o["momentum"]
             v += g
             p -= lr * v
-            state[name + "/size"] = o["momentum"] * state.get(name + "/size", 0) + np.abs(g)
+            state[name + "/size"] = o["momentum"] * state.get(name + "/size", 0) + size
         else:
             m = state.setdefault(name, np.zeros_like(p))
             v = state.setdefault(name + "/v", np.zeros_like(p))
             m[...] = o["beta1"] * m + (1 - o["beta1"]) * g
-            state[name + "/size"] = o["beta1"] * state.get(name + "/size", 0) + (1 - o["beta1"]) * np.abs(g)
+            state[name + "/size"] = o["beta1"] * state.get(name + "/size", 0) + (1 - o["beta1"]) * size
             v[...] = o["beta2"] * v + (1 - o["beta2"]) * g * g
             p -= lr / (1 - o["beta1"] ** t) * m / (np.sqrt(v) / math.sqrt(1 - o["beta2"] ** t) + o["eps"])
     return params, scheduled
