@@ -394,8 +394,7 @@ class Net:
         #: raise FloatingPointError from `train_step` when the loss is not finite (off: the loss is returned)
         self.check_finite = False
         self.optimizer = "sgd"
-        self._opt = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
-                     "clip_norm": 0.0, "decay_biases": True}
+        self._opt = {k: _option_value(k, v) for k, v in _OPTION_DEFAULTS.items()}
         self._step = 0
         self.schedule: dict | None = None    # see set_schedule
         #: the learning rate of the last update (the schedule applied)
@@ -1059,13 +1058,21 @@ def _dropout_key(seed) -> np.ndarray:
         return np.random.default_rng(seed).integers(0, 2 ** 32, 2, dtype=np.uint32)
 
 
+#: set_optimizer's options before any is given (checked and rounded as given ones are, by `_option_value`)
+_OPTION_DEFAULTS = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+                    "clip_norm": 0.0, "decay_biases": True}
+
+
 def _option_value(name: str, value):
     """An optimizer option, checked: a flag or a hyper-parameter."""
     if name == "decay_biases":
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"decay_biases must be True or False, got {value!r}")
         return bool(value)
-    return _hyper_value(name, value)
+    v = _hyper_value(name, value)
+    # native code weighs the moments with float32's betas; Adam's bias correction, computed
+    # here, must use the same ones to undo that weighting (0.999999 is 0.99999899 in float32)
+    return float(np.float32(v)) if name in ("beta1", "beta2") else v
 
 
 #: the smallest magnitude that rounds to infinity in float32 (half an ulp above its largest finite value)

@@ -58,7 +58,7 @@ def random_settings(rng: random.Random) -> dict:
         options["momentum"] = rng.choice([0.0, 0.5, 0.9, 0.99])
     if optimizer == "adam":
         options["beta1"] = rng.choice([0.0, 0.5, 0.9])
-        options["beta2"] = rng.choice([0.0, 0.9, 0.999])
+        options["beta2"] = rng.choice([0.0, 0.9, 0.999, 0.999999])
         options["eps"] = rng.choice([1e-8, 1e-3, 1.0])
     if rng.random() < 0.6:
         options["weight_decay"] = rng.choice([1e-4, 0.01, 0.3])

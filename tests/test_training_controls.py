@@ -464,6 +464,23 @@ def test_options_not_given_keep_their_last_values_across_optimizers(rng):
         np.testing.assert_allclose(net.params[k], p, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_adams_first_step_is_lr_times_the_gradients_sign_with_a_beta_near_1(rng):
+    """Bias correction undoes (1 - beta)'s weighting of the first step's moments exactly, so
+    each parameter moves by lr * g / (|g| + eps): native code weighs with float32's betas
+    (0.999999 is 0.99999899 there, 1 - beta 1.3% larger), so the correction must use them too
+    (it used 0.999999 itself: every first step was 0.66% short)."""
+    net = structc.compile(TINY, seed=1)
+    net.set_optimizer("adam", beta1=0.9, beta2=0.999999, eps=1.2e-38)
+    x, y = rng.normal(size=(6, 6)).astype(np.float32), rng.integers(0, 3, 6).astype(np.int32)
+    before = {k: v.copy() for k, v in net.params.items()}
+    _, grads = net.grad(x=x, y=y)
+    net.train_step(0.01, x=x, y=y)
+    for k, g in grads.items():
+        moved = g != 0
+        np.testing.assert_allclose((before[k] - net.params[k])[moved], 0.01 * np.sign(g[moved]), rtol=1e-4,
+                                   atol=2e-7, err_msg=k)
+
+
 def test_the_fine_tuning_example_trains_the_head_only_and_saves_time(tmp_path):
     import sys
     sys.path.insert(0, str(EXAMPLES))
