@@ -94,6 +94,11 @@ def _checked_vjp(op, grads, inputs: int) -> list:
     return list(grads)
 
 
+#: the update decays every parameter it covers, a blocked one too (PyTorch skips one whose
+#: .grad is None): under weight decay, Adam moves it by about lr a step toward 0
+_DECAY_NOTE = " but weight decay, which shrinks {it} toward 0 (freeze {it} to keep {it})"
+
+
 @dataclass(frozen=True)
 class Blocked:
     """Parameters no gradient reaches, and why: the ops on every path from
@@ -111,10 +116,11 @@ class Blocked:
         where = f"{self.span}: " if self.span else ""
         if not self.stops:
             return (f"{where}{what} {'does' if one else 'do'} not affect the loss: the gradient is "
-                    f"always zero, so training will not change {it}")
+                    f"always zero, so training will not change {it}{_DECAY_NOTE.format(it=it)}")
         ops = ", ".join(f"{op} at {span}" if span else op for op, span in self.stops)
         text = (f"{where}no gradient reaches {what}: every path from {it} to the loss passes an op "
-                f"whose derivative is zero wherever it exists ({ops}), so training will not change {it}")
+                f"whose derivative is zero wherever it exists ({ops}), so training will not change {it}"
+                f"{_DECAY_NOTE.format(it=it)}")
         return text + (f"; {self.hint}" if self.hint else "")
 
 

@@ -86,7 +86,7 @@ def test_check_and_compile_print_the_warning(tmp_path, capsys):
             assert main(command) == 0
         assert [str(w.message) for w in caught if w.category is GradientWarning] == [
             f"{path}:4:3: parameter spare does not affect the loss: the gradient is always zero, "
-            "so training will not change it"], command
+            "so training will not change it but weight decay, which shrinks it toward 0 (freeze it to keep it)"], command
 
 
 def test_a_model_that_trains_compiles_without_a_warning():
@@ -196,3 +196,19 @@ def test_a_cached_warning_names_the_file_compiled_now(tmp_path):
         assert said.filename == str(path) and str(said.message).startswith(f"{path}:4:7: no gradient reaches")
         assert f"threshold at {path}:4:7" in str(said.message)
     assert "first.snet" not in str(said.message)        # the second compile, a cache hit
+
+
+def test_weight_decay_shrinks_a_parameter_no_gradient_reaches_unless_frozen():
+    """What the warning says: training leaves it alone but for weight decay (the update covers
+    every parameter not frozen); frozen, it keeps its bits."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    for freeze in ((), ("spare",)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GradientWarning)
+            net = structc.compile(UNUSED, freeze=freeze)
+        net.params["spare"] = np.array([1.0, -2.0], np.float32)
+        net.set_optimizer("sgd", weight_decay=0.5)
+        net.train_step(lr=0.1, x=x, y=y)
+        want = [1.0, -2.0] if freeze else [0.95, -1.9]
+        np.testing.assert_allclose(net.params["spare"], want, rtol=1e-6, err_msg=str(freeze))
