@@ -109,7 +109,8 @@ def reference_step(params: dict, grads: dict, state: dict, settings: dict, i: in
     gradients: clipped by the global norm, plus weight decay (L2: g + wd * p, through the
     moments), then SGD, momentum (v = mu v + g; p -= lr v) or Adam (PyTorch's, bias-corrected
     with the step count t = i + 1). `state` holds the moments (and, as "<name>/size", the sum of
-    the first moment's terms' magnitudes: its float32 rounding is relative to that, as terms cancel). Returns the lr the schedule gave."""
+    the first moment's terms' magnitudes: its float32 rounding is relative to that, as terms
+    cancel). Returns the lr the schedule gave."""
     o = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "clip_norm": 0.0,
          "decay_biases": True, **settings["options"]}
     # native code reads each hyper-parameter as a float32 (README: "Non-finite numbers")
@@ -171,7 +172,8 @@ def close(got, want, what: str, scale) -> None:
 
 # ---- programs and their data
 def program(seed: int, family: str) -> dict:
-    """A random program of `family`, its data (a few batches) and its starting parameters."""
+    """A random program of `family` with random optimiser settings, the batch it trains on, and
+    whether `build` freezes some of its parameters by name (all drawn from `seed`)."""
     rng = random.Random(seed * 7919 + FAMILIES.index(family))
     if family == "dense":
         source, _ = dense_fuzz.generate(seed)
@@ -266,7 +268,8 @@ def check_program(item: dict, resume_at: int | None = None, tmp: Path | None = N
             assert not np.any(net.grads[k]), f"step {i + 1}: frozen {k} has a gradient"
             assert net.params[k].tobytes() == kept[k].tobytes(), f"step {i + 1}: frozen {k} moved"
         want, lr = reference_step({k: v.copy() for k, v in before.items()}, grads, ref_state, settings, i)
-        assert net.last_lr == pytest.approx(lr, rel=1e-12, abs=1e-300), f"step {i + 1}: last_lr {net.last_lr}, expected {lr}"
+        assert net.last_lr == pytest.approx(lr, rel=1e-12, abs=1e-300), \
+            f"step {i + 1}: last_lr {net.last_lr}, expected {lr}"
         step_scale = {k: np.abs(want[k] - before[k]) + abs(lr) * 1e-3 for k in trained}
         for k in trained:
             close(net.params[k], want[k], f"step {i + 1}: {k}", step_scale[k])
