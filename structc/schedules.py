@@ -17,6 +17,9 @@ import math
 from numbers import Integral, Real
 
 KINDS = ("constant", "step", "cosine")
+#: the kind each option belongs to, and its default
+OPTION_KINDS = {"gamma": "step", "floor": "cosine"}
+DEFAULTS = {"gamma": 0.1, "floor": 0.0}
 
 
 def check_schedule(kind: str = "constant", *, warmup: int = 0, decay_steps: int | None = None,
@@ -35,6 +38,12 @@ def check_schedule(kind: str = "constant", *, warmup: int = 0, decay_steps: int 
     for name, value in (("gamma", gamma), ("floor", floor)):
         if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= float(value) <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        # another kind's option, away from its default, would change nothing: a mistake to say
+        # (the default passes: a saved schedule holds both, `set_schedule(**spec)`)
+        owner = OPTION_KINDS[name]
+        if kind != owner and float(value) != DEFAULTS[name]:
+            raise ValueError(f"{name} is the {owner} schedule's: the {kind} schedule would ignore it "
+                             f"(got {name}={value!r})")
     return {"kind": kind, "warmup": int(warmup), "decay_steps": None if decay_steps is None else int(decay_steps),
             "gamma": float(gamma), "floor": float(floor)}
 

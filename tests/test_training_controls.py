@@ -322,6 +322,14 @@ def test_schedule_arguments_are_checked():
         net.set_schedule("constant", warmup=-1)
     with pytest.raises(ValueError, match=r"gamma must be a number in \[0, 1\]"):
         net.set_schedule("step", decay_steps=3, gamma=2)
+    # an option the kind does not use would change nothing: refused, as the CLI refuses its flag
+    with pytest.raises(ValueError, match="floor is the cosine schedule's: the step schedule would ignore it"):
+        net.set_schedule("step", decay_steps=3, floor=0.3)
+    with pytest.raises(ValueError, match="gamma is the step schedule's: the cosine schedule would ignore it"):
+        net.set_schedule("cosine", decay_steps=3, gamma=0.5)
+    with pytest.raises(ValueError, match="gamma is the step schedule's: the constant schedule would ignore it"):
+        net.set_schedule("constant", warmup=2, gamma=0.5)
+    assert net.schedule is None
 
 
 def test_cli_schedule_is_logged_per_epoch_and_resumes_bit_identically(tmp_path):
