@@ -893,8 +893,9 @@ class Net:
         self._update_call = (entry.address, self._workspace_size(entry, dvals), dvals)
         return self._update_call
 
-    def set_optimizer(self, name: str = "sgd", **options) -> None:
-        """Choose sgd, momentum or adam; options: momentum, beta1, beta2, eps, weight_decay, and
+    def set_optimizer(self, name: str | None = None, **options) -> None:
+        """Choose sgd, momentum or adam (None, the default: keep the one in use, sgd at first,
+        so `set_optimizer(clip_norm=1.0)` adds clipping to it); options: momentum, beta1, beta2, eps, weight_decay, and
         clip_norm: when > 0, every gradient is scaled by min(1, clip_norm / global L2 norm of all
         gradients) before the update, inside the compiled step (0: no clipping); decay_biases: False
         applies weight_decay to the matrices only, not to parameters of rank <= 1 (biases,
@@ -903,6 +904,7 @@ class Net:
         AdamW's decoupled decay. Options not given keep their last values, across optimizers too
         (at first: momentum 0.9, beta1 0.9, beta2 0.999, eps 1e-8, weight_decay 0, clip_norm 0,
         decay_biases True); another optimizer restarts the moments and the step counter."""
+        name = self.optimizer if name is None else name
         if name not in ("sgd", "momentum", "adam"):
             raise ValueError(f"unknown optimizer '{name}' (choose sgd, momentum or adam)")
         for k in options:

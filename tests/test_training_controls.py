@@ -472,6 +472,19 @@ def test_options_not_given_keep_their_last_values_across_optimizers(rng):
         np.testing.assert_allclose(net.params[k], p, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_set_optimizer_without_a_name_keeps_the_optimizer_and_its_moments(rng):
+    """`net.set_optimizer(clip_norm=1.0)` on an Adam net adds clipping to Adam: it switched to
+    SGD (the name's default) and dropped the moments, with no word."""
+    net = structc.compile(TINY, seed=1)
+    net.set_optimizer("adam")
+    x, y = rng.normal(size=(6, 6)).astype(np.float32), rng.integers(0, 3, 6).astype(np.int32)
+    net.train_step(0.01, x=x, y=y)
+    moments = net._state_arena.copy()
+    net.set_optimizer(clip_norm=1.0)
+    assert net.optimizer == "adam" and net._opt["clip_norm"] == 1.0 and net._step == 1
+    assert np.array_equal(net._state_arena, moments)
+
+
 def test_adams_first_step_is_lr_times_the_gradients_sign_with_a_beta_near_1(rng):
     """Bias correction undoes (1 - beta)'s weighting of the first step's moments exactly, so
     each parameter moves by lr * g / (|g| + eps): native code weighs with float32's betas
