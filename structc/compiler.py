@@ -252,11 +252,11 @@ def row_id_uses(g: Graph) -> tuple[dict[str, list], dict[str, list], list[str]]:
         node = g.nodes[nid]
         if node.type.is_float or node.attrs.get("kind") in _BOUND_KINDS:
             continue
-        # (node, block of the input its values come from, whether its axes are still the input's)
-        stack = [(nid, None, True)]
+        # (node, block of the input its values come from, where its axes lie in the input: `_moved_block`)
+        stack = [(nid, None, tuple((k, 0) for k in range(len(node.shape))))]
         seen, other = set(stack), False
         while stack:
-            v, block, aligned = stack.pop()
+            v, block, axes = stack.pop()
             other = other or v in outputs
             for u in g.users(v):
                 user = g.nodes[u]
@@ -268,10 +268,10 @@ def row_id_uses(g: Graph) -> tuple[dict[str, list], dict[str, list], list[str]]:
                         into[name].append(use)
                 moves = user.op.traits & {"view", "moves_data"} and not user.type.is_float
                 if moves:
-                    state = _moved_block(g, user, v, block, aligned)
-                    if state not in seen:
-                        seen.add(state)
-                        stack.append(state)
+                    for state in _moved_block(g, user, v, block, axes, node.shape):
+                        if state not in seen:
+                            seen.add(state)
+                            stack.append(state)
                 elif len(index) < user.inputs.count(v):
                     other = True
         if other:
@@ -289,19 +289,47 @@ def row_id_uses(g: Graph) -> tuple[dict[str, list], dict[str, list], list[str]]:
     return whole, parts, [name for name in as_values if name in whole or name in parts]
 
 
-def _moved_block(g: Graph, user, v: int, block, aligned: bool) -> tuple:
-    """The walk's state at `user`, an op that moves v's values: a slice of a value
-    whose axes are still the input's narrows the block; a copy keeps the axes;
-    any other move (reshape, transpose, concat, broadcast) keeps the block, as a
-    bound on where the values come from, but not the axes."""
-    shape = g.nodes[v].shape
-    if aligned and user.op.name == "slice":
+def _moved_block(g: Graph, user, v: int, block, axes, dims: tuple) -> list[tuple]:
+    """The walk's states at `user`, an op that moves v's values, one per operand
+    that is v: `(user, block, axes)`, with `block` the part of the input (a
+    `(start, stop)` or None per input axis) the values come from and `axes` where
+    v's axes lie in the input: `(input axis, offset)` per axis, index i along it
+    being the input's i - offset, or None once a move mixes axes. A copy keeps the
+    axes, a transpose swaps them, a concat shifts its axis by the operands before;
+    a slice of known axes narrows the block (nothing, when it lies wholly in other
+    operands: `chunk(concat(a, k, axis=1), 1, 2)` reads no id of a); any other
+    move (reshape, broadcast) keeps the block, as a bound on where the values come
+    from, but not the axes. `dims`: the input's shape."""
+    shape, name = g.nodes[v].shape, user.op.name
+    if axes is None:
+        return [(user.id, block, None)]
+    if name == "slice":
         ax = user.attrs["axis"] % len(shape)
-        start = 0 if block is None or block[ax] is None else block[ax][0]
-        block = tuple(((start + user.attrs["start"], start + user.attrs["stop"]) if k == ax else
-                       (None if block is None else block[k])) for k in range(len(shape)))
-        return user.id, block, True
-    return user.id, block, aligned and user.shape == shape and "elementwise" in user.op.traits
+        origin, offset = axes[ax]
+        start, stop = user.attrs["start"] - offset, user.attrs["stop"] - offset
+        lo, hi = (0, dims[origin]) if block is None or block[origin] is None else block[origin]
+        start, stop = max(start, lo), stop if hi.__class__ is not int else min(stop, hi)
+        if start >= stop:
+            return []
+        whole = block is None and (start, stop) == (0, dims[origin])   # all of it: checked as a whole input
+        block = None if whole else tuple((start, stop) if k == origin else (None if block is None else block[k])
+                      for k in range(len(dims)))
+        return [(user.id, block, tuple((o, off - user.attrs["start"]) if k == ax else (o, off)
+                                       for k, (o, off) in enumerate(axes)))]
+    if name == "transpose":
+        return [(user.id, block, axes[::-1])]
+    if name == "concat":
+        ax = user.attrs.get("axis", -1) % len(shape)
+        states, before = [], 0
+        for operand in user.inputs:
+            if operand == v:
+                states.append((user.id, block, tuple((o, off + before) if k == ax else (o, off)
+                                                     for k, (o, off) in enumerate(axes))))
+            before += g.nodes[operand].shape[ax]
+        return states
+    if user.shape == shape and "elementwise" in user.op.traits:
+        return [(user.id, block, axes)]
+    return [(user.id, block, None)]
 
 
 def eval_loss_graph(mdef: ModelDef) -> Graph:

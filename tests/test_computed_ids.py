@@ -245,3 +245,28 @@ def test_pairs_of_node_ids_in_the_columns_of_one_input_name_nodes_of_a_reordered
     assert not structc.graphs.Binder.from_meta(net.meta).needs_node_order("g")
     with pytest.raises(ValueError, match=r"input 'pairs': id 40 at position \(1, 1\) is outside \[0, 40\)"):
         net(g=r, pairs=np.array([[0, 7], [39, 40]], np.int32))
+
+
+@pytest.mark.parametrize("path", ["fast", "python"])
+def test_ids_in_a_block_taken_after_a_concat_or_transpose_are_checked_in_that_block_only(path):
+    """chunk(concat(a, b, axis=1), 1, 2) reads b alone and chunk(transpose(k), 0, 2) k's
+    first row alone: a, and k's second row, may hold anything. The check covered
+    every input the block was cut from (a of 9 refused, 'id 9 at position (0, 0)'),
+    refusing valid calls; now it covers the block, and still refuses a bad id in it."""
+    net = structc.compile("model C {\n  input a: i32[N, 1]\n  input b: i32[N, 1]\n  input k: i32[2, 3]\n" + E5
+                          + "  output o = E[reshape(chunk(concat(a, b, axis=1), 1, 2), N)]\n"
+                          "  output p = E[reshape(chunk(transpose(k), 0, 2), 3)]\n}")
+    a, b = np.array([[9], [-3]], np.int32), np.array([[1], [4]], np.int32)
+    k = np.array([[1, 2, 3], [9, 9, -1]], np.int32)
+
+    def call(**kw):
+        if path == "python":        # not contiguous: the Python path takes the call
+            kw = {n: np.stack([v, v], axis=-1)[..., 0] for n, v in kw.items()}
+        return net.forward(**kw)
+    out = call(a=a, b=b, k=k)
+    np.testing.assert_array_equal(out["o"], net.params["E"][b[:, 0]])
+    np.testing.assert_array_equal(out["p"], net.params["E"][k[0]])
+    with pytest.raises(ValueError, match=r"input 'b': id 5 at position \(1, 0\) is outside \[0, 5\)"):
+        call(a=a, b=np.array([[1], [5]], np.int32), k=k)
+    with pytest.raises(ValueError, match=r"input 'k': id 7 at position \(0, 2\) is outside \[0, 5\)"):
+        call(a=a, b=b, k=np.array([[1, 2, 7], [9, 9, -1]], np.int32))
