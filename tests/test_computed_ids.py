@@ -270,3 +270,31 @@ def test_ids_in_a_block_taken_after_a_concat_or_transpose_are_checked_in_that_bl
         call(a=a, b=np.array([[1], [5]], np.int32), k=k)
     with pytest.raises(ValueError, match=r"input 'k': id 7 at position \(0, 2\) is outside \[0, 5\)"):
         call(a=a, b=b, k=np.array([[1, 2, 7], [9, 9, -1]], np.int32))
+
+
+def test_positions_along_a_forest_or_sequences_are_rows_of_its_per_node_outputs():
+    """argmax over t.nodes gives schedule rows, the rows h(t.nodes) is in (README:
+    np.argsort(f.index) maps one to the node as given), as the interpreter does;
+    over s.positions, positions in the order given, as each sequence alone gives."""
+    from structc.forest import Forest, Vocab
+    from structc.seqdata import Sequences
+    source = ("model F {\n  input t: forest(arity=2) of word(vocab=5)\n" + E5 +
+              "  rec h(n) = leaf: E[n.word]\n             node: tanh(dense(concat(h(n.left), h(n.right)), 2))\n"
+              "  output o = h(t.nodes)\n  output a = argmax(h(t.nodes), axis=0)\n}")
+    tree = structc.compile(source, seed=3)
+    f = Forest.from_brackets(["(1 (0 a) (1 (0 b) (0 zz)))", "(0 c)", "(1 (0 d) (1 a))"],
+                             Vocab.build(["a", "b", "c", "d"], unk="<unk>"))
+    assert not np.array_equal(f.index, np.arange(f.nodes))     # the schedule is not the order given
+    out = tree.forward(t=f)
+    np.testing.assert_array_equal(out["a"], np.argmax(out["o"], axis=0))
+    np.testing.assert_array_equal(np.argsort(f.index)[out["a"]], np.argmax(out["o"][f.index], axis=0))
+    arrays, _ = tree._expanded({"t": f})
+    want = evaluate(build_model(parse(source, "f.snet")).graph, arrays, tree.params, dtype=np.float32)
+    np.testing.assert_array_equal(want["a"], out["a"])
+    seq = structc.compile("model Q {\n  input s: sequence of f32[2]\n"
+                          "  rec h(t) = first: tanh(dense(t.x, 3))\n       next: tanh(dense(concat(t.x, h(t.prev)), 3))\n"
+                          "  output o = h(s.steps)\n  output a = argmax(h(s.steps), axis=0)\n}", seed=3)
+    parts = [np.random.default_rng(k).normal(size=(k, 2)) for k in (3, 1, 5, 2)]
+    out = seq.forward(s=Sequences.from_list(parts))
+    alone = np.concatenate([seq.forward(s=Sequences.from_list([p]))["o"] for p in parts])
+    np.testing.assert_array_equal(out["a"], np.argmax(alone, axis=0))
