@@ -94,7 +94,7 @@ def dense_tail(rng: random.Random, lines: list, expr: str, width: int) -> str:
 
 # ---- trees
 def dropped(rng: random.Random, expr: str) -> str:
-    """Sometimes `expr` behind dropout: a readout's draws (not available inside a recursion body)."""
+    """Sometimes `expr` behind dropout: a readout's or leaf case's draws (a node or step case refuses it)."""
     return f"dropout({expr}, {rng.choice([0.2, 0.5])})" if rng.random() < 0.15 else expr
 
 
@@ -110,7 +110,7 @@ def gen_tree(rng: random.Random) -> tuple[str, dict]:
     if words and rng.random() < 0.3:
         leaf_reads = [("onehot(n.word)", V)]
     inner = rng.random() < 0.25
-    leaf = [e.of(leaf_reads, w, 1) for w in H]
+    leaf = [dropped(rng, e.of(leaf_reads, w, 1)) for w in H]     # a leaf case may draw (once per leaf)
     node, weights = [], []
     for s, w in zip(states, H):
         reads = []
@@ -350,7 +350,7 @@ def gen_seq(rng: random.Random) -> tuple[str, dict]:
             lines.append(f"  param {p}: f32[{H}] = normal(0.5)")
             first = p if rng.random() < 0.5 else f"zeros({H})"
         else:
-            first = e.of([x], H, 1)
+            first = dropped(rng, e.of([x], H, 1))     # so may a first step
         if cell == "gru":
             nxt = f"gru_cell({x[0]}, {name}(t.{prev}), {H})"
         else:
