@@ -585,8 +585,17 @@ def poison(net, fwd, train, run, rng, untrained):
     start, feed, user, inputs, got, _, _ = run
     params = {k: v.astype(np.float64) for k, v in start.items()}
     of = feed["structure_of"]
-    j = int(rng.integers(of.max() + 1))
-    row = int(rng.choice(np.flatnonzero(of == j)))
+    rows = np.arange(len(of))
+    if "g" in user:
+        # a node that no edge reads at its source (or destination) end is left out: row-wise work
+        # on h[g.src] runs per node (`passes.message.sink_gathers`), so its NaN reaches the
+        # gradients (0 * NaN) where numpy's per-edge reads never see it (README, NaN paragraph)
+        src, dst = user["g"].edge_index
+        rows = np.intersect1d(src, dst)
+        if not rows.size:
+            return
+    j = int(rng.choice(np.unique(of[rows])))
+    row = int(rng.choice(rows[of[rows] == j]))
     q = user["q"].copy()
     q[row, int(rng.integers(q.shape[1]))] = np.nan
     bad = {**user, "q": q}
@@ -694,6 +703,8 @@ COVERED = {
                                                              and "* c(k) for k" in src),
     "the second state of one child": ("tree", lambda src, info: any(f"c(n.{c}" in src for c in ("left", "right",
                                                                                                  "children["))),
+    # n-ary children gathered in reverse order passed once the first seeds drew differently
+    "one child of an n-ary node": ("tree", lambda src, info: info["arity"] > 2 and "(n.children[" in src),
 }
 FAST = [(s, f) for f in sorted(FAMILIES) for s in range(3)] + \
     [(first_seed(family, wanted), family) for family, wanted in COVERED.values()]
