@@ -469,14 +469,16 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
             assert n == 1 and buffers, f"{n}: a training call refused as too small"
             continue
         ref = evaluate(train, arrays, params)
-        close(loss, ref["loss"], f"{n}: loss")
+        # the interpreter in float32, made on a first difference: how far float32's rounding alone moves it
+        ref32 = Lazy(lambda: evaluate(train, arrays, start, dtype=np.float32))
+        close(loss, ref["loss"], f"{n}: loss", f32=lambda: ref32()["loss"])
         assert set(grads) == set(params), f"gradients of {sorted(grads)}, parameters {sorted(params)}"
         for k in sorted(set(grads) - buffers):
             if k in frozen:
                 assert not np.any(grads[k]), f"{n}: frozen {k} has a gradient"
             else:
-                close(grads[k], ref[f"grad:{k}"], f"{n}: gradient of {k}")
-        runs.append((start, feed, user, inputs, got, loss, grads))
+                close(grads[k], ref[f"grad:{k}"], f"{n}: gradient of {k}", f32=lambda k=k: ref32()[f"grad:{k}"])
+        runs.append((start, feed, user, inputs, got, loss, grads, ref, ref32))
         if set(got) & {"o", "p", "r"} and set(inputs) <= set(feed["parts"][0]):
             # every node's / position's values and every structure's readout (not the dense tail's,
             # which may read the whole batch): each tree, graph or sequence alone, in order
@@ -511,7 +513,7 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
         for k, v in params.items():
             net.params[k] = v
     if info["family"] == "graph":   # nodes kept in another order inside: the same results, in node order
-        for start, _, user, inputs, got, loss, grads in runs:
+        for start, _, user, inputs, got, loss, grads, ref, ref32 in runs:
             restore(start)
             moved = {**user, "g": user["g"].reordered()}
             again = net.forward(**{k: v for k, v in moved.items() if k in inputs})
@@ -519,12 +521,13 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
                 close(again[k], got[k], f"reordered graph: output {k}")
             if "dropout(" in source:    # a mask is drawn by row: a reordered graph's rows are other nodes
                 continue
-            loss2, grads2 = training_call(net, net.grad, **moved)
-            close(loss2, loss, "reordered graph: loss")
-            for k in grads:
-                close(grads2[k], grads[k], f"reordered graph: gradient of {k}")
+            loss2, grads2 = training_call(net, net.grad, **moved)     # sums in another order: as float32 rounds
+            close(loss2, ref["loss"], "reordered graph: loss", f32=lambda: ref32()["loss"])
+            for k in sorted(set(grads) - buffers - frozen):
+                close(grads2[k], ref[f"grad:{k}"], f"reordered graph: gradient of {k}",
+                      f32=lambda k=k: ref32()[f"grad:{k}"])
     # the first sizes again, after the largest: the same bits (no state left behind)
-    for start, _, user, inputs, got, loss, grads in runs[:-1]:
+    for start, _, user, inputs, got, loss, grads, *_ in runs[:-1]:
         restore(start)
         again = net.forward(**inputs)
         for k in got:
@@ -537,7 +540,7 @@ def check_program(source, info, seed, sizes=(1, 4), fd_coords=3):
         restore(runs[-1][0])
         poison(net, fwd, train, runs[-1], rng, frozen | buffers)
     # one SGD step: the same loss, each parameter moved by -lr times its gradient
-    start, _, user, _, _, loss, grads = runs[-1]
+    start, _, user, _, _, loss, grads, *_ = runs[-1]
     restore(start)
     stepped = training_call(net, net.train_step, lr=0.5, **user)
     assert stepped == loss, f"train_step's loss {stepped!r}, grad's {loss!r}"
@@ -582,7 +585,7 @@ def poison(net, fwd, train, run, rng, untrained):
     NaN loss and NaN gradients")."""
     from structc.interp import evaluate
     from test_program_fuzz import training_call
-    start, feed, user, inputs, got, _, _ = run
+    start, feed, user, inputs, got, *_ = run
     params = {k: v.astype(np.float64) for k, v in start.items()}
     of = feed["structure_of"]
     rows = np.arange(len(of))
@@ -624,11 +627,29 @@ def same_nans(got, want, what):
     close(got[both], want[both], what)
 
 
-def close(got, want, what, rtol=2e-3, atol=3e-5):
+class Lazy:
+    """A value computed on its first call, then kept."""
+
+    def __init__(self, make):
+        self.make, self.value = make, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+
+def close(got, want, what, rtol=2e-3, atol=3e-5, f32=None):
+    """`f32`: a function giving the interpreter's result in float32, asked when the values
+    differ: a program that loses digits (a Gram matrix of centred values over hundreds of
+    nodes, then tanh) moves by float32's rounding alone, by up to 8 times that is no fault."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
     scale = max(1.0, float(np.abs(want).max(initial=0)))
     bad = ~np.isclose(got, want, rtol=rtol, atol=atol * scale)
+    if bad.any() and f32 is not None:
+        noise = 8 * float(np.max(np.abs(np.asarray(f32(), np.float64) - want), initial=0))
+        bad &= ~(np.abs(got - want) <= noise)
     assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.size} differ, e.g. at " \
         f"{np.argwhere(bad)[0].tolist()}: {got[bad][0]!r} vs {want[bad][0]!r}"
 
