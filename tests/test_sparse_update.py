@@ -93,8 +93,9 @@ def test_decay_and_clipping_give_the_dense_updates_bits(options):
 
 
 def test_more_ids_than_the_sparse_pass_takes_update_densely():
+    """E (111,000 floats in 7 chunks) goes dense from 3,965 ids, F (400) from 101."""
     n = CHUNK // 4 + 1
-    assert_steps_equal(TABLES, [batch(n, 0), batch(n // 2, 1)])
+    assert_steps_equal(TABLES, [batch(n, 0), batch(n // 2, 1), batch(101, 2), batch(100, 3)])
 
 
 def test_a_tree_models_words_are_updated_as_rows():
@@ -138,3 +139,15 @@ def test_momentum_and_adam_update_every_row(name):
         dense.apply_update(lr=0.01)
     for k in sparse.params:
         np.testing.assert_array_equal(sparse.params[k], dense.params[k], err_msg=k)
+
+
+@pytest.mark.parametrize("n, sparse", [(100, True), (101, False)])
+def test_a_small_table_goes_dense_past_a_quarter_of_its_floats_in_ids(n, sparse):
+    """F (50 x 8: 400 floats, one chunk) is updated by rows for up to 100 ids:
+    beyond, scanning the ids would cost more than reading the table. Told
+    apart by an infinite row no id names (see the test above)."""
+    net = structc.compile(TABLES, seed=0)
+    net.params["F"][30] = np.inf            # b's ids are below 20
+    net.train_step(lr=0.1, **batch(n))
+    assert bool(np.isinf(net.params["F"][30]).all()) is sparse
+    assert bool(np.isnan(net.params["F"][30]).all()) is not sparse

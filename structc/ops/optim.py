@@ -112,8 +112,9 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
     (a vocabulary of 100,000 words of 300 floats: 240 MB of reads a step
     otherwise). A row belongs to the CHUNK of elements that holds its first
     one and is updated once however often its id repeats (a bitmap of the
-    chunk's rows): the dense pass's bits, on any number of threads. A table
-    with more ids than CHUNK / 4 stays dense (each chunk scans all the ids)."""
+    chunk's rows): the dense pass's bits, on any number of threads. Each chunk
+    scans all the ids, so a table with more ids per chunk than a quarter of
+    its floats stays dense (a small table, or a batch of thousands of words)."""
     from llvmlite import ir
 
     from ..lower.codegen import I8, I64, PTR
@@ -128,8 +129,10 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
         rows_d, width = kb.graph.nodes[grad].shape
         first = b.sdiv(b.sub(b.ptrtoint(cg.ptr(grad), I64), grads_at), cg.i64(4))
         end = cg.iadd(first, cg.imul(cg.dim(rows_d), width))
-        n = cg.dim(kb.graph.nodes[ids].shape[0])
-        sparse = b.and_(b.and_(plain, b.icmp_signed("<=", cg.imul(n, 4), cg.i64(CHUNK))),
+        n, floats = cg.dim(kb.graph.nodes[ids].shape[0]), b.sub(end, first)
+        # each chunk of the table scans every id: sparse while that is a quarter of its floats at most
+        scans = cg.imul(cg.imul(n, 4), cg.ceil_div(floats, CHUNK))
+        sparse = b.and_(b.and_(plain, b.icmp_signed("<=", scans, floats)),
                         # the table among the matrices (where the plan puts a gradient)
                         b.and_(b.icmp_signed(">=", first, cg.i64(0)), b.icmp_signed("<=", end, decay_end)))
         # a table updated densely excludes nothing: its span starts and ends past the arena
