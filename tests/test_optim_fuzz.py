@@ -197,6 +197,10 @@ def build(item: dict):
     freeze = []
     if item["freeze_some"] and len(names) > 1:
         freeze = [names[k] for k in rng.choice(len(names), size=len(names) // 2, replace=False)]
+        # batch norm's running statistics are frozen both or neither (one alone is refused)
+        pairs = {n.rsplit(".", 1)[0] for n in freeze if n.endswith((".mean", ".var"))}
+        freeze += [f"{p}.{s}" for p in pairs for s in ("mean", "var")
+                   if {f"{p}.mean", f"{p}.var"} <= set(names) and f"{p}.{s}" not in freeze]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", structc.errors.GradientWarning)
         net = structc.compile(item["source"], freeze=freeze, seed=item["seed"] % 1000)
