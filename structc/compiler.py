@@ -26,7 +26,7 @@ from llvmlite import ir
 from . import __version__
 from .autodiff import differentiate, differentiate_checked, warn_gradient_flow, warning_entries
 from .build import ModelDef, build_model
-from .denominator import loss_denominator, term_values, weigh_loss_terms
+from .denominator import batch_statistic, loss_denominator, term_values, weigh_loss_terms
 from .errors import Span
 from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels, record_file, record_from_file
@@ -679,6 +679,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "deferred": [p for p in available if p not in wanted],
         "gradient_warnings": blocked,   # re-issued when the model is loaded from the cache
         "loss_denominator": loss_denominator(forward) if mdef.has_loss else None,
+        "batch_statistic": batch_statistic(forward) if mdef.has_loss else None,    # data-parallel: refused
     }
     if mdef.forests:
         meta["forests"] = mdef.forests

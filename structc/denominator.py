@@ -52,6 +52,21 @@ def loss_denominator(g: Graph) -> dict:
     return found
 
 
+def batch_statistic(g: Graph) -> str | None:
+    """Why the loss's per-example terms are not independent of each other, or None:
+    a value they read combines rows of the batch (`Op.pooled_dims`: a sum or mean
+    over the examples, a product contracting them, batch norm's training form).
+    Each rank of a data-parallel step would compute that statistic over its own
+    shard, so its gradient would not be the whole batch's, however it is weighed."""
+    reader = _Reader(g)
+    try:
+        for term in _weighed_terms(g) or [g.outputs["loss"]]:
+            reader.term(term)
+    except _Unsupported:
+        pass
+    return reader.pooled[0] if reader.pooled else None
+
+
 def weigh_loss_terms(g: Graph) -> bool:
     """When the loss adds terms with different denominators (each a form above), make
     it Σ_i loss_weight(j_i) * term_i, in place, terms over the same things sharing a
@@ -155,6 +170,18 @@ class _Reader:
     def __init__(self, g: Graph):
         self.g = g
         self.data = set(g.inputs.values())
+        self.pooled: list[str] = []       # statistics over the batch that per-example terms read
+
+    def _per_example(self, *nids: int) -> None:
+        """Note any statistic over the batch among `nids` and what they read."""
+        for i in sorted(set(nids).union(*(self.g.ancestors(n) for n in nids))):
+            node = self.g.nodes[i]
+            dims = node.op.pooled_dims(self.g, node)
+            if dims:
+                line = f", line {node.span.line}" if node.span is not None else ""
+                self.pooled.append(f"the loss reads a statistic over the batch (`{node.op.name}` over "
+                                   f"{', '.join(sorted(map(str, dims)))}{line}), which each rank would "
+                                   "compute over its own shard alone")
 
     def _where(self, nid: int) -> str:
         span = self.g.nodes[nid].span
@@ -169,6 +196,7 @@ class _Reader:
         node = self.g.nodes[nid]
         op = node.op.name
         if op == "cross_entropy":
+            self._per_example(*node.inputs)
             return self._mean(self.g.nodes[node.inputs[0]].shape[:-1], 1.0)
         if op in ("add", "sub"):
             return self._same(nid, *(self.term(i) for i in node.inputs))
@@ -184,8 +212,10 @@ class _Reader:
             if self.g.nodes[top].op.name == "sum" and self._reads_data(top):
                 count = self._count(bottom)
                 if count is not None:
+                    self._per_example(*self.g.nodes[top].inputs)
                     return count
         if op == "sum":
+            self._per_example(*node.inputs)
             return {"kind": "sum"}
         raise _Unsupported(f"the loss's `{op}`{self._where(nid)} is not a sum, or a sum divided by a count "
                            f"of examples or by a sum of weights")

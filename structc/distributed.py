@@ -180,15 +180,15 @@ class DataParallel:
         found = net.meta.get("loss_denominator")
         if found is None:
             raise TypeError(f"model {net.name} declares no loss, so it cannot be trained")
-        if found["kind"] == "unsupported":
-            raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: "
-                             f"{found['why']}")
         if net.meta.get("buffers"):
             # Each rank would normalise with its own shard's statistics (the gradient
             # is then not the big batch's) and keep running statistics of its own.
             raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: batch_norm "
                              "normalises with each rank's own batch statistics (buffers "
                              f"{', '.join(net.meta['buffers'])}); use layer_norm, or train in one process")
+        why = found["why"] if found["kind"] == "unsupported" else net.meta.get("batch_statistic")
+        if why:
+            raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: {why}")
         # a plain sum, or terms each weighed by the rank's share (`_term_weights`): the gradients just add up
         self._normalise = found["kind"] not in ("sum", "terms")
         self._terms = found["terms"] if found["kind"] == "terms" else None

@@ -3,6 +3,7 @@ equal after optimizer steps, a failing rank ending the job; sharding and the los
 denominator without MPI. The MPI tests launch `mpiexec -n 2` (one thread per rank)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -701,6 +702,69 @@ model Normed {
 }""")
     with pytest.raises(ValueError, match="batch_norm normalises with each rank's own batch statistics"):
         DataParallel(net)
+
+
+#: losses whose per-example terms read a statistic over the batch, each with what it is over
+POOLED = {
+    "loss cross_entropy(dense(x - mean(x, axes=(0,), keepdims=true), 3), y)": "`sum` over N",
+    "loss cross_entropy(dense(x / (max(x) + 9.0), 3), y)": "`max` over N",
+    "loss cross_entropy(tanh(x @ (transpose(x) @ x)) @ w, y)": "`matmul` over N",
+    "loss 0.5 * mean(square(softmax(sum(x, axes=(1,)))))": "`softmax` over N",
+    "loss 0.5 * mean(square(sum(reshape(x, 4, N), axes=(0,))))": "`reshape` over N",
+    "loss cross_entropy(x @ w, y) + 0.5 * mean(square(dense(x, 2) - sum(x)))": "`sum` over N",
+}
+#: and their per-example counterparts (rows normalised, pooled per graph or sequence)
+PER_EXAMPLE = ["loss cross_entropy(dense(x - mean(x, axes=(1,), keepdims=true), 3), y)",
+               "loss cross_entropy(dense(layer_norm(softmax(x)), 3), y)",
+               "loss cross_entropy(x @ w, y) + 0.5 * mean(square(dense(x, 2) - sum(x, axes=(1,), keepdims=true)))",
+               "loss 0.5 * mean(square(flatten(reshape(x, N, 2, 2) * 2.0)))"]
+
+
+@pytest.mark.filterwarnings("ignore::structc.errors.GradientWarning")     # w, where the loss does not read it
+@pytest.mark.parametrize("loss", [*POOLED, *PER_EXAMPLE])
+def test_a_loss_that_reads_a_statistic_over_the_batch_is_refused(loss):
+    """Each rank would compute the statistic over its own shard, so no weighing of the
+    ranks' gradients gives the whole batch's (before: the loss's denominator alone
+    was read, `mean over N`, and the step was silently another model's)."""
+    pytest.importorskip("mpi4py")
+    from structc.distributed import DataParallel
+    net = structc.compile("model Pooled {\n  input x: f32[N, 4]\n  target y: class[N] of 3\n"
+                          f"  param w: f32[4, 3]\n  {loss}\n}}")
+    if loss in PER_EXAMPLE:
+        assert net.meta["batch_statistic"] is None
+        DataParallel(net).close()
+        return
+    why = f"the loss reads a statistic over the batch ({POOLED[loss]}, line 5), which each rank would compute"
+    assert net.meta["batch_statistic"].startswith(why)
+    with pytest.raises(ValueError, match="cannot be trained data-parallel with exact gradients: " + re.escape(why)):
+        DataParallel(net)
+
+
+@pytest.mark.parametrize("example, pooled", [("graph_families", None), ("logic_tree", None), ("digits_lstm", None),
+                                             ("karate_gat", None), ("lenet5_bn", "`sum` over N, line 12")])
+def test_structure_pooled_within_an_example_is_no_statistic_over_the_batch(example, pooled):
+    """Aggregations over edges, pooling per graph, recursions over trees and sequences
+    combine rows within an example; batch norm's training form combines the batch."""
+    net = structc.compile(ROOT / "examples" / f"{example}.snet")
+    found = net.meta["batch_statistic"]
+    assert found == pooled if pooled is None else pooled in found
+
+
+def test_statistics_over_the_nodes_of_a_batch_of_graphs_or_trees_are_refused():
+    pytest.importorskip("mpi4py")
+    from structc.distributed import DataParallel
+    graphs = structc.compile("""
+model G {
+  input g: graph(features=3)
+  target y: class[g.graphs] of 2
+  h = relu(dense(g.x, 4) + mean(dense(g.x, 4) over g.edges))
+  loss cross_entropy(dense(mean(h - mean(h, axes=(0,), keepdims=true) over g.nodes), 2), y)
+}""")
+    trees = structc.compile(ROOTS_AND_NODES.replace("target s: class[t.nodes] of 2", "")
+                            % "loss cross_entropy(dense(h(t.root) - max(h(t.nodes)), 2), y)")
+    for net, over in ((graphs, "`sum` over g.nodes, line 6"), (trees, "`max` over t.nodes, line 9")):
+        with pytest.raises(ValueError, match=f"statistic over the batch \\({over}\\)"):
+            DataParallel(net)
 
 
 def test_a_penalty_on_parameters_keeps_the_mean_s_denominator():

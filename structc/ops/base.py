@@ -64,6 +64,11 @@ class Sample:
                 if spec and not isinstance(spec[0], int) and spec[1] in ("fixed", "mask")}
 
 
+def data_sizes(dims) -> set:
+    """The dims among `dims` that are sizes of the data (symbols), not constants."""
+    return {d for d in dims if not isinstance(d, int)}
+
+
 class Op:
     name: str = ""
     traits: frozenset = frozenset()
@@ -98,6 +103,16 @@ class Op:
         [0, rows), so `Net` refuses one in the inputs that reach it
         (`compiler.index_inputs`) rather than give another row's result."""
         return {}
+
+    def pooled_dims(self, graph, node) -> set:
+        """The data sizes (symbolic dims: examples, nodes, positions) along which this
+        node combines the values of different rows with no index from the data to keep
+        examples apart: a statistic over the batch, such as a sum over its rows. A
+        data-parallel step computes it over each rank's shard alone, so a loss that
+        reads one is refused there (`structc.denominator`). Ops that combine rows
+        through the data's own relations (edges, trees, sequences) combine within an
+        example: none (the default)."""
+        return set()
 
     def id_range(self, graph, node):
         """For an op whose integer result holds positions it computes (argmax):

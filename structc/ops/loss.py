@@ -13,7 +13,7 @@ import numpy as np
 from llvmlite import ir
 
 from ..types import TensorType
-from .base import Op, Sample, expect
+from .base import Op, Sample, data_sizes, expect
 from .reduce import count
 
 
@@ -76,6 +76,9 @@ class Softmax(Op):
     def reference(self, x):
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
+
+    def pooled_dims(self, graph, node) -> set:
+        return data_sizes(graph.nodes[node.inputs[0]].shape[-1:])
 
     def samples(self):
         return [Sample(((4, 7),)), Sample(((3, 37),)), Sample(((2, 3, 5),))]
@@ -143,6 +146,9 @@ class CrossEntropy(Op):
 
     def vjp(self, b, g, out, z, y):
         return [b.softmax_ce_grad(z, y, g), None]
+
+    def pooled_dims(self, graph, node) -> set:
+        return data_sizes(graph.nodes[node.inputs[0]].shape[:-1])      # a mean over the rows
 
     def reference(self, z, y):
         m = z.max(axis=-1, keepdims=True)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, Sample, expect
+from .base import Op, Sample, data_sizes, expect
 
 
 #: at most this many columns make a weight gradient narrow (see `MatMul.legalize`)
@@ -47,6 +47,10 @@ class MatMul(Op):
         m = a.shape[1] if ta else a.shape[0]
         expect(k == k2, f"inner dimensions differ: {a} @ {b} ({k} vs {k2})")
         return TensorType((m, n), "f32")
+
+    def pooled_dims(self, graph, node) -> set:
+        a = graph.nodes[node.inputs[0]].shape        # the inner dimension: summed over
+        return data_sizes([a[0] if node.attrs.get("ta") else a[1]])
 
     def vjp(self, b, g, out, x, w, *, ta=False, tb=False, tb_copied=False):
         if not ta and not tb:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, Sample, expect
+from .base import Op, Sample, data_sizes, expect
 
 
 def normalize_axes(axes, rank: int) -> tuple[int, ...]:
@@ -45,6 +45,10 @@ class Sum(Op):
     def reference(self, x, *, axes=None, keepdims=False):
         ax = normalize_axes(axes, x.ndim)
         return np.sum(x, axis=ax, keepdims=keepdims)
+
+    def pooled_dims(self, graph, node) -> set:
+        x = graph.nodes[node.inputs[0]].shape
+        return data_sizes(x[k] for k in normalize_axes(node.attrs.get("axes"), len(x)))
 
     def samples(self):
         x = (3, 4, 21)
@@ -160,6 +164,9 @@ class Max(Op):
     def reference(self, x, *, axes=None, keepdims=False):
         return type(self).pick(x, axis=normalize_axes(axes, x.ndim), keepdims=keepdims)
 
+    def pooled_dims(self, graph, node) -> set:
+        return Sum.pooled_dims(self, graph, node)
+
     def samples(self):
         return Sum.samples(self)
 
@@ -198,6 +205,9 @@ class Argmax(Op):
     def id_range(self, graph, node):
         x = graph.nodes[node.inputs[0]].shape
         return x[normalize_axes(node.attrs.get("axis", -1), len(x))[0]]
+
+    def pooled_dims(self, graph, node) -> set:
+        return data_sizes([self.id_range(graph, node)])
 
     def reference(self, x, *, axis=-1):
         return np.argmax(x, axis=normalize_axes(axis, x.ndim)[0]).astype(np.int32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Size, TensorType
-from .base import Elementwise, Op, Sample, expect
+from .base import Elementwise, Op, Sample, data_sizes, expect
 
 
 class Reshape(Op):
@@ -20,6 +20,14 @@ class Reshape(Op):
 
     def vjp(self, b, g, out, x, *, shape):
         return [b.reshape(g, shape=x.shape)]
+
+    def pooled_dims(self, graph, node) -> set:
+        """A reshape that keeps the rows (the same data sizes, the first axis first)
+        keeps each row's values in its row; another may mix rows."""
+        x, y = graph.nodes[node.inputs[0]].shape, node.shape
+        sizes = data_sizes(x)
+        keeps = sizes == data_sizes(y) and (not sizes or (x[:1] == y[:1] and not data_sizes(x[1:])))
+        return set() if keeps else sizes
 
     def reference(self, x, *, shape, dims=None):
         return x.reshape(tuple(d if isinstance(d, int) else dims[d] for d in shape))
