@@ -180,12 +180,15 @@ class DataParallel:
         found = net.meta.get("loss_denominator")
         if found is None:
             raise TypeError(f"model {net.name} declares no loss, so it cannot be trained")
-        if net.meta.get("buffers"):
+        normalised = batch_normalised(net.meta)
+        if normalised:
             # Each rank would normalise with its own shard's statistics (the gradient
             # is then not the big batch's) and keep running statistics of its own.
+            # A frozen layer normalises with its running statistics: constants, exact.
             raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: batch_norm "
                              "normalises with each rank's own batch statistics (buffers "
-                             f"{', '.join(net.meta['buffers'])}); use layer_norm, or train in one process")
+                             f"{', '.join(normalised)}); freeze those layers (they then normalise with their "
+                             "running statistics), use layer_norm, or train in one process")
         why = found["why"] if found["kind"] == "unsupported" else net.meta.get("batch_statistic")
         if why:
             raise ValueError(f"model {net.name} cannot be trained data-parallel with exact gradients: {why}")
@@ -442,6 +445,16 @@ class DataParallel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def batch_normalised(meta) -> list[str]:
+    """The running statistics of the batch-norm layers that train with the batch's
+    statistics (not frozen: `batch_counts` lists their variances), each layer's mean
+    and variance; a model compiled before `batch_counts` existed: all its buffers."""
+    if "batch_counts" not in meta:
+        return list(meta.get("buffers", ()))
+    layers = {c["buffer"].rsplit(".", 1)[0] for c in meta["batch_counts"]}
+    return [b for b in meta.get("buffers", ()) if b.rsplit(".", 1)[0] in layers]
 
 
 def settings_hash(net, lr) -> float:

@@ -104,6 +104,18 @@ SUM_PENALTY = SUMS % "sum((x @ w - t) * (x @ w - t)) + 0.01 * sum(w * w)"
 
 MLP = open(__file__.replace("tests/mpi_worker.py", "examples/digits_mlp.snet")).read()
 
+#: batch norm frozen: bn1's running statistics by name at compile (its scale and shift train), bn2 whole
+FROZEN_BN = """
+model FrozenNorm {
+  input  x: f32[N, 6]
+  target y: class[N] of 3
+  h = relu(batch_norm(dense(x, 8)))
+  loss cross_entropy(dense(batch_norm(dense(h, 8), frozen=true), 3), y)
+}
+"""
+#: what each case's compile freezes
+FREEZE = {"frozen_bn": ["bn1.mean", "bn1.var"]}
+
 
 def tree(rng, leaves):
     if leaves == 1:
@@ -140,6 +152,11 @@ def cases():
     for name, source in (("mean_sum", MEAN_SUM), ("sum_penalty", SUM_PENALTY)):
         out[name] = (source, [{"x": x4[a], "t": t[a]} for a, _ in steps], [{"x": x4[b], "t": t[b]} for _, b in steps],
                      [{"x": np.concatenate([x4[a], x4[b]]), "t": np.concatenate([t[a], t[b]])} for a, b in steps])
+    x6 = x[:, :6]
+    out["frozen_bn"] = (FROZEN_BN, [{"x": x6[a], "y": y[a] % 3} for a, _ in steps],
+                        [{"x": x6[b], "y": y[b] % 3} for _, b in steps],
+                        [{"x": np.concatenate([x6[a], x6[b]]), "y": np.concatenate([y[a], y[b]]) % 3}
+                         for a, b in steps])
     out["empty"] = (MLP, [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)], [{}, {}, {}],
                     [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)])
 
@@ -243,8 +260,12 @@ def main():
     results = {}
     for name, (source, mine0, mine1, whole) in cases().items():
         # rank 0 compiles into the cache first; the other rank's initial parameters differ: the broadcast fixes them
-        net = rank0_first(comm, lambda: structc.compile(source, seed=rank))
+        freeze = FREEZE.get(name, ())
+        net = rank0_first(comm, lambda: structc.compile(source, seed=rank, freeze=freeze))
         mine = mine0 if rank == 0 else mine1
+        for k, buffer in net.params.items():      # running statistics of their own (rank 0's are broadcast)
+            if k in net.meta["buffers"]:
+                buffer[...] = np.random.default_rng(rank).random(buffer.shape) + 0.5
         dp = DataParallel(net)
         start = {k: v.copy() for k, v in net.params.items()}
         loss, grads = dp.grad(**mine[0])
@@ -264,7 +285,7 @@ def main():
         results[f"{name}:closed"] = closing._shared_sum is None
         loss, grads = closing.grad(**mine[0])
         results[f"{name}:closed:loss"] = loss
-        ref = structc.compile(source) if rank == 0 else None
+        ref = structc.compile(source, freeze=freeze) if rank == 0 else None
         if rank == 0:
             for k, v in start.items():
                 ref.params[k] = v

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow   # launches processes or compiles many models: no
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
-FAMILIES = ["mlp", "trees", "graphs", "sequences", "mixed", "nodes", "halo", "empty", "mean_sum", "sum_penalty"]
+FAMILIES = ["mlp", "trees", "graphs", "sequences", "mixed", "nodes", "halo", "empty", "mean_sum", "sum_penalty",
+            "frozen_bn"]
 OPTIMIZERS = ["sgd", "momentum", "adam"]
 TIMEOUT = 300
 
@@ -691,17 +692,28 @@ def test_a_loss_that_is_not_a_sum_of_means_is_refused():
         DataParallel(net)
 
 
-def test_batch_norm_is_refused_rather_than_normalised_per_rank():
-    pytest.importorskip("mpi4py")
-    from structc.distributed import DataParallel
-    net = structc.compile("""
+NORMED = """
 model Normed {
   input x: f32[N, 4]
   target y: class[N] of 3
-  loss cross_entropy(dense(batch_norm(x), 3), y)
-}""")
-    with pytest.raises(ValueError, match="batch_norm normalises with each rank's own batch statistics"):
-        DataParallel(net)
+  loss cross_entropy(dense(batch_norm(dense(x, 4)) + batch_norm(x, frozen=true), 3), y)
+}"""
+
+
+def test_batch_norm_is_refused_rather_than_normalised_per_rank():
+    """Unless every batch-norm layer is frozen: it then normalises with its running
+    statistics, constants of the step (the MPI test `frozen_bn` checks the step)."""
+    pytest.importorskip("mpi4py")
+    from structc.distributed import DataParallel
+    with pytest.raises(ValueError, match=r"batch_norm normalises with each rank's own batch statistics \(buffers "
+                                         r"bn1.mean, bn1.var\); freeze those layers"):
+        DataParallel(structc.compile(NORMED))
+    for freeze in (["bn1"], ["bn1.mean", "bn1.var"]):
+        net = structc.compile(NORMED, freeze=freeze)
+        assert net.meta["buffers"] == ["bn1.mean", "bn1.var", "bn2.mean", "bn2.var"]
+        with DataParallel(net) as dp:
+            x, y = np.ones((3, 4), np.float32), np.zeros(3, np.int32)
+            assert dp.train_step(0.1, x=x, y=y) > 0
 
 
 #: losses whose per-example terms read a statistic over the batch, each with what it is over
