@@ -72,7 +72,8 @@ def settings(seed: int, source: str) -> dict:
                             ("adam", {"weight_decay": 0.01}), ("sgd", {"clip_norm": 0.5})])
     layers = [f"bn{k}" for k in range(1, source.count("batch_norm(") + 1)]     # as the layers name themselves
     freeze = [bn for bn in layers if rng.random() < 0.7]        # frozen batch norm: its running statistics
-    return {"split": rng.choice(SPLITS), "optimizer": optimizer, "lr": rng.choice([0.05, 0.2]), "freeze": freeze}
+    return {"split": rng.choice(SPLITS), "optimizer": optimizer, "lr": rng.choice([0.05, 0.2]), "freeze": freeze,
+            "shared_memory": rng.random() < 0.7}     # else the sum is an Allreduce
 
 
 def sizes(split: str, rng: np.random.Generator, small: int) -> tuple[int, int]:
@@ -183,7 +184,7 @@ def run_program(comm, seed: int, family: str) -> dict:
     verdict = {"seed": seed, "family": family, **how, "optimizer": name + (f" {options}" if options else ""),
                "dropout": bool(net.meta.get("random")), "loss": net.meta["loss_denominator"]["kind"]}
     try:
-        dp = DataParallel(net, comm, abort_on_error=False)
+        dp = DataParallel(net, comm, abort_on_error=False, shared_memory=how["shared_memory"])
     except ValueError as e:
         return {**verdict, "result": "refused", "why": str(e)}
     start = {k: v.copy() for k, v in net.params.items()}
@@ -208,7 +209,7 @@ def run_program(comm, seed: int, family: str) -> dict:
         reference, noise = _with_dropout(*run, dropout_keys(seed % 1000), kind), None
     else:       # the whole batch in both orders: how much float32's order of sums alone moves the results
         reference, noise = _reference(*run, reverse=False), _reference(*run, reverse=True)
-    problems += _compare(seen[0], reference, noise)
+    problems += _compare(seen[0], reference, noise, how)
     return {**verdict, "result": "mismatch" if problems else "ok", "problems": problems[:6]}
 
 
@@ -280,28 +281,44 @@ def _with_dropout(make, mdef, family, start, how, batches, keys, kind: str) -> d
     return out
 
 
-def _compare(got: dict, want: dict, other: dict | None) -> list[str]:
-    """`got` against `want` within RTOL of each array's scale, plus 8 times what the
-    other order of the whole batch (`other`) moved it by: a value that float32
-    rounding alone decides (a mean of centred values, ~1e-9) is not compared."""
+def _compare(got: dict, want: dict, other: dict | None, how: dict) -> list[str]:
+    """`got` against `want` within RTOL of each array's scale (a gradient's: of the
+    whole gradient's), plus 8 times what the other order of the whole batch (`other`)
+    moved it by: a value that float32 rounding alone decides (a mean of centred
+    values, a gradient that is 0 in exact arithmetic: ~1e-9) is not compared. Adam
+    moves a parameter by about lr a step whatever its gradient's size, rounding noise
+    too: where the first gradient is noise, its parameters after the steps are not
+    compared; and where its moments nearly cancel (m ~ 0) it amplifies rounding, so
+    a few of a matrix's elements (1%) may differ by up to 1e-3 of its scale."""
     problems = []
+    grads = want.get("grads", {})
+    whole = max((float(np.nanmax(np.abs(g), initial=0)) for g in grads.values()), default=0.0)
 
-    def close(key, what, a, b, c):
+    def close(what, a, b, c, floor=0.0, loose=None, few=False):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         noise = 0.0 if c is None else 8 * np.abs(np.asarray(c, np.float64) - b)
         with np.errstate(invalid="ignore"):
-            scale = float(np.nanmax(np.abs(b), initial=0))
-            bad = ~(np.abs(a - b) <= RTOL * (np.abs(b) + scale) + noise) & ~(np.isnan(a) & np.isnan(b))
+            scale = max(float(np.nanmax(np.abs(b), initial=0)), floor)
+            allowed = RTOL * (np.abs(b) + scale) + noise + (0.0 if loose is None else loose)
+            bad = ~(np.abs(a - b) <= allowed) & ~(np.isnan(a) & np.isnan(b))
+            if few and bad.sum() <= max(2, bad.size // 100):
+                bad &= ~(np.abs(a - b) <= 1e-3 * (np.abs(b) + scale))
         if bad.any():
             k = int(np.flatnonzero(bad.reshape(-1))[0])
             problems.append(f"{what}: {int(bad.sum())} of {bad.size} differ, e.g. {a.reshape(-1)[k]!r} for "
                             f"{b.reshape(-1)[k]!r}")
     for key, what in (("loss", "loss"), ("losses", "the steps' losses")):
         if key in want:
-            close(key, what, got[key], want[key], other and other[key])
-    for key, what in (("grads", "gradient of {}"), ("params", "{} after %d steps" % STEPS)):
-        for k in want.get(key, ()):
-            close(key, what.format(k), got[key][k], want[key][k], other and other[key][k])
+            close(what, got[key], want[key], other and other[key])
+    for k in grads:
+        close(f"gradient of {k}", got["grads"][k], grads[k], other and other["grads"][k], floor=whole)
+    adam = how["optimizer"][0] == "adam"
+    for k in want.get("params", ()):
+        noisy = None
+        if adam and k in grads:
+            noisy = np.where(np.abs(grads[k]) <= RTOL * whole, 2 * how["lr"] * STEPS, 0.0)
+        close(f"{k} after {STEPS} steps", got["params"][k], want["params"][k], other and other["params"][k],
+              loose=noisy, few=adam)
     return problems
 
 
