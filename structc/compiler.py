@@ -32,6 +32,7 @@ from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels, record_file, record_from_file
 from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, compiling, host_target
+from .ops.embedding import STRUCTURE_KINDS
 from .ops.norm import batch_counts, freeze_statistics
 from .ops.optim import N_HYPER, TERM_OUTPUT
 from .passes import PIPELINE, run_pipeline
@@ -216,7 +217,7 @@ def float_arithmetic_inputs(g: Graph) -> list[str]:
 
 
 #: inputs a binder makes (and checks) from a forest, graph or batch of sequences
-_BOUND_KINDS = frozenset({"forest", "graph", "sequence"})
+_BOUND_KINDS = STRUCTURE_KINDS
 
 
 def index_inputs(g: Graph) -> dict[str, list]:

@@ -762,6 +762,18 @@ def test_structure_pooled_within_an_example_is_no_statistic_over_the_batch(examp
     assert found == pooled if pooled is None else pooled in found
 
 
+def test_rows_of_the_batch_picked_by_ids_given_with_it_are_refused():
+    """`h[ids]` reads another example's row (in a shard: another one's); a forest's
+    own ids (its roots, `h(t.root)`) pick within an example."""
+    pytest.importorskip("mpi4py")
+    from structc.distributed import DataParallel
+    net = structc.compile("model Picked {\n  input x: f32[N, 4]\n  input ids: class[N] of 3\n"
+                          "  target y: class[N] of 3\n  loss cross_entropy(dense(tanh(dense(x, 4))[ids], 3), y)\n}")
+    with pytest.raises(ValueError, match=r"statistic over the batch \(`gather_rows` over N, line 5\)"):
+        DataParallel(net)
+    assert structc.compile(LOGIC_ROOTS).meta["batch_statistic"] is None
+
+
 def test_statistics_over_the_nodes_of_a_batch_of_graphs_or_trees_are_refused():
     pytest.importorskip("mpi4py")
     from structc.distributed import DataParallel

@@ -14,7 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .base import Op, Sample, expect
+from .base import Op, Sample, data_sizes, expect
+
+
+#: inputs that a forest, graph or sequence binder makes: ids within an example
+STRUCTURE_KINDS = frozenset({"forest", "graph", "sequence"})
 
 
 def _check_ids(ids: TensorType) -> None:
@@ -35,6 +39,13 @@ class GatherRows(Op):
 
     def index_bounds(self, graph, node) -> dict:
         return {1: graph.nodes[node.inputs[0]].shape[0]}
+
+    def pooled_dims(self, graph, node) -> set:
+        """Rows of the batch picked by ids the user gives (`h[ids]`: row i reads
+        another example's row); a forest's, graph's or sequence's own ids (`h(t.root)`)
+        pick within an example."""
+        table, ids = (graph.nodes[i] for i in node.inputs)
+        return set() if ids.attrs.get("kind") in STRUCTURE_KINDS else data_sizes(table.shape[:1])
 
     def reference(self, table, ids):
         return table[np.clip(ids, 0, table.shape[0] - 1)]
