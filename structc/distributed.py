@@ -323,15 +323,19 @@ class DataParallel:
         if inputs:
             dims = net.feed_dims(**inputs)
             mine = [denominator_of(t, dims, inputs) for t in self._terms]
-        table = np.array(self.comm.allgather(mine), np.float64)          # [ranks, terms]
+        seen = self.comm.allgather((bool(inputs), mine))
+        table = np.array([counts for _, counts in seen], np.float64)       # [ranks, terms]
+        # every rank checks every rank's share, so all raise alike (one rank raising
+        # alone would leave the others waiting in the sum)
+        for r, (given, counts) in enumerate(seen):
+            for j, t in enumerate(self._terms):
+                if given and t["kind"] == "mean" and counts[j] == 0:
+                    raise ValueError(f"rank {r}: its shard has examples but none for loss term {j + 1} (a mean "
+                                     f"over {', '.join(t['dims'])}), whose mean would be 0/0; no rank took the step")
         weights = _term_weights(table, self._terms, self.rank)
         if not inputs:
             net._grad_arena[:] = 0.0
             return
-        for j, t in enumerate(self._terms):
-            if t["kind"] == "mean" and mine[j] == 0:
-                raise ValueError(f"rank {self.rank}: its shard has examples but none for loss term {j + 1} "
-                                 f"(a mean over {', '.join(t['dims'])}), whose mean would be 0/0")
         slots = net._hyper[LOSS_WEIGHT0:LOSS_WEIGHT0 + len(weights)]
         slots[:] = 1.0 - weights                   # the slot holds 1 - weight (zero: weight 1)
         try:

@@ -1,7 +1,7 @@
 """Run under `mpiexec -n 2` by tests/test_distributed.py: data-parallel gradients and
 optimizer steps for each family, written to OUT/rank<r>.npz for the test to compare.
 
-    python tests/mpi_worker.py OUT [crash | mismatch | settings | data | sum | heldout]
+    python tests/mpi_worker.py OUT [crash | mismatch | settings | data | sum | heldout | empty_term]
 
 Rank 0 also writes the single-process gradient of the concatenated batch (a Net of
 its own, the same initial parameters) and the single-process parameters after the
@@ -253,6 +253,8 @@ def main():
         return other_data(comm, out_dir)
     if len(sys.argv) > 2 and sys.argv[2] == "settings":
         return differing_settings(comm, out_dir)
+    if len(sys.argv) > 2 and sys.argv[2] == "empty_term":
+        return empty_term(comm, out_dir)
     if len(sys.argv) > 2 and sys.argv[2] == "sum":
         return shared_sums(comm, out_dir)
     if len(sys.argv) > 2 and sys.argv[2] == "heldout":
@@ -341,6 +343,38 @@ def main():
     results["schedule:in_sync"] = dp.in_sync()
     results["schedule:last_lr"] = net.last_lr
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
+
+
+EDGES = """
+model Edges {
+  input  g: graph(features=3)
+  target y: class[g.graphs] of 2
+  target e: class[g.edges] of 2
+  h = tanh(dense(g.x, 4))
+  loss cross_entropy(dense(mean(h over g.nodes), 2), y)
+  loss cross_entropy(dense(concat(h[g.src], h[g.dst], axis=1), 2), e)
+}
+"""
+
+
+def empty_term(comm, out_dir):
+    """A loss over graphs and over edges, rank 1's share without edges: every rank's
+    error (or none) for that step, then a step whose shares all have edges."""
+    rank = comm.Get_rank()
+    net = rank0_first(comm, lambda: structc.compile(EDGES))
+    dp = DataParallel(net, abort_on_error=False)
+    rng = np.random.default_rng(rank)
+    results = {}
+    for case, edges in (("empty", rank != 1), ("full", True)):
+        m = 4 if edges else 0
+        g = Graph(rng.integers(0, 3, (2, m)), num_nodes=3, x=rng.normal(size=(3, 3)))
+        try:
+            dp.train_step(0.1, g=g, y=np.zeros(1, np.int32), e=np.zeros(m, np.int32))
+            results[case] = ""
+        except ValueError as e:
+            results[case] = str(e)
+    results["in_sync"] = dp.in_sync()
+    np.savez(f"{out_dir}/empty_term{rank}.npz", **results)
 
 
 def differing_settings(comm, out_dir):

@@ -217,6 +217,19 @@ def test_ranks_whose_update_settings_differ_are_refused_before_the_update(tmp_pa
         assert str(r0[f"{case}:error"]) == str(r1[f"{case}:error"]), case
 
 
+def test_a_share_with_examples_but_none_for_a_term_is_refused_on_every_rank(tmp_path):
+    """A loss over graphs and over edges, rank 1's graph without edges: its mean over
+    edges would be 0/0. Every rank raises (before: rank 1 alone, and rank 0 waited in
+    the sum for good), no rank steps, and the next step trains."""
+    _need_mpi()
+    run = mpiexec(WORKER, tmp_path, "empty_term", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (dict(np.load(tmp_path / f"empty_term{r}.npz")) for r in (0, 1))
+    assert str(r0["empty"]) == str(r1["empty"]) == ("rank 1: its shard has examples but none for loss term 2 (a "
+                                                    "mean over g.edges), whose mean would be 0/0; no rank took the step")
+    assert str(r0["full"]) == str(r1["full"]) == "" and r0["in_sync"] and r1["in_sync"]
+
+
 def test_ranks_that_loaded_other_data_are_refused_before_training(tmp_path):
     _need_mpi()
     run = mpiexec(WORKER, tmp_path, "data", timeout=120)
