@@ -399,7 +399,7 @@ def test_random_programs_train_on_two_ranks_as_on_one(tmp_path):
 @pytest.mark.slow
 def test_more_random_programs_train_on_two_ranks_as_on_one(tmp_path):
     _need_mpi()
-    items = [{"seed": s, "family": f} for f in FAMILIES for s in range(1015, 1023)]
+    items = [{"seed": s, "family": f} for f in FAMILIES for s in range(1015, 1020)]
     found = launch(items, tmp_path / "verdicts.jsonl", timeout=1800)
     bad = failing(found, items)
     assert not bad, "\n".join(map(json.dumps, bad))
