@@ -309,7 +309,7 @@ def _moved_block(g: Graph, user, v: int, block, axes, dims: tuple) -> list[tuple
         origin, offset = axes[ax]
         start, stop = user.attrs["start"] - offset, user.attrs["stop"] - offset
         lo, hi = (0, dims[origin]) if block is None or block[origin] is None else block[origin]
-        start, stop = max(start, lo), stop if hi.__class__ is not int else min(stop, hi)
+        start, stop = max(start, lo), min(stop, hi) if isinstance(hi, int) else stop
         if start >= stop:
             return []
         whole = block is None and (start, stop) == (0, dims[origin])   # all of it: checked as a whole input
@@ -360,10 +360,10 @@ def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = froze
     # A gradient that is a scatter of rows (an embedding's) is zero outside the rows its
     # ids name: SGD may then update those rows alone (`ops/optim.py`). The ids are
     # operands of the update, so they stay alive until it runs.
-    ids = [g.nodes[i].inputs[1] if g.nodes[i].op.name == "scatter_rows" else None for i in grads]
-    sparse = tuple((k, len(grads) + j) for j, k in enumerate(k for k, i in enumerate(ids) if i is not None))
+    tables = [(k, g.nodes[i].inputs[1]) for k, i in enumerate(grads) if g.nodes[i].op.name == "scatter_rows"]
+    sparse = tuple((k, len(grads) + j) for j, (k, _) in enumerate(tables))   # (gradient, ids) operands
     b = Builder(g)
-    g.outputs["update"] = b.update(*(b.value(i) for i in grads + [i for i in ids if i is not None]),
+    g.outputs["update"] = b.update(*(b.value(i) for i in grads + [ids for _, ids in tables]),
                                    size=update_size, decay_end=decay_end, sparse=sparse).id
     return g
 

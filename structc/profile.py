@@ -538,14 +538,14 @@ def profile(net, inputs: dict, *, steps: int | None = None, forward: bool = Fals
     if steps is None:
         steps = max(5, min(2000, int(1.0 / max((spans[0][1] - spans[0][0]) / 1e9, 1e-6))))
     capacity = _events_bound(probe, threads) * steps + _slack(threads)
-    jobs, alone = _runtime.handoffs(), _runtime.backoff_jobs()
+    jobs_before, alone_before = _runtime.handoffs(), _runtime.backoff_jobs()
     events, spans, lost = _record(step, steps, capacity)
     if lost:
         raise RuntimeError(f"the profiler lost {lost} of {capacity + lost} events: steps differ from the first "
                            f"in the kernels they run; profile fewer steps")
     step_seconds = sum(b - a for a, b in spans) / steps / 1e9
     unprofiled = _unprofiled_seconds(step, max(2, steps // 12))     # a quarter of the steps again
-    jobs, alone = _runtime.handoffs() - jobs, _runtime.backoff_jobs() - alone
+    jobs, alone = _runtime.handoffs() - jobs_before, _runtime.backoff_jobs() - alone_before
     tasks = getattr(net, "_profile_tasks", {})
     rows = _rows(events, by_address, dims, steps, tasks)
     traced_end = spans[min(steps, TRACE_STEPS) - 1][1]
