@@ -10,6 +10,9 @@ Cases (the issue's benchmarks):
                 + dense 10 + cross-entropy, one training step
   conv_fwd      that convolution alone (bias and ReLU fused), forward
   conv_wgrad    its kernel gradient alone (cross-correlation of the input with the delta)
+  stride_step   two 3x3 stride-2 convolutions (3->32, 32->64 on [16, 3, 64, 64]), a 1x1 one,
+                global average pool, dense 10, cross-entropy: one training step (a strided
+                convolution's input gradient is a convolution over the delta dilated by 2)
 and `fma_peak`: the machine's FMA throughput per core (24 independent AVX-512 FMA chains,
 compiled with llvmlite), so achieved GFLOP/s can be read as a fraction of peak.
 
@@ -40,9 +43,18 @@ CONV_STEP = """model ConvStep {
   h = conv(x, 64, kernel=3, padding=1) |> relu
   loss cross_entropy(dense(global_avg_pool(h), 10), y)
 }"""
+STRIDE_STEP = """model StrideStep {
+  input  x: f32[N, 3, 64, 64]
+  target y: class[N] of 10
+  h = conv(x, 32, kernel=3, stride=2, padding=1) |> relu
+  h = conv(h, 64, kernel=3, stride=2, padding=1) |> relu
+  h = conv(h, 64, kernel=1) |> relu
+  loss cross_entropy(dense(global_avg_pool(h), 10), y)
+}"""
 CONV_FLOP = 2 * 32 * 64 * 32 * 32 * 32 * 9          # one 32->64 3x3 convolution over the batch
-CASES = ["lenet_train", "lenet_infer", "conv_step", "conv_fwd", "conv_wgrad"]
-REPS = {"lenet_train": 200, "lenet_infer": 3000, "conv_step": 20, "conv_fwd": 20, "conv_wgrad": 20}
+CASES = ["lenet_train", "lenet_infer", "conv_step", "conv_fwd", "conv_wgrad", "stride_step"]
+REPS = {"lenet_train": 200, "lenet_infer": 3000, "conv_step": 20, "conv_fwd": 20, "conv_wgrad": 20,
+        "stride_step": 20}
 
 
 def timed(fn, reps: int, warm: int = None) -> list:
@@ -87,6 +99,11 @@ def structc_cases(cases):
         net = _op_net("conv2d_kernel_grad", [(32, 32, 32, 32), (32, 64, 32, 32)],
                       {"kernel": (3, 3), "padding": (1, 1, 1, 1)})
         out["conv_wgrad"] = timed(net.forward, REPS["conv_wgrad"])
+    if "stride_step" in cases:
+        net = structc.compile(STRIDE_STEP)
+        x = rng.normal(size=(16, 3, 64, 64)).astype(np.float32)
+        y = rng.integers(0, 10, 16).astype(np.int32)
+        out["stride_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["stride_step"])
     return out
 
 
@@ -171,6 +188,18 @@ def torch_cases(cases, threads):
                 torch.ops.aten.convolution_backward(g, x, w, [64], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                     [False, True, False])
             out["conv_wgrad"] = timed(wgrad, REPS["conv_wgrad"])
+    if "stride_step" in cases:
+        m = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        out["stride_step"] = timed(step, REPS["stride_step"])
     return out
 
 

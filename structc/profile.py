@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _runtime
+from .ops.conv import pair, quad
 
 #: one record of the shim (`sc_prof_event` in runtime/sc_profile.c)
 EVENT = np.dtype([("fn", "<i8"), ("start", "<i8"), ("end", "<i8"), ("lo", "<i8"), ("hi", "<i8"),
@@ -101,7 +102,23 @@ def _matmul_pair_flops(graph, node):
 
 def _conv_flops(graph, node):
     w = graph.nodes[node.inputs[1]].shape               # [out, in, kh, kw]
-    return (2, *node.shape, *w[1:])                     # out: [N, out, oh, ow]
+    dilation = pair(node.attrs.get("input_dilation", 1))
+    if dilation == (1, 1):
+        return (2, *node.shape, *w[1:])                 # out: [N, out, oh, ow]
+    # a strided convolution's input gradient: its kernel taps on the dilation's holes are
+    # not work (the kernel skips them), those on input are the forward convolution's count
+    x = graph.nodes[node.inputs[0]].shape
+    pads = quad(node.attrs.get("padding", 0))
+    taps = [_taps_on_input(x[2 + a], node.shape[2 + a], w[2 + a], pair(node.attrs.get("stride", 1))[a],
+                           pads[2 * a], dilation[a]) for a in (0, 1)]
+    return (2, *node.shape[:2], w[1], *taps)
+
+
+def _taps_on_input(n: int, out: int, k: int, stride: int, pad: int, dilation: int) -> int:
+    """The (output, kernel tap) pairs along one axis that read one of the n input
+    elements dilated by `dilation` (not padding, not a hole between them)."""
+    return sum(1 for o in range(out) for t in range(k)
+               if 0 <= o * stride + t - pad <= (n - 1) * dilation and (o * stride + t - pad) % dilation == 0)
 
 
 def _conv_kernel_grad_flops(graph, node):

@@ -96,6 +96,17 @@ def test_native_kernel_grad(case):
     ((2, 1, 28, 28), (3, 1, 28, 28), {}),                                 # kernel as large as the input
     ((2, 20, 4, 4), (33, 20, 1, 1), {}),                                  # 1x1, many channels (tiles)
     ((1, 2, 6, 6), (3, 2, 3, 3), {"padding": (3, 3, 3, 3)}),              # padding = kernel
+    # a stride of 2 reads two vectors and keeps the even lanes; an input dilation of 2
+    # (a strided convolution's input gradient) in pairs of vectors by column parity (V even),
+    # else one vector spread over the even or odd lanes (V odd, or a stride too)
+    ((2, 3, 5, 64), (4, 3, 3, 3), {"stride": (2, 2), "padding": (1, 1, 1, 1)}),
+    ((1, 2, 4, 33), (3, 2, 2, 2), {"stride": (1, 2)}),
+    ((2, 3, 6, 16), (4, 3, 3, 3), {"input_dilation": (2, 2), "padding": (1, 2, 1, 2)}),   # V = 2
+    ((1, 2, 3, 17), (3, 2, 2, 2), {"input_dilation": (1, 2)}),                            # pl = 0
+    ((1, 2, 3, 30), (3, 2, 3, 4), {"input_dilation": (1, 2), "padding": (0, 0, 3, 2)}),   # V = 4, pl odd
+    ((1, 2, 3, 100), (2, 2, 3, 3), {"input_dilation": (1, 2), "padding": (1, 1, 1, 1)}),  # chunked
+    ((1, 2, 3, 20), (3, 2, 3, 3), {"input_dilation": (1, 2), "padding": (1, 1, 1, 1)}),   # V = 3
+    ((1, 2, 3, 20), (3, 2, 3, 3), {"input_dilation": (2, 2), "stride": (2, 2)}),
 ])
 def test_native_conv_edge_shapes(xs, ws, attrs):
     check_native(REGISTRY["conv2d"], Sample((xs, ws), attrs))
@@ -106,6 +117,8 @@ def test_native_conv_edge_shapes(xs, ws, attrs):
     ((1, 8, 28, 28), (1, 32, 1, 1), {"kernel": (28, 28)}),     # partial sums too big: straight into dw
     ((3, 2, 5, 5), (3, 40, 5, 5), {"kernel": (1, 1)}),          # many output-channel tiles
     ((2, 3, 7, 20), (2, 4, 4, 7), {"kernel": (4, 5), "stride": (1, 3), "padding": (0, 0, 1, 2)}),
+    ((2, 3, 9, 33), (2, 4, 5, 17), {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1, 1, 1)}),
+    ((1, 2, 4, 20), (1, 3, 2, 39), {"kernel": (3, 3), "input_dilation": (1, 2), "padding": (0, 0, 1, 1)}),
 ])
 def test_native_kernel_grad_edge_shapes(xs, gs, attrs):
     check_native(REGISTRY["conv2d_kernel_grad"], Sample((xs, gs), attrs))

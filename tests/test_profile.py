@@ -13,7 +13,7 @@ import pytest
 import structc
 from structc.cli import main
 from structc.compiler import compile_source
-from structc.profile import EVENT, _shim, fma_peak, profile, profiled_net
+from structc.profile import EVENT, FLOPS, _shim, fma_peak, profile, profiled_net
 
 pytestmark = pytest.mark.slow   # launches processes or compiles many models: not in the fast subset
 
@@ -95,6 +95,33 @@ def test_a_kernel_gradient_in_parts_counts_every_image_once():
     grad = next(r for r in report.rows if "convk" in r.kernel.name)
     assert grad.kernel.flop_count({"N": 6}) == 2 * 6 * 4 * 6 * 6 * 2 * 3 * 3
     assert grad.gflops > 0
+
+
+@pytest.mark.parametrize("stride, padding, kernel, width", [(2, 1, 3, 16), (2, 0, 2, 15), (3, 2, 5, 20), (2, 2, 4, 11)])
+def test_a_strided_convolutions_input_gradient_counts_taps_on_input_only(stride, padding, kernel, width):
+    """Its kernel runs over the delta dilated by the stride and skips the holes: the
+    flops counted are the products with a real delta element, as many as a
+    convolution of ones finds (two flops each), not every tap of the dilated plane."""
+    from types import SimpleNamespace as NS
+
+    from structc.ops.conv import conv2d_reference, conv_input_grad
+    x, w = (2, 3, 9, width), (4, 3, kernel, kernel)
+    out = conv2d_reference(np.zeros(x), np.zeros(w), stride=(stride, stride), padding=(padding,) * 4)
+    made = {}
+
+    class Recorder:         # the VJP's builder, recording the convolution it asks for
+        def flip_kernel(self, w):
+            return w
+
+        def conv2d(self, g, w, **attrs):
+            made.update(attrs)
+    conv_input_grad(Recorder(), NS(shape=out.shape), NS(shape=w), x[2:], stride=(stride, stride),
+                    padding=(padding,) * 4, input_dilation=(1, 1))
+    ones = conv2d_reference(np.ones(out.shape), np.ones(w).transpose(1, 0, 2, 3), **made)
+    assert ones.shape == x
+    graph = NS(nodes={0: NS(shape=out.shape), 1: NS(shape=(3, 4, kernel, kernel))})
+    count = FLOPS["conv2d"](graph, NS(inputs=(0, 1), shape=x, attrs=made))
+    assert np.prod(count) == 2 * ones.sum()
 
 
 def test_a_kernel_two_layers_share_is_listed_under_both_lines():

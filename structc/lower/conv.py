@@ -121,7 +121,7 @@ class _RowReader:
     the output row. Masks and gather indices depend only on (ow0, kw, v), so
     they are built once per row chunk, outside the channel loop."""
 
-    def __init__(self, cg, geo: _Geometry, vw: int, ow0, V: int, kws):
+    def __init__(self, cg, geo: _Geometry, vw: int, ow0, V: int, kws, phase: bool = False):
         self.cg, self.geo, self.vw, self.V = cg, geo, vw, V
         b = cg.b
         vt_i = ir.VectorType(I64, vw)
@@ -143,6 +143,80 @@ class _RowReader:
                 self.masks[v, kw] = ok
                 self.cols[v, kw] = j
         self.ow0 = ow0
+        # A stride or an input dilation of 2 (a strided convolution, its input gradient)
+        # reads contiguous input as plain loads and one shuffle, where a gather per
+        # vector took as long as the 16 FMAs that use it.
+        self.paired = vw % 2 == 0 and (geo.sw, geo.dw) in ((2, 1), (1, 2))
+        # An input dilation of 2 with vectors in pairs: vector 2q + p holds the output
+        # columns of parity p (`phased`), so a kernel column meets either every lane of
+        # a vector or none, and the holes cost nothing (`emit_conv2d` interleaves the pair)
+        self.phased = phase and self.paired and geo.dw == 2 and V % 2 == 0
+        if self.phased:
+            self.spans = {(v, kw): self._phase_span(v, kw, lanes) for v in range(V) for kw in kws
+                          if self.meets(v, kw)}
+        elif self.paired:
+            self.spans = {(v, kw): self._span(v, kw, lanes) for v in range(V) for kw in kws}
+
+    def meets(self, v: int, kw: int) -> bool:
+        """Whether kernel column kw reads input (not holes) in vector v."""
+        return not self.phased or (v % 2 + kw - self.geo.pl) % 2 == 0
+
+    def _phase_span(self, v: int, kw: int, lanes):
+        """(first input column, [(0, mask)], None) of phased vector v at kernel column kw:
+        lane j is output column out + 2 j + v % 2, which reads input column
+        (out + v % 2 + kw - pl) / 2 + j."""
+        cg, geo, vw = self.cg, self.geo, self.vw
+        b = cg.b
+        out = cg.iadd(self.ow0, (v // 2) * 2 * vw)       # even
+        first = cg.iadd(b.ashr(out, cg.i64(1)), (v % 2 + kw - geo.pl) // 2)
+        vt_i = ir.VectorType(I64, vw)
+        cols = b.add(cg.splat(first, vw), lanes)
+        # lanes past the output row read the row's input and are never stored
+        ok = b.and_(b.icmp_signed(">=", cols, ir.Constant(vt_i, [ir.Constant(I64, 0)] * vw)),
+                    b.icmp_signed("<", cols, ir.Constant(vt_i, [ir.Constant(I64, geo.W)] * vw)))
+        return first, [(0, ok)], None
+
+    def unphase(self, vectors: list) -> list:
+        """Phased accumulators (pairs of even, odd output columns) as output vectors."""
+        if not self.phased:
+            return vectors
+        vw, b = self.vw, self.cg.b
+        half = vw // 2
+
+        def pick(base):
+            idx = [base + j // 2 + (j % 2) * vw for j in range(vw)]
+            return ir.Constant(ir.VectorType(ir.IntType(32), vw), [ir.Constant(ir.IntType(32), k) for k in idx])
+        out = []
+        for q in range(0, len(vectors), 2):
+            even, odd = vectors[q], vectors[q + 1]
+            out += [b.shuffle_vector(even, odd, pick(0)), b.shuffle_vector(even, odd, pick(half))]
+        return out
+
+    def _span(self, v: int, kw: int, lanes):
+        """(first input column, [(offset, mask)] of the vectors to load, shuffle
+        indices) of vector v at kernel column kw: the loads' masks keep them in the
+        input's row; lanes a hole or padding are zeroed afterwards by `masks`."""
+        cg, geo, vw = self.cg, self.geo, self.vw
+        b = cg.b
+        out = cg.iadd(self.ow0, v * vw)                 # even: chunks start at multiples of vw
+        c = kw - geo.pl
+        if geo.sw == 2:         # lane j reads column 2 (out + j) + c: the even elements of 2 vectors
+            first = cg.iadd(cg.imul(out, 2), c)
+            offsets = (0, vw)
+            picks = [2 * j for j in range(vw)]
+        else:                   # lane j reads column (out + j + c) / 2 when out + j + c is even
+            lo = c % 2           # the first lane that is not a hole
+            first = cg.iadd(b.ashr(out, cg.i64(1)), (lo + c) // 2)
+            offsets = (0,)
+            picks = [(j - lo) // 2 if (j - lo) % 2 == 0 else vw for j in range(vw)]   # vw: a zero
+        vt_i = ir.VectorType(I64, vw)
+        loads = []
+        for at in offsets:
+            cols = b.add(cg.splat(cg.iadd(first, at), vw), lanes)
+            ok = b.and_(b.icmp_signed(">=", cols, ir.Constant(vt_i, [ir.Constant(I64, 0)] * vw)),
+                        b.icmp_signed("<", cols, ir.Constant(vt_i, [ir.Constant(I64, geo.W)] * vw)))
+            loads.append((at, ok))
+        return first, loads, picks
 
     def load(self, base, row_off, v: int, kw: int):
         cg, geo, vw = self.cg, self.geo, self.vw
@@ -150,6 +224,17 @@ class _RowReader:
         if geo.contiguous:
             off = cg.iadd(row_off, cg.iadd(cg.iadd(self.ow0, v * vw), kw - geo.pl))
             return cg.load(base, off, F32, vw, mask)
+        if self.paired:
+            first, loads, picks = self.spans[v, kw]
+            start = cg.iadd(row_off, first)
+            parts = [cg.load(base, cg.iadd(start, at), F32, vw, ok) for at, ok in loads]
+            if picks is None:       # phased: the load is the vector
+                return parts[0]
+            zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
+            picked = cg.b.shuffle_vector(parts[0], parts[1] if len(parts) > 1 else zero,
+                                         ir.Constant(ir.VectorType(ir.IntType(32), vw),
+                                                     [ir.Constant(ir.IntType(32), k) for k in picks]))
+            return cg.b.select(mask, picked, zero)
         return gather(cg, base, row_off, self.cols[v, kw], mask)
 
 
@@ -342,7 +427,7 @@ def emit_conv2d(kb, node, epilogue) -> None:
 
             def chunked(ow0, ot_size):
                 """A chunk of V vectors of one long (or strided) row."""
-                rd = _RowReader(cg, geo, vw, ow0, V, range(KW))
+                rd = _RowReader(cg, geo, vw, ow0, V, range(KW), phase=True)
                 acc = [[cg.var(vt, zero) for _ in range(V)] for _ in range(ot_size)]
 
                 def kernel_row(kh, c, valid):
@@ -352,20 +437,22 @@ def emit_conv2d(kb, node, epilogue) -> None:
                     row = cg.imul(cg.iadd(cg.imul(cg.iadd(cg.imul(n, C), c), geo.H), ih), geo.W)
                     wbase = cg.iadd(cg.imul(cg.iadd(cg.imul(o0, C), c), KH * KW), cg.imul(kh, KW))
                     for kw in range(KW):
-                        xv = [rd.load(X, row, v, kw) for v in range(V)]
+                        vs = [v for v in range(V) if rd.meets(v, kw)]
+                        xv = {v: rd.load(X, row, v, kw) for v in vs}
                         for o in range(ot_size):
                             wv = cg.splat(cg.load(Wt, cg.iadd(wbase, o * C * KH * KW + kw)), vw)
-                            for v in range(V):
+                            for v in vs:
                                 b.store(cg.fma(wv, xv[v], b.load(acc[o][v])), acc[o][v])
 
                 accumulate(ot_size, acc, kernel_row)
                 for o in range(ot_size):
+                    sums = rd.unphase([b.load(acc[o][v]) for v in range(V)])
                     for v in range(V):
                         col = cg.iadd(ow0, v * vw)
                         mask = b.icmp_signed("<", b.add(cg.splat(col, vw), lanes),
                                              cg.splat(cg.i64(geo.OW), vw))
                         epilogue.emit(cg, [n, cg.iadd(o0, o), oh, col], vw, mask,
-                                      given={epilogue.anchor: b.load(acc[o][v])})
+                                      given={epilogue.anchor: sums[v]})
 
             def body(ot_size):
                 if geo.contiguous and geo.dh == 1 and chunks == 1:
