@@ -42,6 +42,7 @@ from .codegen import F32, I1, I64, PTR
 ACC = 24            # vector accumulators a tile may use
 VMAX = 4            # vectors per output-row chunk
 PARTIAL_LIMIT = 64 * 1024   # bytes of per-task partial sums for the kernel gradient
+MAX_SHUFFLED_STRIDE = 8     # strides up to which a row's lanes come from loads and shuffles, not a gather
 INNER_IMAGE_ROWS = 8        # vector rows an image up to which the kernel gradient's images loop innermost
 
 
@@ -143,10 +144,11 @@ class _RowReader:
                 self.masks[v, kw] = ok
                 self.cols[v, kw] = j
         self.ow0 = ow0
-        # A stride or an input dilation of 2 (a strided convolution, its input gradient)
-        # reads contiguous input as plain loads and one shuffle, where a gather per
-        # vector took as long as the 16 FMAs that use it.
-        self.paired = vw % 2 == 0 and (geo.sw, geo.dw) in ((2, 1), (1, 2))
+        # A stride (a strided convolution) or an input dilation of 2 (its input gradient)
+        # reads contiguous input as plain loads and shuffles, where a gather per vector
+        # took as long as the 16 FMAs that use it.
+        self.paired = vw % 2 == 0 and ((geo.dw == 1 and 2 <= geo.sw <= MAX_SHUFFLED_STRIDE)
+                                       or (geo.sw, geo.dw) == (1, 2))
         # An input dilation of 2 with vectors in pairs: vector 2q + p holds the output
         # columns of parity p (`phased`), so a kernel column meets either every lane of
         # a vector or none, and the holes cost nothing (`emit_conv2d` interleaves the pair)
@@ -200,10 +202,10 @@ class _RowReader:
         b = cg.b
         out = cg.iadd(self.ow0, v * vw)                 # even: chunks start at multiples of vw
         c = kw - geo.pl
-        if geo.sw == 2:         # lane j reads column 2 (out + j) + c: the even elements of 2 vectors
-            first = cg.iadd(cg.imul(out, 2), c)
-            offsets = (0, vw)
-            picks = [2 * j for j in range(vw)]
+        if geo.sw > 1:          # lane j reads column s (out + j) + c: every s-th element of s vectors
+            first = cg.iadd(cg.imul(out, geo.sw), c)
+            offsets = tuple(k * vw for k in range(geo.sw))
+            picks = [geo.sw * j for j in range(vw)]
         else:                   # lane j reads column (out + j + c) / 2 when out + j + c is even
             lo = c % 2           # the first lane that is not a hole
             first = cg.iadd(b.ashr(out, cg.i64(1)), (lo + c) // 2)
@@ -231,11 +233,25 @@ class _RowReader:
             if picks is None:       # phased: the load is the vector
                 return parts[0]
             zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
-            picked = cg.b.shuffle_vector(parts[0], parts[1] if len(parts) > 1 else zero,
-                                         ir.Constant(ir.VectorType(ir.IntType(32), vw),
-                                                     [ir.Constant(ir.IntType(32), k) for k in picks]))
-            return cg.b.select(mask, picked, zero)
+            return cg.b.select(mask, _picked(cg.b, parts, picks, zero), zero)
         return gather(cg, base, row_off, self.cols[v, kw], mask)
+
+
+def _picked(b, parts: list, picks: list, zero):
+    """Lane j = element picks[j] of the vectors `parts` end to end (an index past
+    them: 0), by two-source shuffles: the first two vectors, then each next one."""
+    vw = len(picks)
+
+    def shuffle(x, y, idx):
+        return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(ir.IntType(32), vw),
+                                                  [ir.Constant(ir.IntType(32), k) for k in idx]))
+    n = len(parts)
+    out = shuffle(parts[0], parts[1] if n > 1 else zero,
+                  [p if p < 2 * vw and (n > 1 or p < vw) else vw for p in picks])
+    for k in range(2, n):
+        out = shuffle(out, parts[k], [vw + p - k * vw if k * vw <= p < (k + 1) * vw else j
+                                      for j, p in enumerate(picks)])
+    return out
 
 
 def gather(cg, base, row_off, cols, mask):
