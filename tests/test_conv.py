@@ -107,6 +107,8 @@ def test_native_kernel_grad(case):
     ((1, 2, 3, 100), (2, 2, 3, 3), {"input_dilation": (1, 2), "padding": (1, 1, 1, 1)}),  # chunked
     ((1, 2, 3, 20), (3, 2, 3, 3), {"input_dilation": (1, 2), "padding": (1, 1, 1, 1)}),   # V = 3
     ((1, 2, 3, 20), (3, 2, 3, 3), {"input_dilation": (2, 2), "stride": (2, 2)}),
+    ((1, 2, 3, 70), (3, 2, 3, 5), {"stride": (1, 4), "padding": (1, 1, 2, 2)}),     # 4 vectors, 3 shuffles
+    ((1, 1, 2, 90), (2, 1, 1, 11), {"stride": (1, 7)}),
 ])
 def test_native_conv_edge_shapes(xs, ws, attrs):
     check_native(REGISTRY["conv2d"], Sample((xs, ws), attrs))
@@ -119,6 +121,7 @@ def test_native_conv_edge_shapes(xs, ws, attrs):
     ((2, 3, 7, 20), (2, 4, 4, 7), {"kernel": (4, 5), "stride": (1, 3), "padding": (0, 0, 1, 2)}),
     ((2, 3, 9, 33), (2, 4, 5, 17), {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1, 1, 1)}),
     ((1, 2, 4, 20), (1, 3, 2, 39), {"kernel": (3, 3), "input_dilation": (1, 2), "padding": (0, 0, 1, 1)}),
+    ((2, 3, 5, 127), (2, 4, 5, 30), {"kernel": (1, 11), "stride": (1, 4)}),
 ])
 def test_native_kernel_grad_edge_shapes(xs, gs, attrs):
     check_native(REGISTRY["conv2d_kernel_grad"], Sample((xs, gs), attrs))
