@@ -17,6 +17,7 @@ import ctypes
 import difflib
 import functools
 import itertools
+import json
 import math
 import operator
 import os
@@ -63,23 +64,24 @@ def _suggest(name, known, what: str) -> str:
     return f"no {what} {name!r}{hint} ({what}s: {', '.join(known) or 'none'})"
 
 
-def _checked_param(name: str, value, shape: tuple, where: str = "") -> np.ndarray:
+def _checked_param(name: str, value, shape: tuple, where: str = "", what: str = "parameter") -> np.ndarray:
     """`value` as float32 of `shape`, or a clear error: complex and non-numeric
     values are refused, and so are values that are not finite in float32
-    (NaN, infinity, or a float64 beyond float32's range)."""
+    (NaN, infinity, or a float64 beyond float32's range). `what` names the
+    array in the errors (the optimizer's state is checked so too)."""
     arr = np.asarray(value)
     if arr.dtype.kind == "c":
-        raise TypeError(f"{where}parameter '{name}' is complex ({arr.dtype}); parameters are real float32")
+        raise TypeError(f"{where}{what} '{name}' is complex ({arr.dtype}); {what}s are real float32")
     if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{where}parameter '{name}' must be numbers, got dtype {arr.dtype}")
+        raise TypeError(f"{where}{what} '{name}' must be numbers, got dtype {arr.dtype}")
     if arr.shape != shape:
-        raise ValueError(f"{where}parameter '{name}' has shape {arr.shape}, the model expects {shape}")
+        raise ValueError(f"{where}{what} '{name}' has shape {arr.shape}, the model expects {shape}")
     with np.errstate(over="ignore", invalid="ignore"):
         arr = arr.astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         at = tuple(int(i) for i in np.unravel_index(bad[0], shape)) if shape else ()
-        raise ValueError(f"{where}parameter '{name}' has {bad.size} value(s) that are not finite in float32 "
+        raise ValueError(f"{where}{what} '{name}' has {bad.size} value(s) that are not finite in float32 "
                          f"(the first at {at}: {np.asarray(value).reshape(-1)[bad[0]].item()!r})")
     return arr
 
@@ -468,12 +470,7 @@ class Net:
         (numpy adds `.npz` to a name without it)."""
         with self._lock:
             arrays = {name: np.array(v) for name, v in self.params.items()}
-        if not isinstance(path, (str, os.PathLike)):
-            np.savez(path, **arrays)          # a file object: the caller owns it
-            return path
-        written = os.fspath(path) if os.fspath(path).endswith(".npz") else os.fspath(path) + ".npz"
-        write_atomically(written, lambda f: np.savez(f, **arrays))
-        return written if isinstance(path, str) else Path(written)
+        return _save_archive(path, arrays)
 
     #: how the data these parameters were trained on was numbered (`load_params`)
     numbering: dict | None = None
@@ -491,17 +488,25 @@ class Net:
         other parameters is ignored with a warning."""
         path = _params_path(path)
         data = _read_params(path)
-        missing = [n for n in self.params if n not in data]
-        extra = [n for n in data if n not in self.params]
-        if missing or extra:
-            raise ValueError(f"{path}: parameters do not match model {self.name}: "
-                             f"missing {missing or 'none'}, unexpected {extra or 'none'}")
-        checked = {name: _checked_param(name, data[name], view.shape, f"{path}: ")
-                   for name, view in self.params.items()}
+        from .checkpoint import HEADER
+        if HEADER in data:
+            raise ValueError(f"{path}: a training checkpoint written by save_checkpoint: load it with "
+                             f"load_checkpoint (parameters, optimizer state and counters)")
+        checked = self._checked_params(data, f"{path}: ")
         with self._lock:
             for name, view in self.params.items():
                 view[...] = checked[name]
         self._take_numbering(path, data)
+
+    def _checked_params(self, data: Mapping[str, object], where: str) -> dict[str, np.ndarray]:
+        """Every parameter of this model from `data` (by name), checked as `load_params`
+        checks them (the same names, the shapes, finite values), changing nothing."""
+        missing = [n for n in self.params if n not in data]
+        extra = [n for n in data if n not in self.params]
+        if missing or extra:
+            raise ValueError(f"{where}parameters do not match model {self.name}: "
+                             f"missing {missing or 'none'}, unexpected {extra or 'none'}")
+        return {name: _checked_param(name, data[name], view.shape, where) for name, view in self.params.items()}
 
     def _take_numbering(self, path, params: dict) -> None:
         """The numbering saved beside parameter file `path` (see `load_params`). A
@@ -918,6 +923,82 @@ class Net:
             self.optimizer = name
             self._opt.update(checked)
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's state, as the named arrays a checkpoint holds (copies):
+        `optimizer` (sgd, momentum or adam), `optimizer_options` (JSON: every option
+        of `set_optimizer`), `optimizer_state` (float32 [2 * arena]: momentum's
+        velocity, or Adam's m then v), `optimizer_step` (the updates made: Adam's
+        bias correction and the schedule count them) and `dropout_draws` (the
+        training calls made: dropout's next masks are drawn at this count).
+        `set_optimizer_state` puts them back; `save_checkpoint` saves them with the
+        parameters, the seed and the schedule."""
+        with self._lock:
+            return {"optimizer": np.array(self.optimizer), "optimizer_options": np.array(json.dumps(self._opt)),
+                    "optimizer_state": self._state_arena.copy(), "optimizer_step": np.int64(self._step),
+                    "dropout_draws": np.int64(self._draws)}
+
+    def set_optimizer_state(self, state: Mapping[str, object]) -> None:
+        """Continue from `optimizer_state()`'s arrays (of this model, or another `Net`
+        of it): the optimizer, its options (an option the JSON leaves out keeps its
+        value, as with `set_optimizer`), the moments, the step and draw counts. All is
+        checked before anything changes."""
+        self._restore_optimizer(self._checked_optimizer_state(state))
+
+    def _checked_optimizer_state(self, state: Mapping[str, object], where: str = "") -> tuple:
+        """`state` (`optimizer_state`'s arrays) checked against this model, as
+        (name, options, moments, step, draws); a clear error otherwise."""
+        missing = [k for k in _OPTIMIZER_STATE if k not in state]
+        if missing:
+            raise ValueError(f"{where}no optimizer state: {', '.join(missing)} missing")
+        name = str(np.asarray(state["optimizer"]))
+        if name not in MODES or name == "none":
+            raise ValueError(f"{where}unknown optimizer {name!r} (sgd, momentum or adam)")
+        try:
+            options = json.loads(str(np.asarray(state["optimizer_options"])))
+            if not isinstance(options, dict):
+                raise ValueError(f"a JSON object of options, got {options!r}")
+            for k in options:
+                if k not in self._opt:
+                    raise ValueError(f"unknown option {k!r} (options: {', '.join(self._opt)})")
+            options = {k: _option_value(k, v) for k, v in options.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}optimizer_options: {e}") from None
+        moments = _checked_param("optimizer_state", state["optimizer_state"], self._state_arena.shape, where,
+                                 what="optimizer array")
+        step, draws = (_count(state[k], k, where) for k in ("optimizer_step", "dropout_draws"))
+        return name, options, moments, step, draws
+
+    def _restore_optimizer(self, checked: tuple) -> None:
+        """Put a `_checked_optimizer_state` in place."""
+        name, options, moments, step, draws = checked
+        with self._lock:
+            self.optimizer = name
+            self._opt.update(options)
+            self._state_arena[...] = moments
+            self._step, self._draws = step, draws
+
+    def save_checkpoint(self, path):
+        """Write what training needs to go on exactly where it is to one `.npz`
+        archive (replaced in one rename; `.npz` added to a name without it, and
+        the name written returned): every parameter (frozen ones and batch norm's
+        running statistics too), the optimizer, its options and moments, the step
+        and dropout draw counts, dropout's key (from the seed), the lr schedule,
+        and the model's name and parameter layout. A model without a loss has
+        nothing to train: refused (TypeError; `save_params` saves its parameters)."""
+        from .checkpoint import save
+        return save(self, path)
+
+    def load_checkpoint(self, path) -> None:
+        """Continue from a `save_checkpoint` archive: training on from here is the
+        run that wrote it, bit for bit. The checkpoint wins over this net's own
+        settings: its optimizer and options, schedule and dropout seed replace
+        those set here. Everything is checked before anything changes: a file of
+        another model (its name, parameters, frozen set or arena), a parameter file
+        (`save_params`: no optimizer state; use `load_params`), a damaged archive and
+        values that are not finite are refused with a ValueError naming the file."""
+        from .checkpoint import load
+        load(self, path)
+
     def set_schedule(self, kind: str | None = "constant", *, warmup: int = 0, decay_steps: int | None = None,
                      gamma: float = 0.1, floor: float = 0.0) -> None:
         """Scale the lr given to each step by a schedule of the step counter
@@ -1100,6 +1181,18 @@ def _hyper_value(name: str, value) -> float:
     return v
 
 
+#: the arrays of `Net.optimizer_state`
+_OPTIMIZER_STATE = ("optimizer", "optimizer_options", "optimizer_state", "optimizer_step", "dropout_draws")
+
+
+def _count(value, name: str, where: str = "") -> int:
+    """A saved counter (a step or draw count): one integer >= 0."""
+    arr = np.asarray(value)
+    if arr.shape != () or arr.dtype.kind not in "iu" or int(arr) < 0:
+        raise ValueError(f"{where}{name} must be one integer >= 0, got {arr!r}")
+    return int(arr)
+
+
 @functools.cache
 def _physical_memory() -> int:
     """This machine's memory (bytes), read once: every call compares its workspace with it."""
@@ -1122,16 +1215,29 @@ def _params_path(path):
     return path
 
 
-def _read_params(path) -> dict[str, np.ndarray]:
-    """Every array of an `.npz` archive, or one ValueError naming the file and the problem."""
+def _read_params(path, what: str = "parameter file", writer: str = "save_params") -> dict[str, np.ndarray]:
+    """Every array of an `.npz` archive, or one ValueError naming the file and the problem
+    (`what`, written by `writer`: a parameter file, or a checkpoint)."""
     try:
         return read_archive(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such parameter file") from None
+        raise FileNotFoundError(f"{path}: no such {what}") from None
     except OSError as e:
-        raise ValueError(f"{path}: not a parameter file written by save_params (an .npz archive): {e}") from None
+        raise ValueError(f"{path}: not a {what} written by {writer} (an .npz archive): {e}") from None
     except ValueError as e:
-        raise ValueError(f"{path}: not a parameter file written by save_params: {e}") from None
+        raise ValueError(f"{path}: not a {what} written by {writer}: {e}") from None
+
+
+def _save_archive(path, arrays: dict[str, np.ndarray]):
+    """`arrays` as an `.npz` archive at `path`, replaced in one rename; returns the path
+    written (`.npz` added to a name without it, as numpy's `savez` adds it). A file
+    object is written as it is: the caller owns it."""
+    if not isinstance(path, (str, os.PathLike)):
+        np.savez(path, **arrays)
+        return path
+    written = os.fspath(path) if os.fspath(path).endswith(".npz") else os.fspath(path) + ".npz"
+    write_atomically(written, lambda f: np.savez(f, **arrays))
+    return written if isinstance(path, str) else Path(written)
 
 
 def _as_array(spec: _Input, value) -> np.ndarray:
