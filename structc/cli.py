@@ -663,9 +663,12 @@ def _continue_optimizer(net, state: dict, cfg) -> None:
     saved = state["config"]
     # another set of frozen parameters is another arena layout: the saved moments would not line up
     same_layout = saved.get("frozen", []) == net.meta.get("frozen", [])
-    if cfg.optimizer == saved["optimizer"] and same_layout and restore_optimizer(net, state):
-        return
-    kept_step = restore_counters(net, state, cfg.optimizer)
+    try:
+        if cfg.optimizer == saved["optimizer"] and same_layout and restore_optimizer(net, state):
+            return
+        kept_step = restore_counters(net, state, cfg.optimizer)
+    except ValueError as e:         # checked by Net.set_optimizer_state before anything changed
+        raise UserError(f"cannot resume: the run's optimizer state is damaged: {e}") from None
     restarts = ", and so does the --schedule" if not kept_step and net.schedule is not None else ""
     if cfg.optimizer == "adam" or (not kept_step and (cfg.optimizer != "sgd" or restarts)):
         warn(f"the {cfg.optimizer} optimizer's state (moments, step count) could not be restored: it starts "

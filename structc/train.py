@@ -403,8 +403,8 @@ def _digest(params) -> str:
 
 
 def optimizer_state_restorable(net) -> bool:
-    """Whether this `Net` exposes its optimizer arena (momentum / Adam moments and step)."""
-    return isinstance(getattr(net, "_state_arena", None), np.ndarray) and hasattr(net, "_step")
+    """Whether `net` gives its optimizer state (`Net.optimizer_state`: moments, step, draws)."""
+    return callable(getattr(net, "optimizer_state", None))
 
 
 def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: dict, data: str,
@@ -427,11 +427,7 @@ def save_state(net, path: str | Path, epoch: int, cfg: TrainConfig, rng_state: d
     if history is not None and history.last_params is not None:
         arrays.update({f"last_params/{name}": v for name, v in history.last_params.items()})
     if optimizer_state_restorable(net):
-        # Net has no public accessor for its optimizer arena yet; read it directly.
-        arrays["optimizer_state"] = np.array(net._state_arena)
-        arrays["optimizer_step"] = np.int64(net._step)
-        arrays["dropout_draws"] = np.int64(getattr(net, "_draws", 0))     # dropout's step counter
-        arrays["optimizer_options"] = np.array(json.dumps(getattr(net, "_opt", {})))
+        arrays.update(net.optimizer_state())    # the optimizer's name is also the config's (older states: only there)
     # one rename: a crash while writing leaves the last checkpoint's state whole
     write_atomically(str(path), lambda f: np.savez(f, **arrays))
 
@@ -500,24 +496,27 @@ def restore_counters(net, state: dict, optimizer: str) -> bool:
     schedule goes on where it was. Whether the step count was kept."""
     if "optimizer_step" not in state or not optimizer_state_restorable(net):
         return False
-    net.set_optimizer(optimizer)        # now: `configure` would otherwise restart the count below
     keep_step = optimizer != "adam"
-    with net._lock:
-        net._state_arena[:] = 0
-        net._step = int(state["optimizer_step"]) if keep_step else 0
-        if hasattr(net, "_draws"):
-            net._draws = int(state.get("dropout_draws", state["optimizer_step"]))
+    now = net.optimizer_state()         # its options, as set_optimizer(optimizer) keeps them
+    # `optimizer` set now: `configure` would otherwise restart the count
+    net.set_optimizer_state(dict(now, optimizer=optimizer, optimizer_state=np.zeros_like(now["optimizer_state"]),
+                                 optimizer_step=state["optimizer_step"] if keep_step else 0,
+                                 dropout_draws=_draws(state)))
     return keep_step
 
 
 def restore_optimizer(net, state: dict) -> bool:
     """Put the saved optimizer moments and step back; False when they cannot be restored."""
     saved = state.get("optimizer_state")
-    if saved is None or not optimizer_state_restorable(net) or saved.shape != net._state_arena.shape:
+    if (saved is None or not optimizer_state_restorable(net)
+            or saved.shape != net.optimizer_state()["optimizer_state"].shape):
         return False
-    net.set_optimizer(state["config"]["optimizer"], **json.loads(str(state.get("optimizer_options", "{}"))))
-    net._state_arena[...] = saved
-    net._step = int(state["optimizer_step"])
-    if hasattr(net, "_draws"):      # older states: one draw per step, as `structc train` makes
-        net._draws = int(state.get("dropout_draws", state["optimizer_step"]))
+    net.set_optimizer_state({"optimizer": state["config"]["optimizer"], "optimizer_state": saved,
+                             "optimizer_options": state.get("optimizer_options", "{}"),   # older states: none
+                             "optimizer_step": state["optimizer_step"], "dropout_draws": _draws(state)})
     return True
+
+
+def _draws(state: dict):
+    """The saved dropout call count; older states have none: one draw per step, as `structc train` makes."""
+    return state.get("dropout_draws", state["optimizer_step"])

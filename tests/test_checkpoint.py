@@ -266,3 +266,23 @@ def test_a_shipped_library_checkpoints_as_a_compiled_net(tmp_path):
     compiled.save_checkpoint(tmp_path / "c.npz")
     again.load_checkpoint(tmp_path / "c.npz")
     assert_same_state(again, compiled)
+
+
+def test_a_resumed_run_with_damaged_moments_is_a_clear_error(tmp_path, capsys):
+    """`structc train --resume` restores the optimizer through `Net.set_optimizer_state`,
+    which refuses moments that are not finite: an error naming them, not a NaN run."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x_train=x[:64], y_train=rng.integers(0, 4, 64), x_test=x[64:],
+             y_test=rng.integers(0, 4, 16))
+    (tmp_path / "ck.snet").write_text(SRC)
+    run = ["train", str(tmp_path / "ck.snet"), "--data", str(tmp_path / "d.npz"), "--optimizer", "adam",
+           "--no-progress", "--out", str(tmp_path / "run.npz")]
+    assert main(run + ["--epochs", "1"]) == 0
+    state = dict(np.load(tmp_path / "run.train.npz"))
+    state["optimizer_state"][5] = np.nan
+    np.savez(tmp_path / "run.train.npz", **state)
+    capsys.readouterr()
+    assert main(run + ["--epochs", "2", "--resume", str(tmp_path / "run.npz")]) == 1
+    assert ("cannot resume: the run's optimizer state is damaged: optimizer array 'optimizer_state' has 1 "
+            "value(s) that are not finite" in capsys.readouterr().err)
