@@ -76,6 +76,12 @@ def test_training_on_from_a_checkpoint_is_the_uninterrupted_run(optimizer, threa
     assert [resumed.train_step(lr=0.05, **feed) for feed in feeds[3:]] == losses
     assert_same_state(whole, resumed)
     assert resumed.last_lr == whole.last_lr
+    if threads == 2:                # and a checkpoint of 2 threads' run goes on at 1 thread alike
+        structc.set_num_threads(1)
+        alone = structc.compile(SRC)
+        alone.load_checkpoint(path)
+        assert [alone.train_step(lr=0.05, **feed) for feed in feeds[3:]] == losses
+        assert_same_state(whole, alone)
 
 
 def test_parameters_alone_are_another_run(tmp_path):
@@ -266,6 +272,11 @@ def test_a_shipped_library_checkpoints_as_a_compiled_net(tmp_path):
     compiled.save_checkpoint(tmp_path / "c.npz")
     again.load_checkpoint(tmp_path / "c.npz")
     assert_same_state(again, compiled)
+    # a library without its training entries: a model with a loss, so its checkpoints still load
+    assert main(["compile", str(tmp_path / "ck.snet"), "-o", str(tmp_path / "inference.so"), "--inference"]) == 0
+    inference = structc.load(tmp_path / "inference.so")
+    inference.load_checkpoint(tmp_path / "c.npz")
+    assert_same_state(inference, compiled)
 
 
 def test_a_resumed_run_with_damaged_moments_is_a_clear_error(tmp_path, capsys):
