@@ -13,6 +13,9 @@ Cases (the issue's benchmarks):
   stride_step   two 3x3 stride-2 convolutions (3->32, 32->64 on [16, 3, 64, 64]), a 1x1 one,
                 global average pool, dense 10, cross-entropy: one training step (a strided
                 convolution's input gradient is a convolution over the delta dilated by 2)
+  text_step     a text CNN: conv1d 64->128 kernel 5 then 128->128 kernel 3 stride 2 over 200
+                positions, mean over positions, dense 10, cross-entropy, batch 32: one training
+                step (rows longer than a chunk of vectors)
 and `fma_peak`: the machine's FMA throughput per core (24 independent AVX-512 FMA chains,
 compiled with llvmlite), so achieved GFLOP/s can be read as a fraction of peak.
 
@@ -51,10 +54,17 @@ STRIDE_STEP = """model StrideStep {
   h = conv(h, 64, kernel=1) |> relu
   loss cross_entropy(dense(global_avg_pool(h), 10), y)
 }"""
+TEXT_STEP = """model TextStep {
+  input  x: f32[N, 64, 200]
+  target y: class[N] of 10
+  h = conv1d(x, 128, kernel=5, padding=2) |> relu
+  h = conv1d(h, 128, kernel=3, padding=1, stride=2) |> relu
+  loss cross_entropy(dense(mean(h, axes=(2,)), 10), y)
+}"""
 CONV_FLOP = 2 * 32 * 64 * 32 * 32 * 32 * 9          # one 32->64 3x3 convolution over the batch
-CASES = ["lenet_train", "lenet_infer", "conv_step", "conv_fwd", "conv_wgrad", "stride_step"]
+CASES = ["lenet_train", "lenet_infer", "conv_step", "conv_fwd", "conv_wgrad", "stride_step", "text_step"]
 REPS = {"lenet_train": 200, "lenet_infer": 3000, "conv_step": 20, "conv_fwd": 20, "conv_wgrad": 20,
-        "stride_step": 20}
+        "stride_step": 20, "text_step": 10}
 
 
 def timed(fn, reps: int, warm: int = None) -> list:
@@ -104,6 +114,11 @@ def structc_cases(cases):
         x = rng.normal(size=(16, 3, 64, 64)).astype(np.float32)
         y = rng.integers(0, 10, 16).astype(np.int32)
         out["stride_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["stride_step"])
+    if "text_step" in cases:
+        net = structc.compile(TEXT_STEP)
+        x = rng.normal(size=(32, 64, 200)).astype(np.float32)
+        y = rng.integers(0, 10, 32).astype(np.int32)
+        out["text_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["text_step"])
     return out
 
 
@@ -200,6 +215,18 @@ def torch_cases(cases, threads):
             F.cross_entropy(m(x), y).backward()
             opt.step()
         out["stride_step"] = timed(step, REPS["stride_step"])
+    if "text_step" in cases:
+        m = nn.Sequential(nn.Conv1d(64, 128, 5, padding=2), nn.ReLU(), nn.Conv1d(128, 128, 3, padding=1, stride=2),
+                          nn.ReLU())
+        head = nn.Linear(128, 10)
+        opt = torch.optim.SGD(list(m.parameters()) + list(head.parameters()), lr=0.01)
+        x, y = torch.randn(32, 64, 200), torch.randint(0, 10, (32,))
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(head(m(x).mean(2)), y).backward()
+            opt.step()
+        out["text_step"] = timed(step, REPS["text_step"])
     return out
 
 
