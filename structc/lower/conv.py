@@ -27,10 +27,15 @@ contiguous axis) and register-tiled over output channels:
 
 Output rows narrower than the vectors are packed end to end (P rows per
 task, lanes [p*OW, (p+1)*OW) holding row p): LeNet's 8x8 and 24x24 planes
-fill every lane instead of half or three quarters. Strided or
-input-dilated rows (strided convolutions and their input gradients) read
-their lanes with a masked gather. Every shape is static except the batch,
-so masks and offsets are mostly constants LLVM folds.
+fill every lane instead of half or three quarters. Rows of a stride s
+(2..8) load s vectors and keep every s-th lane by shuffles; an input
+dilation of 2 (a stride-2 convolution's input gradient) runs pairs of
+vectors by output-column parity, so a kernel column reads every lane of a
+vector or none and the holes cost nothing; other strides and dilations
+read their lanes with a masked gather. A row of more vectors than one
+chunk (VMAX) runs its chunks at the row's ends from constant columns and
+those between with unmasked loads. Every shape is static except the
+batch, so masks and offsets are mostly constants LLVM folds.
 """
 from __future__ import annotations
 
