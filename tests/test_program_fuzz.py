@@ -645,10 +645,9 @@ print(json.dumps({"mismatches": found, "handoffs": handoffs}))
 
 
 # ---- what the programs exercise
-def fused_groups(source: str) -> Counter:
-    """The fused groups of the forward and training graphs, by kind and member
-    ops in order (`epilogue:matmul+add+relu`), through the compiler's passes
-    (`structc compile --dump train.fuse` prints the same groups)."""
+def compiled_graphs(source: str) -> list:
+    """The forward and training graphs of `source` through the compiler's passes
+    (`structc compile --dump train.fuse` prints the training one)."""
     from structc.autodiff import differentiate_checked
     from structc.compiler import arena_layout, forward_graph, train_graph
     from structc.denominator import weigh_loss_terms
@@ -660,9 +659,15 @@ def fused_groups(source: str) -> Counter:
     mdef = dataclasses.replace(mdef, graph=graph)
     _, _, update_size, decay_end = arena_layout(mdef, frozenset())
     differentiated, _ = differentiate_checked(mdef.graph, frozen=frozenset())
+    return [run_pipeline(g) for g in (forward_graph(mdef),
+                                      train_graph(mdef, update_size, frozenset(), decay_end, differentiated))]
+
+
+def fused_groups(source: str) -> Counter:
+    """The fused groups of the forward and training graphs, by kind and member
+    ops in order (`epilogue:matmul+add+relu`)."""
     groups = Counter()
-    for g in (forward_graph(mdef), train_graph(mdef, update_size, frozenset(), decay_end, differentiated)):
-        g = run_pipeline(g)
+    for g in compiled_graphs(source):
         for group in g.groups:
             groups[f"{group.kind}:{'+'.join(g.nodes[m].op.name for m in group.members)}"] += 1
     return groups
