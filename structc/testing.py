@@ -4,6 +4,7 @@
     check_forward(op, sample)      native forward vs the numpy reference
     check_native_grads(op, sample) native gradients vs the interpreter's
     check_model_grads(mdef)        whole-model gradient vs finite differences
+    poison_workspace(net)          NaN bytes in a Net's workspace, for a fuzzer's call again
     check_op(op_or_name)           all three over the op's samples (for users' ops)
 
 Gradients are compared along random directions, as JAX's `check_grads`
@@ -235,6 +236,16 @@ def check_held_out(net, held_out: Graph, given: dict, arrays: dict, params: dict
     for j, (got, expected) in enumerate(zip(terms or [], want)):
         close(got, expected, f"{where}: the evaluation entry's loss term {j}")
     return outs, evaluated
+
+
+def poison_workspace(net, byte: int = 0xFF) -> None:
+    """Fill `net`'s workspace (the memory of its intermediate values, kept between calls)
+    with `byte`s (0xFF: every float a NaN), so that a kernel reading memory no kernel of
+    the call wrote (past a buffer's end, lanes it masks out only by multiplying by zero)
+    makes NaNs, where the zeros or finite values left there would hide it. A fuzzer then
+    calls the net again: its results must be the first call's bits."""
+    if net._workspace_buf is not None:
+        net._workspace_buf[...] = byte
 
 
 def thread_bits(script: str, items: list, tests_dir) -> dict:
