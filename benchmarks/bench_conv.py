@@ -96,11 +96,14 @@ def structc_cases(cases):
         if "lenet_infer" in cases:
             x1 = x[:1].copy()
             out["lenet_infer"] = timed(lambda: net(x=x1), REPS["lenet_infer"])
+    def train(source, x_shape):
+        """A training step of `source` on a random batch of x_shape, as a function."""
+        net = structc.compile(source)
+        x = rng.normal(size=x_shape).astype(np.float32)
+        y = rng.integers(0, 10, x_shape[0]).astype(np.int32)
+        return lambda: net.train_step(x=x, y=y, lr=0.01)
     if "conv_step" in cases:
-        net = structc.compile(CONV_STEP)
-        x = rng.normal(size=(32, 32, 32, 32)).astype(np.float32)
-        y = rng.integers(0, 10, 32).astype(np.int32)
-        out["conv_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["conv_step"])
+        out["conv_step"] = timed(train(CONV_STEP, (32, 32, 32, 32)), REPS["conv_step"])
     if "conv_fwd" in cases:
         net = _op_net("conv2d", [(32, 32, 32, 32), (64, 32, 3, 3), (64, 1, 1)], {"padding": (1, 1, 1, 1)},
                       post=lambda b, z, bias: b.relu(z + bias))
@@ -110,15 +113,9 @@ def structc_cases(cases):
                       {"kernel": (3, 3), "padding": (1, 1, 1, 1)})
         out["conv_wgrad"] = timed(net.forward, REPS["conv_wgrad"])
     if "stride_step" in cases:
-        net = structc.compile(STRIDE_STEP)
-        x = rng.normal(size=(16, 3, 64, 64)).astype(np.float32)
-        y = rng.integers(0, 10, 16).astype(np.int32)
-        out["stride_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["stride_step"])
+        out["stride_step"] = timed(train(STRIDE_STEP, (16, 3, 64, 64)), REPS["stride_step"])
     if "text_step" in cases:
-        net = structc.compile(TEXT_STEP)
-        x = rng.normal(size=(32, 64, 200)).astype(np.float32)
-        y = rng.integers(0, 10, 32).astype(np.int32)
-        out["text_step"] = timed(lambda: net.train_step(x=x, y=y, lr=0.01), REPS["text_step"])
+        out["text_step"] = timed(train(TEXT_STEP, (32, 64, 200)), REPS["text_step"])
     return out
 
 
@@ -152,6 +149,18 @@ def _op_net(opname, shapes, attrs, post=None):
 
 # -- PyTorch ---------------------------------------------------------------------------
 
+def _sgd_step(params, loss):
+    """One PyTorch SGD step of `loss()` over `params`, as a function."""
+    import torch
+    opt = torch.optim.SGD(params, lr=0.01)
+
+    def step():
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return step
+
+
 def torch_cases(cases, threads):
     import torch
     import torch.nn as nn
@@ -163,15 +172,10 @@ def torch_cases(cases, threads):
         m = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84),
                           nn.ReLU(), nn.Linear(84, 10))
-        opt = torch.optim.SGD(m.parameters(), lr=0.01)
         x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
-
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
         if "lenet_train" in cases:
-            out["lenet_train"] = timed(step, REPS["lenet_train"])
+            out["lenet_train"] = timed(_sgd_step(m.parameters(), lambda: F.cross_entropy(m(x), y)),
+                                       REPS["lenet_train"])
         if "lenet_infer" in cases:
             x1 = x[:1].clone()
 
@@ -182,14 +186,8 @@ def torch_cases(cases, threads):
     if "conv_step" in cases:
         m = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(64, 10))
-        opt = torch.optim.SGD(m.parameters(), lr=0.01)
         x, y = torch.randn(32, 32, 32, 32), torch.randint(0, 10, (32,))
-
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-        out["conv_step"] = timed(step, REPS["conv_step"])
+        out["conv_step"] = timed(_sgd_step(m.parameters(), lambda: F.cross_entropy(m(x), y)), REPS["conv_step"])
     if "conv_fwd" in cases or "conv_wgrad" in cases:
         x, w, bias = torch.randn(32, 32, 32, 32), torch.randn(64, 32, 3, 3), torch.randn(64)
         g = torch.randn(32, 64, 32, 32)
@@ -207,26 +205,15 @@ def torch_cases(cases, threads):
         m = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
                           nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-        opt = torch.optim.SGD(m.parameters(), lr=0.01)
         x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
-
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-        out["stride_step"] = timed(step, REPS["stride_step"])
+        out["stride_step"] = timed(_sgd_step(m.parameters(), lambda: F.cross_entropy(m(x), y)), REPS["stride_step"])
     if "text_step" in cases:
         m = nn.Sequential(nn.Conv1d(64, 128, 5, padding=2), nn.ReLU(), nn.Conv1d(128, 128, 3, padding=1, stride=2),
                           nn.ReLU())
         head = nn.Linear(128, 10)
-        opt = torch.optim.SGD(list(m.parameters()) + list(head.parameters()), lr=0.01)
         x, y = torch.randn(32, 64, 200), torch.randint(0, 10, (32,))
-
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(head(m(x).mean(2)), y).backward()
-            opt.step()
-        out["text_step"] = timed(step, REPS["text_step"])
+        out["text_step"] = timed(_sgd_step(list(m.parameters()) + list(head.parameters()),
+                                           lambda: F.cross_entropy(head(m(x).mean(2)), y)), REPS["text_step"])
     return out
 
 
