@@ -109,6 +109,7 @@ def test_native_kernel_grad(case):
     ((1, 2, 3, 20), (3, 2, 3, 3), {"input_dilation": (2, 2), "stride": (2, 2)}),
     ((1, 2, 3, 70), (3, 2, 3, 5), {"stride": (1, 4), "padding": (1, 1, 2, 2)}),     # 4 vectors, 3 shuffles
     ((1, 1, 2, 90), (2, 1, 1, 11), {"stride": (1, 7)}),
+    ((2, 3, 16, 192), (4, 3, 16, 16), {"stride": (16, 16)}),                 # a ViT's patches: 16 vectors for 12 lanes
     # chunked rows: the chunks between the ends load without masks
     ((1, 2, 2, 300), (3, 2, 1, 3), {"stride": (1, 2), "padding": (0, 0, 1, 1)}),
     ((1, 2, 1, 200), (3, 2, 1, 5), {"padding": (0, 0, 2, 2)}),
@@ -126,6 +127,7 @@ def test_native_conv_edge_shapes(xs, ws, attrs):
     ((2, 3, 9, 33), (2, 4, 5, 17), {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1, 1, 1)}),
     ((1, 2, 4, 20), (1, 3, 2, 39), {"kernel": (3, 3), "input_dilation": (1, 2), "padding": (0, 0, 1, 1)}),
     ((2, 3, 5, 127), (2, 4, 5, 30), {"kernel": (1, 11), "stride": (1, 4)}),
+    ((2, 3, 16, 192), (2, 4, 1, 12), {"kernel": (16, 16), "stride": (16, 16)}),
     # chunked rows (a conv1d over 200 and 150 positions): the chunks between the ends unmasked
     ((2, 3, 1, 200), (2, 4, 1, 200), {"kernel": (1, 5), "padding": (0, 0, 2, 2)}),
     ((1, 2, 1, 150), (1, 3, 1, 150), {"kernel": (1, 3), "padding": (0, 0, 1, 1)}),

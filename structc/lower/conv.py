@@ -28,7 +28,7 @@ contiguous axis) and register-tiled over output channels:
 Output rows narrower than the vectors are packed end to end (P rows per
 task, lanes [p*OW, (p+1)*OW) holding row p): LeNet's 8x8 and 24x24 planes
 fill every lane instead of half or three quarters. Rows of a stride s
-(2..8) load s vectors and keep every s-th lane by shuffles; an input
+(2..16) load s vectors and keep every s-th lane by shuffles; an input
 dilation of 2 (a stride-2 convolution's input gradient) runs pairs of
 vectors by output-column parity, so a kernel column reads every lane of a
 vector or none and the holes cost nothing; other strides and dilations
@@ -47,7 +47,7 @@ from .codegen import F32, I1, I64, PTR
 ACC = 24            # vector accumulators a tile may use
 VMAX = 4            # vectors per output-row chunk
 PARTIAL_LIMIT = 64 * 1024   # bytes of per-task partial sums for the kernel gradient
-MAX_SHUFFLED_STRIDE = 8     # strides up to which a row's lanes come from loads and shuffles, not a gather
+MAX_SHUFFLED_STRIDE = 16    # strides up to which a row's lanes come from loads and shuffles, not a gather
 INNER_IMAGE_ROWS = 8        # vector rows an image up to which the kernel gradient's images loop innermost
 
 
