@@ -93,6 +93,9 @@ CASES = {
     "conv5x5_pools": (_cnn((16, 64, 64), ["h = conv(x, 16, kernel=5, padding=2) |> relu |> avgpool2d(2)",
                                           "h = conv(h, 32, kernel=3, padding=1) |> relu |> maxpool2d(3, stride=2)",
                                           "loss cross_entropy(dense(global_avg_pool(h), 10), y)"]), 8, (16, 64, 64), None, 20),
+    "patch_embed": (_cnn((3, 128, 128), ["h = conv(x, 96, kernel=16, stride=16) |> relu",
+                                         "h = conv(h, 96, kernel=1) |> relu",
+                                         "loss cross_entropy(dense(global_avg_pool(h), 10), y)"]), 32, (3, 128, 128), None, 10),
     "text_cnn": (_cnn((64, 200), ["h = conv1d(x, 128, kernel=5, padding=2) |> relu",
                                   "h = conv1d(h, 128, kernel=3, padding=1, stride=2) |> relu",
                                   "loss cross_entropy(dense(mean(h, axes=(2,)), 10), y)"]), 32, (64, 200), None, 10),
@@ -182,6 +185,8 @@ def torch_model(case: str):
         "conv5x5_pools": lambda: nn.Sequential(
             nn.Conv2d(16, 16, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(3, stride=2), *head(32)),
+        "patch_embed": lambda: nn.Sequential(
+            nn.Conv2d(3, 96, 16, stride=16), nn.ReLU(), nn.Conv2d(96, 96, 1), nn.ReLU(), *head(96)),
         "text_cnn": lambda: nn.Sequential(
             nn.Conv1d(64, 128, 5, padding=2), nn.ReLU(), nn.Conv1d(128, 128, 3, padding=1, stride=2), nn.ReLU(),
             MeanOverPositions(), nn.Linear(128, 10)),
