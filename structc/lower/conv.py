@@ -156,8 +156,7 @@ class _RowReader:
         # A stride (a strided convolution) or an input dilation of 2 (its input gradient)
         # reads contiguous input as plain loads and shuffles, where a gather per vector
         # took as long as the 16 FMAs that use it.
-        self.paired = vw % 2 == 0 and ((geo.dw == 1 and 2 <= geo.sw <= MAX_SHUFFLED_STRIDE)
-                                       or (geo.sw, geo.dw) == (1, 2))
+        self.paired = _shuffled_stride(geo, vw) or (vw % 2 == 0 and (geo.sw, geo.dw) == (1, 2))
         # An input dilation of 2 with vectors in pairs: vector 2q + p holds the output
         # columns of parity p (`phased`), so a kernel column meets either every lane of
         # a vector or none, and the holes cost nothing (`emit_conv2d` interleaves the pair)
@@ -180,12 +179,17 @@ class _RowReader:
         b = cg.b
         out = cg.iadd(self.ow0, (v // 2) * 2 * vw)       # even
         first = cg.iadd(b.ashr(out, cg.i64(1)), (v % 2 + kw - geo.pl) // 2)
+        # lanes past the output row read the row's input and are never stored
+        return first, [(0, self._in_row(first, lanes))], None
+
+    def _in_row(self, first, lanes):
+        """Lane j of a vector loaded from input column first + j: inside the row?"""
+        cg, vw = self.cg, self.vw
+        b = cg.b
         vt_i = ir.VectorType(I64, vw)
         cols = b.add(cg.splat(first, vw), lanes)
-        # lanes past the output row read the row's input and are never stored
-        ok = b.and_(b.icmp_signed(">=", cols, ir.Constant(vt_i, [ir.Constant(I64, 0)] * vw)),
-                    b.icmp_signed("<", cols, ir.Constant(vt_i, [ir.Constant(I64, geo.W)] * vw)))
-        return first, [(0, ok)], None
+        return b.and_(b.icmp_signed(">=", cols, ir.Constant(vt_i, [ir.Constant(I64, 0)] * vw)),
+                      b.icmp_signed("<", cols, ir.Constant(vt_i, [ir.Constant(I64, self.geo.W)] * vw)))
 
     def unphase(self, vectors: list) -> list:
         """Phased accumulators (pairs of even, odd output columns) as output vectors."""
@@ -220,14 +224,7 @@ class _RowReader:
             first = cg.iadd(b.ashr(out, cg.i64(1)), (lo + c) // 2)
             offsets = (0,)
             picks = [(j - lo) // 2 if (j - lo) % 2 == 0 else vw for j in range(vw)]   # vw: a zero
-        vt_i = ir.VectorType(I64, vw)
-        loads = []
-        for at in offsets:
-            cols = b.add(cg.splat(cg.iadd(first, at), vw), lanes)
-            ok = b.and_(b.icmp_signed(">=", cols, ir.Constant(vt_i, [ir.Constant(I64, 0)] * vw)),
-                        b.icmp_signed("<", cols, ir.Constant(vt_i, [ir.Constant(I64, geo.W)] * vw)))
-            loads.append((at, ok))
-        return first, loads, picks
+        return first, [(at, self._in_row(cg.iadd(first, at), lanes)) for at in offsets], picks
 
     def load(self, base, row_off, v: int, kw: int):
         cg, geo, vw = self.cg, self.geo, self.vw
@@ -247,6 +244,11 @@ class _RowReader:
         return gather(cg, base, row_off, self.cols[v, kw], mask)
 
 
+def _shuffled_stride(geo: _Geometry, vw: int) -> bool:
+    """Whether a strided row's lanes come from loads and shuffles (`_RowReader.paired`)."""
+    return vw % 2 == 0 and geo.dw == 1 and 2 <= geo.sw <= MAX_SHUFFLED_STRIDE
+
+
 def interior_chunk(geo: _Geometry, ow0: int, V: int, vw: int) -> bool:
     """Whether the chunk of V vectors from output column ow0 reads only the input
     row's columns (no padding) at every kernel column: its loads need no mask.
@@ -254,11 +256,11 @@ def interior_chunk(geo: _Geometry, ow0: int, V: int, vw: int) -> bool:
     input column s (end - 1) + KW - 1 - pl < W, so end <= OW), so the kernel
     gradient's delta loads need none either. Strided rows load s vectors a
     vector (`_RowReader`)."""
-    if geo.dw != 1 or (geo.sw > 1 and not (vw % 2 == 0 and geo.sw <= MAX_SHUFFLED_STRIDE)):
+    if geo.dw != 1 or (geo.sw > 1 and not _shuffled_stride(geo, vw)):
         return False
     end = ow0 + V * vw                       # the chunk's output columns [ow0, end)
     first = ow0 * geo.sw - geo.pl
-    last = end * geo.sw - 1 + geo.KW - 1 - geo.pl if geo.sw > 1 else end - 1 + geo.KW - 1 - geo.pl
+    last = end * geo.sw - 1 + geo.KW - 1 - geo.pl      # a stride's last vector loads s vw columns
     inside = first >= 0 and last < geo.W
     assert end <= geo.OW or not inside
     return inside
