@@ -132,6 +132,11 @@ def test_native_conv_edge_shapes(xs, ws, attrs):
     ((2, 3, 1, 200), (2, 4, 1, 200), {"kernel": (1, 5), "padding": (0, 0, 2, 2)}),
     ((1, 2, 1, 150), (1, 3, 1, 150), {"kernel": (1, 3), "padding": (0, 0, 1, 1)}),
     ((2, 3, 1, 300), (2, 4, 1, 150), {"kernel": (1, 3), "stride": (1, 2), "padding": (0, 0, 1, 1)}),
+    # 1x1 over the plane as it is: output x channel tiles, sums in registers over the images
+    ((2, 13, 4, 8), (2, 7, 4, 8), {"kernel": (1, 1)}),       # whole vectors; tiles of 4 + 3 and 5 + 4 + 4
+    ((3, 1, 1, 5), (3, 1, 1, 5), {"kernel": (1, 1)}),        # a plane shorter than a vector
+    ((1, 24, 7, 7), (1, 9, 7, 7), {"kernel": (1, 1)}),       # whole tiles of 6 channels; a tail of 1 lane
+    ((2, 3, 6, 6), (2, 4, 3, 3), {"kernel": (1, 1), "stride": (2, 2)}),   # strided: the general kernel
 ])
 def test_native_kernel_grad_edge_shapes(xs, gs, attrs):
     check_native(REGISTRY["conv2d_kernel_grad"], Sample((xs, gs), attrs))
@@ -291,6 +296,31 @@ def test_cnn_gradients_match_the_interpreter(rng, batch):
     net = structc.compile(CNN)
     mdef = build_model(parse(CNN))
     x = rng.normal(size=(batch, 2, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 3, batch).astype(np.int32)
+    params = {k: v.copy() for k, v in net.params.items()}
+    ref = evaluate(differentiate(mdef.graph), {"x": x, "y": y}, params)
+    loss, grads = net.grad(x=x, y=y)
+    assert loss == pytest.approx(float(ref["loss"]), rel=1e-4)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
+
+
+POINTWISE = """model P { input x: f32[N, 3, 5, 7]  target y: class[N] of 3
+  h = conv(x, 13, kernel=3, padding=same) |> relu
+  h = conv(h, 7, kernel=1) |> relu
+  loss cross_entropy(dense(flatten(h), 3), y) }"""
+
+
+@pytest.mark.parametrize("batch, static", [(5, False), (1, False), (3, True)])
+def test_pointwise_kernel_and_bias_gradients_match_the_interpreter(rng, batch, static):
+    """The 1x1 kernel gradient's own kernel, with the bias gradient in its group: in
+    parts of the batch (a batch known at run time) or in one piece (a static one)."""
+    source = POINTWISE.replace("[N", f"[{batch}") if static else POINTWISE
+    wanted = ["conv2d_kernel_grad", "sum"] if static else ["conv2d_bias_grad_parts", "conv2d_kernel_grad_parts"]
+    assert sum(kind == "kernel" and sorted(ops) == wanted for kind, ops in _groups(source)) == 2
+    net = structc.compile(source)
+    mdef = build_model(parse(source))
+    x = rng.normal(size=(batch, 3, 5, 7)).astype(np.float32)
     y = rng.integers(0, 3, batch).astype(np.int32)
     params = {k: v.copy() for k, v in net.params.items()}
     ref = evaluate(differentiate(mdef.graph), {"x": x, "y": y}, params)

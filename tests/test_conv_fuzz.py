@@ -216,6 +216,8 @@ def reached(source: str, vw: int | None = None) -> Counter:
                 found[f"dilated V={'odd' if V % 2 else 'even'} OW{'>=' if geo.OW >= 32 else '<'}32"] += 1
             if chunks > 1 and any(conv.interior_chunk(geo, k * V * vw, V, vw) for k in range(chunks)):
                 found[f"{tag}{kind} interior chunks" + (" strided" if geo.sw > 1 else "")] += 1
+            if kind == "kernel grad" and conv._pointwise(geo):      # `_emit_pointwise_kernel_grad`
+                found["pointwise kernel grad" + (" in parts" if name.endswith("parts") else "")] += 1
     return found
 
 
@@ -276,6 +278,7 @@ WANTED = {
     "its kernel gradient with interior chunks": lambda k: k == "1-D kernel grad interior chunks",
     "a strided row with interior chunks": lambda k: k.endswith("interior chunks strided"),
     "a 2-D row with interior chunks": lambda k: k.startswith("forward interior chunks"),
+    "a 1x1 kernel gradient over a batch in parts": lambda k: k == "pointwise kernel grad in parts",
 }
 #: the first seeds, and later ones chosen (by `reached`) for what those miss
 FAST = list(range(12)) + [17, 28, 73, 108]
