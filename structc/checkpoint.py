@@ -3,7 +3,10 @@ one `.npz` archive holding everything a training run continued from it needs
 to be the uninterrupted run, bit for bit.
 
 What it holds: `HEADER` (JSON: the format, the model's name, program digest
-and parameter layout, the dropout seed, the lr schedule, the last lr), every
+and parameter layout, the dropout seed, the lr schedule, the last lr, the
+vocabulary `net.vocab` and `net.numbering`: an embedding's rows mean the
+words of the ids they were trained on, and a vocabulary built again from
+data read in another order would number them otherwise), every
 parameter as `param/<name>`, `Net.optimizer_state`'s arrays (the optimizer,
 its options, its moments, the step and dropout draw counts) and `dropout_key`
 (dropout's two key words, so a seed of fresh entropy carries over too).
@@ -18,6 +21,7 @@ from numbers import Integral
 
 import numpy as np
 
+from .forest import Vocab
 from .model import _checked_param, _params_path, _read_params, _save_archive
 from .ops.optim import DROPOUT_KEY0
 from .schedules import check_schedule
@@ -64,6 +68,10 @@ def load(net, path) -> None:
     last_lr = header.get("last_lr")
     if last_lr is not None and not isinstance(last_lr, (int, float)):
         raise ValueError(f"{where}the saved last lr must be a number, got {last_lr!r}")
+    vocab = _read_vocab(net, header, where)
+    numbering = header.get("numbering")
+    if numbering is not None and not isinstance(numbering, dict):
+        raise ValueError(f"{where}the saved numbering must be a JSON object, got {numbering!r}")
     if header.get("program") != net.meta.get("program"):
         warnings.warn(f"{where}model {net.name}'s definition differs from the one this checkpoint was saved "
                       f"from (its parameters' names and shapes are the same): training continues with the "
@@ -74,6 +82,39 @@ def load(net, path) -> None:
         net._restore_optimizer(optimizer)
         net._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2] = key
         net.seed, net.schedule, net.last_lr = header.get("seed"), schedule, last_lr
+        if vocab is not None:
+            if net.vocab is not None and (dict(net.vocab), net.vocab.unk if isinstance(net.vocab, Vocab) else None) \
+                    != (dict(vocab), vocab.unk):
+                warnings.warn(f"{where}net.vocab replaced by the checkpoint's {len(vocab)} words (its embedding "
+                              f"rows were trained on their ids)", CheckpointWarning, stacklevel=3)
+            net.vocab, net._numbered_vocab = vocab, None
+        if numbering is not None or vocab is not None:
+            net.numbering = numbering
+
+
+def _vocab_header(net) -> dict | None:
+    """`net.vocab` as JSON: [word, id] pairs and the unknown-word id (None: ids only)."""
+    vocab = net.vocab
+    if vocab is None:
+        return None
+    return {"words": [[w, int(i)] for w, i in vocab.items()], "unk": getattr(vocab, "unk", None)}
+
+
+def _read_vocab(net, header: dict, where: str):
+    """The checkpoint's vocabulary as a `Vocab` checked against this model's, or None."""
+    saved = header.get("vocab")
+    if saved is None:
+        return None
+    try:
+        pairs, unk = saved["words"], saved["unk"]
+        vocab = Vocab({w: i for w, i in pairs})
+        if len(vocab) != len(pairs) or not (unk is None or isinstance(unk, int)):
+            raise ValueError("a word twice, or an unknown-word id that is not an integer")
+        vocab.unk = unk
+        net._forests.check_vocab(vocab)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}the saved vocabulary is damaged: {e}") from None
+    return vocab
 
 
 def _refuse_untrainable(net) -> None:
@@ -97,7 +138,8 @@ def _header(net) -> dict:
     except (TypeError, ValueError):
         seed = None             # a generator's, say: the key words carry it
     return {"format": FORMAT, **_layout(net), "program": net.meta.get("program"), "seed": seed,
-            "schedule": net.schedule, "last_lr": net.last_lr}
+            "schedule": net.schedule, "last_lr": net.last_lr, "vocab": _vocab_header(net),
+            "numbering": net.numbering}
 
 
 def _read_header(data: dict, where: str) -> dict:

@@ -1050,10 +1050,14 @@ class ForestBinder:
         return cls(specs) if specs else None
 
     def set_vocab(self, vocab) -> None:
+        self.vocab = self.check_vocab(vocab)
+
+    def check_vocab(self, vocab):
+        """`vocab` if this model's forests can take it (ids inside every word embedding), else why not."""
         sizes = [s.get("vocab") for s in self.specs]
         if vocab is not None and all(v is None for v in sizes):
             raise TypeError("this model's forests carry feature vectors, not words: it takes no vocabulary")
-        self.vocab = checked_vocab(vocab, min(v for v in sizes if v is not None) if vocab is not None else None)
+        return checked_vocab(vocab, min(v for v in sizes if v is not None) if vocab is not None else None)
 
     def expand(self, given: Mapping[str, object], dims: dict) -> dict:
         out = dict(given)

@@ -983,7 +983,8 @@ class Net:
         the name written returned): every parameter (frozen ones and batch norm's
         running statistics too), the optimizer, its options and moments, the step
         and dropout draw counts, dropout's key (from the seed), the lr schedule,
-        and the model's name and parameter layout. A model without a loss has
+        the vocabulary (`vocab`, `numbering`), and the model's name and parameter
+        layout. A model without a loss has
         nothing to train: refused (TypeError; `save_params` saves its parameters)."""
         from .checkpoint import save
         return save(self, path)
@@ -992,7 +993,7 @@ class Net:
         """Continue from a `save_checkpoint` archive: training on from here is the
         run that wrote it, bit for bit. The checkpoint wins over this net's own
         settings: its optimizer and options, schedule and dropout seed replace
-        those set here. Everything is checked before anything changes: a file of
+        those set here, and its vocabulary another (with a CheckpointWarning). Everything is checked before anything changes: a file of
         another model (its name, parameters, frozen set or arena), a parameter file
         (`save_params`: no optimizer state; use `load_params`), a damaged archive and
         values that are not finite are refused with a ValueError naming the file."""

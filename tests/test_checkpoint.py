@@ -297,3 +297,63 @@ def test_a_resumed_run_with_damaged_moments_is_a_clear_error(tmp_path, capsys):
     assert main(run + ["--epochs", "2", "--resume", str(tmp_path / "run.npz")]) == 1
     assert ("cannot resume: the run's optimizer state is damaged: optimizer array 'optimizer_state' has 1 "
             "value(s) that are not finite" in capsys.readouterr().err)
+
+
+TREES = """model Words {
+  input  t: forest(arity=2) of word(vocab=6)
+  target y: class[t.trees] of 2
+  param  E: embedding(6, 8) = normal(0.3)
+  rec h(n) = leaf: E[n.word]
+             node: tanh(dense(concat(h(n.children)), 8))
+  loss cross_entropy(dense(h(t.root), 2), y)
+}"""
+SENTENCES = ["((good movie) (bad plot))", "(fine (good plot))", "(bad movie)"]
+
+
+@pytest.fixture
+def words_checkpoint(tmp_path):
+    """A checkpoint of a net trained on words, and that net's outputs for SENTENCES."""
+    from structc.forest import Vocab
+    net = structc.compile(TREES, seed=1, vocab=Vocab.build(["good", "movie", "bad", "plot"], unk="<unk>"))
+    net.set_optimizer("adam")
+    net.train_step(t=SENTENCES, y=np.array([1, 1, 0], np.int32), lr=0.1)
+    net.numbering = {"labels": ["negative", "positive"]}
+    path = net.save_checkpoint(tmp_path / "words")
+    return path, net.vocab, net(t=SENTENCES)
+
+
+def test_the_vocabulary_comes_with_the_checkpoint(words_checkpoint):
+    """The embedding's rows are the ids' of the words it was trained on: a net that
+    loads the checkpoint reads words with them (the unknown-word id too)."""
+    path, vocab, outputs = words_checkpoint
+    net = structc.compile(TREES, seed=2)
+    net.load_checkpoint(path)
+    assert dict(net.vocab) == dict(vocab) and net.vocab.unk == vocab.unk == 4
+    assert net.numbering == {"labels": ["negative", "positive"]}
+    assert np.array_equal(net(t=SENTENCES), outputs)
+
+
+def test_a_nets_other_vocabulary_is_replaced_with_a_warning(words_checkpoint):
+    path, vocab, outputs = words_checkpoint
+    net = structc.compile(TREES, seed=2, vocab={"plot": 0, "bad": 1, "movie": 2, "good": 3, "fine": 4})
+    with pytest.warns(CheckpointWarning, match="net.vocab replaced by the checkpoint's 5 words"):
+        net.load_checkpoint(path)
+    assert dict(net.vocab) == dict(vocab)
+    assert np.array_equal(net(t=SENTENCES), outputs)
+
+
+@pytest.mark.parametrize("vocab, said", [
+    ({"words": [["good", 9]], "unk": None}, "outside [0, 6)"),
+    ({"words": [["good", 0], ["good", 1]], "unk": None}, "a word twice"),
+    ({"words": "good", "unk": None}, "the saved vocabulary is damaged"),
+    ({"unk": 1}, "the saved vocabulary is damaged"),
+])
+def test_a_damaged_vocabulary_is_refused(words_checkpoint, tmp_path, vocab, said):
+    import json
+    path, _, _ = words_checkpoint
+    arrays = dict(np.load(path))
+    header = json.loads(str(arrays["structc_checkpoint"]))
+    bad = rewritten(tmp_path / "bad.npz", arrays, structc_checkpoint=np.array(json.dumps({**header, "vocab": vocab})))
+    net = structc.compile(TREES, seed=2)
+    assert said in refused(net, bad)
+    assert net.vocab is None
