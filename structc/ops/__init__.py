@@ -3,6 +3,6 @@ from .base import REGISTRY, Elementwise, Op, Sample, register_op, unbroadcast  #
 from . import source, elementwise, matmul, shape, reduce, loss, optim  # noqa: F401,E402
 from . import message, attention, node_loss  # noqa: F401,E402
 from . import embedding, tree  # noqa: F401,E402
-from . import conv, pool  # noqa: F401,E402
+from . import conv, pool, patches  # noqa: F401,E402
 from . import recurrent, random  # noqa: F401,E402
 from . import norm  # noqa: F401,E402

@@ -1,0 +1,198 @@
+"""Kernels for `patches` (im2col) and `patches_grad` (col2im), NCHW.
+
+  patches: a task is one plane of P, [OH, OW] for one (n, c, kh, kw),
+      written vector by vector. At stride 1 a vector is a run of one output
+      row, read from the input row by a masked load (lanes in the padding
+      or past the row read nothing and give 0); at other strides it is a run
+      of the whole plane, (i, j) = divmod(q, OW) per lane, read by a masked
+      gather (a patch embedding's planes are narrower than a vector: 8 x 8).
+  patches_grad: a task is one plane of dx, [H, W] for one (n, c): zeroed,
+      then for each (kh, kw) in order every vector of P's plane is added to
+      the elements it was read from (gather, add, scatter). For one (kh, kw)
+      the map (i, j) -> (h, w) is one to one, so no two lanes of a vector
+      write one element; the (kh, kw) come one after another, so the sums'
+      order is fixed: the same bits on any number of threads.
+
+Every read and write of an element outside its plane (padding, lanes past
+the plane's end) is masked off; only the bounds a shape can break are tested.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from ..ops.conv import pair, quad
+from .codegen import F32, I1, I32, PTR, VOID
+from .conv import _lanes, gather
+from .pool import _zero
+
+
+class _Geometry:
+    """Sizes of one patches/patches_grad node: x [N, C, H, W], P [N, C·KH·KW, OH, OW]."""
+
+    def __init__(self, x_shape, p_shape, attrs):
+        self.N, self.C, self.H, self.W = x_shape
+        self.OH, self.OW = p_shape[2:]
+        self.KH, self.KW = pair(attrs["kernel"])
+        self.sh, self.sw = pair(attrs.get("stride", 1))
+        self.pt, _, self.pl, _ = quad(attrs.get("padding", 0))
+        self.plane = self.OH * self.OW
+
+    def may_leave(self) -> tuple[bool, bool, bool, bool]:
+        """Whether a tap can fall above, below, left of, right of the input."""
+        return (self.pt > 0, (self.OH - 1) * self.sh + self.KH - 1 - self.pt >= self.H,
+                self.pl > 0, (self.OW - 1) * self.sw + self.KW - 1 - self.pl >= self.W)
+
+
+def _i32s(cg, values, vw):
+    return ir.Constant(ir.VectorType(I32, vw), [ir.Constant(I32, v) for v in values])
+
+
+def _splat32(cg, v, vw):
+    """An i64 scalar (or int) as a vector of i32 lanes."""
+    if isinstance(v, int):
+        return _i32s(cg, [v] * vw, vw)
+    return cg.splat(cg.b.trunc(v, I32), vw)
+
+
+def _taps(cg, geo: _Geometry, r, v, vw: int):
+    """For lanes q = v·vw + l of P's plane (tap r = kh·KW + kw): the input
+    offset within x's plane of each lane (i32) and which lanes read the input."""
+    b = cg.b
+    kh, kw = b.sdiv(r, cg.i64(geo.KW)), b.srem(r, cg.i64(geo.KW))
+    q = b.add(_splat32(cg, cg.imul(v, vw), vw), _i32s(cg, range(vw), vw))
+    i = b.udiv(q, _i32s(cg, [geo.OW] * vw, vw))
+    j = b.sub(q, b.mul(i, _i32s(cg, [geo.OW] * vw, vw)))
+    h = b.add(b.mul(i, _i32s(cg, [geo.sh] * vw, vw)), _splat32(cg, cg.iadd(kh, -geo.pt), vw))
+    w = b.add(b.mul(j, _i32s(cg, [geo.sw] * vw, vw)), _splat32(cg, cg.iadd(kw, -geo.pl), vw))
+    mask = b.icmp_signed("<", q, _i32s(cg, [geo.plane] * vw, vw))
+    above, below, left, right = geo.may_leave()
+    for leaves, cmp, val, bound in ((above, ">=", h, 0), (below, "<", h, geo.H),
+                                    (left, ">=", w, 0), (right, "<", w, geo.W)):
+        if leaves:
+            mask = b.and_(mask, b.icmp_signed(cmp, val, _i32s(cg, [bound] * vw, vw)))
+    offset = b.add(b.mul(h, _i32s(cg, [geo.W] * vw, vw)), w)
+    return offset, mask, b.icmp_signed("<", q, _i32s(cg, [geo.plane] * vw, vw))
+
+
+def emit_patches(kb, node) -> None:
+    x_id = node.inputs[0]
+    geo = _Geometry(kb.graph.nodes[x_id].shape, node.shape, node.attrs)
+    if geo.sw != 1 and not any(geo.may_leave()):
+        _emit_channel_patches(kb, node, geo)
+        return
+    vw = kb.vector_width
+    CKK = node.shape[1]
+    KK = geo.KH * geo.KW
+
+    def tasks(cg):
+        return cg.imul(cg.dim(geo.N), CKK)
+
+    with kb.kernel(f"patches{node.id}", tasks, cost=geo.plane) as (cg, lo, hi):
+        b = cg.b
+        X, P = cg.ptr(x_id), cg.ptr(node.id)
+        with cg.loop(hi, start=lo, name="plane") as t:
+            r = b.srem(t, cg.i64(KK))
+            xplane = cg.imul(b.sdiv(t, cg.i64(KK)), geo.H * geo.W)      # t // KK = n·C + c
+            out = cg.imul(t, geo.plane)
+            if geo.sw == 1:
+                _rows_at_stride_1(cg, geo, X, P, xplane, out, r, vw)
+            else:
+                with cg.loop(-(-geo.plane // vw), name="v") as v:
+                    offset, reads, inside = _taps(cg, geo, r, v, vw)
+                    value = gather(cg, X, xplane, offset, reads)
+                    cg.store(value, P, cg.iadd(out, cg.imul(v, vw)), mask=inside)
+
+
+def _emit_channel_patches(kb, node, geo: _Geometry) -> None:
+    """No tap leaves the input (no padding; a patch embedding): a task is one
+    input channel (n, c), and each vector of plane positions computes its
+    lanes' offsets once for all KH·KW taps, which differ by a constant
+    kh·W + kw (per plane as in `emit_patches`, the offsets' arithmetic cost
+    more than the gathers). The tail lanes past the plane are masked; with
+    the plane a multiple of the vector, nothing is."""
+    x_id = node.inputs[0]
+    vw = kb.vector_width
+    KK = geo.KH * geo.KW
+
+    def tasks(cg):
+        return cg.imul(cg.dim(geo.N), geo.C)
+
+    with kb.kernel(f"patches{node.id}", tasks, cost=KK * geo.plane) as (cg, lo, hi):
+        b = cg.b
+        X, P = cg.ptr(x_id), cg.ptr(node.id)
+        whole = geo.plane % vw == 0
+        with cg.loop(hi, start=lo, name="channel") as t:
+            xplane = cg.imul(t, geo.H * geo.W)
+            with cg.loop(-(-geo.plane // vw), name="v") as v:
+                offset, _, inside = _taps(cg, geo, cg.i64(0), v, vw)
+                mask = ir.Constant(ir.VectorType(I1, vw), [1] * vw) if whole else inside
+                out = cg.iadd(cg.imul(cg.imul(t, KK), geo.plane), cg.imul(v, vw))
+                with cg.loop(geo.KH, name="kh") as kh:
+                    row = cg.iadd(xplane, cg.imul(kh, geo.W))
+                    first = cg.iadd(out, cg.imul(kh, geo.KW * geo.plane))
+                    with cg.loop(geo.KW, name="kw") as kw:
+                        value = gather(cg, X, cg.iadd(row, kw), offset, mask)
+                        cg.store(value, P, cg.iadd(first, cg.imul(kw, geo.plane)), mask=None if whole else inside)
+
+
+def _rows_at_stride_1(cg, geo: _Geometry, X, P, xplane, out, r, vw: int) -> None:
+    """P's plane row by row: row i reads input row i·sh + kh - pt from column
+    kw - pl on, one masked load a vector."""
+    b = cg.b
+    kh, kw = b.sdiv(r, cg.i64(geo.KW)), b.srem(r, cg.i64(geo.KW))
+    above, below, left, right = geo.may_leave()
+    lanes = _lanes(cg, vw)
+    with cg.loop(geo.OH, name="i") as i:
+        h = cg.iadd(cg.iadd(cg.imul(i, geo.sh), kh), -geo.pt)
+        row_in = ir.Constant(I1, 1)
+        if above:
+            row_in = b.and_(row_in, b.icmp_signed(">=", h, cg.i64(0)))
+        if below:
+            row_in = b.and_(row_in, b.icmp_signed("<", h, cg.i64(geo.H)))
+        col0 = cg.iadd(kw, -geo.pl)
+        with cg.loop(-(-geo.OW // vw), name="v") as v:
+            j = b.add(cg.splat(cg.imul(v, vw), vw), lanes)
+            inside = b.icmp_signed("<", j, cg.splat(cg.i64(geo.OW), vw))
+            w = b.add(j, cg.splat(col0, vw))
+            reads = b.and_(inside, cg.splat(row_in, vw))
+            if left:
+                reads = b.and_(reads, b.icmp_signed(">=", w, cg.splat(cg.i64(0), vw)))
+            if right:
+                reads = b.and_(reads, b.icmp_signed("<", w, cg.splat(cg.i64(geo.W), vw)))
+            at = cg.iadd(cg.iadd(xplane, cg.imul(h, geo.W)), cg.iadd(col0, cg.imul(v, vw)))
+            value = cg.load(X, at, F32, vw, reads)
+            cg.store(value, P, cg.iadd(cg.iadd(out, cg.imul(i, geo.OW)), cg.imul(v, vw)), mask=inside)
+
+
+def _scatter(cg, base, row_off, offsets, value, mask) -> None:
+    """base[row_off + offsets[l]] = value[l] for the set lanes of mask."""
+    b = cg.b
+    vw = offsets.type.count
+    ptrs = b.gep(cg.gep(base, row_off), [offsets], source_etype=F32)
+    vpt = ir.VectorType(PTR, vw)
+    ptrs.type = vpt
+    fn = cg.declare(f"llvm.masked.scatter.v{vw}f32.v{vw}p0", VOID, [value.type, vpt, I32, mask.type])
+    b.call(fn, [value, ptrs, ir.Constant(I32, 4), mask])
+
+
+def emit_patches_grad(kb, node) -> None:
+    p_id = node.inputs[0]
+    geo = _Geometry(node.shape, kb.graph.nodes[p_id].shape, node.attrs)
+    vw = kb.vector_width
+    KK = geo.KH * geo.KW
+
+    def tasks(cg):
+        return cg.imul(cg.dim(geo.N), geo.C)
+
+    with kb.kernel(f"patchesgrad{node.id}", tasks, cost=geo.H * geo.W + 2 * KK * geo.plane) as (cg, lo, hi):
+        P, D = cg.ptr(p_id), cg.ptr(node.id)
+        with cg.loop(hi, start=lo, name="plane") as t:
+            dplane = cg.imul(t, geo.H * geo.W)
+            _zero(kb, cg, D, dplane, geo.H * geo.W)
+            with cg.loop(KK, name="tap") as r:
+                src = cg.imul(cg.iadd(cg.imul(t, KK), r), geo.plane)       # P's plane (n, c, kh, kw)
+                with cg.loop(-(-geo.plane // vw), name="v") as v:
+                    offset, writes, inside = _taps(cg, geo, r, v, vw)
+                    value = cg.load(P, cg.iadd(src, cg.imul(v, vw)), F32, vw, inside)
+                    total = cg.add(gather(cg, D, dplane, offset, writes), value)
+                    _scatter(cg, D, dplane, offset, total, writes)
