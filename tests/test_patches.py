@@ -1,12 +1,27 @@
-"""Patches (im2col) (`ops/patches.py`, `lower/patches.py`): the ops against a
-loop-by-loop im2col and float64 finite differences."""
+"""Patches (im2col) and the rewrite of a convolution whose kernel is its stride
+into patches and a 1x1 convolution (`ops/patches.py`, `lower/patches.py`,
+`passes/patches.py`): the ops against a loop-by-loop im2col and float64 finite
+differences; whole models against the interpreter on the graph as written,
+finite differences, one SGD step, 1 and 2 threads bit for bit; the rewrite
+itself (where it happens and where not); exporters reading the graph as written."""
+import re
+
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import structc
+from structc import _runtime
+from structc.autodiff import differentiate
+from structc.build import build_model
+from structc.compiler import compile_source
+from structc.interp import evaluate
 from structc.ops import REGISTRY
 from structc.ops.base import Sample
-from structc.testing import check_native, check_vjp
+from structc.passes.message import prepare
+from structc.syntax import parse
+from structc.testing import check_model_grads, check_native, check_vjp
 
 SOME = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -60,3 +75,158 @@ def test_patches_vjp_matches_finite_differences(case):
     shape, attrs = case
     check_vjp(REGISTRY["patches"], Sample((shape,), attrs))
 
+
+PATCH_EMBED = """
+model PatchEmbed {
+  input  x: f32[N, 3, 32, 48]
+  target y: class[N] of 5
+  h = conv(x, 24, kernel=8, stride=8) |> relu
+  h = conv(h, 16, kernel=1) |> relu
+  loss cross_entropy(dense(global_avg_pool(h), 5), y)
+}
+"""
+
+# a patch convolution that is not the first layer: its input needs a gradient (patches_grad),
+# one of 2x3 patches on a plane that leaves a column over (dropped, as the convolution drops it),
+# and a 1-D one
+DEEP = """
+model Deep {
+  input  x: f32[N, 2, 12, 20]
+  input  s: f32[N, 4, 30]
+  target y: class[N] of 3
+  h = conv(x, 6, kernel=3, padding=same) |> tanh
+  h = conv(h, 8, kernel="2x3", stride="2x3") |> tanh
+  t = conv1d(s, 5, kernel=3, stride=3) |> tanh
+  loss cross_entropy(dense(concat(global_avg_pool(h), mean(t, axes=(2,)), axis=1), 3), y)
+}
+"""
+
+
+def _inputs(mdef, batch, rng):
+    out = {}
+    for name, nid in mdef.graph.inputs.items():
+        t = mdef.graph.nodes[nid].type
+        shape = tuple(batch if d == "N" else d for d in t.shape)
+        out[name] = rng.integers(0, 3, shape).astype(np.int32) if not t.is_float else \
+            rng.normal(size=shape).astype(np.float32)
+    return out
+
+
+def _dump(source, stage):
+    dumps = {}
+    compile_source(source, dump=lambda s, t: dumps.__setitem__(s, t), jit=False)
+    return dumps[stage]
+
+
+def _ops(source, stage):
+    return re.findall(r"= (\w+)[\[(]", _dump(source, stage))
+
+
+def test_a_patch_convolution_becomes_patches_and_a_1x1_convolution():
+    forward = _ops(PATCH_EMBED, "graph.patch_convs")
+    assert forward.count("patches") == 1 and forward.count("conv2d") == 2
+    line = next(x for x in _dump(PATCH_EMBED, "graph.patch_convs").splitlines() if "patches[" in x)
+    assert "kernel=8x8, stride=8x8" in line and line.rstrip().endswith(":5:7")     # the conv's span
+    train = _ops(PATCH_EMBED, "train.fuse")
+    assert "patches_grad" not in train        # x is an input: no col2im at all
+    assert "conv2d_kernel_grad_parts" in train
+    assert "patches_grad" in _ops(DEEP, "train.fuse")
+
+
+@pytest.mark.parametrize("layer", ["conv(x, 4, kernel=4, stride=2)", "conv(x, 4, kernel=4, stride=4, padding=1)",
+                                   "conv(x, 4, kernel=1)", "conv(x, 4, kernel=3, stride=1)"])
+def test_convolutions_with_overlap_padding_or_1x1_stay_as_written(layer):
+    src = f"model M {{ input x: f32[N, 2, 16, 16]\n  output y = {layer}\n}}"
+    assert "patches" not in _ops(src, "graph.patch_convs")
+
+
+def test_input_dilations_are_never_rewritten():
+    """An input gradient is a convolution over a stride-dilated delta: it comes after the rewrite, and
+    the rule refuses one anyway (its kernel read with input_dilation is not a patch of its input)."""
+    from structc.passes.patches import patch_convs
+    from structc.types import TensorType
+    mdef = build_model(parse("model M { input x: f32[N, 2, 8, 8]\n  output y = conv(x, 3, kernel=2, stride=2)\n}"))
+    g = mdef.graph.copy()
+    conv = next(n for n in g.nodes.values() if n.op.name == "conv2d")
+    conv.attrs["input_dilation"] = (2, 2)
+    conv.type = TensorType(("N", 3, 15, 15), "f32")
+    assert all(n.op.name != "patches" for n in patch_convs(g).nodes.values())
+
+
+def test_the_weight_keeps_its_name_shape_and_meaning(rng):
+    net = structc.compile(PATCH_EMBED, seed=3)
+    assert net.params["conv1.w"].shape == (24, 3, 8, 8)
+    mdef = build_model(parse(PATCH_EMBED))
+    x = rng.normal(size=(4, 3, 32, 48)).astype(np.float32)
+    params = {k: v.astype(np.float64) for k, v in net.params.items()}
+    want = evaluate(mdef.graph, {"x": x, "y": np.zeros(4, np.int32)}, params, outputs=["probs"])["probs"]
+    np.testing.assert_allclose(net(x=x), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("source, batch", [(PATCH_EMBED, 5), (DEEP, 4)])
+def test_gradients_and_a_step_match_the_graph_as_written(source, batch, rng):
+    net = structc.compile(source, seed=1)
+    for name in net.params:         # biases too: they start at zero
+        net.params[name] = rng.normal(0, 0.3, net.params[name].shape)
+    mdef = build_model(parse(source))
+    inputs = _inputs(mdef, batch, rng)
+    params = {k: v.copy() for k, v in net.params.items()}
+    as_written = evaluate(differentiate(mdef.graph), inputs, {k: v.astype(np.float64) for k, v in params.items()})
+    loss, grads = net.grad(**inputs)
+    assert loss == pytest.approx(float(as_written["loss"]), rel=1e-4)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], as_written[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
+    # the rewritten forward graph, interpreted: its gradient against finite differences
+    rewritten = build_model(parse(source))
+    rewritten.graph = prepare(rewritten.graph)
+    assert any(n.op.name == "patches" for n in rewritten.graph.nodes.values())
+    check_model_grads(rewritten, inputs, params)
+    # one SGD step moves every parameter by -lr times its gradient
+    net.train_step(lr=0.1, **inputs)
+    for k in grads:
+        np.testing.assert_allclose(net.params[k], params[k] - 0.1 * as_written[f"grad:{k}"],
+                                   rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("source", [PATCH_EMBED, DEEP])
+def test_one_thread_and_two_give_the_same_bits(source):
+    net = structc.compile(source, seed=2)
+    mdef = build_model(parse(source))
+    inputs = _inputs(mdef, 64, np.random.default_rng(5))
+    before, handed = structc.get_num_threads(), _runtime.handoffs()
+    try:
+        structc.set_num_threads(1)
+        one = net.grad(**inputs)
+        structc.set_num_threads(2)
+        two = net.grad(**inputs)
+    finally:
+        structc.set_num_threads(before)
+    assert _runtime.handoffs() > handed, "nothing ran on two threads: the comparison checked nothing"
+    assert one[0] == two[0]
+    for k in one[1]:
+        np.testing.assert_array_equal(one[1][k], two[1][k], err_msg=k)
+
+
+def test_profile_counts_the_convolutions_flops_and_names_the_users_line():
+    net = structc.compile(PATCH_EMBED)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 3, 32, 48)).astype(np.float32), np.zeros(8, np.int32)
+    report = net.profile(steps=2, x=x, y=y)
+    dims = {"N": 8}
+    mine = [r.kernel for r in report.rows if r.kernel.line == 5]        # the patch convolution's line
+    assert {"patches", "conv2d", "conv2d_kernel_grad_parts"} <= {k.op for k in mine}, report.table()
+    forward = next(k for k in mine if k.op == "conv2d")
+    assert forward.flop_count(dims) == 2 * 8 * 24 * 4 * 6 * 3 * 8 * 8, report.table()
+
+
+def test_a_frozen_patch_convolution_stays_frozen_and_nothing_warns(rng):
+    import warnings
+    from structc.errors import GradientWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)     # the reshaped weight still gets its gradient
+        structc.compile(PATCH_EMBED).train_step(lr=0.1, **_inputs(build_model(parse(PATCH_EMBED)), 2, rng))
+    net = structc.compile(PATCH_EMBED, freeze=["conv1"])
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(lr=0.1, **_inputs(build_model(parse(PATCH_EMBED)), 4, rng))
+    np.testing.assert_array_equal(net.params["conv1.w"], before["conv1.w"])
+    assert not np.array_equal(net.params["conv2.w"], before["conv2.w"])

@@ -290,3 +290,18 @@ def test_a_norm_layer_with_another_eps_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"PyTorch '1' \(LayerNorm\) normalises with eps=1e-05, "
                                          r"structc's 'norm' with eps=1e-06"):
         st.load_state_dict(ln, nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), mapping={"fc": "0", "norm": "1"})
+
+
+def test_a_patch_embedding_round_trips_into_pytorch():
+    """structc runs a 4x4 convolution at stride 4 as patches and a 1x1 convolution; its weight is
+    still the [out, in, 4, 4] kernel PyTorch's Conv2d holds, and means the same."""
+    net = structc.compile("model P { input x: f32[N, 3, 16, 20]\n"
+                          "  output y = conv(x, 6, kernel=4, stride=4) |> relu |> flatten\n}", seed=3)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 6, 4, stride=4), nn.ReLU(), nn.Flatten())
+    st.load_state_dict(net, module, mapping={"conv1": "0"})
+    x = np.random.default_rng(2).normal(size=(3, 3, 16, 20)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net(x=x), want, rtol=1e-4, atol=1e-5)
+    module.load_state_dict(st.state_dict(net, mapping={"conv1": "0"}))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from ..graph import Builder, Graph
 from .dce import dce
+from .patches import patch_convs
 
 
 def _single_use(g: Graph, nid: int) -> bool:
@@ -133,7 +134,7 @@ def sink_gathers(g: Graph) -> Graph:
 
 
 # Passes over the forward graph before differentiation, in order.
-PREPARE = [("sink_gathers", sink_gathers), ("aggregate_first", aggregate_first)]
+PREPARE = [("sink_gathers", sink_gathers), ("aggregate_first", aggregate_first), ("patch_convs", patch_convs)]
 
 
 def prepare(g: Graph, dump=None) -> Graph:
