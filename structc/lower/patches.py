@@ -15,7 +15,8 @@
       not overlap, a scatter). For one (kh, kw) the map (i, j) -> (h, w) is
       one to one, so no two lanes of a vector write one element; the (kh, kw)
       come one after another, so the sums' order is fixed: the same bits on
-      any number of threads.
+      any number of threads. The group's epilogue (the derivative mask of
+      the activation below) then runs over the plane while it is in L1.
 
 Every read and write of an element outside its plane (padding, lanes past
 the plane's end) is masked off; only the bounds a shape can break are tested.
@@ -27,7 +28,7 @@ from llvmlite import ir
 from ..ops.conv import pair, quad
 from .codegen import F32, I1, I32, PTR, VOID
 from .conv import _lanes, gather
-from .pool import _zero
+from .pool import _plane_epilogue, _zero
 
 
 class _Geometry:
@@ -149,7 +150,7 @@ def _scatter(cg, base, row_off, offsets, value, mask) -> None:
     b.call(fn, [value, ptrs, ir.Constant(I32, 4), mask])
 
 
-def emit_patches_grad(kb, node) -> None:
+def emit_patches_grad(kb, node, epilogue) -> None:
     p_id = node.inputs[0]
     geo = _Geometry(node.shape, kb.graph.nodes[p_id].shape, node.attrs)
     vw = kb.vector_width
@@ -157,12 +158,16 @@ def emit_patches_grad(kb, node) -> None:
     # patches that do not overlap (a stride at least the kernel) give each element one value
     # at most: it is stored, not added (a permutation, and zeros where no patch reads)
     overlap = geo.sh < geo.KH or geo.sw < geo.KW
+    # the plane is summed in the group's output, then the group's epilogue (the derivative
+    # mask of the activation below) runs over it while it is in L1, as scatter_argmax's does
+    scratch_id = epilogue.outputs[0]
 
     def tasks(cg):
         return cg.imul(cg.dim(geo.N), geo.C)
 
-    with kb.kernel(f"patchesgrad{node.id}", tasks, cost=geo.H * geo.W + 2 * KK * geo.plane) as (cg, lo, hi):
-        P, D = cg.ptr(p_id), cg.ptr(node.id)
+    with kb.kernel(f"patchesgrad{node.id}", tasks, cost=2 * geo.H * geo.W + 2 * KK * geo.plane) as (cg, lo, hi):
+        b = cg.b
+        P, D = cg.ptr(p_id), cg.ptr(scratch_id)
         with cg.loop(hi, start=lo, name="plane") as t:
             dplane = cg.imul(t, geo.H * geo.W)
             _zero(kb, cg, D, dplane, geo.H * geo.W)
@@ -174,3 +179,5 @@ def emit_patches_grad(kb, node) -> None:
                     if overlap:
                         value = cg.add(gather(cg, D, dplane, offset, writes), value)
                     _scatter(cg, D, dplane, offset, value, writes)
+            _plane_epilogue(kb, cg, epilogue, D, dplane, b.sdiv(t, cg.i64(geo.C)), b.srem(t, cg.i64(geo.C)),
+                            geo.H, geo.W)

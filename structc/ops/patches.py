@@ -84,6 +84,7 @@ class PatchesGrad(Op):
     i·sh + kh - pt = h and j·sw + kw - pl = w: `patches`' adjoint (col2im)."""
     name = "patches_grad"
     floats_only = True
+    traits = frozenset({"epilogue"})        # the activation's derivative mask below, as its planes are stored
 
     def shape(self, p, *, kernel, stride, padding, plane) -> TensorType:
         _check_attrs(kernel, stride, padding)
@@ -125,4 +126,4 @@ class PatchesGrad(Op):
 
     def lower(self, kb, node, epilogue):
         from ..lower.patches import emit_patches_grad
-        emit_patches_grad(kb, node)
+        emit_patches_grad(kb, node, epilogue)
