@@ -16,7 +16,7 @@ The weight keeps its name and [O, C, KH, KW] shape (a reshape is a view), and
 every new node the convolution's span. Not rewritten: padded convolutions,
 input dilations (those are gradients, and none is in a forward graph a user
 wrote), and overlapping or gapped patches (kernel != stride): an 11x11
-convolution at stride 4 on 3 channels (an AlexNet stem) measured slower as
+convolution at stride 4 on 3 channels (an AlexNet stem) measured no faster as
 patches (P is 3.7x the input; see benchmarks/RESULTS.md).
 `structc compile --dump=graph.patch_convs` shows the result.
 """
