@@ -151,7 +151,7 @@ def test_input_dilations_are_never_rewritten():
     g = mdef.graph.copy()
     conv = next(n for n in g.nodes.values() if n.op.name == "conv2d")
     conv.attrs["input_dilation"] = (2, 2)
-    conv.type = TensorType(("N", 3, 15, 15), "f32")
+    conv.type = TensorType(("N", 3, 7, 7), "f32")         # 8x8 dilated to 15x15, 2x2 at stride 2
     assert all(n.op.name != "patches" for n in patch_convs(g).nodes.values())
 
 
