@@ -76,6 +76,25 @@ def test_patches_vjp_matches_finite_differences(case):
     check_vjp(REGISTRY["patches"], Sample((shape,), attrs))
 
 
+@pytest.mark.parametrize("shape, attrs", [
+    ((2, 3, 5, 70), {"kernel": (1, 4), "stride": (1, 4), "padding": (0, 0, 2, 3)}),     # an 11x11/4 stem's phases
+    ((1, 2, 4, 200), {"kernel": (2, 3), "stride": (2, 3), "padding": (1, 1, 1, 2)}),
+    ((1, 1, 2, 257), {"kernel": (1, 16), "stride": (1, 16), "padding": (0, 0, 0, 0)}),    # a vector a row, 16 loads
+    ((2, 2, 3, 40), {"kernel": (3, 2), "stride": (1, 2), "padding": (1, 1, 0, 1)}),    # overlapping rows, 20 columns
+])
+def test_strided_rows_of_a_vector_or_more_by_shuffles(shape, attrs):
+    """Rows of at least a vector at strides 2-16 (`_shuffled_rows`): sw loads and shuffles."""
+    from structc.lower.patches import _Geometry, _shuffled_rows
+    from structc.native import host_target
+    ow = (shape[3] + attrs["padding"][2] + attrs["padding"][3] - attrs["kernel"][1]) // attrs["stride"][1] + 1
+    geo = _Geometry(shape, (shape[0], 0, 1, ow), attrs)
+    assert _shuffled_rows(geo, host_target().vector_width) or ow < host_target().vector_width
+    x = np.random.default_rng(1).normal(size=shape)
+    np.testing.assert_array_equal(REGISTRY["patches"].reference(x, **attrs),
+                                  im2col(x, attrs["kernel"], attrs["stride"], attrs["padding"]))
+    check_native(REGISTRY["patches"], Sample((shape,), attrs))
+
+
 PATCH_EMBED = """
 model PatchEmbed {
   input  x: f32[N, 3, 32, 48]
@@ -98,6 +117,20 @@ model Deep {
   h = conv(h, 8, kernel="2x3", stride="2x3") |> tanh
   t = conv1d(s, 5, kernel=3, stride=3) |> tanh
   loss cross_entropy(dense(concat(global_avg_pool(h), mean(t, axes=(2,)), axis=1), 3), y)
+}
+"""
+
+
+# an 11x11 stride-4 stem (its input's 4 column phases: patches of 1x4 with 4 zero columns past
+# the right padding, then a stride-(4, 1) convolution of 3 columns over 12 channels) and, not
+# first, a 3x6 stride-2x3 one (its input needs a gradient: patches_grad of the phases)
+PHASED = """
+model Phased {
+  input  x: f32[N, 3, 27, 70]
+  target y: class[N] of 3
+  h = conv(x, 8, kernel=11, stride=4, padding=(2, 2, 2, 5)) |> tanh
+  h = conv(h, 6, kernel="3x6", stride="2x3") |> tanh
+  loss cross_entropy(dense(global_avg_pool(h), 3), y)
 }
 """
 
@@ -135,8 +168,22 @@ def test_a_patch_convolution_becomes_patches_and_a_1x1_convolution():
     assert kind == "epilogue" and "= mul(" in body     # tanh's derivative mask below, as the planes are stored
 
 
-@pytest.mark.parametrize("layer", ["conv(x, 4, kernel=4, stride=2)", "conv(x, 4, kernel=4, stride=4, padding=1)",
-                                   "conv(x, 4, kernel=1)", "conv(x, 4, kernel=3, stride=1)"])
+def test_a_row_stride_of_3_or_more_runs_over_the_inputs_column_phases():
+    dump = _dump(PHASED, "graph.patch_convs")
+    lines = [x for x in dump.splitlines() if "= patches" in x]
+    assert len(lines) == 4 and all("kernel=1x4, stride=1x4" in x or "kernel=1x3, stride=1x3" in x for x in lines)
+    convs = [x for x in dump.splitlines() if "= conv2d" in x]
+    assert len(convs) == 2 and all("stride=4x1" in x or "stride=2x1" in x for x in convs), convs
+    assert "patches_grad" in _ops(PHASED, "train.fuse")      # the second one's input needs a gradient
+    # a padded patch convolution: not patches and a 1x1 convolution, but its column phases
+    padded = _dump("model M { input x: f32[N, 2, 16, 16]\n  output y = conv(x, 4, kernel=4, stride=4, padding=1)\n}",
+                   "graph.patch_convs")
+    assert "= conv2d[stride=4x1, padding=1,1,0,0]" in padded and "kernel=1x4, stride=1x4, padding=0,0,1,0](%0)" in padded
+
+
+@pytest.mark.parametrize("layer", ["conv(x, 4, kernel=4, stride=2)", "conv(x, 4, kernel=1)", "conv(x, 4, kernel=3, stride=1)",
+                                   "conv(x, 4, kernel=7, stride=3)",        # 9 taps for 7: too many zeros
+                                   "conv(x, 4, kernel=5, stride=2)"])       # stride 2: by shuffles as it is
 def test_convolutions_with_overlap_padding_or_1x1_stay_as_written(layer):
     src = f"model M {{ input x: f32[N, 2, 16, 16]\n  output y = {layer}\n}}"
     assert "patches" not in _ops(src, "graph.patch_convs")
@@ -165,7 +212,7 @@ def test_the_weight_keeps_its_name_shape_and_meaning(rng):
     np.testing.assert_allclose(net(x=x), want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("source, batch", [(PATCH_EMBED, 5), (DEEP, 4)])
+@pytest.mark.parametrize("source, batch", [(PATCH_EMBED, 5), (DEEP, 4), (PHASED, 3)])
 def test_gradients_and_a_step_match_the_graph_as_written(source, batch, rng):
     net = structc.compile(source, seed=1)
     for name in net.params:         # biases too: they start at zero
@@ -190,7 +237,7 @@ def test_gradients_and_a_step_match_the_graph_as_written(source, batch, rng):
                                    rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("source", [PATCH_EMBED, DEEP])
+@pytest.mark.parametrize("source", [PATCH_EMBED, DEEP, PHASED])
 def test_one_thread_and_two_give_the_same_bits(source):
     net = structc.compile(source, seed=2)
     mdef = build_model(parse(source))

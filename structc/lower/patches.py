@@ -27,7 +27,7 @@ from llvmlite import ir
 
 from ..ops.conv import pair, quad
 from .codegen import F32, I1, I32, PTR, VOID
-from .conv import _lanes, gather
+from .conv import MAX_SHUFFLED_STRIDE, _and, _lanes, _picked, gather
 from .pool import _plane_epilogue, _zero
 
 
@@ -101,8 +101,8 @@ def emit_patches(kb, node) -> None:
             r = b.srem(t, cg.i64(KK))
             xplane = cg.imul(b.sdiv(t, cg.i64(KK)), geo.H * geo.W)      # t // KK = n·C + c
             out = cg.imul(t, geo.plane)
-            if geo.sw == 1:
-                _rows_at_stride_1(cg, geo, X, P, xplane, out, r, vw)
+            if geo.sw == 1 or _shuffled_rows(geo, vw):
+                _rows(cg, geo, X, P, xplane, out, r, vw)
             else:
                 with cg.loop(-(-geo.plane // vw), name="v") as v:
                     offset, inside, reads = _taps(cg, geo, *_tap(cg, geo, r), v, vw)
@@ -110,10 +110,23 @@ def emit_patches(kb, node) -> None:
                     cg.store(value, P, cg.iadd(out, cg.imul(v, vw)), mask=inside)
 
 
-def _rows_at_stride_1(cg, geo: _Geometry, X, P, xplane, out, r, vw: int) -> None:
+def _shuffled_rows(geo: _Geometry, vw: int) -> bool:
+    """Whether a strided plane goes row by row, each vector from sw loads and sw - 1
+    shuffles (`conv._picked`), not one gather: rows of a vector or more. The column
+    phases of an 11x11 stride-4 stem's input (`passes/patches.py`), 32 columns a row,
+    took 660 us by gathers at batch 16."""
+    return 2 <= geo.sw <= MAX_SHUFFLED_STRIDE and geo.OW >= vw
+
+
+def _rows(cg, geo: _Geometry, X, P, xplane, out, r, vw: int) -> None:
     """P's plane row by row: row i reads input row i·sh + kh - pt from column
-    kw - pl on, one masked load a vector."""
+    kw - pl on, every sw-th column: one masked load a vector at stride 1, sw
+    masked loads and sw - 1 shuffles at a stride (the loads' masks keep them
+    in the row; columns in the padding read as 0)."""
     b = cg.b
+    if geo.sw != 1:
+        zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
+        picks = [geo.sw * j for j in range(vw)]
     kh, kw = _tap(cg, geo, r)
     above, below, left, right = geo.may_leave()
     lanes = _lanes(cg, vw)
@@ -128,15 +141,26 @@ def _rows_at_stride_1(cg, geo: _Geometry, X, P, xplane, out, r, vw: int) -> None
         with cg.loop(-(-geo.OW // vw), name="v") as v:
             j = b.add(cg.splat(cg.imul(v, vw), vw), lanes)
             inside = b.icmp_signed("<", j, cg.splat(cg.i64(geo.OW), vw))
-            w = b.add(j, cg.splat(col0, vw))
-            reads = b.and_(inside, cg.splat(row_in, vw))
-            if left:
-                reads = b.and_(reads, b.icmp_signed(">=", w, cg.splat(cg.i64(0), vw)))
-            if right:
-                reads = b.and_(reads, b.icmp_signed("<", w, cg.splat(cg.i64(geo.W), vw)))
-            at = cg.iadd(cg.iadd(xplane, cg.imul(h, geo.W)), cg.iadd(col0, cg.imul(v, vw)))
-            value = cg.load(X, at, F32, vw, reads)
-            cg.store(value, P, cg.iadd(cg.iadd(out, cg.imul(i, geo.OW)), cg.imul(v, vw)), mask=inside)
+            dest = cg.iadd(cg.iadd(out, cg.imul(i, geo.OW)), cg.imul(v, vw))
+            if geo.sw != 1:
+                first = cg.iadd(col0, cg.imul(v, vw * geo.sw))      # lane l reads column first + sw l
+                row = cg.iadd(xplane, cg.imul(h, geo.W))
+                parts = []
+                for k in range(geo.sw):
+                    cols = b.add(cg.splat(cg.iadd(first, k * vw), vw), lanes)
+                    ok = _and(cg, cg.splat(row_in, vw), b.icmp_signed(">=", cols, cg.splat(cg.i64(0), vw)),
+                              b.icmp_signed("<", cols, cg.splat(cg.i64(geo.W), vw)))
+                    parts.append(cg.load(X, cg.iadd(row, cg.iadd(first, k * vw)), F32, vw, ok))
+                cg.store(_picked(b, parts, picks, zero), P, dest, mask=inside)
+            else:
+                w = b.add(j, cg.splat(col0, vw))
+                reads = b.and_(inside, cg.splat(row_in, vw))
+                if left:
+                    reads = b.and_(reads, b.icmp_signed(">=", w, cg.splat(cg.i64(0), vw)))
+                if right:
+                    reads = b.and_(reads, b.icmp_signed("<", w, cg.splat(cg.i64(geo.W), vw)))
+                at = cg.iadd(cg.iadd(xplane, cg.imul(h, geo.W)), cg.iadd(col0, cg.imul(v, vw)))
+                cg.store(cg.load(X, at, F32, vw, reads), P, dest, mask=inside)
 
 
 def _scatter(cg, base, row_off, offsets, value, mask) -> None:
