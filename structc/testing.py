@@ -21,7 +21,7 @@ import numpy as np
 from .autodiff import differentiate
 from .build import InputSpec, ModelDef, ParamSpec
 from .errors import GradientWarning
-from .graph import Builder, Graph
+from .graph import Builder, Graph, format_graph
 from .interp import evaluate
 from .ops import REGISTRY
 from .ops.base import Op, Sample
@@ -106,25 +106,37 @@ def check_vjp(op: Op, sample: Sample, seed: int = 0) -> None:
     directional_check(f, grads, params, rng, what=f"{op.name}{sample.attrs or ''}")
 
 
-def op_net(op: Op, sample: Sample, arrays):
+def op_net(op: Op, sample: Sample, arrays, compiled: dict | None = None):
+    """(`op_graph`'s model, a fresh `Net` of it). `compiled`: artifacts made
+    before, by what the model is (the op, the sample's attributes and the
+    printed graph, which holds every operand's type and an integer operand's
+    classes), so that checks of one op net in turn compile it once; only for
+    callers that do not change the compiler in between (a monkeypatch)."""
     from .compiler import compile_model
     from .model import Net
     from .native import JitModule, host_target
     mdef = op_graph(op, sample, arrays)
-    with warnings.catch_warnings():     # integer or fixed operands only: no parameter, as meant
-        warnings.filterwarnings("ignore", rf"model {re.escape(mdef.name)} has no parameter that training changes",
-                                GradientWarning)
-        art = compile_model(mdef)
+    key = (op.name, repr(sample.attrs), format_graph(mdef.graph))
+    art = None if compiled is None else compiled.get(key)
+    if art is None:
+        with warnings.catch_warnings():     # integer or fixed operands only: no parameter, as meant
+            warnings.filterwarnings("ignore", rf"model {re.escape(mdef.name)} has no parameter that training changes",
+                                    GradientWarning)
+            art = compile_model(mdef)
+        if compiled is not None:
+            compiled[key] = art
     net = Net(art.meta, JitModule(art.object, host_target()))
     return mdef, net
 
 
-def check_native(op: Op, sample: Sample, seed: int = 0, rtol: float = 2e-4, atol: float = 2e-5) -> None:
-    """Native forward equals the numpy reference; native gradients equal the interpreter's."""
+def check_native(op: Op, sample: Sample, seed: int = 0, rtol: float = 2e-4, atol: float = 2e-5,
+                 compiled: dict | None = None) -> None:
+    """Native forward equals the numpy reference; native gradients equal the
+    interpreter's. `compiled`: as `op_net` takes it."""
     rng = np.random.default_rng(seed)
     arrays = sample.arrays(rng)
     arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
-    mdef, net = op_net(op, sample, arrays)
+    mdef, net = op_net(op, sample, arrays, compiled)
     out_t = mdef.graph.nodes[mdef.graph.outputs["out"]].type
     u = rng.normal(size=tuple(out_t.shape)).astype(np.float32)
     inputs, params = _feeds(mdef, arrays, u)

@@ -29,3 +29,12 @@ def pytest_sessionfinish(session, exitstatus):
 def rng():
     import numpy as np
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def op_artifacts():
+    """Op nets compiled once for the session (`structc.testing.op_net`'s `compiled`):
+    tests/test_ops.py checks each sample's net, tests/test_nan.py the same net with
+    NaN, inf and both; the net is the same (the values differ), and each of its
+    4 compiles took ~0.2 s, 298 samples. Only for tests that leave the compiler as it is."""
+    return {}

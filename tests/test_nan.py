@@ -87,11 +87,11 @@ def reference_f32(op, arrays, attrs):
         return np.asarray(op.reference(*arrays, **attrs), dtype=np.float64).astype(np.float32)
 
 
-def check_specials(op, sample: Sample, special: str, seed: int = 0):
+def check_specials(op, sample: Sample, special: str, seed: int = 0, compiled: dict | None = None):
     rng = np.random.default_rng(seed)
     arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in sample.arrays(rng)]
     arrays = inject(arrays, SPECIALS[special], rng, ONLY_INTO.get(op.name))
-    mdef, net = op_net(op, sample, arrays)
+    mdef, net = op_net(op, sample, arrays, compiled)
     out_t = mdef.graph.nodes[mdef.graph.outputs["out"]].type
     u = rng.normal(size=tuple(out_t.shape)).astype(np.float32)
     inputs, params = _feeds(mdef, arrays, u)
@@ -114,9 +114,9 @@ def check_specials(op, sample: Sample, special: str, seed: int = 0):
 @pytest.mark.slow
 @pytest.mark.parametrize("special", sorted(SPECIALS))
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_specials_propagate_as_in_numpy(case, special):
+def test_specials_propagate_as_in_numpy(case, special, op_artifacts):
     name, _, sample = case
-    check_specials(REGISTRY[name], sample, special)
+    check_specials(REGISTRY[name], sample, special, compiled=op_artifacts)
 
 
 def test_the_check_catches_a_kernel_that_drops_nan(monkeypatch):

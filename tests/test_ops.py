@@ -4,7 +4,7 @@ import pytest
 
 from structc.ops import REGISTRY
 from structc.ops.base import Elementwise, Sample
-from structc.testing import check_native, check_vjp
+from structc.testing import check_native, check_vjp, op_net
 
 # Ops with no operands of their own to test in isolation, and why.
 EXEMPT = {
@@ -54,9 +54,9 @@ def test_vjp_matches_finite_differences(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_native_matches_reference(case):
+def test_native_matches_reference(case, op_artifacts):
     name, _, sample = case
-    check_native(REGISTRY[name], sample)
+    check_native(REGISTRY[name], sample, compiled=op_artifacts)
 
 
 class WrongTanh(Elementwise):
@@ -83,3 +83,23 @@ def test_native_check_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(type(op), "emit", lambda self, cg, x: cg.tanh(x))
     with pytest.raises(AssertionError, match="native forward"):
         check_native(op, Sample((((3, 5), "away"),)))
+
+
+def test_an_op_net_compiled_before_is_reused_only_for_the_same_model():
+    """`compiled` (the op tests' shared artifacts) keys a net by what it computes:
+    another shape, attribute or integer operand's class count is compiled anew,
+    and its net computes that one."""
+    compiled = {}
+    rng = np.random.default_rng(0)
+    samples = [Sample(((3, 5),), {"axes": (1,)}), Sample(((3, 5),), {"axes": (1,)}),
+               Sample(((3, 5),), {"axes": (0,)}), Sample(((3, 6),), {"axes": (1,)})]
+    for k, sample in enumerate(samples):
+        x = sample.arrays(rng)[0].astype(np.float32)
+        _, net = op_net(REGISTRY["sum"], sample, [x], compiled)
+        net.params["p0"][...] = x
+        np.testing.assert_allclose(net.forward()["out"], x.sum(axis=sample.attrs["axes"]), rtol=1e-5)
+        assert len(compiled) == [1, 1, 2, 3][k]
+    labels = [np.array([0, 1, 2], np.int32), np.array([0, 1, 4], np.int32)]
+    for k, y in enumerate(labels):
+        op_net(REGISTRY["cross_entropy_rows"], Sample(((3, 7), (3,))), [np.zeros((3, 7), np.float32), y], compiled)
+        assert len(compiled) == 4 + k
