@@ -89,9 +89,9 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
     (tails of every tile, convolution and pooling loop), under memcheck. The
     wide model's first layer copies B's one k block (K 64, N 784:
     `gemm.ONE_BLOCK_COPY`); its third is a product whose tasks copy B's k blocks to a
-    thread's scratch (`gemm.WIDE_ROWS`: K 400 > KC, N 784 (3,136 bytes a row), 203
+    thread's scratch (`gemm.WIDE_ROWS`: K 401 > KC, N 784 (3,136 bytes a row), 203
     rows) and run its panels in pairs (`gemm.PAIR_WIDTHS`, turned on for AVX2 here:
-    49 panels of 16 columns, so an odd one too, and remainder rows); its fourth
+    49 panels of 16 columns, so an odd one too, and remainder rows); its second
     layer's input gradient dY @ W^T (W [784, 401]: k blocks of 384 and 17)
     copies them from W, transposing (`gemm._copy_transposed`), as does the output
     layer's (W [784, 10]: one k block, shorter than a vector). The wide model runs
@@ -99,8 +99,10 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
     backward kernels, the digits models run every update, and under memcheck
     the wide model's four modes took 257 s on a Zen 4 (one: about a third). Its
     layers are 784 wide, the least over `WIDE_ROWS` with an odd count of 16-column
-    panels: at 1,040 the one mode took 87 s, at 784 69 s, with the same copies
-    made (15 of B's panels, 6 transposed)."""
+    panels: at 1,040 the one mode took 87 s, at 784 69 s. It had two more layers,
+    784 -> 400 -> 784, whose products were those of 784 -> 401 -> 784 at a k block's
+    16 rows, not 17, and whole panels only (no lines of `lower/` more were run to
+    emit them): 65 s, 35 s without them."""
     source = ROOT / "examples" / f"{model}.snet"
     if model == "wide":
         import structc.lower.gemm as gemm
@@ -111,8 +113,7 @@ def test_native_code_is_clean_under_valgrind(model, batch, tmp_path, monkeypatch
         monkeypatch.setenv("STRUCTC_NO_CACHE", "1")     # a cached text would not say which
         source = tmp_path / "wide.snet"
         source.write_text("model Wide { input x: f32[N, 64]\n target y: class[N] of 10\n"
-                          " h = dense(x, 784) |> relu\n h = dense(h, 400) |> relu\n h = dense(h, 784) |> relu\n"
-                          " h = dense(h, 401) |> relu\n h = dense(h, 784) |> relu\n"
+                          " h = dense(x, 784) |> relu\n h = dense(h, 401) |> relu\n h = dense(h, 784) |> relu\n"
                           " loss cross_entropy(dense(h, 10), y) }\n")
     d, _ = _build_library(tmp_path, source)
     assert model != "wide" or (paired and transposed)
