@@ -388,6 +388,7 @@ def _need_mpi():
 FAST = [{"seed": s, "family": f} for f in FAMILIES for s in (1008, 1010, 1014)]
 
 
+@pytest.mark.slow      # one mpiexec of 2 ranks over 12 programs (~18 s): MPI is left out of the fast subset
 def test_random_programs_train_on_two_ranks_as_on_one(tmp_path):
     _need_mpi()
     found = launch(FAST, tmp_path / "verdicts.jsonl", timeout=600)

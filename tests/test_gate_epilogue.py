@@ -122,6 +122,7 @@ def test_a_fused_tree_lstm_gives_the_row_kernels_bits(threads, monkeypatch):
     _same_bits(_both(WIDE_CHILD_SUM, monkeypatch), {"t": f, "y": y}, threads, monkeypatch)
 
 
+@pytest.mark.slow          # two compiles
 def test_a_batch_of_one_sequence_of_one_step(monkeypatch):
     """The smallest case: one row, a tile of clamped rows, every gate's panel."""
     nets = _both(LSTM, monkeypatch)
@@ -183,6 +184,7 @@ def test_other_targets_fuse_and_agree(target):
         np.testing.assert_allclose(grads[name], g, rtol=1e-4, atol=1e-6 * np.abs(g).max(), err_msg=name)
 
 
+@pytest.mark.slow          # a compile without the cache, then a profile
 def test_the_profile_names_the_gate_math_its_products_kernel_runs():
     """Its GFLOP/s count the product's flops over a time that includes the math: say so."""
     net = structc.compile(LSTM, cache=False, seed=3)

@@ -543,6 +543,7 @@ def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, u
             np.testing.assert_array_equal(other[name], grads[name], err_msg=f"{key} {name}")
 
 
+@pytest.mark.slow
 def test_a_tree_lstms_wide_weight_gradient_copied_is_the_same_bits(monkeypatch):
     """A Tree-LSTM of 256 units: the weight gradient of its gates i, o, u over
     every inner node ([256, 768] over K > KC: B's rows 3 KiB apart,

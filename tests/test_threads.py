@@ -943,7 +943,8 @@ print(f"parent trains; the fork waited {waited:.2f} s", flush=True)
 
 @pytest.mark.parametrize("wait, slow, child, waited", [
     (10.0, 0.5, "train ok, forward ok, compile ok", (0.45, 10.0)),            # the compile's end
-    (0.3, 4.0, "train refused, forward ok, compile refused", (0.25, 2.0))])   # FORK_WAIT, not the compile
+    pytest.param(0.3, 4.0, "train refused, forward ok, compile refused", (0.25, 2.0),   # FORK_WAIT, not the compile
+                 marks=pytest.mark.slow)])     # its compile is held 4 s
 def test_a_child_forked_while_another_thread_compiles_does_not_hang(wait, slow, child, waited):
     """A fork while another thread compiles (a Net's training part compiled in the
     background, here held in LLVM for `slow` seconds): the fork waits for the compile
