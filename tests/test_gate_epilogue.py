@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import structc
+from structc import api, native
 from structc.autodiff import differentiate
 from structc.build import build_model
 from structc.forest import Forest
@@ -71,12 +72,22 @@ def test_units_short_of_whole_panels_keep_the_row_kernel(src, op):
     assert _gated(fwd) == [] and _alone(fwd, op) == 1
 
 
+#: (source, fused) -> its artifact: the tests comparing the two forms build fresh nets of
+#: it, so each model is compiled once a module, not once a test (not in the disk cache:
+#: GATED_PRODUCTS is not in its key)
+_COMPILED: dict = {}
+
+
 def _both(src, monkeypatch):
-    """The model compiled with the gate math fused and as row kernels."""
+    """The model compiled with the gate math fused and as row kernels: fresh nets
+    of seed 3, as structc.compile(src, cache=False, seed=3, training=True) makes them."""
     nets = {}
     for fused in (True, False):
         monkeypatch.setattr(fuse, "GATED_PRODUCTS", fused)
-        nets[fused] = structc.compile(src, cache=False, seed=3, training=True)
+        if (src, fused) not in _COMPILED:
+            _COMPILED[src, fused] = api.compile_artifact(src, cache=False)
+        art = _COMPILED[src, fused]
+        nets[fused] = structc.Net(art.meta, native.JitModule(art.object, native.host_target()), seed=3)
     return nets
 
 
@@ -162,23 +173,32 @@ def test_rows_known_at_compile_time(rows, monkeypatch):
     _same_bits(_both(src, monkeypatch), feeds, 1, monkeypatch)
 
 
+def _forest_feeds():
+    rng = np.random.default_rng(1)
+    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 14)), 12, 3) for _ in range(30)])
+    return {"t": f, "y": rng.integers(0, 3, f.trees).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def on_this_machine():
+    """WIDE_CHILD_SUM's loss and gradients here (seed 2) on `_forest_feeds`: what
+    each other target must give, compiled once for the three."""
+    return structc.compile(WIDE_CHILD_SUM, cache=False, seed=2).grad(**_forest_feeds())
+
+
 @pytest.mark.slow          # three compiles for other targets
 @pytest.mark.parametrize("target", ["generic", "x86-64-v3", "x86-64-v4"])
-def test_other_targets_fuse_and_agree(target):
+def test_other_targets_fuse_and_agree(target, on_this_machine):
     """Panels of 8, 16 or 32 columns (SSE, AVX2, AVX-512): the 32 units fill
     them all, and the gradients are this machine's within float32's rounding."""
-    from structc import api, native
     t = native.named_target(target)
     if native.missing_features(t):
         pytest.skip(f"this machine cannot run {target} code")
-    rng = np.random.default_rng(1)
-    f = Forest.from_tuples([random_tree(rng, int(rng.integers(1, 14)), 12, 3) for _ in range(30)])
-    feeds = {"t": f, "y": rng.integers(0, 3, f.trees).astype(np.int32)}
     art = api.compile_artifact(WIDE_CHILD_SUM, target=t, cache=False, parts=["forward", "training"])
     net = structc.Net(art.meta, native.JitModule(art.object, t))
     net.init_params(2)
-    loss, grads = net.grad(**feeds)
-    want_loss, want = structc.compile(WIDE_CHILD_SUM, cache=False, seed=2).grad(**feeds)
+    loss, grads = net.grad(**_forest_feeds())
+    want_loss, want = on_this_machine
     assert loss == pytest.approx(want_loss, rel=1e-6)
     for name, g in want.items():
         np.testing.assert_allclose(grads[name], g, rtol=1e-4, atol=1e-6 * np.abs(g).max(), err_msg=name)
