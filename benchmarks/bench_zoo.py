@@ -220,12 +220,14 @@ def worker(framework: str, case: str, threads: int) -> None:
     print(json.dumps({"step": timed(step, CASES[case][4])}))
 
 
-def run(framework: str, case: str, threads: int, before: str | None) -> float | None:
+def run(framework: str, case: str, threads: int, before: str | None, script: str = __file__) -> float | None:
+    """One (framework, case) in a fresh process of `script` (its `--worker`), pinned to
+    one core at one thread: the median step in seconds, or None when it failed."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="1073741824",
                OMP_NUM_THREADS=str(threads))
     path = before if framework == "before" else str(ROOT)
     env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, __file__, "--worker", "torch" if framework == "torch" else "structc",
+    args = [sys.executable, script, "--worker", "torch" if framework == "torch" else "structc",
             "--cases", case, "--threads", str(threads)]
     out = subprocess.run(args, env=env, capture_output=True, text=True, **pinned(threads))
     if out.returncode:
@@ -234,21 +236,28 @@ def run(framework: str, case: str, threads: int, before: str | None) -> float | 
     return json.loads(out.stdout.strip().splitlines()[-1])["step"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=",".join(CASES))
+def drive(script: str, known: dict, worker, doc: str, extra=None) -> None:
+    """The command line of a survey: `known` cases by name, `worker(framework, case,
+    threads)` run in each fresh process, the table of medians printed at the end.
+    `extra(ap)` adds a script's own options and returns a handler of the parsed
+    arguments, which ends the run when it returns True (e.g. a profile instead)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(known))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--before", metavar="DIR", help="another checkout of structc, timed too")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--worker", choices=["structc", "torch"], help=argparse.SUPPRESS)
+    handle = extra(ap) if extra else None
     args = ap.parse_args()
     cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases if c not in known]
     if unknown:
-        raise SystemExit(f"unknown cases {unknown} (known: {', '.join(CASES)})")
+        raise SystemExit(f"unknown cases {unknown} (known: {', '.join(known)})")
     if args.worker:
         worker(args.worker, cases[0], args.threads)
+        return
+    if handle and handle(args, cases):
         return
     frameworks = ["structc"] + (["before"] if args.before else []) + ([] if args.no_torch else ["torch"])
     times: dict = {}
@@ -256,7 +265,7 @@ def main() -> None:
     for r in range(args.rounds):
         for case in cases:
             for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
-                t = run(fw, case, args.threads, args.before)
+                t = run(fw, case, args.threads, args.before, script)
                 if t is not None:
                     times.setdefault((case, fw), []).append(t)
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
@@ -273,6 +282,10 @@ def main() -> None:
                 ok = "structc" in med and other in med
                 cells.append(f"{med['structc'] / med[other]:.2f}" if ok else "-")
         print(f"| {case} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    drive(__file__, CASES, worker, __doc__)
 
 
 if __name__ == "__main__":
