@@ -47,10 +47,16 @@ class Case:
 
 # -- batches --------------------------------------------------------------------------
 
-def random_graph(nodes: int, edges: int, features: int, classes: int, edge_features: int = 0) -> dict:
-    """Edges uniform at random (seed 0), a label per node."""
+def random_graph(nodes: int, edges: int, features: int, classes: int, edge_features: int = 0,
+                 hubs: bool = False) -> dict:
+    """Edges uniform at random (seed 0), a label per node. With `hubs`, destinations
+    follow Zipf's law (node i's share ∝ 1/(i+1)): node 0 receives a tenth of the edges."""
     rng = np.random.default_rng(0)
-    d = {"edge_index": rng.integers(0, nodes, (2, edges)), "x": rng.normal(size=(nodes, features)).astype(np.float32),
+    ends = rng.integers(0, nodes, (2, edges))
+    if hubs:
+        share = 1 / np.arange(1, nodes + 1)
+        ends[1] = rng.choice(nodes, edges, p=share / share.sum())
+    d = {"edge_index": ends, "x": rng.normal(size=(nodes, features)).astype(np.float32),
          "y": rng.integers(0, classes, nodes).astype(np.int32)}
     if edge_features:
         d["edge_x"] = rng.normal(size=(edges, edge_features)).astype(np.float32)
@@ -478,6 +484,10 @@ CASES = {
         _graph_model("features=64, edge_features=16", "nodes", 8, ["h = g.x", EDGE, "loss cross_entropy(dense(h, 8), y)"]),
         lambda: random_graph(5_000, 40_000, 64, 8, edge_features=16), graph_inputs,
         torch_edge_mpnn(64, 16, 64, 8, 2), 30),
+    # the same layers where destinations follow Zipf's law (hubs of thousands of edges)
+    "sage_hubs_10k": Case(
+        _graph_model("features=128", "nodes", 16, ["h = g.x", SAGE, "loss cross_entropy(dense(h, 16), y)"]),
+        lambda: random_graph(10_000, 50_000, 128, 16, hubs=True), graph_inputs, torch_sage(128, 128, 16, 2), 20),
     # GAT 8 heads x 8 (concatenated), elu, GAT 1 head x 16 classes: 5,000 nodes x 8 edges, 128 features
     "gat_5k": Case(
         _graph_model("features=128", "nodes", 16, ["h = elu(gat(g.x over g.edges, 8, heads=8))",
@@ -517,6 +527,9 @@ CASES = {
     # a long sequence: 8 sequences of 500 positions, 32 features, LSTM 128, last state
     "lstm_long": Case(_seq_model("f32[32]", [_lstm_rec("h", "t.x", 128)], "h(s.last)", 10),
                       ragged(8, (500, 500), 32, 10), sequence_inputs, torch_lstm_last(32, 128, 10), 10),
+    # one sequence of 1,000 positions: every step a [1, 160] x [160, 512] product
+    "lstm_batch1_1000": Case(_seq_model("f32[32]", [_lstm_rec("h", "t.x", 128)], "h(s.last)", 10),
+                             ragged(1, (1000, 1000), 32, 10), sequence_inputs, torch_lstm_last(32, 128, 10), 10),
 }
 
 
