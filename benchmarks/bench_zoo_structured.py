@@ -18,6 +18,9 @@ compute the same model from the same batch (sizes, loss, SGD at lr 0.05; 0.005 f
 except that PyTorch's GRU takes its candidate from r·(W h + b) and structc's
 `gru_cell` from W (r·h) (the same matmuls; bench_lstm.py says so too), and
 PyTorch's embeddings get a dense gradient (its default), structc's a sparse one.
+At `--threads 2` the machine must be otherwise idle: at a load average of 3-4
+PyTorch's two-thread steps took 5-10x their time at load 1 (its OpenMP threads
+wait on a busy core), while structc's pool backs off to one thread.
 """
 from __future__ import annotations
 
