@@ -190,6 +190,22 @@ def test_linear_messages_read_per_edge_are_aggregated_per_node(capsys, tmp_path)
     compare(net, mdef, user, Binder(net.meta["graphs"]).expand(user, {}))
 
 
+def test_a_dense_layer_over_both_ends_and_edge_features_multiplies_the_ends_per_node(sink):
+    """dense(concat(a[g.src], a[g.dst], g.e)) is split by the weight's rows: a's two
+    products run over the nodes and are read per edge; only g.e's runs per edge."""
+    from structc.passes.message import sink_gathers
+    g = build_model(parse(SINK)).graph
+    ops = lambda graph: [n.op.name for n in graph.nodes.values()]     # noqa: E731
+    concats = lambda graph: sum(n.op.name == "concat" and any(graph.nodes[i].op.name == "gather_edges"   # noqa: E731
+                                                              for i in n.inputs) for n in graph.nodes.values())
+    assert concats(g) == 1
+    after = sink_gathers(g.copy())
+    assert concats(after) == 0 and ops(after).count("slice") == 3
+    widths = sorted(tuple(after.nodes[n.inputs[0]].shape) for n in after.nodes.values()
+                    if n.op.name == "matmul" and after.nodes[n.inputs[1]].op.name == "slice")
+    assert [w[0] for w in widths] == ["g.edges", "g.nodes", "g.nodes"], widths
+
+
 def test_graph_level_output_without_a_graph_level_target():
     net = structc.compile("model R { input g: graph(features=2)\n output r = concat(sum(g.x over g.nodes), "
                           "max(g.x over g.nodes), axis=1) }")

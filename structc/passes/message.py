@@ -4,6 +4,14 @@ sink_gathers: row-wise work on a tensor read per edge is done per node instead,
 
     dense(h[g.src], k) = dense(h, k)[g.src],    f(h[g.src]) = f(h)[g.src]  (f elementwise)
 
+and a dense layer over a concatenation with such parts is split by the weight's rows,
+
+    dense(concat(h[g.src], h[g.dst], e), k) = dense(h, k; W1)[g.src] + (h W2)[g.dst] + e W3
+
+(an edge network's message from both ends and its edge features: the two products
+over h run over the nodes, not the edges; 5,000 nodes and 40,000 edges of 144 -> 64
+took 19 ms forward and 19 ms for the weight gradient per edge, bench_zoo_structured),
+
 and a sum into destinations of a tensor read at sources is one sparse-dense
 product: sum_edges(x[g.src]) = spmm(x). So `sum(dense(h[g.src], 64) over
 g.edges)` becomes the same code as `sum(dense(h, 64) over g.edges)`, and no
@@ -88,6 +96,18 @@ def _gather_of(g: Graph, nid: int):
     return None
 
 
+def _concat_with_gathers(g: Graph, nid: int):
+    """The parts of `nid` when it is a concat of 2-D tensors along their columns, used
+    once, with a part read per edge (`dense(concat(h[g.src], h[g.dst], g.e), k)`)."""
+    node = g.nodes[nid]
+    if node.op.name != "concat" or len(node.shape) != 2 or not _single_use(g, nid) \
+            or node.attrs.get("axis", -1) not in (1, -1):
+        return None
+    if not any(g.nodes[i].op.name == "gather_edges" and _single_use(g, i) for i in node.inputs):
+        return None
+    return list(node.inputs)
+
+
 def _row_constant(g: Graph, nid: int, rows) -> bool:
     """Does this operand broadcast along the rows (a scalar, a bias [k], [1, k])?"""
     shape = g.nodes[nid].shape
@@ -106,7 +126,19 @@ def sink_gathers(g: Graph) -> Graph:
             new = None
             if node.op.name == "matmul" and not node.attrs.get("ta") and not node.attrs.get("tb"):
                 gather = _gather_of(g, node.inputs[0])
-                if gather is not None:
+                parts = _concat_with_gathers(g, node.inputs[0])
+                if parts is not None:
+                    # concat(a, b, ...) @ W = a @ W[rows of a] + b @ W[rows of b] + ...: each
+                    # gathered part's product then moves to the nodes (the rule below)
+                    w, start, terms = b.value(node.inputs[1]), 0, []
+                    for part in parts:
+                        width = g.nodes[part].shape[1]
+                        terms.append(b.matmul(b.value(part), b.slice(w, axis=0, start=start, stop=start + width)))
+                        start += width
+                    new = terms[0]
+                    for term in terms[1:]:
+                        new = new + term
+                elif gather is not None:
                     inner = b.matmul(b.value(gather.inputs[-1]), b.value(node.inputs[1]))
                     new = b.gather_edges(*(b.value(i) for i in gather.inputs[:-1]), inner, **gather.attrs)
             elif "elementwise" in node.op.traits and node.inputs and not node.op.traits & {"inline", "indexed"}:
