@@ -244,17 +244,20 @@ def test_arithmetic_on_integer_inputs_is_done_in_float32_as_structc_does(tmp_pat
         assert_same_outputs(net, tmp_path / "i.onnx", k=np.array(k, np.int32))
 
 
-def test_a_patch_embedding_exports_as_the_convolution_written(tmp_path):
-    """The compiler runs a 4x4 convolution at stride 4 as patches and a 1x1 convolution
-    (`passes/patches.py`); the export is the convolution the source wrote, with its weight."""
+@pytest.mark.parametrize("layer, kernel", [("kernel=4, stride=4", 4),              # patches and a 1x1
+                                           ("kernel=8, stride=4, padding=1", 8)])    # the column phases
+def test_a_patch_embedding_exports_as_the_convolution_written(tmp_path, layer, kernel):
+    """The compiler runs a 4x4 convolution at stride 4 as patches and a 1x1 convolution, an
+    8x8 one at stride 4 over its input's column phases (`passes/patches.py`); the export is
+    the convolution the source wrote, with its weight."""
     net = structc.compile("model P { input x: f32[N, 3, 16, 20]\n"
-                          "  output y = conv(x, 6, kernel=4, stride=4) |> relu |> flatten\n}")
+                          f"  output y = conv(x, 6, {layer}) |> relu |> flatten\n}}")
     randomize(net, seed=5)
     path = tmp_path / "patches.onnx"
     proto = export(net, path)
     assert [n.op_type for n in proto.graph.node].count("Conv") == 1
     conv = next(n for n in proto.graph.node if n.op_type == "Conv")
-    assert {a.name: list(a.ints) for a in conv.attribute}.get("kernel_shape") == [4, 4]
+    assert {a.name: list(a.ints) for a in conv.attribute}.get("kernel_shape") == [kernel, kernel]
     rng = np.random.default_rng(2)
     for batch in (1, 5):
         assert_same_outputs(net, path, x=rng.normal(size=(batch, 3, 16, 20)).astype(np.float32))
