@@ -65,6 +65,22 @@ def test_three_rows_are_one_micro_kernel():
     assert rows == {"3"}, rows
 
 
+def test_a_row_stable_product_runs_a_lone_row_in_a_one_row_tile():
+    """A recurrence's products are row-stable (one FMA chain per element, whatever the
+    cut): their tiles are the main one, 4 rows (2 or 3 rows clamped to 4) and 1 row
+    without a k split, so a sequence of batch 1 does one row's FMAs a step, not four."""
+    from structc.compiler import compile_source
+    from structc.lower.gemm import stable_rows
+    assert stable_rows(16) == (12, 4, 1) and stable_rows(8) == (6, 2, 1)
+    texts = {}
+    compile_source("model S { input s: sequence of f32[8]  target y: class[s.sequences] of 3\n"
+                   "  rec h(t) = init: zeros(32)\n             next: tanh(dense(concat(t.x, h(t.prev)), 32))\n"
+                   "  loss cross_entropy(dense(h(s.last), 3), y) }",
+                   dump=lambda stage, text: texts.setdefault(stage, text), jit=False)
+    stable = set(re.findall(r"sc_mk(\d+)x\d+m?s_v", texts["llvm"]))
+    assert {"1", "4"} <= stable, stable
+
+
 def test_narrow_c_uses_no_column_panels():
     """A 2-column C runs along k, not in 2 lanes of a column panel's micro-kernels."""
     assert "sc_mk" not in _forward_ir((64, 128), (128, 2))
