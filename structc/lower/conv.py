@@ -186,13 +186,7 @@ class _RowReader:
         return first, [(0, self._in_row(first, lanes))], None
 
     def _in_row(self, first, lanes):
-        """Lane j of a vector loaded from input column first + j: inside the row?"""
-        cg, vw = self.cg, self.vw
-        b = cg.b
-        vt_i = ir.VectorType(I64, vw)
-        cols = b.add(cg.splat(first, vw), lanes)
-        return b.and_(b.icmp_signed(">=", cols, ir.Constant(vt_i, [ir.Constant(I64, 0)] * vw)),
-                      b.icmp_signed("<", cols, ir.Constant(vt_i, [ir.Constant(I64, self.geo.W)] * vw)))
+        return in_row(self.cg, first, lanes, self.geo.W)
 
     def unphase(self, vectors: list) -> list:
         """Phased accumulators (pairs of even, odd output columns) as output vectors."""
@@ -245,6 +239,15 @@ class _RowReader:
             picked = _picked(cg.b, parts, picks, zero)
             return picked if mask is None else cg.b.select(mask, picked, zero)
         return gather(cg, base, row_off, self.cols[v, kw], mask)
+
+
+def in_row(cg, first, lanes, W: int):
+    """Lane j of a vector loaded from column first + j of a row of W: inside the row?"""
+    b, vw = cg.b, lanes.type.count
+    vt_i = ir.VectorType(I64, vw)
+    cols = b.add(cg.splat(first, vw), lanes)
+    return b.and_(b.icmp_signed(">=", cols, ir.Constant(vt_i, [ir.Constant(I64, 0)] * vw)),
+                  b.icmp_signed("<", cols, ir.Constant(vt_i, [ir.Constant(I64, W)] * vw)))
 
 
 def _shuffled_stride(geo: _Geometry, vw: int) -> bool:

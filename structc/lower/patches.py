@@ -3,9 +3,11 @@
   patches: a task is one plane of P, [OH, OW] for one (n, c, kh, kw),
       written vector by vector. At stride 1 a vector is a run of one output
       row, read from the input row by a masked load (lanes in the padding
-      or past the row read nothing and give 0); at other strides it is a run
-      of the whole plane, (i, j) = divmod(q, OW) per lane, read by a masked
-      gather (a patch embedding's planes are narrower than a vector: 8 x 8).
+      or past the row read nothing and give 0); at strides 2-16 with rows
+      of a vector or more, by s masked loads and s - 1 shuffles
+      (`_shuffled_rows`); otherwise it is a run of the whole plane, (i, j) =
+      divmod(q, OW) per lane, read by a masked gather (a patch embedding's
+      planes are narrower than a vector: 8 x 8).
       (A task of one input channel, computing each vector's offsets once
       for all its KH·KW taps, took 1.14-1.20 ms for patch_embed's 16x16 /
       16 patches against these planes' 0.90-0.95: it wrote 256 planes at once.)
@@ -27,7 +29,7 @@ from llvmlite import ir
 
 from ..ops.conv import pair, quad
 from .codegen import F32, I1, I32, PTR, VOID
-from .conv import MAX_SHUFFLED_STRIDE, _and, _lanes, _picked, gather
+from .conv import MAX_SHUFFLED_STRIDE, _lanes, _picked, gather, in_row
 from .pool import _plane_epilogue, _zero
 
 
@@ -138,19 +140,18 @@ def _rows(cg, geo: _Geometry, X, P, xplane, out, r, vw: int) -> None:
         if below:
             row_in = b.and_(row_in, b.icmp_signed("<", h, cg.i64(geo.H)))
         col0 = cg.iadd(kw, -geo.pl)
+        row = cg.iadd(xplane, cg.imul(h, geo.W))
         with cg.loop(-(-geo.OW // vw), name="v") as v:
             j = b.add(cg.splat(cg.imul(v, vw), vw), lanes)
             inside = b.icmp_signed("<", j, cg.splat(cg.i64(geo.OW), vw))
             dest = cg.iadd(cg.iadd(out, cg.imul(i, geo.OW)), cg.imul(v, vw))
             if geo.sw != 1:
                 first = cg.iadd(col0, cg.imul(v, vw * geo.sw))      # lane l reads column first + sw l
-                row = cg.iadd(xplane, cg.imul(h, geo.W))
                 parts = []
                 for k in range(geo.sw):
-                    cols = b.add(cg.splat(cg.iadd(first, k * vw), vw), lanes)
-                    ok = _and(cg, cg.splat(row_in, vw), b.icmp_signed(">=", cols, cg.splat(cg.i64(0), vw)),
-                              b.icmp_signed("<", cols, cg.splat(cg.i64(geo.W), vw)))
-                    parts.append(cg.load(X, cg.iadd(row, cg.iadd(first, k * vw)), F32, vw, ok))
+                    at = cg.iadd(first, k * vw)
+                    ok = b.and_(cg.splat(row_in, vw), in_row(cg, at, lanes, geo.W))
+                    parts.append(cg.load(X, cg.iadd(row, at), F32, vw, ok))
                 cg.store(_picked(b, parts, picks, zero), P, dest, mask=inside)
             else:
                 w = b.add(j, cg.splat(col0, vw))
@@ -159,7 +160,7 @@ def _rows(cg, geo: _Geometry, X, P, xplane, out, r, vw: int) -> None:
                     reads = b.and_(reads, b.icmp_signed(">=", w, cg.splat(cg.i64(0), vw)))
                 if right:
                     reads = b.and_(reads, b.icmp_signed("<", w, cg.splat(cg.i64(geo.W), vw)))
-                at = cg.iadd(cg.iadd(xplane, cg.imul(h, geo.W)), cg.iadd(col0, cg.imul(v, vw)))
+                at = cg.iadd(row, cg.iadd(col0, cg.imul(v, vw)))
                 cg.store(cg.load(X, at, F32, vw, reads), P, dest, mask=inside)
 
 
