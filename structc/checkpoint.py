@@ -83,8 +83,7 @@ def load(net, path) -> None:
         net._hyper_bits[DROPOUT_KEY0:DROPOUT_KEY0 + 2] = key
         net.seed, net.schedule, net.last_lr = header.get("seed"), schedule, last_lr
         if vocab is not None:
-            if net.vocab is not None and (dict(net.vocab), net.vocab.unk if isinstance(net.vocab, Vocab) else None) \
-                    != (dict(vocab), vocab.unk):
+            if net.vocab is not None and (dict(net.vocab), getattr(net.vocab, "unk", None)) != (dict(vocab), vocab.unk):
                 warnings.warn(f"{where}net.vocab replaced by the checkpoint's {len(vocab)} words (its embedding "
                               f"rows were trained on their ids)", CheckpointWarning, stacklevel=3)
             net.vocab, net._numbered_vocab = vocab, None

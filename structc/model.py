@@ -993,8 +993,9 @@ class Net:
         """Continue from a `save_checkpoint` archive: training on from here is the
         run that wrote it, bit for bit. The checkpoint wins over this net's own
         settings: its optimizer and options, schedule and dropout seed replace
-        those set here, and its vocabulary another (with a CheckpointWarning). Everything is checked before anything changes: a file of
-        another model (its name, parameters, frozen set or arena), a parameter file
+        those set here, and its vocabulary another (with a CheckpointWarning).
+        Everything is checked before anything changes: a file of another model
+        (its name, parameters, frozen set or arena), a parameter file
         (`save_params`: no optimizer state; use `load_params`), a damaged archive and
         values that are not finite are refused with a ValueError naming the file."""
         from .checkpoint import load

@@ -582,7 +582,7 @@ def _row_block(t: _Ctx, i_begin, i_end, rows, kernels, inline_main: bool, clampe
         mr = cg.i64(rows[-1])
         for r in reversed(rows[:-1]):
             mr = b.select(b.icmp_signed(">=", rem, cg.i64(r)), cg.i64(r), mr)
-        if clamped and rows[-1] == 1:       # 2 or 3 rows left: one clamped tile, not one-row tiles in turn
+        if clamped:         # (`stable_rows`) 2 or 3 rows left: one clamped tile, not one-row tiles in turn
             few = b.and_(b.icmp_signed(">", rem, cg.i64(1)), b.icmp_signed("<", rem, cg.i64(rows[-2])))
             mr = b.select(few, cg.i64(rows[-2]), mr)
         valid = cg.imin(mr, rem) if clamped else None      # the tile's rows that exist

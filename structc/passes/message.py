@@ -135,9 +135,7 @@ def sink_gathers(g: Graph) -> Graph:
                         width = g.nodes[part].shape[1]
                         terms.append(b.matmul(b.value(part), b.slice(w, axis=0, start=start, stop=start + width)))
                         start += width
-                    new = terms[0]
-                    for term in terms[1:]:
-                        new = new + term
+                    new = sum(terms[1:], terms[0])
                 elif gather is not None:
                     inner = b.matmul(b.value(gather.inputs[-1]), b.value(node.inputs[1]))
                     new = b.gather_edges(*(b.value(i) for i in gather.inputs[:-1]), inner, **gather.attrs)

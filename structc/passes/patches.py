@@ -89,21 +89,27 @@ def _phased(b: Builder, g: Graph, node, s: int):
     return b.conv2d(xp, wp, stride=(sh, 1), padding=(pt, pb, 0, 0))
 
 
+def _as_patches(b: Builder, g: Graph, node):
+    """conv2d `node`, whose kernel is its stride, as patches and a 1x1 convolution."""
+    x, w = node.inputs
+    O, C, KH, KW = g.nodes[w].shape
+    p = b.patches(b.value(x), kernel=(KH, KW), stride=(KH, KW), padding=(0, 0, 0, 0))
+    return b.conv2d(p, b.reshape(b.value(w), shape=(O, C * KH * KW, 1, 1)))
+
+
 def patch_convs(g: Graph) -> Graph:
     changed = False
     for nid in g.topo():
         node = g.nodes[nid]
-        if node.op.name == "conv2d" and not _rewritten(g, nid) and _phases(g, nid):
-            g.replace_uses(nid, _phased(Builder(g, node.span), g, node, _phases(g, nid)).id)
-            changed = True
+        if node.op.name != "conv2d":
             continue
-        if node.op.name != "conv2d" or not _rewritten(g, nid):
-            continue
-        x, w = node.inputs
-        O, C, KH, KW = g.nodes[w].shape
         b = Builder(g, node.span)
-        p = b.patches(b.value(x), kernel=(KH, KW), stride=(KH, KW), padding=(0, 0, 0, 0))
-        new = b.conv2d(p, b.reshape(b.value(w), shape=(O, C * KH * KW, 1, 1)))
+        if _rewritten(g, nid):
+            new = _as_patches(b, g, node)
+        elif s := _phases(g, nid):
+            new = _phased(b, g, node, s)
+        else:
+            continue
         g.replace_uses(nid, new.id)
         changed = True
     return dce(g) if changed else g
