@@ -409,6 +409,31 @@ static PyObject *set_backoff(PyObject *self, PyObject *arg) {
     return PyLong_FromLong(sc_set_backoff((int)mode));
 }
 
+/* rows_arena(address, bytes): a Net's gradient arena, written by its training
+ * entry alone until rows_forget(address) (sc_rows_arena). */
+static PyObject *rows_arena(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "rows_arena(address, bytes)");
+        return NULL;
+    }
+    unsigned long long base = PyLong_AsUnsignedLongLong(args[0]);
+    long long bytes = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (bytes <= 0) {
+        PyErr_SetString(PyExc_ValueError, "rows_arena: bytes must be positive");
+        return NULL;
+    }
+    if (sc_rows_arena((void *)(uintptr_t)base, (int64_t)bytes) != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *rows_forget(PyObject *self, PyObject *arg) {
+    unsigned long long base = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    sc_rows_forget((void *)(uintptr_t)base);
+    Py_RETURN_NONE;
+}
+
 static PyObject *set_adaptive(PyObject *self, PyObject *arg) {
     int on = PyObject_IsTrue(arg);
     if (on < 0) return NULL;
@@ -932,6 +957,9 @@ static PyMethodDef methods[] = {
      "debug_adapt_pooled(ns): tests: each timed pooled call of an entry being measured counts ns longer"},
     {"set_adaptive", set_adaptive, METH_O,
      "set_adaptive(on) -> previous: entries of moderate work run serial or pooled, whichever measured faster"},
+    {"rows_arena", (PyCFunction)(void (*)(void))rows_arena, METH_FASTCALL,
+     "rows_arena(address, bytes): a gradient arena only its Net's training entry writes (sc_rows_arena)"},
+    {"rows_forget", rows_forget, METH_O, "rows_forget(address): anything may write that arena now"},
     {"set_backoff", set_backoff, METH_O,
      "set_backoff(mode) -> previous: back off after stalls (1), preempted callers (2), both (3), never (0)"},
     {"preemptions", preemptions, METH_NOARGS, "preemptions() -> entries' windows whose caller was preempted too long"},

@@ -50,6 +50,20 @@ const int64_t *sc_forest_parts(const int32_t *children, int64_t arity, const int
  * are the caller's until its next call on this thread. */
 void *sc_scratch(int64_t bytes);
 
+/* Which rows of an embedding's gradient a training step's scatter wrote
+ * (ops/embedding.py, `record`), so that the next step zeroes those rows
+ * instead of the whole table. A Net registers its gradient arena
+ * (sc_rows_arena: 0, or -1 when memory is short) while nothing but its own
+ * training entry writes it, and takes it back (sc_rows_forget) once
+ * anything else may (the gradients handed out, a data-parallel sum).
+ * sc_rows_record returns the record of `rows` bytes (1: the row may be
+ * nonzero) of the table at `region` inside a registered arena, made with
+ * every row marked; NULL outside one (or when memory is short): the
+ * kernel then zeroes the whole table. */
+int sc_rows_arena(void *base, int64_t bytes);
+void sc_rows_forget(void *base);
+uint8_t *sc_rows_record(void *region, int64_t rows);
+
 /* A flag another process may poll in shared memory (structc/shmsum.py):
  * sc_flag_raise stores `value` (release: the writes before it are seen
  * first); sc_flag_wait returns once the flag holds `value` or more

@@ -361,6 +361,8 @@ def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = froze
     # ids name: SGD may then update those rows alone (`ops/optim.py`). The ids are
     # operands of the update, so they stay alive until it runs.
     tables = [(k, g.nodes[i].inputs[1]) for k, i in enumerate(grads) if g.nodes[i].op.name == "scatter_rows"]
+    for k, _ in tables:     # ... and zeroed where the last step wrote, not whole (`ops/embedding.py`)
+        g.nodes[grads[k]].attrs["record"] = True
     sparse = tuple((k, len(grads) + j) for j, (k, _) in enumerate(tables))   # (gradient, ids) operands
     b = Builder(g)
     g.outputs["update"] = b.update(*(b.value(i) for i in grads + [ids for _, ids in tables]),

@@ -195,6 +195,7 @@ class DataParallel:
         # a plain sum, or terms each weighed by the rank's share (`_term_weights`): the gradients just add up
         self._normalise = found["kind"] not in ("sum", "terms")
         self._terms = found["terms"] if found["kind"] == "terms" else None
+        net._expose_grads()                 # the sums write the arena: no record of an embedding's rows holds
         arena = net._grad_arena
         self._n = len(arena) - 4            # gradients, then the count and the loss, then the settings' check
         self._weighed = arena[:self._n + 2]  # what the count weighs and the sum divides
@@ -256,7 +257,7 @@ class DataParallel:
         (none: this rank has no examples); no update."""
         self._settings, self._lr = 0.0, None  # no update follows
         loss = self._reduce_gradient(inputs)
-        return loss, {name: g.copy() for name, g in self.net.grads.items()}
+        return loss, {name: g.copy() for name, g in self.net._grad_views.items()}
 
     def train_step(self, lr: float = 0.01, **inputs) -> float:
         """One optimizer step on the whole batch (the union of every rank's shard);

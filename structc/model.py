@@ -364,12 +364,17 @@ class Net:
         self._lock = threading.RLock()   # one native call (or parameter write) at a time
         _NETS[next(_NET_NUMBERS)] = self
         views: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
+        self._grad_views: dict[str, np.ndarray] = {}
         for p in meta["params"]:
             n = int(np.prod(p["shape"], dtype=np.int64))
             shape = tuple(p["shape"])
             views[p["name"]] = self._param_arena[p["offset"]:p["offset"] + n].reshape(shape)
-            self.grads[p["name"]] = self._grad_arena[p["offset"]:p["offset"] + n].reshape(shape)
+            self._grad_views[p["name"]] = self._grad_arena[p["offset"]:p["offset"] + n].reshape(shape)
+        # Until the gradient arena is handed out, only this net's training entry writes
+        # it: an embedding's gradient is then zeroed where the last step wrote, not whole
+        # (`ops/embedding.py`, `sc_rows_record`). `_expose_grads` ends that.
+        _runtime.rows_arena(self._grad_arena.ctypes.data, self._grad_arena.nbytes)
+        self._rows_kept = weakref.finalize(self, _runtime.rows_forget, self._grad_arena.ctypes.data)
         self.params = Params(self, views)
         self._hyper = _aligned_zeros(N_HYPER)
         self._hyper_addr = self._hyper.ctypes.data
@@ -750,12 +755,27 @@ class Net:
         outs = self._run("forward", inputs, 0)[0]
         return next(iter(outs.values())) if len(outs) == 1 else outs
 
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """Every parameter's gradient as the last training call left it: views of the
+        gradient arena, which you may write (data-parallel training sums into it)."""
+        self._expose_grads()
+        return self._grad_views
+
+    def _expose_grads(self) -> None:
+        """From now on the gradient arena may be written by others than the training
+        entry: an embedding's gradient is zeroed whole every step again, as no record
+        of the rows the last step wrote can be trusted (`ops/embedding.py`)."""
+        if self._rows_kept.alive:
+            with self._lock:        # not while a native call may read the records
+                self._rows_kept()
+
     def grad(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and a copy of every parameter's gradient, in one native call.
         Like every training call, it updates batch norm's running statistics (a
         frozen layer's excepted)."""
         outs, grads = self._run("train", inputs, MODES["none"], before=self._begin_draw,
-                                after=lambda: {name: g.copy() for name, g in self.grads.items()})
+                                after=lambda: {name: g.copy() for name, g in self._grad_views.items()})
         return float(outs["loss"]), grads
 
     def loss(self, **inputs) -> float:

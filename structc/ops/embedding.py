@@ -67,23 +67,30 @@ class GatherRows(Op):
 
 
 class ScatterRows(Op):
-    """out[r, :] = Σ_{i: ids[i] = r} g[i, :], out having `rows` rows."""
+    """out[r, :] = Σ_{i: ids[i] = r} g[i, :], out having `rows` rows.
+
+    `record` (a trainable embedding's whole gradient, `compiler.train_graph`):
+    the output is that table in the gradient arena, and the runtime may keep
+    a byte a row of the rows the last call wrote (`sc_rows_record`): the call
+    then zeroes those instead of the whole table (20,000 x 256 floats: 20 MB
+    a step). Every other row is zero already, while nothing else writes the
+    arena, which the Net vouches for (`Net.grads` takes it back)."""
     name = "scatter_rows"
     traits = frozenset({"needs_dims"})
 
-    def shape(self, g, ids, *, rows) -> TensorType:
+    def shape(self, g, ids, *, rows, record: bool = False) -> TensorType:
         expect(g.rank == 2, f"scatter_rows needs a matrix, got {g}")
         _check_ids(ids)
         expect(ids.shape[0] == g.shape[0], f"{ids} does not index the rows of {g}")
         return TensorType((rows, g.shape[1]), g.dtype)
 
-    def vjp(self, b, u, out, g, ids, *, rows):
+    def vjp(self, b, u, out, g, ids, *, rows, record=False):
         return [b.gather_rows(u, ids), None]
 
     def index_bounds(self, graph, node) -> dict:
         return {1: node.attrs["rows"]}
 
-    def reference(self, g, ids, *, rows, dims=None):
+    def reference(self, g, ids, *, rows, record=False, dims=None):
         n = rows if isinstance(rows, int) else dims[rows]
         out = np.zeros((n, g.shape[1]), dtype=g.dtype)
         np.add.at(out, np.clip(ids, 0, n - 1), g)
@@ -94,11 +101,18 @@ class ScatterRows(Op):
                 Sample(((3, 33), ((3,), ("classes", 6))), {"rows": 6})]
 
     def lower(self, kb, node, epilogue):
-        from ..lower.treemap import add_row, load_index, zero_rows
+        from llvmlite import ir
+
+        from ..lower.codegen import I8, I64, PTR
+        from ..lower.treemap import add_row, load_index, zero_row, zero_rows
         g, ids = node.inputs
         n_d, width = kb.graph.nodes[g].shape
         rows_d = node.shape[0]
         idt = kb.graph.nodes[ids].type.dtype
+        plan = kb.layout.plan
+        # only a table in the gradient arena keeps its rows from call to call
+        recorded = node.attrs.get("record", False) and plan.storage[plan.root(node.id)].kind == "grad"
+
         # Rows may repeat, so each output row's adds run in the order of g's rows:
         # a task owns a range of output rows, zeroes them and adds, of every row
         # of g, those whose id falls in its range (every task reads all the ids:
@@ -112,12 +126,53 @@ class ScatterRows(Op):
             rows = cg.dim(rows_d)
             first = b.sdiv(cg.imul(rows, lo), cg.i64(SCATTER_TASKS))
             end = b.sdiv(cg.imul(rows, hi), cg.i64(SCATTER_TASKS))
-            zero_rows(cg, dst, first, end, width, kb.vector_width)
+            kept = record = None
+            if recorded:
+                record = b.call(cg.declare("sc_rows_record", PTR, [PTR, I64]), [dst, rows])
+                kept = b.icmp_unsigned("!=", record, ir.Constant(PTR, None))
+                with b.if_else(kept) as (marked, whole):
+                    with marked:
+                        _zero_marked_rows(cg, record, first, end,
+                                          lambda r: zero_row(cg, dst, cg.imul(r, width), width, kb.vector_width))
+                    with whole:
+                        zero_rows(cg, dst, first, end, width, kb.vector_width)
+            else:
+                zero_rows(cg, dst, first, end, width, kb.vector_width)
             last = b.sub(rows, cg.i64(1))
             with cg.loop(cg.dim(n_d), name="r") as r:
                 k = load_index(cg, idx, r, idt, last)
                 with cg.if_(b.and_(b.icmp_signed(">=", k, first), b.icmp_signed("<", k, end))):
                     add_row(cg, src, cg.imul(r, width), dst, cg.imul(k, width), width, kb.vector_width)
+                    if recorded:        # the row may be nonzero now
+                        with cg.if_(kept):
+                            cg.store(ir.Constant(I8, 1), record, k, t=I8)
+
+
+def _zero_marked_rows(cg, record, first, end, zero) -> None:
+    """zero(r) for each row r in [first, end) whose byte in `record` is set,
+    clearing it: 64 bytes at a time (a 20,000-row table's record is 313
+    compares), then the rest one by one."""
+    from llvmlite import ir
+
+    from ..lower.codegen import I8, I64
+    b = cg.b
+    bytes64 = ir.VectorType(I8, 64)
+    nothing = ir.Constant(bytes64, [ir.Constant(I8, 0)] * 64)
+    blocks = b.sdiv(b.sub(end, first), cg.i64(64))
+    with cg.loop(blocks, name="rb") as k:
+        at = cg.iadd(first, cg.imul(k, 64))
+        marks = b.bitcast(b.icmp_unsigned("!=", cg.load(record, at, t=I8, n=64), nothing), I64)
+        with cg.if_(b.icmp_unsigned("!=", marks, cg.i64(0))):
+            cg.store(nothing, record, at, t=I8)
+            left = cg.var(I64, marks)
+            with cg.loop(cg.intrinsic("ctpop", I64, [marks]), name="rm"):
+                m = b.load(left)
+                zero(cg.iadd(at, cg.intrinsic("cttz", I64, [m, ir.Constant(ir.IntType(1), 1)])))
+                b.store(b.and_(m, b.sub(m, cg.i64(1))), left)
+    with cg.loop(end, start=cg.iadd(first, cg.imul(blocks, 64)), name="rt") as r:
+        with cg.if_(b.icmp_unsigned("!=", cg.load(record, r, t=I8), ir.Constant(I8, 0))):
+            cg.store(ir.Constant(I8, 0), record, r, t=I8)
+            zero(r)
 
 
 #: tasks of a `scatter_rows` (ranges of output rows; a constant, so that the

@@ -1,0 +1,115 @@
+"""An embedding's gradient is zeroed where the last step wrote, not whole
+(`ops/embedding.py`, `record`; `sc_rows_record` in the runtime): a net keeps a
+byte a row of the rows its training entry wrote while nothing else writes its
+gradient arena. The arena must hold, step after step, the very bits of the
+whole-table zeroing, which a net whose gradients were handed out (`net.grads`)
+still does."""
+import numpy as np
+import pytest
+
+import structc
+
+# E: 3,000 rows (each task's range of rows ends off a 64-row block of the record),
+# F: 50 rows (under one block), W looked up twice (its gradient a sum: no record)
+from test_sparse_update import TABLES  # noqa: E402
+
+
+def feed(seed, n=40, vocab=3000):
+    """A batch whose ids differ from the last one's: rows written before must be zeroed."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, vocab, n).astype(np.int32)
+    a[:5] = a[5:10]                                 # repeated ids
+    return {"a": a, "b": rng.integers(0, 20, n).astype(np.int32),        # F and W: 20 of their rows
+            "c": rng.integers(0, 20, n).astype(np.int32), "y": rng.integers(0, 4, n).astype(np.int32)}
+
+
+def pair(optimizer="sgd", **options):
+    """A net that keeps the record, and one whose gradients were handed out
+    (it zeroes the tables whole), with the same parameters."""
+    kept, whole = structc.compile(TABLES, seed=0), structc.compile(TABLES, seed=0)
+    whole.grads     # noqa: B018 - handing them out is what turns the record off
+    for net in (kept, whole):
+        net.set_optimizer(optimizer, **options)
+    assert kept._rows_kept.alive and not whole._rows_kept.alive
+    return kept, whole
+
+
+def assert_same(kept, whole, step):
+    for name in kept.params:
+        np.testing.assert_array_equal(kept.params[name], whole.params[name], err_msg=f"step {step}: {name}")
+        np.testing.assert_array_equal(kept._grad_views[name], whole._grad_views[name],
+                                      err_msg=f"step {step}: grad {name}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("momentum", {}), ("adam", {}),
+                                                ("sgd", {"weight_decay": 0.01}), ("sgd", {"clip_norm": 0.05})])
+def test_the_gradient_arena_holds_the_whole_zeroing_bits_step_after_step(threads, optimizer, options):
+    before = structc.get_num_threads()
+    structc.set_num_threads(threads)
+    try:
+        kept, whole = pair(optimizer, **options)
+        for step in range(6):
+            inputs = feed(step)
+            assert kept.train_step(lr=0.3, **inputs) == whole.train_step(lr=0.3, **inputs)
+            assert_same(kept, whole, step)
+    finally:
+        structc.set_num_threads(before)
+
+
+def test_grad_and_train_step_keep_the_record_true_between_them():
+    """`net.grad` (copies) and `grad_into_arena` + `apply_update` run the same
+    training entry: the record follows them."""
+    kept, whole = pair()
+    for step in range(6):
+        inputs = feed(10 + step)
+        if step % 3 == 0:
+            loss, grads = kept.grad(**inputs)
+            want, want_grads = whole.grad(**inputs)
+            for name in grads:
+                np.testing.assert_array_equal(grads[name], want_grads[name], err_msg=name)
+        elif step % 3 == 1:
+            loss, _ = kept.grad_into_arena(**inputs)
+            kept.apply_update(lr=0.1)
+            want, _ = whole.grad_into_arena(**inputs)
+            whole.apply_update(lr=0.1)
+        else:
+            loss, want = kept.train_step(lr=0.1, **inputs), whole.train_step(lr=0.1, **inputs)
+        assert loss == want
+        assert_same(kept, whole, step)
+    assert kept._rows_kept.alive
+
+
+def test_the_record_is_used_and_handing_the_gradients_out_ends_it():
+    """A row written behind the record's back survives the next step: the table
+    was not zeroed whole (the test above is not passing on whole zeroing alone).
+    Written through `net.grads`, the next step zeroes it: handing the views out
+    ends the record, for good."""
+    net = structc.compile(TABLES, seed=0)
+    net.train_step(lr=0.1, **feed(0))
+    spare = sorted(set(range(3000)) - set(feed(0)["a"]) - set(feed(1)["a"]))[:3]
+    net._grad_views["E"][spare] = 7.0           # behind its back: not a thing a user can do
+    net.train_step(lr=0.1, **feed(1))
+    assert np.all(net._grad_views["E"][spare] == 7.0)
+    assert net._rows_kept.alive
+    net.grads["E"][spare] = 5.0                 # through the public views
+    assert not net._rows_kept.alive
+    for step in (2, 3):
+        net.train_step(lr=0.1, **feed(step))
+        rows = set(feed(step)["a"])
+        assert not np.any(net.grads["E"][[r for r in spare if r not in rows]])
+
+
+def test_a_user_who_keeps_the_views_across_steps_gets_the_right_gradient():
+    """The trap the record must not fall into: views taken once, written to every
+    step (weight decay by hand), while training goes on."""
+    kept, whole = pair()
+    views = kept.grads                           # taken once, before any step
+    for step in range(4):
+        inputs = feed(20 + step)
+        kept.grad_into_arena(**inputs)
+        whole.grad_into_arena(**inputs)
+        for net, g in ((kept, views), (whole, whole._grad_views)):
+            g["E"] += 0.01 * net.params["E"]        # every row
+            net.apply_update(lr=0.1)
+        assert_same(kept, whole, step)
