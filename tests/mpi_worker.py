@@ -113,6 +113,16 @@ model FrozenNorm {
   loss cross_entropy(dense(batch_norm(dense(h, 8), frozen=true), 3), y)
 }
 """
+# a table of 300 rows, each rank's ids others than the other's and than its last step's:
+# the summed gradient holds rows a rank's own step never wrote (`ops/embedding.py`, `record`)
+WORDS = """
+model Words {
+  input  a: i32[N]
+  target y: class[N] of 3
+  param  E: embedding(300, 6) = normal(0.5)
+  loss cross_entropy(dense(tanh(E[a]), 3), y)
+}
+"""
 #: what each case's compile freezes
 FREEZE = {"frozen_bn": ["bn1.mean", "bn1.var"]}
 
@@ -159,6 +169,13 @@ def cases():
                          for a, b in steps])
     out["empty"] = (MLP, [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)], [{}, {}, {}],
                     [{"x": x[s:s + 40], "y": y[s:s + 40]} for s in (0, 40, 80)])
+
+    ids = rng.permutation(300).astype(np.int32)
+    words = [(ids[s:s + 9], ids[s + 9:s + 40]) for s in (0, 40, 80)]      # 9 against 31, new rows each step
+    yw = [(rng.integers(0, 3, len(a)).astype(np.int32), rng.integers(0, 3, len(b)).astype(np.int32)) for a, b in words]
+    out["words"] = (WORDS, [{"a": a, "y": ya} for (a, _), (ya, _) in zip(words, yw)],
+                    [{"a": b, "y": yb} for (_, b), (_, yb) in zip(words, yw)],
+                    [{"a": np.concatenate([a, b]), "y": np.concatenate([ya, yb])} for (a, b), (ya, yb) in zip(words, yw)])
 
     def forest_step():   # 2 small trees against 5 large ones
         small = [tree(rng, int(rng.integers(1, 4))) for _ in range(2)]

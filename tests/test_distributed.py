@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow   # launches processes or compiles many models: no
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
-FAMILIES = ["mlp", "trees", "graphs", "sequences", "mixed", "nodes", "halo", "empty", "mean_sum", "sum_penalty",
-            "frozen_bn"]
+FAMILIES = ["mlp", "trees", "words", "graphs", "sequences", "mixed", "nodes", "halo", "empty", "mean_sum",
+            "sum_penalty", "frozen_bn"]
 OPTIMIZERS = ["sgd", "momentum", "adam"]
 TIMEOUT = 300
 
