@@ -763,6 +763,8 @@ def canonical_program(program: Program) -> str:
     stack: list = [program]
     while stack:
         item = stack.pop()
+        if isinstance(item, Span):      # a field of spans (a recursion's states' names): positions too
+            continue
         if isinstance(item, _Mark):
             out.append(item)
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):

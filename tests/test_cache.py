@@ -352,6 +352,17 @@ def test_comments_and_layout_do_not_change_the_key():
     assert canonical_program(parse(reformatted)) == canonical_program(parse(MLP))
 
 
+def test_the_spans_of_a_recursions_state_names_do_not_change_the_key():
+    """`rec (h, c)(t)` keeps a span per state name in a tuple: a line added above
+    must not make the model look edited (its digest is checked on resume and export)."""
+    src = ("model M { input s: sequence of f32[3]\n rec (h, c)(t) = init: (zeros(3), zeros(3))\n"
+           " next: lstm_cell(t.x, h(t.prev), c(t.prev), 3)\n output o = h(s.last) }")
+    moved = src.replace(" rec (h, c)", "\n# a comment\n rec  (h,c)")
+    assert canonical_program(parse(moved)) == canonical_program(parse(src))
+    assert canonical_program(parse(src.replace("(h, c)", "(h, k)").replace("c(t.prev)", "k(t.prev)"))) \
+        != canonical_program(parse(src))
+
+
 @pytest.mark.parametrize("old, new", [
     ("dense(x, 8)", "dense(x, 9)"),                  # a number
     ("f32[N, 4]", "f32[B, 4]"),                      # a symbol
