@@ -184,13 +184,43 @@ class ModelBuilder:
         value = self.eval(s.value)
         if isinstance(value, Word):
             raise self.unknown_name(value)
-        declared_input = s.name in self.inputs or s.name in self.graphs or s.name in self.forests \
-            or s.name in self.sequences
-        if declared_input or s.name in self.params:
-            raise SnetNameError(f"cannot assign to '{s.name}': it is a declared "
-                                f"{'input' if declared_input else 'parameter'}", s.name_span)
+        self.check_bindable(s.name, s.name_span)
         self.env[s.name] = value
         self.defined_at.setdefault(s.name, s.name_span)
+
+    def stmt_Unpack(self, s: S.Unpack) -> None:
+        for name, span in zip(s.names, s.name_spans):
+            self.check_bindable(name, span)
+        for name, span, value in zip(s.names, s.name_spans, self.unpack(s)):
+            self.env[name] = value
+            self.defined_at.setdefault(name, span)
+
+    def check_bindable(self, name: str, span: Span) -> None:
+        """A name may be bound again, unless it is a declared input or parameter."""
+        declared_input = name in self.inputs or name in self.graphs or name in self.forests \
+            or name in self.sequences
+        if declared_input or name in self.params:
+            raise SnetNameError(f"cannot assign to '{name}': it is a declared "
+                                f"{'input' if declared_input else 'parameter'}", span)
+
+    def unpack(self, s: S.Unpack) -> list:
+        """The values `(a, b) = value` binds, one per name, in order: the items of a
+        tuple written in place, or the values of a layer that gives several (lstm_cell's
+        (h, c)); each name once."""
+        for k, (name, span) in enumerate(zip(s.names, s.name_spans)):
+            if name in s.names[:k]:
+                raise SnetNameError(f"'{name}' is bound twice in this unpacking", span)
+        if isinstance(s.value, S.Tuple):
+            values = [self.eval(x) for x in s.value.items]
+        else:
+            v = self.eval(s.value)
+            values = list(v) if isinstance(v, tuple) else [v]
+        for v in values:
+            if isinstance(v, Word):
+                raise self.unknown_name(v)
+        if len(values) != len(s.names):
+            raise SnetTypeError(_gives(s.value, len(values), s.names), s.value.span)
+        return values
 
     def stmt_LossStmt(self, s: S.LossStmt) -> None:
         value = self.eval(s.value)
@@ -220,7 +250,7 @@ class ModelBuilder:
             self.repeat_path = self.repeat_path + (k,)
             try:
                 for stmt in s.body:
-                    if not isinstance(stmt, (S.Assign, S.LossStmt, S.Repeat)):
+                    if not isinstance(stmt, (S.Assign, S.Unpack, S.LossStmt, S.Repeat)):
                         raise SnetSyntaxError("only assignments, losses and repeats can be repeated; "
                                               "declare inputs, parameters and outputs outside", stmt.span)
                     getattr(self, "stmt_" + type(stmt).__name__)(stmt)
@@ -623,6 +653,17 @@ def _fold(op: str, a, b, span: Span):
     if (isinstance(value, int) and abs(value) >= S.MAX_INT) or (isinstance(value, float) and not math.isfinite(value)):
         raise SnetTypeError("number too large (numbers stop at about 1.8e308)", span)
     return value
+
+
+def _gives(e, count: int, names: list) -> str:
+    """An unpacking's count mismatch in words: "lstm_cell gives 2 values (h, c); 3 names"."""
+    func = e.func if isinstance(e, S.Call) else None
+    what = func or ("the tuple" if isinstance(e, S.Tuple) else "the value")
+    if count == 1:
+        hint = f": bind it to one name, {names[0]} = {func}(...)" if func else ""
+        return f"{what} gives one value, not a tuple of {len(names)}{hint}"
+    gives = getattr(SURFACE.get(func), "gives", None)
+    return f"{what} gives {count} values" + (f" ({', '.join(gives)})" if gives else "") + f"; {len(names)} names"
 
 
 def _call_problem(err: TypeError) -> str:

@@ -527,11 +527,18 @@ def _case_values(mb, e, names, case: str) -> list:
         saved = {}
         try:
             for a in e.bindings:
-                if a.name in names:
-                    raise SnetNameError(f"'{a.name}' is a state of this recursion: the {case} case gives it "
-                                        "as its value, it cannot bind it", a.name_span)
-                saved.setdefault(a.name, mb.env.get(a.name))
-                mb.env[a.name] = mb.eval(a.value)
+                # (a, ac) = lstm_cell(...), or a = ...: local names, which may shadow the model's
+                # (examples/logic_treelstm.snet binds s, its target, in both cases)
+                unpack = isinstance(a, S.Unpack)
+                targets = list(zip(a.names, a.name_spans)) if unpack else [(a.name, a.name_span)]
+                for name, span in targets:
+                    if name in names:
+                        raise SnetNameError(f"'{name}' is a state of this recursion: the {case} case gives it "
+                                            "as its value, it cannot bind it", span)
+                values = mb.unpack(a) if unpack else [mb.eval(a.value)]
+                for (name, _), v in zip(targets, values):
+                    saved.setdefault(name, mb.env.get(name))
+                    mb.env[name] = v
             return _case_values(mb, e.value, names, case)
         finally:
             for k, v in saved.items():

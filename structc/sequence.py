@@ -208,7 +208,7 @@ class SeqRecFn:
         if not isinstance(sel, Select) or sel.decl is not seq:
             raise SnetTypeError(f"{self.name} applies to the positions of sequence '{seq.name}': "
                                 f"{self.name}({seq.name}.{end}), {self.name}({seq.name}.steps) or "
-                                f"{self.name}({seq.name}.mean)", e.args[0].span)
+                                f"{self.name}({seq.name}.mean){_stacking_hint(mb, self, sel)}", e.args[0].span)
         b = Builder(mb.graph, e.span)
         # the rows first, then this state's columns (one of several): the column copy is over the rows
         # read, and h(s.last)'s cotangent reaches the recursion as the roots' alone (`tree_map`'s from_roots)
@@ -224,6 +224,20 @@ class SeqRecFn:
         raise SnetTypeError(f"{self.name} runs {where}, so it ends at {seq.name}.{end}: "
                             f"{self.name}({seq.name}.{sel.which}) is its first case; use "
                             f"{self.name}({seq.name}.{end}), .steps or .mean", e.args[0].span)
+
+
+def _stacking_hint(mb, lower: SeqRecFn, sel) -> str:
+    """For `h1(t)` in another recursion's case (a second layer reading the first at its
+    own position): one recursion can carry both layers, in one direction."""
+    from .recursion import Child, Kid, LeafRef, NodeRef
+    if not isinstance(sel, (Child, Kid, LeafRef, NodeRef)):
+        return ""
+    upper = getattr(getattr(mb, "rec", None), "name", "h2")
+    h1, h2 = lower.name, upper
+    return (f"; a recursion cannot read another at its own position, but layers stacked in one direction "
+            f"are one recursion carrying both states: rec ({h1}, {h2})(t) = init: (zeros(H), zeros(H)) "
+            f"next: {{ a = gru_cell(t.x, {h1}(t.prev), H); (a, gru_cell(a, {h2}(t.prev), H)) }} "
+            f"(an LSTM layer unpacks its cell: (a, ac) = lstm_cell(...))")
 
 
 # -- rec h(t) = first: ... next: ... ------------------------------------------------

@@ -195,6 +195,16 @@ class Assign:
 
 
 @dataclass
+class Unpack:
+    """`(h, c) = lstm_cell(...)`: each name bound to one value of a tuple, in order
+    (a statement, or a binding of a case block)."""
+    names: list[str]
+    value: Expr
+    span: Span
+    name_spans: list[Span]
+
+
+@dataclass
 class LossStmt:
     value: Expr
     span: Span
@@ -252,7 +262,7 @@ class SeqRecDecl:
     name_spans: tuple = ()
 
 
-Stmt = Union[InputDecl, ParamDecl, Assign, LossStmt, OutputStmt, Repeat, RecDecl, SeqRecDecl]
+Stmt = Union[InputDecl, ParamDecl, Assign, Unpack, LossStmt, OutputStmt, Repeat, RecDecl, SeqRecDecl]
 
 
 @dataclass
@@ -465,6 +475,18 @@ class _ToAst(Transformer_NonRecursive):
         return Assign(str(c[0]), c[1], self._span(meta), self._tok(c[0]))
 
     @v_args(meta=True)
+    def unpack(self, meta, c):
+        _, *targets, value = [x for x in c if x is not None]
+        for t in targets:
+            if not isinstance(t, Name):
+                raise SnetSyntaxError(f"an unpacking binds names, as in (h, c) = lstm_cell(...); "
+                                      f"got {unparse(t)}", t.span)
+        if len(targets) == 1:
+            raise SnetSyntaxError(f"an unpacking binds two names or more; bind one value with "
+                                  f"{targets[0].id} = ...", targets[0].span)
+        return Unpack([t.id for t in targets], value, self._span(meta), [t.span for t in targets])
+
+    @v_args(meta=True)
     def loss_stmt(self, meta, c):
         return LossStmt(c[0], self._span(meta))
 
@@ -643,6 +665,7 @@ class _ToAst(Transformer_NonRecursive):
 _TERMINAL_WORDS = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
     "DTYPE": "a tensor type such as f32", "$END": "end of file", "CASE": "'leaf:' or 'node:'",
+    "UNPACK": "'('",
 }
 
 
@@ -672,7 +695,7 @@ _CONTINUATIONS = {"'+'", "'-'", "'*'", "'/'", "'@'", "'|>'", "'.'", "'['", "'ove
 def _expected_list(expected) -> str:
     words = {_describe_terminal(e) for e in expected}
     if _STATEMENT_STARTS <= words:
-        words = (words - _STATEMENT_STARTS - {"a name", "';'"}) | {"a statement"}
+        words = (words - _STATEMENT_STARTS - {"a name", "';'", "'('"}) | {"a statement"}   # '(': (h, c) = ...
     if words - _CONTINUATIONS:
         words -= _CONTINUATIONS
     if "')'" in words:   # inside an argument list: a call or `name=` is not the likely fix
@@ -842,7 +865,8 @@ _SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
 
 
 def unparse(e) -> str:
-    """An expression back as source text, fully parenthesised, pipes desugared."""
+    """An expression (or a case block's binding) back as source text, fully
+    parenthesised, pipes desugared."""
     if isinstance(e, Number):
         return repr(e.value)
     if isinstance(e, String):
@@ -873,7 +897,11 @@ def unparse(e) -> str:
     if isinstance(e, Over):
         return f"{unparse(e.value)} over {unparse(e.domain)}"
     if isinstance(e, CaseBlock):
-        return "{ " + "; ".join([f"{a.name} = {unparse(a.value)}" for a in e.bindings] + [unparse(e.value)]) + " }"
+        return "{ " + "; ".join([unparse(a) for a in e.bindings] + [unparse(e.value)]) + " }"
+    if isinstance(e, Assign):       # a case block's binding
+        return f"{e.name} = {unparse(e.value)}"
+    if isinstance(e, Unpack):
+        return f"({', '.join(e.names)}) = {unparse(e.value)}"
     if isinstance(e, PerChild):
         return f"{unparse(e.value)} for {e.var} in {unparse(e.domain)}"
     return f"<{type(e).__name__}>"
@@ -913,6 +941,8 @@ def format_program(program: Program) -> str:
                 text = f"ParamDecl {s.name}: {_type_text(s.type)}{init}{' frozen' if s.frozen else ''}"
             elif isinstance(s, Assign):
                 text = f"Assign {s.name} = {unparse(s.value)}"
+            elif isinstance(s, Unpack):
+                text = f"Unpack {unparse(s)}"
             elif isinstance(s, LossStmt):
                 text = f"Loss {unparse(s.value)}"
             elif isinstance(s, OutputStmt):

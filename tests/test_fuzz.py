@@ -31,6 +31,11 @@ SEEDS.append("model G { input g: graph(features=4, edge_features=2, edge_types=3
              "  h = g.x\n  repeat 2 { h = relu(sum(dense(h, 4, per=g.type) over g.edges) + max(h over g.edges)) }\n"
              "  m = mean(dense(concat(h[g.src], g.e, axis=1), 4) over g.edges, norm=gcn)\n"
              "  output r = sum(h over g.nodes)\n  loss cross_entropy(dense(m, 3), y) }")
+SEEDS.append("model S { input s: sequence of f32[3]\n target y: class[s.sequences] of 2\n x = s\n"       # unpacking
+             "  rec (h1, c1, h2)(t) = init: (zeros(4), zeros(4), zeros(4))\n"
+             "    next: { (a, ac) = lstm_cell(t.x, h1(t.prev), c1(t.prev), 4); (a, ac, gru_cell(a, h2(t.prev), 4)) }\n"
+             "  (p, q) = (h2(s.last), h1(s.last))\n  loss cross_entropy(dense(p + q, 2), y) }")
+TOKENS += ["(a, b) =", "(a, b)", "sequence", "lstm_cell", "gru_cell", "t.prev", "next:", "init:"]
 
 
 def _fuzz_sources():

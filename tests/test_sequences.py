@@ -224,11 +224,12 @@ def test_the_end_a_recursion_does_not_reach_is_an_error():
 
 @pytest.mark.parametrize("use, column", [("dense(s[0], 3)", 27), ("dense(s, 3)", 21)])
 def test_a_cells_pair_outside_a_recursion_says_where_it_goes(use, column):
-    """lstm_cell gives (h, c): outside a recursion's case that pair is neither
-    indexable nor a tensor, and the error says where it belongs."""
+    """lstm_cell gives (h, c): that pair is neither indexable nor a tensor, and the
+    error says how to name its values, or where it belongs."""
     src = ("model M { input x: f32[N, 8]\n target y: class[N] of 3\n s = lstm_cell(x, x, x, 8)\n"
            f" loss cross_entropy({use}, y) }}")
-    with pytest.raises(SnetError, match=re.escape("is the states of a recursion's case: `rec (h, c)(t)")) as err:
+    with pytest.raises(SnetError, match=re.escape("is unpacked into names, `(h, c) = lstm_cell(x, h0, c0, H)`, "
+                                                  "or is the states of a recursion's case: `rec (h, c)(t)")) as err:
         build_model(parse(src))
     assert (err.value.span.line, err.value.span.col) == (4, column), err.value.span
 

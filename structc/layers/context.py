@@ -123,13 +123,13 @@ class Context:
 
 
 def states_hint(v) -> str:
-    """For a tuple of tensors where one tensor is wanted (a cell's `(h, c)` outside a
-    recursion): where such a tuple goes."""
+    """For a tuple of tensors where one tensor is wanted (a cell's `(h, c)` indexed or
+    passed on whole): how its values are named, or where such a tuple goes."""
     if not (isinstance(v, tuple) and len(v) > 1 and all(isinstance(x, Value) for x in v)):
         return ""
-    return ("; a tuple of tensors, such as lstm_cell's (h, c), is the states of a recursion's case: "
-            "`rec (h, c)(t) = init: ... next: lstm_cell(t.x, h(t.prev), c(t.prev), H)`, each state then read "
-            "as h(...) and c(...)")
+    return ("; a tuple of tensors, such as lstm_cell's (h, c), is unpacked into names, "
+            "`(h, c) = lstm_cell(x, h0, c0, H)`, or is the states of a recursion's case: "
+            "`rec (h, c)(t) = init: ... next: lstm_cell(t.x, h(t.prev), c(t.prev), H)`")
 
 
 def show(v) -> str:

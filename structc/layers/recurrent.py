@@ -80,6 +80,9 @@ def lstm_cell(ctx, x, h, c, units, *, init="glorot", name=None):
     return _part(ctx, hc, 0, units), _part(ctx, hc, 1, units)
 
 
+lstm_cell.gives = ("h", "c")    # its values, named in build's unpacking errors: `(h, c) = lstm_cell(...)`
+
+
 @surface("zeros")
 def zeros(ctx, units):
     """zeros(units): a vector of zeros, e.g. a recurrence's initial state (init: zeros(64))"""
