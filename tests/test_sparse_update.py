@@ -145,9 +145,21 @@ def test_momentum_and_adam_update_every_row(name):
 def test_a_small_table_goes_dense_past_a_quarter_of_its_floats_in_ids(n, sparse):
     """F (50 x 8: 400 floats, one chunk) is updated by rows for up to 100 ids:
     beyond, scanning the ids would cost more than reading the table. Told
-    apart by an infinite row no id names (see the test above)."""
+    apart by an infinite row no id names (see the test above). With no record
+    of the rows the scatter wrote, that is (its gradients handed out)."""
     net = structc.compile(TABLES, seed=0)
+    net._expose_grads()
     net.params["F"][30] = np.inf            # b's ids are below 20
     net.train_step(lr=0.1, **batch(n))
     assert bool(np.isinf(net.params["F"][30]).all()) is sparse
     assert bool(np.isnan(net.params["F"][30]).all()) is not sparse
+
+
+@pytest.mark.parametrize("n", [100, 101, 4000])
+def test_with_the_record_of_the_rows_a_table_stays_sparse_however_many_ids(n):
+    """The record (`embedding.keeps_record`) gives a chunk its rows for the price of
+    its bytes: no count of ids makes reading the table cheaper."""
+    net = structc.compile(TABLES, seed=0)
+    net.params["F"][30] = np.inf
+    net.train_step(lr=0.1, **batch(n))
+    assert np.isinf(net.params["F"][30]).all()

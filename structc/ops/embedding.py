@@ -103,15 +103,13 @@ class ScatterRows(Op):
     def lower(self, kb, node, epilogue):
         from llvmlite import ir
 
-        from ..lower.codegen import I8, I64, PTR
+        from ..lower.codegen import I8
         from ..lower.treemap import add_row, load_index, zero_row, zero_rows
         g, ids = node.inputs
         n_d, width = kb.graph.nodes[g].shape
         rows_d = node.shape[0]
         idt = kb.graph.nodes[ids].type.dtype
-        plan = kb.layout.plan
-        # only a table in the gradient arena keeps its rows from call to call
-        recorded = node.attrs.get("record", False) and plan.storage[plan.root(node.id)].kind == "grad"
+        recorded = keeps_record(kb, node.id)
 
         # Rows may repeat, so each output row's adds run in the order of g's rows:
         # a task owns a range of output rows, zeroes them and adds, of every row
@@ -128,12 +126,12 @@ class ScatterRows(Op):
             end = b.sdiv(cg.imul(rows, hi), cg.i64(SCATTER_TASKS))
             kept = record = None
             if recorded:
-                record = b.call(cg.declare("sc_rows_record", PTR, [PTR, I64]), [dst, rows])
-                kept = b.icmp_unsigned("!=", record, ir.Constant(PTR, None))
+                record, kept = row_record(cg, dst, rows)
                 with b.if_else(kept) as (marked, whole):
                     with marked:
-                        _zero_marked_rows(cg, record, first, end,
-                                          lambda r: zero_row(cg, dst, cg.imul(r, width), width, kb.vector_width))
+                        each_marked_row(cg, record, first, end,
+                                        lambda r: zero_row(cg, dst, cg.imul(r, width), width, kb.vector_width),
+                                        clear=True)
                     with whole:
                         zero_rows(cg, dst, first, end, width, kb.vector_width)
             else:
@@ -148,10 +146,30 @@ class ScatterRows(Op):
                             cg.store(ir.Constant(I8, 1), record, k, t=I8)
 
 
-def _zero_marked_rows(cg, record, first, end, zero) -> None:
-    """zero(r) for each row r in [first, end) whose byte in `record` is set,
-    clearing it: 64 bytes at a time (a 20,000-row table's record is 313
-    compares), then the rest one by one."""
+def keeps_record(kb, nid: int) -> bool:
+    """Whether scatter `nid` keeps a record of the rows it writes: marked so
+    (`record`), and its output the table's gradient in the arena (a buffer of the
+    workspace holds other values between calls)."""
+    plan = kb.layout.plan
+    node = kb.graph.nodes[nid]
+    return node.op.name == "scatter_rows" and node.attrs.get("record", False) \
+        and plan.storage[plan.root(nid)].kind == "grad"
+
+
+def row_record(cg, table, rows):
+    """(the runtime's record of the rows of `table` written last, whether there is one)."""
+    from llvmlite import ir
+
+    from ..lower.codegen import I64, PTR
+    record = cg.b.call(cg.declare("sc_rows_record", PTR, [PTR, I64]), [table, rows])
+    return record, cg.b.icmp_unsigned("!=", record, ir.Constant(PTR, None))
+
+
+def each_marked_row(cg, record, first, end, body, clear: bool) -> None:
+    """body(r) for each row r in [first, end) whose byte in `record` is set
+    (`clear`: clearing it): 64 bytes at a time (a 20,000-row table's record is
+    313 compares), then the rest one by one. Also the sparse SGD update's
+    rows (`optim._sparse_sgd`), which reads the record the scatter left."""
     from llvmlite import ir
 
     from ..lower.codegen import I8, I64
@@ -163,16 +181,18 @@ def _zero_marked_rows(cg, record, first, end, zero) -> None:
         at = cg.iadd(first, cg.imul(k, 64))
         marks = b.bitcast(b.icmp_unsigned("!=", cg.load(record, at, t=I8, n=64), nothing), I64)
         with cg.if_(b.icmp_unsigned("!=", marks, cg.i64(0))):
-            cg.store(nothing, record, at, t=I8)
+            if clear:
+                cg.store(nothing, record, at, t=I8)
             left = cg.var(I64, marks)
             with cg.loop(cg.intrinsic("ctpop", I64, [marks]), name="rm"):
                 m = b.load(left)
-                zero(cg.iadd(at, cg.intrinsic("cttz", I64, [m, ir.Constant(ir.IntType(1), 1)])))
+                body(cg.iadd(at, cg.intrinsic("cttz", I64, [m, ir.Constant(ir.IntType(1), 1)])))
                 b.store(b.and_(m, b.sub(m, cg.i64(1))), left)
     with cg.loop(end, start=cg.iadd(first, cg.imul(blocks, 64)), name="rt") as r:
         with cg.if_(b.icmp_unsigned("!=", cg.load(record, r, t=I8), ir.Constant(I8, 0))):
-            cg.store(ir.Constant(I8, 0), record, r, t=I8)
-            zero(r)
+            if clear:
+                cg.store(ir.Constant(I8, 0), record, r, t=I8)
+            body(r)
 
 
 #: tasks of a `scatter_rows` (ranges of output rows; a constant, so that the

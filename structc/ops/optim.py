@@ -112,13 +112,17 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
     (a vocabulary of 100,000 words of 300 floats: 240 MB of reads a step
     otherwise). A row belongs to the CHUNK of elements that holds its first
     one and is updated once however often its id repeats (a bitmap of the
-    chunk's rows): the dense pass's bits, on any number of threads. Each chunk
-    scans all the ids, so a table with more ids per chunk than a quarter of
-    its floats stays dense (a small table, or a batch of thousands of words)."""
+    chunk's rows): the dense pass's bits, on any number of threads. Where the
+    runtime keeps the record of the rows the scatter wrote
+    (`embedding.keeps_record`), a chunk reads its rows' bytes of it; else
+    each chunk scans all the ids, so a table with more ids per chunk than a
+    quarter of its floats stays dense (a small table, or a batch of thousands
+    of words; 313 chunks of a 20,000 x 256 table scanned 800 ids each)."""
     from llvmlite import ir
 
     from ..lower.codegen import I8, I64, PTR
     from ..lower.treemap import load_index
+    from .embedding import each_marked_row, keeps_record, row_record
     b = cg.b
     zero = cg.const(0.0, h[LR])
     plain = b.and_(_all_lanes(cg, b.fcmp_ordered("==", h[WEIGHT_DECAY], zero)),
@@ -130,18 +134,23 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
         first = b.sdiv(b.sub(b.ptrtoint(cg.ptr(grad), I64), grads_at), cg.i64(4))
         end = cg.iadd(first, cg.imul(cg.dim(rows_d), width))
         n, floats = cg.dim(kb.graph.nodes[ids].shape[0]), b.sub(end, first)
-        # each chunk of the table scans every id: sparse while that is a quarter of its floats at most
+        # the rows the scatter wrote, if the runtime keeps them (`embedding.keeps_record`): a chunk
+        # reads its rows' bytes of the record; else each chunk scans every id, sparse while that
+        # is a quarter of the table's floats at most
+        record, kept = row_record(cg, cg.ptr(grad), cg.dim(rows_d)) if keeps_record(kb, grad) else (None, None)
         scans = cg.imul(cg.imul(n, 4), cg.ceil_div(floats, CHUNK))
-        sparse = b.and_(b.and_(plain, b.icmp_signed("<=", scans, floats)),
+        cheap = b.icmp_signed("<=", scans, floats) if kept is None else b.or_(kept, b.icmp_signed("<=", scans, floats))
+        sparse = b.and_(b.and_(plain, cheap),
                         # the table among the matrices (where the plan puts a gradient)
                         b.and_(b.icmp_signed(">=", first, cg.i64(0)), b.icmp_signed("<=", end, decay_end)))
         # a table updated densely excludes nothing: its span starts and ends past the arena
-        spans.append((ids, width, rows_d, n, sparse, b.select(sparse, first, size), b.select(sparse, end, size)))
+        spans.append((ids, width, rows_d, n, sparse, b.select(sparse, first, size), b.select(sparse, end, size),
+                      record, kept))
 
     def outside(cur):
         """`cur`, or past every span it falls in (spans may be back to back, in any order)."""
         for _ in spans:
-            for *_, lo_t, hi_t in spans:
+            for *_, lo_t, hi_t, _, _ in spans:
                 cur = b.select(b.and_(b.icmp_signed("<=", lo_t, cur), b.icmp_signed("<", cur, hi_t)), hi_t, cur)
         return cur
     # the dense pass over [start, stop) less the spans: a gap before each, and one after
@@ -150,16 +159,31 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
     with cg.loop(len(spans) + 1, name="gap", unroll=False):
         cur = outside(b.load(at))
         nxt = stop
-        for *_, lo_t, hi_t in spans:
+        for *_, lo_t, hi_t, _, _ in spans:
             nxt = b.select(b.and_(b.icmp_signed(">=", lo_t, cur), b.icmp_signed("<", lo_t, nxt)), lo_t, nxt)
         with cg.if_(b.icmp_signed("<", cur, nxt)):
             dense(cur, nxt)
         b.store(_imax(cg, cur, nxt), at)
-    for ids, width, rows_d, n, sparse, lo_t, _ in spans:
+    for ids, width, rows_d, n, sparse, lo_t, _, record, kept in spans:
         seen = cg.eb.alloca(ir.ArrayType(I8, CHUNK // width + 2))
         seen.type = PTR
         idx, dtype = cg.ptr(ids), kb.graph.nodes[ids].type.dtype
         last = b.sub(cg.dim(rows_d), cg.i64(1))
+
+        def update(k):
+            row = cg.iadd(lo_t, cg.imul(k, width))
+            rows(row, cg.iadd(row, width), h[WEIGHT_DECAY])
+
+        def by_ids(k0, k1):
+            with cg.loop(b.sub(k1, k0), name="clear") as k:
+                cg.store(ir.Constant(I8, 0), seen, k, t=I8)
+            with cg.loop(n, name="id") as i:
+                k = load_index(cg, idx, i, dtype, last)     # clamped as the scatter clamps it
+                with cg.if_(b.and_(b.icmp_signed(">=", k, k0), b.icmp_signed("<", k, k1))):
+                    local = b.sub(k, k0)
+                    with cg.if_(b.icmp_signed("==", cg.load(seen, local, t=I8), ir.Constant(I8, 0))):
+                        cg.store(ir.Constant(I8, 1), seen, local, t=I8)
+                        update(k)
         with cg.if_(sparse):
             with cg.loop(cg.ceil_div(b.sub(stop, start), CHUNK), name="chunk") as c:
                 lo_c = cg.iadd(start, cg.imul(c, CHUNK))
@@ -167,16 +191,14 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
                 # the rows whose first element is in [lo_c, hi_c): k0 <= k < k1
                 k0 = cg.ceil_div(_imax(cg, b.sub(lo_c, lo_t), cg.i64(0)), width)
                 k1 = cg.imin(cg.ceil_div(_imax(cg, b.sub(hi_c, lo_t), cg.i64(0)), width), cg.dim(rows_d))
-                with cg.loop(b.sub(k1, k0), name="clear") as k:
-                    cg.store(ir.Constant(I8, 0), seen, k, t=I8)
-                with cg.loop(n, name="id") as i:
-                    k = load_index(cg, idx, i, dtype, last)     # clamped as the scatter clamps it
-                    with cg.if_(b.and_(b.icmp_signed(">=", k, k0), b.icmp_signed("<", k, k1))):
-                        local = b.sub(k, k0)
-                        with cg.if_(b.icmp_signed("==", cg.load(seen, local, t=I8), ir.Constant(I8, 0))):
-                            cg.store(ir.Constant(I8, 1), seen, local, t=I8)
-                            row = cg.iadd(lo_t, cg.imul(k, width))
-                            rows(row, cg.iadd(row, width), h[WEIGHT_DECAY])
+                if kept is None:
+                    by_ids(k0, k1)
+                else:       # the same rows, each once: those the step's scatter wrote
+                    with b.if_else(kept) as (marked, otherwise):
+                        with marked:
+                            each_marked_row(cg, record, k0, k1, update, clear=False)
+                        with otherwise:
+                            by_ids(k0, k1)
 
 
 def _all_lanes(cg, v):
