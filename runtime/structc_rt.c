@@ -810,7 +810,8 @@ void sc_rows_forget(void *base) {
     if (a) rows_free(a);
 }
 
-uint8_t *sc_rows_record(void *region, int64_t rows) {
+/* The record of `region` (made with every row marked when `make`), or NULL. */
+static uint8_t *rows_lookup(void *region, int64_t rows, int make) {
     const char *at = region;
     uint8_t *found = NULL;
     if (rows <= 0) return NULL;
@@ -819,7 +820,7 @@ uint8_t *sc_rows_record(void *region, int64_t rows) {
         if (at < a->base || at >= a->base + a->bytes) continue;
         for (rows_map_t *m = a->maps; m; m = m->next)
             if (m->region == region && m->rows == rows) found = m->map;
-        if (!found) {           /* the table's first step: any row may hold something */
+        if (!found && make) {   /* the table's first step: any row may hold something */
             rows_map_t *m = malloc(sizeof *m);
             uint8_t *map = malloc((size_t)rows);
             if (m && map) {
@@ -837,6 +838,10 @@ uint8_t *sc_rows_record(void *region, int64_t rows) {
     pthread_mutex_unlock(&rows_lock);
     return found;
 }
+
+uint8_t *sc_rows_record(void *region, int64_t rows) { return rows_lookup(region, rows, 1); }
+
+uint8_t *sc_rows_find(void *region, int64_t rows) { return rows_lookup(region, rows, 0); }
 
 /* -- a thread's scratch ------------------------------------------------------- */
 

@@ -63,6 +63,8 @@ void *sc_scratch(int64_t bytes);
 int sc_rows_arena(void *base, int64_t bytes);
 void sc_rows_forget(void *base);
 uint8_t *sc_rows_record(void *region, int64_t rows);
+/* The record sc_rows_record made for `region`, or NULL: no new one (the update reads what a scatter kept). */
+uint8_t *sc_rows_find(void *region, int64_t rows);
 
 /* A flag another process may poll in shared memory (structc/shmsum.py):
  * sc_flag_raise stores `value` (release: the writes before it are seen

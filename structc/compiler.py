@@ -364,10 +364,27 @@ def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = froze
     for k, _ in tables:     # ... and zeroed where the last step wrote, not whole (`ops/embedding.py`)
         g.nodes[grads[k]].attrs["record"] = True
     sparse = tuple((k, len(grads) + j) for j, (k, _) in enumerate(tables))   # (gradient, ids) operands
+    # A recursion's parameter gradient that is its parameter program's scatter alone (E[t.word] in a
+    # step case): that scatter keeps the record of its rows, which the update reads (no ids: -1)
+    sparse += tuple((k, -1) for k, i in enumerate(grads) if _recorded_in_recursion(g, i))
     b = Builder(g)
     g.outputs["update"] = b.update(*(b.value(i) for i in grads + [ids for _, ids in tables]),
                                    size=update_size, decay_end=decay_end, sparse=sparse).id
     return g
+
+
+def _recorded_in_recursion(g: Graph, nid: int) -> bool:
+    """Whether gradient `nid` is a tree_grad_part whose parameter program gives it as
+    one scatter of rows; marks that scatter to keep its record (`embedding.keeps_record`)."""
+    node = g.nodes[nid]
+    if node.op.name != "tree_grad_part":
+        return False
+    program = g.nodes[node.inputs[0]].attrs["bwd_par"].graph
+    scatter = program.nodes.get(program.outputs.get(f"d:{node.attrs['param']}"))
+    if scatter is None or scatter.op.name != "scatter_rows":
+        return False
+    scatter.attrs["record"] = True
+    return True
 
 
 def update_graph(mdef: ModelDef, update_size: int, decay_end: int | None = None) -> Graph:

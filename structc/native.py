@@ -409,7 +409,8 @@ class JitModule:
 # -- the runtime ---------------------------------------------------------
 
 RUNTIME_SYMBOLS = ("sc_parallel_for", "sc_set_num_threads", "sc_get_num_threads", "sc_entry_begin", "sc_entry_end",
-                   "sc_row_tasks", "sc_forest_parts", "sc_scratch", "sc_rows_record")
+                   "sc_row_tasks", "sc_forest_parts", "sc_scratch", "sc_rows_record",
+                   "sc_rows_find")
 
 
 @functools.lru_cache(maxsize=1)

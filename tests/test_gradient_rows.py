@@ -23,10 +23,10 @@ def feed(seed, n=40, vocab=3000):
             "c": rng.integers(0, 20, n).astype(np.int32), "y": rng.integers(0, 4, n).astype(np.int32)}
 
 
-def pair(optimizer="sgd", **options):
+def pair(optimizer="sgd", source=TABLES, **options):
     """A net that keeps the record, and one whose gradients were handed out
     (it zeroes the tables whole), with the same parameters."""
-    kept, whole = structc.compile(TABLES, seed=0), structc.compile(TABLES, seed=0)
+    kept, whole = structc.compile(source, seed=0), structc.compile(source, seed=0)
     whole.grads     # noqa: B018 - handing them out is what turns the record off
     for net in (kept, whole):
         net.set_optimizer(optimizer, **options)
@@ -41,20 +41,24 @@ def assert_same(kept, whole, step):
                                       err_msg=f"step {step}: grad {name}")
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("momentum", {}), ("adam", {}),
-                                                ("sgd", {"weight_decay": 0.01}), ("sgd", {"clip_norm": 0.05})])
-def test_the_gradient_arena_holds_the_whole_zeroing_bits_step_after_step(threads, optimizer, options):
+def assert_steps_agree(source, feeds, threads, optimizer, options):
+    """Six training steps of a net keeping the record and of one that does not."""
     before = structc.get_num_threads()
     structc.set_num_threads(threads)
     try:
-        kept, whole = pair(optimizer, **options)
-        for step in range(6):
-            inputs = feed(step)
+        kept, whole = pair(optimizer, source, **options)
+        for step, inputs in enumerate(feeds):
             assert kept.train_step(lr=0.3, **inputs) == whole.train_step(lr=0.3, **inputs)
             assert_same(kept, whole, step)
     finally:
         structc.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("momentum", {}), ("adam", {}),
+                                                ("sgd", {"weight_decay": 0.01}), ("sgd", {"clip_norm": 0.05})])
+def test_the_gradient_arena_holds_the_whole_zeroing_bits_step_after_step(threads, optimizer, options):
+    assert_steps_agree(TABLES, [feed(step) for step in range(6)], threads, optimizer, options)
 
 
 def test_grad_and_train_step_keep_the_record_true_between_them():
@@ -113,3 +117,47 @@ def test_a_user_who_keeps_the_views_across_steps_gets_the_right_gradient():
             g["E"] += 0.01 * net.params["E"]        # every row
             net.apply_update(lr=0.1)
         assert_same(kept, whole, step)
+
+
+# a table read in a recursion's step case: its gradient is the parameter program's scatter
+WORDS_IN_STEPS = """
+model Reader {
+  input  s: sequence of word(vocab=300)
+  target y: class[s.sequences] of 3
+  param  E: embedding(300, 12)
+  rec (h, c)(t) = init: (zeros(16), zeros(16))
+                  next: lstm_cell(E[t.word], h(t.prev), c(t.prev), 16)
+  loss cross_entropy(dense(h(s.last), 3), y)
+}
+"""
+
+
+def sentences(seed, count=5):
+    from structc.seqdata import Sequences
+    rng = np.random.default_rng(seed)
+    words = rng.permutation(300)[:60]            # each batch its own words, mostly
+    return {"s": Sequences.from_list([rng.choice(words, int(rng.integers(1, 9))).astype(np.int32)
+                                      for _ in range(count)]),
+            "y": rng.integers(0, 3, count).astype(np.int32)}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimizer, options", [("sgd", {}), ("adam", {}), ("sgd", {"weight_decay": 0.01})])
+def test_a_table_read_in_a_recursion_keeps_the_whole_zeroing_bits(threads, optimizer, options):
+    assert_steps_agree(WORDS_IN_STEPS, [sentences(step) for step in range(6)], threads, optimizer, options)
+
+
+def test_sgd_updates_a_table_read_in_a_recursion_by_its_record_of_rows():
+    """Only the rows the step's words name are read: an infinite row no word
+    names stays as it is (the dense pass's 0 * inf decay term makes it NaN, as
+    it does once the record is gone)."""
+    for exposed in (False, True):
+        net = structc.compile(WORDS_IN_STEPS, seed=0)
+        if exposed:
+            net._expose_grads()
+        inputs = sentences(0)
+        spare = sorted(set(range(300)) - set(inputs["s"].data.tolist()))[0]
+        net.params["E"][spare] = np.inf
+        net.train_step(lr=0.1, **inputs)
+        assert bool(np.isinf(net.params["E"][spare]).all()) is not exposed
+        assert bool(np.isnan(net.params["E"][spare]).all()) is exposed

@@ -148,20 +148,25 @@ class ScatterRows(Op):
 
 def keeps_record(kb, nid: int) -> bool:
     """Whether scatter `nid` keeps a record of the rows it writes: marked so
-    (`record`), and its output the table's gradient in the arena (a buffer of the
-    workspace holds other values between calls)."""
+    (`record`), and its output the table's gradient in the arena, or the output
+    of a recursion's parameter program (`compiler.train_graph` marks it where
+    that output is the gradient). A buffer of the workspace holds other values
+    between calls; the runtime keeps records only inside a registered arena."""
     plan = kb.layout.plan
     node = kb.graph.nodes[nid]
     return node.op.name == "scatter_rows" and node.attrs.get("record", False) \
-        and plan.storage[plan.root(nid)].kind == "grad"
+        and plan.storage[plan.root(nid)].kind in ("grad", "output")
 
 
-def row_record(cg, table, rows):
-    """(the runtime's record of the rows of `table` written last, whether there is one)."""
+def row_record(cg, table, rows, make: bool = True):
+    """(the runtime's record of the rows of `table` written last, whether there is
+    one); `make`: a scatter's, which starts one (every row marked), else the
+    update's, which reads what the scatter left."""
     from llvmlite import ir
 
     from ..lower.codegen import I64, PTR
-    record = cg.b.call(cg.declare("sc_rows_record", PTR, [PTR, I64]), [table, rows])
+    fn = "sc_rows_record" if make else "sc_rows_find"
+    record = cg.b.call(cg.declare(fn, PTR, [PTR, I64]), [table, rows])
     return record, cg.b.icmp_unsigned("!=", record, ir.Constant(PTR, None))
 
 

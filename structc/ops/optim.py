@@ -93,7 +93,8 @@ class Update(Op):
                     hi_r = b.select(matrices, cg.imin(hi_j, decay_end), hi_j)
                     step(rule, lo_r, hi_r, b.select(matrices, h[WEIGHT_DECAY], h[VECTOR_DECAY]))
 
-            tables = [(node.inputs[k], node.inputs[i]) for k, i in node.attrs.get("sparse", ())]
+            # (gradient, ids); ids -1: a table whose record of rows alone says which (`_sparse_sgd`)
+            tables = [(node.inputs[k], node.inputs[i] if i >= 0 else None) for k, i in node.attrs.get("sparse", ())]
             for rule in ("sgd", "momentum", "adam"):
                 with cg.if_(b.icmp_signed("==", mode, cg.i64(MODES[rule]))):
                     if rule == "sgd" and tables:
@@ -133,13 +134,20 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
         rows_d, width = kb.graph.nodes[grad].shape
         first = b.sdiv(b.sub(b.ptrtoint(cg.ptr(grad), I64), grads_at), cg.i64(4))
         end = cg.iadd(first, cg.imul(cg.dim(rows_d), width))
-        n, floats = cg.dim(kb.graph.nodes[ids].shape[0]), b.sub(end, first)
-        # the rows the scatter wrote, if the runtime keeps them (`embedding.keeps_record`): a chunk
-        # reads its rows' bytes of the record; else each chunk scans every id, sparse while that
-        # is a quarter of the table's floats at most
-        record, kept = row_record(cg, cg.ptr(grad), cg.dim(rows_d)) if keeps_record(kb, grad) else (None, None)
-        scans = cg.imul(cg.imul(n, 4), cg.ceil_div(floats, CHUNK))
-        cheap = b.icmp_signed("<=", scans, floats) if kept is None else b.or_(kept, b.icmp_signed("<=", scans, floats))
+        floats = b.sub(end, first)
+        # the rows the scatter wrote, if the runtime keeps them (`embedding.keeps_record`; with no
+        # ids, a recursion's parameter program's scatter, `compiler.train_graph`): a chunk reads its
+        # rows' bytes of the record; else each chunk scans every id, sparse while that is a quarter
+        # of the table's floats at most
+        record, kept = row_record(cg, cg.ptr(grad), cg.dim(rows_d), make=False) \
+            if ids is None or keeps_record(kb, grad) else (None, None)
+        n = None if ids is None else cg.dim(kb.graph.nodes[ids].shape[0])
+        if n is None:
+            cheap = kept
+        else:
+            scans = cg.imul(cg.imul(n, 4), cg.ceil_div(floats, CHUNK))
+            cheap = b.icmp_signed("<=", scans, floats) if kept is None else \
+                b.or_(kept, b.icmp_signed("<=", scans, floats))
         sparse = b.and_(b.and_(plain, cheap),
                         # the table among the matrices (where the plan puts a gradient)
                         b.and_(b.icmp_signed(">=", first, cg.i64(0)), b.icmp_signed("<=", end, decay_end)))
@@ -165,16 +173,16 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
             dense(cur, nxt)
         b.store(_imax(cg, cur, nxt), at)
     for ids, width, rows_d, n, sparse, lo_t, _, record, kept in spans:
-        seen = cg.eb.alloca(ir.ArrayType(I8, CHUNK // width + 2))
-        seen.type = PTR
-        idx, dtype = cg.ptr(ids), kb.graph.nodes[ids].type.dtype
         last = b.sub(cg.dim(rows_d), cg.i64(1))
 
         def update(k):
             row = cg.iadd(lo_t, cg.imul(k, width))
             rows(row, cg.iadd(row, width), h[WEIGHT_DECAY])
 
-        def by_ids(k0, k1):
+        def by_ids(k0, k1, ids=ids, n=n, last=last):
+            seen = cg.eb.alloca(ir.ArrayType(I8, CHUNK // width + 2))
+            seen.type = PTR
+            idx, dtype = cg.ptr(ids), kb.graph.nodes[ids].type.dtype
             with cg.loop(b.sub(k1, k0), name="clear") as k:
                 cg.store(ir.Constant(I8, 0), seen, k, t=I8)
             with cg.loop(n, name="id") as i:
@@ -193,6 +201,8 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
                 k1 = cg.imin(cg.ceil_div(_imax(cg, b.sub(hi_c, lo_t), cg.i64(0)), width), cg.dim(rows_d))
                 if kept is None:
                     by_ids(k0, k1)
+                elif ids is None:   # sparse only with the record
+                    each_marked_row(cg, record, k0, k1, update, clear=False)
                 else:       # the same rows, each once: those the step's scatter wrote
                     with b.if_else(kept) as (marked, otherwise):
                         with marked:
