@@ -401,9 +401,9 @@ def torch_birnn(cell: str, features: int, hidden: int, classes: int):
     return build
 
 
-def torch_lstm_last(features: int, hidden: int, classes: int, vocab: int = 0):
-    """nn.LSTM (after nn.Embedding when `vocab`) over the padded batch; each
-    sequence's state at its last position (padding after it changes nothing)."""
+def torch_lstm_last(features: int, hidden: int, classes: int, vocab: int = 0, layers: int = 1):
+    """nn.LSTM (after nn.Embedding when `vocab`; `layers` stacked) over the padded
+    batch; each sequence's state at its last position (padding after it changes nothing)."""
     def build(d):
         import torch
         import torch.nn.functional as F
@@ -411,7 +411,7 @@ def torch_lstm_last(features: int, hidden: int, classes: int, vocab: int = 0):
         xp = xp.long() if vocab else xp
         y = torch.from_numpy(d["y"]).long()
         m = _model(torch.nn.Embedding(vocab, features) if vocab else torch.nn.Identity(),
-                   torch.nn.LSTM(features, hidden), torch.nn.Linear(hidden, classes))
+                   torch.nn.LSTM(features, hidden, num_layers=layers), torch.nn.Linear(hidden, classes))
         rows = torch.arange(len(n))
 
         def loss():
@@ -431,6 +431,13 @@ def _lstm_rec(name: str, step_x: str, hidden: int, backward: bool = False) -> st
     state, prev, case = (f"({name}, {name}c)", "t.next" if backward else "t.prev", "prev" if backward else "next")
     return (f"rec {state}(t) = init: (zeros({hidden}), zeros({hidden}))\n"
             f"    {case}: lstm_cell({step_x}, {name}({prev}), {name}c({prev}), {hidden})")
+
+
+def _stacked_lstm_rec(hidden: int) -> str:
+    """Two LSTM layers as one recurrence: each step runs layer 1, then layer 2 on its new h."""
+    return (f"rec (h1, c1, h, c)(t) = init: (zeros({hidden}), zeros({hidden}), zeros({hidden}), zeros({hidden}))\n"
+            f"    next: {{ (a, ac) = lstm_cell(t.x, h1(t.prev), c1(t.prev), {hidden});\n"
+            f"            (b, bc) = lstm_cell(a, h(t.prev), c(t.prev), {hidden}); (a, ac, b, bc) }}")
 
 
 def _gru_rec(name: str, hidden: int, backward: bool = False) -> str:
@@ -527,6 +534,9 @@ CASES = {
         _seq_model("word(vocab=20000)", ["param E: embedding(20000, 128)", _lstm_rec("h", "E[t.word]", 128)],
                    "h(s.last)", 5),
         ragged(64, (10, 50), 128, 5, vocab=20_000), sequence_inputs, torch_lstm_last(128, 128, 5, vocab=20_000), 30),
+    # two stacked LSTM layers of 128 (one recurrence carrying both): 64 sequences of 10-50, 64 features
+    "lstm2_stacked": Case(_seq_model("f32[64]", [_stacked_lstm_rec(128)], "h(s.last)", 10),
+                          ragged(64, (10, 50), 64, 10), sequence_inputs, torch_lstm_last(64, 128, 10, layers=2), 10),
     # a long sequence: 8 sequences of 500 positions, 32 features, LSTM 128, last state
     "lstm_long": Case(_seq_model("f32[32]", [_lstm_rec("h", "t.x", 128)], "h(s.last)", 10),
                       ragged(8, (500, 500), 32, 10), sequence_inputs, torch_lstm_last(32, 128, 10), 10),
