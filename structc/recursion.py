@@ -366,7 +366,9 @@ class Unborn:
 
 # -- rec h(n) = leaf: ... node: ...  (or rec (h, c)(n)) ---------------------------
 
-def build_rec(mb, s: S.RecDecl) -> None:
+def build_rec(mb, s: S.RecDecl, cases: tuple = ("leaf", "node")) -> None:
+    """`cases`: the words that opened the two cases, for messages (a sequence's
+    `init:` / `next:` are built as a chain's leaf and node cases)."""
     from .ops.tree import _tags, fold_concat_of_slices, is_block, prepare
     from .passes.dce import dce
     forests = mb.forests
@@ -387,7 +389,7 @@ def build_rec(mb, s: S.RecDecl) -> None:
     mb.env[s.param] = LeafRef(decl, mb)
     mb.env.update({name: Unborn(name) for name in names})
     try:
-        leaf = [_leaf_value(mb, v, e) for v, e in _case_values(mb, s.leaf, names, "leaf")]
+        leaf = [_leaf_value(mb, v, e) for v, e in _case_values(mb, s.leaf, names, cases[0])]
     finally:
         for k, v in saved.items():
             _restore(mb.env, k, v)
@@ -406,9 +408,9 @@ def build_rec(mb, s: S.RecDecl) -> None:
     body.inputs["children"] = cin
     bb = BodyBuilder(mb, body, s, decl, Builder(body).value(cin), states)
     outs = []
-    for st, (out, e) in zip(states, _case_values(bb, s.node, names, "node")):
+    for st, (out, e) in zip(states, _case_values(bb, s.node, names, cases[1])):
         if not isinstance(out, Value) or not out.type.is_float:
-            raise SnetTypeError(f"the node case must give a float vector per node, got {_what(out)}", e.span)
+            raise SnetTypeError(f"the {cases[1]} case must give a float vector per node, got {_what(out)}", e.span)
         if out.type.rank == 1 and isinstance(out.shape[0], int):
             out = Builder(body, e.span).broadcast_to(out, shape=(BODY_ROWS, out.shape[0]))
         if out.shape != (BODY_ROWS, st.width):

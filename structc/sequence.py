@@ -266,7 +266,7 @@ def build_seq_rec(mb, s: S.SeqRecDecl) -> None:
     saved = mb.forests
     mb.forests = {chain.name: chain}        # build_rec reads the one forest of the model
     try:
-        build_rec(mb, rec)
+        build_rec(mb, rec, cases=(s.start, s.then))
     finally:
         mb.forests = saved
     for name in s.names or (s.name,):       # each state: its columns of the one tree_map

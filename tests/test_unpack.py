@@ -170,7 +170,7 @@ SEQ = "input s: sequence of f32[8]\n param w: f32[8]"
     ("{ (a, a) = lstm_cell(t.x, h(t.prev), c(t.prev), 8); (a, a) }", SnetNameError,
      "'a' is bound twice in this unpacking", "a)"),
     ("{ z = t.x; (a, ac) = lstm_cell(z, h(t.prev), c(t.prev), 8); (a, ac, z) }", SnetTypeError,
-     "the node case gives 3 values for 2 states (h, c)", "(a, ac, z)"),
+     "the next case gives 3 values for 2 states (h, c)", "(a, ac, z)"),
 ])
 def test_a_bad_unpacking_in_a_case_block_is_refused_at_its_span(step, error, message, at):
     err = refusal(f"rec (h, c)(t) = init: (zeros(8), zeros(8))\n next: {step}\n output o = h(s.last)", SEQ)
