@@ -500,12 +500,18 @@ model TreeCells {
   loss cross_entropy(dense(concat(h(t.root), g(t.root)), 2), y)
 }
 """
-    net, mdef = structc.compile(src), build_model(parse(src))
-    rng = np.random.default_rng(8)
+    check_tree_model_against_the_interpreter(src, seed=0, draws=8)
+
+
+def check_tree_model_against_the_interpreter(src: str, seed: int, draws: int) -> dict:
+    """A model over `forest of f32[3]` with 2 classes: its native loss and gradients on three
+    small random trees against the interpreter's in float64; returns the gradients."""
+    from structc.forest import bind_forest
+    net, mdef = structc.compile(src, seed=seed), build_model(parse(src))
+    rng = np.random.default_rng(draws)
     leaf = lambda: rng.normal(size=3)      # noqa: E731
     forest = Forest.from_tuples([((leaf(), leaf()), leaf()), leaf(), (leaf(), (leaf(), leaf()))])
     y = np.array([0, 1, 1], np.int32)
-    from structc.forest import bind_forest
     feed = {**bind_forest("t", forest, net.meta["forests"][0])[0], "y": y}
     params = {k: v.astype(np.float64) for k, v in net.params.items()}
     loss, grads = net.grad(t=forest, y=y)
@@ -513,6 +519,7 @@ model TreeCells {
     assert loss == pytest.approx(float(ref["loss"]), rel=1e-4)
     for k in grads:
         np.testing.assert_allclose(grads[k], ref[f"grad:{k}"], rtol=2e-3, atol=2e-5, err_msg=k)
+    return grads
 
 
 @pytest.mark.slow
