@@ -387,11 +387,21 @@ def _recorded_in_recursion(g: Graph, nid: int) -> bool:
     return True
 
 
-def update_graph(mdef: ModelDef, update_size: int, decay_end: int | None = None) -> Graph:
+def row_tables(mdef: ModelDef, train: Graph, frozen: frozenset[str] = frozenset()) -> list[str]:
+    """The parameters whose gradient the training entry writes as a scatter of
+    rows that keeps the runtime's record of them (`ops/embedding.py`): the
+    update's `sparse` tables, by name."""
+    trainable = [p for p in mdef.params if p not in frozen]
+    return [trainable[k] for k, _ in train.nodes[train.outputs["update"]].attrs.get("sparse", ())]
+
+
+def update_graph(mdef: ModelDef, update_size: int, decay_end: int | None = None, spans: tuple = ()) -> Graph:
     """The optimiser step alone, reading the gradient arena as it is: data-parallel
-    training sums the ranks' gradients between `sc_train` (mode none) and this."""
+    training sums the ranks' gradients between `sc_train` (mode none) and this.
+    `spans`: (offset, rows, width) of the tables whose record of rows the update
+    may read (`row_tables`; data-parallel training keeps it across the sum)."""
     g = Graph(f"{mdef.name}.update")
-    g.outputs["update"] = Builder(g).update(size=update_size, decay_end=decay_end).id
+    g.outputs["update"] = Builder(g).update(size=update_size, decay_end=decay_end, spans=tuple(spans)).id
     return g
 
 
@@ -574,6 +584,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     with times.stage("forward.inference"):
         graphs = {"forward": forward_graph(mdef)}
     warnings: list = []
+    tables: list[str] = []      # `row_tables`, once the training graph is made
 
     def differentiate_once() -> list[dict]:
         """The gradient warnings every part's metadata keeps, and the training
@@ -592,7 +603,9 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         if "training" in wanted:
             with times.stage("train.autodiff"):
                 graphs["train"] = train_graph(mdef, update_size, frozen, decay_end, differentiated)
-                graphs["update"] = update_graph(mdef, update_size, decay_end)
+                tables.extend(row_tables(mdef, graphs["train"], frozen))
+                graphs["update"] = update_graph(mdef, update_size, decay_end, [
+                    (offsets[t], *mdef.params[t].type.shape) for t in tables])
             if dump:
                 dump("train", str(graphs["train"]))
         return warnings[0]
@@ -701,6 +714,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         "loss_denominator": loss_denominator(forward) if mdef.has_loss else None,
         "batch_statistic": batch_statistic(forward) if mdef.has_loss else None,    # data-parallel: refused
     }
+    if "training" in wanted:    # data-parallel training keeps these tables' records of rows across its sum
+        meta["row_tables"] = tables
     if mdef.forests:
         meta["forests"] = mdef.forests
     if mdef.sequences:

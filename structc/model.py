@@ -432,6 +432,8 @@ class Net:
                 self._module.add(objects)
                 self._add_entries(meta["entries"], self._module)
                 self.meta["entries"].update(meta["entries"])
+                if "row_tables" in meta:
+                    self.meta["row_tables"] = meta["row_tables"]
                 self.meta["deferred"].remove(part)
                 self.meta["parts"] = self.meta.get("parts", []) + [part]
             return True

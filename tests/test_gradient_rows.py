@@ -104,6 +104,26 @@ def test_the_record_is_used_and_handing_the_gradients_out_ends_it():
         assert not np.any(net.grads["E"][[r for r in spare if r not in rows]])
 
 
+def test_apply_update_takes_a_tables_rows_from_its_record():
+    """The update entry (`apply_update`, data-parallel training's second half) has the
+    tables' spans in the arena (`compiler.update_graph`): plain SGD updates the rows the
+    step's scatter wrote, read from the record, so a row written behind its back stays
+    unapplied (a dense update would move its parameter), and with momentum, which
+    updates every row, it is applied. `grad_into_arena` + `apply_update` keeps the
+    whole-zeroing bits either way (the test above)."""
+    net = structc.compile(TABLES, seed=0)
+    spare = sorted(set(range(3000)) - set(feed(0)["a"]))[:3]
+    for optimizer, moves in (("sgd", False), ("momentum", True)):
+        net.set_optimizer(optimizer)
+        net.grad_into_arena(**feed(0))
+        assert net.meta["row_tables"] == ["E", "F"]     # with the training part; W is looked up twice: none
+        net._grad_views["E"][spare] = 7.0       # behind its back: not a thing a user can do
+        before = net.params["E"][spare].copy()
+        net.apply_update(lr=0.1)
+        assert np.any(net.params["E"][spare] != before) == moves, optimizer
+        net._grad_views["E"][spare] = 0.0
+
+
 def test_a_user_who_keeps_the_views_across_steps_gets_the_right_gradient():
     """The trap the record must not fall into: views taken once, written to every
     step (weight decay by hand), while training goes on."""

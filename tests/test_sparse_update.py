@@ -1,8 +1,9 @@
 """SGD updates an embedding's rows from the step's ids alone (`ops/optim.py`,
 `_sparse_sgd`): a table whose gradient is a scatter of rows is not read whole.
-The bits are those of the dense update (`grad_into_arena` + `apply_update`,
-whose entry has no ids), at any thread count; weight decay, a clipping scale
-below 1, momentum and Adam update every row."""
+The bits are those of the dense update (`grad_into_arena` + `apply_update` of a
+net whose gradients were handed out: its update entry has no ids and finds no
+record of rows), at any thread count; weight decay, a clipping scale below 1,
+momentum and Adam update every row."""
 import re
 
 import numpy as np
@@ -37,7 +38,9 @@ def batch(n, seed=0, vocab=3000):
 
 
 def nets(source, **options):
+    """A net that updates its tables by rows, and one that updates them whole."""
     one, two = structc.compile(source, seed=0), structc.compile(source, seed=0)
+    two.grads       # noqa: B018 - handed out: no record of rows, so `apply_update` is dense
     for net in (one, two):
         net.set_optimizer("sgd", **options)
     return one, two

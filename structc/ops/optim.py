@@ -41,10 +41,11 @@ class Update(Op):
     name = "update"
     traits = frozenset({"effect"})
 
-    def shape(self, *grads, size: int, decay_end: int | None = None, sparse: tuple = ()) -> TensorType:
+    def shape(self, *grads, size: int, decay_end: int | None = None, sparse: tuple = (),
+              spans: tuple = ()) -> TensorType:
         return TensorType((), "f32")
 
-    def reference(self, *grads, size, decay_end=None, sparse=()):
+    def reference(self, *grads, size, decay_end=None, sparse=(), spans=()):
         return np.zeros(())
 
     def lower(self, kb, node, epilogue):
@@ -93,8 +94,7 @@ class Update(Op):
                     hi_r = b.select(matrices, cg.imin(hi_j, decay_end), hi_j)
                     step(rule, lo_r, hi_r, b.select(matrices, h[WEIGHT_DECAY], h[VECTOR_DECAY]))
 
-            # (gradient, ids); ids -1: a table whose record of rows alone says which (`_sparse_sgd`)
-            tables = [(node.inputs[k], node.inputs[i] if i >= 0 else None) for k, i in node.attrs.get("sparse", ())]
+            tables = _tables(kb, cg, node)
             for rule in ("sgd", "momentum", "adam"):
                 with cg.if_(b.icmp_signed("==", mode, cg.i64(MODES[rule]))):
                     if rule == "sgd" and tables:
@@ -102,6 +102,28 @@ class Update(Op):
                                     partial(step, rule))
                     else:
                         ranges(rule, start, stop)
+
+
+def _tables(kb, cg, node) -> list[tuple]:
+    """The update's tables whose gradient is zero outside some rows, each (its
+    gradient's address, rows (a value), width, ids node or None, whether the
+    runtime may keep a record of its rows): `sparse`, pairs (gradient, ids) of
+    the training entry's operands (ids -1: the record alone says which rows);
+    `spans`, (offset, rows, width) in the gradient arena, the update entry's
+    (`compiler.update_graph`: it has no gradient nodes; data-parallel training
+    keeps the records across the ranks' sum, `structc.distributed`)."""
+    from ..lower.codegen import F32
+    from .embedding import keeps_record
+    tables = []
+    for k, i in node.attrs.get("sparse", ()):
+        grad = node.inputs[k]
+        rows_d, width = kb.graph.nodes[grad].shape
+        ids = node.inputs[i] if i >= 0 else None
+        tables.append((cg.ptr(grad), cg.dim(rows_d), width, ids, ids is None or keeps_record(kb, grad)))
+    grads = cg.arena("grads")
+    for offset, rows, width in node.attrs.get("spans", ()):
+        tables.append((cg.b.gep(grads, [cg.i64(offset)], source_etype=F32), cg.i64(rows), width, None, True))
+    return tables
 
 
 def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
@@ -123,24 +145,22 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
 
     from ..lower.codegen import I8, I64, PTR
     from ..lower.treemap import load_index
-    from .embedding import each_marked_row, keeps_record, row_record
+    from .embedding import each_marked_row, row_record
     b = cg.b
     zero = cg.const(0.0, h[LR])
     plain = b.and_(_all_lanes(cg, b.fcmp_ordered("==", h[WEIGHT_DECAY], zero)),
                    _all_lanes(cg, b.fcmp_ordered("==", h[CLIP_SCALE], cg.const(1.0, h[LR]))))
     grads_at = b.ptrtoint(cg.arena("grads"), I64)
     spans = []
-    for grad, ids in tables:
-        rows_d, width = kb.graph.nodes[grad].shape
-        first = b.sdiv(b.sub(b.ptrtoint(cg.ptr(grad), I64), grads_at), cg.i64(4))
-        end = cg.iadd(first, cg.imul(cg.dim(rows_d), width))
+    for at, n_rows, width, ids, recorded in tables:
+        first = b.sdiv(b.sub(b.ptrtoint(at, I64), grads_at), cg.i64(4))
+        end = cg.iadd(first, cg.imul(n_rows, width))
         floats = b.sub(end, first)
         # the rows the scatter wrote, if the runtime keeps them (`embedding.keeps_record`; with no
-        # ids, a recursion's parameter program's scatter, `compiler.train_graph`): a chunk reads its
-        # rows' bytes of the record; else each chunk scans every id, sparse while that is a quarter
-        # of the table's floats at most
-        record, kept = row_record(cg, cg.ptr(grad), cg.dim(rows_d), make=False) \
-            if ids is None or keeps_record(kb, grad) else (None, None)
+        # ids, a recursion's parameter program's scatter, `compiler.train_graph`, or the update
+        # entry's span): a chunk reads its rows' bytes of the record; else each chunk scans every
+        # id, sparse while that is a quarter of the table's floats at most
+        record, kept = row_record(cg, at, n_rows, make=False) if recorded else (None, None)
         n = None if ids is None else cg.dim(kb.graph.nodes[ids].shape[0])
         if n is None:
             cheap = kept
@@ -152,7 +172,7 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
                         # the table among the matrices (where the plan puts a gradient)
                         b.and_(b.icmp_signed(">=", first, cg.i64(0)), b.icmp_signed("<=", end, decay_end)))
         # a table updated densely excludes nothing: its span starts and ends past the arena
-        spans.append((ids, width, rows_d, n, sparse, b.select(sparse, first, size), b.select(sparse, end, size),
+        spans.append((ids, width, n_rows, n, sparse, b.select(sparse, first, size), b.select(sparse, end, size),
                       record, kept))
 
     def outside(cur):
@@ -172,8 +192,8 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
         with cg.if_(b.icmp_signed("<", cur, nxt)):
             dense(cur, nxt)
         b.store(_imax(cg, cur, nxt), at)
-    for ids, width, rows_d, n, sparse, lo_t, _, record, kept in spans:
-        last = b.sub(cg.dim(rows_d), cg.i64(1))
+    for ids, width, n_rows, n, sparse, lo_t, _, record, kept in spans:
+        last = b.sub(n_rows, cg.i64(1))
 
         def update(k):
             row = cg.iadd(lo_t, cg.imul(k, width))
@@ -198,7 +218,7 @@ def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
                 hi_c = cg.imin(cg.iadd(lo_c, CHUNK), stop)
                 # the rows whose first element is in [lo_c, hi_c): k0 <= k < k1
                 k0 = cg.ceil_div(_imax(cg, b.sub(lo_c, lo_t), cg.i64(0)), width)
-                k1 = cg.imin(cg.ceil_div(_imax(cg, b.sub(hi_c, lo_t), cg.i64(0)), width), cg.dim(rows_d))
+                k1 = cg.imin(cg.ceil_div(_imax(cg, b.sub(hi_c, lo_t), cg.i64(0)), width), n_rows)
                 if kept is None:
                     by_ids(k0, k1)
                 elif ids is None:   # sparse only with the record
