@@ -434,6 +434,24 @@ static PyObject *rows_forget(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* rows_copy(address, buffer, into_record) -> bool: the record of the table
+ * at `address` (as many rows as the uint8 buffer's bytes) copied into the
+ * buffer, or the buffer into it (sc_rows_copy); False when there is none. */
+static PyObject *rows_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "rows_copy(address, buffer, into_record)");
+        return NULL;
+    }
+    unsigned long long region = PyLong_AsUnsignedLongLong(args[0]);
+    int into = PyObject_IsTrue(args[2]);
+    if (PyErr_Occurred() || into < 0) return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
+    int found = sc_rows_copy((void *)(uintptr_t)region, (int64_t)v.len, (uint8_t *)v.buf, into);
+    PyBuffer_Release(&v);
+    return PyBool_FromLong(found);
+}
+
 static PyObject *set_adaptive(PyObject *self, PyObject *arg) {
     int on = PyObject_IsTrue(arg);
     if (on < 0) return NULL;
@@ -960,6 +978,8 @@ static PyMethodDef methods[] = {
     {"rows_arena", (PyCFunction)(void (*)(void))rows_arena, METH_FASTCALL,
      "rows_arena(address, bytes): a gradient arena only its Net's training entry writes (sc_rows_arena)"},
     {"rows_forget", rows_forget, METH_O, "rows_forget(address): anything may write that arena now"},
+    {"rows_copy", (PyCFunction)(void (*)(void))rows_copy, METH_FASTCALL,
+     "rows_copy(address, buffer, into_record) -> bool: a table's record of rows out to buffer, or in from it"},
     {"set_backoff", set_backoff, METH_O,
      "set_backoff(mode) -> previous: back off after stalls (1), preempted callers (2), both (3), never (0)"},
     {"preemptions", preemptions, METH_NOARGS, "preemptions() -> entries' windows whose caller was preempted too long"},

@@ -843,6 +843,24 @@ uint8_t *sc_rows_record(void *region, int64_t rows) { return rows_lookup(region,
 
 uint8_t *sc_rows_find(void *region, int64_t rows) { return rows_lookup(region, rows, 0); }
 
+int sc_rows_copy(void *region, int64_t rows, uint8_t *buf, int into_record) {
+    const char *at = region;
+    int found = 0;
+    if (rows <= 0) return 0;
+    pthread_mutex_lock(&rows_lock);
+    for (rows_arena_t *a = rows_arenas; a && !found; a = a->next) {
+        if (at < a->base || at >= a->base + a->bytes) continue;
+        for (rows_map_t *m = a->maps; m && !found; m = m->next)
+            if (m->region == region && m->rows == rows) {
+                if (into_record) memcpy(m->map, buf, (size_t)rows);
+                else memcpy(buf, m->map, (size_t)rows);
+                found = 1;
+            }
+    }
+    pthread_mutex_unlock(&rows_lock);
+    return found;
+}
+
 /* -- a thread's scratch ------------------------------------------------------- */
 
 typedef struct {

@@ -65,6 +65,11 @@ void sc_rows_forget(void *base);
 uint8_t *sc_rows_record(void *region, int64_t rows);
 /* The record sc_rows_record made for `region`, or NULL: no new one (the update reads what a scatter kept). */
 uint8_t *sc_rows_find(void *region, int64_t rows);
+/* Copy the record of `region` into `buf` (`into_record` 0) or `buf` into it (1),
+ * `rows` bytes, under the records' lock; 1 if there is one, else 0 (nothing
+ * copied). Data-parallel training (structc/distributed.py): after the ranks'
+ * sum, a row any rank's step wrote may be nonzero on every rank. */
+int sc_rows_copy(void *region, int64_t rows, uint8_t *buf, int into_record);
 
 /* A flag another process may poll in shared memory (structc/shmsum.py):
  * sc_flag_raise stores `value` (release: the writes before it are seen

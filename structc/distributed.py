@@ -15,7 +15,9 @@ Run with `mpiexec -n 2 python -m mpi4py script.py` (or `srun`). One step is:
 2. The arena becomes [D_r g_r, D_r, D_r loss_r] (the last two floats sit past
    the gradients) and is summed over the ranks in place: through shared memory
    when every rank is on this machine (`structc.shmsum`), else by one
-   `Allreduce` (`train_steps` makes the next feed before the sum).
+   `Allreduce` (`train_steps` makes the next feed before the sum). A large
+   embedding's gradient goes in by the rows some rank's step wrote
+   (`structc.rowsum`).
 3. Divided by D = Σ D_r it is the gradient of the whole batch, exactly (up to
    float32 rounding): Σ_r D_r g_r / D = (1/D) Σ_i ∇l_i, however uneven the
    shards. A rank with no examples sends zeros and takes part all the same.
@@ -43,6 +45,8 @@ from ._runtime import lpt_owners, unweigh_arena, weigh_arena
 from .heldout import Tally, refuse_empty
 from .model import _hyper_value
 from .ops.optim import DROPOUT_KEY0, MODES
+from . import rowsum
+from .rowsum import RowSum, row_tables
 from .shmsum import shared_sum
 
 INSTALL = "pip install 'structc[mpi]'"
@@ -195,11 +199,22 @@ class DataParallel:
         # a plain sum, or terms each weighed by the rank's share (`_term_weights`): the gradients just add up
         self._normalise = found["kind"] not in ("sum", "terms")
         self._terms = found["terms"] if found["kind"] == "terms" else None
-        net._expose_grads()                 # the sums write the arena: no record of an embedding's rows holds
+        net._load_deferred("update")        # its metadata lists the tables with a record of rows
+        tables = row_tables(net)
+        # The sums write the arena: a record of an embedding's rows holds only if every rank's
+        # becomes the union of all ranks' records (`structc.rowsum`); worth an `Allreduce` more
+        # a step for a large table only. Otherwise the tables are zeroed and updated whole.
+        self._rows = None
+        if any(t["rows"] * t["width"] * 4 >= rowsum.SPARSE_SUM_BYTES for t in tables):
+            self._rows = RowSum(net, self.comm, MPI, tables)
+        else:
+            net._expose_grads()
+        # the arena: gradients, then the count and the loss, then the settings' check (2 floats);
+        # the buffer a sum adds up is it (views made once), or `RowSum.pack`'s, laid out alike
         arena = net._grad_arena
-        self._n = len(arena) - 4            # gradients, then the count and the loss, then the settings' check
-        self._weighed = arena[:self._n + 2]  # what the count weighs and the sum divides
-        self._check = arena[self._n + 2:]
+        self._whole = (arena, arena[:-2], arena[-2:])      # (buffer, what the count weighs, the check)
+        self._summed = self._whole
+        self._weights: tuple[float, float] | None = None     # this step's (count, loss); None: no examples
         self._settings, self._lr = 0.0, None  # this step's `settings_hash` (0: no update follows) and lr
         if abort_on_error:
             install_abort_hook(self.comm)
@@ -209,7 +224,7 @@ class DataParallel:
         # Every rank must take the same way (one rank's Barrier against another's Allreduce
         # would pair collectives that do not match), so the ranks agree on the flag first.
         shared_memory = bool(self.comm.allreduce(int(bool(shared_memory)), op=MPI.MIN))
-        self._shared_sum = shared_sum(MPI, self.comm, len(arena)) if shared_memory else None
+        self._shared_sum = shared_sum(MPI, self.comm, len(net._grad_arena)) if shared_memory else None
 
     def _check_same_model(self) -> None:
         """Refuse, on every rank alike, ranks whose models differ in their parameters'
@@ -297,10 +312,10 @@ class DataParallel:
             return self._finish_reduce()
 
     def _weigh(self, inputs: Mapping) -> None:
-        """The shard's gradient in the arena, weighted by its loss denominator, then
-        the denominator and the weighted loss (what the ranks sum)."""
+        """The shard's gradient in the arena, and its loss denominator and loss, which
+        `_sum` weighs it by (no examples: a zero arena, no weights)."""
         net = self.net
-        arena = net._grad_arena
+        self._weights = None
         if self._terms is not None:
             self._weigh_terms(inputs)
         elif inputs:
@@ -308,9 +323,9 @@ class DataParallel:
             if not 0 <= count < MAX_COUNT:
                 raise ValueError(f"rank {self.rank}: a shard's loss denominator must be in [0, {MAX_COUNT}) "
                                  f"(float32 counts are exact up to there), got {count}")
-            weigh_arena(self._weighed, count, loss)       # the gradients times count; count, loss * count
+            self._weights = (count, loss)
         else:
-            arena[:] = 0.0
+            net._grad_arena[:] = 0.0
 
     def _weigh_terms(self, inputs: Mapping) -> None:
         """A loss of terms with different denominators: every rank's denominators of
@@ -343,34 +358,46 @@ class DataParallel:
             loss, _ = net.grad_into_arena(**inputs)
         finally:
             slots[:] = 0.0                         # every other call weighs each term 1
-        weigh_arena(self._weighed, 1.0, loss)
+        self._weights = (1.0, loss)
 
     def _sum(self) -> None:
-        """The arena summed over the ranks, in place: through shared memory when every
-        rank is on this machine, else a blocking `Allreduce` (with MPICH between 2 local
-        ranks it measured 1-8 us cheaper per call than `Iallreduce` + `Wait`, which made
-        progress only inside `Wait` anyway)."""
-        arena, check = self.net._grad_arena, self._check
+        """The arena (or, with tables summed by rows, its packed buffer: `structc.rowsum`)
+        as [D_r g_r, D_r, D_r loss_r, the settings' check], summed over the ranks in
+        place: through shared memory when every rank is on this machine, else a blocking
+        `Allreduce` (with MPICH between 2 local ranks it measured 1-8 us cheaper per call
+        than `Iallreduce` + `Wait`, which made progress only inside `Wait` anyway)."""
+        if self._rows is None:
+            buffer, weighed, check = self._summed = self._whole
+        else:
+            buffer = self._rows.pack()
+            buffer, weighed, check = self._summed = (buffer, buffer[:-2], buffer[-2:])
+        if self._weights is not None:
+            weigh_arena(weighed, *self._weights)        # the gradients times count; count, loss * count
+        else:
+            weighed[-2:] = 0.0                          # no examples: the gradients are zero already
         check[0] = self._settings                       # small whole numbers: their sums are exact
         check[1] = self._settings * self._settings
         if self._shared_sum is not None:
-            self._shared_sum(arena)
+            self._shared_sum(buffer)
         else:
-            self.comm.Allreduce(self._MPI.IN_PLACE, arena, op=self._MPI.SUM)
+            self.comm.Allreduce(self._MPI.IN_PLACE, buffer, op=self._MPI.SUM)
 
     def _finish_reduce(self) -> float:
         """After the sum: the whole batch's gradient (divided by the denominators'
         sum) in the arena; returns its loss."""
-        n, arena = self._n, self.net._grad_arena
+        buffer, weighed, check = self._summed
         # sum(h)^2 == ranks * sum(h^2) only where every rank's h is the same (Cauchy-Schwarz):
         # every rank sees the same sums, so every rank takes the same way here
-        h, hh = self._check.tolist()
+        h, hh = check.tolist()
         if h * h != self.size * hh and self.size <= MAX_CHECKED_RANKS:
             self._settings_differ()
-        total = float(arena[n])
+        total = float(weighed[-2])
         if total == 0:
             raise ValueError("no rank had an example in this step (the loss denominators sum to 0)")
-        return unweigh_arena(self._weighed, total if self._normalise else 1.0)    # in float32, as numpy divided
+        loss = unweigh_arena(weighed, total if self._normalise else 1.0)    # in float32, as numpy divided
+        if self._rows is not None:
+            self._rows.unpack(buffer)
+        return loss
 
     def _settings_differ(self) -> None:
         """Raise, on every rank, naming what differs from rank 0 (one `allgather`:

@@ -31,8 +31,9 @@ HEADER = 16
 
 
 class SharedSum:
-    """`sum(arena)`: `arena` (float32) replaced by its sum over the ranks of `comm`.
-    Collective, like `Allreduce`: every rank calls it the same number of times."""
+    """`sum(arena)`: `arena` (float32, at most `size` floats, the same length on every
+    rank) replaced by its sum over the ranks of `comm`. Collective, like `Allreduce`:
+    every rank calls it the same number of times."""
 
     def __init__(self, MPI, comm, size: int):
         self.rank, self.ranks = comm.Get_rank(), comm.Get_size()
@@ -48,7 +49,10 @@ class SharedSum:
 
     def __call__(self, arena: np.ndarray) -> None:
         self._count += 1
-        shm_sum(arena, self._turns[self._count & 1], self._flags, self.rank, self._count)
+        slots = self._turns[self._count & 1]
+        if len(arena) < len(slots[0]):      # a packed arena (`structc.rowsum`): the slots' first floats
+            slots = [slot[:len(arena)] for slot in slots]
+        shm_sum(arena, slots, self._flags, self.rank, self._count)
 
     def free(self) -> None:
         """Release the window (collective)."""

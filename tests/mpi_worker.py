@@ -17,6 +17,7 @@ import numpy as np
 warnings.simplefilter("ignore")
 
 import structc  # noqa: E402
+from structc import rowsum  # noqa: E402
 from structc.distributed import DataParallel, halo_subgraph, rank0_first  # noqa: E402
 from structc.forest import Forest  # noqa: E402
 from structc.ops.optim import DROPOUT_KEY0  # noqa: E402
@@ -123,6 +124,7 @@ model Words {
   loss cross_entropy(dense(tanh(E[a]), 3), y)
 }
 """
+ROWSUM_DEFAULT = rowsum.SPARSE_SUM_BYTES
 #: what each case's compile freezes
 FREEZE = {"frozen_bn": ["bn1.mean", "bn1.var"]}
 
@@ -177,6 +179,8 @@ def cases():
                     [{"a": b, "y": yb} for (_, b), (_, yb) in zip(words, yw)],
                     [{"a": np.concatenate([a, b]), "y": np.concatenate([ya, yb])} for (a, b), (ya, yb) in zip(words, yw)])
 
+    out["words_rows"] = out["words"]      # the same steps, the table summed by rows (`structc.rowsum`)
+
     def forest_step():   # 2 small trees against 5 large ones
         small = [tree(rng, int(rng.integers(1, 4))) for _ in range(2)]
         large = [tree(rng, int(rng.integers(12, 30))) for _ in range(5)]
@@ -185,6 +189,7 @@ def cases():
         return ({"t": fs, "y": ys}, {"t": fl, "y": yl},
                 {"t": Forest.concat([fs, fl]), "y": np.concatenate([ys, yl])})
     out["trees"] = (TREES, *map(list, zip(*[forest_step() for _ in range(3)])))
+    out["trees_rows"] = out["trees"]      # a table read in a recursion's leaf case, summed by rows
 
     def graph_step():    # 3 graphs of 4-9 nodes against 6 of 15-40
         parts = [[random_graph(rng, int(rng.integers(4, 10))) for _ in range(3)],
@@ -285,7 +290,9 @@ def main():
         for k, buffer in net.params.items():      # running statistics of their own (rank 0's are broadcast)
             if k in net.meta["buffers"]:
                 buffer[...] = np.random.default_rng(rank).random(buffer.shape) + 0.5
+        rowsum.SPARSE_SUM_BYTES = 0 if name.endswith("_rows") else ROWSUM_DEFAULT
         dp = DataParallel(net)
+        results[f"{name}:rows"] = dp._rows is not None
         start = {k: v.copy() for k, v in net.params.items()}
         loss, grads = dp.grad(**mine[0])
         results[f"{name}:loss"] = loss

@@ -79,7 +79,8 @@ def settings(seed: int, source: str) -> dict:
     layers = [f"bn{k}" for k in range(1, source.count("batch_norm(") + 1)]     # as the layers name themselves
     freeze = [bn for bn in layers if rng.random() < 0.7]        # frozen batch norm: its running statistics
     return {"split": rng.choice(SPLITS), "optimizer": optimizer, "lr": rng.choice([0.05, 0.2]), "freeze": freeze,
-            "shared_memory": rng.random() < 0.7}     # else the sum is an Allreduce
+            "shared_memory": rng.random() < 0.7,     # else the sum is an Allreduce
+            "by_rows": rng.random() < 0.5}           # an embedding's gradient summed by rows (`structc.rowsum`)
 
 
 def sizes(split: str, rng: np.random.Generator, small: int) -> tuple[int, int]:
@@ -189,10 +190,15 @@ def run_program(comm, seed: int, family: str) -> dict:
     net.set_optimizer(name, **options)
     verdict = {"seed": seed, "family": family, **how, "optimizer": name + (f" {options}" if options else ""),
                "dropout": bool(net.meta.get("random")), "loss": net.meta["loss_denominator"]["kind"]}
+    from structc import rowsum
+    default, rowsum.SPARSE_SUM_BYTES = rowsum.SPARSE_SUM_BYTES, 0 if how["by_rows"] else rowsum.SPARSE_SUM_BYTES
     try:
         dp = DataParallel(net, comm, abort_on_error=False, shared_memory=how["shared_memory"])
     except ValueError as e:
         return {**verdict, "result": "refused", "why": str(e)}
+    finally:
+        rowsum.SPARSE_SUM_BYTES = default
+    verdict["summed_by_rows"] = dp._rows is not None
     start = {k: v.copy() for k, v in net.params.items()}
     failed = None
     with dp:

@@ -1,0 +1,117 @@
+"""Data-parallel training's gradient sum, an embedding's rows only where some rank's step wrote them.
+
+A table's gradient is zero outside the rows the step looked up, and the
+training entry's scatter keeps the runtime's record of those rows
+(`ops/embedding.py`). Summed whole, a 20,000 x 256 table is 20 MB a rank
+every step, and so was each pass over the arena around the sum (weighing,
+dividing, the update): 2 ranks took 15.8 ms a step of a tree network that one
+process trained in 13.4. Here the ranks first take the union of their
+records (one `Allreduce` of a byte a row), then sum a packed buffer: the
+arena's other gradients, the union's rows of each table, and the four floats
+after the gradients (`DataParallel`'s count, loss and check). The sums go back
+to their places; every other row is zero on every rank already (no rank's
+step wrote it since its last zeroing). Each rank's record becomes the union,
+so that its next step zeroes those rows, and the update entry, which reads
+the record (`compiler.update_graph`'s spans), visits them alone.
+
+A rank that has no record of a table (its arena was handed out: `Net.grads`)
+makes that table whole in the union for every rank, and then keeps zeroing
+it whole itself, as before.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._runtime import rows_copy
+
+#: tables of at least this many bytes are summed by rows (below it a dense sum of the
+#: table costs about what the union's extra `Allreduce` does); tests lower it
+SPARSE_SUM_BYTES = 1 << 20
+
+
+def row_tables(net) -> list[dict]:
+    """The parameters whose gradient keeps a record of its rows (`compiler.row_tables`),
+    each {name, offset, rows, width}; none for a library compiled before they were listed."""
+    names = set(net.meta.get("row_tables") or ())
+    return [{"name": p["name"], "offset": p["offset"], "rows": p["shape"][0], "width": p["shape"][1]}
+            for p in net.meta["params"] if p["name"] in names]
+
+
+class RowSum:
+    """`pack()` -> the buffer to sum (collective: the ranks' union of records);
+    `unpack(buffer)` puts the summed buffer back into the arena and makes each
+    table's record the union. The buffer ends as the arena does: the gradients,
+    then the 4 floats after them."""
+
+    def __init__(self, net, comm, MPI, tables: list[dict]):
+        self._comm, self._MPI = comm, MPI
+        arena = net._grad_arena
+        self._arena = arena
+        n = len(arena) - 4
+        self._tables = []
+        for t in sorted(tables, key=lambda t: t["offset"]):
+            view = arena[t["offset"]:t["offset"] + t["rows"] * t["width"]].reshape(t["rows"], t["width"])
+            self._tables.append((view, view.ctypes.data))
+        # the gradients outside the tables, in order
+        self._gaps, at = [], 0
+        for view, _ in self._tables:
+            start = (view.ctypes.data - arena.ctypes.data) // 4
+            if start > at:
+                self._gaps.append(slice(at, start))
+            at = start + view.size
+        if n > at:
+            self._gaps.append(slice(at, n))
+        self._dense = sum(s.stop - s.start for s in self._gaps)
+        # a flag per table (1: some rank has no record of it) and its rows' bytes
+        self._marks = np.zeros(len(self._tables) + sum(v.shape[0] for v, _ in self._tables), np.uint8)
+        self._rows: list[np.ndarray] = []
+
+    def _union(self) -> list[np.ndarray]:
+        """Each table's rows written by some rank's last step (collective)."""
+        marks, at = self._marks, len(self._tables)
+        for k, (view, address) in enumerate(self._tables):
+            mine = marks[at:at + view.shape[0]]
+            if rows_copy(address, mine, False):
+                marks[k] = 0
+            else:                       # no record: any row may hold something
+                marks[k] = 1
+                mine[:] = 1
+            at += view.shape[0]
+        self._comm.Allreduce(self._MPI.IN_PLACE, marks, op=self._MPI.MAX)
+        union, at = [], len(self._tables)
+        for k, (view, _) in enumerate(self._tables):
+            rows = view.shape[0]
+            union.append(np.arange(rows) if marks[k] else np.flatnonzero(marks[at:at + rows]))
+            at += rows
+        return union
+
+    def pack(self) -> np.ndarray:
+        self._rows = self._union()
+        size = self._dense + sum(len(r) * v.shape[1] for r, (v, _) in zip(self._rows, self._tables)) + 4
+        buffer = np.empty(size, np.float32)
+        at = 0
+        for s in self._gaps:
+            buffer[at:at + s.stop - s.start] = self._arena[s]
+            at += s.stop - s.start
+        for rows, (view, _) in zip(self._rows, self._tables):
+            part = buffer[at:at + len(rows) * view.shape[1]].reshape(len(rows), view.shape[1])
+            np.take(view, rows, axis=0, out=part)
+            at += part.size
+        buffer[at:] = self._arena[-4:]
+        return buffer
+
+    def unpack(self, buffer: np.ndarray) -> None:
+        at = 0
+        for s in self._gaps:
+            self._arena[s] = buffer[at:at + s.stop - s.start]
+            at += s.stop - s.start
+        marks, first = self._marks, len(self._tables)
+        for rows, (view, address) in zip(self._rows, self._tables):
+            view[rows] = buffer[at:at + len(rows) * view.shape[1]].reshape(len(rows), view.shape[1])
+            at += len(rows) * view.shape[1]
+            union = marks[first:first + view.shape[0]]
+            union[:] = 0
+            union[rows] = 1
+            rows_copy(address, union, True)     # none: this rank zeroes the table whole anyway
+            first += view.shape[0]
+        self._arena[-4:] = buffer[at:]
