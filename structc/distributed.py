@@ -199,16 +199,6 @@ class DataParallel:
         # a plain sum, or terms each weighed by the rank's share (`_term_weights`): the gradients just add up
         self._normalise = found["kind"] not in ("sum", "terms")
         self._terms = found["terms"] if found["kind"] == "terms" else None
-        net._load_deferred("update")        # its metadata lists the tables with a record of rows
-        tables = row_tables(net)
-        # The sums write the arena: a record of an embedding's rows holds only if every rank's
-        # becomes the union of all ranks' records (`structc.rowsum`); worth an `Allreduce` more
-        # a step for a large table only. Otherwise the tables are zeroed and updated whole.
-        self._rows = None
-        if any(t["rows"] * t["width"] * 4 >= rowsum.SPARSE_SUM_BYTES for t in tables):
-            self._rows = RowSum(net, self.comm, MPI, tables)
-        else:
-            net._expose_grads()
         # the arena: gradients, then the count and the loss, then the settings' check (2 floats);
         # the buffer a sum adds up is it (views made once), or `RowSum.pack`'s, laid out alike
         arena = net._grad_arena
@@ -225,6 +215,16 @@ class DataParallel:
         # would pair collectives that do not match), so the ranks agree on the flag first.
         shared_memory = bool(self.comm.allreduce(int(bool(shared_memory)), op=MPI.MIN))
         self._shared_sum = shared_sum(MPI, self.comm, len(net._grad_arena)) if shared_memory else None
+        # The sums write the arena: a record of an embedding's rows holds only if every rank's
+        # becomes the union of all ranks' records (`structc.rowsum`), worth an `Allreduce` more a
+        # step for a large table only; else the tables are zeroed and updated whole. The ranks
+        # agree on the way, as above (a library compiled before the tables were listed has none).
+        net._load_deferred("update")        # its metadata lists the tables with a record of rows
+        tables = row_tables(net)
+        by_rows = any(t["rows"] * t["width"] * 4 >= rowsum.SPARSE_SUM_BYTES for t in tables)
+        self._rows = RowSum(net, self.comm, MPI, tables) if self.comm.allreduce(int(by_rows), op=MPI.MIN) else None
+        if self._rows is None:
+            net._expose_grads()
 
     def _check_same_model(self) -> None:
         """Refuse, on every rank alike, ranks whose models differ in their parameters'

@@ -366,6 +366,15 @@ def main():
         dp.train_step(lr=0.1, x=rng.random((5, 64)).astype(np.float32), y=rng.integers(0, 10, 5).astype(np.int32))
     results["schedule:in_sync"] = dp.in_sync()
     results["schedule:last_lr"] = net.last_lr
+    # ranks that disagree on summing a table by rows (a threshold set on rank 0 alone) all sum it whole
+    source, mine0, mine1, whole = cases()["words"]
+    net = rank0_first(comm, lambda: structc.compile(source, seed=0))
+    rowsum.SPARSE_SUM_BYTES = 0 if rank == 0 else ROWSUM_DEFAULT
+    dp = DataParallel(net)
+    rowsum.SPARSE_SUM_BYTES = ROWSUM_DEFAULT
+    results["rows_disagree:whole"] = dp._rows is None and not net._rows_kept.alive
+    results["rows_disagree:loss"] = dp.grad(**(mine0 if rank == 0 else mine1)[0])[0]
+    results["rows_disagree:want"] = results["words:loss"]
     np.savez(f"{out_dir}/rank{rank}.npz", **results)
 
 

@@ -103,6 +103,15 @@ def test_a_table_summed_by_rows_gives_the_whole_sum_s_bits(ranks, family):
             assert np.array_equal(r[k], r[rows + k[len(family):]]), k
 
 
+def test_ranks_that_disagree_on_summing_by_rows_all_sum_whole(ranks):
+    """One rank's threshold would sum the table by rows, the other's whole: the
+    ranks agree first (one would otherwise wait in an `Allreduce` the other never
+    makes), so both sum it whole, with the record of rows off."""
+    for r in ranks:
+        assert r["rows_disagree:whole"]
+        assert r["rows_disagree:loss"] == r["rows_disagree:want"]
+
+
 def test_the_shared_memory_sum_adds_in_rank_order_on_every_rank(tmp_path):
     """Three ranks (more than two: the order of the additions matters): every rank gets
     ((x0 + x1) + x2) in float32, bit for bit, over steps that reuse the two slots."""
