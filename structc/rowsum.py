@@ -41,7 +41,8 @@ class RowSum:
     """`pack()` -> the buffer to sum (collective: the ranks' union of records);
     `unpack(buffer)` puts the summed buffer back into the arena and makes each
     table's record the union. The buffer ends as the arena does: the gradients,
-    then the 4 floats after them."""
+    then the 4 floats after them; where the union holds most of the rows, it
+    is the arena itself (summed whole, as every rank decides alike)."""
 
     def __init__(self, net, comm, MPI, tables: list[dict]):
         self._comm, self._MPI = comm, MPI
@@ -65,6 +66,7 @@ class RowSum:
         # a flag per table (1: some rank has no record of it) and its rows' bytes
         self._marks = np.zeros(len(self._tables) + sum(v.shape[0] for v, _ in self._tables), np.uint8)
         self._rows: list[np.ndarray] = []
+        self.packed = 0                     # sums of a packed buffer so far (the others: the arena)
         self._space = np.empty(0, np.float32)     # the packed buffers' memory, grown as needed (kept:
         # a fresh 1 MB array each step cost its pages' faults, ~0.1 ms a step of a 100,000 x 128 table's)
 
@@ -91,6 +93,11 @@ class RowSum:
     def pack(self) -> np.ndarray:
         self._rows = self._union()
         size = self._dense + sum(len(r) * v.shape[1] for r, (v, _) in zip(self._rows, self._tables)) + 4
+        if 2 * size > len(self._arena):
+            # most rows: the arena itself (a table's first step, whose record marks every row,
+            # would otherwise keep a buffer as large as the arena for the rest of the run)
+            return self._arena
+        self.packed += 1
         if len(self._space) < size:
             self._space = np.empty(size + size // 4, np.float32)
         buffer = self._space[:size]
@@ -106,17 +113,20 @@ class RowSum:
         return buffer
 
     def unpack(self, buffer: np.ndarray) -> None:
+        packed = buffer is not self._arena
         at = 0
-        for s in self._gaps:
+        for s in self._gaps if packed else ():
             self._arena[s] = buffer[at:at + s.stop - s.start]
             at += s.stop - s.start
         marks, first = self._marks, len(self._tables)
         for rows, (view, address) in zip(self._rows, self._tables):
-            view[rows] = buffer[at:at + len(rows) * view.shape[1]].reshape(len(rows), view.shape[1])
-            at += len(rows) * view.shape[1]
+            if packed:
+                view[rows] = buffer[at:at + len(rows) * view.shape[1]].reshape(len(rows), view.shape[1])
+                at += len(rows) * view.shape[1]
             union = marks[first:first + view.shape[0]]
             union[:] = 0
             union[rows] = 1
             rows_copy(address, union, True)     # none: this rank zeroes the table whole anyway
             first += view.shape[0]
-        self._arena[-4:] = buffer[at:]
+        if packed:
+            self._arena[-4:] = buffer[at:]

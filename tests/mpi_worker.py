@@ -189,7 +189,11 @@ def cases():
         return ({"t": fs, "y": ys}, {"t": fl, "y": yl},
                 {"t": Forest.concat([fs, fl]), "y": np.concatenate([ys, yl])})
     out["trees"] = (TREES, *map(list, zip(*[forest_step() for _ in range(3)])))
-    out["trees_rows"] = out["trees"]      # a table read in a recursion's leaf case, summed by rows
+    # a table read in a recursion's leaf case, of 300 rows (the steps read the first 5): summed
+    # whole, and by rows (`structc.rowsum`)
+    out["trees_table"] = (TREES.replace("vocab=5", "vocab=300").replace("embedding(5,", "embedding(300,"),
+                          *out["trees"][1:])
+    out["trees_rows"] = out["trees_table"]
 
     def graph_step():    # 3 graphs of 4-9 nodes against 6 of 15-40
         parts = [[random_graph(rng, int(rng.integers(4, 10))) for _ in range(3)],
@@ -331,6 +335,8 @@ def main():
             for k, v in net.params.items():
                 results[f"{name}:{opt}:param:{k}"] = v.copy()
             results[f"{name}:{opt}:state"] = net._state_arena.copy()
+            if dp._rows is not None:    # the first step's record marks every row: the arena, then packed
+                results[f"{name}:{opt}:packed_sums"] = dp._rows.packed
             # the same steps through train_steps (each next feed made while the sum is in flight)
             for k, v in start.items():
                 net.params[k] = v

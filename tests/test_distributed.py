@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow   # launches processes or compiles many models: no
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
 FAMILIES = ["mlp", "trees", "words", "graphs", "sequences", "mixed", "nodes", "halo", "empty", "mean_sum",
-            "sum_penalty", "frozen_bn", "words_rows", "trees_rows"]
+            "sum_penalty", "frozen_bn", "words_rows", "trees_table", "trees_rows"]
 OPTIMIZERS = ["sgd", "momentum", "adam"]
 TIMEOUT = 300
 
@@ -86,7 +86,7 @@ def test_local_ranks_sum_through_shared_memory_as_allreduce_does(ranks, family):
             assert np.array_equal(r[k], r[k.replace(":grad:", ":allreduce:grad:")]), k
 
 
-@pytest.mark.parametrize("family", ["words", "trees"])
+@pytest.mark.parametrize("family", ["words", "trees_table"])
 def test_a_table_summed_by_rows_gives_the_whole_sum_s_bits(ranks, family):
     """With the table summed by the rows some rank's step wrote (`structc.rowsum`: the
     union of the ranks' records, a packed buffer, each record the union afterwards), every
@@ -94,13 +94,15 @@ def test_a_table_summed_by_rows_gives_the_whole_sum_s_bits(ranks, family):
     bit: the same additions, each row's in the same place. Three steps of new rows each (so
     a stale record would leave a row unzeroed or not updated), each optimizer."""
     r0, r1 = ranks
-    rows = f"{family}_rows"
+    rows = family.replace("_table", "") + "_rows"
     for r in (r0, r1):
         assert r[f"{rows}:rows"] and not r[f"{family}:rows"]
         keys = [k for k in r if k.startswith(f"{family}:") and not k.endswith((":rows", ":made"))]
         assert len(keys) > 20
         for k in keys:
             assert np.array_equal(r[k], r[rows + k[len(family):]]), k
+        # a table's first step sums the arena (its record marks every row), the later ones packed rows
+        assert all(int(r[f"{rows}:{opt}:packed_sums"]) > 0 for opt in OPTIMIZERS)
 
 
 def test_ranks_that_disagree_on_summing_by_rows_all_sum_whole(ranks):
