@@ -810,30 +810,41 @@ void sc_rows_forget(void *base) {
     if (a) rows_free(a);
 }
 
+/* The arena holding `at` (lock held), or NULL: arenas do not overlap. */
+static rows_arena_t *rows_arena_of(const char *at) {
+    for (rows_arena_t *a = rows_arenas; a; a = a->next)
+        if (at >= a->base && at < a->base + a->bytes) return a;
+    return NULL;
+}
+
+/* The record of `region` in arena `a` (lock held), or NULL. */
+static rows_map_t *rows_map_of(rows_arena_t *a, void *region, int64_t rows) {
+    for (rows_map_t *m = a ? a->maps : NULL; m; m = m->next)
+        if (m->region == region && m->rows == rows) return m;
+    return NULL;
+}
+
 /* The record of `region` (made with every row marked when `make`), or NULL. */
 static uint8_t *rows_lookup(void *region, int64_t rows, int make) {
-    const char *at = region;
     uint8_t *found = NULL;
     if (rows <= 0) return NULL;
     pthread_mutex_lock(&rows_lock);
-    for (rows_arena_t *a = rows_arenas; a; a = a->next) {
-        if (at < a->base || at >= a->base + a->bytes) continue;
-        for (rows_map_t *m = a->maps; m; m = m->next)
-            if (m->region == region && m->rows == rows) found = m->map;
-        if (!found && make) {   /* the table's first step: any row may hold something */
-            rows_map_t *m = malloc(sizeof *m);
-            uint8_t *map = malloc((size_t)rows);
-            if (m && map) {
-                memset(map, 1, (size_t)rows);
-                *m = (rows_map_t){region, rows, map, a->maps};
-                a->maps = m;
-                found = map;
-            } else {
-                free(m);
-                free(map);
-            }
+    rows_arena_t *a = rows_arena_of(region);
+    rows_map_t *m = rows_map_of(a, region, rows);
+    if (m) {
+        found = m->map;
+    } else if (a && make) {     /* the table's first step: any row may hold something */
+        m = malloc(sizeof *m);
+        uint8_t *map = malloc((size_t)rows);
+        if (m && map) {
+            memset(map, 1, (size_t)rows);
+            *m = (rows_map_t){region, rows, map, a->maps};
+            a->maps = m;
+            found = map;
+        } else {
+            free(m);
+            free(map);
         }
-        break;
     }
     pthread_mutex_unlock(&rows_lock);
     return found;
@@ -844,21 +855,13 @@ uint8_t *sc_rows_record(void *region, int64_t rows) { return rows_lookup(region,
 uint8_t *sc_rows_find(void *region, int64_t rows) { return rows_lookup(region, rows, 0); }
 
 int sc_rows_copy(void *region, int64_t rows, uint8_t *buf, int into_record) {
-    const char *at = region;
-    int found = 0;
     if (rows <= 0) return 0;
     pthread_mutex_lock(&rows_lock);
-    for (rows_arena_t *a = rows_arenas; a && !found; a = a->next) {
-        if (at < a->base || at >= a->base + a->bytes) continue;
-        for (rows_map_t *m = a->maps; m && !found; m = m->next)
-            if (m->region == region && m->rows == rows) {
-                if (into_record) memcpy(m->map, buf, (size_t)rows);
-                else memcpy(buf, m->map, (size_t)rows);
-                found = 1;
-            }
-    }
+    rows_map_t *m = rows_map_of(rows_arena_of(region), region, rows);
+    if (m && into_record) memcpy(m->map, buf, (size_t)rows);
+    else if (m) memcpy(buf, m->map, (size_t)rows);
     pthread_mutex_unlock(&rows_lock);
-    return found;
+    return m != NULL;
 }
 
 /* -- a thread's scratch ------------------------------------------------------- */

@@ -127,9 +127,9 @@ def _tables(kb, cg, node) -> list[tuple]:
 
 
 def _sparse_sgd(kb, cg, tables, start, stop, size, decay_end, h, dense, rows):
-    """SGD on elements [start, stop) of the arena, where `tables` (gradient,
-    ids) are parameters whose gradient is zero outside the rows `ids` names
-    (`compiler.train_graph`: an embedding's scatter). With no weight decay and
+    """SGD on elements [start, stop) of the arena, where `tables` (`_tables`) are
+    parameters whose gradient is zero outside the rows `ids` names, or the
+    runtime's record says (`compiler.train_graph`: an embedding's scatter). With no weight decay and
     a clipping scale of 1, a zero gradient leaves its parameter as it is, so
     such a table's rows are updated from the ids alone instead of read whole
     (a vocabulary of 100,000 words of 300 floats: 240 MB of reads a step
