@@ -38,9 +38,9 @@ def row_tables(net) -> list[dict]:
 
 
 class RowSum:
-    """`pack()` -> the buffer to sum (collective: the ranks' union of records);
-    `unpack(buffer)` puts the summed buffer back into the arena and makes each
-    table's record the union. The buffer ends as the arena does: the gradients,
+    """`pack()` -> the buffer to sum (collective: the ranks' union of records,
+    which each table's record becomes); `unpack(buffer)` puts the summed buffer
+    back into the arena. The buffer ends as the arena does: the gradients,
     then the 4 floats after them; where the union holds most of the rows, it
     is the arena itself (summed whole, as every rank decides alike)."""
 
@@ -49,17 +49,13 @@ class RowSum:
         arena = net._grad_arena
         self._arena = arena
         n = len(arena) - 4
-        self._tables = []
+        self._tables, self._gaps, at = [], [], 0     # (view, its address); the gradients between them
         for t in sorted(tables, key=lambda t: t["offset"]):
             view = arena[t["offset"]:t["offset"] + t["rows"] * t["width"]].reshape(t["rows"], t["width"])
             self._tables.append((view, view.ctypes.data))
-        # the gradients outside the tables, in order
-        self._gaps, at = [], 0
-        for view, _ in self._tables:
-            start = (view.ctypes.data - arena.ctypes.data) // 4
-            if start > at:
-                self._gaps.append(slice(at, start))
-            at = start + view.size
+            if t["offset"] > at:
+                self._gaps.append(slice(at, t["offset"]))
+            at = t["offset"] + view.size
         if n > at:
             self._gaps.append(slice(at, n))
         self._dense = sum(s.stop - s.start for s in self._gaps)
@@ -71,7 +67,10 @@ class RowSum:
         # a fresh 1 MB array each step cost its pages' faults, ~0.1 ms a step of a 100,000 x 128 table's)
 
     def _union(self) -> list[np.ndarray]:
-        """Each table's rows written by some rank's last step (collective)."""
+        """Each table's rows written by some rank's last step (collective); each
+        record becomes that union now, before the sum writes those rows, so that
+        it holds whatever happens next (a sum of the arena that then raises, on
+        a settings mismatch, leaves the other ranks' rows in it)."""
         marks, at = self._marks, len(self._tables)
         for k, (view, address) in enumerate(self._tables):
             mine = marks[at:at + view.shape[0]]
@@ -83,10 +82,14 @@ class RowSum:
             at += view.shape[0]
         self._comm.Allreduce(self._MPI.IN_PLACE, marks, op=self._MPI.MAX)
         union, at = [], len(self._tables)
-        for k, (view, _) in enumerate(self._tables):
+        for k, (view, address) in enumerate(self._tables):
             rows = view.shape[0]
+            theirs = marks[at:at + rows]
+            if marks[k]:
+                theirs[:] = 1
+            rows_copy(address, theirs, True)    # none: this rank zeroes the table whole anyway
             # bytes 0 or 1: as bools (numpy's nonzero of uint8 took 175 us for 100,000 rows, 16 as bool)
-            union.append(np.arange(rows) if marks[k] else np.flatnonzero(marks[at:at + rows].view(bool)))
+            union.append(np.arange(rows) if marks[k] else np.flatnonzero(theirs.view(bool)))
             at += rows
         return union
 
@@ -113,20 +116,13 @@ class RowSum:
         return buffer
 
     def unpack(self, buffer: np.ndarray) -> None:
-        packed = buffer is not self._arena
+        if buffer is self._arena:       # summed in place
+            return
         at = 0
-        for s in self._gaps if packed else ():
+        for s in self._gaps:
             self._arena[s] = buffer[at:at + s.stop - s.start]
             at += s.stop - s.start
-        marks, first = self._marks, len(self._tables)
-        for rows, (view, address) in zip(self._rows, self._tables):
-            if packed:
-                view[rows] = buffer[at:at + len(rows) * view.shape[1]].reshape(len(rows), view.shape[1])
-                at += len(rows) * view.shape[1]
-            union = marks[first:first + view.shape[0]]
-            union[:] = 0
-            union[rows] = 1
-            rows_copy(address, union, True)     # none: this rank zeroes the table whole anyway
-            first += view.shape[0]
-        if packed:
-            self._arena[-4:] = buffer[at:]
+        for rows, (view, _) in zip(self._rows, self._tables):
+            view[rows] = buffer[at:at + len(rows) * view.shape[1]].reshape(len(rows), view.shape[1])
+            at += len(rows) * view.shape[1]
+        self._arena[-4:] = buffer[at:]

@@ -243,6 +243,8 @@ def test_ranks_whose_update_settings_differ_are_refused_before_the_update(tmp_pa
         assert str(r["again:error"]) == "" and not r["again:unchanged"] and r["in_sync"]
     for case in ("lr", "steps", "optimizer"):
         assert str(r0[f"{case}:error"]) == str(r1[f"{case}:error"]), case
+    # summed by rows, a mismatch raised after the arena's sum leaves no row stale
+    assert r0["rows_after_mismatch:same"] and r1["rows_after_mismatch:same"]
 
 
 def test_a_share_with_examples_but_none_for_a_term_is_refused_on_every_rank(tmp_path):
