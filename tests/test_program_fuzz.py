@@ -518,7 +518,7 @@ def check_program(source: str, seed: int = 0, batches=BATCHES, fd_coords: int = 
         want, want32 = evaluate(fwd, inputs, params), evaluate(fwd, inputs, params, dtype=np.float32)
         for name in want:
             close(got[name], want[name], f"batch {n}: output {name}", f32=want32[name])
-        if buffers and n == 1:
+        if net.meta["batch_counts"] and n == 1:     # a batch norm the loss reads (a dead one is not refused)
             with pytest.raises(BatchTooSmall):
                 training_call(net, net.grad, **feed)
             continue
