@@ -56,6 +56,7 @@ from contextlib import contextmanager
 
 from llvmlite import ir
 
+from ..ops.matmul import PANEL
 from .codegen import CG, F32, I64, NO_UNROLL, PTR
 
 KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
@@ -409,13 +410,17 @@ def _panel_setup(t: _Ctx, panel, kinds, rows, inline_main: bool, clamped: bool):
 def _point_at_panel(t: _Ctx, panel) -> None:
     """t.j0 at the panel's first column, and t.Bk, t.ldb where the tiles find
     B's row k of it: k * ldb + j0 + column. In place, B itself and N; packed,
-    the panel's rows (NR floats a row), less j0."""
+    the rows of the `pack_panels` panel holding it (PANEL floats a row: two
+    AVX-512 vectors, so an AVX2 tile's panel is either half of one), less j0."""
     cg, b = t.cg, t.cg.b
     nr = 2 * t.vw
     t.j0 = cg.imul(panel, nr)
     if t.panel_rows is not None:
-        start = b.sub(cg.imul(panel, cg.imul(t.panel_rows, nr)), t.j0)
-        t.Bk, t.ldb = b.gep(t.B, [start], source_etype=F32), cg.i64(nr)
+        assert PANEL % nr == 0, (PANEL, nr)
+        per = PANEL // nr       # the tiles' panels in a packed one
+        packed, half = (panel, cg.i64(0)) if per == 1 else (b.sdiv(panel, cg.i64(per)), b.srem(panel, cg.i64(per)))
+        start = cg.iadd(cg.imul(packed, cg.imul(t.panel_rows, PANEL)), cg.imul(half, nr))
+        t.Bk, t.ldb = b.gep(t.B, [b.sub(start, t.j0)], source_etype=F32), cg.i64(PANEL)
     elif t.copy is not None:        # the task's copy of the k block (`_copy_panels`), when it made one
         start = b.sub(_copy_index(t, b.sub(panel, t.first_panel), cg.i64(0)), t.j0)
         t.Bk = b.select(t.copying, b.gep(t.copy, [start], source_etype=F32), t.B)

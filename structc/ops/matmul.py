@@ -354,7 +354,8 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
                     epilogue.emit(cg, [r, col], vw, mask, given={epilogue.anchor: zero})
 
 
-#: columns of a panel of `pack_panels`: the matmul kernel's (two AVX-512 vectors)
+#: columns of a panel of `pack_panels`: the matmul kernel's (two AVX-512 vectors; an AVX2
+#: kernel reads each half as a panel of its own: `gemm._point_at_panel`)
 PANEL = 32
 
 
