@@ -14,7 +14,8 @@ from structc.lower.module import VECTOR_CODE
 from structc.ops import REGISTRY
 from structc.ops.base import Sample
 from structc.model import Net
-from structc.native import JitModule, host_target
+from structc import native
+from structc.native import JitModule, host_target, named_target
 from structc.testing import op_graph
 from test_trees import random_tree
 
@@ -51,11 +52,16 @@ def test_static_m_needs_one_remainder_tile():
     assert [k_split(1, 2), k_split(1, 1), k_split(2, 2), k_split(3, 2)] == [4, 4, 1, 1]
 
 
+#: the tests of the kernels' IR compile for AVX-512 (their tiles' rows are its), whatever the host
+AVX512 = named_target("x86-64-v4")
+
+
 def _forward_ir(a_shape, b_shape) -> str:
     sample = Sample((a_shape, b_shape))
     mdef = op_graph(REGISTRY["matmul"], sample, sample.arrays(np.random.default_rng(0)))
     texts = {}
-    compile_model(mdef, dump=lambda stage, text: texts.setdefault(stage, text), jit=False, parts=["forward"])
+    compile_model(mdef, AVX512, dump=lambda stage, text: texts.setdefault(stage, text), jit=False,
+                  parts=["forward"])
     return texts["llvm"]
 
 
@@ -76,7 +82,7 @@ def test_a_row_stable_product_runs_a_lone_row_in_a_one_row_tile():
     compile_source("model S { input s: sequence of f32[8]  target y: class[s.sequences] of 3\n"
                    "  rec h(t) = init: zeros(32)\n             next: tanh(dense(concat(t.x, h(t.prev)), 32))\n"
                    "  loss cross_entropy(dense(h(s.last), 3), y) }",
-                   dump=lambda stage, text: texts.setdefault(stage, text), jit=False)
+                   target=AVX512, dump=lambda stage, text: texts.setdefault(stage, text), jit=False)
     stable = set(re.findall(r"sc_mk(\d+)x\d+m?s_v", texts["llvm"]))
     assert {"1", "4"} <= stable, stable
 
@@ -471,6 +477,7 @@ def test_pair_tiles_are_the_same_bits(monkeypatch, k_rows, m, n):
     of panels (7, 9)."""
     import structc.lower.gemm as gemm
     paired = calls_of(monkeypatch, gemm, "_pair_tiles")
+    monkeypatch.setattr(gemm, "PAIR_WIDTHS", (8, 16))     # an AVX2 host pairs too (3 rows x 4 vectors)
     monkeypatch.setattr(gemm, "COPY_ROWS", 12)
     monkeypatch.setattr(gemm, "WIDE_MB", 96)
     monkeypatch.setattr(gemm, "WIDE_ROWS", 64)
@@ -492,6 +499,7 @@ def test_pair_tiles_run_the_epilogue(monkeypatch, act):
     time, and numpy's values."""
     import structc.lower.gemm as gemm
     paired = calls_of(monkeypatch, gemm, "_pair_tiles")
+    monkeypatch.setattr(gemm, "PAIR_WIDTHS", (8, 16))     # an AVX2 host pairs too (3 rows x 4 vectors)
     monkeypatch.setattr(gemm, "COPY_ROWS", 12)
     monkeypatch.setattr(gemm, "WIDE_MB", 24)       # several row blocks: tasks of several panels
     monkeypatch.setattr(gemm, "WIDE_ROWS", 64)
@@ -514,8 +522,23 @@ def test_pair_tiles_run_the_epilogue(monkeypatch, act):
         np.testing.assert_array_equal(got, outs[False, 1], err_msg=str(key))
 
 
+@pytest.fixture(params=["native", "x86-64-v3"])
+def compiled_for(request, monkeypatch):
+    """`structc.compile` makes code for this machine, and again for AVX2 (x86-64-v3),
+    which an AVX-512 machine runs too: a kernel's layout per vector width (a packed
+    panel is two AVX-512 vectors, four AVX2 ones) is checked on either machine."""
+    target = named_target(request.param)
+    if request.param != "native":
+        if native.missing_features(target):
+            pytest.skip(f"this machine cannot run {request.param} code")
+        if target.vector_width == host_target().vector_width:
+            pytest.skip(f"this machine's code has {request.param}'s vector width")
+    monkeypatch.setattr(structc.api, "host_target", lambda: target)
+    return target
+
+
 @pytest.mark.parametrize("units,long_k", [(64, False), (40, False), (100, True)])
-def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, units, long_k):
+def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, compiled_for, units, long_k):
     """A node case's matmul whose B is a parameter (or its transpose, in the
     cotangent's product) with rows `tree.PACK_ROWS` bytes apart reads it in
     panels (`pack_panels`, hoisted out of the levels): the same bits as B read in
@@ -596,7 +619,7 @@ def test_a_tree_lstms_wide_weight_gradient_copied_is_the_same_bits(monkeypatch):
             np.testing.assert_array_equal(g, outs["in place", 1][name], err_msg=f"{key} {name}")
 
 
-def test_a_node_cases_cotangent_over_a_wide_weight_is_packed_not_transposed_per_level(monkeypatch):
+def test_a_node_cases_cotangent_over_a_wide_weight_is_packed_not_transposed_per_level(monkeypatch, compiled_for):
     """A tree-RNN of 384 units: the children's cotangent dG @ W^T (W [768, 384],
     B's rows 3 KiB apart) would read W through its copies' transposes
     (`matmul._transposed_in_copy`), again at every level's call; `tree.pack_wide`
