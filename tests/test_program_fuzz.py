@@ -176,7 +176,8 @@ class Gen:
                 b = V(self.param((f,)), (f,))
             else:
                 src = self.pick(lambda v: self.matrix(v) and v.shape[1] == f and len(a.shape) == 2)
-                b = self.emit(f"mean({src.name}, axes=(0,))", (f,), "mean_batch", zeros=src.zeros) if src else \
+                b = self.emit(f"mean({src.name}, axes=(0,))", (f,), "mean_batch", zeros=src.zeros,
+                              bounded=src.bounded) if src else \
                     V(self.param((f,)), (f,))
         elif form == "column" and self.matrix(a):        # [N, F] with [N, 1]
             src = self.pick(self.matrix)
@@ -189,7 +190,7 @@ class Gen:
             src = self.pick(lambda v: self.matrix(v) and v.shape[1] == a.shape[1]) or a
             f = self.rng.choice(["mean", "sum"] + ([] if src.zeros else ["max", "min"]))
             b = self.emit(f"{f}({src.name}, axes=(0,), keepdims=true)", (1, a.shape[1]), f"{f}_batch_keep",
-                          zeros=src.zeros)
+                          zeros=src.zeros, bounded=src.bounded and f != "sum")
         else:
             c = self.rng.choice(["0.5", "2.0", "1.25"])
             op = self.rng.choice(["+", "-", "*"])
@@ -273,7 +274,9 @@ class Gen:
 
     def op_where(self):
         a = self.pick(lambda v: v.batch and not v.zeros)
-        b = self.pick(lambda v: v.shape == a.shape and not v.zeros and v is not a)
+        # two bounded values tie where both saturate (tanh at +-1 in float32, not in float64:
+        # `v = tanh(..); where(greater(v, v * mean(v)), ..)` at a batch of one)
+        b = self.pick(lambda v: v.shape == a.shape and not v.zeros and v is not a and not (a.bounded and v.bounded))
         if b is None:
             return None
         return self.emit(f"where(greater({a.name}, {b.name}), {a.name}, 0.5 * {b.name})", a.shape, "where")
