@@ -279,6 +279,10 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.case, args.threads[0], args.repeat, args.cell)))
         return 0
     cases, frameworks = args.cases.split(","), args.frameworks.split(",")
+    for given, known, what in ((cases, CASES, "--cases"), (frameworks, FRAMEWORKS, "--frameworks")):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            ap.error(f"{what}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     names = dict(NAMES, torch_lstm="torch.nn.GRU") if args.cell == "gru" else NAMES
     load_before = os.getloadavg()
     samples: dict = {}
