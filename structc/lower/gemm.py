@@ -411,15 +411,16 @@ def _point_at_panel(t: _Ctx, panel) -> None:
     """t.j0 at the panel's first column, and t.Bk, t.ldb where the tiles find
     B's row k of it: k * ldb + j0 + column. In place, B itself and N; packed,
     the rows of the `pack_panels` panel holding it (PANEL floats a row: two
-    AVX-512 vectors, so an AVX2 tile's panel is either half of one), less j0."""
+    AVX-512 vectors, so an AVX2 tile's panel is a half of one, SSE's a
+    quarter), less j0."""
     cg, b = t.cg, t.cg.b
     nr = 2 * t.vw
     t.j0 = cg.imul(panel, nr)
     if t.panel_rows is not None:
         assert PANEL % nr == 0, (PANEL, nr)
         per = PANEL // nr       # the tiles' panels in a packed one
-        packed, half = (panel, cg.i64(0)) if per == 1 else (b.sdiv(panel, cg.i64(per)), b.srem(panel, cg.i64(per)))
-        start = cg.iadd(cg.imul(packed, cg.imul(t.panel_rows, PANEL)), cg.imul(half, nr))
+        packed, part = (panel, cg.i64(0)) if per == 1 else (b.sdiv(panel, cg.i64(per)), b.srem(panel, cg.i64(per)))
+        start = cg.iadd(cg.imul(packed, cg.imul(t.panel_rows, PANEL)), cg.imul(part, nr))
         t.Bk, t.ldb = b.gep(t.B, [b.sub(start, t.j0)], source_etype=F32), cg.i64(PANEL)
     elif t.copy is not None:        # the task's copy of the k block (`_copy_panels`), when it made one
         start = b.sub(_copy_index(t, b.sub(panel, t.first_panel), cg.i64(0)), t.j0)
