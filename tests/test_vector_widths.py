@@ -1,6 +1,6 @@
 """Every vector width gives this machine's gradients: models wide enough to take the
 kernels' layout paths (B packed in panels, copied in k blocks, rows FAR_ROWS
-apart) compiled for SSE (4 lanes), AVX2 (8) and AVX-512 (16, where the machine
+apart) and convolutions whose tiles the width's registers size, compiled for SSE (4 lanes), AVX2 (8) and AVX-512 (16, where the machine
 runs it), against the host's code.
 
 A layout fixed for one width once read other columns at another: `pack_panels`
@@ -32,6 +32,21 @@ MODELS = {
     "mlp_2048": """model M { input x: f32[N, 400]  target y: class[N] of 10
         h = dense(x, 2048) |> tanh
         loss cross_entropy(dense(h, 10), y) }""",
+    # convolutions' register tiles, sized by the width's registers (`conv._accumulators`,
+    # KG_REGS, PW_TILE): 14- and 7-wide rows packed in vectors, a 5x5 kernel's columns
+    # in tiles of 3 and 2, a stride and its dilated input gradient, a pointwise
+    # convolution's 3 x 4 tiles with remainders, channel counts no tile divides
+    "cnn_packed": """model C { input x: f32[N, 3, 18, 18]  target y: class[N] of 4
+        h = conv(x, 7, kernel=5) |> relu
+        h = conv(h, 5, kernel=3, stride=2, padding=1) |> relu
+        h = conv(h, 7, kernel=1) |> relu
+        h = conv(h, 6, kernel=3, padding=1) |> relu
+        loss cross_entropy(dense(global_avg_pool(h), 4), y) }""",
+    # rows of several vectors: chunks at the row's ends and between (`conv.each_chunk`)
+    "cnn_wide_rows": """model C { input x: f32[N, 2, 6, 70]  target y: class[N] of 4
+        h = conv(x, 5, kernel=3, padding=1) |> relu
+        h = conv(h, 7, kernel=5, padding=2) |> relu
+        loss cross_entropy(dense(global_avg_pool(h), 4), y) }""",
 }
 
 
@@ -45,6 +60,9 @@ def _feeds(name):
         x = rng.normal(size=(int(lengths.sum()), 24)).astype(np.float32)
         return {"s": Sequences.from_flat(x, np.concatenate([[0], np.cumsum(lengths)])),
                 "y": rng.integers(0, 3, 4).astype(np.int32)}
+    if name.startswith("cnn"):
+        shape = (3, 18, 18) if name == "cnn_packed" else (2, 6, 70)
+        return {"x": rng.normal(size=(5,) + shape).astype(np.float32), "y": rng.integers(0, 4, 5).astype(np.int32)}
     return {"x": rng.normal(size=(29, 400)).astype(np.float32), "y": rng.integers(0, 10, 29).astype(np.int32)}
 
 

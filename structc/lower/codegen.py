@@ -30,6 +30,12 @@ FAST = ("contract",)    # allow FMA contraction, keep IEEE semantics otherwise
 NO_UNROLL = "llvm.loop.unroll.disable"
 
 
+def vector_registers(vw: int) -> int:
+    """x86's vector registers at this vector width: 32 with AVX-512 (16 lanes),
+    16 with AVX2 or SSE. Register tiles are sized by it."""
+    return 32 if vw == 16 else 16
+
+
 def vec(t: ir.Type, n: int) -> ir.Type:
     return t if n == 1 else vector_type(t, n)
 

@@ -45,12 +45,15 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ..ops.conv import pair, quad
-from .codegen import F32, I1, I64, PTR
+from .codegen import F32, I1, I64, PTR, vector_registers
 
-ACC = 24            # vector accumulators a tile may use
+ACC = 24            # vector accumulators a tile may use (but: `_accumulators`)
+ACC_FEW = 12        # ... with 16 registers, where each input vector is one load
 VMAX = 4            # vectors per output-row chunk
 PARTIAL_LIMIT = 64 * 1024   # bytes of per-task partial sums for the kernel gradient
 MAX_SHUFFLED_STRIDE = 16    # strides up to which a row's lanes come from loads and shuffles, not a gather
+KG_REGS = {32: 31, 16: 15}   # a kernel gradient's tile: OT delta + KWT input vectors + OT*KWT sums, in this many
+KG_KWT = {32: 5, 16: 3}      # kernel columns a kernel gradient's tile takes at most
 INNER_IMAGE_ROWS = 8        # vector rows an image up to which the kernel gradient's images loop innermost
 
 
@@ -395,6 +398,24 @@ def _masked_load(cg, base, off, vw, mask, passthru):
     return cg.b.call(fn, [cg.gep(base, off), ir.Constant(ir.IntType(32), 4), mask, passthru])
 
 
+def _accumulators(geo: _Geometry, vw: int, P: int, chunks: int) -> int:
+    """Vector accumulators a conv2d tile may use. With AVX-512's 32 registers,
+    ACC. With 16, ACC spills, and that still costs less than loading each
+    input vector again for half the output channels where a vector takes
+    several loads (packed rows that share a vector, a stride's loads and
+    shuffles, a gather): with ACC_FEW for all, LeNet-5's step ran 18% slower
+    (its input gradient packs two 14-wide rows a vector). Where each input
+    vector is one load, ACC_FEW: a 1-D convolution over 200-wide rows took
+    26% less time, patch_embed's 1x1 convolution 41% less (Zen 1)."""
+    if vector_registers(vw) == 32:
+        return ACC
+    if geo.contiguous and geo.dh == 1 and chunks == 1:      # `packed`: a vector spans rows unless OW % vw == 0
+        one_load = P == 1 or geo.OW % vw == 0
+    else:                                                   # `chunked`: a load a vector, or phased pairs
+        one_load = geo.sw == 1 and geo.dw in (1, 2)
+    return ACC_FEW if one_load else ACC
+
+
 def emit_conv2d(kb, node, epilogue) -> None:
     graph = kb.graph
     x_id, w_id = node.inputs
@@ -406,7 +427,7 @@ def emit_conv2d(kb, node, epilogue) -> None:
     if P > 1:
         V = _ceil(P * geo.OW, vw)
     groups = _ceil(geo.OH, P)
-    ot_tiles = Tiles(O, min(16, ACC // V))
+    ot_tiles = Tiles(O, min(16, _accumulators(geo, vw, P, chunks) // V))
     n_ot = ot_tiles.count
     N = geo.N
 
@@ -569,10 +590,13 @@ def emit_kernel_grad(kb, node, parts: int = 1) -> None:
         V = _ceil(P * geo.OW, vw)
     # two packed rows that each fit a vector: their input rows are loaded once, then shuffled
     two_rows = P == 2 and V == 1 and geo.W <= vw
-    kw_tiles = Tiles(KW, 5)
+    # OT delta vectors + KWT input vectors + OT*KWT accumulators in the registers but one.
+    # AVX2's 16 take 3 x 3 (OT x KWT): with AVX-512's 7 x 3 (spilling) a CNN of 3x3
+    # kernels trained 11% slower a step, LeNet-5 (5x5: 1 x 5 or 4 x 5) 3% (Zen 1)
+    regs = vector_registers(vw)
+    kw_tiles = Tiles(KW, KG_KWT[regs])
     KWT = kw_tiles.most
-    # OT delta vectors + KWT input vectors + OT*KWT accumulators in 31 registers
-    ot_tiles = Tiles(O, min(16, (31 - KWT) // (KWT + 1)))
+    ot_tiles = Tiles(O, max(1, min(16, (KG_REGS[regs] - KWT) // (KWT + 1))))
     OT, n_ot = ot_tiles.most, ot_tiles.count
     # Input channels per task: per-lane partial sums of a task stay within 32 KiB,
     # and the delta tile of an image is read once per block of channels.
@@ -821,7 +845,9 @@ def _pointwise(geo: _Geometry) -> bool:
             and (geo.pt, geo.pb, geo.pl, geo.pr) == (0,) * 4)
 
 
-PW_OT, PW_CT = 4, 6     # a pointwise kernel gradient's tile: OT delta + CT input vectors, OT*CT sums
+# a pointwise kernel gradient's tile (OT delta + CT input vectors, OT*CT sums) by vector
+# registers: AVX2's 16 take 3 x 4 (4 x 6 spilled: patch_embed's ran at 51% of the FMA peak, 3 x 4 at 99%)
+PW_TILE = {32: (4, 6), 16: (3, 4)}
 
 
 def _emit_pointwise_kernel_grad(kb, node, geo: _Geometry, parts: int) -> None:
@@ -841,7 +867,8 @@ def _emit_pointwise_kernel_grad(kb, node, geo: _Geometry, parts: int) -> None:
     plane = geo.OH * geo.OW
     vw = kb.vector_width
     full, tail = divmod(plane, vw)
-    ot_tiles, ct_tiles = Tiles(O, PW_OT), Tiles(C, PW_CT)
+    pw_ot, pw_ct = PW_TILE[vector_registers(vw)]
+    ot_tiles, ct_tiles = Tiles(O, pw_ot), Tiles(C, pw_ct)
     per_part = ot_tiles.count * ct_tiles.count
     group = next((gr for gr in graph.groups if node.id in gr.members), None)
     bias = next((m for m in (group.members if group else []) if m != node.id), None)
