@@ -82,10 +82,15 @@ def test_patches_vjp_matches_finite_differences(case):
     ((1, 1, 2, 257), {"kernel": (1, 16), "stride": (1, 16), "padding": (0, 0, 0, 0)}),    # a vector a row, 16 loads
     ((2, 2, 3, 40), {"kernel": (3, 2), "stride": (1, 2), "padding": (1, 1, 0, 1)}),    # overlapping rows, 20 columns
 ])
-def test_strided_rows_of_a_vector_or_more_by_shuffles(shape, attrs):
-    """Rows of at least a vector at strides 2-16 (`_shuffled_rows`): sw loads and shuffles."""
+@pytest.mark.parametrize("by_element", [False, True])
+def test_strided_rows_of_a_vector_or_more_by_shuffles_or_by_element(shape, attrs, by_element, monkeypatch):
+    """Rows of at least a vector at strides 2-16 (`_shuffled_rows`): sw loads and shuffles;
+    or element by element, as AVX2 and SSE copy strides of 4 or more (`_by_element`),
+    whatever vector width the host has."""
+    from structc.lower import patches
     from structc.lower.patches import _Geometry, _shuffled_rows
     from structc.native import host_target
+    monkeypatch.setattr(patches, "_by_element", lambda geo, vw: by_element)
     ow = (shape[3] + attrs["padding"][2] + attrs["padding"][3] - attrs["kernel"][1]) // attrs["stride"][1] + 1
     geo = _Geometry(shape, (shape[0], 0, 1, ow), attrs)
     assert _shuffled_rows(geo, host_target().vector_width) or ow < host_target().vector_width
