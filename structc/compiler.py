@@ -570,7 +570,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
     times = timings if timings is not None else Timings()
     # Rewrites that must precede differentiation (message passing: aggregate first).
     with times.stage("prepare"):
-        forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None)
+        forward = prepare(mdef.graph.copy(), (lambda name, gr: dump(f"graph.{name}", str(gr))) if dump else None,
+                          target.vector_width)
         # a frozen batch norm layer normalises with its running statistics, and keeps them
         freeze_statistics(forward, resolve_frozen(mdef.params, freeze) | {n for n, p in mdef.params.items() if p.kept})
         if mdef.has_loss:       # means over different things: a weight per term, for data-parallel training

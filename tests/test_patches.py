@@ -150,14 +150,16 @@ def _inputs(mdef, batch, rng):
     return out
 
 
-def _dump(source, stage):
+def _dump(source, stage, target="x86-64-v4"):
+    """A compile stage's dump, for AVX-512 code unless said (the rewrites depend on the width)."""
+    from structc.native import named_target
     dumps = {}
-    compile_source(source, dump=lambda s, t: dumps.__setitem__(s, t), jit=False)
+    compile_source(source, target=named_target(target), dump=lambda s, t: dumps.__setitem__(s, t), jit=False)
     return dumps[stage]
 
 
-def _ops(source, stage):
-    return re.findall(r"= (\w+)[\[(]", _dump(source, stage))
+def _ops(source, stage, target="x86-64-v4"):
+    return re.findall(r"= (\w+)[\[(]", _dump(source, stage, target))
 
 
 def test_a_patch_convolution_becomes_patches_and_a_1x1_convolution():
@@ -192,6 +194,16 @@ def test_a_row_stride_of_3_or_more_runs_over_the_inputs_column_phases():
 def test_convolutions_with_overlap_padding_or_1x1_stay_as_written(layer):
     src = f"model M {{ input x: f32[N, 2, 16, 16]\n  output y = {layer}\n}}"
     assert "patches" not in _ops(src, "graph.patch_convs")
+
+
+@pytest.mark.parametrize("target, phased", [("x86-64-v4", False), ("x86-64-v3", True), ("generic", True)])
+def test_a_row_stride_of_2_runs_over_phases_in_code_without_avx512(target, phased):
+    """AVX2 and SSE shuffle two vectors in several instructions: a 7x7 stride-2 stem's
+    rows run over their 2 column phases there (`PHASE_STRIDE`), by shuffles with AVX-512."""
+    src = "model M { input x: f32[N, 3, 20, 20]\n  output y = conv(x, 4, kernel=7, stride=2, padding=3)\n}"
+    dump = _dump(src, "graph.patch_convs", target)
+    assert ("kernel=1x2, stride=1x2" in dump) == phased
+    assert ("= conv2d[stride=2x1" in dump) == phased      # values: tests/test_vector_widths.py
 
 
 def test_input_dilations_are_never_rewritten():

@@ -42,10 +42,13 @@ MODELS = {
         h = conv(h, 7, kernel=1) |> relu
         h = conv(h, 6, kernel=3, padding=1) |> relu
         loss cross_entropy(dense(global_avg_pool(h), 4), y) }""",
-    # rows of several vectors: chunks at the row's ends and between (`conv.each_chunk`)
+    # rows of several vectors: chunks at the row's ends and between (`conv.each_chunk`);
+    # a 7x7 stride-2 convolution, over its input's column phases without AVX-512 only
+    # (`passes.patches.PHASE_STRIDE`)
     "cnn_wide_rows": """model C { input x: f32[N, 2, 6, 70]  target y: class[N] of 4
         h = conv(x, 5, kernel=3, padding=1) |> relu
         h = conv(h, 7, kernel=5, padding=2) |> relu
+        h = conv(h, 6, kernel=7, stride=2, padding=3) |> relu
         loss cross_entropy(dense(global_avg_pool(h), 4), y) }""",
 }
 

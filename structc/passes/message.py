@@ -167,9 +167,10 @@ def sink_gathers(g: Graph) -> Graph:
 PREPARE = [("sink_gathers", sink_gathers), ("aggregate_first", aggregate_first), ("patch_convs", patch_convs)]
 
 
-def prepare(g: Graph, dump=None) -> Graph:
+def prepare(g: Graph, dump=None, vector_width: int = 16) -> Graph:
+    """The PREPARE passes; `patch_convs` rewrites by the vector width the code is for."""
     for name, pass_ in PREPARE:
-        g = pass_(g)
+        g = pass_(g, vector_width) if pass_ is patch_convs else pass_(g)
         g.verify()
         if dump is not None:
             dump(name, g)

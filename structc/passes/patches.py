@@ -19,7 +19,8 @@ wrote), and overlapping or gapped patches (kernel != stride): an 11x11
 convolution at stride 4 on 3 channels (an AlexNet stem) measured no faster as
 patches (P is 3.7x the input; see benchmarks/RESULTS.md).
 
-A row stride s >= 3 with a kernel KW about a whole number of strides wide runs
+A row stride s >= 3 (2 in code for AVX2 or SSE: `PHASE_STRIDE`) with a kernel
+KW about a whole number of strides wide runs
 over the input's s column phases instead (`_phased`): with Q = ceil(KW / s),
 
     conv2d(x, w, stride=(sh, s)) = conv2d(patches(x, kernel=(1, s), stride=(1, s)),
@@ -55,19 +56,22 @@ def _rewritten(g: Graph, nid: int) -> bool:
 #: whole number of strides, has at most this many times its taps (11 wide at stride 4:
 #: 12 / 11; 7 at 3: 9 / 7, no)
 PHASE_WASTE = 1.25
-#: the least row stride run over phases: a stride of 2 reads its rows by 2 loads and
-#: 1 shuffle a vector, 75-85% of the FMA peak as it is (bench_zoo's strided_cnn)
-PHASE_STRIDE = 3
+#: the least row stride run over phases, by the vector width the code is for. With
+#: AVX-512 a stride of 2 reads its rows by 2 loads and 1 shuffle a vector, 75-85% of
+#: the FMA peak as it is (bench_zoo's strided_cnn). AVX2 has no one-instruction
+#: shuffle of two vectors: a 7x7 stride-2 stem's step (bench_zoo's stem_7x7) ran 25%
+#: faster over phases on a Zen 1 (SSE: unmeasured, as AVX2)
+PHASE_STRIDE = {16: 3, 8: 2, 4: 2}
 
 
-def _phases(g: Graph, nid: int) -> int:
+def _phases(g: Graph, nid: int, vector_width: int) -> int:
     """The row stride s if conv2d node `nid` runs over its input's s column phases, else 0."""
     node = g.nodes[nid]
     KW = g.nodes[node.inputs[1]].shape[3]
     s = pair(node.attrs.get("stride", 1))[1]
     if pair(node.attrs.get("input_dilation", 1)) != (1, 1) or min(quad(node.attrs.get("padding", 0))) < 0:
         return 0
-    return s if s >= PHASE_STRIDE and -(-KW // s) * s <= PHASE_WASTE * KW else 0
+    return s if s >= PHASE_STRIDE[vector_width] and -(-KW // s) * s <= PHASE_WASTE * KW else 0
 
 
 def _phased(b: Builder, g: Graph, node, s: int):
@@ -97,7 +101,8 @@ def _as_patches(b: Builder, g: Graph, node):
     return b.conv2d(p, b.reshape(b.value(w), shape=(O, C * KH * KW, 1, 1)))
 
 
-def patch_convs(g: Graph) -> Graph:
+def patch_convs(g: Graph, vector_width: int = 16) -> Graph:
+    """The rewrites above, for code of this vector width (`PHASE_STRIDE`)."""
     changed = False
     for nid in g.topo():
         node = g.nodes[nid]
@@ -106,7 +111,7 @@ def patch_convs(g: Graph) -> Graph:
         b = Builder(g, node.span)
         if _rewritten(g, nid):
             new = _as_patches(b, g, node)
-        elif s := _phases(g, nid):
+        elif s := _phases(g, nid, vector_width):
             new = _phased(b, g, node, s)
         else:
             continue
