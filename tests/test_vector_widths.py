@@ -1,7 +1,8 @@
 """Every vector width gives this machine's gradients: models wide enough to take the
 kernels' layout paths (B packed in panels, copied in k blocks, rows FAR_ROWS
-apart) and convolutions whose tiles the width's registers size, compiled for SSE (4 lanes), AVX2 (8) and AVX-512 (16, where the machine
-runs it), against the host's code.
+apart) and convolutions whose tiles the width's registers size, compiled for
+SSE (4 lanes), AVX2 (8) and AVX-512 (16, where the machine runs it), against
+the host's code.
 
 A layout fixed for one width once read other columns at another: `pack_panels`
 lays B out in panels of two AVX-512 vectors, and AVX2 tiles read it as panels of

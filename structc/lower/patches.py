@@ -147,7 +147,8 @@ def _elements(cg, geo: _Geometry, X, P, xplane, out, r) -> None:
     the plane's start instead, and dropped)."""
     b = cg.b
     kh, kw = _tap(cg, geo, r)
-    above, below, left, right = geo.may_leave()
+    _, _, left, right = geo.may_leave()
+    leaves = any(geo.may_leave())
     zero = ir.Constant(F32, 0.0)
     with cg.loop(geo.OH, name="i") as i:
         h, row_in = _input_row(cg, geo, i, kh)
@@ -160,7 +161,7 @@ def _elements(cg, geo: _Geometry, X, P, xplane, out, r) -> None:
                 ok = b.and_(ok, b.icmp_signed(">=", w, cg.i64(0)))
             if right:
                 ok = b.and_(ok, b.icmp_signed("<", w, cg.i64(geo.W)))
-            if ok is row_in and not (above or below):
+            if not leaves:
                 cg.store(cg.load(X, cg.iadd(xplane, cg.iadd(row, w))), P, cg.iadd(dest, j))
             else:
                 at = b.select(ok, cg.iadd(row, w), cg.i64(0))
@@ -186,7 +187,7 @@ def _rows(cg, geo: _Geometry, X, P, xplane, out, r, vw: int) -> None:
         zero = ir.Constant(ir.VectorType(F32, vw), [ir.Constant(F32, 0.0)] * vw)
         picks = [geo.sw * j for j in range(vw)]
     kh, kw = _tap(cg, geo, r)
-    above, below, left, right = geo.may_leave()
+    _, _, left, right = geo.may_leave()
     lanes = _lanes(cg, vw)
     with cg.loop(geo.OH, name="i") as i:
         h, row_in = _input_row(cg, geo, i, kh)
