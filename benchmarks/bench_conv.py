@@ -16,8 +16,8 @@ Cases (the issue's benchmarks):
   text_step     a text CNN: conv1d 64->128 kernel 5 then 128->128 kernel 3 stride 2 over 200
                 positions, mean over positions, dense 10, cross-entropy, batch 32: one training
                 step (rows longer than a chunk of vectors)
-and `fma_peak`: the machine's FMA throughput per core (24 independent AVX-512 FMA chains,
-compiled with llvmlite), so achieved GFLOP/s can be read as a fraction of peak.
+and `fma_peak`: the machine's FMA throughput per core (independent vector FMA chains,
+as many as fit in registers: `structc.profile.peak_chains`; compiled with llvmlite), so achieved GFLOP/s can be read as a fraction of peak.
 
 Every (framework, threads) configuration runs in a fresh process (so one framework's
 spinning worker threads never steal the other's cores), rounds interleave the
@@ -220,7 +220,7 @@ def torch_cases(cases, threads):
 # -- the FMA peak ------------------------------------------------------------------------
 
 def fma_peak() -> float:
-    """GFLOP/s of one core running 24 independent chains of 16-lane FMAs
+    """GFLOP/s of one core running independent chains of vector FMAs
     (structc's profiler measures it the same way; here with longer runs)."""
     from structc.profile import fma_peak as measure
     return measure(iters=20_000_000, tries=5)

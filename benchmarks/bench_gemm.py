@@ -14,8 +14,8 @@ entry with its arrays bound once, on one thread. Rows:
     a batch of M rows);
   * narrow N in {1, 2, 4, 10}: C = A @ B with B [K, N].
 
-The FMA peak is `structc.profile.fma_peak` (24 independent chains of vector
-FMAs, AVX-512 when the host has it), as bench_conv and bench_lstm report it.
+The FMA peak is `structc.profile.fma_peak` (independent chains of vector
+FMAs, as many as fit in registers; AVX-512 when the host has it), as bench_conv and bench_lstm report it.
 """
 from __future__ import annotations
 
