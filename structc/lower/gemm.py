@@ -57,7 +57,7 @@ from contextlib import contextmanager
 from llvmlite import ir
 
 from ..ops.matmul import PANEL
-from .codegen import CG, F32, I64, NO_UNROLL, PTR
+from .codegen import CG, F32, I64, NO_UNROLL, PTR, vector_registers
 
 KC = 384   # k-block: KC x NR floats of B = 48 KiB at NR = 32
 MB = 192   # rows per task, at most
@@ -74,12 +74,20 @@ PREFETCH_AHEAD = 8
 #: too few FMAs for the hints' four more loads (a 12 x 1 tile is already bound by its loads);
 #: nor does the inline tile of a K known to fit one k block (`_main_tile`), unless B's rows
 #: are FAR_ROWS bytes apart or more
-PREFETCH_ROWS = 8
+#: (by the vector registers: AVX-512's 12-row main tile and 8-row remainders ask;
+#: AVX2's 6-row main tile and 4-row remainders ask too: with 8 for every width
+#: none of AVX2's tiles asked; asking, a GRU of 256 units' step ran 13% faster,
+#: an LSTM of 512 units' 7-15%, bench_lstm's LSTM of 128 6-10%, none slower; stop 43)
+PREFETCH_ROWS = {32: 8, 16: 4}
 #: bytes between B's rows (N known at compile time) from which the inline tile of a K known
 #: to fit one k block asks ahead too: rows 2 KiB or more apart fall in a few of L1's sets and
 #: each on a page of its own, where the hardware's prefetchers stop. An LSTM of 256 units
 #: (N = 1024) ran its step 8% faster with the hints, one of 128 units (N = 512) the same
 FAR_ROWS = 2048
+#: whether a tile that asks ahead asks for its rows of A too, by the vector registers:
+#: with AVX2's 16 (6-row tiles), an MLP's weight gradient x^T dY [784, 1024] over a
+#: batch of 256 ran 37% slower asking for A, and an LSTM's the same either way (stop 43)
+PREFETCH_A = {32: True, 16: False}
 #: bytes between B's rows (N known at compile time) from which a task of several panels over
 #: a long K (`_panel_group`) with COPY_ROWS rows or more copies their k block of B into a
 #: scratch of its thread's (`sc_scratch`, `_copy_panels`), panel after panel, and its
@@ -954,7 +962,7 @@ def _accumulate(cg: CG, vw: int, acc, A, i0, a_si, a_sk, B, ldb, cols, masks, k0
 
 def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k, ahead: bool = True) -> None:
     b = cg.b
-    if ahead and (len(acc) >= PREFETCH_ROWS and len(cols) == 2 or len(cols) == 4):
+    if ahead and (len(acc) >= PREFETCH_ROWS[vector_registers(vw)] and len(cols) == 2 or len(cols) == 4):
         # B's row and the tile's first and last rows of A, PREFETCH_AHEAD steps of k
         # ahead; past K's end they point outside the buffers, harmless for a hint.
         # A pair tile's B is its task's copy, read in order: the hardware follows that
@@ -963,7 +971,7 @@ def _k_step(cg: CG, vw: int, acc, A, a_rows, a_sk, B, ldb, cols, masks, k, ahead
         for col in cols if len(cols) == 2 else []:
             cg.prefetch(B, cg.iadd(b_ahead, col))
         a_ahead = cg.imul(later, a_sk)
-        for a_row in a_rows[:1] + a_rows[1:][-1:]:
+        for a_row in (a_rows[:1] + a_rows[1:][-1:]) if PREFETCH_A[vector_registers(vw)] else []:
             cg.prefetch(A, cg.iadd(a_row, a_ahead))
     b_row = cg.imul(k, ldb)
     bv = [cg.load(B, cg.iadd(b_row, col), F32, vw, m) for col, m in zip(cols, masks)]
