@@ -787,14 +787,16 @@ ENTRY_CODE = "; structc: entry code\n"
 #: `native.optimize` gives it `native.MEMORY_TUNING`
 MEMORY_CODE = "; structc: memory code\n"
 #: kernels (by the op in their symbol, `kernel_kind`) that stream memory with
-#: explicit vectors (fused elementwise code, sums, the optimiser's update): O3's
+#: explicit vectors (fused elementwise code, sums): O3's
 #: unrolling and interleaving of their loops cost LLVM half its time on them
 #: and buy no speed (benchmarks/RESULTS.md, "a pipeline per kind of module").
 #: Gathers, segment softmaxes and the attention kernels stay with O3: without
 #: those passes the GAT and tree steps measured 2-5% slower. Max pooling, its
 #: gradient's routing, the kernel flip and the clip's norm (a float sum, in
 #: order either way) joined later: 20-40% less LLVM time, LeNet-5's step as fast.
-MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "sumparts", "update", "maxpool", "route", "flip", "update_clip"})
+#: The optimiser's update was one too; it is explicit vector code now, the short
+#: pipeline (`ops/optim.py`: half the LLVM time, the same arithmetic; stop 43).
+MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "sumparts", "maxpool", "route", "flip", "update_clip"})
 #: first line of a module of `LIGHT_KINDS` kernels alone; `native.optimize` gives it `native.LIGHT_TUNING`
 LIGHT_CODE = "; structc: light code\n"
 #: kernels whose machine code O1 without unrolling and interleaving makes
