@@ -632,7 +632,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
             module.triple = target.triple
             module.structc_avx512 = target.vector_width == 16     # `CG.exp` scales by vscalefps
             for kind in PARTS[part]:
-                g = run_pipeline(graphs[kind], _pass_timer(times, kind, dump if part in wanted else None))
+                g = run_pipeline(graphs[kind], _pass_timer(times, kind, dump if part in wanted else None),
+                                 target.vector_width)
                 with times.stage(f"{kind}.plan"):
                     plan = plan_memory(g, offsets)
                 symbol = f"sc_{kind}"

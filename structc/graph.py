@@ -309,9 +309,10 @@ class Builder:
     differentiating a source expression still point at that expression.
     """
 
-    def __init__(self, graph: Graph, span: Span | None = None):
+    def __init__(self, graph: Graph, span: Span | None = None, vector_width: int = 16):
         self.graph = graph
         self.span = span
+        self.vector_width = vector_width    # the target's lanes, for the rewrites that depend on it (legalize)
 
     def value(self, nid: int) -> Value:
         return Value(self, nid)

@@ -273,6 +273,53 @@ DENSE_BIAS = """model B {{
 }}"""
 
 
+def _legalized(src, vector_width):
+    from structc.autodiff import differentiate
+    from structc.build import build_model
+    from structc.passes import run_pipeline
+    from structc.syntax import parse
+    return run_pipeline(differentiate(build_model(parse(src)).graph), vector_width=vector_width)
+
+
+@pytest.mark.parametrize("k, m, vw, transposed", [(1024, 64, 8, True), (2048, 64, 4, True), (1040, 64, 8, False),
+                                                  (512, 64, 8, False), (1024, 48, 8, False), (1024, 64, 16, False)])
+def test_an_aliased_weight_gradient_reads_x_transposed_below_avx512(k, m, vw, transposed):
+    """x^T g with x's rows a multiple of 4 KiB apart (`matmul.ALIASED_FLOATS`)
+    reads A's column strips from lines in one of L1's sets: with AVX2
+    or SSE, and C at least `ALIASED_MIN_N` wide, legalize transposes x first
+    and the product reads rows; AVX-512's code is left as it was."""
+    g = _legalized(DENSE_BIAS.format(k=k, m=m), vw)
+    x = g.inputs["x"]
+    flipped = [n for n in g.nodes.values() if n.op.name == "transpose" and n.inputs[0] == x]
+    assert bool(flipped) == transposed
+    assert any(n.op.name == "matmul" and n.attrs.get("ta") and n.inputs[0] == x
+               for n in g.nodes.values()) == (not transposed)
+
+
+def test_an_aliased_weight_gradient_transposed_is_the_same_bits(monkeypatch):
+    """x transposed first sums the same products in the same order: the same bits."""
+    from structc import api
+    from structc.ops import matmul as mm
+    target = named_target("x86-64-v3")
+    if native.missing_features(target):
+        pytest.skip("this machine does not run x86-64-v3 code")
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.normal(size=(37, 1024)).astype(np.float32), "y": rng.integers(0, 3, 37).astype(np.int32)}
+    src = DENSE_BIAS.format(k=1024, m=72)
+    grads, transposes = [], []
+    for floats in (mm.ALIASED_FLOATS, 1 << 30):
+        monkeypatch.setattr(mm, "ALIASED_FLOATS", floats)
+        art = api.compile_artifact(src, target=target, cache=False, parts=["forward", "training"])
+        transposes.append(len(re.findall(r'^define [^@]*@"sc_\w+_transpose"', art.llvm_ir, re.M)))
+        net = Net(art.meta, JitModule(art.object, target))
+        net.init_params(4)
+        grads.append(net.grad(**feeds)[1])
+    assert transposes[0] == transposes[1] + 1
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 4
+    for name in grads[0]:
+        np.testing.assert_array_equal(grads[0][name], grads[1][name])
+
+
 # a partial panel (40 = 32 + 8 columns); two blocks of rows (200 > MB), with a part's K past KC
 @pytest.mark.parametrize("k, n", [(24, 2 * 64 + 5), (200, 900)])
 def test_the_bias_gradient_is_summed_by_the_weight_gradients_kernel(k, n, monkeypatch):

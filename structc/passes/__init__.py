@@ -26,10 +26,12 @@ PIPELINE = [
 ]
 
 
-def run_pipeline(g: Graph, dump=None) -> Graph:
-    """Run every pass; `dump(name, graph)` sees the graph after each."""
+def run_pipeline(g: Graph, dump=None, vector_width: int = 16) -> Graph:
+    """Run every pass; `dump(name, graph)` sees the graph after each.
+    `vector_width`: the target's lanes, for `legalize` (the one pass that
+    depends on the target)."""
     for name, pass_ in PIPELINE:
-        g = pass_(g)
+        g = pass_(g, vector_width) if pass_ is legalize else pass_(g)
         g.verify()
         if dump is not None:
             dump(name, g)

@@ -11,15 +11,17 @@ from __future__ import annotations
 from ..graph import Builder, Graph
 
 
-def legalize(g: Graph) -> Graph:
-    g = rewrite_by_rule(g, "legalize")
+def legalize(g: Graph, vector_width: int = 16) -> Graph:
+    """`vector_width`: the target's lanes (rules that depend on the target read
+    it as `builder.vector_width`; a recursion's node case is legalized for 16)."""
+    g = rewrite_by_rule(g, "legalize", vector_width)
     # then a bias gradient in parts becomes a result of its weight gradient's kernel
     # (both made by the rules above: `matmul_parts` and `sum_parts` of one cotangent)
     from ..ops.matmul import colsum_into_weight_gradients
     return _replaced(g, {old: value.id for old, value in colsum_into_weight_gradients(g).items()})
 
 
-def rewrite_by_rule(g: Graph, method: str) -> Graph:
+def rewrite_by_rule(g: Graph, method: str, vector_width: int = 16) -> Graph:
     """Replace every node whose op has `method(builder, node)` by the value it
     returns (None: the node stays); `passes.mode` rewrites by "inference".
     The uses move once at the end (a rule may read a node that an earlier one
@@ -30,7 +32,7 @@ def rewrite_by_rule(g: Graph, method: str) -> Graph:
         rule = getattr(node.op, method, None)
         if rule is None:
             continue
-        new = rule(Builder(g, node.span), node)
+        new = rule(Builder(g, node.span, vector_width), node)
         if isinstance(new, dict):
             for old, value in new.items():
                 assert old not in new_of, f"two {method} rules replace node %{old}"
