@@ -304,8 +304,9 @@ def cmd_graph(args) -> int:
         g = train_graph(mdef, size)
     else:
         g = forward_graph(mdef)
-    if not args.unfused:
-        g = run_pipeline(g)
+    if not args.unfused:      # as this machine compiles it (legalize depends on the vector width)
+        from .native import host_target
+        g = run_pipeline(g, vector_width=host_target().vector_width)
     try:
         write_whole(out, "the picture", lambda name: draw.write(g, forward, name))
     except (ValueError, RuntimeError) as e:

@@ -97,6 +97,20 @@ def test_graph_writes_dot_with_fused_groups(tmp_path):
     assert "matmul" in text and "softmax_ce_grad" in text and "line 7" in text
 
 
+@pytest.mark.parametrize("target, transposes", [("x86-64-v3", 1), ("x86-64-v4", 0)])
+def test_graph_draws_what_this_machine_compiles(tmp_path, monkeypatch, target, transposes):
+    """`legalize` depends on the vector width (a weight gradient over x of rows 4 KiB
+    apart reads x transposed below AVX-512): the picture is the host's graph."""
+    from structc import native
+    monkeypatch.setattr(native, "host_target", lambda: native.named_target(target))
+    src = tmp_path / "wide.snet"
+    src.write_text("model W { input x: f32[N, 1024]  target y: class[N] of 3\n"
+                   "  loss cross_entropy(dense(dense(x, 64) |> relu, 3), y) }")
+    out = tmp_path / "g.dot"
+    assert main(["graph", str(src), "-o", str(out)]) == 0
+    assert out.read_text().count(" transpose\\nf32[1024, N]") == transposes      # x^T, drawn as it runs
+
+
 def test_graph_draws_svg(tmp_path):
     pytest.importorskip("matplotlib")   # in the test extra; skipped only where it is not installed
     out = tmp_path / "g.svg"
