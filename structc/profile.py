@@ -277,7 +277,6 @@ def profile_copy(net, seed: int = 0):
 
 # -- the peak ------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)
 def peak_chains(vw: int) -> int:
     """Independent FMA chains for the peak: enough to hide the FMA's latency at
     two a cycle, few enough to stay in registers (24 of AVX-512's 32; 12 of
@@ -322,6 +321,7 @@ def peak_module(target, chains: int) -> str:
     return str(mod)
 
 
+@functools.lru_cache(maxsize=4)
 def fma_peak(iters: int = 2_000_000, tries: int = 10) -> float:
     """GFLOP/s of one core running independent chains of vector FMAs
     (`peak_chains`; as benchmarks/bench_conv.py measures it): the most a kernel could reach."""

@@ -273,7 +273,7 @@ DENSE_BIAS = """model B {{
 }}"""
 
 
-def _legalized(src, vector_width):
+def _pipelined(src, vector_width):
     from structc.autodiff import differentiate
     from structc.build import build_model
     from structc.passes import run_pipeline
@@ -288,7 +288,7 @@ def test_an_aliased_weight_gradient_reads_x_transposed_below_avx512(k, m, vw, tr
     reads A's column strips from lines in one of L1's sets: with AVX2
     or SSE, and C at least `ALIASED_MIN_N` wide, legalize transposes x first
     and the product reads rows; AVX-512's code is left as it was."""
-    g = _legalized(DENSE_BIAS.format(k=k, m=m), vw)
+    g = _pipelined(DENSE_BIAS.format(k=k, m=m), vw)
     x = g.inputs["x"]
     flipped = [n for n in g.nodes.values() if n.op.name == "transpose" and n.inputs[0] == x]
     assert bool(flipped) == transposed
@@ -332,11 +332,7 @@ def test_the_bias_gradient_is_summed_by_the_weight_gradients_kernel(k, n, monkey
     x, y = rng.normal(size=(n, k)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32)
     src = DENSE_BIAS.format(k=k, m=40)
     net = structc.compile(src, cache=False, seed=0)
-    from structc.build import build_model
-    from structc.autodiff import differentiate
-    from structc.passes import run_pipeline
-    from structc.syntax import parse
-    g = run_pipeline(differentiate(build_model(parse(src)).graph))
+    g = _pipelined(src, 16)
     fused = [gr for gr in g.groups if {g.nodes[k].op.name for k in gr.members} >= {"matmul_parts",
                                                                                    "matmul_colsum_parts"}]
     assert fused and not any(nd.op.name == "sum_parts" and nd.inputs[0] == g.nodes[fused[0].members[0]].inputs[1]
