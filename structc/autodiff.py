@@ -17,14 +17,17 @@ from .errors import GradientWarning, Span
 from .graph import Builder, Graph, Value
 
 
-def differentiate(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset()) -> Graph:
+def differentiate(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset(),
+                   vector_width: int = 16) -> Graph:
     """`frozen` parameters get no `grad:<name>` output, and no node is
-    differentiated only for their sake."""
-    return _differentiate(forward, loss, frozen)[0]
+    differentiated only for their sake. `vector_width`: the target's lanes,
+    for the VJPs that run the pass pipeline on a program of their own (a
+    recursion's backward node cases, `ops/tree.py`)."""
+    return _differentiate(forward, loss, frozen, vector_width)[0]
 
 
-def _differentiate(forward: Graph, loss: str,
-                   frozen: frozenset[str] = frozenset()) -> tuple[Graph, list[tuple[int, int]], list[str]]:
+def _differentiate(forward: Graph, loss: str, frozen: frozenset[str] = frozenset(),
+                   vector_width: int = 16) -> tuple[Graph, list[tuple[int, int]], list[str]]:
     """The train graph; the (node, input) pairs whose VJP gives no gradient
     although the input lies between a parameter and the loss (where gradients
     stop); and the parameters no cotangent reached (their gradient is zero)."""
@@ -37,7 +40,7 @@ def _differentiate(forward: Graph, loss: str,
     from_params = g.reachable(trainable)      # one walk: not one per parameter
     active = upstream & from_params
 
-    b = Builder(g)
+    b = Builder(g, vector_width=vector_width)
     contributions: dict[int, list[Value]] = {loss_id: [b.const(1.0)]}
     cotangent: dict[int, Value] = {}
     stops: list[tuple[int, int]] = []
@@ -153,13 +156,14 @@ def blocked_params(forward: Graph, loss: str = "loss", frozen: frozenset[str] = 
 
 
 def differentiate_checked(forward: Graph, loss: str = "loss", frozen: frozenset[str] = frozenset(),
-                          model_span: Span | None = None) -> tuple[Graph, list[Blocked | Untrainable]]:
+                          model_span: Span | None = None,
+                          vector_width: int = 16) -> tuple[Graph, list[Blocked | Untrainable]]:
     """`differentiate` of the loss alone, and `blocked_params`, from one
     differentiation: a compile needs both (the warnings in every part's
     metadata, the train graph for the training part), and differentiating
     twice was a tenth of the Python time of a deep model's compile."""
     # (_differentiate works on a copy, whose outputs it sets: the loss and the gradients)
-    train, stops, unreached = _differentiate(forward, loss, frozen)   # frozen ones are meant not to change
+    train, stops, unreached = _differentiate(forward, loss, frozen, vector_width)   # frozen ones are meant not to change
     found: list = _blocked(train, loss, forward.outputs[loss], stops, unreached)
     if not set(forward.params) - set(frozen):
         span = model_span or forward.nodes[forward.outputs[loss]].span

@@ -299,14 +299,15 @@ def cmd_graph(args) -> int:
     forward = set(mdef.graph.nodes)
     if args.which == "train" and not mdef.has_loss:
         raise UserError(f"model {mdef.name} declares no loss, so it has no training graph: draw it with --which forward")
+    from .native import host_target
+    lanes = host_target().vector_width     # as this machine compiles it (legalize depends on it)
     if args.which != "forward" and mdef.has_loss:
         _, size = param_layout({n: p.type.shape for n, p in mdef.params.items()})
-        g = train_graph(mdef, size)
+        g = train_graph(mdef, size, vector_width=lanes)
     else:
         g = forward_graph(mdef)
-    if not args.unfused:      # as this machine compiles it (legalize depends on the vector width)
-        from .native import host_target
-        g = run_pipeline(g, vector_width=host_target().vector_width)
+    if not args.unfused:
+        g = run_pipeline(g, vector_width=lanes)
     try:
         write_whole(out, "the picture", lambda name: draw.write(g, forward, name))
     except (ValueError, RuntimeError) as e:

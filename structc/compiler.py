@@ -346,16 +346,18 @@ def eval_loss_graph(mdef: ModelDef) -> Graph:
 
 
 def train_graph(mdef: ModelDef, update_size: int, frozen: frozenset[str] = frozenset(),
-                decay_end: int | None = None, differentiated: Graph | None = None) -> Graph:
+                decay_end: int | None = None, differentiated: Graph | None = None,
+                vector_width: int = 16) -> Graph:
     """Forward, backward and update. `update_size`: the floats the update
     covers, the trainable parameters laid out first; `decay_end`: where the
     vectors (biases, norms) start among them (`arena_layout`); `differentiated`:
-    the loss's graph differentiated already (`differentiate_checked`), to extend."""
+    the loss's graph differentiated already (`differentiate_checked`), to extend;
+    `vector_width`: the target's lanes (see `differentiate`)."""
     g = differentiated
     if g is None:
         g = mdef.graph.copy()
         g.outputs = {"loss": g.outputs["loss"]}
-        g = differentiate(g, frozen=frozen)
+        g = differentiate(g, frozen=frozen, vector_width=vector_width)
     grads = [g.outputs[f"grad:{p}"] for p in mdef.params if p not in frozen]
     # A gradient that is a scatter of rows (an embedding's) is zero outside the rows its
     # ids name: SGD may then update those rows alone (`ops/optim.py`). The ids are
@@ -596,7 +598,8 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
         differentiated, found = None, []
         with times.stage("train.autodiff" if "training" in wanted else "gradient_warnings"):
             if mdef.has_loss:
-                differentiated, found = differentiate_checked(mdef.graph, frozen=frozen, model_span=mdef.span)
+                differentiated, found = differentiate_checked(mdef.graph, frozen=frozen, model_span=mdef.span,
+                                                              vector_width=target.vector_width)
         with times.stage("gradient_warnings"):
             warnings.append(warning_entries(found))
         if "forward" in wanted:     # once per model: not again when its training part is compiled later

@@ -281,11 +281,12 @@ def _pipelined(src, vector_width):
     return run_pipeline(differentiate(build_model(parse(src)).graph), vector_width=vector_width)
 
 
-@pytest.mark.parametrize("k, m, vw, transposed", [(1024, 64, 8, True), (2048, 64, 4, True), (1040, 64, 8, False),
-                                                  (512, 64, 8, False), (1024, 48, 8, False), (1024, 64, 16, False)])
+@pytest.mark.parametrize("k, m, vw, transposed", [(1024, 64, 8, True), (2048, 64, 4, True), (512, 64, 8, True),
+                                                  (1536, 64, 8, True), (1040, 64, 8, False), (768, 64, 8, False),
+                                                  (1024, 48, 8, False), (1024, 64, 16, False)])
 def test_an_aliased_weight_gradient_reads_x_transposed_below_avx512(k, m, vw, transposed):
-    """x^T g with x's rows a multiple of 4 KiB apart (`matmul.ALIASED_FLOATS`)
-    reads A's column strips from lines in one of L1's sets: with AVX2
+    """x^T g with x's rows a multiple of 2 KiB apart (`matmul.ALIASED_FLOATS`)
+    reads A's column strips from lines in two of L1's sets: with AVX2
     or SSE, and C at least `ALIASED_MIN_N` wide, legalize transposes x first
     and the product reads rows; AVX-512's code is left as it was."""
     g = _pipelined(DENSE_BIAS.format(k=k, m=m), vw)
@@ -296,26 +297,67 @@ def test_an_aliased_weight_gradient_reads_x_transposed_below_avx512(k, m, vw, tr
                for n in g.nodes.values()) == (not transposed)
 
 
-def test_an_aliased_weight_gradient_transposed_is_the_same_bits(monkeypatch):
-    """x transposed first sums the same products in the same order: the same bits."""
+LSTM_512 = """
+model Seq {
+  input  s: sequence of f32[8]
+  target y: class[s.sequences] of 3
+  rec (h, c)(t) = init: (zeros(512), zeros(512))
+                  next: lstm_cell(t.x, h(t.prev), c(t.prev), 512)
+  loss cross_entropy(dense(h(s.last), 3), y)
+}"""
+
+
+@pytest.mark.parametrize("vw, transposed", [(8, True), (16, False)])
+def test_a_recurrences_aliased_weight_gradient_reads_h_transposed_below_avx512(vw, transposed):
+    """An LSTM of 512 units: its weights' gradient H^T dG over every position
+    (the backward node case run once over all nodes) has H's rows 2 KiB apart.
+    The backward node cases are made when the compiler differentiates, for
+    the target's lanes: with AVX2, H is transposed first."""
+    from structc.autodiff import differentiate
+    from structc.build import build_model
+    from structc.syntax import parse
+    train = differentiate(build_model(parse(LSTM_512)).graph, vector_width=vw)
+    grads = [n for n in train.nodes.values() if n.op.name == "tree_map_grad"]
+    assert len(grads) == 1
+    body = grads[0].attrs["bwd_par"].graph
+    ta = [n for n in body.nodes.values() if n.op.name == "matmul" and n.attrs.get("ta")
+          and body.nodes[n.inputs[0]].shape[1] == 512]
+    flipped = [n for n in body.nodes.values() if n.op.name == "transpose" and n.shape[0] == 512]
+    assert bool(flipped) == transposed and bool(ta) == (not transposed)
+
+
+def _aliased_feeds(case, rng):
+    """(source, feeds, parameters) of a model with an aliased weight gradient."""
+    if case == "dense":
+        return DENSE_BIAS.format(k=1024, m=72), {"x": rng.normal(size=(37, 1024)).astype(np.float32),
+                                                  "y": rng.integers(0, 3, 37).astype(np.int32)}, 4
+    from structc.seqdata import Sequences
+    lengths = np.array([3, 1, 5])
+    x = rng.normal(size=(int(lengths.sum()), 8)).astype(np.float32)
+    return LSTM_512, {"s": Sequences.from_flat(x, np.concatenate([[0], np.cumsum(lengths)])),
+                      "y": rng.integers(0, 3, 3).astype(np.int32)}, 4
+
+
+@pytest.mark.parametrize("case", ["dense", "lstm"])
+def test_an_aliased_weight_gradient_transposed_is_the_same_bits(case, monkeypatch):
+    """x transposed first sums the same products in the same order: the same
+    bits (a dense layer's x^T dY; an LSTM's H^T dG inside its recursion)."""
     from structc import api
     from structc.ops import matmul as mm
     target = named_target("x86-64-v3")
     if native.missing_features(target):
         pytest.skip("this machine does not run x86-64-v3 code")
-    rng = np.random.default_rng(3)
-    feeds = {"x": rng.normal(size=(37, 1024)).astype(np.float32), "y": rng.integers(0, 3, 37).astype(np.int32)}
-    src = DENSE_BIAS.format(k=1024, m=72)
+    src, feeds, n_params = _aliased_feeds(case, np.random.default_rng(3))
     grads, transposes = [], []
     for floats in (mm.ALIASED_FLOATS, 1 << 30):
         monkeypatch.setattr(mm, "ALIASED_FLOATS", floats)
         art = api.compile_artifact(src, target=target, cache=False, parts=["forward", "training"])
-        transposes.append(len(re.findall(r'^define [^@]*@"sc_\w+_transpose"', art.llvm_ir, re.M)))
+        transposes.append(len(re.findall(r'^define [^@]*@"sc_\w+_transpose\d*"', art.llvm_ir, re.M)))
         net = Net(art.meta, JitModule(art.object, target))
         net.init_params(4)
         grads.append(net.grad(**feeds)[1])
     assert transposes[0] == transposes[1] + 1
-    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 4
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == n_params
     for name in grads[0]:
         np.testing.assert_array_equal(grads[0][name], grads[1][name])
 

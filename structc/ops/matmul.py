@@ -201,15 +201,17 @@ def _gate_math(kb, epilogue):
 
 #: x^T g reads x's rows down a column strip: each k step's few values of A lie on
 #: a line of their own, 4 * M bytes after the last. With M a multiple of
-#: ALIASED_FLOATS (4 KiB) those lines fall in one of L1's sets and a tile's strip
-#: cannot stay in L1 from one panel to the next: with AVX2 (6-row tiles), the
-#: weight gradient [1024, 1024] of an MLP over a batch of 256 ran at 25 GF/s
-#: against 31 for M = 1040; x transposed first (a pass over x), the product reads
-#: A's rows in order, and that MLP's step ran 0.94 of before (at a batch of 64,
-#: 0.96; 784 -> 512 -> 512 and 784 -> 2048 -> 2048 the same either way, so 2 KiB
-#: is left alone). From N = ALIASED_MIN_N, where the transpose is a small part of
-#: the product. AVX-512's 12-row tiles were not measured: left as they are (stop 43).
-ALIASED_FLOATS = 1024
+#: ALIASED_FLOATS (2 KiB) those lines fall in two of L1's 64 sets (4 KiB: one) and
+#: a tile's strip cannot stay in L1 from one panel to the next: with AVX2 (6-row
+#: tiles), the weight gradient [1024, 1024] of an MLP over a batch of 256 ran at
+#: 25 GF/s against 31 for M = 1040, and A^T G [512, 640] x [640, 2048] (an LSTM of
+#: 512 units' H^T dG over 640 positions) at 27 against 34 with A's rows read in
+#: order (M = 384, 768: the same either way). x transposed first (a pass over x), the
+#: product reads A's rows in order: mlp_wide's step 0.94 of before, an LSTM of 512
+#: units' 0.94, 512 -> 512 -> 512 at a batch of 1024 0.89 (at 64 the same either
+#: way). From N = ALIASED_MIN_N, where the transpose is a small part of the
+#: product. AVX-512's 12-row tiles were not measured: left as they are (stops 43, 44).
+ALIASED_FLOATS = 512
 ALIASED_MIN_N = 64
 
 

@@ -99,13 +99,15 @@ class BodyProgram:
         return f"<{self.name}: {len(self.graph.groups)} kernels{hoisted}>"
 
 
-def prepare(g, name: str, arity: int = 1, per_level: bool = True) -> BodyProgram:
+def prepare(g, name: str, arity: int = 1, per_level: bool = True, vector_width: int = 16) -> BodyProgram:
     """Run the pass pipeline on a body (copy), hoist what depends on
     parameters only, and bound the workspace of a call. `per_level`: run on
     a level's rows, cut anywhere between threads (not the parameters'
-    program, run once over every inner node)."""
+    program, run once over every inner node). `vector_width`: the target's
+    lanes where the caller knows them (the backward bodies, made when the
+    compiler differentiates; the forward body is made with the model, for 16)."""
     from ..passes import run_pipeline
-    g = run_pipeline(pack_wide(pair_products(g.copy())))
+    g = run_pipeline(pack_wide(pair_products(g.copy())), vector_width=vector_width)
     for node in g.nodes.values():
         if per_level and node.op.name in ("matmul", "matmul_pair"):  # a row's sums whatever the cut (`gemm.stable_rows`)
             node.attrs["row_stable"] = True
@@ -227,7 +229,7 @@ def pack_wide(g):
     return dce(g)
 
 
-def _keep_program(body, kept: list, fwd: BodyProgram, arity: int, rec: str):
+def _keep_program(body, kept: list, fwd: BodyProgram, arity: int, rec: str, vector_width: int):
     """(the forward body with outputs `@keep<k>` for the kept values, its
     program); None if its buffers outgrow the forward's scratch (then
     nothing is kept)."""
@@ -236,7 +238,7 @@ def _keep_program(body, kept: list, fwd: BodyProgram, arity: int, rec: str):
     g = body.copy()
     for k, nid in enumerate(kept):
         g.outputs[f"@keep{k}"] = nid
-    program = prepare(g, f"{rec}.node.keep", arity)
+    program = prepare(g, f"{rec}.node.keep", arity, vector_width=vector_width)
     if program.rows_floats > fwd.rows_floats or program.fixed_floats > max(fwd.fixed_floats, 16):
         return None
     return g, program
@@ -691,7 +693,7 @@ class TreeMap(Op):
         ids, rest = _leaf_ids(rest, indexed)
         ins, params = rest[:len(node_inputs)], rest[len(node_inputs):]
         bwd, kept, keep_body = derive_backward(body, keep=True)
-        found = _keep_program(keep_body, kept, fwd, arity, rec)
+        found = _keep_program(keep_body, kept, fwd, arity, rec, b.vector_width)
         if found is None:           # the forward's scratch cannot hold it: recompute instead
             bwd, kept, found = derive_backward(body), [], (None, fwd)
         keep_graph, keep = found
@@ -701,8 +703,8 @@ class TreeMap(Op):
         children_part = _subset(bwd, d_blocks, f"{rec}.node.vjp_children")
         _unview_block_cotangents(children_part, d_blocks)
         cots = _shared_cotangents(par, children_part, body, arity)
-        bwd_in = prepare(children_part, f"{rec}.node.vjp_children", arity)
-        bwd_par = prepare(par, f"{rec}.node.vjp_params", arity, per_level=False)
+        bwd_in = prepare(children_part, f"{rec}.node.vjp_children", arity, vector_width=b.vector_width)
+        bwd_par = prepare(par, f"{rec}.node.vjp_params", arity, per_level=False, vector_width=b.vector_width)
         nodes = children.shape[0]
         # per node: the children's cotangents, dH when nothing else needs it
         # (leaves without parameters upstream), the shared cotangents, the bodies' workspace

@@ -13,7 +13,9 @@ from ..graph import Builder, Graph
 
 def legalize(g: Graph, vector_width: int = 16) -> Graph:
     """`vector_width`: the target's lanes (rules that depend on the target read
-    it as `builder.vector_width`; a recursion's node case is legalized for 16)."""
+    it as `builder.vector_width`; a recursion's forward node case, made with
+    the model before the target is known, is legalized for 16, its backward
+    ones for the target)."""
     g = rewrite_by_rule(g, "legalize", vector_width)
     # then a bias gradient in parts becomes a result of its weight gradient's kernel
     # (both made by the rules above: `matmul_parts` and `sum_parts` of one cotangent)
