@@ -638,7 +638,7 @@ def compiled_for(request, monkeypatch):
     return target
 
 
-@pytest.mark.parametrize("units,long_k", [(64, False), (40, False), (100, True)])
+@pytest.mark.parametrize("units,long_k", [(64, False), (40, False), (100, True), (128, True)])
 def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, compiled_for, units, long_k):
     """A node case's matmul whose B is a parameter (or its transpose, in the
     cotangent's product) with rows `tree.PACK_ROWS` bytes apart reads it in
@@ -647,7 +647,10 @@ def test_a_node_case_reads_wide_weights_packed_with_the_same_bits(monkeypatch, c
     panels (40 units: 160 gate columns, 40 cotangent columns). PACK_ROWS is
     lowered here so these small cells' products are packed, the cotangent's too.
     `long_k`: only a B of more rows than a k block is packed, from
-    `tree.PACK_LONG_K_ROWS` bytes a row (100 units: the cotangent's W_h^T, 400 x 100)."""
+    `tree.PACK_LONG_K_ROWS` bytes a row (100 units: the cotangent's W_h^T, 400 x 100).
+    The gates' W is packed from W's rows where they lie (W_x and W_h are slices), the
+    cotangent's W_h^T from W_h's square blocks turned in registers where W_h's rows
+    are whole panels (64 and 128 units), else from W_h^T written first (40, 100)."""
     import structc.ops.tree as tree
     from structc.seqdata import Sequences
     src = f"""model Cell {{ input s: sequence of f32[7]

@@ -386,23 +386,42 @@ def _empty_contraction(kb, node, epilogue, m_dim, n_dim, k_dim):
 PANEL = 32
 
 
+#: rows of B a task of `pack_panels` copies: whole rows, read in order (a task per panel
+#: read 128 bytes of each row, every row on a page of its own: an LSTM of 512 units'
+#: W [512, 2048] took 3.6 ms to pack on the Zen 1 of stop 44, by rows 1.9 ms)
+PACK_TASK_ROWS = 64
+
+
 class PackPanels(Op):
     """B [K, N] as the matmul kernel reads it by panels of PANEL columns:
     [ceil(N / PANEL), K, PANEL], each panel's rows one after another, the last
     panel's missing columns zeros. A matmul whose B is a parameter with rows
     4 KiB or more apart (2 KiB over a long K), in a recursion's node case, reads
     it so (`tree.pack_wide`): those rows fall in a few of L1's sets and each on a
-    page of its own. Made after autodiff: no gradient."""
+    page of its own. `start`, `stop`: the rows of x it packs (a block of a
+    parameter's rows, read where it lies rather than copied out first); all
+    of them by default. `transposed`: B is those rows' transpose (a
+    cotangent's W^T), read from x in square blocks turned in registers, with
+    no transpose written first; then the rows are whole panels and x's
+    columns a multiple of 16. Made after autodiff: no gradient."""
     name = "pack_panels"
     floats_only = True
 
-    def shape(self, x) -> TensorType:
+    def shape(self, x, *, start: int = 0, stop: int | None = None, transposed: bool = False) -> TensorType:
         expect(x.rank == 2 and all(isinstance(d, int) for d in x.shape),
                f"pack_panels needs a matrix of known shape, got {x}")
-        k, n = x.shape
-        return TensorType((-(-n // PANEL), k, PANEL), x.dtype)
+        stop = x.shape[0] if stop is None else stop
+        expect(0 <= start < stop <= x.shape[0], f"pack_panels rows [{start}, {stop}) are not rows of {x}")
+        if transposed:
+            expect((stop - start) % PANEL == 0 and x.shape[1] % 16 == 0,
+                   f"pack_panels of a transpose needs whole panels of rows and columns in 16s, got {x}")
+            return TensorType(((stop - start) // PANEL, x.shape[1], PANEL), x.dtype)
+        return TensorType((-(-x.shape[1] // PANEL), stop - start, PANEL), x.dtype)
 
-    def reference(self, x):
+    def reference(self, x, *, start=0, stop=None, transposed=False):
+        x = x[start:stop]
+        if transposed:
+            x = x.T
         k, n = x.shape
         out = np.zeros((-(-n // PANEL), k, PANEL), x.dtype)
         for p in range(out.shape[0]):
@@ -411,24 +430,60 @@ class PackPanels(Op):
         return out
 
     def samples(self):
-        return [Sample((((k, n), "fixed"),)) for k, n in ((5, 7), (3, 64), (17, 70))]
+        return [Sample((((k, n), "fixed"),)) for k, n in ((5, 7), (3, 64), (17, 70))] + \
+            [Sample((((9, 40), "fixed"),), {"start": 2, "stop": 7}),     # tasks of PACK_TASK_ROWS, the last short
+             Sample((((150, 70), "fixed"),), {"start": 5, "stop": 140}),
+             Sample((((70, 48), "fixed"),), {"start": 3, "stop": 67, "transposed": True})]
 
     def lower(self, kb, node, epilogue):
         from ..lower.codegen import F32
-        k, n = kb.graph.nodes[node.inputs[0]].shape
+        n = kb.graph.nodes[node.inputs[0]].shape[1]
+        panels, k, _ = node.shape
+        first = node.attrs.get("start", 0)
         vw = kb.vector_width
-        panels = -(-n // PANEL)
-        with kb.kernel(f"pack{node.id}", lambda cg: cg.i64(panels), cost=lambda cg: cg.i64(k * PANEL),
+        if node.attrs.get("transposed"):
+            _pack_transposed(kb, node, first, n)
+            return
+        tasks = -(-k // PACK_TASK_ROWS)
+        with kb.kernel(f"pack{node.id}", lambda cg: cg.i64(tasks), cost=lambda cg: cg.i64(PACK_TASK_ROWS * n),
                        vector_code=True) as (cg, lo, hi):
             src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
-            with cg.loop(hi, start=lo, name="p") as p:
-                j0 = cg.imul(p, PANEL)
-                masks = [cg.lane_mask(cg.b.sub(cg.i64(n), cg.iadd(j0, v * vw)), vw) for v in range(PANEL // vw)]
-                with cg.loop(cg.i64(k), name="k", unroll=False) as r:
-                    at = cg.imul(cg.iadd(cg.imul(p, k), r), PANEL)
-                    for v, mask in enumerate(masks):      # missing columns read as zeros
-                        value = cg.load(src, cg.iadd(cg.imul(r, n), cg.iadd(j0, v * vw)), F32, vw, mask)
-                        cg.store(value, dst, cg.iadd(at, v * vw))
+            with cg.loop(hi, start=lo, name="t") as t:
+                r0 = cg.imul(t, PACK_TASK_ROWS)
+                r1 = cg.imin(cg.iadd(r0, PACK_TASK_ROWS), cg.i64(k))
+                with cg.loop(r1, start=r0, name="k", unroll=False) as r:
+                    row = cg.imul(cg.iadd(r, first), n)
+
+                    def panel(p, masks):
+                        j0, at = cg.imul(p, PANEL), cg.imul(cg.iadd(cg.imul(p, k), r), PANEL)
+                        for v, mask in enumerate(masks):
+                            value = cg.load(src, cg.iadd(row, cg.iadd(j0, v * vw)), F32, vw, mask)
+                            cg.store(value, dst, cg.iadd(at, v * vw))
+                    with cg.loop(cg.i64(n // PANEL), name="p", unroll=False) as p:
+                        panel(p, [None] * (PANEL // vw))
+                    if n % PANEL:       # the last panel's missing columns read as zeros
+                        panel(cg.i64(n // PANEL), [cg.lane_mask(cg.i64(n % PANEL - v * vw), vw)
+                                                   for v in range(PANEL // vw)])
+
+
+def _pack_transposed(kb, node, first: int, n: int) -> None:
+    """Panel p of (x[first:...])^T: x's rows first + p PANEL ... in vw x vw blocks,
+    each turned in registers and stored as vw rows of the panel; a task a panel."""
+    from ..lower.codegen import F32
+    panels, k, _ = node.shape
+    vw = kb.vector_width
+    with kb.kernel(f"pack{node.id}", lambda cg: cg.i64(panels), cost=lambda cg: cg.i64(k * PANEL),
+                   vector_code=True) as (cg, lo, hi):
+        src, dst = cg.ptr(node.inputs[0]), cg.ptr(node.id)
+        with cg.loop(hi, start=lo, name="p") as p:
+            with cg.loop(cg.i64(k // vw), name="c", unroll=False) as c:
+                c0 = cg.imul(c, vw)
+                for g in range(PANEL // vw):
+                    r0 = cg.iadd(cg.imul(p, PANEL), first + g * vw)
+                    rows = [cg.load(src, cg.iadd(cg.imul(cg.iadd(r0, i), n), c0), F32, vw) for i in range(vw)]
+                    for j, v in enumerate(transpose_block(cg, rows)):
+                        at = cg.iadd(cg.imul(cg.iadd(cg.imul(p, k), cg.iadd(c0, j)), PANEL), g * vw)
+                        cg.store(v, dst, at)
 
 
 def unpack_panels(packed: np.ndarray, n: int) -> np.ndarray:

@@ -196,7 +196,7 @@ def pack_wide(g):
     1 thread)."""
     from ..graph import Builder
     from ..lower.gemm import KC
-    from .matmul import _transposed_in_copy
+    from .matmul import PANEL, _transposed_in_copy
     if not PACK_WIDE:
         return g
     pure = _parameters_only(g)
@@ -215,10 +215,18 @@ def pack_wide(g):
         if w not in pure or not isinstance(n, int) or (4 * n < wide and not transposed_per_call):
             continue
         b = Builder(g, node.span)
-        panels = b.value(w)
-        if node.attrs.get("tb"):
-            panels = b.transpose(panels)
-        panels = b.pack_panels(panels)
+        # a block of W's rows (a slice) is packed from W where it lies; W^T from W's blocks
+        block = g.nodes[w]
+        rows = dict(start=block.attrs["start"], stop=block.attrs["stop"]) \
+            if block.op.name == "slice" and block.attrs["axis"] == 0 else {}
+        source = b.value(block.inputs[0]) if rows else b.value(w)
+        shape = g.nodes[w].type.shape
+        if not node.attrs.get("tb"):
+            panels = b.pack_panels(source, **rows)
+        elif shape[0] % PANEL == 0 and shape[1] % 16 == 0:
+            panels = b.pack_panels(source, **rows, transposed=True)
+        else:
+            panels = b.pack_panels(b.transpose(b.value(w)))
         operands = [b.value(i) for i in node.inputs[:-1]]
         new = getattr(b, node.op.name)(*operands, panels, packed=n)
         g.replace_uses(nid, new.id)
