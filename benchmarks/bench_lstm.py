@@ -22,9 +22,12 @@ With `--cell gru` every contender runs a GRU instead (torch.nn.GRU and
 torch.nn.GRUCell; structc's `gru_cell` and the JAX cell take the candidate
 from r·h, PyTorch's from r·(W h + b): the same matmuls).
 The arithmetic floor of a step: the gates' matmul, 2·rows·(F+H)·4H flop per
-position forward (3H for a GRU) and twice that backward (the inputs' and the weights'
-gradients), over 64·50 positions (uniform) or the batch's positions (ragged;
-the padded peers do 64·90). It is stated in GFLOP and in ms at the measured
+position forward (3H for a GRU), as much again backward for the weights' gradient,
+and 2·rows·H·4H for the state's cotangent through W_h (the features are data: no
+cotangent flows into them, and structc computes none), over 64·50 positions
+(uniform) or the batch's positions (ragged; the padded peers do 64·90). Until
+2026-12-05 (stop 44) the floor also counted the features' cotangent, 11% more
+at these sizes, so its ms read lower against every contender's time. It is stated in GFLOP and in ms at the measured
 FMA peak (`structc.profile.fma_peak`, one core).
 """
 from __future__ import annotations
@@ -110,9 +113,10 @@ def padded(x, lengths):
 
 
 def flop(lengths, padded_to: int | None = None, cell: str = "lstm") -> float:
-    """The gates' matmuls of a training step: forward, and twice that backward."""
+    """The gates' matmuls a training step needs: forward, the weights' gradient
+    (the same), and the state's cotangent through W_h (none into the features)."""
     positions = len(lengths) * padded_to if padded_to else int(np.sum(lengths))
-    return 3 * 2 * positions * (F + H) * (4 if cell == "lstm" else 3) * H
+    return 2 * positions * (2 * (F + H) + H) * (4 if cell == "lstm" else 3) * H
 
 
 def median_s(fn, repeat: int, warmup: int = 3) -> tuple[float, float]:
