@@ -600,3 +600,21 @@ def test_the_cells_gradient_is_one_kernel(lstm):
     with_dg = [names for names in ops if "lstm_gates_dg" in names]
     assert len(with_dg) == 1 and "lstm_gates_dc" in with_dg[0]
     assert sum("lstm_gates_dc" in names for names in ops) == 1
+
+
+def test_the_lstm_benchmarks_floor_counts_the_products_the_step_needs():
+    """bench_lstm's FLOP floor: per position the gates' product forward, the
+    weights' gradient (the same), and the state's cotangent through W_h; no
+    cotangent into the features (data), and structc's backward node case makes
+    none: its products write the state's [rows, H] cotangent only."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from bench_lstm import F, H, SRC, flop
+    assert flop(np.array([3, 1])) == 2 * 4 * (2 * (F + H) + H) * 4 * H
+    assert flop(np.array([3, 1]), cell="gru") == 2 * 4 * (2 * (F + H) + H) * 3 * H
+    train = differentiate(build_model(parse(SRC)).graph)
+    grads = [n for n in train.nodes.values() if n.op.name == "tree_map_grad"]
+    body = grads[0].attrs["bwd_in"].graph
+    products = [n for n in body.nodes.values() if n.op.name.startswith("matmul")]
+    assert products and {n.shape[1] for n in products} == {H}
