@@ -27,8 +27,9 @@ and 2·rows·H·4H for the state's cotangent through W_h (the features are data:
 cotangent flows into them, and structc computes none), over 64·50 positions
 (uniform) or the batch's positions (ragged; the padded peers do 64·90). Until
 2026-12-05 (stop 44) the floor also counted the features' cotangent, 12.5% more
-at these sizes, so its ms read lower against every contender's time. It is stated in GFLOP and in ms at the measured
-FMA peak (`structc.profile.fma_peak`, one core).
+at these sizes, so its ms read lower against every contender's time. It is
+stated in GFLOP and in ms at the measured FMA peak (`structc.profile.fma_peak`,
+one core).
 """
 from __future__ import annotations
 

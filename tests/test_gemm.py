@@ -273,12 +273,17 @@ DENSE_BIAS = """model B {{
 }}"""
 
 
-def _pipelined(src, vector_width):
+def _differentiated(src, vector_width):
+    """The train graph of `src`, its recursions' backward node cases made for `vector_width`."""
     from structc.autodiff import differentiate
     from structc.build import build_model
-    from structc.passes import run_pipeline
     from structc.syntax import parse
-    return run_pipeline(differentiate(build_model(parse(src)).graph), vector_width=vector_width)
+    return differentiate(build_model(parse(src)).graph, vector_width=vector_width)
+
+
+def _pipelined(src, vector_width):
+    from structc.passes import run_pipeline
+    return run_pipeline(_differentiated(src, vector_width), vector_width=vector_width)
 
 
 @pytest.mark.parametrize("k, m, vw, transposed", [(1024, 64, 8, True), (2048, 64, 4, True), (512, 64, 8, True),
@@ -313,10 +318,7 @@ def test_a_recurrences_aliased_weight_gradient_reads_h_transposed_below_avx512(v
     (the backward node case run once over all nodes) has H's rows 2 KiB apart.
     The backward node cases are made when the compiler differentiates, for
     the target's lanes: with AVX2, H is transposed first."""
-    from structc.autodiff import differentiate
-    from structc.build import build_model
-    from structc.syntax import parse
-    train = differentiate(build_model(parse(LSTM_512)).graph, vector_width=vw)
+    train = _differentiated(LSTM_512, vw)
     grads = [n for n in train.nodes.values() if n.op.name == "tree_map_grad"]
     assert len(grads) == 1
     body = grads[0].attrs["bwd_par"].graph

@@ -392,6 +392,12 @@ PANEL = 32
 PACK_TASK_ROWS = 64
 
 
+def packs_transposed(shape) -> bool:
+    """Whether `pack_panels(..., transposed=True)` packs W^T of a W of this
+    shape: its rows whole panels, its columns whole vectors of every width."""
+    return shape[0] % PANEL == 0 and shape[1] % 16 == 0
+
+
 class PackPanels(Op):
     """B [K, N] as the matmul kernel reads it by panels of PANEL columns:
     [ceil(N / PANEL), K, PANEL], each panel's rows one after another, the last
@@ -413,7 +419,7 @@ class PackPanels(Op):
         stop = x.shape[0] if stop is None else stop
         expect(0 <= start < stop <= x.shape[0], f"pack_panels rows [{start}, {stop}) are not rows of {x}")
         if transposed:
-            expect((stop - start) % PANEL == 0 and x.shape[1] % 16 == 0,
+            expect(packs_transposed((stop - start, x.shape[1])),
                    f"pack_panels of a transpose needs whole panels of rows and columns in 16s, got {x}")
             return TensorType(((stop - start) // PANEL, x.shape[1], PANEL), x.dtype)
         return TensorType((-(-x.shape[1] // PANEL), stop - start, PANEL), x.dtype)

@@ -196,7 +196,7 @@ def pack_wide(g):
     1 thread)."""
     from ..graph import Builder
     from ..lower.gemm import KC
-    from .matmul import PANEL, _transposed_in_copy
+    from .matmul import _transposed_in_copy, packs_transposed
     if not PACK_WIDE:
         return g
     pure = _parameters_only(g)
@@ -220,10 +220,9 @@ def pack_wide(g):
         rows = dict(start=block.attrs["start"], stop=block.attrs["stop"]) \
             if block.op.name == "slice" and block.attrs["axis"] == 0 else {}
         source = b.value(block.inputs[0]) if rows else b.value(w)
-        shape = g.nodes[w].type.shape
         if not node.attrs.get("tb"):
             panels = b.pack_panels(source, **rows)
-        elif shape[0] % PANEL == 0 and shape[1] % 16 == 0:
+        elif packs_transposed(block.type.shape):
             panels = b.pack_panels(source, **rows, transposed=True)
         else:
             panels = b.pack_panels(b.transpose(b.value(w)))
