@@ -24,6 +24,9 @@ PTR = ir.PointerType()
 VOID = ir.VoidType()
 
 DTYPE_IR = {"f32": F32, "f64": F64, "i32": I32, "i64": I64}
+#: the largest x whose e^x rounds n = x log2 e to at most 127 (127.49 / log2 e): with
+#: x clamped there, `CG._exp_clamped` needs no fix-up for 2^128
+EXP_HI_127 = 88.37
 FAST = ("contract",)    # allow FMA contraction, keep IEEE semantics otherwise
 #: the one loop property kernels set (`CG.loop(unroll=False)`); `lower.module` makes each
 #: use a loop ID of its own (LLVM wants them distinct and self-referential, which llvmlite cannot write)
@@ -205,14 +208,19 @@ class CG:
         far = self.sub(self.exp(x), self.const(1.0, x))
         return self.select(self.b.fcmp_ordered("<=", self.abs(x), self.const(0.35, x)), near, far)
 
-    def _exp_clamped(self, x):
-        """e^x for x clamped to [-87.34, 88.72] (NaN propagates): finite, and
-        within the polynomial's accuracy inside that range."""
+    def _exp_clamped(self, x, hi: float = 88.72283, lo: float | None = -87.33654):
+        """e^x for x clamped to [lo, hi] (NaN propagates): finite, and within the
+        polynomial's accuracy inside that range. `hi` at most `EXP_HI_127` leaves
+        out the fix-up for n = 128 (four instructions), and `lo` None the lower
+        clamp, for callers whose x is never below it (their results there being
+        the same)."""
         # a compare-and-select clamp (constants first: a NaN fails both comparisons
         # and passes through) costs less than llvm.maximum/minimum
-        hi, lo = self.const(88.72283, x), self.const(-87.33654, x)
-        x = self.select(self.lt(hi, x), hi, x)
-        x = self.select(self.gt(lo, x), lo, x)
+        top_hi = self.const(hi, x)
+        x = self.select(self.lt(top_hi, x), top_hi, x)
+        if lo is not None:
+            bottom = self.const(lo, x)
+            x = self.select(self.gt(bottom, x), bottom, x)
         scalef = self._has_scalef(x)
         if scalef:      # AVX-512: one rounding instruction (the same n as below)
             n = self._roundeven(self.mul(x, self.const(1.44269504088896341, x)))
@@ -220,7 +228,8 @@ class CG:
             # round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22 here);
             # no rounding instruction needed, so this also runs on plain SSE2
             magic = self.const(12582912.0, x)
-            n = self.sub(self.add(self.mul(x, self.const(1.44269504088896341, x)), magic), magic)
+            shifted = self.add(self.mul(x, self.const(1.44269504088896341, x)), magic)
+            n = self.sub(shifted, magic)
         r = self.fma(n, self.const(-0.693359375, x), x)
         r = self.fma(n, self.const(2.12194440e-4, x), r)
         p = self.const(1.9875691500e-4, x)
@@ -230,13 +239,17 @@ class CG:
         y = self.add(self.fma(p, r2, r), self.const(1.0, x))
         if scalef:      # y 2^n in one instruction, 2^128 included (e^x up to 88.72 is finite)
             return self._scalef(y, n)
-        ni = self.b.fptosi(n, vec(I32, lanes(x.type)))
-        # n reaches 128 from x = 88.38 on, where 2^n has no float32 (its exponent bits
-        # would read as inf, though e^x is finite up to 88.72): 2^127 times 2 y then
-        top = self.b.icmp_signed(">", ni, self.const(127, ni))
-        ni = self.b.select(top, self.const(127, ni), ni)
-        y = self.select(top, self.add(y, y), y)
-        scale = self.b.shl(self.b.add(ni, self.const(127, ni)), self.const(23, ni))
+        # `shifted` is 1.5 * 2^23 + n, an integer of that binade: its low bits are n
+        # (no conversion instruction); shifted into the exponent field, the rest of
+        # its bits fall off the top
+        bits = self._bits(shifted)
+        if hi > EXP_HI_127:
+            # n reaches 128 from x = 88.38 on, where 2^n has no float32 (its exponent bits
+            # would read as inf, though e^x is finite up to 88.72): 2^127 times 2 y then
+            top = self.b.icmp_signed(">", bits, self.const(0x4B400000 + 127, bits))
+            bits = self.b.select(top, self.const(0x4B400000 + 127, bits), bits)
+            y = self.select(top, self.add(y, y), y)
+        scale = self.b.add(self.b.shl(bits, self.const(23, bits)), self.const(127 << 23, bits))
         return self.mul(y, self._from_bits(scale))
 
     def _has_scalef(self, x) -> bool:
@@ -307,7 +320,8 @@ class CG:
         for c in (2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1):
             p = self.fma(p, z, self.const(c, x))
         small = self.fma(self.mul(p, z), x, x)
-        e = self.exp(self.mul(a, self.const(2.0, x)))
+        # e^2|x| past EXP_HI_127 (or inf) leaves `large` at 1 all the same (2 / 2.4e38 rounds away)
+        e = self._exp_clamped(self.mul(a, self.const(2.0, x)), hi=EXP_HI_127, lo=None)
         large = self.sub(self.const(1.0, x), self.div(self.const(2.0, x), self.add(e, self.const(1.0, x))))
         large = self.b.bitcast(self.b.or_(self._bits(large), self.b.and_(self._bits(x), self.const(-0x80000000, self._bits(x)))), x.type)
         return self.select(self.lt(a, self.const(0.625, x)), small, large)
@@ -321,9 +335,12 @@ class CG:
     def sigmoid(self, x):
         """1 / (1 + e^-x). The clamped exponential is enough: at its ends the
         quotient is already 1 (x >= 87.34) or rounds to 0 (x <= -88.72, below
-        float32's normal range, flushed), so its out-of-range selects are not paid."""
+        float32's normal range, flushed), so its out-of-range selects are not paid;
+        nor the fix-up for 2^128: from -x = 87.34 on the quotient is below float32's
+        normal range, flushed (x86's FTZ, which every entry sets) whether e^-x
+        is clamped at 88.37 or at 88.72."""
         one = self.const(1.0, x)
-        return self.div(one, self.add(one, self._exp_clamped(self.neg(x))))
+        return self.div(one, self.add(one, self._exp_clamped(self.neg(x), hi=EXP_HI_127)))
 
     # -- integers ------------------------------------------------------
     def imul(self, a, b):
