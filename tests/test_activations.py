@@ -172,6 +172,27 @@ def test_exp_sigmoid_and_tanh_stay_within_a_few_ulps_over_their_whole_range():
     assert (got["e"][want["e"] < tiny] == 0).all() and (got["e"][x > 88.72283] == np.inf).all()
 
 
+@pytest.mark.parametrize("classes", [5, 37])
+def test_softmax_is_exact_to_a_few_ulps_down_to_the_smallest_normal_float(classes):
+    """Softmax's and cross-entropy's exponentials take x - max(x) <= 0 (`CG.exp_nonpositive`,
+    without exp's handling of large x): a probability below float32's normal range is 0
+    (flushed), one above it within a few ulps of float64 (small and large class counts
+    take different kernels)."""
+    rng = np.random.default_rng(7)
+    gaps = np.concatenate([np.linspace(0, 90, 64), [87.0, 87.3, 87.34, 87.4, 88.0, 1e4, np.inf]])
+    # row r: gaps r, r + 13, r + 26, ... below a max whose place and size vary
+    at = (np.arange(len(gaps))[:, None] + 13 * np.arange(classes)) % len(gaps)
+    z = (-gaps[at] + rng.uniform(-50, 50, (len(gaps), 1))).astype(np.float32)
+    got = run("output p = softmax(x)", z, inputs=f"input x: f32[{len(z)}, {classes}]")
+    e = np.exp((z - z.max(axis=1, keepdims=True)).astype(np.float64))     # x - max rounded as float32
+    want = e / e.sum(axis=1, keepdims=True)
+    tiny = np.finfo(np.float32).tiny
+    normal = want >= tiny
+    ulp = np.spacing(want[normal].astype(np.float32)).astype(np.float64)
+    assert (np.abs(got[normal] - want[normal]) / ulp).max() <= 4
+    assert (got[~normal] == 0).all() and (~normal).sum() >= 10
+
+
 def test_elu_keeps_relative_accuracy_near_zero():
     # alpha (e^x - 1) cancels near 0 (it gave 0 below |x| = 3e-8): elu must be alpha expm1(x)
     x = np.concatenate([-np.geomspace(1e-30, 3.0, 62), [-np.inf, 0.0]]).astype(np.float32)[None]

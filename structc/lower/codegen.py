@@ -196,6 +196,13 @@ class CG:
         y = self.select(self.gt(x, self.const(88.72283, x)), self.const(float("inf"), x), y)
         return self.select(self.lt(x, self.const(-87.33654, x)), self.const(0.0, x), y)
 
+    def exp_nonpositive(self, x):
+        """`exp` of an x that is at most 0 or NaN (a softmax's x - max(x)), with
+        `exp`'s bits there: no fix-up for 2^128 and no select for overflow. A
+        positive x (which such callers never pass) gives 1."""
+        y = self._exp_clamped(x, hi=0.0)
+        return self.select(self.lt(x, self.const(-87.33654, x)), self.const(0.0, x), y)
+
     def expm1(self, x):
         """e^x - 1 without the cancellation of `exp(x) - 1` near 0 (which gives 0 for
         |x| < 3e-8 and loses relative accuracy up to |x| of about 0.3): its Taylor

@@ -279,11 +279,11 @@ def _softmax_flat(cg, refs, start, stop, heads, vw, part):
             v, mask = scores(at)
             b.store(cg.max(b.load(best), cg.select(mask, v, minus_inf)), best)
         m = _fold_heads(cg, b.load(best), heads, cg.max)
-        own = cg.exp(cg.sub(mine, m)) if S else None
+        own = cg.exp_nonpositive(cg.sub(mine, m)) if S else None
         b.store(cg.select(first, own, zero) if S and first is not None else (own if S else zero), total)
         with flat() as at:
             v, mask = scores(at)
-            ex = cg.select(mask, cg.exp(cg.sub(v, m)), zero)
+            ex = cg.select(mask, cg.exp_nonpositive(cg.sub(v, m)), zero)
             if part == "edges":
                 cg.store(ex, out, at, mask=mask)
             b.store(cg.add(b.load(total), ex), total)
@@ -330,15 +330,15 @@ def _softmax_per_entry(cg, refs, start, stop, heads, vw, part):
             with cg.loop(k1, start=k0, name="k") as k:     # llvm.maximum: a NaN wins
                 b.store(cg.max(b.load(best), score(k)), best)
             m = b.load(best)
-            b.store(cg.exp(cg.sub(mine, m)) if S else cg.const(0.0, vt), total)
+            b.store(cg.exp_nonpositive(cg.sub(mine, m)) if S else cg.const(0.0, vt), total)
             with cg.loop(k1, start=k0, name="k") as k:
-                b.store(cg.add(b.load(total), cg.exp(cg.sub(score(k), m))), total)
+                b.store(cg.add(b.load(total), cg.exp_nonpositive(cg.sub(score(k), m))), total)
             inv = cg.div(cg.const(1.0, vt), b.load(total))
             if part == "self":
-                cg.store(cg.mul(cg.exp(cg.sub(mine, m)), inv), out, cg.iadd(cg.imul(r, heads), col), mask=mask)
+                cg.store(cg.mul(cg.exp_nonpositive(cg.sub(mine, m)), inv), out, cg.iadd(cg.imul(r, heads), col), mask=mask)
                 continue
             with cg.loop(k1, start=k0, name="k") as k:
-                cg.store(cg.mul(cg.exp(cg.sub(score(k), m)), inv), out, cg.iadd(cg.imul(k, heads), col), mask=mask)
+                cg.store(cg.mul(cg.exp_nonpositive(cg.sub(score(k), m)), inv), out, cg.iadd(cg.imul(k, heads), col), mask=mask)
 
 
 class Attend(_Relational):

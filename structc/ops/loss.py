@@ -36,9 +36,9 @@ def _row_stats(cg, src, off, n, vw):
 
     sm = cg.var(vt, cg.const(0.0, vt))
     with cg.loop(full, name="se") as v:
-        e = cg.exp(cg.sub(cg.load(src, cg.iadd(off, cg.imul(v, vw)), n=vw), msplat))
+        e = cg.exp_nonpositive(cg.sub(cg.load(src, cg.iadd(off, cg.imul(v, vw)), n=vw), msplat))
         b.store(cg.add(b.load(sm), e), sm)
-    e = cg.exp(cg.sub(cg.load(src, cg.iadd(off, cg.imul(full, vw)), n=vw, mask=mask), msplat))
+    e = cg.exp_nonpositive(cg.sub(cg.load(src, cg.iadd(off, cg.imul(full, vw)), n=vw, mask=mask), msplat))
     s = cg.hsum(cg.add(b.load(sm), cg.select(mask, e, cg.const(0.0, vt))))
     return m, s, full, tail, mask
 
@@ -98,7 +98,7 @@ class Softmax(Op):
 
                 def body(j, mask):
                     x = cg.load(src, cg.iadd(off, j), n=vw, mask=mask)
-                    cg.store(cg.mul(cg.exp(cg.sub(x, ms)), inv), dst, cg.iadd(off, j), mask=mask)
+                    cg.store(cg.mul(cg.exp_nonpositive(cg.sub(x, ms)), inv), dst, cg.iadd(off, j), mask=mask)
                 _each_vector(cg, c, vw, body)
 
 
@@ -245,7 +245,7 @@ class SoftmaxCrossEntropyGrad(Op):
 
                 def body(j, mask):
                     x = cg.load(src, cg.iadd(off, j), n=vw, mask=mask)
-                    cg.store(cg.mul(cg.exp(cg.sub(x, ms)), k), dst, cg.iadd(off, j), mask=mask)
+                    cg.store(cg.mul(cg.exp_nonpositive(cg.sub(x, ms)), k), dst, cg.iadd(off, j), mask=mask)
                 _each_vector(cg, c, vw, body)
                 label = cg.load(lab, r, t=ir.IntType(32 if ydt == "i32" else 64))
                 if ydt == "i32":

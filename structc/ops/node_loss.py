@@ -121,7 +121,7 @@ class CrossEntropyRowsGrad(Op):
 
                 def body(j, mask):
                     x = cg.load(src, cg.iadd(off, j), n=vw, mask=mask)
-                    cg.store(cg.mul(cg.exp(cg.sub(x, ms)), k), dst, cg.iadd(off, j), mask=mask)
+                    cg.store(cg.mul(cg.exp_nonpositive(cg.sub(x, ms)), k), dst, cg.iadd(off, j), mask=mask)
                 _each_vector(cg, c, vw, body)
                 at = cg.iadd(off, _label(cg, lab, r, ydt))
                 cg.store(cg.sub(cg.load(dst, at), gr), dst, at)
@@ -197,7 +197,7 @@ def xent_block(cg, src, lab, ydt, r0, rem, classes: int, vw: int):
     m = z[0]
     for v in z[1:]:
         m = cg.max(m, v)
-    e = [cg.exp(cg.sub(v, m)) for v in z]
+    e = [cg.exp_nonpositive(cg.sub(v, m)) for v in z]
     s = e[0]
     for v in e[1:]:
         s = cg.add(s, v)
