@@ -672,10 +672,17 @@ def test_the_compiler_records_the_loss_denominator(example, want):
 def test_terms_with_different_denominators_are_weighed_one_by_one():
     """A mean over trees plus a mean over nodes (and a penalty): each term gets a weight
     (1 unless set), and splitting the terms by their weights gives the whole gradient."""
-    from structc.ops.optim import LOSS_WEIGHT0
     net = structc.compile(ROOT / "examples" / "logic_tree.snet")
-    data = __import__("structc.datasets", fromlist=["load"]).load("logic").bind(net)
-    feed = next(iter(data.batches(16, np.random.default_rng(0))))
+    parts = _terms_one_by_one(net, "logic", 16, rtol=1e-5, atol=1e-7)
+    assert not np.any(parts[0][1]["root.w"]) and not np.any(parts[1][1]["node.w"])
+
+
+def _terms_one_by_one(net, dataset: str, batch: int, rtol: float, atol: float) -> list:
+    """The loss and gradient of a batch with each of the first two terms' weights
+    set to 0 in turn (its hyper-parameter slot to 1): the two add up to the whole."""
+    from structc.ops.optim import LOSS_WEIGHT0
+    data = __import__("structc.datasets", fromlist=["load"]).load(dataset).bind(net)
+    feed = next(iter(data.batches(batch, np.random.default_rng(0))))
     loss, whole = net.grad(**feed)
     parts = []
     for off in (0, 1):
@@ -684,8 +691,21 @@ def test_terms_with_different_denominators_are_weighed_one_by_one():
         net._hyper[LOSS_WEIGHT0 + off] = 0.0
     assert loss == pytest.approx(parts[0][0] + parts[1][0], rel=1e-6)
     for k in whole:
-        np.testing.assert_allclose(parts[0][1][k] + parts[1][1][k], whole[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    assert not np.any(parts[0][1]["root.w"]) and not np.any(parts[1][1]["node.w"])
+        np.testing.assert_allclose(parts[0][1][k] + parts[1][1][k], whole[k], rtol=rtol, atol=atol, err_msg=k)
+    return parts
+
+
+def test_terms_of_one_shape_share_a_kernel_yet_are_weighed_one_by_one():
+    """Two cross-entropies of the same shape (the sentiment Tree-LSTM's per-sentence
+    and per-phrase losses) read their weights' slots at run time, so their gradient
+    is one kernel, compiled once; each term is still weighed by its own slot."""
+    from structc import api
+    path = ROOT / "examples" / "sentiment_treelstm.snet"
+    art = api.compile_artifact(path.read_text(), str(path), cache=False, parts=["forward", "training"])
+    assert len(re.findall(r'^define [^@]*@"sc_\w+_xentgrad"', art.llvm_ir, re.M)) == 1
+    parts = _terms_one_by_one(structc.compile(path), "sentiment", 8, rtol=1e-4, atol=1e-6)
+    assert not np.any(parts[0][1]["root.w"]) and np.any(parts[0][1]["node.w"])
+    assert not np.any(parts[1][1]["node.w"]) and np.any(parts[1][1]["root.w"])
 
 
 #: a tree model with a target per tree and one per node; its losses are written after it

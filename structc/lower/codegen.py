@@ -519,11 +519,15 @@ class CG:
     def ptr(self, buf) -> ir.Value:
         return self.slot(self.layout.buffer_slot(buf), PTR)
 
-    def hyper(self, index: int) -> ir.Value:
+    def hyper(self, index: int | ir.Value) -> ir.Value:
+        """Hyper-parameter `index`: a constant, or an i64 the kernel reads at run
+        time (`module.run_time_value`), so that kernels differing only in which
+        slot they read have one text."""
         base = self.slot(self.layout.hyper_slot, PTR)
-        key = ("hyper", index)
+        key = ("hyper", index if isinstance(index, int) else ("value", id(index)))
         if key not in self._cache:
-            self._cache[key] = self.eb.load(self.eb.gep(base, [ir.Constant(I64, index)], source_etype=F32), typ=F32)
+            at = ir.Constant(I64, index) if isinstance(index, int) else index
+            self._cache[key] = self.eb.load(self.eb.gep(base, [at], source_etype=F32), typ=F32)
         return self._cache[key]
 
     def partials(self, nid: int) -> ir.Value:

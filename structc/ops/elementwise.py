@@ -79,8 +79,12 @@ class LossWeight(Elementwise):
 
     def emit(self, cg, *, term):
         from ..lower.codegen import F32
+        from ..lower.module import run_time_value
         from .optim import LOSS_WEIGHT0
-        return cg.sub(cg.const(1.0, F32), cg.hyper(LOSS_WEIGHT0 + term))
+        # the slot read at run time: the kernels of a loss's terms of the same shape
+        # (two cross-entropies' gradients) are then one text, compiled once
+        slot = LOSS_WEIGHT0 + term if cg.slots is None else run_time_value(cg, LOSS_WEIGHT0 + term)
+        return cg.sub(cg.const(1.0, F32), cg.hyper(slot))
 
 
 class Add(Elementwise):
