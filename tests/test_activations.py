@@ -145,25 +145,27 @@ def test_exp_is_finite_up_to_the_largest_float():
     assert np.isfinite(got[:62]).all() and (got[62:] == np.inf).all()
 
 
-def test_exp_sigmoid_and_tanh_stay_within_a_few_ulps_over_their_whole_range():
+def test_exp_sigmoid_tanh_and_elu_stay_within_a_few_ulps_over_their_whole_range():
     """The exponential's 2^n comes from the bits of the rounded x log2 e (no
-    conversion), and sigmoid's and tanh's exponentials are clamped below 2^128
-    (no fix-up for it): over every binade of float32 they stay within their
-    ulps of float64, and where sigmoid's value is below float32's normal range
-    it is flushed to 0 (as every entry flushes)."""
+    conversion), sigmoid's and tanh's exponentials are clamped below 2^128 (no
+    fix-up for it), and elu's at 0 (its negative side alone is used): over every
+    binade of float32 they stay within their ulps of float64, and where
+    sigmoid's value is below float32's normal range it is flushed to 0 (as every
+    entry flushes)."""
     rng = np.random.default_rng(5)
     x = np.concatenate([np.linspace(-90, 90, 36001), rng.normal(scale=20, size=4000),
                         np.geomspace(1e-30, 90, 4000), -np.geomspace(1e-30, 90, 4000),
                         np.linspace(88.3, 88.8, 1000), np.linspace(-88.8, -86.9, 1047)]).astype(np.float32)
     x = x.reshape(-1, 64)
     src = (f"model M {{\n  input x: f32[{x.shape[0]}, 64]\n  output e = exp(x)\n  output s = sigmoid(x)\n"
-           "  output t = tanh(x)\n}\n")
+           "  output t = tanh(x)\n  output u = elu(x)\n}\n")
     got = structc.compile(src, cache=False)(x=x)
     x64 = x.astype(np.float64)
     with np.errstate(over="ignore"):
-        want = {"e": np.exp(x64), "s": 1 / (1 + np.exp(-x64)), "t": np.tanh(x64)}
+        want = {"e": np.exp(x64), "s": 1 / (1 + np.exp(-x64)), "t": np.tanh(x64),
+                "u": np.where(x64 > 0, x64, np.expm1(np.minimum(x64, 0)))}
     tiny = np.finfo(np.float32).tiny
-    for name, bound in (("e", 1.5), ("s", 2.5), ("t", 1.5)):
+    for name, bound in (("e", 1.5), ("s", 2.5), ("t", 1.5), ("u", 1.5)):
         normal = (np.abs(want[name]) >= tiny) & (np.abs(want[name]) <= np.finfo(np.float32).max)
         ulp = np.spacing(np.abs(want[name][normal]).astype(np.float32)).astype(np.float64)
         err = np.abs(got[name][normal] - want[name][normal]) / ulp

@@ -203,16 +203,20 @@ class CG:
         y = self._exp_clamped(x, hi=0.0)
         return self.select(self.lt(x, self.const(-87.33654, x)), self.const(0.0, x), y)
 
-    def expm1(self, x):
+    def expm1(self, x, nonpositive: bool = False):
         """e^x - 1 without the cancellation of `exp(x) - 1` near 0 (which gives 0 for
         |x| < 3e-8 and loses relative accuracy up to |x| of about 0.3): its Taylor
         series through x^8 for |x| <= 0.35 (the next term is below float32's
-        precision there), exp(x) - 1 beyond. NaN propagates, -inf gives -1."""
+        precision there), exp(x) - 1 beyond. NaN propagates, -inf gives -1.
+        `nonpositive`: for callers that use it at x <= 0 only (elu's negative
+        side), the same bits there without exp's overflow handling (its clamp at
+        -87.34 leaves e^x - 1 at -1 as well); past x = 0.35 it gives 0."""
         p = self.const(1.0 / 40320, x)
         for k in (5040, 720, 120, 24, 6, 2, 1):
             p = self.fma(p, x, self.const(1.0 / k, x))
         near = self.mul(p, x)       # x (1 + x/2 (1 + ...)): exact to float32 near 0
-        far = self.sub(self.exp(x), self.const(1.0, x))
+        e = self._exp_clamped(x, hi=0.0) if nonpositive else self.exp(x)
+        far = self.sub(e, self.const(1.0, x))
         return self.select(self.b.fcmp_ordered("<=", self.abs(x), self.const(0.35, x)), near, far)
 
     def _exp_clamped(self, x, hi: float = 88.72283, lo: float | None = -87.33654):

@@ -421,7 +421,7 @@ class Elu(Elementwise):
         return super().samples() + [Sample((((4, 7), "away"),), {"alpha": 0.5})]
 
     def emit(self, cg, x, *, alpha=1.0):
-        neg = cg.mul(cg.const(alpha, x), cg.expm1(x))
+        neg = cg.mul(cg.const(alpha, x), cg.expm1(x, nonpositive=True))     # used at x <= 0 only
         return cg.select(cg.gt(x, cg.const(0.0, x)), x, neg)
 
 
