@@ -439,7 +439,7 @@ def _erfc_abs(cg, x):
     p = cg.const(1.061405429, x)
     for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
         p = cg.fma(p, t, cg.const(c, x))
-    return cg.mul(cg.mul(p, t), cg.exp(cg.neg(cg.mul(a, a))))
+    return cg.mul(cg.mul(p, t), cg.exp_nonpositive(cg.neg(cg.mul(a, a))))    # -a² <= 0
 
 
 def _normal_cdf_ref(x):
@@ -495,7 +495,7 @@ class Softplus(Elementwise):
         return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
     def emit(self, cg, x):
-        tail = _log1p(cg, cg.exp(cg.neg(cg.abs(x))))
+        tail = _log1p(cg, cg.exp_nonpositive(cg.neg(cg.abs(x))))     # -|x| <= 0
         return cg.add(cg.max(x, cg.const(0.0, x)), tail)
 
 
