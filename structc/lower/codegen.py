@@ -24,6 +24,9 @@ PTR = ir.PointerType()
 VOID = ir.VoidType()
 
 DTYPE_IR = {"f32": F32, "f64": F64, "i32": I32, "i64": I64}
+#: ln of float32's largest and smallest normal values: `CG.exp` is inf above the one
+#: and 0 below the other (flushed), and clamps its polynomial's argument between them
+EXP_HI, EXP_LO = 88.72283, -87.33654
 #: the largest x whose e^x rounds n = x log2 e to at most 127 (127.49 / log2 e): with
 #: x clamped there, `CG._exp_clamped` needs no fix-up for 2^128
 EXP_HI_127 = 88.37
@@ -193,15 +196,18 @@ class CG:
         that would be subnormal are flushed); NaN propagates."""
         y = self._exp_clamped(x)
         # the clamp keeps the polynomial in range; out of it the answer is known
-        y = self.select(self.gt(x, self.const(88.72283, x)), self.const(float("inf"), x), y)
-        return self.select(self.lt(x, self.const(-87.33654, x)), self.const(0.0, x), y)
+        y = self.select(self.gt(x, self.const(EXP_HI, x)), self.const(float("inf"), x), y)
+        return self._flushed_below(x, y)
 
     def exp_nonpositive(self, x):
         """`exp` of an x that is at most 0 or NaN (a softmax's x - max(x)), with
         `exp`'s bits there: no fix-up for 2^128 and no select for overflow. A
         positive x (which such callers never pass) gives 1."""
-        y = self._exp_clamped(x, hi=0.0)
-        return self.select(self.lt(x, self.const(-87.33654, x)), self.const(0.0, x), y)
+        return self._flushed_below(x, self._exp_clamped(x, hi=0.0))
+
+    def _flushed_below(self, x, y):
+        """y, or 0 where x < EXP_LO (e^x below float32's normal range: flushed)."""
+        return self.select(self.lt(x, self.const(EXP_LO, x)), self.const(0.0, x), y)
 
     def expm1(self, x, nonpositive: bool = False):
         """e^x - 1 without the cancellation of `exp(x) - 1` near 0 (which gives 0 for
@@ -219,7 +225,7 @@ class CG:
         far = self.sub(e, self.const(1.0, x))
         return self.select(self.b.fcmp_ordered("<=", self.abs(x), self.const(0.35, x)), near, far)
 
-    def _exp_clamped(self, x, hi: float = 88.72283, lo: float | None = -87.33654):
+    def _exp_clamped(self, x, hi: float = EXP_HI, lo: float | None = EXP_LO):
         """e^x for x clamped to [lo, hi] (NaN propagates): finite, and within the
         polynomial's accuracy inside that range. `hi` at most `EXP_HI_127` leaves
         out the fix-up for n = 128 (four instructions), and `lo` None the lower
