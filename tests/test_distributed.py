@@ -700,10 +700,13 @@ def test_terms_of_one_shape_share_a_kernel_yet_are_weighed_one_by_one():
     and per-phrase losses) read their weights' slots at run time, so their gradient
     is one kernel, compiled once; each term is still weighed by its own slot."""
     from structc import api
+    from structc.model import Net
+    from structc.native import JitModule, host_target
     path = ROOT / "examples" / "sentiment_treelstm.snet"
     art = api.compile_artifact(path.read_text(), str(path), cache=False, parts=["forward", "training"])
     assert len(re.findall(r'^define [^@]*@"sc_\w+_xentgrad"', art.llvm_ir, re.M)) == 1
-    parts = _terms_one_by_one(structc.compile(path), "sentiment", 8, rtol=1e-4, atol=1e-6)
+    net = Net(art.meta, JitModule(art.object, host_target()))     # the artifact read above, not a second compile
+    parts = _terms_one_by_one(net, "sentiment", 8, rtol=1e-4, atol=1e-6)
     assert not np.any(parts[0][1]["root.w"]) and np.any(parts[0][1]["node.w"])
     assert not np.any(parts[1][1]["node.w"]) and np.any(parts[1][1]["root.w"])
 
