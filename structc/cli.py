@@ -171,9 +171,13 @@ def compile_into_cache(source: str, file: str, model: str | None, target, timing
 
 
 def _shipped_parts(args):
-    """A library gets every part its model has (the held-out loss entry too); in-process, the eager ones."""
-    from .compiler import PARTS
-    return list(PARTS) if args.output else None
+    """A library gets every part its model has (the held-out loss entry too); a dump the
+    eager ones and the update entry (its stages are among those `--dump` names); in-process,
+    the eager ones."""
+    from .compiler import EAGER_PARTS, PARTS
+    if args.output:
+        return list(PARTS)
+    return [*EAGER_PARTS, "update"] if args.dump else None
 
 
 def _distinct_files(*named) -> None:
@@ -319,8 +323,9 @@ def cmd_graph(args) -> int:
 def _compile_net(args, dp_comm=None, training: bool = False, evaluation: bool = False):
     """The model, compiled (or loaded from the cache); with `dp_comm`, rank 0 compiles
     first and the other ranks load what it put in the cache. `training`: its training
-    entries too, now; `evaluation`: its held-out evaluation entry too, now (eval, and
-    data-parallel training: otherwise every rank would compile it at once)."""
+    entry too, now (and with `dp_comm` its update entry, which data-parallel training
+    calls); `evaluation`: its held-out evaluation entry too, now (eval, and
+    data-parallel training: otherwise every rank would compile them at once)."""
     from .api import compile as compile_net
     source, file = _source(args.file)
     t0 = time.perf_counter()
@@ -337,6 +342,8 @@ def _compile_net(args, dp_comm=None, training: bool = False, evaluation: bool = 
             raise
         if evaluation:
             net._entries.get("eval_loss")     # a model without a loss has none: left to what needs it
+        if training and dp_comm is not None:
+            net._entries.get("update")
         return net
     if dp_comm is None:
         net = compile_it()

@@ -202,7 +202,7 @@ def _check_batch_counts(counts: list, dims: Mapping[str, int]) -> None:
 
 
 #: parts compiled only for the entry they hold (the others are compiled together, on a first need)
-_ON_DEMAND = {"evaluation": "eval_loss"}
+_ON_DEMAND = {"update": "update", "evaluation": "eval_loss"}
 
 
 def _part_wanted(part: str, kind: str) -> bool:

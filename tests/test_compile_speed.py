@@ -41,15 +41,15 @@ def _compiles(fn) -> int:
 @pytest.mark.slow
 def test_inference_compiles_the_forward_entry_only_and_training_when_first_needed(cache_in):
     net = structc.compile(MLP, cache=False)
-    assert net.meta["deferred"] == ["training", "evaluation"] and set(dict(net._entries)) == {"forward"}
+    assert net.meta["deferred"] == ["training", "update", "evaluation"] and set(dict(net._entries)) == {"forward"}
     out = net(x=X)
     assert set(dict(net._entries)) == {"forward"}          # a forward call compiles nothing more
     before = api.COMPILE_COUNT
     losses = [net.train_step(0.1, x=X, y=Y) for _ in range(3)]
-    assert api.COMPILE_COUNT == before + 1 and net.meta["deferred"] == ["evaluation"]   # on its first use
+    assert api.COMPILE_COUNT == before + 1 and net.meta["deferred"] == ["update", "evaluation"]   # on its first use
     # The same as compiling everything at once.
     whole = structc.compile(MLP, cache=False, training=True)
-    assert whole.meta["parts"] == ["forward", "training"] and whole.meta["deferred"] == ["evaluation"]
+    assert whole.meta["parts"] == ["forward", "training"] and whole.meta["deferred"] == ["update", "evaluation"]
     np.testing.assert_array_equal(whole(x=X), out)
     assert [whole.train_step(0.1, x=X, y=Y) for _ in range(3)] == losses
 
@@ -59,8 +59,9 @@ def test_grad_and_update_compile_the_training_part_too():
     net = structc.compile(MLP, cache=False)
     loss, grads = net.grad(x=X, y=Y)
     assert np.isfinite(loss) and set(grads) == set(net.params)
-    net.apply_update(0.1)          # the update entry came with the train entry: nothing to compile
-    assert net.meta["deferred"] == ["evaluation"]       # held-out evaluation's, compiled on its first use
+    assert net.meta["deferred"] == ["update", "evaluation"]     # each compiled on its first use
+    assert _compiles(lambda: net.apply_update(0.1)) == 1 and net.meta["deferred"] == ["evaluation"]
+    assert _compiles(lambda: net.apply_update(0.1)) == 0
     net.loss(x=X, y=Y)
     assert net.meta["deferred"] == []
 
@@ -74,9 +75,9 @@ def test_a_forward_only_entry_is_not_taken_for_the_whole_model(cache_in):
         nonlocal art
         art = api.compile_artifact(MLP)
     assert _compiles(whole) == 1           # the training part was missing: compiled (that part only)
-    assert art.meta["parts"] == ["forward", "training"] and set(art.meta["entries"]) == {"forward", "train", "update"}
+    assert art.meta["parts"] == ["forward", "training"] and set(art.meta["entries"]) == {"forward", "train"}
     assert "forward.llvm.opt" not in art.timings and "training.llvm.opt" in art.timings
-    assert _compiles(whole) == 0 and art.meta["deferred"] == ["evaluation"]   # both parts from the cache now
+    assert _compiles(whole) == 0 and art.meta["deferred"] == ["update", "evaluation"]   # both from the cache now
 
 
 @pytest.mark.slow
@@ -96,10 +97,10 @@ def test_a_library_for_inference_only_refuses_training_clearly():
 
 
 def test_timings_name_every_stage():
-    t = compile_source(MLP).timings
+    t = compile_source(MLP, parts=["forward", "training", "update"]).timings
     for stage in ["parse", "build", "prepare", "train.autodiff", "forward.simplify", "train.cse", "forward.fuse",
                   "train.plan", "forward.lower", "train.lower", "update.lower", "forward.llvm.opt",
-                  "training.llvm.opt", "training.llvm.codegen", "total"]:
+                  "training.llvm.opt", "training.llvm.codegen", "update.llvm.opt", "total"]:
         assert stage in t and t[stage] >= 0 and stage in t.cpu, stage
     assert t["total"] >= t["train.lower"]
     assert "training.llvm.opt" in t.table() and "cpu ms" in t.table()
@@ -297,7 +298,7 @@ def test_training_entries_compiled_in_the_background():
     net = structc.compile(MLP, cache=False, training="background")
     out = net(x=X)                  # the forward entry is ready at once
     assert np.isfinite(net.train_step(0.1, x=X, y=Y))    # waits for the thread if still compiling
-    assert net.meta["deferred"] == ["evaluation"] and out.shape == (4, 3)
+    assert net.meta["deferred"] == ["update", "evaluation"] and out.shape == (4, 3)
     worker = [t for t in threading.enumerate() if t.name == "structc-compile-training"]
     for t in worker:
         t.join()

@@ -42,4 +42,4 @@ def test_compiles_and_warm_loads_import_no_networkx(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", WARM, str(source)], capture_output=True, text=True, check=True,
                            cwd=tmp_path, env=env) for _ in range(2)]
     cold, warm = (json.loads(run.stdout.strip().splitlines()[-1]) for run in runs)
-    assert not cold[2] and not warm[2] and warm[0] == ["evaluation"] and warm[1] == cold[1]
+    assert not cold[2] and not warm[2] and warm[0] == ["update", "evaluation"] and warm[1] == cold[1]

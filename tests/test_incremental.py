@@ -351,10 +351,11 @@ def test_the_entry_passes_the_edited_models_sizes_to_the_shared_update(cache_in,
     (`["value", n]`) under a key that holds the sizes: after an edit, with the
     first model's records in the cache, the entry stores the new sizes."""
     from structc.build import build_model
-    _lower(CNN)
+    every = ("forward", "training", "update")
+    _lower(CNN, parts=every)
     edited = CNN.replace("dense(flatten(h), 8)", "dense(flatten(h), 6)")
     _, size, update_size, decay_end = compiler.arena_layout(build_model(parse(edited), None), frozenset())
-    (entry,) = [t for t in _lower(edited)[0] if 'define i32 @"sc_update"' in t]
+    (entry,) = [t for t in _lower(edited, parts=every)[0] if 'define i32 @"sc_update"' in t]
     body = entry[entry.index('define i32 @"sc_update"'):]
     stored = re.findall(r"store i64 (\d+)", body[:body.index("\n}")])
     assert sorted(map(int, stored)) == sorted([update_size, update_size, decay_end]), (stored, size)

@@ -420,14 +420,15 @@ def test_header_says_which_entries_write_hyper():
     """sc_train and sc_update write the clip scale into `hyper` (every call), yet the
     header declared `const float *hyper`: a C program passing a `static const` array
     compiled without a warning and crashed writing read-only memory."""
-    meta = api.compile_artifact(SMALL, jit=False, parts=["forward", "training"]).meta
+    meta = api.compile_artifact(SMALL, jit=False, parts=["forward", "training", "update"]).meta
     found = re.findall(r"int32_t (\w+)\(float \*params[^;]*?(const )?float \*hyper", ship.header_text(meta))
     assert dict(found) == {"sc_forward": "const ", "sc_train": "", "sc_update": ""}, found
 
 
 def test_header_of_a_dropout_model_declares_the_wrapper_writable():
     meta = api.compile_artifact("model D { input x: f32[N, 3]\n target y: class[N] of 2\n"
-                                " loss cross_entropy(dense(dropout(x, 0.5), 2), y) }", jit=False).meta
+                                " loss cross_entropy(dense(dropout(x, 0.5), 2), y) }", jit=False,
+                                parts=["forward", "training", "update"]).meta
     meta = dict(meta, entries=dict(meta["entries"], train=dict(meta["entries"]["train"], symbol=ship.RAW_TRAIN)))
     text = ship.header_text(meta)
     for name in ("sc_train", ship.RAW_TRAIN, "sc_update"):
