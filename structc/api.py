@@ -86,7 +86,7 @@ def compile_artifact(source: str, file: str = "<source>", model: str | None = No
     `target` (default: this machine), through the disk cache unless `cache`
     is False or `$STRUCTC_NO_CACHE` is set. `jit=False` gives position-
     independent code for a shared library. `parts`: which of
-    `compiler.PARTS` (default: all the model has); the others are listed in
+    `compiler.PARTS` (default: the `EAGER_PARTS` the model has); the others are listed in
     `meta["deferred"]`. The cache holds each part under its own key, so a
     forward-only entry is never taken for a whole model, and a part compiled
     later is cached too. A cache hit carries no LLVM IR; its timings are the

@@ -562,7 +562,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                   module_cache: bool = False) -> Artifact:
     """`jit=False` makes position-independent code for a shared library;
     `freeze`: parameter names or layer prefixes that training leaves alone;
-    `parts`: which of `PARTS` to compile (default: every part the model has),
+    `parts`: which of `PARTS` to compile (default: the `EAGER_PARTS` the model has),
     the others are listed in `meta["deferred"]` and can be compiled later with
     the same arguments; `timings` receives the seconds of each stage, and
     with `kernel_timings` LLVM's per kernel too (each kernel is then a module
