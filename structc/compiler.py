@@ -30,7 +30,7 @@ from .denominator import batch_statistic, loss_denominator, term_values, weigh_l
 from .errors import Span
 from .graph import Builder, Graph
 from .lower.lowered import LoweredKernels, record_file, record_from_file
-from .lower.module import SharedKernels, Target, defined_once, helpers, lower_entry, split_module
+from .lower.module import SharedKernels, Target, defined_once, drop_bodies, helpers, lower_entry, split_module
 from .native import compile_objects, compile_threads, compiling, host_target
 from .ops.embedding import STRUCTURE_KINDS
 from .ops.norm import batch_counts, freeze_statistics
@@ -660,6 +660,7 @@ def compile_model(mdef: ModelDef, target: Target | None = None,
                 llvm_jobs.add(texts[part])      # LLVM starts on them while the next part is lowered
             if part == "forward":
                 provided = helpers(module)
+            drop_bodies(module)     # its texts are made: its instructions go now, not in a collection at the end
         blocked = differentiate_once()
         if lowered is not None:
             _count_records(lowered)

@@ -306,6 +306,33 @@ def test_training_entries_compiled_in_the_background():
         structc.compile(MLP, training="later")
 
 
+def test_a_compile_leaves_its_instructions_to_reference_counting():
+    """Each kernel's llvmlite instructions are freed once its text is made, not
+    left in cycles (block <-> instruction, a loop's branch and phi) for one
+    collection of them all after the compile (`module.drop_body`)."""
+    import gc
+    from llvmlite import ir
+    src = ("model T {\n  input t: forest of word(vocab=20)\n  target y: class[t.trees] of 3\n"
+           "  param E: embedding(20, 8)\n  rec h(n) = leaf: E[n.word]\n"
+           "             node: tanh(dense(concat(h(n.left), h(n.right)), 8))\n"
+           "  loss cross_entropy(dense(h(t.root), 3), y)\n}\n")
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        art = api.compile_artifact(src, cache=False, parts=None)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = sum(isinstance(o, ir.instructions.Instruction) for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()
+    made = len(re.findall(r"^  (?:%\S+ = )?[a-z]", art.llvm_ir, re.M))     # instruction lines of every module
+    assert made > 2000 and left < made // 20, (left, made)
+
+
 @pytest.mark.slow
 def test_recursion_over_trees_compiled_in_both_parts_at_once():
     """A tree body is an entry point of its own in each part's module (the kernel

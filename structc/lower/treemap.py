@@ -35,7 +35,7 @@ from ..ops.tree import BODY_KIDS, BODY_ROWS, body_plan, child_blocks, cotangent_
 from ..passes.plan import aligned, param_layout
 from .codegen import CG, F32, I32, I64, PTR
 from .gemm import same_sums_step
-from .module import KERNEL_TYPE, NESTED_WORK, function_text
+from .module import KERNEL_TYPE, NESTED_WORK, drop_body, function_text
 
 # A level's rows are split across threads for the whole body program (one
 # hand-off per level, every kernel of the body on each thread's rows) at
@@ -364,6 +364,7 @@ def _named_by_text(module, fn, what: str = "level"):
     existing = module.globals.get(symbol)
     del module.globals[fn.name]
     if existing is not None:
+        drop_body(fn)
         return existing
     fn._name = module.scope.register(symbol)
     fn.__dict__.pop("_StringReferenceCaching__cached_refstr", None)
