@@ -798,7 +798,8 @@ MEMORY_CODE = "; structc: memory code\n"
 #: gradient's routing, the kernel flip and the clip's norm (a float sum, in
 #: order either way) joined later: 20-40% less LLVM time, LeNet-5's step as fast.
 #: The optimiser's update was one too; it is explicit vector code now, the short
-#: pipeline (`ops/optim.py`: half the LLVM time, the same arithmetic; stop 43).
+#: pipeline (`ops/optim.py`: half the LLVM time, the same arithmetic; stop 43), as
+#: are the sums over leading axes (`reduce._lower_column_blocks`; stop 47).
 MEMORY_KINDS = frozenset({"ew", "ewsum", "sum", "sumparts", "maxpool", "route", "flip", "update_clip"})
 #: first line of a module of `LIGHT_KINDS` kernels alone; `native.optimize` gives it `native.LIGHT_TUNING`
 LIGHT_CODE = "; structc: light code\n"
