@@ -20,7 +20,9 @@ beforehand; the import of structc itself is shown apart):
                 stages (wall and CPU ms) and each LLVM module it compiled
   --against PYTHON:CHECKOUT
                 (instead of the table) train cold of this checkout and another,
-                alternated in fresh processes: min and median of `--rounds`
+                alternated in fresh processes: min and median of `--rounds`, and
+                the collection of what the compile left to Python's collector
+                (a full `gc.collect()` right after it: whatever runs next pays it)
   jax           (--jax, if jax is installed) the first call of a jitted training
                 step (value_and_grad and SGD update) of the MLP and LeNet-5: JAX's
                 trace and compile
@@ -80,7 +82,11 @@ mode, source = sys.argv[1], sys.stdin.read()
 c1, t1 = time.process_time(), time.perf_counter()
 modules = getattr(structc.compiler, "MODULE_COUNT", 0)
 net = structc.compile(source, training=(mode != "forward"))
-print(json.dumps({"import": imported, "wall": time.perf_counter() - t1, "cpu": time.process_time() - c1,
+wall = time.perf_counter() - t1
+t2 = time.perf_counter()
+__import__("gc").collect()      # what the compile left to the collector: paid by whatever runs next
+print(json.dumps({"import": imported, "wall": wall, "cpu": time.process_time() - c1,
+                  "collect": time.perf_counter() - t2,
                   "parts": net.meta["parts"], "modules": getattr(structc.compiler, "MODULE_COUNT", 0) - modules}))
 """
 
@@ -192,16 +198,18 @@ def against(chosen: dict, other: str, rounds: int) -> None:
     print(f"load average {' '.join(f'{v:.2f}' for v in load_before)} before, "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} after; {rounds} round(s); train cold; "
           f"other = {other}\n")
-    print("| model | this: wall min / median (CPU) | other: wall min / median (CPU) | this / other (medians) |")
-    print("|---|---|---|---|")
+    print("| model | this: wall min / median (CPU) | other: wall min / median (CPU) | this / other (medians) "
+          "| collection after it, this / other (median ms) |")
+    print("|---|---|---|---|---|")
     for name in chosen:
-        cells, medians = [], []
+        cells, medians, collects = [], [], []
         for side in sides:
             runs = found[(name, side)]
             wall = [r["wall"] for r in runs]
             medians.append(statistics.median(wall))
+            collects.append(f"{statistics.median(r.get('collect', 0.0) for r in runs) * 1000:.0f}")
             cells.append(f"{min(wall):.2f} / {medians[-1]:.2f} ({statistics.median(r['cpu'] for r in runs):.2f})")
-        print(f"| {name} | {cells[0]} | {cells[1]} | {medians[0] / medians[1]:.2f} |")
+        print(f"| {name} | {cells[0]} | {cells[1]} | {medians[0] / medians[1]:.2f} | {' / '.join(collects)} |")
 
 
 def edit_stages(name: str, source: str) -> None:

@@ -285,13 +285,15 @@ def test_modules_start_compiling_longest_first():
 @pytest.mark.slow
 def test_bench_compile_against_another_checkout(capsys):
     """`bench_compile.py --against PYTHON:CHECKOUT` times cold training compiles of
-    both checkouts, alternated (here the same one twice): a row per model."""
+    both checkouts, alternated (here the same one twice): a row per model, with
+    the collection each compile left behind."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, "benchmarks"))
     import bench_compile
     assert bench_compile.main(["--against", f"{sys.executable}:{root}", "--models", "perceptron", "--rounds", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| perceptron |")]
-    assert len(rows) == 1 and re.fullmatch(r"\| perceptron \|( [\d.]+ / [\d.]+ \([\d.]+\) \|){2} [\d.]+ \|", rows[0])
+    assert len(rows) == 1 and re.fullmatch(r"\| perceptron \|( [\d.]+ / [\d.]+ \([\d.]+\) \|){2} [\d.]+ \| \d+ / \d+ \|",
+                                           rows[0])
 
 @pytest.mark.slow
 def test_training_entries_compiled_in_the_background():
