@@ -163,6 +163,33 @@ def test_workspace_sizes_with_shared_and_constant_sizes_are_exact():
         assert call(ctypes.addressof(dims)) == reference_workspace({"E": e, "N": n}), (e, n)
 
 
+def test_lane_masks_set_the_lanes_under_any_count():
+    """`CG.lane_mask(remaining, n)` sets lanes [0, remaining) for any i64 count: the
+    count is clamped before it is compared in 32-bit lanes, so a count past 2^31 or
+    far below zero (whose low 32 bits alone would read as a small count) sets all
+    lanes or none; a constant count gives the same lanes."""
+    module = ir.Module()
+    module.triple = native.host_target().triple
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64, PTR, PTR]), name="masked")
+    cg = CG(module, fn)
+    count, src, dst = fn.args
+    cg.store(cg.load(src, cg.i64(0), n=8, mask=cg.lane_mask(count, 8)), dst, cg.i64(0))
+    cg.store(cg.load(src, cg.i64(0), n=8, mask=cg.lane_mask(cg.i64(-(1 << 40) + 3), 8)), dst, cg.i64(8))
+    cg.store(cg.load(src, cg.i64(0), n=8, mask=cg.lane_mask(cg.i64(5), 8)), dst, cg.i64(16))
+    cg.b.ret_void()
+    cg.finish()
+    jit = native.JitModule(native.compile_object(str(module), native.host_target()), native.host_target())
+    call = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)(jit.address("masked"))
+    src_values = np.arange(1, 9, dtype=np.float32)
+    for remaining in (-(1 << 40) + 3, -(1 << 33), -1, 0, 1, 5, 8, 9, 1 << 31, (1 << 32) + 3, (1 << 62)):
+        out = np.full(24, -1.0, np.float32)
+        call(remaining, src_values.ctypes.data, out.ctypes.data)
+        lanes = min(max(remaining, 0), 8)
+        np.testing.assert_array_equal(out[:8], np.where(np.arange(8) < lanes, src_values, 0), err_msg=str(remaining))
+        np.testing.assert_array_equal(out[8:16], np.zeros(8, np.float32))
+        np.testing.assert_array_equal(out[16:], np.where(np.arange(8) < 5, src_values, 0))
+
+
 # -- a kernel's task count is computed where the call is when it reads memory -------------
 
 class _Slots:
