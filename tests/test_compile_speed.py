@@ -128,13 +128,13 @@ def test_modules_split_across_threads_compute_the_same(monkeypatch):
     monkeypatch.setenv("STRUCTC_COMPILE_THREADS", "1")
     whole = compile_source(MLP)
     # per part: its entry points (the entry pipeline), its memory-bound kernels (the training
-    # part's sums), its light kernels (softmax, cross-entropy: O1) and its vector code
+    # part's clip norm), its light kernels (softmax, cross-entropy: O1) and its vector code
     # (the short pipeline): the forward part's matmul drivers and micro-kernels, the training
-    # part's matmul drivers, transposes and update; the MLP has no kernel left for O3
+    # part's matmul drivers, transposes, bias sums and update; the MLP has no kernel left for O3
     assert [structc.native.pipeline_of(t) for t in whole.part_ir] == \
         ["entry", "light", "short", "entry", "memory", "light", "short"]
     kinds = re.findall(r'^define [^@]*@"sc_[0-9a-f]+_([a-z]+)"', whole.part_ir[6], re.M)
-    assert "transpose" in kinds and set(kinds) == {"transpose", "matmul", "update"}
+    assert "transpose" in kinds and set(kinds) == {"transpose", "matmul", "sum", "update"}
     nets = [structc.Net(a.meta, structc.native.JitModule(a.object, structc.native.host_target()))
             for a in (split, whole)]
     np.testing.assert_array_equal(nets[0](x=X), nets[1](x=X))
