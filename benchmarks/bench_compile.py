@@ -74,7 +74,7 @@ EDITS = {"lenet5": ("dense(h, 84)", "dense(h, 80)"),
 
 
 WORKER = """
-import json, os, sys, time
+import gc, json, os, sys, time
 c0, t0 = time.process_time(), time.perf_counter()
 import structc
 imported = time.perf_counter() - t0
@@ -84,7 +84,7 @@ modules = getattr(structc.compiler, "MODULE_COUNT", 0)
 net = structc.compile(source, training=(mode != "forward"))
 wall = time.perf_counter() - t1
 t2 = time.perf_counter()
-__import__("gc").collect()      # what the compile left to the collector: paid by whatever runs next
+gc.collect()      # what the compile left to the collector: paid by whatever runs next
 print(json.dumps({"import": imported, "wall": wall, "cpu": time.process_time() - c1,
                   "collect": time.perf_counter() - t2,
                   "parts": net.meta["parts"], "modules": getattr(structc.compiler, "MODULE_COUNT", 0) - modules}))

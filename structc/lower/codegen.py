@@ -385,6 +385,12 @@ class CG:
     def imin(self, a, b):
         return self.b.select(self.b.icmp_signed("<", a, b), a, b)
 
+    def iclamp(self, v, lo, hi):
+        """v clamped to [lo, hi] (signed integers)."""
+        b = self.b
+        v = b.select(b.icmp_signed("<", v, lo), lo, v)
+        return b.select(b.icmp_signed(">", v, hi), hi, v)
+
     def ceil_div(self, a, k):
         """ceil(a / k) for k > 0: an int, or a value known only at run time."""
         if not isinstance(k, int):
@@ -441,12 +447,10 @@ class CG:
         load in a row loop paid it every row (a narrow bias sum's 4 masks: 36
         instructions a row around its 4 loads)."""
         if isinstance(remaining, ir.Constant) and type(remaining.constant) is int:
-            count = _constant(I32, min(max(remaining.constant, -1), n), str(min(max(remaining.constant, -1), n)))
+            k = min(max(remaining.constant, -1), n)
+            count = _constant(I32, k, str(k))
         else:
-            b = self.b
-            most = self.imin(remaining, self.i64(n))
-            least = b.select(b.icmp_signed("<", most, self.i64(-1)), self.i64(-1), most)
-            count = b.trunc(least, I32)
+            count = self.b.trunc(self.iclamp(remaining, self.i64(-1), self.i64(n)), I32)
         lane_ids = _constant(ir.VectorType(I32, n), [ir.Constant(I32, k) for k in range(n)], "lane ids")
         return self.b.icmp_signed("<", lane_ids, self.splat(count, n))
 

@@ -281,8 +281,8 @@ class ForestTasks:
                 l = b.sub(b.sub(levels, t.i64(1)), k) if down else t.iadd(k, 1)
                 start, stop = _level_bounds(t, t.ptr(le), l, nodes)
                 first = t.load(cuts, t.iadd(t.imul(part, levels), l), t=I64)
-                a = _clamp(t, first, start, stop)
-                z = _clamp(t, t.load(cuts, t.iadd(t.imul(t.iadd(part, 1), levels), l), t=I64), a, stop)
+                a = t.iclamp(first, start, stop)
+                z = t.iclamp(t.load(cuts, t.iadd(t.imul(t.iadd(part, 1), levels), l), t=I64), a, stop)
                 with t.if_(b.icmp_signed("<", a, z)):
                     emit(t, l, t.iadd(base, b.sub(a, first)), a, z)
         b.ret_void()
@@ -339,12 +339,6 @@ def run_levels(kb, cg: CG, forest, nodes_d, emit, *, down: bool, split: bool, le
         ForestTasks(kb, cg, forest, nodes_d, rows, down=down, leaves=leaves).run_or(by_levels)
     else:
         by_levels()
-
-
-def _clamp(cg: CG, v, lo, hi):
-    b = cg.b
-    v = b.select(b.icmp_signed("<", v, lo), lo, v)
-    return b.select(b.icmp_signed(">", v, hi), hi, v)
 
 
 def _task_row(cg: CG, task, tasks, rows, step: int):
@@ -462,7 +456,7 @@ def lower_tree_map(kb, node) -> None:
         def leaf_rows(t: CG, a, z):
             """H's rows [a, z) of the leaves (clamped to them) = the leaf states."""
             last = t.imin(t.imin(t.dim(leaves_d), t.dim(nodes_d)), z)
-            a = _clamp(t, a, t.i64(0), last)
+            a = t.iclamp(a, t.i64(0), last)
             if not indexed:
                 copy_row(t, t.ptr(leaves), t.imul(a, width), t.ptr(node.id), t.imul(a, width),
                          t.imul(t.b.sub(last, a), width), vw)
